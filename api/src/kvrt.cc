@@ -1,0 +1,290 @@
+// The C API: validates handles and pointers, converts between C and C++ types, maps absl::Status
+// to kvrt_status and keeps the thread's last error. No exception crosses this boundary.
+#include "kvrt.h"
+
+#include <cstring>
+#include <exception>
+#include <new>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "kvrt_runtime/runtime.h"
+
+struct kvrt_runtime {
+  std::unique_ptr<kvrt::runtime::Runtime> impl;
+  kvrt_config config;  // effective values
+  uint64_t magic;      // catches use of a destroyed or foreign handle where detectable
+};
+
+namespace {
+
+constexpr uint64_t kLiveMagic = 0x6b7672742d6c6976ull;  // "kvrt-liv"
+constexpr uint64_t kDeadMagic = 0x6b7672742d646561ull;  // "kvrt-dea"
+
+thread_local std::string g_last_error;
+
+kvrt_status Fail(kvrt_status code, std::string message) {
+  g_last_error = std::move(message);
+  return code;
+}
+
+kvrt_status FromStatus(const absl::Status& s) {
+  if (s.ok()) return KVRT_OK;
+  kvrt_status code = KVRT_ERR_INTERNAL;
+  switch (s.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange: code = KVRT_ERR_INVALID_ARGUMENT; break;
+    case absl::StatusCode::kNotFound: code = KVRT_ERR_NOT_FOUND; break;
+    case absl::StatusCode::kResourceExhausted: code = KVRT_ERR_OUT_OF_MEMORY; break;
+    case absl::StatusCode::kFailedPrecondition: code = KVRT_ERR_FAILED_PRECONDITION; break;
+    case absl::StatusCode::kUnimplemented: code = KVRT_ERR_UNIMPLEMENTED; break;
+    case absl::StatusCode::kDataLoss:
+    case absl::StatusCode::kPermissionDenied: code = KVRT_ERR_IO; break;
+    default: break;
+  }
+  return Fail(code, std::string(s.message()));
+}
+
+kvrt_status CheckRuntime(const kvrt_runtime* rt, const char* fn) {
+  if (rt == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, absl::StrCat(fn, ": rt is NULL"));
+  if (rt->magic != kLiveMagic)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat(fn, ": rt is not a live runtime (destroyed or not from kvrt_runtime_create)"));
+  return KVRT_OK;
+}
+
+kvrt_status CheckExec(const kvrt_exec* exec, const char* fn) {
+  if (exec == nullptr || exec->memory == KVRT_MEMORY_HOST) return KVRT_OK;
+  if (exec->memory == KVRT_MEMORY_DEVICE)
+    return Fail(KVRT_ERR_UNIMPLEMENTED,
+                absl::StrCat(fn, ": device pointers need the CUDA backend, which this build's "
+                                 "runtime does not use yet (see README, Status)"));
+  return Fail(KVRT_ERR_INVALID_ARGUMENT,
+              absl::StrCat(fn, ": exec->memory = ", static_cast<int>(exec->memory), " is unknown"));
+}
+
+kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
+  kvrt::runtime::RuntimeConfig r;
+  r.num_layers = c.num_layers;
+  r.num_q_heads = c.num_q_heads;
+  r.num_kv_heads = c.num_kv_heads;
+  r.head_dim = c.head_dim;
+  r.dtype = static_cast<kvrt::DType>(c.dtype);
+  r.scale = c.scale;
+  r.sink_tokens = c.sink_tokens;
+  r.window_tokens = c.window_tokens;
+  r.top_k = c.top_k;
+  r.index_kind = static_cast<kvrt::cpu_index::IndexKind>(c.index_kind);
+  r.search_effort = c.search_effort;
+  r.worker_threads = c.worker_threads;
+  r.record_attended = c.record_attended != 0;
+  return r;
+}
+
+}  // namespace
+
+// Every entry point body runs inside this, so that no C++ exception reaches the caller.
+#define KVRT_API_TRY try {
+#define KVRT_API_CATCH                                                              \
+  }                                                                                 \
+  catch (const std::bad_alloc&) {                                                   \
+    return Fail(KVRT_ERR_OUT_OF_MEMORY, "out of memory");                           \
+  }                                                                                 \
+  catch (const std::exception& e) {                                                 \
+    return Fail(KVRT_ERR_INTERNAL, absl::StrCat("internal error: ", e.what()));     \
+  }                                                                                 \
+  catch (...) {                                                                     \
+    return Fail(KVRT_ERR_INTERNAL, "internal error: unknown exception");            \
+  }
+
+extern "C" {
+
+const char* kvrt_status_string(kvrt_status status) {
+  switch (status) {
+    case KVRT_OK: return "KVRT_OK";
+    case KVRT_ERR_INVALID_ARGUMENT: return "KVRT_ERR_INVALID_ARGUMENT";
+    case KVRT_ERR_NOT_FOUND: return "KVRT_ERR_NOT_FOUND";
+    case KVRT_ERR_OUT_OF_MEMORY: return "KVRT_ERR_OUT_OF_MEMORY";
+    case KVRT_ERR_FAILED_PRECONDITION: return "KVRT_ERR_FAILED_PRECONDITION";
+    case KVRT_ERR_UNIMPLEMENTED: return "KVRT_ERR_UNIMPLEMENTED";
+    case KVRT_ERR_INTERNAL: return "KVRT_ERR_INTERNAL";
+    case KVRT_ERR_CUDA: return "KVRT_ERR_CUDA";
+    case KVRT_ERR_IO: return "KVRT_ERR_IO";
+  }
+  return "KVRT_ERR_UNKNOWN_STATUS";
+}
+
+const char* kvrt_last_error(void) { return g_last_error.c_str(); }
+
+const char* kvrt_version(void) {
+#define KVRT_STR2_(x) #x
+#define KVRT_STR_(x) KVRT_STR2_(x)
+  return KVRT_STR_(KVRT_VERSION_MAJOR) "." KVRT_STR_(KVRT_VERSION_MINOR) "." KVRT_STR_(
+      KVRT_VERSION_PATCH);
+}
+
+kvrt_config kvrt_config_default(void) {
+  kvrt_config c;
+  std::memset(&c, 0, sizeof(c));
+  c.num_layers = 32;
+  c.num_q_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.dtype = KVRT_DTYPE_BF16;
+  c.scale = 0.f;
+  c.sink_tokens = 4;
+  c.window_tokens = 2048;
+  c.top_k = 100;
+  c.index_kind = KVRT_INDEX_FLAT;
+  c.search_effort = 0;
+  c.worker_threads = 0;
+  c.record_attended = 0;
+  c.use_gpu = 0;
+  return c;
+}
+
+kvrt_exec kvrt_exec_default(void) { return kvrt_exec{KVRT_MEMORY_HOST, nullptr}; }
+
+kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
+  KVRT_API_TRY
+  if (config == nullptr || out == nullptr)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_runtime_create: config and out must not be NULL");
+  if (config->dtype < KVRT_DTYPE_F32 || config->dtype > KVRT_DTYPE_BF16)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("config.dtype = ", static_cast<int>(config->dtype), " is not a kvrt_dtype"));
+  if (config->use_gpu == 1)
+    return Fail(KVRT_ERR_UNIMPLEMENTED,
+                "config.use_gpu = 1: the CUDA backend is not wired into the runtime in this build "
+                "(use 0 or -1)");
+  if (config->use_gpu < -1 || config->use_gpu > 1)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("config.use_gpu = ", config->use_gpu, " must be -1, 0 or 1"));
+  if (config->record_attended != 0 && config->record_attended != 1)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("config.record_attended = ", config->record_attended, " must be 0 or 1"));
+  auto made = kvrt::runtime::Runtime::Create(ToRuntimeConfig(*config));
+  if (!made.ok()) return FromStatus(made.status());
+  auto* rt = new kvrt_runtime{std::move(*made), *config, kLiveMagic};
+  const auto& eff = rt->impl->config();
+  rt->config.scale = eff.scale;
+  rt->config.worker_threads = eff.worker_threads;
+  rt->config.use_gpu = 0;
+  *out = rt;
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
+void kvrt_runtime_destroy(kvrt_runtime* rt) {
+  if (rt == nullptr || rt->magic != kLiveMagic) return;
+  rt->magic = kDeadMagic;
+  rt->impl.reset();
+  delete rt;
+}
+
+kvrt_status kvrt_runtime_config(const kvrt_runtime* rt, kvrt_config* out) {
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_runtime_config"); s != KVRT_OK) return s;
+  if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_runtime_config: out is NULL");
+  *out = rt->config;
+  return KVRT_OK;
+}
+
+kvrt_status kvrt_seq_create(kvrt_runtime* rt, kvrt_seq_id* out) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_seq_create"); s != KVRT_OK) return s;
+  if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_seq_create: out is NULL");
+  auto id = rt->impl->CreateSequence();
+  if (!id.ok()) return FromStatus(id.status());
+  *out = *id;
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_seq_release(kvrt_runtime* rt, kvrt_seq_id seq) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_seq_release"); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->ReleaseSequence(seq));
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, int64_t* out) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_seq_length"); s != KVRT_OK) return s;
+  if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_seq_length: out is NULL");
+  auto n = rt->impl->SequenceLength(seq, layer);
+  if (!n.ok()) return FromStatus(n.status());
+  *out = *n;
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_prefill_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                            const void* k, const void* v, int64_t n_tokens, const kvrt_exec* exec) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_prefill"); s != KVRT_OK) return s;
+  if (kvrt_status s = CheckExec(exec, "kvrt_prefill"); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->Prefill(seq, layer, q, k, v, n_tokens));
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                         const void* k, const void* v, int64_t n_tokens) {
+  return kvrt_prefill_ex(rt, seq, layer, q, k, v, n_tokens, nullptr);
+}
+
+kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* k,
+                           const void* v, int64_t n_tokens, const kvrt_exec* exec) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_append"); s != KVRT_OK) return s;
+  if (kvrt_status s = CheckExec(exec, "kvrt_append"); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->Append(seq, layer, k, v, n_tokens));
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_append(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* k,
+                        const void* v, int64_t n_tokens) {
+  return kvrt_append_ex(rt, seq, layer, k, v, n_tokens, nullptr);
+}
+
+kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                           float* out, const kvrt_exec* exec) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_attend"); s != KVRT_OK) return s;
+  if (kvrt_status s = CheckExec(exec, "kvrt_attend"); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->Attend(seq, layer, q, out));
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_attend(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                        float* out) {
+  return kvrt_attend_ex(rt, seq, layer, q, out, nullptr);
+}
+
+kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                              int32_t q_head, int64_t* ids, int64_t capacity, int64_t* count) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_get_attended"); s != KVRT_OK) return s;
+  if (count == nullptr || capacity < 0 || (capacity > 0 && ids == nullptr))
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                "kvrt_get_attended: count must not be NULL, capacity >= 0, ids non-NULL if capacity > 0");
+  std::vector<int64_t> got;
+  if (auto s = rt->impl->GetAttended(seq, layer, q_head, &got); !s.ok()) return FromStatus(s);
+  const int64_t n = static_cast<int64_t>(got.size());
+  if (capacity > 0) std::memcpy(ids, got.data(), std::min(n, capacity) * sizeof(int64_t));
+  *count = n;
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_get_stats"); s != KVRT_OK) return s;
+  if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_get_stats: out is NULL");
+  const auto s = rt->impl->Stats();
+  *out = kvrt_stats{s.sequences,    s.gpu_tokens,   s.host_tokens,          s.gpu_bytes,
+                    s.host_bytes,   s.index_bytes,  s.attend_calls,         s.keys_scored,
+                    s.cold_keys_searchable, s.cold_tokens_attended, s.evicted_tokens};
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
+}  // extern "C"

@@ -1,0 +1,18 @@
+#pragma once
+// Dot products of an f32 query with stored rows (f32/f16/bf16), f32 accumulation. The hot loop
+// of every scan; compiled for several ISAs and dispatched at run time (CI's CPU may lack
+// AVX-512, the GPU machine's has it).
+#include <cstddef>
+#include <cstdint>
+
+#include "kvrt_common/dtype.h"
+
+namespace kvrt::cpu_index {
+
+float DotRow(const float* q, const void* row, int d, DType t);
+
+// out[i] = q . rows[i], rows `stride_elems` apart.
+void DotRows(const float* q, const void* rows, int d, DType t, int64_t n,
+             std::size_t stride_elems, float* out);
+
+}  // namespace kvrt::cpu_index

@@ -1,0 +1,55 @@
+#pragma once
+// Host KV store of one kv head of one (sequence, layer): cold keys and values, append-only,
+// contiguous rows [n, head_dim] in the storage dtype. Row i is cold token i of this layer
+// (its sequence position is kept by the owner, see LayerState).
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kvrt_common/dtype.h"
+
+namespace kvrt::cpu_index {
+
+class HeadStore {
+ public:
+  HeadStore(int head_dim, DType dtype) : dim_(head_dim), dtype_(dtype) {}
+
+  int dim() const { return dim_; }
+  DType dtype() const { return dtype_; }
+  int64_t size() const { return size_; }
+  std::size_t row_bytes() const { return static_cast<std::size_t>(dim_) * DTypeSize(dtype_); }
+  std::size_t bytes() const { return 2 * static_cast<std::size_t>(size_) * row_bytes(); }
+
+  const void* key(int64_t i) const { return keys_.data() + static_cast<std::size_t>(i) * row_bytes(); }
+  const void* value(int64_t i) const {
+    return values_.data() + static_cast<std::size_t>(i) * row_bytes();
+  }
+  const void* keys() const { return keys_.data(); }
+  const void* values() const { return values_.data(); }
+
+  // Makes room for `rows` rows in total so that Appends up to it cannot fail.
+  absl::Status Reserve(int64_t rows);
+
+  // Appends n rows; key/value rows are strided by `stride` elements (to read one head out of a
+  // [tokens, kv_heads, d] tensor). Returns ResourceExhausted if memory runs out (store unchanged).
+  // NOTE: growth doubles capacity; a chunked store would avoid the copy (left for the transfer
+  // engine, which appends from worker threads).
+  absl::Status Append(const void* k, const void* v, int64_t n, std::size_t stride_elems);
+
+  // Scores rows [begin, end) against q (f32, [dim]) into out[end-begin], unscaled dot products.
+  void Dot(const float* q, int64_t begin, int64_t end, float* out) const;
+  // Scores the given rows.
+  void DotIds(const float* q, const int64_t* ids, int64_t n, float* out) const;
+  // Row i of the keys as f32.
+  void KeyF32(int64_t i, float* out) const { ConvertToF32(key(i), dtype_, dim_, out); }
+
+ private:
+  int dim_;
+  DType dtype_;
+  int64_t size_ = 0;
+  std::vector<unsigned char> keys_;
+  std::vector<unsigned char> values_;
+};
+
+}  // namespace kvrt::cpu_index

@@ -1,0 +1,90 @@
+#pragma once
+// One interface for every cold-key index kind (DESIGN.md, Indexes). An index covers the keys of
+// one kv head of one (sequence, layer), which live in a HeadStore the index does not own: every
+// call passes the store, so kinds that score against stored keys need no copy of them.
+//
+// Thread safety: Search is const and safe to call concurrently with other Search calls on the
+// same index; Build and Add need exclusive access.
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvrt_cpu_index/head_store.h"
+
+namespace kvrt::cpu_index {
+
+enum class IndexKind : int {
+  kExact = 0,  // no index: the runtime attends every cold token
+  kFlat = 1,
+  kIvf = 2,
+  kHnsw = 3,
+  kLandmark = 4,
+  kAttentionAware = 5,
+};
+
+const char* IndexKindName(IndexKind kind);
+absl::StatusOr<IndexKind> ParseIndexKind(std::string_view name);
+
+struct IndexConfig {
+  int num_threads = 0;           // parallel build; 0 = the current TBB arena's concurrency
+  // ivf
+  int ivf_nlist = 0;             // 0 = about 4 * sqrt(n) at build
+  int ivf_default_nprobe = 16;
+  // hnsw
+  int hnsw_m = 16;
+  int hnsw_ef_construction = 100;
+  int hnsw_default_ef = 128;
+  // landmark
+  int landmark_block = 32;       // tokens per block
+  int landmark_default_blocks = 0;  // 0 = enough blocks for 4 * k tokens
+  // attention-aware
+  int graph_degree = 32;         // out-links per key
+  int graph_query_sample = 4096; // prompt queries whose exact top keys seed the graph
+  int graph_query_top = 64;      // top keys taken per sampled query
+  int graph_default_beam = 0;    // 0 = 2 * k
+  uint64_t seed = 42;
+};
+
+struct SearchParams {
+  int k = 100;      // ids wanted
+  int effort = 0;   // kind-specific (nprobe, ef, blocks, beam); 0 = the kind's default
+};
+
+struct SearchResult {
+  std::vector<int64_t> ids;    // HeadStore rows, best first, at most k, no duplicates
+  std::vector<float> scores;   // unscaled q.k of each id
+  int64_t scanned = 0;         // keys scored (distance computations) by this search
+};
+
+class KeyIndex {
+ public:
+  virtual ~KeyIndex() = default;
+  virtual IndexKind kind() const = 0;
+
+  // Builds over rows [0, store.size()). queries: f32 [n_queries, dim] from the prompt (the q
+  // heads of this kv head's group), may be null; only kinds that use queries read them.
+  virtual absl::Status Build(const HeadStore& store, const float* queries, int64_t n_queries) = 0;
+
+  // Makes rows [size(), store.size()) searchable without a rebuild.
+  virtual absl::Status Add(const HeadStore& store) = 0;
+
+  // q: f32 [dim]. Returns the best rows by q.k that the kind finds at this effort.
+  virtual absl::Status Search(const HeadStore& store, const float* q, const SearchParams& params,
+                              SearchResult* out) const = 0;
+
+  virtual int64_t size() const = 0;             // rows covered
+  virtual std::size_t MemoryBytes() const = 0;  // bytes held beyond the HeadStore
+};
+
+// Creates an empty index of `kind` (not kExact) for keys of `head_dim`.
+absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIndex(IndexKind kind, const IndexConfig& config,
+                                                    int head_dim);
+
+// Exact top-k of scores[0, n) (ids are positions), best first; ties by lower id.
+void TopK(const float* scores, int64_t n, int k, std::vector<int64_t>* ids,
+          std::vector<float>* top_scores);
+
+}  // namespace kvrt::cpu_index

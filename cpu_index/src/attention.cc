@@ -1,0 +1,81 @@
+#include "kvrt_cpu_index/attention.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kvrt_cpu_index/dot.h"
+#include "kvrt_cpu_index/head_store.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Softmax-weighted sum of value rows given raw scores (already scaled); two passes, f32.
+template <typename ValueAt>
+void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, float* lse) {
+  const int64_t n = static_cast<int64_t>(s.size());
+  for (int i = 0; i < d; ++i) o[i] = 0.f;
+  float m = kNegInf;
+  for (float x : s) m = std::max(m, x);
+  if (n == 0 || m == kNegInf) {  // empty set, or every score -inf: contributes nothing
+    *lse = kNegInf;
+    return;
+  }
+  float l = 0.f;
+  for (auto& x : s) {
+    x = std::exp(x - m);
+    l += x;
+  }
+  const float inv = 1.f / l;
+  std::vector<float> row(d);
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = s[j] * inv;
+    if (w == 0.f) continue;
+    ConvertToF32(value_at(j), t, d, row.data());
+    for (int i = 0; i < d; ++i) o[i] += w * row[i];
+  }
+  *lse = m + std::log(l);
+}
+
+}  // namespace
+
+void AttendDense(const float* q, int d, float scale, const void* keys, const void* values,
+                 std::size_t stride_elems, DType t, int64_t n, float* o, float* lse) {
+  std::vector<float> s(n);
+  DotRows(q, keys, d, t, n, stride_elems, s.data());
+  for (auto& x : s) x *= scale;
+  const std::size_t stride_bytes = stride_elems * DTypeSize(t);
+  auto* vb = static_cast<const unsigned char*>(values);
+  Finish(s, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
+}
+
+void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
+                     int64_t n, float* o, float* lse) {
+  std::vector<float> s(n);
+  store.DotIds(q, ids, n, s.data());
+  for (auto& x : s) x *= scale;
+  Finish(s, store.dim(), store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
+}
+
+void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse) {
+  AttendDense(q, store.dim(), scale, store.keys(), store.values(), store.dim(), store.dtype(),
+              store.size(), o, lse);
+}
+
+void MergeInto(float* o1, float* lse1, const float* o2, float lse2, int d) {
+  if (lse2 == kNegInf) return;
+  if (*lse1 == kNegInf) {
+    for (int i = 0; i < d; ++i) o1[i] = o2[i];
+    *lse1 = lse2;
+    return;
+  }
+  const float m = std::max(*lse1, lse2);
+  const float lse = m + std::log(std::exp(*lse1 - m) + std::exp(lse2 - m));
+  const float w1 = std::exp(*lse1 - lse), w2 = std::exp(lse2 - lse);
+  for (int i = 0; i < d; ++i) o1[i] = w1 * o1[i] + w2 * o2[i];
+  *lse1 = lse;
+}
+
+}  // namespace kvrt::cpu_index

@@ -1,0 +1,66 @@
+#include "kvrt_cpu_index/dot.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+// NOTE: target_clones builds each loop for AVX-512, AVX2 and baseline x86-64 and picks one at
+// load time; the loops are written so GCC vectorises them (8 independent accumulators).
+#define KVRT_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+
+KVRT_MULTIVERSION float DotF32(const float* q, const float* k, int d) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += q[i + j] * k[i + j];
+  float s = 0.f;
+  for (; i < d; ++i) s += q[i] * k[i];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+KVRT_MULTIVERSION float DotBf16(const float* q, const uint16_t* k, int d) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      const uint32_t u = static_cast<uint32_t>(k[i + j]) << 16;
+      float f;
+      __builtin_memcpy(&f, &u, 4);
+      acc[j] += q[i + j] * f;
+    }
+  float s = 0.f;
+  for (; i < d; ++i) s += q[i] * Bf16ToF32(k[i]);
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+float DotF16(const float* q, const uint16_t* k, int d) {
+  float buf[512];
+  float s = 0.f;
+  for (int base = 0; base < d; base += 512) {
+    const int n = d - base < 512 ? d - base : 512;
+    for (int i = 0; i < n; ++i) buf[i] = F16ToF32(k[base + i]);
+    s += DotF32(q + base, buf, n);
+  }
+  return s;
+}
+
+}  // namespace
+
+float DotRow(const float* q, const void* row, int d, DType t) {
+  switch (t) {
+    case DType::kF32: return DotF32(q, static_cast<const float*>(row), d);
+    case DType::kBF16: return DotBf16(q, static_cast<const uint16_t*>(row), d);
+    case DType::kF16: return DotF16(q, static_cast<const uint16_t*>(row), d);
+  }
+  return 0.f;
+}
+
+void DotRows(const float* q, const void* rows, int d, DType t, int64_t n, std::size_t stride_elems,
+             float* out) {
+  const std::size_t stride_bytes = stride_elems * DTypeSize(t);
+  auto* base = static_cast<const unsigned char*>(rows);
+  for (int64_t i = 0; i < n; ++i) out[i] = DotRow(q, base + i * stride_bytes, d, t);
+}
+
+}  // namespace kvrt::cpu_index

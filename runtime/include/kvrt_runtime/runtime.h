@@ -1,0 +1,93 @@
+#pragma once
+// The runtime's C++ interface (api/ wraps it in the C API; tools and tests may use it too).
+// Thread safety: as documented in kvrt.h: different sequences concurrently, one sequence at a time
+// (each sequence also carries a mutex, so misuse serialises instead of corrupting state).
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvrt_common/dtype.h"
+#include "kvrt_cpu_index/index.h"
+
+namespace kvrt::runtime {
+
+struct RuntimeConfig {
+  int num_layers = 1;
+  int num_q_heads = 1;
+  int num_kv_heads = 1;
+  int head_dim = 128;
+  DType dtype = DType::kBF16;
+  float scale = 0.f;            // 0 = 1/sqrt(head_dim)
+  int sink_tokens = 4;
+  int window_tokens = 2048;
+  int top_k = 100;
+  cpu_index::IndexKind index_kind = cpu_index::IndexKind::kExact;
+  int search_effort = 0;        // 0 = the kind's default
+  int worker_threads = 0;       // 0 = hardware threads
+  bool record_attended = false;
+  cpu_index::IndexConfig index; // per-kind knobs
+};
+
+// Checks every field; the message names the field and the accepted range.
+absl::Status ValidateConfig(const RuntimeConfig& config);
+
+struct RuntimeStats {
+  int64_t sequences = 0;
+  int64_t gpu_tokens = 0;
+  int64_t host_tokens = 0;
+  int64_t gpu_bytes = 0;
+  int64_t host_bytes = 0;
+  int64_t index_bytes = 0;
+  int64_t attend_calls = 0;
+  int64_t keys_scored = 0;
+  int64_t cold_keys_searchable = 0;
+  int64_t cold_tokens_attended = 0;
+  int64_t evicted_tokens = 0;
+};
+
+class Sequence;
+
+class Runtime {
+ public:
+  static absl::StatusOr<std::unique_ptr<Runtime>> Create(const RuntimeConfig& config);
+  ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  // The effective configuration (scale and worker_threads resolved).
+  const RuntimeConfig& config() const { return config_; }
+
+  absl::StatusOr<int64_t> CreateSequence();
+  absl::Status ReleaseSequence(int64_t seq);
+  absl::StatusOr<int64_t> SequenceLength(int64_t seq, int layer) const;
+
+  // Tensors in config.dtype, [n, heads, head_dim]; q may be null in Prefill.
+  absl::Status Prefill(int64_t seq, int layer, const void* q, const void* k, const void* v,
+                       int64_t n_tokens);
+  absl::Status Append(int64_t seq, int layer, const void* k, const void* v, int64_t n_tokens);
+  // q: [q_heads, head_dim] in config.dtype; out: f32 [q_heads, head_dim].
+  absl::Status Attend(int64_t seq, int layer, const void* q, float* out);
+  // Positions the last Attend of (seq, layer) used for q_head (needs record_attended).
+  absl::Status GetAttended(int64_t seq, int layer, int q_head, std::vector<int64_t>* ids) const;
+
+  RuntimeStats Stats() const;
+
+  // Counters the layer states update (relaxed atomics: statistics only).
+  struct Counters {
+    std::atomic<int64_t> gpu_tokens{0}, host_tokens{0}, index_bytes{0}, attend_calls{0},
+        keys_scored{0}, cold_keys_searchable{0}, cold_tokens_attended{0}, evicted_tokens{0};
+  };
+
+ private:
+  explicit Runtime(const RuntimeConfig& config);
+  absl::StatusOr<std::shared_ptr<Sequence>> Find(int64_t seq, int layer) const;
+
+  struct Impl;
+  RuntimeConfig config_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvrt::runtime

@@ -1,0 +1,284 @@
+#include "runtime/src/layer_state.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <new>
+
+#include "absl/strings/str_cat.h"
+#include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/attention.h"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvrt::runtime {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many cold tokens no index is built: an exact scan of so few keys is as cheap as a
+// search, and IVF/graph builds on a handful of points are poor.
+constexpr int64_t kIndexMinRows = 256;
+
+}  // namespace
+
+LayerState::LayerState(const RuntimeConfig* config, Runtime::Counters* counters)
+    : cfg_(config), counters_(counters) {
+  cold_.reserve(cfg_->num_kv_heads);
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) cold_.emplace_back(cfg_->head_dim, cfg_->dtype);
+  index_.resize(cfg_->num_kv_heads);
+}
+
+LayerState::~LayerState() = default;
+
+std::size_t LayerState::token_bytes() const {
+  return static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
+}
+
+void LayerState::Release() {
+  counters_->gpu_tokens -= gpu_tokens();
+  counters_->host_tokens -= cold_tokens();
+  counters_->index_bytes -= index_bytes_;
+  index_bytes_ = 0;
+}
+
+absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, int64_t n,
+                                 tbb::task_arena& arena) {
+  if (length_ != 0)
+    return absl::FailedPreconditionError(absl::StrCat(
+        "prefill: the layer already holds ", length_, " tokens (prefill once, then append)"));
+  KVRT_RETURN_IF_ERROR(AppendTokens(k, v, n));
+  if (q != nullptr && cfg_->index_kind != cpu_index::IndexKind::kExact) SampleQueries(q, n);
+  return UpdateIndexes(arena);
+}
+
+absl::Status LayerState::Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena) {
+  KVRT_RETURN_IF_ERROR(AppendTokens(k, v, n));
+  return UpdateIndexes(arena);
+}
+
+// Keeps an evenly spaced sample of the prompt's queries per kv head (all q heads of its group), in
+// f32, for index kinds that build from queries.
+void LayerState::SampleQueries(const void* q, int64_t n) {
+  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
+  const int d = cfg_->head_dim;
+  const int64_t cap = std::max(1, cfg_->index.graph_query_sample);
+  const int64_t tokens = std::min<int64_t>(n, std::max<int64_t>(1, cap / group));
+  const std::size_t q_row = static_cast<std::size_t>(cfg_->num_q_heads) * d;
+  query_sample_.assign(cfg_->num_kv_heads, {});
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    auto& out = query_sample_[g];
+    out.resize(static_cast<std::size_t>(tokens) * group * d);
+    for (int64_t i = 0; i < tokens; ++i) {
+      const int64_t t = tokens == n ? i : i * n / tokens;
+      for (int j = 0; j < group; ++j) {
+        const std::size_t src = (static_cast<std::size_t>(t) * q_row + (g * group + j) * d);
+        ConvertToF32(static_cast<const unsigned char*>(q) + src * DTypeSize(cfg_->dtype),
+                     cfg_->dtype, d, out.data() + (static_cast<std::size_t>(i) * group + j) * d);
+      }
+    }
+  }
+}
+
+absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
+  const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
+  const std::size_t tb = token_bytes();
+  const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim;
+  const std::size_t hb = static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
+  const int64_t L = length_, L2 = length_ + n;
+  const int64_t cold_begin = S + cold_tokens();            // first position not yet cold
+  const int64_t cold_end = std::max(S, L2 - W);            // positions below are cold afterwards
+  auto* ks = static_cast<const unsigned char*>(k);
+  auto* vs = static_cast<const unsigned char*>(v);
+
+  // Allocate everything first so that nothing below can fail half-way.
+  try {
+    if (sink_k_.empty() && S > 0) {
+      sink_k_.resize(S * tb);
+      sink_v_.resize(S * tb);
+    }
+    if (ring_k_.empty() && L2 > S) {
+      ring_k_.resize(W * tb);
+      ring_v_.resize(W * tb);
+    }
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("append: cannot allocate the GPU-tier buffers");
+  }
+  const int64_t new_cold = cold_end - cold_begin;
+  if (new_cold > 0) {
+    for (auto& store : cold_) KVRT_RETURN_IF_ERROR(store.Reserve(store.size() + new_cold));
+  }
+
+  // 1. Tokens that become cold, in position order: from the ring (older) or straight from the
+  //    input (when more than a window arrives at once).
+  for (int64_t p = cold_begin; p < cold_end;) {
+    if (p < L) {
+      const std::size_t slot = static_cast<std::size_t>((p - S) % W);
+      for (int g = 0; g < cfg_->num_kv_heads; ++g)
+        (void)cold_[g].Append(ring_k_.data() + slot * tb + g * hb, ring_v_.data() + slot * tb + g * hb,
+                              1, head_elems);
+      ++p;
+    } else {
+      const int64_t run = cold_end - p;  // contiguous input rows
+      const std::size_t off = static_cast<std::size_t>(p - L) * tb;
+      for (int g = 0; g < cfg_->num_kv_heads; ++g)
+        (void)cold_[g].Append(ks + off + g * hb, vs + off + g * hb, run, head_elems);
+      p += run;
+    }
+  }
+  // 2. New tokens that stay on the GPU tier.
+  for (int64_t p = std::max(L, int64_t{0}); p < L2; ++p) {
+    const unsigned char* kr = ks + static_cast<std::size_t>(p - L) * tb;
+    const unsigned char* vr = vs + static_cast<std::size_t>(p - L) * tb;
+    if (p < S) {
+      std::memcpy(sink_k_.data() + p * tb, kr, tb);
+      std::memcpy(sink_v_.data() + p * tb, vr, tb);
+    } else if (p >= cold_end) {
+      const std::size_t slot = static_cast<std::size_t>((p - S) % W);
+      std::memcpy(ring_k_.data() + slot * tb, kr, tb);
+      std::memcpy(ring_v_.data() + slot * tb, vr, tb);
+    }
+  }
+  const int64_t gpu_before = gpu_tokens();
+  length_ = L2;
+  n_sink_ = std::min(L2, S);
+  n_window_ = L2 - n_sink_ - cold_tokens();
+  counters_->gpu_tokens += gpu_tokens() - gpu_before;
+  counters_->host_tokens += std::max<int64_t>(new_cold, 0);
+  // Evicted = left the GPU tier after having been on it (not prompt tokens sent straight to host).
+  counters_->evicted_tokens += std::max<int64_t>(0, std::min(L, cold_end) - cold_begin);
+  return absl::OkStatus();
+}
+
+absl::Status LayerState::UpdateIndexes(tbb::task_arena& arena) {
+  if (cfg_->index_kind == cpu_index::IndexKind::kExact) return absl::OkStatus();
+  if (cold_tokens() < kIndexMinRows) return absl::OkStatus();
+  std::vector<absl::Status> status(cfg_->num_kv_heads);
+  arena.execute([&] {
+    tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) {
+      auto& index = index_[g];
+      if (index == nullptr) {
+        auto made = cpu_index::MakeIndex(cfg_->index_kind, cfg_->index, cfg_->head_dim);
+        if (!made.ok()) {
+          status[g] = made.status();
+          return;
+        }
+        const bool have_q = !query_sample_.empty();
+        const int64_t nq = have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
+        status[g] = (*made)->Build(cold_[g], have_q ? query_sample_[g].data() : nullptr, nq);
+        if (status[g].ok()) index = std::move(*made);
+      } else if (index->size() < cold_[g].size()) {
+        status[g] = index->Add(cold_[g]);
+      }
+    });
+  });
+  int64_t bytes = 0;
+  bool all_built = true;
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    if (index_[g]) bytes += static_cast<int64_t>(index_[g]->MemoryBytes());
+    all_built = all_built && index_[g] != nullptr;
+  }
+  counters_->index_bytes += bytes - index_bytes_;
+  index_bytes_ = bytes;
+  if (all_built) query_sample_.clear();
+  for (auto& s : status) {
+    // NOTE: the tokens are stored either way; rows the index misses are scanned exactly by Attend,
+    // so an index failure degrades speed, never correctness. Still reported to the caller.
+    if (!s.ok())
+      return absl::Status(s.code(), absl::StrCat("cold index update (tokens were stored): ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& arena) {
+  if (length_ == 0)
+    return absl::FailedPreconditionError("attend: the layer holds no token (prefill or append first)");
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int group = H / cfg_->num_kv_heads;
+  const int64_t S = n_sink_, n_cold = cold_tokens();
+  const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * d;
+  std::vector<float> q(static_cast<std::size_t>(H) * d);
+  ConvertToF32(q_in, cfg_->dtype, q.size(), q.data());
+  if (cfg_->record_attended) attended_.assign(H, {});
+
+  std::vector<absl::Status> status(H);
+  std::vector<int64_t> scored(H, 0), attended_cold(H, 0);
+  // Written to `out` only when every head succeeded (a failed call leaves outputs untouched).
+  std::vector<float> result(static_cast<std::size_t>(H) * d);
+  arena.execute([&] {
+    tbb::parallel_for(0, H, [&](int h) {
+      const int g = h / group;
+      const std::size_t hoff = static_cast<std::size_t>(g) * d * DTypeSize(cfg_->dtype);
+      const float* qh = q.data() + static_cast<std::size_t>(h) * d;
+      float* oh = result.data() + static_cast<std::size_t>(h) * d;
+      std::vector<float> o2(d);
+      float lse = kNegInf, lse2;
+      // GPU tier: sinks, then the valid ring slots.
+      cpu_index::AttendDense(qh, d, cfg_->scale, sink_k_.data() + hoff, sink_v_.data() + hoff,
+                             head_elems, cfg_->dtype, n_sink_, oh, &lse);
+      cpu_index::AttendDense(qh, d, cfg_->scale, ring_k_.data() + hoff, ring_v_.data() + hoff,
+                             head_elems, cfg_->dtype, n_window_, o2.data(), &lse2);
+      cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
+      // Cold tier.
+      const auto& store = cold_[g];
+      std::vector<int64_t> ids;
+      if (n_cold > 0) {
+        if (cfg_->index_kind == cpu_index::IndexKind::kExact) {
+          cpu_index::AttendStoreAll(qh, cfg_->scale, store, o2.data(), &lse2);
+          scored[h] = n_cold;
+          attended_cold[h] = n_cold;
+          if (cfg_->record_attended) {
+            ids.resize(n_cold);
+            for (int64_t i = 0; i < n_cold; ++i) ids[i] = i;
+          }
+        } else {
+          const auto* index = index_[g].get();
+          const int64_t indexed = index ? index->size() : 0;
+          if (index) {
+            cpu_index::SearchResult found;
+            cpu_index::SearchParams params;
+            params.k = cfg_->top_k;
+            params.effort = cfg_->search_effort;
+            status[h] = index->Search(store, qh, params, &found);
+            if (!status[h].ok()) return;
+            ids = std::move(found.ids);
+            scored[h] = found.scanned;
+          }
+          // Rows the index does not cover yet are scanned exactly and compete for the top-k.
+          if (indexed < n_cold) {
+            std::vector<float> s(n_cold - indexed);
+            store.Dot(qh, indexed, n_cold, s.data());
+            std::vector<int64_t> tail;
+            cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, nullptr);
+            for (auto t : tail) ids.push_back(indexed + t);
+            scored[h] += n_cold - indexed;
+          }
+          cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids.data(),
+                                     static_cast<int64_t>(ids.size()), o2.data(), &lse2);
+          attended_cold[h] = static_cast<int64_t>(ids.size());
+        }
+        cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
+      }
+      if (cfg_->record_attended) {
+        auto& rec = attended_[h];
+        rec.reserve(S + n_window_ + ids.size());
+        for (int64_t p = 0; p < S; ++p) rec.push_back(p);
+        for (int64_t p = cfg_->sink_tokens + n_cold; p < length_; ++p) rec.push_back(p);
+        for (auto id : ids) rec.push_back(cfg_->sink_tokens + id);
+      }
+    });
+  });
+  for (auto& s : status) KVRT_RETURN_IF_ERROR(s);
+  std::memcpy(out, result.data(), result.size() * sizeof(float));
+  int64_t total_scored = 0, total_cold = 0;
+  for (int h = 0; h < H; ++h) {
+    total_scored += scored[h];
+    total_cold += attended_cold[h];
+  }
+  counters_->attend_calls += 1;
+  counters_->keys_scored += total_scored;
+  counters_->cold_keys_searchable += n_cold * H;
+  counters_->cold_tokens_attended += total_cold;
+  return absl::OkStatus();
+}
+
+}  // namespace kvrt::runtime

@@ -1,0 +1,66 @@
+#pragma once
+// State of one (sequence, layer): the GPU tier (sinks + window ring; host memory in the host
+// backend) and the cold tier (host KV store and index per kv head).
+//
+// Positions are implicit: sinks hold positions [0, S), the cold store row i is position S + i
+// (tokens leave the window in order), the window holds [S + n_cold, length), and position p >= S
+// lives in ring slot (p - S) % W.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "oneapi/tbb/task_arena.h"
+#include "kvrt_cpu_index/head_store.h"
+#include "kvrt_cpu_index/index.h"
+#include "kvrt_runtime/runtime.h"
+
+
+namespace kvrt::runtime {
+
+class LayerState {
+ public:
+  LayerState(const RuntimeConfig* config, Runtime::Counters* counters);
+  ~LayerState();
+  LayerState(LayerState&&) noexcept = default;
+  LayerState& operator=(LayerState&&) noexcept = default;
+
+  int64_t length() const { return length_; }
+  int64_t cold_tokens() const { return cold_.empty() ? 0 : cold_[0].size(); }
+  int64_t gpu_tokens() const { return n_sink_ + n_window_; }
+
+  // See Runtime::Prefill / Append / Attend. Atomic: on error the state is unchanged (except that
+  // an index insert that failed is retried on the next call; unindexed rows are scanned exactly).
+  absl::Status Prefill(const void* q, const void* k, const void* v, int64_t n,
+                       tbb::task_arena& arena);
+  absl::Status Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena);
+  absl::Status Attend(const void* q, float* out, tbb::task_arena& arena);
+  const std::vector<int64_t>& attended(int q_head) const { return attended_[q_head]; }
+  bool has_attended() const { return !attended_.empty(); }
+
+  // Gives back every counter this layer added (at release).
+  void Release();
+
+ private:
+  absl::Status AppendTokens(const void* k, const void* v, int64_t n);
+  absl::Status UpdateIndexes(tbb::task_arena& arena);
+  void SampleQueries(const void* q, int64_t n);
+  std::size_t token_bytes() const;  // one token, all kv heads, k or v
+
+  const RuntimeConfig* cfg_;
+  Runtime::Counters* counters_;
+  int64_t length_ = 0;
+  // GPU tier, [rows, kv_heads, d] in storage dtype.
+  std::vector<unsigned char> sink_k_, sink_v_, ring_k_, ring_v_;
+  int64_t n_sink_ = 0, n_window_ = 0;
+  // Cold tier, one per kv head.
+  std::vector<cpu_index::HeadStore> cold_;
+  std::vector<std::unique_ptr<cpu_index::KeyIndex>> index_;
+  int64_t index_bytes_ = 0;
+  // Prompt queries kept (f32, per kv head) until the cold index is built, when the prompt was too
+  // short to build it at prefill.
+  std::vector<std::vector<float>> query_sample_;
+  std::vector<std::vector<int64_t>> attended_;  // per q head, when record_attended
+};
+
+}  // namespace kvrt::runtime

@@ -1,0 +1,207 @@
+#include "kvrt_runtime/runtime.h"
+
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <thread>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "kvrt_common/status_macros.h"
+#include "oneapi/tbb/task_arena.h"
+#include "runtime/src/layer_state.h"
+
+namespace kvrt::runtime {
+
+class Sequence {
+ public:
+  Sequence(const RuntimeConfig* config, Runtime::Counters* counters) {
+    layers.reserve(config->num_layers);
+    for (int l = 0; l < config->num_layers; ++l) layers.emplace_back(config, counters);
+  }
+  std::mutex mu;  // serialises calls on this sequence
+  std::vector<LayerState> layers;
+};
+
+struct Runtime::Impl {
+  explicit Impl(int threads) : arena(threads) {}
+  tbb::task_arena arena;
+  Counters counters;
+  mutable absl::Mutex mu;
+  absl::flat_hash_map<int64_t, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(mu);
+  int64_t next_id ABSL_GUARDED_BY(mu) = 0;
+};
+
+namespace {
+
+absl::Status Range(const char* field, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value > hi)
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.", field, " = ", value, " is out of range [", lo, ", ", hi, "]"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status ValidateConfig(const RuntimeConfig& c) {
+  KVRT_RETURN_IF_ERROR(Range("num_layers", c.num_layers, 1, 4096));
+  KVRT_RETURN_IF_ERROR(Range("num_kv_heads", c.num_kv_heads, 1, 1024));
+  KVRT_RETURN_IF_ERROR(Range("num_q_heads", c.num_q_heads, 1, 4096));
+  if (c.num_q_heads % c.num_kv_heads != 0)
+    return absl::InvalidArgumentError(absl::StrCat("config.num_q_heads = ", c.num_q_heads,
+                                                   " is not a multiple of config.num_kv_heads = ",
+                                                   c.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(Range("head_dim", c.head_dim, 1, 512));
+  if (c.dtype != DType::kF32 && c.dtype != DType::kF16 && c.dtype != DType::kBF16)
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.dtype = ", static_cast<int>(c.dtype), " is not f32, f16 or bf16"));
+  if (!std::isfinite(c.scale) || c.scale < 0.f)
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.scale = ", c.scale, " must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
+  KVRT_RETURN_IF_ERROR(Range("sink_tokens", c.sink_tokens, 0, 1 << 20));
+  KVRT_RETURN_IF_ERROR(Range("window_tokens", c.window_tokens, 1, 1 << 24));
+  KVRT_RETURN_IF_ERROR(Range("top_k", c.top_k, 1, 1 << 20));
+  KVRT_RETURN_IF_ERROR(Range("index_kind", static_cast<int>(c.index_kind), 0,
+                             static_cast<int>(cpu_index::IndexKind::kAttentionAware)));
+  KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, 1 << 24));
+  KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, 4096));
+  return absl::OkStatus();
+}
+
+Runtime::Runtime(const RuntimeConfig& config) : config_(config) {}
+Runtime::~Runtime() = default;
+
+absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& config) {
+  KVRT_RETURN_IF_ERROR(ValidateConfig(config));
+  RuntimeConfig effective = config;
+  if (effective.scale == 0.f) effective.scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
+  if (effective.worker_threads == 0)
+    effective.worker_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  std::unique_ptr<Runtime> rt(new Runtime(effective));
+  rt->impl_ = std::make_unique<Impl>(effective.worker_threads);
+  return rt;
+}
+
+absl::StatusOr<int64_t> Runtime::CreateSequence() {
+  auto seq = std::make_shared<Sequence>(&config_, &impl_->counters);
+  absl::MutexLock lock(&impl_->mu);
+  const int64_t id = impl_->next_id++;
+  impl_->sequences.emplace(id, std::move(seq));
+  return id;
+}
+
+absl::Status Runtime::ReleaseSequence(int64_t id) {
+  std::shared_ptr<Sequence> seq;
+  {
+    absl::MutexLock lock(&impl_->mu);
+    auto it = impl_->sequences.find(id);
+    if (it == impl_->sequences.end())
+      return absl::NotFoundError(absl::StrCat("sequence ", id, " does not exist or was released"));
+    seq = std::move(it->second);
+    impl_->sequences.erase(it);
+  }
+  std::lock_guard<std::mutex> lock(seq->mu);  // waits for a call in flight on this sequence
+  for (auto& layer : seq->layers) layer.Release();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<Sequence>> Runtime::Find(int64_t id, int layer) const {
+  if (layer < 0 || layer >= config_.num_layers)
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
+  absl::MutexLock lock(&impl_->mu);
+  auto it = impl_->sequences.find(id);
+  if (it == impl_->sequences.end())
+    return absl::NotFoundError(absl::StrCat("sequence ", id, " does not exist or was released"));
+  return it->second;
+}
+
+absl::StatusOr<int64_t> Runtime::SequenceLength(int64_t id, int layer) const {
+  KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  return seq->layers[layer].length();
+}
+
+namespace {
+absl::Status CheckTokens(const char* what, int64_t n, int64_t length, bool allow_zero) {
+  if (n < (allow_zero ? 0 : 1))
+    return absl::InvalidArgumentError(absl::StrCat(what, ": n_tokens = ", n, " must be >= ",
+                                                   allow_zero ? 0 : 1));
+  // Bounded so that byte counts (n * heads * dim * 4) cannot overflow int64.
+  constexpr int64_t kMaxTokens = int64_t{1} << 34;
+  if (n > kMaxTokens || length + n > kMaxTokens)
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", length, " + ", n, " tokens exceeds the limit of ", kMaxTokens));
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* k, const void* v,
+                              int64_t n) {
+  if (k == nullptr || v == nullptr)
+    return absl::InvalidArgumentError("prefill: k and v must not be NULL");
+  KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(CheckTokens("prefill", n, seq->layers[layer].length(), false));
+  return seq->layers[layer].Prefill(q, k, v, n, impl_->arena);
+}
+
+absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v, int64_t n) {
+  if (k == nullptr || v == nullptr)
+    return absl::InvalidArgumentError("append: k and v must not be NULL");
+  KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(CheckTokens("append", n, seq->layers[layer].length(), false));
+  return seq->layers[layer].Append(k, v, n, impl_->arena);
+}
+
+absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out) {
+  if (q == nullptr || out == nullptr)
+    return absl::InvalidArgumentError("attend: q and out must not be NULL");
+  KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  return seq->layers[layer].Attend(q, out, impl_->arena);
+}
+
+absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
+                                  std::vector<int64_t>* ids) const {
+  if (!config_.record_attended)
+    return absl::FailedPreconditionError(
+        "get_attended: the runtime was created with record_attended = 0");
+  if (q_head < 0 || q_head >= config_.num_q_heads)
+    return absl::InvalidArgumentError(
+        absl::StrCat("q_head ", q_head, " is out of range [0, ", config_.num_q_heads, ")"));
+  KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  const auto& state = seq->layers[layer];
+  if (!state.has_attended())
+    return absl::FailedPreconditionError(
+        absl::StrCat("get_attended: no attend on sequence ", id, " layer ", layer, " yet"));
+  *ids = state.attended(q_head);
+  return absl::OkStatus();
+}
+
+RuntimeStats Runtime::Stats() const {
+  RuntimeStats s;
+  {
+    absl::MutexLock lock(&impl_->mu);
+    s.sequences = static_cast<int64_t>(impl_->sequences.size());
+  }
+  const auto& c = impl_->counters;
+  const int64_t token_bytes =
+      2 * int64_t{config_.num_kv_heads} * config_.head_dim * static_cast<int64_t>(DTypeSize(config_.dtype));
+  s.gpu_tokens = c.gpu_tokens.load();
+  s.host_tokens = c.host_tokens.load();
+  s.gpu_bytes = s.gpu_tokens * token_bytes;
+  s.host_bytes = s.host_tokens * token_bytes;
+  s.index_bytes = c.index_bytes.load();
+  s.attend_calls = c.attend_calls.load();
+  s.keys_scored = c.keys_scored.load();
+  s.cold_keys_searchable = c.cold_keys_searchable.load();
+  s.cold_tokens_attended = c.cold_tokens_attended.load();
+  s.evicted_tokens = c.evicted_tokens.load();
+  return s;
+}
+
+}  // namespace kvrt::runtime

@@ -1,0 +1,84 @@
+#pragma once
+// Attention traces in safetensors format (DESIGN.md, Traces): read (memory-mapped, validated)
+// and write (streamed, tensor by tensor, so traces larger than memory can be generated).
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvrt_common/dtype.h"
+
+namespace kvrt::trace {
+
+inline constexpr char kFormatName[] = "kvrt-trace";
+inline constexpr int kFormatVersion = 1;
+
+struct TraceMeta {
+  std::string model = "synthetic";
+  int num_layers = 0;      // layers recorded in the file (tensors "0." .. "<n-1>.")
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::kBF16;
+  int64_t prompt_tokens = 0;
+  int64_t decode_steps = 0;
+  float scale = 0.f;       // 0 = 1/sqrt(head_dim)
+  bool post_rotary = true;
+  std::map<std::string, std::string> extra;  // any other __metadata__ entries (seed, source, ...)
+};
+
+// The six tensors of a layer: "prefill.q", "prefill.k", "prefill.v", "decode.q", "decode.k",
+// "decode.v"; the full name is "<layer>.<part>".
+inline const std::vector<std::string>& TensorParts() {
+  static const std::vector<std::string> parts = {"prefill.q", "prefill.k", "prefill.v",
+                                                 "decode.q",  "decode.k",  "decode.v"};
+  return parts;
+}
+
+struct TensorView {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;  // [tokens, heads, head_dim]
+  std::size_t bytes = 0;
+};
+
+class TraceReader {
+ public:
+  // Opens and validates the whole header: safetensors framing, metadata (errors name the key),
+  // every tensor present with the shape the metadata implies and offsets inside the file.
+  // Errors name the file and what is wrong (absl InvalidArgument / NotFound / DataLoss).
+  static absl::StatusOr<std::unique_ptr<TraceReader>> Open(const std::string& path);
+  virtual ~TraceReader() = default;
+  virtual const TraceMeta& meta() const = 0;
+  virtual const std::string& path() const = 0;
+  // Tensor "<layer>.<part>", a view into the mapped file (valid while the reader lives).
+  virtual absl::StatusOr<TensorView> Tensor(int layer, const std::string& part) const = 0;
+};
+
+class TraceWriter {
+ public:
+  // Writes the header for `meta` (all tensors of all layers, sizes implied by meta) and then
+  // expects exactly those tensors through WriteTensor, in the order of layers then TensorParts().
+  static absl::StatusOr<std::unique_ptr<TraceWriter>> Create(const std::string& path,
+                                                             const TraceMeta& meta);
+  virtual ~TraceWriter() = default;
+  // data holds the tensor in meta.dtype, exactly its size.
+  virtual absl::Status WriteTensor(int layer, const std::string& part, const void* data,
+                                   std::size_t bytes) = 0;
+  // Flushes and closes; an error if a tensor is missing.
+  virtual absl::Status Close() = 0;
+};
+
+// Synthetic traces with what makes retrieval hard (see gen-trace's --help and docs/traces.md).
+struct GenOptions {
+  TraceMeta meta;           // shapes, dtype, prompt_tokens, decode_steps
+  uint64_t seed = 1;
+  int needles = 16;         // planted needle tokens per (layer, kv head)
+  bool show_progress = true;
+};
+absl::Status GenerateTrace(const std::string& path, const GenOptions& options);
+
+}  // namespace kvrt::trace
