@@ -1,0 +1,251 @@
+// The runtime against a plain double-precision attention over all tokens.
+#include <cmath>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvrt_common/dtype.h"
+#include "kvrt_runtime/runtime.h"
+
+namespace kvrt::runtime {
+namespace {
+
+struct Tokens {
+  std::vector<float> k, v;  // [n, kv_heads, d] f32 (values as stored, after dtype rounding)
+};
+
+// Random tensor in `dtype`; `f32` receives the values it represents.
+std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t, std::vector<float>* f32,
+                                  float sigma = 1.f) {
+  std::normal_distribution<float> dist(0.f, sigma);
+  std::vector<float> x(n);
+  for (auto& e : x) e = dist(rng);
+  std::vector<unsigned char> bytes(n * DTypeSize(t));
+  ConvertFromF32(x.data(), n, t, bytes.data());
+  if (f32) {
+    std::vector<float> back(n);
+    ConvertToF32(bytes.data(), t, n, back.data());
+    f32->insert(f32->end(), back.begin(), back.end());
+  }
+  return bytes;
+}
+
+// Exact attention of q (f32 [H, d]) over all n tokens.
+std::vector<double> Exact(const RuntimeConfig& c, const std::vector<float>& q, const Tokens& kv,
+                          int64_t n) {
+  const int d = c.head_dim, group = c.num_q_heads / c.num_kv_heads;
+  const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> out(static_cast<std::size_t>(c.num_q_heads) * d, 0.0);
+  for (int h = 0; h < c.num_q_heads; ++h) {
+    const int g = h / group;
+    std::vector<double> s(n);
+    double m = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) {
+      double acc = 0;
+      for (int j = 0; j < d; ++j) acc += static_cast<double>(q[h * d + j]) * kv.k[(i * c.num_kv_heads + g) * d + j];
+      s[i] = acc * scale;
+      m = std::max(m, s[i]);
+    }
+    double l = 0;
+    for (auto& x : s) l += (x = std::exp(x - m));
+    for (int64_t i = 0; i < n; ++i)
+      for (int j = 0; j < d; ++j) out[h * d + j] += s[i] / l * kv.v[(i * c.num_kv_heads + g) * d + j];
+  }
+  return out;
+}
+
+double RelError(const std::vector<float>& got, const std::vector<double>& want, int h, int d) {
+  double num = 0, den = 0;
+  for (int j = 0; j < d; ++j) {
+    num += (got[h * d + j] - want[h * d + j]) * (got[h * d + j] - want[h * d + j]);
+    den += want[h * d + j] * want[h * d + j];
+  }
+  return std::sqrt(num / den);
+}
+
+struct Case {
+  DType dtype;
+  int sinks, window;
+  int64_t prompt, steps;
+  cpu_index::IndexKind kind = cpu_index::IndexKind::kExact;
+  int top_k = 100000;
+};
+
+// Prefill `prompt` tokens, then `steps` x (append 1, attend), checking each output.
+void RunAndCheck(const Case& cs, double tol) {
+  RuntimeConfig c;
+  c.num_layers = 2;
+  c.num_q_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 32;
+  c.dtype = cs.dtype;
+  c.sink_tokens = cs.sinks;
+  c.window_tokens = cs.window;
+  c.index_kind = cs.kind;
+  c.top_k = cs.top_k;
+  c.worker_threads = 2;
+  c.record_attended = true;
+  auto rt = Runtime::Create(c);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  auto seq = (*rt)->CreateSequence();
+  ASSERT_TRUE(seq.ok());
+  std::mt19937 rng(7);
+  const std::size_t row = static_cast<std::size_t>(c.num_kv_heads) * c.head_dim;
+  const std::size_t qrow = static_cast<std::size_t>(c.num_q_heads) * c.head_dim;
+  const int layer = 1;
+  Tokens kv;
+  int64_t n = 0;
+  if (cs.prompt > 0) {
+    auto q = Random(rng, cs.prompt * qrow, c.dtype, nullptr);
+    auto k = Random(rng, cs.prompt * row, c.dtype, &kv.k, 2.f);
+    auto v = Random(rng, cs.prompt * row, c.dtype, &kv.v);
+    ASSERT_TRUE((*rt)->Prefill(*seq, layer, q.data(), k.data(), v.data(), cs.prompt).ok());
+    n = cs.prompt;
+  }
+  for (int64_t s = 0; s < cs.steps; ++s) {
+    auto k = Random(rng, row, c.dtype, &kv.k, 2.f);
+    auto v = Random(rng, row, c.dtype, &kv.v);
+    ASSERT_TRUE((*rt)->Append(*seq, layer, k.data(), v.data(), 1).ok());
+    ++n;
+    std::vector<float> qf;
+    auto q = Random(rng, qrow, c.dtype, &qf);
+    std::vector<float> out(qrow);
+    auto st = (*rt)->Attend(*seq, layer, q.data(), out.data());
+    ASSERT_TRUE(st.ok()) << st;
+    const auto want = Exact(c, qf, kv, n);
+    for (int h = 0; h < c.num_q_heads; ++h)
+      ASSERT_LT(RelError(out, want, h, c.head_dim), tol) << "step " << s << " head " << h;
+    // Every token is attended exactly once.
+    std::vector<int64_t> ids;
+    ASSERT_TRUE((*rt)->GetAttended(*seq, layer, 0, &ids).ok());
+    std::vector<int> seen(n, 0);
+    for (auto id : ids) {
+      ASSERT_GE(id, 0);
+      ASSERT_LT(id, n);
+      ++seen[id];
+    }
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(seen[i], 1) << "token " << i << " step " << s;
+    auto len = (*rt)->SequenceLength(*seq, layer);
+    ASSERT_EQ(*len, n);
+  }
+  const auto stats = (*rt)->Stats();
+  EXPECT_EQ(stats.gpu_tokens + stats.host_tokens, n);
+  EXPECT_LE(stats.gpu_tokens, cs.sinks + cs.window);
+}
+
+TEST(RuntimeExact, F32EqualsFullAttention) { RunAndCheck({DType::kF32, 4, 16, 200, 20}, 1e-5); }
+TEST(RuntimeExact, F16Storage) { RunAndCheck({DType::kF16, 4, 16, 100, 10}, 1e-5); }
+TEST(RuntimeExact, Bf16Storage) { RunAndCheck({DType::kBF16, 4, 16, 100, 10}, 1e-5); }
+TEST(RuntimeExact, NoSinks) { RunAndCheck({DType::kF32, 0, 16, 100, 10}, 1e-5); }
+TEST(RuntimeExact, WindowLongerThanSequence) { RunAndCheck({DType::kF32, 4, 1000, 50, 10}, 1e-5); }
+TEST(RuntimeExact, WindowExactlyFull) { RunAndCheck({DType::kF32, 4, 16, 19, 1}, 1e-5); }
+TEST(RuntimeExact, OneToken) { RunAndCheck({DType::kF32, 4, 16, 0, 1}, 1e-5); }
+TEST(RuntimeExact, OnlyDecodeAppends) { RunAndCheck({DType::kF32, 2, 5, 0, 40}, 1e-5); }
+TEST(RuntimeExact, WindowOfOne) { RunAndCheck({DType::kF32, 1, 1, 30, 5}, 1e-5); }
+TEST(RuntimeFlat, TopKCoveringEverythingIsExact) {
+  RunAndCheck({DType::kF32, 4, 16, 600, 5, cpu_index::IndexKind::kFlat, 100000}, 1e-5);
+}
+
+TEST(RuntimeFlat, RetrievesTheExactTopKOfColdTokens) {
+  RuntimeConfig c;
+  c.num_layers = 1;
+  c.num_q_heads = 2;
+  c.num_kv_heads = 1;
+  c.head_dim = 16;
+  c.dtype = DType::kF32;
+  c.sink_tokens = 2;
+  c.window_tokens = 8;
+  c.top_k = 5;
+  c.index_kind = cpu_index::IndexKind::kFlat;
+  c.record_attended = true;
+  auto rt = *Runtime::Create(c);
+  auto seq = *rt->CreateSequence();
+  std::mt19937 rng(3);
+  const int64_t n = 1000;
+  std::vector<float> k, v;
+  auto kb = Random(rng, n * 16, DType::kF32, &k);
+  auto vb = Random(rng, n * 16, DType::kF32, &v);
+  ASSERT_TRUE(rt->Prefill(seq, 0, nullptr, kb.data(), vb.data(), n).ok());
+  std::vector<float> q(32), out(32);
+  for (auto& x : q) x = std::normal_distribution<float>()(rng);
+  ASSERT_TRUE(rt->Attend(seq, 0, q.data(), out.data()).ok());
+  std::vector<int64_t> ids;
+  ASSERT_TRUE(rt->GetAttended(seq, 0, 1, &ids).ok());
+  ASSERT_EQ(ids.size(), 2u + 8u + 5u);
+  // The cold part (last 5) must be the 5 best cold tokens [2, n - 8) for head 1.
+  std::vector<std::pair<float, int64_t>> scored;
+  for (int64_t i = 2; i < n - 8; ++i) {
+    float s = 0;
+    for (int j = 0; j < 16; ++j) s += q[16 + j] * k[i * 16 + j];
+    scored.push_back({-s, i});
+  }
+  std::sort(scored.begin(), scored.end());
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(ids[10 + i], scored[i].second);
+}
+
+TEST(RuntimeErrors, StatusesNameTheProblem) {
+  RuntimeConfig c;
+  c.num_q_heads = 6;
+  c.num_kv_heads = 4;
+  auto bad = Runtime::Create(c);
+  ASSERT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("num_q_heads"), absl::string_view::npos);
+  c.num_q_heads = 8;
+  c.head_dim = 8;
+  c.dtype = DType::kF32;
+  auto rt = *Runtime::Create(c);
+  auto seq = *rt->CreateSequence();
+  float x[64] = {};
+  EXPECT_EQ(rt->Attend(seq, 0, x, x).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(rt->Append(seq, 1, x, x, 1).code(), absl::StatusCode::kInvalidArgument);  // layer
+  EXPECT_EQ(rt->Append(seq + 5, 0, x, x, 1).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(rt->Append(seq, 0, x, x, 0).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(rt->Append(seq, 0, nullptr, x, 1).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(rt->Append(seq, 0, x, x, 1).ok());
+  EXPECT_EQ(rt->Prefill(seq, 0, nullptr, x, x, 1).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(rt->ReleaseSequence(seq).ok());
+  EXPECT_EQ(rt->ReleaseSequence(seq).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(rt->Stats().gpu_tokens, 0);
+}
+
+TEST(RuntimeConcurrency, SequencesOnManyThreadsAgreeWithSerial) {
+  RuntimeConfig c;
+  c.num_layers = 1;
+  c.num_q_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 16;
+  c.dtype = DType::kF32;
+  c.sink_tokens = 2;
+  c.window_tokens = 8;
+  c.top_k = 4;
+  c.index_kind = cpu_index::IndexKind::kFlat;
+  c.worker_threads = 4;
+  auto rt = *Runtime::Create(c);
+  const int threads = 8, steps = 40;
+  auto drive = [&](int t, std::vector<float>* outs) {
+    std::mt19937 rng(100 + t);
+    auto seq = *rt->CreateSequence();
+    for (int s = 0; s < steps; ++s) {
+      auto k = Random(rng, 32, DType::kF32, nullptr);
+      auto v = Random(rng, 32, DType::kF32, nullptr);
+      auto q = Random(rng, 64, DType::kF32, nullptr);
+      std::vector<float> out(64);
+      ASSERT_TRUE(rt->Append(seq, 0, k.data(), v.data(), 1).ok());
+      ASSERT_TRUE(rt->Attend(seq, 0, q.data(), out.data()).ok());
+      outs->insert(outs->end(), out.begin(), out.end());
+    }
+    ASSERT_TRUE(rt->ReleaseSequence(seq).ok());
+  };
+  std::vector<std::vector<float>> serial(threads), parallel(threads);
+  for (int t = 0; t < threads; ++t) drive(t, &serial[t]);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back(drive, t, &parallel[t]);
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < threads; ++t) EXPECT_EQ(serial[t], parallel[t]) << "thread " << t;
+  EXPECT_EQ(rt->Stats().sequences, 0);
+  EXPECT_EQ(rt->Stats().host_tokens, 0);
+}
+
+}  // namespace
+}  // namespace kvrt::runtime
