@@ -1,0 +1,172 @@
+// Every error path of the C API returns its status and a message that names the problem, and
+// leaves outputs and state untouched.
+#include <cmath>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvrt.h"
+
+namespace {
+
+bool Mentions(const char* what) { return std::string(kvrt_last_error()).find(what) != std::string::npos; }
+
+class ApiTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    cfg_ = kvrt_config_default();
+    cfg_.num_layers = 2;
+    cfg_.num_q_heads = 4;
+    cfg_.num_kv_heads = 2;
+    cfg_.head_dim = 8;
+    cfg_.dtype = KVRT_DTYPE_F32;
+    cfg_.sink_tokens = 1;
+    cfg_.window_tokens = 4;
+    cfg_.top_k = 2;
+    cfg_.worker_threads = 1;
+    ASSERT_EQ(kvrt_runtime_create(&cfg_, &rt_), KVRT_OK) << kvrt_last_error();
+    ASSERT_EQ(kvrt_seq_create(rt_, &seq_), KVRT_OK);
+  }
+  void TearDown() override { kvrt_runtime_destroy(rt_); }
+  kvrt_config cfg_;
+  kvrt_runtime* rt_ = nullptr;
+  kvrt_seq_id seq_ = 0;
+  std::vector<float> kv_ = std::vector<float>(64 * 2 * 8, 0.5f), q_ = std::vector<float>(4 * 8, 1.f),
+                     out_ = std::vector<float>(4 * 8, -7.f);
+};
+
+TEST(ApiStatus, StringsAndVersion) {
+  for (int s = KVRT_OK; s <= KVRT_ERR_IO; ++s)
+    EXPECT_STRNE(kvrt_status_string(static_cast<kvrt_status>(s)), "KVRT_ERR_UNKNOWN_STATUS");
+  EXPECT_STREQ(kvrt_status_string(static_cast<kvrt_status>(99)), "KVRT_ERR_UNKNOWN_STATUS");
+  EXPECT_EQ(std::string(kvrt_version()), std::to_string(KVRT_VERSION_MAJOR) + "." +
+                                             std::to_string(KVRT_VERSION_MINOR) + "." +
+                                             std::to_string(KVRT_VERSION_PATCH));
+}
+
+TEST(ApiCreate, RejectsBadConfigNamingTheField) {
+  kvrt_runtime* rt = reinterpret_cast<kvrt_runtime*>(0x1);
+  EXPECT_EQ(kvrt_runtime_create(nullptr, &rt), KVRT_ERR_INVALID_ARGUMENT);
+  kvrt_config c = kvrt_config_default();
+  EXPECT_EQ(kvrt_runtime_create(&c, nullptr), KVRT_ERR_INVALID_ARGUMENT);
+  struct Bad {
+    void (*mutate)(kvrt_config*);
+    const char* field;
+  } cases[] = {
+      {[](kvrt_config* c) { c->num_layers = 0; }, "num_layers"},
+      {[](kvrt_config* c) { c->num_q_heads = 7; }, "num_q_heads"},
+      {[](kvrt_config* c) { c->num_kv_heads = -1; }, "num_kv_heads"},
+      {[](kvrt_config* c) { c->head_dim = 0; }, "head_dim"},
+      {[](kvrt_config* c) { c->head_dim = 100000; }, "head_dim"},
+      {[](kvrt_config* c) { c->dtype = static_cast<kvrt_dtype>(9); }, "dtype"},
+      {[](kvrt_config* c) { c->scale = NAN; }, "scale"},
+      {[](kvrt_config* c) { c->scale = -1.f; }, "scale"},
+      {[](kvrt_config* c) { c->sink_tokens = -1; }, "sink_tokens"},
+      {[](kvrt_config* c) { c->window_tokens = 0; }, "window_tokens"},
+      {[](kvrt_config* c) { c->top_k = 0; }, "top_k"},
+      {[](kvrt_config* c) { c->index_kind = static_cast<kvrt_index_kind>(42); }, "index_kind"},
+      {[](kvrt_config* c) { c->search_effort = -3; }, "search_effort"},
+      {[](kvrt_config* c) { c->worker_threads = -2; }, "worker_threads"},
+      {[](kvrt_config* c) { c->record_attended = 2; }, "record_attended"},
+      {[](kvrt_config* c) { c->use_gpu = 5; }, "use_gpu"},
+  };
+  for (const auto& b : cases) {
+    c = kvrt_config_default();
+    b.mutate(&c);
+    rt = reinterpret_cast<kvrt_runtime*>(0x1);
+    EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT) << b.field;
+    EXPECT_TRUE(Mentions(b.field)) << b.field << ": " << kvrt_last_error();
+    EXPECT_EQ(rt, reinterpret_cast<kvrt_runtime*>(0x1)) << "out written on failure";
+  }
+  c = kvrt_config_default();
+  c.use_gpu = 1;
+  EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_UNIMPLEMENTED);
+  EXPECT_TRUE(Mentions("CUDA"));
+}
+
+TEST_F(ApiTest, NullHandlesAndPointers) {
+  kvrt_seq_id id;
+  int64_t n;
+  kvrt_stats st;
+  kvrt_config c;
+  EXPECT_EQ(kvrt_seq_create(nullptr, &id), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("rt is NULL"));
+  EXPECT_EQ(kvrt_seq_create(rt_, nullptr), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_seq_release(nullptr, seq_), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_seq_length(nullptr, seq_, 0, &n), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_seq_length(rt_, seq_, 0, nullptr), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_runtime_config(nullptr, &c), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_runtime_config(rt_, nullptr), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_get_stats(nullptr, &st), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_get_stats(rt_, nullptr), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_prefill(nullptr, seq_, 0, nullptr, kv_.data(), kv_.data(), 1), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, nullptr, kv_.data(), 1), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("k and v"));
+  EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), nullptr, 1), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_attend(rt_, seq_, 0, nullptr, out_.data()), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_attend(rt_, seq_, 0, q_.data(), nullptr), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("q and out"));
+  int64_t count;
+  EXPECT_EQ(kvrt_get_attended(rt_, seq_, 0, 0, nullptr, 4, &count), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_get_attended(rt_, seq_, 0, 0, nullptr, 0, nullptr), KVRT_ERR_INVALID_ARGUMENT);
+}
+
+TEST_F(ApiTest, UnknownReleasedSequenceAndLayerOutOfRange) {
+  EXPECT_EQ(kvrt_append(rt_, seq_ + 100, 0, kv_.data(), kv_.data(), 1), KVRT_ERR_NOT_FOUND);
+  EXPECT_TRUE(Mentions("sequence"));
+  EXPECT_EQ(kvrt_append(rt_, seq_, 2, kv_.data(), kv_.data(), 1), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("layer 2"));
+  EXPECT_EQ(kvrt_append(rt_, seq_, -1, kv_.data(), kv_.data(), 1), KVRT_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(kvrt_seq_release(rt_, seq_), KVRT_OK);
+  EXPECT_EQ(kvrt_seq_release(rt_, seq_), KVRT_ERR_NOT_FOUND);
+  EXPECT_EQ(kvrt_attend(rt_, seq_, 0, q_.data(), out_.data()), KVRT_ERR_NOT_FOUND);
+  EXPECT_TRUE(Mentions("released"));
+  kvrt_seq_id next;
+  ASSERT_EQ(kvrt_seq_create(rt_, &next), KVRT_OK);
+  EXPECT_NE(next, seq_) << "ids are never reused";
+}
+
+TEST_F(ApiTest, TokenCountsAndState) {
+  EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), 0), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("n_tokens"));
+  EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), -5), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), INT64_MAX), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("exceeds"));
+  // Attend on an empty layer: precondition, output untouched.
+  EXPECT_EQ(kvrt_attend(rt_, seq_, 0, q_.data(), out_.data()), KVRT_ERR_FAILED_PRECONDITION);
+  EXPECT_EQ(out_[0], -7.f);
+  ASSERT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), 3), KVRT_OK);
+  EXPECT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, kv_.data(), kv_.data(), 3), KVRT_ERR_FAILED_PRECONDITION);
+  EXPECT_TRUE(Mentions("already holds 3"));
+  int64_t n = 0;
+  ASSERT_EQ(kvrt_seq_length(rt_, seq_, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, 3) << "the failed prefill changed nothing";
+  int64_t count;
+  EXPECT_EQ(kvrt_get_attended(rt_, seq_, 0, 0, nullptr, 0, &count), KVRT_ERR_FAILED_PRECONDITION);
+  EXPECT_TRUE(Mentions("record_attended"));
+}
+
+TEST_F(ApiTest, ExecContext) {
+  kvrt_exec e = kvrt_exec_default();
+  EXPECT_EQ(e.memory, KVRT_MEMORY_HOST);
+  e.memory = KVRT_MEMORY_DEVICE;
+  EXPECT_EQ(kvrt_append_ex(rt_, seq_, 0, kv_.data(), kv_.data(), 1, &e), KVRT_ERR_UNIMPLEMENTED);
+  e.memory = static_cast<kvrt_memory>(3);
+  EXPECT_EQ(kvrt_attend_ex(rt_, seq_, 0, q_.data(), out_.data(), &e), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_prefill_ex(rt_, seq_, 0, nullptr, kv_.data(), kv_.data(), 1, &e), KVRT_ERR_INVALID_ARGUMENT);
+}
+
+TEST_F(ApiTest, LastErrorIsPerThreadAndDestroyedHandleIsDetected) {
+  EXPECT_EQ(kvrt_append(rt_, seq_, 9, kv_.data(), kv_.data(), 1), KVRT_ERR_INVALID_ARGUMENT);
+  std::string other;
+  std::thread([&] { other = kvrt_last_error(); }).join();
+  EXPECT_EQ(other, "");
+  EXPECT_TRUE(Mentions("layer 9"));
+  kvrt_runtime* dead = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&cfg_, &dead), KVRT_OK);
+  kvrt_runtime_destroy(dead);
+  kvrt_runtime_destroy(nullptr);
+}
+
+}  // namespace
