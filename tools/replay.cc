@@ -1,0 +1,335 @@
+#include "tools/replay.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "kvrt_common/dtype.h"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvrt::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Micros(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double, std::micro>(b - a).count();
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const double rank = std::ceil(p * static_cast<double>(v.size())) - 1.0;
+  return v[static_cast<std::size_t>(std::clamp(rank, 0.0, static_cast<double>(v.size() - 1)))];
+}
+
+// Eight independent accumulators so the compiler vectorises without -ffast-math.
+float Dot(const float* a, const float* b, int d) {
+  float acc[8] = {};
+  int i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.f;
+  for (; i < d; ++i) s += a[i] * b[i];
+  for (float x : acc) s += x;
+  return s;
+}
+
+// One layer's keys and values over all tokens (prompt then decode steps), as f32.
+struct LayerF32 {
+  int64_t tokens = 0;
+  std::vector<float> k, v;  // [tokens, kv_heads, d]
+};
+
+absl::StatusOr<trace::TensorView> Get(const trace::TraceReader& t, int layer, const char* part) {
+  return t.Tensor(layer, part);
+}
+
+absl::StatusOr<LayerF32> LoadLayer(const trace::TraceReader& t, int layer, int steps) {
+  const auto& m = t.meta();
+  auto pk = Get(t, layer, "prefill.k");
+  auto pv = Get(t, layer, "prefill.v");
+  auto dk = Get(t, layer, "decode.k");
+  auto dv = Get(t, layer, "decode.v");
+  for (auto* s : {&pk, &pv, &dk, &dv})
+    if (!s->ok()) return s->status();
+  LayerF32 out;
+  const std::size_t row = static_cast<std::size_t>(m.num_kv_heads) * m.head_dim;
+  out.tokens = m.prompt_tokens + steps;
+  out.k.resize(out.tokens * row);
+  out.v.resize(out.tokens * row);
+  const std::size_t prompt = m.prompt_tokens * row, decode = steps * row;
+  ConvertToF32(pk->data, m.dtype, prompt, out.k.data());
+  ConvertToF32(pv->data, m.dtype, prompt, out.v.data());
+  ConvertToF32(dk->data, m.dtype, decode, out.k.data() + prompt);
+  ConvertToF32(dv->data, m.dtype, decode, out.v.data() + prompt);
+  return out;
+}
+
+int StepsOf(const trace::TraceMeta& m, int max_steps) {
+  return max_steps > 0 ? static_cast<int>(std::min<int64_t>(max_steps, m.decode_steps))
+                       : static_cast<int>(m.decode_steps);
+}
+
+float ScaleOf(const trace::TraceMeta& m) {
+  return m.scale > 0 ? m.scale : 1.f / std::sqrt(static_cast<float>(m.head_dim));
+}
+
+kvrt_status Check(kvrt_status s, const char* what, std::string* error) {
+  if (s != KVRT_OK) *error = absl::StrCat(what, ": ", kvrt_status_string(s), ": ", kvrt_last_error());
+  return s;
+}
+
+}  // namespace
+
+absl::StatusOr<kvrt_index_kind> ParseIndexKindOption(const std::string& name) {
+  for (int i = KVRT_INDEX_EXACT; i <= KVRT_INDEX_ATTENTION_AWARE; ++i)
+    if (name == IndexKindOptionName(static_cast<kvrt_index_kind>(i)))
+      return static_cast<kvrt_index_kind>(i);
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown index kind '", name, "' (expected exact, flat, ivf, hnsw, landmark, attention-aware)"));
+}
+
+const char* IndexKindOptionName(kvrt_index_kind kind) {
+  switch (kind) {
+    case KVRT_INDEX_EXACT: return "exact";
+    case KVRT_INDEX_FLAT: return "flat";
+    case KVRT_INDEX_IVF: return "ivf";
+    case KVRT_INDEX_HNSW: return "hnsw";
+    case KVRT_INDEX_LANDMARK: return "landmark";
+    case KVRT_INDEX_ATTENTION_AWARE: return "attention-aware";
+  }
+  return "?";
+}
+
+absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t, int top_k,
+                                                     int max_steps, bool progress) {
+  const auto& m = t.meta();
+  ExactReference ref;
+  ref.top_k = top_k;
+  ref.layers = m.num_layers;
+  ref.steps = StepsOf(m, max_steps);
+  ref.heads = m.num_q_heads;
+  ref.head_dim = m.head_dim;
+  const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
+  const float scale = ScaleOf(m);
+  const std::size_t cells = static_cast<std::size_t>(ref.layers) * ref.steps * H;
+  ref.o.resize(cells * d);
+  ref.lse.resize(cells);
+  ref.top_ids.resize(cells * top_k, -1);
+  for (int layer = 0; layer < m.num_layers; ++layer) {
+    auto kv = LoadLayer(t, layer, ref.steps);
+    if (!kv.ok()) return kv.status();
+    auto dq = t.Tensor(layer, "decode.q");
+    if (!dq.ok()) return dq.status();
+    const std::size_t krow = static_cast<std::size_t>(G) * d;
+    tbb::parallel_for(0, ref.steps * H, [&](int cell) {
+      const int step = cell / H, h = cell % H, g = h / group;
+      const int64_t n = m.prompt_tokens + step + 1;
+      std::vector<float> q(d), s(n);
+      ConvertToF32(static_cast<const unsigned char*>(dq->data) +
+                       (static_cast<std::size_t>(step) * H + h) * d * DTypeSize(m.dtype),
+                   m.dtype, d, q.data());
+      float mx = -INFINITY;
+      for (int64_t i = 0; i < n; ++i) {
+        s[i] = scale * Dot(q.data(), kv->k.data() + i * krow + g * d, d);
+        mx = std::max(mx, s[i]);
+      }
+      double l = 0;
+      std::vector<double> o(d, 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        const double w = std::exp(static_cast<double>(s[i]) - mx);
+        l += w;
+        const float* v = kv->v.data() + i * krow + g * d;
+        for (int j = 0; j < d; ++j) o[j] += w * v[j];
+      }
+      const std::size_t at = ref.at(layer, step, h);
+      for (int j = 0; j < d; ++j) ref.o[at * d + j] = static_cast<float>(o[j] / l);
+      ref.lse[at] = static_cast<float>(mx + std::log(l));
+      const int64_t kk = std::min<int64_t>(top_k, n);
+      std::vector<int32_t> ids(n);
+      std::iota(ids.begin(), ids.end(), 0);
+      std::partial_sort(ids.begin(), ids.begin() + kk, ids.end(), [&](int32_t a, int32_t b) {
+        return s[a] > s[b] || (s[a] == s[b] && a < b);
+      });
+      std::copy(ids.begin(), ids.begin() + kk, ref.top_ids.begin() + at * top_k);
+    });
+    if (progress)
+      std::fprintf(stderr, "\rexact reference: layer %d/%d", layer + 1, m.num_layers);
+  }
+  if (progress) std::fprintf(stderr, "\n");
+  return ref;
+}
+
+absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactReference& ref,
+                                       const ReplayOptions& opt) {
+  const auto& m = t.meta();
+  const int steps = StepsOf(m, opt.max_steps);
+  if (steps > ref.steps || opt.top_k > ref.top_k)
+    return absl::InvalidArgumentError("replay: the exact reference covers fewer steps or a smaller k");
+  const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
+  const float scale = ScaleOf(m);
+
+  kvrt_config cfg = kvrt_config_default();
+  cfg.num_layers = m.num_layers;
+  cfg.num_q_heads = H;
+  cfg.num_kv_heads = G;
+  cfg.head_dim = d;
+  cfg.dtype = static_cast<kvrt_dtype>(m.dtype);
+  cfg.scale = m.scale;
+  cfg.sink_tokens = opt.sinks;
+  cfg.window_tokens = opt.window;
+  cfg.top_k = opt.top_k;
+  cfg.index_kind = opt.index;
+  cfg.search_effort = opt.effort;
+  cfg.worker_threads = opt.threads;
+  cfg.record_attended = 1;
+  std::string error;
+  kvrt_runtime* rt = nullptr;
+  if (Check(kvrt_runtime_create(&cfg, &rt), "kvrt_runtime_create", &error) != KVRT_OK)
+    return absl::InvalidArgumentError(error);
+  std::unique_ptr<kvrt_runtime, void (*)(kvrt_runtime*)> guard(rt, kvrt_runtime_destroy);
+  kvrt_seq_id seq = 0;
+  if (Check(kvrt_seq_create(rt, &seq), "kvrt_seq_create", &error) != KVRT_OK)
+    return absl::InternalError(error);
+
+  ReplayReport r;
+  r.trace = t.path();
+  r.index = IndexKindOptionName(opt.index);
+  r.layers = m.num_layers;
+  r.q_heads = H;
+  r.kv_heads = G;
+  r.head_dim = d;
+  r.sinks = opt.sinks;
+  r.window = opt.window;
+  r.top_k = opt.top_k;
+  r.effort = opt.effort;
+  r.steps = steps;
+  r.prompt_tokens = m.prompt_tokens;
+
+  const std::size_t es = DTypeSize(m.dtype);
+  const std::size_t qrow = static_cast<std::size_t>(H) * d * es, kvrow = static_cast<std::size_t>(G) * d * es;
+  std::vector<double> attend_us, append_us, errors, recalls, masses;
+  double prefill_ms = 0, cold_attended = 0;
+  std::vector<float> out(static_cast<std::size_t>(H) * d);
+  std::vector<int64_t> ids;
+  kvrt_stats before{}, after{};
+  int64_t scored = 0, searchable = 0;
+  for (int layer = 0; layer < m.num_layers; ++layer) {
+    auto kv = LoadLayer(t, layer, steps);
+    if (!kv.ok()) return kv.status();
+    auto pq = t.Tensor(layer, "prefill.q");
+    auto pk = t.Tensor(layer, "prefill.k");
+    auto pv = t.Tensor(layer, "prefill.v");
+    auto dq = t.Tensor(layer, "decode.q");
+    auto dk = t.Tensor(layer, "decode.k");
+    auto dv = t.Tensor(layer, "decode.v");
+    for (auto* s : {&pq, &pk, &pv, &dq, &dk, &dv})
+      if (!s->ok()) return s->status();
+    auto t0 = Clock::now();
+    if (m.prompt_tokens > 0 &&
+        Check(kvrt_prefill(rt, seq, layer, pq->data, pk->data, pv->data, m.prompt_tokens),
+              "kvrt_prefill", &error) != KVRT_OK)
+      return absl::InternalError(error);
+    prefill_ms += Micros(t0, Clock::now()) / 1000.0;
+    double layer_recall = 0, layer_mass = 0, layer_err = 0;
+    for (int step = 0; step < steps; ++step) {
+      auto* k = static_cast<const unsigned char*>(dk->data) + step * kvrow;
+      auto* v = static_cast<const unsigned char*>(dv->data) + step * kvrow;
+      auto a0 = Clock::now();
+      if (Check(kvrt_append(rt, seq, layer, k, v, 1), "kvrt_append", &error) != KVRT_OK)
+        return absl::InternalError(error);
+      auto a1 = Clock::now();
+      kvrt_get_stats(rt, &before);
+      auto b0 = Clock::now();
+      if (Check(kvrt_attend(rt, seq, layer, static_cast<const unsigned char*>(dq->data) + step * qrow,
+                            out.data()),
+                "kvrt_attend", &error) != KVRT_OK)
+        return absl::InternalError(error);
+      auto b1 = Clock::now();
+      kvrt_get_stats(rt, &after);
+      append_us.push_back(Micros(a0, a1));
+      attend_us.push_back(Micros(b0, b1));
+      scored += after.keys_scored - before.keys_scored;
+      searchable += after.cold_keys_searchable - before.cold_keys_searchable;
+      cold_attended += static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
+
+      const int64_t n = m.prompt_tokens + step + 1;
+      std::vector<uint8_t> mark(n, 0);
+      std::vector<float> q(d);
+      for (int h = 0; h < H; ++h) {
+        const int g = h / group;
+        const std::size_t at = ref.at(layer, step, h);
+        int64_t count = 0;
+        if (Check(kvrt_get_attended(rt, seq, layer, h, nullptr, 0, &count), "kvrt_get_attended",
+                  &error) != KVRT_OK)
+          return absl::InternalError(error);
+        ids.resize(count);
+        kvrt_get_attended(rt, seq, layer, h, ids.data(), count, &count);
+        ConvertToF32(static_cast<const unsigned char*>(dq->data) + step * qrow + h * d * es, m.dtype,
+                     d, q.data());
+        double mass = 0;
+        for (int64_t id : ids) {
+          if (id < 0 || id >= n || mark[id])
+            return absl::InternalError(absl::StrCat("replay: attended id ", id,
+                                                    " is out of range or repeated (layer ", layer,
+                                                    ", step ", step, ", head ", h, ")"));
+          mark[id] = 1;
+          const float s = scale * Dot(q.data(), kv->k.data() + (id * G + g) * d, d);
+          mass += std::exp(static_cast<double>(s) - ref.lse[at]);
+        }
+        const int64_t kk = std::min<int64_t>(opt.top_k, n);
+        int64_t hit = 0;
+        for (int64_t i = 0; i < kk; ++i) hit += mark[ref.top_ids[at * ref.top_k + i]];
+        for (int64_t id : ids) mark[id] = 0;
+        double num = 0, den = 0;
+        for (int j = 0; j < d; ++j) {
+          const double e = out[h * d + j] - ref.o[at * d + j];
+          num += e * e;
+          den += static_cast<double>(ref.o[at * d + j]) * ref.o[at * d + j];
+        }
+        const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+        const double recall = static_cast<double>(hit) / kk;
+        errors.push_back(err);
+        recalls.push_back(recall);
+        masses.push_back(std::min(1.0, mass));
+        layer_recall += recall;
+        layer_mass += std::min(1.0, mass);
+        layer_err += err;
+      }
+      if (opt.progress && (step + 1 == steps || step % 16 == 0))
+        std::fprintf(stderr, "\rreplay [%s]: layer %d/%d step %d/%d   ", r.index.c_str(), layer + 1,
+                     m.num_layers, step + 1, steps);
+    }
+    const double cells = std::max(1, steps * H);
+    r.layer_recall.push_back(layer_recall / cells);
+    r.layer_mass.push_back(layer_mass / cells);
+    r.layer_error_mean.push_back(layer_err / cells);
+  }
+  if (opt.progress) std::fprintf(stderr, "\n");
+  kvrt_get_stats(rt, &after);
+  auto mean = [](const std::vector<double>& v) {
+    return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+  };
+  r.recall_at_k = mean(recalls);
+  r.mass_recall = mean(masses);
+  r.output_rel_error_mean = mean(errors);
+  r.output_rel_error_p99 = Percentile(errors, 0.99);
+  r.output_rel_error_max = errors.empty() ? 0 : *std::max_element(errors.begin(), errors.end());
+  r.scanned_fraction = searchable > 0 ? static_cast<double>(scored) / searchable : 0.0;
+  r.latency_us_p50 = Percentile(attend_us, 0.50);
+  r.latency_us_p99 = Percentile(attend_us, 0.99);
+  r.append_us_p50 = Percentile(append_us, 0.50);
+  r.prefill_ms_per_layer = prefill_ms / std::max(1, m.num_layers);
+  r.cold_tokens_attended_per_head = attend_us.empty() ? 0 : cold_attended / attend_us.size();
+  r.gpu_bytes = after.gpu_bytes;
+  r.host_bytes = after.host_bytes;
+  r.index_bytes = after.index_bytes;
+  r.cold_tokens = after.host_tokens / std::max(1, m.num_layers);
+  return r;
+}
+
+}  // namespace kvrt::cli

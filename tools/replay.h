@@ -1,0 +1,61 @@
+#pragma once
+// Replays a trace through libkvrt (public C API only) and measures every decode output against
+// exact f32 attention over all tokens (DESIGN.md, Metrics).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kvrt.h"
+#include "tools/trace/trace.h"
+
+namespace kvrt::cli {
+
+// Exact attention of every (layer, step, q head) of a trace: computed once, reused by every
+// configuration a benchmark sweeps.
+struct ExactReference {
+  int top_k = 0;                       // ids kept per (layer, step, head)
+  int layers = 0, steps = 0, heads = 0, head_dim = 0;
+  std::vector<float> o;                // [layers, steps, heads, d]
+  std::vector<float> lse;              // [layers, steps, heads]
+  std::vector<int32_t> top_ids;        // [layers, steps, heads, top_k], best first
+  std::size_t at(int layer, int step, int head) const {
+    return (static_cast<std::size_t>(layer) * steps + step) * heads + head;
+  }
+};
+
+struct ReplayOptions {
+  kvrt_index_kind index = KVRT_INDEX_FLAT;
+  int sinks = 4;
+  int window = 512;
+  int top_k = 100;
+  int effort = 0;
+  int threads = 0;
+  int max_steps = 0;       // 0 = all decode steps of the trace
+  bool progress = true;
+};
+
+struct ReplayReport {
+  std::string trace, index;
+  int layers = 0, q_heads = 0, kv_heads = 0, head_dim = 0, sinks = 0, window = 0, top_k = 0,
+      effort = 0, steps = 0;
+  int64_t prompt_tokens = 0;
+  double recall_at_k = 0, mass_recall = 0, output_rel_error_mean = 0, output_rel_error_p99 = 0,
+         output_rel_error_max = 0, scanned_fraction = 0;
+  double latency_us_p50 = 0, latency_us_p99 = 0, append_us_p50 = 0, prefill_ms_per_layer = 0;
+  double cold_tokens_attended_per_head = 0;
+  int64_t gpu_bytes = 0, host_bytes = 0, index_bytes = 0, cold_tokens = 0;
+  std::vector<double> layer_recall, layer_mass, layer_error_mean;  // per layer
+};
+
+// Computes the exact reference (top_k >= every k later asked for), in parallel.
+absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& trace, int top_k,
+                                                     int max_steps, bool progress);
+
+absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& trace, const ExactReference& ref,
+                                       const ReplayOptions& options);
+
+absl::StatusOr<kvrt_index_kind> ParseIndexKindOption(const std::string& name);
+const char* IndexKindOptionName(kvrt_index_kind kind);
+
+}  // namespace kvrt::cli

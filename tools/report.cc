@@ -1,0 +1,95 @@
+#include "tools/report.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+
+namespace kvrt::cli {
+
+std::string HumanBytes(double b) {
+  const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int i = 0;
+  while (b >= 1024 && i < 4) {
+    b /= 1024;
+    ++i;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f %s", b, unit[i]);
+  return buf;
+}
+
+nlohmann::json ReportJson(const ReplayReport& r) {
+  nlohmann::json j;
+  j["trace"] = r.trace;
+  j["index"] = r.index;
+  j["layers"] = r.layers;
+  j["q_heads"] = r.q_heads;
+  j["kv_heads"] = r.kv_heads;
+  j["head_dim"] = r.head_dim;
+  j["prompt_tokens"] = r.prompt_tokens;
+  j["steps"] = r.steps;
+  j["sinks"] = r.sinks;
+  j["window"] = r.window;
+  j["top_k"] = r.top_k;
+  j["effort"] = r.effort;
+  j["recall_at_k"] = r.recall_at_k;
+  j["mass_recall"] = r.mass_recall;
+  j["output_rel_error_mean"] = r.output_rel_error_mean;
+  j["output_rel_error_p99"] = r.output_rel_error_p99;
+  j["output_rel_error_max"] = r.output_rel_error_max;
+  j["scanned_fraction"] = r.scanned_fraction;
+  j["latency_us_p50"] = r.latency_us_p50;
+  j["latency_us_p99"] = r.latency_us_p99;
+  j["append_us_p50"] = r.append_us_p50;
+  j["prefill_ms_per_layer"] = r.prefill_ms_per_layer;
+  j["cold_tokens_per_layer"] = r.cold_tokens;
+  j["cold_tokens_attended_per_head"] = r.cold_tokens_attended_per_head;
+  j["gpu_tier_bytes"] = r.gpu_bytes;
+  j["host_bytes"] = r.host_bytes;
+  j["index_bytes"] = r.index_bytes;
+  j["per_layer"] = nlohmann::json::array();
+  for (std::size_t l = 0; l < r.layer_recall.size(); ++l)
+    j["per_layer"].push_back({{"layer", l},
+                              {"recall_at_k", r.layer_recall[l]},
+                              {"mass_recall", r.layer_mass[l]},
+                              {"output_rel_error_mean", r.layer_error_mean[l]}});
+  return j;
+}
+
+void PrintReport(const ReplayReport& r, std::FILE* out) {
+  std::fprintf(out, "kvrt replay  %s\n", r.trace.c_str());
+  std::fprintf(out, "  shape       %d layers, %d q / %d kv heads, d=%d; %lld prompt tokens, %d decode steps\n",
+               r.layers, r.q_heads, r.kv_heads, r.head_dim, static_cast<long long>(r.prompt_tokens),
+               r.steps);
+  std::fprintf(out, "  policy      index=%s top_k=%d effort=%d sinks=%d window=%d\n", r.index.c_str(),
+               r.top_k, r.effort, r.sinks, r.window);
+  std::fprintf(out, "  accuracy vs exact f32 attention over all tokens (per layer, step, q head):\n");
+  std::fprintf(out, "    recall@%-4d           %.4f\n", r.top_k, r.recall_at_k);
+  std::fprintf(out, "    attention-mass recall %.4f\n", r.mass_recall);
+  std::fprintf(out, "    output rel. error     mean %.3g  p99 %.3g  max %.3g\n",
+               r.output_rel_error_mean, r.output_rel_error_p99, r.output_rel_error_max);
+  std::fprintf(out, "  retrieval   scanned fraction %.4f of cold keys; %.0f cold tokens attended per head-step; %lld cold tokens per layer\n",
+               r.scanned_fraction, r.cold_tokens_attended_per_head, static_cast<long long>(r.cold_tokens));
+  std::fprintf(out, "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); append p50 %.1f us; prefill %.1f ms/layer\n",
+               r.latency_us_p50, r.latency_us_p99, r.append_us_p50, r.prefill_ms_per_layer);
+  std::fprintf(out, "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",
+               HumanBytes(r.gpu_bytes).c_str(), HumanBytes(r.host_bytes).c_str(),
+               HumanBytes(r.index_bytes).c_str());
+  if (r.layer_recall.size() > 1) {
+    std::fprintf(out, "  per layer   ");
+    for (std::size_t l = 0; l < r.layer_recall.size(); ++l)
+      std::fprintf(out, "L%zu: recall %.3f mass %.3f err %.3g%s", l, r.layer_recall[l], r.layer_mass[l],
+                   r.layer_error_mean[l], l + 1 < r.layer_recall.size() ? " | " : "\n");
+  }
+}
+
+std::string WriteJsonFile(const std::string& path, const nlohmann::json& j) {
+  std::ofstream f(path);
+  if (!f) return path + ": cannot open for writing: " + std::strerror(errno);
+  f << j.dump(2) << "\n";
+  f.close();
+  if (!f) return path + ": write failed";
+  return "";
+}
+
+}  // namespace kvrt::cli

@@ -1,0 +1,17 @@
+#pragma once
+// Printing replay reports: a human table and the JSON object of record.
+#include <cstdio>
+#include <string>
+
+#include "nlohmann/json.hpp"
+#include "tools/replay.h"
+
+namespace kvrt::cli {
+
+nlohmann::json ReportJson(const ReplayReport& r);
+void PrintReport(const ReplayReport& r, std::FILE* out);
+// Writes JSON to `path`; returns an error message naming the file, or "" on success.
+std::string WriteJsonFile(const std::string& path, const nlohmann::json& j);
+std::string HumanBytes(double bytes);
+
+}  // namespace kvrt::cli
