@@ -1,0 +1,183 @@
+// kvrt bench index: recall vs scanned fraction for every index kind over a sweep of search
+// effort, all measured against one exact reference, through the public C API.
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include "tools/command.h"
+#include "tools/replay.h"
+#include "tools/report.h"
+#include "tools/svg_plot.h"
+
+namespace {
+
+struct BenchIndexArgs {
+  std::string trace, indexes = "flat,ivf,hnsw,landmark,attention-aware", efforts, csv, json, plot;
+  int top_k = 100, sinks = 4, window = 512, steps = 16, threads = 0;
+  bool quiet = false;
+};
+
+// Default sweeps per kind (effort means nprobe, ef, blocks or beam width).
+std::vector<int> DefaultEfforts(kvrt_index_kind kind, int k) {
+  switch (kind) {
+    case KVRT_INDEX_IVF: return {1, 2, 4, 8, 16, 32, 64, 128};
+    case KVRT_INDEX_HNSW: return {k, 2 * k, 4 * k, 8 * k, 16 * k};
+    case KVRT_INDEX_LANDMARK: return {k / 16 + 1, k / 8 + 1, k / 4 + 1, k / 2 + 1, k, 2 * k};
+    case KVRT_INDEX_ATTENTION_AWARE: return {k, 2 * k, 4 * k, 8 * k, 16 * k};
+    default: return {0};
+  }
+}
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+int Run(const BenchIndexArgs& a) {
+  std::vector<kvrt_index_kind> kinds;
+  for (const auto& name : Split(a.indexes)) {
+    auto k = kvrt::cli::ParseIndexKindOption(name);
+    if (!k.ok()) {
+      std::fprintf(stderr, "kvrt bench index: %s\n", std::string(k.status().message()).c_str());
+      return 2;
+    }
+    kinds.push_back(*k);
+  }
+  std::vector<int> efforts;
+  for (const auto& e : Split(a.efforts)) {
+    try {
+      efforts.push_back(std::stoi(e));
+    } catch (...) {
+      std::fprintf(stderr, "kvrt bench index: --effort: '%s' is not an integer\n", e.c_str());
+      return 2;
+    }
+  }
+  auto trace = kvrt::trace::TraceReader::Open(a.trace);
+  if (!trace.ok()) {
+    std::fprintf(stderr, "kvrt bench index: %s\n", std::string(trace.status().message()).c_str());
+    return 1;
+  }
+  auto ref = kvrt::cli::ComputeExactReference(**trace, a.top_k, a.steps, !a.quiet);
+  if (!ref.ok()) {
+    std::fprintf(stderr, "kvrt bench index: %s\n", std::string(ref.status().message()).c_str());
+    return 1;
+  }
+  const unsigned hw = std::thread::hardware_concurrency();
+  std::printf("kvrt bench index  %s  (top-k %d, %d steps, window %d, sinks %d, %d threads)\n",
+              a.trace.c_str(), a.top_k, ref->steps, a.window, a.sinks, a.threads ? a.threads : static_cast<int>(hw));
+  std::printf("%-16s %7s %9s %9s %10s %10s %9s %10s %10s %10s %9s\n", "index", "effort", "recall@k",
+              "mass", "err_mean", "err_p99", "scanned", "build_ms", "p50_us", "p99_us", "idx_B/key");
+  nlohmann::json rows = nlohmann::json::array();
+  std::vector<kvrt::cli::PlotSeries> recall_series, mass_series;
+  std::string csv =
+      "index,effort,top_k,recall_at_k,mass_recall,output_rel_error_mean,output_rel_error_p99,"
+      "scanned_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_per_key\n";
+  for (auto kind : kinds) {
+    kvrt::cli::PlotSeries rs{kvrt::cli::IndexKindOptionName(kind), {}, {}}, ms = rs;
+    for (int effort : efforts.empty() ? DefaultEfforts(kind, a.top_k) : efforts) {
+      kvrt::cli::ReplayOptions o;
+      o.index = kind;
+      o.top_k = a.top_k;
+      o.effort = effort;
+      o.sinks = a.sinks;
+      o.window = a.window;
+      o.threads = a.threads;
+      o.max_steps = a.steps;
+      o.progress = !a.quiet;
+      auto r = kvrt::cli::RunReplay(**trace, *ref, o);
+      if (!r.ok()) {
+        std::fprintf(stderr, "kvrt bench index: %s effort %d: %s\n", kvrt::cli::IndexKindOptionName(kind),
+                     effort, std::string(r.status().message()).c_str());
+        return 1;
+      }
+      const double cold_keys = static_cast<double>(r->cold_tokens) * r->layers * r->kv_heads;
+      const double bytes_per_key = cold_keys > 0 ? r->index_bytes / cold_keys : 0;
+      std::printf("%-16s %7d %9.4f %9.4f %10.3g %10.3g %9.4f %10.1f %10.1f %10.1f %9.1f\n", r->index.c_str(),
+                  effort, r->recall_at_k, r->mass_recall, r->output_rel_error_mean,
+                  r->output_rel_error_p99, r->scanned_fraction, r->prefill_ms_per_layer,
+                  r->latency_us_p50, r->latency_us_p99, bytes_per_key);
+      std::fflush(stdout);
+      char line[512];
+      std::snprintf(line, sizeof line, "%s,%d,%d,%.6f,%.6f,%.6g,%.6g,%.6f,%.3f,%.2f,%.2f,%.2f\n",
+                    r->index.c_str(), effort, a.top_k, r->recall_at_k, r->mass_recall,
+                    r->output_rel_error_mean, r->output_rel_error_p99, r->scanned_fraction,
+                    r->prefill_ms_per_layer, r->latency_us_p50, r->latency_us_p99, bytes_per_key);
+      csv += line;
+      auto j = kvrt::cli::ReportJson(*r);
+      j["index_bytes_per_key"] = bytes_per_key;
+      rows.push_back(j);
+      rs.x.push_back(r->scanned_fraction);
+      rs.y.push_back(r->recall_at_k);
+      ms.x.push_back(r->scanned_fraction);
+      ms.y.push_back(r->mass_recall);
+      if (kind == KVRT_INDEX_FLAT || kind == KVRT_INDEX_EXACT) break;  // effort is meaningless
+    }
+    recall_series.push_back(rs);
+    mass_series.push_back(ms);
+  }
+  if (!a.csv.empty()) {
+    std::ofstream f(a.csv);
+    if (!(f << csv)) {
+      std::fprintf(stderr, "kvrt bench index: cannot write %s\n", a.csv.c_str());
+      return 1;
+    }
+  }
+  if (!a.json.empty()) {
+    if (auto err = kvrt::cli::WriteJsonFile(a.json, rows); !err.empty()) {
+      std::fprintf(stderr, "kvrt bench index: %s\n", err.c_str());
+      return 1;
+    }
+  }
+  if (!a.plot.empty()) {
+    kvrt::cli::PlotSpec spec;
+    spec.title = "recall@" + std::to_string(a.top_k) + " vs scanned fraction of cold keys";
+    spec.x_label = "scanned fraction (keys scored / cold keys, log)";
+    spec.y_label = "recall@" + std::to_string(a.top_k);
+    std::ofstream f(a.plot);
+    if (!(f << kvrt::cli::RenderSvg(spec, recall_series))) {
+      std::fprintf(stderr, "kvrt bench index: cannot write %s\n", a.plot.c_str());
+      return 1;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+KVRT_REGISTER_COMMAND("bench index", [](CLI::App& app, int* exit_code) {
+  auto* bench = kvrt::cli::GetOrAddGroup(app, "bench", "Benchmarks (speed and quality; not tests)");
+  auto args = std::make_shared<BenchIndexArgs>();
+  auto* cmd = bench->add_subcommand(
+      "index",
+      "Sweep search effort for each index kind on a trace and report recall@k, attention-mass "
+      "recall, output error, scanned fraction, build time, attend latency (p50/p99) and index "
+      "bytes per key, all against exact attention. Writes CSV/JSON and an SVG recall-vs-scanned "
+      "plot with every kind on one figure.");
+  cmd->add_option("--trace", args->trace, "trace file")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--index", args->indexes, "comma-separated kinds")->capture_default_str();
+  cmd->add_option("--effort", args->efforts,
+                  "comma-separated efforts for every kind (default: a sweep per kind)");
+  cmd->add_option("--top-k", args->top_k, "k retrieved and of recall@k")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--sinks", args->sinks, "sink tokens")->capture_default_str()->check(CLI::Range(0, 1 << 20));
+  cmd->add_option("--window", args->window, "window tokens")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+  cmd->add_option("--steps", args->steps, "decode steps replayed per configuration (0 = all)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--csv", args->csv, "write the table as CSV");
+  cmd->add_option("--json", args->json, "write every report as JSON");
+  cmd->add_option("--plot", args->plot, "write the recall-vs-scanned plot (SVG)");
+  cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
+  cmd->callback([args, exit_code] { *exit_code = Run(*args); });
+});
