@@ -1,0 +1,71 @@
+#pragma once
+// Argument structs of the GPU-tier kernels (kernels.h). Plain data, no CUDA and no Abseil, so the
+// CUDA translation units can include it. See kernels.h for what each launcher does with them.
+#include <cstdint>
+
+#include "kvrt_common/dtype.h"
+
+namespace kvrt::gpu {
+
+inline constexpr int kMaxGroup = 8;    // q heads per kv head that the tier kernel supports
+inline constexpr int kMaxTopK = 128;   // largest k of ExactTopK
+
+struct TierBatch {
+  const void* const* sink_k = nullptr;    // [batch] -> [n_sink[b], kv_heads, head_dim]
+  const void* const* sink_v = nullptr;    // [batch] -> [n_sink[b], kv_heads, head_dim]
+  const int32_t* n_sink = nullptr;        // [batch]
+  const void* const* window_k = nullptr;  // [batch] -> [window_capacity, kv_heads, head_dim] ring
+  const void* const* window_v = nullptr;  // [batch] -> same; rows [0, n_window[b]) valid
+  const int32_t* n_window = nullptr;      // [batch]
+  int batch = 0;
+  int max_tokens = 0;  // host-known bound on n_sink[b] + n_window[b]; sizes the split-K grid
+  int kv_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::kF32;
+};
+
+struct AttnParams {
+  int q_heads = 0;       // per sequence; a multiple of kv_heads, q_heads / kv_heads <= kMaxGroup
+  float scale = 0.f;     // 0 = 1/sqrt(head_dim)
+  bool q_is_f32 = true;  // q in f32, else in the storage dtype
+  int split_tokens = 0;  // tokens per split (flash-decoding); 0 = chosen from the SM count
+};
+
+struct RingBatch {
+  void* const* ring_k = nullptr;      // [batch] -> [capacity, kv_heads, head_dim]
+  void* const* ring_v = nullptr;      // [batch] -> [capacity, kv_heads, head_dim]
+  const int64_t* write_pos = nullptr; // [batch] tokens appended to this ring before the call
+  int batch = 0;
+  int capacity = 0;
+  int kv_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::kF32;
+};
+
+struct GatherBatch {
+  const void* k = nullptr;               // [n_rows, head_dim] storage dtype
+  const void* v = nullptr;               // [n_rows, head_dim]
+  const int32_t* row_offsets = nullptr;  // [rows_q + 1]: q row r uses list [off[r], off[r + 1])
+  const int32_t* row_ids = nullptr;      // [off[rows_q]] rows of k/v, or null: list entry = row
+  int rows_q = 0;                        // sequences * q heads
+  int max_rows = 0;                      // host-known bound on a list's length (split-K grid)
+  int head_dim = 0;
+  DType dtype = DType::kF32;
+};
+
+struct TopKProblem {
+  const void* q = nullptr;
+  int64_t q_stride = 0;
+  bool q_is_f32 = true;
+  const void* k = nullptr;
+  int64_t k_stride = 0;
+  int64_t nq = 0;
+  int64_t nk = 0;
+  int head_dim = 0;
+  DType dtype = DType::kF32;
+  float scale = 1.f;
+  int topk = 0;
+  int64_t key_chunk = 0;  // keys scored per pass (bounds the scratch); 0 = chosen from nq
+};
+
+}  // namespace kvrt::gpu

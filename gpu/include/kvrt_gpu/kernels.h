@@ -1,0 +1,93 @@
+#pragma once
+// CUDA kernels of the GPU tier (launchers) and, for each, its host reference (the path without a
+// GPU). This header compiles without CUDA: streams are `void*` (a cudaStream_t, null = the legacy
+// default stream), device pointers are plain pointers. Every launcher only enqueues work on the
+// given stream (no device-wide synchronisation), checks its arguments and returns an error instead
+// of aborting: InvalidArgument for bad shapes or an unsupported head_dim / dtype,
+// FailedPrecondition when kvrt was built without CUDA, Internal for a CUDA error.
+//
+// Layouts: rows are contiguous `head_dim` elements; "[a, b, d]" means row-major, d fastest.
+// Storage dtype is the config's (f32, f16, bf16); accumulation and partial states are f32.
+// Supported head dims: 64, 128, 256. Partial states follow DESIGN.md "Numerics": `o` normalised,
+// `lse` natural log-sum-exp of the scaled scores, an empty set gives (o = 0, lse = -inf).
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kvrt_common/dtype.h"
+#include "kvrt_gpu/kernel_types.h"
+#include "kvrt_gpu/tier_attention.h"
+
+namespace kvrt::gpu {
+
+// True when kvrt was built with CUDA and cudaGetDeviceCount reports at least one device.
+bool DeviceAvailable();
+
+// ---------------------------------------------------------------------------------------------
+// (a) Tier attention: decode partial attention over sinks + window ring, batched over sequences.
+// The pointer arrays and counts live in device memory for the kernel and in host memory for the
+// host reference (struct TierBatch in kernel_types.h). Ring order does not matter to attention.
+
+// Floats of scratch that TierAttention needs for `batch * q_heads` rows and `max_tokens`.
+std::size_t TierAttentionWorkspaceFloats(const TierBatch& tier, const AttnParams& p);
+
+// q: [batch, q_heads, d] (f32 or storage dtype). o: f32 [batch, q_heads, d]. lse: f32
+// [batch, q_heads]. workspace: device f32 [TierAttentionWorkspaceFloats(...)] or null, in which
+// case it is taken from the stream-ordered allocator (cudaMallocAsync) and freed in stream order.
+absl::Status TierAttention(const TierBatch& tier, const void* q, const AttnParams& p, float* o,
+                           float* lse, float* workspace, void* stream);
+void TierAttentionBatchHost(const TierBatch& tier, const void* q, const AttnParams& p, float* o,
+                            float* lse);
+
+// ---------------------------------------------------------------------------------------------
+// (b) Merge of two partial states per row, rows = sequences * q heads.
+// o_a, o_b: f32 [rows, d]; lse_a, lse_b: f32 [rows]. out: [rows, d] in out_dtype (may alias o_a
+// when f32). lse_out: f32 [rows] or null (may alias lse_a). Two empty states give an empty state.
+absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b,
+                         const float* lse_b, int rows, int head_dim, void* out, DType out_dtype,
+                         float* lse_out, void* stream);
+void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b,
+                       const float* lse_b, int rows, int head_dim, void* out, DType out_dtype,
+                       float* lse_out);
+
+// ---------------------------------------------------------------------------------------------
+// (c) Window ring append and eviction gather, batched over sequences (struct RingBatch).
+// new_k, new_v: [batch, n_new, kv_heads, d]; token i of sequence b goes to ring slot
+// (write_pos[b] + i) % capacity (n_new <= capacity). evict_k / evict_v: null, or
+// [batch, n_new, kv_heads, d] staging that receives, before it is overwritten, the token that held
+// the slot; row i of b is meaningful iff write_pos[b] + i >= capacity (it is position
+// write_pos[b] + i - capacity of the window stream). write_pos is not advanced (the caller owns it).
+absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
+                        void* evict_k, void* evict_v, void* stream);
+void RingAppendHost(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
+                    void* evict_k, void* evict_v);
+
+// out_k, out_v: [batch, count, kv_heads, d] <- ring rows of positions start[b] + i (mod capacity)
+// for i < count: the contiguous staging buffer that D2H copies of leaving tokens read.
+// start: [batch] (device for the kernel). ring.write_pos is not read.
+absl::Status RingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,
+                        void* out_v, void* stream);
+void RingGatherHost(const RingBatch& ring, const int64_t* start, int count, void* out_k,
+                    void* out_v);
+
+// ---------------------------------------------------------------------------------------------
+// (d) Gather-attend (fetch mode): each q row attends to its own list of rows of a contiguous
+// buffer that holds the K/V copied H2D for the tokens the CPU index selected (GatherBatch).
+std::size_t GatherAttendWorkspaceFloats(const GatherBatch& g, int split_tokens);
+
+// q: [rows_q, d] (f32 or storage dtype). o: f32 [rows_q, d], lse: f32 [rows_q].
+absl::Status GatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, float scale,
+                          int split_tokens, float* o, float* lse, float* workspace, void* stream);
+void GatherAttendHost(const GatherBatch& g, const void* q, bool q_is_f32, float scale, float* o,
+                      float* lse);
+
+// ---------------------------------------------------------------------------------------------
+// (e) Exact top-k of queries against keys (attention-aware index build).
+// q: rows of head_dim at q + i * q_stride elements, i < nq (f32 or storage dtype); k: rows at
+// k + j * k_stride, j < nk (storage dtype); strides let one kv head of [T, kv_heads, d] be read
+// in place. ids: int32 [nq, topk], scores: f32 [nq, topk] (scale * q.k), best first, ties broken
+// by the smaller id. topk <= min(kMaxTopK, nk). Scratch comes from cudaMallocAsync on the stream.
+absl::Status ExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream);
+void ExactTopKHost(const TopKProblem& pr, int32_t* ids, float* scores);
+
+}  // namespace kvrt::gpu

@@ -1,0 +1,236 @@
+// Launchers of the GPU-tier kernels: argument checks, split-K planning and scratch, then the CUDA
+// translation units (launch.h). Without CUDA every launcher returns FailedPrecondition and
+// DeviceAvailable() is false, so callers fall back to the host references.
+#include <cmath>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "gpu/src/launch.h"
+#include "kvrt_gpu/kernels.h"
+
+namespace kvrt::gpu {
+namespace {
+
+bool HeadDimOk(int d) { return d == 64 || d == 128 || d == 256; }
+bool DTypeOk(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+[[maybe_unused]] float ScaleOr(float scale, int d) { return scale != 0.f ? scale : 1.f / std::sqrt(float(d)); }
+
+#if KVRT_WITH_CUDA
+absl::Status ToStatus(const detail::Err& e, const char* what) {
+  if (e.msg != nullptr) return absl::InvalidArgumentError(absl::StrCat(what, ": ", e.msg));
+  if (e.cuda != 0) {
+    return absl::InternalError(
+        absl::StrCat(what, ": CUDA error ", e.cuda, " (", detail::CudaErrorName(e.cuda), ")"));
+  }
+  return absl::OkStatus();
+}
+#else
+absl::Status NoCuda(const char* what) {
+  return absl::FailedPreconditionError(absl::StrCat(what, ": kvrt was built without CUDA"));
+}
+#endif
+
+absl::Status CheckTier(const TierBatch& t, const AttnParams& p) {
+  if (t.batch < 0 || t.kv_heads <= 0 || t.max_tokens < 0) {
+    return absl::InvalidArgumentError("TierAttention: batch, kv_heads or max_tokens out of range");
+  }
+  if (!HeadDimOk(t.head_dim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("TierAttention: unsupported head_dim ", t.head_dim, " (64, 128, 256)"));
+  }
+  if (!DTypeOk(t.dtype)) return absl::InvalidArgumentError("TierAttention: unsupported dtype");
+  if (p.q_heads <= 0 || p.q_heads % t.kv_heads != 0 || p.q_heads / t.kv_heads > kMaxGroup) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "TierAttention: q_heads ", p.q_heads, " must be a multiple of kv_heads ", t.kv_heads,
+        " with at most ", kMaxGroup, " q heads per kv head"));
+  }
+  if (p.split_tokens < 0) return absl::InvalidArgumentError("TierAttention: split_tokens < 0");
+  return absl::OkStatus();
+}
+
+absl::Status CheckGather(const GatherBatch& g, int split_tokens) {
+  if (g.rows_q < 0 || g.max_rows < 0 || split_tokens < 0) {
+    return absl::InvalidArgumentError("GatherAttend: rows_q, max_rows or split_tokens < 0");
+  }
+  if (!HeadDimOk(g.head_dim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("GatherAttend: unsupported head_dim ", g.head_dim, " (64, 128, 256)"));
+  }
+  if (!DTypeOk(g.dtype)) return absl::InvalidArgumentError("GatherAttend: unsupported dtype");
+  return absl::OkStatus();
+}
+
+absl::Status CheckRing(const RingBatch& r, int n, const char* what) {
+  if (r.batch < 0 || r.capacity <= 0 || r.kv_heads <= 0 || n < 0 || n > r.capacity) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": need capacity > 0, kv_heads > 0, 0 <= n <= capacity"));
+  }
+  if (!HeadDimOk(r.head_dim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": unsupported head_dim ", r.head_dim, " (64, 128, 256)"));
+  }
+  if (!DTypeOk(r.dtype)) return absl::InvalidArgumentError(absl::StrCat(what, ": bad dtype"));
+  return absl::OkStatus();
+}
+
+absl::Status CheckTopK(const TopKProblem& pr) {
+  if (pr.nq < 0 || pr.nk <= 0 || pr.topk <= 0 || pr.topk > kMaxTopK || pr.topk > pr.nk ||
+      pr.nk > (int64_t{1} << 31) - 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ExactTopK: need 0 < topk <= min(", kMaxTopK, ", nk), nk < 2^31"));
+  }
+  if (!HeadDimOk(pr.head_dim)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ExactTopK: unsupported head_dim ", pr.head_dim, " (64, 128, 256)"));
+  }
+  if (!DTypeOk(pr.dtype) || pr.q_stride < pr.head_dim || pr.k_stride < pr.head_dim) {
+    return absl::InvalidArgumentError("ExactTopK: bad dtype or stride < head_dim");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool DeviceAvailable() {
+#if KVRT_WITH_CUDA
+  return detail::DeviceCount() > 0;
+#else
+  return false;
+#endif
+}
+
+std::size_t TierAttentionWorkspaceFloats(const TierBatch& tier, const AttnParams& p) {
+#if KVRT_WITH_CUDA
+  const int units = tier.batch * tier.kv_heads;
+  const auto plan = detail::PlanSplits(units, tier.max_tokens, p.split_tokens, detail::SmCount());
+  if (plan.num_splits <= 1) return 0;
+  return static_cast<std::size_t>(tier.batch) * p.q_heads * plan.num_splits * (tier.head_dim + 1);
+#else
+  return 0;
+#endif
+}
+
+absl::Status TierAttention(const TierBatch& tier, const void* q, const AttnParams& p, float* o,
+                           float* lse, float* workspace, void* stream) {
+  if (auto s = CheckTier(tier, p); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  const int units = tier.batch * tier.kv_heads;
+  const auto plan = detail::PlanSplits(units, tier.max_tokens, p.split_tokens, detail::SmCount());
+  const float scale = ScaleOr(p.scale, tier.head_dim);
+  const std::size_t need = plan.num_splits > 1 ? static_cast<std::size_t>(tier.batch) *
+                                                     p.q_heads * plan.num_splits *
+                                                     (tier.head_dim + 1)
+                                               : 0;
+  float* ws = workspace;
+  if (need > 0 && ws == nullptr) {
+    void* ptr = nullptr;
+    if (auto s = ToStatus(detail::AllocAsync(&ptr, need * sizeof(float), stream), "TierAttention");
+        !s.ok()) {
+      return s;
+    }
+    ws = static_cast<float*>(ptr);
+  }
+  auto st = ToStatus(detail::LaunchTierAttention(tier, q, p, scale, plan, o, lse, ws, stream),
+                     "TierAttention");
+  if (ws != workspace) {
+    auto fs = ToStatus(detail::FreeAsync(ws, stream), "TierAttention");
+    if (st.ok()) st = fs;
+  }
+  return st;
+#else
+  return NoCuda("TierAttention");
+#endif
+}
+
+std::size_t GatherAttendWorkspaceFloats(const GatherBatch& g, int split_tokens) {
+#if KVRT_WITH_CUDA
+  const auto plan = detail::PlanSplits(g.rows_q, g.max_rows, split_tokens, detail::SmCount());
+  if (plan.num_splits <= 1) return 0;
+  return static_cast<std::size_t>(g.rows_q) * plan.num_splits * (g.head_dim + 1);
+#else
+  return 0;
+#endif
+}
+
+absl::Status GatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, float scale,
+                          int split_tokens, float* o, float* lse, float* workspace, void* stream) {
+  if (auto s = CheckGather(g, split_tokens); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  const auto plan = detail::PlanSplits(g.rows_q, g.max_rows, split_tokens, detail::SmCount());
+  const std::size_t need =
+      plan.num_splits > 1 ? static_cast<std::size_t>(g.rows_q) * plan.num_splits * (g.head_dim + 1)
+                          : 0;
+  float* ws = workspace;
+  if (need > 0 && ws == nullptr) {
+    void* ptr = nullptr;
+    if (auto s = ToStatus(detail::AllocAsync(&ptr, need * sizeof(float), stream), "GatherAttend");
+        !s.ok()) {
+      return s;
+    }
+    ws = static_cast<float*>(ptr);
+  }
+  auto st = ToStatus(detail::LaunchGatherAttend(g, q, q_is_f32, ScaleOr(scale, g.head_dim), plan,
+                                                o, lse, ws, stream),
+                     "GatherAttend");
+  if (ws != workspace) {
+    auto fs = ToStatus(detail::FreeAsync(ws, stream), "GatherAttend");
+    if (st.ok()) st = fs;
+  }
+  return st;
+#else
+  return NoCuda("GatherAttend");
+#endif
+}
+
+absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b,
+                         const float* lse_b, int rows, int head_dim, void* out, DType out_dtype,
+                         float* lse_out, void* stream) {
+  if (rows < 0 || !HeadDimOk(head_dim) || !DTypeOk(out_dtype)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("MergeStates: rows ", rows, ", head_dim ", head_dim, " (64, 128, 256)"));
+  }
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchMergeStates(o_a, lse_a, o_b, lse_b, rows, head_dim, out,
+                                            out_dtype, lse_out, stream),
+                  "MergeStates");
+#else
+  return NoCuda("MergeStates");
+#endif
+}
+
+absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
+                        void* evict_k, void* evict_v, void* stream) {
+  if (auto s = CheckRing(ring, n_new, "RingAppend"); !s.ok()) return s;
+  if ((evict_k == nullptr) != (evict_v == nullptr)) {
+    return absl::InvalidArgumentError("RingAppend: evict_k and evict_v both or neither");
+  }
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchRingAppend(ring, new_k, new_v, n_new, evict_k, evict_v, stream),
+                  "RingAppend");
+#else
+  return NoCuda("RingAppend");
+#endif
+}
+
+absl::Status RingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,
+                        void* out_v, void* stream) {
+  if (auto s = CheckRing(ring, count, "RingGather"); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchRingGather(ring, start, count, out_k, out_v, stream),
+                  "RingGather");
+#else
+  return NoCuda("RingGather");
+#endif
+}
+
+absl::Status ExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream) {
+  if (auto s = CheckTopK(pr); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchExactTopK(pr, ids, scores, stream), "ExactTopK");
+#else
+  return NoCuda("ExactTopK");
+#endif
+}
+
+}  // namespace kvrt::gpu

@@ -1,0 +1,190 @@
+// Host references of the GPU-tier kernels (kernels.h): plain loops, f32 accumulation, the same
+// semantics as the CUDA kernels and the path that runs when there is no GPU.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "kvrt_gpu/kernels.h"
+
+namespace kvrt::gpu {
+namespace {
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+float ScaleOr(float scale, int d) { return scale != 0.f ? scale : 1.f / std::sqrt(float(d)); }
+
+// Row r (head_dim elements) of q as f32.
+void QRow(const void* q, bool q_is_f32, DType t, std::size_t r, int d, float* out) {
+  if (q_is_f32) {
+    std::memcpy(out, static_cast<const float*>(q) + r * d, sizeof(float) * d);
+  } else {
+    ConvertToF32(static_cast<const unsigned char*>(q) + r * d * DTypeSize(t), t, d, out);
+  }
+}
+
+// Partial state of one q row over rows given by `row(j)`, j < n (pointers to d storage elements).
+template <class RowK, class RowV>
+void AttendRows(const float* q, int d, DType t, float scale, int64_t n, RowK krow, RowV vrow,
+                float* o, float* lse) {
+  std::vector<float> s(n), v(d);
+  float m = kNegInf;
+  for (int64_t j = 0; j < n; ++j) {
+    const void* k = krow(j);
+    float acc = 0.f;
+    for (int i = 0; i < d; ++i) acc += q[i] * LoadAsF32(k, i, t);
+    s[j] = acc * scale;
+    m = std::max(m, s[j]);
+  }
+  std::fill(o, o + d, 0.f);
+  if (n == 0 || m == kNegInf) {
+    *lse = kNegInf;
+    return;
+  }
+  float l = 0.f;
+  for (int64_t j = 0; j < n; ++j) l += (s[j] = std::exp(s[j] - m));
+  for (int64_t j = 0; j < n; ++j) {
+    ConvertToF32(vrow(j), t, d, v.data());
+    const float w = s[j] / l;
+    for (int i = 0; i < d; ++i) o[i] += w * v[i];
+  }
+  *lse = m + std::log(l);
+}
+
+const unsigned char* Bytes(const void* p) { return static_cast<const unsigned char*>(p); }
+unsigned char* Bytes(void* p) { return static_cast<unsigned char*>(p); }
+
+}  // namespace
+
+void TierAttentionBatchHost(const TierBatch& t, const void* q, const AttnParams& p, float* o,
+                            float* lse) {
+  const int d = t.head_dim;
+  std::vector<float> qf(static_cast<std::size_t>(p.q_heads) * d);
+  for (int b = 0; b < t.batch; ++b) {
+    for (int h = 0; h < p.q_heads; ++h) {
+      QRow(q, p.q_is_f32, t.dtype, static_cast<std::size_t>(b) * p.q_heads + h, d,
+           qf.data() + static_cast<std::size_t>(h) * d);
+    }
+    TierView v;
+    v.sink_k = t.sink_k[b];
+    v.sink_v = t.sink_v[b];
+    v.n_sink = t.n_sink[b];
+    v.window_k = t.window_k[b];
+    v.window_v = t.window_v[b];
+    v.n_window = t.n_window[b];
+    v.kv_heads = t.kv_heads;
+    v.head_dim = d;
+    v.dtype = t.dtype;
+    // TierAttentionHost applies `scale` as given; resolve the 0 = 1/sqrt(d) default here.
+    const std::size_t row0 = static_cast<std::size_t>(b) * p.q_heads;
+    TierAttentionHost(v, qf.data(), p.q_heads, ScaleOr(p.scale, d), o + row0 * d, lse + row0);
+  }
+}
+
+void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b,
+                       const float* lse_b, int rows, int d, void* out, DType out_dtype,
+                       float* lse_out) {
+  std::vector<float> row(d);
+  for (int r = 0; r < rows; ++r) {
+    const float a = lse_a[r], b = lse_b[r];
+    const float mx = std::max(a, b);
+    float wa = 0.f, wb = 0.f, l = kNegInf;
+    if (mx != kNegInf) {
+      const float ea = std::exp(a - mx), eb = std::exp(b - mx);
+      wa = ea / (ea + eb);
+      wb = eb / (ea + eb);
+      l = mx + std::log(ea + eb);
+    }
+    const std::size_t base = static_cast<std::size_t>(r) * d;
+    for (int i = 0; i < d; ++i) {
+      row[i] = (wa != 0.f ? wa * o_a[base + i] : 0.f) + (wb != 0.f ? wb * o_b[base + i] : 0.f);
+    }
+    ConvertFromF32(row.data(), d, out_dtype, Bytes(out) + base * DTypeSize(out_dtype));
+    if (lse_out != nullptr) lse_out[r] = l;
+  }
+}
+
+void RingAppendHost(const RingBatch& r, const void* new_k, const void* new_v, int n_new,
+                    void* evict_k, void* evict_v) {
+  const std::size_t tok = static_cast<std::size_t>(r.kv_heads) * r.head_dim * DTypeSize(r.dtype);
+  for (int b = 0; b < r.batch; ++b) {
+    for (int i = 0; i < n_new; ++i) {
+      const int64_t pos = r.write_pos[b] + i;
+      const std::size_t at = static_cast<std::size_t>(pos % r.capacity) * tok;
+      const std::size_t src = (static_cast<std::size_t>(b) * n_new + i) * tok;
+      if (evict_k != nullptr && pos >= r.capacity) {
+        std::memcpy(Bytes(evict_k) + src, Bytes(r.ring_k[b]) + at, tok);
+        std::memcpy(Bytes(evict_v) + src, Bytes(r.ring_v[b]) + at, tok);
+      }
+      std::memcpy(Bytes(r.ring_k[b]) + at, Bytes(new_k) + src, tok);
+      std::memcpy(Bytes(r.ring_v[b]) + at, Bytes(new_v) + src, tok);
+    }
+  }
+}
+
+void RingGatherHost(const RingBatch& r, const int64_t* start, int count, void* out_k,
+                    void* out_v) {
+  const std::size_t tok = static_cast<std::size_t>(r.kv_heads) * r.head_dim * DTypeSize(r.dtype);
+  for (int b = 0; b < r.batch; ++b) {
+    for (int i = 0; i < count; ++i) {
+      const std::size_t at = static_cast<std::size_t>((start[b] + i) % r.capacity) * tok;
+      const std::size_t dst = (static_cast<std::size_t>(b) * count + i) * tok;
+      std::memcpy(Bytes(out_k) + dst, Bytes(r.ring_k[b]) + at, tok);
+      std::memcpy(Bytes(out_v) + dst, Bytes(r.ring_v[b]) + at, tok);
+    }
+  }
+}
+
+void GatherAttendHost(const GatherBatch& g, const void* q, bool q_is_f32, float scale, float* o,
+                      float* lse) {
+  const int d = g.head_dim;
+  const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(g.dtype);
+  std::vector<float> qf(d);
+  for (int r = 0; r < g.rows_q; ++r) {
+    QRow(q, q_is_f32, g.dtype, r, d, qf.data());
+    const int32_t base = g.row_offsets[r];
+    const int64_t n = g.row_offsets[r + 1] - base;
+    auto row = [&](int64_t j) -> std::size_t {
+      return static_cast<std::size_t>(g.row_ids != nullptr ? g.row_ids[base + j] : base + j);
+    };
+    AttendRows(
+        qf.data(), d, g.dtype, ScaleOr(scale, d), n,
+        [&](int64_t j) { return Bytes(g.k) + row(j) * row_bytes; },
+        [&](int64_t j) { return Bytes(g.v) + row(j) * row_bytes; },
+        o + static_cast<std::size_t>(r) * d, lse + r);
+  }
+}
+
+void ExactTopKHost(const TopKProblem& pr, int32_t* ids, float* scores) {
+  const int d = pr.head_dim;
+  const std::size_t esz = DTypeSize(pr.dtype);
+  std::vector<float> qf(d), kf(static_cast<std::size_t>(pr.nk) * d), s(pr.nk);
+  for (int64_t j = 0; j < pr.nk; ++j) {
+    ConvertToF32(Bytes(pr.k) + static_cast<std::size_t>(j * pr.k_stride) * esz, pr.dtype, d,
+                 kf.data() + j * d);
+  }
+  std::vector<int32_t> order(pr.nk);
+  for (int64_t i = 0; i < pr.nq; ++i) {
+    if (pr.q_is_f32) {
+      std::memcpy(qf.data(), static_cast<const float*>(pr.q) + i * pr.q_stride, sizeof(float) * d);
+    } else {
+      ConvertToF32(Bytes(pr.q) + static_cast<std::size_t>(i * pr.q_stride) * esz, pr.dtype, d,
+                   qf.data());
+    }
+    for (int64_t j = 0; j < pr.nk; ++j) {
+      float acc = 0.f;
+      for (int c = 0; c < d; ++c) acc += qf[c] * kf[j * d + c];
+      s[j] = acc * pr.scale;
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + pr.topk, order.end(),
+                      [&](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+    for (int c = 0; c < pr.topk; ++c) {
+      ids[i * pr.topk + c] = order[c];
+      scores[i * pr.topk + c] = s[order[c]];
+    }
+  }
+}
+
+}  // namespace kvrt::gpu

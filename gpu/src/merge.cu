@@ -1,0 +1,69 @@
+// Merge of two partial attention states per row (GPU tier with CPU-retrieved tokens), batched over
+// sequences and q heads. DESIGN.md "Numerics": lse = logaddexp(lse_a, lse_b),
+// o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b.
+#include "gpu/src/common.cuh"
+
+namespace kvrt::gpu::detail {
+namespace {
+
+// grid ceil(rows / 4), block 128: one warp per row.
+// o_a, o_b: f32 [rows, D]; lse_a, lse_b: f32 [rows]; out: OutT [rows, D]; lse_out: f32 [rows] or
+// null. out may alias o_a and lse_out lse_a: every lane reads its elements and both lse values
+// before any lane writes (the __syncwarp orders lane 0's lse write after the others' reads).
+template <typename OutT, int D>
+__global__ void __launch_bounds__(128)
+    MergeStatesKernel(const float* o_a, const float* lse_a, const float* __restrict__ o_b,
+                      const float* __restrict__ lse_b, int rows, OutT* out, float* lse_out) {
+  constexpr int kPer = D / 32;
+  const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const float a = lse_a[row], b = lse_b[row];
+  const size_t base = static_cast<size_t>(row) * D;
+  float va[kPer], vb[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    va[i] = o_a[base + lane + 32 * i];
+    vb[i] = o_b[base + lane + 32 * i];
+  }
+  __syncwarp();
+  const float mx = fmaxf(a, b);
+  float wa, wb, l;
+  if (mx == -INFINITY) {  // both empty: empty (flashinfer issue 4051 returned NaN here)
+    wa = wb = 0.f;
+    l = -INFINITY;
+  } else {
+    const float ea = __expf(a - mx), eb = __expf(b - mx);  // an empty side gets weight 0
+    const float s = ea + eb;
+    wa = ea / s;
+    wb = eb / s;
+    l = mx + __logf(s);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    // NOTE: a weight of exactly 0 must not multiply the other side's o (it may be garbage or Inf
+    // for an empty state that a producer left unwritten), hence the selects.
+    const float x = (wa != 0.f ? wa * va[i] : 0.f) + (wb != 0.f ? wb * vb[i] : 0.f);
+    out[base + lane + 32 * i] = FromF32<OutT>(x);
+  }
+  if (lse_out != nullptr && lane == 0) lse_out[row] = l;
+}
+
+}  // namespace
+
+Err LaunchMergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
+                      int rows, int head_dim, void* out, DType out_dtype, float* lse_out,
+                      void* stream) {
+  if (rows == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  const int blocks = (rows + 3) / 4;
+  KVRT_DISPATCH_DTYPE(out_dtype, T, {
+    KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
+      MergeStatesKernel<T, D><<<blocks, 128, 0, st>>>(o_a, lse_a, o_b, lse_b, rows,
+                                                      static_cast<T*>(out), lse_out);
+    })
+  })
+  return LastLaunchErr();
+}
+
+}  // namespace kvrt::gpu::detail

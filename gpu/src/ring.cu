@@ -1,0 +1,98 @@
+// Window ring append (new tokens' k/v into their slots) and eviction gather (rows that leave the
+// window into a contiguous staging buffer for the D2H copy). Pure data movement in 16-byte words.
+#include "gpu/src/common.cuh"
+
+namespace kvrt::gpu::detail {
+namespace {
+
+// One thread per 16-byte word of (sequence b, new token i, kv head, slice of head_dim).
+// ring_k/ring_v: [batch] -> [capacity, kv_heads, D] of T; write_pos: [batch];
+// new_k/new_v: [batch, n_new, kv_heads, D]; evict_k/evict_v: null or [batch, n_new, kv_heads, D].
+// NOTE: n_new <= capacity, so each slot is touched by exactly one token and the read of the old
+// row and the write of the new one happen in the same thread: no ordering between threads needed.
+template <typename T, int D>
+__global__ void RingAppendKernel(void* const* __restrict__ ring_k, void* const* __restrict__ ring_v,
+                                 const int64_t* __restrict__ write_pos, int batch, int capacity,
+                                 int kv_heads, int n_new, const uint4* __restrict__ new_k,
+                                 const uint4* __restrict__ new_v, uint4* __restrict__ evict_k,
+                                 uint4* __restrict__ evict_v) {
+  constexpr int kWords = D * sizeof(T) / 16;
+  const int64_t per_token = static_cast<int64_t>(kv_heads) * kWords;
+  const int64_t total = static_cast<int64_t>(batch) * n_new * per_token;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t rest = idx % per_token;
+    const int64_t bi = idx / per_token;  // b * n_new + i
+    const int b = static_cast<int>(bi / n_new), i = static_cast<int>(bi % n_new);
+    const int64_t pos = write_pos[b] + i;
+    const int64_t at = (pos % capacity) * per_token + rest;
+    uint4* rk = static_cast<uint4*>(ring_k[b]);
+    uint4* rv = static_cast<uint4*>(ring_v[b]);
+    if (evict_k != nullptr && pos >= capacity) {
+      evict_k[idx] = rk[at];
+      evict_v[idx] = rv[at];
+    }
+    rk[at] = new_k[idx];
+    rv[at] = new_v[idx];
+  }
+}
+
+// out_k/out_v: [batch, count, kv_heads, D] <- ring rows (start[b] + i) % capacity.
+template <typename T, int D>
+__global__ void RingGatherKernel(void* const* __restrict__ ring_k, void* const* __restrict__ ring_v,
+                                 const int64_t* __restrict__ start, int batch, int capacity,
+                                 int kv_heads, int count, uint4* __restrict__ out_k,
+                                 uint4* __restrict__ out_v) {
+  constexpr int kWords = D * sizeof(T) / 16;
+  const int64_t per_token = static_cast<int64_t>(kv_heads) * kWords;
+  const int64_t total = static_cast<int64_t>(batch) * count * per_token;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t rest = idx % per_token;
+    const int64_t bi = idx / per_token;
+    const int b = static_cast<int>(bi / count), i = static_cast<int>(bi % count);
+    const int64_t at = ((start[b] + i) % capacity) * per_token + rest;
+    out_k[idx] = static_cast<const uint4*>(ring_k[b])[at];
+    out_v[idx] = static_cast<const uint4*>(ring_v[b])[at];
+  }
+}
+
+int Blocks(int64_t words) {
+  const int64_t b = (words + 255) / 256;
+  return static_cast<int>(b < 4096 ? (b > 0 ? b : 1) : 4096);
+}
+
+}  // namespace
+
+Err LaunchRingAppend(const RingBatch& r, const void* new_k, const void* new_v, int n_new,
+                     void* evict_k, void* evict_v, void* stream) {
+  if (r.batch == 0 || n_new == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  KVRT_DISPATCH_DTYPE(r.dtype, T, {
+    KVRT_DISPATCH_HEAD_DIM(r.head_dim, D, {
+      const int64_t words = static_cast<int64_t>(r.batch) * n_new * r.kv_heads * (D * sizeof(T) / 16);
+      RingAppendKernel<T, D><<<Blocks(words), 256, 0, st>>>(
+          r.ring_k, r.ring_v, r.write_pos, r.batch, r.capacity, r.kv_heads, n_new,
+          static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
+          static_cast<uint4*>(evict_k), static_cast<uint4*>(evict_v));
+    })
+  })
+  return LastLaunchErr();
+}
+
+Err LaunchRingGather(const RingBatch& r, const int64_t* start, int count, void* out_k, void* out_v,
+                     void* stream) {
+  if (r.batch == 0 || count == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  KVRT_DISPATCH_DTYPE(r.dtype, T, {
+    KVRT_DISPATCH_HEAD_DIM(r.head_dim, D, {
+      const int64_t words = static_cast<int64_t>(r.batch) * count * r.kv_heads * (D * sizeof(T) / 16);
+      RingGatherKernel<T, D><<<Blocks(words), 256, 0, st>>>(
+          r.ring_k, r.ring_v, start, r.batch, r.capacity, r.kv_heads, count,
+          static_cast<uint4*>(out_k), static_cast<uint4*>(out_v));
+    })
+  })
+  return LastLaunchErr();
+}
+
+}  // namespace kvrt::gpu::detail
