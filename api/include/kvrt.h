@@ -98,6 +98,11 @@ typedef struct kvrt_config {
                               kvrt_get_attended (replay metrics); costs time and memory */
   int32_t use_gpu;         /* 0: host backend; 1: GPU tier on CUDA (error if unavailable);
                               -1: GPU when available. Only the host backend exists in 0.1. */
+  int64_t host_memory_limit; /* bytes of host KV store + indexes, all sequences; 0 = no limit.
+                                Past it, prefill/append return KVRT_ERR_OUT_OF_MEMORY and change
+                                nothing. */
+  int64_t gpu_memory_limit;  /* bytes of GPU-tier buffers (sinks + window ring per layer), all
+                                sequences; 0 = no limit. Same behaviour. */
 } kvrt_config;
 
 KVRT_API kvrt_config kvrt_config_default(void);
@@ -191,6 +196,7 @@ typedef struct kvrt_stats {
   int64_t cold_keys_searchable; /* sum over searches of the cold keys available to them */
   int64_t cold_tokens_attended; /* cold tokens attended to so far (over q heads) */
   int64_t evicted_tokens;       /* tokens moved GPU tier -> host store so far (per layer) */
+  int64_t gpu_allocated_bytes;  /* GPU-tier buffers allocated (what gpu_memory_limit counts) */
 } kvrt_stats;
 
 KVRT_API kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out);

@@ -78,6 +78,8 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.search_effort = c.search_effort;
   r.worker_threads = c.worker_threads;
   r.record_attended = c.record_attended != 0;
+  r.host_memory_limit = c.host_memory_limit;
+  r.gpu_memory_limit = c.gpu_memory_limit;
   return r;
 }
 
@@ -282,7 +284,8 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
   const auto s = rt->impl->Stats();
   *out = kvrt_stats{s.sequences,    s.gpu_tokens,   s.host_tokens,          s.gpu_bytes,
                     s.host_bytes,   s.index_bytes,  s.attend_calls,         s.keys_scored,
-                    s.cold_keys_searchable, s.cold_tokens_attended, s.evicted_tokens};
+                    s.cold_keys_searchable, s.cold_tokens_attended, s.evicted_tokens,
+                    s.gpu_allocated_bytes};
   return KVRT_OK;
   KVRT_API_CATCH
 }

@@ -19,6 +19,20 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // search, and IVF/graph builds on a handful of points are poor.
 constexpr int64_t kIndexMinRows = 256;
 
+// Adds `add` to `used` unless that would pass `limit` (negative = no limit). Lock-free, so
+// concurrent sequences never overshoot a budget together.
+bool TryReserve(std::atomic<int64_t>& used, int64_t add, int64_t limit) {
+  if (limit < 0 || add <= 0) {
+    used += add;
+    return true;
+  }
+  int64_t cur = used.load();
+  do {
+    if (cur + add > limit) return false;
+  } while (!used.compare_exchange_weak(cur, cur + add));
+  return true;
+}
+
 }  // namespace
 
 LayerState::LayerState(const RuntimeConfig* config, Runtime::Counters* counters)
@@ -37,6 +51,7 @@ std::size_t LayerState::token_bytes() const {
 void LayerState::Release() {
   counters_->gpu_tokens -= gpu_tokens();
   counters_->host_tokens -= cold_tokens();
+  counters_->gpu_allocated_bytes -= static_cast<int64_t>(sink_k_.size() + sink_v_.size() + ring_k_.size() + ring_v_.size());
   counters_->index_bytes -= index_bytes_;
   index_bytes_ = 0;
 }
@@ -90,22 +105,59 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
   auto* ks = static_cast<const unsigned char*>(k);
   auto* vs = static_cast<const unsigned char*>(v);
 
-  // Allocate everything first so that nothing below can fail half-way.
+  // Budgets and allocations first, so that nothing below can fail half-way.
+  const int64_t new_cold = cold_end - cold_begin;
+  const bool need_sinks = sink_k_.empty() && S > 0;
+  const bool need_ring = ring_k_.empty() && L2 > S;
+  const int64_t gpu_add = 2 * static_cast<int64_t>(tb) * ((need_sinks ? S : 0) + (need_ring ? W : 0));
+  if (!TryReserve(counters_->gpu_allocated_bytes, gpu_add,
+                  cfg_->gpu_memory_limit > 0 ? cfg_->gpu_memory_limit : -1))
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "GPU-tier memory limit: ", counters_->gpu_allocated_bytes.load(), " bytes in use + ", gpu_add,
+        " needed > gpu_memory_limit ", cfg_->gpu_memory_limit));
+  const int64_t host_add = 2 * static_cast<int64_t>(tb) * std::max<int64_t>(new_cold, 0);
+  const int64_t host_limit = cfg_->host_memory_limit;
+  if (host_limit > 0) {
+    // host_tokens is counted in tokens; the budget covers the store and the indexes.
+    const int64_t per_token = 2 * static_cast<int64_t>(tb);
+    const int64_t token_limit = std::max<int64_t>(0, (host_limit - counters_->index_bytes.load()) / per_token);
+    if (!TryReserve(counters_->host_tokens, std::max<int64_t>(new_cold, 0), token_limit)) {
+      counters_->gpu_allocated_bytes -= gpu_add;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "host memory limit: ", counters_->host_tokens.load() * per_token, " bytes of host store + ",
+          counters_->index_bytes.load(), " of indexes in use, ", host_add,
+          " more needed > host_memory_limit ", host_limit));
+    }
+  } else {
+    counters_->host_tokens += std::max<int64_t>(new_cold, 0);
+  }
+  auto give_back = [&] {
+    counters_->gpu_allocated_bytes -= gpu_add;
+    counters_->host_tokens -= std::max<int64_t>(new_cold, 0);
+  };
   try {
-    if (sink_k_.empty() && S > 0) {
+    if (need_sinks) {
       sink_k_.resize(S * tb);
       sink_v_.resize(S * tb);
     }
-    if (ring_k_.empty() && L2 > S) {
+    if (need_ring) {
       ring_k_.resize(W * tb);
       ring_v_.resize(W * tb);
     }
   } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError("append: cannot allocate the GPU-tier buffers");
+    if (need_sinks) sink_k_ = {}, sink_v_ = {};
+    if (need_ring) ring_k_ = {}, ring_v_ = {};
+    give_back();
+    return absl::ResourceExhaustedError(
+        absl::StrCat("append: cannot allocate ", gpu_add, " bytes of GPU-tier buffers"));
   }
-  const int64_t new_cold = cold_end - cold_begin;
   if (new_cold > 0) {
-    for (auto& store : cold_) KVRT_RETURN_IF_ERROR(store.Reserve(store.size() + new_cold));
+    for (auto& store : cold_) {
+      if (absl::Status st = store.Reserve(store.size() + new_cold); !st.ok()) {
+        give_back();
+        return st;
+      }
+    }
   }
 
   // 1. Tokens that become cold, in position order: from the ring (older) or straight from the
@@ -143,7 +195,6 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
   n_sink_ = std::min(L2, S);
   n_window_ = L2 - n_sink_ - cold_tokens();
   counters_->gpu_tokens += gpu_tokens() - gpu_before;
-  counters_->host_tokens += std::max<int64_t>(new_cold, 0);
   // Evicted = left the GPU tier after having been on it (not prompt tokens sent straight to host).
   counters_->evicted_tokens += std::max<int64_t>(0, std::min(L, cold_end) - cold_begin);
   return absl::OkStatus();

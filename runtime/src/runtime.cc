@@ -66,6 +66,8 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
                              static_cast<int>(cpu_index::IndexKind::kAttentionAware)));
   KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, 1 << 24));
   KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, 4096));
+  KVRT_RETURN_IF_ERROR(Range("host_memory_limit", c.host_memory_limit, 0, INT64_MAX));
+  KVRT_RETURN_IF_ERROR(Range("gpu_memory_limit", c.gpu_memory_limit, 0, INT64_MAX));
   return absl::OkStatus();
 }
 
@@ -201,6 +203,7 @@ RuntimeStats Runtime::Stats() const {
   s.cold_keys_searchable = c.cold_keys_searchable.load();
   s.cold_tokens_attended = c.cold_tokens_attended.load();
   s.evicted_tokens = c.evicted_tokens.load();
+  s.gpu_allocated_bytes = c.gpu_allocated_bytes.load();
   return s;
 }
 

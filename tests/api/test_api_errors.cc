@@ -170,3 +170,47 @@ TEST_F(ApiTest, LastErrorIsPerThreadAndDestroyedHandleIsDetected) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
+  kvrt_config c = kvrt_config_default();
+  c.num_layers = 1;
+  c.num_q_heads = 2;
+  c.num_kv_heads = 1;
+  c.head_dim = 4;
+  c.dtype = KVRT_DTYPE_F32;
+  c.sink_tokens = 1;
+  c.window_tokens = 2;
+  c.index_kind = KVRT_INDEX_EXACT;
+  const int64_t token_bytes = 2 * 4 * 4;  // k + v, one kv head, d = 4, f32
+  c.gpu_memory_limit = 3 * token_bytes;   // exactly sinks + ring of one sequence
+  c.host_memory_limit = 10 * token_bytes;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  std::vector<float> kv(64 * 4, 1.f), q(8, 1.f), out(8);
+  kvrt_seq_id a, b;
+  ASSERT_EQ(kvrt_seq_create(rt, &a), KVRT_OK);
+  ASSERT_EQ(kvrt_seq_create(rt, &b), KVRT_OK);
+  ASSERT_EQ(kvrt_append(rt, a, 0, kv.data(), kv.data(), 13), KVRT_OK);  // 3 on GPU, 10 on host
+  // The host store is full: one more token would evict one more.
+  EXPECT_EQ(kvrt_append(rt, a, 0, kv.data(), kv.data(), 1), KVRT_ERR_OUT_OF_MEMORY);
+  EXPECT_TRUE(Mentions("host_memory_limit")) << kvrt_last_error();
+  int64_t n = 0;
+  ASSERT_EQ(kvrt_seq_length(rt, a, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, 13) << "a failed append changes nothing";
+  // The GPU tier is full: a second sequence cannot get its buffers.
+  EXPECT_EQ(kvrt_append(rt, b, 0, kv.data(), kv.data(), 1), KVRT_ERR_OUT_OF_MEMORY);
+  EXPECT_TRUE(Mentions("gpu_memory_limit")) << kvrt_last_error();
+  EXPECT_EQ(kvrt_attend(rt, a, 0, q.data(), out.data()), KVRT_OK) << "still usable";
+  kvrt_stats st;
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.gpu_allocated_bytes, 3 * token_bytes);
+  EXPECT_EQ(st.host_tokens, 10);
+  // Releasing gives the budget back.
+  ASSERT_EQ(kvrt_seq_release(rt, a), KVRT_OK);
+  EXPECT_EQ(kvrt_append(rt, b, 0, kv.data(), kv.data(), 13), KVRT_OK);
+  kvrt_runtime_destroy(rt);
+}
+
+}  // namespace

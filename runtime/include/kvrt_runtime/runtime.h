@@ -28,6 +28,8 @@ struct RuntimeConfig {
   int search_effort = 0;        // 0 = the kind's default
   int worker_threads = 0;       // 0 = hardware threads
   bool record_attended = false;
+  int64_t host_memory_limit = 0;  // bytes of host store + indexes over all sequences; 0 = none
+  int64_t gpu_memory_limit = 0;   // bytes of GPU-tier buffers over all sequences; 0 = none
   cpu_index::IndexConfig index; // per-kind knobs
 };
 
@@ -46,6 +48,7 @@ struct RuntimeStats {
   int64_t cold_keys_searchable = 0;
   int64_t cold_tokens_attended = 0;
   int64_t evicted_tokens = 0;
+  int64_t gpu_allocated_bytes = 0;  // GPU-tier buffers (sinks + full window ring per layer)
 };
 
 class Sequence;
@@ -78,7 +81,8 @@ class Runtime {
   // Counters the layer states update (relaxed atomics: statistics only).
   struct Counters {
     std::atomic<int64_t> gpu_tokens{0}, host_tokens{0}, index_bytes{0}, attend_calls{0},
-        keys_scored{0}, cold_keys_searchable{0}, cold_tokens_attended{0}, evicted_tokens{0};
+        keys_scored{0}, cold_keys_searchable{0}, cold_tokens_attended{0}, evicted_tokens{0},
+        gpu_allocated_bytes{0};
   };
 
  private:
