@@ -45,6 +45,8 @@ struct IndexConfig {
   int graph_query_sample = 4096; // prompt queries whose exact top keys seed the graph
   int graph_query_top = 64;      // top keys taken per sampled query
   int graph_default_beam = 0;    // 0 = 2 * k
+  int graph_tail = 256;          // rows Add keeps in an exactly scanned tail before linking them
+                                 // into the graph (0 = link at every Add)
   uint64_t seed = 42;
 };
 

@@ -1,0 +1,205 @@
+// hnsw: hnswlib 0.6.2 HierarchicalNSW<float> with InnerProductSpace; the off-the-shelf graph
+// baseline. hnswlib keeps its own f32 copy of every key inside its level-0 block (counted in
+// MemoryBytes).
+//
+// NOTE: hnswlib 0.6.2 has one shared `ef_` for searchKnn, so a per-call ef is impossible
+// through its API without a data race. Search therefore walks hnswlib's graph itself (greedy
+// descent through the upper layers, then a beam of width ef on layer 0, the same algorithm as
+// searchKnn/searchBaseLayerST) with per-call ef, a per-thread visited set, and its own count of
+// distance computations (`scanned`; metric_distance_computations is a shared atomic that only a
+// compile-time flag enables). effort >= size() is an exact scan. Build and Add use hnswlib's thread-safe addPoint from TBB tasks.
+#include <algorithm>
+#include <exception>
+#include <limits>
+#include <queue>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cpu_index/src/index_common.h"
+#include "cpu_index/src/kinds.h"
+#include "hnswlib/hnswlib.h"
+#include "oneapi/tbb/blocked_range.h"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+using Hnsw = hnswlib::HierarchicalNSW<float>;
+constexpr int64_t kMaxRows = std::numeric_limits<uint32_t>::max() - 1;  // hnswlib tableint
+
+class HnswIndex final : public KeyIndex {
+ public:
+  HnswIndex(const IndexConfig& config, int dim) : config_(config), dim_(dim), space_(dim) {}
+
+  IndexKind kind() const override { return IndexKind::kHnsw; }
+
+  absl::Status Build(const HeadStore& store, const float* queries, int64_t n_queries) override {
+    if (auto s = internal::CheckBuild(store, dim_, queries, n_queries, kMaxRows); !s.ok()) return s;
+    built_ = false;
+    size_ = 0;
+    hnsw_.reset();
+    try {
+      hnsw_ = std::make_unique<Hnsw>(&space_, static_cast<std::size_t>(store.size()),
+                                     static_cast<std::size_t>(config_.hnsw_m),
+                                     static_cast<std::size_t>(config_.hnsw_ef_construction),
+                                     static_cast<std::size_t>(config_.seed));
+    } catch (const std::exception& e) {
+      hnsw_.reset();
+      return absl::ResourceExhaustedError(absl::StrCat("hnsw build: ", e.what()));
+    }
+    built_ = true;
+    if (auto s = Insert(store); !s.ok()) {
+      built_ = false;
+      hnsw_.reset();
+      return s;
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(const HeadStore& store) override {
+    if (auto s = internal::CheckAdd(store, dim_, built_, size_, kMaxRows); !s.ok()) return s;
+    return Insert(store);
+  }
+
+  absl::Status Search(const HeadStore& store, const float* q, const SearchParams& params,
+                      SearchResult* out) const override {
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok()) {
+      return s;
+    }
+    if (params.effort >= size_) {
+      // NOTE: hnswlib's inner-product graph need not be connected (on OOD keys we measured
+      // 40% of rows unreachable at ef = n), so the maximal effort is an exact scan.
+      thread_local std::vector<float> all;
+      all.resize(size_);
+      store.Dot(q, 0, size_, all.data());
+      TopK(all.data(), size_, params.k, &out->ids, &out->scores);
+      out->scanned = size_;
+      return absl::OkStatus();
+    }
+    const Hnsw& h = *hnsw_;
+    const std::size_t ef = static_cast<std::size_t>(
+        std::max(params.k, params.effort > 0 ? params.effort : config_.hnsw_default_ef));
+    int64_t scanned = 0;
+    auto dist = [&](hnswlib::tableint id) {
+      ++scanned;
+      return h.fstdistfunc_(q, h.getDataByInternalId(id), h.dist_func_param_);
+    };
+    // Greedy descent through the upper layers.
+    hnswlib::tableint cur = h.enterpoint_node_;
+    float cur_d = dist(cur);
+    for (int level = h.maxlevel_; level > 0; --level) {
+      bool changed = true;
+      while (changed) {
+        changed = false;
+        unsigned int* ll = h.get_linklist(cur, level);
+        const int n = h.getListCount(ll);
+        const auto* nb = reinterpret_cast<const hnswlib::tableint*>(ll + 1);
+        for (int i = 0; i < n; ++i) {
+          const float d = dist(nb[i]);
+          if (d < cur_d) {
+            cur_d = d;
+            cur = nb[i];
+            changed = true;
+          }
+        }
+      }
+    }
+    // Beam of width ef on layer 0 (searchBaseLayerST without deletions).
+    using Pair = std::pair<float, hnswlib::tableint>;
+    std::priority_queue<Pair> top;                                              // worst on top
+    std::priority_queue<Pair, std::vector<Pair>, std::greater<Pair>> frontier;  // best on top
+    auto& visited = internal::VisitedSet::ForThisThread(static_cast<int64_t>(h.max_elements_));
+    visited.Insert(cur);
+    top.emplace(cur_d, cur);
+    frontier.emplace(cur_d, cur);
+    float bound = cur_d;
+    while (!frontier.empty()) {
+      const Pair c = frontier.top();
+      if (c.first > bound && top.size() >= ef) break;
+      frontier.pop();
+      unsigned int* ll = h.get_linklist0(c.second);
+      const int n = h.getListCount(ll);
+      const auto* nb = reinterpret_cast<const hnswlib::tableint*>(ll + 1);
+      for (int i = 0; i < n; ++i) {
+        if (!visited.Insert(nb[i])) continue;
+        const float d = dist(nb[i]);
+        if (top.size() < ef || d < bound) {
+          frontier.emplace(d, nb[i]);
+          top.emplace(d, nb[i]);
+          if (top.size() > ef) top.pop();
+          bound = top.top().first;
+        }
+      }
+    }
+    thread_local std::vector<std::pair<float, int64_t>> cands;
+    cands.clear();
+    while (!top.empty()) {
+      const auto id = static_cast<int64_t>(h.getExternalLabel(top.top().second));
+      top.pop();
+      cands.emplace_back(DotRow(q, store.key(id), dim_, store.dtype()), id);
+    }
+    internal::TakeTopK(&cands, params.k, out);
+    out->scanned = scanned;
+    return absl::OkStatus();
+  }
+
+  int64_t size() const override { return size_; }
+
+  std::size_t MemoryBytes() const override {
+    if (!hnsw_) return 0;
+    const Hnsw& h = *hnsw_;
+    std::size_t bytes = h.max_elements_ * h.size_data_per_element_;  // links, f32 key, label
+    bytes += h.max_elements_ * (sizeof(char*) + sizeof(int) + sizeof(std::mutex));
+    for (std::size_t i = 0; i < h.cur_element_count; ++i) {
+      bytes += static_cast<std::size_t>(h.element_levels_[i]) * h.size_links_per_element_;
+    }
+    // label_lookup_: an unordered_map node (~32 B) per row plus the bucket array.
+    bytes += h.label_lookup_.size() * 32 + h.label_lookup_.bucket_count() * sizeof(void*);
+    bytes += h.max_elements_ * sizeof(hnswlib::vl_type);  // at least one pooled visited list
+    return bytes;
+  }
+
+ private:
+  // Inserts rows [size_, store.size()) with addPoint from TBB tasks.
+  absl::Status Insert(const HeadStore& store) {
+    const int64_t begin = size_, end = store.size();
+    if (begin == end) return absl::OkStatus();
+    try {
+      if (static_cast<std::size_t>(end) > hnsw_->max_elements_) {
+        hnsw_->resizeIndex(std::max<std::size_t>(end, hnsw_->max_elements_ + hnsw_->max_elements_ / 2));
+      }
+      const std::vector<float> x = internal::KeysF32(store, begin, end);
+      auto add = [&](int64_t i) {
+        hnsw_->addPoint(x.data() + (i - begin) * dim_, static_cast<hnswlib::labeltype>(i));
+      };
+      int64_t first = begin;
+      if (hnsw_->cur_element_count == 0) add(first++);  // entry point before going parallel
+      tbb::parallel_for(tbb::blocked_range<int64_t>(first, end, 64),
+                        [&](const tbb::blocked_range<int64_t>& r) {
+                          for (int64_t i = r.begin(); i < r.end(); ++i) add(i);
+                        });
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("hnsw insert: ", e.what()));
+    }
+    size_ = end;
+    return absl::OkStatus();
+  }
+
+  IndexConfig config_;
+  int dim_;
+  hnswlib::InnerProductSpace space_;  // before hnsw_: hnsw_ keeps a pointer into it
+  std::unique_ptr<Hnsw> hnsw_;
+  bool built_ = false;
+  int64_t size_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KeyIndex>> MakeHnswIndex(const IndexConfig& config, int head_dim) {
+  if (config.hnsw_m < 2 || config.hnsw_ef_construction <= 0 || config.hnsw_default_ef <= 0) {
+    return absl::InvalidArgumentError("hnsw: need hnsw_m >= 2, ef_construction > 0, default_ef > 0");
+  }
+  return std::unique_ptr<KeyIndex>(new HnswIndex(config, head_dim));
+}
+
+}  // namespace kvrt::cpu_index

@@ -1,0 +1,155 @@
+// landmark: fixed blocks of B consecutive rows, each with a per-channel [min, max] box of its
+// keys. Quest (Tang et al., arXiv 2406.10774, section 3) bounds q.k for every key of a block by
+//   U(q, block) = sum_i max(q_i * min_i, q_i * max_i)  >=  q.k.
+// Search scores every block's bound, takes the `effort` blocks with the largest bounds and
+// scores their keys exactly. Memory access is sequential (bounds array, then whole blocks).
+//
+// `scanned` accounting: a bound reads 2*d floats and costs about two dot products, so each
+// block counts as 2 keys; plus every key scored exactly inside the chosen blocks.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "cpu_index/src/index_common.h"
+#include "cpu_index/src/kinds.h"
+#include "oneapi/tbb/blocked_range.h"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) float BlockBound(
+    const float* q, const float* mn, const float* mx, int d) {
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 16; ++j)
+      acc[j] += std::max(q[i + j] * mn[i + j], q[i + j] * mx[i + j]);
+  float s = 0.f;
+  for (; i < d; ++i) s += std::max(q[i] * mn[i], q[i] * mx[i]);
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+class LandmarkIndex final : public KeyIndex {
+ public:
+  LandmarkIndex(const IndexConfig& config, int dim)
+      : config_(config), dim_(dim), block_(std::max(1, config.landmark_block)) {}
+
+  IndexKind kind() const override { return IndexKind::kLandmark; }
+
+  absl::Status Build(const HeadStore& store, const float* queries, int64_t n_queries) override {
+    if (auto s = internal::CheckBuild(store, dim_, queries, n_queries, kMaxRows); !s.ok()) return s;
+    built_ = false;
+    size_ = 0;
+    bounds_.clear();
+    Extend(store);
+    built_ = true;
+    return absl::OkStatus();
+  }
+
+  absl::Status Add(const HeadStore& store) override {
+    if (auto s = internal::CheckAdd(store, dim_, built_, size_, kMaxRows); !s.ok()) return s;
+    Extend(store);
+    return absl::OkStatus();
+  }
+
+  absl::Status Search(const HeadStore& store, const float* q, const SearchParams& params,
+                      SearchResult* out) const override {
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok()) {
+      return s;
+    }
+    const int64_t nb = num_blocks();
+    int64_t want = params.effort > 0 ? params.effort
+                   : config_.landmark_default_blocks > 0
+                       ? config_.landmark_default_blocks
+                       : (4 * static_cast<int64_t>(params.k) + block_ - 1) / block_;
+    want = std::clamp<int64_t>(want, 1, nb);
+
+    thread_local std::vector<std::pair<float, int64_t>> blocks;
+    thread_local std::vector<std::pair<float, int64_t>> cands;
+    thread_local std::vector<float> scores;
+    blocks.resize(nb);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
+      blocks[b] = {BlockBound(q, box, box + dim_, dim_), b};
+    }
+    if (want < nb) {
+      std::nth_element(blocks.begin(), blocks.begin() + want, blocks.end(),
+                       [](const auto& a, const auto& b) {
+                         return a.first > b.first || (a.first == b.first && a.second < b.second);
+                       });
+    }
+    cands.clear();
+    int64_t scored = 0;
+    for (int64_t i = 0; i < want; ++i) {
+      const int64_t begin = blocks[i].second * block_;
+      const int64_t end = std::min(size_, begin + block_);
+      scores.resize(end - begin);
+      store.Dot(q, begin, end, scores.data());
+      for (int64_t r = begin; r < end; ++r) cands.emplace_back(scores[r - begin], r);
+      scored += end - begin;
+    }
+    internal::TakeTopK(&cands, params.k, out);
+    out->scanned = 2 * nb + scored;
+    return absl::OkStatus();
+  }
+
+  int64_t size() const override { return size_; }
+  std::size_t MemoryBytes() const override { return bounds_.capacity() * sizeof(float); }
+
+ private:
+  int64_t num_blocks() const { return (size_ + block_ - 1) / block_; }
+
+  // Covers rows [size_, store.size()): refreshes the last partial block, then new blocks.
+  void Extend(const HeadStore& store) {
+    const int64_t n = store.size();
+    if (n == size_) return;
+    const int64_t first_block = size_ / block_;  // the partial block (or the first new one)
+    const int64_t nb = (n + block_ - 1) / block_;
+    bounds_.resize(static_cast<std::size_t>(nb) * 2 * dim_);
+    tbb::parallel_for(tbb::blocked_range<int64_t>(first_block, nb, 16),
+                      [&](const tbb::blocked_range<int64_t>& r) {
+                        std::vector<float> row(dim_);
+                        for (int64_t b = r.begin(); b < r.end(); ++b) {
+                          float* mn = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
+                          float* mx = mn + dim_;
+                          std::fill(mn, mn + dim_, std::numeric_limits<float>::infinity());
+                          std::fill(mx, mx + dim_, -std::numeric_limits<float>::infinity());
+                          const int64_t end = std::min(n, (b + 1) * block_);
+                          for (int64_t i = b * block_; i < end; ++i) {
+                            store.KeyF32(i, row.data());
+                            for (int c = 0; c < dim_; ++c) {
+                              mn[c] = std::min(mn[c], row[c]);
+                              mx[c] = std::max(mx[c], row[c]);
+                            }
+                          }
+                        }
+                      });
+    size_ = n;
+  }
+
+  IndexConfig config_;
+  int dim_;
+  int64_t block_;
+  bool built_ = false;
+  int64_t size_ = 0;
+  std::vector<float> bounds_;  // [blocks, 2, dim]: per-channel min then max
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<KeyIndex>> MakeLandmarkIndex(const IndexConfig& config,
+                                                            int head_dim) {
+  if (config.landmark_block <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("landmark: landmark_block must be > 0, got ", config.landmark_block));
+  }
+  return std::unique_ptr<KeyIndex>(new LandmarkIndex(config, head_dim));
+}
+
+}  // namespace kvrt::cpu_index

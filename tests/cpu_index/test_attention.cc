@@ -1,0 +1,208 @@
+// HeadStore, dot products and host partial attention against double-precision references.
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvrt_cpu_index/attention.h"
+#include "kvrt_cpu_index/dot.h"
+#include "kvrt_cpu_index/head_store.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Rows stored in dtype t, plus their exact f32 values (what the store holds after rounding).
+struct Rows {
+  std::vector<uint16_t> raw16;
+  std::vector<float> raw32;
+  std::vector<float> exact;
+  const void* data(DType t) const { return t == DType::kF32 ? static_cast<const void*>(raw32.data()) : raw16.data(); }
+};
+
+Rows MakeRows(int64_t n, int d, DType t, float scale, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g(0.f, scale);
+  Rows r;
+  r.exact.resize(n * d);
+  for (auto& x : r.exact) x = g(rng);
+  if (t == DType::kF32) {
+    r.raw32 = r.exact;
+  } else {
+    r.raw16.resize(n * d);
+    ConvertFromF32(r.exact.data(), r.exact.size(), t, r.raw16.data());
+    ConvertToF32(r.raw16.data(), t, r.exact.size(), r.exact.data());
+  }
+  return r;
+}
+
+// Double-precision partial attention over the listed rows.
+void Reference(const std::vector<float>& q, const Rows& k, const Rows& v, int d, float scale,
+               const std::vector<int64_t>& ids, std::vector<double>* o, double* lse) {
+  o->assign(d, 0.0);
+  if (ids.empty()) {
+    *lse = -std::numeric_limits<double>::infinity();
+    return;
+  }
+  std::vector<double> s;
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i : ids) {
+    double acc = 0;
+    for (int j = 0; j < d; ++j) acc += static_cast<double>(q[j]) * k.exact[i * d + j];
+    s.push_back(acc * scale);
+    m = std::max(m, s.back());
+  }
+  double l = 0;
+  for (double x : s) l += std::exp(x - m);
+  *lse = m + std::log(l);
+  for (std::size_t a = 0; a < ids.size(); ++a) {
+    const double w = std::exp(s[a] - *lse);
+    for (int j = 0; j < d; ++j) (*o)[j] += w * v.exact[ids[a] * d + j];
+  }
+}
+
+class AttentionTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(AttentionTest, StoreAppendDotAndStrides) {
+  const DType t = GetParam();
+  const int d = 48, heads = 3;
+  const int64_t n = 37;
+  // A [tokens, heads, d] tensor; the store takes head 1.
+  Rows all = MakeRows(n * heads, d, t, 1.f, 1);
+  HeadStore store(d, t);
+  const std::size_t es = DTypeSize(t);
+  const auto* base = static_cast<const unsigned char*>(all.data(t)) + 1 * d * es;
+  ASSERT_TRUE(store.Append(base, base, 20, heads * d).ok());
+  ASSERT_TRUE(store.Append(base + 20 * heads * d * es, base + 20 * heads * d * es, n - 20, heads * d).ok());
+  ASSERT_EQ(store.size(), n);
+  EXPECT_EQ(store.bytes(), 2 * n * d * es);
+  std::vector<float> q(d), row(d), out(n);
+  for (int j = 0; j < d; ++j) q[j] = 0.1f * (j % 7) - 0.3f;
+  store.Dot(q.data(), 0, n, out.data());
+  for (int64_t i = 0; i < n; ++i) {
+    store.KeyF32(i, row.data());
+    double ref = 0;
+    for (int j = 0; j < d; ++j) {
+      EXPECT_EQ(row[j], all.exact[(i * heads + 1) * d + j]);
+      ref += static_cast<double>(q[j]) * row[j];
+    }
+    EXPECT_NEAR(out[i], ref, 1e-4 * (1 + std::abs(ref)));
+    EXPECT_EQ(out[i], DotRow(q.data(), store.key(i), d, t));
+  }
+  const std::vector<int64_t> ids = {5, 0, 36, 5};
+  std::vector<float> some(ids.size());
+  store.DotIds(q.data(), ids.data(), ids.size(), some.data());
+  for (std::size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(some[i], out[ids[i]]);
+}
+
+TEST_P(AttentionTest, PartialAttentionMatchesDoubleReference) {
+  const DType t = GetParam();
+  for (int d : {64, 128, 72}) {
+    const int64_t n = 300;
+    Rows k = MakeRows(n, d, t, 1.f, 2), v = MakeRows(n, d, t, 1.f, 3);
+    HeadStore store(d, t);
+    ASSERT_TRUE(store.Append(k.data(t), v.data(t), n, d).ok());
+    std::vector<float> q(d);
+    std::mt19937_64 rng(4);
+    std::normal_distribution<float> g(0.f, 2.f);
+    for (auto& x : q) x = g(rng);
+    const float scale = 1.f / std::sqrt(static_cast<float>(d));
+    std::vector<int64_t> all(n);
+    for (int64_t i = 0; i < n; ++i) all[i] = i;
+    std::vector<double> ro;
+    double rlse;
+    Reference(q, k, v, d, scale, all, &ro, &rlse);
+    std::vector<float> o(d);
+    float lse;
+    AttendStoreAll(q.data(), scale, store, o.data(), &lse);
+    EXPECT_NEAR(lse, rlse, 1e-4 * std::abs(rlse) + 1e-4);
+    for (int j = 0; j < d; ++j) EXPECT_NEAR(o[j], ro[j], 1e-4) << "d=" << d << " j=" << j;
+    const std::vector<int64_t> some = {299, 3, 150, 7, 42};
+    Reference(q, k, v, d, scale, some, &ro, &rlse);
+    AttendStoreRows(q.data(), scale, store, some.data(), some.size(), o.data(), &lse);
+    EXPECT_NEAR(lse, rlse, 1e-4 * std::abs(rlse) + 1e-4);
+    for (int j = 0; j < d; ++j) EXPECT_NEAR(o[j], ro[j], 1e-4);
+  }
+}
+
+TEST_P(AttentionTest, MergeOfAnySplitEqualsWhole) {
+  const DType t = GetParam();
+  const int d = 64;
+  const int64_t n = 200;
+  Rows k = MakeRows(n, d, t, 1.5f, 5), v = MakeRows(n, d, t, 1.f, 6);
+  HeadStore store(d, t);
+  ASSERT_TRUE(store.Append(k.data(t), v.data(t), n, d).ok());
+  std::vector<float> q(d, 0.2f), whole(d);
+  float whole_lse;
+  AttendStoreAll(q.data(), 0.125f, store, whole.data(), &whole_lse);
+  std::mt19937_64 rng(7);
+  for (int trial = 0; trial < 20; ++trial) {
+    // Random partition into 1..5 parts (some possibly empty), merged in random order.
+    const int parts = 1 + trial % 5;
+    std::vector<std::vector<int64_t>> part(parts);
+    for (int64_t i = 0; i < n; ++i) part[rng() % parts].push_back(i);
+    std::vector<float> acc(d, 0.f), o(d);
+    float acc_lse = kNegInf, lse;
+    for (const auto& p : part) {
+      AttendStoreRows(q.data(), 0.125f, store, p.data(), p.size(), o.data(), &lse);
+      MergeInto(acc.data(), &acc_lse, o.data(), lse, d);
+    }
+    EXPECT_NEAR(acc_lse, whole_lse, 1e-5f * std::abs(whole_lse) + 1e-5f);
+    for (int j = 0; j < d; ++j) EXPECT_NEAR(acc[j], whole[j], 1e-5f);
+  }
+  // Dense path over the same rows agrees with the store path.
+  std::vector<float> dense(d);
+  float dense_lse;
+  AttendDense(q.data(), d, 0.125f, k.data(t), v.data(t), d, t, n, dense.data(), &dense_lse);
+  EXPECT_FLOAT_EQ(dense_lse, whole_lse);
+  for (int j = 0; j < d; ++j) EXPECT_FLOAT_EQ(dense[j], whole[j]);
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypes, AttentionTest,
+                         ::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
+                         [](const auto& info) { return std::string(DTypeName(info.param)); });
+
+TEST(Attention, EmptySetAndInfinities) {
+  const int d = 8;
+  HeadStore store(d, DType::kF32);
+  std::vector<float> q(d, 1.f), o(d, 123.f);
+  float lse = 0.f;
+  AttendStoreAll(q.data(), 1.f, store, o.data(), &lse);  // empty store
+  EXPECT_EQ(lse, kNegInf);
+  for (float x : o) EXPECT_EQ(x, 0.f);
+  AttendStoreRows(q.data(), 1.f, store, nullptr, 0, o.data(), &lse);
+  EXPECT_EQ(lse, kNegInf);
+
+  // Empty + empty stays empty, no NaN.
+  std::vector<float> a(d, 0.f), b(d, 0.f);
+  float la = kNegInf;
+  MergeInto(a.data(), &la, b.data(), kNegInf, d);
+  EXPECT_EQ(la, kNegInf);
+  for (float x : a) EXPECT_EQ(x, 0.f);
+  // Empty into non-empty and non-empty into empty: the non-empty state, unchanged.
+  std::vector<float> c(d, 0.5f);
+  float lc = 2.f;
+  MergeInto(c.data(), &lc, a.data(), kNegInf, d);
+  EXPECT_EQ(lc, 2.f);
+  for (float x : c) EXPECT_EQ(x, 0.5f);
+  MergeInto(a.data(), &la, c.data(), lc, d);
+  EXPECT_EQ(la, 2.f);
+  for (float x : a) EXPECT_EQ(x, 0.5f);
+  // Equal states merge to the same output with lse + log 2.
+  MergeInto(a.data(), &la, c.data(), lc, d);
+  EXPECT_NEAR(la, 2.f + std::log(2.f), 1e-6f);
+  for (float x : a) EXPECT_NEAR(x, 0.5f, 1e-6f);
+
+  // Keys so large the scores overflow f32 are the caller's problem; very negative but finite
+  // scores must not underflow the whole set to NaN.
+  std::vector<float> kk(2 * d, -1e3f), vv(2 * d, 1.f);
+  ASSERT_TRUE(store.Append(kk.data(), vv.data(), 2, d).ok());
+  AttendStoreAll(q.data(), 1.f, store, o.data(), &lse);
+  EXPECT_NEAR(lse, -8e3f + std::log(2.f), 1e-2f);
+  for (float x : o) EXPECT_NEAR(x, 1.f, 1e-6f);
+}
+
+}  // namespace
+}  // namespace kvrt::cpu_index
