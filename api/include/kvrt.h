@@ -103,6 +103,9 @@ typedef struct kvrt_config {
                                 nothing. */
   int64_t gpu_memory_limit;  /* bytes of GPU-tier buffers (sinks + window ring per layer), all
                                 sequences; 0 = no limit. Same behaviour. */
+  int32_t check_finite;      /* 1: reject q, k, v holding NaN or Inf with KVRT_ERR_INVALID_ARGUMENT
+                                naming the tensor, token and head (costs one pass over the input);
+                                0: no check (a NaN then propagates into outputs). */
 } kvrt_config;
 
 KVRT_API kvrt_config kvrt_config_default(void);

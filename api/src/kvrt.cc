@@ -80,6 +80,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.record_attended = c.record_attended != 0;
   r.host_memory_limit = c.host_memory_limit;
   r.gpu_memory_limit = c.gpu_memory_limit;
+  r.check_finite = c.check_finite != 0;
   return r;
 }
 
@@ -142,6 +143,9 @@ kvrt_config kvrt_config_default(void) {
   c.worker_threads = 0;
   c.record_attended = 0;
   c.use_gpu = 0;
+  c.host_memory_limit = 0;
+  c.gpu_memory_limit = 0;
+  c.check_finite = 1;
   return c;
 }
 
@@ -161,6 +165,9 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   if (config->use_gpu < -1 || config->use_gpu > 1)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.use_gpu = ", config->use_gpu, " must be -1, 0 or 1"));
+  if (config->check_finite != 0 && config->check_finite != 1)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("config.check_finite = ", config->check_finite, " must be 0 or 1"));
   if (config->record_attended != 0 && config->record_attended != 1)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.record_attended = ", config->record_attended, " must be 0 or 1"));

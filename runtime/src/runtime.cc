@@ -139,6 +139,24 @@ absl::Status CheckTokens(const char* what, int64_t n, int64_t length, bool allow
 }
 }  // namespace
 
+namespace {
+// With check_finite, names the first NaN/Inf of a [n, heads, head_dim] tensor.
+absl::Status CheckFinite(const RuntimeConfig& c, const char* what, const void* data, int64_t n,
+                         int heads) {
+  if (!c.check_finite || data == nullptr) return absl::OkStatus();
+  const std::size_t count = static_cast<std::size_t>(n) * heads * c.head_dim;
+  for (std::size_t i = 0; i < count; ++i) {
+    if (!std::isfinite(LoadAsF32(data, i, c.dtype))) {
+      const std::size_t row = i / c.head_dim;
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " holds a non-finite value at token ", row / heads, ", head ", row % heads,
+          ", element ", i % c.head_dim, " (config.check_finite = 1)"));
+    }
+  }
+  return absl::OkStatus();
+}
+}  // namespace
+
 absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* k, const void* v,
                               int64_t n) {
   if (k == nullptr || v == nullptr)
@@ -146,6 +164,9 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   KVRT_RETURN_IF_ERROR(CheckTokens("prefill", n, seq->layers[layer].length(), false));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: q", q, n, config_.num_q_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: k", k, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: v", v, n, config_.num_kv_heads));
   return seq->layers[layer].Prefill(q, k, v, n, impl_->arena);
 }
 
@@ -155,12 +176,15 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   KVRT_RETURN_IF_ERROR(CheckTokens("append", n, seq->layers[layer].length(), false));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: k", k, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: v", v, n, config_.num_kv_heads));
   return seq->layers[layer].Append(k, v, n, impl_->arena);
 }
 
 absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out) {
   if (q == nullptr || out == nullptr)
     return absl::InvalidArgumentError("attend: q and out must not be NULL");
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend: q", q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   return seq->layers[layer].Attend(q, out, impl_->arena);

@@ -214,3 +214,33 @@ TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ApiValidation, NonFiniteInputsAreRejectedNamingTheTensor) {
+  kvrt_config c = kvrt_config_default();
+  c.num_layers = 1;
+  c.num_q_heads = 2;
+  c.num_kv_heads = 1;
+  c.head_dim = 4;
+  c.dtype = KVRT_DTYPE_F32;
+  ASSERT_EQ(c.check_finite, 1) << "on by default";
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  std::vector<float> k(3 * 4, 1.f), v(3 * 4, 1.f), q(8, 1.f), out(8);
+  v[2 * 4 + 3] = NAN;
+  EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), 3), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("append: v")) << kvrt_last_error();
+  EXPECT_TRUE(Mentions("token 2")) << kvrt_last_error();
+  v[2 * 4 + 3] = 0.f;
+  ASSERT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), 3), KVRT_OK);
+  q[5] = INFINITY;
+  EXPECT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("attend: q")) << kvrt_last_error();
+  EXPECT_TRUE(Mentions("head 1")) << kvrt_last_error();
+  kvrt_runtime_destroy(rt);
+}
+
+}  // namespace

@@ -30,6 +30,7 @@ struct RuntimeConfig {
   bool record_attended = false;
   int64_t host_memory_limit = 0;  // bytes of host store + indexes over all sequences; 0 = none
   int64_t gpu_memory_limit = 0;   // bytes of GPU-tier buffers over all sequences; 0 = none
+  bool check_finite = false;      // reject NaN/Inf in q, k, v
   cpu_index::IndexConfig index; // per-kind knobs
 };
 
