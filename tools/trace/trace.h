@@ -81,4 +81,33 @@ struct GenOptions {
 };
 absl::Status GenerateTrace(const std::string& path, const GenOptions& options);
 
+// Attention statistics of a trace's decode queries against exact softmax attention over every
+// token up to and including the query's own position (f32). They measure what the generator is
+// tuned for (docs/traces.md) and are printed by `kvrt inspect --attention`.
+struct AttentionStatsOptions {
+  int top_k = 100;
+  int sink_tokens = 4;
+  int window_tokens = 512;
+  int max_steps = 16;        // decode steps measured per layer, spread evenly; 0 = all
+  int max_layers = 1;        // first layers measured; 0 = all
+  // Key-only IVF probe (k-means on the keys alone, clusters ranked by q . centroid): recall of
+  // the exact top-k when the probed clusters hold this share of the keys. 0 = skip.
+  double ivf_probe_fraction = 0.0;
+  int ivf_max_kv_heads = 2;  // kv heads of the first layer the IVF probe is run on
+};
+struct AttentionStats {
+  int64_t queries = 0;          // (layer, step, q head) triples measured
+  double top_k_mass = 0;        // mean softmax mass on the exact top-k keys
+  double sink_mass = 0;         // mean mass on the first sink_tokens tokens
+  double window_mass = 0;       // mean mass on the last window_tokens tokens (sinks excluded)
+  double top_k_cold_share = 0;  // mean share of the top-k keys that are neither sinks nor window
+  double top_k_span = 0;        // mean (max - min position) of the cold top-k, / prompt tokens
+  double max_weight = 0;        // mean largest single weight
+  double sharp_share = 0;       // share of queries whose largest weight is >= 0.3 (needles)
+  double ivf_recall = -1;       // key-only IVF recall@top_k (-1 = not measured)
+  double ivf_scanned = 0;       // share of keys the IVF probe scored
+};
+absl::StatusOr<AttentionStats> ComputeAttentionStats(const TraceReader& reader,
+                                                     const AttentionStatsOptions& options);
+
 }  // namespace kvrt::trace
