@@ -24,7 +24,8 @@ struct AttnLayout {
   static constexpr int kRpw = 32 / kTpr;                            // rows per warp at a time
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kUnroll = 2;
+  // Two rows per lane per iteration, one where a lane's slice is wider than 16 bytes (f32 d=256).
+  static constexpr int kUnroll = kVec * static_cast<int>(sizeof(T)) > 16 ? 1 : 2;
   static constexpr int kStep = kWarps * kRpw * kUnroll;             // rows per CTA iteration
 };
 
@@ -147,18 +148,28 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
 
   // NOTE: the loop bound is warp-uniform (j0 depends on the warp only) so that every lane takes
   // part in the shuffles; lanes whose row is past `end` compute on nothing and skip the update.
-  for (int j0 = begin + warp * L::kRpw * L::kUnroll; j0 < end; j0 += L::kStep) {
-    RawVec<T, kVec> kr[L::kUnroll], vr[L::kUnroll];
-    bool valid[L::kUnroll];
+  // The next iteration's K/V are loaded before this one's are used (software pipelining): decode
+  // attention is latency-bound at small batch, and this keeps 2 * kUnroll rows in flight per lane.
+  using Raw = RawVec<T, kVec>;
+  Raw kr[L::kUnroll], vr[L::kUnroll];
+  bool valid[L::kUnroll];
+  auto load = [&](int j0, Raw(&kk)[L::kUnroll], Raw(&vv)[L::kUnroll], bool(&ok)[L::kUnroll]) {
 #pragma unroll
     for (int r = 0; r < L::kUnroll; ++r) {
       const int j = j0 + r * L::kRpw + sub;
-      valid[r] = j < end;
-      if (valid[r]) {
-        kr[r].Load(cur.K(j) + li * kVec);
-        vr[r].Load(cur.V(j) + li * kVec);
+      ok[r] = j < end;
+      if (ok[r]) {
+        kk[r].Load(cur.K(j) + li * kVec);
+        vv[r].Load(cur.V(j) + li * kVec);
       }
     }
+  };
+  int j0 = begin + warp * L::kRpw * L::kUnroll;
+  if (j0 < end) load(j0, kr, vr, valid);
+  for (; j0 < end; j0 += L::kStep) {
+    Raw kn[L::kUnroll], vn[L::kUnroll];
+    bool vnext[L::kUnroll];
+    if (j0 + L::kStep < end) load(j0 + L::kStep, kn, vn, vnext);
 #pragma unroll
     for (int r = 0; r < L::kUnroll; ++r) {
       float dot[G];
@@ -188,6 +199,12 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
           }
         }
       }
+    }
+#pragma unroll
+    for (int r = 0; r < L::kUnroll; ++r) {
+      kr[r] = kn[r];
+      vr[r] = vn[r];
+      valid[r] = (j0 + L::kStep < end) && vnext[r];
     }
   }
 
@@ -265,16 +282,23 @@ __global__ void __launch_bounds__(128)
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
   const float* pl = part_lse + static_cast<size_t>(row) * num_splits;
+  // Max and sum over the splits with the lanes in parallel, then the weighted sum of the splits'
+  // o rows, unrolled so that several rows' loads are in flight.
   float mm = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mm = fmaxf(mm, pl[s]);
+  for (int s = lane; s < num_splits; s += 32) mm = fmaxf(mm, pl[s]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
   float acc[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
   float ll = 0.f;
   if (mm != -INFINITY) {
+    for (int s = lane; s < num_splits; s += 32) ll += __expf(pl[s] - mm);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ll += __shfl_xor_sync(0xffffffffu, ll, off);
+#pragma unroll 4
     for (int s = 0; s < num_splits; ++s) {
       const float w = __expf(pl[s] - mm);  // empty split: exp(-inf) = 0
-      ll += w;
       const float* po = part_o + (static_cast<size_t>(row) * num_splits + s) * D;
 #pragma unroll
       for (int i = 0; i < kPer; ++i) acc[i] = fmaf(w, po[lane + 32 * i], acc[i]);
