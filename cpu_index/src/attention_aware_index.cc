@@ -9,22 +9,25 @@
 //     cblas_sgemm (queries x key chunks) in TBB tasks, threshold filter + partial sort.
 //  3. Bipartite projection (RoarGraph): for a query with top list L (best first), link
 //     L0 <-> Li (the pivot and the query's other favourites) and L(i) <-> L(i+1); every key links
-//     to the top few keys of its best query. Each key's candidates are pruned to graph_degree - 1
-//     by relative-neighbourhood (occlusion) pruning with inner products: c is dropped when an
-//     already kept r has r.c > p.c. Then reverse edges are added and pruned again.
+//     to the top few keys of its best query; the keys that share a best query form a chain
+//     hanging off that query's pivot (so keys in no top list are reachable). Each key's
+//     candidates, nearest first by squared L2 between keys, are pruned to graph_degree - 1 by
+//     occlusion with Vamana's slack: c is dropped when a kept r has alpha^2 |r-c|^2 < |p-c|^2
+//     (alpha = 1.2). Then reverse edges are added and pruned again.
 //  4. Slot 0 of every key links to the next row (p -> p+1). NOTE: this chain makes every key
 //     reachable from row 0 (an entry point), so a beam as wide as the index is exact, and it is
 //     a cheap sequential link (neighbouring tokens' keys are often alike).
-// Entry points: the keys that occur most often in the sampled queries' top lists, plus row 0.
+// Entry points: the keys that occur most often in the sampled queries' top lists, the top keys of
+// 64 sampled queries spread over the sample, plus row 0 (all scored by every search).
 //
 // Search: best-first beam search by q.k (the candidate pool of NSG/DiskANN), beam = effort,
 // default 2k; a per-thread visited set; `scanned` counts every key scored (entry points,
 // neighbours, the tail).
 //
 // Add: new rows go to a tail scanned exactly by every search; once graph_tail rows wait, each is
-// linked in order: a graph search with the key itself as the query gives its candidates, pruned
-// as in the build, plus reverse links from its best few neighbours (replacing their weakest
-// link when full) and the chain link from the previous row.
+// linked in order: a graph search with the key itself as the query gives its candidates (pruned
+// as in the build) and the keys that score highest with it, which get a reverse link to it
+// (replacing their weakest link by q.k when full); plus the chain link from the previous row.
 //
 // Memory: graph_degree u32 per key (128 B at degree 32) plus the entry list; the keys are read
 // from the HeadStore. Build holds an f32 copy of the keys and the sampled queries transiently.
@@ -54,6 +57,7 @@ constexpr int64_t kMaxRows = std::numeric_limits<uint32_t>::max() - 1;
 constexpr int kQueryBlock = 64;    // sampled queries per sgemm
 constexpr int kKeyChunk = 4096;    // keys per sgemm
 constexpr int kNumEntries = 16;    // popular entry points
+constexpr int kSpreadEntries = 64; // entry points spread over the sampled queries
 constexpr int kBestQueryLinks = 8; // links of a key into its best query's top list
 constexpr int kReverseLinks = 16;   // reverse links made for a key linked by Add
 constexpr float kPruneAlpha2 = 1.44f;  // occlusion slack (squared), see BuildGraph
@@ -336,6 +340,13 @@ class AttentionAwareIndex final : public KeyIndex {
       });
       for (int64_t i = 0; i < e; ++i)
         if (count[ids[i]] > 0) entries_.push_back(ids[i]);
+      // Spread entries: the pivots (top-1 keys) of sampled queries taken at an even stride, so
+      // a query whose favourite keys are far from the popular ones starts near them.
+      for (int64_t i = 0; i < kSpreadEntries && i < S; ++i) {
+        const uint32_t pivot = tops.top[(i * S / kSpreadEntries) * T];
+        if (pivot != kNone && std::find(entries_.begin(), entries_.end(), pivot) == entries_.end())
+          entries_.push_back(pivot);
+      }
       if (std::find(entries_.begin(), entries_.end(), 0u) == entries_.end()) entries_.push_back(0);
     }
 

@@ -1,6 +1,7 @@
 // index_sweep: recall@k / scanned fraction / build time / search latency of every index kind on
 // synthetic out-of-distribution data, swept over search effort. Not a ctest; run by hand:
 //   index_sweep [n_keys=32768] [dim=128] [n_test_queries=200] [k=100] [kinds=all]
+//               [graph_query_sample=4096]
 // Build is parallel over the current TBB arena; searches run one at a time (latency per query).
 #include <algorithm>
 #include <chrono>
@@ -22,6 +23,7 @@ int main(int argc, char** argv) {
   const int64_t nq = argc > 3 ? std::atoll(argv[3]) : 200;
   const int k = argc > 4 ? std::atoi(argv[4]) : 100;
   const std::string only = argc > 5 ? argv[5] : "all";
+  const int sample = argc > 6 ? std::atoi(argv[6]) : 4096;
   const auto data = testing::MakeOodData(n, d, /*n_prompt=*/n, nq, /*seed=*/7);
 
   HeadStore store(d, DType::kBF16);
@@ -57,6 +59,7 @@ int main(int argc, char** argv) {
   for (const auto& sw : sweeps) {
     if (only != "all" && only != IndexKindName(sw.kind)) continue;
     IndexConfig config;
+    config.graph_query_sample = sample;
     auto index = MakeIndex(sw.kind, config, d).value();
     const auto t0 = std::chrono::steady_clock::now();
     const auto st = index->Build(store, data.prompt_queries.data(), data.n_prompt);
