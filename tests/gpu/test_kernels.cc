@@ -31,7 +31,7 @@ constexpr double kKernelLseTol = 2e-4;    // kernel lse vs host reference (abs +
 constexpr double kBf16OutTol = 8e-3;      // merge written to bf16 (one rounding of 2^-8)
 constexpr double kTopKScoreTol = 1e-3;    // scores of |q.k| ~ 10 in f32, different order
 
-bool Small() {
+[[maybe_unused]] bool Small() {
   const char* s = std::getenv("KVRT_GPU_TEST_SMALL");
   return s != nullptr && s[0] == '1';
 }
