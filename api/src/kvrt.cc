@@ -53,14 +53,25 @@ kvrt_status CheckRuntime(const kvrt_runtime* rt, const char* fn) {
   return KVRT_OK;
 }
 
+// NOTE: a C caller may store any int in an enum field, but loading a C++ enum (no fixed
+// underlying type) outside its range is undefined behaviour (UBSan -fsanitize=enum, found by
+// fuzz_api). Enum fields from the caller are read through this, as the int C stores.
+template <class E>
+int32_t RawEnum(const E& e) {
+  static_assert(sizeof(E) == sizeof(int32_t));
+  int32_t v;
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
+
 kvrt_status CheckExec(const kvrt_exec* exec, const char* fn) {
-  if (exec == nullptr || exec->memory == KVRT_MEMORY_HOST) return KVRT_OK;
-  if (exec->memory == KVRT_MEMORY_DEVICE)
+  if (exec == nullptr || RawEnum(exec->memory) == KVRT_MEMORY_HOST) return KVRT_OK;
+  if (RawEnum(exec->memory) == KVRT_MEMORY_DEVICE)
     return Fail(KVRT_ERR_UNIMPLEMENTED,
                 absl::StrCat(fn, ": device pointers need the CUDA backend, which this build's "
                                  "runtime does not use yet (see README, Status)"));
   return Fail(KVRT_ERR_INVALID_ARGUMENT,
-              absl::StrCat(fn, ": exec->memory = ", static_cast<int>(exec->memory), " is unknown"));
+              absl::StrCat(fn, ": exec->memory = ", RawEnum(exec->memory), " is unknown"));
 }
 
 kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
@@ -69,12 +80,12 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.num_q_heads = c.num_q_heads;
   r.num_kv_heads = c.num_kv_heads;
   r.head_dim = c.head_dim;
-  r.dtype = static_cast<kvrt::DType>(c.dtype);
+  r.dtype = static_cast<kvrt::DType>(RawEnum(c.dtype));
   r.scale = c.scale;
   r.sink_tokens = c.sink_tokens;
   r.window_tokens = c.window_tokens;
   r.top_k = c.top_k;
-  r.index_kind = static_cast<kvrt::cpu_index::IndexKind>(c.index_kind);
+  r.index_kind = static_cast<kvrt::cpu_index::IndexKind>(RawEnum(c.index_kind));
   r.search_effort = c.search_effort;
   r.worker_threads = c.worker_threads;
   r.record_attended = c.record_attended != 0;
@@ -155,9 +166,9 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   KVRT_API_TRY
   if (config == nullptr || out == nullptr)
     return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_runtime_create: config and out must not be NULL");
-  if (config->dtype < KVRT_DTYPE_F32 || config->dtype > KVRT_DTYPE_BF16)
+  if (RawEnum(config->dtype) < KVRT_DTYPE_F32 || RawEnum(config->dtype) > KVRT_DTYPE_BF16)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
-                absl::StrCat("config.dtype = ", static_cast<int>(config->dtype), " is not a kvrt_dtype"));
+                absl::StrCat("config.dtype = ", RawEnum(config->dtype), " is not a kvrt_dtype"));
   if (config->use_gpu == 1)
     return Fail(KVRT_ERR_UNIMPLEMENTED,
                 "config.use_gpu = 1: the CUDA backend is not wired into the runtime in this build "

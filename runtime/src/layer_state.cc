@@ -264,10 +264,13 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
       std::vector<float> o2(d);
       float lse = kNegInf, lse2;
       // GPU tier: sinks, then the valid ring slots.
-      cpu_index::AttendDense(qh, d, cfg_->scale, sink_k_.data() + hoff, sink_v_.data() + hoff,
-                             head_elems, cfg_->dtype, n_sink_, oh, &lse);
-      cpu_index::AttendDense(qh, d, cfg_->scale, ring_k_.data() + hoff, ring_v_.data() + hoff,
-                             head_elems, cfg_->dtype, n_window_, o2.data(), &lse2);
+      // NOTE: an unallocated buffer (sink_tokens = 0, or no token past the sinks yet) has a null
+      // data(); offsetting null is undefined behaviour (UBSan, fuzz_api), so pass null instead.
+      auto at = [hoff](const std::vector<unsigned char>& b) { return b.empty() ? nullptr : b.data() + hoff; };
+      cpu_index::AttendDense(qh, d, cfg_->scale, at(sink_k_), at(sink_v_), head_elems, cfg_->dtype,
+                             n_sink_, oh, &lse);
+      cpu_index::AttendDense(qh, d, cfg_->scale, at(ring_k_), at(ring_v_), head_elems, cfg_->dtype,
+                             n_window_, o2.data(), &lse2);
       cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
       // Cold tier.
       const auto& store = cold_[g];
