@@ -93,7 +93,8 @@ typedef struct kvrt_config {
   int32_t top_k;           /* cold tokens retrieved per q head and step (ignored for EXACT); >= 1 */
   kvrt_index_kind index_kind;
   int32_t search_effort;   /* index-specific search effort (nprobe, ef, blocks, beam); 0 = default */
-  int32_t worker_threads;  /* CPU threads for search/attention; 0 = all hardware threads */
+  int32_t worker_threads;  /* CPU threads for search/attention; 0 = all hardware threads (more
+                              than the hardware has are clamped to it) */
   int32_t record_attended; /* 1: remember the token positions each attend used, for
                               kvrt_get_attended (replay metrics); costs time and memory */
   int32_t use_gpu;         /* 0: host backend; 1: GPU tier on CUDA (error if unavailable);

@@ -79,8 +79,10 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   KVRT_RETURN_IF_ERROR(ValidateConfig(config));
   RuntimeConfig effective = config;
   if (effective.scale == 0.f) effective.scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
-  if (effective.worker_threads == 0)
-    effective.worker_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // NOTE: clamped to the hardware threads: more would only oversubscribe, and oneTBB prints a
+  // warning when an arena asks for more workers than exist (a library must not print).
+  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (effective.worker_threads == 0 || effective.worker_threads > hw) effective.worker_threads = hw;
   std::unique_ptr<Runtime> rt(new Runtime(effective));
   rt->impl_ = std::make_unique<Impl>(effective.worker_threads);
   return rt;
