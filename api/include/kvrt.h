@@ -186,6 +186,16 @@ KVRT_API kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t l
 KVRT_API kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                                     const void* q, float* out, const kvrt_exec* exec);
 
+/* ---- per-head policy ------------------------------------------------------------------------
+ * DuoAttention observes that many heads put their weight on the sinks and the recent window
+ * ("streaming heads"); serving them from the GPU tier alone skips their cold search and CPU
+ * attention. Applies to every sequence. Not concurrent with kvrt_attend (set before decoding);
+ * the default is KVRT_HEAD_RETRIEVAL for every head. */
+typedef enum kvrt_head_policy { KVRT_HEAD_RETRIEVAL = 0, KVRT_HEAD_STREAMING = 1 } kvrt_head_policy;
+
+KVRT_API kvrt_status kvrt_set_head_policy(kvrt_runtime* rt, int32_t layer, int32_t q_head,
+                                          kvrt_head_policy policy);
+
 /* ---- statistics ------------------------------------------------------------------------------ */
 
 typedef struct kvrt_stats {

@@ -295,6 +295,18 @@ kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t l
   KVRT_API_CATCH
 }
 
+kvrt_status kvrt_set_head_policy(kvrt_runtime* rt, int32_t layer, int32_t q_head,
+                                 kvrt_head_policy policy) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_set_head_policy"); s != KVRT_OK) return s;
+  const int p = static_cast<int>(policy);
+  if (p != KVRT_HEAD_RETRIEVAL && p != KVRT_HEAD_STREAMING)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("kvrt_set_head_policy: policy = ", p, " is not a kvrt_head_policy"));
+  return FromStatus(rt->impl->SetHeadStreaming(layer, q_head, p == KVRT_HEAD_STREAMING));
+  KVRT_API_CATCH
+}
+
 kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_get_stats"); s != KVRT_OK) return s;

@@ -240,7 +240,8 @@ absl::Status LayerState::UpdateIndexes(tbb::task_arena& arena) {
   return absl::OkStatus();
 }
 
-absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& arena) {
+absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& arena,
+                                const uint8_t* streaming) {
   if (length_ == 0)
     return absl::FailedPreconditionError("attend: the layer holds no token (prefill or append first)");
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
@@ -275,7 +276,7 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
       // Cold tier.
       const auto& store = cold_[g];
       std::vector<int64_t> ids;
-      if (n_cold > 0) {
+      if (n_cold > 0 && !(streaming && streaming[h])) {
         if (cfg_->index_kind == cpu_index::IndexKind::kExact) {
           cpu_index::AttendStoreAll(qh, cfg_->scale, store, o2.data(), &lse2);
           scored[h] = n_cold;

@@ -14,27 +14,35 @@
 #include "kvrt_cpu_index/head_store.h"
 #include "kvrt_cpu_index/index.h"
 #include "kvrt_runtime/runtime.h"
+#include "runtime/src/gpu_tier.h"
 
 
 namespace kvrt::runtime {
 
 class LayerState {
  public:
-  LayerState(const RuntimeConfig* config, Runtime::Counters* counters);
+  // gpu: the runtime's CUDA resources when the GPU backend is on (config.use_gpu), else null.
+  LayerState(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* gpu = nullptr);
   ~LayerState();
   LayerState(LayerState&&) noexcept = default;
   LayerState& operator=(LayerState&&) noexcept = default;
 
   int64_t length() const { return length_; }
-  int64_t cold_tokens() const { return cold_.empty() ? 0 : cold_[0].size(); }
+  // Host store rows plus evicted rows still in flight to it (GPU backend).
+  int64_t cold_tokens() const { return (cold_.empty() ? 0 : cold_[0].size()) + pending_cold_; }
   int64_t gpu_tokens() const { return n_sink_ + n_window_; }
 
   // See Runtime::Prefill / Append / Attend. Atomic: on error the state is unchanged (except that
   // an index insert that failed is retried on the next call; unindexed rows are scanned exactly).
+  // exec: where the tensors live and the caller's stream (device pointers need the GPU backend).
   absl::Status Prefill(const void* q, const void* k, const void* v, int64_t n,
-                       tbb::task_arena& arena);
-  absl::Status Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena);
-  absl::Status Attend(const void* q, float* out, tbb::task_arena& arena);
+                       tbb::task_arena& arena, const Exec& exec = {});
+  absl::Status Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena,
+                      const Exec& exec = {});
+  // streaming: [q_heads] flags or null; a streaming head attends to the GPU tier only
+  // (DuoAttention's streaming heads), skipping the cold tier.
+  absl::Status Attend(const void* q, float* out, tbb::task_arena& arena,
+                      const uint8_t* streaming = nullptr, const Exec& exec = {});
   const std::vector<int64_t>& attended(int q_head) const { return attended_[q_head]; }
   bool has_attended() const { return !attended_.empty(); }
 
@@ -61,6 +69,21 @@ class LayerState {
   // short to build it at prefill.
   std::vector<std::vector<float>> query_sample_;
   std::vector<std::vector<int64_t>> attended_;  // per q head, when record_attended
+
+  // GPU backend (gpu_tier.cc); null members in the host backend.
+  absl::Status PrefillGpu(const void* q, const void* k, const void* v, int64_t n,
+                          tbb::task_arena& arena, const Exec& exec);
+  absl::Status AppendTokensGpu(const void* k, const void* v, int64_t n, tbb::task_arena& arena,
+                               const Exec& exec);
+  absl::Status AttendGpu(const void* q, float* out, tbb::task_arena& arena,
+                         const uint8_t* streaming, const Exec& exec);
+  absl::Status ColdHeadGpu(int h, const float* qh, float* o, float* lse, std::vector<int64_t>* ids,
+                           int64_t* scored, int64_t* search_ns);
+  absl::Status DrainEvictions(tbb::task_arena& arena, bool launch_index);
+  GpuContext* gpu_ctx_ = nullptr;
+  std::unique_ptr<GpuTier> gpu_;
+  int64_t pending_cold_ = 0;     // evicted rows in flight to the host store
+  absl::Status index_status_;    // a background index insert's failure, reported by Append
 };
 
 }  // namespace kvrt::runtime

@@ -32,6 +32,7 @@ struct Runtime::Impl {
   mutable absl::Mutex mu;
   absl::flat_hash_map<int64_t, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(mu);
   int64_t next_id ABSL_GUARDED_BY(mu) = 0;
+  std::vector<uint8_t> streaming;  // [layers, q_heads]: 1 = streaming head (GPU tier only)
 };
 
 namespace {
@@ -85,6 +86,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   if (effective.worker_threads == 0 || effective.worker_threads > hw) effective.worker_threads = hw;
   std::unique_ptr<Runtime> rt(new Runtime(effective));
   rt->impl_ = std::make_unique<Impl>(effective.worker_threads);
+  rt->impl_->streaming.assign(static_cast<std::size_t>(effective.num_layers) * effective.num_q_heads, 0);
   return rt;
 }
 
@@ -200,7 +202,19 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out) {
   KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend: q", q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
-  return seq->layers[layer].Attend(q, out, impl_->arena);
+  return seq->layers[layer].Attend(
+      q, out, impl_->arena, impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads);
+}
+
+absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {
+  if (layer < 0 || layer >= config_.num_layers)
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
+  if (q_head < 0 || q_head >= config_.num_q_heads)
+    return absl::InvalidArgumentError(
+        absl::StrCat("q_head ", q_head, " is out of range [0, ", config_.num_q_heads, ")"));
+  impl_->streaming[static_cast<std::size_t>(layer) * config_.num_q_heads + q_head] = streaming ? 1 : 0;
+  return absl::OkStatus();
 }
 
 absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,

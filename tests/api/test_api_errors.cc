@@ -244,3 +244,67 @@ TEST(ApiValidation, NonFiniteInputsAreRejectedNamingTheTensor) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
+  kvrt_config c = kvrt_config_default();
+  c.num_layers = 2;
+  c.num_q_heads = 2;
+  c.num_kv_heads = 1;
+  c.head_dim = 4;
+  c.dtype = KVRT_DTYPE_F32;
+  c.sink_tokens = 2;
+  c.window_tokens = 3;
+  c.index_kind = KVRT_INDEX_EXACT;
+  c.record_attended = 1;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  EXPECT_EQ(kvrt_set_head_policy(rt, 2, 0, KVRT_HEAD_STREAMING), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("layer 2"));
+  EXPECT_EQ(kvrt_set_head_policy(rt, 0, 2, KVRT_HEAD_STREAMING), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("q_head 2"));
+  EXPECT_EQ(kvrt_set_head_policy(rt, 0, 0, static_cast<kvrt_head_policy>(7)), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_set_head_policy(nullptr, 0, 0, KVRT_HEAD_STREAMING), KVRT_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(kvrt_set_head_policy(rt, 1, 1, KVRT_HEAD_STREAMING), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const int n = 20;
+  std::vector<float> k(n * 4), v(n * 4), q = {0.3f, -0.2f, 0.5f, 0.1f, 0.3f, -0.2f, 0.5f, 0.1f}, out(8);
+  for (int i = 0; i < n * 4; ++i) {
+    k[i] = std::sin(0.7f * i);
+    v[i] = std::cos(0.3f * i);
+  }
+  for (int layer = 0; layer < 2; ++layer) ASSERT_EQ(kvrt_append(rt, s, layer, k.data(), v.data(), n), KVRT_OK);
+  ASSERT_EQ(kvrt_attend(rt, s, 1, q.data(), out.data()), KVRT_OK);
+  // Head 0 (retrieval) sees all 20 tokens; head 1 (streaming) the 2 sinks and the 3 last.
+  std::vector<int64_t> ids(n);
+  int64_t count = 0;
+  ASSERT_EQ(kvrt_get_attended(rt, s, 1, 0, ids.data(), n, &count), KVRT_OK);
+  EXPECT_EQ(count, n);
+  ASSERT_EQ(kvrt_get_attended(rt, s, 1, 1, ids.data(), n, &count), KVRT_OK);
+  ASSERT_EQ(count, 5);
+  EXPECT_EQ(std::vector<int64_t>(ids.begin(), ids.begin() + 5), (std::vector<int64_t>{0, 1, 17, 18, 19}));
+  // Its output is exact attention over those 5 tokens.
+  std::vector<double> w;
+  double z = 0;
+  for (int64_t t : {0, 1, 17, 18, 19}) {
+    double dot = 0;
+    for (int j = 0; j < 4; ++j) dot += q[4 + j] * k[t * 4 + j];
+    w.push_back(std::exp(dot / 2.0));  // scale 1/sqrt(4)
+    z += w.back();
+  }
+  int i = 0;
+  for (int64_t t : {0, 1, 17, 18, 19}) {
+    for (int j = 0; j < 4; ++j) out[4 + j] -= static_cast<float>(w[i] / z * v[t * 4 + j]);
+    ++i;
+  }
+  for (int j = 0; j < 4; ++j) EXPECT_NEAR(out[4 + j], 0.f, 1e-5f);
+  // Layer 0 kept the default policy.
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK);
+  ASSERT_EQ(kvrt_get_attended(rt, s, 0, 1, ids.data(), n, &count), KVRT_OK);
+  EXPECT_EQ(count, n);
+  kvrt_runtime_destroy(rt);
+}
+
+}  // namespace

@@ -74,6 +74,10 @@ class Runtime {
   absl::Status Append(int64_t seq, int layer, const void* k, const void* v, int64_t n_tokens);
   // q: [q_heads, head_dim] in config.dtype; out: f32 [q_heads, head_dim].
   absl::Status Attend(int64_t seq, int layer, const void* q, float* out);
+  // Per (layer, q head), for every sequence: a streaming head attends to sinks + window only.
+  // Not concurrent with Attend on any sequence (set it before decoding).
+  absl::Status SetHeadStreaming(int layer, int q_head, bool streaming);
+
   // Positions the last Attend of (seq, layer) used for q_head (needs record_attended).
   absl::Status GetAttended(int64_t seq, int layer, int q_head, std::vector<int64_t>* ids) const;
 
