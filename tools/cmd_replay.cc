@@ -11,7 +11,8 @@ namespace {
 struct ReplayArgs {
   std::string file, index = "flat", json;
   int sinks = 4, window = 512, top_k = 100, effort = 0, threads = 0, steps = 0;
-  bool quiet = false;
+  bool quiet = false, per_head = false;
+  double streaming_threshold = 0;
 };
 
 int RunReplayCommand(const ReplayArgs& a) {
@@ -39,12 +40,14 @@ int RunReplayCommand(const ReplayArgs& a) {
   o.threads = a.threads;
   o.max_steps = a.steps;
   o.progress = !a.quiet;
+  o.streaming_threshold = a.streaming_threshold;
   auto report = kvrt::cli::RunReplay(**trace, *ref, o);
   if (!report.ok()) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(report.status().message()).c_str());
     return 1;
   }
   kvrt::cli::PrintReport(*report, stdout);
+  if (a.per_head) kvrt::cli::PrintHeads(*report, stdout);
   if (!a.json.empty()) {
     if (auto err = kvrt::cli::WriteJsonFile(a.json, kvrt::cli::ReportJson(*report)); !err.empty()) {
       std::fprintf(stderr, "kvrt replay: %s\n", err.c_str());
@@ -89,6 +92,13 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--json", args->json, "also write the report as JSON to this file");
+  cmd->add_option("--streaming-threshold", args->streaming_threshold,
+                  "serve a head from the GPU tier alone (streaming head, DuoAttention) when its share "
+                  "of exact attention mass in sinks + window, calibrated on the prompt's last 16 "
+                  "queries, is at least this; 0 = every head retrieves")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_flag("--per-head", args->per_head, "print the per-(layer, head) table");
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = RunReplayCommand(*args); });
 });

@@ -83,6 +83,44 @@ kvrt_status Check(kvrt_status s, const char* what, std::string* error) {
   return s;
 }
 
+// Share of exact attention mass that the GPU tier (sinks + window) would hold, per q head,
+// averaged over the prompt's last `count` queries (each attending causally to the prompt).
+std::vector<double> TierMassFromPrompt(const trace::TraceMeta& m, const LayerF32& kv,
+                                       const trace::TensorView& prompt_q, int sinks, int window,
+                                       int count) {
+  const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
+  const float scale = ScaleOf(m);
+  std::vector<double> share(H, 1.0);
+  const int64_t T = m.prompt_tokens;
+  const int64_t first = std::max<int64_t>(0, T - count);
+  if (T == 0) return share;
+  tbb::parallel_for(0, H, [&](int h) {
+    const int g = h / group;
+    std::vector<float> q(d), s;
+    double total = 0;
+    for (int64_t p = first; p < T; ++p) {
+      ConvertToF32(static_cast<const unsigned char*>(prompt_q.data) +
+                       (static_cast<std::size_t>(p) * H + h) * d * DTypeSize(m.dtype),
+                   m.dtype, d, q.data());
+      s.resize(p + 1);
+      float mx = -INFINITY;
+      for (int64_t i = 0; i <= p; ++i) {
+        s[i] = scale * Dot(q.data(), kv.k.data() + (i * G + g) * d, d);
+        mx = std::max(mx, s[i]);
+      }
+      double all = 0, tier = 0;
+      for (int64_t i = 0; i <= p; ++i) {
+        const double w = std::exp(static_cast<double>(s[i]) - mx);
+        all += w;
+        if (i < sinks || i > p - window) tier += w;
+      }
+      total += tier / all;
+    }
+    share[h] = total / static_cast<double>(T - first);
+  });
+  return share;
+}
+
 }  // namespace
 
 absl::StatusOr<kvrt_index_kind> ParseIndexKindOption(const std::string& name) {
@@ -213,6 +251,7 @@ absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactR
   const std::size_t es = DTypeSize(m.dtype);
   const std::size_t qrow = static_cast<std::size_t>(H) * d * es, kvrow = static_cast<std::size_t>(G) * d * es;
   std::vector<double> attend_us, append_us, errors, recalls, masses;
+  r.heads.resize(static_cast<std::size_t>(m.num_layers) * H);
   double prefill_ms = 0, cold_attended = 0;
   std::vector<float> out(static_cast<std::size_t>(H) * d);
   std::vector<int64_t> ids;
@@ -229,6 +268,22 @@ absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactR
     auto dv = t.Tensor(layer, "decode.v");
     for (auto* s : {&pq, &pk, &pv, &dq, &dk, &dv})
       if (!s->ok()) return s->status();
+    {  // GPU-tier mass per head from the prompt: cheap, always reported
+      const auto share = TierMassFromPrompt(m, *kv, *pq, opt.sinks, opt.window, opt.calibration_queries);
+      for (int h = 0; h < H; ++h) {
+        auto& hr = r.heads[static_cast<std::size_t>(layer) * H + h];
+        hr.layer = layer;
+        hr.head = h;
+        hr.tier_mass_calibration = share[h];
+        hr.streaming = opt.streaming_threshold > 0 && share[h] >= opt.streaming_threshold;
+        if (hr.streaming) {
+          ++r.streaming_heads;
+          if (Check(kvrt_set_head_policy(rt, layer, h, KVRT_HEAD_STREAMING), "kvrt_set_head_policy",
+                    &error) != KVRT_OK)
+            return absl::InternalError(error);
+        }
+      }
+    }
     auto t0 = Clock::now();
     if (m.prompt_tokens > 0 &&
         Check(kvrt_prefill(rt, seq, layer, pq->data, pk->data, pv->data, m.prompt_tokens),
@@ -299,6 +354,10 @@ absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactR
         layer_recall += recall;
         layer_mass += std::min(1.0, mass);
         layer_err += err;
+        auto& hr = r.heads[static_cast<std::size_t>(layer) * H + h];
+        hr.recall += recall / steps;
+        hr.mass += std::min(1.0, mass) / steps;
+        hr.error_mean += err / steps;
       }
       if (opt.progress && (step + 1 == steps || step % 16 == 0))
         std::fprintf(stderr, "\rreplay [%s]: layer %d/%d step %d/%d   ", r.index.c_str(), layer + 1,

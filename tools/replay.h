@@ -33,6 +33,18 @@ struct ReplayOptions {
   int threads = 0;
   int max_steps = 0;       // 0 = all decode steps of the trace
   bool progress = true;
+  // > 0: heads whose calibrated GPU-tier mass share (sinks + window, measured on the prompt's
+  // last calibration_queries queries) reaches this are served as streaming heads.
+  double streaming_threshold = 0;
+  int calibration_queries = 16;
+};
+
+// Per (layer, q head) figures of one replay.
+struct HeadReport {
+  int layer = 0, head = 0;
+  bool streaming = false;
+  double tier_mass_calibration = 0;  // share of exact mass in sinks + window, prompt calibration
+  double recall = 0, mass = 0, error_mean = 0;
 };
 
 struct ReplayReport {
@@ -46,6 +58,8 @@ struct ReplayReport {
   double cold_tokens_attended_per_head = 0;
   int64_t gpu_bytes = 0, host_bytes = 0, index_bytes = 0, cold_tokens = 0;
   std::vector<double> layer_recall, layer_mass, layer_error_mean;  // per layer
+  int streaming_heads = 0;
+  std::vector<HeadReport> heads;  // [layers * q_heads]
 };
 
 // Computes the exact reference (top_k >= every k later asked for), in parallel.

@@ -47,6 +47,16 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["gpu_tier_bytes"] = r.gpu_bytes;
   j["host_bytes"] = r.host_bytes;
   j["index_bytes"] = r.index_bytes;
+  j["streaming_heads"] = r.streaming_heads;
+  j["per_head"] = nlohmann::json::array();
+  for (const auto& h : r.heads)
+    j["per_head"].push_back({{"layer", h.layer},
+                             {"head", h.head},
+                             {"streaming", h.streaming},
+                             {"tier_mass_calibration", h.tier_mass_calibration},
+                             {"recall_at_k", h.recall},
+                             {"mass_recall", h.mass},
+                             {"output_rel_error_mean", h.error_mean}});
   j["per_layer"] = nlohmann::json::array();
   for (std::size_t l = 0; l < r.layer_recall.size(); ++l)
     j["per_layer"].push_back({{"layer", l},
@@ -56,6 +66,16 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   return j;
 }
 
+void PrintHeads(const ReplayReport& r, std::FILE* out) {
+  std::fprintf(out, "  per head (tier mass = share of exact mass in sinks + window, prompt calibration)\n");
+  std::fprintf(out, "    %5s %4s %9s %10s %8s %8s %10s\n", "layer", "head", "policy", "tier_mass",
+               "recall", "mass", "err_mean");
+  for (const auto& h : r.heads)
+    std::fprintf(out, "    %5d %4d %9s %10.3f %8.3f %8.3f %10.3g\n", h.layer, h.head,
+                 h.streaming ? "streaming" : "retrieval", h.tier_mass_calibration, h.recall, h.mass,
+                 h.error_mean);
+}
+
 void PrintReport(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out, "kvrt replay  %s\n", r.trace.c_str());
   std::fprintf(out, "  shape       %d layers, %d q / %d kv heads, d=%d; %lld prompt tokens, %d decode steps\n",
@@ -63,6 +83,9 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                r.steps);
   std::fprintf(out, "  policy      index=%s top_k=%d effort=%d sinks=%d window=%d\n", r.index.c_str(),
                r.top_k, r.effort, r.sinks, r.window);
+  if (r.streaming_heads > 0)
+    std::fprintf(out, "  heads       %d of %d served as streaming heads (GPU tier only)\n", r.streaming_heads,
+                 static_cast<int>(r.heads.size()));
   std::fprintf(out, "  accuracy vs exact f32 attention over all tokens (per layer, step, q head):\n");
   std::fprintf(out, "    recall@%-4d           %.4f\n", r.top_k, r.recall_at_k);
   std::fprintf(out, "    attention-mass recall %.4f\n", r.mass_recall);

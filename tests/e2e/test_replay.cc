@@ -33,7 +33,7 @@ class ReplayTest : public ::testing::Test {
   }
   static void TearDownTestSuite() { std::remove(path_.c_str()); }
 
-  ReplayReport Replay(kvrt_index_kind kind, int top_k, int window = 64) {
+  ReplayReport Replay(kvrt_index_kind kind, int top_k, int window = 64, double streaming = 0) {
     auto t = trace::TraceReader::Open(path_);
     EXPECT_TRUE(t.ok()) << t.status();
     auto ref = ComputeExactReference(**t, 2000, 0, false);
@@ -44,6 +44,7 @@ class ReplayTest : public ::testing::Test {
     o.window = window;
     o.threads = 2;
     o.progress = false;
+    o.streaming_threshold = streaming;
     auto r = RunReplay(**t, *ref, o);
     EXPECT_TRUE(r.ok()) << r.status();
     return *r;
@@ -80,6 +81,23 @@ TEST_F(ReplayTest, FlatTopKRecallsTheExactTopK) {
                           "output_rel_error_p99", "scanned_fraction", "latency_us_p50",
                           "latency_us_p99", "steps"})
     EXPECT_TRUE(j.contains(key)) << key;
+}
+
+TEST_F(ReplayTest, StreamingHeadsSkipTheColdTier) {
+  const auto all = Replay(KVRT_INDEX_EXACT, 100, 64, 1e-9);  // every head qualifies
+  EXPECT_EQ(all.streaming_heads, 2 * 4);
+  EXPECT_EQ(all.cold_tokens_attended_per_head, 0.0);
+  EXPECT_EQ(all.scanned_fraction, 0.0);
+  EXPECT_LT(all.mass_recall, 1.0);
+  ASSERT_EQ(all.heads.size(), 8u);
+  for (const auto& h : all.heads) {
+    EXPECT_TRUE(h.streaming);
+    EXPECT_GT(h.tier_mass_calibration, 0.0);
+    EXPECT_LE(h.tier_mass_calibration, 1.0 + 1e-9);
+  }
+  const auto none = Replay(KVRT_INDEX_EXACT, 100, 64, 0);
+  EXPECT_EQ(none.streaming_heads, 0);
+  EXPECT_DOUBLE_EQ(none.recall_at_k, 1.0);
 }
 
 }  // namespace
