@@ -97,8 +97,12 @@ typedef struct kvrt_config {
                               than the hardware has are clamped to it) */
   int32_t record_attended; /* 1: remember the token positions each attend used, for
                               kvrt_get_attended (replay metrics); costs time and memory */
-  int32_t use_gpu;         /* 0: host backend; 1: GPU tier on CUDA (error if unavailable);
-                              -1: GPU when available. Only the host backend exists in 0.1. */
+  int32_t use_gpu;         /* 0: host backend; 1: GPU tier on CUDA: sinks + window in device
+                              memory, cold side on the CPU overlapped with GPU attention
+                              (KVRT_ERR_UNIMPLEMENTED without a CUDA device or a CUDA build,
+                              KVRT_ERR_INVALID_ARGUMENT for a head_dim other than 64/128/256 or
+                              more than 8 q heads per kv head); -1: GPU when available and
+                              supported, else host. kvrt_runtime_config reports 0 or 1. */
   int64_t host_memory_limit; /* bytes of host KV store + indexes, all sequences; 0 = no limit.
                                 Past it, prefill/append return KVRT_ERR_OUT_OF_MEMORY and change
                                 nothing. */
@@ -165,9 +169,17 @@ KVRT_API kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, 
 /* ---- execution context (device pointers, CUDA stream) ----------------------------------------
  * The _ex variants take where the tensors live and which stream orders the work. With
  * memory = KVRT_MEMORY_HOST and cuda_stream = NULL they are the plain calls above.
- * KVRT_MEMORY_DEVICE needs the CUDA backend (use_gpu); results are then written in stream order
- * on cuda_stream (a cudaStream_t passed as void* so this header compiles without CUDA).
- * This build returns KVRT_ERR_UNIMPLEMENTED for KVRT_MEMORY_DEVICE. */
+ * KVRT_MEMORY_DEVICE needs the CUDA backend (use_gpu = 1 in effect; KVRT_ERR_UNIMPLEMENTED
+ * otherwise). Device tensors are read in stream order on cuda_stream (a cudaStream_t passed as
+ * void* so this header compiles without CUDA; NULL = the legacy default stream):
+ *   - append/prefill: new k, v are copied into the device window (and the cold part D2H to the
+ *     host store); the call returns without waiting for the GPU, except when tokens go straight
+ *     to the host store (a prompt longer than the window), whose D2H it waits for.
+ *   - attend: q is copied D2H on the stream (small) for the CPU side, which the call waits for;
+ *     out (device, f32 [q_heads, head_dim]) is written in stream order when the call returns,
+ *     with no device-wide synchronisation: the caller's later work on cuda_stream sees it.
+ * With host pointers the GPU backend uses its own streams and an attend returns with out written.
+ * check_finite does not inspect device tensors. */
 typedef enum kvrt_memory { KVRT_MEMORY_HOST = 0, KVRT_MEMORY_DEVICE = 1 } kvrt_memory;
 
 typedef struct kvrt_exec {
@@ -211,6 +223,18 @@ typedef struct kvrt_stats {
   int64_t cold_tokens_attended; /* cold tokens attended to so far (over q heads) */
   int64_t evicted_tokens;       /* tokens moved GPU tier -> host store so far (per layer) */
   int64_t gpu_allocated_bytes;  /* GPU-tier buffers allocated (what gpu_memory_limit counts) */
+  /* Decode-path time in ns, summed over attends (GPU backend only; 0 with the host backend).
+   * Device times come from CUDA events and are added once the work completed (for device
+   * output: at the layer's next attend). */
+  int64_t time_attend_ns;         /* wall time inside attend calls */
+  int64_t time_gpu_attention_ns;  /* GPU partial attention over sinks + window (device time) */
+  int64_t time_d2h_ns;            /* CPU waiting for q D2H and storing evicted rows */
+  int64_t time_cpu_search_ns;     /* cold-index search (wall share of the CPU phase) */
+  int64_t time_cpu_attention_ns;  /* CPU attention over retrieved rows (wall share) */
+  int64_t time_h2d_ns;            /* H2D of the CPU partial state (device time) */
+  int64_t time_merge_ns;          /* merge kernel (device time) */
+  int64_t time_idle_ns;           /* CPU waiting for the GPU at the end (host output) */
+  int64_t eviction_batches;       /* D2H batches of evicted tokens */
 } kvrt_stats;
 
 KVRT_API kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out);

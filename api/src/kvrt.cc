@@ -64,12 +64,20 @@ int32_t RawEnum(const E& e) {
   return v;
 }
 
-kvrt_status CheckExec(const kvrt_exec* exec, const char* fn) {
+// exec -> the runtime's Exec; device pointers need the GPU backend (use_gpu = 1 in effect).
+kvrt_status CheckExec(const kvrt_runtime* rt, const kvrt_exec* exec, const char* fn,
+                      kvrt::runtime::Exec* out) {
+  *out = {};
   if (exec == nullptr || RawEnum(exec->memory) == KVRT_MEMORY_HOST) return KVRT_OK;
-  if (RawEnum(exec->memory) == KVRT_MEMORY_DEVICE)
-    return Fail(KVRT_ERR_UNIMPLEMENTED,
-                absl::StrCat(fn, ": device pointers need the CUDA backend, which this build's "
-                                 "runtime does not use yet (see README, Status)"));
+  if (RawEnum(exec->memory) == KVRT_MEMORY_DEVICE) {
+    if (rt->config.use_gpu != 1)
+      return Fail(KVRT_ERR_UNIMPLEMENTED,
+                  absl::StrCat(fn, ": device pointers need the CUDA backend (config.use_gpu = 1 on "
+                                   "a machine with a CUDA device); this runtime uses the host backend"));
+    out->device = true;
+    out->stream = exec->cuda_stream;
+    return KVRT_OK;
+  }
   return Fail(KVRT_ERR_INVALID_ARGUMENT,
               absl::StrCat(fn, ": exec->memory = ", RawEnum(exec->memory), " is unknown"));
 }
@@ -92,6 +100,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.host_memory_limit = c.host_memory_limit;
   r.gpu_memory_limit = c.gpu_memory_limit;
   r.check_finite = c.check_finite != 0;
+  r.use_gpu = c.use_gpu;
   return r;
 }
 
@@ -169,10 +178,6 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   if (RawEnum(config->dtype) < KVRT_DTYPE_F32 || RawEnum(config->dtype) > KVRT_DTYPE_BF16)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.dtype = ", RawEnum(config->dtype), " is not a kvrt_dtype"));
-  if (config->use_gpu == 1)
-    return Fail(KVRT_ERR_UNIMPLEMENTED,
-                "config.use_gpu = 1: the CUDA backend is not wired into the runtime in this build "
-                "(use 0 or -1)");
   if (config->use_gpu < -1 || config->use_gpu > 1)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.use_gpu = ", config->use_gpu, " must be -1, 0 or 1"));
@@ -188,7 +193,7 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   const auto& eff = rt->impl->config();
   rt->config.scale = eff.scale;
   rt->config.worker_threads = eff.worker_threads;
-  rt->config.use_gpu = 0;
+  rt->config.use_gpu = eff.use_gpu;
   *out = rt;
   return KVRT_OK;
   KVRT_API_CATCH
@@ -241,8 +246,9 @@ kvrt_status kvrt_prefill_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, co
                             const void* k, const void* v, int64_t n_tokens, const kvrt_exec* exec) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_prefill"); s != KVRT_OK) return s;
-  if (kvrt_status s = CheckExec(exec, "kvrt_prefill"); s != KVRT_OK) return s;
-  return FromStatus(rt->impl->Prefill(seq, layer, q, k, v, n_tokens));
+  kvrt::runtime::Exec ex;
+  if (kvrt_status s = CheckExec(rt, exec, "kvrt_prefill", &ex); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->Prefill(seq, layer, q, k, v, n_tokens, ex));
   KVRT_API_CATCH
 }
 
@@ -255,8 +261,9 @@ kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, con
                            const void* v, int64_t n_tokens, const kvrt_exec* exec) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_append"); s != KVRT_OK) return s;
-  if (kvrt_status s = CheckExec(exec, "kvrt_append"); s != KVRT_OK) return s;
-  return FromStatus(rt->impl->Append(seq, layer, k, v, n_tokens));
+  kvrt::runtime::Exec ex;
+  if (kvrt_status s = CheckExec(rt, exec, "kvrt_append", &ex); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->Append(seq, layer, k, v, n_tokens, ex));
   KVRT_API_CATCH
 }
 
@@ -269,8 +276,9 @@ kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, con
                            float* out, const kvrt_exec* exec) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_attend"); s != KVRT_OK) return s;
-  if (kvrt_status s = CheckExec(exec, "kvrt_attend"); s != KVRT_OK) return s;
-  return FromStatus(rt->impl->Attend(seq, layer, q, out));
+  kvrt::runtime::Exec ex;
+  if (kvrt_status s = CheckExec(rt, exec, "kvrt_attend", &ex); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->Attend(seq, layer, q, out, ex));
   KVRT_API_CATCH
 }
 
@@ -315,7 +323,10 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
   *out = kvrt_stats{s.sequences,    s.gpu_tokens,   s.host_tokens,          s.gpu_bytes,
                     s.host_bytes,   s.index_bytes,  s.attend_calls,         s.keys_scored,
                     s.cold_keys_searchable, s.cold_tokens_attended, s.evicted_tokens,
-                    s.gpu_allocated_bytes};
+                    s.gpu_allocated_bytes,  s.time_attend_ns, s.time_gpu_attention_ns,
+                    s.time_d2h_ns,          s.time_cpu_search_ns, s.time_cpu_attention_ns,
+                    s.time_h2d_ns,          s.time_merge_ns, s.time_idle_ns,
+                    s.eviction_batches};
   return KVRT_OK;
   KVRT_API_CATCH
 }

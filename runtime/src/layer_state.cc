@@ -35,8 +35,9 @@ bool TryReserve(std::atomic<int64_t>& used, int64_t add, int64_t limit) {
 
 }  // namespace
 
-LayerState::LayerState(const RuntimeConfig* config, Runtime::Counters* counters)
-    : cfg_(config), counters_(counters) {
+LayerState::LayerState(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* gpu)
+    : cfg_(config), counters_(counters), gpu_ctx_(gpu) {
+  if (gpu_ctx_ != nullptr) gpu_ = std::make_unique<GpuTier>();
   cold_.reserve(cfg_->num_kv_heads);
   for (int g = 0; g < cfg_->num_kv_heads; ++g) cold_.emplace_back(cfg_->head_dim, cfg_->dtype);
   index_.resize(cfg_->num_kv_heads);
@@ -49,6 +50,11 @@ std::size_t LayerState::token_bytes() const {
 }
 
 void LayerState::Release() {
+  if (gpu_) {  // background index work and copies in flight end before the counters go
+    (void)gpu_->index_work.Wait();
+    gpu_->evictions.Discard();
+    counters_->gpu_allocated_bytes -= static_cast<int64_t>(gpu_->bytes());
+  }
   counters_->gpu_tokens -= gpu_tokens();
   counters_->host_tokens -= cold_tokens();
   counters_->gpu_allocated_bytes -= static_cast<int64_t>(sink_k_.size() + sink_v_.size() + ring_k_.size() + ring_v_.size());
@@ -57,7 +63,8 @@ void LayerState::Release() {
 }
 
 absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, int64_t n,
-                                 tbb::task_arena& arena) {
+                                 tbb::task_arena& arena, const Exec& exec) {
+  if (gpu_) return PrefillGpu(q, k, v, n, arena, exec);
   if (length_ != 0)
     return absl::FailedPreconditionError(absl::StrCat(
         "prefill: the layer already holds ", length_, " tokens (prefill once, then append)"));
@@ -66,7 +73,9 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   return UpdateIndexes(arena);
 }
 
-absl::Status LayerState::Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena) {
+absl::Status LayerState::Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena,
+                                const Exec& exec) {
+  if (gpu_) return AppendTokensGpu(k, v, n, arena, exec);
   KVRT_RETURN_IF_ERROR(AppendTokens(k, v, n));
   return UpdateIndexes(arena);
 }
@@ -241,7 +250,8 @@ absl::Status LayerState::UpdateIndexes(tbb::task_arena& arena) {
 }
 
 absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& arena,
-                                const uint8_t* streaming) {
+                                const uint8_t* streaming, const Exec& exec) {
+  if (gpu_) return AttendGpu(q_in, out, arena, streaming, exec);
   if (length_ == 0)
     return absl::FailedPreconditionError("attend: the layer holds no token (prefill or append first)");
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_gpu/kernel_types.h"
 #include "oneapi/tbb/task_arena.h"
 #include "runtime/src/layer_state.h"
 
@@ -17,9 +18,9 @@ namespace kvrt::runtime {
 
 class Sequence {
  public:
-  Sequence(const RuntimeConfig* config, Runtime::Counters* counters) {
+  Sequence(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* gpu) {
     layers.reserve(config->num_layers);
-    for (int l = 0; l < config->num_layers; ++l) layers.emplace_back(config, counters);
+    for (int l = 0; l < config->num_layers; ++l) layers.emplace_back(config, counters, gpu);
   }
   std::mutex mu;  // serialises calls on this sequence
   std::vector<LayerState> layers;
@@ -29,6 +30,7 @@ struct Runtime::Impl {
   explicit Impl(int threads) : arena(threads) {}
   tbb::task_arena arena;
   Counters counters;
+  std::unique_ptr<GpuContext> gpu;  // GPU backend only; outlives the sequences (declared first)
   mutable absl::Mutex mu;
   absl::flat_hash_map<int64_t, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(mu);
   int64_t next_id ABSL_GUARDED_BY(mu) = 0;
@@ -76,6 +78,34 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
 Runtime::Runtime(const RuntimeConfig& config) : config_(config) {}
 Runtime::~Runtime() = default;
 
+namespace {
+// use_gpu: 1 needs a CUDA device and a shape the GPU kernels support; -1 takes the GPU when both
+// hold, else the host backend. Creates the runtime's CUDA resources.
+absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gpu) {
+  if (c->use_gpu < -1 || c->use_gpu > 1)
+    return absl::InvalidArgumentError(absl::StrCat("config.use_gpu = ", c->use_gpu, " must be -1, 0 or 1"));
+  if (c->use_gpu == 0) return absl::OkStatus();
+  const bool want = c->use_gpu == 1;
+  c->use_gpu = 0;
+  if (!transfer::CudaAvailable()) {
+    if (!want) return absl::OkStatus();
+    return absl::UnimplementedError(
+        "config.use_gpu = 1: no CUDA device is available (or kvrt was built without CUDA); use 0 "
+        "(host backend) or -1 (GPU when available)");
+  }
+  const int d = c->head_dim, group = c->num_q_heads / c->num_kv_heads;
+  if ((d != 64 && d != 128 && d != 256) || group > gpu::kMaxGroup) {
+    if (!want) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.use_gpu = 1: the GPU tier kernels support head_dim 64, 128, 256 and at most ",
+        gpu::kMaxGroup, " q heads per kv head (head_dim ", d, ", group ", group, ")"));
+  }
+  KVRT_ASSIGN_OR_RETURN(*gpu, GpuContext::Create());
+  c->use_gpu = 1;
+  return absl::OkStatus();
+}
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& config) {
   KVRT_RETURN_IF_ERROR(ValidateConfig(config));
   RuntimeConfig effective = config;
@@ -86,12 +116,13 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   if (effective.worker_threads == 0 || effective.worker_threads > hw) effective.worker_threads = hw;
   std::unique_ptr<Runtime> rt(new Runtime(effective));
   rt->impl_ = std::make_unique<Impl>(effective.worker_threads);
+  KVRT_RETURN_IF_ERROR(ResolveGpuBackend(&rt->config_, &rt->impl_->gpu));
   rt->impl_->streaming.assign(static_cast<std::size_t>(effective.num_layers) * effective.num_q_heads, 0);
   return rt;
 }
 
 absl::StatusOr<int64_t> Runtime::CreateSequence() {
-  auto seq = std::make_shared<Sequence>(&config_, &impl_->counters);
+  auto seq = std::make_shared<Sequence>(&config_, &impl_->counters, impl_->gpu.get());
   absl::MutexLock lock(&impl_->mu);
   const int64_t id = impl_->next_id++;
   impl_->sequences.emplace(id, std::move(seq));
@@ -145,6 +176,14 @@ absl::Status CheckTokens(const char* what, int64_t n, int64_t length, bool allow
 }  // namespace
 
 namespace {
+absl::Status CheckExec(const RuntimeConfig& c, const Exec& exec, const char* what) {
+  if (exec.device && c.use_gpu != 1)
+    return absl::UnimplementedError(absl::StrCat(
+        what, ": device pointers need the GPU backend (config.use_gpu = 1 on a machine with a CUDA "
+              "device); this runtime uses the host backend"));
+  return absl::OkStatus();
+}
+
 // With check_finite, names the first NaN/Inf of a [n, heads, head_dim] tensor.
 absl::Status CheckFinite(const RuntimeConfig& c, const char* what, const void* data, int64_t n,
                          int heads) {
@@ -173,37 +212,45 @@ absl::Status CheckFinite(const RuntimeConfig& c, const char* what, const void* d
 }  // namespace
 
 absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* k, const void* v,
-                              int64_t n) {
+                              int64_t n, const Exec& exec) {
   if (k == nullptr || v == nullptr)
     return absl::InvalidArgumentError("prefill: k and v must not be NULL");
+  KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "prefill"));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   KVRT_RETURN_IF_ERROR(CheckTokens("prefill", n, seq->layers[layer].length(), false));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: q", q, n, config_.num_q_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: k", k, n, config_.num_kv_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: v", v, n, config_.num_kv_heads));
-  return seq->layers[layer].Prefill(q, k, v, n, impl_->arena);
+  // NOTE: check_finite reads host memory; device tensors are not checked (documented in kvrt.h).
+  const bool host = !exec.device;
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: q", host ? q : nullptr, n, config_.num_q_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
+  return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
 }
 
-absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v, int64_t n) {
+absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v, int64_t n,
+                             const Exec& exec) {
   if (k == nullptr || v == nullptr)
     return absl::InvalidArgumentError("append: k and v must not be NULL");
+  KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "append"));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   KVRT_RETURN_IF_ERROR(CheckTokens("append", n, seq->layers[layer].length(), false));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: k", k, n, config_.num_kv_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: v", v, n, config_.num_kv_heads));
-  return seq->layers[layer].Append(k, v, n, impl_->arena);
+  const bool host = !exec.device;
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
+  return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
 }
 
-absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out) {
+absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, const Exec& exec) {
   if (q == nullptr || out == nullptr)
     return absl::InvalidArgumentError("attend: q and out must not be NULL");
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend: q", q, 1, config_.num_q_heads));
+  KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend"));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend: q", exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   return seq->layers[layer].Attend(
-      q, out, impl_->arena, impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads);
+      q, out, impl_->arena, impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads,
+      exec);
 }
 
 absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {
@@ -255,6 +302,15 @@ RuntimeStats Runtime::Stats() const {
   s.cold_tokens_attended = c.cold_tokens_attended.load();
   s.evicted_tokens = c.evicted_tokens.load();
   s.gpu_allocated_bytes = c.gpu_allocated_bytes.load();
+  s.time_attend_ns = c.time_attend_ns.load();
+  s.time_gpu_attention_ns = c.time_gpu_attention_ns.load();
+  s.time_d2h_ns = c.time_d2h_ns.load();
+  s.time_cpu_search_ns = c.time_cpu_search_ns.load();
+  s.time_cpu_attention_ns = c.time_cpu_attention_ns.load();
+  s.time_h2d_ns = c.time_h2d_ns.load();
+  s.time_merge_ns = c.time_merge_ns.load();
+  s.time_idle_ns = c.time_idle_ns.load();
+  s.eviction_batches = c.eviction_batches.load();
   return s;
 }
 

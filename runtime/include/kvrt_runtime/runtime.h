@@ -32,6 +32,14 @@ struct RuntimeConfig {
   int64_t gpu_memory_limit = 0;   // bytes of GPU-tier buffers over all sequences; 0 = none
   bool check_finite = false;      // reject NaN/Inf in q, k, v
   cpu_index::IndexConfig index; // per-kind knobs
+  int use_gpu = 0;  // 0: host backend; 1: GPU tier in device memory (error without a device);
+                    // -1: GPU when available. The effective config holds 0 or 1.
+};
+
+// Where a call's tensors live and which CUDA stream orders its device work (kvrt_exec).
+struct Exec {
+  bool device = false;     // q, k, v, out are device pointers (GPU backend only)
+  void* stream = nullptr;  // cudaStream_t for device pointers; null = legacy default stream
 };
 
 // Checks every field; the message names the field and the accepted range.
@@ -50,6 +58,13 @@ struct RuntimeStats {
   int64_t cold_tokens_attended = 0;
   int64_t evicted_tokens = 0;
   int64_t gpu_allocated_bytes = 0;  // GPU-tier buffers (sinks + full window ring per layer)
+  // Decode-path time, summed over attends (ns): wall time of attend calls; GPU tier attention
+  // (device time); CPU waits for D2H (q, evicted rows); CPU search and CPU attention (wall of
+  // the cold phase, split by the per-head busy times); H2D of the CPU state and merge (device
+  // time); the CPU waiting for the GPU at the end of an attend with host output.
+  int64_t time_attend_ns = 0, time_gpu_attention_ns = 0, time_d2h_ns = 0, time_cpu_search_ns = 0,
+          time_cpu_attention_ns = 0, time_h2d_ns = 0, time_merge_ns = 0, time_idle_ns = 0;
+  int64_t eviction_batches = 0;  // D2H batches of the eviction pipeline
 };
 
 class Sequence;
@@ -70,10 +85,13 @@ class Runtime {
 
   // Tensors in config.dtype, [n, heads, head_dim]; q may be null in Prefill.
   absl::Status Prefill(int64_t seq, int layer, const void* q, const void* k, const void* v,
-                       int64_t n_tokens);
-  absl::Status Append(int64_t seq, int layer, const void* k, const void* v, int64_t n_tokens);
+                       int64_t n_tokens, const Exec& exec = {});
+  absl::Status Append(int64_t seq, int layer, const void* k, const void* v, int64_t n_tokens,
+                      const Exec& exec = {});
   // q: [q_heads, head_dim] in config.dtype; out: f32 [q_heads, head_dim].
-  absl::Status Attend(int64_t seq, int layer, const void* q, float* out);
+  absl::Status Attend(int64_t seq, int layer, const void* q, float* out, const Exec& exec = {});
+  // True when the GPU backend is on (effective use_gpu = 1).
+  bool gpu_backend() const { return config_.use_gpu == 1; }
   // Per (layer, q head), for every sequence: a streaming head attends to sinks + window only.
   // Not concurrent with Attend on any sequence (set it before decoding).
   absl::Status SetHeadStreaming(int layer, int q_head, bool streaming);
@@ -88,6 +106,9 @@ class Runtime {
     std::atomic<int64_t> gpu_tokens{0}, host_tokens{0}, index_bytes{0}, attend_calls{0},
         keys_scored{0}, cold_keys_searchable{0}, cold_tokens_attended{0}, evicted_tokens{0},
         gpu_allocated_bytes{0};
+    std::atomic<int64_t> time_attend_ns{0}, time_gpu_attention_ns{0}, time_d2h_ns{0},
+        time_cpu_search_ns{0}, time_cpu_attention_ns{0}, time_h2d_ns{0}, time_merge_ns{0},
+        time_idle_ns{0}, eviction_batches{0};
   };
 
  private:

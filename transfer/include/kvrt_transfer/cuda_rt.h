@@ -1,0 +1,114 @@
+#pragma once
+// Thin CUDA runtime wrappers usable from g++-compiled code (no CUDA header here): device buffers,
+// streams and events as RAII values, async copies, stream-ordered allocation. Streams are `void*`
+// (a cudaStream_t; null = the legacy default stream). Every call returns an absl::Status:
+// FailedPrecondition when kvrt was built without CUDA, Internal naming the CUDA error otherwise,
+// ResourceExhausted when an allocation fails.
+#include <cstddef>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace kvrt::transfer {
+
+// True when built with CUDA and at least one device is visible.
+bool CudaAvailable();
+// The current device's name and SM count ("" / 0 without a device), for reports.
+std::string DeviceName();
+
+// Device memory (cudaMalloc / cudaFree). Move-only; an empty buffer holds null.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  static absl::StatusOr<DeviceBuffer> Allocate(std::size_t bytes);
+  ~DeviceBuffer() { Reset(); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+  }
+  void* data() const { return ptr_; }
+  std::size_t size() const { return size_; }
+  bool empty() const { return ptr_ == nullptr; }
+  void Reset();
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// A non-blocking stream (cudaStreamNonBlocking: no implicit sync with the legacy default stream).
+class Stream {
+ public:
+  Stream() = default;
+  static absl::StatusOr<Stream> Create();
+  ~Stream() { Reset(); }
+  Stream(Stream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+  Stream& operator=(Stream&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      s_ = std::exchange(o.s_, nullptr);
+    }
+    return *this;
+  }
+  void* get() const { return s_; }
+  void Reset();
+
+ private:
+  void* s_ = nullptr;
+};
+
+// An event; `timing` = false creates it with cudaEventDisableTiming (cheaper to record and wait).
+class Event {
+ public:
+  Event() = default;
+  static absl::StatusOr<Event> Create(bool timing);
+  ~Event() { Reset(); }
+  Event(Event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
+  Event& operator=(Event&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      e_ = std::exchange(o.e_, nullptr);
+    }
+    return *this;
+  }
+  void* get() const { return e_; }
+  bool empty() const { return e_ == nullptr; }
+  absl::Status Record(void* stream);
+  absl::Status Synchronize() const;
+  // OK and *done = whether the work before the last Record has completed.
+  absl::Status Query(bool* done) const;
+  void Reset();
+
+ private:
+  void* e_ = nullptr;
+};
+
+// Milliseconds between two recorded, completed timing events; Unavailable if not complete yet.
+absl::StatusOr<float> ElapsedMs(const Event& start, const Event& end);
+
+// cudaMemcpyAsync with cudaMemcpyDefault (unified addressing decides the direction). A pageable
+// host source of an H2D copy may be reused as soon as the call returns (the driver stages it); a
+// pageable host destination makes the copy synchronous with the host.
+absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, void* stream);
+absl::Status StreamWaitEvent(void* stream, const Event& event);
+absl::Status StreamSynchronize(void* stream);
+// Stream-ordered allocation from the device's default memory pool (cudaMallocAsync / FreeAsync).
+absl::StatusOr<void*> MallocAsync(std::size_t bytes, void* stream);
+absl::Status FreeAsync(void* ptr, void* stream);
+// Keeps freed stream-ordered memory cached in the default pool (release threshold = max), so the
+// per-step scratch of the decode path does not go back to the driver at every synchronisation.
+absl::Status KeepPoolMemory();
+// Page-locked host memory (cudaHostAlloc, portable) and its release.
+absl::Status HostAlloc(std::size_t bytes, void** out);
+void HostFree(void* ptr);
+// True when `ptr` is device (or managed) memory by unified addressing.
+bool IsDevicePointer(const void* ptr);
+
+}  // namespace kvrt::transfer

@@ -1,0 +1,230 @@
+// CUDA runtime wrappers (cuda_rt.h). With KVRT_WITH_CUDA this translation unit includes
+// cuda_runtime_api.h and is linked with CUDA::cudart_static; without it every call returns
+// FailedPrecondition and CudaAvailable() is false, so the same runtime code builds everywhere.
+#include "kvrt_transfer/cuda_rt.h"
+
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+
+#if KVRT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace kvrt::transfer {
+
+#if KVRT_WITH_CUDA
+namespace {
+
+absl::Status Check(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return absl::OkStatus();
+  (void)cudaGetLastError();  // clear a sticky-free error so the next call is not blamed
+  if (e == cudaErrorMemoryAllocation)
+    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory (", cudaGetErrorName(e), ")"));
+  return absl::InternalError(absl::StrCat(what, ": CUDA error ", static_cast<int>(e), " (",
+                                          cudaGetErrorName(e), ": ", cudaGetErrorString(e), ")"));
+}
+
+cudaStream_t S(void* s) { return static_cast<cudaStream_t>(s); }
+cudaEvent_t E(void* e) { return static_cast<cudaEvent_t>(e); }
+
+}  // namespace
+
+bool CudaAvailable() {
+  static const bool available = [] {
+    int n = 0;
+    const bool ok = cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+    (void)cudaGetLastError();
+    return ok;
+  }();
+  return available;
+}
+
+std::string DeviceName() {
+  if (!CudaAvailable()) return "";
+  int dev = 0;
+  cudaDeviceProp prop;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) return "";
+  return absl::StrCat(prop.name, " (", prop.multiProcessorCount, " SMs)");
+}
+
+absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(std::size_t bytes) {
+  DeviceBuffer b;
+  if (bytes == 0) return b;
+  if (absl::Status s = Check(cudaMalloc(&b.ptr_, bytes), "cudaMalloc"); !s.ok()) {
+    b.ptr_ = nullptr;
+    return absl::Status(s.code(), absl::StrCat(s.message(), " (", bytes, " bytes)"));
+  }
+  b.size_ = bytes;
+  return b;
+}
+
+void DeviceBuffer::Reset() {
+  if (ptr_ != nullptr) (void)cudaFree(ptr_);
+  ptr_ = nullptr;
+  size_ = 0;
+}
+
+absl::StatusOr<Stream> Stream::Create() {
+  Stream s;
+  cudaStream_t raw = nullptr;
+  if (absl::Status st = Check(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking), "cudaStreamCreate");
+      !st.ok())
+    return st;
+  s.s_ = raw;
+  return s;
+}
+
+void Stream::Reset() {
+  if (s_ != nullptr) (void)cudaStreamDestroy(S(s_));
+  s_ = nullptr;
+}
+
+absl::StatusOr<Event> Event::Create(bool timing) {
+  Event ev;
+  cudaEvent_t raw = nullptr;
+  if (absl::Status st = Check(cudaEventCreateWithFlags(&raw, timing ? cudaEventDefault : cudaEventDisableTiming),
+                              "cudaEventCreate");
+      !st.ok())
+    return st;
+  ev.e_ = raw;
+  return ev;
+}
+
+void Event::Reset() {
+  if (e_ != nullptr) (void)cudaEventDestroy(E(e_));
+  e_ = nullptr;
+}
+
+absl::Status Event::Record(void* stream) { return Check(cudaEventRecord(E(e_), S(stream)), "cudaEventRecord"); }
+
+absl::Status Event::Synchronize() const {
+  return Check(cudaEventSynchronize(E(e_)), "cudaEventSynchronize");
+}
+
+absl::Status Event::Query(bool* done) const {
+  const cudaError_t e = cudaEventQuery(E(e_));
+  *done = e == cudaSuccess;
+  if (e == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    return absl::OkStatus();
+  }
+  return Check(e, "cudaEventQuery");
+}
+
+absl::StatusOr<float> ElapsedMs(const Event& start, const Event& end) {
+  float ms = 0.f;
+  const cudaError_t e = cudaEventElapsedTime(&ms, E(start.get()), E(end.get()));
+  if (e == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    return absl::UnavailableError("event not complete");
+  }
+  if (absl::Status s = Check(e, "cudaEventElapsedTime"); !s.ok()) return s;
+  return ms;
+}
+
+absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, void* stream) {
+  if (bytes == 0) return absl::OkStatus();
+  return Check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, S(stream)), "cudaMemcpyAsync");
+}
+
+absl::Status StreamWaitEvent(void* stream, const Event& event) {
+  return Check(cudaStreamWaitEvent(S(stream), E(event.get()), 0), "cudaStreamWaitEvent");
+}
+
+absl::Status StreamSynchronize(void* stream) {
+  return Check(cudaStreamSynchronize(S(stream)), "cudaStreamSynchronize");
+}
+
+absl::StatusOr<void*> MallocAsync(std::size_t bytes, void* stream) {
+  void* p = nullptr;
+  if (bytes == 0) return p;
+  if (absl::Status s = Check(cudaMallocAsync(&p, bytes, S(stream)), "cudaMallocAsync"); !s.ok()) return s;
+  return p;
+}
+
+absl::Status FreeAsync(void* ptr, void* stream) {
+  if (ptr == nullptr) return absl::OkStatus();
+  return Check(cudaFreeAsync(ptr, S(stream)), "cudaFreeAsync");
+}
+
+absl::Status KeepPoolMemory() {
+  int dev = 0;
+  if (absl::Status s = Check(cudaGetDevice(&dev), "cudaGetDevice"); !s.ok()) return s;
+  cudaMemPool_t pool;
+  if (absl::Status s = Check(cudaDeviceGetDefaultMemPool(&pool, dev), "cudaDeviceGetDefaultMemPool"); !s.ok())
+    return s;
+  uint64_t threshold = UINT64_MAX;
+  return Check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold),
+               "cudaMemPoolSetAttribute");
+}
+
+absl::Status HostAlloc(std::size_t bytes, void** out) {
+  *out = nullptr;
+  if (absl::Status s = Check(cudaHostAlloc(out, bytes, cudaHostAllocPortable), "cudaHostAlloc"); !s.ok()) {
+    *out = nullptr;
+    return s;
+  }
+  return absl::OkStatus();
+}
+
+void HostFree(void* ptr) {
+  if (ptr != nullptr) (void)cudaFreeHost(ptr);
+}
+
+bool IsDevicePointer(const void* ptr) {
+  cudaPointerAttributes a;
+  if (cudaPointerGetAttributes(&a, ptr) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged;
+}
+
+#else  // !KVRT_WITH_CUDA
+
+namespace {
+absl::Status NoCuda(const char* what) {
+  return absl::FailedPreconditionError(absl::StrCat(what, ": kvrt was built without CUDA"));
+}
+}  // namespace
+
+bool CudaAvailable() { return false; }
+std::string DeviceName() { return ""; }
+absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(std::size_t bytes) {
+  if (bytes == 0) return DeviceBuffer();
+  return NoCuda("cudaMalloc");
+}
+void DeviceBuffer::Reset() {
+  ptr_ = nullptr;
+  size_ = 0;
+}
+absl::StatusOr<Stream> Stream::Create() { return NoCuda("cudaStreamCreate"); }
+void Stream::Reset() { s_ = nullptr; }
+absl::StatusOr<Event> Event::Create(bool) { return NoCuda("cudaEventCreate"); }
+void Event::Reset() { e_ = nullptr; }
+absl::Status Event::Record(void*) { return NoCuda("cudaEventRecord"); }
+absl::Status Event::Synchronize() const { return NoCuda("cudaEventSynchronize"); }
+absl::Status Event::Query(bool* done) const {
+  *done = true;
+  return NoCuda("cudaEventQuery");
+}
+absl::StatusOr<float> ElapsedMs(const Event&, const Event&) { return NoCuda("cudaEventElapsedTime"); }
+absl::Status MemcpyAsync(void*, const void*, std::size_t bytes, void*) {
+  return bytes == 0 ? absl::OkStatus() : NoCuda("cudaMemcpyAsync");
+}
+absl::Status StreamWaitEvent(void*, const Event&) { return NoCuda("cudaStreamWaitEvent"); }
+absl::Status StreamSynchronize(void*) { return NoCuda("cudaStreamSynchronize"); }
+absl::StatusOr<void*> MallocAsync(std::size_t, void*) { return NoCuda("cudaMallocAsync"); }
+absl::Status FreeAsync(void* ptr, void*) { return ptr == nullptr ? absl::OkStatus() : NoCuda("cudaFreeAsync"); }
+absl::Status KeepPoolMemory() { return NoCuda("cudaMemPoolSetAttribute"); }
+absl::Status HostAlloc(std::size_t, void** out) {
+  *out = nullptr;
+  return NoCuda("cudaHostAlloc");
+}
+void HostFree(void*) {}
+bool IsDevicePointer(const void*) { return false; }
+
+#endif
+
+}  // namespace kvrt::transfer
