@@ -383,6 +383,7 @@ absl::Status LayerState::ColdHeadGpu(int h, const float* qh, float* o, float* ls
   }
   const auto* index = index_[g].get();
   const int64_t indexed = index ? index->size() : 0;
+  std::vector<float> scores;
   if (index) {
     cpu_index::SearchResult found;
     cpu_index::SearchParams params;
@@ -390,16 +391,40 @@ absl::Status LayerState::ColdHeadGpu(int h, const float* qh, float* o, float* ls
     params.effort = cfg_->search_effort;
     KVRT_RETURN_IF_ERROR(index->Search(store, qh, params, &found));
     *ids = std::move(found.ids);
+    scores = std::move(found.scores);
     *scored = found.scanned;
   }
-  // Rows the index does not cover yet (just evicted) are scanned exactly and compete for top-k.
+  // Rows the index does not cover yet (evicted since its last background insert) are scanned
+  // exactly and compete with the index's results for the top-k by score.
+  // NOTE: unlike the host backend (whose index always covers every stored row after Append), the
+  // union is cut back to k here, so that with an exact (flat) index the set equals the host
+  // backend's top-k over all rows although the index lags by the latest evictions.
   if (indexed < n_cold) {
     std::vector<float> s(n_cold - indexed);
     store.Dot(qh, indexed, n_cold, s.data());
     std::vector<int64_t> tail;
-    cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, nullptr);
-    for (auto t : tail) ids->push_back(indexed + t);
+    std::vector<float> tail_scores;
+    cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
     *scored += n_cold - indexed;
+    if (index == nullptr) {
+      for (auto t : tail) ids->push_back(indexed + t);
+    } else {
+      if (scores.size() != ids->size()) {
+        scores.resize(ids->size());
+        store.DotIds(qh, ids->data(), static_cast<int64_t>(ids->size()), scores.data());
+      }
+      for (std::size_t i = 0; i < tail.size(); ++i) {
+        ids->push_back(indexed + tail[i]);
+        scores.push_back(tail_scores[i]);
+      }
+      if (static_cast<int64_t>(ids->size()) > cfg_->top_k) {
+        std::vector<int64_t> best;
+        cpu_index::TopK(scores.data(), static_cast<int64_t>(scores.size()), cfg_->top_k, &best, nullptr);
+        std::vector<int64_t> kept(best.size());
+        for (std::size_t i = 0; i < best.size(); ++i) kept[i] = (*ids)[best[i]];
+        *ids = std::move(kept);
+      }
+    }
   }
   *search_ns = NowNs() - t0;
   cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids->data(), static_cast<int64_t>(ids->size()), o, lse);

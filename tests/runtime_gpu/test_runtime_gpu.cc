@@ -1,0 +1,251 @@
+// The GPU backend (use_gpu = 1) against the host backend on the same random tokens: both store
+// the same cold rows, search them with the same CPU code, so retrieved sets are identical and
+// outputs differ by rounding only (GPU tier attention and merge in f32 on the device).
+// GpuBackend.* skip without a CUDA device; KVRT_GPU_TEST_SMALL=1 shrinks them (sanitizers).
+#include <cmath>
+#include <algorithm>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvrt_common/dtype.h"
+#include "kvrt_runtime/runtime.h"
+#include "kvrt_transfer/cuda_rt.h"
+
+namespace kvrt::runtime {
+namespace {
+
+// |gpu - host| per output element: both accumulate in f32; the GPU tier sums in another order.
+constexpr double kOutAbsTol = 2e-4;
+constexpr double kOutRelTol = 1e-3;
+
+bool Small() { return std::getenv("KVRT_GPU_TEST_SMALL") != nullptr; }
+
+struct Case {
+  cpu_index::IndexKind kind;
+  bool device;
+  DType dtype;
+  std::string name;
+};
+
+RuntimeConfig MakeConfig(const Case& c, int use_gpu) {
+  RuntimeConfig cfg;
+  cfg.num_layers = 2;
+  cfg.num_q_heads = 8;
+  cfg.num_kv_heads = 2;
+  cfg.head_dim = 64;
+  cfg.dtype = c.dtype;
+  cfg.sink_tokens = 4;
+  cfg.window_tokens = 64;
+  cfg.top_k = 16;
+  cfg.index_kind = c.kind;
+  cfg.worker_threads = 4;
+  cfg.record_attended = true;
+  cfg.use_gpu = use_gpu;
+  return cfg;
+}
+
+std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t) {
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> x(n);
+  for (auto& e : x) e = dist(rng);
+  std::vector<unsigned char> bytes(n * DTypeSize(t));
+  ConvertFromF32(x.data(), n, t, bytes.data());
+  return bytes;
+}
+
+// Host vectors, or device copies of them (through the runtime's own transfer wrappers).
+class Tensors {
+ public:
+  Tensors(bool device, void* stream) : device_(device), stream_(stream) {}
+  const void* Put(const std::vector<unsigned char>& host) {
+    if (!device_) return host.data();
+    auto b = transfer::DeviceBuffer::Allocate(host.size());
+    EXPECT_TRUE(b.ok()) << b.status();
+    EXPECT_TRUE(transfer::MemcpyAsync(b->data(), host.data(), host.size(), stream_).ok());
+    bufs_.push_back(std::move(*b));
+    return bufs_.back().data();
+  }
+  float* Out(std::size_t floats) {
+    if (!device_) {
+      host_out_.assign(floats, NAN);
+      return host_out_.data();
+    }
+    auto b = transfer::DeviceBuffer::Allocate(floats * sizeof(float));
+    EXPECT_TRUE(b.ok());
+    bufs_.push_back(std::move(*b));
+    return static_cast<float*>(bufs_.back().data());
+  }
+  std::vector<float> Get(float* out, std::size_t floats) {
+    if (!device_) return host_out_;
+    std::vector<float> h(floats);
+    EXPECT_TRUE(transfer::MemcpyAsync(h.data(), out, floats * sizeof(float), stream_).ok());
+    EXPECT_TRUE(transfer::StreamSynchronize(stream_).ok());
+    return h;
+  }
+  Exec exec() const { return Exec{device_, stream_}; }
+  void Clear() { bufs_.clear(); }
+
+ private:
+  bool device_;
+  void* stream_;
+  std::vector<transfer::DeviceBuffer> bufs_;
+  std::vector<float> host_out_;
+};
+
+void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& host, const std::string& what) {
+  ASSERT_EQ(gpu.size(), host.size());
+  int bad = 0;
+  for (std::size_t i = 0; i < gpu.size() && bad < 5; ++i) {
+    const double tol = kOutAbsTol + kOutRelTol * std::abs(host[i]);
+    if (!(std::abs(gpu[i] - host[i]) <= tol)) {
+      ADD_FAILURE() << what << ": element " << i << " gpu " << gpu[i] << " host " << host[i];
+      ++bad;
+    }
+  }
+}
+
+// Drives the same token stream through a host-backend and a GPU-backend runtime and compares
+// every attend. seqs sequences, each: prefill of `prompt` tokens (more than the window, so part
+// goes straight to the host store), then decode steps of append 1 + attend per layer, with one
+// multi-token append (more than a window) half-way.
+void RunCompare(const Case& c, int seqs, int prompt, int steps, uint32_t seed) {
+  auto host_rt = Runtime::Create(MakeConfig(c, 0));
+  auto gpu_rt = Runtime::Create(MakeConfig(c, 1));
+  ASSERT_TRUE(host_rt.ok()) << host_rt.status();
+  ASSERT_TRUE(gpu_rt.ok()) << gpu_rt.status();
+  ASSERT_TRUE((*gpu_rt)->gpu_backend());
+  const RuntimeConfig& cfg = (*host_rt)->config();
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(c.device, stream->get());
+  std::mt19937 rng(seed);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  std::vector<int64_t> hs, gs;
+  for (int s = 0; s < seqs; ++s) {
+    hs.push_back(*(*host_rt)->CreateSequence());
+    gs.push_back(*(*gpu_rt)->CreateSequence());
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto q = Random(rng, prompt * q_row, c.dtype);
+      auto k = Random(rng, prompt * kv_row, c.dtype);
+      auto v = Random(rng, prompt * kv_row, c.dtype);
+      ASSERT_TRUE((*host_rt)->Prefill(hs[s], l, q.data(), k.data(), v.data(), prompt).ok());
+      auto st = (*gpu_rt)->Prefill(gs[s], l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec());
+      ASSERT_TRUE(st.ok()) << st;
+    }
+  }
+  for (int step = 0; step < steps; ++step) {
+    const int n_new = step == steps / 2 ? cfg.window_tokens + 13 : 1;
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      for (int s = 0; s < seqs; ++s) {
+        auto k = Random(rng, n_new * kv_row, c.dtype);
+        auto v = Random(rng, n_new * kv_row, c.dtype);
+        auto q = Random(rng, q_row, c.dtype);
+        ASSERT_TRUE((*host_rt)->Append(hs[s], l, k.data(), v.data(), n_new).ok());
+        auto st = (*gpu_rt)->Append(gs[s], l, dev.Put(k), dev.Put(v), n_new, dev.exec());
+        ASSERT_TRUE(st.ok()) << st;
+        std::vector<float> want(q_row);
+        ASSERT_TRUE((*host_rt)->Attend(hs[s], l, q.data(), want.data()).ok());
+        float* out = dev.Out(q_row);
+        st = (*gpu_rt)->Attend(gs[s], l, dev.Put(q), out, dev.exec());
+        ASSERT_TRUE(st.ok()) << st;
+        const std::string what = c.name + " step " + std::to_string(step) + " layer " +
+                                 std::to_string(l) + " seq " + std::to_string(s);
+        ExpectClose(dev.Get(out, q_row), want, what);
+        for (int h = 0; h < cfg.num_q_heads; h += 3) {
+          std::vector<int64_t> a, b;
+          ASSERT_TRUE((*host_rt)->GetAttended(hs[s], l, h, &a).ok());
+          ASSERT_TRUE((*gpu_rt)->GetAttended(gs[s], l, h, &b).ok());
+          std::sort(a.begin(), a.end());
+          std::sort(b.begin(), b.end());
+          EXPECT_EQ(a, b) << what << " head " << h;
+        }
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+    dev.Clear();
+  }
+  const auto a = (*host_rt)->Stats(), b = (*gpu_rt)->Stats();
+  EXPECT_EQ(a.gpu_tokens, b.gpu_tokens);
+  EXPECT_EQ(a.host_tokens, b.host_tokens);
+  EXPECT_EQ(a.evicted_tokens, b.evicted_tokens);
+  EXPECT_EQ(a.gpu_allocated_bytes, b.gpu_allocated_bytes);
+  EXPECT_GT(b.eviction_batches, 0);
+  EXPECT_GT(b.time_attend_ns, 0);
+  EXPECT_GT(b.time_gpu_attention_ns, 0);
+  for (int s = 0; s < seqs; ++s) ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs[s]).ok());
+  EXPECT_EQ((*gpu_rt)->Stats().gpu_allocated_bytes, 0);
+}
+
+class GpuBackend : public ::testing::TestWithParam<Case> {};
+
+TEST_P(GpuBackend, MatchesHostBackend) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  const bool small = Small();
+  RunCompare(GetParam(), small ? 1 : 3, small ? 300 : 700, small ? 6 : 40, 1234);
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> out;
+  for (auto kind : {cpu_index::IndexKind::kExact, cpu_index::IndexKind::kFlat})
+    for (bool device : {false, true})
+      for (DType t : {DType::kF32, DType::kBF16})
+        out.push_back({kind, device, t,
+                       std::string(kind == cpu_index::IndexKind::kExact ? "exact" : "flat") +
+                           (device ? "_device" : "_host") + "_" + std::string(DTypeName(t))});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(All, GpuBackend, ::testing::ValuesIn(Cases()),
+                         [](const auto& info) { return info.param.name; });
+
+TEST(GpuBackendConcurrency, SequencesFromSeveralThreads) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  // Each thread drives its own sequence of one shared GPU runtime (runtime streams, shared copy
+  // stream and pinned pool); each compares against its own host runtime.
+  const int threads = Small() ? 2 : 6;
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([t] {
+      RunCompare({cpu_index::IndexKind::kFlat, t % 2 == 1, DType::kBF16, "thread"}, 1, 200,
+                 Small() ? 4 : 20, 99 + t);
+    });
+  for (auto& th : pool) th.join();
+}
+
+TEST(GpuBackendConfig, UseGpuWithoutDevice) {
+  RuntimeConfig cfg;
+  cfg.use_gpu = 1;
+  auto rt = Runtime::Create(cfg);
+  if (transfer::CudaAvailable()) {
+    ASSERT_TRUE(rt.ok()) << rt.status();
+    EXPECT_EQ((*rt)->config().use_gpu, 1);
+    cfg.head_dim = 96;  // no kernel instantiation
+    auto bad = Runtime::Create(cfg);
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    cfg.use_gpu = -1;
+    auto fallback = Runtime::Create(cfg);
+    ASSERT_TRUE(fallback.ok());
+    EXPECT_EQ((*fallback)->config().use_gpu, 0);
+    return;
+  }
+  ASSERT_FALSE(rt.ok());
+  EXPECT_EQ(rt.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(std::string(rt.status().message()).find("CUDA"), std::string::npos);
+  cfg.use_gpu = -1;
+  auto host = Runtime::Create(cfg);
+  ASSERT_TRUE(host.ok());
+  EXPECT_EQ((*host)->config().use_gpu, 0);
+  EXPECT_FALSE((*host)->gpu_backend());
+  float out[128];
+  const unsigned char q[256] = {};
+  auto st = (*host)->Attend(0, 0, q, out, Exec{true, nullptr});
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace kvrt::runtime
