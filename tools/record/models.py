@@ -97,6 +97,17 @@ def load(name: str, dtype: str = "float32", cache_dir: Path | None = None, log=p
         else:
             tok = AutoTokenizer.from_pretrained(p)
             model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
+    if os.environ.get("KVRT_TOKENIZER_DIR"):  # a tokenizer converted elsewhere (see below)
+        tok = AutoTokenizer.from_pretrained(os.environ["KVRT_TOKENIZER_DIR"])
+    probe = "The quick brown fox jumps over the lazy dog near the riverbank."
+    n = len(tok(probe, add_special_tokens=False).input_ids)
+    if n >= len(probe) * 0.8:
+        # transformers 5.17 turns the Gemma 3 GGUF tokenizer into a character-level one (5.24
+        # does not): the model then reads garbage. Use a tokenizer converted by a good version.
+        raise SystemExit(f"tokenizer splits a {len(probe)}-char sentence into {n} tokens: broken "
+                         "GGUF tokenizer conversion (transformers {}); set KVRT_TOKENIZER_DIR to a "
+                         "folder with a good tokenizer.json".format(
+                             __import__("transformers").__version__))
     model.eval()
     log(f"model {label} loaded in {time.time() - t0:.1f}s")
     return model, tok, label
