@@ -252,7 +252,7 @@ def main(argv=None):
     AttentionMaskInterface.register("kvrt", sdpa_mask)
     model.set_attn_implementation("kvrt")
     log(f"kvrt ({args.index}, top-k {args.top_k}, sinks {args.sinks}, window {args.window}) on "
-        f"layers {layers}, teacher-forced on the full cache's tokens:")
+        f"layers {layers}, teacher-forced ({args.teacher}):")
     kv_tok, kv_lp = run(model, ids, args.gen, args.chunk,
                         forced=ref_tok if forced is None else forced, log=log)
     att.close()
