@@ -140,6 +140,10 @@ GpuTier::~GpuTier() {
 
 absl::Status LayerState::DrainEvictions(tbb::task_arena& arena, bool launch_index) {
   if (gpu_->evictions.empty()) return absl::OkStatus();
+  // The store grows here, not at append time: the background index insert reads the store, and
+  // only the callers of this (after waiting for it) may reallocate it.
+  for (auto& store : cold_)
+    KVRT_RETURN_IF_ERROR(store.Reserve(store.size() + gpu_->evictions.pending_rows()));
   const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim;
   const std::size_t hb = static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
   KVRT_RETURN_IF_ERROR(gpu_->evictions.Drain([&](const void* k, const void* v, int64_t rows) {
@@ -192,9 +196,6 @@ absl::Status LayerState::PrefillGpu(const void* q, const void* k, const void* v,
 
 absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n,
                                          tbb::task_arena& arena, const Exec& exec) {
-  if (absl::Status s = gpu_->index_work.Wait(arena); !s.ok() && index_status_.ok()) index_status_ = s;
-  // Rows evicted by earlier calls enter the store first (the store is in position order).
-  KVRT_RETURN_IF_ERROR(DrainEvictions(arena, false));
   const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
   const std::size_t tb = token_bytes();
   const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim;
@@ -205,6 +206,16 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   const int64_t new_cold = std::max<int64_t>(0, cold_end - cold_begin);
   auto* ks = static_cast<const unsigned char*>(k);
   auto* vs = static_cast<const unsigned char*>(v);
+  const int64_t evict = std::max<int64_t>(0, std::min(L, cold_end) - cold_begin);  // ring -> host
+  const int64_t direct_begin = std::max(L, cold_begin);
+  const int64_t direct = std::max<int64_t>(0, cold_end - direct_begin);  // input -> host
+  // Only a call that writes the store waits for the layer's background index insert (a decode
+  // append, which only evicts, does not: its rows reach the store at the next attend).
+  if (direct > 0 || !gpu_->evictions.empty()) {
+    if (absl::Status s = gpu_->index_work.Wait(); !s.ok() && index_status_.ok()) index_status_ = s;
+    // Rows evicted by earlier calls enter the store first (the store is in position order).
+    KVRT_RETURN_IF_ERROR(DrainEvictions(arena, false));
+  }
 
   // Budgets and allocations first (same rules and messages as the host backend).
   const bool need_sinks = gpu_->sink_k.empty() && S > 0;
@@ -254,7 +265,7 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
     st = made.status();
   }
   for (auto& store : cold_)
-    if (st.ok() && new_cold > 0) st = store.Reserve(store.size() + new_cold);
+    if (st.ok() && direct > 0) st = store.Reserve(store.size() + new_cold);
   if (!st.ok()) {
     if (need_sinks) gpu_->sink_k.Reset(), gpu_->sink_v.Reset();
     if (need_ring) gpu_->ring_k.Reset(), gpu_->ring_v.Reset();
@@ -270,7 +281,6 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   // 1. Ring tokens that leave the window: device copy into staging (stream order, before the ring
   //    slots are overwritten below), then D2H on the copy stream into pinned blocks. The batch
   //    reaches the host store at this layer's next attend or append (DrainEvictions).
-  const int64_t evict = std::max<int64_t>(0, std::min(L, cold_end) - cold_begin);
   if (evict > 0) {
     const std::size_t bytes = static_cast<std::size_t>(evict) * tb;
     KVRT_ASSIGN_OR_RETURN(void* staging, transfer::MallocAsync(2 * bytes, stream));
@@ -296,8 +306,6 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   }
   // 2. Tokens that go from the input straight to the host store (more than a window at once,
   //    e.g. a prompt): after the pending batch, in position order.
-  const int64_t direct_begin = std::max(L, cold_begin);
-  const int64_t direct = std::max<int64_t>(0, cold_end - direct_begin);
   if (direct > 0) {
     KVRT_RETURN_IF_ERROR(DrainEvictions(arena, false));
     const std::size_t off = static_cast<std::size_t>(direct_begin - L) * tb;
@@ -453,7 +461,6 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
     t.timing_pending = false;
   };
   collect_timing();  // the previous attend's device times (device output: read lazily)
-  if (absl::Status s = t.index_work.Wait(arena); !s.ok() && index_status_.ok()) index_status_ = s;
   if (t.ev_start.empty()) {
     for (auto* e : {&t.ev_start, &t.ev_tier, &t.ev_h2d_begin, &t.ev_h2d, &t.ev_merge}) {
       KVRT_ASSIGN_OR_RETURN(*e, transfer::Event::Create(true));
@@ -518,8 +525,10 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   KVRT_RETURN_IF_ERROR(gpu::TierAttention(tier, q_dev, params, o_gpu, lse_gpu, nullptr, stream));
   KVRT_RETURN_IF_ERROR(t.ev_tier.Record(stream));
 
-  // (b) CPU, meanwhile: q, the layer's evicted rows into the store, then the cold tier.
+  // (b) CPU, meanwhile: the layer's background index insert (normally long done), q, the
+  //     layer's evicted rows into the store, then the cold tier.
   const int64_t t1 = NowNs();
+  if (absl::Status s = t.index_work.Wait(); !s.ok() && index_status_.ok()) index_status_ = s;
   std::vector<float> q(of);
   if (exec.device) {
     KVRT_RETURN_IF_ERROR(q_ready.Synchronize());

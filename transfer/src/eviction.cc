@@ -30,40 +30,30 @@ void EvictionQueue::Discard() {
   rows_ = 0;
 }
 
-BackgroundWork::~BackgroundWork() {
-  if (!running_) return;
-  if (arena_ != nullptr) {
-    arena_->execute([&] { group_.wait(); });
-  } else {
-    group_.wait();
-  }
+BackgroundWork::~BackgroundWork() { (void)Wait(); }
+
+bool BackgroundWork::running() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return running_;
 }
 
 void BackgroundWork::Launch(tbb::task_arena& arena, std::function<absl::Status()> job) {
-  if (running_) {
-    absl::Status s = Wait(arena);
-    if (!s.ok() && status_.ok()) status_ = s;
-  }
-  arena_ = &arena;
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return !running_; });
   running_ = true;
-  arena.execute([&] {
-    group_.run([this, job = std::move(job)] {
-      absl::Status s = job();
-      if (!s.ok() && status_.ok()) status_ = std::move(s);
-    });
+  lock.unlock();
+  arena.enqueue([this, job = std::move(job)] {
+    absl::Status s = job();
+    std::lock_guard<std::mutex> guard(mu_);
+    if (!s.ok() && status_.ok()) status_ = std::move(s);
+    running_ = false;
+    cv_.notify_all();
   });
 }
 
-absl::Status BackgroundWork::Wait(tbb::task_arena& arena) {
-  if (running_) {
-    arena.execute([&] { group_.wait(); });
-    running_ = false;
-  }
-  return std::exchange(status_, absl::OkStatus());
-}
-
 absl::Status BackgroundWork::Wait() {
-  if (running_ && arena_ != nullptr) return Wait(*arena_);
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return !running_; });
   return std::exchange(status_, absl::OkStatus());
 }
 
