@@ -81,22 +81,26 @@ int Run(const BenchIndexArgs& a) {
       "scanned_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_per_key\n";
   for (auto kind : kinds) {
     kvrt::cli::PlotSeries rs{kvrt::cli::IndexKindOptionName(kind), {}, {}}, ms = rs;
-    for (int effort : efforts.empty() ? DefaultEfforts(kind, a.top_k) : efforts) {
-      kvrt::cli::ReplayOptions o;
-      o.index = kind;
-      o.top_k = a.top_k;
-      o.effort = effort;
-      o.sinks = a.sinks;
-      o.window = a.window;
-      o.threads = a.threads;
-      o.max_steps = a.steps;
-      o.progress = !a.quiet;
-      auto r = kvrt::cli::RunReplay(**trace, *ref, o);
-      if (!r.ok()) {
-        std::fprintf(stderr, "kvrt bench index: %s effort %d: %s\n", kvrt::cli::IndexKindOptionName(kind),
-                     effort, std::string(r.status().message()).c_str());
-        return 1;
-      }
+    std::vector<int> sweep = efforts.empty() ? DefaultEfforts(kind, a.top_k) : efforts;
+    if (kind == KVRT_INDEX_FLAT || kind == KVRT_INDEX_EXACT) sweep = {0};  // effort is meaningless
+    kvrt::cli::ReplayOptions o;
+    o.index = kind;
+    o.top_k = a.top_k;
+    o.sinks = a.sinks;
+    o.window = a.window;
+    o.threads = a.threads;
+    o.max_steps = a.steps;
+    o.progress = !a.quiet;
+    // One build per kind; every effort attends to the same states.
+    auto reports = kvrt::cli::RunReplaySweep(**trace, *ref, o, sweep);
+    if (!reports.ok()) {
+      std::fprintf(stderr, "kvrt bench index: %s: %s\n", kvrt::cli::IndexKindOptionName(kind),
+                   std::string(reports.status().message()).c_str());
+      return 1;
+    }
+    for (const auto& report : *reports) {
+      const auto* r = &report;
+      const int effort = r->effort;
       const double cold_keys = static_cast<double>(r->cold_tokens) * r->layers * r->kv_heads;
       const double bytes_per_key = cold_keys > 0 ? r->index_bytes / cold_keys : 0;
       std::printf("%-16s %7d %9.4f %9.4f %10.3g %10.3g %9.4f %10.1f %10.1f %10.1f %9.1f\n", r->index.c_str(),
@@ -117,7 +121,6 @@ int Run(const BenchIndexArgs& a) {
       rs.y.push_back(r->recall_at_k);
       ms.x.push_back(r->scanned_fraction);
       ms.y.push_back(r->mass_recall);
-      if (kind == KVRT_INDEX_FLAT || kind == KVRT_INDEX_EXACT) break;  // effort is meaningless
     }
     recall_series.push_back(rs);
     mass_series.push_back(ms);

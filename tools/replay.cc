@@ -202,12 +202,32 @@ absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t
   return ref;
 }
 
-absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactReference& ref,
-                                       const ReplayOptions& opt) {
+namespace {
+
+// What one effort of a sweep accumulates over the replay.
+struct EffortAcc {
+  std::vector<double> attend_us, errors, recalls, masses;
+  std::vector<double> layer_recall, layer_mass, layer_err;
+  std::vector<HeadReport> heads;
+  double cold_attended = 0;
+  int64_t scored = 0, searchable = 0;
+};
+
+double Mean(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReader& t,
+                                                         const ExactReference& ref,
+                                                         const ReplayOptions& opt,
+                                                         const std::vector<int>& efforts) {
   const auto& m = t.meta();
   const int steps = StepsOf(m, opt.max_steps);
   if (steps > ref.steps || opt.top_k > ref.top_k)
     return absl::InvalidArgumentError("replay: the exact reference covers fewer steps or a smaller k");
+  if (efforts.empty()) return absl::InvalidArgumentError("replay: no search effort given");
   const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
   const float scale = ScaleOf(m);
 
@@ -222,7 +242,7 @@ absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactR
   cfg.window_tokens = opt.window;
   cfg.top_k = opt.top_k;
   cfg.index_kind = opt.index;
-  cfg.search_effort = opt.effort;
+  cfg.search_effort = efforts[0];
   cfg.worker_threads = opt.threads;
   cfg.record_attended = 1;
   std::string error;
@@ -234,29 +254,17 @@ absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactR
   if (Check(kvrt_seq_create(rt, &seq), "kvrt_seq_create", &error) != KVRT_OK)
     return absl::InternalError(error);
 
-  ReplayReport r;
-  r.trace = t.path();
-  r.index = IndexKindOptionName(opt.index);
-  r.layers = m.num_layers;
-  r.q_heads = H;
-  r.kv_heads = G;
-  r.head_dim = d;
-  r.sinks = opt.sinks;
-  r.window = opt.window;
-  r.top_k = opt.top_k;
-  r.effort = opt.effort;
-  r.steps = steps;
-  r.prompt_tokens = m.prompt_tokens;
-
   const std::size_t es = DTypeSize(m.dtype);
   const std::size_t qrow = static_cast<std::size_t>(H) * d * es, kvrow = static_cast<std::size_t>(G) * d * es;
-  std::vector<double> attend_us, append_us, errors, recalls, masses;
-  r.heads.resize(static_cast<std::size_t>(m.num_layers) * H);
-  double prefill_ms = 0, cold_attended = 0;
+  const std::size_t n_heads = static_cast<std::size_t>(m.num_layers) * H;
+  std::vector<EffortAcc> acc(efforts.size());
+  for (auto& a : acc) a.heads.resize(n_heads);
+  std::vector<double> append_us;
+  int streaming_heads = 0;
+  double prefill_ms = 0;
   std::vector<float> out(static_cast<std::size_t>(H) * d);
   std::vector<int64_t> ids;
   kvrt_stats before{}, after{};
-  int64_t scored = 0, searchable = 0;
   for (int layer = 0; layer < m.num_layers; ++layer) {
     auto kv = LoadLayer(t, layer, steps);
     if (!kv.ok()) return kv.status();
@@ -268,20 +276,22 @@ absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactR
     auto dv = t.Tensor(layer, "decode.v");
     for (auto* s : {&pq, &pk, &pv, &dq, &dk, &dv})
       if (!s->ok()) return s->status();
-    {  // GPU-tier mass per head from the prompt: cheap, always reported
-      const auto share = TierMassFromPrompt(m, *kv, *pq, opt.sinks, opt.window, opt.calibration_queries);
-      for (int h = 0; h < H; ++h) {
-        auto& hr = r.heads[static_cast<std::size_t>(layer) * H + h];
+    // GPU-tier mass per head from the prompt: cheap, always reported.
+    const auto share = TierMassFromPrompt(m, *kv, *pq, opt.sinks, opt.window, opt.calibration_queries);
+    for (int h = 0; h < H; ++h) {
+      const bool streaming = opt.streaming_threshold > 0 && share[h] >= opt.streaming_threshold;
+      for (auto& a : acc) {
+        auto& hr = a.heads[static_cast<std::size_t>(layer) * H + h];
         hr.layer = layer;
         hr.head = h;
         hr.tier_mass_calibration = share[h];
-        hr.streaming = opt.streaming_threshold > 0 && share[h] >= opt.streaming_threshold;
-        if (hr.streaming) {
-          ++r.streaming_heads;
-          if (Check(kvrt_set_head_policy(rt, layer, h, KVRT_HEAD_STREAMING), "kvrt_set_head_policy",
-                    &error) != KVRT_OK)
-            return absl::InternalError(error);
-        }
+        hr.streaming = streaming;
+      }
+      if (streaming) {
+        ++streaming_heads;
+        if (Check(kvrt_set_head_policy(rt, layer, h, KVRT_HEAD_STREAMING), "kvrt_set_head_policy",
+                  &error) != KVRT_OK)
+          return absl::InternalError(error);
       }
     }
     auto t0 = Clock::now();
@@ -290,105 +300,143 @@ absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactR
               "kvrt_prefill", &error) != KVRT_OK)
       return absl::InternalError(error);
     prefill_ms += Micros(t0, Clock::now()) / 1000.0;
-    double layer_recall = 0, layer_mass = 0, layer_err = 0;
+    for (auto& a : acc) {
+      a.layer_recall.push_back(0);
+      a.layer_mass.push_back(0);
+      a.layer_err.push_back(0);
+    }
     for (int step = 0; step < steps; ++step) {
       auto* k = static_cast<const unsigned char*>(dk->data) + step * kvrow;
       auto* v = static_cast<const unsigned char*>(dv->data) + step * kvrow;
       auto a0 = Clock::now();
       if (Check(kvrt_append(rt, seq, layer, k, v, 1), "kvrt_append", &error) != KVRT_OK)
         return absl::InternalError(error);
-      auto a1 = Clock::now();
-      kvrt_get_stats(rt, &before);
-      auto b0 = Clock::now();
-      if (Check(kvrt_attend(rt, seq, layer, static_cast<const unsigned char*>(dq->data) + step * qrow,
-                            out.data()),
-                "kvrt_attend", &error) != KVRT_OK)
-        return absl::InternalError(error);
-      auto b1 = Clock::now();
-      kvrt_get_stats(rt, &after);
-      append_us.push_back(Micros(a0, a1));
-      attend_us.push_back(Micros(b0, b1));
-      scored += after.keys_scored - before.keys_scored;
-      searchable += after.cold_keys_searchable - before.cold_keys_searchable;
-      cold_attended += static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
-
+      append_us.push_back(Micros(a0, Clock::now()));
       const int64_t n = m.prompt_tokens + step + 1;
       std::vector<uint8_t> mark(n, 0);
       std::vector<float> q(d);
-      for (int h = 0; h < H; ++h) {
-        const int g = h / group;
-        const std::size_t at = ref.at(layer, step, h);
-        int64_t count = 0;
-        if (Check(kvrt_get_attended(rt, seq, layer, h, nullptr, 0, &count), "kvrt_get_attended",
-                  &error) != KVRT_OK)
+      // Every effort attends to the same state: one build, one pass over the steps.
+      for (std::size_t e = 0; e < efforts.size(); ++e) {
+        auto& a = acc[e];
+        if (efforts.size() > 1 &&
+            Check(kvrt_set_search_effort(rt, efforts[e]), "kvrt_set_search_effort", &error) != KVRT_OK)
+          return absl::InvalidArgumentError(error);
+        kvrt_get_stats(rt, &before);
+        auto b0 = Clock::now();
+        if (Check(kvrt_attend(rt, seq, layer, static_cast<const unsigned char*>(dq->data) + step * qrow,
+                              out.data()),
+                  "kvrt_attend", &error) != KVRT_OK)
           return absl::InternalError(error);
-        ids.resize(count);
-        kvrt_get_attended(rt, seq, layer, h, ids.data(), count, &count);
-        ConvertToF32(static_cast<const unsigned char*>(dq->data) + step * qrow + h * d * es, m.dtype,
-                     d, q.data());
-        double mass = 0;
-        for (int64_t id : ids) {
-          if (id < 0 || id >= n || mark[id])
-            return absl::InternalError(absl::StrCat("replay: attended id ", id,
-                                                    " is out of range or repeated (layer ", layer,
-                                                    ", step ", step, ", head ", h, ")"));
-          mark[id] = 1;
-          const float s = scale * Dot(q.data(), kv->k.data() + (id * G + g) * d, d);
-          mass += std::exp(static_cast<double>(s) - ref.lse[at]);
+        a.attend_us.push_back(Micros(b0, Clock::now()));
+        kvrt_get_stats(rt, &after);
+        a.scored += after.keys_scored - before.keys_scored;
+        a.searchable += after.cold_keys_searchable - before.cold_keys_searchable;
+        a.cold_attended += static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
+        for (int h = 0; h < H; ++h) {
+          const int g = h / group;
+          const std::size_t at = ref.at(layer, step, h);
+          int64_t count = 0;
+          if (Check(kvrt_get_attended(rt, seq, layer, h, nullptr, 0, &count), "kvrt_get_attended",
+                    &error) != KVRT_OK)
+            return absl::InternalError(error);
+          ids.resize(count);
+          kvrt_get_attended(rt, seq, layer, h, ids.data(), count, &count);
+          ConvertToF32(static_cast<const unsigned char*>(dq->data) + step * qrow + h * d * es, m.dtype,
+                       d, q.data());
+          double mass = 0;
+          for (int64_t id : ids) {
+            if (id < 0 || id >= n || mark[id])
+              return absl::InternalError(absl::StrCat("replay: attended id ", id,
+                                                      " is out of range or repeated (layer ", layer,
+                                                      ", step ", step, ", head ", h, ")"));
+            mark[id] = 1;
+            const float sc = scale * Dot(q.data(), kv->k.data() + (id * G + g) * d, d);
+            mass += std::exp(static_cast<double>(sc) - ref.lse[at]);
+          }
+          const int64_t kk = std::min<int64_t>(opt.top_k, n);
+          int64_t hit = 0;
+          for (int64_t i = 0; i < kk; ++i) hit += mark[ref.top_ids[at * ref.top_k + i]];
+          for (int64_t id : ids) mark[id] = 0;
+          double num = 0, den = 0;
+          for (int j = 0; j < d; ++j) {
+            const double diff = out[h * d + j] - ref.o[at * d + j];
+            num += diff * diff;
+            den += static_cast<double>(ref.o[at * d + j]) * ref.o[at * d + j];
+          }
+          const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+          const double recall = static_cast<double>(hit) / kk;
+          mass = std::min(1.0, mass);
+          a.errors.push_back(err);
+          a.recalls.push_back(recall);
+          a.masses.push_back(mass);
+          a.layer_recall.back() += recall;
+          a.layer_mass.back() += mass;
+          a.layer_err.back() += err;
+          auto& hr = a.heads[static_cast<std::size_t>(layer) * H + h];
+          hr.recall += recall / steps;
+          hr.mass += mass / steps;
+          hr.error_mean += err / steps;
         }
-        const int64_t kk = std::min<int64_t>(opt.top_k, n);
-        int64_t hit = 0;
-        for (int64_t i = 0; i < kk; ++i) hit += mark[ref.top_ids[at * ref.top_k + i]];
-        for (int64_t id : ids) mark[id] = 0;
-        double num = 0, den = 0;
-        for (int j = 0; j < d; ++j) {
-          const double e = out[h * d + j] - ref.o[at * d + j];
-          num += e * e;
-          den += static_cast<double>(ref.o[at * d + j]) * ref.o[at * d + j];
-        }
-        const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-        const double recall = static_cast<double>(hit) / kk;
-        errors.push_back(err);
-        recalls.push_back(recall);
-        masses.push_back(std::min(1.0, mass));
-        layer_recall += recall;
-        layer_mass += std::min(1.0, mass);
-        layer_err += err;
-        auto& hr = r.heads[static_cast<std::size_t>(layer) * H + h];
-        hr.recall += recall / steps;
-        hr.mass += std::min(1.0, mass) / steps;
-        hr.error_mean += err / steps;
       }
       if (opt.progress && (step + 1 == steps || step % 16 == 0))
-        std::fprintf(stderr, "\rreplay [%s]: layer %d/%d step %d/%d   ", r.index.c_str(), layer + 1,
-                     m.num_layers, step + 1, steps);
+        std::fprintf(stderr, "\rreplay [%s]: layer %d/%d step %d/%d   ", IndexKindOptionName(opt.index),
+                     layer + 1, m.num_layers, step + 1, steps);
     }
     const double cells = std::max(1, steps * H);
-    r.layer_recall.push_back(layer_recall / cells);
-    r.layer_mass.push_back(layer_mass / cells);
-    r.layer_error_mean.push_back(layer_err / cells);
+    for (auto& a : acc) {
+      a.layer_recall.back() /= cells;
+      a.layer_mass.back() /= cells;
+      a.layer_err.back() /= cells;
+    }
   }
   if (opt.progress) std::fprintf(stderr, "\n");
   kvrt_get_stats(rt, &after);
-  auto mean = [](const std::vector<double>& v) {
-    return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / v.size();
-  };
-  r.recall_at_k = mean(recalls);
-  r.mass_recall = mean(masses);
-  r.output_rel_error_mean = mean(errors);
-  r.output_rel_error_p99 = Percentile(errors, 0.99);
-  r.output_rel_error_max = errors.empty() ? 0 : *std::max_element(errors.begin(), errors.end());
-  r.scanned_fraction = searchable > 0 ? static_cast<double>(scored) / searchable : 0.0;
-  r.latency_us_p50 = Percentile(attend_us, 0.50);
-  r.latency_us_p99 = Percentile(attend_us, 0.99);
-  r.append_us_p50 = Percentile(append_us, 0.50);
-  r.prefill_ms_per_layer = prefill_ms / std::max(1, m.num_layers);
-  r.cold_tokens_attended_per_head = attend_us.empty() ? 0 : cold_attended / attend_us.size();
-  r.gpu_bytes = after.gpu_bytes;
-  r.host_bytes = after.host_bytes;
-  r.index_bytes = after.index_bytes;
-  r.cold_tokens = after.host_tokens / std::max(1, m.num_layers);
-  return r;
+  std::vector<ReplayReport> reports;
+  for (std::size_t e = 0; e < efforts.size(); ++e) {
+    const auto& a = acc[e];
+    ReplayReport r;
+    r.trace = t.path();
+    r.index = IndexKindOptionName(opt.index);
+    r.layers = m.num_layers;
+    r.q_heads = H;
+    r.kv_heads = G;
+    r.head_dim = d;
+    r.sinks = opt.sinks;
+    r.window = opt.window;
+    r.top_k = opt.top_k;
+    r.effort = efforts[e];
+    r.steps = steps;
+    r.prompt_tokens = m.prompt_tokens;
+    r.recall_at_k = Mean(a.recalls);
+    r.mass_recall = Mean(a.masses);
+    r.output_rel_error_mean = Mean(a.errors);
+    r.output_rel_error_p99 = Percentile(a.errors, 0.99);
+    r.output_rel_error_max = a.errors.empty() ? 0 : *std::max_element(a.errors.begin(), a.errors.end());
+    r.scanned_fraction = a.searchable > 0 ? static_cast<double>(a.scored) / a.searchable : 0.0;
+    r.latency_us_p50 = Percentile(a.attend_us, 0.50);
+    r.latency_us_p99 = Percentile(a.attend_us, 0.99);
+    r.append_us_p50 = Percentile(append_us, 0.50);
+    r.prefill_ms_per_layer = prefill_ms / std::max(1, m.num_layers);
+    r.cold_tokens_attended_per_head = a.attend_us.empty() ? 0 : a.cold_attended / a.attend_us.size();
+    r.gpu_bytes = after.gpu_bytes;
+    r.host_bytes = after.host_bytes;
+    r.index_bytes = after.index_bytes;
+    r.cold_tokens = after.host_tokens / std::max(1, m.num_layers);
+    r.layer_recall = a.layer_recall;
+    r.layer_mass = a.layer_mass;
+    r.layer_error_mean = a.layer_err;
+    r.streaming_heads = streaming_heads;
+    r.heads = a.heads;
+    reports.push_back(std::move(r));
+  }
+  return reports;
+}
+
+absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& t, const ExactReference& ref,
+                                       const ReplayOptions& opt) {
+  auto reports = RunReplaySweep(t, ref, opt, {opt.effort});
+  if (!reports.ok()) return reports.status();
+  return std::move(reports->front());
 }
 
 }  // namespace kvrt::cli

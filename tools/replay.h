@@ -69,6 +69,13 @@ absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t
 absl::StatusOr<ReplayReport> RunReplay(const trace::TraceReader& trace, const ExactReference& ref,
                                        const ReplayOptions& options);
 
+// One build of the index, then every decode step attended once per effort (kvrt_set_search_effort)
+// on the same state: a report per effort, in order. options.effort is ignored.
+absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReader& trace,
+                                                         const ExactReference& ref,
+                                                         const ReplayOptions& options,
+                                                         const std::vector<int>& efforts);
+
 absl::StatusOr<kvrt_index_kind> ParseIndexKindOption(const std::string& name);
 const char* IndexKindOptionName(kvrt_index_kind kind);
 

@@ -208,6 +208,10 @@ typedef enum kvrt_head_policy { KVRT_HEAD_RETRIEVAL = 0, KVRT_HEAD_STREAMING = 1
 KVRT_API kvrt_status kvrt_set_head_policy(kvrt_runtime* rt, int32_t layer, int32_t q_head,
                                           kvrt_head_policy policy);
 
+/* Sets config.search_effort for later searches of every sequence, so that a benchmark can sweep
+ * effort over one built index. Not concurrent with kvrt_attend. */
+KVRT_API kvrt_status kvrt_set_search_effort(kvrt_runtime* rt, int32_t effort);
+
 /* ---- statistics ------------------------------------------------------------------------------ */
 
 typedef struct kvrt_stats {

@@ -315,6 +315,15 @@ kvrt_status kvrt_set_head_policy(kvrt_runtime* rt, int32_t layer, int32_t q_head
   KVRT_API_CATCH
 }
 
+kvrt_status kvrt_set_search_effort(kvrt_runtime* rt, int32_t effort) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_set_search_effort"); s != KVRT_OK) return s;
+  if (kvrt_status s = FromStatus(rt->impl->SetSearchEffort(effort)); s != KVRT_OK) return s;
+  rt->config.search_effort = effort;
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
 kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_get_stats"); s != KVRT_OK) return s;

@@ -264,6 +264,12 @@ absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {
   return absl::OkStatus();
 }
 
+absl::Status Runtime::SetSearchEffort(int effort) {
+  KVRT_RETURN_IF_ERROR(Range("search_effort", effort, 0, 1 << 24));
+  config_.search_effort = effort;
+  return absl::OkStatus();
+}
+
 absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
                                   std::vector<int64_t>* ids) const {
   if (!config_.record_attended)

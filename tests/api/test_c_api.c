@@ -56,6 +56,9 @@ int main(void) {
   CHECK(kvrt_prefill_ex(rt, seq, 1, NULL, k, v, T, &exec) == KVRT_OK);
   CHECK(kvrt_append_ex(rt, seq, 1, k, v, 1, &exec) == KVRT_OK);
   CHECK(kvrt_attend_ex(rt, seq, 1, q, out, &exec) == KVRT_OK);
+  CHECK(kvrt_set_search_effort(rt, 7) == KVRT_OK);
+  CHECK(kvrt_runtime_config(rt, &eff) == KVRT_OK && eff.search_effort == 7);
+  CHECK(kvrt_set_search_effort(rt, -1) == KVRT_ERR_INVALID_ARGUMENT);
   CHECK(kvrt_set_head_policy(rt, 1, 3, KVRT_HEAD_STREAMING) == KVRT_OK);
   CHECK(kvrt_attend(rt, seq, 1, q, out) == KVRT_OK);
   CHECK(kvrt_get_attended(rt, seq, 1, 3, ids, T, &count) == KVRT_OK && count == 2 + 8);

@@ -96,6 +96,10 @@ class Runtime {
   // Not concurrent with Attend on any sequence (set it before decoding).
   absl::Status SetHeadStreaming(int layer, int q_head, bool streaming);
 
+  // Changes config.search_effort for later searches (benchmarks sweep it over one built index).
+  // Not concurrent with Attend.
+  absl::Status SetSearchEffort(int effort);
+
   // Positions the last Attend of (seq, layer) used for q_head (needs record_attended).
   absl::Status GetAttended(int64_t seq, int layer, int q_head, std::vector<int64_t>* ids) const;
 
