@@ -81,8 +81,14 @@ TEST(ApiCreate, RejectsBadConfigNamingTheField) {
   }
   c = kvrt_config_default();
   c.use_gpu = 1;
-  EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_UNIMPLEMENTED);
-  EXPECT_TRUE(Mentions("CUDA"));
+  // Without a CUDA device (CI) the GPU backend is refused by name; with one it is created.
+  const kvrt_status st = kvrt_runtime_create(&c, &rt);
+  if (st == KVRT_OK) {
+    kvrt_runtime_destroy(rt);
+  } else {
+    EXPECT_EQ(st, KVRT_ERR_UNIMPLEMENTED);
+    EXPECT_TRUE(Mentions("CUDA")) << kvrt_last_error();
+  }
 }
 
 TEST_F(ApiTest, NullHandlesAndPointers) {
