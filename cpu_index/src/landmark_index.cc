@@ -22,7 +22,11 @@ namespace {
 
 constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) float BlockBound(
+// NOTE: no target_clones under TSan (its ifunc resolver would run before the TSan runtime; see dot.cc).
+#if !defined(__SANITIZE_THREAD__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+float BlockBound(
     const float* q, const float* mn, const float* mx, int d) {
   float acc[16] = {};
   int i = 0;
