@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/src/budget.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_gpu/kernels.h"
@@ -28,18 +29,6 @@ int64_t NowNs() {
       .count();
 }
 
-// Same rule as the host backend (layer_state.cc): lock-free reservation against a budget.
-bool TryReserve(std::atomic<int64_t>& used, int64_t add, int64_t limit) {
-  if (limit < 0 || add <= 0) {
-    used += add;
-    return true;
-  }
-  int64_t cur = used.load();
-  do {
-    if (cur + add > limit) return false;
-  } while (!used.compare_exchange_weak(cur, cur + add));
-  return true;
-}
 
 // Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
 // contiguous pieces of the ring, so plain async copies do it (no index array to upload).
@@ -221,29 +210,8 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   const bool need_sinks = gpu_->sink_k.empty() && S > 0;
   const bool need_ring = gpu_->ring_k.empty() && L2 > S;
   const int64_t gpu_add = 2 * static_cast<int64_t>(tb) * ((need_sinks ? S : 0) + (need_ring ? W : 0));
-  if (!TryReserve(counters_->gpu_allocated_bytes, gpu_add,
-                  cfg_->gpu_memory_limit > 0 ? cfg_->gpu_memory_limit : -1))
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "GPU-tier memory limit: ", counters_->gpu_allocated_bytes.load(), " bytes in use + ", gpu_add,
-        " needed > gpu_memory_limit ", cfg_->gpu_memory_limit));
-  const int64_t per_token = 2 * static_cast<int64_t>(tb);
-  if (cfg_->host_memory_limit > 0) {
-    const int64_t token_limit =
-        std::max<int64_t>(0, (cfg_->host_memory_limit - counters_->index_bytes.load()) / per_token);
-    if (!TryReserve(counters_->host_tokens, new_cold, token_limit)) {
-      counters_->gpu_allocated_bytes -= gpu_add;
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "host memory limit: ", counters_->host_tokens.load() * per_token, " bytes of host store + ",
-          counters_->index_bytes.load(), " of indexes in use, ", new_cold * per_token,
-          " more needed > host_memory_limit ", cfg_->host_memory_limit));
-    }
-  } else {
-    counters_->host_tokens += new_cold;
-  }
-  auto give_back = [&] {
-    counters_->gpu_allocated_bytes -= gpu_add;
-    counters_->host_tokens -= new_cold;
-  };
+  BudgetReservation budget;
+  KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, gpu_add, new_cold, tb));
   auto alloc = [&](transfer::DeviceBuffer* b, int64_t rows) -> absl::Status {
     auto made = transfer::DeviceBuffer::Allocate(static_cast<std::size_t>(rows) * tb);
     if (!made.ok()) return made.status();
@@ -269,9 +237,9 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   if (!st.ok()) {
     if (need_sinks) gpu_->sink_k.Reset(), gpu_->sink_v.Reset();
     if (need_ring) gpu_->ring_k.Reset(), gpu_->ring_v.Reset();
-    give_back();
     return absl::Status(st.code(), absl::StrCat("append (GPU backend): ", st.message()));
   }
+  budget.Commit();
 
   StreamLease lease(gpu_ctx_, exec);
   KVRT_RETURN_IF_ERROR(lease.status());

@@ -7,6 +7,7 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "runtime/src/budget.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -18,20 +19,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many cold tokens no index is built: an exact scan of so few keys is as cheap as a
 // search, and IVF/graph builds on a handful of points are poor.
 constexpr int64_t kIndexMinRows = 256;
-
-// Adds `add` to `used` unless that would pass `limit` (negative = no limit). Lock-free, so
-// concurrent sequences never overshoot a budget together.
-bool TryReserve(std::atomic<int64_t>& used, int64_t add, int64_t limit) {
-  if (limit < 0 || add <= 0) {
-    used += add;
-    return true;
-  }
-  int64_t cur = used.load();
-  do {
-    if (cur + add > limit) return false;
-  } while (!used.compare_exchange_weak(cur, cur + add));
-  return true;
-}
 
 }  // namespace
 
@@ -119,31 +106,8 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
   const bool need_sinks = sink_k_.empty() && S > 0;
   const bool need_ring = ring_k_.empty() && L2 > S;
   const int64_t gpu_add = 2 * static_cast<int64_t>(tb) * ((need_sinks ? S : 0) + (need_ring ? W : 0));
-  if (!TryReserve(counters_->gpu_allocated_bytes, gpu_add,
-                  cfg_->gpu_memory_limit > 0 ? cfg_->gpu_memory_limit : -1))
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "GPU-tier memory limit: ", counters_->gpu_allocated_bytes.load(), " bytes in use + ", gpu_add,
-        " needed > gpu_memory_limit ", cfg_->gpu_memory_limit));
-  const int64_t host_add = 2 * static_cast<int64_t>(tb) * std::max<int64_t>(new_cold, 0);
-  const int64_t host_limit = cfg_->host_memory_limit;
-  if (host_limit > 0) {
-    // host_tokens is counted in tokens; the budget covers the store and the indexes.
-    const int64_t per_token = 2 * static_cast<int64_t>(tb);
-    const int64_t token_limit = std::max<int64_t>(0, (host_limit - counters_->index_bytes.load()) / per_token);
-    if (!TryReserve(counters_->host_tokens, std::max<int64_t>(new_cold, 0), token_limit)) {
-      counters_->gpu_allocated_bytes -= gpu_add;
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "host memory limit: ", counters_->host_tokens.load() * per_token, " bytes of host store + ",
-          counters_->index_bytes.load(), " of indexes in use, ", host_add,
-          " more needed > host_memory_limit ", host_limit));
-    }
-  } else {
-    counters_->host_tokens += std::max<int64_t>(new_cold, 0);
-  }
-  auto give_back = [&] {
-    counters_->gpu_allocated_bytes -= gpu_add;
-    counters_->host_tokens -= std::max<int64_t>(new_cold, 0);
-  };
+  BudgetReservation budget;
+  KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, gpu_add, new_cold, tb));
   try {
     if (need_sinks) {
       sink_k_.resize(S * tb);
@@ -156,18 +120,17 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
   } catch (const std::bad_alloc&) {
     if (need_sinks) sink_k_ = {}, sink_v_ = {};
     if (need_ring) ring_k_ = {}, ring_v_ = {};
-    give_back();
     return absl::ResourceExhaustedError(
         absl::StrCat("append: cannot allocate ", gpu_add, " bytes of GPU-tier buffers"));
   }
   if (new_cold > 0) {
     for (auto& store : cold_) {
       if (absl::Status st = store.Reserve(store.size() + new_cold); !st.ok()) {
-        give_back();
         return st;
       }
     }
   }
+  budget.Commit();
 
   // 1. Tokens that become cold, in position order: from the ring (older) or straight from the
   //    input (when more than a window arrives at once).
