@@ -338,75 +338,6 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   return std::exchange(index_status_, absl::OkStatus());
 }
 
-absl::Status LayerState::ColdHeadGpu(int h, const float* qh, float* o, float* lse,
-                                     std::vector<int64_t>* ids, int64_t* scored, int64_t* search_ns) {
-  // NOTE: the same cold-tier step as the host backend's Attend (layer_state.cc), kept separate so
-  // the host path stays byte-for-byte as it was; a shared helper is the obvious follow-up.
-  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
-  const int g = h / group;
-  const auto& store = cold_[g];
-  const int64_t n_cold = store.size();
-  const int64_t t0 = NowNs();
-  if (cfg_->index_kind == cpu_index::IndexKind::kExact) {
-    cpu_index::AttendStoreAll(qh, cfg_->scale, store, o, lse);
-    *scored = n_cold;
-    if (cfg_->record_attended) {
-      ids->resize(n_cold);
-      for (int64_t i = 0; i < n_cold; ++i) (*ids)[i] = i;
-    }
-    *search_ns = 0;
-    return absl::OkStatus();
-  }
-  const auto* index = index_[g].get();
-  const int64_t indexed = index ? index->size() : 0;
-  std::vector<float> scores;
-  if (index) {
-    cpu_index::SearchResult found;
-    cpu_index::SearchParams params;
-    params.k = cfg_->top_k;
-    params.effort = cfg_->search_effort;
-    KVRT_RETURN_IF_ERROR(index->Search(store, qh, params, &found));
-    *ids = std::move(found.ids);
-    scores = std::move(found.scores);
-    *scored = found.scanned;
-  }
-  // Rows the index does not cover yet (evicted since its last background insert) are scanned
-  // exactly and compete with the index's results for the top-k by score.
-  // NOTE: unlike the host backend (whose index always covers every stored row after Append), the
-  // union is cut back to k here, so that with an exact (flat) index the set equals the host
-  // backend's top-k over all rows although the index lags by the latest evictions.
-  if (indexed < n_cold) {
-    std::vector<float> s(n_cold - indexed);
-    store.Dot(qh, indexed, n_cold, s.data());
-    std::vector<int64_t> tail;
-    std::vector<float> tail_scores;
-    cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
-    *scored += n_cold - indexed;
-    if (index == nullptr) {
-      for (auto t : tail) ids->push_back(indexed + t);
-    } else {
-      if (scores.size() != ids->size()) {
-        scores.resize(ids->size());
-        store.DotIds(qh, ids->data(), static_cast<int64_t>(ids->size()), scores.data());
-      }
-      for (std::size_t i = 0; i < tail.size(); ++i) {
-        ids->push_back(indexed + tail[i]);
-        scores.push_back(tail_scores[i]);
-      }
-      if (static_cast<int64_t>(ids->size()) > cfg_->top_k) {
-        std::vector<int64_t> best;
-        cpu_index::TopK(scores.data(), static_cast<int64_t>(scores.size()), cfg_->top_k, &best, nullptr);
-        std::vector<int64_t> kept(best.size());
-        for (std::size_t i = 0; i < best.size(); ++i) kept[i] = (*ids)[best[i]];
-        *ids = std::move(kept);
-      }
-    }
-  }
-  *search_ns = NowNs() - t0;
-  cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids->data(), static_cast<int64_t>(ids->size()), o, lse);
-  return absl::OkStatus();
-}
-
 absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena& arena,
                                    const uint8_t* streaming, const Exec& exec) {
   if (length_ == 0)
@@ -519,7 +450,7 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
       std::vector<int64_t> ids;
       if (n_cold > 0 && !(streaming && streaming[h])) {
         const int64_t h0 = NowNs();
-        status[h] = ColdHeadGpu(h, q.data() + static_cast<std::size_t>(h) * d,
+        status[h] = ColdHead(h, q.data() + static_cast<std::size_t>(h) * d,
                                 o_cpu.data() + static_cast<std::size_t>(h) * d, &lse_cpu[h], &ids,
                                 &scored[h], &search_ns[h]);
         busy_ns[h] = NowNs() - h0;

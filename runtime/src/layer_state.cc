@@ -1,6 +1,7 @@
 #include "runtime/src/layer_state.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -19,6 +20,12 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many cold tokens no index is built: an exact scan of so few keys is as cheap as a
 // search, and IVF/graph builds on a handful of points are poor.
 constexpr int64_t kIndexMinRows = 256;
+
+int64_t SteadyNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 }  // namespace
 
@@ -247,43 +254,14 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
                              n_window_, o2.data(), &lse2);
       cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
       // Cold tier.
-      const auto& store = cold_[g];
       std::vector<int64_t> ids;
       if (n_cold > 0 && !(streaming && streaming[h])) {
-        if (cfg_->index_kind == cpu_index::IndexKind::kExact) {
-          cpu_index::AttendStoreAll(qh, cfg_->scale, store, o2.data(), &lse2);
-          scored[h] = n_cold;
-          attended_cold[h] = n_cold;
-          if (cfg_->record_attended) {
-            ids.resize(n_cold);
-            for (int64_t i = 0; i < n_cold; ++i) ids[i] = i;
-          }
-        } else {
-          const auto* index = index_[g].get();
-          const int64_t indexed = index ? index->size() : 0;
-          if (index) {
-            cpu_index::SearchResult found;
-            cpu_index::SearchParams params;
-            params.k = cfg_->top_k;
-            params.effort = cfg_->search_effort;
-            status[h] = index->Search(store, qh, params, &found);
-            if (!status[h].ok()) return;
-            ids = std::move(found.ids);
-            scored[h] = found.scanned;
-          }
-          // Rows the index does not cover yet are scanned exactly and compete for the top-k.
-          if (indexed < n_cold) {
-            std::vector<float> s(n_cold - indexed);
-            store.Dot(qh, indexed, n_cold, s.data());
-            std::vector<int64_t> tail;
-            cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, nullptr);
-            for (auto t : tail) ids.push_back(indexed + t);
-            scored[h] += n_cold - indexed;
-          }
-          cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids.data(),
-                                     static_cast<int64_t>(ids.size()), o2.data(), &lse2);
-          attended_cold[h] = static_cast<int64_t>(ids.size());
-        }
+        int64_t search_ns = 0;
+        status[h] = ColdHead(h, qh, o2.data(), &lse2, &ids, &scored[h], &search_ns);
+        if (!status[h].ok()) return;
+        attended_cold[h] = cfg_->index_kind == cpu_index::IndexKind::kExact
+                               ? n_cold
+                               : static_cast<int64_t>(ids.size());
         cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
       }
       if (cfg_->record_attended) {
@@ -306,6 +284,74 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
   counters_->keys_scored += total_scored;
   counters_->cold_keys_searchable += n_cold * H;
   counters_->cold_tokens_attended += total_cold;
+  return absl::OkStatus();
+}
+
+absl::Status LayerState::ColdHead(int h, const float* qh, float* o, float* lse,
+                                  std::vector<int64_t>* ids, int64_t* scored,
+                                  int64_t* search_ns) const {
+  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
+  const int g = h / group;
+  const auto& store = cold_[g];
+  const int64_t n_cold = store.size();
+  const int64_t t0 = SteadyNs();
+  if (cfg_->index_kind == cpu_index::IndexKind::kExact) {
+    cpu_index::AttendStoreAll(qh, cfg_->scale, store, o, lse);
+    *scored = n_cold;
+    if (cfg_->record_attended) {
+      ids->resize(n_cold);
+      for (int64_t i = 0; i < n_cold; ++i) (*ids)[i] = i;
+    }
+    *search_ns = 0;
+    return absl::OkStatus();
+  }
+  const auto* index = index_[g].get();
+  const int64_t indexed = index ? index->size() : 0;
+  std::vector<float> scores;
+  if (index) {
+    cpu_index::SearchResult found;
+    cpu_index::SearchParams params;
+    params.k = cfg_->top_k;
+    params.effort = cfg_->search_effort;
+    KVRT_RETURN_IF_ERROR(index->Search(store, qh, params, &found));
+    *ids = std::move(found.ids);
+    scores = std::move(found.scores);
+    *scored = found.scanned;
+  }
+  // Rows the index does not cover yet (evicted since its last background insert) are scanned
+  // exactly and compete with the index's results for the top-k by score.
+  // NOTE: the union is cut back to k, so that with an exact (flat) index the set is the top-k over
+  // all rows even while the index lags (GPU backend: the latest evictions are indexed in the
+  // background; host backend: a failed index update).
+  if (indexed < n_cold) {
+    std::vector<float> s(n_cold - indexed);
+    store.Dot(qh, indexed, n_cold, s.data());
+    std::vector<int64_t> tail;
+    std::vector<float> tail_scores;
+    cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
+    *scored += n_cold - indexed;
+    if (index == nullptr) {
+      for (auto t : tail) ids->push_back(indexed + t);
+    } else {
+      if (scores.size() != ids->size()) {
+        scores.resize(ids->size());
+        store.DotIds(qh, ids->data(), static_cast<int64_t>(ids->size()), scores.data());
+      }
+      for (std::size_t i = 0; i < tail.size(); ++i) {
+        ids->push_back(indexed + tail[i]);
+        scores.push_back(tail_scores[i]);
+      }
+      if (static_cast<int64_t>(ids->size()) > cfg_->top_k) {
+        std::vector<int64_t> best;
+        cpu_index::TopK(scores.data(), static_cast<int64_t>(scores.size()), cfg_->top_k, &best, nullptr);
+        std::vector<int64_t> kept(best.size());
+        for (std::size_t i = 0; i < best.size(); ++i) kept[i] = (*ids)[best[i]];
+        *ids = std::move(kept);
+      }
+    }
+  }
+  *search_ns = SteadyNs() - t0;
+  cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids->data(), static_cast<int64_t>(ids->size()), o, lse);
   return absl::OkStatus();
 }
 

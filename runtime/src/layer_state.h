@@ -51,6 +51,12 @@ class LayerState {
 
  private:
   absl::Status AppendTokens(const void* k, const void* v, int64_t n);
+  // The cold-tier step of q head h, shared by both backends: exact attention over every cold
+  // token (exact mode) or index search + exact scan of unindexed rows, cut back to top-k, then
+  // attention over them. Writes the partial state (o, lse), the chosen rows, keys scored and the
+  // search time.
+  absl::Status ColdHead(int h, const float* qh, float* o, float* lse, std::vector<int64_t>* ids,
+                        int64_t* scored, int64_t* search_ns) const;
   absl::Status UpdateIndexes(tbb::task_arena& arena);
   void SampleQueries(const void* q, int64_t n);
   std::size_t token_bytes() const;  // one token, all kv heads, k or v
@@ -77,8 +83,6 @@ class LayerState {
                                const Exec& exec);
   absl::Status AttendGpu(const void* q, float* out, tbb::task_arena& arena,
                          const uint8_t* streaming, const Exec& exec);
-  absl::Status ColdHeadGpu(int h, const float* qh, float* o, float* lse, std::vector<int64_t>* ids,
-                           int64_t* scored, int64_t* search_ns);
   absl::Status DrainEvictions(tbb::task_arena& arena, bool launch_index);
   GpuContext* gpu_ctx_ = nullptr;
   std::unique_ptr<GpuTier> gpu_;
