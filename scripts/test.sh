@@ -14,3 +14,17 @@ cmake --build "$build/example" >/dev/null
 "$build/tools/kvrt" gen-trace -o "$build/example/small.safetensors" --tokens 1024 --steps 4 \
   --layers 2 --q-heads 8 --kv-heads 2 --head-dim 64 --seed 3 --quiet
 "$build/example/c_replay" "$build/example/small.safetensors"
+
+# Reliability (docs/reliability.md): the API, runtime, soak and trace-reader suites under
+# ASan + UBSan + LeakSanitizer, then a short fuzz run when clang's libFuzzer is installed (CI's
+# base image does not install it: scripts/fuzz.sh documents the packages). KVRT_CI_QUICK=1 skips
+# all of this for local use.
+if [ "${KVRT_CI_QUICK:-0}" != 1 ]; then
+  KVRT_SANITIZE_TARGETS="test_api test_api_status test_runtime test_soak test_tools test_c_api" \
+    bash scripts/sanitize.sh
+  if command -v clang++ >/dev/null && ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
+    bash scripts/fuzz.sh 45  # two targets: 90 s of fuzzing in all
+  else
+    echo "test: clang/libFuzzer not installed, short fuzz run skipped (bash scripts/fuzz.sh)"
+  fi
+fi
