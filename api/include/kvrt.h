@@ -239,6 +239,9 @@ typedef struct kvrt_stats {
   int64_t time_merge_ns;          /* merge kernel (device time) */
   int64_t time_idle_ns;           /* CPU waiting for the GPU at the end (host output) */
   int64_t eviction_batches;       /* D2H batches of evicted tokens */
+  int64_t index_update_failures;  /* cold-index builds/inserts that failed (e.g. out of memory);
+                                     the tokens were stored, the rows the index misses are scanned
+                                     exactly and the update is retried: speed, not correctness */
 } kvrt_stats;
 
 KVRT_API kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out);

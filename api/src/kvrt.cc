@@ -335,7 +335,7 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
                     s.gpu_allocated_bytes,  s.time_attend_ns, s.time_gpu_attention_ns,
                     s.time_d2h_ns,          s.time_cpu_search_ns, s.time_cpu_attention_ns,
                     s.time_h2d_ns,          s.time_merge_ns, s.time_idle_ns,
-                    s.eviction_batches};
+                    s.eviction_batches,     s.index_update_failures};
   return KVRT_OK;
   KVRT_API_CATCH
 }

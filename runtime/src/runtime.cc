@@ -8,7 +8,6 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_gpu/kernel_types.h"
 #include "oneapi/tbb/task_arena.h"
@@ -31,9 +30,11 @@ struct Runtime::Impl {
   tbb::task_arena arena;
   Counters counters;
   std::unique_ptr<GpuContext> gpu;  // GPU backend only; outlives the sequences (declared first)
-  mutable absl::Mutex mu;
-  absl::flat_hash_map<int64_t, std::shared_ptr<Sequence>> sequences ABSL_GUARDED_BY(mu);
-  int64_t next_id ABSL_GUARDED_BY(mu) = 0;
+  // NOTE: std::mutex rather than absl::Mutex: Debian's Abseil is not built with TSan, so TSan
+  // cannot see absl::Mutex and reports every access it guards as a race.
+  mutable std::mutex mu;
+  absl::flat_hash_map<int64_t, std::shared_ptr<Sequence>> sequences;  // guarded by mu
+  int64_t next_id = 0;                                                // guarded by mu
   std::vector<uint8_t> streaming;  // [layers, q_heads]: 1 = streaming head (GPU tier only)
 };
 
@@ -123,7 +124,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
 
 absl::StatusOr<int64_t> Runtime::CreateSequence() {
   auto seq = std::make_shared<Sequence>(&config_, &impl_->counters, impl_->gpu.get());
-  absl::MutexLock lock(&impl_->mu);
+  std::lock_guard<std::mutex> lock(impl_->mu);
   const int64_t id = impl_->next_id++;
   impl_->sequences.emplace(id, std::move(seq));
   return id;
@@ -132,7 +133,7 @@ absl::StatusOr<int64_t> Runtime::CreateSequence() {
 absl::Status Runtime::ReleaseSequence(int64_t id) {
   std::shared_ptr<Sequence> seq;
   {
-    absl::MutexLock lock(&impl_->mu);
+    std::lock_guard<std::mutex> lock(impl_->mu);
     auto it = impl_->sequences.find(id);
     if (it == impl_->sequences.end())
       return absl::NotFoundError(absl::StrCat("sequence ", id, " does not exist or was released"));
@@ -148,7 +149,7 @@ absl::StatusOr<std::shared_ptr<Sequence>> Runtime::Find(int64_t id, int layer) c
   if (layer < 0 || layer >= config_.num_layers)
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
-  absl::MutexLock lock(&impl_->mu);
+  std::lock_guard<std::mutex> lock(impl_->mu);
   auto it = impl_->sequences.find(id);
   if (it == impl_->sequences.end())
     return absl::NotFoundError(absl::StrCat("sequence ", id, " does not exist or was released"));
@@ -291,7 +292,7 @@ absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
 RuntimeStats Runtime::Stats() const {
   RuntimeStats s;
   {
-    absl::MutexLock lock(&impl_->mu);
+    std::lock_guard<std::mutex> lock(impl_->mu);
     s.sequences = static_cast<int64_t>(impl_->sequences.size());
   }
   const auto& c = impl_->counters;
@@ -317,6 +318,7 @@ RuntimeStats Runtime::Stats() const {
   s.time_merge_ns = c.time_merge_ns.load();
   s.time_idle_ns = c.time_idle_ns.load();
   s.eviction_batches = c.eviction_batches.load();
+  s.index_update_failures = c.index_update_failures.load();
   return s;
 }
 

@@ -64,7 +64,8 @@ struct RuntimeStats {
   // time); the CPU waiting for the GPU at the end of an attend with host output.
   int64_t time_attend_ns = 0, time_gpu_attention_ns = 0, time_d2h_ns = 0, time_cpu_search_ns = 0,
           time_cpu_attention_ns = 0, time_h2d_ns = 0, time_merge_ns = 0, time_idle_ns = 0;
-  int64_t eviction_batches = 0;  // D2H batches of the eviction pipeline
+  int64_t eviction_batches = 0;       // D2H batches of the eviction pipeline
+  int64_t index_update_failures = 0;  // cold-index updates that failed (rows then scanned exactly)
 };
 
 class Sequence;
@@ -112,7 +113,7 @@ class Runtime {
         gpu_allocated_bytes{0};
     std::atomic<int64_t> time_attend_ns{0}, time_gpu_attention_ns{0}, time_d2h_ns{0},
         time_cpu_search_ns{0}, time_cpu_attention_ns{0}, time_h2d_ns{0}, time_merge_ns{0},
-        time_idle_ns{0}, eviction_batches{0};
+        time_idle_ns{0}, eviction_batches{0}, index_update_failures{0};
   };
 
  private:
