@@ -10,6 +10,11 @@ packages=(
   googletest libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev
 )
+# --test: also what the test command's reliability part needs (clang's libFuzzer for the short fuzz
+# run; the ASan/UBSan runtimes come with g++).
+if [ "${1:-}" = "--test" ]; then
+  packages+=(clang libclang-rt-14-dev)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,7 +2,7 @@
 # Install, build and run every test (the command CI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 bash scripts/build.sh
 ctest --test-dir "${KVRT_BUILD_DIR:-build}" --output-on-failure -j "$(nproc)"
 
@@ -16,9 +16,8 @@ cmake --build "$build/example" >/dev/null
 "$build/example/c_replay" "$build/example/small.safetensors"
 
 # Reliability (docs/reliability.md): the API, runtime, soak and trace-reader suites under
-# ASan + UBSan + LeakSanitizer, then a short fuzz run when clang's libFuzzer is installed (CI's
-# base image does not install it: scripts/fuzz.sh documents the packages). KVRT_CI_QUICK=1 skips
-# all of this for local use.
+# ASan + UBSan + LeakSanitizer, then a short fuzz run with clang's libFuzzer (installed by
+# `setup.sh --test`). KVRT_CI_QUICK=1 skips all of this for local use.
 if [ "${KVRT_CI_QUICK:-0}" != 1 ]; then
   KVRT_SANITIZE_TARGETS="test_api test_api_status test_runtime test_soak test_tools test_c_api kvrt_cli" \
     bash scripts/sanitize.sh

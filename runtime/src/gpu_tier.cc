@@ -440,7 +440,6 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   counters_->time_d2h_ns += t2 - t1;
 
   const int64_t n_cold = cold_tokens();
-  const int64_t S = n_sink_;
   if (cfg_->record_attended) attended_.assign(H, {});
   std::vector<float> o_cpu(of, 0.f), lse_cpu(H, kNegInf);
   std::vector<absl::Status> status(H);
@@ -458,13 +457,7 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
                                ? n_cold
                                : static_cast<int64_t>(ids.size());
       }
-      if (cfg_->record_attended) {
-        auto& rec = attended_[h];
-        rec.reserve(S + n_window_ + ids.size());
-        for (int64_t p = 0; p < S; ++p) rec.push_back(p);
-        for (int64_t p = cfg_->sink_tokens + n_cold; p < length_; ++p) rec.push_back(p);
-        for (auto id : ids) rec.push_back(cfg_->sink_tokens + id);
-      }
+      if (cfg_->record_attended) RecordAttended(h, n_cold, ids);
     });
   });
   for (auto& s : status) KVRT_RETURN_IF_ERROR(s);

@@ -226,7 +226,7 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
     return absl::FailedPreconditionError("attend: the layer holds no token (prefill or append first)");
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const int group = H / cfg_->num_kv_heads;
-  const int64_t S = n_sink_, n_cold = cold_tokens();
+  const int64_t n_cold = cold_tokens();
   const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * d;
   std::vector<float> q(static_cast<std::size_t>(H) * d);
   ConvertToF32(q_in, cfg_->dtype, q.size(), q.data());
@@ -264,13 +264,7 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
                                : static_cast<int64_t>(ids.size());
         cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
       }
-      if (cfg_->record_attended) {
-        auto& rec = attended_[h];
-        rec.reserve(S + n_window_ + ids.size());
-        for (int64_t p = 0; p < S; ++p) rec.push_back(p);
-        for (int64_t p = cfg_->sink_tokens + n_cold; p < length_; ++p) rec.push_back(p);
-        for (auto id : ids) rec.push_back(cfg_->sink_tokens + id);
-      }
+      if (cfg_->record_attended) RecordAttended(h, n_cold, ids);
     });
   });
   for (auto& s : status) KVRT_RETURN_IF_ERROR(s);
@@ -285,6 +279,16 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
   counters_->cold_keys_searchable += n_cold * H;
   counters_->cold_tokens_attended += total_cold;
   return absl::OkStatus();
+}
+
+void LayerState::RecordAttended(int h, int64_t n_cold, const std::vector<int64_t>& cold_ids) {
+  // Positions: sinks [0, n_sink), window [S + n_cold, length), then cold row i = position S + i.
+  auto& rec = attended_[h];
+  rec.clear();
+  rec.reserve(n_sink_ + n_window_ + cold_ids.size());
+  for (int64_t p = 0; p < n_sink_; ++p) rec.push_back(p);
+  for (int64_t p = cfg_->sink_tokens + n_cold; p < length_; ++p) rec.push_back(p);
+  for (auto id : cold_ids) rec.push_back(cfg_->sink_tokens + id);
 }
 
 absl::Status LayerState::ColdHead(int h, const float* qh, float* o, float* lse,

@@ -55,6 +55,8 @@ class LayerState {
   // token (exact mode) or index search + exact scan of unindexed rows, cut back to top-k, then
   // attention over them. Writes the partial state (o, lse), the chosen rows, keys scored and the
   // search time.
+  // Stores the positions q head h attended to (record_attended): GPU tier, then cold rows.
+  void RecordAttended(int h, int64_t n_cold, const std::vector<int64_t>& cold_ids);
   absl::Status ColdHead(int h, const float* qh, float* o, float* lse, std::vector<int64_t>* ids,
                         int64_t* scored, int64_t* search_ns) const;
   absl::Status UpdateIndexes(tbb::task_arena& arena);
