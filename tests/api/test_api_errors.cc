@@ -7,6 +7,7 @@
 
 #include "gtest/gtest.h"
 #include "kvrt.h"
+#include "tests/support/tiny_config.h"
 
 namespace {
 
@@ -175,17 +176,9 @@ TEST_F(ApiTest, LastErrorIsPerThreadAndDestroyedHandleIsDetected) {
   kvrt_runtime_destroy(nullptr);
 }
 
-}  // namespace
-
-namespace {
 
 TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
-  kvrt_config c = kvrt_config_default();
-  c.num_layers = 1;
-  c.num_q_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.dtype = KVRT_DTYPE_F32;
+  kvrt_config c = TinyConfig();
   c.sink_tokens = 1;
   c.window_tokens = 2;
   c.index_kind = KVRT_INDEX_EXACT;
@@ -219,17 +212,9 @@ TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
   kvrt_runtime_destroy(rt);
 }
 
-}  // namespace
-
-namespace {
 
 TEST(ApiValidation, NonFiniteInputsAreRejectedNamingTheTensor) {
-  kvrt_config c = kvrt_config_default();
-  c.num_layers = 1;
-  c.num_q_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.dtype = KVRT_DTYPE_F32;
+  kvrt_config c = TinyConfig();
   ASSERT_EQ(c.check_finite, 1) << "on by default";
   kvrt_runtime* rt = nullptr;
   ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
@@ -249,17 +234,9 @@ TEST(ApiValidation, NonFiniteInputsAreRejectedNamingTheTensor) {
   kvrt_runtime_destroy(rt);
 }
 
-}  // namespace
-
-namespace {
 
 TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
-  kvrt_config c = kvrt_config_default();
-  c.num_layers = 2;
-  c.num_q_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.dtype = KVRT_DTYPE_F32;
+  kvrt_config c = TinyConfig(2);
   c.sink_tokens = 2;
   c.window_tokens = 3;
   c.index_kind = KVRT_INDEX_EXACT;

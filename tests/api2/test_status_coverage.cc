@@ -7,6 +7,7 @@
 
 #include "gtest/gtest.h"
 #include "kvrt.h"
+#include "tests/support/tiny_config.h"
 
 namespace {
 
@@ -65,12 +66,7 @@ TEST(ApiStatusCoverage, AllocationFailureIsOutOfMemory) {
 // Prefill with more tokens than sinks + window sends the rest straight to the host store; a host
 // budget refusal there is KVRT_ERR_OUT_OF_MEMORY and the layer stays empty (prefill can be retried).
 TEST(ApiStatusCoverage, PrefillPastHostBudgetLeavesLayerEmpty) {
-  kvrt_config c = kvrt_config_default();
-  c.num_layers = 1;
-  c.num_q_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.dtype = KVRT_DTYPE_F32;
+  kvrt_config c = TinyConfig();
   c.sink_tokens = 1;
   c.window_tokens = 2;
   c.index_kind = KVRT_INDEX_EXACT;
@@ -94,12 +90,7 @@ TEST(ApiStatusCoverage, PrefillPastHostBudgetLeavesLayerEmpty) {
 
 // get_attended: out-of-range q head, unknown sequence, and capacity smaller than the count.
 TEST(ApiStatusCoverage, GetAttendedArguments) {
-  kvrt_config c = kvrt_config_default();
-  c.num_layers = 1;
-  c.num_q_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.dtype = KVRT_DTYPE_F32;
+  kvrt_config c = TinyConfig();
   c.sink_tokens = 1;
   c.window_tokens = 2;
   c.index_kind = KVRT_INDEX_EXACT;
@@ -135,20 +126,12 @@ TEST(ApiStatusCoverage, ReservedStatusesHaveNames) {
   EXPECT_STREQ(kvrt_status_string(KVRT_ERR_INTERNAL), "KVRT_ERR_INTERNAL");
 }
 
-}  // namespace
-
-namespace {
 
 // Regressions for two undefined behaviours UBSan found through fuzz_api (docs/reliability.md):
 // attend with sink_tokens = 0 offset a null sink buffer; enum fields holding values outside the
 // enum were loaded as C++ enums. Both are only visible in the sanitizer build (scripts/sanitize.sh).
 TEST(ApiFuzzRegressions, NoSinksAttendAndOutOfRangeEnums) {
-  kvrt_config c = kvrt_config_default();
-  c.num_layers = 1;
-  c.num_q_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 4;
-  c.dtype = KVRT_DTYPE_F32;
+  kvrt_config c = TinyConfig();
   c.sink_tokens = 0;
   c.window_tokens = 2;
   c.index_kind = KVRT_INDEX_EXACT;
