@@ -115,6 +115,15 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
   const int64_t gpu_add = 2 * static_cast<int64_t>(tb) * ((need_sinks ? S : 0) + (need_ring ? W : 0));
   BudgetReservation budget;
   KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, gpu_add, new_cold, tb));
+  // Host capacity first (a reserved but unused capacity is harmless), then the GPU-tier buffers,
+  // so that a failure of either leaves nothing allocated on this call's account.
+  if (new_cold > 0) {
+    for (auto& store : cold_) {
+      if (absl::Status st = store.Reserve(store.size() + new_cold); !st.ok()) {
+        return st;
+      }
+    }
+  }
   try {
     if (need_sinks) {
       sink_k_.resize(S * tb);
@@ -129,13 +138,6 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
     if (need_ring) ring_k_ = {}, ring_v_ = {};
     return absl::ResourceExhaustedError(
         absl::StrCat("append: cannot allocate ", gpu_add, " bytes of GPU-tier buffers"));
-  }
-  if (new_cold > 0) {
-    for (auto& store : cold_) {
-      if (absl::Status st = store.Reserve(store.size() + new_cold); !st.ok()) {
-        return st;
-      }
-    }
   }
   budget.Commit();
 
