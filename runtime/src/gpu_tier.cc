@@ -29,7 +29,6 @@ int64_t NowNs() {
       .count();
 }
 
-
 // Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
 // contiguous pieces of the ring, so plain async copies do it (no index array to upload).
 absl::Status RingToLinear(void* dst, const void* ring, int64_t r0, int64_t count, int64_t W,
