@@ -33,7 +33,7 @@ struct BenchDecodeArgs {
   std::string cold = "4096,32768,131072,524288,1048576", batch = "1,16", indexes = "flat,landmark";
   std::string memory = "device", csv;
   int layers = 2, steps = 30, warmup = 3, sinks = 4, window = 2048, top_k = 100, threads = 0;
-  int q_heads = 32, kv_heads = 8, head_dim = 128, effort = 0, use_gpu = 1;
+  int q_heads = 32, kv_heads = 8, head_dim = 128, effort = 0, use_gpu = 1, group_search = 1;
   int64_t max_cold_batch = 131072;  // batch > 1 only up to this cold size (host memory)
   double max_seconds = 20;          // measured time per configuration, at least 5 steps
 };
@@ -134,6 +134,7 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
   c.worker_threads = a.threads;
   c.use_gpu = a.use_gpu;
   c.check_finite = 0;
+  c.group_search = a.group_search;
   kvrt_runtime* rt = nullptr;
   CHECK_KVRT(kvrt_runtime_create(&c, &rt));
   std::unique_ptr<kvrt_runtime, void (*)(kvrt_runtime*)> guard(rt, kvrt_runtime_destroy);
@@ -348,9 +349,9 @@ int Run(const BenchDecodeArgs& a) {
   const bool device = a.memory == "device" && a.use_gpu != 0;
   std::printf(
       "kvrt bench decode: %d q / %d kv heads, d=%d, bf16, sinks %d, window %d, top-k %d, %d layers, "
-      "%s pointers, use_gpu %d, %u hardware threads\n",
+      "%s pointers, use_gpu %d, group_search %d, %u hardware threads\n",
       a.q_heads, a.kv_heads, a.head_dim, a.sinks, a.window, a.top_k, a.layers, device ? "device" : "host",
-      a.use_gpu, std::thread::hardware_concurrency());
+      a.use_gpu, a.group_search, std::thread::hardware_concurrency());
   std::printf("per layer-step (B sequences: append 1 token + attend each); split = mean per attend, us\n");
   std::printf("%-10s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s\n", "index", "cold",
               "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h", "search", "cpu_attn", "h2d", "merge",
@@ -423,6 +424,10 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--window", args->window, "window tokens")->capture_default_str();
   cmd->add_option("--top-k", args->top_k, "top-k")->capture_default_str();
   cmd->add_option("--effort", args->effort, "search effort (0 = the kind's default)")->capture_default_str();
+  cmd->add_option("--group-search", args->group_search,
+                  "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1));
   cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")->capture_default_str();
   cmd->add_option("--q-heads", args->q_heads, "q heads")->capture_default_str();
   cmd->add_option("--kv-heads", args->kv_heads, "kv heads")->capture_default_str();

@@ -15,7 +15,8 @@
 namespace {
 
 struct BenchIndexArgs {
-  std::string trace, indexes = "flat,ivf,hnsw,landmark,attention-aware", efforts, csv, json, plot;
+  std::string trace, indexes = "flat,ivf,hnsw,landmark,attention-aware", efforts, csv, json, plot,
+      group_search = "1";
   int top_k = 100, sinks = 4, window = 512, steps = 16, threads = 0;
   bool quiet = false;
 };
@@ -59,6 +60,15 @@ int Run(const BenchIndexArgs& a) {
       return 2;
     }
   }
+  std::vector<bool> group_modes;
+  for (const auto& g : Split(a.group_search)) {
+    if (g != "0" && g != "1") {
+      std::fprintf(stderr, "kvrt bench index: --group-search: '%s' is not 0 or 1\n", g.c_str());
+      return 2;
+    }
+    group_modes.push_back(g == "1");
+  }
+  if (group_modes.empty()) group_modes = {true};
   auto trace = kvrt::trace::TraceReader::Open(a.trace);
   if (!trace.ok()) {
     std::fprintf(stderr, "kvrt bench index: %s\n", std::string(trace.status().message()).c_str());
@@ -72,15 +82,20 @@ int Run(const BenchIndexArgs& a) {
   const unsigned hw = std::thread::hardware_concurrency();
   std::printf("kvrt bench index  %s  (top-k %d, %d steps, window %d, sinks %d, %d threads)\n",
               a.trace.c_str(), a.top_k, ref->steps, a.window, a.sinks, a.threads ? a.threads : static_cast<int>(hw));
-  std::printf("%-16s %7s %9s %9s %10s %10s %9s %10s %10s %10s %9s\n", "index", "effort", "recall@k",
-              "mass", "err_mean", "err_p99", "scanned", "build_ms", "p50_us", "p99_us", "idx_B/key");
+  std::printf("%-24s %7s %9s %9s %10s %10s %9s %9s %10s %10s %10s %9s\n", "index", "effort", "recall@k",
+              "mass", "err_mean", "err_p99", "scanned", "read", "build_ms", "p50_us", "p99_us", "idx_B/key");
   nlohmann::json rows = nlohmann::json::array();
   std::vector<kvrt::cli::PlotSeries> recall_series, mass_series;
   std::string csv =
-      "index,effort,top_k,recall_at_k,mass_recall,output_rel_error_mean,output_rel_error_p99,"
-      "scanned_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_per_key\n";
-  for (auto kind : kinds) {
-    kvrt::cli::PlotSeries rs{kvrt::cli::IndexKindOptionName(kind), {}, {}}, ms = rs;
+      "index,group_search,effort,top_k,recall_at_k,mass_recall,output_rel_error_mean,output_rel_error_p99,"
+      "scanned_fraction,read_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_per_key\n";
+  for (auto kind : kinds) for (bool group : group_modes) {
+    // Kinds without a shared group search give the same figures either way: run them once.
+    const bool shares = kind == KVRT_INDEX_ATTENTION_AWARE || kind == KVRT_INDEX_LANDMARK;
+    if (!shares && group != group_modes.front()) continue;
+    const std::string name = std::string(kvrt::cli::IndexKindOptionName(kind)) +
+                             (shares && group_modes.size() > 1 ? (group ? "/group" : "/per-head") : "");
+    kvrt::cli::PlotSeries rs{name, {}, {}}, ms = rs;
     std::vector<int> sweep = efforts.empty() ? DefaultEfforts(kind, a.top_k) : efforts;
     if (kind == KVRT_INDEX_FLAT || kind == KVRT_INDEX_EXACT) sweep = {0};  // effort is meaningless
     kvrt::cli::ReplayOptions o;
@@ -91,6 +106,7 @@ int Run(const BenchIndexArgs& a) {
     o.threads = a.threads;
     o.max_steps = a.steps;
     o.progress = !a.quiet;
+    o.group_search = group;
     // One build per kind; every effort attends to the same states.
     auto reports = kvrt::cli::RunReplaySweep(**trace, *ref, o, sweep);
     if (!reports.ok()) {
@@ -103,16 +119,16 @@ int Run(const BenchIndexArgs& a) {
       const int effort = r->effort;
       const double cold_keys = static_cast<double>(r->cold_tokens) * r->layers * r->kv_heads;
       const double bytes_per_key = cold_keys > 0 ? r->index_bytes / cold_keys : 0;
-      std::printf("%-16s %7d %9.4f %9.4f %10.3g %10.3g %9.4f %10.1f %10.1f %10.1f %9.1f\n", r->index.c_str(),
+      std::printf("%-24s %7d %9.4f %9.4f %10.3g %10.3g %9.4f %9.4f %10.1f %10.1f %10.1f %9.1f\n", name.c_str(),
                   effort, r->recall_at_k, r->mass_recall, r->output_rel_error_mean,
-                  r->output_rel_error_p99, r->scanned_fraction, r->prefill_ms_per_layer,
+                  r->output_rel_error_p99, r->scanned_fraction, r->read_fraction, r->prefill_ms_per_layer,
                   r->latency_us_p50, r->latency_us_p99, bytes_per_key);
       std::fflush(stdout);
       char line[512];
-      std::snprintf(line, sizeof line, "%s,%d,%d,%.6f,%.6f,%.6g,%.6g,%.6f,%.3f,%.2f,%.2f,%.2f\n",
-                    r->index.c_str(), effort, a.top_k, r->recall_at_k, r->mass_recall,
+      std::snprintf(line, sizeof line, "%s,%d,%d,%d,%.6f,%.6f,%.6g,%.6g,%.6f,%.6f,%.3f,%.2f,%.2f,%.2f\n",
+                    r->index.c_str(), group ? 1 : 0, effort, a.top_k, r->recall_at_k, r->mass_recall,
                     r->output_rel_error_mean, r->output_rel_error_p99, r->scanned_fraction,
-                    r->prefill_ms_per_layer, r->latency_us_p50, r->latency_us_p99, bytes_per_key);
+                    r->read_fraction, r->prefill_ms_per_layer, r->latency_us_p50, r->latency_us_p99, bytes_per_key);
       csv += line;
       auto j = kvrt::cli::ReportJson(*r);
       j["index_bytes_per_key"] = bytes_per_key;
@@ -178,6 +194,11 @@ KVRT_REGISTER_COMMAND("bench index", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--group-search", args->group_search,
+                  "GQA search modes to compare: 1 = one search per kv head for its q heads, 0 = one "
+                  "per q head; '0,1' runs both (attention-aware and landmark; other kinds search "
+                  "per q head either way)")
+      ->capture_default_str();
   cmd->add_option("--csv", args->csv, "write the table as CSV");
   cmd->add_option("--json", args->json, "write every report as JSON");
   cmd->add_option("--plot", args->plot, "write the recall-vs-scanned plot (SVG)");

@@ -12,6 +12,7 @@ struct ReplayArgs {
   std::string file, index = "flat", json;
   int sinks = 4, window = 512, top_k = 100, effort = 0, threads = 0, steps = 0;
   bool quiet = false, per_head = false;
+  int group_search = 1;
   double streaming_threshold = 0;
 };
 
@@ -41,6 +42,7 @@ int RunReplayCommand(const ReplayArgs& a) {
   o.max_steps = a.steps;
   o.progress = !a.quiet;
   o.streaming_threshold = a.streaming_threshold;
+  o.group_search = a.group_search != 0;
   auto report = kvrt::cli::RunReplay(**trace, *ref, o);
   if (!report.ok()) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(report.status().message()).c_str());
@@ -98,6 +100,10 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
                   "queries, is at least this; 0 = every head retrieves")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--group-search", args->group_search,
+                  "GQA: 1 = one index search per kv head for its q heads, 0 = one per q head")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1));
   cmd->add_flag("--per-head", args->per_head, "print the per-(layer, head) table");
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = RunReplayCommand(*args); });

@@ -210,7 +210,7 @@ struct EffortAcc {
   std::vector<double> layer_recall, layer_mass, layer_err;
   std::vector<HeadReport> heads;
   double cold_attended = 0;
-  int64_t scored = 0, searchable = 0;
+  int64_t scored = 0, read = 0, searchable = 0;
 };
 
 double Mean(const std::vector<double>& v) {
@@ -245,6 +245,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   cfg.search_effort = efforts[0];
   cfg.worker_threads = opt.threads;
   cfg.record_attended = 1;
+  cfg.group_search = opt.group_search ? 1 : 0;
   std::string error;
   kvrt_runtime* rt = nullptr;
   if (Check(kvrt_runtime_create(&cfg, &rt), "kvrt_runtime_create", &error) != KVRT_OK)
@@ -330,6 +331,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
         a.attend_us.push_back(Micros(b0, Clock::now()));
         kvrt_get_stats(rt, &after);
         a.scored += after.keys_scored - before.keys_scored;
+        a.read += after.keys_read - before.keys_read;
         a.searchable += after.cold_keys_searchable - before.cold_keys_searchable;
         a.cold_attended += static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
         for (int h = 0; h < H; ++h) {
@@ -397,6 +399,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     ReplayReport r;
     r.trace = t.path();
     r.index = IndexKindOptionName(opt.index);
+    r.group_search = opt.group_search;
     r.layers = m.num_layers;
     r.q_heads = H;
     r.kv_heads = G;
@@ -413,6 +416,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.output_rel_error_p99 = Percentile(a.errors, 0.99);
     r.output_rel_error_max = a.errors.empty() ? 0 : *std::max_element(a.errors.begin(), a.errors.end());
     r.scanned_fraction = a.searchable > 0 ? static_cast<double>(a.scored) / a.searchable : 0.0;
+    r.read_fraction = a.searchable > 0 ? static_cast<double>(a.read) / a.searchable : 0.0;
     r.latency_us_p50 = Percentile(a.attend_us, 0.50);
     r.latency_us_p99 = Percentile(a.attend_us, 0.99);
     r.append_us_p50 = Percentile(append_us, 0.50);

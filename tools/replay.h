@@ -37,6 +37,7 @@ struct ReplayOptions {
   // last calibration_queries queries) reaches this are served as streaming heads.
   double streaming_threshold = 0;
   int calibration_queries = 16;
+  bool group_search = true;  // kvrt_config.group_search
 };
 
 // Per (layer, q head) figures of one replay.
@@ -51,9 +52,13 @@ struct ReplayReport {
   std::string trace, index;
   int layers = 0, q_heads = 0, kv_heads = 0, head_dim = 0, sinks = 0, window = 0, top_k = 0,
       effort = 0, steps = 0;
+  bool group_search = true;
   int64_t prompt_tokens = 0;
   double recall_at_k = 0, mass_recall = 0, output_rel_error_mean = 0, output_rel_error_p99 = 0,
          output_rel_error_max = 0, scanned_fraction = 0;
+  // Keys read / cold keys per q head: scanned_fraction, divided by the q heads that share a group
+  // search's reads (kvrt_stats.keys_read).
+  double read_fraction = 0;
   double latency_us_p50 = 0, latency_us_p99 = 0, append_us_p50 = 0, prefill_ms_per_layer = 0;
   double cold_tokens_attended_per_head = 0;
   int64_t gpu_bytes = 0, host_bytes = 0, index_bytes = 0, cold_tokens = 0;

@@ -32,12 +32,14 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["window"] = r.window;
   j["top_k"] = r.top_k;
   j["effort"] = r.effort;
+  j["group_search"] = r.group_search;
   j["recall_at_k"] = r.recall_at_k;
   j["mass_recall"] = r.mass_recall;
   j["output_rel_error_mean"] = r.output_rel_error_mean;
   j["output_rel_error_p99"] = r.output_rel_error_p99;
   j["output_rel_error_max"] = r.output_rel_error_max;
   j["scanned_fraction"] = r.scanned_fraction;
+  j["read_fraction"] = r.read_fraction;
   j["latency_us_p50"] = r.latency_us_p50;
   j["latency_us_p99"] = r.latency_us_p99;
   j["append_us_p50"] = r.append_us_p50;
@@ -81,8 +83,8 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out, "  shape       %d layers, %d q / %d kv heads, d=%d; %lld prompt tokens, %d decode steps\n",
                r.layers, r.q_heads, r.kv_heads, r.head_dim, static_cast<long long>(r.prompt_tokens),
                r.steps);
-  std::fprintf(out, "  policy      index=%s top_k=%d effort=%d sinks=%d window=%d\n", r.index.c_str(),
-               r.top_k, r.effort, r.sinks, r.window);
+  std::fprintf(out, "  policy      index=%s top_k=%d effort=%d group_search=%d sinks=%d window=%d\n", r.index.c_str(),
+               r.top_k, r.effort, r.group_search ? 1 : 0, r.sinks, r.window);
   if (r.streaming_heads > 0)
     std::fprintf(out, "  heads       %d of %d served as streaming heads (GPU tier only)\n", r.streaming_heads,
                  static_cast<int>(r.heads.size()));
@@ -91,8 +93,8 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out, "    attention-mass recall %.4f\n", r.mass_recall);
   std::fprintf(out, "    output rel. error     mean %.3g  p99 %.3g  max %.3g\n",
                r.output_rel_error_mean, r.output_rel_error_p99, r.output_rel_error_max);
-  std::fprintf(out, "  retrieval   scanned fraction %.4f of cold keys; %.0f cold tokens attended per head-step; %lld cold tokens per layer\n",
-               r.scanned_fraction, r.cold_tokens_attended_per_head, static_cast<long long>(r.cold_tokens));
+  std::fprintf(out, "  retrieval   scanned fraction %.4f of cold keys (read %.4f); %.0f cold tokens attended per head-step; %lld cold tokens per layer\n",
+               r.scanned_fraction, r.read_fraction, r.cold_tokens_attended_per_head, static_cast<long long>(r.cold_tokens));
   std::fprintf(out, "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); append p50 %.1f us; prefill %.1f ms/layer\n",
                r.latency_us_p50, r.latency_us_p99, r.append_us_p50, r.prefill_ms_per_layer);
   std::fprintf(out, "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",

@@ -36,7 +36,7 @@
 #endif
 
 #define KVRT_VERSION_MAJOR 0
-#define KVRT_VERSION_MINOR 1
+#define KVRT_VERSION_MINOR 2
 #define KVRT_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -111,6 +111,11 @@ typedef struct kvrt_config {
   int32_t check_finite;      /* 1: reject q, k, v holding NaN or Inf with KVRT_ERR_INVALID_ARGUMENT
                                 naming the tensor, token and head (costs one pass over the input);
                                 0: no check (a NaN then propagates into outputs). */
+  int32_t group_search;      /* GQA: 1 = one index search per kv head for all q heads of its group
+                                (each q head then takes its own top_k of the keys that search
+                                scored; attention-aware and landmark share the work, the other
+                                kinds search per q head anyway); 0 = one search per q head.
+                                Default 1 (docs/benchmarks.md compares both). Since 0.2. */
 } kvrt_config;
 
 KVRT_API kvrt_config kvrt_config_default(void);
@@ -242,6 +247,9 @@ typedef struct kvrt_stats {
   int64_t index_update_failures;  /* cold-index builds/inserts that failed (e.g. out of memory);
                                      the tokens were stored, the rows the index misses are scanned
                                      exactly and the update is retried: speed, not correctness */
+  int64_t keys_read;              /* cold keys read by searches: keys_scored, except that a group
+                                     search (config.group_search) reads a key once for all the q
+                                     heads that score it. Since 0.2. */
 } kvrt_stats;
 
 KVRT_API kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out);

@@ -100,6 +100,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.host_memory_limit = c.host_memory_limit;
   r.gpu_memory_limit = c.gpu_memory_limit;
   r.check_finite = c.check_finite != 0;
+  r.group_search = c.group_search != 0;
   r.use_gpu = c.use_gpu;
   return r;
 }
@@ -166,6 +167,7 @@ kvrt_config kvrt_config_default(void) {
   c.host_memory_limit = 0;
   c.gpu_memory_limit = 0;
   c.check_finite = 1;
+  c.group_search = 1;
   return c;
 }
 
@@ -184,6 +186,9 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   if (config->check_finite != 0 && config->check_finite != 1)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.check_finite = ", config->check_finite, " must be 0 or 1"));
+  if (config->group_search != 0 && config->group_search != 1)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("config.group_search = ", config->group_search, " must be 0 or 1"));
   if (config->record_attended != 0 && config->record_attended != 1)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.record_attended = ", config->record_attended, " must be 0 or 1"));
@@ -335,7 +340,7 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
                     s.gpu_allocated_bytes,  s.time_attend_ns, s.time_gpu_attention_ns,
                     s.time_d2h_ns,          s.time_cpu_search_ns, s.time_cpu_attention_ns,
                     s.time_h2d_ns,          s.time_merge_ns, s.time_idle_ns,
-                    s.eviction_batches,     s.index_update_failures};
+                    s.eviction_batches,     s.index_update_failures, s.keys_read};
   return KVRT_OK;
   KVRT_API_CATCH
 }

@@ -28,7 +28,10 @@
 //
 // Search: best-first beam search by q.k (the candidate pool of NSG/DiskANN), beam = effort,
 // default 2k; a per-thread visited set; `scanned` counts every key scored (entry points,
-// neighbours, the tail).
+// neighbours, the tail). The neighbours of an expanded key are prefetched together.
+// SearchGroup (GQA): one traversal for a kv head's group of queries, ranked by the best
+// offset-normalised score over the group (see there); every query takes its top-k from all keys
+// the traversal scored.
 //
 // Add: new rows go to a tail scanned exactly by every search; once graph_tail rows wait, each is
 // linked in order: a graph search with the key itself as the query gives its candidates (pruned
@@ -69,6 +72,7 @@ constexpr int kSpreadEntries = 64; // entry points spread over the sampled queri
 constexpr int kBestQueryLinks = 8; // links of a key into its best query's top list
 constexpr int kReverseLinks = 16;   // reverse links made for a key linked by Add
 constexpr float kPruneAlpha2 = 1.44f;  // occlusion slack (squared), see BuildGraph
+constexpr int kMaxQueriesPerGroup = 64;  // SearchGroup's stack row of scores; larger groups loop
 
 struct ScoredId {
   float score;
@@ -271,20 +275,56 @@ class AttentionAwareIndex final : public KeyIndex {
     if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok()) {
       return s;
     }
-    const int beam = std::max(params.k, params.effort > 0            ? params.effort
-                                        : config_.graph_default_beam > 0 ? config_.graph_default_beam
-                                                                         : 2 * params.k);
+    const int beam = BeamWidth(params);
     thread_local std::vector<Slot> pool;
-    int64_t scanned = BeamSearch(store, q, beam, linked_, &pool);
+    const DType t = store.dtype();
+    int64_t scanned = BeamSearch(
+        store, beam, linked_, [&](uint32_t id) { return DotRow(q, store.key(id), dim_, t); }, &pool);
     thread_local std::vector<std::pair<float, int64_t>> cands;
     cands.clear();
     for (const Slot& s : pool) cands.emplace_back(s.score, s.id);
     for (int64_t r = linked_; r < size_; ++r) {
-      cands.emplace_back(DotRow(q, store.key(r), dim_, store.dtype()), r);
+      cands.emplace_back(DotRow(q, store.key(r), dim_, t), r);
       ++scanned;
     }
     internal::TakeTopK(&cands, params.k, out);
     out->scanned = scanned;
+    return absl::OkStatus();
+  }
+
+  // One traversal for the whole group with a beam per query: the queries take turns expanding
+  // their best unexpanded key; every key reached is read once, scored by all of them and offered
+  // to every beam, so a key one query's search finds also serves the others. Each query then takes
+  // its top-k from every key scored (not just its beam). Reads at most the union of what
+  // separate searches read.
+  absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq, const SearchParams& params,
+                           SearchResult* outs) const override {
+    if (nq <= 1 || outs == nullptr || nq > kMaxQueriesPerGroup)
+      return KeyIndex::SearchGroup(store, qs, nq, params, outs);
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok()) return s;
+    const int beam = BeamWidth(params);
+    const DType t = store.dtype();
+    thread_local std::vector<float> seen_scores;  // [seen, nq]
+    thread_local std::vector<uint32_t> seen_ids;
+    seen_scores.clear();
+    seen_ids.clear();
+    auto score = [&](uint32_t id) -> const float* {
+      const std::size_t at = seen_scores.size();
+      seen_scores.resize(at + nq);
+      seen_ids.push_back(id);
+      DotRowMulti(qs, nq, store.key(id), dim_, t, seen_scores.data() + at);
+      return seen_scores.data() + at;
+    };
+    int64_t scanned = MultiBeamSearch(store, nq, beam, score);
+    for (int64_t r = linked_; r < size_; ++r) score(static_cast<uint32_t>(r));
+    scanned += size_ - linked_;
+    thread_local std::vector<std::pair<float, int64_t>> cands;
+    for (int i = 0; i < nq; ++i) {
+      cands.clear();
+      for (std::size_t j = 0; j < seen_ids.size(); ++j) cands.emplace_back(seen_scores[j * nq + i], seen_ids[j]);
+      internal::TakeTopK(&cands, params.k, &outs[i]);
+      outs[i].scanned = scanned;
+    }
     return absl::OkStatus();
   }
 
@@ -300,28 +340,90 @@ class AttentionAwareIndex final : public KeyIndex {
     bool expanded;
   };
 
-  // Best-first search over rows [0, limit) of the graph; leaves the best `beam` (score desc) in
-  // *pool; returns the number of keys scored.
-  int64_t BeamSearch(const HeadStore& store, const float* q, int beam, int64_t limit,
+  int BeamWidth(const SearchParams& params) const {
+    return std::max(params.k, params.effort > 0                    ? params.effort
+                              : config_.graph_default_beam > 0 ? config_.graph_default_beam
+                                                               : 2 * params.k);
+  }
+
+  // Inserts (s, id) into a pool sorted by score desc, capped at beam; returns the position, or
+  // beam when it is not inserted.
+  static std::size_t PoolInsert(std::vector<Slot>* pool, int beam, float s, uint32_t id) {
+    if (static_cast<int>(pool->size()) >= beam && s <= pool->back().score) return beam;
+    auto it = std::upper_bound(pool->begin(), pool->end(), s, [](float v, const Slot& x) { return v > x.score; });
+    const std::size_t pos = it - pool->begin();
+    pool->insert(it, Slot{s, id, false});
+    if (static_cast<int>(pool->size()) > beam) pool->pop_back();
+    return pos;
+  }
+
+  // Marks the unvisited neighbours of `id` visited, prefetches their keys (together, so their
+  // memory latencies overlap: a key row is 2-4 cache lines, often not in cache) and returns them.
+  const std::vector<uint32_t>& FreshNeighbours(const HeadStore& store, uint32_t id, int64_t limit,
+                                               internal::VisitedSet& visited) const {
+    thread_local std::vector<uint32_t> fresh;
+    fresh.clear();
+    const std::size_t row_bytes = static_cast<std::size_t>(dim_) * DTypeSize(store.dtype());
+    const uint32_t* nb = nbrs_.data() + static_cast<std::size_t>(id) * degree_;
+    for (int j = 0; j < degree_; ++j) {
+      const uint32_t v = nb[j];
+      if (v == kNone || v >= limit || !visited.Insert(v)) continue;
+      const auto* p = static_cast<const char*>(store.key(v));
+      for (std::size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off);
+      fresh.push_back(v);
+    }
+    return fresh;
+  }
+
+  // SearchGroup's traversal over the linked rows: nq beams; score(id) returns the key's nq
+  // scores. Returns the number of keys scored.
+  template <class ScoreFn>
+  int64_t MultiBeamSearch(const HeadStore& store, int nq, int beam, ScoreFn&& score) const {
+    if (linked_ == 0) return 0;
+    auto& visited = internal::VisitedSet::ForThisThread(linked_);
+    thread_local std::vector<std::vector<Slot>> pools;
+    thread_local std::vector<std::size_t> cursor;
+    pools.resize(nq);
+    for (auto& p : pools) p.clear();
+    cursor.assign(nq, 0);
+    int64_t scanned = 0;
+    auto offer = [&](uint32_t id) {
+      const float* s = score(id);
+      ++scanned;
+      for (int i = 0; i < nq; ++i) cursor[i] = std::min(cursor[i], PoolInsert(&pools[i], beam, s[i], id));
+    };
+    for (uint32_t e : entries_) {
+      if (e < linked_ && visited.Insert(e)) offer(e);
+    }
+    for (auto& c : cursor) c = 0;
+    for (bool progressed = true; progressed;) {
+      progressed = false;
+      for (int i = 0; i < nq; ++i) {
+        auto& pool = pools[i];
+        while (cursor[i] < pool.size() && pool[cursor[i]].expanded) ++cursor[i];
+        if (cursor[i] >= pool.size()) continue;
+        progressed = true;
+        pool[cursor[i]].expanded = true;
+        const uint32_t id = pool[cursor[i]].id;
+        ++cursor[i];
+        for (uint32_t v : FreshNeighbours(store, id, linked_, visited)) offer(v);
+      }
+    }
+    return scanned;
+  }
+
+  // Best-first search over rows [0, limit) of the graph by score(id) (higher = better); leaves
+  // the best `beam` (score desc) in *pool; returns the number of keys scored.
+  template <class ScoreFn>
+  int64_t BeamSearch(const HeadStore& store, int beam, int64_t limit, ScoreFn&& score,
                      std::vector<Slot>* pool) const {
     pool->clear();
     if (limit == 0) return 0;
     auto& visited = internal::VisitedSet::ForThisThread(limit);
     int64_t scanned = 0;
-    const DType t = store.dtype();
-    // Inserts keeping the pool sorted; returns the position or beam when not inserted.
-    auto insert = [&](float s, uint32_t id) -> std::size_t {
-      if (static_cast<int>(pool->size()) >= beam && s <= pool->back().score) return beam;
-      auto it = std::upper_bound(pool->begin(), pool->end(), s,
-                                 [](float v, const Slot& x) { return v > x.score; });
-      const std::size_t pos = it - pool->begin();
-      pool->insert(it, Slot{s, id, false});
-      if (static_cast<int>(pool->size()) > beam) pool->pop_back();
-      return pos;
-    };
     for (uint32_t e : entries_) {
       if (e >= limit || !visited.Insert(e)) continue;
-      insert(DotRow(q, store.key(e), dim_, t), e);
+      PoolInsert(pool, beam, score(e), e);
       ++scanned;
     }
     std::size_t i = 0;
@@ -331,15 +433,10 @@ class AttentionAwareIndex final : public KeyIndex {
         continue;
       }
       (*pool)[i].expanded = true;
-      const uint32_t* nb = nbrs_.data() + static_cast<std::size_t>((*pool)[i].id) * degree_;
       std::size_t next = pool->size();
-      for (int j = 0; j < degree_; ++j) {
-        const uint32_t v = nb[j];
-        if (v == kNone || v >= limit || !visited.Insert(v)) continue;
-        if (j + 1 < degree_ && nb[j + 1] != kNone) __builtin_prefetch(store.key(nb[j + 1]));
+      for (uint32_t v : FreshNeighbours(store, (*pool)[i].id, limit, visited)) {
         ++scanned;
-        const std::size_t pos = insert(DotRow(q, store.key(v), dim_, t), v);
-        next = std::min(next, pos);
+        next = std::min(next, PoolInsert(pool, beam, score(v), v));
       }
       i = std::min(i + 1, next);
     }
@@ -559,7 +656,9 @@ class AttentionAwareIndex final : public KeyIndex {
     const int beam = std::max(2 * R, 64);
     for (int64_t j = linked_; j < size_; ++j) {
       store.KeyF32(j, kp.data());
-      BeamSearch(store, kp.data(), beam, linked_, &pool);
+      BeamSearch(
+          store, beam, linked_, [&](uint32_t id) { return DotRow(kp.data(), store.key(id), dim_, t); },
+          &pool);
       // Candidates by squared L2 to the new key (higher = closer), pruned as in the build.
       const float nj = DotRow(kp.data(), kp.data(), dim_, DType::kF32);
       cands.clear();

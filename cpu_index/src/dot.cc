@@ -62,6 +62,12 @@ float DotRow(const float* q, const void* row, int d, DType t) {
   return 0.f;
 }
 
+void DotRowMulti(const float* qs, int nq, const void* row, int d, DType t, float* out) {
+  // NOTE: each query through DotRow, so a score is bit-identical to a single search's (tests and
+  // the tail merge compare them); after the first query the row is in L1, which is the saving.
+  for (int j = 0; j < nq; ++j) out[j] = DotRow(qs + static_cast<std::size_t>(j) * d, row, d, t);
+}
+
 void DotRows(const float* q, const void* rows, int d, DType t, int64_t n, std::size_t stride_elems,
              float* out) {
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);

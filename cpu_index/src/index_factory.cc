@@ -44,6 +44,17 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIndex(IndexKind kind, const IndexC
       absl::StrCat("index kind '", IndexKindName(kind), "' has no index object"));
 }
 
+absl::Status KeyIndex::SearchGroup(const HeadStore& store, const float* qs, int nq,
+                                   const SearchParams& params, SearchResult* outs) const {
+  if (nq <= 0 || qs == nullptr || outs == nullptr)
+    return absl::InvalidArgumentError("index search: need nq > 0 queries and an output per query");
+  for (int i = 0; i < nq; ++i) {
+    if (auto s = Search(store, qs + static_cast<std::size_t>(i) * store.dim(), params, &outs[i]); !s.ok())
+      return s;
+  }
+  return absl::OkStatus();
+}
+
 void TopK(const float* scores, int64_t n, int k, std::vector<int64_t>* ids,
           std::vector<float>* top_scores) {
   const int64_t kk = std::min<int64_t>(k, n);

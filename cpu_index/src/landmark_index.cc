@@ -4,6 +4,8 @@
 // Search scores every block's bound, takes the `effort` blocks with the largest bounds and
 // scores their keys exactly. Memory access is sequential (bounds array, then whole blocks).
 //
+// SearchGroup (GQA) reads the bounds once for all queries of a kv head's group.
+//
 // `scanned` accounting: a bound reads 2*d floats and costs about two dot products, so each
 // block counts as 2 keys; plus every key scored exactly inside the chosen blocks.
 #include <algorithm>
@@ -21,6 +23,7 @@ namespace kvrt::cpu_index {
 namespace {
 
 constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
+constexpr int kMaxGroup = 64;  // SearchGroup's stack row of scores; larger groups loop over Search
 
 // NOTE: no target_clones under TSan (its ifunc resolver would run before the TSan runtime; see dot.cc).
 #if !defined(__SANITIZE_THREAD__)
@@ -68,11 +71,7 @@ class LandmarkIndex final : public KeyIndex {
       return s;
     }
     const int64_t nb = num_blocks();
-    int64_t want = params.effort > 0 ? params.effort
-                   : config_.landmark_default_blocks > 0
-                       ? config_.landmark_default_blocks
-                       : (4 * static_cast<int64_t>(params.k) + block_ - 1) / block_;
-    want = std::clamp<int64_t>(want, 1, nb);
+    const int64_t want = BlocksWanted(params, nb);
 
     thread_local std::vector<std::pair<float, int64_t>> blocks;
     thread_local std::vector<std::pair<float, int64_t>> cands;
@@ -82,12 +81,7 @@ class LandmarkIndex final : public KeyIndex {
       const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
       blocks[b] = {BlockBound(q, box, box + dim_, dim_), b};
     }
-    if (want < nb) {
-      std::nth_element(blocks.begin(), blocks.begin() + want, blocks.end(),
-                       [](const auto& a, const auto& b) {
-                         return a.first > b.first || (a.first == b.first && a.second < b.second);
-                       });
-    }
+    SelectBest(&blocks, want);
     cands.clear();
     int64_t scored = 0;
     for (int64_t i = 0; i < want; ++i) {
@@ -103,11 +97,72 @@ class LandmarkIndex final : public KeyIndex {
     return absl::OkStatus();
   }
 
+  // One pass over the block bounds for the whole group (the bounds are the bulk of the memory a
+  // search reads); each query picks its own top blocks; the union of the picked blocks is scored
+  // exactly by every query (each key read once) and each query keeps its top-k of the union.
+  absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq, const SearchParams& params,
+                           SearchResult* outs) const override {
+    if (nq <= 1 || outs == nullptr || nq > kMaxGroup) return KeyIndex::SearchGroup(store, qs, nq, params, outs);
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok()) return s;
+    const int64_t nb = num_blocks();
+    const int64_t want = BlocksWanted(params, nb);
+    thread_local std::vector<float> bound;   // [nb, nq]
+    thread_local std::vector<std::pair<float, int64_t>> blocks;
+    thread_local std::vector<uint8_t> picked;
+    bound.resize(static_cast<std::size_t>(nb) * nq);
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
+      for (int i = 0; i < nq; ++i)
+        bound[static_cast<std::size_t>(b) * nq + i] = BlockBound(qs + static_cast<std::size_t>(i) * dim_, box, box + dim_, dim_);
+    }
+    picked.assign(nb, 0);
+    for (int i = 0; i < nq; ++i) {
+      blocks.resize(nb);
+      for (int64_t b = 0; b < nb; ++b) blocks[b] = {bound[static_cast<std::size_t>(b) * nq + i], b};
+      SelectBest(&blocks, want);
+      for (int64_t j = 0; j < want; ++j) picked[blocks[j].second] = 1;
+    }
+    thread_local std::vector<std::vector<std::pair<float, int64_t>>> cands;
+    cands.resize(nq);
+    for (auto& c : cands) c.clear();
+    float row[kMaxGroup];
+    int64_t scored = 0;
+    const DType t = store.dtype();
+    for (int64_t b = 0; b < nb; ++b) {
+      if (!picked[b]) continue;
+      const int64_t end = std::min(size_, (b + 1) * block_);
+      for (int64_t r = b * block_; r < end; ++r) {
+        DotRowMulti(qs, nq, store.key(r), dim_, t, row);
+        for (int i = 0; i < nq; ++i) cands[i].emplace_back(row[i], r);
+      }
+      scored += end - b * block_;
+    }
+    for (int i = 0; i < nq; ++i) {
+      internal::TakeTopK(&cands[i], params.k, &outs[i]);
+      outs[i].scanned = 2 * nb + scored;
+    }
+    return absl::OkStatus();
+  }
+
   int64_t size() const override { return size_; }
   std::size_t MemoryBytes() const override { return bounds_.capacity() * sizeof(float); }
 
  private:
   int64_t num_blocks() const { return (size_ + block_ - 1) / block_; }
+  int64_t BlocksWanted(const SearchParams& params, int64_t nb) const {
+    const int64_t want = params.effort > 0 ? params.effort
+                         : config_.landmark_default_blocks > 0
+                             ? config_.landmark_default_blocks
+                             : (4 * static_cast<int64_t>(params.k) + block_ - 1) / block_;
+    return std::clamp<int64_t>(want, 1, nb);
+  }
+  // Moves the `want` largest (bound, block) pairs to the front (ties: lower block first).
+  static void SelectBest(std::vector<std::pair<float, int64_t>>* blocks, int64_t want) {
+    if (want >= static_cast<int64_t>(blocks->size())) return;
+    std::nth_element(blocks->begin(), blocks->begin() + want, blocks->end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+  }
 
   // Covers rows [size_, store.size()): refreshes the last partial block, then new blocks.
   void Extend(const HeadStore& store) {

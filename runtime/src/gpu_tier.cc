@@ -441,29 +441,32 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   const int64_t n_cold = cold_tokens();
   if (cfg_->record_attended) attended_.assign(H, {});
   std::vector<float> o_cpu(of, 0.f), lse_cpu(H, kNegInf);
-  std::vector<absl::Status> status(H);
-  std::vector<int64_t> scored(H, 0), attended_cold(H, 0), search_ns(H, 0), busy_ns(H, 0);
+  std::vector<std::vector<int64_t>> ids(H);
+  std::vector<int64_t> scored(H, 0), attended_cold(H, 0), search_ns(H, 0);
+  const auto units = n_cold > 0 ? ColdUnits(streaming) : std::vector<std::vector<int>>{};
+  std::vector<absl::Status> status(units.size());
+  std::vector<int64_t> read(units.size(), 0);
+  std::vector<int64_t> busy_ns(units.size(), 0);
   arena.execute([&] {
-    tbb::parallel_for(0, H, [&](int h) {
-      std::vector<int64_t> ids;
-      if (n_cold > 0 && !(streaming && streaming[h])) {
-        const int64_t h0 = NowNs();
-        status[h] = ColdHead(h, q.data() + static_cast<std::size_t>(h) * d,
-                                o_cpu.data() + static_cast<std::size_t>(h) * d, &lse_cpu[h], &ids,
-                                &scored[h], &search_ns[h]);
-        busy_ns[h] = NowNs() - h0;
-        attended_cold[h] = cfg_->index_kind == cpu_index::IndexKind::kExact
-                               ? n_cold
-                               : static_cast<int64_t>(ids.size());
-      }
-      if (cfg_->record_attended) RecordAttended(h, n_cold, ids);
+    tbb::parallel_for(0, static_cast<int>(units.size()), [&](int u) {
+      const int64_t h0 = NowNs();
+      status[u] = ColdGroup(units[u], q.data(), o_cpu.data(), lse_cpu.data(), &ids, scored.data(),
+                            search_ns.data(), &read[u]);
+      busy_ns[u] = NowNs() - h0;
     });
   });
   for (auto& s : status) KVRT_RETURN_IF_ERROR(s);
+  for (const auto& unit : units)
+    for (int h : unit)
+      attended_cold[h] = cfg_->index_kind == cpu_index::IndexKind::kExact ? n_cold
+                                                                           : static_cast<int64_t>(ids[h].size());
+  if (cfg_->record_attended)
+    for (int h = 0; h < H; ++h) RecordAttended(h, n_cold, ids[h]);
   const int64_t t3 = NowNs();
   {
     int64_t search = 0, busy = 0;
-    for (int h = 0; h < H; ++h) search += search_ns[h], busy += busy_ns[h];
+    for (int h = 0; h < H; ++h) search += search_ns[h];
+    for (int64_t b : busy_ns) busy += b;
     const int64_t wall = t3 - t2;
     const int64_t search_wall = busy > 0 ? static_cast<int64_t>(static_cast<double>(wall) * search / busy) : 0;
     counters_->time_cpu_search_ns += search_wall;
@@ -500,6 +503,7 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   }
   counters_->attend_calls += 1;
   counters_->keys_scored += total_scored;
+  for (int64_t r : read) counters_->keys_read += r;
   counters_->cold_keys_searchable += n_cold * H;
   counters_->cold_tokens_attended += total_cold;
   counters_->time_attend_ns += NowNs() - t0;

@@ -1,7 +1,6 @@
 #include "runtime/src/layer_state.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -20,12 +19,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many cold tokens no index is built: an exact scan of so few keys is as cheap as a
 // search, and IVF/graph builds on a handful of points are poor.
 constexpr int64_t kIndexMinRows = 256;
-
-int64_t SteadyNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 }  // namespace
 
@@ -234,42 +227,50 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
   ConvertToF32(q_in, cfg_->dtype, q.size(), q.data());
   if (cfg_->record_attended) attended_.assign(H, {});
 
-  std::vector<absl::Status> status(H);
-  std::vector<int64_t> scored(H, 0), attended_cold(H, 0);
   // Written to `out` only when every head succeeded (a failed call leaves outputs untouched).
-  std::vector<float> result(static_cast<std::size_t>(H) * d);
+  std::vector<float> result(static_cast<std::size_t>(H) * d), lse(H, kNegInf);
+  std::vector<float> o_cold(static_cast<std::size_t>(H) * d), lse_cold(H, kNegInf);
+  std::vector<std::vector<int64_t>> ids(H);
+  std::vector<int64_t> scored(H, 0), search_ns(H, 0);
+  const auto units = n_cold > 0 ? ColdUnits(streaming) : std::vector<std::vector<int>>{};
+  std::vector<absl::Status> status(units.size());
+  std::vector<int64_t> read(units.size(), 0);
   arena.execute([&] {
+    // GPU tier: sinks, then the valid ring slots, per q head.
     tbb::parallel_for(0, H, [&](int h) {
       const int g = h / group;
       const std::size_t hoff = static_cast<std::size_t>(g) * d * DTypeSize(cfg_->dtype);
       const float* qh = q.data() + static_cast<std::size_t>(h) * d;
       float* oh = result.data() + static_cast<std::size_t>(h) * d;
       std::vector<float> o2(d);
-      float lse = kNegInf, lse2;
-      // GPU tier: sinks, then the valid ring slots.
+      float lse2;
       // NOTE: an unallocated buffer (sink_tokens = 0, or no token past the sinks yet) has a null
       // data(); offsetting null is undefined behaviour (UBSan, fuzz_api), so pass null instead.
       auto at = [hoff](const std::vector<unsigned char>& b) { return b.empty() ? nullptr : b.data() + hoff; };
       cpu_index::AttendDense(qh, d, cfg_->scale, at(sink_k_), at(sink_v_), head_elems, cfg_->dtype,
-                             n_sink_, oh, &lse);
+                             n_sink_, oh, &lse[h]);
       cpu_index::AttendDense(qh, d, cfg_->scale, at(ring_k_), at(ring_v_), head_elems, cfg_->dtype,
                              n_window_, o2.data(), &lse2);
-      cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
-      // Cold tier.
-      std::vector<int64_t> ids;
-      if (n_cold > 0 && !(streaming && streaming[h])) {
-        int64_t search_ns = 0;
-        status[h] = ColdHead(h, qh, o2.data(), &lse2, &ids, &scored[h], &search_ns);
-        if (!status[h].ok()) return;
-        attended_cold[h] = cfg_->index_kind == cpu_index::IndexKind::kExact
-                               ? n_cold
-                               : static_cast<int64_t>(ids.size());
-        cpu_index::MergeInto(oh, &lse, o2.data(), lse2, d);
-      }
-      if (cfg_->record_attended) RecordAttended(h, n_cold, ids);
+      cpu_index::MergeInto(oh, &lse[h], o2.data(), lse2, d);
+    });
+    // Cold tier, per unit (a kv head's group, or one head).
+    tbb::parallel_for(0, static_cast<int>(units.size()), [&](int u) {
+      status[u] = ColdGroup(units[u], q.data(), o_cold.data(), lse_cold.data(), &ids, scored.data(),
+                            search_ns.data(), &read[u]);
     });
   });
   for (auto& s : status) KVRT_RETURN_IF_ERROR(s);
+  std::vector<int64_t> attended_cold(H, 0);
+  for (const auto& unit : units) {
+    for (int h : unit) {
+      const std::size_t off = static_cast<std::size_t>(h) * d;
+      cpu_index::MergeInto(result.data() + off, &lse[h], o_cold.data() + off, lse_cold[h], d);
+      attended_cold[h] = cfg_->index_kind == cpu_index::IndexKind::kExact ? n_cold
+                                                                           : static_cast<int64_t>(ids[h].size());
+    }
+  }
+  if (cfg_->record_attended)
+    for (int h = 0; h < H; ++h) RecordAttended(h, n_cold, ids[h]);
   std::memcpy(out, result.data(), result.size() * sizeof(float));
   int64_t total_scored = 0, total_cold = 0;
   for (int h = 0; h < H; ++h) {
@@ -278,6 +279,7 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
   }
   counters_->attend_calls += 1;
   counters_->keys_scored += total_scored;
+  for (int64_t r : read) counters_->keys_read += r;
   counters_->cold_keys_searchable += n_cold * H;
   counters_->cold_tokens_attended += total_cold;
   return absl::OkStatus();
@@ -291,74 +293,6 @@ void LayerState::RecordAttended(int h, int64_t n_cold, const std::vector<int64_t
   for (int64_t p = 0; p < n_sink_; ++p) rec.push_back(p);
   for (int64_t p = cfg_->sink_tokens + n_cold; p < length_; ++p) rec.push_back(p);
   for (auto id : cold_ids) rec.push_back(cfg_->sink_tokens + id);
-}
-
-absl::Status LayerState::ColdHead(int h, const float* qh, float* o, float* lse,
-                                  std::vector<int64_t>* ids, int64_t* scored,
-                                  int64_t* search_ns) const {
-  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
-  const int g = h / group;
-  const auto& store = cold_[g];
-  const int64_t n_cold = store.size();
-  const int64_t t0 = SteadyNs();
-  if (cfg_->index_kind == cpu_index::IndexKind::kExact) {
-    cpu_index::AttendStoreAll(qh, cfg_->scale, store, o, lse);
-    *scored = n_cold;
-    if (cfg_->record_attended) {
-      ids->resize(n_cold);
-      for (int64_t i = 0; i < n_cold; ++i) (*ids)[i] = i;
-    }
-    *search_ns = 0;
-    return absl::OkStatus();
-  }
-  const auto* index = index_[g].get();
-  const int64_t indexed = index ? index->size() : 0;
-  std::vector<float> scores;
-  if (index) {
-    cpu_index::SearchResult found;
-    cpu_index::SearchParams params;
-    params.k = cfg_->top_k;
-    params.effort = cfg_->search_effort;
-    KVRT_RETURN_IF_ERROR(index->Search(store, qh, params, &found));
-    *ids = std::move(found.ids);
-    scores = std::move(found.scores);
-    *scored = found.scanned;
-  }
-  // Rows the index does not cover yet (evicted since its last background insert) are scanned
-  // exactly and compete with the index's results for the top-k by score.
-  // NOTE: the union is cut back to k, so that with an exact (flat) index the set is the top-k over
-  // all rows even while the index lags (GPU backend: the latest evictions are indexed in the
-  // background; host backend: a failed index update).
-  if (indexed < n_cold) {
-    std::vector<float> s(n_cold - indexed);
-    store.Dot(qh, indexed, n_cold, s.data());
-    std::vector<int64_t> tail;
-    std::vector<float> tail_scores;
-    cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
-    *scored += n_cold - indexed;
-    if (index == nullptr) {
-      for (auto t : tail) ids->push_back(indexed + t);
-    } else {
-      if (scores.size() != ids->size()) {
-        scores.resize(ids->size());
-        store.DotIds(qh, ids->data(), static_cast<int64_t>(ids->size()), scores.data());
-      }
-      for (std::size_t i = 0; i < tail.size(); ++i) {
-        ids->push_back(indexed + tail[i]);
-        scores.push_back(tail_scores[i]);
-      }
-      if (static_cast<int64_t>(ids->size()) > cfg_->top_k) {
-        std::vector<int64_t> best;
-        cpu_index::TopK(scores.data(), static_cast<int64_t>(scores.size()), cfg_->top_k, &best, nullptr);
-        std::vector<int64_t> kept(best.size());
-        for (std::size_t i = 0; i < best.size(); ++i) kept[i] = (*ids)[best[i]];
-        *ids = std::move(kept);
-      }
-    }
-  }
-  *search_ns = SteadyNs() - t0;
-  cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids->data(), static_cast<int64_t>(ids->size()), o, lse);
-  return absl::OkStatus();
 }
 
 }  // namespace kvrt::runtime

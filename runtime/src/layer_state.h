@@ -51,14 +51,28 @@ class LayerState {
 
  private:
   absl::Status AppendTokens(const void* k, const void* v, int64_t n);
-  // The cold-tier step of q head h, shared by both backends: exact attention over every cold
-  // token (exact mode) or index search + exact scan of unindexed rows, cut back to top-k, then
-  // attention over them. Writes the partial state (o, lse), the chosen rows, keys scored and the
-  // search time.
   // Stores the positions q head h attended to (record_attended): GPU tier, then cold rows.
   void RecordAttended(int h, int64_t n_cold, const std::vector<int64_t>& cold_ids);
+  // Cold tier (cold_tier.cc), shared by both backends. The non-streaming q heads in units that
+  // run in parallel: a kv head's group together (config.group_search, index kinds) or one head
+  // each (exact mode, group_search off).
+  std::vector<std::vector<int>> ColdUnits(const uint8_t* streaming) const;
+  // The cold-tier step of the q heads of one unit (one kv head's): one group search or a search
+  // per head, then ColdHead's rest per head. q, o: [q_heads, d] f32; lse, scored, search_ns:
+  // [q_heads]; ids: [q_heads]; only the unit's heads are written. *read: keys the unit read.
+  absl::Status ColdGroup(const std::vector<int>& heads, const float* q, float* o, float* lse,
+                         std::vector<std::vector<int64_t>>* ids, int64_t* scored,
+                         int64_t* search_ns, int64_t* read) const;
+  // The cold-tier step of q head h: exact attention over every cold token (exact mode) or index
+  // search then FinishCold. Writes the partial state (o, lse), the chosen rows, keys scored and
+  // the search time.
   absl::Status ColdHead(int h, const float* qh, float* o, float* lse, std::vector<int64_t>* ids,
                         int64_t* scored, int64_t* search_ns) const;
+  // After the search of kv head g: exact scan of the rows the index does not cover yet, the
+  // union cut back to top_k, attention over the rows. *search_ns = time from t_start to the
+  // start of the attention.
+  void FinishCold(int g, const float* qh, cpu_index::SearchResult* found, float* o, float* lse,
+                  std::vector<int64_t>* ids, int64_t* scored, int64_t t_start, int64_t* search_ns) const;
   absl::Status UpdateIndexes(tbb::task_arena& arena);
   void SampleQueries(const void* q, int64_t n);
   std::size_t token_bytes() const;  // one token, all kv heads, k or v

@@ -319,6 +319,7 @@ RuntimeStats Runtime::Stats() const {
   s.time_idle_ns = c.time_idle_ns.load();
   s.eviction_batches = c.eviction_batches.load();
   s.index_update_failures = c.index_update_failures.load();
+  s.keys_read = c.keys_read.load();
   return s;
 }
 

@@ -71,6 +71,7 @@ TEST(ApiCreate, RejectsBadConfigNamingTheField) {
       {[](kvrt_config* c) { c->worker_threads = -2; }, "worker_threads"},
       {[](kvrt_config* c) { c->record_attended = 2; }, "record_attended"},
       {[](kvrt_config* c) { c->use_gpu = 5; }, "use_gpu"},
+      {[](kvrt_config* c) { c->group_search = 2; }, "group_search"},
   };
   for (const auto& b : cases) {
     c = kvrt_config_default();

@@ -134,6 +134,68 @@ TEST_P(IndexKindTest, ExactAtMaximalEffort) {
   }
 }
 
+// GQA group search: groups of 4 test queries (as the 4 q heads of a kv head).
+constexpr int kGroup = 4;
+
+std::vector<SearchResult> SearchGroupOf(const KeyIndex& index, int64_t first, int effort) {
+  const Data& d = SharedData();
+  std::vector<SearchResult> out(kGroup);
+  EXPECT_TRUE(index.SearchGroup(*d.store, d.ood.test_queries.data() + first * kDim, kGroup, {kK, effort},
+                                out.data())
+                  .ok());
+  return out;
+}
+
+TEST_P(IndexKindTest, GroupSearchExactAtMaximalEffort) {
+  const Data& d = SharedData();
+  const KeyIndex& index = SharedIndex(GetParam());
+  for (int64_t first = 0; first + kGroup <= kQueries; first += kGroup) {
+    const auto found = SearchGroupOf(index, first, MaxEffort(GetParam()));
+    for (int i = 0; i < kGroup; ++i) {
+      ExpectWellFormed(*d.store, d.ood.test_queries.data() + (first + i) * kDim, kK, found[i]);
+      EXPECT_EQ(found[i].ids, d.truth[first + i]) << "query " << first + i;
+    }
+  }
+}
+
+// A group search reads each key once for the whole group. Given the keys that one search per
+// query reads in all (at the middle effort), its recall must not be lower (0.02 tolerance for the
+// graph kinds); landmark at equal effort scores each query's own blocks, so never lower per query.
+TEST_P(IndexKindTest, GroupSearchRecallMatchesPerQuerySearch) {
+  const Data& d = SharedData();
+  const KeyIndex& index = SharedIndex(GetParam());
+  const auto efforts = Efforts(GetParam());
+  const int effort = efforts[efforts.size() / 2];
+  double single_recall = 0, single_scanned = 0;
+  std::vector<double> single(kQueries);
+  const int64_t n = kQueries / kGroup * kGroup;
+  for (int64_t i = 0; i < n; ++i) {
+    SearchResult r;
+    ASSERT_TRUE(index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, effort}, &r).ok());
+    single[i] = testing::Recall(r.ids, d.truth[i]);
+    single_recall += single[i];
+    single_scanned += static_cast<double>(r.scanned);
+  }
+  double best_recall = 0;
+  for (int e : efforts) {
+    double recall = 0, scanned = 0;
+    for (int64_t first = 0; first < n; first += kGroup) {
+      const auto found = SearchGroupOf(index, first, e);
+      scanned += static_cast<double>(found[0].scanned);
+      for (int i = 0; i < kGroup; ++i) {
+        ExpectWellFormed(*d.store, d.ood.test_queries.data() + (first + i) * kDim, kK, found[i]);
+        const double g = testing::Recall(found[i].ids, d.truth[first + i]);
+        if (GetParam() == IndexKind::kLandmark && e == effort) {
+          EXPECT_GE(g, single[first + i]) << "query " << first + i;
+        }
+        recall += g;
+      }
+    }
+    if (scanned <= single_scanned) best_recall = std::max(best_recall, recall / n);
+  }
+  EXPECT_GE(best_recall, single_recall / n - 0.02) << IndexKindName(GetParam()) << " effort " << effort;
+}
+
 TEST_P(IndexKindTest, RecallDoesNotFallAsEffortRises) {
   const KeyIndex& index = SharedIndex(GetParam());
   double prev = 0;

@@ -1,6 +1,7 @@
 // The runtime against a plain double-precision attention over all tokens.
 #include <cmath>
 #include <random>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -70,6 +71,7 @@ struct Case {
   int64_t prompt, steps;
   cpu_index::IndexKind kind = cpu_index::IndexKind::kExact;
   int top_k = 100000;
+  bool group_search = true;
 };
 
 // Prefill `prompt` tokens, then `steps` x (append 1, attend), checking each output.
@@ -84,6 +86,7 @@ void RunAndCheck(const Case& cs, double tol) {
   c.window_tokens = cs.window;
   c.index_kind = cs.kind;
   c.top_k = cs.top_k;
+  c.group_search = cs.group_search;
   c.worker_threads = 2;
   c.record_attended = true;
   auto rt = Runtime::Create(c);
@@ -145,6 +148,18 @@ TEST(RuntimeExact, OnlyDecodeAppends) { RunAndCheck({DType::kF32, 2, 5, 0, 40}, 
 TEST(RuntimeExact, WindowOfOne) { RunAndCheck({DType::kF32, 1, 1, 30, 5}, 1e-5); }
 TEST(RuntimeFlat, TopKCoveringEverythingIsExact) {
   RunAndCheck({DType::kF32, 4, 16, 600, 5, cpu_index::IndexKind::kFlat, 100000}, 1e-5);
+}
+
+// top_k >= cold tokens makes every kind exhaustive, so the output is exact attention with the
+// group search (one search per kv head for its 2 q heads) and without.
+TEST(RuntimeGroupSearch, ExhaustiveSearchIsExactForEveryKind) {
+  for (auto kind : {cpu_index::IndexKind::kFlat, cpu_index::IndexKind::kLandmark,
+                    cpu_index::IndexKind::kAttentionAware}) {
+    for (bool group : {true, false}) {
+      SCOPED_TRACE(std::string(cpu_index::IndexKindName(kind)) + (group ? " group" : " per head"));
+      RunAndCheck({DType::kBF16, 4, 16, 700, 4, kind, 100000, group}, 1e-5);
+    }
+  }
 }
 
 TEST(RuntimeFlat, RetrievesTheExactTopKOfColdTokens) {

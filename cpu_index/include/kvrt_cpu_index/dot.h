@@ -11,6 +11,10 @@ namespace kvrt::cpu_index {
 
 float DotRow(const float* q, const void* row, int d, DType t);
 
+// out[j] = qs[j] . row for nq queries qs [nq, d]: one key scored by every query of a GQA group
+// while it is in cache; each score equals DotRow's bit for bit.
+void DotRowMulti(const float* qs, int nq, const void* row, int d, DType t, float* out);
+
 // out[i] = q . rows[i], rows `stride_elems` apart.
 void DotRows(const float* q, const void* rows, int d, DType t, int64_t n,
              std::size_t stride_elems, float* out);

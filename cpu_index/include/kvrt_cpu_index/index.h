@@ -77,6 +77,15 @@ class KeyIndex {
   virtual absl::Status Search(const HeadStore& store, const float* q, const SearchParams& params,
                               SearchResult* out) const = 0;
 
+  // GQA: the queries of one kv head's group, searched together. qs: f32 [nq, dim]; outs[i] is
+  // query i's best rows (at most k, best first) among the keys the group search scored, each
+  // scored by that query. outs[i].scanned = keys the group search scored (each key is read once
+  // and scored by all nq queries). Kinds that share work across the group (attention-aware: one
+  // traversal; landmark: one pass over the block bounds) override this; the default runs Search
+  // once per query.
+  virtual absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq,
+                                   const SearchParams& params, SearchResult* outs) const;
+
   virtual int64_t size() const = 0;             // rows covered
   virtual std::size_t MemoryBytes() const = 0;  // bytes held beyond the HeadStore
 };
