@@ -23,7 +23,8 @@ namespace kvrt::cpu_index {
 namespace {
 
 constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
-constexpr int kMaxGroup = 64;  // SearchGroup's stack row of scores; larger groups loop over Search
+constexpr int kMaxGroup = 64;
+constexpr int64_t kBoundGrain = 512;  // blocks per task of SearchGroup's bound pass  // SearchGroup's stack row of scores; larger groups loop over Search
 
 // NOTE: no target_clones under TSan (its ifunc resolver would run before the TSan runtime; see dot.cc).
 #if !defined(__SANITIZE_THREAD__)
@@ -110,11 +111,17 @@ class LandmarkIndex final : public KeyIndex {
     thread_local std::vector<std::pair<float, int64_t>> blocks;
     thread_local std::vector<uint8_t> picked;
     bound.resize(static_cast<std::size_t>(nb) * nq);
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
-      for (int i = 0; i < nq; ++i)
-        bound[static_cast<std::size_t>(b) * nq + i] = BlockBound(qs + static_cast<std::size_t>(i) * dim_, box, box + dim_, dim_);
-    }
+    float* bound_data = bound.data();
+    // NOTE: split over blocks (nested in the caller's per-group task): with one sequence there are
+    // only num_kv_heads groups, fewer than the cores, and this pass is most of the search.
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, nb, kBoundGrain), [&](const tbb::blocked_range<int64_t>& r) {
+      for (int64_t b = r.begin(); b < r.end(); ++b) {
+        const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
+        for (int i = 0; i < nq; ++i)
+          bound_data[static_cast<std::size_t>(b) * nq + i] =
+              BlockBound(qs + static_cast<std::size_t>(i) * dim_, box, box + dim_, dim_);
+      }
+    });
     picked.assign(nb, 0);
     for (int i = 0; i < nq; ++i) {
       blocks.resize(nb);
