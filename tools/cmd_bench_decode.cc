@@ -33,7 +33,7 @@ struct BenchDecodeArgs {
   std::string cold = "4096,32768,131072,524288,1048576", batch = "1,16", indexes = "flat,landmark";
   std::string memory = "device", csv;
   int layers = 2, steps = 30, warmup = 3, sinks = 4, window = 2048, top_k = 100, threads = 0;
-  int q_heads = 32, kv_heads = 8, head_dim = 128, effort = 0, use_gpu = 1, group_search = 1;
+  int q_heads = 32, kv_heads = 8, head_dim = 128, effort = 0, use_gpu = 1, group_search = 0;
   int64_t max_cold_batch = 131072;  // batch > 1 only up to this cold size (host memory)
   double max_seconds = 20;          // measured time per configuration, at least 5 steps
 };

@@ -16,7 +16,7 @@ namespace {
 
 struct BenchIndexArgs {
   std::string trace, indexes = "flat,ivf,hnsw,landmark,attention-aware", efforts, csv, json, plot,
-      group_search = "1";
+      group_search = "0";
   int top_k = 100, sinks = 4, window = 512, steps = 16, threads = 0;
   bool quiet = false;
 };
@@ -68,7 +68,7 @@ int Run(const BenchIndexArgs& a) {
     }
     group_modes.push_back(g == "1");
   }
-  if (group_modes.empty()) group_modes = {true};
+  if (group_modes.empty()) group_modes = {false};
   auto trace = kvrt::trace::TraceReader::Open(a.trace);
   if (!trace.ok()) {
     std::fprintf(stderr, "kvrt bench index: %s\n", std::string(trace.status().message()).c_str());

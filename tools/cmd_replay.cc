@@ -12,7 +12,7 @@ struct ReplayArgs {
   std::string file, index = "flat", json;
   int sinks = 4, window = 512, top_k = 100, effort = 0, threads = 0, steps = 0;
   bool quiet = false, per_head = false;
-  int group_search = 1;
+  int group_search = 0;
   double streaming_threshold = 0;
 };
 

@@ -37,7 +37,7 @@ struct ReplayOptions {
   // last calibration_queries queries) reaches this are served as streaming heads.
   double streaming_threshold = 0;
   int calibration_queries = 16;
-  bool group_search = true;  // kvrt_config.group_search
+  bool group_search = false;  // kvrt_config.group_search
 };
 
 // Per (layer, q head) figures of one replay.
@@ -52,7 +52,7 @@ struct ReplayReport {
   std::string trace, index;
   int layers = 0, q_heads = 0, kv_heads = 0, head_dim = 0, sinks = 0, window = 0, top_k = 0,
       effort = 0, steps = 0;
-  bool group_search = true;
+  bool group_search = false;
   int64_t prompt_tokens = 0;
   double recall_at_k = 0, mass_recall = 0, output_rel_error_mean = 0, output_rel_error_p99 = 0,
          output_rel_error_max = 0, scanned_fraction = 0;

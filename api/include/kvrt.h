@@ -115,7 +115,9 @@ typedef struct kvrt_config {
                                 (each q head then takes its own top_k of the keys that search
                                 scored; attention-aware and landmark share the work, the other
                                 kinds search per q head anyway); 0 = one search per q head.
-                                Default 1 (docs/benchmarks.md compares both). Since 0.2. */
+                                Default 0: lower latency for one sequence on 16 cores; 1 reads
+                                fewer keys per recall and does less work when many sequences
+                                attend at once (docs/benchmarks.md, "GQA group search"). Since 0.2. */
 } kvrt_config;
 
 KVRT_API kvrt_config kvrt_config_default(void);

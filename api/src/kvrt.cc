@@ -167,7 +167,7 @@ kvrt_config kvrt_config_default(void) {
   c.host_memory_limit = 0;
   c.gpu_memory_limit = 0;
   c.check_finite = 1;
-  c.group_search = 1;
+  c.group_search = 0;
   return c;
 }
 

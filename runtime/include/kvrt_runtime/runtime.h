@@ -31,7 +31,7 @@ struct RuntimeConfig {
   int64_t host_memory_limit = 0;  // bytes of host store + indexes over all sequences; 0 = none
   int64_t gpu_memory_limit = 0;   // bytes of GPU-tier buffers over all sequences; 0 = none
   bool check_finite = false;      // reject NaN/Inf in q, k, v
-  bool group_search = true;       // GQA: one index search per kv head for its q heads
+  bool group_search = false;      // GQA: one index search per kv head for its q heads
   cpu_index::IndexConfig index; // per-kind knobs
   int use_gpu = 0;  // 0: host backend; 1: GPU tier in device memory (error without a device);
                     // -1: GPU when available. The effective config holds 0 or 1.
