@@ -30,8 +30,13 @@ if [[ "${1:-}" == "--device" ]]; then
   grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -60
   bd="$b/kvrt bench decode --steps 30 --warmup 3 --max-seconds 6 ${BENCH_ARGS:-}"
   {
-    echo "=== flat"; timeout 150 $bd --index flat --cold 4096,32768,131072 --batch 1,16 --max-cold-batch 32768
+    echo "=== flat"; timeout 150 $bd --index flat --cold 4096,32768,131072 --batch 1,16 --max-cold-batch 32768 \
+      --cold-attention cpu,fetch
     echo "=== landmark"; timeout 240 $bd --index landmark --cold 4096,32768,131072,524288,1048576 --batch 1,16
+    echo "=== landmark, fetch mode and auto"; timeout 150 $bd --index landmark --cold 131072,1048576 --batch 1,16 \
+      --cold-attention fetch,auto
+    echo "=== landmark, k=2000"; timeout 90 $bd --index landmark --cold 131072 --batch 1 --top-k 2000 \
+      --cold-attention cpu,fetch
     echo "=== landmark, host pointers"; timeout 60 $bd --index landmark --cold 131072 --batch 1,16 --memory host
   } > "$out/bench_decode.log" 2>&1 || rc=1
   cat "$out/bench_decode.log"
@@ -43,7 +48,7 @@ if [[ "${1:-}" == "--device" ]]; then
   if [[ -n "$san" ]]; then
     for tool in memcheck racecheck; do
       KVRT_GPU_TEST_SMALL=1 timeout 80 "$san" --tool $tool --error-exitcode 3 $b/test_runtime_gpu \
-        --gtest_filter='All/GpuBackend.MatchesHostBackend/flat_device_bf16:All/GpuBackend.MatchesHostBackend/exact_host_f32' \
+        --gtest_filter='All/GpuBackend.MatchesHostBackend/flat_device_bf16:All/GpuBackend.MatchesHostBackend/exact_host_f32:All/GpuBackend.MatchesHostBackend/flat_device_bf16_fetch' \
         > "$out/$tool.log" 2>&1 || rc=1
       echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
     done

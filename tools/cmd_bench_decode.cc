@@ -31,7 +31,7 @@ namespace {
 
 struct BenchDecodeArgs {
   std::string cold = "4096,32768,131072,524288,1048576", batch = "1,16", indexes = "flat,landmark";
-  std::string memory = "device", csv;
+  std::string memory = "device", csv, cold_attention = "cpu";
   int layers = 2, steps = 30, warmup = 3, sinks = 4, window = 2048, top_k = 100, threads = 0;
   int q_heads = 32, kv_heads = 8, head_dim = 128, effort = 0, use_gpu = 1, group_search = 0;
   int64_t max_cold_batch = 131072;  // batch > 1 only up to this cold size (host memory)
@@ -96,6 +96,7 @@ struct Row {
   double append = 0;                 // mean append call, us
   double gpu_mib_per_seq_layer = 0;  // GPU-tier buffers per (sequence, layer)
   double scanned = 0;                // keys scored / cold keys searchable
+  double fetch_share = 0;            // share of layer attends run in fetch mode
   double setup_s = 0;
 };
 
@@ -118,7 +119,7 @@ double Pct(std::vector<double> v, double p) {
 
 // One configuration: index kind, cold size, batch.
 bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& kind_name,
-            int64_t cold, int batch, bool device, Row* row) {
+            kvrt_cold_attention mode, int64_t cold, int batch, bool device, Row* row) {
   const double t_setup = NowUs();
   kvrt_config c = kvrt_config_default();
   c.num_layers = a.layers;
@@ -135,6 +136,7 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
   c.use_gpu = a.use_gpu;
   c.check_finite = 0;
   c.group_search = a.group_search;
+  c.cold_attention = mode;
   kvrt_runtime* rt = nullptr;
   CHECK_KVRT(kvrt_runtime_create(&c, &rt));
   std::unique_ptr<kvrt_runtime, void (*)(kvrt_runtime*)> guard(rt, kvrt_runtime_destroy);
@@ -316,6 +318,8 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
       static_cast<double>(s1.gpu_allocated_bytes) / (batch * a.layers) / (1 << 20);
   const double searchable = static_cast<double>(s1.cold_keys_searchable - s0.cold_keys_searchable);
   row->scanned = searchable > 0 ? (s1.keys_scored - s0.keys_scored) / searchable : 0;
+  const double layer_attends = static_cast<double>(s1.attend_calls - s0.attend_calls);
+  row->fetch_share = layer_attends > 0 ? (s1.attends_fetch - s0.attends_fetch) / layer_attends : 0;
 #if KVRT_WITH_CUDA
   for (void* p : dev_allocs) cudaFree(p);
   for (auto& p : ps)
@@ -342,6 +346,19 @@ int Run(const BenchDecodeArgs& a) {
     }
     kinds.emplace_back(*k, name);
   }
+  std::vector<std::pair<kvrt_cold_attention, std::string>> modes;
+  for (const auto& name : SplitStrs(a.cold_attention)) {
+    if (name == "cpu") {
+      modes.emplace_back(KVRT_COLD_CPU, name);
+    } else if (name == "fetch") {
+      modes.emplace_back(KVRT_COLD_FETCH, name);
+    } else if (name == "auto") {
+      modes.emplace_back(KVRT_COLD_AUTO, name);
+    } else {
+      std::fprintf(stderr, "kvrt bench decode: --cold-attention: '%s' is not cpu, fetch or auto\n", name.c_str());
+      return 2;
+    }
+  }
   if (a.memory != "device" && a.memory != "host") {
     std::fprintf(stderr, "kvrt bench decode: --memory is device or host\n");
     return 2;
@@ -353,33 +370,33 @@ int Run(const BenchDecodeArgs& a) {
       a.q_heads, a.kv_heads, a.head_dim, a.sinks, a.window, a.top_k, a.layers, device ? "device" : "host",
       a.use_gpu, a.group_search, std::thread::hardware_concurrency());
   std::printf("per layer-step (B sequences: append 1 token + attend each); split = mean per attend, us\n");
-  std::printf("%-10s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s\n", "index", "cold",
-              "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h", "search", "cpu_attn", "h2d", "merge",
-              "idle", "attend", "append", "GPU_MiB/sl", "scanned");
+  std::printf("%-16s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s\n", "index",
+              "cold_attn", "cold", "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h", "search", "cpu_attn", "h2d",
+              "merge", "idle", "attend", "append", "GPU_MiB/sl", "scanned", "fetch");
   std::string csv =
-      "index,cold,batch,samples,p50_us,p99_us,mean_us,gpu_attn_us,d2h_us,cpu_search_us,cpu_attn_us,"
-      "h2d_us,merge_us,idle_us,attend_us,append_us,gpu_mib_per_seq_layer,scanned_fraction,setup_s\n";
+      "index,cold_attention,cold,batch,samples,p50_us,p99_us,mean_us,gpu_attn_us,d2h_us,cpu_search_us,cpu_attn_us,"
+      "h2d_us,merge_us,idle_us,attend_us,append_us,gpu_mib_per_seq_layer,scanned_fraction,fetch_share,setup_s\n";
   int rc = 0;
-  for (const auto& [kind, name] : kinds) {
+  for (const auto& [kind, name] : kinds) for (const auto& [mode, mode_name] : modes) {
     for (int64_t batch : batches) {
       for (int64_t cold : colds) {
         if (batch > 1 && cold > a.max_cold_batch) continue;
         Row r;
-        if (!RunOne(a, kind, name, cold, static_cast<int>(batch), device, &r)) {
+        if (!RunOne(a, kind, name, mode, cold, static_cast<int>(batch), device, &r)) {
           rc = 1;
           continue;
         }
-        std::printf("%-10s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f %8.1f | %7.1f %9.2f %8.4f\n",
-                    r.index.c_str(), static_cast<long long>(r.cold), r.batch, r.samples, r.p50, r.p99,
+        std::printf("%-16s %9s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f %8.1f | %7.1f %9.2f %8.4f %6.2f\n",
+                    r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch, r.samples, r.p50, r.p99,
                     r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge, r.idle, r.attend,
-                    r.append, r.gpu_mib_per_seq_layer, r.scanned);
+                    r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share);
         std::fflush(stdout);
         char line[512];
         std::snprintf(line, sizeof line,
-                      "%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.3f,%.5f,%.1f\n",
-                      r.index.c_str(), static_cast<long long>(r.cold), r.batch, r.samples, r.p50, r.p99,
+                      "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.3f,%.5f,%.3f,%.1f\n",
+                      r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch, r.samples, r.p50, r.p99,
                       r.mean, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge, r.idle, r.attend,
-                      r.append, r.gpu_mib_per_seq_layer, r.scanned, r.setup_s);
+                      r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s);
         csv += line;
       }
     }
@@ -424,6 +441,11 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--window", args->window, "window tokens")->capture_default_str();
   cmd->add_option("--top-k", args->top_k, "top-k")->capture_default_str();
   cmd->add_option("--effort", args->effort, "search effort (0 = the kind's default)")->capture_default_str();
+  cmd->add_option("--cold-attention", args->cold_attention,
+                  "comma-separated config.cold_attention modes to compare: cpu (CPU attention over "
+                  "the retrieved rows), fetch (rows copied H2D, attended on the GPU), auto (per layer, "
+                  "the cheaper one as measured)")
+      ->capture_default_str();
   cmd->add_option("--group-search", args->group_search,
                   "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
       ->capture_default_str()

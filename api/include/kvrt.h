@@ -80,6 +80,15 @@ typedef enum kvrt_index_kind {
   KVRT_INDEX_ATTENTION_AWARE = 5  /* query-aware key graph (RetrievalAttention style) */
 } kvrt_index_kind;
 
+/* Where the retrieved cold tokens are attended (GPU backend; the host backend always uses the CPU). */
+typedef enum kvrt_cold_attention {
+  KVRT_COLD_CPU = 0,   /* CPU attention over the retrieved rows; (o, lse) go H2D for the merge */
+  KVRT_COLD_FETCH = 1, /* fetch mode: the retrieved K/V rows are gathered into pinned memory, copied
+                          H2D, and attended on the GPU (gather-attend kernel) */
+  KVRT_COLD_AUTO = 2   /* per (sequence, layer): whichever mode measured cheaper (attend wall time,
+                          moving average), re-trying the other one every 32 attends */
+} kvrt_cold_attention;
+
 /* Fields are only ever appended. Get defaults from kvrt_config_default(), then change fields. */
 typedef struct kvrt_config {
   int32_t num_layers;      /* attention layers of the decoder; >= 1 */
@@ -118,6 +127,9 @@ typedef struct kvrt_config {
                                 Default 0: lower latency for one sequence on 16 cores; 1 reads
                                 fewer keys per recall and does less work when many sequences
                                 attend at once (docs/benchmarks.md, "GQA group search"). Since 0.2. */
+  int32_t cold_attention;    /* a kvrt_cold_attention; default KVRT_COLD_CPU. EXACT index kind
+                                always attends on the CPU (it would fetch every cold token).
+                                Since 0.2. */
 } kvrt_config;
 
 KVRT_API kvrt_config kvrt_config_default(void);
@@ -252,6 +264,8 @@ typedef struct kvrt_stats {
   int64_t keys_read;              /* cold keys read by searches: keys_scored, except that a group
                                      search (config.group_search) reads a key once for all the q
                                      heads that score it. Since 0.2. */
+  int64_t attends_fetch;          /* layer attends whose cold tier ran in fetch mode (GPU backend).
+                                     Since 0.2. */
 } kvrt_stats;
 
 KVRT_API kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out);

@@ -101,6 +101,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.gpu_memory_limit = c.gpu_memory_limit;
   r.check_finite = c.check_finite != 0;
   r.group_search = c.group_search != 0;
+  r.cold_attention = RawEnum(c.cold_attention);
   r.use_gpu = c.use_gpu;
   return r;
 }
@@ -168,6 +169,7 @@ kvrt_config kvrt_config_default(void) {
   c.gpu_memory_limit = 0;
   c.check_finite = 1;
   c.group_search = 0;
+  c.cold_attention = KVRT_COLD_CPU;
   return c;
 }
 
@@ -340,7 +342,7 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
                     s.gpu_allocated_bytes,  s.time_attend_ns, s.time_gpu_attention_ns,
                     s.time_d2h_ns,          s.time_cpu_search_ns, s.time_cpu_attention_ns,
                     s.time_h2d_ns,          s.time_merge_ns, s.time_idle_ns,
-                    s.eviction_batches,     s.index_update_failures, s.keys_read};
+                    s.eviction_batches,     s.index_update_failures, s.keys_read, s.attends_fetch};
   return KVRT_OK;
   KVRT_API_CATCH
 }

@@ -43,7 +43,7 @@ std::vector<std::vector<int>> LayerState::ColdUnits(const uint8_t* streaming) co
 
 absl::Status LayerState::ColdGroup(const std::vector<int>& heads, const float* q, float* o, float* lse,
                                    std::vector<std::vector<int64_t>>* ids, int64_t* scored,
-                                   int64_t* search_ns, int64_t* read) const {
+                                   int64_t* search_ns, int64_t* read, bool attend) const {
   const int d = cfg_->head_dim;
   const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
   const int g = heads.front() / group;
@@ -52,7 +52,8 @@ absl::Status LayerState::ColdGroup(const std::vector<int>& heads, const float* q
   *read = 0;
   if (heads.size() == 1 || index == nullptr || cfg_->index_kind == cpu_index::IndexKind::kExact) {
     for (int h : heads) {
-      KVRT_RETURN_IF_ERROR(ColdHead(h, at(q, h), at(o, h), &lse[h], &(*ids)[h], &scored[h], &search_ns[h]));
+      KVRT_RETURN_IF_ERROR(
+          ColdHead(h, at(q, h), at(o, h), &lse[h], &(*ids)[h], &scored[h], &search_ns[h], attend));
       *read += scored[h];
     }
     return absl::OkStatus();
@@ -69,7 +70,8 @@ absl::Status LayerState::ColdGroup(const std::vector<int>& heads, const float* q
   const int64_t shared_ns = (SteadyNs() - t0) / nq;
   for (int i = 0; i < nq; ++i) {
     const int h = heads[i];
-    FinishCold(g, at(q, h), &found[i], at(o, h), &lse[h], &(*ids)[h], &scored[h], SteadyNs(), &search_ns[h]);
+    FinishCold(g, at(q, h), &found[i], at(o, h), &lse[h], &(*ids)[h], &scored[h], SteadyNs(), &search_ns[h],
+               attend);
     search_ns[h] += shared_ns;
   }
   // Every head scored the same keys (the group's, plus the same unindexed rows).
@@ -79,7 +81,7 @@ absl::Status LayerState::ColdGroup(const std::vector<int>& heads, const float* q
 
 absl::Status LayerState::ColdHead(int h, const float* qh, float* o, float* lse,
                                   std::vector<int64_t>* ids, int64_t* scored,
-                                  int64_t* search_ns) const {
+                                  int64_t* search_ns, bool attend) const {
   const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
   const int g = h / group;
   const auto& store = cold_[g];
@@ -102,13 +104,13 @@ absl::Status LayerState::ColdHead(int h, const float* qh, float* o, float* lse,
     params.effort = cfg_->search_effort;
     KVRT_RETURN_IF_ERROR(index->Search(store, qh, params, &found));
   }
-  FinishCold(g, qh, &found, o, lse, ids, scored, t0, search_ns);
+  FinishCold(g, qh, &found, o, lse, ids, scored, t0, search_ns, attend);
   return absl::OkStatus();
 }
 
 void LayerState::FinishCold(int g, const float* qh, cpu_index::SearchResult* found, float* o, float* lse,
                             std::vector<int64_t>* ids, int64_t* scored, int64_t t_start,
-                            int64_t* search_ns) const {
+                            int64_t* search_ns, bool attend) const {
   const auto& store = cold_[g];
   const int64_t n_cold = store.size();
   const auto* index = index_[g].get();
@@ -149,6 +151,7 @@ void LayerState::FinishCold(int g, const float* qh, cpu_index::SearchResult* fou
     }
   }
   *search_ns = SteadyNs() - t_start;
+  if (!attend) return;
   cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids->data(), static_cast<int64_t>(ids->size()), o, lse);
 }
 

@@ -447,11 +447,12 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   std::vector<absl::Status> status(units.size());
   std::vector<int64_t> read(units.size(), 0);
   std::vector<int64_t> busy_ns(units.size(), 0);
+  const bool fetch = !units.empty() && ChooseFetch();
   arena.execute([&] {
     tbb::parallel_for(0, static_cast<int>(units.size()), [&](int u) {
       const int64_t h0 = NowNs();
       status[u] = ColdGroup(units[u], q.data(), o_cpu.data(), lse_cpu.data(), &ids, scored.data(),
-                            search_ns.data(), &read[u]);
+                            search_ns.data(), &read[u], /*attend=*/!fetch);
       busy_ns[u] = NowNs() - h0;
     });
   });
@@ -474,10 +475,17 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   }
 
   // (c) H2D of the CPU state, merge into out.
+  // Fetch mode: H2D of the selected rows instead, attended on the GPU (its kernel time then counts
+  // as merge time).
   KVRT_RETURN_IF_ERROR(t.ev_h2d_begin.Record(stream));
-  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(o_cpu_dev, o_cpu.data(), of * sizeof(float), stream));
-  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(lse_cpu_dev, lse_cpu.data(), H * sizeof(float), stream));
-  KVRT_RETURN_IF_ERROR(t.ev_h2d.Record(stream));
+  if (fetch) {
+    KVRT_RETURN_IF_ERROR(FetchAttend(ids, q_dev, o_cpu_dev, lse_cpu_dev, stream, arena));
+    counters_->attends_fetch += 1;
+  } else {
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(o_cpu_dev, o_cpu.data(), of * sizeof(float), stream));
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(lse_cpu_dev, lse_cpu.data(), H * sizeof(float), stream));
+    KVRT_RETURN_IF_ERROR(t.ev_h2d.Record(stream));
+  }
   KVRT_RETURN_IF_ERROR(gpu::MergeStates(o_gpu, lse_gpu, o_cpu_dev, lse_cpu_dev, H, d, out_dev,
                                         DType::kF32, nullptr, stream));
   KVRT_RETURN_IF_ERROR(t.ev_merge.Record(stream));
@@ -506,8 +514,84 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   for (int64_t r : read) counters_->keys_read += r;
   counters_->cold_keys_searchable += n_cold * H;
   counters_->cold_tokens_attended += total_cold;
-  counters_->time_attend_ns += NowNs() - t0;
+  const int64_t wall = NowNs() - t0;
+  counters_->time_attend_ns += wall;
+  if (!units.empty()) RecordColdCost(fetch, wall);
   return absl::OkStatus();
+}
+
+bool LayerState::ChooseFetch() {
+  if (cfg_->index_kind == cpu_index::IndexKind::kExact || cfg_->cold_attention == 0) return false;
+  if (cfg_->cold_attention == 1) return true;
+  // Auto: try each mode once, then the cheaper one, re-trying the other every 32 attends (the
+  // costs move with the context length and the machine's load).
+  const int64_t n = cold_attends_++;
+  if (cold_cost_ns_[0] == 0) return false;
+  if (cold_cost_ns_[1] == 0) return true;
+  const bool fetch_cheaper = cold_cost_ns_[1] < cold_cost_ns_[0];
+  return n % 32 == 31 ? !fetch_cheaper : fetch_cheaper;
+}
+
+void LayerState::RecordColdCost(bool fetch, int64_t ns) {
+  double& c = cold_cost_ns_[fetch ? 1 : 0];
+  c = c == 0 ? static_cast<double>(ns) : 0.8 * c + 0.2 * static_cast<double>(ns);
+}
+
+absl::Status LayerState::FetchAttend(const std::vector<std::vector<int64_t>>& ids, const void* q_dev,
+                                     float* o_dev, float* lse_dev, void* stream, tbb::task_arena& arena) {
+  GpuTier& t = *gpu_;
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int group = H / cfg_->num_kv_heads;
+  const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(cfg_->dtype);
+  std::vector<int32_t> offsets(H + 1, 0);
+  int max_rows = 0;
+  for (int h = 0; h < H; ++h) {
+    offsets[h + 1] = offsets[h] + static_cast<int32_t>(ids[h].size());
+    max_rows = std::max(max_rows, static_cast<int>(ids[h].size()));
+  }
+  const std::size_t kv_bytes = static_cast<std::size_t>(offsets[H]) * row_bytes;
+  const std::size_t total = 2 * kv_bytes + offsets.size() * sizeof(int32_t);
+  if (t.fetch_done.empty()) {
+    KVRT_ASSIGN_OR_RETURN(t.fetch_done, transfer::Event::Create(false));
+  } else {
+    KVRT_RETURN_IF_ERROR(t.fetch_done.Synchronize());  // the previous H2D out of fetch_block
+  }
+  if (t.fetch_block.size() < total) {
+    t.fetch_block = transfer::PinnedBlock();
+    KVRT_ASSIGN_OR_RETURN(t.fetch_block, gpu_ctx_->pinned().Acquire(total));
+  }
+  auto* host_k = static_cast<unsigned char*>(t.fetch_block.data());
+  auto* host_v = host_k + kv_bytes;
+  arena.execute([&] {
+    tbb::parallel_for(0, H, [&](int h) {
+      const auto& store = cold_[h / group];
+      for (std::size_t j = 0; j < ids[h].size(); ++j) {
+        const std::size_t at = (static_cast<std::size_t>(offsets[h]) + j) * row_bytes;
+        std::memcpy(host_k + at, store.key(ids[h][j]), row_bytes);
+        std::memcpy(host_v + at, store.value(ids[h][j]), row_bytes);
+      }
+    });
+  });
+  std::memcpy(host_v + kv_bytes, offsets.data(), offsets.size() * sizeof(int32_t));
+  KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(total, stream));
+  auto* dev_k = static_cast<unsigned char*>(dev);
+  absl::Status st = transfer::MemcpyAsync(dev, host_k, total, stream);
+  if (st.ok()) st = t.fetch_done.Record(stream);
+  if (st.ok()) st = t.ev_h2d.Record(stream);
+  if (st.ok()) {
+    gpu::GatherBatch batch;
+    batch.k = dev_k;
+    batch.v = dev_k + kv_bytes;
+    batch.row_offsets = reinterpret_cast<const int32_t*>(dev_k + 2 * kv_bytes);
+    batch.rows_q = H;
+    batch.max_rows = max_rows;
+    batch.head_dim = d;
+    batch.dtype = cfg_->dtype;
+    st = gpu::GatherAttend(batch, q_dev, cfg_->dtype == DType::kF32, cfg_->scale, 0, o_dev, lse_dev,
+                           nullptr, stream);
+  }
+  const absl::Status freed = transfer::FreeAsync(dev, stream);
+  return st.ok() ? freed : st;
 }
 
 }  // namespace kvrt::runtime

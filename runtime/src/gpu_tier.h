@@ -62,6 +62,10 @@ struct GpuTier {
   // Timing events of the last attend (read when complete).
   transfer::Event ev_start, ev_tier, ev_h2d_begin, ev_h2d, ev_merge;
   bool timing_pending = false;
+  // Fetch mode: the pinned staging of the gathered K/V rows, reused by the next attend once the
+  // H2D out of it (fetch_done) has completed.
+  transfer::PinnedBlock fetch_block;
+  transfer::Event fetch_done;
 };
 
 }  // namespace kvrt::runtime

@@ -62,17 +62,26 @@ class LayerState {
   // [q_heads]; ids: [q_heads]; only the unit's heads are written. *read: keys the unit read.
   absl::Status ColdGroup(const std::vector<int>& heads, const float* q, float* o, float* lse,
                          std::vector<std::vector<int64_t>>* ids, int64_t* scored,
-                         int64_t* search_ns, int64_t* read) const;
+                         int64_t* search_ns, int64_t* read, bool attend = true) const;
   // The cold-tier step of q head h: exact attention over every cold token (exact mode) or index
   // search then FinishCold. Writes the partial state (o, lse), the chosen rows, keys scored and
   // the search time.
+  // attend = false (fetch mode): select the rows only; o and lse are not written.
   absl::Status ColdHead(int h, const float* qh, float* o, float* lse, std::vector<int64_t>* ids,
-                        int64_t* scored, int64_t* search_ns) const;
+                        int64_t* scored, int64_t* search_ns, bool attend = true) const;
   // After the search of kv head g: exact scan of the rows the index does not cover yet, the
   // union cut back to top_k, attention over the rows. *search_ns = time from t_start to the
   // start of the attention.
   void FinishCold(int g, const float* qh, cpu_index::SearchResult* found, float* o, float* lse,
-                  std::vector<int64_t>* ids, int64_t* scored, int64_t t_start, int64_t* search_ns) const;
+                  std::vector<int64_t>* ids, int64_t* scored, int64_t t_start, int64_t* search_ns,
+                  bool attend) const;
+  // Fetch mode (gpu_tier.cc): the rows in ids gathered into pinned memory, copied H2D and attended
+  // on the GPU into (o_dev, lse_dev) [q_heads], in stream order.
+  absl::Status FetchAttend(const std::vector<std::vector<int64_t>>& ids, const void* q_dev, float* o_dev,
+                           float* lse_dev, void* stream, tbb::task_arena& arena);
+  // KVRT_COLD_AUTO's choice for this attend, and what it learns from the attend's wall time.
+  bool ChooseFetch();
+  void RecordColdCost(bool fetch, int64_t ns);
   absl::Status UpdateIndexes(tbb::task_arena& arena);
   void SampleQueries(const void* q, int64_t n);
   std::size_t token_bytes() const;  // one token, all kv heads, k or v
@@ -104,6 +113,9 @@ class LayerState {
   std::unique_ptr<GpuTier> gpu_;
   int64_t pending_cold_ = 0;     // evicted rows in flight to the host store
   absl::Status index_status_;    // a background index insert's failure, reported by Append
+  // KVRT_COLD_AUTO: moving average of the attend wall time per mode (0 = not tried), attends.
+  double cold_cost_ns_[2] = {0, 0};
+  int64_t cold_attends_ = 0;
 };
 
 }  // namespace kvrt::runtime

@@ -71,6 +71,7 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
                              static_cast<int>(cpu_index::IndexKind::kAttentionAware)));
   KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, 1 << 24));
   KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, 4096));
+  KVRT_RETURN_IF_ERROR(Range("cold_attention", c.cold_attention, 0, 2));
   KVRT_RETURN_IF_ERROR(Range("host_memory_limit", c.host_memory_limit, 0, INT64_MAX));
   KVRT_RETURN_IF_ERROR(Range("gpu_memory_limit", c.gpu_memory_limit, 0, INT64_MAX));
   return absl::OkStatus();
@@ -320,6 +321,7 @@ RuntimeStats Runtime::Stats() const {
   s.eviction_batches = c.eviction_batches.load();
   s.index_update_failures = c.index_update_failures.load();
   s.keys_read = c.keys_read.load();
+  s.attends_fetch = c.attends_fetch.load();
   return s;
 }
 

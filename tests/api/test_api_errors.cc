@@ -72,6 +72,7 @@ TEST(ApiCreate, RejectsBadConfigNamingTheField) {
       {[](kvrt_config* c) { c->record_attended = 2; }, "record_attended"},
       {[](kvrt_config* c) { c->use_gpu = 5; }, "use_gpu"},
       {[](kvrt_config* c) { c->group_search = 2; }, "group_search"},
+      {[](kvrt_config* c) { c->cold_attention = static_cast<kvrt_cold_attention>(3); }, "cold_attention"},
   };
   for (const auto& b : cases) {
     c = kvrt_config_default();

@@ -29,6 +29,7 @@ struct Case {
   bool device;
   DType dtype;
   std::string name;
+  int cold_attention = 0;  // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto
 };
 
 RuntimeConfig MakeConfig(const Case& c, int use_gpu) {
@@ -45,6 +46,7 @@ RuntimeConfig MakeConfig(const Case& c, int use_gpu) {
   cfg.worker_threads = 4;
   cfg.record_attended = true;
   cfg.use_gpu = use_gpu;
+  cfg.cold_attention = c.cold_attention;
   return cfg;
 }
 
@@ -177,6 +179,16 @@ void RunCompare(const Case& c, int seqs, int prompt, int steps, uint32_t seed) {
   EXPECT_GT(b.eviction_batches, 0);
   EXPECT_GT(b.time_attend_ns, 0);
   EXPECT_GT(b.time_gpu_attention_ns, 0);
+  if (c.cold_attention == 1) {
+    EXPECT_EQ(b.attends_fetch, b.attend_calls);
+  }
+  if (c.cold_attention == 2) {
+    EXPECT_GT(b.attends_fetch, 0);  // auto tries both modes
+    EXPECT_LT(b.attends_fetch, b.attend_calls);
+  }
+  if (c.cold_attention == 0) {
+    EXPECT_EQ(b.attends_fetch, 0);
+  }
   for (int s = 0; s < seqs; ++s) ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs[s]).ok());
   EXPECT_EQ((*gpu_rt)->Stats().gpu_allocated_bytes, 0);
 }
@@ -197,6 +209,11 @@ std::vector<Case> Cases() {
         out.push_back({kind, device, t,
                        std::string(kind == cpu_index::IndexKind::kExact ? "exact" : "flat") +
                            (device ? "_device" : "_host") + "_" + std::string(DTypeName(t))});
+  // Fetch mode (retrieved rows attended on the GPU) and the auto policy, against the host
+  // backend's CPU attention.
+  out.push_back({cpu_index::IndexKind::kFlat, true, DType::kBF16, "flat_device_bf16_fetch", 1});
+  out.push_back({cpu_index::IndexKind::kFlat, false, DType::kF32, "flat_host_f32_fetch", 1});
+  out.push_back({cpu_index::IndexKind::kFlat, true, DType::kF32, "flat_device_f32_auto", 2});
   return out;
 }
 

@@ -32,6 +32,7 @@ struct RuntimeConfig {
   int64_t gpu_memory_limit = 0;   // bytes of GPU-tier buffers over all sequences; 0 = none
   bool check_finite = false;      // reject NaN/Inf in q, k, v
   bool group_search = false;      // GQA: one index search per kv head for its q heads
+  int cold_attention = 0;         // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto (GPU backend)
   cpu_index::IndexConfig index; // per-kind knobs
   int use_gpu = 0;  // 0: host backend; 1: GPU tier in device memory (error without a device);
                     // -1: GPU when available. The effective config holds 0 or 1.
@@ -68,6 +69,7 @@ struct RuntimeStats {
   int64_t eviction_batches = 0;       // D2H batches of the eviction pipeline
   int64_t index_update_failures = 0;  // cold-index updates that failed (rows then scanned exactly)
   int64_t keys_read = 0;  // keys_scored, but a group search's key counts once for its q heads
+  int64_t attends_fetch = 0;  // layer attends whose cold tier ran in fetch mode
 };
 
 class Sequence;
@@ -115,7 +117,7 @@ class Runtime {
         gpu_allocated_bytes{0};
     std::atomic<int64_t> time_attend_ns{0}, time_gpu_attention_ns{0}, time_d2h_ns{0},
         time_cpu_search_ns{0}, time_cpu_attention_ns{0}, time_h2d_ns{0}, time_merge_ns{0},
-        time_idle_ns{0}, eviction_batches{0}, index_update_failures{0}, keys_read{0};
+        time_idle_ns{0}, eviction_batches{0}, index_update_failures{0}, keys_read{0}, attends_fetch{0};
   };
 
  private:
