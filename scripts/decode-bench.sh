@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 5 device run: GPU tests of the kernels, the transfer wrappers and the runtime's GPU
 # backend (memcheck on a small case), then `kvrt bench decode` with its peers (gpu_bench: all-GPU
-# attention over the full cache and naive offload; sdpa_peer.py: PyTorch SDPA). docs/benchmarks.md
+# attention over the full cache and naive offload; sdpa_peer.py: PyTorch SDPA; hf_offload_peer.py:
+# Hugging Face's offloaded KV cache). docs/benchmarks.md
 # "Decode (issue 5)" quotes what it prints.
 #
 # Here (nvcc needed, no GPU):   scripts/decode-bench.sh
@@ -11,7 +12,7 @@
 #   goes into .bundlez/bundle.tgz (~20 MiB, git-ignored), which the device side unpacks.
 # There, one device call:       run(command="bash scripts/decode-bench.sh --device", carry=[".bundlez"])
 #   logs under $OUT: device.log tests.log memcheck.log racecheck.log bench_decode.log gpu_bench.log
-#   sdpa_peer.log. BENCH_ARGS adds options to every bench decode invocation.
+#   sdpa_peer.log hf_offload_peer.log. BENCH_ARGS adds options to every bench decode invocation.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +45,8 @@ if [[ "${1:-}" == "--device" ]]; then
   tail -30 "$out/gpu_bench.log"
   PYTHONUNBUFFERED=1 timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 > "$out/sdpa_peer.log" 2>&1 || rc=1
   cat "$out/sdpa_peer.log"
+  PYTHONUNBUFFERED=1 timeout 150 python3 tools/gpu_bench/hf_offload_peer.py > "$out/hf_offload_peer.log" 2>&1 || rc=1
+  cat "$out/hf_offload_peer.log"
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -n "$san" ]]; then
     for tool in memcheck racecheck; do
