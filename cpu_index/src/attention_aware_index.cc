@@ -54,6 +54,7 @@
 #include "absl/strings/str_cat.h"
 #include "cpu_index/src/index_common.h"
 #include "cpu_index/src/kinds.h"
+#include "kvrt_common/multiversion.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/enumerable_thread_specific.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -89,6 +90,30 @@ struct QueryTops {
   std::vector<int32_t> best_query;    // [n]
   std::vector<float> best_score;      // [n]
 };
+
+// bs[j] = max(bs[j], row[j]), bq[j] = query where row[j] is larger: each key's best query so far.
+// Branch-free so that it vectorises (half the post-processing of a score tile).
+KVRT_MULTIVERSION void ColumnMax(const float* row, int cols, int32_t query, float* bs, int32_t* bq) {
+  for (int j = 0; j < cols; ++j) {
+    const bool gt = row[j] > bs[j];
+    bs[j] = gt ? row[j] : bs[j];
+    bq[j] = gt ? query : bq[j];
+  }
+}
+
+// First index >= j0 with row[j] > thr, or cols. Once a query's top-T threshold is set, most of a
+// tile is below it: the scan runs 16 lanes at a time and leaves the scalar path to the hits.
+KVRT_MULTIVERSION int NextAbove(const float* row, int j0, int cols, float thr) {
+  int j = j0;
+  for (; j + 16 <= cols; j += 16) {
+    int hits = 0;
+    for (int l = 0; l < 16; ++l) hits += row[j + l] > thr ? 1 : 0;
+    if (hits != 0) break;
+  }
+  for (; j < cols; ++j)
+    if (row[j] > thr) return j;
+  return cols;
+}
 
 QueryTops ExactQueryTops(const float* Q, int64_t S, const float* K, int64_t n, int d, int T) {
   internal::UseSingleThreadedBlas();
@@ -126,11 +151,9 @@ QueryTops ExactQueryTops(const float* Q, int64_t S, const float* K, int64_t n, i
       for (int r = 0; r < rows; ++r) {
         const float* row = sc.data() + static_cast<std::size_t>(r) * cols;
         auto& b = buf[r];
-        for (int j = 0; j < cols; ++j) {
-          if (row[j] > thr[r]) {
-            b.push_back({row[j], static_cast<uint32_t>(c0 + j)});
-            if (static_cast<int>(b.size()) >= 4 * T) shrink(r);
-          }
+        for (int j = NextAbove(row, 0, cols, thr[r]); j < cols; j = NextAbove(row, j + 1, cols, thr[r])) {
+          b.push_back({row[j], static_cast<uint32_t>(c0 + j)});
+          if (static_cast<int>(b.size()) >= 4 * T) shrink(r);
         }
         if (static_cast<int>(b.size()) > T) {
           shrink(r);
@@ -139,14 +162,7 @@ QueryTops ExactQueryTops(const float* Q, int64_t S, const float* K, int64_t n, i
                      return x.score < y.score;
                    })->score;
         }
-        float* bs = best.score.data() + c0;
-        int32_t* bq = best.query.data() + c0;
-        for (int j = 0; j < cols; ++j) {
-          if (row[j] > bs[j]) {
-            bs[j] = row[j];
-            bq[j] = static_cast<int32_t>(q0 + r);
-          }
-        }
+        ColumnMax(row, cols, static_cast<int32_t>(q0 + r), best.score.data() + c0, best.query.data() + c0);
       }
     }
     for (int r = 0; r < rows; ++r) {

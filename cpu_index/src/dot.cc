@@ -1,17 +1,12 @@
 #include "kvrt_cpu_index/dot.h"
 
+#include "kvrt_common/multiversion.h"
+
 namespace kvrt::cpu_index {
 namespace {
 
-// NOTE: target_clones builds each loop for AVX-512, AVX2 and baseline x86-64 and picks one at
-// load time; the loops are written so GCC vectorises them (8 independent accumulators).
-// NOTE: not under TSan: GCC's ifunc resolver would be instrumented and run at relocation time,
-// before the TSan runtime exists, and the binary crashes at load (scripts/sanitize.sh --tsan).
-#if defined(__SANITIZE_THREAD__)
-#define KVRT_MULTIVERSION
-#else
-#define KVRT_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+// The loops are multiversioned (kvrt_common/multiversion.h) and written so GCC vectorises them
+// (16 independent accumulators).
 
 KVRT_MULTIVERSION float DotF32(const float* q, const float* k, int d) {
   float acc[16] = {};

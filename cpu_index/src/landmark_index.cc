@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "cpu_index/src/index_common.h"
 #include "cpu_index/src/kinds.h"
+#include "kvrt_common/multiversion.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
 
@@ -26,11 +27,7 @@ constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
 constexpr int kMaxGroup = 64;
 constexpr int64_t kBoundGrain = 512;  // blocks per task of SearchGroup's bound pass  // SearchGroup's stack row of scores; larger groups loop over Search
 
-// NOTE: no target_clones under TSan (its ifunc resolver would run before the TSan runtime; see dot.cc).
-#if !defined(__SANITIZE_THREAD__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-float BlockBound(
+KVRT_MULTIVERSION float BlockBound(
     const float* q, const float* mn, const float* mx, int d) {
   float acc[16] = {};
   int i = 0;
