@@ -11,7 +11,7 @@ model's full-attention layers (renumbered 0..n-1 as kvrt layers) it
 Sliding-window layers keep transformers' own cache and SDPA (their window is 512 tokens).
 Batch size 1, CPU tensors (host memory API).
 
-The C structs mirror api/include/kvrt.h (kvrt_config as of API 0.1; fields are only appended, and
+The C structs mirror api/include/kvrt.h (kvrt_config as of API 0.2; fields are only appended, and
 kvrt_config_default returns the struct by value, so this mirror must follow the header).
 
 Compare with the full cache (teacher-forced on the full cache's greedy tokens, so every step is
@@ -45,6 +45,8 @@ class KvrtConfig(C.Structure):
         ("record_attended", C.c_int32), ("use_gpu", C.c_int32),
         ("host_memory_limit", C.c_int64), ("gpu_memory_limit", C.c_int64),
         ("check_finite", C.c_int32),
+        # 0.2
+        ("group_search", C.c_int32), ("cold_attention", C.c_int),
     ]
 
 
