@@ -178,6 +178,8 @@ void FuzzCreateOnly(Input& in) {
     uint32_t bits = in.u32();
     std::memcpy(&c.scale, &bits, 4);
   }
+  if (in.u8() & 1) c.group_search = static_cast<int32_t>(in.u32());
+  if (in.u8() & 1) c.cold_attention = static_cast<kvrt_cold_attention>(static_cast<int32_t>(in.u32()));
   c.worker_threads = in.range(0, 4);  // real threads: keep few
   if (in.u8() & 1) c.host_memory_limit = static_cast<int64_t>(in.u32()) * (in.u8() & 1 ? -1 : 1);
   kvrt_runtime* rt = reinterpret_cast<kvrt_runtime*>(0x10);
@@ -214,7 +216,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   c.sink_tokens = in.range(0, 3);
   c.window_tokens = in.range(1, 6);
   c.top_k = in.range(1, 8);
-  const uint8_t kind = in.u8() % 8;  // EXACT and FLAT most of the time
+  const uint8_t kind_byte = in.u8();
+  const uint8_t kind = kind_byte % 8;  // EXACT and FLAT most of the time
+  // NOTE: from bits of the same byte, so the committed corpus decodes as before this field.
+  c.group_search = (kind_byte >> 3) & 1;
   c.index_kind = kind < 4 ? KVRT_INDEX_EXACT
                           : kind < 6 ? KVRT_INDEX_FLAT
                                      : static_cast<kvrt_index_kind>(in.range(2, 5));

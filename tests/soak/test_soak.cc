@@ -272,6 +272,8 @@ TEST(Soak, IndexKindsConcurrentFiniteAndConsistent) {
                                KVRT_INDEX_HNSW, KVRT_INDEX_IVF}) {
     kvrt_config c = SmallConfig(kind);
     c.top_k = 8;
+    // The kinds that share a group search's work run it (the others search per q head anyway).
+    c.group_search = kind == KVRT_INDEX_LANDMARK || kind == KVRT_INDEX_ATTENTION_AWARE;
     SCOPED_TRACE(kind);
     RunSoak(c, 3, 2, SoakSeconds() / 4, 400, 300, /*exact=*/false, /*limited=*/false,
             kind == KVRT_INDEX_FLAT       ? "index flat"
