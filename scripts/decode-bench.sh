@@ -38,6 +38,8 @@ if [[ "${1:-}" == "--device" ]]; then
       --cold-attention fetch,auto
     echo "=== landmark, k=2000"; timeout 90 $bd --index landmark --cold 131072 --batch 1 --top-k 2000 \
       --cold-attention cpu,fetch
+    echo "=== landmark, B=16: one thread per sequence vs kvrt_attend_batch, per-head vs group search"
+    for g in 0 1; do timeout 90 $bd --index landmark --cold 32768,131072 --batch 16 --attend threads,batch --group-search $g; done
     echo "=== landmark, host pointers"; timeout 60 $bd --index landmark --cold 131072 --batch 1,16 --memory host
   } > "$out/bench_decode.log" 2>&1 || rc=1
   cat "$out/bench_decode.log"

@@ -31,7 +31,7 @@ namespace {
 
 struct BenchDecodeArgs {
   std::string cold = "4096,32768,131072,524288,1048576", batch = "1,16", indexes = "flat,landmark";
-  std::string memory = "device", csv, cold_attention = "cpu";
+  std::string memory = "device", csv, cold_attention = "cpu", attend = "threads";
   int layers = 2, steps = 30, warmup = 3, sinks = 4, window = 2048, top_k = 100, threads = 0;
   int q_heads = 32, kv_heads = 8, head_dim = 128, effort = 0, use_gpu = 1, group_search = 0;
   int64_t max_cold_batch = 131072;  // batch > 1 only up to this cold size (host memory)
@@ -97,6 +97,7 @@ struct Row {
   double gpu_mib_per_seq_layer = 0;  // GPU-tier buffers per (sequence, layer)
   double scanned = 0;                // keys scored / cold keys searchable
   double fetch_share = 0;            // share of layer attends run in fetch mode
+  bool batched = false;              // kvrt_attend_batch for the B sequences
   double setup_s = 0;
 };
 
@@ -118,8 +119,10 @@ double Pct(std::vector<double> v, double p) {
   } while (0)
 
 // One configuration: index kind, cold size, batch.
+// batched: B > 1 sequences attend through one kvrt_attend_batch_ex call per layer-step (their
+// appends still come from one thread each); else one thread per sequence appends and attends.
 bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& kind_name,
-            kvrt_cold_attention mode, int64_t cold, int batch, bool device, Row* row) {
+            kvrt_cold_attention mode, bool batched, int64_t cold, int batch, bool device, Row* row) {
   const double t_setup = NowUs();
   kvrt_config c = kvrt_config_default();
   c.num_layers = a.layers;
@@ -210,18 +213,42 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
       p.out = p.host_out.data();
     }
   }
+  // Batched attend: q rows [kInputs + batch] (row j = input j % kInputs, so rows i0 .. i0 + B - 1
+  // are the B sequences' inputs of a step) and out [batch, q_heads, d].
+  std::vector<unsigned char> hq_cyclic((kInputs + batch) * q_row);
+  for (int j = 0; j < kInputs + batch; ++j)
+    std::memcpy(hq_cyclic.data() + j * q_row, hq.data() + (j % kInputs) * q_row, q_row);
+  const unsigned char* bq = hq_cyclic.data();
+  std::vector<float> host_bout(static_cast<std::size_t>(batch) * out_floats);
+  float* bout = host_bout.data();
+  kvrt_exec bexec = kvrt_exec_default();
+#if KVRT_WITH_CUDA
+  if (device && batched) {
+    void *dq, *dout;
+    if (cudaMalloc(&dq, hq_cyclic.size()) || cudaMalloc(&dout, host_bout.size() * 4)) {
+      std::fprintf(stderr, "kvrt bench decode: CUDA allocation failed\n");
+      return false;
+    }
+    cudaMemcpy(dq, hq_cyclic.data(), hq_cyclic.size(), cudaMemcpyHostToDevice);
+    dev_allocs.insert(dev_allocs.end(), {dq, dout});
+    bq = static_cast<unsigned char*>(dq);
+    bout = static_cast<float*>(dout);
+    bexec = ps[0].exec;
+  }
+#endif
   row->setup_s = (NowUs() - t_setup) / 1e6;
 
   // One layer-step of sequence b: append 1 token, attend, wait for out.
   std::vector<double> append_us(batch, 0), sync_us(batch, 0);
   std::vector<kvrt_status> fail(batch, KVRT_OK);
+  const bool batch_attend = batched && batch > 1;
   auto work = [&](int b, int layer, int step) {
     auto& p = ps[b];
     const int i = (step * 7 + layer * 3 + b) % kInputs;
     const double t0 = NowUs();
     kvrt_status s = kvrt_append_ex(rt, seqs[b], layer, p.k + i * kv_row, p.v + i * kv_row, 1, &p.exec);
     const double t1 = NowUs();
-    if (s == KVRT_OK) s = kvrt_attend_ex(rt, seqs[b], layer, p.q + i * q_row, p.out, &p.exec);
+    if (s == KVRT_OK && !batch_attend) s = kvrt_attend_ex(rt, seqs[b], layer, p.q + i * q_row, p.out, &p.exec);
     const double t2 = NowUs();
 #if KVRT_WITH_CUDA
     if (device) cudaStreamSynchronize(static_cast<cudaStream_t>(p.stream));
@@ -254,6 +281,16 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
     } else {
       start.arrive_and_wait();
       done.arrive_and_wait();
+      if (batch_attend) {
+        const int i0 = (step * 7 + layer * 3) % kInputs;
+        const kvrt_status s = kvrt_attend_batch_ex(rt, seqs.data(), batch, layer, bq + i0 * q_row, bout, &bexec);
+        const double t2 = NowUs();
+#if KVRT_WITH_CUDA
+        if (device) cudaStreamSynchronize(static_cast<cudaStream_t>(bexec.cuda_stream));
+#endif
+        sync_us[0] += NowUs() - t2;
+        if (s != KVRT_OK) fail[0] = s;
+      }
     }
   };
   std::vector<double> lat;
@@ -294,7 +331,7 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
   kvrt_get_stats(rt, &s1);
   const double attends = static_cast<double>(s1.attend_calls - s0.attend_calls);
   auto per = [&](int64_t a1, int64_t a0) { return attends > 0 ? (a1 - a0) / 1e3 / attends : 0.0; };
-  row->index = kind_name;
+  row->index = row->batched ? kind_name + "/batch" : kind_name;
   row->cold = cold;
   row->batch = batch;
   row->samples = static_cast<int>(lat.size());
@@ -377,12 +414,22 @@ int Run(const BenchDecodeArgs& a) {
       "index,cold_attention,cold,batch,samples,p50_us,p99_us,mean_us,gpu_attn_us,d2h_us,cpu_search_us,cpu_attn_us,"
       "h2d_us,merge_us,idle_us,attend_us,append_us,gpu_mib_per_seq_layer,scanned_fraction,fetch_share,setup_s\n";
   int rc = 0;
-  for (const auto& [kind, name] : kinds) for (const auto& [mode, mode_name] : modes) {
+  std::vector<bool> attend_modes;
+  for (const auto& m : SplitStrs(a.attend)) {
+    if (m != "threads" && m != "batch") {
+      std::fprintf(stderr, "kvrt bench decode: --attend: '%s' is not threads or batch\n", m.c_str());
+      return 2;
+    }
+    attend_modes.push_back(m == "batch");
+  }
+  for (const auto& [kind, name] : kinds) for (const auto& [mode, mode_name] : modes) for (bool batched : attend_modes) {
     for (int64_t batch : batches) {
       for (int64_t cold : colds) {
         if (batch > 1 && cold > a.max_cold_batch) continue;
+        if (batched && batch == 1) continue;  // the same as one thread
         Row r;
-        if (!RunOne(a, kind, name, mode, cold, static_cast<int>(batch), device, &r)) {
+        r.batched = batched;
+        if (!RunOne(a, kind, name, mode, batched, cold, static_cast<int>(batch), device, &r)) {
           rc = 1;
           continue;
         }
@@ -441,6 +488,10 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--window", args->window, "window tokens")->capture_default_str();
   cmd->add_option("--top-k", args->top_k, "top-k")->capture_default_str();
   cmd->add_option("--effort", args->effort, "search effort (0 = the kind's default)")->capture_default_str();
+  cmd->add_option("--attend", args->attend,
+                  "comma-separated ways B > 1 sequences attend: threads (one caller thread per "
+                  "sequence, kvrt_attend_ex) and/or batch (one kvrt_attend_batch_ex call)")
+      ->capture_default_str();
   cmd->add_option("--cold-attention", args->cold_attention,
                   "comma-separated config.cold_attention modes to compare: cpu (CPU attention over "
                   "the retrieved rows), fetch (rows copied H2D, attended on the GPU), auto (per layer, "

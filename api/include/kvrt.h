@@ -178,6 +178,15 @@ KVRT_API kvrt_status kvrt_append(kvrt_runtime* rt, kvrt_seq_id seq, int32_t laye
 KVRT_API kvrt_status kvrt_attend(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                                  const void* q, float* out);
 
+/* A batched decode step of one layer: kvrt_attend for n_seqs >= 1 distinct sequences, q
+ * [n_seqs, q_heads, head_dim] (row i belongs to seqs[i]), out [n_seqs, q_heads, head_dim] f32.
+ * Runs as one parallel loop over the sequences on the runtime's worker threads, so a batch needs
+ * no caller thread per sequence (docs/benchmarks.md measures both). On error the status names
+ * the first sequence that failed; the rows of the sequences that failed are untouched, the others
+ * written. A sequence listed twice is KVRT_ERR_INVALID_ARGUMENT. Since 0.2. */
+KVRT_API kvrt_status kvrt_attend_batch(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
+                                       int32_t layer, const void* q, float* out);
+
 /* Token positions (0-based, in sequence order of arrival) that the last kvrt_attend on (seq,
  * layer) used for q head `q_head`: GPU tier first, then retrieved cold tokens. Needs
  * config.record_attended = 1. Writes min(count, capacity) ids and the full count in *count. */
@@ -216,6 +225,9 @@ KVRT_API kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t l
                                     const kvrt_exec* exec);
 KVRT_API kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                                     const void* q, float* out, const kvrt_exec* exec);
+KVRT_API kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
+                                          int32_t layer, const void* q, float* out,
+                                          const kvrt_exec* exec);
 
 /* ---- per-head policy ------------------------------------------------------------------------
  * DuoAttention observes that many heads put their weight on the sinks and the recent window

@@ -294,6 +294,22 @@ kvrt_status kvrt_attend(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const 
   return kvrt_attend_ex(rt, seq, layer, q, out, nullptr);
 }
 
+kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
+                                 int32_t layer, const void* q, float* out, const kvrt_exec* exec) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_attend_batch"); s != KVRT_OK) return s;
+  kvrt::runtime::Exec ex;
+  if (kvrt_status s = CheckExec(rt, exec, "kvrt_attend_batch", &ex); s != KVRT_OK) return s;
+  static_assert(sizeof(kvrt_seq_id) == sizeof(int64_t));
+  return FromStatus(rt->impl->AttendBatch(seqs, n_seqs, layer, q, out, ex));
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_attend_batch(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs, int32_t layer,
+                              const void* q, float* out) {
+  return kvrt_attend_batch_ex(rt, seqs, n_seqs, layer, q, out, nullptr);
+}
+
 kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                               int32_t q_head, int64_t* ids, int64_t capacity, int64_t* count) {
   KVRT_API_TRY

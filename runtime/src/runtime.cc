@@ -5,11 +5,13 @@
 #include <limits>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_gpu/kernel_types.h"
+#include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
 #include "runtime/src/layer_state.h"
 
@@ -253,6 +255,45 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
   return seq->layers[layer].Attend(
       q, out, impl_->arena, impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads,
       exec);
+}
+
+absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const void* q, float* out,
+                                  const Exec& exec) {
+  if (ids == nullptr || n <= 0 || q == nullptr || out == nullptr)
+    return absl::InvalidArgumentError("attend_batch: need n >= 1 sequences and non-NULL seqs, q and out");
+  KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend_batch"));
+  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend_batch: q", exec.device ? nullptr : q, n, config_.num_q_heads));
+  // Locked in id order, so two batches sharing sequences cannot deadlock; a repeated id would
+  // deadlock on itself, hence the check.
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [ids](int a, int b) { return ids[a] < ids[b]; });
+  for (int i = 1; i < n; ++i)
+    if (ids[order[i]] == ids[order[i - 1]])
+      return absl::InvalidArgumentError(absl::StrCat("attend_batch: sequence ", ids[order[i]], " is listed twice"));
+  std::vector<std::shared_ptr<Sequence>> seqs(n);
+  for (int i = 0; i < n; ++i) {
+    auto found = Find(ids[i], layer);
+    if (!found.ok()) return absl::Status(found.status().code(), absl::StrCat("attend_batch: ", found.status().message()));
+    seqs[i] = std::move(*found);
+  }
+  std::vector<std::unique_lock<std::mutex>> locks;
+  locks.reserve(n);
+  for (int i : order) locks.emplace_back(seqs[i]->mu);
+  const std::size_t q_bytes = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
+  const std::size_t out_floats = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim;
+  const uint8_t* streaming = impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
+  std::vector<absl::Status> status(n);
+  impl_->arena.execute([&] {
+    tbb::parallel_for(0, n, [&](int i) {
+      status[i] = seqs[i]->layers[layer].Attend(static_cast<const unsigned char*>(q) + i * q_bytes,
+                                                out + i * out_floats, impl_->arena, streaming, exec);
+    });
+  });
+  for (int i = 0; i < n; ++i)
+    if (!status[i].ok())
+      return absl::Status(status[i].code(), absl::StrCat("attend_batch: sequence ", ids[i], ": ", status[i].message()));
+  return absl::OkStatus();
 }
 
 absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {

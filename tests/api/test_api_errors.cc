@@ -293,3 +293,45 @@ TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
 }
 
 }  // namespace
+
+// kvrt_attend_batch: the same outputs as one kvrt_attend per sequence, and its own error paths.
+TEST(ApiAttendBatch, EqualsOneAttendPerSequenceAndNamesBadInput) {
+  kvrt_config c = TinyConfig(1, 4);
+  c.num_kv_heads = 2;
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  c.top_k = 3;
+  c.index_kind = KVRT_INDEX_FLAT;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  const int n = 5, T = 40, kv = 2 * 4, qrow = 4 * 4;
+  std::vector<kvrt_seq_id> seqs(n);
+  std::vector<float> k(T * kv), v(T * kv), q(n * qrow);
+  for (int s = 0; s < n; ++s) {
+    ASSERT_EQ(kvrt_seq_create(rt, &seqs[s]), KVRT_OK);
+    for (int i = 0; i < T * kv; ++i) {
+      k[i] = std::sin(0.37f * i + s);
+      v[i] = std::cos(0.11f * i - s);
+    }
+    ASSERT_EQ(kvrt_prefill(rt, seqs[s], 0, nullptr, k.data(), v.data(), T - s), KVRT_OK);
+  }
+  for (int i = 0; i < n * qrow; ++i) q[i] = std::sin(0.23f * i);
+  std::vector<float> batch(n * qrow, NAN), single(n * qrow, NAN);
+  ASSERT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 0, q.data(), batch.data()), KVRT_OK) << kvrt_last_error();
+  for (int s = 0; s < n; ++s)
+    ASSERT_EQ(kvrt_attend(rt, seqs[s], 0, q.data() + s * qrow, single.data() + s * qrow), KVRT_OK);
+  EXPECT_EQ(batch, single);
+
+  std::vector<float> out(n * qrow, 7.f);
+  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), 0, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_attend_batch(rt, nullptr, 1, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  std::vector<kvrt_seq_id> twice = {seqs[0], seqs[1], seqs[0]};
+  EXPECT_EQ(kvrt_attend_batch(rt, twice.data(), 3, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("listed twice"), std::string::npos) << kvrt_last_error();
+  std::vector<kvrt_seq_id> unknown = {seqs[0], 12345};
+  EXPECT_EQ(kvrt_attend_batch(rt, unknown.data(), 2, 0, q.data(), out.data()), KVRT_ERR_NOT_FOUND);
+  EXPECT_NE(std::string(kvrt_last_error()).find("12345"), std::string::npos) << kvrt_last_error();
+  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 3, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  for (float x : out) EXPECT_EQ(x, 7.f);  // nothing written by the refused calls
+  kvrt_runtime_destroy(rt);
+}

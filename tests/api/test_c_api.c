@@ -62,8 +62,10 @@ int main(void) {
   CHECK(kvrt_set_head_policy(rt, 1, 3, KVRT_HEAD_STREAMING) == KVRT_OK);
   CHECK(kvrt_attend(rt, seq, 1, q, out) == KVRT_OK);
   CHECK(kvrt_get_attended(rt, seq, 1, 3, ids, T, &count) == KVRT_OK && count == 2 + 8);
+  CHECK(kvrt_attend_batch(rt, &seq, 1, 0, q, out) == KVRT_OK);
+  CHECK(kvrt_attend_batch_ex(rt, &seq, 1, 1, q, out, &exec) == KVRT_OK);
   CHECK(kvrt_get_stats(rt, &stats) == KVRT_OK);
-  CHECK(stats.sequences == 1 && stats.attend_calls == 3);
+  CHECK(stats.sequences == 1 && stats.attend_calls == 5);
   CHECK(stats.gpu_tokens == 2 * (2 + 8) && stats.host_tokens == (T - 10) + (T + 1 - 10));
   for (i = 0; i < H * D; ++i) CHECK(isfinite(out[i]));
   /* One error path from C: the message is set and names the problem. */

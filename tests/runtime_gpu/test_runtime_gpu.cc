@@ -234,6 +234,49 @@ TEST(GpuBackendConcurrency, SequencesFromSeveralThreads) {
   for (auto& th : pool) th.join();
 }
 
+// AttendBatch on the GPU backend (device pointers, one stream): the same outputs as the host
+// backend's one attend per sequence.
+TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  const Case c{cpu_index::IndexKind::kFlat, true, DType::kBF16, "batch"};
+  auto host_rt = Runtime::Create(MakeConfig(c, 0));
+  auto gpu_rt = Runtime::Create(MakeConfig(c, 1));
+  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  const RuntimeConfig& cfg = (*host_rt)->config();
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(5);
+  const int n = 4, prompt = 300;
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  std::vector<int64_t> hs, gs;
+  for (int s = 0; s < n; ++s) {
+    hs.push_back(*(*host_rt)->CreateSequence());
+    gs.push_back(*(*gpu_rt)->CreateSequence());
+    auto k = Random(rng, (prompt + s) * kv_row, c.dtype);
+    auto v = Random(rng, (prompt + s) * kv_row, c.dtype);
+    ASSERT_TRUE((*host_rt)->Prefill(hs[s], 0, nullptr, k.data(), v.data(), prompt + s).ok());
+    ASSERT_TRUE((*gpu_rt)->Prefill(gs[s], 0, nullptr, dev.Put(k), dev.Put(v), prompt + s, dev.exec()).ok());
+  }
+  for (int step = 0; step < 3; ++step) {
+    auto q = Random(rng, n * q_row, c.dtype);
+    std::vector<float> want(n * q_row);
+    for (int s = 0; s < n; ++s) {
+      auto k = Random(rng, kv_row, c.dtype);
+      auto v = Random(rng, kv_row, c.dtype);
+      ASSERT_TRUE((*host_rt)->Append(hs[s], 0, k.data(), v.data(), 1).ok());
+      ASSERT_TRUE((*gpu_rt)->Append(gs[s], 0, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
+      ASSERT_TRUE((*host_rt)->Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(c.dtype), want.data() + s * q_row).ok());
+    }
+    float* out = dev.Out(n * q_row);
+    auto st = (*gpu_rt)->AttendBatch(gs.data(), n, 0, dev.Put(q), out, dev.exec());
+    ASSERT_TRUE(st.ok()) << st;
+    ExpectClose(dev.Get(out, n * q_row), want, "batch step " + std::to_string(step));
+    dev.Clear();
+  }
+}
+
 TEST(GpuBackendConfig, UseGpuWithoutDevice) {
   RuntimeConfig cfg;
   cfg.use_gpu = 1;
