@@ -8,6 +8,14 @@ namespace {
 // The loops are multiversioned (kvrt_common/multiversion.h) and written so GCC vectorises them
 // (16 independent accumulators).
 
+// Pairwise sum of the 16 accumulators: 4 vector adds instead of a chain of 16 dependent scalar
+// adds (~60 cycles, a third of a 128-wide dot product).
+inline float SumLanes(float* acc) {
+  for (int w = 8; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+
 KVRT_MULTIVERSION float DotF32(const float* q, const float* k, int d) {
   float acc[16] = {};
   int i = 0;
@@ -15,8 +23,7 @@ KVRT_MULTIVERSION float DotF32(const float* q, const float* k, int d) {
     for (int j = 0; j < 16; ++j) acc[j] += q[i + j] * k[i + j];
   float s = 0.f;
   for (; i < d; ++i) s += q[i] * k[i];
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
+  return s + SumLanes(acc);
 }
 
 KVRT_MULTIVERSION float DotBf16(const float* q, const uint16_t* k, int d) {
@@ -31,8 +38,7 @@ KVRT_MULTIVERSION float DotBf16(const float* q, const uint16_t* k, int d) {
     }
   float s = 0.f;
   for (; i < d; ++i) s += q[i] * Bf16ToF32(k[i]);
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
+  return s + SumLanes(acc);
 }
 
 float DotF16(const float* q, const uint16_t* k, int d) {
