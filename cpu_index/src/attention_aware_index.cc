@@ -449,6 +449,15 @@ class AttentionAwareIndex final : public KeyIndex {
         continue;
       }
       (*pool)[i].expanded = true;
+      // The adjacency list of the key likely expanded next is a random read too: start it now,
+      // under this expansion's scoring.
+      for (std::size_t j = i + 1; j < pool->size() && j < i + 3; ++j) {
+        if ((*pool)[j].expanded) continue;
+        const auto* adj = nbrs_.data() + static_cast<std::size_t>((*pool)[j].id) * degree_;
+        __builtin_prefetch(adj);
+        __builtin_prefetch(reinterpret_cast<const char*>(adj) + 64);
+        break;
+      }
       std::size_t next = pool->size();
       for (uint32_t v : FreshNeighbours(store, (*pool)[i].id, limit, visited)) {
         ++scanned;
