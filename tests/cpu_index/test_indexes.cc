@@ -359,7 +359,12 @@ TEST(AttentionAwareIndex, IdenticalQueriesStillBuildAUsefulGraph) {
 TEST(AttentionAwareIndex, MemoryIsTheGraph) {
   const KeyIndex& index = SharedIndex(IndexKind::kAttentionAware);
   const IndexConfig config;
-  EXPECT_LE(index.MemoryBytes(), static_cast<std::size_t>(kKeys) * config.graph_degree * 4 + 1024);
+  // graph_degree - 1 stored links per key (the chain link is implicit), the routing table (256
+  // unit-length queries and their top-8 keys) and the entry list.
+  const std::size_t links = static_cast<std::size_t>(kKeys) * (config.graph_degree - 1) * 4;
+  const std::size_t routes = 256 * (kDim * 4 + 8 * 4);
+  EXPECT_LE(index.MemoryBytes(), links + routes + 1024);
+  EXPECT_GE(index.MemoryBytes(), links);
 }
 
 TEST(AttentionAwareIndex, BeatsKeyOnlyIndexesAtEqualScan) {
