@@ -6,7 +6,9 @@
 #include <vector>
 
 #include "kvrt_common/status_macros.h"
+#include "absl/strings/str_cat.h"
 #include "kvrt_cpu_index/attention.h"
+#include "runtime/src/fault_injection.h"
 #include "runtime/src/layer_state.h"
 
 namespace kvrt::runtime {
@@ -16,6 +18,21 @@ int64_t SteadyNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::steady_clock::now().time_since_epoch())
       .count();
+}
+
+// A failed index search fails the attend (INTERNAL for FAISS/hnswlib errors): the message says
+// which step and kv head, then the index's own words.
+absl::Status SearchFailed(const absl::Status& st, int g) {
+  return absl::Status(st.code(),
+                      absl::StrCat("attend: cold-index search of kv head ", g, " failed: ", st.message()));
+}
+
+// The index search, after the test-only fault hook (fault_injection.h; one atomic load when off).
+template <typename SearchFn>
+absl::Status GuardedSearch(cpu_index::IndexKind kind, int g, SearchFn&& search) {
+  absl::Status st = fault::Check(fault::Site::kIndexSearch, cpu_index::IndexKindName(kind), "search");
+  if (st.ok()) st = search();
+  return st.ok() ? st : SearchFailed(st, g);
 }
 
 }  // namespace
@@ -66,7 +83,9 @@ absl::Status LayerState::ColdGroup(const std::vector<int>& heads, const float* q
   cpu_index::SearchParams params;
   params.k = cfg_->top_k;
   params.effort = cfg_->search_effort;
-  KVRT_RETURN_IF_ERROR(index->SearchGroup(cold_[g], qs.data(), nq, params, found.data()));
+  KVRT_RETURN_IF_ERROR(GuardedSearch(cfg_->index_kind, g, [&] {
+    return index->SearchGroup(cold_[g], qs.data(), nq, params, found.data());
+  }));
   const int64_t shared_ns = (SteadyNs() - t0) / nq;
   for (int i = 0; i < nq; ++i) {
     const int h = heads[i];
@@ -102,7 +121,8 @@ absl::Status LayerState::ColdHead(int h, const float* qh, float* o, float* lse,
     cpu_index::SearchParams params;
     params.k = cfg_->top_k;
     params.effort = cfg_->search_effort;
-    KVRT_RETURN_IF_ERROR(index->Search(store, qh, params, &found));
+    KVRT_RETURN_IF_ERROR(
+        GuardedSearch(cfg_->index_kind, g, [&] { return index->Search(store, qh, params, &found); }));
   }
   FinishCold(g, qh, &found, o, lse, ids, scored, t0, search_ns, attend);
   return absl::OkStatus();

@@ -4,12 +4,14 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <exception>
 #include <new>
 
 #include "absl/strings/str_cat.h"
 #include "runtime/src/budget.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
+#include "runtime/src/fault_injection.h"
 #include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::runtime {
@@ -181,18 +183,31 @@ absl::Status LayerState::UpdateIndexes(tbb::task_arena& arena) {
   arena.execute([&] {
     tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) {
       auto& index = index_[g];
-      if (index == nullptr) {
-        auto made = cpu_index::MakeIndex(cfg_->index_kind, cfg_->index, cfg_->head_dim);
-        if (!made.ok()) {
-          status[g] = made.status();
-          return;
+      if (index != nullptr && index->size() >= cold_[g].size()) return;
+      // NOTE: an exception from an index (one that did not turn it into a status) must not leave
+      // this call either: the tokens are already stored, so it would report a half-applied append.
+      // It is a failed update like any other (counted, retried, rows scanned exactly).
+      try {
+        status[g] = fault::Check(fault::Site::kIndexUpdate, cpu_index::IndexKindName(cfg_->index_kind),
+                                 index == nullptr ? "build" : "insert");
+        if (!status[g].ok()) return;
+        if (index == nullptr) {
+          auto made = cpu_index::MakeIndex(cfg_->index_kind, cfg_->index, cfg_->head_dim);
+          if (!made.ok()) {
+            status[g] = made.status();
+            return;
+          }
+          const bool have_q = !query_sample_.empty();
+          const int64_t nq = have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
+          status[g] = (*made)->Build(cold_[g], have_q ? query_sample_[g].data() : nullptr, nq);
+          if (status[g].ok()) index = std::move(*made);
+        } else {
+          status[g] = index->Add(cold_[g]);
         }
-        const bool have_q = !query_sample_.empty();
-        const int64_t nq = have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
-        status[g] = (*made)->Build(cold_[g], have_q ? query_sample_[g].data() : nullptr, nq);
-        if (status[g].ok()) index = std::move(*made);
-      } else if (index->size() < cold_[g].size()) {
-        status[g] = index->Add(cold_[g]);
+      } catch (const std::bad_alloc&) {
+        status[g] = absl::ResourceExhaustedError("index update: out of memory");
+      } catch (const std::exception& e) {
+        status[g] = absl::InternalError(absl::StrCat("index update: ", e.what()));
       }
     });
   });
