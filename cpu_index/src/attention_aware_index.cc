@@ -338,7 +338,16 @@ class AttentionAwareIndex final : public KeyIndex {
       DotRowMulti(qs, nq, store.key(id), dim_, t, seen_scores.data() + at);
       return seen_scores.data() + at;
     };
-    int64_t scanned = MultiBeamSearch(store, nq, beam, score);
+    // Entry points: every query's routed ones (the popular keys and row 0 come with the first).
+    thread_local std::vector<uint32_t> seeds;
+    seeds.clear();
+    for (int i = 0; i < nq; ++i) {
+      const std::vector<uint32_t>* routed = Route(qs + static_cast<std::size_t>(i) * dim_);
+      if (routed == nullptr) break;
+      seeds.insert(seeds.end(), routed->begin() + (i == 0 ? 0 : static_cast<std::ptrdiff_t>(n_popular_)),
+                   routed->end());
+    }
+    int64_t scanned = MultiBeamSearch(store, nq, beam, score, seeds.empty() ? nullptr : &seeds);
     for (int64_t r = linked_; r < size_; ++r) score(static_cast<uint32_t>(r));
     scanned += size_ - linked_;
     thread_local std::vector<std::pair<float, int64_t>> cands;
@@ -430,7 +439,8 @@ class AttentionAwareIndex final : public KeyIndex {
   // SearchGroup's traversal over the linked rows: nq beams; score(id) returns the key's nq
   // scores. Returns the number of keys scored.
   template <class ScoreFn>
-  int64_t MultiBeamSearch(const HeadStore& store, int nq, int beam, ScoreFn&& score) const {
+  int64_t MultiBeamSearch(const HeadStore& store, int nq, int beam, ScoreFn&& score,
+                          const std::vector<uint32_t>* seeds = nullptr) const {
     if (linked_ == 0) return 0;
     auto& visited = internal::VisitedSet::ForThisThread(linked_);
     thread_local std::vector<std::vector<Slot>> pools;
@@ -444,7 +454,7 @@ class AttentionAwareIndex final : public KeyIndex {
       ++scanned;
       for (int i = 0; i < nq; ++i) cursor[i] = std::min(cursor[i], PoolInsert(&pools[i], beam, s[i], id));
     };
-    for (uint32_t e : entries_) {
+    for (uint32_t e : seeds ? *seeds : entries_) {
       if (e < linked_ && visited.Insert(e)) offer(e);
     }
     for (auto& c : cursor) c = 0;
