@@ -40,8 +40,12 @@ absl::Status GuardedSearch(cpu_index::IndexKind kind, int g, SearchFn&& search) 
 std::vector<std::vector<int>> LayerState::ColdUnits(const uint8_t* streaming) const {
   const int H = cfg_->num_q_heads;
   const int group = H / cfg_->num_kv_heads;
-  // NOTE: exact mode scans every cold row per head; grouping would only cut its parallelism.
-  const bool together = cfg_->group_search && cfg_->index_kind != cpu_index::IndexKind::kExact && group > 1;
+  // NOTE: only the kinds whose group search shares work (one traversal / one bound pass) group
+  // their heads; for the others (exact, flat, ivf, hnsw: one search per query either way)
+  // grouping would only cut the parallelism of a single attend.
+  const bool shares = cfg_->index_kind == cpu_index::IndexKind::kAttentionAware ||
+                      cfg_->index_kind == cpu_index::IndexKind::kLandmark;
+  const bool together = cfg_->group_search && shares && group > 1;
   std::vector<std::vector<int>> units;
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     std::vector<int> heads;
