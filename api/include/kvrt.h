@@ -129,7 +129,10 @@ typedef struct kvrt_config {
                                 attend at once (docs/benchmarks.md, "GQA group search"). Since 0.2. */
   int32_t cold_attention;    /* a kvrt_cold_attention; default KVRT_COLD_CPU. EXACT index kind
                                 always attends on the CPU (it would fetch every cold token).
-                                Since 0.2. */
+                                Fetch mode keeps a pinned staging block per (sequence, layer) of
+                                about 2 * q_heads * top_k * head_dim * dtype bytes (1.6 MiB at
+                                32 heads, k = 100, d = 128, bf16), not counted in
+                                host_memory_limit. Since 0.2. */
 } kvrt_config;
 
 KVRT_API kvrt_config kvrt_config_default(void);
