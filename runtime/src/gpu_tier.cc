@@ -520,6 +520,11 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   return absl::OkStatus();
 }
 
+void LayerState::SettleBackgroundWork() {
+  if (!gpu_) return;
+  if (absl::Status s = gpu_->index_work.Wait(); !s.ok() && index_status_.ok()) index_status_ = s;
+}
+
 bool LayerState::ChooseFetch() {
   if (cfg_->index_kind == cpu_index::IndexKind::kExact || cfg_->cold_attention == 0) return false;
   if (cfg_->cold_attention == 1) return true;

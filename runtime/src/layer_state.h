@@ -46,6 +46,11 @@ class LayerState {
   const std::vector<int64_t>& attended(int q_head) const { return attended_[q_head]; }
   bool has_attended() const { return !attended_.empty(); }
 
+  // Waits for this layer's background index insert (GPU backend; a no-op on the host backend).
+  // Runtime::AttendBatch calls it from the caller's thread before running attends on the arena's
+  // workers: a worker blocked in that wait could otherwise hold the thread the insert needs.
+  void SettleBackgroundWork();
+
   // Gives back every counter this layer added (at release).
   void Release();
 

@@ -283,6 +283,10 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   const std::size_t q_bytes = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
   const std::size_t out_floats = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim;
   const uint8_t* streaming = impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
+  // NOTE: the attends below run on the arena's workers; each first waits for its layer's
+  // background index insert, which also needs a worker. Waiting here, on the caller's thread,
+  // means no worker ever blocks on work queued behind it.
+  for (auto& seq : seqs) seq->layers[layer].SettleBackgroundWork();
   std::vector<absl::Status> status(n);
   impl_->arena.execute([&] {
     tbb::parallel_for(0, n, [&](int i) {
