@@ -169,14 +169,18 @@ class FaultInjection : public ::testing::Test {
 };
 
 // A failing index search fails the attend with KVRT_ERR_INTERNAL, names the search, writes
-// nothing to out and counts no attend; the next attend works. Per q head and GQA group search.
+// nothing to out and counts no attend; the next attend works. Per q head (flat) and GQA group
+// search (landmark: a kind whose group search shares work; top_k >= cold tokens makes it exact).
 TEST_F(FaultInjection, IndexSearchFailureIsInternalAndWritesNothing) {
   for (int group_search : {0, 1}) {
     SCOPED_TRACE(group_search ? "group search" : "search per q head");
     tokens_ = Tokens{};
-    Start(FlatConfig(1024, group_search));
+    kvrt_config c = FlatConfig(1024, group_search);
+    if (group_search) c.index_kind = KVRT_INDEX_LANDMARK;
+    const char* kind = group_search ? "landmark" : "flat";
+    Start(c);
     Prefill(300);
-    ASSERT_EQ(ProbeSearches(), group_search ? kKvHeads : kQHeads) << "the prompt built the flat index";
+    ASSERT_EQ(ProbeSearches(), group_search ? kKvHeads : kQHeads) << "the prompt built the " << kind << " index";
     const kvrt_stats before = Stats(rt_);
 
     fault::FailNext(fault::Site::kIndexSearch, 1);
@@ -184,7 +188,7 @@ TEST_F(FaultInjection, IndexSearchFailureIsInternalAndWritesNothing) {
     std::vector<float> out(q.size(), 42.f);
     EXPECT_EQ(kvrt_attend(rt_, seq_, 0, q.data(), out.data()), KVRT_ERR_INTERNAL);
     EXPECT_TRUE(Mentions("attend: cold-index search of kv head")) << kvrt_last_error();
-    EXPECT_TRUE(Mentions("flat search: injected fault")) << kvrt_last_error();
+    EXPECT_TRUE(Mentions((std::string(kind) + " search: injected fault").c_str())) << kvrt_last_error();
     EXPECT_EQ(fault::Pending(fault::Site::kIndexSearch), 0) << "exactly one search consumed it";
     for (float x : out) ASSERT_EQ(x, 42.f) << "a failed attend must not write out";
     const kvrt_stats after = Stats(rt_);
