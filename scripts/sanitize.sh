@@ -35,7 +35,8 @@ else
     build=${KVRT_SANITIZE_BUILD_DIR:-build-tsan}
     # NOTE: Debian's oneTBB and OpenMP (FAISS) are prebuilt without TSan instrumentation, so TSan
     # cannot see their synchronisation; tsan-debian-tbb.supp silences reports whose frames lie in
-    # TBB's hand-off (each entry says why). Known to leave one false report in Soak.IndexKinds.
+    # TBB's hand-off (each entry says why). Still leaves false reports (2026-11-25: Soak.MemoryBudgets,
+    # RuntimeGroupSearch) and is slow (Soak.IndexKinds hit the 900 s timeout); docs/reliability.md.
     echo "sanitize(tsan): TBB_SRC not set: using Debian's uninstrumented libtbb with" \
       "scripts/sanitizers/tsan-debian-tbb.supp (false positives possible; docs/reliability.md)"
     supp_files="$supp/tsan.supp $supp/tsan-debian-tbb.supp"
