@@ -4,8 +4,10 @@
   python tools/record/agree_table.py traces/agree_genesis.json traces/agree_standards.json ...
 
 Column names are the JSON file stems without the 'agree_' prefix. Tables: the full cache per run;
-greedy agreement (k of --gen); perplexity of the text stream, kvrt relative to the full cache; the
-text stream's argmax agreement; kvrt time per configuration (kvrt_prefill + append/attend, both
+greedy agreement (k of --gen); the first greedy step where kvrt's argmax leaves the full cache's
+path (up to that step the teacher-forced kvrt run saw exactly the tokens a free-running kvrt
+generation would have made, so a free-running run diverges there); perplexity of the text
+stream, kvrt relative to the full cache; the text stream's argmax agreement; kvrt time per configuration (kvrt_prefill + append/attend, both
 streams) and wall time of both teacher-forced streams. When the reference cache sits next to a
 JSON file (agree_X.json -> agree_X.ref.pt, as scripts/record-traces.sh agree writes them) and torch
 imports, also the full cache's argmax margin (top-1 minus top-2 log-prob) on the text stream: its
@@ -68,6 +70,11 @@ def main():
 
     table("Greedy agreement (kvrt fed the full cache's greedy tokens; steps where kvrt's argmax "
           "is the full cache's token):", agree("greedy"))
+    table("First greedy step (0-based) where kvrt's argmax leaves the full cache's greedy path, "
+          "i.e. where a free-running kvrt generation would first diverge (none: never in the "
+          "run):", lambda c: (str(min(c["greedy"]["disagree_steps"]))
+                              if c["greedy"]["disagree_steps"] else "none")
+          if "greedy" in c else "-")
     table("Perplexity over the text's next real tokens, kvrt relative to the full cache "
           "(kvrt perplexity):",
           lambda c: f"{c['text']['ppl_rel'] * 100:+.2f}% ({c['text']['ppl_kvrt']:.4f})"
