@@ -339,7 +339,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128,
                     help="teacher-forced tokens per forward after the prompt (kvrt layers still "
                          "append+attend them one at a time); 1 = one forward per step")
-    ap.add_argument("--lib", default="build/api/libkvrt.so")
+    ap.add_argument("--lib", default="build/api/libkvrt.so", help="libkvrt shared library")
     ap.add_argument("--config", dest="configs", action="append", type=parse_config, default=[],
                     metavar="INDEX[:TOP_K[:EFFORT]]",
                     help="a kvrt configuration to compare, e.g. flat:100, attention-aware:1000, "
@@ -349,8 +349,8 @@ def main(argv=None):
                     help="index kind when no --config is given")
     ap.add_argument("--top-k", type=int, default=100, help="top-k when no --config is given")
     ap.add_argument("--effort", type=int, default=0, help="search effort when no --config is given")
-    ap.add_argument("--sinks", type=int, default=4)
-    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--sinks", type=int, default=4, help="kvrt sink tokens")
+    ap.add_argument("--window", type=int, default=512, help="kvrt window tokens")
     ap.add_argument("--dtype", default="f32", choices=list(DTYPE), help="kvrt storage dtype")
     ap.add_argument("--threads", type=int, default=2, help="torch threads and kvrt worker threads")
     ap.add_argument("--teacher", default="both", choices=["greedy", "text", "both"],
