@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the real-model traces (docs/fidelity.md says what each one is for).
 #
-#   scripts/record-traces.sh [setup|texts|small|8k|max|check|all]   (default: all)
+#   scripts/record-traces.sh [setup|texts|small|8k|max|check|agree|all]   (default: all)
 #
 # setup : a virtual environment ($VENV, default .venv-record, git-ignored by .git/info/exclude or
 #         outside the repo) with the PyPI packages the recorder needs, and the Debian packages
@@ -13,6 +13,13 @@
 # max   : one trace at the model's full context (32768 = 32704 prompt + 64 steps). On 2 busy CPU
 #         cores this takes ~30 minutes; DEVICE=cuda runs it on a GPU.
 # check : tools/record/check_trace.py over every trace, tables into traces/*.check.txt.
+# agree : tools/record/kvrt_cache.py, the kvrt-backed decoder against the full cache: 512 greedy
+#         tokens and 512 real-text tokens after 8192-token prompts (four texts) and 32256-token
+#         Genesis and GNU standards prompts, for several index kinds and top-k (needs
+#         build/api/libkvrt.so; LIB=...).
+#         Logs, JSON results and cached references in traces/agree_*. 5-15 min per run on 2 busy
+#         CPU cores (the 32K run longer). `agree NAME...` runs only those (genesis, standards,
+#         argparse, jargon, genesis32k, standards32k).
 #
 # Environment: VENV, PY (python to use, default $VENV/bin/python), THREADS (2), DEVICE (cpu).
 # Traces go to traces/ (git-ignored), except the small test trace.
@@ -76,6 +83,29 @@ check() {
   done
 }
 
+agree() {
+  local lib=${LIB:-build/api/libkvrt.so} name text tokens only=" $* "
+  local cfg=(--config exact --config flat:100 --config attention-aware:100 --config flat:1000
+             --config attention-aware:1000 --config flat:2000 --config ivf:1000 --config hnsw:1000
+             --config landmark:1000)
+  for spec in genesis:genesis.txt:8192 standards:gnu-standards.txt:8192 \
+              argparse:argparse.py:8192 jargon:jargon.txt:8192 genesis32k:genesis.txt:32256 \
+              standards32k:gnu-standards.txt:32256; do
+    IFS=: read -r name text tokens <<<"$spec"
+    [ "$only" = "  " ] || [[ "$only" == *" $name "* ]] || continue
+    if [ "$tokens" -gt 8192 ]; then  # max context: the indexes that matter, to bound the time
+      cfg=(--config exact --config flat:100 --config attention-aware:100 --config flat:1000
+           --config attention-aware:1000 --config flat:2000 --config flat:4000)
+    fi
+    nice -n 10 "$PY" tools/record/kvrt_cache.py --model "$MODEL" --threads "$THREADS" \
+      --lib "$lib" --text "$T/$text" --tokens "$tokens" --gen 512 "${cfg[@]}" \
+      --ref "traces/agree_${name}.ref.pt" --json "traces/agree_${name}.json" \
+      2> >(grep --line-buffered -v '^Loading weights' >"traces/agree_${name}.log") \
+      | tee "traces/agree_${name}.txt" \
+      || echo "agree: $name failed" >&2
+  done
+}
+
 what=${1:-all}
 case "$what" in
   setup) setup ;;
@@ -84,6 +114,7 @@ case "$what" in
   8k) eightk ;;
   max) maxctx ;;
   check) check ;;
+  agree) shift; agree "$@" ;;
   all) setup; texts; small; eightk; maxctx; check ;;
-  *) echo "usage: $0 [setup|texts|small|8k|max|check|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [setup|texts|small|8k|max|check|agree|all]" >&2; exit 2 ;;
 esac

@@ -1,24 +1,30 @@
 #!/usr/bin/env python3
 """A Hugging Face transformers decoder whose global attention layers decode through libkvrt.
 
-KvrtAttention is an attention function registered with transformers' AttentionInterface. For the
-model's full-attention layers (renumbered 0..n-1 as kvrt layers) it
-  - prefill (q_len > 1): runs ordinary SDPA (exact; kvrt has no prefill attention) and buffers the
-    post-rotary q, k, v; they are handed to kvrt_prefill at the first decode step (so a chunked
-    prefill still reaches kvrt as one prompt and the attention-aware index sees every query);
-  - decode (q_len == 1): kvrt_append(k, v) then kvrt_attend(q) -> out [q_heads, head_dim] f32,
-    i.e. sinks + window + retrieved cold tokens, merged by log-sum-exp inside libkvrt.
+KvrtAttention is an attention function (behind the transformers attention name 'kvrt') for the
+model's full-attention layers (renumbered 0..n-1 as kvrt layers):
+  - the prompt runs ordinary SDPA (exact; kvrt has no prefill attention) once, shared by the
+    full-cache reference and every kvrt configuration; the post-rotary q, k, v of the kvrt layers
+    are kept (PromptCapture) and handed to kvrt_prefill at a configuration's first decode call
+    (so a chunked prompt reaches kvrt as one prompt, and the attention-aware index sees every query);
+  - after the prompt, each new token i: kvrt_append(k_i, v_i) then kvrt_attend(q_i) -> out
+    [q_heads, head_dim] f32, i.e. sinks + window + retrieved cold tokens, merged by log-sum-exp
+    inside libkvrt. A teacher-forced chunk of n tokens is appended and attended token by token,
+    so token i sees exactly what it would see in single-token decoding.
 Sliding-window layers keep transformers' own cache and SDPA (their window is 512 tokens).
 Batch size 1, CPU tensors (host memory API).
 
 The C structs mirror api/include/kvrt.h (kvrt_config as of API 0.2; fields are only appended, and
 kvrt_config_default returns the struct by value, so this mirror must follow the header).
 
-Compare with the full cache (teacher-forced on the full cache's greedy tokens, so every step is
-comparable): token agreement (kvrt's argmax == full cache's argmax) and the perplexity of the
-generated tokens under both:
-  python tools/record/kvrt_cache.py --text traces/text/genesis.txt --tokens 2048 --gen 64 \
-      --index flat --top-k 100 --lib build/api/libkvrt.so
+Compare with the full cache, teacher-forced so that every step is comparable. The full cache
+generates --gen greedy tokens (one forward per step); each kvrt configuration is then fed those
+tokens, and agreement = share of steps where kvrt's argmax equals the full cache's greedy token;
+perplexity of the fed tokens under both. A second stream feeds both the text's real continuation
+(perplexity over real text). The reference can be cached in a file (--ref) for later invocations:
+  python tools/record/kvrt_cache.py --text traces/text/genesis.txt --tokens 8192 --gen 512 \
+      --config exact --config flat:100 --config flat:1000 --config attention-aware:1000 \
+      --ref traces/ref_genesis_8k_512.pt --json traces/kvrt_genesis_8k_512.json
 """
 
 from __future__ import annotations
@@ -83,15 +89,62 @@ class KvrtLib:
                                f"{(self.lib.kvrt_last_error() or b'').decode()}")
 
 
-class KvrtAttention:
-    """Registered as transformers attention 'kvrt'. One sequence (batch 1)."""
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
-    def __init__(self, lib: KvrtLib, model, layers, index="flat", top_k=100, sinks=4,
+
+class Router:
+    """The function registered as transformers attention 'kvrt'; forwards every call to `target`
+    (PromptCapture for the shared prompt pass, _sdpa for full-cache passes, a KvrtAttention)."""
+
+    def __init__(self):
+        self.target = _sdpa
+
+    def __call__(self, *args, **kwargs):
+        return self.target(*args, **kwargs)
+
+
+class PromptCapture:
+    """Ordinary SDPA for every layer (the full cache's own prompt pass); keeps the post-rotary q, k,
+    v of the kvrt layers' prompt chunks so that every kvrt configuration can kvrt_prefill them."""
+
+    def __init__(self, layer_map, tdt):
+        self.layer_map, self.tdt = layer_map, tdt
+        self.buf = {kl: {"q": [], "k": [], "v": []} for kl in layer_map.values()}
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        out = _sdpa(module, query, key, value, attention_mask, **kwargs)
+        kl = self.layer_map.get(getattr(module, "layer_idx", None))
+        if kl is not None:
+            n = query.shape[2]
+            b = self.buf[kl]
+            b["q"].append(query[0].transpose(0, 1).to(self.tdt).contiguous())  # [n, Hq, d]
+            b["k"].append(key[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous())  # [n, Hkv, d]
+            b["v"].append(value[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous())
+        return out
+
+    def tensors(self):
+        import torch
+        return {kl: tuple(torch.cat(b[x], 0).contiguous() for x in ("q", "k", "v"))
+                for kl, b in self.buf.items()}
+
+
+class KvrtAttention:
+    """Decode through libkvrt for the model's global layers. One sequence (batch 1).
+
+    `prompt` ({kvrt layer: (q, k, v)}, from PromptCapture) is handed to kvrt_prefill at the first
+    call of each sequence; every later call (one token, or a teacher-forced chunk of n tokens) runs,
+    token by token, kvrt_append(k_i, v_i) then kvrt_attend(q_i): token i sees the prompt and tokens
+    <= i, exactly as n single-token decode steps would. Other layers run SDPA."""
+
+    def __init__(self, lib: KvrtLib, model, layers, prompt, index="flat", top_k=100, sinks=4,
                  window=512, effort=0, threads=1, dtype="f32", streaming_heads=()):
         import torch
         cfg = model.config
         self.lib = lib
         self.torch = torch
+        self.prompt = prompt
         self.layer_map = {src: i for i, src in enumerate(layers)}
         self.tdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
         c = lib.lib.kvrt_config_default()
@@ -113,6 +166,8 @@ class KvrtAttention:
         for (l, h) in streaming_heads:
             lib.check(lib.lib.kvrt_set_head_policy(rt, l, h, 1), "kvrt_set_head_policy")
         self.seq = None
+        self.t_prefill = self.t_attend = 0.0  # seconds in kvrt_prefill / kvrt_append+kvrt_attend
+        self.attends = 0
         self.new_sequence()
 
     def new_sequence(self):
@@ -121,7 +176,6 @@ class KvrtAttention:
         s = C.c_int64()
         self.lib.check(self.lib.lib.kvrt_seq_create(self.rt, C.byref(s)), "kvrt_seq_create")
         self.seq = s.value
-        self.pending = {l: {"q": [], "k": [], "v": []} for l in self.layer_map.values()}
         self.prefilled = set()
 
     def close(self):
@@ -129,101 +183,190 @@ class KvrtAttention:
             self.lib.lib.kvrt_runtime_destroy(self.rt)
             self.rt = None
 
-    def _ptr(self, t):
+    @staticmethod
+    def _ptr(t):
         return C.c_void_p(t.data_ptr())
 
-    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                 **kwargs):
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
         torch = self.torch
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        li = getattr(module, "layer_idx", None)
-        kl = self.layer_map.get(li)
-        n = query.shape[2]
-        if kl is None or n > 1:
-            out, w = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                            scaling=scaling, dropout=dropout, **kwargs)
-            if kl is not None:  # prompt chunk of a kvrt layer: keep it for kvrt_prefill
-                if kl in self.prefilled:
-                    raise RuntimeError("multi-token append after prefill is not supported")
-                p = self.pending[kl]
-                p["q"].append(query[0].transpose(0, 1).to(self.tdt).contiguous())
-                p["k"].append(key[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous())
-                p["v"].append(value[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous())
-            return out, w
+        kl = self.layer_map.get(getattr(module, "layer_idx", None))
+        if kl is None:
+            return _sdpa(module, query, key, value, attention_mask, **kwargs)
         L = self.lib.lib
         if kl not in self.prefilled:
-            p = self.pending[kl]
-            q, k, v = (torch.cat(p[x], 0).contiguous() for x in ("q", "k", "v"))
+            q, k, v = self.prompt[kl]
+            t0 = time.perf_counter()
             self.lib.check(L.kvrt_prefill(self.rt, self.seq, kl, self._ptr(q), self._ptr(k),
                                           self._ptr(v), k.shape[0]), "kvrt_prefill")
-            self.pending[kl] = None
+            self.t_prefill += time.perf_counter() - t0
             self.prefilled.add(kl)
-        k1 = key[0, :, -1:].transpose(0, 1).to(self.tdt).contiguous()  # [1, Hkv, d]
-        v1 = value[0, :, -1:].transpose(0, 1).to(self.tdt).contiguous()
-        q1 = query[0, :, 0].to(self.tdt).contiguous()  # [Hq, d]
-        self.lib.check(L.kvrt_append(self.rt, self.seq, kl, self._ptr(k1), self._ptr(v1), 1),
-                       "kvrt_append")
-        out = torch.empty(q1.shape, dtype=torch.float32)
-        self.lib.check(L.kvrt_attend(self.rt, self.seq, kl, self._ptr(q1),
-                                     C.cast(out.data_ptr(), C.POINTER(C.c_float))), "kvrt_attend")
-        return out.to(query.dtype).view(1, 1, *out.shape), None  # [B, q_len, Hq, d]
+        n = query.shape[2]
+        ks = key[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous()  # [n, Hkv, d]
+        vs = value[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous()
+        qs = query[0].transpose(0, 1).to(self.tdt).contiguous()  # [n, Hq, d]
+        out = torch.empty(qs.shape, dtype=torch.float32)
+        t0 = time.perf_counter()
+        for i in range(n):
+            self.lib.check(L.kvrt_append(self.rt, self.seq, kl, self._ptr(ks[i]),
+                                         self._ptr(vs[i]), 1), "kvrt_append")
+            self.lib.check(L.kvrt_attend(self.rt, self.seq, kl, self._ptr(qs[i]),
+                                         C.cast(out[i].data_ptr(), C.POINTER(C.c_float))),
+                           "kvrt_attend")
+        self.t_attend += time.perf_counter() - t0
+        self.attends += n
+        return out.to(query.dtype).unsqueeze(0), None  # [B, q_len, Hq, d]
 
 
-def run(model, ids, gen, chunk, forced=None, log=print):
-    """Prefill ids in chunks, then `gen` greedy steps (or teacher-forced on `forced`).
-    Returns (argmax tokens per step, log-prob of the fed token per step)."""
+def _forward_kw(model):
     import inspect
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), ("logits_to_keep" in params)
+
+
+def prefill(model, ids, chunk):
+    """The prompt pass, in chunks through a fresh DynamicCache. Returns (cache, last logits)."""
     import torch
     from transformers import DynamicCache
-    params = inspect.signature(model.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
+    cache_kw, has_ltk = _forward_kw(model)
     cache = DynamicCache(config=model.config)
-
-    def step(x, start):
-        pos = torch.arange(start, start + x.shape[1]).unsqueeze(0)
-        kw = {cache_kw: cache, "position_ids": pos, "use_cache": True}
-        if "logits_to_keep" in params:
+    T = ids.shape[1]
+    for s in range(0, T, chunk):
+        x = ids[:, s:s + chunk]
+        kw = {cache_kw: cache, "position_ids": torch.arange(s, s + x.shape[1]).unsqueeze(0),
+              "use_cache": True}
+        if has_ltk:
             kw["logits_to_keep"] = 1
         with torch.inference_mode():
-            return model(input_ids=x, **kw).logits[0, -1].float()
+            logits = model(input_ids=x, **kw).logits[0, -1].float()
+    return cache, logits
 
-    T = ids.shape[1]
-    t0 = time.time()
-    for s in range(0, T, chunk):
-        logits = step(ids[:, s:s + chunk], s)
-    log(f"  prefill {T} tokens {time.time() - t0:.0f}s")
-    argmax, logp = [], []
-    t1 = time.time()
+
+def greedy(model, cache, T, logits0, gen):
+    """`gen` greedy steps, one token per forward, from the state after the prompt. Returns
+    (tokens, log-prob of each chosen token)."""
+    import torch
+    cache_kw, has_ltk = _forward_kw(model)
+    logits = logits0
+    toks, logp = [], []
     for s in range(gen):
         a = int(torch.argmax(logits))
-        argmax.append(a)
-        fed = a if forced is None else forced[s]
-        logp.append(float(torch.log_softmax(logits, -1)[fed]))
-        logits = step(torch.tensor([[fed]]), T + s)
-    log(f"  decode {gen} steps {time.time() - t1:.0f}s")
-    return argmax, logp
+        toks.append(a)
+        logp.append(float(torch.log_softmax(logits, -1)[a]))
+        if s == gen - 1:
+            break
+        kw = {cache_kw: cache, "position_ids": torch.tensor([[T + s]]), "use_cache": True}
+        if has_ltk:
+            kw["logits_to_keep"] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([[a]]), **kw).logits[0, -1].float()
+    return toks, logp
+
+
+def forced(model, cache, T, logits0, toks, batch):
+    """Teacher forcing on `toks` from the state after the prompt: step s predicts toks[s] (step 0
+    from the prompt pass's last logits), and toks[:-1] are fed `batch` tokens per forward.
+    Returns per step: argmax, log-prob of toks[s], top-1 minus top-2 log-prob (the argmax margin)."""
+    import torch
+    cache_kw, has_ltk = _forward_kw(model)
+    argmax, logp, margin = [], [], []
+
+    def take(logits, targets):
+        lsm = torch.log_softmax(logits.float(), -1)
+        top2 = torch.topk(lsm, 2, dim=-1)
+        argmax.extend(top2.indices[:, 0].tolist())
+        margin.extend((top2.values[:, 0] - top2.values[:, 1]).tolist())
+        logp.extend(lsm[torch.arange(len(targets)), torch.tensor(targets)].tolist())
+
+    take(logits0.unsqueeze(0), toks[:1])
+    feed = toks[:-1]
+    for s in range(0, len(feed), batch):
+        x = feed[s:s + batch]
+        kw = {cache_kw: cache, "position_ids": torch.arange(T + s, T + s + len(x)).unsqueeze(0),
+              "use_cache": True}
+        if has_ltk:
+            kw["logits_to_keep"] = 0  # 0 = every position
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([x]), **kw).logits[0]
+        take(logits, toks[s + 1:s + 1 + len(x)])
+    return argmax, logp, margin
+
+
+def ppl(logp):
+    return math.exp(-sum(logp) / len(logp))
+
+
+def parse_config(spec):
+    """INDEX[:TOP_K[:EFFORT]] -> dict."""
+    parts = spec.split(":")
+    if parts[0] not in INDEX or len(parts) > 3:
+        raise argparse.ArgumentTypeError(f"bad configuration {spec!r}: INDEX[:TOP_K[:EFFORT]] "
+                                         f"with INDEX one of {', '.join(INDEX)}")
+    return {"spec": spec, "index": parts[0],
+            "top_k": int(parts[1]) if len(parts) > 1 and parts[1] else 100,
+            "effort": int(parts[2]) if len(parts) > 2 and parts[2] else 0}
+
+
+def load_ref(path, prompt_ids, text_ids, gen, label, log):
+    import torch
+    if not path or not Path(path).exists():
+        return None
+    ref = torch.load(path, weights_only=False)
+    if (ref.get("model") != label or ref.get("prompt_ids") != prompt_ids or ref.get("gen") != gen
+            or ref.get("text_ids") != text_ids):
+        log(f"reference {path} is for another model/prompt/length: recomputing it")
+        return None
+    log(f"reference loaded from {path} (made {ref.get('made')})")
+    return ref
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--text", nargs="+", required=True)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--chunk", type=int, default=2048)
-    ap.add_argument("--lib", default="build/api/libkvrt.so")
-    ap.add_argument("--index", default="flat", choices=list(INDEX))
-    ap.add_argument("--top-k", type=int, default=100)
-    ap.add_argument("--sinks", type=int, default=4)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--effort", type=int, default=0)
-    ap.add_argument("--dtype", default="f32", choices=list(DTYPE))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--teacher", default="greedy", choices=["greedy", "text"],
-                    help="greedy: both runs are fed the full cache's greedy tokens; text: both are "
-                         "fed the text's own continuation (perplexity over real text)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="One invocation runs the prompt pass once (it is exact SDPA for the full cache and "
+               "for every kvrt configuration alike), the full-cache reference once (or loads it "
+               "from --ref), then every --config against it. Per configuration two teacher-forced "
+               "streams: 'greedy' (fed the full cache's greedy tokens; agreement = share of steps "
+               "where kvrt's argmax equals the full cache's greedy token) and 'text' (fed the "
+               "text's real continuation; perplexity over real text).")
+    ap.add_argument("--model", default="gemma3-270m", help="models.py name or path")
+    ap.add_argument("--text", nargs="+", required=True, help="text file(s), concatenated")
+    ap.add_argument("--tokens", type=int, default=2048, help="prompt length in tokens")
+    ap.add_argument("--gen", type=int, default=64,
+                    help="steps per stream: greedy tokens generated by the full cache, and real "
+                         "text tokens scored for perplexity")
+    ap.add_argument("--chunk", type=int, default=2048, help="prompt tokens per forward")
+    ap.add_argument("--batch", type=int, default=128,
+                    help="teacher-forced tokens per forward after the prompt (kvrt layers still "
+                         "append+attend them one at a time); 1 = one forward per step")
+    ap.add_argument("--lib", default="build/api/libkvrt.so", help="libkvrt shared library")
+    ap.add_argument("--config", dest="configs", action="append", type=parse_config, default=[],
+                    metavar="INDEX[:TOP_K[:EFFORT]]",
+                    help="a kvrt configuration to compare, e.g. flat:100, attention-aware:1000, "
+                         "exact; repeatable; run in the order given. Without any, one "
+                         "configuration from --index/--top-k/--effort")
+    ap.add_argument("--index", default="flat", choices=list(INDEX),
+                    help="index kind when no --config is given")
+    ap.add_argument("--top-k", type=int, default=100, help="top-k when no --config is given")
+    ap.add_argument("--effort", type=int, default=0, help="search effort when no --config is given")
+    ap.add_argument("--sinks", type=int, default=4, help="kvrt sink tokens")
+    ap.add_argument("--window", type=int, default=512, help="kvrt window tokens")
+    ap.add_argument("--dtype", default="f32", choices=list(DTYPE), help="kvrt storage dtype")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads and kvrt worker threads")
+    ap.add_argument("--teacher", default="both", choices=["greedy", "text", "both"],
+                    help="which teacher-forced streams to run per configuration (default both)")
+    ap.add_argument("--ref", metavar="FILE",
+                    help="cache of the full-cache reference (torch.save): loaded when it matches "
+                         "the model, prompt, continuation and --gen, else computed and written")
+    ap.add_argument("--json", metavar="FILE",
+                    help="write the results (rewritten after every configuration)")
     args = ap.parse_args(argv)
+    configs = args.configs or [{"spec": f"{args.index}:{args.top_k}:{args.effort}",
+                                "index": args.index, "top_k": args.top_k, "effort": args.effort}]
+    streams = ["greedy", "text"] if args.teacher == "both" else [args.teacher]
 
+    import copy
+    import json
     import torch
     torch.set_num_threads(args.threads)
     import models
@@ -232,43 +375,126 @@ def main(argv=None):
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    t_start = time.time()
     model, tok, label = models.load(args.model, log=log)
     layers, _ = parse_layers("global", model.config)
     all_ids = tok(read_text(args.text), return_tensors="pt").input_ids
     ids = all_ids[:, : args.tokens]
-    forced = None
-    if args.teacher == "text":
-        forced = [int(x) for x in all_ids[0, args.tokens: args.tokens + args.gen]]
-        if len(forced) < args.gen:
-            raise SystemExit("text too short for --teacher text")
-
-    log("full cache (sdpa):")
-    model.set_attn_implementation("sdpa")
-    ref_tok, ref_lp = run(model, ids, args.gen, args.chunk, forced=forced, log=log)
-
+    T = ids.shape[1]
+    text_ids = [int(x) for x in all_ids[0, T: T + args.gen]]
+    if "text" in streams and len(text_ids) < args.gen:
+        raise SystemExit("text too short for the text stream")
     lib = KvrtLib(args.lib)
-    log(f"libkvrt {lib.lib.kvrt_version().decode()} from {args.lib}")
-    att = KvrtAttention(lib, model, layers, args.index, args.top_k, args.sinks, args.window,
-                        args.effort, args.threads, args.dtype)
-    AttentionInterface.register("kvrt", att)
+    log(f"libkvrt {lib.lib.kvrt_version().decode()} from {args.lib}; kvrt layers {layers}")
+
+    router = Router()
+    AttentionInterface.register("kvrt", router)
     AttentionMaskInterface.register("kvrt", sdpa_mask)
     model.set_attn_implementation("kvrt")
-    log(f"kvrt ({args.index}, top-k {args.top_k}, sinks {args.sinks}, window {args.window}) on "
-        f"layers {layers}, teacher-forced ({args.teacher}):")
-    kv_tok, kv_lp = run(model, ids, args.gen, args.chunk,
-                        forced=ref_tok if forced is None else forced, log=log)
-    att.close()
 
-    agree = sum(a == b for a, b in zip(ref_tok, kv_tok)) / len(ref_tok)
-    ppl_ref = math.exp(-sum(ref_lp) / len(ref_lp))
-    ppl_kv = math.exp(-sum(kv_lp) / len(kv_lp))
-    print(f"model {label}, prompt {ids.shape[1]} tokens, {args.gen} steps, index {args.index}, "
-          f"top-k {args.top_k}, sinks {args.sinks}, window {args.window}, dtype {args.dtype}, "
-          f"layers {layers} on kvrt")
-    print(f"token agreement {agree:.4f} ({sum(a == b for a, b in zip(ref_tok, kv_tok))}/"
-          f"{len(ref_tok)}); perplexity of the fed tokens ({args.teacher}): full {ppl_ref:.4f}, kvrt "
-          f"{ppl_kv:.4f} ({(ppl_kv / ppl_ref - 1) * 100:+.2f}%)")
-    print(f"full: {tok.decode(ref_tok)!r}")
+    tdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    capture = PromptCapture({src: i for i, src in enumerate(layers)}, tdt)
+    router.target = capture
+    t0 = time.time()
+    cache0, logits0 = prefill(model, ids, args.chunk)
+    t_prompt = time.time() - t0
+    prompt = capture.tensors()
+    del capture
+    log(f"prompt pass {T} tokens {t_prompt:.0f}s (shared by the reference and every configuration)")
+
+    prompt_ids = [int(x) for x in ids[0]]
+    ref = load_ref(args.ref, prompt_ids, text_ids, args.gen, label, log)
+    router.target = _sdpa
+    if ref is None:
+        ref = {"model": label, "prompt_ids": prompt_ids, "text_ids": text_ids, "gen": args.gen,
+               "made": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "times": {}}
+        t0 = time.time()
+        ref["greedy_tokens"], ref["greedy_logp_seq"] = greedy(model, copy.deepcopy(cache0), T,
+                                                              logits0, args.gen)
+        ref["times"]["greedy_seq"] = time.time() - t0
+        log(f"full cache: {args.gen} greedy steps (one forward each) "
+            f"{ref['times']['greedy_seq']:.0f}s: {tok.decode(ref['greedy_tokens'])!r}")
+        for st, toks in (("greedy", ref["greedy_tokens"]), ("text", text_ids)):
+            t0 = time.time()
+            ref[st] = forced(model, copy.deepcopy(cache0), T, logits0, toks, args.batch)
+            ref["times"][st] = time.time() - t0
+            log(f"full cache, teacher-forced {st}: {ref['times'][st]:.0f}s, "
+                f"perplexity {ppl(ref[st][1]):.4f}")
+        if args.ref:
+            torch.save(ref, args.ref)
+            log(f"reference written to {args.ref}")
+    g_tok = ref["greedy_tokens"]
+    # Noise floor: the full cache re-run teacher-forced (batched) against its own greedy run.
+    floor = sum(a == b for a, b in zip(ref["greedy"][0], g_tok))
+    log(f"full cache batched vs one-step argmax: {floor}/{len(g_tok)} agree")
+
+    results = {"model": label, "prompt_tokens": T, "gen": args.gen, "text": args.text,
+               "libkvrt": lib.lib.kvrt_version().decode(), "threads": args.threads,
+               "sinks": args.sinks, "window": args.window, "dtype": args.dtype, "batch": args.batch,
+               "kvrt_layers": layers, "prompt_pass_s": t_prompt, "reference_made": ref["made"],
+               "reference_times_s": ref["times"], "full_batched_vs_step_agree": floor,
+               "full_ppl_greedy": ppl(ref["greedy"][1]), "full_ppl_greedy_step":
+               ppl(ref["greedy_logp_seq"]), "full_ppl_text": ppl(ref["text"][1]),
+               "greedy_text": tok.decode(g_tok), "configs": []}
+
+    def dump():
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+
+    dump()
+    for cf in configs:
+        att = KvrtAttention(lib, model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
+                            args.window, cf["effort"], args.threads, args.dtype)
+        router.target = att
+        r = dict(cf)
+        log(f"kvrt {cf['spec']} (index {cf['index']}, top-k {cf['top_k']}, effort {cf['effort']}, "
+            f"sinks {args.sinks}, window {args.window}):")
+        for st in streams:
+            toks = g_tok if st == "greedy" else text_ids
+            att.new_sequence()
+            att.t_prefill = att.t_attend = 0.0
+            att.attends = 0
+            t0 = time.time()
+            am, lp, _ = forced(model, copy.deepcopy(cache0), T, logits0, toks, args.batch)
+            wall = time.time() - t0
+            full_am, full_lp, full_margin = ref[st]
+            target = g_tok if st == "greedy" else full_am
+            agree = [i for i, (a, b) in enumerate(zip(am, target)) if a == b]
+            miss = [i for i in range(len(am)) if am[i] != target[i]]
+            p_full, p_kv = ppl(full_lp), ppl(lp)
+            r[st] = {"agree": len(agree), "steps": len(am), "disagree_steps": miss,
+                     "full_margin_at_disagree": [full_margin[i] for i in miss],
+                     "ppl_full": p_full, "ppl_kvrt": p_kv, "ppl_rel": p_kv / p_full - 1,
+                     "wall_s": wall, "kvrt_prefill_s": att.t_prefill,
+                     "kvrt_attend_s": att.t_attend, "attends": att.attends}
+            log(f"  {st}: agreement {len(agree)}/{len(am)}, perplexity full {p_full:.4f} kvrt "
+                f"{p_kv:.4f} ({(p_kv / p_full - 1) * 100:+.2f}%), {wall:.0f}s (kvrt_prefill "
+                f"{att.t_prefill:.1f}s, append+attend {att.t_attend:.1f}s for {att.attends})")
+        att.close()
+        results["configs"].append(r)
+        dump()
+
+    print(f"model {label}, prompt {T} tokens, {args.gen} steps per stream, sinks {args.sinks}, "
+          f"window {args.window}, dtype {args.dtype}, kvrt layers {layers}, "
+          f"libkvrt {results['libkvrt']}, {args.threads} threads")
+    print(f"prompt pass {t_prompt:.0f}s; full cache batched vs one-step greedy argmax "
+          f"{floor}/{len(g_tok)}; full-cache perplexity: greedy tokens "
+          f"{results['full_ppl_greedy']:.4f}, text {results['full_ppl_text']:.4f}")
+    print("config                    | greedy agree | ppl greedy full/kvrt (rel) | text agree | "
+          "ppl text full/kvrt (rel) | wall s")
+    for r in results["configs"]:
+        cells = [f"{r['spec']:<25}"]
+        for st in ("greedy", "text"):
+            if st in r:
+                x = r[st]
+                cells.append(f"{x['agree']}/{x['steps']}")
+                cells.append(f"{x['ppl_full']:.4f}/{x['ppl_kvrt']:.4f} ({x['ppl_rel'] * 100:+.2f}%)")
+            else:
+                cells += ["-", "-"]
+        cells.append("+".join(f"{r[st]['wall_s']:.0f}" for st in streams))
+        print(" | ".join(cells))
+    print(f"full greedy: {results['greedy_text']!r}")
+    log(f"total {time.time() - t_start:.0f}s")
 
 
 if __name__ == "__main__":
