@@ -42,7 +42,8 @@
 // (replacing their weakest link by q.k when full); plus the chain link from the previous row.
 //
 // Memory: graph_degree - 1 u32 per key (124 B at degree 32) plus the entry list and the routing
-// table (128 KB); the keys are read from the HeadStore. Build holds an f32 copy of the keys and the sampled queries transiently.
+// table (136 KB at d = 128); the keys are read from the HeadStore. Build holds an f32 copy of the
+// keys and the sampled queries transiently.
 #include <cblas.h>
 
 #include <algorithm>
