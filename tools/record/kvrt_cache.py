@@ -12,7 +12,10 @@ model's full-attention layers (renumbered 0..n-1 as kvrt layers):
     inside libkvrt. A teacher-forced chunk of n tokens is appended and attended token by token,
     so token i sees exactly what it would see in single-token decoding.
 Sliding-window layers keep transformers' own cache and SDPA (their window is 512 tokens).
-Batch size 1, CPU tensors (host memory API).
+Batch size 1. With --device cpu: CPU tensors, libkvrt's host backend and host pointers. With
+--device cuda: the model runs on the GPU, libkvrt's GPU backend (use_gpu = 1) keeps sinks + window
+in device memory, and q/k/v/out are device pointers ordered on torch's current stream
+(kvrt_*_ex with KVRT_MEMORY_DEVICE): no host copy of k/v/out in Python.
 
 The C structs mirror api/include/kvrt.h (kvrt_config as of API 0.2; fields are only appended, and
 kvrt_config_default returns the struct by value, so this mirror must follow the header).
@@ -56,6 +59,10 @@ class KvrtConfig(C.Structure):
     ]
 
 
+class KvrtExec(C.Structure):
+    _fields_ = [("memory", C.c_int), ("cuda_stream", C.c_void_p)]
+
+
 class KvrtLib:
     def __init__(self, path):
         self.lib = L = C.CDLL(str(path))
@@ -72,6 +79,9 @@ class KvrtLib:
                                   C.c_int64]
         L.kvrt_attend.argtypes = [C.c_void_p, C.c_int64, C.c_int32, C.c_void_p,
                                   C.POINTER(C.c_float)]
+        L.kvrt_prefill_ex.argtypes = L.kvrt_prefill.argtypes + [C.POINTER(KvrtExec)]
+        L.kvrt_append_ex.argtypes = L.kvrt_append.argtypes + [C.POINTER(KvrtExec)]
+        L.kvrt_attend_ex.argtypes = L.kvrt_attend.argtypes + [C.POINTER(KvrtExec)]
         if hasattr(L, "kvrt_set_head_policy"):
             L.kvrt_set_head_policy.argtypes = [C.c_void_p, C.c_int32, C.c_int32, C.c_int]
             L.kvrt_set_head_policy.restype = C.c_int
@@ -80,7 +90,8 @@ class KvrtLib:
         L.kvrt_status_string.argtypes = [C.c_int]
         L.kvrt_version.restype = C.c_char_p
         for f in ("kvrt_runtime_create", "kvrt_seq_create", "kvrt_seq_release", "kvrt_prefill",
-                  "kvrt_append", "kvrt_attend"):
+                  "kvrt_append", "kvrt_attend", "kvrt_prefill_ex", "kvrt_append_ex",
+                  "kvrt_attend_ex"):
             getattr(L, f).restype = C.c_int
 
     def check(self, st, what):
@@ -139,7 +150,8 @@ class KvrtAttention:
     <= i, exactly as n single-token decode steps would. Other layers run SDPA."""
 
     def __init__(self, lib: KvrtLib, model, layers, prompt, index="flat", top_k=100, sinks=4,
-                 window=512, effort=0, threads=1, dtype="f32", streaming_heads=()):
+                 window=512, effort=0, threads=1, dtype="f32", streaming_heads=(),
+                 device="cpu"):
         import torch
         cfg = model.config
         self.lib = lib
@@ -158,7 +170,8 @@ class KvrtAttention:
         c.sink_tokens, c.window_tokens, c.top_k = sinks, window, top_k
         c.index_kind = INDEX[index]
         c.search_effort, c.worker_threads = effort, threads
-        c.use_gpu = 0
+        self.on_gpu = str(device).startswith("cuda")
+        c.use_gpu = 1 if self.on_gpu else 0
         self.cfg = c
         rt = C.c_void_p()
         lib.check(lib.lib.kvrt_runtime_create(C.byref(c), C.byref(rt)), "kvrt_runtime_create")
@@ -169,6 +182,12 @@ class KvrtAttention:
         self.t_prefill = self.t_attend = 0.0  # seconds in kvrt_prefill / kvrt_append+kvrt_attend
         self.attends = 0
         self.new_sequence()
+
+    def _exec(self):
+        """Where the tensors live: device pointers on torch's current stream, or host."""
+        if not self.on_gpu:
+            return C.byref(KvrtExec(0, None))
+        return C.byref(KvrtExec(1, C.c_void_p(self.torch.cuda.current_stream().cuda_stream)))
 
     def new_sequence(self):
         if self.seq is not None:
@@ -183,6 +202,11 @@ class KvrtAttention:
             self.lib.lib.kvrt_runtime_destroy(self.rt)
             self.rt = None
 
+    def _sync(self):
+        """Device work is asynchronous: time it to completion."""
+        if self.on_gpu:
+            self.torch.cuda.current_stream().synchronize()
+
     @staticmethod
     def _ptr(t):
         return C.c_void_p(t.data_ptr())
@@ -196,22 +220,27 @@ class KvrtAttention:
         if kl not in self.prefilled:
             q, k, v = self.prompt[kl]
             t0 = time.perf_counter()
-            self.lib.check(L.kvrt_prefill(self.rt, self.seq, kl, self._ptr(q), self._ptr(k),
-                                          self._ptr(v), k.shape[0]), "kvrt_prefill")
+            self.lib.check(L.kvrt_prefill_ex(self.rt, self.seq, kl, self._ptr(q), self._ptr(k),
+                                             self._ptr(v), k.shape[0], self._exec()),
+                           "kvrt_prefill")
+            self._sync()
             self.t_prefill += time.perf_counter() - t0
             self.prefilled.add(kl)
         n = query.shape[2]
         ks = key[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous()  # [n, Hkv, d]
         vs = value[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous()
         qs = query[0].transpose(0, 1).to(self.tdt).contiguous()  # [n, Hq, d]
-        out = torch.empty(qs.shape, dtype=torch.float32)
+        out = torch.empty(qs.shape, dtype=torch.float32, device=qs.device)
+        ex = self._exec()
+        self._sync()
         t0 = time.perf_counter()
         for i in range(n):
-            self.lib.check(L.kvrt_append(self.rt, self.seq, kl, self._ptr(ks[i]),
-                                         self._ptr(vs[i]), 1), "kvrt_append")
-            self.lib.check(L.kvrt_attend(self.rt, self.seq, kl, self._ptr(qs[i]),
-                                         C.cast(out[i].data_ptr(), C.POINTER(C.c_float))),
+            self.lib.check(L.kvrt_append_ex(self.rt, self.seq, kl, self._ptr(ks[i]),
+                                            self._ptr(vs[i]), 1, ex), "kvrt_append")
+            self.lib.check(L.kvrt_attend_ex(self.rt, self.seq, kl, self._ptr(qs[i]),
+                                            C.cast(out[i].data_ptr(), C.POINTER(C.c_float)), ex),
                            "kvrt_attend")
+        self._sync()
         self.t_attend += time.perf_counter() - t0
         self.attends += n
         return out.to(query.dtype).unsqueeze(0), None  # [B, q_len, Hq, d]
@@ -230,9 +259,11 @@ def prefill(model, ids, chunk):
     cache_kw, has_ltk = _forward_kw(model)
     cache = DynamicCache(config=model.config)
     T = ids.shape[1]
+    dev = model.device
     for s in range(0, T, chunk):
-        x = ids[:, s:s + chunk]
-        kw = {cache_kw: cache, "position_ids": torch.arange(s, s + x.shape[1]).unsqueeze(0),
+        x = ids[:, s:s + chunk].to(dev)
+        kw = {cache_kw: cache,
+              "position_ids": torch.arange(s, s + x.shape[1], device=dev).unsqueeze(0),
               "use_cache": True}
         if has_ltk:
             kw["logits_to_keep"] = 1
@@ -246,6 +277,7 @@ def greedy(model, cache, T, logits0, gen):
     (tokens, log-prob of each chosen token)."""
     import torch
     cache_kw, has_ltk = _forward_kw(model)
+    dev = model.device
     logits = logits0
     toks, logp = [], []
     for s in range(gen):
@@ -254,11 +286,12 @@ def greedy(model, cache, T, logits0, gen):
         logp.append(float(torch.log_softmax(logits, -1)[a]))
         if s == gen - 1:
             break
-        kw = {cache_kw: cache, "position_ids": torch.tensor([[T + s]]), "use_cache": True}
+        kw = {cache_kw: cache, "position_ids": torch.tensor([[T + s]], device=dev),
+              "use_cache": True}
         if has_ltk:
             kw["logits_to_keep"] = 1
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([[a]]), **kw).logits[0, -1].float()
+            logits = model(input_ids=torch.tensor([[a]], device=dev), **kw).logits[0, -1].float()
     return toks, logp
 
 
@@ -268,6 +301,7 @@ def forced(model, cache, T, logits0, toks, batch):
     Returns per step: argmax, log-prob of toks[s], top-1 minus top-2 log-prob (the argmax margin)."""
     import torch
     cache_kw, has_ltk = _forward_kw(model)
+    dev = model.device
     argmax, logp, margin = [], [], []
 
     def take(logits, targets):
@@ -275,18 +309,20 @@ def forced(model, cache, T, logits0, toks, batch):
         top2 = torch.topk(lsm, 2, dim=-1)
         argmax.extend(top2.indices[:, 0].tolist())
         margin.extend((top2.values[:, 0] - top2.values[:, 1]).tolist())
-        logp.extend(lsm[torch.arange(len(targets)), torch.tensor(targets)].tolist())
+        logp.extend(lsm[torch.arange(len(targets), device=lsm.device),
+                        torch.tensor(targets, device=lsm.device)].tolist())
 
     take(logits0.unsqueeze(0), toks[:1])
     feed = toks[:-1]
     for s in range(0, len(feed), batch):
         x = feed[s:s + batch]
-        kw = {cache_kw: cache, "position_ids": torch.arange(T + s, T + s + len(x)).unsqueeze(0),
+        kw = {cache_kw: cache,
+              "position_ids": torch.arange(T + s, T + s + len(x), device=dev).unsqueeze(0),
               "use_cache": True}
         if has_ltk:
             kw["logits_to_keep"] = 0  # 0 = every position
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([x]), **kw).logits[0]
+            logits = model(input_ids=torch.tensor([x], device=dev), **kw).logits[0]
         take(logits, toks[s + 1:s + 1 + len(x)])
     return argmax, logp, margin
 
@@ -353,6 +389,9 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=512, help="kvrt window tokens")
     ap.add_argument("--dtype", default="f32", choices=list(DTYPE), help="kvrt storage dtype")
     ap.add_argument("--threads", type=int, default=2, help="torch threads and kvrt worker threads")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu | cuda: where the model runs; cuda also selects libkvrt's GPU backend "
+                         "(use_gpu = 1, device pointers on torch's stream)")
     ap.add_argument("--teacher", default="both", choices=["greedy", "text", "both"],
                     help="which teacher-forced streams to run per configuration (default both)")
     ap.add_argument("--ref", metavar="FILE",
@@ -377,6 +416,8 @@ def main(argv=None):
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
     t_start = time.time()
     model, tok, label = models.load(args.model, log=log)
+    model.to(args.device)
+    gpu_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
     layers, _ = parse_layers("global", model.config)
     all_ids = tok(read_text(args.text), return_tensors="pt").input_ids
     ids = all_ids[:, : args.tokens]
@@ -385,7 +426,8 @@ def main(argv=None):
     if "text" in streams and len(text_ids) < args.gen:
         raise SystemExit("text too short for the text stream")
     lib = KvrtLib(args.lib)
-    log(f"libkvrt {lib.lib.kvrt_version().decode()} from {args.lib}; kvrt layers {layers}")
+    log(f"libkvrt {lib.lib.kvrt_version().decode()} from {args.lib}; kvrt layers {layers}; "
+        f"device {args.device}{f' ({gpu_name})' if gpu_name else ''}")
 
     router = Router()
     AttentionInterface.register("kvrt", router)
@@ -430,6 +472,8 @@ def main(argv=None):
 
     results = {"model": label, "prompt_tokens": T, "gen": args.gen, "text": args.text,
                "libkvrt": lib.lib.kvrt_version().decode(), "threads": args.threads,
+               "device": args.device, "gpu": gpu_name, "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__,
                "sinks": args.sinks, "window": args.window, "dtype": args.dtype, "batch": args.batch,
                "kvrt_layers": layers, "prompt_pass_s": t_prompt, "reference_made": ref["made"],
                "reference_times_s": ref["times"], "full_batched_vs_step_agree": floor,
@@ -444,7 +488,8 @@ def main(argv=None):
     dump()
     for cf in configs:
         att = KvrtAttention(lib, model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
-                            args.window, cf["effort"], args.threads, args.dtype)
+                            args.window, cf["effort"], args.threads, args.dtype,
+                            device=args.device)
         router.target = att
         r = dict(cf)
         log(f"kvrt {cf['spec']} (index {cf['index']}, top-k {cf['top_k']}, effort {cf['effort']}, "
@@ -474,7 +519,8 @@ def main(argv=None):
         results["configs"].append(r)
         dump()
 
-    print(f"model {label}, prompt {T} tokens, {args.gen} steps per stream, sinks {args.sinks}, "
+    print(f"model {label} on {args.device}, prompt {T} tokens, {args.gen} steps per stream, "
+          f"sinks {args.sinks}, "
           f"window {args.window}, dtype {args.dtype}, kvrt layers {layers}, "
           f"libkvrt {results['libkvrt']}, {args.threads} threads")
     print(f"prompt pass {t_prompt:.0f}s; full cache batched vs one-step greedy argmax "

