@@ -22,7 +22,9 @@
 # The job: record the 32K traces (Genesis, GNU standards) on cuda; `kvrt replay --per-head` of every
 # index kind over them and an attention-aware effort sweep (`kvrt bench index`); then kvrt_cache.py
 # on cuda (GPU backend, device pointers) for 512 greedy + 512 text tokens after 32256- and
-# 8192-token prompts, every index kind.
+# 8192-token prompts, every index kind. FID_STEPS (default "record replays agree") and FID_AGREE
+# (agreement runs by name, default all: genesis32k standards32k genesis standards argparse jargon)
+# pick parts, e.g. run(command="FID_STEPS=agree FID_AGREE='jargon' bash scripts/device-fidelity.sh --device start", ...).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 W=${KVRT_FID_DIR:-/tmp/kvrt-fid}              # the device machine's working folder (lives while the machine is held)
@@ -90,15 +92,16 @@ job() {  # the background job; every step appends to $W/job.log and leaves resul
   env_device
   local kv=$W/b/bin/kvrt lib=$W/b/bin/libkvrt.so res=$W/res T=$W/pay/text
   mkdir -p "$res"
-  echo "== $(date -u +%T) convert + record 32K traces"
-  for spec in genesis:genesis.txt standards:gnu-standards.txt; do
+  local steps=" ${FID_STEPS:-record replays agree} " agree_only=" ${FID_AGREE:-} "
+  [[ $steps == *" record "* ]] && echo "== $(date -u +%T) convert + record 32K traces"
+  [[ $steps == *" record "* ]] && for spec in genesis:genesis.txt standards:gnu-standards.txt; do
     IFS=: read -r name text <<<"$spec"
     timeout 900 python3 tools/record/record.py --model gemma3-270m --device cuda --threads 16 \
       --text "$T/$text" --tokens 32704 --steps 64 --layers global --dtype f16 --chunk 4096 \
       -o "$W/gemma3_${name}_32k.safetensors" 2>&1 | grep -v '^Loading weights' | tail -5
   done
-  echo "== $(date -u +%T) per-head replays of every kind over the 32K traces"
-  for name in genesis standards; do
+  [[ $steps == *" replays "* ]] && echo "== $(date -u +%T) per-head replays of every kind over the 32K traces"
+  [[ $steps == *" replays "* ]] && for name in genesis standards; do
     local t=$W/gemma3_${name}_32k.safetensors reports=()
     [[ -f $t ]] || { echo "no $t"; continue; }
     for k in flat ivf hnsw landmark attention-aware; do
@@ -121,6 +124,8 @@ job() {  # the background job; every step appends to $W/job.log and leaves resul
               genesis:genesis.txt:8192 standards:gnu-standards.txt:8192 \
               argparse:argparse.py:8192 jargon:jargon.txt:8192; do
     IFS=: read -r name text tokens <<<"$spec"
+    [[ $steps == *" agree "* ]] || continue
+    [[ $agree_only == "  " || $agree_only == *" $name "* ]] || continue
     timeout 1500 python3 tools/record/kvrt_cache.py --model gemma3-270m --device cuda --threads 16 \
       --lib "$lib" --text "$T/$text" --tokens "$tokens" --gen 512 "${all[@]}" \
       --json "$res/agree_gpu_${name}.json" 2> >(grep --line-buffered -v '^Loading weights' \
