@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the real-model traces (docs/fidelity.md says what each one is for).
 #
-#   scripts/record-traces.sh [setup|texts|small|8k|max|check|agree|all]   (default: all)
+#   scripts/record-traces.sh [setup|texts|small|8k|max|check|agree|smoke|all]   (default: all)
 #
 # setup : a virtual environment ($VENV, default .venv-record, git-ignored by .git/info/exclude or
 #         outside the repo) with the PyPI packages the recorder needs, and the Debian packages
@@ -20,6 +20,9 @@
 #         Logs, JSON results and cached references in traces/agree_*. 5-15 min per run on 2 busy
 #         CPU cores (the 32K run longer). `agree NAME...` runs only those (genesis, standards,
 #         argparse, jargon, genesis32k, standards32k).
+# smoke : seconds, no weights: kvrt_cache.py on a random tiny Gemma 3 (models.py tiny-random) with
+#         exact, flat and attention-aware configurations; fails unless `exact` reproduces the full
+#         cache (every argmax, perplexity to 1e-5). DEVICE=cuda for the GPU backend.
 #
 # Environment: VENV, PY (python to use, default $VENV/bin/python), THREADS (2), DEVICE (cpu).
 # Traces go to traces/ (git-ignored), except the small test trace.
@@ -106,6 +109,22 @@ agree() {
   done
 }
 
+smoke() {
+  local lib=${LIB:-build/api/libkvrt.so} out=${TMPDIR:-/tmp}/kvrt-smoke.json
+  "$PY" tools/record/kvrt_cache.py --model tiny-random --device "$DEVICE" --threads "$THREADS" \
+    --lib "$lib" --text tools/record/kvrt_cache.py --tokens 1500 --gen 64 --window 128 \
+    --config exact --config flat:32 --config attention-aware:32 --json "$out" 2>/dev/null
+  "$PY" - "$out" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ex = next(c for c in r["configs"] if c["spec"] == "exact")
+bad = [st for st in ("greedy", "text")
+       if ex[st]["agree"] != ex[st]["steps"] or abs(ex[st]["ppl_rel"]) > 1e-5]
+sys.exit(f"smoke: exact differs from the full cache in {bad}" if bad else 0)
+PYEOF
+  echo "smoke: exact reproduces the full cache"
+}
+
 what=${1:-all}
 case "$what" in
   setup) setup ;;
@@ -115,6 +134,7 @@ case "$what" in
   max) maxctx ;;
   check) check ;;
   agree) shift; agree "$@" ;;
+  smoke) smoke ;;
   all) setup; texts; small; eightk; maxctx; check ;;
-  *) echo "usage: $0 [setup|texts|small|8k|max|check|agree|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [setup|texts|small|8k|max|check|agree|smoke|all]" >&2; exit 2 ;;
 esac
