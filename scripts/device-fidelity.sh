@@ -82,10 +82,8 @@ smoke() {
   env_device
   local out=${OUT:-out}; mkdir -p "$out"
   { nvidia-smi -L; nproc; python3 -c 'import torch, transformers; print(torch.__version__, transformers.__version__)'; } 2>&1 | tee "$out/smoke.log"
-  timeout 300 python3 tools/record/kvrt_cache.py --model tiny-random --device cuda --threads 8 \
-    --lib "$W/b/bin/libkvrt.so" --text tools/record/kvrt_cache.py --tokens 1500 --gen 64 \
-    --window 128 --config exact --config flat:32 --config attention-aware:32 --config landmark:32 \
-    --json "$out/smoke.json" 2>&1 | grep -v '^Loading weights' | tee -a "$out/smoke.log"
+  TMPDIR=$out PY=python3 DEVICE=cuda THREADS=8 LIB=$W/b/bin/libkvrt.so timeout 300 \
+    bash scripts/record-traces.sh smoke 2>&1 | tee -a "$out/smoke.log"
 }
 
 job() {  # the background job; every step appends to $W/job.log and leaves results in $W/res

@@ -113,7 +113,8 @@ smoke() {
   local lib=${LIB:-build/api/libkvrt.so} out=${TMPDIR:-/tmp}/kvrt-smoke.json
   "$PY" tools/record/kvrt_cache.py --model tiny-random --device "$DEVICE" --threads "$THREADS" \
     --lib "$lib" --text tools/record/kvrt_cache.py --tokens 1500 --gen 64 --window 128 \
-    --config exact --config flat:32 --config attention-aware:32 --json "$out" 2>/dev/null
+    --config exact --config flat:32 --config attention-aware:32 --json "$out" \
+    2> >(grep -v '^Loading weights' >&2)
   "$PY" - "$out" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
