@@ -151,7 +151,7 @@ class KvrtAttention:
 
     def __init__(self, lib: KvrtLib, model, layers, prompt, index="flat", top_k=100, sinks=4,
                  window=512, effort=0, threads=1, dtype="f32", streaming_heads=(),
-                 device="cpu"):
+                 device="cpu", group_search=0):
         import torch
         cfg = model.config
         self.lib = lib
@@ -170,6 +170,7 @@ class KvrtAttention:
         c.sink_tokens, c.window_tokens, c.top_k = sinks, window, top_k
         c.index_kind = INDEX[index]
         c.search_effort, c.worker_threads = effort, threads
+        c.group_search = group_search
         self.on_gpu = str(device).startswith("cuda")
         c.use_gpu = 1 if self.on_gpu else 0
         self.cfg = c
@@ -419,6 +420,8 @@ def main(argv=None):
     ap.add_argument("--window", type=int, default=512, help="kvrt window tokens")
     ap.add_argument("--dtype", default="f32", choices=list(DTYPE), help="kvrt storage dtype")
     ap.add_argument("--threads", type=int, default=2, help="torch threads and kvrt worker threads")
+    ap.add_argument("--group-search", type=int, default=0, choices=[0, 1],
+                    help="config.group_search: one index search per kv head for its q heads")
     ap.add_argument("--device", default="cpu",
                     help="cpu | cuda: where the model runs; cuda also selects libkvrt's GPU backend "
                          "(use_gpu = 1, device pointers on torch's stream)")
@@ -506,6 +509,7 @@ def main(argv=None):
                "device": args.device, "gpu": gpu_name, "torch": torch.__version__,
                "transformers": __import__("transformers").__version__,
                "sinks": args.sinks, "window": args.window, "dtype": args.dtype, "batch": args.batch,
+               "group_search": args.group_search,
                "kvrt_layers": layers, "prompt_pass_s": t_prompt, "reference_made": ref["made"],
                "reference_times_s": ref["times"], "full_batched_vs_step_agree": floor,
                "full_ppl_greedy": ppl(ref["greedy"][1]), "full_ppl_greedy_step":
@@ -529,7 +533,8 @@ def main(argv=None):
             streaming = sorted(lh for lh, m in shares.items() if m >= cf["streaming_threshold"])
         att = KvrtAttention(lib, model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
                             args.window, cf["effort"], args.threads, args.dtype,
-                            streaming_heads=streaming, device=args.device)
+                            streaming_heads=streaming, device=args.device,
+                            group_search=args.group_search)
         router.target = att
         r = dict(cf)
         r["streaming_heads"] = [list(lh) for lh in streaming]
