@@ -100,6 +100,15 @@ class KvrtLib:
                                f"{(self.lib.kvrt_last_error() or b'').decode()}")
 
 
+def head_dim(cfg):
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def attention_scale(cfg):
+    """Softmax scale: query_pre_attn_scalar ** -0.5 (Gemma), else head_dim ** -0.5."""
+    return float((getattr(cfg, "query_pre_attn_scalar", None) or head_dim(cfg)) ** -0.5)
+
+
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -163,10 +172,9 @@ class KvrtAttention:
         c.num_layers = len(layers)
         c.num_q_heads = cfg.num_attention_heads
         c.num_kv_heads = cfg.num_key_value_heads
-        c.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        c.head_dim = head_dim(cfg)
         c.dtype = DTYPE[dtype]
-        scal = getattr(cfg, "query_pre_attn_scalar", None)
-        c.scale = float(scal ** -0.5) if scal else 0.0
+        c.scale = attention_scale(cfg)
         c.sink_tokens, c.window_tokens, c.top_k = sinks, window, top_k
         c.index_kind = INDEX[index]
         c.search_effort, c.worker_threads = effort, threads
@@ -526,10 +534,7 @@ def main(argv=None):
         streaming = []
         if cf["streaming_threshold"] > 0:
             if shares is None:
-                mc = model.config
-                d = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-                scal = getattr(mc, "query_pre_attn_scalar", None) or d  # as KvrtAttention's scale
-                shares = tier_mass(prompt, scal ** -0.5, args.sinks, args.window)
+                shares = tier_mass(prompt, attention_scale(model.config), args.sinks, args.window)
             streaming = sorted(lh for lh, m in shares.items() if m >= cf["streaming_threshold"])
         att = KvrtAttention(lib, model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
                             args.window, cf["effort"], args.threads, args.dtype,
