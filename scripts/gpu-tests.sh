@@ -53,7 +53,7 @@ rm -rf .bundle/bin .bundle/lib .bundle/stage
 mkdir -p .bundle/stage
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
 cp "$build/tools/gpu_bench/gpu_bench" .bundle/stage/gpu_bench
-/work/shared/tools/device-bundle .bundle .bundle/stage/test_gpu .bundle/stage/gpu_bench
+bash scripts/bundle.sh .bundle .bundle/stage/test_gpu .bundle/stage/gpu_bench
 rm -rf .bundle/stage
 cat <<MSG
 

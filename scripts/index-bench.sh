@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 device run: `kvrt bench index` on a generated 128K-token trace (32 q / 8 kv heads,
+# Device run: `kvrt bench index` on a generated 128K-token trace (32 q / 8 kv heads,
 # d=128, bf16) on the GPU machine's 16-core CPU. docs/benchmarks.md "Indexes" quotes what it prints.
 #
 # Here:   scripts/index-bench.sh            builds build/, bundles kvrt into .bundle-index/ and
@@ -28,5 +28,5 @@ build=${KVRT_BUILD_DIR:-build}
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli
 rm -rf .bundle-index .bundlez-index
-/work/shared/tools/device-bundle .bundle-index "$build/tools/kvrt"
+bash scripts/bundle.sh .bundle-index "$build/tools/kvrt"
 mkdir -p .bundlez-index && tar czf .bundlez-index/bundle.tgz .bundle-index

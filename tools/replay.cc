@@ -124,23 +124,15 @@ std::vector<double> TierMassFromPrompt(const trace::TraceMeta& m, const LayerF32
 }  // namespace
 
 absl::StatusOr<kvrt_index_kind> ParseIndexKindOption(const std::string& name) {
-  for (int i = KVRT_INDEX_EXACT; i <= KVRT_INDEX_ATTENTION_AWARE; ++i)
-    if (name == IndexKindOptionName(static_cast<kvrt_index_kind>(i)))
-      return static_cast<kvrt_index_kind>(i);
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown index kind '", name, "' (expected exact, flat, ivf, hnsw, landmark, attention-aware)"));
+  kvrt_index_kind kind;
+  if (kvrt_index_kind_parse(name.c_str(), &kind) != KVRT_OK)
+    return absl::InvalidArgumentError(kvrt_last_error());
+  return kind;
 }
 
 const char* IndexKindOptionName(kvrt_index_kind kind) {
-  switch (kind) {
-    case KVRT_INDEX_EXACT: return "exact";
-    case KVRT_INDEX_FLAT: return "flat";
-    case KVRT_INDEX_IVF: return "ivf";
-    case KVRT_INDEX_HNSW: return "hnsw";
-    case KVRT_INDEX_LANDMARK: return "landmark";
-    case KVRT_INDEX_ATTENTION_AWARE: return "attention-aware";
-  }
-  return "?";
+  const char* name = kvrt_index_kind_name(kind);
+  return name != nullptr ? name : "?";
 }
 
 absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t, int top_k,

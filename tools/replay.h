@@ -1,6 +1,6 @@
 #pragma once
 // Replays a trace through libkvrt (public C API only) and measures every decode output against
-// exact f32 attention over all tokens (DESIGN.md, Metrics).
+// exact f32 attention over all tokens (docs/architecture.md; metrics in README).
 #include <cstdint>
 #include <string>
 #include <vector>

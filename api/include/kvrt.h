@@ -80,6 +80,15 @@ typedef enum kvrt_index_kind {
   KVRT_INDEX_ATTENTION_AWARE = 5  /* query-aware key graph (RetrievalAttention style) */
 } kvrt_index_kind;
 
+/* The kinds this library knows, by name ("exact", "flat", "ivf", "hnsw", "landmark",
+ * "attention-aware", ...): kvrt_index_kind_count() kinds, numbered 0 .. count - 1.
+ * kvrt_index_kind_name returns a static string, or NULL for an unknown kind. kvrt_index_kind_parse
+ * accepts the names above: KVRT_ERR_INVALID_ARGUMENT (message lists the names) otherwise.
+ * Thread-safe. Since 0.3. */
+KVRT_API int32_t kvrt_index_kind_count(void);
+KVRT_API const char* kvrt_index_kind_name(kvrt_index_kind kind);
+KVRT_API kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* out);
+
 /* Where the retrieved cold tokens are attended (GPU backend; the host backend always uses the CPU). */
 typedef enum kvrt_cold_attention {
   KVRT_COLD_CPU = 0,   /* CPU attention over the retrieved rows; (o, lse) go H2D for the merge */

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_runtime/runtime.h"
 
 struct kvrt_runtime {
@@ -81,6 +82,23 @@ kvrt_status CheckExec(const kvrt_runtime* rt, const kvrt_exec* exec, const char*
   return Fail(KVRT_ERR_INVALID_ARGUMENT,
               absl::StrCat(fn, ": exec->memory = ", RawEnum(exec->memory), " is unknown"));
 }
+
+// The C and C++ kind enums are one list (kvrt_cpu_index/kind_table.h): same values, same count.
+using kvrt::cpu_index::IndexKind;
+static_assert(KVRT_INDEX_EXACT == static_cast<int>(IndexKind::kExact) &&
+              KVRT_INDEX_FLAT == static_cast<int>(IndexKind::kFlat) &&
+              KVRT_INDEX_IVF == static_cast<int>(IndexKind::kIvf) &&
+              KVRT_INDEX_HNSW == static_cast<int>(IndexKind::kHnsw) &&
+              KVRT_INDEX_LANDMARK == static_cast<int>(IndexKind::kLandmark) &&
+              KVRT_INDEX_ATTENTION_AWARE == static_cast<int>(IndexKind::kAttentionAware),
+              "kvrt_index_kind and cpu_index::IndexKind disagree");
+
+// Every kvrt_stats field is a RuntimeStats field copied by name (kvrt_get_stats).
+#define KVRT_COUNT_FIELD_(name) +1
+constexpr int kCountedStats = 0 KVRT_RUNTIME_COUNTERS(KVRT_COUNT_FIELD_);
+#undef KVRT_COUNT_FIELD_
+static_assert(sizeof(kvrt_stats) == (3 + kCountedStats) * sizeof(int64_t),
+              "kvrt_stats has a field that kvrt_get_stats does not copy");
 
 kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   kvrt::runtime::RuntimeConfig r;
@@ -171,6 +189,25 @@ kvrt_config kvrt_config_default(void) {
   c.group_search = 0;
   c.cold_attention = KVRT_COLD_CPU;
   return c;
+}
+
+int32_t kvrt_index_kind_count(void) { return kvrt::cpu_index::kNumIndexKinds; }
+
+const char* kvrt_index_kind_name(kvrt_index_kind kind) {
+  const int32_t v = RawEnum(kind);
+  if (!kvrt::cpu_index::IsIndexKind(v)) return nullptr;
+  return kvrt::cpu_index::KindInfo(static_cast<kvrt::cpu_index::IndexKind>(v)).name;
+}
+
+kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* out) {
+  KVRT_API_TRY
+  if (name == nullptr || out == nullptr)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_index_kind_parse: name and out must not be NULL");
+  auto kind = kvrt::cpu_index::ParseIndexKind(name);
+  if (!kind.ok()) return FromStatus(kind.status());
+  *out = static_cast<kvrt_index_kind>(static_cast<int>(*kind));
+  return KVRT_OK;
+  KVRT_API_CATCH
 }
 
 kvrt_exec kvrt_exec_default(void) { return kvrt_exec{KVRT_MEMORY_HOST, nullptr}; }
@@ -352,13 +389,15 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
   if (kvrt_status s = CheckRuntime(rt, "kvrt_get_stats"); s != KVRT_OK) return s;
   if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_get_stats: out is NULL");
   const auto s = rt->impl->Stats();
-  *out = kvrt_stats{s.sequences,    s.gpu_tokens,   s.host_tokens,          s.gpu_bytes,
-                    s.host_bytes,   s.index_bytes,  s.attend_calls,         s.keys_scored,
-                    s.cold_keys_searchable, s.cold_tokens_attended, s.evicted_tokens,
-                    s.gpu_allocated_bytes,  s.time_attend_ns, s.time_gpu_attention_ns,
-                    s.time_d2h_ns,          s.time_cpu_search_ns, s.time_cpu_attention_ns,
-                    s.time_h2d_ns,          s.time_merge_ns, s.time_idle_ns,
-                    s.eviction_batches,     s.index_update_failures, s.keys_read, s.attends_fetch};
+  kvrt_stats c;
+  std::memset(&c, 0, sizeof c);
+  c.sequences = s.sequences;
+  c.gpu_bytes = s.gpu_bytes;
+  c.host_bytes = s.host_bytes;
+#define KVRT_COPY_STAT_(name) c.name = s.name;
+  KVRT_RUNTIME_COUNTERS(KVRT_COPY_STAT_)
+#undef KVRT_COPY_STAT_
+  *out = c;
   return KVRT_OK;
   KVRT_API_CATCH
 }

@@ -1,5 +1,5 @@
 #pragma once
-// Storage dtypes and scalar conversions. Accumulation is always f32 (DESIGN.md, Numerics).
+// Storage dtypes and scalar conversions. Accumulation is always f32 (docs/architecture.md, Numerics).
 #include <cstdint>
 #include <cstring>
 #include <string_view>

@@ -62,6 +62,13 @@ void AttendDense(const float* q, int d, float scale, const void* keys, const voi
   Finish(s, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
 }
 
+void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
+                       const void* const* keys, const void* const* values, float* o, float* lse) {
+  std::vector<float> s(n);
+  for (int64_t j = 0; j < n; ++j) s[j] = DotRow(q, keys[j], d, t) * scale;
+  Finish(s, d, t, [&](int64_t j) { return values[j]; }, o, lse);
+}
+
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
                      int64_t n, float* o, float* lse) {
   std::vector<float> s(n);
@@ -87,6 +94,27 @@ void MergeInto(float* o1, float* lse1, const float* o2, float lse2, int d) {
   const float w1 = std::exp(*lse1 - lse), w2 = std::exp(lse2 - lse);
   for (int i = 0; i < d; ++i) o1[i] = w1 * o1[i] + w2 * o2[i];
   *lse1 = lse;
+}
+
+void MergeStates(int n, const float* const* o, const float* lse, int d, float* o_out,
+                 float* lse_out) {
+  float m = kNegInf;
+  for (int i = 0; i < n; ++i) m = std::max(m, lse[i]);
+  if (m == kNegInf) {
+    std::fill(o_out, o_out + d, 0.f);
+    *lse_out = kNegInf;
+    return;
+  }
+  float sum = 0.f;
+  for (int i = 0; i < n; ++i) sum += lse[i] == kNegInf ? 0.f : std::exp(lse[i] - m);
+  std::vector<float> acc(d, 0.f);
+  for (int i = 0; i < n; ++i) {
+    if (lse[i] == kNegInf) continue;
+    const float w = std::exp(lse[i] - m) / sum;
+    for (int j = 0; j < d; ++j) acc[j] += w * o[i][j];
+  }
+  std::copy(acc.begin(), acc.end(), o_out);
+  *lse_out = m + std::log(sum);
 }
 
 }  // namespace kvrt::cpu_index

@@ -52,4 +52,27 @@ void HeadStore::DotIds(const float* q, const int64_t* ids, int64_t n, float* out
   for (int64_t i = 0; i < n; ++i) out[i] = DotRow(q, key(ids[i]), dim_, dtype_);
 }
 
+absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& order) {
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (begin < 0 || begin + n > size_)
+    return absl::InvalidArgumentError(absl::StrCat("store permute: rows [", begin, ", ", begin + n,
+                                                   ") exceed the store's ", size_));
+  std::vector<char> seen(n, 0);
+  for (int64_t o : order) {
+    if (o < 0 || o >= n || seen[o])
+      return absl::InvalidArgumentError("store permute: order is not a permutation");
+    seen[o] = 1;
+  }
+  const std::size_t rb = row_bytes();
+  std::vector<unsigned char> tmp(static_cast<std::size_t>(n) * rb);
+  for (auto* data : {&keys_, &values_}) {
+    unsigned char* base = data->data() + static_cast<std::size_t>(begin) * rb;
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(tmp.data() + static_cast<std::size_t>(i) * rb,
+                  base + static_cast<std::size_t>(order[i]) * rb, rb);
+    std::memcpy(base, tmp.data(), tmp.size());
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvrt::cpu_index

@@ -2,46 +2,37 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
-#include "cpu_index/src/kinds.h"
 #include "kvrt_cpu_index/index.h"
+#include "kvrt_cpu_index/kind_table.h"
 
 namespace kvrt::cpu_index {
 
 const char* IndexKindName(IndexKind kind) {
-  switch (kind) {
-    case IndexKind::kExact: return "exact";
-    case IndexKind::kFlat: return "flat";
-    case IndexKind::kIvf: return "ivf";
-    case IndexKind::kHnsw: return "hnsw";
-    case IndexKind::kLandmark: return "landmark";
-    case IndexKind::kAttentionAware: return "attention-aware";
-  }
-  return "?";
+  return IsIndexKind(static_cast<int>(kind)) ? KindInfo(kind).name : "?";
 }
 
 absl::StatusOr<IndexKind> ParseIndexKind(std::string_view name) {
-  for (int i = 0; i <= static_cast<int>(IndexKind::kAttentionAware); ++i) {
-    const auto kind = static_cast<IndexKind>(i);
-    if (name == IndexKindName(kind)) return kind;
+  std::string expected;
+  for (const auto& row : KindTable()) {
+    if (name == row.name || (row.alias != nullptr && name == row.alias)) return row.kind;
+    absl::StrAppend(&expected, expected.empty() ? "" : ", ", row.name);
   }
-  if (name == "aa" || name == "attention_aware") return IndexKind::kAttentionAware;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown index kind '", std::string(name), "' (expected exact, flat, ivf, hnsw, landmark, attention-aware)"));
+  if (name == "aa") return IndexKind::kAttentionAware;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown index kind '", std::string(name), "' (expected ", expected, ")"));
 }
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIndex(IndexKind kind, const IndexConfig& config,
                                                     int head_dim) {
   if (head_dim <= 0) return absl::InvalidArgumentError("index: head_dim must be positive");
-  switch (kind) {
-    case IndexKind::kFlat: return MakeFlatIndex(config, head_dim);
-    case IndexKind::kIvf: return MakeIvfIndex(config, head_dim);
-    case IndexKind::kHnsw: return MakeHnswIndex(config, head_dim);
-    case IndexKind::kLandmark: return MakeLandmarkIndex(config, head_dim);
-    case IndexKind::kAttentionAware: return MakeAttentionAwareIndex(config, head_dim);
-    case IndexKind::kExact: break;
-  }
-  return absl::InvalidArgumentError(
-      absl::StrCat("index kind '", IndexKindName(kind), "' has no index object"));
+  if (!IsIndexKind(static_cast<int>(kind)))
+    return absl::InvalidArgumentError(
+        absl::StrCat("index kind ", static_cast<int>(kind), " does not exist"));
+  const KindDescriptor& row = KindInfo(kind);
+  if (row.make == nullptr)
+    return absl::InvalidArgumentError(
+        absl::StrCat("index kind '", row.name, "' has no index object"));
+  return row.make(config, head_dim);
 }
 
 absl::Status KeyIndex::SearchGroup(const HeadStore& store, const float* qs, int nq,

@@ -199,6 +199,22 @@ absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b,
 #endif
 }
 
+absl::Status MergeStatesN(const float* o, const float* lse, int n_states, int rows, int head_dim,
+                          void* out, DType out_dtype, float* lse_out, void* stream) {
+  if (n_states < 1 || rows < 0 || !HeadDimOk(head_dim) || !DTypeOk(out_dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("MergeStatesN: states ", n_states, ", rows ",
+                                                   rows, ", head_dim ", head_dim,
+                                                   " (64, 128, 256)"));
+  }
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchMergeStatesN(o, lse, n_states, rows, head_dim, out, out_dtype,
+                                             lse_out, stream),
+                  "MergeStatesN");
+#else
+  return NoCuda("MergeStatesN");
+#endif
+}
+
 absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
                         void* evict_k, void* evict_v, void* stream) {
   if (auto s = CheckRing(ring, n_new, "RingAppend"); !s.ok()) return s;

@@ -7,11 +7,11 @@
 #include <numeric>
 #include <vector>
 
+#include "kvrt_cpu_index/attention.h"
 #include "kvrt_gpu/kernels.h"
 
 namespace kvrt::gpu {
 namespace {
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 float ScaleOr(float scale, int d) { return scale != 0.f ? scale : 1.f / std::sqrt(float(d)); }
 
@@ -22,34 +22,6 @@ void QRow(const void* q, bool q_is_f32, DType t, std::size_t r, int d, float* ou
   } else {
     ConvertToF32(static_cast<const unsigned char*>(q) + r * d * DTypeSize(t), t, d, out);
   }
-}
-
-// Partial state of one q row over rows given by `row(j)`, j < n (pointers to d storage elements).
-template <class RowK, class RowV>
-void AttendRows(const float* q, int d, DType t, float scale, int64_t n, RowK krow, RowV vrow,
-                float* o, float* lse) {
-  std::vector<float> s(n), v(d);
-  float m = kNegInf;
-  for (int64_t j = 0; j < n; ++j) {
-    const void* k = krow(j);
-    float acc = 0.f;
-    for (int i = 0; i < d; ++i) acc += q[i] * LoadAsF32(k, i, t);
-    s[j] = acc * scale;
-    m = std::max(m, s[j]);
-  }
-  std::fill(o, o + d, 0.f);
-  if (n == 0 || m == kNegInf) {
-    *lse = kNegInf;
-    return;
-  }
-  float l = 0.f;
-  for (int64_t j = 0; j < n; ++j) l += (s[j] = std::exp(s[j] - m));
-  for (int64_t j = 0; j < n; ++j) {
-    ConvertToF32(vrow(j), t, d, v.data());
-    const float w = s[j] / l;
-    for (int i = 0; i < d; ++i) o[i] += w * v[i];
-  }
-  *lse = m + std::log(l);
 }
 
 const unsigned char* Bytes(const void* p) { return static_cast<const unsigned char*>(p); }
@@ -87,20 +59,28 @@ void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b,
                        float* lse_out) {
   std::vector<float> row(d);
   for (int r = 0; r < rows; ++r) {
-    const float a = lse_a[r], b = lse_b[r];
-    const float mx = std::max(a, b);
-    float wa = 0.f, wb = 0.f, l = kNegInf;
-    if (mx != kNegInf) {
-      const float ea = std::exp(a - mx), eb = std::exp(b - mx);
-      wa = ea / (ea + eb);
-      wb = eb / (ea + eb);
-      l = mx + std::log(ea + eb);
-    }
     const std::size_t base = static_cast<std::size_t>(r) * d;
-    for (int i = 0; i < d; ++i) {
-      row[i] = (wa != 0.f ? wa * o_a[base + i] : 0.f) + (wb != 0.f ? wb * o_b[base + i] : 0.f);
-    }
+    const float* os[2] = {o_a + base, o_b + base};
+    const float ls[2] = {lse_a[r], lse_b[r]};
+    float l;
+    cpu_index::MergeStates(2, os, ls, d, row.data(), &l);
     ConvertFromF32(row.data(), d, out_dtype, Bytes(out) + base * DTypeSize(out_dtype));
+    if (lse_out != nullptr) lse_out[r] = l;
+  }
+}
+
+void MergeStatesNHost(const float* o, const float* lse, int n_states, int rows, int d, void* out,
+                      DType out_dtype, float* lse_out) {
+  std::vector<const float*> os(n_states);
+  std::vector<float> ls(n_states), row(d);
+  for (int r = 0; r < rows; ++r) {
+    for (int i = 0; i < n_states; ++i) {
+      os[i] = o + (static_cast<std::size_t>(i) * rows + r) * d;
+      ls[i] = lse[static_cast<std::size_t>(i) * rows + r];
+    }
+    float l;
+    cpu_index::MergeStates(n_states, os.data(), ls.data(), d, row.data(), &l);
+    ConvertFromF32(row.data(), d, out_dtype, Bytes(out) + static_cast<std::size_t>(r) * d * DTypeSize(out_dtype));
     if (lse_out != nullptr) lse_out[r] = l;
   }
 }
@@ -145,14 +125,15 @@ void GatherAttendHost(const GatherBatch& g, const void* q, bool q_is_f32, float 
     QRow(q, q_is_f32, g.dtype, r, d, qf.data());
     const int32_t base = g.row_offsets[r];
     const int64_t n = g.row_offsets[r + 1] - base;
-    auto row = [&](int64_t j) -> std::size_t {
-      return static_cast<std::size_t>(g.row_ids != nullptr ? g.row_ids[base + j] : base + j);
-    };
-    AttendRows(
-        qf.data(), d, g.dtype, ScaleOr(scale, d), n,
-        [&](int64_t j) { return Bytes(g.k) + row(j) * row_bytes; },
-        [&](int64_t j) { return Bytes(g.v) + row(j) * row_bytes; },
-        o + static_cast<std::size_t>(r) * d, lse + r);
+    std::vector<const void*> keys(n), values(n);
+    for (int64_t j = 0; j < n; ++j) {
+      const auto row =
+          static_cast<std::size_t>(g.row_ids != nullptr ? g.row_ids[base + j] : base + j);
+      keys[j] = Bytes(g.k) + row * row_bytes;
+      values[j] = Bytes(g.v) + row * row_bytes;
+    }
+    cpu_index::AttendRowPointers(qf.data(), d, ScaleOr(scale, d), g.dtype, n, keys.data(),
+                                 values.data(), o + static_cast<std::size_t>(r) * d, lse + r);
   }
 }
 

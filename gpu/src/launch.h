@@ -36,6 +36,8 @@ Err LaunchGatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, float
 Err LaunchMergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
                       int rows, int head_dim, void* out, DType out_dtype, float* lse_out,
                       void* stream);
+Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int head_dim, void* out,
+                       DType out_dtype, float* lse_out, void* stream);
 Err LaunchRingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
                      void* evict_k, void* evict_v, void* stream);
 Err LaunchRingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,

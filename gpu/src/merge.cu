@@ -1,5 +1,5 @@
 // Merge of two partial attention states per row (GPU tier with CPU-retrieved tokens), batched over
-// sequences and q heads. DESIGN.md "Numerics": lse = logaddexp(lse_a, lse_b),
+// sequences and q heads. docs/architecture.md "Numerics": lse = logaddexp(lse_a, lse_b),
 // o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b.
 #include "gpu/src/common.cuh"
 
@@ -49,7 +49,56 @@ __global__ void __launch_bounds__(128)
   if (lse_out != nullptr && lane == 0) lse_out[row] = l;
 }
 
+// grid ceil(rows / 4), block 128: one warp per row, the n states of the row read once each.
+// o: f32 [n, rows, D]; lse: f32 [n, rows]; out: OutT [rows, D]; lse_out: f32 [rows] or null.
+// Same weights as cpu_index::MergeStates (the host reference): w_i = exp(lse_i - m) / sum.
+template <typename OutT, int D>
+__global__ void __launch_bounds__(128)
+    MergeStatesNKernel(const float* __restrict__ o, const float* __restrict__ lse, int n,
+                       int rows, OutT* __restrict__ out, float* __restrict__ lse_out) {
+  constexpr int kPer = D / 32;
+  const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) m = fmaxf(m, lse[static_cast<size_t>(i) * rows + row]);
+  float acc[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
+  float sum = 0.f;
+  if (m != -INFINITY) {
+    for (int i = 0; i < n; ++i) {
+      const float l = lse[static_cast<size_t>(i) * rows + row];
+      if (l == -INFINITY) continue;  // an empty state's o is not read (may be unwritten)
+      const float e = __expf(l - m);
+      sum += e;
+      const float* oi = o + (static_cast<size_t>(i) * rows + row) * D;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) acc[j] += e * oi[lane + 32 * j];
+    }
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const size_t base = static_cast<size_t>(row) * D;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) out[base + lane + 32 * j] = FromF32<OutT>(acc[j] * inv);
+  if (lse_out != nullptr && lane == 0) lse_out[row] = m == -INFINITY ? -INFINITY : m + __logf(sum);
+}
+
 }  // namespace
+
+Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int head_dim, void* out,
+                       DType out_dtype, float* lse_out, void* stream) {
+  if (rows == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  const int blocks = (rows + 3) / 4;
+  KVRT_DISPATCH_DTYPE(out_dtype, T, {
+    KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
+      MergeStatesNKernel<T, D><<<blocks, 128, 0, st>>>(o, lse, n, rows, static_cast<T*>(out),
+                                                       lse_out);
+    })
+  })
+  return LastLaunchErr();
+}
 
 Err LaunchMergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
                       int rows, int head_dim, void* out, DType out_dtype, float* lse_out,

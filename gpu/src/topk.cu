@@ -1,4 +1,4 @@
-// Exact top-k of queries against keys, for the attention-aware index build (DESIGN.md, Prefill:
+// Exact top-k of queries against keys, for the attention-aware index build (docs/architecture.md, One decode step:
 // "for a sample of them it finds their exact top keys"). Keys are processed in chunks: a tiled f32
 // GEMM writes scale * Q K^T for the chunk into scratch, then one CTA per query merges the chunk
 // into that query's running top-k (kept in the outputs between chunks) with a threshold test and,

@@ -1,18 +1,25 @@
-// The cold-tier step of attend, shared by both backends: which q heads search together (GQA
-// group search), index search, exact scan of the rows the index does not cover yet, cut back to
-// top_k, attention over the chosen rows.
+#include "runtime/src/cold_tier.h"
+
 #include <algorithm>
 #include <chrono>
-#include <vector>
+#include <exception>
+#include <limits>
+#include <new>
 
-#include "kvrt_common/status_macros.h"
 #include "absl/strings/str_cat.h"
+#include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
+#include "kvrt_cpu_index/kind_table.h"
+#include "oneapi/tbb/parallel_for.h"
 #include "runtime/src/fault_injection.h"
-#include "runtime/src/layer_state.h"
 
 namespace kvrt::runtime {
 namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many cold tokens no index is built: an exact scan of so few keys is as cheap as a
+// search, and IVF/graph builds on a handful of points are poor.
+constexpr int64_t kIndexMinRows = 256;
 
 int64_t SteadyNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -23,29 +30,186 @@ int64_t SteadyNs() {
 // A failed index search fails the attend (INTERNAL for FAISS/hnswlib errors): the message says
 // which step and kv head, then the index's own words.
 absl::Status SearchFailed(const absl::Status& st, int g) {
-  return absl::Status(st.code(),
-                      absl::StrCat("attend: cold-index search of kv head ", g, " failed: ", st.message()));
+  return absl::Status(st.code(), absl::StrCat("attend: cold-index search of kv head ", g,
+                                              " failed: ", st.message()));
 }
 
 // The index search, after the test-only fault hook (fault_injection.h; one atomic load when off).
 template <typename SearchFn>
 absl::Status GuardedSearch(cpu_index::IndexKind kind, int g, SearchFn&& search) {
-  absl::Status st = fault::Check(fault::Site::kIndexSearch, cpu_index::IndexKindName(kind), "search");
+  absl::Status st =
+      fault::Check(fault::Site::kIndexSearch, cpu_index::IndexKindName(kind), "search");
   if (st.ok()) st = search();
   return st.ok() ? st : SearchFailed(st, g);
 }
 
 }  // namespace
 
-std::vector<std::vector<int>> LayerState::ColdUnits(const uint8_t* streaming) const {
+ColdTier::ColdTier(const RuntimeConfig* config, Runtime::Counters* counters,
+                   int64_t first_position)
+    : cfg_(config),
+      counters_(counters),
+      first_position_(first_position),
+      refresh_(std::make_unique<transfer::BackgroundWork>()) {
+  stores_.reserve(cfg_->num_kv_heads);
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) stores_.emplace_back(cfg_->head_dim, cfg_->dtype);
+  positions_.resize(cfg_->num_kv_heads);
+  indexes_.resize(cfg_->num_kv_heads);
+}
+
+ColdTier::~ColdTier() {
+  if (refresh_) (void)refresh_->Wait();
+}
+
+absl::Status ColdTier::Reserve(int64_t rows) {
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    KVRT_RETURN_IF_ERROR(stores_[g].Reserve(rows));
+    try {
+      auto& pos = positions_[g];
+      // Geometric growth, as the store's: one append per decode step must not copy the map.
+      if (pos.capacity() < static_cast<std::size_t>(rows))
+        pos.reserve(std::max<std::size_t>(rows, 2 * pos.capacity()));
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError("cold tier: cannot allocate the row-to-position map");
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ColdTier::Append(const void* k, const void* v, int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  KVRT_RETURN_IF_ERROR(Reserve(rows() + n));
+  const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim;
+  const std::size_t hb = static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
+  const int64_t first = first_position_ + rows();
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    // Capacity is reserved above, so neither append can fail half-way.
+    (void)stores_[g].Append(static_cast<const unsigned char*>(k) + g * hb,
+                            static_cast<const unsigned char*>(v) + g * hb, n, head_elems);
+    for (int64_t i = 0; i < n; ++i) positions_[g].push_back(first + i);
+  }
+  // host_tokens was counted when the budget reserved these rows (budget.h).
+  return absl::OkStatus();
+}
+
+// Keeps an evenly spaced sample of the prompt's queries per kv head (all q heads of its group), in
+// f32, for index kinds that build from queries.
+int64_t ColdTier::QuerySampleRows(int64_t n) const {
+  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
+  const int64_t cap = std::max(1, cfg_->index.graph_query_sample);
+  return std::min<int64_t>(n, std::max<int64_t>(1, cap / group));
+}
+
+void ColdTier::SampleQueries(const void* q, int64_t n) {
+  if (cfg_->index_kind == cpu_index::IndexKind::kExact) return;
+  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
+  const int d = cfg_->head_dim;
+  const int64_t tokens = QuerySampleRows(n);
+  const std::size_t q_row = static_cast<std::size_t>(cfg_->num_q_heads) * d;
+  query_sample_.assign(cfg_->num_kv_heads, {});
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    auto& out = query_sample_[g];
+    out.resize(static_cast<std::size_t>(tokens) * group * d);
+    for (int64_t i = 0; i < tokens; ++i) {
+      const int64_t t = tokens == n ? i : i * n / tokens;
+      for (int j = 0; j < group; ++j) {
+        const std::size_t src = (static_cast<std::size_t>(t) * q_row + (g * group + j) * d);
+        ConvertToF32(static_cast<const unsigned char*>(q) + src * DTypeSize(cfg_->dtype),
+                     cfg_->dtype, d, out.data() + (static_cast<std::size_t>(i) * group + j) * d);
+      }
+    }
+  }
+}
+
+bool ColdTier::needs_refresh() const {
+  if (cfg_->index_kind == cpu_index::IndexKind::kExact || rows() < kIndexMinRows) return false;
+  return indexes_[0] == nullptr || indexes_[0]->size() < stores_[0].size();
+}
+
+void ColdTier::RefreshIndexes(tbb::task_arena& arena, bool background) {
+  if (!needs_refresh()) return;
+  if (!background) {
+    (void)RefreshNow(arena);  // failures are counted inside
+    return;
+  }
+  refresh_->Launch(arena, [this, &arena] { return RefreshNow(arena); });
+}
+
+void ColdTier::AwaitIndexes() { (void)refresh_->Wait(); }
+
+void ColdTier::ApplyRowOrder(int g) {
+  int64_t begin = 0;
+  std::vector<int64_t> order;
+  if (!indexes_[g]->TakeRowOrder(&begin, &order) || order.empty()) return;
+  // The index chose where its rows live; the store and the position map follow, together.
+  if (!stores_[g].PermuteRows(begin, order).ok()) return;
+  std::vector<int64_t> moved(order.size());
+  for (std::size_t i = 0; i < order.size(); ++i) moved[i] = positions_[g][begin + order[i]];
+  std::copy(moved.begin(), moved.end(), positions_[g].begin() + begin);
+}
+
+absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
+  std::vector<absl::Status> status(cfg_->num_kv_heads);
+  const cpu_index::IndexKind kind = cfg_->index_kind;
+  arena.execute([&] {
+    tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) {
+      auto& index = indexes_[g];
+      if (index != nullptr && index->size() >= stores_[g].size()) return;
+      // NOTE: an exception from an index (one that did not turn it into a status) must not leave
+      // this call either: the tokens are already stored, so it would report a half-applied
+      // append. It is a failed update like any other (counted, retried, rows scanned exactly).
+      try {
+        status[g] = fault::Check(fault::Site::kIndexUpdate, cpu_index::IndexKindName(kind),
+                                 index == nullptr ? "build" : "insert");
+        if (!status[g].ok()) return;
+        if (index == nullptr) {
+          auto made = cpu_index::MakeIndex(kind, cfg_->index, cfg_->head_dim);
+          if (!made.ok()) {
+            status[g] = made.status();
+            return;
+          }
+          const bool have_q = !query_sample_.empty();
+          const int64_t nq =
+              have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
+          status[g] = (*made)->Build(stores_[g], have_q ? query_sample_[g].data() : nullptr, nq);
+          if (status[g].ok()) index = std::move(*made);
+        } else {
+          status[g] = index->Add(stores_[g]);
+        }
+        if (status[g].ok()) ApplyRowOrder(g);
+      } catch (const std::bad_alloc&) {
+        status[g] = absl::ResourceExhaustedError("index update: out of memory");
+      } catch (const std::exception& e) {
+        status[g] = absl::InternalError(absl::StrCat("index update: ", e.what()));
+      }
+    });
+  });
+  int64_t bytes = 0;
+  bool all_built = true;
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    if (indexes_[g]) bytes += static_cast<int64_t>(indexes_[g]->MemoryBytes());
+    all_built = all_built && indexes_[g] != nullptr;
+  }
+  counters_->index_bytes += bytes - index_bytes_;
+  index_bytes_ = bytes;
+  if (all_built) query_sample_.clear();
+  for (auto& s : status) {
+    // NOTE: not an error of the call: the tokens are stored, and rows the index misses are
+    // scanned exactly by Select (and retried at the next refresh), so a failed update costs
+    // speed, never correctness. Counted in the stats.
+    if (!s.ok()) counters_->index_update_failures += 1;
+  }
+  return absl::OkStatus();
+}
+
+std::vector<std::vector<int>> ColdTier::Units(const uint8_t* streaming) const {
   const int H = cfg_->num_q_heads;
   const int group = H / cfg_->num_kv_heads;
   // NOTE: only the kinds whose group search shares work (one traversal / one bound pass) group
-  // their heads; for the others (exact, flat, ivf, hnsw: one search per query either way)
-  // grouping would only cut the parallelism of a single attend.
-  const bool shares = cfg_->index_kind == cpu_index::IndexKind::kAttentionAware ||
-                      cfg_->index_kind == cpu_index::IndexKind::kLandmark;
-  const bool together = cfg_->group_search && shares && group > 1;
+  // their heads; for the others (one search per query either way) grouping would only cut the
+  // parallelism of a single attend.
+  const bool together =
+      cfg_->group_search && cpu_index::KindInfo(cfg_->index_kind).shares_group_search && group > 1;
   std::vector<std::vector<int>> units;
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     std::vector<int> heads;
@@ -62,20 +226,52 @@ std::vector<std::vector<int>> LayerState::ColdUnits(const uint8_t* streaming) co
   return units;
 }
 
-absl::Status LayerState::ColdGroup(const std::vector<int>& heads, const float* q, float* o, float* lse,
-                                   std::vector<std::vector<int64_t>>* ids, int64_t* scored,
-                                   int64_t* search_ns, int64_t* read, bool attend) const {
+absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::task_arena& arena,
+                              ColdSelection* sel) const {
+  const int H = cfg_->num_q_heads;
+  sel->exact = cfg_->index_kind == cpu_index::IndexKind::kExact;
+  sel->rows.assign(H, {});
+  sel->active.assign(H, 0);
+  sel->scored.assign(H, 0);
+  sel->search_ns.assign(H, 0);
+  sel->estimate = {};
+  // Sized before the parallel units write their heads' rows of it.
+  if (cpu_index::KindInfo(cfg_->index_kind).estimates) sel->estimate.Reset(H, cfg_->head_dim);
+  sel->keys_read = 0;
+  sel->busy_ns = 0;
+  if (rows() == 0) return absl::OkStatus();
+  const auto units = Units(streaming);
+  for (const auto& unit : units)
+    for (int h : unit) sel->active[h] = 1;
+  std::vector<absl::Status> status(units.size());
+  std::vector<int64_t> read(units.size(), 0), busy(units.size(), 0);
+  arena.execute([&] {
+    tbb::parallel_for(0, static_cast<int>(units.size()), [&](int u) {
+      const int64_t t0 = SteadyNs();
+      status[u] = SelectUnit(units[u], q, sel, &read[u]);
+      busy[u] = SteadyNs() - t0;
+    });
+  });
+  for (auto& s : status) KVRT_RETURN_IF_ERROR(s);
+  for (std::size_t u = 0; u < units.size(); ++u) {
+    sel->keys_read += read[u];
+    sel->busy_ns += busy[u];
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
+                                  ColdSelection* sel, int64_t* read) const {
   const int d = cfg_->head_dim;
   const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
   const int g = heads.front() / group;
-  const auto* index = index_[g].get();
+  const auto* index = indexes_[g].get();
   const auto at = [d](auto* base, int h) { return base + static_cast<std::size_t>(h) * d; };
   *read = 0;
-  if (heads.size() == 1 || index == nullptr || cfg_->index_kind == cpu_index::IndexKind::kExact) {
+  if (heads.size() == 1 || index == nullptr || sel->exact) {
     for (int h : heads) {
-      KVRT_RETURN_IF_ERROR(
-          ColdHead(h, at(q, h), at(o, h), &lse[h], &(*ids)[h], &scored[h], &search_ns[h], attend));
-      *read += scored[h];
+      KVRT_RETURN_IF_ERROR(SelectHead(h, at(q, h), sel));
+      *read += sel->scored[h];
     }
     return absl::OkStatus();
   }
@@ -88,95 +284,128 @@ absl::Status LayerState::ColdGroup(const std::vector<int>& heads, const float* q
   params.k = cfg_->top_k;
   params.effort = cfg_->search_effort;
   KVRT_RETURN_IF_ERROR(GuardedSearch(cfg_->index_kind, g, [&] {
-    return index->SearchGroup(cold_[g], qs.data(), nq, params, found.data());
+    return index->SearchGroup(stores_[g], qs.data(), nq, params, found.data());
   }));
   const int64_t shared_ns = (SteadyNs() - t0) / nq;
   for (int i = 0; i < nq; ++i) {
     const int h = heads[i];
-    FinishCold(g, at(q, h), &found[i], at(o, h), &lse[h], &(*ids)[h], &scored[h], SteadyNs(), &search_ns[h],
-               attend);
-    search_ns[h] += shared_ns;
+    const int64_t t1 = SteadyNs();
+    AddUncovered(g, at(q, h), &found[i], sel, h);
+    sel->search_ns[h] = SteadyNs() - t1 + shared_ns;
   }
-  // Every head scored the same keys (the group's, plus the same unindexed rows).
-  *read = scored[heads.front()];
+  // Every head scored the same keys (the group's, plus the same uncovered rows).
+  *read = sel->scored[heads.front()];
   return absl::OkStatus();
 }
 
-absl::Status LayerState::ColdHead(int h, const float* qh, float* o, float* lse,
-                                  std::vector<int64_t>* ids, int64_t* scored,
-                                  int64_t* search_ns, bool attend) const {
-  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
-  const int g = h / group;
-  const auto& store = cold_[g];
-  const int64_t n_cold = store.size();
-  const int64_t t0 = SteadyNs();
-  if (cfg_->index_kind == cpu_index::IndexKind::kExact) {
-    cpu_index::AttendStoreAll(qh, cfg_->scale, store, o, lse);
-    *scored = n_cold;
-    if (cfg_->record_attended) {
-      ids->resize(n_cold);
-      for (int64_t i = 0; i < n_cold; ++i) (*ids)[i] = i;
-    }
-    *search_ns = 0;
+absl::Status ColdTier::SelectHead(int h, const float* qh, ColdSelection* sel) const {
+  const int g = h / (cfg_->num_q_heads / cfg_->num_kv_heads);
+  if (sel->exact) {  // every row; Attend reads the store directly
+    sel->scored[h] = stores_[g].size();
     return absl::OkStatus();
   }
+  const int64_t t0 = SteadyNs();
   cpu_index::SearchResult found;
-  if (const auto* index = index_[g].get()) {
+  if (const auto* index = indexes_[g].get()) {
     cpu_index::SearchParams params;
     params.k = cfg_->top_k;
     params.effort = cfg_->search_effort;
-    KVRT_RETURN_IF_ERROR(
-        GuardedSearch(cfg_->index_kind, g, [&] { return index->Search(store, qh, params, &found); }));
+    KVRT_RETURN_IF_ERROR(GuardedSearch(cfg_->index_kind, g, [&] {
+      return index->Search(stores_[g], qh, params, &found);
+    }));
   }
-  FinishCold(g, qh, &found, o, lse, ids, scored, t0, search_ns, attend);
+  AddUncovered(g, qh, &found, sel, h);
+  sel->search_ns[h] = SteadyNs() - t0;
   return absl::OkStatus();
 }
 
-void LayerState::FinishCold(int g, const float* qh, cpu_index::SearchResult* found, float* o, float* lse,
-                            std::vector<int64_t>* ids, int64_t* scored, int64_t t_start,
-                            int64_t* search_ns, bool attend) const {
-  const auto& store = cold_[g];
+// Rows the index does not cover yet (evicted since its last refresh, or a failed one) are scanned
+// exactly and compete with the index's results for the top-k by score.
+// NOTE: the union is cut back to k, so that with an exact (flat) index the set is the top-k over
+// all rows even while the index lags.
+void ColdTier::AddUncovered(int g, const float* qh, cpu_index::SearchResult* found,
+                            ColdSelection* sel, int h) const {
+  const auto& store = stores_[g];
   const int64_t n_cold = store.size();
-  const auto* index = index_[g].get();
+  const auto* index = indexes_[g].get();
   const int64_t indexed = index ? index->size() : 0;
-  *ids = std::move(found->ids);
+  auto& ids = sel->rows[h];
+  ids = std::move(found->ids);
   std::vector<float> scores = std::move(found->scores);
-  *scored = found->scanned;
-  // Rows the index does not cover yet (evicted since its last background insert) are scanned
-  // exactly and compete with the index's results for the top-k by score.
-  // NOTE: the union is cut back to k, so that with an exact (flat) index the set is the top-k over
-  // all rows even while the index lags (GPU backend: the latest evictions are indexed in the
-  // background; host backend: a failed index update).
-  if (indexed < n_cold) {
-    std::vector<float> s(n_cold - indexed);
-    store.Dot(qh, indexed, n_cold, s.data());
-    std::vector<int64_t> tail;
-    std::vector<float> tail_scores;
-    cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
-    *scored += n_cold - indexed;
-    if (index == nullptr) {
-      for (auto t : tail) ids->push_back(indexed + t);
-    } else {
-      if (scores.size() != ids->size()) {
-        scores.resize(ids->size());
-        store.DotIds(qh, ids->data(), static_cast<int64_t>(ids->size()), scores.data());
-      }
-      for (std::size_t i = 0; i < tail.size(); ++i) {
-        ids->push_back(indexed + tail[i]);
-        scores.push_back(tail_scores[i]);
-      }
-      if (static_cast<int64_t>(ids->size()) > cfg_->top_k) {
-        std::vector<int64_t> best;
-        cpu_index::TopK(scores.data(), static_cast<int64_t>(scores.size()), cfg_->top_k, &best, nullptr);
-        std::vector<int64_t> kept(best.size());
-        for (std::size_t i = 0; i < best.size(); ++i) kept[i] = (*ids)[best[i]];
-        *ids = std::move(kept);
-      }
-    }
+  sel->scored[h] = found->scanned;
+  AddEstimate(*found, sel, h);
+  if (indexed >= n_cold) return;
+  std::vector<float> s(n_cold - indexed);
+  store.Dot(qh, indexed, n_cold, s.data());
+  std::vector<int64_t> tail;
+  std::vector<float> tail_scores;
+  cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
+  sel->scored[h] += n_cold - indexed;
+  if (index == nullptr) {
+    for (auto t : tail) ids.push_back(indexed + t);
+    return;
   }
-  *search_ns = SteadyNs() - t_start;
-  if (!attend) return;
-  cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids->data(), static_cast<int64_t>(ids->size()), o, lse);
+  if (scores.size() != ids.size()) {
+    scores.resize(ids.size());
+    store.DotIds(qh, ids.data(), static_cast<int64_t>(ids.size()), scores.data());
+  }
+  for (std::size_t i = 0; i < tail.size(); ++i) {
+    ids.push_back(indexed + tail[i]);
+    scores.push_back(tail_scores[i]);
+  }
+  // A kind that selects more than k by design (a token budget) keeps its set plus the tail.
+  const int64_t keep = std::max<int64_t>(cfg_->top_k, static_cast<int64_t>(ids.size()) -
+                                                          static_cast<int64_t>(tail.size()));
+  if (static_cast<int64_t>(ids.size()) > keep) {
+    std::vector<int64_t> best;
+    cpu_index::TopK(scores.data(), static_cast<int64_t>(scores.size()), static_cast<int>(keep),
+                    &best, nullptr);
+    std::vector<int64_t> kept(best.size());
+    for (std::size_t i = 0; i < best.size(); ++i) kept[i] = ids[best[i]];
+    ids = std::move(kept);
+  }
+}
+
+// A two-level kind's estimate of the rows it did not select becomes one more partial state.
+void ColdTier::AddEstimate(const cpu_index::SearchResult& found, ColdSelection* sel, int h) const {
+  if (sel->estimate.empty() || found.est_o.empty() || found.est_lse == kNegInf) return;
+  const int d = cfg_->head_dim;
+  std::copy(found.est_o.begin(), found.est_o.end(),
+            sel->estimate.o.begin() + static_cast<std::size_t>(h) * d);
+  sel->estimate.lse[h] = found.est_lse;
+}
+
+void ColdTier::Attend(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
+                      PartialState* out) const {
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int group = H / cfg_->num_kv_heads;
+  out->Reset(H, d);
+  arena.execute([&] {
+    tbb::parallel_for(0, H, [&](int h) {
+      if (!sel.active[h]) return;
+      const auto& store = stores_[h / group];
+      const float* qh = q + static_cast<std::size_t>(h) * d;
+      float* oh = out->o.data() + static_cast<std::size_t>(h) * d;
+      if (sel.exact) {
+        cpu_index::AttendStoreAll(qh, cfg_->scale, store, oh, &out->lse[h]);
+      } else {
+        cpu_index::AttendStoreRows(qh, cfg_->scale, store, sel.rows[h].data(),
+                                   static_cast<int64_t>(sel.rows[h].size()), oh, &out->lse[h]);
+      }
+    });
+  });
+}
+
+int64_t ColdTier::attended(const ColdSelection& sel, int q_head) const {
+  if (!sel.active[q_head]) return 0;
+  return sel.exact ? rows() : static_cast<int64_t>(sel.rows[q_head].size());
+}
+
+void ColdTier::Release() {
+  (void)refresh_->Wait();
+  counters_->host_tokens -= rows();
+  counters_->index_bytes -= index_bytes_;
+  index_bytes_ = 0;
 }
 
 }  // namespace kvrt::runtime

@@ -10,9 +10,11 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/kernel_types.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
+#include "runtime/src/device_tier.h"
 #include "runtime/src/layer_state.h"
 
 namespace kvrt::runtime {
@@ -70,7 +72,7 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   KVRT_RETURN_IF_ERROR(Range("window_tokens", c.window_tokens, 1, 1 << 24));
   KVRT_RETURN_IF_ERROR(Range("top_k", c.top_k, 1, 1 << 20));
   KVRT_RETURN_IF_ERROR(Range("index_kind", static_cast<int>(c.index_kind), 0,
-                             static_cast<int>(cpu_index::IndexKind::kAttentionAware)));
+                             cpu_index::kNumIndexKinds - 1));
   KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, 1 << 24));
   KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, 4096));
   KVRT_RETURN_IF_ERROR(Range("cold_attention", c.cold_attention, 0, 2));
@@ -98,7 +100,7 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
         "(host backend) or -1 (GPU when available)");
   }
   const int d = c->head_dim, group = c->num_q_heads / c->num_kv_heads;
-  if ((d != 64 && d != 128 && d != 256) || group > gpu::kMaxGroup) {
+  if (!gpu::SupportedHeadDim(d) || group > gpu::kMaxGroup) {
     if (!want) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat(
         "config.use_gpu = 1: the GPU tier kernels support head_dim 64, 128, 256 and at most ",
@@ -344,29 +346,11 @@ RuntimeStats Runtime::Stats() const {
   const auto& c = impl_->counters;
   const int64_t token_bytes =
       2 * int64_t{config_.num_kv_heads} * config_.head_dim * static_cast<int64_t>(DTypeSize(config_.dtype));
-  s.gpu_tokens = c.gpu_tokens.load();
-  s.host_tokens = c.host_tokens.load();
+#define KVRT_LOAD_COUNTER_(name) s.name = c.name.load();
+  KVRT_RUNTIME_COUNTERS(KVRT_LOAD_COUNTER_)
+#undef KVRT_LOAD_COUNTER_
   s.gpu_bytes = s.gpu_tokens * token_bytes;
   s.host_bytes = s.host_tokens * token_bytes;
-  s.index_bytes = c.index_bytes.load();
-  s.attend_calls = c.attend_calls.load();
-  s.keys_scored = c.keys_scored.load();
-  s.cold_keys_searchable = c.cold_keys_searchable.load();
-  s.cold_tokens_attended = c.cold_tokens_attended.load();
-  s.evicted_tokens = c.evicted_tokens.load();
-  s.gpu_allocated_bytes = c.gpu_allocated_bytes.load();
-  s.time_attend_ns = c.time_attend_ns.load();
-  s.time_gpu_attention_ns = c.time_gpu_attention_ns.load();
-  s.time_d2h_ns = c.time_d2h_ns.load();
-  s.time_cpu_search_ns = c.time_cpu_search_ns.load();
-  s.time_cpu_attention_ns = c.time_cpu_attention_ns.load();
-  s.time_h2d_ns = c.time_h2d_ns.load();
-  s.time_merge_ns = c.time_merge_ns.load();
-  s.time_idle_ns = c.time_idle_ns.load();
-  s.eviction_batches = c.eviction_batches.load();
-  s.index_update_failures = c.index_update_failures.load();
-  s.keys_read = c.keys_read.load();
-  s.attends_fetch = c.attends_fetch.load();
   return s;
 }
 

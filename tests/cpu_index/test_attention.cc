@@ -204,5 +204,26 @@ TEST(Attention, EmptySetAndInfinities) {
   for (float x : o) EXPECT_NEAR(x, 1.f, 1e-6f);
 }
 
+TEST(HeadStore, PermuteRowsMovesKeysAndValuesTogether) {
+  const int d = 8;
+  HeadStore store(d, DType::kF32);
+  std::vector<float> k(6 * d), v(6 * d);
+  for (int i = 0; i < 6 * d; ++i) {
+    k[i] = static_cast<float>(i / d);
+    v[i] = static_cast<float>(100 + i / d);
+  }
+  ASSERT_TRUE(store.Append(k.data(), v.data(), 6, d).ok());
+  ASSERT_TRUE(store.PermuteRows(2, {3, 0, 2, 1}).ok());  // rows 2..5 <- old 5, 2, 4, 3
+  const float want[6] = {0, 1, 5, 2, 4, 3};
+  for (int r = 0; r < 6; ++r) {
+    std::vector<float> kr(d);
+    store.KeyF32(r, kr.data());
+    EXPECT_EQ(kr[0], want[r]);
+    EXPECT_EQ(static_cast<const float*>(store.value(r))[d - 1], 100 + want[r]);
+  }
+  EXPECT_FALSE(store.PermuteRows(2, {0, 0, 1, 2}).ok());  // not a permutation
+  EXPECT_FALSE(store.PermuteRows(4, {0, 1, 2}).ok());     // past the end
+}
+
 }  // namespace
 }  // namespace kvrt::cpu_index

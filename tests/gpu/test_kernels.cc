@@ -215,6 +215,45 @@ TEST(GpuRef, Merge_OfSplitsEqualsWhole) {
   EXPECT_TRUE(Close(os.data(), ow.data(), os.size(), kRefVsDoubleTol, "o in place"));
 }
 
+TEST(GpuRef, MergeN_EqualsPairwiseFoldAndSkipsEmpty) {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const int n = 3, rows = 9, d = 64;
+  std::vector<float> o(n * rows * d), l(n * rows);
+  for (auto& x : o) x = nd(rng);
+  for (auto& x : l) x = 2 * nd(rng);
+  l[1 * rows + 2] = kNegInf;
+  o[(1 * rows + 2) * d] = std::numeric_limits<float>::quiet_NaN();  // an empty state's o is not read
+  std::vector<float> out(rows * d), lo(rows);
+  MergeStatesNHost(o.data(), l.data(), n, rows, d, out.data(), DType::kF32, lo.data());
+  for (int r = 0; r < rows; ++r) {
+    std::vector<float> acc(o.begin() + r * d, o.begin() + (r + 1) * d);
+    float la = l[r];
+    for (int i = 1; i < n; ++i)
+      MergeStatesHost(acc.data(), &la, o.data() + (i * rows + r) * d, &l[i * rows + r], 1, d);
+    EXPECT_NEAR(lo[r], la, 1e-5f);
+    for (int j = 0; j < d; ++j) EXPECT_NEAR(out[r * d + j], acc[j], 1e-5f) << "row " << r;
+  }
+}
+
+TEST(GpuRef, TierArrays_PackAndViewRoundTrip) {
+  int a, b, c, e;
+  const TierArrays::Entry in[2] = {{&a, &b, &c, &e, 4, 17}, {nullptr, nullptr, &c, &a, 0, 3}};
+  std::vector<unsigned char> buf(TierArrays::Bytes(2));
+  TierArrays::Pack(in, 2, buf.data());
+  TierBatch t;
+  TierArrays::View(buf.data(), 2, &t);
+  ASSERT_EQ(t.batch, 2);
+  EXPECT_EQ(t.sink_k[0], &a);
+  EXPECT_EQ(t.sink_v[0], &b);
+  EXPECT_EQ(t.window_k[1], &c);
+  EXPECT_EQ(t.window_v[1], &a);
+  EXPECT_EQ(t.n_sink[0], 4);
+  EXPECT_EQ(t.n_window[0], 17);
+  EXPECT_EQ(t.n_sink[1], 0);
+  EXPECT_EQ(t.n_window[1], 3);
+}
+
 TEST(GpuRef, Merge_TwoEmptyStatesGiveEmptyNotNaN) {
   const int d = 64;
   std::vector<float> a(d, 0.f), b(d, 0.f), out(d, 7.f);
@@ -552,6 +591,33 @@ TEST_F(GpuKernels, MergeStates_MatchesReferenceAndHandlesEmpty) {
         EXPECT_TRUE(Close(io.data(), rf.data(), io.size(), tol, "o in place"));
         EXPECT_TRUE(Close(il.data(), rl.data(), rows, kKernelLseTol, "lse in place"));
       }
+    }
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+}
+
+TEST_F(GpuKernels, MergeStatesN_MatchesReference) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (int n : {1, 2, 3, 4}) {
+    for (int d : {64, 128, 256}) {
+      const int rows = 45;
+      std::vector<float> o(static_cast<std::size_t>(n) * rows * d), l(static_cast<std::size_t>(n) * rows);
+      for (auto& x : o) x = nd(rng);
+      for (std::size_t i = 0; i < l.size(); ++i) l[i] = (i % 4 == 1) ? kNegInf : 3 * nd(rng);
+      for (int i = 0; i < n; ++i) l[static_cast<std::size_t>(i) * rows] = kNegInf;  // row 0 empty
+      std::vector<float> ro(static_cast<std::size_t>(rows) * d), rl(rows);
+      MergeStatesNHost(o.data(), l.data(), n, rows, d, ro.data(), DType::kF32, rl.data());
+      Dev dO = Dev::From(o), dL = Dev::From(l), dout(ro.size() * 4), dl(rows * 4);
+      ASSERT_TRUE(MergeStatesN(dO.as<float>(), dL.as<float>(), n, rows, d, dout.p, DType::kF32,
+                               dl.as<float>(), nullptr)
+                      .ok());
+      auto go = dout.Get<float>(ro.size());
+      auto gl = dl.Get<float>(rows);
+      EXPECT_TRUE(Close(go.data(), ro.data(), go.size(), kKernelOTol, "o"));
+      EXPECT_TRUE(Close(gl.data(), rl.data(), rows, kKernelLseTol, "lse"));
+      EXPECT_EQ(gl[0], kNegInf);
+      EXPECT_EQ(go[0], 0.f);
     }
   }
   CUDA_OK(cudaDeviceSynchronize());

@@ -4,7 +4,7 @@
 Runs a small open-weight model (tools/record/models.py) through Hugging Face transformers on the
 CPU, captures the post-rotary query, key and value states of the chosen attention layers for the
 prompt and for N greedy decode steps, and writes them as a kvrt trace (safetensors; the format is
-in shared/DESIGN.md "Traces").
+in docs/traces.md).
 
 Capture: a custom attention function is registered with transformers' AttentionInterface (and the
 sdpa mask builder under the same name). The model calls it with query states after q_norm and

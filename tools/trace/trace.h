@@ -1,5 +1,5 @@
 #pragma once
-// Attention traces in safetensors format (DESIGN.md, Traces): read (memory-mapped, validated)
+// Attention traces in safetensors format (docs/traces.md): read (memory-mapped, validated)
 // and write (streamed, tensor by tensor, so traces larger than memory can be generated).
 #include <cstdint>
 #include <map>

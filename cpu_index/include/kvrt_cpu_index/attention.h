@@ -1,5 +1,5 @@
 #pragma once
-// Host partial attention (DESIGN.md, Numerics). A partial state over a token set S is the
+// Host partial attention (docs/architecture.md, Numerics). A partial state over a token set S is the
 // normalised output o = sum exp(s_i - lse) v_i and lse = log sum exp(s_i), s_i = scale * q.k_i.
 // The empty set gives o = 0, lse = -inf.
 #include <cstdint>
@@ -15,6 +15,10 @@ class HeadStore;
 void AttendDense(const float* q, int d, float scale, const void* keys, const void* values,
                  std::size_t stride_elems, DType t, int64_t n, float* o, float* lse);
 
+// Rows given by pointers: keys[j], values[j] each d elements of dtype t (a gathered list).
+void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
+                       const void* const* keys, const void* const* values, float* o, float* lse);
+
 // The listed rows of a HeadStore (ids need not be sorted; duplicates are the caller's bug).
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
                      int64_t n, float* o, float* lse);
@@ -24,5 +28,12 @@ void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* 
 
 // Merges (o2, lse2) into (o1, lse1), in place. Two empty states stay empty (no NaN).
 void MergeInto(float* o1, float* lse1, const float* o2, float lse2, int d);
+
+// Merges n partial states of one row at once: o[i] f32 [d] with lse[i]. lse_out = log sum
+// exp(lse[i]); o_out = sum exp(lse[i] - lse_out) o[i] (o_out may alias o[0]). An empty state
+// (lse -inf) has weight 0 and its o is not read; all empty gives (0, -inf). The decode step's
+// merge on the host and the reference of the device merge (kvrt_gpu MergeStatesN).
+void MergeStates(int n, const float* const* o, const float* lse, int d, float* o_out,
+                 float* lse_out);
 
 }  // namespace kvrt::cpu_index

@@ -1,7 +1,7 @@
 #pragma once
 // Host KV store of one kv head of one (sequence, layer): cold keys and values, append-only,
-// contiguous rows [n, head_dim] in the storage dtype. Row i is cold token i of this layer
-// (its sequence position is kept by the owner, see LayerState).
+// contiguous rows [n, head_dim] in the storage dtype. Rows arrive in position order; an index kind
+// may permute them (PermuteRows), so the owner keeps each row's position (runtime ColdTier).
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -36,6 +36,10 @@ class HeadStore {
   // NOTE: growth doubles capacity; a chunked store would avoid the copy (left for the transfer
   // engine, which appends from worker threads).
   absl::Status Append(const void* k, const void* v, int64_t n, std::size_t stride_elems);
+
+  // Permutes rows [begin, begin + order.size()): new row begin + i holds old row begin + order[i]
+  // (order is a permutation of 0..n-1). InvalidArgument if it is not; store unchanged then.
+  absl::Status PermuteRows(int64_t begin, const std::vector<int64_t>& order);
 
   // Scores rows [begin, end) against q (f32, [dim]) into out[end-begin], unscaled dot products.
   void Dot(const float* q, int64_t begin, int64_t end, float* out) const;

@@ -1,11 +1,12 @@
 #pragma once
-// One interface for every cold-key index kind (DESIGN.md, Indexes). An index covers the keys of
+// One interface for every cold-key index kind (docs/architecture.md, Index kinds). An index covers the keys of
 // one kv head of one (sequence, layer), which live in a HeadStore the index does not own: every
 // call passes the store, so kinds that score against stored keys need no copy of them.
 //
 // Thread safety: Search is const and safe to call concurrently with other Search calls on the
 // same index; Build and Add need exclusive access.
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string_view>
 #include <vector>
@@ -59,6 +60,11 @@ struct SearchResult {
   std::vector<int64_t> ids;    // HeadStore rows, best first, at most k, no duplicates
   std::vector<float> scores;   // unscaled q.k of each id
   int64_t scanned = 0;         // keys scored (distance computations) by this search
+  // Two-level kinds (KindDescriptor::estimates): the partial state estimated for the rows not in
+  // ids (o f32 [dim] normalised, lse as for attention with the scale of the search); est_o empty
+  // or est_lse = -inf: no estimate.
+  std::vector<float> est_o;
+  float est_lse = -std::numeric_limits<float>::infinity();
 };
 
 class KeyIndex {
@@ -85,6 +91,16 @@ class KeyIndex {
   // once per query.
   virtual absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq,
                                    const SearchParams& params, SearchResult* outs) const;
+
+  // Kinds that lay the store out themselves (e.g. each cluster's rows contiguous): after Build or
+  // Add, the permutation of the rows just covered: new row begin + i holds old row
+  // begin + order[i]. The owner applies it to the store (HeadStore::PermuteRows) and to its
+  // row-to-position map before the next Search. Default: none (false).
+  virtual bool TakeRowOrder(int64_t* begin, std::vector<int64_t>* order) {
+    (void)begin;
+    (void)order;
+    return false;
+  }
 
   virtual int64_t size() const = 0;             // rows covered
   virtual std::size_t MemoryBytes() const = 0;  // bytes held beyond the HeadStore

@@ -1,6 +1,7 @@
 #pragma once
 // Argument structs of the GPU-tier kernels (kernels.h). Plain data, no CUDA and no Abseil, so the
 // CUDA translation units can include it. See kernels.h for what each launcher does with them.
+#include <cstddef>
 #include <cstdint>
 
 #include "kvrt_common/dtype.h"
@@ -23,6 +24,49 @@ struct TierBatch {
   int head_dim = 0;
   DType dtype = DType::kF32;
 };
+
+// The arrays of a TierBatch for `batch` sequences packed in one buffer (uploaded once, read by
+// the kernel): [sink_k | sink_v | window_k | window_v] pointers, then [n_sink | n_window] int32,
+// each [batch]. Pack fills a host copy; View points a TierBatch at a (device) copy.
+struct TierArrays {
+  static std::size_t Bytes(int batch) {
+    return static_cast<std::size_t>(batch) * (4 * sizeof(void*) + 2 * sizeof(int32_t));
+  }
+  struct Entry {
+    const void* sink_k;
+    const void* sink_v;
+    const void* window_k;
+    const void* window_v;
+    int32_t n_sink;
+    int32_t n_window;
+  };
+  static void Pack(const Entry* entries, int batch, void* host) {
+    auto* ptrs = static_cast<const void**>(host);
+    auto* counts = reinterpret_cast<int32_t*>(ptrs + 4 * batch);
+    for (int b = 0; b < batch; ++b) {
+      ptrs[b] = entries[b].sink_k;
+      ptrs[batch + b] = entries[b].sink_v;
+      ptrs[2 * batch + b] = entries[b].window_k;
+      ptrs[3 * batch + b] = entries[b].window_v;
+      counts[b] = entries[b].n_sink;
+      counts[batch + b] = entries[b].n_window;
+    }
+  }
+  static void View(const void* packed, int batch, TierBatch* t) {
+    auto* ptrs = static_cast<const void* const*>(packed);
+    auto* counts = reinterpret_cast<const int32_t*>(ptrs + 4 * batch);
+    t->sink_k = ptrs;
+    t->sink_v = ptrs + batch;
+    t->window_k = ptrs + 2 * batch;
+    t->window_v = ptrs + 3 * batch;
+    t->n_sink = counts;
+    t->n_window = counts + batch;
+    t->batch = batch;
+  }
+};
+
+// Shapes the kernels support, stated once (the runtime checks configs against these).
+inline bool SupportedHeadDim(int d) { return d == 64 || d == 128 || d == 256; }
 
 struct AttnParams {
   int q_heads = 0;       // per sequence; a multiple of kv_heads, q_heads / kv_heads <= kMaxGroup

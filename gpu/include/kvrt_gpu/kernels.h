@@ -8,7 +8,7 @@
 //
 // Layouts: rows are contiguous `head_dim` elements; "[a, b, d]" means row-major, d fastest.
 // Storage dtype is the config's (f32, f16, bf16); accumulation and partial states are f32.
-// Supported head dims: 64, 128, 256. Partial states follow DESIGN.md "Numerics": `o` normalised,
+// Supported head dims: 64, 128, 256. Partial states follow docs/architecture.md "Numerics": `o` normalised,
 // `lse` natural log-sum-exp of the scaled scores, an empty set gives (o = 0, lse = -inf).
 #include <cstddef>
 #include <cstdint>
@@ -49,6 +49,15 @@ absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b,
 void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b,
                        const float* lse_b, int rows, int head_dim, void* out, DType out_dtype,
                        float* lse_out);
+
+// Merge of n partial states per row at once (a decode step's list: GPU tier, fetched rows, the
+// CPU's states, an estimate). o: f32 [n_states, rows, d] and lse: f32 [n_states, rows],
+// contiguous; out: [rows, d] in out_dtype; lse_out: f32 [rows] or null. An empty state
+// (lse -inf) weighs 0 and its o is not read. The host reference is cpu_index::MergeStates.
+absl::Status MergeStatesN(const float* o, const float* lse, int n_states, int rows, int head_dim,
+                          void* out, DType out_dtype, float* lse_out, void* stream);
+void MergeStatesNHost(const float* o, const float* lse, int n_states, int rows, int head_dim,
+                      void* out, DType out_dtype, float* lse_out);
 
 // ---------------------------------------------------------------------------------------------
 // (c) Window ring append and eviction gather, batched over sequences (struct RingBatch).

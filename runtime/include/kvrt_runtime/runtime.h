@@ -47,29 +47,24 @@ struct Exec {
 // Checks every field; the message names the field and the accepted range.
 absl::Status ValidateConfig(const RuntimeConfig& config);
 
+// The runtime's counters, listed once. The atomics the layers update (Runtime::Counters),
+// RuntimeStats and the C API's kvrt_stats (copied field by field, by name) all expand this list;
+// kvrt.h documents what each counts.
+#define KVRT_RUNTIME_COUNTERS(X)                                                             \
+  X(gpu_tokens) X(host_tokens) X(index_bytes) X(attend_calls) X(keys_scored)                 \
+  X(cold_keys_searchable) X(cold_tokens_attended) X(evicted_tokens) X(gpu_allocated_bytes)   \
+  X(time_attend_ns) X(time_gpu_attention_ns) X(time_d2h_ns) X(time_cpu_search_ns)           \
+  X(time_cpu_attention_ns) X(time_h2d_ns) X(time_merge_ns) X(time_idle_ns)                   \
+  X(eviction_batches) X(index_update_failures) X(keys_read) X(attends_fetch)
+
 struct RuntimeStats {
+  // Derived when read: live sequences, and the bytes of the tokens counted below.
   int64_t sequences = 0;
-  int64_t gpu_tokens = 0;
-  int64_t host_tokens = 0;
   int64_t gpu_bytes = 0;
   int64_t host_bytes = 0;
-  int64_t index_bytes = 0;
-  int64_t attend_calls = 0;
-  int64_t keys_scored = 0;
-  int64_t cold_keys_searchable = 0;
-  int64_t cold_tokens_attended = 0;
-  int64_t evicted_tokens = 0;
-  int64_t gpu_allocated_bytes = 0;  // GPU-tier buffers (sinks + full window ring per layer)
-  // Decode-path time, summed over attends (ns): wall time of attend calls; GPU tier attention
-  // (device time); CPU waits for D2H (q, evicted rows); CPU search and CPU attention (wall of
-  // the cold phase, split by the per-head busy times); H2D of the CPU state and merge (device
-  // time); the CPU waiting for the GPU at the end of an attend with host output.
-  int64_t time_attend_ns = 0, time_gpu_attention_ns = 0, time_d2h_ns = 0, time_cpu_search_ns = 0,
-          time_cpu_attention_ns = 0, time_h2d_ns = 0, time_merge_ns = 0, time_idle_ns = 0;
-  int64_t eviction_batches = 0;       // D2H batches of the eviction pipeline
-  int64_t index_update_failures = 0;  // cold-index updates that failed (rows then scanned exactly)
-  int64_t keys_read = 0;  // keys_scored, but a group search's key counts once for its q heads
-  int64_t attends_fetch = 0;  // layer attends whose cold tier ran in fetch mode
+#define KVRT_STATS_FIELD_(name) int64_t name = 0;
+  KVRT_RUNTIME_COUNTERS(KVRT_STATS_FIELD_)
+#undef KVRT_STATS_FIELD_
 };
 
 class Sequence;
@@ -118,12 +113,9 @@ class Runtime {
 
   // Counters the layer states update (relaxed atomics: statistics only).
   struct Counters {
-    std::atomic<int64_t> gpu_tokens{0}, host_tokens{0}, index_bytes{0}, attend_calls{0},
-        keys_scored{0}, cold_keys_searchable{0}, cold_tokens_attended{0}, evicted_tokens{0},
-        gpu_allocated_bytes{0};
-    std::atomic<int64_t> time_attend_ns{0}, time_gpu_attention_ns{0}, time_d2h_ns{0},
-        time_cpu_search_ns{0}, time_cpu_attention_ns{0}, time_h2d_ns{0}, time_merge_ns{0},
-        time_idle_ns{0}, eviction_batches{0}, index_update_failures{0}, keys_read{0}, attends_fetch{0};
+#define KVRT_COUNTER_FIELD_(name) std::atomic<int64_t> name{0};
+    KVRT_RUNTIME_COUNTERS(KVRT_COUNTER_FIELD_)
+#undef KVRT_COUNTER_FIELD_
   };
 
  private:

@@ -1,5 +1,5 @@
 #pragma once
-// The eviction pipeline's host side (transfer/, issue 5).
+// The eviction pipeline's host side (transfer/).
 //
 // Tokens leaving a layer's GPU window are copied (on the device) into a staging buffer, then D2H
 // on the copy stream into a pinned block; an EvictionBatch holds that block and the event that
@@ -8,7 +8,7 @@
 // runtime's TBB arena (a task_group), off the decode critical path, and reports its status at
 // the next Wait.
 //
-// NOTE (v1 choice, documented in docs/benchmarks.md "Decode (issue 5)"): a layer's pending
+// NOTE (documented in docs/benchmarks.md, "Decode"): a layer's pending
 // batches are drained (event wait + store append, a memcpy of a few KiB) at the start of that
 // layer's next attend, while the GPU already runs the window attention; the index insert of the
 // new rows then runs in the background and overlaps other layers' work. Rows in the store that

@@ -1,0 +1,35 @@
+#include "kvrt_cpu_index/kind_table.h"
+
+#include <array>
+
+#include "cpu_index/src/kinds.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+//                         kind                      name               alias              make                     group  queries estimates
+constexpr std::array<KindDescriptor, kNumIndexKinds> kKinds = {{
+    {IndexKind::kExact,          "exact",           nullptr,           nullptr,                 false, false, false},
+    {IndexKind::kFlat,           "flat",            nullptr,           MakeFlatIndex,           false, false, false},
+    {IndexKind::kIvf,            "ivf",             nullptr,           MakeIvfIndex,            false, false, false},
+    {IndexKind::kHnsw,           "hnsw",            nullptr,           MakeHnswIndex,           false, false, false},
+    {IndexKind::kLandmark,       "landmark",        nullptr,           MakeLandmarkIndex,       true,  false, false},
+    {IndexKind::kAttentionAware, "attention-aware", "attention_aware", MakeAttentionAwareIndex, true,  true,  false},
+}};
+
+constexpr bool RowsInEnumOrder() {
+  for (std::size_t i = 0; i < kKinds.size(); ++i)
+    if (static_cast<std::size_t>(kKinds[i].kind) != i) return false;
+  return true;
+}
+static_assert(RowsInEnumOrder(), "kind table rows must follow the IndexKind enum order");
+
+}  // namespace
+
+absl::Span<const KindDescriptor> KindTable() { return kKinds; }
+
+bool IsIndexKind(int value) { return value >= 0 && value < kNumIndexKinds; }
+
+const KindDescriptor& KindInfo(IndexKind kind) { return kKinds[static_cast<std::size_t>(kind)]; }
+
+}  // namespace kvrt::cpu_index

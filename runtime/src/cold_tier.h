@@ -1,0 +1,116 @@
+#pragma once
+// The cold tier of one (sequence, layer): every token that left the GPU tier, per kv head a host
+// KV store, its index, the rows the index does not cover yet, and the map from store row to
+// sequence position. Both backends use it unchanged; only how rows arrive differs (host backend:
+// synchronously at append; GPU backend: from the eviction pipeline at the next call).
+//
+// Rows and positions: rows arrive in position order, so row r starts as position first_position
+// + r. A kind that lays the store out itself (KeyIndex::TakeRowOrder, e.g. one that keeps each
+// cluster's rows contiguous) permutes rows after they are indexed; the map follows, so everything
+// outside this class speaks positions and never assumes row == position.
+//
+// Index maintenance: started in one place (RefreshIndexes, synchronous or in the background) and
+// awaited in one place (AwaitIndexes, called by every method that reads or grows the store while a
+// background refresh may run). Rows the index does not cover are scanned exactly by Select, so
+// a lagging or failed index costs speed, never a token.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kvrt_cpu_index/head_store.h"
+#include "kvrt_cpu_index/index.h"
+#include "kvrt_runtime/runtime.h"
+#include "kvrt_transfer/eviction.h"
+#include "oneapi/tbb/task_arena.h"
+#include "runtime/src/partial_state.h"
+
+namespace kvrt::runtime {
+
+// What the cold selection of one decode step chose, per q head: store rows of its kv head
+// (empty for streaming heads and for exact mode, which attends every row), and the work it did.
+struct ColdSelection {
+  bool exact = false;                       // exact mode: every row of every kv head
+  std::vector<std::vector<int64_t>> rows;   // [q_heads] store rows
+  std::vector<uint8_t> active;              // [q_heads] 1 = the head takes part in the cold tier
+  PartialState estimate;                    // kinds that estimate the rows they did not select
+  std::vector<int64_t> scored;              // [q_heads] keys scored (distance computations)
+  std::vector<int64_t> search_ns;           // [q_heads] time in the search
+  int64_t keys_read = 0;                    // keys read (a group search's key counts once)
+  int64_t busy_ns = 0;                      // summed busy time of the selection's units
+
+  bool any_active() const {
+    for (uint8_t a : active)
+      if (a) return true;
+    return false;
+  }
+};
+
+class ColdTier {
+ public:
+  ColdTier(const RuntimeConfig* config, Runtime::Counters* counters, int64_t first_position);
+  ~ColdTier();
+  ColdTier(ColdTier&&) noexcept = default;
+  ColdTier& operator=(ColdTier&&) noexcept = default;
+
+  int64_t rows() const { return stores_.empty() ? 0 : stores_[0].size(); }
+  int64_t index_bytes() const { return index_bytes_; }
+  const cpu_index::HeadStore& store(int kv_head) const { return stores_[kv_head]; }
+  // Sequence position of store row `row` of kv head g.
+  int64_t position(int g, int64_t row) const { return positions_[g][row]; }
+
+  // Capacity for `rows` rows in total, so that Append up to it cannot fail.
+  absl::Status Reserve(int64_t rows);
+  // Appends n tokens [n, kv_heads, d] (storage dtype), positions rows() + first_position onward.
+  absl::Status Append(const void* k, const void* v, int64_t n);
+  // Prompt rows SampleQueries keeps out of n (evenly spaced; all of them when n is that small).
+  int64_t QuerySampleRows(int64_t n) const;
+  // Keeps an evenly spaced sample of the prompt's queries [n, q_heads, d] for kinds that build
+  // from queries.
+  void SampleQueries(const void* q, int64_t n);
+
+  // Brings every kv head's index up to the store (build on first use, then insert), at once or as
+  // a background job on the arena. Failures are counted, never returned (see the header note).
+  void RefreshIndexes(tbb::task_arena& arena, bool background);
+  // Waits for a background refresh.
+  void AwaitIndexes();
+  bool needs_refresh() const;
+
+  // Phase 2 of a decode step: per active q head, the rows to attend (index search + exact scan
+  // of uncovered rows, cut back to top_k). q: f32 [q_heads, d]; streaming: [q_heads] or null.
+  absl::Status Select(const float* q, const uint8_t* streaming, tbb::task_arena& arena,
+                      ColdSelection* sel) const;
+  // Phase 3 on the CPU: exact attention over each active head's selected rows, into `out`
+  // (rows of the heads that are not active stay empty).
+  void Attend(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
+              PartialState* out) const;
+  // Tokens per active head that the selection attends (for the statistics).
+  int64_t attended(const ColdSelection& sel, int q_head) const;
+
+  // Gives back the counters this tier added (at release).
+  void Release();
+
+ private:
+  std::vector<std::vector<int>> Units(const uint8_t* streaming) const;
+  absl::Status SelectUnit(const std::vector<int>& heads, const float* q, ColdSelection* sel,
+                          int64_t* read) const;
+  absl::Status SelectHead(int h, const float* qh, ColdSelection* sel) const;
+  void AddUncovered(int g, const float* qh, cpu_index::SearchResult* found, ColdSelection* sel,
+                    int h) const;
+  void AddEstimate(const cpu_index::SearchResult& found, ColdSelection* sel, int h) const;
+  absl::Status RefreshNow(tbb::task_arena& arena);
+  void ApplyRowOrder(int g);
+
+  const RuntimeConfig* cfg_;
+  Runtime::Counters* counters_;
+  int64_t first_position_;
+  std::vector<cpu_index::HeadStore> stores_;                   // [kv_heads]
+  std::vector<std::vector<int64_t>> positions_;                // [kv_heads][row]
+  std::vector<std::unique_ptr<cpu_index::KeyIndex>> indexes_;  // [kv_heads]
+  int64_t index_bytes_ = 0;
+  // Prompt queries (f32, per kv head) kept until the index is built.
+  std::vector<std::vector<float>> query_sample_;
+  std::unique_ptr<transfer::BackgroundWork> refresh_;
+};
+
+}  // namespace kvrt::runtime

@@ -1,0 +1,554 @@
+// The device backend of the GPU tier (device_tier.h, tier_backend.h): device sinks + window ring,
+// the eviction pipeline, fetch mode and the device half of a decode step.
+#include "runtime/src/device_tier.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "kvrt_common/status_macros.h"
+#include "kvrt_gpu/kernels.h"
+#include "oneapi/tbb/parallel_for.h"
+#include "runtime/src/tier_backend.h"
+
+namespace kvrt::runtime {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Free pinned blocks kept by the pool (eviction batches, q staging).
+constexpr std::size_t kPinnedCacheBytes = std::size_t{256} << 20;
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
+// contiguous pieces of the ring, so plain async copies do it (no index array to upload).
+absl::Status RingToLinear(void* dst, const void* ring, int64_t r0, int64_t count, int64_t W,
+                          std::size_t tb, void* stream) {
+  for (int64_t i = 0; i < count;) {
+    const int64_t slot = (r0 + i) % W, run = std::min(count - i, W - slot);
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(static_cast<unsigned char*>(dst) + i * tb,
+                                               static_cast<const unsigned char*>(ring) + slot * tb,
+                                               run * tb, stream));
+    i += run;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LinearToRing(void* ring, const void* src, int64_t r0, int64_t count, int64_t W,
+                          std::size_t tb, void* stream) {
+  for (int64_t i = 0; i < count;) {
+    const int64_t slot = (r0 + i) % W, run = std::min(count - i, W - slot);
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(static_cast<unsigned char*>(ring) + slot * tb,
+                                               static_cast<const unsigned char*>(src) + i * tb,
+                                               run * tb, stream));
+    i += run;
+  }
+  return absl::OkStatus();
+}
+
+// The call's stream: the caller's for device pointers, else one of the runtime's (returned at
+// scope exit).
+class StreamLease {
+ public:
+  StreamLease(GpuContext* ctx, const Exec& exec) : ctx_(ctx) {
+    if (exec.device) {
+      stream_ = exec.stream;
+      return;
+    }
+    auto s = ctx->AcquireStream();
+    if (!s.ok()) {
+      status_ = s.status();
+      return;
+    }
+    stream_ = *s;
+    owned_ = true;
+  }
+  ~StreamLease() {
+    if (owned_) ctx_->ReleaseStream(stream_);
+  }
+  const absl::Status& status() const { return status_; }
+  void* get() const { return stream_; }
+
+ private:
+  GpuContext* ctx_;
+  void* stream_ = nullptr;
+  bool owned_ = false;
+  absl::Status status_;
+};
+
+int64_t MsToNs(float ms) { return static_cast<int64_t>(static_cast<double>(ms) * 1e6); }
+
+}  // namespace
+
+// ---- GpuContext -------------------------------------------------------------------------------
+
+GpuContext::GpuContext() : pinned_(transfer::PinnedHostAllocator(), kPinnedCacheBytes) {}
+
+absl::StatusOr<std::unique_ptr<GpuContext>> GpuContext::Create() {
+  std::unique_ptr<GpuContext> c(new GpuContext());
+  KVRT_ASSIGN_OR_RETURN(c->copy_stream_, transfer::Stream::Create());
+  // Per-step scratch comes from the stream-ordered pool; keep it cached (best effort).
+  (void)transfer::KeepPoolMemory();
+  return c;
+}
+
+absl::StatusOr<void*> GpuContext::AcquireStream() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!free_streams_.empty()) {
+    void* s = free_streams_.back();
+    free_streams_.pop_back();
+    return s;
+  }
+  KVRT_ASSIGN_OR_RETURN(transfer::Stream s, transfer::Stream::Create());
+  streams_.push_back(std::move(s));
+  return streams_.back().get();
+}
+
+void GpuContext::ReleaseStream(void* s) {
+  std::lock_guard<std::mutex> lock(mu_);
+  free_streams_.push_back(s);
+}
+
+
+// ---- DeviceTier -------------------------------------------------------------------------------
+namespace {
+
+// Most partial states one step merges: the tier's, a fetched one, the CPU's, an estimate.
+constexpr int kMaxStates = 4;
+
+class DeviceStep : public TierStep {
+ public:
+  DeviceStep(GpuContext* ctx, const Exec& exec) : exec(exec), lease(ctx, exec) {}
+  ~DeviceStep() override {
+    if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
+  }
+  float* q_mut(std::size_t n) {
+    q_.resize(n);
+    return q_.data();
+  }
+
+  Exec exec;
+  StreamLease lease;
+  void* scratch = nullptr;
+  // States [kMaxStates, q_heads, d] and lse [kMaxStates, q_heads]; slot 0 is the tier's.
+  float* o_states = nullptr;
+  float* lse_states = nullptr;
+  int states = 1;
+  float* out_dev = nullptr;    // host output: staging of the merged result
+  const void* q_dev = nullptr;
+};
+
+class DeviceTier final : public TierBackend {
+ public:
+  DeviceTier(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* ctx)
+      : cfg_(config), counters_(counters), ctx_(ctx) {}
+  ~DeviceTier() override { Release(); }
+
+  absl::Status Append(const AppendPlan& plan, const void* k, const void* v, const Exec& exec,
+                      ColdTier* cold) override;
+  absl::Status SettleEvictions(ColdTier* cold) override;
+  int64_t pending_rows() const override { return evictions_.pending_rows(); }
+  absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes,
+                          const Exec& exec) override;
+  bool background_refresh() const override { return true; }
+  absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(const void* q, int64_t n_sink,
+                                                      int64_t n_window, const Exec& exec,
+                                                      tbb::task_arena& arena) override;
+  bool can_fetch() const override { return true; }
+  absl::Status AttendFetched(TierStep* step, const ColdSelection& sel, const ColdTier& cold,
+                             tbb::task_arena& arena) override;
+  absl::Status Finish(TierStep* step, const std::vector<const PartialState*>& states,
+                      float* out) override;
+  bool has_sinks() const override { return !sink_k_.empty(); }
+  bool has_ring() const override { return !ring_k_.empty(); }
+  std::size_t allocated_bytes() const override {
+    return sink_k_.size() + sink_v_.size() + ring_k_.size() + ring_v_.size();
+  }
+  void Release() override {
+    evictions_.Discard();
+    if (used_) (void)last_use_.Synchronize();  // device work still reading the buffers
+  }
+
+ private:
+  std::size_t token_bytes() const {
+    return static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
+  }
+  absl::Status Allocate(const AppendPlan& plan);
+  absl::Status Evict(const AppendPlan& plan, void* stream);
+  absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
+  void CollectTiming();
+
+  const RuntimeConfig* cfg_;
+  Runtime::Counters* counters_;
+  GpuContext* ctx_;
+  transfer::DeviceBuffer sink_k_, sink_v_;  // [sink_tokens, kv_heads, d]
+  transfer::DeviceBuffer ring_k_, ring_v_;  // [window_tokens, kv_heads, d]; p in slot (p-S)%W
+  // The kernel's view of the tier (gpu::TierArrays, batch 1), re-uploaded when a count changes.
+  transfer::DeviceBuffer arrays_;
+  std::vector<unsigned char> arrays_host_;
+  int32_t arrays_n_sink_ = -1, arrays_n_window_ = -1;
+  transfer::Event last_use_;  // recorded after each call's device work
+  bool used_ = false;
+  transfer::EvictionQueue evictions_;
+  // Timing events of the last attend (read when complete).
+  transfer::Event ev_start_, ev_tier_, ev_h2d_begin_, ev_h2d_, ev_merge_;
+  bool timing_pending_ = false;
+  // Fetch mode: the pinned staging of the gathered K/V rows, reused by the next attend once the
+  // H2D out of it (fetch_done_) has completed.
+  transfer::PinnedBlock fetch_block_;
+  transfer::Event fetch_done_;
+};
+
+absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
+  const std::size_t tb = token_bytes();
+  auto alloc = [&](transfer::DeviceBuffer* b, int64_t rows) -> absl::Status {
+    KVRT_ASSIGN_OR_RETURN(*b, transfer::DeviceBuffer::Allocate(static_cast<std::size_t>(rows) * tb));
+    return absl::OkStatus();
+  };
+  absl::Status st;
+  if (plan.need_sinks) {
+    st = alloc(&sink_k_, cfg_->sink_tokens);
+    if (st.ok()) st = alloc(&sink_v_, cfg_->sink_tokens);
+  }
+  if (st.ok() && plan.need_ring) {
+    st = alloc(&ring_k_, cfg_->window_tokens);
+    if (st.ok()) st = alloc(&ring_v_, cfg_->window_tokens);
+  }
+  if (st.ok() && arrays_.empty()) {
+    auto made = transfer::DeviceBuffer::Allocate(gpu::TierArrays::Bytes(1));
+    if (made.ok()) arrays_ = std::move(*made);
+    st = made.status();
+  }
+  if (!st.ok()) {
+    if (plan.need_sinks) sink_k_.Reset(), sink_v_.Reset();
+    if (plan.need_ring) ring_k_.Reset(), ring_v_.Reset();
+    return absl::Status(st.code(), absl::StrCat("append (GPU backend): ", st.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::SettleEvictions(ColdTier* cold) {
+  if (evictions_.empty()) return absl::OkStatus();
+  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + evictions_.pending_rows()));
+  // Capacity is reserved, so these appends cannot fail half-way.
+  return evictions_.Drain([&](const void* k, const void* v, int64_t rows) {
+    return cold->Append(k, v, rows);
+  });
+}
+
+// Ring tokens that leave the window: device copy into staging (stream order, before the ring
+// slots are overwritten), then D2H on the copy stream into pinned blocks. The batch reaches the
+// cold tier at this layer's next call (SettleEvictions).
+absl::Status DeviceTier::Evict(const AppendPlan& plan, void* stream) {
+  const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
+  const std::size_t tb = token_bytes();
+  const std::size_t bytes = static_cast<std::size_t>(plan.evict) * tb;
+  KVRT_ASSIGN_OR_RETURN(void* staging, transfer::MallocAsync(2 * bytes, stream));
+  auto* stg = static_cast<unsigned char*>(staging);
+  KVRT_RETURN_IF_ERROR(
+      RingToLinear(stg, ring_k_.data(), plan.cold_begin - S, plan.evict, W, tb, stream));
+  KVRT_RETURN_IF_ERROR(
+      RingToLinear(stg + bytes, ring_v_.data(), plan.cold_begin - S, plan.evict, W, tb, stream));
+  KVRT_ASSIGN_OR_RETURN(transfer::Event gathered, transfer::Event::Create(false));
+  KVRT_RETURN_IF_ERROR(gathered.Record(stream));
+  void* copy = ctx_->copy_stream();
+  KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(copy, gathered));
+  transfer::EvictionBatch batch;
+  KVRT_ASSIGN_OR_RETURN(batch.k, ctx_->pinned().Acquire(bytes));
+  KVRT_ASSIGN_OR_RETURN(batch.v, ctx_->pinned().Acquire(bytes));
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(batch.k.data(), stg, bytes, copy));
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(batch.v.data(), stg + bytes, bytes, copy));
+  KVRT_RETURN_IF_ERROR(transfer::FreeAsync(staging, copy));
+  KVRT_ASSIGN_OR_RETURN(batch.done, transfer::Event::Create(false));
+  KVRT_RETURN_IF_ERROR(batch.done.Record(copy));
+  batch.rows = plan.evict;
+  evictions_.Push(std::move(batch));
+  counters_->eviction_batches += 1;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::UploadArrays(int64_t n_sink, int64_t n_window, void* stream) {
+  if (arrays_n_sink_ == n_sink && arrays_n_window_ == n_window) return absl::OkStatus();
+  gpu::TierArrays::Entry e{sink_k_.data(), sink_v_.data(), ring_k_.data(), ring_v_.data(),
+                           static_cast<int32_t>(n_sink), static_cast<int32_t>(n_window)};
+  // NOTE: a member, not a stack buffer: the copy from pageable memory may still read it after
+  // MemcpyAsync returns.
+  arrays_host_.resize(gpu::TierArrays::Bytes(1));
+  gpu::TierArrays::Pack(&e, 1, arrays_host_.data());
+  KVRT_RETURN_IF_ERROR(
+      transfer::MemcpyAsync(arrays_.data(), arrays_host_.data(), arrays_host_.size(), stream));
+  arrays_n_sink_ = static_cast<int32_t>(n_sink);
+  arrays_n_window_ = static_cast<int32_t>(n_window);
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const void* v,
+                                const Exec& exec, ColdTier* cold) {
+  const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
+  const std::size_t tb = token_bytes();
+  if (plan.direct > 0) KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + plan.new_cold()));
+  KVRT_RETURN_IF_ERROR(Allocate(plan));
+  StreamLease lease(ctx_, exec);
+  KVRT_RETURN_IF_ERROR(lease.status());
+  void* stream = lease.get();
+  if (used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, last_use_));
+  auto* ks = static_cast<const unsigned char*>(k);
+  auto* vs = static_cast<const unsigned char*>(v);
+
+  // 1. Ring tokens leaving the window (before their slots are overwritten below).
+  if (plan.evict > 0) KVRT_RETURN_IF_ERROR(Evict(plan, stream));
+  // 2. Input tokens straight to the cold tier (more than a window at once, e.g. a prompt): after
+  //    the pending batch, in position order.
+  if (plan.direct > 0) {
+    KVRT_RETURN_IF_ERROR(SettleEvictions(cold));
+    const std::size_t off = static_cast<std::size_t>(plan.direct_begin - plan.length) * tb;
+    const std::size_t bytes = static_cast<std::size_t>(plan.direct) * tb;
+    const unsigned char* kr = ks + off;
+    const unsigned char* vr = vs + off;
+    std::vector<unsigned char> hk, hv;
+    if (exec.device) {  // D2H of the cold part only
+      hk.resize(bytes);
+      hv.resize(bytes);
+      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(hk.data(), kr, bytes, stream));
+      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(hv.data(), vr, bytes, stream));
+      KVRT_RETURN_IF_ERROR(transfer::StreamSynchronize(stream));
+      kr = hk.data();
+      vr = hv.data();
+    }
+    KVRT_RETURN_IF_ERROR(cold->Append(kr, vr, plan.direct));
+  }
+  // 3. New tokens that stay on the tier (host sources are staged by the driver, so the caller may
+  //    reuse them when this returns).
+  if (plan.sink_end > plan.length) {
+    const std::size_t bytes = static_cast<std::size_t>(plan.sink_end - plan.length) * tb;
+    auto* sk = static_cast<unsigned char*>(sink_k_.data()) + plan.length * tb;
+    auto* sv = static_cast<unsigned char*>(sink_v_.data()) + plan.length * tb;
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(sk, ks, bytes, stream));
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(sv, vs, bytes, stream));
+  }
+  if (plan.new_length > plan.ring_begin) {
+    const std::size_t off = static_cast<std::size_t>(plan.ring_begin - plan.length) * tb;
+    const int64_t n = plan.new_length - plan.ring_begin;
+    KVRT_RETURN_IF_ERROR(
+        LinearToRing(ring_k_.data(), ks + off, plan.ring_begin - S, n, W, tb, stream));
+    KVRT_RETURN_IF_ERROR(
+        LinearToRing(ring_v_.data(), vs + off, plan.ring_begin - S, n, W, tb, stream));
+  }
+  const int64_t n_sink = std::min(plan.new_length, S);
+  const int64_t n_window = plan.new_length - n_sink - (cold->rows() + pending_rows());
+  KVRT_RETURN_IF_ERROR(UploadArrays(n_sink, n_window, stream));
+  if (last_use_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(last_use_, transfer::Event::Create(false));
+  }
+  KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
+  used_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::CopyToHost(void* dst, const void* src, std::size_t bytes,
+                                    const Exec& exec) {
+  if (!exec.device) {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  StreamLease lease(ctx_, exec);
+  KVRT_RETURN_IF_ERROR(lease.status());
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(dst, src, bytes, lease.get()));
+  return transfer::StreamSynchronize(lease.get());
+}
+
+void DeviceTier::CollectTiming() {
+  if (!timing_pending_) return;
+  bool done = false;
+  if (!ev_merge_.Query(&done).ok() || !done) return;
+  auto a = transfer::ElapsedMs(ev_start_, ev_tier_);
+  auto b = transfer::ElapsedMs(ev_h2d_begin_, ev_h2d_);
+  auto c = transfer::ElapsedMs(ev_h2d_, ev_merge_);
+  if (a.ok()) counters_->time_gpu_attention_ns += MsToNs(*a);
+  if (b.ok()) counters_->time_h2d_ns += MsToNs(*b);
+  if (c.ok()) counters_->time_merge_ns += MsToNs(*c);
+  timing_pending_ = false;
+}
+
+absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(const void* q_in, int64_t n_sink,
+                                                                int64_t n_window,
+                                                                const Exec& exec,
+                                                                tbb::task_arena&) {
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const std::size_t of = static_cast<std::size_t>(H) * d;
+  const std::size_t qbytes = of * DTypeSize(cfg_->dtype);
+  CollectTiming();  // the previous attend's device times (device output: read lazily)
+  if (ev_start_.empty()) {
+    for (auto* e : {&ev_start_, &ev_tier_, &ev_h2d_begin_, &ev_h2d_, &ev_merge_}) {
+      KVRT_ASSIGN_OR_RETURN(*e, transfer::Event::Create(true));
+    }
+  }
+  auto step = std::make_unique<DeviceStep>(ctx_, exec);
+  KVRT_RETURN_IF_ERROR(step->lease.status());
+  void* stream = step->lease.get();
+  if (used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, last_use_));
+
+  // Scratch: [o kMaxStates*H*d | lse kMaxStates*H | out H*d (host out) | q (host q)].
+  const std::size_t floats = kMaxStates * (of + H) + (exec.device ? 0 : of);
+  KVRT_ASSIGN_OR_RETURN(step->scratch, transfer::MallocAsync(
+                                           floats * sizeof(float) + (exec.device ? 0 : qbytes),
+                                           stream));
+  step->o_states = static_cast<float*>(step->scratch);
+  step->lse_states = step->o_states + kMaxStates * of;
+  step->out_dev = exec.device ? nullptr : step->lse_states + kMaxStates * H;
+
+  // q for the GPU (device) and for the CPU (host f32).
+  transfer::PinnedBlock q_pinned;
+  transfer::Event q_ready;
+  step->q_dev = q_in;
+  if (exec.device) {
+    KVRT_ASSIGN_OR_RETURN(q_pinned, ctx_->pinned().Acquire(qbytes));
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(q_pinned.data(), q_in, qbytes, stream));
+    KVRT_ASSIGN_OR_RETURN(q_ready, transfer::Event::Create(false));
+    KVRT_RETURN_IF_ERROR(q_ready.Record(stream));
+  } else {
+    void* qd = static_cast<unsigned char*>(step->scratch) + floats * sizeof(float);
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(qd, q_in, qbytes, stream));
+    step->q_dev = qd;
+  }
+
+  // Partial attention over sinks + window into state slot 0, while the CPU goes on.
+  gpu::TierBatch tier;
+  gpu::TierArrays::View(arrays_.data(), 1, &tier);
+  tier.max_tokens = static_cast<int>(n_sink + n_window);
+  tier.kv_heads = cfg_->num_kv_heads;
+  tier.head_dim = d;
+  tier.dtype = cfg_->dtype;
+  gpu::AttnParams params;
+  params.q_heads = H;
+  params.scale = cfg_->scale;
+  params.q_is_f32 = cfg_->dtype == DType::kF32;
+  KVRT_RETURN_IF_ERROR(ev_start_.Record(stream));
+  KVRT_RETURN_IF_ERROR(gpu::TierAttention(tier, step->q_dev, params, step->o_states,
+                                          step->lse_states, nullptr, stream));
+  KVRT_RETURN_IF_ERROR(ev_tier_.Record(stream));
+
+  const int64_t t0 = NowNs();
+  float* q = step->q_mut(of);
+  if (exec.device) {
+    KVRT_RETURN_IF_ERROR(q_ready.Synchronize());
+    ConvertToF32(q_pinned.data(), cfg_->dtype, of, q);
+  } else {
+    ConvertToF32(q_in, cfg_->dtype, of, q);
+  }
+  counters_->time_d2h_ns += NowNs() - t0;
+  return std::unique_ptr<TierStep>(std::move(step));
+}
+
+absl::Status DeviceTier::AttendFetched(TierStep* base, const ColdSelection& sel,
+                                       const ColdTier& cold, tbb::task_arena& arena) {
+  auto* step = static_cast<DeviceStep*>(base);
+  void* stream = step->lease.get();
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int group = H / cfg_->num_kv_heads;
+  const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(cfg_->dtype);
+  std::vector<int32_t> offsets(H + 1, 0);
+  int max_rows = 0;
+  for (int h = 0; h < H; ++h) {
+    offsets[h + 1] = offsets[h] + static_cast<int32_t>(sel.rows[h].size());
+    max_rows = std::max(max_rows, static_cast<int>(sel.rows[h].size()));
+  }
+  const std::size_t kv_bytes = static_cast<std::size_t>(offsets[H]) * row_bytes;
+  const std::size_t total = 2 * kv_bytes + offsets.size() * sizeof(int32_t);
+  if (fetch_done_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(fetch_done_, transfer::Event::Create(false));
+  } else {
+    KVRT_RETURN_IF_ERROR(fetch_done_.Synchronize());  // the previous H2D out of fetch_block_
+  }
+  if (fetch_block_.size() < total) {
+    fetch_block_ = transfer::PinnedBlock();
+    KVRT_ASSIGN_OR_RETURN(fetch_block_, ctx_->pinned().Acquire(total));
+  }
+  auto* host_k = static_cast<unsigned char*>(fetch_block_.data());
+  auto* host_v = host_k + kv_bytes;
+  arena.execute([&] {
+    tbb::parallel_for(0, H, [&](int h) {
+      const auto& store = cold.store(h / group);
+      for (std::size_t j = 0; j < sel.rows[h].size(); ++j) {
+        const std::size_t at = (static_cast<std::size_t>(offsets[h]) + j) * row_bytes;
+        std::memcpy(host_k + at, store.key(sel.rows[h][j]), row_bytes);
+        std::memcpy(host_v + at, store.value(sel.rows[h][j]), row_bytes);
+      }
+    });
+  });
+  std::memcpy(host_v + kv_bytes, offsets.data(), offsets.size() * sizeof(int32_t));
+  const std::size_t of = static_cast<std::size_t>(H) * d;
+  const int slot = step->states++;
+  KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
+  KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(total, stream));
+  auto* dev_k = static_cast<unsigned char*>(dev);
+  absl::Status st = transfer::MemcpyAsync(dev, host_k, total, stream);
+  if (st.ok()) st = fetch_done_.Record(stream);
+  if (st.ok()) st = ev_h2d_.Record(stream);
+  if (st.ok()) {
+    gpu::GatherBatch batch;
+    batch.k = dev_k;
+    batch.v = dev_k + kv_bytes;
+    batch.row_offsets = reinterpret_cast<const int32_t*>(dev_k + 2 * kv_bytes);
+    batch.rows_q = H;
+    batch.max_rows = max_rows;
+    batch.head_dim = d;
+    batch.dtype = cfg_->dtype;
+    st = gpu::GatherAttend(batch, step->q_dev, cfg_->dtype == DType::kF32, cfg_->scale, 0,
+                           step->o_states + slot * of, step->lse_states + slot * H, nullptr,
+                           stream);
+  }
+  const absl::Status freed = transfer::FreeAsync(dev, stream);
+  return st.ok() ? freed : st;
+}
+
+absl::Status DeviceTier::Finish(TierStep* base, const std::vector<const PartialState*>& states,
+                                float* out) {
+  auto* step = static_cast<DeviceStep*>(base);
+  void* stream = step->lease.get();
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const std::size_t of = static_cast<std::size_t>(H) * d;
+  const bool fetched = step->states > 1;
+  if (step->states + static_cast<int>(states.size()) > kMaxStates)
+    return absl::InternalError("decode step: more partial states than the merge has slots");
+  // The host states go up into the next slots (after a fetch, its H2D already opened the
+  // interval; otherwise it opens here).
+  if (!fetched) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
+  for (const PartialState* s : states) {
+    const int slot = step->states++;
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->o_states + slot * of, s->o.data(),
+                                               of * sizeof(float), stream));
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->lse_states + slot * H, s->lse.data(),
+                                               H * sizeof(float), stream));
+  }
+  if (!fetched) KVRT_RETURN_IF_ERROR(ev_h2d_.Record(stream));
+  float* out_dev = step->exec.device ? out : step->out_dev;
+  KVRT_RETURN_IF_ERROR(gpu::MergeStatesN(step->o_states, step->lse_states, step->states, H, d,
+                                         out_dev, DType::kF32, nullptr, stream));
+  KVRT_RETURN_IF_ERROR(ev_merge_.Record(stream));
+  timing_pending_ = true;
+  if (!step->exec.device) {
+    const int64_t t0 = NowNs();
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(out, out_dev, of * sizeof(float), stream));
+    KVRT_RETURN_IF_ERROR(transfer::StreamSynchronize(stream));
+    counters_->time_idle_ns += NowNs() - t0;
+    CollectTiming();
+  }
+  return last_use_.Record(stream);
+}
+
+}  // namespace
+
+std::unique_ptr<TierBackend> MakeDeviceTier(const RuntimeConfig* config,
+                                            Runtime::Counters* counters, GpuContext* gpu) {
+  return std::make_unique<DeviceTier>(config, counters, gpu);
+}
+
+}  // namespace kvrt::runtime

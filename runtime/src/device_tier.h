@@ -1,0 +1,44 @@
+#pragma once
+// The device backend of the GPU tier (tier_backend.h, config.use_gpu): sinks and window ring in
+// device memory, the eviction pipeline to the cold tier, fetch mode, and the per-runtime CUDA
+// resources (streams, pinned pool).
+//
+// A decode step on the device (LayerState::Attend drives it):
+//   stream: [H2D q] -> TierAttention(sinks + ring) -> tier state
+//   CPU:    [wait D2H q] -> cold selection -> cold attention (or fetch: gather, H2D, GatherAttend)
+//   stream: H2D of the host states -> one MergeStatesN over [tier, fetched, host states] -> out
+// Every piece of a layer's device work is ordered after the previous call's through an event
+// (last_use), so calls on different streams never race on the tier's buffers.
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "kvrt_transfer/cuda_rt.h"
+#include "kvrt_transfer/eviction.h"
+#include "kvrt_transfer/pinned_pool.h"
+
+namespace kvrt::runtime {
+
+// Per-runtime CUDA resources. Thread-safe.
+class GpuContext {
+ public:
+  static absl::StatusOr<std::unique_ptr<GpuContext>> Create();
+
+  void* copy_stream() const { return copy_stream_.get(); }
+  transfer::PinnedPool& pinned() { return pinned_; }
+  // A runtime stream for calls that bring none (host pointers); returned after the call.
+  absl::StatusOr<void*> AcquireStream();
+  void ReleaseStream(void* s);
+
+ private:
+  GpuContext();
+  transfer::Stream copy_stream_;
+  transfer::PinnedPool pinned_;
+  std::mutex mu_;
+  std::vector<transfer::Stream> streams_;
+  std::vector<void*> free_streams_;
+};
+
+}  // namespace kvrt::runtime

@@ -1,0 +1,174 @@
+// The host backend of the GPU tier (tier_backend.h): sinks and window ring in host memory, tokens
+// leaving the window copied into the cold tier at once, every partial state on the CPU. It is
+// also the numerical reference of the device backend: both attend and merge with the same host
+// implementation (cpu_index/attention.h) that the kernels' host references use.
+#include <algorithm>
+#include <cstring>
+#include <new>
+
+#include "absl/strings/str_cat.h"
+#include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/attention.h"
+#include "oneapi/tbb/parallel_for.h"
+#include "runtime/src/tier_backend.h"
+
+namespace kvrt::runtime {
+namespace {
+
+class HostStep : public TierStep {
+ public:
+  HostStep(int q_heads, int d) {
+    q_.resize(static_cast<std::size_t>(q_heads) * d);
+    tier.Reset(q_heads, d);
+  }
+  float* q_mut() { return q_.data(); }
+  PartialState tier;  // sinks + window
+};
+
+class HostTier final : public TierBackend {
+ public:
+  explicit HostTier(const RuntimeConfig* config) : cfg_(config) {}
+
+  absl::Status Append(const AppendPlan& plan, const void* k, const void* v, const Exec& exec,
+                      ColdTier* cold) override;
+  absl::Status SettleEvictions(ColdTier*) override { return absl::OkStatus(); }
+  int64_t pending_rows() const override { return 0; }
+  absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes, const Exec&) override {
+    std::memcpy(dst, src, bytes);
+    return absl::OkStatus();
+  }
+  bool background_refresh() const override { return false; }
+  absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(const void* q, int64_t n_sink,
+                                                      int64_t n_window, const Exec& exec,
+                                                      tbb::task_arena& arena) override;
+  bool can_fetch() const override { return false; }
+  absl::Status AttendFetched(TierStep*, const ColdSelection&, const ColdTier&,
+                             tbb::task_arena&) override {
+    return absl::UnimplementedError("fetch mode needs the GPU backend");
+  }
+  absl::Status Finish(TierStep* step, const std::vector<const PartialState*>& states,
+                      float* out) override;
+  bool has_sinks() const override { return !sink_k_.empty(); }
+  bool has_ring() const override { return !ring_k_.empty(); }
+  std::size_t allocated_bytes() const override {
+    return sink_k_.size() + sink_v_.size() + ring_k_.size() + ring_v_.size();
+  }
+  void Release() override {}
+
+ private:
+  std::size_t token_bytes() const {
+    return static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
+  }
+  absl::Status Allocate(const AppendPlan& plan);
+
+  const RuntimeConfig* cfg_;
+  // [rows, kv_heads, d] in storage dtype; position p >= S lives in ring slot (p - S) % W.
+  std::vector<unsigned char> sink_k_, sink_v_, ring_k_, ring_v_;
+};
+
+absl::Status HostTier::Allocate(const AppendPlan& plan) {
+  const std::size_t tb = token_bytes();
+  try {
+    if (plan.need_sinks) {
+      sink_k_.resize(cfg_->sink_tokens * tb);
+      sink_v_.resize(cfg_->sink_tokens * tb);
+    }
+    if (plan.need_ring) {
+      ring_k_.resize(cfg_->window_tokens * tb);
+      ring_v_.resize(cfg_->window_tokens * tb);
+    }
+  } catch (const std::bad_alloc&) {
+    if (plan.need_sinks) sink_k_ = {}, sink_v_ = {};
+    if (plan.need_ring) ring_k_ = {}, ring_v_ = {};
+    return absl::ResourceExhaustedError(
+        absl::StrCat("append: cannot allocate ", plan.gpu_bytes, " bytes of GPU-tier buffers"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HostTier::Append(const AppendPlan& plan, const void* k, const void* v, const Exec&,
+                              ColdTier* cold) {
+  const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
+  const std::size_t tb = token_bytes();
+  // Cold capacity first (a reserved but unused capacity is harmless), then the tier's buffers,
+  // so that a failure of either leaves nothing allocated on this call's account.
+  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + plan.new_cold()));
+  KVRT_RETURN_IF_ERROR(Allocate(plan));
+  auto* ks = static_cast<const unsigned char*>(k);
+  auto* vs = static_cast<const unsigned char*>(v);
+
+  // 1. Tokens that become cold, in position order: ring tokens (older; at most two contiguous
+  //    runs of slots), then input tokens past the window.
+  for (int64_t p = plan.cold_begin; p < plan.cold_begin + plan.evict;) {
+    const int64_t slot = (p - S) % W;
+    const int64_t run = std::min(plan.cold_begin + plan.evict - p, W - slot);
+    KVRT_RETURN_IF_ERROR(
+        cold->Append(ring_k_.data() + slot * tb, ring_v_.data() + slot * tb, run));
+    p += run;
+  }
+  if (plan.direct > 0) {
+    const std::size_t off = static_cast<std::size_t>(plan.direct_begin - plan.length) * tb;
+    KVRT_RETURN_IF_ERROR(cold->Append(ks + off, vs + off, plan.direct));
+  }
+  // 2. New tokens that stay on the tier.
+  for (int64_t p = plan.length; p < plan.sink_end; ++p) {
+    std::memcpy(sink_k_.data() + p * tb, ks + (p - plan.length) * tb, tb);
+    std::memcpy(sink_v_.data() + p * tb, vs + (p - plan.length) * tb, tb);
+  }
+  for (int64_t p = plan.ring_begin; p < plan.new_length; ++p) {
+    const std::size_t slot = static_cast<std::size_t>((p - S) % W);
+    std::memcpy(ring_k_.data() + slot * tb, ks + (p - plan.length) * tb, tb);
+    std::memcpy(ring_v_.data() + slot * tb, vs + (p - plan.length) * tb, tb);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(const void* q, int64_t n_sink,
+                                                              int64_t n_window, const Exec&,
+                                                              tbb::task_arena& arena) {
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int group = H / cfg_->num_kv_heads;
+  auto step = std::make_unique<HostStep>(H, d);
+  ConvertToF32(q, cfg_->dtype, static_cast<std::size_t>(H) * d, step->q_mut());
+  const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * d;
+  auto body = [&](int h) {
+    const std::size_t hoff = static_cast<std::size_t>(h / group) * d * DTypeSize(cfg_->dtype);
+    const float* qh = step->q() + static_cast<std::size_t>(h) * d;
+    float* oh = step->tier.o.data() + static_cast<std::size_t>(h) * d;
+    std::vector<float> o2(d);
+    float lse2;
+    // NOTE: an unallocated buffer (sink_tokens = 0, or no token past the sinks yet) has a null
+    // data(); offsetting null is undefined behaviour (UBSan, fuzz_api), so pass null instead.
+    auto at = [hoff](const std::vector<unsigned char>& b) {
+      return b.empty() ? nullptr : b.data() + hoff;
+    };
+    cpu_index::AttendDense(qh, d, cfg_->scale, at(sink_k_), at(sink_v_), head_elems, cfg_->dtype,
+                           n_sink, oh, &step->tier.lse[h]);
+    cpu_index::AttendDense(qh, d, cfg_->scale, at(ring_k_), at(ring_v_), head_elems, cfg_->dtype,
+                           n_window, o2.data(), &lse2);
+    cpu_index::MergeInto(oh, &step->tier.lse[h], o2.data(), lse2, d);
+  };
+  arena.execute([&] { tbb::parallel_for(0, H, body); });
+  return std::unique_ptr<TierStep>(std::move(step));
+}
+
+absl::Status HostTier::Finish(TierStep* step, const std::vector<const PartialState*>& states,
+                              float* out) {
+  auto& tier = static_cast<HostStep*>(step)->tier;
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  for (int h = 0; h < H; ++h) {
+    const std::size_t off = static_cast<std::size_t>(h) * d;
+    for (const PartialState* s : states)
+      cpu_index::MergeInto(tier.o.data() + off, &tier.lse[h], s->o.data() + off, s->lse[h], d);
+  }
+  std::memcpy(out, tier.o.data(), tier.o.size() * sizeof(float));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::unique_ptr<TierBackend> MakeHostTier(const RuntimeConfig* config) {
+  return std::make_unique<HostTier>(config);
+}
+
+}  // namespace kvrt::runtime

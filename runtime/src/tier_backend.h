@@ -1,0 +1,94 @@
+#pragma once
+// The GPU tier of one (sequence, layer): the sinks and the window ring, behind one interface with
+// two backends. HostTier keeps them in host memory (no GPU; CI); DeviceTier keeps them in device
+// memory and moves tokens that leave the window through the eviction pipeline (transfer/).
+// LayerState (layer_state.h) drives either without knowing which.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "kvrt_runtime/runtime.h"
+#include "oneapi/tbb/task_arena.h"
+#include "runtime/src/cold_tier.h"
+#include "runtime/src/partial_state.h"
+
+namespace kvrt::runtime {
+
+class GpuContext;
+
+// Where the tokens of one append go, by position. Computed once from the layer's length, the
+// cold rows and the config (PlanAppend), so both backends move the same tokens.
+struct AppendPlan {
+  int64_t length = 0, new_length = 0;   // [length, new_length) arrive
+  int64_t cold_begin = 0, cold_end = 0;  // positions cold afterwards that are not yet: [begin, end)
+  int64_t evict = 0;                     // ring tokens leaving: [cold_begin, cold_begin + evict)
+  int64_t direct_begin = 0, direct = 0;  // input tokens straight to the cold tier
+  int64_t sink_end = 0;                  // sinks written: [length, sink_end)
+  int64_t ring_begin = 0;                // input tokens into the ring: [ring_begin, new_length)
+  bool need_sinks = false, need_ring = false;  // first use allocates the buffers
+  int64_t gpu_bytes = 0;                 // bytes the allocation adds to the GPU tier
+
+  int64_t new_cold() const { return cold_end - cold_begin; }
+};
+
+// One decode step's state in a backend (scratch, events, q as f32 for the CPU).
+class TierStep {
+ public:
+  virtual ~TierStep() = default;
+  // q as f32 [q_heads, d] in host memory, for the cold tier.
+  const float* q() const { return q_.data(); }
+
+ protected:
+  std::vector<float> q_;
+};
+
+class TierBackend {
+ public:
+  virtual ~TierBackend() = default;
+
+  // Allocates what `plan` needs and stores its tokens; rows leaving for the cold tier reach it now
+  // (host) or at the next SettleEvictions (device). Atomic: on error nothing changed.
+  virtual absl::Status Append(const AppendPlan& plan, const void* k, const void* v,
+                              const Exec& exec, ColdTier* cold) = 0;
+  // Rows evicted by earlier calls enter the cold tier (waits for their copies).
+  virtual absl::Status SettleEvictions(ColdTier* cold) = 0;
+  // Rows evicted but not yet in the cold tier.
+  virtual int64_t pending_rows() const = 0;
+  // Copies bytes from a call's tensor (device memory when exec.device) into host memory.
+  virtual absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes,
+                                  const Exec& exec) = 0;
+  // Whether indexes refresh in the background (device: overlapping other layers' work) or at
+  // once (host: results independent of timing).
+  virtual bool background_refresh() const = 0;
+
+  // Phase 1 of a decode step: starts the tier's partial attention for q (device: launched on the
+  // stream; host: computed) and makes q available in f32 to the CPU.
+  virtual absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(const void* q, int64_t n_sink,
+                                                              int64_t n_window,
+                                                              const Exec& exec,
+                                                              tbb::task_arena& arena) = 0;
+  // Phase 3, fetch mode: the selected rows copied to the accelerator and attended there; their
+  // state joins the tier's in Finish. Unimplemented on the host backend.
+  virtual bool can_fetch() const = 0;
+  virtual absl::Status AttendFetched(TierStep* step, const ColdSelection& sel,
+                                     const ColdTier& cold, tbb::task_arena& arena) = 0;
+  // Phase 4: merges the tier's state, a fetched state and `states` (host memory) once, into out.
+  virtual absl::Status Finish(TierStep* step, const std::vector<const PartialState*>& states,
+                              float* out) = 0;
+
+  // Whether the sink / ring buffers exist (allocated at first use).
+  virtual bool has_sinks() const = 0;
+  virtual bool has_ring() const = 0;
+  // Bytes of GPU-tier buffers held.
+  virtual std::size_t allocated_bytes() const = 0;
+  // Waits for device work and drops evictions in flight (release).
+  virtual void Release() = 0;
+};
+
+std::unique_ptr<TierBackend> MakeHostTier(const RuntimeConfig* config);
+std::unique_ptr<TierBackend> MakeDeviceTier(const RuntimeConfig* config,
+                                            Runtime::Counters* counters, GpuContext* gpu);
+
+}  // namespace kvrt::runtime
