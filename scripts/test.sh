@@ -6,14 +6,22 @@ bash scripts/setup.sh --test
 bash scripts/build.sh
 ctest --test-dir "${KVRT_BUILD_DIR:-build}" --output-on-failure -j "$(nproc)"
 
-# The installed library, as a decoder would use it: find_package(kvrt) from a separate project.
+# The installed library, as a decoder would use it, from a prefix other than /usr/local: a C
+# program built with find_package(kvrt) (which must need none of kvrt's build dependencies: they
+# are disabled here) and with pkg-config.
 build=${KVRT_BUILD_DIR:-build}
-cmake --install "$build" --prefix "$build/install" >/dev/null
-cmake -S examples/c_replay -B "$build/example" -DCMAKE_PREFIX_PATH="$PWD/$build/install" >/dev/null
+prefix=$PWD/$build/install
+cmake --install "$build" --prefix "$prefix" >/dev/null
+cmake -S examples/c_replay -B "$build/example" -DCMAKE_PREFIX_PATH="$prefix" --no-warn-unused-cli \
+  -DCMAKE_DISABLE_FIND_PACKAGE_{Threads,OpenMP,faiss,TBB,absl,CUDAToolkit}=ON >/dev/null
 cmake --build "$build/example" >/dev/null
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+cc -std=c99 -Wall -Wextra -Werror examples/c_replay/c_replay.c -o "$build/example/c_replay_pc" \
+  $(pkg-config --cflags --libs kvrt) -Wl,-rpath,"$(pkg-config --variable=libdir kvrt)" -lm
 "$build/tools/kvrt" gen-trace -o "$build/example/small.safetensors" --tokens 1024 --steps 4 \
   --layers 2 --q-heads 8 --kv-heads 2 --head-dim 64 --seed 3 --quiet
 "$build/example/c_replay" "$build/example/small.safetensors"
+"$build/example/c_replay_pc" "$build/example/small.safetensors" >/dev/null
 
 # Reliability (docs/reliability.md): the API, runtime, soak and trace-reader suites under
 # ASan + UBSan + LeakSanitizer, then a short fuzz run with clang's libFuzzer (installed by
