@@ -98,23 +98,13 @@ void MergeInto(float* o1, float* lse1, const float* o2, float lse2, int d) {
 
 void MergeStates(int n, const float* const* o, const float* lse, int d, float* o_out,
                  float* lse_out) {
-  float m = kNegInf;
-  for (int i = 0; i < n; ++i) m = std::max(m, lse[i]);
-  if (m == kNegInf) {
-    std::fill(o_out, o_out + d, 0.f);
-    *lse_out = kNegInf;
-    return;
-  }
-  float sum = 0.f;
-  for (int i = 0; i < n; ++i) sum += lse[i] == kNegInf ? 0.f : std::exp(lse[i] - m);
+  // A left fold of MergeInto: the same arithmetic as merging the states one at a time, so the host
+  // backend's results do not depend on how many states a step merges at once.
   std::vector<float> acc(d, 0.f);
-  for (int i = 0; i < n; ++i) {
-    if (lse[i] == kNegInf) continue;
-    const float w = std::exp(lse[i] - m) / sum;
-    for (int j = 0; j < d; ++j) acc[j] += w * o[i][j];
-  }
+  float l = kNegInf;
+  for (int i = 0; i < n; ++i) MergeInto(acc.data(), &l, o[i], lse[i], d);
   std::copy(acc.begin(), acc.end(), o_out);
-  *lse_out = m + std::log(sum);
+  *lse_out = l;
 }
 
 }  // namespace kvrt::cpu_index

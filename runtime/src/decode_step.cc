@@ -1,21 +1,25 @@
-// One decode step of one (sequence, layer), top to bottom. The same phases run on both backends;
-// what differs (where the GPU tier lives, where states merge) is behind TierBackend:
+// One decode step of one layer, for one sequence or a batch of them, top to bottom. The same phases
+// run on both backends; what differs (where the GPU tier lives, where states merge) is behind
+// TierBackend:
 //
-//   1. GPU tier    partial attention over sinks + window: launched on the device (it runs while
-//                  the CPU works on 2-3) or computed on the host backend.
+//   1. GPU tier    partial attention over sinks + window, every sequence of the batch in one
+//                  launch on the device (it runs while the CPU works on 2-3), or on the host.
 //   2. selection   per q head, the cold rows to attend (ColdTier::Select: index search, exact scan
 //                  of rows the index does not cover yet, top_k), plus a two-level kind's estimate
 //                  of the rows it leaves out.
 //   3. cold attend exact attention over the selected rows: on the CPU over the host store, or
 //                  (fetch mode) gathered, copied to the GPU and attended there.
-//   4. merge       the list of partial states (tier, cold or fetched, estimate) merged once, in
-//                  log-sum-exp space, into out.
+//   4. merge       each sequence's list of partial states (tier, cold or fetched, estimate)
+//                  merged once, in log-sum-exp space, into out (one launch for the batch).
 // Then the rows this step moved into the cold tier get indexed (in the background on the GPU).
+#include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/status_macros.h"
+#include "oneapi/tbb/parallel_for.h"
 #include "runtime/src/layer_state.h"
 
 namespace kvrt::runtime {
@@ -31,60 +35,134 @@ int64_t NowNs() {
 
 absl::Status LayerState::Attend(const void* q, float* out, tbb::task_arena& arena,
                                 const uint8_t* streaming, const Exec& exec) {
-  if (length_ == 0)
-    return absl::FailedPreconditionError(
-        "attend: the layer holds no token (prefill or append first)");
+  LayerState* self = this;
+  absl::Status status;
+  KVRT_RETURN_IF_ERROR(Step(&self, 1, q, out, arena, streaming, exec, &status));
+  return status;
+}
+
+absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, float* out,
+                              tbb::task_arena& arena, const uint8_t* streaming, const Exec& exec,
+                              absl::Status* status) {
+  const RuntimeConfig& cfg = *layers[0]->cfg_;
+  const std::size_t q_bytes =
+      static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim * DTypeSize(cfg.dtype);
+  const std::size_t out_floats = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  // Members that can take part: a layer with no token fails alone. The others step together;
+  // q and out of the members are gathered (contiguous, in member order) only when some failed.
+  std::vector<int> members;
+  for (int i = 0; i < n; ++i) {
+    if (layers[i]->length_ == 0) {
+      status[i] = absl::FailedPreconditionError(
+          "attend: the layer holds no token (prefill or append first)");
+    } else {
+      members.push_back(i);
+    }
+  }
+  const int m = static_cast<int>(members.size());
+  if (m == 0) return absl::OkStatus();
   const int64_t t_start = NowNs();
+  const void* q_step = q;
+  float* out_step = out;
+  std::vector<unsigned char> q_gathered;
+  std::vector<float> out_gathered;
+  if (m < n) {
+    if (exec.device) {
+      // Device tensors are not regathered on the host: the members step one at a time.
+      for (int i : members)
+        status[i] = layers[i]->Attend(static_cast<const unsigned char*>(q) + i * q_bytes,
+                                      out + i * out_floats, arena, streaming, exec);
+      return absl::OkStatus();
+    }
+    q_gathered.resize(m * q_bytes);
+    out_gathered.resize(m * out_floats);
+    for (int j = 0; j < m; ++j)
+      std::memcpy(q_gathered.data() + j * q_bytes,
+                  static_cast<const unsigned char*>(q) + members[j] * q_bytes, q_bytes);
+    q_step = q_gathered.data();
+    out_step = out_gathered.data();
+  }
+  std::vector<TierBackend*> tiers(m);
+  std::vector<TierCounts> counts(m);
+  for (int j = 0; j < m; ++j) {
+    LayerState& l = *layers[members[j]];
+    tiers[j] = l.tier_.get();
+    counts[j] = {l.n_sink_, l.n_window_};
+  }
+  TierBackend& backend = *tiers[0];
 
-  // 1. GPU tier.
+  // 1. GPU tier, every member in one launch.
   KVRT_ASSIGN_OR_RETURN(std::unique_ptr<TierStep> step,
-                        tier_->BeginStep(q, n_sink_, n_window_, exec, arena));
-  const int64_t t_settle = NowNs();
-  KVRT_RETURN_IF_ERROR(SettleCold());
-  counters_->time_d2h_ns += NowNs() - t_settle;
+                        backend.BeginStep(tiers.data(), counts.data(), m, q_step, exec, arena));
 
-  // 2. Cold selection.
-  const int64_t t_cold = NowNs();
-  ColdSelection sel;
-  KVRT_RETURN_IF_ERROR(cold_.Select(step->q(), streaming, arena, &sel));
-  const bool any_cold = sel.any_active();
-  const bool fetch = any_cold && ChooseFetch();
-
-  // 3. Cold attention.
-  std::vector<const PartialState*> states;
-  PartialState cold_state;
-  if (fetch) {
-    KVRT_RETURN_IF_ERROR(tier_->AttendFetched(step.get(), sel, cold_, arena));
-    counters_->attends_fetch += 1;
-  } else if (cold_.rows() > 0) {
-    cold_.Attend(step->q(), sel, arena, &cold_state);
-    states.push_back(&cold_state);
+  // 2-3. Per member: cold selection, then cold attention (CPU, or fetched to the GPU).
+  std::vector<ColdSelection> sel(m);
+  std::vector<PartialState> cold_state(m);
+  std::vector<StepStates> states(m);
+  std::vector<uint8_t> ok(m, 1), fetched(m, 0);
+  std::vector<absl::Status> member_status(m);
+  auto cold_phase = [&](int j) {
+    LayerState& l = *layers[members[j]];
+    const int64_t t_settle = NowNs();
+    member_status[j] = l.SettleCold();
+    if (!member_status[j].ok()) return;
+    const int64_t t_cold = NowNs();
+    l.counters_->time_d2h_ns += t_cold - t_settle;
+    member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j]);
+    if (!member_status[j].ok()) return;
+    fetched[j] = sel[j].any_active() && l.ChooseFetch();
+    if (fetched[j]) {
+      member_status[j] = l.tier_->AttendFetched(step.get(), j, sel[j], l.cold_, arena);
+      if (!member_status[j].ok()) return;
+      l.counters_->attends_fetch += 1;
+    } else if (l.cold_.rows() > 0) {
+      l.cold_.Attend(step->q(j), sel[j], arena, &cold_state[j]);
+      states[j].cold = &cold_state[j];
+    }
+    if (!sel[j].estimate.empty()) states[j].estimate = &sel[j].estimate;
+    l.CountColdTime(sel[j], NowNs() - t_cold);
+  };
+  if (m == 1) {
+    cold_phase(0);
+  } else {
+    arena.execute([&] { tbb::parallel_for(0, m, cold_phase); });
   }
-  if (!sel.estimate.empty()) states.push_back(&sel.estimate);
-  {
-    // The cold phase's wall time, split between search and attention by their busy times.
-    int64_t search = 0;
-    for (int64_t ns : sel.search_ns) search += ns;
-    const int64_t wall = NowNs() - t_cold;
-    const int64_t search_wall =
-        sel.busy_ns > 0 ? static_cast<int64_t>(static_cast<double>(wall) * search / sel.busy_ns)
-                        : 0;
-    counters_->time_cpu_search_ns += std::min(search_wall, wall);
-    counters_->time_cpu_attention_ns += wall - std::min(search_wall, wall);
+  for (int j = 0; j < m; ++j) {
+    ok[j] = member_status[j].ok() ? 1 : 0;
+    status[members[j]] = member_status[j];
   }
 
-  // 4. Merge.
-  KVRT_RETURN_IF_ERROR(tier_->Finish(step.get(), states, out));
+  // 4. One merge of every member's list of states.
+  KVRT_RETURN_IF_ERROR(backend.Finish(step.get(), states, ok, out_step));
+  if (m < n)
+    for (int j = 0; j < m; ++j)
+      if (ok[j])
+        std::memcpy(out + members[j] * out_floats, out_step + j * out_floats,
+                    out_floats * sizeof(float));
 
-  if (cfg_->record_attended) RecordAttended(sel);
-  CountStep(sel);
   const int64_t wall = NowNs() - t_start;
-  counters_->time_attend_ns += wall;
-  if (any_cold && tier_->can_fetch()) RecordColdCost(fetch, wall);
-  // GPU backend: rows that entered the cold tier in this step get indexed, overlapping other
-  // layers' work. (The host backend's rows enter, and are indexed, at append.)
-  if (tier_->background_refresh()) cold_.RefreshIndexes(arena, true);
+  for (int j = 0; j < m; ++j) {
+    if (!ok[j]) continue;
+    LayerState& l = *layers[members[j]];
+    if (cfg.record_attended) l.RecordAttended(sel[j]);
+    l.CountStep(sel[j]);
+    l.counters_->time_attend_ns += wall / m;
+    if (sel[j].any_active() && l.tier_->can_fetch()) l.RecordColdCost(fetched[j], wall);
+    // GPU backend: rows that entered the cold tier in this step get indexed, overlapping other
+    // layers' work. (The host backend's rows enter, and are indexed, at append.)
+    if (l.tier_->background_refresh()) l.cold_.RefreshIndexes(arena, true);
+  }
   return absl::OkStatus();
+}
+
+void LayerState::CountColdTime(const ColdSelection& sel, int64_t wall) {
+  // The cold phase's wall time, split between search and attention by their busy times.
+  int64_t search = 0;
+  for (int64_t ns : sel.search_ns) search += ns;
+  const int64_t search_wall =
+      sel.busy_ns > 0 ? static_cast<int64_t>(static_cast<double>(wall) * search / sel.busy_ns) : 0;
+  counters_->time_cpu_search_ns += std::min(search_wall, wall);
+  counters_->time_cpu_attention_ns += wall - std::min(search_wall, wall);
 }
 
 void LayerState::RecordAttended(const ColdSelection& sel) {

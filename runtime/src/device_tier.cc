@@ -120,32 +120,46 @@ void GpuContext::ReleaseStream(void* s) {
 // ---- DeviceTier -------------------------------------------------------------------------------
 namespace {
 
-// Most partial states one step merges: the tier's, a fetched one, the CPU's, an estimate.
-constexpr int kMaxStates = 4;
+class DeviceTier;
 
+// State slots of a step, one list per member, merged once: the tier's, the cold rows' (fetched on
+// the device or uploaded from the CPU), an estimate.
+constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kSlots = 3;
+
+// Scratch of one step of n members, slot-major: o [kSlots, n, q_heads, d], lse [kSlots, n,
+// q_heads], so that each slot's states are contiguous for one batched launch and the merge sees
+// rows = n * q_heads.
 class DeviceStep : public TierStep {
  public:
-  DeviceStep(GpuContext* ctx, const Exec& exec) : exec(exec), lease(ctx, exec) {}
+  DeviceStep(GpuContext* ctx, const Exec& exec, int n, int q_heads, int d)
+      : exec(exec), lease(ctx, exec), rows(n * q_heads), state_floats(static_cast<std::size_t>(n) * q_heads * d) {
+    n_ = n;
+    q_floats_ = static_cast<std::size_t>(q_heads) * d;
+    q_.resize(n * q_floats_);
+    fetched.assign(n, 0);
+  }
   ~DeviceStep() override {
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
   }
-  float* q_mut(std::size_t n) {
-    q_.resize(n);
-    return q_.data();
-  }
+  float* q_mut() { return q_.data(); }
+  float* o(int slot, int i) { return o_states + slot * state_floats + i * q_floats_; }
+  float* lse(int slot, int i) { return lse_states + slot * rows + i * (rows / n_); }
 
   Exec exec;
   StreamLease lease;
+  const int rows;                  // n * q_heads
+  const std::size_t state_floats;  // n * q_heads * d
   void* scratch = nullptr;
-  // States [kMaxStates, q_heads, d] and lse [kMaxStates, q_heads]; slot 0 is the tier's.
   float* o_states = nullptr;
   float* lse_states = nullptr;
-  int states = 1;
-  float* out_dev = nullptr;    // host output: staging of the merged result
+  float* out_dev = nullptr;  // host output: staging of the merged result
   const void* q_dev = nullptr;
+  std::vector<uint8_t> fetched;  // [n] member's cold state is in its device slot
+  std::vector<DeviceTier*> tiers;
 };
 
 class DeviceTier final : public TierBackend {
+  friend class DeviceStep;
  public:
   DeviceTier(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* ctx)
       : cfg_(config), counters_(counters), ctx_(ctx) {}
@@ -158,14 +172,15 @@ class DeviceTier final : public TierBackend {
   absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes,
                           const Exec& exec) override;
   bool background_refresh() const override { return true; }
-  absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(const void* q, int64_t n_sink,
-                                                      int64_t n_window, const Exec& exec,
+  absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(TierBackend* const* tiers,
+                                                      const TierCounts* counts, int n,
+                                                      const void* q, const Exec& exec,
                                                       tbb::task_arena& arena) override;
   bool can_fetch() const override { return true; }
-  absl::Status AttendFetched(TierStep* step, const ColdSelection& sel, const ColdTier& cold,
-                             tbb::task_arena& arena) override;
-  absl::Status Finish(TierStep* step, const std::vector<const PartialState*>& states,
-                      float* out) override;
+  absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel,
+                             const ColdTier& cold, tbb::task_arena& arena) override;
+  absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
+                      const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
   bool has_ring() const override { return !ring_k_.empty(); }
   std::size_t allocated_bytes() const override {
@@ -377,32 +392,45 @@ void DeviceTier::CollectTiming() {
   timing_pending_ = false;
 }
 
-absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(const void* q_in, int64_t n_sink,
-                                                                int64_t n_window,
+absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* const* members,
+                                                                const TierCounts* counts, int n,
+                                                                const void* q_in,
                                                                 const Exec& exec,
                                                                 tbb::task_arena&) {
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
-  const std::size_t of = static_cast<std::size_t>(H) * d;
+  const std::size_t of = static_cast<std::size_t>(n) * H * d;
   const std::size_t qbytes = of * DTypeSize(cfg_->dtype);
-  CollectTiming();  // the previous attend's device times (device output: read lazily)
+  auto step = std::make_unique<DeviceStep>(ctx_, exec, n, H, d);
+  KVRT_RETURN_IF_ERROR(step->lease.status());
+  void* stream = step->lease.get();
+  std::vector<gpu::TierArrays::Entry> entries(n);
+  int max_tokens = 0;
+  for (int i = 0; i < n; ++i) {
+    auto* t = static_cast<DeviceTier*>(members[i]);
+    step->tiers.push_back(t);
+    t->CollectTiming();  // the previous attend's device times (device output: read lazily)
+    if (t->used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, t->last_use_));
+    entries[i] = {t->sink_k_.data(), t->sink_v_.data(), t->ring_k_.data(), t->ring_v_.data(),
+                  static_cast<int32_t>(counts[i].n_sink), static_cast<int32_t>(counts[i].n_window)};
+    max_tokens = std::max(max_tokens, static_cast<int>(counts[i].n_sink + counts[i].n_window));
+  }
   if (ev_start_.empty()) {
     for (auto* e : {&ev_start_, &ev_tier_, &ev_h2d_begin_, &ev_h2d_, &ev_merge_}) {
       KVRT_ASSIGN_OR_RETURN(*e, transfer::Event::Create(true));
     }
   }
-  auto step = std::make_unique<DeviceStep>(ctx_, exec);
-  KVRT_RETURN_IF_ERROR(step->lease.status());
-  void* stream = step->lease.get();
-  if (used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, last_use_));
 
-  // Scratch: [o kMaxStates*H*d | lse kMaxStates*H | out H*d (host out) | q (host q)].
-  const std::size_t floats = kMaxStates * (of + H) + (exec.device ? 0 : of);
-  KVRT_ASSIGN_OR_RETURN(step->scratch, transfer::MallocAsync(
-                                           floats * sizeof(float) + (exec.device ? 0 : qbytes),
-                                           stream));
-  step->o_states = static_cast<float*>(step->scratch);
-  step->lse_states = step->o_states + kMaxStates * of;
-  step->out_dev = exec.device ? nullptr : step->lse_states + kMaxStates * H;
+  // Scratch: [o kSlots*n*H*d | lse kSlots*n*H | merged n*H*d | tier arrays (n > 1) | q (host q)].
+  const std::size_t arrays_bytes = n > 1 ? gpu::TierArrays::Bytes(n) : 0;
+  const std::size_t floats = kSlots * (of + step->rows) + of;
+  const std::size_t arrays_at = (floats * sizeof(float) + 15) / 16 * 16;
+  KVRT_ASSIGN_OR_RETURN(step->scratch,
+                        transfer::MallocAsync(arrays_at + arrays_bytes + (exec.device ? 0 : qbytes),
+                                              stream));
+  auto* scratch = static_cast<unsigned char*>(step->scratch);
+  step->o_states = reinterpret_cast<float*>(scratch);
+  step->lse_states = step->o_states + kSlots * of;
+  step->out_dev = step->lse_states + kSlots * step->rows;
 
   // q for the GPU (device) and for the CPU (host f32).
   transfer::PinnedBlock q_pinned;
@@ -414,15 +442,25 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(const void* q_in
     KVRT_ASSIGN_OR_RETURN(q_ready, transfer::Event::Create(false));
     KVRT_RETURN_IF_ERROR(q_ready.Record(stream));
   } else {
-    void* qd = static_cast<unsigned char*>(step->scratch) + floats * sizeof(float);
+    void* qd = scratch + arrays_at + arrays_bytes;
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(qd, q_in, qbytes, stream));
     step->q_dev = qd;
   }
 
-  // Partial attention over sinks + window into state slot 0, while the CPU goes on.
+  // Partial attention over every member's sinks + window in one launch, into the tier slot.
   gpu::TierBatch tier;
-  gpu::TierArrays::View(arrays_.data(), 1, &tier);
-  tier.max_tokens = static_cast<int>(n_sink + n_window);
+  if (n == 1) {
+    KVRT_RETURN_IF_ERROR(UploadArrays(counts[0].n_sink, counts[0].n_window, stream));
+    gpu::TierArrays::View(arrays_.data(), 1, &tier);
+  } else {
+    // NOTE: pageable source: the copy has read it when MemcpyAsync returns.
+    std::vector<unsigned char> packed(arrays_bytes);
+    gpu::TierArrays::Pack(entries.data(), n, packed.data());
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(scratch + arrays_at, packed.data(), arrays_bytes,
+                                               stream));
+    gpu::TierArrays::View(scratch + arrays_at, n, &tier);
+  }
+  tier.max_tokens = max_tokens;
   tier.kv_heads = cfg_->num_kv_heads;
   tier.head_dim = d;
   tier.dtype = cfg_->dtype;
@@ -431,23 +469,22 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(const void* q_in
   params.scale = cfg_->scale;
   params.q_is_f32 = cfg_->dtype == DType::kF32;
   KVRT_RETURN_IF_ERROR(ev_start_.Record(stream));
-  KVRT_RETURN_IF_ERROR(gpu::TierAttention(tier, step->q_dev, params, step->o_states,
-                                          step->lse_states, nullptr, stream));
+  KVRT_RETURN_IF_ERROR(gpu::TierAttention(tier, step->q_dev, params, step->o(kTierSlot, 0),
+                                          step->lse(kTierSlot, 0), nullptr, stream));
   KVRT_RETURN_IF_ERROR(ev_tier_.Record(stream));
 
   const int64_t t0 = NowNs();
-  float* q = step->q_mut(of);
   if (exec.device) {
     KVRT_RETURN_IF_ERROR(q_ready.Synchronize());
-    ConvertToF32(q_pinned.data(), cfg_->dtype, of, q);
+    ConvertToF32(q_pinned.data(), cfg_->dtype, of, step->q_mut());
   } else {
-    ConvertToF32(q_in, cfg_->dtype, of, q);
+    ConvertToF32(q_in, cfg_->dtype, of, step->q_mut());
   }
   counters_->time_d2h_ns += NowNs() - t0;
   return std::unique_ptr<TierStep>(std::move(step));
 }
 
-absl::Status DeviceTier::AttendFetched(TierStep* base, const ColdSelection& sel,
+absl::Status DeviceTier::AttendFetched(TierStep* base, int i, const ColdSelection& sel,
                                        const ColdTier& cold, tbb::task_arena& arena) {
   auto* step = static_cast<DeviceStep*>(base);
   void* stream = step->lease.get();
@@ -484,14 +521,12 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, const ColdSelection& sel,
     });
   });
   std::memcpy(host_v + kv_bytes, offsets.data(), offsets.size() * sizeof(int32_t));
-  const std::size_t of = static_cast<std::size_t>(H) * d;
-  const int slot = step->states++;
-  KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
+  if (step->size() == 1) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
   KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(total, stream));
   auto* dev_k = static_cast<unsigned char*>(dev);
   absl::Status st = transfer::MemcpyAsync(dev, host_k, total, stream);
   if (st.ok()) st = fetch_done_.Record(stream);
-  if (st.ok()) st = ev_h2d_.Record(stream);
+  if (st.ok() && step->size() == 1) st = ev_h2d_.Record(stream);
   if (st.ok()) {
     gpu::GatherBatch batch;
     batch.k = dev_k;
@@ -501,47 +536,93 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, const ColdSelection& sel,
     batch.max_rows = max_rows;
     batch.head_dim = d;
     batch.dtype = cfg_->dtype;
-    st = gpu::GatherAttend(batch, step->q_dev, cfg_->dtype == DType::kF32, cfg_->scale, 0,
-                           step->o_states + slot * of, step->lse_states + slot * H, nullptr,
-                           stream);
+    const void* q_dev = static_cast<const unsigned char*>(step->q_dev) +
+                        static_cast<std::size_t>(i) * H * d * DTypeSize(cfg_->dtype);
+    st = gpu::GatherAttend(batch, q_dev, cfg_->dtype == DType::kF32, cfg_->scale, 0,
+                           step->o(kColdSlot, i), step->lse(kColdSlot, i), nullptr, stream);
   }
+  if (st.ok()) step->fetched[i] = 1;
   const absl::Status freed = transfer::FreeAsync(dev, stream);
   return st.ok() ? freed : st;
 }
 
-absl::Status DeviceTier::Finish(TierStep* base, const std::vector<const PartialState*>& states,
-                                float* out) {
+absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& states,
+                                const std::vector<uint8_t>& ok, float* out) {
   auto* step = static_cast<DeviceStep*>(base);
   void* stream = step->lease.get();
+  const int n = step->size();
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const std::size_t of = static_cast<std::size_t>(H) * d;
-  const bool fetched = step->states > 1;
-  if (step->states + static_cast<int>(states.size()) > kMaxStates)
-    return absl::InternalError("decode step: more partial states than the merge has slots");
-  // The host states go up into the next slots (after a fetch, its H2D already opened the
-  // interval; otherwise it opens here).
-  if (!fetched) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
-  for (const PartialState* s : states) {
-    const int slot = step->states++;
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->o_states + slot * of, s->o.data(),
-                                               of * sizeof(float), stream));
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->lse_states + slot * H, s->lse.data(),
-                                               H * sizeof(float), stream));
+  // Slots past the tier's: used when some member has a state for them. Host states are packed
+  // slot-major as on the device (an absent state is empty: lse -inf) and go up in one copy per
+  // run of members; a fetched cold state is already in place and is skipped.
+  bool any_cold = false, any_estimate = false, any_fetched = false;
+  for (int i = 0; i < n; ++i) {
+    any_cold = any_cold || states[i].cold != nullptr || step->fetched[i];
+    any_estimate = any_estimate || states[i].estimate != nullptr;
+    any_fetched = any_fetched || step->fetched[i];
   }
-  if (!fetched) KVRT_RETURN_IF_ERROR(ev_h2d_.Record(stream));
-  float* out_dev = step->exec.device ? out : step->out_dev;
-  KVRT_RETURN_IF_ERROR(gpu::MergeStatesN(step->o_states, step->lse_states, step->states, H, d,
-                                         out_dev, DType::kF32, nullptr, stream));
+  const int slots = any_estimate ? 3 : any_cold ? 2 : 1;
+  if (!any_fetched || n > 1) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int slot = kColdSlot; slot < slots; ++slot) {
+    std::vector<float> o(static_cast<std::size_t>(n) * of, 0.f), lse(static_cast<std::size_t>(n) * H, kNegInf);
+    for (int i = 0; i < n; ++i) {
+      const PartialState* s = slot == kColdSlot ? states[i].cold : states[i].estimate;
+      if (s == nullptr) continue;
+      std::copy(s->o.begin(), s->o.end(), o.begin() + i * of);
+      std::copy(s->lse.begin(), s->lse.end(), lse.begin() + i * H);
+    }
+    for (int i = 0; i < n;) {
+      if (slot == kColdSlot && step->fetched[i]) {
+        ++i;
+        continue;
+      }
+      int j = i;
+      while (j < n && !(slot == kColdSlot && step->fetched[j])) ++j;
+      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->o(slot, i), o.data() + i * of,
+                                                 (j - i) * of * sizeof(float), stream));
+      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->lse(slot, i), lse.data() + i * H,
+                                                 (j - i) * H * sizeof(float), stream));
+      i = j;
+    }
+  }
+  if (!any_fetched || n > 1) KVRT_RETURN_IF_ERROR(ev_h2d_.Record(stream));
+  // Merged into staging, then copied to out member run by member run: a member that failed in
+  // phases 2-3 leaves its rows of out untouched.
+  const bool whole = std::all_of(ok.begin(), ok.end(), [](uint8_t x) { return x != 0; });
+  float* merged = step->exec.device && whole ? out : step->out_dev;
+  KVRT_RETURN_IF_ERROR(gpu::MergeStatesN(step->o_states, step->lse_states, slots, step->rows, d,
+                                         merged, DType::kF32, nullptr, stream));
   KVRT_RETURN_IF_ERROR(ev_merge_.Record(stream));
   timing_pending_ = true;
+  if (merged != out) {
+    for (int i = 0; i < n;) {
+      if (!ok[i]) {
+        ++i;
+        continue;
+      }
+      int j = i;
+      while (j < n && ok[j]) ++j;
+      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(out + i * of, merged + i * of,
+                                                 (j - i) * of * sizeof(float), stream));
+      i = j;
+    }
+  }
   if (!step->exec.device) {
     const int64_t t0 = NowNs();
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(out, out_dev, of * sizeof(float), stream));
     KVRT_RETURN_IF_ERROR(transfer::StreamSynchronize(stream));
     counters_->time_idle_ns += NowNs() - t0;
     CollectTiming();
   }
-  return last_use_.Record(stream);
+  for (DeviceTier* t : step->tiers) {
+    if (t->last_use_.empty()) {
+      KVRT_ASSIGN_OR_RETURN(t->last_use_, transfer::Event::Create(false));
+    }
+    KVRT_RETURN_IF_ERROR(t->last_use_.Record(stream));
+    t->used_ = true;
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace

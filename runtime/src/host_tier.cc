@@ -17,12 +17,15 @@ namespace {
 
 class HostStep : public TierStep {
  public:
-  HostStep(int q_heads, int d) {
-    q_.resize(static_cast<std::size_t>(q_heads) * d);
-    tier.Reset(q_heads, d);
+  HostStep(int n, int q_heads, int d) {
+    n_ = n;
+    q_floats_ = static_cast<std::size_t>(q_heads) * d;
+    q_.resize(n * q_floats_);
+    tier.resize(n);
+    for (auto& t : tier) t.Reset(q_heads, d);
   }
-  float* q_mut() { return q_.data(); }
-  PartialState tier;  // sinks + window
+  float* q_mut(int i) { return q_.data() + i * q_floats_; }
+  std::vector<PartialState> tier;  // [n] sinks + window
 };
 
 class HostTier final : public TierBackend {
@@ -38,16 +41,17 @@ class HostTier final : public TierBackend {
     return absl::OkStatus();
   }
   bool background_refresh() const override { return false; }
-  absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(const void* q, int64_t n_sink,
-                                                      int64_t n_window, const Exec& exec,
+  absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(TierBackend* const* tiers,
+                                                      const TierCounts* counts, int n,
+                                                      const void* q, const Exec& exec,
                                                       tbb::task_arena& arena) override;
   bool can_fetch() const override { return false; }
-  absl::Status AttendFetched(TierStep*, const ColdSelection&, const ColdTier&,
+  absl::Status AttendFetched(TierStep*, int, const ColdSelection&, const ColdTier&,
                              tbb::task_arena&) override {
     return absl::UnimplementedError("fetch mode needs the GPU backend");
   }
-  absl::Status Finish(TierStep* step, const std::vector<const PartialState*>& states,
-                      float* out) override;
+  absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
+                      const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
   bool has_ring() const override { return !ring_k_.empty(); }
   std::size_t allocated_bytes() const override {
@@ -123,18 +127,25 @@ absl::Status HostTier::Append(const AppendPlan& plan, const void* k, const void*
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(const void* q, int64_t n_sink,
-                                                              int64_t n_window, const Exec&,
+absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const* tiers,
+                                                              const TierCounts* counts, int n,
+                                                              const void* q, const Exec&,
                                                               tbb::task_arena& arena) {
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const int group = H / cfg_->num_kv_heads;
-  auto step = std::make_unique<HostStep>(H, d);
-  ConvertToF32(q, cfg_->dtype, static_cast<std::size_t>(H) * d, step->q_mut());
+  const std::size_t q_bytes = static_cast<std::size_t>(H) * d * DTypeSize(cfg_->dtype);
+  auto step = std::make_unique<HostStep>(n, H, d);
+  for (int i = 0; i < n; ++i)
+    ConvertToF32(static_cast<const unsigned char*>(q) + i * q_bytes, cfg_->dtype,
+                 static_cast<std::size_t>(H) * d, step->q_mut(i));
   const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * d;
-  auto body = [&](int h) {
+  auto body = [&](int row) {
+    const int i = row / H, h = row % H;
+    const auto& tier = *static_cast<const HostTier*>(tiers[i]);
+    PartialState& state = step->tier[i];
     const std::size_t hoff = static_cast<std::size_t>(h / group) * d * DTypeSize(cfg_->dtype);
-    const float* qh = step->q() + static_cast<std::size_t>(h) * d;
-    float* oh = step->tier.o.data() + static_cast<std::size_t>(h) * d;
+    const float* qh = step->q(i) + static_cast<std::size_t>(h) * d;
+    float* oh = state.o.data() + static_cast<std::size_t>(h) * d;
     std::vector<float> o2(d);
     float lse2;
     // NOTE: an unallocated buffer (sink_tokens = 0, or no token past the sinks yet) has a null
@@ -142,26 +153,39 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(const void* q, int
     auto at = [hoff](const std::vector<unsigned char>& b) {
       return b.empty() ? nullptr : b.data() + hoff;
     };
-    cpu_index::AttendDense(qh, d, cfg_->scale, at(sink_k_), at(sink_v_), head_elems, cfg_->dtype,
-                           n_sink, oh, &step->tier.lse[h]);
-    cpu_index::AttendDense(qh, d, cfg_->scale, at(ring_k_), at(ring_v_), head_elems, cfg_->dtype,
-                           n_window, o2.data(), &lse2);
-    cpu_index::MergeInto(oh, &step->tier.lse[h], o2.data(), lse2, d);
+    cpu_index::AttendDense(qh, d, cfg_->scale, at(tier.sink_k_), at(tier.sink_v_), head_elems,
+                           cfg_->dtype, counts[i].n_sink, oh, &state.lse[h]);
+    cpu_index::AttendDense(qh, d, cfg_->scale, at(tier.ring_k_), at(tier.ring_v_), head_elems,
+                           cfg_->dtype, counts[i].n_window, o2.data(), &lse2);
+    cpu_index::MergeInto(oh, &state.lse[h], o2.data(), lse2, d);
   };
-  arena.execute([&] { tbb::parallel_for(0, H, body); });
+  arena.execute([&] { tbb::parallel_for(0, n * H, body); });
   return std::unique_ptr<TierStep>(std::move(step));
 }
 
-absl::Status HostTier::Finish(TierStep* step, const std::vector<const PartialState*>& states,
-                              float* out) {
-  auto& tier = static_cast<HostStep*>(step)->tier;
+absl::Status HostTier::Finish(TierStep* base, const std::vector<StepStates>& states,
+                              const std::vector<uint8_t>& ok, float* out) {
+  auto* step = static_cast<HostStep*>(base);
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
-  for (int h = 0; h < H; ++h) {
-    const std::size_t off = static_cast<std::size_t>(h) * d;
-    for (const PartialState* s : states)
-      cpu_index::MergeInto(tier.o.data() + off, &tier.lse[h], s->o.data() + off, s->lse[h], d);
+  std::vector<const float*> os;
+  std::vector<float> ls;
+  for (int i = 0; i < step->size(); ++i) {
+    if (!ok[i]) continue;  // a failed member's rows of out stay untouched
+    PartialState& tier = step->tier[i];
+    for (int h = 0; h < H; ++h) {
+      const std::size_t off = static_cast<std::size_t>(h) * d;
+      os.assign(1, tier.o.data() + off);
+      ls.assign(1, tier.lse[h]);
+      for (const PartialState* s : {states[i].cold, states[i].estimate}) {
+        if (s == nullptr) continue;
+        os.push_back(s->o.data() + off);
+        ls.push_back(s->lse[h]);
+      }
+      float lse;
+      cpu_index::MergeStates(static_cast<int>(os.size()), os.data(), ls.data(), d,
+                             out + (static_cast<std::size_t>(i) * H + h) * d, &lse);
+    }
   }
-  std::memcpy(out, tier.o.data(), tier.o.size() * sizeof(float));
   return absl::OkStatus();
 }
 

@@ -42,6 +42,13 @@ class LayerState {
   // attends to the GPU tier only (DuoAttention's streaming heads).
   absl::Status Attend(const void* q, float* out, tbb::task_arena& arena,
                       const uint8_t* streaming = nullptr, const Exec& exec = {});
+  // One decode step of layers[0, n) (one layer of n different sequences; kvrt_attend_batch):
+  // q [n, q_heads, d], out [n, q_heads, d]; the GPU tier of all in one launch. status[i] is
+  // member i's outcome (its rows of out are written only when OK); the return value is an error
+  // of the step as a whole (every member failed, no row written).
+  static absl::Status Step(LayerState* const* layers, int n, const void* q, float* out,
+                           tbb::task_arena& arena, const uint8_t* streaming, const Exec& exec,
+                           absl::Status* status);
   const std::vector<int64_t>& attended(int q_head) const { return attended_[q_head]; }
   bool has_attended() const { return !attended_.empty(); }
 
@@ -60,6 +67,7 @@ class LayerState {
   absl::Status SettleCold();
   void RecordAttended(const ColdSelection& sel);
   void CountStep(const ColdSelection& sel);
+  void CountColdTime(const ColdSelection& sel, int64_t wall);
   // KVRT_COLD_AUTO's choice for this attend, and what it learns from the attend's wall time.
   bool ChooseFetch();
   void RecordColdCost(bool fetch, int64_t ns);

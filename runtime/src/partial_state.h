@@ -21,4 +21,12 @@ struct PartialState {
 };
 
 
+// The states one member of a decode step adds to its GPU tier's, in merge order (the list the step
+// merges once): the cold rows' (attended on the CPU; with fetch, on the device, which then holds
+// it) and a two-level kind's estimate of the rows it left out.
+struct StepStates {
+  const PartialState* cold = nullptr;  // host state, or null (fetched, or no cold rows)
+  const PartialState* estimate = nullptr;
+};
+
 }  // namespace kvrt::runtime

@@ -33,14 +33,23 @@ struct AppendPlan {
   int64_t new_cold() const { return cold_end - cold_begin; }
 };
 
-// One decode step's state in a backend (scratch, events, q as f32 for the CPU).
+// The tier counts phase 1 reads for one layer.
+struct TierCounts {
+  int64_t n_sink = 0, n_window = 0;
+};
+
+// One decode step of n layer states (kvrt_attend: n = 1; kvrt_attend_batch: one layer of n
+// sequences) in one backend: scratch, events, and q as f32 for the CPU.
 class TierStep {
  public:
   virtual ~TierStep() = default;
-  // q as f32 [q_heads, d] in host memory, for the cold tier.
-  const float* q() const { return q_.data(); }
+  int size() const { return n_; }
+  // q of member i as f32 [q_heads, d] in host memory, for the cold tier.
+  const float* q(int i) const { return q_.data() + static_cast<std::size_t>(i) * q_floats_; }
 
  protected:
+  int n_ = 0;
+  std::size_t q_floats_ = 0;
   std::vector<float> q_;
 };
 
@@ -63,20 +72,24 @@ class TierBackend {
   // once (host: results independent of timing).
   virtual bool background_refresh() const = 0;
 
-  // Phase 1 of a decode step: starts the tier's partial attention for q (device: launched on the
-  // stream; host: computed) and makes q available in f32 to the CPU.
-  virtual absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(const void* q, int64_t n_sink,
-                                                              int64_t n_window,
-                                                              const Exec& exec,
+  // Phase 1 of a decode step for tiers[0, n) (this backend's kind, one runtime; n = 1 for one
+  // sequence): starts the tiers' partial attention for q [n, q_heads, d] (device: one launch for
+  // all; host: computed) and makes q available in f32 to the CPU.
+  virtual absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(TierBackend* const* tiers,
+                                                              const TierCounts* counts, int n,
+                                                              const void* q, const Exec& exec,
                                                               tbb::task_arena& arena) = 0;
-  // Phase 3, fetch mode: the selected rows copied to the accelerator and attended there; their
-  // state joins the tier's in Finish. Unimplemented on the host backend.
+  // Phase 3, fetch mode, for member i (tiers[i] == this): the selected rows copied to the
+  // accelerator and attended there; the state joins member i's in Finish. Members may call it
+  // concurrently. Unimplemented on the host backend.
   virtual bool can_fetch() const = 0;
-  virtual absl::Status AttendFetched(TierStep* step, const ColdSelection& sel,
+  virtual absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel,
                                      const ColdTier& cold, tbb::task_arena& arena) = 0;
-  // Phase 4: merges the tier's state, a fetched state and `states` (host memory) once, into out.
-  virtual absl::Status Finish(TierStep* step, const std::vector<const PartialState*>& states,
-                              float* out) = 0;
+  // Phase 4 for every member at once: member i's tier state, its fetched state and states[i]
+  // (host memory) merged once, into out [n, q_heads, d] (one launch on the device). Rows of
+  // members with ok[i] = 0 (failed in phases 2-3) are left untouched.
+  virtual absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
+                              const std::vector<uint8_t>& ok, float* out) = 0;
 
   // Whether the sink / ring buffers exist (allocated at first use).
   virtual bool has_sinks() const = 0;

@@ -29,10 +29,10 @@ void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* 
 // Merges (o2, lse2) into (o1, lse1), in place. Two empty states stay empty (no NaN).
 void MergeInto(float* o1, float* lse1, const float* o2, float lse2, int d);
 
-// Merges n partial states of one row at once: o[i] f32 [d] with lse[i]. lse_out = log sum
-// exp(lse[i]); o_out = sum exp(lse[i] - lse_out) o[i] (o_out may alias o[0]). An empty state
-// (lse -inf) has weight 0 and its o is not read; all empty gives (0, -inf). The decode step's
-// merge on the host and the reference of the device merge (kvrt_gpu MergeStatesN).
+// Merges n partial states of one row: o[i] f32 [d] with lse[i]. lse_out = log sum exp(lse[i]);
+// o_out = sum exp(lse[i] - lse_out) o[i] (o_out may alias any o[i]). An empty state (lse -inf)
+// has weight 0 and its o is not read; all empty gives (0, -inf). The decode step's merge on the
+// host and the reference of the device merge (kvrt_gpu MergeStatesN).
 void MergeStates(int n, const float* const* o, const float* lse, int d, float* o_out,
                  float* lse_out);
 
