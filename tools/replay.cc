@@ -265,7 +265,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   double prefill_ms = 0;
   std::vector<float> out(static_cast<std::size_t>(H) * d);
   std::vector<int64_t> ids;
-  kvrt_stats before{}, after{};
+  kvrt_stats before = kvrt_stats_init(), after = kvrt_stats_init();
   for (int layer = 0; layer < m.num_layers; ++layer) {
     auto kv = LoadLayer(t, layer, steps);
     if (!kv.ok()) return kv.status();

@@ -97,8 +97,8 @@ TEST(ApiCreate, RejectsBadConfigNamingTheField) {
 TEST_F(ApiTest, NullHandlesAndPointers) {
   kvrt_seq_id id;
   int64_t n;
-  kvrt_stats st;
-  kvrt_config c;
+  kvrt_stats st = kvrt_stats_init();
+  kvrt_config c = kvrt_config_default();
   EXPECT_EQ(kvrt_seq_create(nullptr, &id), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_TRUE(Mentions("rt is NULL"));
   EXPECT_EQ(kvrt_seq_create(rt_, nullptr), KVRT_ERR_INVALID_ARGUMENT);
@@ -204,7 +204,7 @@ TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
   EXPECT_EQ(kvrt_append(rt, b, 0, kv.data(), kv.data(), 1), KVRT_ERR_OUT_OF_MEMORY);
   EXPECT_TRUE(Mentions("gpu_memory_limit")) << kvrt_last_error();
   EXPECT_EQ(kvrt_attend(rt, a, 0, q.data(), out.data()), KVRT_OK) << "still usable";
-  kvrt_stats st;
+  kvrt_stats st = kvrt_stats_init();
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   EXPECT_EQ(st.gpu_allocated_bytes, 3 * token_bytes);
   EXPECT_EQ(st.host_tokens, 10);

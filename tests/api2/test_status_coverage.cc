@@ -55,7 +55,7 @@ TEST(ApiStatusCoverage, AllocationFailureIsOutOfMemory) {
   int64_t n = -1;
   ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
   EXPECT_EQ(n, 0) << "the failed append changed nothing";
-  kvrt_stats st;
+  kvrt_stats st = kvrt_stats_init();
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   EXPECT_EQ(st.gpu_allocated_bytes, 0) << "the reservation was given back";
   EXPECT_EQ(st.gpu_tokens, 0);
