@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <limits>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -60,8 +61,19 @@ void TopK(const float* scores, int64_t n, int k, std::vector<int64_t>* ids,
   const int64_t kk = std::min<int64_t>(k, n);
   ids->resize(n);
   for (int64_t i = 0; i < n; ++i) (*ids)[i] = i;
-  auto better = [scores](int64_t a, int64_t b) {
-    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  // NOTE: NaN ranks above every number (a strict weak order, which partial_sort needs), so a
+  // key that scores NaN is retrieved and its NaN reaches the attention output (kvrt.h,
+  // check_finite = 0) instead of being dropped silently.
+  auto rank = [scores](int64_t i) {
+    const float x = scores[i];
+    return x != x ? std::numeric_limits<float>::infinity() : x;
+  };
+  auto better = [scores, rank](int64_t a, int64_t b) {
+    const float ra = rank(a), rb = rank(b);
+    if (ra != rb) return ra > rb;
+    const bool na = scores[a] != scores[a], nb = scores[b] != scores[b];
+    if (na != nb) return na;  // NaN before +inf
+    return a < b;
   };
   std::partial_sort(ids->begin(), ids->begin() + kk, ids->end(), better);
   ids->resize(kk);

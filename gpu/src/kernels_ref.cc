@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kvrt_gpu/kernels.h"
+#include "kvrt_common/nan_max.h"
 
 namespace kvrt::gpu {
 namespace {
@@ -35,7 +36,7 @@ void AttendRows(const float* q, int d, DType t, float scale, int64_t n, RowK kro
     float acc = 0.f;
     for (int i = 0; i < d; ++i) acc += q[i] * LoadAsF32(k, i, t);
     s[j] = acc * scale;
-    m = std::max(m, s[j]);
+    m = MaxPropagateNan(m, s[j]);
   }
   std::fill(o, o + d, 0.f);
   if (n == 0 || m == kNegInf) {
@@ -88,7 +89,7 @@ void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b,
   std::vector<float> row(d);
   for (int r = 0; r < rows; ++r) {
     const float a = lse_a[r], b = lse_b[r];
-    const float mx = std::max(a, b);
+    const float mx = MaxPropagateNan(a, b);  // NaN on either side: NaN out
     float wa = 0.f, wb = 0.f, l = kNegInf;
     if (mx != kNegInf) {
       const float ea = std::exp(a - mx), eb = std::exp(b - mx);

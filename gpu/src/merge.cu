@@ -2,6 +2,7 @@
 // sequences and q heads. DESIGN.md "Numerics": lse = logaddexp(lse_a, lse_b),
 // o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b.
 #include "gpu/src/common.cuh"
+#include "kvrt_common/nan_max.h"
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -27,7 +28,8 @@ __global__ void __launch_bounds__(128)
     vb[i] = o_b[base + lane + 32 * i];
   }
   __syncwarp();
-  const float mx = fmaxf(a, b);
+  // NOTE: fmaxf drops a NaN operand: with a = -inf (empty) and b = NaN it gave -inf and the row 0.
+  const float mx = MaxPropagateNan(a, b);
   float wa, wb, l;
   if (mx == -INFINITY) {  // both empty: empty (flashinfer issue 4051 returned NaN here)
     wa = wb = 0.f;

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "kvrt_gpu/tier_attention.h"
+#include "kvrt_common/nan_max.h"
 
 namespace kvrt::gpu {
 namespace {
@@ -36,7 +37,7 @@ void TierAttentionHost(const TierView& t, const float* q, int q_heads, float sca
       float acc = 0.f;
       for (int i = 0; i < d; ++i) acc += qh[i] * LoadAsF32(k_row(j), i, t.dtype);
       s[j] = acc * scale;
-      m = std::max(m, s[j]);
+      m = MaxPropagateNan(m, s[j]);
     }
     for (int i = 0; i < d; ++i) oh[i] = 0.f;
     if (n == 0 || m == kNegInf) {

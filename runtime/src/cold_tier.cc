@@ -174,6 +174,10 @@ void LayerState::FinishCold(int g, const float* qh, cpu_index::SearchResult* fou
       }
     }
   }
+  // Rows holding NaN/Inf (check_finite = 0) are attended whatever the search returned, so that
+  // the NaN reaches the output as kvrt.h promises instead of the token being dropped.
+  for (int64_t r : store.nonfinite_rows())
+    if (std::find(ids->begin(), ids->end(), r) == ids->end()) ids->push_back(r);
   *search_ns = SteadyNs() - t_start;
   if (!attend) return;
   cpu_index::AttendStoreRows(qh, cfg_->scale, store, ids->data(), static_cast<int64_t>(ids->size()), o, lse);

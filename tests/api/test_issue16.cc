@@ -32,6 +32,141 @@ bool AllFinite(const float* x, int n) {
   return true;
 }
 
+// ---- defect 3: NaN propagates with check_finite = 0, in every tier and with every index kind ---
+
+constexpr int kD = 8;
+constexpr int kTokens = 400;  // sinks 2 + window 4 + 394 cold: enough for every kind to build
+
+struct NanCase {
+  kvrt_index_kind kind;
+  const char* name;
+};
+
+class NanPropagation : public ::testing::TestWithParam<NanCase> {
+ protected:
+  // Two kv heads, two q heads each: a NaN in kv head 0 must turn q heads 0 and 1 into NaN and
+  // leave heads 2 and 3 finite.
+  kvrt_config Config(int sinks) const {
+    kvrt_config c = TinyConfig(1, 4);
+    c.num_kv_heads = 2;
+    c.head_dim = kD;
+    c.sink_tokens = sinks;
+    c.window_tokens = 4;
+    c.top_k = 8;
+    c.index_kind = GetParam().kind;
+    c.check_finite = 0;
+    c.worker_threads = 2;
+    return c;
+  }
+  // Prefills kTokens tokens (a NaN put by `poison` into k or v) and attends with q (head 0 of q
+  // poisoned by the caller if wanted). Returns the output [4, kD].
+  std::vector<float> Run(int sinks, int64_t tokens, void (*poison)(std::vector<float>*, std::vector<float>*),
+                         bool nan_q) {
+    kvrt_config c = Config(sinks);
+    kvrt_runtime* rt = nullptr;
+    EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_seq_id s = 0;
+    EXPECT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+    auto k = Wave(static_cast<std::size_t>(tokens) * 2 * kD, 0.37f, 0.1f);
+    auto v = Wave(static_cast<std::size_t>(tokens) * 2 * kD, 0.11f, 0.7f);
+    if (poison) poison(&k, &v);
+    auto q = Wave(4 * kD, 0.23f, 0.3f);
+    if (nan_q) q[3] = NAN;  // one element of q head 0
+    EXPECT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), tokens), KVRT_OK) << kvrt_last_error();
+    std::vector<float> out(4 * kD, 7.f);
+    EXPECT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
+    kvrt_runtime_destroy(rt);
+    return out;
+  }
+  // Heads 0 and 1 (kv head 0) NaN, heads 2 and 3 finite.
+  static void ExpectKvHead0Nan(const std::vector<float>& out) {
+    EXPECT_TRUE(AllNan(out.data(), 2 * kD)) << "q heads of kv head 0 must be NaN";
+    EXPECT_TRUE(AllFinite(out.data() + 2 * kD, 2 * kD)) << "the other kv head's q heads are finite";
+  }
+  // A NaN in element 5 of a value row: element 5 of heads 0 and 1 is NaN (the others are sums
+  // over finite values), heads 2 and 3 finite.
+  static void ExpectValueElementNan(const std::vector<float>& out) {
+    for (int h = 0; h < 2; ++h)
+      for (int e = 0; e < kD; ++e) EXPECT_EQ(std::isnan(out[h * kD + e]), e == 5) << "head " << h << " element " << e;
+    EXPECT_TRUE(AllFinite(out.data() + 2 * kD, 2 * kD));
+  }
+};
+
+// Element e of token t, kv head 0, in a [tokens, 2, kD] tensor.
+std::size_t At(int64_t t, int e = 5) { return static_cast<std::size_t>(t) * 2 * kD + e; }
+
+TEST_P(NanPropagation, NanInQGivesNanInThatHeadOnly) {
+  const auto out = Run(2, kTokens, nullptr, true);
+  EXPECT_TRUE(AllNan(out.data(), kD)) << "q head 0 held a NaN: its output is NaN, not zeros";
+  EXPECT_TRUE(AllFinite(out.data() + kD, 3 * kD));
+}
+
+TEST_P(NanPropagation, NanInQWithFewTokens) {  // the issue's case: 20 tokens, no cold index
+  const auto out = Run(2, 20, nullptr, true);
+  EXPECT_TRUE(AllNan(out.data(), kD));
+  EXPECT_TRUE(AllFinite(out.data() + kD, 3 * kD));
+}
+
+TEST_P(NanPropagation, NanInTheOnlySinkKey) {
+  ExpectKvHead0Nan(Run(1, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(0)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInASinkValue) {
+  ExpectValueElementNan(Run(2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(1)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInAWindowKey) {
+  ExpectKvHead0Nan(
+      Run(2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(kTokens - 2)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInAColdKey) {
+  // Token 100 is cold; a key that scores NaN must not be dropped by the search.
+  ExpectKvHead0Nan(Run(2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(100)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInAColdValue) {
+  // Its key is ordinary, so no search would pick it for its score: it is attended because its row
+  // holds a NaN.
+  ExpectValueElementNan(Run(2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(200)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanArrivingByAppendInBf16) {
+  kvrt_config c = Config(2);
+  c.dtype = KVRT_DTYPE_BF16;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_seq_id s = 0;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  auto to_bf16 = [](const std::vector<float>& x) {
+    std::vector<uint16_t> r(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      uint32_t w;
+      std::memcpy(&w, &x[i], 4);
+      r[i] = static_cast<uint16_t>(w >> 16);
+    }
+    return r;
+  };
+  auto k = Wave(static_cast<std::size_t>(kTokens) * 2 * kD, 0.37f, 0.1f);
+  auto v = Wave(static_cast<std::size_t>(kTokens) * 2 * kD, 0.11f, 0.7f);
+  v[At(3)] = NAN;  // token 3 goes cold through the window when the later tokens are appended
+  const auto kb = to_bf16(k), vb = to_bf16(v);
+  for (int64_t t = 0; t < kTokens; t += 50)
+    ASSERT_EQ(kvrt_append(rt, s, 0, kb.data() + At(t, 0), vb.data() + At(t, 0), 50), KVRT_OK);
+  const auto q = to_bf16(Wave(4 * kD, 0.23f, 0.3f));
+  std::vector<float> out(4 * kD, 7.f);
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
+  ExpectValueElementNan(out);
+  kvrt_runtime_destroy(rt);
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryIndexKind, NanPropagation,
+                         ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
+                                           NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
+                                           NanCase{KVRT_INDEX_LANDMARK, "landmark"},
+                                           NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
+                         [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+
 // ---- defect 4: attend_batch has one rule for every per-sequence error --------------------------
 
 TEST(Issue16AttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
