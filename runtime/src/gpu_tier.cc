@@ -199,7 +199,8 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   const int64_t direct = std::max<int64_t>(0, cold_end - direct_begin);  // input -> host
   // Only a call that writes the store waits for the layer's background index insert (a decode
   // append, which only evicts, does not: its rows reach the store at the next attend).
-  if (direct > 0 || !gpu_->evictions.empty()) {
+  const bool settled = direct > 0 || !gpu_->evictions.empty();  // no background insert after this
+  if (settled) {
     if (absl::Status s = gpu_->index_work.Wait(); !s.ok() && index_status_.ok()) index_status_ = s;
     // Rows evicted by earlier calls enter the store first (the store is in position order).
     KVRT_RETURN_IF_ERROR(DrainEvictions(arena, false));
@@ -209,8 +210,13 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
   const bool need_sinks = gpu_->sink_k.empty() && S > 0;
   const bool need_ring = gpu_->ring_k.empty() && L2 > S;
   const int64_t gpu_add = 2 * static_cast<int64_t>(tb) * ((need_sinks ? S : 0) + (need_ring ? W : 0));
+  // Index growth is reserved up front as on the host backend when no background insert runs
+  // (index_bytes_ is then ours); else it is counted when that insert completes (kvrt.h).
+  const int64_t index_add = settled && new_cold > 0
+                                ? IndexGrowthBound(*cfg_, cold_tokens() + new_cold, kIndexMinRows, index_bytes_)
+                                : 0;
   BudgetReservation budget;
-  KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, gpu_add, new_cold, tb));
+  KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, gpu_add, new_cold, tb, index_add));
   auto alloc = [&](transfer::DeviceBuffer* b, int64_t rows) -> absl::Status {
     auto made = transfer::DeviceBuffer::Allocate(static_cast<std::size_t>(rows) * tb);
     if (!made.ok()) return made.status();
@@ -239,6 +245,7 @@ absl::Status LayerState::AppendTokensGpu(const void* k, const void* v, int64_t n
     return absl::Status(st.code(), absl::StrCat("append (GPU backend): ", st.message()));
   }
   budget.Commit();
+  index_bytes_ += index_add;  // UpdateIndexes trues this up to the indexes' real size
 
   StreamLease lease(gpu_ctx_, exec);
   KVRT_RETURN_IF_ERROR(lease.status());
@@ -512,7 +519,9 @@ absl::Status LayerState::AttendGpu(const void* q_in, float* out, tbb::task_arena
   counters_->attend_calls += 1;
   counters_->keys_scored += total_scored;
   for (int64_t r : read) counters_->keys_read += r;
-  counters_->cold_keys_searchable += n_cold * H;
+  // Retrieval heads only: a streaming head searches nothing, so it would make the scanned
+  // fraction (keys_scored / cold_keys_searchable) read low.
+  for (const auto& unit : units) counters_->cold_keys_searchable += n_cold * static_cast<int64_t>(unit.size());
   counters_->cold_tokens_attended += total_cold;
   const int64_t wall = NowNs() - t0;
   counters_->time_attend_ns += wall;

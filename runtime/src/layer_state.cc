@@ -18,9 +18,6 @@ namespace kvrt::runtime {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Below this many cold tokens no index is built: an exact scan of so few keys is as cheap as a
-// search, and IVF/graph builds on a handful of points are poor.
-constexpr int64_t kIndexMinRows = 256;
 
 }  // namespace
 
@@ -106,10 +103,20 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
   // Budgets and allocations first, so that nothing below can fail half-way.
   const int64_t new_cold = cold_end - cold_begin;
   const bool need_sinks = sink_k_.empty() && S > 0;
-  const bool need_ring = ring_k_.empty() && L2 > S;
-  const int64_t gpu_add = 2 * static_cast<int64_t>(tb) * ((need_sinks ? S : 0) + (need_ring ? W : 0));
+  // The ring grows as it fills (doubling, up to W rows): before it wraps, position p sits in slot
+  // p - S, so growing keeps every slot in place, and a huge window costs only what it holds.
+  const int64_t ring_rows = static_cast<int64_t>(ring_k_.size() / tb);
+  const int64_t ring_need = L2 > S ? std::min(W, L2 - S) : 0;
+  const int64_t ring_grow =
+      ring_need > ring_rows ? std::min(W, std::max(ring_need, 2 * ring_rows)) - ring_rows : 0;
+  const bool need_ring = ring_grow > 0;
+  const int64_t gpu_add = 2 * static_cast<int64_t>(tb) * ((need_sinks ? S : 0) + ring_grow);
+  // The cold index's growth counts against host_memory_limit before it happens (an upper bound,
+  // trued up by UpdateIndexes), so a call past the limit fails here having changed nothing.
+  const int64_t index_add =
+      new_cold > 0 ? IndexGrowthBound(*cfg_, cold_tokens() + new_cold, kIndexMinRows, index_bytes_) : 0;
   BudgetReservation budget;
-  KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, gpu_add, new_cold, tb));
+  KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, gpu_add, new_cold, tb, index_add));
   // Host capacity first (a reserved but unused capacity is harmless), then the GPU-tier buffers,
   // so that a failure of either leaves nothing allocated on this call's account.
   if (new_cold > 0) {
@@ -125,16 +132,17 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n) {
       sink_v_.resize(S * tb);
     }
     if (need_ring) {
-      ring_k_.resize(W * tb);
-      ring_v_.resize(W * tb);
+      ring_k_.resize((ring_rows + ring_grow) * tb);
+      ring_v_.resize((ring_rows + ring_grow) * tb);
     }
   } catch (const std::bad_alloc&) {
     if (need_sinks) sink_k_ = {}, sink_v_ = {};
-    if (need_ring) ring_k_ = {}, ring_v_ = {};
+    if (need_ring) ring_k_.resize(ring_rows * tb), ring_v_.resize(ring_rows * tb);
     return absl::ResourceExhaustedError(
         absl::StrCat("append: cannot allocate ", gpu_add, " bytes of GPU-tier buffers"));
   }
   budget.Commit();
+  index_bytes_ += index_add;  // UpdateIndexes trues this up to the indexes' real size
 
   // 1. Tokens that become cold, in position order: from the ring (older) or straight from the
   //    input (when more than a window arrives at once).
@@ -295,7 +303,9 @@ absl::Status LayerState::Attend(const void* q_in, float* out, tbb::task_arena& a
   counters_->attend_calls += 1;
   counters_->keys_scored += total_scored;
   for (int64_t r : read) counters_->keys_read += r;
-  counters_->cold_keys_searchable += n_cold * H;
+  // Retrieval heads only: a streaming head searches nothing, so it would make the scanned
+  // fraction (keys_scored / cold_keys_searchable) read low.
+  for (const auto& unit : units) counters_->cold_keys_searchable += n_cold * static_cast<int64_t>(unit.size());
   counters_->cold_tokens_attended += total_cold;
   return absl::OkStatus();
 }

@@ -223,4 +223,128 @@ TEST(Issue16Config, WorkerThreadsAboveTheHardwareAreClamped) {
   EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
 }
 
+// ---- defect 2: host_memory_limit covers the cold index's growth before it happens --------------
+
+kvrt_config BudgetConfig(kvrt_index_kind kind, int64_t limit) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.num_kv_heads = 2;
+  c.head_dim = 64;  // k + v of a token: 2 * 2 * 64 * 4 = 1024 bytes
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.index_kind = kind;
+  c.top_k = 16;
+  c.host_memory_limit = limit;
+  c.worker_threads = 2;
+  return c;
+}
+
+TEST(Issue16HostLimit, PrefillPastTheLimitWithItsIndexFailsAndChangesNothing) {
+  // The issue's case: 300 tokens, 280 go cold: 286720 bytes of store, and HNSW's ~280 KB more.
+  kvrt_config c = BudgetConfig(KVRT_INDEX_HNSW, 409600);
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const auto k = Wave(300 * 128, 0.37f, 0.f), v = Wave(300 * 128, 0.11f, 1.f);
+  EXPECT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 300), KVRT_ERR_OUT_OF_MEMORY);
+  EXPECT_TRUE(Mentions("host_memory_limit")) << kvrt_last_error();
+  int64_t n = -1;
+  ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, 0);
+  kvrt_stats st = {};
+  st.struct_size = sizeof st;
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.host_bytes, 0);
+  EXPECT_EQ(st.index_bytes, 0);
+  EXPECT_EQ(st.gpu_allocated_bytes, 0);
+  // The same prompt without an index fits.
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 200), KVRT_OK);
+  // An append that makes the index appear (256 cold rows) is refused the same way.
+  EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), 100), KVRT_ERR_OUT_OF_MEMORY);
+  ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, 200);
+  kvrt_runtime_destroy(rt);
+}
+
+class HostLimitEveryKind : public ::testing::TestWithParam<NanCase> {};
+
+TEST_P(HostLimitEveryKind, StoreAndIndexesNeverPassTheLimit) {
+  const int64_t limit = 900 * 1024;
+  kvrt_config c = BudgetConfig(GetParam().kind, limit);
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const auto k = Wave(100 * 128, 0.37f, 0.f), v = Wave(100 * 128, 0.11f, 1.f);
+  int64_t held = 0;
+  bool refused = false;
+  for (int step = 0; step < 20 && !refused; ++step) {
+    const kvrt_status r = step == 0 ? kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 100)
+                                    : kvrt_append(rt, s, 0, k.data(), v.data(), 100);
+    ASSERT_TRUE(r == KVRT_OK || r == KVRT_ERR_OUT_OF_MEMORY) << kvrt_last_error();
+    refused = r != KVRT_OK;
+    if (!refused) held += 100;
+    kvrt_stats st = {};
+    st.struct_size = sizeof st;
+    ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+    EXPECT_LE(st.host_bytes + st.index_bytes, limit) << "after " << held << " tokens";
+    int64_t n = -1;
+    ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+    EXPECT_EQ(n, held);
+  }
+  EXPECT_TRUE(refused) << "2000 tokens (about 2 MB of store) do not fit in 900 KB";
+  std::vector<float> q(2 * 64, 0.1f), out(2 * 64);
+  EXPECT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << "still usable";
+  kvrt_runtime_destroy(rt);
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryIndexKind, HostLimitEveryKind,
+                         ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
+                                           NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
+                                           NanCase{KVRT_INDEX_LANDMARK, "landmark"},
+                                           NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
+                         [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+
+// The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
+// 10 tokens, not 1 GiB.
+TEST(Issue16Window, RingGrowsAsItFills) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.sink_tokens = 2;
+  c.window_tokens = 1 << 20;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const int64_t token = 2 * 4 * 4;  // k + v, one kv head, d = 4, f32
+  const auto k = Wave(40 * 4, 0.3f, 0.f), v = Wave(40 * 4, 0.7f, 0.f);
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 12), KVRT_OK);
+  kvrt_stats st = {};
+  st.struct_size = sizeof st;
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.gpu_allocated_bytes, 12 * token);
+  for (int i = 12; i < 40; ++i) ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + 4 * i, v.data() + 4 * i, 1), KVRT_OK);
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_LE(st.gpu_allocated_bytes, (2 + 2 * 38) * token) << "doubling: at most twice what it holds";
+  // The ring still holds every token in order: attend equals an exact attend over all 40.
+  std::vector<float> q = {0.3f, -0.2f, 0.5f, 0.1f, 0.2f, 0.4f, -0.3f, 0.6f}, out(8);
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK);
+  for (int h = 0; h < 2; ++h) {
+    double m = -1e30, l = 0, o[4] = {0, 0, 0, 0};
+    std::vector<double> sc(40);
+    for (int t = 0; t < 40; ++t) {
+      double dot = 0;
+      for (int e = 0; e < 4; ++e) dot += q[h * 4 + e] * k[t * 4 + e];
+      sc[t] = dot / 2.0;  // 1/sqrt(4)
+      m = std::max(m, sc[t]);
+    }
+    for (int t = 0; t < 40; ++t) {
+      const double w = std::exp(sc[t] - m);
+      l += w;
+      for (int e = 0; e < 4; ++e) o[e] += w * v[t * 4 + e];
+    }
+    for (int e = 0; e < 4; ++e) EXPECT_NEAR(out[h * 4 + e], o[e] / l, 1e-5);
+  }
+  kvrt_runtime_destroy(rt);
+}
+
 }  // namespace

@@ -94,6 +94,11 @@ class KeyIndex {
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIndex(IndexKind kind, const IndexConfig& config,
                                                     int head_dim);
 
+// An upper bound of MemoryBytes() of a `kind` index over `rows` keys of `head_dim` (built at once
+// or grown by Adds, capacity growth included), so that a memory budget can be checked before the
+// index grows (config.host_memory_limit). 0 for kExact and kFlat. tests/cpu_index checks the bound.
+int64_t IndexBytesBound(IndexKind kind, const IndexConfig& config, int head_dim, int64_t rows);
+
 // Exact top-k of scores[0, n) (ids are positions), best first; ties by lower id.
 void TopK(const float* scores, int64_t n, int k, std::vector<int64_t>* ids,
           std::vector<float>* top_scores);
