@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/dtype.h"
+#include "kvrt_cpu_index/index.h"
 #include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::cli {
@@ -408,6 +409,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.window = opt.window;
     r.top_k = opt.top_k;
     r.effort = efforts[e];
+    r.search = kvrt::cpu_index::SearchSettings(static_cast<kvrt::cpu_index::IndexKind>(opt.index),
+                                               kvrt::cpu_index::IndexConfig{}, opt.top_k, efforts[e]);
     r.steps = steps;
     r.prompt_tokens = m.prompt_tokens;
     r.recall_at_k = Mean(a.recalls);

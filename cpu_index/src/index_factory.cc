@@ -58,6 +58,31 @@ absl::Status KeyIndex::SearchGroup(const HeadStore& store, const float* qs, int 
   return absl::OkStatus();
 }
 
+std::string SearchSettings(IndexKind kind, const IndexConfig& c, int k, int effort) {
+  switch (kind) {
+    case IndexKind::kExact:
+      return "all cold tokens (no search)";
+    case IndexKind::kFlat:
+      return "exact top-k (full scan)";
+    case IndexKind::kIvf:
+      return effort > 0 ? absl::StrCat("nprobe=", effort, "+ (lists holding >= ", k, " keys)")
+                        : absl::StrCat("nprobe=", c.ivf_default_nprobe, "+ (lists holding >= ",
+                                       int64_t{c.ivf_default_keys_per_result} * k, " keys)");
+    case IndexKind::kHnsw:
+      return absl::StrCat("ef=", std::max(k, effort > 0 ? effort : c.hnsw_default_ef),
+                          " (exact scan when k or ef >= the keys, or the graph returns < k)");
+    case IndexKind::kLandmark: {
+      const int64_t blocks = effort > 0                      ? effort
+                             : c.landmark_default_blocks > 0 ? c.landmark_default_blocks
+                                                             : (4 * int64_t{k} + c.landmark_block - 1) / c.landmark_block;
+      return absl::StrCat("blocks=", blocks, " (", blocks * c.landmark_block, " tokens)");
+    }
+    case IndexKind::kAttentionAware:
+      return absl::StrCat("beam=", std::max(k, effort > 0 ? effort : c.graph_default_beam > 0 ? c.graph_default_beam : 2 * k));
+  }
+  return "?";
+}
+
 int64_t IndexBytesBound(IndexKind kind, const IndexConfig& c, int head_dim, int64_t rows) {
   if (rows <= 0) return 0;
   const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys

@@ -22,6 +22,58 @@ std::unique_ptr<HeadStore> F32Store(const float* keys, int64_t n) {
   return store;
 }
 
+// ---- defect 8: ivf's nprobe grows with k ------------------------------------------------------
+
+TEST(Issue16Ivf, ReturnsKResultsAtLargeKWithTheDefaultAndAnyEffort) {
+  const auto ood = testing::MakeOodData(8000, kDim, 512, 8, 5);
+  auto store = F32Store(ood.keys.data(), ood.n);
+  auto index = MakeIndex(IndexKind::kIvf, {}, kDim).value();
+  tbb::task_arena arena(2);
+  arena.execute([&] { ASSERT_TRUE(index->Build(*store, nullptr, 0).ok()); });
+  for (int effort : {0, 1, 16}) {
+    for (int64_t i = 0; i < ood.n_test; ++i) {
+      SearchResult r;
+      ASSERT_TRUE(index->Search(*store, ood.test_queries.data() + i * kDim, {1000, effort}, &r).ok());
+      EXPECT_EQ(r.ids.size(), 1000u) << "effort " << effort << ": nprobe must grow until k keys are probed";
+      if (effort == 0) {
+        EXPECT_GE(r.scanned, 3000) << "the default probes 3 * k keys";
+      }
+    }
+  }
+}
+
+// ---- defect 9: hnsw returns k results when k >= n or its graph reaches fewer -------------------
+
+TEST(Issue16Hnsw, ReturnsKResultsWhenKIsAtLeastTheKeysOrTheGraphFallsShort) {
+  const auto ood = testing::MakeOodData(3000, kDim, 512, 8, 7);
+  auto store = F32Store(ood.keys.data(), ood.n);
+  auto index = MakeIndex(IndexKind::kHnsw, {}, kDim).value();
+  tbb::task_arena arena(2);
+  arena.execute([&] { ASSERT_TRUE(index->Build(*store, nullptr, 0).ok()); });
+  for (int64_t i = 0; i < ood.n_test; ++i) {
+    const float* q = ood.test_queries.data() + i * kDim;
+    SearchResult all;
+    ASSERT_TRUE(index->Search(*store, q, {10000, 0}, &all).ok());
+    EXPECT_EQ(all.ids.size(), 3000u) << "k >= n: every key";
+    SearchResult most;
+    ASSERT_TRUE(index->Search(*store, q, {2900, 0}, &most).ok());
+    EXPECT_EQ(most.ids.size(), 2900u) << "a graph that reaches fewer than k keys falls back to a scan";
+  }
+}
+
+// ---- defect 10: the resolved settings, each default scaling with k -----------------------------
+
+TEST(Issue16Settings, ReportsTheResolvedSearchSettings) {
+  const IndexConfig c;
+  EXPECT_EQ(SearchSettings(IndexKind::kIvf, c, 1000, 0), "nprobe=16+ (lists holding >= 3000 keys)");
+  EXPECT_EQ(SearchSettings(IndexKind::kIvf, c, 100, 64), "nprobe=64+ (lists holding >= 100 keys)");
+  EXPECT_EQ(SearchSettings(IndexKind::kHnsw, c, 1000, 0).rfind("ef=1000 ", 0), 0u);
+  EXPECT_EQ(SearchSettings(IndexKind::kHnsw, c, 100, 0).rfind("ef=128 ", 0), 0u);
+  EXPECT_EQ(SearchSettings(IndexKind::kLandmark, c, 1000, 0), "blocks=125 (4000 tokens)");
+  EXPECT_EQ(SearchSettings(IndexKind::kAttentionAware, c, 1000, 0), "beam=2000");
+  EXPECT_EQ(SearchSettings(IndexKind::kFlat, c, 1000, 0), "exact top-k (full scan)");
+}
+
 // ---- defect 2: IndexBytesBound bounds MemoryBytes, built at once or grown ----------------------
 
 TEST(Issue16Budget, IndexBytesBoundIsAnUpperBound) {
