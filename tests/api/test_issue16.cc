@@ -347,4 +347,27 @@ TEST(Issue16Window, RingGrowsAsItFills) {
   kvrt_runtime_destroy(rt);
 }
 
+// cold_keys_searchable counts the q heads that search: a streaming head searches nothing, and
+// counting it made keys_scored / cold_keys_searchable read low.
+TEST(Issue16Stats, ColdKeysSearchableCountsRetrievalHeadsOnly) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  c.index_kind = KVRT_INDEX_FLAT;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  ASSERT_EQ(kvrt_set_head_policy(rt, 0, 1, KVRT_HEAD_STREAMING), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const auto k = Wave(40 * 4, 0.3f, 0.f), v = Wave(40 * 4, 0.7f, 0.f);
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 40), KVRT_OK);  // 35 cold
+  std::vector<float> q(8, 0.2f), out(8);
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK);
+  kvrt_stats st = kvrt_stats_init();
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.cold_keys_searchable, 35) << "one retrieval head, 35 cold keys";
+  EXPECT_EQ(st.keys_scored, 35) << "flat scans them all";
+  kvrt_runtime_destroy(rt);
+}
+
 }  // namespace
