@@ -294,7 +294,7 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
     }
   };
   std::vector<double> lat;
-  kvrt_stats s0{}, s1{};
+  kvrt_stats s0 = kvrt_stats_init(), s1 = kvrt_stats_init();
   double append_total = 0, sync_total = 0;
   const double t_begin = NowUs();
   int step = 0;

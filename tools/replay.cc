@@ -6,12 +6,44 @@
 #include <cstdio>
 #include <numeric>
 
+#include <unistd.h>
+
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/dtype.h"
 #include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::cli {
 namespace {
+
+// Progress on stderr. On a terminal one line redrawn in place (carriage return); elsewhere (a log
+// file, a pipe: scripts/demo.sh's log read "layer 1/2exact reference: layer 2/2") whole lines,
+// the first, then at most one per kLogPeriod, then the last.
+class Progress {
+ public:
+  explicit Progress(bool on) : on_(on), tty_(on && isatty(fileno(stderr)) == 1) {}
+  ~Progress() { Finish(); }
+  // Ends the terminal's redrawn line (a no-op elsewhere, or when nothing was drawn).
+  void Finish() {
+    if (drawn_ && tty_) std::fputc('\n', stderr);
+    drawn_ = false;
+  }
+  template <typename... Args>
+  void Update(bool last, const char* fmt, Args... args) {
+    if (!on_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (!tty_ && drawn_ && !last && now - last_line_ < kLogPeriod) return;
+    if (tty_) std::fputc('\r', stderr);
+    std::fprintf(stderr, fmt, args...);
+    if (!tty_) std::fputc('\n', stderr);
+    drawn_ = true;
+    last_line_ = now;
+  }
+
+ private:
+  static constexpr std::chrono::seconds kLogPeriod{10};
+  bool on_, tty_, drawn_ = false;
+  std::chrono::steady_clock::time_point last_line_;
+};
 
 using Clock = std::chrono::steady_clock;
 
@@ -138,6 +170,7 @@ const char* IndexKindOptionName(kvrt_index_kind kind) {
 absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t, int top_k,
                                                      int max_steps, bool progress) {
   const auto& m = t.meta();
+  Progress bar(progress);
   ExactReference ref;
   ref.top_k = top_k;
   ref.layers = m.num_layers;
@@ -187,10 +220,8 @@ absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t
       });
       std::copy(ids.begin(), ids.begin() + kk, ref.top_ids.begin() + at * top_k);
     });
-    if (progress)
-      std::fprintf(stderr, "\rexact reference: layer %d/%d", layer + 1, m.num_layers);
+    bar.Update(layer + 1 == m.num_layers, "exact reference: layer %d/%d", layer + 1, m.num_layers);
   }
-  if (progress) std::fprintf(stderr, "\n");
   return ref;
 }
 
@@ -220,6 +251,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   if (steps > ref.steps || opt.top_k > ref.top_k)
     return absl::InvalidArgumentError("replay: the exact reference covers fewer steps or a smaller k");
   if (efforts.empty()) return absl::InvalidArgumentError("replay: no search effort given");
+  Progress bar(opt.progress);
   const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
   const float scale = ScaleOf(m);
 
@@ -257,7 +289,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   double prefill_ms = 0;
   std::vector<float> out(static_cast<std::size_t>(H) * d);
   std::vector<int64_t> ids;
-  kvrt_stats before{}, after{};
+  kvrt_stats before = kvrt_stats_init(), after = kvrt_stats_init();
   for (int layer = 0; layer < m.num_layers; ++layer) {
     auto kv = LoadLayer(t, layer, steps);
     if (!kv.ok()) return kv.status();
@@ -372,9 +404,9 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
           hr.error_mean += err / steps;
         }
       }
-      if (opt.progress && (step + 1 == steps || step % 16 == 0))
-        std::fprintf(stderr, "\rreplay [%s]: layer %d/%d step %d/%d   ", IndexKindOptionName(opt.index),
-                     layer + 1, m.num_layers, step + 1, steps);
+      if (step + 1 == steps || step % 16 == 0)
+        bar.Update(layer + 1 == m.num_layers && step + 1 == steps, "replay [%s]: layer %d/%d step %d/%d   ",
+                   IndexKindOptionName(opt.index), layer + 1, m.num_layers, step + 1, steps);
     }
     const double cells = std::max(1, steps * H);
     for (auto& a : acc) {
@@ -383,7 +415,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
       a.layer_err.back() /= cells;
     }
   }
-  if (opt.progress) std::fprintf(stderr, "\n");
+  bar.Finish();
   kvrt_get_stats(rt, &after);
   std::vector<ReplayReport> reports;
   for (std::size_t e = 0; e < efforts.size(); ++e) {
@@ -400,6 +432,9 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.window = opt.window;
     r.top_k = opt.top_k;
     r.effort = efforts[e];
+    char search[256];
+    if (kvrt_index_describe_search(opt.index, opt.top_k, efforts[e], search, sizeof search) == KVRT_OK)
+      r.search = search;
     r.steps = steps;
     r.prompt_tokens = m.prompt_tokens;
     r.recall_at_k = Mean(a.recalls);

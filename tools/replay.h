@@ -49,6 +49,9 @@ struct HeadReport {
 };
 
 struct ReplayReport {
+  // The search settings the kind resolved for top_k and effort (kvrt_index_describe_search): what
+  // effort = 0 means at this k.
+  std::string search;
   std::string trace, index;
   int layers = 0, q_heads = 0, kv_heads = 0, head_dim = 0, sinks = 0, window = 0, top_k = 0,
       effort = 0, steps = 0;

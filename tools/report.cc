@@ -32,6 +32,7 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["window"] = r.window;
   j["top_k"] = r.top_k;
   j["effort"] = r.effort;
+  j["search"] = r.search;
   j["group_search"] = r.group_search;
   j["recall_at_k"] = r.recall_at_k;
   j["mass_recall"] = r.mass_recall;
@@ -85,6 +86,7 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                r.steps);
   std::fprintf(out, "  policy      index=%s top_k=%d effort=%d group_search=%d sinks=%d window=%d\n", r.index.c_str(),
                r.top_k, r.effort, r.group_search ? 1 : 0, r.sinks, r.window);
+  std::fprintf(out, "  search      %s\n", r.search.c_str());
   if (r.streaming_heads > 0)
     std::fprintf(out, "  heads       %d of %d served as streaming heads (GPU tier only)\n", r.streaming_heads,
                  static_cast<int>(r.heads.size()));

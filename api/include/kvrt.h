@@ -14,14 +14,46 @@
  *     (queries too); attention outputs are f32 [q_heads, head_dim]. Pointers are host pointers
  *     unless a kvrt_exec says otherwise (the _ex calls below).
  *   - Ownership: kvrt copies what it keeps; no pointer passed in is retained after a call returns.
+ *   - Handles: a kvrt_runtime* is valid from a successful kvrt_runtime_create until
+ *     kvrt_runtime_destroy. Using it afterwards, or destroying it twice, is undefined behaviour;
+ *     where the freed memory still holds kvrt's "destroyed" marker the call is refused with
+ *     KVRT_ERR_INVALID_ARGUMENT (or, for destroy, ignored), which catches many such bugs but not
+ *     all. A released or unknown kvrt_seq_id is always detected: KVRT_ERR_NOT_FOUND.
+ *   - Non-finite values with check_finite = 0: a NaN (or an Inf that makes a score NaN) in q, or in
+ *     the k or v of a token the attend uses, makes the output of every q head that attends to it
+ *     NaN, never zeros: sinks, window and cold tokens alike, with every index kind and both
+ *     backends. A cold token whose k or v holds a NaN/Inf is attended whatever the index returns
+ *     (so a head may attend up to that many tokens more than top_k).
+ *
+ * Limits (KVRT_ERR_INVALID_ARGUMENT outside them, naming the field)
+ *   num_layers 1..4096, num_kv_heads 1..1024, num_q_heads 1..4096 (a multiple of num_kv_heads),
+ *   head_dim 1..512, sink_tokens 0..2^20, window_tokens 1..2^24, top_k 1..2^20 (for every index
+ *   kind, EXACT included, which ignores it), search_effort 0..2^24, worker_threads >= 0 (above the
+ *   hardware thread count: clamped to it), host/gpu_memory_limit >= 0, tokens per (sequence,
+ *   layer) up to 2^34 (a prefill or append past it is refused).
  *
  * Thread safety
  *   - kvrt_runtime_create/destroy: not concurrent with any other call on the same runtime.
  *   - Calls on *different* sequences of one runtime may run concurrently from different threads.
  *   - Calls on the *same* sequence must be serialised by the caller (one decoder thread per
- *     sequence is the intended use). kvrt_get_stats may run concurrently with anything.
+ *     sequence is the intended use). kvrt_seq_release counts as a call on its sequence;
+ *     kvrt_seq_create, kvrt_get_stats and kvrt_runtime_config may run concurrently with anything
+ *     but create/destroy. kvrt_set_head_policy and kvrt_set_search_effort: not concurrent with
+ *     an attend on any sequence.
  *   - kvrt_last_error() is per thread.
  *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention.
+ *
+ * ABI (since 0.3)
+ *   kvrt_config and kvrt_stats start with size_t struct_size, which the caller sets (through
+ *   kvrt_config_default(), kvrt_config_init() or kvrt_stats_init()) to the size its kvrt.h
+ *   declares. Fields are only ever appended; the library accepts every size that a kvrt.h since
+ *   0.3 declared, reads and writes only that prefix (fields a caller's older header lacks keep
+ *   their defaults), and refuses an unknown size with KVRT_ERR_INVALID_ARGUMENT before touching
+ *   the struct. kvrt_exec never grows. While the major version is 0 each minor version that
+ *   changes the ABI gets its own soname (libkvrt.so.0.3); 0.3 is the first with struct_size, so a
+ *   binary built against 0.2 keeps loading libkvrt.so.0, and a program compiled against the 0.2
+ *   header but linked against this library gets KVRT_ERR_INVALID_ARGUMENT from
+ *   kvrt_runtime_create (tests/api/abi).
  */
 #ifndef KVRT_H_
 #define KVRT_H_
@@ -36,7 +68,7 @@
 #endif
 
 #define KVRT_VERSION_MAJOR 0
-#define KVRT_VERSION_MINOR 2
+#define KVRT_VERSION_MINOR 3
 #define KVRT_VERSION_PATCH 0
 
 #ifdef __cplusplus
@@ -88,6 +120,12 @@ typedef enum kvrt_index_kind {
 KVRT_API int32_t kvrt_index_kind_count(void);
 KVRT_API const char* kvrt_index_kind_name(kvrt_index_kind kind);
 KVRT_API kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* out);
+/* The search settings `kind` resolves for top_k and search_effort (0 = the kind's default), in
+ * words, e.g. "nprobe=16+ (lists holding >= 3000 keys)" or "ef=1000": what a report should print
+ * so that effort 0 never hides what the default does at this k. Writes a NUL-terminated string of
+ * at most size bytes to buf (truncated). Thread-safe. Since 0.3. */
+KVRT_API kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k,
+                                                int32_t search_effort, char* buf, size_t size);
 
 /* Where the retrieved cold tokens are attended (GPU backend; the host backend always uses the CPU). */
 typedef enum kvrt_cold_attention {
@@ -98,37 +136,64 @@ typedef enum kvrt_cold_attention {
                           moving average), re-trying the other one every 32 attends */
 } kvrt_cold_attention;
 
-/* Fields are only ever appended. Get defaults from kvrt_config_default(), then change fields. */
+/* Fields are only ever appended. Get defaults from kvrt_config_default() (or kvrt_config_init()),
+ * then change fields; struct_size, set by both, tells the library which kvrt.h the caller was
+ * compiled against (see "ABI" below). */
 typedef struct kvrt_config {
-  int32_t num_layers;      /* attention layers of the decoder; >= 1 */
-  int32_t num_q_heads;     /* query heads; a multiple of num_kv_heads */
-  int32_t num_kv_heads;    /* key/value heads (GQA group = num_q_heads / num_kv_heads) */
-  int32_t head_dim;        /* 1..512 */
-  kvrt_dtype dtype;        /* storage dtype of k, v (and of q passed in); accumulation is f32 */
-  float scale;             /* score scale; 0 means 1/sqrt(head_dim) */
-  int32_t sink_tokens;     /* first tokens always kept on the GPU tier; >= 0 */
-  int32_t window_tokens;   /* most recent tokens kept on the GPU tier; >= 1 */
-  int32_t top_k;           /* cold tokens retrieved per q head and step (ignored for EXACT); >= 1 */
-  kvrt_index_kind index_kind;
-  int32_t search_effort;   /* index-specific search effort (nprobe, ef, blocks, beam); 0 = default */
-  int32_t worker_threads;  /* CPU threads for search/attention; 0 = all hardware threads (more
-                              than the hardware has are clamped to it) */
+  size_t struct_size;      /* sizeof(kvrt_config) of the caller's kvrt.h. Since 0.3. */
+  /* Defaults (kvrt_config_default) in brackets; ranges under "Limits" above. */
+  int32_t num_layers;      /* attention layers of the decoder [32] */
+  int32_t num_q_heads;     /* query heads; a multiple of num_kv_heads [32] */
+  int32_t num_kv_heads;    /* key/value heads (GQA group = num_q_heads / num_kv_heads) [8] */
+  int32_t head_dim;        /* [128] */
+  kvrt_dtype dtype;        /* storage dtype of k, v (and of q passed in); accumulation is f32
+                              [KVRT_DTYPE_BF16] */
+  float scale;             /* score scale; 0 means 1/sqrt(head_dim) [0] */
+  int32_t sink_tokens;     /* first tokens always kept on the GPU tier [4] */
+  int32_t window_tokens;   /* most recent tokens kept on the GPU tier [2048]. The host backend
+                              allocates the window as it fills (doubling); the GPU backend
+                              allocates all of it per (sequence, layer) at its first token
+                              (counted in gpu_memory_limit and gpu_allocated_bytes). */
+  int32_t top_k;           /* cold tokens retrieved per q head and step [100]; EXACT attends to
+                              every cold token and ignores it (it must still be in range) */
+  kvrt_index_kind index_kind; /* [KVRT_INDEX_FLAT] */
+  int32_t search_effort;   /* index-specific search effort; 0 = the kind's default, which scales
+                              with top_k [0]:
+                                IVF: nprobe; default 16 lists, grown until the probed lists hold
+                                  3 * top_k keys; any nprobe is grown until they hold top_k keys,
+                                  so a search returns top_k results.
+                                HNSW: ef = max(top_k, effort); default max(top_k, 128). top_k or
+                                  ef >= the cold keys, or a graph that reaches fewer than top_k
+                                  keys, is an exact scan.
+                                LANDMARK: blocks of 32 tokens; default enough for 4 * top_k tokens.
+                                ATTENTION_AWARE: beam = max(top_k, effort); default 2 * top_k.
+                                FLAT, EXACT: ignored (exact).
+                              kvrt replay prints the resolved values ("search" line). */
+  int32_t worker_threads;  /* CPU threads for search/attention; 0 = all hardware threads; more
+                              than the hardware has are clamped to it [0]. kvrt_runtime_config
+                              reports the count in effect. */
   int32_t record_attended; /* 1: remember the token positions each attend used, for
-                              kvrt_get_attended (replay metrics); costs time and memory */
+                              kvrt_get_attended (replay metrics); costs time and memory [0] */
   int32_t use_gpu;         /* 0: host backend; 1: GPU tier on CUDA: sinks + window in device
                               memory, cold side on the CPU overlapped with GPU attention
                               (KVRT_ERR_UNIMPLEMENTED without a CUDA device or a CUDA build,
                               KVRT_ERR_INVALID_ARGUMENT for a head_dim other than 64/128/256 or
                               more than 8 q heads per kv head); -1: GPU when available and
-                              supported, else host. kvrt_runtime_config reports 0 or 1. */
-  int64_t host_memory_limit; /* bytes of host KV store + indexes, all sequences; 0 = no limit.
+                              supported, else host. kvrt_runtime_config reports 0 or 1. [0] */
+  int64_t host_memory_limit; /* bytes of host KV store + indexes, all sequences; 0 = no limit [0].
                                 Past it, prefill/append return KVRT_ERR_OUT_OF_MEMORY and change
-                                nothing. */
+                                nothing. A call that grows a cold index reserves an upper bound
+                                of that growth first (the stats then show the real size, which is
+                                lower), so store + indexes never pass the limit and a call may be
+                                refused somewhat before the real total would. GPU backend: the
+                                index growth of rows evicted by decode appends, indexed in the
+                                background, is counted when that insert completes. */
   int64_t gpu_memory_limit;  /* bytes of GPU-tier buffers (sinks + window ring per layer), all
-                                sequences; 0 = no limit. Same behaviour. */
+                                sequences; 0 = no limit [0]. Same behaviour. */
   int32_t check_finite;      /* 1: reject q, k, v holding NaN or Inf with KVRT_ERR_INVALID_ARGUMENT
                                 naming the tensor, token and head (costs one pass over the input);
-                                0: no check (a NaN then propagates into outputs). */
+                                0: no check: a NaN propagates into the outputs of the heads that
+                                attend to it (see "Non-finite values" above) [1]. */
   int32_t group_search;      /* GQA: 1 = one index search per kv head for all q heads of its group
                                 (each q head then takes its own top_k of the keys that search
                                 scored; attention-aware and landmark share the work, the other
@@ -144,23 +209,38 @@ typedef struct kvrt_config {
                                 host_memory_limit. Since 0.2. */
 } kvrt_config;
 
-KVRT_API kvrt_config kvrt_config_default(void);
+/* Fills the first struct_size bytes of *config with the defaults listed above each field and sets
+ * config->struct_size = struct_size. KVRT_ERR_INVALID_ARGUMENT for NULL or a size that no kvrt.h
+ * since 0.3 declared. Since 0.3. */
+KVRT_API kvrt_status kvrt_config_init(kvrt_config* config, size_t struct_size);
+
+/* The defaults, with struct_size set to this header's sizeof(kvrt_config). Inline (it returns the
+ * struct by value, so the caller's compiled size must decide the size: a library function would
+ * write its own, possibly larger, struct into the caller's). */
+static inline kvrt_config kvrt_config_default(void) {
+  kvrt_config c;
+  (void)kvrt_config_init(&c, sizeof c);
+  return c;
+}
 
 /* ---- runtime and sequences ------------------------------------------------------------------- */
 
 typedef struct kvrt_runtime kvrt_runtime;  /* opaque */
 typedef int64_t kvrt_seq_id;
 
-/* Validates config and creates a runtime in *out. On failure *out is untouched. */
+/* Validates config (its struct_size first, see "ABI") and creates a runtime in *out. On failure
+ * *out is untouched. */
 KVRT_API kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out);
 
 /* Frees everything the runtime holds. Accepts NULL. Not concurrent with other calls on rt. */
 KVRT_API void kvrt_runtime_destroy(kvrt_runtime* rt);
 
-/* The effective configuration (defaults resolved: scale, worker_threads). */
+/* The effective configuration (defaults resolved: scale, worker_threads, use_gpu); writes the
+ * first out->struct_size bytes (set it, e.g. with kvrt_config_default(), first). */
 KVRT_API kvrt_status kvrt_runtime_config(const kvrt_runtime* rt, kvrt_config* out);
 
-/* Creates an empty sequence (all layers empty) and returns its id (>= 0, never reused). */
+/* Creates an empty sequence (all layers empty) and returns its id (>= 0, never reused). Allocates
+ * nothing per layer until the layer's first token. */
 KVRT_API kvrt_status kvrt_seq_create(kvrt_runtime* rt, kvrt_seq_id* out);
 
 /* Frees a sequence's KV in every tier. KVRT_ERR_NOT_FOUND if unknown or already released. */
@@ -173,9 +253,10 @@ KVRT_API kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, in
 /* ---- KV and attention ------------------------------------------------------------------------ */
 
 /* The prompt of one layer: k, v [n_tokens, kv_heads, head_dim]; q [n_tokens, q_heads, head_dim]
- * may be NULL (the attention-aware index then builds from keys alone). The layer must be empty
- * (KVRT_ERR_FAILED_PRECONDITION otherwise). Keeps sinks and window on the GPU tier, moves the
- * rest to the host store and builds the cold index. */
+ * may be NULL (the attention-aware index then builds from keys alone). n_tokens >= 1
+ * (KVRT_ERR_INVALID_ARGUMENT otherwise). The layer must be empty (KVRT_ERR_FAILED_PRECONDITION
+ * otherwise). Keeps sinks and window on the GPU tier, moves the rest to the host store and builds
+ * the cold index (no index below 256 cold tokens: they are scanned exactly). */
 KVRT_API kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                                   const void* q, const void* k, const void* v, int64_t n_tokens);
 
@@ -193,22 +274,30 @@ KVRT_API kvrt_status kvrt_attend(kvrt_runtime* rt, kvrt_seq_id seq, int32_t laye
 /* A batched decode step of one layer: kvrt_attend for n_seqs >= 1 distinct sequences, q
  * [n_seqs, q_heads, head_dim] (row i belongs to seqs[i]), out [n_seqs, q_heads, head_dim] f32.
  * Runs as one parallel loop over the sequences on the runtime's worker threads, so a batch needs
- * no caller thread per sequence (docs/benchmarks.md measures both). On error the status names
- * the first sequence that failed; the rows of the sequences that failed are untouched, the others
- * written. A sequence listed twice is KVRT_ERR_INVALID_ARGUMENT. Since 0.2. */
+ * no caller thread per sequence (docs/benchmarks.md measures both). Errors of the whole call (a
+ * NULL pointer, n_seqs < 1, a layer out of range, a sequence listed twice, a non-finite q with
+ * check_finite) follow the general rule: nothing is written. Errors of one sequence (unknown or
+ * released: KVRT_ERR_NOT_FOUND; an empty layer: KVRT_ERR_FAILED_PRECONDITION; any failure of its
+ * attend) are the exception to that rule: that sequence's row is untouched, every other row is
+ * written and its sequence updated as by kvrt_attend, and the status is the first failing
+ * sequence's (in seqs order); kvrt_last_error() names that sequence's id (the status itself does
+ * not say which). Since 0.2. */
 KVRT_API kvrt_status kvrt_attend_batch(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
                                        int32_t layer, const void* q, float* out);
 
 /* Token positions (0-based, in sequence order of arrival) that the last kvrt_attend on (seq,
  * layer) used for q head `q_head`: GPU tier first, then retrieved cold tokens. Needs
- * config.record_attended = 1. Writes min(count, capacity) ids and the full count in *count. */
+ * config.record_attended = 1 (KVRT_ERR_FAILED_PRECONDITION otherwise, and before any
+ * attend on that (seq, layer)). Writes min(count, capacity) ids and the full count in
+ * *count. */
 KVRT_API kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                                        int32_t q_head, int64_t* ids, int64_t capacity,
                                        int64_t* count);
 
 /* ---- execution context (device pointers, CUDA stream) ----------------------------------------
  * The _ex variants take where the tensors live and which stream orders the work. With
- * memory = KVRT_MEMORY_HOST and cuda_stream = NULL they are the plain calls above.
+ * exec = NULL, or memory = KVRT_MEMORY_HOST and cuda_stream = NULL, they are the plain calls
+ * above.
  * KVRT_MEMORY_DEVICE needs the CUDA backend (use_gpu = 1 in effect; KVRT_ERR_UNIMPLEMENTED
  * otherwise). Device tensors are read in stream order on cuda_stream (a cudaStream_t passed as
  * void* so this header compiles without CUDA; NULL = the legacy default stream):
@@ -258,18 +347,29 @@ KVRT_API kvrt_status kvrt_set_search_effort(kvrt_runtime* rt, int32_t effort);
 /* ---- statistics ------------------------------------------------------------------------------ */
 
 typedef struct kvrt_stats {
+  size_t struct_size;           /* set by the caller to sizeof(kvrt_stats) (kvrt_stats_init()); the
+                                   library writes that many bytes. Since 0.3. */
+  /* Token counts are per layer, summed over layers and sequences; "so far" counters run from
+   * kvrt_runtime_create and count successful calls only. */
   int64_t sequences;            /* live sequences */
   int64_t gpu_tokens;           /* tokens (per layer, summed over layers and sequences) in the GPU tier */
   int64_t host_tokens;          /* tokens in the host store, same counting */
   int64_t gpu_bytes;            /* bytes of K and V in the GPU tier */
   int64_t host_bytes;           /* bytes of K and V in the host store */
   int64_t index_bytes;          /* bytes the cold indexes hold beyond the host store */
-  int64_t attend_calls;         /* kvrt_attend calls so far */
+  int64_t attend_calls;         /* successful layer attends so far (kvrt_attend, and each
+                                   sequence a kvrt_attend_batch attended) */
   int64_t keys_scored;          /* cold keys scored by index searches (scanned) so far */
-  int64_t cold_keys_searchable; /* sum over searches of the cold keys available to them */
+  int64_t cold_keys_searchable; /* sum over the retrieval q heads of each attend of the cold keys
+                                   they could search (streaming heads, which search nothing, are
+                                   not counted since 0.3), so keys_scored / cold_keys_searchable
+                                   is the fraction scanned */
   int64_t cold_tokens_attended; /* cold tokens attended to so far (over q heads) */
-  int64_t evicted_tokens;       /* tokens moved GPU tier -> host store so far (per layer) */
-  int64_t gpu_allocated_bytes;  /* GPU-tier buffers allocated (what gpu_memory_limit counts) */
+  int64_t evicted_tokens;       /* tokens moved GPU tier -> host store so far (per layer); prompt
+                                   tokens that a prefill or append sends straight to the host store
+                                   (never on the GPU tier) are not counted */
+  int64_t gpu_allocated_bytes;  /* GPU-tier buffers allocated (what gpu_memory_limit counts; host
+                                   backend: the sink and window buffers in host memory) */
   /* Decode-path time in ns, summed over attends (GPU backend only; 0 with the host backend).
    * Device times come from CUDA events and are added once the work completed (for device
    * output: at the layer's next attend). */
@@ -292,7 +392,20 @@ typedef struct kvrt_stats {
                                      Since 0.2. */
 } kvrt_stats;
 
+/* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing
+ * written, for a size that no kvrt.h since 0.3 declared). */
 KVRT_API kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out);
+
+/* A zeroed kvrt_stats with struct_size set, ready for kvrt_get_stats. */
+static inline kvrt_stats kvrt_stats_init(void) {
+#ifdef __cplusplus
+  kvrt_stats s{};
+#else
+  kvrt_stats s = {0};
+#endif
+  s.struct_size = sizeof s;
+  return s;
+}
 
 #ifdef __cplusplus
 }

@@ -2,6 +2,7 @@
 // to kvrt_status and keeps the thread's last error. No exception crosses this boundary.
 #include "kvrt.h"
 
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -97,7 +98,7 @@ static_assert(KVRT_INDEX_EXACT == static_cast<int>(IndexKind::kExact) &&
 #define KVRT_COUNT_FIELD_(name) +1
 constexpr int kCountedStats = 0 KVRT_RUNTIME_COUNTERS(KVRT_COUNT_FIELD_);
 #undef KVRT_COUNT_FIELD_
-static_assert(sizeof(kvrt_stats) == (3 + kCountedStats) * sizeof(int64_t),
+static_assert(sizeof(kvrt_stats) == sizeof(size_t) + (3 + kCountedStats) * sizeof(int64_t),
               "kvrt_stats has a field that kvrt_get_stats does not copy");
 
 kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
@@ -122,6 +123,72 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.cold_attention = RawEnum(c.cold_attention);
   r.use_gpu = c.use_gpu;
   return r;
+}
+
+// ABI (kvrt.h, "ABI"): the sizes of kvrt_config and kvrt_stats that some kvrt.h since 0.3
+// declared. A struct grows by appending fields; its older sizes stay here, so that a program
+// compiled against an older header keeps working: the library reads and writes only its prefix.
+constexpr std::size_t kConfigSizes[] = {sizeof(kvrt_config)};
+constexpr std::size_t kStatsSizes[] = {sizeof(kvrt_stats)};
+
+template <std::size_t N>
+bool KnownSize(const std::size_t (&sizes)[N], std::size_t size) {
+  for (std::size_t s : sizes)
+    if (s == size) return true;
+  return false;
+}
+
+// The struct_size of a caller's struct (read as bytes: its type may be an older, smaller one).
+std::size_t StructSize(const void* p) {
+  std::size_t size;
+  std::memcpy(&size, p, sizeof size);
+  return size;
+}
+
+kvrt_status BadSize(const char* fn, const char* type, std::size_t size) {
+  return Fail(KVRT_ERR_INVALID_ARGUMENT,
+              absl::StrCat(fn, ": ", type, ".struct_size = ", size, " is not a size of ", type,
+                           " this library (", kvrt_version(), ") knows; set it with ",
+                           type == std::string("kvrt_config") ? "kvrt_config_default()" : "kvrt_stats_init()",
+                           ", and compile against the kvrt.h of a library no newer than the one "
+                           "you run (kvrt.h before 0.3 had no struct_size)"));
+}
+
+kvrt_config Defaults() {
+  kvrt_config c;
+  std::memset(&c, 0, sizeof(c));
+  c.struct_size = sizeof(c);
+  c.num_layers = 32;
+  c.num_q_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.dtype = KVRT_DTYPE_BF16;
+  c.scale = 0.f;
+  c.sink_tokens = 4;
+  c.window_tokens = 2048;
+  c.top_k = 100;
+  c.index_kind = KVRT_INDEX_FLAT;
+  c.search_effort = 0;
+  c.worker_threads = 0;
+  c.record_attended = 0;
+  c.use_gpu = 0;
+  c.host_memory_limit = 0;
+  c.gpu_memory_limit = 0;
+  c.check_finite = 1;
+  c.group_search = 0;
+  c.cold_attention = KVRT_COLD_CPU;
+  return c;
+}
+
+// The caller's config as this library's: its prefix over the defaults (fields a caller's older
+// header lacks keep their defaults).
+kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) {
+  const std::size_t size = StructSize(in);
+  if (!KnownSize(kConfigSizes, size)) return BadSize(fn, "kvrt_config", size);
+  *out = Defaults();
+  std::memcpy(out, in, size);
+  out->struct_size = sizeof(kvrt_config);
+  return KVRT_OK;
 }
 
 }  // namespace
@@ -166,29 +233,13 @@ const char* kvrt_version(void) {
       KVRT_VERSION_PATCH);
 }
 
-kvrt_config kvrt_config_default(void) {
-  kvrt_config c;
-  std::memset(&c, 0, sizeof(c));
-  c.num_layers = 32;
-  c.num_q_heads = 32;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.dtype = KVRT_DTYPE_BF16;
-  c.scale = 0.f;
-  c.sink_tokens = 4;
-  c.window_tokens = 2048;
-  c.top_k = 100;
-  c.index_kind = KVRT_INDEX_FLAT;
-  c.search_effort = 0;
-  c.worker_threads = 0;
-  c.record_attended = 0;
-  c.use_gpu = 0;
-  c.host_memory_limit = 0;
-  c.gpu_memory_limit = 0;
-  c.check_finite = 1;
-  c.group_search = 0;
-  c.cold_attention = KVRT_COLD_CPU;
-  return c;
+kvrt_status kvrt_config_init(kvrt_config* config, size_t struct_size) {
+  if (config == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_config_init: config is NULL");
+  if (!KnownSize(kConfigSizes, struct_size)) return BadSize("kvrt_config_init", "kvrt_config", struct_size);
+  const kvrt_config c = Defaults();
+  std::memcpy(config, &c, struct_size);
+  config->struct_size = struct_size;
+  return KVRT_OK;
 }
 
 int32_t kvrt_index_kind_count(void) { return kvrt::cpu_index::kNumIndexKinds; }
@@ -210,12 +261,33 @@ kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* out) {
   KVRT_API_CATCH
 }
 
+kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k, int32_t effort,
+                                       char* buf, size_t size) {
+  KVRT_API_TRY
+  if (buf == nullptr || size == 0)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_index_describe_search: buf is NULL or size is 0");
+  if (!kvrt::cpu_index::IsIndexKind(RawEnum(kind)))
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("kvrt_index_describe_search: kind ", RawEnum(kind), " is unknown"));
+  const std::string text = kvrt::cpu_index::SearchSettings(
+      static_cast<kvrt::cpu_index::IndexKind>(RawEnum(kind)), kvrt::cpu_index::IndexConfig{},
+      top_k, effort);
+  const std::size_t n = std::min(text.size(), size - 1);
+  std::memcpy(buf, text.data(), n);
+  buf[n] = '\0';
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
 kvrt_exec kvrt_exec_default(void) { return kvrt_exec{KVRT_MEMORY_HOST, nullptr}; }
 
 kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   KVRT_API_TRY
   if (config == nullptr || out == nullptr)
     return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_runtime_create: config and out must not be NULL");
+  kvrt_config full;
+  if (kvrt_status s = ReadConfig(config, "kvrt_runtime_create", &full); s != KVRT_OK) return s;
+  config = &full;
   if (RawEnum(config->dtype) < KVRT_DTYPE_F32 || RawEnum(config->dtype) > KVRT_DTYPE_BF16)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.dtype = ", RawEnum(config->dtype), " is not a kvrt_dtype"));
@@ -253,7 +325,10 @@ void kvrt_runtime_destroy(kvrt_runtime* rt) {
 kvrt_status kvrt_runtime_config(const kvrt_runtime* rt, kvrt_config* out) {
   if (kvrt_status s = CheckRuntime(rt, "kvrt_runtime_config"); s != KVRT_OK) return s;
   if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_runtime_config: out is NULL");
-  *out = rt->config;
+  const std::size_t size = StructSize(out);
+  if (!KnownSize(kConfigSizes, size)) return BadSize("kvrt_runtime_config", "kvrt_config", size);
+  std::memcpy(out, &rt->config, size);  // the caller's prefix only
+  out->struct_size = size;
   return KVRT_OK;
 }
 
@@ -388,16 +463,19 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_get_stats"); s != KVRT_OK) return s;
   if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_get_stats: out is NULL");
+  const std::size_t size = StructSize(out);
+  if (!KnownSize(kStatsSizes, size)) return BadSize("kvrt_get_stats", "kvrt_stats", size);
   const auto s = rt->impl->Stats();
-  kvrt_stats c;
-  std::memset(&c, 0, sizeof c);
-  c.sequences = s.sequences;
-  c.gpu_bytes = s.gpu_bytes;
-  c.host_bytes = s.host_bytes;
-#define KVRT_COPY_STAT_(name) c.name = s.name;
+  kvrt_stats all;
+  std::memset(&all, 0, sizeof all);
+  all.struct_size = sizeof(kvrt_stats);
+  all.sequences = s.sequences;
+  all.gpu_bytes = s.gpu_bytes;
+  all.host_bytes = s.host_bytes;
+#define KVRT_COPY_STAT_(name) all.name = s.name;
   KVRT_RUNTIME_COUNTERS(KVRT_COPY_STAT_)
 #undef KVRT_COPY_STAT_
-  *out = c;
+  std::memcpy(out, &all, size);  // the caller's prefix only
   return KVRT_OK;
   KVRT_API_CATCH
 }

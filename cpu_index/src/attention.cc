@@ -7,6 +7,7 @@
 
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/head_store.h"
+#include "kvrt_common/nan_max.h"
 
 namespace kvrt::cpu_index {
 namespace {
@@ -23,7 +24,7 @@ void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, f
   const int64_t n = static_cast<int64_t>(s.size());
   for (int i = 0; i < d; ++i) o[i] = 0.f;
   float m = kNegInf;
-  for (float x : s) m = std::max(m, x);
+  for (float x : s) m = MaxPropagateNan(m, x);  // a NaN score makes the output NaN
   if (n == 0 || m == kNegInf) {  // empty set, or every score -inf: contributes nothing
     *lse = kNegInf;
     return;
@@ -39,8 +40,9 @@ void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, f
     const int64_t e = std::min(n, b + kBlock);
     std::fill(part.begin(), part.end(), 0.f);
     for (int64_t j = b; j < e; ++j) {
+      // NOTE: no skip of weight-0 rows: 0 * NaN is NaN, so a NaN value reaches the output as in
+      // the GPU kernel (which has no skip either).
       const float w = s[j];
-      if (w == 0.f) continue;
       ConvertToF32(value_at(j), t, d, row.data());
       for (int i = 0; i < d; ++i) part[i] += w * row[i];
     }

@@ -24,13 +24,49 @@ absl::Status HeadStore::Reserve(int64_t rows) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// True if one of the d elements at p is NaN or Inf: its exponent bits are all ones.
+bool NonFinite(const unsigned char* p, int d, DType t) {
+  unsigned bad = 0;
+  if (t == DType::kF32) {
+    for (int i = 0; i < d; ++i) {
+      uint32_t w;
+      std::memcpy(&w, p + 4 * i, 4);
+      bad |= (w & 0x7f800000u) == 0x7f800000u;
+    }
+  } else {
+    const uint16_t mask = t == DType::kF16 ? 0x7c00 : 0x7f80;  // f16 : bf16 exponent
+    for (int i = 0; i < d; ++i) {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      bad |= (h & mask) == mask;
+    }
+  }
+  return bad != 0;
+}
+
+}  // namespace
+
 absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::size_t stride_elems) {
   if (n <= 0) return absl::OkStatus();
   const std::size_t rb = row_bytes();
   const std::size_t stride_bytes = stride_elems * DTypeSize(dtype_);
   const std::size_t old_bytes = static_cast<std::size_t>(size_) * rb;
   const std::size_t add_bytes = static_cast<std::size_t>(n) * rb;
+  std::vector<int64_t> bad;  // found before anything changes, so that a failure changes nothing
+  for (int64_t i = 0; i < n; ++i) {
+    const auto* kr = static_cast<const unsigned char*>(k) + i * stride_bytes;
+    const auto* vr = static_cast<const unsigned char*>(v) + i * stride_bytes;
+    if (NonFinite(kr, dim_, dtype_) || NonFinite(vr, dim_, dtype_)) bad.push_back(size_ + i);
+  }
   if (auto s = Reserve(size_ + n); !s.ok()) return s;
+  try {
+    nonfinite_rows_.reserve(nonfinite_rows_.size() + bad.size());
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("host KV store: out of memory");
+  }
+  nonfinite_rows_.insert(nonfinite_rows_.end(), bad.begin(), bad.end());
   keys_.resize(old_bytes + add_bytes);
   values_.resize(old_bytes + add_bytes);
   auto* ks = static_cast<const unsigned char*>(k);
@@ -72,6 +108,11 @@ absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& o
                   base + static_cast<std::size_t>(order[i]) * rb, rb);
     std::memcpy(base, tmp.data(), tmp.size());
   }
+  // Rows with NaN/Inf move with their data.
+  std::vector<int64_t> new_row(n);
+  for (int64_t i = 0; i < n; ++i) new_row[order[i]] = begin + i;
+  for (auto& r : nonfinite_rows_)
+    if (r >= begin && r < begin + n) r = new_row[r - begin];
   return absl::OkStatus();
 }
 

@@ -66,16 +66,10 @@ class HnswIndex final : public KeyIndex {
     if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok()) {
       return s;
     }
-    if (params.effort >= size_) {
-      // NOTE: hnswlib's inner-product graph need not be connected (on OOD keys we measured
-      // 40% of rows unreachable at ef = n), so the maximal effort is an exact scan.
-      thread_local std::vector<float> all;
-      all.resize(size_);
-      store.Dot(q, 0, size_, all.data());
-      TopK(all.data(), size_, params.k, &out->ids, &out->scores);
-      out->scanned = size_;
-      return absl::OkStatus();
-    }
+    // NOTE: hnswlib's inner-product graph need not be connected (on OOD keys we measured 40% of
+    // rows unreachable at ef = n; issue 16: a third of a layer at k >= n), so the maximal effort,
+    // and a k that asks for every row, are an exact scan.
+    if (params.effort >= size_ || params.k >= size_) return ExactScan(store, q, params.k, 0, out);
     const Hnsw& h = *hnsw_;
     const std::size_t ef = static_cast<std::size_t>(
         std::max(params.k, params.effort > 0 ? params.effort : config_.hnsw_default_ef));
@@ -138,8 +132,23 @@ class HnswIndex final : public KeyIndex {
       top.pop();
       cands.emplace_back(DotRow(q, store.key(id), dim_, store.dtype()), id);
     }
+    // The beam reached fewer than k rows (a disconnected graph): an exact scan returns k, so that
+    // a search never silently returns fewer than k results (issue 16).
+    if (static_cast<int64_t>(cands.size()) < std::min<int64_t>(params.k, size_))
+      return ExactScan(store, q, params.k, scanned, out);
     internal::TakeTopK(&cands, params.k, out);
     out->scanned = scanned;
+    return absl::OkStatus();
+  }
+
+  // The exact top-k over every row; `scanned` keys were already scored by a failed graph search.
+  absl::Status ExactScan(const HeadStore& store, const float* q, int k, int64_t scanned,
+                         SearchResult* out) const {
+    thread_local std::vector<float> all;
+    all.resize(size_);
+    store.Dot(q, 0, size_, all.data());
+    TopK(all.data(), size_, k, &out->ids, &out->scores);
+    out->scanned = scanned + size_;
     return absl::OkStatus();
   }
 

@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
   kvrt_config cfg = kvrt_config_default();
   kvrt_runtime* rt = NULL;
   kvrt_seq_id seq;
-  kvrt_stats st;
+  kvrt_stats st = kvrt_stats_init();
   float* out;
   long layers, steps, prompt, step, layer;
   size_t es, kv_row, q_row;

@@ -13,6 +13,7 @@
 #include <cmath>
 
 #include "gpu/src/common.cuh"
+#include "kvrt_common/nan_max.h"
 
 namespace kvrt::gpu::detail {
 
@@ -189,7 +190,7 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
 #pragma unroll
         for (int h = 0; h < G; ++h) {
           if (h < group) {
-            const float nm = fmaxf(m[h], dot[h]);
+            const float nm = MaxPropagateNan(m[h], dot[h]);  // NaN score: NaN state
             const float corr = exp2f(m[h] - nm);  // m = -inf, nm finite: 0
             const float p = exp2f(dot[h] - nm);
             l[h] = l[h] * corr + p;
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
     for (int h = 0; h < G; ++h) {
       const float mo = __shfl_xor_sync(0xffffffffu, m[h], off);
       const float lo = __shfl_xor_sync(0xffffffffu, l[h], off);
-      const float nm = fmaxf(m[h], mo);
+      const float nm = MaxPropagateNan(m[h], mo);
       const float ca = nm == -INFINITY ? 0.f : exp2f(m[h] - nm);
       const float cb = nm == -INFINITY ? 0.f : exp2f(mo - nm);
       l[h] = l[h] * ca + lo * cb;
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
     const int h = idx / D, e = idx % D;
     float mm = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < L::kWarps; ++w) mm = fmaxf(mm, sm_m[w][h]);
+    for (int w = 0; w < L::kWarps; ++w) mm = MaxPropagateNan(mm, sm_m[w][h]);
     float ll = 0.f, oo = 0.f;
     if (mm != -INFINITY) {
 #pragma unroll
@@ -285,9 +286,9 @@ __global__ void __launch_bounds__(128)
   // Max and sum over the splits with the lanes in parallel, then the weighted sum of the splits'
   // o rows, unrolled so that several rows' loads are in flight.
   float mm = -INFINITY;
-  for (int s = lane; s < num_splits; s += 32) mm = fmaxf(mm, pl[s]);
+  for (int s = lane; s < num_splits; s += 32) mm = MaxPropagateNan(mm, pl[s]);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, off));
+  for (int off = 16; off > 0; off >>= 1) mm = MaxPropagateNan(mm, __shfl_xor_sync(0xffffffffu, mm, off));
   float acc[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) acc[i] = 0.f;

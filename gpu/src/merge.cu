@@ -2,6 +2,7 @@
 // sequences and q heads. docs/architecture.md "Numerics": lse = logaddexp(lse_a, lse_b),
 // o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b.
 #include "gpu/src/common.cuh"
+#include "kvrt_common/nan_max.h"
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -27,7 +28,8 @@ __global__ void __launch_bounds__(128)
     vb[i] = o_b[base + lane + 32 * i];
   }
   __syncwarp();
-  const float mx = fmaxf(a, b);
+  // NOTE: fmaxf drops a NaN operand: with a = -inf (empty) and b = NaN it gave -inf and the row 0.
+  const float mx = MaxPropagateNan(a, b);
   float wa, wb, l;
   if (mx == -INFINITY) {  // both empty: empty (flashinfer issue 4051 returned NaN here)
     wa = wb = 0.f;
@@ -61,7 +63,7 @@ __global__ void __launch_bounds__(128)
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
   float m = -INFINITY;
-  for (int i = 0; i < n; ++i) m = fmaxf(m, lse[static_cast<size_t>(i) * rows + row]);
+  for (int i = 0; i < n; ++i) m = MaxPropagateNan(m, lse[static_cast<size_t>(i) * rows + row]);  // NaN: NaN out
   float acc[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;

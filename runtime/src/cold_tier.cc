@@ -11,15 +11,13 @@
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "oneapi/tbb/parallel_for.h"
+#include "runtime/src/budget.h"
 #include "runtime/src/fault_injection.h"
 
 namespace kvrt::runtime {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Below this many cold tokens no index is built: an exact scan of so few keys is as cheap as a
-// search, and IVF/graph builds on a handful of points are poor.
-constexpr int64_t kIndexMinRows = 256;
 
 int64_t SteadyNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -334,7 +332,10 @@ void ColdTier::AddUncovered(int g, const float* qh, cpu_index::SearchResult* fou
   std::vector<float> scores = std::move(found->scores);
   sel->scored[h] = found->scanned;
   AddEstimate(*found, sel, h);
-  if (indexed >= n_cold) return;
+  if (indexed >= n_cold) {
+    AddNonfinite(g, &ids);
+    return;
+  }
   std::vector<float> s(n_cold - indexed);
   store.Dot(qh, indexed, n_cold, s.data());
   std::vector<int64_t> tail;
@@ -343,6 +344,7 @@ void ColdTier::AddUncovered(int g, const float* qh, cpu_index::SearchResult* fou
   sel->scored[h] += n_cold - indexed;
   if (index == nullptr) {
     for (auto t : tail) ids.push_back(indexed + t);
+    AddNonfinite(g, &ids);
     return;
   }
   if (scores.size() != ids.size()) {
@@ -364,6 +366,14 @@ void ColdTier::AddUncovered(int g, const float* qh, cpu_index::SearchResult* fou
     for (std::size_t i = 0; i < best.size(); ++i) kept[i] = ids[best[i]];
     ids = std::move(kept);
   }
+  AddNonfinite(g, &ids);
+}
+
+// Rows holding NaN/Inf (check_finite = 0) are attended whatever the search returned, so that the
+// NaN reaches the output as kvrt.h promises instead of the token being dropped.
+void ColdTier::AddNonfinite(int g, std::vector<int64_t>* ids) const {
+  for (int64_t r : stores_[g].nonfinite_rows())
+    if (std::find(ids->begin(), ids->end(), r) == ids->end()) ids->push_back(r);
 }
 
 // A two-level kind's estimate of the rows it did not select becomes one more partial state.

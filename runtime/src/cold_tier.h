@@ -55,6 +55,9 @@ class ColdTier {
 
   int64_t rows() const { return stores_.empty() ? 0 : stores_[0].size(); }
   int64_t index_bytes() const { return index_bytes_; }
+  // Index growth reserved against host_memory_limit ahead of a refresh (budget.h); the refresh
+  // trues index_bytes up to the indexes' real size. Not while a background refresh runs.
+  void AccountIndexGrowth(int64_t bytes) { index_bytes_ += bytes; }
   const cpu_index::HeadStore& store(int kv_head) const { return stores_[kv_head]; }
   // Sequence position of store row `row` of kv head g.
   int64_t position(int g, int64_t row) const { return positions_[g][row]; }
@@ -97,6 +100,7 @@ class ColdTier {
   absl::Status SelectHead(int h, const float* qh, ColdSelection* sel) const;
   void AddUncovered(int g, const float* qh, cpu_index::SearchResult* found, ColdSelection* sel,
                     int h) const;
+  void AddNonfinite(int g, std::vector<int64_t>* ids) const;
   void AddEstimate(const cpu_index::SearchResult& found, ColdSelection* sel, int h) const;
   absl::Status RefreshNow(tbb::task_arena& arena);
   void ApplyRowOrder(int g);

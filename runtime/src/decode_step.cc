@@ -196,7 +196,11 @@ void LayerState::CountStep(const ColdSelection& sel) {
   counters_->attend_calls += 1;
   counters_->keys_scored += scored;
   counters_->keys_read += sel.keys_read;
-  counters_->cold_keys_searchable += cold_.rows() * H;
+  // Retrieval heads only: a streaming head searches nothing, so it would make the scanned
+  // fraction (keys_scored / cold_keys_searchable) read low.
+  int64_t active = 0;
+  for (uint8_t a : sel.active) active += a;
+  counters_->cold_keys_searchable += cold_.rows() * active;
   counters_->cold_tokens_attended += attended;
 }
 

@@ -182,7 +182,9 @@ class DeviceTier final : public TierBackend {
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                       const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
-  bool has_ring() const override { return !ring_k_.empty(); }
+  int64_t RingGrowth(int64_t new_length) const override {
+    return ring_k_.empty() && new_length > cfg_->sink_tokens ? cfg_->window_tokens : 0;
+  }
   std::size_t allocated_bytes() const override {
     return sink_k_.size() + sink_v_.size() + ring_k_.size() + ring_v_.size();
   }
@@ -232,7 +234,7 @@ absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
     st = alloc(&sink_k_, cfg_->sink_tokens);
     if (st.ok()) st = alloc(&sink_v_, cfg_->sink_tokens);
   }
-  if (st.ok() && plan.need_ring) {
+  if (st.ok() && plan.ring_grow > 0) {
     st = alloc(&ring_k_, cfg_->window_tokens);
     if (st.ok()) st = alloc(&ring_v_, cfg_->window_tokens);
   }
@@ -243,7 +245,7 @@ absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
   }
   if (!st.ok()) {
     if (plan.need_sinks) sink_k_.Reset(), sink_v_.Reset();
-    if (plan.need_ring) ring_k_.Reset(), ring_v_.Reset();
+    if (plan.ring_grow > 0) ring_k_.Reset(), ring_v_.Reset();
     return absl::Status(st.code(), absl::StrCat("append (GPU backend): ", st.message()));
   }
   return absl::OkStatus();

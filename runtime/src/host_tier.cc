@@ -53,7 +53,12 @@ class HostTier final : public TierBackend {
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                       const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
-  bool has_ring() const override { return !ring_k_.empty(); }
+  int64_t RingGrowth(int64_t new_length) const override {
+    const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
+    const int64_t rows = static_cast<int64_t>(ring_k_.size() / token_bytes());
+    const int64_t need = new_length > S ? std::min(W, new_length - S) : 0;
+    return need > rows ? std::min(W, std::max(need, 2 * rows)) - rows : 0;
+  }
   std::size_t allocated_bytes() const override {
     return sink_k_.size() + sink_v_.size() + ring_k_.size() + ring_v_.size();
   }
@@ -72,18 +77,19 @@ class HostTier final : public TierBackend {
 
 absl::Status HostTier::Allocate(const AppendPlan& plan) {
   const std::size_t tb = token_bytes();
+  const std::size_t ring_rows = ring_k_.size() / tb;
   try {
     if (plan.need_sinks) {
       sink_k_.resize(cfg_->sink_tokens * tb);
       sink_v_.resize(cfg_->sink_tokens * tb);
     }
-    if (plan.need_ring) {
-      ring_k_.resize(cfg_->window_tokens * tb);
-      ring_v_.resize(cfg_->window_tokens * tb);
+    if (plan.ring_grow > 0) {
+      ring_k_.resize(ring_k_.size() + plan.ring_grow * tb);
+      ring_v_.resize(ring_v_.size() + plan.ring_grow * tb);
     }
   } catch (const std::bad_alloc&) {
     if (plan.need_sinks) sink_k_ = {}, sink_v_ = {};
-    if (plan.need_ring) ring_k_ = {}, ring_v_ = {};
+    if (plan.ring_grow > 0) ring_k_.resize(ring_rows * tb), ring_v_.resize(ring_rows * tb);
     return absl::ResourceExhaustedError(
         absl::StrCat("append: cannot allocate ", plan.gpu_bytes, " bytes of GPU-tier buffers"));
   }

@@ -42,9 +42,8 @@ AppendPlan LayerState::PlanAppend(int64_t n) const {
   p.sink_end = std::min(p.new_length, S);
   p.ring_begin = std::max({p.length, S, p.cold_end});
   p.need_sinks = !tier_->has_sinks() && S > 0;
-  p.need_ring = !tier_->has_ring() && p.new_length > S;
-  p.gpu_bytes =
-      2 * static_cast<int64_t>(tb) * ((p.need_sinks ? S : 0) + (p.need_ring ? W : 0));
+  p.ring_grow = tier_->RingGrowth(p.new_length);
+  p.gpu_bytes = 2 * static_cast<int64_t>(tb) * ((p.need_sinks ? S : 0) + p.ring_grow);
   return p;
 }
 
@@ -57,13 +56,24 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
   const AppendPlan plan = PlanAppend(n);
   // Only a call that writes the store waits for the background refresh (a decode append, which
   // only evicts, does not: its rows reach the store at the next attend).
+  const bool settled = plan.direct > 0 || tier_->pending_rows() > 0 || !tier_->background_refresh();
   if (plan.direct > 0 || tier_->pending_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
   const std::size_t tb =
       static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
+  // The cold index's growth counts against host_memory_limit before it happens (an upper bound,
+  // trued up by the refresh), so a call past the limit fails here having changed nothing. With a
+  // background refresh running, its growth is counted when it completes (kvrt.h).
+  const int64_t index_add =
+      settled && plan.new_cold() > 0
+          ? IndexGrowthBound(*cfg_, cold_tokens() + plan.new_cold(), kIndexMinRows,
+                             cold_.index_bytes())
+          : 0;
   BudgetReservation budget;
-  KVRT_RETURN_IF_ERROR(budget.Reserve(*cfg_, counters_, plan.gpu_bytes, plan.new_cold(), tb));
+  KVRT_RETURN_IF_ERROR(
+      budget.Reserve(*cfg_, counters_, plan.gpu_bytes, plan.new_cold(), tb, index_add));
   KVRT_RETURN_IF_ERROR(tier_->Append(plan, k, v, exec, &cold_));
-  budget.Commit();  // the reservation counted the tier's new buffers and cold rows
+  budget.Commit();  // the reservation counted the tier's new buffers, cold rows and index growth
+  cold_.AccountIndexGrowth(index_add);
   const int64_t gpu_before = gpu_tokens();
   length_ = plan.new_length;
   n_sink_ = std::min<int64_t>(length_, cfg_->sink_tokens);

@@ -74,7 +74,9 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   KVRT_RETURN_IF_ERROR(Range("index_kind", static_cast<int>(c.index_kind), 0,
                              cpu_index::kNumIndexKinds - 1));
   KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, 1 << 24));
-  KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, 4096));
+  // NOTE: no upper bound: values above the hardware thread count are clamped to it (Create), as
+  // kvrt.h says; only negative counts are errors.
+  KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, INT32_MAX));
   KVRT_RETURN_IF_ERROR(Range("cold_attention", c.cold_attention, 0, 2));
   KVRT_RETURN_IF_ERROR(Range("host_memory_limit", c.host_memory_limit, 0, INT64_MAX));
   KVRT_RETURN_IF_ERROR(Range("gpu_memory_limit", c.gpu_memory_limit, 0, INT64_MAX));
@@ -264,6 +266,9 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   if (ids == nullptr || n <= 0 || q == nullptr || out == nullptr)
     return absl::InvalidArgumentError("attend_batch: need n >= 1 sequences and non-NULL seqs, q and out");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend_batch"));
+  if (layer < 0 || layer >= config_.num_layers)  // an error of the whole call: nothing written
+    return absl::InvalidArgumentError(
+        absl::StrCat("attend_batch: layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
   KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend_batch: q", exec.device ? nullptr : q, n, config_.num_q_heads));
   // Locked in id order, so two batches sharing sequences cannot deadlock; a repeated id would
   // deadlock on itself, hence the check.
@@ -273,29 +278,57 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   for (int i = 1; i < n; ++i)
     if (ids[order[i]] == ids[order[i - 1]])
       return absl::InvalidArgumentError(absl::StrCat("attend_batch: sequence ", ids[order[i]], " is listed twice"));
+  // One rule for every per-sequence error (kvrt.h): a sequence that is unknown fails like one
+  // whose attend fails; its row stays untouched and the other rows are written.
   std::vector<std::shared_ptr<Sequence>> seqs(n);
+  std::vector<absl::Status> status(n);
   for (int i = 0; i < n; ++i) {
     auto found = Find(ids[i], layer);
-    if (!found.ok()) return absl::Status(found.status().code(), absl::StrCat("attend_batch: ", found.status().message()));
-    seqs[i] = std::move(*found);
+    if (found.ok()) {
+      seqs[i] = std::move(*found);
+    } else {
+      status[i] = found.status();
+    }
   }
   std::vector<std::unique_lock<std::mutex>> locks;
   locks.reserve(n);
-  for (int i : order) locks.emplace_back(seqs[i]->mu);
+  for (int i : order)
+    if (seqs[i]) locks.emplace_back(seqs[i]->mu);
   const std::size_t q_bytes = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
   const std::size_t out_floats = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim;
   const uint8_t* streaming = impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
   // NOTE: the attends below run on the arena's workers; each first waits for its layer's
   // background index insert, which also needs a worker. Waiting here, on the caller's thread,
   // means no worker ever blocks on work queued behind it.
-  for (auto& seq : seqs) seq->layers[layer].SettleBackgroundWork();
-  std::vector<absl::Status> status(n);
-  impl_->arena.execute([&] {
-    tbb::parallel_for(0, n, [&](int i) {
-      status[i] = seqs[i]->layers[layer].Attend(static_cast<const unsigned char*>(q) + i * q_bytes,
-                                                out + i * out_floats, impl_->arena, streaming, exec);
-    });
-  });
+  for (auto& seq : seqs)
+    if (seq) seq->layers[layer].SettleBackgroundWork();
+  // One decode step for every known sequence (LayerState::Step: one GPU-tier launch and one
+  // merge for all); unknown ones keep their NOT_FOUND and their rows.
+  std::vector<int> known;
+  for (int i = 0; i < n; ++i)
+    if (seqs[i]) known.push_back(i);
+  if (!known.empty()) {
+    const bool contiguous = static_cast<int>(known.size()) == n;
+    std::vector<LayerState*> layers;
+    for (int i : known) layers.push_back(&seqs[i]->layers[layer]);
+    std::vector<absl::Status> step_status(known.size());
+    if (contiguous) {
+      KVRT_RETURN_IF_ERROR(LayerState::Step(layers.data(), n, q, out, impl_->arena, streaming,
+                                            exec, step_status.data()));
+    } else {
+      // Run by run of known sequences, so that q and out stay the caller's (device) memory.
+      for (std::size_t a = 0; a < known.size();) {
+        std::size_t b = a + 1;
+        while (b < known.size() && known[b] == known[b - 1] + 1) ++b;
+        KVRT_RETURN_IF_ERROR(LayerState::Step(
+            layers.data() + a, static_cast<int>(b - a),
+            static_cast<const unsigned char*>(q) + known[a] * q_bytes, out + known[a] * out_floats,
+            impl_->arena, streaming, exec, step_status.data() + a));
+        a = b;
+      }
+    }
+    for (std::size_t j = 0; j < known.size(); ++j) status[known[j]] = step_status[j];
+  }
   for (int i = 0; i < n; ++i)
     if (!status[i].ok())
       return absl::Status(status[i].code(), absl::StrCat("attend_batch: sequence ", ids[i], ": ", status[i].message()));

@@ -27,7 +27,8 @@ struct AppendPlan {
   int64_t direct_begin = 0, direct = 0;  // input tokens straight to the cold tier
   int64_t sink_end = 0;                  // sinks written: [length, sink_end)
   int64_t ring_begin = 0;                // input tokens into the ring: [ring_begin, new_length)
-  bool need_sinks = false, need_ring = false;  // first use allocates the buffers
+  bool need_sinks = false;               // first use allocates the sinks
+  int64_t ring_grow = 0;                 // rows the ring grows by (RingGrowth)
   int64_t gpu_bytes = 0;                 // bytes the allocation adds to the GPU tier
 
   int64_t new_cold() const { return cold_end - cold_begin; }
@@ -91,9 +92,12 @@ class TierBackend {
   virtual absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                               const std::vector<uint8_t>& ok, float* out) = 0;
 
-  // Whether the sink / ring buffers exist (allocated at first use).
+  // Whether the sink buffers exist (allocated at first use).
   virtual bool has_sinks() const = 0;
-  virtual bool has_ring() const = 0;
+  // Rows the window ring must grow by to hold positions below new_length. The host backend grows
+  // it as it fills (doubling, up to window_tokens: before it wraps, position p sits in slot p - S,
+  // so growth keeps every slot in place); the device backend allocates it whole at first use.
+  virtual int64_t RingGrowth(int64_t new_length) const = 0;
   // Bytes of GPU-tier buffers held.
   virtual std::size_t allocated_bytes() const = 0;
   // Waits for device work and drops evictions in flight (release).

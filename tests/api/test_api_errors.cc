@@ -97,8 +97,8 @@ TEST(ApiCreate, RejectsBadConfigNamingTheField) {
 TEST_F(ApiTest, NullHandlesAndPointers) {
   kvrt_seq_id id;
   int64_t n;
-  kvrt_stats st;
-  kvrt_config c;
+  kvrt_stats st = kvrt_stats_init();
+  kvrt_config c = kvrt_config_default();
   EXPECT_EQ(kvrt_seq_create(nullptr, &id), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_TRUE(Mentions("rt is NULL"));
   EXPECT_EQ(kvrt_seq_create(rt_, nullptr), KVRT_ERR_INVALID_ARGUMENT);
@@ -204,7 +204,7 @@ TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
   EXPECT_EQ(kvrt_append(rt, b, 0, kv.data(), kv.data(), 1), KVRT_ERR_OUT_OF_MEMORY);
   EXPECT_TRUE(Mentions("gpu_memory_limit")) << kvrt_last_error();
   EXPECT_EQ(kvrt_attend(rt, a, 0, q.data(), out.data()), KVRT_OK) << "still usable";
-  kvrt_stats st;
+  kvrt_stats st = kvrt_stats_init();
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   EXPECT_EQ(st.gpu_allocated_bytes, 3 * token_bytes);
   EXPECT_EQ(st.host_tokens, 10);
@@ -328,10 +328,11 @@ TEST(ApiAttendBatch, EqualsOneAttendPerSequenceAndNamesBadInput) {
   std::vector<kvrt_seq_id> twice = {seqs[0], seqs[1], seqs[0]};
   EXPECT_EQ(kvrt_attend_batch(rt, twice.data(), 3, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(kvrt_last_error()).find("listed twice"), std::string::npos) << kvrt_last_error();
+  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 3, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  for (float x : out) EXPECT_EQ(x, 7.f);  // nothing written by the refused calls
+  // An unknown sequence fails its own row only (test_issue16.cc covers the rule in full).
   std::vector<kvrt_seq_id> unknown = {seqs[0], 12345};
   EXPECT_EQ(kvrt_attend_batch(rt, unknown.data(), 2, 0, q.data(), out.data()), KVRT_ERR_NOT_FOUND);
   EXPECT_NE(std::string(kvrt_last_error()).find("12345"), std::string::npos) << kvrt_last_error();
-  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 3, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
-  for (float x : out) EXPECT_EQ(x, 7.f);  // nothing written by the refused calls
   kvrt_runtime_destroy(rt);
 }

@@ -19,10 +19,10 @@ int main(void) {
   float q[T * H * D], k[T * G * D], v[T * G * D], out[H * D];
   int64_t ids[T], count = 0, len = 0;
   int i;
-  kvrt_config cfg = kvrt_config_default(), eff;
+  kvrt_config cfg = kvrt_config_default(), eff = kvrt_config_default();
   kvrt_runtime* rt = NULL;
   kvrt_seq_id seq = -1;
-  kvrt_stats stats;
+  kvrt_stats stats = kvrt_stats_init();
   kvrt_exec exec = kvrt_exec_default();
 
   for (i = 0; i < T * H * D; ++i) q[i] = (float)sin(i * 0.37);

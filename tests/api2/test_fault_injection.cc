@@ -93,7 +93,7 @@ double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 kvrt_stats Stats(kvrt_runtime* rt) {
-  kvrt_stats st{};
+  kvrt_stats st = kvrt_stats_init();
   EXPECT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   return st;
 }

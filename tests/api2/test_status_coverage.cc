@@ -25,9 +25,9 @@ bool UnderSanitizer() {
 }
 
 // A real allocation failure (not a configured budget) is KVRT_ERR_OUT_OF_MEMORY and leaves the
-// sequence and runtime usable: the window ring of this config needs 2 x 32 TiB.
+// sequence and runtime usable: the sinks of this config need 2 x 2 TiB.
 TEST(ApiStatusCoverage, AllocationFailureIsOutOfMemory) {
-  if (UnderSanitizer()) GTEST_SKIP() << "ASan/TSan abort on a 32 TiB operator new instead of throwing";
+  if (UnderSanitizer()) GTEST_SKIP() << "ASan/TSan abort on a 2 TiB operator new instead of throwing";
   std::FILE* f = std::fopen("/proc/sys/vm/overcommit_memory", "r");
   int mode = 0;
   if (f != nullptr) {
@@ -41,8 +41,10 @@ TEST(ApiStatusCoverage, AllocationFailureIsOutOfMemory) {
   c.num_q_heads = 1024;
   c.head_dim = 512;
   c.dtype = KVRT_DTYPE_F32;
-  c.sink_tokens = 0;
-  c.window_tokens = 1 << 24;
+  // NOTE: the sinks are allocated in full at the first token (4 TiB here); the window, which
+  // the host backend allocates as it fills since 0.3, no longer provokes the failure.
+  c.sink_tokens = 1 << 20;
+  c.window_tokens = 1;
   c.index_kind = KVRT_INDEX_EXACT;
   c.worker_threads = 1;
   kvrt_runtime* rt = nullptr;
@@ -55,7 +57,7 @@ TEST(ApiStatusCoverage, AllocationFailureIsOutOfMemory) {
   int64_t n = -1;
   ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
   EXPECT_EQ(n, 0) << "the failed append changed nothing";
-  kvrt_stats st;
+  kvrt_stats st = kvrt_stats_init();
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   EXPECT_EQ(st.gpu_allocated_bytes, 0) << "the reservation was given back";
   EXPECT_EQ(st.gpu_tokens, 0);

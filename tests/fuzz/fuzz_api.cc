@@ -134,7 +134,7 @@ void CheckAttention(const Model& m, const LayerModel& lm, const std::vector<floa
 }
 
 void CheckCounts(kvrt_runtime* rt, const Model& m) {
-  kvrt_stats st;
+  kvrt_stats st = kvrt_stats_init();
   if (kvrt_get_stats(rt, &st) != KVRT_OK) Die("get_stats failed");
   int64_t gpu = 0, host = 0;
   for (const auto& [id, layers] : m.seqs) {
@@ -185,7 +185,7 @@ void FuzzCreateOnly(Input& in) {
   kvrt_runtime* rt = reinterpret_cast<kvrt_runtime*>(0x10);
   const kvrt_status s = kvrt_runtime_create(&c, &rt);
   if (s == KVRT_OK) {
-    kvrt_config eff;
+    kvrt_config eff = kvrt_config_default();
     if (kvrt_runtime_config(rt, &eff) != KVRT_OK) Die("runtime_config failed");
     kvrt_runtime_destroy(rt);
   } else {

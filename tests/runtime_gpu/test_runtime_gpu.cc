@@ -277,6 +277,68 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
   }
 }
 
+// Issue 16: with check_finite off, a NaN in q or in any tier's k/v makes the affected heads' output
+// NaN on the GPU backend too (tier kernel, split merge, state merge, fetch mode), never zeros.
+struct NanGpuCase {
+  cpu_index::IndexKind kind;
+  int cold_attention;  // 0 CPU, 1 fetch
+  std::string name;
+};
+
+class GpuBackendNan : public ::testing::TestWithParam<NanGpuCase> {};
+
+TEST_P(GpuBackendNan, NanPropagatesFromEveryTier) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  constexpr int kH = 4, kG = 2, kD = 64, kT = 600;
+  // where: 0 q, 1 the only sink's key, 2 a window key, 3 a cold key, 4 a cold value.
+  for (int where = 0; where < 5; ++where) {
+    RuntimeConfig cfg;
+    cfg.num_q_heads = kH;
+    cfg.num_kv_heads = kG;
+    cfg.head_dim = kD;
+    cfg.dtype = DType::kF32;
+    cfg.sink_tokens = 1;
+    cfg.window_tokens = 64;
+    cfg.top_k = 16;
+    cfg.index_kind = GetParam().kind;
+    cfg.cold_attention = GetParam().cold_attention;
+    cfg.use_gpu = 1;
+    auto rt = Runtime::Create(cfg);
+    ASSERT_TRUE(rt.ok()) << rt.status();
+    auto seq = (*rt)->CreateSequence();
+    ASSERT_TRUE(seq.ok());
+    std::vector<float> k(static_cast<std::size_t>(kT) * kG * kD), v(k.size()), q(kH * kD);
+    for (std::size_t i = 0; i < k.size(); ++i) {
+      k[i] = std::sin(0.37f * static_cast<float>(i));
+      v[i] = std::cos(0.11f * static_cast<float>(i));
+    }
+    for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.23f * static_cast<float>(i) + 0.3f);
+    auto at = [](int64_t t) { return static_cast<std::size_t>(t) * kG * kD + 5; };  // kv head 0
+    if (where == 0) q[3] = NAN;  // q head 0
+    if (where == 1) k[at(0)] = NAN;
+    if (where == 2) k[at(kT - 3)] = NAN;
+    if (where == 3) k[at(100)] = NAN;
+    if (where == 4) v[at(200)] = NAN;
+    ASSERT_TRUE((*rt)->Prefill(*seq, 0, nullptr, k.data(), v.data(), kT).ok());
+    std::vector<float> out(kH * kD, 7.f);
+    ASSERT_TRUE((*rt)->Attend(*seq, 0, q.data(), out.data()).ok());
+    const int nan_heads = where == 0 ? 1 : kH / kG;  // q head 0, or kv head 0's q heads
+    for (int h = 0; h < kH; ++h)
+      for (int e = 0; e < kD; ++e)
+        EXPECT_EQ(std::isnan(out[h * kD + e]), h < nan_heads) << "where " << where << " head " << h;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, GpuBackendNan,
+                         ::testing::Values(NanGpuCase{cpu_index::IndexKind::kExact, 0, "exact"},
+                                           NanGpuCase{cpu_index::IndexKind::kFlat, 0, "flat"},
+                                           NanGpuCase{cpu_index::IndexKind::kFlat, 1, "flat_fetch"},
+                                           NanGpuCase{cpu_index::IndexKind::kIvf, 0, "ivf"},
+                                           NanGpuCase{cpu_index::IndexKind::kHnsw, 0, "hnsw"},
+                                           NanGpuCase{cpu_index::IndexKind::kLandmark, 0, "landmark"},
+                                           NanGpuCase{cpu_index::IndexKind::kAttentionAware, 0, "attention_aware"}),
+                         [](const auto& info) { return info.param.name; });
+
 TEST(GpuBackendConfig, UseGpuWithoutDevice) {
   RuntimeConfig cfg;
   cfg.use_gpu = 1;

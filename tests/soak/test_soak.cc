@@ -213,7 +213,7 @@ void RunSoak(const kvrt_config& c, int threads, int m_seqs, double seconds, int6
   std::atomic<int64_t> stats_reads{0};
   std::thread stats([&] {
     while (!done.load()) {
-      kvrt_stats st;
+      kvrt_stats st = kvrt_stats_init();
       if (kvrt_get_stats(rt, &st) != KVRT_OK || st.sequences < 0 || st.gpu_tokens < 0 ||
           st.host_tokens < 0 || st.gpu_allocated_bytes < 0) {
         ADD_FAILURE() << "stats inconsistent while running";
@@ -234,7 +234,7 @@ void RunSoak(const kvrt_config& c, int threads, int m_seqs, double seconds, int6
   done = true;
   stats.join();
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  kvrt_stats st;
+  kvrt_stats st = kvrt_stats_init();
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   EXPECT_EQ(st.sequences, 0);
   EXPECT_EQ(st.gpu_tokens, 0);

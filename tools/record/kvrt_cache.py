@@ -17,8 +17,9 @@ Batch size 1. With --device cpu: CPU tensors, libkvrt's host backend and host po
 in device memory, and q/k/v/out are device pointers ordered on torch's current stream
 (kvrt_*_ex with KVRT_MEMORY_DEVICE): no host copy of k/v/out in Python.
 
-The C structs mirror api/include/kvrt.h (kvrt_config as of API 0.2; fields are only appended, and
-kvrt_config_default returns the struct by value, so this mirror must follow the header).
+The C structs mirror api/include/kvrt.h (kvrt_config as of API 0.3: struct_size first, fields only
+appended; kvrt_config_init fills the defaults for the size this mirror declares, so it keeps working
+against a newer library).
 
 Compare with the full cache, teacher-forced so that every step is comparable. The full cache
 generates --gen greedy tokens (one forward per step); each kvrt configuration is then fed those
@@ -47,6 +48,7 @@ DTYPE = {"f32": 0, "f16": 1, "bf16": 2}
 
 class KvrtConfig(C.Structure):
     _fields_ = [
+        ("struct_size", C.c_size_t),  # 0.3
         ("num_layers", C.c_int32), ("num_q_heads", C.c_int32), ("num_kv_heads", C.c_int32),
         ("head_dim", C.c_int32), ("dtype", C.c_int), ("scale", C.c_float),
         ("sink_tokens", C.c_int32), ("window_tokens", C.c_int32), ("top_k", C.c_int32),
@@ -66,8 +68,8 @@ class KvrtExec(C.Structure):
 class KvrtLib:
     def __init__(self, path):
         self.lib = L = C.CDLL(str(path))
-        L.kvrt_config_default.restype = KvrtConfig
-        L.kvrt_config_default.argtypes = []
+        L.kvrt_config_init.argtypes = [C.POINTER(KvrtConfig), C.c_size_t]
+        L.kvrt_config_init.restype = C.c_int
         L.kvrt_runtime_create.argtypes = [C.POINTER(KvrtConfig), C.POINTER(C.c_void_p)]
         L.kvrt_runtime_destroy.argtypes = [C.c_void_p]
         L.kvrt_runtime_destroy.restype = None
@@ -93,6 +95,12 @@ class KvrtLib:
                   "kvrt_append", "kvrt_attend", "kvrt_prefill_ex", "kvrt_append_ex",
                   "kvrt_attend_ex"):
             getattr(L, f).restype = C.c_int
+
+    def default_config(self):
+        """kvrt_config_default() of the header (an inline there): the defaults, struct_size set."""
+        c = KvrtConfig()
+        self.check(self.lib.kvrt_config_init(C.byref(c), C.sizeof(c)), "kvrt_config_init")
+        return c
 
     def check(self, st, what):
         if st != 0:
@@ -168,7 +176,7 @@ class KvrtAttention:
         self.prompt = prompt
         self.layer_map = {src: i for i, src in enumerate(layers)}
         self.tdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        c = lib.lib.kvrt_config_default()
+        c = lib.default_config()
         c.num_layers = len(layers)
         c.num_q_heads = cfg.num_attention_heads
         c.num_kv_heads = cfg.num_key_value_heads

@@ -47,6 +47,11 @@ class HeadStore {
   void DotIds(const float* q, const int64_t* ids, int64_t n, float* out) const;
   // Row i of the keys as f32.
   void KeyF32(int64_t i, float* out) const { ConvertToF32(key(i), dtype_, dim_, out); }
+  // Rows whose key or value holds a NaN or an Inf (possible with check_finite = 0), ascending.
+  // The runtime attends to them whatever the index returns, so that their NaN reaches the output
+  // instead of the token being dropped silently (kvrt.h). Found at Append by a bit test per
+  // element, a fraction of the copy's cost.
+  const std::vector<int64_t>& nonfinite_rows() const { return nonfinite_rows_; }
 
  private:
   int dim_;
@@ -54,6 +59,7 @@ class HeadStore {
   int64_t size_ = 0;
   std::vector<unsigned char> keys_;
   std::vector<unsigned char> values_;
+  std::vector<int64_t> nonfinite_rows_;
 };
 
 }  // namespace kvrt::cpu_index

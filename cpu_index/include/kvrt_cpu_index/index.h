@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -34,6 +35,10 @@ struct IndexConfig {
   // ivf
   int ivf_nlist = 0;             // 0 = about 4 * sqrt(n) at build
   int ivf_default_nprobe = 16;
+  // The default nprobe also grows until the probed lists hold this many keys per result wanted:
+  // at k = 100 on 8K keys 16 lists hold more already; at k = 1000 it probes about 3000 keys
+  // (issue 16: nprobe 16 returned 621 of 1000, recall 0.52; nprobe 128, ~2800 keys, 0.956).
+  int ivf_default_keys_per_result = 3;
   // hnsw
   int hnsw_m = 16;
   int hnsw_ef_construction = 100;
@@ -109,6 +114,16 @@ class KeyIndex {
 // Creates an empty index of `kind` (not kExact) for keys of `head_dim`.
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIndex(IndexKind kind, const IndexConfig& config,
                                                     int head_dim);
+
+// The search settings a kind resolves for k and effort (0 = its default), in words, e.g.
+// "nprobe=16+ (lists holding >= 3000 keys)" or "ef=1000": what a report prints, so that
+// effort = 0 never hides what the default does at this k.
+std::string SearchSettings(IndexKind kind, const IndexConfig& config, int k, int effort);
+
+// An upper bound of MemoryBytes() of a `kind` index over `rows` keys of `head_dim` (built at once
+// or grown by Adds, capacity growth included), so that a memory budget can be checked before the
+// index grows (config.host_memory_limit). 0 for kExact and kFlat. tests/cpu_index checks the bound.
+int64_t IndexBytesBound(IndexKind kind, const IndexConfig& config, int head_dim, int64_t rows);
 
 // Exact top-k of scores[0, n) (ids are positions), best first; ties by lower id.
 void TopK(const float* scores, int64_t n, int k, std::vector<int64_t>* ids,

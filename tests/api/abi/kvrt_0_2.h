@@ -1,0 +1,294 @@
+/* kvrt.h as released in 0.2 (git show 9137c71:api/include/kvrt.h), verbatim below this comment,
+ * old_program.c is compiled against it and linked against the current library. Do not edit. */
+/*
+ * kvrt.h - the public C API of libkvrt.
+ *
+ * kvrt keeps the attention sinks (first tokens) and a recent window of every sequence's KV on the
+ * GPU tier, moves every older key/value pair to host memory behind CPU-side indexes, and at each
+ * decode step merges exact attention over the GPU tier with attention over the cold tokens the
+ * index retrieves (log-sum-exp merge, exact up to rounding).
+ *
+ * Conventions
+ *   - Every function returns a kvrt_status; results are written through out-parameters placed
+ *     last. On failure, kvrt_last_error() describes the problem; outputs are left untouched and
+ *     the runtime and sequence are left as they were before the call (no half-applied update).
+ *   - Tensors are contiguous, row-major [tokens, heads, head_dim] in the config's dtype
+ *     (queries too); attention outputs are f32 [q_heads, head_dim]. Pointers are host pointers
+ *     unless a kvrt_exec says otherwise (the _ex calls below).
+ *   - Ownership: kvrt copies what it keeps; no pointer passed in is retained after a call returns.
+ *
+ * Thread safety
+ *   - kvrt_runtime_create/destroy: not concurrent with any other call on the same runtime.
+ *   - Calls on *different* sequences of one runtime may run concurrently from different threads.
+ *   - Calls on the *same* sequence must be serialised by the caller (one decoder thread per
+ *     sequence is the intended use). kvrt_get_stats may run concurrently with anything.
+ *   - kvrt_last_error() is per thread.
+ *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention.
+ */
+#ifndef KVRT_H_
+#define KVRT_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define KVRT_API __declspec(dllexport)
+#else
+#define KVRT_API __attribute__((visibility("default")))
+#endif
+
+#define KVRT_VERSION_MAJOR 0
+#define KVRT_VERSION_MINOR 2
+#define KVRT_VERSION_PATCH 0
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- status ---------------------------------------------------------------------------------- */
+
+typedef enum kvrt_status {
+  KVRT_OK = 0,
+  KVRT_ERR_INVALID_ARGUMENT = 1,   /* a null pointer, a shape or a value out of range */
+  KVRT_ERR_NOT_FOUND = 2,          /* unknown or released sequence */
+  KVRT_ERR_OUT_OF_MEMORY = 3,      /* an allocation or a configured memory budget failed */
+  KVRT_ERR_FAILED_PRECONDITION = 4,/* the call is valid but not in this state (e.g. prefill twice) */
+  KVRT_ERR_UNIMPLEMENTED = 5,      /* a feature this build does not have (e.g. no CUDA) */
+  KVRT_ERR_INTERNAL = 6,           /* a bug in kvrt: please report it with kvrt_last_error() */
+  KVRT_ERR_CUDA = 7,               /* a CUDA runtime error */
+  KVRT_ERR_IO = 8                  /* a file could not be read or written, or is corrupt */
+} kvrt_status;
+
+/* A static string naming the status ("KVRT_OK", ...). Never NULL. */
+KVRT_API const char* kvrt_status_string(kvrt_status status);
+
+/* The message of the last failed kvrt call on this thread ("" if none). Valid until the next kvrt
+ * call on this thread. */
+KVRT_API const char* kvrt_last_error(void);
+
+/* "MAJOR.MINOR.PATCH" of the library actually loaded. */
+KVRT_API const char* kvrt_version(void);
+
+/* ---- configuration --------------------------------------------------------------------------- */
+
+typedef enum kvrt_dtype { KVRT_DTYPE_F32 = 0, KVRT_DTYPE_F16 = 1, KVRT_DTYPE_BF16 = 2 } kvrt_dtype;
+
+typedef enum kvrt_index_kind {
+  KVRT_INDEX_EXACT = 0,           /* attend to every cold token (no index; ground truth) */
+  KVRT_INDEX_FLAT = 1,            /* exact top-k cold tokens by score (full scan) */
+  KVRT_INDEX_IVF = 2,             /* FAISS IVF, inner product */
+  KVRT_INDEX_HNSW = 3,            /* hnswlib HNSW, inner product */
+  KVRT_INDEX_LANDMARK = 4,        /* blocks of tokens with score bounds, exact inside the best */
+  KVRT_INDEX_ATTENTION_AWARE = 5  /* query-aware key graph (RetrievalAttention style) */
+} kvrt_index_kind;
+
+/* Where the retrieved cold tokens are attended (GPU backend; the host backend always uses the CPU). */
+typedef enum kvrt_cold_attention {
+  KVRT_COLD_CPU = 0,   /* CPU attention over the retrieved rows; (o, lse) go H2D for the merge */
+  KVRT_COLD_FETCH = 1, /* fetch mode: the retrieved K/V rows are gathered into pinned memory, copied
+                          H2D, and attended on the GPU (gather-attend kernel) */
+  KVRT_COLD_AUTO = 2   /* per (sequence, layer): whichever mode measured cheaper (attend wall time,
+                          moving average), re-trying the other one every 32 attends */
+} kvrt_cold_attention;
+
+/* Fields are only ever appended. Get defaults from kvrt_config_default(), then change fields. */
+typedef struct kvrt_config {
+  int32_t num_layers;      /* attention layers of the decoder; >= 1 */
+  int32_t num_q_heads;     /* query heads; a multiple of num_kv_heads */
+  int32_t num_kv_heads;    /* key/value heads (GQA group = num_q_heads / num_kv_heads) */
+  int32_t head_dim;        /* 1..512 */
+  kvrt_dtype dtype;        /* storage dtype of k, v (and of q passed in); accumulation is f32 */
+  float scale;             /* score scale; 0 means 1/sqrt(head_dim) */
+  int32_t sink_tokens;     /* first tokens always kept on the GPU tier; >= 0 */
+  int32_t window_tokens;   /* most recent tokens kept on the GPU tier; >= 1 */
+  int32_t top_k;           /* cold tokens retrieved per q head and step (ignored for EXACT); >= 1 */
+  kvrt_index_kind index_kind;
+  int32_t search_effort;   /* index-specific search effort (nprobe, ef, blocks, beam); 0 = default */
+  int32_t worker_threads;  /* CPU threads for search/attention; 0 = all hardware threads (more
+                              than the hardware has are clamped to it) */
+  int32_t record_attended; /* 1: remember the token positions each attend used, for
+                              kvrt_get_attended (replay metrics); costs time and memory */
+  int32_t use_gpu;         /* 0: host backend; 1: GPU tier on CUDA: sinks + window in device
+                              memory, cold side on the CPU overlapped with GPU attention
+                              (KVRT_ERR_UNIMPLEMENTED without a CUDA device or a CUDA build,
+                              KVRT_ERR_INVALID_ARGUMENT for a head_dim other than 64/128/256 or
+                              more than 8 q heads per kv head); -1: GPU when available and
+                              supported, else host. kvrt_runtime_config reports 0 or 1. */
+  int64_t host_memory_limit; /* bytes of host KV store + indexes, all sequences; 0 = no limit.
+                                Past it, prefill/append return KVRT_ERR_OUT_OF_MEMORY and change
+                                nothing. */
+  int64_t gpu_memory_limit;  /* bytes of GPU-tier buffers (sinks + window ring per layer), all
+                                sequences; 0 = no limit. Same behaviour. */
+  int32_t check_finite;      /* 1: reject q, k, v holding NaN or Inf with KVRT_ERR_INVALID_ARGUMENT
+                                naming the tensor, token and head (costs one pass over the input);
+                                0: no check (a NaN then propagates into outputs). */
+  int32_t group_search;      /* GQA: 1 = one index search per kv head for all q heads of its group
+                                (each q head then takes its own top_k of the keys that search
+                                scored; attention-aware and landmark share the work, the other
+                                kinds search per q head anyway); 0 = one search per q head.
+                                Default 0: lower latency for one sequence on 16 cores; 1 reads
+                                fewer keys per recall and does less work when many sequences
+                                attend at once (docs/benchmarks.md, "GQA group search"). Since 0.2. */
+  int32_t cold_attention;    /* a kvrt_cold_attention; default KVRT_COLD_CPU. EXACT index kind
+                                always attends on the CPU (it would fetch every cold token).
+                                Fetch mode keeps a pinned staging block per (sequence, layer) of
+                                about 2 * q_heads * top_k * head_dim * dtype bytes (1.6 MiB at
+                                32 heads, k = 100, d = 128, bf16), not counted in
+                                host_memory_limit. Since 0.2. */
+} kvrt_config;
+
+KVRT_API kvrt_config kvrt_config_default(void);
+
+/* ---- runtime and sequences ------------------------------------------------------------------- */
+
+typedef struct kvrt_runtime kvrt_runtime;  /* opaque */
+typedef int64_t kvrt_seq_id;
+
+/* Validates config and creates a runtime in *out. On failure *out is untouched. */
+KVRT_API kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out);
+
+/* Frees everything the runtime holds. Accepts NULL. Not concurrent with other calls on rt. */
+KVRT_API void kvrt_runtime_destroy(kvrt_runtime* rt);
+
+/* The effective configuration (defaults resolved: scale, worker_threads). */
+KVRT_API kvrt_status kvrt_runtime_config(const kvrt_runtime* rt, kvrt_config* out);
+
+/* Creates an empty sequence (all layers empty) and returns its id (>= 0, never reused). */
+KVRT_API kvrt_status kvrt_seq_create(kvrt_runtime* rt, kvrt_seq_id* out);
+
+/* Frees a sequence's KV in every tier. KVRT_ERR_NOT_FOUND if unknown or already released. */
+KVRT_API kvrt_status kvrt_seq_release(kvrt_runtime* rt, kvrt_seq_id seq);
+
+/* Number of tokens the layer of the sequence holds (all tiers). */
+KVRT_API kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                     int64_t* out);
+
+/* ---- KV and attention ------------------------------------------------------------------------ */
+
+/* The prompt of one layer: k, v [n_tokens, kv_heads, head_dim]; q [n_tokens, q_heads, head_dim]
+ * may be NULL (the attention-aware index then builds from keys alone). The layer must be empty
+ * (KVRT_ERR_FAILED_PRECONDITION otherwise). Keeps sinks and window on the GPU tier, moves the
+ * rest to the host store and builds the cold index. */
+KVRT_API kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                  const void* q, const void* k, const void* v, int64_t n_tokens);
+
+/* Appends n_tokens >= 1 tokens (k, v [n_tokens, kv_heads, head_dim]). Tokens leaving the window
+ * are evicted to the host store and inserted into the cold index. */
+KVRT_API kvrt_status kvrt_append(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                 const void* k, const void* v, int64_t n_tokens);
+
+/* One decode query q [q_heads, head_dim] over every token the layer holds (the caller appends the
+ * current token's k, v first). Writes out [q_heads, head_dim] f32. KVRT_ERR_FAILED_PRECONDITION
+ * if the layer holds no token. */
+KVRT_API kvrt_status kvrt_attend(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                 const void* q, float* out);
+
+/* A batched decode step of one layer: kvrt_attend for n_seqs >= 1 distinct sequences, q
+ * [n_seqs, q_heads, head_dim] (row i belongs to seqs[i]), out [n_seqs, q_heads, head_dim] f32.
+ * Runs as one parallel loop over the sequences on the runtime's worker threads, so a batch needs
+ * no caller thread per sequence (docs/benchmarks.md measures both). On error the status names
+ * the first sequence that failed; the rows of the sequences that failed are untouched, the others
+ * written. A sequence listed twice is KVRT_ERR_INVALID_ARGUMENT. Since 0.2. */
+KVRT_API kvrt_status kvrt_attend_batch(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
+                                       int32_t layer, const void* q, float* out);
+
+/* Token positions (0-based, in sequence order of arrival) that the last kvrt_attend on (seq,
+ * layer) used for q head `q_head`: GPU tier first, then retrieved cold tokens. Needs
+ * config.record_attended = 1. Writes min(count, capacity) ids and the full count in *count. */
+KVRT_API kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                       int32_t q_head, int64_t* ids, int64_t capacity,
+                                       int64_t* count);
+
+/* ---- execution context (device pointers, CUDA stream) ----------------------------------------
+ * The _ex variants take where the tensors live and which stream orders the work. With
+ * memory = KVRT_MEMORY_HOST and cuda_stream = NULL they are the plain calls above.
+ * KVRT_MEMORY_DEVICE needs the CUDA backend (use_gpu = 1 in effect; KVRT_ERR_UNIMPLEMENTED
+ * otherwise). Device tensors are read in stream order on cuda_stream (a cudaStream_t passed as
+ * void* so this header compiles without CUDA; NULL = the legacy default stream):
+ *   - append/prefill: new k, v are copied into the device window (and the cold part D2H to the
+ *     host store); the call returns without waiting for the GPU, except when tokens go straight
+ *     to the host store (a prompt longer than the window), whose D2H it waits for.
+ *   - attend: q is copied D2H on the stream (small) for the CPU side, which the call waits for;
+ *     out (device, f32 [q_heads, head_dim]) is written in stream order when the call returns,
+ *     with no device-wide synchronisation: the caller's later work on cuda_stream sees it.
+ * With host pointers the GPU backend uses its own streams and an attend returns with out written.
+ * check_finite does not inspect device tensors. */
+typedef enum kvrt_memory { KVRT_MEMORY_HOST = 0, KVRT_MEMORY_DEVICE = 1 } kvrt_memory;
+
+typedef struct kvrt_exec {
+  kvrt_memory memory;  /* where q, k, v and out live */
+  void* cuda_stream;   /* cudaStream_t or NULL (default stream); ignored for host memory */
+} kvrt_exec;
+
+KVRT_API kvrt_exec kvrt_exec_default(void);
+
+KVRT_API kvrt_status kvrt_prefill_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                     const void* q, const void* k, const void* v,
+                                     int64_t n_tokens, const kvrt_exec* exec);
+KVRT_API kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                    const void* k, const void* v, int64_t n_tokens,
+                                    const kvrt_exec* exec);
+KVRT_API kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                    const void* q, float* out, const kvrt_exec* exec);
+KVRT_API kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
+                                          int32_t layer, const void* q, float* out,
+                                          const kvrt_exec* exec);
+
+/* ---- per-head policy ------------------------------------------------------------------------
+ * DuoAttention observes that many heads put their weight on the sinks and the recent window
+ * ("streaming heads"); serving them from the GPU tier alone skips their cold search and CPU
+ * attention. Applies to every sequence. Not concurrent with kvrt_attend (set before decoding);
+ * the default is KVRT_HEAD_RETRIEVAL for every head. */
+typedef enum kvrt_head_policy { KVRT_HEAD_RETRIEVAL = 0, KVRT_HEAD_STREAMING = 1 } kvrt_head_policy;
+
+KVRT_API kvrt_status kvrt_set_head_policy(kvrt_runtime* rt, int32_t layer, int32_t q_head,
+                                          kvrt_head_policy policy);
+
+/* Sets config.search_effort for later searches of every sequence, so that a benchmark can sweep
+ * effort over one built index. Not concurrent with kvrt_attend. */
+KVRT_API kvrt_status kvrt_set_search_effort(kvrt_runtime* rt, int32_t effort);
+
+/* ---- statistics ------------------------------------------------------------------------------ */
+
+typedef struct kvrt_stats {
+  int64_t sequences;            /* live sequences */
+  int64_t gpu_tokens;           /* tokens (per layer, summed over layers and sequences) in the GPU tier */
+  int64_t host_tokens;          /* tokens in the host store, same counting */
+  int64_t gpu_bytes;            /* bytes of K and V in the GPU tier */
+  int64_t host_bytes;           /* bytes of K and V in the host store */
+  int64_t index_bytes;          /* bytes the cold indexes hold beyond the host store */
+  int64_t attend_calls;         /* kvrt_attend calls so far */
+  int64_t keys_scored;          /* cold keys scored by index searches (scanned) so far */
+  int64_t cold_keys_searchable; /* sum over searches of the cold keys available to them */
+  int64_t cold_tokens_attended; /* cold tokens attended to so far (over q heads) */
+  int64_t evicted_tokens;       /* tokens moved GPU tier -> host store so far (per layer) */
+  int64_t gpu_allocated_bytes;  /* GPU-tier buffers allocated (what gpu_memory_limit counts) */
+  /* Decode-path time in ns, summed over attends (GPU backend only; 0 with the host backend).
+   * Device times come from CUDA events and are added once the work completed (for device
+   * output: at the layer's next attend). */
+  int64_t time_attend_ns;         /* wall time inside attend calls */
+  int64_t time_gpu_attention_ns;  /* GPU partial attention over sinks + window (device time) */
+  int64_t time_d2h_ns;            /* CPU waiting for q D2H and storing evicted rows */
+  int64_t time_cpu_search_ns;     /* cold-index search (wall share of the CPU phase) */
+  int64_t time_cpu_attention_ns;  /* CPU attention over retrieved rows (wall share) */
+  int64_t time_h2d_ns;            /* H2D of the CPU partial state (device time) */
+  int64_t time_merge_ns;          /* merge kernel (device time) */
+  int64_t time_idle_ns;           /* CPU waiting for the GPU at the end (host output) */
+  int64_t eviction_batches;       /* D2H batches of evicted tokens */
+  int64_t index_update_failures;  /* cold-index builds/inserts that failed (e.g. out of memory);
+                                     the tokens were stored, the rows the index misses are scanned
+                                     exactly and the update is retried: speed, not correctness */
+  int64_t keys_read;              /* cold keys read by searches: keys_scored, except that a group
+                                     search (config.group_search) reads a key once for all the q
+                                     heads that score it. Since 0.2. */
+  int64_t attends_fetch;          /* layer attends whose cold tier ran in fetch mode (GPU backend).
+                                     Since 0.2. */
+} kvrt_stats;
+
+KVRT_API kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVRT_H_ */

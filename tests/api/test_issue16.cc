@@ -1,0 +1,373 @@
+// Regression tests of issue 16 (what an integrator found): each case failed before its fix.
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvrt.h"
+#include "tests/support/tiny_config.h"
+
+namespace {
+
+bool Mentions(const char* what) { return std::string(kvrt_last_error()).find(what) != std::string::npos; }
+
+// Deterministic, varied values (no two keys alike, so that every index kind has work to do).
+std::vector<float> Wave(std::size_t n, float a, float b) {
+  std::vector<float> x(n);
+  for (std::size_t i = 0; i < n; ++i) x[i] = std::sin(a * static_cast<float>(i) + b);
+  return x;
+}
+
+bool AllNan(const float* x, int n) {
+  for (int i = 0; i < n; ++i)
+    if (!std::isnan(x[i])) return false;
+  return true;
+}
+
+bool AllFinite(const float* x, int n) {
+  for (int i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return false;
+  return true;
+}
+
+// ---- defect 3: NaN propagates with check_finite = 0, in every tier and with every index kind ---
+
+constexpr int kD = 8;
+constexpr int kTokens = 400;  // sinks 2 + window 4 + 394 cold: enough for every kind to build
+
+struct NanCase {
+  kvrt_index_kind kind;
+  const char* name;
+};
+
+class NanPropagation : public ::testing::TestWithParam<NanCase> {
+ protected:
+  // Two kv heads, two q heads each: a NaN in kv head 0 must turn q heads 0 and 1 into NaN and
+  // leave heads 2 and 3 finite.
+  kvrt_config Config(int sinks) const {
+    kvrt_config c = TinyConfig(1, 4);
+    c.num_kv_heads = 2;
+    c.head_dim = kD;
+    c.sink_tokens = sinks;
+    c.window_tokens = 4;
+    c.top_k = 8;
+    c.index_kind = GetParam().kind;
+    c.check_finite = 0;
+    c.worker_threads = 2;
+    return c;
+  }
+  // Prefills kTokens tokens (a NaN put by `poison` into k or v) and attends with q (head 0 of q
+  // poisoned by the caller if wanted). Returns the output [4, kD].
+  std::vector<float> Run(int sinks, int64_t tokens, void (*poison)(std::vector<float>*, std::vector<float>*),
+                         bool nan_q) {
+    kvrt_config c = Config(sinks);
+    kvrt_runtime* rt = nullptr;
+    EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_seq_id s = 0;
+    EXPECT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+    auto k = Wave(static_cast<std::size_t>(tokens) * 2 * kD, 0.37f, 0.1f);
+    auto v = Wave(static_cast<std::size_t>(tokens) * 2 * kD, 0.11f, 0.7f);
+    if (poison) poison(&k, &v);
+    auto q = Wave(4 * kD, 0.23f, 0.3f);
+    if (nan_q) q[3] = NAN;  // one element of q head 0
+    EXPECT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), tokens), KVRT_OK) << kvrt_last_error();
+    std::vector<float> out(4 * kD, 7.f);
+    EXPECT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
+    kvrt_runtime_destroy(rt);
+    return out;
+  }
+  // Heads 0 and 1 (kv head 0) NaN, heads 2 and 3 finite.
+  static void ExpectKvHead0Nan(const std::vector<float>& out) {
+    EXPECT_TRUE(AllNan(out.data(), 2 * kD)) << "q heads of kv head 0 must be NaN";
+    EXPECT_TRUE(AllFinite(out.data() + 2 * kD, 2 * kD)) << "the other kv head's q heads are finite";
+  }
+  // A NaN in element 5 of a value row: element 5 of heads 0 and 1 is NaN (the others are sums
+  // over finite values), heads 2 and 3 finite.
+  static void ExpectValueElementNan(const std::vector<float>& out) {
+    for (int h = 0; h < 2; ++h)
+      for (int e = 0; e < kD; ++e) EXPECT_EQ(std::isnan(out[h * kD + e]), e == 5) << "head " << h << " element " << e;
+    EXPECT_TRUE(AllFinite(out.data() + 2 * kD, 2 * kD));
+  }
+};
+
+// Element e of token t, kv head 0, in a [tokens, 2, kD] tensor.
+std::size_t At(int64_t t, int e = 5) { return static_cast<std::size_t>(t) * 2 * kD + e; }
+
+TEST_P(NanPropagation, NanInQGivesNanInThatHeadOnly) {
+  const auto out = Run(2, kTokens, nullptr, true);
+  EXPECT_TRUE(AllNan(out.data(), kD)) << "q head 0 held a NaN: its output is NaN, not zeros";
+  EXPECT_TRUE(AllFinite(out.data() + kD, 3 * kD));
+}
+
+TEST_P(NanPropagation, NanInQWithFewTokens) {  // the issue's case: 20 tokens, no cold index
+  const auto out = Run(2, 20, nullptr, true);
+  EXPECT_TRUE(AllNan(out.data(), kD));
+  EXPECT_TRUE(AllFinite(out.data() + kD, 3 * kD));
+}
+
+TEST_P(NanPropagation, NanInTheOnlySinkKey) {
+  ExpectKvHead0Nan(Run(1, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(0)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInASinkValue) {
+  ExpectValueElementNan(Run(2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(1)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInAWindowKey) {
+  ExpectKvHead0Nan(
+      Run(2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(kTokens - 2)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInAColdKey) {
+  // Token 100 is cold; a key that scores NaN must not be dropped by the search.
+  ExpectKvHead0Nan(Run(2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(100)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanInAColdValue) {
+  // Its key is ordinary, so no search would pick it for its score: it is attended because its row
+  // holds a NaN.
+  ExpectValueElementNan(Run(2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(200)] = NAN; }, false));
+}
+
+TEST_P(NanPropagation, NanArrivingByAppendInBf16) {
+  kvrt_config c = Config(2);
+  c.dtype = KVRT_DTYPE_BF16;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_seq_id s = 0;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  auto to_bf16 = [](const std::vector<float>& x) {
+    std::vector<uint16_t> r(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      uint32_t w;
+      std::memcpy(&w, &x[i], 4);
+      r[i] = static_cast<uint16_t>(w >> 16);
+    }
+    return r;
+  };
+  auto k = Wave(static_cast<std::size_t>(kTokens) * 2 * kD, 0.37f, 0.1f);
+  auto v = Wave(static_cast<std::size_t>(kTokens) * 2 * kD, 0.11f, 0.7f);
+  v[At(3)] = NAN;  // token 3 goes cold through the window when the later tokens are appended
+  const auto kb = to_bf16(k), vb = to_bf16(v);
+  for (int64_t t = 0; t < kTokens; t += 50)
+    ASSERT_EQ(kvrt_append(rt, s, 0, kb.data() + At(t, 0), vb.data() + At(t, 0), 50), KVRT_OK);
+  const auto q = to_bf16(Wave(4 * kD, 0.23f, 0.3f));
+  std::vector<float> out(4 * kD, 7.f);
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
+  ExpectValueElementNan(out);
+  kvrt_runtime_destroy(rt);
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryIndexKind, NanPropagation,
+                         ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
+                                           NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
+                                           NanCase{KVRT_INDEX_LANDMARK, "landmark"},
+                                           NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
+                         [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+
+// ---- defect 4: attend_batch has one rule for every per-sequence error --------------------------
+
+TEST(Issue16AttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  c.index_kind = KVRT_INDEX_FLAT;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id a, b, empty;
+  ASSERT_EQ(kvrt_seq_create(rt, &a), KVRT_OK);
+  ASSERT_EQ(kvrt_seq_create(rt, &b), KVRT_OK);
+  ASSERT_EQ(kvrt_seq_create(rt, &empty), KVRT_OK);
+  const auto k = Wave(30 * 4, 0.3f, 0.f), v = Wave(30 * 4, 0.7f, 1.f);
+  ASSERT_EQ(kvrt_prefill(rt, a, 0, nullptr, k.data(), v.data(), 30), KVRT_OK);
+  ASSERT_EQ(kvrt_prefill(rt, b, 0, nullptr, k.data(), v.data(), 20), KVRT_OK);
+  const int row = 2 * 4;
+  const auto q = Wave(3 * row, 0.5f, 0.2f);
+  std::vector<float> want(3 * row);
+  ASSERT_EQ(kvrt_attend(rt, a, 0, q.data(), want.data()), KVRT_OK);
+  ASSERT_EQ(kvrt_attend(rt, b, 0, q.data() + 2 * row, want.data() + 2 * row), KVRT_OK);
+  for (kvrt_seq_id bad : {kvrt_seq_id{99999}, empty}) {
+    const kvrt_seq_id seqs[3] = {a, bad, b};
+    std::vector<float> out(3 * row, 7.f);
+    const kvrt_status st = kvrt_attend_batch(rt, seqs, 3, 0, q.data(), out.data());
+    EXPECT_EQ(st, bad == empty ? KVRT_ERR_FAILED_PRECONDITION : KVRT_ERR_NOT_FOUND);
+    EXPECT_TRUE(Mentions(std::to_string(bad).c_str())) << "the message names the sequence: " << kvrt_last_error();
+    for (int i = 0; i < row; ++i) {
+      EXPECT_EQ(out[i], want[i]) << "row of a written";
+      EXPECT_EQ(out[row + i], 7.f) << "failed row untouched";
+      EXPECT_EQ(out[2 * row + i], want[2 * row + i]) << "row of b written";
+    }
+  }
+  kvrt_runtime_destroy(rt);
+}
+
+// ---- defect 5: worker_threads above the hardware count is clamped, whatever its size -----------
+
+TEST(Issue16Config, WorkerThreadsAboveTheHardwareAreClamped) {
+  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  for (int32_t asked : {hw + 1, 4097, 100000, INT32_MAX}) {
+    kvrt_config c = TinyConfig();
+    c.worker_threads = asked;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << asked << ": " << kvrt_last_error();
+    kvrt_config eff = kvrt_config_default();
+    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    EXPECT_EQ(eff.worker_threads, hw);
+    kvrt_runtime_destroy(rt);
+  }
+  kvrt_config c = TinyConfig();
+  c.worker_threads = -1;
+  kvrt_runtime* rt = nullptr;
+  EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
+}
+
+// ---- defect 2: host_memory_limit covers the cold index's growth before it happens --------------
+
+kvrt_config BudgetConfig(kvrt_index_kind kind, int64_t limit) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.num_kv_heads = 2;
+  c.head_dim = 64;  // k + v of a token: 2 * 2 * 64 * 4 = 1024 bytes
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.index_kind = kind;
+  c.top_k = 16;
+  c.host_memory_limit = limit;
+  c.worker_threads = 2;
+  return c;
+}
+
+TEST(Issue16HostLimit, PrefillPastTheLimitWithItsIndexFailsAndChangesNothing) {
+  // The issue's case: 300 tokens, 280 go cold: 286720 bytes of store, and HNSW's ~280 KB more.
+  kvrt_config c = BudgetConfig(KVRT_INDEX_HNSW, 409600);
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const auto k = Wave(300 * 128, 0.37f, 0.f), v = Wave(300 * 128, 0.11f, 1.f);
+  EXPECT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 300), KVRT_ERR_OUT_OF_MEMORY);
+  EXPECT_TRUE(Mentions("host_memory_limit")) << kvrt_last_error();
+  int64_t n = -1;
+  ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, 0);
+  kvrt_stats st = {};
+  st.struct_size = sizeof st;
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.host_bytes, 0);
+  EXPECT_EQ(st.index_bytes, 0);
+  EXPECT_EQ(st.gpu_allocated_bytes, 0);
+  // The same prompt without an index fits.
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 200), KVRT_OK);
+  // An append that makes the index appear (256 cold rows) is refused the same way.
+  EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), 100), KVRT_ERR_OUT_OF_MEMORY);
+  ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, 200);
+  kvrt_runtime_destroy(rt);
+}
+
+class HostLimitEveryKind : public ::testing::TestWithParam<NanCase> {};
+
+TEST_P(HostLimitEveryKind, StoreAndIndexesNeverPassTheLimit) {
+  const int64_t limit = 900 * 1024;
+  kvrt_config c = BudgetConfig(GetParam().kind, limit);
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const auto k = Wave(100 * 128, 0.37f, 0.f), v = Wave(100 * 128, 0.11f, 1.f);
+  int64_t held = 0;
+  bool refused = false;
+  for (int step = 0; step < 20 && !refused; ++step) {
+    const kvrt_status r = step == 0 ? kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 100)
+                                    : kvrt_append(rt, s, 0, k.data(), v.data(), 100);
+    ASSERT_TRUE(r == KVRT_OK || r == KVRT_ERR_OUT_OF_MEMORY) << kvrt_last_error();
+    refused = r != KVRT_OK;
+    if (!refused) held += 100;
+    kvrt_stats st = {};
+    st.struct_size = sizeof st;
+    ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+    EXPECT_LE(st.host_bytes + st.index_bytes, limit) << "after " << held << " tokens";
+    int64_t n = -1;
+    ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+    EXPECT_EQ(n, held);
+  }
+  EXPECT_TRUE(refused) << "2000 tokens (about 2 MB of store) do not fit in 900 KB";
+  std::vector<float> q(2 * 64, 0.1f), out(2 * 64);
+  EXPECT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << "still usable";
+  kvrt_runtime_destroy(rt);
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryIndexKind, HostLimitEveryKind,
+                         ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
+                                           NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
+                                           NanCase{KVRT_INDEX_LANDMARK, "landmark"},
+                                           NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
+                         [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+
+// The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
+// 10 tokens, not 1 GiB.
+TEST(Issue16Window, RingGrowsAsItFills) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.sink_tokens = 2;
+  c.window_tokens = 1 << 20;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const int64_t token = 2 * 4 * 4;  // k + v, one kv head, d = 4, f32
+  const auto k = Wave(40 * 4, 0.3f, 0.f), v = Wave(40 * 4, 0.7f, 0.f);
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 12), KVRT_OK);
+  kvrt_stats st = {};
+  st.struct_size = sizeof st;
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.gpu_allocated_bytes, 12 * token);
+  for (int i = 12; i < 40; ++i) ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + 4 * i, v.data() + 4 * i, 1), KVRT_OK);
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_LE(st.gpu_allocated_bytes, (2 + 2 * 38) * token) << "doubling: at most twice what it holds";
+  // The ring still holds every token in order: attend equals an exact attend over all 40.
+  std::vector<float> q = {0.3f, -0.2f, 0.5f, 0.1f, 0.2f, 0.4f, -0.3f, 0.6f}, out(8);
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK);
+  for (int h = 0; h < 2; ++h) {
+    double m = -1e30, l = 0, o[4] = {0, 0, 0, 0};
+    std::vector<double> sc(40);
+    for (int t = 0; t < 40; ++t) {
+      double dot = 0;
+      for (int e = 0; e < 4; ++e) dot += q[h * 4 + e] * k[t * 4 + e];
+      sc[t] = dot / 2.0;  // 1/sqrt(4)
+      m = std::max(m, sc[t]);
+    }
+    for (int t = 0; t < 40; ++t) {
+      const double w = std::exp(sc[t] - m);
+      l += w;
+      for (int e = 0; e < 4; ++e) o[e] += w * v[t * 4 + e];
+    }
+    for (int e = 0; e < 4; ++e) EXPECT_NEAR(out[h * 4 + e], o[e] / l, 1e-5);
+  }
+  kvrt_runtime_destroy(rt);
+}
+
+// cold_keys_searchable counts the q heads that search: a streaming head searches nothing, and
+// counting it made keys_scored / cold_keys_searchable read low.
+TEST(Issue16Stats, ColdKeysSearchableCountsRetrievalHeadsOnly) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  c.index_kind = KVRT_INDEX_FLAT;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  ASSERT_EQ(kvrt_set_head_policy(rt, 0, 1, KVRT_HEAD_STREAMING), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const auto k = Wave(40 * 4, 0.3f, 0.f), v = Wave(40 * 4, 0.7f, 0.f);
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 40), KVRT_OK);  // 35 cold
+  std::vector<float> q(8, 0.2f), out(8);
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK);
+  kvrt_stats st = kvrt_stats_init();
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.cold_keys_searchable, 35) << "one retrieval head, 35 cold keys";
+  EXPECT_EQ(st.keys_scored, 35) << "flat scans them all";
+  kvrt_runtime_destroy(rt);
+}
+
+}  // namespace

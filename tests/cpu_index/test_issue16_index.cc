@@ -1,0 +1,109 @@
+// Issue 16 regressions of the index kinds: searches return k results whatever the default effort
+// (ivf nprobe, hnsw graph reach), the reports' resolved settings, and the memory bound that
+// host_memory_limit reserves before an index grows.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "kvrt_cpu_index/head_store.h"
+#include "kvrt_cpu_index/index.h"
+#include "oneapi/tbb/task_arena.h"
+#include "tests/cpu_index/ood_data.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+constexpr int kDim = 64;
+
+std::unique_ptr<HeadStore> F32Store(const float* keys, int64_t n) {
+  auto store = std::make_unique<HeadStore>(kDim, DType::kF32);
+  EXPECT_TRUE(store->Append(keys, keys, n, kDim).ok());
+  return store;
+}
+
+// ---- defect 8: ivf's nprobe grows with k ------------------------------------------------------
+
+TEST(Issue16Ivf, ReturnsKResultsAtLargeKWithTheDefaultAndAnyEffort) {
+  const auto ood = testing::MakeOodData(8000, kDim, 512, 8, 5);
+  auto store = F32Store(ood.keys.data(), ood.n);
+  auto index = MakeIndex(IndexKind::kIvf, {}, kDim).value();
+  tbb::task_arena arena(2);
+  arena.execute([&] { ASSERT_TRUE(index->Build(*store, nullptr, 0).ok()); });
+  for (int effort : {0, 1, 16}) {
+    for (int64_t i = 0; i < ood.n_test; ++i) {
+      SearchResult r;
+      ASSERT_TRUE(index->Search(*store, ood.test_queries.data() + i * kDim, {1000, effort}, &r).ok());
+      EXPECT_EQ(r.ids.size(), 1000u) << "effort " << effort << ": nprobe must grow until k keys are probed";
+      if (effort == 0) {
+        EXPECT_GE(r.scanned, 3000) << "the default probes 3 * k keys";
+      }
+    }
+  }
+}
+
+// ---- defect 9: hnsw returns k results when k >= n or its graph reaches fewer -------------------
+
+TEST(Issue16Hnsw, ReturnsKResultsWhenKIsAtLeastTheKeysOrTheGraphFallsShort) {
+  const auto ood = testing::MakeOodData(3000, kDim, 512, 8, 7);
+  auto store = F32Store(ood.keys.data(), ood.n);
+  auto index = MakeIndex(IndexKind::kHnsw, {}, kDim).value();
+  tbb::task_arena arena(2);
+  arena.execute([&] { ASSERT_TRUE(index->Build(*store, nullptr, 0).ok()); });
+  for (int64_t i = 0; i < ood.n_test; ++i) {
+    const float* q = ood.test_queries.data() + i * kDim;
+    SearchResult all;
+    ASSERT_TRUE(index->Search(*store, q, {10000, 0}, &all).ok());
+    EXPECT_EQ(all.ids.size(), 3000u) << "k >= n: every key";
+    SearchResult most;
+    ASSERT_TRUE(index->Search(*store, q, {2900, 0}, &most).ok());
+    EXPECT_EQ(most.ids.size(), 2900u) << "a graph that reaches fewer than k keys falls back to a scan";
+  }
+}
+
+// ---- defect 10: the resolved settings, each default scaling with k -----------------------------
+
+TEST(Issue16Settings, ReportsTheResolvedSearchSettings) {
+  const IndexConfig c;
+  EXPECT_EQ(SearchSettings(IndexKind::kIvf, c, 1000, 0), "nprobe=16+ (lists holding >= 3000 keys)");
+  EXPECT_EQ(SearchSettings(IndexKind::kIvf, c, 100, 64), "nprobe=64+ (lists holding >= 100 keys)");
+  EXPECT_EQ(SearchSettings(IndexKind::kHnsw, c, 1000, 0).rfind("ef=1000 ", 0), 0u);
+  EXPECT_EQ(SearchSettings(IndexKind::kHnsw, c, 100, 0).rfind("ef=128 ", 0), 0u);
+  EXPECT_EQ(SearchSettings(IndexKind::kLandmark, c, 1000, 0), "blocks=125 (4000 tokens)");
+  EXPECT_EQ(SearchSettings(IndexKind::kAttentionAware, c, 1000, 0), "beam=2000");
+  EXPECT_EQ(SearchSettings(IndexKind::kFlat, c, 1000, 0), "exact top-k (full scan)");
+}
+
+// ---- defect 2: IndexBytesBound bounds MemoryBytes, built at once or grown ----------------------
+
+TEST(Issue16Budget, IndexBytesBoundIsAnUpperBound) {
+  const auto ood = testing::MakeOodData(6000, kDim, 512, 1, 9);
+  tbb::task_arena arena(2);
+  for (IndexKind kind : {IndexKind::kFlat, IndexKind::kIvf, IndexKind::kHnsw, IndexKind::kLandmark,
+                         IndexKind::kAttentionAware}) {
+    // Built at once at several sizes.
+    for (int64_t n : {256, 700, 3000, 6000}) {
+      auto store = F32Store(ood.keys.data(), n);
+      auto index = MakeIndex(kind, {}, kDim).value();
+      arena.execute([&] { ASSERT_TRUE(index->Build(*store, ood.prompt_queries.data(), ood.n_prompt).ok()); });
+      EXPECT_LE(static_cast<int64_t>(index->MemoryBytes()), IndexBytesBound(kind, {}, kDim, n))
+          << IndexKindName(kind) << " built over " << n;
+    }
+    // Grown from 256 rows one row, then a chunk, at a time.
+    HeadStore store(kDim, DType::kF32);
+    ASSERT_TRUE(store.Append(ood.keys.data(), ood.keys.data(), 256, kDim).ok());
+    auto index = MakeIndex(kind, {}, kDim).value();
+    arena.execute([&] { ASSERT_TRUE(index->Build(store, ood.prompt_queries.data(), ood.n_prompt).ok()); });
+    for (int64_t n = 257; n <= 6000; n += n < 600 ? 1 : 397) {
+      const int64_t add = n - store.size();
+      ASSERT_TRUE(store.Append(ood.keys.data() + store.size() * kDim, ood.keys.data() + store.size() * kDim, add,
+                               kDim).ok());
+      arena.execute([&] { ASSERT_TRUE(index->Add(store).ok()); });
+      ASSERT_LE(static_cast<int64_t>(index->MemoryBytes()), IndexBytesBound(kind, {}, kDim, n))
+          << IndexKindName(kind) << " grown to " << n;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace kvrt::cpu_index
