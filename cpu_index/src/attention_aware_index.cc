@@ -836,4 +836,16 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeAttentionAwareIndex(const IndexCon
   return std::unique_ptr<KeyIndex>(new AttentionAwareIndex(config, head_dim));
 }
 
+
+std::string AttentionAwareSearchSettings(const IndexConfig& c, int k, int effort) {
+  return absl::StrCat("beam=", std::max(k, effort > 0 ? effort : c.graph_default_beam > 0 ? c.graph_default_beam : 2 * k));
+}
+
+int64_t AttentionAwareBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
+  const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
+  (void)d;
+  // Links (grown by 1.25x), entry list, routing queries (256 at most) and their 8 keys.
+      return (5 * rows * (c.graph_degree - 1) * 4) / 4 + 4 + 2 * (rows + 64) * 4 + 256 * (key + 8 * 4);
+}
+
 }  // namespace kvrt::cpu_index

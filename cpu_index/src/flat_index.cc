@@ -38,4 +38,6 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeFlatIndex(const IndexConfig&, int)
   return std::unique_ptr<KeyIndex>(new FlatIndex());
 }
 
+std::string FlatSearchSettings(const IndexConfig&, int, int) { return "exact top-k (full scan)"; }
+
 }  // namespace kvrt::cpu_index

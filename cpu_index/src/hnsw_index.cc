@@ -211,4 +211,23 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeHnswIndex(const IndexConfig& confi
   return std::unique_ptr<KeyIndex>(new HnswIndex(config, head_dim));
 }
 
+
+std::string HnswSearchSettings(const IndexConfig& c, int k, int effort) {
+  return absl::StrCat("ef=", std::max(k, effort > 0 ? effort : c.hnsw_default_ef),
+                          " (exact scan when k or ef >= the keys, or the graph returns < k)");
+}
+
+int64_t HnswBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
+  const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
+  (void)d;
+  // hnswlib: max_elements (the rows, grown by 1.5x) times the level-0 links, key, label and
+      // the per-element pointer, level and mutex; upper-level links (expected rows / (M - 1),
+      // bounded by 4x that); the label map (a node and buckets per row); a visited list.
+      const int64_t m = c.hnsw_m, max_elements = rows + rows / 2 + 1;
+      const int64_t per_element = (2 * m * 4 + 4) + key + 8 + static_cast<int64_t>(sizeof(char*)) + 4 +
+                                  static_cast<int64_t>(sizeof(std::mutex)) + 2;
+      const int64_t upper = (4 * rows / std::max<int64_t>(1, m - 1) + 64) * (m * 4 + 4);
+      return max_elements * per_element + upper + 32 * rows + 8 * (2 * rows + 64);
+}
+
 }  // namespace kvrt::cpu_index

@@ -162,4 +162,20 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIvfIndex(const IndexConfig& config
   return std::unique_ptr<KeyIndex>(new IvfIndex(config, head_dim));
 }
 
+
+std::string IvfSearchSettings(const IndexConfig& c, int k, int effort) {
+  return effort > 0 ? absl::StrCat("nprobe=", effort, "+ (lists holding >= ", k, " keys)")
+                        : absl::StrCat("nprobe=", c.ivf_default_nprobe, "+ (lists holding >= ",
+                                       int64_t{c.ivf_default_keys_per_result} * k, " keys)");
+}
+
+int64_t IvfBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
+  const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
+  (void)d;
+  // Centroids (nlist <= 4 sqrt(n) + 1 unless set), list vectors that double as they grow.
+      const int64_t nlist = c.ivf_nlist > 0 ? c.ivf_nlist
+                                            : static_cast<int64_t>(4.0 * std::sqrt(static_cast<double>(rows))) + 1;
+      return nlist * (key + 2 * 24) + 2 * rows * (key + 8);
+}
+
 }  // namespace kvrt::cpu_index

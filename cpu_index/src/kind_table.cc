@@ -7,16 +7,17 @@
 namespace kvrt::cpu_index {
 namespace {
 
-//                         kind                      name               alias              make                     group  queries estimates
+// clang-format off
+//   kind                       name               alias              make                     group  queries estimates describe_search               bytes_bound
 constexpr std::array<KindDescriptor, kNumIndexKinds> kKinds = {{
-    {IndexKind::kExact,          "exact",           nullptr,           nullptr,                 false, false, false},
-    {IndexKind::kFlat,           "flat",            nullptr,           MakeFlatIndex,           false, false, false},
-    {IndexKind::kIvf,            "ivf",             nullptr,           MakeIvfIndex,            false, false, false},
-    {IndexKind::kHnsw,           "hnsw",            nullptr,           MakeHnswIndex,           false, false, false},
-    {IndexKind::kLandmark,       "landmark",        nullptr,           MakeLandmarkIndex,       true,  false, false},
-    {IndexKind::kAttentionAware, "attention-aware", "attention_aware", MakeAttentionAwareIndex, true,  true,  false},
+    {IndexKind::kExact,          "exact",           nullptr,           nullptr,                 false, false, false, ExactSearchSettings,          nullptr},
+    {IndexKind::kFlat,           "flat",            nullptr,           MakeFlatIndex,           false, false, false, FlatSearchSettings,           nullptr},
+    {IndexKind::kIvf,            "ivf",             nullptr,           MakeIvfIndex,            false, false, false, IvfSearchSettings,            IvfBytesBound},
+    {IndexKind::kHnsw,           "hnsw",            nullptr,           MakeHnswIndex,           false, false, false, HnswSearchSettings,           HnswBytesBound},
+    {IndexKind::kLandmark,       "landmark",        nullptr,           MakeLandmarkIndex,       true,  false, false, LandmarkSearchSettings,       LandmarkBytesBound},
+    {IndexKind::kAttentionAware, "attention-aware", "attention_aware", MakeAttentionAwareIndex, true,  true,  false, AttentionAwareSearchSettings, AttentionAwareBytesBound},
 }};
-
+// clang-format on
 constexpr bool RowsInEnumOrder() {
   for (std::size_t i = 0; i < kKinds.size(); ++i)
     if (static_cast<std::size_t>(kKinds[i].kind) != i) return false;
@@ -25,6 +26,10 @@ constexpr bool RowsInEnumOrder() {
 static_assert(RowsInEnumOrder(), "kind table rows must follow the IndexKind enum order");
 
 }  // namespace
+
+std::string ExactSearchSettings(const IndexConfig&, int, int) {
+  return "all cold tokens (no search)";
+}
 
 absl::Span<const KindDescriptor> KindTable() { return kKinds; }
 

@@ -215,4 +215,19 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeLandmarkIndex(const IndexConfig& c
   return std::unique_ptr<KeyIndex>(new LandmarkIndex(config, head_dim));
 }
 
+
+std::string LandmarkSearchSettings(const IndexConfig& c, int k, int effort) {
+  const int64_t blocks = effort > 0                      ? effort
+                             : c.landmark_default_blocks > 0 ? c.landmark_default_blocks
+                                                             : (4 * int64_t{k} + c.landmark_block - 1) / c.landmark_block;
+      return absl::StrCat("blocks=", blocks, " (", blocks * c.landmark_block, " tokens)");
+}
+
+int64_t LandmarkBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
+  const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
+  (void)d;
+  const int64_t blocks = (rows + c.landmark_block - 1) / std::max(1, c.landmark_block);
+      return 2 * blocks * 2 * key;  // two bound vectors per block; the vector may double
+}
+
 }  // namespace kvrt::cpu_index

@@ -46,6 +46,31 @@ TEST(ApiStatus, StringsAndVersion) {
                                              std::to_string(KVRT_VERSION_PATCH));
 }
 
+TEST(ApiIndexKinds, NamesParseAndDescribeFromOneTable) {
+  ASSERT_GE(kvrt_index_kind_count(), 6);
+  for (int32_t i = 0; i < kvrt_index_kind_count(); ++i) {
+    const auto kind = static_cast<kvrt_index_kind>(i);
+    const char* name = kvrt_index_kind_name(kind);
+    ASSERT_NE(name, nullptr) << i;
+    kvrt_index_kind parsed;
+    ASSERT_EQ(kvrt_index_kind_parse(name, &parsed), KVRT_OK) << name;
+    EXPECT_EQ(parsed, kind);
+    char buf[128];
+    ASSERT_EQ(kvrt_index_describe_search(kind, 100, 0, buf, sizeof buf), KVRT_OK);
+    EXPECT_GT(std::string(buf).size(), 0u) << name;
+  }
+  EXPECT_EQ(kvrt_index_kind_name(static_cast<kvrt_index_kind>(kvrt_index_kind_count())), nullptr);
+  kvrt_index_kind parsed;
+  EXPECT_EQ(kvrt_index_kind_parse("no-such-kind", &parsed), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("attention-aware"), std::string::npos)
+      << "the message lists the names: " << kvrt_last_error();
+  char small[8];
+  ASSERT_EQ(kvrt_index_describe_search(KVRT_INDEX_HNSW, 1000, 0, small, sizeof small), KVRT_OK);
+  EXPECT_EQ(std::string(small), "ef=1000");  // truncated to the buffer, NUL-terminated
+  EXPECT_EQ(kvrt_index_describe_search(static_cast<kvrt_index_kind>(99), 10, 0, small, sizeof small),
+            KVRT_ERR_INVALID_ARGUMENT);
+}
+
 TEST(ApiCreate, RejectsBadConfigNamingTheField) {
   kvrt_runtime* rt = reinterpret_cast<kvrt_runtime*>(0x1);
   EXPECT_EQ(kvrt_runtime_create(nullptr, &rt), KVRT_ERR_INVALID_ARGUMENT);

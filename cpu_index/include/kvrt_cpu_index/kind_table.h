@@ -3,6 +3,7 @@
 // kinds (name lookup, parsing, the runtime's choices, the C API's conversions) reads this table,
 // so a new kind is its enum value, one row here and its own files.
 #include <cstdint>
+#include <string>
 
 #include "absl/types/span.h"
 #include "kvrt_cpu_index/index.h"
@@ -18,6 +19,10 @@ struct KindDescriptor {
   bool shares_group_search;  // SearchGroup shares work across a GQA group (worth grouping heads)
   bool uses_queries;         // Build reads the prompt's queries
   bool estimates;            // Search may return an estimated state for rows it did not select
+  // The settings a search resolves for k and effort (0 = default), in words, for reports.
+  std::string (*describe_search)(const IndexConfig& config, int k, int effort);
+  // An upper bound of MemoryBytes() over `rows` keys (host_memory_limit); null: holds nothing.
+  int64_t (*bytes_bound)(const IndexConfig& config, int head_dim, int64_t rows);
 };
 
 // Rows in enum order: KindTable()[i].kind == IndexKind(i).

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The runtime on the GPU machine, in one device call: the kernel, transfer and GPU-backend tests
+# (every kernel against its host reference, the GPU backend against the host backend), memcheck and
+# racecheck of the GPU backend, then `kvrt bench decode` of this build beside a previous build
+# (BEFORE, optional: run-to-run spread against a change), alternating, with PyTorch SDPA over a
+# resident cache as the peer of the same run.
+#
+# Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
+#   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
+#   .bundle/ and packs it into .bundlez/bundle.tgz (both git-ignored).
+# There:                run(command="bash scripts/device-check.sh --device", carry=[".bundlez"])
+#   logs under $OUT: tests.log memcheck.log racecheck.log bench.log sdpa_peer.log
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${1:-}" == "--device" ]]; then
+  [[ -d .bundle/bin ]] || tar xzf .bundlez/bundle.tgz || exit 1
+  out=${OUT:-out}
+  mkdir -p "$out"
+  export LD_LIBRARY_PATH=.bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  b=.bundle/bin
+  rc=0
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  for t in test_gpu test_transfer test_runtime_gpu ${EXTRA_TESTS:-}; do
+    [[ -x $b/$t ]] || continue
+    echo "=== $t" >> "$out/tests.log"
+    timeout 150 $b/$t >> "$out/tests.log" 2>&1 || rc=1
+  done
+  grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -40
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [[ -n "$san" ]]; then
+    filter='All/GpuBackend.MatchesHostBackend/flat_device_bf16:All/GpuBackend.MatchesHostBackend/exact_host_f32:All/GpuBackend.MatchesHostBackend/flat_device_bf16_fetch:GpuBackendBatch.*'
+    for tool in memcheck racecheck; do
+      KVRT_GPU_TEST_SMALL=1 timeout 100 "$san" --tool $tool --error-exitcode 3 $b/test_runtime_gpu \
+        --gtest_filter="$filter" > "$out/$tool.log" 2>&1 || rc=1
+      echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
+    done
+  fi
+  args="bench decode --steps 30 --warmup 3 --max-seconds 4 ${BENCH_ARGS:-}"
+  {
+    for round in 1 2; do
+      for prog in kvrt_before kvrt; do
+        [[ -x $b/$prog ]] || continue
+        echo "=== $prog, round $round: landmark B=1 and B=16 (kvrt_attend_batch), flat fetch"
+        timeout 120 $b/$prog $args --index landmark --cold 131072,1048576 --batch 1
+        timeout 120 $b/$prog $args --index landmark --cold 131072 --batch 16 --attend batch
+        timeout 60 $b/$prog $args --index flat --cold 32768 --batch 1 --cold-attention fetch
+      done
+    done
+  } > "$out/bench.log" 2>&1 || rc=1
+  cat "$out/bench.log"
+  PYTHONUNBUFFERED=1 timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 > "$out/sdpa_peer.log" 2>&1 || rc=1
+  cat "$out/sdpa_peer.log"
+  exit $rc
+fi
+
+build=${BUILD_DIR:-build}
+cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
+  test_gpu_kernels ${EXTRA_TARGETS:-} || exit 1
+rm -rf .bundle .bundlez
+mkdir -p .bundle/stage
+cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
+  .bundle/stage/
+cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
+for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
+[[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
+bash scripts/bundle.sh .bundle .bundle/stage/*
+rm -rf .bundle/stage
+mkdir -p .bundlez && tar czf .bundlez/bundle.tgz .bundle && du -sh .bundlez/bundle.tgz
