@@ -224,8 +224,16 @@ std::vector<std::vector<int>> ColdTier::Units(const uint8_t* streaming) const {
   return units;
 }
 
+bool ColdTier::AnyActive(const uint8_t* streaming) const {
+  if (rows() == 0) return false;
+  if (streaming == nullptr) return true;
+  for (int h = 0; h < cfg_->num_q_heads; ++h)
+    if (!streaming[h]) return true;
+  return false;
+}
+
 absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::task_arena& arena,
-                              ColdSelection* sel) const {
+                              ColdSelection* sel, PartialState* attend) const {
   const int H = cfg_->num_q_heads;
   sel->exact = cfg_->index_kind == cpu_index::IndexKind::kExact;
   sel->rows.assign(H, {});
@@ -237,6 +245,7 @@ absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::tas
   if (cpu_index::KindInfo(cfg_->index_kind).estimates) sel->estimate.Reset(H, cfg_->head_dim);
   sel->keys_read = 0;
   sel->busy_ns = 0;
+  if (attend != nullptr) attend->Reset(H, cfg_->head_dim);
   if (rows() == 0) return absl::OkStatus();
   const auto units = Units(streaming);
   for (const auto& unit : units)
@@ -246,7 +255,7 @@ absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::tas
   arena.execute([&] {
     tbb::parallel_for(0, static_cast<int>(units.size()), [&](int u) {
       const int64_t t0 = SteadyNs();
-      status[u] = SelectUnit(units[u], q, sel, &read[u]);
+      status[u] = SelectUnit(units[u], q, sel, &read[u], attend);
       busy[u] = SteadyNs() - t0;
     });
   });
@@ -259,7 +268,7 @@ absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::tas
 }
 
 absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
-                                  ColdSelection* sel, int64_t* read) const {
+                                  ColdSelection* sel, int64_t* read, PartialState* attend) const {
   const int d = cfg_->head_dim;
   const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
   const int g = heads.front() / group;
@@ -270,6 +279,7 @@ absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
     for (int h : heads) {
       KVRT_RETURN_IF_ERROR(SelectHead(h, at(q, h), sel));
       *read += sel->scored[h];
+      if (attend != nullptr) AttendHead(h, at(q, h), *sel, attend);
     }
     return absl::OkStatus();
   }
@@ -293,6 +303,8 @@ absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
   }
   // Every head scored the same keys (the group's, plus the same uncovered rows).
   *read = sel->scored[heads.front()];
+  if (attend != nullptr)
+    for (int h : heads) AttendHead(h, at(q, h), *sel, attend);
   return absl::OkStatus();
 }
 
@@ -385,25 +397,17 @@ void ColdTier::AddEstimate(const cpu_index::SearchResult& found, ColdSelection* 
   sel->estimate.lse[h] = found.est_lse;
 }
 
-void ColdTier::Attend(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
-                      PartialState* out) const {
-  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
-  const int group = H / cfg_->num_kv_heads;
-  out->Reset(H, d);
-  arena.execute([&] {
-    tbb::parallel_for(0, H, [&](int h) {
-      if (!sel.active[h]) return;
-      const auto& store = stores_[h / group];
-      const float* qh = q + static_cast<std::size_t>(h) * d;
-      float* oh = out->o.data() + static_cast<std::size_t>(h) * d;
-      if (sel.exact) {
-        cpu_index::AttendStoreAll(qh, cfg_->scale, store, oh, &out->lse[h]);
-      } else {
-        cpu_index::AttendStoreRows(qh, cfg_->scale, store, sel.rows[h].data(),
-                                   static_cast<int64_t>(sel.rows[h].size()), oh, &out->lse[h]);
-      }
-    });
-  });
+void ColdTier::AttendHead(int h, const float* qh, const ColdSelection& sel,
+                          PartialState* out) const {
+  const int d = cfg_->head_dim;
+  const auto& store = stores_[h / (cfg_->num_q_heads / cfg_->num_kv_heads)];
+  float* oh = out->o.data() + static_cast<std::size_t>(h) * d;
+  if (sel.exact) {
+    cpu_index::AttendStoreAll(qh, cfg_->scale, store, oh, &out->lse[h]);
+  } else {
+    cpu_index::AttendStoreRows(qh, cfg_->scale, store, sel.rows[h].data(),
+                               static_cast<int64_t>(sel.rows[h].size()), oh, &out->lse[h]);
+  }
 }
 
 int64_t ColdTier::attended(const ColdSelection& sel, int q_head) const {

@@ -79,14 +79,15 @@ class ColdTier {
   void AwaitIndexes();
   bool needs_refresh() const;
 
-  // Phase 2 of a decode step: per active q head, the rows to attend (index search + exact scan
-  // of uncovered rows, cut back to top_k). q: f32 [q_heads, d]; streaming: [q_heads] or null.
+  // Whether a step has cold work: cold rows and a head that is not streaming.
+  bool AnyActive(const uint8_t* streaming) const;
+  // Phases 2 and 3 of a decode step: per active q head, the rows to attend (index search + exact
+  // scan of uncovered rows, cut back to top_k) and, with `attend` (CPU attention), the exact
+  // attention over them into *attend, in the same task as the head's search (rows still in
+  // cache; one fork-join). q: f32 [q_heads, d]; streaming: [q_heads] or null. Heads that are not
+  // active leave their rows of *attend empty.
   absl::Status Select(const float* q, const uint8_t* streaming, tbb::task_arena& arena,
-                      ColdSelection* sel) const;
-  // Phase 3 on the CPU: exact attention over each active head's selected rows, into `out`
-  // (rows of the heads that are not active stay empty).
-  void Attend(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
-              PartialState* out) const;
+                      ColdSelection* sel, PartialState* attend = nullptr) const;
   // Tokens per active head that the selection attends (for the statistics).
   int64_t attended(const ColdSelection& sel, int q_head) const;
 
@@ -96,7 +97,8 @@ class ColdTier {
  private:
   std::vector<std::vector<int>> Units(const uint8_t* streaming) const;
   absl::Status SelectUnit(const std::vector<int>& heads, const float* q, ColdSelection* sel,
-                          int64_t* read) const;
+                          int64_t* read, PartialState* attend) const;
+  void AttendHead(int h, const float* qh, const ColdSelection& sel, PartialState* out) const;
   absl::Status SelectHead(int h, const float* qh, ColdSelection* sel) const;
   void AddUncovered(int g, const float* qh, cpu_index::SearchResult* found, ColdSelection* sel,
                     int h) const;

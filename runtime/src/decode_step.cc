@@ -108,15 +108,15 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     if (!member_status[j].ok()) return;
     const int64_t t_cold = NowNs();
     l.counters_->time_d2h_ns += t_cold - t_settle;
-    member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j]);
+    fetched[j] = l.cold_.AnyActive(streaming) && l.ChooseFetch();
+    member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
+                                      fetched[j] ? nullptr : &cold_state[j]);
     if (!member_status[j].ok()) return;
-    fetched[j] = sel[j].any_active() && l.ChooseFetch();
     if (fetched[j]) {
       member_status[j] = l.tier_->AttendFetched(step.get(), j, sel[j], l.cold_, arena);
       if (!member_status[j].ok()) return;
       l.counters_->attends_fetch += 1;
-    } else if (l.cold_.rows() > 0) {
-      l.cold_.Attend(step->q(j), sel[j], arena, &cold_state[j]);
+    } else if (sel[j].any_active()) {
       states[j].cold = &cold_state[j];
     }
     if (!sel[j].estimate.empty()) states[j].estimate = &sel[j].estimate;
