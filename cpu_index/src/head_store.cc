@@ -53,3 +53,29 @@ void HeadStore::DotIds(const float* q, const int64_t* ids, int64_t n, float* out
 }
 
 }  // namespace kvrt::cpu_index
+
+namespace kvrt::cpu_index {
+
+absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& order) {
+  const int64_t n = static_cast<int64_t>(order.size());
+  if (begin < 0 || begin + n > size_) {
+    return absl::InvalidArgumentError(absl::StrCat("PermuteRows: rows [", begin, ", ", begin + n,
+                                                   ") outside the store's ", size_));
+  }
+  if (n == 0) return absl::OkStatus();
+  std::vector<char> seen(n, 0);
+  for (int64_t r : order) {
+    if (r < 0 || r >= n || seen[r]) return absl::InvalidArgumentError("PermuteRows: not a permutation");
+    seen[r] = 1;
+  }
+  const std::size_t rb = row_bytes();
+  std::vector<unsigned char> tmp(static_cast<std::size_t>(n) * rb);
+  for (auto* buf : {&keys_, &values_}) {
+    unsigned char* base = buf->data() + static_cast<std::size_t>(begin) * rb;
+    for (int64_t i = 0; i < n; ++i) std::memcpy(tmp.data() + i * rb, base + order[i] * rb, rb);
+    std::memcpy(base, tmp.data(), tmp.size());
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvrt::cpu_index

@@ -15,18 +15,19 @@ const char* IndexKindName(IndexKind kind) {
     case IndexKind::kHnsw: return "hnsw";
     case IndexKind::kLandmark: return "landmark";
     case IndexKind::kAttentionAware: return "attention-aware";
+    case IndexKind::kCluster: return "cluster";
   }
   return "?";
 }
 
 absl::StatusOr<IndexKind> ParseIndexKind(std::string_view name) {
-  for (int i = 0; i <= static_cast<int>(IndexKind::kAttentionAware); ++i) {
+  for (int i = 0; i <= static_cast<int>(IndexKind::kCluster); ++i) {
     const auto kind = static_cast<IndexKind>(i);
     if (name == IndexKindName(kind)) return kind;
   }
   if (name == "aa" || name == "attention_aware") return IndexKind::kAttentionAware;
   return absl::InvalidArgumentError(absl::StrCat(
-      "unknown index kind '", std::string(name), "' (expected exact, flat, ivf, hnsw, landmark, attention-aware)"));
+      "unknown index kind '", std::string(name), "' (expected exact, flat, ivf, hnsw, landmark, attention-aware, cluster)"));
 }
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIndex(IndexKind kind, const IndexConfig& config,
@@ -38,6 +39,7 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIndex(IndexKind kind, const IndexC
     case IndexKind::kHnsw: return MakeHnswIndex(config, head_dim);
     case IndexKind::kLandmark: return MakeLandmarkIndex(config, head_dim);
     case IndexKind::kAttentionAware: return MakeAttentionAwareIndex(config, head_dim);
+    case IndexKind::kCluster: return MakeClusterIndex(config, head_dim);
     case IndexKind::kExact: break;
   }
   return absl::InvalidArgumentError(

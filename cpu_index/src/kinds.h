@@ -14,5 +14,6 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeLandmarkIndex(const IndexConfig& c
                                                             int head_dim);
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeAttentionAwareIndex(const IndexConfig& config,
                                                                   int head_dim);
+absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& config, int head_dim);
 
 }  // namespace kvrt::cpu_index

@@ -37,6 +37,10 @@ class HeadStore {
   // engine, which appends from worker threads).
   absl::Status Append(const void* k, const void* v, int64_t n, std::size_t stride_elems);
 
+  // Rows [begin, begin + order.size()) rearranged, keys and values: new row begin + i holds old
+  // row begin + order[i]. InvalidArgument (store unchanged) unless order is a permutation.
+  absl::Status PermuteRows(int64_t begin, const std::vector<int64_t>& order);
+
   // Scores rows [begin, end) against q (f32, [dim]) into out[end-begin], unscaled dot products.
   void Dot(const float* q, int64_t begin, int64_t end, float* out) const;
   // Scores the given rows.

@@ -6,12 +6,14 @@
 // Thread safety: Search is const and safe to call concurrently with other Search calls on the
 // same index; Build and Add need exclusive access.
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 
 namespace kvrt::cpu_index {
@@ -23,6 +25,7 @@ enum class IndexKind : int {
   kHnsw = 3,
   kLandmark = 4,
   kAttentionAware = 5,
+  kCluster = 6,  // two-level cold tier, cluster.h
 };
 
 const char* IndexKindName(IndexKind kind);
@@ -48,6 +51,7 @@ struct IndexConfig {
   int graph_tail = 256;          // rows Add keeps in an exactly scanned tail before linking them
                                  // into the graph (0 = link at every Add)
   uint64_t seed = 42;
+  ClusterConfig cluster;         // cluster (k = token budget floor, see cluster.h)
 };
 
 struct SearchParams {
@@ -59,6 +63,9 @@ struct SearchResult {
   std::vector<int64_t> ids;    // HeadStore rows, best first, at most k, no duplicates
   std::vector<float> scores;   // unscaled q.k of each id
   int64_t scanned = 0;         // keys scored (distance computations) by this search
+  // cluster: estimated partial state of the rows NOT in ids (empty / -inf = none).
+  std::vector<float> est_o;
+  float est_lse = -std::numeric_limits<float>::infinity();
 };
 
 class KeyIndex {
@@ -85,6 +92,11 @@ class KeyIndex {
   // once per query.
   virtual absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq,
                                    const SearchParams& params, SearchResult* outs) const;
+
+  // A kind that lays out the store (cluster) returns, after Build/Add, the permutation of the
+  // rows it just covered: new row *begin + i must hold old row *begin + order[i]. The caller
+  // applies it (HeadStore::PermuteRows and its row -> position map) before the next Search.
+  virtual bool TakeRowOrder(int64_t* /*begin*/, std::vector<int64_t>* /*order*/) { return false; }
 
   virtual int64_t size() const = 0;             // rows covered
   virtual std::size_t MemoryBytes() const = 0;  // bytes held beyond the HeadStore
