@@ -57,6 +57,39 @@ void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cen
   }
 }
 
+// Lloyd's k-means of x [n, d] into c clusters (random distinct rows as seeds, empty clusters keep
+// their centroid); assign/dist: the final nearest centroid and squared distance of every row.
+void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int iters,
+           std::mt19937_64* rng, std::vector<int32_t>* assign, std::vector<float>* dist) {
+  std::vector<int64_t> perm(n);
+  std::iota(perm.begin(), perm.end(), 0);
+  for (int64_t i = 0; i < c; ++i) {
+    std::uniform_int_distribution<int64_t> u(i, n - 1);
+    std::swap(perm[i], perm[u(*rng)]);
+  }
+  std::vector<float> cent(static_cast<std::size_t>(c) * d);
+  for (int64_t j = 0; j < c; ++j) std::copy_n(x + perm[j] * d, d, cent.data() + j * d);
+  std::vector<int64_t> count(c);
+  std::vector<float> sum(static_cast<std::size_t>(c) * d);
+  for (int it = 0; it < std::max(0, iters); ++it) {
+    Assign(x, xn2, n, d, cent.data(), c, assign, dist);
+    std::fill(sum.begin(), sum.end(), 0.f);
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      float* s = sum.data() + static_cast<std::size_t>((*assign)[i]) * d;
+      const float* r = x + i * d;
+      for (int j = 0; j < d; ++j) s[j] += r[j];
+      ++count[(*assign)[i]];
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      if (count[j] == 0) continue;  // empty: keep the old centroid
+      const float inv = 1.f / count[j];
+      for (int t = 0; t < d; ++t) cent[j * d + t] = sum[j * d + t] * inv;
+    }
+  }
+  Assign(x, xn2, n, d, cent.data(), c, assign, dist);
+}
+
 }  // namespace
 
 std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, int dim,
@@ -129,39 +162,47 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
     xn2[i] = a;
   }
   const int64_t n_out = std::min<int64_t>(n - 1, static_cast<int64_t>(config.outlier_fraction * n));
-  const int64_t c = std::clamp<int64_t>((n - n_out + config.cluster_size / 2) / std::max(1, config.cluster_size), 1, n);
+  int64_t c = std::clamp<int64_t>((n - n_out + config.cluster_size / 2) / std::max(1, config.cluster_size), 1, n);
 
-  // Init: c distinct random rows.
   std::mt19937_64 rng(seed);
-  std::vector<int64_t> perm(n);
-  std::iota(perm.begin(), perm.end(), 0);
-  for (int64_t i = 0; i < c; ++i) {
-    std::uniform_int_distribution<int64_t> u(i, n - 1);
-    std::swap(perm[i], perm[u(rng)]);
-  }
-  std::vector<float> cent(static_cast<std::size_t>(c) * d);
-  for (int64_t j = 0; j < c; ++j) std::copy_n(x + perm[j] * d, d, cent.data() + j * d);
-
   std::vector<int32_t> assign(n);
   std::vector<float> dist(n);
-  std::vector<int64_t> count(c);
-  for (int it = 0; it < std::max(0, config.kmeans_iters); ++it) {
-    Assign(x, xn2.data(), n, d, cent.data(), c, &assign, &dist);
-    std::vector<float> sum(static_cast<std::size_t>(c) * d, 0.f);
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) {
-      float* s = sum.data() + static_cast<std::size_t>(assign[i]) * d;
-      const float* r = x + i * d;
-      for (int j = 0; j < d; ++j) s[j] += r[j];
-      ++count[assign[i]];
+  const int64_t c1 = config.two_level ? static_cast<int64_t>(std::sqrt(double(c))) : 1;
+  if (c1 <= 1 || c < 16) {
+    Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, &rng, &assign, &dist);
+  } else {
+    // Two levels: c1 ~ sqrt(c) coarse clusters, then each split into its share of the c fine
+    // clusters: per iteration n * (c1 + c / c1) distances instead of n * c.
+    Lloyd(x, xn2.data(), n, d, c1, config.kmeans_iters, &rng, &assign, &dist);
+    std::vector<std::vector<int64_t>> groups(c1);
+    for (int64_t i = 0; i < n; ++i) groups[assign[i]].push_back(i);
+    const int64_t members = n;
+    int64_t next = 0;
+    std::vector<float> gx, gn2;
+    std::vector<int32_t> ga;
+    std::vector<float> gd;
+    for (const auto& grp : groups) {
+      const int64_t ng = static_cast<int64_t>(grp.size());
+      if (ng == 0) continue;
+      const int64_t cg = std::clamp<int64_t>((c * ng + members / 2) / members, 1, ng);
+      gx.resize(static_cast<std::size_t>(ng) * d);
+      gn2.resize(ng);
+      ga.resize(ng);
+      gd.resize(ng);
+      for (int64_t i = 0; i < ng; ++i) {
+        std::copy_n(x + grp[i] * d, d, gx.data() + i * d);
+        gn2[i] = xn2[grp[i]];
+      }
+      Lloyd(gx.data(), gn2.data(), ng, d, cg, config.kmeans_iters, &rng, &ga, &gd);
+      for (int64_t i = 0; i < ng; ++i) {
+        assign[grp[i]] = static_cast<int32_t>(next + ga[i]);
+        dist[grp[i]] = gd[i];
+      }
+      next += cg;
     }
-    for (int64_t j = 0; j < c; ++j) {
-      if (count[j] == 0) continue;  // empty: keep the old centroid
-      const float inv = 1.f / count[j];
-      for (int t = 0; t < d; ++t) cent[j * d + t] = sum[j * d + t] * inv;
-    }
+    c = next;
   }
-  Assign(x, xn2.data(), n, d, cent.data(), c, &assign, &dist);
+  std::vector<int64_t> count(c);
 
   // Outliers: the rows farthest from the mean of the OTHER members of their cluster in the
   // metric (n/(n-1) times the distance to the centroid). A singleton (a far key that took a

@@ -33,6 +33,7 @@ struct Variant {
   float outliers;
   bool estimate;
   float spread;
+  bool two_level = true;
 };
 
 struct Stats {
@@ -149,6 +150,7 @@ int main(int argc, char** argv) {
       {"qa+est+outl", true, 0.004f, true, 0.f},
       {"qa+est+spread+outl", true, 0.004f, true, 1.f},
       {"qa+outl", true, 0.004f, false, 0.f},
+      {"qa+est+spread+outl/1L", true, 0.004f, true, 1.f, false},
   };
   std::vector<Stats> stats(variants.size());
 
@@ -194,6 +196,7 @@ int main(int argc, char** argv) {
         cfg.cluster.outlier_fraction = variants[vi].outliers;
         cfg.cluster.estimate = variants[vi].estimate;
         cfg.cluster.spread_weight = variants[vi].spread;
+        cfg.cluster.two_level = variants[vi].two_level;
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();
@@ -310,7 +313,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no covered cold rows: lower segment_tokens\n");
     return 1;
   }
-  std::printf("%-20s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s\n", "variant", "tokens%",
+  std::printf("%-22s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s\n", "variant", "tokens%",
               "err", "err_p99", "flat", "flat_p99", "ratio", "rec", "f_rec", "mass", "f_mass",
               "estlog", "build_s");
   for (std::size_t vi = 0; vi < variants.size(); ++vi) {
@@ -318,7 +321,7 @@ int main(int argc, char** argv) {
     const double n = std::max<int64_t>(S.n, 1);
     const double em = std::accumulate(S.err.begin(), S.err.end(), 0.0) / n;
     const double fm = std::accumulate(S.flat_err.begin(), S.flat_err.end(), 0.0) / n;
-    std::printf("%-20s %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f\n",
+    std::printf("%-22s %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f\n",
                 variants[vi].name, 100 * S.tokens / n, em, Pct(S.err, 0.99), fm,
                 Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.recall / n, S.flat_recall / n,
                 S.mass / n, S.flat_mass / n, S.est_n ? S.est_log / S.est_n : 0.0,

@@ -35,6 +35,7 @@ struct ClusterConfig {
   int cluster_size = 16;          // target keys per cluster (clusters per segment = tokens / this)
   int64_t segment_tokens = 8192;  // rows past the last full segment stay uncovered (size())
   int kmeans_iters = 6;
+  bool two_level = true;           // sqrt(C) coarse clusters, then fine ones within each
   bool query_aware = true;        // k-means in the metric M = E[q q^T] of the prompt's queries
   int metric_queries = 4096;      // prompt queries sampled (evenly) for M
   float outlier_fraction = 0.004f;  // of each segment's keys, kept out of clusters
