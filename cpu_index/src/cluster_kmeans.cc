@@ -59,20 +59,24 @@ void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cen
 
 // Lloyd's k-means of x [n, d] into c clusters (random distinct rows as seeds, empty clusters keep
 // their centroid); assign/dist: the final nearest centroid and squared distance of every row.
+// With `warm`, the iterations start from the centroids of the given assignment instead.
 void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int iters,
-           std::mt19937_64* rng, std::vector<int32_t>* assign, std::vector<float>* dist) {
-  std::vector<int64_t> perm(n);
-  std::iota(perm.begin(), perm.end(), 0);
-  for (int64_t i = 0; i < c; ++i) {
-    std::uniform_int_distribution<int64_t> u(i, n - 1);
-    std::swap(perm[i], perm[u(*rng)]);
-  }
+           std::mt19937_64* rng, std::vector<int32_t>* assign, std::vector<float>* dist,
+           bool warm = false) {
   std::vector<float> cent(static_cast<std::size_t>(c) * d);
-  for (int64_t j = 0; j < c; ++j) std::copy_n(x + perm[j] * d, d, cent.data() + j * d);
+  if (!warm) {
+    std::vector<int64_t> perm(n);
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int64_t i = 0; i < c; ++i) {
+      std::uniform_int_distribution<int64_t> u(i, n - 1);
+      std::swap(perm[i], perm[u(*rng)]);
+    }
+    for (int64_t j = 0; j < c; ++j) std::copy_n(x + perm[j] * d, d, cent.data() + j * d);
+  }
   std::vector<int64_t> count(c);
   std::vector<float> sum(static_cast<std::size_t>(c) * d);
-  for (int it = 0; it < std::max(0, iters); ++it) {
-    Assign(x, xn2, n, d, cent.data(), c, assign, dist);
+  for (int it = 0; it < std::max(0, iters) + (warm ? 1 : 0); ++it) {
+    if (!warm || it > 0) Assign(x, xn2, n, d, cent.data(), c, assign, dist);
     std::fill(sum.begin(), sum.end(), 0.f);
     std::fill(count.begin(), count.end(), 0);
     for (int64_t i = 0; i < n; ++i) {
@@ -201,6 +205,10 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       next += cg;
     }
     c = next;
+    // Global refinement: lets clusters cross the coarse boundaries.
+    if (config.refine_iters > 0) {
+      Lloyd(x, xn2.data(), n, d, c, config.refine_iters, &rng, &assign, &dist, /*warm=*/true);
+    }
   }
   std::vector<int64_t> count(c);
 

@@ -34,6 +34,7 @@ struct Variant {
   bool estimate;
   float spread;
   bool two_level = true;
+  int refine = 2;
 };
 
 struct Stats {
@@ -150,6 +151,8 @@ int main(int argc, char** argv) {
       {"qa+est+outl", true, 0.004f, true, 0.f},
       {"qa+est+spread+outl", true, 0.004f, true, 1.f},
       {"qa+outl", true, 0.004f, false, 0.f},
+      {"qa+est+spread+outl/r0", true, 0.004f, true, 1.f, true, 0},
+      {"qa+est+spread+outl/r1", true, 0.004f, true, 1.f, true, 1},
       {"qa+est+spread+outl/1L", true, 0.004f, true, 1.f, false},
   };
   std::vector<Stats> stats(variants.size());
@@ -197,6 +200,7 @@ int main(int argc, char** argv) {
         cfg.cluster.estimate = variants[vi].estimate;
         cfg.cluster.spread_weight = variants[vi].spread;
         cfg.cluster.two_level = variants[vi].two_level;
+        cfg.cluster.refine_iters = variants[vi].refine;
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();

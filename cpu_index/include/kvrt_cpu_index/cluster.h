@@ -36,6 +36,7 @@ struct ClusterConfig {
   int64_t segment_tokens = 8192;  // rows past the last full segment stay uncovered (size())
   int kmeans_iters = 6;
   bool two_level = true;           // sqrt(C) coarse clusters, then fine ones within each
+  int refine_iters = 2;            // two_level: global iterations over all C clusters after it
   bool query_aware = true;        // k-means in the metric M = E[q q^T] of the prompt's queries
   int metric_queries = 4096;      // prompt queries sampled (evenly) for M
   float outlier_fraction = 0.004f;  // of each segment's keys, kept out of clusters
