@@ -8,8 +8,6 @@
 // tokens of selected clusters (the last cluster may overshoot it), plus every outlier. ids may
 // therefore hold more than k rows. `scores` is left empty (the search scores centroids, not the
 // returned rows). effort is ignored.
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -41,7 +39,6 @@ class ClusterIndex final : public KeyIndex {
     }
     summary_ = ClusterSummary{};
     summary_.dim = dim_;
-    cent_f32_.clear();
     pending_order_.clear();
     size_ = 0;
     metric_l_ = QueryMetricFactor(cfg_.query_aware ? queries : nullptr,
@@ -67,10 +64,8 @@ class ClusterIndex final : public KeyIndex {
                       SearchResult* out) const override {
     if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok()) return s;
     std::vector<float> scores(summary_.num_clusters());
-    if (!scores.empty()) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(scores.size()), dim_, 1.f,
-                  cent_f32_.data(), dim_, q, 1, 0.f, scores.data(), 1);
-    }
+    DotRows(q, summary_.centroid.data(), dim_, DType::kBF16, static_cast<int64_t>(scores.size()),
+            dim_, scores.data());
     std::vector<float> oscores(summary_.outliers.size());
     store.DotIds(q, summary_.outliers.data(), static_cast<int64_t>(oscores.size()), oscores.data());
     Finish(q, scores.data(), oscores.data(), params, out);
@@ -84,12 +79,14 @@ class ClusterIndex final : public KeyIndex {
     if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok()) return s;
     const int64_t c = summary_.num_clusters();
     const int64_t no = static_cast<int64_t>(summary_.outliers.size());
-    // Every centroid read once for the whole group: scores [nq, c].
-    std::vector<float> scores(static_cast<std::size_t>(nq) * c);
-    if (c > 0) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, static_cast<int>(c), dim_, 1.f, qs,
-                  dim_, cent_f32_.data(), dim_, 0.f, scores.data(), static_cast<int>(c));
+    // Every centroid read once for the whole group (bit-identical to Search's scores).
+    std::vector<float> cs(static_cast<std::size_t>(nq) * c), scores(cs.size());
+    for (int64_t j = 0; j < c; ++j) {
+      DotRowMulti(qs, nq, summary_.centroid.data() + static_cast<std::size_t>(j) * dim_, dim_,
+                  DType::kBF16, cs.data() + j * nq);
     }
+    for (int i = 0; i < nq; ++i)
+      for (int64_t j = 0; j < c; ++j) scores[i * c + j] = cs[j * nq + i];
     std::vector<float> os(static_cast<std::size_t>(no) * nq), oscores(static_cast<std::size_t>(nq) * no);
     for (int64_t j = 0; j < no; ++j) {
       DotRowMulti(qs, nq, store.key(summary_.outliers[j]), dim_, store.dtype(), os.data() + j * nq);
@@ -106,7 +103,7 @@ class ClusterIndex final : public KeyIndex {
   const ClusterSummary& summary() const { return summary_; }
   int64_t size() const override { return size_; }
   std::size_t MemoryBytes() const override {
-    return summary_.Bytes() + cent_f32_.size() * sizeof(float) + metric_l_.size() * sizeof(float) +
+    return summary_.Bytes() + metric_l_.size() * sizeof(float) +
            pending_order_.capacity() * sizeof(int64_t);
   }
 
@@ -150,9 +147,6 @@ class ClusterIndex final : public KeyIndex {
                      summary_.value_mean.data() + off);
       for (int64_t r : p.order) pending_order_.push_back(b - pending_begin_ + r);
     }
-    // The f32 copy of the bf16 centroids: host and GPU score the same numbers.
-    cent_f32_.resize(summary_.centroid.size());
-    ConvertToF32(summary_.centroid.data(), DType::kBF16, cent_f32_.size(), cent_f32_.data());
     size_ = begin + nseg * seg;
     return absl::OkStatus();
   }
@@ -203,7 +197,6 @@ class ClusterIndex final : public KeyIndex {
   bool built_ = false;
   int64_t size_ = 0;
   ClusterSummary summary_;
-  std::vector<float> cent_f32_;
   std::vector<float> metric_l_;
   int64_t pending_begin_ = 0;
   std::vector<int64_t> pending_order_;
