@@ -91,7 +91,8 @@ int Run(const BenchIndexArgs& a) {
       "scanned_fraction,read_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_per_key\n";
   for (auto kind : kinds) for (bool group : group_modes) {
     // Kinds without a shared group search give the same figures either way: run them once.
-    const bool shares = kind == KVRT_INDEX_ATTENTION_AWARE || kind == KVRT_INDEX_LANDMARK;
+    const bool shares = kind == KVRT_INDEX_ATTENTION_AWARE || kind == KVRT_INDEX_LANDMARK ||
+                        kind == KVRT_INDEX_CLUSTER;
     if (!shares && group != group_modes.front()) continue;
     const std::string name = std::string(kvrt::cli::IndexKindOptionName(kind)) +
                              (shares && group_modes.size() > 1 ? (group ? "/group" : "/per-head") : "");

@@ -109,7 +109,11 @@ typedef enum kvrt_index_kind {
   KVRT_INDEX_IVF = 2,             /* FAISS IVF, inner product */
   KVRT_INDEX_HNSW = 3,            /* hnswlib HNSW, inner product */
   KVRT_INDEX_LANDMARK = 4,        /* blocks of tokens with score bounds, exact inside the best */
-  KVRT_INDEX_ATTENTION_AWARE = 5  /* query-aware key graph (RetrievalAttention style) */
+  KVRT_INDEX_ATTENTION_AWARE = 5, /* query-aware key graph (RetrievalAttention style) */
+  KVRT_INDEX_CLUSTER = 6          /* two-level: keys clustered per segment (query-aware k-means),
+                                     store laid out by cluster; centroids scored, the best clusters
+                                     attended within a token budget (max(top_k, 2% of the cold
+                                     keys, 256)), the rest estimated. Since 0.3 */
 } kvrt_index_kind;
 
 /* The kinds this library knows, by name ("exact", "flat", "ivf", "hnsw", "landmark",

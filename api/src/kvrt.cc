@@ -91,7 +91,9 @@ static_assert(KVRT_INDEX_EXACT == static_cast<int>(IndexKind::kExact) &&
               KVRT_INDEX_IVF == static_cast<int>(IndexKind::kIvf) &&
               KVRT_INDEX_HNSW == static_cast<int>(IndexKind::kHnsw) &&
               KVRT_INDEX_LANDMARK == static_cast<int>(IndexKind::kLandmark) &&
-              KVRT_INDEX_ATTENTION_AWARE == static_cast<int>(IndexKind::kAttentionAware),
+              KVRT_INDEX_ATTENTION_AWARE == static_cast<int>(IndexKind::kAttentionAware) &&
+              KVRT_INDEX_CLUSTER == static_cast<int>(IndexKind::kCluster) &&
+              KVRT_INDEX_CLUSTER + 1 == kvrt::cpu_index::kNumIndexKinds,
               "kvrt_index_kind and cpu_index::IndexKind disagree");
 
 // Every kvrt_stats field is a RuntimeStats field copied by name (kvrt_get_stats).

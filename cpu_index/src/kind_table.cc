@@ -16,6 +16,7 @@ constexpr std::array<KindDescriptor, kNumIndexKinds> kKinds = {{
     {IndexKind::kHnsw,           "hnsw",            nullptr,           MakeHnswIndex,           false, false, false, HnswSearchSettings,           HnswBytesBound},
     {IndexKind::kLandmark,       "landmark",        nullptr,           MakeLandmarkIndex,       true,  false, false, LandmarkSearchSettings,       LandmarkBytesBound},
     {IndexKind::kAttentionAware, "attention-aware", "attention_aware", MakeAttentionAwareIndex, true,  true,  false, AttentionAwareSearchSettings, AttentionAwareBytesBound},
+    {IndexKind::kCluster,        "cluster",         nullptr,           MakeClusterIndex,        true,  true,  true,   ClusterSearchSettings,        ClusterBytesBound},
 }};
 // clang-format on
 constexpr bool RowsInEnumOrder() {

@@ -16,6 +16,7 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeLandmarkIndex(const IndexConfig& c
                                                             int head_dim);
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeAttentionAwareIndex(const IndexConfig& config,
                                                                   int head_dim);
+absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& config, int head_dim);
 
 // Per kind: the search settings it resolves for k and effort, in words, and an upper bound of its
 // MemoryBytes() over `rows` keys (see SearchSettings / IndexBytesBound in index.h).
@@ -29,5 +30,7 @@ std::string LandmarkSearchSettings(const IndexConfig& config, int k, int effort)
 int64_t LandmarkBytesBound(const IndexConfig& config, int head_dim, int64_t rows);
 std::string AttentionAwareSearchSettings(const IndexConfig& config, int k, int effort);
 int64_t AttentionAwareBytesBound(const IndexConfig& config, int head_dim, int64_t rows);
+std::string ClusterSearchSettings(const IndexConfig& config, int k, int effort);
+int64_t ClusterBytesBound(const IndexConfig& config, int head_dim, int64_t rows);
 
 }  // namespace kvrt::cpu_index

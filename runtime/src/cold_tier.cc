@@ -354,7 +354,9 @@ void ColdTier::AddUncovered(int g, const float* qh, cpu_index::SearchResult* fou
   std::vector<float> tail_scores;
   cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
   sel->scored[h] += n_cold - indexed;
-  if (index == nullptr) {
+  // No cut for a kind that estimates what it left out (its rows are accounted for either way:
+  // attended or estimated) or when there is no index.
+  if (index == nullptr || cpu_index::KindInfo(cfg_->index_kind).estimates) {
     for (auto t : tail) ids.push_back(indexed + t);
     AddNonfinite(g, &ids);
     return;

@@ -118,6 +118,8 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   KVRT_RETURN_IF_ERROR(ValidateConfig(config));
   RuntimeConfig effective = config;
   if (effective.scale == 0.f) effective.scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
+  // A two-level kind's estimate is an attention state: it needs the runtime's scale.
+  effective.index.cluster.scale = effective.scale;
   // NOTE: clamped to the hardware threads: more would only oversubscribe, and oneTBB prints a
   // warning when an arena asks for more workers than exist (a library must not print).
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 
 namespace kvrt::cpu_index {
@@ -25,6 +26,7 @@ enum class IndexKind : int {
   kHnsw = 3,
   kLandmark = 4,
   kAttentionAware = 5,
+  kCluster = 6,  // two-level cold tier, cluster.h
 };
 
 const char* IndexKindName(IndexKind kind);
@@ -54,6 +56,7 @@ struct IndexConfig {
   int graph_tail = 256;          // rows Add keeps in an exactly scanned tail before linking them
                                  // into the graph (0 = link at every Add)
   uint64_t seed = 42;
+  ClusterConfig cluster;         // cluster (k = token budget floor, see cluster.h)
 };
 
 struct SearchParams {

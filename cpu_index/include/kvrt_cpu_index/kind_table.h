@@ -27,7 +27,7 @@ struct KindDescriptor {
 
 // Rows in enum order: KindTable()[i].kind == IndexKind(i).
 absl::Span<const KindDescriptor> KindTable();
-inline constexpr int kNumIndexKinds = 6;
+inline constexpr int kNumIndexKinds = 7;
 
 // The row of `kind`; kind must be a valid enum value (checked with IsIndexKind at edges).
 const KindDescriptor& KindInfo(IndexKind kind);

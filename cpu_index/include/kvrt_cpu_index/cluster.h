@@ -1,0 +1,104 @@
+#pragma once
+// Two-level cold tier (issue 13, RetroInfer-style): the cold keys of one kv head are grouped into
+// clusters of about `cluster_size` keys by k-means over fixed token segments; the store is laid
+// out cluster-contiguous (KeyIndex::TakeRowOrder + HeadStore::PermuteRows); a compact summary
+// (centroids and value means in bf16, sizes, a scalar spread per cluster, an outlier list) is
+// what a decode step scores. Selected clusters are attended exactly; the unselected ones
+// contribute an ESTIMATED partial state (o, lse) computed from the summary alone.
+//
+// Estimate (per query q, scale s): for cluster c with mean key mu_c, size n_c, mean value vbar_c
+// and spread sigma2_c (mean over its keys of (k - mu_c)^T M (k - mu_c) / tr M, M the metric the
+// segment was clustered in):
+//   density_c = s * q.mu_c + spread_weight * 0.5 * s^2 * |q|^2 * sigma2_c   (log weight per token)
+//   logmass_c = density_c + log n_c
+//   lse_est = log sum_{c unselected} exp(logmass_c),  o_est = sum softmax(logmass)_c * vbar_c.
+// spread_weight = 0 is the plain RetroInfer estimate (biased low by Jensen); 1 is the second-order
+// (log-normal) correction of E exp(s q.k) over the cluster.
+//
+// Selection: clusters ordered by (density desc, cluster index asc); the shortest prefix whose
+// tokens reach the budget, or (top_p > 0) whose estimated mass reaches top_p of all clusters'
+// estimated mass, whichever comes first; every cluster when the budget covers them all.
+// Outliers (keys far from their centroid in the metric: the needles) are kept out of the
+// clusters, always scored and always returned (not counted in the budget).
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "kvrt_common/dtype.h"
+
+namespace kvrt::cpu_index {
+
+class HeadStore;
+class KeyIndex;
+
+struct ClusterConfig {
+  int cluster_size = 16;          // target keys per cluster (clusters per segment = tokens / this)
+  int64_t segment_tokens = 8192;  // rows past the last full segment stay uncovered (size())
+  int kmeans_iters = 6;
+  bool two_level = true;           // sqrt(C) coarse clusters, then fine ones within each
+  int refine_iters = 2;            // two_level: global iterations over all C clusters after it
+  bool query_aware = true;        // k-means in the metric M = E[q q^T] of the prompt's queries
+  int metric_queries = 4096;      // prompt queries sampled (evenly) for M
+  float outlier_fraction = 0.004f;  // of each segment's keys, kept out of clusters
+  float budget_fraction = 0.02f;  // cluster-token budget: max(k, fraction * size(), min)
+  int64_t min_budget_tokens = 256;
+  float top_p = 0.f;              // > 0: also stop when the selected mass reaches this share
+  bool estimate = true;           // return the estimated state of the unselected clusters
+  float spread_weight = 1.f;      // see the header comment (0 = plain estimate)
+  float scale = 0.f;              // attention scale of the estimate; 0 = 1/sqrt(head_dim)
+  uint64_t seed = 42;
+};
+
+// The summary of every covered segment. Clusters and outliers are row ranges / rows of the store
+// AFTER the caller applied TakeRowOrder's permutation.
+struct ClusterSummary {
+  int dim = 0;
+  std::vector<int64_t> begin;        // [C] first store row of cluster c (rows begin..begin+size)
+  std::vector<int32_t> size;         // [C]
+  std::vector<uint16_t> centroid;    // [C, dim] bf16 mean key
+  std::vector<uint16_t> value_mean;  // [C, dim] bf16 mean value
+  std::vector<float> spread;         // [C] sigma2_c (see above)
+  std::vector<int64_t> outliers;     // store rows, always scored and returned
+  int64_t num_clusters() const { return static_cast<int64_t>(size.size()); }
+  std::size_t Bytes() const;         // what a GPU copy of it holds (bf16 keys of outliers incl.)
+};
+
+// Lower-triangular L [dim, dim] (row-major) with L L^T = M + ridge * tr(M)/dim * I, M = E[q q^T]
+// over up to max_queries rows of queries (evenly sampled). Identity when queries is null/empty.
+std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, int dim,
+                                     int max_queries);
+
+// One segment's clustering, in segment-local rows [0, n).
+struct SegmentClustering {
+  std::vector<int64_t> order;        // [n] new local row i holds old local row order[i]
+  std::vector<int32_t> size;         // clusters, in layout order (cluster rows first, then
+  std::vector<float> centroid;       // [C, dim] f32 mean key       outliers at the segment end)
+  std::vector<float> value_mean;     // [C, dim] f32
+  std::vector<float> spread;         // [C]
+  int64_t num_outliers = 0;          // the last num_outliers rows of `order`
+};
+
+// keys, values: f32 [n, dim]; metric_l: QueryMetricFactor's L. Deterministic for a seed.
+void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
+                    const float* metric_l, const ClusterConfig& config, uint64_t seed,
+                    SegmentClustering* out);
+
+// density_c for the scores s_c = q.mu_c (unscaled): out[c], c < C.
+void ClusterDensity(const ClusterSummary& s, const float* scores, float q_norm2, float scale,
+                    float spread_weight, float* density);
+
+// Selection as documented above: `selected` gets cluster indices in (density desc, index asc)
+// order; returns the selected tokens. budget_tokens <= 0 selects nothing.
+int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t budget_tokens,
+                       float top_p, std::vector<int32_t>* selected);
+
+// Estimated partial state over the clusters NOT in `selected`: o [dim], *lse (-inf, o = 0 when
+// none). Max-subtracted, f32 output, double accumulation.
+void EstimateUnselected(const ClusterSummary& s, const float* density,
+                        const std::vector<int32_t>& selected, float* o, float* lse);
+
+// The summary of a cluster index (kind kCluster), e.g. to copy it to the GPU after each
+// Build/Add; null for other kinds.
+const ClusterSummary* GetClusterSummary(const KeyIndex& index);
+
+}  // namespace kvrt::cpu_index

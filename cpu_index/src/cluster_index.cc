@@ -1,0 +1,234 @@
+// cluster: the KeyIndex adapter of the two-level cold tier (cluster.h). Covers whole segments of
+// `segment_tokens` rows (rows past the last full segment are left to the caller's exact scan),
+// lays each covered segment out cluster-contiguous through TakeRowOrder, and answers a search
+// with the rows of the selected clusters plus the outliers, and the estimated state of the rest.
+//
+// SearchParams.k: the floor of the cluster-token budget; the budget is
+//   max(k, ceil(budget_fraction * clustered rows), min_budget_tokens)
+// tokens of selected clusters (the last cluster may overshoot it), plus every outlier. ids may
+// therefore hold more than k rows. `scores` is left empty (the search scores centroids, not the
+// returned rows). effort is ignored.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "cpu_index/src/index_common.h"
+#include "cpu_index/src/kinds.h"
+#include "kvrt_cpu_index/cluster.h"
+#include "oneapi/tbb/parallel_for.h"
+#include "oneapi/tbb/task_arena.h"
+
+namespace kvrt::cpu_index {
+namespace {
+constexpr int64_t kMaxRows = int64_t{1} << 40;
+}  // namespace
+
+class ClusterIndex final : public KeyIndex {
+ public:
+  ClusterIndex(const IndexConfig& config, int dim)
+      : config_(config), cfg_(config.cluster), dim_(dim),
+        scale_(cfg_.scale != 0.f ? cfg_.scale : 1.f / std::sqrt(static_cast<float>(dim))) {
+    summary_.dim = dim;
+  }
+  IndexKind kind() const override { return IndexKind::kCluster; }
+
+  absl::Status Build(const HeadStore& store, const float* queries, int64_t n_queries) override {
+    if (auto s = internal::CheckBuild(store, dim_, queries, n_queries, kMaxRows); !s.ok()) return s;
+    if (cfg_.cluster_size <= 0 || cfg_.segment_tokens < cfg_.cluster_size) {
+      return absl::InvalidArgumentError("cluster index: need 0 < cluster_size <= segment_tokens");
+    }
+    summary_ = ClusterSummary{};
+    summary_.dim = dim_;
+    pending_order_.clear();
+    size_ = 0;
+    metric_l_ = QueryMetricFactor(cfg_.query_aware ? queries : nullptr,
+                                  cfg_.query_aware ? n_queries : 0, dim_, cfg_.metric_queries);
+    built_ = true;
+    return Cover(store);
+  }
+
+  absl::Status Add(const HeadStore& store) override {
+    if (auto s = internal::CheckAdd(store, dim_, built_, size_, kMaxRows); !s.ok()) return s;
+    return Cover(store);
+  }
+
+  bool TakeRowOrder(int64_t* begin, std::vector<int64_t>* order) override {
+    if (pending_order_.empty()) return false;
+    *begin = pending_begin_;
+    order->swap(pending_order_);
+    pending_order_.clear();
+    return true;
+  }
+
+  absl::Status Search(const HeadStore& store, const float* q, const SearchParams& params,
+                      SearchResult* out) const override {
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok()) return s;
+    std::vector<float> scores(summary_.num_clusters());
+    DotRows(q, summary_.centroid.data(), dim_, DType::kBF16, static_cast<int64_t>(scores.size()),
+            dim_, scores.data());
+    std::vector<float> oscores(summary_.outliers.size());
+    store.DotIds(q, summary_.outliers.data(), static_cast<int64_t>(oscores.size()), oscores.data());
+    Finish(q, scores.data(), oscores.data(), params, out);
+    return absl::OkStatus();
+  }
+
+  absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq,
+                           const SearchParams& params, SearchResult* outs) const override {
+    if (nq <= 0 || qs == nullptr || outs == nullptr)
+      return absl::InvalidArgumentError("index search: need nq > 0 queries and an output per query");
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok()) return s;
+    const int64_t c = summary_.num_clusters();
+    const int64_t no = static_cast<int64_t>(summary_.outliers.size());
+    // Every centroid read once for the whole group (bit-identical to Search's scores).
+    std::vector<float> cs(static_cast<std::size_t>(nq) * c), scores(cs.size());
+    for (int64_t j = 0; j < c; ++j) {
+      DotRowMulti(qs, nq, summary_.centroid.data() + static_cast<std::size_t>(j) * dim_, dim_,
+                  DType::kBF16, cs.data() + j * nq);
+    }
+    for (int i = 0; i < nq; ++i)
+      for (int64_t j = 0; j < c; ++j) scores[i * c + j] = cs[j * nq + i];
+    std::vector<float> os(static_cast<std::size_t>(no) * nq), oscores(static_cast<std::size_t>(nq) * no);
+    for (int64_t j = 0; j < no; ++j) {
+      DotRowMulti(qs, nq, store.key(summary_.outliers[j]), dim_, store.dtype(), os.data() + j * nq);
+    }
+    for (int i = 0; i < nq; ++i)
+      for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
+    for (int i = 0; i < nq; ++i) {
+      Finish(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
+             oscores.data() + i * no, params, &outs[i]);
+    }
+    return absl::OkStatus();
+  }
+
+  const ClusterSummary& summary() const { return summary_; }
+  int64_t size() const override { return size_; }
+  std::size_t MemoryBytes() const override {
+    return summary_.Bytes() + metric_l_.size() * sizeof(float) +
+           pending_order_.capacity() * sizeof(int64_t);
+  }
+
+ private:
+  // Clusters every full segment of rows [size_, store.size()).
+  absl::Status Cover(const HeadStore& store) {
+    const int64_t seg = cfg_.segment_tokens;
+    const int64_t nseg = (store.size() - size_) / seg;
+    if (nseg == 0) return absl::OkStatus();
+    const int64_t begin = size_;
+    std::vector<SegmentClustering> parts(nseg);
+    internal::UseSingleThreadedBlas();
+    tbb::task_arena arena(internal::BuildThreads(config_));
+    arena.execute([&] {
+      tbb::parallel_for(int64_t{0}, nseg, [&](int64_t s) {
+        const int64_t b = begin + s * seg;
+        std::vector<float> k(static_cast<std::size_t>(seg) * dim_), v(k.size());
+        ConvertToF32(store.key(b), store.dtype(), k.size(), k.data());
+        ConvertToF32(store.value(b), store.dtype(), v.size(), v.data());
+        ClusterSegment(k.data(), v.data(), seg, dim_, metric_l_.data(), cfg_,
+                       cfg_.seed + static_cast<uint64_t>(b), &parts[s]);
+      });
+    });
+    if (pending_order_.empty()) pending_begin_ = begin;  // else Add follows an untaken Build/Add
+    for (int64_t s = 0; s < nseg; ++s) {
+      const SegmentClustering& p = parts[s];
+      const int64_t b = begin + s * seg;
+      int64_t row = b;
+      for (std::size_t j = 0; j < p.size.size(); ++j) {
+        summary_.begin.push_back(row);
+        summary_.size.push_back(p.size[j]);
+        summary_.spread.push_back(p.spread[j]);
+        row += p.size[j];
+      }
+      for (int64_t j = 0; j < p.num_outliers; ++j) summary_.outliers.push_back(row + j);
+      const std::size_t off = summary_.centroid.size();
+      summary_.centroid.resize(off + p.centroid.size());
+      summary_.value_mean.resize(off + p.value_mean.size());
+      ConvertFromF32(p.centroid.data(), p.centroid.size(), DType::kBF16, summary_.centroid.data() + off);
+      ConvertFromF32(p.value_mean.data(), p.value_mean.size(), DType::kBF16,
+                     summary_.value_mean.data() + off);
+      for (int64_t r : p.order) pending_order_.push_back(b - pending_begin_ + r);
+    }
+    size_ = begin + nseg * seg;
+    return absl::OkStatus();
+  }
+
+  void Finish(const float* q, const float* scores, const float* oscores, const SearchParams& params,
+              SearchResult* out) const {
+    const int64_t c = summary_.num_clusters();
+    const int64_t no = static_cast<int64_t>(summary_.outliers.size());
+    float qn2 = 0;
+    for (int t = 0; t < dim_; ++t) qn2 += q[t] * q[t];
+    std::vector<float> density(c);
+    ClusterDensity(summary_, scores, qn2, scale_, cfg_.spread_weight, density.data());
+    const int64_t rows = size_ - no;
+    const int64_t budget = std::max<int64_t>(
+        {static_cast<int64_t>(params.k),
+         static_cast<int64_t>(std::ceil(static_cast<double>(cfg_.budget_fraction) * rows)),
+         cfg_.min_budget_tokens});
+    std::vector<int32_t> sel;
+    const int64_t tokens = SelectClusters(summary_, density.data(), budget, cfg_.top_p, &sel);
+    out->ids.clear();
+    out->scores.clear();
+    out->ids.reserve(no + tokens);
+    // Outliers first, best exact score first.
+    std::vector<std::pair<float, int64_t>> oc(no);
+    for (int64_t j = 0; j < no; ++j) oc[j] = {oscores[j], summary_.outliers[j]};
+    std::sort(oc.begin(), oc.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    for (const auto& p : oc) out->ids.push_back(p.second);
+    for (int32_t j : sel)
+      for (int64_t r = summary_.begin[j]; r < summary_.begin[j] + summary_.size[j]; ++r)
+        out->ids.push_back(r);
+    out->scanned = c + no;
+    if (cfg_.estimate) {
+      out->est_o.resize(dim_);
+      EstimateUnselected(summary_, density.data(), sel, out->est_o.data(), &out->est_lse);
+      if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.clear();
+    } else {
+      out->est_o.clear();
+      out->est_lse = -std::numeric_limits<float>::infinity();
+    }
+  }
+
+  IndexConfig config_;
+  ClusterConfig cfg_;
+  int dim_;
+  float scale_;
+  bool built_ = false;
+  int64_t size_ = 0;
+  ClusterSummary summary_;
+  std::vector<float> metric_l_;
+  int64_t pending_begin_ = 0;
+  std::vector<int64_t> pending_order_;
+};
+
+const ClusterSummary* GetClusterSummary(const KeyIndex& index) {
+  if (index.kind() != IndexKind::kCluster) return nullptr;
+  return &static_cast<const ClusterIndex&>(index).summary();
+}
+
+absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& config, int head_dim) {
+  return std::unique_ptr<KeyIndex>(new ClusterIndex(config, head_dim));
+}
+
+std::string ClusterSearchSettings(const IndexConfig& c, int k, int) {
+  const ClusterConfig& cc = c.cluster;
+  return absl::StrCat("clusters of ~", cc.cluster_size, " keys, budget max(", k, ", ",
+                      cc.budget_fraction * 100, "% of clustered keys, ", cc.min_budget_tokens,
+                      ") tokens", cc.top_p > 0 ? absl::StrCat(" or top-p ", cc.top_p) : "",
+                      " + outliers; estimate ", cc.estimate ? "on" : "off");
+}
+
+int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
+  // The summary (cluster_size keys per cluster on average; twice that many clusters as slack for
+  // uneven k-means), the outliers with bf16 keys, the metric factor and one segment's pending
+  // permutation.
+  const ClusterConfig& cc = c.cluster;
+  const int64_t d = head_dim;
+  const int64_t clusters = 2 * (rows / std::max(1, cc.cluster_size) + 1);
+  const int64_t outliers = static_cast<int64_t>(std::ceil(cc.outlier_fraction * rows)) + 1;
+  return clusters * (4 * d + 24) + outliers * (8 + 2 * d) + 4 * d * d + 16 * cc.segment_tokens;
+}
+
+}  // namespace kvrt::cpu_index

@@ -1,0 +1,281 @@
+// cluster kind, build side: the query metric and the k-means of one segment (cluster.h).
+// K-means runs on keys mapped by L (L L^T = M), so that squared Euclidean distances there are
+// (k - mu)^T M (k - mu) = E_q[(q.k - q.mu)^2]: the score error a centroid makes for the prompt's
+// queries. With no queries L = I (plain Euclidean k-means on the keys).
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+
+#include "kvrt_cpu_index/cluster.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+constexpr float kRidge = 1e-3f;    // of tr(M)/dim, keeps M positive definite with few queries
+constexpr int64_t kChunk = 1024;   // rows per assignment GEMM (scores fit in L2)
+
+bool IsIdentity(const float* l, int d) {
+  for (int i = 0; i < d; ++i)
+    for (int j = 0; j < d; ++j)
+      if (l[static_cast<std::size_t>(i) * d + j] != (i == j ? 1.f : 0.f)) return false;
+  return true;
+}
+
+// Assigns every row of x [n, d] to its nearest centroid of cent [c, d]; dist gets the squared
+// distance (clamped at 0).
+void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cent, int64_t c,
+            std::vector<int32_t>* assign, std::vector<float>* dist) {
+  std::vector<float> cn2(c);
+  for (int64_t j = 0; j < c; ++j) {
+    const float* r = cent + j * d;
+    float a = 0;
+    for (int i = 0; i < d; ++i) a += r[i] * r[i];
+    cn2[j] = a;
+  }
+  std::vector<float> g(static_cast<std::size_t>(std::min(kChunk, n)) * c);
+  for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - r0);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(c),
+                d, 1.f, x + r0 * d, d, cent, d, 0.f, g.data(), static_cast<int>(c));
+    for (int64_t i = 0; i < m; ++i) {
+      const float* row = g.data() + i * c;
+      float best = -INFINITY;
+      int32_t bj = 0;
+      for (int64_t j = 0; j < c; ++j) {
+        const float v = row[j] - 0.5f * cn2[j];
+        if (v > best) {
+          best = v;
+          bj = static_cast<int32_t>(j);
+        }
+      }
+      (*assign)[r0 + i] = bj;
+      (*dist)[r0 + i] = std::max(0.f, xn2[r0 + i] - 2.f * best);
+    }
+  }
+}
+
+// Lloyd's k-means of x [n, d] into c clusters (random distinct rows as seeds, empty clusters keep
+// their centroid); assign/dist: the final nearest centroid and squared distance of every row.
+// With `warm`, the iterations start from the centroids of the given assignment instead.
+void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int iters,
+           std::mt19937_64* rng, std::vector<int32_t>* assign, std::vector<float>* dist,
+           bool warm = false) {
+  std::vector<float> cent(static_cast<std::size_t>(c) * d);
+  if (!warm) {
+    std::vector<int64_t> perm(n);
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int64_t i = 0; i < c; ++i) {
+      std::uniform_int_distribution<int64_t> u(i, n - 1);
+      std::swap(perm[i], perm[u(*rng)]);
+    }
+    for (int64_t j = 0; j < c; ++j) std::copy_n(x + perm[j] * d, d, cent.data() + j * d);
+  }
+  std::vector<int64_t> count(c);
+  std::vector<float> sum(static_cast<std::size_t>(c) * d);
+  for (int it = 0; it < std::max(0, iters) + (warm ? 1 : 0); ++it) {
+    if (!warm || it > 0) Assign(x, xn2, n, d, cent.data(), c, assign, dist);
+    std::fill(sum.begin(), sum.end(), 0.f);
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      float* s = sum.data() + static_cast<std::size_t>((*assign)[i]) * d;
+      const float* r = x + i * d;
+      for (int j = 0; j < d; ++j) s[j] += r[j];
+      ++count[(*assign)[i]];
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      if (count[j] == 0) continue;  // empty: keep the old centroid
+      const float inv = 1.f / count[j];
+      for (int t = 0; t < d; ++t) cent[j * d + t] = sum[j * d + t] * inv;
+    }
+  }
+  Assign(x, xn2, n, d, cent.data(), c, assign, dist);
+}
+
+}  // namespace
+
+std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, int dim,
+                                     int max_queries) {
+  const std::size_t dd = static_cast<std::size_t>(dim) * dim;
+  std::vector<float> l(dd, 0.f);
+  for (int i = 0; i < dim; ++i) l[static_cast<std::size_t>(i) * dim + i] = 1.f;
+  if (queries == nullptr || n_queries <= 0) return l;
+  const int64_t m = std::min<int64_t>(n_queries, std::max(1, max_queries));
+  std::vector<float> qs(static_cast<std::size_t>(m) * dim);
+  for (int64_t i = 0; i < m; ++i) {  // evenly spaced rows (all heads, early and late tokens)
+    const int64_t src = (i * n_queries) / m;
+    std::copy_n(queries + src * dim, dim, qs.data() + i * dim);
+  }
+  std::vector<float> mf(dd);
+  cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, dim, static_cast<int>(m), 1.f / m, qs.data(),
+              dim, 0.f, mf.data(), dim);
+  std::vector<double> a(dd);
+  double tr = 0;
+  for (int i = 0; i < dim; ++i) tr += mf[static_cast<std::size_t>(i) * dim + i];
+  if (!(tr > 0)) return l;
+  for (int i = 0; i < dim; ++i)
+    for (int j = 0; j <= i; ++j) a[static_cast<std::size_t>(i) * dim + j] = mf[static_cast<std::size_t>(i) * dim + j];
+  for (int i = 0; i < dim; ++i) a[static_cast<std::size_t>(i) * dim + i] += kRidge * tr / dim;
+  // Cholesky, lower: a = L L^T.
+  for (int j = 0; j < dim; ++j) {
+    double s = a[static_cast<std::size_t>(j) * dim + j];
+    for (int k = 0; k < j; ++k) s -= a[static_cast<std::size_t>(j) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
+    if (!(s > 0)) return std::vector<float>(l);  // numerically indefinite: fall back to plain
+    const double d = std::sqrt(s);
+    a[static_cast<std::size_t>(j) * dim + j] = d;
+    for (int i = j + 1; i < dim; ++i) {
+      double t = a[static_cast<std::size_t>(i) * dim + j];
+      for (int k = 0; k < j; ++k) t -= a[static_cast<std::size_t>(i) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
+      a[static_cast<std::size_t>(i) * dim + j] = t / d;
+    }
+  }
+  // Normalise so that tr(M) = dim (scale does not change the clustering; spreads are / tr M).
+  const double norm = std::sqrt(dim / tr);
+  for (int i = 0; i < dim; ++i)
+    for (int j = 0; j < dim; ++j)
+      l[static_cast<std::size_t>(i) * dim + j] =
+          j <= i ? static_cast<float>(a[static_cast<std::size_t>(i) * dim + j] * norm) : 0.f;
+  return l;
+}
+
+void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
+                    const float* metric_l, const ClusterConfig& config, uint64_t seed,
+                    SegmentClustering* out) {
+  *out = SegmentClustering{};
+  if (n <= 0) return;
+  const int d = dim;
+  // x = keys L (rows), the metric space.
+  std::vector<float> xbuf;
+  const float* x = keys;
+  double trm = d;
+  if (metric_l != nullptr && !IsIdentity(metric_l, d)) {
+    xbuf.resize(static_cast<std::size_t>(n) * d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), d, d, 1.f, keys,
+                d, metric_l, d, 0.f, xbuf.data(), d);
+    x = xbuf.data();
+    trm = 0;
+    for (std::size_t i = 0; i < static_cast<std::size_t>(d) * d; ++i) trm += double(metric_l[i]) * metric_l[i];
+  }
+  std::vector<float> xn2(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* r = x + i * d;
+    float a = 0;
+    for (int j = 0; j < d; ++j) a += r[j] * r[j];
+    xn2[i] = a;
+  }
+  const int64_t n_out = std::min<int64_t>(n - 1, static_cast<int64_t>(config.outlier_fraction * n));
+  int64_t c = std::clamp<int64_t>((n - n_out + config.cluster_size / 2) / std::max(1, config.cluster_size), 1, n);
+
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> assign(n);
+  std::vector<float> dist(n);
+  const int64_t c1 = config.two_level ? static_cast<int64_t>(std::sqrt(double(c))) : 1;
+  if (c1 <= 1 || c < 16) {
+    Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, &rng, &assign, &dist);
+  } else {
+    // Two levels: c1 ~ sqrt(c) coarse clusters, then each split into its share of the c fine
+    // clusters: per iteration n * (c1 + c / c1) distances instead of n * c.
+    Lloyd(x, xn2.data(), n, d, c1, config.kmeans_iters, &rng, &assign, &dist);
+    std::vector<std::vector<int64_t>> groups(c1);
+    for (int64_t i = 0; i < n; ++i) groups[assign[i]].push_back(i);
+    const int64_t members = n;
+    int64_t next = 0;
+    std::vector<float> gx, gn2;
+    std::vector<int32_t> ga;
+    std::vector<float> gd;
+    for (const auto& grp : groups) {
+      const int64_t ng = static_cast<int64_t>(grp.size());
+      if (ng == 0) continue;
+      const int64_t cg = std::clamp<int64_t>((c * ng + members / 2) / members, 1, ng);
+      gx.resize(static_cast<std::size_t>(ng) * d);
+      gn2.resize(ng);
+      ga.resize(ng);
+      gd.resize(ng);
+      for (int64_t i = 0; i < ng; ++i) {
+        std::copy_n(x + grp[i] * d, d, gx.data() + i * d);
+        gn2[i] = xn2[grp[i]];
+      }
+      Lloyd(gx.data(), gn2.data(), ng, d, cg, config.kmeans_iters, &rng, &ga, &gd);
+      for (int64_t i = 0; i < ng; ++i) {
+        assign[grp[i]] = static_cast<int32_t>(next + ga[i]);
+        dist[grp[i]] = gd[i];
+      }
+      next += cg;
+    }
+    c = next;
+    // Global refinement: lets clusters cross the coarse boundaries.
+    if (config.refine_iters > 0) {
+      Lloyd(x, xn2.data(), n, d, c, config.refine_iters, &rng, &assign, &dist, /*warm=*/true);
+    }
+  }
+  std::vector<int64_t> count(c);
+
+  // Outliers: the rows farthest from the mean of the OTHER members of their cluster in the
+  // metric (n/(n-1) times the distance to the centroid). A singleton (a far key that took a
+  // centroid of its own) is scored exactly through its centroid already: never an outlier.
+  std::vector<char> is_out(n, 0);
+  std::vector<int64_t> outl;
+  if (n_out > 0) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++count[assign[i]];
+    for (int64_t i = 0; i < n; ++i) {
+      const double f = count[assign[i]] > 1 ? double(count[assign[i]]) / (count[assign[i]] - 1) : 0.0;
+      dist[i] = static_cast<float>(dist[i] * f * f);
+    }
+    std::vector<int64_t> idx(n);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::nth_element(idx.begin(), idx.begin() + n_out, idx.end(), [&](int64_t a, int64_t b) {
+      return dist[a] > dist[b] || (dist[a] == dist[b] && a < b);
+    });
+    outl.assign(idx.begin(), idx.begin() + n_out);
+    std::sort(outl.begin(), outl.end());
+    for (int64_t r : outl) is_out[r] = 1;
+  }
+
+  // Members per cluster (ascending rows), empty clusters dropped.
+  std::vector<int64_t> start(c + 1, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (!is_out[i]) ++start[assign[i] + 1];
+  for (int64_t j = 0; j < c; ++j) start[j + 1] += start[j];
+  std::vector<int64_t> members(start[c]);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t i = 0; i < n; ++i)
+      if (!is_out[i]) members[fill[assign[i]]++] = i;
+  }
+  out->order.reserve(n);
+  for (int64_t j = 0; j < c; ++j) {
+    const int64_t b = start[j], e = start[j + 1];
+    if (b == e) continue;
+    const int64_t cnt = e - b;
+    std::vector<double> km(d, 0.0), vm(d, 0.0), xm(d, 0.0);
+    double xsq = 0;
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t r = members[p];
+      out->order.push_back(r);
+      const float* kr = keys + r * d;
+      const float* vr = values + r * d;
+      const float* xr = x + r * d;
+      for (int t = 0; t < d; ++t) {
+        km[t] += kr[t];
+        vm[t] += vr[t];
+        xm[t] += xr[t];
+      }
+      xsq += xn2[r];
+    }
+    double cn2 = 0;
+    for (int t = 0; t < d; ++t) {
+      out->centroid.push_back(static_cast<float>(km[t] / cnt));
+      out->value_mean.push_back(static_cast<float>(vm[t] / cnt));
+      cn2 += (xm[t] / cnt) * (xm[t] / cnt);
+    }
+    out->size.push_back(static_cast<int32_t>(cnt));
+    out->spread.push_back(static_cast<float>(std::max(0.0, xsq / cnt - cn2) / trm));
+  }
+  for (int64_t r : outl) out->order.push_back(r);
+  out->num_outliers = n_out;
+}
+
+}  // namespace kvrt::cpu_index

@@ -1,0 +1,99 @@
+// cluster kind, decode side: densities, selection by token budget / top-p, and the estimated
+// partial state of the unselected clusters (formulas in cluster.h).
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "kvrt_cpu_index/cluster.h"
+
+namespace kvrt::cpu_index {
+
+std::size_t ClusterSummary::Bytes() const {
+  const std::size_t c = size.size();
+  return c * (2 * static_cast<std::size_t>(dim) * sizeof(uint16_t) + sizeof(int32_t) +
+              sizeof(float) + sizeof(int64_t)) +
+         outliers.size() * (sizeof(int64_t) + static_cast<std::size_t>(dim) * sizeof(uint16_t));
+}
+
+void ClusterDensity(const ClusterSummary& s, const float* scores, float q_norm2, float scale,
+                    float spread_weight, float* density) {
+  const int64_t c = s.num_clusters();
+  const float a = spread_weight * 0.5f * scale * scale * q_norm2;
+  for (int64_t j = 0; j < c; ++j) density[j] = scale * scores[j] + a * s.spread[j];
+}
+
+int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t budget_tokens,
+                       float top_p, std::vector<int32_t>* selected) {
+  selected->clear();
+  const int64_t c = s.num_clusters();
+  if (c == 0 || budget_tokens <= 0) return 0;
+  auto before = [density](int32_t a, int32_t b) {
+    return density[a] > density[b] || (density[a] == density[b] && a < b);
+  };
+  std::vector<int32_t> idx(c);
+  std::iota(idx.begin(), idx.end(), 0);
+  double total_mass = 0, mmax = -INFINITY;
+  if (top_p > 0) {
+    for (int64_t j = 0; j < c; ++j) mmax = std::max<double>(mmax, density[j] + std::log(double(s.size[j])));
+    for (int64_t j = 0; j < c; ++j)
+      total_mass += std::exp(density[j] + std::log(double(s.size[j])) - mmax);
+  }
+  // Sort a prefix that likely holds the selection; extend to a full sort if it does not.
+  int64_t sorted = std::min<int64_t>(c, 2 * budget_tokens / 8 + 64);
+  if (sorted < c) std::nth_element(idx.begin(), idx.begin() + sorted, idx.end(), before);
+  std::sort(idx.begin(), idx.begin() + sorted, before);
+  int64_t tokens = 0;
+  double mass = 0;
+  for (int64_t p = 0; p < c; ++p) {
+    if (p == sorted) {
+      std::sort(idx.begin() + sorted, idx.end(), before);
+      sorted = c;
+    }
+    const int32_t j = idx[p];
+    selected->push_back(j);
+    tokens += s.size[j];
+    if (tokens >= budget_tokens) break;
+    if (top_p > 0) {
+      mass += std::exp(density[j] + std::log(double(s.size[j])) - mmax);
+      if (mass >= top_p * total_mass) break;
+    }
+  }
+  return tokens;
+}
+
+void EstimateUnselected(const ClusterSummary& s, const float* density,
+                        const std::vector<int32_t>& selected, float* o, float* lse) {
+  const int d = s.dim;
+  const int64_t c = s.num_clusters();
+  std::fill(o, o + d, 0.f);
+  *lse = -INFINITY;
+  std::vector<float> lm(c);
+  for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + std::log(static_cast<float>(s.size[j]));
+  for (int32_t j : selected) lm[j] = -INFINITY;
+  float m = -INFINITY;
+  for (int64_t j = 0; j < c; ++j) m = std::max(m, lm[j]);
+  if (m == -INFINITY) return;
+  // NOTE: f32 accumulation of max-subtracted weights (each <= 1) in blocks, summed in double:
+  // 5-10x faster than double throughout, relative error ~1e-6.
+  constexpr int64_t kBlock = 256;
+  std::vector<double> acc(d, 0.0);
+  std::vector<float> part(d);
+  double l = 0;
+  for (int64_t b = 0; b < c; b += kBlock) {
+    std::fill(part.begin(), part.end(), 0.f);
+    float lb = 0;
+    for (int64_t j = b; j < std::min(c, b + kBlock); ++j) {
+      if (lm[j] == -INFINITY) continue;
+      const float w = std::exp(lm[j] - m);
+      lb += w;
+      const uint16_t* v = s.value_mean.data() + static_cast<std::size_t>(j) * d;
+      for (int t = 0; t < d; ++t) part[t] += w * Bf16ToF32(v[t]);
+    }
+    l += lb;
+    for (int t = 0; t < d; ++t) acc[t] += part[t];
+  }
+  for (int t = 0; t < d; ++t) o[t] = static_cast<float>(acc[t] / l);
+  *lse = static_cast<float>(m + std::log(l));
+}
+
+}  // namespace kvrt::cpu_index

@@ -1,0 +1,80 @@
+#pragma once
+// GPU side of the cluster cold tier (cpu_index/include/kvrt_cpu_index/cluster.h has the
+// formulas): for one (sequence, layer), score every cluster summary of every kv head for all q
+// heads of its group (each bf16 centroid and value mean read once per kv head), select clusters
+// per q head by token budget / top-p, and estimate the partial state of the unselected clusters.
+// Compiles without CUDA (streams are void*); ClusterStepHost is the reference and the path
+// without a GPU; launchers follow kernels.h's conventions (InvalidArgument for bad shapes,
+// FailedPrecondition without CUDA, Internal for a CUDA error; they only enqueue work).
+//
+// Two kernels: (1) grid (cluster tiles + outlier tiles, kv heads): densities [q_heads, C],
+// outlier scores [q_heads, O] and per tile a partial softmax state (max, sum, sum w * vbar) of
+// ALL clusters' estimated masses; (2) one CTA per q head: merges the tile states, finds the
+// selection by a weighted radix select on the densities (4 passes of 8 bits, histograms of
+// tokens and mass), compacts the selected clusters (ascending index), and subtracts their
+// share from the total to leave the unselected clusters' estimate.
+//
+// Selection (same as cpu_index::SelectClusters, but returned in ascending cluster index): order
+// clusters by (density desc, index asc); take the shortest prefix whose tokens reach
+// budget_tokens or (top_p > 0) whose estimated mass reaches top_p of the total. Padding clusters
+// (size 0) are never selected and carry no mass.
+// Estimate: as cluster.h; NOTE: when the unselected clusters hold less than kEstMassFloor of the
+// estimated mass, the estimate is empty (o = 0, lse = -inf): the kernel computes it as total
+// minus selected, which loses precision below that share (the host reference applies the same
+// rule, so both agree).
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace kvrt::gpu {
+
+inline constexpr float kEstMassFloor = 1e-4f;
+inline constexpr int kClusterMaxGroup = 16;  // q heads per kv head
+
+// Device pointers for the kernels, host pointers for the reference. C and O are per kv head,
+// padded to the same count for every head (padding clusters: size 0; padding outliers: any key,
+// their scores are just not read).
+struct ClusterSummaryView {
+  int kv_heads = 0;
+  int head_dim = 0;                     // 64, 128, 256
+  int num_clusters = 0;                 // C
+  int num_outliers = 0;                 // O (may be 0)
+  const uint16_t* centroid = nullptr;   // bf16 [kv_heads, C, d]
+  const uint16_t* value_mean = nullptr; // bf16 [kv_heads, C, d]
+  const int32_t* size = nullptr;        // [kv_heads, C]
+  const float* spread = nullptr;        // [kv_heads, C]
+  const uint16_t* outlier_key = nullptr;  // bf16 [kv_heads, O, d]
+};
+
+struct ClusterStepParams {
+  int q_heads = 0;              // multiple of kv_heads, at most kClusterMaxGroup per kv head
+  float scale = 0.f;            // 0 = 1/sqrt(head_dim)
+  float spread_weight = 1.f;
+  int64_t budget_tokens = 0;    // per q head; <= 0 selects nothing
+  float top_p = 0.f;
+  bool estimate = true;
+};
+
+// Outputs (device memory for the kernels, host for the reference); q: f32 [q_heads, d].
+struct ClusterStepOutputs {
+  float* density = nullptr;         // [q_heads, C] (padding: -inf)
+  float* outlier_score = nullptr;   // [q_heads, O] unscaled q.k (null allowed when O == 0)
+  int32_t* selected = nullptr;      // [q_heads, C] selected clusters, ascending, first count[h]
+  int32_t* selected_count = nullptr;   // [q_heads]
+  int64_t* selected_tokens = nullptr;  // [q_heads]
+  float* est_o = nullptr;           // [q_heads, d]
+  float* est_lse = nullptr;         // [q_heads]
+};
+
+// Floats of device scratch ClusterStep needs.
+std::size_t ClusterStepWorkspaceFloats(const ClusterSummaryView& s, int q_heads);
+
+// workspace: device f32 [ClusterStepWorkspaceFloats] or null (then cudaMallocAsync on stream).
+absl::Status ClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
+                         const ClusterStepOutputs& out, float* workspace, void* stream);
+// Host reference: same outputs (double accumulation).
+absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
+                             const ClusterStepParams& p, const ClusterStepOutputs& out);
+
+}  // namespace kvrt::gpu

@@ -1,0 +1,22 @@
+#pragma once
+// Internal interface between the cluster launchers (cluster_kernels.cc) and cluster_score.cu
+// (nvcc, C++17, no Abseil). Arguments are validated by the launcher.
+#include <cstddef>
+
+#include "gpu/src/launch.h"
+#include "kvrt_gpu/cluster_kernels.h"
+
+namespace kvrt::gpu::detail {
+
+inline constexpr int kClusterTile = 64;  // clusters (or outliers) per CTA of the score kernel
+
+inline int ClusterTiles(int n) { return (n + kClusterTile - 1) / kClusterTile; }
+// Tile partial states: [q_heads, cluster tiles, head_dim + 2] (max, sum, sum w * vbar).
+inline std::size_t ClusterWorkspaceFloats(const ClusterSummaryView& s, int q_heads) {
+  return static_cast<std::size_t>(q_heads) * ClusterTiles(s.num_clusters) * (s.head_dim + 2);
+}
+
+Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
+                      float scale, const ClusterStepOutputs& out, float* workspace, void* stream);
+
+}  // namespace kvrt::gpu::detail

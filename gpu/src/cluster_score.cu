@@ -1,0 +1,470 @@
+// Cluster summary scoring, selection and estimate (cluster_kernels.h).
+//
+// ScoreKernel: grid (cluster tiles + outlier tiles, kv heads), 256 threads. The group's queries
+// sit in registers (lane l holds dims [l*E, l*E+E), E = d/32); each warp reads one bf16 centroid
+// row and its value-mean row per step (one 8..16-byte load per lane each), computes the g dot
+// products with xor-shuffle reductions, writes the densities and folds the cluster into an
+// online-softmax state per q head (max, sum, sum w * vbar). The 8 warp states are merged through
+// shared memory into one partial state per (q head, tile). Every centroid and value mean is read
+// once per kv head, for all q heads of its group: HBM traffic is the summary's size.
+//
+// SelectKernel: one CTA (512 threads) per q head. Merges the tile states into the total,
+// finds the selection threshold by a weighted radix select on the order-preserving uint32 of the
+// density (4 passes of 8 bits; histograms of tokens and of estimated mass; a warp scans the 256
+// bins from the top), compacts the selected clusters in ascending index order (block scans, ties
+// at the threshold taken in index order until the criterion is met), and subtracts their weighted
+// value means from the total to leave the estimate of the unselected clusters.
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "gpu/src/cluster_launch.h"
+#include "gpu/src/common.cuh"
+
+namespace kvrt::gpu::detail {
+namespace {
+
+constexpr int kScoreThreads = 256;
+constexpr int kScoreWarps = kScoreThreads / 32;
+constexpr int kSelectThreads = 512;
+
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// E consecutive bf16 at p (E = 2, 4, 8: 4, 8, 16 bytes, aligned) as f32.
+template <int E>
+__device__ __forceinline__ void LoadBf16(const uint16_t* __restrict__ p, float (&out)[E]) {
+  if constexpr (E == 8) {
+    const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
+    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&r);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = __bfloat162float(e[i]);
+  } else if constexpr (E == 4) {
+    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
+    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = __bfloat162float(e[i]);
+  } else {
+    const unsigned r = __ldg(reinterpret_cast<const unsigned*>(p));
+    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&r);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) out[i] = __bfloat162float(e[i]);
+  }
+}
+
+template <int D, int MG>
+__global__ void __launch_bounds__(kScoreThreads)
+    ScoreKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
+                float spread_coef, int cluster_tiles, float* __restrict__ density,
+                float* __restrict__ outlier_score, float* __restrict__ partial) {
+  constexpr int E = D / 32;
+  const int h = blockIdx.y;
+  const int tile = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c_n = s.num_clusters;
+  __shared__ float qn2[MG];
+  __shared__ float wm[kScoreWarps], wl[kScoreWarps];
+  __shared__ float wacc[kScoreWarps][D];
+
+  // The group's queries, dims permuted so that lane l's E dims are contiguous per q head.
+  __shared__ float qs[MG][D];
+  for (int x = threadIdx.x; x < MG * D; x += kScoreThreads) {
+    const int i = x / D;
+    qs[i][x % D] = i < g ? q[(static_cast<size_t>(h) * g + i) * D + x % D] : 0.f;
+  }
+  __syncthreads();
+  if (warp < MG) {
+    float a = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) a += qs[warp][lane * E + e] * qs[warp][lane * E + e];
+    a = WarpSum(a);
+    if (lane == 0) qn2[warp] = a;
+  }
+  if (warp + kScoreWarps < MG) {
+    float a = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      a += qs[warp + kScoreWarps][lane * E + e] * qs[warp + kScoreWarps][lane * E + e];
+    }
+    a = WarpSum(a);
+    if (lane == 0) qn2[warp + kScoreWarps] = a;
+  }
+  __syncthreads();
+
+  if (tile >= cluster_tiles) {  // outliers: exact unscaled scores only
+    const int o_n = s.num_outliers;
+    const int base = (tile - cluster_tiles) * kClusterTile;
+    for (int k = warp; k < kClusterTile; k += kScoreWarps) {
+      const int j = base + k;
+      if (j >= o_n) break;
+      float kr[E];
+      LoadBf16<E>(s.outlier_key + (static_cast<size_t>(h) * o_n + j) * D + lane * E, kr);
+#pragma unroll
+      for (int i = 0; i < MG; ++i) {
+        if (i >= g) break;
+        float a = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * kr[e];
+        a = WarpSum(a);
+        if (lane == 0) outlier_score[(static_cast<size_t>(h) * g + i) * o_n + j] = a;
+      }
+    }
+    return;
+  }
+
+  float m[MG], l[MG], acc[MG][E];
+#pragma unroll
+  for (int i = 0; i < MG; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[i][e] = 0.f;
+  }
+  for (int k = warp; k < kClusterTile; k += kScoreWarps) {
+    const int j = tile * kClusterTile + k;
+    if (j >= c_n) break;
+    const size_t hc = static_cast<size_t>(h) * c_n + j;
+    const int n = __ldg(s.size + hc);
+    if (n <= 0) {
+      if (lane < g) density[(static_cast<size_t>(h) * g + lane) * c_n + j] = -INFINITY;
+      continue;
+    }
+    float cen[E], vb[E];
+    LoadBf16<E>(s.centroid + hc * D + lane * E, cen);
+    LoadBf16<E>(s.value_mean + hc * D + lane * E, vb);
+    const float spread = __ldg(s.spread + hc);
+    const float logn = logf(static_cast<float>(n));
+#pragma unroll
+    for (int i = 0; i < MG; ++i) {
+      if (i >= g) break;
+      float a = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * cen[e];
+      a = WarpSum(a);
+      const float dens = scale * a + spread_coef * qn2[i] * spread;
+      if (lane == 0) density[(static_cast<size_t>(h) * g + i) * c_n + j] = dens;
+      const float lm = dens + logn;
+      const float mn = fmaxf(m[i], lm);
+      const float corr = __expf(m[i] - mn);  // m = -inf: 0
+      const float w = __expf(lm - mn);
+      l[i] = l[i] * corr + w;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[i][e] = acc[i][e] * corr + w * vb[e];
+      m[i] = mn;
+    }
+  }
+  // Merge the warps' states, one q head at a time.
+  const int tiles = cluster_tiles;
+#pragma unroll
+  for (int i = 0; i < MG; ++i) {
+    if (i >= g) break;
+    if (lane == 0) {
+      wm[warp] = m[i];
+      wl[warp] = l[i];
+    }
+#pragma unroll
+    for (int e = 0; e < E; ++e) wacc[warp][lane * E + e] = acc[i][e];
+    __syncthreads();
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kScoreWarps; ++w) mm = fmaxf(mm, wm[w]);
+    float* out = partial + ((static_cast<size_t>(h) * g + i) * tiles + tile) * (D + 2);
+    for (int t = threadIdx.x; t < D + 2; t += kScoreThreads) {
+      float v = 0.f;
+      if (mm != -INFINITY) {
+#pragma unroll
+        for (int w = 0; w < kScoreWarps; ++w) {
+          const float f = wm[w] == -INFINITY ? 0.f : __expf(wm[w] - mm);
+          v += f * (t == 1 ? wl[w] : t >= 2 ? wacc[w][t - 2] : 0.f);
+        }
+      }
+      out[t] = t == 0 ? mm : v;
+    }
+    __syncthreads();
+  }
+}
+
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+__device__ __forceinline__ uint32_t OrderedKey(float f) {
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kSelectThreads)
+    SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p,
+                 int estimate, const float* __restrict__ density,
+                 const float* __restrict__ partial, ClusterStepOutputs out) {
+  using ScanLL = cub::BlockScan<long long, kSelectThreads>;
+  using ScanF = cub::BlockScan<float, kSelectThreads>;
+  using ScanI = cub::BlockScan<int, kSelectThreads>;
+  using RedF = cub::BlockReduce<float, kSelectThreads>;
+  using RedLL = cub::BlockReduce<long long, kSelectThreads>;
+  __shared__ union {
+    typename ScanLL::TempStorage ll;
+    typename ScanF::TempStorage f;
+    typename ScanI::TempStorage i;
+    typename RedF::TempStorage rf;
+    typename RedLL::TempStorage rll;
+  } tmp;
+  __shared__ unsigned long long hist_tok[256];
+  __shared__ float hist_mass[256];
+  __shared__ float tot_acc[D];
+  __shared__ float sel_acc[kSelectThreads / D][D];
+  __shared__ float s_m, s_l, s_above_mass;
+  __shared__ long long s_above_tok;
+  __shared__ uint32_t s_prefix, s_mask;
+  __shared__ int s_all, s_count;
+
+  const int qh = blockIdx.x;
+  const int h = qh / g;
+  const int c_n = s.num_clusters;
+  const int t = threadIdx.x;
+  const float* dens = density + static_cast<size_t>(qh) * c_n;
+  const int32_t* size = s.size + static_cast<size_t>(h) * c_n;
+  const float* part = partial + static_cast<size_t>(qh) * tiles * (D + 2);
+
+  // (a) total state.
+  float mloc = -INFINITY;
+  for (int k = t; k < tiles; k += kSelectThreads) mloc = fmaxf(mloc, part[static_cast<size_t>(k) * (D + 2)]);
+  const float mm = RedF(tmp.rf).Reduce(mloc, MaxOp());
+  if (t == 0) s_m = mm;
+  __syncthreads();
+  const float M = s_m;
+  float lloc = 0.f;
+  if (M != -INFINITY) {
+    for (int k = t; k < tiles; k += kSelectThreads) {
+      const float mk = part[static_cast<size_t>(k) * (D + 2)];
+      if (mk != -INFINITY) lloc += __expf(mk - M) * part[static_cast<size_t>(k) * (D + 2) + 1];
+    }
+  }
+  const float ll = RedF(tmp.rf).Sum(lloc);
+  if (t == 0) s_l = ll;
+  if (t < D) {
+    float a = 0.f;
+    if (M != -INFINITY) {
+      for (int k = 0; k < tiles; ++k) {
+        const float mk = part[static_cast<size_t>(k) * (D + 2)];
+        if (mk != -INFINITY) a += __expf(mk - M) * part[static_cast<size_t>(k) * (D + 2) + 2 + t];
+      }
+    }
+    tot_acc[t] = a;
+  }
+  if (t == 0) {
+    s_above_tok = 0;
+    s_above_mass = 0.f;
+    s_prefix = 0;
+    s_mask = 0;
+    s_all = 0;
+  }
+  __syncthreads();
+  const float L = s_l;
+  const float target_mass = top_p * L;
+  const bool use_p = top_p > 0.f;
+  if (M == -INFINITY || budget <= 0) {  // nothing to select
+    if (t == 0) {
+      out.selected_count[qh] = 0;
+      out.selected_tokens[qh] = 0;
+      out.est_lse[qh] = (estimate && M != -INFINITY) ? M + logf(L) : -INFINITY;
+    }
+    if (t < D) {
+      out.est_o[static_cast<size_t>(qh) * D + t] =
+          (estimate && M != -INFINITY) ? tot_acc[t] / L : 0.f;
+    }
+    return;
+  }
+
+  // (b) weighted radix select of the threshold key.
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    for (int b = t; b < 256; b += kSelectThreads) {
+      hist_tok[b] = 0;
+      hist_mass[b] = 0.f;
+    }
+    __syncthreads();
+    const uint32_t prefix = s_prefix, mask = s_mask;
+    for (int j = t; j < c_n; j += kSelectThreads) {
+      const int n = size[j];
+      if (n <= 0) continue;
+      const float dj = dens[j];
+      const uint32_t u = OrderedKey(dj);
+      if ((u & mask) != prefix) continue;
+      const int bin = (u >> shift) & 255;
+      atomicAdd(&hist_tok[bin], static_cast<unsigned long long>(n));
+      if (use_p) atomicAdd(&hist_mass[bin], __expf(dj + logf(static_cast<float>(n)) - M));
+    }
+    __syncthreads();
+    if (t < 32) {  // lane l: bins 255 - 8l down to 248 - 8l
+      long long ct = 0;
+      float cm = 0.f;
+      for (int b = 0; b < 8; ++b) {
+        ct += static_cast<long long>(hist_tok[255 - 8 * t - b]);
+        cm += hist_mass[255 - 8 * t - b];
+      }
+      long long it = ct;  // inclusive scan over lanes
+      float im = cm;
+      for (int o = 1; o < 32; o <<= 1) {
+        const long long pt = __shfl_up_sync(0xffffffffu, it, o);
+        const float pm = __shfl_up_sync(0xffffffffu, im, o);
+        if (t >= o) {
+          it += pt;
+          im += pm;
+        }
+      }
+      const long long base_t = s_above_tok;
+      const float base_m = s_above_mass;
+      const bool hit = base_t + it >= budget || (use_p && base_m + im >= target_mass);
+      // NOTE: past the first pass a miss is only f32 rounding of the mass: take the last bin.
+      const unsigned hits = __ballot_sync(0xffffffffu, hit);
+      const unsigned ballot = hits != 0u ? hits : (pass > 0 ? 0x80000000u : 0u);
+      if (ballot == 0) {
+        if (t == 0) s_all = 1;  // the whole remaining set does not reach the criterion
+      } else if (t == __ffs(ballot) - 1) {
+        long long at = base_t + it - ct;
+        float am = base_m + im - cm;
+        for (int b = 0; b < 8; ++b) {
+          const int bin = 255 - 8 * t - b;
+          const long long nt = at + static_cast<long long>(hist_tok[bin]);
+          const float nm = am + hist_mass[bin];
+          if (nt >= budget || (use_p && nm >= target_mass) || b == 7) {
+            s_prefix = prefix | (static_cast<uint32_t>(bin) << shift);
+            s_mask = mask | (255u << shift);
+            s_above_tok = at;
+            s_above_mass = am;
+            break;
+          }
+          at = nt;
+          am = nm;
+        }
+      }
+    }
+    __syncthreads();
+    if (s_all) break;
+  }
+  const bool all = s_all != 0;
+  const uint32_t kt = s_prefix;
+  const long long above_tok = s_above_tok;
+  const float above_mass = s_above_mass;
+
+  // (c) compaction in index order; ties at kt in index order while the criterion is unmet.
+  long long carry_tok = 0, sel_tok = 0;
+  float carry_mass = 0.f;
+  int carry_count = 0;
+  int32_t* selected = out.selected + static_cast<size_t>(qh) * c_n;
+  for (int base = 0; base < c_n; base += kSelectThreads) {
+    const int j = base + t;
+    const int n = j < c_n ? size[j] : 0;
+    const bool valid = n > 0;
+    const uint32_t u = valid ? OrderedKey(dens[j]) : 0u;
+    const bool gt = valid && (all || u > kt);
+    const bool eq = valid && !all && u == kt;
+    long long tie_t, agg_t;
+    ScanLL(tmp.ll).ExclusiveSum(eq ? static_cast<long long>(n) : 0LL, tie_t, agg_t);
+    __syncthreads();
+    float tie_m = 0.f, agg_m = 0.f;
+    if (use_p) {
+      const float mj = eq ? __expf(dens[j] + logf(static_cast<float>(n)) - M) : 0.f;
+      ScanF(tmp.f).ExclusiveSum(mj, tie_m, agg_m);
+      __syncthreads();
+    }
+    const long long before_t = above_tok + carry_tok + tie_t;
+    const float before_m = above_mass + carry_mass + tie_m;
+    const bool sel = gt || (eq && !(before_t >= budget || (use_p && before_m >= target_mass)));
+    int pos, agg_c;
+    ScanI(tmp.i).ExclusiveSum(sel ? 1 : 0, pos, agg_c);
+    __syncthreads();
+    if (sel) selected[carry_count + pos] = j;
+    carry_tok += agg_t;
+    carry_mass += agg_m;
+    carry_count += agg_c;
+    sel_tok += sel ? n : 0;
+  }
+  const long long tokens = RedLL(tmp.rll).Sum(sel_tok);
+  if (t == 0) {
+    out.selected_count[qh] = carry_count;
+    out.selected_tokens[qh] = tokens;
+    s_count = carry_count;
+  }
+  __syncthreads();
+
+  // (d) estimate = total - selected.
+  constexpr int R = kSelectThreads / D;
+  const int dim = t % D, r = t / D;
+  float a = 0.f, lsel = 0.f;
+  for (int k = r; k < s_count; k += R) {
+    const int j = selected[k];
+    const float w = __expf(dens[j] + logf(static_cast<float>(size[j])) - M);
+    lsel += w;
+    a += w * __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(
+                 s.value_mean)[(static_cast<size_t>(h) * c_n + j) * D + dim]);
+  }
+  sel_acc[r][dim] = a;
+  __syncthreads();
+  // lsel summed over the R groups (same in every dim column): use column 0's threads.
+  if (dim == 0) hist_mass[r] = lsel;
+  __syncthreads();
+  if (t < D) {
+    float sa = 0.f, sl = 0.f;
+    for (int k = 0; k < R; ++k) {
+      sa += sel_acc[k][t];
+      sl += hist_mass[k];
+    }
+    const float lest = L - sl;
+    const bool ok = estimate && lest > kEstMassFloor * L;
+    out.est_o[static_cast<size_t>(qh) * D + t] = ok ? (tot_acc[t] - sa) / lest : 0.f;
+    if (t == 0) out.est_lse[qh] = ok ? M + logf(lest) : -INFINITY;
+  }
+}
+
+}  // namespace
+
+Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
+                      float scale, const ClusterStepOutputs& out, float* workspace, void* stream) {
+  const cudaStream_t st = AsStream(stream);
+  const int g = p.q_heads / s.kv_heads;
+  const int ctiles = ClusterTiles(s.num_clusters);
+  const int otiles = ClusterTiles(s.num_outliers);
+  float* ws = workspace;
+  const size_t ws_floats = ClusterWorkspaceFloats(s, p.q_heads);
+  if (ws == nullptr && ws_floats > 0) {
+    if (Err e = CudaErr(cudaMallocAsync(reinterpret_cast<void**>(&ws), ws_floats * sizeof(float), st));
+        !e.ok()) {
+      return e;
+    }
+  }
+  const float spread_coef = p.spread_weight * 0.5f * scale * scale;
+  Err err{};
+  KVRT_DISPATCH_HEAD_DIM(s.head_dim, D, {
+    if (ctiles + otiles > 0) {
+      const dim3 grid(static_cast<unsigned>(ctiles + otiles), static_cast<unsigned>(s.kv_heads));
+      if (g <= 4) {
+        ScoreKernel<D, 4><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, ctiles,
+                                                          out.density, out.outlier_score, ws);
+      } else if (g <= 8) {
+        ScoreKernel<D, 8><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, ctiles,
+                                                          out.density, out.outlier_score, ws);
+      } else {
+        ScoreKernel<D, 16><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, ctiles,
+                                                           out.density, out.outlier_score, ws);
+      }
+      err = LastLaunchErr();
+    }
+    if (err.ok()) {
+      SelectKernel<D><<<static_cast<unsigned>(p.q_heads), kSelectThreads, 0, st>>>(
+          s, g, ctiles, p.budget_tokens, p.top_p, p.estimate ? 1 : 0, out.density, ws, out);
+      err = LastLaunchErr();
+    }
+  })
+  if (ws != workspace) {
+    const Err fe = CudaErr(cudaFreeAsync(ws, st));
+    if (err.ok()) err = fe;
+  }
+  return err;
+}
+
+}  // namespace kvrt::gpu::detail

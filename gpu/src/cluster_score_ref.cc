@@ -1,0 +1,99 @@
+// Host reference of the cluster step (cluster_kernels.h): the path without a GPU and the oracle
+// of the kernels' tests. Double accumulation; the selection rule of cpu_index::SelectClusters.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "kvrt_common/dtype.h"
+#include "kvrt_gpu/cluster_kernels.h"
+
+namespace kvrt::gpu {
+
+absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
+                             const ClusterStepParams& p, const ClusterStepOutputs& out) {
+  const int d = s.head_dim, c = s.num_clusters, no = s.num_outliers;
+  if (s.kv_heads <= 0 || d <= 0 || c < 0 || no < 0 || p.q_heads <= 0 ||
+      p.q_heads % s.kv_heads != 0) {
+    return absl::InvalidArgumentError("ClusterStepHost: bad shapes");
+  }
+  const int g = p.q_heads / s.kv_heads;
+  const double scale = p.scale != 0.f ? p.scale : 1.0 / std::sqrt(double(d));
+  for (int qh = 0; qh < p.q_heads; ++qh) {
+    const int h = qh / g;
+    const float* qq = q + static_cast<std::size_t>(qh) * d;
+    double qn2 = 0;
+    for (int t = 0; t < d; ++t) qn2 += double(qq[t]) * qq[t];
+    float* dens = out.density + static_cast<std::size_t>(qh) * c;
+    std::vector<double> lm(c, -INFINITY);
+    double m = -INFINITY;
+    for (int j = 0; j < c; ++j) {
+      const std::size_t hc = static_cast<std::size_t>(h) * c + j;
+      if (s.size[hc] <= 0) {
+        dens[j] = -INFINITY;
+        continue;
+      }
+      const uint16_t* cen = s.centroid + hc * d;
+      double dot = 0;
+      for (int t = 0; t < d; ++t) dot += double(qq[t]) * Bf16ToF32(cen[t]);
+      dens[j] = static_cast<float>(scale * dot + p.spread_weight * 0.5 * scale * scale * qn2 * s.spread[hc]);
+      lm[j] = dens[j] + std::log(double(s.size[hc]));
+      m = std::max(m, lm[j]);
+    }
+    for (int j = 0; j < no; ++j) {
+      const uint16_t* k = s.outlier_key + (static_cast<std::size_t>(h) * no + j) * d;
+      double dot = 0;
+      for (int t = 0; t < d; ++t) dot += double(qq[t]) * Bf16ToF32(k[t]);
+      out.outlier_score[static_cast<std::size_t>(qh) * no + j] = static_cast<float>(dot);
+    }
+    double total = 0;
+    for (int j = 0; j < c; ++j)
+      if (lm[j] > -INFINITY) total += std::exp(lm[j] - m);
+    // Selection.
+    std::vector<int32_t> idx;
+    for (int j = 0; j < c; ++j)
+      if (s.size[static_cast<std::size_t>(h) * c + j] > 0) idx.push_back(j);
+    std::sort(idx.begin(), idx.end(), [dens](int32_t a, int32_t b) {
+      return dens[a] > dens[b] || (dens[a] == dens[b] && a < b);
+    });
+    std::vector<char> sel(c, 0);
+    int64_t tokens = 0;
+    double mass = 0;
+    int count = 0;
+    if (p.budget_tokens > 0) {
+      for (int32_t j : idx) {
+        sel[j] = 1;
+        ++count;
+        tokens += s.size[static_cast<std::size_t>(h) * c + j];
+        mass += std::exp(lm[j] - m);
+        if (tokens >= p.budget_tokens) break;
+        if (p.top_p > 0 && mass >= p.top_p * total) break;
+      }
+    }
+    int32_t* selected = out.selected + static_cast<std::size_t>(qh) * c;
+    for (int j = 0, w = 0; j < c; ++j)
+      if (sel[j]) selected[w++] = j;
+    out.selected_count[qh] = count;
+    out.selected_tokens[qh] = tokens;
+    // Estimate over the unselected clusters.
+    float* eo = out.est_o + static_cast<std::size_t>(qh) * d;
+    std::fill(eo, eo + d, 0.f);
+    out.est_lse[qh] = -INFINITY;
+    double l = 0;
+    std::vector<double> acc(d, 0.0);
+    for (int j = 0; j < c; ++j) {
+      if (sel[j] || lm[j] == -INFINITY) continue;
+      const double w = std::exp(lm[j] - m);
+      l += w;
+      const uint16_t* v = s.value_mean + (static_cast<std::size_t>(h) * c + j) * d;
+      for (int t = 0; t < d; ++t) acc[t] += w * Bf16ToF32(v[t]);
+    }
+    if (p.estimate && l > kEstMassFloor * total) {
+      for (int t = 0; t < d; ++t) eo[t] = static_cast<float>(acc[t] / l);
+      out.est_lse[qh] = static_cast<float>(m + std::log(l));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvrt::gpu

@@ -1,0 +1,335 @@
+// cluster_eval: accuracy of the cluster kind's variants against flat top-k exact attention at
+// EQUAL numbers of attended cold tokens, on a trace (real or `kvrt gen-trace`). Not a ctest:
+//   cluster_eval TRACE [budget_fraction=0.02] [segment_tokens=8192] [max_steps=16]
+//                [sinks=4] [window=512] [layers=all] [min_budget_tokens=256]
+// Per (layer, kv head): the cold rows are prompt tokens [sinks, prompt - window); every decode
+// query of the group attends sinks + window + its own decode tokens exactly, and the cold rows
+// through flat top-k or the cluster index (plus its estimate). Reference: exact f32 attention over
+// all tokens up to the query. Errors: |o - o_ref| / |o_ref|. Recall@100: share of the exact
+// top-100 cold keys attended. Mass: share of the cold softmax mass attended. est: mean log of
+// estimated / true mass of the unattended cold rows.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "kvrt_cpu_index/cluster.h"
+#include "kvrt_cpu_index/head_store.h"
+#include "kvrt_cpu_index/index.h"
+#include "tools/trace/trace.h"
+
+using namespace kvrt;
+using namespace kvrt::cpu_index;
+
+namespace {
+
+struct Variant {
+  const char* name;
+  bool query_aware;
+  float outliers;
+  bool estimate;
+  float spread;
+  bool two_level = true;
+  int refine = 2;
+};
+
+struct Stats {
+  std::vector<double> err, flat_err;
+  double tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0, est_log = 0;
+  int64_t est_n = 0, n = 0;
+  double build_s = 0;
+};
+
+// Partial state of a score/value set in double: o (d), lse.
+struct State {
+  std::vector<double> o;
+  double lse = -INFINITY;
+};
+
+void Merge(State* a, const State& b) {
+  if (b.lse == -INFINITY) return;
+  if (a->lse == -INFINITY) {
+    *a = b;
+    return;
+  }
+  const double m = std::max(a->lse, b.lse);
+  const double wa = std::exp(a->lse - m), wb = std::exp(b.lse - m);
+  for (std::size_t i = 0; i < a->o.size(); ++i) a->o[i] = (wa * a->o[i] + wb * b.o[i]) / (wa + wb);
+  a->lse = m + std::log(wa + wb);
+}
+
+// s: scaled scores of the rows; v: f32 rows [*, d] addressed by idx.
+State Attend(const std::vector<double>& s, const std::vector<int64_t>& idx, const float* v, int d) {
+  State st;
+  st.o.assign(d, 0.0);
+  if (idx.empty()) return st;
+  double m = -INFINITY;
+  for (int64_t i : idx) m = std::max(m, s[i]);
+  double l = 0;
+  for (int64_t i : idx) {
+    const double w = std::exp(s[i] - m);
+    l += w;
+    const float* r = v + i * d;
+    for (int j = 0; j < d; ++j) st.o[j] += w * r[j];
+  }
+  for (auto& x : st.o) x /= l;
+  st.lse = m + std::log(l);
+  return st;
+}
+
+double RelErr(const State& a, const State& ref) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.o.size(); ++i) {
+    num += (a.o[i] - ref.o[i]) * (a.o[i] - ref.o[i]);
+    den += ref.o[i] * ref.o[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+double Pct(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min<std::size_t>(v.size() - 1, static_cast<std::size_t>(p * v.size()))];
+}
+
+std::vector<float> ToF32(const trace::TensorView& t) {
+  const std::size_t n = t.bytes / DTypeSize(t.dtype);
+  std::vector<float> out(n);
+  ConvertToF32(t.data, t.dtype, n, out.data());
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    std::fprintf(stderr, "usage: cluster_eval TRACE [budget_fraction] [segment_tokens] [max_steps] "
+                         "[sinks] [window] [layers]\n");
+    return 2;
+  }
+  const std::string path = argv[1];
+  const double budget_fraction = argc > 2 ? std::atof(argv[2]) : 0.02;
+  const int64_t segment = argc > 3 ? std::atoll(argv[3]) : 8192;
+  const int max_steps = argc > 4 ? std::atoi(argv[4]) : 16;
+  const int64_t sinks = argc > 5 ? std::atoll(argv[5]) : 4;
+  const int64_t window = argc > 6 ? std::atoll(argv[6]) : 512;
+  auto reader_or = trace::TraceReader::Open(path);
+  if (!reader_or.ok()) {
+    std::fprintf(stderr, "%s\n", reader_or.status().ToString().c_str());
+    return 1;
+  }
+  const auto& reader = **reader_or;
+  const auto& meta = reader.meta();
+  const int64_t min_budget = argc > 8 ? std::atoll(argv[8]) : 256;
+  const int layers = argc > 7 ? std::min(std::atoi(argv[7]), meta.num_layers) : meta.num_layers;
+  const int d = meta.head_dim, qh = meta.num_q_heads, kvh = meta.num_kv_heads, g = qh / kvh;
+  const int64_t p_tok = meta.prompt_tokens;
+  const int steps = static_cast<int>(std::min<int64_t>(max_steps, meta.decode_steps));
+  const double scale = meta.scale != 0.f ? meta.scale : 1.0 / std::sqrt(double(d));
+  const int64_t cold = p_tok - window - sinks;
+  if (cold <= 0) {
+    std::fprintf(stderr, "no cold tokens\n");
+    return 1;
+  }
+  std::printf("trace %s: model %s, %d layers, %d q / %d kv heads, d=%d, prompt %lld, steps %d, "
+              "cold %lld (sinks %lld, window %lld), budget %.3f (min %lld), segment %lld\n",
+              path.c_str(), meta.model.c_str(), layers, qh, kvh, d, (long long)p_tok, steps,
+              (long long)cold, (long long)sinks, (long long)window, budget_fraction, (long long)min_budget,
+              (long long)segment);
+
+  const std::vector<Variant> variants = {
+      {"plain", false, 0.f, false, 0.f},
+      {"plain+est", false, 0.f, true, 0.f},
+      {"plain+est+outl", false, 0.004f, true, 0.f},
+      {"qa", true, 0.f, false, 0.f},
+      {"qa+est", true, 0.f, true, 0.f},
+      {"qa+est+spread", true, 0.f, true, 1.f},
+      {"qa+est+outl", true, 0.004f, true, 0.f},
+      {"qa+est+spread+outl", true, 0.004f, true, 1.f},
+      {"qa+outl", true, 0.004f, false, 0.f},
+      {"qa+est+spread+outl/r0", true, 0.004f, true, 1.f, true, 0},
+      {"qa+est+spread+outl/r1", true, 0.004f, true, 1.f, true, 1},
+      {"qa+est+spread+outl/1L", true, 0.004f, true, 1.f, false},
+  };
+  std::vector<Stats> stats(variants.size());
+
+  for (int layer = 0; layer < layers; ++layer) {
+    const auto pq = ToF32(*reader.Tensor(layer, "prefill.q"));
+    const auto pk = ToF32(*reader.Tensor(layer, "prefill.k"));
+    const auto pv = ToF32(*reader.Tensor(layer, "prefill.v"));
+    const auto dq = ToF32(*reader.Tensor(layer, "decode.q"));
+    const auto dk = ToF32(*reader.Tensor(layer, "decode.k"));
+    const auto dv = ToF32(*reader.Tensor(layer, "decode.v"));
+    const auto pk_raw = *reader.Tensor(layer, "prefill.k");
+    const auto pv_raw = *reader.Tensor(layer, "prefill.v");
+    for (int h = 0; h < kvh; ++h) {
+      // Cold rows in original order (f32) and the exact part's rows.
+      std::vector<float> ck(static_cast<std::size_t>(cold) * d), cv(ck.size());
+      for (int64_t r = 0; r < cold; ++r) {
+        const std::size_t src = (static_cast<std::size_t>(sinks + r) * kvh + h) * d;
+        std::copy_n(pk.data() + src, d, ck.data() + r * d);
+        std::copy_n(pv.data() + src, d, cv.data() + r * d);
+      }
+      std::vector<float> prompt_q;  // the group's prompt queries
+      for (int64_t t = 0; t < p_tok; ++t)
+        for (int j = 0; j < g; ++j) {
+          const float* src = pq.data() + (static_cast<std::size_t>(t) * qh + h * g + j) * d;
+          prompt_q.insert(prompt_q.end(), src, src + d);
+        }
+      // One index per variant; order maps permuted rows back to original cold rows.
+      std::vector<std::unique_ptr<KeyIndex>> idx(variants.size());
+      std::vector<HeadStore> stores;
+      std::vector<std::vector<int64_t>> orig(variants.size());
+      stores.reserve(variants.size());
+      for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+        stores.emplace_back(d, pk_raw.dtype);
+        const std::size_t es = DTypeSize(pk_raw.dtype);
+        const auto* kb = static_cast<const unsigned char*>(pk_raw.data) + (sinks * kvh + h) * d * es;
+        const auto* vb = static_cast<const unsigned char*>(pv_raw.data) + (sinks * kvh + h) * d * es;
+        if (!stores[vi].Append(kb, vb, cold, static_cast<std::size_t>(kvh) * d).ok()) return 1;
+        IndexConfig cfg;
+        cfg.cluster.segment_tokens = segment;
+        cfg.cluster.budget_fraction = static_cast<float>(budget_fraction);
+        cfg.cluster.min_budget_tokens = min_budget;
+        cfg.cluster.query_aware = variants[vi].query_aware;
+        cfg.cluster.outlier_fraction = variants[vi].outliers;
+        cfg.cluster.estimate = variants[vi].estimate;
+        cfg.cluster.spread_weight = variants[vi].spread;
+        cfg.cluster.two_level = variants[vi].two_level;
+        cfg.cluster.refine_iters = variants[vi].refine;
+        cfg.cluster.scale = static_cast<float>(scale);
+        idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
+        const auto t0 = std::chrono::steady_clock::now();
+        if (auto s = idx[vi]->Build(stores[vi], prompt_q.data(),
+                                    static_cast<int64_t>(prompt_q.size() / d));
+            !s.ok()) {
+          std::fprintf(stderr, "%s\n", s.ToString().c_str());
+          return 1;
+        }
+        stats[vi].build_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        orig[vi].resize(cold);
+        std::iota(orig[vi].begin(), orig[vi].end(), 0);
+        int64_t b;
+        std::vector<int64_t> order;
+        if (idx[vi]->TakeRowOrder(&b, &order)) {
+          if (!stores[vi].PermuteRows(b, order).ok()) return 1;
+          std::vector<int64_t> o2(orig[vi]);
+          for (std::size_t i = 0; i < order.size(); ++i) o2[b + i] = orig[vi][b + order[i]];
+          orig[vi] = o2;
+        }
+      }
+      const int64_t covered = idx[0]->size();
+      for (int step = 0; step < steps; ++step) {
+        for (int j = 0; j < g; ++j) {
+          const int qi = h * g + j;
+          const float* q = dq.data() + (static_cast<std::size_t>(step) * qh + qi) * d;
+          auto dot = [&](const float* k) {
+            double a = 0;
+            for (int t = 0; t < d; ++t) a += double(q[t]) * k[t];
+            return a * scale;
+          };
+          // Exact part: sinks, window, uncovered cold rows, decode tokens up to this step.
+          std::vector<float> ek, ev;
+          auto add = [&](const float* k, const float* v) {
+            ek.insert(ek.end(), k, k + d);
+            ev.insert(ev.end(), v, v + d);
+          };
+          for (int64_t t = 0; t < sinks; ++t)
+            add(pk.data() + (t * kvh + h) * d, pv.data() + (t * kvh + h) * d);
+          for (int64_t t = p_tok - window; t < p_tok; ++t)
+            add(pk.data() + (t * kvh + h) * d, pv.data() + (t * kvh + h) * d);
+          for (int64_t r = covered; r < cold; ++r) add(ck.data() + r * d, cv.data() + r * d);
+          for (int t = 0; t <= step; ++t)
+            add(dk.data() + (static_cast<std::size_t>(t) * kvh + h) * d,
+                dv.data() + (static_cast<std::size_t>(t) * kvh + h) * d);
+          const int64_t ne = static_cast<int64_t>(ek.size() / d);
+          std::vector<double> es(ne);
+          for (int64_t r = 0; r < ne; ++r) es[r] = dot(ek.data() + r * d);
+          std::vector<int64_t> eall(ne);
+          std::iota(eall.begin(), eall.end(), 0);
+          const State exact_part = Attend(es, eall, ev.data(), d);
+          // Cold scores (covered rows only are the index's business).
+          std::vector<double> cs(covered);
+          for (int64_t r = 0; r < covered; ++r) cs[r] = dot(ck.data() + r * d);
+          std::vector<int64_t> call(covered);
+          std::iota(call.begin(), call.end(), 0);
+          State ref = exact_part;
+          const State cold_all = Attend(cs, call, cv.data(), d);
+          Merge(&ref, cold_all);
+          std::vector<int64_t> by_score(call);
+          std::sort(by_score.begin(), by_score.end(),
+                    [&](int64_t a, int64_t b) { return cs[a] > cs[b] || (cs[a] == cs[b] && a < b); });
+          std::vector<char> top100(covered, 0);
+          for (int64_t i = 0; i < std::min<int64_t>(100, covered); ++i) top100[by_score[i]] = 1;
+          auto mass_of = [&](const std::vector<int64_t>& rows) {
+            double m = 0;
+            for (int64_t r : rows) m += std::exp(cs[r] - cold_all.lse);
+            return m;
+          };
+          auto recall_of = [&](const std::vector<int64_t>& rows) {
+            int64_t hit = 0;
+            for (int64_t r : rows) hit += top100[r];
+            return double(hit) / std::min<int64_t>(100, covered);
+          };
+          for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+            SearchParams sp;
+            sp.k = 1;
+            SearchResult res;
+            std::vector<float> qf(q, q + d);
+            if (!idx[vi]->Search(stores[vi], qf.data(), sp, &res).ok()) return 1;
+            std::vector<int64_t> rows;
+            for (int64_t id : res.ids) rows.push_back(orig[vi][id]);
+            State st = exact_part;
+            Merge(&st, Attend(cs, rows, cv.data(), d));
+            if (!res.est_o.empty() && res.est_lse > -INFINITY) {
+              State est;
+              est.o.assign(res.est_o.begin(), res.est_o.end());
+              est.lse = res.est_lse;
+              Merge(&st, est);
+              const double miss = 1.0 - mass_of(rows);
+              if (miss > 1e-12) {
+                stats[vi].est_log += res.est_lse - (cold_all.lse + std::log(miss));
+                ++stats[vi].est_n;
+              }
+            }
+            const std::vector<int64_t> flat(by_score.begin(), by_score.begin() + rows.size());
+            State fs = exact_part;
+            Merge(&fs, Attend(cs, flat, cv.data(), d));
+            Stats& S = stats[vi];
+            S.err.push_back(RelErr(st, ref));
+            S.flat_err.push_back(RelErr(fs, ref));
+            S.tokens += double(rows.size()) / cold;
+            S.recall += recall_of(rows);
+            S.flat_recall += recall_of(flat);
+            S.mass += mass_of(rows);
+            S.flat_mass += mass_of(flat);
+            ++S.n;
+          }
+        }
+      }
+    }
+  }
+  if (stats[0].n == 0) {
+    std::fprintf(stderr, "no covered cold rows: lower segment_tokens\n");
+    return 1;
+  }
+  std::printf("%-22s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s\n", "variant", "tokens%",
+              "err", "err_p99", "flat", "flat_p99", "ratio", "rec", "f_rec", "mass", "f_mass",
+              "estlog", "build_s");
+  for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+    const Stats& S = stats[vi];
+    const double n = std::max<int64_t>(S.n, 1);
+    const double em = std::accumulate(S.err.begin(), S.err.end(), 0.0) / n;
+    const double fm = std::accumulate(S.flat_err.begin(), S.flat_err.end(), 0.0) / n;
+    std::printf("%-22s %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f\n",
+                variants[vi].name, 100 * S.tokens / n, em, Pct(S.err, 0.99), fm,
+                Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.recall / n, S.flat_recall / n,
+                S.mass / n, S.flat_mass / n, S.est_n ? S.est_log / S.est_n : 0.0,
+                S.build_s / (layers * kvh));
+  }
+  return 0;
+}

@@ -1,0 +1,430 @@
+// cluster kind (cluster.h): the row-order handshake with the store, exactness at the maximal
+// budget, the estimate against a brute-force evaluation of its formula, incremental segments,
+// outliers, group search, top-p, empty and tiny inputs.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "kvrt_cpu_index/attention.h"
+#include "kvrt_cpu_index/cluster.h"
+#include "kvrt_cpu_index/head_store.h"
+#include "kvrt_cpu_index/index.h"
+
+namespace kvrt::cpu_index {
+namespace {
+
+constexpr int kDim = 64;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Clustered keys (a few directions plus noise) so that k-means has structure to find.
+void AppendRows(HeadStore* store, int64_t n, uint64_t seed, DType t = DType::kF32) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<std::vector<float>> dirs(12, std::vector<float>(kDim));
+  for (auto& d : dirs)
+    for (auto& x : d) x = 2.f * nd(rng);
+  std::vector<float> k(static_cast<std::size_t>(n) * kDim), v(k.size());
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& d = dirs[rng() % dirs.size()];
+    for (int j = 0; j < kDim; ++j) {
+      k[i * kDim + j] = d[j] + 0.5f * nd(rng);
+      v[i * kDim + j] = nd(rng);
+    }
+  }
+  std::vector<unsigned char> kb(k.size() * DTypeSize(t)), vb(kb.size());
+  ConvertFromF32(k.data(), k.size(), t, kb.data());
+  ConvertFromF32(v.data(), v.size(), t, vb.data());
+  ASSERT_TRUE(store->Append(kb.data(), vb.data(), n, kDim).ok());
+}
+
+std::vector<float> RandomQuery(uint64_t seed, float sd = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, sd);
+  std::vector<float> q(kDim);
+  for (auto& x : q) x = nd(rng);
+  return q;
+}
+
+IndexConfig SmallConfig() {
+  IndexConfig c;
+  c.cluster.cluster_size = 8;
+  c.cluster.segment_tokens = 256;
+  c.cluster.budget_fraction = 0.f;
+  c.cluster.min_budget_tokens = 0;
+  c.cluster.outlier_fraction = 0.02f;
+  return c;
+}
+
+std::vector<float> KeyRow(const HeadStore& s, int64_t r) {
+  std::vector<float> k(s.dim());
+  s.KeyF32(r, k.data());
+  return k;
+}
+
+void ApplyOrder(KeyIndex* index, HeadStore* store, int64_t want_begin, int64_t want_n) {
+  int64_t begin = -1;
+  std::vector<int64_t> order;
+  ASSERT_TRUE(index->TakeRowOrder(&begin, &order));
+  EXPECT_EQ(begin, want_begin);
+  ASSERT_EQ(static_cast<int64_t>(order.size()), want_n);
+  ASSERT_TRUE(store->PermuteRows(begin, order).ok());
+  EXPECT_FALSE(index->TakeRowOrder(&begin, &order));
+}
+
+// Clusters are contiguous row ranges whose mean key is the centroid (bf16 rounding).
+void ExpectLayout(const ClusterSummary& s, const HeadStore& store) {
+  std::set<int64_t> rows;
+  for (int64_t c = 0; c < s.num_clusters(); ++c) {
+    std::vector<double> mean(kDim, 0.0);
+    for (int64_t r = s.begin[c]; r < s.begin[c] + s.size[c]; ++r) {
+      EXPECT_TRUE(rows.insert(r).second);
+      const auto k = KeyRow(store, r);
+      for (int j = 0; j < kDim; ++j) mean[j] += k[j] / s.size[c];
+    }
+    for (int j = 0; j < kDim; ++j) {
+      const float cj = Bf16ToF32(s.centroid[c * kDim + j]);
+      ASSERT_NEAR(cj, mean[j], 1e-2 * (1 + std::fabs(mean[j]))) << "cluster " << c;
+    }
+  }
+  for (int64_t r : s.outliers) EXPECT_TRUE(rows.insert(r).second);
+}
+
+TEST(HeadStorePermute, PermutesKeysAndValuesAndRejectsNonPermutations) {
+  HeadStore s(kDim, DType::kF32);
+  AppendRows(&s, 10, 1);
+  std::vector<std::vector<float>> before;
+  for (int64_t r = 0; r < 10; ++r) before.push_back(KeyRow(s, r));
+  const std::vector<int64_t> order = {3, 0, 2, 1};
+  ASSERT_TRUE(s.PermuteRows(4, order).ok());
+  for (int64_t i = 0; i < 4; ++i) EXPECT_EQ(KeyRow(s, 4 + i), before[4 + order[i]]);
+  EXPECT_EQ(KeyRow(s, 0), before[0]);
+  EXPECT_EQ(KeyRow(s, 9), before[9]);
+  EXPECT_FALSE(s.PermuteRows(8, order).ok());           // past the end
+  EXPECT_FALSE(s.PermuteRows(0, {0, 0, 1}).ok());       // duplicate
+  EXPECT_FALSE(s.PermuteRows(0, {0, 5}).ok());          // out of range
+  EXPECT_TRUE(s.PermuteRows(3, {}).ok());
+}
+
+TEST(ClusterIndex, KindNameAndFactory) {
+  EXPECT_STREQ(IndexKindName(IndexKind::kCluster), "cluster");
+  EXPECT_EQ(ParseIndexKind("cluster").value(), IndexKind::kCluster);
+  auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
+  EXPECT_EQ(index->kind(), IndexKind::kCluster);
+  EXPECT_NE(GetClusterSummary(*index), nullptr);
+  auto flat = MakeIndex(IndexKind::kFlat, {}, kDim).value();
+  EXPECT_EQ(GetClusterSummary(*flat), nullptr);
+}
+
+TEST(ClusterIndex, HandshakeLayoutAndExactAtMaximalBudget) {
+  for (bool query_aware : {false, true}) {
+    HeadStore store(kDim, DType::kBF16);
+    AppendRows(&store, 3 * 256 + 100, 2, DType::kBF16);
+    IndexConfig cfg = SmallConfig();
+    cfg.cluster.query_aware = query_aware;
+    std::vector<float> qs;
+    for (int i = 0; i < 64; ++i) {
+      const auto q = RandomQuery(100 + i);
+      qs.insert(qs.end(), q.begin(), q.end());
+    }
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE(index->Build(store, qs.data(), 64).ok());
+    EXPECT_EQ(index->size(), 768);
+    ApplyOrder(index.get(), &store, 0, 768);
+    const ClusterSummary& s = *GetClusterSummary(*index);
+    ExpectLayout(s, store);
+    EXPECT_EQ(static_cast<int64_t>(s.outliers.size()), 3 * 5);  // 2% of 256 per segment
+    EXPECT_GT(index->MemoryBytes(), 0u);
+
+    // Budget >= n: every covered row comes back, no estimate, and merging the uncovered rows
+    // gives exact attention over the store.
+    const auto q = RandomQuery(7, 0.5f);
+    SearchParams p;
+    p.k = 1 << 20;
+    SearchResult r;
+    ASSERT_TRUE(index->Search(store, q.data(), p, &r).ok());
+    std::vector<int64_t> ids = r.ids;
+    std::sort(ids.begin(), ids.end());
+    std::vector<int64_t> all(768);
+    std::iota(all.begin(), all.end(), 0);
+    EXPECT_EQ(ids, all);
+    EXPECT_EQ(r.est_lse, kNegInf);
+    EXPECT_TRUE(r.est_o.empty());
+    EXPECT_EQ(r.scanned, s.num_clusters() + static_cast<int64_t>(s.outliers.size()));
+    const float scale = 1.f / std::sqrt(float(kDim));
+    std::vector<float> o(kDim), o2(kDim), ref(kDim);
+    float lse, lse2, lse_ref;
+    AttendStoreRows(q.data(), scale, store, r.ids.data(), r.ids.size(), o.data(), &lse);
+    std::vector<int64_t> rest(store.size() - 768);
+    std::iota(rest.begin(), rest.end(), 768);
+    AttendStoreRows(q.data(), scale, store, rest.data(), rest.size(), o2.data(), &lse2);
+    MergeInto(o.data(), &lse, o2.data(), lse2, kDim);
+    AttendStoreAll(q.data(), scale, store, ref.data(), &lse_ref);
+    EXPECT_NEAR(lse, lse_ref, 1e-4);
+    for (int j = 0; j < kDim; ++j) EXPECT_NEAR(o[j], ref[j], 1e-4);
+  }
+}
+
+TEST(ClusterIndex, EstimateMatchesBruteForceOfItsFormula) {
+  for (float spread_weight : {0.f, 1.f}) {
+    HeadStore store(kDim, DType::kF32);
+    AppendRows(&store, 512, 3);
+    IndexConfig cfg = SmallConfig();
+    cfg.cluster.spread_weight = spread_weight;
+    cfg.cluster.scale = 0.2f;
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+    ApplyOrder(index.get(), &store, 0, 512);
+    const ClusterSummary& s = *GetClusterSummary(*index);
+    const auto q = RandomQuery(11, 0.7f);
+    SearchParams p;
+    p.k = 40;
+    SearchResult r;
+    ASSERT_TRUE(index->Search(store, q.data(), p, &r).ok());
+    ASSERT_EQ(static_cast<int>(r.est_o.size()), kDim);
+    std::set<int64_t> got(r.ids.begin(), r.ids.end());
+    // Brute force over clusters none of whose rows came back.
+    double qn2 = 0;
+    for (float x : q) qn2 += double(x) * x;
+    std::vector<double> lm;
+    std::vector<int64_t> unsel;
+    int64_t sel_tokens = 0;
+    for (int64_t c = 0; c < s.num_clusters(); ++c) {
+      if (got.count(s.begin[c])) {
+        sel_tokens += s.size[c];
+        continue;
+      }
+      double dot = 0;
+      for (int j = 0; j < kDim; ++j) dot += double(q[j]) * Bf16ToF32(s.centroid[c * kDim + j]);
+      lm.push_back(0.2 * dot + spread_weight * 0.5 * 0.04 * qn2 * s.spread[c] + std::log(double(s.size[c])));
+      unsel.push_back(c);
+    }
+    EXPECT_GE(sel_tokens, 40);
+    EXPECT_EQ(static_cast<int64_t>(r.ids.size()), sel_tokens + static_cast<int64_t>(s.outliers.size()));
+    const double m = *std::max_element(lm.begin(), lm.end());
+    double l = 0;
+    std::vector<double> o(kDim, 0.0);
+    for (std::size_t i = 0; i < lm.size(); ++i) {
+      const double w = std::exp(lm[i] - m);
+      l += w;
+      for (int j = 0; j < kDim; ++j) o[j] += w * Bf16ToF32(s.value_mean[unsel[i] * kDim + j]);
+    }
+    EXPECT_NEAR(r.est_lse, m + std::log(l), 1e-4 * (1 + std::fabs(m)));
+    for (int j = 0; j < kDim; ++j) EXPECT_NEAR(r.est_o[j], o[j] / l, 1e-5);
+  }
+}
+
+TEST(ClusterIndex, SelectionTakesTheDensestClustersFirst) {
+  HeadStore store(kDim, DType::kF32);
+  AppendRows(&store, 512, 4);
+  IndexConfig cfg = SmallConfig();
+  cfg.cluster.spread_weight = 0.f;
+  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  ApplyOrder(index.get(), &store, 0, 512);
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  const auto q = RandomQuery(5);
+  std::vector<float> scores(s.num_clusters()), dens(s.num_clusters());
+  for (int64_t c = 0; c < s.num_clusters(); ++c) {
+    float a = 0;
+    for (int j = 0; j < kDim; ++j) a += q[j] * Bf16ToF32(s.centroid[c * kDim + j]);
+    scores[c] = a;
+  }
+  ClusterDensity(s, scores.data(), 1.f, 0.125f, 0.f, dens.data());
+  std::vector<int32_t> sel;
+  const int64_t tokens = SelectClusters(s, dens.data(), 50, 0.f, &sel);
+  ASSERT_FALSE(sel.empty());
+  EXPECT_GE(tokens, 50);
+  EXPECT_LT(tokens - s.size[sel.back()], 50);  // shortest prefix
+  float worst_sel = std::numeric_limits<float>::infinity();
+  for (int32_t c : sel) worst_sel = std::min(worst_sel, dens[c]);
+  for (int64_t c = 0; c < s.num_clusters(); ++c)
+    if (std::find(sel.begin(), sel.end(), c) == sel.end()) {
+      EXPECT_LE(dens[c], worst_sel);
+    }
+  // top-p: a tiny share stops after the first cluster.
+  SelectClusters(s, dens.data(), 1 << 20, 1e-9f, &sel);
+  EXPECT_EQ(sel.size(), 1u);
+  // Budget 0 selects nothing; the estimate then covers every cluster.
+  EXPECT_EQ(SelectClusters(s, dens.data(), 0, 0.f, &sel), 0);
+  std::vector<float> o(kDim);
+  float lse;
+  EstimateUnselected(s, dens.data(), sel, o.data(), &lse);
+  EXPECT_TRUE(std::isfinite(lse));
+}
+
+TEST(ClusterIndex, IncrementalSegmentsKeepEarlierRows) {
+  HeadStore store(kDim, DType::kF32);
+  AppendRows(&store, 300, 5);
+  auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  EXPECT_EQ(index->size(), 256);
+  ApplyOrder(index.get(), &store, 0, 256);
+  const int64_t c1 = GetClusterSummary(*index)->num_clusters();
+  std::vector<std::vector<float>> first;
+  for (int64_t r = 0; r < 256; ++r) first.push_back(KeyRow(store, r));
+
+  AppendRows(&store, 200, 6);  // 500 rows: still one segment
+  ASSERT_TRUE(index->Add(store).ok());
+  EXPECT_EQ(index->size(), 256);
+  int64_t b;
+  std::vector<int64_t> order;
+  EXPECT_FALSE(index->TakeRowOrder(&b, &order));
+
+  AppendRows(&store, 600, 7);  // 1100 rows: segments 2..4 (rows 256..1024)
+  ASSERT_TRUE(index->Add(store).ok());
+  EXPECT_EQ(index->size(), 1024);
+  ApplyOrder(index.get(), &store, 256, 768);
+  for (int64_t r = 0; r < 256; ++r) EXPECT_EQ(KeyRow(store, r), first[r]);
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  EXPECT_GT(s.num_clusters(), 3 * c1);
+  ExpectLayout(s, store);
+  for (int64_t c = c1; c < s.num_clusters(); ++c) EXPECT_GE(s.begin[c], 256);
+
+  // Two Adds before the caller takes the order: one permutation covering both.
+  auto index2 = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
+  HeadStore store2(kDim, DType::kF32);
+  AppendRows(&store2, 256, 8);
+  ASSERT_TRUE(index2->Build(store2, nullptr, 0).ok());
+  AppendRows(&store2, 512, 9);
+  ASSERT_TRUE(index2->Add(store2).ok());
+  ApplyOrder(index2.get(), &store2, 0, 768);
+  ExpectLayout(*GetClusterSummary(*index2), store2);
+}
+
+TEST(ClusterIndex, OutliersAreAlwaysReturned) {
+  HeadStore store(kDim, DType::kF32);
+  AppendRows(&store, 256, 10);
+  // Needles: far from every cluster.
+  std::vector<float> needle(kDim, 0.f), zero(kDim, 0.f);
+  const std::vector<int64_t> needle_rows = {256, 257, 258};
+  for (int i = 0; i < 3; ++i) {
+    std::fill(needle.begin(), needle.end(), 0.f);
+    needle[i] = 40.f;
+    ASSERT_TRUE(store.Append(needle.data(), zero.data(), 1, kDim).ok());
+  }
+  AppendRows(&store, 253, 11);
+  IndexConfig cfg = SmallConfig();
+  cfg.cluster.segment_tokens = 512;
+  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  int64_t b;
+  std::vector<int64_t> order;
+  ASSERT_TRUE(index->TakeRowOrder(&b, &order));
+  ASSERT_TRUE(store.PermuteRows(b, order).ok());
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  // Each needle is an outlier or a singleton cluster (scored exactly through its centroid).
+  std::set<int64_t> exact_old;
+  for (int64_t r : s.outliers) exact_old.insert(order[r]);
+  for (int64_t c = 0; c < s.num_clusters(); ++c)
+    if (s.size[c] == 1) exact_old.insert(order[s.begin[c]]);
+  for (int64_t r : needle_rows) EXPECT_TRUE(exact_old.count(r)) << r;
+  EXPECT_EQ(s.outliers.size(), 10u);
+  SearchParams p;
+  p.k = 1;
+  SearchResult r;
+  const auto q = RandomQuery(12);
+  ASSERT_TRUE(index->Search(store, q.data(), p, &r).ok());
+  for (int64_t o : s.outliers) EXPECT_NE(std::find(r.ids.begin(), r.ids.end(), o), r.ids.end());
+  // A query along a needle finds it at the smallest budget.
+  for (int i = 0; i < 3; ++i) {
+    std::vector<float> qn(kDim, 0.f);
+    qn[i] = 1.f;
+    ASSERT_TRUE(index->Search(store, qn.data(), p, &r).ok());
+    bool found = false;
+    for (int64_t id : r.ids) found |= order[id] == needle_rows[i];
+    EXPECT_TRUE(found) << i;
+  }
+}
+
+TEST(ClusterIndex, GroupSearchEqualsPerQuerySearch) {
+  HeadStore store(kDim, DType::kBF16);
+  AppendRows(&store, 1024, 13, DType::kBF16);
+  auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  ApplyOrder(index.get(), &store, 0, 1024);
+  std::vector<float> qs;
+  for (int i = 0; i < 4; ++i) {
+    const auto q = RandomQuery(20 + i);
+    qs.insert(qs.end(), q.begin(), q.end());
+  }
+  SearchParams p;
+  p.k = 64;
+  std::vector<SearchResult> g(4);
+  ASSERT_TRUE(index->SearchGroup(store, qs.data(), 4, p, g.data()).ok());
+  for (int i = 0; i < 4; ++i) {
+    SearchResult r;
+    ASSERT_TRUE(index->Search(store, qs.data() + i * kDim, p, &r).ok());
+    EXPECT_EQ(r.ids, g[i].ids);
+    EXPECT_EQ(r.scanned, g[i].scanned);
+    EXPECT_NEAR(r.est_lse, g[i].est_lse, 1e-4);
+  }
+}
+
+TEST(ClusterIndex, EmptyAndTinyInputs) {
+  auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
+  HeadStore empty(kDim, DType::kF32);
+  EXPECT_FALSE(index->Build(empty, nullptr, 0).ok());
+  const auto q = RandomQuery(1);
+  SearchResult r;
+  EXPECT_FALSE(index->Search(empty, q.data(), {}, &r).ok());  // not built
+  EXPECT_FALSE(index->Add(empty).ok());
+
+  HeadStore small(kDim, DType::kF32);  // less than a segment: nothing covered
+  AppendRows(&small, 100, 14);
+  ASSERT_TRUE(index->Build(small, nullptr, 0).ok());
+  EXPECT_EQ(index->size(), 0);
+  int64_t b;
+  std::vector<int64_t> order;
+  EXPECT_FALSE(index->TakeRowOrder(&b, &order));
+  ASSERT_TRUE(index->Search(small, q.data(), {}, &r).ok());
+  EXPECT_TRUE(r.ids.empty());
+  EXPECT_EQ(r.scanned, 0);
+  EXPECT_EQ(r.est_lse, kNegInf);
+
+  // A segment of exactly one cluster, no outliers.
+  IndexConfig tiny = SmallConfig();
+  tiny.cluster.segment_tokens = 4;
+  tiny.cluster.cluster_size = 4;
+  tiny.cluster.outlier_fraction = 0.f;
+  auto t = MakeIndex(IndexKind::kCluster, tiny, kDim).value();
+  HeadStore four(kDim, DType::kF32);
+  AppendRows(&four, 4, 15);
+  ASSERT_TRUE(t->Build(four, nullptr, 0).ok());
+  ApplyOrder(t.get(), &four, 0, 4);
+  SearchParams p;
+  p.k = 1;
+  ASSERT_TRUE(t->Search(four, q.data(), p, &r).ok());
+  EXPECT_EQ(r.ids.size(), 4u);
+  EXPECT_EQ(r.est_lse, kNegInf);
+
+  IndexConfig bad = SmallConfig();
+  bad.cluster.cluster_size = 0;
+  auto bi = MakeIndex(IndexKind::kCluster, bad, kDim).value();
+  EXPECT_FALSE(bi->Build(four, nullptr, 0).ok());
+}
+
+TEST(ClusterIndex, QueryMetricFactorIsACholeskyFactor) {
+  std::vector<float> qs;
+  for (int i = 0; i < 300; ++i) {
+    const auto q = RandomQuery(200 + i);
+    qs.insert(qs.end(), q.begin(), q.end());
+  }
+  const auto l = QueryMetricFactor(qs.data(), 300, kDim, 4096);
+  double tr = 0;
+  for (int i = 0; i < kDim; ++i) {
+    for (int j = i + 1; j < kDim; ++j) EXPECT_EQ(l[i * kDim + j], 0.f);
+    for (int j = 0; j <= i; ++j) tr += double(l[i * kDim + j]) * l[i * kDim + j];
+  }
+  EXPECT_NEAR(tr, kDim, 1e-2 * kDim);
+  const auto id = QueryMetricFactor(nullptr, 0, kDim, 4096);
+  for (int i = 0; i < kDim; ++i) EXPECT_EQ(id[i * kDim + i], 1.f);
+}
+
+}  // namespace
+}  // namespace kvrt::cpu_index
