@@ -6,9 +6,9 @@
 # tests/ are white-box and keep the project root.
 
 # kvrt_source_view(out dir): an include root in the build tree under which `dir` (a folder of the
-# source tree) appears at its path from the project root, and nothing else does. With it, a file
-# can include "cpu_index/src/kinds.h" (spelled from the root, as the sources do) while
-# "runtime/src/layer_state.h" stays out of reach. Sets `out` to the include root.
+# source tree) appears at its path from the project root, and nothing else does. With it the CLI
+# includes "tools/trace/trace.h" (spelled from the root) while no module's src/ is in reach.
+# Sets `out` to the include root.
 function(kvrt_source_view out dir)
   file(RELATIVE_PATH rel ${PROJECT_SOURCE_DIR} ${dir})
   string(REPLACE "/" "_" name ${rel})
@@ -19,16 +19,14 @@ function(kvrt_source_view out dir)
   set(${out} ${root} PARENT_SCOPE)
 endfunction()
 
-# kvrt_module_includes(target): PUBLIC include/ of the calling module's folder, PRIVATE its src/.
-# NOTE: transitional. The modules' sources spell their private headers from the project root
-# ("cpu_index/src/kinds.h", "runtime/src/layer_state.h", "gpu/src/launch.h"), so src/ is reached
-# through kvrt_source_view. Once those includes read "kinds.h", the view can give way to
-# ${CMAKE_CURRENT_SOURCE_DIR}/src.
+# kvrt_module_includes(target): PUBLIC include/ of the calling module's folder, PRIVATE its src/
+# (a module's private headers are included by their file name: "kinds.h", "cold_tier.h").
 function(kvrt_module_includes target)
   if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/include)
     target_include_directories(${target} PUBLIC
       $<BUILD_INTERFACE:${CMAKE_CURRENT_SOURCE_DIR}/include>)
   endif()
-  kvrt_source_view(view ${CMAKE_CURRENT_SOURCE_DIR}/src)
-  target_include_directories(${target} PRIVATE ${view})
+  if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/src)
+    target_include_directories(${target} PRIVATE ${CMAKE_CURRENT_SOURCE_DIR}/src)
+  endif()
 endfunction()

@@ -56,7 +56,8 @@ std::vector<std::string> SplitStrs(const std::string& s) {
 }
 
 double NowUs() {
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch())
+  return std::chrono::duration<double, std::micro>(
+             std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
@@ -122,7 +123,8 @@ double Pct(std::vector<double> v, double p) {
 // batched: B > 1 sequences attend through one kvrt_attend_batch_ex call per layer-step (their
 // appends still come from one thread each); else one thread per sequence appends and attends.
 bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& kind_name,
-            kvrt_cold_attention mode, bool batched, int64_t cold, int batch, bool device, Row* row) {
+            kvrt_cold_attention mode, bool batched, int64_t cold, int batch, bool device,
+            Row* row) {
   const double t_setup = NowUs();
   kvrt_config c = kvrt_config_default();
   c.num_layers = a.layers;
@@ -181,7 +183,8 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
       void *dk, *dv, *dq, *dout;
       cudaStream_t s;
       if (cudaMalloc(&dk, hk.size()) || cudaMalloc(&dv, hv.size()) || cudaMalloc(&dq, hq.size()) ||
-          cudaMalloc(&dout, out_floats * 4) || cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) {
+          cudaMalloc(&dout, out_floats * 4) ||
+          cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)) {
         std::fprintf(stderr, "kvrt bench decode: CUDA allocation failed\n");
         return false;
       }
@@ -246,9 +249,11 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
     auto& p = ps[b];
     const int i = (step * 7 + layer * 3 + b) % kInputs;
     const double t0 = NowUs();
-    kvrt_status s = kvrt_append_ex(rt, seqs[b], layer, p.k + i * kv_row, p.v + i * kv_row, 1, &p.exec);
+    kvrt_status s =
+        kvrt_append_ex(rt, seqs[b], layer, p.k + i * kv_row, p.v + i * kv_row, 1, &p.exec);
     const double t1 = NowUs();
-    if (s == KVRT_OK && !batch_attend) s = kvrt_attend_ex(rt, seqs[b], layer, p.q + i * q_row, p.out, &p.exec);
+    if (s == KVRT_OK && !batch_attend)
+      s = kvrt_attend_ex(rt, seqs[b], layer, p.q + i * q_row, p.out, &p.exec);
     const double t2 = NowUs();
 #if KVRT_WITH_CUDA
     if (device) cudaStreamSynchronize(static_cast<cudaStream_t>(p.stream));
@@ -283,7 +288,8 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
       done.arrive_and_wait();
       if (batch_attend) {
         const int i0 = (step * 7 + layer * 3) % kInputs;
-        const kvrt_status s = kvrt_attend_batch_ex(rt, seqs.data(), batch, layer, bq + i0 * q_row, bout, &bexec);
+        const kvrt_status s =
+            kvrt_attend_batch_ex(rt, seqs.data(), batch, layer, bq + i0 * q_row, bout, &bexec);
         const double t2 = NowUs();
 #if KVRT_WITH_CUDA
         if (device) cudaStreamSynchronize(static_cast<cudaStream_t>(bexec.cuda_stream));
@@ -321,8 +327,8 @@ bool RunOne(const BenchDecodeArgs& a, kvrt_index_kind kind, const std::string& k
   }
   for (int b = 0; b < batch; ++b) {
     if (fail[b] != KVRT_OK) {
-      std::fprintf(stderr, "kvrt bench decode: sequence %d: %s (%s)\n", b, kvrt_status_string(fail[b]),
-                   kvrt_last_error());
+      std::fprintf(stderr, "kvrt bench decode: sequence %d: %s (%s)\n", b,
+                   kvrt_status_string(fail[b]), kvrt_last_error());
       return false;
     }
     append_total += append_us[b];
@@ -392,7 +398,8 @@ int Run(const BenchDecodeArgs& a) {
     } else if (name == "auto") {
       modes.emplace_back(KVRT_COLD_AUTO, name);
     } else {
-      std::fprintf(stderr, "kvrt bench decode: --cold-attention: '%s' is not cpu, fetch or auto\n", name.c_str());
+      std::fprintf(stderr, "kvrt bench decode: --cold-attention: '%s' is not cpu, fetch or auto\n",
+                   name.c_str());
       return 2;
     }
   }
@@ -402,52 +409,64 @@ int Run(const BenchDecodeArgs& a) {
   }
   const bool device = a.memory == "device" && a.use_gpu != 0;
   std::printf(
-      "kvrt bench decode: %d q / %d kv heads, d=%d, bf16, sinks %d, window %d, top-k %d, %d layers, "
+      "kvrt bench decode: %d q / %d kv heads, d=%d, bf16, sinks %d, window %d, top-k %d, %d "
+      "layers, "
       "%s pointers, use_gpu %d, group_search %d, %u hardware threads\n",
-      a.q_heads, a.kv_heads, a.head_dim, a.sinks, a.window, a.top_k, a.layers, device ? "device" : "host",
-      a.use_gpu, a.group_search, std::thread::hardware_concurrency());
-  std::printf("per layer-step (B sequences: append 1 token + attend each); split = mean per attend, us\n");
-  std::printf("%-16s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s\n", "index",
-              "cold_attn", "cold", "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h", "search", "cpu_attn", "h2d",
-              "merge", "idle", "attend", "append", "GPU_MiB/sl", "scanned", "fetch");
+      a.q_heads, a.kv_heads, a.head_dim, a.sinks, a.window, a.top_k, a.layers,
+      device ? "device" : "host", a.use_gpu, a.group_search, std::thread::hardware_concurrency());
+  std::printf(
+      "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, us\n");
+  std::printf("%-16s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s\n",
+              "index", "cold_attn", "cold", "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h",
+              "search", "cpu_attn", "h2d", "merge", "idle", "attend", "append", "GPU_MiB/sl",
+              "scanned", "fetch");
   std::string csv =
-      "index,cold_attention,cold,batch,samples,p50_us,p99_us,mean_us,gpu_attn_us,d2h_us,cpu_search_us,cpu_attn_us,"
-      "h2d_us,merge_us,idle_us,attend_us,append_us,gpu_mib_per_seq_layer,scanned_fraction,fetch_share,setup_s\n";
+      "index,cold_attention,cold,batch,samples,p50_us,p99_us,mean_us,gpu_attn_us,d2h_us,cpu_search_"
+      "us,cpu_attn_us,"
+      "h2d_us,merge_us,idle_us,attend_us,append_us,gpu_mib_per_seq_layer,scanned_fraction,fetch_"
+      "share,setup_s\n";
   int rc = 0;
   std::vector<bool> attend_modes;
   for (const auto& m : SplitStrs(a.attend)) {
     if (m != "threads" && m != "batch") {
-      std::fprintf(stderr, "kvrt bench decode: --attend: '%s' is not threads or batch\n", m.c_str());
+      std::fprintf(stderr, "kvrt bench decode: --attend: '%s' is not threads or batch\n",
+                   m.c_str());
       return 2;
     }
     attend_modes.push_back(m == "batch");
   }
-  for (const auto& [kind, name] : kinds) for (const auto& [mode, mode_name] : modes) for (bool batched : attend_modes) {
-    for (int64_t batch : batches) {
-      for (int64_t cold : colds) {
-        if (batch > 1 && cold > a.max_cold_batch) continue;
-        if (batched && batch == 1) continue;  // the same as one thread
-        Row r;
-        r.batched = batched;
-        if (!RunOne(a, kind, name, mode, batched, cold, static_cast<int>(batch), device, &r)) {
-          rc = 1;
-          continue;
+  for (const auto& [kind, name] : kinds)
+    for (const auto& [mode, mode_name] : modes)
+      for (bool batched : attend_modes) {
+        for (int64_t batch : batches) {
+          for (int64_t cold : colds) {
+            if (batch > 1 && cold > a.max_cold_batch) continue;
+            if (batched && batch == 1) continue;  // the same as one thread
+            Row r;
+            r.batched = batched;
+            if (!RunOne(a, kind, name, mode, batched, cold, static_cast<int>(batch), device, &r)) {
+              rc = 1;
+              continue;
+            }
+            std::printf(
+                "%-16s %9s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f "
+                "%8.1f | %7.1f %9.2f %8.4f %6.2f\n",
+                r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch,
+                r.samples, r.p50, r.p99, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge,
+                r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share);
+            std::fflush(stdout);
+            char line[512];
+            std::snprintf(line, sizeof line,
+                          "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,"
+                          "%.1f,%.3f,%.5f,%.3f,%.1f\n",
+                          r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold),
+                          r.batch, r.samples, r.p50, r.p99, r.mean, r.gpu_attn, r.d2h, r.search,
+                          r.cpu_attn, r.h2d, r.merge, r.idle, r.attend, r.append,
+                          r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s);
+            csv += line;
+          }
         }
-        std::printf("%-16s %9s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f %8.1f | %7.1f %9.2f %8.4f %6.2f\n",
-                    r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch, r.samples, r.p50, r.p99,
-                    r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge, r.idle, r.attend,
-                    r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share);
-        std::fflush(stdout);
-        char line[512];
-        std::snprintf(line, sizeof line,
-                      "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.3f,%.5f,%.3f,%.1f\n",
-                      r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch, r.samples, r.p50, r.p99,
-                      r.mean, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge, r.idle, r.attend,
-                      r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s);
-        csv += line;
       }
-    }
-  }
   if (!a.csv.empty()) {
     std::ofstream f(a.csv);
     f << csv;
@@ -470,38 +489,50 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
       "append 1 token and attend, for every cold size, batch and index kind; p50/p99 and the split "
       "(GPU attention, D2H, CPU search, CPU attention, H2D, merge, idle), GPU memory per "
       "(sequence, layer). Needs the GPU backend unless --gpu 0.");
-  cmd->add_option("--cold", args->cold, "comma-separated cold (host store) token counts")->capture_default_str();
+  cmd->add_option("--cold", args->cold, "comma-separated cold (host store) token counts")
+      ->capture_default_str();
   cmd->add_option("--batch", args->batch, "comma-separated batch sizes (sequences per layer-step)")
       ->capture_default_str();
   cmd->add_option("--index", args->indexes, "comma-separated index kinds")->capture_default_str();
-  cmd->add_option("--memory", args->memory, "device or host pointers for q, k, v, out")->capture_default_str();
+  cmd->add_option("--memory", args->memory, "device or host pointers for q, k, v, out")
+      ->capture_default_str();
   cmd->add_option("--gpu", args->use_gpu, "config.use_gpu (1, 0 or -1)")->capture_default_str();
-  cmd->add_option("--layers", args->layers, "layers (each with its own KV)")->capture_default_str()
+  cmd->add_option("--layers", args->layers, "layers (each with its own KV)")
+      ->capture_default_str()
       ->check(CLI::Range(1, 64));
-  cmd->add_option("--steps", args->steps, "measured decode steps")->capture_default_str()->check(CLI::Range(1, 100000));
-  cmd->add_option("--warmup", args->warmup, "unmeasured steps first")->capture_default_str()->check(CLI::Range(0, 1000));
-  cmd->add_option("--max-seconds", args->max_seconds, "measured time per configuration (>= 5 steps)")
+  cmd->add_option("--steps", args->steps, "measured decode steps")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  cmd->add_option("--warmup", args->warmup, "unmeasured steps first")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000));
+  cmd->add_option("--max-seconds", args->max_seconds,
+                  "measured time per configuration (>= 5 steps)")
       ->capture_default_str();
   cmd->add_option("--max-cold-batch", args->max_cold_batch, "largest cold size run with batch > 1")
       ->capture_default_str();
   cmd->add_option("--sinks", args->sinks, "sink tokens")->capture_default_str();
   cmd->add_option("--window", args->window, "window tokens")->capture_default_str();
   cmd->add_option("--top-k", args->top_k, "top-k")->capture_default_str();
-  cmd->add_option("--effort", args->effort, "search effort (0 = the kind's default)")->capture_default_str();
+  cmd->add_option("--effort", args->effort, "search effort (0 = the kind's default)")
+      ->capture_default_str();
   cmd->add_option("--attend", args->attend,
                   "comma-separated ways B > 1 sequences attend: threads (one caller thread per "
                   "sequence, kvrt_attend_ex) and/or batch (one kvrt_attend_batch_ex call)")
       ->capture_default_str();
-  cmd->add_option("--cold-attention", args->cold_attention,
-                  "comma-separated config.cold_attention modes to compare: cpu (CPU attention over "
-                  "the retrieved rows), fetch (rows copied H2D, attended on the GPU), auto (per layer, "
-                  "the cheaper one as measured)")
+  cmd->add_option(
+         "--cold-attention", args->cold_attention,
+         "comma-separated config.cold_attention modes to compare: cpu (CPU attention over "
+         "the retrieved rows), fetch (rows copied H2D, attended on the GPU), auto (per layer, "
+         "the cheaper one as measured)")
       ->capture_default_str();
-  cmd->add_option("--group-search", args->group_search,
-                  "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
+  cmd->add_option(
+         "--group-search", args->group_search,
+         "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
       ->capture_default_str()
       ->check(CLI::Range(0, 1));
-  cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")->capture_default_str();
+  cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")
+      ->capture_default_str();
   cmd->add_option("--q-heads", args->q_heads, "q heads")->capture_default_str();
   cmd->add_option("--kv-heads", args->kv_heads, "kv heads")->capture_default_str();
   cmd->add_option("--head-dim", args->head_dim, "head dim")->capture_default_str();

@@ -16,7 +16,7 @@ namespace {
 
 struct BenchIndexArgs {
   std::string trace, indexes = "flat,ivf,hnsw,landmark,attention-aware", efforts, csv, json, plot,
-      group_search = "0";
+                     group_search = "0";
   int top_k = 100, sinks = 4, window = 512, steps = 16, threads = 0;
   bool quiet = false;
 };
@@ -81,67 +81,76 @@ int Run(const BenchIndexArgs& a) {
   }
   const unsigned hw = std::thread::hardware_concurrency();
   std::printf("kvrt bench index  %s  (top-k %d, %d steps, window %d, sinks %d, %d threads)\n",
-              a.trace.c_str(), a.top_k, ref->steps, a.window, a.sinks, a.threads ? a.threads : static_cast<int>(hw));
-  std::printf("%-24s %7s %9s %9s %10s %10s %9s %9s %10s %10s %10s %9s\n", "index", "effort", "recall@k",
-              "mass", "err_mean", "err_p99", "scanned", "read", "build_ms", "p50_us", "p99_us", "idx_B/key");
+              a.trace.c_str(), a.top_k, ref->steps, a.window, a.sinks,
+              a.threads ? a.threads : static_cast<int>(hw));
+  std::printf("%-24s %7s %9s %9s %10s %10s %9s %9s %10s %10s %10s %9s\n", "index", "effort",
+              "recall@k", "mass", "err_mean", "err_p99", "scanned", "read", "build_ms", "p50_us",
+              "p99_us", "idx_B/key");
   nlohmann::json rows = nlohmann::json::array();
   std::vector<kvrt::cli::PlotSeries> recall_series, mass_series;
   std::string csv =
-      "index,group_search,effort,top_k,recall_at_k,mass_recall,output_rel_error_mean,output_rel_error_p99,"
-      "scanned_fraction,read_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_per_key\n";
-  for (auto kind : kinds) for (bool group : group_modes) {
-    // Kinds without a shared group search give the same figures either way: run them once.
-    const bool shares = kind == KVRT_INDEX_ATTENTION_AWARE || kind == KVRT_INDEX_LANDMARK ||
-                        kind == KVRT_INDEX_CLUSTER;
-    if (!shares && group != group_modes.front()) continue;
-    const std::string name = std::string(kvrt::cli::IndexKindOptionName(kind)) +
-                             (shares && group_modes.size() > 1 ? (group ? "/group" : "/per-head") : "");
-    kvrt::cli::PlotSeries rs{name, {}, {}}, ms = rs;
-    std::vector<int> sweep = efforts.empty() ? DefaultEfforts(kind, a.top_k) : efforts;
-    if (kind == KVRT_INDEX_FLAT || kind == KVRT_INDEX_EXACT) sweep = {0};  // effort is meaningless
-    kvrt::cli::ReplayOptions o;
-    o.index = kind;
-    o.top_k = a.top_k;
-    o.sinks = a.sinks;
-    o.window = a.window;
-    o.threads = a.threads;
-    o.max_steps = a.steps;
-    o.progress = !a.quiet;
-    o.group_search = group;
-    // One build per kind; every effort attends to the same states.
-    auto reports = kvrt::cli::RunReplaySweep(**trace, *ref, o, sweep);
-    if (!reports.ok()) {
-      std::fprintf(stderr, "kvrt bench index: %s: %s\n", kvrt::cli::IndexKindOptionName(kind),
-                   std::string(reports.status().message()).c_str());
-      return 1;
+      "index,group_search,effort,top_k,recall_at_k,mass_recall,output_rel_error_mean,output_rel_"
+      "error_p99,"
+      "scanned_fraction,read_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_"
+      "per_key\n";
+  for (auto kind : kinds)
+    for (bool group : group_modes) {
+      // Kinds without a shared group search give the same figures either way: run them once.
+      const bool shares = kind == KVRT_INDEX_ATTENTION_AWARE || kind == KVRT_INDEX_LANDMARK ||
+                          kind == KVRT_INDEX_CLUSTER;
+      if (!shares && group != group_modes.front()) continue;
+      const std::string name =
+          std::string(kvrt::cli::IndexKindOptionName(kind)) +
+          (shares && group_modes.size() > 1 ? (group ? "/group" : "/per-head") : "");
+      kvrt::cli::PlotSeries rs{name, {}, {}}, ms = rs;
+      std::vector<int> sweep = efforts.empty() ? DefaultEfforts(kind, a.top_k) : efforts;
+      if (kind == KVRT_INDEX_FLAT || kind == KVRT_INDEX_EXACT)
+        sweep = {0};  // effort is meaningless
+      kvrt::cli::ReplayOptions o;
+      o.index = kind;
+      o.top_k = a.top_k;
+      o.sinks = a.sinks;
+      o.window = a.window;
+      o.threads = a.threads;
+      o.max_steps = a.steps;
+      o.progress = !a.quiet;
+      o.group_search = group;
+      // One build per kind; every effort attends to the same states.
+      auto reports = kvrt::cli::RunReplaySweep(**trace, *ref, o, sweep);
+      if (!reports.ok()) {
+        std::fprintf(stderr, "kvrt bench index: %s: %s\n", kvrt::cli::IndexKindOptionName(kind),
+                     std::string(reports.status().message()).c_str());
+        return 1;
+      }
+      for (const auto& report : *reports) {
+        const auto* r = &report;
+        const int effort = r->effort;
+        const double cold_keys = static_cast<double>(r->cold_tokens) * r->layers * r->kv_heads;
+        const double bytes_per_key = cold_keys > 0 ? r->index_bytes / cold_keys : 0;
+        std::printf("%-24s %7d %9.4f %9.4f %10.3g %10.3g %9.4f %9.4f %10.1f %10.1f %10.1f %9.1f\n",
+                    name.c_str(), effort, r->recall_at_k, r->mass_recall, r->output_rel_error_mean,
+                    r->output_rel_error_p99, r->scanned_fraction, r->read_fraction,
+                    r->prefill_ms_per_layer, r->latency_us_p50, r->latency_us_p99, bytes_per_key);
+        std::fflush(stdout);
+        char line[512];
+        std::snprintf(line, sizeof line,
+                      "%s,%d,%d,%d,%.6f,%.6f,%.6g,%.6g,%.6f,%.6f,%.3f,%.2f,%.2f,%.2f\n",
+                      r->index.c_str(), group ? 1 : 0, effort, a.top_k, r->recall_at_k,
+                      r->mass_recall, r->output_rel_error_mean, r->output_rel_error_p99,
+                      r->scanned_fraction, r->read_fraction, r->prefill_ms_per_layer,
+                      r->latency_us_p50, r->latency_us_p99, bytes_per_key);
+        csv += line;
+        auto j = kvrt::cli::ReportJson(*r);
+        j["index_bytes_per_key"] = bytes_per_key;
+        rows.push_back(j);
+        rs.x.push_back(r->scanned_fraction);
+        rs.y.push_back(r->recall_at_k);
+        ms.x.push_back(r->scanned_fraction);
+        ms.y.push_back(r->mass_recall);
+      }
+      recall_series.push_back(rs);
+      mass_series.push_back(ms);
     }
-    for (const auto& report : *reports) {
-      const auto* r = &report;
-      const int effort = r->effort;
-      const double cold_keys = static_cast<double>(r->cold_tokens) * r->layers * r->kv_heads;
-      const double bytes_per_key = cold_keys > 0 ? r->index_bytes / cold_keys : 0;
-      std::printf("%-24s %7d %9.4f %9.4f %10.3g %10.3g %9.4f %9.4f %10.1f %10.1f %10.1f %9.1f\n", name.c_str(),
-                  effort, r->recall_at_k, r->mass_recall, r->output_rel_error_mean,
-                  r->output_rel_error_p99, r->scanned_fraction, r->read_fraction, r->prefill_ms_per_layer,
-                  r->latency_us_p50, r->latency_us_p99, bytes_per_key);
-      std::fflush(stdout);
-      char line[512];
-      std::snprintf(line, sizeof line, "%s,%d,%d,%d,%.6f,%.6f,%.6g,%.6g,%.6f,%.6f,%.3f,%.2f,%.2f,%.2f\n",
-                    r->index.c_str(), group ? 1 : 0, effort, a.top_k, r->recall_at_k, r->mass_recall,
-                    r->output_rel_error_mean, r->output_rel_error_p99, r->scanned_fraction,
-                    r->read_fraction, r->prefill_ms_per_layer, r->latency_us_p50, r->latency_us_p99, bytes_per_key);
-      csv += line;
-      auto j = kvrt::cli::ReportJson(*r);
-      j["index_bytes_per_key"] = bytes_per_key;
-      rows.push_back(j);
-      rs.x.push_back(r->scanned_fraction);
-      rs.y.push_back(r->recall_at_k);
-      ms.x.push_back(r->scanned_fraction);
-      ms.y.push_back(r->mass_recall);
-    }
-    recall_series.push_back(rs);
-    mass_series.push_back(ms);
-  }
   if (!a.csv.empty()) {
     std::ofstream f(a.csv);
     if (!(f << csv)) {
@@ -187,18 +196,23 @@ KVRT_REGISTER_COMMAND("bench index", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--top-k", args->top_k, "k retrieved and of recall@k")
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--sinks", args->sinks, "sink tokens")->capture_default_str()->check(CLI::Range(0, 1 << 20));
-  cmd->add_option("--window", args->window, "window tokens")->capture_default_str()->check(CLI::Range(1, 1 << 24));
+  cmd->add_option("--sinks", args->sinks, "sink tokens")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 20));
+  cmd->add_option("--window", args->window, "window tokens")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 24));
   cmd->add_option("--steps", args->steps, "decode steps replayed per configuration (0 = all)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--group-search", args->group_search,
-                  "GQA search modes to compare: 1 = one search per kv head for its q heads, 0 = one "
-                  "per q head; '0,1' runs both (attention-aware and landmark; other kinds search "
-                  "per q head either way)")
+  cmd->add_option(
+         "--group-search", args->group_search,
+         "GQA search modes to compare: 1 = one search per kv head for its q heads, 0 = one "
+         "per q head; '0,1' runs both (attention-aware and landmark; other kinds search "
+         "per q head either way)")
       ->capture_default_str();
   cmd->add_option("--csv", args->csv, "write the table as CSV");
   cmd->add_option("--json", args->json, "write every report as JSON");

@@ -52,18 +52,20 @@ int Run(const GenTraceArgs& a) {
   opt.meta.num_q_heads = a.q_heads;
   opt.meta.num_kv_heads = a.kv_heads;
   opt.meta.head_dim = a.head_dim;
-  opt.meta.dtype = a.dtype == "f32" ? kvrt::DType::kF32
-                   : a.dtype == "f16" ? kvrt::DType::kF16 : kvrt::DType::kBF16;
+  opt.meta.dtype = a.dtype == "f32"   ? kvrt::DType::kF32
+                   : a.dtype == "f16" ? kvrt::DType::kF16
+                                      : kvrt::DType::kBF16;
   opt.meta.prompt_tokens = a.tokens;
   opt.meta.decode_steps = a.steps;
   opt.seed = a.seed;
   opt.needles = a.needles;
   opt.show_progress = !a.quiet;
   const double gib = static_cast<double>(a.tokens + a.steps) * a.layers *
-                     (a.q_heads + 2.0 * a.kv_heads) * a.head_dim *
-                     kvrt::DTypeSize(opt.meta.dtype) / (1 << 30);
+                     (a.q_heads + 2.0 * a.kv_heads) * a.head_dim * kvrt::DTypeSize(opt.meta.dtype) /
+                     (1 << 30);
   if (!a.quiet)
-    std::fprintf(stderr, "gen-trace: %s: %lld+%lld tokens, %d layers, %d/%d heads, d=%d, %s, %.2f GiB\n",
+    std::fprintf(stderr,
+                 "gen-trace: %s: %lld+%lld tokens, %d layers, %d/%d heads, d=%d, %s, %.2f GiB\n",
                  a.out.c_str(), static_cast<long long>(a.tokens), static_cast<long long>(a.steps),
                  a.layers, a.q_heads, a.kv_heads, a.head_dim, a.dtype.c_str(), gib);
   absl::Status s = kvrt::trace::GenerateTrace(a.out, opt);
@@ -93,13 +95,15 @@ KVRT_REGISTER_COMMAND("gen-trace", [](CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--kv-heads", args->kv_heads, "key/value heads")->capture_default_str();
   cmd->add_option("--head-dim", args->head_dim, "head dimension")->capture_default_str();
-  cmd->add_option("--seed", args->seed, "random seed (same seed, same bytes)")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "random seed (same seed, same bytes)")
+      ->capture_default_str();
   cmd->add_option("--dtype", args->dtype, "storage dtype")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}))
       ->capture_default_str();
   cmd->add_option("--needles", args->needles, "planted needle tokens per (layer, kv head)")
       ->capture_default_str();
-  cmd->add_option("--model", args->model, "model name stored in the metadata")->capture_default_str();
+  cmd->add_option("--model", args->model, "model name stored in the metadata")
+      ->capture_default_str();
   cmd->add_flag("-q,--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = Run(*args); });
 });

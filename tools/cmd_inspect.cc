@@ -59,8 +59,8 @@ int Run(const InspectArgs& a) {
   }
   const kvrt::trace::TraceReader& r = **opened;
   const kvrt::trace::TraceMeta& m = r.meta();
-  std::printf("trace %s: valid kvrt trace (format %s v%d)\n", a.path.c_str(), kvrt::trace::kFormatName,
-              kvrt::trace::kFormatVersion);
+  std::printf("trace %s: valid kvrt trace (format %s v%d)\n", a.path.c_str(),
+              kvrt::trace::kFormatName, kvrt::trace::kFormatVersion);
   std::printf("metadata:\n");
   std::printf("  model          %s\n", m.model.c_str());
   std::printf("  num_layers     %d\n", m.num_layers);
@@ -86,14 +86,15 @@ int Run(const InspectArgs& a) {
       }
       total += t->bytes;
       std::printf("  %d.%-10s %-5s [%s]  %zu bytes\n", layer, part.c_str(),
-                  std::string(kvrt::DTypeName(t->dtype)).c_str(), absl::StrJoin(t->shape, ", ").c_str(),
-                  t->bytes);
+                  std::string(kvrt::DTypeName(t->dtype)).c_str(),
+                  absl::StrJoin(t->shape, ", ").c_str(), t->bytes);
     }
   }
   std::printf("  total %zu bytes (%.2f MiB)\n", total, total / 1048576.0);
 
   std::printf("per layer (mean L2 norms over up to 4096 sampled rows per tensor):\n");
-  std::printf("  layer  |q| prefill  |k| prefill  |v| prefill  |q| decode  |k| decode  |v| decode\n");
+  std::printf(
+      "  layer  |q| prefill  |k| prefill  |v| prefill  |q| decode  |k| decode  |v| decode\n");
   for (int layer = 0; layer < m.num_layers; ++layer) {
     std::printf("  %5d", layer);
     for (const std::string& part : kvrt::trace::TensorParts()) {
@@ -130,8 +131,8 @@ int Run(const InspectArgs& a) {
     std::printf("  max weight (mean)      %.3f; queries with max >= 0.3: %.3f\n", st->max_weight,
                 st->sharp_share);
     if (st->ivf_recall >= 0)
-      std::printf("  key-only IVF recall@%d %.3f at %.3f of keys scanned\n", a.top_k, st->ivf_recall,
-                  st->ivf_scanned);
+      std::printf("  key-only IVF recall@%d %.3f at %.3f of keys scanned\n", a.top_k,
+                  st->ivf_recall, st->ivf_scanned);
   }
   return 0;
 }
@@ -147,18 +148,24 @@ KVRT_REGISTER_COMMAND("inspect", [](CLI::App& app, int* exit_code) {
       "queries: top-k mass, sink and window shares, and how a key-only IVF index fares.");
   cmd->add_option("file", args->path, "trace file (safetensors)")->required();
   cmd->add_flag("--attention", args->attention, "measure exact attention statistics");
-  cmd->add_option("--top-k", args->top_k, "k of the top-k statistics")->capture_default_str()
+  cmd->add_option("--top-k", args->top_k, "k of the top-k statistics")
+      ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--sinks", args->sinks, "sink tokens")->capture_default_str()
+  cmd->add_option("--sinks", args->sinks, "sink tokens")
+      ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--window", args->window, "window tokens")->capture_default_str()
+  cmd->add_option("--window", args->window, "window tokens")
+      ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--steps", args->steps, "decode steps measured per layer (0 = all)")
-      ->capture_default_str()->check(CLI::NonNegativeNumber);
-  cmd->add_option("--layers", args->layers, "layers measured (0 = all)")->capture_default_str()
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--layers", args->layers, "layers measured (0 = all)")
+      ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--ivf", args->ivf,
                   "share of keys a key-only IVF probe may scan (0 = skip; e.g. 0.05)")
-      ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 1.0));
   cmd->callback([args, exit_code] { *exit_code = Run(*args); });
 });

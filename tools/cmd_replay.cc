@@ -81,10 +81,12 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--window", args->window, "recent tokens kept on the GPU tier")
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 24));
-  cmd->add_option("--top-k", args->top_k, "cold tokens retrieved per q head and step; also the k of recall@k")
+  cmd->add_option("--top-k", args->top_k,
+                  "cold tokens retrieved per q head and step; also the k of recall@k")
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--effort", args->effort, "index search effort (nprobe, ef, blocks, beam); 0 = the kind's default")
+  cmd->add_option("--effort", args->effort,
+                  "index search effort (nprobe, ef, blocks, beam); 0 = the kind's default")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--threads", args->threads, "CPU worker threads; 0 = all")
@@ -94,10 +96,11 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--json", args->json, "also write the report as JSON to this file");
-  cmd->add_option("--streaming-threshold", args->streaming_threshold,
-                  "serve a head from the GPU tier alone (streaming head, DuoAttention) when its share "
-                  "of exact attention mass in sinks + window, calibrated on the prompt's last 16 "
-                  "queries, is at least this; 0 = every head retrieves")
+  cmd->add_option(
+         "--streaming-threshold", args->streaming_threshold,
+         "serve a head from the GPU tier alone (streaming head, DuoAttention) when its share "
+         "of exact attention mass in sinks + window, calibrated on the prompt's last 16 "
+         "queries, is at least this; 0 = every head retrieves")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--group-search", args->group_search,

@@ -1,12 +1,12 @@
 #include "tools/replay.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
-
-#include <unistd.h>
 
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/dtype.h"
@@ -111,7 +111,8 @@ float ScaleOf(const trace::TraceMeta& m) {
 }
 
 kvrt_status Check(kvrt_status s, const char* what, std::string* error) {
-  if (s != KVRT_OK) *error = absl::StrCat(what, ": ", kvrt_status_string(s), ": ", kvrt_last_error());
+  if (s != KVRT_OK)
+    *error = absl::StrCat(what, ": ", kvrt_status_string(s), ": ", kvrt_last_error());
   return s;
 }
 
@@ -249,7 +250,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   const auto& m = t.meta();
   const int steps = StepsOf(m, opt.max_steps);
   if (steps > ref.steps || opt.top_k > ref.top_k)
-    return absl::InvalidArgumentError("replay: the exact reference covers fewer steps or a smaller k");
+    return absl::InvalidArgumentError(
+        "replay: the exact reference covers fewer steps or a smaller k");
   if (efforts.empty()) return absl::InvalidArgumentError("replay: no search effort given");
   Progress bar(opt.progress);
   const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
@@ -280,7 +282,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     return absl::InternalError(error);
 
   const std::size_t es = DTypeSize(m.dtype);
-  const std::size_t qrow = static_cast<std::size_t>(H) * d * es, kvrow = static_cast<std::size_t>(G) * d * es;
+  const std::size_t qrow = static_cast<std::size_t>(H) * d * es,
+                    kvrow = static_cast<std::size_t>(G) * d * es;
   const std::size_t n_heads = static_cast<std::size_t>(m.num_layers) * H;
   std::vector<EffortAcc> acc(efforts.size());
   for (auto& a : acc) a.heads.resize(n_heads);
@@ -302,7 +305,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     for (auto* s : {&pq, &pk, &pv, &dq, &dk, &dv})
       if (!s->ok()) return s->status();
     // GPU-tier mass per head from the prompt: cheap, always reported.
-    const auto share = TierMassFromPrompt(m, *kv, *pq, opt.sinks, opt.window, opt.calibration_queries);
+    const auto share =
+        TierMassFromPrompt(m, *kv, *pq, opt.sinks, opt.window, opt.calibration_queries);
     for (int h = 0; h < H; ++h) {
       const bool streaming = opt.streaming_threshold > 0 && share[h] >= opt.streaming_threshold;
       for (auto& a : acc) {
@@ -343,21 +347,23 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
       // Every effort attends to the same state: one build, one pass over the steps.
       for (std::size_t e = 0; e < efforts.size(); ++e) {
         auto& a = acc[e];
-        if (efforts.size() > 1 &&
-            Check(kvrt_set_search_effort(rt, efforts[e]), "kvrt_set_search_effort", &error) != KVRT_OK)
+        if (efforts.size() > 1 && Check(kvrt_set_search_effort(rt, efforts[e]),
+                                        "kvrt_set_search_effort", &error) != KVRT_OK)
           return absl::InvalidArgumentError(error);
         kvrt_get_stats(rt, &before);
         auto b0 = Clock::now();
-        if (Check(kvrt_attend(rt, seq, layer, static_cast<const unsigned char*>(dq->data) + step * qrow,
-                              out.data()),
-                  "kvrt_attend", &error) != KVRT_OK)
+        if (Check(
+                kvrt_attend(rt, seq, layer,
+                            static_cast<const unsigned char*>(dq->data) + step * qrow, out.data()),
+                "kvrt_attend", &error) != KVRT_OK)
           return absl::InternalError(error);
         a.attend_us.push_back(Micros(b0, Clock::now()));
         kvrt_get_stats(rt, &after);
         a.scored += after.keys_scored - before.keys_scored;
         a.read += after.keys_read - before.keys_read;
         a.searchable += after.cold_keys_searchable - before.cold_keys_searchable;
-        a.cold_attended += static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
+        a.cold_attended +=
+            static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
         for (int h = 0; h < H; ++h) {
           const int g = h / group;
           const std::size_t at = ref.at(layer, step, h);
@@ -367,8 +373,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
             return absl::InternalError(error);
           ids.resize(count);
           kvrt_get_attended(rt, seq, layer, h, ids.data(), count, &count);
-          ConvertToF32(static_cast<const unsigned char*>(dq->data) + step * qrow + h * d * es, m.dtype,
-                       d, q.data());
+          ConvertToF32(static_cast<const unsigned char*>(dq->data) + step * qrow + h * d * es,
+                       m.dtype, d, q.data());
           double mass = 0;
           for (int64_t id : ids) {
             if (id < 0 || id >= n || mark[id])
@@ -405,8 +411,9 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
         }
       }
       if (step + 1 == steps || step % 16 == 0)
-        bar.Update(layer + 1 == m.num_layers && step + 1 == steps, "replay [%s]: layer %d/%d step %d/%d   ",
-                   IndexKindOptionName(opt.index), layer + 1, m.num_layers, step + 1, steps);
+        bar.Update(layer + 1 == m.num_layers && step + 1 == steps,
+                   "replay [%s]: layer %d/%d step %d/%d   ", IndexKindOptionName(opt.index),
+                   layer + 1, m.num_layers, step + 1, steps);
     }
     const double cells = std::max(1, steps * H);
     for (auto& a : acc) {
@@ -433,7 +440,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.top_k = opt.top_k;
     r.effort = efforts[e];
     char search[256];
-    if (kvrt_index_describe_search(opt.index, opt.top_k, efforts[e], search, sizeof search) == KVRT_OK)
+    if (kvrt_index_describe_search(opt.index, opt.top_k, efforts[e], search, sizeof search) ==
+        KVRT_OK)
       r.search = search;
     r.steps = steps;
     r.prompt_tokens = m.prompt_tokens;
@@ -441,14 +449,16 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.mass_recall = Mean(a.masses);
     r.output_rel_error_mean = Mean(a.errors);
     r.output_rel_error_p99 = Percentile(a.errors, 0.99);
-    r.output_rel_error_max = a.errors.empty() ? 0 : *std::max_element(a.errors.begin(), a.errors.end());
+    r.output_rel_error_max =
+        a.errors.empty() ? 0 : *std::max_element(a.errors.begin(), a.errors.end());
     r.scanned_fraction = a.searchable > 0 ? static_cast<double>(a.scored) / a.searchable : 0.0;
     r.read_fraction = a.searchable > 0 ? static_cast<double>(a.read) / a.searchable : 0.0;
     r.latency_us_p50 = Percentile(a.attend_us, 0.50);
     r.latency_us_p99 = Percentile(a.attend_us, 0.99);
     r.append_us_p50 = Percentile(append_us, 0.50);
     r.prefill_ms_per_layer = prefill_ms / std::max(1, m.num_layers);
-    r.cold_tokens_attended_per_head = a.attend_us.empty() ? 0 : a.cold_attended / a.attend_us.size();
+    r.cold_tokens_attended_per_head =
+        a.attend_us.empty() ? 0 : a.cold_attended / a.attend_us.size();
     r.gpu_bytes = after.gpu_bytes;
     r.host_bytes = after.host_bytes;
     r.index_bytes = after.index_bytes;

@@ -14,11 +14,11 @@ namespace kvrt::cli {
 // Exact attention of every (layer, step, q head) of a trace: computed once, reused by every
 // configuration a benchmark sweeps.
 struct ExactReference {
-  int top_k = 0;                       // ids kept per (layer, step, head)
+  int top_k = 0;  // ids kept per (layer, step, head)
   int layers = 0, steps = 0, heads = 0, head_dim = 0;
-  std::vector<float> o;                // [layers, steps, heads, d]
-  std::vector<float> lse;              // [layers, steps, heads]
-  std::vector<int32_t> top_ids;        // [layers, steps, heads, top_k], best first
+  std::vector<float> o;          // [layers, steps, heads, d]
+  std::vector<float> lse;        // [layers, steps, heads]
+  std::vector<int32_t> top_ids;  // [layers, steps, heads, top_k], best first
   std::size_t at(int layer, int step, int head) const {
     return (static_cast<std::size_t>(layer) * steps + step) * heads + head;
   }
@@ -31,7 +31,7 @@ struct ReplayOptions {
   int top_k = 100;
   int effort = 0;
   int threads = 0;
-  int max_steps = 0;       // 0 = all decode steps of the trace
+  int max_steps = 0;  // 0 = all decode steps of the trace
   bool progress = true;
   // > 0: heads whose calibrated GPU-tier mass share (sinks + window, measured on the prompt's
   // last calibration_queries queries) reaches this are served as streaming heads.

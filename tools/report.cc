@@ -70,7 +70,8 @@ nlohmann::json ReportJson(const ReplayReport& r) {
 }
 
 void PrintHeads(const ReplayReport& r, std::FILE* out) {
-  std::fprintf(out, "  per head (tier mass = share of exact mass in sinks + window, prompt calibration)\n");
+  std::fprintf(
+      out, "  per head (tier mass = share of exact mass in sinks + window, prompt calibration)\n");
   std::fprintf(out, "    %5s %4s %9s %10s %8s %8s %10s\n", "layer", "head", "policy", "tier_mass",
                "recall", "mass", "err_mean");
   for (const auto& h : r.heads)
@@ -81,32 +82,43 @@ void PrintHeads(const ReplayReport& r, std::FILE* out) {
 
 void PrintReport(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out, "kvrt replay  %s\n", r.trace.c_str());
-  std::fprintf(out, "  shape       %d layers, %d q / %d kv heads, d=%d; %lld prompt tokens, %d decode steps\n",
-               r.layers, r.q_heads, r.kv_heads, r.head_dim, static_cast<long long>(r.prompt_tokens),
-               r.steps);
-  std::fprintf(out, "  policy      index=%s top_k=%d effort=%d group_search=%d sinks=%d window=%d\n", r.index.c_str(),
-               r.top_k, r.effort, r.group_search ? 1 : 0, r.sinks, r.window);
+  std::fprintf(
+      out,
+      "  shape       %d layers, %d q / %d kv heads, d=%d; %lld prompt tokens, %d decode steps\n",
+      r.layers, r.q_heads, r.kv_heads, r.head_dim, static_cast<long long>(r.prompt_tokens),
+      r.steps);
+  std::fprintf(out,
+               "  policy      index=%s top_k=%d effort=%d group_search=%d sinks=%d window=%d\n",
+               r.index.c_str(), r.top_k, r.effort, r.group_search ? 1 : 0, r.sinks, r.window);
   std::fprintf(out, "  search      %s\n", r.search.c_str());
   if (r.streaming_heads > 0)
-    std::fprintf(out, "  heads       %d of %d served as streaming heads (GPU tier only)\n", r.streaming_heads,
-                 static_cast<int>(r.heads.size()));
-  std::fprintf(out, "  accuracy vs exact f32 attention over all tokens (per layer, step, q head):\n");
+    std::fprintf(out, "  heads       %d of %d served as streaming heads (GPU tier only)\n",
+                 r.streaming_heads, static_cast<int>(r.heads.size()));
+  std::fprintf(out,
+               "  accuracy vs exact f32 attention over all tokens (per layer, step, q head):\n");
   std::fprintf(out, "    recall@%-4d           %.4f\n", r.top_k, r.recall_at_k);
   std::fprintf(out, "    attention-mass recall %.4f\n", r.mass_recall);
   std::fprintf(out, "    output rel. error     mean %.3g  p99 %.3g  max %.3g\n",
                r.output_rel_error_mean, r.output_rel_error_p99, r.output_rel_error_max);
-  std::fprintf(out, "  retrieval   scanned fraction %.4f of cold keys (read %.4f); %.0f cold tokens attended per head-step; %lld cold tokens per layer\n",
-               r.scanned_fraction, r.read_fraction, r.cold_tokens_attended_per_head, static_cast<long long>(r.cold_tokens));
-  std::fprintf(out, "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); append p50 %.1f us; prefill %.1f ms/layer\n",
+  std::fprintf(out,
+               "  retrieval   scanned fraction %.4f of cold keys (read %.4f); %.0f cold tokens "
+               "attended per head-step; %lld cold tokens per layer\n",
+               r.scanned_fraction, r.read_fraction, r.cold_tokens_attended_per_head,
+               static_cast<long long>(r.cold_tokens));
+  std::fprintf(out,
+               "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); "
+               "append p50 %.1f us; prefill %.1f ms/layer\n",
                r.latency_us_p50, r.latency_us_p99, r.append_us_p50, r.prefill_ms_per_layer);
-  std::fprintf(out, "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",
+  std::fprintf(out,
+               "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",
                HumanBytes(r.gpu_bytes).c_str(), HumanBytes(r.host_bytes).c_str(),
                HumanBytes(r.index_bytes).c_str());
   if (r.layer_recall.size() > 1) {
     std::fprintf(out, "  per layer   ");
     for (std::size_t l = 0; l < r.layer_recall.size(); ++l)
-      std::fprintf(out, "L%zu: recall %.3f mass %.3f err %.3g%s", l, r.layer_recall[l], r.layer_mass[l],
-                   r.layer_error_mean[l], l + 1 < r.layer_recall.size() ? " | " : "\n");
+      std::fprintf(out, "L%zu: recall %.3f mass %.3f err %.3g%s", l, r.layer_recall[l],
+                   r.layer_mass[l], r.layer_error_mean[l],
+                   l + 1 < r.layer_recall.size() ? " | " : "\n");
   }
 }
 

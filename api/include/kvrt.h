@@ -79,14 +79,15 @@ extern "C" {
 
 typedef enum kvrt_status {
   KVRT_OK = 0,
-  KVRT_ERR_INVALID_ARGUMENT = 1,   /* a null pointer, a shape or a value out of range */
-  KVRT_ERR_NOT_FOUND = 2,          /* unknown or released sequence */
-  KVRT_ERR_OUT_OF_MEMORY = 3,      /* an allocation or a configured memory budget failed */
-  KVRT_ERR_FAILED_PRECONDITION = 4,/* the call is valid but not in this state (e.g. prefill twice) */
-  KVRT_ERR_UNIMPLEMENTED = 5,      /* a feature this build does not have (e.g. no CUDA) */
-  KVRT_ERR_INTERNAL = 6,           /* a bug in kvrt: please report it with kvrt_last_error() */
-  KVRT_ERR_CUDA = 7,               /* a CUDA runtime error */
-  KVRT_ERR_IO = 8                  /* a file could not be read or written, or is corrupt */
+  KVRT_ERR_INVALID_ARGUMENT = 1, /* a null pointer, a shape or a value out of range */
+  KVRT_ERR_NOT_FOUND = 2,        /* unknown or released sequence */
+  KVRT_ERR_OUT_OF_MEMORY = 3,    /* an allocation or a configured memory budget failed */
+  KVRT_ERR_FAILED_PRECONDITION =
+      4,                      /* the call is valid but not in this state (e.g. prefill twice) */
+  KVRT_ERR_UNIMPLEMENTED = 5, /* a feature this build does not have (e.g. no CUDA) */
+  KVRT_ERR_INTERNAL = 6,      /* a bug in kvrt: please report it with kvrt_last_error() */
+  KVRT_ERR_CUDA = 7,          /* a CUDA runtime error */
+  KVRT_ERR_IO = 8             /* a file could not be read or written, or is corrupt */
 } kvrt_status;
 
 /* A static string naming the status ("KVRT_OK", ...). Never NULL. */
@@ -131,7 +132,8 @@ KVRT_API kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* ou
 KVRT_API kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k,
                                                 int32_t search_effort, char* buf, size_t size);
 
-/* Where the retrieved cold tokens are attended (GPU backend; the host backend always uses the CPU). */
+/* Where the retrieved cold tokens are attended (GPU backend; the host backend always uses the CPU).
+ */
 typedef enum kvrt_cold_attention {
   KVRT_COLD_CPU = 0,   /* CPU attention over the retrieved rows; (o, lse) go H2D for the merge */
   KVRT_COLD_FETCH = 1, /* fetch mode: the retrieved K/V rows are gathered into pinned memory, copied
@@ -144,73 +146,73 @@ typedef enum kvrt_cold_attention {
  * then change fields; struct_size, set by both, tells the library which kvrt.h the caller was
  * compiled against (see "ABI" below). */
 typedef struct kvrt_config {
-  size_t struct_size;      /* sizeof(kvrt_config) of the caller's kvrt.h. Since 0.3. */
+  size_t struct_size; /* sizeof(kvrt_config) of the caller's kvrt.h. Since 0.3. */
   /* Defaults (kvrt_config_default) in brackets; ranges under "Limits" above. */
-  int32_t num_layers;      /* attention layers of the decoder [32] */
-  int32_t num_q_heads;     /* query heads; a multiple of num_kv_heads [32] */
-  int32_t num_kv_heads;    /* key/value heads (GQA group = num_q_heads / num_kv_heads) [8] */
-  int32_t head_dim;        /* [128] */
-  kvrt_dtype dtype;        /* storage dtype of k, v (and of q passed in); accumulation is f32
-                              [KVRT_DTYPE_BF16] */
-  float scale;             /* score scale; 0 means 1/sqrt(head_dim) [0] */
-  int32_t sink_tokens;     /* first tokens always kept on the GPU tier [4] */
-  int32_t window_tokens;   /* most recent tokens kept on the GPU tier [2048]. The host backend
-                              allocates the window as it fills (doubling); the GPU backend
-                              allocates all of it per (sequence, layer) at its first token
-                              (counted in gpu_memory_limit and gpu_allocated_bytes). */
-  int32_t top_k;           /* cold tokens retrieved per q head and step [100]; EXACT attends to
-                              every cold token and ignores it (it must still be in range) */
+  int32_t num_layers;         /* attention layers of the decoder [32] */
+  int32_t num_q_heads;        /* query heads; a multiple of num_kv_heads [32] */
+  int32_t num_kv_heads;       /* key/value heads (GQA group = num_q_heads / num_kv_heads) [8] */
+  int32_t head_dim;           /* [128] */
+  kvrt_dtype dtype;           /* storage dtype of k, v (and of q passed in); accumulation is f32
+                                 [KVRT_DTYPE_BF16] */
+  float scale;                /* score scale; 0 means 1/sqrt(head_dim) [0] */
+  int32_t sink_tokens;        /* first tokens always kept on the GPU tier [4] */
+  int32_t window_tokens;      /* most recent tokens kept on the GPU tier [2048]. The host backend
+                                 allocates the window as it fills (doubling); the GPU backend
+                                 allocates all of it per (sequence, layer) at its first token
+                                 (counted in gpu_memory_limit and gpu_allocated_bytes). */
+  int32_t top_k;              /* cold tokens retrieved per q head and step [100]; EXACT attends to
+                                 every cold token and ignores it (it must still be in range) */
   kvrt_index_kind index_kind; /* [KVRT_INDEX_FLAT] */
-  int32_t search_effort;   /* index-specific search effort; 0 = the kind's default, which scales
-                              with top_k [0]:
-                                IVF: nprobe; default 16 lists, grown until the probed lists hold
-                                  3 * top_k keys; any nprobe is grown until they hold top_k keys,
-                                  so a search returns top_k results.
-                                HNSW: ef = max(top_k, effort); default max(top_k, 128). top_k or
-                                  ef >= the cold keys, or a graph that reaches fewer than top_k
-                                  keys, is an exact scan.
-                                LANDMARK: blocks of 32 tokens; default enough for 4 * top_k tokens.
-                                ATTENTION_AWARE: beam = max(top_k, effort); default 2 * top_k.
-                                FLAT, EXACT: ignored (exact).
-                              kvrt replay prints the resolved values ("search" line). */
-  int32_t worker_threads;  /* CPU threads for search/attention; 0 = all hardware threads; more
-                              than the hardware has are clamped to it [0]. kvrt_runtime_config
-                              reports the count in effect. */
-  int32_t record_attended; /* 1: remember the token positions each attend used, for
-                              kvrt_get_attended (replay metrics); costs time and memory [0] */
-  int32_t use_gpu;         /* 0: host backend; 1: GPU tier on CUDA: sinks + window in device
-                              memory, cold side on the CPU overlapped with GPU attention
-                              (KVRT_ERR_UNIMPLEMENTED without a CUDA device or a CUDA build,
-                              KVRT_ERR_INVALID_ARGUMENT for a head_dim other than 64/128/256 or
-                              more than 8 q heads per kv head); -1: GPU when available and
-                              supported, else host. kvrt_runtime_config reports 0 or 1. [0] */
-  int64_t host_memory_limit; /* bytes of host KV store + indexes, all sequences; 0 = no limit [0].
-                                Past it, prefill/append return KVRT_ERR_OUT_OF_MEMORY and change
-                                nothing. A call that grows a cold index reserves an upper bound
-                                of that growth first (the stats then show the real size, which is
-                                lower), so store + indexes never pass the limit and a call may be
-                                refused somewhat before the real total would. GPU backend: the
-                                index growth of rows evicted by decode appends, indexed in the
-                                background, is counted when that insert completes. */
-  int64_t gpu_memory_limit;  /* bytes of GPU-tier buffers (sinks + window ring per layer), all
-                                sequences; 0 = no limit [0]. Same behaviour. */
-  int32_t check_finite;      /* 1: reject q, k, v holding NaN or Inf with KVRT_ERR_INVALID_ARGUMENT
-                                naming the tensor, token and head (costs one pass over the input);
-                                0: no check: a NaN propagates into the outputs of the heads that
-                                attend to it (see "Non-finite values" above) [1]. */
-  int32_t group_search;      /* GQA: 1 = one index search per kv head for all q heads of its group
-                                (each q head then takes its own top_k of the keys that search
-                                scored; attention-aware and landmark share the work, the other
-                                kinds search per q head anyway); 0 = one search per q head.
-                                Default 0: lower latency for one sequence on 16 cores; 1 reads
-                                fewer keys per recall and does less work when many sequences
-                                attend at once (docs/benchmarks.md, "GQA group search"). Since 0.2. */
-  int32_t cold_attention;    /* a kvrt_cold_attention; default KVRT_COLD_CPU. EXACT index kind
-                                always attends on the CPU (it would fetch every cold token).
-                                Fetch mode keeps a pinned staging block per (sequence, layer) of
-                                about 2 * q_heads * top_k * head_dim * dtype bytes (1.6 MiB at
-                                32 heads, k = 100, d = 128, bf16), not counted in
-                                host_memory_limit. Since 0.2. */
+  int32_t search_effort;      /* index-specific search effort; 0 = the kind's default, which scales
+                                 with top_k [0]:
+                                   IVF: nprobe; default 16 lists, grown until the probed lists hold
+                                     3 * top_k keys; any nprobe is grown until they hold top_k keys,
+                                     so a search returns top_k results.
+                                   HNSW: ef = max(top_k, effort); default max(top_k, 128). top_k or
+                                     ef >= the cold keys, or a graph that reaches fewer than top_k
+                                     keys, is an exact scan.
+                                   LANDMARK: blocks of 32 tokens; default enough for 4 * top_k tokens.
+                                   ATTENTION_AWARE: beam = max(top_k, effort); default 2 * top_k.
+                                   FLAT, EXACT: ignored (exact).
+                                 kvrt replay prints the resolved values ("search" line). */
+  int32_t worker_threads;     /* CPU threads for search/attention; 0 = all hardware threads; more
+                                 than the hardware has are clamped to it [0]. kvrt_runtime_config
+                                 reports the count in effect. */
+  int32_t record_attended;    /* 1: remember the token positions each attend used, for
+                                 kvrt_get_attended (replay metrics); costs time and memory [0] */
+  int32_t use_gpu;            /* 0: host backend; 1: GPU tier on CUDA: sinks + window in device
+                                 memory, cold side on the CPU overlapped with GPU attention
+                                 (KVRT_ERR_UNIMPLEMENTED without a CUDA device or a CUDA build,
+                                 KVRT_ERR_INVALID_ARGUMENT for a head_dim other than 64/128/256 or
+                                 more than 8 q heads per kv head); -1: GPU when available and
+                                 supported, else host. kvrt_runtime_config reports 0 or 1. [0] */
+  int64_t host_memory_limit;  /* bytes of host KV store + indexes, all sequences; 0 = no limit [0].
+                                 Past it, prefill/append return KVRT_ERR_OUT_OF_MEMORY and change
+                                 nothing. A call that grows a cold index reserves an upper bound
+                                 of that growth first (the stats then show the real size, which is
+                                 lower), so store + indexes never pass the limit and a call may be
+                                 refused somewhat before the real total would. GPU backend: the
+                                 index growth of rows evicted by decode appends, indexed in the
+                                 background, is counted when that insert completes. */
+  int64_t gpu_memory_limit;   /* bytes of GPU-tier buffers (sinks + window ring per layer), all
+                                 sequences; 0 = no limit [0]. Same behaviour. */
+  int32_t check_finite;       /* 1: reject q, k, v holding NaN or Inf with KVRT_ERR_INVALID_ARGUMENT
+                                 naming the tensor, token and head (costs one pass over the input);
+                                 0: no check: a NaN propagates into the outputs of the heads that
+                                 attend to it (see "Non-finite values" above) [1]. */
+  int32_t group_search;       /* GQA: 1 = one index search per kv head for all q heads of its group
+                                 (each q head then takes its own top_k of the keys that search
+                                 scored; attention-aware and landmark share the work, the other
+                                 kinds search per q head anyway); 0 = one search per q head.
+                                 Default 0: lower latency for one sequence on 16 cores; 1 reads
+                                 fewer keys per recall and does less work when many sequences
+                                 attend at once (docs/benchmarks.md, "GQA group search"). Since 0.2. */
+  int32_t cold_attention;     /* a kvrt_cold_attention; default KVRT_COLD_CPU. EXACT index kind
+                                 always attends on the CPU (it would fetch every cold token).
+                                 Fetch mode keeps a pinned staging block per (sequence, layer) of
+                                 about 2 * q_heads * top_k * head_dim * dtype bytes (1.6 MiB at
+                                 32 heads, k = 100, d = 128, bf16), not counted in
+                                 host_memory_limit. Since 0.2. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets
@@ -229,7 +231,7 @@ static inline kvrt_config kvrt_config_default(void) {
 
 /* ---- runtime and sequences ------------------------------------------------------------------- */
 
-typedef struct kvrt_runtime kvrt_runtime;  /* opaque */
+typedef struct kvrt_runtime kvrt_runtime; /* opaque */
 typedef int64_t kvrt_seq_id;
 
 /* Validates config (its struct_size first, see "ABI") and creates a runtime in *out. On failure
@@ -261,19 +263,19 @@ KVRT_API kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, in
  * (KVRT_ERR_INVALID_ARGUMENT otherwise). The layer must be empty (KVRT_ERR_FAILED_PRECONDITION
  * otherwise). Keeps sinks and window on the GPU tier, moves the rest to the host store and builds
  * the cold index (no index below 256 cold tokens: they are scanned exactly). */
-KVRT_API kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
-                                  const void* q, const void* k, const void* v, int64_t n_tokens);
+KVRT_API kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                                  const void* k, const void* v, int64_t n_tokens);
 
 /* Appends n_tokens >= 1 tokens (k, v [n_tokens, kv_heads, head_dim]). Tokens leaving the window
  * are evicted to the host store and inserted into the cold index. */
-KVRT_API kvrt_status kvrt_append(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
-                                 const void* k, const void* v, int64_t n_tokens);
+KVRT_API kvrt_status kvrt_append(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* k,
+                                 const void* v, int64_t n_tokens);
 
 /* One decode query q [q_heads, head_dim] over every token the layer holds (the caller appends the
  * current token's k, v first). Writes out [q_heads, head_dim] f32. KVRT_ERR_FAILED_PRECONDITION
  * if the layer holds no token. */
-KVRT_API kvrt_status kvrt_attend(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
-                                 const void* q, float* out);
+KVRT_API kvrt_status kvrt_attend(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                                 float* out);
 
 /* A batched decode step of one layer: kvrt_attend for n_seqs >= 1 distinct sequences, q
  * [n_seqs, q_heads, head_dim] (row i belongs to seqs[i]), out [n_seqs, q_heads, head_dim] f32.
@@ -316,20 +318,19 @@ KVRT_API kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, 
 typedef enum kvrt_memory { KVRT_MEMORY_HOST = 0, KVRT_MEMORY_DEVICE = 1 } kvrt_memory;
 
 typedef struct kvrt_exec {
-  kvrt_memory memory;  /* where q, k, v and out live */
-  void* cuda_stream;   /* cudaStream_t or NULL (default stream); ignored for host memory */
+  kvrt_memory memory; /* where q, k, v and out live */
+  void* cuda_stream;  /* cudaStream_t or NULL (default stream); ignored for host memory */
 } kvrt_exec;
 
 KVRT_API kvrt_exec kvrt_exec_default(void);
 
 KVRT_API kvrt_status kvrt_prefill_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
-                                     const void* q, const void* k, const void* v,
-                                     int64_t n_tokens, const kvrt_exec* exec);
-KVRT_API kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
-                                    const void* k, const void* v, int64_t n_tokens,
-                                    const kvrt_exec* exec);
-KVRT_API kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
-                                    const void* q, float* out, const kvrt_exec* exec);
+                                     const void* q, const void* k, const void* v, int64_t n_tokens,
+                                     const kvrt_exec* exec);
+KVRT_API kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* k,
+                                    const void* v, int64_t n_tokens, const kvrt_exec* exec);
+KVRT_API kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                                    float* out, const kvrt_exec* exec);
 KVRT_API kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
                                           int32_t layer, const void* q, float* out,
                                           const kvrt_exec* exec);
@@ -351,19 +352,19 @@ KVRT_API kvrt_status kvrt_set_search_effort(kvrt_runtime* rt, int32_t effort);
 /* ---- statistics ------------------------------------------------------------------------------ */
 
 typedef struct kvrt_stats {
-  size_t struct_size;           /* set by the caller to sizeof(kvrt_stats) (kvrt_stats_init()); the
-                                   library writes that many bytes. Since 0.3. */
+  size_t struct_size; /* set by the caller to sizeof(kvrt_stats) (kvrt_stats_init()); the
+                         library writes that many bytes. Since 0.3. */
   /* Token counts are per layer, summed over layers and sequences; "so far" counters run from
    * kvrt_runtime_create and count successful calls only. */
-  int64_t sequences;            /* live sequences */
-  int64_t gpu_tokens;           /* tokens (per layer, summed over layers and sequences) in the GPU tier */
-  int64_t host_tokens;          /* tokens in the host store, same counting */
-  int64_t gpu_bytes;            /* bytes of K and V in the GPU tier */
-  int64_t host_bytes;           /* bytes of K and V in the host store */
-  int64_t index_bytes;          /* bytes the cold indexes hold beyond the host store */
-  int64_t attend_calls;         /* successful layer attends so far (kvrt_attend, and each
-                                   sequence a kvrt_attend_batch attended) */
-  int64_t keys_scored;          /* cold keys scored by index searches (scanned) so far */
+  int64_t sequences;    /* live sequences */
+  int64_t gpu_tokens;   /* tokens (per layer, summed over layers and sequences) in the GPU tier */
+  int64_t host_tokens;  /* tokens in the host store, same counting */
+  int64_t gpu_bytes;    /* bytes of K and V in the GPU tier */
+  int64_t host_bytes;   /* bytes of K and V in the host store */
+  int64_t index_bytes;  /* bytes the cold indexes hold beyond the host store */
+  int64_t attend_calls; /* successful layer attends so far (kvrt_attend, and each
+                           sequence a kvrt_attend_batch attended) */
+  int64_t keys_scored;  /* cold keys scored by index searches (scanned) so far */
   int64_t cold_keys_searchable; /* sum over the retrieval q heads of each attend of the cold keys
                                    they could search (streaming heads, which search nothing, are
                                    not counted since 0.3), so keys_scored / cold_keys_searchable
@@ -377,23 +378,23 @@ typedef struct kvrt_stats {
   /* Decode-path time in ns, summed over attends (GPU backend only; 0 with the host backend).
    * Device times come from CUDA events and are added once the work completed (for device
    * output: at the layer's next attend). */
-  int64_t time_attend_ns;         /* wall time inside attend calls */
-  int64_t time_gpu_attention_ns;  /* GPU partial attention over sinks + window (device time) */
-  int64_t time_d2h_ns;            /* CPU waiting for q D2H and storing evicted rows */
-  int64_t time_cpu_search_ns;     /* cold-index search (wall share of the CPU phase) */
-  int64_t time_cpu_attention_ns;  /* CPU attention over retrieved rows (wall share) */
-  int64_t time_h2d_ns;            /* H2D of the CPU partial state (device time) */
-  int64_t time_merge_ns;          /* merge kernel (device time) */
-  int64_t time_idle_ns;           /* CPU waiting for the GPU at the end (host output) */
-  int64_t eviction_batches;       /* D2H batches of evicted tokens */
-  int64_t index_update_failures;  /* cold-index builds/inserts that failed (e.g. out of memory);
-                                     the tokens were stored, the rows the index misses are scanned
-                                     exactly and the update is retried: speed, not correctness */
-  int64_t keys_read;              /* cold keys read by searches: keys_scored, except that a group
-                                     search (config.group_search) reads a key once for all the q
-                                     heads that score it. Since 0.2. */
-  int64_t attends_fetch;          /* layer attends whose cold tier ran in fetch mode (GPU backend).
-                                     Since 0.2. */
+  int64_t time_attend_ns;        /* wall time inside attend calls */
+  int64_t time_gpu_attention_ns; /* GPU partial attention over sinks + window (device time) */
+  int64_t time_d2h_ns;           /* CPU waiting for q D2H and storing evicted rows */
+  int64_t time_cpu_search_ns;    /* cold-index search (wall share of the CPU phase) */
+  int64_t time_cpu_attention_ns; /* CPU attention over retrieved rows (wall share) */
+  int64_t time_h2d_ns;           /* H2D of the CPU partial state (device time) */
+  int64_t time_merge_ns;         /* merge kernel (device time) */
+  int64_t time_idle_ns;          /* CPU waiting for the GPU at the end (host output) */
+  int64_t eviction_batches;      /* D2H batches of evicted tokens */
+  int64_t index_update_failures; /* cold-index builds/inserts that failed (e.g. out of memory);
+                                    the tokens were stored, the rows the index misses are scanned
+                                    exactly and the update is retried: speed, not correctness */
+  int64_t keys_read;             /* cold keys read by searches: keys_scored, except that a group
+                                    search (config.group_search) reads a key once for all the q
+                                    heads that score it. Since 0.2. */
+  int64_t attends_fetch;         /* layer attends whose cold tier ran in fetch mode (GPU backend).
+                                    Since 0.2. */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

@@ -50,8 +50,9 @@ kvrt_status FromStatus(const absl::Status& s) {
 kvrt_status CheckRuntime(const kvrt_runtime* rt, const char* fn) {
   if (rt == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, absl::StrCat(fn, ": rt is NULL"));
   if (rt->magic != kLiveMagic)
-    return Fail(KVRT_ERR_INVALID_ARGUMENT,
-                absl::StrCat(fn, ": rt is not a live runtime (destroyed or not from kvrt_runtime_create)"));
+    return Fail(
+        KVRT_ERR_INVALID_ARGUMENT,
+        absl::StrCat(fn, ": rt is not a live runtime (destroyed or not from kvrt_runtime_create)"));
   return KVRT_OK;
 }
 
@@ -73,9 +74,11 @@ kvrt_status CheckExec(const kvrt_runtime* rt, const kvrt_exec* exec, const char*
   if (exec == nullptr || RawEnum(exec->memory) == KVRT_MEMORY_HOST) return KVRT_OK;
   if (RawEnum(exec->memory) == KVRT_MEMORY_DEVICE) {
     if (rt->config.use_gpu != 1)
-      return Fail(KVRT_ERR_UNIMPLEMENTED,
-                  absl::StrCat(fn, ": device pointers need the CUDA backend (config.use_gpu = 1 on "
-                                   "a machine with a CUDA device); this runtime uses the host backend"));
+      return Fail(
+          KVRT_ERR_UNIMPLEMENTED,
+          absl::StrCat(fn,
+                       ": device pointers need the CUDA backend (config.use_gpu = 1 on "
+                       "a machine with a CUDA device); this runtime uses the host backend"));
     out->device = true;
     out->stream = exec->cuda_stream;
     return KVRT_OK;
@@ -87,13 +90,13 @@ kvrt_status CheckExec(const kvrt_runtime* rt, const kvrt_exec* exec, const char*
 // The C and C++ kind enums are one list (kvrt_cpu_index/kind_table.h): same values, same count.
 using kvrt::cpu_index::IndexKind;
 static_assert(KVRT_INDEX_EXACT == static_cast<int>(IndexKind::kExact) &&
-              KVRT_INDEX_FLAT == static_cast<int>(IndexKind::kFlat) &&
-              KVRT_INDEX_IVF == static_cast<int>(IndexKind::kIvf) &&
-              KVRT_INDEX_HNSW == static_cast<int>(IndexKind::kHnsw) &&
-              KVRT_INDEX_LANDMARK == static_cast<int>(IndexKind::kLandmark) &&
-              KVRT_INDEX_ATTENTION_AWARE == static_cast<int>(IndexKind::kAttentionAware) &&
-              KVRT_INDEX_CLUSTER == static_cast<int>(IndexKind::kCluster) &&
-              KVRT_INDEX_CLUSTER + 1 == kvrt::cpu_index::kNumIndexKinds,
+                  KVRT_INDEX_FLAT == static_cast<int>(IndexKind::kFlat) &&
+                  KVRT_INDEX_IVF == static_cast<int>(IndexKind::kIvf) &&
+                  KVRT_INDEX_HNSW == static_cast<int>(IndexKind::kHnsw) &&
+                  KVRT_INDEX_LANDMARK == static_cast<int>(IndexKind::kLandmark) &&
+                  KVRT_INDEX_ATTENTION_AWARE == static_cast<int>(IndexKind::kAttentionAware) &&
+                  KVRT_INDEX_CLUSTER == static_cast<int>(IndexKind::kCluster) &&
+                  KVRT_INDEX_CLUSTER + 1 == kvrt::cpu_index::kNumIndexKinds,
               "kvrt_index_kind and cpu_index::IndexKind disagree");
 
 // Every kvrt_stats field is a RuntimeStats field copied by name (kvrt_get_stats).
@@ -151,7 +154,8 @@ kvrt_status BadSize(const char* fn, const char* type, std::size_t size) {
   return Fail(KVRT_ERR_INVALID_ARGUMENT,
               absl::StrCat(fn, ": ", type, ".struct_size = ", size, " is not a size of ", type,
                            " this library (", kvrt_version(), ") knows; set it with ",
-                           type == std::string("kvrt_config") ? "kvrt_config_default()" : "kvrt_stats_init()",
+                           type == std::string("kvrt_config") ? "kvrt_config_default()"
+                                                              : "kvrt_stats_init()",
                            ", and compile against the kvrt.h of a library no newer than the one "
                            "you run (kvrt.h before 0.3 had no struct_size)"));
 }
@@ -197,16 +201,16 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
 
 // Every entry point body runs inside this, so that no C++ exception reaches the caller.
 #define KVRT_API_TRY try {
-#define KVRT_API_CATCH                                                              \
-  }                                                                                 \
-  catch (const std::bad_alloc&) {                                                   \
-    return Fail(KVRT_ERR_OUT_OF_MEMORY, "out of memory");                           \
-  }                                                                                 \
-  catch (const std::exception& e) {                                                 \
-    return Fail(KVRT_ERR_INTERNAL, absl::StrCat("internal error: ", e.what()));     \
-  }                                                                                 \
-  catch (...) {                                                                     \
-    return Fail(KVRT_ERR_INTERNAL, "internal error: unknown exception");            \
+#define KVRT_API_CATCH                                                          \
+  }                                                                             \
+  catch (const std::bad_alloc&) {                                               \
+    return Fail(KVRT_ERR_OUT_OF_MEMORY, "out of memory");                       \
+  }                                                                             \
+  catch (const std::exception& e) {                                             \
+    return Fail(KVRT_ERR_INTERNAL, absl::StrCat("internal error: ", e.what())); \
+  }                                                                             \
+  catch (...) {                                                                 \
+    return Fail(KVRT_ERR_INTERNAL, "internal error: unknown exception");        \
   }
 
 extern "C" {
@@ -237,7 +241,8 @@ const char* kvrt_version(void) {
 
 kvrt_status kvrt_config_init(kvrt_config* config, size_t struct_size) {
   if (config == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_config_init: config is NULL");
-  if (!KnownSize(kConfigSizes, struct_size)) return BadSize("kvrt_config_init", "kvrt_config", struct_size);
+  if (!KnownSize(kConfigSizes, struct_size))
+    return BadSize("kvrt_config_init", "kvrt_config", struct_size);
   const kvrt_config c = Defaults();
   std::memcpy(config, &c, struct_size);
   config->struct_size = struct_size;
@@ -271,9 +276,9 @@ kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k, int3
   if (!kvrt::cpu_index::IsIndexKind(RawEnum(kind)))
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("kvrt_index_describe_search: kind ", RawEnum(kind), " is unknown"));
-  const std::string text = kvrt::cpu_index::SearchSettings(
-      static_cast<kvrt::cpu_index::IndexKind>(RawEnum(kind)), kvrt::cpu_index::IndexConfig{},
-      top_k, effort);
+  const std::string text =
+      kvrt::cpu_index::SearchSettings(static_cast<kvrt::cpu_index::IndexKind>(RawEnum(kind)),
+                                      kvrt::cpu_index::IndexConfig{}, top_k, effort);
   const std::size_t n = std::min(text.size(), size - 1);
   std::memcpy(buf, text.data(), n);
   buf[n] = '\0';
@@ -303,8 +308,9 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.group_search = ", config->group_search, " must be 0 or 1"));
   if (config->record_attended != 0 && config->record_attended != 1)
-    return Fail(KVRT_ERR_INVALID_ARGUMENT,
-                absl::StrCat("config.record_attended = ", config->record_attended, " must be 0 or 1"));
+    return Fail(
+        KVRT_ERR_INVALID_ARGUMENT,
+        absl::StrCat("config.record_attended = ", config->record_attended, " must be 0 or 1"));
   auto made = kvrt::runtime::Runtime::Create(ToRuntimeConfig(*config));
   if (!made.ok()) return FromStatus(made.status());
   auto* rt = new kvrt_runtime{std::move(*made), *config, kLiveMagic};
@@ -419,8 +425,8 @@ kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int3
   KVRT_API_CATCH
 }
 
-kvrt_status kvrt_attend_batch(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs, int32_t layer,
-                              const void* q, float* out) {
+kvrt_status kvrt_attend_batch(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
+                              int32_t layer, const void* q, float* out) {
   return kvrt_attend_batch_ex(rt, seqs, n_seqs, layer, q, out, nullptr);
 }
 
@@ -429,8 +435,9 @@ kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t l
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_get_attended"); s != KVRT_OK) return s;
   if (count == nullptr || capacity < 0 || (capacity > 0 && ids == nullptr))
-    return Fail(KVRT_ERR_INVALID_ARGUMENT,
-                "kvrt_get_attended: count must not be NULL, capacity >= 0, ids non-NULL if capacity > 0");
+    return Fail(
+        KVRT_ERR_INVALID_ARGUMENT,
+        "kvrt_get_attended: count must not be NULL, capacity >= 0, ids non-NULL if capacity > 0");
   std::vector<int64_t> got;
   if (auto s = rt->impl->GetAttended(seq, layer, q_head, &got); !s.ok()) return FromStatus(s);
   const int64_t n = static_cast<int64_t>(got.size());

@@ -1,5 +1,6 @@
 #pragma once
-// Storage dtypes and scalar conversions. Accumulation is always f32 (docs/architecture.md, Numerics).
+// Storage dtypes and scalar conversions. Accumulation is always f32 (docs/architecture.md,
+// Numerics).
 #include <cstdint>
 #include <cstring>
 #include <string_view>
@@ -66,21 +67,21 @@ inline uint16_t F32ToF16(float f) {
   std::memcpy(&u, &f, 4);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;           // NaN
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;          // overflow (incl. Inf) -> Inf
-  if (abs < 0x38800000u) {                                 // subnormal or zero in f16
-    if (abs < 0x33000000u) return sign;                    // rounds to zero
+  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // overflow (incl. Inf) -> Inf
+  if (abs < 0x38800000u) {                        // subnormal or zero in f16
+    if (abs < 0x33000000u) return sign;           // rounds to zero
     const uint32_t e = abs >> 23;
     const uint32_t m = (abs & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126 - e;                        // 14..24
+    const uint32_t shift = 126 - e;  // 14..24
     uint32_t r = m >> shift;
     const uint32_t rem = m & ((1u << shift) - 1);
     const uint32_t half = 1u << (shift - 1);
     if (rem > half || (rem == half && (r & 1u))) ++r;
     return sign | static_cast<uint16_t>(r);
   }
-  uint32_t r = abs - 0x38000000u;                          // rebias exponent 127 -> 15
-  r += 0xfffu + ((r >> 13) & 1u);                          // round to nearest even
+  uint32_t r = abs - 0x38000000u;  // rebias exponent 127 -> 15
+  r += 0xfffu + ((r >> 13) & 1u);  // round to nearest even
   return sign | static_cast<uint16_t>(r >> 13);
 }
 

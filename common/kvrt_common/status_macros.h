@@ -6,10 +6,10 @@
 #define KVRT_CONCAT_INNER_(a, b) a##b
 #define KVRT_CONCAT_(a, b) KVRT_CONCAT_INNER_(a, b)
 
-#define KVRT_RETURN_IF_ERROR(expr)                    \
-  do {                                                \
-    ::absl::Status kvrt_status_ = (expr);             \
-    if (!kvrt_status_.ok()) return kvrt_status_;      \
+#define KVRT_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    ::absl::Status kvrt_status_ = (expr);        \
+    if (!kvrt_status_.ok()) return kvrt_status_; \
   } while (0)
 
 #define KVRT_ASSIGN_OR_RETURN(lhs, expr) \

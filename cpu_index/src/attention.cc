@@ -5,9 +5,9 @@
 #include <limits>
 #include <vector>
 
+#include "kvrt_common/nan_max.h"
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/head_store.h"
-#include "kvrt_common/nan_max.h"
 
 namespace kvrt::cpu_index {
 namespace {
@@ -61,14 +61,16 @@ void AttendDense(const float* q, int d, float scale, const void* keys, const voi
   for (auto& x : s) x *= scale;
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);
   auto* vb = static_cast<const unsigned char*>(values);
-  Finish(s, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
+  Finish(
+      s, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
 }
 
 void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
                        const void* const* keys, const void* const* values, float* o, float* lse) {
   std::vector<float> s(n);
   for (int64_t j = 0; j < n; ++j) s[j] = DotRow(q, keys[j], d, t) * scale;
-  Finish(s, d, t, [&](int64_t j) { return values[j]; }, o, lse);
+  Finish(
+      s, d, t, [&](int64_t j) { return values[j]; }, o, lse);
 }
 
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
@@ -76,7 +78,8 @@ void AttendStoreRows(const float* q, float scale, const HeadStore& store, const 
   std::vector<float> s(n);
   store.DotIds(q, ids, n, s.data());
   for (auto& x : s) x *= scale;
-  Finish(s, store.dim(), store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
+  Finish(
+      s, store.dim(), store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
 }
 
 void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse) {

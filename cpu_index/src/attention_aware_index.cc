@@ -17,9 +17,9 @@
 //     L0 <-> Li (the pivot and the query's other favourites) and L(i) <-> L(i+1); every key links
 //     to the top few keys of its best query; the keys that share a best query form a chain
 //     hanging off that query's pivot (so keys in no top list are reachable). Each key's
-//     candidates, nearest first by squared L2 between mapped keys (2b), are pruned to graph_degree - 1 by
-//     occlusion with Vamana's slack: c is dropped when a kept r has alpha^2 |r-c|^2 < |p-c|^2
-//     (alpha = 1.2). Then reverse edges are added and pruned again.
+//     candidates, nearest first by squared L2 between mapped keys (2b), are pruned to graph_degree
+//     - 1 by occlusion with Vamana's slack: c is dropped when a kept r has alpha^2 |r-c|^2 <
+//     |p-c|^2 (alpha = 1.2). Then reverse edges are added and pruned again.
 //  4. Every key also links to the next row (p -> p+1), implicitly: it is not stored. NOTE: this
 //     chain makes every key reachable from row 0 (an entry point), so a beam as wide as the index
 //     is exact, and it is a cheap sequential link (neighbouring tokens' keys are often alike).
@@ -56,8 +56,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "cpu_index/src/index_common.h"
-#include "cpu_index/src/kinds.h"
+#include "index_common.h"
+#include "kinds.h"
 #include "kvrt_common/multiversion.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/enumerable_thread_specific.h"
@@ -69,17 +69,18 @@ namespace {
 
 constexpr uint32_t kNone = std::numeric_limits<uint32_t>::max();
 constexpr int64_t kMaxRows = std::numeric_limits<uint32_t>::max() - 1;
-constexpr int kQueryBlock = 256;   // sampled queries per sgemm (the key chunk is packed once per block)
-constexpr int kKeyChunk = 1024;    // keys per sgemm (the score tile, 1 MB, stays in L2)
-constexpr int kMaxQueryTop = 256;  // longest top list that n alone asks for
-constexpr int kNumEntries = 16;    // popular entry points
-constexpr int kSpreadEntries = 64; // entry points spread over the sampled queries
-constexpr int kRoutes = 256;       // sampled queries kept (unit length) to route a search's start
-constexpr int kRouteKeys = 8;      // top keys of each routing query used as entry points
-constexpr int kRouteProbe = 8;     // routing queries (most similar to q) whose keys seed a search
-constexpr int kBestQueryLinks = 8; // links of a key into its best query's top list
+constexpr int kQueryBlock =
+    256;  // sampled queries per sgemm (the key chunk is packed once per block)
+constexpr int kKeyChunk = 1024;     // keys per sgemm (the score tile, 1 MB, stays in L2)
+constexpr int kMaxQueryTop = 256;   // longest top list that n alone asks for
+constexpr int kNumEntries = 16;     // popular entry points
+constexpr int kSpreadEntries = 64;  // entry points spread over the sampled queries
+constexpr int kRoutes = 256;        // sampled queries kept (unit length) to route a search's start
+constexpr int kRouteKeys = 8;       // top keys of each routing query used as entry points
+constexpr int kRouteProbe = 8;      // routing queries (most similar to q) whose keys seed a search
+constexpr int kBestQueryLinks = 8;  // links of a key into its best query's top list
 constexpr int kReverseLinks = 16;   // reverse links made for a key linked by Add
-constexpr float kPruneAlpha2 = 1.44f;  // occlusion slack (squared), see BuildGraph
+constexpr float kPruneAlpha2 = 1.44f;    // occlusion slack (squared), see BuildGraph
 constexpr int kMaxQueriesPerGroup = 64;  // SearchGroup's stack row of scores; larger groups loop
 
 struct ScoredId {
@@ -93,14 +94,15 @@ inline bool Better(const ScoredId& a, const ScoredId& b) {
 // Exact top-T keys (best first) of each query, and each key's best query (-1: none).
 struct QueryTops {
   int T = 0;
-  std::vector<uint32_t> top;          // [S, T]
-  std::vector<int32_t> best_query;    // [n]
-  std::vector<float> best_score;      // [n]
+  std::vector<uint32_t> top;        // [S, T]
+  std::vector<int32_t> best_query;  // [n]
+  std::vector<float> best_score;    // [n]
 };
 
 // bs[j] = max(bs[j], row[j]), bq[j] = query where row[j] is larger: each key's best query so far.
 // Branch-free so that it vectorises (half the post-processing of a score tile).
-KVRT_MULTIVERSION void ColumnMax(const float* row, int cols, int32_t query, float* bs, int32_t* bq) {
+KVRT_MULTIVERSION void ColumnMax(const float* row, int cols, int32_t query, float* bs,
+                                 int32_t* bq) {
   for (int j = 0; j < cols; ++j) {
     const bool gt = row[j] > bs[j];
     bs[j] = gt ? row[j] : bs[j];
@@ -158,7 +160,8 @@ QueryTops ExactQueryTops(const float* Q, int64_t S, const float* K, int64_t n, i
       for (int r = 0; r < rows; ++r) {
         const float* row = sc.data() + static_cast<std::size_t>(r) * cols;
         auto& b = buf[r];
-        for (int j = NextAbove(row, 0, cols, thr[r]); j < cols; j = NextAbove(row, j + 1, cols, thr[r])) {
+        for (int j = NextAbove(row, 0, cols, thr[r]); j < cols;
+             j = NextAbove(row, j + 1, cols, thr[r])) {
           b.push_back({row[j], static_cast<uint32_t>(c0 + j)});
           if (static_cast<int>(b.size()) >= 4 * T) shrink(r);
         }
@@ -169,7 +172,8 @@ QueryTops ExactQueryTops(const float* Q, int64_t S, const float* K, int64_t n, i
                      return x.score < y.score;
                    })->score;
         }
-        ColumnMax(row, cols, static_cast<int32_t>(q0 + r), best.score.data() + c0, best.query.data() + c0);
+        ColumnMax(row, cols, static_cast<int32_t>(q0 + r), best.score.data() + c0,
+                  best.query.data() + c0);
       }
     }
     for (int r = 0; r < rows; ++r) {
@@ -226,8 +230,8 @@ std::vector<float> QueryMetric(const float* Q, int64_t S, int d) {
   for (int64_t i = 0; i < S; ++i)
     for (int a = 0; a < d; ++a) Qc[i * d + a] = static_cast<float>(Q[i * d + a] - mean[a]);
   std::vector<float> Cf(static_cast<std::size_t>(d) * d);
-  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, d, static_cast<int>(S), 1.f / static_cast<float>(S),
-              Qc.data(), d, 0.f, Cf.data(), d);
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, d, static_cast<int>(S),
+              1.f / static_cast<float>(S), Qc.data(), d, 0.f, Cf.data(), d);
   double tr = 0;
   for (int a = 0; a < d; ++a) tr += Cf[a * d + a];
   // Identical queries (zero covariance): plain L2.
@@ -303,7 +307,8 @@ class AttentionAwareIndex final : public KeyIndex {
     const DType t = store.dtype();
     const std::vector<uint32_t>* seeds = Route(q);
     int64_t scanned = BeamSearch(
-        store, beam, linked_, [&](uint32_t id) { return DotRow(q, store.key(id), dim_, t); }, &pool, seeds);
+        store, beam, linked_, [&](uint32_t id) { return DotRow(q, store.key(id), dim_, t); }, &pool,
+        seeds);
     thread_local std::vector<std::pair<float, int64_t>> cands;
     cands.clear();
     for (const Slot& s : pool) cands.emplace_back(s.score, s.id);
@@ -321,11 +326,12 @@ class AttentionAwareIndex final : public KeyIndex {
   // to every beam, so a key one query's search finds also serves the others. Each query then takes
   // its top-k from every key scored (not just its beam). Reads at most the union of what
   // separate searches read.
-  absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq, const SearchParams& params,
-                           SearchResult* outs) const override {
+  absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq,
+                           const SearchParams& params, SearchResult* outs) const override {
     if (nq <= 1 || outs == nullptr || nq > kMaxQueriesPerGroup)
       return KeyIndex::SearchGroup(store, qs, nq, params, outs);
-    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok()) return s;
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok())
+      return s;
     const int beam = BeamWidth(params);
     const DType t = store.dtype();
     thread_local std::vector<float> seen_scores;  // [seen, nq]
@@ -345,7 +351,8 @@ class AttentionAwareIndex final : public KeyIndex {
     for (int i = 0; i < nq; ++i) {
       const std::vector<uint32_t>* routed = Route(qs + static_cast<std::size_t>(i) * dim_);
       if (routed == nullptr) break;
-      seeds.insert(seeds.end(), routed->begin() + (i == 0 ? 0 : static_cast<std::ptrdiff_t>(n_popular_)),
+      seeds.insert(seeds.end(),
+                   routed->begin() + (i == 0 ? 0 : static_cast<std::ptrdiff_t>(n_popular_)),
                    routed->end());
     }
     int64_t scanned = MultiBeamSearch(store, nq, beam, score, seeds.empty() ? nullptr : &seeds);
@@ -354,7 +361,8 @@ class AttentionAwareIndex final : public KeyIndex {
     thread_local std::vector<std::pair<float, int64_t>> cands;
     for (int i = 0; i < nq; ++i) {
       cands.clear();
-      for (std::size_t j = 0; j < seen_ids.size(); ++j) cands.emplace_back(seen_scores[j * nq + i], seen_ids[j]);
+      for (std::size_t j = 0; j < seen_ids.size(); ++j)
+        cands.emplace_back(seen_scores[j * nq + i], seen_ids[j]);
       internal::TakeTopK(&cands, params.k, &outs[i]);
       outs[i].scanned = scanned;
     }
@@ -382,7 +390,8 @@ class AttentionAwareIndex final : public KeyIndex {
     thread_local std::vector<std::pair<float, int64_t>> sim;
     thread_local std::vector<uint32_t> seeds;
     sim.resize(R);
-    for (int64_t r = 0; r < R; ++r) sim[r] = {DotRow(q, route_q_.data() + r * dim_, dim_, DType::kF32), r};
+    for (int64_t r = 0; r < R; ++r)
+      sim[r] = {DotRow(q, route_q_.data() + r * dim_, dim_, DType::kF32), r};
     const int64_t probe = std::min<int64_t>(kRouteProbe, R);
     std::partial_sort(sim.begin(), sim.begin() + probe, sim.end(),
                       [](const auto& a, const auto& b) { return a.first > b.first; });
@@ -399,10 +408,12 @@ class AttentionAwareIndex final : public KeyIndex {
   // The stored links of row p (degree_ - 1 of them; kNone: empty). Every row also links to
   // p + 1 (the chain), which is not stored.
   uint32_t* Links(int64_t p) { return nbrs_.data() + static_cast<std::size_t>(p) * (degree_ - 1); }
-  const uint32_t* Links(int64_t p) const { return nbrs_.data() + static_cast<std::size_t>(p) * (degree_ - 1); }
+  const uint32_t* Links(int64_t p) const {
+    return nbrs_.data() + static_cast<std::size_t>(p) * (degree_ - 1);
+  }
 
   int BeamWidth(const SearchParams& params) const {
-    return std::max(params.k, params.effort > 0                    ? params.effort
+    return std::max(params.k, params.effort > 0                ? params.effort
                               : config_.graph_default_beam > 0 ? config_.graph_default_beam
                                                                : 2 * params.k);
   }
@@ -411,7 +422,8 @@ class AttentionAwareIndex final : public KeyIndex {
   // beam when it is not inserted.
   static std::size_t PoolInsert(std::vector<Slot>* pool, int beam, float s, uint32_t id) {
     if (static_cast<int>(pool->size()) >= beam && s <= pool->back().score) return beam;
-    auto it = std::upper_bound(pool->begin(), pool->end(), s, [](float v, const Slot& x) { return v > x.score; });
+    auto it = std::upper_bound(pool->begin(), pool->end(), s,
+                               [](float v, const Slot& x) { return v > x.score; });
     const std::size_t pos = it - pool->begin();
     pool->insert(it, Slot{s, id, false});
     if (static_cast<int>(pool->size()) > beam) pool->pop_back();
@@ -453,7 +465,8 @@ class AttentionAwareIndex final : public KeyIndex {
     auto offer = [&](uint32_t id) {
       const float* s = score(id);
       ++scanned;
-      for (int i = 0; i < nq; ++i) cursor[i] = std::min(cursor[i], PoolInsert(&pools[i], beam, s[i], id));
+      for (int i = 0; i < nq; ++i)
+        cursor[i] = std::min(cursor[i], PoolInsert(&pools[i], beam, s[i], id));
     };
     for (uint32_t e : seeds ? *seeds : entries_) {
       if (e < linked_ && visited.Insert(e)) offer(e);
@@ -545,7 +558,8 @@ class AttentionAwareIndex final : public KeyIndex {
     // keys that unsampled queries want (measured on a 128K trace, head 0, decode queries: share of
     // their exact top-100 inside some sampled query's top-T list 0.86 / 0.92 / 0.96 / 0.98 at
     // T = 64 / 128 / 256 / 512; recall at 2% scanned peaks at T = 256).
-    const int64_t t_want = std::max<int64_t>(config_.graph_query_top, std::min<int64_t>(kMaxQueryTop, n / 512));
+    const int64_t t_want =
+        std::max<int64_t>(config_.graph_query_top, std::min<int64_t>(kMaxQueryTop, n / 512));
     const int T = static_cast<int>(std::min<int64_t>(std::max<int64_t>(1, t_want), n));
     const QueryTops tops = ExactQueryTops(Q.data(), S, K.data(), n, d, T);
     {
@@ -554,8 +568,8 @@ class AttentionAwareIndex final : public KeyIndex {
       tbb::parallel_for(int64_t{0}, (n + kKeyChunk - 1) / kKeyChunk, [&](int64_t c) {
         const int64_t r0 = c * kKeyChunk;
         const int rows = static_cast<int>(std::min<int64_t>(kKeyChunk, n - r0));
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, d, 1.f, K.data() + r0 * d, d,
-                    Lm.data(), d, 0.f, Kt.data() + r0 * d, d);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, d, d, 1.f, K.data() + r0 * d,
+                    d, Lm.data(), d, 0.f, Kt.data() + r0 * d, d);
       });
       K.swap(Kt);
     }
@@ -637,7 +651,8 @@ class AttentionAwareIndex final : public KeyIndex {
         if (tops.best_query[j] >= 0) by_query.push_back(static_cast<uint32_t>(j));
       std::sort(by_query.begin(), by_query.end(), [&](uint32_t a, uint32_t b) {
         return tops.best_query[a] < tops.best_query[b] ||
-               (tops.best_query[a] == tops.best_query[b] && tops.best_score[a] > tops.best_score[b]);
+               (tops.best_query[a] == tops.best_query[b] &&
+                tops.best_score[a] > tops.best_score[b]);
       });
       for (std::size_t i = 0; i < by_query.size(); ++i) {
         const uint32_t j = by_query[i];
@@ -685,45 +700,49 @@ class AttentionAwareIndex final : public KeyIndex {
       std::fill(slots, slots + R - 1, kNone);
       std::copy(kept.begin(), kept.end(), slots);
     };
-    tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 256), [&](const tbb::blocked_range<int64_t>& r) {
-      std::vector<ScoredId> cands;
-      std::vector<uint32_t> kept;
-      for (int64_t p = r.begin(); p < r.end(); ++p) {
-        cands.clear();
-        for (std::size_t i = begin[p]; i < begin[p + 1]; ++i)
-          cands.push_back({0.f, static_cast<uint32_t>(edges[i] & 0xffffffffu)});
-        if (!cands.empty()) prune_node(static_cast<uint32_t>(p), cands, kept);
-      }
-    });
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 256),
+                      [&](const tbb::blocked_range<int64_t>& r) {
+                        std::vector<ScoredId> cands;
+                        std::vector<uint32_t> kept;
+                        for (int64_t p = r.begin(); p < r.end(); ++p) {
+                          cands.clear();
+                          for (std::size_t i = begin[p]; i < begin[p + 1]; ++i)
+                            cands.push_back({0.f, static_cast<uint32_t>(edges[i] & 0xffffffffu)});
+                          if (!cands.empty()) prune_node(static_cast<uint32_t>(p), cands, kept);
+                        }
+                      });
 
     // Reverse edges: c -> p for every kept p -> c, merged with c's list and pruned again.
     edges.clear();
     for (int64_t p = 0; p < n; ++p) {
       const uint32_t* slots = Links(p);
       for (int j = 0; j < R - 1; ++j)
-        if (slots[j] != kNone) edges.push_back((uint64_t{slots[j]} << 32) | static_cast<uint64_t>(p));
+        if (slots[j] != kNone)
+          edges.push_back((uint64_t{slots[j]} << 32) | static_cast<uint64_t>(p));
     }
     tbb::parallel_sort(edges.begin(), edges.end());
     std::fill(begin.begin(), begin.end(), 0);
     for (uint64_t e : edges) ++begin[(e >> 32) + 1];
     for (int64_t i = 0; i < n; ++i) begin[i + 1] += begin[i];
-    tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 256), [&](const tbb::blocked_range<int64_t>& r) {
-      std::vector<ScoredId> cands;
-      std::vector<uint32_t> kept;
-      for (int64_t c = r.begin(); c < r.end(); ++c) {
-        if (begin[c] == begin[c + 1]) continue;
-        const uint32_t* slots = Links(c);
-        cands.clear();
-        for (int j = 0; j < R - 1; ++j)
-          if (slots[j] != kNone) cands.push_back({0.f, slots[j]});
-        for (std::size_t i = begin[c]; i < begin[c + 1]; ++i) {
-          const auto p = static_cast<uint32_t>(edges[i] & 0xffffffffu);
-          if (std::none_of(cands.begin(), cands.end(), [p](const ScoredId& x) { return x.id == p; }))
-            cands.push_back({0.f, p});
-        }
-        prune_node(static_cast<uint32_t>(c), cands, kept);
-      }
-    });
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 256),
+                      [&](const tbb::blocked_range<int64_t>& r) {
+                        std::vector<ScoredId> cands;
+                        std::vector<uint32_t> kept;
+                        for (int64_t c = r.begin(); c < r.end(); ++c) {
+                          if (begin[c] == begin[c + 1]) continue;
+                          const uint32_t* slots = Links(c);
+                          cands.clear();
+                          for (int j = 0; j < R - 1; ++j)
+                            if (slots[j] != kNone) cands.push_back({0.f, slots[j]});
+                          for (std::size_t i = begin[c]; i < begin[c + 1]; ++i) {
+                            const auto p = static_cast<uint32_t>(edges[i] & 0xffffffffu);
+                            if (std::none_of(cands.begin(), cands.end(),
+                                             [p](const ScoredId& x) { return x.id == p; }))
+                              cands.push_back({0.f, p});
+                          }
+                          prune_node(static_cast<uint32_t>(c), cands, kept);
+                        }
+                      });
 
     // 4. The chain p -> p + 1 is implicit (Links).
     size_ = linked_ = n;
@@ -733,7 +752,8 @@ class AttentionAwareIndex final : public KeyIndex {
   void LinkTail(const HeadStore& store) {
     const int R = degree_;
     const std::size_t need = static_cast<std::size_t>(size_) * (R - 1);
-    if (nbrs_.capacity() < need) nbrs_.reserve(std::max(need, nbrs_.capacity() + nbrs_.capacity() / 4));
+    if (nbrs_.capacity() < need)
+      nbrs_.reserve(std::max(need, nbrs_.capacity() + nbrs_.capacity() / 4));
     nbrs_.resize(need, kNone);
     std::vector<float> kp(dim_), kc(dim_);
     std::vector<Slot> pool;
@@ -746,8 +766,8 @@ class AttentionAwareIndex final : public KeyIndex {
     for (int64_t j = linked_; j < size_; ++j) {
       store.KeyF32(j, kp.data());
       BeamSearch(
-          store, beam, linked_, [&](uint32_t id) { return DotRow(kp.data(), store.key(id), dim_, t); },
-          &pool);
+          store, beam, linked_,
+          [&](uint32_t id) { return DotRow(kp.data(), store.key(id), dim_, t); }, &pool);
       // Candidates by squared L2 to the new key (higher = closer), pruned as in the build.
       const float nj = DotRow(kp.data(), kp.data(), dim_, DType::kF32);
       cands.clear();
@@ -769,7 +789,8 @@ class AttentionAwareIndex final : public KeyIndex {
         bool occluded = false;
         for (uint32_t r : kept_pos) {
           const float* rrow = cand_f32.data() + static_cast<std::size_t>(r) * dim_;
-          const float d2 = cand_norm[r] + cand_norm[c.id] - 2 * DotRow(rrow, crow, dim_, DType::kF32);
+          const float d2 =
+              cand_norm[r] + cand_norm[c.id] - 2 * DotRow(rrow, crow, dim_, DType::kF32);
           if (-kPruneAlpha2 * d2 > c.score) {
             occluded = true;
             break;
@@ -787,7 +808,9 @@ class AttentionAwareIndex final : public KeyIndex {
       for (int i = 0; i < rev; ++i) {
         const uint32_t c = pool[i].id;
         uint32_t* other = Links(c);
-        if (c + 1 == j || std::find(other, other + R - 1, static_cast<uint32_t>(j)) != other + R - 1) continue;
+        if (c + 1 == j ||
+            std::find(other, other + R - 1, static_cast<uint32_t>(j)) != other + R - 1)
+          continue;
         uint32_t* free_slot = std::find(other, other + R - 1, kNone);
         if (free_slot != other + R - 1) {
           *free_slot = static_cast<uint32_t>(j);
@@ -836,16 +859,17 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeAttentionAwareIndex(const IndexCon
   return std::unique_ptr<KeyIndex>(new AttentionAwareIndex(config, head_dim));
 }
 
-
 std::string AttentionAwareSearchSettings(const IndexConfig& c, int k, int effort) {
-  return absl::StrCat("beam=", std::max(k, effort > 0 ? effort : c.graph_default_beam > 0 ? c.graph_default_beam : 2 * k));
+  return absl::StrCat("beam=", std::max(k, effort > 0                 ? effort
+                                           : c.graph_default_beam > 0 ? c.graph_default_beam
+                                                                      : 2 * k));
 }
 
 int64_t AttentionAwareBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
   (void)d;
   // Links (grown by 1.25x), entry list, routing queries (256 at most) and their 8 keys.
-      return (5 * rows * (c.graph_degree - 1) * 4) / 4 + 4 + 2 * (rows + 64) * 4 + 256 * (key + 8 * 4);
+  return (5 * rows * (c.graph_degree - 1) * 4) / 4 + 4 + 2 * (rows + 64) * 4 + 256 * (key + 8 * 4);
 }
 
 }  // namespace kvrt::cpu_index

@@ -13,8 +13,8 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
-#include "cpu_index/src/index_common.h"
-#include "cpu_index/src/kinds.h"
+#include "index_common.h"
+#include "kinds.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
@@ -27,7 +27,9 @@ constexpr int64_t kMaxRows = int64_t{1} << 40;
 class ClusterIndex final : public KeyIndex {
  public:
   ClusterIndex(const IndexConfig& config, int dim)
-      : config_(config), cfg_(config.cluster), dim_(dim),
+      : config_(config),
+        cfg_(config.cluster),
+        dim_(dim),
         scale_(cfg_.scale != 0.f ? cfg_.scale : 1.f / std::sqrt(static_cast<float>(dim))) {
     summary_.dim = dim;
   }
@@ -63,7 +65,8 @@ class ClusterIndex final : public KeyIndex {
 
   absl::Status Search(const HeadStore& store, const float* q, const SearchParams& params,
                       SearchResult* out) const override {
-    if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok()) return s;
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok())
+      return s;
     std::vector<float> scores(summary_.num_clusters());
     DotRows(q, summary_.centroid.data(), dim_, DType::kBF16, static_cast<int64_t>(scores.size()),
             dim_, scores.data());
@@ -76,8 +79,10 @@ class ClusterIndex final : public KeyIndex {
   absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq,
                            const SearchParams& params, SearchResult* outs) const override {
     if (nq <= 0 || qs == nullptr || outs == nullptr)
-      return absl::InvalidArgumentError("index search: need nq > 0 queries and an output per query");
-    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok()) return s;
+      return absl::InvalidArgumentError(
+          "index search: need nq > 0 queries and an output per query");
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok())
+      return s;
     const int64_t c = summary_.num_clusters();
     const int64_t no = static_cast<int64_t>(summary_.outliers.size());
     // Every centroid read once for the whole group (bit-identical to Search's scores).
@@ -88,7 +93,8 @@ class ClusterIndex final : public KeyIndex {
     }
     for (int i = 0; i < nq; ++i)
       for (int64_t j = 0; j < c; ++j) scores[i * c + j] = cs[j * nq + i];
-    std::vector<float> os(static_cast<std::size_t>(no) * nq), oscores(static_cast<std::size_t>(nq) * no);
+    std::vector<float> os(static_cast<std::size_t>(no) * nq),
+        oscores(static_cast<std::size_t>(nq) * no);
     for (int64_t j = 0; j < no; ++j) {
       DotRowMulti(qs, nq, store.key(summary_.outliers[j]), dim_, store.dtype(), os.data() + j * nq);
     }
@@ -143,7 +149,8 @@ class ClusterIndex final : public KeyIndex {
       const std::size_t off = summary_.centroid.size();
       summary_.centroid.resize(off + p.centroid.size());
       summary_.value_mean.resize(off + p.value_mean.size());
-      ConvertFromF32(p.centroid.data(), p.centroid.size(), DType::kBF16, summary_.centroid.data() + off);
+      ConvertFromF32(p.centroid.data(), p.centroid.size(), DType::kBF16,
+                     summary_.centroid.data() + off);
       ConvertFromF32(p.value_mean.data(), p.value_mean.size(), DType::kBF16,
                      summary_.value_mean.data() + off);
       for (int64_t r : p.order) pending_order_.push_back(b - pending_begin_ + r);
@@ -208,7 +215,8 @@ const ClusterSummary* GetClusterSummary(const KeyIndex& index) {
   return &static_cast<const ClusterIndex&>(index).summary();
 }
 
-absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& config, int head_dim) {
+absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& config,
+                                                           int head_dim) {
   return std::unique_ptr<KeyIndex>(new ClusterIndex(config, head_dim));
 }
 

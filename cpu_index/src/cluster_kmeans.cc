@@ -14,8 +14,8 @@
 namespace kvrt::cpu_index {
 namespace {
 
-constexpr float kRidge = 1e-3f;    // of tr(M)/dim, keeps M positive definite with few queries
-constexpr int64_t kChunk = 1024;   // rows per assignment GEMM (scores fit in L2)
+constexpr float kRidge = 1e-3f;   // of tr(M)/dim, keeps M positive definite with few queries
+constexpr int64_t kChunk = 1024;  // rows per assignment GEMM (scores fit in L2)
 
 bool IsIdentity(const float* l, int d) {
   for (int i = 0; i < d; ++i)
@@ -116,18 +116,21 @@ std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, in
   for (int i = 0; i < dim; ++i) tr += mf[static_cast<std::size_t>(i) * dim + i];
   if (!(tr > 0)) return l;
   for (int i = 0; i < dim; ++i)
-    for (int j = 0; j <= i; ++j) a[static_cast<std::size_t>(i) * dim + j] = mf[static_cast<std::size_t>(i) * dim + j];
+    for (int j = 0; j <= i; ++j)
+      a[static_cast<std::size_t>(i) * dim + j] = mf[static_cast<std::size_t>(i) * dim + j];
   for (int i = 0; i < dim; ++i) a[static_cast<std::size_t>(i) * dim + i] += kRidge * tr / dim;
   // Cholesky, lower: a = L L^T.
   for (int j = 0; j < dim; ++j) {
     double s = a[static_cast<std::size_t>(j) * dim + j];
-    for (int k = 0; k < j; ++k) s -= a[static_cast<std::size_t>(j) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
+    for (int k = 0; k < j; ++k)
+      s -= a[static_cast<std::size_t>(j) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
     if (!(s > 0)) return std::vector<float>(l);  // numerically indefinite: fall back to plain
     const double d = std::sqrt(s);
     a[static_cast<std::size_t>(j) * dim + j] = d;
     for (int i = j + 1; i < dim; ++i) {
       double t = a[static_cast<std::size_t>(i) * dim + j];
-      for (int k = 0; k < j; ++k) t -= a[static_cast<std::size_t>(i) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
+      for (int k = 0; k < j; ++k)
+        t -= a[static_cast<std::size_t>(i) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
       a[static_cast<std::size_t>(i) * dim + j] = t / d;
     }
   }
@@ -152,11 +155,12 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
   double trm = d;
   if (metric_l != nullptr && !IsIdentity(metric_l, d)) {
     xbuf.resize(static_cast<std::size_t>(n) * d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), d, d, 1.f, keys,
-                d, metric_l, d, 0.f, xbuf.data(), d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), d, d, 1.f, keys, d,
+                metric_l, d, 0.f, xbuf.data(), d);
     x = xbuf.data();
     trm = 0;
-    for (std::size_t i = 0; i < static_cast<std::size_t>(d) * d; ++i) trm += double(metric_l[i]) * metric_l[i];
+    for (std::size_t i = 0; i < static_cast<std::size_t>(d) * d; ++i)
+      trm += double(metric_l[i]) * metric_l[i];
   }
   std::vector<float> xn2(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -166,7 +170,8 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
     xn2[i] = a;
   }
   const int64_t n_out = std::min<int64_t>(n - 1, static_cast<int64_t>(config.outlier_fraction * n));
-  int64_t c = std::clamp<int64_t>((n - n_out + config.cluster_size / 2) / std::max(1, config.cluster_size), 1, n);
+  int64_t c = std::clamp<int64_t>(
+      (n - n_out + config.cluster_size / 2) / std::max(1, config.cluster_size), 1, n);
 
   std::mt19937_64 rng(seed);
   std::vector<int32_t> assign(n);
@@ -221,7 +226,8 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
     std::fill(count.begin(), count.end(), 0);
     for (int64_t i = 0; i < n; ++i) ++count[assign[i]];
     for (int64_t i = 0; i < n; ++i) {
-      const double f = count[assign[i]] > 1 ? double(count[assign[i]]) / (count[assign[i]] - 1) : 0.0;
+      const double f =
+          count[assign[i]] > 1 ? double(count[assign[i]]) / (count[assign[i]] - 1) : 0.0;
       dist[i] = static_cast<float>(dist[i] * f * f);
     }
     std::vector<int64_t> idx(n);

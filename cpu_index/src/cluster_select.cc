@@ -34,7 +34,8 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
   std::iota(idx.begin(), idx.end(), 0);
   double total_mass = 0, mmax = -INFINITY;
   if (top_p > 0) {
-    for (int64_t j = 0; j < c; ++j) mmax = std::max<double>(mmax, density[j] + std::log(double(s.size[j])));
+    for (int64_t j = 0; j < c; ++j)
+      mmax = std::max<double>(mmax, density[j] + std::log(double(s.size[j])));
     for (int64_t j = 0; j < c; ++j)
       total_mass += std::exp(density[j] + std::log(double(s.size[j])) - mmax);
   }

@@ -1,7 +1,7 @@
 // flat: exact scan of every key; the oracle the other kinds are tested against.
 #include <vector>
 
-#include "cpu_index/src/kinds.h"
+#include "kinds.h"
 
 namespace kvrt::cpu_index {
 namespace {

@@ -118,7 +118,4 @@ absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& o
 
 }  // namespace kvrt::cpu_index
 
-namespace kvrt::cpu_index {
-
-
-}  // namespace kvrt::cpu_index
+namespace kvrt::cpu_index {}  // namespace kvrt::cpu_index

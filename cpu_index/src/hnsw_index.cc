@@ -7,7 +7,8 @@
 // descent through the upper layers, then a beam of width ef on layer 0, the same algorithm as
 // searchKnn/searchBaseLayerST) with per-call ef, a per-thread visited set, and its own count of
 // distance computations (`scanned`; metric_distance_computations is a shared atomic that only a
-// compile-time flag enables). effort >= size() is an exact scan. Build and Add use hnswlib's thread-safe addPoint from TBB tasks.
+// compile-time flag enables). effort >= size() is an exact scan. Build and Add use hnswlib's
+// thread-safe addPoint from TBB tasks.
 #include <algorithm>
 #include <exception>
 #include <limits>
@@ -15,9 +16,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "cpu_index/src/index_common.h"
-#include "cpu_index/src/kinds.h"
 #include "hnswlib/hnswlib.h"
+#include "index_common.h"
+#include "kinds.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
 
@@ -175,7 +176,8 @@ class HnswIndex final : public KeyIndex {
     if (begin == end) return absl::OkStatus();
     try {
       if (static_cast<std::size_t>(end) > hnsw_->max_elements_) {
-        hnsw_->resizeIndex(std::max<std::size_t>(end, hnsw_->max_elements_ + hnsw_->max_elements_ / 2));
+        hnsw_->resizeIndex(
+            std::max<std::size_t>(end, hnsw_->max_elements_ + hnsw_->max_elements_ / 2));
       }
       const std::vector<float> x = internal::KeysF32(store, begin, end);
       auto add = [&](int64_t i) {
@@ -206,28 +208,28 @@ class HnswIndex final : public KeyIndex {
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeHnswIndex(const IndexConfig& config, int head_dim) {
   if (config.hnsw_m < 2 || config.hnsw_ef_construction <= 0 || config.hnsw_default_ef <= 0) {
-    return absl::InvalidArgumentError("hnsw: need hnsw_m >= 2, ef_construction > 0, default_ef > 0");
+    return absl::InvalidArgumentError(
+        "hnsw: need hnsw_m >= 2, ef_construction > 0, default_ef > 0");
   }
   return std::unique_ptr<KeyIndex>(new HnswIndex(config, head_dim));
 }
 
-
 std::string HnswSearchSettings(const IndexConfig& c, int k, int effort) {
   return absl::StrCat("ef=", std::max(k, effort > 0 ? effort : c.hnsw_default_ef),
-                          " (exact scan when k or ef >= the keys, or the graph returns < k)");
+                      " (exact scan when k or ef >= the keys, or the graph returns < k)");
 }
 
 int64_t HnswBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
   (void)d;
   // hnswlib: max_elements (the rows, grown by 1.5x) times the level-0 links, key, label and
-      // the per-element pointer, level and mutex; upper-level links (expected rows / (M - 1),
-      // bounded by 4x that); the label map (a node and buckets per row); a visited list.
-      const int64_t m = c.hnsw_m, max_elements = rows + rows / 2 + 1;
-      const int64_t per_element = (2 * m * 4 + 4) + key + 8 + static_cast<int64_t>(sizeof(char*)) + 4 +
-                                  static_cast<int64_t>(sizeof(std::mutex)) + 2;
-      const int64_t upper = (4 * rows / std::max<int64_t>(1, m - 1) + 64) * (m * 4 + 4);
-      return max_elements * per_element + upper + 32 * rows + 8 * (2 * rows + 64);
+  // the per-element pointer, level and mutex; upper-level links (expected rows / (M - 1),
+  // bounded by 4x that); the label map (a node and buckets per row); a visited list.
+  const int64_t m = c.hnsw_m, max_elements = rows + rows / 2 + 1;
+  const int64_t per_element = (2 * m * 4 + 4) + key + 8 + static_cast<int64_t>(sizeof(char*)) + 4 +
+                              static_cast<int64_t>(sizeof(std::mutex)) + 2;
+  const int64_t upper = (4 * rows / std::max<int64_t>(1, m - 1) + 64) * (m * 4 + 4);
+  return max_elements * per_element + upper + 32 * rows + 8 * (2 * rows + 64);
 }
 
 }  // namespace kvrt::cpu_index

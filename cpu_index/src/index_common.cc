@@ -1,4 +1,4 @@
-#include "cpu_index/src/index_common.h"
+#include "index_common.h"
 
 #include <dlfcn.h>
 #include <omp.h>
@@ -37,8 +37,8 @@ absl::Status CheckAdd(const HeadStore& store, int dim, bool built, int64_t size,
         absl::StrCat("index add: store head_dim ", store.dim(), " != index head_dim ", dim));
   }
   if (store.size() < size) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "index add: store has ", store.size(), " rows but the index covers ", size));
+    return absl::FailedPreconditionError(
+        absl::StrCat("index add: store has ", store.size(), " rows but the index covers ", size));
   }
   if (store.size() > max_rows) {
     return absl::ResourceExhaustedError(
@@ -69,12 +69,11 @@ absl::Status CheckSearch(const HeadStore& store, int dim, bool built, int64_t si
 std::vector<float> KeysF32(const HeadStore& store, int64_t begin, int64_t end) {
   const int d = store.dim();
   std::vector<float> out(static_cast<std::size_t>(end - begin) * d);
-  tbb::parallel_for(tbb::blocked_range<int64_t>(begin, end, 1024),
-                    [&](const tbb::blocked_range<int64_t>& r) {
-                      ConvertToF32(store.key(r.begin()), store.dtype(),
-                                   static_cast<std::size_t>(r.size()) * d,
-                                   out.data() + (r.begin() - begin) * d);
-                    });
+  tbb::parallel_for(
+      tbb::blocked_range<int64_t>(begin, end, 1024), [&](const tbb::blocked_range<int64_t>& r) {
+        ConvertToF32(store.key(r.begin()), store.dtype(), static_cast<std::size_t>(r.size()) * d,
+                     out.data() + (r.begin() - begin) * d);
+      });
   return out;
 }
 

@@ -43,7 +43,8 @@ absl::Status KeyIndex::SearchGroup(const HeadStore& store, const float* qs, int 
   if (nq <= 0 || qs == nullptr || outs == nullptr)
     return absl::InvalidArgumentError("index search: need nq > 0 queries and an output per query");
   for (int i = 0; i < nq; ++i) {
-    if (auto s = Search(store, qs + static_cast<std::size_t>(i) * store.dim(), params, &outs[i]); !s.ok())
+    if (auto s = Search(store, qs + static_cast<std::size_t>(i) * store.dim(), params, &outs[i]);
+        !s.ok())
       return s;
   }
   return absl::OkStatus();

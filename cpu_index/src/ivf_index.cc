@@ -13,11 +13,11 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "cpu_index/src/index_common.h"
-#include "cpu_index/src/kinds.h"
 #include "faiss/IndexFlat.h"
 #include "faiss/IndexIVFFlat.h"
 #include "faiss/invlists/InvertedLists.h"
+#include "index_common.h"
+#include "kinds.h"
 
 namespace kvrt::cpu_index {
 namespace {
@@ -38,9 +38,10 @@ class IvfIndex final : public KeyIndex {
     ivf_.reset();
     quantizer_.reset();
     const int64_t n = store.size();
-    int64_t nlist = config_.ivf_nlist > 0
-                        ? config_.ivf_nlist
-                        : static_cast<int64_t>(std::lround(4.0 * std::sqrt(static_cast<double>(n))));
+    int64_t nlist =
+        config_.ivf_nlist > 0
+            ? config_.ivf_nlist
+            : static_cast<int64_t>(std::lround(4.0 * std::sqrt(static_cast<double>(n))));
     // NOTE: clamped so that k-means has enough points (FAISS fails below 1 point per list and
     // warns on stderr below 39).
     nlist = std::clamp<int64_t>(nlist, 1, std::max<int64_t>(1, n / kMinPointsPerList));
@@ -71,7 +72,7 @@ class IvfIndex final : public KeyIndex {
     try {
       const std::vector<float> x = internal::KeysF32(store, size_, n);
       internal::OmpThreadsGuard omp(1);  // inserts are small and run on a worker thread
-      ivf_->add(n - size_, x.data());   // FAISS numbers them ntotal.., i.e. the store rows
+      ivf_->add(n - size_, x.data());    // FAISS numbers them ntotal.., i.e. the store rows
     } catch (const std::exception& e) {
       return absl::InternalError(absl::StrCat("ivf add: ", e.what()));
     }
@@ -88,12 +89,13 @@ class IvfIndex final : public KeyIndex {
     const int64_t k = std::min<int64_t>(params.k, size_);
     // nprobe: the effort (or the default), then grown until the probed lists hold enough keys:
     // k for an explicit effort, so that a search returns k results, and
-    // ivf_default_keys_per_result * k for the default, so that the default scales with k (issue 16: nprobe 16 at k = 1000
-    // returned 621 results, recall 0.52). Every centroid is scored anyway (FAISS's coarse
-    // search), so ranking all lists costs nothing more.
+    // ivf_default_keys_per_result * k for the default, so that the default scales with k (issue 16:
+    // nprobe 16 at k = 1000 returned 621 results, recall 0.52). Every centroid is scored anyway
+    // (FAISS's coarse search), so ranking all lists costs nothing more.
     const int64_t base = std::clamp<int64_t>(
         params.effort > 0 ? params.effort : config_.ivf_default_nprobe, 1, nlist);
-    const int64_t want = std::min<int64_t>(size_, params.effort > 0 ? k : config_.ivf_default_keys_per_result * k);
+    const int64_t want =
+        std::min<int64_t>(size_, params.effort > 0 ? k : config_.ivf_default_keys_per_result * k);
     thread_local std::vector<faiss::Index::idx_t> assign, labels;
     thread_local std::vector<float> coarse, dist;
     assign.resize(nlist);
@@ -135,7 +137,8 @@ class IvfIndex final : public KeyIndex {
     const auto* lists = dynamic_cast<const faiss::ArrayInvertedLists*>(ivf_->invlists);
     if (lists != nullptr) {
       for (std::size_t l = 0; l < lists->nlist; ++l) {
-        bytes += lists->codes[l].capacity() + lists->ids[l].capacity() * sizeof(faiss::Index::idx_t);
+        bytes +=
+            lists->codes[l].capacity() + lists->ids[l].capacity() * sizeof(faiss::Index::idx_t);
         bytes += 2 * sizeof(std::vector<int>);
       }
     } else {
@@ -162,20 +165,20 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeIvfIndex(const IndexConfig& config
   return std::unique_ptr<KeyIndex>(new IvfIndex(config, head_dim));
 }
 
-
 std::string IvfSearchSettings(const IndexConfig& c, int k, int effort) {
   return effort > 0 ? absl::StrCat("nprobe=", effort, "+ (lists holding >= ", k, " keys)")
-                        : absl::StrCat("nprobe=", c.ivf_default_nprobe, "+ (lists holding >= ",
-                                       int64_t{c.ivf_default_keys_per_result} * k, " keys)");
+                    : absl::StrCat("nprobe=", c.ivf_default_nprobe, "+ (lists holding >= ",
+                                   int64_t{c.ivf_default_keys_per_result} * k, " keys)");
 }
 
 int64_t IvfBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
   (void)d;
   // Centroids (nlist <= 4 sqrt(n) + 1 unless set), list vectors that double as they grow.
-      const int64_t nlist = c.ivf_nlist > 0 ? c.ivf_nlist
-                                            : static_cast<int64_t>(4.0 * std::sqrt(static_cast<double>(rows))) + 1;
-      return nlist * (key + 2 * 24) + 2 * rows * (key + 8);
+  const int64_t nlist = c.ivf_nlist > 0
+                            ? c.ivf_nlist
+                            : static_cast<int64_t>(4.0 * std::sqrt(static_cast<double>(rows))) + 1;
+  return nlist * (key + 2 * 24) + 2 * rows * (key + 8);
 }
 
 }  // namespace kvrt::cpu_index

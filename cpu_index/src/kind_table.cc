@@ -2,7 +2,7 @@
 
 #include <array>
 
-#include "cpu_index/src/kinds.h"
+#include "kinds.h"
 
 namespace kvrt::cpu_index {
 namespace {

@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "cpu_index/src/index_common.h"
-#include "cpu_index/src/kinds.h"
+#include "index_common.h"
+#include "kinds.h"
 #include "kvrt_common/multiversion.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -25,15 +25,15 @@ namespace {
 
 constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
 constexpr int kMaxGroup = 64;
-constexpr int64_t kBoundGrain = 512;  // blocks per task of SearchGroup's bound pass  // SearchGroup's stack row of scores; larger groups loop over Search
+constexpr int64_t kBoundGrain =
+    512;  // blocks per task of SearchGroup's bound pass  // SearchGroup's stack row of scores;
+          // larger groups loop over Search
 
-KVRT_MULTIVERSION float BlockBound(
-    const float* q, const float* mn, const float* mx, int d) {
+KVRT_MULTIVERSION float BlockBound(const float* q, const float* mn, const float* mx, int d) {
   float acc[16] = {};
   int i = 0;
   for (; i + 16 <= d; i += 16)
-    for (int j = 0; j < 16; ++j)
-      acc[j] += std::max(q[i + j] * mn[i + j], q[i + j] * mx[i + j]);
+    for (int j = 0; j < 16; ++j) acc[j] += std::max(q[i + j] * mn[i + j], q[i + j] * mx[i + j]);
   float s = 0.f;
   for (; i < d; ++i) s += std::max(q[i] * mn[i], q[i] * mx[i]);
   for (int j = 0; j < 16; ++j) s += acc[j];
@@ -98,27 +98,30 @@ class LandmarkIndex final : public KeyIndex {
   // One pass over the block bounds for the whole group (the bounds are the bulk of the memory a
   // search reads); each query picks its own top blocks; the union of the picked blocks is scored
   // exactly by every query (each key read once) and each query keeps its top-k of the union.
-  absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq, const SearchParams& params,
-                           SearchResult* outs) const override {
-    if (nq <= 1 || outs == nullptr || nq > kMaxGroup) return KeyIndex::SearchGroup(store, qs, nq, params, outs);
-    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok()) return s;
+  absl::Status SearchGroup(const HeadStore& store, const float* qs, int nq,
+                           const SearchParams& params, SearchResult* outs) const override {
+    if (nq <= 1 || outs == nullptr || nq > kMaxGroup)
+      return KeyIndex::SearchGroup(store, qs, nq, params, outs);
+    if (auto s = internal::CheckSearch(store, dim_, built_, size_, qs, params, outs); !s.ok())
+      return s;
     const int64_t nb = num_blocks();
     const int64_t want = BlocksWanted(params, nb);
-    thread_local std::vector<float> bound;   // [nb, nq]
+    thread_local std::vector<float> bound;  // [nb, nq]
     thread_local std::vector<std::pair<float, int64_t>> blocks;
     thread_local std::vector<uint8_t> picked;
     bound.resize(static_cast<std::size_t>(nb) * nq);
     float* bound_data = bound.data();
     // NOTE: split over blocks (nested in the caller's per-group task): with one sequence there are
     // only num_kv_heads groups, fewer than the cores, and this pass is most of the search.
-    tbb::parallel_for(tbb::blocked_range<int64_t>(0, nb, kBoundGrain), [&](const tbb::blocked_range<int64_t>& r) {
-      for (int64_t b = r.begin(); b < r.end(); ++b) {
-        const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
-        for (int i = 0; i < nq; ++i)
-          bound_data[static_cast<std::size_t>(b) * nq + i] =
-              BlockBound(qs + static_cast<std::size_t>(i) * dim_, box, box + dim_, dim_);
-      }
-    });
+    tbb::parallel_for(
+        tbb::blocked_range<int64_t>(0, nb, kBoundGrain), [&](const tbb::blocked_range<int64_t>& r) {
+          for (int64_t b = r.begin(); b < r.end(); ++b) {
+            const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
+            for (int i = 0; i < nq; ++i)
+              bound_data[static_cast<std::size_t>(b) * nq + i] =
+                  BlockBound(qs + static_cast<std::size_t>(i) * dim_, box, box + dim_, dim_);
+          }
+        });
     picked.assign(nb, 0);
     for (int i = 0; i < nq; ++i) {
       blocks.resize(nb);
@@ -163,9 +166,10 @@ class LandmarkIndex final : public KeyIndex {
   // Moves the `want` largest (bound, block) pairs to the front (ties: lower block first).
   static void SelectBest(std::vector<std::pair<float, int64_t>>* blocks, int64_t want) {
     if (want >= static_cast<int64_t>(blocks->size())) return;
-    std::nth_element(blocks->begin(), blocks->begin() + want, blocks->end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
+    std::nth_element(blocks->begin(), blocks->begin() + want, blocks->end(),
+                     [](const auto& a, const auto& b) {
+                       return a.first > b.first || (a.first == b.first && a.second < b.second);
+                     });
   }
 
   // Covers rows [size_, store.size()): refreshes the last partial block, then new blocks.
@@ -215,19 +219,19 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeLandmarkIndex(const IndexConfig& c
   return std::unique_ptr<KeyIndex>(new LandmarkIndex(config, head_dim));
 }
 
-
 std::string LandmarkSearchSettings(const IndexConfig& c, int k, int effort) {
-  const int64_t blocks = effort > 0                      ? effort
-                             : c.landmark_default_blocks > 0 ? c.landmark_default_blocks
-                                                             : (4 * int64_t{k} + c.landmark_block - 1) / c.landmark_block;
-      return absl::StrCat("blocks=", blocks, " (", blocks * c.landmark_block, " tokens)");
+  const int64_t blocks = effort > 0 ? effort
+                         : c.landmark_default_blocks > 0
+                             ? c.landmark_default_blocks
+                             : (4 * int64_t{k} + c.landmark_block - 1) / c.landmark_block;
+  return absl::StrCat("blocks=", blocks, " (", blocks * c.landmark_block, " tokens)");
 }
 
 int64_t LandmarkBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   const int64_t d = head_dim, key = 4 * d;  // indexes keep f32 keys
   (void)d;
   const int64_t blocks = (rows + c.landmark_block - 1) / std::max(1, c.landmark_block);
-      return 2 * blocks * 2 * key;  // two bound vectors per block; the vector may double
+  return 2 * blocks * 2 * key;  // two bound vectors per block; the vector may double
 }
 
 }  // namespace kvrt::cpu_index

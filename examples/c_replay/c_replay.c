@@ -2,16 +2,15 @@
  * each layer's prompt, then for each decode step an append and an attend. Prints the first
  * outputs and the runtime's statistics. The safetensors header is read with a few string
  * searches; a real decoder hands kvrt its own tensors instead. */
+#include <kvrt.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <kvrt.h>
-
-static char* g_header;    /* the JSON header */
-static unsigned char* g_data;  /* the tensor bytes */
+static char* g_header;        /* the JSON header */
+static unsigned char* g_data; /* the tensor bytes */
 
 static long meta_int(const char* key) {
   char pat[96];

@@ -2,7 +2,7 @@
 // planning and the device queries.
 #include <algorithm>
 
-#include "gpu/src/common.cuh"
+#include "common.cuh"
 
 namespace kvrt::gpu::detail {
 
@@ -14,11 +14,11 @@ Err GatherAttendT(const GatherBatch&, const void*, bool, float, const SplitPlan&
                   float*, void*);
 extern template Err TierAttentionT<float>(const TierBatch&, const void*, const AttnParams&, float,
                                           const SplitPlan&, float*, float*, float*, void*);
-extern template Err TierAttentionT<__half>(const TierBatch&, const void*, const AttnParams&,
-                                           float, const SplitPlan&, float*, float*, float*, void*);
-extern template Err TierAttentionT<__nv_bfloat16>(const TierBatch&, const void*,
-                                                  const AttnParams&, float, const SplitPlan&,
-                                                  float*, float*, float*, void*);
+extern template Err TierAttentionT<__half>(const TierBatch&, const void*, const AttnParams&, float,
+                                           const SplitPlan&, float*, float*, float*, void*);
+extern template Err TierAttentionT<__nv_bfloat16>(const TierBatch&, const void*, const AttnParams&,
+                                                  float, const SplitPlan&, float*, float*, float*,
+                                                  void*);
 extern template Err GatherAttendT<float>(const GatherBatch&, const void*, bool, float,
                                          const SplitPlan&, float*, float*, float*, void*);
 extern template Err GatherAttendT<__half>(const GatherBatch&, const void*, bool, float,
@@ -38,7 +38,8 @@ int DeviceCount() {
 }
 
 int SmCount() {
-  // NOTE: cached per device ordinal; cudaDeviceGetAttribute is cheap but not free on the decode path.
+  // NOTE: cached per device ordinal; cudaDeviceGetAttribute is cheap but not free on the decode
+  // path.
   static int cache[64] = {};
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;

@@ -12,7 +12,7 @@
 // scale * log2(e)) so that the inner loop uses exp2f.
 #include <cmath>
 
-#include "gpu/src/common.cuh"
+#include "common.cuh"
 #include "kvrt_common/nan_max.h"
 
 namespace kvrt::gpu::detail {
@@ -27,7 +27,7 @@ struct AttnLayout {
   static constexpr int kThreads = kWarps * 32;
   // Two rows per lane per iteration, one where a lane's slice is wider than 16 bytes (f32 d=256).
   static constexpr int kUnroll = kVec * static_cast<int>(sizeof(T)) > 16 ? 1 : 2;
-  static constexpr int kStep = kWarps * kRpw * kUnroll;             // rows per CTA iteration
+  static constexpr int kStep = kWarps * kRpw * kUnroll;  // rows per CTA iteration
 };
 
 // Sinks + window of (sequence b, kv head g); unit u = b * kv_heads + g.
@@ -49,10 +49,12 @@ struct TierSrc {
     int n;
     int stride;
     __device__ __forceinline__ const T* K(int j) const {
-      return j < ns ? sk + static_cast<size_t>(j) * stride : wk + static_cast<size_t>(j - ns) * stride;
+      return j < ns ? sk + static_cast<size_t>(j) * stride
+                    : wk + static_cast<size_t>(j - ns) * stride;
     }
     __device__ __forceinline__ const T* V(int j) const {
-      return j < ns ? sv + static_cast<size_t>(j) * stride : wv + static_cast<size_t>(j - ns) * stride;
+      return j < ns ? sv + static_cast<size_t>(j) * stride
+                    : wv + static_cast<size_t>(j - ns) * stride;
     }
   };
   __device__ Cursor Bind(int u, int d) const {
@@ -191,7 +193,7 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
         for (int h = 0; h < G; ++h) {
           if (h < group) {
             const float nm = MaxPropagateNan(m[h], dot[h]);  // NaN score: NaN state
-            const float corr = exp2f(m[h] - nm);  // m = -inf, nm finite: 0
+            const float corr = exp2f(m[h] - nm);             // m = -inf, nm finite: 0
             const float p = exp2f(dot[h] - nm);
             l[h] = l[h] * corr + p;
 #pragma unroll
@@ -288,7 +290,8 @@ __global__ void __launch_bounds__(128)
   float mm = -INFINITY;
   for (int s = lane; s < num_splits; s += 32) mm = MaxPropagateNan(mm, pl[s]);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) mm = MaxPropagateNan(mm, __shfl_xor_sync(0xffffffffu, mm, off));
+  for (int off = 16; off > 0; off >>= 1)
+    mm = MaxPropagateNan(mm, __shfl_xor_sync(0xffffffffu, mm, off));
   float acc[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
@@ -319,16 +322,16 @@ Err RunAttend(const Src& src, int units, int group, const void* q, bool q_is_f32
   const cudaStream_t st = AsStream(stream);
   const int rows = units * group;
   float* part_o = workspace;
-  float* part_lse = plan.num_splits > 1 ? workspace + static_cast<size_t>(rows) * plan.num_splits * D
-                                        : nullptr;
+  float* part_lse =
+      plan.num_splits > 1 ? workspace + static_cast<size_t>(rows) * plan.num_splits * D : nullptr;
   const dim3 grid(units, plan.num_splits);
-  AttendKernel<T, D, G, Src><<<grid, L::kThreads, 0, st>>>(
-      src, q, q_is_f32 ? 1 : 0, group, scale * 1.4426950408889634f, plan.chunk, plan.num_splits,
-      o, lse, part_o, part_lse);
+  AttendKernel<T, D, G, Src>
+      <<<grid, L::kThreads, 0, st>>>(src, q, q_is_f32 ? 1 : 0, group, scale * 1.4426950408889634f,
+                                     plan.chunk, plan.num_splits, o, lse, part_o, part_lse);
   if (Err e = LastLaunchErr(); !e.ok()) return e;
   if (plan.num_splits > 1) {
-    MergeSplitsKernel<D><<<(rows + 3) / 4, 128, 0, st>>>(part_o, part_lse, rows, plan.num_splits,
-                                                         o, lse);
+    MergeSplitsKernel<D>
+        <<<(rows + 3) / 4, 128, 0, st>>>(part_o, part_lse, rows, plan.num_splits, o, lse);
     return LastLaunchErr();
   }
   return {};
@@ -338,7 +341,7 @@ Err RunAttend(const Src& src, int units, int group, const void* q, bool q_is_f32
 template <typename T>
 Err TierAttentionT(const TierBatch& tier, const void* q, const AttnParams& p, float scale,
                    const SplitPlan& plan, float* o, float* lse, float* workspace, void* stream) {
-  TierSrc<T> src{tier.sink_k, tier.sink_v, tier.window_k, tier.window_v,
+  TierSrc<T> src{tier.sink_k, tier.sink_v,   tier.window_k, tier.window_v,
                  tier.n_sink, tier.n_window, tier.kv_heads};
   const int group = p.q_heads / tier.kv_heads;
   const int units = tier.batch * tier.kv_heads;

@@ -1,10 +1,11 @@
 // Launcher of the cluster step (cluster_kernels.h): argument checks, scratch, then
 // cluster_score.cu through cluster_launch.h.
+#include "kvrt_gpu/cluster_kernels.h"
+
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
-#include "gpu/src/cluster_launch.h"
-#include "kvrt_gpu/cluster_kernels.h"
+#include "cluster_launch.h"
 
 namespace kvrt::gpu {
 namespace {
@@ -17,9 +18,10 @@ absl::Status CheckCluster(const ClusterSummaryView& s, const ClusterStepParams& 
   }
   if (s.kv_heads <= 0 || s.num_clusters < 0 || s.num_outliers < 0 || p.q_heads <= 0 ||
       p.q_heads % s.kv_heads != 0 || p.q_heads / s.kv_heads > kClusterMaxGroup) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "ClusterStep: need kv_heads > 0, C, O >= 0 and q_heads a multiple of kv_heads with at most ",
-        kClusterMaxGroup, " per kv head"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("ClusterStep: need kv_heads > 0, C, O >= 0 and q_heads a multiple of kv_heads "
+                     "with at most ",
+                     kClusterMaxGroup, " per kv head"));
   }
   if ((s.num_clusters > 0 && (s.centroid == nullptr || s.value_mean == nullptr ||
                               s.size == nullptr || s.spread == nullptr)) ||

@@ -3,8 +3,8 @@
 // (nvcc, C++17, no Abseil). Arguments are validated by the launcher.
 #include <cstddef>
 
-#include "gpu/src/launch.h"
 #include "kvrt_gpu/cluster_kernels.h"
+#include "launch.h"
 
 namespace kvrt::gpu::detail {
 

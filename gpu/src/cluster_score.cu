@@ -17,8 +17,8 @@
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
-#include "gpu/src/cluster_launch.h"
-#include "gpu/src/common.cuh"
+#include "cluster_launch.h"
+#include "common.cuh"
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -197,9 +197,9 @@ __device__ __forceinline__ uint32_t OrderedKey(float f) {
 
 template <int D>
 __global__ void __launch_bounds__(kSelectThreads)
-    SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p,
-                 int estimate, const float* __restrict__ density,
-                 const float* __restrict__ partial, ClusterStepOutputs out) {
+    SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p, int estimate,
+                 const float* __restrict__ density, const float* __restrict__ partial,
+                 ClusterStepOutputs out) {
   using ScanLL = cub::BlockScan<long long, kSelectThreads>;
   using ScanF = cub::BlockScan<float, kSelectThreads>;
   using ScanI = cub::BlockScan<int, kSelectThreads>;
@@ -231,7 +231,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 
   // (a) total state.
   float mloc = -INFINITY;
-  for (int k = t; k < tiles; k += kSelectThreads) mloc = fmaxf(mloc, part[static_cast<size_t>(k) * (D + 2)]);
+  for (int k = t; k < tiles; k += kSelectThreads)
+    mloc = fmaxf(mloc, part[static_cast<size_t>(k) * (D + 2)]);
   const float mm = RedF(tmp.rf).Reduce(mloc, MaxOp());
   if (t == 0) s_m = mm;
   __syncthreads();
@@ -432,7 +433,8 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
   float* ws = workspace;
   const size_t ws_floats = ClusterWorkspaceFloats(s, p.q_heads);
   if (ws == nullptr && ws_floats > 0) {
-    if (Err e = CudaErr(cudaMallocAsync(reinterpret_cast<void**>(&ws), ws_floats * sizeof(float), st));
+    if (Err e =
+            CudaErr(cudaMallocAsync(reinterpret_cast<void**>(&ws), ws_floats * sizeof(float), st));
         !e.ok()) {
       return e;
     }

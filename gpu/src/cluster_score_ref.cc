@@ -36,7 +36,8 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
       const uint16_t* cen = s.centroid + hc * d;
       double dot = 0;
       for (int t = 0; t < d; ++t) dot += double(qq[t]) * Bf16ToF32(cen[t]);
-      dens[j] = static_cast<float>(scale * dot + p.spread_weight * 0.5 * scale * scale * qn2 * s.spread[hc]);
+      dens[j] = static_cast<float>(scale * dot +
+                                   p.spread_weight * 0.5 * scale * scale * qn2 * s.spread[hc]);
       lm[j] = dens[j] + std::log(double(s.size[hc]));
       m = std::max(m, lm[j]);
     }

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "gpu/src/launch.h"
+#include "launch.h"
 
 namespace kvrt::gpu::detail {
 
@@ -19,10 +19,18 @@ inline Err BadDType() { return Err{0, "unsupported dtype"}; }
 inline __device__ float ToF32(float x) { return x; }
 inline __device__ float ToF32(__half x) { return __half2float(x); }
 inline __device__ float ToF32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ T FromF32(float x);
-template <> inline __device__ float FromF32<float>(float x) { return x; }
-template <> inline __device__ __half FromF32<__half>(float x) { return __float2half_rn(x); }
-template <> inline __device__ __nv_bfloat16 FromF32<__nv_bfloat16>(float x) {
+template <typename T>
+__device__ T FromF32(float x);
+template <>
+inline __device__ float FromF32<float>(float x) {
+  return x;
+}
+template <>
+inline __device__ __half FromF32<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+inline __device__ __nv_bfloat16 FromF32<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
@@ -47,7 +55,8 @@ struct RawVec {
   uint4 w[N * sizeof(T) / 16];
   __device__ __forceinline__ void Load(const T* __restrict__ p) {
 #pragma unroll
-    for (int l = 0; l < N * (int)sizeof(T) / 16; ++l) w[l] = __ldg(reinterpret_cast<const uint4*>(p) + l);
+    for (int l = 0; l < N * (int)sizeof(T) / 16; ++l)
+      w[l] = __ldg(reinterpret_cast<const uint4*>(p) + l);
   }
   __device__ __forceinline__ float At(int i) const {
     return ToF32(reinterpret_cast<const T*>(w)[i]);
@@ -55,20 +64,38 @@ struct RawVec {
 };
 
 // Dispatch helpers: the only instantiations are these three dtypes and three head dims.
-#define KVRT_DISPATCH_DTYPE(dtype, T, ...)                   \
-  switch (dtype) {                                           \
-    case ::kvrt::DType::kF32: { using T = float; __VA_ARGS__ } break;          \
-    case ::kvrt::DType::kF16: { using T = __half; __VA_ARGS__ } break;         \
-    case ::kvrt::DType::kBF16: { using T = __nv_bfloat16; __VA_ARGS__ } break; \
-    default: return BadDType();                              \
+#define KVRT_DISPATCH_DTYPE(dtype, T, ...) \
+  switch (dtype) {                         \
+    case ::kvrt::DType::kF32: {            \
+      using T = float;                     \
+      __VA_ARGS__                          \
+    } break;                               \
+    case ::kvrt::DType::kF16: {            \
+      using T = __half;                    \
+      __VA_ARGS__                          \
+    } break;                               \
+    case ::kvrt::DType::kBF16: {           \
+      using T = __nv_bfloat16;             \
+      __VA_ARGS__                          \
+    } break;                               \
+    default: return BadDType();            \
   }
 
-#define KVRT_DISPATCH_HEAD_DIM(head_dim, D, ...)             \
-  switch (head_dim) {                                        \
-    case 64: { constexpr int D = 64; __VA_ARGS__ } break;    \
-    case 128: { constexpr int D = 128; __VA_ARGS__ } break;  \
-    case 256: { constexpr int D = 256; __VA_ARGS__ } break;  \
-    default: return BadHeadDim();                            \
+#define KVRT_DISPATCH_HEAD_DIM(head_dim, D, ...) \
+  switch (head_dim) {                            \
+    case 64: {                                   \
+      constexpr int D = 64;                      \
+      __VA_ARGS__                                \
+    } break;                                     \
+    case 128: {                                  \
+      constexpr int D = 128;                     \
+      __VA_ARGS__                                \
+    } break;                                     \
+    case 256: {                                  \
+      constexpr int D = 256;                     \
+      __VA_ARGS__                                \
+    } break;                                     \
+    default: return BadHeadDim();                \
   }
 
 }  // namespace kvrt::gpu::detail

@@ -1,20 +1,23 @@
 // Launchers of the GPU-tier kernels: argument checks, split-K planning and scratch, then the CUDA
 // translation units (launch.h). Without CUDA every launcher returns FailedPrecondition and
 // DeviceAvailable() is false, so callers fall back to the host references.
+#include "kvrt_gpu/kernels.h"
+
 #include <cmath>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "gpu/src/launch.h"
-#include "kvrt_gpu/kernels.h"
+#include "launch.h"
 
 namespace kvrt::gpu {
 namespace {
 
 bool HeadDimOk(int d) { return d == 64 || d == 128 || d == 256; }
 bool DTypeOk(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
-[[maybe_unused]] float ScaleOr(float scale, int d) { return scale != 0.f ? scale : 1.f / std::sqrt(float(d)); }
+[[maybe_unused]] float ScaleOr(float scale, int d) {
+  return scale != 0.f ? scale : 1.f / std::sqrt(float(d));
+}
 
 #if KVRT_WITH_CUDA
 absl::Status ToStatus(const detail::Err& e, const char* what) {
@@ -41,9 +44,9 @@ absl::Status CheckTier(const TierBatch& t, const AttnParams& p) {
   }
   if (!DTypeOk(t.dtype)) return absl::InvalidArgumentError("TierAttention: unsupported dtype");
   if (p.q_heads <= 0 || p.q_heads % t.kv_heads != 0 || p.q_heads / t.kv_heads > kMaxGroup) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "TierAttention: q_heads ", p.q_heads, " must be a multiple of kv_heads ", t.kv_heads,
-        " with at most ", kMaxGroup, " q heads per kv head"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("TierAttention: q_heads ", p.q_heads, " must be a multiple of kv_heads ",
+                     t.kv_heads, " with at most ", kMaxGroup, " q heads per kv head"));
   }
   if (p.split_tokens < 0) return absl::InvalidArgumentError("TierAttention: split_tokens < 0");
   return absl::OkStatus();
@@ -118,9 +121,8 @@ absl::Status TierAttention(const TierBatch& tier, const void* q, const AttnParam
   const int units = tier.batch * tier.kv_heads;
   const auto plan = detail::PlanSplits(units, tier.max_tokens, p.split_tokens, detail::SmCount());
   const float scale = ScaleOr(p.scale, tier.head_dim);
-  const std::size_t need = plan.num_splits > 1 ? static_cast<std::size_t>(tier.batch) *
-                                                     p.q_heads * plan.num_splits *
-                                                     (tier.head_dim + 1)
+  const std::size_t need = plan.num_splits > 1 ? static_cast<std::size_t>(tier.batch) * p.q_heads *
+                                                     plan.num_splits * (tier.head_dim + 1)
                                                : 0;
   float* ws = workspace;
   if (need > 0 && ws == nullptr) {
@@ -170,8 +172,8 @@ absl::Status GatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, fl
     }
     ws = static_cast<float*>(ptr);
   }
-  auto st = ToStatus(detail::LaunchGatherAttend(g, q, q_is_f32, ScaleOr(scale, g.head_dim), plan,
-                                                o, lse, ws, stream),
+  auto st = ToStatus(detail::LaunchGatherAttend(g, q, q_is_f32, ScaleOr(scale, g.head_dim), plan, o,
+                                                lse, ws, stream),
                      "GatherAttend");
   if (ws != workspace) {
     auto fs = ToStatus(detail::FreeAsync(ws, stream), "GatherAttend");
@@ -183,16 +185,16 @@ absl::Status GatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, fl
 #endif
 }
 
-absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b,
-                         const float* lse_b, int rows, int head_dim, void* out, DType out_dtype,
-                         float* lse_out, void* stream) {
+absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
+                         int rows, int head_dim, void* out, DType out_dtype, float* lse_out,
+                         void* stream) {
   if (rows < 0 || !HeadDimOk(head_dim) || !DTypeOk(out_dtype)) {
     return absl::InvalidArgumentError(
         absl::StrCat("MergeStates: rows ", rows, ", head_dim ", head_dim, " (64, 128, 256)"));
   }
 #if KVRT_WITH_CUDA
-  return ToStatus(detail::LaunchMergeStates(o_a, lse_a, o_b, lse_b, rows, head_dim, out,
-                                            out_dtype, lse_out, stream),
+  return ToStatus(detail::LaunchMergeStates(o_a, lse_a, o_b, lse_b, rows, head_dim, out, out_dtype,
+                                            lse_out, stream),
                   "MergeStates");
 #else
   return NoCuda("MergeStates");
@@ -207,9 +209,9 @@ absl::Status MergeStatesN(const float* o, const float* lse, int n_states, int ro
                                                    " (64, 128, 256)"));
   }
 #if KVRT_WITH_CUDA
-  return ToStatus(detail::LaunchMergeStatesN(o, lse, n_states, rows, head_dim, out, out_dtype,
-                                             lse_out, stream),
-                  "MergeStatesN");
+  return ToStatus(
+      detail::LaunchMergeStatesN(o, lse, n_states, rows, head_dim, out, out_dtype, lse_out, stream),
+      "MergeStatesN");
 #else
   return NoCuda("MergeStatesN");
 #endif
@@ -233,8 +235,7 @@ absl::Status RingGather(const RingBatch& ring, const int64_t* start, int count, 
                         void* out_v, void* stream) {
   if (auto s = CheckRing(ring, count, "RingGather"); !s.ok()) return s;
 #if KVRT_WITH_CUDA
-  return ToStatus(detail::LaunchRingGather(ring, start, count, out_k, out_v, stream),
-                  "RingGather");
+  return ToStatus(detail::LaunchRingGather(ring, start, count, out_k, out_v, stream), "RingGather");
 #else
   return NoCuda("RingGather");
 #endif

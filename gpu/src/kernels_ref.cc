@@ -54,9 +54,8 @@ void TierAttentionBatchHost(const TierBatch& t, const void* q, const AttnParams&
   }
 }
 
-void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b,
-                       const float* lse_b, int rows, int d, void* out, DType out_dtype,
-                       float* lse_out) {
+void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
+                       int rows, int d, void* out, DType out_dtype, float* lse_out) {
   std::vector<float> row(d);
   for (int r = 0; r < rows; ++r) {
     const std::size_t base = static_cast<std::size_t>(r) * d;
@@ -80,7 +79,8 @@ void MergeStatesNHost(const float* o, const float* lse, int n_states, int rows, 
     }
     float l;
     cpu_index::MergeStates(n_states, os.data(), ls.data(), d, row.data(), &l);
-    ConvertFromF32(row.data(), d, out_dtype, Bytes(out) + static_cast<std::size_t>(r) * d * DTypeSize(out_dtype));
+    ConvertFromF32(row.data(), d, out_dtype,
+                   Bytes(out) + static_cast<std::size_t>(r) * d * DTypeSize(out_dtype));
     if (lse_out != nullptr) lse_out[r] = l;
   }
 }
@@ -103,8 +103,7 @@ void RingAppendHost(const RingBatch& r, const void* new_k, const void* new_v, in
   }
 }
 
-void RingGatherHost(const RingBatch& r, const int64_t* start, int count, void* out_k,
-                    void* out_v) {
+void RingGatherHost(const RingBatch& r, const int64_t* start, int count, void* out_k, void* out_v) {
   const std::size_t tok = static_cast<std::size_t>(r.kv_heads) * r.head_dim * DTypeSize(r.dtype);
   for (int b = 0; b < r.batch; ++b) {
     for (int i = 0; i < count; ++i) {

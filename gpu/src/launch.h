@@ -17,8 +17,8 @@ struct Err {
 };
 
 const char* CudaErrorName(int code);
-int DeviceCount();        // 0 when the driver or a device is missing
-int SmCount();            // multiprocessors of the current device (cached)
+int DeviceCount();  // 0 when the driver or a device is missing
+int SmCount();      // multiprocessors of the current device (cached)
 
 // Split-K plan shared by the launcher (workspace size) and the kernels.
 struct SplitPlan {
@@ -31,8 +31,7 @@ Err LaunchTierAttention(const TierBatch& tier, const void* q, const AttnParams& 
                         const SplitPlan& plan, float* o, float* lse, float* workspace,
                         void* stream);
 Err LaunchGatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, float scale,
-                       const SplitPlan& plan, float* o, float* lse, float* workspace,
-                       void* stream);
+                       const SplitPlan& plan, float* o, float* lse, float* workspace, void* stream);
 Err LaunchMergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
                       int rows, int head_dim, void* out, DType out_dtype, float* lse_out,
                       void* stream);

@@ -1,7 +1,7 @@
 // Merge of two partial attention states per row (GPU tier with CPU-retrieved tokens), batched over
 // sequences and q heads. docs/architecture.md "Numerics": lse = logaddexp(lse_a, lse_b),
 // o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b.
-#include "gpu/src/common.cuh"
+#include "common.cuh"
 #include "kvrt_common/nan_max.h"
 
 namespace kvrt::gpu::detail {
@@ -56,14 +56,15 @@ __global__ void __launch_bounds__(128)
 // Same weights as cpu_index::MergeStates (the host reference): w_i = exp(lse_i - m) / sum.
 template <typename OutT, int D>
 __global__ void __launch_bounds__(128)
-    MergeStatesNKernel(const float* __restrict__ o, const float* __restrict__ lse, int n,
-                       int rows, OutT* __restrict__ out, float* __restrict__ lse_out) {
+    MergeStatesNKernel(const float* __restrict__ o, const float* __restrict__ lse, int n, int rows,
+                       OutT* __restrict__ out, float* __restrict__ lse_out) {
   constexpr int kPer = D / 32;
   const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
   float m = -INFINITY;
-  for (int i = 0; i < n; ++i) m = MaxPropagateNan(m, lse[static_cast<size_t>(i) * rows + row]);  // NaN: NaN out
+  for (int i = 0; i < n; ++i)
+    m = MaxPropagateNan(m, lse[static_cast<size_t>(i) * rows + row]);  // NaN: NaN out
   float acc[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
@@ -93,12 +94,10 @@ Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int he
   if (rows == 0) return {};
   const cudaStream_t st = AsStream(stream);
   const int blocks = (rows + 3) / 4;
-  KVRT_DISPATCH_DTYPE(out_dtype, T, {
-    KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
-      MergeStatesNKernel<T, D><<<blocks, 128, 0, st>>>(o, lse, n, rows, static_cast<T*>(out),
-                                                       lse_out);
-    })
-  })
+  KVRT_DISPATCH_DTYPE(out_dtype, T, {KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
+                        MergeStatesNKernel<T, D><<<blocks, 128, 0, st>>>(
+                            o, lse, n, rows, static_cast<T*>(out), lse_out);
+                      })})
   return LastLaunchErr();
 }
 
@@ -108,12 +107,10 @@ Err LaunchMergeStates(const float* o_a, const float* lse_a, const float* o_b, co
   if (rows == 0) return {};
   const cudaStream_t st = AsStream(stream);
   const int blocks = (rows + 3) / 4;
-  KVRT_DISPATCH_DTYPE(out_dtype, T, {
-    KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
-      MergeStatesKernel<T, D><<<blocks, 128, 0, st>>>(o_a, lse_a, o_b, lse_b, rows,
-                                                      static_cast<T*>(out), lse_out);
-    })
-  })
+  KVRT_DISPATCH_DTYPE(out_dtype, T, {KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
+                        MergeStatesKernel<T, D><<<blocks, 128, 0, st>>>(
+                            o_a, lse_a, o_b, lse_b, rows, static_cast<T*>(out), lse_out);
+                      })})
   return LastLaunchErr();
 }
 

@@ -1,6 +1,6 @@
 // Window ring append (new tokens' k/v into their slots) and eviction gather (rows that leave the
 // window into a contiguous staging buffer for the D2H copy). Pure data movement in 16-byte words.
-#include "gpu/src/common.cuh"
+#include "common.cuh"
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -68,15 +68,14 @@ Err LaunchRingAppend(const RingBatch& r, const void* new_k, const void* new_v, i
                      void* evict_k, void* evict_v, void* stream) {
   if (r.batch == 0 || n_new == 0) return {};
   const cudaStream_t st = AsStream(stream);
-  KVRT_DISPATCH_DTYPE(r.dtype, T, {
-    KVRT_DISPATCH_HEAD_DIM(r.head_dim, D, {
-      const int64_t words = static_cast<int64_t>(r.batch) * n_new * r.kv_heads * (D * sizeof(T) / 16);
-      RingAppendKernel<T, D><<<Blocks(words), 256, 0, st>>>(
-          r.ring_k, r.ring_v, r.write_pos, r.batch, r.capacity, r.kv_heads, n_new,
-          static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
-          static_cast<uint4*>(evict_k), static_cast<uint4*>(evict_v));
-    })
-  })
+  KVRT_DISPATCH_DTYPE(r.dtype, T, {KVRT_DISPATCH_HEAD_DIM(r.head_dim, D, {
+                        const int64_t words = static_cast<int64_t>(r.batch) * n_new * r.kv_heads *
+                                              (D * sizeof(T) / 16);
+                        RingAppendKernel<T, D><<<Blocks(words), 256, 0, st>>>(
+                            r.ring_k, r.ring_v, r.write_pos, r.batch, r.capacity, r.kv_heads, n_new,
+                            static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
+                            static_cast<uint4*>(evict_k), static_cast<uint4*>(evict_v));
+                      })})
   return LastLaunchErr();
 }
 
@@ -84,14 +83,13 @@ Err LaunchRingGather(const RingBatch& r, const int64_t* start, int count, void* 
                      void* stream) {
   if (r.batch == 0 || count == 0) return {};
   const cudaStream_t st = AsStream(stream);
-  KVRT_DISPATCH_DTYPE(r.dtype, T, {
-    KVRT_DISPATCH_HEAD_DIM(r.head_dim, D, {
-      const int64_t words = static_cast<int64_t>(r.batch) * count * r.kv_heads * (D * sizeof(T) / 16);
-      RingGatherKernel<T, D><<<Blocks(words), 256, 0, st>>>(
-          r.ring_k, r.ring_v, start, r.batch, r.capacity, r.kv_heads, count,
-          static_cast<uint4*>(out_k), static_cast<uint4*>(out_v));
-    })
-  })
+  KVRT_DISPATCH_DTYPE(r.dtype, T, {KVRT_DISPATCH_HEAD_DIM(r.head_dim, D, {
+                        const int64_t words = static_cast<int64_t>(r.batch) * count * r.kv_heads *
+                                              (D * sizeof(T) / 16);
+                        RingGatherKernel<T, D><<<Blocks(words), 256, 0, st>>>(
+                            r.ring_k, r.ring_v, start, r.batch, r.capacity, r.kv_heads, count,
+                            static_cast<uint4*>(out_k), static_cast<uint4*>(out_v));
+                      })})
   return LastLaunchErr();
 }
 

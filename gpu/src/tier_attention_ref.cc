@@ -27,8 +27,8 @@ void TierAttentionHost(const TierView& t, const float* q, int q_heads, float sca
     const float* qh = q + static_cast<std::size_t>(h) * d;
     float* oh = o + static_cast<std::size_t>(h) * d;
     float lse2;
-    cpu_index::AttendDense(qh, d, scale, HeadBase(t.sink_k, g, t), HeadBase(t.sink_v, g, t),
-                           stride, t.dtype, t.n_sink, oh, &lse[h]);
+    cpu_index::AttendDense(qh, d, scale, HeadBase(t.sink_k, g, t), HeadBase(t.sink_v, g, t), stride,
+                           t.dtype, t.n_sink, oh, &lse[h]);
     cpu_index::AttendDense(qh, d, scale, HeadBase(t.window_k, g, t), HeadBase(t.window_v, g, t),
                            stride, t.dtype, t.n_window, o2.data(), &lse2);
     cpu_index::MergeInto(oh, &lse[h], o2.data(), lse2, d);

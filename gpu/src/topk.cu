@@ -1,12 +1,12 @@
-// Exact top-k of queries against keys, for the attention-aware index build (docs/architecture.md, One decode step:
-// "for a sample of them it finds their exact top keys"). Keys are processed in chunks: a tiled f32
-// GEMM writes scale * Q K^T for the chunk into scratch, then one CTA per query merges the chunk
-// into that query's running top-k (kept in the outputs between chunks) with a threshold test and,
-// only when some score beats the current k-th best, a bitonic sort of 256 candidates in shared
-// memory.
+// Exact top-k of queries against keys, for the attention-aware index build (docs/architecture.md,
+// One decode step: "for a sample of them it finds their exact top keys"). Keys are processed in
+// chunks: a tiled f32 GEMM writes scale * Q K^T for the chunk into scratch, then one CTA per query
+// merges the chunk into that query's running top-k (kept in the outputs between chunks) with a
+// threshold test and, only when some score beats the current k-th best, a bitonic sort of 256
+// candidates in shared memory.
 #include <climits>
 
-#include "gpu/src/common.cuh"
+#include "common.cuh"
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -44,8 +44,7 @@ __global__ void __launch_bounds__(256)
       const int kj = j_base + lr;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        ks[lc + c][lr] =
-            kj < cn ? LoadElem<T>(k, (k0 + kj) * k_stride + d0 + lc + c, false) : 0.f;
+        ks[lc + c][lr] = kj < cn ? LoadElem<T>(k, (k0 + kj) * k_stride + d0 + lc + c, false) : 0.f;
       }
     }
     __syncthreads();
@@ -156,19 +155,18 @@ Err LaunchExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* st
     return e;
   }
   Err err{};
-  KVRT_DISPATCH_DTYPE(pr.dtype, T, {
-    KVRT_DISPATCH_HEAD_DIM(pr.head_dim, D, {
-      for (int64_t k0 = 0; k0 < pr.nk && err.ok(); k0 += cn) {
-        const int n = static_cast<int>(pr.nk - k0 < cn ? pr.nk - k0 : cn);
-        const dim3 grid((n + kBN - 1) / kBN, static_cast<unsigned>((pr.nq + kBM - 1) / kBM));
-        ScoresKernel<T, D><<<grid, 256, 0, st>>>(pr.q, pr.q_stride, pr.q_is_f32 ? 1 : 0, pr.k,
-                                                 pr.k_stride, pr.nq, k0, n, pr.scale, buf);
-        TopKMergeKernel<<<static_cast<unsigned>(pr.nq), 128, 0, st>>>(buf, n, k0, pr.topk,
-                                                                      k0 == 0 ? 1 : 0, ids, scores);
-        err = LastLaunchErr();
-      }
-    })
-  })
+  KVRT_DISPATCH_DTYPE(
+      pr.dtype, T, {KVRT_DISPATCH_HEAD_DIM(pr.head_dim, D, {
+        for (int64_t k0 = 0; k0 < pr.nk && err.ok(); k0 += cn) {
+          const int n = static_cast<int>(pr.nk - k0 < cn ? pr.nk - k0 : cn);
+          const dim3 grid((n + kBN - 1) / kBN, static_cast<unsigned>((pr.nq + kBM - 1) / kBM));
+          ScoresKernel<T, D><<<grid, 256, 0, st>>>(pr.q, pr.q_stride, pr.q_is_f32 ? 1 : 0, pr.k,
+                                                   pr.k_stride, pr.nq, k0, n, pr.scale, buf);
+          TopKMergeKernel<<<static_cast<unsigned>(pr.nq), 128, 0, st>>>(
+              buf, n, k0, pr.topk, k0 == 0 ? 1 : 0, ids, scores);
+          err = LastLaunchErr();
+        }
+      })})
   const Err fe = CudaErr(cudaFreeAsync(buf, st));
   return err.ok() ? fe : err;
 }

@@ -1,4 +1,4 @@
-#include "runtime/src/budget.h"
+#include "budget.h"
 
 #include <algorithm>
 
@@ -38,21 +38,22 @@ absl::Status BudgetReservation::Reserve(const RuntimeConfig& cfg, Runtime::Count
   const int64_t per_token = 2 * static_cast<int64_t>(tb);
   const int64_t token_limit =
       cfg.host_memory_limit > 0
-          ? std::max<int64_t>(0, (cfg.host_memory_limit - counters->index_bytes.load() - index_bytes) /
-                                     per_token)
+          ? std::max<int64_t>(
+                0, (cfg.host_memory_limit - counters->index_bytes.load() - index_bytes) / per_token)
           : -1;
   // NOTE: index_bytes counts even when no token goes cold, and an index that would not fit
   // fails the call like a store that would not: the limit covers both (kvrt.h).
-  const bool index_fits = cfg.host_memory_limit <= 0 ||
-                          counters->host_tokens.load() * per_token + counters->index_bytes.load() +
-                                  index_bytes <= cfg.host_memory_limit;
+  const bool index_fits =
+      cfg.host_memory_limit <= 0 ||
+      counters->host_tokens.load() * per_token + counters->index_bytes.load() + index_bytes <=
+          cfg.host_memory_limit;
   if (!index_fits || !TryReserve(counters->host_tokens, new_cold, token_limit)) {
     counters->gpu_allocated_bytes -= gpu_bytes;
     return absl::ResourceExhaustedError(absl::StrCat(
         "host memory limit: ", counters->host_tokens.load() * per_token, " bytes of host store + ",
         counters->index_bytes.load(), " of indexes in use, ", new_cold * per_token,
-        " more for the store and up to ", index_bytes, " for index growth needed > host_memory_limit ",
-        cfg.host_memory_limit));
+        " more for the store and up to ", index_bytes,
+        " for index growth needed > host_memory_limit ", cfg.host_memory_limit));
   }
   counters->index_bytes += index_bytes;
   counters_ = counters;
@@ -62,10 +63,11 @@ absl::Status BudgetReservation::Reserve(const RuntimeConfig& cfg, Runtime::Count
   return absl::OkStatus();
 }
 
-int64_t IndexGrowthBound(const RuntimeConfig& cfg, int64_t cold_rows, int64_t min_rows, int64_t accounted) {
+int64_t IndexGrowthBound(const RuntimeConfig& cfg, int64_t cold_rows, int64_t min_rows,
+                         int64_t accounted) {
   if (cfg.index_kind == cpu_index::IndexKind::kExact || cold_rows < min_rows) return 0;
-  const int64_t bound =
-      cfg.num_kv_heads * cpu_index::IndexBytesBound(cfg.index_kind, cfg.index, cfg.head_dim, cold_rows);
+  const int64_t bound = cfg.num_kv_heads * cpu_index::IndexBytesBound(cfg.index_kind, cfg.index,
+                                                                      cfg.head_dim, cold_rows);
   return std::max<int64_t>(0, bound - accounted);
 }
 

@@ -1,4 +1,4 @@
-#include "runtime/src/cold_tier.h"
+#include "cold_tier.h"
 
 #include <algorithm>
 #include <chrono>
@@ -7,12 +7,12 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "budget.h"
+#include "fault_injection.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "runtime/src/budget.h"
-#include "runtime/src/fault_injection.h"
 
 namespace kvrt::runtime {
 namespace {
@@ -43,8 +43,7 @@ absl::Status GuardedSearch(cpu_index::IndexKind kind, int g, SearchFn&& search) 
 
 }  // namespace
 
-ColdTier::ColdTier(const RuntimeConfig* config, Runtime::Counters* counters,
-                   int64_t first_position)
+ColdTier::ColdTier(const RuntimeConfig* config, Runtime::Counters* counters, int64_t first_position)
     : cfg_(config),
       counters_(counters),
       first_position_(first_position),
@@ -267,8 +266,8 @@ absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::tas
   return absl::OkStatus();
 }
 
-absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
-                                  ColdSelection* sel, int64_t* read, PartialState* attend) const {
+absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q, ColdSelection* sel,
+                                  int64_t* read, PartialState* attend) const {
   const int d = cfg_->head_dim;
   const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
   const int g = heads.front() / group;
@@ -320,9 +319,8 @@ absl::Status ColdTier::SelectHead(int h, const float* qh, ColdSelection* sel) co
     cpu_index::SearchParams params;
     params.k = cfg_->top_k;
     params.effort = cfg_->search_effort;
-    KVRT_RETURN_IF_ERROR(GuardedSearch(cfg_->index_kind, g, [&] {
-      return index->Search(stores_[g], qh, params, &found);
-    }));
+    KVRT_RETURN_IF_ERROR(GuardedSearch(
+        cfg_->index_kind, g, [&] { return index->Search(stores_[g], qh, params, &found); }));
   }
   AddUncovered(g, qh, &found, sel, h);
   sel->search_ns[h] = SteadyNs() - t0;
@@ -370,8 +368,8 @@ void ColdTier::AddUncovered(int g, const float* qh, cpu_index::SearchResult* fou
     scores.push_back(tail_scores[i]);
   }
   // A kind that selects more than k by design (a token budget) keeps its set plus the tail.
-  const int64_t keep = std::max<int64_t>(cfg_->top_k, static_cast<int64_t>(ids.size()) -
-                                                          static_cast<int64_t>(tail.size()));
+  const int64_t keep = std::max<int64_t>(
+      cfg_->top_k, static_cast<int64_t>(ids.size()) - static_cast<int64_t>(tail.size()));
   if (static_cast<int64_t>(ids.size()) > keep) {
     std::vector<int64_t> best;
     cpu_index::TopK(scores.data(), static_cast<int64_t>(scores.size()), static_cast<int>(keep),

@@ -23,21 +23,21 @@
 #include "kvrt_runtime/runtime.h"
 #include "kvrt_transfer/eviction.h"
 #include "oneapi/tbb/task_arena.h"
-#include "runtime/src/partial_state.h"
+#include "partial_state.h"
 
 namespace kvrt::runtime {
 
 // What the cold selection of one decode step chose, per q head: store rows of its kv head
 // (empty for streaming heads and for exact mode, which attends every row), and the work it did.
 struct ColdSelection {
-  bool exact = false;                       // exact mode: every row of every kv head
-  std::vector<std::vector<int64_t>> rows;   // [q_heads] store rows
-  std::vector<uint8_t> active;              // [q_heads] 1 = the head takes part in the cold tier
-  PartialState estimate;                    // kinds that estimate the rows they did not select
-  std::vector<int64_t> scored;              // [q_heads] keys scored (distance computations)
-  std::vector<int64_t> search_ns;           // [q_heads] time in the search
-  int64_t keys_read = 0;                    // keys read (a group search's key counts once)
-  int64_t busy_ns = 0;                      // summed busy time of the selection's units
+  bool exact = false;                      // exact mode: every row of every kv head
+  std::vector<std::vector<int64_t>> rows;  // [q_heads] store rows
+  std::vector<uint8_t> active;             // [q_heads] 1 = the head takes part in the cold tier
+  PartialState estimate;                   // kinds that estimate the rows they did not select
+  std::vector<int64_t> scored;             // [q_heads] keys scored (distance computations)
+  std::vector<int64_t> search_ns;          // [q_heads] time in the search
+  int64_t keys_read = 0;                   // keys read (a group search's key counts once)
+  int64_t busy_ns = 0;                     // summed busy time of the selection's units
 
   bool any_active() const {
     for (uint8_t a : active)

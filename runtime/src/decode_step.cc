@@ -19,8 +19,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/status_macros.h"
+#include "layer_state.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "runtime/src/layer_state.h"
 
 namespace kvrt::runtime {
 namespace {

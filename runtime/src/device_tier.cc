@@ -1,6 +1,6 @@
 // The device backend of the GPU tier (device_tier.h, tier_backend.h): device sinks + window ring,
 // the eviction pipeline, fetch mode and the device half of a decode step.
-#include "runtime/src/device_tier.h"
+#include "device_tier.h"
 
 #include <algorithm>
 #include <chrono>
@@ -12,7 +12,7 @@
 #include "kvrt_common/status_macros.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "runtime/src/tier_backend.h"
+#include "tier_backend.h"
 
 namespace kvrt::runtime {
 namespace {
@@ -116,7 +116,6 @@ void GpuContext::ReleaseStream(void* s) {
   free_streams_.push_back(s);
 }
 
-
 // ---- DeviceTier -------------------------------------------------------------------------------
 namespace {
 
@@ -132,7 +131,10 @@ constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kSlots = 3;
 class DeviceStep : public TierStep {
  public:
   DeviceStep(GpuContext* ctx, const Exec& exec, int n, int q_heads, int d)
-      : exec(exec), lease(ctx, exec), rows(n * q_heads), state_floats(static_cast<std::size_t>(n) * q_heads * d) {
+      : exec(exec),
+        lease(ctx, exec),
+        rows(n * q_heads),
+        state_floats(static_cast<std::size_t>(n) * q_heads * d) {
     n_ = n;
     q_floats_ = static_cast<std::size_t>(q_heads) * d;
     q_.resize(n * q_floats_);
@@ -160,6 +162,7 @@ class DeviceStep : public TierStep {
 
 class DeviceTier final : public TierBackend {
   friend class DeviceStep;
+
  public:
   DeviceTier(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* ctx)
       : cfg_(config), counters_(counters), ctx_(ctx) {}
@@ -169,16 +172,15 @@ class DeviceTier final : public TierBackend {
                       ColdTier* cold) override;
   absl::Status SettleEvictions(ColdTier* cold) override;
   int64_t pending_rows() const override { return evictions_.pending_rows(); }
-  absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes,
-                          const Exec& exec) override;
+  absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes, const Exec& exec) override;
   bool background_refresh() const override { return true; }
   absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(TierBackend* const* tiers,
                                                       const TierCounts* counts, int n,
                                                       const void* q, const Exec& exec,
                                                       tbb::task_arena& arena) override;
   bool can_fetch() const override { return true; }
-  absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel,
-                             const ColdTier& cold, tbb::task_arena& arena) override;
+  absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel, const ColdTier& cold,
+                             tbb::task_arena& arena) override;
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                       const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
@@ -226,7 +228,8 @@ class DeviceTier final : public TierBackend {
 absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
   const std::size_t tb = token_bytes();
   auto alloc = [&](transfer::DeviceBuffer* b, int64_t rows) -> absl::Status {
-    KVRT_ASSIGN_OR_RETURN(*b, transfer::DeviceBuffer::Allocate(static_cast<std::size_t>(rows) * tb));
+    KVRT_ASSIGN_OR_RETURN(*b,
+                          transfer::DeviceBuffer::Allocate(static_cast<std::size_t>(rows) * tb));
     return absl::OkStatus();
   };
   absl::Status st;
@@ -255,9 +258,8 @@ absl::Status DeviceTier::SettleEvictions(ColdTier* cold) {
   if (evictions_.empty()) return absl::OkStatus();
   KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + evictions_.pending_rows()));
   // Capacity is reserved, so these appends cannot fail half-way.
-  return evictions_.Drain([&](const void* k, const void* v, int64_t rows) {
-    return cold->Append(k, v, rows);
-  });
+  return evictions_.Drain(
+      [&](const void* k, const void* v, int64_t rows) { return cold->Append(k, v, rows); });
 }
 
 // Ring tokens that leave the window: device copy into staging (stream order, before the ring
@@ -293,8 +295,12 @@ absl::Status DeviceTier::Evict(const AppendPlan& plan, void* stream) {
 
 absl::Status DeviceTier::UploadArrays(int64_t n_sink, int64_t n_window, void* stream) {
   if (arrays_n_sink_ == n_sink && arrays_n_window_ == n_window) return absl::OkStatus();
-  gpu::TierArrays::Entry e{sink_k_.data(), sink_v_.data(), ring_k_.data(), ring_v_.data(),
-                           static_cast<int32_t>(n_sink), static_cast<int32_t>(n_window)};
+  gpu::TierArrays::Entry e{sink_k_.data(),
+                           sink_v_.data(),
+                           ring_k_.data(),
+                           ring_v_.data(),
+                           static_cast<int32_t>(n_sink),
+                           static_cast<int32_t>(n_window)};
   // NOTE: a member, not a stack buffer: the copy from pageable memory may still read it after
   // MemcpyAsync returns.
   arrays_host_.resize(gpu::TierArrays::Bytes(1));
@@ -396,8 +402,7 @@ void DeviceTier::CollectTiming() {
 
 absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* const* members,
                                                                 const TierCounts* counts, int n,
-                                                                const void* q_in,
-                                                                const Exec& exec,
+                                                                const void* q_in, const Exec& exec,
                                                                 tbb::task_arena&) {
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const std::size_t of = static_cast<std::size_t>(n) * H * d;
@@ -412,8 +417,12 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     step->tiers.push_back(t);
     t->CollectTiming();  // the previous attend's device times (device output: read lazily)
     if (t->used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, t->last_use_));
-    entries[i] = {t->sink_k_.data(), t->sink_v_.data(), t->ring_k_.data(), t->ring_v_.data(),
-                  static_cast<int32_t>(counts[i].n_sink), static_cast<int32_t>(counts[i].n_window)};
+    entries[i] = {t->sink_k_.data(),
+                  t->sink_v_.data(),
+                  t->ring_k_.data(),
+                  t->ring_v_.data(),
+                  static_cast<int32_t>(counts[i].n_sink),
+                  static_cast<int32_t>(counts[i].n_window)};
     max_tokens = std::max(max_tokens, static_cast<int>(counts[i].n_sink + counts[i].n_window));
   }
   if (ev_start_.empty()) {
@@ -426,9 +435,9 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   const std::size_t arrays_bytes = n > 1 ? gpu::TierArrays::Bytes(n) : 0;
   const std::size_t floats = kSlots * (of + step->rows) + of;
   const std::size_t arrays_at = (floats * sizeof(float) + 15) / 16 * 16;
-  KVRT_ASSIGN_OR_RETURN(step->scratch,
-                        transfer::MallocAsync(arrays_at + arrays_bytes + (exec.device ? 0 : qbytes),
-                                              stream));
+  KVRT_ASSIGN_OR_RETURN(
+      step->scratch,
+      transfer::MallocAsync(arrays_at + arrays_bytes + (exec.device ? 0 : qbytes), stream));
   auto* scratch = static_cast<unsigned char*>(step->scratch);
   step->o_states = reinterpret_cast<float*>(scratch);
   step->lse_states = step->o_states + kSlots * of;
@@ -458,8 +467,8 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     // NOTE: pageable source: the copy has read it when MemcpyAsync returns.
     std::vector<unsigned char> packed(arrays_bytes);
     gpu::TierArrays::Pack(entries.data(), n, packed.data());
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(scratch + arrays_at, packed.data(), arrays_bytes,
-                                               stream));
+    KVRT_RETURN_IF_ERROR(
+        transfer::MemcpyAsync(scratch + arrays_at, packed.data(), arrays_bytes, stream));
     gpu::TierArrays::View(scratch + arrays_at, n, &tier);
   }
   tier.max_tokens = max_tokens;
@@ -568,7 +577,8 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   if (!any_fetched || n > 1) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
   const float kNegInf = -std::numeric_limits<float>::infinity();
   for (int slot = kColdSlot; slot < slots; ++slot) {
-    std::vector<float> o(static_cast<std::size_t>(n) * of, 0.f), lse(static_cast<std::size_t>(n) * H, kNegInf);
+    std::vector<float> o(static_cast<std::size_t>(n) * of, 0.f),
+        lse(static_cast<std::size_t>(n) * H, kNegInf);
     for (int i = 0; i < n; ++i) {
       const PartialState* s = slot == kColdSlot ? states[i].cold : states[i].estimate;
       if (s == nullptr) continue;

@@ -1,4 +1,4 @@
-#include "runtime/src/fault_injection.h"
+#include "fault_injection.h"
 
 #include <stdexcept>
 #include <string>
@@ -22,7 +22,8 @@ absl::Status Consume(Site site, const char* kind, const char* operation) {
   }
   if (left <= 0) return absl::OkStatus();  // another thread took the last one
   const std::string msg = absl::StrCat(kind, " ", operation, ": injected fault (test hook)");
-  if (static_cast<Mode>(mode[static_cast<int>(site)].load(std::memory_order_relaxed)) == Mode::kThrow)
+  if (static_cast<Mode>(mode[static_cast<int>(site)].load(std::memory_order_relaxed)) ==
+      Mode::kThrow)
     throw std::runtime_error(msg);
   return absl::InternalError(msg);
 }
@@ -34,6 +35,8 @@ void FailNext(Site site, int n, Mode mode) {
   detail::armed[static_cast<int>(site)].store(n > 0 ? n : 0, std::memory_order_relaxed);
 }
 
-int Pending(Site site) { return detail::armed[static_cast<int>(site)].load(std::memory_order_relaxed); }
+int Pending(Site site) {
+  return detail::armed[static_cast<int>(site)].load(std::memory_order_relaxed);
+}
 
 }  // namespace kvrt::runtime::fault

@@ -38,7 +38,8 @@ absl::Status Consume(Site site, const char* kind, const char* operation);
 // builds no message); otherwise consumes one fault and returns
 // InternalError("<kind> <operation>: injected fault (test hook)") or throws it.
 inline absl::Status Check(Site site, const char* kind, const char* operation) {
-  if (detail::armed[static_cast<int>(site)].load(std::memory_order_relaxed) <= 0) return absl::OkStatus();
+  if (detail::armed[static_cast<int>(site)].load(std::memory_order_relaxed) <= 0)
+    return absl::OkStatus();
   return detail::Consume(site, kind, operation);
 }
 

@@ -10,7 +10,7 @@
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "runtime/src/tier_backend.h"
+#include "tier_backend.h"
 
 namespace kvrt::runtime {
 namespace {
@@ -112,8 +112,7 @@ absl::Status HostTier::Append(const AppendPlan& plan, const void* k, const void*
   for (int64_t p = plan.cold_begin; p < plan.cold_begin + plan.evict;) {
     const int64_t slot = (p - S) % W;
     const int64_t run = std::min(plan.cold_begin + plan.evict - p, W - slot);
-    KVRT_RETURN_IF_ERROR(
-        cold->Append(ring_k_.data() + slot * tb, ring_v_.data() + slot * tb, run));
+    KVRT_RETURN_IF_ERROR(cold->Append(ring_k_.data() + slot * tb, ring_v_.data() + slot * tb, run));
     p += run;
   }
   if (plan.direct > 0) {

@@ -1,12 +1,12 @@
 // LayerState's storage verbs: prefill, append, release. The decode step is decode_step.cc.
-#include "runtime/src/layer_state.h"
+#include "layer_state.h"
 
 #include <algorithm>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "budget.h"
 #include "kvrt_common/status_macros.h"
-#include "runtime/src/budget.h"
 
 namespace kvrt::runtime {
 
@@ -34,7 +34,7 @@ AppendPlan LayerState::PlanAppend(int64_t n) const {
   AppendPlan p;
   p.length = length_;
   p.new_length = length_ + n;
-  p.cold_begin = S + cold_tokens();                      // first position not yet cold
+  p.cold_begin = S + cold_tokens();  // first position not yet cold
   p.cold_end = std::max(p.cold_begin, std::max(S, p.new_length - W));  // below: cold afterwards
   p.evict = std::max<int64_t>(0, std::min(p.length, p.cold_end) - p.cold_begin);
   p.direct_begin = std::max(p.length, p.cold_begin);
@@ -63,11 +63,10 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
   // The cold index's growth counts against host_memory_limit before it happens (an upper bound,
   // trued up by the refresh), so a call past the limit fails here having changed nothing. With a
   // background refresh running, its growth is counted when it completes (kvrt.h).
-  const int64_t index_add =
-      settled && plan.new_cold() > 0
-          ? IndexGrowthBound(*cfg_, cold_tokens() + plan.new_cold(), kIndexMinRows,
-                             cold_.index_bytes())
-          : 0;
+  const int64_t index_add = settled && plan.new_cold() > 0
+                                ? IndexGrowthBound(*cfg_, cold_tokens() + plan.new_cold(),
+                                                   kIndexMinRows, cold_.index_bytes())
+                                : 0;
   BudgetReservation budget;
   KVRT_RETURN_IF_ERROR(
       budget.Reserve(*cfg_, counters_, plan.gpu_bytes, plan.new_cold(), tb, index_add));
@@ -87,23 +86,22 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
 absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, int64_t n,
                                  tbb::task_arena& arena, const Exec& exec) {
   if (length_ != 0)
-    return absl::FailedPreconditionError(absl::StrCat(
-        "prefill: the layer already holds ", length_, " tokens (prefill once, then append)"));
+    return absl::FailedPreconditionError(absl::StrCat("prefill: the layer already holds ", length_,
+                                                      " tokens (prefill once, then append)"));
   KVRT_RETURN_IF_ERROR(AppendTokens(k, v, n, exec));
   if (q != nullptr && cfg_->index_kind != cpu_index::IndexKind::kExact) {
     // Only the sampled rows cross to the host: the evenly spaced rows SampleQueries picks.
     const int64_t rows = cold_.QuerySampleRows(n);
-    const std::size_t row = static_cast<std::size_t>(cfg_->num_q_heads) * cfg_->head_dim *
-                            DTypeSize(cfg_->dtype);
+    const std::size_t row =
+        static_cast<std::size_t>(cfg_->num_q_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
     if (rows == n && !exec.device) {
       cold_.SampleQueries(q, n);
     } else {
       std::vector<unsigned char> sample(static_cast<std::size_t>(rows) * row);
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t t = rows == n ? i : i * n / rows;
-        KVRT_RETURN_IF_ERROR(tier_->CopyToHost(sample.data() + i * row,
-                                               static_cast<const unsigned char*>(q) + t * row,
-                                               row, exec));
+        KVRT_RETURN_IF_ERROR(tier_->CopyToHost(
+            sample.data() + i * row, static_cast<const unsigned char*>(q) + t * row, row, exec));
       }
       cold_.SampleQueries(sample.data(), rows);
     }

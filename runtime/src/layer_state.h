@@ -11,10 +11,10 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "cold_tier.h"
 #include "kvrt_runtime/runtime.h"
 #include "oneapi/tbb/task_arena.h"
-#include "runtime/src/cold_tier.h"
-#include "runtime/src/tier_backend.h"
+#include "tier_backend.h"
 
 namespace kvrt::runtime {
 

@@ -20,7 +20,6 @@ struct PartialState {
   bool empty() const { return lse.empty(); }
 };
 
-
 // The states one member of a decode step adds to its GPU tier's, in merge order (the list the step
 // merges once): the cold rows' (attended on the CPU; with fetch, on the device, which then holds
 // it) and a two-level kind's estimate of the rows it left out.

@@ -9,13 +9,13 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "device_tier.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/kernel_types.h"
+#include "layer_state.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
-#include "runtime/src/device_tier.h"
-#include "runtime/src/layer_state.h"
 
 namespace kvrt::runtime {
 
@@ -58,21 +58,21 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   KVRT_RETURN_IF_ERROR(Range("num_kv_heads", c.num_kv_heads, 1, 1024));
   KVRT_RETURN_IF_ERROR(Range("num_q_heads", c.num_q_heads, 1, 4096));
   if (c.num_q_heads % c.num_kv_heads != 0)
-    return absl::InvalidArgumentError(absl::StrCat("config.num_q_heads = ", c.num_q_heads,
-                                                   " is not a multiple of config.num_kv_heads = ",
-                                                   c.num_kv_heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.num_q_heads = ", c.num_q_heads,
+                     " is not a multiple of config.num_kv_heads = ", c.num_kv_heads));
   KVRT_RETURN_IF_ERROR(Range("head_dim", c.head_dim, 1, 512));
   if (c.dtype != DType::kF32 && c.dtype != DType::kF16 && c.dtype != DType::kBF16)
     return absl::InvalidArgumentError(
         absl::StrCat("config.dtype = ", static_cast<int>(c.dtype), " is not f32, f16 or bf16"));
   if (!std::isfinite(c.scale) || c.scale < 0.f)
-    return absl::InvalidArgumentError(
-        absl::StrCat("config.scale = ", c.scale, " must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.scale = ", c.scale, " must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
   KVRT_RETURN_IF_ERROR(Range("sink_tokens", c.sink_tokens, 0, 1 << 20));
   KVRT_RETURN_IF_ERROR(Range("window_tokens", c.window_tokens, 1, 1 << 24));
   KVRT_RETURN_IF_ERROR(Range("top_k", c.top_k, 1, 1 << 20));
-  KVRT_RETURN_IF_ERROR(Range("index_kind", static_cast<int>(c.index_kind), 0,
-                             cpu_index::kNumIndexKinds - 1));
+  KVRT_RETURN_IF_ERROR(
+      Range("index_kind", static_cast<int>(c.index_kind), 0, cpu_index::kNumIndexKinds - 1));
   KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, 1 << 24));
   // NOTE: no upper bound: values above the hardware thread count are clamped to it (Create), as
   // kvrt.h says; only negative counts are errors.
@@ -91,7 +91,8 @@ namespace {
 // hold, else the host backend. Creates the runtime's CUDA resources.
 absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gpu) {
   if (c->use_gpu < -1 || c->use_gpu > 1)
-    return absl::InvalidArgumentError(absl::StrCat("config.use_gpu = ", c->use_gpu, " must be -1, 0 or 1"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.use_gpu = ", c->use_gpu, " must be -1, 0 or 1"));
   if (c->use_gpu == 0) return absl::OkStatus();
   const bool want = c->use_gpu == 1;
   c->use_gpu = 0;
@@ -117,7 +118,8 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
 absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& config) {
   KVRT_RETURN_IF_ERROR(ValidateConfig(config));
   RuntimeConfig effective = config;
-  if (effective.scale == 0.f) effective.scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
+  if (effective.scale == 0.f)
+    effective.scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
   // A two-level kind's estimate is an attention state: it needs the runtime's scale.
   effective.index.cluster.scale = effective.scale;
   // NOTE: clamped to the hardware threads: more would only oversubscribe, and oneTBB prints a
@@ -127,7 +129,8 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   std::unique_ptr<Runtime> rt(new Runtime(effective));
   rt->impl_ = std::make_unique<Impl>(effective.worker_threads);
   KVRT_RETURN_IF_ERROR(ResolveGpuBackend(&rt->config_, &rt->impl_->gpu));
-  rt->impl_->streaming.assign(static_cast<std::size_t>(effective.num_layers) * effective.num_q_heads, 0);
+  rt->impl_->streaming.assign(
+      static_cast<std::size_t>(effective.num_layers) * effective.num_q_heads, 0);
   return rt;
 }
 
@@ -174,8 +177,8 @@ absl::StatusOr<int64_t> Runtime::SequenceLength(int64_t id, int layer) const {
 namespace {
 absl::Status CheckTokens(const char* what, int64_t n, int64_t length, bool allow_zero) {
   if (n < (allow_zero ? 0 : 1))
-    return absl::InvalidArgumentError(absl::StrCat(what, ": n_tokens = ", n, " must be >= ",
-                                                   allow_zero ? 0 : 1));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": n_tokens = ", n, " must be >= ", allow_zero ? 0 : 1));
   // Bounded so that byte counts (n * heads * dim * 4) cannot overflow int64.
   constexpr int64_t kMaxTokens = int64_t{1} << 34;
   if (n > kMaxTokens || length + n > kMaxTokens)
@@ -189,8 +192,9 @@ namespace {
 absl::Status CheckExec(const RuntimeConfig& c, const Exec& exec, const char* what) {
   if (exec.device && c.use_gpu != 1)
     return absl::UnimplementedError(absl::StrCat(
-        what, ": device pointers need the GPU backend (config.use_gpu = 1 on a machine with a CUDA "
-              "device); this runtime uses the host backend"));
+        what,
+        ": device pointers need the GPU backend (config.use_gpu = 1 on a machine with a CUDA "
+        "device); this runtime uses the host backend"));
   return absl::OkStatus();
 }
 
@@ -231,9 +235,12 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
   KVRT_RETURN_IF_ERROR(CheckTokens("prefill", n, seq->layers[layer].length(), false));
   // NOTE: check_finite reads host memory; device tensors are not checked (documented in kvrt.h).
   const bool host = !exec.device;
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: q", host ? q : nullptr, n, config_.num_q_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(
+      CheckFinite(config_, "prefill: q", host ? q : nullptr, n, config_.num_q_heads));
+  KVRT_RETURN_IF_ERROR(
+      CheckFinite(config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(
+      CheckFinite(config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
   return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
 }
 
@@ -246,8 +253,10 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
   std::lock_guard<std::mutex> lock(seq->mu);
   KVRT_RETURN_IF_ERROR(CheckTokens("append", n, seq->layers[layer].length(), false));
   const bool host = !exec.device;
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(
+      CheckFinite(config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(
+      CheckFinite(config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
   return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
 }
 
@@ -255,23 +264,26 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
   if (q == nullptr || out == nullptr)
     return absl::InvalidArgumentError("attend: q and out must not be NULL");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend"));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend: q", exec.device ? nullptr : q, 1, config_.num_q_heads));
+  KVRT_RETURN_IF_ERROR(
+      CheckFinite(config_, "attend: q", exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   return seq->layers[layer].Attend(
-      q, out, impl_->arena, impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads,
-      exec);
+      q, out, impl_->arena,
+      impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads, exec);
 }
 
 absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const void* q, float* out,
                                   const Exec& exec) {
   if (ids == nullptr || n <= 0 || q == nullptr || out == nullptr)
-    return absl::InvalidArgumentError("attend_batch: need n >= 1 sequences and non-NULL seqs, q and out");
+    return absl::InvalidArgumentError(
+        "attend_batch: need n >= 1 sequences and non-NULL seqs, q and out");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend_batch"));
   if (layer < 0 || layer >= config_.num_layers)  // an error of the whole call: nothing written
-    return absl::InvalidArgumentError(
-        absl::StrCat("attend_batch: layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
-  KVRT_RETURN_IF_ERROR(CheckFinite(config_, "attend_batch: q", exec.device ? nullptr : q, n, config_.num_q_heads));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attend_batch: layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
+  KVRT_RETURN_IF_ERROR(
+      CheckFinite(config_, "attend_batch: q", exec.device ? nullptr : q, n, config_.num_q_heads));
   // Locked in id order, so two batches sharing sequences cannot deadlock; a repeated id would
   // deadlock on itself, hence the check.
   std::vector<int> order(n);
@@ -279,7 +291,8 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   std::sort(order.begin(), order.end(), [ids](int a, int b) { return ids[a] < ids[b]; });
   for (int i = 1; i < n; ++i)
     if (ids[order[i]] == ids[order[i - 1]])
-      return absl::InvalidArgumentError(absl::StrCat("attend_batch: sequence ", ids[order[i]], " is listed twice"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("attend_batch: sequence ", ids[order[i]], " is listed twice"));
   // One rule for every per-sequence error (kvrt.h): a sequence that is unknown fails like one
   // whose attend fails; its row stays untouched and the other rows are written.
   std::vector<std::shared_ptr<Sequence>> seqs(n);
@@ -296,9 +309,11 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   locks.reserve(n);
   for (int i : order)
     if (seqs[i]) locks.emplace_back(seqs[i]->mu);
-  const std::size_t q_bytes = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
+  const std::size_t q_bytes =
+      static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
   const std::size_t out_floats = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim;
-  const uint8_t* streaming = impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
+  const uint8_t* streaming =
+      impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
   // NOTE: the attends below run on the arena's workers; each first waits for its layer's
   // background index insert, which also needs a worker. Waiting here, on the caller's thread,
   // means no worker ever blocks on work queued behind it.
@@ -315,8 +330,8 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
     for (int i : known) layers.push_back(&seqs[i]->layers[layer]);
     std::vector<absl::Status> step_status(known.size());
     if (contiguous) {
-      KVRT_RETURN_IF_ERROR(LayerState::Step(layers.data(), n, q, out, impl_->arena, streaming,
-                                            exec, step_status.data()));
+      KVRT_RETURN_IF_ERROR(LayerState::Step(layers.data(), n, q, out, impl_->arena, streaming, exec,
+                                            step_status.data()));
     } else {
       // Run by run of known sequences, so that q and out stay the caller's (device) memory.
       for (std::size_t a = 0; a < known.size();) {
@@ -333,7 +348,8 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   }
   for (int i = 0; i < n; ++i)
     if (!status[i].ok())
-      return absl::Status(status[i].code(), absl::StrCat("attend_batch: sequence ", ids[i], ": ", status[i].message()));
+      return absl::Status(status[i].code(), absl::StrCat("attend_batch: sequence ", ids[i], ": ",
+                                                         status[i].message()));
   return absl::OkStatus();
 }
 
@@ -344,7 +360,8 @@ absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {
   if (q_head < 0 || q_head >= config_.num_q_heads)
     return absl::InvalidArgumentError(
         absl::StrCat("q_head ", q_head, " is out of range [0, ", config_.num_q_heads, ")"));
-  impl_->streaming[static_cast<std::size_t>(layer) * config_.num_q_heads + q_head] = streaming ? 1 : 0;
+  impl_->streaming[static_cast<std::size_t>(layer) * config_.num_q_heads + q_head] =
+      streaming ? 1 : 0;
   return absl::OkStatus();
 }
 
@@ -379,8 +396,8 @@ RuntimeStats Runtime::Stats() const {
     s.sequences = static_cast<int64_t>(impl_->sequences.size());
   }
   const auto& c = impl_->counters;
-  const int64_t token_bytes =
-      2 * int64_t{config_.num_kv_heads} * config_.head_dim * static_cast<int64_t>(DTypeSize(config_.dtype));
+  const int64_t token_bytes = 2 * int64_t{config_.num_kv_heads} * config_.head_dim *
+                              static_cast<int64_t>(DTypeSize(config_.dtype));
 #define KVRT_LOAD_COUNTER_(name) s.name = c.name.load();
   KVRT_RUNTIME_COUNTERS(KVRT_LOAD_COUNTER_)
 #undef KVRT_LOAD_COUNTER_

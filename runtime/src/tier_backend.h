@@ -9,10 +9,10 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "cold_tier.h"
 #include "kvrt_runtime/runtime.h"
 #include "oneapi/tbb/task_arena.h"
-#include "runtime/src/cold_tier.h"
-#include "runtime/src/partial_state.h"
+#include "partial_state.h"
 
 namespace kvrt::runtime {
 
@@ -21,7 +21,7 @@ class GpuContext;
 // Where the tokens of one append go, by position. Computed once from the layer's length, the
 // cold rows and the config (PlanAppend), so both backends move the same tokens.
 struct AppendPlan {
-  int64_t length = 0, new_length = 0;   // [length, new_length) arrive
+  int64_t length = 0, new_length = 0;    // [length, new_length) arrive
   int64_t cold_begin = 0, cold_end = 0;  // positions cold afterwards that are not yet: [begin, end)
   int64_t evict = 0;                     // ring tokens leaving: [cold_begin, cold_begin + evict)
   int64_t direct_begin = 0, direct = 0;  // input tokens straight to the cold tier

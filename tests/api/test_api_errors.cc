@@ -11,7 +11,9 @@
 
 namespace {
 
-bool Mentions(const char* what) { return std::string(kvrt_last_error()).find(what) != std::string::npos; }
+bool Mentions(const char* what) {
+  return std::string(kvrt_last_error()).find(what) != std::string::npos;
+}
 
 class ApiTest : public ::testing::Test {
  protected:
@@ -33,8 +35,8 @@ class ApiTest : public ::testing::Test {
   kvrt_config cfg_;
   kvrt_runtime* rt_ = nullptr;
   kvrt_seq_id seq_ = 0;
-  std::vector<float> kv_ = std::vector<float>(64 * 2 * 8, 0.5f), q_ = std::vector<float>(4 * 8, 1.f),
-                     out_ = std::vector<float>(4 * 8, -7.f);
+  std::vector<float> kv_ = std::vector<float>(64 * 2 * 8, 0.5f),
+                     q_ = std::vector<float>(4 * 8, 1.f), out_ = std::vector<float>(4 * 8, -7.f);
 };
 
 TEST(ApiStatus, StringsAndVersion) {
@@ -67,8 +69,9 @@ TEST(ApiIndexKinds, NamesParseAndDescribeFromOneTable) {
   char small[8];
   ASSERT_EQ(kvrt_index_describe_search(KVRT_INDEX_HNSW, 1000, 0, small, sizeof small), KVRT_OK);
   EXPECT_EQ(std::string(small), "ef=1000");  // truncated to the buffer, NUL-terminated
-  EXPECT_EQ(kvrt_index_describe_search(static_cast<kvrt_index_kind>(99), 10, 0, small, sizeof small),
-            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(
+      kvrt_index_describe_search(static_cast<kvrt_index_kind>(99), 10, 0, small, sizeof small),
+      KVRT_ERR_INVALID_ARGUMENT);
 }
 
 TEST(ApiCreate, RejectsBadConfigNamingTheField) {
@@ -97,7 +100,8 @@ TEST(ApiCreate, RejectsBadConfigNamingTheField) {
       {[](kvrt_config* c) { c->record_attended = 2; }, "record_attended"},
       {[](kvrt_config* c) { c->use_gpu = 5; }, "use_gpu"},
       {[](kvrt_config* c) { c->group_search = 2; }, "group_search"},
-      {[](kvrt_config* c) { c->cold_attention = static_cast<kvrt_cold_attention>(3); }, "cold_attention"},
+      {[](kvrt_config* c) { c->cold_attention = static_cast<kvrt_cold_attention>(3); },
+       "cold_attention"},
   };
   for (const auto& b : cases) {
     c = kvrt_config_default();
@@ -134,7 +138,8 @@ TEST_F(ApiTest, NullHandlesAndPointers) {
   EXPECT_EQ(kvrt_runtime_config(rt_, nullptr), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvrt_get_stats(nullptr, &st), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvrt_get_stats(rt_, nullptr), KVRT_ERR_INVALID_ARGUMENT);
-  EXPECT_EQ(kvrt_prefill(nullptr, seq_, 0, nullptr, kv_.data(), kv_.data(), 1), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_prefill(nullptr, seq_, 0, nullptr, kv_.data(), kv_.data(), 1),
+            KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, nullptr, kv_.data(), 1), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_TRUE(Mentions("k and v"));
   EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), nullptr, 1), KVRT_ERR_INVALID_ARGUMENT);
@@ -165,13 +170,15 @@ TEST_F(ApiTest, TokenCountsAndState) {
   EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), 0), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_TRUE(Mentions("n_tokens"));
   EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), -5), KVRT_ERR_INVALID_ARGUMENT);
-  EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), INT64_MAX), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), INT64_MAX),
+            KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_TRUE(Mentions("exceeds"));
   // Attend on an empty layer: precondition, output untouched.
   EXPECT_EQ(kvrt_attend(rt_, seq_, 0, q_.data(), out_.data()), KVRT_ERR_FAILED_PRECONDITION);
   EXPECT_EQ(out_[0], -7.f);
   ASSERT_EQ(kvrt_append(rt_, seq_, 0, kv_.data(), kv_.data(), 3), KVRT_OK);
-  EXPECT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, kv_.data(), kv_.data(), 3), KVRT_ERR_FAILED_PRECONDITION);
+  EXPECT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, kv_.data(), kv_.data(), 3),
+            KVRT_ERR_FAILED_PRECONDITION);
   EXPECT_TRUE(Mentions("already holds 3"));
   int64_t n = 0;
   ASSERT_EQ(kvrt_seq_length(rt_, seq_, 0, &n), KVRT_OK);
@@ -188,7 +195,8 @@ TEST_F(ApiTest, ExecContext) {
   EXPECT_EQ(kvrt_append_ex(rt_, seq_, 0, kv_.data(), kv_.data(), 1, &e), KVRT_ERR_UNIMPLEMENTED);
   e.memory = static_cast<kvrt_memory>(3);
   EXPECT_EQ(kvrt_attend_ex(rt_, seq_, 0, q_.data(), out_.data(), &e), KVRT_ERR_INVALID_ARGUMENT);
-  EXPECT_EQ(kvrt_prefill_ex(rt_, seq_, 0, nullptr, kv_.data(), kv_.data(), 1, &e), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_prefill_ex(rt_, seq_, 0, nullptr, kv_.data(), kv_.data(), 1, &e),
+            KVRT_ERR_INVALID_ARGUMENT);
 }
 
 TEST_F(ApiTest, LastErrorIsPerThreadAndDestroyedHandleIsDetected) {
@@ -202,7 +210,6 @@ TEST_F(ApiTest, LastErrorIsPerThreadAndDestroyedHandleIsDetected) {
   kvrt_runtime_destroy(dead);
   kvrt_runtime_destroy(nullptr);
 }
-
 
 TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
   kvrt_config c = TinyConfig();
@@ -239,7 +246,6 @@ TEST(ApiMemory, LimitsFailCleanlyAndLeaveTheRuntimeUsable) {
   kvrt_runtime_destroy(rt);
 }
 
-
 TEST(ApiValidation, NonFiniteInputsAreRejectedNamingTheTensor) {
   kvrt_config c = TinyConfig();
   ASSERT_EQ(c.check_finite, 1) << "on by default";
@@ -261,7 +267,6 @@ TEST(ApiValidation, NonFiniteInputsAreRejectedNamingTheTensor) {
   kvrt_runtime_destroy(rt);
 }
 
-
 TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
   kvrt_config c = TinyConfig(2);
   c.sink_tokens = 2;
@@ -274,18 +279,21 @@ TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
   EXPECT_TRUE(Mentions("layer 2"));
   EXPECT_EQ(kvrt_set_head_policy(rt, 0, 2, KVRT_HEAD_STREAMING), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_TRUE(Mentions("q_head 2"));
-  EXPECT_EQ(kvrt_set_head_policy(rt, 0, 0, static_cast<kvrt_head_policy>(7)), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_set_head_policy(rt, 0, 0, static_cast<kvrt_head_policy>(7)),
+            KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvrt_set_head_policy(nullptr, 0, 0, KVRT_HEAD_STREAMING), KVRT_ERR_INVALID_ARGUMENT);
   ASSERT_EQ(kvrt_set_head_policy(rt, 1, 1, KVRT_HEAD_STREAMING), KVRT_OK);
   kvrt_seq_id s;
   ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
   const int n = 20;
-  std::vector<float> k(n * 4), v(n * 4), q = {0.3f, -0.2f, 0.5f, 0.1f, 0.3f, -0.2f, 0.5f, 0.1f}, out(8);
+  std::vector<float> k(n * 4), v(n * 4), q = {0.3f, -0.2f, 0.5f, 0.1f, 0.3f, -0.2f, 0.5f, 0.1f},
+                                         out(8);
   for (int i = 0; i < n * 4; ++i) {
     k[i] = std::sin(0.7f * i);
     v[i] = std::cos(0.3f * i);
   }
-  for (int layer = 0; layer < 2; ++layer) ASSERT_EQ(kvrt_append(rt, s, layer, k.data(), v.data(), n), KVRT_OK);
+  for (int layer = 0; layer < 2; ++layer)
+    ASSERT_EQ(kvrt_append(rt, s, layer, k.data(), v.data(), n), KVRT_OK);
   ASSERT_EQ(kvrt_attend(rt, s, 1, q.data(), out.data()), KVRT_OK);
   // Head 0 (retrieval) sees all 20 tokens; head 1 (streaming) the 2 sinks and the 3 last.
   std::vector<int64_t> ids(n);
@@ -294,7 +302,8 @@ TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
   EXPECT_EQ(count, n);
   ASSERT_EQ(kvrt_get_attended(rt, s, 1, 1, ids.data(), n, &count), KVRT_OK);
   ASSERT_EQ(count, 5);
-  EXPECT_EQ(std::vector<int64_t>(ids.begin(), ids.begin() + 5), (std::vector<int64_t>{0, 1, 17, 18, 19}));
+  EXPECT_EQ(std::vector<int64_t>(ids.begin(), ids.begin() + 5),
+            (std::vector<int64_t>{0, 1, 17, 18, 19}));
   // Its output is exact attention over those 5 tokens.
   std::vector<double> w;
   double z = 0;
@@ -342,18 +351,23 @@ TEST(ApiAttendBatch, EqualsOneAttendPerSequenceAndNamesBadInput) {
   }
   for (int i = 0; i < n * qrow; ++i) q[i] = std::sin(0.23f * i);
   std::vector<float> batch(n * qrow, NAN), single(n * qrow, NAN);
-  ASSERT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 0, q.data(), batch.data()), KVRT_OK) << kvrt_last_error();
+  ASSERT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 0, q.data(), batch.data()), KVRT_OK)
+      << kvrt_last_error();
   for (int s = 0; s < n; ++s)
     ASSERT_EQ(kvrt_attend(rt, seqs[s], 0, q.data() + s * qrow, single.data() + s * qrow), KVRT_OK);
   EXPECT_EQ(batch, single);
 
   std::vector<float> out(n * qrow, 7.f);
-  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), 0, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), 0, 0, q.data(), out.data()),
+            KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvrt_attend_batch(rt, nullptr, 1, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
   std::vector<kvrt_seq_id> twice = {seqs[0], seqs[1], seqs[0]};
-  EXPECT_EQ(kvrt_attend_batch(rt, twice.data(), 3, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(kvrt_last_error()).find("listed twice"), std::string::npos) << kvrt_last_error();
-  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 3, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_attend_batch(rt, twice.data(), 3, 0, q.data(), out.data()),
+            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("listed twice"), std::string::npos)
+      << kvrt_last_error();
+  EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 3, q.data(), out.data()),
+            KVRT_ERR_INVALID_ARGUMENT);
   for (float x : out) EXPECT_EQ(x, 7.f);  // nothing written by the refused calls
   // An unknown sequence fails its own row only (test_issue16.cc covers the rule in full).
   std::vector<kvrt_seq_id> unknown = {seqs[0], 12345};

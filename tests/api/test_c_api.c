@@ -5,13 +5,13 @@
 
 #include "kvrt.h"
 
-#define CHECK(cond)                                                            \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__, \
-              __LINE__, #cond, kvrt_last_error());                             \
-      return 1;                                                                \
-    }                                                                          \
+#define CHECK(cond)                                                                            \
+  do {                                                                                         \
+    if (!(cond)) {                                                                             \
+      fprintf(stderr, "%s:%d: check failed: %s (last error: %s)\n", __FILE__, __LINE__, #cond, \
+              kvrt_last_error());                                                              \
+      return 1;                                                                                \
+    }                                                                                          \
   } while (0)
 
 int main(void) {

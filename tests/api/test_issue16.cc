@@ -11,7 +11,9 @@
 
 namespace {
 
-bool Mentions(const char* what) { return std::string(kvrt_last_error()).find(what) != std::string::npos; }
+bool Mentions(const char* what) {
+  return std::string(kvrt_last_error()).find(what) != std::string::npos;
+}
 
 // Deterministic, varied values (no two keys alike, so that every index kind has work to do).
 std::vector<float> Wave(std::size_t n, float a, float b) {
@@ -60,8 +62,8 @@ class NanPropagation : public ::testing::TestWithParam<NanCase> {
   }
   // Prefills kTokens tokens (a NaN put by `poison` into k or v) and attends with q (head 0 of q
   // poisoned by the caller if wanted). Returns the output [4, kD].
-  std::vector<float> Run(int sinks, int64_t tokens, void (*poison)(std::vector<float>*, std::vector<float>*),
-                         bool nan_q) {
+  std::vector<float> Run(int sinks, int64_t tokens,
+                         void (*poison)(std::vector<float>*, std::vector<float>*), bool nan_q) {
     kvrt_config c = Config(sinks);
     kvrt_runtime* rt = nullptr;
     EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
@@ -72,7 +74,8 @@ class NanPropagation : public ::testing::TestWithParam<NanCase> {
     if (poison) poison(&k, &v);
     auto q = Wave(4 * kD, 0.23f, 0.3f);
     if (nan_q) q[3] = NAN;  // one element of q head 0
-    EXPECT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), tokens), KVRT_OK) << kvrt_last_error();
+    EXPECT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), tokens), KVRT_OK)
+        << kvrt_last_error();
     std::vector<float> out(4 * kD, 7.f);
     EXPECT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
     kvrt_runtime_destroy(rt);
@@ -87,7 +90,8 @@ class NanPropagation : public ::testing::TestWithParam<NanCase> {
   // over finite values), heads 2 and 3 finite.
   static void ExpectValueElementNan(const std::vector<float>& out) {
     for (int h = 0; h < 2; ++h)
-      for (int e = 0; e < kD; ++e) EXPECT_EQ(std::isnan(out[h * kD + e]), e == 5) << "head " << h << " element " << e;
+      for (int e = 0; e < kD; ++e)
+        EXPECT_EQ(std::isnan(out[h * kD + e]), e == 5) << "head " << h << " element " << e;
     EXPECT_TRUE(AllFinite(out.data() + 2 * kD, 2 * kD));
   }
 };
@@ -108,27 +112,32 @@ TEST_P(NanPropagation, NanInQWithFewTokens) {  // the issue's case: 20 tokens, n
 }
 
 TEST_P(NanPropagation, NanInTheOnlySinkKey) {
-  ExpectKvHead0Nan(Run(1, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(0)] = NAN; }, false));
+  ExpectKvHead0Nan(Run(
+      1, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(0)] = NAN; }, false));
 }
 
 TEST_P(NanPropagation, NanInASinkValue) {
-  ExpectValueElementNan(Run(2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(1)] = NAN; }, false));
+  ExpectValueElementNan(Run(
+      2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(1)] = NAN; }, false));
 }
 
 TEST_P(NanPropagation, NanInAWindowKey) {
-  ExpectKvHead0Nan(
-      Run(2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(kTokens - 2)] = NAN; }, false));
+  ExpectKvHead0Nan(Run(
+      2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(kTokens - 2)] = NAN; },
+      false));
 }
 
 TEST_P(NanPropagation, NanInAColdKey) {
   // Token 100 is cold; a key that scores NaN must not be dropped by the search.
-  ExpectKvHead0Nan(Run(2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(100)] = NAN; }, false));
+  ExpectKvHead0Nan(Run(
+      2, kTokens, [](std::vector<float>* k, std::vector<float>*) { (*k)[At(100)] = NAN; }, false));
 }
 
 TEST_P(NanPropagation, NanInAColdValue) {
   // Its key is ordinary, so no search would pick it for its score: it is attended because its row
   // holds a NaN.
-  ExpectValueElementNan(Run(2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(200)] = NAN; }, false));
+  ExpectValueElementNan(Run(
+      2, kTokens, [](std::vector<float>*, std::vector<float>* v) { (*v)[At(200)] = NAN; }, false));
 }
 
 TEST_P(NanPropagation, NanArrivingByAppendInBf16) {
@@ -160,12 +169,13 @@ TEST_P(NanPropagation, NanArrivingByAppendInBf16) {
   kvrt_runtime_destroy(rt);
 }
 
-INSTANTIATE_TEST_SUITE_P(EveryIndexKind, NanPropagation,
-                         ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
-                                           NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
-                                           NanCase{KVRT_INDEX_LANDMARK, "landmark"},
-                                           NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
-                         [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+INSTANTIATE_TEST_SUITE_P(
+    EveryIndexKind, NanPropagation,
+    ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
+                      NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
+                      NanCase{KVRT_INDEX_LANDMARK, "landmark"},
+                      NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
+    [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
 
 // ---- defect 4: attend_batch has one rule for every per-sequence error --------------------------
 
@@ -193,7 +203,8 @@ TEST(Issue16AttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
     std::vector<float> out(3 * row, 7.f);
     const kvrt_status st = kvrt_attend_batch(rt, seqs, 3, 0, q.data(), out.data());
     EXPECT_EQ(st, bad == empty ? KVRT_ERR_FAILED_PRECONDITION : KVRT_ERR_NOT_FOUND);
-    EXPECT_TRUE(Mentions(std::to_string(bad).c_str())) << "the message names the sequence: " << kvrt_last_error();
+    EXPECT_TRUE(Mentions(std::to_string(bad).c_str()))
+        << "the message names the sequence: " << kvrt_last_error();
     for (int i = 0; i < row; ++i) {
       EXPECT_EQ(out[i], want[i]) << "row of a written";
       EXPECT_EQ(out[row + i], 7.f) << "failed row untouched";
@@ -298,12 +309,13 @@ TEST_P(HostLimitEveryKind, StoreAndIndexesNeverPassTheLimit) {
   kvrt_runtime_destroy(rt);
 }
 
-INSTANTIATE_TEST_SUITE_P(EveryIndexKind, HostLimitEveryKind,
-                         ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
-                                           NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
-                                           NanCase{KVRT_INDEX_LANDMARK, "landmark"},
-                                           NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
-                         [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+INSTANTIATE_TEST_SUITE_P(
+    EveryIndexKind, HostLimitEveryKind,
+    ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
+                      NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
+                      NanCase{KVRT_INDEX_LANDMARK, "landmark"},
+                      NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
+    [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
 
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
@@ -322,9 +334,11 @@ TEST(Issue16Window, RingGrowsAsItFills) {
   st.struct_size = sizeof st;
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   EXPECT_EQ(st.gpu_allocated_bytes, 12 * token);
-  for (int i = 12; i < 40; ++i) ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + 4 * i, v.data() + 4 * i, 1), KVRT_OK);
+  for (int i = 12; i < 40; ++i)
+    ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + 4 * i, v.data() + 4 * i, 1), KVRT_OK);
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
-  EXPECT_LE(st.gpu_allocated_bytes, (2 + 2 * 38) * token) << "doubling: at most twice what it holds";
+  EXPECT_LE(st.gpu_allocated_bytes, (2 + 2 * 38) * token)
+      << "doubling: at most twice what it holds";
   // The ring still holds every token in order: attend equals an exact attend over all 40.
   std::vector<float> q = {0.3f, -0.2f, 0.5f, 0.1f, 0.2f, 0.4f, -0.3f, 0.6f}, out(8);
   ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK);

@@ -70,7 +70,8 @@ std::vector<float> Reference(const Tokens& t, const std::vector<float>& q) {
     double mx = -1e300;
     for (int64_t i = 0; i < t.size(); ++i) {
       double dot = 0;
-      for (int j = 0; j < kDim; ++j) dot += double(q[h * kDim + j]) * t.k[(i * kKvHeads + g) * kDim + j];
+      for (int j = 0; j < kDim; ++j)
+        dot += double(q[h * kDim + j]) * t.k[(i * kKvHeads + g) * kDim + j];
       s[i] = dot * scale;
       mx = std::max(mx, s[i]);
     }
@@ -114,7 +115,8 @@ class FaultInjection : public ::testing::Test {
   void Prefill(int64_t n) {
     std::vector<float> k, v;
     tokens_.Next(n, &k, &v);
-    ASSERT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, k.data(), v.data(), n), KVRT_OK) << kvrt_last_error();
+    ASSERT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, k.data(), v.data(), n), KVRT_OK)
+        << kvrt_last_error();
   }
   void Append(int64_t n) {
     std::vector<float> k, v;
@@ -130,7 +132,8 @@ class FaultInjection : public ::testing::Test {
   void ExpectExactAttend(const char* when) {
     const auto q = Query();
     std::vector<float> out(q.size(), 0.f);
-    ASSERT_EQ(kvrt_attend(rt_, seq_, 0, q.data(), out.data()), KVRT_OK) << when << ": " << kvrt_last_error();
+    ASSERT_EQ(kvrt_attend(rt_, seq_, 0, q.data(), out.data()), KVRT_OK)
+        << when << ": " << kvrt_last_error();
     EXPECT_LT(MaxAbsDiff(out, Reference(tokens_, q)), 1e-5) << when;
   }
   // Index searches one attend runs, counted as armed faults consumed: one per q head (group_search
@@ -180,7 +183,8 @@ TEST_F(FaultInjection, IndexSearchFailureIsInternalAndWritesNothing) {
     const char* kind = group_search ? "landmark" : "flat";
     Start(c);
     Prefill(300);
-    ASSERT_EQ(ProbeSearches(), group_search ? kKvHeads : kQHeads) << "the prompt built the " << kind << " index";
+    ASSERT_EQ(ProbeSearches(), group_search ? kKvHeads : kQHeads)
+        << "the prompt built the " << kind << " index";
     const kvrt_stats before = Stats(rt_);
 
     fault::FailNext(fault::Site::kIndexSearch, 1);
@@ -188,7 +192,8 @@ TEST_F(FaultInjection, IndexSearchFailureIsInternalAndWritesNothing) {
     std::vector<float> out(q.size(), 42.f);
     EXPECT_EQ(kvrt_attend(rt_, seq_, 0, q.data(), out.data()), KVRT_ERR_INTERNAL);
     EXPECT_TRUE(Mentions("attend: cold-index search of kv head")) << kvrt_last_error();
-    EXPECT_TRUE(Mentions((std::string(kind) + " search: injected fault").c_str())) << kvrt_last_error();
+    EXPECT_TRUE(Mentions((std::string(kind) + " search: injected fault").c_str()))
+        << kvrt_last_error();
     EXPECT_EQ(fault::Pending(fault::Site::kIndexSearch), 0) << "exactly one search consumed it";
     for (float x : out) ASSERT_EQ(x, 42.f) << "a failed attend must not write out";
     const kvrt_stats after = Stats(rt_);

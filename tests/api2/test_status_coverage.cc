@@ -27,14 +27,16 @@ bool UnderSanitizer() {
 // A real allocation failure (not a configured budget) is KVRT_ERR_OUT_OF_MEMORY and leaves the
 // sequence and runtime usable: the sinks of this config need 2 x 2 TiB.
 TEST(ApiStatusCoverage, AllocationFailureIsOutOfMemory) {
-  if (UnderSanitizer()) GTEST_SKIP() << "ASan/TSan abort on a 2 TiB operator new instead of throwing";
+  if (UnderSanitizer())
+    GTEST_SKIP() << "ASan/TSan abort on a 2 TiB operator new instead of throwing";
   std::FILE* f = std::fopen("/proc/sys/vm/overcommit_memory", "r");
   int mode = 0;
   if (f != nullptr) {
     if (std::fscanf(f, "%d", &mode) != 1) mode = 0;
     std::fclose(f);
   }
-  if (mode == 1) GTEST_SKIP() << "vm.overcommit_memory = 1: the allocation could succeed and then be touched";
+  if (mode == 1)
+    GTEST_SKIP() << "vm.overcommit_memory = 1: the allocation could succeed and then be touched";
   kvrt_config c = kvrt_config_default();
   c.num_layers = 1;
   c.num_kv_heads = 1024;
@@ -66,7 +68,8 @@ TEST(ApiStatusCoverage, AllocationFailureIsOutOfMemory) {
 }
 
 // Prefill with more tokens than sinks + window sends the rest straight to the host store; a host
-// budget refusal there is KVRT_ERR_OUT_OF_MEMORY and the layer stays empty (prefill can be retried).
+// budget refusal there is KVRT_ERR_OUT_OF_MEMORY and the layer stays empty (prefill can be
+// retried).
 TEST(ApiStatusCoverage, PrefillPastHostBudgetLeavesLayerEmpty) {
   kvrt_config c = TinyConfig();
   c.sink_tokens = 1;
@@ -128,10 +131,10 @@ TEST(ApiStatusCoverage, ReservedStatusesHaveNames) {
   EXPECT_STREQ(kvrt_status_string(KVRT_ERR_INTERNAL), "KVRT_ERR_INTERNAL");
 }
 
-
 // Regressions for two undefined behaviours UBSan found through fuzz_api (docs/reliability.md):
 // attend with sink_tokens = 0 offset a null sink buffer; enum fields holding values outside the
-// enum were loaded as C++ enums. Both are only visible in the sanitizer build (scripts/sanitize.sh).
+// enum were loaded as C++ enums. Both are only visible in the sanitizer build
+// (scripts/sanitize.sh).
 TEST(ApiFuzzRegressions, NoSinksAttendAndOutOfRangeEnums) {
   kvrt_config c = TinyConfig();
   c.sink_tokens = 0;

@@ -107,8 +107,9 @@ std::vector<float> ToF32(const trace::TensorView& t) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: cluster_eval TRACE [budget_fraction] [segment_tokens] [max_steps] "
-                         "[sinks] [window] [layers]\n");
+    std::fprintf(stderr,
+                 "usage: cluster_eval TRACE [budget_fraction] [segment_tokens] [max_steps] "
+                 "[sinks] [window] [layers]\n");
     return 2;
   }
   const std::string path = argv[1];
@@ -135,11 +136,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no cold tokens\n");
     return 1;
   }
-  std::printf("trace %s: model %s, %d layers, %d q / %d kv heads, d=%d, prompt %lld, steps %d, "
-              "cold %lld (sinks %lld, window %lld), budget %.3f (min %lld), segment %lld\n",
-              path.c_str(), meta.model.c_str(), layers, qh, kvh, d, (long long)p_tok, steps,
-              (long long)cold, (long long)sinks, (long long)window, budget_fraction, (long long)min_budget,
-              (long long)segment);
+  std::printf(
+      "trace %s: model %s, %d layers, %d q / %d kv heads, d=%d, prompt %lld, steps %d, "
+      "cold %lld (sinks %lld, window %lld), budget %.3f (min %lld), segment %lld\n",
+      path.c_str(), meta.model.c_str(), layers, qh, kvh, d, (long long)p_tok, steps,
+      (long long)cold, (long long)sinks, (long long)window, budget_fraction, (long long)min_budget,
+      (long long)segment);
 
   const std::vector<Variant> variants = {
       {"plain", false, 0.f, false, 0.f},
@@ -188,8 +190,10 @@ int main(int argc, char** argv) {
       for (std::size_t vi = 0; vi < variants.size(); ++vi) {
         stores.emplace_back(d, pk_raw.dtype);
         const std::size_t es = DTypeSize(pk_raw.dtype);
-        const auto* kb = static_cast<const unsigned char*>(pk_raw.data) + (sinks * kvh + h) * d * es;
-        const auto* vb = static_cast<const unsigned char*>(pv_raw.data) + (sinks * kvh + h) * d * es;
+        const auto* kb =
+            static_cast<const unsigned char*>(pk_raw.data) + (sinks * kvh + h) * d * es;
+        const auto* vb =
+            static_cast<const unsigned char*>(pv_raw.data) + (sinks * kvh + h) * d * es;
         if (!stores[vi].Append(kb, vb, cold, static_cast<std::size_t>(kvh) * d).ok()) return 1;
         IndexConfig cfg;
         cfg.cluster.segment_tokens = segment;
@@ -210,7 +214,8 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "%s\n", s.ToString().c_str());
           return 1;
         }
-        stats[vi].build_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        stats[vi].build_s +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         orig[vi].resize(cold);
         std::iota(orig[vi].begin(), orig[vi].end(), 0);
         int64_t b;
@@ -261,8 +266,9 @@ int main(int argc, char** argv) {
           const State cold_all = Attend(cs, call, cv.data(), d);
           Merge(&ref, cold_all);
           std::vector<int64_t> by_score(call);
-          std::sort(by_score.begin(), by_score.end(),
-                    [&](int64_t a, int64_t b) { return cs[a] > cs[b] || (cs[a] == cs[b] && a < b); });
+          std::sort(by_score.begin(), by_score.end(), [&](int64_t a, int64_t b) {
+            return cs[a] > cs[b] || (cs[a] == cs[b] && a < b);
+          });
           std::vector<char> top100(covered, 0);
           for (int64_t i = 0; i < std::min<int64_t>(100, covered); ++i) top100[by_score[i]] = 1;
           auto mass_of = [&](const std::vector<int64_t>& rows) {

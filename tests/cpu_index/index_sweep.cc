@@ -76,8 +76,9 @@ int main(int argc, char** argv) {
         SearchResult r;
         const auto s0 = std::chrono::steady_clock::now();
         (void)index->Search(store, data.test_queries.data() + i * d, {k, effort}, &r);
-        us.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s0)
-                         .count());
+        us.push_back(
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - s0)
+                .count());
         recall += testing::Recall(r.ids, truth[i]);
         scanned += static_cast<double>(r.scanned);
       }

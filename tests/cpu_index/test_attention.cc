@@ -19,7 +19,9 @@ struct Rows {
   std::vector<uint16_t> raw16;
   std::vector<float> raw32;
   std::vector<float> exact;
-  const void* data(DType t) const { return t == DType::kF32 ? static_cast<const void*>(raw32.data()) : raw16.data(); }
+  const void* data(DType t) const {
+    return t == DType::kF32 ? static_cast<const void*>(raw32.data()) : raw16.data();
+  }
 };
 
 Rows MakeRows(int64_t n, int d, DType t, float scale, uint64_t seed) {
@@ -75,7 +77,8 @@ TEST_P(AttentionTest, StoreAppendDotAndStrides) {
   const std::size_t es = DTypeSize(t);
   const auto* base = static_cast<const unsigned char*>(all.data(t)) + 1 * d * es;
   ASSERT_TRUE(store.Append(base, base, 20, heads * d).ok());
-  ASSERT_TRUE(store.Append(base + 20 * heads * d * es, base + 20 * heads * d * es, n - 20, heads * d).ok());
+  ASSERT_TRUE(
+      store.Append(base + 20 * heads * d * es, base + 20 * heads * d * es, n - 20, heads * d).ok());
   ASSERT_EQ(store.size(), n);
   EXPECT_EQ(store.bytes(), 2 * n * d * es);
   std::vector<float> q(d), row(d), out(n);

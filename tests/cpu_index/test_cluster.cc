@@ -105,9 +105,9 @@ TEST(HeadStorePermute, PermutesKeysAndValuesAndRejectsNonPermutations) {
   for (int64_t i = 0; i < 4; ++i) EXPECT_EQ(KeyRow(s, 4 + i), before[4 + order[i]]);
   EXPECT_EQ(KeyRow(s, 0), before[0]);
   EXPECT_EQ(KeyRow(s, 9), before[9]);
-  EXPECT_FALSE(s.PermuteRows(8, order).ok());           // past the end
-  EXPECT_FALSE(s.PermuteRows(0, {0, 0, 1}).ok());       // duplicate
-  EXPECT_FALSE(s.PermuteRows(0, {0, 5}).ok());          // out of range
+  EXPECT_FALSE(s.PermuteRows(8, order).ok());      // past the end
+  EXPECT_FALSE(s.PermuteRows(0, {0, 0, 1}).ok());  // duplicate
+  EXPECT_FALSE(s.PermuteRows(0, {0, 5}).ok());     // out of range
   EXPECT_TRUE(s.PermuteRows(3, {}).ok());
 }
 
@@ -201,11 +201,13 @@ TEST(ClusterIndex, EstimateMatchesBruteForceOfItsFormula) {
       }
       double dot = 0;
       for (int j = 0; j < kDim; ++j) dot += double(q[j]) * Bf16ToF32(s.centroid[c * kDim + j]);
-      lm.push_back(0.2 * dot + spread_weight * 0.5 * 0.04 * qn2 * s.spread[c] + std::log(double(s.size[c])));
+      lm.push_back(0.2 * dot + spread_weight * 0.5 * 0.04 * qn2 * s.spread[c] +
+                   std::log(double(s.size[c])));
       unsel.push_back(c);
     }
     EXPECT_GE(sel_tokens, 40);
-    EXPECT_EQ(static_cast<int64_t>(r.ids.size()), sel_tokens + static_cast<int64_t>(s.outliers.size()));
+    EXPECT_EQ(static_cast<int64_t>(r.ids.size()),
+              sel_tokens + static_cast<int64_t>(s.outliers.size()));
     const double m = *std::max_element(lm.begin(), lm.end());
     double l = 0;
     std::vector<double> o(kDim, 0.0);

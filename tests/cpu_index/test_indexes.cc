@@ -103,9 +103,9 @@ class IndexKindTest : public ::testing::TestWithParam<IndexKind> {};
 // Effort that makes each kind exhaustive.
 int MaxEffort(IndexKind kind) {
   switch (kind) {
-    case IndexKind::kIvf: return 1 << 20;                       // clamped to nlist
-    case IndexKind::kHnsw: return static_cast<int>(kKeys);      // ef = n
-    case IndexKind::kLandmark: return 1 << 20;                  // every block
+    case IndexKind::kIvf: return 1 << 20;                             // clamped to nlist
+    case IndexKind::kHnsw: return static_cast<int>(kKeys);            // ef = n
+    case IndexKind::kLandmark: return 1 << 20;                        // every block
     case IndexKind::kAttentionAware: return static_cast<int>(kKeys);  // beam = n
     default: return 0;
   }
@@ -127,9 +127,10 @@ TEST_P(IndexKindTest, ExactAtMaximalEffort) {
   EXPECT_EQ(index.size(), kKeys);
   for (int64_t i = 0; i < kQueries; ++i) {
     SearchResult r;
-    ASSERT_TRUE(index.Search(*d.store, d.ood.test_queries.data() + i * kDim,
-                             {kK, MaxEffort(GetParam())}, &r)
-                    .ok());
+    ASSERT_TRUE(
+        index
+            .Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, MaxEffort(GetParam())}, &r)
+            .ok());
     EXPECT_EQ(r.ids, d.truth[i]) << "query " << i;
   }
 }
@@ -140,8 +141,9 @@ constexpr int kGroup = 4;
 std::vector<SearchResult> SearchGroupOf(const KeyIndex& index, int64_t first, int effort) {
   const Data& d = SharedData();
   std::vector<SearchResult> out(kGroup);
-  EXPECT_TRUE(index.SearchGroup(*d.store, d.ood.test_queries.data() + first * kDim, kGroup, {kK, effort},
-                                out.data())
+  EXPECT_TRUE(index
+                  .SearchGroup(*d.store, d.ood.test_queries.data() + first * kDim, kGroup,
+                               {kK, effort}, out.data())
                   .ok());
   return out;
 }
@@ -171,7 +173,8 @@ TEST_P(IndexKindTest, GroupSearchRecallMatchesPerQuerySearch) {
   const int64_t n = kQueries / kGroup * kGroup;
   for (int64_t i = 0; i < n; ++i) {
     SearchResult r;
-    ASSERT_TRUE(index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, effort}, &r).ok());
+    ASSERT_TRUE(
+        index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, effort}, &r).ok());
     single[i] = testing::Recall(r.ids, d.truth[i]);
     single_recall += single[i];
     single_scanned += static_cast<double>(r.scanned);
@@ -193,7 +196,8 @@ TEST_P(IndexKindTest, GroupSearchRecallMatchesPerQuerySearch) {
     }
     if (scanned <= single_scanned) best_recall = std::max(best_recall, recall / n);
   }
-  EXPECT_GE(best_recall, single_recall / n - 0.02) << IndexKindName(GetParam()) << " effort " << effort;
+  EXPECT_GE(best_recall, single_recall / n - 0.02)
+      << IndexKindName(GetParam()) << " effort " << effort;
 }
 
 TEST_P(IndexKindTest, RecallDoesNotFallAsEffortRises) {
@@ -218,7 +222,8 @@ TEST_P(IndexKindTest, ConcurrentSearchesEqualSerial) {
   const int64_t nq = kQueries;
   std::vector<SearchResult> serial(nq), parallel(nq);
   for (int64_t i = 0; i < nq; ++i) {
-    ASSERT_TRUE(index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, 0}, &serial[i]).ok());
+    ASSERT_TRUE(
+        index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, 0}, &serial[i]).ok());
   }
   tbb::task_arena arena(8);
   arena.execute([&] {
@@ -228,7 +233,8 @@ TEST_P(IndexKindTest, ConcurrentSearchesEqualSerial) {
         SearchResult r;
         // Mixed efforts at the same time: per-call effort must not leak between searches.
         const int effort = (j / nq) % 2 == 0 ? 0 : Efforts(GetParam()).back();
-        EXPECT_TRUE(index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, effort}, &r).ok());
+        EXPECT_TRUE(
+            index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, effort}, &r).ok());
         if (effort == 0) parallel[i] = r;
       });
     }
@@ -263,7 +269,8 @@ TEST_P(IndexKindTest, KeysAddedAfterBuildAreFound) {
   ASSERT_TRUE(index->Build(*store, ood.prompt_queries.data(), n0).ok());
   std::vector<uint16_t> buf(batch * kDim);
   for (int64_t b = 0; b < batches; ++b) {
-    ConvertFromF32(ood.keys.data() + (n0 + b * batch) * kDim, batch * kDim, DType::kF16, buf.data());
+    ConvertFromF32(ood.keys.data() + (n0 + b * batch) * kDim, batch * kDim, DType::kF16,
+                   buf.data());
     ASSERT_TRUE(store->Append(buf.data(), buf.data(), batch, kDim).ok());
     ASSERT_TRUE(index->Add(*store).ok());
     EXPECT_EQ(index->size(), store->size());
@@ -302,7 +309,8 @@ TEST_P(IndexKindTest, RejectsBadInput) {
   HeadStore empty(kDim, DType::kBF16);
   const std::vector<float> q(kDim, 1.f);
   SearchResult r;
-  EXPECT_EQ(index->Search(empty, q.data(), {10, 0}, &r).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(index->Search(empty, q.data(), {10, 0}, &r).code(),
+            absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(index->Add(empty).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(index->Build(empty, nullptr, 0).code(), absl::StatusCode::kInvalidArgument);
   HeadStore wrong_dim(kDim / 2, DType::kBF16);
@@ -313,7 +321,8 @@ TEST_P(IndexKindTest, RejectsBadInput) {
   auto store = MakeStore(SharedData().ood.keys.data(), 2000, kDim, DType::kBF16);
   ASSERT_TRUE(index->Build(*store, nullptr, 0).ok());  // no queries: every kind still builds
   EXPECT_EQ(index->Search(*store, q.data(), {0, 0}, &r).code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(index->Search(*store, q.data(), {10, -1}, &r).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(index->Search(*store, q.data(), {10, -1}, &r).code(),
+            absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(index->Search(*store, nullptr, {10, 0}, &r).code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(index->Search(*store, q.data(), {10, 0}, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
@@ -349,7 +358,8 @@ TEST(AttentionAwareIndex, IdenticalQueriesStillBuildAUsefulGraph) {
   const Data& d = SharedData();
   std::vector<float> same(static_cast<std::size_t>(256) * kDim);
   for (int i = 0; i < 256; ++i)
-    std::copy_n(d.ood.prompt_queries.data(), kDim, same.data() + static_cast<std::size_t>(i) * kDim);
+    std::copy_n(d.ood.prompt_queries.data(), kDim,
+                same.data() + static_cast<std::size_t>(i) * kDim);
   auto index = MakeIndex(IndexKind::kAttentionAware, {}, kDim).value();
   ASSERT_TRUE(index->Build(*d.store, same.data(), 256).ok());
   EXPECT_GT(MeanRecall(*index, 256), 0.3);  // one top list: weak, but it works

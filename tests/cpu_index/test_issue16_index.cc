@@ -33,8 +33,10 @@ TEST(Issue16Ivf, ReturnsKResultsAtLargeKWithTheDefaultAndAnyEffort) {
   for (int effort : {0, 1, 16}) {
     for (int64_t i = 0; i < ood.n_test; ++i) {
       SearchResult r;
-      ASSERT_TRUE(index->Search(*store, ood.test_queries.data() + i * kDim, {1000, effort}, &r).ok());
-      EXPECT_EQ(r.ids.size(), 1000u) << "effort " << effort << ": nprobe must grow until k keys are probed";
+      ASSERT_TRUE(
+          index->Search(*store, ood.test_queries.data() + i * kDim, {1000, effort}, &r).ok());
+      EXPECT_EQ(r.ids.size(), 1000u)
+          << "effort " << effort << ": nprobe must grow until k keys are probed";
       if (effort == 0) {
         EXPECT_GE(r.scanned, 3000) << "the default probes 3 * k keys";
       }
@@ -57,7 +59,8 @@ TEST(Issue16Hnsw, ReturnsKResultsWhenKIsAtLeastTheKeysOrTheGraphFallsShort) {
     EXPECT_EQ(all.ids.size(), 3000u) << "k >= n: every key";
     SearchResult most;
     ASSERT_TRUE(index->Search(*store, q, {2900, 0}, &most).ok());
-    EXPECT_EQ(most.ids.size(), 2900u) << "a graph that reaches fewer than k keys falls back to a scan";
+    EXPECT_EQ(most.ids.size(), 2900u)
+        << "a graph that reaches fewer than k keys falls back to a scan";
   }
 }
 
@@ -85,7 +88,8 @@ TEST(Issue16Budget, IndexBytesBoundIsAnUpperBound) {
     for (int64_t n : {256, 700, 3000, 6000}) {
       auto store = F32Store(ood.keys.data(), n);
       auto index = MakeIndex(kind, {}, kDim).value();
-      arena.execute([&] { ASSERT_TRUE(index->Build(*store, ood.prompt_queries.data(), ood.n_prompt).ok()); });
+      arena.execute(
+          [&] { ASSERT_TRUE(index->Build(*store, ood.prompt_queries.data(), ood.n_prompt).ok()); });
       EXPECT_LE(static_cast<int64_t>(index->MemoryBytes()), IndexBytesBound(kind, {}, kDim, n))
           << IndexKindName(kind) << " built over " << n;
     }
@@ -93,11 +97,14 @@ TEST(Issue16Budget, IndexBytesBoundIsAnUpperBound) {
     HeadStore store(kDim, DType::kF32);
     ASSERT_TRUE(store.Append(ood.keys.data(), ood.keys.data(), 256, kDim).ok());
     auto index = MakeIndex(kind, {}, kDim).value();
-    arena.execute([&] { ASSERT_TRUE(index->Build(store, ood.prompt_queries.data(), ood.n_prompt).ok()); });
+    arena.execute(
+        [&] { ASSERT_TRUE(index->Build(store, ood.prompt_queries.data(), ood.n_prompt).ok()); });
     for (int64_t n = 257; n <= 6000; n += n < 600 ? 1 : 397) {
       const int64_t add = n - store.size();
-      ASSERT_TRUE(store.Append(ood.keys.data() + store.size() * kDim, ood.keys.data() + store.size() * kDim, add,
-                               kDim).ok());
+      ASSERT_TRUE(store
+                      .Append(ood.keys.data() + store.size() * kDim,
+                              ood.keys.data() + store.size() * kDim, add, kDim)
+                      .ok());
       arena.execute([&] { ASSERT_TRUE(index->Add(store).ok()); });
       ASSERT_LE(static_cast<int64_t>(index->MemoryBytes()), IndexBytesBound(kind, {}, kDim, n))
           << IndexKindName(kind) << " grown to " << n;

@@ -77,9 +77,9 @@ TEST_F(ReplayTest, FlatTopKRecallsTheExactTopK) {
   EXPECT_GT(r.mass_recall, 0.3);
   EXPECT_GT(r.output_rel_error_mean, 0.0);
   const auto j = ReportJson(r);
-  for (const char* key : {"recall_at_k", "mass_recall", "output_rel_error_mean",
-                          "output_rel_error_p99", "scanned_fraction", "latency_us_p50",
-                          "latency_us_p99", "steps"})
+  for (const char* key :
+       {"recall_at_k", "mass_recall", "output_rel_error_mean", "output_rel_error_p99",
+        "scanned_fraction", "latency_us_p50", "latency_us_p99", "steps"})
     EXPECT_TRUE(j.contains(key)) << key;
 }
 

@@ -58,7 +58,7 @@ struct Rng {
 struct LayerModel {
   std::vector<float> k, v;  // [length, kv_heads, d] as stored (rounded to dtype)
   int64_t length = 0;
-  bool attended = false;     // a successful attend happened since the last change
+  bool attended = false;  // a successful attend happened since the last change
 };
 
 struct Model {
@@ -167,8 +167,8 @@ void Expect(kvrt_status got, kvrt_status want, const char* what) {
 // Fully arbitrary config fields: create must succeed or fail cleanly, never crash.
 void FuzzCreateOnly(Input& in) {
   kvrt_config c = kvrt_config_default();
-  int32_t* fields[] = {&c.num_layers,    &c.num_q_heads,     &c.num_kv_heads,  &c.head_dim,
-                       &c.sink_tokens,   &c.window_tokens,   &c.top_k,         &c.search_effort,
+  int32_t* fields[] = {&c.num_layers,      &c.num_q_heads,   &c.num_kv_heads, &c.head_dim,
+                       &c.sink_tokens,     &c.window_tokens, &c.top_k,        &c.search_effort,
                        &c.record_attended, &c.use_gpu,       &c.check_finite};
   for (auto* f : fields)
     if (in.u8() & 1) *f = static_cast<int32_t>(in.u32());
@@ -179,7 +179,8 @@ void FuzzCreateOnly(Input& in) {
     std::memcpy(&c.scale, &bits, 4);
   }
   if (in.u8() & 1) c.group_search = static_cast<int32_t>(in.u32());
-  if (in.u8() & 1) c.cold_attention = static_cast<kvrt_cold_attention>(static_cast<int32_t>(in.u32()));
+  if (in.u8() & 1)
+    c.cold_attention = static_cast<kvrt_cold_attention>(static_cast<int32_t>(in.u32()));
   c.worker_threads = in.range(0, 4);  // real threads: keep few
   if (in.u8() & 1) c.host_memory_limit = static_cast<int64_t>(in.u32()) * (in.u8() & 1 ? -1 : 1);
   kvrt_runtime* rt = reinterpret_cast<kvrt_runtime*>(0x10);
@@ -220,15 +221,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t kind = kind_byte % 8;  // EXACT and FLAT most of the time
   // NOTE: from bits of the same byte, so the committed corpus decodes as before this field.
   c.group_search = (kind_byte >> 3) & 1;
-  c.index_kind = kind < 4 ? KVRT_INDEX_EXACT
-                          : kind < 6 ? KVRT_INDEX_FLAT
-                                     : static_cast<kvrt_index_kind>(in.range(2, 5));
+  c.index_kind = kind < 4   ? KVRT_INDEX_EXACT
+                 : kind < 6 ? KVRT_INDEX_FLAT
+                            : static_cast<kvrt_index_kind>(in.range(2, 5));
   c.worker_threads = 1;
   c.record_attended = in.u8() & 1;
   c.check_finite = in.u8() & 1;
   const uint8_t limits = in.u8();
   const int64_t token_bytes =
-      2 * int64_t{c.num_kv_heads} * c.head_dim * static_cast<int64_t>(kvrt::DTypeSize(static_cast<kvrt::DType>(c.dtype)));
+      2 * int64_t{c.num_kv_heads} * c.head_dim *
+      static_cast<int64_t>(kvrt::DTypeSize(static_cast<kvrt::DType>(c.dtype)));
   if (limits & 1) c.gpu_memory_limit = token_bytes * in.range(1, 40);
   if (limits & 2) c.host_memory_limit = token_bytes * in.range(1, 200);
   const bool limited = (limits & 3) != 0;
@@ -310,19 +312,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         LayerModel* lm = live && layer_ok ? &m.seqs[id][layer] : nullptr;
         const int64_t before = lm ? lm->length : 0;
         kvrt_status want = KVRT_OK;
-        if (null_kv) want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (!layer_ok) want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (!live) want = KVRT_ERR_NOT_FOUND;
-        else if (n < 1) want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (nan) want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (op == 2 && before != 0) want = KVRT_ERR_FAILED_PRECONDITION;
+        if (null_kv)
+          want = KVRT_ERR_INVALID_ARGUMENT;
+        else if (!layer_ok)
+          want = KVRT_ERR_INVALID_ARGUMENT;
+        else if (!live)
+          want = KVRT_ERR_NOT_FOUND;
+        else if (n < 1)
+          want = KVRT_ERR_INVALID_ARGUMENT;
+        else if (nan)
+          want = KVRT_ERR_INVALID_ARGUMENT;
+        else if (op == 2 && before != 0)
+          want = KVRT_ERR_FAILED_PRECONDITION;
         const void* kp = null_kv ? nullptr : kraw.data();
         const kvrt_status got =
-            op == 2 ? kvrt_prefill(rt, id, layer, with_q ? qraw.data() : nullptr, kp, vraw.data(), n)
-                    : kvrt_append(rt, id, layer, kp, vraw.data(), n);
+            op == 2
+                ? kvrt_prefill(rt, id, layer, with_q ? qraw.data() : nullptr, kp, vraw.data(), n)
+                : kvrt_append(rt, id, layer, kp, vraw.data(), n);
         // Budgets: the model does not predict them; a refusal must say so and change nothing.
         if (limited && want == KVRT_OK && got == KVRT_ERR_OUT_OF_MEMORY) {
-          if (std::strstr(kvrt_last_error(), "memory_limit") == nullptr) Die("OOM without the limit named");
+          if (std::strstr(kvrt_last_error(), "memory_limit") == nullptr)
+            Die("OOM without the limit named");
         } else {
           Expect(got, want, op == 2 ? "prefill" : "append");
         }
@@ -358,11 +368,16 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         std::vector<float> out(static_cast<size_t>(c.num_q_heads) * c.head_dim, -123.f);
         LayerModel* lm = live && layer_ok ? &m.seqs[id][layer] : nullptr;
         kvrt_status want = KVRT_OK;
-        if (null_out || nan) want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (!layer_ok) want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (!live) want = KVRT_ERR_NOT_FOUND;
-        else if (lm->length == 0) want = KVRT_ERR_FAILED_PRECONDITION;
-        const kvrt_status got = kvrt_attend(rt, id, layer, qraw.data(), null_out ? nullptr : out.data());
+        if (null_out || nan)
+          want = KVRT_ERR_INVALID_ARGUMENT;
+        else if (!layer_ok)
+          want = KVRT_ERR_INVALID_ARGUMENT;
+        else if (!live)
+          want = KVRT_ERR_NOT_FOUND;
+        else if (lm->length == 0)
+          want = KVRT_ERR_FAILED_PRECONDITION;
+        const kvrt_status got =
+            kvrt_attend(rt, id, layer, qraw.data(), null_out ? nullptr : out.data());
         Expect(got, want, "attend");
         if (got != KVRT_OK) {
           for (float x : out)
@@ -389,9 +404,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const kvrt_status got = kvrt_get_attended(rt, id, layer, h, buf.data(), cap, &count);
         LayerModel* lm = live && layer_ok ? &m.seqs[id][layer] : nullptr;
         kvrt_status want = KVRT_OK;
-        if (!c.record_attended) want = KVRT_ERR_FAILED_PRECONDITION;
-        else if (h >= c.num_q_heads || !layer_ok) want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (!live) want = KVRT_ERR_NOT_FOUND;
+        if (!c.record_attended)
+          want = KVRT_ERR_FAILED_PRECONDITION;
+        else if (h >= c.num_q_heads || !layer_ok)
+          want = KVRT_ERR_INVALID_ARGUMENT;
+        else if (!live)
+          want = KVRT_ERR_NOT_FOUND;
         else if (!lm->attended) {
           // An attend before the last append still counts as "an attend happened"; the ids are
           // then those of that attend. Only a never-attended layer must fail.
@@ -410,13 +428,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         }
         break;
       }
-      case 8:
-        CheckCounts(rt, m);
-        break;
+      case 8: CheckCounts(rt, m); break;
       case 9: {  // null and out-of-range arguments of the small calls
         int64_t n;
         Expect(kvrt_seq_length(rt, 0, 0, nullptr), KVRT_ERR_INVALID_ARGUMENT, "seq_length(NULL)");
-        Expect(kvrt_seq_length(nullptr, 0, 0, &n), KVRT_ERR_INVALID_ARGUMENT, "seq_length(rt NULL)");
+        Expect(kvrt_seq_length(nullptr, 0, 0, &n), KVRT_ERR_INVALID_ARGUMENT,
+               "seq_length(rt NULL)");
         Expect(kvrt_get_stats(rt, nullptr), KVRT_ERR_INVALID_ARGUMENT, "get_stats(NULL)");
         Expect(kvrt_seq_create(rt, nullptr), KVRT_ERR_INVALID_ARGUMENT, "seq_create(NULL)");
         kvrt_exec e = kvrt_exec_default();

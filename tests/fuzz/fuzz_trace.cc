@@ -52,7 +52,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       if (view->shape.size() != 3 || view->shape[0] != rows || view->shape[1] != heads ||
           view->shape[2] != m.head_dim || view->dtype != m.dtype)
         std::abort();
-      const uint64_t want = static_cast<uint64_t>(rows) * heads * m.head_dim * kvrt::DTypeSize(m.dtype);
+      const uint64_t want =
+          static_cast<uint64_t>(rows) * heads * m.head_dim * kvrt::DTypeSize(m.dtype);
       // The view lies inside the file, so it can never be larger than the input.
       if (view->bytes != want || view->bytes > size) std::abort();
       const auto* p = static_cast<const uint8_t*>(view->data);

@@ -82,8 +82,13 @@ struct HostOut {
   std::vector<int32_t> sel, cnt;
   std::vector<int64_t> tok;
   HostOut(int qh, int c, int o, int d)
-      : dens(std::size_t(qh) * c), osc(std::size_t(qh) * std::max(o, 1)), eo(std::size_t(qh) * d),
-        lse(qh), sel(std::size_t(qh) * std::max(c, 1)), cnt(qh), tok(qh) {}
+      : dens(std::size_t(qh) * c),
+        osc(std::size_t(qh) * std::max(o, 1)),
+        eo(std::size_t(qh) * d),
+        lse(qh),
+        sel(std::size_t(qh) * std::max(c, 1)),
+        cnt(qh),
+        tok(qh) {}
   ClusterStepOutputs View() {
     return {dens.data(), osc.data(), sel.data(), cnt.data(), tok.data(), eo.data(), lse.data()};
   }
@@ -118,8 +123,10 @@ TEST(ClusterStepHost, MatchesCpuIndexSelectionAndEstimate) {
       cs.dim = d;
       cs.size.assign(s.size.begin() + kh * c, s.size.begin() + (kh + 1) * c);
       cs.spread.assign(s.spread.begin() + kh * c, s.spread.begin() + (kh + 1) * c);
-      cs.centroid.assign(s.cen.begin() + std::size_t(kh) * c * d, s.cen.begin() + std::size_t(kh + 1) * c * d);
-      cs.value_mean.assign(s.vm.begin() + std::size_t(kh) * c * d, s.vm.begin() + std::size_t(kh + 1) * c * d);
+      cs.centroid.assign(s.cen.begin() + std::size_t(kh) * c * d,
+                         s.cen.begin() + std::size_t(kh + 1) * c * d);
+      cs.value_mean.assign(s.vm.begin() + std::size_t(kh) * c * d,
+                           s.vm.begin() + std::size_t(kh + 1) * c * d);
       cs.begin.assign(c, 0);
       std::vector<float> scores(c), dens(c);
       float qn2 = 0;
@@ -209,8 +216,19 @@ struct DevCase {
     out.selected_tokens = ToDevice(std::vector<int64_t>(qh));
     out.est_o = ToDevice(std::vector<float>(std::size_t(qh) * s.d));
     out.est_lse = ToDevice(std::vector<float>(qh));
-    allocs = {cen, vm, sz, sp, ok, q, out.density, out.outlier_score, out.selected,
-              out.selected_count, out.selected_tokens, out.est_o, out.est_lse};
+    allocs = {cen,
+              vm,
+              sz,
+              sp,
+              ok,
+              q,
+              out.density,
+              out.outlier_score,
+              out.selected,
+              out.selected_count,
+              out.selected_tokens,
+              out.est_o,
+              out.est_lse};
   }
   ~DevCase() {
     for (void* p : allocs) cudaFree(p);
@@ -226,15 +244,15 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     bool padding;
   };
   const std::vector<Shape> shapes = {
-      {1, 1, 64, 1, 0, 5, 0.f, false},       {2, 4, 128, 300, 17, 400, 0.f, true},
-      {8, 4, 128, 2048, 64, 640, 0.f, false}, {2, 6, 256, 777, 5, 300, 0.5f, true},
+      {1, 1, 64, 1, 0, 5, 0.f, false},          {2, 4, 128, 300, 17, 400, 0.f, true},
+      {8, 4, 128, 2048, 64, 640, 0.f, false},   {2, 6, 256, 777, 5, 300, 0.5f, true},
       {1, 16, 128, 1500, 0, 1000, 0.9f, false}, {3, 2, 64, 100, 3, 1 << 20, 0.f, false},
-      {2, 8, 128, 500, 9, 0, 0.f, false},     {2, 4, 128, 0, 20, 100, 0.f, false},
+      {2, 8, 128, 500, 9, 0, 0.f, false},       {2, 4, 128, 0, 20, 100, 0.f, false},
   };
   for (const Shape& sh : shapes) {
-    SCOPED_TRACE(::testing::Message() << "kv " << sh.kv << " g " << sh.g << " d " << sh.d
-                                      << " C " << sh.c << " O " << sh.o << " budget "
-                                      << sh.budget << " top_p " << sh.top_p);
+    SCOPED_TRACE(::testing::Message()
+                 << "kv " << sh.kv << " g " << sh.g << " d " << sh.d << " C " << sh.c << " O "
+                 << sh.o << " budget " << sh.budget << " top_p " << sh.top_p);
     const int qh = sh.kv * sh.g;
     const HostSummary s = MakeSummary(sh.kv, sh.d, sh.c, sh.o, 10 + sh.c, sh.padding);
     const auto q = RandQ(qh, sh.d, 20 + sh.c, 0.6f);
@@ -264,7 +282,8 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     for (std::size_t i = 0; i < osc.size(); ++i) ASSERT_NEAR(osc[i], ref.osc[i], 1e-3) << i;
     for (int h = 0; h < qh; ++h) {
       // Selections agree up to clusters whose densities are within rounding of the threshold.
-      std::set<int32_t> a(sel.begin() + std::size_t(h) * sh.c, sel.begin() + std::size_t(h) * sh.c + cnt[h]);
+      std::set<int32_t> a(sel.begin() + std::size_t(h) * sh.c,
+                          sel.begin() + std::size_t(h) * sh.c + cnt[h]);
       std::set<int32_t> b(ref.sel.begin() + std::size_t(h) * sh.c,
                           ref.sel.begin() + std::size_t(h) * sh.c + ref.cnt[h]);
       ASSERT_EQ(a.size(), static_cast<std::size_t>(cnt[h]));  // no duplicates

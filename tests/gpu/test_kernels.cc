@@ -97,7 +97,8 @@ struct HostTiers {
     b.kv_heads = kv_heads;
     b.head_dim = d;
     b.dtype = t;
-    for (std::size_t i = 0; i < ns.size(); ++i) b.max_tokens = std::max(b.max_tokens, ns[i] + nw[i]);
+    for (std::size_t i = 0; i < ns.size(); ++i)
+      b.max_tokens = std::max(b.max_tokens, ns[i] + nw[i]);
     return b;
   }
 };
@@ -131,7 +132,8 @@ HostTiers MakeTiers(std::mt19937& rng, const std::vector<std::pair<int, int>>& s
       return ::testing::AssertionFailure() << what << "[" << i << "] is NaN";
     }
     if (std::isinf(a[i]) || std::isinf(b[i])) {
-      if (a[i] != b[i]) return ::testing::AssertionFailure() << what << "[" << i << "] " << a[i] << " vs " << b[i];
+      if (a[i] != b[i])
+        return ::testing::AssertionFailure() << what << "[" << i << "] " << a[i] << " vs " << b[i];
       continue;
     }
     if (std::fabs(double(a[i]) - b[i]) > tol * (1.0 + std::fabs(double(b[i])))) {
@@ -194,7 +196,8 @@ TEST(GpuRef, Merge_OfSplitsEqualsWhole) {
   std::mt19937 rng(2);
   const int kvh = 2, qh = 4, d = 64;
   auto tiers = MakeTiers(rng, {{5, 33}}, 33, kvh, d, DType::kF32);
-  TierView whole{tiers.psk[0], tiers.psv[0], 5, tiers.pwk[0], tiers.pwv[0], 33, kvh, d, DType::kF32};
+  TierView whole{tiers.psk[0], tiers.psv[0], 5, tiers.pwk[0], tiers.pwv[0],
+                 33,           kvh,          d, DType::kF32};
   TierView sinks = whole, win = whole;
   sinks.n_window = 0;
   win.n_sink = 0;
@@ -223,7 +226,8 @@ TEST(GpuRef, MergeN_EqualsPairwiseFoldAndSkipsEmpty) {
   for (auto& x : o) x = nd(rng);
   for (auto& x : l) x = 2 * nd(rng);
   l[1 * rows + 2] = kNegInf;
-  o[(1 * rows + 2) * d] = std::numeric_limits<float>::quiet_NaN();  // an empty state's o is not read
+  o[(1 * rows + 2) * d] =
+      std::numeric_limits<float>::quiet_NaN();  // an empty state's o is not read
   std::vector<float> out(rows * d), lo(rows);
   MergeStatesNHost(o.data(), l.data(), n, rows, d, out.data(), DType::kF32, lo.data());
   for (int r = 0; r < rows; ++r) {
@@ -311,7 +315,8 @@ TEST(GpuRef, Ring_AppendEvictAndGatherFollowTheStream) {
 TEST(GpuRef, GatherAttend_MatchesDoubleNaive) {
   std::mt19937 rng(3);
   const int d = 128, rows = 50, nq = 6;
-  auto k = RandomStorage(rng, rows * d, DType::kF16, 1.f), v = RandomStorage(rng, rows * d, DType::kF16, 1.f);
+  auto k = RandomStorage(rng, rows * d, DType::kF16, 1.f),
+       v = RandomStorage(rng, rows * d, DType::kF16, 1.f);
   auto kf = ToF32(k, DType::kF16), vf = ToF32(v, DType::kF16);
   std::vector<int32_t> off{0}, ids;
   std::uniform_int_distribution<int> pick(0, rows - 1);
@@ -473,8 +478,8 @@ struct TierCase {
 };
 
 void RunTierCase(const TierCase& c, std::mt19937& rng) {
-  SCOPED_TRACE(std::string(DTypeName(c.t)) + " d=" + std::to_string(c.d) + " group=" +
-               std::to_string(c.group) + " split=" + std::to_string(c.split) +
+  SCOPED_TRACE(std::string(DTypeName(c.t)) + " d=" + std::to_string(c.d) +
+               " group=" + std::to_string(c.group) + " split=" + std::to_string(c.split) +
                (c.q_f32 ? " q=f32" : " q=storage"));
   auto h = MakeTiers(rng, c.sizes, c.cap, c.kvh, c.d, c.t);
   TierBatch hb = h.View();
@@ -520,7 +525,8 @@ TEST_F(GpuKernels, TierAttention_MatchesReference) {
   std::mt19937 rng(10);
   const bool small = Small();
   // Sequences: full window, window not full, empty tier, one token, sinks only, window only.
-  const std::vector<std::pair<int, int>> mixed = {{4, 300}, {4, 129}, {0, 0}, {0, 1}, {3, 0}, {0, 77}};
+  const std::vector<std::pair<int, int>> mixed = {{4, 300}, {4, 129}, {0, 0},
+                                                  {0, 1},   {3, 0},   {0, 77}};
   std::vector<TierCase> cases;
   for (DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
     for (int d : {64, 128, 256}) {
@@ -529,11 +535,13 @@ TEST_F(GpuKernels, TierAttention_MatchesReference) {
     }
     cases.push_back({t, 128, 8, 4, 300, {{4, 300}}, 0, false});  // q in storage dtype
   }
-  for (int group : {1, 2, 4, 5, 8}) cases.push_back({DType::kBF16, 128, 2, group, 300, mixed, 0, true});
+  for (int group : {1, 2, 4, 5, 8})
+    cases.push_back({DType::kBF16, 128, 2, group, 300, mixed, 0, true});
   // Split boundaries: one row per split, a split edge inside the sinks, a single split.
   for (int split : {1, 4, 5, 32, 33, 100000}) {
     if (small && split == 1) continue;
-    cases.push_back({DType::kBF16, 128, 2, 4, 70, {{4, 70}, {5, 31}, {0, 32}, {1, 0}}, split, true});
+    cases.push_back(
+        {DType::kBF16, 128, 2, 4, 70, {{4, 70}, {5, 31}, {0, 32}, {1, 0}}, split, true});
   }
   if (!small) cases.push_back({DType::kBF16, 128, 8, 4, 2048, {{4, 2048}, {4, 1000}}, 0, true});
   for (const auto& c : cases) RunTierCase(c, rng);
@@ -583,8 +591,8 @@ TEST_F(GpuKernels, MergeStates_MatchesReferenceAndHandlesEmpty) {
       EXPECT_EQ(gl[0], kNegInf);
       EXPECT_EQ(go[0], 0.f);
       if (out_t == DType::kF32) {  // in place: out = o_a, lse_out = lse_a
-        ASSERT_TRUE(MergeStates(doa.as<float>(), dla.as<float>(), dob.as<float>(),
-                                dlb.as<float>(), rows, d, doa.p, out_t, dla.as<float>(), nullptr)
+        ASSERT_TRUE(MergeStates(doa.as<float>(), dla.as<float>(), dob.as<float>(), dlb.as<float>(),
+                                rows, d, doa.p, out_t, dla.as<float>(), nullptr)
                         .ok());
         auto io = doa.Get<float>(rows * d);
         auto il = dla.Get<float>(rows);
@@ -602,7 +610,8 @@ TEST_F(GpuKernels, MergeStatesN_MatchesReference) {
   for (int n : {1, 2, 3, 4}) {
     for (int d : {64, 128, 256}) {
       const int rows = 45;
-      std::vector<float> o(static_cast<std::size_t>(n) * rows * d), l(static_cast<std::size_t>(n) * rows);
+      std::vector<float> o(static_cast<std::size_t>(n) * rows * d),
+          l(static_cast<std::size_t>(n) * rows);
       for (auto& x : o) x = nd(rng);
       for (std::size_t i = 0; i < l.size(); ++i) l[i] = (i % 4 == 1) ? kNegInf : 3 * nd(rng);
       for (int i = 0; i < n; ++i) l[static_cast<std::size_t>(i) * rows] = kNegInf;  // row 0 empty
@@ -654,8 +663,14 @@ TEST_F(GpuKernels, Ring_AppendEvictGatherMatchReference) {
         RingAppendHost(hr, nk.data(), nv.data(), n_new, ek.data(), ev.data());
         Dev dpos = Dev::From(pos), dnk = Dev::From(nk), dnv = Dev::From(nv);
         Dev dek(nk.size()), dev(nk.size());
-        RingBatch dr{ddk.as<void* const>(), ddv.as<void* const>(), dpos.as<const int64_t>(),
-                     batch, cap, kvh, d, t};
+        RingBatch dr{ddk.as<void* const>(),
+                     ddv.as<void* const>(),
+                     dpos.as<const int64_t>(),
+                     batch,
+                     cap,
+                     kvh,
+                     d,
+                     t};
         ASSERT_TRUE(RingAppend(dr, dnk.p, dnv.p, n_new, dek.p, dev.p, nullptr).ok());
         auto gek = dek.Get<unsigned char>(nk.size()), gev = dev.Get<unsigned char>(nk.size());
         for (int b = 0; b < batch; ++b) {
@@ -697,7 +712,8 @@ TEST_F(GpuKernels, GatherAttend_MatchesReference) {
       for (bool with_ids : {true, false}) {
         for (int split : {0, 7, 64}) {
           const int rows_q = 9, n_rows = small ? 300 : 2500;
-          auto k = RandomStorage(rng, n_rows * d, t, 1.f), v = RandomStorage(rng, n_rows * d, t, 1.f);
+          auto k = RandomStorage(rng, n_rows * d, t, 1.f),
+               v = RandomStorage(rng, n_rows * d, t, 1.f);
           std::vector<int32_t> off{0}, ids;
           std::uniform_int_distribution<int> pick(0, n_rows - 1);
           int max_rows = 0;
@@ -710,7 +726,7 @@ TEST_F(GpuKernels, GatherAttend_MatchesReference) {
           }
           auto q = RandomStorage(rng, rows_q * d, DType::kF32, 1.5f);
           GatherBatch hg{k.data(), v.data(), off.data(), with_ids ? ids.data() : nullptr,
-                         rows_q, max_rows, d, t};
+                         rows_q,   max_rows, d,          t};
           std::vector<float> ro(rows_q * d), rl(rows_q);
           GatherAttendHost(hg, q.data(), true, 0.f, ro.data(), rl.data());
           Dev dk = Dev::From(k), dv = Dev::From(v), doff = Dev::From(off), dids = Dev::From(ids),
@@ -738,20 +754,27 @@ TEST_F(GpuKernels, GatherAttend_MatchesReference) {
 TEST_F(GpuKernels, ExactTopK_MatchesReference) {
   std::mt19937 rng(14);
   const bool small = Small();
-  struct C { DType t; int d, nq, nk, topk; int64_t chunk; bool q_f32; int kvh; };
+  struct C {
+    DType t;
+    int d, nq, nk, topk;
+    int64_t chunk;
+    bool q_f32;
+    int kvh;
+  };
   std::vector<C> cases = {
       {DType::kBF16, 128, 37, 3000, 128, 0, true, 1},
       {DType::kBF16, 128, 37, 3000, 10, 1000, false, 2},  // several key chunks, strided keys
       {DType::kF16, 64, 5, 129, 1, 0, true, 1},
       {DType::kF32, 256, 70, 700, 64, 256, true, 1},
-      {DType::kF32, 64, 3, 128, 128, 0, true, 1},         // topk == nk
+      {DType::kF32, 64, 3, 128, 128, 0, true, 1},  // topk == nk
   };
   if (small) cases.resize(3);
   for (const auto& c : cases) {
-    SCOPED_TRACE(std::string(DTypeName(c.t)) + " d=" + std::to_string(c.d) + " k=" +
-                 std::to_string(c.topk));
+    SCOPED_TRACE(std::string(DTypeName(c.t)) + " d=" + std::to_string(c.d) +
+                 " k=" + std::to_string(c.topk));
     auto k = RandomStorage(rng, static_cast<std::size_t>(c.nk) * c.kvh * c.d, c.t, 1.f);
-    auto q = RandomStorage(rng, static_cast<std::size_t>(c.nq) * c.d, c.q_f32 ? DType::kF32 : c.t, 1.f);
+    auto q =
+        RandomStorage(rng, static_cast<std::size_t>(c.nq) * c.d, c.q_f32 ? DType::kF32 : c.t, 1.f);
     TopKProblem pr;
     pr.q = q.data();
     pr.q_stride = c.d;
@@ -789,7 +812,8 @@ TEST_F(GpuKernels, ExactTopK_MatchesReference) {
         ASSERT_LT(id, c.nk);
         double a = 0;
         for (int e = 0; e < c.d; ++e) {
-          a += double(qf[i * c.d + e]) * kf[(static_cast<std::size_t>(id) * c.kvh + c.kvh - 1) * c.d + e];
+          a += double(qf[i * c.d + e]) *
+               kf[(static_cast<std::size_t>(id) * c.kvh + c.kvh - 1) * c.d + e];
         }
         EXPECT_NEAR(0.25 * a, rsc[i * c.topk + j], kTopKScoreTol * (1 + std::fabs(a)));
         id_mismatch += id != rid[i * c.topk + j];
@@ -800,7 +824,7 @@ TEST_F(GpuKernels, ExactTopK_MatchesReference) {
   CUDA_OK(cudaDeviceSynchronize());
 }
 
-#else   // !KVRT_WITH_CUDA
+#else  // !KVRT_WITH_CUDA
 TEST(GpuKernels, SkippedWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
 #endif
 

@@ -17,8 +17,8 @@ struct Tokens {
 };
 
 // Random tensor in `dtype`; `f32` receives the values it represents.
-std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t, std::vector<float>* f32,
-                                  float sigma = 1.f) {
+std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t,
+                                  std::vector<float>* f32, float sigma = 1.f) {
   std::normal_distribution<float> dist(0.f, sigma);
   std::vector<float> x(n);
   for (auto& e : x) e = dist(rng);
@@ -44,14 +44,16 @@ std::vector<double> Exact(const RuntimeConfig& c, const std::vector<float>& q, c
     double m = -INFINITY;
     for (int64_t i = 0; i < n; ++i) {
       double acc = 0;
-      for (int j = 0; j < d; ++j) acc += static_cast<double>(q[h * d + j]) * kv.k[(i * c.num_kv_heads + g) * d + j];
+      for (int j = 0; j < d; ++j)
+        acc += static_cast<double>(q[h * d + j]) * kv.k[(i * c.num_kv_heads + g) * d + j];
       s[i] = acc * scale;
       m = std::max(m, s[i]);
     }
     double l = 0;
     for (auto& x : s) l += (x = std::exp(x - m));
     for (int64_t i = 0; i < n; ++i)
-      for (int j = 0; j < d; ++j) out[h * d + j] += s[i] / l * kv.v[(i * c.num_kv_heads + g) * d + j];
+      for (int j = 0; j < d; ++j)
+        out[h * d + j] += s[i] / l * kv.v[(i * c.num_kv_heads + g) * d + j];
   }
   return out;
 }

@@ -2,8 +2,8 @@
 // the same cold rows, search them with the same CPU code, so retrieved sets are identical and
 // outputs differ by rounding only (GPU tier attention and merge in f32 on the device).
 // GpuBackend.* skip without a CUDA device; KVRT_GPU_TEST_SMALL=1 shrinks them (sanitizers).
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <random>
 #include <string>
@@ -98,7 +98,8 @@ class Tensors {
   std::vector<float> host_out_;
 };
 
-void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& host, const std::string& what) {
+void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& host,
+                 const std::string& what) {
   ASSERT_EQ(gpu.size(), host.size());
   int bad = 0;
   for (std::size_t i = 0; i < gpu.size() && bad < 5; ++i) {
@@ -136,7 +137,8 @@ void RunCompare(const Case& c, int seqs, int prompt, int steps, uint32_t seed) {
       auto k = Random(rng, prompt * kv_row, c.dtype);
       auto v = Random(rng, prompt * kv_row, c.dtype);
       ASSERT_TRUE((*host_rt)->Prefill(hs[s], l, q.data(), k.data(), v.data(), prompt).ok());
-      auto st = (*gpu_rt)->Prefill(gs[s], l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec());
+      auto st =
+          (*gpu_rt)->Prefill(gs[s], l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec());
       ASSERT_TRUE(st.ok()) << st;
     }
   }
@@ -257,7 +259,8 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
     auto k = Random(rng, (prompt + s) * kv_row, c.dtype);
     auto v = Random(rng, (prompt + s) * kv_row, c.dtype);
     ASSERT_TRUE((*host_rt)->Prefill(hs[s], 0, nullptr, k.data(), v.data(), prompt + s).ok());
-    ASSERT_TRUE((*gpu_rt)->Prefill(gs[s], 0, nullptr, dev.Put(k), dev.Put(v), prompt + s, dev.exec()).ok());
+    ASSERT_TRUE(
+        (*gpu_rt)->Prefill(gs[s], 0, nullptr, dev.Put(k), dev.Put(v), prompt + s, dev.exec()).ok());
   }
   for (int step = 0; step < 3; ++step) {
     auto q = Random(rng, n * q_row, c.dtype);
@@ -267,7 +270,10 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
       auto v = Random(rng, kv_row, c.dtype);
       ASSERT_TRUE((*host_rt)->Append(hs[s], 0, k.data(), v.data(), 1).ok());
       ASSERT_TRUE((*gpu_rt)->Append(gs[s], 0, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-      ASSERT_TRUE((*host_rt)->Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(c.dtype), want.data() + s * q_row).ok());
+      ASSERT_TRUE(
+          (*host_rt)
+              ->Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(c.dtype), want.data() + s * q_row)
+              .ok());
     }
     float* out = dev.Out(n * q_row);
     auto st = (*gpu_rt)->AttendBatch(gs.data(), n, 0, dev.Put(q), out, dev.exec());
@@ -312,9 +318,10 @@ TEST_P(GpuBackendNan, NanPropagatesFromEveryTier) {
       k[i] = std::sin(0.37f * static_cast<float>(i));
       v[i] = std::cos(0.11f * static_cast<float>(i));
     }
-    for (std::size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.23f * static_cast<float>(i) + 0.3f);
+    for (std::size_t i = 0; i < q.size(); ++i)
+      q[i] = std::sin(0.23f * static_cast<float>(i) + 0.3f);
     auto at = [](int64_t t) { return static_cast<std::size_t>(t) * kG * kD + 5; };  // kv head 0
-    if (where == 0) q[3] = NAN;  // q head 0
+    if (where == 0) q[3] = NAN;                                                     // q head 0
     if (where == 1) k[at(0)] = NAN;
     if (where == 2) k[at(kT - 3)] = NAN;
     if (where == 3) k[at(100)] = NAN;
@@ -332,15 +339,16 @@ TEST_P(GpuBackendNan, NanPropagatesFromEveryTier) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Kinds, GpuBackendNan,
-                         ::testing::Values(NanGpuCase{cpu_index::IndexKind::kExact, 0, "exact"},
-                                           NanGpuCase{cpu_index::IndexKind::kFlat, 0, "flat"},
-                                           NanGpuCase{cpu_index::IndexKind::kFlat, 1, "flat_fetch"},
-                                           NanGpuCase{cpu_index::IndexKind::kIvf, 0, "ivf"},
-                                           NanGpuCase{cpu_index::IndexKind::kHnsw, 0, "hnsw"},
-                                           NanGpuCase{cpu_index::IndexKind::kLandmark, 0, "landmark"},
-                                           NanGpuCase{cpu_index::IndexKind::kAttentionAware, 0, "attention_aware"}),
-                         [](const auto& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(
+    Kinds, GpuBackendNan,
+    ::testing::Values(NanGpuCase{cpu_index::IndexKind::kExact, 0, "exact"},
+                      NanGpuCase{cpu_index::IndexKind::kFlat, 0, "flat"},
+                      NanGpuCase{cpu_index::IndexKind::kFlat, 1, "flat_fetch"},
+                      NanGpuCase{cpu_index::IndexKind::kIvf, 0, "ivf"},
+                      NanGpuCase{cpu_index::IndexKind::kHnsw, 0, "hnsw"},
+                      NanGpuCase{cpu_index::IndexKind::kLandmark, 0, "landmark"},
+                      NanGpuCase{cpu_index::IndexKind::kAttentionAware, 0, "attention_aware"}),
+    [](const auto& info) { return info.param.name; });
 
 TEST(GpuBackendConfig, UseGpuWithoutDevice) {
   RuntimeConfig cfg;

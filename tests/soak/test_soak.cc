@@ -45,7 +45,7 @@ kvrt_config SmallConfig(kvrt_index_kind kind) {
 struct SeqModel {
   kvrt_seq_id id = -1;
   std::vector<std::vector<float>> k, v;  // per layer, [tokens, kv_heads, d]
-  size_t row = 1;                         // kv_heads * d
+  size_t row = 1;                        // kv_heads * d
   int64_t length(int layer) const { return static_cast<int64_t>(k[layer].size() / row); }
 };
 
@@ -233,7 +233,8 @@ void RunSoak(const kvrt_config& c, int threads, int m_seqs, double seconds, int6
   for (auto& t : pool) t.join();
   done = true;
   stats.join();
-  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double took =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   kvrt_stats st = kvrt_stats_init();
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
   EXPECT_EQ(st.sequences, 0);
@@ -243,12 +244,13 @@ void RunSoak(const kvrt_config& c, int threads, int m_seqs, double seconds, int6
   EXPECT_EQ(st.index_bytes, 0);
   EXPECT_EQ(res.failures.load(), 0);
   EXPECT_GT(res.attends.load(), 0);
-  std::printf("[soak] %s: %d threads x %d sequences, %lld steps (%lld attends, %lld releases, "
-              "%lld budget refusals) in %.1f s; worst exact rel error %.2e; %lld stats reads\n",
-              label, threads, m_seqs, static_cast<long long>(res.steps.load()),
-              static_cast<long long>(res.attends.load()), static_cast<long long>(res.releases.load()),
-              static_cast<long long>(res.oom.load()), took, res.worst_error.load(),
-              static_cast<long long>(stats_reads.load()));
+  std::printf(
+      "[soak] %s: %d threads x %d sequences, %lld steps (%lld attends, %lld releases, "
+      "%lld budget refusals) in %.1f s; worst exact rel error %.2e; %lld stats reads\n",
+      label, threads, m_seqs, static_cast<long long>(res.steps.load()),
+      static_cast<long long>(res.attends.load()), static_cast<long long>(res.releases.load()),
+      static_cast<long long>(res.oom.load()), took, res.worst_error.load(),
+      static_cast<long long>(stats_reads.load()));
   ::testing::Test::RecordProperty("steps", std::to_string(res.steps.load()));
   kvrt_runtime_destroy(rt);
 }

@@ -1,6 +1,6 @@
 // Trace reader/writer round trips, hostile files, and the generator's determinism and statistics.
-#include <gtest/gtest.h>
 #include <fcntl.h>
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -384,7 +384,8 @@ TEST_F(TraceFileTest, MissingTensor) {
 }
 
 TEST_F(TraceFileTest, ExtraTensorsAreAllowedButChecked) {
-  header_["note"] = {{"dtype", "U8"}, {"shape", {4}}, {"data_offsets", {data_.size(), data_.size() + 4}}};
+  header_["note"] = {
+      {"dtype", "U8"}, {"shape", {4}}, {"data_offsets", {data_.size(), data_.size() + 4}}};
   data_ += "abcd";
   WriteAll(path_, Frame(header_, data_));
   EXPECT_TRUE(TraceReader::Open(path_).ok());
@@ -486,9 +487,10 @@ TEST(GenerateTrace, AttentionIsPeakedButNotOneHot) {
   so.ivf_probe_fraction = 0.05;
   auto st = ComputeAttentionStats(**r, so);
   ASSERT_TRUE(st.ok()) << st.status();
-  std::printf("top100 %.3f sink %.3f window %.3f cold %.3f span %.3f max %.3f sharp %.3f ivf %.3f\n",
-              st->top_k_mass, st->sink_mass, st->window_mass, st->top_k_cold_share, st->top_k_span,
-              st->max_weight, st->sharp_share, st->ivf_recall);
+  std::printf(
+      "top100 %.3f sink %.3f window %.3f cold %.3f span %.3f max %.3f sharp %.3f ivf %.3f\n",
+      st->top_k_mass, st->sink_mass, st->window_mass, st->top_k_cold_share, st->top_k_span,
+      st->max_weight, st->sharp_share, st->ivf_recall);
   EXPECT_GT(st->top_k_mass, 0.5);
   EXPECT_LT(st->top_k_mass, 0.97);
   EXPECT_GT(st->sink_mass, 0.03);

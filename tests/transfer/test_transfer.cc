@@ -81,7 +81,8 @@ TEST(PinnedPool, ConcurrentAcquireRelease_Stress) {
         p[0] = static_cast<unsigned char>(t);
         p[bytes - 1] = static_cast<unsigned char>(i);
         std::this_thread::yield();
-        if (p[0] != static_cast<unsigned char>(t) || p[bytes - 1] != static_cast<unsigned char>(i)) errors++;
+        if (p[0] != static_cast<unsigned char>(t) || p[bytes - 1] != static_cast<unsigned char>(i))
+          errors++;
       }
     });
   }
@@ -158,7 +159,8 @@ TEST(CudaWrappers, RoundTripThroughDeviceAndPinnedPool) {
   auto src = pool.Acquire(kBytes), dst = pool.Acquire(kBytes);
   ASSERT_TRUE(src.ok() && dst.ok());
   EXPECT_FALSE(IsDevicePointer(src->data()));
-  for (std::size_t i = 0; i < kBytes; ++i) static_cast<unsigned char*>(src->data())[i] = i * 31 % 251;
+  for (std::size_t i = 0; i < kBytes; ++i)
+    static_cast<unsigned char*>(src->data())[i] = i * 31 % 251;
   auto dev = DeviceBuffer::Allocate(kBytes);
   ASSERT_TRUE(dev.ok());
   EXPECT_TRUE(IsDevicePointer(dev->data()));

@@ -28,13 +28,13 @@ namespace {
 using kvrt::DType;
 namespace g = kvrt::gpu;
 
-#define CK(expr)                                                                          \
-  do {                                                                                    \
-    cudaError_t e_ = (expr);                                                              \
-    if (e_ != cudaSuccess) {                                                              \
+#define CK(expr)                                                                                 \
+  do {                                                                                           \
+    cudaError_t e_ = (expr);                                                                     \
+    if (e_ != cudaSuccess) {                                                                     \
       std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
+      std::exit(1);                                                                              \
+    }                                                                                            \
   } while (0)
 #define SK(expr)                                                                     \
   do {                                                                               \
@@ -107,8 +107,8 @@ void Row(const std::string& name, const std::string& cfg, const Stats& s, double
 
 void Header(const char* title) {
   std::printf("\n### %s\n", title);
-  std::printf("| %-22s | %-30s | %10s | %10s | %10s | %8s | %8s | %s\n", "what", "config",
-              "p50 us", "p99 us", "pipe us", "GB/s p50", "GB/s pipe", "note");
+  std::printf("| %-22s | %-30s | %10s | %10s | %10s | %8s | %8s | %s\n", "what", "config", "p50 us",
+              "p99 us", "pipe us", "GB/s p50", "GB/s pipe", "note");
 }
 
 void FillRandomBf16(void* dev, std::size_t elems, uint32_t seed) {
@@ -219,7 +219,8 @@ void BenchTier() {
         const double bytes = double(batch) * (kSinks + window) * kTokBytes * 2;
         const int layers = std::max(2, static_cast<int>(std::ceil(256e6 / bytes)));
         std::vector<Layer> ls;
-        for (int i = 0; i < layers; ++i) ls.push_back(MakeLayer(batch, kSinks, window, window, i * 7));
+        for (int i = 0; i < layers; ++i)
+          ls.push_back(MakeLayer(batch, kSinks, window, window, i * 7));
         g::AttnParams p;
         p.q_heads = kQHeads;
         p.q_is_f32 = false;
@@ -241,9 +242,10 @@ void BenchTier() {
     }
   }
   const double per_seq = 32.0 * (kSinks + 2048) * kTokBytes * 2;
-  std::printf("GPU KV memory per sequence (32 layers, sinks 4 + window 2048, K+V, bf16): %.1f MiB"
-              " (window 512: %.1f MiB); independent of context length\n",
-              per_seq / (1 << 20), 32.0 * (kSinks + 512) * kTokBytes * 2 / (1 << 20));
+  std::printf(
+      "GPU KV memory per sequence (32 layers, sinks 4 + window 2048, K+V, bf16): %.1f MiB"
+      " (window 512: %.1f MiB); independent of context length\n",
+      per_seq / (1 << 20), 32.0 * (kSinks + 512) * kTokBytes * 2 / (1 << 20));
 }
 
 void BenchMerge() {
@@ -374,9 +376,8 @@ void BenchOffloadAndFull(bool quick) {
     const std::size_t bytes = std::size_t(n) * kTokBytes * 2;
     void* dk = static_cast<char*>(l.owned[1]);  // window buffer: [K: n tokens][V: n tokens]
     // All-GPU first, on random data; the naive-offload copies then overwrite the cache.
-    auto f = Time([&](int) {
-      SK(g::TierAttention(l.tb, out.q, p, out.o, out.lse, out.ws, g_stream));
-    });
+    auto f =
+        Time([&](int) { SK(g::TierAttention(l.tb, out.q, p, out.o, out.lse, out.ws, g_stream)); });
     char note[80];
     std::snprintf(note, sizeof note, "HBM floor %.1f us @3.0TB/s", bytes / 3.0e12 * 1e6);
     Row("all_gpu_attention", std::to_string(n / 1024) + "K tokens, B=1", f, double(bytes), note);
@@ -395,9 +396,8 @@ void BenchOffloadAndFull(bool quick) {
     const int n = 131072, batch = 16;
     Layer l = MakeLayer(batch, 0, n, n, 77);
     Outputs out(batch * kQHeads, g::TierAttentionWorkspaceFloats(l.tb, p));
-    auto f = Time([&](int) {
-      SK(g::TierAttention(l.tb, out.q, p, out.o, out.lse, out.ws, g_stream));
-    });
+    auto f =
+        Time([&](int) { SK(g::TierAttention(l.tb, out.q, p, out.o, out.lse, out.ws, g_stream)); });
     const double bytes = double(batch) * n * kTokBytes * 2;
     char note[80];
     std::snprintf(note, sizeof note, "HBM floor %.1f us @3.0TB/s", bytes / 3.0e12 * 1e6);
@@ -414,11 +414,13 @@ void BenchCopies() {
   std::memset(h, 1, bytes);
   CK(cudaMalloc(&d, bytes));
   CK(cudaMalloc(&d2, bytes));
-  auto s = Time([&](int) { CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, g_stream)); }, 30, 3);
+  auto s =
+      Time([&](int) { CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, g_stream)); }, 30, 3);
   Row("pinned_h2d", "256 MiB", s, double(bytes));
   s = Time([&](int) { CK(cudaMemcpyAsync(h, d, bytes, cudaMemcpyDeviceToHost, g_stream)); }, 30, 3);
   Row("pinned_d2h", "256 MiB", s, double(bytes));
-  s = Time([&](int) { CK(cudaMemcpyAsync(d2, d, bytes, cudaMemcpyDeviceToDevice, g_stream)); }, 30, 3);
+  s = Time([&](int) { CK(cudaMemcpyAsync(d2, d, bytes, cudaMemcpyDeviceToDevice, g_stream)); }, 30,
+           3);
   Row("d2d (read+write)", "256 MiB", s, 2.0 * bytes);
   CK(cudaFreeHost(h));
   CK(cudaFree(d));
@@ -452,7 +454,8 @@ void BenchTopK() {
   auto s = Time([&](int) { SK(g::ExactTopK(pr, ids, sc, g_stream)); }, 10, 1);
   const double flops = 2.0 * nq * nk * kD;
   char note[80];
-  std::snprintf(note, sizeof note, "%.1f TFLOP/s f32 FMA (no tensor cores)", flops / (s.p50 * 1e-6) / 1e12);
+  std::snprintf(note, sizeof note, "%.1f TFLOP/s f32 FMA (no tensor cores)",
+                flops / (s.p50 * 1e-6) / 1e12);
   Row("exact_topk", "1024 q x 128K keys", s, 0, note);
   for (void* p : {q, k, (void*)ids, (void*)sc}) CK(cudaFree(p));
 }
@@ -462,7 +465,8 @@ void BenchTopK() {
 int main(int argc, char** argv) {
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) g_iters = std::max(10, std::atoi(argv[++i]));
+    if (!std::strcmp(argv[i], "--iters") && i + 1 < argc)
+      g_iters = std::max(10, std::atoi(argv[++i]));
     if (!std::strcmp(argv[i], "--quick")) quick = true;
   }
   if (!g::DeviceAvailable()) {

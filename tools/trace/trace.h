@@ -18,14 +18,14 @@ inline constexpr int kFormatVersion = 1;
 
 struct TraceMeta {
   std::string model = "synthetic";
-  int num_layers = 0;      // layers recorded in the file (tensors "0." .. "<n-1>.")
+  int num_layers = 0;  // layers recorded in the file (tensors "0." .. "<n-1>.")
   int num_q_heads = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
   DType dtype = DType::kBF16;
   int64_t prompt_tokens = 0;
   int64_t decode_steps = 0;
-  float scale = 0.f;       // 0 = 1/sqrt(head_dim)
+  float scale = 0.f;  // 0 = 1/sqrt(head_dim)
   bool post_rotary = true;
   std::map<std::string, std::string> extra;  // any other __metadata__ entries (seed, source, ...)
 };
@@ -74,9 +74,9 @@ class TraceWriter {
 
 // Synthetic traces with what makes retrieval hard (see gen-trace's --help and docs/traces.md).
 struct GenOptions {
-  TraceMeta meta;           // shapes, dtype, prompt_tokens, decode_steps
+  TraceMeta meta;  // shapes, dtype, prompt_tokens, decode_steps
   uint64_t seed = 1;
-  int needles = 16;         // planted needle tokens per (layer, kv head)
+  int needles = 16;  // planted needle tokens per (layer, kv head)
   bool show_progress = true;
 };
 absl::Status GenerateTrace(const std::string& path, const GenOptions& options);
@@ -88,8 +88,8 @@ struct AttentionStatsOptions {
   int top_k = 100;
   int sink_tokens = 4;
   int window_tokens = 512;
-  int max_steps = 16;        // decode steps measured per layer, spread evenly; 0 = all
-  int max_layers = 1;        // first layers measured; 0 = all
+  int max_steps = 16;  // decode steps measured per layer, spread evenly; 0 = all
+  int max_layers = 1;  // first layers measured; 0 = all
   // Key-only IVF probe (k-means on the keys alone, clusters ranked by q . centroid): recall of
   // the exact top-k when the probed clusters hold this share of the keys. 0 = skip.
   double ivf_probe_fraction = 0.0;

@@ -11,10 +11,10 @@
 // b = sqrt(s/scale) / r.
 #include <algorithm>
 #include <atomic>
-#include <new>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <new>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -101,24 +101,24 @@ enum StreamTag : uint64_t { kTagGlobal = 1, kTagPlan, kTagChunk, kTagDrift };
 struct Knobs {
   int sink_tokens = 4;
   float sink_score[4] = {11.5f, 10.f, 9.5f, 9.f};  // sink key . query mean, score units
-  float topic_score = 6.0f;      // a query's preferred topic (weight 1), per key of the topic
-  float topic_salience = 0.2f;   // relative spread of a key's topic component (heavy top)
+  float topic_score = 6.0f;     // a query's preferred topic (weight 1), per key of the topic
+  float topic_salience = 0.2f;  // relative spread of a key's topic component (heavy top)
   float extra_topic_weight = 0.75f;
-  float drift_score = 5.5f;      // recency: same-position key and query, decays with distance
-  float drift_tau = 192.f;       // correlation length of the drift, tokens
-  float needle_score = 13.f;     // a needle query's component along its needle key
-  float bulk_noise_score = 1.0f; // std of the score noise a key's isotropic noise adds
-  float query_noise_score = 0.3f;// std of the score noise a q head's own noise adds
-  float key_mean_norm = 1.0f;    // |mu_k| / sqrt(sqrt(d))-free units: multiples of sqrt(d)
-  float query_mean_norm = 1.6f;  // |mu_q| in multiples of sqrt(d)
-  float head_offset = 0.3f;      // per q head static offset, relative to |mu_q|
-  float nuisance_center = 1.2f;  // key norm on nuisance channels, multiples of sqrt(d)
+  float drift_score = 5.5f;        // recency: same-position key and query, decays with distance
+  float drift_tau = 192.f;         // correlation length of the drift, tokens
+  float needle_score = 13.f;       // a needle query's component along its needle key
+  float bulk_noise_score = 1.0f;   // std of the score noise a key's isotropic noise adds
+  float query_noise_score = 0.3f;  // std of the score noise a q head's own noise adds
+  float key_mean_norm = 1.0f;      // |mu_k| / sqrt(sqrt(d))-free units: multiples of sqrt(d)
+  float query_mean_norm = 1.6f;    // |mu_q| in multiples of sqrt(d)
+  float head_offset = 0.3f;        // per q head static offset, relative to |mu_q|
+  float nuisance_center = 1.2f;    // key norm on nuisance channels, multiples of sqrt(d)
   float nuisance_noise = 0.4f;
-  int nuisance_types = 16;       // token "types" the nuisance channels cluster by
-  float value_topic = 0.8f;      // value per-channel scale along its topic's value direction
+  int nuisance_types = 16;   // token "types" the nuisance channels cluster by
+  float value_topic = 0.8f;  // value per-channel scale along its topic's value direction
   float value_noise = 0.6f;
-  int tokens_per_topic = 160;    // topics = positions / this
-  double topic_run_mean = 32;    // mean length of a run of same-topic tokens
+  int tokens_per_topic = 160;            // topics = positions / this
+  double topic_run_mean = 32;            // mean length of a run of same-topic tokens
   double needle_decode_share = 1.0 / 3;  // decode steps whose query seeks a needle
   int needle_prefill_queries = 2;        // prompt queries per needle that seek it
 };
@@ -128,16 +128,16 @@ constexpr int64_t kChunk = 2048;  // positions per generation task (fixed: part 
 // ---- per (layer, kv head) plan ----------------------------------------------------------------
 
 struct HeadPlan {
-  std::vector<uint8_t> nuisance;     // [d] 1 = nuisance channel (keys only, queries ignore it)
-  std::vector<float> mu_k, mu_q;     // [d] unit
-  std::vector<float> head_offsets;   // [group, d] absolute
-  std::vector<float> topic_dirs;     // [topics, d] unit, zero on nuisance channels
-  std::vector<float> value_dirs;     // [topics, d] unit
+  std::vector<uint8_t> nuisance;        // [d] 1 = nuisance channel (keys only, queries ignore it)
+  std::vector<float> mu_k, mu_q;        // [d] unit
+  std::vector<float> head_offsets;      // [group, d] absolute
+  std::vector<float> topic_dirs;        // [topics, d] unit, zero on nuisance channels
+  std::vector<float> value_dirs;        // [topics, d] unit
   std::vector<float> nuisance_centers;  // [types, d] unit, only nuisance channels
-  std::vector<float> needle_dirs;    // [needles, d] unit
-  std::vector<int64_t> needle_pos;   // [needles]
-  std::vector<int16_t> query_needle; // [positions] needle a query seeks, -1 none
-  std::vector<float> drift_start;    // [chunks, d] drift state at each chunk's first position
+  std::vector<float> needle_dirs;       // [needles, d] unit
+  std::vector<int64_t> needle_pos;      // [needles]
+  std::vector<int16_t> query_needle;    // [positions] needle a query seeks, -1 none
+  std::vector<float> drift_start;       // [chunks, d] drift state at each chunk's first position
 };
 
 struct Shared {
@@ -294,7 +294,8 @@ void FillChunk(const Shared& s, const HeadPlan& p, int layer, int g, int64_t chu
       for (int i = 0; i < d; ++i) key[i] += b * tdir[i] + s.r_k * z[i];
       for (int n = 0; n < needles; ++n)
         if (p.needle_pos[n] == t)
-          for (int i = 0; i < d; ++i) key[i] += s.n_k * p.needle_dirs[static_cast<std::size_t>(n) * d + i];
+          for (int i = 0; i < d; ++i)
+            key[i] += s.n_k * p.needle_dirs[static_cast<std::size_t>(n) * d + i];
       const float* vdir = &p.value_dirs[static_cast<std::size_t>(topic) * d];
       const float vs = k.value_topic * std::sqrt(static_cast<float>(d));
       for (int i = 0; i < d; ++i) value[i] = vs * vdir[i] + k.value_noise * rng.FastNormal();
@@ -316,14 +317,16 @@ void FillChunk(const Shared& s, const HeadPlan& p, int layer, int g, int64_t chu
       for (int i = 0; i < d; ++i) base[i] += w * dir[i];
     }
     if (const int n = p.query_needle[t]; n >= 0)
-      for (int i = 0; i < d; ++i) base[i] += s.n_q * p.needle_dirs[static_cast<std::size_t>(n) * d + i];
+      for (int i = 0; i < d; ++i)
+        base[i] += s.n_q * p.needle_dirs[static_cast<std::size_t>(n) * d + i];
     const int qpart = prefill ? 0 : 3;
     for (int h = 0; h < s.group; ++h) {
       const float* off = &p.head_offsets[static_cast<std::size_t>(h) * d];
-      for (int i = 0; i < d; ++i) q[i] = base[i] + off[i] + s.sigma_q * inv_sqrt_d * rng.FastNormal();
-      const std::size_t q_off =
-          (static_cast<std::size_t>(row) * m.num_q_heads + static_cast<std::size_t>(g) * s.group + h) *
-          d * esz;
+      for (int i = 0; i < d; ++i)
+        q[i] = base[i] + off[i] + s.sigma_q * inv_sqrt_d * rng.FastNormal();
+      const std::size_t q_off = (static_cast<std::size_t>(row) * m.num_q_heads +
+                                 static_cast<std::size_t>(g) * s.group + h) *
+                                d * esz;
       ConvertFromF32(q.data(), d, m.dtype, out.part[qpart].data() + q_off);
     }
   }
@@ -335,8 +338,8 @@ namespace {
 absl::Status Generate(const std::string& path, const GenOptions& options) {
   TraceMeta meta = options.meta;
   if (meta.head_dim <= 0)
-    return absl::InvalidArgumentError(absl::StrCat("gen-trace: head_dim must be positive, got ",
-                                                   meta.head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrCat("gen-trace: head_dim must be positive, got ", meta.head_dim));
   if (meta.scale == 0.f) meta.scale = 1.f / std::sqrt(static_cast<float>(meta.head_dim));
   if (options.needles < 0 || options.needles > 30000)
     return absl::InvalidArgumentError(
@@ -394,10 +397,12 @@ absl::Status Generate(const std::string& path, const GenOptions& options) {
   LayerBuffers buf;
   const std::size_t esz = DTypeSize(meta.dtype);
   const std::size_t d = static_cast<std::size_t>(s.d);
-  const std::size_t sizes[6] = {
-      meta.prompt_tokens * meta.num_q_heads * d * esz, meta.prompt_tokens * meta.num_kv_heads * d * esz,
-      meta.prompt_tokens * meta.num_kv_heads * d * esz, meta.decode_steps * meta.num_q_heads * d * esz,
-      meta.decode_steps * meta.num_kv_heads * d * esz, meta.decode_steps * meta.num_kv_heads * d * esz};
+  const std::size_t sizes[6] = {meta.prompt_tokens * meta.num_q_heads * d * esz,
+                                meta.prompt_tokens * meta.num_kv_heads * d * esz,
+                                meta.prompt_tokens * meta.num_kv_heads * d * esz,
+                                meta.decode_steps * meta.num_q_heads * d * esz,
+                                meta.decode_steps * meta.num_kv_heads * d * esz,
+                                meta.decode_steps * meta.num_kv_heads * d * esz};
   std::size_t layer_bytes = 0;
   for (int i = 0; i < 6; ++i) {
     buf.part[i].resize(sizes[i]);
@@ -426,12 +431,13 @@ absl::Status Generate(const std::string& path, const GenOptions& options) {
                         }
                       });
     for (int i = 0; i < 6; ++i)
-      KVRT_RETURN_IF_ERROR(writer->WriteTensor(layer, TensorParts()[i], buf.part[i].data(), sizes[i]));
+      KVRT_RETURN_IF_ERROR(
+          writer->WriteTensor(layer, TensorParts()[i], buf.part[i].data(), sizes[i]));
     if (options.show_progress) {
       const double secs =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      std::fprintf(stderr, "gen-trace: layer %d/%d written (%3.0f%%, %.1f MiB, %.1f s)\n", layer + 1,
-                   meta.num_layers, 100.0 * (layer + 1) / meta.num_layers,
+      std::fprintf(stderr, "gen-trace: layer %d/%d written (%3.0f%%, %.1f MiB, %.1f s)\n",
+                   layer + 1, meta.num_layers, 100.0 * (layer + 1) / meta.num_layers,
                    static_cast<double>(layer_bytes) * (layer + 1) / (1 << 20), secs);
     }
   }
@@ -443,9 +449,9 @@ absl::Status GenerateTrace(const std::string& path, const GenOptions& options) {
   try {
     return Generate(path, options);
   } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "gen-trace: out of memory generating ", path,
-        " (one layer of the trace is held in memory; use fewer tokens or heads)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("gen-trace: out of memory generating ", path,
+                     " (one layer of the trace is held in memory; use fewer tokens or heads)"));
   }
 }
 

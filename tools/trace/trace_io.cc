@@ -40,9 +40,8 @@ constexpr int64_t kMaxLayers = 1 << 20;
 // Metadata keys the format defines; any other __metadata__ entry goes to TraceMeta::extra.
 const std::set<std::string>& ReservedKeys() {
   static const std::set<std::string> keys = {
-      "format",       "format_version", "model",         "num_layers",   "num_q_heads",
-      "num_kv_heads", "head_dim",       "dtype",         "prompt_tokens", "decode_steps",
-      "scale",        "post_rotary"};
+      "format",   "format_version", "model",         "num_layers",   "num_q_heads", "num_kv_heads",
+      "head_dim", "dtype",          "prompt_tokens", "decode_steps", "scale",       "post_rotary"};
   return keys;
 }
 
@@ -59,18 +58,22 @@ std::string SafetensorsDType(DType t) {
 // beyond the six per layer are still checked for size and overlap.
 std::size_t SafetensorsElementSize(const std::string& name) {
   static const std::map<std::string, std::size_t> sizes = {
-      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E4M3", 1}, {"F8_E5M2", 1}, {"I16", 2},
-      {"U16", 2},  {"F16", 2}, {"BF16", 2}, {"I32", 4},    {"U32", 4},     {"F32", 4},
-      {"I64", 8},  {"U64", 8}, {"F64", 8}};
+      {"BOOL", 1}, {"U8", 1},  {"I8", 1},  {"F8_E4M3", 1}, {"F8_E5M2", 1},
+      {"I16", 2},  {"U16", 2}, {"F16", 2}, {"BF16", 2},    {"I32", 4},
+      {"U32", 4},  {"F32", 4}, {"I64", 8}, {"U64", 8},     {"F64", 8}};
   auto it = sizes.find(name);
   return it == sizes.end() ? 0 : it->second;
 }
 
 bool ParseDTypeName(const std::string& s, DType* out) {
-  if (s == "f32") *out = DType::kF32;
-  else if (s == "f16") *out = DType::kF16;
-  else if (s == "bf16") *out = DType::kBF16;
-  else return false;
+  if (s == "f32")
+    *out = DType::kF32;
+  else if (s == "f16")
+    *out = DType::kF16;
+  else if (s == "bf16")
+    *out = DType::kBF16;
+  else
+    return false;
   return true;
 }
 
@@ -78,7 +81,9 @@ bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) {
   return __builtin_mul_overflow(a, b, out);
 }
 
-std::string TensorName(int layer, const std::string& part) { return absl::StrCat(layer, ".", part); }
+std::string TensorName(int layer, const std::string& part) {
+  return absl::StrCat(layer, ".", part);
+}
 
 // Rows, heads of a part, or -1 for an unknown part.
 bool PartShape(const TraceMeta& m, const std::string& part, std::vector<int64_t>* shape) {
@@ -87,9 +92,12 @@ bool PartShape(const TraceMeta& m, const std::string& part, std::vector<int64_t>
   if (!prefill && !decode) return false;
   const std::string which = part.substr(part.find('.') + 1);
   int64_t heads;
-  if (which == "q") heads = m.num_q_heads;
-  else if (which == "k" || which == "v") heads = m.num_kv_heads;
-  else return false;
+  if (which == "q")
+    heads = m.num_q_heads;
+  else if (which == "k" || which == "v")
+    heads = m.num_kv_heads;
+  else
+    return false;
   *shape = {prefill ? m.prompt_tokens : m.decode_steps, heads, m.head_dim};
   return true;
 }
@@ -105,8 +113,8 @@ absl::Status ValidateMetaShape(const TraceMeta& m, const std::string& where) {
   if (m.num_kv_heads <= 0 || m.num_kv_heads > kMaxHeads)
     return bad(absl::StrCat("num_kv_heads must be in [1, ", kMaxHeads, "], got ", m.num_kv_heads));
   if (m.num_q_heads % m.num_kv_heads != 0)
-    return bad(absl::StrCat("num_q_heads (", m.num_q_heads, ") must be a multiple of num_kv_heads (",
-                            m.num_kv_heads, ")"));
+    return bad(absl::StrCat("num_q_heads (", m.num_q_heads,
+                            ") must be a multiple of num_kv_heads (", m.num_kv_heads, ")"));
   if (m.head_dim <= 0 || m.head_dim > kMaxHeadDim)
     return bad(absl::StrCat("head_dim must be in [1, ", kMaxHeadDim, "], got ", m.head_dim));
   if (m.prompt_tokens < 0) return bad(absl::StrCat("prompt_tokens is negative: ", m.prompt_tokens));
@@ -114,8 +122,9 @@ absl::Status ValidateMetaShape(const TraceMeta& m, const std::string& where) {
   if (!std::isfinite(m.scale) || m.scale < 0)
     return bad(absl::StrCat("scale must be finite and >= 0 (0 = 1/sqrt(head_dim)), got ", m.scale));
   if (!m.post_rotary)
-    return bad("post_rotary is false: kvrt attends with the keys and queries the model actually "
-               "multiplies, so a trace must hold q and k after the rotary embedding");
+    return bad(
+        "post_rotary is false: kvrt attends with the keys and queries the model actually "
+        "multiplies, so a trace must hold q and k after the rotary embedding");
   return absl::OkStatus();
 }
 
@@ -125,8 +134,8 @@ absl::StatusOr<uint64_t> TensorBytes(const std::vector<int64_t>& shape, std::siz
   uint64_t n = elem;
   for (int64_t dim : shape) {
     if (dim < 0 || MulOverflows(n, static_cast<uint64_t>(dim), &n))
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": tensor size overflows (shape [", absl::StrJoin(shape, ", "), "])"));
+      return absl::InvalidArgumentError(absl::StrCat(where, ": tensor size overflows (shape [",
+                                                     absl::StrJoin(shape, ", "), "])"));
   }
   return n;
 }
@@ -228,9 +237,12 @@ absl::Status MappedTraceReader::ParseMeta(const json& md) {
   if (!absl::SimpleAtof(s, &m.scale))
     return Invalid(absl::StrCat("metadata key \"scale\" is not a number: \"", s, "\""));
   KVRT_RETURN_IF_ERROR(get("post_rotary", &s));
-  if (s == "true" || s == "True" || s == "1") m.post_rotary = true;
-  else if (s == "false" || s == "False" || s == "0") m.post_rotary = false;
-  else return Invalid(absl::StrCat("metadata key \"post_rotary\" is not true/false: \"", s, "\""));
+  if (s == "true" || s == "True" || s == "1")
+    m.post_rotary = true;
+  else if (s == "false" || s == "False" || s == "0")
+    m.post_rotary = false;
+  else
+    return Invalid(absl::StrCat("metadata key \"post_rotary\" is not true/false: \"", s, "\""));
   KVRT_RETURN_IF_ERROR(ValidateMetaShape(m, absl::StrCat("trace ", path_, ": metadata")));
   for (auto& [key, value] : kv)
     if (ReservedKeys().count(key) == 0) m.extra[key] = value;
@@ -268,8 +280,8 @@ absl::Status MappedTraceReader::Load(const std::string& path) {
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = header_len << 8 | bytes[i];
   if (header_len > kMaxHeaderBytes)
-    return Invalid(absl::StrCat("header length ", header_len, " is absurd (limit ",
-                                kMaxHeaderBytes, " bytes): not a safetensors file or corrupt"));
+    return Invalid(absl::StrCat("header length ", header_len, " is absurd (limit ", kMaxHeaderBytes,
+                                " bytes): not a safetensors file or corrupt"));
   if (header_len > size_ - 8)
     return Error(absl::StatusCode::kDataLoss,
                  absl::StrCat("header length ", header_len, " runs past the end of the file (",
@@ -317,10 +329,10 @@ absl::Status MappedTraceReader::Load(const std::string& path) {
     if (begin > end)
       return Invalid(absl::StrCat(where, ": data_offsets [", begin, ", ", end, "] are reversed"));
     if (end > data_size)
-      return Error(absl::StatusCode::kDataLoss,
-                   absl::StrCat(where, ": data_offsets [", begin, ", ", end,
-                                "] run past the end of the data (", data_size,
-                                " bytes): truncated file?"));
+      return Error(
+          absl::StatusCode::kDataLoss,
+          absl::StrCat(where, ": data_offsets [", begin, ", ", end,
+                       "] run past the end of the data (", data_size, " bytes): truncated file?"));
     KVRT_ASSIGN_OR_RETURN(const uint64_t expect,
                           TensorBytes(shape, elem, absl::StrCat("trace ", path_, ": ", where)));
     if (end - begin != expect)
@@ -359,10 +371,10 @@ absl::Status MappedTraceReader::Load(const std::string& path) {
   for (int layer = 0; layer < meta_.num_layers; ++layer)
     for (const std::string& part : TensorParts())
       if (tensors_.count(TensorName(layer, part)) == 0)
-        return Error(absl::StatusCode::kNotFound,
-                     absl::StrCat("tensor \"", TensorName(layer, part),
-                                  "\" is missing (metadata says num_layers = ", meta_.num_layers,
-                                  ")"));
+        return Error(
+            absl::StatusCode::kNotFound,
+            absl::StrCat("tensor \"", TensorName(layer, part),
+                         "\" is missing (metadata says num_layers = ", meta_.num_layers, ")"));
   return absl::OkStatus();
 }
 
@@ -389,7 +401,8 @@ class StreamTraceWriter final : public TraceWriter {
     return absl::InvalidArgumentError(absl::StrCat("trace ", path_, ": ", what));
   }
   absl::Status IoError(const std::string& what) {
-    return absl::InternalError(absl::StrCat("trace ", path_, ": ", what, ": ", std::strerror(errno)));
+    return absl::InternalError(
+        absl::StrCat("trace ", path_, ": ", what, ": ", std::strerror(errno)));
   }
 
   std::string path_;
@@ -446,7 +459,8 @@ absl::Status StreamTraceWriter::Open(const std::string& path, const TraceMeta& m
   std::setvbuf(file_, nullptr, _IOFBF, 1 << 20);
   unsigned char len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(uint64_t{text.size()} >> (8 * i));
-  if (std::fwrite(len, 1, 8, file_) != 8 || std::fwrite(text.data(), 1, text.size(), file_) != text.size())
+  if (std::fwrite(len, 1, 8, file_) != 8 ||
+      std::fwrite(text.data(), 1, text.size(), file_) != text.size())
     return IoError("write failed");
   return absl::OkStatus();
 }
@@ -460,10 +474,11 @@ absl::Status StreamTraceWriter::WriteTensor(int layer, const std::string& part, 
   const auto& [want_name, want_bytes] = expected_[next_];
   if (name != want_name)
     return Fail(absl::StrCat("tensor \"", name, "\" written out of order; expected \"", want_name,
-                             "\" (layers in order, then ", absl::StrJoin(TensorParts(), ", "), ")"));
+                             "\" (layers in order, then ", absl::StrJoin(TensorParts(), ", "),
+                             ")"));
   if (bytes != want_bytes)
-    return Fail(absl::StrCat("tensor \"", name, "\" has ", bytes, " bytes; its shape needs ",
-                             want_bytes));
+    return Fail(
+        absl::StrCat("tensor \"", name, "\" has ", bytes, " bytes; its shape needs ", want_bytes));
   if (bytes > 0 && std::fwrite(data, 1, bytes, file_) != bytes) {
     absl::Status s = IoError(absl::StrCat("writing tensor \"", name, "\" failed"));
     std::fclose(file_);
@@ -478,8 +493,8 @@ absl::Status StreamTraceWriter::WriteTensor(int layer, const std::string& part, 
 absl::Status StreamTraceWriter::Close() {
   if (file_ == nullptr) return Fail("Close called twice or after a failed write");
   if (next_ != expected_.size())
-    return Fail(absl::StrCat("closed with ", expected_.size() - next_, " tensors not written (next: \"",
-                             expected_[next_].first, "\")"));
+    return Fail(absl::StrCat("closed with ", expected_.size() - next_,
+                             " tensors not written (next: \"", expected_[next_].first, "\")"));
   std::FILE* f = file_;
   file_ = nullptr;
   const bool flushed = std::fflush(f) == 0;

@@ -14,7 +14,8 @@ namespace kvrt::trace {
 namespace {
 
 // Keys of kv head g over all positions (prompt then decode), as f32 [positions, d].
-std::vector<float> LoadKeys(const TensorView& pk, const TensorView& dk, int g, int kv_heads, int d) {
+std::vector<float> LoadKeys(const TensorView& pk, const TensorView& dk, int g, int kv_heads,
+                            int d) {
   const int64_t P = pk.shape[0], S = dk.shape[0];
   std::vector<float> out(static_cast<std::size_t>(P + S) * d);
   const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(pk.dtype);
@@ -78,7 +79,8 @@ struct KeyIvf {
       sizes.assign(clusters, 0);
       for (int64_t t = 0; t < n; ++t) {
         ++sizes[assign[t]];
-        for (int i = 0; i < d; ++i) sum[static_cast<std::size_t>(assign[t]) * d + i] += keys[t * d + i];
+        for (int i = 0; i < d; ++i)
+          sum[static_cast<std::size_t>(assign[t]) * d + i] += keys[t * d + i];
       }
       for (int j = 0; j < clusters; ++j)
         if (sizes[j] > 0)
@@ -95,7 +97,8 @@ absl::StatusOr<AttentionStats> ComputeAttentionStats(const TraceReader& reader,
                                                      const AttentionStatsOptions& o) {
   const TraceMeta& m = reader.meta();
   if (o.top_k <= 0 || o.sink_tokens < 0 || o.window_tokens < 0)
-    return absl::InvalidArgumentError("attention stats: top_k must be positive, sinks and window >= 0");
+    return absl::InvalidArgumentError(
+        "attention stats: top_k must be positive, sinks and window >= 0");
   const int d = m.head_dim, group = m.num_q_heads / m.num_kv_heads;
   const float scale = m.scale > 0 ? m.scale : 1.f / std::sqrt(static_cast<float>(d));
   const int layers = o.max_layers > 0 ? std::min(o.max_layers, m.num_layers) : m.num_layers;
@@ -126,8 +129,9 @@ absl::StatusOr<AttentionStats> ComputeAttentionStats(const TraceReader& reader,
         scores.resize(n);
         for (int h = 0; h < group; ++h) {
           const int qh = g * group + h;
-          const auto* src = static_cast<const uint8_t*>(dq.data) +
-                            (step * m.num_q_heads + qh) * static_cast<int64_t>(d) * DTypeSize(m.dtype);
+          const auto* src = static_cast<const uint8_t*>(dq.data) + (step * m.num_q_heads + qh) *
+                                                                       static_cast<int64_t>(d) *
+                                                                       DTypeSize(m.dtype);
           ConvertToF32(src, m.dtype, d, q.data());
           float mx = -std::numeric_limits<float>::infinity();
           for (int64_t t = 0; t < n; ++t) {
@@ -139,8 +143,10 @@ absl::StatusOr<AttentionStats> ComputeAttentionStats(const TraceReader& reader,
           for (int64_t t = 0; t < n; ++t) {
             const double w = std::exp(static_cast<double>(scores[t] - mx));
             z += w;
-            if (t < o.sink_tokens) sink += w;
-            else if (t >= win_begin) window += w;
+            if (t < o.sink_tokens)
+              sink += w;
+            else if (t >= win_begin)
+              window += w;
             wmax = std::max(wmax, w);
           }
           const std::vector<int64_t> top_ids = TopK(scores, n, o.top_k);

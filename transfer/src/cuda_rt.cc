@@ -20,7 +20,8 @@ absl::Status Check(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return absl::OkStatus();
   (void)cudaGetLastError();  // clear a sticky-free error so the next call is not blamed
   if (e == cudaErrorMemoryAllocation)
-    return absl::ResourceExhaustedError(absl::StrCat(what, ": out of memory (", cudaGetErrorName(e), ")"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat(what, ": out of memory (", cudaGetErrorName(e), ")"));
   return absl::InternalError(absl::StrCat(what, ": CUDA error ", static_cast<int>(e), " (",
                                           cudaGetErrorName(e), ": ", cudaGetErrorString(e), ")"));
 }
@@ -44,7 +45,8 @@ std::string DeviceName() {
   if (!CudaAvailable()) return "";
   int dev = 0;
   cudaDeviceProp prop;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) return "";
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess)
+    return "";
   return absl::StrCat(prop.name, " (", prop.multiProcessorCount, " SMs)");
 }
 
@@ -68,7 +70,8 @@ void DeviceBuffer::Reset() {
 absl::StatusOr<Stream> Stream::Create() {
   Stream s;
   cudaStream_t raw = nullptr;
-  if (absl::Status st = Check(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking), "cudaStreamCreate");
+  if (absl::Status st =
+          Check(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking), "cudaStreamCreate");
       !st.ok())
     return st;
   s.s_ = raw;
@@ -83,8 +86,9 @@ void Stream::Reset() {
 absl::StatusOr<Event> Event::Create(bool timing) {
   Event ev;
   cudaEvent_t raw = nullptr;
-  if (absl::Status st = Check(cudaEventCreateWithFlags(&raw, timing ? cudaEventDefault : cudaEventDisableTiming),
-                              "cudaEventCreate");
+  if (absl::Status st =
+          Check(cudaEventCreateWithFlags(&raw, timing ? cudaEventDefault : cudaEventDisableTiming),
+                "cudaEventCreate");
       !st.ok())
     return st;
   ev.e_ = raw;
@@ -96,7 +100,9 @@ void Event::Reset() {
   e_ = nullptr;
 }
 
-absl::Status Event::Record(void* stream) { return Check(cudaEventRecord(E(e_), S(stream)), "cudaEventRecord"); }
+absl::Status Event::Record(void* stream) {
+  return Check(cudaEventRecord(E(e_), S(stream)), "cudaEventRecord");
+}
 
 absl::Status Event::Synchronize() const {
   return Check(cudaEventSynchronize(E(e_)), "cudaEventSynchronize");
@@ -139,7 +145,8 @@ absl::Status StreamSynchronize(void* stream) {
 absl::StatusOr<void*> MallocAsync(std::size_t bytes, void* stream) {
   void* p = nullptr;
   if (bytes == 0) return p;
-  if (absl::Status s = Check(cudaMallocAsync(&p, bytes, S(stream)), "cudaMallocAsync"); !s.ok()) return s;
+  if (absl::Status s = Check(cudaMallocAsync(&p, bytes, S(stream)), "cudaMallocAsync"); !s.ok())
+    return s;
   return p;
 }
 
@@ -152,7 +159,9 @@ absl::Status KeepPoolMemory() {
   int dev = 0;
   if (absl::Status s = Check(cudaGetDevice(&dev), "cudaGetDevice"); !s.ok()) return s;
   cudaMemPool_t pool;
-  if (absl::Status s = Check(cudaDeviceGetDefaultMemPool(&pool, dev), "cudaDeviceGetDefaultMemPool"); !s.ok())
+  if (absl::Status s =
+          Check(cudaDeviceGetDefaultMemPool(&pool, dev), "cudaDeviceGetDefaultMemPool");
+      !s.ok())
     return s;
   uint64_t threshold = UINT64_MAX;
   return Check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold),
@@ -161,7 +170,8 @@ absl::Status KeepPoolMemory() {
 
 absl::Status HostAlloc(std::size_t bytes, void** out) {
   *out = nullptr;
-  if (absl::Status s = Check(cudaHostAlloc(out, bytes, cudaHostAllocPortable), "cudaHostAlloc"); !s.ok()) {
+  if (absl::Status s = Check(cudaHostAlloc(out, bytes, cudaHostAllocPortable), "cudaHostAlloc");
+      !s.ok()) {
     *out = nullptr;
     return s;
   }
@@ -209,14 +219,18 @@ absl::Status Event::Query(bool* done) const {
   *done = true;
   return NoCuda("cudaEventQuery");
 }
-absl::StatusOr<float> ElapsedMs(const Event&, const Event&) { return NoCuda("cudaEventElapsedTime"); }
+absl::StatusOr<float> ElapsedMs(const Event&, const Event&) {
+  return NoCuda("cudaEventElapsedTime");
+}
 absl::Status MemcpyAsync(void*, const void*, std::size_t bytes, void*) {
   return bytes == 0 ? absl::OkStatus() : NoCuda("cudaMemcpyAsync");
 }
 absl::Status StreamWaitEvent(void*, const Event&) { return NoCuda("cudaStreamWaitEvent"); }
 absl::Status StreamSynchronize(void*) { return NoCuda("cudaStreamSynchronize"); }
 absl::StatusOr<void*> MallocAsync(std::size_t, void*) { return NoCuda("cudaMallocAsync"); }
-absl::Status FreeAsync(void* ptr, void*) { return ptr == nullptr ? absl::OkStatus() : NoCuda("cudaFreeAsync"); }
+absl::Status FreeAsync(void* ptr, void*) {
+  return ptr == nullptr ? absl::OkStatus() : NoCuda("cudaFreeAsync");
+}
 absl::Status KeepPoolMemory() { return NoCuda("cudaMemPoolSetAttribute"); }
 absl::Status HostAlloc(std::size_t, void** out) {
   *out = nullptr;

@@ -15,12 +15,13 @@ HostAllocator PinnedHostAllocator() {
 
 HostAllocator PageableHostAllocator() {
   return {[](std::size_t bytes, void** out) {
-            *out = ::operator new(bytes, std::align_val_t{64}, std::nothrow);
+            *out = ::operator new (bytes, std::align_val_t{64}, std::nothrow);
             if (*out == nullptr)
-              return absl::ResourceExhaustedError(absl::StrCat("host allocation of ", bytes, " bytes failed"));
+              return absl::ResourceExhaustedError(
+                  absl::StrCat("host allocation of ", bytes, " bytes failed"));
             return absl::OkStatus();
           },
-          [](void* p) { ::operator delete(p, std::align_val_t{64}); }};
+          [](void* p) { ::operator delete (p, std::align_val_t{64}); }};
 }
 
 void PinnedBlock::Release() {
@@ -47,7 +48,8 @@ std::size_t PinnedPool::ClassBytes(std::size_t bytes) {
 absl::StatusOr<PinnedBlock> PinnedPool::Acquire(std::size_t bytes) {
   if (bytes == 0) return absl::InvalidArgumentError("PinnedPool::Acquire: 0 bytes");
   if (bytes > (std::size_t{1} << 40))
-    return absl::InvalidArgumentError(absl::StrCat("PinnedPool::Acquire: ", bytes, " bytes is too large"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("PinnedPool::Acquire: ", bytes, " bytes is too large"));
   const std::size_t size = ClassBytes(bytes);
   const int cls = std::countr_zero(size);
   {

@@ -1,6 +1,6 @@
 #pragma once
-// Host partial attention (docs/architecture.md, Numerics). A partial state over a token set S is the
-// normalised output o = sum exp(s_i - lse) v_i and lse = log sum exp(s_i), s_i = scale * q.k_i.
+// Host partial attention (docs/architecture.md, Numerics). A partial state over a token set S is
+// the normalised output o = sum exp(s_i - lse) v_i and lse = log sum exp(s_i), s_i = scale * q.k_i.
 // The empty set gives o = 0, lse = -inf.
 #include <cstdint>
 

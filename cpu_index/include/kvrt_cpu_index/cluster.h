@@ -35,17 +35,17 @@ struct ClusterConfig {
   int cluster_size = 16;          // target keys per cluster (clusters per segment = tokens / this)
   int64_t segment_tokens = 8192;  // rows past the last full segment stay uncovered (size())
   int kmeans_iters = 6;
-  bool two_level = true;           // sqrt(C) coarse clusters, then fine ones within each
-  int refine_iters = 2;            // two_level: global iterations over all C clusters after it
-  bool query_aware = true;        // k-means in the metric M = E[q q^T] of the prompt's queries
-  int metric_queries = 4096;      // prompt queries sampled (evenly) for M
+  bool two_level = true;            // sqrt(C) coarse clusters, then fine ones within each
+  int refine_iters = 2;             // two_level: global iterations over all C clusters after it
+  bool query_aware = true;          // k-means in the metric M = E[q q^T] of the prompt's queries
+  int metric_queries = 4096;        // prompt queries sampled (evenly) for M
   float outlier_fraction = 0.004f;  // of each segment's keys, kept out of clusters
-  float budget_fraction = 0.02f;  // cluster-token budget: max(k, fraction * size(), min)
+  float budget_fraction = 0.02f;    // cluster-token budget: max(k, fraction * size(), min)
   int64_t min_budget_tokens = 256;
-  float top_p = 0.f;              // > 0: also stop when the selected mass reaches this share
-  bool estimate = true;           // return the estimated state of the unselected clusters
-  float spread_weight = 1.f;      // see the header comment (0 = plain estimate)
-  float scale = 0.f;              // attention scale of the estimate; 0 = 1/sqrt(head_dim)
+  float top_p = 0.f;          // > 0: also stop when the selected mass reaches this share
+  bool estimate = true;       // return the estimated state of the unselected clusters
+  float spread_weight = 1.f;  // see the header comment (0 = plain estimate)
+  float scale = 0.f;          // attention scale of the estimate; 0 = 1/sqrt(head_dim)
   uint64_t seed = 42;
 };
 
@@ -60,7 +60,7 @@ struct ClusterSummary {
   std::vector<float> spread;         // [C] sigma2_c (see above)
   std::vector<int64_t> outliers;     // store rows, always scored and returned
   int64_t num_clusters() const { return static_cast<int64_t>(size.size()); }
-  std::size_t Bytes() const;         // what a GPU copy of it holds (bf16 keys of outliers incl.)
+  std::size_t Bytes() const;  // what a GPU copy of it holds (bf16 keys of outliers incl.)
 };
 
 // Lower-triangular L [dim, dim] (row-major) with L L^T = M + ridge * tr(M)/dim * I, M = E[q q^T]
@@ -70,12 +70,12 @@ std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, in
 
 // One segment's clustering, in segment-local rows [0, n).
 struct SegmentClustering {
-  std::vector<int64_t> order;        // [n] new local row i holds old local row order[i]
-  std::vector<int32_t> size;         // clusters, in layout order (cluster rows first, then
-  std::vector<float> centroid;       // [C, dim] f32 mean key       outliers at the segment end)
-  std::vector<float> value_mean;     // [C, dim] f32
-  std::vector<float> spread;         // [C]
-  int64_t num_outliers = 0;          // the last num_outliers rows of `order`
+  std::vector<int64_t> order;     // [n] new local row i holds old local row order[i]
+  std::vector<int32_t> size;      // clusters, in layout order (cluster rows first, then
+  std::vector<float> centroid;    // [C, dim] f32 mean key       outliers at the segment end)
+  std::vector<float> value_mean;  // [C, dim] f32
+  std::vector<float> spread;      // [C]
+  int64_t num_outliers = 0;       // the last num_outliers rows of `order`
 };
 
 // keys, values: f32 [n, dim]; metric_l: QueryMetricFactor's L. Deterministic for a seed.

@@ -16,7 +16,7 @@ float DotRow(const float* q, const void* row, int d, DType t);
 void DotRowMulti(const float* qs, int nq, const void* row, int d, DType t, float* out);
 
 // out[i] = q . rows[i], rows `stride_elems` apart.
-void DotRows(const float* q, const void* rows, int d, DType t, int64_t n,
-             std::size_t stride_elems, float* out);
+void DotRows(const float* q, const void* rows, int d, DType t, int64_t n, std::size_t stride_elems,
+             float* out);
 
 }  // namespace kvrt::cpu_index

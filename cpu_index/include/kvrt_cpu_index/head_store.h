@@ -21,7 +21,9 @@ class HeadStore {
   std::size_t row_bytes() const { return static_cast<std::size_t>(dim_) * DTypeSize(dtype_); }
   std::size_t bytes() const { return 2 * static_cast<std::size_t>(size_) * row_bytes(); }
 
-  const void* key(int64_t i) const { return keys_.data() + static_cast<std::size_t>(i) * row_bytes(); }
+  const void* key(int64_t i) const {
+    return keys_.data() + static_cast<std::size_t>(i) * row_bytes();
+  }
   const void* value(int64_t i) const {
     return values_.data() + static_cast<std::size_t>(i) * row_bytes();
   }

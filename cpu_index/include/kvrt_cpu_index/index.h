@@ -1,7 +1,7 @@
 #pragma once
-// One interface for every cold-key index kind (docs/architecture.md, Index kinds). An index covers the keys of
-// one kv head of one (sequence, layer), which live in a HeadStore the index does not own: every
-// call passes the store, so kinds that score against stored keys need no copy of them.
+// One interface for every cold-key index kind (docs/architecture.md, Index kinds). An index covers
+// the keys of one kv head of one (sequence, layer), which live in a HeadStore the index does not
+// own: every call passes the store, so kinds that score against stored keys need no copy of them.
 //
 // Thread safety: Search is const and safe to call concurrently with other Search calls on the
 // same index; Build and Add need exclusive access.
@@ -33,9 +33,9 @@ const char* IndexKindName(IndexKind kind);
 absl::StatusOr<IndexKind> ParseIndexKind(std::string_view name);
 
 struct IndexConfig {
-  int num_threads = 0;           // parallel build; 0 = the current TBB arena's concurrency
+  int num_threads = 0;  // parallel build; 0 = the current TBB arena's concurrency
   // ivf
-  int ivf_nlist = 0;             // 0 = about 4 * sqrt(n) at build
+  int ivf_nlist = 0;  // 0 = about 4 * sqrt(n) at build
   int ivf_default_nprobe = 16;
   // The default nprobe also grows until the probed lists hold this many keys per result wanted:
   // at k = 100 on 8K keys 16 lists hold more already; at k = 1000 it probes about 3000 keys
@@ -46,28 +46,28 @@ struct IndexConfig {
   int hnsw_ef_construction = 100;
   int hnsw_default_ef = 128;
   // landmark
-  int landmark_block = 32;       // tokens per block
+  int landmark_block = 32;          // tokens per block
   int landmark_default_blocks = 0;  // 0 = enough blocks for 4 * k tokens
   // attention-aware
-  int graph_degree = 32;         // out-links per key
-  int graph_query_sample = 4096; // prompt queries whose exact top keys seed the graph
-  int graph_query_top = 64;      // top keys taken per sampled query
-  int graph_default_beam = 0;    // 0 = 2 * k
-  int graph_tail = 256;          // rows Add keeps in an exactly scanned tail before linking them
-                                 // into the graph (0 = link at every Add)
+  int graph_degree = 32;          // out-links per key
+  int graph_query_sample = 4096;  // prompt queries whose exact top keys seed the graph
+  int graph_query_top = 64;       // top keys taken per sampled query
+  int graph_default_beam = 0;     // 0 = 2 * k
+  int graph_tail = 256;           // rows Add keeps in an exactly scanned tail before linking them
+                                  // into the graph (0 = link at every Add)
   uint64_t seed = 42;
-  ClusterConfig cluster;         // cluster (k = token budget floor, see cluster.h)
+  ClusterConfig cluster;  // cluster (k = token budget floor, see cluster.h)
 };
 
 struct SearchParams {
-  int k = 100;      // ids wanted
-  int effort = 0;   // kind-specific (nprobe, ef, blocks, beam); 0 = the kind's default
+  int k = 100;     // ids wanted
+  int effort = 0;  // kind-specific (nprobe, ef, blocks, beam); 0 = the kind's default
 };
 
 struct SearchResult {
-  std::vector<int64_t> ids;    // HeadStore rows, best first, at most k, no duplicates
-  std::vector<float> scores;   // unscaled q.k of each id
-  int64_t scanned = 0;         // keys scored (distance computations) by this search
+  std::vector<int64_t> ids;   // HeadStore rows, best first, at most k, no duplicates
+  std::vector<float> scores;  // unscaled q.k of each id
+  int64_t scanned = 0;        // keys scored (distance computations) by this search
   // Two-level kinds (KindDescriptor::estimates): the partial state estimated for the rows not in
   // ids (o f32 [dim] normalised, lse as for attention with the scale of the search); est_o empty
   // or est_lse = -inf: no estimate.

@@ -37,34 +37,34 @@ inline constexpr int kClusterMaxGroup = 16;  // q heads per kv head
 // their scores are just not read).
 struct ClusterSummaryView {
   int kv_heads = 0;
-  int head_dim = 0;                     // 64, 128, 256
-  int num_clusters = 0;                 // C
-  int num_outliers = 0;                 // O (may be 0)
-  const uint16_t* centroid = nullptr;   // bf16 [kv_heads, C, d]
-  const uint16_t* value_mean = nullptr; // bf16 [kv_heads, C, d]
-  const int32_t* size = nullptr;        // [kv_heads, C]
-  const float* spread = nullptr;        // [kv_heads, C]
+  int head_dim = 0;                       // 64, 128, 256
+  int num_clusters = 0;                   // C
+  int num_outliers = 0;                   // O (may be 0)
+  const uint16_t* centroid = nullptr;     // bf16 [kv_heads, C, d]
+  const uint16_t* value_mean = nullptr;   // bf16 [kv_heads, C, d]
+  const int32_t* size = nullptr;          // [kv_heads, C]
+  const float* spread = nullptr;          // [kv_heads, C]
   const uint16_t* outlier_key = nullptr;  // bf16 [kv_heads, O, d]
 };
 
 struct ClusterStepParams {
-  int q_heads = 0;              // multiple of kv_heads, at most kClusterMaxGroup per kv head
-  float scale = 0.f;            // 0 = 1/sqrt(head_dim)
+  int q_heads = 0;    // multiple of kv_heads, at most kClusterMaxGroup per kv head
+  float scale = 0.f;  // 0 = 1/sqrt(head_dim)
   float spread_weight = 1.f;
-  int64_t budget_tokens = 0;    // per q head; <= 0 selects nothing
+  int64_t budget_tokens = 0;  // per q head; <= 0 selects nothing
   float top_p = 0.f;
   bool estimate = true;
 };
 
 // Outputs (device memory for the kernels, host for the reference); q: f32 [q_heads, d].
 struct ClusterStepOutputs {
-  float* density = nullptr;         // [q_heads, C] (padding: -inf)
-  float* outlier_score = nullptr;   // [q_heads, O] unscaled q.k (null allowed when O == 0)
-  int32_t* selected = nullptr;      // [q_heads, C] selected clusters, ascending, first count[h]
+  float* density = nullptr;            // [q_heads, C] (padding: -inf)
+  float* outlier_score = nullptr;      // [q_heads, O] unscaled q.k (null allowed when O == 0)
+  int32_t* selected = nullptr;         // [q_heads, C] selected clusters, ascending, first count[h]
   int32_t* selected_count = nullptr;   // [q_heads]
   int64_t* selected_tokens = nullptr;  // [q_heads]
-  float* est_o = nullptr;           // [q_heads, d]
-  float* est_lse = nullptr;         // [q_heads]
+  float* est_o = nullptr;              // [q_heads, d]
+  float* est_lse = nullptr;            // [q_heads]
 };
 
 // Floats of device scratch ClusterStep needs.

@@ -8,8 +8,8 @@
 
 namespace kvrt::gpu {
 
-inline constexpr int kMaxGroup = 8;    // q heads per kv head that the tier kernel supports
-inline constexpr int kMaxTopK = 128;   // largest k of ExactTopK
+inline constexpr int kMaxGroup = 8;   // q heads per kv head that the tier kernel supports
+inline constexpr int kMaxTopK = 128;  // largest k of ExactTopK
 
 struct TierBatch {
   const void* const* sink_k = nullptr;    // [batch] -> [n_sink[b], kv_heads, head_dim]
@@ -76,9 +76,9 @@ struct AttnParams {
 };
 
 struct RingBatch {
-  void* const* ring_k = nullptr;      // [batch] -> [capacity, kv_heads, head_dim]
-  void* const* ring_v = nullptr;      // [batch] -> [capacity, kv_heads, head_dim]
-  const int64_t* write_pos = nullptr; // [batch] tokens appended to this ring before the call
+  void* const* ring_k = nullptr;       // [batch] -> [capacity, kv_heads, head_dim]
+  void* const* ring_v = nullptr;       // [batch] -> [capacity, kv_heads, head_dim]
+  const int64_t* write_pos = nullptr;  // [batch] tokens appended to this ring before the call
   int batch = 0;
   int capacity = 0;
   int kv_heads = 0;

@@ -8,8 +8,9 @@
 //
 // Layouts: rows are contiguous `head_dim` elements; "[a, b, d]" means row-major, d fastest.
 // Storage dtype is the config's (f32, f16, bf16); accumulation and partial states are f32.
-// Supported head dims: 64, 128, 256. Partial states follow docs/architecture.md "Numerics": `o` normalised,
-// `lse` natural log-sum-exp of the scaled scores, an empty set gives (o = 0, lse = -inf).
+// Supported head dims: 64, 128, 256. Partial states follow docs/architecture.md "Numerics": `o`
+// normalised, `lse` natural log-sum-exp of the scaled scores, an empty set gives (o = 0, lse =
+// -inf).
 #include <cstddef>
 #include <cstdint>
 
@@ -43,12 +44,11 @@ void TierAttentionBatchHost(const TierBatch& tier, const void* q, const AttnPara
 // (b) Merge of two partial states per row, rows = sequences * q heads.
 // o_a, o_b: f32 [rows, d]; lse_a, lse_b: f32 [rows]. out: [rows, d] in out_dtype (may alias o_a
 // when f32). lse_out: f32 [rows] or null (may alias lse_a). Two empty states give an empty state.
-absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b,
-                         const float* lse_b, int rows, int head_dim, void* out, DType out_dtype,
-                         float* lse_out, void* stream);
-void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b,
-                       const float* lse_b, int rows, int head_dim, void* out, DType out_dtype,
-                       float* lse_out);
+absl::Status MergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
+                         int rows, int head_dim, void* out, DType out_dtype, float* lse_out,
+                         void* stream);
+void MergeStatesToHost(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
+                       int rows, int head_dim, void* out, DType out_dtype, float* lse_out);
 
 // Merge of n partial states per row at once (a decode step's list: GPU tier, fetched rows, the
 // CPU's states, an estimate). o: f32 [n_states, rows, d] and lse: f32 [n_states, rows],
@@ -65,7 +65,8 @@ void MergeStatesNHost(const float* o, const float* lse, int n_states, int rows, 
 // (write_pos[b] + i) % capacity (n_new <= capacity). evict_k / evict_v: null, or
 // [batch, n_new, kv_heads, d] staging that receives, before it is overwritten, the token that held
 // the slot; row i of b is meaningful iff write_pos[b] + i >= capacity (it is position
-// write_pos[b] + i - capacity of the window stream). write_pos is not advanced (the caller owns it).
+// write_pos[b] + i - capacity of the window stream). write_pos is not advanced (the caller owns
+// it).
 absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
                         void* evict_k, void* evict_v, void* stream);
 void RingAppendHost(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,

@@ -9,7 +9,7 @@ namespace kvrt::gpu {
 
 // Tensors of one tier, in storage dtype, [rows, kv_heads, head_dim] contiguous.
 struct TierView {
-  const void* sink_k = nullptr;    // [n_sink, kv_heads, d]
+  const void* sink_k = nullptr;  // [n_sink, kv_heads, d]
   const void* sink_v = nullptr;
   int64_t n_sink = 0;
   const void* window_k = nullptr;  // [window_capacity, kv_heads, d] ring; rows [0, n_window) valid

@@ -20,20 +20,20 @@ struct RuntimeConfig {
   int num_kv_heads = 1;
   int head_dim = 128;
   DType dtype = DType::kBF16;
-  float scale = 0.f;            // 0 = 1/sqrt(head_dim)
+  float scale = 0.f;  // 0 = 1/sqrt(head_dim)
   int sink_tokens = 4;
   int window_tokens = 2048;
   int top_k = 100;
   cpu_index::IndexKind index_kind = cpu_index::IndexKind::kExact;
-  int search_effort = 0;        // 0 = the kind's default
-  int worker_threads = 0;       // 0 = hardware threads
+  int search_effort = 0;   // 0 = the kind's default
+  int worker_threads = 0;  // 0 = hardware threads
   bool record_attended = false;
   int64_t host_memory_limit = 0;  // bytes of host store + indexes over all sequences; 0 = none
   int64_t gpu_memory_limit = 0;   // bytes of GPU-tier buffers over all sequences; 0 = none
   bool check_finite = false;      // reject NaN/Inf in q, k, v
   bool group_search = false;      // GQA: one index search per kv head for its q heads
   int cold_attention = 0;         // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto (GPU backend)
-  cpu_index::IndexConfig index; // per-kind knobs
+  cpu_index::IndexConfig index;   // per-kind knobs
   int use_gpu = 0;  // 0: host backend; 1: GPU tier in device memory (error without a device);
                     // -1: GPU when available. The effective config holds 0 or 1.
 };
@@ -50,12 +50,13 @@ absl::Status ValidateConfig(const RuntimeConfig& config);
 // The runtime's counters, listed once. The atomics the layers update (Runtime::Counters),
 // RuntimeStats and the C API's kvrt_stats (copied field by field, by name) all expand this list;
 // kvrt.h documents what each counts.
-#define KVRT_RUNTIME_COUNTERS(X)                                                             \
-  X(gpu_tokens) X(host_tokens) X(index_bytes) X(attend_calls) X(keys_scored)                 \
-  X(cold_keys_searchable) X(cold_tokens_attended) X(evicted_tokens) X(gpu_allocated_bytes)   \
-  X(time_attend_ns) X(time_gpu_attention_ns) X(time_d2h_ns) X(time_cpu_search_ns)           \
-  X(time_cpu_attention_ns) X(time_h2d_ns) X(time_merge_ns) X(time_idle_ns)                   \
-  X(eviction_batches) X(index_update_failures) X(keys_read) X(attends_fetch)
+#define KVRT_RUNTIME_COUNTERS(X)                                                                 \
+  X(gpu_tokens)                                                                                  \
+  X(host_tokens) X(index_bytes) X(attend_calls) X(keys_scored) X(cold_keys_searchable)           \
+      X(cold_tokens_attended) X(evicted_tokens) X(gpu_allocated_bytes) X(time_attend_ns)         \
+          X(time_gpu_attention_ns) X(time_d2h_ns) X(time_cpu_search_ns) X(time_cpu_attention_ns) \
+              X(time_h2d_ns) X(time_merge_ns) X(time_idle_ns) X(eviction_batches)                \
+                  X(index_update_failures) X(keys_read) X(attends_fetch)
 
 struct RuntimeStats {
   // Derived when read: live sequences, and the bytes of the tokens counted below.

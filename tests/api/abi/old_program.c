@@ -7,12 +7,12 @@
 
 #include "kvrt_0_2.h"
 
-#define CHECK(cond)                                                   \
-  do {                                                                \
-    if (!(cond)) {                                                    \
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
       fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      return 1;                                                       \
-    }                                                                 \
+      return 1;                                                                \
+    }                                                                          \
   } while (0)
 
 struct guarded_config {
@@ -33,8 +33,8 @@ int main(void) {
   kvrt_stats stats;
   kvrt_status st;
   CHECK(sizeof(kvrt_config) == 88); /* the 0.2 layout */
-  printf("compiled against kvrt.h %d.%d, running libkvrt %s\n", KVRT_VERSION_MAJOR, KVRT_VERSION_MINOR,
-         kvrt_version());
+  printf("compiled against kvrt.h %d.%d, running libkvrt %s\n", KVRT_VERSION_MAJOR,
+         KVRT_VERSION_MINOR, kvrt_version());
   CHECK(strcmp(kvrt_version(), "0.2.0") != 0);
 
   memset(g.canary, 0xAB, sizeof g.canary);

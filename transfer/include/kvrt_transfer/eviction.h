@@ -16,9 +16,9 @@
 // exactly once: in the ring, in the store (indexed or scanned), never in both.
 #include <condition_variable>
 #include <cstdint>
-#include <mutex>
 #include <deque>
 #include <functional>
+#include <mutex>
 
 #include "absl/status/status.h"
 #include "kvrt_transfer/cuda_rt.h"
@@ -28,9 +28,9 @@
 namespace kvrt::transfer {
 
 struct EvictionBatch {
-  PinnedBlock k, v;     // [rows, kv_heads, head_dim] each, storage dtype
+  PinnedBlock k, v;  // [rows, kv_heads, head_dim] each, storage dtype
   int64_t rows = 0;
-  Event done;           // recorded after the D2H copies; empty = already complete (host data)
+  Event done;  // recorded after the D2H copies; empty = already complete (host data)
 };
 
 class EvictionQueue {
@@ -40,7 +40,8 @@ class EvictionQueue {
   bool empty() const { return batches_.empty(); }
   // In order: waits for each batch's copy, calls sink(k, v, rows), drops the batch (its pinned
   // blocks go back to the pool). Stops at the first error (that batch stays queued).
-  absl::Status Drain(const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink);
+  absl::Status Drain(
+      const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink);
   // Waits for every outstanding copy and drops the batches without delivering them (teardown).
   void Discard();
 

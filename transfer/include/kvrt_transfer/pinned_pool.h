@@ -34,7 +34,8 @@ class PinnedBlock {
   PinnedBlock() = default;
   ~PinnedBlock() { Release(); }
   PinnedBlock(PinnedBlock&& o) noexcept
-      : pool_(std::exchange(o.pool_, nullptr)), ptr_(std::exchange(o.ptr_, nullptr)),
+      : pool_(std::exchange(o.pool_, nullptr)),
+        ptr_(std::exchange(o.ptr_, nullptr)),
         size_(std::exchange(o.size_, 0)) {}
   PinnedBlock& operator=(PinnedBlock&& o) noexcept {
     if (this != &o) {
@@ -52,7 +53,8 @@ class PinnedBlock {
 
  private:
   friend class PinnedPool;
-  PinnedBlock(PinnedPool* pool, void* ptr, std::size_t size) : pool_(pool), ptr_(ptr), size_(size) {}
+  PinnedBlock(PinnedPool* pool, void* ptr, std::size_t size)
+      : pool_(pool), ptr_(ptr), size_(size) {}
   PinnedPool* pool_ = nullptr;
   void* ptr_ = nullptr;
   std::size_t size_ = 0;
