@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a built-in default: install, build, generate a synthetic trace and replay it
-# through libkvrt with exact, flat top-k and attention-aware retrieval, printing the report of each.
+# through libkvrt with exact, flat top-k, attention-aware and cluster retrieval, printing the report
+# of each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,3 +14,4 @@ trace=traces/demo.safetensors
 ./build/tools/kvrt replay "$trace" --index exact --window 512
 ./build/tools/kvrt replay "$trace" --index flat --top-k 100 --window 512 --json traces/demo-flat.json
 ./build/tools/kvrt replay "$trace" --index attention-aware --top-k 100 --window 512
+./build/tools/kvrt replay "$trace" --index cluster --top-k 100 --window 512

@@ -68,7 +68,7 @@ class HnswIndex final : public KeyIndex {
       return s;
     }
     // NOTE: hnswlib's inner-product graph need not be connected (on OOD keys we measured 40% of
-    // rows unreachable at ef = n; issue 16: a third of a layer at k >= n), so the maximal effort,
+    // rows unreachable at ef = n; measured: a third of a layer at k >= n), so the maximal effort,
     // and a k that asks for every row, are an exact scan.
     if (params.effort >= size_ || params.k >= size_) return ExactScan(store, q, params.k, 0, out);
     const Hnsw& h = *hnsw_;
@@ -134,7 +134,7 @@ class HnswIndex final : public KeyIndex {
       cands.emplace_back(DotRow(q, store.key(id), dim_, store.dtype()), id);
     }
     // The beam reached fewer than k rows (a disconnected graph): an exact scan returns k, so that
-    // a search never silently returns fewer than k results (issue 16).
+    // a search never silently returns fewer than k results.
     if (static_cast<int64_t>(cands.size()) < std::min<int64_t>(params.k, size_))
       return ExactScan(store, q, params.k, scanned, out);
     internal::TakeTopK(&cands, params.k, out);

@@ -369,7 +369,7 @@ TEST(ApiAttendBatch, EqualsOneAttendPerSequenceAndNamesBadInput) {
   EXPECT_EQ(kvrt_attend_batch(rt, seqs.data(), n, 3, q.data(), out.data()),
             KVRT_ERR_INVALID_ARGUMENT);
   for (float x : out) EXPECT_EQ(x, 7.f);  // nothing written by the refused calls
-  // An unknown sequence fails its own row only (test_issue16.cc covers the rule in full).
+  // An unknown sequence fails its own row only (test_api_contract.cc covers the rule in full).
   std::vector<kvrt_seq_id> unknown = {seqs[0], 12345};
   EXPECT_EQ(kvrt_attend_batch(rt, unknown.data(), 2, 0, q.data(), out.data()), KVRT_ERR_NOT_FOUND);
   EXPECT_NE(std::string(kvrt_last_error()).find("12345"), std::string::npos) << kvrt_last_error();

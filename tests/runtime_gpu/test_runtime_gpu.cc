@@ -283,7 +283,7 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
   }
 }
 
-// Issue 16: with check_finite off, a NaN in q or in any tier's k/v makes the affected heads' output
+// With check_finite off, a NaN in q or in any tier's k/v makes the affected heads' output
 // NaN on the GPU backend too (tier kernel, split merge, state merge, fetch mode), never zeros.
 struct NanGpuCase {
   cpu_index::IndexKind kind;

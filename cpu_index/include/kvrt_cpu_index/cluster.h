@@ -1,5 +1,5 @@
 #pragma once
-// Two-level cold tier (issue 13, RetroInfer-style): the cold keys of one kv head are grouped into
+// Two-level cold tier (RetroInfer-style): the cold keys of one kv head are grouped into
 // clusters of about `cluster_size` keys by k-means over fixed token segments; the store is laid
 // out cluster-contiguous (KeyIndex::TakeRowOrder + HeadStore::PermuteRows); a compact summary
 // (centroids and value means in bf16, sizes, a scalar spread per cluster, an outlier list) is

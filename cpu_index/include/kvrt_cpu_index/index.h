@@ -39,7 +39,7 @@ struct IndexConfig {
   int ivf_default_nprobe = 16;
   // The default nprobe also grows until the probed lists hold this many keys per result wanted:
   // at k = 100 on 8K keys 16 lists hold more already; at k = 1000 it probes about 3000 keys
-  // (issue 16: nprobe 16 returned 621 of 1000, recall 0.52; nprobe 128, ~2800 keys, 0.956).
+  // (measured: nprobe 16 returned 621 of 1000, recall 0.52; nprobe 128, ~2800 keys, 0.956).
   int ivf_default_keys_per_result = 3;
   // hnsw
   int hnsw_m = 16;

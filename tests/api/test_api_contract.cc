@@ -1,4 +1,4 @@
-// Regression tests of issue 16 (what an integrator found): each case failed before its fix.
+// The API's contract where an integrator first found it broken (each case failed before its fix), per defect.
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -179,7 +179,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 // ---- defect 4: attend_batch has one rule for every per-sequence error --------------------------
 
-TEST(Issue16AttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
+TEST(ContractAttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
   kvrt_config c = TinyConfig(1, 2);
   c.sink_tokens = 1;
   c.window_tokens = 4;
@@ -216,7 +216,7 @@ TEST(Issue16AttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
 
 // ---- defect 5: worker_threads above the hardware count is clamped, whatever its size -----------
 
-TEST(Issue16Config, WorkerThreadsAboveTheHardwareAreClamped) {
+TEST(ContractConfig, WorkerThreadsAboveTheHardwareAreClamped) {
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   for (int32_t asked : {hw + 1, 4097, 100000, INT32_MAX}) {
     kvrt_config c = TinyConfig();
@@ -249,7 +249,7 @@ kvrt_config BudgetConfig(kvrt_index_kind kind, int64_t limit) {
   return c;
 }
 
-TEST(Issue16HostLimit, PrefillPastTheLimitWithItsIndexFailsAndChangesNothing) {
+TEST(ContractHostLimit, PrefillPastTheLimitWithItsIndexFailsAndChangesNothing) {
   // The issue's case: 300 tokens, 280 go cold: 286720 bytes of store, and HNSW's ~280 KB more.
   kvrt_config c = BudgetConfig(KVRT_INDEX_HNSW, 409600);
   kvrt_runtime* rt = nullptr;
@@ -319,7 +319,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
-TEST(Issue16Window, RingGrowsAsItFills) {
+TEST(ContractWindow, RingGrowsAsItFills) {
   kvrt_config c = TinyConfig(1, 2);
   c.sink_tokens = 2;
   c.window_tokens = 1 << 20;
@@ -363,7 +363,7 @@ TEST(Issue16Window, RingGrowsAsItFills) {
 
 // cold_keys_searchable counts the q heads that search: a streaming head searches nothing, and
 // counting it made keys_scored / cold_keys_searchable read low.
-TEST(Issue16Stats, ColdKeysSearchableCountsRetrievalHeadsOnly) {
+TEST(ContractStats, ColdKeysSearchableCountsRetrievalHeadsOnly) {
   kvrt_config c = TinyConfig(1, 2);
   c.sink_tokens = 1;
   c.window_tokens = 4;

@@ -1,4 +1,4 @@
-// Issue 16 regressions of the index kinds: searches return k results whatever the default effort
+// Index kinds' contract: searches return k results whatever the default effort
 // (ivf nprobe, hnsw graph reach), the reports' resolved settings, and the memory bound that
 // host_memory_limit reserves before an index grows.
 #include <memory>
@@ -24,7 +24,7 @@ std::unique_ptr<HeadStore> F32Store(const float* keys, int64_t n) {
 
 // ---- defect 8: ivf's nprobe grows with k ------------------------------------------------------
 
-TEST(Issue16Ivf, ReturnsKResultsAtLargeKWithTheDefaultAndAnyEffort) {
+TEST(ContractIvf, ReturnsKResultsAtLargeKWithTheDefaultAndAnyEffort) {
   const auto ood = testing::MakeOodData(8000, kDim, 512, 8, 5);
   auto store = F32Store(ood.keys.data(), ood.n);
   auto index = MakeIndex(IndexKind::kIvf, {}, kDim).value();
@@ -46,7 +46,7 @@ TEST(Issue16Ivf, ReturnsKResultsAtLargeKWithTheDefaultAndAnyEffort) {
 
 // ---- defect 9: hnsw returns k results when k >= n or its graph reaches fewer -------------------
 
-TEST(Issue16Hnsw, ReturnsKResultsWhenKIsAtLeastTheKeysOrTheGraphFallsShort) {
+TEST(ContractHnsw, ReturnsKResultsWhenKIsAtLeastTheKeysOrTheGraphFallsShort) {
   const auto ood = testing::MakeOodData(3000, kDim, 512, 8, 7);
   auto store = F32Store(ood.keys.data(), ood.n);
   auto index = MakeIndex(IndexKind::kHnsw, {}, kDim).value();
@@ -66,7 +66,7 @@ TEST(Issue16Hnsw, ReturnsKResultsWhenKIsAtLeastTheKeysOrTheGraphFallsShort) {
 
 // ---- defect 10: the resolved settings, each default scaling with k -----------------------------
 
-TEST(Issue16Settings, ReportsTheResolvedSearchSettings) {
+TEST(ContractSettings, ReportsTheResolvedSearchSettings) {
   const IndexConfig c;
   EXPECT_EQ(SearchSettings(IndexKind::kIvf, c, 1000, 0), "nprobe=16+ (lists holding >= 3000 keys)");
   EXPECT_EQ(SearchSettings(IndexKind::kIvf, c, 100, 64), "nprobe=64+ (lists holding >= 100 keys)");
@@ -79,7 +79,7 @@ TEST(Issue16Settings, ReportsTheResolvedSearchSettings) {
 
 // ---- defect 2: IndexBytesBound bounds MemoryBytes, built at once or grown ----------------------
 
-TEST(Issue16Budget, IndexBytesBoundIsAnUpperBound) {
+TEST(ContractBudget, IndexBytesBoundIsAnUpperBound) {
   const auto ood = testing::MakeOodData(6000, kDim, 512, 1, 9);
   tbb::task_arena arena(2);
   for (IndexKind kind : {IndexKind::kFlat, IndexKind::kIvf, IndexKind::kHnsw, IndexKind::kLandmark,
