@@ -395,6 +395,11 @@ typedef struct kvrt_stats {
                                     heads that score it. Since 0.2. */
   int64_t attends_fetch;         /* layer attends whose cold tier ran in fetch mode (GPU backend).
                                     Since 0.2. */
+  int64_t attends_gpu_select;    /* layer attends whose cold selection was scored on the GPU from a
+                                    device copy of a two-level kind's summary (KVRT_INDEX_CLUSTER,
+                                    GPU backend). Since 0.3. */
+  int64_t summary_gpu_bytes;     /* bytes of those summaries in device memory now (also counted in
+                                    gpu_allocated_bytes, under gpu_memory_limit). Since 0.3. */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

@@ -11,6 +11,7 @@
 #include "fault_injection.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
+#include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "oneapi/tbb/parallel_for.h"
 
@@ -189,6 +190,7 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
   }
   counters_->index_bytes += bytes - index_bytes_;
   index_bytes_ = bytes;
+  ++index_version_;
   if (all_built) query_sample_.clear();
   for (auto& s : status) {
     // NOTE: not an error of the call: the tokens are stored, and rows the index misses are
@@ -231,24 +233,30 @@ bool ColdTier::AnyActive(const uint8_t* streaming) const {
   return false;
 }
 
-absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::task_arena& arena,
-                              ColdSelection* sel, PartialState* attend) const {
+void ColdTier::BeginSelection(const uint8_t* streaming, ColdSelection* sel) const {
   const int H = cfg_->num_q_heads;
   sel->exact = cfg_->index_kind == cpu_index::IndexKind::kExact;
   sel->rows.assign(H, {});
   sel->active.assign(H, 0);
+  if (rows() > 0)
+    for (int h = 0; h < H; ++h) sel->active[h] = streaming == nullptr || !streaming[h];
   sel->scored.assign(H, 0);
   sel->search_ns.assign(H, 0);
   sel->estimate = {};
-  // Sized before the parallel units write their heads' rows of it.
-  if (cpu_index::KindInfo(cfg_->index_kind).estimates) sel->estimate.Reset(H, cfg_->head_dim);
+  sel->estimate_on_device = false;
   sel->keys_read = 0;
   sel->busy_ns = 0;
+}
+
+absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::task_arena& arena,
+                              ColdSelection* sel, PartialState* attend) const {
+  const int H = cfg_->num_q_heads;
+  BeginSelection(streaming, sel);
+  // Sized before the parallel units write their heads' rows of it.
+  if (cpu_index::KindInfo(cfg_->index_kind).estimates) sel->estimate.Reset(H, cfg_->head_dim);
   if (attend != nullptr) attend->Reset(H, cfg_->head_dim);
   if (rows() == 0) return absl::OkStatus();
   const auto units = Units(streaming);
-  for (const auto& unit : units)
-    for (int h : unit) sel->active[h] = 1;
   std::vector<absl::Status> status(units.size());
   std::vector<int64_t> read(units.size(), 0), busy(units.size(), 0);
   arena.execute([&] {
@@ -408,6 +416,29 @@ void ColdTier::AttendHead(int h, const float* qh, const ColdSelection& sel,
     cpu_index::AttendStoreRows(qh, cfg_->scale, store, sel.rows[h].data(),
                                static_cast<int64_t>(sel.rows[h].size()), oh, &out->lse[h]);
   }
+}
+
+const cpu_index::ClusterSummary* ColdTier::summary(int g) const {
+  return indexes_[g] == nullptr ? nullptr : cpu_index::GetClusterSummary(*indexes_[g]);
+}
+
+void ColdTier::CompleteSelection(int h, const float* qh, std::vector<int64_t> rows, int64_t scanned,
+                                 ColdSelection* sel) const {
+  cpu_index::SearchResult found;
+  found.ids = std::move(rows);
+  found.scanned = scanned;
+  AddUncovered(h / (cfg_->num_q_heads / cfg_->num_kv_heads), qh, &found, sel, h);
+}
+
+void ColdTier::AttendSelection(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
+                               PartialState* out) const {
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  out->Reset(H, d);
+  arena.execute([&] {
+    tbb::parallel_for(0, H, [&](int h) {
+      if (sel.active[h]) AttendHead(h, q + static_cast<std::size_t>(h) * d, sel, out);
+    });
+  });
 }
 
 int64_t ColdTier::attended(const ColdSelection& sel, int q_head) const {

@@ -38,6 +38,7 @@ struct ColdSelection {
   std::vector<int64_t> search_ns;          // [q_heads] time in the search
   int64_t keys_read = 0;                   // keys read (a group search's key counts once)
   int64_t busy_ns = 0;                     // summed busy time of the selection's units
+  bool estimate_on_device = false;         // the estimate is in the step's device state already
 
   bool any_active() const {
     for (uint8_t a : active)
@@ -91,6 +92,21 @@ class ColdTier {
   // Tokens per active head that the selection attends (for the statistics).
   int64_t attended(const ColdSelection& sel, int q_head) const;
 
+  // A two-level kind's summary of kv head g (clusters as store-row ranges), or null. Valid until
+  // the next refresh; index_version() changes with every refresh.
+  const cpu_index::ClusterSummary* summary(int g) const;
+  int64_t index_version() const { return index_version_; }
+  // An empty selection for this step: every head that is not streaming active.
+  void BeginSelection(const uint8_t* streaming, ColdSelection* sel) const;
+  // Completes head h's selection from a summary scored elsewhere (the GPU): `rows` (selected
+  // clusters' rows and outliers), `scanned` keys scored for them, then the rows no index covers
+  // yet (exact top_k) and NaN/Inf rows, as Select does.
+  void CompleteSelection(int h, const float* qh, std::vector<int64_t> rows, int64_t scanned,
+                         ColdSelection* sel) const;
+  // Phase 3 on the CPU for a selection made outside Select (every active head, in parallel).
+  void AttendSelection(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
+                       PartialState* out) const;
+
   // Gives back the counters this tier added (at release).
   void Release();
 
@@ -117,6 +133,7 @@ class ColdTier {
   // Prompt queries (f32, per kv head) kept until the index is built.
   std::vector<std::vector<float>> query_sample_;
   std::unique_ptr<transfer::BackgroundWork> refresh_;
+  int64_t index_version_ = 0;
 };
 
 }  // namespace kvrt::runtime

@@ -19,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/kind_table.h"
 #include "layer_state.h"
 #include "oneapi/tbb/parallel_for.h"
 
@@ -109,8 +110,22 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     const int64_t t_cold = NowNs();
     l.counters_->time_d2h_ns += t_cold - t_settle;
     fetched[j] = l.cold_.AnyActive(streaming) && l.ChooseFetch();
-    member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
-                                      fetched[j] ? nullptr : &cold_state[j]);
+    if (l.UsesGpuSelect(streaming)) {
+      // Two-level kind on the GPU backend: the summary is scored on the device, the selection
+      // comes back, its estimate stays there for the merge.
+      l.cold_.BeginSelection(streaming, &sel[j]);
+      member_status[j] = l.tier_->SelectClusters(step.get(), j, l.cold_, &sel[j]);
+      if (member_status[j].code() == absl::StatusCode::kFailedPrecondition) {
+        member_status[j] = absl::OkStatus();  // no summary yet (too few cold rows): on the CPU
+        member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
+                                          fetched[j] ? nullptr : &cold_state[j]);
+      } else if (member_status[j].ok() && !fetched[j]) {
+        l.cold_.AttendSelection(step->q(j), sel[j], arena, &cold_state[j]);
+      }
+    } else {
+      member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
+                                        fetched[j] ? nullptr : &cold_state[j]);
+    }
     if (!member_status[j].ok()) return;
     if (fetched[j]) {
       member_status[j] = l.tier_->AttendFetched(step.get(), j, sel[j], l.cold_, arena);
@@ -153,6 +168,18 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     if (l.tier_->background_refresh()) l.cold_.RefreshIndexes(arena, true);
   }
   return absl::OkStatus();
+}
+
+bool LayerState::UsesGpuSelect(const uint8_t* streaming) const {
+  if (!tier_->can_select_clusters() || !cpu_index::KindInfo(cfg_->index_kind).estimates ||
+      !cfg_->index.cluster.gpu_select || cold_.rows() == 0)
+    return false;
+  // NOTE: the device step scores every q head; with a streaming head (which must get no cold
+  // state) the selection stays on the CPU.
+  if (streaming != nullptr)
+    for (int h = 0; h < cfg_->num_q_heads; ++h)
+      if (streaming[h]) return false;
+  return true;
 }
 
 void LayerState::CountColdTime(const ColdSelection& sel, int64_t wall) {

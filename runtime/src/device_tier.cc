@@ -10,6 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/cluster.h"
+#include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "tier_backend.h"
@@ -139,6 +141,7 @@ class DeviceStep : public TierStep {
     q_floats_ = static_cast<std::size_t>(q_heads) * d;
     q_.resize(n * q_floats_);
     fetched.assign(n, 0);
+    estimated.assign(n, 0);
   }
   ~DeviceStep() override {
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
@@ -156,7 +159,8 @@ class DeviceStep : public TierStep {
   float* lse_states = nullptr;
   float* out_dev = nullptr;  // host output: staging of the merged result
   const void* q_dev = nullptr;
-  std::vector<uint8_t> fetched;  // [n] member's cold state is in its device slot
+  std::vector<uint8_t> fetched;    // [n] member's cold state is in its device slot
+  std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
   std::vector<DeviceTier*> tiers;
 };
 
@@ -181,6 +185,9 @@ class DeviceTier final : public TierBackend {
   bool can_fetch() const override { return true; }
   absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel, const ColdTier& cold,
                              tbb::task_arena& arena) override;
+  bool can_select_clusters() const override { return true; }
+  absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold,
+                              ColdSelection* sel) override;
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                       const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
@@ -193,6 +200,9 @@ class DeviceTier final : public TierBackend {
   void Release() override {
     evictions_.Discard();
     if (used_) (void)last_use_.Synchronize();  // device work still reading the buffers
+    counters_->gpu_allocated_bytes -= static_cast<int64_t>(summary_.size());
+    counters_->summary_gpu_bytes -= static_cast<int64_t>(summary_.size());
+    summary_.Reset();
   }
 
  private:
@@ -202,6 +212,7 @@ class DeviceTier final : public TierBackend {
   absl::Status Allocate(const AppendPlan& plan);
   absl::Status Evict(const AppendPlan& plan, void* stream);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
+  absl::Status SyncSummary(const ColdTier& cold, void* stream);
   void CollectTiming();
 
   const RuntimeConfig* cfg_;
@@ -223,6 +234,12 @@ class DeviceTier final : public TierBackend {
   // H2D out of it (fetch_done_) has completed.
   transfer::PinnedBlock fetch_block_;
   transfer::Event fetch_done_;
+  // Two-level kinds: the device copy of every kv head's summary (gpu::ClusterSummaryView layout,
+  // clusters and outliers padded to the largest head), from the cold tier's index_version.
+  transfer::DeviceBuffer summary_;
+  std::vector<unsigned char> summary_host_;
+  int64_t summary_version_ = -1;
+  gpu::ClusterSummaryView summary_view_;
 };
 
 absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
@@ -557,6 +574,158 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, int i, const ColdSelectio
   return st.ok() ? freed : st;
 }
 
+// Packs every kv head's summary in ClusterSummaryView's layout and uploads it when the cold tier's
+// index changed since the last upload. Its bytes count against gpu_memory_limit.
+absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
+  if (summary_version_ == cold.index_version() && !summary_.empty()) return absl::OkStatus();
+  const int G = cfg_->num_kv_heads, d = cfg_->head_dim;
+  int64_t C = 0, O = 0;
+  for (int g = 0; g < G; ++g) {
+    const cpu_index::ClusterSummary* s = cold.summary(g);
+    if (s == nullptr) return absl::FailedPreconditionError("no cluster summary yet");
+    C = std::max<int64_t>(C, s->num_clusters());
+    O = std::max<int64_t>(O, static_cast<int64_t>(s->outliers.size()));
+  }
+  if (C == 0) return absl::FailedPreconditionError("no cluster summary yet");
+  auto align = [](std::size_t x) { return (x + 255) / 256 * 256; };
+  const std::size_t kd = static_cast<std::size_t>(G) * d * sizeof(uint16_t);
+  const std::size_t centroid_at = 0, value_at = align(C * kd), size_at = value_at + align(C * kd);
+  const std::size_t spread_at = size_at + align(G * C * sizeof(int32_t));
+  const std::size_t outlier_at = spread_at + align(G * C * sizeof(float));
+  const std::size_t bytes = outlier_at + align(std::max<int64_t>(O, 1) * kd);
+  summary_host_.assign(bytes, 0);
+  auto* h = summary_host_.data();
+  std::vector<float> row(d);
+  for (int g = 0; g < G; ++g) {
+    const cpu_index::ClusterSummary& s = *cold.summary(g);
+    const std::size_t c = static_cast<std::size_t>(s.num_clusters());
+    const std::size_t head_rows = static_cast<std::size_t>(g) * C;
+    std::memcpy(h + centroid_at + head_rows * d * 2, s.centroid.data(), c * d * 2);
+    std::memcpy(h + value_at + head_rows * d * 2, s.value_mean.data(), c * d * 2);
+    std::memcpy(h + size_at + head_rows * 4, s.size.data(), c * 4);  // padding: size 0
+    std::memcpy(h + spread_at + head_rows * 4, s.spread.data(), c * 4);
+    const auto& store = cold.store(g);
+    for (std::size_t j = 0; j < s.outliers.size(); ++j) {
+      store.KeyF32(s.outliers[j], row.data());
+      ConvertFromF32(row.data(), d, DType::kBF16,
+                     h + outlier_at + (static_cast<std::size_t>(g) * O + j) * d * 2);
+    }
+  }
+  if (summary_.size() < bytes) {
+    const int64_t add = static_cast<int64_t>(bytes) - static_cast<int64_t>(summary_.size());
+    const int64_t limit = cfg_->gpu_memory_limit;
+    if (limit > 0 && counters_->gpu_allocated_bytes.load() + add > limit)
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "GPU memory limit: the cluster summary needs ", bytes, " bytes, ",
+          counters_->gpu_allocated_bytes.load(), " in use > gpu_memory_limit ", limit));
+    KVRT_ASSIGN_OR_RETURN(transfer::DeviceBuffer grown,
+                          transfer::DeviceBuffer::Allocate(bytes + bytes / 4));
+    counters_->gpu_allocated_bytes += static_cast<int64_t>(grown.size() - summary_.size());
+    counters_->summary_gpu_bytes += static_cast<int64_t>(grown.size() - summary_.size());
+    summary_ = std::move(grown);
+  }
+  // NOTE: pageable source: the copy has read summary_host_ when MemcpyAsync returns.
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(summary_.data(), h, bytes, stream));
+  auto* dev = static_cast<unsigned char*>(summary_.data());
+  summary_view_.kv_heads = G;
+  summary_view_.head_dim = d;
+  summary_view_.num_clusters = static_cast<int>(C);
+  summary_view_.num_outliers = static_cast<int>(O);
+  summary_view_.centroid = reinterpret_cast<const uint16_t*>(dev + centroid_at);
+  summary_view_.value_mean = reinterpret_cast<const uint16_t*>(dev + value_at);
+  summary_view_.size = reinterpret_cast<const int32_t*>(dev + size_at);
+  summary_view_.spread = reinterpret_cast<const float*>(dev + spread_at);
+  summary_view_.outlier_key = reinterpret_cast<const uint16_t*>(dev + outlier_at);
+  summary_version_ = cold.index_version();
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& cold,
+                                        ColdSelection* sel) {
+  auto* step = static_cast<DeviceStep*>(base);
+  void* stream = step->lease.get();
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int group = H / cfg_->num_kv_heads;
+  const int64_t t0 = NowNs();
+  KVRT_RETURN_IF_ERROR(SyncSummary(cold, stream));
+  const int64_t C = summary_view_.num_clusters, O = summary_view_.num_outliers;
+  const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
+  // The same budget as the index's own Search: max(k, fraction of the clustered rows, floor).
+  int64_t clustered = 0;
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    int64_t rows = 0;
+    for (int32_t n : cold.summary(g)->size) rows += n;
+    clustered = std::max(clustered, rows);
+  }
+  gpu::ClusterStepParams params;
+  params.q_heads = H;
+  params.scale = cfg_->scale;
+  params.spread_weight = cc.spread_weight;
+  params.budget_tokens = std::max<int64_t>(
+      {cfg_->top_k,
+       static_cast<int64_t>(std::ceil(static_cast<double>(cc.budget_fraction) * clustered)),
+       cc.min_budget_tokens});
+  params.top_p = cc.top_p;
+  params.estimate = cc.estimate;
+
+  // Scratch: q f32 | density [H, C] | outlier scores [H, O] | selected [H, C] | count [H] |
+  // tokens [H] (int64, last).
+  const std::size_t q_at = 0, density_at = q_at + static_cast<std::size_t>(H) * d * 4;
+  const std::size_t outlier_at = density_at + static_cast<std::size_t>(H) * C * 4;
+  const std::size_t selected_at =
+      outlier_at + static_cast<std::size_t>(H) * std::max<int64_t>(O, 1) * 4;
+  const std::size_t count_at = selected_at + static_cast<std::size_t>(H) * C * 4;
+  const std::size_t tokens_at = (count_at + H * 4 + 7) / 8 * 8;
+  const std::size_t bytes = tokens_at + H * 8;
+  KVRT_ASSIGN_OR_RETURN(void* scratch, transfer::MallocAsync(bytes, stream));
+  struct FreeOnExit {
+    void* p;
+    void* s;
+    ~FreeOnExit() { (void)transfer::FreeAsync(p, s); }
+  } free_scratch{scratch, stream};
+  auto* dev = static_cast<unsigned char*>(scratch);
+  KVRT_RETURN_IF_ERROR(
+      transfer::MemcpyAsync(dev + q_at, step->q(i), static_cast<std::size_t>(H) * d * 4, stream));
+  gpu::ClusterStepOutputs outs;
+  outs.density = reinterpret_cast<float*>(dev + density_at);
+  outs.outlier_score = O > 0 ? reinterpret_cast<float*>(dev + outlier_at) : nullptr;
+  outs.selected = reinterpret_cast<int32_t*>(dev + selected_at);
+  outs.selected_count = reinterpret_cast<int32_t*>(dev + count_at);
+  outs.selected_tokens = reinterpret_cast<int64_t*>(dev + tokens_at);
+  outs.est_o = step->o(kEstimateSlot, i);
+  outs.est_lse = step->lse(kEstimateSlot, i);
+  KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
+                                        params, outs, nullptr, stream));
+  // The selection comes back (counts, then the selected clusters): the CPU maps it to rows.
+  const std::size_t back = count_at + H * 4 - selected_at;
+  KVRT_ASSIGN_OR_RETURN(transfer::PinnedBlock host, ctx_->pinned().Acquire(back));
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(host.data(), dev + selected_at, back, stream));
+  KVRT_ASSIGN_OR_RETURN(transfer::Event copied, transfer::Event::Create(false));
+  KVRT_RETURN_IF_ERROR(copied.Record(stream));
+  KVRT_RETURN_IF_ERROR(copied.Synchronize());
+  const auto* selected = static_cast<const int32_t*>(host.data());
+  const int32_t* count = selected + static_cast<std::size_t>(H) * C;
+  step->estimated[i] = params.estimate ? 1 : 0;
+  sel->estimate_on_device = params.estimate;
+  const int64_t per_head_ns = (NowNs() - t0) / H;
+  for (int h = 0; h < H; ++h) {
+    if (!sel->active[h]) continue;
+    const cpu_index::ClusterSummary& s = *cold.summary(h / group);
+    std::vector<int64_t> rows(s.outliers.begin(), s.outliers.end());  // always attended
+    for (int32_t j = 0; j < count[h]; ++j) {
+      const int32_t c = selected[static_cast<std::size_t>(h) * C + j];
+      if (c >= s.num_clusters()) continue;  // padding (never selected: size 0)
+      for (int64_t r = s.begin[c]; r < s.begin[c] + s.size[c]; ++r) rows.push_back(r);
+    }
+    const int64_t t1 = NowNs();
+    cold.CompleteSelection(h, step->q(i) + static_cast<std::size_t>(h) * d, std::move(rows),
+                           s.num_clusters() + static_cast<int64_t>(s.outliers.size()), sel);
+    sel->search_ns[h] = per_head_ns + NowNs() - t1;
+  }
+  counters_->attends_gpu_select += 1;
+  return absl::OkStatus();
+}
+
 absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& states,
                                 const std::vector<uint8_t>& ok, float* out) {
   auto* step = static_cast<DeviceStep*>(base);
@@ -570,7 +739,7 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   bool any_cold = false, any_estimate = false, any_fetched = false;
   for (int i = 0; i < n; ++i) {
     any_cold = any_cold || states[i].cold != nullptr || step->fetched[i];
-    any_estimate = any_estimate || states[i].estimate != nullptr;
+    any_estimate = any_estimate || states[i].estimate != nullptr || step->estimated[i];
     any_fetched = any_fetched || step->fetched[i];
   }
   const int slots = any_estimate ? 3 : any_cold ? 2 : 1;
@@ -585,13 +754,17 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
       std::copy(s->o.begin(), s->o.end(), o.begin() + i * of);
       std::copy(s->lse.begin(), s->lse.end(), lse.begin() + i * H);
     }
+    // A state already on the device (fetched cold rows, a GPU estimate) is not overwritten.
+    auto on_device = [&](int m) {
+      return slot == kColdSlot ? step->fetched[m] != 0 : step->estimated[m] != 0;
+    };
     for (int i = 0; i < n;) {
-      if (slot == kColdSlot && step->fetched[i]) {
+      if (on_device(i)) {
         ++i;
         continue;
       }
       int j = i;
-      while (j < n && !(slot == kColdSlot && step->fetched[j])) ++j;
+      while (j < n && !on_device(j)) ++j;
       KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->o(slot, i), o.data() + i * of,
                                                  (j - i) * of * sizeof(float), stream));
       KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->lse(slot, i), lse.data() + i * H,

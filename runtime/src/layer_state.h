@@ -68,6 +68,8 @@ class LayerState {
   void RecordAttended(const ColdSelection& sel);
   void CountStep(const ColdSelection& sel);
   void CountColdTime(const ColdSelection& sel, int64_t wall);
+  // Whether this step's cold selection is scored on the GPU (a two-level kind's summary).
+  bool UsesGpuSelect(const uint8_t* streaming) const;
   // KVRT_COLD_AUTO's choice for this attend, and what it learns from the attend's wall time.
   bool ChooseFetch();
   void RecordColdCost(bool fetch, int64_t ns);

@@ -86,6 +86,14 @@ class TierBackend {
   virtual bool can_fetch() const = 0;
   virtual absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel,
                                      const ColdTier& cold, tbb::task_arena& arena) = 0;
+  // Phase 2 on the accelerator for a two-level kind (cluster): member i's summary scored there
+  // (from a device copy, refreshed when the cold tier's index changed), its selection brought back
+  // to *sel (completed by the cold tier: uncovered rows, NaN rows) and its estimate left in
+  // member i's device state for Finish. FailedPrecondition when no summary exists yet (the caller
+  // falls back to ColdTier::Select); ResourceExhausted past gpu_memory_limit.
+  virtual bool can_select_clusters() const = 0;
+  virtual absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold,
+                                      ColdSelection* sel) = 0;
   // Phase 4 for every member at once: member i's tier state, its fetched state and states[i]
   // (host memory) merged once, into out [n, q_heads, d] (one launch on the device). Rows of
   // members with ok[i] = 0 (failed in phases 2-3) are left untouched.

@@ -74,6 +74,7 @@ struct Case {
   cpu_index::IndexKind kind = cpu_index::IndexKind::kExact;
   int top_k = 100000;
   bool group_search = true;
+  int64_t cluster_segment = 0;  // cluster kind: segment_tokens (0 = default)
 };
 
 // Prefill `prompt` tokens, then `steps` x (append 1, attend), checking each output.
@@ -89,6 +90,7 @@ void RunAndCheck(const Case& cs, double tol) {
   c.index_kind = cs.kind;
   c.top_k = cs.top_k;
   c.group_search = cs.group_search;
+  if (cs.cluster_segment > 0) c.index.cluster.segment_tokens = cs.cluster_segment;
   c.worker_threads = 2;
   c.record_attended = true;
   auto rt = Runtime::Create(c);
@@ -161,6 +163,18 @@ TEST(RuntimeGroupSearch, ExhaustiveSearchIsExactForEveryKind) {
       SCOPED_TRACE(std::string(cpu_index::IndexKindName(kind)) + (group ? " group" : " per head"));
       RunAndCheck({DType::kBF16, 4, 16, 700, 4, kind, 100000, group}, 1e-5);
     }
+  }
+}
+
+// The cluster kind permutes the store (cluster-contiguous rows) as it indexes segments: with a
+// budget covering every cluster the output is exact attention, and the recorded positions (through
+// the cold tier's row-to-position map) still name every token once. Segments of 128 rows, so that
+// the 700-token prompt and the decode appends cover several and leave an uncovered tail.
+TEST(RuntimeCluster, FullBudgetIsExactAndPositionsSurviveThePermutation) {
+  for (bool group : {true, false}) {
+    SCOPED_TRACE(group ? "group" : "per head");
+    RunAndCheck({DType::kBF16, 4, 16, 700, 140, cpu_index::IndexKind::kCluster, 100000, group, 128},
+                1e-5);
   }
 }
 

@@ -47,6 +47,9 @@ struct ClusterConfig {
   float spread_weight = 1.f;  // see the header comment (0 = plain estimate)
   float scale = 0.f;          // attention scale of the estimate; 0 = 1/sqrt(head_dim)
   uint64_t seed = 42;
+  // GPU backend: score the summary on the GPU (gpu/include/kvrt_gpu/cluster_kernels.h) from a
+  // device copy of it, instead of this index's Search on the CPU.
+  bool gpu_select = true;
 };
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store

@@ -50,13 +50,15 @@ absl::Status ValidateConfig(const RuntimeConfig& config);
 // The runtime's counters, listed once. The atomics the layers update (Runtime::Counters),
 // RuntimeStats and the C API's kvrt_stats (copied field by field, by name) all expand this list;
 // kvrt.h documents what each counts.
-#define KVRT_RUNTIME_COUNTERS(X)                                                                 \
-  X(gpu_tokens)                                                                                  \
-  X(host_tokens) X(index_bytes) X(attend_calls) X(keys_scored) X(cold_keys_searchable)           \
-      X(cold_tokens_attended) X(evicted_tokens) X(gpu_allocated_bytes) X(time_attend_ns)         \
-          X(time_gpu_attention_ns) X(time_d2h_ns) X(time_cpu_search_ns) X(time_cpu_attention_ns) \
-              X(time_h2d_ns) X(time_merge_ns) X(time_idle_ns) X(eviction_batches)                \
-                  X(index_update_failures) X(keys_read) X(attends_fetch)
+// clang-format off
+#define KVRT_RUNTIME_COUNTERS(X)                                                             \
+  X(gpu_tokens) X(host_tokens) X(index_bytes) X(attend_calls) X(keys_scored)                 \
+  X(cold_keys_searchable) X(cold_tokens_attended) X(evicted_tokens) X(gpu_allocated_bytes)   \
+  X(time_attend_ns) X(time_gpu_attention_ns) X(time_d2h_ns) X(time_cpu_search_ns)           \
+  X(time_cpu_attention_ns) X(time_h2d_ns) X(time_merge_ns) X(time_idle_ns)                   \
+  X(eviction_batches) X(index_update_failures) X(keys_read) X(attends_fetch)                 \
+  X(attends_gpu_select) X(summary_gpu_bytes)
+// clang-format on
 
 struct RuntimeStats {
   // Derived when read: live sequences, and the bytes of the tokens counted below.
