@@ -322,6 +322,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       const bool hit = base_t + it >= budget || (use_p && base_m + im >= target_mass);
       // NOTE: past the first pass a miss is only f32 rounding of the mass: take the last bin.
       const unsigned hits = __ballot_sync(0xffffffffu, hit);
+      __syncwarp();  // every lane has read s_above_* before one lane writes them below
       const unsigned ballot = hits != 0u ? hits : (pass > 0 ? 0x80000000u : 0u);
       if (ballot == 0) {
         if (t == 0) s_all = 1;  // the whole remaining set does not reach the criterion

@@ -149,6 +149,9 @@ void ColdTier::ApplyRowOrder(int g) {
 absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
   std::vector<absl::Status> status(cfg_->num_kv_heads);
   const cpu_index::IndexKind kind = cfg_->index_kind;
+  std::vector<int64_t> covered_before(cfg_->num_kv_heads, -1);
+  for (int g = 0; g < cfg_->num_kv_heads; ++g)
+    if (indexes_[g] != nullptr) covered_before[g] = indexes_[g]->size();
   arena.execute([&] {
     tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) {
       auto& index = indexes_[g];
@@ -190,7 +193,15 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
   }
   counters_->index_bytes += bytes - index_bytes_;
   index_bytes_ = bytes;
-  ++index_version_;
+  // The version moves only when an index covers other rows (a two-level kind's summary then
+  // changed and its device copy is refreshed): not on every refresh that found nothing to do.
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    const int64_t now = indexes_[g] != nullptr ? indexes_[g]->size() : -1;
+    if (now != covered_before[g]) {
+      ++index_version_;
+      break;
+    }
+  }
   if (all_built) query_sample_.clear();
   for (auto& s : status) {
     // NOTE: not an error of the call: the tokens are stored, and rows the index misses are
