@@ -119,8 +119,13 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
         member_status[j] = absl::OkStatus();  // no summary yet (too few cold rows): on the CPU
         member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
                                           fetched[j] ? nullptr : &cold_state[j]);
-      } else if (member_status[j].ok() && !fetched[j]) {
-        l.cold_.AttendSelection(step->q(j), sel[j], arena, &cold_state[j]);
+      } else if (member_status[j].ok()) {
+        // The selection's time is the search; the CPU attention's is added to the busy time so
+        // that CountColdTime splits the phase between the two.
+        const int64_t t_attend = NowNs();
+        if (!fetched[j]) l.cold_.AttendSelection(step->q(j), sel[j], arena, &cold_state[j]);
+        for (int64_t ns : sel[j].search_ns) sel[j].busy_ns += ns;
+        sel[j].busy_ns += NowNs() - t_attend;
       }
     } else {
       member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
