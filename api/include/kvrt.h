@@ -374,10 +374,11 @@ typedef struct kvrt_stats {
                                    tokens that a prefill or append sends straight to the host store
                                    (never on the GPU tier) are not counted */
   int64_t gpu_allocated_bytes;  /* GPU-tier buffers allocated (what gpu_memory_limit counts; host
-                                   backend: the sink and window buffers in host memory) */
-  /* Decode-path time in ns, summed over attends (GPU backend only; 0 with the host backend).
-   * Device times come from CUDA events and are added once the work completed (for device
-   * output: at the layer's next attend). */
+                                   backend: the sink and window buffers in host memory), and the
+                                   cluster summaries' device copies (summary_gpu_bytes) */
+  /* Decode-path time in ns, summed over attends. The host backend fills the wall, search and
+   * CPU-attention times (the device times stay 0 there). Device times come from CUDA events and
+   * are added once the work completed (for device output: at the layer's next attend). */
   int64_t time_attend_ns;        /* wall time inside attend calls */
   int64_t time_gpu_attention_ns; /* GPU partial attention over sinks + window (device time) */
   int64_t time_d2h_ns;           /* CPU waiting for q D2H and storing evicted rows */

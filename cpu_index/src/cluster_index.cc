@@ -109,6 +109,9 @@ class ClusterIndex final : public KeyIndex {
 
   const ClusterSummary& summary() const { return summary_; }
   int64_t size() const override { return size_; }
+  int64_t CoverableRows(int64_t store_rows) const override {
+    return store_rows / cfg_.segment_tokens * cfg_.segment_tokens;
+  }
   std::size_t MemoryBytes() const override {
     return summary_.Bytes() + metric_l_.size() * sizeof(float) +
            pending_order_.capacity() * sizeof(int64_t);

@@ -121,7 +121,8 @@ void ColdTier::SampleQueries(const void* q, int64_t n) {
 
 bool ColdTier::needs_refresh() const {
   if (cfg_->index_kind == cpu_index::IndexKind::kExact || rows() < kIndexMinRows) return false;
-  return indexes_[0] == nullptr || indexes_[0]->size() < stores_[0].size();
+  if (indexes_[0] == nullptr) return true;
+  return indexes_[0]->size() < indexes_[0]->CoverableRows(stores_[0].size());
 }
 
 void ColdTier::RefreshIndexes(tbb::task_arena& arena, bool background) {

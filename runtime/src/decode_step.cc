@@ -116,7 +116,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
       l.cold_.BeginSelection(streaming, &sel[j]);
       member_status[j] = l.tier_->SelectClusters(step.get(), j, l.cold_, &sel[j]);
       if (member_status[j].code() == absl::StatusCode::kFailedPrecondition) {
-        member_status[j] = absl::OkStatus();  // no summary yet (too few cold rows): on the CPU
+        // No summary yet (fewer cold rows than a segment): the selection runs on the CPU.
         member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
                                           fetched[j] ? nullptr : &cold_state[j]);
       } else if (member_status[j].ok()) {

@@ -110,6 +110,11 @@ class KeyIndex {
     return false;
   }
 
+  // Rows an Add over a store of `store_rows` would cover: all of them by default; a kind that
+  // covers whole segments only (cluster) fewer, so that the owner does not ask it to refresh when
+  // nothing new can be covered.
+  virtual int64_t CoverableRows(int64_t store_rows) const { return store_rows; }
+
   virtual int64_t size() const = 0;             // rows covered
   virtual std::size_t MemoryBytes() const = 0;  // bytes held beyond the HeadStore
 };
