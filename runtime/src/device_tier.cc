@@ -176,7 +176,8 @@ class DeviceTier final : public TierBackend {
                       ColdTier* cold) override;
   absl::Status SettleEvictions(ColdTier* cold) override;
   int64_t pending_rows() const override { return evictions_.pending_rows(); }
-  absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes, const Exec& exec) override;
+  absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
+                              const std::vector<int64_t>& rows, const Exec& exec) override;
   bool background_refresh() const override { return true; }
   absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(TierBackend* const* tiers,
                                                       const TierCounts* counts, int n,
@@ -392,15 +393,20 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   return absl::OkStatus();
 }
 
-absl::Status DeviceTier::CopyToHost(void* dst, const void* src, std::size_t bytes,
-                                    const Exec& exec) {
+absl::Status DeviceTier::CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
+                                        const std::vector<int64_t>& rows, const Exec& exec) {
+  auto* d = static_cast<unsigned char*>(dst);
+  const auto* from = static_cast<const unsigned char*>(src);
   if (!exec.device) {
-    std::memcpy(dst, src, bytes);
+    for (std::size_t i = 0; i < rows.size(); ++i)
+      std::memcpy(d + i * row_bytes, from + rows[i] * row_bytes, row_bytes);
     return absl::OkStatus();
   }
   StreamLease lease(ctx_, exec);
   KVRT_RETURN_IF_ERROR(lease.status());
-  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(dst, src, bytes, lease.get()));
+  for (std::size_t i = 0; i < rows.size(); ++i)
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(d + i * row_bytes, from + rows[i] * row_bytes,
+                                               row_bytes, lease.get()));
   return transfer::StreamSynchronize(lease.get());
 }
 

@@ -36,8 +36,11 @@ class HostTier final : public TierBackend {
                       ColdTier* cold) override;
   absl::Status SettleEvictions(ColdTier*) override { return absl::OkStatus(); }
   int64_t pending_rows() const override { return 0; }
-  absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes, const Exec&) override {
-    std::memcpy(dst, src, bytes);
+  absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
+                              const std::vector<int64_t>& rows, const Exec&) override {
+    for (std::size_t i = 0; i < rows.size(); ++i)
+      std::memcpy(static_cast<unsigned char*>(dst) + i * row_bytes,
+                  static_cast<const unsigned char*>(src) + rows[i] * row_bytes, row_bytes);
     return absl::OkStatus();
   }
   bool background_refresh() const override { return false; }

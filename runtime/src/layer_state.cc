@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "budget.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/kind_table.h"
 
 namespace kvrt::runtime {
 
@@ -89,7 +90,7 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
     return absl::FailedPreconditionError(absl::StrCat("prefill: the layer already holds ", length_,
                                                       " tokens (prefill once, then append)"));
   KVRT_RETURN_IF_ERROR(AppendTokens(k, v, n, exec));
-  if (q != nullptr && cfg_->index_kind != cpu_index::IndexKind::kExact) {
+  if (q != nullptr && cpu_index::KindInfo(cfg_->index_kind).uses_queries) {
     // Only the sampled rows cross to the host: the evenly spaced rows SampleQueries picks.
     const int64_t rows = cold_.QuerySampleRows(n);
     const std::size_t row =
@@ -97,12 +98,10 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
     if (rows == n && !exec.device) {
       cold_.SampleQueries(q, n);
     } else {
+      std::vector<int64_t> picked(rows);
+      for (int64_t i = 0; i < rows; ++i) picked[i] = rows == n ? i : i * n / rows;
       std::vector<unsigned char> sample(static_cast<std::size_t>(rows) * row);
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t t = rows == n ? i : i * n / rows;
-        KVRT_RETURN_IF_ERROR(tier_->CopyToHost(
-            sample.data() + i * row, static_cast<const unsigned char*>(q) + t * row, row, exec));
-      }
+      KVRT_RETURN_IF_ERROR(tier_->CopyRowsToHost(sample.data(), q, row, picked, exec));
       cold_.SampleQueries(sample.data(), rows);
     }
   }

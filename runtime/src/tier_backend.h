@@ -66,9 +66,10 @@ class TierBackend {
   virtual absl::Status SettleEvictions(ColdTier* cold) = 0;
   // Rows evicted but not yet in the cold tier.
   virtual int64_t pending_rows() const = 0;
-  // Copies bytes from a call's tensor (device memory when exec.device) into host memory.
-  virtual absl::Status CopyToHost(void* dst, const void* src, std::size_t bytes,
-                                  const Exec& exec) = 0;
+  // Copies rows[i] of a call's tensor (row_bytes each; device memory when exec.device) to row i
+  // of dst in host memory (one wait for all of them).
+  virtual absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
+                                      const std::vector<int64_t>& rows, const Exec& exec) = 0;
   // Whether indexes refresh in the background (device: overlapping other layers' work) or at
   // once (host: results independent of timing).
   virtual bool background_refresh() const = 0;
