@@ -73,7 +73,8 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
       ->check(CLI::ExistingFile);
   cmd->add_option("--index", args->index,
                   "cold-token retrieval: exact (all cold tokens), flat (exact top-k), ivf, hnsw, "
-                  "landmark, attention-aware")
+                  "landmark, attention-aware, cluster (two-level: a token budget of clusters "
+                  "attended, the rest estimated)")
       ->capture_default_str();
   cmd->add_option("--sinks", args->sinks, "sink tokens kept on the GPU tier")
       ->capture_default_str()
