@@ -30,26 +30,18 @@ int64_t NowNs() {
 }
 
 // Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
-// contiguous pieces of the ring, so plain async copies do it (no index array to upload).
-absl::Status RingToLinear(void* dst, const void* ring, int64_t r0, int64_t count, int64_t W,
-                          std::size_t tb, void* stream) {
+// contiguous pieces of the ring, so plain async copies do it (no index array to upload). One of
+// dst and src is the ring (dst_is_ring says which), the other a linear [count] buffer.
+absl::Status CopyRingRun(void* dst, const void* src, bool dst_is_ring, int64_t r0, int64_t count,
+                         int64_t W, std::size_t tb, void* stream) {
   for (int64_t i = 0; i < count;) {
     const int64_t slot = (r0 + i) % W, run = std::min(count - i, W - slot);
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(static_cast<unsigned char*>(dst) + i * tb,
-                                               static_cast<const unsigned char*>(ring) + slot * tb,
-                                               run * tb, stream));
-    i += run;
-  }
-  return absl::OkStatus();
-}
-
-absl::Status LinearToRing(void* ring, const void* src, int64_t r0, int64_t count, int64_t W,
-                          std::size_t tb, void* stream) {
-  for (int64_t i = 0; i < count;) {
-    const int64_t slot = (r0 + i) % W, run = std::min(count - i, W - slot);
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(static_cast<unsigned char*>(ring) + slot * tb,
-                                               static_cast<const unsigned char*>(src) + i * tb,
-                                               run * tb, stream));
+    const int64_t ring_at = slot * static_cast<int64_t>(tb),
+                  linear_at = i * static_cast<int64_t>(tb);
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(
+        static_cast<unsigned char*>(dst) + (dst_is_ring ? ring_at : linear_at),
+        static_cast<const unsigned char*>(src) + (dst_is_ring ? linear_at : ring_at), run * tb,
+        stream));
     i += run;
   }
   return absl::OkStatus();
@@ -290,9 +282,9 @@ absl::Status DeviceTier::Evict(const AppendPlan& plan, void* stream) {
   KVRT_ASSIGN_OR_RETURN(void* staging, transfer::MallocAsync(2 * bytes, stream));
   auto* stg = static_cast<unsigned char*>(staging);
   KVRT_RETURN_IF_ERROR(
-      RingToLinear(stg, ring_k_.data(), plan.cold_begin - S, plan.evict, W, tb, stream));
-  KVRT_RETURN_IF_ERROR(
-      RingToLinear(stg + bytes, ring_v_.data(), plan.cold_begin - S, plan.evict, W, tb, stream));
+      CopyRingRun(stg, ring_k_.data(), false, plan.cold_begin - S, plan.evict, W, tb, stream));
+  KVRT_RETURN_IF_ERROR(CopyRingRun(stg + bytes, ring_v_.data(), false, plan.cold_begin - S,
+                                   plan.evict, W, tb, stream));
   KVRT_ASSIGN_OR_RETURN(transfer::Event gathered, transfer::Event::Create(false));
   KVRT_RETURN_IF_ERROR(gathered.Record(stream));
   void* copy = ctx_->copy_stream();
@@ -378,9 +370,9 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
     const std::size_t off = static_cast<std::size_t>(plan.ring_begin - plan.length) * tb;
     const int64_t n = plan.new_length - plan.ring_begin;
     KVRT_RETURN_IF_ERROR(
-        LinearToRing(ring_k_.data(), ks + off, plan.ring_begin - S, n, W, tb, stream));
+        CopyRingRun(ring_k_.data(), ks + off, true, plan.ring_begin - S, n, W, tb, stream));
     KVRT_RETURN_IF_ERROR(
-        LinearToRing(ring_v_.data(), vs + off, plan.ring_begin - S, n, W, tb, stream));
+        CopyRingRun(ring_v_.data(), vs + off, true, plan.ring_begin - S, n, W, tb, stream));
   }
   const int64_t n_sink = std::min(plan.new_length, S);
   const int64_t n_window = plan.new_length - n_sink - (cold->rows() + pending_rows());
