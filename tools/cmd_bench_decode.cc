@@ -9,7 +9,6 @@
 // `cold` tokens sit in the host store. K/V/q: trace-like (kvrt gen-trace's generator at that size,
 // the default), random, or a recorded trace (tools/bench_data.h).
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -18,6 +17,7 @@
 #include "kvrt.h"
 #include "tools/accuracy.h"
 #include "tools/bench_data.h"
+#include "tools/bench_settings.h"
 #include "tools/command.h"
 #include "tools/decode_harness.h"
 #include "tools/options.h"
@@ -29,12 +29,10 @@ namespace {
 
 struct BenchDecodeArgs {
   std::string cold = "4096,32768,131072,524288,1048576", batch = "1,16", indexes = "flat,landmark";
-  std::string memory = "device", csv, cold_attention = "cpu", attend = "threads";
-  int layers = 2, steps = 30, warmup = 3, sinks = 4, window = 2048, top_k = 100, threads = 0;
-  int effort = 0, use_gpu = 1, group_search = 0;
-  int64_t max_cold_batch = 131072;  // batch > 1 only up to this cold size (host memory)
-  double max_seconds = 20;          // measured time per configuration, at least 5 steps
-  BenchDataOptions data;            // --keys, --trace, --seed, --needles, shape
+  std::string csv, cold_attention = "cpu", attend = "threads";
+  DecodeSettings run;                 // shared with bench serve
+  int64_t max_cold_batch = 131072;    // batch > 1 only up to this cold size (host memory)
+  BenchDataOptions data;              // --keys, --trace, --seed, --needles, shape
   int accuracy_steps = 8, accuracy_every = 4;
 };
 
@@ -61,33 +59,10 @@ struct Row {
 // appends still come from one thread each); else one thread per sequence appends and attends.
 bool RunOne(const BenchDecodeArgs& a, const BenchData& data, kvrt_index_kind kind,
             const std::string& kind_name, kvrt_cold_attention mode, bool batched, int64_t cold,
-            int batch, bool device, Row* row) {
-  HarnessOptions o;
-  kvrt_config& c = o.config;
-  c.num_layers = a.layers;
-  c.num_q_heads = data.q_heads;
-  c.num_kv_heads = data.kv_heads;
-  c.head_dim = data.head_dim;
-  c.scale = data.scale;
-  c.dtype = KVRT_DTYPE_BF16;
-  c.sink_tokens = a.sinks;
-  c.window_tokens = a.window;
-  c.top_k = a.top_k;
-  c.index_kind = kind;
-  c.search_effort = a.effort;
-  c.worker_threads = a.threads;
-  c.use_gpu = a.use_gpu;
-  c.check_finite = 0;
-  c.group_search = a.group_search;
-  c.cold_attention = mode;
-  c.record_attended = a.accuracy_steps > 0 ? 1 : 0;
-  o.batch = batch;
-  o.device = device;
-  o.batched = batched;
-  o.warmup = a.warmup;
-  o.steps = a.steps;
-  o.max_seconds = a.max_seconds;
-  o.capture_steps = CaptureSchedule(a.warmup, a.steps, a.accuracy_every, a.accuracy_steps);
+            int batch, Row* row) {
+  HarnessOptions o = MakeHarnessOptions(a.run, data, kind, mode, batch, batched);
+  o.config.record_attended = a.accuracy_steps > 0 ? 1 : 0;
+  o.capture_steps = CaptureSchedule(a.run.warmup, a.run.steps, a.accuracy_every, a.accuracy_steps);
   auto res = RunDecodeHarness(o, data);
   if (!res.ok()) {
     std::fprintf(stderr, "kvrt bench decode: %s cold %lld B=%d: %s\n", kind_name.c_str(),
@@ -118,13 +93,13 @@ bool RunOne(const BenchDecodeArgs& a, const BenchData& data, kvrt_index_kind kin
   row->idle = per(s1.time_idle_ns, s0.time_idle_ns) + (attends > 0 ? res->sync_us / attends : 0);
   row->append = attends > 0 ? res->append_us / attends : 0;
   row->gpu_mib_per_seq_layer =
-      static_cast<double>(s1.gpu_allocated_bytes) / (batch * a.layers) / (1 << 20);
+      static_cast<double>(s1.gpu_allocated_bytes) / (batch * a.run.layers) / (1 << 20);
   const double searchable = static_cast<double>(s1.cold_keys_searchable - s0.cold_keys_searchable);
   row->scanned = searchable > 0 ? (s1.keys_scored - s0.keys_scored) / searchable : 0;
   row->retrieved =
       searchable > 0 ? (s1.cold_tokens_attended - s0.cold_tokens_attended) / searchable : 0;
   row->fetch_share = attends > 0 ? (s1.attends_fetch - s0.attends_fetch) / attends : 0;
-  auto accuracy = ScoreCapturedSteps(data, res->captured, a.top_k);
+  auto accuracy = ScoreCapturedSteps(data, res->captured, a.run.top_k);
   if (!accuracy.ok()) {
     std::fprintf(stderr, "kvrt bench decode: %s cold %lld B=%d: %s\n", kind_name.c_str(),
                  static_cast<long long>(cold), batch,
@@ -154,19 +129,11 @@ int Run(BenchDecodeArgs a) {
   }
   std::vector<std::pair<kvrt_cold_attention, std::string>> modes;
   for (const auto& name : SplitList(a.cold_attention)) {
-    if (name == "cpu") {
-      modes.emplace_back(KVRT_COLD_CPU, name);
-    } else if (name == "fetch") {
-      modes.emplace_back(KVRT_COLD_FETCH, name);
-    } else if (name == "auto") {
-      modes.emplace_back(KVRT_COLD_AUTO, name);
-    } else {
-      return Usage(absl::InvalidArgumentError("--cold-attention: '" + name +
-                                              "' is not cpu, fetch or auto"));
-    }
+    auto mode = ParseColdAttention(name);
+    if (!mode.ok()) return Usage(mode.status());
+    modes.emplace_back(*mode, name);
   }
-  if (a.memory != "device" && a.memory != "host")
-    return Usage(absl::InvalidArgumentError("--memory: '" + a.memory + "' is not device or host"));
+  if (auto st = CheckDecodeSettings(a.run); !st.ok()) return Usage(st);
   std::vector<bool> attend_modes;
   for (const auto& m : SplitList(a.attend)) {
     if (m != "threads" && m != "batch")
@@ -175,7 +142,7 @@ int Run(BenchDecodeArgs a) {
   }
   if (kinds.empty() || modes.empty() || attend_modes.empty())
     return Usage(absl::InvalidArgumentError("--index, --cold-attention and --attend need a value"));
-  const bool device = a.memory == "device" && a.use_gpu != 0;
+  const bool device = a.run.device();
   const bool measure = a.accuracy_steps > 0;
   int rc = 0;
   std::string csv =
@@ -186,8 +153,8 @@ int Run(BenchDecodeArgs a) {
   bool header = false;
   // Cold outermost: the data of a cold size is drawn once for every configuration.
   for (int64_t cold : *colds) {
-    const int64_t prompt = a.sinks + cold + a.window;
-    auto data = MakeBenchData(a.data, prompt, a.warmup + a.steps);
+    const int64_t prompt = a.run.sinks + cold + a.run.window;
+    auto data = MakeBenchData(a.data, prompt, a.run.warmup + a.run.steps);
     if (!data.ok()) {
       std::fprintf(stderr, "kvrt bench decode: cold %lld: %s\n", static_cast<long long>(cold),
                    std::string(data.status().message()).c_str());
@@ -199,8 +166,8 @@ int Run(BenchDecodeArgs a) {
       std::printf(
           "kvrt bench decode: %d q / %d kv heads, d=%d, bf16, sinks %d, window %d, top-k %d, %d "
           "layers, %s pointers, use_gpu %d, group_search %d, %u hardware threads\n",
-          data->q_heads, data->kv_heads, data->head_dim, a.sinks, a.window, a.top_k, a.layers,
-          device ? "device" : "host", a.use_gpu, a.group_search,
+          data->q_heads, data->kv_heads, data->head_dim, a.run.sinks, a.run.window, a.run.top_k,
+          a.run.layers, device ? "device" : "host", a.run.use_gpu, a.run.group_search,
           std::thread::hardware_concurrency());
       std::printf(
           "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, "
@@ -228,8 +195,7 @@ int Run(BenchDecodeArgs a) {
             if (batched && batch == 1) continue;  // the same as one thread
             Row r;
             r.batched = batched;
-            if (!RunOne(a, *data, kind, name, mode, batched, cold, static_cast<int>(batch), device,
-                        &r)) {
+            if (!RunOne(a, *data, kind, name, mode, batched, cold, static_cast<int>(batch), &r)) {
               rc = 1;
               continue;
             }
@@ -256,13 +222,9 @@ int Run(BenchDecodeArgs a) {
             csv += line;
           }
   }
-  if (!a.csv.empty()) {
-    std::ofstream f(a.csv);
-    f << csv;
-    if (!f) {
-      std::fprintf(stderr, "kvrt bench decode: cannot write %s\n", a.csv.c_str());
-      rc = 1;
-    }
+  if (auto st = WriteTextFile("--csv", a.csv, csv); !st.ok()) {
+    std::fprintf(stderr, "kvrt bench decode: %s\n", std::string(st.message()).c_str());
+    rc = 1;
   }
   return rc;
 }
@@ -286,27 +248,7 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--batch", args->batch, "comma-separated batch sizes (sequences per layer-step)")
       ->capture_default_str();
   cmd->add_option("--index", args->indexes, "comma-separated index kinds")->capture_default_str();
-  cmd->add_option("--memory", args->memory, "device or host pointers for q, k, v, out")
-      ->capture_default_str();
-  cmd->add_option("--gpu", args->use_gpu, "config.use_gpu (1, 0 or -1)")->capture_default_str();
-  cmd->add_option("--layers", args->layers, "layers (each with its own KV)")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 64));
-  cmd->add_option("--steps", args->steps, "measured decode steps")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 100000));
-  cmd->add_option("--warmup", args->warmup, "unmeasured steps first")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1000));
-  cmd->add_option("--max-seconds", args->max_seconds,
-                  "measured time per configuration (>= 5 steps)")
-      ->capture_default_str();
   cmd->add_option("--max-cold-batch", args->max_cold_batch, "largest cold size run with batch > 1")
-      ->capture_default_str();
-  cmd->add_option("--sinks", args->sinks, "sink tokens")->capture_default_str();
-  cmd->add_option("--window", args->window, "window tokens")->capture_default_str();
-  cmd->add_option("--top-k", args->top_k, "top-k")->capture_default_str();
-  cmd->add_option("--effort", args->effort, "search effort (0 = the kind's default)")
       ->capture_default_str();
   cmd->add_option("--attend", args->attend,
                   "comma-separated ways B > 1 sequences attend: threads (one caller thread per "
@@ -318,13 +260,8 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
          "the retrieved rows), fetch (rows copied H2D, attended on the GPU), auto (per layer, "
          "the cheaper one as measured)")
       ->capture_default_str();
-  cmd->add_option(
-         "--group-search", args->group_search,
-         "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1));
-  cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")
-      ->capture_default_str();
+  args->run.max_seconds = 20;
+  kvrt::cli::AddDecodeSettingsOptions(cmd, &args->run);
   kvrt::cli::AddBenchDataOptions(cmd, &args->data);
   cmd->add_option("--accuracy-steps", args->accuracy_steps,
                   "measured steps whose output (sequence 0, layer 0) is scored against exact f32 "

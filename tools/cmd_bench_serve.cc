@@ -16,6 +16,7 @@
 #include "nlohmann/json.hpp"
 #include "tools/accuracy.h"
 #include "tools/bench_data.h"
+#include "tools/bench_settings.h"
 #include "tools/command.h"
 #include "tools/decode_harness.h"
 #include "tools/options.h"
@@ -28,11 +29,10 @@ namespace kvrt::cli {
 namespace {
 
 struct BenchServeArgs {
-  std::string context = "32768,131072,1048576", gpu_memory = "100GiB", host_memory, index = "cluster";
-  std::string memory = "device", cold_attention = "cpu", csv, plot, dense_json;
-  int layers_model = 32, layers = 2, max_batch = 64, steps = 20, warmup = 3, sinks = 4,
-      window = 2048, top_k = 100, threads = 0, use_gpu = 1;
-  double max_seconds = 10;
+  std::string context = "32768,131072,1048576", gpu_memory = "100GiB", host_memory;
+  std::string index = "cluster", cold_attention = "cpu", csv, plot, dense_json;
+  int layers_model = 32, max_batch = 64;
+  DecodeSettings run;  // shared with bench decode
   BenchDataOptions data;
 };
 
@@ -79,33 +79,6 @@ struct ServeRow {
   int64_t dense_peer_batch = -1;
 };
 
-HarnessOptions MakeOptions(const BenchServeArgs& a, const BenchData& data, kvrt_cold_attention mode,
-                           kvrt_index_kind kind, int batch) {
-  HarnessOptions o;
-  kvrt_config& c = o.config;
-  c.num_layers = a.layers;
-  c.num_q_heads = data.q_heads;
-  c.num_kv_heads = data.kv_heads;
-  c.head_dim = data.head_dim;
-  c.scale = data.scale;
-  c.dtype = KVRT_DTYPE_BF16;
-  c.sink_tokens = a.sinks;
-  c.window_tokens = a.window;
-  c.top_k = a.top_k;
-  c.index_kind = kind;
-  c.worker_threads = a.threads;
-  c.use_gpu = a.use_gpu;
-  c.check_finite = 0;
-  c.cold_attention = mode;
-  o.batch = batch;
-  o.device = a.memory == "device" && a.use_gpu != 0;
-  o.batched = batch > 1;
-  o.warmup = a.warmup;
-  o.steps = a.steps;
-  o.max_seconds = a.max_seconds;
-  return o;
-}
-
 void Measure(const HarnessResult& r, int batch, ServeRow* row) {
   row->measured_batch = batch;
   row->p50 = Percentile(r.latency_us, 0.5);
@@ -127,20 +100,14 @@ int Run(BenchServeArgs a) {
   if (host_budget <= 0) return Usage("--host-memory: /proc/meminfo is unreadable; give a size");
   auto kind = ParseIndexKindOption(a.index);
   if (!kind.ok()) return Usage("--index: " + std::string(kind.status().message()));
-  kvrt_cold_attention mode = KVRT_COLD_CPU;
-  if (a.cold_attention == "fetch")
-    mode = KVRT_COLD_FETCH;
-  else if (a.cold_attention == "auto")
-    mode = KVRT_COLD_AUTO;
-  else if (a.cold_attention != "cpu")
-    return Usage("--cold-attention: '" + a.cold_attention + "' is not cpu, fetch or auto");
-  if (a.memory != "device" && a.memory != "host")
-    return Usage("--memory: '" + a.memory + "' is not device or host");
+  auto mode = ParseColdAttention(a.cold_attention);
+  if (!mode.ok()) return Usage(std::string(mode.status().message()));
+  if (auto st = CheckDecodeSettings(a.run); !st.ok()) return Usage(std::string(st.message()));
   if (auto st = CheckBenchDataOptions(a.data); !st.ok()) return Usage(std::string(st.message()));
   for (int64_t c : *contexts)
-    if (c <= a.sinks + a.window)
-      return Usage(absl::StrCat("--context: ", c, " leaves no cold tokens (sinks ", a.sinks,
-                                " + window ", a.window, ")"));
+    if (c <= a.run.sinks + a.run.window)
+      return Usage(absl::StrCat("--context: ", c, " leaves no cold tokens (sinks ", a.run.sinks,
+                                " + window ", a.run.window, ")"));
   auto dense = ReadDense(a.dense_json);
   if (!dense.ok()) return Usage(std::string(dense.status().message()));
 
@@ -148,12 +115,13 @@ int Run(BenchServeArgs a) {
       "kvrt bench serve: GPU memory for KV %s, host memory %s, model %d layers (%d measured), "
       "index %s, cold_attention %s, window %d, sinks %d, top-k %d, batch <= %d\n",
       HumanBytes(static_cast<double>(*gpu_budget)).c_str(),
-      HumanBytes(static_cast<double>(host_budget)).c_str(), a.layers_model, a.layers,
-      a.index.c_str(), a.cold_attention.c_str(), a.window, a.sinks, a.top_k, a.max_batch);
+      HumanBytes(static_cast<double>(host_budget)).c_str(), a.layers_model, a.run.layers,
+      a.index.c_str(), a.cold_attention.c_str(), a.run.window, a.run.sinks, a.run.top_k,
+      a.max_batch);
   std::vector<ServeRow> rows;
   int rc = 0;
   for (int64_t context : *contexts) {
-    auto data = MakeBenchData(a.data, context, a.warmup + a.steps);
+    auto data = MakeBenchData(a.data, context, a.run.warmup + a.run.steps);
     if (!data.ok()) {
       std::fprintf(stderr, "kvrt bench serve: context %lld: %s\n",
                    static_cast<long long>(context), std::string(data.status().message()).c_str());
@@ -166,7 +134,7 @@ int Run(BenchServeArgs a) {
     row.dense_per_seq = DenseBytesPerSequence(shape, context);
     row.dense_batch = SequencesThatFit(*gpu_budget, row.dense_per_seq);
     // One sequence first: kvrt's bytes per (sequence, layer) after prefill and warm-up.
-    auto one = RunDecodeHarness(MakeOptions(a, *data, mode, *kind, 1), *data);
+    auto one = RunDecodeHarness(MakeHarnessOptions(a.run, *data, *kind, *mode, 1, false), *data);
     if (!one.ok()) {
       std::fprintf(stderr, "kvrt bench serve: context %lld, B=1: %s\n",
                    static_cast<long long>(context), std::string(one.status().message()).c_str());
@@ -174,20 +142,20 @@ int Run(BenchServeArgs a) {
       continue;
     }
     const kvrt_stats& s = one->begin;
-    row.gpu_per_seq_layer = static_cast<double>(s.gpu_allocated_bytes) / a.layers;
-    row.host_per_seq_layer = static_cast<double>(s.host_bytes + s.index_bytes) / a.layers;
+    row.gpu_per_seq_layer = static_cast<double>(s.gpu_allocated_bytes) / a.run.layers;
+    row.host_per_seq_layer = static_cast<double>(s.host_bytes + s.index_bytes) / a.run.layers;
     row.fit = FitKvrt(*gpu_budget, host_budget, a.layers_model, row.gpu_per_seq_layer,
                       row.host_per_seq_layer);
     // The batch this machine can run with the measured layers (their host stores must fit in
     // 80% of the host memory), capped by --max-batch.
     const int64_t runnable = SequencesThatFit(
-        host_budget * 8 / 10, static_cast<int64_t>(row.host_per_seq_layer * a.layers) + 1);
+        host_budget * 8 / 10, static_cast<int64_t>(row.host_per_seq_layer * a.run.layers) + 1);
     const int batch = static_cast<int>(std::max<int64_t>(
         1, std::min<int64_t>({row.fit.batch, a.max_batch, runnable})));
     if (batch == 1) {
       Measure(*one, 1, &row);
     } else {
-      auto many = RunDecodeHarness(MakeOptions(a, *data, mode, *kind, batch), *data);
+      auto many = RunDecodeHarness(MakeHarnessOptions(a.run, *data, *kind, *mode, batch, true), *data);
       if (!many.ok()) {
         std::fprintf(stderr, "kvrt bench serve: context %lld, B=%d: %s\n",
                      static_cast<long long>(context), batch,
@@ -250,27 +218,20 @@ int Run(BenchServeArgs a) {
       y_max = std::max(y_max, r.dense_tokens_per_s);
     }
   }
-  if (!a.csv.empty()) {
-    std::ofstream f(a.csv);
-    f << csv;
-    if (!f) {
-      std::fprintf(stderr, "kvrt bench serve: --csv: cannot write %s\n", a.csv.c_str());
-      rc = 1;
-    }
-  }
+  std::string plot;
   if (!a.plot.empty()) {
     PlotSpec spec{absl::StrCat("Decode throughput per layer at ", a.gpu_memory, " of GPU memory"),
                   "context (tokens)", "tokens/s per layer-step", true, 0,
                   y_max > 0 ? y_max * 1.1 : 1};
     std::vector<PlotSeries> series{kvrt_series};
     if (!dense_series.x.empty()) series.push_back(dense_series);
-    std::ofstream f(a.plot);
-    f << RenderSvg(spec, series);
-    if (!f) {
-      std::fprintf(stderr, "kvrt bench serve: --plot: cannot write %s\n", a.plot.c_str());
+    plot = RenderSvg(spec, series);
+  }
+  for (auto st : {WriteTextFile("--csv", a.csv, csv), WriteTextFile("--plot", a.plot, plot)})
+    if (!st.ok()) {
+      std::fprintf(stderr, "kvrt bench serve: %s\n", std::string(st.message()).c_str());
       rc = 1;
     }
-  }
   return rc;
 }
 
@@ -300,30 +261,15 @@ KVRT_REGISTER_COMMAND("bench serve", [](CLI::App& app, int* exit_code) {
                   "the model's layers (bytes per layer are scaled to it)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1024));
-  cmd->add_option("--layers", args->layers, "layers measured (each with its own KV)")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 64));
   cmd->add_option("--max-batch", args->max_batch, "largest batch measured")
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
   cmd->add_option("--index", args->index, "index kind")->capture_default_str();
   cmd->add_option("--cold-attention", args->cold_attention, "cpu, fetch or auto")
       ->capture_default_str();
-  cmd->add_option("--memory", args->memory, "device or host pointers for q, k, v, out")
-      ->capture_default_str();
-  cmd->add_option("--gpu", args->use_gpu, "config.use_gpu (1, 0 or -1)")->capture_default_str();
-  cmd->add_option("--steps", args->steps, "measured decode steps")
-      ->capture_default_str()
-      ->check(CLI::Range(1, 100000));
-  cmd->add_option("--warmup", args->warmup, "unmeasured steps first")
-      ->capture_default_str()
-      ->check(CLI::Range(0, 1000));
-  cmd->add_option("--max-seconds", args->max_seconds, "measured time per run (>= 5 steps)")
-      ->capture_default_str();
-  cmd->add_option("--sinks", args->sinks, "sink tokens")->capture_default_str()->check(CLI::Range(0, 1 << 20));
-  cmd->add_option("--window", args->window, "window tokens")->capture_default_str()->check(CLI::Range(1, 1 << 24));
-  cmd->add_option("--top-k", args->top_k, "top-k")->capture_default_str()->check(CLI::Range(1, 1 << 20));
-  cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")->capture_default_str();
+  args->run.steps = 20;
+  args->run.max_seconds = 10;
+  kvrt::cli::AddDecodeSettingsOptions(cmd, &args->run);
   kvrt::cli::AddBenchDataOptions(cmd, &args->data);
   cmd->add_option("--dense-json", args->dense_json,
                   "JSON lines of `sdpa_peer.py --serve` (dense tokens/s per context)");
