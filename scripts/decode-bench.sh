@@ -29,7 +29,7 @@ if [[ "${1:-}" == "--device" ]]; then
     timeout 100 $b/$t >> "$out/tests.log" 2>&1 || rc=1
   done
   grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -60
-  bd="$b/kvrt bench decode --steps 30 --warmup 3 --max-seconds 6 ${BENCH_ARGS:-}"
+  bd="$b/kvrt bench decode --steps 30 --warmup 3 --max-seconds 6 --keys random --accuracy-steps 0 ${BENCH_ARGS:-}"
   {
     echo "=== flat"; timeout 150 $bd --index flat --cold 4096,32768,131072 --batch 1,16 --max-cold-batch 32768 \
       --cold-attention cpu,fetch

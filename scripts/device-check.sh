@@ -37,18 +37,21 @@ if [[ "${1:-}" == "--device" ]]; then
     done
   fi
   args="bench decode --steps 30 --warmup 3 --max-seconds 4 ${BENCH_ARGS:-}"
+  # The CLI before --keys ran on random keys without accuracy: the same for this one, like for like.
+  random="--keys random --accuracy-steps 0"
   {
     for round in 1 2; do
       for prog in kvrt_before kvrt; do
         [[ -x $b/$prog ]] || continue
         echo "=== $prog, round $round: landmark B=1 and B=16 (kvrt_attend_batch)"
-        timeout 90 $b/$prog $args --index landmark --cold 131072 --batch 1
-        timeout 90 $b/$prog $args --index landmark --cold 131072 --batch 16 --attend batch
+        same=""; [[ $prog == kvrt ]] && same=$random
+        timeout 90 $b/$prog $args $same --index landmark --cold 131072 --batch 1
+        timeout 90 $b/$prog $args $same --index landmark --cold 131072 --batch 16 --attend batch
       done
     done
     echo "=== kvrt: cluster, summary scored on the GPU (random keys: speed only)"
-    timeout 200 $b/kvrt $args --index cluster --cold 131072,1048576 --batch 1 --cold-attention cpu,fetch
-    timeout 120 $b/kvrt $args --index cluster --cold 131072 --batch 16 --attend batch
+    timeout 200 $b/kvrt $args $random --index cluster --cold 131072,1048576 --batch 1 --cold-attention cpu,fetch
+    timeout 120 $b/kvrt $args $random --index cluster --cold 131072 --batch 16 --attend batch
   } > "$out/bench.log" 2>&1 || rc=1
   cat "$out/bench.log"
   PYTHONUNBUFFERED=1 timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 > "$out/sdpa_peer.log" 2>&1 || rc=1

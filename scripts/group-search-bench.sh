@@ -25,7 +25,7 @@ $b/kvrt gen-trace -o $trace --tokens 131072 --steps 16 --layers 1 --q-heads 32 -
   --head-dim 128 --seed 11 --quiet
 timeout 300 $b/kvrt bench index --trace $trace --index attention-aware,landmark --group-search 0,1 \
   --top-k 100 --steps 16 --csv "$out/group_index.csv" --quiet ${GROUP_INDEX_ARGS:-} 2>&1 | tee -a "$out/group_index.log" || rc=1
-bd="$b/kvrt bench decode --steps 30 --warmup 3 --max-seconds 4 ${BENCH_ARGS:-}"
+bd="$b/kvrt bench decode --steps 30 --warmup 3 --max-seconds 4 --keys random --accuracy-steps 0 ${BENCH_ARGS:-}"
 {
   for g in 1 0; do
     echo "=== landmark, group_search $g"

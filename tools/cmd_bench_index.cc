@@ -4,10 +4,10 @@
 #include <fstream>
 #include <map>
 #include <memory>
-#include <sstream>
 #include <thread>
 
 #include "tools/command.h"
+#include "tools/options.h"
 #include "tools/replay.h"
 #include "tools/report.h"
 #include "tools/svg_plot.h"
@@ -32,18 +32,9 @@ std::vector<int> DefaultEfforts(kvrt_index_kind kind, int k) {
   }
 }
 
-std::vector<std::string> Split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream in(s);
-  std::string item;
-  while (std::getline(in, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 int Run(const BenchIndexArgs& a) {
   std::vector<kvrt_index_kind> kinds;
-  for (const auto& name : Split(a.indexes)) {
+  for (const auto& name : kvrt::cli::SplitList(a.indexes)) {
     auto k = kvrt::cli::ParseIndexKindOption(name);
     if (!k.ok()) {
       std::fprintf(stderr, "kvrt bench index: %s\n", std::string(k.status().message()).c_str());
@@ -52,7 +43,7 @@ int Run(const BenchIndexArgs& a) {
     kinds.push_back(*k);
   }
   std::vector<int> efforts;
-  for (const auto& e : Split(a.efforts)) {
+  for (const auto& e : kvrt::cli::SplitList(a.efforts)) {
     try {
       efforts.push_back(std::stoi(e));
     } catch (...) {
@@ -61,7 +52,7 @@ int Run(const BenchIndexArgs& a) {
     }
   }
   std::vector<bool> group_modes;
-  for (const auto& g : Split(a.group_search)) {
+  for (const auto& g : kvrt::cli::SplitList(a.group_search)) {
     if (g != "0" && g != "1") {
       std::fprintf(stderr, "kvrt bench index: --group-search: '%s' is not 0 or 1\n", g.c_str());
       return 2;
@@ -92,7 +83,7 @@ int Run(const BenchIndexArgs& a) {
       "index,group_search,effort,top_k,recall_at_k,mass_recall,output_rel_error_mean,output_rel_"
       "error_p99,"
       "scanned_fraction,read_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_"
-      "per_key\n";
+      "per_key,retrieved_fraction\n";
   for (auto kind : kinds)
     for (bool group : group_modes) {
       // Kinds without a shared group search give the same figures either way: run them once.
@@ -134,11 +125,11 @@ int Run(const BenchIndexArgs& a) {
         std::fflush(stdout);
         char line[512];
         std::snprintf(line, sizeof line,
-                      "%s,%d,%d,%d,%.6f,%.6f,%.6g,%.6g,%.6f,%.6f,%.3f,%.2f,%.2f,%.2f\n",
+                      "%s,%d,%d,%d,%.6f,%.6f,%.6g,%.6g,%.6f,%.6f,%.3f,%.2f,%.2f,%.2f,%.6f\n",
                       r->index.c_str(), group ? 1 : 0, effort, a.top_k, r->recall_at_k,
                       r->mass_recall, r->output_rel_error_mean, r->output_rel_error_p99,
                       r->scanned_fraction, r->read_fraction, r->prefill_ms_per_layer,
-                      r->latency_us_p50, r->latency_us_p99, bytes_per_key);
+                      r->latency_us_p50, r->latency_us_p99, bytes_per_key, r->retrieved_fraction);
         csv += line;
         auto j = kvrt::cli::ReportJson(*r);
         j["index_bytes_per_key"] = bytes_per_key;

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/dtype.h"
 #include "oneapi/tbb/parallel_for.h"
+#include "tools/accuracy.h"
 
 namespace kvrt::cli {
 namespace {
@@ -49,25 +50,6 @@ using Clock = std::chrono::steady_clock;
 
 double Micros(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::micro>(b - a).count();
-}
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const double rank = std::ceil(p * static_cast<double>(v.size())) - 1.0;
-  return v[static_cast<std::size_t>(std::clamp(rank, 0.0, static_cast<double>(v.size() - 1)))];
-}
-
-// Eight independent accumulators so the compiler vectorises without -ffast-math.
-float Dot(const float* a, const float* b, int d) {
-  float acc[8] = {};
-  int i = 0;
-  for (; i + 8 <= d; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.f;
-  for (; i < d; ++i) s += a[i] * b[i];
-  for (float x : acc) s += x;
-  return s;
 }
 
 // One layer's keys and values over all tokens (prompt then decode steps), as f32.
@@ -192,34 +174,15 @@ absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t
     const std::size_t krow = static_cast<std::size_t>(G) * d;
     tbb::parallel_for(0, ref.steps * H, [&](int cell) {
       const int step = cell / H, h = cell % H, g = h / group;
-      const int64_t n = m.prompt_tokens + step + 1;
-      std::vector<float> q(d), s(n);
+      const HeadRows rows{kv->k.data() + g * d, kv->v.data() + g * d,
+                          static_cast<int64_t>(krow), m.prompt_tokens + step + 1};
+      std::vector<float> q(d);
       ConvertToF32(static_cast<const unsigned char*>(dq->data) +
                        (static_cast<std::size_t>(step) * H + h) * d * DTypeSize(m.dtype),
                    m.dtype, d, q.data());
-      float mx = -INFINITY;
-      for (int64_t i = 0; i < n; ++i) {
-        s[i] = scale * Dot(q.data(), kv->k.data() + i * krow + g * d, d);
-        mx = std::max(mx, s[i]);
-      }
-      double l = 0;
-      std::vector<double> o(d, 0.0);
-      for (int64_t i = 0; i < n; ++i) {
-        const double w = std::exp(static_cast<double>(s[i]) - mx);
-        l += w;
-        const float* v = kv->v.data() + i * krow + g * d;
-        for (int j = 0; j < d; ++j) o[j] += w * v[j];
-      }
       const std::size_t at = ref.at(layer, step, h);
-      for (int j = 0; j < d; ++j) ref.o[at * d + j] = static_cast<float>(o[j] / l);
-      ref.lse[at] = static_cast<float>(mx + std::log(l));
-      const int64_t kk = std::min<int64_t>(top_k, n);
-      std::vector<int32_t> ids(n);
-      std::iota(ids.begin(), ids.end(), 0);
-      std::partial_sort(ids.begin(), ids.begin() + kk, ids.end(), [&](int32_t a, int32_t b) {
-        return s[a] > s[b] || (s[a] == s[b] && a < b);
-      });
-      std::copy(ids.begin(), ids.begin() + kk, ref.top_ids.begin() + at * top_k);
+      ExactAttention(q.data(), rows, d, scale, top_k, ref.o.data() + at * d, &ref.lse[at],
+                     ref.top_ids.data() + at * top_k);
     });
     bar.Update(layer + 1 == m.num_layers, "exact reference: layer %d/%d", layer + 1, m.num_layers);
   }
@@ -234,12 +197,8 @@ struct EffortAcc {
   std::vector<double> layer_recall, layer_mass, layer_err;
   std::vector<HeadReport> heads;
   double cold_attended = 0;
-  int64_t scored = 0, read = 0, searchable = 0;
+  int64_t attended = 0, scored = 0, read = 0, searchable = 0;
 };
-
-double Mean(const std::vector<double>& v) {
-  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / v.size();
-}
 
 }  // namespace
 
@@ -362,6 +321,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
         a.scored += after.keys_scored - before.keys_scored;
         a.read += after.keys_read - before.keys_read;
         a.searchable += after.cold_keys_searchable - before.cold_keys_searchable;
+        a.attended += after.cold_tokens_attended - before.cold_tokens_attended;
         a.cold_attended +=
             static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
         for (int h = 0; h < H; ++h) {
@@ -375,29 +335,17 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
           kvrt_get_attended(rt, seq, layer, h, ids.data(), count, &count);
           ConvertToF32(static_cast<const unsigned char*>(dq->data) + step * qrow + h * d * es,
                        m.dtype, d, q.data());
-          double mass = 0;
-          for (int64_t id : ids) {
-            if (id < 0 || id >= n || mark[id])
-              return absl::InternalError(absl::StrCat("replay: attended id ", id,
-                                                      " is out of range or repeated (layer ", layer,
-                                                      ", step ", step, ", head ", h, ")"));
-            mark[id] = 1;
-            const float sc = scale * Dot(q.data(), kv->k.data() + (id * G + g) * d, d);
-            mass += std::exp(static_cast<double>(sc) - ref.lse[at]);
-          }
-          const int64_t kk = std::min<int64_t>(opt.top_k, n);
-          int64_t hit = 0;
-          for (int64_t i = 0; i < kk; ++i) hit += mark[ref.top_ids[at * ref.top_k + i]];
-          for (int64_t id : ids) mark[id] = 0;
-          double num = 0, den = 0;
-          for (int j = 0; j < d; ++j) {
-            const double diff = out[h * d + j] - ref.o[at * d + j];
-            num += diff * diff;
-            den += static_cast<double>(ref.o[at * d + j]) * ref.o[at * d + j];
-          }
-          const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-          const double recall = static_cast<double>(hit) / kk;
-          mass = std::min(1.0, mass);
+          const HeadRows rows{kv->k.data() + g * d, kv->v.data() + g * d,
+                              static_cast<int64_t>(G) * d, n};
+          HeadAccuracy ha;
+          if (auto st = ScoreHead(q.data(), rows, d, scale, ref.o.data() + at * d, ref.lse[at],
+                                  ref.top_ids.data() + at * ref.top_k,
+                                  std::min<int64_t>(opt.top_k, n), ids.data(), count, &out[h * d],
+                                  &mark, &ha);
+              !st.ok())
+            return absl::InternalError(absl::StrCat("replay: ", st.message(), " (layer ", layer,
+                                                    ", step ", step, ", head ", h, ")"));
+          const double err = ha.error, recall = ha.recall, mass = ha.mass;
           a.errors.push_back(err);
           a.recalls.push_back(recall);
           a.masses.push_back(mass);
@@ -453,6 +401,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
         a.errors.empty() ? 0 : *std::max_element(a.errors.begin(), a.errors.end());
     r.scanned_fraction = a.searchable > 0 ? static_cast<double>(a.scored) / a.searchable : 0.0;
     r.read_fraction = a.searchable > 0 ? static_cast<double>(a.read) / a.searchable : 0.0;
+    r.retrieved_fraction =
+        a.searchable > 0 ? static_cast<double>(a.attended) / a.searchable : 0.0;
     r.latency_us_p50 = Percentile(a.attend_us, 0.50);
     r.latency_us_p99 = Percentile(a.attend_us, 0.99);
     r.append_us_p50 = Percentile(append_us, 0.50);

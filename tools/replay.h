@@ -62,6 +62,10 @@ struct ReplayReport {
   // Keys read / cold keys per q head: scanned_fraction, divided by the q heads that share a group
   // search's reads (kvrt_stats.keys_read).
   double read_fraction = 0;
+  // Cold tokens attended / cold keys the retrieval q heads could search (kvrt_stats
+  // cold_tokens_attended / cold_keys_searchable): the share of the cold tier each step attends
+  // exactly (1 for exact; for cluster, the selected clusters, outliers and unclustered rows).
+  double retrieved_fraction = 0;
   double latency_us_p50 = 0, latency_us_p99 = 0, append_us_p50 = 0, prefill_ms_per_layer = 0;
   double cold_tokens_attended_per_head = 0;
   int64_t gpu_bytes = 0, host_bytes = 0, index_bytes = 0, cold_tokens = 0;

@@ -41,6 +41,7 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["output_rel_error_max"] = r.output_rel_error_max;
   j["scanned_fraction"] = r.scanned_fraction;
   j["read_fraction"] = r.read_fraction;
+  j["retrieved_fraction"] = r.retrieved_fraction;
   j["latency_us_p50"] = r.latency_us_p50;
   j["latency_us_p99"] = r.latency_us_p99;
   j["append_us_p50"] = r.append_us_p50;
@@ -102,9 +103,9 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                r.output_rel_error_mean, r.output_rel_error_p99, r.output_rel_error_max);
   std::fprintf(out,
                "  retrieval   scanned fraction %.4f of cold keys (read %.4f); %.0f cold tokens "
-               "attended per head-step; %lld cold tokens per layer\n",
+               "attended per head-step (retrieved fraction %.4f); %lld cold tokens per layer\n",
                r.scanned_fraction, r.read_fraction, r.cold_tokens_attended_per_head,
-               static_cast<long long>(r.cold_tokens));
+               r.retrieved_fraction, static_cast<long long>(r.cold_tokens));
   std::fprintf(out,
                "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); "
                "append p50 %.1f us; prefill %.1f ms/layer\n",

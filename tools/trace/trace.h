@@ -2,6 +2,7 @@
 // Attention traces in safetensors format (docs/traces.md): read (memory-mapped, validated)
 // and write (streamed, tensor by tensor, so traces larger than memory can be generated).
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -78,8 +79,26 @@ struct GenOptions {
   uint64_t seed = 1;
   int needles = 16;  // planted needle tokens per (layer, kv head)
   bool show_progress = true;
+  // false: prefill.q is neither stored nor handed out (its part stays empty); every other byte is
+  // the same as with it. GenerateTrace always writes it.
+  bool prefill_queries = true;
 };
 absl::Status GenerateTrace(const std::string& path, const GenOptions& options);
+
+// One layer's six tensors, TensorParts() order, in meta.dtype, [tokens, heads, head_dim] each.
+struct LayerTensors {
+  std::vector<uint8_t> part[6];
+};
+// Called once per layer, in order. It may take the buffers (std::move): the generator sizes
+// them again for the next layer, reusing what is left.
+using LayerConsumer = std::function<absl::Status(int layer, LayerTensors& tensors)>;
+// The generator of GenerateTrace without a file: the same bytes for the same options, one layer
+// at a time (what `kvrt bench decode --keys trace-like` draws its K/V/q from).
+absl::Status GenerateLayers(const GenOptions& options, const LayerConsumer& consume);
+
+// The metadata checks every reader and writer makes (sizes, GQA divisibility, scale, post_rotary);
+// errors start with `where`.
+absl::Status ValidateTraceMeta(const TraceMeta& meta, const std::string& where);
 
 // Attention statistics of a trace's decode queries against exact softmax attention over every
 // token up to and including the query's own position (f32). They measure what the generator is

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <new>
 #include <numeric>
 
@@ -255,12 +256,8 @@ HeadPlan MakePlan(const Shared& s, int layer, int g) {
   return p;
 }
 
-struct LayerBuffers {
-  std::vector<uint8_t> part[6];  // in TensorParts() order
-};
-
 void FillChunk(const Shared& s, const HeadPlan& p, int layer, int g, int64_t chunk,
-               LayerBuffers& out) {
+               LayerTensors& out) {
   const int d = s.d;
   const Knobs& k = s.k;
   const TraceMeta& m = s.opt->meta;
@@ -327,7 +324,8 @@ void FillChunk(const Shared& s, const HeadPlan& p, int layer, int g, int64_t chu
       const std::size_t q_off = (static_cast<std::size_t>(row) * m.num_q_heads +
                                  static_cast<std::size_t>(g) * s.group + h) *
                                 d * esz;
-      ConvertFromF32(q.data(), d, m.dtype, out.part[qpart].data() + q_off);
+      if (!out.part[qpart].empty())  // empty: prompt queries not wanted (the draws still happen)
+        ConvertFromF32(q.data(), d, m.dtype, out.part[qpart].data() + q_off);
     }
   }
 }
@@ -335,21 +333,26 @@ void FillChunk(const Shared& s, const HeadPlan& p, int layer, int g, int64_t chu
 }  // namespace
 
 namespace {
-absl::Status Generate(const std::string& path, const GenOptions& options) {
-  TraceMeta meta = options.meta;
-  if (meta.head_dim <= 0)
+// The generator's own limits, checked before anything is created or drawn.
+absl::Status CheckOptions(const GenOptions& options) {
+  if (options.meta.head_dim <= 0)
     return absl::InvalidArgumentError(
-        absl::StrCat("gen-trace: head_dim must be positive, got ", meta.head_dim));
-  if (meta.scale == 0.f) meta.scale = 1.f / std::sqrt(static_cast<float>(meta.head_dim));
+        absl::StrCat("gen-trace: head_dim must be positive, got ", options.meta.head_dim));
   if (options.needles < 0 || options.needles > 30000)
     return absl::InvalidArgumentError(
         absl::StrCat("gen-trace: needles must be in [0, 30000], got ", options.needles));
-  meta.extra["seed"] = std::to_string(options.seed);
-  meta.extra["needles"] = std::to_string(options.needles);
-  meta.extra["generator"] = "kvrt gen-trace";
-  // Create validates the metadata (positive sizes, GQA divisibility) before anything is drawn.
-  KVRT_ASSIGN_OR_RETURN(auto writer, TraceWriter::Create(path, meta));
+  return absl::OkStatus();
+}
 
+// Metadata with the scale resolved (0 = 1/sqrt(head_dim)); head_dim was checked.
+TraceMeta ResolvedMeta(const GenOptions& options) {
+  TraceMeta meta = options.meta;
+  if (meta.scale == 0.f) meta.scale = 1.f / std::sqrt(static_cast<float>(meta.head_dim));
+  return meta;
+}
+
+absl::Status Generate(const GenOptions& options, const LayerConsumer& consume) {
+  const TraceMeta meta = ResolvedMeta(options);
   GenOptions opt = options;
   opt.meta = meta;
   Shared s;
@@ -394,7 +397,7 @@ absl::Status Generate(const std::string& path, const GenOptions& options) {
     }
   }
 
-  LayerBuffers buf;
+  LayerTensors buf;
   const std::size_t esz = DTypeSize(meta.dtype);
   const std::size_t d = static_cast<std::size_t>(s.d);
   const std::size_t sizes[6] = {meta.prompt_tokens * meta.num_q_heads * d * esz,
@@ -404,13 +407,14 @@ absl::Status Generate(const std::string& path, const GenOptions& options) {
                                 meta.decode_steps * meta.num_kv_heads * d * esz,
                                 meta.decode_steps * meta.num_kv_heads * d * esz};
   std::size_t layer_bytes = 0;
-  for (int i = 0; i < 6; ++i) {
-    buf.part[i].resize(sizes[i]);
-    layer_bytes += sizes[i];
-  }
+  for (int i = 0; i < 6; ++i)
+    if (i > 0 || options.prefill_queries) layer_bytes += sizes[i];
   const int64_t chunks = (s.positions + kChunk - 1) / kChunk;
   const auto t0 = std::chrono::steady_clock::now();
   for (int layer = 0; layer < meta.num_layers; ++layer) {
+    // (Again each layer: a consumer may have taken the buffers.)
+    for (int i = 0; i < 6; ++i)
+      if (i > 0 || options.prefill_queries) buf.part[i].resize(sizes[i]);
     std::vector<HeadPlan> plans(meta.num_kv_heads);
     tbb::parallel_for(0, meta.num_kv_heads, [&](int g) { plans[g] = MakePlan(s, layer, g); });
     const int64_t tasks = meta.num_kv_heads * chunks;
@@ -430,9 +434,7 @@ absl::Status Generate(const std::string& path, const GenOptions& options) {
                                          meta.num_layers, tenth * 10);
                         }
                       });
-    for (int i = 0; i < 6; ++i)
-      KVRT_RETURN_IF_ERROR(
-          writer->WriteTensor(layer, TensorParts()[i], buf.part[i].data(), sizes[i]));
+    KVRT_RETURN_IF_ERROR(consume(layer, buf));
     if (options.show_progress) {
       const double secs =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -441,18 +443,47 @@ absl::Status Generate(const std::string& path, const GenOptions& options) {
                    static_cast<double>(layer_bytes) * (layer + 1) / (1 << 20), secs);
     }
   }
-  return writer->Close();
+  return absl::OkStatus();
+}
+
+absl::Status CatchOutOfMemory(const std::function<absl::Status()>& f, const std::string& what) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("gen-trace: out of memory generating ", what,
+                     " (one layer of the trace is held in memory; use fewer tokens or heads)"));
+  }
 }
 }  // namespace
 
+absl::Status GenerateLayers(const GenOptions& options, const LayerConsumer& consume) {
+  KVRT_RETURN_IF_ERROR(CheckOptions(options));
+  KVRT_RETURN_IF_ERROR(ValidateTraceMeta(ResolvedMeta(options), "gen-trace"));
+  return CatchOutOfMemory([&] { return Generate(options, consume); }, "a trace in memory");
+}
+
 absl::Status GenerateTrace(const std::string& path, const GenOptions& options) {
-  try {
-    return Generate(path, options);
-  } catch (const std::bad_alloc&) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("gen-trace: out of memory generating ", path,
-                     " (one layer of the trace is held in memory; use fewer tokens or heads)"));
-  }
+  KVRT_RETURN_IF_ERROR(CheckOptions(options));
+  TraceMeta meta = ResolvedMeta(options);
+  meta.extra["seed"] = std::to_string(options.seed);
+  meta.extra["needles"] = std::to_string(options.needles);
+  meta.extra["generator"] = "kvrt gen-trace";
+  // Create validates the metadata (positive sizes, GQA divisibility) before anything is drawn.
+  KVRT_ASSIGN_OR_RETURN(auto writer, TraceWriter::Create(path, meta));
+  GenOptions opt = options;
+  opt.prefill_queries = true;
+  KVRT_RETURN_IF_ERROR(CatchOutOfMemory(
+      [&] {
+        return Generate(opt, [&](int layer, LayerTensors& t) -> absl::Status {
+          for (int i = 0; i < 6; ++i)
+            KVRT_RETURN_IF_ERROR(
+                writer->WriteTensor(layer, TensorParts()[i], t.part[i].data(), t.part[i].size()));
+          return absl::OkStatus();
+        });
+      },
+      path));
+  return writer->Close();
 }
 
 }  // namespace kvrt::trace

@@ -102,7 +102,9 @@ bool PartShape(const TraceMeta& m, const std::string& part, std::vector<int64_t>
   return true;
 }
 
-absl::Status ValidateMetaShape(const TraceMeta& m, const std::string& where) {
+}  // namespace
+
+absl::Status ValidateTraceMeta(const TraceMeta& m, const std::string& where) {
   auto bad = [&](const std::string& what) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": ", what));
   };
@@ -127,6 +129,8 @@ absl::Status ValidateMetaShape(const TraceMeta& m, const std::string& where) {
         "multiplies, so a trace must hold q and k after the rotary embedding");
   return absl::OkStatus();
 }
+
+namespace {
 
 // Bytes of one tensor of the layer, with overflow checks (the sizes come from a file).
 absl::StatusOr<uint64_t> TensorBytes(const std::vector<int64_t>& shape, std::size_t elem,
@@ -243,7 +247,7 @@ absl::Status MappedTraceReader::ParseMeta(const json& md) {
     m.post_rotary = false;
   else
     return Invalid(absl::StrCat("metadata key \"post_rotary\" is not true/false: \"", s, "\""));
-  KVRT_RETURN_IF_ERROR(ValidateMetaShape(m, absl::StrCat("trace ", path_, ": metadata")));
+  KVRT_RETURN_IF_ERROR(ValidateTraceMeta(m, absl::StrCat("trace ", path_, ": metadata")));
   for (auto& [key, value] : kv)
     if (ReservedKeys().count(key) == 0) m.extra[key] = value;
   meta_ = std::move(m);
@@ -415,7 +419,7 @@ class StreamTraceWriter final : public TraceWriter {
 absl::Status StreamTraceWriter::Open(const std::string& path, const TraceMeta& meta) {
   path_ = path;
   meta_ = meta;
-  KVRT_RETURN_IF_ERROR(ValidateMetaShape(meta, absl::StrCat("trace ", path, ": metadata")));
+  KVRT_RETURN_IF_ERROR(ValidateTraceMeta(meta, absl::StrCat("trace ", path, ": metadata")));
   json md = json::object();
   md["format"] = kFormatName;
   md["format_version"] = std::to_string(kFormatVersion);

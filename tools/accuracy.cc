@@ -1,0 +1,103 @@
+#include "tools/accuracy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvrt::cli {
+
+float Dot(const float* a, const float* b, int d) {
+  float acc[8] = {};
+  int i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.f;
+  for (; i < d; ++i) s += a[i] * b[i];
+  for (float x : acc) s += x;
+  return s;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const double rank = std::ceil(p * static_cast<double>(v.size())) - 1.0;
+  return v[static_cast<std::size_t>(std::clamp(rank, 0.0, static_cast<double>(v.size() - 1)))];
+}
+
+double Mean(const std::vector<double>& v) {
+  return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / v.size();
+}
+
+void ExactAttention(const float* q, const HeadRows& rows, int d, float scale, int top_k, float* o,
+                    float* lse, int32_t* top) {
+  const int64_t n = rows.n;
+  std::vector<float> s(n);
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = scale * Dot(q, rows.key(i), d);
+    mx = std::max(mx, s[i]);
+  }
+  double l = 0;
+  std::vector<double> acc(d, 0.0);
+  for (int64_t i = 0; i < n; ++i) {
+    const double w = std::exp(static_cast<double>(s[i]) - mx);
+    l += w;
+    const float* v = rows.value(i);
+    for (int j = 0; j < d; ++j) acc[j] += w * v[j];
+  }
+  for (int j = 0; j < d; ++j) o[j] = static_cast<float>(acc[j] / l);
+  *lse = static_cast<float>(mx + std::log(l));
+  const int64_t kk = std::min<int64_t>(top_k, n);
+  std::vector<int32_t> ids(n);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::partial_sort(ids.begin(), ids.begin() + kk, ids.end(), [&](int32_t a, int32_t b) {
+    return s[a] > s[b] || (s[a] == s[b] && a < b);
+  });
+  std::copy(ids.begin(), ids.begin() + kk, top);
+}
+
+absl::Status ScoreHead(const float* q, const HeadRows& rows, int d, float scale,
+                       const float* exact_o, float exact_lse, const int32_t* top, int64_t kk,
+                       const int64_t* ids, int64_t count, const float* out,
+                       std::vector<uint8_t>* mark_in, HeadAccuracy* result) {
+  auto& mark = *mark_in;
+  double mass = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t id = ids[j];
+    if (id < 0 || id >= rows.n || mark[id]) {
+      for (int64_t i = 0; i < j; ++i) mark[ids[i]] = 0;
+      return absl::InternalError(absl::StrCat("attended id ", id, " is out of range [0, ", rows.n,
+                                              ") or repeated"));
+    }
+    mark[id] = 1;
+    mass += std::exp(static_cast<double>(scale * Dot(q, rows.key(id), d)) - exact_lse);
+  }
+  int64_t hit = 0;
+  for (int64_t i = 0; i < kk; ++i) hit += mark[top[i]];
+  for (int64_t j = 0; j < count; ++j) mark[ids[j]] = 0;
+  double num = 0, den = 0;
+  for (int j = 0; j < d; ++j) {
+    const double diff = out[j] - exact_o[j];
+    num += diff * diff;
+    den += static_cast<double>(exact_o[j]) * exact_o[j];
+  }
+  result->error = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  result->recall = kk > 0 ? static_cast<double>(hit) / kk : 1.0;
+  result->mass = std::min(1.0, mass);
+  return absl::OkStatus();
+}
+
+AccuracySummary AccuracyAcc::Summary() const {
+  AccuracySummary s;
+  s.samples = static_cast<int64_t>(errors_.size());
+  s.recall = Mean(recalls_);
+  s.mass = Mean(masses_);
+  s.error_mean = Mean(errors_);
+  s.error_p99 = Percentile(errors_, 0.99);
+  s.error_max = errors_.empty() ? 0 : *std::max_element(errors_.begin(), errors_.end());
+  return s;
+}
+
+}  // namespace kvrt::cli

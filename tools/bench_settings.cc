@@ -1,0 +1,98 @@
+#include "tools/bench_settings.h"
+
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvrt::cli {
+
+void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
+  cmd->add_option("--layers", s->layers, "layers measured (each with its own KV)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
+  cmd->add_option("--steps", s->steps, "measured decode steps")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  cmd->add_option("--warmup", s->warmup, "unmeasured steps first")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000));
+  cmd->add_option("--max-seconds", s->max_seconds, "measured time per run (>= 5 steps)")
+      ->capture_default_str();
+  cmd->add_option("--sinks", s->sinks, "sink tokens")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 20));
+  cmd->add_option("--window", s->window, "window tokens")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 24));
+  cmd->add_option("--top-k", s->top_k, "top-k (and the k of recall@k)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1 << 20));
+  cmd->add_option("--effort", s->effort, "search effort (0 = the kind's default)")
+      ->capture_default_str();
+  cmd->add_option("--threads", s->threads, "CPU worker threads (0 = all)")->capture_default_str();
+  cmd->add_option("--gpu", s->use_gpu, "config.use_gpu (1, 0 or -1)")->capture_default_str();
+  cmd->add_option("--memory", s->memory, "device or host pointers for q, k, v, out")
+      ->capture_default_str();
+  cmd->add_option(
+         "--group-search", s->group_search,
+         "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1));
+}
+
+absl::Status CheckDecodeSettings(const DecodeSettings& s) {
+  if (s.memory != "device" && s.memory != "host")
+    return absl::InvalidArgumentError(
+        absl::StrCat("--memory: '", s.memory, "' is not device or host"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<kvrt_cold_attention> ParseColdAttention(const std::string& name) {
+  if (name == "cpu") return KVRT_COLD_CPU;
+  if (name == "fetch") return KVRT_COLD_FETCH;
+  if (name == "auto") return KVRT_COLD_AUTO;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--cold-attention: '", name, "' is not cpu, fetch or auto"));
+}
+
+HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data,
+                                  kvrt_index_kind kind, kvrt_cold_attention mode, int batch,
+                                  bool batched) {
+  HarnessOptions o;
+  kvrt_config& c = o.config;
+  c.num_layers = s.layers;
+  c.num_q_heads = data.q_heads;
+  c.num_kv_heads = data.kv_heads;
+  c.head_dim = data.head_dim;
+  c.scale = data.scale;
+  c.dtype = KVRT_DTYPE_BF16;
+  c.sink_tokens = s.sinks;
+  c.window_tokens = s.window;
+  c.top_k = s.top_k;
+  c.index_kind = kind;
+  c.search_effort = s.effort;
+  c.worker_threads = s.threads;
+  c.use_gpu = s.use_gpu;
+  c.check_finite = 0;
+  c.group_search = s.group_search;
+  c.cold_attention = mode;
+  o.batch = batch;
+  o.device = s.device();
+  o.batched = batched;
+  o.warmup = s.warmup;
+  o.steps = s.steps;
+  o.max_seconds = s.max_seconds;
+  return o;
+}
+
+absl::Status WriteTextFile(const std::string& option, const std::string& path,
+                           const std::string& text) {
+  if (path.empty()) return absl::OkStatus();
+  std::ofstream f(path);
+  f << text;
+  f.close();
+  if (!f) return absl::InternalError(absl::StrCat(option, ": cannot write ", path));
+  return absl::OkStatus();
+}
+
+}  // namespace kvrt::cli

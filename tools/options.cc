@@ -1,0 +1,57 @@
+#include "tools/options.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <sstream>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+
+namespace kvrt::cli {
+
+std::vector<std::string> SplitList(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream in(s);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& option, const std::string& s,
+                                                  int64_t min, int64_t max) {
+  std::vector<int64_t> out;
+  for (const auto& item : SplitList(s)) {
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(item.c_str(), &end, 10);
+    if (end == item.c_str() || *end != '\0' || errno != 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat(option, ": '", item, "' is not an integer (comma-separated integers)"));
+    if (v < min || v > max)
+      return absl::InvalidArgumentError(
+          absl::StrCat(option, ": ", v, " is out of range [", min, ", ", max, "]"));
+    out.push_back(v);
+  }
+  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(option, ": no value given"));
+  return out;
+}
+
+absl::StatusOr<int64_t> ParseBytes(const std::string& option, const std::string& s) {
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  const std::string unit = end != nullptr ? std::string(end) : "";
+  static const std::pair<const char*, double> kUnits[] = {
+      {"", 1},           {"B", 1},          {"KB", 1e3},       {"MB", 1e6},
+      {"GB", 1e9},       {"TB", 1e12},      {"KiB", 1024.0},   {"MiB", 1048576.0},
+      {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+  if (end != s.c_str() && std::isfinite(v) && v >= 0)
+    for (const auto& [name, mult] : kUnits)
+      if (unit == name) return static_cast<int64_t>(std::floor(v * mult));
+  return absl::InvalidArgumentError(absl::StrCat(
+      option, ": '", s, "' is not a byte count (a number with an optional unit B, KB, MB, GB, TB, "
+      "KiB, MiB, GiB or TiB, e.g. 100GiB)"));
+}
+
+}  // namespace kvrt::cli
