@@ -38,6 +38,14 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
          "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
       ->capture_default_str()
       ->check(CLI::Range(0, 1));
+  cmd->add_option("--hot-cache", s->hot_cache,
+                  "config.hot_cache_fraction: the cluster kind's GPU hot cache, as a fraction of "
+                  "the cold tokens (0 = off; default: the library's)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--cluster-budget", s->cluster_budget,
+                  "config.cluster_budget_fraction: cold tokens the cluster kind attends per q "
+                  "head and step, as a fraction of the clustered ones (default: the library's)")
+      ->check(CLI::Range(0.0, 1.0));
 }
 
 absl::Status CheckDecodeSettings(const DecodeSettings& s) {
@@ -76,6 +84,8 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   c.check_finite = 0;
   c.group_search = s.group_search;
   c.cold_attention = mode;
+  if (s.hot_cache >= 0) c.hot_cache_fraction = static_cast<float>(s.hot_cache);
+  if (s.cluster_budget > 0) c.cluster_budget_fraction = static_cast<float>(s.cluster_budget);
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;

@@ -14,13 +14,16 @@ namespace kvrt::cli {
 struct DecodeSettings {
   int layers = 2, steps = 30, warmup = 3, sinks = 4, window = 2048, top_k = 100, threads = 0;
   int effort = 0, use_gpu = 1, group_search = 0;
-  double max_seconds = 20;  // measured time per run, at least 5 steps
+  double max_seconds = 20;    // measured time per run, at least 5 steps
+  double hot_cache = -1;      // config.hot_cache_fraction; < 0: the library's default
+  double cluster_budget = 0;  // config.cluster_budget_fraction; 0: the library's default
   std::string memory = "device";
   bool device() const { return memory == "device" && use_gpu != 0; }
 };
 
 // --layers --steps --warmup --max-seconds --sinks --window --top-k --effort --threads --gpu
-// --memory --group-search, with the settings' current values as defaults.
+// --memory --group-search --hot-cache --cluster-budget, with the settings' current values as
+// defaults.
 void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* settings);
 absl::Status CheckDecodeSettings(const DecodeSettings& settings);
 

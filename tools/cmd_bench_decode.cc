@@ -23,16 +23,15 @@
 #include "tools/options.h"
 #include "tools/replay.h"
 
-
 namespace kvrt::cli {
 namespace {
 
 struct BenchDecodeArgs {
   std::string cold = "4096,32768,131072,524288,1048576", batch = "1,16", indexes = "flat,landmark";
   std::string csv, cold_attention = "cpu", attend = "threads";
-  DecodeSettings run;                 // shared with bench serve
-  int64_t max_cold_batch = 131072;    // batch > 1 only up to this cold size (host memory)
-  BenchDataOptions data;              // --keys, --trace, --seed, --needles, shape
+  DecodeSettings run;               // shared with bench serve
+  int64_t max_cold_batch = 131072;  // batch > 1 only up to this cold size (host memory)
+  BenchDataOptions data;            // --keys, --trace, --seed, --needles, shape
   int accuracy_steps = 8, accuracy_every = 4;
 };
 
@@ -50,7 +49,9 @@ struct Row {
   double retrieved = 0;              // cold tokens attended / cold keys searchable
   AccuracySummary accuracy;          // of the captured steps (sequence 0, layer 0)
   double fetch_share = 0;            // share of layer attends run in fetch mode
-  bool batched = false;              // kvrt_attend_batch for the B sequences
+  // GPU hot cache, per attend: row groups found in it / copied into it, MB copied.
+  double hot_hits = 0, hot_misses = 0, hot_h2d_mb = 0;
+  bool batched = false;  // kvrt_attend_batch for the B sequences
   double setup_s = 0;
 };
 
@@ -99,6 +100,11 @@ bool RunOne(const BenchDecodeArgs& a, const BenchData& data, kvrt_index_kind kin
   row->retrieved =
       searchable > 0 ? (s1.cold_tokens_attended - s0.cold_tokens_attended) / searchable : 0;
   row->fetch_share = attends > 0 ? (s1.attends_fetch - s0.attends_fetch) / attends : 0;
+  if (attends > 0) {
+    row->hot_hits = (s1.hot_hits - s0.hot_hits) / attends;
+    row->hot_misses = (s1.hot_misses - s0.hot_misses) / attends;
+    row->hot_h2d_mb = (s1.hot_h2d_bytes - s0.hot_h2d_bytes) / attends / 1e6;
+  }
   auto accuracy = ScoreCapturedSteps(data, res->captured, a.run.top_k);
   if (!accuracy.ok()) {
     std::fprintf(stderr, "kvrt bench decode: %s cold %lld B=%d: %s\n", kind_name.c_str(),
@@ -124,7 +130,8 @@ int Run(BenchDecodeArgs a) {
   std::vector<std::pair<kvrt_index_kind, std::string>> kinds;
   for (const auto& name : SplitList(a.indexes)) {
     auto k = ParseIndexKindOption(name);
-    if (!k.ok()) return Usage(absl::InvalidArgumentError("--index: " + std::string(k.status().message())));
+    if (!k.ok())
+      return Usage(absl::InvalidArgumentError("--index: " + std::string(k.status().message())));
     kinds.emplace_back(*k, name);
   }
   std::vector<std::pair<kvrt_cold_attention, std::string>> modes;
@@ -183,8 +190,8 @@ int Run(BenchDecodeArgs a) {
           "%-16s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s | "
           "%7s %7s %7s %9s %9s\n",
           "index", "cold_attn", "cold", "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h", "search",
-          "cpu_attn", "h2d", "merge", "idle", "attend", "append", "GPU_MiB/sl", "scanned",
-          "fetch", "retr", "recall", "mass", "err_mean", "err_p99");
+          "cpu_attn", "h2d", "merge", "idle", "attend", "append", "GPU_MiB/sl", "scanned", "fetch",
+          "retr", "recall", "mass", "err_mean", "err_p99");
     }
     std::printf("keys (cold %lld): %s\n", static_cast<long long>(cold), data->source.c_str());
     for (const auto& [kind, name] : kinds)
@@ -207,6 +214,9 @@ int Run(BenchDecodeArgs a) {
                 r.samples, r.p50, r.p99, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge,
                 r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share,
                 r.retrieved, acc.recall, acc.mass, acc.error_mean, acc.error_p99);
+            if (r.hot_hits + r.hot_misses > 0)
+              std::printf("%-16s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB)\n",
+                          "", r.hot_hits, r.hot_misses, r.hot_h2d_mb);
             std::fflush(stdout);
             char line[768];
             std::snprintf(line, sizeof line,
@@ -215,10 +225,9 @@ int Run(BenchDecodeArgs a) {
                           r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold),
                           r.batch, r.samples, r.p50, r.p99, r.mean, r.gpu_attn, r.d2h, r.search,
                           r.cpu_attn, r.h2d, r.merge, r.idle, r.attend, r.append,
-                          r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s,
-                          r.retrieved, static_cast<long long>(acc.samples), acc.recall, acc.mass,
-                          acc.error_mean, acc.error_p99,
-                          a.data.trace.empty() ? a.data.keys.c_str() : "trace");
+                          r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s, r.retrieved,
+                          static_cast<long long>(acc.samples), acc.recall, acc.mass, acc.error_mean,
+                          acc.error_p99, a.data.trace.empty() ? a.data.keys.c_str() : "trace");
             csv += line;
           }
   }

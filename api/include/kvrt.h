@@ -213,6 +213,20 @@ typedef struct kvrt_config {
                                  about 2 * q_heads * top_k * head_dim * dtype bytes (1.6 MiB at
                                  32 heads, k = 100, d = 128, bf16), not counted in
                                  host_memory_limit. Since 0.2. */
+  float hot_cache_fraction;   /* GPU backend, KVRT_INDEX_CLUSTER: a GPU hot cache per (sequence,
+                                 layer) of the cold rows that recent steps selected, sized to this
+                                 fraction of the layer's cold tokens (pages of 16 rows, re-sized as
+                                 the cold tier grows). Selected clusters, outliers and not yet
+                                 clustered rows are attended on the GPU from it; only the groups a
+                                 step selects that are not cached cross PCIe (LRU eviction). It takes
+                                 only what gpu_memory_limit leaves: without room, the step attends on
+                                 the CPU as with 0. Counted in gpu_allocated_bytes and
+                                 hot_cache_gpu_bytes. 0 = off; in [0, 1] [0.1]. Since 0.3.1. */
+  float cluster_budget_fraction; /* KVRT_INDEX_CLUSTER: cold tokens attended per q head and step,
+                                    as a fraction of the clustered cold tokens (at least top_k and
+                                    256): the best clusters up to that many tokens, plus the
+                                    outliers and the rows not clustered yet; in (0, 1] [0.02].
+                                    Since 0.3.1. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets
@@ -401,6 +415,13 @@ typedef struct kvrt_stats {
                                     GPU backend). Since 0.3. */
   int64_t summary_gpu_bytes;     /* bytes of those summaries in device memory now (also counted in
                                     gpu_allocated_bytes, under gpu_memory_limit). Since 0.3. */
+  /* The GPU hot cache (config.hot_cache_fraction). Since 0.3.1. */
+  int64_t hot_hits;            /* row groups (clusters, outlier runs, chunks of unclustered rows)
+                                  a step attended from the cache, so far */
+  int64_t hot_misses;          /* row groups copied into it (host -> GPU), so far */
+  int64_t hot_h2d_bytes;       /* bytes of K and V those copies moved, so far */
+  int64_t hot_cache_gpu_bytes; /* bytes of the caches in device memory now (also counted in
+                                  gpu_allocated_bytes) */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

@@ -3,6 +3,7 @@
 #include "kvrt.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -127,14 +128,21 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.group_search = c.group_search != 0;
   r.cold_attention = RawEnum(c.cold_attention);
   r.use_gpu = c.use_gpu;
+  r.hot_cache_fraction = c.hot_cache_fraction;
+  r.index.cluster.budget_fraction = c.cluster_budget_fraction;
   return r;
 }
 
 // ABI (kvrt.h, "ABI"): the sizes of kvrt_config and kvrt_stats that some kvrt.h since 0.3
 // declared. A struct grows by appending fields; its older sizes stay here, so that a program
 // compiled against an older header keeps working: the library reads and writes only its prefix.
-constexpr std::size_t kConfigSizes[] = {sizeof(kvrt_config)};
-constexpr std::size_t kStatsSizes[] = {sizeof(kvrt_stats)};
+// 0.3.0's kvrt_config ended at cold_attention; its size includes the 4 bytes of tail padding where
+// hot_cache_fraction lies now, so a caller of that size gets the default of that field.
+constexpr std::size_t kConfigSize030 =
+    (offsetof(kvrt_config, cold_attention) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+    alignof(kvrt_config) * alignof(kvrt_config);
+constexpr std::size_t kConfigSizes[] = {kConfigSize030, sizeof(kvrt_config)};
+constexpr std::size_t kStatsSizes[] = {offsetof(kvrt_stats, hot_hits), sizeof(kvrt_stats)};
 
 template <std::size_t N>
 bool KnownSize(const std::size_t (&sizes)[N], std::size_t size) {
@@ -183,6 +191,8 @@ kvrt_config Defaults() {
   c.check_finite = 1;
   c.group_search = 0;
   c.cold_attention = KVRT_COLD_CPU;
+  c.hot_cache_fraction = 0.1f;
+  c.cluster_budget_fraction = 0.02f;
   return c;
 }
 
@@ -192,7 +202,7 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
   const std::size_t size = StructSize(in);
   if (!KnownSize(kConfigSizes, size)) return BadSize(fn, "kvrt_config", size);
   *out = Defaults();
-  std::memcpy(out, in, size);
+  std::memcpy(out, in, size == kConfigSize030 ? offsetof(kvrt_config, hot_cache_fraction) : size);
   out->struct_size = sizeof(kvrt_config);
   return KVRT_OK;
 }

@@ -241,6 +241,19 @@ absl::Status RingGather(const RingBatch& ring, const int64_t* start, int count, 
 #endif
 }
 
+absl::Status ScatterRows(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
+                         const int32_t* dst_rows, int64_t n, std::size_t row_bytes, void* stream) {
+  if (n < 0 || row_bytes == 0 || row_bytes % 16 != 0)
+    return absl::InvalidArgumentError("ScatterRows: need n >= 0 and row_bytes a multiple of 16");
+#if KVRT_WITH_CUDA
+  return ToStatus(
+      detail::LaunchScatterRows(src_k, src_v, dst_k, dst_v, dst_rows, n, row_bytes, stream),
+      "ScatterRows");
+#else
+  return NoCuda("ScatterRows");
+#endif
+}
+
 absl::Status ExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream) {
   if (auto s = CheckTopK(pr); !s.ok()) return s;
 #if KVRT_WITH_CUDA

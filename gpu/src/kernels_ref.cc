@@ -115,6 +115,17 @@ void RingGatherHost(const RingBatch& r, const int64_t* start, int count, void* o
   }
 }
 
+void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
+                     const int32_t* dst_rows, int64_t n, std::size_t row_bytes) {
+  for (int64_t i = 0; i < n; ++i) {
+    const std::size_t at = static_cast<std::size_t>(dst_rows[i]) * row_bytes;
+    std::memcpy(Bytes(dst_k) + at, static_cast<const unsigned char*>(src_k) + i * row_bytes,
+                row_bytes);
+    std::memcpy(Bytes(dst_v) + at, static_cast<const unsigned char*>(src_v) + i * row_bytes,
+                row_bytes);
+  }
+}
+
 void GatherAttendHost(const GatherBatch& g, const void* q, bool q_is_f32, float scale, float* o,
                       float* lse) {
   const int d = g.head_dim;

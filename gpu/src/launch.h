@@ -41,6 +41,8 @@ Err LaunchRingAppend(const RingBatch& ring, const void* new_k, const void* new_v
                      void* evict_k, void* evict_v, void* stream);
 Err LaunchRingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,
                      void* out_v, void* stream);
+Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
+                      const int32_t* dst_rows, int64_t n, std::size_t row_bytes, void* stream);
 Err LaunchExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream);
 // Stream-ordered scratch (cudaMallocAsync / cudaFreeAsync).
 Err AllocAsync(void** p, std::size_t bytes, void* stream);

@@ -57,6 +57,20 @@ __global__ void RingGatherKernel(void* const* __restrict__ ring_k, void* const* 
   }
 }
 
+// dst_k/dst_v row dst_rows[i] <- src_k/src_v row i, rows of `words` 16-byte words.
+__global__ void ScatterRowsKernel(const uint4* __restrict__ src_k, const uint4* __restrict__ src_v,
+                                  uint4* __restrict__ dst_k, uint4* __restrict__ dst_v,
+                                  const int32_t* __restrict__ dst_rows, int64_t n, int words) {
+  const int64_t total = n * words;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / words, w = idx % words;
+    const int64_t at = static_cast<int64_t>(dst_rows[i]) * words + w;
+    dst_k[at] = src_k[idx];
+    dst_v[at] = src_v[idx];
+  }
+}
+
 int Blocks(int64_t words) {
   const int64_t b = (words + 255) / 256;
   return static_cast<int>(b < 4096 ? (b > 0 ? b : 1) : 4096);
@@ -90,6 +104,16 @@ Err LaunchRingGather(const RingBatch& r, const int64_t* start, int count, void* 
                             r.ring_k, r.ring_v, start, r.batch, r.capacity, r.kv_heads, count,
                             static_cast<uint4*>(out_k), static_cast<uint4*>(out_v));
                       })})
+  return LastLaunchErr();
+}
+
+Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
+                      const int32_t* dst_rows, int64_t n, std::size_t row_bytes, void* stream) {
+  if (n == 0) return {};
+  const int words = static_cast<int>(row_bytes / 16);
+  ScatterRowsKernel<<<Blocks(n * words), 256, 0, AsStream(stream)>>>(
+      static_cast<const uint4*>(src_k), static_cast<const uint4*>(src_v),
+      static_cast<uint4*>(dst_k), static_cast<uint4*>(dst_v), dst_rows, n, words);
   return LastLaunchErr();
 }
 

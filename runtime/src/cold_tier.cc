@@ -442,6 +442,17 @@ void ColdTier::CompleteSelection(int h, const float* qh, std::vector<int64_t> ro
   AddUncovered(h / (cfg_->num_q_heads / cfg_->num_kv_heads), qh, &found, sel, h);
 }
 
+void ColdTier::SetSelection(int h, std::vector<int64_t> rows, int64_t scanned,
+                            ColdSelection* sel) const {
+  sel->rows[h] = std::move(rows);
+  sel->scored[h] = scanned;
+  AddNonfinite(h / (cfg_->num_q_heads / cfg_->num_kv_heads), &sel->rows[h]);
+}
+
+int64_t ColdTier::covered_rows(int g) const {
+  return indexes_[g] == nullptr ? 0 : std::min(indexes_[g]->size(), rows());
+}
+
 void ColdTier::AttendSelection(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
                                PartialState* out) const {
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
@@ -455,7 +466,9 @@ void ColdTier::AttendSelection(const float* q, const ColdSelection& sel, tbb::ta
 
 int64_t ColdTier::attended(const ColdSelection& sel, int q_head) const {
   if (!sel.active[q_head]) return 0;
-  return sel.exact ? rows() : static_cast<int64_t>(sel.rows[q_head].size());
+  if (sel.exact) return rows();
+  return static_cast<int64_t>(sel.rows[q_head].size()) +
+         (sel.cached.empty() ? 0 : sel.cached[q_head]);
 }
 
 void ColdTier::Release() {

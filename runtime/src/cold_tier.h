@@ -39,10 +39,20 @@ struct ColdSelection {
   int64_t keys_read = 0;                   // keys read (a group search's key counts once)
   int64_t busy_ns = 0;                     // summed busy time of the selection's units
   bool estimate_on_device = false;         // the estimate is in the step's device state already
+  // Rows attended on the device from the GPU hot cache (device_hot_cache.h), beside rows[h]:
+  std::vector<int64_t> cached;                    // [q_heads] how many (empty: none)
+  std::vector<std::vector<int64_t>> cached_rows;  // [q_heads] which (with record_attended only)
 
   bool any_active() const {
     for (uint8_t a : active)
       if (a) return true;
+    return false;
+  }
+  // Whether some head has rows to attend here (exact mode: all of them).
+  bool any_rows() const {
+    if (exact) return any_active();
+    for (const auto& r : rows)
+      if (!r.empty()) return true;
     return false;
   }
 };
@@ -103,6 +113,11 @@ class ColdTier {
   // yet (exact top_k) and NaN/Inf rows, as Select does.
   void CompleteSelection(int h, const float* qh, std::vector<int64_t> rows, int64_t scanned,
                          ColdSelection* sel) const;
+  // Sets head h's rows from a selection whose other rows are attended elsewhere (the GPU hot
+  // cache): `rows` plus the NaN/Inf rows, `scanned` keys scored. No scan of uncovered rows.
+  void SetSelection(int h, std::vector<int64_t> rows, int64_t scanned, ColdSelection* sel) const;
+  // Rows of kv head g that its index covers (the rest is scanned or attended whole).
+  int64_t covered_rows(int g) const;
   // Phase 3 on the CPU for a selection made outside Select (every active head, in parallel).
   void AttendSelection(const float* q, const ColdSelection& sel, tbb::task_arena& arena,
                        PartialState* out) const;

@@ -114,7 +114,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
       // Two-level kind on the GPU backend: the summary is scored on the device, the selection
       // comes back, its estimate stays there for the merge.
       l.cold_.BeginSelection(streaming, &sel[j]);
-      member_status[j] = l.tier_->SelectClusters(step.get(), j, l.cold_, &sel[j]);
+      member_status[j] = l.tier_->SelectClusters(step.get(), j, l.cold_, &sel[j], arena);
       if (member_status[j].code() == absl::StatusCode::kFailedPrecondition) {
         // No summary yet (fewer cold rows than a segment): the selection runs on the CPU.
         member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
@@ -123,7 +123,8 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
         // The selection's time is the search; the CPU attention's is added to the busy time so
         // that CountColdTime splits the phase between the two.
         const int64_t t_attend = NowNs();
-        if (!fetched[j]) l.cold_.AttendSelection(step->q(j), sel[j], arena, &cold_state[j]);
+        if (!fetched[j] && sel[j].any_rows())
+          l.cold_.AttendSelection(step->q(j), sel[j], arena, &cold_state[j]);
         for (int64_t ns : sel[j].search_ns) sel[j].busy_ns += ns;
         sel[j].busy_ns += NowNs() - t_attend;
       }
@@ -132,11 +133,13 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
                                         fetched[j] ? nullptr : &cold_state[j]);
     }
     if (!member_status[j].ok()) return;
+    // The hot cache may have left nothing to move or attend here.
+    if (fetched[j] && !sel[j].any_rows()) fetched[j] = 0;
     if (fetched[j]) {
       member_status[j] = l.tier_->AttendFetched(step.get(), j, sel[j], l.cold_, arena);
       if (!member_status[j].ok()) return;
       l.counters_->attends_fetch += 1;
-    } else if (sel[j].any_active()) {
+    } else if (sel[j].any_active() && !cold_state[j].empty()) {
       states[j].cold = &cold_state[j];
     }
     if (!sel[j].estimate.empty()) states[j].estimate = &sel[j].estimate;
@@ -214,6 +217,8 @@ void LayerState::RecordAttended(const ColdSelection& sel) {
       for (int64_t r = 0; r < n_cold; ++r) rec.push_back(cold_.position(g, r));
     } else {
       for (int64_t r : sel.rows[h]) rec.push_back(cold_.position(g, r));
+      if (!sel.cached_rows.empty())
+        for (int64_t r : sel.cached_rows[h]) rec.push_back(cold_.position(g, r));
     }
   }
 }

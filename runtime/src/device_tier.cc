@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "device_hot_cache.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_gpu/cluster_kernels.h"
@@ -116,8 +117,8 @@ namespace {
 class DeviceTier;
 
 // State slots of a step, one list per member, merged once: the tier's, the cold rows' (fetched on
-// the device or uploaded from the CPU), an estimate.
-constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kSlots = 3;
+// the device or uploaded from the CPU), an estimate, the rows attended from the hot cache.
+constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kHotSlot = 3, kSlots = 4;
 
 // Scratch of one step of n members, slot-major: o [kSlots, n, q_heads, d], lse [kSlots, n,
 // q_heads], so that each slot's states are contiguous for one batched launch and the merge sees
@@ -134,6 +135,7 @@ class DeviceStep : public TierStep {
     q_.resize(n * q_floats_);
     fetched.assign(n, 0);
     estimated.assign(n, 0);
+    hot.assign(n, 0);
   }
   ~DeviceStep() override {
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
@@ -153,6 +155,7 @@ class DeviceStep : public TierStep {
   const void* q_dev = nullptr;
   std::vector<uint8_t> fetched;    // [n] member's cold state is in its device slot
   std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
+  std::vector<uint8_t> hot;        // [n] member's hot-cache state is in its device slot
   std::vector<DeviceTier*> tiers;
 };
 
@@ -161,7 +164,7 @@ class DeviceTier final : public TierBackend {
 
  public:
   DeviceTier(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* ctx)
-      : cfg_(config), counters_(counters), ctx_(ctx) {}
+      : cfg_(config), counters_(counters), ctx_(ctx), hot_(config, counters, ctx) {}
   ~DeviceTier() override { Release(); }
 
   absl::Status Append(const AppendPlan& plan, const void* k, const void* v, const Exec& exec,
@@ -179,8 +182,8 @@ class DeviceTier final : public TierBackend {
   absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel, const ColdTier& cold,
                              tbb::task_arena& arena) override;
   bool can_select_clusters() const override { return true; }
-  absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold,
-                              ColdSelection* sel) override;
+  absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold, ColdSelection* sel,
+                              tbb::task_arena& arena) override;
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                       const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
@@ -196,6 +199,7 @@ class DeviceTier final : public TierBackend {
     counters_->gpu_allocated_bytes -= static_cast<int64_t>(summary_.size());
     counters_->summary_gpu_bytes -= static_cast<int64_t>(summary_.size());
     summary_.Reset();
+    hot_.Release();
   }
 
  private:
@@ -206,6 +210,9 @@ class DeviceTier final : public TierBackend {
   absl::Status Evict(const AppendPlan& plan, void* stream);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
   absl::Status SyncSummary(const ColdTier& cold, void* stream);
+  absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
+                         const int32_t* count, int64_t C, ColdSelection* sel,
+                         tbb::task_arena& arena);
   void CollectTiming();
 
   const RuntimeConfig* cfg_;
@@ -233,6 +240,7 @@ class DeviceTier final : public TierBackend {
   std::vector<unsigned char> summary_host_;
   int64_t summary_version_ = -1;
   gpu::ClusterSummaryView summary_view_;
+  DeviceHotCache hot_;
 };
 
 absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
@@ -639,7 +647,7 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
 }
 
 absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& cold,
-                                        ColdSelection* sel) {
+                                        ColdSelection* sel, tbb::task_arena& arena) {
   auto* step = static_cast<DeviceStep*>(base);
   void* stream = step->lease.get();
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
@@ -705,6 +713,13 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   const int32_t* count = selected + static_cast<std::size_t>(H) * C;
   step->estimated[i] = params.estimate ? 1 : 0;
   sel->estimate_on_device = params.estimate;
+  if (hot_.Fit(cold.rows(), stream)) {
+    KVRT_RETURN_IF_ERROR(AttendHot(step, i, cold, selected, count, C, sel, arena));
+    const int64_t per_head_ns = (NowNs() - t0) / H;
+    for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
+    counters_->attends_gpu_select += 1;
+    return absl::OkStatus();
+  }
   const int64_t per_head_ns = (NowNs() - t0) / H;
   for (int h = 0; h < H; ++h) {
     if (!sel->active[h]) continue;
@@ -724,6 +739,60 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   return absl::OkStatus();
 }
 
+// The selected clusters, the outliers and the rows not clustered yet, attended on the device from
+// the hot cache into member i's hot slot; what does not fit stays in sel->rows for the CPU.
+absl::Status DeviceTier::AttendHot(DeviceStep* step, int i, const ColdTier& cold,
+                                   const int32_t* selected, const int32_t* count, int64_t C,
+                                   ColdSelection* sel, tbb::task_arena& arena) {
+  const int H = cfg_->num_q_heads, G = cfg_->num_kv_heads, group = H / G;
+  // Unclustered rows go up in chunks of this many (stable until the index covers them).
+  constexpr int32_t kChunkRows = 4 * DeviceHotCache::kPageRows;
+  hot_.SyncVersion(cold.index_version());
+  // Per kv head, the groups all its q heads attend: runs of consecutive outlier rows, then the
+  // unclustered rows in chunks.
+  std::vector<std::vector<HotCacheMap::Group>> common(G);
+  std::vector<int64_t> scanned(G);
+  for (int g = 0; g < G; ++g) {
+    const cpu_index::ClusterSummary& s = *cold.summary(g);
+    const auto& out = s.outliers;
+    for (std::size_t a = 0; a < out.size();) {
+      std::size_t b = a + 1;
+      while (b < out.size() && out[b] == out[b - 1] + 1 && b - a < kChunkRows) ++b;
+      common[g].push_back({g, out[a], static_cast<int32_t>(b - a), true});
+      a = b;
+    }
+    const int64_t covered = cold.covered_rows(g), rows = cold.rows();
+    for (int64_t r = covered; r < rows; r += kChunkRows)
+      common[g].push_back(
+          {g, r, static_cast<int32_t>(std::min<int64_t>(kChunkRows, rows - r)), false});
+    scanned[g] = s.num_clusters() + static_cast<int64_t>(out.size()) + rows - covered;
+  }
+  std::vector<std::vector<HotCacheMap::Group>> groups(H);
+  for (int h = 0; h < H; ++h) {
+    if (!sel->active[h]) continue;
+    const int g = h / group;
+    const cpu_index::ClusterSummary& s = *cold.summary(g);
+    for (int32_t j = 0; j < count[h]; ++j) {
+      const int32_t c = selected[static_cast<std::size_t>(h) * C + j];
+      if (c >= s.num_clusters()) continue;  // padding (never selected: size 0)
+      groups[h].push_back({g, s.begin[c], s.size[c], true});
+    }
+    groups[h].insert(groups[h].end(), common[g].begin(), common[g].end());
+  }
+  const void* q_dev = static_cast<const unsigned char*>(step->q_dev) +
+                      static_cast<std::size_t>(i) * H * cfg_->head_dim * DTypeSize(cfg_->dtype);
+  HotCacheStep hs;
+  KVRT_RETURN_IF_ERROR(hot_.Attend(groups, cold, q_dev, cfg_->dtype == DType::kF32,
+                                   step->o(kHotSlot, i), step->lse(kHotSlot, i), step->lease.get(),
+                                   arena, cfg_->record_attended, &hs));
+  step->hot[i] = hs.on_device ? 1 : 0;
+  for (int h = 0; h < H; ++h)
+    if (sel->active[h]) cold.SetSelection(h, std::move(hs.cpu_rows[h]), scanned[h / group], sel);
+  sel->cached = std::move(hs.attended);
+  sel->cached_rows = std::move(hs.rows);
+  return absl::OkStatus();
+}
+
 absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& states,
                                 const std::vector<uint8_t>& ok, float* out) {
   auto* step = static_cast<DeviceStep*>(base);
@@ -734,27 +803,33 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   // Slots past the tier's: used when some member has a state for them. Host states are packed
   // slot-major as on the device (an absent state is empty: lse -inf) and go up in one copy per
   // run of members; a fetched cold state is already in place and is skipped.
-  bool any_cold = false, any_estimate = false, any_fetched = false;
+  bool any_cold = false, any_estimate = false, any_fetched = false, any_hot = false;
   for (int i = 0; i < n; ++i) {
     any_cold = any_cold || states[i].cold != nullptr || step->fetched[i];
     any_estimate = any_estimate || states[i].estimate != nullptr || step->estimated[i];
     any_fetched = any_fetched || step->fetched[i];
+    any_hot = any_hot || step->hot[i];
   }
-  const int slots = any_estimate ? 3 : any_cold ? 2 : 1;
+  const int slots = any_hot ? 4 : any_estimate ? 3 : any_cold ? 2 : 1;
   if (!any_fetched || n > 1) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
   const float kNegInf = -std::numeric_limits<float>::infinity();
   for (int slot = kColdSlot; slot < slots; ++slot) {
     std::vector<float> o(static_cast<std::size_t>(n) * of, 0.f),
         lse(static_cast<std::size_t>(n) * H, kNegInf);
     for (int i = 0; i < n; ++i) {
-      const PartialState* s = slot == kColdSlot ? states[i].cold : states[i].estimate;
+      const PartialState* s = slot == kColdSlot       ? states[i].cold
+                              : slot == kEstimateSlot ? states[i].estimate
+                                                      : nullptr;
       if (s == nullptr) continue;
       std::copy(s->o.begin(), s->o.end(), o.begin() + i * of);
       std::copy(s->lse.begin(), s->lse.end(), lse.begin() + i * H);
     }
-    // A state already on the device (fetched cold rows, a GPU estimate) is not overwritten.
+    // A state already on the device (fetched cold rows, a GPU estimate, the hot cache's) is not
+    // overwritten.
     auto on_device = [&](int m) {
-      return slot == kColdSlot ? step->fetched[m] != 0 : step->estimated[m] != 0;
+      return (slot == kColdSlot       ? step->fetched[m]
+              : slot == kEstimateSlot ? step->estimated[m]
+                                      : step->hot[m]) != 0;
     };
     for (int i = 0; i < n;) {
       if (on_device(i)) {

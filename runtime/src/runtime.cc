@@ -78,6 +78,13 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   // kvrt.h says; only negative counts are errors.
   KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, INT32_MAX));
   KVRT_RETURN_IF_ERROR(Range("cold_attention", c.cold_attention, 0, 2));
+  if (!(c.hot_cache_fraction >= 0.f && c.hot_cache_fraction <= 1.f))
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.hot_cache_fraction = ", c.hot_cache_fraction, " must be in [0, 1]"));
+  const float budget = c.index.cluster.budget_fraction;
+  if (!(budget > 0.f && budget <= 1.f))
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.cluster_budget_fraction = ", budget, " must be in (0, 1]"));
   KVRT_RETURN_IF_ERROR(Range("host_memory_limit", c.host_memory_limit, 0, INT64_MAX));
   KVRT_RETURN_IF_ERROR(Range("gpu_memory_limit", c.gpu_memory_limit, 0, INT64_MAX));
   return absl::OkStatus();

@@ -91,10 +91,12 @@ class TierBackend {
   // (from a device copy, refreshed when the cold tier's index changed), its selection brought back
   // to *sel (completed by the cold tier: uncovered rows, NaN rows) and its estimate left in
   // member i's device state for Finish. FailedPrecondition when no summary exists yet (the caller
-  // falls back to ColdTier::Select); ResourceExhausted past gpu_memory_limit.
+  // falls back to ColdTier::Select); ResourceExhausted past gpu_memory_limit. With a hot cache
+  // (config.hot_cache_fraction), the selected rows are attended on the device as well and *sel
+  // keeps only the rows left to the CPU (sel->cached counts the others).
   virtual bool can_select_clusters() const = 0;
   virtual absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold,
-                                      ColdSelection* sel) = 0;
+                                      ColdSelection* sel, tbb::task_arena& arena) = 0;
   // Phase 4 for every member at once: member i's tier state, its fetched state and states[i]
   // (host memory) merged once, into out [n, q_heads, d] (one launch on the device). Rows of
   // members with ok[i] = 0 (failed in phases 2-3) are left untouched.

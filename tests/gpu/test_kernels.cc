@@ -3,6 +3,7 @@
 // KVRT_GPU_TEST_SMALL=1 shrinks the sweeps (for compute-sanitizer runs).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -629,6 +630,30 @@ TEST_F(GpuKernels, MergeStatesN_MatchesReference) {
       EXPECT_EQ(go[0], 0.f);
     }
   }
+  CUDA_OK(cudaDeviceSynchronize());
+}
+
+TEST_F(GpuKernels, ScatterRows_MatchesReference) {
+  std::mt19937 rng(14);
+  const std::size_t row_bytes = 256;
+  const int64_t n = 300, pool = 1000;
+  std::vector<unsigned char> src_k(n * row_bytes), src_v(n * row_bytes);
+  for (auto& x : src_k) x = static_cast<unsigned char>(rng());
+  for (auto& x : src_v) x = static_cast<unsigned char>(rng());
+  std::vector<int32_t> all(pool);
+  for (int32_t i = 0; i < pool; ++i) all[i] = i;
+  std::shuffle(all.begin(), all.end(), rng);
+  std::vector<int32_t> dst(all.begin(), all.begin() + n);  // distinct rows
+  std::vector<unsigned char> want_k(pool * row_bytes, 7), want_v(pool * row_bytes, 7);
+  ScatterRowsHost(src_k.data(), src_v.data(), want_k.data(), want_v.data(), dst.data(), n,
+                  row_bytes);
+  Dev dk = Dev::From(src_k), dv = Dev::From(src_v), drows = Dev::From(dst);
+  Dev pk = Dev::From(std::vector<unsigned char>(pool * row_bytes, 7));
+  Dev pv = Dev::From(std::vector<unsigned char>(pool * row_bytes, 7));
+  ASSERT_TRUE(ScatterRows(dk.p, dv.p, pk.p, pv.p, drows.as<int32_t>(), n, row_bytes, nullptr).ok());
+  EXPECT_EQ(pk.Get<unsigned char>(want_k.size()), want_k);
+  EXPECT_EQ(pv.Get<unsigned char>(want_v.size()), want_v);
+  EXPECT_FALSE(ScatterRows(dk.p, dv.p, pk.p, pv.p, drows.as<int32_t>(), n, 100, nullptr).ok());
   CUDA_OK(cudaDeviceSynchronize());
 }
 

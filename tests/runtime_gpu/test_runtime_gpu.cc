@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kvrt_common/dtype.h"
 #include "kvrt_runtime/runtime.h"
@@ -385,73 +386,99 @@ TEST(GpuBackendConfig, UseGpuWithoutDevice) {
 // the CPU. Both select by the same rule, but densities summed in another order can flip a cluster
 // at the budget's edge and the GPU drops an estimate under 1e-4 of the mass, so outputs are
 // compared by relative L2 error, not element by element.
+//
+// With a hot cache (hot_cache_fraction > 0) the same rows are attended on the GPU from the cache
+// instead of on the CPU: large enough that everything fits (0.5), and so small (0.02) that most
+// groups overflow to the CPU.
 TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  for (bool device : {false, true}) {
-    Case c{cpu_index::IndexKind::kCluster, device, DType::kF32, device ? "device" : "host"};
-    RuntimeConfig host_cfg = MakeConfig(c, 0), gpu_cfg = MakeConfig(c, 1);
-    for (RuntimeConfig* cfg : {&host_cfg, &gpu_cfg}) {
-      cfg->record_attended = false;
-      cfg->index.cluster.segment_tokens = 256;
-      cfg->index.cluster.min_budget_tokens = 32;
-    }
-    auto host_rt = Runtime::Create(host_cfg);
-    auto gpu_rt = Runtime::Create(gpu_cfg);
-    ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
-    const RuntimeConfig& cfg = (*host_rt)->config();
-    auto stream = transfer::Stream::Create();
-    ASSERT_TRUE(stream.ok());
-    Tensors dev(device, stream->get());
-    std::mt19937 rng(77);
-    const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
-    const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
-    const int prompt = 1200, steps = 12;
-    const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
-    for (int l = 0; l < cfg.num_layers; ++l) {
-      auto q = Random(rng, prompt * q_row, c.dtype);
-      auto k = Random(rng, prompt * kv_row, c.dtype);
-      auto v = Random(rng, prompt * kv_row, c.dtype);
-      ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
-      ASSERT_TRUE(
-          (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
-    }
-    int close = 0, total = 0;
-    for (int step = 0; step < steps; ++step) {
-      for (int l = 0; l < cfg.num_layers; ++l) {
-        auto k = Random(rng, kv_row, c.dtype);
-        auto v = Random(rng, kv_row, c.dtype);
-        auto q = Random(rng, q_row, c.dtype);
-        ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
-        ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-        std::vector<float> want(q_row);
-        ASSERT_TRUE((*host_rt)->Attend(hs, l, q.data(), want.data()).ok());
-        float* out = dev.Out(q_row);
-        auto st = (*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec());
-        ASSERT_TRUE(st.ok()) << st;
-        const auto got = dev.Get(out, q_row);
-        for (int h = 0; h < cfg.num_q_heads; ++h) {
-          double diff = 0, norm = 0;
-          for (int e = 0; e < cfg.head_dim; ++e) {
-            const double a = got[h * cfg.head_dim + e], b = want[h * cfg.head_dim + e];
-            diff += (a - b) * (a - b);
-            norm += b * b;
-          }
-          const double rel = std::sqrt(diff / std::max(norm, 1e-30));
-          EXPECT_LT(rel, 5e-2) << c.name << " step " << step << " layer " << l << " head " << h;
-          close += rel < 1e-2;
-          ++total;
-        }
+  for (float hot : {0.f, 0.5f, 0.02f}) {
+    for (bool device : {false, true}) {
+      const std::string name = absl::StrCat(device ? "device" : "host", " hot ", hot);
+      Case c{cpu_index::IndexKind::kCluster, device, DType::kF32, name.c_str()};
+      RuntimeConfig host_cfg = MakeConfig(c, 0), gpu_cfg = MakeConfig(c, 1);
+      for (RuntimeConfig* cfg : {&host_cfg, &gpu_cfg}) {
+        cfg->record_attended = false;
+        cfg->index.cluster.segment_tokens = 256;
+        cfg->index.cluster.min_budget_tokens = 32;
+        cfg->hot_cache_fraction = hot;
       }
-      dev.Clear();
+      auto host_rt = Runtime::Create(host_cfg);
+      auto gpu_rt = Runtime::Create(gpu_cfg);
+      ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+      const RuntimeConfig& cfg = (*host_rt)->config();
+      auto stream = transfer::Stream::Create();
+      ASSERT_TRUE(stream.ok());
+      Tensors dev(device, stream->get());
+      std::mt19937 rng(77);
+      const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+      const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+      const int prompt = 1200, steps = 12;
+      const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+      for (int l = 0; l < cfg.num_layers; ++l) {
+        auto q = Random(rng, prompt * q_row, c.dtype);
+        auto k = Random(rng, prompt * kv_row, c.dtype);
+        auto v = Random(rng, prompt * kv_row, c.dtype);
+        ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
+        ASSERT_TRUE(
+            (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
+      }
+      int close = 0, total = 0;
+      for (int step = 0; step < steps; ++step) {
+        for (int l = 0; l < cfg.num_layers; ++l) {
+          auto k = Random(rng, kv_row, c.dtype);
+          auto v = Random(rng, kv_row, c.dtype);
+          auto q = Random(rng, q_row, c.dtype);
+          ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
+          ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
+          std::vector<float> want(q_row);
+          ASSERT_TRUE((*host_rt)->Attend(hs, l, q.data(), want.data()).ok());
+          float* out = dev.Out(q_row);
+          auto st = (*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec());
+          ASSERT_TRUE(st.ok()) << st;
+          const auto got = dev.Get(out, q_row);
+          for (int h = 0; h < cfg.num_q_heads; ++h) {
+            double diff = 0, norm = 0;
+            for (int e = 0; e < cfg.head_dim; ++e) {
+              const double a = got[h * cfg.head_dim + e], b = want[h * cfg.head_dim + e];
+              diff += (a - b) * (a - b);
+              norm += b * b;
+            }
+            const double rel = std::sqrt(diff / std::max(norm, 1e-30));
+            EXPECT_LT(rel, 5e-2) << c.name << " step " << step << " layer " << l << " head " << h;
+            close += rel < 1e-2;
+            ++total;
+          }
+        }
+        dev.Clear();
+      }
+      EXPECT_GE(close, total * 9 / 10) << c.name << ": heads within 1e-2 of the CPU selection";
+      const auto s = (*gpu_rt)->Stats();
+      EXPECT_EQ(s.attends_gpu_select, s.attend_calls) << c.name;
+      EXPECT_GT(s.summary_gpu_bytes, 0);
+      EXPECT_GE(s.gpu_allocated_bytes, s.summary_gpu_bytes + s.hot_cache_gpu_bytes);
+      // The same tokens attended either way (the cache moves where, not what).
+      const auto hs_stats = (*host_rt)->Stats();
+      EXPECT_NEAR(static_cast<double>(s.cold_tokens_attended),
+                  static_cast<double>(hs_stats.cold_tokens_attended),
+                  0.05 * hs_stats.cold_tokens_attended)
+          << c.name;
+      if (hot > 0) {
+        EXPECT_GT(s.hot_cache_gpu_bytes, 0) << c.name;
+        EXPECT_GT(s.hot_misses, 0) << c.name;
+        EXPECT_GT(s.hot_h2d_bytes, 0) << c.name;
+        // Steps after the first find most groups cached when everything fits.
+        if (hot >= 0.5f) {
+          EXPECT_GT(s.hot_hits, s.hot_misses) << c.name;
+        }
+      } else {
+        EXPECT_EQ(s.hot_hits + s.hot_misses + s.hot_cache_gpu_bytes, 0) << c.name;
+      }
+      ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs).ok());
+      EXPECT_EQ((*gpu_rt)->Stats().gpu_allocated_bytes, 0);
+      EXPECT_EQ((*gpu_rt)->Stats().summary_gpu_bytes, 0);
+      EXPECT_EQ((*gpu_rt)->Stats().hot_cache_gpu_bytes, 0);
     }
-    EXPECT_GE(close, total * 9 / 10) << c.name << ": heads within 1e-2 of the CPU selection";
-    const auto s = (*gpu_rt)->Stats();
-    EXPECT_EQ(s.attends_gpu_select, s.attend_calls) << c.name;
-    EXPECT_GT(s.summary_gpu_bytes, 0);
-    EXPECT_GE(s.gpu_allocated_bytes, s.summary_gpu_bytes);
-    ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs).ok());
-    EXPECT_EQ((*gpu_rt)->Stats().gpu_allocated_bytes, 0);
-    EXPECT_EQ((*gpu_rt)->Stats().summary_gpu_bytes, 0);
   }
 }
 

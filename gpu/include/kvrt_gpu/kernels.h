@@ -91,6 +91,14 @@ absl::Status GatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, fl
 void GatherAttendHost(const GatherBatch& g, const void* q, bool q_is_f32, float scale, float* o,
                       float* lse);
 
+// Row scatter (filling the hot cache's pages): row dst_rows[i] of dst_k / dst_v <- row i of
+// src_k / src_v (contiguous [n] rows), for i < n. row_bytes: a multiple of 16. Rows of dst_rows
+// are distinct.
+absl::Status ScatterRows(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
+                         const int32_t* dst_rows, int64_t n, std::size_t row_bytes, void* stream);
+void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
+                     const int32_t* dst_rows, int64_t n, std::size_t row_bytes);
+
 // ---------------------------------------------------------------------------------------------
 // (e) Exact top-k of queries against keys (attention-aware index build).
 // q: rows of head_dim at q + i * q_stride elements, i < nq (f32 or storage dtype); k: rows at

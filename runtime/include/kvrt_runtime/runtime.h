@@ -33,7 +33,8 @@ struct RuntimeConfig {
   bool check_finite = false;      // reject NaN/Inf in q, k, v
   bool group_search = false;      // GQA: one index search per kv head for its q heads
   int cold_attention = 0;         // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto (GPU backend)
-  cpu_index::IndexConfig index;   // per-kind knobs
+  cpu_index::IndexConfig index;   // per-kind knobs (the cluster budget: index.cluster)
+  float hot_cache_fraction = 0.f;  // GPU hot cache, fraction of the cold rows (kvrt.h); 0 = off
   int use_gpu = 0;  // 0: host backend; 1: GPU tier in device memory (error without a device);
                     // -1: GPU when available. The effective config holds 0 or 1.
 };
@@ -57,7 +58,8 @@ absl::Status ValidateConfig(const RuntimeConfig& config);
   X(time_attend_ns) X(time_gpu_attention_ns) X(time_d2h_ns) X(time_cpu_search_ns)           \
   X(time_cpu_attention_ns) X(time_h2d_ns) X(time_merge_ns) X(time_idle_ns)                   \
   X(eviction_batches) X(index_update_failures) X(keys_read) X(attends_fetch)                 \
-  X(attends_gpu_select) X(summary_gpu_bytes)
+  X(attends_gpu_select) X(summary_gpu_bytes) X(hot_hits) X(hot_misses) X(hot_h2d_bytes)     \
+  X(hot_cache_gpu_bytes)
 // clang-format on
 
 struct RuntimeStats {

@@ -1,0 +1,76 @@
+#pragma once
+// The GPU hot cache of one (sequence, layer) (config.hot_cache_fraction; GPU backend, cluster
+// kind): pages of cold K/V rows in device memory, so that the rows a decode step selects are
+// attended on the GPU and only the groups it has not selected recently cross PCIe. Consecutive
+// steps select mostly the same clusters, so most of a step's rows are hits.
+//
+// A step (DeviceTier::SelectClusters calls Attend): per q head, the row groups to attend (its
+// selected clusters, the outliers, the rows no index covers yet); every group is looked up, the
+// misses are inserted (LRU eviction of groups this step does not use), their rows gathered from
+// the host store into pinned staging and copied up with the per-head row lists in ONE H2D, then
+// scattered into their pages (one launch) and attended by one gather-attend launch over the pool.
+// Groups that do not fit go back to the caller, which attends them on the CPU.
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "cold_tier.h"
+#include "hot_cache_map.h"
+#include "kvrt_runtime/runtime.h"
+#include "kvrt_transfer/cuda_rt.h"
+#include "kvrt_transfer/pinned_pool.h"
+#include "oneapi/tbb/task_arena.h"
+
+namespace kvrt::runtime {
+
+class GpuContext;
+
+// What Attend did for one step.
+struct HotCacheStep {
+  bool on_device = false;                      // o, lse were written (some row attended)
+  std::vector<std::vector<int64_t>> cpu_rows;  // [q_heads] rows of groups that did not fit
+  std::vector<int64_t> attended;               // [q_heads] rows attended from the cache
+  std::vector<std::vector<int64_t>> rows;      // [q_heads] their store rows (record_rows only)
+};
+
+class DeviceHotCache {
+ public:
+  static constexpr int kPageRows = 16;
+
+  DeviceHotCache(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* ctx)
+      : cfg_(config), counters_(counters), ctx_(ctx) {}
+  ~DeviceHotCache() { Release(); }
+
+  // Sizes the pool for cold_rows rows per kv head (hot_cache_fraction of them): allocated at first
+  // use, re-allocated empty when the need grew by more than a quarter. False (no cache this step)
+  // when the fraction is 0 or the pool does not fit under gpu_memory_limit.
+  bool Fit(int64_t cold_rows, void* stream);
+  // The cold tier's index changed: groups other than clusters may hold other rows now.
+  void SyncVersion(int64_t index_version);
+  // Attends groups[h] for every q head h (rows of kv head h / group's store) into o [q_heads, d],
+  // lse [q_heads] (device, f32) on stream; q_dev: [q_heads, d] in the storage dtype (f32 when
+  // q_is_f32). Requires Fit() true in this step. Leaves o, lse unwritten (out->on_device false)
+  // when no row is attended from the cache.
+  absl::Status Attend(const std::vector<std::vector<HotCacheMap::Group>>& groups,
+                      const ColdTier& cold, const void* q_dev, bool q_is_f32, float* o, float* lse,
+                      void* stream, tbb::task_arena& arena, bool record_rows, HotCacheStep* out);
+  // Waits for the last step's copies and frees the pool.
+  void Release();
+
+ private:
+  std::size_t row_bytes() const;
+
+  const RuntimeConfig* cfg_;
+  Runtime::Counters* counters_;
+  GpuContext* ctx_;
+  std::optional<HotCacheMap> map_;
+  transfer::DeviceBuffer pool_k_, pool_v_;  // [pages * kPageRows, d] storage dtype
+  int64_t counted_bytes_ = 0;               // what the pool adds to the GPU counters
+  int64_t version_ = -1;
+  // Staging of a step's upload, reused once its H2D (done_) completed.
+  transfer::PinnedBlock staging_;
+  transfer::Event done_;
+};
+
+}  // namespace kvrt::runtime
