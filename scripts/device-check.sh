@@ -3,7 +3,9 @@
 # (every kernel against its host reference, the GPU backend against the host backend), memcheck and
 # racecheck of the GPU backend, then `kvrt bench decode` of this build beside a previous build
 # (BEFORE, optional: run-to-run spread against a change), alternating, with PyTorch SDPA over a
-# resident cache as the peer of the same run.
+# resident cache as the peer of the same run. BENCH=hot (on the device) measures the cluster kind's
+# GPU hot cache instead of the before/after comparison (at 128K, B=1), BENCH=hot-scale at B=16 and
+# 1M; TESTS="" and SANITIZE="" skip the tests and compute-sanitizer.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
@@ -21,14 +23,14 @@ if [[ "${1:-}" == "--device" ]]; then
   b=.bundle/bin
   rc=0
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  for t in test_gpu test_transfer test_runtime_gpu ${EXTRA_TESTS:-}; do
+  for t in ${TESTS-test_gpu test_transfer test_runtime_gpu ${EXTRA_TESTS:-}}; do
     [[ -x $b/$t ]] || continue
     echo "=== $t" >> "$out/tests.log"
     timeout 150 $b/$t >> "$out/tests.log" 2>&1 || rc=1
   done
   grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -40
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  if [[ -n "$san" ]]; then
+  if [[ -n "$san" && -n "${SANITIZE-1}" ]]; then
     filter='All/GpuBackend.MatchesHostBackend/flat_device_bf16:All/GpuBackend.MatchesHostBackend/exact_host_f32:All/GpuBackend.MatchesHostBackend/flat_device_bf16_fetch:GpuBackendBatch.*:GpuBackendCluster.*'
     for tool in memcheck racecheck; do
       KVRT_GPU_TEST_SMALL=1 timeout 100 "$san" --tool $tool --error-exitcode 3 $b/test_runtime_gpu \
@@ -40,18 +42,36 @@ if [[ "${1:-}" == "--device" ]]; then
   # The CLI before --keys ran on random keys without accuracy: the same for this one, like for like.
   random="--keys random --accuracy-steps 0"
   {
-    for round in 1 2; do
-      for prog in kvrt_before kvrt; do
-        [[ -x $b/$prog ]] || continue
-        echo "=== $prog, round $round: landmark B=1 and B=16 (kvrt_attend_batch)"
-        same=""; [[ $prog == kvrt ]] && same=$random
-        timeout 90 $b/$prog $args $same --index landmark --cold 131072 --batch 1
-        timeout 90 $b/$prog $args $same --index landmark --cold 131072 --batch 16 --attend batch
+    if [[ "${BENCH:-ab}" == hot ]]; then
+      # The cluster kind's GPU hot cache: off and on, trace-like keys, accuracy beside latency.
+      for hc in 0 0.05 0.1; do
+        echo "=== kvrt: cluster 128K B=1, hot cache $hc"
+        timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache $hc
       done
-    done
-    echo "=== kvrt: cluster, summary scored on the GPU (random keys: speed only)"
-    timeout 200 $b/kvrt $args $random --index cluster --cold 131072,1048576 --batch 1 --cold-attention cpu,fetch
-    timeout 120 $b/kvrt $args $random --index cluster --cold 131072 --batch 16 --attend batch
+      echo "=== kvrt: flat 128K B=1 (the same data; the accuracy peer at top-k 100)"
+      timeout 150 $b/kvrt $args --index flat --cold 131072 --batch 1
+    elif [[ "${BENCH:-ab}" == hot-scale ]]; then
+      for hc in 0 0.1; do
+        echo "=== kvrt: cluster 128K B=16 (kvrt_attend_batch), hot cache $hc"
+        timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 16 --attend batch \
+          --hot-cache $hc --accuracy-steps 0
+      done
+      echo "=== kvrt: cluster 1M B=1, hot cache 0.1"
+      timeout 300 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --hot-cache 0.1
+    else
+      for round in 1 2; do
+        for prog in kvrt_before kvrt; do
+          [[ -x $b/$prog ]] || continue
+          echo "=== $prog, round $round: landmark B=1 and B=16 (kvrt_attend_batch)"
+          same=""; [[ $prog == kvrt ]] && same=$random
+          timeout 90 $b/$prog $args $same --index landmark --cold 131072 --batch 1
+          timeout 90 $b/$prog $args $same --index landmark --cold 131072 --batch 16 --attend batch
+        done
+      done
+      echo "=== kvrt: cluster, summary scored on the GPU (random keys: speed only)"
+      timeout 200 $b/kvrt $args $random --index cluster --cold 131072,1048576 --batch 1 --cold-attention cpu,fetch
+      timeout 120 $b/kvrt $args $random --index cluster --cold 131072 --batch 16 --attend batch
+    fi
   } > "$out/bench.log" 2>&1 || rc=1
   cat "$out/bench.log"
   PYTHONUNBUFFERED=1 timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 > "$out/sdpa_peer.log" 2>&1 || rc=1

@@ -50,7 +50,7 @@ struct Row {
   AccuracySummary accuracy;          // of the captured steps (sequence 0, layer 0)
   double fetch_share = 0;            // share of layer attends run in fetch mode
   // GPU hot cache, per attend: row groups found in it / copied into it, MB copied.
-  double hot_hits = 0, hot_misses = 0, hot_h2d_mb = 0;
+  double hot_hits = 0, hot_misses = 0, hot_h2d_mb = 0, hot_cpu_us = 0;
   bool batched = false;  // kvrt_attend_batch for the B sequences
   double setup_s = 0;
 };
@@ -104,6 +104,7 @@ bool RunOne(const BenchDecodeArgs& a, const BenchData& data, kvrt_index_kind kin
     row->hot_hits = (s1.hot_hits - s0.hot_hits) / attends;
     row->hot_misses = (s1.hot_misses - s0.hot_misses) / attends;
     row->hot_h2d_mb = (s1.hot_h2d_bytes - s0.hot_h2d_bytes) / attends / 1e6;
+    row->hot_cpu_us = per(s1.time_hot_cache_ns, s0.time_hot_cache_ns);
   }
   auto accuracy = ScoreCapturedSteps(data, res->captured, a.run.top_k);
   if (!accuracy.ok()) {
@@ -215,8 +216,10 @@ int Run(BenchDecodeArgs a) {
                 r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share,
                 r.retrieved, acc.recall, acc.mass, acc.error_mean, acc.error_p99);
             if (r.hot_hits + r.hot_misses > 0)
-              std::printf("%-16s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB)\n",
-                          "", r.hot_hits, r.hot_misses, r.hot_h2d_mb);
+              std::printf(
+                  "%-16s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB), CPU %.1f "
+                  "us of the search\n",
+                  "", r.hot_hits, r.hot_misses, r.hot_h2d_mb, r.hot_cpu_us);
             std::fflush(stdout);
             char line[768];
             std::snprintf(line, sizeof line,

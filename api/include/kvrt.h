@@ -422,6 +422,9 @@ typedef struct kvrt_stats {
   int64_t hot_h2d_bytes;       /* bytes of K and V those copies moved, so far */
   int64_t hot_cache_gpu_bytes; /* bytes of the caches in device memory now (also counted in
                                   gpu_allocated_bytes) */
+  int64_t time_hot_cache_ns;   /* CPU wall time preparing the cache's part of attends (lookups,
+                                  gathering the rows it misses from the host store), so far; part
+                                  of time_cpu_search_ns */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

@@ -366,15 +366,21 @@ void ColdTier::AddUncovered(int g, const float* qh, cpu_index::SearchResult* fou
     AddNonfinite(g, &ids);
     return;
   }
+  sel->scored[h] += n_cold - indexed;
+  if (cpu_index::KindInfo(cfg_->index_kind).estimates) {
+    // A kind that estimates what it leaves out accounts for its clustered rows only: every row it
+    // does not cover yet is attended (a top-k of them would drop the others without a trace).
+    for (int64_t r = indexed; r < n_cold; ++r) ids.push_back(r);
+    AddNonfinite(g, &ids);
+    return;
+  }
   std::vector<float> s(n_cold - indexed);
   store.Dot(qh, indexed, n_cold, s.data());
   std::vector<int64_t> tail;
   std::vector<float> tail_scores;
   cpu_index::TopK(s.data(), static_cast<int64_t>(s.size()), cfg_->top_k, &tail, &tail_scores);
-  sel->scored[h] += n_cold - indexed;
-  // No cut for a kind that estimates what it left out (its rows are accounted for either way:
-  // attended or estimated) or when there is no index.
-  if (index == nullptr || cpu_index::KindInfo(cfg_->index_kind).estimates) {
+  // No cut when there is no index (the tail is the exact top-k of every cold row).
+  if (index == nullptr) {
     for (auto t : tail) ids.push_back(indexed + t);
     AddNonfinite(g, &ids);
     return;

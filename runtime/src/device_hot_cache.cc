@@ -1,6 +1,7 @@
 #include "device_hot_cache.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -13,10 +14,13 @@
 namespace kvrt::runtime {
 namespace {
 
-// Fewer rows than this gathered by one thread (a thread's memcpy of a few MB is as fast).
-constexpr int64_t kParallelGatherRows = 8192;
-
 std::size_t Align16(std::size_t x) { return (x + 15) / 16 * 16; }
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 
 }  // namespace
 
@@ -26,18 +30,19 @@ std::size_t DeviceHotCache::row_bytes() const {
 
 bool DeviceHotCache::Fit(int64_t cold_rows, void* stream) {
   if (cfg_->hot_cache_fraction <= 0.f) return false;
+  const int G = cfg_->num_kv_heads;
   const int64_t want_rows = static_cast<int64_t>(
-      std::ceil(static_cast<double>(cfg_->hot_cache_fraction) * cold_rows * cfg_->num_kv_heads));
-  const int64_t want = std::max<int64_t>(1, (want_rows + kPageRows - 1) / kPageRows);
-  if (map_.has_value() && want <= map_->pages() + map_->pages() / 4) return true;
+      std::ceil(static_cast<double>(cfg_->hot_cache_fraction) * static_cast<double>(cold_rows)));
+  const int64_t want = std::max<int64_t>(1, (want_rows + kPageRows - 1) / kPageRows);  // per head
+  if (!maps_.empty() && want <= pages_per_head_ + pages_per_head_ / 4) return true;
   // (Re)allocate, empty: the pages of a smaller pool are dropped (a rare event: the pool grows
   // with the cold tier, by a quarter at a time).
-  if (map_.has_value()) {
+  if (!maps_.empty()) {
     if (!done_.empty()) (void)done_.Synchronize();
     (void)transfer::StreamSynchronize(stream);  // the last step's attend still reads the pool
   }
   Release();
-  const std::size_t bytes = static_cast<std::size_t>(want) * kPageRows * row_bytes();
+  const std::size_t bytes = static_cast<std::size_t>(want) * G * kPageRows * row_bytes();
   const int64_t limit = cfg_->gpu_memory_limit;
   if (limit > 0 && counters_->gpu_allocated_bytes.load() + 2 * static_cast<int64_t>(bytes) > limit)
     return false;
@@ -50,13 +55,15 @@ bool DeviceHotCache::Fit(int64_t cold_rows, void* stream) {
   counted_bytes_ = 2 * static_cast<int64_t>(bytes);
   counters_->gpu_allocated_bytes += counted_bytes_;
   counters_->hot_cache_gpu_bytes += counted_bytes_;
-  map_.emplace(want, kPageRows);
+  pages_per_head_ = want;
+  maps_.reserve(G);
+  for (int g = 0; g < G; ++g) maps_.emplace_back(want, kPageRows);
   return true;
 }
 
 void DeviceHotCache::SyncVersion(int64_t index_version) {
   if (index_version == version_) return;
-  if (map_.has_value()) map_->DropUnstable();
+  for (HotCacheMap& m : maps_) m.DropUnstable();
   version_ = index_version;
 }
 
@@ -64,60 +71,84 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
                                     const ColdTier& cold, const void* q_dev, bool q_is_f32,
                                     float* o, float* lse, void* stream, tbb::task_arena& arena,
                                     bool record_rows, HotCacheStep* out) {
-  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int64_t t0 = NowNs();
+  const int H = cfg_->num_q_heads, G = cfg_->num_kv_heads, group = H / G, d = cfg_->head_dim;
   const std::size_t rb = row_bytes();
-  HotCacheMap& map = *map_;
-  map.NextStep();
   out->cpu_rows.assign(H, {});
   out->attended.assign(H, 0);
   out->rows.assign(record_rows ? H : 0, {});
 
-  // Look every group up; misses get pages now and their rows are copied below.
+  // 1. Per kv head, in parallel (each has its own map and pages): look every group of its q heads
+  //    up; misses get pages now. Row ids are pool rows.
   struct Miss {
-    int32_t kv_head;
     int64_t begin;
     int32_t rows;
+    int64_t pool_row0;  // pool row of the group's first page
     const std::vector<int32_t>* pages;
   };
-  std::vector<Miss> misses;
+  std::vector<std::vector<Miss>> misses(G);
+  std::vector<int64_t> miss_rows(G, 0), hits(G, 0);
+  std::vector<std::vector<int32_t>> ids(H);
+  arena.execute([&] {
+    tbb::parallel_for(0, G, [&](int g) {
+      HotCacheMap& map = maps_[g];
+      const int64_t base = static_cast<int64_t>(g) * pages_per_head_;  // first page of head g
+      map.NextStep();
+      for (int h = g * group; h < (g + 1) * group; ++h) {
+        for (const HotCacheMap::Group& grp : groups[h]) {
+          const std::vector<int32_t>* pages = map.Find(grp);
+          if (pages != nullptr) {
+            if (!map.used_before_in_step()) ++hits[g];
+          } else {
+            pages = map.Insert(grp);
+            if (pages == nullptr) {
+              for (int64_t r = grp.begin; r < grp.begin + grp.rows; ++r)
+                out->cpu_rows[h].push_back(r);
+              continue;
+            }
+            misses[g].push_back({grp.begin, grp.rows, base, pages});
+            miss_rows[g] += grp.rows;
+          }
+          for (int32_t j = 0; j < grp.rows; j += kPageRows) {
+            const int32_t at = static_cast<int32_t>((base + (*pages)[j / kPageRows]) * kPageRows);
+            const int32_t n = std::min<int32_t>(kPageRows, grp.rows - j);
+            for (int32_t r = 0; r < n; ++r) ids[h].push_back(at + r);
+          }
+          if (record_rows)
+            for (int64_t r = grp.begin; r < grp.begin + grp.rows; ++r) out->rows[h].push_back(r);
+          out->attended[h] += grp.rows;
+        }
+      }
+    });
+  });
   std::vector<int32_t> offsets(H + 1, 0);
-  std::vector<int32_t> row_ids;
-  int64_t miss_rows = 0, hits = 0;
   int max_rows = 0;
   for (int h = 0; h < H; ++h) {
-    for (const HotCacheMap::Group& g : groups[h]) {
-      const std::vector<int32_t>* pages = map.Find(g);
-      if (pages != nullptr) {
-        if (!map.used_before_in_step()) ++hits;
-      } else {
-        pages = map.Insert(g);
-        if (pages == nullptr) {
-          for (int64_t r = g.begin; r < g.begin + g.rows; ++r) out->cpu_rows[h].push_back(r);
-          continue;
-        }
-        misses.push_back({g.kv_head, g.begin, g.rows, pages});
-        miss_rows += g.rows;
-      }
-      for (int32_t j = 0; j < g.rows; ++j)
-        row_ids.push_back((*pages)[j / kPageRows] * kPageRows + j % kPageRows);
-      if (record_rows)
-        for (int64_t r = g.begin; r < g.begin + g.rows; ++r) out->rows[h].push_back(r);
-      out->attended[h] += g.rows;
-    }
-    offsets[h + 1] = static_cast<int32_t>(row_ids.size());
-    max_rows = std::max(max_rows, offsets[h + 1] - offsets[h]);
+    offsets[h + 1] = offsets[h] + static_cast<int32_t>(ids[h].size());
+    max_rows = std::max(max_rows, static_cast<int>(ids[h].size()));
   }
-  counters_->hot_hits += hits;
-  counters_->hot_misses += static_cast<int64_t>(misses.size());
-  out->on_device = !row_ids.empty();
-  if (!out->on_device) return absl::OkStatus();  // nothing cached or fitting: no device state
+  std::vector<int64_t> head_miss_at(G + 1, 0);
+  int64_t n_misses = 0;
+  for (int g = 0; g < G; ++g) {
+    head_miss_at[g + 1] = head_miss_at[g] + miss_rows[g];
+    counters_->hot_hits += hits[g];
+    n_misses += static_cast<int64_t>(misses[g].size());
+  }
+  counters_->hot_misses += n_misses;
+  const int64_t total_miss_rows = head_miss_at[G];
+  out->on_device = offsets[H] > 0;
+  if (!out->on_device) {  // nothing cached or fitting: no device state
+    counters_->time_hot_cache_ns += NowNs() - t0;
+    return absl::OkStatus();
+  }
 
-  // One pinned upload: [miss K | miss V | destination rows | offsets | row ids].
-  const std::size_t kv_bytes = static_cast<std::size_t>(miss_rows) * rb;
+  // 2. One pinned upload: [miss K | miss V | destination rows | offsets | row ids], filled in
+  //    parallel (misses per kv head, row ids per q head).
+  const std::size_t kv_bytes = static_cast<std::size_t>(total_miss_rows) * rb;
   const std::size_t dst_at = 2 * kv_bytes;
-  const std::size_t off_at = Align16(dst_at + static_cast<std::size_t>(miss_rows) * 4);
+  const std::size_t off_at = Align16(dst_at + static_cast<std::size_t>(total_miss_rows) * 4);
   const std::size_t ids_at = off_at + offsets.size() * 4;
-  const std::size_t total = Align16(ids_at + row_ids.size() * 4);
+  const std::size_t total = Align16(ids_at + static_cast<std::size_t>(offsets[H]) * 4);
   if (done_.empty()) {
     KVRT_ASSIGN_OR_RETURN(done_, transfer::Event::Create(false));
   } else {
@@ -125,37 +156,45 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   }
   if (staging_.size() < total) {
     staging_ = transfer::PinnedBlock();
-    KVRT_ASSIGN_OR_RETURN(staging_, ctx_->pinned().Acquire(total + total / 4));
+    KVRT_ASSIGN_OR_RETURN(staging_, ctx_->pinned().Acquire(total + total / 2));
   }
   auto* host = static_cast<unsigned char*>(staging_.data());
-  std::vector<int64_t> miss_at(misses.size() + 1, 0);
-  for (std::size_t m = 0; m < misses.size(); ++m) miss_at[m + 1] = miss_at[m] + misses[m].rows;
   auto* dst_rows = reinterpret_cast<int32_t*>(host + dst_at);
-  auto gather = [&](std::size_t m) {
-    const Miss& x = misses[m];
-    const auto& store = cold.store(x.kv_head);
-    const std::size_t at = static_cast<std::size_t>(miss_at[m]) * rb;
-    // Cluster-contiguous store: a group is one contiguous read.
-    std::memcpy(host + at, store.key(x.begin), static_cast<std::size_t>(x.rows) * rb);
-    std::memcpy(host + kv_bytes + at, store.value(x.begin), static_cast<std::size_t>(x.rows) * rb);
-    for (int32_t j = 0; j < x.rows; ++j)
-      dst_rows[miss_at[m] + j] = (*x.pages)[j / kPageRows] * kPageRows + j % kPageRows;
-  };
-  if (miss_rows >= kParallelGatherRows) {
-    arena.execute([&] { tbb::parallel_for(std::size_t{0}, misses.size(), gather); });
-  } else {
-    for (std::size_t m = 0; m < misses.size(); ++m) gather(m);
-  }
+  auto* row_ids = reinterpret_cast<int32_t*>(host + ids_at);
+  arena.execute([&] {
+    tbb::parallel_for(0, G + H, [&](int task) {
+      if (task >= G) {
+        const int h = task - G;
+        if (!ids[h].empty())
+          std::memcpy(row_ids + offsets[h], ids[h].data(), ids[h].size() * sizeof(int32_t));
+        return;
+      }
+      const int g = task;
+      const auto& store = cold.store(g);
+      int64_t at = head_miss_at[g];
+      for (const Miss& x : misses[g]) {
+        // Cluster-contiguous store: a group is one contiguous read.
+        const std::size_t bytes = static_cast<std::size_t>(x.rows) * rb;
+        std::memcpy(host + at * rb, store.key(x.begin), bytes);
+        std::memcpy(host + kv_bytes + at * rb, store.value(x.begin), bytes);
+        for (int32_t j = 0; j < x.rows; ++j)
+          dst_rows[at + j] = static_cast<int32_t>(
+              (x.pool_row0 + (*x.pages)[j / kPageRows]) * kPageRows + j % kPageRows);
+        at += x.rows;
+      }
+    });
+  });
   std::memcpy(host + off_at, offsets.data(), offsets.size() * 4);
-  std::memcpy(host + ids_at, row_ids.data(), row_ids.size() * 4);
 
+  // 3. Upload, scatter the misses into their pages, attend every q head's rows of the pool.
   KVRT_ASSIGN_OR_RETURN(void* dev_ptr, transfer::MallocAsync(total, stream));
   auto* dev = static_cast<unsigned char*>(dev_ptr);
   absl::Status st = transfer::MemcpyAsync(dev, host, total, stream);
   if (st.ok()) st = done_.Record(stream);
-  if (st.ok() && miss_rows > 0)
+  if (st.ok() && total_miss_rows > 0)
     st = gpu::ScatterRows(dev, dev + kv_bytes, pool_k_.data(), pool_v_.data(),
-                          reinterpret_cast<const int32_t*>(dev + dst_at), miss_rows, rb, stream);
+                          reinterpret_cast<const int32_t*>(dev + dst_at), total_miss_rows, rb,
+                          stream);
   if (st.ok()) {
     gpu::GatherBatch batch;
     batch.k = pool_k_.data();
@@ -170,6 +209,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   }
   counters_->hot_h2d_bytes += static_cast<int64_t>(2 * kv_bytes);
   const absl::Status freed = transfer::FreeAsync(dev_ptr, stream);
+  counters_->time_hot_cache_ns += NowNs() - t0;
   return st.ok() ? freed : st;
 }
 
@@ -180,7 +220,8 @@ void DeviceHotCache::Release() {
   counted_bytes_ = 0;
   pool_k_.Reset();
   pool_v_.Reset();
-  map_.reset();
+  maps_.clear();
+  pages_per_head_ = 0;
 }
 
 }  // namespace kvrt::runtime

@@ -11,7 +11,6 @@
 // scattered into their pages (one launch) and attended by one gather-attend launch over the pool.
 // Groups that do not fit go back to the caller, which attends them on the CPU.
 #include <cstdint>
-#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -64,8 +63,11 @@ class DeviceHotCache {
   const RuntimeConfig* cfg_;
   Runtime::Counters* counters_;
   GpuContext* ctx_;
-  std::optional<HotCacheMap> map_;
-  transfer::DeviceBuffer pool_k_, pool_v_;  // [pages * kPageRows, d] storage dtype
+  // Per kv head a map over its own pages (heads are looked up in parallel): head g owns pool
+  // pages [g * pages_per_head_, (g + 1) * pages_per_head_).
+  std::vector<HotCacheMap> maps_;
+  int64_t pages_per_head_ = 0;
+  transfer::DeviceBuffer pool_k_, pool_v_;  // [kv_heads * pages_per_head_ * kPageRows, d]
   int64_t counted_bytes_ = 0;               // what the pool adds to the GPU counters
   int64_t version_ = -1;
   // Staging of a step's upload, reused once its H2D (done_) completed.
