@@ -1,6 +1,9 @@
 #include "device_hot_cache.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -121,6 +124,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
       }
     });
   });
+  const int64_t t_lookup = NowNs();
   std::vector<int32_t> offsets(H + 1, 0);
   int max_rows = 0;
   for (int h = 0; h < H; ++h) {
@@ -158,6 +162,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
     staging_ = transfer::PinnedBlock();
     KVRT_ASSIGN_OR_RETURN(staging_, ctx_->pinned().Acquire(total + total / 2));
   }
+  const int64_t t_sync = NowNs();
   auto* host = static_cast<unsigned char*>(staging_.data());
   auto* dst_rows = reinterpret_cast<int32_t*>(host + dst_at);
   auto* row_ids = reinterpret_cast<int32_t*>(host + ids_at);
@@ -185,6 +190,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
     });
   });
   std::memcpy(host + off_at, offsets.data(), offsets.size() * 4);
+  const int64_t t_fill = NowNs();
 
   // 3. Upload, scatter the misses into their pages, attend every q head's rows of the pool.
   KVRT_ASSIGN_OR_RETURN(void* dev_ptr, transfer::MallocAsync(total, stream));
@@ -209,7 +215,13 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   }
   counters_->hot_h2d_bytes += static_cast<int64_t>(2 * kv_bytes);
   const absl::Status freed = transfer::FreeAsync(dev_ptr, stream);
-  counters_->time_hot_cache_ns += NowNs() - t0;
+  const int64_t t_end = NowNs();
+  counters_->time_hot_cache_ns += t_end - t0;
+  static std::atomic<int64_t> calls{0};
+  if (std::getenv("KVRT_HOT_TRACE") != nullptr && calls++ % 16 == 0)
+    std::fprintf(stderr, "hot: lookup %.1f sync %.1f fill %.1f launch %.1f us, ids %d misses %lld\n",
+                 (t_lookup - t0) / 1e3, (t_sync - t_lookup) / 1e3, (t_fill - t_sync) / 1e3,
+                 (t_end - t_fill) / 1e3, offsets[H], static_cast<long long>(n_misses));
   return st.ok() ? freed : st;
 }
 
