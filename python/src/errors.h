@@ -1,0 +1,26 @@
+// Raising kvrt statuses as Python exceptions: the classes live in kvrt/_errors.py, which hands a
+// factory to the extension at import (set_error_factory); each status becomes its subclass of
+// kvrt.KvrtError carrying the status, its name and the message.
+#pragma once
+
+#include <kvrt.h>
+#include <nanobind/nanobind.h>
+
+#include <string>
+
+namespace kvrt_py {
+
+namespace nb = nanobind;
+
+// Stores factory(status: int, call: str, message: str) -> exception instance.
+void SetErrorFactory(nb::object factory);
+
+// Raises the exception for `status` (never KVRT_OK) from the binding of `call`. Needs the GIL.
+[[noreturn]] void Raise(kvrt_status status, const char* call, const std::string& message);
+
+// Raises status with kvrt_last_error() (read by the caller right after the failed call).
+inline void Check(kvrt_status status, const char* call, const std::string& last_error) {
+  if (status != KVRT_OK) Raise(status, call, last_error);
+}
+
+}  // namespace kvrt_py
