@@ -20,14 +20,12 @@ text with it.
 
 from __future__ import annotations
 
-from . import _errors, _kvrt
+from . import _kvrt
 from ._config import Config
 from ._errors import (CudaError, FailedPreconditionError, InternalError, InvalidArgumentError,
                       KvrtError, KvrtIOError, NotFoundError, OutOfMemoryError, UnimplementedError)
 from ._runtime import Runtime, Sequence
 from ._stats import Stats
-
-_kvrt.set_error_factory(_errors.make_error)
 
 __version__ = "0.3.0"
 

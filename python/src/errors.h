@@ -1,6 +1,5 @@
-// Raising kvrt statuses as Python exceptions: the classes live in kvrt/_errors.py, which hands a
-// factory to the extension at import (set_error_factory); each status becomes its subclass of
-// kvrt.KvrtError carrying the status, its name and the message.
+// Raising kvrt statuses as Python exceptions: the classes live in kvrt/_errors.py; each status
+// becomes its subclass of kvrt.KvrtError carrying the status, its name and the message.
 #pragma once
 
 #include <kvrt.h>
@@ -11,9 +10,6 @@
 namespace kvrt_py {
 
 namespace nb = nanobind;
-
-// Stores factory(status: int, call: str, message: str) -> exception instance.
-void SetErrorFactory(nb::object factory);
 
 // Raises the exception for `status` (never KVRT_OK) from the binding of `call`. Needs the GIL.
 [[noreturn]] void Raise(kvrt_status status, const char* call, const std::string& message);
