@@ -9,6 +9,7 @@ packages=(
   libhnswlib-dev libtbb-dev libabsl-dev
   googletest libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev
+  python3-dev python3-venv                     # the Python package (python/): headers, a venv
 )
 # --test: also what the test command's reliability part needs (clang's libFuzzer for the short fuzz
 # run; the ASan/UBSan runtimes come with g++).

@@ -17,9 +17,9 @@ Batch size 1. With --device cpu: CPU tensors, libkvrt's host backend and host po
 in device memory, and q/k/v/out are device pointers ordered on torch's current stream
 (kvrt_*_ex with KVRT_MEMORY_DEVICE): no host copy of k/v/out in Python.
 
-The C structs mirror api/include/kvrt.h (kvrt_config as of API 0.3: struct_size first, fields only
-appended; kvrt_config_init fills the defaults for the size this mirror declares, so it keeps working
-against a newer library).
+libkvrt is reached through the kvrt Python package (python/, `pip install ./python`): kvrt.Runtime
+and kvrt.Sequence, torch tensors passed by DLPack without a copy, device tensors on torch's
+current stream.
 
 Compare with the full cache, teacher-forced so that every step is comparable. The full cache
 generates --gen greedy tokens (one forward per step); each kvrt configuration is then fed those
@@ -34,7 +34,6 @@ perplexity of the fed tokens under both. A second stream feeds both the text's r
 from __future__ import annotations
 
 import argparse
-import ctypes as C
 import math
 import sys
 import time
@@ -42,70 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-INDEX = {"exact": 0, "flat": 1, "ivf": 2, "hnsw": 3, "landmark": 4, "attention-aware": 5}
-DTYPE = {"f32": 0, "f16": 1, "bf16": 2}
+import kvrt
 
-
-class KvrtConfig(C.Structure):
-    _fields_ = [
-        ("struct_size", C.c_size_t),  # 0.3
-        ("num_layers", C.c_int32), ("num_q_heads", C.c_int32), ("num_kv_heads", C.c_int32),
-        ("head_dim", C.c_int32), ("dtype", C.c_int), ("scale", C.c_float),
-        ("sink_tokens", C.c_int32), ("window_tokens", C.c_int32), ("top_k", C.c_int32),
-        ("index_kind", C.c_int), ("search_effort", C.c_int32), ("worker_threads", C.c_int32),
-        ("record_attended", C.c_int32), ("use_gpu", C.c_int32),
-        ("host_memory_limit", C.c_int64), ("gpu_memory_limit", C.c_int64),
-        ("check_finite", C.c_int32),
-        # 0.2
-        ("group_search", C.c_int32), ("cold_attention", C.c_int),
-    ]
-
-
-class KvrtExec(C.Structure):
-    _fields_ = [("memory", C.c_int), ("cuda_stream", C.c_void_p)]
-
-
-class KvrtLib:
-    def __init__(self, path):
-        self.lib = L = C.CDLL(str(path))
-        L.kvrt_config_init.argtypes = [C.POINTER(KvrtConfig), C.c_size_t]
-        L.kvrt_config_init.restype = C.c_int
-        L.kvrt_runtime_create.argtypes = [C.POINTER(KvrtConfig), C.POINTER(C.c_void_p)]
-        L.kvrt_runtime_destroy.argtypes = [C.c_void_p]
-        L.kvrt_runtime_destroy.restype = None
-        L.kvrt_seq_create.argtypes = [C.c_void_p, C.POINTER(C.c_int64)]
-        L.kvrt_seq_release.argtypes = [C.c_void_p, C.c_int64]
-        L.kvrt_prefill.argtypes = [C.c_void_p, C.c_int64, C.c_int32, C.c_void_p, C.c_void_p,
-                                   C.c_void_p, C.c_int64]
-        L.kvrt_append.argtypes = [C.c_void_p, C.c_int64, C.c_int32, C.c_void_p, C.c_void_p,
-                                  C.c_int64]
-        L.kvrt_attend.argtypes = [C.c_void_p, C.c_int64, C.c_int32, C.c_void_p,
-                                  C.POINTER(C.c_float)]
-        L.kvrt_prefill_ex.argtypes = L.kvrt_prefill.argtypes + [C.POINTER(KvrtExec)]
-        L.kvrt_append_ex.argtypes = L.kvrt_append.argtypes + [C.POINTER(KvrtExec)]
-        L.kvrt_attend_ex.argtypes = L.kvrt_attend.argtypes + [C.POINTER(KvrtExec)]
-        if hasattr(L, "kvrt_set_head_policy"):
-            L.kvrt_set_head_policy.argtypes = [C.c_void_p, C.c_int32, C.c_int32, C.c_int]
-            L.kvrt_set_head_policy.restype = C.c_int
-        L.kvrt_last_error.restype = C.c_char_p
-        L.kvrt_status_string.restype = C.c_char_p
-        L.kvrt_status_string.argtypes = [C.c_int]
-        L.kvrt_version.restype = C.c_char_p
-        for f in ("kvrt_runtime_create", "kvrt_seq_create", "kvrt_seq_release", "kvrt_prefill",
-                  "kvrt_append", "kvrt_attend", "kvrt_prefill_ex", "kvrt_append_ex",
-                  "kvrt_attend_ex"):
-            getattr(L, f).restype = C.c_int
-
-    def default_config(self):
-        """kvrt_config_default() of the header (an inline there): the defaults, struct_size set."""
-        c = KvrtConfig()
-        self.check(self.lib.kvrt_config_init(C.byref(c), C.sizeof(c)), "kvrt_config_init")
-        return c
-
-    def check(self, st, what):
-        if st != 0:
-            raise RuntimeError(f"{what}: {self.lib.kvrt_status_string(st).decode()}: "
-                               f"{(self.lib.kvrt_last_error() or b'').decode()}")
+INDEX = kvrt.index_kinds()
+DTYPE = ("f32", "f16", "bf16")
 
 
 def head_dim(cfg):
@@ -166,80 +105,52 @@ class KvrtAttention:
     token by token, kvrt_append(k_i, v_i) then kvrt_attend(q_i): token i sees the prompt and tokens
     <= i, exactly as n single-token decode steps would. Other layers run SDPA."""
 
-    def __init__(self, lib: KvrtLib, model, layers, prompt, index="flat", top_k=100, sinks=4,
+    def __init__(self, model, layers, prompt, index="flat", top_k=100, sinks=4,
                  window=512, effort=0, threads=1, dtype="f32", streaming_heads=(),
                  device="cpu", group_search=0):
         import torch
         cfg = model.config
-        self.lib = lib
         self.torch = torch
         self.prompt = prompt
         self.layer_map = {src: i for i, src in enumerate(layers)}
         self.tdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
-        c = lib.default_config()
-        c.num_layers = len(layers)
-        c.num_q_heads = cfg.num_attention_heads
-        c.num_kv_heads = cfg.num_key_value_heads
-        c.head_dim = head_dim(cfg)
-        c.dtype = DTYPE[dtype]
-        c.scale = attention_scale(cfg)
-        c.sink_tokens, c.window_tokens, c.top_k = sinks, window, top_k
-        c.index_kind = INDEX[index]
-        c.search_effort, c.worker_threads = effort, threads
-        c.group_search = group_search
         self.on_gpu = str(device).startswith("cuda")
-        c.use_gpu = 1 if self.on_gpu else 0
-        self.cfg = c
-        rt = C.c_void_p()
-        lib.check(lib.lib.kvrt_runtime_create(C.byref(c), C.byref(rt)), "kvrt_runtime_create")
-        self.rt = rt
+        self.rt = kvrt.Runtime(
+            num_layers=len(layers), num_q_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim(cfg), dtype=dtype,
+            scale=attention_scale(cfg), sink_tokens=sinks, window_tokens=window, top_k=top_k,
+            index_kind=index, search_effort=effort, worker_threads=threads,
+            group_search=group_search, use_gpu=1 if self.on_gpu else 0)
         for (l, h) in streaming_heads:
-            lib.check(lib.lib.kvrt_set_head_policy(rt, l, h, 1), "kvrt_set_head_policy")
+            self.rt.set_head_policy(l, h, "streaming")
         self.seq = None
         self.t_prefill = self.t_attend = 0.0  # seconds in kvrt_prefill / kvrt_append+kvrt_attend
         self.attends = 0
         self.new_sequence()
 
-    def _exec(self):
-        """Where the tensors live: device pointers on torch's current stream, or host."""
-        if not self.on_gpu:
-            return C.byref(KvrtExec(0, None))
-        return C.byref(KvrtExec(1, C.c_void_p(self.torch.cuda.current_stream().cuda_stream)))
-
     def new_sequence(self):
         if self.seq is not None:
-            self.lib.check(self.lib.lib.kvrt_seq_release(self.rt, self.seq), "kvrt_seq_release")
-        s = C.c_int64()
-        self.lib.check(self.lib.lib.kvrt_seq_create(self.rt, C.byref(s)), "kvrt_seq_create")
-        self.seq = s.value
+            self.seq.release()
+        self.seq = self.rt.sequence()
         self.prefilled = set()
 
     def close(self):
-        if self.rt:
-            self.lib.lib.kvrt_runtime_destroy(self.rt)
-            self.rt = None
+        self.rt.close()
 
     def _sync(self):
         """Device work is asynchronous: time it to completion."""
         if self.on_gpu:
             self.torch.cuda.current_stream().synchronize()
 
-    @staticmethod
-    def _ptr(t):
-        return C.c_void_p(t.data_ptr())
-
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         torch = self.torch
         kl = self.layer_map.get(getattr(module, "layer_idx", None))
         if kl is None:
             return _sdpa(module, query, key, value, attention_mask, **kwargs)
-        L = self.lib.lib
         if kl not in self.prefilled:
             q, k, v = self.prompt[kl]
             t0 = time.perf_counter()
-            self.lib.check(L.kvrt_prefill_ex(self.rt, self.seq, kl, self._ptr(q), self._ptr(k),
-                                             self._ptr(v), k.shape[0], self._exec()),
-                           "kvrt_prefill")
+            self.seq.prefill(kl, q, k, v)  # device tensors: on torch's current stream
             self._sync()
             self.t_prefill += time.perf_counter() - t0
             self.prefilled.add(kl)
@@ -248,15 +159,11 @@ class KvrtAttention:
         vs = value[0, :, -n:].transpose(0, 1).to(self.tdt).contiguous()
         qs = query[0].transpose(0, 1).to(self.tdt).contiguous()  # [n, Hq, d]
         out = torch.empty(qs.shape, dtype=torch.float32, device=qs.device)
-        ex = self._exec()
         self._sync()
         t0 = time.perf_counter()
         for i in range(n):
-            self.lib.check(L.kvrt_append_ex(self.rt, self.seq, kl, self._ptr(ks[i]),
-                                            self._ptr(vs[i]), 1, ex), "kvrt_append")
-            self.lib.check(L.kvrt_attend_ex(self.rt, self.seq, kl, self._ptr(qs[i]),
-                                            C.cast(out[i].data_ptr(), C.POINTER(C.c_float)), ex),
-                           "kvrt_attend")
+            self.seq.append(kl, ks[i:i + 1], vs[i:i + 1])
+            self.seq.attend(kl, qs[i], out=out[i])
         self._sync()
         self.t_attend += time.perf_counter() - t0
         self.attends += n
@@ -420,7 +327,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=128,
                     help="teacher-forced tokens per forward after the prompt (kvrt layers still "
                          "append+attend them one at a time); 1 = one forward per step")
-    ap.add_argument("--lib", default="build/api/libkvrt.so", help="libkvrt shared library")
+    ap.add_argument("--lib", default=None,
+                    help="ignored (kept for old command lines): libkvrt comes with the kvrt "
+                         "package (pip install ./python)")
     ap.add_argument("--config", dest="configs", action="append", type=parse_config, default=[],
                     metavar="INDEX[:TOP_K[:EFFORT[:STREAMING_THRESHOLD]]]",
                     help="a kvrt configuration to compare, e.g. flat:100, attention-aware:1000, "
@@ -475,8 +384,9 @@ def main(argv=None):
     text_ids = [int(x) for x in all_ids[0, T: T + args.gen]]
     if "text" in streams and len(text_ids) < args.gen:
         raise SystemExit("text too short for the text stream")
-    lib = KvrtLib(args.lib)
-    log(f"libkvrt {lib.lib.kvrt_version().decode()} from {args.lib}; kvrt layers {layers}; "
+    if args.lib:
+        log(f"--lib {args.lib} ignored: using the kvrt package's libkvrt ({kvrt.__file__})")
+    log(f"libkvrt {kvrt.library_version()} (kvrt package); kvrt layers {layers}; "
         f"device {args.device}{f' ({gpu_name})' if gpu_name else ''}")
 
     router = Router()
@@ -521,7 +431,7 @@ def main(argv=None):
     log(f"full cache batched vs one-step argmax: {floor}/{len(g_tok)} agree")
 
     results = {"model": label, "prompt_tokens": T, "gen": args.gen, "text": args.text,
-               "libkvrt": lib.lib.kvrt_version().decode(), "threads": args.threads,
+               "libkvrt": kvrt.library_version(), "threads": args.threads,
                "device": args.device, "gpu": gpu_name, "torch": torch.__version__,
                "transformers": __import__("transformers").__version__,
                "sinks": args.sinks, "window": args.window, "dtype": args.dtype, "batch": args.batch,
@@ -544,7 +454,7 @@ def main(argv=None):
             if shares is None:
                 shares = tier_mass(prompt, attention_scale(model.config), args.sinks, args.window)
             streaming = sorted(lh for lh, m in shares.items() if m >= cf["streaming_threshold"])
-        att = KvrtAttention(lib, model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
+        att = KvrtAttention(model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
                             args.window, cf["effort"], args.threads, args.dtype,
                             streaming_heads=streaming, device=args.device,
                             group_search=args.group_search)

@@ -1,0 +1,104 @@
+"""Config: the fields of kvrt_config (api/include/kvrt.h), with enums by name.
+
+The defaults are kvrt_config_default()'s (a test checks them against the library). Range checks
+are the library's: kvrt.Runtime(config) raises InvalidArgumentError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+Dtype = Literal["f32", "f16", "bf16"]
+ColdAttention = Literal["cpu", "fetch", "auto"]
+
+
+@dataclass
+class Config:
+    """A kvrt_config. Field meanings and ranges are those of kvrt.h.
+
+    Attributes:
+        num_layers: attention layers kvrt serves (numbered 0 .. num_layers - 1).
+        num_q_heads: query heads, a multiple of num_kv_heads.
+        num_kv_heads: key/value heads (GQA group = num_q_heads // num_kv_heads).
+        head_dim: dimension of one head.
+        dtype: storage dtype of k and v, and the dtype of q passed in: "f32", "f16" or "bf16".
+            Attention outputs are always f32.
+        scale: score scale; 0 means 1/sqrt(head_dim).
+        sink_tokens: first tokens always kept on the GPU tier.
+        window_tokens: most recent tokens kept on the GPU tier.
+        top_k: cold tokens retrieved per q head and step (ignored by "exact").
+        index_kind: "exact", "flat", "ivf", "hnsw", "landmark", "attention-aware", "cluster"
+            (kvrt.index_kinds() lists what the loaded library knows).
+        search_effort: index-specific effort; 0 = the kind's default.
+        worker_threads: CPU threads for search and attention; 0 = all hardware threads.
+        record_attended: 1 to remember the attended positions (Sequence.attended).
+        use_gpu: 0 host backend, 1 CUDA backend, -1 CUDA when available.
+        host_memory_limit: bytes of host KV store + indexes; 0 = no limit.
+        gpu_memory_limit: bytes of GPU-tier buffers; 0 = no limit.
+        check_finite: 1 rejects NaN/Inf in host q, k, v.
+        group_search: 1 = one index search per kv head for its q heads.
+        cold_attention: "cpu", "fetch" or "auto" (GPU backend).
+    """
+
+    num_layers: int = 32
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    dtype: Dtype = "bf16"
+    scale: float = 0.0
+    sink_tokens: int = 4
+    window_tokens: int = 2048
+    top_k: int = 100
+    index_kind: str = "flat"
+    search_effort: int = 0
+    worker_threads: int = 0
+    record_attended: int = 0
+    use_gpu: int = 0
+    host_memory_limit: int = 0
+    gpu_memory_limit: int = 0
+    check_finite: int = 1
+    group_search: int = 0
+    cold_attention: ColdAttention = "cpu"
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """A Config from a dict of kvrt_config fields (unknown keys raise TypeError)."""
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed (unknown names raise TypeError)."""
+        return dataclasses.replace(self, **changes)
+
+
+ConfigLike = Union[Config, dict, None]
+
+
+def make_config(config: ConfigLike = None, **overrides: Any) -> Config:
+    """Config from a Config, a dict or None, then keyword overrides. Unknown names raise
+    TypeError listing the valid ones."""
+    if config is None:
+        base = Config()
+    elif isinstance(config, Config):
+        base = config
+    elif isinstance(config, dict):
+        base = _checked(Config, config)
+    else:
+        raise TypeError(f"config must be a kvrt.Config or a dict, not {type(config).__name__}")
+    return _checked(base.replace, overrides) if overrides else base
+
+
+def _checked(factory, fields: dict[str, Any]) -> Config:
+    unknown = sorted(set(fields) - set(Config.field_names()))
+    if unknown:
+        raise TypeError(f"unknown kvrt config field(s) {', '.join(unknown)}; the fields are "
+                        f"{', '.join(Config.field_names())}")
+    return factory(**fields)

@@ -1,0 +1,212 @@
+"""Runtime and Sequence: the Pythonic surface over kvrt_runtime and kvrt_seq_id.
+
+Tensors are anything with DLPack (NumPy arrays, PyTorch tensors, CuPy arrays), C-contiguous, in
+the runtime's dtype; they are passed to libkvrt by pointer, never copied. Host tensors use the
+plain calls; CUDA tensors use the _ex calls with KVRT_MEMORY_DEVICE on a CUDA stream: `stream=`
+when given (a cudaStream_t as an int, 0 = the legacy default stream), else the current stream of
+the tensor's framework (torch.cuda.current_stream(), cupy.cuda.get_current_stream()).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence as Seq
+
+import numpy as np
+
+from . import _kvrt
+from ._config import Config, ConfigLike, make_config
+from ._stats import Stats
+
+Tensor = Any  # a DLPack tensor: numpy.ndarray, torch.Tensor, cupy.ndarray, ...
+
+_POLICIES = {"retrieval": 0, "streaming": 1}
+
+
+def _current_stream(t: Tensor) -> int:
+    """The framework's current CUDA stream for a device tensor `t` (0 for host tensors)."""
+    mod = type(t).__module__
+    if mod.startswith("torch"):
+        if not t.is_cuda:
+            return 0
+        import torch
+        return int(torch.cuda.current_stream(t.device).cuda_stream)
+    if mod.startswith("cupy"):
+        import cupy
+        return int(cupy.cuda.get_current_stream().ptr)
+    return 0
+
+
+def _empty_f32(like: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An uninitialised f32 array of `shape` in the framework and on the device of `like`."""
+    mod = type(like).__module__
+    if mod.startswith("torch"):
+        import torch
+        return torch.empty(shape, dtype=torch.float32, device=like.device)
+    if mod.startswith("cupy"):
+        import cupy
+        with cupy.cuda.Device(like.device.id):
+            return cupy.empty(shape, dtype=cupy.float32)
+    return np.empty(shape, dtype=np.float32)
+
+
+class Runtime:
+    """A kvrt runtime (kvrt_runtime_create). Build it from keyword arguments, a kvrt.Config or a
+    dict of kvrt_config fields, or both (keywords override)::
+
+        rt = kvrt.Runtime(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                          dtype="f32", index_kind="flat", top_k=100)
+
+    Raises InvalidArgumentError naming the field for a value the library refuses. Close it with
+    close() or a `with` block (the garbage collector closes it too); sequences keep it alive.
+    """
+
+    def __init__(self, config: ConfigLike = None, **kwargs: Any):
+        cfg = make_config(config, **kwargs)
+        self._impl = _kvrt.Runtime(cfg.to_dict())
+        self._config = Config.from_dict(self._impl.config())
+        self._gpu = self._config.use_gpu == 1
+        self._out_shape = (self._config.num_q_heads, self._config.head_dim)
+
+    @property
+    def config(self) -> Config:
+        """The effective configuration (kvrt_runtime_config: scale, worker_threads and use_gpu
+        resolved)."""
+        return self._config
+
+    @property
+    def closed(self) -> bool:
+        return self._impl.closed
+
+    def close(self) -> None:
+        """Destroys the runtime (kvrt_runtime_destroy); later calls raise
+        FailedPreconditionError. Idempotent."""
+        self._impl.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def sequence(self) -> "Sequence":
+        """A new empty sequence (kvrt_seq_create)."""
+        return Sequence(self)
+
+    def stats(self) -> Stats:
+        """A snapshot of kvrt_get_stats."""
+        return Stats(**self._impl.stats())
+
+    def attend_batch(self, seqs: Seq["Sequence"], layer: int, q: Tensor,
+                     out: Optional[Tensor] = None, *, stream: Optional[int] = None) -> Tensor:
+        """One decode query per sequence (kvrt_attend_batch): q [len(seqs), q_heads, head_dim]
+        (row i belongs to seqs[i]); returns out, f32 [len(seqs), q_heads, head_dim] (allocated
+        like q when not given). If one sequence fails, the error names it and the other rows are
+        written (kvrt.h)."""
+        ids = []
+        for s in seqs:
+            if s._rt is not self:
+                raise ValueError("attend_batch: every sequence must belong to this runtime")
+            ids.append(s.id)
+        if out is None:
+            out = _empty_f32(q, (len(ids),) + self._out_shape)
+        if stream is None:
+            stream = _current_stream(q) if self._gpu else 0
+        self._impl.attend_batch(ids, layer, q, out, stream)
+        return out
+
+    def set_head_policy(self, layer: int, q_head: int, policy: str | int) -> None:
+        """"streaming" serves (layer, q_head) from sinks + window only; "retrieval" (the
+        default) searches the cold tier too. Not while an attend runs."""
+        p = _POLICIES.get(policy, policy) if isinstance(policy, str) else policy
+        if isinstance(p, str):
+            raise ValueError(f"policy must be one of {', '.join(_POLICIES)}, not {policy!r}")
+        self._impl.set_head_policy(layer, q_head, p)
+
+    def set_search_effort(self, effort: int) -> None:
+        """Changes search_effort for later searches (kvrt_set_search_effort)."""
+        self._impl.set_search_effort(effort)
+        self._config = self._config.replace(search_effort=effort)
+
+    def __repr__(self) -> str:
+        c = self._config
+        state = "closed" if self.closed else f"{'gpu' if self._gpu else 'host'} backend"
+        return (f"kvrt.Runtime({state}, layers={c.num_layers}, heads={c.num_q_heads}/"
+                f"{c.num_kv_heads}x{c.head_dim}, dtype={c.dtype}, index={c.index_kind}, "
+                f"top_k={c.top_k}, sinks={c.sink_tokens}, window={c.window_tokens})")
+
+
+class Sequence:
+    """One sequence of a Runtime (a kvrt_seq_id). Released by release(), a `with` block, or
+    when garbage-collected. Calls on one sequence must not run concurrently; different sequences
+    may be driven from different threads (the GIL is released inside the library)."""
+
+    def __init__(self, runtime: Runtime):
+        self._rt = runtime
+        self._impl = runtime._impl
+        self.id: int = self._impl.seq_create()
+        self._released = False
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._rt
+
+    def prefill(self, layer: int, q: Optional[Tensor], k: Tensor, v: Tensor, *,
+                stream: Optional[int] = None) -> None:
+        """The prompt of one layer (kvrt_prefill): k, v [n, kv_heads, head_dim], q
+        [n, q_heads, head_dim] or None. The layer must be empty."""
+        if stream is None:
+            stream = _current_stream(k) if self._rt._gpu else 0
+        self._impl.prefill(self.id, layer, q, k, v, stream)
+
+    def append(self, layer: int, k: Tensor, v: Tensor, *, stream: Optional[int] = None) -> None:
+        """Appends n tokens' k, v [n, kv_heads, head_dim] (kvrt_append)."""
+        if stream is None:
+            stream = _current_stream(k) if self._rt._gpu else 0
+        self._impl.append(self.id, layer, k, v, stream)
+
+    def attend(self, layer: int, q: Tensor, out: Optional[Tensor] = None, *,
+               stream: Optional[int] = None) -> Tensor:
+        """One decode query q [q_heads, head_dim] over every token of the layer (kvrt_attend);
+        writes and returns out, f32 [q_heads, head_dim] (allocated like q when not given). With
+        device tensors out is written in stream order when this returns."""
+        if out is None:
+            out = _empty_f32(q, self._rt._out_shape)
+        if stream is None:
+            stream = _current_stream(q) if self._rt._gpu else 0
+        self._impl.attend(self.id, layer, q, out, stream)
+        return out
+
+    def length(self, layer: int) -> int:
+        """Tokens the layer holds, all tiers (kvrt_seq_length)."""
+        return self._impl.seq_length(self.id, layer)
+
+    def attended(self, layer: int, q_head: int) -> np.ndarray:
+        """Positions the last attend on `layer` used for `q_head` (kvrt_get_attended; needs
+        record_attended=1): GPU tier first, then the retrieved cold tokens."""
+        return np.asarray(self._impl.get_attended(self.id, layer, q_head), dtype=np.int64)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """Frees the sequence's KV in every tier (kvrt_seq_release). Idempotent."""
+        if not self._released:
+            self._released = True
+            if not self._impl.closed:
+                self._impl.seq_release(self.id)
+
+    def __enter__(self) -> "Sequence":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown, or the runtime already gone
+            pass
+
+    def __repr__(self) -> str:
+        return f"kvrt.Sequence(id={self.id}{', released' if self._released else ''})"

@@ -1,0 +1,204 @@
+"""python -m kvrt.generate: generate text with a transformers model whose global attention layers
+run on kvrt, and report time to first token, tokens/s, memory and kvrt's statistics.
+
+  python -m kvrt.generate --model tiny-random --prompt-file notes.txt --new-tokens 64 \\
+      --index flat --top-k 100 --window 2048
+
+MODEL is a local Hugging Face model folder (config.json, weights, tokenizer) or "tiny-random"
+(kvrt.testing: a 4-layer random Gemma 3 with a byte tokenizer; no download). Decoding is greedy
+(one token per forward); --full runs transformers' own cache instead of kvrt, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    """tqdm when installed, else a plain counter on stderr."""
+    if quiet:
+        return _Plain(total, desc, silent=True)
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr)
+    except ImportError:
+        return _Plain(total, desc)
+
+
+class _Plain:
+    def __init__(self, total: int, desc: str, silent: bool = False):
+        self.total, self.desc, self.n, self.silent = total, desc, 0, silent
+        self._last = 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if not self.silent and (now - self._last > 0.5 or self.n >= self.total):
+            print(f"\r{self.desc}: {self.n}/{self.total} tokens", end="", file=sys.stderr,
+                  flush=True)
+            self._last = now
+
+    def close(self) -> None:
+        if not self.silent:
+            print(file=sys.stderr)
+
+
+def _load(name: str, dtype: str, device: str):
+    import torch
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if name == "tiny-random":
+        from .testing import ByteTokenizer, tiny_random
+        model, tok = tiny_random().to(tdt), ByteTokenizer()
+    else:
+        if not Path(name).is_dir():
+            raise SystemExit(f"--model {name!r}: not a model folder (or 'tiny-random')")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=tdt)
+    return model.to(device).eval(), tok
+
+
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _gib(n: float) -> str:
+    """Bytes in GiB, or MiB below 1 GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m kvrt.generate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The report: time to first token (the prompt forward, kvrt prefill included), "
+               "decode tokens/s (tokens after the first / decode time), peak GPU memory "
+               "(torch.cuda.max_memory_allocated), peak host memory (VmHWM), kvrt's memory per "
+               "tier and its statistics (kvrt.Stats).")
+    ap.add_argument("--model", required=True, help="model folder, or tiny-random")
+    ap.add_argument("--prompt-file", required=True, help="text file: the prompt")
+    ap.add_argument("--max-prompt-tokens", type=int, default=0,
+                    help="keep the prompt's last N tokens (0: all)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the model's device)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="model dtype (kvrt stores K/V in the same)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads and kvrt worker threads (0: library defaults)")
+    k = ap.add_argument_group("kvrt options (kvrt.Config fields)")
+    k.add_argument("--index", default="flat", help="index kind: exact, flat, ivf, hnsw, "
+                   "landmark, attention-aware, cluster")
+    k.add_argument("--top-k", type=int, default=100, help="cold tokens per q head and step")
+    k.add_argument("--sinks", type=int, default=4, help="sink tokens on the GPU tier")
+    k.add_argument("--window", type=int, default=2048, help="recent tokens on the GPU tier")
+    k.add_argument("--effort", type=int, default=0, help="search effort (0: the kind's default)")
+    k.add_argument("--cold-attention", default="cpu", choices=["cpu", "fetch", "auto"])
+    k.add_argument("--use-gpu", type=int, default=None, choices=[-1, 0, 1],
+                   help="kvrt backend (default: 1 when the model is on CUDA, else 0)")
+    k.add_argument("--full", action="store_true",
+                   help="no kvrt: transformers' own DynamicCache (a reference run)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import DynamicCache
+
+    from . import hf
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = _load(args.model, args.dtype, args.device)
+    text = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
+    ids = tok(text, return_tensors="pt").input_ids
+    if args.max_prompt_tokens:
+        ids = ids[:, -args.max_prompt_tokens:]
+    ids = ids.to(model.device)
+    T = ids.shape[1]
+    on_cuda = model.device.type == "cuda"
+
+    if args.full:
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+    else:
+        opts = dict(index_kind=args.index, top_k=args.top_k, sink_tokens=args.sinks,
+                    window_tokens=args.window, search_effort=args.effort,
+                    worker_threads=args.threads, cold_attention=args.cold_attention)
+        if args.use_gpu is not None:
+            opts["use_gpu"] = args.use_gpu
+        cache = hf.enable(model, **opts)
+        print(f"kvrt {cache.runtime!r}; kvrt layers {hf.kvrt_layers(model.config)}",
+              file=sys.stderr)
+    kw = hf.cache_kwarg(model)
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    bar = _progress(T, "prefill", args.quiet)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logits = model(ids, **{kw: cache}, use_cache=True).logits[0, -1]
+        tok_id = int(torch.argmax(logits))
+        sync()
+    ttft = time.perf_counter() - t0
+    bar.update(T)
+    bar.close()
+
+    out = [tok_id]
+    bar = _progress(args.new_tokens, "decode", args.quiet)
+    bar.update(1)
+    t1 = time.perf_counter()
+    eos = getattr(tok, "eos_token_id", None)
+    with torch.inference_mode():
+        for s in range(1, args.new_tokens):
+            x = torch.tensor([[tok_id]], device=model.device)
+            pos = torch.tensor([[T + s - 1]], device=model.device)
+            logits = model(x, **{kw: cache}, position_ids=pos, use_cache=True).logits[0, -1]
+            tok_id = int(torch.argmax(logits))  # syncs the device
+            out.append(tok_id)
+            bar.update(1)
+            if tok_id == eos:
+                break
+    decode_s = time.perf_counter() - t1
+    bar.close()
+
+    print(tok.decode(out))
+    steps = len(out) - 1
+    print(f"\nprompt {T} tokens, generated {len(out)}; model {args.model} on {model.device}, "
+          f"{args.dtype}; {'full cache (transformers DynamicCache)' if args.full else 'kvrt'}",
+          file=sys.stderr)
+    print(f"time to first token  {ttft * 1e3:10.1f} ms  ({T / ttft:.0f} prompt tokens/s)",
+          file=sys.stderr)
+    if steps:
+        print(f"decode               {steps / decode_s:10.2f} tokens/s  "
+              f"({decode_s / steps * 1e3:.1f} ms per token)", file=sys.stderr)
+    if on_cuda:
+        print(f"GPU memory (peak)    {_gib(torch.cuda.max_memory_allocated()):>13}",
+              file=sys.stderr)
+    print(f"host memory (peak)   {_gib(_rss_bytes()):>13}", file=sys.stderr)
+    if not args.full:
+        st = cache.stats()
+        n_attend = st.attend_calls
+        print(f"kvrt memory          GPU tier {_gib(st.gpu_allocated_bytes)}, host store "
+              f"{_gib(st.host_bytes)}, indexes {_gib(st.index_bytes)}", file=sys.stderr)
+        print(f"kvrt time            prefill {cache.time_prefill_s * 1e3:.1f} ms, append+attend "
+              f"{cache.time_decode_s * 1e3:.1f} ms ({n_attend} layer attends, "
+              f"{st.mean_attend_us:.0f} us each inside the library)", file=sys.stderr)
+        print(f"kvrt stats           {st}", file=sys.stderr)
+        cache.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

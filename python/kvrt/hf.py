@@ -1,0 +1,292 @@
+"""kvrt for Hugging Face transformers: an attention function and a Cache, on in two lines::
+
+    cache = kvrt.hf.enable(model, index_kind="flat", top_k=100, window_tokens=2048)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=256)   # past_key_values= on 4.x
+
+enable() registers the attention function "kvrt" with transformers' AttentionInterface (and
+the SDPA mask builder under that name), switches the model to it, and returns a KvrtCache.
+Works for decoders whose attention modules call `cache.update(...)` and then the attention
+interface (Llama, Qwen2, Gemma 3, SmolLM, Mistral, ...).
+
+What runs where:
+  - Global (full-attention) layers are kvrt layers, renumbered 0..n-1. Their prompt (the first
+    forward) runs transformers' SDPA over the prompt itself (exact; kvrt has no prefill
+    attention), then goes to kvrt as one Sequence.prefill per batch row. Each later token i of a
+    forward: Sequence.append(k_i, v_i), then attend(q_i) (attend_batch for several rows): sinks +
+    window + retrieved cold tokens, merged inside libkvrt. A later forward of n tokens is
+    appended and attended token by token, so token i sees exactly what n single-token steps
+    would. transformers keeps no K/V for these layers.
+  - Sliding-window (and other non-global) layers keep transformers' own cache and SDPA.
+  - Model on a CUDA device and a CUDA build of libkvrt: the GPU backend (use_gpu=1), device
+    tensors on torch's current stream, no host copy of q/k/v/out. With use_gpu=0 and a CUDA model
+    the tensors are copied to the host and back (for libkvrt builds without CUDA).
+
+Limits: batch rows must hold no padding (kvrt has no attention mask: a padded row would attend
+its pad tokens after the prompt); no beam search, cropping or assisted decoding; a model with
+attention logit soft-capping (Gemma 2) is refused.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import torch
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ._config import Config, make_config
+from ._runtime import Runtime, Sequence
+from ._stats import Stats
+
+ATTENTION_NAME = "kvrt"
+_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
+
+# The KvrtLayer that the current forward just updated, per model layer index: the attention
+# function (which transformers does not hand the cache) takes it from here. Per thread, so that
+# two models may decode in two threads.
+_pending = threading.local()
+
+
+def _text_config(config):
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def layer_types(config) -> list[str]:
+    """The model's attention layer types ("full_attention", "sliding_attention", ...)."""
+    c = _text_config(config)
+    types = getattr(c, "layer_types", None)
+    if types is None:
+        sliding = (getattr(c, "sliding_window", None) is not None
+                   and getattr(c, "use_sliding_window", True))
+        types = ["sliding_attention" if sliding else "full_attention"] * c.num_hidden_layers
+    return list(types)
+
+
+def kvrt_layers(config) -> list[int]:
+    """Model layer indices that kvrt serves: the full-attention layers."""
+    return [i for i, t in enumerate(layer_types(config)) if t == "full_attention"]
+
+
+def _attention_modules(model) -> dict[int, torch.nn.Module]:
+    return {m.layer_idx: m for m in model.modules()
+            if hasattr(m, "layer_idx") and hasattr(m, "scaling") and hasattr(m, "head_dim")}
+
+
+def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Config:
+    """The kvrt.Config for `model`'s global layers: shapes, dtype (the model's), scale (the
+    attention modules' own) and backend (GPU when the model is on CUDA), then `config` /
+    `options` (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads)."""
+    c = _text_config(model.config)
+    if getattr(c, "attn_logit_softcapping", None):
+        raise ValueError("kvrt.hf: attention logit soft-capping (attn_logit_softcapping = "
+                         f"{c.attn_logit_softcapping}) is not supported")
+    layers = kvrt_layers(model.config)
+    if not layers:
+        raise ValueError("kvrt.hf: the model has no full-attention layer for kvrt to serve")
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    mods = _attention_modules(model)
+    scale = float(getattr(mods.get(layers[0]), "scaling", head_dim ** -0.5))
+    dtype = _DTYPES.get(model.dtype)
+    if dtype is None:
+        raise ValueError(f"kvrt.hf: model dtype {model.dtype} is not one of {list(_DTYPES)}")
+    base = dict(num_layers=len(layers), num_q_heads=c.num_attention_heads,
+                num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                head_dim=head_dim, dtype=dtype, scale=scale,
+                use_gpu=1 if model.device.type == "cuda" else 0)
+    cfg = make_config(config).to_dict() if config is not None else {}
+    # Options given explicitly win; shape fields always come from the model.
+    merged = {**(cfg or {}), **options}
+    merged.update({k: v for k, v in base.items()
+                   if k not in merged or k in ("num_layers", "num_q_heads", "num_kv_heads",
+                                               "head_dim")})
+    return make_config(None, **merged)
+
+
+class KvrtLayer(CacheLayerMixin):
+    """The cache of one global layer: holds nothing but a token count; update() returns the new
+    k/v only and leaves itself for the attention function, which hands them to kvrt."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, cache: "KvrtCache", kvrt_layer: int):
+        super().__init__()
+        self.cache = cache
+        self.kvrt_layer = kvrt_layer
+        self.tokens = 0  # per batch row
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.pending = (key_states, value_states)
+        getattr(_pending, "layers", None) or setattr(_pending, "layers", {})
+        _pending.layers[self.layer_idx] = self
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask of a kvrt layer only matters for the prompt (SDPA over the prompt itself).
+        return query_length, self.tokens
+
+    def get_seq_length(self) -> int:
+        return self.tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.tokens = 0
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("kvrt.hf: beam search is not supported")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("kvrt.hf: cropping (assisted decoding) is not supported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("kvrt.hf: expanding the batch of a KvrtCache is not supported")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("kvrt.hf: selecting batch rows of a KvrtCache is not supported")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    def attend(self, module, query, key, value, attention_mask, **kwargs):
+        """The attention of this layer for one forward: query [B, Hq, n, d], key/value
+        [B, Hkv, n, d] (the new tokens). Returns ([B, n, Hq, d] in query's dtype, None)."""
+        return self.cache._attend(self, module, query, key, value, attention_mask, **kwargs)
+
+
+class KvrtCache(DynamicCache):
+    """A transformers Cache whose global layers live in kvrt (one kvrt Sequence per batch row)
+    and whose sliding-window layers are transformers' own. Build it with kvrt.hf.enable(model,
+    ...) or KvrtCache(model, ...) after register(); a new cache (or reset()) per generation.
+
+    Attributes: runtime (the kvrt.Runtime), sequences (one per batch row, after the prompt),
+    layer_map ({model layer: kvrt layer}), time_prefill_s / time_decode_s (seconds in kvrt calls,
+    device work included)."""
+
+    def __init__(self, model, config: Optional[Config] = None, runtime: Optional[Runtime] = None,
+                 **options: Any):
+        super().__init__(config=model.config)
+        self.layer_map = {src: i for i, src in enumerate(kvrt_layers(model.config))}
+        for src, kl in self.layer_map.items():
+            layer = KvrtLayer(self, kl)
+            layer.layer_idx = src
+            self.layers[src] = layer
+        self.runtime = runtime or Runtime(runtime_config(model, config, **options))
+        self._owns_runtime = runtime is None
+        self._tdt = _TORCH_DTYPES[self.runtime.config.dtype]
+        self._on_gpu = self.runtime.config.use_gpu == 1
+        self.sequences: list[Sequence] = []
+        self._prefilled: set[int] = set()
+        self.time_prefill_s = 0.0
+        self.time_decode_s = 0.0
+        self.tokens_decoded = 0
+
+    # -- cache protocol ------------------------------------------------------------------------
+    def reset(self):
+        """Releases the sequences: the next forward starts a new prompt."""
+        super().reset()
+        for s in self.sequences:
+            s.release()
+        self.sequences = []
+        self._prefilled.clear()
+
+    def close(self) -> None:
+        """Releases the sequences and, when the cache created it, the runtime."""
+        self.reset()
+        if self._owns_runtime:
+            self.runtime.close()
+
+    def stats(self) -> Stats:
+        return self.runtime.stats()
+
+    # -- the attention -------------------------------------------------------------------------
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, H, n, d] -> [B, n, H, d] in kvrt's dtype, contiguous, on kvrt's side."""
+        t = t.transpose(1, 2).to(self._tdt)
+        if not self._on_gpu and t.device.type != "cpu":
+            t = t.cpu()
+        return t.contiguous()
+
+    def _attend(self, layer: KvrtLayer, module, query, key, value, attention_mask, **kwargs):
+        import time
+        B, Hq, n, d = query.shape
+        kl = layer.kvrt_layer
+        sync = torch.cuda.current_stream().synchronize if query.is_cuda else (lambda: None)
+        if kl not in self._prefilled:
+            out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            if not self.sequences:
+                self.sequences = [self.runtime.sequence() for _ in range(B)]
+            elif len(self.sequences) != B:
+                raise ValueError(f"kvrt.hf: batch size changed from {len(self.sequences)} to {B}")
+            q, k, v = self._rows(query), self._rows(key), self._rows(value)
+            t0 = time.perf_counter()
+            for b, s in enumerate(self.sequences):
+                s.prefill(kl, q[b], k[b], v[b])
+            sync()
+            self.time_prefill_s += time.perf_counter() - t0
+            self._prefilled.add(kl)
+            layer.tokens += n
+            return out
+        q, k, v = self._rows(query), self._rows(key), self._rows(value)
+        out = torch.empty((B, n, Hq, d), dtype=torch.float32, device=q.device)
+        t0 = time.perf_counter()
+        for i in range(n):
+            for b, s in enumerate(self.sequences):
+                s.append(kl, k[b, i:i + 1], v[b, i:i + 1])
+            if B == 1:
+                self.sequences[0].attend(kl, q[0, i], out=out[0, i])
+            else:
+                rows = out[:, i].contiguous()
+                self.runtime.attend_batch(self.sequences, kl, q[:, i].contiguous(), out=rows)
+                out[:, i] = rows
+        sync()
+        self.time_decode_s += time.perf_counter() - t0
+        if kl == 0:
+            self.tokens_decoded += n * B
+        layer.tokens += n
+        return out.to(device=query.device, dtype=query.dtype), None
+
+
+def attention(module, query, key, value, attention_mask, **kwargs):
+    """The attention function registered as "kvrt": kvrt for a global layer whose KvrtCache was
+    just updated, transformers' SDPA for every other call."""
+    layers = getattr(_pending, "layers", None)
+    layer = layers.pop(getattr(module, "layer_idx", None), None) if layers else None
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return layer.attend(module, query, key, value, attention_mask, **kwargs)
+
+
+def register(name: str = ATTENTION_NAME) -> str:
+    """Registers the attention function (and the SDPA mask builder) under `name`."""
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+def enable(model, config: Optional[Config] = None, **options: Any) -> KvrtCache:
+    """Registers "kvrt", switches `model` to it and returns a KvrtCache for one generation.
+    `config` / `options` are kvrt.Config fields (index_kind, top_k, sink_tokens, window_tokens,
+    search_effort, worker_threads, use_gpu, ...); shapes, dtype and scale come from the model."""
+    model.set_attn_implementation(register())
+    return KvrtCache(model, config, **options)
+
+
+def cache_kwarg(model) -> str:
+    """The name under which this transformers version's generate()/forward() takes a cache:
+    "cache" (5.x) or "past_key_values" (4.x)."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -1,0 +1,194 @@
+#include "py_runtime.h"
+
+#include <string>
+
+#include "config_dict.h"
+#include "errors.h"
+
+namespace kvrt_py {
+namespace {
+
+// Runs a kvrt call without the GIL and returns its status with kvrt_last_error() read on the
+// same thread right after it.
+template <typename F>
+kvrt_status Call(std::string* error, F&& f) {
+  nb::gil_scoped_release release;
+  kvrt_status s = f();
+  if (s != KVRT_OK) *error = kvrt_last_error();
+  return s;
+}
+
+kvrt_exec Exec(const TensorArg& t, uintptr_t stream) {
+  kvrt_exec e = kvrt_exec_default();
+  e.memory = t.memory;
+  e.cuda_stream = t.memory == KVRT_MEMORY_DEVICE ? reinterpret_cast<void*>(stream) : nullptr;
+  return e;
+}
+
+}  // namespace
+
+PyRuntime::PyRuntime(const nb::dict& config) {
+  kvrt_config c = ConfigFromDict(config);
+  std::string err;
+  kvrt_runtime* rt = nullptr;
+  Check(Call(&err, [&] { return kvrt_runtime_create(&c, &rt); }), "Runtime", err);
+  rt_ = rt;
+  cfg_ = kvrt_config_default();
+  Check(Call(&err, [&] { return kvrt_runtime_config(rt_, &cfg_); }), "Runtime", err);
+}
+
+PyRuntime::~PyRuntime() { Close(); }
+
+void PyRuntime::Close() {
+  if (rt_ != nullptr) {
+    kvrt_runtime* rt = rt_;
+    rt_ = nullptr;
+    nb::gil_scoped_release release;
+    kvrt_runtime_destroy(rt);
+  }
+}
+
+kvrt_runtime* PyRuntime::Live(const char* call) const {
+  if (rt_ == nullptr) Raise(KVRT_ERR_FAILED_PRECONDITION, call, "the runtime is closed");
+  return rt_;
+}
+
+nb::dict PyRuntime::Config() const {
+  Live("Runtime.config");
+  return ConfigToDict(cfg_);
+}
+
+nb::dict PyRuntime::Stats() const {
+  kvrt_runtime* rt = Live("Runtime.stats");
+  kvrt_stats s = kvrt_stats_init();
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_get_stats(rt, &s); }), "Runtime.stats", err);
+  return StatsToDict(s);
+}
+
+int64_t PyRuntime::SeqCreate() {
+  kvrt_runtime* rt = Live("Runtime.sequence");
+  kvrt_seq_id id = -1;
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_seq_create(rt, &id); }), "Runtime.sequence", err);
+  return id;
+}
+
+void PyRuntime::SeqRelease(int64_t seq) {
+  kvrt_runtime* rt = Live("Sequence.release");
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_seq_release(rt, seq); }), "Sequence.release", err);
+}
+
+int64_t PyRuntime::SeqLength(int64_t seq, int32_t layer) const {
+  kvrt_runtime* rt = Live("Sequence.length");
+  int64_t n = 0;
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_seq_length(rt, seq, layer, &n); }), "Sequence.length", err);
+  return n;
+}
+
+void PyRuntime::Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k,
+                        const InArray& v, uintptr_t stream) {
+  const char* call = "Sequence.prefill";
+  kvrt_runtime* rt = Live(call);
+  const kvrt_dtype dt = cfg_.dtype;
+  TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
+  TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
+  TensorArg tq;
+  if (q != nullptr) tq = CheckTensor(call, "q", *q, dt, {tk.rows, cfg_.num_q_heads, cfg_.head_dim});
+  CheckSameDevice(call, {&tk, &tv, &tq});
+  kvrt_exec ex = Exec(tk, stream);
+  std::string err;
+  Check(Call(&err, [&] {
+          return kvrt_prefill_ex(rt, seq, layer, tq.data, tk.data, tv.data, tk.rows, &ex);
+        }),
+        call, err);
+}
+
+void PyRuntime::Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v,
+                       uintptr_t stream) {
+  const char* call = "Sequence.append";
+  kvrt_runtime* rt = Live(call);
+  const kvrt_dtype dt = cfg_.dtype;
+  TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
+  TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
+  CheckSameDevice(call, {&tk, &tv});
+  kvrt_exec ex = Exec(tk, stream);
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_append_ex(rt, seq, layer, tk.data, tv.data, tk.rows, &ex); }),
+        call, err);
+}
+
+void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
+                       uintptr_t stream) {
+  const char* call = "Sequence.attend";
+  kvrt_runtime* rt = Live(call);
+  TensorArg tq = CheckTensor(call, "q", q, cfg_.dtype, {cfg_.num_q_heads, cfg_.head_dim});
+  TensorArg to =
+      CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32, {cfg_.num_q_heads, cfg_.head_dim});
+  CheckSameDevice(call, {&tq, &to});
+  kvrt_exec ex = Exec(tq, stream);
+  std::string err;
+  Check(Call(&err, [&] {
+          return kvrt_attend_ex(rt, seq, layer, tq.data, static_cast<float*>(to.data), &ex);
+        }),
+        call, err);
+}
+
+void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer,
+                            const InArray& q, const OutArray& out, uintptr_t stream) {
+  const char* call = "Runtime.attend_batch";
+  kvrt_runtime* rt = Live(call);
+  const int64_t n = int64_t(seqs.size());
+  TensorArg tq = CheckTensor(call, "q", q, cfg_.dtype, {n, cfg_.num_q_heads, cfg_.head_dim});
+  TensorArg to =
+      CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32,
+                  {n, cfg_.num_q_heads, cfg_.head_dim});
+  CheckSameDevice(call, {&tq, &to});
+  kvrt_exec ex = Exec(tq, stream);
+  std::string err;
+  Check(Call(&err, [&] {
+          return kvrt_attend_batch_ex(rt, seqs.data(), int32_t(n), layer, tq.data,
+                                      static_cast<float*>(to.data), &ex);
+        }),
+        call, err);
+}
+
+void PyRuntime::SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy) {
+  kvrt_runtime* rt = Live("Runtime.set_head_policy");
+  std::string err;
+  Check(Call(&err, [&] {
+          return kvrt_set_head_policy(rt, layer, q_head, kvrt_head_policy(policy));
+        }),
+        "Runtime.set_head_policy", err);
+}
+
+void PyRuntime::SetSearchEffort(int32_t effort) {
+  kvrt_runtime* rt = Live("Runtime.set_search_effort");
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_set_search_effort(rt, effort); }),
+        "Runtime.set_search_effort", err);
+  cfg_.search_effort = effort;
+}
+
+std::vector<int64_t> PyRuntime::GetAttended(int64_t seq, int32_t layer, int32_t q_head) const {
+  const char* call = "Sequence.attended";
+  kvrt_runtime* rt = Live(call);
+  std::vector<int64_t> ids;
+  int64_t count = 0;
+  std::string err;
+  for (;;) {  // the count first, then the ids (a later attend cannot intervene: same sequence)
+    Check(Call(&err, [&] {
+            return kvrt_get_attended(rt, seq, layer, q_head, ids.data(), int64_t(ids.size()),
+                                     &count);
+          }),
+          call, err);
+    if (count <= int64_t(ids.size())) break;
+    ids.resize(size_t(count));
+  }
+  ids.resize(size_t(count));
+  return ids;
+}
+
+}  // namespace kvrt_py

@@ -1,0 +1,56 @@
+// kvrt._kvrt.Runtime: one kvrt_runtime* and the C calls on it, with tensors checked and passed
+// by pointer (no copy) and the GIL released while the library works. The Pythonic surface
+// (Config, Sequence, Stats) is kvrt/_runtime.py.
+#pragma once
+
+#include <kvrt.h>
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "tensor_arg.h"
+
+namespace kvrt_py {
+
+namespace nb = nanobind;
+
+class PyRuntime {
+ public:
+  explicit PyRuntime(const nb::dict& config);
+  ~PyRuntime();
+  PyRuntime(const PyRuntime&) = delete;
+  PyRuntime& operator=(const PyRuntime&) = delete;
+
+  void Close();
+  bool closed() const { return rt_ == nullptr; }
+  nb::dict Config() const;
+  nb::dict Stats() const;
+
+  int64_t SeqCreate();
+  void SeqRelease(int64_t seq);
+  int64_t SeqLength(int64_t seq, int32_t layer) const;
+
+  // stream: a cudaStream_t as an integer (0 = the legacy default stream); used for device
+  // tensors only.
+  void Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k, const InArray& v,
+               uintptr_t stream);
+  void Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v, uintptr_t stream);
+  void Attend(int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
+              uintptr_t stream);
+  void AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+                   const OutArray& out, uintptr_t stream);
+
+  void SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy);
+  void SetSearchEffort(int32_t effort);
+  std::vector<int64_t> GetAttended(int64_t seq, int32_t layer, int32_t q_head) const;
+
+ private:
+  kvrt_runtime* Live(const char* call) const;
+
+  kvrt_runtime* rt_ = nullptr;
+  kvrt_config cfg_{};  // the effective configuration (kvrt_runtime_config)
+};
+
+}  // namespace kvrt_py

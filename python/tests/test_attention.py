@@ -1,0 +1,120 @@
+"""Exact mode equals full attention; other kinds agree where they must; outputs are zero-copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kvrt
+from conftest import SHAPE, kv, reference_attention
+
+
+def make(**kw):
+    cfg = dict(SHAPE, dtype="f32", index_kind="exact", sink_tokens=4, window_tokens=64,
+               worker_threads=2)
+    cfg.update(kw)
+    return kvrt.Runtime(**cfg)
+
+
+@pytest.mark.parametrize("prompt", [10, 700])  # all on the GPU tier / most of it cold
+def test_exact_prefill_attend_equals_full_attention(rng, prompt):
+    rt = make()
+    seq = rt.sequence()
+    scale = 1 / np.sqrt(32)
+    ks, vs = {}, {}
+    for layer in range(2):
+        ks[layer], vs[layer] = kv(rng, prompt), kv(rng, prompt)
+        seq.prefill(layer, kv(rng, prompt, 8), ks[layer], vs[layer])
+    for _ in range(3):  # decode steps: append then attend, every layer
+        for layer in range(2):
+            k1, v1 = kv(rng, 1), kv(rng, 1)
+            seq.append(layer, k1, v1)
+            ks[layer] = np.concatenate([ks[layer], k1])
+            vs[layer] = np.concatenate([vs[layer], v1])
+            q = rng.standard_normal((8, 32), dtype=np.float32)
+            out = seq.attend(layer, q)
+            assert out.dtype == np.float32 and out.shape == (8, 32)
+            np.testing.assert_allclose(out, reference_attention(q, ks[layer], vs[layer], scale),
+                                       rtol=2e-4, atol=2e-5)
+    assert seq.length(0) == prompt + 3
+
+
+def test_scale_is_applied(rng):
+    rt = make(scale=0.5)
+    assert rt.config.scale == 0.5
+    seq = rt.sequence()
+    k, v = kv(rng, 300), kv(rng, 300)
+    seq.prefill(0, None, k, v)
+    q = rng.standard_normal((8, 32), dtype=np.float32)
+    np.testing.assert_allclose(seq.attend(0, q), reference_attention(q, k, v, 0.5),
+                               rtol=2e-4, atol=2e-5)
+
+
+def test_flat_with_large_top_k_is_exact_and_small_top_k_is_not(rng):
+    k, v = kv(rng, 2000), kv(rng, 2000)
+    q = rng.standard_normal((8, 32), dtype=np.float32)
+    ref = reference_attention(q, k, v, 1 / np.sqrt(32))
+    outs = {}
+    for top_k in (2000, 4):
+        rt = make(index_kind="flat", top_k=top_k)
+        seq = rt.sequence()
+        seq.prefill(0, None, k, v)
+        outs[top_k] = seq.attend(0, q)
+    np.testing.assert_allclose(outs[2000], ref, rtol=2e-4, atol=2e-5)
+    assert np.abs(outs[4] - ref).max() > 1e-3  # retrieval of 4 tokens out of ~1900 is lossy
+
+
+def test_output_is_written_into_the_given_array(rng):
+    rt = make()
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 50), kv(rng, 50))
+    out = np.full((8, 32), np.nan, dtype=np.float32)
+    got = seq.attend(0, rng.standard_normal((8, 32), dtype=np.float32), out=out)
+    assert got is out
+    assert np.isfinite(out).all()
+    # a view into a larger buffer: written in place, the rest untouched
+    buf = np.zeros((3, 8, 32), dtype=np.float32)
+    seq.attend(0, rng.standard_normal((8, 32), dtype=np.float32), out=buf[1])
+    assert np.abs(buf[1]).sum() > 0 and not buf[0].any() and not buf[2].any()
+
+
+def test_inputs_are_not_copied_read_only_is_fine(rng):
+    rt = make()
+    seq = rt.sequence()
+    k = kv(rng, 20)
+    k.flags.writeable = False
+    seq.prefill(0, None, k, k)
+    assert seq.length(0) == 20
+
+
+def test_attend_batch_equals_one_attend_per_sequence(rng):
+    rt = make(index_kind="flat", top_k=50)
+    seqs = [rt.sequence() for _ in range(3)]
+    for i, s in enumerate(seqs):
+        s.prefill(0, None, kv(rng, 500 + 100 * i), kv(rng, 500 + 100 * i))
+    q = rng.standard_normal((3, 8, 32), dtype=np.float32)
+    batched = rt.attend_batch(seqs, 0, q)
+    assert batched.shape == (3, 8, 32)
+    for i, s in enumerate(seqs):
+        np.testing.assert_allclose(s.attend(0, q[i]), batched[i], rtol=1e-5, atol=1e-6)
+
+
+def test_f16_storage(rng):
+    rt = make(dtype="f16")
+    seq = rt.sequence()
+    k, v = kv(rng, 400).astype(np.float16), kv(rng, 400).astype(np.float16)
+    seq.prefill(0, None, k, v)
+    q = rng.standard_normal((8, 32)).astype(np.float16)
+    np.testing.assert_allclose(seq.attend(0, q), reference_attention(q, k, v, 1 / np.sqrt(32)),
+                               rtol=1e-2, atol=1e-3)
+
+
+def test_record_attended_names_positions(rng):
+    rt = make(index_kind="flat", top_k=10, record_attended=1, sink_tokens=2, window_tokens=8)
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 300), kv(rng, 300))
+    seq.attend(0, rng.standard_normal((8, 32), dtype=np.float32))
+    ids = seq.attended(0, 3)
+    assert ids.dtype == np.int64 and len(ids) == 2 + 8 + 10
+    assert set(ids[:10]) == {0, 1, *range(292, 300)}
+    assert all(2 <= i < 292 for i in ids[10:])

@@ -1,0 +1,82 @@
+"""Config mirrors kvrt_config (defaults included); Stats fields move as the runtime works."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+import kvrt
+from conftest import SHAPE, kv
+
+
+def test_config_defaults_are_the_librarys():
+    assert kvrt.Config() == kvrt.Config.from_dict(kvrt._kvrt.config_default())
+
+
+def test_runtime_from_config_dataclass_and_keywords():
+    cfg = kvrt.Config(**SHAPE, dtype="f32", index_kind="attention-aware", top_k=7)
+    rt = kvrt.Runtime(cfg, window_tokens=32, cold_attention="auto")
+    eff = rt.config
+    assert (eff.index_kind, eff.top_k, eff.window_tokens) == ("attention-aware", 7, 32)
+    assert eff.cold_attention == "auto" and eff.use_gpu == 0
+    assert abs(eff.scale - 1 / np.sqrt(32)) < 1e-7  # 0 resolved by the library
+    assert eff.worker_threads >= 1
+    assert cfg.window_tokens == 2048  # the dataclass passed in is not changed
+    assert kvrt.Runtime({"num_layers": 3}).config.num_layers == 3
+
+
+def test_config_round_trips_every_field():
+    cfg = kvrt.Config(num_layers=3, num_q_heads=4, num_kv_heads=4, head_dim=16, dtype="f16",
+                      scale=0.25, sink_tokens=1, window_tokens=9, top_k=5, index_kind="landmark",
+                      search_effort=3, worker_threads=1, record_attended=1, use_gpu=0,
+                      host_memory_limit=1 << 30, gpu_memory_limit=1 << 29, check_finite=0,
+                      group_search=1, cold_attention="fetch")
+    assert kvrt.Runtime(cfg).config == cfg
+
+
+def test_stats_fields_move(rng):
+    rt = kvrt.Runtime(**SHAPE, dtype="f32", index_kind="flat", top_k=10, sink_tokens=4,
+                      window_tokens=32)
+    s0 = rt.stats()
+    assert isinstance(s0, kvrt.Stats) and s0.sequences == 0 and s0.attend_calls == 0
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 500), kv(rng, 500))
+    s1 = rt.stats()
+    assert s1.sequences == 1
+    assert s1.gpu_tokens == 4 + 32 and s1.host_tokens == 500 - 36
+    assert s1.host_bytes == (500 - 36) * 2 * 2 * 32 * 4  # k and v, 2 kv heads, f32
+    for _ in range(5):
+        seq.append(0, kv(rng, 1), kv(rng, 1))
+        seq.attend(0, rng.standard_normal((8, 32), dtype=np.float32))
+    s2 = rt.stats()
+    d = s2 - s1
+    assert d.attend_calls == 5 and d.evicted_tokens == 5 and d.host_tokens == 5
+    assert d.cold_tokens_attended == 5 * 8 * 10  # top_k per q head per attend
+    assert d.keys_scored > 0 and d.time_attend_ns > 0
+    assert 0 < s2.scanned_fraction <= 1 and s2.mean_attend_us > 0
+    seq.release()
+    assert rt.stats().sequences == 0 and rt.stats().host_tokens == 0
+
+
+def test_stats_is_a_frozen_dataclass_with_every_c_field():
+    names = [f.name for f in dataclasses.fields(kvrt.Stats)]
+    assert names == list(kvrt.Runtime(**SHAPE).stats().as_dict())
+    assert len(names) == len(kvrt._kvrt.Runtime(dict(SHAPE)).stats())
+
+
+def test_module_surface():
+    assert kvrt.library_version() == kvrt.__version__
+    assert "flat" in kvrt.index_kinds() and "cluster" in kvrt.index_kinds()
+    assert "ef=" in kvrt.describe_search("hnsw", 100)
+    rt = kvrt.Runtime(**SHAPE)
+    assert "host backend" in repr(rt)
+    rt.set_search_effort(5)
+    assert rt.config.search_effort == 5
+    rt.set_head_policy(0, 1, "streaming")
+    try:
+        rt.set_head_policy(0, 99, "streaming")
+    except kvrt.InvalidArgumentError as e:
+        assert "99" in str(e)
+    else:
+        raise AssertionError("q head 99 accepted")

@@ -1,0 +1,134 @@
+"""Bad input raises a KvrtError subclass with the library's (or the binding's) message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kvrt
+from conftest import SHAPE, kv
+
+
+@pytest.fixture
+def rt():
+    with kvrt.Runtime(**SHAPE, dtype="f32", window_tokens=16) as r:
+        yield r
+
+
+def test_attend_before_prefill_is_failed_precondition(rt):
+    seq = rt.sequence()
+    with pytest.raises(kvrt.FailedPreconditionError, match="holds no token") as e:
+        seq.attend(0, np.zeros((8, 32), np.float32))
+    assert e.value.status == 4 and e.value.status_name == "KVRT_ERR_FAILED_PRECONDITION"
+    assert isinstance(e.value, kvrt.KvrtError) and isinstance(e.value, RuntimeError)
+
+
+def test_prefill_twice(rt, rng):
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 3), kv(rng, 3))
+    with pytest.raises(kvrt.FailedPreconditionError, match="already holds 3 tokens"):
+        seq.prefill(0, None, kv(rng, 3), kv(rng, 3))
+
+
+def test_unknown_index_kind_lists_the_kinds():
+    with pytest.raises(kvrt.InvalidArgumentError, match="unknown index kind 'nope'") as e:
+        kvrt.Runtime(index_kind="nope")
+    for name in kvrt.index_kinds():
+        assert name in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_config_out_of_range_names_the_field():
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.num_q_heads"):
+        kvrt.Runtime(num_q_heads=6, num_kv_heads=4)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.top_k .*C type"):
+        kvrt.Runtime(top_k=2**40)
+    with pytest.raises(TypeError, match="unknown kvrt config field"):
+        kvrt.Runtime(top_kk=3)
+
+
+@pytest.mark.parametrize("q, what", [
+    (np.zeros((8, 32), np.float64), "dtype float64; expected f32"),
+    (np.zeros((8, 16), np.float32), r"shape \(8, 16\); expected \(8, 32\)"),
+    (np.zeros((1, 8, 32), np.float32), r"shape \(1, 8, 32\)"),
+    (np.zeros((8, 64), np.float32)[:, ::2], "not contiguous"),
+    (np.zeros((8, 32), np.int32), "dtype int32"),
+])
+def test_bad_query(rt, rng, q, what):
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 5), kv(rng, 5))
+    with pytest.raises(kvrt.InvalidArgumentError, match=what):
+        seq.attend(0, q)
+
+
+def test_bad_out_and_kv(rt, rng):
+    seq = rt.sequence()
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"v has shape \(4, 2, 32\); expected \(5"):
+        seq.prefill(0, None, kv(rng, 5), kv(rng, 4))
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"k has shape \(5, 3, 32\)"):
+        seq.append(0, kv(rng, 5, 3), kv(rng, 5, 3))
+    seq.prefill(0, None, kv(rng, 5), kv(rng, 5))
+    with pytest.raises(kvrt.InvalidArgumentError, match="out has dtype float16"):
+        seq.attend(0, np.zeros((8, 32), np.float32), out=np.zeros((8, 32), np.float16))
+    with pytest.raises(TypeError):  # a read-only out is refused by the binding
+        ro = np.zeros((8, 32), np.float32)
+        ro.flags.writeable = False
+        seq.attend(0, np.zeros((8, 32), np.float32), out=ro)
+
+
+def test_nothing_changes_on_failure(rt, rng):
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 5), kv(rng, 5))
+    bad = kv(rng, 1)
+    bad[0, 1, 3] = np.nan
+    with pytest.raises(kvrt.InvalidArgumentError, match="non-finite"):
+        seq.append(0, bad, kv(rng, 1))
+    assert seq.length(0) == 5
+
+
+def test_layer_out_of_range_and_released_sequence(rt, rng):
+    seq = rt.sequence()
+    with pytest.raises(kvrt.InvalidArgumentError, match="layer 2 is out of range"):
+        seq.prefill(2, None, kv(rng, 5), kv(rng, 5))
+    seq.release()
+    seq.release()  # idempotent
+    other = rt.sequence()
+    other.id = seq.id  # a stale id reaches the library
+    other._released = True
+    with pytest.raises(kvrt.NotFoundError):
+        rt._impl.seq_length(seq.id, 0)
+
+
+def test_closed_runtime(rng):
+    rt = kvrt.Runtime(**SHAPE, dtype="f32")
+    seq = rt.sequence()
+    rt.close()
+    rt.close()
+    with pytest.raises(kvrt.FailedPreconditionError, match="closed"):
+        seq.append(0, kv(rng, 1), kv(rng, 1))
+    seq.release()  # no error after close
+
+
+def test_gpu_without_cuda_is_unimplemented_or_works():
+    try:
+        rt = kvrt.Runtime(**SHAPE, use_gpu=1)
+    except kvrt.UnimplementedError as e:
+        assert "CUDA" in str(e) and isinstance(e, NotImplementedError)
+    else:
+        assert rt.config.use_gpu == 1
+
+
+def test_attend_batch_names_the_failing_sequence(rt, rng):
+    a, b = rt.sequence(), rt.sequence()
+    a.prefill(0, None, kv(rng, 5), kv(rng, 5))
+    out = np.zeros((2, 8, 32), np.float32)
+    with pytest.raises(kvrt.FailedPreconditionError, match=f"sequence {b.id}"):
+        rt.attend_batch([a, b], 0, np.ones((2, 8, 32), np.float32), out=out)
+    assert out[0].any() and not out[1].any()  # the good row is written, the failed one not
+
+
+def test_every_status_has_a_class():
+    for status in range(1, 9):
+        e = kvrt._errors.make_error(status, "call", "msg")
+        assert type(e) is not kvrt.KvrtError and e.status == status
+        assert e.status_name == kvrt._kvrt.status_string(status)
