@@ -5,7 +5,8 @@
 # (BEFORE, optional: run-to-run spread against a change), alternating, with PyTorch SDPA over a
 # resident cache as the peer of the same run. BENCH=hot (on the device) measures the cluster kind's
 # GPU hot cache instead of the before/after comparison (at 128K, B=1), BENCH=hot-scale at B=16 and
-# 1M; TESTS="" and SANITIZE="" skip the tests and compute-sanitizer.
+# 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer (BENCH takes a list); TESTS="" and
+# SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
@@ -32,7 +33,7 @@ if [[ "${1:-}" == "--device" ]]; then
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -n "$san" && -n "${SANITIZE-1}" ]]; then
     filter='All/GpuBackend.MatchesHostBackend/flat_device_bf16:All/GpuBackend.MatchesHostBackend/exact_host_f32:All/GpuBackend.MatchesHostBackend/flat_device_bf16_fetch:GpuBackendBatch.*:GpuBackendCluster.*'
-    for tool in memcheck racecheck; do
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
       KVRT_GPU_TEST_SMALL=1 timeout 100 "$san" --tool $tool --error-exitcode 3 $b/test_runtime_gpu \
         --gtest_filter="$filter" > "$out/$tool.log" 2>&1 || rc=1
       echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
@@ -42,15 +43,19 @@ if [[ "${1:-}" == "--device" ]]; then
   # The CLI before --keys ran on random keys without accuracy: the same for this one, like for like.
   random="--keys random --accuracy-steps 0"
   {
-    if [[ "${BENCH:-ab}" == hot ]]; then
+    for bench in ${BENCH:-ab}; do
+    if [[ "$bench" == hot ]]; then
       # The cluster kind's GPU hot cache: off and on, trace-like keys, accuracy beside latency.
-      for hc in 0 0.05 0.1; do
-        echo "=== kvrt: cluster 128K B=1, hot cache $hc"
-        timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache $hc
+      for hc in 0 0.1; do
+        echo "=== kvrt: cluster 128K B=1, hot cache $hc (latency: no accuracy capture)"
+        timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache $hc \
+          --accuracy-steps 0
       done
+      echo "=== kvrt: cluster 128K B=1, hot cache 0.1, with accuracy"
+      timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache 0.1
       echo "=== kvrt: flat 128K B=1 (the same data; the accuracy peer at top-k 100)"
       timeout 150 $b/kvrt $args --index flat --cold 131072 --batch 1
-    elif [[ "${BENCH:-ab}" == hot-scale ]]; then
+    elif [[ "$bench" == hot-scale ]]; then
       for hc in 0 0.1; do
         echo "=== kvrt: cluster 128K B=16 (kvrt_attend_batch), hot cache $hc"
         timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 16 --attend batch \
@@ -58,6 +63,12 @@ if [[ "${1:-}" == "--device" ]]; then
       done
       echo "=== kvrt: cluster 1M B=1, hot cache 0.1"
       timeout 300 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --hot-cache 0.1
+    elif [[ "$bench" == serve ]]; then
+      python3 tools/gpu_bench/sdpa_peer.py --serve --gpu-memory 100GiB --context 32768 131072 \
+        --layers-model 32 > "$out/dense-serve.jsonl"
+      timeout 400 $b/kvrt bench serve --gpu-memory 100GiB --context 32768,131072 --layers-model 32 \
+        --layers 1 --index cluster --max-batch 64 --steps 20 --warmup 3 --max-seconds 4 \
+        --dense-json "$out/dense-serve.jsonl" --csv "$out/serve.csv" --plot "$out/serve.svg"
     else
       for round in 1 2; do
         for prog in kvrt_before kvrt; do
@@ -72,6 +83,7 @@ if [[ "${1:-}" == "--device" ]]; then
       timeout 200 $b/kvrt $args $random --index cluster --cold 131072,1048576 --batch 1 --cold-attention cpu,fetch
       timeout 120 $b/kvrt $args $random --index cluster --cold 131072 --batch 16 --attend batch
     fi
+    done
   } > "$out/bench.log" 2>&1 || rc=1
   cat "$out/bench.log"
   PYTHONUNBUFFERED=1 timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 > "$out/sdpa_peer.log" 2>&1 || rc=1

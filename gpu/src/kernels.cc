@@ -254,6 +254,15 @@ absl::Status ScatterRows(const void* src_k, const void* src_v, void* dst_k, void
 #endif
 }
 
+absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream) {
+  if (n_runs < 0) return absl::InvalidArgumentError("ExpandRowRuns: n_runs < 0");
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchExpandRowRuns(runs, n_runs, ids, stream), "ExpandRowRuns");
+#else
+  return NoCuda("ExpandRowRuns");
+#endif
+}
+
 absl::Status ExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream) {
   if (auto s = CheckTopK(pr); !s.ok()) return s;
 #if KVRT_WITH_CUDA

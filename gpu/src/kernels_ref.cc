@@ -126,6 +126,11 @@ void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* ds
   }
 }
 
+void ExpandRowRunsHost(const int32_t* runs, int64_t n_runs, int32_t* ids) {
+  for (int64_t r = 0; r < n_runs; ++r)
+    for (int32_t j = 0; j < runs[3 * r + 2]; ++j) ids[runs[3 * r + 1] + j] = runs[3 * r] + j;
+}
+
 void GatherAttendHost(const GatherBatch& g, const void* q, bool q_is_f32, float scale, float* o,
                       float* lse) {
   const int d = g.head_dim;

@@ -71,6 +71,19 @@ __global__ void ScatterRowsKernel(const uint4* __restrict__ src_k, const uint4* 
   }
 }
 
+// ids[run.dst + j] = run.src + j for j < run.n (n <= 32): one warp-sized slice per run.
+__global__ void ExpandRowRunsKernel(const int32_t* __restrict__ runs, int64_t n_runs,
+                                    int32_t* __restrict__ ids) {
+  const int64_t total = n_runs * 32;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = idx / 32;
+    const int j = static_cast<int>(idx % 32);
+    const int32_t src = runs[3 * r], dst = runs[3 * r + 1], n = runs[3 * r + 2];
+    if (j < n) ids[dst + j] = src + j;
+  }
+}
+
 int Blocks(int64_t words) {
   const int64_t b = (words + 255) / 256;
   return static_cast<int>(b < 4096 ? (b > 0 ? b : 1) : 4096);
@@ -114,6 +127,12 @@ Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* d
   ScatterRowsKernel<<<Blocks(n * words), 256, 0, AsStream(stream)>>>(
       static_cast<const uint4*>(src_k), static_cast<const uint4*>(src_v),
       static_cast<uint4*>(dst_k), static_cast<uint4*>(dst_v), dst_rows, n, words);
+  return LastLaunchErr();
+}
+
+Err LaunchExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream) {
+  if (n_runs == 0) return {};
+  ExpandRowRunsKernel<<<Blocks(n_runs * 32), 256, 0, AsStream(stream)>>>(runs, n_runs, ids);
   return LastLaunchErr();
 }
 

@@ -40,6 +40,9 @@ class Config:
         check_finite: 1 rejects NaN/Inf in host q, k, v.
         group_search: 1 = one index search per kv head for its q heads.
         cold_attention: "cpu", "fetch" or "auto" (GPU backend).
+        hot_cache_fraction: GPU hot cache of the cluster kind, fraction of the cold tokens (0 = off).
+        cluster_budget_fraction: cold tokens the cluster kind attends per q head and step, as a
+            fraction of the clustered ones.
     """
 
     num_layers: int = 32
@@ -61,6 +64,8 @@ class Config:
     check_finite: int = 1
     group_search: int = 0
     cold_attention: ColdAttention = "cpu"
+    hot_cache_fraction: float = 0.1
+    cluster_budget_fraction: float = 0.02
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

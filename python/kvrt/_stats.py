@@ -37,6 +37,11 @@ class Stats:
     attends_fetch: int = 0
     attends_gpu_select: int = 0
     summary_gpu_bytes: int = 0
+    hot_hits: int = 0
+    hot_misses: int = 0
+    hot_h2d_bytes: int = 0
+    hot_cache_gpu_bytes: int = 0
+    time_hot_cache_ns: int = 0
 
     @property
     def scanned_fraction(self) -> float:

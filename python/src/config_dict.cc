@@ -31,8 +31,8 @@ int64_t ToInt(const std::string& field, nb::handle v, int64_t lo, int64_t hi) {
 }
 
 int32_t ToI32(const std::string& f, nb::handle v) {
-  return int32_t(ToInt(f, v, std::numeric_limits<int32_t>::min(),
-                       std::numeric_limits<int32_t>::max()));
+  return int32_t(
+      ToInt(f, v, std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()));
 }
 
 template <typename Enum>
@@ -77,35 +77,54 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
   for (auto [key, value] : fields) {
     std::string k = nb::cast<std::string>(nb::str(key));
     if (value.is_none()) continue;  // None: the library's default
-    if (k == "num_layers") c.num_layers = ToI32(k, value);
-    else if (k == "num_q_heads") c.num_q_heads = ToI32(k, value);
-    else if (k == "num_kv_heads") c.num_kv_heads = ToI32(k, value);
-    else if (k == "head_dim") c.head_dim = ToI32(k, value);
-    else if (k == "dtype") c.dtype = ToDtype(value);
+    if (k == "num_layers")
+      c.num_layers = ToI32(k, value);
+    else if (k == "num_q_heads")
+      c.num_q_heads = ToI32(k, value);
+    else if (k == "num_kv_heads")
+      c.num_kv_heads = ToI32(k, value);
+    else if (k == "head_dim")
+      c.head_dim = ToI32(k, value);
+    else if (k == "dtype")
+      c.dtype = ToDtype(value);
     else if (k == "scale") {
       if (!PyFloat_Check(value.ptr()) && !PyLong_Check(value.ptr())) {
         BadField(k, "must be a number");
       }
       c.scale = float(nb::cast<double>(value));
-    }
-    else if (k == "sink_tokens") c.sink_tokens = ToI32(k, value);
-    else if (k == "window_tokens") c.window_tokens = ToI32(k, value);
-    else if (k == "top_k") c.top_k = ToI32(k, value);
-    else if (k == "index_kind") c.index_kind = ToIndexKind(value);
-    else if (k == "search_effort") c.search_effort = ToI32(k, value);
-    else if (k == "worker_threads") c.worker_threads = ToI32(k, value);
-    else if (k == "record_attended") c.record_attended = ToI32(k, value);
-    else if (k == "use_gpu") c.use_gpu = ToI32(k, value);
+    } else if (k == "sink_tokens")
+      c.sink_tokens = ToI32(k, value);
+    else if (k == "window_tokens")
+      c.window_tokens = ToI32(k, value);
+    else if (k == "top_k")
+      c.top_k = ToI32(k, value);
+    else if (k == "index_kind")
+      c.index_kind = ToIndexKind(value);
+    else if (k == "search_effort")
+      c.search_effort = ToI32(k, value);
+    else if (k == "worker_threads")
+      c.worker_threads = ToI32(k, value);
+    else if (k == "record_attended")
+      c.record_attended = ToI32(k, value);
+    else if (k == "use_gpu")
+      c.use_gpu = ToI32(k, value);
     else if (k == "host_memory_limit") {
-      c.host_memory_limit = ToInt(k, value, std::numeric_limits<int64_t>::min(),
-                                  std::numeric_limits<int64_t>::max());
+      c.host_memory_limit =
+          ToInt(k, value, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max());
     } else if (k == "gpu_memory_limit") {
-      c.gpu_memory_limit = ToInt(k, value, std::numeric_limits<int64_t>::min(),
-                                 std::numeric_limits<int64_t>::max());
-    } else if (k == "check_finite") c.check_finite = ToI32(k, value);
-    else if (k == "group_search") c.group_search = ToI32(k, value);
+      c.gpu_memory_limit =
+          ToInt(k, value, std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::max());
+    } else if (k == "check_finite")
+      c.check_finite = ToI32(k, value);
+    else if (k == "group_search")
+      c.group_search = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
+    } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction") {
+      if (!PyFloat_Check(value.ptr()) && !PyLong_Check(value.ptr()))
+        BadField(k, "must be a number");
+      (k == "hot_cache_fraction" ? c.hot_cache_fraction : c.cluster_budget_fraction) =
+          float(nb::cast<double>(value));
     } else {
       Raise(KVRT_ERR_INVALID_ARGUMENT, kCall, "unknown config field '" + k + "'");
     }
@@ -138,22 +157,45 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cold_attention"] = (c.cold_attention >= 0 && c.cold_attention <= 2)
                             ? nb::cast(std::string(kCold[c.cold_attention]))
                             : nb::cast(int(c.cold_attention));
+  d["hot_cache_fraction"] = double(c.hot_cache_fraction);
+  d["cluster_budget_fraction"] = double(c.cluster_budget_fraction);
   return d;
 }
 
 nb::dict StatsToDict(const kvrt_stats& s) {
   nb::dict d;
 #define KVRT_PY_STAT(f) d[#f] = s.f
-  KVRT_PY_STAT(sequences); KVRT_PY_STAT(gpu_tokens); KVRT_PY_STAT(host_tokens);
-  KVRT_PY_STAT(gpu_bytes); KVRT_PY_STAT(host_bytes); KVRT_PY_STAT(index_bytes);
-  KVRT_PY_STAT(attend_calls); KVRT_PY_STAT(keys_scored); KVRT_PY_STAT(cold_keys_searchable);
-  KVRT_PY_STAT(cold_tokens_attended); KVRT_PY_STAT(evicted_tokens);
-  KVRT_PY_STAT(gpu_allocated_bytes); KVRT_PY_STAT(time_attend_ns);
-  KVRT_PY_STAT(time_gpu_attention_ns); KVRT_PY_STAT(time_d2h_ns); KVRT_PY_STAT(time_cpu_search_ns);
-  KVRT_PY_STAT(time_cpu_attention_ns); KVRT_PY_STAT(time_h2d_ns); KVRT_PY_STAT(time_merge_ns);
-  KVRT_PY_STAT(time_idle_ns); KVRT_PY_STAT(eviction_batches); KVRT_PY_STAT(index_update_failures);
-  KVRT_PY_STAT(keys_read); KVRT_PY_STAT(attends_fetch); KVRT_PY_STAT(attends_gpu_select);
+  KVRT_PY_STAT(sequences);
+  KVRT_PY_STAT(gpu_tokens);
+  KVRT_PY_STAT(host_tokens);
+  KVRT_PY_STAT(gpu_bytes);
+  KVRT_PY_STAT(host_bytes);
+  KVRT_PY_STAT(index_bytes);
+  KVRT_PY_STAT(attend_calls);
+  KVRT_PY_STAT(keys_scored);
+  KVRT_PY_STAT(cold_keys_searchable);
+  KVRT_PY_STAT(cold_tokens_attended);
+  KVRT_PY_STAT(evicted_tokens);
+  KVRT_PY_STAT(gpu_allocated_bytes);
+  KVRT_PY_STAT(time_attend_ns);
+  KVRT_PY_STAT(time_gpu_attention_ns);
+  KVRT_PY_STAT(time_d2h_ns);
+  KVRT_PY_STAT(time_cpu_search_ns);
+  KVRT_PY_STAT(time_cpu_attention_ns);
+  KVRT_PY_STAT(time_h2d_ns);
+  KVRT_PY_STAT(time_merge_ns);
+  KVRT_PY_STAT(time_idle_ns);
+  KVRT_PY_STAT(eviction_batches);
+  KVRT_PY_STAT(index_update_failures);
+  KVRT_PY_STAT(keys_read);
+  KVRT_PY_STAT(attends_fetch);
+  KVRT_PY_STAT(attends_gpu_select);
   KVRT_PY_STAT(summary_gpu_bytes);
+  KVRT_PY_STAT(hot_hits);
+  KVRT_PY_STAT(hot_misses);
+  KVRT_PY_STAT(hot_h2d_bytes);
+  KVRT_PY_STAT(hot_cache_gpu_bytes);
+  KVRT_PY_STAT(time_hot_cache_ns);
 #undef KVRT_PY_STAT
   return d;
 }
@@ -161,7 +203,7 @@ nb::dict StatsToDict(const kvrt_stats& s) {
 }  // namespace kvrt_py
 
 // A field appended to kvrt.h must be added above (and to kvrt/_config.py / _stats.py).
-static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 26 * sizeof(int64_t),
+static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 31 * sizeof(int64_t),
               "kvrt_stats changed: update StatsToDict and kvrt/_stats.py");
-static_assert(sizeof(kvrt_config) == 96,
+static_assert(sizeof(kvrt_config) == 104,
               "kvrt_config changed: update ConfigFromDict/ConfigToDict and kvrt/_config.py");

@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdio>
-#include <cstdlib>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -82,22 +82,25 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   out->rows.assign(record_rows ? H : 0, {});
 
   // 1. Per kv head, in parallel (each has its own map and pages): look every group of its q heads
-  //    up; misses get pages now. Row ids are pool rows.
+  //    up; misses get pages now. Each q head's pool rows are listed as runs of one page each
+  //    (src pool row, dst position in the head's list, rows), expanded on the device.
   struct Miss {
+    int g;
     int64_t begin;
     int32_t rows;
-    int64_t pool_row0;  // pool row of the group's first page
+    int64_t pool_page0;  // pool page of the head's local page 0
     const std::vector<int32_t>* pages;
   };
-  std::vector<std::vector<Miss>> misses(G);
-  std::vector<int64_t> miss_rows(G, 0), hits(G, 0);
-  std::vector<std::vector<int32_t>> ids(H);
+  std::vector<std::vector<Miss>> head_misses(G);
+  std::vector<int64_t> hits(G, 0);
+  std::vector<std::vector<int32_t>> runs(H);  // [q head] (src, dst, n) triples
   arena.execute([&] {
     tbb::parallel_for(0, G, [&](int g) {
       HotCacheMap& map = maps_[g];
-      const int64_t base = static_cast<int64_t>(g) * pages_per_head_;  // first page of head g
+      const int64_t page0 = static_cast<int64_t>(g) * pages_per_head_;
       map.NextStep();
       for (int h = g * group; h < (g + 1) * group; ++h) {
+        int32_t listed = 0;
         for (const HotCacheMap::Group& grp : groups[h]) {
           const std::vector<int32_t>* pages = map.Find(grp);
           if (pages != nullptr) {
@@ -109,104 +112,113 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
                 out->cpu_rows[h].push_back(r);
               continue;
             }
-            misses[g].push_back({grp.begin, grp.rows, base, pages});
-            miss_rows[g] += grp.rows;
+            head_misses[g].push_back({g, grp.begin, grp.rows, page0, pages});
           }
           for (int32_t j = 0; j < grp.rows; j += kPageRows) {
-            const int32_t at = static_cast<int32_t>((base + (*pages)[j / kPageRows]) * kPageRows);
             const int32_t n = std::min<int32_t>(kPageRows, grp.rows - j);
-            for (int32_t r = 0; r < n; ++r) ids[h].push_back(at + r);
+            runs[h].insert(runs[h].end(),
+                           {static_cast<int32_t>((page0 + (*pages)[j / kPageRows]) * kPageRows),
+                            listed + j, n});
           }
+          listed += grp.rows;
           if (record_rows)
             for (int64_t r = grp.begin; r < grp.begin + grp.rows; ++r) out->rows[h].push_back(r);
-          out->attended[h] += grp.rows;
         }
+        out->attended[h] = listed;
       }
     });
   });
-  const int64_t t_lookup = NowNs();
   std::vector<int32_t> offsets(H + 1, 0);
+  std::vector<int64_t> run_at(H + 1, 0);
   int max_rows = 0;
   for (int h = 0; h < H; ++h) {
-    offsets[h + 1] = offsets[h] + static_cast<int32_t>(ids[h].size());
-    max_rows = std::max(max_rows, static_cast<int>(ids[h].size()));
+    offsets[h + 1] = offsets[h] + static_cast<int32_t>(out->attended[h]);
+    run_at[h + 1] = run_at[h] + static_cast<int64_t>(runs[h].size() / 3);
+    max_rows = std::max(max_rows, static_cast<int>(out->attended[h]));
   }
-  std::vector<int64_t> head_miss_at(G + 1, 0);
-  int64_t n_misses = 0;
+  std::vector<Miss> misses;
   for (int g = 0; g < G; ++g) {
-    head_miss_at[g + 1] = head_miss_at[g] + miss_rows[g];
     counters_->hot_hits += hits[g];
-    n_misses += static_cast<int64_t>(misses[g].size());
+    misses.insert(misses.end(), head_misses[g].begin(), head_misses[g].end());
   }
-  counters_->hot_misses += n_misses;
-  const int64_t total_miss_rows = head_miss_at[G];
+  counters_->hot_misses += static_cast<int64_t>(misses.size());
+  std::vector<int64_t> miss_at(misses.size() + 1, 0);
+  for (std::size_t m = 0; m < misses.size(); ++m) miss_at[m + 1] = miss_at[m] + misses[m].rows;
+  const int64_t miss_rows = miss_at.back();
+  const int64_t t_lookup = NowNs();
   out->on_device = offsets[H] > 0;
   if (!out->on_device) {  // nothing cached or fitting: no device state
     counters_->time_hot_cache_ns += NowNs() - t0;
     return absl::OkStatus();
   }
 
-  // 2. One pinned upload: [miss K | miss V | destination rows | offsets | row ids], filled in
-  //    parallel (misses per kv head, row ids per q head).
-  const std::size_t kv_bytes = static_cast<std::size_t>(total_miss_rows) * rb;
+  // 2. One pinned upload: [miss K | miss V | destination rows | offsets | runs], filled in
+  //    parallel (misses, then the runs per q head). The row ids are expanded on the device, past
+  //    the upload.
+  const std::size_t kv_bytes = static_cast<std::size_t>(miss_rows) * rb;
   const std::size_t dst_at = 2 * kv_bytes;
-  const std::size_t off_at = Align16(dst_at + static_cast<std::size_t>(total_miss_rows) * 4);
-  const std::size_t ids_at = off_at + offsets.size() * 4;
-  const std::size_t total = Align16(ids_at + static_cast<std::size_t>(offsets[H]) * 4);
+  const std::size_t off_at = Align16(dst_at + static_cast<std::size_t>(miss_rows) * 4);
+  const std::size_t runs_at = off_at + offsets.size() * 4;
+  const std::size_t upload = Align16(runs_at + static_cast<std::size_t>(run_at[H]) * 12);
+  const std::size_t total = upload + static_cast<std::size_t>(offsets[H]) * 4;
   if (done_.empty()) {
     KVRT_ASSIGN_OR_RETURN(done_, transfer::Event::Create(false));
   } else {
     KVRT_RETURN_IF_ERROR(done_.Synchronize());  // the previous step's H2D out of staging_
   }
-  if (staging_.size() < total) {
+  if (staging_.size() < upload) {
     staging_ = transfer::PinnedBlock();
-    KVRT_ASSIGN_OR_RETURN(staging_, ctx_->pinned().Acquire(total + total / 2));
+    KVRT_ASSIGN_OR_RETURN(staging_, ctx_->pinned().Acquire(upload + upload / 2));
   }
-  const int64_t t_sync = NowNs();
   auto* host = static_cast<unsigned char*>(staging_.data());
   auto* dst_rows = reinterpret_cast<int32_t*>(host + dst_at);
-  auto* row_ids = reinterpret_cast<int32_t*>(host + ids_at);
+  auto* run_out = reinterpret_cast<int32_t*>(host + runs_at);
+  const int64_t n_tasks = static_cast<int64_t>(misses.size()) + H;
   arena.execute([&] {
-    tbb::parallel_for(0, G + H, [&](int task) {
-      if (task >= G) {
-        const int h = task - G;
-        if (!ids[h].empty())
-          std::memcpy(row_ids + offsets[h], ids[h].data(), ids[h].size() * sizeof(int32_t));
+    tbb::parallel_for(int64_t{0}, n_tasks, [&](int64_t task) {
+      if (task >= static_cast<int64_t>(misses.size())) {
+        const int h = static_cast<int>(task - static_cast<int64_t>(misses.size()));
+        int32_t* r = run_out + 3 * run_at[h];
+        for (std::size_t i = 0; i < runs[h].size(); i += 3) {
+          r[i] = runs[h][i];
+          r[i + 1] = runs[h][i + 1] + offsets[h];
+          r[i + 2] = runs[h][i + 2];
+        }
         return;
       }
-      const int g = task;
-      const auto& store = cold.store(g);
-      int64_t at = head_miss_at[g];
-      for (const Miss& x : misses[g]) {
-        // Cluster-contiguous store: a group is one contiguous read.
-        const std::size_t bytes = static_cast<std::size_t>(x.rows) * rb;
-        std::memcpy(host + at * rb, store.key(x.begin), bytes);
-        std::memcpy(host + kv_bytes + at * rb, store.value(x.begin), bytes);
-        for (int32_t j = 0; j < x.rows; ++j)
-          dst_rows[at + j] = static_cast<int32_t>(
-              (x.pool_row0 + (*x.pages)[j / kPageRows]) * kPageRows + j % kPageRows);
-        at += x.rows;
-      }
+      const Miss& x = misses[task];
+      const auto& store = cold.store(x.g);
+      const int64_t at = miss_at[task];
+      // Cluster-contiguous store: a group is one contiguous read.
+      const std::size_t bytes = static_cast<std::size_t>(x.rows) * rb;
+      std::memcpy(host + at * rb, store.key(x.begin), bytes);
+      std::memcpy(host + kv_bytes + at * rb, store.value(x.begin), bytes);
+      for (int32_t j = 0; j < x.rows; ++j)
+        dst_rows[at + j] = static_cast<int32_t>(
+            (x.pool_page0 + (*x.pages)[j / kPageRows]) * kPageRows + j % kPageRows);
     });
   });
   std::memcpy(host + off_at, offsets.data(), offsets.size() * 4);
   const int64_t t_fill = NowNs();
 
-  // 3. Upload, scatter the misses into their pages, attend every q head's rows of the pool.
+  // 3. Upload, scatter the misses into their pages, expand the runs, attend every q head's rows.
   KVRT_ASSIGN_OR_RETURN(void* dev_ptr, transfer::MallocAsync(total, stream));
   auto* dev = static_cast<unsigned char*>(dev_ptr);
-  absl::Status st = transfer::MemcpyAsync(dev, host, total, stream);
+  auto* row_ids = reinterpret_cast<int32_t*>(dev + upload);
+  absl::Status st = transfer::MemcpyAsync(dev, host, upload, stream);
   if (st.ok()) st = done_.Record(stream);
-  if (st.ok() && total_miss_rows > 0)
+  if (st.ok() && miss_rows > 0)
     st = gpu::ScatterRows(dev, dev + kv_bytes, pool_k_.data(), pool_v_.data(),
-                          reinterpret_cast<const int32_t*>(dev + dst_at), total_miss_rows, rb,
-                          stream);
+                          reinterpret_cast<const int32_t*>(dev + dst_at), miss_rows, rb, stream);
+  if (st.ok())
+    st = gpu::ExpandRowRuns(reinterpret_cast<const int32_t*>(dev + runs_at), run_at[H], row_ids,
+                            stream);
   if (st.ok()) {
     gpu::GatherBatch batch;
     batch.k = pool_k_.data();
     batch.v = pool_v_.data();
     batch.row_offsets = reinterpret_cast<const int32_t*>(dev + off_at);
-    batch.row_ids = reinterpret_cast<const int32_t*>(dev + ids_at);
+    batch.row_ids = row_ids;
     batch.rows_q = H;
     batch.max_rows = max_rows;
     batch.head_dim = d;
@@ -219,9 +231,10 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   counters_->time_hot_cache_ns += t_end - t0;
   static std::atomic<int64_t> calls{0};
   if (std::getenv("KVRT_HOT_TRACE") != nullptr && calls++ % 16 == 0)
-    std::fprintf(stderr, "hot: lookup %.1f sync %.1f fill %.1f launch %.1f us, ids %d misses %lld\n",
-                 (t_lookup - t0) / 1e3, (t_sync - t_lookup) / 1e3, (t_fill - t_sync) / 1e3,
-                 (t_end - t_fill) / 1e3, offsets[H], static_cast<long long>(n_misses));
+    std::fprintf(stderr,
+                 "hot: lookup %.1f fill %.1f launch %.1f us, rows %d runs %lld misses %zu\n",
+                 (t_lookup - t0) / 1e3, (t_fill - t_lookup) / 1e3, (t_end - t_fill) / 1e3,
+                 offsets[H], static_cast<long long>(run_at[H]), misses.size());
   return st.ok() ? freed : st;
 }
 

@@ -657,6 +657,26 @@ TEST_F(GpuKernels, ScatterRows_MatchesReference) {
   CUDA_OK(cudaDeviceSynchronize());
 }
 
+TEST_F(GpuKernels, ExpandRowRuns_MatchesReference) {
+  // Runs of 0..16 rows (pages of the hot cache), in a shuffled destination order.
+  std::mt19937 rng(15);
+  std::vector<int32_t> runs;
+  int32_t dst = 0;
+  for (int r = 0; r < 500; ++r) {
+    const int32_t n = static_cast<int32_t>(rng() % 17);
+    runs.insert(runs.end(), {static_cast<int32_t>(rng() % 100000), dst, n});
+    dst += n;
+  }
+  const int64_t n_runs = static_cast<int64_t>(runs.size() / 3);
+  std::vector<int32_t> want(dst, -1);
+  ExpandRowRunsHost(runs.data(), n_runs, want.data());
+  for (int32_t x : want) ASSERT_GE(x, 0) << "every position written";
+  Dev druns = Dev::From(runs), ids(static_cast<std::size_t>(dst) * 4);
+  ASSERT_TRUE(ExpandRowRuns(druns.as<int32_t>(), n_runs, ids.as<int32_t>(), nullptr).ok());
+  EXPECT_EQ(ids.Get<int32_t>(dst), want);
+  CUDA_OK(cudaDeviceSynchronize());
+}
+
 TEST_F(GpuKernels, Ring_AppendEvictGatherMatchReference) {
   std::mt19937 rng(12);
   for (DType t : {DType::kBF16, DType::kF32}) {

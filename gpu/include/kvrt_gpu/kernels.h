@@ -99,6 +99,12 @@ absl::Status ScatterRows(const void* src_k, const void* src_v, void* dst_k, void
 void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
                      const int32_t* dst_rows, int64_t n, std::size_t row_bytes);
 
+// Row-id runs (the hot cache's page lists expanded on the device, so the CPU writes one entry per
+// page instead of one per row): runs is int32 [n_runs, 3] = (src, dst, n) with 0 <= n <= 32;
+// ids[dst + j] = src + j for j < n.
+absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream);
+void ExpandRowRunsHost(const int32_t* runs, int64_t n_runs, int32_t* ids);
+
 // ---------------------------------------------------------------------------------------------
 // (e) Exact top-k of queries against keys (attention-aware index build).
 // q: rows of head_dim at q + i * q_stride elements, i < nq (f32 or storage dtype); k: rows at
