@@ -2,6 +2,8 @@
 
 #include <nanobind/stl/string.h>
 
+#include <charconv>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -58,6 +60,16 @@ kvrt_dtype ToDtype(nb::handle v) {
     if (s == "bfloat16") return KVRT_DTYPE_BF16;
   }
   return ToEnum<kvrt_dtype>("dtype", v, {"f32", "f16", "bf16"});
+}
+
+// A float field as the Python float with the shortest decimal that names the same f32 (0.1f
+// reads back as 0.1, not 0.10000000149011612), so that a Config round-trips.
+double ShortFloat(float x) {
+  char buf[32];
+  auto [end, ec] = std::to_chars(buf, buf + sizeof buf - 1, x);
+  if (ec != std::errc()) return double(x);
+  *end = '\0';
+  return std::strtod(buf, nullptr);
 }
 
 kvrt_index_kind ToIndexKind(nb::handle v) {
@@ -140,7 +152,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["num_kv_heads"] = c.num_kv_heads;
   d["head_dim"] = c.head_dim;
   d["dtype"] = std::string(DtypeName(c.dtype));
-  d["scale"] = double(c.scale);
+  d["scale"] = ShortFloat(c.scale);
   d["sink_tokens"] = c.sink_tokens;
   d["window_tokens"] = c.window_tokens;
   d["top_k"] = c.top_k;
@@ -157,8 +169,8 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cold_attention"] = (c.cold_attention >= 0 && c.cold_attention <= 2)
                             ? nb::cast(std::string(kCold[c.cold_attention]))
                             : nb::cast(int(c.cold_attention));
-  d["hot_cache_fraction"] = double(c.hot_cache_fraction);
-  d["cluster_budget_fraction"] = double(c.cluster_budget_fraction);
+  d["hot_cache_fraction"] = ShortFloat(c.hot_cache_fraction);
+  d["cluster_budget_fraction"] = ShortFloat(c.cluster_budget_fraction);
   return d;
 }
 

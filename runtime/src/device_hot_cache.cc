@@ -145,7 +145,6 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   std::vector<int64_t> miss_at(misses.size() + 1, 0);
   for (std::size_t m = 0; m < misses.size(); ++m) miss_at[m + 1] = miss_at[m] + misses[m].rows;
   const int64_t miss_rows = miss_at.back();
-  const int64_t t_lookup = NowNs();
   out->on_device = offsets[H] > 0;
   if (!out->on_device) {  // nothing cached or fitting: no device state
     counters_->time_hot_cache_ns += NowNs() - t0;
@@ -199,7 +198,6 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
     });
   });
   std::memcpy(host + off_at, offsets.data(), offsets.size() * 4);
-  const int64_t t_fill = NowNs();
 
   // 3. Upload, scatter the misses into their pages, expand the runs, attend every q head's rows.
   KVRT_ASSIGN_OR_RETURN(void* dev_ptr, transfer::MallocAsync(total, stream));
@@ -227,14 +225,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   }
   counters_->hot_h2d_bytes += static_cast<int64_t>(2 * kv_bytes);
   const absl::Status freed = transfer::FreeAsync(dev_ptr, stream);
-  const int64_t t_end = NowNs();
-  counters_->time_hot_cache_ns += t_end - t0;
-  static std::atomic<int64_t> calls{0};
-  if (std::getenv("KVRT_HOT_TRACE") != nullptr && calls++ % 16 == 0)
-    std::fprintf(stderr,
-                 "hot: lookup %.1f fill %.1f launch %.1f us, rows %d runs %lld misses %zu\n",
-                 (t_lookup - t0) / 1e3, (t_fill - t_lookup) / 1e3, (t_end - t_fill) / 1e3,
-                 offsets[H], static_cast<long long>(run_at[H]), misses.size());
+  counters_->time_hot_cache_ns += NowNs() - t0;
   return st.ok() ? freed : st;
 }
 
