@@ -5,7 +5,8 @@
 # (BEFORE, optional: run-to-run spread against a change), alternating, with PyTorch SDPA over a
 # resident cache as the peer of the same run. BENCH=hot (on the device) measures the cluster kind's
 # GPU hot cache instead of the before/after comparison (at 128K, B=1), BENCH=hot-scale at B=16 and
-# 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer (BENCH takes a list); TESTS="" and
+# 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer, BENCH=prefill times kvrt_prefill
+# beside causal SDPA (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -63,6 +64,12 @@ if [[ "${1:-}" == "--device" ]]; then
       done
       echo "=== kvrt: cluster 1M B=1, hot cache 0.1"
       timeout 300 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --hot-cache 0.1
+    elif [[ "$bench" == prefill ]]; then
+      # kvrt_prefill of a 128K layer (host pointers; the index build is on the CPU) beside causal
+      # SDPA over the same prompt.
+      timeout 200 $b/kvrt $args --index cluster,landmark --cold 131072 --batch 1 --layers 1 \
+        --accuracy-steps 0
+      python3 tools/gpu_bench/sdpa_peer.py --prefill --tokens 131072 --iters 5
     elif [[ "$bench" == serve ]]; then
       python3 tools/gpu_bench/sdpa_peer.py --serve --gpu-memory 100GiB --context 32768 131072 \
         --layers-model 32 > "$out/dense-serve.jsonl"

@@ -36,10 +36,10 @@ absl::Status KvrtError(kvrt_status s, const char* what) {
       absl::StrCat(what, ": ", kvrt_status_string(s), " (", kvrt_last_error(), ")"));
 }
 
-#define HARNESS_CHECK(expr)                                \
-  do {                                                     \
-    const kvrt_status s_ = (expr);                         \
-    if (s_ != KVRT_OK) return KvrtError(s_, #expr);        \
+#define HARNESS_CHECK(expr)                         \
+  do {                                              \
+    const kvrt_status s_ = (expr);                  \
+    if (s_ != KVRT_OK) return KvrtError(s_, #expr); \
   } while (0)
 
 // Device copies of the per-step rows and one stream per sequence (CUDA build, device pointers).
@@ -119,12 +119,14 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
   std::unique_ptr<kvrt_runtime, void (*)(kvrt_runtime*)> guard(rt, kvrt_runtime_destroy);
   const std::size_t q_row = data.q_row(), kv_row = data.kv_row();
   std::vector<kvrt_seq_id> seqs(batch);
+  const double t_prefill = NowUs();
   for (int b = 0; b < batch; ++b) {
     HARNESS_CHECK(kvrt_seq_create(rt, &seqs[b]));
     for (int l = 0; l < layers; ++l)
       HARNESS_CHECK(kvrt_prefill(rt, seqs[b], l, data.pq.empty() ? nullptr : data.pq.data(),
                                  data.pk.data(), data.pv.data(), data.prompt));
   }
+  res.prefill_ms = (NowUs() - t_prefill) / 1e3 / (static_cast<double>(batch) * layers);
   kvrt_get_stats(rt, &res.prefilled);
   const int rows = o.warmup + o.steps;
   const std::size_t out_floats = static_cast<std::size_t>(data.q_heads) * data.head_dim;
@@ -146,7 +148,8 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
     dq = dev.Copy(data.dq.data(), rows * q_row);
     bq = dev.Copy(bq_host.data(), bq_host.size());
     out = reinterpret_cast<float*>(dev.Copy(nullptr, host_out.size() * 4));
-    if (!dk || !dv || !dq || !bq || !out) return absl::ResourceExhaustedError("CUDA allocation failed");
+    if (!dk || !dv || !dq || !bq || !out)
+      return absl::ResourceExhaustedError("CUDA allocation failed");
     for (auto& e : exec) {
       e.memory = KVRT_MEMORY_DEVICE;
       e.cuda_stream = dev.Stream();
@@ -194,9 +197,9 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
     start.arrive_and_wait();
     done.arrive_and_wait();
     if (!batch_attend) return;
-    const kvrt_status s = kvrt_attend_batch_ex(
-        rt, seqs.data(), batch, layer, bq + static_cast<std::size_t>(step) * batch * q_row, out,
-        &exec[0]);
+    const kvrt_status s =
+        kvrt_attend_batch_ex(rt, seqs.data(), batch, layer,
+                             bq + static_cast<std::size_t>(step) * batch * q_row, out, &exec[0]);
     const double t2 = NowUs();
     Sync(o.device, exec[0].cuda_stream);
     sync_us[0] += NowUs() - t2;
@@ -229,8 +232,8 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
       std::fill(append_us.begin(), append_us.end(), 0);
       std::fill(sync_us.begin(), sync_us.end(), 0);
     }
-    const bool keep = std::find(o.capture_steps.begin(), o.capture_steps.end(), step) !=
-                      o.capture_steps.end();
+    const bool keep =
+        std::find(o.capture_steps.begin(), o.capture_steps.end(), step) != o.capture_steps.end();
     for (int l = 0; l < layers; ++l) {
       const double t0 = NowUs();
       layer_step(l, step);
@@ -293,10 +296,10 @@ absl::StatusOr<AccuracySummary> ScoreCapturedSteps(const BenchData& data,
         errors[at] = absl::FailedPreconditionError("no attended positions were recorded");
         return;
       }
-      errors[at] = ScoreHead(q.data(), rows, d, scale, o.data(), lse, top.data(),
-                             std::min<int64_t>(top_k, rows.n), c.ids[h].data(),
-                             static_cast<int64_t>(c.ids[h].size()), &c.out[h * d], &mark,
-                             &results[at]);
+      errors[at] =
+          ScoreHead(q.data(), rows, d, scale, o.data(), lse, top.data(),
+                    std::min<int64_t>(top_k, rows.n), c.ids[h].data(),
+                    static_cast<int64_t>(c.ids[h].size()), &c.out[h * d], &mark, &results[at]);
     });
   }
   for (std::size_t i = 0; i < results.size(); ++i) {

@@ -33,12 +33,13 @@ struct CapturedStep {
 };
 
 struct HarnessResult {
-  std::vector<double> latency_us;  // per measured layer-step (all B sequences)
+  std::vector<double> latency_us;            // per measured layer-step (all B sequences)
   kvrt_stats prefilled = kvrt_stats_init();  // after every prefill
   kvrt_stats begin = kvrt_stats_init();      // at the first measured step (after warm-up)
   kvrt_stats end = kvrt_stats_init();
   double append_us = 0, sync_us = 0;  // summed over the measured attends
   double setup_s = 0;
+  double prefill_ms = 0;  // mean kvrt_prefill call, one (sequence, layer), index build included
   std::vector<CapturedStep> captured;
 };
 

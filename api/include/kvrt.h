@@ -69,7 +69,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 0
+#define KVRT_VERSION_PATCH 1
 
 #ifdef __cplusplus
 extern "C" {

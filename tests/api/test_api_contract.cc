@@ -1,5 +1,7 @@
-// The API's contract where an integrator first found it broken (each case failed before its fix), per defect.
+// The API's contract where an integrator first found it broken (each case failed before its fix),
+// per defect.
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -319,6 +321,43 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
+// 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the
+// older sizes: the config fields it does not know (the first lies in 0.3.0's tail padding, which
+// such a caller never set) keep their defaults, and only its prefix of the stats is written.
+TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
+  const std::size_t config030 =
+      (offsetof(kvrt_config, cold_attention) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+      alignof(kvrt_config) * alignof(kvrt_config);
+  ASSERT_GT(config030, offsetof(kvrt_config, hot_cache_fraction)) << "the field sits in padding";
+  kvrt_config c = TinyConfig();
+  c.struct_size = config030;
+  c.hot_cache_fraction = -7.f;  // garbage in the 0.3.0 struct's padding: not read
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_config eff = kvrt_config_default();
+  ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+  EXPECT_EQ(eff.hot_cache_fraction, kvrt_config_default().hot_cache_fraction);
+  EXPECT_EQ(eff.cluster_budget_fraction, kvrt_config_default().cluster_budget_fraction);
+  kvrt_stats st;
+  std::memset(&st, 0xab, sizeof st);
+  st.struct_size = offsetof(kvrt_stats, hot_hits);
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
+  EXPECT_EQ(st.sequences, 0);
+  int64_t untouched;
+  std::memset(&untouched, 0xab, sizeof untouched);
+  EXPECT_EQ(st.hot_hits, untouched);
+  kvrt_runtime_destroy(rt);
+  // The new fields are checked like the others.
+  c = TinyConfig();
+  c.hot_cache_fraction = 1.5f;
+  EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("hot_cache_fraction"), std::string::npos);
+  c = TinyConfig();
+  c.cluster_budget_fraction = 0.f;
+  EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("cluster_budget_fraction"), std::string::npos);
+}
+
 TEST(ContractWindow, RingGrowsAsItFills) {
   kvrt_config c = TinyConfig(1, 2);
   c.sink_tokens = 2;

@@ -7,6 +7,7 @@ enable_gqa=True (PyTorch >= 2.5). Times with CUDA events, p50/p99 over --iters s
 warm-up, and a pipelined mean (back-to-back steps between one event pair).
 
 Usage: python3 sdpa_peer.py [--iters 200] [--tokens 131072 1048576]
+       python3 sdpa_peer.py --prefill --tokens 131072 --iters 5   (causal prefill of one layer)
 
 Serving mode (the dense peer of `kvrt bench serve`): for each context, the largest batch whose
 whole KV (all --layers-model layers) fits --gpu-memory, one layer of it allocated and timed
@@ -105,12 +106,33 @@ def serve(args):
         print(json.dumps(line), flush=True)
 
 
+def prefill(args):
+    """Causal SDPA over a whole prompt of one layer (the peer of kvrt_prefill's index build)."""
+    hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
+    dev = torch.device("cuda")
+    for n in args.tokens:
+        torch.manual_seed(0)
+        q = torch.randn(1, hq, n, d, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(1, hkv, n, d, device=dev, dtype=torch.bfloat16)
+        p50, p99, _ = time_steps(
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            args.iters, warmup=2)
+        print(json.dumps({"peer": "sdpa causal prefill, enable_gqa", "tokens": n,
+                          "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                          "p50_ms": p50 / 1e3, "p99_ms": p99 / 1e3}), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--tokens", type=int, nargs="+", default=[131072, 1048576])
     ap.add_argument("--serve", action="store_true",
                     help="largest batch fitting --gpu-memory per --context, one JSON line each")
+    ap.add_argument("--prefill", action="store_true",
+                    help="causal SDPA over --tokens prompt tokens of one layer, one JSON line each")
     ap.add_argument("--gpu-memory", default="100GiB", help="GPU memory for KV (serve)")
     ap.add_argument("--context", type=int, nargs="+", default=[32768, 131072, 1048576],
                     help="context lengths (serve)")
@@ -124,6 +146,9 @@ def main():
         raise SystemExit("sdpa_peer.py: needs PyTorch with CUDA")
     if args.serve:
         serve(args)
+        return
+    if args.prefill:
+        prefill(args)
         return
     hq, hkv, d = 32, 8, 128
     dev = torch.device("cuda")
