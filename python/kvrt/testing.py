@@ -1,7 +1,6 @@
 """A tiny random decoder for tests and smoke runs (no download, no weights to carry).
 
-tiny_random() is the same model as tools/record/models.py's "tiny-random" (a test checks that
-both give the same logits): a 4-layer Gemma 3 (2 sliding-window + 2 global layers, 4 q heads,
+tiny_random() is also tools/record/models.py's "tiny-random": a 4-layer Gemma 3 (2 sliding-window + 2 global layers, 4 q heads,
 1 kv head, head_dim 64) with seeded random weights, and ByteTokenizer, a byte-level tokenizer.
 Its logits carry no meaning; it exercises the plumbing.
 """

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -92,12 +89,3 @@ def test_runtime_config_comes_from_the_model(model):
     assert kh.kvrt_layers(model.config) == [1, 3]
     with pytest.raises(kvrt.InvalidArgumentError, match="unknown index kind"):
         kh.enable(model, index_kind="bogus")
-
-
-def test_tiny_random_is_the_recorders_model():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools" / "record"))
-    models = pytest.importorskip("models")
-    a, b = tiny_random(), models.tiny_random().eval()
-    ids = _ids(20)
-    with torch.inference_mode():
-        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)

@@ -14,8 +14,9 @@ Known names:
                 llama-cpp-python compiles llama.cpp from source and is not needed here).
   tiny-random   a 4-layer Gemma 3 (2 local + 2 global layers, 4 q heads, 1 kv head, head_dim 64)
                 with seeded random weights and a byte-level tokenizer: no download, no weights to
-                carry. For smoke tests of the plumbing (kvrt_cache.py on a new machine or device),
-                not for fidelity: its logits carry no meaning.
+                carry (kvrt.testing of the Python package). For smoke tests of the plumbing
+                (kvrt_cache.py on a new machine or device), not for fidelity: its logits carry no
+                meaning.
 Anything else is taken as a path: a .gguf file or a Hugging Face model folder.
 """
 
@@ -27,43 +28,6 @@ import time
 from pathlib import Path
 
 KNOWN = ("gemma3-270m", "smollm2-135m")
-
-
-class ByteTokenizer:
-    """Bytes + 2 (0 = pad, 1 = BOS), enough of the transformers tokenizer interface for
-    record.py and kvrt_cache.py."""
-
-    vocab_size = 258
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        import torch
-        ids = ([1] if add_special_tokens else []) + [b + 2 for b in text.encode("utf-8")]
-
-        class Enc:
-            input_ids = torch.tensor([ids]) if return_tensors == "pt" else ids
-        return Enc()
-
-    def decode(self, ids):
-        return bytes(int(i) - 2 for i in ids if int(i) >= 2).decode("utf-8", errors="replace")
-
-
-def tiny_random(seed: int = 0):
-    """A small Gemma 3 with random weights (see the module docstring)."""
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-    cfg = Gemma3TextConfig(
-        vocab_size=ByteTokenizer.vocab_size, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
-        query_pre_attn_scalar=64, sliding_window=64, max_position_embeddings=8192,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention",
-                     "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=257)
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(cfg)
-    # Sharper attention than the default init gives, so that retrieval matters.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-    return model
 
 
 def _gguf_path(name: str) -> Path:
@@ -105,6 +69,7 @@ def load(name: str, dtype: str = "float32", cache_dir: Path | None = None, log=p
     cache_dir = cache_dir or default_cache_dir()
     t0 = time.time()
     if name == "tiny-random":
+        from kvrt.testing import ByteTokenizer, tiny_random  # the package's test model
         label, tok = name, ByteTokenizer()
         model = tiny_random().to(torch_dtype)
     elif name in KNOWN:
