@@ -227,6 +227,14 @@ typedef struct kvrt_config {
                                     256): the best clusters up to that many tokens, plus the
                                     outliers and the rows not clustered yet; in (0, 1] [0.02].
                                     Since 0.3.1. */
+  int32_t cuda_device;        /* GPU backend: the CUDA device ordinal this runtime uses (its
+                                 buffers, streams and kernels; the kvrt_exec streams passed to it
+                                 must belong to it); -1 = the creating thread's current device.
+                                 Several runtimes, in one process or several, can each use their
+                                 own GPU (one runtime per tensor-parallel rank). A value >= the
+                                 visible device count: KVRT_ERR_INVALID_ARGUMENT with use_gpu = 1,
+                                 the host backend with -1. kvrt_runtime_config reports the ordinal
+                                 in effect [-1]. Since 0.3.1. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

@@ -130,6 +130,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.use_gpu = c.use_gpu;
   r.hot_cache_fraction = c.hot_cache_fraction;
   r.index.cluster.budget_fraction = c.cluster_budget_fraction;
+  r.cuda_device = c.cuda_device;
   return r;
 }
 
@@ -193,6 +194,7 @@ kvrt_config Defaults() {
   c.cold_attention = KVRT_COLD_CPU;
   c.hot_cache_fraction = 0.1f;
   c.cluster_budget_fraction = 0.02f;
+  c.cuda_device = -1;
   return c;
 }
 
@@ -328,6 +330,7 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   rt->config.scale = eff.scale;
   rt->config.worker_threads = eff.worker_threads;
   rt->config.use_gpu = eff.use_gpu;
+  if (eff.use_gpu == 1) rt->config.cuda_device = eff.cuda_device;
   *out = rt;
   return KVRT_OK;
   KVRT_API_CATCH

@@ -43,6 +43,8 @@ class Config:
         hot_cache_fraction: GPU hot cache of the cluster kind, fraction of the cold tokens (0 = off).
         cluster_budget_fraction: cold tokens the cluster kind attends per q head and step, as a
             fraction of the clustered ones.
+        cuda_device: the GPU backend's CUDA device ordinal (-1 = the current device), e.g. a
+            tensor-parallel rank's own GPU.
     """
 
     num_layers: int = 32
@@ -66,6 +68,7 @@ class Config:
     cold_attention: ColdAttention = "cpu"
     hot_cache_fraction: float = 0.1
     cluster_budget_fraction: float = 0.02
+    cuda_device: int = -1
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

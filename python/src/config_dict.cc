@@ -130,6 +130,8 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.check_finite = ToI32(k, value);
     else if (k == "group_search")
       c.group_search = ToI32(k, value);
+    else if (k == "cuda_device")
+      c.cuda_device = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction") {
@@ -171,6 +173,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
                             : nb::cast(int(c.cold_attention));
   d["hot_cache_fraction"] = ShortFloat(c.hot_cache_fraction);
   d["cluster_budget_fraction"] = ShortFloat(c.cluster_budget_fraction);
+  d["cuda_device"] = c.cuda_device;
   return d;
 }
 

@@ -32,7 +32,7 @@ def test_config_round_trips_every_field():
                       search_effort=3, worker_threads=1, record_attended=1, use_gpu=0,
                       host_memory_limit=1 << 30, gpu_memory_limit=1 << 29, check_finite=0,
                       group_search=1, cold_attention="fetch", hot_cache_fraction=0.25,
-                      cluster_budget_fraction=0.05)
+                      cluster_budget_fraction=0.05, cuda_device=2)
     assert kvrt.Runtime(cfg).config == cfg
 
 

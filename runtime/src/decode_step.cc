@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
+#include "kvrt_transfer/cuda_rt.h"
 #include "layer_state.h"
 #include "oneapi/tbb/parallel_for.h"
 
@@ -103,6 +104,8 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   std::vector<uint8_t> ok(m, 1), fetched(m, 0);
   std::vector<absl::Status> member_status(m);
   auto cold_phase = [&](int j) {
+    // On the arena's workers (batch): they may last have run another runtime's device work.
+    transfer::ScopedDevice on_device(cfg.use_gpu == 1 ? cfg.cuda_device : -1);
     LayerState& l = *layers[members[j]];
     const int64_t t_settle = NowNs();
     member_status[j] = l.SettleCold();

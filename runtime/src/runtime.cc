@@ -85,13 +85,18 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   if (!(budget > 0.f && budget <= 1.f))
     return absl::InvalidArgumentError(
         absl::StrCat("config.cluster_budget_fraction = ", budget, " must be in (0, 1]"));
+  KVRT_RETURN_IF_ERROR(Range("cuda_device", c.cuda_device, -1, 1 << 16));
   KVRT_RETURN_IF_ERROR(Range("host_memory_limit", c.host_memory_limit, 0, INT64_MAX));
   KVRT_RETURN_IF_ERROR(Range("gpu_memory_limit", c.gpu_memory_limit, 0, INT64_MAX));
   return absl::OkStatus();
 }
 
 Runtime::Runtime(const RuntimeConfig& config) : config_(config) {}
-Runtime::~Runtime() = default;
+Runtime::~Runtime() {
+  // The sequences' device buffers, streams and events go on the runtime's device.
+  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
+  impl_.reset();
+}
 
 namespace {
 // use_gpu: 1 needs a CUDA device and a shape the GPU kernels support; -1 takes the GPU when both
@@ -116,6 +121,14 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
         "config.use_gpu = 1: the GPU tier kernels support head_dim 64, 128, 256 and at most ",
         gpu::kMaxGroup, " q heads per kv head (head_dim ", d, ", group ", group, ")"));
   }
+  const int devices = transfer::DeviceCount();
+  if (c->cuda_device >= devices) {
+    if (!want) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat("config.cuda_device = ", c->cuda_device, ": ",
+                                                   devices, " CUDA device(s) are visible"));
+  }
+  if (c->cuda_device < 0) c->cuda_device = transfer::CurrentDevice();
+  transfer::ScopedDevice on_device(c->cuda_device);  // streams and pools belong to it
   KVRT_ASSIGN_OR_RETURN(*gpu, GpuContext::Create());
   c->use_gpu = 1;
   return absl::OkStatus();
@@ -160,6 +173,7 @@ absl::Status Runtime::ReleaseSequence(int64_t id) {
     impl_->sequences.erase(it);
   }
   std::lock_guard<std::mutex> lock(seq->mu);  // waits for a call in flight on this sequence
+  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
   for (auto& layer : seq->layers) layer.Release();
   return absl::OkStatus();
 }
@@ -248,6 +262,7 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
       CheckFinite(config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(
       CheckFinite(config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
+  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
   return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
 }
 
@@ -264,6 +279,7 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
       CheckFinite(config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(
       CheckFinite(config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
+  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
   return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
 }
 
@@ -275,6 +291,7 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
       CheckFinite(config_, "attend: q", exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
+  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
   return seq->layers[layer].Attend(
       q, out, impl_->arena,
       impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads, exec);
@@ -316,6 +333,7 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   locks.reserve(n);
   for (int i : order)
     if (seqs[i]) locks.emplace_back(seqs[i]->mu);
+  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
   const std::size_t q_bytes =
       static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
   const std::size_t out_floats = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim;

@@ -338,6 +338,7 @@ TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
   ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
   EXPECT_EQ(eff.hot_cache_fraction, kvrt_config_default().hot_cache_fraction);
   EXPECT_EQ(eff.cluster_budget_fraction, kvrt_config_default().cluster_budget_fraction);
+  EXPECT_EQ(eff.cuda_device, -1);
   kvrt_stats st;
   std::memset(&st, 0xab, sizeof st);
   st.struct_size = offsetof(kvrt_stats, hot_hits);
@@ -356,6 +357,16 @@ TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
   c.cluster_budget_fraction = 0.f;
   EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(kvrt_last_error()).find("cluster_budget_fraction"), std::string::npos);
+  c = TinyConfig();
+  c.cuda_device = -2;
+  EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("cuda_device"), std::string::npos);
+  // The host backend with use_gpu = -1 ignores an ordinal no machine has.
+  c = TinyConfig();
+  c.use_gpu = -1;
+  c.cuda_device = 4096;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_runtime_destroy(rt);
 }
 
 TEST(ContractWindow, RingGrowsAsItFills) {

@@ -41,6 +41,36 @@ bool CudaAvailable() {
   return available;
 }
 
+int DeviceCount() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+int CurrentDevice() {
+  int d = 0;
+  if (cudaGetDevice(&d) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return d;
+}
+
+ScopedDevice::ScopedDevice(int device) {
+  if (device < 0) return;
+  const int current = CurrentDevice();
+  if (current == device) return;
+  if (cudaSetDevice(device) == cudaSuccess) previous_ = current;
+  (void)cudaGetLastError();
+}
+
+ScopedDevice::~ScopedDevice() {
+  if (previous_ >= 0) (void)cudaSetDevice(previous_);
+}
+
 std::string DeviceName() {
   if (!CudaAvailable()) return "";
   int dev = 0;
@@ -201,6 +231,10 @@ absl::Status NoCuda(const char* what) {
 
 bool CudaAvailable() { return false; }
 std::string DeviceName() { return ""; }
+int DeviceCount() { return 0; }
+int CurrentDevice() { return 0; }
+ScopedDevice::ScopedDevice(int) {}
+ScopedDevice::~ScopedDevice() = default;
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(std::size_t bytes) {
   if (bytes == 0) return DeviceBuffer();
   return NoCuda("cudaMalloc");

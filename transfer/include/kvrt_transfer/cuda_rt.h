@@ -17,6 +17,24 @@ namespace kvrt::transfer {
 bool CudaAvailable();
 // The current device's name and SM count ("" / 0 without a device), for reports.
 std::string DeviceName();
+// Visible CUDA devices (0 without CUDA).
+int DeviceCount();
+// The calling thread's current device (0 without CUDA).
+int CurrentDevice();
+
+// Makes `device` the calling thread's current CUDA device for the scope and restores the previous
+// one at exit (a runtime on one GPU is driven from threads that may use another). device < 0, or
+// a build without CUDA: does nothing.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device);
+  ~ScopedDevice();
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 
 // Device memory (cudaMalloc / cudaFree). Move-only; an empty buffer holds null.
 class DeviceBuffer {
