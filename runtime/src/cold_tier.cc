@@ -1,13 +1,13 @@
 #include "cold_tier.h"
 
 #include <algorithm>
-#include <chrono>
 #include <exception>
 #include <limits>
 #include <new>
 
 #include "absl/strings/str_cat.h"
 #include "budget.h"
+#include "clock.h"
 #include "fault_injection.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/attention.h"
@@ -19,12 +19,6 @@ namespace kvrt::runtime {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-int64_t SteadyNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // A failed index search fails the attend (INTERNAL for FAISS/hnswlib errors): the message says
 // which step and kv head, then the index's own words.
@@ -273,9 +267,9 @@ absl::Status ColdTier::Select(const float* q, const uint8_t* streaming, tbb::tas
   std::vector<int64_t> read(units.size(), 0), busy(units.size(), 0);
   arena.execute([&] {
     tbb::parallel_for(0, static_cast<int>(units.size()), [&](int u) {
-      const int64_t t0 = SteadyNs();
+      const int64_t t0 = NowNs();
       status[u] = SelectUnit(units[u], q, sel, &read[u], attend);
-      busy[u] = SteadyNs() - t0;
+      busy[u] = NowNs() - t0;
     });
   });
   for (auto& s : status) KVRT_RETURN_IF_ERROR(s);
@@ -302,7 +296,7 @@ absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
     }
     return absl::OkStatus();
   }
-  const int64_t t0 = SteadyNs();
+  const int64_t t0 = NowNs();
   const int nq = static_cast<int>(heads.size());
   std::vector<float> qs(static_cast<std::size_t>(nq) * d);
   for (int i = 0; i < nq; ++i) std::copy(at(q, heads[i]), at(q, heads[i]) + d, at(qs.data(), i));
@@ -313,12 +307,12 @@ absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
   KVRT_RETURN_IF_ERROR(GuardedSearch(cfg_->index_kind, g, [&] {
     return index->SearchGroup(stores_[g], qs.data(), nq, params, found.data());
   }));
-  const int64_t shared_ns = (SteadyNs() - t0) / nq;
+  const int64_t shared_ns = (NowNs() - t0) / nq;
   for (int i = 0; i < nq; ++i) {
     const int h = heads[i];
-    const int64_t t1 = SteadyNs();
+    const int64_t t1 = NowNs();
     AddUncovered(g, at(q, h), &found[i], sel, h);
-    sel->search_ns[h] = SteadyNs() - t1 + shared_ns;
+    sel->search_ns[h] = NowNs() - t1 + shared_ns;
   }
   // Every head scored the same keys (the group's, plus the same uncovered rows).
   *read = sel->scored[heads.front()];
@@ -333,7 +327,7 @@ absl::Status ColdTier::SelectHead(int h, const float* qh, ColdSelection* sel) co
     sel->scored[h] = stores_[g].size();
     return absl::OkStatus();
   }
-  const int64_t t0 = SteadyNs();
+  const int64_t t0 = NowNs();
   cpu_index::SearchResult found;
   if (const auto* index = indexes_[g].get()) {
     cpu_index::SearchParams params;
@@ -343,7 +337,7 @@ absl::Status ColdTier::SelectHead(int h, const float* qh, ColdSelection* sel) co
         cfg_->index_kind, g, [&] { return index->Search(stores_[g], qh, params, &found); }));
   }
   AddUncovered(g, qh, &found, sel, h);
-  sel->search_ns[h] = SteadyNs() - t0;
+  sel->search_ns[h] = NowNs() - t0;
   return absl::OkStatus();
 }
 

@@ -13,11 +13,11 @@
 //                  merged once, in log-sum-exp space, into out (one launch for the batch).
 // Then the rows this step moved into the cold tier get indexed (in the background on the GPU).
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "clock.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_transfer/cuda_rt.h"
@@ -25,15 +25,6 @@
 #include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::runtime {
-namespace {
-
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-}  // namespace
 
 absl::Status LayerState::Attend(const void* q, float* out, tbb::task_arena& arena,
                                 const uint8_t* streaming, const Exec& exec) {
@@ -105,7 +96,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   std::vector<absl::Status> member_status(m);
   auto cold_phase = [&](int j) {
     // On the arena's workers (batch): they may last have run another runtime's device work.
-    transfer::ScopedDevice on_device(cfg.use_gpu == 1 ? cfg.cuda_device : -1);
+    transfer::ScopedDevice on_device(cfg.call_device());
     LayerState& l = *layers[members[j]];
     const int64_t t_settle = NowNs();
     member_status[j] = l.SettleCold();

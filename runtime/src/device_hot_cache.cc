@@ -1,14 +1,11 @@
 #include "device_hot_cache.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "clock.h"
 #include "device_tier.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_gpu/kernels.h"
@@ -19,10 +16,11 @@ namespace {
 
 std::size_t Align16(std::size_t x) { return (x + 15) / 16 * 16; }
 
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
+// Pool row of row j of a group whose pages are `pages` (local to its kv head, whose first pool
+// page is page0).
+int32_t PoolRow(int64_t page0, const std::vector<int32_t>& pages, int32_t j) {
+  constexpr int kPage = DeviceHotCache::kPageRows;
+  return static_cast<int32_t>((page0 + pages[j / kPage]) * kPage + j % kPage);
 }
 
 }  // namespace
@@ -116,9 +114,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
           }
           for (int32_t j = 0; j < grp.rows; j += kPageRows) {
             const int32_t n = std::min<int32_t>(kPageRows, grp.rows - j);
-            runs[h].insert(runs[h].end(),
-                           {static_cast<int32_t>((page0 + (*pages)[j / kPageRows]) * kPageRows),
-                            listed + j, n});
+            runs[h].insert(runs[h].end(), {PoolRow(page0, *pages, j), listed + j, n});
           }
           listed += grp.rows;
           if (record_rows)
@@ -192,9 +188,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
       const std::size_t bytes = static_cast<std::size_t>(x.rows) * rb;
       std::memcpy(host + at * rb, store.key(x.begin), bytes);
       std::memcpy(host + kv_bytes + at * rb, store.value(x.begin), bytes);
-      for (int32_t j = 0; j < x.rows; ++j)
-        dst_rows[at + j] = static_cast<int32_t>(
-            (x.pool_page0 + (*x.pages)[j / kPageRows]) * kPageRows + j % kPageRows);
+      for (int32_t j = 0; j < x.rows; ++j) dst_rows[at + j] = PoolRow(x.pool_page0, *x.pages, j);
     });
   });
   std::memcpy(host + off_at, offsets.data(), offsets.size() * 4);

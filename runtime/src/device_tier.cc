@@ -3,12 +3,12 @@
 #include "device_tier.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "clock.h"
 #include "device_hot_cache.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
@@ -23,12 +23,6 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Free pinned blocks kept by the pool (eviction batches, q staging).
 constexpr std::size_t kPinnedCacheBytes = std::size_t{256} << 20;
-
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 
 // Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
 // contiguous pieces of the ring, so plain async copies do it (no index array to upload). One of

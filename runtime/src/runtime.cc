@@ -94,7 +94,7 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
 Runtime::Runtime(const RuntimeConfig& config) : config_(config) {}
 Runtime::~Runtime() {
   // The sequences' device buffers, streams and events go on the runtime's device.
-  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
+  transfer::ScopedDevice on_device(config_.call_device());
   impl_.reset();
 }
 
@@ -173,7 +173,7 @@ absl::Status Runtime::ReleaseSequence(int64_t id) {
     impl_->sequences.erase(it);
   }
   std::lock_guard<std::mutex> lock(seq->mu);  // waits for a call in flight on this sequence
-  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
+  transfer::ScopedDevice on_device(config_.call_device());
   for (auto& layer : seq->layers) layer.Release();
   return absl::OkStatus();
 }
@@ -262,7 +262,7 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
       CheckFinite(config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(
       CheckFinite(config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
-  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
+  transfer::ScopedDevice on_device(config_.call_device());
   return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
 }
 
@@ -279,7 +279,7 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
       CheckFinite(config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(
       CheckFinite(config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
-  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
+  transfer::ScopedDevice on_device(config_.call_device());
   return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
 }
 
@@ -291,7 +291,7 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
       CheckFinite(config_, "attend: q", exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
-  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
+  transfer::ScopedDevice on_device(config_.call_device());
   return seq->layers[layer].Attend(
       q, out, impl_->arena,
       impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads, exec);
@@ -333,7 +333,7 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   locks.reserve(n);
   for (int i : order)
     if (seqs[i]) locks.emplace_back(seqs[i]->mu);
-  transfer::ScopedDevice on_device(gpu_backend() ? config_.cuda_device : -1);
+  transfer::ScopedDevice on_device(config_.call_device());
   const std::size_t q_bytes =
       static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
   const std::size_t out_floats = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim;

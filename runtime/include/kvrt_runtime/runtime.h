@@ -28,16 +28,19 @@ struct RuntimeConfig {
   int search_effort = 0;   // 0 = the kind's default
   int worker_threads = 0;  // 0 = hardware threads
   bool record_attended = false;
-  int64_t host_memory_limit = 0;  // bytes of host store + indexes over all sequences; 0 = none
-  int64_t gpu_memory_limit = 0;   // bytes of GPU-tier buffers over all sequences; 0 = none
-  bool check_finite = false;      // reject NaN/Inf in q, k, v
-  bool group_search = false;      // GQA: one index search per kv head for its q heads
-  int cold_attention = 0;         // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto (GPU backend)
-  cpu_index::IndexConfig index;   // per-kind knobs (the cluster budget: index.cluster)
+  int64_t host_memory_limit = 0;   // bytes of host store + indexes over all sequences; 0 = none
+  int64_t gpu_memory_limit = 0;    // bytes of GPU-tier buffers over all sequences; 0 = none
+  bool check_finite = false;       // reject NaN/Inf in q, k, v
+  bool group_search = false;       // GQA: one index search per kv head for its q heads
+  int cold_attention = 0;          // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto (GPU backend)
+  cpu_index::IndexConfig index;    // per-kind knobs (the cluster budget: index.cluster)
   float hot_cache_fraction = 0.f;  // GPU hot cache, fraction of the cold rows (kvrt.h); 0 = off
   int cuda_device = -1;  // GPU backend's device ordinal; -1: the creating thread's current device
-  int use_gpu = 0;  // 0: host backend; 1: GPU tier in device memory (error without a device);
-                    // -1: GPU when available. The effective config holds 0 or 1.
+  int use_gpu = 0;       // 0: host backend; 1: GPU tier in device memory (error without a device);
+                         // -1: GPU when available. The effective config holds 0 or 1.
+
+  // The device calls run on (transfer::ScopedDevice): cuda_device on the GPU backend, else -1.
+  int call_device() const { return use_gpu == 1 ? cuda_device : -1; }
 };
 
 // Where a call's tensors live and which CUDA stream orders its device work (kvrt_exec).
