@@ -711,23 +711,22 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     KVRT_RETURN_IF_ERROR(AttendHot(step, i, cold, selected, count, C, sel, arena));
     const int64_t per_head_ns = (NowNs() - t0) / H;
     for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
-    counters_->attends_gpu_select += 1;
-    return absl::OkStatus();
-  }
-  const int64_t per_head_ns = (NowNs() - t0) / H;
-  for (int h = 0; h < H; ++h) {
-    if (!sel->active[h]) continue;
-    const cpu_index::ClusterSummary& s = *cold.summary(h / group);
-    std::vector<int64_t> rows(s.outliers.begin(), s.outliers.end());  // always attended
-    for (int32_t j = 0; j < count[h]; ++j) {
-      const int32_t c = selected[static_cast<std::size_t>(h) * C + j];
-      if (c >= s.num_clusters()) continue;  // padding (never selected: size 0)
-      for (int64_t r = s.begin[c]; r < s.begin[c] + s.size[c]; ++r) rows.push_back(r);
+  } else {
+    const int64_t per_head_ns = (NowNs() - t0) / H;
+    for (int h = 0; h < H; ++h) {
+      if (!sel->active[h]) continue;
+      const cpu_index::ClusterSummary& s = *cold.summary(h / group);
+      std::vector<int64_t> rows(s.outliers.begin(), s.outliers.end());  // always attended
+      for (int32_t j = 0; j < count[h]; ++j) {
+        const int32_t c = selected[static_cast<std::size_t>(h) * C + j];
+        if (c >= s.num_clusters()) continue;  // padding (never selected: size 0)
+        for (int64_t r = s.begin[c]; r < s.begin[c] + s.size[c]; ++r) rows.push_back(r);
+      }
+      const int64_t t1 = NowNs();
+      cold.CompleteSelection(h, step->q(i) + static_cast<std::size_t>(h) * d, std::move(rows),
+                             s.num_clusters() + static_cast<int64_t>(s.outliers.size()), sel);
+      sel->search_ns[h] = per_head_ns + NowNs() - t1;
     }
-    const int64_t t1 = NowNs();
-    cold.CompleteSelection(h, step->q(i) + static_cast<std::size_t>(h) * d, std::move(rows),
-                           s.num_clusters() + static_cast<int64_t>(s.outliers.size()), sel);
-    sel->search_ns[h] = per_head_ns + NowNs() - t1;
   }
   counters_->attends_gpu_select += 1;
   return absl::OkStatus();
