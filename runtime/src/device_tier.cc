@@ -805,7 +805,6 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   }
   const int slots = any_hot ? 4 : any_estimate ? 3 : any_cold ? 2 : 1;
   if (!any_fetched || n > 1) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
-  const float kNegInf = -std::numeric_limits<float>::infinity();
   for (int slot = kColdSlot; slot < slots; ++slot) {
     std::vector<float> o(static_cast<std::size_t>(n) * of, 0.f),
         lse(static_cast<std::size_t>(n) * H, kNegInf);
