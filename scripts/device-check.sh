@@ -6,7 +6,7 @@
 # resident cache as the peer of the same run. BENCH=hot (on the device) measures the cluster kind's
 # GPU hot cache instead of the before/after comparison (at 128K, B=1), BENCH=hot-scale at B=16 and
 # 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer, BENCH=prefill times kvrt_prefill
-# beside causal SDPA (BENCH takes a list); TESTS="" and
+# beside causal SDPA, BENCH=bytes the cluster kind's GPU bytes from 32K to 512K (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -65,11 +65,22 @@ if [[ "${1:-}" == "--device" ]]; then
       echo "=== kvrt: cluster 1M B=1, hot cache 0.1"
       timeout 300 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --hot-cache 0.1
     elif [[ "$bench" == prefill ]]; then
-      # kvrt_prefill of a 128K layer (host pointers; the index build is on the CPU) beside causal
-      # SDPA over the same prompt.
-      timeout 200 $b/kvrt $args --index cluster,landmark --cold 131072 --batch 1 --layers 1 \
+      # kvrt_prefill of a 128K layer beside causal SDPA over the same prompt: the cluster kind's
+      # GPU build from device pointers (2 layers: the first pays the pinned pool and module
+      # load) and from host pointers; the CPU build's accuracy on the same data (host backend).
+      echo "=== kvrt: cluster 128K prefill, device pointers (GPU build), with accuracy"
+      timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 1 --layers 2
+      echo "=== kvrt: cluster 128K prefill, host pointers (GPU build after an H2D)"
+      timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 1 --layers 2 --memory host \
         --accuracy-steps 0
+      echo "=== kvrt: cluster 128K, host backend (CPU build), accuracy on the same data"
+      timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 1 --layers 1 --gpu 0 \
+        --steps 10
       python3 tools/gpu_bench/sdpa_peer.py --prefill --tokens 131072 --iters 5
+    elif [[ "$bench" == bytes ]]; then
+      # GPU bytes per (sequence, layer) of the cluster kind against the context (hot cache off).
+      timeout 300 $b/kvrt $args --index cluster --cold 32768,262144,524288 --batch 1 --layers 1 \
+        --hot-cache 0 --accuracy-steps 0 --steps 5
     elif [[ "$bench" == serve ]]; then
       python3 tools/gpu_bench/sdpa_peer.py --serve --gpu-memory 100GiB --context 32768 131072 \
         --layers-model 32 > "$out/dense-serve.jsonl"

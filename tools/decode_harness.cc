@@ -119,12 +119,29 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
   std::unique_ptr<kvrt_runtime, void (*)(kvrt_runtime*)> guard(rt, kvrt_runtime_destroy);
   const std::size_t q_row = data.q_row(), kv_row = data.kv_row();
   std::vector<kvrt_seq_id> seqs(batch);
+  // --memory device: the prompt in device memory too (as a decoder's prefill leaves it), so the
+  // prefill is timed with device pointers: the cluster kind then builds its segments on the GPU.
+  DeviceSide prompt_dev;
+  const void *pq = data.pq.empty() ? nullptr : data.pq.data(), *pk = data.pk.data(),
+             *pv = data.pv.data();
+  kvrt_exec prefill_exec = kvrt_exec_default();
+  if (o.device) {
+    pk = prompt_dev.Copy(data.pk.data(), data.pk.size());
+    pv = prompt_dev.Copy(data.pv.data(), data.pv.size());
+    if (pq != nullptr) pq = prompt_dev.Copy(data.pq.data(), data.pq.size());
+    prefill_exec.memory = KVRT_MEMORY_DEVICE;
+    prefill_exec.cuda_stream = prompt_dev.Stream();
+    if (pk == nullptr || pv == nullptr || (!data.pq.empty() && pq == nullptr) ||
+        prefill_exec.cuda_stream == nullptr)
+      return absl::ResourceExhaustedError("CUDA allocation of the prompt failed");
+  }
   const double t_prefill = NowUs();
   for (int b = 0; b < batch; ++b) {
     HARNESS_CHECK(kvrt_seq_create(rt, &seqs[b]));
-    for (int l = 0; l < layers; ++l)
-      HARNESS_CHECK(kvrt_prefill(rt, seqs[b], l, data.pq.empty() ? nullptr : data.pq.data(),
-                                 data.pk.data(), data.pv.data(), data.prompt));
+    for (int l = 0; l < layers; ++l) {
+      HARNESS_CHECK(kvrt_prefill_ex(rt, seqs[b], l, pq, pk, pv, data.prompt, &prefill_exec));
+      Sync(o.device, prefill_exec.cuda_stream);
+    }
   }
   res.prefill_ms = (NowUs() - t_prefill) / 1e3 / (static_cast<double>(batch) * layers);
   kvrt_get_stats(rt, &res.prefilled);

@@ -69,7 +69,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 1
+#define KVRT_VERSION_PATCH 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -433,6 +433,12 @@ typedef struct kvrt_stats {
   int64_t time_hot_cache_ns;   /* CPU wall time preparing the cache's part of attends (lookups,
                                   gathering the rows it misses from the host store), so far; part
                                   of time_cpu_search_ns */
+  /* The GPU build of KVRT_INDEX_CLUSTER at prefill. Since 0.3.2. */
+  int64_t segments_built_gpu;    /* (kv head, token segment) pairs clustered on the GPU, so far
+                                    (the others are clustered on the CPU) */
+  int64_t time_segment_build_ns; /* wall time of those builds (GPU k-means and the layout of its
+                                    result; the index and the store permutation after it are not
+                                    included), so far */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

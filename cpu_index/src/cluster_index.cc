@@ -107,6 +107,25 @@ class ClusterIndex final : public KeyIndex {
     return absl::OkStatus();
   }
 
+  absl::Status Preset(int64_t begin, std::vector<SegmentClustering> parts) {
+    if (begin != size_) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cluster index: preset segments start at row ", begin, ", the index covers ", size_));
+    }
+    for (const SegmentClustering& p : parts) {
+      if (static_cast<int64_t>(p.order.size()) != cfg_.segment_tokens ||
+          p.centroid.size() != p.size.size() * static_cast<std::size_t>(dim_) ||
+          p.value_mean.size() != p.centroid.size() || p.spread.size() != p.size.size()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("cluster index: a preset segment must hold ", cfg_.segment_tokens,
+                         " rows and dim ", dim_, " means for each of its clusters"));
+      }
+    }
+    preset_begin_ = begin;
+    preset_ = std::move(parts);
+    return absl::OkStatus();
+  }
+
   const ClusterSummary& summary() const { return summary_; }
   int64_t size() const override { return size_; }
   int64_t CoverableRows(int64_t store_rows) const override {
@@ -130,6 +149,11 @@ class ClusterIndex final : public KeyIndex {
     arena.execute([&] {
       tbb::parallel_for(int64_t{0}, nseg, [&](int64_t s) {
         const int64_t b = begin + s * seg;
+        const int64_t preset = (b - preset_begin_) / seg;
+        if (b >= preset_begin_ && preset < static_cast<int64_t>(preset_.size())) {
+          parts[s] = std::move(preset_[preset]);
+          return;
+        }
         std::vector<float> k(static_cast<std::size_t>(seg) * dim_), v(k.size());
         ConvertToF32(store.key(b), store.dtype(), k.size(), k.data());
         ConvertToF32(store.value(b), store.dtype(), v.size(), v.data());
@@ -137,6 +161,7 @@ class ClusterIndex final : public KeyIndex {
                        cfg_.seed + static_cast<uint64_t>(b), &parts[s]);
       });
     });
+    preset_.clear();  // used, or (rows the caller did not cover) stale
     if (pending_order_.empty()) pending_begin_ = begin;  // else Add follows an untaken Build/Add
     for (int64_t s = 0; s < nseg; ++s) {
       const SegmentClustering& p = parts[s];
@@ -211,7 +236,15 @@ class ClusterIndex final : public KeyIndex {
   std::vector<float> metric_l_;
   int64_t pending_begin_ = 0;
   std::vector<int64_t> pending_order_;
+  int64_t preset_begin_ = 0;
+  std::vector<SegmentClustering> preset_;  // PresetSegments: the next Cover takes these
 };
+
+absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts) {
+  if (index == nullptr || index->kind() != IndexKind::kCluster)
+    return absl::InvalidArgumentError("PresetSegments: not a cluster index");
+  return static_cast<ClusterIndex*>(index)->Preset(begin, std::move(parts));
+}
 
 const ClusterSummary* GetClusterSummary(const KeyIndex& index) {
   if (index.kind() != IndexKind::kCluster) return nullptr;

@@ -169,9 +169,8 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
     for (int j = 0; j < d; ++j) a += r[j] * r[j];
     xn2[i] = a;
   }
-  const int64_t n_out = std::min<int64_t>(n - 1, static_cast<int64_t>(config.outlier_fraction * n));
-  int64_t c = std::clamp<int64_t>(
-      (n - n_out + config.cluster_size / 2) / std::max(1, config.cluster_size), 1, n);
+  const int64_t n_out = SegmentOutliers(n, config);
+  int64_t c = SegmentClusters(n, config);
 
   std::mt19937_64 rng(seed);
   std::vector<int32_t> assign(n);
@@ -215,73 +214,109 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       Lloyd(x, xn2.data(), n, d, c, config.refine_iters, &rng, &assign, &dist, /*warm=*/true);
     }
   }
-  std::vector<int64_t> count(c);
-
-  // Outliers: the rows farthest from the mean of the OTHER members of their cluster in the
-  // metric (n/(n-1) times the distance to the centroid). A singleton (a far key that took a
-  // centroid of its own) is scored exactly through its centroid already: never an outlier.
-  std::vector<char> is_out(n, 0);
-  std::vector<int64_t> outl;
-  if (n_out > 0) {
-    std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++count[assign[i]];
-    for (int64_t i = 0; i < n; ++i) {
-      const double f =
-          count[assign[i]] > 1 ? double(count[assign[i]]) / (count[assign[i]] - 1) : 0.0;
-      dist[i] = static_cast<float>(dist[i] * f * f);
+  // Outliers leave their cluster (assign -1), then each cluster's means over its members.
+  MarkOutliers(dist.data(), n, c, n_out, assign.data());
+  std::vector<int32_t> count(c, 0);
+  std::vector<double> km(static_cast<std::size_t>(c) * d, 0.0), vm(km.size(), 0.0),
+      xm(km.size(), 0.0), xsq(c, 0.0);
+  for (int64_t r = 0; r < n; ++r) {
+    const int32_t j = assign[r];
+    if (j < 0) continue;
+    ++count[j];
+    const float* kr = keys + r * d;
+    const float* vr = values + r * d;
+    const float* xr = x + r * d;
+    double* kj = km.data() + static_cast<std::size_t>(j) * d;
+    double* vj = vm.data() + static_cast<std::size_t>(j) * d;
+    double* xj = xm.data() + static_cast<std::size_t>(j) * d;
+    for (int t = 0; t < d; ++t) {
+      kj[t] += kr[t];
+      vj[t] += vr[t];
+      xj[t] += xr[t];
     }
-    std::vector<int64_t> idx(n);
-    std::iota(idx.begin(), idx.end(), 0);
-    std::nth_element(idx.begin(), idx.begin() + n_out, idx.end(), [&](int64_t a, int64_t b) {
-      return dist[a] > dist[b] || (dist[a] == dist[b] && a < b);
-    });
-    outl.assign(idx.begin(), idx.begin() + n_out);
-    std::sort(outl.begin(), outl.end());
-    for (int64_t r : outl) is_out[r] = 1;
+    xsq[j] += xn2[r];
   }
-
-  // Members per cluster (ascending rows), empty clusters dropped.
-  std::vector<int64_t> start(c + 1, 0);
-  for (int64_t i = 0; i < n; ++i)
-    if (!is_out[i]) ++start[assign[i] + 1];
-  for (int64_t j = 0; j < c; ++j) start[j + 1] += start[j];
-  std::vector<int64_t> members(start[c]);
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < n; ++i)
-      if (!is_out[i]) members[fill[assign[i]]++] = i;
-  }
-  out->order.reserve(n);
+  std::vector<float> key_mean(km.size()), value_mean(km.size()), spread(c, 0.f);
   for (int64_t j = 0; j < c; ++j) {
-    const int64_t b = start[j], e = start[j + 1];
-    if (b == e) continue;
-    const int64_t cnt = e - b;
-    std::vector<double> km(d, 0.0), vm(d, 0.0), xm(d, 0.0);
-    double xsq = 0;
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t r = members[p];
-      out->order.push_back(r);
-      const float* kr = keys + r * d;
-      const float* vr = values + r * d;
-      const float* xr = x + r * d;
-      for (int t = 0; t < d; ++t) {
-        km[t] += kr[t];
-        vm[t] += vr[t];
-        xm[t] += xr[t];
-      }
-      xsq += xn2[r];
-    }
+    if (count[j] == 0) continue;
+    const double inv = 1.0 / count[j];
     double cn2 = 0;
     for (int t = 0; t < d; ++t) {
-      out->centroid.push_back(static_cast<float>(km[t] / cnt));
-      out->value_mean.push_back(static_cast<float>(vm[t] / cnt));
-      cn2 += (xm[t] / cnt) * (xm[t] / cnt);
+      const std::size_t e = static_cast<std::size_t>(j) * d + t;
+      key_mean[e] = static_cast<float>(km[e] * inv);
+      value_mean[e] = static_cast<float>(vm[e] * inv);
+      cn2 += (xm[e] * inv) * (xm[e] * inv);
     }
-    out->size.push_back(static_cast<int32_t>(cnt));
-    out->spread.push_back(static_cast<float>(std::max(0.0, xsq / cnt - cn2) / trm));
+    spread[j] = static_cast<float>(std::max(0.0, xsq[j] * inv - cn2) / trm);
   }
-  for (int64_t r : outl) out->order.push_back(r);
-  out->num_outliers = n_out;
+  AssembleSegment(assign.data(), n, c, d, key_mean.data(), value_mean.data(), spread.data(), out);
+}
+
+int64_t SegmentOutliers(int64_t n, const ClusterConfig& config) {
+  return std::max<int64_t>(
+      0, std::min<int64_t>(n - 1, static_cast<int64_t>(config.outlier_fraction * n)));
+}
+
+int64_t SegmentClusters(int64_t n, const ClusterConfig& config) {
+  return std::clamp<int64_t>(
+      (n - SegmentOutliers(n, config) + config.cluster_size / 2) / std::max(1, config.cluster_size),
+      1, std::max<int64_t>(1, n));
+}
+
+void MarkOutliers(const float* dist, int64_t n, int64_t c, int64_t n_out, int32_t* assign) {
+  if (n_out <= 0) return;
+  std::vector<int64_t> count(c, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (assign[i] >= 0) ++count[assign[i]];
+  // The distance to the mean of the OTHER members of the cluster: n/(n-1) times the distance to
+  // the centroid. A singleton (a far key that took a centroid of its own) is scored exactly
+  // through its centroid already: never an outlier.
+  std::vector<float> far(n, -1.f);
+  for (int64_t i = 0; i < n; ++i) {
+    if (assign[i] < 0) continue;
+    const int64_t m = count[assign[i]];
+    const double f = m > 1 ? double(m) / (m - 1) : 0.0;
+    far[i] = static_cast<float>(dist[i] * f * f);
+  }
+  std::vector<int64_t> idx(n);
+  std::iota(idx.begin(), idx.end(), 0);
+  const int64_t take = std::min(n_out, n);
+  std::nth_element(idx.begin(), idx.begin() + take, idx.end(), [&](int64_t a, int64_t b) {
+    return far[a] > far[b] || (far[a] == far[b] && a < b);
+  });
+  for (int64_t k = 0; k < take; ++k) assign[idx[k]] = -1;
+}
+
+void AssembleSegment(const int32_t* assign, int64_t n, int64_t c, int dim, const float* key_mean,
+                      const float* value_mean, const float* spread,
+                     SegmentClustering* out) {
+  *out = SegmentClustering{};
+  // Members per cluster in ascending rows (a counting sort), outliers after the last cluster.
+  std::vector<int64_t> start(c + 1, 0);
+  int64_t outliers = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (assign[i] < 0) {
+      ++outliers;
+    } else {
+      ++start[assign[i] + 1];
+    }
+  }
+  for (int64_t j = 0; j < c; ++j) start[j + 1] += start[j];
+  out->order.resize(n);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    int64_t o = start[c];
+    for (int64_t i = 0; i < n; ++i) out->order[assign[i] < 0 ? o++ : fill[assign[i]]++] = i;
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    if (start[j + 1] == start[j]) continue;  // empty clusters are dropped
+    out->size.push_back(static_cast<int32_t>(start[j + 1] - start[j]));
+    out->centroid.insert(out->centroid.end(), key_mean + j * dim, key_mean + (j + 1) * dim);
+    out->value_mean.insert(out->value_mean.end(), value_mean + j * dim,
+                           value_mean + (j + 1) * dim);
+    out->spread.push_back(spread[j]);
+  }
+  out->num_outliers = outliers;
 }
 
 }  // namespace kvrt::cpu_index

@@ -42,6 +42,8 @@ class Stats:
     hot_h2d_bytes: int = 0
     hot_cache_gpu_bytes: int = 0
     time_hot_cache_ns: int = 0
+    segments_built_gpu: int = 0
+    time_segment_build_ns: int = 0
 
     @property
     def scanned_fraction(self) -> float:

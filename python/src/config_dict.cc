@@ -211,6 +211,8 @@ nb::dict StatsToDict(const kvrt_stats& s) {
   KVRT_PY_STAT(hot_h2d_bytes);
   KVRT_PY_STAT(hot_cache_gpu_bytes);
   KVRT_PY_STAT(time_hot_cache_ns);
+  KVRT_PY_STAT(segments_built_gpu);
+  KVRT_PY_STAT(time_segment_build_ns);
 #undef KVRT_PY_STAT
   return d;
 }

@@ -18,6 +18,8 @@
 namespace kvrt::runtime {
 namespace {
 
+constexpr int64_t kParallelAppendRows = 4096;  // Append: rows from which kv heads copy in parallel
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // A failed index search fails the attend (INTERNAL for FAISS/hnswlib errors): the message says
@@ -74,11 +76,18 @@ absl::Status ColdTier::Append(const void* k, const void* v, int64_t n) {
   const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim;
   const std::size_t hb = static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
   const int64_t first = first_position_ + rows();
-  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+  auto append = [&](int g) {
     // Capacity is reserved above, so neither append can fail half-way.
     (void)stores_[g].Append(static_cast<const unsigned char*>(k) + g * hb,
                             static_cast<const unsigned char*>(v) + g * hb, n, head_elems);
     for (int64_t i = 0; i < n; ++i) positions_[g].push_back(first + i);
+  };
+  // A prompt's rows (hundreds of MB) are copied per kv head in parallel, in the caller's arena
+  // (the runtime's, at prefill); a decode step's few rows are not worth the fork.
+  if (n >= kParallelAppendRows) {
+    tbb::parallel_for(0, cfg_->num_kv_heads, append);
+  } else {
+    for (int g = 0; g < cfg_->num_kv_heads; ++g) append(g);
   }
   // host_tokens was counted when the budget reserved these rows (budget.h).
   return absl::OkStatus();
@@ -113,6 +122,21 @@ void ColdTier::SampleQueries(const void* q, int64_t n) {
   }
 }
 
+std::vector<float> ColdTier::MetricFactor(int g) const {
+  const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
+  const bool have_q = cc.query_aware && !query_sample_.empty();
+  const int64_t nq =
+      have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
+  return cpu_index::QueryMetricFactor(have_q ? query_sample_[g].data() : nullptr, nq,
+                                      cfg_->head_dim, cc.metric_queries);
+}
+
+void ColdTier::PresetSegments(int64_t begin,
+                              std::vector<std::vector<cpu_index::SegmentClustering>> parts) {
+  preset_begin_ = begin;
+  preset_ = std::move(parts);
+}
+
 bool ColdTier::needs_refresh() const {
   if (cfg_->index_kind == cpu_index::IndexKind::kExact || rows() < kIndexMinRows) return false;
   if (indexes_[0] == nullptr) return true;
@@ -141,6 +165,13 @@ void ColdTier::ApplyRowOrder(int g) {
   std::copy(moved.begin(), moved.end(), positions_[g].begin() + begin);
 }
 
+void ColdTier::TakePreset(int g, cpu_index::KeyIndex* index) {
+  if (static_cast<int>(preset_.size()) <= g || preset_[g].empty()) return;
+  // NOTE: a preset the index refuses (it cannot happen with segments built for this store) only
+  // costs the time of the build: the index clusters those segments itself.
+  (void)cpu_index::PresetSegments(index, preset_begin_, std::move(preset_[g]));
+}
+
 absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
   std::vector<absl::Status> status(cfg_->num_kv_heads);
   const cpu_index::IndexKind kind = cfg_->index_kind;
@@ -167,9 +198,11 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
           const bool have_q = !query_sample_.empty();
           const int64_t nq =
               have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
+          TakePreset(g, made->get());
           status[g] = (*made)->Build(stores_[g], have_q ? query_sample_[g].data() : nullptr, nq);
           if (status[g].ok()) index = std::move(*made);
         } else {
+          TakePreset(g, index.get());
           status[g] = index->Add(stores_[g]);
         }
         if (status[g].ok()) ApplyRowOrder(g);
@@ -198,6 +231,7 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
     }
   }
   if (all_built) query_sample_.clear();
+  preset_.clear();
   for (auto& s : status) {
     // NOTE: not an error of the call: the tokens are stored, and rows the index misses are
     // scanned exactly by Select (and retried at the next refresh), so a failed update costs

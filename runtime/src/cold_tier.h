@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 #include "kvrt_cpu_index/index.h"
 #include "kvrt_runtime/runtime.h"
@@ -83,6 +84,13 @@ class ColdTier {
   // from queries.
   void SampleQueries(const void* q, int64_t n);
 
+  // The cluster kind's metric factor L [d * d] of kv head g, from the prompt queries kept by
+  // SampleQueries (the one its index's Build computes), for a build outside the index.
+  std::vector<float> MetricFactor(int g) const;
+  // Segments of every kv head clustered outside the index (segment_build.h), starting at store
+  // row `begin`: the next refresh hands them to the indexes (cpu_index::PresetSegments).
+  void PresetSegments(int64_t begin, std::vector<std::vector<cpu_index::SegmentClustering>> parts);
+
   // Brings every kv head's index up to the store (build on first use, then insert), at once or as
   // a background job on the arena. Failures are counted, never returned (see the header note).
   void RefreshIndexes(tbb::task_arena& arena, bool background);
@@ -136,6 +144,7 @@ class ColdTier {
   void AddNonfinite(int g, std::vector<int64_t>* ids) const;
   void AddEstimate(const cpu_index::SearchResult& found, ColdSelection* sel, int h) const;
   absl::Status RefreshNow(tbb::task_arena& arena);
+  void TakePreset(int g, cpu_index::KeyIndex* index);
   void ApplyRowOrder(int g);
 
   const RuntimeConfig* cfg_;
@@ -148,6 +157,8 @@ class ColdTier {
   // Prompt queries (f32, per kv head) kept until the index is built.
   std::vector<std::vector<float>> query_sample_;
   std::unique_ptr<transfer::BackgroundWork> refresh_;
+  int64_t preset_begin_ = 0;
+  std::vector<std::vector<cpu_index::SegmentClustering>> preset_;  // [kv_heads][segment]
   int64_t index_version_ = 0;
 };
 

@@ -23,6 +23,7 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Free pinned blocks kept by the pool (eviction batches, q staging).
 constexpr std::size_t kPinnedCacheBytes = std::size_t{256} << 20;
+constexpr std::size_t kDirectChunkBytes = std::size_t{32} << 20;  // a prompt's D2H, per K and V
 
 // Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
 // contiguous pieces of the ring, so plain async copies do it (no index array to upload). One of
@@ -176,6 +177,16 @@ class DeviceTier final : public TierBackend {
   absl::Status AttendFetched(TierStep* step, int i, const ColdSelection& sel, const ColdTier& cold,
                              tbb::task_arena& arena) override;
   bool can_select_clusters() const override { return true; }
+  bool builds_segments() const override {
+    return cfg_->index.cluster.gpu_build && SegmentBuildSupported(*cfg_);
+  }
+  absl::StatusOr<std::vector<std::vector<cpu_index::SegmentClustering>>> BuildSegments(
+      const SegmentBuildInput& in, const Exec& exec) override {
+    StreamLease lease(ctx_, exec);
+    KVRT_RETURN_IF_ERROR(lease.status());
+    // The caller's stream (device pointers) orders the build after the tensors' producers.
+    return runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, lease.get());
+  }
   absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold, ColdSelection* sel,
                               tbb::task_arena& arena) override;
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
@@ -202,6 +213,8 @@ class DeviceTier final : public TierBackend {
   }
   absl::Status Allocate(const AppendPlan& plan);
   absl::Status Evict(const AppendPlan& plan, void* stream);
+  absl::Status AppendFromDevice(const unsigned char* k, const unsigned char* v, int64_t rows,
+                                void* stream, ColdTier* cold);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
   absl::Status SyncSummary(const ColdTier& cold, void* stream);
   absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
@@ -344,20 +357,13 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   if (plan.direct > 0) {
     KVRT_RETURN_IF_ERROR(SettleEvictions(cold));
     const std::size_t off = static_cast<std::size_t>(plan.direct_begin - plan.length) * tb;
-    const std::size_t bytes = static_cast<std::size_t>(plan.direct) * tb;
     const unsigned char* kr = ks + off;
     const unsigned char* vr = vs + off;
-    std::vector<unsigned char> hk, hv;
-    if (exec.device) {  // D2H of the cold part only
-      hk.resize(bytes);
-      hv.resize(bytes);
-      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(hk.data(), kr, bytes, stream));
-      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(hv.data(), vr, bytes, stream));
-      KVRT_RETURN_IF_ERROR(transfer::StreamSynchronize(stream));
-      kr = hk.data();
-      vr = hv.data();
+    if (exec.device) {
+      KVRT_RETURN_IF_ERROR(AppendFromDevice(kr, vr, plan.direct, stream, cold));
+    } else {
+      KVRT_RETURN_IF_ERROR(cold->Append(kr, vr, plan.direct));
     }
-    KVRT_RETURN_IF_ERROR(cold->Append(kr, vr, plan.direct));
   }
   // 3. New tokens that stay on the tier (host sources are staged by the driver, so the caller may
   //    reuse them when this returns).
@@ -384,6 +390,39 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   }
   KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
   used_ = true;
+  return absl::OkStatus();
+}
+
+// D2H of the cold part of a call's device tensors through pinned staging (pageable copies run at
+// a fraction of PCIe speed), two chunks in flight: chunk c + 1 copies while chunk c is appended.
+absl::Status DeviceTier::AppendFromDevice(const unsigned char* k, const unsigned char* v,
+                                          int64_t rows, void* stream, ColdTier* cold) {
+  const std::size_t tb = token_bytes();
+  const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(kDirectChunkBytes / tb));
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  transfer::PinnedBlock kb[2], vb[2];
+  transfer::Event done[2];
+  for (int i = 0; i < 2 && i < chunks; ++i) {
+    const std::size_t bytes = static_cast<std::size_t>(std::min(chunk, rows)) * tb;
+    KVRT_ASSIGN_OR_RETURN(kb[i], ctx_->pinned().Acquire(bytes));
+    KVRT_ASSIGN_OR_RETURN(vb[i], ctx_->pinned().Acquire(bytes));
+    KVRT_ASSIGN_OR_RETURN(done[i], transfer::Event::Create(false));
+  }
+  auto enqueue = [&](int64_t c) -> absl::Status {
+    const int64_t r0 = c * chunk, n = std::min(chunk, rows - r0);
+    const std::size_t off = static_cast<std::size_t>(r0) * tb, bytes = n * tb;
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(kb[c % 2].data(), k + off, bytes, stream));
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(vb[c % 2].data(), v + off, bytes, stream));
+    return done[c % 2].Record(stream);
+  };
+  KVRT_RETURN_IF_ERROR(enqueue(0));
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (c + 1 < chunks) KVRT_RETURN_IF_ERROR(enqueue(c + 1));
+    KVRT_RETURN_IF_ERROR(done[c % 2].Synchronize());
+    const int64_t n = std::min(chunk, rows - c * chunk);
+    KVRT_RETURN_IF_ERROR(cold->Append(kb[c % 2].data(), vb[c % 2].data(), n));
+    // NOTE: chunk c + 2 reuses these blocks: its copies are enqueued only after this append.
+  }
   return absl::OkStatus();
 }
 

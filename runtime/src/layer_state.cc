@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "budget.h"
+#include "clock.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
 
@@ -89,7 +90,9 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   if (length_ != 0)
     return absl::FailedPreconditionError(absl::StrCat("prefill: the layer already holds ", length_,
                                                       " tokens (prefill once, then append)"));
-  KVRT_RETURN_IF_ERROR(AppendTokens(k, v, n, exec));
+  absl::Status appended;
+  arena.execute([&] { appended = AppendTokens(k, v, n, exec); });  // its parallel copies: there
+  KVRT_RETURN_IF_ERROR(appended);
   if (q != nullptr && cpu_index::KindInfo(cfg_->index_kind).uses_queries) {
     // Only the sampled rows cross to the host: the evenly spaced rows SampleQueries picks.
     const int64_t rows = cold_.QuerySampleRows(n);
@@ -106,9 +109,36 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
     }
   }
   KVRT_RETURN_IF_ERROR(tier_->SettleEvictions(&cold_));
+  BuildSegmentsOnGpu(k, v, exec);
   // The prompt's index is built now, on every backend: the first decode step searches it.
   cold_.RefreshIndexes(arena, /*background=*/false);
   return absl::OkStatus();
+}
+
+void LayerState::BuildSegmentsOnGpu(const void* k, const void* v, const Exec& exec) {
+  // Every cold row came from this prompt: rows [0, rows()) are its positions [S, S + rows()).
+  if (!tier_->builds_segments() || !cold_.needs_refresh() ||
+      cold_.rows() < cfg_->index.cluster.segment_tokens)
+    return;
+  const int64_t t0 = NowNs();
+  const std::size_t skip = static_cast<std::size_t>(cfg_->sink_tokens) * cfg_->num_kv_heads *
+                           cfg_->head_dim * DTypeSize(cfg_->dtype);
+  std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) metric[g] = cold_.MetricFactor(g);
+  SegmentBuildInput in;
+  in.k = static_cast<const unsigned char*>(k) + skip;
+  in.v = static_cast<const unsigned char*>(v) + skip;
+  in.k_on_device = exec.device;
+  in.rows = cold_.rows();
+  in.metric_l = &metric;
+  auto parts = tier_->BuildSegments(in, exec);
+  // NOTE: a failed GPU build (no device memory for its work arrays, a CUDA error) is not an error
+  // of the prefill: the index clusters the segments on the CPU, as without a GPU.
+  if (!parts.ok() || parts->empty() || (*parts)[0].empty()) return;
+  const int64_t segments = static_cast<int64_t>((*parts)[0].size());
+  cold_.PresetSegments(0, std::move(*parts));
+  counters_->segments_built_gpu += segments * cfg_->num_kv_heads;
+  counters_->time_segment_build_ns += NowNs() - t0;
 }
 
 absl::Status LayerState::Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena,

@@ -65,6 +65,9 @@ class LayerState {
   absl::Status AppendTokens(const void* k, const void* v, int64_t n, const Exec& exec);
   // Before the store is read or grown: the background refresh done, evicted rows settled.
   absl::Status SettleCold();
+  // Prefill, GPU backend, cluster kind: the prompt's cold segments clustered on the GPU from the
+  // call's k, v (segment_build.h) and preset into the indexes that the refresh builds next.
+  void BuildSegmentsOnGpu(const void* k, const void* v, const Exec& exec);
   void RecordAttended(const ColdSelection& sel);
   void CountStep(const ColdSelection& sel);
   void CountColdTime(const ColdSelection& sel, int64_t wall);

@@ -13,6 +13,7 @@
 #include "kvrt_runtime/runtime.h"
 #include "oneapi/tbb/task_arena.h"
 #include "partial_state.h"
+#include "segment_build.h"
 
 namespace kvrt::runtime {
 
@@ -102,6 +103,16 @@ class TierBackend {
   // members with ok[i] = 0 (failed in phases 2-3) are left untouched.
   virtual absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                               const std::vector<uint8_t>& ok, float* out) = 0;
+
+  // The cluster kind's GPU build at prefill (segment_build.h): whether this backend runs it, and
+  // the run for the cold rows `in` describes (in.k_on_device as exec.device).
+  virtual bool builds_segments() const { return false; }
+  virtual absl::StatusOr<std::vector<std::vector<cpu_index::SegmentClustering>>> BuildSegments(
+      const SegmentBuildInput& in, const Exec& exec) {
+    (void)in;
+    (void)exec;
+    return absl::UnimplementedError("segment build: no GPU backend");
+  }
 
   // Whether the sink buffers exist (allocated at first use).
   virtual bool has_sinks() const = 0;

@@ -347,6 +347,14 @@ TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
   int64_t untouched;
   std::memset(&untouched, 0xab, sizeof untouched);
   EXPECT_EQ(st.hot_hits, untouched);
+  // 0.3.2 appended the GPU build's stats: a 0.3.1 caller gets the hot cache's, not those.
+  std::memset(&st, 0xab, sizeof st);
+  st.struct_size = offsetof(kvrt_stats, segments_built_gpu);
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
+  EXPECT_EQ(st.hot_hits, 0);
+  EXPECT_EQ(st.segments_built_gpu, untouched);
+  st.struct_size = offsetof(kvrt_stats, segments_built_gpu) + 4;  // no kvrt.h declared this size
+  EXPECT_EQ(kvrt_get_stats(rt, &st), KVRT_ERR_INVALID_ARGUMENT);
   kvrt_runtime_destroy(rt);
   // The new fields are checked like the others.
   c = TinyConfig();

@@ -260,6 +260,56 @@ TEST(ClusterIndex, SelectionTakesTheDensestClustersFirst) {
   EXPECT_TRUE(std::isfinite(lse));
 }
 
+// Segments clustered outside the index (the GPU build) are taken as they are: a preset of the
+// parts ClusterSegment itself computes gives the same summary and order as the index's own build,
+// for the segments preset (here the first two of three; the third it clusters itself).
+TEST(ClusterIndex, PresetSegmentsAreTakenAsTheyAre) {
+  HeadStore own_store(kDim, DType::kF32), preset_store(kDim, DType::kF32);
+  AppendRows(&own_store, 3 * 256, 21);
+  AppendRows(&preset_store, 3 * 256, 21);
+  const IndexConfig cfg = SmallConfig();
+  const std::vector<float> metric = QueryMetricFactor(nullptr, 0, kDim, 0);
+  std::vector<SegmentClustering> parts(2);
+  for (int s = 0; s < 2; ++s) {
+    std::vector<float> k(256 * kDim), v(k.size());
+    for (int64_t r = 0; r < 256; ++r) {
+      preset_store.KeyF32(s * 256 + r, k.data() + r * kDim);
+      ConvertToF32(preset_store.value(s * 256 + r), DType::kF32, kDim, v.data() + r * kDim);
+    }
+    ClusterSegment(k.data(), v.data(), 256, kDim, metric.data(), cfg.cluster,
+                   cfg.cluster.seed + static_cast<uint64_t>(s) * 256, &parts[s]);
+    // Marked so that the test sees the preset was used, not recomputed: the spread is only
+    // copied into the summary.
+    for (float& x : parts[s].spread) x += 1000.f;
+  }
+  auto own = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  auto preset = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  ASSERT_TRUE(PresetSegments(preset.get(), 0, parts).ok());
+  ASSERT_TRUE(own->Build(own_store, nullptr, 0).ok());
+  ASSERT_TRUE(preset->Build(preset_store, nullptr, 0).ok());
+  ApplyOrder(own.get(), &own_store, 0, 768);
+  ApplyOrder(preset.get(), &preset_store, 0, 768);
+  const ClusterSummary& a = *GetClusterSummary(*own);
+  const ClusterSummary& b = *GetClusterSummary(*preset);
+  EXPECT_EQ(a.begin, b.begin);
+  EXPECT_EQ(a.size, b.size);
+  EXPECT_EQ(a.centroid, b.centroid);
+  EXPECT_EQ(a.outliers, b.outliers);
+  const int64_t preset_clusters =
+      static_cast<int64_t>(parts[0].size.size() + parts[1].size.size());
+  for (int64_t c = 0; c < a.num_clusters(); ++c)
+    EXPECT_FLOAT_EQ(b.spread[c], a.spread[c] + (c < preset_clusters ? 1000.f : 0.f)) << c;
+  for (int64_t r = 0; r < 768; ++r) EXPECT_EQ(KeyRow(own_store, r), KeyRow(preset_store, r));
+
+  // Refused: another kind, a start that is not the next segment, a part of the wrong size.
+  auto flat = MakeIndex(IndexKind::kFlat, cfg, kDim).value();
+  EXPECT_EQ(PresetSegments(flat.get(), 0, parts).code(), absl::StatusCode::kInvalidArgument);
+  auto fresh = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  EXPECT_EQ(PresetSegments(fresh.get(), 256, parts).code(), absl::StatusCode::kInvalidArgument);
+  parts[1].order.pop_back();
+  EXPECT_EQ(PresetSegments(fresh.get(), 0, parts).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(ClusterIndex, IncrementalSegmentsKeepEarlierRows) {
   HeadStore store(kDim, DType::kF32);
   AppendRows(&store, 300, 5);

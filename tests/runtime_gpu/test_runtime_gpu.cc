@@ -401,6 +401,7 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
         cfg->record_attended = false;
         cfg->index.cluster.segment_tokens = 256;
         cfg->index.cluster.min_budget_tokens = 32;
+        cfg->index.cluster.gpu_build = false;  // the same clusters on both backends
         cfg->hot_cache_fraction = hot;
       }
       auto host_rt = Runtime::Create(host_cfg);
@@ -480,6 +481,91 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
       EXPECT_EQ((*gpu_rt)->Stats().summary_gpu_bytes, 0);
       EXPECT_EQ((*gpu_rt)->Stats().hot_cache_gpu_bytes, 0);
     }
+  }
+}
+
+// The GPU build at prefill (segment_build.h) clusters every whole segment of the prompt on the
+// device, from device and from host pointers, and hands the layout to the index: at a budget that
+// selects every cluster the output is exact attention (the store's permutation and the position
+// map followed the GPU's order), and at a small budget the error against exact attention is of
+// the CPU build's size (the clusters differ: flat Lloyd on the GPU, two levels on the CPU).
+TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (bool device : {false, true}) {
+    Case c{cpu_index::IndexKind::kCluster, device, DType::kBF16, device ? "device" : "host"};
+    RuntimeConfig exact_cfg = MakeConfig({cpu_index::IndexKind::kExact, false, c.dtype, "x"}, 0);
+    RuntimeConfig all_cfg = MakeConfig(c, 1), cpu_cfg = MakeConfig(c, 1), gpu_cfg = MakeConfig(c, 1);
+    for (RuntimeConfig* cfg : {&all_cfg, &cpu_cfg, &gpu_cfg}) {
+      cfg->record_attended = false;
+      cfg->index.cluster.segment_tokens = 256;
+      cfg->index.cluster.min_budget_tokens = 32;
+      cfg->index.cluster.budget_fraction = 0.1f;
+    }
+    all_cfg.index.cluster.budget_fraction = 1.f;
+    cpu_cfg.index.cluster.gpu_build = false;
+    auto exact_rt = Runtime::Create(exact_cfg);
+    auto all_rt = Runtime::Create(all_cfg);
+    auto cpu_rt = Runtime::Create(cpu_cfg);
+    auto gpu_rt = Runtime::Create(gpu_cfg);
+    ASSERT_TRUE(exact_rt.ok() && all_rt.ok() && cpu_rt.ok() && gpu_rt.ok());
+    const RuntimeConfig& cfg = (*gpu_rt)->config();
+    auto stream = transfer::Stream::Create();
+    ASSERT_TRUE(stream.ok());
+    Tensors dev(device, stream->get());
+    std::mt19937 rng(91);
+    const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+    const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+    const int prompt = 1200;  // 1132 cold rows: 4 segments of 256, 108 rows scanned exactly
+    std::vector<Runtime*> rts = {exact_rt->get(), all_rt->get(), cpu_rt->get(), gpu_rt->get()};
+    std::vector<int64_t> seqs;
+    for (Runtime* rt : rts) seqs.push_back(*rt->CreateSequence());
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto q = Random(rng, prompt * q_row, c.dtype);
+      auto k = Random(rng, prompt * kv_row, c.dtype);
+      auto v = Random(rng, prompt * kv_row, c.dtype);
+      ASSERT_TRUE(rts[0]->Prefill(seqs[0], l, q.data(), k.data(), v.data(), prompt).ok());
+      for (int i = 1; i < 4; ++i) {
+        auto st = rts[i]->Prefill(seqs[i], l, dev.Put(q), dev.Put(k), dev.Put(v), prompt,
+                                  dev.exec());
+        ASSERT_TRUE(st.ok()) << st;
+      }
+    }
+    const int64_t segments = (prompt - cfg.sink_tokens - cfg.window_tokens) / 256;
+    const int64_t want = segments * cfg.num_kv_heads * cfg.num_layers;
+    EXPECT_EQ(rts[1]->Stats().segments_built_gpu, want) << c.name;
+    EXPECT_EQ(rts[3]->Stats().segments_built_gpu, want) << c.name;
+    EXPECT_GT(rts[3]->Stats().time_segment_build_ns, 0) << c.name;
+    EXPECT_EQ(rts[2]->Stats().segments_built_gpu, 0) << c.name;
+    double err_cpu = 0, err_gpu = 0;
+    for (int step = 0; step < 6; ++step) {
+      for (int l = 0; l < cfg.num_layers; ++l) {
+        auto q = Random(rng, q_row, c.dtype);
+        std::vector<std::vector<float>> got(4, std::vector<float>(q_row));
+        ASSERT_TRUE(rts[0]->Attend(seqs[0], l, q.data(), got[0].data()).ok());
+        for (int i = 1; i < 4; ++i) {
+          float* out = dev.Out(q_row);
+          auto st = rts[i]->Attend(seqs[i], l, dev.Put(q), out, dev.exec());
+          ASSERT_TRUE(st.ok()) << st;
+          got[i] = dev.Get(out, q_row);
+        }
+        for (std::size_t e = 0; e < q_row; ++e)
+          ASSERT_NEAR(got[1][e], got[0][e], 2e-3) << c.name << " every cluster: exact";
+        auto rel = [&](const std::vector<float>& a) {
+          double diff = 0, norm = 0;
+          for (std::size_t e = 0; e < q_row; ++e) {
+            diff += (a[e] - got[0][e]) * (a[e] - got[0][e]);
+            norm += got[0][e] * got[0][e];
+          }
+          return std::sqrt(diff / std::max(norm, 1e-30));
+        };
+        err_cpu += rel(got[2]);
+        err_gpu += rel(got[3]);
+      }
+      dev.Clear();
+    }
+    EXPECT_GT(err_cpu, 0) << "a budget of 10% is not exact";
+    EXPECT_LT(err_gpu, 1.5 * err_cpu + 1e-6) << c.name << ": GPU build error " << err_gpu
+                                            << " vs CPU build " << err_cpu;
   }
 }
 

@@ -50,6 +50,10 @@ struct ClusterConfig {
   // GPU backend: score the summary on the GPU (gpu/include/kvrt_gpu/cluster_kernels.h) from a
   // device copy of it, instead of this index's Search on the CPU.
   bool gpu_select = true;
+  // GPU backend: cluster a prompt's segments on the GPU at prefill (runtime/src/segment_build.h:
+  // flat Lloyd, kmeans_iters + refine_iters iterations) instead of on the CPU. Rows that arrive
+  // later (decode evictions) are clustered on the CPU either way.
+  bool gpu_build = true;
 };
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store
@@ -86,6 +90,24 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
                     const float* metric_l, const ClusterConfig& config, uint64_t seed,
                     SegmentClustering* out);
 
+// Outliers and clusters of a segment of n rows (the same for every build):
+//   outliers = min(n - 1, floor(outlier_fraction * n)), clusters = clamp(round((n - outliers) /
+//   cluster_size), 1, n).
+int64_t SegmentOutliers(int64_t n, const ClusterConfig& config);
+int64_t SegmentClusters(int64_t n, const ClusterConfig& config);
+
+// The two steps after k-means, shared by every build (the CPU's ClusterSegment and the GPU's,
+// runtime/src/segment_build.cc), in segment-local rows:
+// MarkOutliers sets assign[i] = -1 for the n_out rows farthest from the mean of the other members
+// of their cluster (dist: squared distance to the centroid in the metric; singletons never;
+// ties to the lower row).
+void MarkOutliers(const float* dist, int64_t n, int64_t c, int64_t n_out, int32_t* assign);
+// AssembleSegment lays a segment out from its final assignment (-1 = outlier) and per-cluster
+// means [c, dim] / spread [c] over the members: clusters in index order, empty ones dropped, rows
+// ascending within each, the outliers last (ascending).
+void AssembleSegment(const int32_t* assign, int64_t n, int64_t c, int dim, const float* key_mean,
+                     const float* value_mean, const float* spread, SegmentClustering* out);
+
 // density_c for the scores s_c = q.mu_c (unscaled): out[c], c < C.
 void ClusterDensity(const ClusterSummary& s, const float* scores, float q_norm2, float scale,
                     float spread_weight, float* density);
@@ -99,6 +121,13 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
 // none). Max-subtracted, f32 output, double accumulation.
 void EstimateUnselected(const ClusterSummary& s, const float* density,
                         const std::vector<int32_t>& selected, float* o, float* lse);
+
+// Segments clustered outside the index (the GPU build at prefill): the next Build or Add of
+// `index` (kind kCluster, built with the same queries, so in the same metric) takes parts[i] for
+// the segment at store row begin + i * segment_tokens instead of clustering it. InvalidArgument
+// for another kind, a begin that is not the index's next segment, or a part whose row count is not
+// segment_tokens.
+absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts);
 
 // The summary of a cluster index (kind kCluster), e.g. to copy it to the GPU after each
 // Build/Add; null for other kinds.
