@@ -14,6 +14,10 @@
 #   .bundle/ and packs it into .bundlez/bundle.tgz (both git-ignored).
 # There:                run(command="bash scripts/device-check.sh --device", carry=[".bundlez"])
 #   logs under $OUT: tests.log memcheck.log racecheck.log bench.log sdpa_peer.log
+# BENCH=e2e (there): the Python package built against the bundle's libkvrt (.bundle/prefix), then
+#   tools/gpu_bench/e2e_bench.py (DynamicCache, offloaded cache, kvrt; E2E_ARGS adds options):
+#   run(command="TESTS='' SANITIZE='' BENCH=e2e bash scripts/device-check.sh --device", carry=[".bundlez"])
+#   table in bench.log, one JSON line per (cache, context) in e2e.jsonl, the build in e2e-pip.log
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,6 +91,49 @@ if [[ "${1:-}" == "--device" ]]; then
       timeout 400 $b/kvrt bench serve --gpu-memory 100GiB --context 32768,131072 --layers-model 32 \
         --layers 1 --index cluster --max-batch 64 --steps 20 --warmup 3 --max-seconds 4 \
         --dense-json "$out/dense-serve.jsonl" --csv "$out/serve.csv" --plot "$out/serve.svg"
+    elif [[ "$bench" == e2e ]]; then
+      # End to end through the Python package (issue 15 item 4): kvrt built against the bundle's
+      # installed libkvrt with the machine's python3 and its build tools (no network), then a
+      # Llama-3-8B-shaped model with random weights (tools/gpu_bench/e2e_bench.py).
+      site=/tmp/kvrt-site pybuild=/tmp/kvrt-py-build prefix=$PWD/.bundle/prefix built=""
+      rm -rf "$site" "$pybuild"
+      echo "=== e2e: $(python3 --version 2>&1), $(cmake --version | head -1), C++ compiler:" \
+        "$(command -v c++ g++ clang++ | head -1)"
+      t0=$SECONDS
+      if [[ ! -d $prefix/lib/cmake/kvrt ]]; then
+        echo "e2e: .bundle/prefix is missing: bundle again with this scripts/device-check.sh"
+      elif ! python3 -m pip --version > "$out/e2e-pip.log" 2>&1; then
+        echo "e2e: python3 has no pip; building with CMake instead" | tee -a "$out/e2e-pip.log"
+      elif CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout 240 python3 -m pip install \
+          --no-build-isolation --no-deps --no-index --disable-pip-version-check \
+          --target "$site" ./python --config-settings=build-dir="$pybuild" \
+          --config-settings=cmake.define.KVRT_PY_LIBKVRT=installed \
+          --config-settings=cmake.define.CMAKE_PREFIX_PATH="$prefix" >> "$out/e2e-pip.log" 2>&1; then
+        built="pip install"
+      else
+        echo "e2e: pip install failed; building with CMake instead" | tee -a "$out/e2e-pip.log"
+      fi
+      if [[ -z $built && -d $prefix/lib/cmake/kvrt ]]; then
+        # The same package without pip/scikit-build-core: the extension and libkvrt (component
+        # "python" of python/CMakeLists.txt) plus the package's Python sources.
+        rm -rf "$site" "$pybuild"
+        { cmake -S python -B "$pybuild" -DCMAKE_BUILD_TYPE=Release -DKVRT_PY_LIBKVRT=installed \
+            -DCMAKE_PREFIX_PATH="$prefix" -DPython_EXECUTABLE="$(command -v python3)" &&
+          timeout 240 cmake --build "$pybuild" -j"$(nproc)" &&
+          cmake --install "$pybuild" --component python --prefix "$site" &&
+          cp python/kvrt/*.py python/kvrt/py.typed "$site/kvrt/"; } >> "$out/e2e-pip.log" 2>&1 &&
+          built="cmake"
+      fi
+      if [[ -n $built ]]; then
+        echo "e2e: kvrt package built ($built) into $site in $((SECONDS - t0)) s"
+        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
+          PYTHONUNBUFFERED=1 timeout 400 python3 tools/gpu_bench/e2e_bench.py --layers 4 \
+          --contexts 32768,131072 --json "$out/e2e.jsonl" ${E2E_ARGS:-} || rc=1
+      else
+        echo "e2e: the kvrt package did not build ($((SECONDS - t0)) s); end of e2e-pip.log:"
+        tail -40 "$out/e2e-pip.log"
+        rc=1
+      fi
     else
       for round in 1 2; do
         for prog in kvrt_before kvrt; do
@@ -111,7 +158,7 @@ fi
 
 build=${BUILD_DIR:-build}
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
-  test_gpu_kernels ${EXTRA_TARGETS:-} || exit 1
+  test_gpu_kernels kvrt kvrt_static ${EXTRA_TARGETS:-} || exit 1
 rm -rf .bundle .bundlez
 mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
@@ -121,4 +168,12 @@ for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
 [[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
 bash scripts/bundle.sh .bundle .bundle/stage/*
 rm -rf .bundle/stage
+# libkvrt installed into .bundle/prefix (kvrt.h, libkvrt.so*, lib/cmake/kvrt: find_package(kvrt)),
+# which BENCH=e2e builds the Python package against there (KVRT_PY_LIBKVRT=installed); the
+# shared libraries libkvrt.so loads join .bundle/lib. Not carried: the CLI (in .bundle/bin) and
+# libkvrt.a (only find_package(kvrt COMPONENTS static) loads its targets).
+cmake --install "$build" --prefix .bundle/prefix >/dev/null || exit 1
+rm -rf .bundle/prefix/bin .bundle/prefix/lib/libkvrt.a
+strip --strip-unneeded "$(readlink -f .bundle/prefix/lib/libkvrt.so)" || exit 1
+bash scripts/bundle.sh --deps-only .bundle .bundle/prefix/lib/libkvrt.so || exit 1
 mkdir -p .bundlez && tar czf .bundlez/bundle.tgz .bundle && du -sh .bundlez/bundle.tgz

@@ -1,0 +1,54 @@
+"""tools/gpu_bench/e2e_bench.py (issue 15 item 4) in its CPU smoke mode: the plumbing of the
+end-to-end benchmark (tiny Llama, DynamicCache and kvrt; skipped without torch/transformers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "gpu_bench" / "e2e_bench.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("e2e_bench", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(tmp_path, *extra):
+    out = tmp_path / "e2e.jsonl"
+    rc = _bench().main(["--device", "cpu", "--tiny", "--contexts", "300", "--new-tokens", "3",
+                        "--warmup-tokens", "0", "--json", str(out), *extra])
+    assert rc == 0
+    return {r["cache"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+
+def test_cpu_smoke_dynamic_and_kvrt(tmp_path):
+    recs = _run(tmp_path)
+    assert list(recs) == ["dynamic", "offloaded", "kvrt"]
+    assert recs["offloaded"]["status"].startswith("skipped")  # needs CUDA
+    for kind in ("dynamic", "kvrt"):
+        r = recs[kind]
+        assert r["status"] == "ok", r
+        assert r["context"] == 300 and r["layers"] == 2 and r["new_tokens"] == 3
+        assert r["ttft_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["ttft_ms_per_layer"] == pytest.approx(r["ttft_s"] * 1e3 / 2)
+        assert "peak_gpu_bytes" not in r  # CPU: no GPU figures
+    k = recs["kvrt"]
+    assert k["kvrt_config"]["index_kind"] == "cluster" and k["kvrt_config"]["use_gpu"] == 0
+    # 300 prompt tokens + 3 decoded, window 64: most of them are cold, in kvrt's host tier.
+    assert k["kvrt_stats"]["host_tokens"] > 0 and k["kvrt_stats"]["attend_calls"] == 3 * 2
+
+
+def test_out_of_memory_is_reported_not_raised(tmp_path):
+    recs = _run(tmp_path, "--caches", "kvrt", "--kvrt", "host_memory_limit=100000")
+    assert list(recs) == ["kvrt"]
+    assert recs["kvrt"]["status"] == "out of memory"
+    assert "OutOfMemoryError" in recs["kvrt"]["error"]

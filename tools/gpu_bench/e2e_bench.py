@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""End to end through the kvrt Python package (issue 15 item 4): a Llama-3-8B-shaped transformers
+model with random weights, three KV caches in one run.
+
+The model: LlamaForCausalLM, hidden 4096, 32 q / 8 kv heads, head_dim 128, intermediate 14336,
+vocab 32000, rope theta 500000, max_position_embeddings 1M, --layers decoder layers (default 4),
+bf16, random weights initialised on the device, batch 1, SDPA attention. The caches:
+
+  dynamic    transformers' DynamicCache, every layer's K/V resident on the GPU
+  offloaded  transformers' offloaded cache (DynamicCache(offloading=True) in transformers 5.x,
+             OffloadedCache before; the approach of hf_offload_peer.py): K/V in host memory, the
+             current layer (and the next, prefetched) brought to the GPU
+  kvrt       kvrt.hf.enable(model, index_kind="cluster"): the global layers on kvrt, GPU backend
+             with device tensors when the model is on CUDA, kvrt's defaults otherwise
+
+For each context of --contexts (a random prompt of that many tokens) and each cache:
+  ttft       time to first token: the prompt's forward (kvrt's prefill and index build
+             included) and the argmax of the first token, synchronised
+  decode     tokens/s over --new-tokens greedy steps after the first token (one forward per
+             token, each synchronised by reading its argmax)
+  peak GPU   torch.cuda.max_memory_allocated over the prompt and the decode (weights included;
+             kvrt's own device buffers are cudaMalloc'd outside torch's allocator and are
+             reported apart: kvrt_gpu_bytes, from kvrt's statistics)
+  kv GPU     device bytes held after the prompt above what was allocated before it (the
+             weights, the prompt's ids): torch's allocated bytes (the K/V the cache keeps on the
+             GPU) plus kvrt's own device buffers
+and the same figures per decoder layer (divided by --layers). A (cache, context) that runs out
+of memory is reported as "out of memory" and the run goes on.
+
+Output: a table on stdout, one JSON line per (cache, context) to --json (written as each finishes).
+
+  python3 tools/gpu_bench/e2e_bench.py --layers 4 --contexts 32768,131072 --json out/e2e.jsonl
+  python3 tools/gpu_bench/e2e_bench.py --device cpu --tiny          (a smoke test without a GPU)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import sys
+import time
+import traceback
+
+CACHES = ("dynamic", "offloaded", "kvrt")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers N (default 4; 2 with --tiny)")
+    ap.add_argument("--contexts", default=None,
+                    help="prompt lengths, comma-separated (default 32768,131072; 512 with --tiny)")
+    ap.add_argument("--new-tokens", type=int, default=32,
+                    help="decode steps M timed after the first token (greedy)")
+    ap.add_argument("--caches", default=",".join(CACHES),
+                    help="caches to run, comma-separated (each context runs them in the "
+                         f"order {', '.join(CACHES)}; default all)")
+    ap.add_argument("--device", default="cuda", help="cuda[:N] or cpu (cpu: a smoke test)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny shape for smoke tests: hidden 256, 4 q / 2 kv heads, head_dim "
+                         "64, intermediate 512, vocab 1000, 2 layers, context 512, kvrt window 64")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000)")
+    ap.add_argument("--index", default="cluster", help="kvrt index kind")
+    ap.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
+                    help="another kvrt.Config field for the kvrt cache (repeatable), e.g. "
+                         "--kvrt window_tokens=2048 --kvrt hot_cache_fraction=0")
+    ap.add_argument("--warmup-tokens", type=int, default=None,
+                    help="a short untimed run of each cache first (CUDA kernels, cuBLAS, kvrt's "
+                         "module and pools); 0 skips it (default 4096; 256 with --tiny)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
+    ap.add_argument("--json", default=None, help="write one JSON line per (cache, context) here")
+    args = ap.parse_args(argv)
+    args.layers = args.layers or (2 if args.tiny else 4)
+    args.contexts = [int(x) for x in (args.contexts or ("512" if args.tiny else "32768,131072"))
+                     .split(",") if x.strip()]
+    args.caches = [c.strip() for c in args.caches.split(",") if c.strip()]
+    for c in args.caches:
+        if c not in CACHES:
+            ap.error(f"--caches: unknown cache {c!r} (one of {', '.join(CACHES)})")
+    if args.warmup_tokens is None:
+        args.warmup_tokens = 256 if args.tiny else 4096
+    args.vocab = args.vocab or (1000 if args.tiny else 32000)
+    opts = {}
+    for kv in args.kvrt:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            ap.error(f"--kvrt {kv!r}: expected FIELD=VALUE")
+        opts[k.strip()] = _number(v.strip())
+    args.kvrt_options = opts
+    return args
+
+
+def _number(s: str):
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return s
+
+
+def model_config(args):
+    from transformers import LlamaConfig
+    if args.tiny:
+        shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=64)
+    else:
+        shape = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128)
+    cfg = LlamaConfig(vocab_size=args.vocab, num_hidden_layers=args.layers,
+                      max_position_embeddings=1 << 20, rope_theta=500000.0,
+                      tie_word_embeddings=False, **shape)
+    # transformers 5.x keeps rope settings in rope_parameters (rope_theta given above is moved
+    # there by the versions that know it; set it there too for those that might not).
+    rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict) and rp.get("rope_theta") != 500000.0:
+        rp["rope_theta"] = 500000.0
+    return cfg
+
+
+def build_model(args, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+    cfg = model_config(args)
+    torch.manual_seed(args.seed)
+    # Random weights made directly on the device, in bf16 (no 8B-shaped init on the CPU).
+    with torch.device(device):
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa")
+        except TypeError:  # transformers before "dtype" (4.x): torch_dtype
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa")
+    return model.to(device=device, dtype=torch.bfloat16).eval()
+
+
+def offloaded_cache(config):
+    """This transformers version's offloaded cache and its name (as hf_offload_peer.py)."""
+    import transformers
+    from transformers import cache_utils
+    dyn = cache_utils.DynamicCache
+    if "offloading" in inspect.signature(dyn.__init__).parameters:
+        return (dyn(config=config, offloading=True),
+                f"DynamicCache(offloading=True), transformers {transformers.__version__}")
+    if hasattr(cache_utils, "OffloadedCache"):
+        return (cache_utils.OffloadedCache(),
+                f"OffloadedCache, transformers {transformers.__version__}")
+    raise RuntimeError(f"transformers {transformers.__version__} has no offloaded cache")
+
+
+def make_cache(kind, model, args):
+    """(cache, description) with the model switched to the attention the cache needs."""
+    from transformers import DynamicCache
+    if kind == "kvrt":
+        import kvrt
+        import kvrt.hf
+        opts = dict(index_kind=args.index)
+        if args.tiny:
+            opts.update(window_tokens=64, sink_tokens=4)
+        opts.update(args.kvrt_options)
+        cache = kvrt.hf.enable(model, **opts)
+        return cache, (f"kvrt {kvrt.__version__} (libkvrt {kvrt.library_version()}): "
+                       f"{cache.runtime!r}")
+    model.set_attn_implementation("sdpa")
+    if kind == "dynamic":
+        return (DynamicCache(config=model.config),
+                "DynamicCache (transformers), on the model's device")
+    return offloaded_cache(model.config)
+
+
+def cache_kwarg(model) -> str:
+    """The forward's cache argument: "cache" (transformers 5.x) or "past_key_values" (as
+    kvrt.hf.cache_kwarg, without importing kvrt)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    try:
+        import kvrt
+        if isinstance(e, kvrt.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    return "out of memory" in str(e).lower()
+
+
+def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
+    """Prompt + decode with one cache; returns a dict of figures (raises on failure)."""
+    import torch
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
+    res = {}
+    cache = None
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(args.seed + tokens)
+        ids = torch.randint(0, args.vocab, (1, tokens), generator=gen).to(device)
+        cache, name = make_cache(kind, model, args)
+        res["cache_name"] = name
+        kw = cache_kwarg(model)
+        sync()
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if on_cuda else 0
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits = model(ids, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
+            tok = int(torch.argmax(logits))  # synchronises the device
+            sync()
+            ttft = time.perf_counter() - t0
+            del logits
+            kvrt_gpu = 0
+            if kind == "kvrt":
+                kvrt_gpu = cache.stats().gpu_allocated_bytes
+            kv_torch = (torch.cuda.memory_allocated() - base) if on_cuda else None
+            t1 = time.perf_counter()
+            for s in range(new_tokens):
+                x = torch.tensor([[tok]], device=device)
+                pos = torch.tensor([[tokens + s]], device=device)
+                logits = model(x, **{kw: cache}, position_ids=pos, use_cache=True,
+                               logits_to_keep=1).logits[0, -1]
+                tok = int(torch.argmax(logits))
+            sync()
+            decode_s = time.perf_counter() - t1
+        res.update(ttft_s=ttft, decode_s=decode_s)
+        if on_cuda:
+            res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+            res["kv_gpu_bytes"] = kv_torch + kvrt_gpu
+        if kind == "kvrt":
+            st = cache.stats()
+            res["kvrt_gpu_bytes"] = max(kvrt_gpu, st.gpu_allocated_bytes)
+            if on_cuda:  # kvrt's own device buffers are not in torch's figures
+                res["peak_gpu_bytes_with_kvrt"] = res["peak_gpu_bytes"] + res["kvrt_gpu_bytes"]
+            res["kvrt_stats"] = {k: getattr(st, k) for k in (
+                "gpu_tokens", "host_tokens", "gpu_bytes", "host_bytes", "index_bytes",
+                "gpu_allocated_bytes", "summary_gpu_bytes", "hot_cache_gpu_bytes", "attend_calls",
+                "cold_tokens_attended", "cold_keys_searchable", "hot_hits", "hot_misses")}
+            res["kvrt_stats"]["mean_attend_us"] = round(st.mean_attend_us, 1)
+            res["kvrt_time_prefill_s"] = cache.time_prefill_s
+            res["kvrt_time_decode_s"] = cache.time_decode_s
+            res["kvrt_config"] = cache.runtime.config.to_dict()
+        return res
+    finally:
+        if kind == "kvrt" and cache is not None:
+            cache.close()
+        del cache
+
+
+def _gib(n):
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+HEADER = (f"| {'cache':9} | {'context':>8} | {'TTFT s':>8} | {'TTFT ms/layer':>13} | "
+          f"{'decode tok/s':>12} | {'ms/tok/layer':>12} | {'peak GiB':>8} | "
+          f"{'peak GiB/layer':>14} | {'KV GPU GiB/layer':>16} | status")
+
+
+def derive(rec, layers, new_tokens):
+    """Adds the derived figures (rates, per-layer values) to a finished record."""
+    if rec["status"] != "ok":
+        return
+    rec["ttft_ms_per_layer"] = rec["ttft_s"] * 1e3 / layers
+    if new_tokens:
+        rec["decode_tokens_per_s"] = new_tokens / rec["decode_s"]
+        rec["decode_ms_per_token"] = rec["decode_s"] * 1e3 / new_tokens
+        rec["decode_ms_per_token_per_layer"] = rec["decode_ms_per_token"] / layers
+    if rec.get("peak_gpu_bytes") is not None:
+        # The table's peak: torch's, plus kvrt's own device buffers for the kvrt cache.
+        peak = rec.get("peak_gpu_bytes_with_kvrt", rec["peak_gpu_bytes"])
+        rec["peak_gpu_bytes_table"] = peak
+        rec["peak_gpu_bytes_per_layer"] = peak / layers
+        rec["kv_gpu_bytes_per_layer"] = rec["kv_gpu_bytes"] / layers
+
+
+def table_line(rec):
+    ok = rec["status"] == "ok"
+
+    def f(key, fmt):
+        v = rec.get(key)
+        return fmt.format(v) if ok and v is not None else "-"
+
+    def g(key):
+        return _gib(rec.get(key)) if ok else "-"
+
+    return (f"| {rec['cache']:9} | {rec['context']:>8} | {f('ttft_s', '{:.3f}'):>8} | "
+            f"{f('ttft_ms_per_layer', '{:.1f}'):>13} | {f('decode_tokens_per_s', '{:.2f}'):>12} | "
+            f"{f('decode_ms_per_token_per_layer', '{:.3f}'):>12} | "
+            f"{g('peak_gpu_bytes_table'):>8} | {g('peak_gpu_bytes_per_layer'):>14} | "
+            f"{g('kv_gpu_bytes_per_layer'):>16} | {rec['status'][:80]}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import transformers
+
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        print("e2e_bench: no CUDA device (use --device cpu --tiny for a smoke test)",
+              file=sys.stderr)
+        return 2
+    if on_cuda:
+        if device.index is None:  # "cuda": the current device, by index (set_device needs one)
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    gpu = torch.cuda.get_device_name(device) if on_cuda else "cpu"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {gpu}; "
+          f"python {sys.version.split()[0]}", flush=True)
+    caches = list(args.caches)
+    if "offloaded" in caches and not on_cuda:
+        print("e2e_bench: offloaded cache skipped: transformers' offloading moves K/V between a "
+              "CUDA device and the host (it needs --device cuda)", file=sys.stderr)
+        caches.remove("offloaded")
+    if "kvrt" in caches:
+        try:
+            import kvrt
+            import kvrt.hf  # noqa: F401
+            print(f"kvrt {kvrt.__version__} from {kvrt.__file__}, libkvrt "
+                  f"{kvrt.library_version()}, index kinds {kvrt.index_kinds()}", flush=True)
+        except ImportError as e:
+            print(f"e2e_bench: kvrt cache skipped: cannot import kvrt ({e})", file=sys.stderr)
+            caches.remove("kvrt")
+
+    t0 = time.perf_counter()
+    model = build_model(args, device)
+    if on_cuda:
+        torch.cuda.synchronize()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    print(f"model: Llama, {args.layers} layers, hidden {c.hidden_size}, heads "
+          f"{c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}, intermediate "
+          f"{c.intermediate_size}, vocab {c.vocab_size}, bf16, random weights "
+          f"{weights / 2**30:.2f} GiB, built in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    if args.warmup_tokens > 0:
+        for kind in caches:
+            t1 = time.perf_counter()
+            try:
+                run_one(kind, model, args, args.warmup_tokens, 2, device, on_cuda)
+                print(f"warm-up {kind}: {args.warmup_tokens} tokens, "
+                      f"{time.perf_counter() - t1:.1f} s", flush=True)
+            except Exception as e:  # reported again by the measured runs
+                print(f"warm-up {kind}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+            gc.collect()
+            if on_cuda:
+                torch.cuda.empty_cache()
+
+    jf = open(args.json, "w") if args.json else None
+    hdr = HEADER
+    rows = [hdr, "|" + "|".join("-" * (len(p)) for p in hdr.split("|")[1:-1]) + "|---"]
+    print(hdr, flush=True)
+    for tokens in args.contexts:
+        for kind in CACHES:
+            if kind not in args.caches:
+                continue
+            rec = dict(cache=kind, context=tokens, layers=args.layers, new_tokens=args.new_tokens,
+                       batch=1, dtype="bf16", device=gpu, torch=torch.__version__,
+                       transformers=transformers.__version__, weights_bytes=weights)
+            if kind not in caches:
+                rec["status"] = ("skipped: needs a CUDA device" if kind == "offloaded"
+                                 else "skipped: kvrt not importable")
+            else:
+                try:
+                    rec.update(run_one(kind, model, args, tokens, args.new_tokens, device,
+                                       on_cuda))
+                    rec["status"] = "ok"
+                except Exception as e:  # the traceback (and the forward's tensors) go with e
+                    if is_oom(e):
+                        rec["status"] = "out of memory"
+                    else:
+                        first = (str(e).splitlines() or [""])[0]
+                        rec["status"] = f"error: {type(e).__name__}: {first}"
+                        traceback.print_exc()
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                gc.collect()
+                if on_cuda:
+                    torch.cuda.empty_cache()
+            derive(rec, args.layers, args.new_tokens)
+            line = table_line(rec)
+            rows.append(line)
+            print(line, flush=True)
+            if jf:
+                jf.write(json.dumps(rec) + "\n")
+                jf.flush()
+    if jf:
+        jf.close()
+    print("\nsummary (markdown):")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
