@@ -16,7 +16,10 @@
 //
 // Conventions of kernels.h: launchers validate (InvalidArgument), FailedPrecondition without
 // CUDA, Internal for a CUDA error; they only enqueue work on `stream`. Device pointers for the
-// launchers, host pointers for the references.
+// launchers, host pointers for the references. The launchers read rows with 16-byte vector loads:
+// keys, values, metric_l, x, centroid, assign (Update / Summarize) and the key / value means
+// must be 16-byte aligned, as cudaMalloc's are (InvalidArgument otherwise).
+// Kernel design, tile sizes and expected times: gpu/src/cluster_build.cu.
 #include <cstddef>
 #include <cstdint>
 
@@ -43,6 +46,8 @@ absl::Status MapToMetricHost(const KMeansShape& s, const void* keys, DType dtype
                              const float* metric_l, float* x, float* xn2);
 
 // seed: int32 [kv_heads, segments, C] segment-local rows; centroid: f32 [kv_heads, segments, C, d].
+// A seed outside [0, S) is the caller's bug: the reference returns InvalidArgument, the kernel
+// (which cannot report it) writes NaN to that centroid instead of reading out of bounds.
 absl::Status SeedCentroids(const KMeansShape& s, const float* x, const int32_t* seed,
                            float* centroid, void* stream);
 absl::Status SeedCentroidsHost(const KMeansShape& s, const float* x, const int32_t* seed,
@@ -51,14 +56,18 @@ absl::Status SeedCentroidsHost(const KMeansShape& s, const float* x, const int32
 // assign[g, r] = argmax_j (x[g, r] . centroid[g, s(r), j] - |centroid[g, s(r), j]|^2 / 2), the
 // lowest j among equal scores; dist[g, r] = max(0, xn2[g, r] - 2 * best) (the squared distance).
 // NOTE: the kernel may score in bf16 on tensor cores (f32 accumulation): its choice is then the
-// best within bf16 rounding, not always the reference's argmax; tests allow that.
+// best within bf16 rounding, not always the reference's argmax, and dist is computed from that
+// bf16 score (off by at most ~2^-7 |x| |c|); tests allow that. It takes scratch (a bf16 copy of
+// the centroids and their norms, about kv_heads * segments * C * (2 d + 4) bytes) from the
+// stream-ordered allocator and gives it back in stream order.
 absl::Status AssignClusters(const KMeansShape& s, const float* x, const float* xn2,
                             const float* centroid, int32_t* assign, float* dist, void* stream);
 absl::Status AssignClustersHost(const KMeansShape& s, const float* x, const float* xn2,
                                 const float* centroid, int32_t* assign, float* dist);
 
-// centroid[g, s, j] = mean of x over the rows assigned j (left as it is when none). Deterministic
-// (members summed in row order).
+// centroid[g, s, j] = mean of x over the rows assigned j (left as it is when none; rows whose
+// assign is outside [0, C) belong to no cluster). Deterministic (members summed in f32 in row
+// order, no atomics; the reference sums in the same order).
 absl::Status UpdateCentroids(const KMeansShape& s, const float* x, const int32_t* assign,
                              float* centroid, void* stream);
 absl::Status UpdateCentroidsHost(const KMeansShape& s, const float* x, const int32_t* assign,
