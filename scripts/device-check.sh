@@ -72,19 +72,18 @@ if [[ "${1:-}" == "--device" ]]; then
       # kvrt_prefill of a 128K layer beside causal SDPA over the same prompt: the cluster kind's
       # GPU build from device pointers (2 layers: the first pays the pinned pool and module
       # load) and from host pointers; the CPU build's accuracy on the same data (host backend).
-      echo "=== kvrt: cluster 128K prefill, device pointers (GPU build), with accuracy"
-      timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 1 --layers 2
+      echo "=== kvrt: cluster (GPU build) and landmark 128K prefill, device pointers, with accuracy"
+      timeout 200 $b/kvrt $args --index cluster,landmark --cold 131072 --batch 1 --layers 2
       echo "=== kvrt: cluster 128K prefill, host pointers (GPU build after an H2D)"
       timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 1 --layers 2 --memory host \
         --accuracy-steps 0
       echo "=== kvrt: cluster 128K, host backend (CPU build), accuracy on the same data"
-      timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 1 --layers 1 --gpu 0 \
-        --steps 10
+      timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 1 --layers 1 --gpu 0
       python3 tools/gpu_bench/sdpa_peer.py --prefill --tokens 131072 --iters 5
     elif [[ "$bench" == bytes ]]; then
       # GPU bytes per (sequence, layer) of the cluster kind against the context (hot cache off).
       timeout 300 $b/kvrt $args --index cluster --cold 32768,262144,524288 --batch 1 --layers 1 \
-        --hot-cache 0 --accuracy-steps 0 --steps 5
+        --hot-cache 0 --accuracy-steps 0
     elif [[ "$bench" == serve ]]; then
       python3 tools/gpu_bench/sdpa_peer.py --serve --gpu-memory 100GiB --context 32768 131072 \
         --layers-model 32 > "$out/dense-serve.jsonl"

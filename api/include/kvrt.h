@@ -274,6 +274,14 @@ KVRT_API kvrt_status kvrt_seq_create(kvrt_runtime* rt, kvrt_seq_id* out);
 /* Frees a sequence's KV in every tier. KVRT_ERR_NOT_FOUND if unknown or already released. */
 KVRT_API kvrt_status kvrt_seq_release(kvrt_runtime* rt, kvrt_seq_id seq);
 
+/* Waits for the sequence's background work on every layer: on the GPU backend a prefill from
+ * device pointers returns before its cold rows reach the host store and its index is built (they
+ * overlap the caller's next layers; the next call on that layer waits for them). Returns the
+ * error of a layer whose rows could not be stored (they stay staged and are retried by its next
+ * call; nothing is lost). Not needed for correctness; for timing and to free the staging early.
+ * Since 0.3.2. */
+KVRT_API kvrt_status kvrt_seq_wait(kvrt_runtime* rt, kvrt_seq_id seq);
+
 /* Number of tokens the layer of the sequence holds (all tiers). */
 KVRT_API kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                                      int64_t* out);
@@ -329,9 +337,16 @@ KVRT_API kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, 
  * KVRT_MEMORY_DEVICE needs the CUDA backend (use_gpu = 1 in effect; KVRT_ERR_UNIMPLEMENTED
  * otherwise). Device tensors are read in stream order on cuda_stream (a cudaStream_t passed as
  * void* so this header compiles without CUDA; NULL = the legacy default stream):
- *   - append/prefill: new k, v are copied into the device window (and the cold part D2H to the
- *     host store); the call returns without waiting for the GPU, except when tokens go straight
- *     to the host store (a prompt longer than the window), whose D2H it waits for.
+ *   - append/prefill: new k, v are copied into the device window and the cold part to the host
+ *     store; the call returns without waiting for the GPU. A prefill's cold part (a prompt longer
+ *     than the window) is copied device to device into staging and reaches the host store, and
+ *     its index, in a background job that overlaps the caller's next work (the next layers'
+ *     prefill); the next call on that (seq, layer), or kvrt_seq_wait, waits for it. At most two
+ *     prompts per runtime are staged at once (a third prefill waits for one of them); the
+ *     staging (2 x the cold part's bytes) and the cluster kind's GPU build borrow device memory
+ *     outside gpu_memory_limit for that time (since 0.3.2; before, a prefill waited for its cold
+ *     part's D2H and index). An append of more tokens than the window waits for the D2H of its
+ *     cold part.
  *   - attend: q is copied D2H on the stream (small) for the CPU side, which the call waits for;
  *     out (device, f32 [q_heads, head_dim]) is written in stream order when the call returns,
  *     with no device-wide synchronisation: the caller's later work on cuda_stream sees it.

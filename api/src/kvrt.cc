@@ -372,6 +372,13 @@ kvrt_status kvrt_seq_release(kvrt_runtime* rt, kvrt_seq_id seq) {
   KVRT_API_CATCH
 }
 
+kvrt_status kvrt_seq_wait(kvrt_runtime* rt, kvrt_seq_id seq) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_seq_wait"); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->WaitSequence(seq));
+  KVRT_API_CATCH
+}
+
 kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, int64_t* out) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_seq_length"); s != KVRT_OK) return s;

@@ -176,6 +176,12 @@ class Sequence:
         self._impl.attend(self.id, layer, q, out, stream)
         return out
 
+    def wait(self) -> None:
+        """Waits for the sequence's background work (kvrt_seq_wait): on the GPU backend a prefill
+        from device tensors returns before its cold rows reach the host store and its index is
+        built; the next call on that layer waits anyway, so this is for timing."""
+        self._impl.seq_wait(self.id)
+
     def length(self, layer: int) -> int:
         """Tokens the layer holds, all tiers (kvrt_seq_length)."""
         return self._impl.seq_length(self.id, layer)

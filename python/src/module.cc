@@ -53,6 +53,7 @@ NB_MODULE(_kvrt, m) {
       .def("seq_create", &PyRuntime::SeqCreate)
       .def("seq_release", &PyRuntime::SeqRelease, nb::arg("seq"))
       .def("seq_length", &PyRuntime::SeqLength, nb::arg("seq"), nb::arg("layer"))
+      .def("seq_wait", &PyRuntime::SeqWait, nb::arg("seq"))
       .def("prefill",
            [](PyRuntime& r, int64_t seq, int32_t layer, std::optional<kvrt_py::InArray> q,
               const kvrt_py::InArray& k, const kvrt_py::InArray& v, uintptr_t stream) {

@@ -80,6 +80,12 @@ void PyRuntime::SeqRelease(int64_t seq) {
   Check(Call(&err, [&] { return kvrt_seq_release(rt, seq); }), "Sequence.release", err);
 }
 
+void PyRuntime::SeqWait(int64_t seq) {
+  kvrt_runtime* rt = Live("Sequence.wait");
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_seq_wait(rt, seq); }), "Sequence.wait", err);
+}
+
 int64_t PyRuntime::SeqLength(int64_t seq, int32_t layer) const {
   kvrt_runtime* rt = Live("Sequence.length");
   int64_t n = 0;

@@ -30,6 +30,7 @@ class PyRuntime {
 
   int64_t SeqCreate();
   void SeqRelease(int64_t seq);
+  void SeqWait(int64_t seq);
   int64_t SeqLength(int64_t seq, int32_t layer) const;
 
   // stream: a cudaStream_t as an integer (0 = the legacy default stream); used for device

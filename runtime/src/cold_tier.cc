@@ -154,6 +154,10 @@ void ColdTier::RefreshIndexes(tbb::task_arena& arena, bool background) {
 
 void ColdTier::AwaitIndexes() { (void)refresh_->Wait(); }
 
+void ColdTier::LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job) {
+  refresh_->Launch(arena, std::move(job));
+}
+
 void ColdTier::ApplyRowOrder(int g) {
   int64_t begin = 0;
   std::vector<int64_t> order;

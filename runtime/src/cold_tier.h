@@ -14,6 +14,7 @@
 // background refresh may run). Rows the index does not cover are scanned exactly by Select, so
 // a lagging or failed index costs speed, never a token.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -96,6 +97,9 @@ class ColdTier {
   void RefreshIndexes(tbb::task_arena& arena, bool background);
   // Waits for a background refresh.
   void AwaitIndexes();
+  // Runs `job` as this tier's background work (a prefill's: LayerState::Prefill), awaited like a
+  // refresh. The job may grow the store and refresh the indexes (at once, inside it).
+  void LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job);
   bool needs_refresh() const;
 
   // Whether a step has cold work: cold rows and a head that is not streaming.

@@ -106,6 +106,20 @@ void GpuContext::ReleaseStream(void* s) {
   free_streams_.push_back(s);
 }
 
+void GpuContext::AcquirePromptSlot() {
+  std::unique_lock<std::mutex> lock(mu_);
+  prompt_cv_.wait(lock, [&] { return prompts_in_flight_ < kPromptSlots; });
+  ++prompts_in_flight_;
+}
+
+void GpuContext::ReleasePromptSlot() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --prompts_in_flight_;
+  }
+  prompt_cv_.notify_one();
+}
+
 // ---- DeviceTier -------------------------------------------------------------------------------
 namespace {
 
@@ -165,7 +179,11 @@ class DeviceTier final : public TierBackend {
   absl::Status Append(const AppendPlan& plan, const void* k, const void* v, const Exec& exec,
                       ColdTier* cold) override;
   absl::Status SettleEvictions(ColdTier* cold) override;
-  int64_t pending_rows() const override { return evictions_.pending_rows(); }
+  int64_t pending_rows() const override { return evictions_.pending_rows() + prompt_.rows; }
+  int64_t pending_prompt_rows() const override { return prompt_.rows; }
+  absl::Status SettlePrompt(ColdTier* cold) override;
+  void AcquirePromptSlot() override { ctx_->AcquirePromptSlot(); }
+  void ReleasePromptSlot() override { ctx_->ReleasePromptSlot(); }
   absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
                               const std::vector<int64_t>& rows, const Exec& exec) override;
   bool background_refresh() const override { return true; }
@@ -200,6 +218,7 @@ class DeviceTier final : public TierBackend {
   }
   void Release() override {
     evictions_.Discard();
+    DropPrompt();
     if (used_) (void)last_use_.Synchronize();  // device work still reading the buffers
     counters_->gpu_allocated_bytes -= static_cast<int64_t>(summary_.size());
     counters_->summary_gpu_bytes -= static_cast<int64_t>(summary_.size());
@@ -216,6 +235,9 @@ class DeviceTier final : public TierBackend {
   absl::Status AppendFromDevice(const unsigned char* k, const unsigned char* v, int64_t rows,
                                 void* stream, ColdTier* cold);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
+  absl::Status StagePrompt(const unsigned char* k, const unsigned char* v, int64_t rows,
+                           void* stream);
+  void DropPrompt();
   absl::Status SyncSummary(const ColdTier& cold, void* stream);
   absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
                          const int32_t* count, int64_t C, ColdSelection* sel,
@@ -234,6 +256,13 @@ class DeviceTier final : public TierBackend {
   transfer::Event last_use_;  // recorded after each call's device work
   bool used_ = false;
   transfer::EvictionQueue evictions_;
+  // A prefill's cold rows (device pointers) in device staging [K | V], [rows, kv_heads, d] each,
+  // until SettlePrompt moves them to the cold tier (its background job, or the next call).
+  struct PendingPrompt {
+    void* staging = nullptr;  // stream-ordered allocation
+    int64_t rows = 0;
+    transfer::Event ready;  // the staging copy is complete
+  } prompt_;
   // Timing events of the last attend (read when complete).
   transfer::Event ev_start_, ev_tier_, ev_h2d_begin_, ev_h2d_, ev_merge_;
   bool timing_pending_ = false;
@@ -359,7 +388,11 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
     const std::size_t off = static_cast<std::size_t>(plan.direct_begin - plan.length) * tb;
     const unsigned char* kr = ks + off;
     const unsigned char* vr = vs + off;
-    if (exec.device) {
+    if (exec.device && cold->rows() == 0 && prompt_.rows == 0 && plan.length == 0) {
+      // A prompt: its cold rows go to the cold tier in the background (SettlePrompt), so that
+      // this prefill does not wait for the copy and the index build.
+      KVRT_RETURN_IF_ERROR(StagePrompt(kr, vr, plan.direct, stream));
+    } else if (exec.device) {
       KVRT_RETURN_IF_ERROR(AppendFromDevice(kr, vr, plan.direct, stream, cold));
     } else {
       KVRT_RETURN_IF_ERROR(cold->Append(kr, vr, plan.direct));
@@ -390,6 +423,79 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   }
   KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
   used_ = true;
+  return absl::OkStatus();
+}
+
+// Device-to-device copy of a prompt's cold rows into staging owned by this tier, in the caller's
+// stream order (the caller may reuse k, v after it, as after every device call).
+absl::Status DeviceTier::StagePrompt(const unsigned char* k, const unsigned char* v, int64_t rows,
+                                     void* stream) {
+  const std::size_t bytes = static_cast<std::size_t>(rows) * token_bytes();
+  KVRT_ASSIGN_OR_RETURN(void* staging, transfer::MallocAsync(2 * bytes, stream));
+  auto* s = static_cast<unsigned char*>(staging);
+  absl::Status st = transfer::MemcpyAsync(s, k, bytes, stream);
+  if (st.ok()) st = transfer::MemcpyAsync(s + bytes, v, bytes, stream);
+  if (st.ok() && prompt_.ready.empty()) {
+    auto made = transfer::Event::Create(false);
+    st = made.status();
+    if (made.ok()) prompt_.ready = std::move(*made);
+  }
+  if (st.ok()) st = prompt_.ready.Record(stream);
+  if (!st.ok()) {
+    (void)transfer::FreeAsync(staging, stream);
+    return st;
+  }
+  prompt_.staging = staging;
+  prompt_.rows = rows;
+  return absl::OkStatus();
+}
+
+void DeviceTier::DropPrompt() {
+  if (prompt_.staging == nullptr) return;
+  (void)prompt_.ready.Synchronize();
+  (void)transfer::FreeAsync(prompt_.staging, nullptr);
+  (void)transfer::StreamSynchronize(nullptr);
+  prompt_.staging = nullptr;
+  prompt_.rows = 0;
+}
+
+// The staged prompt enters the cold tier: the cluster kind's segments built on the GPU from the
+// staging first (segment_build.h; preset into the index the refresh builds next), then the rows
+// copied to the host store. On error the rows stay staged, so a later call retries: nothing is
+// lost.
+absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
+  if (prompt_.rows == 0) return absl::OkStatus();
+  transfer::ScopedDevice on_device(cfg_->call_device());  // an arena worker runs the job
+  StreamLease lease(ctx_, Exec{});
+  KVRT_RETURN_IF_ERROR(lease.status());
+  void* stream = lease.get();
+  KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, prompt_.ready));
+  const std::size_t bytes = static_cast<std::size_t>(prompt_.rows) * token_bytes();
+  const auto* k = static_cast<const unsigned char*>(prompt_.staging);
+  std::vector<std::vector<cpu_index::SegmentClustering>> parts;
+  int64_t build_ns = 0;
+  if (builds_segments() && prompt_.rows >= cfg_->index.cluster.segment_tokens &&
+      cold->rows() == 0) {
+    const int64_t t0 = NowNs();
+    std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
+    for (int g = 0; g < cfg_->num_kv_heads; ++g) metric[g] = cold->MetricFactor(g);
+    SegmentBuildInput in{k, k + bytes, true, prompt_.rows, &metric};
+    auto built = runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, stream);
+    // NOTE: a failed GPU build is no error of the prefill: the index clusters on the CPU.
+    if (built.ok()) parts = std::move(*built);
+    build_ns = NowNs() - t0;
+  }
+  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + prompt_.rows));
+  KVRT_RETURN_IF_ERROR(AppendFromDevice(k, k + bytes, prompt_.rows, stream, cold));
+  (void)transfer::FreeAsync(prompt_.staging, stream);
+  prompt_.staging = nullptr;
+  prompt_.rows = 0;
+  if (!parts.empty() && !parts[0].empty()) {
+    const int64_t segments = static_cast<int64_t>(parts[0].size()) * cfg_->num_kv_heads;
+    cold->PresetSegments(0, std::move(parts));
+    counters_->segments_built_gpu += segments;
+    counters_->time_segment_build_ns += build_ns;
+  }
   return absl::OkStatus();
 }
 

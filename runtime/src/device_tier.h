@@ -11,6 +11,7 @@
 // (last_use), so calls on different streams never race on the tier's buffers.
 #include <cstdint>
 #include <memory>
+#include <condition_variable>
 #include <mutex>
 #include <vector>
 
@@ -31,6 +32,12 @@ class GpuContext {
   // A runtime stream for calls that bring none (host pointers); returned after the call.
   absl::StatusOr<void*> AcquireStream();
   void ReleaseStream(void* s);
+  // Prompts whose cold rows wait in device staging for their background job (DeviceTier::
+  // SettlePrompt): at most kPromptSlots per runtime, so that a decoder prefilling many layers
+  // ahead holds a bounded amount of device memory. Acquire blocks the prefilling caller.
+  static constexpr int kPromptSlots = 2;
+  void AcquirePromptSlot();
+  void ReleasePromptSlot();
 
  private:
   GpuContext();
@@ -39,6 +46,8 @@ class GpuContext {
   std::mutex mu_;
   std::vector<transfer::Stream> streams_;
   std::vector<void*> free_streams_;
+  std::condition_variable prompt_cv_;
+  int prompts_in_flight_ = 0;
 };
 
 }  // namespace kvrt::runtime

@@ -2,6 +2,7 @@
 #include "layer_state.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -51,10 +52,13 @@ AppendPlan LayerState::PlanAppend(int64_t n) const {
 
 absl::Status LayerState::SettleCold() {
   cold_.AwaitIndexes();
+  KVRT_RETURN_IF_ERROR(tier_->SettlePrompt(&cold_));  // only if the prefill's job failed
   return tier_->SettleEvictions(&cold_);
 }
 
 absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, const Exec& exec) {
+  // The plan reads the cold tier's rows: a prefill's background job must be done with them.
+  if (tier_->pending_prompt_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
   const AppendPlan plan = PlanAppend(n);
   // Only a call that writes the store waits for the background refresh (a decode append, which
   // only evicts, does not: its rows reach the store at the next attend).
@@ -90,6 +94,19 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   if (length_ != 0)
     return absl::FailedPreconditionError(absl::StrCat("prefill: the layer already holds ", length_,
                                                       " tokens (prefill once, then append)"));
+  // Device pointers: the device backend may stage the prompt's cold rows (a slot of the runtime's
+  // few; this waits while they are all taken) and finish them in a background job.
+  struct Slot {
+    TierBackend* tier = nullptr;
+    ~Slot() {
+      if (tier != nullptr) tier->ReleasePromptSlot();
+    }
+  };
+  auto slot = std::make_shared<Slot>();
+  if (exec.device) {
+    tier_->AcquirePromptSlot();
+    slot->tier = tier_.get();
+  }
   absl::Status appended;
   arena.execute([&] { appended = AppendTokens(k, v, n, exec); });  // its parallel copies: there
   KVRT_RETURN_IF_ERROR(appended);
@@ -107,6 +124,19 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
       KVRT_RETURN_IF_ERROR(tier_->CopyRowsToHost(sample.data(), q, row, picked, exec));
       cold_.SampleQueries(sample.data(), rows);
     }
+  }
+  if (tier_->pending_prompt_rows() > 0) {
+    // The copy to the host store, the GPU build (cluster kind) and the index build overlap the
+    // caller's next work (the next layer's prefill); the next call on this layer waits for them.
+    cold_.LaunchBackground(arena, [this, &arena, slot]() mutable {
+      const absl::Status st = tier_->SettlePrompt(&cold_);
+      if (st.ok()) cold_.RefreshIndexes(arena, /*background=*/false);
+      // NOTE: the slot goes back here, while this layer surely exists (a waiter proceeds only
+      // after the job returns), not when the job object is destroyed.
+      slot.reset();
+      return st;
+    });
+    return absl::OkStatus();
   }
   KVRT_RETURN_IF_ERROR(tier_->SettleEvictions(&cold_));
   BuildSegmentsOnGpu(k, v, exec);

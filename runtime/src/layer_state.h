@@ -60,11 +60,13 @@ class LayerState {
   // Gives back every counter this layer added (at release).
   void Release();
 
+  // Before the store is read or grown: background work (a prefill's job, an index refresh) done,
+  // staged and evicted rows moved in (Runtime::WaitSequence calls it too).
+  absl::Status SettleCold();
+
  private:
   AppendPlan PlanAppend(int64_t n) const;
   absl::Status AppendTokens(const void* k, const void* v, int64_t n, const Exec& exec);
-  // Before the store is read or grown: the background refresh done, evicted rows settled.
-  absl::Status SettleCold();
   // Prefill, GPU backend, cluster kind: the prompt's cold segments clustered on the GPU from the
   // call's k, v (segment_build.h) and preset into the indexes that the refresh builds next.
   void BuildSegmentsOnGpu(const void* k, const void* v, const Exec& exec);

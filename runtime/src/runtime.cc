@@ -189,6 +189,14 @@ absl::StatusOr<std::shared_ptr<Sequence>> Runtime::Find(int64_t id, int layer) c
   return it->second;
 }
 
+absl::Status Runtime::WaitSequence(int64_t id) {
+  KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, 0));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  transfer::ScopedDevice on_device(config_.call_device());
+  for (auto& layer : seq->layers) KVRT_RETURN_IF_ERROR(layer.SettleCold());
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> Runtime::SequenceLength(int64_t id, int layer) const {
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);

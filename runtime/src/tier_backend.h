@@ -65,8 +65,18 @@ class TierBackend {
                               const Exec& exec, ColdTier* cold) = 0;
   // Rows evicted by earlier calls enter the cold tier (waits for their copies).
   virtual absl::Status SettleEvictions(ColdTier* cold) = 0;
-  // Rows evicted but not yet in the cold tier.
+  // Rows evicted (or staged by a prefill) but not yet in the cold tier.
   virtual int64_t pending_rows() const = 0;
+  // A prefill's cold rows that the device backend staged in device memory (device pointers) and
+  // SettlePrompt moves to the cold tier: in the prefill's background job, or at the next call if
+  // that job failed. The slots bound how many prompts a runtime stages at once.
+  virtual int64_t pending_prompt_rows() const { return 0; }
+  virtual absl::Status SettlePrompt(ColdTier* cold) {
+    (void)cold;
+    return absl::OkStatus();
+  }
+  virtual void AcquirePromptSlot() {}
+  virtual void ReleasePromptSlot() {}
   // Copies rows[i] of a call's tensor (row_bytes each; device memory when exec.device) to row i
   // of dst in host memory (one wait for all of them).
   virtual absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,

@@ -530,6 +530,12 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
         ASSERT_TRUE(st.ok()) << st;
       }
     }
+    // A prefill from device pointers returns before its cold rows reach the host store (they are
+    // staged on the device): the inputs may be freed and their memory reused at once.
+    dev.Clear();
+    for (int i = 0; i < 6; ++i) dev.Put(Random(rng, prompt * kv_row, c.dtype));
+    for (int i = 0; i < 4; ++i) ASSERT_TRUE(rts[i]->WaitSequence(seqs[i]).ok());
+    dev.Clear();
     const int64_t segments = (prompt - cfg.sink_tokens - cfg.window_tokens) / 256;
     const int64_t want = segments * cfg.num_kv_heads * cfg.num_layers;
     EXPECT_EQ(rts[1]->Stats().segments_built_gpu, want) << c.name;

@@ -91,6 +91,9 @@ class Runtime {
   absl::StatusOr<int64_t> CreateSequence();
   absl::Status ReleaseSequence(int64_t seq);
   absl::StatusOr<int64_t> SequenceLength(int64_t seq, int layer) const;
+  // Waits for the sequence's background work on every layer (a prefill's staged rows reaching
+  // the host store, index builds); the first error of a layer whose rows could not be stored.
+  absl::Status WaitSequence(int64_t seq);
 
   // Tensors in config.dtype, [n, heads, head_dim]; q may be null in Prefill.
   absl::Status Prefill(int64_t seq, int layer, const void* q, const void* k, const void* v,
