@@ -53,10 +53,10 @@ struct Row {
   double hot_hits = 0, hot_misses = 0, hot_h2d_mb = 0, hot_cpu_us = 0;
   bool batched = false;  // kvrt_attend_batch for the B sequences
   double setup_s = 0;
-  double prefill_ms = 0;  // mean kvrt_prefill of one (sequence, layer); device pointers with
-                          // --memory device
-  double build_gpu_ms = 0;  // of it, the cluster kind's GPU build (time_segment_build_ns)
-  int64_t segments_gpu = 0;  // (kv head, segment) pairs that build clustered
+  double prefill_ms = 0;        // mean kvrt_prefill of one (sequence, layer); device pointers with
+                                // --memory device
+  double build_gpu_ms = 0;      // of it, the cluster kind's GPU build (time_segment_build_ns)
+  int64_t segments_gpu = 0;     // (kv head, segment) pairs that build clustered
   double prefill_ready_ms = 0;  // until its background work is done (kvrt_seq_wait)
   bool device = false;
 };
@@ -169,7 +169,8 @@ int Run(BenchDecodeArgs a) {
       "index,cold_attention,cold,batch,samples,p50_us,p99_us,mean_us,gpu_attn_us,d2h_us,cpu_search_"
       "us,cpu_attn_us,h2d_us,merge_us,idle_us,attend_us,append_us,gpu_mib_per_seq_layer,scanned_"
       "fraction,fetch_share,setup_s,retrieved_fraction,accuracy_samples,recall_at_k,mass_recall,"
-      "output_rel_error_mean,output_rel_error_p99,keys,prefill_ms,prefill_gpu_build_ms,prefill_ready_ms\n";
+      "output_rel_error_mean,output_rel_error_p99,keys,prefill_ms,prefill_gpu_build_ms,prefill_"
+      "ready_ms\n";
   bool header = false;
   // Cold outermost: the data of a cold size is drawn once for every configuration.
   for (int64_t cold : *colds) {
@@ -242,16 +243,17 @@ int Run(BenchDecodeArgs a) {
             std::printf("\n");
             std::fflush(stdout);
             char line[768];
-            std::snprintf(line, sizeof line,
-                          "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,"
-                          "%.1f,%.3f,%.5f,%.3f,%.1f,%.5f,%lld,%.5f,%.5f,%.6g,%.6g,%s,%.2f,%.2f,%.2f\n",
-                          r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold),
-                          r.batch, r.samples, r.p50, r.p99, r.mean, r.gpu_attn, r.d2h, r.search,
-                          r.cpu_attn, r.h2d, r.merge, r.idle, r.attend, r.append,
-                          r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s, r.retrieved,
-                          static_cast<long long>(acc.samples), acc.recall, acc.mass, acc.error_mean,
-                          acc.error_p99, a.data.trace.empty() ? a.data.keys.c_str() : "trace",
-                          r.prefill_ms, r.build_gpu_ms, r.prefill_ready_ms);
+            std::snprintf(
+                line, sizeof line,
+                "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,"
+                "%.1f,%.3f,%.5f,%.3f,%.1f,%.5f,%lld,%.5f,%.5f,%.6g,%.6g,%s,%.2f,%.2f,%.2f\n",
+                r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch,
+                r.samples, r.p50, r.p99, r.mean, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d,
+                r.merge, r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned,
+                r.fetch_share, r.setup_s, r.retrieved, static_cast<long long>(acc.samples),
+                acc.recall, acc.mass, acc.error_mean, acc.error_p99,
+                a.data.trace.empty() ? a.data.keys.c_str() : "trace", r.prefill_ms, r.build_gpu_ms,
+                r.prefill_ready_ms);
             csv += line;
           }
   }

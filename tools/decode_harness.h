@@ -39,8 +39,8 @@ struct HarnessResult {
   kvrt_stats end = kvrt_stats_init();
   double append_us = 0, sync_us = 0;  // summed over the measured attends
   double setup_s = 0;
-  double prefill_ms = 0;
-  double prefill_ready_ms = 0;  // the same, until kvrt_seq_wait returned for every sequence  // mean kvrt_prefill call, one (sequence, layer), index build included
+  double prefill_ms = 0;        // mean kvrt_prefill call, one (sequence, layer)
+  double prefill_ready_ms = 0;  // the same, until kvrt_seq_wait returned for every sequence
   std::vector<CapturedStep> captured;
 };
 

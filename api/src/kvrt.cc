@@ -143,8 +143,8 @@ constexpr std::size_t kConfigSize030 =
     (offsetof(kvrt_config, cold_attention) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
     alignof(kvrt_config) * alignof(kvrt_config);
 constexpr std::size_t kConfigSizes[] = {kConfigSize030, sizeof(kvrt_config)};
-constexpr std::size_t kStatsSizes[] = {offsetof(kvrt_stats, hot_hits),
-                                       offsetof(kvrt_stats, segments_built_gpu), sizeof(kvrt_stats)};
+constexpr std::size_t kStatsSizes[] = {
+    offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu), sizeof(kvrt_stats)};
 
 template <std::size_t N>
 bool KnownSize(const std::size_t (&sizes)[N], std::size_t size) {

@@ -71,9 +71,14 @@ absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::siz
   values_.resize(old_bytes + add_bytes);
   auto* ks = static_cast<const unsigned char*>(k);
   auto* vs = static_cast<const unsigned char*>(v);
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(keys_.data() + old_bytes + i * rb, ks + i * stride_bytes, rb);
-    std::memcpy(values_.data() + old_bytes + i * rb, vs + i * stride_bytes, rb);
+  if (stride_bytes == rb) {  // contiguous rows: one copy each
+    std::memcpy(keys_.data() + old_bytes, ks, add_bytes);
+    std::memcpy(values_.data() + old_bytes, vs, add_bytes);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(keys_.data() + old_bytes + i * rb, ks + i * stride_bytes, rb);
+      std::memcpy(values_.data() + old_bytes + i * rb, vs + i * stride_bytes, rb);
+    }
   }
   size_ += n;
   return absl::OkStatus();

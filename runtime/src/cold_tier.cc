@@ -70,7 +70,7 @@ absl::Status ColdTier::Reserve(int64_t rows) {
   return absl::OkStatus();
 }
 
-absl::Status ColdTier::Append(const void* k, const void* v, int64_t n) {
+absl::Status ColdTier::Append(const void* k, const void* v, int64_t n, bool head_major) {
   if (n <= 0) return absl::OkStatus();
   KVRT_RETURN_IF_ERROR(Reserve(rows() + n));
   const std::size_t head_elems = static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim;
@@ -78,8 +78,10 @@ absl::Status ColdTier::Append(const void* k, const void* v, int64_t n) {
   const int64_t first = first_position_ + rows();
   auto append = [&](int g) {
     // Capacity is reserved above, so neither append can fail half-way.
-    (void)stores_[g].Append(static_cast<const unsigned char*>(k) + g * hb,
-                            static_cast<const unsigned char*>(v) + g * hb, n, head_elems);
+    const std::size_t at = head_major ? g * static_cast<std::size_t>(n) * hb : g * hb;
+    (void)stores_[g].Append(static_cast<const unsigned char*>(k) + at,
+                            static_cast<const unsigned char*>(v) + at, n,
+                            head_major ? static_cast<std::size_t>(cfg_->head_dim) : head_elems);
     for (int64_t i = 0; i < n; ++i) positions_[g].push_back(first + i);
   };
   // A prompt's rows (hundreds of MB) are copied per kv head in parallel, in the caller's arena
@@ -112,7 +114,9 @@ void ColdTier::SampleQueries(const void* q, int64_t n) {
     auto& out = query_sample_[g];
     out.resize(static_cast<std::size_t>(tokens) * group * d);
     for (int64_t i = 0; i < tokens; ++i) {
-      const int64_t t = tokens == n ? i : i * n / tokens;
+      // NOTE: a constant stride (not i * n / tokens), so that a device tensor's sample is one 2D
+      // copy (DeviceTier::CopyRowsToHost); evenly spaced all the same.
+      const int64_t t = i * (n / tokens);
       for (int j = 0; j < group; ++j) {
         const std::size_t src = (static_cast<std::size_t>(t) * q_row + (g * group + j) * d);
         ConvertToF32(static_cast<const unsigned char*>(q) + src * DTypeSize(cfg_->dtype),
@@ -125,16 +129,24 @@ void ColdTier::SampleQueries(const void* q, int64_t n) {
 std::vector<float> ColdTier::MetricFactor(int g) const {
   const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
   const bool have_q = cc.query_aware && !query_sample_.empty();
-  const int64_t nq =
-      have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
+  const int64_t nq = have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
   return cpu_index::QueryMetricFactor(have_q ? query_sample_[g].data() : nullptr, nq,
                                       cfg_->head_dim, cc.metric_queries);
 }
 
 void ColdTier::PresetSegments(int64_t begin,
-                              std::vector<std::vector<cpu_index::SegmentClustering>> parts) {
+                              std::vector<std::vector<cpu_index::SegmentClustering>> parts,
+                              std::vector<std::vector<int64_t>> laid_out) {
   preset_begin_ = begin;
   preset_ = std::move(parts);
+  laid_out_.assign(cfg_->num_kv_heads, 0);
+  for (std::size_t g = 0; g < laid_out.size(); ++g) {
+    std::vector<int64_t>& pos = positions_[g];
+    std::vector<int64_t> moved(laid_out[g].size());
+    for (std::size_t r = 0; r < moved.size(); ++r) moved[r] = pos[begin + laid_out[g][r]];
+    std::copy(moved.begin(), moved.end(), pos.begin() + begin);
+    laid_out_[g] = 1;
+  }
 }
 
 bool ColdTier::needs_refresh() const {
@@ -162,6 +174,10 @@ void ColdTier::ApplyRowOrder(int g) {
   int64_t begin = 0;
   std::vector<int64_t> order;
   if (!indexes_[g]->TakeRowOrder(&begin, &order) || order.empty()) return;
+  if (g < static_cast<int>(skip_order_.size()) && skip_order_[g]) {
+    skip_order_[g] = 0;  // the store was laid out in this order before it arrived
+    return;
+  }
   // The index chose where its rows live; the store and the position map follow, together.
   if (!stores_[g].PermuteRows(begin, order).ok()) return;
   std::vector<int64_t> moved(order.size());
@@ -172,8 +188,12 @@ void ColdTier::ApplyRowOrder(int g) {
 void ColdTier::TakePreset(int g, cpu_index::KeyIndex* index) {
   if (static_cast<int>(preset_.size()) <= g || preset_[g].empty()) return;
   // NOTE: a preset the index refuses (it cannot happen with segments built for this store) only
-  // costs the time of the build: the index clusters those segments itself.
-  (void)cpu_index::PresetSegments(index, preset_begin_, std::move(preset_[g]));
+  // costs the time of the build: the index clusters those segments itself, from the store as it
+  // is (laid out or not), and its order is then applied as usual.
+  const bool taken = cpu_index::PresetSegments(index, preset_begin_, std::move(preset_[g])).ok();
+  if (skip_order_.size() != static_cast<std::size_t>(cfg_->num_kv_heads))
+    skip_order_.assign(cfg_->num_kv_heads, 0);
+  skip_order_[g] = taken && g < static_cast<int>(laid_out_.size()) && laid_out_[g];
 }
 
 absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
@@ -236,6 +256,7 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
   }
   if (all_built) query_sample_.clear();
   preset_.clear();
+  laid_out_.clear();
   for (auto& s : status) {
     // NOTE: not an error of the call: the tokens are stored, and rows the index misses are
     // scanned exactly by Select (and retried at the next refresh), so a failed update costs

@@ -77,8 +77,9 @@ class ColdTier {
 
   // Capacity for `rows` rows in total, so that Append up to it cannot fail.
   absl::Status Reserve(int64_t rows);
-  // Appends n tokens [n, kv_heads, d] (storage dtype), positions rows() + first_position onward.
-  absl::Status Append(const void* k, const void* v, int64_t n);
+  // Appends n tokens [n, kv_heads, d] (storage dtype), positions rows() + first_position onward;
+  // with head_major, k and v are [kv_heads, n, d] instead (each head's rows one copy).
+  absl::Status Append(const void* k, const void* v, int64_t n, bool head_major = false);
   // Prompt rows SampleQueries keeps out of n (evenly spaced; all of them when n is that small).
   int64_t QuerySampleRows(int64_t n) const;
   // Keeps an evenly spaced sample of the prompt's queries [n, q_heads, d] for kinds that build
@@ -89,8 +90,12 @@ class ColdTier {
   // SampleQueries (the one its index's Build computes), for a build outside the index.
   std::vector<float> MetricFactor(int g) const;
   // Segments of every kv head clustered outside the index (segment_build.h), starting at store
-  // row `begin`: the next refresh hands them to the indexes (cpu_index::PresetSegments).
-  void PresetSegments(int64_t begin, std::vector<std::vector<cpu_index::SegmentClustering>> parts);
+  // row `begin`: the next refresh hands them to the indexes (cpu_index::PresetSegments). With
+  // `laid_out` (per kv head, the order of rows [begin, begin + n)), the store holds them in that
+  // order already: row begin + r is old row begin + laid_out[g][r] (positions follow now), and an
+  // index that takes the preset is not permuted again.
+  void PresetSegments(int64_t begin, std::vector<std::vector<cpu_index::SegmentClustering>> parts,
+                      std::vector<std::vector<int64_t>> laid_out = {});
 
   // Brings every kv head's index up to the store (build on first use, then insert), at once or as
   // a background job on the arena. Failures are counted, never returned (see the header note).
@@ -163,6 +168,8 @@ class ColdTier {
   std::unique_ptr<transfer::BackgroundWork> refresh_;
   int64_t preset_begin_ = 0;
   std::vector<std::vector<cpu_index::SegmentClustering>> preset_;  // [kv_heads][segment]
+  std::vector<uint8_t> laid_out_;    // [kv_heads] the store follows the preset's order already
+  std::vector<uint8_t> skip_order_;  // [kv_heads] the index took such a preset: drop its order
   int64_t index_version_ = 0;
 };
 

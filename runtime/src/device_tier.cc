@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "clock.h"
@@ -22,7 +23,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Free pinned blocks kept by the pool (eviction batches, q staging).
-constexpr std::size_t kPinnedCacheBytes = std::size_t{256} << 20;
+constexpr std::size_t kPinnedCacheBytes = std::size_t{512} << 20;
 constexpr std::size_t kDirectChunkBytes = std::size_t{32} << 20;  // a prompt's D2H, per K and V
 
 // Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
@@ -203,7 +204,9 @@ class DeviceTier final : public TierBackend {
     StreamLease lease(ctx_, exec);
     KVRT_RETURN_IF_ERROR(lease.status());
     // The caller's stream (device pointers) orders the build after the tensors' producers.
-    return runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, lease.get());
+    SegmentBuildInput with_pool = in;
+    with_pool.pinned = &ctx_->pinned();
+    return runtime::BuildSegments(*cfg_, with_pool, /*on_gpu=*/true, lease.get());
   }
   absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold, ColdSelection* sel,
                               tbb::task_arena& arena) override;
@@ -233,11 +236,14 @@ class DeviceTier final : public TierBackend {
   absl::Status Allocate(const AppendPlan& plan);
   absl::Status Evict(const AppendPlan& plan, void* stream);
   absl::Status AppendFromDevice(const unsigned char* k, const unsigned char* v, int64_t rows,
-                                void* stream, ColdTier* cold);
+                                void* stream, ColdTier* cold, bool head_major = false);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
   absl::Status StagePrompt(const unsigned char* k, const unsigned char* v, int64_t rows,
                            void* stream);
   void DropPrompt();
+  absl::StatusOr<void*> LayOutPrompt(
+      const std::vector<std::vector<cpu_index::SegmentClustering>>& parts, void* stream,
+      std::vector<std::vector<int64_t>>* order);
   absl::Status SyncSummary(const ColdTier& cold, void* stream);
   absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
                          const int32_t* count, int64_t C, ColdSelection* sel,
@@ -478,7 +484,7 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
       cold->rows() == 0) {
     const int64_t t0 = NowNs();
     std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
-    for (int g = 0; g < cfg_->num_kv_heads; ++g) metric[g] = cold->MetricFactor(g);
+    tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) { metric[g] = cold->MetricFactor(g); });
     SegmentBuildInput in{k, k + bytes, true, prompt_.rows, &metric};
     auto built = runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, stream);
     // NOTE: a failed GPU build is no error of the prefill: the index clusters on the CPU.
@@ -486,23 +492,77 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
     build_ns = NowNs() - t0;
   }
   KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + prompt_.rows));
-  KVRT_RETURN_IF_ERROR(AppendFromDevice(k, k + bytes, prompt_.rows, stream, cold));
+  // With the GPU's clusters, the rows are laid out cluster-contiguous on the device (one scatter)
+  // before they go down, so that the host store needs no permutation of its own.
+  std::vector<std::vector<int64_t>> order;
+  void* laid_out = nullptr;
+  if (!parts.empty() && !parts[0].empty()) {
+    auto made = LayOutPrompt(parts, stream, &order);
+    if (made.ok()) laid_out = *made;  // else: the store is permuted on the host, as before
+  }
+  const auto* src = laid_out != nullptr ? static_cast<const unsigned char*>(laid_out) : k;
+  const absl::Status appended =
+      AppendFromDevice(src, src + bytes, prompt_.rows, stream, cold, laid_out != nullptr);
+  if (laid_out != nullptr) (void)transfer::FreeAsync(laid_out, stream);
+  KVRT_RETURN_IF_ERROR(appended);
   (void)transfer::FreeAsync(prompt_.staging, stream);
   prompt_.staging = nullptr;
   prompt_.rows = 0;
   if (!parts.empty() && !parts[0].empty()) {
     const int64_t segments = static_cast<int64_t>(parts[0].size()) * cfg_->num_kv_heads;
-    cold->PresetSegments(0, std::move(parts));
+    cold->PresetSegments(0, std::move(parts), std::move(order));
     counters_->segments_built_gpu += segments;
     counters_->time_segment_build_ns += build_ns;
   }
   return absl::OkStatus();
 }
 
+// The staged prompt's rows in the order the segments' clusters lay them out (per kv head: row r
+// holds old row order[g][r]), head-major [kv_heads, rows, d] for K then V, in new device memory
+// (caller frees; stream-ordered).
+absl::StatusOr<void*> DeviceTier::LayOutPrompt(
+    const std::vector<std::vector<cpu_index::SegmentClustering>>& parts, void* stream,
+    std::vector<std::vector<int64_t>>* order) {
+  const int G = cfg_->num_kv_heads;
+  const int64_t rows = prompt_.rows, S = cfg_->index.cluster.segment_tokens;
+  if (rows * G >= (int64_t{1} << 31)) return absl::OutOfRangeError("prompt too long to lay out");
+  order->assign(G, std::vector<int64_t>(rows));
+  std::vector<int32_t> dst(static_cast<std::size_t>(rows) * G);
+  for (int g = 0; g < G; ++g) {
+    std::vector<int64_t>& o = (*order)[g];
+    std::iota(o.begin(), o.end(), 0);  // rows past the last segment stay where they are
+    for (std::size_t s = 0; s < parts[g].size(); ++s)
+      for (int64_t i = 0; i < S; ++i)
+        o[s * S + i] = static_cast<int64_t>(s) * S + parts[g][s].order[i];
+    // Head-major out ([G, rows, d]): each head's rows go down, and into its store, in one piece.
+    for (int64_t r = 0; r < rows; ++r) dst[o[r] * G + g] = static_cast<int32_t>(g * rows + r);
+  }
+  const std::size_t bytes = static_cast<std::size_t>(rows) * token_bytes();
+  const std::size_t head_row = static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
+  KVRT_ASSIGN_OR_RETURN(void* out, transfer::MallocAsync(2 * bytes, stream));
+  auto dst_dev = transfer::MallocAsync(dst.size() * sizeof(int32_t), stream);
+  absl::Status st = dst_dev.status();
+  if (st.ok())
+    st = transfer::MemcpyAsync(*dst_dev, dst.data(), dst.size() * sizeof(int32_t), stream);
+  const auto* k = static_cast<const unsigned char*>(prompt_.staging);
+  auto* o = static_cast<unsigned char*>(out);
+  if (st.ok())
+    st = gpu::ScatterRows(k, k + bytes, o, o + bytes, static_cast<const int32_t*>(*dst_dev),
+                          rows * G, head_row, stream);
+  // NOTE: pageable source: the H2D has read `dst` when MemcpyAsync returned.
+  if (dst_dev.ok()) (void)transfer::FreeAsync(*dst_dev, stream);
+  if (!st.ok()) {
+    (void)transfer::FreeAsync(out, stream);
+    return st;
+  }
+  return out;
+}
+
 // D2H of the cold part of a call's device tensors through pinned staging (pageable copies run at
 // a fraction of PCIe speed), two chunks in flight: chunk c + 1 copies while chunk c is appended.
 absl::Status DeviceTier::AppendFromDevice(const unsigned char* k, const unsigned char* v,
-                                          int64_t rows, void* stream, ColdTier* cold) {
+                                          int64_t rows, void* stream, ColdTier* cold,
+                                          bool head_major) {
   const std::size_t tb = token_bytes();
   const int64_t chunk = std::max<int64_t>(1, static_cast<int64_t>(kDirectChunkBytes / tb));
   const int64_t chunks = (rows + chunk - 1) / chunk;
@@ -514,8 +574,19 @@ absl::Status DeviceTier::AppendFromDevice(const unsigned char* k, const unsigned
     KVRT_ASSIGN_OR_RETURN(vb[i], ctx_->pinned().Acquire(bytes));
     KVRT_ASSIGN_OR_RETURN(done[i], transfer::Event::Create(false));
   }
+  const std::size_t hb = tb / cfg_->num_kv_heads;
   auto enqueue = [&](int64_t c) -> absl::Status {
     const int64_t r0 = c * chunk, n = std::min(chunk, rows - r0);
+    if (head_major) {  // [G, rows, d] on the device -> [G, n, d] in staging, one 2D copy each
+      const std::size_t off = static_cast<std::size_t>(r0) * hb, width = n * hb;
+      const std::size_t pitch = static_cast<std::size_t>(rows) * hb;
+      const std::size_t G = cfg_->num_kv_heads;
+      KVRT_RETURN_IF_ERROR(
+          transfer::Memcpy2DAsync(kb[c % 2].data(), width, k + off, pitch, width, G, stream));
+      KVRT_RETURN_IF_ERROR(
+          transfer::Memcpy2DAsync(vb[c % 2].data(), width, v + off, pitch, width, G, stream));
+      return done[c % 2].Record(stream);
+    }
     const std::size_t off = static_cast<std::size_t>(r0) * tb, bytes = n * tb;
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(kb[c % 2].data(), k + off, bytes, stream));
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(vb[c % 2].data(), v + off, bytes, stream));
@@ -526,7 +597,7 @@ absl::Status DeviceTier::AppendFromDevice(const unsigned char* k, const unsigned
     if (c + 1 < chunks) KVRT_RETURN_IF_ERROR(enqueue(c + 1));
     KVRT_RETURN_IF_ERROR(done[c % 2].Synchronize());
     const int64_t n = std::min(chunk, rows - c * chunk);
-    KVRT_RETURN_IF_ERROR(cold->Append(kb[c % 2].data(), vb[c % 2].data(), n));
+    KVRT_RETURN_IF_ERROR(cold->Append(kb[c % 2].data(), vb[c % 2].data(), n, head_major));
     // NOTE: chunk c + 2 reuses these blocks: its copies are enqueued only after this append.
   }
   return absl::OkStatus();
@@ -543,9 +614,20 @@ absl::Status DeviceTier::CopyRowsToHost(void* dst, const void* src, std::size_t 
   }
   StreamLease lease(ctx_, exec);
   KVRT_RETURN_IF_ERROR(lease.status());
-  for (std::size_t i = 0; i < rows.size(); ++i)
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(d + i * row_bytes, from + rows[i] * row_bytes,
-                                               row_bytes, lease.get()));
+  // Evenly strided rows (a prompt's query sample) go in one 2D copy; others one copy per row.
+  const int64_t stride = rows.size() > 1 ? rows[1] - rows[0] : 1;
+  bool strided = stride > 0;
+  for (std::size_t i = 1; strided && i < rows.size(); ++i)
+    strided = rows[i] - rows[i - 1] == stride;
+  if (strided && !rows.empty()) {
+    KVRT_RETURN_IF_ERROR(transfer::Memcpy2DAsync(d, row_bytes, from + rows[0] * row_bytes,
+                                                 static_cast<std::size_t>(stride) * row_bytes,
+                                                 row_bytes, rows.size(), lease.get()));
+  } else {
+    for (std::size_t i = 0; i < rows.size(); ++i)
+      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(d + i * row_bytes, from + rows[i] * row_bytes,
+                                                 row_bytes, lease.get()));
+  }
   return transfer::StreamSynchronize(lease.get());
 }
 

@@ -9,9 +9,9 @@
 //   stream: H2D of the host states -> one MergeStatesN over [tier, fetched, host states] -> out
 // Every piece of a layer's device work is ordered after the previous call's through an event
 // (last_use), so calls on different streams never race on the tier's buffers.
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <condition_variable>
 #include <mutex>
 #include <vector>
 

@@ -119,7 +119,7 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
       cold_.SampleQueries(q, n);
     } else {
       std::vector<int64_t> picked(rows);
-      for (int64_t i = 0; i < rows; ++i) picked[i] = rows == n ? i : i * n / rows;
+      for (int64_t i = 0; i < rows; ++i) picked[i] = i * (n / rows);  // as SampleQueries
       std::vector<unsigned char> sample(static_cast<std::size_t>(rows) * row);
       KVRT_RETURN_IF_ERROR(tier_->CopyRowsToHost(sample.data(), q, row, picked, exec));
       cold_.SampleQueries(sample.data(), rows);

@@ -118,11 +118,11 @@ class ChunkBuild {
 
     KVRT_ASSIGN_OR_RETURN(float* metric_w, mem.Get<float>(metric.size()));
     KVRT_ASSIGN_OR_RETURN(float* trace_w, mem.Get<float>(G));
-    KVRT_ASSIGN_OR_RETURN(int32_t* seeds_w, mem.Get<int32_t>(cells));
+    KVRT_ASSIGN_OR_RETURN(int32_t * seeds_w, mem.Get<int32_t>(cells));
     KVRT_ASSIGN_OR_RETURN(float* x, mem.Get<float>(rows * G * d));
     KVRT_ASSIGN_OR_RETURN(float* xn2, mem.Get<float>(rows * G));
     KVRT_ASSIGN_OR_RETURN(float* centroid, mem.Get<float>(cells * d));
-    KVRT_ASSIGN_OR_RETURN(int32_t* assign, mem.Get<int32_t>(rows * G));
+    KVRT_ASSIGN_OR_RETURN(int32_t * assign, mem.Get<int32_t>(rows * G));
     KVRT_ASSIGN_OR_RETURN(float* dist, mem.Get<float>(rows * G));
     KVRT_RETURN_IF_ERROR(mem.Copy(metric_w, metric.data(), metric.size() * sizeof(float)));
     KVRT_RETURN_IF_ERROR(mem.Copy(trace_w, trace.data(), trace.size() * sizeof(float)));
@@ -147,41 +147,59 @@ class ChunkBuild {
       KVRT_RETURN_IF_ERROR(gpu::AssignClustersHost(shape, x, xn2, centroid, assign, dist));
     }
 
+    // What comes back to the host: [assign | dist | key means | value means | spreads], in one
+    // pinned block when there is a pool (pageable copies run at a fraction of PCIe speed).
+    const std::size_t back_floats = 2 * rows * G + 2 * cells * d + cells;
+    transfer::PinnedBlock block;
+    std::vector<float> pageable;
+    float* back = nullptr;
+    if (on_gpu_ && in_.pinned != nullptr) {
+      auto got = in_.pinned->Acquire(back_floats * sizeof(float));
+      if (got.ok()) {
+        block = std::move(*got);
+        back = static_cast<float*>(block.data());
+      }
+    }
+    if (back == nullptr) {
+      pageable.resize(back_floats);
+      back = pageable.data();
+    }
+    int32_t* assign_h = reinterpret_cast<int32_t*>(back);
+    float* dist_h = back + rows * G;
+    float* km = dist_h + rows * G;
+    float* vm = km + cells * d;
+    float* sp = vm + cells * d;
     // Outliers on the host (a selection per segment, small), then the means without them.
-    std::vector<int32_t> assign_h(rows * G);
-    std::vector<float> dist_h(rows * G);
-    KVRT_RETURN_IF_ERROR(mem.Copy(assign_h.data(), assign, assign_h.size() * sizeof(int32_t)));
-    KVRT_RETURN_IF_ERROR(mem.Copy(dist_h.data(), dist, dist_h.size() * sizeof(float)));
+    KVRT_RETURN_IF_ERROR(mem.Copy(assign_h, assign, rows * G * sizeof(int32_t)));
+    KVRT_RETURN_IF_ERROR(mem.Copy(dist_h, dist, rows * G * sizeof(float)));
     KVRT_RETURN_IF_ERROR(mem.Sync());
     const int64_t n_out = cpu_index::SegmentOutliers(S, cc_);
     tbb::parallel_for(0, G * segments, [&](int gs) {
       const std::size_t at = static_cast<std::size_t>(gs) * S;
-      cpu_index::MarkOutliers(dist_h.data() + at, S, C, n_out, assign_h.data() + at);
+      cpu_index::MarkOutliers(dist_h + at, S, C, n_out, assign_h + at);
     });
-    KVRT_RETURN_IF_ERROR(mem.Copy(assign, assign_h.data(), assign_h.size() * sizeof(int32_t)));
-    KVRT_ASSIGN_OR_RETURN(int32_t* count, mem.Get<int32_t>(cells));
+    KVRT_RETURN_IF_ERROR(mem.Copy(assign, assign_h, rows * G * sizeof(int32_t)));
+    KVRT_ASSIGN_OR_RETURN(int32_t * count, mem.Get<int32_t>(cells));
     KVRT_ASSIGN_OR_RETURN(float* key_mean, mem.Get<float>(cells * d));
     KVRT_ASSIGN_OR_RETURN(float* value_mean, mem.Get<float>(cells * d));
     KVRT_ASSIGN_OR_RETURN(float* spread, mem.Get<float>(cells));
     const gpu::ClusterStats stats{count, key_mean, value_mean, spread};
     if (on_gpu_) {
-      KVRT_RETURN_IF_ERROR(gpu::SummarizeClusters(shape, k, v, cfg_.dtype, x, xn2, assign,
-                                                  trace_w, stats, stream_));
+      KVRT_RETURN_IF_ERROR(
+          gpu::SummarizeClusters(shape, k, v, cfg_.dtype, x, xn2, assign, trace_w, stats, stream_));
     } else {
-      KVRT_RETURN_IF_ERROR(gpu::SummarizeClustersHost(shape, k, v, cfg_.dtype, x, xn2, assign,
-                                                      trace_w, stats));
+      KVRT_RETURN_IF_ERROR(
+          gpu::SummarizeClustersHost(shape, k, v, cfg_.dtype, x, xn2, assign, trace_w, stats));
     }
-    std::vector<float> km(cells * d), vm(cells * d), sp(cells);
-    KVRT_RETURN_IF_ERROR(mem.Copy(km.data(), key_mean, km.size() * sizeof(float)));
-    KVRT_RETURN_IF_ERROR(mem.Copy(vm.data(), value_mean, vm.size() * sizeof(float)));
-    KVRT_RETURN_IF_ERROR(mem.Copy(sp.data(), spread, sp.size() * sizeof(float)));
+    KVRT_RETURN_IF_ERROR(mem.Copy(km, key_mean, cells * d * sizeof(float)));
+    KVRT_RETURN_IF_ERROR(mem.Copy(vm, value_mean, cells * d * sizeof(float)));
+    KVRT_RETURN_IF_ERROR(mem.Copy(sp, spread, cells * sizeof(float)));
     KVRT_RETURN_IF_ERROR(mem.Sync());
     tbb::parallel_for(0, G * segments, [&](int gs) {
       const int g = gs / segments, s = gs % segments;
       const std::size_t cell = static_cast<std::size_t>(gs) * C;
-      cpu_index::AssembleSegment(assign_h.data() + static_cast<std::size_t>(gs) * S, S, C, d,
-                                 km.data() + cell * d, vm.data() + cell * d, sp.data() + cell,
-                                 &(*parts)[g][first + s]);
+      cpu_index::AssembleSegment(assign_h + static_cast<std::size_t>(gs) * S, S, C, d,
+                                 km + cell * d, vm + cell * d, sp + cell, &(*parts)[g][first + s]);
     });
     return absl::OkStatus();
   }
@@ -199,9 +217,8 @@ class ChunkBuild {
 bool SegmentBuildSupported(const RuntimeConfig& config) {
   const int d = config.head_dim;
   const int64_t S = config.index.cluster.segment_tokens;
-  return config.index_kind == cpu_index::IndexKind::kCluster &&
-         (d == 64 || d == 128 || d == 256) && S % 64 == 0 && S <= (int64_t{1} << 24) &&
-         config.index.cluster.cluster_size > 0;
+  return config.index_kind == cpu_index::IndexKind::kCluster && (d == 64 || d == 128 || d == 256) &&
+         S % 64 == 0 && S <= (int64_t{1} << 24) && config.index.cluster.cluster_size > 0;
 }
 
 absl::StatusOr<std::vector<std::vector<SegmentClustering>>> BuildSegments(

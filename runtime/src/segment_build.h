@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_runtime/runtime.h"
+#include "kvrt_transfer/pinned_pool.h"
 
 namespace kvrt::runtime {
 
@@ -26,6 +27,8 @@ struct SegmentBuildInput {
   int64_t rows = 0;          // only whole segments are built: rows / segment_tokens of them
   // Per kv head, the metric factor L [d * d] the index will be built with (ColdTier::MetricFactor).
   const std::vector<std::vector<float>>* metric_l = nullptr;
+  // Pinned host blocks for the results that come back (optional: pageable memory without).
+  transfer::PinnedPool* pinned = nullptr;
 };
 
 // parts[g][s]: segment s of kv head g. on_gpu: the kernels on `stream` (device memory is borrowed

@@ -494,7 +494,8 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
   for (bool device : {false, true}) {
     Case c{cpu_index::IndexKind::kCluster, device, DType::kBF16, device ? "device" : "host"};
     RuntimeConfig exact_cfg = MakeConfig({cpu_index::IndexKind::kExact, false, c.dtype, "x"}, 0);
-    RuntimeConfig all_cfg = MakeConfig(c, 1), cpu_cfg = MakeConfig(c, 1), gpu_cfg = MakeConfig(c, 1);
+    RuntimeConfig all_cfg = MakeConfig(c, 1), cpu_cfg = MakeConfig(c, 1),
+                  gpu_cfg = MakeConfig(c, 1);
     for (RuntimeConfig* cfg : {&all_cfg, &cpu_cfg, &gpu_cfg}) {
       cfg->record_attended = false;
       cfg->index.cluster.segment_tokens = 256;
@@ -525,8 +526,8 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
       auto v = Random(rng, prompt * kv_row, c.dtype);
       ASSERT_TRUE(rts[0]->Prefill(seqs[0], l, q.data(), k.data(), v.data(), prompt).ok());
       for (int i = 1; i < 4; ++i) {
-        auto st = rts[i]->Prefill(seqs[i], l, dev.Put(q), dev.Put(k), dev.Put(v), prompt,
-                                  dev.exec());
+        auto st =
+            rts[i]->Prefill(seqs[i], l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec());
         ASSERT_TRUE(st.ok()) << st;
       }
     }
@@ -570,8 +571,8 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
       dev.Clear();
     }
     EXPECT_GT(err_cpu, 0) << "a budget of 10% is not exact";
-    EXPECT_LT(err_gpu, 1.5 * err_cpu + 1e-6) << c.name << ": GPU build error " << err_gpu
-                                            << " vs CPU build " << err_cpu;
+    EXPECT_LT(err_gpu, 1.5 * err_cpu + 1e-6)
+        << c.name << ": GPU build error " << err_gpu << " vs CPU build " << err_cpu;
   }
 }
 

@@ -164,6 +164,14 @@ absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, void* st
   return Check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, S(stream)), "cudaMemcpyAsync");
 }
 
+absl::Status Memcpy2DAsync(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+                           std::size_t width, std::size_t rows, void* stream) {
+  if (width == 0 || rows == 0) return absl::OkStatus();
+  return Check(
+      cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, cudaMemcpyDefault, S(stream)),
+      "cudaMemcpy2DAsync");
+}
+
 absl::Status StreamWaitEvent(void* stream, const Event& event) {
   return Check(cudaStreamWaitEvent(S(stream), E(event.get()), 0), "cudaStreamWaitEvent");
 }
@@ -258,6 +266,10 @@ absl::StatusOr<float> ElapsedMs(const Event&, const Event&) {
 }
 absl::Status MemcpyAsync(void*, const void*, std::size_t bytes, void*) {
   return bytes == 0 ? absl::OkStatus() : NoCuda("cudaMemcpyAsync");
+}
+absl::Status Memcpy2DAsync(void*, std::size_t, const void*, std::size_t, std::size_t width,
+                           std::size_t rows, void*) {
+  return width == 0 || rows == 0 ? absl::OkStatus() : NoCuda("cudaMemcpy2DAsync");
 }
 absl::Status StreamWaitEvent(void*, const Event&) { return NoCuda("cudaStreamWaitEvent"); }
 absl::Status StreamSynchronize(void*) { return NoCuda("cudaStreamSynchronize"); }

@@ -4,12 +4,35 @@
 // may permute them (PermuteRows), so the owner keeps each row's position (runtime ColdTier).
 #include <cstddef>
 #include <cstdint>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "kvrt_common/dtype.h"
 
 namespace kvrt::cpu_index {
+
+// Leaves new elements uninitialised on resize: a store's rows are written right after they are
+// added (hundreds of MB for a prompt), so zeroing them first would be a second pass for nothing.
+template <typename T>
+struct UninitializedAllocator : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = UninitializedAllocator<U>;
+  };
+  UninitializedAllocator() = default;
+  template <typename U>
+  UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
 
 class HeadStore {
  public:
@@ -59,8 +82,8 @@ class HeadStore {
   int dim_;
   DType dtype_;
   int64_t size_ = 0;
-  std::vector<unsigned char> keys_;
-  std::vector<unsigned char> values_;
+  std::vector<unsigned char, UninitializedAllocator<unsigned char>> keys_;
+  std::vector<unsigned char, UninitializedAllocator<unsigned char>> values_;
   std::vector<int64_t> nonfinite_rows_;
 };
 

@@ -116,6 +116,10 @@ absl::StatusOr<float> ElapsedMs(const Event& start, const Event& end);
 // host source of an H2D copy may be reused as soon as the call returns (the driver stages it); a
 // pageable host destination makes the copy synchronous with the host.
 absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, void* stream);
+// `rows` rows of `width` bytes, src rows `src_pitch` apart, dst rows `dst_pitch` apart (one
+// cudaMemcpy2DAsync: e.g. every k-th row of a device tensor to host in one copy).
+absl::Status Memcpy2DAsync(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+                           std::size_t width, std::size_t rows, void* stream);
 absl::Status StreamWaitEvent(void* stream, const Event& event);
 absl::Status StreamSynchronize(void* stream);
 // Stream-ordered allocation from the device's default memory pool (cudaMallocAsync / FreeAsync).
