@@ -97,6 +97,8 @@ def test_layer_out_of_range_and_released_sequence(rt, rng):
     other._released = True
     with pytest.raises(kvrt.NotFoundError):
         rt._impl.seq_length(seq.id, 0)
+    with pytest.raises(kvrt.NotFoundError):
+        rt._impl.seq_wait(seq.id)
 
 
 def test_closed_runtime(rng):

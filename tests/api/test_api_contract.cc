@@ -270,8 +270,12 @@ TEST(ContractHostLimit, PrefillPastTheLimitWithItsIndexFailsAndChangesNothing) {
   EXPECT_EQ(st.host_bytes, 0);
   EXPECT_EQ(st.index_bytes, 0);
   EXPECT_EQ(st.gpu_allocated_bytes, 0);
-  // The same prompt without an index fits.
+  // The same prompt without an index fits; kvrt_seq_wait (nothing runs in the background on the
+  // host backend) returns at once, and names an unknown sequence.
   ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 200), KVRT_OK);
+  EXPECT_EQ(kvrt_seq_wait(rt, s), KVRT_OK);
+  EXPECT_EQ(kvrt_seq_wait(rt, s + 1000), KVRT_ERR_NOT_FOUND);
+  EXPECT_EQ(kvrt_seq_wait(nullptr, s), KVRT_ERR_INVALID_ARGUMENT);
   // An append that makes the index appear (256 cold rows) is refused the same way.
   EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), 100), KVRT_ERR_OUT_OF_MEMORY);
   ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
