@@ -102,14 +102,10 @@ absl::Status SummarizeClusters(const KMeansShape& s, const void* keys, const voi
                                DType dtype, const float* x, const float* xn2, const int32_t* assign,
                                const float* metric_trace, const ClusterStats& out, void* stream) {
   constexpr const char* kFn = "SummarizeClusters";
-  if (auto st = detail::CheckKMeansShape(s, kFn); !st.ok()) return st;
-  if (auto st = detail::CheckDType(dtype, kFn); !st.ok()) return st;
-  if (auto st = detail::CheckNotNull({keys, values, x, xn2, assign, metric_trace, out.count,
-                                      out.key_mean, out.value_mean, out.spread},
-                                     kFn);
-      !st.ok()) {
+  if (auto st =
+          detail::CheckSummarize(s, keys, values, dtype, x, xn2, assign, metric_trace, out, kFn);
+      !st.ok())
     return st;
-  }
   if (auto st = CheckAligned({keys, values, x, assign, out.key_mean, out.value_mean}, kFn);
       !st.ok()) {
     return st;

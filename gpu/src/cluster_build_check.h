@@ -44,4 +44,16 @@ inline absl::Status CheckNotNull(std::initializer_list<const void*> ptrs, const 
   return absl::OkStatus();
 }
 
+// SummarizeClusters' shape, dtype and pointers (the launcher adds its alignment rule).
+inline absl::Status CheckSummarize(const KMeansShape& s, const void* keys, const void* values,
+                                   DType dtype, const float* x, const float* xn2,
+                                   const int32_t* assign, const float* metric_trace,
+                                   const ClusterStats& out, const char* fn) {
+  if (auto st = CheckKMeansShape(s, fn); !st.ok()) return st;
+  if (auto st = CheckDType(dtype, fn); !st.ok()) return st;
+  return CheckNotNull({keys, values, x, xn2, assign, metric_trace, out.count, out.key_mean,
+                       out.value_mean, out.spread},
+                      fn);
+}
+
 }  // namespace kvrt::gpu::detail

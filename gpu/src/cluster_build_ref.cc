@@ -148,14 +148,10 @@ absl::Status SummarizeClustersHost(const KMeansShape& s, const void* keys, const
                                    const int32_t* assign, const float* metric_trace,
                                    const ClusterStats& out) {
   constexpr const char* kFn = "SummarizeClustersHost";
-  if (auto st = detail::CheckKMeansShape(s, kFn); !st.ok()) return st;
-  if (auto st = detail::CheckDType(dtype, kFn); !st.ok()) return st;
-  if (auto st = detail::CheckNotNull({keys, values, x, xn2, assign, metric_trace, out.count,
-                                      out.key_mean, out.value_mean, out.spread},
-                                     kFn);
-      !st.ok()) {
+  if (auto st =
+          detail::CheckSummarize(s, keys, values, dtype, x, xn2, assign, metric_trace, out, kFn);
+      !st.ok())
     return st;
-  }
   const int d = s.head_dim, c = s.clusters, sr = s.segment_rows;
   const int64_t rows = s.rows();
   std::vector<double> ks(static_cast<std::size_t>(c) * d), vs(ks.size()), xs(ks.size()), q(c);
