@@ -485,7 +485,7 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
     const int64_t t0 = NowNs();
     std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
     tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) { metric[g] = cold->MetricFactor(g); });
-    SegmentBuildInput in{k, k + bytes, true, prompt_.rows, &metric};
+    SegmentBuildInput in{k, k + bytes, true, prompt_.rows, &metric, &ctx_->pinned()};
     auto built = runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, stream);
     // NOTE: a failed GPU build is no error of the prefill: the index clusters on the CPU.
     if (built.ok()) parts = std::move(*built);
@@ -501,6 +501,9 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
     if (made.ok()) laid_out = *made;  // else: the store is permuted on the host, as before
   }
   const auto* src = laid_out != nullptr ? static_cast<const unsigned char*>(laid_out) : k;
+  // NOTE: the appends cannot fail (capacity reserved above); what can is a CUDA copy or event,
+  // and such errors are sticky: every later call of the context fails the same way, so a retry
+  // never completes a half-copied prompt in another order.
   const absl::Status appended =
       AppendFromDevice(src, src + bytes, prompt_.rows, stream, cold, laid_out != nullptr);
   if (laid_out != nullptr) (void)transfer::FreeAsync(laid_out, stream);
