@@ -485,7 +485,10 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
     const int64_t t0 = NowNs();
     std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
     tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) { metric[g] = cold->MetricFactor(g); });
-    SegmentBuildInput in{k, k + bytes, true, prompt_.rows, &metric, &ctx_->pinned()};
+    // NOTE: no pinned pool here (unlike the synchronous build): a new pinned block's allocation
+    // synchronises the device, which stalled the caller's next prefill by ~25 ms (call 9 of
+    // docs/runs/prefill-build-device-2026-12-02), more than the pageable copies cost the job.
+    SegmentBuildInput in{k, k + bytes, true, prompt_.rows, &metric};
     auto built = runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, stream);
     // NOTE: a failed GPU build is no error of the prefill: the index clusters on the CPU.
     if (built.ok()) parts = std::move(*built);
