@@ -351,6 +351,12 @@ KVRT_API kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, 
  *     out (device, f32 [q_heads, head_dim]) is written in stream order when the call returns,
  *     with no device-wide synchronisation: the caller's later work on cuda_stream sees it.
  * With host pointers the GPU backend uses its own streams and an attend returns with out written.
+ * CUDA graphs: no kvrt call can be captured. A decode step hands its selection to the CPU and
+ * back (q D2H, the selection, host-side attention or the hot cache's misses), and calls use
+ * kvrt's own streams and events. A call on a stream that is being captured returns
+ * KVRT_ERR_FAILED_PRECONDITION before it enqueues anything (the capture stays valid); a decoder
+ * that uses graphs captures the layers' other work and calls kvrt between the graphs (since
+ * 0.3.2).
  * check_finite does not inspect device tensors. */
 typedef enum kvrt_memory { KVRT_MEMORY_HOST = 0, KVRT_MEMORY_DEVICE = 1 } kvrt_memory;
 

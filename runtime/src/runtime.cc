@@ -224,6 +224,15 @@ absl::Status CheckExec(const RuntimeConfig& c, const Exec& exec, const char* wha
         what,
         ": device pointers need the GPU backend (config.use_gpu = 1 on a machine with a CUDA "
         "device); this runtime uses the host backend"));
+  // NOTE: refused before any work is enqueued: a call synchronises with the CPU (q for the
+  // selection, the prefill's staging, events on kvrt's own streams), which would invalidate the
+  // caller's capture half-way. Checked on the caller's stream only.
+  if (exec.device && transfer::StreamIsCapturing(exec.stream))
+    return absl::FailedPreconditionError(absl::StrCat(
+        what,
+        ": cuda_stream is being captured into a CUDA graph; kvrt's calls wait for the CPU "
+        "side of a step and cannot be captured: call kvrt between captured segments (kvrt.h, "
+        "\"CUDA graphs\")"));
   return absl::OkStatus();
 }
 

@@ -16,6 +16,10 @@
 #include "kvrt_runtime/runtime.h"
 #include "kvrt_transfer/cuda_rt.h"
 
+#if KVRT_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace kvrt::runtime {
 namespace {
 
@@ -574,6 +578,52 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
     EXPECT_LT(err_gpu, 1.5 * err_cpu + 1e-6)
         << c.name << ": GPU build error " << err_gpu << " vs CPU build " << err_cpu;
   }
+}
+
+// A call on a stream that is being captured into a CUDA graph is refused before it enqueues
+// anything (FailedPrecondition naming the graph), so the caller's capture stays valid and ends
+// with an empty graph; outside the capture the same calls work.
+TEST(GpuBackendGraph, CallsOnACapturingStreamAreRefusedAndTheCaptureStaysValid) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+#if KVRT_WITH_CUDA
+  RuntimeConfig cfg = MakeConfig({cpu_index::IndexKind::kFlat, true, DType::kF32, "x"}, 1);
+  cfg.num_layers = 1;
+  auto rt = Runtime::Create(cfg);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  Tensors dev(true, s);
+  std::mt19937 rng(3);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  const int prompt = 300;
+  const void* k = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
+  const void* v = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
+  const void* q = dev.Put(Random(rng, q_row, cfg.dtype));
+  float* out = dev.Out(q_row);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  const int64_t seq = *(*rt)->CreateSequence();
+  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  const Exec exec{true, s};
+  const absl::Status prefill = (*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec);
+  const absl::Status attend = (*rt)->Attend(seq, 0, q, out, exec);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess) << "the capture stayed valid";
+  size_t nodes = 99;
+  ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &nodes), cudaSuccess);
+  EXPECT_EQ(nodes, 0u) << "nothing was enqueued";
+  cudaGraphDestroy(graph);
+  for (const absl::Status& st : {prefill, attend}) {
+    EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
+    EXPECT_NE(std::string(st.message()).find("CUDA graph"), std::string::npos) << st;
+  }
+  EXPECT_EQ(*(*rt)->SequenceLength(seq, 0), 0) << "the refused prefill stored nothing";
+  ASSERT_TRUE((*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec).ok());
+  ASSERT_TRUE((*rt)->Attend(seq, 0, q, out, exec).ok());
+  EXPECT_TRUE(std::isfinite(dev.Get(out, q_row)[0]));
+  dev.Clear();
+  cudaStreamDestroy(s);
+#endif
 }
 
 // The summary counts against gpu_memory_limit: a limit that holds the tier but not the summary

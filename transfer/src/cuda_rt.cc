@@ -220,6 +220,15 @@ void HostFree(void* ptr) {
   if (ptr != nullptr) (void)cudaFreeHost(ptr);
 }
 
+bool StreamIsCapturing(void* stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(S(stream), &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
 bool IsDevicePointer(const void* ptr) {
   cudaPointerAttributes a;
   if (cudaPointerGetAttributes(&a, ptr) != cudaSuccess) {
@@ -284,6 +293,7 @@ absl::Status HostAlloc(std::size_t, void** out) {
 }
 void HostFree(void*) {}
 bool IsDevicePointer(const void*) { return false; }
+bool StreamIsCapturing(void*) { return false; }
 
 #endif
 

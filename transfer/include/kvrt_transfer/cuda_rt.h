@@ -133,5 +133,7 @@ absl::Status HostAlloc(std::size_t bytes, void** out);
 void HostFree(void* ptr);
 // True when `ptr` is device (or managed) memory by unified addressing.
 bool IsDevicePointer(const void* ptr);
+// Whether work on `stream` is being captured into a CUDA graph (false without CUDA).
+bool StreamIsCapturing(void* stream);
 
 }  // namespace kvrt::transfer
