@@ -458,8 +458,8 @@ typedef struct kvrt_stats {
   int64_t segments_built_gpu;    /* (kv head, token segment) pairs clustered on the GPU, so far
                                     (the others are clustered on the CPU) */
   int64_t time_segment_build_ns; /* wall time of those builds (GPU k-means and the layout of its
-                                    result; the index and the store permutation after it are not
-                                    included), so far */
+                                    result; the copy to the host store and the index after it
+                                    are not included), so far */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing
