@@ -41,7 +41,8 @@
  *     but create/destroy. kvrt_set_head_policy and kvrt_set_search_effort: not concurrent with
  *     an attend on any sequence.
  *   - kvrt_last_error() is per thread.
- *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention.
+ *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention, and
+ *     for the background jobs of GPU-backend prefills (kvrt_seq_wait).
  *
  * ABI (since 0.3)
  *   kvrt_config and kvrt_stats start with size_t struct_size, which the caller sets (through
