@@ -114,9 +114,7 @@ void ColdTier::SampleQueries(const void* q, int64_t n) {
     auto& out = query_sample_[g];
     out.resize(static_cast<std::size_t>(tokens) * group * d);
     for (int64_t i = 0; i < tokens; ++i) {
-      // NOTE: a constant stride (not i * n / tokens), so that a device tensor's sample is one 2D
-      // copy (DeviceTier::CopyRowsToHost); evenly spaced all the same.
-      const int64_t t = i * (n / tokens);
+      const int64_t t = QuerySampleRow(i, n);
       for (int j = 0; j < group; ++j) {
         const std::size_t src = (static_cast<std::size_t>(t) * q_row + (g * group + j) * d);
         ConvertToF32(static_cast<const unsigned char*>(q) + src * DTypeSize(cfg_->dtype),

@@ -200,13 +200,11 @@ class DeviceTier final : public TierBackend {
     return cfg_->index.cluster.gpu_build && SegmentBuildSupported(*cfg_);
   }
   absl::StatusOr<std::vector<std::vector<cpu_index::SegmentClustering>>> BuildSegments(
-      const SegmentBuildInput& in, const Exec& exec) override {
+      const ColdTier& cold, const void* k, const void* v, int64_t rows, const Exec& exec) override {
     StreamLease lease(ctx_, exec);
     KVRT_RETURN_IF_ERROR(lease.status());
     // The caller's stream (device pointers) orders the build after the tensors' producers.
-    SegmentBuildInput with_pool = in;
-    with_pool.pinned = &ctx_->pinned();
-    return runtime::BuildSegments(*cfg_, with_pool, /*on_gpu=*/true, lease.get());
+    return BuildPromptSegments(cold, k, v, exec.device, rows, lease.get(), &ctx_->pinned());
   }
   absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold, ColdSelection* sel,
                               tbb::task_arena& arena) override;
@@ -241,6 +239,9 @@ class DeviceTier final : public TierBackend {
   absl::Status StagePrompt(const unsigned char* k, const unsigned char* v, int64_t rows,
                            void* stream);
   void DropPrompt();
+  absl::StatusOr<std::vector<std::vector<cpu_index::SegmentClustering>>> BuildPromptSegments(
+      const ColdTier& cold, const void* k, const void* v, bool on_device, int64_t rows,
+      void* stream, transfer::PinnedPool* pinned) const;
   absl::StatusOr<void*> LayOutPrompt(
       const std::vector<std::vector<cpu_index::SegmentClustering>>& parts, void* stream,
       std::vector<std::vector<int64_t>>* order);
@@ -483,13 +484,11 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
   if (builds_segments() && prompt_.rows >= cfg_->index.cluster.segment_tokens &&
       cold->rows() == 0) {
     const int64_t t0 = NowNs();
-    std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
-    tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) { metric[g] = cold->MetricFactor(g); });
     // NOTE: no pinned pool here (unlike the synchronous build): a new pinned block's allocation
     // synchronises the device, which stalled the caller's next prefill by ~25 ms (call 9 of
     // docs/runs/prefill-build-device-2026-12-02), more than the pageable copies cost the job.
-    SegmentBuildInput in{k, k + bytes, true, prompt_.rows, &metric};
-    auto built = runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, stream);
+    auto built = BuildPromptSegments(*cold, k, k + bytes, /*on_device=*/true, prompt_.rows, stream,
+                                     /*pinned=*/nullptr);
     // NOTE: a failed GPU build is no error of the prefill: the index clusters on the CPU.
     if (built.ok()) parts = std::move(*built);
     build_ns = NowNs() - t0;
@@ -521,6 +520,17 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
     counters_->time_segment_build_ns += build_ns;
   }
   return absl::OkStatus();
+}
+
+// The cluster kind's GPU build of a prompt's cold rows [rows, kv_heads, d] (from store row 0), in
+// the metric the cold tier's index will be built with (both prefill paths).
+absl::StatusOr<std::vector<std::vector<cpu_index::SegmentClustering>>>
+DeviceTier::BuildPromptSegments(const ColdTier& cold, const void* k, const void* v, bool on_device,
+                                int64_t rows, void* stream, transfer::PinnedPool* pinned) const {
+  std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
+  tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) { metric[g] = cold.MetricFactor(g); });
+  const SegmentBuildInput in{k, v, on_device, rows, &metric, pinned};
+  return runtime::BuildSegments(*cfg_, in, /*on_gpu=*/true, stream);
 }
 
 // The staged prompt's rows in the order the segments' clusters lay them out (per kv head: row r

@@ -119,7 +119,7 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
       cold_.SampleQueries(q, n);
     } else {
       std::vector<int64_t> picked(rows);
-      for (int64_t i = 0; i < rows; ++i) picked[i] = i * (n / rows);  // as SampleQueries
+      for (int64_t i = 0; i < rows; ++i) picked[i] = cold_.QuerySampleRow(i, n);
       std::vector<unsigned char> sample(static_cast<std::size_t>(rows) * row);
       KVRT_RETURN_IF_ERROR(tier_->CopyRowsToHost(sample.data(), q, row, picked, exec));
       cold_.SampleQueries(sample.data(), rows);
@@ -139,7 +139,7 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
     return absl::OkStatus();
   }
   KVRT_RETURN_IF_ERROR(tier_->SettleEvictions(&cold_));
-  BuildSegmentsOnGpu(k, v, exec);
+  arena.execute([&] { BuildSegmentsOnGpu(k, v, exec); });  // its per-head work: in the arena
   // The prompt's index is built now, on every backend: the first decode step searches it.
   cold_.RefreshIndexes(arena, /*background=*/false);
   return absl::OkStatus();
@@ -153,15 +153,9 @@ void LayerState::BuildSegmentsOnGpu(const void* k, const void* v, const Exec& ex
   const int64_t t0 = NowNs();
   const std::size_t skip = static_cast<std::size_t>(cfg_->sink_tokens) * cfg_->num_kv_heads *
                            cfg_->head_dim * DTypeSize(cfg_->dtype);
-  std::vector<std::vector<float>> metric(cfg_->num_kv_heads);
-  for (int g = 0; g < cfg_->num_kv_heads; ++g) metric[g] = cold_.MetricFactor(g);
-  SegmentBuildInput in;
-  in.k = static_cast<const unsigned char*>(k) + skip;
-  in.v = static_cast<const unsigned char*>(v) + skip;
-  in.k_on_device = exec.device;
-  in.rows = cold_.rows();
-  in.metric_l = &metric;
-  auto parts = tier_->BuildSegments(in, exec);
+  auto parts =
+      tier_->BuildSegments(cold_, static_cast<const unsigned char*>(k) + skip,
+                           static_cast<const unsigned char*>(v) + skip, cold_.rows(), exec);
   // NOTE: a failed GPU build (no device memory for its work arrays, a CUDA error) is not an error
   // of the prefill: the index clusters the segments on the CPU, as without a GPU.
   if (!parts.ok() || parts->empty() || (*parts)[0].empty()) return;

@@ -115,12 +115,12 @@ class TierBackend {
                               const std::vector<uint8_t>& ok, float* out) = 0;
 
   // The cluster kind's GPU build at prefill (segment_build.h): whether this backend runs it, and
-  // the run for the cold rows `in` describes (in.k_on_device as exec.device).
+  // the run for a prompt's cold rows k, v ([rows, kv_heads, d] from store row 0, in the call's
+  // memory) in the metric of `cold`'s index.
   virtual bool builds_segments() const { return false; }
   virtual absl::StatusOr<std::vector<std::vector<cpu_index::SegmentClustering>>> BuildSegments(
-      const SegmentBuildInput& in, const Exec& exec) {
-    (void)in;
-    (void)exec;
+      const ColdTier& cold, const void* k, const void* v, int64_t rows, const Exec& exec) {
+    (void)cold, (void)k, (void)v, (void)rows, (void)exec;
     return absl::UnimplementedError("segment build: no GPU backend");
   }
 
