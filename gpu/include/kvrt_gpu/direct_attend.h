@@ -1,0 +1,81 @@
+#pragma once
+// The cluster kind's direct decode step (GPU backend): once ClusterStep (cluster_kernels.h) has
+// chosen clusters per q head on the device, the chosen rows are attended there too, with no CPU
+// in the step. Each row is read from the hot cache's pool when its store block (kDirectBlockRows
+// consecutive store rows of one kv head) has a page there (block_page), else straight from the
+// host store, which is registered (mapped) host memory: the GPU reads it over PCIe. Which blocks
+// hold pages is decided on the host from the previous step's mask and applied by FillPages before
+// the next DirectAttend, so consecutive steps (which choose mostly the same clusters) read mostly
+// from device memory.
+//
+// Per q head h of kv head g = h / group, the rows attended are: the rows of every cluster c with
+// bit (h % group) set in mask[g, c], every row of extra[g] (outliers, NaN/Inf rows: -1 pads), and
+// rows [tail_begin[g], rows) (not clustered yet). These sets are disjoint by construction (the
+// caller's duty). An empty set gives (o = 0, lse = -inf).
+//
+// Compiles without CUDA (streams are void*); each launcher has a host reference (...Host, the
+// same arguments in host memory); conventions as kernels.h: InvalidArgument for bad shapes,
+// FailedPrecondition without CUDA, Internal for a CUDA error; launchers only enqueue work.
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "kvrt_common/dtype.h"
+
+namespace kvrt::gpu {
+
+inline constexpr int kDirectBlockRows = 8;  // store rows per hot-cache page
+inline constexpr int kDirectMaxGroup = 32;  // q heads per kv head (one mask bit each)
+
+// Device pointers for the kernels, host pointers for the references.
+struct DirectRowsView {
+  int kv_heads = 0;
+  int q_heads = 0;   // a multiple of kv_heads, at most kDirectMaxGroup per kv head
+  int head_dim = 0;  // 64, 128, 256
+  DType dtype = DType::kBF16;
+  int64_t rows = 0;                      // store rows of every kv head
+  const void* const* store_k = nullptr;  // [kv_heads] kv head g's keys [rows, d] (mapped host)
+  const void* const* store_v = nullptr;  // [kv_heads] its values [rows, d]
+  int32_t* block_page = nullptr;         // [kv_heads, blocks_per_head]: pool page or -1
+  int64_t blocks_per_head = 0;           // >= ceil(rows / kDirectBlockRows)
+  void* pool_k = nullptr;                // [pages * kDirectBlockRows, d], storage dtype
+  void* pool_v = nullptr;
+  int64_t pages = 0;
+  const int32_t* cluster_begin = nullptr;  // [kv_heads, C] first store row of cluster c
+  const int32_t* cluster_size = nullptr;   // [kv_heads, C] its rows (0: padding)
+  int num_clusters = 0;                    // C
+  const int32_t* extra = nullptr;          // [kv_heads, E] store rows, -1 = padding
+  int num_extra = 0;                       // E (may be 0)
+  const int64_t* tail_begin = nullptr;     // [kv_heads]
+};
+
+// mask [kv_heads, C] <- for each q head h, bit (h % group) of mask[h / group, c] for every
+// selected[h, j], j < count[h] (ClusterStepOutputs::selected / selected_count; ids >= C are
+// ignored). The mask is cleared first.
+absl::Status MarkSelected(const int32_t* selected, const int32_t* count, int q_heads,
+                          int kv_heads, int num_clusters, uint32_t* mask, void* stream);
+void MarkSelectedHost(const int32_t* selected, const int32_t* count, int q_heads, int kv_heads,
+                      int num_clusters, uint32_t* mask);
+
+// Floats of device scratch DirectAttend needs.
+std::size_t DirectAttendWorkspaceFloats(const DirectRowsView& v);
+
+// q: f32 [q_heads, d]; o: f32 [q_heads, d]; lse: f32 [q_heads]. scale 0 = 1/sqrt(d).
+// read_rows: null, or int64 [2] that the kernel adds to (device: atomically): rows read from the
+// pool, rows read from the host store (a row counts once per kv head, not per q head).
+// workspace: device f32 [DirectAttendWorkspaceFloats] or null (then cudaMallocAsync on stream).
+absl::Status DirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q,
+                          float scale, float* o, float* lse, int64_t* read_rows, float* workspace,
+                          void* stream);
+void DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
+                      float* o, float* lse, int64_t* read_rows);
+
+// Applies n page-table updates, in order: updates int32 [n, 2] = (kv_head * blocks_per_head +
+// block, page). page >= 0: rows of that store block copied from the host store into pool page
+// `page`, then block_page[...] = page (only whole blocks: (block + 1) * kDirectBlockRows <= rows,
+// else InvalidArgument, so that a page never misses rows appended later); page -1:
+// block_page[...] = -1. The pages of one call are distinct, and so are its blocks.
+absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);
+void FillPagesHost(const DirectRowsView& v, const int32_t* updates, int n);
+
+}  // namespace kvrt::gpu
