@@ -16,6 +16,10 @@
 // Compiles without CUDA (streams are void*); each launcher has a host reference (...Host, the
 // same arguments in host memory); conventions as kernels.h: InvalidArgument for bad shapes,
 // FailedPrecondition without CUDA, Internal for a CUDA error; launchers only enqueue work.
+// The references also check the data (a cluster, extra row or page outside its range, a partial
+// block in FillPagesHost): InvalidArgument. The kernels cannot report on device data, so they
+// skip what the references refuse (clamping cluster ranges to `rows`, reading the host store
+// for a page >= pages).
 #include <cstddef>
 #include <cstdint>
 
@@ -33,14 +37,14 @@ struct DirectRowsView {
   int q_heads = 0;   // a multiple of kv_heads, at most kDirectMaxGroup per kv head
   int head_dim = 0;  // 64, 128, 256
   DType dtype = DType::kBF16;
-  int64_t rows = 0;                      // store rows of every kv head
-  const void* const* store_k = nullptr;  // [kv_heads] kv head g's keys [rows, d] (mapped host)
+  int64_t rows = 0;                      // store rows of every kv head (< 2^31: ids are int32)
+  const void* const* store_k = nullptr;  // [kv_heads] keys [rows, d], mapped host, 16B-aligned
   const void* const* store_v = nullptr;  // [kv_heads] its values [rows, d]
   int32_t* block_page = nullptr;         // [kv_heads, blocks_per_head]: pool page or -1
   int64_t blocks_per_head = 0;           // >= ceil(rows / kDirectBlockRows)
   void* pool_k = nullptr;                // [pages * kDirectBlockRows, d], storage dtype
   void* pool_v = nullptr;
-  int64_t pages = 0;
+  int64_t pages = 0;                       // pool rows (pages * kDirectBlockRows) < 2^31
   const int32_t* cluster_begin = nullptr;  // [kv_heads, C] first store row of cluster c
   const int32_t* cluster_size = nullptr;   // [kv_heads, C] its rows (0: padding)
   int num_clusters = 0;                    // C
@@ -52,10 +56,10 @@ struct DirectRowsView {
 // mask [kv_heads, C] <- for each q head h, bit (h % group) of mask[h / group, c] for every
 // selected[h, j], j < count[h] (ClusterStepOutputs::selected / selected_count; ids >= C are
 // ignored). The mask is cleared first.
-absl::Status MarkSelected(const int32_t* selected, const int32_t* count, int q_heads,
-                          int kv_heads, int num_clusters, uint32_t* mask, void* stream);
-void MarkSelectedHost(const int32_t* selected, const int32_t* count, int q_heads, int kv_heads,
-                      int num_clusters, uint32_t* mask);
+absl::Status MarkSelected(const int32_t* selected, const int32_t* count, int q_heads, int kv_heads,
+                          int num_clusters, uint32_t* mask, void* stream);
+absl::Status MarkSelectedHost(const int32_t* selected, const int32_t* count, int q_heads,
+                              int kv_heads, int num_clusters, uint32_t* mask);
 
 // Floats of device scratch DirectAttend needs.
 std::size_t DirectAttendWorkspaceFloats(const DirectRowsView& v);
@@ -67,15 +71,18 @@ std::size_t DirectAttendWorkspaceFloats(const DirectRowsView& v);
 absl::Status DirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q,
                           float scale, float* o, float* lse, int64_t* read_rows, float* workspace,
                           void* stream);
-void DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
-                      float* o, float* lse, int64_t* read_rows);
+absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, const float* q,
+                              float scale, float* o, float* lse, int64_t* read_rows);
 
 // Applies n page-table updates, in order: updates int32 [n, 2] = (kv_head * blocks_per_head +
 // block, page). page >= 0: rows of that store block copied from the host store into pool page
 // `page`, then block_page[...] = page (only whole blocks: (block + 1) * kDirectBlockRows <= rows,
 // else InvalidArgument, so that a page never misses rows appended later); page -1:
 // block_page[...] = -1. The pages of one call are distinct, and so are its blocks.
+// The launcher checks what it can without reading device memory (n, pointers, pages > 0); the
+// kernel skips an update it cannot apply (block past `rows`, page >= pages, index out of range),
+// which FillPagesHost refuses (InvalidArgument, before applying any update of the call).
 absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);
-void FillPagesHost(const DirectRowsView& v, const int32_t* updates, int n);
+absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int n);
 
 }  // namespace kvrt::gpu

@@ -1,0 +1,557 @@
+// Kernels of the direct step (direct_attend.h).
+//
+// DirectAttendKernel: grid (kv heads, splits), 256 threads. Split s of kv head g takes clusters
+// [s*C/S, (s+1)*C/S), extra entries [s*E/S, (s+1)*E/S) and tail rows [tb + s*T/S, ...). The CTA
+// compacts its selected clusters, valid extra rows and tail share into a list of row segments
+// (row, length, q-head bits) by block scans (in rounds of 256 clusters / 256 extra entries), then
+// walks the list in tiles of 8 KB of K (and 8 KB of V):
+//   - per tile row, one thread finds its segment, looks up the row's page and records the source
+//     (pool row or store row) and the q-head bits, two tiles ahead (the page-table load is issued
+//     before a tile's math and used after it);
+//   - all threads load the tile with 16-byte loads, coalesced along each row, 2 K and 2 V loads
+//     per thread issued before any is used; the next tile's loads are issued before the current
+//     tile is scored (register double buffering), so a tile's latency (1-2 us over PCIe) overlaps
+//     the previous tile's math and the other CTA of the SM (two fit: <= 128 registers);
+//   - warps score the staged rows: a warp owns up to 4 q heads of the group (2 at d = 256; q in
+//     registers, pre-scaled to base 2) and a share of the tile's rows; a row is read from shared
+//     memory by the warp's 32 lanes (head_dim / 32 dims each), dots reduced by xor shuffles, and
+//     each q head whose bit the row has folds it into its online softmax (m, l, acc), rescaling
+//     only when its max grows.
+// Every row's K and V cross the bus once per kv head, whatever the group size. At the end the
+// warps' states are merged through shared memory into the split's partial state, and MergeStatesN
+// (merge.cu) merges the splits.
+//
+// MarkSelectedKernel: one thread per (q head, selected entry), atomicOr into the cleared mask.
+// FillPagesKernel: one warp per update, the block's K and V rows copied with 16-byte loads.
+#include <cub/block/block_scan.cuh>
+
+#include "common.cuh"
+#include "direct_launch.h"
+#include "kvrt_common/nan_max.h"
+
+namespace kvrt::gpu::detail {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kSegCap = 2 * kThreads + 1;  // a round's segments: clusters, extra, the tail
+constexpr int kTileBytes = 8192;  // K bytes staged per tile (as many of V): 2 loads per thread
+constexpr uint64_t kLenMask = (1ull << 40) - 1;  // scan items: (count << 40) | rows
+
+// kWarpHeads: q heads one warp scores (its q and accumulators live in registers); 2 for d = 256
+// unless the group needs more than 8 warps x 2, so that two CTAs fit an SM without spills.
+template <typename T, int D, int kWarpHeads>
+struct DirectLayout {
+  static constexpr int kMinBlocks = D * kWarpHeads > 512 ? 1 : 2;  // CTAs per SM, for registers
+  static constexpr int kRowBytes = D * static_cast<int>(sizeof(T));
+  static constexpr int kChunks = kRowBytes / 16;  // 16-byte loads per row
+  static constexpr int kTile = kTileBytes / kRowBytes;
+  static constexpr int kLoads = kTile * kChunks / kThreads;  // K loads per thread per tile
+  static constexpr int kE = D / 32;                          // dims per lane
+  // Dims per shared-memory read: 16 bytes at most, so that a quarter warp's reads are
+  // conflict-free; a lane's dims are vectors (v * 32 + lane) * kU + u, v < kNV.
+  static constexpr int kU = kE * static_cast<int>(sizeof(T)) > 16 ? 16 / static_cast<int>(sizeof(T))
+                                                                  : kE;
+  static constexpr int kNV = kE / kU;
+  static_assert(kLoads * kThreads == kTile * kChunks, "a tile is whole loads");
+  static_assert(kTile % kWarps == 0 && kTile <= kThreads, "one metadata thread per tile row");
+  // Shared bytes of the tile, reused by the final merge of the warps' states.
+  static constexpr int kMergeBytes = kWarps * kWarpHeads * D * 4;
+  static constexpr int kStageBytes = 2 * kTileBytes > kMergeBytes ? 2 * kTileBytes : kMergeBytes;
+};
+
+// U consecutive elements of T at p (4, 8 or 16 bytes, aligned) as f32.
+template <typename T, int U>
+__device__ __forceinline__ void SmemRead(const T* p, float* out) {
+  constexpr int kBytes = U * static_cast<int>(sizeof(T));
+  if constexpr (kBytes == 16) {
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < U; ++i) out[i] = ToF32(e[i]);
+  } else if constexpr (kBytes == 8) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < U; ++i) out[i] = ToF32(e[i]);
+  } else {
+    static_assert(kBytes == 4, "4, 8 or 16 bytes");
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+    const T* e = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int i = 0; i < U; ++i) out[i] = ToF32(e[i]);
+  }
+}
+
+struct DirectArgs {
+  DirectRowsView v;
+  const uint32_t* mask;
+  const float* q;
+  float scale_log2;               // scale * log2(e): scores in base 2
+  float* part_o;                  // [splits, q_heads, D]
+  float* part_lse;                // [splits, q_heads]
+  unsigned long long* read_rows;  // [2] or null
+};
+
+template <typename T, int D, int kWarpHeads>
+__global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMinBlocks))
+    DirectAttendKernel(DirectArgs a) {
+  using L = DirectLayout<T, D, kWarpHeads>;
+  constexpr int kE = L::kE, kU = L::kU, kTile = L::kTile, kRowBytes = L::kRowBytes;
+  const DirectRowsView& v = a.v;
+  const int g = blockIdx.x, s = blockIdx.y, n_splits = gridDim.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int group = v.q_heads / v.kv_heads;
+  const uint32_t all_bits = group == 32 ? ~0u : (1u << group) - 1u;
+  const int rows = static_cast<int>(v.rows);
+
+  // Warps = head sets x row sets: a group of more than kWarpHeads q heads is spread over 2, 4 or
+  // 8 head sets, each warp scoring its set's hn <= kWarpHeads heads on its share of a tile's rows.
+  int hsets = 1;
+  while (hsets * kWarpHeads < group) hsets *= 2;
+  const int rsets = kWarps / hsets;
+  const int hpw = (group + hsets - 1) / hsets;
+  const int hset = warp / rsets, rset = warp % rsets;
+  const int h0 = hset * hpw;
+  const int hn = max(0, min(hpw, group - h0));
+  const uint32_t warp_bits = (1u << hn) - 1u;  // of (row bits >> h0)
+
+  __shared__ __align__(16) unsigned char kv_s[L::kStageBytes];  // K tile, V tile; then the merge
+  __shared__ int32_t seg_row[kSegCap];
+  __shared__ int32_t seg_end[kSegCap];  // inclusive prefix of segment lengths
+  __shared__ uint32_t seg_bits[kSegCap];
+  __shared__ int32_t meta_src[3][kTile];    // >= 0: pool row; < 0: store row -(x + 1)
+  __shared__ uint32_t meta_bits[3][kTile];  // 0: no row
+  __shared__ float mrg_m[kWarps][kWarpHeads], mrg_l[kWarps][kWarpHeads];
+  __shared__ unsigned long long cnt_s[2];
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+
+  if (tid < 2) cnt_s[tid] = 0;  // ordered before use by the round's barriers
+
+  const unsigned char* store_k = static_cast<const unsigned char*>(v.store_k[g]);
+  const unsigned char* store_v = static_cast<const unsigned char*>(v.store_v[g]);
+  const unsigned char* pool_k = static_cast<const unsigned char*>(v.pool_k);
+  const unsigned char* pool_v = static_cast<const unsigned char*>(v.pool_v);
+  const int32_t* page_of = v.block_page + static_cast<size_t>(g) * v.blocks_per_head;
+
+  float qv[kWarpHeads][kE];
+#pragma unroll
+  for (int hh = 0; hh < kWarpHeads; ++hh) {
+    const float* qh = a.q + static_cast<size_t>(g * group + h0 + hh) * D;
+#pragma unroll
+    for (int nv = 0; nv < L::kNV; ++nv) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        qv[hh][nv * kU + u] = hh < hn ? qh[(nv * 32 + lane) * kU + u] * a.scale_log2 : 0.f;
+      }
+    }
+  }
+  float m[kWarpHeads], l[kWarpHeads], acc[kWarpHeads][kE];
+#pragma unroll
+  for (int hh = 0; hh < kWarpHeads; ++hh) {
+    m[hh] = -INFINITY;
+    l[hh] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kE; ++i) acc[hh][i] = 0.f;
+  }
+
+  const int n_cl = v.num_clusters, n_ex = v.num_extra;
+  const int c0 = static_cast<int>(int64_t{n_cl} * s / n_splits);
+  const int c1 = static_cast<int>(int64_t{n_cl} * (s + 1) / n_splits);
+  const int e0 = static_cast<int>(int64_t{n_ex} * s / n_splits);
+  const int e1 = static_cast<int>(int64_t{n_ex} * (s + 1) / n_splits);
+  const int64_t tb = min(max(v.tail_begin[g], int64_t{0}), int64_t{rows});
+  const int64_t t_len = rows - tb;
+  const int t0 = static_cast<int>(tb + t_len * s / n_splits);
+  const int t1 = static_cast<int>(tb + t_len * (s + 1) / n_splits);
+  const int rounds =
+      max(1, max((c1 - c0 + kThreads - 1) / kThreads, (e1 - e0 + kThreads - 1) / kThreads));
+  const uint32_t* mask_g = a.mask + static_cast<size_t>(g) * n_cl;
+  const int32_t* begin_g = v.cluster_begin + static_cast<size_t>(g) * n_cl;
+  const int32_t* size_g = v.cluster_size + static_cast<size_t>(g) * n_cl;
+  const int32_t* extra_g = v.extra + static_cast<size_t>(g) * n_ex;
+
+  int cnt_pool = 0, cnt_host = 0;
+  uint4 kreg[L::kLoads], vreg[L::kLoads];
+  unsigned loaded = 0;  // bit i: kreg[i] / vreg[i] hold a row's chunk
+
+  for (int round = 0; round < rounds; ++round) {
+    // Segments of the round: selected clusters, then valid extra rows, then (round 0) the tail.
+    unsigned long long item = 0, excl = 0, total = 0;
+    int32_t row0 = 0;
+    uint32_t bits = 0;
+    const int c = c0 + round * kThreads + tid;
+    if (c < c1) {
+      bits = mask_g[c] & all_bits;
+      const int32_t b = begin_g[c], n = size_g[c];
+      if (bits != 0 && n > 0 && b >= 0 && b < rows) {
+        item = (1ull << 40) | static_cast<unsigned long long>(min(n, rows - b));
+        row0 = b;
+      }
+    }
+    Scan(scan_tmp).ExclusiveSum(item, excl, total);
+    if (item != 0) {
+      const int slot = static_cast<int>(excl >> 40);
+      seg_row[slot] = row0;
+      seg_end[slot] = static_cast<int32_t>((excl & kLenMask) + (item & kLenMask));
+      seg_bits[slot] = bits;
+    }
+    const int n_cseg = static_cast<int>(total >> 40);
+    const int n_crows = static_cast<int>(total & kLenMask);
+    __syncthreads();  // scan_tmp is reused
+    item = 0;
+    const int e = e0 + round * kThreads + tid;
+    if (e < e1) {
+      const int32_t x = extra_g[e];
+      if (x >= 0 && x < rows) {
+        item = (1ull << 40) | 1ull;
+        row0 = x;
+      }
+    }
+    Scan(scan_tmp).ExclusiveSum(item, excl, total);
+    if (item != 0) {
+      const int slot = n_cseg + static_cast<int>(excl >> 40);
+      seg_row[slot] = row0;
+      seg_end[slot] = n_crows + static_cast<int32_t>(excl & kLenMask) + 1;
+      seg_bits[slot] = all_bits;
+    }
+    int n_seg = n_cseg + static_cast<int>(total >> 40);
+    int n_rows = n_crows + static_cast<int>(total & kLenMask);
+    if (round == 0 && t1 > t0) {
+      if (tid == 0) {
+        seg_row[n_seg] = t0;
+        seg_end[n_seg] = n_rows + (t1 - t0);
+        seg_bits[n_seg] = all_bits;
+      }
+      ++n_seg;
+      n_rows += t1 - t0;
+    }
+    __syncthreads();
+
+    // Tile row `tile * kTile + tid`'s store row and q-head bits (threads tid < kTile), and the
+    // load of its page-table entry, whose value is only used by commit(): fetch() runs before a
+    // tile's math and commit() after it, so that the entry's latency hides behind the math.
+    int m_row = 0, m_page = -1;
+    uint32_t m_bits = 0;
+    auto fetch = [&](int tile) {
+      m_bits = 0;
+      const int f = tile * kTile + tid;
+      if (tid >= kTile || f >= n_rows) return;
+      int lo = 0, hi = n_seg - 1;  // the first segment whose end > f
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (seg_end[mid] > f) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
+        }
+      }
+      m_row = seg_row[lo] + (f - (lo > 0 ? seg_end[lo - 1] : 0));
+      if (m_row < 0 || m_row >= rows) return;
+      m_bits = seg_bits[lo];
+      m_page = page_of[m_row / kDirectBlockRows];
+    };
+    auto commit = [&](int buf) {
+      if (tid >= kTile) return;
+      int32_t src = 0;
+      if (m_bits != 0) {
+        if (m_page >= 0 && m_page < v.pages) {
+          src = m_page * kDirectBlockRows + m_row % kDirectBlockRows;
+          ++cnt_pool;
+        } else {
+          src = -m_row - 1;
+          ++cnt_host;
+        }
+      }
+      meta_src[buf][tid] = src;
+      meta_bits[buf][tid] = m_bits;
+    };
+    // Issues the tile's K and V loads (every one before any is used).
+    auto load = [&](int buf) {
+      loaded = 0;
+#pragma unroll
+      for (int i = 0; i < L::kLoads; ++i) {
+        const int ci = tid + i * kThreads;
+        const int r = ci / L::kChunks, ch = ci % L::kChunks;
+        if (meta_bits[buf][r] != 0) {
+          const int32_t src = meta_src[buf][r];
+          const size_t off = static_cast<size_t>(src >= 0 ? src : -src - 1) * kRowBytes + ch * 16;
+          const unsigned char* kp = (src >= 0 ? pool_k : store_k) + off;
+          const unsigned char* vp = (src >= 0 ? pool_v : store_v) + off;
+          kreg[i] = __ldg(reinterpret_cast<const uint4*>(kp));
+          vreg[i] = __ldg(reinterpret_cast<const uint4*>(vp));
+          loaded |= 1u << i;
+        }
+      }
+    };
+    auto stage = [&]() {
+#pragma unroll
+      for (int i = 0; i < L::kLoads; ++i) {
+        if ((loaded >> i) & 1u) {
+          const int ci = tid + i * kThreads;
+          *reinterpret_cast<uint4*>(kv_s + static_cast<size_t>(ci) * 16) = kreg[i];
+          *reinterpret_cast<uint4*>(kv_s + kTileBytes + static_cast<size_t>(ci) * 16) = vreg[i];
+        }
+      }
+    };
+    // Scores the staged tile against this warp's q heads.
+    auto compute = [&](int buf, int n_tile) {
+      const T* ks = reinterpret_cast<const T*>(kv_s);
+      const T* vs = reinterpret_cast<const T*>(kv_s + kTileBytes);
+      for (int r = rset; r < n_tile; r += rsets) {
+        const uint32_t rb = meta_bits[buf][r] >> h0;
+        if ((rb & warp_bits) == 0) continue;  // warp-uniform: no head of this warp takes it
+        float kf[kE], vf[kE];
+#pragma unroll
+        for (int nv = 0; nv < L::kNV; ++nv) {
+          const int at = r * D + (nv * 32 + lane) * kU;
+          SmemRead<T, kU>(ks + at, kf + nv * kU);
+          SmemRead<T, kU>(vs + at, vf + nv * kU);
+        }
+        float dot[kWarpHeads];
+#pragma unroll
+        for (int hh = 0; hh < kWarpHeads; ++hh) {
+          float x = 0.f;
+#pragma unroll
+          for (int i = 0; i < kE; ++i) x = fmaf(qv[hh][i], kf[i], x);
+          dot[hh] = x;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+          for (int hh = 0; hh < kWarpHeads; ++hh) {
+            if (hh < hn) dot[hh] += __shfl_xor_sync(0xffffffffu, dot[hh], off);
+          }
+        }
+#pragma unroll
+        for (int hh = 0; hh < kWarpHeads; ++hh) {
+          if (hh >= hn || ((rb >> hh) & 1u) == 0) continue;
+          const float nm = MaxPropagateNan(m[hh], dot[hh]);  // NaN score: NaN state
+          if (nm == -INFINITY) continue;                     // -inf score on an empty state
+          if (nm != m[hh]) {  // rare after the first rows: rescale only when the max grows
+            const float corr = exp2f(m[hh] - nm);  // m = -inf: 0
+            l[hh] *= corr;
+#pragma unroll
+            for (int i = 0; i < kE; ++i) acc[hh][i] *= corr;
+            m[hh] = nm;
+          }
+          const float p = exp2f(dot[hh] - nm);
+          l[hh] += p;
+#pragma unroll
+          for (int i = 0; i < kE; ++i) acc[hh][i] = fmaf(p, vf[i], acc[hh][i]);
+        }
+      }
+    };
+
+    // Three meta buffers: tile t's is read by compute(t), t + 1's by load(t + 1), and t + 2's
+    // is written after compute(t).
+    const int n_tiles = (n_rows + kTile - 1) / kTile;
+    for (int t = 0; t < min(n_tiles, 2); ++t) {
+      fetch(t);
+      commit(t);
+    }
+    __syncthreads();
+    if (n_tiles > 0) load(0);
+    for (int t = 0; t < n_tiles; ++t) {
+      stage();
+      __syncthreads();  // the tile is staged; meta (t + 1) % 3 is visible
+      if (t + 1 < n_tiles) load((t + 1) % 3);
+      if (t + 2 < n_tiles) fetch(t + 2);
+      compute(t % 3, min(kTile, n_rows - t * kTile));
+      if (t + 2 < n_tiles) commit((t + 2) % 3);
+      __syncthreads();  // the tile and meta buffer t % 3 are free again
+    }
+  }
+
+  // Merge the warps' states of each q head (per head set, over its row sets).
+  __syncthreads();
+  float* mo = reinterpret_cast<float*>(kv_s);  // [kWarps][kWarpHeads][D]
+#pragma unroll
+  for (int hh = 0; hh < kWarpHeads; ++hh) {
+#pragma unroll
+    for (int nv = 0; nv < L::kNV; ++nv) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        mo[(warp * kWarpHeads + hh) * D + (nv * 32 + lane) * kU + u] = acc[hh][nv * kU + u];
+      }
+    }
+    if (lane == 0) {
+      mrg_m[warp][hh] = m[hh];
+      mrg_l[warp][hh] = l[hh];
+    }
+  }
+  if (a.read_rows != nullptr) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      cnt_pool += __shfl_xor_sync(0xffffffffu, cnt_pool, off);
+      cnt_host += __shfl_xor_sync(0xffffffffu, cnt_host, off);
+    }
+    if (lane == 0 && (cnt_pool | cnt_host) != 0) {
+      atomicAdd(&cnt_s[0], static_cast<unsigned long long>(cnt_pool));
+      atomicAdd(&cnt_s[1], static_cast<unsigned long long>(cnt_host));
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < group * D; idx += kThreads) {
+    const int h = idx / D, dim = idx % D;
+    const int hs = h / hpw, hh = h % hpw;
+    float mm = -INFINITY;
+    for (int rs = 0; rs < rsets; ++rs) mm = MaxPropagateNan(mm, mrg_m[hs * rsets + rs][hh]);
+    float ll = 0.f, oo = 0.f;
+    if (mm != -INFINITY) {
+      for (int rs = 0; rs < rsets; ++rs) {
+        const int w = hs * rsets + rs;
+        const float cw = exp2f(mrg_m[w][hh] - mm);  // an empty warp (m = -inf): 0
+        ll += mrg_l[w][hh] * cw;
+        oo += mo[(w * kWarpHeads + hh) * D + dim] * cw;
+      }
+      oo /= ll;
+    }
+    const size_t qrow = static_cast<size_t>(s) * v.q_heads + g * group + h;
+    a.part_o[qrow * D + dim] = oo;
+    if (dim == 0) {
+      a.part_lse[qrow] = mm == -INFINITY ? -INFINITY : (mm + log2f(ll)) * 0.69314718055994531f;
+    }
+  }
+  if (tid == 0 && a.read_rows != nullptr && (cnt_s[0] | cnt_s[1]) != 0) {
+    atomicAdd(&a.read_rows[0], cnt_s[0]);
+    atomicAdd(&a.read_rows[1], cnt_s[1]);
+  }
+}
+
+// grid (ceil(C / 256), q_heads), 256 threads: thread j of q head h marks selected[h, j].
+__global__ void __launch_bounds__(256)
+    MarkSelectedKernel(const int32_t* __restrict__ selected, const int32_t* __restrict__ count,
+                       int group, int num_clusters, uint32_t* __restrict__ mask) {
+  const int h = blockIdx.y;
+  const int j = blockIdx.x * 256 + threadIdx.x;
+  if (j >= min(count[h], num_clusters)) return;
+  const int32_t c = selected[static_cast<size_t>(h) * num_clusters + j];
+  if (c < 0 || c >= num_clusters) return;
+  atomicOr(&mask[static_cast<size_t>(h / group) * num_clusters + c], 1u << (h % group));
+}
+
+// grid ceil(n / 8), 256 threads: one warp per update; kRowBytes = head_dim * sizeof(dtype).
+template <int kRowBytes>
+__global__ void __launch_bounds__(256)
+    FillPagesKernel(DirectRowsView v, const int32_t* __restrict__ updates, int n) {
+  constexpr int kPerLane = kDirectBlockRows * kRowBytes / 16 / 32;  // 16-byte loads of K
+  constexpr int kBatch = kPerLane < 8 ? kPerLane : 8;               // in flight (and of V)
+  const int i = blockIdx.x * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (i >= n) return;
+  const int32_t idx = updates[2 * i], page = updates[2 * i + 1];
+  if (idx < 0 || idx >= int64_t{v.kv_heads} * v.blocks_per_head || page < -1) return;
+  if (page < 0) {
+    if (lane == 0) v.block_page[idx] = -1;
+    return;
+  }
+  const int64_t g = idx / v.blocks_per_head, b = idx % v.blocks_per_head;
+  if (page >= v.pages || (b + 1) * kDirectBlockRows > v.rows) return;  // FillPagesHost refuses
+  constexpr size_t kPageBytes = size_t{kDirectBlockRows} * kRowBytes;
+  const uint4* sk = reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(v.store_k[g]) +
+                                                   b * kPageBytes);
+  const uint4* sv = reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(v.store_v[g]) +
+                                                   b * kPageBytes);
+  uint4* dk = reinterpret_cast<uint4*>(static_cast<unsigned char*>(v.pool_k) + page * kPageBytes);
+  uint4* dv = reinterpret_cast<uint4*>(static_cast<unsigned char*>(v.pool_v) + page * kPageBytes);
+#pragma unroll
+  for (int b0 = 0; b0 < kPerLane; b0 += kBatch) {
+    uint4 kr[kBatch], vr[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      kr[j] = __ldg(sk + (b0 + j) * 32 + lane);
+      vr[j] = __ldg(sv + (b0 + j) * 32 + lane);
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      dk[(b0 + j) * 32 + lane] = kr[j];
+      dv[(b0 + j) * 32 + lane] = vr[j];
+    }
+  }
+  if (lane == 0) v.block_page[idx] = page;
+}
+
+// Kernel for (T, D) by group size (if constexpr: no d = 256-only variant for other dims).
+template <typename T, int D>
+Err RunDirectAttend(const DirectArgs& a, dim3 grid, cudaStream_t st) {
+  const int group = a.v.q_heads / a.v.kv_heads;
+  if constexpr (D == 256) {
+    if (group <= kWarps * 2) {
+      DirectAttendKernel<T, D, 2><<<grid, kThreads, 0, st>>>(a);
+      return LastLaunchErr();
+    }
+  }
+  DirectAttendKernel<T, D, 4><<<grid, kThreads, 0, st>>>(a);
+  return LastLaunchErr();
+}
+
+}  // namespace
+
+Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_heads, int kv_heads,
+                       int num_clusters, uint32_t* mask, void* stream) {
+  if (num_clusters == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  if (Err e = CudaErr(cudaMemsetAsync(
+          mask, 0, static_cast<size_t>(kv_heads) * num_clusters * sizeof(uint32_t), st));
+      !e.ok()) {
+    return e;
+  }
+  const dim3 grid((num_clusters + 255) / 256, q_heads);
+  MarkSelectedKernel<<<grid, 256, 0, st>>>(selected, count, q_heads / kv_heads, num_clusters, mask);
+  return LastLaunchErr();
+}
+
+Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
+                       float* o, float* lse, int64_t* read_rows, float* workspace, void* stream) {
+  const cudaStream_t st = AsStream(stream);
+  const int splits = DirectSplits(v);
+  const size_t need = DirectWorkspaceFloats(v);
+  float* ws = workspace;
+  if (ws == nullptr) {
+    if (Err e = CudaErr(cudaMallocAsync(reinterpret_cast<void**>(&ws), need * sizeof(float), st));
+        !e.ok()) {
+      return e;
+    }
+  }
+  DirectArgs a{v,
+               mask,
+               q,
+               scale * 1.4426950408889634f,
+               ws,
+               ws + static_cast<size_t>(splits) * v.q_heads * v.head_dim,
+               reinterpret_cast<unsigned long long*>(read_rows)};
+  const dim3 grid(v.kv_heads, splits);
+  Err err = [&]() -> Err {
+    KVRT_DISPATCH_DTYPE(
+        v.dtype, T,
+        {KVRT_DISPATCH_HEAD_DIM(v.head_dim, D, { return RunDirectAttend<T, D>(a, grid, st); })})
+    return {};
+  }();
+  if (err.ok()) {
+    err = LaunchMergeStatesN(a.part_o, a.part_lse, splits, v.q_heads, v.head_dim, o, DType::kF32,
+                             lse, stream);
+  }
+  if (ws != workspace) {
+    const Err fe = CudaErr(cudaFreeAsync(ws, st));
+    if (err.ok()) err = fe;
+  }
+  return err;
+}
+
+Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream) {
+  if (n == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  const unsigned blocks = static_cast<unsigned>((n + 7) / 8);
+  switch (v.head_dim * static_cast<int>(DTypeSize(v.dtype))) {
+    case 128: FillPagesKernel<128><<<blocks, 256, 0, st>>>(v, updates, n); break;
+    case 256: FillPagesKernel<256><<<blocks, 256, 0, st>>>(v, updates, n); break;
+    case 512: FillPagesKernel<512><<<blocks, 256, 0, st>>>(v, updates, n); break;
+    case 1024: FillPagesKernel<1024><<<blocks, 256, 0, st>>>(v, updates, n); break;
+    default: return BadHeadDim();
+  }
+  return LastLaunchErr();
+}
+
+}  // namespace kvrt::gpu::detail
