@@ -6,7 +6,8 @@
 # resident cache as the peer of the same run. BENCH=hot (on the device) measures the cluster kind's
 # GPU hot cache instead of the before/after comparison (at 128K, B=1), BENCH=hot-scale at B=16 and
 # 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer, BENCH=prefill times kvrt_prefill
-# beside causal SDPA, BENCH=bytes the cluster kind's GPU bytes from 32K to 512K (BENCH takes a list); TESTS="" and
+# beside causal SDPA, BENCH=bytes the cluster kind's GPU bytes from 32K to 512K, BENCH=direct the
+# direct step against the CPU-ordered hot cache (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -60,6 +61,29 @@ if [[ "${1:-}" == "--device" ]]; then
       timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache 0.1
       echo "=== kvrt: flat 128K B=1 (the same data; the accuracy peer at top-k 100)"
       timeout 150 $b/kvrt $args --index flat --cold 131072 --batch 1
+    elif [[ "$bench" == direct ]]; then
+      # The direct step (cluster_direct_step) against the CPU-ordered hot cache, trace-like keys:
+      # latency without accuracy capture, then accuracy; B=16 and 1M with the direct step.
+      for ds in 0 1; do
+        echo "=== kvrt: cluster 128K B=1, hot cache 0.1, direct step $ds (latency)"
+        timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache 0.1 \
+          --direct-step $ds --accuracy-steps 0
+      done
+      echo "=== kvrt: cluster 128K B=1, hot cache 0.2, direct step 1 (latency)"
+      timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache 0.2 \
+        --direct-step 1 --accuracy-steps 0
+      echo "=== kvrt: cluster 128K B=1, hot cache 0.1, direct step 1, with accuracy"
+      timeout 150 $b/kvrt $args --index cluster --cold 131072 --batch 1 --hot-cache 0.1 --direct-step 1
+      echo "=== kvrt: cluster 128K B=16 (kvrt_attend_batch), direct step 0 and 1"
+      for ds in 0 1; do
+        timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 16 --attend batch \
+          --hot-cache 0.1 --direct-step $ds --accuracy-steps 0
+      done
+      if [[ -n "${DIRECT_1M:-1}" ]]; then
+        echo "=== kvrt: cluster 1M B=1, hot cache 0.1, direct step 1"
+        timeout 300 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --hot-cache 0.1 \
+          --direct-step 1 --accuracy-steps 0
+      fi
     elif [[ "$bench" == hot-scale ]]; then
       for hc in 0 0.1; do
         echo "=== kvrt: cluster 128K B=16 (kvrt_attend_batch), hot cache $hc"

@@ -46,6 +46,11 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "config.cluster_budget_fraction: cold tokens the cluster kind attends per q "
                   "head and step, as a fraction of the clustered ones (default: the library's)")
       ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--direct-step", s->direct_step,
+                  "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
+                  "the GPU (hot cache, else the host store over PCIe), 0 = the CPU orders the "
+                  "step (default: the library's)")
+      ->check(CLI::Range(0, 1));
 }
 
 absl::Status CheckDecodeSettings(const DecodeSettings& s) {
@@ -86,6 +91,7 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   c.cold_attention = mode;
   if (s.hot_cache >= 0) c.hot_cache_fraction = static_cast<float>(s.hot_cache);
   if (s.cluster_budget > 0) c.cluster_budget_fraction = static_cast<float>(s.cluster_budget);
+  if (s.direct_step >= 0) c.cluster_direct_step = s.direct_step;
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;

@@ -17,12 +17,13 @@ struct DecodeSettings {
   double max_seconds = 20;    // measured time per run, at least 5 steps
   double hot_cache = -1;      // config.hot_cache_fraction; < 0: the library's default
   double cluster_budget = 0;  // config.cluster_budget_fraction; 0: the library's default
+  int direct_step = -1;       // config.cluster_direct_step; < 0: the library's default
   std::string memory = "device";
   bool device() const { return memory == "device" && use_gpu != 0; }
 };
 
 // --layers --steps --warmup --max-seconds --sinks --window --top-k --effort --threads --gpu
-// --memory --group-search --hot-cache --cluster-budget, with the settings' current values as
+// --memory --group-search --hot-cache --cluster-budget --direct-step, with the settings' current values as
 // defaults.
 void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* settings);
 absl::Status CheckDecodeSettings(const DecodeSettings& settings);

@@ -51,6 +51,8 @@ struct Row {
   double fetch_share = 0;            // share of layer attends run in fetch mode
   // GPU hot cache, per attend: row groups found in it / copied into it, MB copied.
   double hot_hits = 0, hot_misses = 0, hot_h2d_mb = 0, hot_cpu_us = 0;
+  // The direct step: share of attends that ran it, MB read over PCIe per attend.
+  double direct_share = 0, direct_host_mb = 0;
   bool batched = false;  // kvrt_attend_batch for the B sequences
   double setup_s = 0;
   double prefill_ms = 0;        // mean kvrt_prefill of one (sequence, layer); device pointers with
@@ -117,6 +119,8 @@ bool RunOne(const BenchDecodeArgs& a, const BenchData& data, kvrt_index_kind kin
     row->hot_misses = (s1.hot_misses - s0.hot_misses) / attends;
     row->hot_h2d_mb = (s1.hot_h2d_bytes - s0.hot_h2d_bytes) / attends / 1e6;
     row->hot_cpu_us = per(s1.time_hot_cache_ns, s0.time_hot_cache_ns);
+    row->direct_share = (s1.attends_direct - s0.attends_direct) / attends;
+    row->direct_host_mb = (s1.direct_host_bytes - s0.direct_host_bytes) / attends / 1e6;
   }
   auto accuracy = ScoreCapturedSteps(data, res->captured, a.run.top_k);
   if (!accuracy.ok()) {
@@ -228,7 +232,13 @@ int Run(BenchDecodeArgs a) {
                 r.samples, r.p50, r.p99, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge,
                 r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share,
                 r.retrieved, acc.recall, acc.mass, acc.error_mean, acc.error_p99);
-            if (r.hot_hits + r.hot_misses > 0)
+            if (r.direct_share > 0)
+              std::printf(
+                  "%-16s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
+                  "%.1f filled (%.3f MB), %.3f MB read from the host store, CPU %.1f us\n",
+                  "", 100 * r.direct_share, r.hot_hits, r.hot_misses, r.hot_h2d_mb,
+                  r.direct_host_mb, r.hot_cpu_us);
+            else if (r.hot_hits + r.hot_misses > 0)
               std::printf(
                   "%-16s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB), CPU %.1f "
                   "us of the search\n",

@@ -70,7 +70,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 2
+#define KVRT_VERSION_PATCH 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -236,6 +236,16 @@ typedef struct kvrt_config {
                                  visible device count: KVRT_ERR_INVALID_ARGUMENT with use_gpu = 1,
                                  the host backend with -1. kvrt_runtime_config reports the ordinal
                                  in effect [-1]. Since 0.3.1. */
+  int32_t cluster_direct_step; /* GPU backend, KVRT_INDEX_CLUSTER with hot_cache_fraction > 0: 1 =
+                                  the direct step: the clusters the GPU selects are attended on
+                                  the GPU too, each row read from the hot cache or, when it is
+                                  not there, straight from the host store over PCIe (the store is
+                                  registered as mapped host memory), so that a decode step never
+                                  waits for the CPU; which 8-row blocks the cache holds follows
+                                  the previous step's selection (CLOCK). 0 = the CPU orders the
+                                  step (looks the selection up, gathers the misses, copies them).
+                                  Falls back to 0 for a layer whose store cannot be registered
+                                  or whose cache does not fit gpu_memory_limit [1]. Since 0.3.3. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets
@@ -461,6 +471,12 @@ typedef struct kvrt_stats {
   int64_t time_segment_build_ns; /* wall time of those builds (GPU k-means and the layout of its
                                     result; the copy to the host store and the index after it
                                     are not included), so far */
+  /* The direct step (config.cluster_direct_step). Since 0.3.3. hot_hits / hot_misses then count
+   * 8-row blocks of the store (used from the cache / given a page), hot_h2d_bytes the bytes
+   * filled into the cache. */
+  int64_t attends_direct;    /* layer attends that ran the direct step, so far */
+  int64_t direct_host_bytes; /* bytes of K and V the direct step read straight from the host store
+                                over PCIe (rows not in the cache), so far; counted one step late */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

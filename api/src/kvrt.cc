@@ -131,6 +131,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.hot_cache_fraction = c.hot_cache_fraction;
   r.index.cluster.budget_fraction = c.cluster_budget_fraction;
   r.cuda_device = c.cuda_device;
+  r.direct_step = c.cluster_direct_step != 0;
   return r;
 }
 
@@ -142,9 +143,16 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
 constexpr std::size_t kConfigSize030 =
     (offsetof(kvrt_config, cold_attention) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
     alignof(kvrt_config) * alignof(kvrt_config);
-constexpr std::size_t kConfigSizes[] = {kConfigSize030, sizeof(kvrt_config)};
+// 0.3.1 and 0.3.2 ended at cuda_device (cluster_direct_step, 0.3.3, follows it: the prefix read
+// from such a caller stops before it, whatever padding the size includes).
+constexpr std::size_t kConfigSize031 =
+    (offsetof(kvrt_config, cuda_device) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+    alignof(kvrt_config) * alignof(kvrt_config);
+constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, sizeof(kvrt_config)};
+static_assert(kConfigSize031 < sizeof(kvrt_config), "0.3.3's field must change the size");
 constexpr std::size_t kStatsSizes[] = {
-    offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu), sizeof(kvrt_stats)};
+    offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
+    offsetof(kvrt_stats, attends_direct), sizeof(kvrt_stats)};
 
 template <std::size_t N>
 bool KnownSize(const std::size_t (&sizes)[N], std::size_t size) {
@@ -196,6 +204,7 @@ kvrt_config Defaults() {
   c.hot_cache_fraction = 0.1f;
   c.cluster_budget_fraction = 0.02f;
   c.cuda_device = -1;
+  c.cluster_direct_step = 1;
   return c;
 }
 
@@ -205,7 +214,10 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
   const std::size_t size = StructSize(in);
   if (!KnownSize(kConfigSizes, size)) return BadSize(fn, "kvrt_config", size);
   *out = Defaults();
-  std::memcpy(out, in, size == kConfigSize030 ? offsetof(kvrt_config, hot_cache_fraction) : size);
+  const std::size_t prefix = size == kConfigSize030   ? offsetof(kvrt_config, hot_cache_fraction)
+                             : size == kConfigSize031 ? offsetof(kvrt_config, cluster_direct_step)
+                                                      : size;
+  std::memcpy(out, in, prefix);
   out->struct_size = sizeof(kvrt_config);
   return KVRT_OK;
 }

@@ -289,15 +289,21 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     __syncthreads();
     const uint32_t prefix = s_prefix, mask = s_mask;
-    for (int j = t; j < c_n; j += kSelectThreads) {
-      const int n = size[j];
-      if (n <= 0) continue;
-      const float dj = dens[j];
+    // NOTE: the loop runs whole warps (j past c_n counts nothing) so that lanes of one bin
+    // combine their tokens before one atomic: densities share their top bits, and 8K atomics
+    // on one shared bin serialise (the first passes put nearly every cluster in a bin or two).
+    for (int j0 = t - (t & 31); j0 < c_n; j0 += kSelectThreads) {
+      const int j = j0 + (t & 31);
+      const int n = j < c_n ? size[j] : 0;
+      const float dj = n > 0 ? dens[j] : 0.f;
       const uint32_t u = OrderedKey(dj);
-      if ((u & mask) != prefix) continue;
-      const int bin = (u >> shift) & 255;
-      atomicAdd(&hist_tok[bin], static_cast<unsigned long long>(n));
-      if (use_p) atomicAdd(&hist_mass[bin], __expf(dj + logf(static_cast<float>(n)) - M));
+      const bool in = n > 0 && (u & mask) == prefix;
+      const int bin = in ? static_cast<int>((u >> shift) & 255) : -1;
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      const unsigned tok = __reduce_add_sync(peers, in ? static_cast<unsigned>(n) : 0u);
+      if (in && (t & 31) == __ffs(peers) - 1)
+        atomicAdd(&hist_tok[bin], static_cast<unsigned long long>(tok));
+      if (in && use_p) atomicAdd(&hist_mass[bin], __expf(dj + logf(static_cast<float>(n)) - M));
     }
     __syncthreads();
     if (t < 32) {  // lane l: bins 255 - 8l down to 248 - 8l
@@ -353,38 +359,60 @@ __global__ void __launch_bounds__(kSelectThreads)
   const long long above_tok = s_above_tok;
   const float above_mass = s_above_mass;
 
-  // (c) compaction in index order; ties at kt in index order while the criterion is unmet.
+  // (c) compaction in index order; ties at kt in index order while the criterion is unmet. Each
+  // thread takes kItems consecutive clusters (a blocked arrangement keeps index order), so a
+  // pass of the block's scans covers kItems * 512 clusters.
+  constexpr int kItems = 4;
   long long carry_tok = 0, sel_tok = 0;
   float carry_mass = 0.f;
   int carry_count = 0;
   int32_t* selected = out.selected + static_cast<size_t>(qh) * c_n;
-  for (int base = 0; base < c_n; base += kSelectThreads) {
-    const int j = base + t;
-    const int n = j < c_n ? size[j] : 0;
-    const bool valid = n > 0;
-    const uint32_t u = valid ? OrderedKey(dens[j]) : 0u;
-    const bool gt = valid && (all || u > kt);
-    const bool eq = valid && !all && u == kt;
-    long long tie_t, agg_t;
-    ScanLL(tmp.ll).ExclusiveSum(eq ? static_cast<long long>(n) : 0LL, tie_t, agg_t);
+  for (int base = 0; base < c_n; base += kSelectThreads * kItems) {
+    int n[kItems];
+    bool gt[kItems], eq[kItems];
+    long long tie_in[kItems], tie_t[kItems], agg_t;
+    float mass_in[kItems], tie_m[kItems], agg_m = 0.f;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int j = base + t * kItems + i;
+      n[i] = j < c_n ? size[j] : 0;
+      const bool valid = n[i] > 0;
+      const uint32_t u = valid ? OrderedKey(dens[j]) : 0u;
+      gt[i] = valid && (all || u > kt);
+      eq[i] = valid && !all && u == kt;
+      tie_in[i] = eq[i] ? static_cast<long long>(n[i]) : 0LL;
+      mass_in[i] = 0.f;
+      tie_m[i] = 0.f;
+    }
+    ScanLL(tmp.ll).ExclusiveSum(tie_in, tie_t, agg_t);
     __syncthreads();
-    float tie_m = 0.f, agg_m = 0.f;
     if (use_p) {
-      const float mj = eq ? __expf(dens[j] + logf(static_cast<float>(n)) - M) : 0.f;
-      ScanF(tmp.f).ExclusiveSum(mj, tie_m, agg_m);
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int j = base + t * kItems + i;
+        mass_in[i] = eq[i] ? __expf(dens[j] + logf(static_cast<float>(n[i])) - M) : 0.f;
+      }
+      ScanF(tmp.f).ExclusiveSum(mass_in, tie_m, agg_m);
       __syncthreads();
     }
-    const long long before_t = above_tok + carry_tok + tie_t;
-    const float before_m = above_mass + carry_mass + tie_m;
-    const bool sel = gt || (eq && !(before_t >= budget || (use_p && before_m >= target_mass)));
-    int pos, agg_c;
-    ScanI(tmp.i).ExclusiveSum(sel ? 1 : 0, pos, agg_c);
+    int sel_in[kItems], pos[kItems], agg_c;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const long long before_t = above_tok + carry_tok + tie_t[i];
+      const float before_m = above_mass + carry_mass + tie_m[i];
+      sel_in[i] = gt[i] || (eq[i] && !(before_t >= budget || (use_p && before_m >= target_mass)));
+    }
+    ScanI(tmp.i).ExclusiveSum(sel_in, pos, agg_c);
     __syncthreads();
-    if (sel) selected[carry_count + pos] = j;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (!sel_in[i]) continue;
+      selected[carry_count + pos[i]] = base + t * kItems + i;
+      sel_tok += n[i];
+    }
     carry_tok += agg_t;
     carry_mass += agg_m;
     carry_count += agg_c;
-    sel_tok += sel ? n : 0;
   }
   const long long tokens = RedLL(tmp.rll).Sum(sel_tok);
   if (t == 0) {

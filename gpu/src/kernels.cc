@@ -263,6 +263,17 @@ absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, vo
 #endif
 }
 
+absl::Status ConvertRowsToF32(const void* in, DType t, int64_t n, float* out, void* stream) {
+  if (n < 0) return absl::InvalidArgumentError("ConvertRowsToF32: n < 0");
+  if (n > 0 && (in == nullptr || out == nullptr))
+    return absl::InvalidArgumentError("ConvertRowsToF32: null pointer");
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchConvertToF32(in, t, n, out, stream), "ConvertRowsToF32");
+#else
+  return NoCuda("ConvertRowsToF32");
+#endif
+}
+
 absl::Status ExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream) {
   if (auto s = CheckTopK(pr); !s.ok()) return s;
 #if KVRT_WITH_CUDA

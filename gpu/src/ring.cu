@@ -84,6 +84,13 @@ __global__ void ExpandRowRunsKernel(const int32_t* __restrict__ runs, int64_t n_
   }
 }
 
+template <typename T>
+__global__ void ConvertKernel(const T* __restrict__ in, int64_t n, float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = ToF32(in[i]);
+}
+
 int Blocks(int64_t words) {
   const int64_t b = (words + 255) / 256;
   return static_cast<int>(b < 4096 ? (b > 0 ? b : 1) : 4096);
@@ -133,6 +140,26 @@ Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* d
 Err LaunchExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream) {
   if (n_runs == 0) return {};
   ExpandRowRunsKernel<<<Blocks(n_runs * 32), 256, 0, AsStream(stream)>>>(runs, n_runs, ids);
+  return LastLaunchErr();
+}
+
+Err LaunchConvertToF32(const void* in, DType t, int64_t n, float* out, void* stream) {
+  if (n == 0) return {};
+  const int blocks = Blocks(n);
+  switch (t) {
+    case DType::kF32:
+      ConvertKernel<<<blocks, 256, 0, AsStream(stream)>>>(static_cast<const float*>(in), n, out);
+      break;
+    case DType::kF16:
+      ConvertKernel<<<blocks, 256, 0, AsStream(stream)>>>(static_cast<const __half*>(in), n, out);
+      break;
+    case DType::kBF16:
+      ConvertKernel<<<blocks, 256, 0, AsStream(stream)>>>(static_cast<const __nv_bfloat16*>(in), n,
+                                                          out);
+      break;
+    default:
+      return {0, "unsupported dtype"};
+  }
   return LastLaunchErr();
 }
 

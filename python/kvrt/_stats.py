@@ -44,6 +44,8 @@ class Stats:
     time_hot_cache_ns: int = 0
     segments_built_gpu: int = 0
     time_segment_build_ns: int = 0
+    attends_direct: int = 0
+    direct_host_bytes: int = 0
 
     @property
     def scanned_fraction(self) -> float:

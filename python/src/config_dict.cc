@@ -132,6 +132,8 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.group_search = ToI32(k, value);
     else if (k == "cuda_device")
       c.cuda_device = ToI32(k, value);
+    else if (k == "cluster_direct_step")
+      c.cluster_direct_step = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction") {
@@ -174,6 +176,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["hot_cache_fraction"] = ShortFloat(c.hot_cache_fraction);
   d["cluster_budget_fraction"] = ShortFloat(c.cluster_budget_fraction);
   d["cuda_device"] = c.cuda_device;
+  d["cluster_direct_step"] = c.cluster_direct_step;
   return d;
 }
 
@@ -213,6 +216,8 @@ nb::dict StatsToDict(const kvrt_stats& s) {
   KVRT_PY_STAT(time_hot_cache_ns);
   KVRT_PY_STAT(segments_built_gpu);
   KVRT_PY_STAT(time_segment_build_ns);
+  KVRT_PY_STAT(attends_direct);
+  KVRT_PY_STAT(direct_host_bytes);
 #undef KVRT_PY_STAT
   return d;
 }

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "clock.h"
 #include "device_hot_cache.h"
+#include "direct_step.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_gpu/cluster_kernels.h"
@@ -151,6 +152,7 @@ class DeviceStep : public TierStep {
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
   }
   float* q_mut() { return q_.data(); }
+  void set_fetch_q(std::function<void(float*)> f) { fetch_q_ = std::move(f); }
   float* o(int slot, int i) { return o_states + slot * state_floats + i * q_floats_; }
   float* lse(int slot, int i) { return lse_states + slot * rows + i * (rows / n_); }
 
@@ -167,6 +169,48 @@ class DeviceStep : public TierStep {
   std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
   std::vector<uint8_t> hot;        // [n] member's hot-cache state is in its device slot
   std::vector<DeviceTier*> tiers;
+  // A device q on its way to the host (TierStep::q fetches it when the CPU first needs it).
+  transfer::PinnedBlock q_pinned;
+  transfer::Event q_ready;
+  // A batch's members select on streams of their own (MemberStream), forked here after the tier.
+  transfer::Event forked;
+};
+
+// The stream member i of a batch step selects on: for a batch, a runtime stream that waits for
+// the step's fork and that the step's stream waits for at the end of the scope, so that the
+// members' kernels (each a few dozen CTAs) run side by side; for one sequence, the step's own.
+class MemberStream {
+ public:
+  MemberStream(GpuContext* ctx, DeviceStep* step) : ctx_(ctx), step_(step) {
+    stream_ = step->lease.get();
+    if (step->size() == 1 || step->forked.empty()) return;
+    auto s = ctx->AcquireStream();
+    if (!s.ok() || !transfer::StreamWaitEvent(*s, step->forked).ok()) {
+      if (s.ok()) ctx->ReleaseStream(*s);
+      return;
+    }
+    stream_ = *s;
+    owned_ = true;
+  }
+  ~MemberStream() {
+    if (!owned_) return;
+    // NOTE: errors here are sticky CUDA errors that the step's next call reports.
+    auto joined = transfer::Event::Create(false);
+    if (joined.ok() && joined->Record(stream_).ok())
+      (void)transfer::StreamWaitEvent(step_->lease.get(), *joined);
+    else
+      (void)transfer::StreamSynchronize(stream_);
+    ctx_->ReleaseStream(stream_);
+  }
+  MemberStream(const MemberStream&) = delete;
+  MemberStream& operator=(const MemberStream&) = delete;
+  void* get() const { return stream_; }
+
+ private:
+  GpuContext* ctx_;
+  DeviceStep* step_;
+  void* stream_ = nullptr;
+  bool owned_ = false;
 };
 
 class DeviceTier final : public TierBackend {
@@ -174,7 +218,11 @@ class DeviceTier final : public TierBackend {
 
  public:
   DeviceTier(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* ctx)
-      : cfg_(config), counters_(counters), ctx_(ctx), hot_(config, counters, ctx) {}
+      : cfg_(config),
+        counters_(counters),
+        ctx_(ctx),
+        hot_(config, counters, ctx),
+        direct_(config, counters, ctx) {}
   ~DeviceTier() override { Release(); }
 
   absl::Status Append(const AppendPlan& plan, const void* k, const void* v, const Exec& exec,
@@ -183,6 +231,19 @@ class DeviceTier final : public TierBackend {
   int64_t pending_rows() const override { return evictions_.pending_rows() + prompt_.rows; }
   int64_t pending_prompt_rows() const override { return prompt_.rows; }
   absl::Status SettlePrompt(ColdTier* cold) override;
+  void PrepareDecode(const ColdTier& cold) override {
+    transfer::ScopedDevice on_device(cfg_->call_device());
+    StreamLease lease(ctx_, Exec{});
+    if (!lease.status().ok()) return;
+    // The stream's uploads (page table) must be complete before a step on another stream reads.
+    if (direct_.Prepare(cold, lease.get())) (void)transfer::StreamSynchronize(lease.get());
+  }
+  void BeforeStoreMoves() override {
+    if (!direct_.registered()) return;
+    transfer::ScopedDevice on_device(cfg_->call_device());
+    if (used_) (void)last_use_.Synchronize();  // a direct step may still read the stores
+    direct_.DropRegistrations();
+  }
   void AcquirePromptSlot() override { ctx_->AcquirePromptSlot(); }
   void ReleasePromptSlot() override { ctx_->ReleasePromptSlot(); }
   absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
@@ -225,6 +286,7 @@ class DeviceTier final : public TierBackend {
     counters_->summary_gpu_bytes -= static_cast<int64_t>(summary_.size());
     summary_.Reset();
     hot_.Release();
+    direct_.Release();
   }
 
  private:
@@ -247,7 +309,7 @@ class DeviceTier final : public TierBackend {
       std::vector<std::vector<int64_t>>* order);
   absl::Status SyncSummary(const ColdTier& cold, void* stream);
   absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
-                         const int32_t* count, int64_t C, ColdSelection* sel,
+                         const int32_t* count, int64_t C, void* stream, ColdSelection* sel,
                          tbb::task_arena& arena);
   void CollectTiming();
 
@@ -284,6 +346,7 @@ class DeviceTier final : public TierBackend {
   int64_t summary_version_ = -1;
   gpu::ClusterSummaryView summary_view_;
   DeviceHotCache hot_;
+  DirectStep direct_;
 };
 
 absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
@@ -704,14 +767,12 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   step->out_dev = step->lse_states + kSlots * step->rows;
 
   // q for the GPU (device) and for the CPU (host f32).
-  transfer::PinnedBlock q_pinned;
-  transfer::Event q_ready;
   step->q_dev = q_in;
   if (exec.device) {
-    KVRT_ASSIGN_OR_RETURN(q_pinned, ctx_->pinned().Acquire(qbytes));
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(q_pinned.data(), q_in, qbytes, stream));
-    KVRT_ASSIGN_OR_RETURN(q_ready, transfer::Event::Create(false));
-    KVRT_RETURN_IF_ERROR(q_ready.Record(stream));
+    KVRT_ASSIGN_OR_RETURN(step->q_pinned, ctx_->pinned().Acquire(qbytes));
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->q_pinned.data(), q_in, qbytes, stream));
+    KVRT_ASSIGN_OR_RETURN(step->q_ready, transfer::Event::Create(false));
+    KVRT_RETURN_IF_ERROR(step->q_ready.Record(stream));
   } else {
     void* qd = scratch + arrays_at + arrays_bytes;
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(qd, q_in, qbytes, stream));
@@ -743,15 +804,23 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   KVRT_RETURN_IF_ERROR(gpu::TierAttention(tier, step->q_dev, params, step->o(kTierSlot, 0),
                                           step->lse(kTierSlot, 0), nullptr, stream));
   KVRT_RETURN_IF_ERROR(ev_tier_.Record(stream));
+  if (n > 1) {
+    KVRT_ASSIGN_OR_RETURN(step->forked, transfer::Event::Create(false));
+    KVRT_RETURN_IF_ERROR(step->forked.Record(stream));
+  }
 
-  const int64_t t0 = NowNs();
   if (exec.device) {
-    KVRT_RETURN_IF_ERROR(q_ready.Synchronize());
-    ConvertToF32(q_pinned.data(), cfg_->dtype, of, step->q_mut());
+    DeviceStep* s = step.get();
+    s->set_fetch_q([s, dtype = cfg_->dtype, of, counters = counters_](float* q) {
+      const int64_t t0 = NowNs();
+      // NOTE: a failed wait leaves q as zeros; the step's own launches report the CUDA error.
+      (void)s->q_ready.Synchronize();
+      ConvertToF32(s->q_pinned.data(), dtype, of, q);
+      counters->time_d2h_ns += NowNs() - t0;
+    });
   } else {
     ConvertToF32(q_in, cfg_->dtype, of, step->q_mut());
   }
-  counters_->time_d2h_ns += NowNs() - t0;
   return std::unique_ptr<TierStep>(std::move(step));
 }
 
@@ -886,10 +955,11 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
 absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& cold,
                                         ColdSelection* sel, tbb::task_arena& arena) {
   auto* step = static_cast<DeviceStep*>(base);
-  void* stream = step->lease.get();
+  const int64_t t0 = NowNs();
+  MemberStream member(ctx_, step);
+  void* stream = member.get();
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const int group = H / cfg_->num_kv_heads;
-  const int64_t t0 = NowNs();
   KVRT_RETURN_IF_ERROR(SyncSummary(cold, stream));
   const int64_t C = summary_view_.num_clusters, O = summary_view_.num_outliers;
   const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
@@ -927,8 +997,17 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     ~FreeOnExit() { (void)transfer::FreeAsync(p, s); }
   } free_scratch{scratch, stream};
   auto* dev = static_cast<unsigned char*>(scratch);
-  KVRT_RETURN_IF_ERROR(
-      transfer::MemcpyAsync(dev + q_at, step->q(i), static_cast<std::size_t>(H) * d * 4, stream));
+  const bool direct = direct_.Prepare(cold, stream);
+  if (direct && step->exec.device) {
+    // q stays on the device: the step does not wait for its copy to the host.
+    const std::size_t qb = static_cast<std::size_t>(H) * d * DTypeSize(cfg_->dtype);
+    KVRT_RETURN_IF_ERROR(gpu::ConvertRowsToF32(static_cast<const unsigned char*>(step->q_dev) + i * qb,
+                                               cfg_->dtype, static_cast<int64_t>(H) * d,
+                                               reinterpret_cast<float*>(dev + q_at), stream));
+  } else {
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(dev + q_at, step->q(i),
+                                               static_cast<std::size_t>(H) * d * 4, stream));
+  }
   gpu::ClusterStepOutputs outs;
   outs.density = reinterpret_cast<float*>(dev + density_at);
   outs.outlier_score = O > 0 ? reinterpret_cast<float*>(dev + outlier_at) : nullptr;
@@ -939,6 +1018,19 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.est_lse = step->lse(kEstimateSlot, i);
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
                                         params, outs, nullptr, stream));
+  step->estimated[i] = params.estimate ? 1 : 0;
+  sel->estimate_on_device = params.estimate;
+  if (direct) {
+    KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
+                                        static_cast<int>(C), reinterpret_cast<float*>(dev + q_at),
+                                        step->o(kHotSlot, i), step->lse(kHotSlot, i), stream,
+                                        arena, sel));
+    step->hot[i] = 1;
+    const int64_t per_head_ns = (NowNs() - t0) / H;
+    for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
+    counters_->attends_gpu_select += 1;
+    return absl::OkStatus();
+  }
   // The selection comes back (counts, then the selected clusters): the CPU maps it to rows.
   const std::size_t back = count_at + H * 4 - selected_at;
   KVRT_ASSIGN_OR_RETURN(transfer::PinnedBlock host, ctx_->pinned().Acquire(back));
@@ -948,10 +1040,8 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   KVRT_RETURN_IF_ERROR(copied.Synchronize());
   const auto* selected = static_cast<const int32_t*>(host.data());
   const int32_t* count = selected + static_cast<std::size_t>(H) * C;
-  step->estimated[i] = params.estimate ? 1 : 0;
-  sel->estimate_on_device = params.estimate;
   if (hot_.Fit(cold.rows(), stream)) {
-    KVRT_RETURN_IF_ERROR(AttendHot(step, i, cold, selected, count, C, sel, arena));
+    KVRT_RETURN_IF_ERROR(AttendHot(step, i, cold, selected, count, C, stream, sel, arena));
     const int64_t per_head_ns = (NowNs() - t0) / H;
     for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
   } else {
@@ -979,7 +1069,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
 // the hot cache into member i's hot slot; what does not fit stays in sel->rows for the CPU.
 absl::Status DeviceTier::AttendHot(DeviceStep* step, int i, const ColdTier& cold,
                                    const int32_t* selected, const int32_t* count, int64_t C,
-                                   ColdSelection* sel, tbb::task_arena& arena) {
+                                   void* stream, ColdSelection* sel, tbb::task_arena& arena) {
   const int H = cfg_->num_q_heads, G = cfg_->num_kv_heads, group = H / G;
   // Unclustered rows go up in chunks of this many (stable until the index covers them).
   constexpr int32_t kChunkRows = 4 * DeviceHotCache::kPageRows;
@@ -1019,7 +1109,7 @@ absl::Status DeviceTier::AttendHot(DeviceStep* step, int i, const ColdTier& cold
                       static_cast<std::size_t>(i) * H * cfg_->head_dim * DTypeSize(cfg_->dtype);
   HotCacheStep hs;
   KVRT_RETURN_IF_ERROR(hot_.Attend(groups, cold, q_dev, cfg_->dtype == DType::kF32,
-                                   step->o(kHotSlot, i), step->lse(kHotSlot, i), step->lease.get(),
+                                   step->o(kHotSlot, i), step->lse(kHotSlot, i), stream,
                                    arena, cfg_->record_attended, &hs));
   step->hot[i] = hs.on_device ? 1 : 0;
   for (int h = 0; h < H; ++h)

@@ -17,7 +17,10 @@ LayerState::LayerState(const RuntimeConfig* config, Runtime::Counters* counters,
     : cfg_(config),
       counters_(counters),
       tier_(gpu != nullptr ? MakeDeviceTier(config, counters, gpu) : MakeHostTier(config)),
-      cold_(config, counters, config->sink_tokens) {}
+      cold_(config, counters, config->sink_tokens) {
+  // The backend may read the stores in place (the direct step): it must see them move first.
+  cold_.SetStoreGuard([tier = tier_.get()] { tier->BeforeStoreMoves(); });
+}
 
 LayerState::~LayerState() = default;
 
@@ -131,6 +134,7 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
     cold_.LaunchBackground(arena, [this, &arena, slot]() mutable {
       const absl::Status st = tier_->SettlePrompt(&cold_);
       if (st.ok()) cold_.RefreshIndexes(arena, /*background=*/false);
+      if (st.ok()) tier_->PrepareDecode(cold_);
       // NOTE: the slot goes back here, while this layer surely exists (a waiter proceeds only
       // after the job returns), not when the job object is destroyed.
       slot.reset();
@@ -142,6 +146,7 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   arena.execute([&] { BuildSegmentsOnGpu(k, v, exec); });  // its per-head work: in the arena
   // The prompt's index is built now, on every backend: the first decode step searches it.
   cold_.RefreshIndexes(arena, /*background=*/false);
+  tier_->PrepareDecode(cold_);
   return absl::OkStatus();
 }
 

@@ -4,7 +4,9 @@
 // memory and moves tokens that leave the window through the eviction pipeline (transfer/).
 // LayerState (layer_state.h) drives either without knowing which.
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -46,13 +48,22 @@ class TierStep {
  public:
   virtual ~TierStep() = default;
   int size() const { return n_; }
-  // q of member i as f32 [q_heads, d] in host memory, for the cold tier.
-  const float* q(int i) const { return q_.data() + static_cast<std::size_t>(i) * q_floats_; }
+  // q of member i as f32 [q_heads, d] in host memory, for the cold tier. Brought to the host at
+  // the first call (a device q: one wait), so that a step whose cold tier runs on the device does
+  // not wait for it. Members may call it concurrently.
+  const float* q(int i) const {
+    std::call_once(q_once_, [this] {
+      if (fetch_q_) fetch_q_(q_.data());
+    });
+    return q_.data() + static_cast<std::size_t>(i) * q_floats_;
+  }
 
  protected:
   int n_ = 0;
   std::size_t q_floats_ = 0;
-  std::vector<float> q_;
+  mutable std::vector<float> q_;
+  std::function<void(float*)> fetch_q_;  // fills q_ (null: filled already)
+  mutable std::once_flag q_once_;
 };
 
 class TierBackend {
@@ -75,6 +86,13 @@ class TierBackend {
     (void)cold;
     return absl::OkStatus();
   }
+  // After a prefill filled the cold tier: what the first decode step would otherwise set up
+  // (the direct step's registration of the stores and its pool), so that it is not on the
+  // critical path. Failures are left for that step to meet.
+  virtual void PrepareDecode(const ColdTier& cold) { (void)cold; }
+  // The cold tier's stores are about to move or permute (ColdTier::SetStoreGuard); may run on
+  // a background thread.
+  virtual void BeforeStoreMoves() {}
   virtual void AcquirePromptSlot() {}
   virtual void ReleasePromptSlot() {}
   // Copies rows[i] of a call's tensor (row_bytes each; device memory when exec.device) to row i

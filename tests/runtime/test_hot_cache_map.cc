@@ -4,6 +4,7 @@
 #include <set>
 
 #include "gtest/gtest.h"
+#include "runtime/src/block_page_cache.h"
 #include "runtime/src/hot_cache_map.h"
 
 namespace kvrt::runtime {
@@ -70,6 +71,78 @@ TEST(HotCacheMap, AGroupThatGrewOrIsUnstableIsDropped) {
   EXPECT_EQ(map.groups(), 1);
   EXPECT_EQ(map.free_pages(), 7);
   EXPECT_NE(map.Find({0, 0, 16, true}), nullptr);
+}
+
+}  // namespace
+}  // namespace kvrt::runtime
+
+// The direct step's block table (runtime/src/block_page_cache.h): CLOCK per kv head.
+namespace kvrt::runtime {
+namespace {
+
+TEST(BlockPageCache, MissesGetPagesAndHitNextStep) {
+  BlockPageCache c(2, 4);
+  c.NextStep();
+  EXPECT_FALSE(c.Use(0, 10, true));
+  EXPECT_FALSE(c.Use(1, 10, true));
+  EXPECT_FALSE(c.Use(0, 11, false)) << "not admitted";
+  EXPECT_EQ(c.page(0, 11), -1);
+  const int32_t p0 = c.page(0, 10), p1 = c.page(1, 10);
+  EXPECT_GE(p0, 0);
+  EXPECT_LT(p0, 4) << "head 0 owns pages [0, 4)";
+  EXPECT_GE(p1, 4);
+  EXPECT_LT(p1, 8) << "head 1 owns pages [4, 8)";
+  const auto ups = c.TakeUpdates();
+  ASSERT_EQ(ups.size(), 2u);
+  EXPECT_TRUE(c.TakeUpdates().empty());
+  c.NextStep();
+  EXPECT_TRUE(c.Use(0, 10, true));
+  EXPECT_TRUE(c.TakeUpdates().empty()) << "a hit changes nothing";
+}
+
+TEST(BlockPageCache, EvictsUnreferencedPagesButNeverOneThisStepUses) {
+  BlockPageCache c(1, 3);
+  c.NextStep();
+  for (int64_t b : {1, 2, 3}) EXPECT_FALSE(c.Use(0, b, true));
+  EXPECT_FALSE(c.Use(0, 4, true));
+  EXPECT_EQ(c.page(0, 4), -1) << "every page is held by a block of this step";
+  (void)c.TakeUpdates();
+  c.NextStep();
+  EXPECT_TRUE(c.Use(0, 2, true));  // 2 stays referenced
+  EXPECT_FALSE(c.Use(0, 5, true));
+  EXPECT_GE(c.page(0, 5), 0);
+  EXPECT_GE(c.page(0, 2), 0) << "a block used in this step keeps its page";
+  EXPECT_EQ(c.blocks_held(0), 3);
+  std::set<int32_t> pages;
+  for (int64_t b : {1, 2, 3, 4, 5})
+    if (c.page(0, b) >= 0) pages.insert(c.page(0, b));
+  EXPECT_EQ(pages.size(), 3u) << "pages are distinct";
+}
+
+TEST(BlockPageCache, UpdatesCarryEachBlockOnceWithItsFinalPage) {
+  BlockPageCache c(1, 1);
+  c.NextStep();
+  EXPECT_FALSE(c.Use(0, 7, true));
+  c.NextStep();
+  EXPECT_FALSE(c.Use(0, 8, true));  // takes 7's page (7's bit is cleared on the first sweep)
+  c.NextStep();
+  EXPECT_FALSE(c.Use(0, 7, true));  // and back
+  const auto ups = c.TakeUpdates();
+  ASSERT_EQ(ups.size(), 2u);
+  for (const auto& u : ups) EXPECT_EQ(u.page, u.block == 7 ? 0 : -1) << u.block;
+}
+
+TEST(BlockPageCache, DropFromReleasesTheBlocksPastIt) {
+  BlockPageCache c(1, 8);
+  c.NextStep();
+  for (int64_t b = 0; b < 6; ++b) (void)c.Use(0, b, true);
+  (void)c.TakeUpdates();
+  c.DropFrom(0, 3);
+  EXPECT_EQ(c.blocks_held(0), 3);
+  for (int64_t b = 0; b < 6; ++b) EXPECT_EQ(c.page(0, b) >= 0, b < 3) << b;
+  const auto ups = c.TakeUpdates();
+  EXPECT_EQ(ups.size(), 3u);
+  for (const auto& u : ups) EXPECT_EQ(u.page, -1);
 }
 
 }  // namespace

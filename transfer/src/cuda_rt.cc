@@ -172,6 +172,11 @@ absl::Status Memcpy2DAsync(void* dst, std::size_t dst_pitch, const void* src, st
       "cudaMemcpy2DAsync");
 }
 
+absl::Status MemsetAsync(void* dst, int value, std::size_t bytes, void* stream) {
+  if (bytes == 0) return absl::OkStatus();
+  return Check(cudaMemsetAsync(dst, value, bytes, S(stream)), "cudaMemsetAsync");
+}
+
 absl::Status StreamWaitEvent(void* stream, const Event& event) {
   return Check(cudaStreamWaitEvent(S(stream), E(event.get()), 0), "cudaStreamWaitEvent");
 }
@@ -218,6 +223,35 @@ absl::Status HostAlloc(std::size_t bytes, void** out) {
 
 void HostFree(void* ptr) {
   if (ptr != nullptr) (void)cudaFreeHost(ptr);
+}
+
+absl::StatusOr<HostRegistration> HostRegistration::Register(const void* ptr, std::size_t bytes) {
+  HostRegistration r;
+  if (ptr == nullptr || bytes == 0) return r;
+  void* p = const_cast<void*>(ptr);
+  // Read-only mappings let the device cache the reads; not every device supports them.
+  int dev = 0, read_only = 0;
+  if (cudaGetDevice(&dev) == cudaSuccess)
+    (void)cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, dev);
+  unsigned flags = cudaHostRegisterMapped | (read_only ? cudaHostRegisterReadOnly : 0u);
+  absl::Status s = Check(cudaHostRegister(p, bytes, flags), "cudaHostRegister");
+  if (!s.ok()) return s;
+  void* d = nullptr;
+  s = Check(cudaHostGetDevicePointer(&d, p, 0), "cudaHostGetDevicePointer");
+  if (!s.ok()) {
+    (void)cudaHostUnregister(p);
+    return s;
+  }
+  r.host_ = ptr;
+  r.device_ = d;
+  r.size_ = bytes;
+  return r;
+}
+
+void HostRegistration::Reset() {
+  if (host_ != nullptr) (void)cudaHostUnregister(const_cast<void*>(host_));
+  host_ = device_ = nullptr;
+  size_ = 0;
 }
 
 bool StreamIsCapturing(void* stream) {
@@ -280,6 +314,9 @@ absl::Status Memcpy2DAsync(void*, std::size_t, const void*, std::size_t, std::si
                            std::size_t rows, void*) {
   return width == 0 || rows == 0 ? absl::OkStatus() : NoCuda("cudaMemcpy2DAsync");
 }
+absl::Status MemsetAsync(void*, int, std::size_t bytes, void*) {
+  return bytes == 0 ? absl::OkStatus() : NoCuda("cudaMemsetAsync");
+}
 absl::Status StreamWaitEvent(void*, const Event&) { return NoCuda("cudaStreamWaitEvent"); }
 absl::Status StreamSynchronize(void*) { return NoCuda("cudaStreamSynchronize"); }
 absl::StatusOr<void*> MallocAsync(std::size_t, void*) { return NoCuda("cudaMallocAsync"); }
@@ -292,6 +329,14 @@ absl::Status HostAlloc(std::size_t, void** out) {
   return NoCuda("cudaHostAlloc");
 }
 void HostFree(void*) {}
+absl::StatusOr<HostRegistration> HostRegistration::Register(const void* ptr, std::size_t bytes) {
+  if (ptr == nullptr || bytes == 0) return HostRegistration();
+  return NoCuda("cudaHostRegister");
+}
+void HostRegistration::Reset() {
+  host_ = device_ = nullptr;
+  size_ = 0;
+}
 bool IsDevicePointer(const void*) { return false; }
 bool StreamIsCapturing(void*) { return false; }
 

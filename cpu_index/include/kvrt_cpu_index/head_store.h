@@ -2,9 +2,11 @@
 // Host KV store of one kv head of one (sequence, layer): cold keys and values, append-only,
 // contiguous rows [n, head_dim] in the storage dtype. Rows arrive in position order; an index kind
 // may permute them (PermuteRows), so the owner keeps each row's position (runtime ColdTier).
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -13,7 +15,7 @@
 
 namespace kvrt::cpu_index {
 
-// Leaves new elements uninitialised on resize: a store's rows are written right after they are
+// Leaves new elements uninitialised on resize (and allocates whole pages, below): a store's rows are written right after they are
 // added (hundreds of MB for a prompt), so zeroing them first would be a second pass for nothing.
 template <typename T>
 struct UninitializedAllocator : std::allocator<T> {
@@ -24,6 +26,14 @@ struct UninitializedAllocator : std::allocator<T> {
   UninitializedAllocator() = default;
   template <typename U>
   UninitializedAllocator(const UninitializedAllocator<U>&) noexcept {}
+  // Whole, aligned pages: the GPU backend registers a store's memory for the device
+  // (cudaHostRegister pins whole pages), and two registrations must not share a page.
+  static constexpr std::size_t kPage = 4096;
+  T* allocate(std::size_t n) {
+    const std::size_t bytes = (n * sizeof(T) + kPage - 1) / kPage * kPage;
+    return static_cast<T*>(::operator new(bytes, std::align_val_t(kPage)));
+  }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(kPage)); }
   template <typename U>
   void construct(U* p) noexcept {
     ::new (static_cast<void*>(p)) U;
@@ -53,6 +63,10 @@ class HeadStore {
   const void* keys() const { return keys_.data(); }
   const void* values() const { return values_.data(); }
 
+  // Rows the current allocation holds: appends up to it keep keys() and values() in place.
+  int64_t capacity() const {
+    return static_cast<int64_t>(std::min(keys_.capacity(), values_.capacity()) / row_bytes());
+  }
   // Makes room for `rows` rows in total so that Appends up to it cannot fail.
   absl::Status Reserve(int64_t rows);
 

@@ -105,6 +105,10 @@ void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* ds
 absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream);
 void ExpandRowRunsHost(const int32_t* runs, int64_t n_runs, int32_t* ids);
 
+// n elements of dtype t to f32 on the device (a decode step's q for the kernels that score in
+// f32, without a trip through the host). The host reference is kvrt::ConvertToF32 (dtype.h).
+absl::Status ConvertRowsToF32(const void* in, DType t, int64_t n, float* out, void* stream);
+
 // ---------------------------------------------------------------------------------------------
 // (e) Exact top-k of queries against keys (attention-aware index build).
 // q: rows of head_dim at q + i * q_stride elements, i < nq (f32 or storage dtype); k: rows at

@@ -35,6 +35,7 @@ struct RuntimeConfig {
   int cold_attention = 0;          // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto (GPU backend)
   cpu_index::IndexConfig index;    // per-kind knobs (the cluster budget: index.cluster)
   float hot_cache_fraction = 0.f;  // GPU hot cache, fraction of the cold rows (kvrt.h); 0 = off
+  bool direct_step = true;  // cluster kind, GPU backend: attend the selection on the device (kvrt.h)
   int cuda_device = -1;  // GPU backend's device ordinal; -1: the creating thread's current device
   int use_gpu = 0;       // 0: host backend; 1: GPU tier in device memory (error without a device);
                          // -1: GPU when available. The effective config holds 0 or 1.
@@ -63,7 +64,8 @@ absl::Status ValidateConfig(const RuntimeConfig& config);
   X(time_cpu_attention_ns) X(time_h2d_ns) X(time_merge_ns) X(time_idle_ns)                   \
   X(eviction_batches) X(index_update_failures) X(keys_read) X(attends_fetch)                 \
   X(attends_gpu_select) X(summary_gpu_bytes) X(hot_hits) X(hot_misses) X(hot_h2d_bytes)     \
-  X(hot_cache_gpu_bytes) X(time_hot_cache_ns) X(segments_built_gpu) X(time_segment_build_ns)
+  X(hot_cache_gpu_bytes) X(time_hot_cache_ns) X(segments_built_gpu) X(time_segment_build_ns)   \
+  X(attends_direct) X(direct_host_bytes)
 // clang-format on
 
 struct RuntimeStats {

@@ -120,6 +120,8 @@ absl::Status MemcpyAsync(void* dst, const void* src, std::size_t bytes, void* st
 // cudaMemcpy2DAsync: e.g. every k-th row of a device tensor to host in one copy).
 absl::Status Memcpy2DAsync(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
                            std::size_t width, std::size_t rows, void* stream);
+// cudaMemsetAsync of device memory (`value` as a byte).
+absl::Status MemsetAsync(void* dst, int value, std::size_t bytes, void* stream);
 absl::Status StreamWaitEvent(void* stream, const Event& event);
 absl::Status StreamSynchronize(void* stream);
 // Stream-ordered allocation from the device's default memory pool (cudaMallocAsync / FreeAsync).
@@ -131,6 +133,40 @@ absl::Status KeepPoolMemory();
 // Page-locked host memory (cudaHostAlloc, portable) and its release.
 absl::Status HostAlloc(std::size_t bytes, void** out);
 void HostFree(void* ptr);
+// Existing host memory page-locked and mapped into the device's address space
+// (cudaHostRegister, mapped, read-only where the device supports it), so that kernels read it
+// over PCIe without a copy. The memory must stay allocated until the registration is reset, and
+// no two registrations may share a page. Move-only; an empty registration holds null.
+class HostRegistration {
+ public:
+  HostRegistration() = default;
+  static absl::StatusOr<HostRegistration> Register(const void* ptr, std::size_t bytes);
+  ~HostRegistration() { Reset(); }
+  HostRegistration(HostRegistration&& o) noexcept
+      : host_(std::exchange(o.host_, nullptr)),
+        device_(std::exchange(o.device_, nullptr)),
+        size_(std::exchange(o.size_, 0)) {}
+  HostRegistration& operator=(HostRegistration&& o) noexcept {
+    if (this != &o) {
+      Reset();
+      host_ = std::exchange(o.host_, nullptr);
+      device_ = std::exchange(o.device_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+  }
+  const void* host() const { return host_; }
+  // The address kernels use for host() (equal to it under unified addressing).
+  const void* device() const { return device_; }
+  std::size_t size() const { return size_; }
+  bool empty() const { return host_ == nullptr; }
+  void Reset();
+
+ private:
+  const void* host_ = nullptr;
+  const void* device_ = nullptr;
+  std::size_t size_ = 0;
+};
 // True when `ptr` is device (or managed) memory by unified addressing.
 bool IsDevicePointer(const void* ptr);
 // Whether work on `stream` is being captured into a CUDA graph (false without CUDA).

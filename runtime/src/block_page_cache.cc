@@ -1,0 +1,89 @@
+#include "block_page_cache.h"
+
+#include <algorithm>
+
+#include "absl/container/flat_hash_set.h"
+
+namespace kvrt::runtime {
+
+BlockPageCache::BlockPageCache(int kv_heads, int64_t pages_per_head)
+    : pages_per_head_(pages_per_head), heads_(kv_heads) {
+  for (Head& h : heads_) {
+    h.owner.assign(pages_per_head, -1);
+    h.ref.assign(pages_per_head, 0);
+    h.step.assign(pages_per_head, 0);
+  }
+}
+
+int32_t BlockPageCache::page(int g, int64_t block) const {
+  const Head& h = heads_[g];
+  if (block < 0 || block >= static_cast<int64_t>(h.page_of_block.size())) return -1;
+  const int32_t p = h.page_of_block[block];
+  return p < 0 ? -1 : static_cast<int32_t>(g * pages_per_head_ + p);
+}
+
+bool BlockPageCache::Use(int g, int64_t block, bool admit) {
+  Head& h = heads_[g];
+  if (block >= static_cast<int64_t>(h.page_of_block.size())) {
+    if (!admit) return false;
+    // Geometric growth: the store grows a block at a time.
+    h.page_of_block.resize(std::max<std::size_t>(block + 1, 2 * h.page_of_block.size()), -1);
+  }
+  const int32_t p = h.page_of_block[block];
+  if (p >= 0) {
+    h.ref[p] = 1;
+    h.step[p] = step_;
+    return true;
+  }
+  if (!admit || pages_per_head_ == 0) return false;
+  // Two sweeps clear every bit, so a page is found unless this step holds them all.
+  for (int64_t tries = 0; tries < 2 * pages_per_head_; ++tries) {
+    const int64_t c = h.hand;
+    h.hand = (h.hand + 1) % pages_per_head_;
+    if (h.owner[c] >= 0 && h.step[c] == step_) continue;
+    if (h.ref[c]) {
+      h.ref[c] = 0;
+      continue;
+    }
+    if (h.owner[c] >= 0) Release(g, h, c);
+    h.owner[c] = block;
+    h.ref[c] = 1;
+    h.step[c] = step_;
+    h.page_of_block[block] = static_cast<int32_t>(c);
+    ++h.held;
+    h.updates.push_back({g, block, static_cast<int32_t>(g * pages_per_head_ + c)});
+    return false;
+  }
+  return false;
+}
+
+void BlockPageCache::Release(int g, Head& h, int64_t page) {
+  const int64_t block = h.owner[page];
+  h.page_of_block[block] = -1;
+  h.owner[page] = -1;
+  h.ref[page] = 0;
+  --h.held;
+  h.updates.push_back({g, block, -1});
+}
+
+void BlockPageCache::DropFrom(int g, int64_t block) {
+  Head& h = heads_[g];
+  for (int64_t p = 0; p < pages_per_head_; ++p)
+    if (h.owner[p] >= block) Release(g, h, p);
+}
+
+std::vector<BlockPageCache::Update> BlockPageCache::TakeUpdates() {
+  // One update per block, its final state: the device applies a call's updates in parallel, so a
+  // block that lost its page and got another in the same step must appear once.
+  std::vector<Update> all;
+  for (int g = 0; g < kv_heads(); ++g) {
+    Head& h = heads_[g];
+    absl::flat_hash_set<int64_t> seen;
+    for (auto it = h.updates.rbegin(); it != h.updates.rend(); ++it)
+      if (seen.insert(it->block).second) all.push_back({g, it->block, page(g, it->block)});
+    h.updates.clear();
+  }
+  return all;
+}
+
+}  // namespace kvrt::runtime

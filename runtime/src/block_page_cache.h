@@ -1,0 +1,60 @@
+#pragma once
+// Which store blocks (gpu::kDirectBlockRows consecutive rows of one kv head's cold store) hold a
+// page of the direct step's device pool (direct_step.h), and which block gives its page up when
+// another needs one. Per kv head, a CLOCK over that head's pages: a block a step used gets its
+// reference bit set; a block that needs a page takes the first page under the hand whose bit is
+// clear (clearing bits as the hand passes) and that no block of the current step holds. CLOCK,
+// not LRU, because a step touches thousands of blocks and each touch must be O(1) without a
+// list. Plain host code, so the policy is tested without a GPU; the device table follows through
+// TakeUpdates (gpu::FillPages applies them). Heads are independent: calls for different kv heads
+// may run concurrently, calls for one head may not.
+#include <cstdint>
+#include <vector>
+
+namespace kvrt::runtime {
+
+class BlockPageCache {
+ public:
+  // page: the pool page (global: kv_head * pages_per_head + local), or -1 (the block lost it).
+  struct Update {
+    int32_t kv_head;
+    int64_t block;
+    int32_t page;
+  };
+
+  BlockPageCache(int kv_heads, int64_t pages_per_head);
+
+  int kv_heads() const { return static_cast<int>(heads_.size()); }
+  int64_t pages_per_head() const { return pages_per_head_; }
+  // Starts a step: blocks used from now on keep their pages until the next call.
+  void NextStep() { ++step_; }
+  // Block `block` of kv head g is used by this step. True when it holds a page (a hit). Else, with
+  // `admit`, it gets one (an update asks for it to be filled) unless every page of the head is
+  // held by a block of this step.
+  bool Use(int g, int64_t block, bool admit);
+  // Blocks of kv head g from `block` on give their pages up (the rows there may move).
+  void DropFrom(int g, int64_t block);
+  // The page of a block, -1 if none.
+  int32_t page(int g, int64_t block) const;
+  int64_t blocks_held(int g) const { return heads_[g].held; }
+  // The blocks whose page changed since the last call, each once with its page now.
+  std::vector<Update> TakeUpdates();
+
+ private:
+  struct Head {
+    std::vector<int32_t> page_of_block;  // local page, -1
+    std::vector<int64_t> owner;          // [pages] block, -1 = free
+    std::vector<uint8_t> ref;            // [pages] CLOCK reference bit
+    std::vector<uint64_t> step;          // [pages] last step that used it
+    int64_t hand = 0;
+    int64_t held = 0;
+    std::vector<Update> updates;
+  };
+  void Release(int g, Head& h, int64_t page);
+
+  int64_t pages_per_head_;
+  uint64_t step_ = 1;
+  std::vector<Head> heads_;
+};
+
+}  // namespace kvrt::runtime

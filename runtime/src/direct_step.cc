@@ -1,0 +1,402 @@
+#include "direct_step.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "clock.h"
+#include "device_tier.h"
+#include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/kind_table.h"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvrt::runtime {
+namespace {
+
+constexpr int kBlock = gpu::kDirectBlockRows;
+
+std::size_t Align16(std::size_t x) { return (x + 15) / 16 * 16; }
+
+}  // namespace
+
+std::size_t DirectStep::row_bytes() const {
+  return static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
+}
+
+bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
+  if (!cfg_->direct_step || off_ || cfg_->hot_cache_fraction <= 0.f ||
+      !cpu_index::KindInfo(cfg_->index_kind).estimates || !cfg_->index.cluster.gpu_select)
+    return false;
+  if (cfg_->num_q_heads / cfg_->num_kv_heads > gpu::kDirectMaxGroup) {
+    off_ = true;
+    off_reason_ = "more q heads per kv head than the direct step's mask holds";
+    return false;
+  }
+  if (cold.rows() == 0) return false;
+  if (!Register(cold, stream)) return false;
+  return FitPool(cold.rows(), stream);
+}
+
+bool DirectStep::Register(const ColdTier& cold, void* stream) {
+  const int G = cfg_->num_kv_heads;
+  std::lock_guard<std::mutex> lock(mu_);
+  bool same = !regs_k_.empty();
+  for (int g = 0; same && g < G; ++g)
+    same = regs_k_[g].host() == cold.store(g).keys() &&
+           regs_v_[g].host() == cold.store(g).values() &&
+           cold.store(g).capacity() == reg_capacity_;
+  if (same) return true;
+  regs_k_.clear();
+  regs_v_.clear();
+  const int64_t capacity = cold.store(0).capacity();
+  const std::size_t bytes = static_cast<std::size_t>(capacity) * row_bytes();
+  const int64_t t0 = NowNs();
+  for (int g = 0; g < G; ++g) {
+    auto k = transfer::HostRegistration::Register(cold.store(g).keys(), bytes);
+    auto v = k.ok() ? transfer::HostRegistration::Register(cold.store(g).values(), bytes)
+                    : absl::StatusOr<transfer::HostRegistration>(k.status());
+    if (!k.ok() || !v.ok()) {
+      regs_k_.clear();
+      regs_v_.clear();
+      off_ = true;
+      off_reason_ = absl::StrCat("registering the host store: ",
+                                 (k.ok() ? v.status() : k.status()).message());
+      return false;
+    }
+    regs_k_.push_back(std::move(*k));
+    regs_v_.push_back(std::move(*v));
+  }
+  counters_->time_hot_cache_ns += NowNs() - t0;
+  reg_capacity_ = capacity;
+  view_dirty_ = true;
+  // The table covers every block the registered stores can hold.
+  const int64_t blocks = (capacity + kBlock - 1) / kBlock;
+  if (blocks > blocks_per_head_) {
+    auto t = transfer::DeviceBuffer::Allocate(static_cast<std::size_t>(blocks) * G * 4);
+    if (!t.ok()) {
+      off_ = true;
+      off_reason_ = absl::StrCat("the page table: ", t.status().message());
+      return false;
+    }
+    counters_->gpu_allocated_bytes += static_cast<int64_t>(t->size() - table_.size());
+    counters_->hot_cache_gpu_bytes += static_cast<int64_t>(t->size() - table_.size());
+    counted_bytes_ += static_cast<int64_t>(t->size() - table_.size());
+    table_ = std::move(*t);
+    blocks_per_head_ = blocks;
+    // The new table starts empty, so the policy does too.
+    if (cache_) cache_ = std::make_unique<BlockPageCache>(G, cache_->pages_per_head());
+    rec_valid_ = false;
+    if (!UploadTable(stream).ok()) {
+      off_ = true;
+      off_reason_ = "uploading the page table";
+      return false;
+    }
+  }
+  return true;
+}
+
+void DirectStep::DropRegistrations() {
+  std::lock_guard<std::mutex> lock(mu_);
+  regs_k_.clear();
+  regs_v_.clear();
+}
+
+bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
+  const int G = cfg_->num_kv_heads;
+  const int64_t want_rows = static_cast<int64_t>(
+      std::ceil(static_cast<double>(cfg_->hot_cache_fraction) * static_cast<double>(cold_rows)));
+  const int64_t want = std::max<int64_t>(1, (want_rows + kBlock - 1) / kBlock);  // per head
+  const int64_t have = cache_ ? cache_->pages_per_head() : 0;
+  if (cache_ && want <= have + have / 4) return true;
+  // (Re)allocated empty: a rare event, the pool grows with the cold tier a quarter at a time.
+  if (cache_) (void)transfer::StreamSynchronize(stream);  // the last step still reads the pool
+  const std::size_t bytes = static_cast<std::size_t>(want) * G * kBlock * row_bytes();
+  const int64_t pool_before = static_cast<int64_t>(pool_k_.size() + pool_v_.size());
+  pool_k_.Reset();
+  pool_v_.Reset();
+  counters_->gpu_allocated_bytes -= pool_before;
+  counters_->hot_cache_gpu_bytes -= pool_before;
+  counted_bytes_ -= pool_before;
+  cache_.reset();
+  const int64_t limit = cfg_->gpu_memory_limit;
+  auto fail = [&](std::string why) {
+    off_ = true;
+    off_reason_ = std::move(why);
+    return false;
+  };
+  if (limit > 0 && counters_->gpu_allocated_bytes.load() + 2 * static_cast<int64_t>(bytes) > limit)
+    return fail("the pool does not fit under gpu_memory_limit");
+  auto k = transfer::DeviceBuffer::Allocate(bytes);
+  auto v = k.ok() ? transfer::DeviceBuffer::Allocate(bytes) : k.status();
+  if (!k.ok() || !v.ok()) return fail("allocating the pool");
+  pool_k_ = std::move(*k);
+  pool_v_ = std::move(*v);
+  counters_->gpu_allocated_bytes += 2 * static_cast<int64_t>(bytes);
+  counters_->hot_cache_gpu_bytes += 2 * static_cast<int64_t>(bytes);
+  counted_bytes_ += 2 * static_cast<int64_t>(bytes);
+  cache_ = std::make_unique<BlockPageCache>(G, want);
+  rec_valid_ = false;  // its blocks referred to the old pool
+  if (!UploadTable(stream).ok()) return fail("clearing the page table");
+  return true;
+}
+
+absl::Status DirectStep::UploadTable(void* stream) {
+  // Every block without a page: -1 is all bits set.
+  return transfer::MemsetAsync(table_.data(), 0xff, table_.size(), stream);
+}
+
+absl::Status DirectStep::UploadView(const ColdTier& cold, int C, void* stream) {
+  const int G = cfg_->num_kv_heads;
+  if (!view_dirty_ && version_ == cold.index_version() && view_c_ == C) return absl::OkStatus();
+  tail_begin_.assign(G, 0);
+  extra_rows_.assign(G, {});
+  std::size_t E = 0;
+  for (int g = 0; g < G; ++g) {
+    const cpu_index::ClusterSummary& s = *cold.summary(g);
+    tail_begin_[g] = cold.covered_rows(g);
+    auto& ex = extra_rows_[g];
+    ex.assign(s.outliers.begin(), s.outliers.end());
+    // NaN/Inf rows are attended whatever is selected, so that their NaN reaches the output (one in
+    // a selected cluster is attended twice, which leaves the output NaN all the same).
+    for (int64_t r : cold.store(g).nonfinite_rows())
+      if (r < tail_begin_[g] &&
+          std::find(s.outliers.begin(), s.outliers.end(), r) == s.outliers.end())
+        ex.push_back(static_cast<int32_t>(r));
+    E = std::max(E, ex.size());
+  }
+  const std::size_t ptrs_at = 0, tail_at = 2 * G * sizeof(void*);
+  const std::size_t begin_at = tail_at + G * sizeof(int64_t);
+  const std::size_t extra_at = begin_at + static_cast<std::size_t>(G) * C * 4;
+  const std::size_t bytes = Align16(extra_at + std::max<std::size_t>(1, G * E) * 4);
+  view_host_.assign(bytes, 0);
+  auto* ptrs = reinterpret_cast<const void**>(view_host_.data() + ptrs_at);
+  for (int g = 0; g < G; ++g) {
+    ptrs[g] = regs_k_[g].device();
+    ptrs[G + g] = regs_v_[g].device();
+  }
+  std::memcpy(view_host_.data() + tail_at, tail_begin_.data(), G * sizeof(int64_t));
+  auto* begin = reinterpret_cast<int32_t*>(view_host_.data() + begin_at);
+  auto* extra = reinterpret_cast<int32_t*>(view_host_.data() + extra_at);
+  for (int g = 0; g < G; ++g) {
+    const cpu_index::ClusterSummary& s = *cold.summary(g);
+    for (int c = 0; c < C; ++c)
+      begin[static_cast<std::size_t>(g) * C + c] =
+          c < s.num_clusters() ? static_cast<int32_t>(s.begin[c]) : 0;
+    for (std::size_t e = 0; e < E; ++e)
+      extra[g * E + e] = e < extra_rows_[g].size() ? extra_rows_[g][e] : -1;
+  }
+  if (view_dev_.size() < bytes) {
+    KVRT_ASSIGN_OR_RETURN(view_dev_, transfer::DeviceBuffer::Allocate(bytes + bytes / 2));
+  }
+  // NOTE: view_host_ is a member: a pageable H2D may read its source after the call returns.
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(view_dev_.data(), view_host_.data(), bytes, stream));
+  view_c_ = C;
+  view_e_ = static_cast<int>(E);
+  view_dirty_ = false;
+  return absl::OkStatus();
+}
+
+gpu::DirectRowsView DirectStep::View(int64_t rows) const {
+  const int G = cfg_->num_kv_heads;
+  auto* base = static_cast<unsigned char*>(view_dev_.data());
+  const std::size_t tail_at = 2 * G * sizeof(void*);
+  const std::size_t begin_at = tail_at + G * sizeof(int64_t);
+  const std::size_t extra_at = begin_at + static_cast<std::size_t>(G) * view_c_ * 4;
+  gpu::DirectRowsView v;
+  v.kv_heads = G;
+  v.q_heads = cfg_->num_q_heads;
+  v.head_dim = cfg_->head_dim;
+  v.dtype = cfg_->dtype;
+  v.rows = rows;
+  v.store_k = reinterpret_cast<const void* const*>(base);
+  v.store_v = reinterpret_cast<const void* const*>(base) + G;
+  v.block_page = static_cast<int32_t*>(table_.data());
+  v.blocks_per_head = blocks_per_head_;
+  v.pool_k = pool_k_.data();
+  v.pool_v = pool_v_.data();
+  v.pages = cache_->pages_per_head() * G;
+  v.num_clusters = view_c_;
+  v.num_extra = view_e_;
+  v.tail_begin = reinterpret_cast<const int64_t*>(base + tail_at);
+  v.cluster_begin = reinterpret_cast<const int32_t*>(base + begin_at);
+  v.extra = view_e_ > 0 ? reinterpret_cast<const int32_t*>(base + extra_at) : nullptr;
+  return v;
+}
+
+void DirectStep::Admit(const ColdTier& cold, tbb::task_arena& arena) {
+  const int G = cfg_->num_kv_heads, group = cfg_->num_q_heads / G;
+  const int C = rec_c_;
+  const auto* mask = static_cast<const uint32_t*>(rec_.data());
+  const auto* read = reinterpret_cast<const int64_t*>(static_cast<const unsigned char*>(rec_.data()) +
+                                                      Align16(static_cast<std::size_t>(G) * C * 4));
+  // Rows read over PCIe and from the pool so far (cumulative on the device).
+  counters_->direct_host_bytes += (read[1] - read_rows_seen_[1]) * 2 * static_cast<int64_t>(row_bytes());
+  read_rows_seen_[0] = read[0];
+  read_rows_seen_[1] = read[1];
+  const int64_t full_blocks = rec_rows_ / kBlock;  // a partial block is never given a page
+  std::vector<int64_t> hits(G, 0), admitted(G, 0), attended(G, 0);
+  cache_->NextStep();
+  arena.execute([&] {
+    tbb::parallel_for(0, G, [&](int g) {
+      const cpu_index::ClusterSummary& s = *cold.summary(g);
+      auto use = [&](int64_t b) {
+        if (cache_->Use(g, b, b < full_blocks))
+          ++hits[g];
+        else if (cache_->page(g, b) >= 0)
+          ++admitted[g];
+      };
+      int64_t tokens = 0;
+      for (int c = 0; c < std::min(C, static_cast<int>(s.num_clusters())); ++c) {
+        const uint32_t m = mask[static_cast<std::size_t>(g) * C + c];
+        if (m == 0 || s.size[c] == 0) continue;
+        tokens += static_cast<int64_t>(std::popcount(m)) * s.size[c];
+        for (int64_t b = s.begin[c] / kBlock; b <= (s.begin[c] + s.size[c] - 1) / kBlock; ++b)
+          use(b);
+      }
+      for (int32_t r : extra_rows_[g]) use(r / kBlock);
+      for (int64_t b = tail_begin_[g] / kBlock; b < (rec_rows_ + kBlock - 1) / kBlock; ++b) use(b);
+      attended[g] = tokens + group * (static_cast<int64_t>(extra_rows_[g].size()) +
+                                      std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
+    });
+  });
+  for (int g = 0; g < G; ++g) {
+    counters_->hot_hits += hits[g];
+    counters_->hot_misses += admitted[g];
+    if (!rec_counted_) counters_->cold_tokens_attended += attended[g];
+  }
+}
+
+absl::Status DirectStep::ApplyUpdates(void* stream) {
+  const std::vector<BlockPageCache::Update> ups = cache_->TakeUpdates();
+  if (ups.empty()) return absl::OkStatus();
+  updates_host_.resize(2 * ups.size());
+  int64_t filled = 0;
+  for (std::size_t i = 0; i < ups.size(); ++i) {
+    updates_host_[2 * i] = static_cast<int32_t>(ups[i].kv_head * blocks_per_head_ + ups[i].block);
+    updates_host_[2 * i + 1] = ups[i].page;
+    filled += ups[i].page >= 0 ? 1 : 0;
+  }
+  const std::size_t bytes = updates_host_.size() * 4;
+  KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(bytes, stream));
+  absl::Status st = transfer::MemcpyAsync(dev, updates_host_.data(), bytes, stream);
+  if (st.ok())
+    st = gpu::FillPages(View(rec_rows_), static_cast<const int32_t*>(dev),
+                        static_cast<int>(ups.size()), stream);
+  counters_->hot_h2d_bytes += filled * kBlock * 2 * static_cast<int64_t>(row_bytes());
+  const absl::Status freed = transfer::FreeAsync(dev, stream);
+  return st.ok() ? freed : st;
+}
+
+std::vector<int64_t> DirectStep::RecordedRows(const ColdTier& cold, int h) const {
+  const int G = cfg_->num_kv_heads, group = cfg_->num_q_heads / G, g = h / group;
+  const auto* mask = static_cast<const uint32_t*>(rec_.data());
+  const cpu_index::ClusterSummary& s = *cold.summary(g);
+  std::vector<int64_t> rows;
+  for (int c = 0; c < std::min(rec_c_, static_cast<int>(s.num_clusters())); ++c)
+    if (mask[static_cast<std::size_t>(g) * rec_c_ + c] >> (h % group) & 1u)
+      for (int64_t r = s.begin[c]; r < s.begin[c] + s.size[c]; ++r) rows.push_back(r);
+  rows.insert(rows.end(), extra_rows_[g].begin(), extra_rows_[g].end());
+  for (int64_t r = tail_begin_[g]; r < rec_rows_; ++r) rows.push_back(r);
+  return rows;
+}
+
+absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
+                                const int32_t* count, int C, const float* q, float* o,
+                                float* lse, void* stream, tbb::task_arena& arena,
+                                ColdSelection* sel) {
+  const int64_t t0 = NowNs();
+  const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
+  // 1. A new index version: rows past the old tail may have been permuted by it, so their blocks
+  //    give their pages up; the last record speaks of the old clusters and is dropped.
+  if (version_ != cold.index_version()) {
+    for (int g = 0; g < G && !tail_begin_.empty(); ++g)
+      cache_->DropFrom(g, tail_begin_[g] / kBlock);
+    rec_valid_ = false;
+    view_dirty_ = true;
+  }
+  // 2. The previous step's blocks. Its record has arrived unless the host runs more than a step
+  //    of this layer ahead of the device (a decoder's other layers run in between), so the wait
+  //    is normally none.
+  if (!rec_ready_.empty()) KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
+  if (rec_valid_ && rec_version_ == cold.index_version()) Admit(cold, arena);
+  rec_valid_ = false;
+  KVRT_RETURN_IF_ERROR(UploadView(cold, C, stream));
+  version_ = cold.index_version();
+  KVRT_RETURN_IF_ERROR(ApplyUpdates(stream));
+
+  // 3. This step: mask, attend, and the record of both for the next step.
+  const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * 4;
+  const std::size_t rec_bytes = Align16(mask_bytes) + 2 * sizeof(int64_t);
+  if (read_rows_dev_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(read_rows_dev_, transfer::DeviceBuffer::Allocate(2 * sizeof(int64_t)));
+    KVRT_RETURN_IF_ERROR(
+        transfer::MemsetAsync(read_rows_dev_.data(), 0, read_rows_dev_.size(), stream));
+  }
+  if (rec_ready_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(rec_ready_, transfer::Event::Create(false));
+  }
+  if (rec_.size() < rec_bytes) {
+    rec_ = transfer::PinnedBlock();
+    KVRT_ASSIGN_OR_RETURN(rec_, ctx_->pinned().Acquire(rec_bytes + rec_bytes / 2));
+  }
+  KVRT_ASSIGN_OR_RETURN(void* mask_dev, transfer::MallocAsync(mask_bytes, stream));
+  auto* mask = static_cast<uint32_t*>(mask_dev);
+  const int64_t rows = cold.rows();
+  absl::Status st = gpu::MarkSelected(selected, count, H, G, C, mask, stream);
+  if (st.ok())
+    st = gpu::DirectAttend(View(rows), mask, q, cfg_->scale, o, lse,
+                           static_cast<int64_t*>(read_rows_dev_.data()), nullptr, stream);
+  if (st.ok()) st = transfer::MemcpyAsync(rec_.data(), mask, mask_bytes, stream);
+  if (st.ok())
+    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + Align16(mask_bytes),
+                               read_rows_dev_.data(), 2 * sizeof(int64_t), stream);
+  if (st.ok()) st = rec_ready_.Record(stream);
+  const absl::Status freed = transfer::FreeAsync(mask_dev, stream);
+  KVRT_RETURN_IF_ERROR(st);
+  KVRT_RETURN_IF_ERROR(freed);
+  rec_valid_ = true;
+  rec_version_ = version_;
+  rec_rows_ = rows;
+  rec_c_ = C;
+  rec_counted_ = cfg_->record_attended;
+  counters_->attends_direct += 1;
+
+  // 4. The selection as the statistics and record_attended see it.
+  const int group = H / G;
+  for (int h = 0; h < H; ++h) {
+    if (!sel->active[h]) continue;
+    const int g = h / group;
+    sel->scored[h] = cold.summary(g)->num_clusters() +
+                     static_cast<int64_t>(extra_rows_[g].size()) + rows - tail_begin_[g];
+  }
+  if (cfg_->record_attended) {
+    KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
+    sel->cached.assign(H, 0);
+    sel->cached_rows.assign(H, {});
+    for (int h = 0; h < H; ++h) {
+      if (!sel->active[h]) continue;
+      sel->cached_rows[h] = RecordedRows(cold, h);
+      sel->cached[h] = static_cast<int64_t>(sel->cached_rows[h].size());
+    }
+  }
+  counters_->time_hot_cache_ns += NowNs() - t0;
+  return absl::OkStatus();
+}
+
+void DirectStep::Release() {
+  if (!rec_ready_.empty()) (void)rec_ready_.Synchronize();
+  counters_->gpu_allocated_bytes -= counted_bytes_;
+  counters_->hot_cache_gpu_bytes -= counted_bytes_;
+  counted_bytes_ = 0;
+  pool_k_.Reset();
+  pool_v_.Reset();
+  table_.Reset();
+  blocks_per_head_ = 0;
+  cache_.reset();
+  DropRegistrations();
+  rec_valid_ = false;
+}
+
+}  // namespace kvrt::runtime

@@ -1,0 +1,113 @@
+#pragma once
+// The direct decode step of the cluster kind (GPU backend, config.direct_step): the selection
+// that gpu::ClusterStep leaves on the device is attended there too (gpu::DirectAttend), so the
+// CPU neither waits for the step nor touches its rows. A row is read from this layer's pool of
+// device pages when its 8-row store block holds one, else straight from the host store, which is
+// registered (mapped) host memory read over PCIe.
+//
+// Which blocks hold pages lags one step: each step copies its selection mask down (async); the
+// next step reads it (complete by then, or skipped), runs the CLOCK policy (block_page_cache.h)
+// over the blocks that step used, and enqueues gpu::FillPages before its own attend. Consecutive
+// decode steps choose mostly the same clusters, so most rows come from HBM; the rest cross PCIe
+// once as reads of the step and once as a fill, with no CPU copy and no host sync.
+//
+// The stores are read in place, so they must not move or permute under a running step: the
+// layer's store guard (ColdTier::SetStoreGuard) waits for the device work and calls
+// DropRegistrations; the next Prepare registers the stores again.
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "block_page_cache.h"
+#include "cold_tier.h"
+#include "kvrt_gpu/direct_attend.h"
+#include "kvrt_runtime/runtime.h"
+#include "kvrt_transfer/cuda_rt.h"
+#include "kvrt_transfer/pinned_pool.h"
+#include "oneapi/tbb/task_arena.h"
+
+namespace kvrt::runtime {
+
+class GpuContext;
+
+class DirectStep {
+ public:
+  DirectStep(const RuntimeConfig* config, Runtime::Counters* counters, GpuContext* ctx)
+      : cfg_(config), counters_(counters), ctx_(ctx) {}
+  ~DirectStep() { Release(); }
+
+  // Whether a direct step can run now for `cold`: config on, stores registered (again after they
+  // moved), pool sized for the cold rows. A failure (registration refused, no room under
+  // gpu_memory_limit) turns the direct step off for this layer, which then takes the CPU-ordered
+  // path; why is kept in off_reason().
+  bool Prepare(const ColdTier& cold, void* stream);
+  // Enqueues one step on stream: the previous step's page updates, MarkSelected, DirectAttend
+  // into o, lse (device f32 [q_heads, d], [q_heads]). selected/count: ClusterStep's outputs
+  // (device [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. Requires Prepare() true in
+  // this call. *sel: every active head's CPU rows stay empty; with record_attended the rows
+  // attended come back in sel->cached_rows (one wait for the copy).
+  absl::Status Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count, int C,
+                      const float* q, float* o, float* lse, void* stream, tbb::task_arena& arena,
+                      ColdSelection* sel);
+  bool registered() const { return !regs_k_.empty(); }
+  // The stores are about to move: the caller has waited for the device work that reads them.
+  void DropRegistrations();
+  const std::string& off_reason() const { return off_reason_; }
+  // Waits for the last step's copies and frees everything.
+  void Release();
+
+ private:
+  bool Register(const ColdTier& cold, void* stream);
+  bool FitPool(int64_t cold_rows, void* stream);
+  absl::Status UploadView(const ColdTier& cold, int C, void* stream);
+  absl::Status UploadTable(void* stream);
+  // The previous step's mask: blocks used -> CLOCK (hits, admissions), statistics.
+  void Admit(const ColdTier& cold, tbb::task_arena& arena);
+  absl::Status ApplyUpdates(void* stream);
+  // Rows q head h attended in the step recorded in rec_ (mask bits, extra rows, the tail).
+  std::vector<int64_t> RecordedRows(const ColdTier& cold, int h) const;
+  gpu::DirectRowsView View(int64_t rows) const;
+  std::size_t row_bytes() const;
+
+  const RuntimeConfig* cfg_;
+  Runtime::Counters* counters_;
+  GpuContext* ctx_;
+  bool off_ = false;
+  std::string off_reason_;
+  std::mutex mu_;  // registrations: the store guard may run on a background thread
+
+  // Per kv head: the registered key and value stores, and their capacity in rows.
+  std::vector<transfer::HostRegistration> regs_k_, regs_v_;
+  int64_t reg_capacity_ = 0;
+  // Device view arrays: [store_k G | store_v G | tail_begin G (int64) | cluster_begin G*C |
+  // extra G*E], re-uploaded when the index version or the registrations change.
+  transfer::DeviceBuffer view_dev_;
+  std::vector<unsigned char> view_host_;
+  bool view_dirty_ = true;
+  int64_t version_ = -1;
+  int view_c_ = 0, view_e_ = 0;
+  std::vector<int64_t> tail_begin_;               // [G] per kv head, this version
+  std::vector<std::vector<int32_t>> extra_rows_;  // [G] outliers and NaN/Inf rows below the tail
+
+  // The pool and its table.
+  std::unique_ptr<BlockPageCache> cache_;
+  transfer::DeviceBuffer pool_k_, pool_v_;  // [G * pages_per_head * kDirectBlockRows, d]
+  transfer::DeviceBuffer table_;            // int32 [G, blocks_per_head_]
+  int64_t blocks_per_head_ = 0;
+  int64_t counted_bytes_ = 0;
+  std::vector<int32_t> updates_host_;
+
+  // The last step's record, copied down in its stream: mask [G, C] then read_rows [2].
+  transfer::PinnedBlock rec_;
+  transfer::Event rec_ready_;
+  bool rec_valid_ = false, rec_counted_ = false;
+  int64_t rec_version_ = -1, rec_rows_ = 0;
+  int rec_c_ = 0;
+  transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
+  int64_t read_rows_seen_[2] = {0, 0};
+};
+
+}  // namespace kvrt::runtime
