@@ -79,7 +79,7 @@ if [[ "${1:-}" == "--device" ]]; then
         timeout 200 $b/kvrt $args --index cluster --cold 131072 --batch 16 --attend batch \
           --hot-cache 0.1 --direct-step $ds --accuracy-steps 0
       done
-      if [[ -n "${DIRECT_1M:-1}" ]]; then
+      if [[ -n "${DIRECT_1M-1}" ]]; then
         echo "=== kvrt: cluster 1M B=1, hot cache 0.1, direct step 1"
         timeout 300 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --hot-cache 0.1 \
           --direct-step 1 --accuracy-steps 0

@@ -263,6 +263,16 @@ absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, vo
 #endif
 }
 
+absl::Status FillF32(float* out, float value, int64_t n, void* stream) {
+  if (n < 0) return absl::InvalidArgumentError("FillF32: n < 0");
+  if (n > 0 && out == nullptr) return absl::InvalidArgumentError("FillF32: null pointer");
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchFillF32(out, value, n, stream), "FillF32");
+#else
+  return NoCuda("FillF32");
+#endif
+}
+
 absl::Status ConvertRowsToF32(const void* in, DType t, int64_t n, float* out, void* stream) {
   if (n < 0) return absl::InvalidArgumentError("ConvertRowsToF32: n < 0");
   if (n > 0 && (in == nullptr || out == nullptr))

@@ -44,6 +44,7 @@ Err LaunchRingGather(const RingBatch& ring, const int64_t* start, int count, voi
 Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* dst_v,
                       const int32_t* dst_rows, int64_t n, std::size_t row_bytes, void* stream);
 Err LaunchExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream);
+Err LaunchFillF32(float* out, float value, int64_t n, void* stream);
 Err LaunchConvertToF32(const void* in, DType t, int64_t n, float* out, void* stream);
 Err LaunchExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream);
 // Stream-ordered scratch (cudaMallocAsync / cudaFreeAsync).

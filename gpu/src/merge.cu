@@ -62,23 +62,41 @@ __global__ void __launch_bounds__(128)
   const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
+  // NOTE: the lanes read the states' lse in parallel and pass each weight round by a shuffle, so
+  // that a merge of many states (the direct step's split-K partials: 32 and more) is not a chain
+  // of dependent loads per state.
   float m = -INFINITY;
-  for (int i = 0; i < n; ++i)
+  for (int i = lane; i < n; i += 32)
     m = MaxPropagateNan(m, lse[static_cast<size_t>(i) * rows + row]);  // NaN: NaN out
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1)
+    m = MaxPropagateNan(m, __shfl_xor_sync(0xffffffffu, m, off));
   float acc[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
   float sum = 0.f;
   if (m != -INFINITY) {
-    for (int i = 0; i < n; ++i) {
-      const float l = lse[static_cast<size_t>(i) * rows + row];
-      if (l == -INFINITY) continue;  // an empty state's o is not read (may be unwritten)
-      const float e = __expf(l - m);
-      sum += e;
-      const float* oi = o + (static_cast<size_t>(i) * rows + row) * D;
+    float part = 0.f;
+    for (int i0 = 0; i0 < n; i0 += 32) {
+      const int i = i0 + lane;
+      const float l = i < n ? lse[static_cast<size_t>(i) * rows + row] : -INFINITY;
+      const float e = l == -INFINITY ? 0.f : __expf(l - m);
+      part += e;
+      // An empty state's o is not read (it may be unwritten).
+      const unsigned live = __ballot_sync(0xffffffffu, l != -INFINITY);
+      const int cnt = min(32, n - i0);
+#pragma unroll 4
+      for (int k = 0; k < cnt; ++k) {
+        const float w = __shfl_sync(0xffffffffu, e, k);
+        if (((live >> k) & 1u) == 0) continue;
+        const float* oi = o + (static_cast<size_t>(i0 + k) * rows + row) * D;
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) acc[j] += e * oi[lane + 32 * j];
+        for (int j = 0; j < kPer; ++j) acc[j] += w * oi[lane + 32 * j];
+      }
     }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+    sum = part;
   }
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   const size_t base = static_cast<size_t>(row) * D;

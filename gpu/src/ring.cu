@@ -91,6 +91,12 @@ __global__ void ConvertKernel(const T* __restrict__ in, int64_t n, float* __rest
     out[i] = ToF32(in[i]);
 }
 
+__global__ void FillKernel(float* __restrict__ out, float value, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = value;
+}
+
 int Blocks(int64_t words) {
   const int64_t b = (words + 255) / 256;
   return static_cast<int>(b < 4096 ? (b > 0 ? b : 1) : 4096);
@@ -140,6 +146,12 @@ Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* d
 Err LaunchExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream) {
   if (n_runs == 0) return {};
   ExpandRowRunsKernel<<<Blocks(n_runs * 32), 256, 0, AsStream(stream)>>>(runs, n_runs, ids);
+  return LastLaunchErr();
+}
+
+Err LaunchFillF32(float* out, float value, int64_t n, void* stream) {
+  if (n == 0) return {};
+  FillKernel<<<Blocks(n), 256, 0, AsStream(stream)>>>(out, value, n);
   return LastLaunchErr();
 }
 

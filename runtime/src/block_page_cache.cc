@@ -6,8 +6,8 @@
 
 namespace kvrt::runtime {
 
-BlockPageCache::BlockPageCache(int kv_heads, int64_t pages_per_head)
-    : pages_per_head_(pages_per_head), heads_(kv_heads) {
+BlockPageCache::BlockPageCache(int kv_heads, int64_t pages_per_head, int admit_after)
+    : pages_per_head_(pages_per_head), admit_after_(admit_after), heads_(kv_heads) {
   for (Head& h : heads_) {
     h.owner.assign(pages_per_head, -1);
     h.ref.assign(pages_per_head, 0);
@@ -27,7 +27,9 @@ bool BlockPageCache::Use(int g, int64_t block, bool admit) {
   if (block >= static_cast<int64_t>(h.page_of_block.size())) {
     if (!admit) return false;
     // Geometric growth: the store grows a block at a time.
-    h.page_of_block.resize(std::max<std::size_t>(block + 1, 2 * h.page_of_block.size()), -1);
+    const std::size_t n = std::max<std::size_t>(block + 1, 2 * h.page_of_block.size());
+    h.page_of_block.resize(n, -1);
+    h.missed.resize(n, 0);
   }
   const int32_t p = h.page_of_block[block];
   if (p >= 0) {
@@ -36,6 +38,12 @@ bool BlockPageCache::Use(int g, int64_t block, bool admit) {
     return true;
   }
   if (!admit || pages_per_head_ == 0) return false;
+  if (admit_after_ > 1) {
+    const uint32_t now = static_cast<uint32_t>(step_), last = h.missed[block];
+    const bool second = last != 0 && last != now && now - last <= kSecondChanceSteps;
+    if (last != now) h.missed[block] = now;
+    if (!second) return false;
+  }
   // Two sweeps clear every bit, so a page is found unless this step holds them all.
   for (int64_t tries = 0; tries < 2 * pages_per_head_; ++tries) {
     const int64_t c = h.hand;

@@ -22,15 +22,19 @@ class BlockPageCache {
     int32_t page;
   };
 
-  BlockPageCache(int kv_heads, int64_t pages_per_head);
+  // admit_after: misses that earn a block a page: 1 = its first; 2 = a second one within
+  // kSecondChanceSteps steps of the first (a block that a single step wanted is read where it
+  // is, over PCIe, instead of being copied in and evicting a block that steps keep using).
+  static constexpr uint32_t kSecondChanceSteps = 8;
+  BlockPageCache(int kv_heads, int64_t pages_per_head, int admit_after = 1);
 
   int kv_heads() const { return static_cast<int>(heads_.size()); }
   int64_t pages_per_head() const { return pages_per_head_; }
   // Starts a step: blocks used from now on keep their pages until the next call.
   void NextStep() { ++step_; }
   // Block `block` of kv head g is used by this step. True when it holds a page (a hit). Else, with
-  // `admit`, it gets one (an update asks for it to be filled) unless every page of the head is
-  // held by a block of this step.
+  // `admit` and enough misses (admit_after), it gets one (an update asks for it to be filled)
+  // unless every page of the head is held by a block of this step.
   bool Use(int g, int64_t block, bool admit);
   // Blocks of kv head g from `block` on give their pages up (the rows there may move).
   void DropFrom(int g, int64_t block);
@@ -43,6 +47,7 @@ class BlockPageCache {
  private:
   struct Head {
     std::vector<int32_t> page_of_block;  // local page, -1
+    std::vector<uint32_t> missed;        // [block] step of its last miss without a page (0: none)
     std::vector<int64_t> owner;          // [pages] block, -1 = free
     std::vector<uint8_t> ref;            // [pages] CLOCK reference bit
     std::vector<uint64_t> step;          // [pages] last step that used it
@@ -53,6 +58,7 @@ class BlockPageCache {
   void Release(int g, Head& h, int64_t page);
 
   int64_t pages_per_head_;
+  int admit_after_;
   uint64_t step_ = 1;
   std::vector<Head> heads_;
 };

@@ -169,9 +169,6 @@ class DeviceStep : public TierStep {
   std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
   std::vector<uint8_t> hot;        // [n] member's hot-cache state is in its device slot
   std::vector<DeviceTier*> tiers;
-  // A device q on its way to the host (TierStep::q fetches it when the CPU first needs it).
-  transfer::PinnedBlock q_pinned;
-  transfer::Event q_ready;
   // A batch's members select on streams of their own (MemberStream), forked here after the tier.
   transfer::Event forked;
 };
@@ -347,6 +344,8 @@ class DeviceTier final : public TierBackend {
   gpu::ClusterSummaryView summary_view_;
   DeviceHotCache hot_;
   DirectStep direct_;
+  // The tier arrays of a batch step led by this tier (pinned: a pageable upload would stall).
+  transfer::UploadStaging batch_arrays_;
 };
 
 absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
@@ -768,12 +767,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
 
   // q for the GPU (device) and for the CPU (host f32).
   step->q_dev = q_in;
-  if (exec.device) {
-    KVRT_ASSIGN_OR_RETURN(step->q_pinned, ctx_->pinned().Acquire(qbytes));
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->q_pinned.data(), q_in, qbytes, stream));
-    KVRT_ASSIGN_OR_RETURN(step->q_ready, transfer::Event::Create(false));
-    KVRT_RETURN_IF_ERROR(step->q_ready.Record(stream));
-  } else {
+  if (!exec.device) {
     void* qd = scratch + arrays_at + arrays_bytes;
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(qd, q_in, qbytes, stream));
     step->q_dev = qd;
@@ -785,11 +779,10 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     KVRT_RETURN_IF_ERROR(UploadArrays(counts[0].n_sink, counts[0].n_window, stream));
     gpu::TierArrays::View(arrays_.data(), 1, &tier);
   } else {
-    // NOTE: pageable source: the copy has read it when MemcpyAsync returns.
-    std::vector<unsigned char> packed(arrays_bytes);
-    gpu::TierArrays::Pack(entries.data(), n, packed.data());
-    KVRT_RETURN_IF_ERROR(
-        transfer::MemcpyAsync(scratch + arrays_at, packed.data(), arrays_bytes, stream));
+    KVRT_ASSIGN_OR_RETURN(void* packed, batch_arrays_.Stage(ctx_->pinned(), arrays_bytes));
+    gpu::TierArrays::Pack(entries.data(), n, packed);
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(scratch + arrays_at, packed, arrays_bytes, stream));
+    KVRT_RETURN_IF_ERROR(batch_arrays_.Sent(stream));
     gpu::TierArrays::View(scratch + arrays_at, n, &tier);
   }
   tier.max_tokens = max_tokens;
@@ -810,12 +803,18 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   }
 
   if (exec.device) {
+    // The copy is made when the CPU first needs q: a step whose cold tier runs on the device
+    // never waits for it (and no copy is left in flight into a block that goes back to the pool).
     DeviceStep* s = step.get();
-    s->set_fetch_q([s, dtype = cfg_->dtype, of, counters = counters_](float* q) {
+    s->set_fetch_q([s, ctx = ctx_, dtype = cfg_->dtype, of, qbytes, counters = counters_](float* q) {
       const int64_t t0 = NowNs();
-      // NOTE: a failed wait leaves q as zeros; the step's own launches report the CUDA error.
-      (void)s->q_ready.Synchronize();
-      ConvertToF32(s->q_pinned.data(), dtype, of, q);
+      // NOTE: a failed copy leaves q as zeros; the step's own launches report the CUDA error.
+      auto block = ctx->pinned().Acquire(qbytes);
+      auto ready = transfer::Event::Create(false);
+      if (block.ok() && ready.ok() &&
+          transfer::MemcpyAsync(block->data(), s->q_dev, qbytes, s->lease.get()).ok() &&
+          ready->Record(s->lease.get()).ok() && ready->Synchronize().ok())
+        ConvertToF32(block->data(), dtype, of, q);
       counters->time_d2h_ns += NowNs() - t0;
     });
   } else {
@@ -1016,15 +1015,19 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.selected_tokens = reinterpret_cast<int64_t*>(dev + tokens_at);
   outs.est_o = step->o(kEstimateSlot, i);
   outs.est_lse = step->lse(kEstimateSlot, i);
+  // The direct step's page fills go first, on a stream of their own: they overlap ClusterStep.
+  if (direct)
+    KVRT_RETURN_IF_ERROR(
+        direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream, arena));
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
                                         params, outs, nullptr, stream));
   step->estimated[i] = params.estimate ? 1 : 0;
   sel->estimate_on_device = params.estimate;
   if (direct) {
     KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
-                                        static_cast<int>(C), reinterpret_cast<float*>(dev + q_at),
+                                        reinterpret_cast<float*>(dev + q_at),
                                         step->o(kHotSlot, i), step->lse(kHotSlot, i), stream,
-                                        arena, sel));
+                                        sel));
     step->hot[i] = 1;
     const int64_t per_head_ns = (NowNs() - t0) / H;
     for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
@@ -1162,7 +1165,19 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
         continue;
       }
       int j = i;
-      while (j < n && !on_device(j)) ++j;
+      bool any_host = false;
+      for (; j < n && !on_device(j); ++j)
+        any_host = any_host || (slot == kColdSlot       ? states[j].cold != nullptr
+                                : slot == kEstimateSlot ? states[j].estimate != nullptr
+                                                        : false);
+      if (!any_host) {
+        // Empty states only (the direct step leaves the cold slot so): lse -inf on the device,
+        // whose o MergeStatesN does not read; a pageable upload would stall the host.
+        KVRT_RETURN_IF_ERROR(
+            gpu::FillF32(step->lse(slot, i), kNegInf, static_cast<int64_t>(j - i) * H, stream));
+        i = j;
+        continue;
+      }
       KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->o(slot, i), o.data() + i * of,
                                                  (j - i) * of * sizeof(float), stream));
       KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(step->lse(slot, i), lse.data() + i * H,

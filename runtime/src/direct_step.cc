@@ -86,7 +86,7 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
     table_ = std::move(*t);
     blocks_per_head_ = blocks;
     // The new table starts empty, so the policy does too.
-    if (cache_) cache_ = std::make_unique<BlockPageCache>(G, cache_->pages_per_head());
+    if (cache_) cache_ = std::make_unique<BlockPageCache>(G, cache_->pages_per_head(), 2);
     rec_valid_ = false;
     if (!UploadTable(stream).ok()) {
       off_ = true;
@@ -136,7 +136,7 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   counters_->gpu_allocated_bytes += 2 * static_cast<int64_t>(bytes);
   counters_->hot_cache_gpu_bytes += 2 * static_cast<int64_t>(bytes);
   counted_bytes_ += 2 * static_cast<int64_t>(bytes);
-  cache_ = std::make_unique<BlockPageCache>(G, want);
+  cache_ = std::make_unique<BlockPageCache>(G, want, /*admit_after=*/2);
   rec_valid_ = false;  // its blocks referred to the old pool
   if (!UploadTable(stream).ok()) return fail("clearing the page table");
   return true;
@@ -221,6 +221,7 @@ gpu::DirectRowsView DirectStep::View(int64_t rows) const {
   v.num_extra = view_e_;
   v.tail_begin = reinterpret_cast<const int64_t*>(base + tail_at);
   v.cluster_begin = reinterpret_cast<const int32_t*>(base + begin_at);
+  v.cluster_size = cluster_size_;
   v.extra = view_e_ > 0 ? reinterpret_cast<const int32_t*>(base + extra_at) : nullptr;
   return v;
 }
@@ -271,16 +272,18 @@ void DirectStep::Admit(const ColdTier& cold, tbb::task_arena& arena) {
 absl::Status DirectStep::ApplyUpdates(void* stream) {
   const std::vector<BlockPageCache::Update> ups = cache_->TakeUpdates();
   if (ups.empty()) return absl::OkStatus();
-  updates_host_.resize(2 * ups.size());
+  const std::size_t bytes = 2 * ups.size() * sizeof(int32_t);
+  KVRT_ASSIGN_OR_RETURN(void* staged, updates_.Stage(ctx_->pinned(), bytes));
+  auto* host = static_cast<int32_t*>(staged);
   int64_t filled = 0;
   for (std::size_t i = 0; i < ups.size(); ++i) {
-    updates_host_[2 * i] = static_cast<int32_t>(ups[i].kv_head * blocks_per_head_ + ups[i].block);
-    updates_host_[2 * i + 1] = ups[i].page;
+    host[2 * i] = static_cast<int32_t>(ups[i].kv_head * blocks_per_head_ + ups[i].block);
+    host[2 * i + 1] = ups[i].page;
     filled += ups[i].page >= 0 ? 1 : 0;
   }
-  const std::size_t bytes = updates_host_.size() * 4;
   KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(bytes, stream));
-  absl::Status st = transfer::MemcpyAsync(dev, updates_host_.data(), bytes, stream);
+  absl::Status st = transfer::MemcpyAsync(dev, host, bytes, stream);
+  if (st.ok()) st = updates_.Sent(stream);
   if (st.ok())
     st = gpu::FillPages(View(rec_rows_), static_cast<const int32_t*>(dev),
                         static_cast<int>(ups.size()), stream);
@@ -302,12 +305,11 @@ std::vector<int64_t> DirectStep::RecordedRows(const ColdTier& cold, int h) const
   return rows;
 }
 
-absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
-                                const int32_t* count, int C, const float* q, float* o,
-                                float* lse, void* stream, tbb::task_arena& arena,
-                                ColdSelection* sel) {
-  const int64_t t0 = NowNs();
-  const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
+absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size,
+                                   void* stream, tbb::task_arena& arena) {
+  step_t0_ = NowNs();
+  cluster_size_ = cluster_size;
+  const int G = cfg_->num_kv_heads;
   // 1. A new index version: rows past the old tail may have been permuted by it, so their blocks
   //    give their pages up; the last record speaks of the old clusters and is dropped.
   if (version_ != cold.index_version()) {
@@ -324,7 +326,33 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
   rec_valid_ = false;
   KVRT_RETURN_IF_ERROR(UploadView(cold, C, stream));
   version_ = cold.index_version();
-  KVRT_RETURN_IF_ERROR(ApplyUpdates(stream));
+  return FillAside(stream);
+}
+
+absl::Status DirectStep::FillAside(void* stream) {
+  fill_pending_ = false;
+  if (fork_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(fork_, transfer::Event::Create(false));
+    KVRT_ASSIGN_OR_RETURN(filled_, transfer::Event::Create(false));
+  }
+  // NOTE: `stream` has waited for the layer's previous step, so the fill cannot overwrite a page
+  // that step still reads; the selection kernel enqueued after this runs beside the fill.
+  KVRT_RETURN_IF_ERROR(fork_.Record(stream));
+  KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
+  absl::Status st = transfer::StreamWaitEvent(aside, fork_);
+  if (st.ok()) st = ApplyUpdates(aside);
+  if (st.ok()) st = filled_.Record(aside);
+  ctx_->ReleaseStream(aside);
+  fill_pending_ = st.ok();
+  return st;
+}
+
+absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
+                                const int32_t* count, const float* q, float* o, float* lse,
+                                void* stream, ColdSelection* sel) {
+  const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
+  const int C = view_c_;
+  if (fill_pending_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, filled_));
 
   // 3. This step: mask, attend, and the record of both for the next step.
   const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * 4;
@@ -381,7 +409,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
       sel->cached[h] = static_cast<int64_t>(sel->cached_rows[h].size());
     }
   }
-  counters_->time_hot_cache_ns += NowNs() - t0;
+  counters_->time_hot_cache_ns += NowNs() - step_t0_;
   return absl::OkStatus();
 }
 

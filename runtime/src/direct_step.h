@@ -44,14 +44,19 @@ class DirectStep {
   // gpu_memory_limit) turns the direct step off for this layer, which then takes the CPU-ordered
   // path; why is kept in off_reason().
   bool Prepare(const ColdTier& cold, void* stream);
-  // Enqueues one step on stream: the previous step's page updates, MarkSelected, DirectAttend
-  // into o, lse (device f32 [q_heads, d], [q_heads]). selected/count: ClusterStep's outputs
-  // (device [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. Requires Prepare() true in
-  // this call. *sel: every active head's CPU rows stay empty; with record_attended the rows
-  // attended come back in sel->cached_rows (one wait for the copy).
-  absl::Status Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count, int C,
-                      const float* q, float* o, float* lse, void* stream, tbb::task_arena& arena,
-                      ColdSelection* sel);
+  // A step in two calls, both requiring Prepare() true in this call. BeginStep, before the
+  // selection is enqueued on stream: the previous step's page updates, filled on a stream of
+  // their own so that they overlap the selection kernel (C clusters per kv head; cluster_size:
+  // the device summary's [kv_heads, C] sizes, gpu::ClusterSummaryView::size).
+  absl::Status BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size, void* stream,
+                         tbb::task_arena& arena);
+  // Then, after the selection: waits for the fill, MarkSelected, DirectAttend into o, lse
+  // (device f32 [q_heads, d], [q_heads]). selected/count: ClusterStep's outputs (device,
+  // [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. *sel: every active head's CPU rows
+  // stay empty; with record_attended the rows attended come back in sel->cached_rows (one wait
+  // for the copy).
+  absl::Status Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
+                      const float* q, float* o, float* lse, void* stream, ColdSelection* sel);
   bool registered() const { return !regs_k_.empty(); }
   // The stores are about to move: the caller has waited for the device work that reads them.
   void DropRegistrations();
@@ -67,6 +72,8 @@ class DirectStep {
   // The previous step's mask: blocks used -> CLOCK (hits, admissions), statistics.
   void Admit(const ColdTier& cold, tbb::task_arena& arena);
   absl::Status ApplyUpdates(void* stream);
+  // ApplyUpdates on a runtime stream that waits for `stream` so far; filled_ marks its end.
+  absl::Status FillAside(void* stream);
   // Rows q head h attended in the step recorded in rec_ (mask bits, extra rows, the tail).
   std::vector<int64_t> RecordedRows(const ColdTier& cold, int h) const;
   gpu::DirectRowsView View(int64_t rows) const;
@@ -89,6 +96,7 @@ class DirectStep {
   bool view_dirty_ = true;
   int64_t version_ = -1;
   int view_c_ = 0, view_e_ = 0;
+  const int32_t* cluster_size_ = nullptr;  // the summary's device sizes, this step
   std::vector<int64_t> tail_begin_;               // [G] per kv head, this version
   std::vector<std::vector<int32_t>> extra_rows_;  // [G] outliers and NaN/Inf rows below the tail
 
@@ -98,7 +106,10 @@ class DirectStep {
   transfer::DeviceBuffer table_;            // int32 [G, blocks_per_head_]
   int64_t blocks_per_head_ = 0;
   int64_t counted_bytes_ = 0;
-  std::vector<int32_t> updates_host_;
+  transfer::UploadStaging updates_;  // the page updates' pinned upload
+  transfer::Event fork_, filled_;
+  bool fill_pending_ = false;
+  int64_t step_t0_ = 0;
 
   // The last step's record, copied down in its stream: mask [G, C] then read_rows [2].
   transfer::PinnedBlock rec_;

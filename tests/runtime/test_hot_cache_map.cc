@@ -147,3 +147,25 @@ TEST(BlockPageCache, DropFromReleasesTheBlocksPastIt) {
 
 }  // namespace
 }  // namespace kvrt::runtime
+
+namespace kvrt::runtime {
+namespace {
+
+TEST(BlockPageCache, SecondChanceAdmitsOnARepeatedMissOnly) {
+  BlockPageCache c(1, 4, /*admit_after=*/2);
+  c.NextStep();
+  EXPECT_FALSE(c.Use(0, 3, true));
+  EXPECT_FALSE(c.Use(0, 3, true)) << "a second q head of the same step is no second chance";
+  EXPECT_EQ(c.page(0, 3), -1);
+  for (uint32_t i = 0; i < BlockPageCache::kSecondChanceSteps + 1; ++i) c.NextStep();
+  EXPECT_FALSE(c.Use(0, 3, true));
+  EXPECT_EQ(c.page(0, 3), -1) << "the first miss is too old: this one starts again";
+  c.NextStep();
+  EXPECT_FALSE(c.Use(0, 3, true));
+  EXPECT_GE(c.page(0, 3), 0) << "missed again within the window: admitted";
+  c.NextStep();
+  EXPECT_TRUE(c.Use(0, 3, true));
+}
+
+}  // namespace
+}  // namespace kvrt::runtime

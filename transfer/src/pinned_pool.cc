@@ -94,4 +94,29 @@ PinnedPool::Stats PinnedPool::stats() const {
   return stats_;
 }
 
+absl::StatusOr<void*> UploadStaging::Stage(PinnedPool& pool, std::size_t bytes) {
+  if (pending_) {
+    if (absl::Status st = done_.Synchronize(); !st.ok()) return st;
+    pending_ = false;
+  }
+  if (block_.size() < bytes) {
+    block_ = PinnedBlock();
+    auto b = pool.Acquire(bytes + bytes / 2);
+    if (!b.ok()) return b.status();
+    block_ = std::move(*b);
+  }
+  return block_.data();
+}
+
+absl::Status UploadStaging::Sent(void* stream) {
+  if (done_.empty()) {
+    auto e = Event::Create(false);
+    if (!e.ok()) return e.status();
+    done_ = std::move(*e);
+  }
+  if (absl::Status st = done_.Record(stream); !st.ok()) return st;
+  pending_ = true;
+  return absl::OkStatus();
+}
+
 }  // namespace kvrt::transfer

@@ -105,6 +105,9 @@ void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* ds
 absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream);
 void ExpandRowRunsHost(const int32_t* runs, int64_t n_runs, int32_t* ids);
 
+// out[i] = value for i < n (device f32), e.g. the lse -inf of empty partial states.
+absl::Status FillF32(float* out, float value, int64_t n, void* stream);
+
 // n elements of dtype t to f32 on the device (a decode step's q for the kernels that score in
 // f32, without a trip through the host). The host reference is kvrt::ConvertToF32 (dtype.h).
 absl::Status ConvertRowsToF32(const void* in, DType t, int64_t n, float* out, void* stream);

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "kvrt_transfer/cuda_rt.h"
 
 namespace kvrt::transfer {
 
@@ -94,6 +95,22 @@ class PinnedPool {
   mutable std::mutex mu_;
   std::vector<std::vector<void*>> free_;  // by log2(size class)
   Stats stats_;
+};
+
+// One pinned buffer for an H2D that recurs every step. The copy must come from pinned memory:
+// from pageable memory, cudaMemcpyAsync first synchronises the stream, which stalls the host until
+// the device has caught up. Stage waits for the last copy out of the buffer (long done in a
+// decode loop), grows it when needed and returns it to be filled; Sent marks the copy enqueued.
+// Not thread-safe.
+class UploadStaging {
+ public:
+  absl::StatusOr<void*> Stage(PinnedPool& pool, std::size_t bytes);
+  absl::Status Sent(void* stream);
+
+ private:
+  PinnedBlock block_;
+  Event done_;
+  bool pending_ = false;
 };
 
 }  // namespace kvrt::transfer
