@@ -1015,10 +1015,9 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.selected_tokens = reinterpret_cast<int64_t*>(dev + tokens_at);
   outs.est_o = step->o(kEstimateSlot, i);
   outs.est_lse = step->lse(kEstimateSlot, i);
-  // The direct step's page fills go first, on a stream of their own: they overlap ClusterStep.
+  // The direct step's page table follows the last admission before the selection runs.
   if (direct)
-    KVRT_RETURN_IF_ERROR(
-        direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream, arena));
+    KVRT_RETURN_IF_ERROR(direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream));
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
                                         params, outs, nullptr, stream));
   step->estimated[i] = params.estimate ? 1 : 0;
@@ -1027,7 +1026,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
                                         reinterpret_cast<float*>(dev + q_at),
                                         step->o(kHotSlot, i), step->lse(kHotSlot, i), stream,
-                                        sel));
+                                        arena, sel));
     step->hot[i] = 1;
     const int64_t per_head_ns = (NowNs() - t0) / H;
     for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;

@@ -35,6 +35,12 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
     return false;
   }
   if (cold.rows() == 0) return false;
+  // The admission job uses the pool and the policy that FitPool may replace.
+  if (!Quiesce().ok()) {
+    off_ = true;
+    off_reason_ = "the page admission failed";
+    return false;
+  }
   if (!Register(cold, stream)) return false;
   return FitPool(cold.rows(), stream);
 }
@@ -87,7 +93,6 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
     blocks_per_head_ = blocks;
     // The new table starts empty, so the policy does too.
     if (cache_) cache_ = std::make_unique<BlockPageCache>(G, cache_->pages_per_head(), 2);
-    rec_valid_ = false;
     if (!UploadTable(stream).ok()) {
       off_ = true;
       off_reason_ = "uploading the page table";
@@ -97,7 +102,14 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
   return true;
 }
 
+absl::Status DirectStep::Quiesce() {
+  const absl::Status st = admission_.Wait();
+  if (fill_pending_) (void)filled_.Synchronize();  // a failed fill surfaces at the next launch
+  return st;
+}
+
 void DirectStep::DropRegistrations() {
+  (void)Quiesce();
   std::lock_guard<std::mutex> lock(mu_);
   regs_k_.clear();
   regs_v_.clear();
@@ -137,7 +149,6 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   counters_->hot_cache_gpu_bytes += 2 * static_cast<int64_t>(bytes);
   counted_bytes_ += 2 * static_cast<int64_t>(bytes);
   cache_ = std::make_unique<BlockPageCache>(G, want, /*admit_after=*/2);
-  rec_valid_ = false;  // its blocks referred to the old pool
   if (!UploadTable(stream).ok()) return fail("clearing the page table");
   return true;
 }
@@ -179,11 +190,16 @@ absl::Status DirectStep::UploadView(const ColdTier& cold, int C, void* stream) {
   std::memcpy(view_host_.data() + tail_at, tail_begin_.data(), G * sizeof(int64_t));
   auto* begin = reinterpret_cast<int32_t*>(view_host_.data() + begin_at);
   auto* extra = reinterpret_cast<int32_t*>(view_host_.data() + extra_at);
+  begin_host_.assign(static_cast<std::size_t>(G) * C, 0);
+  size_host_.assign(static_cast<std::size_t>(G) * C, 0);
   for (int g = 0; g < G; ++g) {
     const cpu_index::ClusterSummary& s = *cold.summary(g);
-    for (int c = 0; c < C; ++c)
-      begin[static_cast<std::size_t>(g) * C + c] =
-          c < s.num_clusters() ? static_cast<int32_t>(s.begin[c]) : 0;
+    for (int c = 0; c < std::min(C, static_cast<int>(s.num_clusters())); ++c) {
+      begin_host_[static_cast<std::size_t>(g) * C + c] = static_cast<int32_t>(s.begin[c]);
+      size_host_[static_cast<std::size_t>(g) * C + c] = s.size[c];
+    }
+    std::copy_n(begin_host_.data() + static_cast<std::size_t>(g) * C, C,
+                begin + static_cast<std::size_t>(g) * C);
     for (std::size_t e = 0; e < E; ++e)
       extra[g * E + e] = e < extra_rows_[g].size() ? extra_rows_[g][e] : -1;
   }
@@ -226,47 +242,59 @@ gpu::DirectRowsView DirectStep::View(int64_t rows) const {
   return v;
 }
 
-void DirectStep::Admit(const ColdTier& cold, tbb::task_arena& arena) {
+void DirectStep::Admit() {
   const int G = cfg_->num_kv_heads, group = cfg_->num_q_heads / G;
   const int C = rec_c_;
   const auto* mask = static_cast<const uint32_t*>(rec_.data());
   const auto* read = reinterpret_cast<const int64_t*>(static_cast<const unsigned char*>(rec_.data()) +
                                                       Align16(static_cast<std::size_t>(G) * C * 4));
   // Rows read over PCIe and from the pool so far (cumulative on the device).
-  counters_->direct_host_bytes += (read[1] - read_rows_seen_[1]) * 2 * static_cast<int64_t>(row_bytes());
+  counters_->direct_host_bytes +=
+      (read[1] - read_rows_seen_[1]) * 2 * static_cast<int64_t>(row_bytes());
   read_rows_seen_[0] = read[0];
   read_rows_seen_[1] = read[1];
   const int64_t full_blocks = rec_rows_ / kBlock;  // a partial block is never given a page
-  std::vector<int64_t> hits(G, 0), admitted(G, 0), attended(G, 0);
+  int64_t hits = 0, admitted = 0, attended = 0;
   cache_->NextStep();
-  arena.execute([&] {
-    tbb::parallel_for(0, G, [&](int g) {
-      const cpu_index::ClusterSummary& s = *cold.summary(g);
-      auto use = [&](int64_t b) {
-        if (cache_->Use(g, b, b < full_blocks))
-          ++hits[g];
-        else if (cache_->page(g, b) >= 0)
-          ++admitted[g];
-      };
-      int64_t tokens = 0;
-      for (int c = 0; c < std::min(C, static_cast<int>(s.num_clusters())); ++c) {
-        const uint32_t m = mask[static_cast<std::size_t>(g) * C + c];
-        if (m == 0 || s.size[c] == 0) continue;
-        tokens += static_cast<int64_t>(std::popcount(m)) * s.size[c];
-        for (int64_t b = s.begin[c] / kBlock; b <= (s.begin[c] + s.size[c] - 1) / kBlock; ++b)
-          use(b);
-      }
-      for (int32_t r : extra_rows_[g]) use(r / kBlock);
-      for (int64_t b = tail_begin_[g] / kBlock; b < (rec_rows_ + kBlock - 1) / kBlock; ++b) use(b);
-      attended[g] = tokens + group * (static_cast<int64_t>(extra_rows_[g].size()) +
-                                      std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
-    });
-  });
   for (int g = 0; g < G; ++g) {
-    counters_->hot_hits += hits[g];
-    counters_->hot_misses += admitted[g];
-    if (!rec_counted_) counters_->cold_tokens_attended += attended[g];
+    auto use = [&](int64_t b) {
+      if (cache_->Use(g, b, b < full_blocks))
+        ++hits;
+      else if (cache_->page(g, b) >= 0)
+        ++admitted;
+    };
+    const std::size_t at = static_cast<std::size_t>(g) * C;
+    for (int c = 0; c < C; ++c) {
+      const uint32_t m = mask[at + c];
+      const int32_t n = size_host_[at + c], b0 = begin_host_[at + c];
+      if (m == 0 || n == 0) continue;
+      attended += static_cast<int64_t>(std::popcount(m)) * n;
+      for (int64_t b = b0 / kBlock; b <= (b0 + n - 1) / kBlock; ++b) use(b);
+    }
+    for (int32_t r : extra_rows_[g]) use(r / kBlock);
+    for (int64_t b = tail_begin_[g] / kBlock; b < (rec_rows_ + kBlock - 1) / kBlock; ++b) use(b);
+    attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
+                         std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
   }
+  counters_->hot_hits += hits;
+  counters_->hot_misses += admitted;
+  if (!rec_counted_) counters_->cold_tokens_attended += attended;
+}
+
+absl::Status DirectStep::AdmitAndFill() {
+  transfer::ScopedDevice on_device(cfg_->call_device());  // an arena worker runs the job
+  KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
+  const int64_t t0 = NowNs();
+  Admit();
+  // NOTE: the step that read the pages this fill may overwrite is complete (rec_ready_ follows
+  // its attend), and the next step's stream waits for filled_ before it reads the pool.
+  KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
+  absl::Status st = ApplyUpdates(aside);
+  if (st.ok()) st = filled_.Record(aside);
+  ctx_->ReleaseStream(aside);
+  fill_pending_ = st.ok();
+  counters_->time_hot_cache_ns += NowNs() - t0;
+  return st;
 }
 
 absl::Status DirectStep::ApplyUpdates(void* stream) {
@@ -306,53 +334,33 @@ std::vector<int64_t> DirectStep::RecordedRows(const ColdTier& cold, int h) const
 }
 
 absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size,
-                                   void* stream, tbb::task_arena& arena) {
-  step_t0_ = NowNs();
+                                   void* stream) {
+  const int64_t t0 = NowNs();
+  KVRT_RETURN_IF_ERROR(admission_.Wait());  // done by now, unless the host runs far ahead
   cluster_size_ = cluster_size;
-  const int G = cfg_->num_kv_heads;
-  // 1. A new index version: rows past the old tail may have been permuted by it, so their blocks
-  //    give their pages up; the last record speaks of the old clusters and is dropped.
+  // Everything below (a new view, page drops, the attend) comes after the last fill.
+  if (fill_pending_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, filled_));
+  fill_pending_ = false;
+  // A new index version: rows past the old tail may have been permuted by it, so their blocks
+  // give their pages up (applied here, on the step's stream).
   if (version_ != cold.index_version()) {
-    for (int g = 0; g < G && !tail_begin_.empty(); ++g)
+    for (int g = 0; g < cfg_->num_kv_heads && !tail_begin_.empty(); ++g)
       cache_->DropFrom(g, tail_begin_[g] / kBlock);
-    rec_valid_ = false;
     view_dirty_ = true;
   }
-  // 2. The previous step's blocks. Its record has arrived unless the host runs more than a step
-  //    of this layer ahead of the device (a decoder's other layers run in between), so the wait
-  //    is normally none.
-  if (!rec_ready_.empty()) KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
-  if (rec_valid_ && rec_version_ == cold.index_version()) Admit(cold, arena);
-  rec_valid_ = false;
   KVRT_RETURN_IF_ERROR(UploadView(cold, C, stream));
   version_ = cold.index_version();
-  return FillAside(stream);
-}
-
-absl::Status DirectStep::FillAside(void* stream) {
-  fill_pending_ = false;
-  if (fork_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(fork_, transfer::Event::Create(false));
-    KVRT_ASSIGN_OR_RETURN(filled_, transfer::Event::Create(false));
-  }
-  // NOTE: `stream` has waited for the layer's previous step, so the fill cannot overwrite a page
-  // that step still reads; the selection kernel enqueued after this runs beside the fill.
-  KVRT_RETURN_IF_ERROR(fork_.Record(stream));
-  KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
-  absl::Status st = transfer::StreamWaitEvent(aside, fork_);
-  if (st.ok()) st = ApplyUpdates(aside);
-  if (st.ok()) st = filled_.Record(aside);
-  ctx_->ReleaseStream(aside);
-  fill_pending_ = st.ok();
-  return st;
+  KVRT_RETURN_IF_ERROR(ApplyUpdates(stream));
+  counters_->time_hot_cache_ns += NowNs() - t0;
+  return absl::OkStatus();
 }
 
 absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
                                 const int32_t* count, const float* q, float* o, float* lse,
-                                void* stream, ColdSelection* sel) {
+                                void* stream, tbb::task_arena& arena, ColdSelection* sel) {
+  const int64_t t0 = NowNs();
   const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
   const int C = view_c_;
-  if (fill_pending_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, filled_));
 
   // 3. This step: mask, attend, and the record of both for the next step.
   const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * 4;
@@ -384,8 +392,6 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
   const absl::Status freed = transfer::FreeAsync(mask_dev, stream);
   KVRT_RETURN_IF_ERROR(st);
   KVRT_RETURN_IF_ERROR(freed);
-  rec_valid_ = true;
-  rec_version_ = version_;
   rec_rows_ = rows;
   rec_c_ = C;
   rec_counted_ = cfg_->record_attended;
@@ -409,11 +415,14 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
       sel->cached[h] = static_cast<int64_t>(sel->cached_rows[h].size());
     }
   }
-  counters_->time_hot_cache_ns += NowNs() - step_t0_;
+  // The pages for the next step, chosen and filled off the decode path.
+  admission_.Launch(arena, [this] { return AdmitAndFill(); });
+  counters_->time_hot_cache_ns += NowNs() - t0;
   return absl::OkStatus();
 }
 
 void DirectStep::Release() {
+  (void)Quiesce();
   if (!rec_ready_.empty()) (void)rec_ready_.Synchronize();
   counters_->gpu_allocated_bytes -= counted_bytes_;
   counters_->hot_cache_gpu_bytes -= counted_bytes_;
@@ -424,7 +433,6 @@ void DirectStep::Release() {
   blocks_per_head_ = 0;
   cache_.reset();
   DropRegistrations();
-  rec_valid_ = false;
 }
 
 }  // namespace kvrt::runtime

@@ -5,11 +5,13 @@
 // device pages when its 8-row store block holds one, else straight from the host store, which is
 // registered (mapped) host memory read over PCIe.
 //
-// Which blocks hold pages lags one step: each step copies its selection mask down (async); the
-// next step reads it (complete by then, or skipped), runs the CLOCK policy (block_page_cache.h)
-// over the blocks that step used, and enqueues gpu::FillPages before its own attend. Consecutive
-// decode steps choose mostly the same clusters, so most rows come from HBM; the rest cross PCIe
-// once as reads of the step and once as a fill, with no CPU copy and no host sync.
+// Which blocks hold pages lags one step: each step copies its selection mask down (async) and
+// hands it to a background job on the runtime's arena, which waits for it, runs the CLOCK policy
+// (block_page_cache.h) over the blocks that step used, and enqueues gpu::FillPages on a stream of
+// its own; the next step's stream waits for that fill (an event) before it reads the pool. So
+// neither the policy nor the copies sit on the decode path. Consecutive decode steps choose
+// mostly the same clusters, so most rows come from HBM; the rest cross PCIe once as reads of the
+// step and, if a later step wants them again (second chance), once more as a fill.
 //
 // The stores are read in place, so they must not move or permute under a running step: the
 // layer's store guard (ColdTier::SetStoreGuard) waits for the device work and calls
@@ -26,6 +28,7 @@
 #include "kvrt_gpu/direct_attend.h"
 #include "kvrt_runtime/runtime.h"
 #include "kvrt_transfer/cuda_rt.h"
+#include "kvrt_transfer/eviction.h"
 #include "kvrt_transfer/pinned_pool.h"
 #include "oneapi/tbb/task_arena.h"
 
@@ -45,20 +48,21 @@ class DirectStep {
   // path; why is kept in off_reason().
   bool Prepare(const ColdTier& cold, void* stream);
   // A step in two calls, both requiring Prepare() true in this call. BeginStep, before the
-  // selection is enqueued on stream: the previous step's page updates, filled on a stream of
-  // their own so that they overlap the selection kernel (C clusters per kv head; cluster_size:
-  // the device summary's [kv_heads, C] sizes, gpu::ClusterSummaryView::size).
-  absl::Status BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size, void* stream,
-                         tbb::task_arena& arena);
-  // Then, after the selection: waits for the fill, MarkSelected, DirectAttend into o, lse
-  // (device f32 [q_heads, d], [q_heads]). selected/count: ClusterStep's outputs (device,
-  // [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. *sel: every active head's CPU rows
-  // stay empty; with record_attended the rows attended come back in sel->cached_rows (one wait
-  // for the copy).
+  // selection is enqueued on stream: orders stream after the last admission's fill, refreshes
+  // the device view at a new index version (C clusters per kv head; cluster_size: the device
+  // summary's [kv_heads, C] sizes, gpu::ClusterSummaryView::size).
+  absl::Status BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size, void* stream);
+  // Then, after the selection: MarkSelected, DirectAttend into o, lse (device f32 [q_heads, d],
+  // [q_heads]), the mask's copy, and the admission job. selected/count: ClusterStep's outputs
+  // (device, [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. *sel: every active head's CPU
+  // rows stay empty; with record_attended the rows attended come back in sel->cached_rows (one
+  // wait for the copy).
   absl::Status Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
-                      const float* q, float* o, float* lse, void* stream, ColdSelection* sel);
+                      const float* q, float* o, float* lse, void* stream, tbb::task_arena& arena,
+                      ColdSelection* sel);
   bool registered() const { return !regs_k_.empty(); }
-  // The stores are about to move: the caller has waited for the device work that reads them.
+  // The stores are about to move: the caller has waited for the steps' device work; this waits
+  // for the admission job and its fill (which read the stores too), then drops the registration.
   void DropRegistrations();
   const std::string& off_reason() const { return off_reason_; }
   // Waits for the last step's copies and frees everything.
@@ -69,11 +73,14 @@ class DirectStep {
   bool FitPool(int64_t cold_rows, void* stream);
   absl::Status UploadView(const ColdTier& cold, int C, void* stream);
   absl::Status UploadTable(void* stream);
-  // The previous step's mask: blocks used -> CLOCK (hits, admissions), statistics.
-  void Admit(const ColdTier& cold, tbb::task_arena& arena);
+  // The admission job: waits for the step's record, runs Admit and enqueues the fill.
+  absl::Status AdmitAndFill();
+  // The recorded step's blocks -> CLOCK (hits, admissions), statistics. Reads only this object's
+  // copies of the summary (the cold tier may refresh it meanwhile).
+  void Admit();
   absl::Status ApplyUpdates(void* stream);
-  // ApplyUpdates on a runtime stream that waits for `stream` so far; filled_ marks its end.
-  absl::Status FillAside(void* stream);
+  // Waits for the admission job; OK if none ran.
+  absl::Status Quiesce();
   // Rows q head h attended in the step recorded in rec_ (mask bits, extra rows, the tail).
   std::vector<int64_t> RecordedRows(const ColdTier& cold, int h) const;
   gpu::DirectRowsView View(int64_t rows) const;
@@ -99,6 +106,7 @@ class DirectStep {
   const int32_t* cluster_size_ = nullptr;  // the summary's device sizes, this step
   std::vector<int64_t> tail_begin_;               // [G] per kv head, this version
   std::vector<std::vector<int32_t>> extra_rows_;  // [G] outliers and NaN/Inf rows below the tail
+  std::vector<int32_t> begin_host_, size_host_;   // [G, C] the clusters of this version
 
   // The pool and its table.
   std::unique_ptr<BlockPageCache> cache_;
@@ -107,15 +115,15 @@ class DirectStep {
   int64_t blocks_per_head_ = 0;
   int64_t counted_bytes_ = 0;
   transfer::UploadStaging updates_;  // the page updates' pinned upload
-  transfer::Event fork_, filled_;
+  transfer::BackgroundWork admission_;
+  transfer::Event filled_;  // the admission's fill, on a stream of its own
   bool fill_pending_ = false;
-  int64_t step_t0_ = 0;
 
   // The last step's record, copied down in its stream: mask [G, C] then read_rows [2].
   transfer::PinnedBlock rec_;
   transfer::Event rec_ready_;
-  bool rec_valid_ = false, rec_counted_ = false;
-  int64_t rec_version_ = -1, rec_rows_ = 0;
+  bool rec_counted_ = false;
+  int64_t rec_rows_ = 0;
   int rec_c_ = 0;
   transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
   int64_t read_rows_seen_[2] = {0, 0};
