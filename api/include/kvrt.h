@@ -474,7 +474,9 @@ typedef struct kvrt_stats {
   /* The direct step (config.cluster_direct_step). Since 0.3.3. hot_hits / hot_misses then count
    * 8-row blocks of the store (used from the cache / given a page), hot_h2d_bytes the bytes
    * filled into the cache. */
-  int64_t attends_direct;    /* layer attends that ran the direct step, so far */
+  int64_t attends_direct;    /* layer attends that ran the direct step, so far (fewer than
+                                attends_gpu_select: some layer fell back, its store could not be
+                                registered or its cache found no room) */
   int64_t direct_host_bytes; /* bytes of K and V the direct step read straight from the host store
                                 over PCIe (rows not in the cache), so far; counted one step late */
 } kvrt_stats;

@@ -288,6 +288,9 @@ absl::Status DirectStep::AdmitAndFill() {
   Admit();
   // NOTE: the step that read the pages this fill may overwrite is complete (rec_ready_ follows
   // its attend), and the next step's stream waits for filled_ before it reads the pool.
+  if (filled_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(filled_, transfer::Event::Create(false));
+  }
   KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
   absl::Status st = ApplyUpdates(aside);
   if (st.ok()) st = filled_.Record(aside);
