@@ -245,7 +245,9 @@ typedef struct kvrt_config {
                                   the previous step's selection (CLOCK). 0 = the CPU orders the
                                   step (looks the selection up, gathers the misses, copies them).
                                   Falls back to 0 for a layer whose store cannot be registered
-                                  or whose cache does not fit gpu_memory_limit [1]. Since 0.3.3. */
+                                  or whose cache does not fit gpu_memory_limit. Off by default
+                                  while an end-to-end regression through the Python package is
+                                  open (docs/benchmarks.md, "The direct step") [0]. Since 0.3.3. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

@@ -204,7 +204,7 @@ kvrt_config Defaults() {
   c.hot_cache_fraction = 0.1f;
   c.cluster_budget_fraction = 0.02f;
   c.cuda_device = -1;
-  c.cluster_direct_step = 1;
+  c.cluster_direct_step = 0;
   return c;
 }
 

@@ -46,7 +46,8 @@ class Config:
         cuda_device: the GPU backend's CUDA device ordinal (-1 = the current device), e.g. a
             tensor-parallel rank's own GPU.
         cluster_direct_step: 1 = the cluster kind's selection is attended on the GPU from the hot
-            cache or straight from the host store over PCIe, with no CPU in the step (GPU backend).
+            cache or straight from the host store over PCIe, with no CPU in the step (GPU backend;
+            off by default in 0.3.3, see kvrt.h).
     """
 
     num_layers: int = 32
@@ -71,7 +72,7 @@ class Config:
     hot_cache_fraction: float = 0.1
     cluster_budget_fraction: float = 0.02
     cuda_device: int = -1
-    cluster_direct_step: int = 1
+    cluster_direct_step: int = 0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -323,6 +323,23 @@ INSTANTIATE_TEST_SUITE_P(
                       NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"}),
     [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
 
+// 0.3.3 appended cluster_direct_step: a caller compiled against 0.3.1 / 0.3.2 passes the size
+// that ended at cuda_device, and gets the new field's default whatever lies past its struct.
+TEST(ContractConfig, A031CallerGetsTheDefaultDirectStep) {
+  const std::size_t config031 =
+      (offsetof(kvrt_config, cuda_device) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+      alignof(kvrt_config) * alignof(kvrt_config);
+  kvrt_config c = TinyConfig();
+  c.struct_size = config031;
+  c.cluster_direct_step = 7;  // past the 0.3.1 struct: not read
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_config eff = kvrt_config_default();
+  ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+  EXPECT_EQ(eff.cluster_direct_step, kvrt_config_default().cluster_direct_step);
+  kvrt_runtime_destroy(rt);
+}
+
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
 // 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the

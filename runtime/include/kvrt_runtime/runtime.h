@@ -35,7 +35,7 @@ struct RuntimeConfig {
   int cold_attention = 0;          // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto (GPU backend)
   cpu_index::IndexConfig index;    // per-kind knobs (the cluster budget: index.cluster)
   float hot_cache_fraction = 0.f;  // GPU hot cache, fraction of the cold rows (kvrt.h); 0 = off
-  bool direct_step = true;  // cluster kind, GPU backend: attend the selection on the device (kvrt.h)
+  bool direct_step = false;  // cluster kind, GPU backend: the selection attended on the device
   int cuda_device = -1;  // GPU backend's device ordinal; -1: the creating thread's current device
   int use_gpu = 0;       // 0: host backend; 1: GPU tier in device memory (error without a device);
                          // -1: GPU when available. The effective config holds 0 or 1.
