@@ -9,7 +9,12 @@
 #include "cluster_build_check.h"
 #include "cluster_build_launch.h"
 
+#include "launch_status.h"
+
 namespace kvrt::gpu {
+using detail::NoCuda;
+using detail::ToStatus;
+
 namespace {
 
 // NOTE: the kernels read rows with 16-byte vector loads (and assign 4 entries at a time), so the
@@ -24,20 +29,6 @@ absl::Status CheckAligned(std::initializer_list<const void*> ptrs, const char* f
   return absl::OkStatus();
 }
 
-#if KVRT_WITH_CUDA
-absl::Status ToStatus(const detail::Err& e, const char* fn) {
-  if (e.msg != nullptr) return absl::InvalidArgumentError(absl::StrCat(fn, ": ", e.msg));
-  if (e.cuda != 0) {
-    return absl::InternalError(
-        absl::StrCat(fn, ": CUDA error ", e.cuda, " (", detail::CudaErrorName(e.cuda), ")"));
-  }
-  return absl::OkStatus();
-}
-#else
-absl::Status NoCuda(const char* fn) {
-  return absl::FailedPreconditionError(absl::StrCat(fn, ": kvrt was built without CUDA"));
-}
-#endif
 
 }  // namespace
 

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "direct_check.h"
 #include "direct_launch.h"
+#include "launch_status.h"
 
 namespace kvrt::gpu {
 namespace detail {
@@ -97,24 +98,8 @@ absl::Status CheckFillPages(const DirectRowsView& v, const int32_t* updates, int
 
 }  // namespace detail
 
-namespace {
-
-#if KVRT_WITH_CUDA
-absl::Status ToStatus(const detail::Err& e, const char* fn) {
-  if (e.msg != nullptr) return absl::InvalidArgumentError(absl::StrCat(fn, ": ", e.msg));
-  if (e.cuda != 0) {
-    return absl::InternalError(
-        absl::StrCat(fn, ": CUDA error ", e.cuda, " (", detail::CudaErrorName(e.cuda), ")"));
-  }
-  return absl::OkStatus();
-}
-#else
-absl::Status NoCuda(const char* fn) {
-  return absl::FailedPreconditionError(absl::StrCat(fn, ": kvrt was built without CUDA"));
-}
-#endif
-
-}  // namespace
+using detail::NoCuda;
+using detail::ToStatus;
 
 std::size_t DirectAttendWorkspaceFloats(const DirectRowsView& v) {
   return detail::DirectWorkspaceFloats(v);

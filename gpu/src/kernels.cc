@@ -8,9 +8,12 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
-#include "launch.h"
+#include "launch_status.h"
 
 namespace kvrt::gpu {
+using detail::NoCuda;
+using detail::ToStatus;
+
 namespace {
 
 bool HeadDimOk(int d) { return d == 64 || d == 128 || d == 256; }
@@ -19,20 +22,6 @@ bool DTypeOk(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DTyp
   return scale != 0.f ? scale : 1.f / std::sqrt(float(d));
 }
 
-#if KVRT_WITH_CUDA
-absl::Status ToStatus(const detail::Err& e, const char* what) {
-  if (e.msg != nullptr) return absl::InvalidArgumentError(absl::StrCat(what, ": ", e.msg));
-  if (e.cuda != 0) {
-    return absl::InternalError(
-        absl::StrCat(what, ": CUDA error ", e.cuda, " (", detail::CudaErrorName(e.cuda), ")"));
-  }
-  return absl::OkStatus();
-}
-#else
-absl::Status NoCuda(const char* what) {
-  return absl::FailedPreconditionError(absl::StrCat(what, ": kvrt was built without CUDA"));
-}
-#endif
 
 absl::Status CheckTier(const TierBatch& t, const AttnParams& p) {
   if (t.batch < 0 || t.kv_heads <= 0 || t.max_tokens < 0) {
