@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <numeric>
 
@@ -194,6 +195,9 @@ namespace {
 // What one effort of a sweep accumulates over the replay.
 struct EffortAcc {
   std::vector<double> attend_us, errors, recalls, masses;
+  // Per head-step with an estimate: the mass it claims and the mass the attended tokens missed
+  // (shares of the exact total), and the log of their ratio where both are above 0.
+  std::vector<double> est_mass, missed_mass, est_log_ratio;
   std::vector<double> layer_recall, layer_mass, layer_err;
   std::vector<HeadReport> heads;
   double cold_attended = 0;
@@ -346,6 +350,17 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
             return absl::InternalError(absl::StrCat("replay: ", st.message(), " (layer ", layer,
                                                     ", step ", step, ", head ", h, ")"));
           const double err = ha.error, recall = ha.recall, mass = ha.mass;
+          float est_lse = -std::numeric_limits<float>::infinity();
+          if (Check(kvrt_get_estimate_lse(rt, seq, layer, h, &est_lse), "kvrt_get_estimate_lse",
+                    &error) != KVRT_OK)
+            return absl::InternalError(error);
+          if (std::isfinite(est_lse)) {
+            const double est = std::exp(static_cast<double>(est_lse) - ref.lse[at]);
+            const double missed = std::max(0.0, 1.0 - mass);
+            a.est_mass.push_back(est);
+            a.missed_mass.push_back(missed);
+            if (est > 0 && missed > 1e-9) a.est_log_ratio.push_back(std::log(est / missed));
+          }
           a.errors.push_back(err);
           a.recalls.push_back(recall);
           a.masses.push_back(mass);
@@ -403,6 +418,10 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.read_fraction = a.searchable > 0 ? static_cast<double>(a.read) / a.searchable : 0.0;
     r.retrieved_fraction =
         a.searchable > 0 ? static_cast<double>(a.attended) / a.searchable : 0.0;
+    r.estimate_samples = static_cast<int64_t>(a.est_mass.size());
+    r.estimated_mass = Mean(a.est_mass);
+    r.estimate_missed_mass = Mean(a.missed_mass);
+    r.estimate_log_ratio = Mean(a.est_log_ratio);
     r.latency_us_p50 = Percentile(a.attend_us, 0.50);
     r.latency_us_p99 = Percentile(a.attend_us, 0.99);
     r.append_us_p50 = Percentile(append_us, 0.50);

@@ -66,6 +66,12 @@ struct ReplayReport {
   // cold_tokens_attended / cold_keys_searchable): the share of the cold tier each step attends
   // exactly (1 for exact; for cluster, the selected clusters, outliers and unclustered rows).
   double retrieved_fraction = 0;
+  // Kinds that estimate what they leave out (cluster), over the head-steps with an estimate
+  // (kvrt_get_estimate_lse): the mean share of the exact attention mass the estimate claims, the
+  // mean share the attended tokens missed on the same head-steps, and the mean log of their
+  // ratio (0 = unbiased; below 0 = the estimate claims too little). All 0 without estimates.
+  int64_t estimate_samples = 0;
+  double estimated_mass = 0, estimate_missed_mass = 0, estimate_log_ratio = 0;
   double latency_us_p50 = 0, latency_us_p99 = 0, append_us_p50 = 0, prefill_ms_per_layer = 0;
   double cold_tokens_attended_per_head = 0;
   int64_t gpu_bytes = 0, host_bytes = 0, index_bytes = 0, cold_tokens = 0;

@@ -42,6 +42,10 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["scanned_fraction"] = r.scanned_fraction;
   j["read_fraction"] = r.read_fraction;
   j["retrieved_fraction"] = r.retrieved_fraction;
+  j["estimate_samples"] = r.estimate_samples;
+  j["estimated_mass"] = r.estimated_mass;
+  j["estimate_missed_mass"] = r.estimate_missed_mass;
+  j["estimate_log_ratio"] = r.estimate_log_ratio;
   j["latency_us_p50"] = r.latency_us_p50;
   j["latency_us_p99"] = r.latency_us_p99;
   j["append_us_p50"] = r.append_us_p50;
@@ -101,6 +105,12 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out, "    attention-mass recall %.4f\n", r.mass_recall);
   std::fprintf(out, "    output rel. error     mean %.3g  p99 %.3g  max %.3g\n",
                r.output_rel_error_mean, r.output_rel_error_p99, r.output_rel_error_max);
+  if (r.estimate_samples > 0)
+    std::fprintf(out,
+                 "    estimate              claims %.4f of the mass, the attended tokens missed "
+                 "%.4f (mean log ratio %.2f, %lld head-steps)\n",
+                 r.estimated_mass, r.estimate_missed_mass, r.estimate_log_ratio,
+                 static_cast<long long>(r.estimate_samples));
   std::fprintf(out,
                "  retrieval   scanned fraction %.4f of cold keys (read %.4f); %.0f cold tokens "
                "attended per head-step (retrieved fraction %.4f); %lld cold tokens per layer\n",

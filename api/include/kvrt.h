@@ -343,6 +343,15 @@ KVRT_API kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, 
                                        int32_t q_head, int64_t* ids, int64_t capacity,
                                        int64_t* count);
 
+/* The log-sum-exp (natural log, scaled scores) that the last kvrt_attend on (seq, layer) added
+ * for q head `q_head` as the estimate of the cold tokens it did not attend (KVRT_INDEX_CLUSTER;
+ * -INFINITY when there was none: another kind, estimation off, nothing left out). With the
+ * exact lse over all tokens, exp(estimate - exact) is the share of the attention mass the
+ * estimate claims, to set beside the mass the attended tokens missed (kvrt replay's
+ * estimated_mass). Same preconditions as kvrt_get_attended. Since 0.3.3. */
+KVRT_API kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                           int32_t q_head, float* lse);
+
 /* ---- execution context (device pointers, CUDA stream) ----------------------------------------
  * The _ex variants take where the tensors live and which stream orders the work. With
  * exec = NULL, or memory = KVRT_MEMORY_HOST and cuda_stream = NULL, they are the plain calls

@@ -480,6 +480,19 @@ kvrt_status kvrt_get_attended(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t l
   KVRT_API_CATCH
 }
 
+kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                  int32_t q_head, float* lse) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_get_estimate_lse"); s != KVRT_OK) return s;
+  if (lse == nullptr)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_get_estimate_lse: lse must not be NULL");
+  auto got = rt->impl->GetEstimateLse(seq, layer, q_head);
+  if (!got.ok()) return FromStatus(got.status());
+  *lse = *got;
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
 kvrt_status kvrt_set_head_policy(kvrt_runtime* rt, int32_t layer, int32_t q_head,
                                  kvrt_head_policy policy) {
   KVRT_API_TRY

@@ -44,6 +44,8 @@ struct ColdSelection {
   // Rows attended on the device from the GPU hot cache (device_hot_cache.h), beside rows[h]:
   std::vector<int64_t> cached;                    // [q_heads] how many (empty: none)
   std::vector<std::vector<int64_t>> cached_rows;  // [q_heads] which (with record_attended only)
+  // With record_attended, a GPU estimate's lse brought back ([q_heads]; empty: none or on host).
+  std::vector<float> device_estimate_lse;
 
   bool any_active() const {
     for (uint8_t a : active)

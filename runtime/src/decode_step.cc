@@ -14,6 +14,7 @@
 // Then the rows this step moved into the cold tier get indexed (in the background on the GPU).
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -200,6 +201,11 @@ void LayerState::RecordAttended(const ColdSelection& sel) {
   const int group = H / cfg_->num_kv_heads;
   const int64_t n_cold = cold_.rows();
   attended_.assign(H, {});
+  estimate_lse_.assign(H, -std::numeric_limits<float>::infinity());
+  if (!sel.estimate.empty())
+    estimate_lse_ = sel.estimate.lse;
+  else if (!sel.device_estimate_lse.empty())
+    estimate_lse_ = sel.device_estimate_lse;
   for (int h = 0; h < H; ++h) {
     auto& rec = attended_[h];
     const int g = h / group;

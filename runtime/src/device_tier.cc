@@ -1022,6 +1022,14 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
                                         params, outs, nullptr, stream));
   step->estimated[i] = params.estimate ? 1 : 0;
   sel->estimate_on_device = params.estimate;
+  if (cfg_->record_attended && params.estimate) {
+    // Measurement mode (it waits for the device anyway): the estimate's lse for replay metrics.
+    sel->device_estimate_lse.resize(H);
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(sel->device_estimate_lse.data(), outs.est_lse,
+                                               static_cast<std::size_t>(H) * sizeof(float),
+                                               stream));
+    KVRT_RETURN_IF_ERROR(transfer::StreamSynchronize(stream));
+  }
   if (direct) {
     KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
                                         reinterpret_cast<float*>(dev + q_at),

@@ -50,6 +50,9 @@ class LayerState {
                            tbb::task_arena& arena, const uint8_t* streaming, const Exec& exec,
                            absl::Status* status);
   const std::vector<int64_t>& attended(int q_head) const { return attended_[q_head]; }
+  // The lse the last attend's estimate of the cold tokens it did not attend added for q_head
+  // (-inf: no estimate), with record_attended.
+  float estimate_lse(int q_head) const { return estimate_lse_[q_head]; }
   bool has_attended() const { return !attended_.empty(); }
 
   // Waits for this layer's background index refresh. Runtime::AttendBatch calls it from the
@@ -86,6 +89,7 @@ class LayerState {
   int64_t length_ = 0;
   int64_t n_sink_ = 0, n_window_ = 0;
   std::vector<std::vector<int64_t>> attended_;  // per q head, when record_attended
+  std::vector<float> estimate_lse_;             // per q head, when record_attended
   // KVRT_COLD_AUTO: moving average of the attend wall time per mode (0 = not tried), attends.
   double cold_cost_ns_[2] = {0, 0};
   int64_t cold_attends_ = 0;

@@ -413,6 +413,13 @@ absl::Status Runtime::SetSearchEffort(int effort) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<float> Runtime::GetEstimateLse(int64_t id, int layer, int q_head) const {
+  KVRT_RETURN_IF_ERROR(GetAttended(id, layer, q_head, nullptr));  // the same preconditions
+  KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
+  std::lock_guard<std::mutex> lock(seq->mu);
+  return seq->layers[layer].estimate_lse(q_head);
+}
+
 absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
                                   std::vector<int64_t>* ids) const {
   if (!config_.record_attended)
@@ -427,7 +434,7 @@ absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
   if (!state.has_attended())
     return absl::FailedPreconditionError(
         absl::StrCat("get_attended: no attend on sequence ", id, " layer ", layer, " yet"));
-  *ids = state.attended(q_head);
+  if (ids != nullptr) *ids = state.attended(q_head);
   return absl::OkStatus();
 }
 

@@ -1,6 +1,7 @@
 // Every error path of the C API returns its status and a message that names the problem, and
 // leaves outputs and state untouched.
 #include <cmath>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -186,6 +187,70 @@ TEST_F(ApiTest, TokenCountsAndState) {
   int64_t count;
   EXPECT_EQ(kvrt_get_attended(rt_, seq_, 0, 0, nullptr, 0, &count), KVRT_ERR_FAILED_PRECONDITION);
   EXPECT_TRUE(Mentions("record_attended"));
+  float lse = 0.f;
+  EXPECT_EQ(kvrt_get_estimate_lse(rt_, seq_, 0, 0, &lse), KVRT_ERR_FAILED_PRECONDITION);
+  EXPECT_TRUE(Mentions("record_attended"));
+  EXPECT_EQ(kvrt_get_estimate_lse(rt_, seq_, 0, 0, nullptr), KVRT_ERR_INVALID_ARGUMENT);
+}
+
+// The cluster kind's estimate of the cold tokens a step leaves out, as kvrt_get_estimate_lse
+// reports it: a share of the exact attention mass between 0 and 1, close to the share the attended
+// tokens missed (the estimate recovers part of it, docs/cluster.md); a kind without an estimate
+// reports -inf.
+TEST(ApiEstimate, ClusterReportsItsEstimateAndFlatNone) {
+  const int d = 64, n = 9000;
+  std::vector<float> k(static_cast<std::size_t>(n) * d), v(k.size()), q(2 * d), out(2 * d);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  for (auto& x : q) x = 0.3f * nd(rng);
+  for (kvrt_index_kind kind : {KVRT_INDEX_CLUSTER, KVRT_INDEX_FLAT}) {
+    kvrt_config c = TinyConfig(1, 2);
+    c.head_dim = d;
+    c.window_tokens = 64;
+    c.index_kind = kind;
+    c.record_attended = 1;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_seq_id s;
+    ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+    ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), n), KVRT_OK) << kvrt_last_error();
+    ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
+    for (int h = 0; h < 2; ++h) {
+      float est = 0.f;
+      ASSERT_EQ(kvrt_get_estimate_lse(rt, s, 0, h, &est), KVRT_OK) << kvrt_last_error();
+      if (kind == KVRT_INDEX_FLAT) {
+        EXPECT_TRUE(std::isinf(est) && est < 0) << est;
+        continue;
+      }
+      // Exact lse over all n tokens, and the mass of the tokens this step did not attend.
+      std::vector<int64_t> ids(n);
+      int64_t count = 0;
+      ASSERT_EQ(kvrt_get_attended(rt, s, 0, h, ids.data(), n, &count), KVRT_OK);
+      std::vector<double> score(n);
+      double m = -1e300;
+      for (int t = 0; t < n; ++t) {
+        double dot = 0;
+        for (int j = 0; j < d; ++j) dot += q[h * d + j] * k[static_cast<std::size_t>(t) * d + j];
+        score[t] = dot / std::sqrt(static_cast<double>(d));
+        m = std::max(m, score[t]);
+      }
+      double z = 0, attended = 0;
+      for (int t = 0; t < n; ++t) z += std::exp(score[t] - m);
+      for (int64_t i = 0; i < count; ++i) attended += std::exp(score[ids[i]] - m);
+      const double missed = 1.0 - attended / z;
+      ASSERT_TRUE(std::isfinite(est)) << "head " << h << ": an estimate of the clusters left out";
+      const double claimed = std::exp(est - (m + std::log(z)));
+      EXPECT_GT(claimed, 0.0);
+      EXPECT_LT(claimed, 1.0);
+      EXPECT_GT(missed, 0.0);
+      // Within a factor of 20 of the truth: the estimate is biased low, but not absent.
+      EXPECT_LT(std::abs(std::log(claimed / missed)), std::log(20.0))
+          << "head " << h << ": claimed " << claimed << ", missed " << missed;
+    }
+    kvrt_runtime_destroy(rt);
+  }
 }
 
 TEST_F(ApiTest, ExecContext) {

@@ -121,7 +121,10 @@ class Runtime {
   absl::Status SetSearchEffort(int effort);
 
   // Positions the last Attend of (seq, layer) used for q_head (needs record_attended).
+  // ids may be null (only the preconditions are checked).
   absl::Status GetAttended(int64_t seq, int layer, int q_head, std::vector<int64_t>* ids) const;
+  // The lse of the last attend's estimate for q_head (-inf: none); record_attended as above.
+  absl::StatusOr<float> GetEstimateLse(int64_t seq, int layer, int q_head) const;
 
   RuntimeStats Stats() const;
 
