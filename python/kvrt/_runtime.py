@@ -191,6 +191,12 @@ class Sequence:
         record_attended=1): GPU tier first, then the retrieved cold tokens."""
         return np.asarray(self._impl.get_attended(self.id, layer, q_head), dtype=np.int64)
 
+    def estimate_lse(self, layer: int, q_head: int) -> float:
+        """The lse the last attend on `layer` added for `q_head` as the cluster kind's estimate of
+        the cold tokens it did not attend (kvrt_get_estimate_lse; -inf: none; needs
+        record_attended=1)."""
+        return float(self._impl.get_estimate_lse(self.id, layer, q_head))
+
     @property
     def released(self) -> bool:
         return self._released

@@ -71,5 +71,7 @@ NB_MODULE(_kvrt, m) {
            nb::arg("policy"))
       .def("set_search_effort", &PyRuntime::SetSearchEffort, nb::arg("effort"))
       .def("get_attended", &PyRuntime::GetAttended, nb::arg("seq"), nb::arg("layer"),
+           nb::arg("q_head"))
+      .def("get_estimate_lse", &PyRuntime::GetEstimateLse, nb::arg("seq"), nb::arg("layer"),
            nb::arg("q_head"));
 }

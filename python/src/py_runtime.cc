@@ -197,4 +197,14 @@ std::vector<int64_t> PyRuntime::GetAttended(int64_t seq, int32_t layer, int32_t 
   return ids;
 }
 
+float PyRuntime::GetEstimateLse(int64_t seq, int32_t layer, int32_t q_head) const {
+  const char* call = "Sequence.estimate_lse";
+  kvrt_runtime* rt = Live(call);
+  float lse = 0.f;
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_get_estimate_lse(rt, seq, layer, q_head, &lse); }), call,
+        err);
+  return lse;
+}
+
 }  // namespace kvrt_py

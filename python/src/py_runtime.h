@@ -46,6 +46,7 @@ class PyRuntime {
   void SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy);
   void SetSearchEffort(int32_t effort);
   std::vector<int64_t> GetAttended(int64_t seq, int32_t layer, int32_t q_head) const;
+  float GetEstimateLse(int64_t seq, int32_t layer, int32_t q_head) const;
 
  private:
   kvrt_runtime* Live(const char* call) const;

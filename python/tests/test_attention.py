@@ -119,3 +119,13 @@ def test_record_attended_names_positions(rng):
     assert ids.dtype == np.int64 and len(ids) == 2 + 8 + 10
     assert set(ids[:10]) == {0, 1, *range(292, 300)}
     assert all(2 <= i < 292 for i in ids[10:])
+    assert seq.estimate_lse(0, 3) == -np.inf  # flat estimates nothing
+
+
+def test_estimate_lse_needs_record_attended(rng):
+    rt = make(index_kind="flat", top_k=10)
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 300), kv(rng, 300))
+    seq.attend(0, rng.standard_normal((8, 32), dtype=np.float32))
+    with pytest.raises(kvrt.KvrtError, match="record_attended"):
+        seq.estimate_lse(0, 0)
