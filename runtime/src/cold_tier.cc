@@ -59,7 +59,7 @@ absl::Status ColdTier::Reserve(int64_t rows) {
   if (store_guard_ && std::any_of(stores_.begin(), stores_.end(), [&](const auto& st) {
         return rows > st.capacity();
       }))
-    store_guard_();
+    store_guard_(/*moves=*/true);
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     KVRT_RETURN_IF_ERROR(stores_[g].Reserve(rows));
     try {
@@ -181,7 +181,7 @@ void ColdTier::ApplyRowOrder(int g) {
     return;
   }
   // The index chose where its rows live; the store and the position map follow, together.
-  if (store_guard_) store_guard_();
+  if (store_guard_) store_guard_(/*moves=*/false);
   if (!stores_[g].PermuteRows(begin, order).ok()) return;
   std::vector<int64_t> moved(order.size());
   for (std::size_t i = 0; i < order.size(); ++i) moved[i] = positions_[g][begin + order[i]];

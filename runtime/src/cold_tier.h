@@ -81,7 +81,8 @@ class ColdTier {
   // permuted (an index's row order), from the thread doing it (a background refresh included;
   // heads may call it concurrently): the GPU backend's direct step reads the stores in place and
   // must let its reads finish and drop its registration first.
-  void SetStoreGuard(std::function<void()> guard) { store_guard_ = std::move(guard); }
+  // `moves`: the memory is about to move (false: rows are permuted in place).
+  void SetStoreGuard(std::function<void(bool moves)> guard) { store_guard_ = std::move(guard); }
   // Capacity for `rows` rows in total, so that Append up to it cannot fail.
   absl::Status Reserve(int64_t rows);
   // Appends n tokens [n, kv_heads, d] (storage dtype), positions rows() + first_position onward;
@@ -181,7 +182,7 @@ class ColdTier {
   std::vector<uint8_t> laid_out_;    // [kv_heads] the store follows the preset's order already
   std::vector<uint8_t> skip_order_;  // [kv_heads] the index took such a preset: drop its order
   int64_t index_version_ = 0;
-  std::function<void()> store_guard_;
+  std::function<void(bool)> store_guard_;
 };
 
 }  // namespace kvrt::runtime

@@ -235,11 +235,15 @@ class DeviceTier final : public TierBackend {
     // The stream's uploads (page table) must be complete before a step on another stream reads.
     if (direct_.Prepare(cold, lease.get())) (void)transfer::StreamSynchronize(lease.get());
   }
-  void BeforeStoreMoves() override {
+  void BeforeStoreChanges(bool moves) override {
     if (!direct_.registered()) return;
     transfer::ScopedDevice on_device(cfg_->call_device());
     if (used_) (void)last_use_.Synchronize();  // a direct step may still read the stores
-    direct_.DropRegistrations();
+    // Rows permuted in place keep their registration; moved memory needs a new one.
+    if (moves)
+      direct_.DropRegistrations();
+    else
+      (void)direct_.Quiesce();
   }
   void AcquirePromptSlot() override { ctx_->AcquirePromptSlot(); }
   void ReleasePromptSlot() override { ctx_->ReleasePromptSlot(); }
@@ -555,7 +559,11 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
     if (built.ok()) parts = std::move(*built);
     build_ns = NowNs() - t0;
   }
-  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + prompt_.rows));
+  // With the direct step, room for half a prompt of decode tokens as well: capacity that is never
+  // touched costs address space only, and a store that grows within it is not moved (a moved store
+  // is registered for the device again, pinning all of it).
+  const int64_t headroom = cfg_->direct_step ? prompt_.rows / 2 : 0;
+  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + prompt_.rows + headroom));
   // With the GPU's clusters, the rows are laid out cluster-contiguous on the device (one scatter)
   // before they go down, so that the host store needs no permutation of its own.
   std::vector<std::vector<int64_t>> order;

@@ -48,35 +48,26 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
 bool DirectStep::Register(const ColdTier& cold, void* stream) {
   const int G = cfg_->num_kv_heads;
   std::lock_guard<std::mutex> lock(mu_);
-  bool same = !regs_k_.empty();
-  for (int g = 0; same && g < G; ++g)
-    same = regs_k_[g].host() == cold.store(g).keys() &&
-           regs_v_[g].host() == cold.store(g).values() &&
-           cold.store(g).capacity() == reg_capacity_;
-  if (same) return true;
-  regs_k_.clear();
-  regs_v_.clear();
   const int64_t capacity = cold.store(0).capacity();
-  const std::size_t bytes = static_cast<std::size_t>(capacity) * row_bytes();
-  const int64_t t0 = NowNs();
-  for (int g = 0; g < G; ++g) {
-    auto k = transfer::HostRegistration::Register(cold.store(g).keys(), bytes);
-    auto v = k.ok() ? transfer::HostRegistration::Register(cold.store(g).values(), bytes)
-                    : absl::StatusOr<transfer::HostRegistration>(k.status());
-    if (!k.ok() || !v.ok()) {
-      regs_k_.clear();
-      regs_v_.clear();
-      off_ = true;
-      off_reason_ = absl::StrCat("registering the host store: ",
-                                 (k.ok() ? v.status() : k.status()).message());
-      return false;
-    }
-    regs_k_.push_back(std::move(*k));
-    regs_v_.push_back(std::move(*v));
+  bool moved = regs_k_.empty() || capacity != reg_capacity_;
+  for (int g = 0; !moved && g < G; ++g)
+    moved = regs_k_[g].base != cold.store(g).keys() || regs_v_[g].base != cold.store(g).values();
+  if (moved) {
+    regs_k_.clear();
+    regs_v_.clear();
+    regs_k_.resize(G);
+    regs_v_.resize(G);
+    reg_rows_ = 0;
+    reg_capacity_ = capacity;
+    view_dirty_ = true;
   }
-  counters_->time_hot_cache_ns += NowNs() - t0;
-  reg_capacity_ = capacity;
-  view_dirty_ = true;
+  if (absl::Status st = ExtendLocked(cold, cold.rows()); !st.ok()) {
+    regs_k_.clear();
+    regs_v_.clear();
+    off_ = true;
+    off_reason_ = absl::StrCat("registering the host store: ", st.message());
+    return false;
+  }
   // The table covers every block the registered stores can hold.
   const int64_t blocks = (capacity + kBlock - 1) / kBlock;
   if (blocks > blocks_per_head_) {
@@ -108,11 +99,44 @@ absl::Status DirectStep::Quiesce() {
   return st;
 }
 
+absl::Status DirectStep::ExtendLocked(const ColdTier& cold, int64_t rows) {
+  if (rows <= reg_rows_ && reg_rows_ > 0) return absl::OkStatus();
+  // Registered a chunk at a time, a chunk ahead of the rows: registering pins the pages, so the
+  // untouched capacity of a store (room for the decode tokens to come) is neither faulted in nor
+  // pinned before it is used, and growing within the capacity never registers a row twice.
+  const std::size_t rb = row_bytes();
+  const int64_t chunk = static_cast<int64_t>(kRegisterChunkBytes / rb);  // page-aligned starts
+  const int64_t target =
+      std::min(reg_capacity_, (rows + chunk + chunk - 1) / chunk * chunk);
+  if (target <= reg_rows_) return absl::OkStatus();
+  const int64_t t0 = NowNs();
+  const std::size_t at = static_cast<std::size_t>(reg_rows_) * rb;
+  const std::size_t bytes = static_cast<std::size_t>(target - reg_rows_) * rb;
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
+    for (auto [regs, base] : {std::pair{&regs_k_[g], cold.store(g).keys()},
+                              std::pair{&regs_v_[g], cold.store(g).values()}}) {
+      const auto* p = static_cast<const unsigned char*>(base) + at;
+      KVRT_ASSIGN_OR_RETURN(transfer::HostRegistration r,
+                            transfer::HostRegistration::Register(p, bytes));
+      // Kernels index one pointer across every chunk: it must be the host address.
+      if (r.device() != r.host())
+        return absl::FailedPreconditionError(
+            "the device maps registered host memory at another address");
+      regs->base = base;
+      regs->chunks.push_back(std::move(r));
+    }
+  }
+  reg_rows_ = target;
+  counters_->time_hot_cache_ns += NowNs() - t0;
+  return absl::OkStatus();
+}
+
 void DirectStep::DropRegistrations() {
   (void)Quiesce();
   std::lock_guard<std::mutex> lock(mu_);
   regs_k_.clear();
   regs_v_.clear();
+  reg_rows_ = 0;
 }
 
 bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
@@ -184,8 +208,8 @@ absl::Status DirectStep::UploadView(const ColdTier& cold, int C, void* stream) {
   view_host_.assign(bytes, 0);
   auto* ptrs = reinterpret_cast<const void**>(view_host_.data() + ptrs_at);
   for (int g = 0; g < G; ++g) {
-    ptrs[g] = regs_k_[g].device();
-    ptrs[G + g] = regs_v_[g].device();
+    ptrs[g] = regs_k_[g].base;  // registered host memory: the same address on the device
+    ptrs[G + g] = regs_v_[g].base;
   }
   std::memcpy(view_host_.data() + tail_at, tail_begin_.data(), G * sizeof(int64_t));
   auto* begin = reinterpret_cast<int32_t*>(view_host_.data() + begin_at);
@@ -285,6 +309,14 @@ absl::Status DirectStep::AdmitAndFill() {
   transfer::ScopedDevice on_device(cfg_->call_device());  // an arena worker runs the job
   KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
   const int64_t t0 = NowNs();
+  {
+    // Half a chunk from the registered end: the next chunk is registered here, off the decode
+    // path, before a step needs it.
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t chunk = static_cast<int64_t>(kRegisterChunkBytes / row_bytes());
+    if (!regs_k_.empty() && rec_rows_ + chunk / 2 > reg_rows_)
+      KVRT_RETURN_IF_ERROR(ExtendLocked(*rec_cold_, rec_rows_ + chunk / 2));
+  }
   Admit();
   // NOTE: the step that read the pages this fill may overwrite is complete (rec_ready_ follows
   // its attend), and the next step's stream waits for filled_ before it reads the pool.
@@ -397,6 +429,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
   KVRT_RETURN_IF_ERROR(freed);
   rec_rows_ = rows;
   rec_c_ = C;
+  rec_cold_ = &cold;
   rec_counted_ = cfg_->record_attended;
   counters_->attends_direct += 1;
 

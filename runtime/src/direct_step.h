@@ -65,11 +65,15 @@ class DirectStep {
   // for the admission job and its fill (which read the stores too), then drops the registration.
   void DropRegistrations();
   const std::string& off_reason() const { return off_reason_; }
+  // Waits for the admission job and its fill (both read the stores); OK if none ran.
+  absl::Status Quiesce();
   // Waits for the last step's copies and frees everything.
   void Release();
 
  private:
   bool Register(const ColdTier& cold, void* stream);
+  // Registers rows up to `rows` (and a chunk ahead) of every store; mu_ held.
+  absl::Status ExtendLocked(const ColdTier& cold, int64_t rows);
   bool FitPool(int64_t cold_rows, void* stream);
   absl::Status UploadView(const ColdTier& cold, int C, void* stream);
   absl::Status UploadTable(void* stream);
@@ -79,8 +83,6 @@ class DirectStep {
   // copies of the summary (the cold tier may refresh it meanwhile).
   void Admit();
   absl::Status ApplyUpdates(void* stream);
-  // Waits for the admission job; OK if none ran.
-  absl::Status Quiesce();
   // Rows q head h attended in the step recorded in rec_ (mask bits, extra rows, the tail).
   std::vector<int64_t> RecordedRows(const ColdTier& cold, int h) const;
   gpu::DirectRowsView View(int64_t rows) const;
@@ -93,9 +95,15 @@ class DirectStep {
   std::string off_reason_;
   std::mutex mu_;  // registrations: the store guard may run on a background thread
 
-  // Per kv head: the registered key and value stores, and their capacity in rows.
-  std::vector<transfer::HostRegistration> regs_k_, regs_v_;
-  int64_t reg_capacity_ = 0;
+  // Per kv head, the key and the value store: registered in chunks from row 0 to reg_rows_ (of a
+  // store of reg_capacity_ rows at base).
+  static constexpr std::size_t kRegisterChunkBytes = std::size_t{8} << 20;
+  struct StoreRegistration {
+    const void* base = nullptr;
+    std::vector<transfer::HostRegistration> chunks;
+  };
+  std::vector<StoreRegistration> regs_k_, regs_v_;
+  int64_t reg_capacity_ = 0, reg_rows_ = 0;
   // Device view arrays: [store_k G | store_v G | tail_begin G (int64) | cluster_begin G*C |
   // extra G*E], re-uploaded when the index version or the registrations change.
   transfer::DeviceBuffer view_dev_;
@@ -124,6 +132,9 @@ class DirectStep {
   transfer::Event rec_ready_;
   bool rec_counted_ = false;
   int64_t rec_rows_ = 0;
+  // The cold tier of the recorded step: the admission job registers its stores ahead. Valid
+  // while the job may run (the layer awaits the job before its stores move or go).
+  const ColdTier* rec_cold_ = nullptr;
   int rec_c_ = 0;
   transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
   int64_t read_rows_seen_[2] = {0, 0};

@@ -19,7 +19,7 @@ LayerState::LayerState(const RuntimeConfig* config, Runtime::Counters* counters,
       tier_(gpu != nullptr ? MakeDeviceTier(config, counters, gpu) : MakeHostTier(config)),
       cold_(config, counters, config->sink_tokens) {
   // The backend may read the stores in place (the direct step): it must see them move first.
-  cold_.SetStoreGuard([tier = tier_.get()] { tier->BeforeStoreMoves(); });
+  cold_.SetStoreGuard([tier = tier_.get()](bool moves) { tier->BeforeStoreChanges(moves); });
 }
 
 LayerState::~LayerState() = default;

@@ -90,9 +90,9 @@ class TierBackend {
   // (the direct step's registration of the stores and its pool), so that it is not on the
   // critical path. Failures are left for that step to meet.
   virtual void PrepareDecode(const ColdTier& cold) { (void)cold; }
-  // The cold tier's stores are about to move or permute (ColdTier::SetStoreGuard); may run on
-  // a background thread.
-  virtual void BeforeStoreMoves() {}
+  // The cold tier's stores are about to move (`moves`) or permute their rows in place
+  // (ColdTier::SetStoreGuard); may run on a background thread.
+  virtual void BeforeStoreChanges(bool moves) { (void)moves; }
   virtual void AcquirePromptSlot() {}
   virtual void ReleasePromptSlot() {}
   // Copies rows[i] of a call's tensor (row_bytes each; device memory when exec.device) to row i
