@@ -35,8 +35,9 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
     return false;
   }
   if (cold.rows() == 0) return false;
-  // The admission job uses the pool and the policy that FitPool may replace.
-  if (!Quiesce().ok()) {
+  // The admission job uses the pool and the policy that FitPool may replace. (Its fill is ordered
+  // on the device, by BeginStep: the host does not wait for it here.)
+  if (!admission_.Wait().ok()) {
     off_ = true;
     off_reason_ = "the page admission failed";
     return false;
@@ -147,7 +148,10 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   const int64_t have = cache_ ? cache_->pages_per_head() : 0;
   if (cache_ && want <= have + have / 4) return true;
   // (Re)allocated empty: a rare event, the pool grows with the cold tier a quarter at a time.
-  if (cache_) (void)transfer::StreamSynchronize(stream);  // the last step still reads the pool
+  if (cache_) {
+    (void)Quiesce();                           // the last fill writes the pool
+    (void)transfer::StreamSynchronize(stream);  // the last step still reads it
+  }
   const std::size_t bytes = static_cast<std::size_t>(want) * G * kBlock * row_bytes();
   const int64_t pool_before = static_cast<int64_t>(pool_k_.size() + pool_v_.size());
   pool_k_.Reset();
