@@ -19,6 +19,7 @@
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/direct_attend.h"
 #include "kvrt_gpu/kernels.h"
+#include "tests/gpu/random_storage.h"
 
 #if KVRT_WITH_CUDA
 #include <cuda_runtime.h>
@@ -83,15 +84,6 @@ struct Problem {
     return v;
   }
 };
-
-std::vector<unsigned char> RandomStorage(std::mt19937& rng, std::size_t n, DType t, float sd) {
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> f(n);
-  for (auto& x : f) x = nd(rng);
-  std::vector<unsigned char> out(n * DTypeSize(t));
-  ConvertFromF32(f.data(), n, t, out.data());
-  return out;
-}
 
 // Each q head selects about a third of the clusters (those of head 0 of its group shared with
 // the others half the time), plus, for some heads, ids >= C that MarkSelected must ignore.

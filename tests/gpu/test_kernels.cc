@@ -14,6 +14,7 @@
 
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/kernels.h"
+#include "tests/gpu/random_storage.h"
 #include "kvrt_gpu/tier_attention.h"
 
 #if KVRT_WITH_CUDA
@@ -35,16 +36,6 @@ constexpr double kTopKScoreTol = 1e-3;    // scores of |q.k| ~ 10 in f32, differ
 [[maybe_unused]] bool Small() {
   const char* s = std::getenv("KVRT_GPU_TEST_SMALL");
   return s != nullptr && s[0] == '1';
-}
-
-// Random values stored in dtype t (and the f32 values the storage actually holds).
-std::vector<unsigned char> RandomStorage(std::mt19937& rng, std::size_t n, DType t, float sd) {
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> f(n);
-  for (auto& x : f) x = nd(rng);
-  std::vector<unsigned char> out(n * DTypeSize(t));
-  ConvertFromF32(f.data(), n, t, out.data());
-  return out;
 }
 
 std::vector<float> ToF32(const std::vector<unsigned char>& s, DType t) {
