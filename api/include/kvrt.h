@@ -484,7 +484,8 @@ typedef struct kvrt_stats {
                                     are not included), so far */
   /* The direct step (config.cluster_direct_step). Since 0.3.3. hot_hits / hot_misses then count
    * 8-row blocks of the store (used from the cache / given a page), hot_h2d_bytes the bytes
-   * filled into the cache. */
+   * filled into the cache, and a direct step's cold_tokens_attended is counted at that layer's
+   * next attend (without record_attended): the step itself never waits to know it. */
   int64_t attends_direct;    /* layer attends that ran the direct step, so far (fewer than
                                 attends_gpu_select: some layer fell back, its store could not be
                                 registered or its cache found no room) */
