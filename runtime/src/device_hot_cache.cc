@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "align.h"
 #include "clock.h"
 #include "device_tier.h"
 #include "kvrt_common/status_macros.h"
@@ -13,8 +14,6 @@
 
 namespace kvrt::runtime {
 namespace {
-
-std::size_t Align16(std::size_t x) { return (x + 15) / 16 * 16; }
 
 // Pool row of row j of a group whose pages are `pages` (local to its kv head, whose first pool
 // page is page0).
@@ -25,6 +24,12 @@ int32_t PoolRow(int64_t page0, const std::vector<int32_t>& pages, int32_t j) {
 
 }  // namespace
 
+int64_t HotPoolPages(const RuntimeConfig& cfg, int64_t cold_rows, int page_rows) {
+  const int64_t rows = static_cast<int64_t>(
+      std::ceil(static_cast<double>(cfg.hot_cache_fraction) * static_cast<double>(cold_rows)));
+  return std::max<int64_t>(1, (rows + page_rows - 1) / page_rows);
+}
+
 std::size_t DeviceHotCache::row_bytes() const {
   return static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
 }
@@ -32,10 +37,8 @@ std::size_t DeviceHotCache::row_bytes() const {
 bool DeviceHotCache::Fit(int64_t cold_rows, void* stream) {
   if (cfg_->hot_cache_fraction <= 0.f) return false;
   const int G = cfg_->num_kv_heads;
-  const int64_t want_rows = static_cast<int64_t>(
-      std::ceil(static_cast<double>(cfg_->hot_cache_fraction) * static_cast<double>(cold_rows)));
-  const int64_t want = std::max<int64_t>(1, (want_rows + kPageRows - 1) / kPageRows);  // per head
-  if (!maps_.empty() && want <= pages_per_head_ + pages_per_head_ / 4) return true;
+  const int64_t want = HotPoolPages(*cfg_, cold_rows, kPageRows);  // per head
+  if (!HotPoolOutgrown(want, maps_.empty() ? 0 : pages_per_head_)) return true;
   // (Re)allocate, empty: the pages of a smaller pool are dropped (a rare event: the pool grows
   // with the cold tier, by a quarter at a time).
   if (!maps_.empty()) {

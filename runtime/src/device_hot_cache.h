@@ -25,6 +25,15 @@ namespace kvrt::runtime {
 
 class GpuContext;
 
+// Pages per kv head that a pool of the cold tier's hot rows needs for cold_rows rows
+// (config.hot_cache_fraction of them, at least one page of page_rows). A pool of `have` pages
+// (0: none yet) is replaced only when the need outgrew it by more than a quarter, so that it
+// grows with the cold tier a quarter at a time. Shared by DeviceHotCache and the direct step.
+int64_t HotPoolPages(const RuntimeConfig& cfg, int64_t cold_rows, int page_rows);
+inline bool HotPoolOutgrown(int64_t want, int64_t have) {
+  return have == 0 || want > have + have / 4;
+}
+
 // What Attend did for one step.
 struct HotCacheStep {
   bool on_device = false;                      // o, lse were written (some row attended)

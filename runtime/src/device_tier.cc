@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "clock.h"
+#include "align.h"
 #include "device_hot_cache.h"
 #include "direct_step.h"
 #include "kvrt_common/status_macros.h"
@@ -764,7 +765,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   // Scratch: [o kSlots*n*H*d | lse kSlots*n*H | merged n*H*d | tier arrays (n > 1) | q (host q)].
   const std::size_t arrays_bytes = n > 1 ? gpu::TierArrays::Bytes(n) : 0;
   const std::size_t floats = kSlots * (of + step->rows) + of;
-  const std::size_t arrays_at = (floats * sizeof(float) + 15) / 16 * 16;
+  const std::size_t arrays_at = Align16(floats * sizeof(float));
   KVRT_ASSIGN_OR_RETURN(
       step->scratch,
       transfer::MallocAsync(arrays_at + arrays_bytes + (exec.device ? 0 : qbytes), stream));

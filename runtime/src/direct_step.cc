@@ -2,22 +2,33 @@
 
 #include <algorithm>
 #include <bit>
-#include <cmath>
 #include <cstring>
 
-#include "absl/strings/str_cat.h"
+#include "align.h"
 #include "clock.h"
+#include "device_hot_cache.h"
 #include "device_tier.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
-#include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::runtime {
 namespace {
 
 constexpr int kBlock = gpu::kDirectBlockRows;
 
-std::size_t Align16(std::size_t x) { return (x + 15) / 16 * 16; }
+// The step record (rec_): mask [G, C] uint32, then at this offset the read counts int64 [2].
+std::size_t RecReadAt(int G, int C) { return Align16(static_cast<std::size_t>(G) * C * 4); }
+
+// The device view arrays (view_dev_): [store_k G | store_v G | tail_begin G (int64) |
+// cluster_begin G*C | extra G*E], one layout for the upload and the view over it.
+struct ViewLayout {
+  std::size_t tail_at, begin_at, extra_at, bytes;
+  ViewLayout(int G, int C, std::size_t E)
+      : tail_at(2 * G * sizeof(void*)),
+        begin_at(tail_at + G * sizeof(int64_t)),
+        extra_at(begin_at + static_cast<std::size_t>(G) * C * 4),
+        bytes(Align16(extra_at + std::max<std::size_t>(1, G * E) * 4)) {}
+};
 
 }  // namespace
 
@@ -30,8 +41,7 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
       !cpu_index::KindInfo(cfg_->index_kind).estimates || !cfg_->index.cluster.gpu_select)
     return false;
   if (cfg_->num_q_heads / cfg_->num_kv_heads > gpu::kDirectMaxGroup) {
-    off_ = true;
-    off_reason_ = "more q heads per kv head than the direct step's mask holds";
+    off_ = true;  // more q heads per kv head than the mask holds
     return false;
   }
   if (cold.rows() == 0) return false;
@@ -39,7 +49,6 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
   // on the device, by BeginStep: the host does not wait for it here.)
   if (!admission_.Wait().ok()) {
     off_ = true;
-    off_reason_ = "the page admission failed";
     return false;
   }
   if (!Register(cold, stream)) return false;
@@ -66,7 +75,6 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
     regs_k_.clear();
     regs_v_.clear();
     off_ = true;
-    off_reason_ = absl::StrCat("registering the host store: ", st.message());
     return false;
   }
   // The table covers every block the registered stores can hold.
@@ -75,7 +83,6 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
     auto t = transfer::DeviceBuffer::Allocate(static_cast<std::size_t>(blocks) * G * 4);
     if (!t.ok()) {
       off_ = true;
-      off_reason_ = absl::StrCat("the page table: ", t.status().message());
       return false;
     }
     counters_->gpu_allocated_bytes += static_cast<int64_t>(t->size() - table_.size());
@@ -87,7 +94,6 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
     if (cache_) cache_ = std::make_unique<BlockPageCache>(G, cache_->pages_per_head(), 2);
     if (!UploadTable(stream).ok()) {
       off_ = true;
-      off_reason_ = "uploading the page table";
       return false;
     }
   }
@@ -142,11 +148,8 @@ void DirectStep::DropRegistrations() {
 
 bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   const int G = cfg_->num_kv_heads;
-  const int64_t want_rows = static_cast<int64_t>(
-      std::ceil(static_cast<double>(cfg_->hot_cache_fraction) * static_cast<double>(cold_rows)));
-  const int64_t want = std::max<int64_t>(1, (want_rows + kBlock - 1) / kBlock);  // per head
-  const int64_t have = cache_ ? cache_->pages_per_head() : 0;
-  if (cache_ && want <= have + have / 4) return true;
+  const int64_t want = HotPoolPages(*cfg_, cold_rows, kBlock);  // per head
+  if (!HotPoolOutgrown(want, cache_ ? cache_->pages_per_head() : 0)) return true;
   // (Re)allocated empty: a rare event, the pool grows with the cold tier a quarter at a time.
   if (cache_) {
     (void)Quiesce();                           // the last fill writes the pool
@@ -161,23 +164,22 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   counted_bytes_ -= pool_before;
   cache_.reset();
   const int64_t limit = cfg_->gpu_memory_limit;
-  auto fail = [&](std::string why) {
+  auto fail = [&] {
     off_ = true;
-    off_reason_ = std::move(why);
     return false;
   };
   if (limit > 0 && counters_->gpu_allocated_bytes.load() + 2 * static_cast<int64_t>(bytes) > limit)
-    return fail("the pool does not fit under gpu_memory_limit");
+    return fail();
   auto k = transfer::DeviceBuffer::Allocate(bytes);
   auto v = k.ok() ? transfer::DeviceBuffer::Allocate(bytes) : k.status();
-  if (!k.ok() || !v.ok()) return fail("allocating the pool");
+  if (!k.ok() || !v.ok()) return fail();
   pool_k_ = std::move(*k);
   pool_v_ = std::move(*v);
   counters_->gpu_allocated_bytes += 2 * static_cast<int64_t>(bytes);
   counters_->hot_cache_gpu_bytes += 2 * static_cast<int64_t>(bytes);
   counted_bytes_ += 2 * static_cast<int64_t>(bytes);
   cache_ = std::make_unique<BlockPageCache>(G, want, /*admit_after=*/2);
-  if (!UploadTable(stream).ok()) return fail("clearing the page table");
+  if (!UploadTable(stream).ok()) return fail();
   return true;
 }
 
@@ -205,19 +207,17 @@ absl::Status DirectStep::UploadView(const ColdTier& cold, int C, void* stream) {
         ex.push_back(static_cast<int32_t>(r));
     E = std::max(E, ex.size());
   }
-  const std::size_t ptrs_at = 0, tail_at = 2 * G * sizeof(void*);
-  const std::size_t begin_at = tail_at + G * sizeof(int64_t);
-  const std::size_t extra_at = begin_at + static_cast<std::size_t>(G) * C * 4;
-  const std::size_t bytes = Align16(extra_at + std::max<std::size_t>(1, G * E) * 4);
+  const ViewLayout at(G, C, E);
+  const std::size_t bytes = at.bytes;
   view_host_.assign(bytes, 0);
-  auto* ptrs = reinterpret_cast<const void**>(view_host_.data() + ptrs_at);
+  auto* ptrs = reinterpret_cast<const void**>(view_host_.data());
   for (int g = 0; g < G; ++g) {
     ptrs[g] = regs_k_[g].base;  // registered host memory: the same address on the device
     ptrs[G + g] = regs_v_[g].base;
   }
-  std::memcpy(view_host_.data() + tail_at, tail_begin_.data(), G * sizeof(int64_t));
-  auto* begin = reinterpret_cast<int32_t*>(view_host_.data() + begin_at);
-  auto* extra = reinterpret_cast<int32_t*>(view_host_.data() + extra_at);
+  std::memcpy(view_host_.data() + at.tail_at, tail_begin_.data(), G * sizeof(int64_t));
+  auto* begin = reinterpret_cast<int32_t*>(view_host_.data() + at.begin_at);
+  auto* extra = reinterpret_cast<int32_t*>(view_host_.data() + at.extra_at);
   begin_host_.assign(static_cast<std::size_t>(G) * C, 0);
   size_host_.assign(static_cast<std::size_t>(G) * C, 0);
   for (int g = 0; g < G; ++g) {
@@ -245,9 +245,7 @@ absl::Status DirectStep::UploadView(const ColdTier& cold, int C, void* stream) {
 gpu::DirectRowsView DirectStep::View(int64_t rows) const {
   const int G = cfg_->num_kv_heads;
   auto* base = static_cast<unsigned char*>(view_dev_.data());
-  const std::size_t tail_at = 2 * G * sizeof(void*);
-  const std::size_t begin_at = tail_at + G * sizeof(int64_t);
-  const std::size_t extra_at = begin_at + static_cast<std::size_t>(G) * view_c_ * 4;
+  const ViewLayout at(G, view_c_, static_cast<std::size_t>(view_e_));
   gpu::DirectRowsView v;
   v.kv_heads = G;
   v.q_heads = cfg_->num_q_heads;
@@ -263,10 +261,10 @@ gpu::DirectRowsView DirectStep::View(int64_t rows) const {
   v.pages = cache_->pages_per_head() * G;
   v.num_clusters = view_c_;
   v.num_extra = view_e_;
-  v.tail_begin = reinterpret_cast<const int64_t*>(base + tail_at);
-  v.cluster_begin = reinterpret_cast<const int32_t*>(base + begin_at);
+  v.tail_begin = reinterpret_cast<const int64_t*>(base + at.tail_at);
+  v.cluster_begin = reinterpret_cast<const int32_t*>(base + at.begin_at);
   v.cluster_size = cluster_size_;
-  v.extra = view_e_ > 0 ? reinterpret_cast<const int32_t*>(base + extra_at) : nullptr;
+  v.extra = view_e_ > 0 ? reinterpret_cast<const int32_t*>(base + at.extra_at) : nullptr;
   return v;
 }
 
@@ -275,12 +273,10 @@ void DirectStep::Admit() {
   const int C = rec_c_;
   const auto* mask = static_cast<const uint32_t*>(rec_.data());
   const auto* read = reinterpret_cast<const int64_t*>(static_cast<const unsigned char*>(rec_.data()) +
-                                                      Align16(static_cast<std::size_t>(G) * C * 4));
-  // Rows read over PCIe and from the pool so far (cumulative on the device).
-  counters_->direct_host_bytes +=
-      (read[1] - read_rows_seen_[1]) * 2 * static_cast<int64_t>(row_bytes());
-  read_rows_seen_[0] = read[0];
-  read_rows_seen_[1] = read[1];
+                                                      RecReadAt(G, C));
+  // read[1]: rows read over PCIe so far (cumulative on the device; read[0] counts pool rows).
+  counters_->direct_host_bytes += (read[1] - host_rows_seen_) * 2 * static_cast<int64_t>(row_bytes());
+  host_rows_seen_ = read[1];
   const int64_t full_blocks = rec_rows_ / kBlock;  // a partial block is never given a page
   int64_t hits = 0, admitted = 0, attended = 0;
   cache_->NextStep();
@@ -403,7 +399,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
 
   // 3. This step: mask, attend, and the record of both for the next step.
   const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * 4;
-  const std::size_t rec_bytes = Align16(mask_bytes) + 2 * sizeof(int64_t);
+  const std::size_t rec_bytes = RecReadAt(G, C) + 2 * sizeof(int64_t);
   if (read_rows_dev_.empty()) {
     KVRT_ASSIGN_OR_RETURN(read_rows_dev_, transfer::DeviceBuffer::Allocate(2 * sizeof(int64_t)));
     KVRT_RETURN_IF_ERROR(
@@ -425,7 +421,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
                            static_cast<int64_t*>(read_rows_dev_.data()), nullptr, stream);
   if (st.ok()) st = transfer::MemcpyAsync(rec_.data(), mask, mask_bytes, stream);
   if (st.ok())
-    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + Align16(mask_bytes),
+    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecReadAt(G, C),
                                read_rows_dev_.data(), 2 * sizeof(int64_t), stream);
   if (st.ok()) st = rec_ready_.Record(stream);
   const absl::Status freed = transfer::FreeAsync(mask_dev, stream);

@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -45,7 +44,7 @@ class DirectStep {
   // Whether a direct step can run now for `cold`: config on, stores registered (again after they
   // moved), pool sized for the cold rows. A failure (registration refused, no room under
   // gpu_memory_limit) turns the direct step off for this layer, which then takes the CPU-ordered
-  // path; why is kept in off_reason().
+  // path (kvrt_stats.attends_direct shows it).
   bool Prepare(const ColdTier& cold, void* stream);
   // A step in two calls, both requiring Prepare() true in this call. BeginStep, before the
   // selection is enqueued on stream: orders stream after the last admission's fill, refreshes
@@ -64,7 +63,6 @@ class DirectStep {
   // The stores are about to move: the caller has waited for the steps' device work; this waits
   // for the admission job and its fill (which read the stores too), then drops the registration.
   void DropRegistrations();
-  const std::string& off_reason() const { return off_reason_; }
   // Waits for the admission job and its fill (both read the stores); OK if none ran.
   absl::Status Quiesce();
   // Waits for the last step's copies and frees everything.
@@ -92,7 +90,6 @@ class DirectStep {
   Runtime::Counters* counters_;
   GpuContext* ctx_;
   bool off_ = false;
-  std::string off_reason_;
   std::mutex mu_;  // registrations: the store guard may run on a background thread
 
   // Per kv head, the key and the value store: registered in chunks from row 0 to reg_rows_ (of a
@@ -104,8 +101,8 @@ class DirectStep {
   };
   std::vector<StoreRegistration> regs_k_, regs_v_;
   int64_t reg_capacity_ = 0, reg_rows_ = 0;
-  // Device view arrays: [store_k G | store_v G | tail_begin G (int64) | cluster_begin G*C |
-  // extra G*E], re-uploaded when the index version or the registrations change.
+  // Device view arrays (layout: ViewLayout in direct_step.cc), re-uploaded when the index version
+  // or the registrations change.
   transfer::DeviceBuffer view_dev_;
   std::vector<unsigned char> view_host_;
   bool view_dirty_ = true;
@@ -137,7 +134,7 @@ class DirectStep {
   const ColdTier* rec_cold_ = nullptr;
   int rec_c_ = 0;
   transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
-  int64_t read_rows_seen_[2] = {0, 0};
+  int64_t host_rows_seen_ = 0;  // read_rows_dev_[1] when the statistics last took it
 };
 
 }  // namespace kvrt::runtime
