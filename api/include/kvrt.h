@@ -245,9 +245,9 @@ typedef struct kvrt_config {
                                   the previous step's selection (CLOCK). 0 = the CPU orders the
                                   step (looks the selection up, gathers the misses, copies them).
                                   Falls back to 0 for a layer whose store cannot be registered
-                                  or whose cache does not fit gpu_memory_limit. Off by default
-                                  while an end-to-end regression through the Python package is
-                                  open (docs/benchmarks.md, "The direct step") [0]. Since 0.3.3. */
+                                  or whose cache does not fit gpu_memory_limit. On by default
+                                  since 0.3.4 (0.3.3: off, while an end-to-end regression was
+                                  open; docs/benchmarks.md, "The direct step") [1]. Since 0.3.3. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets
@@ -491,6 +491,13 @@ typedef struct kvrt_stats {
                                 registered or its cache found no room) */
   int64_t direct_host_bytes; /* bytes of K and V the direct step read straight from the host store
                                 over PCIe (rows not in the cache), so far; counted one step late */
+  int64_t time_background_wait_ns; /* wall time calls spent waiting for a layer's background work
+                                      to finish, so far: after a prefill from device pointers, the
+                                      copy of the prompt's cold rows to the host store and their
+                                      index build run behind the caller's next work, and the
+                                      layer's next call (the first decode step's append or
+                                      attend) waits for them here; also waits for an index
+                                      refresh. Since 0.3.4. */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

@@ -152,7 +152,8 @@ constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, sizeof(k
 static_assert(kConfigSize031 < sizeof(kvrt_config), "0.3.3's field must change the size");
 constexpr std::size_t kStatsSizes[] = {
     offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
-    offsetof(kvrt_stats, attends_direct), sizeof(kvrt_stats)};
+    offsetof(kvrt_stats, attends_direct), offsetof(kvrt_stats, time_background_wait_ns),
+    sizeof(kvrt_stats)};
 
 template <std::size_t N>
 bool KnownSize(const std::size_t (&sizes)[N], std::size_t size) {
@@ -204,7 +205,7 @@ kvrt_config Defaults() {
   c.hot_cache_fraction = 0.1f;
   c.cluster_budget_fraction = 0.02f;
   c.cuda_device = -1;
-  c.cluster_direct_step = 0;
+  c.cluster_direct_step = 1;
   return c;
 }
 

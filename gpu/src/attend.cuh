@@ -274,19 +274,22 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
   }
 }
 
-// grid ceil(rows / 4), block 128: one warp per row merges its num_splits partial states.
+// grid rows, block 128: one CTA per row merges its num_splits partial states, its 4 warps taking
+// every 4th split (the splits' loads overlap instead of forming one warp's chain of them).
 // part_o: [rows, num_splits, D], part_lse: [rows, num_splits]; o: [rows, D], lse: [rows].
+constexpr int kMergeSplitWarps = 4;
+
 template <int D>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(kMergeSplitWarps * 32)
     MergeSplitsKernel(const float* __restrict__ part_o, const float* __restrict__ part_lse,
-                      int rows, int num_splits, float* __restrict__ o, float* __restrict__ lse) {
+                      int num_splits, float* __restrict__ o, float* __restrict__ lse) {
   constexpr int kPer = D / 32;
-  const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
+  __shared__ float part_acc[kMergeSplitWarps][D];
+  const int row = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float* pl = part_lse + static_cast<size_t>(row) * num_splits;
-  // Max and sum over the splits with the lanes in parallel, then the weighted sum of the splits'
-  // o rows, unrolled so that several rows' loads are in flight.
+  // Max and sum over the splits with the lanes in parallel (every warp alike), then each warp's
+  // share of the weighted sum of the splits' o rows.
   float mm = -INFINITY;
   for (int s = lane; s < num_splits; s += 32) mm = MaxPropagateNan(mm, pl[s]);
 #pragma unroll
@@ -301,17 +304,24 @@ __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) ll += __shfl_xor_sync(0xffffffffu, ll, off);
 #pragma unroll 4
-    for (int s = 0; s < num_splits; ++s) {
+    for (int s = warp; s < num_splits; s += kMergeSplitWarps) {
       const float w = __expf(pl[s] - mm);  // empty split: exp(-inf) = 0
       const float* po = part_o + (static_cast<size_t>(row) * num_splits + s) * D;
 #pragma unroll
       for (int i = 0; i < kPer; ++i) acc[i] = fmaf(w, po[lane + 32 * i], acc[i]);
     }
   }
-  const float inv = mm == -INFINITY ? 0.f : 1.f / ll;
 #pragma unroll
-  for (int i = 0; i < kPer; ++i) o[static_cast<size_t>(row) * D + lane + 32 * i] = acc[i] * inv;
-  if (lane == 0) lse[row] = mm == -INFINITY ? -INFINITY : mm + logf(ll);
+  for (int i = 0; i < kPer; ++i) part_acc[warp][lane + 32 * i] = acc[i];
+  __syncthreads();
+  const float inv = mm == -INFINITY ? 0.f : 1.f / ll;
+  for (int t = threadIdx.x; t < D; t += kMergeSplitWarps * 32) {
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMergeSplitWarps; ++w) a += part_acc[w][t];
+    o[static_cast<size_t>(row) * D + t] = a * inv;
+  }
+  if (threadIdx.x == 0) lse[row] = mm == -INFINITY ? -INFINITY : mm + logf(ll);
 }
 
 template <typename T, int D, int G, class Src>
@@ -331,7 +341,7 @@ Err RunAttend(const Src& src, int units, int group, const void* q, bool q_is_f32
   if (Err e = LastLaunchErr(); !e.ok()) return e;
   if (plan.num_splits > 1) {
     MergeSplitsKernel<D>
-        <<<(rows + 3) / 4, 128, 0, st>>>(part_o, part_lse, rows, plan.num_splits, o, lse);
+        <<<rows, kMergeSplitWarps * 32, 0, st>>>(part_o, part_lse, plan.num_splits, o, lse);
     return LastLaunchErr();
   }
   return {};

@@ -1,19 +1,25 @@
 // Cluster summary scoring, selection and estimate (cluster_kernels.h).
 //
-// ScoreKernel: grid (cluster tiles + outlier tiles, kv heads), 256 threads. The group's queries
-// sit in registers (lane l holds dims [l*E, l*E+E), E = d/32); each warp reads one bf16 centroid
-// row and its value-mean row per step (one 8..16-byte load per lane each), computes the g dot
-// products with xor-shuffle reductions, writes the densities and folds the cluster into an
-// online-softmax state per q head (max, sum, sum w * vbar). The 8 warp states are merged through
-// shared memory into one partial state per (q head, tile). Every centroid and value mean is read
-// once per kv head, for all q heads of its group: HBM traffic is the summary's size.
+// ScoreKernel: grid (cluster CTAs + outlier tiles, kv heads), 256 threads. The cluster CTAs fill
+// one wave and share the clusters warp by warp (round robin). The group's queries
+// sit in shared memory (lane l reads dims [l*E, l*E+E), E = d/32); each warp reads one bf16
+// centroid row and its value-mean row per step (one 8..16-byte load per lane each, the next
+// cluster's issued before this one is scored), computes the g dot products with xor-shuffle
+// reductions, writes the densities and folds the cluster into an online-softmax state per q head
+// (max, sum, sum w * vbar). The 8 warp states are merged through shared memory into one partial
+// state per (q head, cluster CTA). Every centroid and value mean is read once per kv head, for all
+// q heads of its group: HBM traffic is the summary's size.
 //
-// SelectKernel: one CTA (512 threads) per q head. Merges the tile states into the total,
-// finds the selection threshold by a weighted radix select on the order-preserving uint32 of the
-// density (4 passes of 8 bits; histograms of tokens and of estimated mass; a warp scans the 256
-// bins from the top), compacts the selected clusters in ascending index order (block scans, ties
-// at the threshold taken in index order until the criterion is met), and subtracts their weighted
-// value means from the total to leave the estimate of the unselected clusters.
+// SelectKernel: one CTA (512 threads) per q head. Merges the CTA states into the total, finds the
+// selection threshold by a weighted radix select on the order-preserving uint32 of the density
+// (4 passes of 8 bits over chunks of 8 clusters per thread, loaded before use; histograms of
+// tokens and of estimated mass; a warp scans the 256 bins from the top), compacts the selected
+// clusters in ascending index order (block scans, ties at the threshold taken in index order until
+// the criterion is met), and subtracts their weighted value means from the total to leave the
+// estimate of the unselected clusters.
+#include <algorithm>
+#include <atomic>
+
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
@@ -26,6 +32,8 @@ namespace {
 constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
 constexpr int kSelectThreads = 512;
+constexpr int kSelectItems = 8;    // clusters per thread per chunk of the radix passes
+constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in shared memory
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
@@ -57,7 +65,7 @@ __device__ __forceinline__ void LoadBf16(const uint16_t* __restrict__ p, float (
 template <int D, int MG>
 __global__ void __launch_bounds__(kScoreThreads)
     ScoreKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
-                float spread_coef, int cluster_tiles, float* __restrict__ density,
+                float spread_coef, int cluster_ctas, float* __restrict__ density,
                 float* __restrict__ outlier_score, float* __restrict__ partial) {
   constexpr int E = D / 32;
   const int h = blockIdx.y;
@@ -93,9 +101,9 @@ __global__ void __launch_bounds__(kScoreThreads)
   }
   __syncthreads();
 
-  if (tile >= cluster_tiles) {  // outliers: exact unscaled scores only
+  if (tile >= cluster_ctas) {  // outliers: exact unscaled scores only
     const int o_n = s.num_outliers;
-    const int base = (tile - cluster_tiles) * kClusterTile;
+    const int base = (tile - cluster_ctas) * kClusterTile;
     for (int k = warp; k < kClusterTile; k += kScoreWarps) {
       const int j = base + k;
       if (j >= o_n) break;
@@ -122,41 +130,69 @@ __global__ void __launch_bounds__(kScoreThreads)
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[i][e] = 0.f;
   }
-  for (int k = warp; k < kClusterTile; k += kScoreWarps) {
-    const int j = tile * kClusterTile + k;
-    if (j >= c_n) break;
+  // NOTE: the next cluster's rows are loaded before this one is scored (a warp walks its clusters
+  // one after another; without the prefetch each step waits a full HBM latency).
+  auto load = [&](int j, int& n, float (&cen)[E], float (&vb)[E], float& spread) {
+    n = 0;
+    if (j >= c_n) return;
     const size_t hc = static_cast<size_t>(h) * c_n + j;
-    const int n = __ldg(s.size + hc);
-    if (n <= 0) {
-      if (lane < g) density[(static_cast<size_t>(h) * g + lane) * c_n + j] = -INFINITY;
-      continue;
-    }
-    float cen[E], vb[E];
+    n = __ldg(s.size + hc);
+    if (n <= 0) return;
     LoadBf16<E>(s.centroid + hc * D + lane * E, cen);
     LoadBf16<E>(s.value_mean + hc * D + lane * E, vb);
-    const float spread = __ldg(s.spread + hc);
-    const float logn = logf(static_cast<float>(n));
+    spread = __ldg(s.spread + hc);
+  };
+  // The cluster CTAs share the clusters warp by warp: warp w of CTA c takes clusters c * 8 + w,
+  // then every (cluster_ctas * 8)-th one after it (balanced to one cluster, whatever the count).
+  const int stride = cluster_ctas * kScoreWarps;
+  auto cluster_at = [&](int step) {
+    const long long j = static_cast<long long>(tile) * kScoreWarps + warp +
+                        static_cast<long long>(step) * stride;
+    return j < c_n ? static_cast<int>(j) : c_n;
+  };
+  int n_cur = 0;
+  float cen[E] = {}, vb[E] = {}, spread = 0.f;
+  load(cluster_at(0), n_cur, cen, vb, spread);
+  for (int step = 0;; ++step) {
+    const int j = cluster_at(step);
+    if (j >= c_n) break;
+    int n_next = 0;
+    float cen_n[E] = {}, vb_n[E] = {}, spread_n = 0.f;
+    load(cluster_at(step + 1), n_next, cen_n, vb_n, spread_n);
+    const int n = n_cur;
+    if (n <= 0) {
+      if (lane < g) density[(static_cast<size_t>(h) * g + lane) * c_n + j] = -INFINITY;
+    } else {
+      const float logn = logf(static_cast<float>(n));
 #pragma unroll
-    for (int i = 0; i < MG; ++i) {
-      if (i >= g) break;
-      float a = 0.f;
+      for (int i = 0; i < MG; ++i) {
+        if (i >= g) break;
+        float a = 0.f;
 #pragma unroll
-      for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * cen[e];
-      a = WarpSum(a);
-      const float dens = scale * a + spread_coef * qn2[i] * spread;
-      if (lane == 0) density[(static_cast<size_t>(h) * g + i) * c_n + j] = dens;
-      const float lm = dens + logn;
-      const float mn = fmaxf(m[i], lm);
-      const float corr = __expf(m[i] - mn);  // m = -inf: 0
-      const float w = __expf(lm - mn);
-      l[i] = l[i] * corr + w;
+        for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * cen[e];
+        a = WarpSum(a);
+        const float dens = scale * a + spread_coef * qn2[i] * spread;
+        if (lane == 0) density[(static_cast<size_t>(h) * g + i) * c_n + j] = dens;
+        const float lm = dens + logn;
+        const float mn = fmaxf(m[i], lm);
+        const float corr = __expf(m[i] - mn);  // m = -inf: 0
+        const float w = __expf(lm - mn);
+        l[i] = l[i] * corr + w;
 #pragma unroll
-      for (int e = 0; e < E; ++e) acc[i][e] = acc[i][e] * corr + w * vb[e];
-      m[i] = mn;
+        for (int e = 0; e < E; ++e) acc[i][e] = acc[i][e] * corr + w * vb[e];
+        m[i] = mn;
+      }
     }
+    n_cur = n_next;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      cen[e] = cen_n[e];
+      vb[e] = vb_n[e];
+    }
+    spread = spread_n;
   }
   // Merge the warps' states, one q head at a time.
-  const int tiles = cluster_tiles;
+  const int tiles = cluster_ctas;
 #pragma unroll
   for (int i = 0; i < MG; ++i) {
     if (i >= g) break;
@@ -205,6 +241,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   using ScanI = cub::BlockScan<int, kSelectThreads>;
   using RedF = cub::BlockReduce<float, kSelectThreads>;
   using RedLL = cub::BlockReduce<long long, kSelectThreads>;
+  constexpr int R = kSelectThreads / D;  // thread groups over the tiles / the selected clusters
   __shared__ union {
     typename ScanLL::TempStorage ll;
     typename ScanF::TempStorage f;
@@ -215,21 +252,26 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ unsigned long long hist_tok[256];
   __shared__ float hist_mass[256];
   __shared__ float tot_acc[D];
-  __shared__ float sel_acc[kSelectThreads / D][D];
+  __shared__ float grp_acc[R][D];
+  __shared__ float grp_l[R];
+  __shared__ int32_t sel_j[kSelectKeep];
+  __shared__ float sel_w[kSelectKeep];
   __shared__ float s_m, s_l, s_above_mass;
   __shared__ long long s_above_tok;
   __shared__ uint32_t s_prefix, s_mask;
-  __shared__ int s_all, s_count;
+  __shared__ int s_all;
 
   const int qh = blockIdx.x;
   const int h = qh / g;
   const int c_n = s.num_clusters;
   const int t = threadIdx.x;
+  const int dim = t % D, r = t / D;
   const float* dens = density + static_cast<size_t>(qh) * c_n;
   const int32_t* size = s.size + static_cast<size_t>(h) * c_n;
   const float* part = partial + static_cast<size_t>(qh) * tiles * (D + 2);
 
-  // (a) total state.
+  // (a) total state: the tiles' maxima, then R groups of D threads each sum a stride of the tiles
+  // (the loads of one thread are independent, so they overlap).
   float mloc = -INFINITY;
   for (int k = t; k < tiles; k += kSelectThreads)
     mloc = fmaxf(mloc, part[static_cast<size_t>(k) * (D + 2)]);
@@ -237,24 +279,20 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (t == 0) s_m = mm;
   __syncthreads();
   const float M = s_m;
-  float lloc = 0.f;
-  if (M != -INFINITY) {
-    for (int k = t; k < tiles; k += kSelectThreads) {
-      const float mk = part[static_cast<size_t>(k) * (D + 2)];
-      if (mk != -INFINITY) lloc += __expf(mk - M) * part[static_cast<size_t>(k) * (D + 2) + 1];
-    }
-  }
-  const float ll = RedF(tmp.rf).Sum(lloc);
-  if (t == 0) s_l = ll;
-  if (t < D) {
-    float a = 0.f;
+  {
+    float a = 0.f, lsum = 0.f;
     if (M != -INFINITY) {
-      for (int k = 0; k < tiles; ++k) {
-        const float mk = part[static_cast<size_t>(k) * (D + 2)];
-        if (mk != -INFINITY) a += __expf(mk - M) * part[static_cast<size_t>(k) * (D + 2) + 2 + t];
+#pragma unroll 4
+      for (int k = r; k < tiles; k += R) {
+        const float* pk = part + static_cast<size_t>(k) * (D + 2);
+        const float mk = pk[0];
+        const float f = mk == -INFINITY ? 0.f : __expf(mk - M);
+        a += f * pk[2 + dim];
+        lsum += f * pk[1];
       }
     }
-    tot_acc[t] = a;
+    grp_acc[r][dim] = a;
+    if (dim == 0) grp_l[r] = lsum;
   }
   if (t == 0) {
     s_above_tok = 0;
@@ -262,6 +300,19 @@ __global__ void __launch_bounds__(kSelectThreads)
     s_prefix = 0;
     s_mask = 0;
     s_all = 0;
+  }
+  __syncthreads();
+  if (t < D) {
+    float a = 0.f;
+#pragma unroll
+    for (int k = 0; k < R; ++k) a += grp_acc[k][t];
+    tot_acc[t] = a;
+  }
+  if (t == 0) {
+    float l = 0.f;
+#pragma unroll
+    for (int k = 0; k < R; ++k) l += grp_l[k];
+    s_l = l;
   }
   __syncthreads();
   const float L = s_l;
@@ -280,7 +331,9 @@ __global__ void __launch_bounds__(kSelectThreads)
     return;
   }
 
-  // (b) weighted radix select of the threshold key.
+  // (b) weighted radix select of the threshold key. Each pass walks the clusters in chunks of
+  // kSelectItems per thread, all of a chunk's loads issued before any is used (the walk is
+  // latency-bound otherwise: one CTA per q head, a handful per SM).
   for (int pass = 0; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
     for (int b = t; b < 256; b += kSelectThreads) {
@@ -289,21 +342,30 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     __syncthreads();
     const uint32_t prefix = s_prefix, mask = s_mask;
-    // NOTE: the loop runs whole warps (j past c_n counts nothing) so that lanes of one bin
-    // combine their tokens before one atomic: densities share their top bits, and 8K atomics
-    // on one shared bin serialise (the first passes put nearly every cluster in a bin or two).
-    for (int j0 = t - (t & 31); j0 < c_n; j0 += kSelectThreads) {
-      const int j = j0 + (t & 31);
-      const int n = j < c_n ? size[j] : 0;
-      const float dj = n > 0 ? dens[j] : 0.f;
-      const uint32_t u = OrderedKey(dj);
-      const bool in = n > 0 && (u & mask) == prefix;
-      const int bin = in ? static_cast<int>((u >> shift) & 255) : -1;
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);
-      const unsigned tok = __reduce_add_sync(peers, in ? static_cast<unsigned>(n) : 0u);
-      if (in && (t & 31) == __ffs(peers) - 1)
-        atomicAdd(&hist_tok[bin], static_cast<unsigned long long>(tok));
-      if (in && use_p) atomicAdd(&hist_mass[bin], __expf(dj + logf(static_cast<float>(n)) - M));
+    for (int base = 0; base < c_n; base += kSelectThreads * kSelectItems) {
+      int n[kSelectItems];
+      float dj[kSelectItems];
+#pragma unroll
+      for (int i = 0; i < kSelectItems; ++i) {
+        const int j = base + i * kSelectThreads + t;  // a warp's lanes: consecutive clusters
+        n[i] = j < c_n ? size[j] : 0;
+        dj[i] = j < c_n ? dens[j] : 0.f;
+      }
+      // NOTE: every lane runs every item (n = 0 counts nothing) so that lanes of one bin combine
+      // their tokens before one atomic: densities share their top bits, and 8K atomics on one
+      // shared bin serialise (the first passes put nearly every cluster in a bin or two).
+#pragma unroll
+      for (int i = 0; i < kSelectItems; ++i) {
+        const uint32_t u = OrderedKey(n[i] > 0 ? dj[i] : 0.f);
+        const bool in = n[i] > 0 && (u & mask) == prefix;
+        const int bin = in ? static_cast<int>((u >> shift) & 255) : -1;
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        const unsigned tok = __reduce_add_sync(peers, in ? static_cast<unsigned>(n[i]) : 0u);
+        if (in && (t & 31) == __ffs(peers) - 1)
+          atomicAdd(&hist_tok[bin], static_cast<unsigned long long>(tok));
+        if (in && use_p)
+          atomicAdd(&hist_mass[bin], __expf(dj[i] + logf(static_cast<float>(n[i])) - M));
+      }
     }
     __syncthreads();
     if (t < 32) {  // lane l: bins 255 - 8l down to 248 - 8l
@@ -361,14 +423,17 @@ __global__ void __launch_bounds__(kSelectThreads)
 
   // (c) compaction in index order; ties at kt in index order while the criterion is unmet. Each
   // thread takes kItems consecutive clusters (a blocked arrangement keeps index order), so a
-  // pass of the block's scans covers kItems * 512 clusters.
+  // pass of the block's scans covers kItems * 512 clusters. The selected clusters' weights
+  // (exp(density + log size - M)) are kept for the estimate: the first kSelectKeep in shared
+  // memory, the rest recomputed there.
   constexpr int kItems = 4;
   long long carry_tok = 0, sel_tok = 0;
-  float carry_mass = 0.f;
+  float carry_mass = 0.f, lsel_t = 0.f;
   int carry_count = 0;
   int32_t* selected = out.selected + static_cast<size_t>(qh) * c_n;
   for (int base = 0; base < c_n; base += kSelectThreads * kItems) {
     int n[kItems];
+    float d[kItems];
     bool gt[kItems], eq[kItems];
     long long tie_in[kItems], tie_t[kItems], agg_t;
     float mass_in[kItems], tie_m[kItems], agg_m = 0.f;
@@ -376,8 +441,12 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int i = 0; i < kItems; ++i) {
       const int j = base + t * kItems + i;
       n[i] = j < c_n ? size[j] : 0;
+      d[i] = j < c_n ? dens[j] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
       const bool valid = n[i] > 0;
-      const uint32_t u = valid ? OrderedKey(dens[j]) : 0u;
+      const uint32_t u = valid ? OrderedKey(d[i]) : 0u;
       gt[i] = valid && (all || u > kt);
       eq[i] = valid && !all && u == kt;
       tie_in[i] = eq[i] ? static_cast<long long>(n[i]) : 0LL;
@@ -388,10 +457,8 @@ __global__ void __launch_bounds__(kSelectThreads)
     __syncthreads();
     if (use_p) {
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int j = base + t * kItems + i;
-        mass_in[i] = eq[i] ? __expf(dens[j] + logf(static_cast<float>(n[i])) - M) : 0.f;
-      }
+      for (int i = 0; i < kItems; ++i)
+        mass_in[i] = eq[i] ? __expf(d[i] + logf(static_cast<float>(n[i])) - M) : 0.f;
       ScanF(tmp.f).ExclusiveSum(mass_in, tie_m, agg_m);
       __syncthreads();
     }
@@ -407,48 +474,89 @@ __global__ void __launch_bounds__(kSelectThreads)
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       if (!sel_in[i]) continue;
-      selected[carry_count + pos[i]] = base + t * kItems + i;
+      const int k = carry_count + pos[i];
+      const int j = base + t * kItems + i;
+      const float w = __expf(d[i] + logf(static_cast<float>(n[i])) - M);
+      selected[k] = j;
+      if (k < kSelectKeep) {
+        sel_j[k] = j;
+        sel_w[k] = w;
+      }
       sel_tok += n[i];
+      lsel_t += w;
     }
     carry_tok += agg_t;
     carry_mass += agg_m;
     carry_count += agg_c;
   }
+  const int count = carry_count;  // the same in every thread (block aggregates)
   const long long tokens = RedLL(tmp.rll).Sum(sel_tok);
-  if (t == 0) {
-    out.selected_count[qh] = carry_count;
-    out.selected_tokens[qh] = tokens;
-    s_count = carry_count;
-  }
   __syncthreads();
+  const float lsel_all = RedF(tmp.rf).Sum(lsel_t);
+  if (t == 0) {
+    out.selected_count[qh] = count;
+    out.selected_tokens[qh] = tokens;
+    s_l = lsel_all;  // L is in a register already
+  }
+  __syncthreads();  // the selected list (shared and global) and s_l are complete
 
-  // (d) estimate = total - selected.
-  constexpr int R = kSelectThreads / D;
-  const int dim = t % D, r = t / D;
-  float a = 0.f, lsel = 0.f;
-  for (int k = r; k < s_count; k += R) {
-    const int j = selected[k];
-    const float w = __expf(dens[j] + logf(static_cast<float>(size[j])) - M);
-    lsel += w;
+  // (d) estimate = total - selected: R groups of D threads each sum a stride of the selected
+  // clusters' weighted value means.
+  float a = 0.f;
+#pragma unroll 4
+  for (int k = r; k < count; k += R) {
+    int j;
+    float w;
+    if (k < kSelectKeep) {
+      j = sel_j[k];
+      w = sel_w[k];
+    } else {
+      j = selected[k];
+      w = __expf(dens[j] + logf(static_cast<float>(size[j])) - M);
+    }
     a += w * __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(
                  s.value_mean)[(static_cast<size_t>(h) * c_n + j) * D + dim]);
   }
-  sel_acc[r][dim] = a;
-  __syncthreads();
-  // lsel summed over the R groups (same in every dim column): use column 0's threads.
-  if (dim == 0) hist_mass[r] = lsel;
+  grp_acc[r][dim] = a;
   __syncthreads();
   if (t < D) {
-    float sa = 0.f, sl = 0.f;
-    for (int k = 0; k < R; ++k) {
-      sa += sel_acc[k][t];
-      sl += hist_mass[k];
-    }
-    const float lest = L - sl;
+    float sa = 0.f;
+#pragma unroll
+    for (int k = 0; k < R; ++k) sa += grp_acc[k][t];
+    const float lest = L - s_l;
     const bool ok = estimate && lest > kEstMassFloor * L;
     out.est_o[static_cast<size_t>(qh) * D + t] = ok ? (tot_acc[t] - sa) / lest : 0.f;
     if (t == 0) out.est_lse[qh] = ok ? M + logf(lest) : -INFINITY;
   }
+}
+
+// CTAs for the clusters per kv head: one wave with the outliers' CTAs (each takes several tiles;
+// a second, nearly empty wave would double the kernel's time), at least one, at most a tile each.
+template <typename Kernel>
+int ClusterCtas(Kernel kernel, int ctiles, int otiles, int kv_heads) {
+  if (ctiles == 0) return 0;
+  // The device's CTA slots for this kernel, queried once per device (a decode step launches it
+  // per layer).
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> slots_of[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();
+    return ctiles;
+  }
+  int slots = slots_of[dev].load(std::memory_order_relaxed);
+  if (slots == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScoreThreads, 0) !=
+            cudaSuccess) {
+      (void)cudaGetLastError();
+      return ctiles;
+    }
+    slots = std::max(1, sms * per_sm);
+    slots_of[dev].store(slots, std::memory_order_relaxed);
+  }
+  return std::max(1, std::min(ctiles, slots / kv_heads - otiles));
 }
 
 }  // namespace
@@ -471,23 +579,27 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
   const float spread_coef = p.spread_weight * 0.5f * scale * scale;
   Err err{};
   KVRT_DISPATCH_HEAD_DIM(s.head_dim, D, {
-    if (ctiles + otiles > 0) {
-      const dim3 grid(static_cast<unsigned>(ctiles + otiles), static_cast<unsigned>(s.kv_heads));
-      if (g <= 4) {
-        ScoreKernel<D, 4><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, ctiles,
-                                                          out.density, out.outlier_score, ws);
-      } else if (g <= 8) {
-        ScoreKernel<D, 8><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, ctiles,
-                                                          out.density, out.outlier_score, ws);
-      } else {
-        ScoreKernel<D, 16><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, ctiles,
-                                                           out.density, out.outlier_score, ws);
-      }
+    auto score = [&](auto kernel) {
+      const int cctas = ClusterCtas(kernel, ctiles, otiles, s.kv_heads);
+      const dim3 grid(static_cast<unsigned>(cctas + otiles), static_cast<unsigned>(s.kv_heads));
+      kernel<<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, cctas,
+                                             out.density, out.outlier_score, ws);
       err = LastLaunchErr();
+      return cctas;
+    };
+    int cctas = 0;
+    if (ctiles + otiles > 0) {
+      if (g <= 4) {
+        cctas = score(ScoreKernel<D, 4>);
+      } else if (g <= 8) {
+        cctas = score(ScoreKernel<D, 8>);
+      } else {
+        cctas = score(ScoreKernel<D, 16>);
+      }
     }
     if (err.ok()) {
       SelectKernel<D><<<static_cast<unsigned>(p.q_heads), kSelectThreads, 0, st>>>(
-          s, g, ctiles, p.budget_tokens, p.top_p, p.estimate ? 1 : 0, out.density, ws, out);
+          s, g, cctas, p.budget_tokens, p.top_p, p.estimate ? 1 : 0, out.density, ws, out);
       err = LastLaunchErr();
     }
   })

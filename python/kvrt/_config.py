@@ -47,7 +47,7 @@ class Config:
             tensor-parallel rank's own GPU.
         cluster_direct_step: 1 = the cluster kind's selection is attended on the GPU from the hot
             cache or straight from the host store over PCIe, with no CPU in the step (GPU backend;
-            off by default in 0.3.3, see kvrt.h).
+            on by default since 0.3.4; 0 = the CPU orders the step, as before).
     """
 
     num_layers: int = 32
@@ -72,7 +72,7 @@ class Config:
     hot_cache_fraction: float = 0.1
     cluster_budget_fraction: float = 0.02
     cuda_device: int = -1
-    cluster_direct_step: int = 0
+    cluster_direct_step: int = 1
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

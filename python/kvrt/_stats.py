@@ -46,6 +46,7 @@ class Stats:
     time_segment_build_ns: int = 0
     attends_direct: int = 0
     direct_host_bytes: int = 0
+    time_background_wait_ns: int = 0
 
     @property
     def scanned_fraction(self) -> float:

@@ -218,6 +218,7 @@ nb::dict StatsToDict(const kvrt_stats& s) {
   KVRT_PY_STAT(time_segment_build_ns);
   KVRT_PY_STAT(attends_direct);
   KVRT_PY_STAT(direct_host_bytes);
+  KVRT_PY_STAT(time_background_wait_ns);
 #undef KVRT_PY_STAT
   return d;
 }
@@ -225,7 +226,7 @@ nb::dict StatsToDict(const kvrt_stats& s) {
 }  // namespace kvrt_py
 
 // A field appended to kvrt.h must be added above (and to kvrt/_config.py / _stats.py).
-static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 35 * sizeof(int64_t),
+static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 36 * sizeof(int64_t),
               "kvrt_stats changed: update StatsToDict and kvrt/_stats.py");
 static_assert(sizeof(kvrt_config) == 112,
               "kvrt_config changed: update ConfigFromDict/ConfigToDict and kvrt/_config.py");

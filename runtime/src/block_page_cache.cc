@@ -6,8 +6,12 @@
 
 namespace kvrt::runtime {
 
-BlockPageCache::BlockPageCache(int kv_heads, int64_t pages_per_head, int admit_after)
-    : pages_per_head_(pages_per_head), admit_after_(admit_after), heads_(kv_heads) {
+BlockPageCache::BlockPageCache(int kv_heads, int64_t pages_per_head, int admit_after,
+                               int64_t max_admit_per_step)
+    : pages_per_head_(pages_per_head),
+      admit_after_(admit_after),
+      max_admit_per_step_(max_admit_per_step),
+      heads_(kv_heads) {
   for (Head& h : heads_) {
     h.owner.assign(pages_per_head, -1);
     h.ref.assign(pages_per_head, 0);
@@ -34,10 +38,13 @@ bool BlockPageCache::Use(int g, int64_t block, bool admit) {
   const int32_t p = h.page_of_block[block];
   if (p >= 0) {
     h.ref[p] = 1;
-    h.step[p] = step_;
+    Touch(h, p);
     return true;
   }
   if (!admit || pages_per_head_ == 0) return false;
+  CountThisStep(h);
+  if (h.step_pages >= pages_per_head_) return false;  // this step holds every page
+  if (max_admit_per_step_ > 0 && h.step_admitted >= max_admit_per_step_) return false;
   if (admit_after_ > 1) {
     const uint32_t now = static_cast<uint32_t>(step_), last = h.missed[block];
     const bool second = last != 0 && last != now && now - last <= kSecondChanceSteps;
@@ -56,7 +63,8 @@ bool BlockPageCache::Use(int g, int64_t block, bool admit) {
     if (h.owner[c] >= 0) Release(g, h, c);
     h.owner[c] = block;
     h.ref[c] = 1;
-    h.step[c] = step_;
+    Touch(h, c);
+    ++h.step_admitted;
     h.page_of_block[block] = static_cast<int32_t>(c);
     ++h.held;
     h.updates.push_back({g, block, static_cast<int32_t>(g * pages_per_head_ + c)});
@@ -65,11 +73,27 @@ bool BlockPageCache::Use(int g, int64_t block, bool admit) {
   return false;
 }
 
+void BlockPageCache::CountThisStep(Head& h) {
+  if (h.counted_step == step_) return;
+  h.counted_step = step_;
+  h.step_pages = 0;
+  h.step_admitted = 0;
+}
+
+void BlockPageCache::Touch(Head& h, int64_t p) {
+  CountThisStep(h);
+  if (h.step[p] == step_) return;
+  h.step[p] = step_;
+  ++h.step_pages;
+}
+
 void BlockPageCache::Release(int g, Head& h, int64_t page) {
   const int64_t block = h.owner[page];
   h.page_of_block[block] = -1;
   h.owner[page] = -1;
   h.ref[page] = 0;
+  if (h.step[page] == step_ && h.counted_step == step_) --h.step_pages;
+  h.step[page] = 0;
   --h.held;
   h.updates.push_back({g, block, -1});
 }

@@ -8,6 +8,13 @@
 // list. Plain host code, so the policy is tested without a GPU; the device table follows through
 // TakeUpdates (gpu::FillPages applies them). Heads are independent: calls for different kv heads
 // may run concurrently, calls for one head may not.
+//
+// A step whose blocks outnumber a head's pages (queries that change topic every step, a pool too
+// small for the working set) must not make each further miss sweep the whole clock: the head
+// counts the pages this step holds and refuses at once when they are all held. And it admits at
+// most max_admit_per_step blocks a step: under such queries every admission evicts a block that
+// is as likely to be wanted again, so unbounded admission only turns each step's PCIe reads into
+// as many fills (the same bytes again, on the fill stream, competing with the step's reads).
 #include <cstdint>
 #include <vector>
 
@@ -26,7 +33,9 @@ class BlockPageCache {
   // kSecondChanceSteps steps of the first (a block that a single step wanted is read where it
   // is, over PCIe, instead of being copied in and evicting a block that steps keep using).
   static constexpr uint32_t kSecondChanceSteps = 8;
-  BlockPageCache(int kv_heads, int64_t pages_per_head, int admit_after = 1);
+  // max_admit_per_step: blocks a head may admit per step; 0 = no bound.
+  BlockPageCache(int kv_heads, int64_t pages_per_head, int admit_after = 1,
+                 int64_t max_admit_per_step = 0);
 
   int kv_heads() const { return static_cast<int>(heads_.size()); }
   int64_t pages_per_head() const { return pages_per_head_; }
@@ -53,12 +62,21 @@ class BlockPageCache {
     std::vector<uint64_t> step;          // [pages] last step that used it
     int64_t hand = 0;
     int64_t held = 0;
+    // Pages held by blocks of step `counted_step` (the current one, once it touched any) and the
+    // blocks it admitted: reset lazily when a new step first touches the head.
+    uint64_t counted_step = 0;
+    int64_t step_pages = 0;
+    int64_t step_admitted = 0;
     std::vector<Update> updates;
   };
   void Release(int g, Head& h, int64_t page);
+  // Marks page p as used by this step (counted once per step).
+  void Touch(Head& h, int64_t p);
+  void CountThisStep(Head& h);
 
   int64_t pages_per_head_;
   int admit_after_;
+  int64_t max_admit_per_step_;
   uint64_t step_ = 1;
   std::vector<Head> heads_;
 };

@@ -166,7 +166,15 @@ void ColdTier::RefreshIndexes(tbb::task_arena& arena, bool background) {
   refresh_->Launch(arena, [this, &arena] { return RefreshNow(arena); });
 }
 
-void ColdTier::AwaitIndexes() { (void)refresh_->Wait(); }
+void ColdTier::AwaitIndexes() {
+  if (!refresh_->running()) {
+    (void)refresh_->Wait();  // collects a finished job's status
+    return;
+  }
+  const int64_t t0 = NowNs();
+  (void)refresh_->Wait();
+  counters_->time_background_wait_ns += NowNs() - t0;
+}
 
 void ColdTier::LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job) {
   refresh_->Launch(arena, std::move(job));

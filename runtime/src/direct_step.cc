@@ -32,6 +32,13 @@ struct ViewLayout {
 
 }  // namespace
 
+std::unique_ptr<BlockPageCache> DirectStep::NewPolicy(int64_t pages_per_head) const {
+  // Second chance (a block is copied in when a second step wants it), and at most an eighth of
+  // the pages refilled per step: block_page_cache.h says why.
+  return std::make_unique<BlockPageCache>(cfg_->num_kv_heads, pages_per_head, /*admit_after=*/2,
+                                          std::max<int64_t>(64, pages_per_head / 8));
+}
+
 std::size_t DirectStep::row_bytes() const {
   return static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
 }
@@ -91,7 +98,7 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
     table_ = std::move(*t);
     blocks_per_head_ = blocks;
     // The new table starts empty, so the policy does too.
-    if (cache_) cache_ = std::make_unique<BlockPageCache>(G, cache_->pages_per_head(), 2);
+    if (cache_) cache_ = NewPolicy(cache_->pages_per_head());
     if (!UploadTable(stream).ok()) {
       off_ = true;
       return false;
@@ -178,7 +185,7 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   counters_->gpu_allocated_bytes += 2 * static_cast<int64_t>(bytes);
   counters_->hot_cache_gpu_bytes += 2 * static_cast<int64_t>(bytes);
   counted_bytes_ += 2 * static_cast<int64_t>(bytes);
-  cache_ = std::make_unique<BlockPageCache>(G, want, /*admit_after=*/2);
+  cache_ = NewPolicy(want);
   if (!UploadTable(stream).ok()) return fail();
   return true;
 }

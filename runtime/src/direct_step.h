@@ -73,6 +73,7 @@ class DirectStep {
   // Registers rows up to `rows` (and a chunk ahead) of every store; mu_ held.
   absl::Status ExtendLocked(const ColdTier& cold, int64_t rows);
   bool FitPool(int64_t cold_rows, void* stream);
+  std::unique_ptr<BlockPageCache> NewPolicy(int64_t pages_per_head) const;
   absl::Status UploadView(const ColdTier& cold, int C, void* stream);
   absl::Status UploadTable(void* stream);
   // The admission job: waits for the step's record, runs Admit and enqueues the fill.

@@ -169,3 +169,36 @@ TEST(BlockPageCache, SecondChanceAdmitsOnARepeatedMissOnly) {
 
 }  // namespace
 }  // namespace kvrt::runtime
+
+namespace kvrt::runtime {
+namespace {
+
+TEST(BlockPageCache, AStepHoldingEveryPageRefusesAtOnceAndCountsReleases) {
+  BlockPageCache c(1, 2);
+  c.NextStep();
+  EXPECT_FALSE(c.Use(0, 1, true));
+  EXPECT_FALSE(c.Use(0, 2, true));
+  for (int64_t b = 3; b < 100000; ++b) EXPECT_FALSE(c.Use(0, b, true)) << b;  // O(1) each
+  EXPECT_EQ(c.blocks_held(0), 2);
+  EXPECT_EQ(c.TakeUpdates().size(), 2u);
+  // A drop frees one of this step's pages: the step may take it again.
+  c.DropFrom(0, 2);
+  EXPECT_FALSE(c.Use(0, 7, true));
+  EXPECT_GE(c.page(0, 7), 0);
+  EXPECT_GE(c.page(0, 1), 0);
+}
+
+TEST(BlockPageCache, AdmissionsPerStepAreBounded) {
+  BlockPageCache c(2, 16, /*admit_after=*/1, /*max_admit_per_step=*/3);
+  c.NextStep();
+  for (int64_t b = 0; b < 10; ++b) (void)c.Use(0, b, true);
+  (void)c.Use(1, 0, true);
+  EXPECT_EQ(c.blocks_held(0), 3);
+  EXPECT_EQ(c.blocks_held(1), 1) << "the bound is per head";
+  c.NextStep();
+  for (int64_t b = 0; b < 10; ++b) EXPECT_EQ(c.Use(0, b, true), b < 3) << b;
+  EXPECT_EQ(c.blocks_held(0), 6) << "hits cost no admission";
+}
+
+}  // namespace
+}  // namespace kvrt::runtime
