@@ -26,8 +26,8 @@ cc -std=c99 -Wall -Wextra -Werror examples/c_replay/c_replay.c -o "$build/exampl
 # The Python package (python/), installed into a venv under the build dir (the system Python stays
 # clean) against the libkvrt installed above (KVRT_PY_LIBKVRT=installed: the library is not
 # compiled a second time), then pytest. torch + transformers (several GB from PyPI, ~2.5-4 min)
-# are installed for the tiny-random model tests unless KVRT_PY_TORCH=0; without them those tests
-# are skipped.
+# and accelerate are installed for the tiny-random model tests (test_tp.py: two ranks on gloo)
+# unless KVRT_PY_TORCH=0; without them those tests are skipped.
 bash scripts/python-test.sh "$build" "$prefix"
 
 # Reliability (docs/reliability.md): the API, runtime, soak and trace-reader suites under
