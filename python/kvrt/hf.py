@@ -24,7 +24,7 @@ What runs where:
 Tensor parallelism (transformers' tp_plan="auto" under torchrun): each rank's attention modules
 compute only that rank's heads, so each rank's enable() makes its own runtime over its local q and
 kv heads (read from the sharded q_proj/k_proj weights, checked against the tensors of every
-layer's first call), on the rank's GPU (cuda_device = the modules' device). Nothing of kvrt talks
+call), on the rank's GPU (cuda_device = the modules' device). Nothing of kvrt talks
 across ranks: transformers' collectives (o_proj's all-reduce) do. cpu_share() gives each rank of a
 host its own range of CPUs for kvrt's worker threads. docs/tensor-parallel.md.
 
@@ -83,10 +83,14 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
             if hasattr(m, "layer_idx") and hasattr(m, "scaling") and hasattr(m, "head_dim")}
 
 
-def _local_rows(weight) -> int:
-    """Output features of a Linear weight that this process computes: its local shard under
-    tensor parallelism (a DTensor), else all of them."""
-    return (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+def _local_heads_of(weight, head_dim: int) -> int:
+    """Heads of a q/k projection's output that this process computes: the rows of its local
+    shard under tensor parallelism (a DTensor), else of the whole weight, over head_dim."""
+    rows = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+    if rows % head_dim:
+        raise ValueError(f"kvrt.hf: a projection shard of {rows} rows is not whole heads of "
+                         f"{head_dim}: the tensor-parallel plan splits a head")
+    return rows // head_dim
 
 
 def local_heads(model) -> tuple[int, int]:
@@ -102,7 +106,7 @@ def local_heads(model) -> tuple[int, int]:
     mod = _attention_modules(model).get(layers[0]) if layers else None
     qp, kp = getattr(mod, "q_proj", None), getattr(mod, "k_proj", None)
     if qp is not None and kp is not None and hasattr(qp, "weight") and hasattr(kp, "weight"):
-        return _local_rows(qp.weight) // head_dim, _local_rows(kp.weight) // head_dim
+        return _local_heads_of(qp.weight, head_dim), _local_heads_of(kp.weight, head_dim)
     tp = getattr(model, "tp_size", None) or 1
     if q % tp or kv % tp:
         raise ValueError(f"kvrt.hf: {q} q / {kv} kv heads do not split over tp_size {tp}")
