@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # python-test.sh BUILD_DIR LIBKVRT_PREFIX: installs the kvrt Python package into BUILD_DIR/venv,
 # linked against the libkvrt installed in LIBKVRT_PREFIX (cmake --install), and runs its pytest
-# suite. KVRT_PY_TORCH=0: no torch/transformers (their tests are skipped).
+# suite. KVRT_PY_TORCH=0: no torch/transformers/accelerate (their tests are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -12,8 +12,9 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" nanobind scikit-build-core numpy pytest
 if [ "${KVRT_PY_TORCH:-1}" = 1 ]; then
   t0=$SECONDS
-  "$venv/bin/python" -c "import torch, transformers, tqdm" 2>/dev/null ||
-    { "${pip[@]}" torch transformers tqdm; echo "python-test: torch + transformers installed in $((SECONDS - t0)) s"; }
+  # accelerate: transformers' tensor-parallel loading (tp_plan) needs it (python/tests/test_tp.py).
+  "$venv/bin/python" -c "import torch, transformers, tqdm, accelerate" 2>/dev/null ||
+    { "${pip[@]}" torch transformers tqdm accelerate; echo "python-test: torch + transformers installed in $((SECONDS - t0)) s"; }
 fi
 t0=$SECONDS
 "${pip[@]}" --no-build-isolation ./python \

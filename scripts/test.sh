@@ -26,15 +26,15 @@ cc -std=c99 -Wall -Wextra -Werror examples/c_replay/c_replay.c -o "$build/exampl
 # The Python package (python/), installed into a venv under the build dir (the system Python stays
 # clean) against the libkvrt installed above (KVRT_PY_LIBKVRT=installed: the library is not
 # compiled a second time), then pytest. torch + transformers (several GB from PyPI, ~2.5-4 min)
-# are installed for the tiny-random model tests unless KVRT_PY_TORCH=0; without them those tests
-# are skipped.
+# and accelerate are installed for the tiny-random model tests (test_tp.py: two ranks on gloo)
+# unless KVRT_PY_TORCH=0; without them those tests are skipped.
 bash scripts/python-test.sh "$build" "$prefix"
 
 # Reliability (docs/reliability.md): the API, runtime, soak and trace-reader suites under
 # ASan + UBSan + LeakSanitizer, then a short fuzz run with clang's libFuzzer (installed by
 # `setup.sh --test`). KVRT_CI_QUICK=1 skips all of this for local use.
 if [ "${KVRT_CI_QUICK:-0}" != 1 ]; then
-  KVRT_SANITIZE_TARGETS="test_api test_api_status test_runtime test_soak test_tools test_c_api test_cpu_index kvrt_cli" \
+  KVRT_SANITIZE_TARGETS="test_api test_api_status test_api_cpu_binding test_runtime test_soak test_tools test_c_api test_cpu_index kvrt_cli" \
     bash scripts/sanitize.sh
   if command -v clang++ >/dev/null && ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
     bash scripts/fuzz.sh 45  # two targets: 90 s of fuzzing in all

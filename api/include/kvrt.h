@@ -29,8 +29,9 @@
  *   num_layers 1..4096, num_kv_heads 1..1024, num_q_heads 1..4096 (a multiple of num_kv_heads),
  *   head_dim 1..512, sink_tokens 0..2^20, window_tokens 1..2^24, top_k 1..2^20 (for every index
  *   kind, EXACT included, which ignores it), search_effort 0..2^24, worker_threads >= 0 (above the
- *   hardware thread count: clamped to it), host/gpu_memory_limit >= 0, tokens per (sequence,
- *   layer) up to 2^34 (a prefill or append past it is refused).
+ *   hardware thread count: clamped to it), worker_cpu_first and worker_cpu_count >= 0 (the range
+ *   online), host/gpu_memory_limit >= 0, tokens per (sequence, layer) up to 2^34 (a prefill or
+ *   append past it is refused).
  *
  * Thread safety
  *   - kvrt_runtime_create/destroy: not concurrent with any other call on the same runtime.
@@ -42,7 +43,8 @@
  *     an attend on any sequence.
  *   - kvrt_last_error() is per thread.
  *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention, and
- *     for the background jobs of GPU-backend prefills (kvrt_seq_wait).
+ *     for the background jobs of GPU-backend prefills (kvrt_seq_wait); worker_cpu_first/count
+ *     bind its threads to a range of CPUs.
  *
  * ABI (since 0.3)
  *   kvrt_config and kvrt_stats start with size_t struct_size, which the caller sets (through
@@ -176,9 +178,10 @@ typedef struct kvrt_config {
                                    ATTENTION_AWARE: beam = max(top_k, effort); default 2 * top_k.
                                    FLAT, EXACT: ignored (exact).
                                  kvrt replay prints the resolved values ("search" line). */
-  int32_t worker_threads;     /* CPU threads for search/attention; 0 = all hardware threads; more
-                                 than the hardware has are clamped to it [0]. kvrt_runtime_config
-                                 reports the count in effect. */
+  int32_t worker_threads;     /* CPU threads for search/attention; 0 = all hardware threads
+                                 (worker_cpu_count when that is set); more than the hardware has
+                                 are clamped to it [0]. kvrt_runtime_config reports the count in
+                                 effect. */
   int32_t record_attended;    /* 1: remember the token positions each attend used, for
                                  kvrt_get_attended (replay metrics); costs time and memory [0] */
   int32_t use_gpu;            /* 0: host backend; 1: GPU tier on CUDA: sinks + window in device
@@ -248,6 +251,25 @@ typedef struct kvrt_config {
                                   or whose cache does not fit gpu_memory_limit. On by default
                                   since 0.3.4 (0.3.3: off, while an end-to-end regression was
                                   open; docs/benchmarks.md, "The direct step") [1]. Since 0.3.3. */
+  /* CPU partitioning between runtimes (e.g. one per tensor-parallel rank on one host): the
+   * runtime's worker threads run on the CPUs worker_cpu_first .. worker_cpu_first +
+   * worker_cpu_count - 1 (Linux CPU ids, as `taskset -c` and /sys/devices/system/cpu number them).
+   * worker_threads 0 then means worker_cpu_count threads. A oneTBB worker is pinned to the range
+   * while it works for this runtime and gets its own CPU set back when it leaves (oneTBB's
+   * workers are shared by the whole process). The thread that calls kvrt keeps its affinity:
+   * oneTBB keeps one of the worker_threads slots for it and it runs part of its own call's work,
+   * so worker_threads - 1 threads are pinned; a decoder that wants all of a rank's kvrt work on
+   * the range pins its own thread too (taskset, numactl, os.sched_setaffinity). Every CPU of the
+   * range must be online and usable by the process (a cgroup cpuset may exclude some):
+   * KVRT_ERR_INVALID_ARGUMENT naming the field otherwise, also for first + count past INT32_MAX.
+   * NUMA: kvrt binds threads only; it does not place host memory (the host store, pinned
+   * buffers) on a node and does not link libnuma: pick a range on the GPU's node (`nvidia-smi topo
+   * -m` lists each GPU's CPUs) and, for the memory, run the process under `numactl --membind`.
+   * kvrt_runtime_config reports both fields as given and worker_threads in effect. Since 0.3.4. */
+  int32_t worker_cpu_first; /* first CPU id of the range, >= 0; no binding while worker_cpu_count
+                               is 0 [0] */
+  int32_t worker_cpu_count; /* CPUs in the range; 0 = not bound: the threads run wherever the
+                               process may run [0] */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

@@ -132,6 +132,8 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.index.cluster.budget_fraction = c.cluster_budget_fraction;
   r.cuda_device = c.cuda_device;
   r.direct_step = c.cluster_direct_step != 0;
+  r.worker_cpu_first = c.worker_cpu_first;
+  r.worker_cpu_count = c.worker_cpu_count;
   return r;
 }
 
@@ -148,8 +150,14 @@ constexpr std::size_t kConfigSize030 =
 constexpr std::size_t kConfigSize031 =
     (offsetof(kvrt_config, cuda_device) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
     alignof(kvrt_config) * alignof(kvrt_config);
-constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, sizeof(kvrt_config)};
-static_assert(kConfigSize031 < sizeof(kvrt_config), "0.3.3's field must change the size");
+// 0.3.3 ended at cluster_direct_step (worker_cpu_first and worker_cpu_count, 0.3.4, follow it).
+constexpr std::size_t kConfigSize033 =
+    (offsetof(kvrt_config, cluster_direct_step) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+    alignof(kvrt_config) * alignof(kvrt_config);
+constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, kConfigSize033,
+                                        sizeof(kvrt_config)};
+static_assert(kConfigSize031 < kConfigSize033, "0.3.3's field must change the size");
+static_assert(kConfigSize033 < sizeof(kvrt_config), "0.3.4's fields must change the size");
 constexpr std::size_t kStatsSizes[] = {
     offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
     offsetof(kvrt_stats, attends_direct), offsetof(kvrt_stats, time_background_wait_ns),
@@ -206,6 +214,8 @@ kvrt_config Defaults() {
   c.cluster_budget_fraction = 0.02f;
   c.cuda_device = -1;
   c.cluster_direct_step = 1;
+  c.worker_cpu_first = 0;
+  c.worker_cpu_count = 0;
   return c;
 }
 
@@ -217,6 +227,7 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
   *out = Defaults();
   const std::size_t prefix = size == kConfigSize030   ? offsetof(kvrt_config, hot_cache_fraction)
                              : size == kConfigSize031 ? offsetof(kvrt_config, cluster_direct_step)
+                             : size == kConfigSize033 ? offsetof(kvrt_config, worker_cpu_first)
                                                       : size;
   std::memcpy(out, in, prefix);
   out->struct_size = sizeof(kvrt_config);

@@ -32,7 +32,8 @@ class Config:
         index_kind: "exact", "flat", "ivf", "hnsw", "landmark", "attention-aware", "cluster"
             (kvrt.index_kinds() lists what the loaded library knows).
         search_effort: index-specific effort; 0 = the kind's default.
-        worker_threads: CPU threads for search and attention; 0 = all hardware threads.
+        worker_threads: CPU threads for search and attention; 0 = all hardware threads
+            (worker_cpu_count when that is set).
         record_attended: 1 to remember the attended positions (Sequence.attended).
         use_gpu: 0 host backend, 1 CUDA backend, -1 CUDA when available.
         host_memory_limit: bytes of host KV store + indexes; 0 = no limit.
@@ -48,6 +49,11 @@ class Config:
         cluster_direct_step: 1 = the cluster kind's selection is attended on the GPU from the hot
             cache or straight from the host store over PCIe, with no CPU in the step (GPU backend;
             on by default since 0.3.4; 0 = the CPU orders the step, as before).
+        worker_cpu_first: first CPU id of the range the runtime's worker threads run on.
+        worker_cpu_count: CPUs in that range (worker_cpu_first .. worker_cpu_first + count - 1,
+            Linux CPU ids, all online); 0 = not bound. Partitions a host's cores between runtimes,
+            e.g. tensor-parallel ranks (kvrt.hf.cpu_share() computes a rank's share). The thread
+            that calls kvrt keeps its own affinity (kvrt.h says why).
     """
 
     num_layers: int = 32
@@ -73,6 +79,8 @@ class Config:
     cluster_budget_fraction: float = 0.02
     cuda_device: int = -1
     cluster_direct_step: int = 1
+    worker_cpu_first: int = 0
+    worker_cpu_count: int = 0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

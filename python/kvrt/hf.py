@@ -21,6 +21,13 @@ What runs where:
     tensors on torch's current stream, no host copy of q/k/v/out. With use_gpu=0 and a CUDA model
     the tensors are copied to the host and back (for libkvrt builds without CUDA).
 
+Tensor parallelism (transformers' tp_plan="auto" under torchrun): each rank's attention modules
+compute only that rank's heads, so each rank's enable() makes its own runtime over its local q and
+kv heads (read from the sharded q_proj/k_proj weights, checked against the tensors of every
+call), on the rank's GPU (cuda_device = the modules' device). Nothing of kvrt talks
+across ranks: transformers' collectives (o_proj's all-reduce) do. cpu_share() gives each rank of a
+host its own range of CPUs for kvrt's worker threads. docs/tensor-parallel.md.
+
 Limits: batch rows must hold no padding (kvrt has no attention mask: a padded row would attend
 its pad tokens after the prompt); no beam search, cropping or assisted decoding; a model with
 attention logit soft-capping (Gemma 2) is refused.
@@ -76,10 +83,77 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
             if hasattr(m, "layer_idx") and hasattr(m, "scaling") and hasattr(m, "head_dim")}
 
 
+def _local_heads_of(weight, head_dim: int) -> int:
+    """Heads of a q/k projection's output that this process computes: the rows of its local
+    shard under tensor parallelism (a DTensor), else of the whole weight, over head_dim."""
+    rows = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+    if rows % head_dim:
+        raise ValueError(f"kvrt.hf: a projection shard of {rows} rows is not whole heads of "
+                         f"{head_dim}: the tensor-parallel plan splits a head")
+    return rows // head_dim
+
+
+def local_heads(model) -> tuple[int, int]:
+    """(q heads, kv heads) that this process's attention modules compute: the model's, or under
+    tensor parallelism this rank's share. Read from the first global layer's q_proj/k_proj
+    weights (colwise-sharded under transformers' tp_plan); for attention without separate
+    q_proj/k_proj, the config's counts divided by model.tp_size."""
+    c = _text_config(model.config)
+    q = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or q
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // q
+    layers = kvrt_layers(model.config)
+    mod = _attention_modules(model).get(layers[0]) if layers else None
+    qp, kp = getattr(mod, "q_proj", None), getattr(mod, "k_proj", None)
+    if qp is not None and kp is not None and hasattr(qp, "weight") and hasattr(kp, "weight"):
+        return _local_heads_of(qp.weight, head_dim), _local_heads_of(kp.weight, head_dim)
+    tp = getattr(model, "tp_size", None) or 1
+    if q % tp or kv % tp:
+        raise ValueError(f"kvrt.hf: {q} q / {kv} kv heads do not split over tp_size {tp}")
+    return q // tp, kv // tp
+
+
+def cpu_share(local_rank: Optional[int] = None, local_world_size: Optional[int] = None) -> dict:
+    """This rank's share of the host's online CPUs for kvrt's worker threads, as Config fields:
+    {"worker_cpu_first": f, "worker_cpu_count": n}, the CPUs split into local_world_size equal
+    contiguous ranges (defaults: torchrun's LOCAL_RANK and LOCAL_WORLD_SIZE, else 0 and 1). Use
+    it as kvrt.hf.enable(model, **kvrt.hf.cpu_share(), ...). It does not look at NUMA nodes (see
+    docs/tensor-parallel.md); a launcher that already binds each rank (numactl, taskset) needs
+    none of this. ValueError when there are fewer CPUs than ranks."""
+    import os
+    rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    world = (int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world_size is None
+             else local_world_size)
+    cpus = _online_cpus()
+    per = len(cpus) // world
+    if per < 1 or not 0 <= rank < world:
+        raise ValueError(f"kvrt.hf.cpu_share: rank {rank} of {world} on {len(cpus)} CPUs")
+    mine = cpus[rank * per:(rank + 1) * per]
+    if mine[-1] - mine[0] + 1 != per:
+        raise ValueError(f"kvrt.hf.cpu_share: the online CPUs {cpus} leave rank {rank} a "
+                         "range with gaps; set worker_cpu_first/worker_cpu_count yourself")
+    return {"worker_cpu_first": mine[0], "worker_cpu_count": per}
+
+
+def _online_cpus() -> list[int]:
+    """The online CPU ids (/sys/devices/system/cpu/online, as libkvrt checks them)."""
+    import os
+    try:
+        with open("/sys/devices/system/cpu/online") as f:
+            ids = []
+            for part in f.read().strip().split(","):
+                lo, _, hi = part.partition("-")
+                ids.extend(range(int(lo), int(hi or lo) + 1))
+            return sorted(ids)
+    except (OSError, ValueError):
+        return list(range(os.cpu_count() or 1))
+
+
 def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Config:
-    """The kvrt.Config for `model`'s global layers: shapes, dtype (the model's), scale (the
-    attention modules' own) and backend (GPU when the model is on CUDA), then `config` /
-    `options` (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads)."""
+    """The kvrt.Config for `model`'s global layers: shapes (this rank's heads under tensor
+    parallelism: local_heads), dtype (the model's), scale (the attention modules' own) and backend
+    (GPU when the model is on CUDA, on the attention modules' device), then `config` / `options`
+    (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads)."""
     c = _text_config(model.config)
     if getattr(c, "attn_logit_softcapping", None):
         raise ValueError("kvrt.hf: attention logit soft-capping (attn_logit_softcapping = "
@@ -93,10 +167,15 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
     dtype = _DTYPES.get(model.dtype)
     if dtype is None:
         raise ValueError(f"kvrt.hf: model dtype {model.dtype} is not one of {list(_DTYPES)}")
-    base = dict(num_layers=len(layers), num_q_heads=c.num_attention_heads,
-                num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+    q_heads, kv_heads = local_heads(model)
+    base = dict(num_layers=len(layers), num_q_heads=q_heads, num_kv_heads=kv_heads,
                 head_dim=head_dim, dtype=dtype, scale=scale,
                 use_gpu=1 if model.device.type == "cuda" else 0)
+    params = mods[layers[0]].parameters() if layers[0] in mods else iter(())
+    device = next(params, None)
+    device = device.device if device is not None else model.device
+    if device.type == "cuda" and device.index is not None:
+        base["cuda_device"] = device.index  # a rank's own GPU, whatever device is current
     cfg = make_config(config).to_dict() if config is not None else {}
     # Options given explicitly win; shape fields always come from the model.
     merged = {**(cfg or {}), **options}
@@ -188,6 +267,7 @@ class KvrtCache(DynamicCache):
         self._owns_runtime = runtime is None
         self._tdt = _TORCH_DTYPES[self.runtime.config.dtype]
         self._on_gpu = self.runtime.config.use_gpu == 1
+        self._heads = (self.runtime.config.num_q_heads, self.runtime.config.num_kv_heads)
         self.sequences: list[Sequence] = []
         self._prefilled: set[int] = set()
         self.time_prefill_s = 0.0
@@ -224,6 +304,13 @@ class KvrtCache(DynamicCache):
         import time
         B, Hq, n, d = query.shape
         kl = layer.kvrt_layer
+        if (Hq, key.shape[1]) != self._heads:
+            # NOTE: kvrt would refuse the shapes too, but not say why: under tensor parallelism
+            # the heads a rank computes are its shard, and the runtime must have been made for it.
+            raise ValueError(
+                f"kvrt.hf: layer {layer.layer_idx} computes {Hq} q / {key.shape[1]} kv heads, the "
+                f"kvrt runtime serves {self._heads[0]} / {self._heads[1]}: a runtime made for "
+                "another shard (tensor parallelism) or another model")
         sync = torch.cuda.current_stream().synchronize if query.is_cuda else (lambda: None)
         if kl not in self._prefilled:
             out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -1,7 +1,8 @@
 """A tiny random decoder for tests and smoke runs (no download, no weights to carry).
 
-tiny_random() is also tools/record/models.py's "tiny-random": a 4-layer Gemma 3 (2 sliding-window + 2 global layers, 4 q heads,
-1 kv head, head_dim 64) with seeded random weights, and ByteTokenizer, a byte-level tokenizer.
+tiny_random() is also tools/record/models.py's "tiny-random": a 4-layer Gemma 3 (2 sliding-window + 2
+global layers, 4 q heads, 1 kv head unless kv_heads says otherwise, head_dim 64) with seeded random
+weights, and ByteTokenizer, a byte-level tokenizer.
 Its logits carry no meaning; it exercises the plumbing.
 """
 
@@ -29,13 +30,14 @@ class ByteTokenizer:
                                                                            errors="replace")
 
 
-def tiny_random(seed: int = 0):
-    """A small Gemma 3 with random weights, in eval mode on the CPU (float32)."""
+def tiny_random(seed: int = 0, kv_heads: int = 1):
+    """A small Gemma 3 with random weights, in eval mode on the CPU (float32). kv_heads (1, 2 or
+    4, dividing the 4 q heads): 2 lets tensor parallelism split the kv heads over two ranks."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     cfg = Gemma3TextConfig(
         vocab_size=ByteTokenizer.vocab_size, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=64,
         query_pre_attn_scalar=64, sliding_window=64, max_position_embeddings=8192,
         layer_types=["sliding_attention", "full_attention", "sliding_attention",
                      "full_attention"], pad_token_id=0, bos_token_id=1, eos_token_id=257)

@@ -134,6 +134,10 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.cuda_device = ToI32(k, value);
     else if (k == "cluster_direct_step")
       c.cluster_direct_step = ToI32(k, value);
+    else if (k == "worker_cpu_first")
+      c.worker_cpu_first = ToI32(k, value);
+    else if (k == "worker_cpu_count")
+      c.worker_cpu_count = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction") {
@@ -177,6 +181,8 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cluster_budget_fraction"] = ShortFloat(c.cluster_budget_fraction);
   d["cuda_device"] = c.cuda_device;
   d["cluster_direct_step"] = c.cluster_direct_step;
+  d["worker_cpu_first"] = c.worker_cpu_first;
+  d["worker_cpu_count"] = c.worker_cpu_count;
   return d;
 }
 
@@ -228,5 +234,5 @@ nb::dict StatsToDict(const kvrt_stats& s) {
 // A field appended to kvrt.h must be added above (and to kvrt/_config.py / _stats.py).
 static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 36 * sizeof(int64_t),
               "kvrt_stats changed: update StatsToDict and kvrt/_stats.py");
-static_assert(sizeof(kvrt_config) == 112,
+static_assert(sizeof(kvrt_config) == 120,
               "kvrt_config changed: update ConfigFromDict/ConfigToDict and kvrt/_config.py");

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
+import pytest
 
 import kvrt
 from conftest import SHAPE, kv
@@ -32,8 +34,17 @@ def test_config_round_trips_every_field():
                       search_effort=3, worker_threads=1, record_attended=1, use_gpu=0,
                       host_memory_limit=1 << 30, gpu_memory_limit=1 << 29, check_finite=0,
                       group_search=1, cold_attention="fetch", hot_cache_fraction=0.25,
-                      cluster_budget_fraction=0.05, cuda_device=2)
+                      cluster_budget_fraction=0.05, cuda_device=2, worker_cpu_first=0,
+                      worker_cpu_count=1)
     assert kvrt.Runtime(cfg).config == cfg
+
+
+def test_worker_cpu_range_is_checked_and_reported():
+    eff = kvrt.Runtime(**SHAPE, worker_cpu_first=0, worker_cpu_count=1).config
+    assert (eff.worker_cpu_first, eff.worker_cpu_count, eff.worker_threads) == (0, 1, 1)
+    for first, count in ((os.cpu_count(), 1), (0, -1), (1 << 20, 2)):
+        with pytest.raises(kvrt.InvalidArgumentError, match="worker_cpu_(first|count)"):
+            kvrt.Runtime(**SHAPE, worker_cpu_first=first, worker_cpu_count=count)
 
 
 def test_stats_fields_move(rng):

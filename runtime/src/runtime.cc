@@ -9,6 +9,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "cpu_binding.h"
 #include "device_tier.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
@@ -32,6 +33,9 @@ class Sequence {
 struct Runtime::Impl {
   explicit Impl(int threads) : arena(threads) {}
   tbb::task_arena arena;
+  // config.worker_cpu_count > 0: pins the arena's workers. Declared after the arena, so it is
+  // destroyed first, once the sequences (their background jobs) are gone.
+  std::unique_ptr<ArenaCpuBinding> cpu_binding;
   Counters counters;
   std::unique_ptr<GpuContext> gpu;  // GPU backend only; outlives the sequences (declared first)
   // NOTE: std::mutex rather than absl::Mutex: Debian's Abseil is not built with TSan, so TSan
@@ -77,6 +81,8 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   // NOTE: no upper bound: values above the hardware thread count are clamped to it (Create), as
   // kvrt.h says; only negative counts are errors.
   KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, INT32_MAX));
+  KVRT_RETURN_IF_ERROR(Range("worker_cpu_first", c.worker_cpu_first, 0, INT32_MAX));
+  KVRT_RETURN_IF_ERROR(Range("worker_cpu_count", c.worker_cpu_count, 0, INT32_MAX));
   KVRT_RETURN_IF_ERROR(Range("cold_attention", c.cold_attention, 0, 2));
   if (!(c.hot_cache_fraction >= 0.f && c.hot_cache_fraction <= 1.f))
     return absl::InvalidArgumentError(
@@ -145,9 +151,18 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   // NOTE: clamped to the hardware threads: more would only oversubscribe, and oneTBB prints a
   // warning when an arena asks for more workers than exist (a library must not print).
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const bool bound = effective.worker_cpu_count > 0;
+  if (bound) {
+    KVRT_RETURN_IF_ERROR(CheckCpuRange(effective.worker_cpu_first, effective.worker_cpu_count));
+    if (effective.worker_threads == 0) effective.worker_threads = effective.worker_cpu_count;
+  }
   if (effective.worker_threads == 0 || effective.worker_threads > hw) effective.worker_threads = hw;
   std::unique_ptr<Runtime> rt(new Runtime(effective));
   rt->impl_ = std::make_unique<Impl>(effective.worker_threads);
+  if (bound) {
+    rt->impl_->cpu_binding = std::make_unique<ArenaCpuBinding>(
+        rt->impl_->arena, effective.worker_cpu_first, effective.worker_cpu_count);
+  }
   KVRT_RETURN_IF_ERROR(ResolveGpuBackend(&rt->config_, &rt->impl_->gpu));
   rt->impl_->streaming.assign(
       static_cast<std::size_t>(effective.num_layers) * effective.num_q_heads, 0);

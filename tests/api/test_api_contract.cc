@@ -340,6 +340,39 @@ TEST(ContractConfig, A031CallerGetsTheDefaultDirectStep) {
   kvrt_runtime_destroy(rt);
 }
 
+// 0.3.4 appended worker_cpu_first / worker_cpu_count: a caller compiled against 0.3.3 passes the
+// size that ended at cluster_direct_step (worker_cpu_first lies in its tail padding, which such a
+// caller never set); whatever lies there and past its struct, its runtime is not bound, and
+// kvrt_runtime_config writes only its prefix.
+TEST(ContractConfig, A033CallerGetsNoCpuBinding) {
+  const std::size_t config033 =
+      (offsetof(kvrt_config, cluster_direct_step) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+      alignof(kvrt_config) * alignof(kvrt_config);
+  ASSERT_GT(config033, offsetof(kvrt_config, worker_cpu_first)) << "the field sits in padding";
+  ASSERT_LE(config033, offsetof(kvrt_config, worker_cpu_count));
+  kvrt_config c = TinyConfig();
+  c.struct_size = config033;
+  c.worker_cpu_first = -5;  // the 0.3.3 struct's padding: not read (it would be refused)
+  c.worker_cpu_count = 7;   // past the 0.3.3 struct
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_config eff = kvrt_config_default();
+  ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+  EXPECT_EQ(eff.worker_cpu_first, 0);
+  EXPECT_EQ(eff.worker_cpu_count, 0);
+  kvrt_config old;
+  std::memset(&old, 0xab, sizeof old);
+  old.struct_size = config033;
+  ASSERT_EQ(kvrt_runtime_config(rt, &old), KVRT_OK);
+  EXPECT_EQ(old.num_layers, 1);
+  int32_t untouched;
+  std::memset(&untouched, 0xab, sizeof untouched);
+  EXPECT_EQ(old.worker_cpu_count, untouched);
+  kvrt_runtime_destroy(rt);
+  EXPECT_EQ(kvrt_config_init(&old, config033), KVRT_OK);
+  EXPECT_EQ(old.struct_size, config033);
+}
+
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
 // 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the

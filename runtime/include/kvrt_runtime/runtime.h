@@ -25,8 +25,10 @@ struct RuntimeConfig {
   int window_tokens = 2048;
   int top_k = 100;
   cpu_index::IndexKind index_kind = cpu_index::IndexKind::kExact;
-  int search_effort = 0;   // 0 = the kind's default
-  int worker_threads = 0;  // 0 = hardware threads
+  int search_effort = 0;     // 0 = the kind's default
+  int worker_threads = 0;    // 0 = hardware threads (worker_cpu_count when bound)
+  int worker_cpu_first = 0;  // the arena's workers run on CPUs first .. first + count - 1
+  int worker_cpu_count = 0;  // 0 = not bound
   bool record_attended = false;
   int64_t host_memory_limit = 0;   // bytes of host store + indexes over all sequences; 0 = none
   int64_t gpu_memory_limit = 0;    // bytes of GPU-tier buffers over all sequences; 0 = none
