@@ -8,9 +8,8 @@
 
 namespace kvrt::gpu::detail {
 
-// Clusters (or outliers) per CTA of the score kernel: 128 makes a 128K context's 8K clusters x 8 kv
-// heads one wave on an H200 (64 left a second wave of 32 CTAs) and halves the partial states
-// the select kernel merges.
+// The score kernel's cluster CTAs per kv head are at most ClusterTiles(C) (fewer when one wave
+// holds fewer: each then takes more clusters); the workspace holds a partial state per CTA.
 inline constexpr int kClusterTile = 128;
 
 inline int ClusterTiles(int n) { return (n + kClusterTile - 1) / kClusterTile; }

@@ -1,13 +1,13 @@
 // Cluster summary scoring, selection and estimate (cluster_kernels.h).
 //
-// ScoreKernel: grid (cluster CTAs + outlier tiles, kv heads), 256 threads. The cluster CTAs fill
-// one wave and share the clusters warp by warp (round robin). The group's queries
-// sit in shared memory (lane l reads dims [l*E, l*E+E), E = d/32); each warp reads one bf16
-// centroid row and its value-mean row per step (one 8..16-byte load per lane each, the next
-// cluster's issued before this one is scored), computes the g dot products with xor-shuffle
-// reductions, writes the densities and folds the cluster into an online-softmax state per q head
-// (max, sum, sum w * vbar). The 8 warp states are merged through shared memory into one partial
-// state per (q head, cluster CTA). Every centroid and value mean is read once per kv head, for all
+// ScoreKernel: a 1D grid of kv heads x cluster CTAs, then kv heads x outlier tiles; 256 threads.
+// The cluster CTAs fill one wave and share the clusters warp by warp (round robin). The group's
+// queries sit in shared memory (lane l reads dims [l*E, l*E+E), E = d/32); each warp reads one
+// bf16 centroid row and its value-mean row per step (one 8..16-byte load per lane each, issued
+// kScoreDepth clusters ahead), computes the g dot products with xor-shuffle reductions, writes
+// the densities and folds the cluster into an online-softmax state per q head (max, sum,
+// sum w * vbar). The 8 warp states are merged through shared memory into one partial state per
+// (q head, cluster CTA). Every centroid and value mean is read once per kv head, for all
 // q heads of its group: HBM traffic is the summary's size.
 //
 // SelectKernel: one CTA (512 threads) per q head. Merges the CTA states into the total, finds the
@@ -19,6 +19,7 @@
 // estimate of the unselected clusters.
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -31,6 +32,8 @@ namespace {
 
 constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
+constexpr int kScoreDepth = 3;    // clusters a warp has in flight (score kernel)
+constexpr int kOutlierTile = 32;  // outliers per CTA of the score kernel (4 per warp)
 constexpr int kSelectThreads = 512;
 constexpr int kSelectItems = 8;    // clusters per thread per chunk of the radix passes
 constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in shared memory
@@ -41,35 +44,44 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-// E consecutive bf16 at p (E = 2, 4, 8: 4, 8, 16 bytes, aligned) as f32.
+// E consecutive bf16 (E = 2, 4, 8: 4, 8, 16 bytes, aligned) kept packed in registers until used.
+template <int E>
+struct RawBf16 {
+  using Type = std::conditional_t<E == 2, unsigned, std::conditional_t<E == 4, uint2, uint4>>;
+  static_assert(sizeof(Type) == 2 * E, "E = 2, 4 or 8");
+  __device__ __forceinline__ static void ToF32(const Type& r, float (&out)[E]) {
+    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&r);
+#pragma unroll
+    for (int i = 0; i < E; ++i) out[i] = __bfloat162float(e[i]);
+  }
+};
+
+// E consecutive bf16 at p as f32.
 template <int E>
 __device__ __forceinline__ void LoadBf16(const uint16_t* __restrict__ p, float (&out)[E]) {
-  if constexpr (E == 8) {
-    const uint4 r = __ldg(reinterpret_cast<const uint4*>(p));
-    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&r);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = __bfloat162float(e[i]);
-  } else if constexpr (E == 4) {
-    const uint2 r = __ldg(reinterpret_cast<const uint2*>(p));
-    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) out[i] = __bfloat162float(e[i]);
-  } else {
-    const unsigned r = __ldg(reinterpret_cast<const unsigned*>(p));
-    const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&r);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) out[i] = __bfloat162float(e[i]);
-  }
+  using Raw = typename RawBf16<E>::Type;
+  RawBf16<E>::ToF32(__ldg(reinterpret_cast<const Raw*>(p)), out);
 }
 
+// Three CTAs per SM where the registers allow it without spills (d <= 128, groups <= 4: the 8B
+// shape), so that 24 warps each keep kScoreDepth clusters in flight.
 template <int D, int MG>
-__global__ void __launch_bounds__(kScoreThreads)
+constexpr int kScoreMinBlocks = D <= 128 && MG <= 4 ? 3 : 1;
+
+template <int D, int MG>
+__global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
     ScoreKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
-                float spread_coef, int cluster_ctas, float* __restrict__ density,
+                float spread_coef, int cluster_ctas, int outlier_ctas, float* __restrict__ density,
                 float* __restrict__ outlier_score, float* __restrict__ partial) {
   constexpr int E = D / 32;
-  const int h = blockIdx.y;
-  const int tile = blockIdx.x;
+  // A 1D grid: every kv head's cluster CTAs first, then the outlier CTAs, so that the short
+  // outlier CTAs are the ones a full wave leaves for later (CTAs start in index order).
+  const int kv_heads = s.kv_heads;
+  const int cluster_blocks = kv_heads * cluster_ctas;
+  const int b = blockIdx.x;
+  const int h = b < cluster_blocks ? b / cluster_ctas : (b - cluster_blocks) / outlier_ctas;
+  const int tile =
+      b < cluster_blocks ? b % cluster_ctas : cluster_ctas + (b - cluster_blocks) % outlier_ctas;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c_n = s.num_clusters;
   __shared__ float qn2[MG];
@@ -102,19 +114,26 @@ __global__ void __launch_bounds__(kScoreThreads)
   __syncthreads();
 
   if (tile >= cluster_ctas) {  // outliers: exact unscaled scores only
+    // kOutlierTile per CTA, kOutlierTile / 8 per warp, all of a warp's keys loaded before use.
+    constexpr int kPerWarp = kOutlierTile / kScoreWarps;
     const int o_n = s.num_outliers;
-    const int base = (tile - cluster_ctas) * kClusterTile;
-    for (int k = warp; k < kClusterTile; k += kScoreWarps) {
+    const int base = (tile - cluster_ctas) * kOutlierTile + warp * kPerWarp;
+    float kr[kPerWarp][E];
+#pragma unroll
+    for (int k = 0; k < kPerWarp; ++k)
+      if (base + k < o_n)
+        LoadBf16<E>(s.outlier_key + (static_cast<size_t>(h) * o_n + base + k) * D + lane * E,
+                    kr[k]);
+#pragma unroll
+    for (int k = 0; k < kPerWarp; ++k) {
       const int j = base + k;
       if (j >= o_n) break;
-      float kr[E];
-      LoadBf16<E>(s.outlier_key + (static_cast<size_t>(h) * o_n + j) * D + lane * E, kr);
 #pragma unroll
       for (int i = 0; i < MG; ++i) {
         if (i >= g) break;
         float a = 0.f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * kr[e];
+        for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * kr[k][e];
         a = WarpSum(a);
         if (lane == 0) outlier_score[(static_cast<size_t>(h) * g + i) * o_n + j] = a;
       }
@@ -130,18 +149,6 @@ __global__ void __launch_bounds__(kScoreThreads)
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[i][e] = 0.f;
   }
-  // NOTE: the next cluster's rows are loaded before this one is scored (a warp walks its clusters
-  // one after another; without the prefetch each step waits a full HBM latency).
-  auto load = [&](int j, int& n, float (&cen)[E], float (&vb)[E], float& spread) {
-    n = 0;
-    if (j >= c_n) return;
-    const size_t hc = static_cast<size_t>(h) * c_n + j;
-    n = __ldg(s.size + hc);
-    if (n <= 0) return;
-    LoadBf16<E>(s.centroid + hc * D + lane * E, cen);
-    LoadBf16<E>(s.value_mean + hc * D + lane * E, vb);
-    spread = __ldg(s.spread + hc);
-  };
   // The cluster CTAs share the clusters warp by warp: warp w of CTA c takes clusters c * 8 + w,
   // then every (cluster_ctas * 8)-th one after it (balanced to one cluster, whatever the count).
   const int stride = cluster_ctas * kScoreWarps;
@@ -150,19 +157,46 @@ __global__ void __launch_bounds__(kScoreThreads)
                         static_cast<long long>(step) * stride;
     return j < c_n ? static_cast<int>(j) : c_n;
   };
-  int n_cur = 0;
-  float cen[E] = {}, vb[E] = {}, spread = 0.f;
-  load(cluster_at(0), n_cur, cen, vb, spread);
-  for (int step = 0;; ++step) {
-    const int j = cluster_at(step);
-    if (j >= c_n) break;
-    int n_next = 0;
-    float cen_n[E] = {}, vb_n[E] = {}, spread_n = 0.f;
-    load(cluster_at(step + 1), n_next, cen_n, vb_n, spread_n);
-    const int n = n_cur;
-    if (n <= 0) {
-      if (lane < g) density[(static_cast<size_t>(h) * g + lane) * c_n + j] = -INFINITY;
-    } else {
+  // NOTE: a warp walks its clusters one after another, so each cluster's rows are loaded
+  // kScoreDepth clusters ahead of their use (a ring of packed registers): one load in flight per
+  // warp left the kernel waiting on HBM latency (728 GB/s). Every load is issued whether or not
+  // the cluster is empty (padding rows exist and are never used), so none waits for its size.
+  using Raw = typename RawBf16<E>::Type;
+  Raw rc[kScoreDepth] = {}, rv[kScoreDepth] = {};
+  int rn[kScoreDepth];
+  float rs[kScoreDepth];
+  auto load = [&](int j, Raw& c, Raw& v, int& n, float& sp) {
+    if (j >= c_n) {
+      n = 0;
+      return;
+    }
+    const size_t hc = static_cast<size_t>(h) * c_n + j;
+    c = __ldg(reinterpret_cast<const Raw*>(s.centroid + hc * D + lane * E));
+    v = __ldg(reinterpret_cast<const Raw*>(s.value_mean + hc * D + lane * E));
+    n = __ldg(s.size + hc);
+    sp = __ldg(s.spread + hc);
+  };
+#pragma unroll
+  for (int u = 0; u < kScoreDepth; ++u) load(cluster_at(u), rc[u], rv[u], rn[u], rs[u]);
+  bool done = false;
+  for (int step = 0; !done; step += kScoreDepth) {
+#pragma unroll
+    for (int u = 0; u < kScoreDepth; ++u) {
+      const int j = cluster_at(step + u);
+      if (j >= c_n) {
+        done = true;
+        break;
+      }
+      const int n = rn[u];
+      float cen[E], vb[E];
+      RawBf16<E>::ToF32(rc[u], cen);
+      RawBf16<E>::ToF32(rv[u], vb);
+      const float spread = rs[u];
+      load(cluster_at(step + u + kScoreDepth), rc[u], rv[u], rn[u], rs[u]);
+      if (n <= 0) {
+        if (lane < g) density[(static_cast<size_t>(h) * g + lane) * c_n + j] = -INFINITY;
+        continue;
+      }
       const float logn = logf(static_cast<float>(n));
 #pragma unroll
       for (int i = 0; i < MG; ++i) {
@@ -183,13 +217,6 @@ __global__ void __launch_bounds__(kScoreThreads)
         m[i] = mn;
       }
     }
-    n_cur = n_next;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      cen[e] = cen_n[e];
-      vb[e] = vb_n[e];
-    }
-    spread = spread_n;
   }
   // Merge the warps' states, one q head at a time.
   const int tiles = cluster_ctas;
@@ -359,7 +386,11 @@ __global__ void __launch_bounds__(kSelectThreads)
         const uint32_t u = OrderedKey(n[i] > 0 ? dj[i] : 0.f);
         const bool in = n[i] > 0 && (u & mask) == prefix;
         const int bin = in ? static_cast<int>((u >> shift) & 255) : -1;
-        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        // Most passes put a warp's 32 clusters in one bin (or none): then one ballot, no match.
+        const int bin0 = __shfl_sync(0xffffffffu, bin, 0);
+        const unsigned peers = __all_sync(0xffffffffu, bin == bin0)
+                                   ? 0xffffffffu
+                                   : __match_any_sync(0xffffffffu, bin);
         const unsigned tok = __reduce_add_sync(peers, in ? static_cast<unsigned>(n[i]) : 0u);
         if (in && (t & 31) == __ffs(peers) - 1)
           atomicAdd(&hist_tok[bin], static_cast<unsigned long long>(tok));
@@ -530,13 +561,14 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
-// CTAs for the clusters per kv head: one wave with the outliers' CTAs (each takes several tiles;
-// a second, nearly empty wave would double the kernel's time), at least one, at most a tile each.
-template <typename Kernel>
-int ClusterCtas(Kernel kernel, int ctiles, int otiles, int kv_heads) {
+// CTAs for the clusters per kv head: one wave of ScoreKernel<D, MG> (each CTA takes its share of
+// the clusters; a second, nearly empty wave would double the kernel's time), at least one, at
+// most ClusterTiles (the workspace's partial states).
+template <int D, int MG>
+int ClusterCtas(int ctiles, int kv_heads) {
   if (ctiles == 0) return 0;
-  // The device's CTA slots for this kernel, queried once per device (a decode step launches it
-  // per layer).
+  // The device's CTA slots for this kernel (static per instantiation), queried once per device (a
+  // decode step launches it per layer).
   constexpr int kMaxDevices = 64;
   static std::atomic<int> slots_of[kMaxDevices];
   int dev = 0;
@@ -548,7 +580,8 @@ int ClusterCtas(Kernel kernel, int ctiles, int otiles, int kv_heads) {
   if (slots == 0) {
     int sms = 0, per_sm = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kScoreThreads, 0) !=
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ScoreKernel<D, MG>, kScoreThreads,
+                                                      0) !=
             cudaSuccess) {
       (void)cudaGetLastError();
       return ctiles;
@@ -556,7 +589,20 @@ int ClusterCtas(Kernel kernel, int ctiles, int otiles, int kv_heads) {
     slots = std::max(1, sms * per_sm);
     slots_of[dev].store(slots, std::memory_order_relaxed);
   }
-  return std::max(1, std::min(ctiles, slots / kv_heads - otiles));
+  // NOTE: the outlier CTAs do not count: they are short, and with many outliers (thousands per
+  // head at 1M) leaving them room left one cluster CTA per head.
+  return std::max(1, std::min(ctiles, slots / kv_heads));
+}
+
+template <int D, int MG>
+Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale, float spread_coef,
+                int ctiles, int otiles, const ClusterStepOutputs& out, float* ws, cudaStream_t st,
+                int* cctas) {
+  *cctas = ClusterCtas<D, MG>(ctiles, s.kv_heads);
+  const unsigned grid = static_cast<unsigned>((*cctas + otiles) * s.kv_heads);
+  ScoreKernel<D, MG><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, *cctas, otiles,
+                                                      out.density, out.outlier_score, ws);
+  return LastLaunchErr();
 }
 
 }  // namespace
@@ -566,7 +612,7 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
   const cudaStream_t st = AsStream(stream);
   const int g = p.q_heads / s.kv_heads;
   const int ctiles = ClusterTiles(s.num_clusters);
-  const int otiles = ClusterTiles(s.num_outliers);
+  const int otiles = (s.num_outliers + kOutlierTile - 1) / kOutlierTile;
   float* ws = workspace;
   const size_t ws_floats = ClusterWorkspaceFloats(s, p.q_heads);
   if (ws == nullptr && ws_floats > 0) {
@@ -579,22 +625,14 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
   const float spread_coef = p.spread_weight * 0.5f * scale * scale;
   Err err{};
   KVRT_DISPATCH_HEAD_DIM(s.head_dim, D, {
-    auto score = [&](auto kernel) {
-      const int cctas = ClusterCtas(kernel, ctiles, otiles, s.kv_heads);
-      const dim3 grid(static_cast<unsigned>(cctas + otiles), static_cast<unsigned>(s.kv_heads));
-      kernel<<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, cctas,
-                                             out.density, out.outlier_score, ws);
-      err = LastLaunchErr();
-      return cctas;
-    };
     int cctas = 0;
     if (ctiles + otiles > 0) {
       if (g <= 4) {
-        cctas = score(ScoreKernel<D, 4>);
+        err = LaunchScore<D, 4>(s, q, g, scale, spread_coef, ctiles, otiles, out, ws, st, &cctas);
       } else if (g <= 8) {
-        cctas = score(ScoreKernel<D, 8>);
+        err = LaunchScore<D, 8>(s, q, g, scale, spread_coef, ctiles, otiles, out, ws, st, &cctas);
       } else {
-        cctas = score(ScoreKernel<D, 16>);
+        err = LaunchScore<D, 16>(s, q, g, scale, spread_coef, ctiles, otiles, out, ws, st, &cctas);
       }
     }
     if (err.ok()) {

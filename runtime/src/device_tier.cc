@@ -347,6 +347,7 @@ class DeviceTier final : public TierBackend {
   std::vector<unsigned char> summary_host_;
   int64_t summary_version_ = -1;
   gpu::ClusterSummaryView summary_view_;
+  int64_t summary_clustered_ = 0;  // the most clustered rows of a kv head, this version
   DeviceHotCache hot_;
   DirectStep direct_;
   // The tier arrays of a batch step led by this tier (pinned: a pageable upload would stall).
@@ -899,12 +900,15 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, int i, const ColdSelectio
 absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   if (summary_version_ == cold.index_version() && !summary_.empty()) return absl::OkStatus();
   const int G = cfg_->num_kv_heads, d = cfg_->head_dim;
-  int64_t C = 0, O = 0;
+  int64_t C = 0, O = 0, clustered = 0;
   for (int g = 0; g < G; ++g) {
     const cpu_index::ClusterSummary* s = cold.summary(g);
     if (s == nullptr) return absl::FailedPreconditionError("no cluster summary yet");
     C = std::max<int64_t>(C, s->num_clusters());
     O = std::max<int64_t>(O, static_cast<int64_t>(s->outliers.size()));
+    int64_t rows = 0;
+    for (int32_t n : s->size) rows += n;
+    clustered = std::max(clustered, rows);
   }
   if (C == 0) return absl::FailedPreconditionError("no cluster summary yet");
   auto align = [](std::size_t x) { return (x + 255) / 256 * 256; };
@@ -957,6 +961,7 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   summary_view_.spread = reinterpret_cast<const float*>(dev + spread_at);
   summary_view_.outlier_key = reinterpret_cast<const uint16_t*>(dev + outlier_at);
   summary_version_ = cold.index_version();
+  summary_clustered_ = clustered;
   return absl::OkStatus();
 }
 
@@ -971,13 +976,9 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   KVRT_RETURN_IF_ERROR(SyncSummary(cold, stream));
   const int64_t C = summary_view_.num_clusters, O = summary_view_.num_outliers;
   const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
-  // The same budget as the index's own Search: max(k, fraction of the clustered rows, floor).
-  int64_t clustered = 0;
-  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
-    int64_t rows = 0;
-    for (int32_t n : cold.summary(g)->size) rows += n;
-    clustered = std::max(clustered, rows);
-  }
+  // The same budget as the index's own Search: max(k, fraction of the clustered rows, floor);
+  // the clustered rows are counted once per index version (SyncSummary), not per step.
+  const int64_t clustered = summary_clustered_;
   gpu::ClusterStepParams params;
   params.q_heads = H;
   params.scale = cfg_->scale;
