@@ -51,24 +51,20 @@ __global__ void __launch_bounds__(128)
   if (lse_out != nullptr && lane == 0) lse_out[row] = l;
 }
 
-// grid rows, block 128: one CTA per row, its 4 warps taking every 4th of the row's n states (each
-// read once), combined through shared memory.
+// grid ceil(rows / 4), block 128: one warp per row, the n states of the row read once each.
 // o: f32 [n, rows, D]; lse: f32 [n, rows]; out: OutT [rows, D]; lse_out: f32 [rows] or null.
 // Same weights as cpu_index::MergeStates (the host reference): w_i = exp(lse_i - m) / sum.
-constexpr int kMergeWarps = 4;
-
 template <typename OutT, int D>
-__global__ void __launch_bounds__(kMergeWarps * 32)
+__global__ void __launch_bounds__(128)
     MergeStatesNKernel(const float* __restrict__ o, const float* __restrict__ lse, int n, int rows,
                        OutT* __restrict__ out, float* __restrict__ lse_out) {
   constexpr int kPer = D / 32;
-  __shared__ float part_acc[kMergeWarps][D];
-  __shared__ float part_sum[kMergeWarps];
-  const int row = blockIdx.x;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // NOTE: the lanes read the states' lse in parallel and pass each weight round by a shuffle, and
-  // the warps split the states, so that a merge of many states (the direct step's split-K
-  // partials: 32 and more) is neither a chain of dependent loads per state nor one warp's.
+  const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  // NOTE: the lanes read the states' lse in parallel and pass each weight round by a shuffle, so
+  // that a merge of many states (the direct step's split-K partials: 32 and more) is not a chain
+  // of dependent loads per state.
   float m = -INFINITY;
   for (int i = lane; i < n; i += 32)
     m = MaxPropagateNan(m, lse[static_cast<size_t>(i) * rows + row]);  // NaN: NaN out
@@ -78,9 +74,10 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
   float acc[kPer];
 #pragma unroll
   for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
-  float part = 0.f;
+  float sum = 0.f;
   if (m != -INFINITY) {
-    for (int i0 = warp * 32; i0 < n; i0 += kMergeWarps * 32) {
+    float part = 0.f;
+    for (int i0 = 0; i0 < n; i0 += 32) {
       const int i = i0 + lane;
       const float l = i < n ? lse[static_cast<size_t>(i) * rows + row] : -INFINITY;
       const float e = l == -INFINITY ? 0.f : __expf(l - m);
@@ -88,7 +85,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
       // An empty state's o is not read (it may be unwritten).
       const unsigned live = __ballot_sync(0xffffffffu, l != -INFINITY);
       const int cnt = min(32, n - i0);
-#pragma unroll 8
+#pragma unroll 4
       for (int k = 0; k < cnt; ++k) {
         const float w = __shfl_sync(0xffffffffu, e, k);
         if (((live >> k) & 1u) == 0) continue;
@@ -97,26 +94,15 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
         for (int j = 0; j < kPer; ++j) acc[j] += w * oi[lane + 32 * j];
       }
     }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+    sum = part;
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-#pragma unroll
-  for (int j = 0; j < kPer; ++j) part_acc[warp][lane + 32 * j] = acc[j];
-  if (lane == 0) part_sum[warp] = part;
-  __syncthreads();
-  float sum = 0.f;
-#pragma unroll
-  for (int w = 0; w < kMergeWarps; ++w) sum += part_sum[w];
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
   const size_t base = static_cast<size_t>(row) * D;
-  for (int t = threadIdx.x; t < D; t += kMergeWarps * 32) {
-    float a = 0.f;
 #pragma unroll
-    for (int w = 0; w < kMergeWarps; ++w) a += part_acc[w][t];
-    out[base + t] = FromF32<OutT>(a * inv);
-  }
-  if (lse_out != nullptr && threadIdx.x == 0)
-    lse_out[row] = m == -INFINITY ? -INFINITY : m + __logf(sum);
+  for (int j = 0; j < kPer; ++j) out[base + lane + 32 * j] = FromF32<OutT>(acc[j] * inv);
+  if (lse_out != nullptr && lane == 0) lse_out[row] = m == -INFINITY ? -INFINITY : m + __logf(sum);
 }
 
 }  // namespace
@@ -125,8 +111,9 @@ Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int he
                        DType out_dtype, float* lse_out, void* stream) {
   if (rows == 0) return {};
   const cudaStream_t st = AsStream(stream);
+  const int blocks = (rows + 3) / 4;
   KVRT_DISPATCH_DTYPE(out_dtype, T, {KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
-                        MergeStatesNKernel<T, D><<<rows, kMergeWarps * 32, 0, st>>>(
+                        MergeStatesNKernel<T, D><<<blocks, 128, 0, st>>>(
                             o, lse, n, rows, static_cast<T*>(out), lse_out);
                       })})
   return LastLaunchErr();
