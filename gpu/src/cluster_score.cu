@@ -63,8 +63,9 @@ __device__ __forceinline__ void LoadBf16(const uint16_t* __restrict__ p, float (
   RawBf16<E>::ToF32(__ldg(reinterpret_cast<const Raw*>(p)), out);
 }
 
-// Three CTAs per SM where the registers allow it without spills (d <= 128, groups <= 4: the 8B
-// shape), so that 24 warps each keep kScoreDepth clusters in flight.
+// Three CTAs per SM where 80 registers nearly suffice (d <= 128, groups <= 4: the 8B shape; ptxas
+// reports a 56-byte spill at d = 128), so that 24 warps each keep kScoreDepth clusters in flight
+// (41 us at 128K on the H200, docs/benchmarks.md).
 template <int D, int MG>
 constexpr int kScoreMinBlocks = D <= 128 && MG <= 4 ? 3 : 1;
 
