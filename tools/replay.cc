@@ -13,6 +13,7 @@
 #include "kvrt_common/dtype.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "tools/accuracy.h"
+#include "tools/reuse.h"
 
 namespace kvrt::cli {
 namespace {
@@ -250,6 +251,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   const std::size_t n_heads = static_cast<std::size_t>(m.num_layers) * H;
   std::vector<EffortAcc> acc(efforts.size());
   for (auto& a : acc) a.heads.resize(n_heads);
+  std::vector<SelectionReuse> reuse(efforts.size(), SelectionReuse(H, G));
   std::vector<double> append_us;
   int streaming_heads = 0;
   double prefill_ms = 0;
@@ -328,6 +330,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
         a.attended += after.cold_tokens_attended - before.cold_tokens_attended;
         a.cold_attended +=
             static_cast<double>(after.cold_tokens_attended - before.cold_tokens_attended) / H;
+        reuse[e].BeginStep(layer, step, std::min<int64_t>(opt.sinks, n),
+                           std::max<int64_t>(0, n - opt.window));
         for (int h = 0; h < H; ++h) {
           const int g = h / group;
           const std::size_t at = ref.at(layer, step, h);
@@ -337,6 +341,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
             return absl::InternalError(error);
           ids.resize(count);
           kvrt_get_attended(rt, seq, layer, h, ids.data(), count, &count);
+          reuse[e].AddHead(h, ids.data(), count);
           ConvertToF32(static_cast<const unsigned char*>(dq->data) + step * qrow + h * d * es,
                        m.dtype, d, q.data());
           const HeadRows rows{kv->k.data() + g * d, kv->v.data() + g * d,
@@ -372,6 +377,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
           hr.mass += mass / steps;
           hr.error_mean += err / steps;
         }
+        reuse[e].EndStep();
       }
       if (step + 1 == steps || step % 16 == 0)
         bar.Update(layer + 1 == m.num_layers && step + 1 == steps,
@@ -422,6 +428,9 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.estimated_mass = Mean(a.est_mass);
     r.estimate_missed_mass = Mean(a.missed_mass);
     r.estimate_log_ratio = Mean(a.est_log_ratio);
+    r.head_step_reuse = reuse[e].head_step_reuse();
+    r.kv_step_reuse = reuse[e].kv_step_reuse();
+    r.layer_reuse = reuse[e].layer_reuse();
     r.latency_us_p50 = Percentile(a.attend_us, 0.50);
     r.latency_us_p99 = Percentile(a.attend_us, 0.99);
     r.append_us_p50 = Percentile(append_us, 0.50);

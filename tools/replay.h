@@ -72,6 +72,10 @@ struct ReplayReport {
   // ratio (0 = unbiased; below 0 = the estimate claims too little). All 0 without estimates.
   int64_t estimate_samples = 0;
   double estimated_mass = 0, estimate_missed_mass = 0, estimate_log_ratio = 0;
+  // Reuse of the cold selection (tools/reuse.h): the share of a step's cold positions that the
+  // same q head (kv head: the GQA group's union) chose at the previous step, and that the
+  // previous layer chose at the same step.
+  double head_step_reuse = 0, kv_step_reuse = 0, layer_reuse = 0;
   double latency_us_p50 = 0, latency_us_p99 = 0, append_us_p50 = 0, prefill_ms_per_layer = 0;
   double cold_tokens_attended_per_head = 0;
   int64_t gpu_bytes = 0, host_bytes = 0, index_bytes = 0, cold_tokens = 0;

@@ -46,6 +46,9 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["estimated_mass"] = r.estimated_mass;
   j["estimate_missed_mass"] = r.estimate_missed_mass;
   j["estimate_log_ratio"] = r.estimate_log_ratio;
+  j["head_step_reuse"] = r.head_step_reuse;
+  j["kv_step_reuse"] = r.kv_step_reuse;
+  j["layer_reuse"] = r.layer_reuse;
   j["latency_us_p50"] = r.latency_us_p50;
   j["latency_us_p99"] = r.latency_us_p99;
   j["append_us_p50"] = r.append_us_p50;
@@ -116,6 +119,11 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                "attended per head-step (retrieved fraction %.4f); %lld cold tokens per layer\n",
                r.scanned_fraction, r.read_fraction, r.cold_tokens_attended_per_head,
                r.retrieved_fraction, static_cast<long long>(r.cold_tokens));
+  std::fprintf(out,
+               "  reuse       of a step's cold positions, chosen at the previous step: %.3f per q "
+               "head, %.3f per kv head (its group's union); by the previous layer at this step: "
+               "%.3f\n",
+               r.head_step_reuse, r.kv_step_reuse, r.layer_reuse);
   std::fprintf(out,
                "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); "
                "append p50 %.1f us; prefill %.1f ms/layer\n",

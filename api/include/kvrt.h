@@ -391,13 +391,17 @@ KVRT_API kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id s
  *     outside gpu_memory_limit for that time (since 0.3.2; before, a prefill waited for its cold
  *     part's D2H and index). An append of more tokens than the window waits for the D2H of its
  *     cold part.
- *   - attend: q is copied D2H on the stream (small) for the CPU side, which the call waits for;
+ *   - attend: where a phase runs on the CPU, q is copied D2H on the stream (small) and the call
+ *     waits for it; the cluster kind's direct step (cluster_direct_step, the default) does not:
+ *     its selection and attention stay on the device and the call returns without waiting.
  *     out (device, f32 [q_heads, head_dim]) is written in stream order when the call returns,
  *     with no device-wide synchronisation: the caller's later work on cuda_stream sees it.
  * With host pointers the GPU backend uses its own streams and an attend returns with out written.
- * CUDA graphs: no kvrt call can be captured. A decode step hands its selection to the CPU and
- * back (q D2H, the selection, host-side attention or the hot cache's misses), and calls use
- * kvrt's own streams and events. A call on a stream that is being captured returns
+ * CUDA graphs: no kvrt call can be captured. Even the direct step, which never waits for the
+ * device, is decided on the host each step: its kernels take the store's row count, the
+ * unclustered tail and the summary's size as launch arguments (a replayed graph would attend a
+ * stale row count), its page table follows a CPU policy, and calls use kvrt's own streams and
+ * events (docs/gpu.md, "CUDA graphs"). A call on a stream that is being captured returns
  * KVRT_ERR_FAILED_PRECONDITION before it enqueues anything (the capture stays valid); a decoder
  * that uses graphs captures the layers' other work and calls kvrt between the graphs (since
  * 0.3.2).

@@ -7,6 +7,7 @@
 #include "gtest/gtest.h"
 #include "tools/replay.h"
 #include "tools/report.h"
+#include "tools/reuse.h"
 #include "tools/trace/trace.h"
 
 namespace kvrt::cli {
@@ -61,6 +62,13 @@ TEST_F(ReplayTest, ExactModeIsExact) {
   EXPECT_LT(r.output_rel_error_max, 1e-5);
   EXPECT_DOUBLE_EQ(r.scanned_fraction, 1.0);
   EXPECT_EQ(r.cold_tokens, 1500 + 6 - 4 - 64);
+  // Every cold position every step: step t holds step t-1's cold positions and one more; every
+  // layer holds the same ones at the same step.
+  const double cold_now = 1500 + 6 - 4 - 64, cold_before = cold_now - 1;
+  EXPECT_GT(r.head_step_reuse, cold_before / (cold_now + 4));
+  EXPECT_LT(r.head_step_reuse, 1.0);
+  EXPECT_NEAR(r.kv_step_reuse, r.head_step_reuse, 1e-12);
+  EXPECT_DOUBLE_EQ(r.layer_reuse, 1.0);
 }
 
 TEST_F(ReplayTest, FlatWithKCoveringTheColdTierIsExact) {
@@ -98,6 +106,37 @@ TEST_F(ReplayTest, StreamingHeadsSkipTheColdTier) {
   const auto none = Replay(KVRT_INDEX_EXACT, 100, 64, 0);
   EXPECT_EQ(none.streaming_heads, 0);
   EXPECT_DOUBLE_EQ(none.recall_at_k, 1.0);
+}
+
+TEST(SelectionReuse, SharesOfTheColdPositionsChosenBefore) {
+  SelectionReuse r(/*q_heads=*/2, /*kv_heads=*/1);
+  const int64_t a0[] = {1, 10, 11, 12, 99};   // 99: past the cold range, not counted
+  const int64_t b0[] = {20, 21};
+  r.BeginStep(0, 0, /*cold_begin=*/5, /*cold_end=*/50);
+  r.AddHead(0, a0, 5);  // cold: 10 11 12
+  r.AddHead(1, b0, 2);
+  r.EndStep();
+  EXPECT_EQ(r.head_step_reuse(), 0.0) << "the first step has nothing before it";
+  const int64_t a1[] = {10, 11, 30, 31};
+  const int64_t b1[] = {21, 21, 40};
+  r.BeginStep(0, 1, 5, 50);
+  r.AddHead(0, a1, 4);  // 2 of 4 chosen before
+  r.AddHead(1, b1, 3);  // {21, 40}: 1 of 2
+  r.EndStep();
+  EXPECT_DOUBLE_EQ(r.head_step_reuse(), (0.5 + 0.5) / 2);
+  // The group's union {10 11 21 30 31 40} against {10 11 12 20 21}: 3 of 6.
+  EXPECT_DOUBLE_EQ(r.kv_step_reuse(), 0.5);
+  EXPECT_EQ(r.layer_samples(), 0);
+  // Layer 1, step 1 against layer 0's step 1 union {10 11 21 30 31 40}.
+  const int64_t c[] = {10, 40, 45};
+  r.BeginStep(1, 0, 5, 50);
+  r.EndStep();  // step 0 of layer 1: no positions, no sample
+  r.BeginStep(1, 1, 5, 50);
+  r.AddHead(0, c, 3);
+  r.EndStep();
+  EXPECT_EQ(r.layer_samples(), 1);
+  EXPECT_DOUBLE_EQ(r.layer_reuse(), 2.0 / 3);
+  EXPECT_DOUBLE_EQ(r.head_step_reuse(), 0.5) << "layer 1 has no step before its step 1's";
 }
 
 }  // namespace
