@@ -15,6 +15,8 @@
 // most max_admit_per_step blocks a step: under such queries every admission evicts a block that
 // is as likely to be wanted again, so unbounded admission only turns each step's PCIe reads into
 // as many fills (the same bytes again, on the fill stream, competing with the step's reads).
+// Both refusals come before the second-chance bookkeeping: a miss refused for either reason is
+// not remembered as a first miss (measured that way on the H200; docs/benchmarks.md).
 #include <cstdint>
 #include <vector>
 
