@@ -28,6 +28,7 @@ void SelectionReuse::BeginStep(int layer, int step, int64_t cold_begin, int64_t 
     layer_prev_ = std::move(layer_now_);
     layer_now_.clear();
     head_prev_.assign(q_heads_, {});
+    kv_prev_.assign(kv_heads_, {});
   }
   layer_ = layer;
   step_ = step;
@@ -48,7 +49,7 @@ void SelectionReuse::EndStep() {
   const int group = q_heads_ / kv_heads_;
   Set layer_union;
   for (int g = 0; g < kv_heads_; ++g) {
-    Set now, before;
+    Set now;
     for (int h = g * group; h < (g + 1) * group; ++h) {
       if (!head_now_[h].empty() && !head_prev_[h].empty()) {
         head_sum_ += Overlap(head_now_[h], head_prev_[h]);
@@ -58,19 +59,16 @@ void SelectionReuse::EndStep() {
       std::set_union(now.begin(), now.end(), head_now_[h].begin(), head_now_[h].end(),
                      std::back_inserter(u));
       now.swap(u);
-      Set w;
-      std::set_union(before.begin(), before.end(), head_prev_[h].begin(), head_prev_[h].end(),
-                     std::back_inserter(w));
-      before.swap(w);
     }
-    if (!now.empty() && !before.empty()) {
-      kv_sum_ += Overlap(now, before);
+    if (!now.empty() && !kv_prev_[g].empty()) {
+      kv_sum_ += Overlap(now, kv_prev_[g]);
       ++kv_n_;
     }
     Set u;
     std::set_union(layer_union.begin(), layer_union.end(), now.begin(), now.end(),
                    std::back_inserter(u));
     layer_union.swap(u);
+    kv_prev_[g] = std::move(now);
   }
   const std::size_t s = static_cast<std::size_t>(step_);
   if (s < layer_prev_.size() && !layer_union.empty() && !layer_prev_[s].empty()) {

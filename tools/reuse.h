@@ -40,6 +40,7 @@ class SelectionReuse {
   int layer_ = -1, step_ = -1;
   int64_t cold_begin_ = 0, cold_end_ = 0;
   std::vector<Set> head_now_, head_prev_;  // [q_heads]
+  std::vector<Set> kv_prev_;               // [kv_heads] the group unions of the previous step
   std::vector<Set> layer_now_, layer_prev_;  // [steps] unions of this and the previous layer
   double head_sum_ = 0, kv_sum_ = 0, layer_sum_ = 0;
   int64_t head_n_ = 0, kv_n_ = 0, layer_n_ = 0;
