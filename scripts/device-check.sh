@@ -7,7 +7,8 @@
 # GPU hot cache instead of the before/after comparison (at 128K, B=1), BENCH=hot-scale at B=16 and
 # 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer, BENCH=prefill times kvrt_prefill
 # beside causal SDPA, BENCH=bytes the cluster kind's GPU bytes from 32K to 512K, BENCH=direct the
-# direct step against the CPU-ordered hot cache (BENCH takes a list); TESTS="" and
+# direct step against the CPU-ordered hot cache, BENCH=binding the Python package's cost per
+# layer-step beside bench decode on one trace (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -45,6 +46,40 @@ if [[ "${1:-}" == "--device" ]]; then
       echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
     done
   fi
+  # The Python package built against the bundle's installed libkvrt with the machine's python3
+  # and its build tools (no network), once: sets site (its PYTHONPATH) and built (how, or "").
+  py_package() {
+    [[ -n ${built:-} ]] && return 0
+    site=/tmp/kvrt-site pybuild=/tmp/kvrt-py-build prefix=$PWD/.bundle/prefix built=""
+    rm -rf "$site" "$pybuild"
+    echo "=== python package: $(python3 --version 2>&1), $(cmake --version | head -1), C++ compiler:" \
+      "$(command -v c++ g++ clang++ | head -1)"
+    t0=$SECONDS
+    if [[ ! -d $prefix/lib/cmake/kvrt ]]; then
+      echo "e2e: .bundle/prefix is missing: bundle again with this scripts/device-check.sh"
+    elif ! python3 -m pip --version > "$out/e2e-pip.log" 2>&1; then
+      echo "e2e: python3 has no pip; building with CMake instead" | tee -a "$out/e2e-pip.log"
+    elif CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout 240 python3 -m pip install \
+        --no-build-isolation --no-deps --no-index --disable-pip-version-check \
+        --target "$site" ./python --config-settings=build-dir="$pybuild" \
+        --config-settings=cmake.define.KVRT_PY_LIBKVRT=installed \
+        --config-settings=cmake.define.CMAKE_PREFIX_PATH="$prefix" >> "$out/e2e-pip.log" 2>&1; then
+      built="pip install"
+    else
+      echo "e2e: pip install failed; building with CMake instead" | tee -a "$out/e2e-pip.log"
+    fi
+    if [[ -z $built && -d $prefix/lib/cmake/kvrt ]]; then
+      # The same package without pip/scikit-build-core: the extension and libkvrt (component
+      # "python" of python/CMakeLists.txt) plus the package's Python sources.
+      rm -rf "$site" "$pybuild"
+      { cmake -S python -B "$pybuild" -DCMAKE_BUILD_TYPE=Release -DKVRT_PY_LIBKVRT=installed \
+          -DCMAKE_PREFIX_PATH="$prefix" -DPython_EXECUTABLE="$(command -v python3)" &&
+        timeout 240 cmake --build "$pybuild" -j"$(nproc)" &&
+        cmake --install "$pybuild" --component python --prefix "$site" &&
+        cp python/kvrt/*.py python/kvrt/py.typed "$site/kvrt/"; } >> "$out/e2e-pip.log" 2>&1 &&
+        built="cmake"
+    fi
+  }
   args="bench decode --steps 30 --warmup 3 --max-seconds 4 ${BENCH_ARGS:-}"
   # The CLI before --keys ran on random keys without accuracy: the same for this one, like for like.
   random="--keys random --accuracy-steps 0"
@@ -114,39 +149,29 @@ if [[ "${1:-}" == "--device" ]]; then
       timeout 400 $b/kvrt bench serve --gpu-memory 100GiB --context 32768,131072 --layers-model 32 \
         --layers 1 --index cluster --max-batch 64 --steps 20 --warmup 3 --max-seconds 4 \
         --dense-json "$out/dense-serve.jsonl" --csv "$out/serve.csv" --plot "$out/serve.svg"
+    elif [[ "$bench" == binding ]]; then
+      # The Python package's own cost per layer-step (issue 15): bench decode and
+      # tools/gpu_bench/binding_overhead.py over one generated 128K trace, same settings.
+      py_package
+      trace=/tmp/kvrt-binding.safetensors
+      timeout 200 $b/kvrt gen-trace -o $trace --tokens 133200 --steps 40 --layers 1 --q-heads 32 \
+        --kv-heads 8 --head-dim 128 --seed 3 --quiet || rc=1
+      echo "=== kvrt: bench decode --trace (C API), cluster 128K B=1"
+      timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+        --accuracy-steps 0 || rc=1
+      echo "=== python: tools/gpu_bench/binding_overhead.py, the same trace and settings"
+      if [[ -n $built ]]; then
+        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
+          PYTHONUNBUFFERED=1 timeout 150 \
+          python3 tools/gpu_bench/binding_overhead.py --trace $trace --cold 131072 --steps 30 \
+          --warmup 3 --json "$out/binding.json" || rc=1
+      fi
+      rm -f $trace
     elif [[ "$bench" == e2e ]]; then
       # End to end through the Python package (issue 15 item 4): kvrt built against the bundle's
       # installed libkvrt with the machine's python3 and its build tools (no network), then a
       # Llama-3-8B-shaped model with random weights (tools/gpu_bench/e2e_bench.py).
-      site=/tmp/kvrt-site pybuild=/tmp/kvrt-py-build prefix=$PWD/.bundle/prefix built=""
-      rm -rf "$site" "$pybuild"
-      echo "=== e2e: $(python3 --version 2>&1), $(cmake --version | head -1), C++ compiler:" \
-        "$(command -v c++ g++ clang++ | head -1)"
-      t0=$SECONDS
-      if [[ ! -d $prefix/lib/cmake/kvrt ]]; then
-        echo "e2e: .bundle/prefix is missing: bundle again with this scripts/device-check.sh"
-      elif ! python3 -m pip --version > "$out/e2e-pip.log" 2>&1; then
-        echo "e2e: python3 has no pip; building with CMake instead" | tee -a "$out/e2e-pip.log"
-      elif CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout 240 python3 -m pip install \
-          --no-build-isolation --no-deps --no-index --disable-pip-version-check \
-          --target "$site" ./python --config-settings=build-dir="$pybuild" \
-          --config-settings=cmake.define.KVRT_PY_LIBKVRT=installed \
-          --config-settings=cmake.define.CMAKE_PREFIX_PATH="$prefix" >> "$out/e2e-pip.log" 2>&1; then
-        built="pip install"
-      else
-        echo "e2e: pip install failed; building with CMake instead" | tee -a "$out/e2e-pip.log"
-      fi
-      if [[ -z $built && -d $prefix/lib/cmake/kvrt ]]; then
-        # The same package without pip/scikit-build-core: the extension and libkvrt (component
-        # "python" of python/CMakeLists.txt) plus the package's Python sources.
-        rm -rf "$site" "$pybuild"
-        { cmake -S python -B "$pybuild" -DCMAKE_BUILD_TYPE=Release -DKVRT_PY_LIBKVRT=installed \
-            -DCMAKE_PREFIX_PATH="$prefix" -DPython_EXECUTABLE="$(command -v python3)" &&
-          timeout 240 cmake --build "$pybuild" -j"$(nproc)" &&
-          cmake --install "$pybuild" --component python --prefix "$site" &&
-          cp python/kvrt/*.py python/kvrt/py.typed "$site/kvrt/"; } >> "$out/e2e-pip.log" 2>&1 &&
-          built="cmake"
-      fi
+      py_package
       if [[ -n $built ]]; then
         echo "e2e: kvrt package built ($built) into $site in $((SECONDS - t0)) s"
         PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \

@@ -4,10 +4,20 @@
 #include <cstring>
 #include <new>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "absl/strings/str_cat.h"
 #include "kvrt_cpu_index/dot.h"
 
 namespace kvrt::cpu_index {
+
+void AdviseHugePages([[maybe_unused]] void* p, [[maybe_unused]] std::size_t bytes) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  (void)madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+}
 
 absl::Status HeadStore::Reserve(int64_t rows) {
   const std::size_t need = static_cast<std::size_t>(rows) * row_bytes();

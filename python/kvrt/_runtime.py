@@ -9,6 +9,7 @@ the tensor's framework (torch.cuda.current_stream(), cupy.cuda.get_current_strea
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Optional, Sequence as Seq
 
 import numpy as np
@@ -22,8 +23,49 @@ Tensor = Any  # a DLPack tensor: numpy.ndarray, torch.Tensor, cupy.ndarray, ...
 _POLICIES = {"retrieval": 0, "streaming": 1}
 
 
+class _Torch:
+    """torch's fast paths, once torch is imported (kvrt never imports it itself): per call, a
+    torch tensor crosses as torch.utils.dlpack.to_dlpack's capsule (Tensor.__dlpack__ is Python
+    code that, for a CUDA tensor, also looks up streams to order them; kvrt is handed the stream
+    itself) and the current stream is read raw. Both cost ~20 us per call otherwise
+    (docs/benchmarks.md, "Binding overhead")."""
+
+    tensor: Any = None
+    to_dlpack: Any = None
+    raw_stream: Any = None
+
+    @classmethod
+    def ready(cls) -> bool:
+        if cls.tensor is None:
+            torch = sys.modules.get("torch")
+            if torch is None or not hasattr(torch, "Tensor"):
+                return False  # not imported (or still importing): the generic path
+            import torch.utils.dlpack
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            cls.raw_stream = raw if raw is not None else (
+                lambda index: torch.cuda.current_stream(index).cuda_stream)
+            cls.to_dlpack = torch.utils.dlpack.to_dlpack
+            cls.tensor = torch.Tensor
+        return True
+
+
+def _arg(t: Tensor) -> Any:
+    """What crosses to the extension for tensor `t`: a DLPack capsule for a plain torch tensor,
+    else `t` itself (nanobind calls its __dlpack__, or reads its buffer)."""
+    if type(t) is _Torch.tensor or (_Torch.tensor is None and _Torch.ready()
+                                    and type(t) is _Torch.tensor):
+        try:
+            return _Torch.to_dlpack(t)
+        except Exception:  # the generic path reports what is wrong with it
+            return t
+    return t
+
+
 def _current_stream(t: Tensor) -> int:
     """The framework's current CUDA stream for a device tensor `t` (0 for host tensors)."""
+    if type(t) is _Torch.tensor:
+        index = t.get_device()  # -1: a host tensor
+        return 0 if index < 0 else int(_Torch.raw_stream(index))
     mod = type(t).__module__
     if mod.startswith("torch"):
         if not t.is_cuda:
@@ -111,7 +153,7 @@ class Runtime:
             out = _empty_f32(q, (len(ids),) + self._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._gpu else 0
-        self._impl.attend_batch(ids, layer, q, out, stream)
+        self._impl.attend_batch(ids, layer, _arg(q), _arg(out), stream)
         return out
 
     def set_head_policy(self, layer: int, q_head: int, policy: str | int) -> None:
@@ -156,13 +198,14 @@ class Sequence:
         [n, q_heads, head_dim] or None. The layer must be empty."""
         if stream is None:
             stream = _current_stream(k) if self._rt._gpu else 0
-        self._impl.prefill(self.id, layer, q, k, v, stream)
+        self._impl.prefill(self.id, layer, None if q is None else _arg(q), _arg(k), _arg(v),
+                           stream)
 
     def append(self, layer: int, k: Tensor, v: Tensor, *, stream: Optional[int] = None) -> None:
         """Appends n tokens' k, v [n, kv_heads, head_dim] (kvrt_append)."""
         if stream is None:
             stream = _current_stream(k) if self._rt._gpu else 0
-        self._impl.append(self.id, layer, k, v, stream)
+        self._impl.append(self.id, layer, _arg(k), _arg(v), stream)
 
     def attend(self, layer: int, q: Tensor, out: Optional[Tensor] = None, *,
                stream: Optional[int] = None) -> Tensor:
@@ -173,7 +216,7 @@ class Sequence:
             out = _empty_f32(q, self._rt._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._rt._gpu else 0
-        self._impl.attend(self.id, layer, q, out, stream)
+        self._impl.attend(self.id, layer, _arg(q), _arg(out), stream)
         return out
 
     def wait(self) -> None:

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
         n_attend = st.attend_calls
         print(f"kvrt memory          GPU tier {_gib(st.gpu_allocated_bytes)}, host store "
               f"{_gib(st.host_bytes)}, indexes {_gib(st.index_bytes)}", file=sys.stderr)
-        print(f"kvrt time            prefill {cache.time_prefill_s * 1e3:.1f} ms, append+attend "
+        print(f"kvrt host time       prefill {cache.time_prefill_s * 1e3:.1f} ms, append+attend "
               f"{cache.time_decode_s * 1e3:.1f} ms ({n_attend} layer attends, "
               f"{st.mean_attend_us:.0f} us each inside the library)", file=sys.stderr)
         print(f"kvrt stats           {st}", file=sys.stderr)

@@ -252,8 +252,9 @@ class KvrtCache(DynamicCache):
     ...) or KvrtCache(model, ...) after register(); a new cache (or reset()) per generation.
 
     Attributes: runtime (the kvrt.Runtime), sequences (one per batch row, after the prompt),
-    layer_map ({model layer: kvrt layer}), time_prefill_s / time_decode_s (seconds in kvrt calls,
-    device work included)."""
+    layer_map ({model layer: kvrt layer}), time_prefill_s / time_decode_s (host seconds in kvrt
+    calls; the device work they enqueue on the current stream is not waited for, so that the host
+    runs ahead into the next layer as it does for transformers' own attention)."""
 
     def __init__(self, model, config: Optional[Config] = None, runtime: Optional[Runtime] = None,
                  **options: Any):
@@ -311,7 +312,6 @@ class KvrtCache(DynamicCache):
                 f"kvrt.hf: layer {layer.layer_idx} computes {Hq} q / {key.shape[1]} kv heads, the "
                 f"kvrt runtime serves {self._heads[0]} / {self._heads[1]}: a runtime made for "
                 "another shard (tensor parallelism) or another model")
-        sync = torch.cuda.current_stream().synchronize if query.is_cuda else (lambda: None)
         if kl not in self._prefilled:
             out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             if not self.sequences:
@@ -322,7 +322,6 @@ class KvrtCache(DynamicCache):
             t0 = time.perf_counter()
             for b, s in enumerate(self.sequences):
                 s.prefill(kl, q[b], k[b], v[b])
-            sync()
             self.time_prefill_s += time.perf_counter() - t0
             self._prefilled.add(kl)
             layer.tokens += n
@@ -339,7 +338,6 @@ class KvrtCache(DynamicCache):
                 rows = out[:, i].contiguous()
                 self.runtime.attend_batch(self.sequences, kl, q[:, i].contiguous(), out=rows)
                 out[:, i] = rows
-        sync()
         self.time_decode_s += time.perf_counter() - t0
         if kl == 0:
             self.tokens_decoded += n * B

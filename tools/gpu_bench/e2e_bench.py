@@ -74,6 +74,17 @@ def parse_args(argv=None):
                     help="a short untimed run of each cache first (CUDA kernels, cuBLAS, kvrt's "
                          "module and pools); 0 skips it (default 4096; 256 with --tiny)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
+    ap.add_argument("--sdpa-cudnn", choices=("on", "off"), default="on",
+                    help="PyTorch's cuDNN backend of scaled_dot_product_attention (on: torch's "
+                         "default). On the H200 with torch 2.11 it plans each new KV length on "
+                         "the host, ~10 ms per layer and decode token for the caches whose "
+                         "attention is SDPA's (DynamicCache, offloaded); off leaves them flash or "
+                         "memory-efficient attention")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the prompt, the first decode token and a steady one (the "
+                         "fifth) with torch.profiler (CPU and CUDA) and print their top operators "
+                         "to stderr (the timings include the profiler's cost); for kvrt also the "
+                         "change of its time counters over the first token")
     ap.add_argument("--json", default=None, help="write one JSON line per (cache, context) here")
     args = ap.parse_args(argv)
     args.layers = args.layers or (2 if args.tiny else 4)
@@ -210,11 +221,17 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if on_cuda else 0
         with torch.inference_mode():
+            prof = _profiler(on_cuda) if args.profile else None
+            if prof is not None:
+                prof.__enter__()
             t0 = time.perf_counter()
             logits = model(ids, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
             tok = int(torch.argmax(logits))  # synchronises the device
             sync()
             ttft = time.perf_counter() - t0
+            if prof is not None:
+                prof.__exit__(None, None, None)
+                res["profile_prompt"] = _profile_table(prof, on_cuda)
             del logits
             kvrt_gpu = 0
             if kind == "kvrt":
@@ -222,14 +239,29 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             kv_torch = (torch.cuda.memory_allocated() - base) if on_cuda else None
             t1 = time.perf_counter()
             token_s = []  # each token's forward, synchronised by reading its argmax
+            before = cache.stats() if kind == "kvrt" else None
+            before_s = cache.time_decode_s if kind == "kvrt" else 0.0
             for s in range(new_tokens):
+                prof = _profiler(on_cuda) if args.profile and s in (0, 4) else None
                 ts = time.perf_counter()
+                if prof is not None:
+                    prof.__enter__()
                 x = torch.tensor([[tok]], device=device)
                 pos = torch.tensor([[tokens + s]], device=device)
                 logits = model(x, **{kw: cache}, position_ids=pos, use_cache=True,
                                logits_to_keep=1).logits[0, -1]
                 tok = int(torch.argmax(logits))
+                if prof is not None:
+                    prof.__exit__(None, None, None)
+                    res[f"profile_token{s}"] = _profile_table(prof, on_cuda)
                 token_s.append(time.perf_counter() - ts)
+                if before is not None and s == 0:
+                    delta = (cache.stats() - before).as_dict()
+                    res["kvrt_first_token"] = {k: v for k, v in delta.items()
+                                               if k.startswith("time_") or k == "attend_calls"}
+                    # Wall time of kvrt.hf's calls into kvrt over the token (its layers' decode).
+                    res["kvrt_first_token"]["kvrt_calls_ns"] = int(
+                        (cache.time_decode_s - before_s) * 1e9)
             sync()
             decode_s = time.perf_counter() - t1
         res.update(ttft_s=ttft, decode_s=decode_s)
@@ -262,6 +294,21 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
         if kind == "kvrt" and cache is not None:
             cache.close()
         del cache
+
+
+def _profiler(on_cuda):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    return profile(activities=acts)
+
+
+def _profile_table(prof, on_cuda) -> str:
+    """The operators of one profiled token, by their own CPU time and (on CUDA) device time."""
+    ka = prof.key_averages()
+    text = ka.table(sort_by="self_cpu_time_total", row_limit=18)
+    if on_cuda:
+        text += "\n" + ka.table(sort_by="self_cuda_time_total", row_limit=12)
+    return text
 
 
 def _gib(n):
@@ -322,9 +369,10 @@ def main(argv=None) -> int:
         if device.index is None:  # "cuda": the current device, by index (set_device needs one)
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+        torch.backends.cuda.enable_cudnn_sdp(args.sdpa_cudnn == "on")
     gpu = torch.cuda.get_device_name(device) if on_cuda else "cpu"
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {gpu}; "
-          f"python {sys.version.split()[0]}", flush=True)
+          f"python {sys.version.split()[0]}; SDPA's cuDNN backend {args.sdpa_cudnn}", flush=True)
     caches = list(args.caches)
     if "offloaded" in caches and not on_cuda:
         print("e2e_bench: offloaded cache skipped: transformers' offloading moves K/V between a "
@@ -373,6 +421,7 @@ def main(argv=None) -> int:
             if kind not in args.caches:
                 continue
             rec = dict(cache=kind, context=tokens, layers=args.layers, new_tokens=args.new_tokens,
+                       sdpa_cudnn=args.sdpa_cudnn,
                        batch=1, dtype="bf16", device=gpu, torch=torch.__version__,
                        transformers=transformers.__version__, weights_bytes=weights)
             if kind not in caches:
@@ -398,6 +447,11 @@ def main(argv=None) -> int:
             line = table_line(rec)
             rows.append(line)
             print(line, flush=True)
+            for key in sorted(k for k in rec if k.startswith("profile_")):
+                print(f"--- {kind} {tokens}: {key} ---\n{rec[key]}", file=sys.stderr, flush=True)
+            if "kvrt_first_token" in rec:
+                print(f"--- kvrt {tokens}: first decode token, kvrt counters (ns): "
+                      f"{json.dumps(rec['kvrt_first_token'])}", file=sys.stderr, flush=True)
             if jf:
                 jf.write(json.dumps(rec) + "\n")
                 jf.flush()

@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""The Python package's own cost per layer-step (issue 15, "binding overhead"): the layer-steps of
+`kvrt bench decode --trace FILE` (append one token, attend, wait for the stream) driven through
+kvrt.Runtime / kvrt.Sequence with torch tensors, on the same trace, shape and settings.
+
+Run it beside `kvrt bench decode --trace FILE` with the same --cold/--sinks/--window/--layers and
+compare the p50 per layer-step. It also measures the binding apart from the work, in one process:
+
+  attend overhead  the Python call's wall time minus the library's own wall time inside
+                   kvrt_attend (kvrt_stats.time_attend_ns), per call: argument checks, DLPack,
+                   the stream lookup, releasing the GIL
+  append           the Python call's wall time (the library keeps no time of its own for append;
+                   bench decode's "append" column is the C++ caller's figure for the same call)
+  call floor       a call that does no work (Sequence.length) through the same binding
+
+  kvrt gen-trace -o /tmp/t.safetensors --tokens 133200 --steps 40 --layers 1 --q-heads 32 \\
+      --kv-heads 8 --head-dim 128 --seed 3
+  kvrt bench decode --trace /tmp/t.safetensors --index cluster --cold 131072 --batch 1
+  python3 tools/gpu_bench/binding_overhead.py --trace /tmp/t.safetensors --cold 131072
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", required=True, help="a kvrt trace (layer 0 is used for every layer)")
+    ap.add_argument("--cold", type=int, default=131072, help="cold (host store) tokens")
+    ap.add_argument("--sinks", type=int, default=4, help="sink tokens (bench decode's default)")
+    ap.add_argument("--window", type=int, default=2048, help="window tokens (bench decode's default)")
+    ap.add_argument("--layers", type=int, default=2, help="layers, each with the same K/V")
+    ap.add_argument("--steps", type=int, default=30, help="measured decode steps")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    ap.add_argument("--index", default="cluster", help="kvrt index kind")
+    ap.add_argument("--top-k", type=int, default=100, help="config.top_k")
+    ap.add_argument("--device", default="cuda", help="cuda (GPU backend, device tensors) or cpu")
+    ap.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
+                    help="another kvrt.Config field (repeatable)")
+    ap.add_argument("--json", default=None, help="write the figures here as one JSON object")
+    return ap.parse_args(argv)
+
+
+def _value(s: str):
+    for cast in (int, float):
+        try:
+            return cast(s)
+        except ValueError:
+            pass
+    return s
+
+
+def load_layer0(path: str, prompt: int, steps: int):
+    """The trace's layer 0 (prefill.q/k/v up to `prompt` rows, decode.q/k/v up to `steps`)."""
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        have_p, have_s = int(meta.get("prompt_tokens", 0)), int(meta.get("decode_steps", 0))
+        if have_p < prompt or have_s < steps:
+            raise SystemExit(f"binding_overhead: {path} has {have_p} prompt tokens and {have_s} "
+                             f"decode steps; this run needs {prompt} and {steps}")
+        t = {name: f.get_tensor(f"0.{name}") for name in (
+            "prefill.q", "prefill.k", "prefill.v", "decode.q", "decode.k", "decode.v")}
+    for name in t:
+        t[name] = t[name][:prompt] if name.startswith("prefill") else t[name][:steps]
+    return meta, t
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    import kvrt
+
+    on_cuda = args.device.startswith("cuda")
+    if on_cuda and not torch.cuda.is_available():
+        print("binding_overhead: no CUDA device (use --device cpu)", file=sys.stderr)
+        return 2
+    prompt = args.sinks + args.cold + args.window
+    total = args.warmup + args.steps
+    meta, t = load_layer0(args.trace, prompt, total)
+    dev = torch.device(args.device)
+    t = {k: v.to(device=dev, dtype=torch.bfloat16).contiguous() for k, v in t.items()}
+    opts = {kv.partition("=")[0].strip(): _value(kv.partition("=")[2].strip()) for kv in args.kvrt}
+    rt = kvrt.Runtime(num_layers=args.layers, num_q_heads=int(meta["num_q_heads"]),
+                      num_kv_heads=int(meta["num_kv_heads"]), head_dim=int(meta["head_dim"]),
+                      scale=float(meta.get("scale", 0) or 0), dtype="bf16",
+                      sink_tokens=args.sinks, window_tokens=args.window, top_k=args.top_k,
+                      index_kind=args.index, check_finite=0, use_gpu=1 if on_cuda else 0, **opts)
+    seq = rt.sequence()
+    sync = torch.cuda.current_stream().synchronize if on_cuda else (lambda: None)
+    t0 = time.perf_counter()
+    for layer in range(args.layers):
+        seq.prefill(layer, t["prefill.q"], t["prefill.k"], t["prefill.v"])
+    sync()
+    prefill_s = time.perf_counter() - t0
+
+    q_heads, d = t["decode.q"].shape[1], t["decode.q"].shape[2]
+    out = torch.empty((q_heads, d), dtype=torch.float32, device=dev)
+    step_us, append_us, attend_us = [], [], []
+    before = None
+    for s in range(total):
+        if s == args.warmup:
+            before = rt.stats()
+        for layer in range(args.layers):
+            a = time.perf_counter()
+            seq.append(layer, t["decode.k"][s:s + 1], t["decode.v"][s:s + 1])
+            b = time.perf_counter()
+            seq.attend(layer, t["decode.q"][s], out=out)
+            c = time.perf_counter()
+            sync()
+            e = time.perf_counter()
+            if s >= args.warmup:
+                step_us.append((e - a) * 1e6)
+                append_us.append((b - a) * 1e6)
+                attend_us.append((c - b) * 1e6)
+    delta = rt.stats() - before
+    lib_attend_us = delta.time_attend_ns / max(delta.attend_calls, 1) / 1e3
+
+    n_floor = 2000
+    a = time.perf_counter()
+    for _ in range(n_floor):
+        seq.length(0)
+    floor_us = (time.perf_counter() - a) / n_floor * 1e6
+    rt.close()
+
+    res = {
+        "trace": args.trace, "cold": args.cold, "layers": args.layers, "steps": args.steps,
+        "index": args.index, "device": torch.cuda.get_device_name() if on_cuda else "cpu",
+        "kvrt": kvrt.__version__, "prefill_s": prefill_s,
+        "layer_step_us_p50": statistics.median(step_us),
+        "layer_step_us_p99": sorted(step_us)[min(len(step_us) - 1, int(0.99 * len(step_us)))],
+        "append_us_mean": statistics.fmean(append_us),
+        "attend_call_us_mean": statistics.fmean(attend_us),
+        "attend_library_us_mean": lib_attend_us,
+        "attend_overhead_us": statistics.fmean(attend_us) - lib_attend_us,
+        "call_floor_us": floor_us,
+    }
+    print(f"kvrt {kvrt.__version__} through Python, {res['device']}, {args.index}, cold "
+          f"{args.cold}, {args.layers} layers x {args.steps} steps (after {args.warmup})")
+    print(f"  layer-step p50 {res['layer_step_us_p50']:.1f} us, p99 {res['layer_step_us_p99']:.1f}"
+          f" us (append + attend + stream sync; compare bench decode's p50)")
+    print(f"  append call {res['append_us_mean']:.1f} us (compare bench decode's append column)")
+    print(f"  attend call {res['attend_call_us_mean']:.1f} us, inside the library "
+          f"{lib_attend_us:.1f} us: binding overhead {res['attend_overhead_us']:.1f} us per attend")
+    print(f"  a call without work (Sequence.length): {floor_us:.2f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
