@@ -19,7 +19,8 @@
 # BENCH=e2e (there): the Python package built against the bundle's libkvrt (.bundle/prefix), then
 #   tools/gpu_bench/e2e_bench.py (DynamicCache, offloaded cache, kvrt; E2E_ARGS adds options):
 #   run(command="TESTS='' SANITIZE='' BENCH=e2e bash scripts/device-check.sh --device", carry=[".bundlez"])
-#   table in bench.log, one JSON line per (cache, context) in e2e.jsonl, the build in e2e-pip.log
+#   table in bench.log, one JSON line per (cache, context) in e2e.jsonl, the build in e2e-pip.log;
+#   E2E_TIMEOUT (s, default 400) bounds the benchmark
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -175,7 +176,7 @@ if [[ "${1:-}" == "--device" ]]; then
       if [[ -n $built ]]; then
         echo "e2e: kvrt package built ($built) into $site in $((SECONDS - t0)) s"
         PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
-          PYTHONUNBUFFERED=1 timeout 400 python3 tools/gpu_bench/e2e_bench.py --layers 4 \
+          PYTHONUNBUFFERED=1 timeout "${E2E_TIMEOUT:-400}" python3 tools/gpu_bench/e2e_bench.py --layers 4 \
           --contexts 32768,131072 --json "$out/e2e.jsonl" ${E2E_ARGS:-} || rc=1
       else
         echo "e2e: the kvrt package did not build ($((SECONDS - t0)) s); end of e2e-pip.log:"

@@ -15,6 +15,7 @@
 #include "direct_step.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
+#include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -233,8 +234,17 @@ class DeviceTier final : public TierBackend {
     transfer::ScopedDevice on_device(cfg_->call_device());
     StreamLease lease(ctx_, Exec{});
     if (!lease.status().ok()) return;
-    // The stream's uploads (page table) must be complete before a step on another stream reads.
-    if (direct_.Prepare(cold, lease.get())) (void)transfer::StreamSynchronize(lease.get());
+    // The summary's device copy too, which the first step would otherwise assemble and upload
+    // on the decode path (a 128K layer: ~40 MB, ~60 ms of the first token on the H200). A failure
+    // here (no summary, no room under gpu_memory_limit) is left for the step to meet and report.
+    bool uploaded = false;
+    if (cpu_index::KindInfo(cfg_->index_kind).estimates && cfg_->index.cluster.gpu_select &&
+        cold.rows() > 0 && cold.summary(0) != nullptr)
+      uploaded = SyncSummary(cold, lease.get()).ok();
+    // The stream's uploads (summary, page table) must be complete before a step on another
+    // stream reads them.
+    if (direct_.Prepare(cold, lease.get()) || uploaded)
+      (void)transfer::StreamSynchronize(lease.get());
   }
   void BeforeStoreChanges(bool moves) override {
     if (!direct_.registered()) return;
