@@ -294,6 +294,14 @@ void DirectStep::Admit() {
       else if (cache_->page(g, b) >= 0)
         ++admitted;
     };
+    // The unclustered tail and the extra rows first: every q head attends them at every step
+    // until the next segment is clustered, so they have the first claim on the step's admissions
+    // (bounded per step) and on the pages (a step refuses once its own blocks hold them all). The
+    // selected clusters' blocks, which change from step to step, took that claim before, and the
+    // tail (up to a segment of rows per head) crossed PCIe at every step: 58.7 MB per layer-step
+    // end to end at 128K (docs/benchmarks.md, fifth session).
+    for (int64_t b = tail_begin_[g] / kBlock; b < (rec_rows_ + kBlock - 1) / kBlock; ++b) use(b);
+    for (int32_t r : extra_rows_[g]) use(r / kBlock);
     const std::size_t at = static_cast<std::size_t>(g) * C;
     for (int c = 0; c < C; ++c) {
       const uint32_t m = mask[at + c];
@@ -302,8 +310,6 @@ void DirectStep::Admit() {
       attended += static_cast<int64_t>(std::popcount(m)) * n;
       for (int64_t b = b0 / kBlock; b <= (b0 + n - 1) / kBlock; ++b) use(b);
     }
-    for (int32_t r : extra_rows_[g]) use(r / kBlock);
-    for (int64_t b = tail_begin_[g] / kBlock; b < (rec_rows_ + kBlock - 1) / kBlock; ++b) use(b);
     attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
                          std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
   }
