@@ -71,13 +71,17 @@ else
   cat $supp_files >"$supp_merged"
   export TSAN_OPTIONS="suppressions=$supp_merged:halt_on_error=1:second_deadlock_stack=1:report_signal_unsafe=0${TSAN_OPTIONS:+:$TSAN_OPTIONS}"
 fi
-# Debug info with optimisation (the suites do real attention work); no CUDA (host paths only).
+# -O1 with line tables (-g1): the level the sanitizers' documentation recommends, and the reports
+# still name file and line; the suites do real attention work, so not -O0. Against -O2 -g it halves
+# the build of the CI's targets on 2 cores (5.8 against 10.9 min, 2026-12-02). No CUDA (host paths
+# only).
+opt=(-DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG")
 if [ -z "${KVRT_SANITIZE_TARGETS:-}" ]; then
   KVRT_BUILD_DIR=$build KVRT_BUILD_TYPE=RelWithDebInfo KVRT_JOBS=$jobs bash scripts/build.sh \
-    -DKVRT_CUDA=OFF -DKVRT_SANITIZE=$sanitize "${tbb_args[@]}"
+    "${opt[@]}" -DKVRT_CUDA=OFF -DKVRT_SANITIZE=$sanitize "${tbb_args[@]}"
   filter=()
 else
-  cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVRT_CUDA=OFF -DKVRT_SANITIZE=$sanitize \
+  cmake -S . -B "$build" "${opt[@]}" -DKVRT_CUDA=OFF -DKVRT_SANITIZE=$sanitize \
     "${tbb_args[@]}" >/dev/null
   # shellcheck disable=SC2086
   cmake --build "$build" -j "$jobs" --target $KVRT_SANITIZE_TARGETS
