@@ -26,6 +26,8 @@ import statistics
 import sys
 import time
 
+from e2e_bench import _number  # FIELD=VALUE parsing, as e2e_bench's --kvrt (same directory)
+
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
@@ -45,15 +47,6 @@ def parse_args(argv=None):
                     help="another kvrt.Config field (repeatable)")
     ap.add_argument("--json", default=None, help="write the figures here as one JSON object")
     return ap.parse_args(argv)
-
-
-def _value(s: str):
-    for cast in (int, float):
-        try:
-            return cast(s)
-        except ValueError:
-            pass
-    return s
 
 
 def load_layer0(path: str, prompt: int, steps: int):
@@ -86,7 +79,7 @@ def main(argv=None) -> int:
     meta, t = load_layer0(args.trace, prompt, total)
     dev = torch.device(args.device)
     t = {k: v.to(device=dev, dtype=torch.bfloat16).contiguous() for k, v in t.items()}
-    opts = {kv.partition("=")[0].strip(): _value(kv.partition("=")[2].strip()) for kv in args.kvrt}
+    opts = {kv.partition("=")[0].strip(): _number(kv.partition("=")[2].strip()) for kv in args.kvrt}
     rt = kvrt.Runtime(num_layers=args.layers, num_q_heads=int(meta["num_q_heads"]),
                       num_kv_heads=int(meta["num_kv_heads"]), head_dim=int(meta["head_dim"]),
                       scale=float(meta.get("scale", 0) or 0), dtype="bf16",
