@@ -27,8 +27,9 @@ class _Torch:
     """torch's fast paths, once torch is imported (kvrt never imports it itself): per call, a
     torch tensor crosses as torch.utils.dlpack.to_dlpack's capsule (Tensor.__dlpack__ is Python
     code that, for a CUDA tensor, also looks up streams to order them; kvrt is handed the stream
-    itself) and the current stream is read raw. Both cost ~20 us per call otherwise
-    (docs/benchmarks.md, "Binding overhead")."""
+    itself) and the current stream is read raw. An attend's binding took 24 us without them and
+    9-13 us with them on the H200 machine (docs/benchmarks.md, "The Python binding's cost per
+    layer-step")."""
 
     tensor: Any = None
     to_dlpack: Any = None

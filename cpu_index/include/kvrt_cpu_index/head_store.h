@@ -34,7 +34,7 @@ struct UninitializedAllocator : std::allocator<T> {
   // of 2 MiB or more is 2 MiB-aligned and asks for transparent huge pages: on the H200 machine
   // (THP "madvise") that made first touch 2.8x and cudaHostRegister 4.5x faster than 4 KiB pages
   // (tools/gpu_bench/host_register.py: 3.9 vs 1.4 GB/s, 36 vs 8 GB/s), and a decode step's first
-  // token waits for both after a long prompt (docs/benchmarks.md, "First decode token").
+  // token waits for both after a long prompt (docs/benchmarks.md, "The first decode token").
   static constexpr std::size_t kPage = 4096;
   static constexpr std::size_t kHugePage = std::size_t{2} << 20;
   static std::size_t Alignment(std::size_t bytes) { return bytes >= kHugePage ? kHugePage : kPage; }
