@@ -1,6 +1,7 @@
 // HeadStore, dot products and host partial attention against double-precision references.
 #include <cmath>
 #include <limits>
+#include <cstdint>
 #include <random>
 #include <vector>
 
@@ -226,6 +227,35 @@ TEST(HeadStore, PermuteRowsMovesKeysAndValuesTogether) {
   }
   EXPECT_FALSE(store.PermuteRows(2, {0, 0, 1, 2}).ok());  // not a permutation
   EXPECT_FALSE(store.PermuteRows(4, {0, 1, 2}).ok());     // past the end
+}
+
+
+TEST(HeadStore, LargeStoresAreHugePageAlignedAndKeepTheirRowsWhenGrown) {
+  // The direct step registers stores in chunks from row 0 (cudaHostRegister pins whole pages) and
+  // a store of 2 MiB or more asks for transparent huge pages, which need 2 MiB alignment.
+  const int d = 128;
+  HeadStore store(d, DType::kF32);  // rows are given in the storage dtype
+  ASSERT_TRUE(store.Reserve(1000).ok());  // 500 KB: page-aligned
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(store.keys()) % 4096, 0u);
+  std::vector<float> k(1000 * d), v(1000 * d);
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = static_cast<float>(i % 251);
+    v[i] = -static_cast<float>(i % 127);
+  }
+  ASSERT_TRUE(store.Append(k.data(), v.data(), 1000, d).ok());
+  ASSERT_TRUE(store.Reserve(40000).ok());  // 20 MB each: moved into huge-page-aligned memory
+  for (const void* p : {store.keys(), store.values()})
+    EXPECT_EQ(reinterpret_cast<std::uintptr_t>(p) % (std::size_t{2} << 20), 0u);
+  EXPECT_GE(store.capacity(), 40000);
+  for (int r : {0, 1, 500, 999}) {
+    std::vector<float> kr(d);
+    store.KeyF32(r, kr.data());
+    const auto* vr = static_cast<const float*>(store.value(r));
+    for (int j = 0; j < d; ++j) {
+      EXPECT_EQ(kr[j], k[static_cast<std::size_t>(r) * d + j]);
+      EXPECT_EQ(vr[j], v[static_cast<std::size_t>(r) * d + j]);
+    }
+  }
 }
 
 }  // namespace
