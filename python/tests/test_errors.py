@@ -134,3 +134,25 @@ def test_every_status_has_a_class():
         e = kvrt._errors.make_error(status, "call", "msg")
         assert type(e) is not kvrt.KvrtError and e.status == status
         assert e.status_name == kvrt._kvrt.status_string(status)
+
+
+def test_torch_tensors_cross_as_capsules_with_the_same_results_and_errors(rt, rng):
+    """A plain torch tensor crosses as a DLPack capsule (the fast path), gives what the NumPy
+    array with the same data gives, and a bad one is refused with the same message."""
+    torch = pytest.importorskip("torch")
+    from kvrt._runtime import _arg
+    k, v = kv(rng, 20), kv(rng, 20)
+    q = rng.standard_normal((8, 32), dtype=np.float32)
+    assert type(_arg(torch.from_numpy(q))).__name__ == "PyCapsule"
+    assert _arg(q) is q  # NumPy: nanobind reads the array itself
+    a, b = rt.sequence(), rt.sequence()
+    a.prefill(0, None, k, v)
+    b.prefill(0, None, torch.from_numpy(k), torch.from_numpy(v))
+    want = a.attend(0, q)
+    got = b.attend(0, torch.from_numpy(q), out=torch.empty(8, 32))
+    np.testing.assert_array_equal(got.numpy(), want)
+    for bad, what in [(torch.zeros(8, 32, dtype=torch.float64), "dtype float64; expected f32"),
+                      (torch.zeros(8, 64)[:, ::2], "not contiguous"),
+                      (torch.zeros(8, 16), r"shape \(8, 16\); expected \(8, 32\)")]:
+        with pytest.raises(kvrt.InvalidArgumentError, match=what):
+            b.attend(0, bad)
