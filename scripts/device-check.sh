@@ -57,9 +57,9 @@ if [[ "${1:-}" == "--device" ]]; then
       "$(command -v c++ g++ clang++ | head -1)"
     t0=$SECONDS
     if [[ ! -d $prefix/lib/cmake/kvrt ]]; then
-      echo "e2e: .bundle/prefix is missing: bundle again with this scripts/device-check.sh"
+      echo "python package: .bundle/prefix is missing: bundle again with this scripts/device-check.sh"
     elif ! python3 -m pip --version > "$out/e2e-pip.log" 2>&1; then
-      echo "e2e: python3 has no pip; building with CMake instead" | tee -a "$out/e2e-pip.log"
+      echo "python package: python3 has no pip; building with CMake instead" | tee -a "$out/e2e-pip.log"
     elif CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) timeout 240 python3 -m pip install \
         --no-build-isolation --no-deps --no-index --disable-pip-version-check \
         --target "$site" ./python --config-settings=build-dir="$pybuild" \
@@ -67,7 +67,7 @@ if [[ "${1:-}" == "--device" ]]; then
         --config-settings=cmake.define.CMAKE_PREFIX_PATH="$prefix" >> "$out/e2e-pip.log" 2>&1; then
       built="pip install"
     else
-      echo "e2e: pip install failed; building with CMake instead" | tee -a "$out/e2e-pip.log"
+      echo "python package: pip install failed; building with CMake instead" | tee -a "$out/e2e-pip.log"
     fi
     if [[ -z $built && -d $prefix/lib/cmake/kvrt ]]; then
       # The same package without pip/scikit-build-core: the extension and libkvrt (component
@@ -80,6 +80,7 @@ if [[ "${1:-}" == "--device" ]]; then
         cp python/kvrt/*.py python/kvrt/py.typed "$site/kvrt/"; } >> "$out/e2e-pip.log" 2>&1 &&
         built="cmake"
     fi
+    py_build_s=$((SECONDS - t0))
   }
   args="bench decode --steps 30 --warmup 3 --max-seconds 4 ${BENCH_ARGS:-}"
   # The CLI before --keys ran on random keys without accuracy: the same for this one, like for like.
@@ -174,12 +175,12 @@ if [[ "${1:-}" == "--device" ]]; then
       # Llama-3-8B-shaped model with random weights (tools/gpu_bench/e2e_bench.py).
       py_package
       if [[ -n $built ]]; then
-        echo "e2e: kvrt package built ($built) into $site in $((SECONDS - t0)) s"
+        echo "e2e: kvrt package built ($built) into $site in ${py_build_s} s"
         PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
           PYTHONUNBUFFERED=1 timeout "${E2E_TIMEOUT:-400}" python3 tools/gpu_bench/e2e_bench.py --layers 4 \
           --contexts 32768,131072 --json "$out/e2e.jsonl" ${E2E_ARGS:-} || rc=1
       else
-        echo "e2e: the kvrt package did not build ($((SECONDS - t0)) s); end of e2e-pip.log:"
+        echo "e2e: the kvrt package did not build (${py_build_s} s); end of e2e-pip.log:"
         tail -40 "$out/e2e-pip.log"
         rc=1
       fi
