@@ -16,6 +16,11 @@ What runs where:
     window + retrieved cold tokens, merged inside libkvrt. A later forward of n tokens is
     appended and attended token by token, so token i sees exactly what n single-token steps
     would. transformers keeps no K/V for these layers.
+  - A prompt in several forwards (generate's prefill_chunk_size, when the prompt's activations do
+    not fit in one forward): enable(model, chunked_prompt=True). Each chunk then runs SDPA over
+    the prompt so far, whose K/V stay on the model's device (as in DynamicCache) until the first
+    single-token forward, which hands the whole prompt to kvrt. Without it a later chunk is
+    decoded token by token (above).
   - Sliding-window (and other non-global) layers keep transformers' own cache and SDPA.
   - Model on a CUDA device and a CUDA build of libkvrt: the GPU backend (use_gpu=1), device
     tensors on torch's current stream, no host copy of q/k/v/out. With use_gpu=0 and a CUDA model
@@ -210,7 +215,10 @@ class KvrtLayer(CacheLayerMixin):
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # The mask of a kvrt layer only matters for the prompt (SDPA over the prompt itself).
+        # The mask of a kvrt layer only matters for the prompt: SDPA over the prompt itself, or
+        # over every chunk so far for a chunked prompt (KvrtCache(chunked_prompt=True)).
+        if self.cache._prompt_chunk(self.kvrt_layer, query_length):
+            return self.tokens + query_length, 0
         return query_length, self.tokens
 
     def get_seq_length(self) -> int:
@@ -254,11 +262,24 @@ class KvrtCache(DynamicCache):
     Attributes: runtime (the kvrt.Runtime), sequences (one per batch row, after the prompt),
     layer_map ({model layer: kvrt layer}), time_prefill_s / time_decode_s (host seconds in kvrt
     calls; the device work they enqueue on the current stream is not waited for, so that the host
-    runs ahead into the next layer as it does for transformers' own attention)."""
+    runs ahead into the next layer as it does for transformers' own attention).
+
+    chunked_prompt: the prompt may come in several forwards of more than one token (generate's
+    prefill_chunk_size). Their K/V stay on the model's device, each chunk attends every chunk so
+    far (SDPA, exact), and the first single-token forward prefills kvrt with the whole prompt:
+    the device holds the prompt's K/V of the kvrt layers until then. kvrt_prefill's query sample
+    (the cluster and attention-aware kinds build from the prompt's queries) is taken from up to
+    2 x 4096 evenly spaced prompt queries kept meanwhile."""
+
+    _QUERY_KEEP = 8192  # prompt queries kept per layer for the query sample (chunked_prompt)
 
     def __init__(self, model, config: Optional[Config] = None, runtime: Optional[Runtime] = None,
-                 **options: Any):
+                 *, chunked_prompt: bool = False, **options: Any):
         super().__init__(config=model.config)
+        self.chunked_prompt = chunked_prompt
+        # kvrt layer -> the prompt so far (chunked_prompt): k, v chunks [B, Hkv, n, d] as the model
+        # gives them, kept queries [B, m, Hq, d], their stride, the tokens seen.
+        self._prompt: dict[int, dict[str, Any]] = {}
         self.layer_map = {src: i for i, src in enumerate(kvrt_layers(model.config))}
         for src, kl in self.layer_map.items():
             layer = KvrtLayer(self, kl)
@@ -283,6 +304,7 @@ class KvrtCache(DynamicCache):
             s.release()
         self.sequences = []
         self._prefilled.clear()
+        self._prompt.clear()
 
     def close(self) -> None:
         """Releases the sequences and, when the cache created it, the runtime."""
@@ -301,6 +323,60 @@ class KvrtCache(DynamicCache):
             t = t.cpu()
         return t.contiguous()
 
+    def _prompt_chunk(self, kl: int, n: int) -> bool:
+        """Whether a forward of n tokens on kvrt layer kl is a chunk of a chunked prompt."""
+        return self.chunked_prompt and kl not in self._prefilled and n > 1
+
+    def _attend_prompt_chunk(self, layer: KvrtLayer, module, query, key, value, attention_mask,
+                             **kwargs):
+        """SDPA of a prompt chunk over the prompt so far; the chunk's K/V and some of its queries
+        are kept for the prefill."""
+        kl, n = layer.kvrt_layer, query.shape[2]
+        p = self._prompt.setdefault(kl, {"k": [], "v": [], "q": [], "stride": 1, "seen": 0})
+        p["k"].append(key)
+        p["v"].append(value)
+        keys = torch.cat(p["k"], dim=2) if len(p["k"]) > 1 else key
+        values = torch.cat(p["v"], dim=2) if len(p["v"]) > 1 else value
+        if len(p["k"]) > 1:  # one tensor each from now on
+            p["k"], p["v"] = [keys], [values]
+        out = sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
+        # Queries at positions that are multiples of the stride; the stride doubles (dropping
+        # every other kept query) whenever more than _QUERY_KEEP are kept.
+        first = (-p["seen"]) % p["stride"]
+        p["q"].append(self._rows(query[:, :, first::p["stride"]]))
+        p["seen"] += n
+        kept = sum(t.shape[1] for t in p["q"])
+        while kept > self._QUERY_KEEP:
+            q_all = torch.cat(p["q"], dim=1)
+            p["q"] = [q_all[:, ::2].contiguous()]
+            p["stride"] *= 2
+            kept = p["q"][0].shape[1]
+        layer.tokens += n
+        return out
+
+    def _prefill_chunked(self, kl: int, B: int) -> None:
+        """kvrt's prefill of the chunked prompt of layer kl (then its K/V leave the device)."""
+        import time
+        p = self._prompt.pop(kl)
+        if not self.sequences:
+            self.sequences = [self.runtime.sequence() for _ in range(B)]
+        elif len(self.sequences) != B:
+            raise ValueError(f"kvrt.hf: batch size changed from {len(self.sequences)} to {B}")
+        k, v = self._rows(p["k"][0]), self._rows(p["v"][0])
+        del p["k"], p["v"]
+        kept = torch.cat(p["q"], dim=1)
+        total = k.shape[1]
+        # Every prompt row gets the kept query nearest before it: kvrt_prefill takes one query
+        # per row and samples evenly spaced rows from them.
+        at = torch.clamp(torch.arange(total, device=kept.device) // p["stride"],
+                         max=kept.shape[1] - 1)
+        q = kept.index_select(1, at).contiguous()
+        t0 = time.perf_counter()
+        for b, s in enumerate(self.sequences):
+            s.prefill(kl, q[b], k[b], v[b])
+        self.time_prefill_s += time.perf_counter() - t0
+        self._prefilled.add(kl)
+
     def _attend(self, layer: KvrtLayer, module, query, key, value, attention_mask, **kwargs):
         import time
         B, Hq, n, d = query.shape
@@ -312,6 +388,11 @@ class KvrtCache(DynamicCache):
                 f"kvrt.hf: layer {layer.layer_idx} computes {Hq} q / {key.shape[1]} kv heads, the "
                 f"kvrt runtime serves {self._heads[0]} / {self._heads[1]}: a runtime made for "
                 "another shard (tensor parallelism) or another model")
+        if self._prompt_chunk(kl, n):
+            return self._attend_prompt_chunk(layer, module, query, key, value, attention_mask,
+                                             **kwargs)
+        if kl in self._prompt:  # the first single-token forward after a chunked prompt
+            self._prefill_chunked(kl, B)
         if kl not in self._prefilled:
             out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
             if not self.sequences:
@@ -362,12 +443,14 @@ def register(name: str = ATTENTION_NAME) -> str:
     return name
 
 
-def enable(model, config: Optional[Config] = None, **options: Any) -> KvrtCache:
+def enable(model, config: Optional[Config] = None, *, chunked_prompt: bool = False,
+           **options: Any) -> KvrtCache:
     """Registers "kvrt", switches `model` to it and returns a KvrtCache for one generation.
     `config` / `options` are kvrt.Config fields (index_kind, top_k, sink_tokens, window_tokens,
-    search_effort, worker_threads, use_gpu, ...); shapes, dtype and scale come from the model."""
+    search_effort, worker_threads, use_gpu, ...); shapes, dtype and scale come from the model.
+    chunked_prompt: see KvrtCache (for generate's prefill_chunk_size)."""
     model.set_attn_implementation(register())
-    return KvrtCache(model, config, **options)
+    return KvrtCache(model, config, chunked_prompt=chunked_prompt, **options)
 
 
 def cache_kwarg(model) -> str:

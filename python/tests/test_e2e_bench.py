@@ -47,6 +47,17 @@ def test_cpu_smoke_dynamic_and_kvrt(tmp_path):
     assert k["kvrt_stats"]["host_tokens"] > 0 and k["kvrt_stats"]["attend_calls"] == 3 * 2
 
 
+def test_cpu_smoke_chunked_prompt(tmp_path):
+    """--prefill-chunk: the prompt in forwards of 128 tokens (kvrt with chunked_prompt), the
+    same tokens in every tier as in one forward, and kvrt attends only the decode tokens."""
+    recs = _run(tmp_path, "--prefill-chunk", "128", "--caches", "dynamic,kvrt")
+    for kind in ("dynamic", "kvrt"):
+        assert recs[kind]["status"] == "ok" and recs[kind]["prefill_chunk"] == 128
+    st = recs["kvrt"]["kvrt_stats"]
+    assert st["attend_calls"] == 3 * 2
+    assert st["host_tokens"] + st["gpu_tokens"] == 2 * (300 + 3)
+
+
 def test_out_of_memory_is_reported_not_raised(tmp_path):
     recs = _run(tmp_path, "--caches", "kvrt", "--kvrt", "host_memory_limit=100000")
     assert list(recs) == ["kvrt"]

@@ -81,6 +81,48 @@ def test_teacher_forced_chunk_equals_single_steps(model):
     torch.testing.assert_close(together, one_by_one, rtol=1e-4, atol=1e-4)
 
 
+def _generate_chunked(model, ids, new_tokens, cache, chunk):
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, prefill_chunk_size=chunk,
+                             **{kh.cache_kwarg(model): cache})
+    return out.sequences[0, ids.shape[1]:], torch.stack(out.logits)[:, 0]
+
+
+def test_chunked_prompt_reproduces_the_full_cache_logits(model):
+    """generate(prefill_chunk_size=...) with chunked_prompt: each chunk attends the prompt so
+    far, the first decode token prefills kvrt with the whole prompt (exact mode: the full
+    cache's logits), and kvrt attends only the decode tokens."""
+    ids = _ids(seed=4)
+    model.set_attn_implementation("sdpa")
+    ref_tokens, ref = _logits(model, ids, 8)
+    cache = kh.enable(model, chunked_prompt=True, index_kind="exact", sink_tokens=4,
+                      window_tokens=16, worker_threads=2)
+    tokens, got = _generate_chunked(model, ids, 8, cache, chunk=128)  # 128 + 128 + 44
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    st = cache.stats()
+    assert st.attend_calls == 2 * 7  # the decode forwards only
+    assert st.host_tokens == 2 * (PROMPT + 7 - 4 - 16)
+    assert cache.get_seq_length() == PROMPT + 7
+    cache.close()
+
+
+def test_chunked_prompt_keeps_an_even_query_sample(model):
+    """The prompt's queries are kept at a stride that doubles past the cap; the index kinds that
+    build from them (attention-aware here) still retrieve every cold token at a large k."""
+    ids = _ids(seed=5)
+    model.set_attn_implementation("sdpa")
+    _, ref = _logits(model, ids, 4)
+    cache = kh.enable(model, chunked_prompt=True, index_kind="attention-aware", top_k=400,
+                      sink_tokens=4, window_tokens=16, worker_threads=2)
+    cache._QUERY_KEEP = 40  # 300 prompt queries: stride 8, 38 kept
+    _, got = _generate_chunked(model, ids, 4, cache, chunk=64)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
+    assert not cache._prompt  # handed to kvrt at the first decode token
+    cache.close()
+
+
 def test_runtime_config_comes_from_the_model(model):
     cfg = kh.runtime_config(model, index_kind="landmark", top_k=50, num_layers=99)
     assert (cfg.num_layers, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim) == (2, 4, 1, 64)

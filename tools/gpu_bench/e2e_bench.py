@@ -74,6 +74,11 @@ def parse_args(argv=None):
                     help="a short untimed run of each cache first (CUDA kernels, cuBLAS, kvrt's "
                          "module and pools); 0 skips it (default 4096; 256 with --tiny)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and prompts")
+    ap.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                    help="the prompt in forwards of N tokens (0: one forward), for prompts whose "
+                         "activations do not fit one forward; kvrt then uses "
+                         "kvrt.hf.enable(chunked_prompt=True): the prompt's K/V stay on the GPU "
+                         "until the first decode token")
     ap.add_argument("--sdpa-cudnn", choices=("on", "off"), default="on",
                     help="PyTorch's cuDNN backend of scaled_dot_product_attention (on: torch's "
                          "default). On the H200 with torch 2.11 it plans each new KV length on "
@@ -175,7 +180,7 @@ def make_cache(kind, model, args):
         if args.tiny:
             opts.update(window_tokens=64, sink_tokens=4)
         opts.update(args.kvrt_options)
-        cache = kvrt.hf.enable(model, **opts)
+        cache = kvrt.hf.enable(model, chunked_prompt=args.prefill_chunk > 0, **opts)
         return cache, (f"kvrt {kvrt.__version__} (libkvrt {kvrt.library_version()}): "
                        f"{cache.runtime!r}")
     model.set_attn_implementation("sdpa")
@@ -225,7 +230,12 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             if prof is not None:
                 prof.__enter__()
             t0 = time.perf_counter()
-            logits = model(ids, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[0, -1]
+            step = args.prefill_chunk if args.prefill_chunk > 0 else tokens
+            for a in range(0, tokens, step):  # the prompt in one forward, or in chunks
+                b = min(tokens, a + step)
+                pos = torch.arange(a, b, device=device).unsqueeze(0)
+                logits = model(ids[:, a:b], **{kw: cache}, position_ids=pos, use_cache=True,
+                               logits_to_keep=1).logits[0, -1]
             tok = int(torch.argmax(logits))  # synchronises the device
             sync()
             ttft = time.perf_counter() - t0
@@ -421,7 +431,7 @@ def main(argv=None) -> int:
             if kind not in args.caches:
                 continue
             rec = dict(cache=kind, context=tokens, layers=args.layers, new_tokens=args.new_tokens,
-                       sdpa_cudnn=args.sdpa_cudnn,
+                       sdpa_cudnn=args.sdpa_cudnn, prefill_chunk=args.prefill_chunk,
                        batch=1, dtype="bf16", device=gpu, torch=torch.__version__,
                        transformers=transformers.__version__, weights_bytes=weights)
             if kind not in caches:
