@@ -106,6 +106,10 @@ def parse_args(argv=None):
                    help="kvrt backend (default: 1 when the model is on CUDA, else 0)")
     k.add_argument("--full", action="store_true",
                    help="no kvrt: transformers' own DynamicCache (a reference run)")
+    ap.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                    help="the prompt in forwards of N tokens (0: one forward): for prompts whose "
+                         "activations do not fit one forward; kvrt uses chunked_prompt (the "
+                         "prompt's K/V stay on the model's device until the first decode token)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
@@ -137,7 +141,7 @@ def main(argv=None) -> int:
                     worker_threads=args.threads, cold_attention=args.cold_attention)
         if args.use_gpu is not None:
             opts["use_gpu"] = args.use_gpu
-        cache = hf.enable(model, **opts)
+        cache = hf.enable(model, chunked_prompt=args.prefill_chunk > 0, **opts)
         print(f"kvrt {cache.runtime!r}; kvrt layers {hf.kvrt_layers(model.config)}",
               file=sys.stderr)
     kw = hf.cache_kwarg(model)
@@ -147,12 +151,19 @@ def main(argv=None) -> int:
 
     bar = _progress(T, "prefill", args.quiet)
     t0 = time.perf_counter()
+    step = args.prefill_chunk if args.prefill_chunk > 0 else T
     with torch.inference_mode():
-        logits = model(ids, **{kw: cache}, use_cache=True).logits[0, -1]
+        for a in range(0, T, step):
+            b = min(T, a + step)
+            pos = torch.arange(a, b, device=model.device).unsqueeze(0)
+            logits = model(ids[:, a:b], **{kw: cache}, position_ids=pos, use_cache=True,
+                           logits_to_keep=1).logits[0, -1]
+            if b < T:
+                sync()  # the bar shows the chunks as they finish
+            bar.update(b - a)
         tok_id = int(torch.argmax(logits))
         sync()
     ttft = time.perf_counter() - t0
-    bar.update(T)
     bar.close()
 
     out = [tok_id]

@@ -1,0 +1,37 @@
+"""python -m kvrt.generate on the tiny random Gemma 3 (byte tokenizer, no download; skipped
+without torch/transformers): kvrt in exact mode writes the full cache's text, in one prompt
+forward and in chunks, and the report names what ran."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from kvrt import generate  # noqa: E402
+
+
+def _run(capsys, tmp_path, *extra):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("kvrt keeps the sinks and a recent window on the GPU; " * 8)
+    rc = generate.main(["--model", "tiny-random", "--prompt-file", str(prompt), "--new-tokens",
+                        "6", "--threads", "2", "--quiet", *extra])
+    assert rc == 0
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def test_exact_kvrt_writes_the_full_caches_text_in_one_forward_and_in_chunks(capsys, tmp_path):
+    full, full_err = _run(capsys, tmp_path, "--full")
+    assert "full cache (transformers DynamicCache)" in full_err
+    kvrt_opts = ("--index", "exact", "--sinks", "4", "--window", "16")
+    one, one_err = _run(capsys, tmp_path, *kvrt_opts)
+    chunked, chunked_err = _run(capsys, tmp_path, *kvrt_opts, "--prefill-chunk", "100")
+    assert one == full and chunked == full
+    for err in (one_err, chunked_err):
+        assert re.search(r"prompt 4\d\d tokens, generated 6;", err) and "kvrt stats" in err
+    # 2 global layers x 5 decode forwards after the prompt, in both runs.
+    assert "attend_calls=10" in one_err and "attend_calls=10" in chunked_err
