@@ -15,8 +15,9 @@ bf16, random weights initialised on the device, batch 1, SDPA attention. The cac
 
 For each context of --contexts (a random prompt of that many tokens) and each cache:
   ttft       time to first token: the prompt's forward (kvrt's prefill and index build
-             included; forwards of --prefill-chunk tokens when given) and the argmax of the
-             first token, synchronised
+             included) and the argmax of the first token, synchronised; with --prefill-chunk
+             the prompt's forwards of that many tokens, and kvrt prefills at the first decode
+             token instead (its time is then in decode_ms_first)
   decode     tokens/s over --new-tokens greedy steps after the first token (one forward per
              token, each synchronised by reading its argmax)
   p50 ms/tok the median of the decode tokens' times (each forward synchronised); the JSON also
