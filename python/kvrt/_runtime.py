@@ -65,8 +65,7 @@ def _arg(t: Tensor) -> Any:
 def _current_stream(t: Tensor) -> int:
     """The framework's current CUDA stream for a device tensor `t` (0 for host tensors)."""
     if type(t) is _Torch.tensor:
-        index = t.get_device()  # -1: a host tensor
-        return 0 if index < 0 else int(_Torch.raw_stream(index))
+        return int(_Torch.raw_stream(t.get_device())) if t.is_cuda else 0
     mod = type(t).__module__
     if mod.startswith("torch"):
         if not t.is_cuda:
