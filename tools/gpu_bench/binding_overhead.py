@@ -17,6 +17,12 @@ compare the p50 per layer-step. It also measures the binding apart from the work
       --kv-heads 8 --head-dim 128 --seed 3
   kvrt bench decode --trace /tmp/t.safetensors --index cluster --cold 131072 --batch 1
   python3 tools/gpu_bench/binding_overhead.py --trace /tmp/t.safetensors --cold 131072
+
+--calls (no trace): the binding alone on a small exact runtime over --device's tensors, an
+attend's Python wall time minus the library's, with torch tensors crossing as DLPack capsules
+(the package's path) and through Tensor.__dlpack__ (the generic path), and the two conversions
+alone:
+  python3 tools/gpu_bench/binding_overhead.py --calls --device cpu
 """
 from __future__ import annotations
 
@@ -33,7 +39,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trace", required=True, help="a kvrt trace (layer 0 is used for every layer)")
+    ap.add_argument("--trace", help="a kvrt trace (layer 0 is used for every layer)")
+    ap.add_argument("--calls", action="store_true",
+                    help="measure the binding alone (no trace; see below)")
     ap.add_argument("--cold", type=int, default=131072, help="cold (host store) tokens")
     ap.add_argument("--sinks", type=int, default=4, help="sink tokens (bench decode's default)")
     ap.add_argument("--window", type=int, default=2048, help="window tokens (bench decode's default)")
@@ -65,6 +73,63 @@ def load_layer0(path: str, prompt: int, steps: int):
     return meta, t
 
 
+def calls(args, torch, kvrt, on_cuda) -> dict:
+    """The binding's cost per attend on a small exact runtime, capsules against __dlpack__."""
+    from kvrt import _runtime
+    dev = torch.device(args.device)
+    # Small (4 q / 2 kv heads x 64, 8 tokens): the library's own time stays a few us, so that
+    # the difference is the binding's, not the noise of the work.
+    rt = kvrt.Runtime(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype="bf16",
+                      sink_tokens=4, window_tokens=64, index_kind="exact", check_finite=0,
+                      use_gpu=1 if on_cuda else 0, worker_threads=1)
+    seq = rt.sequence()
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(8, 2, 64, generator=g).to(device=dev, dtype=torch.bfloat16)
+    seq.prefill(0, None, k, k)
+    q = torch.randn(4, 64, generator=g).to(device=dev, dtype=torch.bfloat16)
+    out = torch.empty(4, 64, device=dev)
+    sync = torch.cuda.current_stream().synchronize if on_cuda else (lambda: None)
+
+    def per_attend(n=3000) -> tuple[float, float]:
+        seq.attend(0, q, out=out)
+        sync()
+        before = rt.stats()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            seq.attend(0, q, out=out)
+        wall = (time.perf_counter() - t0) / n * 1e6
+        sync()
+        d = rt.stats() - before
+        return wall, d.time_attend_ns / d.attend_calls / 1e3
+
+    def per_call(f, n=20000) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        return (time.perf_counter() - t0) / n * 1e6
+
+    res = {}
+    wall, lib = per_attend()
+    res.update(capsule_attend_us=wall, capsule_library_us=lib, capsule_binding_us=wall - lib)
+    saved = _runtime._Torch.tensor
+    _runtime._Torch.tensor = object  # no torch tensor matches: the generic path
+    try:
+        wall, lib = per_attend()
+    finally:
+        _runtime._Torch.tensor = saved
+    res.update(dlpack_attend_us=wall, dlpack_library_us=lib, dlpack_binding_us=wall - lib)
+    res["to_dlpack_us"] = per_call(lambda: torch.utils.dlpack.to_dlpack(q))
+    res["tensor_dlpack_us"] = per_call(lambda: q.__dlpack__())
+    rt.close()
+    print(f"binding per attend ({args.device} tensors, exact runtime, 4 q heads x 64, bf16): "
+          f"capsule {res['capsule_binding_us']:.2f} us (call {res['capsule_attend_us']:.2f}, "
+          f"library {res['capsule_library_us']:.2f}); __dlpack__ {res['dlpack_binding_us']:.2f} us "
+          f"(call {res['dlpack_attend_us']:.2f}, library {res['dlpack_library_us']:.2f}); "
+          f"to_dlpack alone {res['to_dlpack_us']:.2f} us, Tensor.__dlpack__ alone "
+          f"{res['tensor_dlpack_us']:.2f} us")
+    return res
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -74,6 +139,16 @@ def main(argv=None) -> int:
     if on_cuda and not torch.cuda.is_available():
         print("binding_overhead: no CUDA device (use --device cpu)", file=sys.stderr)
         return 2
+    if args.calls or not args.trace:
+        if not args.calls:
+            print("binding_overhead: --trace FILE or --calls", file=sys.stderr)
+            return 2
+        res = calls(args, torch, kvrt, on_cuda)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f)
+                f.write("\n")
+        return 0
     prompt = args.sinks + args.cold + args.window
     total = args.warmup + args.steps
     meta, t = load_layer0(args.trace, prompt, total)
