@@ -277,8 +277,8 @@ class KvrtCache(DynamicCache):
                  *, chunked_prompt: bool = False, **options: Any):
         super().__init__(config=model.config)
         self.chunked_prompt = chunked_prompt
-        # kvrt layer -> the prompt so far (chunked_prompt): k, v chunks [B, Hkv, n, d] as the model
-        # gives them, kept queries [B, m, Hq, d], their stride, the tokens seen.
+        # kvrt layer -> the prompt so far (chunked_prompt): k, v [B, Hkv, tokens, d] as the model
+        # gives them, kept queries [B, m, Hq, d] (a list of chunks), their stride, tokens seen.
         self._prompt: dict[int, dict[str, Any]] = {}
         self.layer_map = {src: i for i, src in enumerate(kvrt_layers(model.config))}
         for src, kl in self.layer_map.items():
@@ -332,14 +332,13 @@ class KvrtCache(DynamicCache):
         """SDPA of a prompt chunk over the prompt so far; the chunk's K/V and some of its queries
         are kept for the prefill."""
         kl, n = layer.kvrt_layer, query.shape[2]
-        p = self._prompt.setdefault(kl, {"k": [], "v": [], "q": [], "stride": 1, "seen": 0})
-        p["k"].append(key)
-        p["v"].append(value)
-        keys = torch.cat(p["k"], dim=2) if len(p["k"]) > 1 else key
-        values = torch.cat(p["v"], dim=2) if len(p["v"]) > 1 else value
-        if len(p["k"]) > 1:  # one tensor each from now on
-            p["k"], p["v"] = [keys], [values]
-        out = sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
+        p = self._prompt.get(kl)
+        if p is None:
+            p = self._prompt[kl] = {"k": key, "v": value, "q": [], "stride": 1, "seen": 0}
+        else:
+            p["k"] = torch.cat((p["k"], key), dim=2)
+            p["v"] = torch.cat((p["v"], value), dim=2)
+        out = sdpa_attention_forward(module, query, p["k"], p["v"], attention_mask, **kwargs)
         # Queries at positions that are multiples of the stride; the stride doubles (dropping
         # every other kept query) whenever more than _QUERY_KEEP are kept.
         first = (-p["seen"]) % p["stride"]
@@ -354,23 +353,26 @@ class KvrtCache(DynamicCache):
         layer.tokens += n
         return out
 
-    def _prefill_chunked(self, kl: int, B: int) -> None:
+    def _prefill_chunked(self, kl: int) -> None:
         """kvrt's prefill of the chunked prompt of layer kl (then its K/V leave the device)."""
-        import time
         p = self._prompt.pop(kl)
+        k, v = self._rows(p.pop("k")), self._rows(p.pop("v"))
+        kept = torch.cat(p["q"], dim=1)
+        # Every prompt row gets the kept query nearest before it: kvrt_prefill takes one query
+        # per row and samples evenly spaced rows from them.
+        at = torch.clamp(torch.arange(k.shape[1], device=kept.device) // p["stride"],
+                         max=kept.shape[1] - 1)
+        self._prefill(kl, kept.index_select(1, at).contiguous(), k, v)
+
+    def _prefill(self, kl: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """kvrt_prefill of layer kl for every batch row: q [B, n, Hq, d], k, v [B, n, Hkv, d]
+        (kvrt's rows); makes the sequences at the first prefill."""
+        import time
+        B = k.shape[0]
         if not self.sequences:
             self.sequences = [self.runtime.sequence() for _ in range(B)]
         elif len(self.sequences) != B:
             raise ValueError(f"kvrt.hf: batch size changed from {len(self.sequences)} to {B}")
-        k, v = self._rows(p["k"][0]), self._rows(p["v"][0])
-        del p["k"], p["v"]
-        kept = torch.cat(p["q"], dim=1)
-        total = k.shape[1]
-        # Every prompt row gets the kept query nearest before it: kvrt_prefill takes one query
-        # per row and samples evenly spaced rows from them.
-        at = torch.clamp(torch.arange(total, device=kept.device) // p["stride"],
-                         max=kept.shape[1] - 1)
-        q = kept.index_select(1, at).contiguous()
         t0 = time.perf_counter()
         for b, s in enumerate(self.sequences):
             s.prefill(kl, q[b], k[b], v[b])
@@ -392,19 +394,10 @@ class KvrtCache(DynamicCache):
             return self._attend_prompt_chunk(layer, module, query, key, value, attention_mask,
                                              **kwargs)
         if kl in self._prompt:  # the first single-token forward after a chunked prompt
-            self._prefill_chunked(kl, B)
+            self._prefill_chunked(kl)
         if kl not in self._prefilled:
             out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-            if not self.sequences:
-                self.sequences = [self.runtime.sequence() for _ in range(B)]
-            elif len(self.sequences) != B:
-                raise ValueError(f"kvrt.hf: batch size changed from {len(self.sequences)} to {B}")
-            q, k, v = self._rows(query), self._rows(key), self._rows(value)
-            t0 = time.perf_counter()
-            for b, s in enumerate(self.sequences):
-                s.prefill(kl, q[b], k[b], v[b])
-            self.time_prefill_s += time.perf_counter() - t0
-            self._prefilled.add(kl)
+            self._prefill(kl, self._rows(query), self._rows(key), self._rows(value))
             layer.tokens += n
             return out
         q, k, v = self._rows(query), self._rows(key), self._rows(value)

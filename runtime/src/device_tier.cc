@@ -15,7 +15,6 @@
 #include "direct_step.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
-#include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -237,10 +236,9 @@ class DeviceTier final : public TierBackend {
     // The summary's device copy too, which the first step would otherwise assemble and upload
     // on the decode path (a 128K layer: ~40 MB, ~60 ms of the first token on the H200). A failure
     // here (no summary, no room under gpu_memory_limit) is left for the step to meet and report.
-    bool uploaded = false;
-    if (cpu_index::KindInfo(cfg_->index_kind).estimates && cfg_->index.cluster.gpu_select &&
-        cold.rows() > 0 && cold.summary(0) != nullptr)
-      uploaded = SyncSummary(cold, lease.get()).ok();
+    // (A summary exists only for a two-level kind's built index.)
+    const bool uploaded = cfg_->index.cluster.gpu_select && cold.summary(0) != nullptr &&
+                          SyncSummary(cold, lease.get()).ok();
     // The stream's uploads (summary, page table) must be complete before a step on another
     // stream reads them.
     if (direct_.Prepare(cold, lease.get()) || uploaded)

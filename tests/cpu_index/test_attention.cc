@@ -1,7 +1,7 @@
 // HeadStore, dot products and host partial attention against double-precision references.
 #include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -228,7 +228,6 @@ TEST(HeadStore, PermuteRowsMovesKeysAndValuesTogether) {
   EXPECT_FALSE(store.PermuteRows(2, {0, 0, 1, 2}).ok());  // not a permutation
   EXPECT_FALSE(store.PermuteRows(4, {0, 1, 2}).ok());     // past the end
 }
-
 
 TEST(HeadStore, LargeStoresAreHugePageAlignedAndKeepTheirRowsWhenGrown) {
   // The direct step registers stores in chunks from row 0 (cudaHostRegister pins whole pages) and
