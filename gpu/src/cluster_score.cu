@@ -35,7 +35,7 @@ constexpr int kScoreWarps = kScoreThreads / 32;
 constexpr int kScoreDepth = 3;    // clusters a warp has in flight (score kernel)
 constexpr int kOutlierTile = 32;  // outliers per CTA of the score kernel (4 per warp)
 constexpr int kSelectThreads = 512;
-constexpr int kSelectItems = 8;    // clusters per thread per chunk of the radix passes
+constexpr int kSelectItems = 4;    // clusters per thread per chunk of the radix passes (8 spill)
 constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in shared memory
 
 __device__ __forceinline__ float WarpSum(float v) {
@@ -264,20 +264,18 @@ __global__ void __launch_bounds__(kSelectThreads)
     SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p, int estimate,
                  const float* __restrict__ density, const float* __restrict__ partial,
                  ClusterStepOutputs out) {
-  using ScanLL = cub::BlockScan<long long, kSelectThreads>;
   using ScanF = cub::BlockScan<float, kSelectThreads>;
   using ScanI = cub::BlockScan<int, kSelectThreads>;
   using RedF = cub::BlockReduce<float, kSelectThreads>;
   using RedLL = cub::BlockReduce<long long, kSelectThreads>;
   constexpr int R = kSelectThreads / D;  // thread groups over the tiles / the selected clusters
   __shared__ union {
-    typename ScanLL::TempStorage ll;
     typename ScanF::TempStorage f;
     typename ScanI::TempStorage i;
     typename RedF::TempStorage rf;
     typename RedLL::TempStorage rll;
   } tmp;
-  __shared__ unsigned long long hist_tok[256];
+  __shared__ unsigned hist_tok[256];  // tokens: a kv head's rows fit int32 (cluster_begin)
   __shared__ float hist_mass[256];
   __shared__ float tot_acc[D];
   __shared__ float grp_acc[R][D];
@@ -370,6 +368,20 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     __syncthreads();
     const uint32_t prefix = s_prefix, mask = s_mask;
+    // A warp's run of items that all fall in one bin is summed in registers and added once: the
+    // first passes put nearly every cluster in a bin or two, and every warp adding to the same
+    // shared bin at every item serialised the kernel (76 us per layer-step at 128K, profiled).
+    int run_bin = -1;
+    unsigned run_tok = 0;
+    float run_mass = 0.f;
+    auto flush = [&] {
+      if (run_bin >= 0 && (t & 31) == 0) {
+        if (run_tok != 0u) atomicAdd(&hist_tok[run_bin], run_tok);
+        if (use_p) atomicAdd(&hist_mass[run_bin], run_mass);
+      }
+      run_tok = 0u;
+      run_mass = 0.f;
+    };
     for (int base = 0; base < c_n; base += kSelectThreads * kSelectItems) {
       int n[kSelectItems];
       float dj[kSelectItems];
@@ -380,25 +392,31 @@ __global__ void __launch_bounds__(kSelectThreads)
         dj[i] = j < c_n ? dens[j] : 0.f;
       }
       // NOTE: every lane runs every item (n = 0 counts nothing) so that lanes of one bin combine
-      // their tokens before one atomic: densities share their top bits, and 8K atomics on one
-      // shared bin serialise (the first passes put nearly every cluster in a bin or two).
+      // their tokens before one atomic.
 #pragma unroll
       for (int i = 0; i < kSelectItems; ++i) {
         const uint32_t u = OrderedKey(n[i] > 0 ? dj[i] : 0.f);
         const bool in = n[i] > 0 && (u & mask) == prefix;
         const int bin = in ? static_cast<int>((u >> shift) & 255) : -1;
-        // Most passes put a warp's 32 clusters in one bin (or none): then one ballot, no match.
+        auto mass = [&] { return in ? __expf(dj[i] + logf(static_cast<float>(n[i])) - M) : 0.f; };
         const int bin0 = __shfl_sync(0xffffffffu, bin, 0);
-        const unsigned peers = __all_sync(0xffffffffu, bin == bin0)
-                                   ? 0xffffffffu
-                                   : __match_any_sync(0xffffffffu, bin);
+        if (__all_sync(0xffffffffu, bin == bin0)) {  // warp-uniform
+          if (bin0 < 0) continue;
+          if (bin0 != run_bin) {
+            flush();
+            run_bin = bin0;
+          }
+          run_tok += __reduce_add_sync(0xffffffffu, static_cast<unsigned>(n[i]));
+          if (use_p) run_mass += WarpSum(mass());
+          continue;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
         const unsigned tok = __reduce_add_sync(peers, in ? static_cast<unsigned>(n[i]) : 0u);
-        if (in && (t & 31) == __ffs(peers) - 1)
-          atomicAdd(&hist_tok[bin], static_cast<unsigned long long>(tok));
-        if (in && use_p)
-          atomicAdd(&hist_mass[bin], __expf(dj[i] + logf(static_cast<float>(n[i])) - M));
+        if (in && (t & 31) == __ffs(peers) - 1) atomicAdd(&hist_tok[bin], tok);
+        if (in && use_p) atomicAdd(&hist_mass[bin], mass());
       }
     }
+    flush();
     __syncthreads();
     if (t < 32) {  // lane l: bins 255 - 8l down to 248 - 8l
       long long ct = 0;
@@ -467,7 +485,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     int n[kItems];
     float d[kItems];
     bool gt[kItems], eq[kItems];
-    long long tie_in[kItems], tie_t[kItems], agg_t;
+    int tie_in[kItems], tie_t[kItems], agg_t;  // a chunk's tokens: int32 like the rows
     float mass_in[kItems], tie_m[kItems], agg_m = 0.f;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
@@ -481,11 +499,11 @@ __global__ void __launch_bounds__(kSelectThreads)
       const uint32_t u = valid ? OrderedKey(d[i]) : 0u;
       gt[i] = valid && (all || u > kt);
       eq[i] = valid && !all && u == kt;
-      tie_in[i] = eq[i] ? static_cast<long long>(n[i]) : 0LL;
+      tie_in[i] = eq[i] ? n[i] : 0;
       mass_in[i] = 0.f;
       tie_m[i] = 0.f;
     }
-    ScanLL(tmp.ll).ExclusiveSum(tie_in, tie_t, agg_t);
+    ScanI(tmp.i).ExclusiveSum(tie_in, tie_t, agg_t);
     __syncthreads();
     if (use_p) {
 #pragma unroll
