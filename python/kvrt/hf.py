@@ -47,7 +47,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from ._config import Config, make_config
 from ._runtime import Runtime, Sequence
@@ -338,7 +338,7 @@ class KvrtCache(DynamicCache):
         else:
             p["k"] = torch.cat((p["k"], key), dim=2)
             p["v"] = torch.cat((p["v"], value), dim=2)
-        out = sdpa_attention_forward(module, query, p["k"], p["v"], attention_mask, **kwargs)
+        out = _sdpa(module, query, p["k"], p["v"], attention_mask, **kwargs)
         # Queries at positions that are multiples of the stride; the stride doubles (dropping
         # every other kept query) whenever more than _QUERY_KEEP are kept.
         first = (-p["seen"]) % p["stride"]
@@ -396,7 +396,7 @@ class KvrtCache(DynamicCache):
         if kl in self._prompt:  # the first single-token forward after a chunked prompt
             self._prefill_chunked(kl)
         if kl not in self._prefilled:
-            out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+            out = _sdpa(module, query, key, value, attention_mask, **kwargs)
             self._prefill(kl, self._rows(query), self._rows(key), self._rows(value))
             layer.tokens += n
             return out
@@ -425,14 +425,45 @@ def attention(module, query, key, value, attention_mask, **kwargs):
     layers = getattr(_pending, "layers", None)
     layer = layers.pop(getattr(module, "layer_idx", None), None) if layers else None
     if layer is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, **kwargs)
     return layer.attend(module, query, key, value, attention_mask, **kwargs)
 
 
+def _sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA, except for a causal forward of n > 1 queries over more keys (a prompt
+    chunk after earlier ones) without a mask (mask() left it out): the queries are the last n
+    positions, so the causal mask is aligned to the lower right, which SDPA's is_causal (upper
+    left) is not; torch's causal_lower_right bias runs it without a mask tensor."""
+    n, s = query.shape[2], key.shape[2]
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    if attention_mask is not None or n == 1 or n == s or not causal:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    from torch.nn.attention.bias import causal_lower_right
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=causal_lower_right(n, s), scale=kwargs.get("scaling"),
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def mask(*args, **kwargs):
+    """The mask builder registered with the attention function: transformers' SDPA mask, except
+    that a plain causal mask without padding is left out (None) also when the queries are not the
+    first positions: a chunk of a long prompt would otherwise materialise a [chunk, prompt so far]
+    mask, which SDPA then turns into a bias (80 GiB for a 64K chunk at 640K tokens), and the
+    attention function above aligns the causal mask itself."""
+    padding = kwargs.get("attention_mask")
+    if (kwargs.get("mask_function", causal_mask_function) is causal_mask_function and
+            kwargs.get("allow_is_causal_skip", True) and kwargs.get("local_size") is None and
+            not args and (padding is None or bool(padding.all()))):
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
 def register(name: str = ATTENTION_NAME) -> str:
-    """Registers the attention function (and the SDPA mask builder) under `name`."""
+    """Registers the attention function (and its mask builder, mask()) under `name`."""
     AttentionInterface.register(name, attention)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, mask)
     return name
 
 

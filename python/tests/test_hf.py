@@ -108,6 +108,41 @@ def test_chunked_prompt_reproduces_the_full_cache_logits(model):
     cache.close()
 
 
+def test_mask_is_left_out_for_a_plain_causal_chunk():
+    """A causal chunk without padding gets no mask tensor (kvrt's attention aligns the causal
+    mask itself); padding and sliding windows still get transformers' mask."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+    kw = dict(batch_size=1, q_length=4, kv_length=10, q_offset=6, kv_offset=0, device="cpu")
+    assert kh.mask(**kw) is None
+    assert kh.mask(**kw, attention_mask=torch.ones(1, 10, dtype=torch.bool)) is None
+    padded = torch.ones(1, 10, dtype=torch.bool)
+    padded[0, 0] = False
+    m = kh.mask(**kw, attention_mask=padded)
+    assert m is not None and not bool(m[0, 0, :, 0].any()) and bool(m[0, 0, -1, 1:].all())
+    m = kh.mask(**kw, mask_function=sliding_window_causal_mask_function(3))
+    assert m is not None and int(m[0, 0, -1].sum()) == 3
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_causal_chunk_attention_is_aligned_to_the_last_positions(device):
+    """_sdpa of 5 queries over 12 keys (GQA 4/2): query i sees keys 0 .. 7 + i, as an explicit
+    mask over repeated K/V gives (on CUDA: torch's flash kernel without a mask tensor)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = (torch.randn(1, h, n, 64, generator=g).to(device, dt)
+               for h, n in ((4, 5), (2, 12), (2, 12)))
+    module = type("Attn", (), {"is_causal": True})()
+    got, _ = kh._sdpa(module, q, k, v, None, scaling=0.125)
+    allowed = torch.arange(12, device=device)[None, :] <= torch.arange(5, device=device)[:, None] + 7
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1),
+        attn_mask=allowed, scale=0.125).transpose(1, 2)
+    torch.testing.assert_close(got.float(), ref, rtol=2e-2 if device == "cuda" else 1e-5,
+                               atol=2e-2 if device == "cuda" else 1e-5)
+
+
 def test_chunked_prompt_keeps_an_even_query_sample(model):
     """The prompt's queries are kept at a stride that doubles past the cap; the index kinds that
     build from them (attention-aware here) still retrieve every cold token at a large k."""
