@@ -8,7 +8,9 @@
 # 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer, BENCH=prefill times kvrt_prefill
 # beside causal SDPA, BENCH=bytes the cluster kind's GPU bytes from 32K to 512K, BENCH=direct the
 # direct step against the CPU-ordered hot cache, BENCH=binding the Python package's cost per
-# layer-step beside bench decode on one trace (BENCH takes a list); TESTS="" and
+# layer-step beside bench decode on one trace, BENCH=parts the direct step's kernel taken apart
+# (tools/gpu_bench/direct_attend_parts.cu), BENCH=ab-trace the build before (BEFORE) against
+# this one on one generated 128K trace (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -169,6 +171,30 @@ if [[ "${1:-}" == "--device" ]]; then
           --warmup 3 --json "$out/binding.json" || rc=1
       fi
       rm -f $trace
+    elif [[ "$bench" == parts ]]; then
+      # The direct step's kernel whole, without its arithmetic, without its K/V loads (pool rows).
+      for round in 1 2; do
+        for part in direct_attend_parts direct_attend_parts_1 direct_attend_parts_2; do
+          timeout 60 $b/$part || rc=1
+        done
+      done
+    elif [[ "$bench" == ab-trace ]]; then
+      # bench decode on one generated 128K trace, the build before (BEFORE=path/to/kvrt when
+      # bundling: kvrt_before) against this one, alternating, B=1 and B=16 (kvrt_attend_batch).
+      trace=/tmp/kvrt-ab.safetensors
+      timeout 200 $b/kvrt gen-trace -o $trace --tokens 133200 --steps 40 --layers 1 --q-heads 32 \
+        --kv-heads 8 --head-dim 128 --seed 3 --quiet || rc=1
+      for round in 1 2; do
+        for prog in kvrt_before kvrt; do
+          [[ -x $b/$prog ]] || continue
+          echo "=== $prog, round $round: cluster 128K --trace, B=1 and B=16"
+          timeout 120 $b/$prog $args --trace $trace --index cluster --cold 131072 --batch 1 \
+            --accuracy-steps 0 || rc=1
+          timeout 200 $b/$prog $args --trace $trace --index cluster --cold 131072 --batch 16 \
+            --attend batch --accuracy-steps 0 || rc=1
+        done
+      done
+      rm -f $trace
     elif [[ "$bench" == e2e ]]; then
       # End to end through the Python package (issue 15 item 4): kvrt built against the bundle's
       # installed libkvrt with the machine's python3 and its build tools (no network), then a
@@ -208,12 +234,14 @@ fi
 
 build=${BUILD_DIR:-build}
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
-  test_gpu_kernels kvrt kvrt_static ${EXTRA_TARGETS:-} || exit 1
+  test_gpu_kernels kvrt kvrt_static direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
+  ${EXTRA_TARGETS:-} || exit 1
 rm -rf .bundle .bundlez
 mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
   .bundle/stage/
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
+cp "$build"/tools/gpu_bench/direct_attend_parts* .bundle/stage/
 for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
 [[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
 bash scripts/bundle.sh .bundle .bundle/stage/*

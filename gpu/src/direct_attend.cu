@@ -13,10 +13,10 @@
 //     tile is scored (register double buffering), so a tile's latency (1-2 us over PCIe) overlaps
 //     the previous tile's math and the other CTA of the SM (two fit: <= 128 registers);
 //   - warps score the staged rows: a warp owns up to 4 q heads of the group (2 at d = 256; q in
-//     registers, pre-scaled to base 2) and a share of the tile's rows; a row is read from shared
-//     memory by the warp's 32 lanes (head_dim / 32 dims each), dots reduced by xor shuffles, and
-//     each q head whose bit the row has folds it into its online softmax (m, l, acc), rescaling
-//     only when its max grows.
+//     registers, pre-scaled to base 2) and a share of the tile's rows, two rows per pass; a row
+//     is read from shared memory by the warp's 32 lanes (head_dim / 32 dims each), dots reduced
+//     by xor shuffles, and each q head whose bit the row has folds it into its online softmax
+//     (m, l, acc), rescaling only when its max grows.
 // Every row's K and V cross the bus once per kv head, whatever the group size. At the end the
 // warps' states are merged through shared memory into the split's partial state, and MergeStatesN
 // (merge.cu) merges the splits.
@@ -28,6 +28,12 @@
 #include "common.cuh"
 #include "direct_launch.h"
 #include "kvrt_common/nan_max.h"
+
+// Only tools/gpu_bench/direct_attend_parts.cu sets it: 1 leaves the arithmetic out, 2 the K/V
+// loads, so that the kernel's time can be taken apart.
+#ifndef KVRT_DIRECT_PARTS
+#define KVRT_DIRECT_PARTS 0
+#endif
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -270,6 +276,7 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
     // Issues the tile's K and V loads (every one before any is used).
     auto load = [&](int buf) {
       loaded = 0;
+      if constexpr ((KVRT_DIRECT_PARTS & 2) != 0) return;
 #pragma unroll
       for (int i = 0; i < L::kLoads; ++i) {
         const int ci = tid + i * kThreads;
@@ -299,47 +306,68 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
     auto compute = [&](int buf, int n_tile) {
       const T* ks = reinterpret_cast<const T*>(kv_s);
       const T* vs = reinterpret_cast<const T*>(kv_s + kTileBytes);
-      for (int r = rset; r < n_tile; r += rsets) {
-        const uint32_t rb = meta_bits[buf][r] >> h0;
-        if ((rb & warp_bits) == 0) continue;  // warp-uniform: no head of this warp takes it
-        float kf[kE], vf[kE];
+      // kR rows per pass (rset, rset + rsets, ...): their shared-memory reads, dots and
+      // butterflies are independent, so they overlap; the softmax updates then run in row order.
+      // NOTE: every head's butterfly runs, also past hn (their q is zero), so that the chains
+      // interleave: one row at a time, each shuffle behind an `hh < hn` branch, the arithmetic
+      // was 80% of the kernel's time (tools/gpu_bench/direct_attend_parts.cu, docs/benchmarks.md).
+      constexpr int kR = 2;
+      if constexpr ((KVRT_DIRECT_PARTS & 1) != 0) return;
+      for (int r0 = rset; r0 < n_tile; r0 += kR * rsets) {
+        uint32_t rb[kR], any = 0;
 #pragma unroll
-        for (int nv = 0; nv < L::kNV; ++nv) {
-          const int at = r * D + (nv * 32 + lane) * kU;
-          SmemRead<T, kU>(ks + at, kf + nv * kU);
-          SmemRead<T, kU>(vs + at, vf + nv * kU);
+        for (int j = 0; j < kR; ++j) {
+          const int r = r0 + j * rsets;
+          rb[j] = r < n_tile ? (meta_bits[buf][r] >> h0) & warp_bits : 0u;
+          any |= rb[j];
         }
-        float dot[kWarpHeads];
+        if (any == 0) continue;  // warp-uniform: no head of this warp takes these rows
+        float kf[kR][kE], vf[kR][kE], dot[kR][kWarpHeads];
 #pragma unroll
-        for (int hh = 0; hh < kWarpHeads; ++hh) {
-          float x = 0.f;
+        for (int j = 0; j < kR; ++j) {
+          const int r = rb[j] != 0 ? r0 + j * rsets : r0;  // a row not taken: read one in the tile
 #pragma unroll
-          for (int i = 0; i < kE; ++i) x = fmaf(qv[hh][i], kf[i], x);
-          dot[hh] = x;
+          for (int nv = 0; nv < L::kNV; ++nv) {
+            const int at = r * D + (nv * 32 + lane) * kU;
+            SmemRead<T, kU>(ks + at, kf[j] + nv * kU);
+            SmemRead<T, kU>(vs + at, vf[j] + nv * kU);
+          }
+#pragma unroll
+          for (int hh = 0; hh < kWarpHeads; ++hh) {
+            float x = 0.f;
+#pragma unroll
+            for (int i = 0; i < kE; ++i) x = fmaf(qv[hh][i], kf[j][i], x);
+            dot[j][hh] = x;
+          }
         }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) {
 #pragma unroll
-          for (int hh = 0; hh < kWarpHeads; ++hh) {
-            if (hh < hn) dot[hh] += __shfl_xor_sync(0xffffffffu, dot[hh], off);
+          for (int j = 0; j < kR; ++j) {
+#pragma unroll
+            for (int hh = 0; hh < kWarpHeads; ++hh)
+              dot[j][hh] += __shfl_xor_sync(0xffffffffu, dot[j][hh], off);
           }
         }
 #pragma unroll
-        for (int hh = 0; hh < kWarpHeads; ++hh) {
-          if (hh >= hn || ((rb >> hh) & 1u) == 0) continue;
-          const float nm = MaxPropagateNan(m[hh], dot[hh]);  // NaN score: NaN state
-          if (nm == -INFINITY) continue;                     // -inf score on an empty state
-          if (nm != m[hh]) {  // rare after the first rows: rescale only when the max grows
-            const float corr = exp2f(m[hh] - nm);  // m = -inf: 0
-            l[hh] *= corr;
+        for (int j = 0; j < kR; ++j) {
 #pragma unroll
-            for (int i = 0; i < kE; ++i) acc[hh][i] *= corr;
-            m[hh] = nm;
+          for (int hh = 0; hh < kWarpHeads; ++hh) {
+            if (hh >= hn || ((rb[j] >> hh) & 1u) == 0) continue;
+            const float nm = MaxPropagateNan(m[hh], dot[j][hh]);  // NaN score: NaN state
+            if (nm == -INFINITY) continue;                        // -inf score, empty state
+            if (nm != m[hh]) {  // rare after the first rows: rescale only when the max grows
+              const float corr = exp2f(m[hh] - nm);  // m = -inf: 0
+              l[hh] *= corr;
+#pragma unroll
+              for (int i = 0; i < kE; ++i) acc[hh][i] *= corr;
+              m[hh] = nm;
+            }
+            const float p = exp2f(dot[j][hh] - nm);
+            l[hh] += p;
+#pragma unroll
+            for (int i = 0; i < kE; ++i) acc[hh][i] = fmaf(p, vf[j][i], acc[hh][i]);
           }
-          const float p = exp2f(dot[hh] - nm);
-          l[hh] += p;
-#pragma unroll
-          for (int i = 0; i < kE; ++i) acc[hh][i] = fmaf(p, vf[i], acc[hh][i]);
         }
       }
     };

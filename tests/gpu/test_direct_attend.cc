@@ -905,6 +905,18 @@ TEST(DirectAttendKernel, Timing128K) {
   ASSERT_TRUE(FillPages(v, dall, static_cast<int>(kv * bph), nullptr).ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   time_attend("all from pool", 200);
+  // The same without the selected clusters (the tail and the extra rows only), then without any
+  // row: the kernel's cost per row against its fixed cost (launch, segment lists, merges).
+  ASSERT_EQ(cudaMemset(mask, 0, sizeof(uint32_t) * kv * c_n), cudaSuccess);
+  time_attend("all from pool, tail and extra rows only", 200);
+  const DirectRowsView full = v;
+  int64_t* no_tail = ToDevice(std::vector<int64_t>(kv, rows));
+  v.tail_begin = no_tail;
+  v.num_extra = 0;
+  time_attend("no rows", 200);
+  v = full;
+  cudaFree(no_tail);
+  ASSERT_TRUE(MarkSelected(sel, cnt, qh, kv, c_n, mask, nullptr).ok());
 
   // FillPages of 2000 blocks per kv head (pages rewritten in place).
   std::vector<int32_t> some;
