@@ -4,7 +4,8 @@
     out = model.generate(input_ids, cache=cache, max_new_tokens=256)   # past_key_values= on 4.x
 
 enable() registers the attention function "kvrt" with transformers' AttentionInterface (and
-the SDPA mask builder under that name), switches the model to it, and returns a KvrtCache.
+mask(), transformers' SDPA mask builder without the mask of a plain causal chunk, under that name),
+switches the model to it, and returns a KvrtCache.
 Works for decoders whose attention modules call `cache.update(...)` and then the attention
 interface (Llama, Qwen2, Gemma 3, SmolLM, Mistral, ...).
 
@@ -20,7 +21,9 @@ What runs where:
     not fit in one forward): enable(model, chunked_prompt=True). Each chunk then runs SDPA over
     the prompt so far, whose K/V stay on the model's device (as in DynamicCache) until the first
     single-token forward, which hands the whole prompt to kvrt. Without it a later chunk is
-    decoded token by token (above).
+    decoded token by token (above). No [chunk, prompt so far] mask is built for such a chunk
+    (without padding): its causal mask is torch's lower-right causal bias (at 1M tokens
+    transformers' materialised mask ran out of memory).
   - Sliding-window (and other non-global) layers keep transformers' own cache and SDPA.
   - Model on a CUDA device and a CUDA build of libkvrt: the GPU backend (use_gpu=1), device
     tensors on torch's current stream, no host copy of q/k/v/out. With use_gpu=0 and a CUDA model
