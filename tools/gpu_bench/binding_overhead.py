@@ -171,15 +171,20 @@ def main(argv=None) -> int:
     q_heads, d = t["decode.q"].shape[1], t["decode.q"].shape[2]
     out = torch.empty((q_heads, d), dtype=torch.float32, device=dev)
     step_us, append_us, attend_us = [], [], []
+    # Each step's rows as views made before the loop: bench decode computes its pointers for free,
+    # and three torch slicings per layer-step (~2 us each) are the benchmark's cost, not the
+    # binding's (they were inside the timed region until the sixth session).
+    rows = [(t["decode.k"][s:s + 1], t["decode.v"][s:s + 1], t["decode.q"][s]) for s in range(total)]
     before = None
     for s in range(total):
         if s == args.warmup:
             before = rt.stats()
+        k_s, v_s, q_s = rows[s]
         for layer in range(args.layers):
             a = time.perf_counter()
-            seq.append(layer, t["decode.k"][s:s + 1], t["decode.v"][s:s + 1])
+            seq.append(layer, k_s, v_s)
             b = time.perf_counter()
-            seq.attend(layer, t["decode.q"][s], out=out)
+            seq.attend(layer, q_s, out=out)
             c = time.perf_counter()
             sync()
             e = time.perf_counter()
