@@ -443,9 +443,13 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is not None or n == 1 or n == s or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     from torch.nn.attention.bias import causal_lower_right
+    group = query.shape[1] // key.shape[1]
+    if group > 1 and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        # enable_gqa came with torch 2.5 (transformers' repeat_kv does the same before it).
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=causal_lower_right(n, s), scale=kwargs.get("scaling"),
-        enable_gqa=query.shape[1] != key.shape[1])
+        query, key, value, attn_mask=causal_lower_right(n, s), scale=kwargs.get("scaling"), **gqa)
     return out.transpose(1, 2).contiguous(), None
 
 
