@@ -8,9 +8,9 @@
 # 1M, BENCH=serve runs `kvrt bench serve` beside the dense peer, BENCH=prefill times kvrt_prefill
 # beside causal SDPA, BENCH=bytes the cluster kind's GPU bytes from 32K to 512K, BENCH=direct the
 # direct step against the CPU-ordered hot cache, BENCH=binding the Python package's cost per
-# layer-step beside bench decode on one trace, BENCH=parts the direct step's kernel taken apart
-# (tools/gpu_bench/direct_attend_parts.cu), BENCH=ab-trace the build before (BEFORE) against
-# this one on one generated 128K trace (BENCH takes a list); TESTS="" and
+# layer-step beside bench decode on one trace, BENCH=parts the direct step's and the cluster
+# step's kernels taken apart (tools/gpu_bench/*_parts.cu), BENCH=ab-trace the build before
+# (BEFORE) against this one on one generated 128K trace (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -172,9 +172,11 @@ if [[ "${1:-}" == "--device" ]]; then
       fi
       rm -f $trace
     elif [[ "$bench" == parts ]]; then
-      # The direct step's kernel whole, without its arithmetic, without its K/V loads (pool rows).
+      # The direct step's kernel whole, without its arithmetic, without its K/V loads (pool rows);
+      # ClusterStep whole, without the selection's radix passes, without its compaction.
       for round in 1 2; do
-        for part in direct_attend_parts direct_attend_parts_1 direct_attend_parts_2; do
+        for part in direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
+            cluster_step_parts cluster_step_parts_1 cluster_step_parts_2; do
           timeout 60 $b/$part || rc=1
         done
       done
@@ -235,13 +237,15 @@ fi
 build=${BUILD_DIR:-build}
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
   test_gpu_kernels kvrt kvrt_static direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
+  cluster_step_parts cluster_step_parts_1 cluster_step_parts_2 \
   ${EXTRA_TARGETS:-} || exit 1
 rm -rf .bundle .bundlez
 mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
   .bundle/stage/
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
-cp "$build"/tools/gpu_bench/direct_attend_parts* .bundle/stage/
+cp "$build"/tools/gpu_bench/direct_attend_parts* "$build"/tools/gpu_bench/cluster_step_parts* \
+  .bundle/stage/
 for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
 [[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
 bash scripts/bundle.sh .bundle .bundle/stage/*

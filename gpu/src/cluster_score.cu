@@ -27,6 +27,12 @@
 #include "cluster_launch.h"
 #include "common.cuh"
 
+// Only tools/gpu_bench/cluster_step_parts.cu sets it: bit 1 leaves the selection's radix passes
+// out (nothing is selected), bit 2 its compaction, so that the kernel's time can be taken apart.
+#ifndef KVRT_CLUSTER_PARTS
+#define KVRT_CLUSTER_PARTS 0
+#endif
+
 namespace kvrt::gpu::detail {
 namespace {
 
@@ -360,7 +366,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   // (b) weighted radix select of the threshold key. Each pass walks the clusters in chunks of
   // kSelectItems per thread, all of a chunk's loads issued before any is used (the walk is
   // latency-bound otherwise: one CTA per q head, a handful per SM).
-  for (int pass = 0; pass < 4; ++pass) {
+  for (int pass = 0; pass < ((KVRT_CLUSTER_PARTS & 1) != 0 ? 0 : 4); ++pass) {
     const int shift = 24 - 8 * pass;
     for (int b = t; b < 256; b += kSelectThreads) {
       hist_tok[b] = 0;
@@ -466,6 +472,10 @@ __global__ void __launch_bounds__(kSelectThreads)
     __syncthreads();
     if (s_all) break;
   }
+  if constexpr ((KVRT_CLUSTER_PARTS & 1) != 0) {
+    if (t == 0) s_prefix = 0xffffffffu;  // no key above it: nothing selected
+    __syncthreads();
+  }
   const bool all = s_all != 0;
   const uint32_t kt = s_prefix;
   const long long above_tok = s_above_tok;
@@ -481,7 +491,8 @@ __global__ void __launch_bounds__(kSelectThreads)
   float carry_mass = 0.f, lsel_t = 0.f;
   int carry_count = 0;
   int32_t* selected = out.selected + static_cast<size_t>(qh) * c_n;
-  for (int base = 0; base < c_n; base += kSelectThreads * kItems) {
+  for (int base = 0; base < ((KVRT_CLUSTER_PARTS & 2) != 0 ? 0 : c_n);
+       base += kSelectThreads * kItems) {
     int n[kItems];
     float d[kItems];
     bool gt[kItems], eq[kItems];
