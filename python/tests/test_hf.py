@@ -135,7 +135,8 @@ def test_causal_chunk_attention_is_aligned_to_the_last_positions(device):
                for h, n in ((4, 5), (2, 12), (2, 12)))
     module = type("Attn", (), {"is_causal": True})()
     got, _ = kh._sdpa(module, q, k, v, None, scaling=0.125)
-    allowed = torch.arange(12, device=device)[None, :] <= torch.arange(5, device=device)[:, None] + 7
+    pos = torch.arange(12, device=device)
+    allowed = pos[None, :] <= pos[:5, None] + 7
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1),
         attn_mask=allowed, scale=0.125).transpose(1, 2)

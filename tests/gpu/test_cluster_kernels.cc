@@ -336,7 +336,8 @@ TEST(ClusterStepKernel, Timing128K) {
   // Per step, with budget: the score and the select kernels; at budget 0 the select kernel returns
   // after merging the score's states, so the difference is the selection's own time.
   auto time_us = [&](const ClusterStepParams& params) {
-    for (int i = 0; i < 10; ++i) EXPECT_TRUE(ClusterStep(dc.view, dc.q, params, dc.out, ws, nullptr).ok());
+    for (int i = 0; i < 10; ++i)
+      EXPECT_TRUE(ClusterStep(dc.view, dc.q, params, dc.out, ws, nullptr).ok());
     const int iters = 200;
     cudaEventRecord(e0);
     for (int i = 0; i < iters; ++i) (void)ClusterStep(dc.view, dc.q, params, dc.out, ws, nullptr);

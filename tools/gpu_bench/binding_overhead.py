@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     # Each step's rows as views made before the loop: bench decode computes its pointers for free,
     # and three torch slicings per layer-step (~2 us each) are the benchmark's cost, not the
     # binding's (they were inside the timed region until the sixth session).
-    rows = [(t["decode.k"][s:s + 1], t["decode.v"][s:s + 1], t["decode.q"][s]) for s in range(total)]
+    rows = [(t["decode.k"][s:s + 1], t["decode.v"][s:s + 1], t["decode.q"][s])
+            for s in range(total)]
     before = None
     for s in range(total):
         if s == args.warmup:

@@ -13,7 +13,8 @@
 
 // The parts left out make the loops after them unreachable: expected here.
 #pragma nv_diag_suppress 128
-#include "cluster_score.cu"  // NOLINT: the kernels themselves, with this target's KVRT_CLUSTER_PARTS
+// The kernels themselves, built with this target's KVRT_CLUSTER_PARTS.
+#include "cluster_score.cu"  // NOLINT
 
 namespace {
 
@@ -54,9 +55,10 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--iters") == 0 && i + 1 < argc) {
       iters = std::atoi(argv[++i]);
     } else {
-      std::printf("usage: %s [--clusters N (per kv head; 8192 = 128K tokens)] [--iters N (200)]\n"
-                  "Times the cluster kind's step kernels (score + select), whole and in parts.\n",
-                  argv[0]);
+      std::printf(
+          "usage: %s [--clusters N (per kv head; 8192 = 128K tokens)] [--iters N (200)]\n"
+          "Times the cluster kind's step kernels (score + select), whole and in parts.\n",
+          argv[0]);
       return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
     }
   }
@@ -105,7 +107,8 @@ int main(int argc, char** argv) {
     p.q_heads = qh;
     p.budget_tokens = budget;
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
-    for (int i = 0; i < 5; ++i) (void)g::detail::LaunchClusterStep(s, dq, p, scale, out, ws, nullptr);
+    for (int i = 0; i < 5; ++i)
+      (void)g::detail::LaunchClusterStep(s, dq, p, scale, out, ws, nullptr);
     cudaEventRecord(e0);
     for (int i = 0; i < iters; ++i)
       (void)g::detail::LaunchClusterStep(s, dq, p, scale, out, ws, nullptr);
@@ -118,10 +121,12 @@ int main(int argc, char** argv) {
   const int64_t budget = static_cast<int64_t>(clusters) * 16 / 50;  // 2% of the cold rows
   const double whole = time_us(budget), score = time_us(0);
   if (whole < 0 || score < 0) return 1;
-  const char* part = KVRT_CLUSTER_PARTS == 1 ? "without the radix passes"
-                     : KVRT_CLUSTER_PARTS == 2 ? "without the compaction" : "whole";
-  std::printf("cluster step (%s), %d clusters x %d kv heads: %.1f us per step; at budget 0 "
-              "%.1f us (the selection's share: %.1f us)\n",
-              part, clusters, kv, whole, score, whole - score);
+  const char* part = KVRT_CLUSTER_PARTS == 1   ? "without the radix passes"
+                     : KVRT_CLUSTER_PARTS == 2 ? "without the compaction"
+                                               : "whole";
+  std::printf(
+      "cluster step (%s), %d clusters x %d kv heads: %.1f us per step; at budget 0 "
+      "%.1f us (the selection's share: %.1f us)\n",
+      part, clusters, kv, whole, score, whole - score);
   return 0;
 }

@@ -10,7 +10,8 @@
 
 // The parts left out make the loops after them unreachable: expected here.
 #pragma nv_diag_suppress 128
-#include "direct_attend.cu"  // NOLINT: the kernel itself, built with this target's KVRT_DIRECT_PARTS
+// The kernel itself, built with this target's KVRT_DIRECT_PARTS.
+#include "direct_attend.cu"  // NOLINT
 
 namespace {
 
@@ -31,9 +32,10 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--iters") == 0 && i + 1 < argc) {
       iters = std::atoi(argv[++i]);
     } else {
-      std::printf("usage: %s [--rows N (per kv head, multiple of 8; 10240)] [--iters N (200)]\n"
-                  "Times the direct step's attention kernel, every row from the device pool.\n",
-                  argv[0]);
+      std::printf(
+          "usage: %s [--rows N (per kv head, multiple of 8; 10240)] [--iters N (200)]\n"
+          "Times the direct step's attention kernel, every row from the device pool.\n",
+          argv[0]);
       return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
     }
   }
@@ -53,7 +55,8 @@ int main(int argc, char** argv) {
   const std::vector<int64_t> tail_begin(kv, 0);  // every row is in the "tail": all heads take it
   std::vector<float> qv(static_cast<std::size_t>(qh) * d);
   for (std::size_t i = 0; i < qv.size(); ++i) qv[i] = 0.01f * static_cast<float>(i % 97);
-  if (!Ok(cudaMalloc(&pool_k, pool_bytes), "pool") || !Ok(cudaMalloc(&pool_v, pool_bytes), "pool") ||
+  if (!Ok(cudaMalloc(&pool_k, pool_bytes), "pool") ||
+      !Ok(cudaMalloc(&pool_v, pool_bytes), "pool") ||
       !Ok(cudaMemset(pool_k, 0x3c, pool_bytes), "pool") ||
       !Ok(cudaMemset(pool_v, 0x3c, pool_bytes), "pool") ||
       !Ok(cudaMalloc(&ptrs, kv * sizeof(void*)), "stores") ||
@@ -95,10 +98,12 @@ int main(int argc, char** argv) {
   float ms = 0.f;
   cudaEventElapsedTime(&ms, e0, e1);
   const double us = 1e3 * ms / iters, mb = 2.0 * rows * kv * row_bytes / 1e6;
-  const char* part = KVRT_DIRECT_PARTS == 1 ? "without arithmetic"
-                     : KVRT_DIRECT_PARTS == 2 ? "without K/V loads" : "whole kernel";
-  std::printf("direct attend (%s): %.1f us per call, %lld rows x %d kv heads from the pool "
-              "(%.1f MB, %.0f GB/s)\n",
-              part, us, static_cast<long long>(rows), kv, mb, mb / us * 1e3);
+  const char* part = KVRT_DIRECT_PARTS == 1   ? "without arithmetic"
+                     : KVRT_DIRECT_PARTS == 2 ? "without K/V loads"
+                                              : "whole kernel";
+  std::printf(
+      "direct attend (%s): %.1f us per call, %lld rows x %d kv heads from the pool "
+      "(%.1f MB, %.0f GB/s)\n",
+      part, us, static_cast<long long>(rows), kv, mb, mb / us * 1e3);
   return Ok(cudaGetLastError(), "DirectAttend") ? 0 : 1;
 }
