@@ -49,6 +49,12 @@ if [[ "${1:-}" == "--device" ]]; then
       echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$out/$tool.log" | tr '\n' ' ')"
     done
   fi
+  # A generated 128K trace of the 8B shape (one layer, 40 decode steps) at $1, for the benches
+  # that compare bench decode runs on the same keys.
+  trace_128k() {
+    timeout 200 $b/kvrt gen-trace -o "$1" --tokens 133200 --steps 40 --layers 1 --q-heads 32 \
+      --kv-heads 8 --head-dim 128 --seed 3 --quiet
+  }
   # The Python package built against the bundle's installed libkvrt with the machine's python3
   # and its build tools (no network), once: sets site (its PYTHONPATH) and built (how, or "").
   py_package() {
@@ -158,8 +164,7 @@ if [[ "${1:-}" == "--device" ]]; then
       # tools/gpu_bench/binding_overhead.py over one generated 128K trace, same settings.
       py_package
       trace=/tmp/kvrt-binding.safetensors
-      timeout 200 $b/kvrt gen-trace -o $trace --tokens 133200 --steps 40 --layers 1 --q-heads 32 \
-        --kv-heads 8 --head-dim 128 --seed 3 --quiet || rc=1
+      trace_128k $trace || rc=1
       echo "=== kvrt: bench decode --trace (C API), cluster 128K B=1"
       timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
         --accuracy-steps 0 || rc=1
@@ -184,8 +189,7 @@ if [[ "${1:-}" == "--device" ]]; then
       # bench decode on one generated 128K trace, the build before (BEFORE=path/to/kvrt when
       # bundling: kvrt_before) against this one, alternating, B=1 and B=16 (kvrt_attend_batch).
       trace=/tmp/kvrt-ab.safetensors
-      timeout 200 $b/kvrt gen-trace -o $trace --tokens 133200 --steps 40 --layers 1 --q-heads 32 \
-        --kv-heads 8 --head-dim 128 --seed 3 --quiet || rc=1
+      trace_128k $trace || rc=1
       for round in 1 2; do
         for prog in kvrt_before kvrt; do
           [[ -x $b/$prog ]] || continue
