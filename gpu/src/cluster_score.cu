@@ -50,6 +50,26 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
+// a[i] = q_i . x for the MG queries of a group (row i of qs, zero past the group), x's E dims per
+// lane. NOTE: every query's butterfly runs, whether or not i < g, so that the MG reductions
+// interleave; stopping at the group size put each behind a branch, one after another (the same
+// pattern cost the direct step's attention a third of its time, docs/benchmarks.md).
+template <int E, int MG, int D>
+__device__ __forceinline__ void GroupDots(const float (&qs)[MG][D], int lane, const float (&x)[E],
+                                          float (&a)[MG]) {
+#pragma unroll
+  for (int i = 0; i < MG; ++i) {
+    a[i] = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) a[i] += qs[i][lane * E + e] * x[e];
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+    for (int i = 0; i < MG; ++i) a[i] += __shfl_xor_sync(0xffffffffu, a[i], o);
+  }
+}
+
 // E consecutive bf16 (E = 2, 4, 8: 4, 8, 16 bytes, aligned) kept packed in registers until used.
 template <int E>
 struct RawBf16 {
@@ -135,14 +155,12 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
     for (int k = 0; k < kPerWarp; ++k) {
       const int j = base + k;
       if (j >= o_n) break;
+      float a[MG];
+      GroupDots<E, MG>(qs, lane, kr[k], a);
 #pragma unroll
       for (int i = 0; i < MG; ++i) {
         if (i >= g) break;
-        float a = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * kr[k][e];
-        a = WarpSum(a);
-        if (lane == 0) outlier_score[(static_cast<size_t>(h) * g + i) * o_n + j] = a;
+        if (lane == 0) outlier_score[(static_cast<size_t>(h) * g + i) * o_n + j] = a[i];
       }
     }
     return;
@@ -205,14 +223,12 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
         continue;
       }
       const float logn = logf(static_cast<float>(n));
+      float a[MG];
+      GroupDots<E, MG>(qs, lane, cen, a);
 #pragma unroll
       for (int i = 0; i < MG; ++i) {
         if (i >= g) break;
-        float a = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * cen[e];
-        a = WarpSum(a);
-        const float dens = scale * a + spread_coef * qn2[i] * spread;
+        const float dens = scale * a[i] + spread_coef * qn2[i] * spread;
         if (lane == 0) density[(static_cast<size_t>(h) * g + i) * c_n + j] = dens;
         const float lm = dens + logn;
         const float mn = fmaxf(m[i], lm);
@@ -504,6 +520,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       n[i] = j < c_n ? size[j] : 0;
       d[i] = j < c_n ? dens[j] : 0.f;
     }
+    bool any_eq = false;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       const bool valid = n[i] > 0;
@@ -511,12 +528,19 @@ __global__ void __launch_bounds__(kSelectThreads)
       gt[i] = valid && (all || u > kt);
       eq[i] = valid && !all && u == kt;
       tie_in[i] = eq[i] ? n[i] : 0;
+      tie_t[i] = 0;
       mass_in[i] = 0.f;
       tie_m[i] = 0.f;
+      any_eq = any_eq || eq[i];
     }
-    ScanI(tmp.i).ExclusiveSum(tie_in, tie_t, agg_t);
-    __syncthreads();
-    if (use_p) {
+    // Ties at the threshold key sit in one chunk or a few: the others skip their scans.
+    agg_t = 0;
+    any_eq = __syncthreads_or(any_eq) != 0;
+    if (any_eq) {
+      ScanI(tmp.i).ExclusiveSum(tie_in, tie_t, agg_t);
+      __syncthreads();
+    }
+    if (use_p && any_eq) {
 #pragma unroll
       for (int i = 0; i < kItems; ++i)
         mass_in[i] = eq[i] ? __expf(d[i] + logf(static_cast<float>(n[i])) - M) : 0.f;

@@ -9,8 +9,8 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
-#include "clock.h"
 #include "align.h"
+#include "clock.h"
 #include "device_hot_cache.h"
 #include "direct_step.h"
 #include "kvrt_common/status_macros.h"
@@ -258,6 +258,8 @@ class DeviceTier final : public TierBackend {
   void ReleasePromptSlot() override { ctx_->ReleasePromptSlot(); }
   absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
                               const std::vector<int64_t>& rows, const Exec& exec) override;
+  absl::Status StagePromptQueries(const void* q, std::size_t row_bytes,
+                                  const std::vector<int64_t>& rows, const Exec& exec) override;
   bool background_refresh() const override { return true; }
   absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(TierBackend* const* tiers,
                                                       const TierCounts* counts, int n,
@@ -340,7 +342,11 @@ class DeviceTier final : public TierBackend {
   struct PendingPrompt {
     void* staging = nullptr;  // stream-ordered allocation
     int64_t rows = 0;
-    transfer::Event ready;  // the staging copy is complete
+    // The prefill's query sample (StagePromptQueries): query_rows rows of query_row_bytes.
+    void* queries = nullptr;  // stream-ordered allocation
+    int64_t query_rows = 0;
+    std::size_t query_row_bytes = 0;
+    transfer::Event ready;  // the staging copies are complete
   } prompt_;
   // Timing events of the last attend (read when complete).
   transfer::Event ev_start_, ev_tier_, ev_h2d_begin_, ev_h2d_, ev_merge_;
@@ -534,12 +540,13 @@ absl::Status DeviceTier::StagePrompt(const unsigned char* k, const unsigned char
 }
 
 void DeviceTier::DropPrompt() {
-  if (prompt_.staging == nullptr) return;
+  if (prompt_.staging == nullptr && prompt_.queries == nullptr) return;
   (void)prompt_.ready.Synchronize();
-  (void)transfer::FreeAsync(prompt_.staging, nullptr);
+  for (void* p : {prompt_.staging, prompt_.queries})
+    if (p != nullptr) (void)transfer::FreeAsync(p, nullptr);
   (void)transfer::StreamSynchronize(nullptr);
-  prompt_.staging = nullptr;
-  prompt_.rows = 0;
+  prompt_.staging = prompt_.queries = nullptr;
+  prompt_.rows = prompt_.query_rows = 0;
 }
 
 // The staged prompt enters the cold tier: the cluster kind's segments built on the GPU from the
@@ -553,6 +560,18 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
   KVRT_RETURN_IF_ERROR(lease.status());
   void* stream = lease.get();
   KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, prompt_.ready));
+  if (prompt_.queries != nullptr) {
+    // The query sample first: the build's metric comes from it (ColdTier::MetricFactor).
+    std::vector<unsigned char> sample(static_cast<std::size_t>(prompt_.query_rows) *
+                                      prompt_.query_row_bytes);
+    KVRT_RETURN_IF_ERROR(
+        transfer::MemcpyAsync(sample.data(), prompt_.queries, sample.size(), stream));
+    KVRT_RETURN_IF_ERROR(transfer::StreamSynchronize(stream));
+    cold->SampleQueries(sample.data(), prompt_.query_rows);
+    (void)transfer::FreeAsync(prompt_.queries, stream);
+    prompt_.queries = nullptr;
+    prompt_.query_rows = 0;
+  }
   const std::size_t bytes = static_cast<std::size_t>(prompt_.rows) * token_bytes();
   const auto* k = static_cast<const unsigned char*>(prompt_.staging);
   std::vector<std::vector<cpu_index::SegmentClustering>> parts;
@@ -699,6 +718,28 @@ absl::Status DeviceTier::AppendFromDevice(const unsigned char* k, const unsigned
   return absl::OkStatus();
 }
 
+namespace {
+
+// rows[i] of src (row_bytes each) to row i of dst, in stream order: evenly strided rows (a
+// prompt's query sample) in one 2D copy, others one copy per row.
+absl::Status CopyPickedRows(unsigned char* dst, const unsigned char* src, std::size_t row_bytes,
+                            const std::vector<int64_t>& rows, void* stream) {
+  const int64_t stride = rows.size() > 1 ? rows[1] - rows[0] : 1;
+  bool strided = stride > 0;
+  for (std::size_t i = 1; strided && i < rows.size(); ++i)
+    strided = rows[i] - rows[i - 1] == stride;
+  if (strided && !rows.empty())
+    return transfer::Memcpy2DAsync(dst, row_bytes, src + rows[0] * row_bytes,
+                                   static_cast<std::size_t>(stride) * row_bytes, row_bytes,
+                                   rows.size(), stream);
+  for (std::size_t i = 0; i < rows.size(); ++i)
+    KVRT_RETURN_IF_ERROR(
+        transfer::MemcpyAsync(dst + i * row_bytes, src + rows[i] * row_bytes, row_bytes, stream));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status DeviceTier::CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
                                         const std::vector<int64_t>& rows, const Exec& exec) {
   auto* d = static_cast<unsigned char*>(dst);
@@ -710,21 +751,32 @@ absl::Status DeviceTier::CopyRowsToHost(void* dst, const void* src, std::size_t 
   }
   StreamLease lease(ctx_, exec);
   KVRT_RETURN_IF_ERROR(lease.status());
-  // Evenly strided rows (a prompt's query sample) go in one 2D copy; others one copy per row.
-  const int64_t stride = rows.size() > 1 ? rows[1] - rows[0] : 1;
-  bool strided = stride > 0;
-  for (std::size_t i = 1; strided && i < rows.size(); ++i)
-    strided = rows[i] - rows[i - 1] == stride;
-  if (strided && !rows.empty()) {
-    KVRT_RETURN_IF_ERROR(transfer::Memcpy2DAsync(d, row_bytes, from + rows[0] * row_bytes,
-                                                 static_cast<std::size_t>(stride) * row_bytes,
-                                                 row_bytes, rows.size(), lease.get()));
-  } else {
-    for (std::size_t i = 0; i < rows.size(); ++i)
-      KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(d + i * row_bytes, from + rows[i] * row_bytes,
-                                                 row_bytes, lease.get()));
-  }
+  KVRT_RETURN_IF_ERROR(CopyPickedRows(d, from, row_bytes, rows, lease.get()));
   return transfer::StreamSynchronize(lease.get());
+}
+
+absl::Status DeviceTier::StagePromptQueries(const void* q, std::size_t row_bytes,
+                                            const std::vector<int64_t>& rows, const Exec& exec) {
+  if (prompt_.rows == 0 || !exec.device)
+    return absl::FailedPreconditionError("prefill: no staged prompt to stage queries beside");
+  if (rows.empty()) return absl::OkStatus();
+  StreamLease lease(ctx_, exec);
+  KVRT_RETURN_IF_ERROR(lease.status());
+  void* stream = lease.get();
+  KVRT_ASSIGN_OR_RETURN(void* staged, transfer::MallocAsync(rows.size() * row_bytes, stream));
+  absl::Status st = CopyPickedRows(static_cast<unsigned char*>(staged),
+                                   static_cast<const unsigned char*>(q), row_bytes, rows, stream);
+  // The prompt's event now follows the sample too: SettlePrompt waits for both.
+  if (st.ok()) st = prompt_.ready.Record(stream);
+  if (!st.ok()) {
+    (void)transfer::FreeAsync(staged, stream);
+    return st;
+  }
+  if (prompt_.queries != nullptr) (void)transfer::FreeAsync(prompt_.queries, stream);
+  prompt_.queries = staged;
+  prompt_.query_rows = static_cast<int64_t>(rows.size());
+  prompt_.query_row_bytes = row_bytes;
+  return absl::OkStatus();
 }
 
 void DeviceTier::CollectTiming() {
@@ -824,17 +876,18 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     // The copy is made when the CPU first needs q: a step whose cold tier runs on the device
     // never waits for it (and no copy is left in flight into a block that goes back to the pool).
     DeviceStep* s = step.get();
-    s->set_fetch_q([s, ctx = ctx_, dtype = cfg_->dtype, of, qbytes, counters = counters_](float* q) {
-      const int64_t t0 = NowNs();
-      // NOTE: a failed copy leaves q as zeros; the step's own launches report the CUDA error.
-      auto block = ctx->pinned().Acquire(qbytes);
-      auto ready = transfer::Event::Create(false);
-      if (block.ok() && ready.ok() &&
-          transfer::MemcpyAsync(block->data(), s->q_dev, qbytes, s->lease.get()).ok() &&
-          ready->Record(s->lease.get()).ok() && ready->Synchronize().ok())
-        ConvertToF32(block->data(), dtype, of, q);
-      counters->time_d2h_ns += NowNs() - t0;
-    });
+    s->set_fetch_q(
+        [s, ctx = ctx_, dtype = cfg_->dtype, of, qbytes, counters = counters_](float* q) {
+          const int64_t t0 = NowNs();
+          // NOTE: a failed copy leaves q as zeros; the step's own launches report the CUDA error.
+          auto block = ctx->pinned().Acquire(qbytes);
+          auto ready = transfer::Event::Create(false);
+          if (block.ok() && ready.ok() &&
+              transfer::MemcpyAsync(block->data(), s->q_dev, qbytes, s->lease.get()).ok() &&
+              ready->Record(s->lease.get()).ok() && ready->Synchronize().ok())
+            ConvertToF32(block->data(), dtype, of, q);
+          counters->time_d2h_ns += NowNs() - t0;
+        });
   } else {
     ConvertToF32(q_in, cfg_->dtype, of, step->q_mut());
   }
@@ -1018,12 +1071,12 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   if (direct && step->exec.device) {
     // q stays on the device: the step does not wait for its copy to the host.
     const std::size_t qb = static_cast<std::size_t>(H) * d * DTypeSize(cfg_->dtype);
-    KVRT_RETURN_IF_ERROR(gpu::ConvertRowsToF32(static_cast<const unsigned char*>(step->q_dev) + i * qb,
-                                               cfg_->dtype, static_cast<int64_t>(H) * d,
-                                               reinterpret_cast<float*>(dev + q_at), stream));
+    KVRT_RETURN_IF_ERROR(gpu::ConvertRowsToF32(
+        static_cast<const unsigned char*>(step->q_dev) + i * qb, cfg_->dtype,
+        static_cast<int64_t>(H) * d, reinterpret_cast<float*>(dev + q_at), stream));
   } else {
-    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(dev + q_at, step->q(i),
-                                               static_cast<std::size_t>(H) * d * 4, stream));
+    KVRT_RETURN_IF_ERROR(
+        transfer::MemcpyAsync(dev + q_at, step->q(i), static_cast<std::size_t>(H) * d * 4, stream));
   }
   gpu::ClusterStepOutputs outs;
   outs.density = reinterpret_cast<float*>(dev + density_at);
@@ -1033,11 +1086,13 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.selected_tokens = reinterpret_cast<int64_t*>(dev + tokens_at);
   outs.est_o = step->o(kEstimateSlot, i);
   outs.est_lse = step->lse(kEstimateSlot, i);
-  // The direct step's page table follows the last admission before the selection runs.
-  if (direct)
-    KVRT_RETURN_IF_ERROR(direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream));
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
                                         params, outs, nullptr, stream));
+  // The direct step's page table follows the last admission. Its stream wait comes after the
+  // selection, which reads neither pool nor table: the last step's page fill (PCIe) overlaps
+  // the selection's kernels instead of delaying them.
+  if (direct)
+    KVRT_RETURN_IF_ERROR(direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream));
   step->estimated[i] = params.estimate ? 1 : 0;
   sel->estimate_on_device = params.estimate;
   if (cfg_->record_attended && params.estimate) {
@@ -1050,9 +1105,8 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   }
   if (direct) {
     KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
-                                        reinterpret_cast<float*>(dev + q_at),
-                                        step->o(kHotSlot, i), step->lse(kHotSlot, i), stream,
-                                        arena, sel));
+                                        reinterpret_cast<float*>(dev + q_at), step->o(kHotSlot, i),
+                                        step->lse(kHotSlot, i), stream, arena, sel));
     step->hot[i] = 1;
     const int64_t per_head_ns = (NowNs() - t0) / H;
     for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
@@ -1137,8 +1191,8 @@ absl::Status DeviceTier::AttendHot(DeviceStep* step, int i, const ColdTier& cold
                       static_cast<std::size_t>(i) * H * cfg_->head_dim * DTypeSize(cfg_->dtype);
   HotCacheStep hs;
   KVRT_RETURN_IF_ERROR(hot_.Attend(groups, cold, q_dev, cfg_->dtype == DType::kF32,
-                                   step->o(kHotSlot, i), step->lse(kHotSlot, i), stream,
-                                   arena, cfg_->record_attended, &hs));
+                                   step->o(kHotSlot, i), step->lse(kHotSlot, i), stream, arena,
+                                   cfg_->record_attended, &hs));
   step->hot[i] = hs.on_device ? 1 : 0;
   for (int h = 0; h < H; ++h)
     if (sel->active[h]) cold.SetSelection(h, std::move(hs.cpu_rows[h]), scanned[h / group], sel);

@@ -46,12 +46,13 @@ class DirectStep {
   // gpu_memory_limit) turns the direct step off for this layer, which then takes the CPU-ordered
   // path (kvrt_stats.attends_direct shows it).
   bool Prepare(const ColdTier& cold, void* stream);
-  // A step in two calls, both requiring Prepare() true in this call. BeginStep, before the
-  // selection is enqueued on stream: orders stream after the last admission's fill, refreshes
-  // the device view at a new index version (C clusters per kv head; cluster_size: the device
-  // summary's [kv_heads, C] sizes, gpu::ClusterSummaryView::size).
+  // A step in two calls, both requiring Prepare() true in this call. BeginStep, after the
+  // selection is enqueued on stream (which reads neither the pool nor the table, so the last
+  // fill overlaps it): orders stream after the last admission's fill, refreshes the device view
+  // at a new index version (C clusters per kv head; cluster_size: the device summary's
+  // [kv_heads, C] sizes, gpu::ClusterSummaryView::size).
   absl::Status BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size, void* stream);
-  // Then, after the selection: MarkSelected, DirectAttend into o, lse (device f32 [q_heads, d],
+  // Then: MarkSelected, DirectAttend into o, lse (device f32 [q_heads, d],
   // [q_heads]), the mask's copy, and the admission job. selected/count: ClusterStep's outputs
   // (device, [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. *sel: every active head's CPU
   // rows stay empty; with record_attended the rows attended come back in sel->cached_rows (one
@@ -109,7 +110,7 @@ class DirectStep {
   bool view_dirty_ = true;
   int64_t version_ = -1;
   int view_c_ = 0, view_e_ = 0;
-  const int32_t* cluster_size_ = nullptr;  // the summary's device sizes, this step
+  const int32_t* cluster_size_ = nullptr;         // the summary's device sizes, this step
   std::vector<int64_t> tail_begin_;               // [G] per kv head, this version
   std::vector<std::vector<int32_t>> extra_rows_;  // [G] outliers and NaN/Inf rows below the tail
   std::vector<int32_t> begin_host_, size_host_;   // [G, C] the clusters of this version
@@ -135,7 +136,7 @@ class DirectStep {
   const ColdTier* rec_cold_ = nullptr;
   int rec_c_ = 0;
   transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
-  int64_t host_rows_seen_ = 0;  // read_rows_dev_[1] when the statistics last took it
+  int64_t host_rows_seen_ = 0;            // read_rows_dev_[1] when the statistics last took it
 };
 
 }  // namespace kvrt::runtime

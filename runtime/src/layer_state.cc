@@ -123,9 +123,17 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
     } else {
       std::vector<int64_t> picked(rows);
       for (int64_t i = 0; i < rows; ++i) picked[i] = cold_.QuerySampleRow(i, n);
-      std::vector<unsigned char> sample(static_cast<std::size_t>(rows) * row);
-      KVRT_RETURN_IF_ERROR(tier_->CopyRowsToHost(sample.data(), q, row, picked, exec));
-      cold_.SampleQueries(sample.data(), rows);
+      if (exec.device && tier_->pending_prompt_rows() > 0) {
+        // Staged beside the prompt, taken by its background job: a copy to the host here waits
+        // for all the caller queued before this call (a decoder that attends first: the layer's
+        // prompt attention, ~0.4 s at 128K), and the device idles while this call finishes and
+        // the caller queues its next work (docs/benchmarks.md, seventh session).
+        KVRT_RETURN_IF_ERROR(tier_->StagePromptQueries(q, row, picked, exec));
+      } else {
+        std::vector<unsigned char> sample(static_cast<std::size_t>(rows) * row);
+        KVRT_RETURN_IF_ERROR(tier_->CopyRowsToHost(sample.data(), q, row, picked, exec));
+        cold_.SampleQueries(sample.data(), rows);
+      }
     }
   }
   if (tier_->pending_prompt_rows() > 0) {

@@ -99,6 +99,16 @@ class TierBackend {
   // of dst in host memory (one wait for all of them).
   virtual absl::Status CopyRowsToHost(void* dst, const void* src, std::size_t row_bytes,
                                       const std::vector<int64_t>& rows, const Exec& exec) = 0;
+  // With a prompt staged (pending_prompt_rows() > 0): rows[i] of the prefill's device query
+  // tensor are staged beside it, in the caller's stream order, and SettlePrompt hands them to
+  // cold->SampleQueries before it builds anything. The prefill then does not wait for the
+  // caller's stream (a layer's whole prompt attention, when the decoder attends before it
+  // prefills). Unimplemented where nothing is staged.
+  virtual absl::Status StagePromptQueries(const void* q, std::size_t row_bytes,
+                                          const std::vector<int64_t>& rows, const Exec& exec) {
+    (void)q, (void)row_bytes, (void)rows, (void)exec;
+    return absl::UnimplementedError("no staged prompt to stage queries beside");
+  }
   // Whether indexes refresh in the background (device: overlapping other layers' work) or at
   // once (host: results independent of timing).
   virtual bool background_refresh() const = 0;

@@ -3,8 +3,12 @@
 // outputs differ by rounding only (GPU tier attention and merge in f32 on the device).
 // GpuBackend.* skip without a CUDA device; KVRT_GPU_TEST_SMALL=1 shrinks them (sanitizers).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <future>
+#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -633,6 +637,66 @@ TEST(GpuBackendGraph, CallsOnACapturingStreamAreRefusedAndTheCaptureStaysValid) 
   ASSERT_TRUE((*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec).ok());
   ASSERT_TRUE((*rt)->Attend(seq, 0, q, out, exec).ok());
   EXPECT_TRUE(std::isfinite(dev.Get(out, q_row)[0]));
+  dev.Clear();
+  cudaStreamDestroy(s);
+#endif
+}
+
+// A prefill from device pointers enqueues its copies in the caller's stream order and returns:
+// it does not wait for the work the caller queued before it (a decoder's prompt attention), so
+// the caller queues its next layer while the device works. Here the stream is held by a host
+// function until the prefill has returned (or 20 s have passed: then it waited, and fails).
+TEST(GpuBackendCluster, DevicePrefillDoesNotWaitForTheCallersStream) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+#if KVRT_WITH_CUDA
+  RuntimeConfig cfg = MakeConfig({cpu_index::IndexKind::kCluster, true, DType::kBF16, "x"}, 1);
+  cfg.num_layers = 1;
+  cfg.record_attended = false;
+  cfg.index.cluster.segment_tokens = 256;
+  auto rt = Runtime::Create(cfg);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  Tensors dev(true, s);
+  std::mt19937 rng(17);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  const int prompt = 1200;
+  const void* q = dev.Put(Random(rng, prompt * q_row, cfg.dtype));
+  const void* k = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
+  const void* v = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
+  const void* q1 = dev.Put(Random(rng, q_row, cfg.dtype));
+  float* out = dev.Out(q_row);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  const int64_t seq = *(*rt)->CreateSequence();
+
+  struct Gate {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool open = false;
+  } gate;
+  auto hold = [](void* p) {
+    auto* g = static_cast<Gate*>(p);
+    std::unique_lock<std::mutex> lock(g->mu);
+    g->cv.wait(lock, [g] { return g->open; });
+  };
+  ASSERT_EQ(cudaLaunchHostFunc(s, hold, &gate), cudaSuccess);
+  auto prefill = std::async(std::launch::async, [&] {
+    return (*rt)->Prefill(seq, 0, q, k, v, prompt, Exec{true, s});
+  });
+  const bool returned = prefill.wait_for(std::chrono::seconds(20)) == std::future_status::ready;
+  {
+    std::lock_guard<std::mutex> lock(gate.mu);
+    gate.open = true;
+  }
+  gate.cv.notify_all();
+  const absl::Status st = prefill.get();
+  EXPECT_TRUE(returned) << "the prefill waited for the work queued before it";
+  ASSERT_TRUE(st.ok()) << st;
+  ASSERT_TRUE((*rt)->WaitSequence(seq).ok());
+  EXPECT_GT((*rt)->Stats().segments_built_gpu, 0) << "the prompt was built from the staging";
+  ASSERT_TRUE((*rt)->Attend(seq, 0, q1, out, Exec{true, s}).ok());
+  for (float x : dev.Get(out, q_row)) ASSERT_TRUE(std::isfinite(x));
   dev.Clear();
   cudaStreamDestroy(s);
 #endif
