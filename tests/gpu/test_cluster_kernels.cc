@@ -244,10 +244,16 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     bool padding;
   };
   const std::vector<Shape> shapes = {
-      {1, 1, 64, 1, 0, 5, 0.f, false},          {2, 4, 128, 300, 17, 400, 0.f, true},
-      {8, 4, 128, 2048, 64, 640, 0.f, false},   {2, 6, 256, 777, 5, 300, 0.5f, true},
-      {1, 16, 128, 1500, 0, 1000, 0.9f, false}, {3, 2, 64, 100, 3, 1 << 20, 0.f, false},
-      {2, 8, 128, 500, 9, 0, 0.f, false},       {2, 4, 128, 0, 20, 100, 0.f, false},
+      {1, 1, 64, 1, 0, 5, 0.f, false},
+      {2, 4, 128, 300, 17, 400, 0.f, true},
+      {8, 4, 128, 2048, 64, 640, 0.f, false},
+      {2, 6, 256, 777, 5, 300, 0.5f, true},
+      {1, 16, 128, 1500, 0, 1000, 0.9f, false},
+      {3, 2, 64, 100, 3, 1 << 20, 0.f, false},
+      {2, 8, 128, 500, 9, 0, 0.f, false},
+      {2, 4, 128, 0, 20, 100, 0.f, false},
+      // More clusters than a 256K-token kv head (the selection's chunks, many radix bins).
+      {1, 4, 128, 20000, 8, 3000, 0.f, true},
   };
   for (const Shape& sh : shapes) {
     SCOPED_TRACE(::testing::Message()
@@ -352,9 +358,10 @@ TEST(ClusterStepKernel, Timing128K) {
   none.budget_tokens = 0;
   const double score_us = time_us(none);
   const double bytes = 2.0 * kv * c * d * 2 + double(kv) * o * d * 2;
-  std::printf("[cluster step 128K] %.2f us per step (summary %.1f MB: %.0f GB/s effective); "
-              "%.2f us at budget 0 (the selection: %.2f us)\n",
-              us, bytes / 1e6, bytes / (1e-6 * us) / 1e9, score_us, us - score_us);
+  std::printf(
+      "[cluster step 128K] %.2f us per step (summary %.1f MB: %.0f GB/s effective); "
+      "%.2f us at budget 0 (the selection: %.2f us)\n",
+      us, bytes / 1e6, bytes / (1e-6 * us) / 1e9, score_us, us - score_us);
   cudaFree(ws);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);

@@ -42,6 +42,7 @@ import argparse
 import gc
 import inspect
 import json
+import os
 import statistics
 import sys
 import time
@@ -92,6 +93,10 @@ def parse_args(argv=None):
                          "fifth) with torch.profiler (CPU and CUDA) and print their top operators "
                          "to stderr (the timings include the profiler's cost); for kvrt also the "
                          "change of its time counters over the first token")
+    ap.add_argument("--profile-dir", default=None,
+                    help="with --profile: also write each profiled span's timeline there as a "
+                         "Chrome trace with Python calls (CACHE-CONTEXT-SPAN.json; chrome://tracing, "
+                         "Perfetto, or tools/gpu_bench/trace_gaps.py for the device's idle gaps)")
     ap.add_argument("--json", default=None, help="write one JSON line per (cache, context) here")
     args = ap.parse_args(argv)
     args.layers = args.layers or (2 if args.tiny else 4)
@@ -228,7 +233,7 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if on_cuda else 0
         with torch.inference_mode():
-            prof = _profiler(on_cuda) if args.profile else None
+            prof = _profiler(on_cuda, bool(args.profile_dir)) if args.profile else None
             if prof is not None:
                 prof.__enter__()
             t0 = time.perf_counter()
@@ -244,6 +249,7 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             if prof is not None:
                 prof.__exit__(None, None, None)
                 res["profile_prompt"] = _profile_table(prof, on_cuda)
+                _export_trace(prof, args, kind, tokens, "prompt")
             del logits
             kvrt_gpu = 0
             if kind == "kvrt":
@@ -254,7 +260,8 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             before = cache.stats() if kind == "kvrt" else None
             before_s = cache.time_decode_s if kind == "kvrt" else 0.0
             for s in range(new_tokens):
-                prof = _profiler(on_cuda) if args.profile and s in (0, 4) else None
+                prof = (_profiler(on_cuda, bool(args.profile_dir))
+                        if args.profile and s in (0, 4) else None)
                 ts = time.perf_counter()
                 if prof is not None:
                     prof.__enter__()
@@ -266,6 +273,7 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
                 if prof is not None:
                     prof.__exit__(None, None, None)
                     res[f"profile_token{s}"] = _profile_table(prof, on_cuda)
+                    _export_trace(prof, args, kind, tokens, f"token{s}")
                 token_s.append(time.perf_counter() - ts)
                 if before is not None and s == 0:
                     delta = (cache.stats() - before).as_dict()
@@ -308,10 +316,17 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
         del cache
 
 
-def _profiler(on_cuda):
+def _profiler(on_cuda, stacks=False):
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    return profile(activities=acts)
+    # with_stack records Python calls too (a timeline's host side; it costs host time).
+    return profile(activities=acts, with_stack=stacks)
+
+
+def _export_trace(prof, args, kind, tokens, span) -> None:
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(args.profile_dir, f"{kind}-{tokens}-{span}.json"))
 
 
 def _profile_table(prof, on_cuda) -> str:

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""The device's idle gaps in a torch.profiler Chrome trace (e2e_bench.py --profile-dir).
+
+A span whose wall time exceeds its device time has gaps where no kernel, copy or memset ran on
+any stream. This lists the span's device busy time (the union over streams), its idle time, and
+the longest gaps, each with the kernel before and after it and per host thread the innermost
+call (CUDA runtime, operator or Python function) spanning its middle: what the host was doing while the device waited.
+
+Usage: python3 tools/gpu_bench/trace_gaps.py TRACE.json [--min-ms 0.5] [--top 12]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+HOST_CATS = {"cuda_runtime", "cuda_driver", "cpu_op", "python_function", "user_annotation"}
+
+
+def load(path):
+    with open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    dev, host = [], []
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        cat = e.get("cat", "")
+        item = (float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "?"), e.get("tid"))
+        if cat in DEVICE_CATS:
+            dev.append(item)
+        elif cat in HOST_CATS:
+            host.append(item)
+    return sorted(dev), sorted(host)
+
+
+def busy_union(dev):
+    spans = []
+    for b, e, _, _ in dev:
+        if spans and b <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], e)
+        else:
+            spans.append([b, e])
+    return spans
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace", help="a Chrome trace written by torch.profiler")
+    ap.add_argument("--min-ms", type=float, default=0.5, help="shortest gap listed (ms)")
+    ap.add_argument("--top", type=int, default=12, help="gaps listed, longest first")
+    args = ap.parse_args(argv)
+    try:
+        dev, host = load(args.trace)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"trace_gaps: cannot read {args.trace}: {e}", file=sys.stderr)
+        return 2
+    if not dev:
+        print(f"trace_gaps: {args.trace} holds no device events (profiled without CUDA?)",
+              file=sys.stderr)
+        return 2
+    spans = busy_union(dev)
+    t0, t1 = spans[0][0], spans[-1][1]
+    busy = sum(e - b for b, e in spans)
+    gaps = [(spans[i + 1][0] - spans[i][1], spans[i][1], spans[i + 1][0])
+            for i in range(len(spans) - 1)]
+    print(f"{args.trace}: device events {len(dev)}, first to last {(t1 - t0) / 1e3:.2f} ms, "
+          f"busy {busy / 1e3:.2f} ms, idle {(t1 - t0 - busy) / 1e3:.2f} ms in {len(gaps)} gaps")
+    listed = sorted((g for g in gaps if g[0] >= args.min_ms * 1e3), reverse=True)[:args.top]
+    for dur, b, e in listed:
+        before = max((d for d in dev if d[1] <= b + 1e-3), key=lambda d: d[1], default=None)
+        after = min((d for d in dev if d[0] >= e - 1e-3), key=lambda d: d[0], default=None)
+        print(f"- gap {dur / 1e3:.2f} ms at +{(b - t0) / 1e3:.2f} ms: after "
+              f"'{before[2][:60] if before else '-'}', before '{after[2][:60] if after else '-'}'")
+        # Per host thread, the innermost call that spans the gap's middle: where it waited.
+        mid = (b + e) / 2
+        inner = {}
+        for hb, he, name, tid in host:
+            if hb <= mid <= he and (tid not in inner or he - hb < inner[tid][0]):
+                inner[tid] = (he - hb, name)
+        for tid, (dur_h, name) in sorted(inner.items(), key=lambda x: -x[1][0])[:5]:
+            print(f"    host thread {tid}: in {name[:70]} ({dur_h / 1e3:.2f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
