@@ -34,6 +34,18 @@ absl::Status HeadStore::Reserve(int64_t rows) {
   return absl::OkStatus();
 }
 
+void HeadStore::Prefault(int64_t rows) noexcept {
+  constexpr std::size_t kPage = 4096;  // a huge page faults in whole at its first byte
+  const std::size_t end = static_cast<std::size_t>(std::min(rows, capacity())) * row_bytes();
+  const std::size_t begin = static_cast<std::size_t>(size_) * row_bytes();
+  // NOTE: past size() but within capacity: raw memory of UninitializedAllocator, which a later
+  // resize leaves as it is and Append overwrites.
+  for (unsigned char* p : {keys_.data(), values_.data()}) {
+    volatile unsigned char* b = p;
+    for (std::size_t at = begin; at < end; at += kPage) b[at] = 0;
+  }
+}
+
 namespace {
 
 // True if one of the d elements at p is NaN or Inf: its exponent bits are all ones.

@@ -56,9 +56,8 @@ ColdTier::~ColdTier() {
 }
 
 absl::Status ColdTier::Reserve(int64_t rows) {
-  if (store_guard_ && std::any_of(stores_.begin(), stores_.end(), [&](const auto& st) {
-        return rows > st.capacity();
-      }))
+  if (store_guard_ && std::any_of(stores_.begin(), stores_.end(),
+                                  [&](const auto& st) { return rows > st.capacity(); }))
     store_guard_(/*moves=*/true);
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     KVRT_RETURN_IF_ERROR(stores_[g].Reserve(rows));
@@ -72,6 +71,10 @@ absl::Status ColdTier::Reserve(int64_t rows) {
     }
   }
   return absl::OkStatus();
+}
+
+void ColdTier::PrefaultStores(int64_t rows) {
+  tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) { stores_[g].Prefault(rows); });
 }
 
 absl::Status ColdTier::Append(const void* k, const void* v, int64_t n, bool head_major) {

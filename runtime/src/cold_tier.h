@@ -85,6 +85,8 @@ class ColdTier {
   void SetStoreGuard(std::function<void(bool moves)> guard) { store_guard_ = std::move(guard); }
   // Capacity for `rows` rows in total, so that Append up to it cannot fail.
   absl::Status Reserve(int64_t rows);
+  // Faults in every store's memory up to `rows` rows (reserved), one store per task.
+  void PrefaultStores(int64_t rows);
   // Appends n tokens [n, kv_heads, d] (storage dtype), positions rows() + first_position onward;
   // with head_major, k and v are [kv_heads, n, d] instead (each head's rows one copy).
   absl::Status Append(const void* k, const void* v, int64_t n, bool head_major = false);

@@ -99,7 +99,11 @@ absl::StatusOr<void*> GpuContext::AcquireStream() {
     free_streams_.pop_back();
     return s;
   }
-  KVRT_ASSIGN_OR_RETURN(transfer::Stream s, transfer::Stream::Create());
+  // High priority: a prompt's background job builds its clusters while the caller's next layer
+  // attends over the prompt (one long kernel at default priority); at equal priority the build
+  // waited for it, the job held its prompt slot, and the caller's next prefill waited for the
+  // slot with the device idle (a 128K prompt of 4 layers: 0.26 s idle, docs/benchmarks.md).
+  KVRT_ASSIGN_OR_RETURN(transfer::Stream s, transfer::Stream::Create(/*high_priority=*/true));
   streams_.push_back(std::move(s));
   return streams_.back().get();
 }
@@ -559,6 +563,18 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
   StreamLease lease(ctx_, Exec{});
   KVRT_RETURN_IF_ERROR(lease.status());
   void* stream = lease.get();
+  // Before anything below waits for the device (this job starts as the prefill returns, while
+  // the caller's device is still computing the layer): the stores' room for the prompt, their
+  // pages faulted in and registered for the direct step. After the copy, a 128K layer's 512 MB
+  // took ~0.1 s of faults and registration, most of the first decode token's wait for the last
+  // layer (docs/benchmarks.md, seventh session). With the direct step, room for half a prompt of
+  // decode tokens as well: capacity never touched costs address space only, and a store that
+  // grows within it is not moved (a moved store is registered again, all of it).
+  const int64_t rows_after = cold->rows() + prompt_.rows;
+  const int64_t headroom = cfg_->direct_step ? prompt_.rows / 2 : 0;
+  KVRT_RETURN_IF_ERROR(cold->Reserve(rows_after + headroom));
+  cold->PrefaultStores(rows_after);
+  (void)direct_.RegisterAhead(*cold, rows_after, stream);  // else PrepareDecode registers them
   KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, prompt_.ready));
   if (prompt_.queries != nullptr) {
     // The query sample first: the build's metric comes from it (ColdTier::MetricFactor).
@@ -588,11 +604,6 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
     if (built.ok()) parts = std::move(*built);
     build_ns = NowNs() - t0;
   }
-  // With the direct step, room for half a prompt of decode tokens as well: capacity that is never
-  // touched costs address space only, and a store that grows within it is not moved (a moved store
-  // is registered for the device again, pinning all of it).
-  const int64_t headroom = cfg_->direct_step ? prompt_.rows / 2 : 0;
-  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + prompt_.rows + headroom));
   // With the GPU's clusters, the rows are laid out cluster-contiguous on the device (one scatter)
   // before they go down, so that the host store needs no permutation of its own.
   std::vector<std::vector<int64_t>> order;

@@ -29,7 +29,8 @@ class GpuContext {
 
   void* copy_stream() const { return copy_stream_.get(); }
   transfer::PinnedPool& pinned() { return pinned_; }
-  // A runtime stream for calls that bring none (host pointers); returned after the call.
+  // A runtime stream (high priority) for calls that bring none (host pointers) and background
+  // jobs; returned after the call.
   absl::StatusOr<void*> AcquireStream();
   void ReleaseStream(void* s);
   // Prompts whose cold rows wait in device staging for their background job (DeviceTier::

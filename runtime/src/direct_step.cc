@@ -43,7 +43,7 @@ std::size_t DirectStep::row_bytes() const {
   return static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
 }
 
-bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
+bool DirectStep::Enabled() {
   if (!cfg_->direct_step || off_ || cfg_->hot_cache_fraction <= 0.f ||
       !cpu_index::KindInfo(cfg_->index_kind).estimates || !cfg_->index.cluster.gpu_select)
     return false;
@@ -51,6 +51,17 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
     off_ = true;  // more q heads per kv head than the mask holds
     return false;
   }
+  return true;
+}
+
+bool DirectStep::RegisterAhead(const ColdTier& cold, int64_t rows, void* stream) {
+  if (!Enabled() || rows <= 0 || rows > cold.store(0).capacity()) return false;
+  if (!admission_.Wait().ok()) return false;  // Prepare meets (and reports) it
+  return Register(cold, stream, rows) && transfer::StreamSynchronize(stream).ok();
+}
+
+bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
+  if (!Enabled()) return false;
   if (cold.rows() == 0) return false;
   // The admission job uses the pool and the policy that FitPool may replace. (Its fill is ordered
   // on the device, by BeginStep: the host does not wait for it here.)
@@ -58,11 +69,11 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
     off_ = true;
     return false;
   }
-  if (!Register(cold, stream)) return false;
+  if (!Register(cold, stream, cold.rows())) return false;
   return FitPool(cold.rows(), stream);
 }
 
-bool DirectStep::Register(const ColdTier& cold, void* stream) {
+bool DirectStep::Register(const ColdTier& cold, void* stream, int64_t rows) {
   const int G = cfg_->num_kv_heads;
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t capacity = cold.store(0).capacity();
@@ -78,7 +89,7 @@ bool DirectStep::Register(const ColdTier& cold, void* stream) {
     reg_capacity_ = capacity;
     view_dirty_ = true;
   }
-  if (absl::Status st = ExtendLocked(cold, cold.rows()); !st.ok()) {
+  if (absl::Status st = ExtendLocked(cold, rows); !st.ok()) {
     regs_k_.clear();
     regs_v_.clear();
     off_ = true;
@@ -120,8 +131,7 @@ absl::Status DirectStep::ExtendLocked(const ColdTier& cold, int64_t rows) {
   // pinned before it is used, and growing within the capacity never registers a row twice.
   const std::size_t rb = row_bytes();
   const int64_t chunk = static_cast<int64_t>(kRegisterChunkBytes / rb);  // page-aligned starts
-  const int64_t target =
-      std::min(reg_capacity_, (rows + chunk + chunk - 1) / chunk * chunk);
+  const int64_t target = std::min(reg_capacity_, (rows + chunk + chunk - 1) / chunk * chunk);
   if (target <= reg_rows_) return absl::OkStatus();
   const int64_t t0 = NowNs();
   const std::size_t at = static_cast<std::size_t>(reg_rows_) * rb;
@@ -159,7 +169,7 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   if (!HotPoolOutgrown(want, cache_ ? cache_->pages_per_head() : 0)) return true;
   // (Re)allocated empty: a rare event, the pool grows with the cold tier a quarter at a time.
   if (cache_) {
-    (void)Quiesce();                           // the last fill writes the pool
+    (void)Quiesce();                            // the last fill writes the pool
     (void)transfer::StreamSynchronize(stream);  // the last step still reads it
   }
   const std::size_t bytes = static_cast<std::size_t>(want) * G * kBlock * row_bytes();
@@ -279,10 +289,11 @@ void DirectStep::Admit() {
   const int G = cfg_->num_kv_heads, group = cfg_->num_q_heads / G;
   const int C = rec_c_;
   const auto* mask = static_cast<const uint32_t*>(rec_.data());
-  const auto* read = reinterpret_cast<const int64_t*>(static_cast<const unsigned char*>(rec_.data()) +
-                                                      RecReadAt(G, C));
+  const auto* read = reinterpret_cast<const int64_t*>(
+      static_cast<const unsigned char*>(rec_.data()) + RecReadAt(G, C));
   // read[1]: rows read over PCIe so far (cumulative on the device; read[0] counts pool rows).
-  counters_->direct_host_bytes += (read[1] - host_rows_seen_) * 2 * static_cast<int64_t>(row_bytes());
+  counters_->direct_host_bytes +=
+      (read[1] - host_rows_seen_) * 2 * static_cast<int64_t>(row_bytes());
   host_rows_seen_ = read[1];
   const int64_t full_blocks = rec_rows_ / kBlock;  // a partial block is never given a page
   int64_t hits = 0, admitted = 0, attended = 0;
@@ -403,9 +414,9 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
   return absl::OkStatus();
 }
 
-absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
-                                const int32_t* count, const float* q, float* o, float* lse,
-                                void* stream, tbb::task_arena& arena, ColdSelection* sel) {
+absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
+                                const float* q, float* o, float* lse, void* stream,
+                                tbb::task_arena& arena, ColdSelection* sel) {
   const int64_t t0 = NowNs();
   const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
   const int C = view_c_;
@@ -451,8 +462,8 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected,
   for (int h = 0; h < H; ++h) {
     if (!sel->active[h]) continue;
     const int g = h / group;
-    sel->scored[h] = cold.summary(g)->num_clusters() +
-                     static_cast<int64_t>(extra_rows_[g].size()) + rows - tail_begin_[g];
+    sel->scored[h] = cold.summary(g)->num_clusters() + static_cast<int64_t>(extra_rows_[g].size()) +
+                     rows - tail_begin_[g];
   }
   if (cfg_->record_attended) {
     KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());

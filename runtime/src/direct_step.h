@@ -46,6 +46,11 @@ class DirectStep {
   // gpu_memory_limit) turns the direct step off for this layer, which then takes the CPU-ordered
   // path (kvrt_stats.attends_direct shows it).
   bool Prepare(const ColdTier& cold, void* stream);
+  // Before a prompt's rows arrive (its background job, while the caller's device still computes
+  // them): registers the stores' first `rows` rows (reserved and faulted in), so that Prepare
+  // after the copy finds them registered. Waits for stream (its table upload). False when the
+  // direct step is off or a registration failed (Prepare tries again).
+  bool RegisterAhead(const ColdTier& cold, int64_t rows, void* stream);
   // A step in two calls, both requiring Prepare() true in this call. BeginStep, after the
   // selection is enqueued on stream (which reads neither the pool nor the table, so the last
   // fill overlaps it): orders stream after the last admission's fill, refreshes the device view
@@ -70,7 +75,11 @@ class DirectStep {
   void Release();
 
  private:
-  bool Register(const ColdTier& cold, void* stream);
+  // The config and the shape allow a direct step (else off_ is set where the shape rules it out).
+  bool Enabled();
+  // Registers the stores up to `rows` rows (ExtendLocked), again after they moved, and sizes the
+  // page table for their capacity.
+  bool Register(const ColdTier& cold, void* stream, int64_t rows);
   // Registers rows up to `rows` (and a chunk ahead) of every store; mu_ held.
   absl::Status ExtendLocked(const ColdTier& cold, int64_t rows);
   bool FitPool(int64_t cold_rows, void* stream);

@@ -97,11 +97,18 @@ void DeviceBuffer::Reset() {
   size_ = 0;
 }
 
-absl::StatusOr<Stream> Stream::Create() {
+absl::StatusOr<Stream> Stream::Create(bool high_priority) {
   Stream s;
   cudaStream_t raw = nullptr;
-  if (absl::Status st =
-          Check(cudaStreamCreateWithFlags(&raw, cudaStreamNonBlocking), "cudaStreamCreate");
+  int least = 0, greatest = 0;
+  if (high_priority) {
+    if (absl::Status st = Check(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+                                "cudaDeviceGetStreamPriorityRange");
+        !st.ok())
+      return st;
+  }
+  if (absl::Status st = Check(cudaStreamCreateWithPriority(&raw, cudaStreamNonBlocking, greatest),
+                              "cudaStreamCreate");
       !st.ok())
     return st;
   s.s_ = raw;
@@ -294,7 +301,7 @@ void DeviceBuffer::Reset() {
   ptr_ = nullptr;
   size_ = 0;
 }
-absl::StatusOr<Stream> Stream::Create() { return NoCuda("cudaStreamCreate"); }
+absl::StatusOr<Stream> Stream::Create(bool) { return NoCuda("cudaStreamCreate"); }
 void Stream::Reset() { s_ = nullptr; }
 absl::StatusOr<Event> Event::Create(bool) { return NoCuda("cudaEventCreate"); }
 void Event::Reset() { e_ = nullptr; }

@@ -18,8 +18,9 @@ namespace kvrt::cpu_index {
 // madvise(MADV_HUGEPAGE) on Linux (a hint: ignored where THP is off or unsupported).
 void AdviseHugePages(void* p, std::size_t bytes) noexcept;
 
-// Leaves new elements uninitialised on resize (and allocates whole pages, below): a store's rows are written right after they are
-// added (hundreds of MB for a prompt), so zeroing them first would be a second pass for nothing.
+// Leaves new elements uninitialised on resize (and allocates whole pages, below): a store's rows
+// are written right after they are added (hundreds of MB for a prompt), so zeroing them first would
+// be a second pass for nothing.
 template <typename T>
 struct UninitializedAllocator : std::allocator<T> {
   template <typename U>
@@ -83,6 +84,10 @@ class HeadStore {
   }
   // Makes room for `rows` rows in total so that Appends up to it cannot fail.
   absl::Status Reserve(int64_t rows);
+  // Faults in the memory of rows [size(), rows) (within capacity) by writing a byte per page,
+  // so that the first write or a registration with the GPU driver (which faults pages in at a
+  // fraction of the speed) does not pay for it later. Contents stay unspecified until appended.
+  void Prefault(int64_t rows) noexcept;
 
   // Appends n rows; key/value rows are strided by `stride` elements (to read one head out of a
   // [tokens, kv_heads, d] tensor). Returns ResourceExhausted if memory runs out (store unchanged).

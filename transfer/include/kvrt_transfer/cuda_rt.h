@@ -66,7 +66,9 @@ class DeviceBuffer {
 class Stream {
  public:
   Stream() = default;
-  static absl::StatusOr<Stream> Create();
+  // high: the device's greatest stream priority (its kernels' blocks are scheduled before those
+  // of default-priority streams, e.g. a caller's long attention kernel).
+  static absl::StatusOr<Stream> Create(bool high_priority = false);
   ~Stream() { Reset(); }
   Stream(Stream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
   Stream& operator=(Stream&& o) noexcept {
