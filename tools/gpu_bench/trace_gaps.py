@@ -50,6 +50,9 @@ def main(argv=None) -> int:
     ap.add_argument("trace", help="a Chrome trace written by torch.profiler")
     ap.add_argument("--min-ms", type=float, default=0.5, help="shortest gap listed (ms)")
     ap.add_argument("--top", type=int, default=12, help="gaps listed, longest first")
+    ap.add_argument("--host-calls", type=float, default=0, metavar="MS",
+                    help="also list every CUDA runtime call of MS ms or longer, per host thread, "
+                         "in time order (where a thread blocked)")
     args = ap.parse_args(argv)
     try:
         dev, host = load(args.trace)
@@ -81,6 +84,14 @@ def main(argv=None) -> int:
                 inner[tid] = (he - hb, name)
         for tid, (dur_h, name) in sorted(inner.items(), key=lambda x: -x[1][0])[:5]:
             print(f"    host thread {tid}: in {name[:70]} ({dur_h / 1e3:.2f} ms)")
+    if args.host_calls > 0:
+        print(f"CUDA runtime calls of {args.host_calls} ms or longer (start, duration):")
+        for tid in sorted({h[3] for h in host}, key=str):
+            calls = [h for h in host if h[3] == tid and h[1] - h[0] >= args.host_calls * 1e3
+                     and h[2].startswith("cuda")]
+            if calls:
+                print(f"  thread {tid}: " + ", ".join(
+                    f"+{(b - t0) / 1e3:.0f} {n} {(e - b) / 1e3:.1f}" for b, e, n, _ in calls))
     return 0
 
 
