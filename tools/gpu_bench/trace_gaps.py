@@ -51,8 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-ms", type=float, default=0.5, help="shortest gap listed (ms)")
     ap.add_argument("--top", type=int, default=12, help="gaps listed, longest first")
     ap.add_argument("--host-calls", type=float, default=0, metavar="MS",
-                    help="also list every CUDA runtime call of MS ms or longer, per host thread, "
-                         "in time order (where a thread blocked)")
+                    help="also list every CUDA runtime call (and kvrt prefill call) of MS ms or longer, "
+                         "per host thread in time order (where a thread blocked)")
     args = ap.parse_args(argv)
     try:
         dev, host = load(args.trace)
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         print(f"CUDA runtime calls of {args.host_calls} ms or longer (start, duration):")
         for tid in sorted({h[3] for h in host}, key=str):
             calls = [h for h in host if h[3] == tid and h[1] - h[0] >= args.host_calls * 1e3
-                     and h[2].startswith("cuda")]
+                     and (h[2].startswith("cuda") or "prefill" in h[2])]
             if calls:
                 print(f"  thread {tid}: " + ", ".join(
                     f"+{(b - t0) / 1e3:.0f} {n} {(e - b) / 1e3:.1f}" for b, e, n, _ in calls))
