@@ -70,18 +70,45 @@ bool NonFinite(const unsigned char* p, int d, DType t) {
 
 }  // namespace
 
+std::vector<int64_t> HeadStore::NonFiniteRows(const void* k, const void* v, int64_t n,
+                                              std::size_t stride_bytes) const {
+  std::vector<int64_t> bad;
+  for (int64_t i = 0; i < n; ++i) {
+    const auto* kr = static_cast<const unsigned char*>(k) + i * stride_bytes;
+    const auto* vr = static_cast<const unsigned char*>(v) + i * stride_bytes;
+    if (NonFinite(kr, dim_, dtype_) || NonFinite(vr, dim_, dtype_)) bad.push_back(size_ + i);
+  }
+  return bad;
+}
+
+absl::Status HeadStore::AppendWritten(int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  if (n > capacity() - size_)
+    return absl::FailedPreconditionError(absl::StrCat("host KV store: ", n,
+                                                      " rows written past its capacity of ",
+                                                      capacity(), " (", size_, " held)"));
+  const std::vector<int64_t> bad = NonFiniteRows(next_keys(), next_values(), n, row_bytes());
+  try {
+    nonfinite_rows_.insert(nonfinite_rows_.end(), bad.begin(), bad.end());
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("host KV store: out of memory");
+  }
+  // Within capacity: no reallocation, and the allocator leaves the written bytes as they are.
+  const std::size_t bytes = static_cast<std::size_t>(size_ + n) * row_bytes();
+  keys_.resize(bytes);
+  values_.resize(bytes);
+  size_ += n;
+  return absl::OkStatus();
+}
+
 absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::size_t stride_elems) {
   if (n <= 0) return absl::OkStatus();
   const std::size_t rb = row_bytes();
   const std::size_t stride_bytes = stride_elems * DTypeSize(dtype_);
   const std::size_t old_bytes = static_cast<std::size_t>(size_) * rb;
   const std::size_t add_bytes = static_cast<std::size_t>(n) * rb;
-  std::vector<int64_t> bad;  // found before anything changes, so that a failure changes nothing
-  for (int64_t i = 0; i < n; ++i) {
-    const auto* kr = static_cast<const unsigned char*>(k) + i * stride_bytes;
-    const auto* vr = static_cast<const unsigned char*>(v) + i * stride_bytes;
-    if (NonFinite(kr, dim_, dtype_) || NonFinite(vr, dim_, dtype_)) bad.push_back(size_ + i);
-  }
+  // Found before anything changes, so that a failure changes nothing.
+  const std::vector<int64_t> bad = NonFiniteRows(k, v, n, stride_bytes);
   if (auto s = Reserve(size_ + n); !s.ok()) return s;
   try {
     nonfinite_rows_.reserve(nonfinite_rows_.size() + bad.size());

@@ -77,6 +77,23 @@ void ColdTier::PrefaultStores(int64_t rows) {
   tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) { stores_[g].Prefault(rows); });
 }
 
+absl::Status ColdTier::AppendWritten(int64_t n) {
+  if (n <= 0) return absl::OkStatus();
+  for (const cpu_index::HeadStore& s : stores_)
+    if (s.capacity() - s.size() < n)
+      return absl::FailedPreconditionError(
+          "cold tier: rows written in place past the reserved room");
+  const int64_t first = first_position_ + rows();
+  std::vector<absl::Status> st(cfg_->num_kv_heads);
+  tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) {
+    st[g] = stores_[g].AppendWritten(n);
+    if (st[g].ok())
+      for (int64_t i = 0; i < n; ++i) positions_[g].push_back(first + i);
+  });
+  for (const absl::Status& s : st) KVRT_RETURN_IF_ERROR(s);
+  return absl::OkStatus();
+}
+
 absl::Status ColdTier::Append(const void* k, const void* v, int64_t n, bool head_major) {
   if (n <= 0) return absl::OkStatus();
   KVRT_RETURN_IF_ERROR(Reserve(rows() + n));

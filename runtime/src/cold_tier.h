@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -87,6 +88,13 @@ class ColdTier {
   absl::Status Reserve(int64_t rows);
   // Faults in every store's memory up to `rows` rows (reserved), one store per task.
   void PrefaultStores(int64_t rows);
+  // Where kv head g's next rows go (keys, values), for a caller that fills reserved memory in
+  // place (a device copy into the registered stores); then AppendWritten(n) appends n rows to
+  // every store, as Append would have (position order).
+  std::pair<void*, void*> NextRows(int g) {
+    return {stores_[g].next_keys(), stores_[g].next_values()};
+  }
+  absl::Status AppendWritten(int64_t n);
   // Appends n tokens [n, kv_heads, d] (storage dtype), positions rows() + first_position onward;
   // with head_major, k and v are [kv_heads, n, d] instead (each head's rows one copy).
   absl::Status Append(const void* k, const void* v, int64_t n, bool head_major = false);

@@ -118,6 +118,16 @@ bool DirectStep::Register(const ColdTier& cold, void* stream, int64_t rows) {
   return true;
 }
 
+bool DirectStep::RegisteredUpTo(const ColdTier& cold, int64_t rows) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (regs_k_.empty() || reg_rows_ < rows || cold.store(0).capacity() != reg_capacity_)
+    return false;
+  for (int g = 0; g < cfg_->num_kv_heads; ++g)
+    if (regs_k_[g].base != cold.store(g).keys() || regs_v_[g].base != cold.store(g).values())
+      return false;
+  return true;
+}
+
 absl::Status DirectStep::Quiesce() {
   const absl::Status st = admission_.Wait();
   if (fill_pending_) (void)filled_.Synchronize();  // a failed fill surfaces at the next launch

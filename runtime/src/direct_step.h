@@ -66,6 +66,8 @@ class DirectStep {
                       const float* q, float* o, float* lse, void* stream, tbb::task_arena& arena,
                       ColdSelection* sel);
   bool registered() const { return !regs_k_.empty(); }
+  // The stores are registered (where they are now) for their first `rows` rows.
+  bool RegisteredUpTo(const ColdTier& cold, int64_t rows);
   // The stores are about to move: the caller has waited for the steps' device work; this waits
   // for the admission job and its fill (which read the stores too), then drops the registration.
   void DropRegistrations();

@@ -1,6 +1,7 @@
 // HeadStore, dot products and host partial attention against double-precision references.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -233,7 +234,7 @@ TEST(HeadStore, LargeStoresAreHugePageAlignedAndKeepTheirRowsWhenGrown) {
   // The direct step registers stores in chunks from row 0 (cudaHostRegister pins whole pages) and
   // a store of 2 MiB or more asks for transparent huge pages, which need 2 MiB alignment.
   const int d = 128;
-  HeadStore store(d, DType::kF32);  // rows are given in the storage dtype
+  HeadStore store(d, DType::kF32);        // rows are given in the storage dtype
   ASSERT_TRUE(store.Reserve(1000).ok());  // 500 KB: page-aligned
   EXPECT_EQ(reinterpret_cast<std::uintptr_t>(store.keys()) % 4096, 0u);
   std::vector<float> k(1000 * d), v(1000 * d);
@@ -255,6 +256,36 @@ TEST(HeadStore, LargeStoresAreHugePageAlignedAndKeepTheirRowsWhenGrown) {
       EXPECT_EQ(vr[j], v[static_cast<std::size_t>(r) * d + j]);
     }
   }
+}
+
+// A device copy writes a prompt's rows straight into the registered store, then AppendWritten
+// appends them: the same store as Append's, NaN/Inf rows found, no room past capacity.
+TEST(HeadStore, RowsWrittenInPlaceAppendLikeAppendedRows) {
+  const int d = 8;
+  HeadStore in_place(d, DType::kF32), appended(d, DType::kF32);
+  std::vector<float> k(10 * d), v(10 * d);
+  for (int i = 0; i < 10 * d; ++i) {
+    k[i] = static_cast<float>(i);
+    v[i] = static_cast<float>(-i);
+  }
+  k[7 * d + 3] = std::numeric_limits<float>::infinity();
+  ASSERT_TRUE(appended.Append(k.data(), v.data(), 4, d).ok());
+  ASSERT_TRUE(appended.Append(k.data() + 4 * d, v.data() + 4 * d, 6, d).ok());
+  ASSERT_TRUE(in_place.Append(k.data(), v.data(), 4, d).ok());
+  ASSERT_TRUE(in_place.Reserve(10).ok());
+  std::memcpy(in_place.next_keys(), k.data() + 4 * d, 6 * d * sizeof(float));
+  std::memcpy(in_place.next_values(), v.data() + 4 * d, 6 * d * sizeof(float));
+  ASSERT_TRUE(in_place.AppendWritten(6).ok());
+  ASSERT_EQ(in_place.size(), 10);
+  EXPECT_EQ(in_place.nonfinite_rows(), appended.nonfinite_rows());
+  EXPECT_EQ(in_place.nonfinite_rows(), std::vector<int64_t>{7});
+  for (int r = 0; r < 10; ++r) {
+    EXPECT_EQ(std::memcmp(in_place.key(r), appended.key(r), d * sizeof(float)), 0) << r;
+    EXPECT_EQ(std::memcmp(in_place.value(r), appended.value(r), d * sizeof(float)), 0) << r;
+  }
+  const absl::Status past = in_place.AppendWritten(in_place.capacity() - in_place.size() + 1);
+  EXPECT_EQ(past.code(), absl::StatusCode::kFailedPrecondition) << past;
+  EXPECT_EQ(in_place.size(), 10) << "a refused call changes nothing";
 }
 
 }  // namespace

@@ -94,6 +94,17 @@ class HeadStore {
   // NOTE: growth doubles capacity; a chunked store would avoid the copy (left for the transfer
   // engine, which appends from worker threads).
   absl::Status Append(const void* k, const void* v, int64_t n, std::size_t stride_elems);
+  // Where the next rows go (keys, values): memory past size() that a caller may fill in place
+  // within capacity (e.g. a device copy into the registered store), then AppendWritten.
+  unsigned char* next_keys() {
+    return keys_.data() + static_cast<std::size_t>(size_) * row_bytes();
+  }
+  unsigned char* next_values() {
+    return values_.data() + static_cast<std::size_t>(size_) * row_bytes();
+  }
+  // Appends the n rows written there (FailedPrecondition past capacity; scanned for NaN/Inf as
+  // Append scans).
+  absl::Status AppendWritten(int64_t n);
 
   // Permutes rows [begin, begin + order.size()): new row begin + i holds old row begin + order[i]
   // (order is a permutation of 0..n-1). InvalidArgument if it is not; store unchanged then.
@@ -112,6 +123,9 @@ class HeadStore {
   const std::vector<int64_t>& nonfinite_rows() const { return nonfinite_rows_; }
 
  private:
+  // Rows of k, v (n rows, stride_bytes apart) with a NaN or Inf, numbered from size().
+  std::vector<int64_t> NonFiniteRows(const void* k, const void* v, int64_t n,
+                                     std::size_t stride_bytes) const;
   int dim_;
   DType dtype_;
   int64_t size_ = 0;
