@@ -150,8 +150,10 @@ absl::Status DirectStep::ExtendLocked(const ColdTier& cold, int64_t rows) {
     for (auto [regs, base] : {std::pair{&regs_k_[g], cold.store(g).keys()},
                               std::pair{&regs_v_[g], cold.store(g).values()}}) {
       const auto* p = static_cast<const unsigned char*>(base) + at;
+      // Writable for the device: a prompt's rows are copied from it straight into the registered
+      // stores (DeviceTier::CopyIntoStores).
       KVRT_ASSIGN_OR_RETURN(transfer::HostRegistration r,
-                            transfer::HostRegistration::Register(p, bytes));
+                            transfer::HostRegistration::Register(p, bytes, /*device_writes=*/true));
       // Kernels index one pointer across every chunk: it must be the host address.
       if (r.device() != r.host())
         return absl::FailedPreconditionError(

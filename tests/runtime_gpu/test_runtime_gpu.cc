@@ -523,6 +523,11 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
       cfg->index.cluster.budget_fraction = 0.1f;
     }
     all_cfg.index.cluster.budget_fraction = 1.f;
+    // The direct step on: with device pointers the laid-out prompt is copied from the device
+    // straight into the registered stores (DeviceTier::CopyIntoStores), which the exact check
+    // below then reads.
+    all_cfg.direct_step = true;
+    all_cfg.hot_cache_fraction = 0.5f;
     cpu_cfg.index.cluster.gpu_build = false;
     auto exact_rt = Runtime::Create(exact_cfg);
     auto all_rt = Runtime::Create(all_cfg);
@@ -590,6 +595,7 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
       }
       dev.Clear();
     }
+    EXPECT_GT(rts[1]->Stats().attends_direct, 0) << c.name << ": the direct step ran";
     EXPECT_GT(err_cpu, 0) << "a budget of 10% is not exact";
     EXPECT_LT(err_gpu, 1.5 * err_cpu + 1e-6)
         << c.name << ": GPU build error " << err_gpu << " vs CPU build " << err_cpu;

@@ -232,13 +232,15 @@ void HostFree(void* ptr) {
   if (ptr != nullptr) (void)cudaFreeHost(ptr);
 }
 
-absl::StatusOr<HostRegistration> HostRegistration::Register(const void* ptr, std::size_t bytes) {
+absl::StatusOr<HostRegistration> HostRegistration::Register(const void* ptr, std::size_t bytes,
+                                                            bool device_writes) {
   HostRegistration r;
   if (ptr == nullptr || bytes == 0) return r;
   void* p = const_cast<void*>(ptr);
-  // Read-only mappings let the device cache the reads; not every device supports them.
+  // Read-only mappings let the device cache the reads; not every device supports them. A copy
+  // from the device into read-only registered memory fails (cudaErrorInvalidValue).
   int dev = 0, read_only = 0;
-  if (cudaGetDevice(&dev) == cudaSuccess)
+  if (!device_writes && cudaGetDevice(&dev) == cudaSuccess)
     (void)cudaDeviceGetAttribute(&read_only, cudaDevAttrHostRegisterReadOnlySupported, dev);
   unsigned flags = cudaHostRegisterMapped | (read_only ? cudaHostRegisterReadOnly : 0u);
   absl::Status s = Check(cudaHostRegister(p, bytes, flags), "cudaHostRegister");
@@ -336,7 +338,8 @@ absl::Status HostAlloc(std::size_t, void** out) {
   return NoCuda("cudaHostAlloc");
 }
 void HostFree(void*) {}
-absl::StatusOr<HostRegistration> HostRegistration::Register(const void* ptr, std::size_t bytes) {
+absl::StatusOr<HostRegistration> HostRegistration::Register(const void* ptr, std::size_t bytes,
+                                                            bool) {
   if (ptr == nullptr || bytes == 0) return HostRegistration();
   return NoCuda("cudaHostRegister");
 }

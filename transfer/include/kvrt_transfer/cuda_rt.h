@@ -142,7 +142,10 @@ void HostFree(void* ptr);
 class HostRegistration {
  public:
   HostRegistration() = default;
-  static absl::StatusOr<HostRegistration> Register(const void* ptr, std::size_t bytes);
+  // device_writes: copies from the device may write the memory (else it is mapped read-only
+  // where the device supports that, which lets it cache the reads).
+  static absl::StatusOr<HostRegistration> Register(const void* ptr, std::size_t bytes,
+                                                   bool device_writes = false);
   ~HostRegistration() { Reset(); }
   HostRegistration(HostRegistration&& o) noexcept
       : host_(std::exchange(o.host_, nullptr)),
