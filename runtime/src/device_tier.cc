@@ -100,9 +100,9 @@ absl::StatusOr<void*> GpuContext::AcquireStream() {
     return s;
   }
   // High priority: a prompt's background job builds its clusters while the caller's next layer
-  // attends over the prompt (one long kernel at default priority); at equal priority the build
-  // waited for it, the job held its prompt slot, and the caller's next prefill waited for the
-  // slot with the device idle (a 128K prompt of 4 layers: 0.26 s idle, docs/benchmarks.md).
+  // attends over the prompt (one long kernel at default priority), and its small kernels should
+  // not queue behind that one. (Measured alone it changed nothing end to end: the jobs' waits
+  // were in the driver, docs/benchmarks.md, seventh session.)
   KVRT_ASSIGN_OR_RETURN(transfer::Stream s, transfer::Stream::Create(/*high_priority=*/true));
   streams_.push_back(std::move(s));
   return streams_.back().get();
@@ -567,9 +567,10 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
   void* stream = lease.get();
   // Before anything below waits for the device (this job starts as the prefill returns, while
   // the caller's device is still computing the layer): the stores' room for the prompt, their
-  // pages faulted in and registered for the direct step. After the copy, a 128K layer's 512 MB
-  // took ~0.1 s of faults and registration, most of the first decode token's wait for the last
-  // layer (docs/benchmarks.md, seventh session). With the direct step, room for half a prompt of
+  // pages faulted in and registered for the direct step (after the copy, the last layer's
+  // registration left the device idle for 46 ms of the first decode token's profile;
+  // docs/benchmarks.md, seventh session), and the laid-out rows can be copied straight into the
+  // registered stores below. With the direct step, room for half a prompt of
   // decode tokens as well: capacity never touched costs address space only, and a store that
   // grows within it is not moved (a moved store is registered again, all of it).
   const int64_t rows_after = cold->rows() + prompt_.rows;
