@@ -385,7 +385,9 @@ KVRT_API kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id s
  *     store; the call returns without waiting for the GPU. A prefill's cold part (a prompt longer
  *     than the window) is copied device to device into staging and reaches the host store, and
  *     its index, in a background job that overlaps the caller's next work (the next layers'
- *     prefill); the next call on that (seq, layer), or kvrt_seq_wait, waits for it. At most two
+ *     prefill); the next call on that (seq, layer), or kvrt_seq_wait, waits for it. The query
+ *     sample of kinds that build from queries is staged the same way (in earlier builds of 0.3.4
+ *     the prefill waited for the stream's earlier work to copy it to the host). At most two
  *     prompts per runtime are staged at once (a third prefill waits for one of them); the
  *     staging (2 x the cold part's bytes) and the cluster kind's GPU build borrow device memory
  *     outside gpu_memory_limit for that time (since 0.3.2; before, a prefill waited for its cold
