@@ -567,12 +567,12 @@ absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
   void* stream = lease.get();
   // Before anything below waits for the device (this job starts as the prefill returns, while
   // the caller's device is still computing the layer): the stores' room for the prompt, their
-  // pages faulted in and registered for the direct step (after the copy, the last layer's
-  // registration left the device idle for 46 ms of the first decode token's profile;
-  // docs/benchmarks.md, seventh session), and the laid-out rows can be copied straight into the
-  // registered stores below. With the direct step, room for half a prompt of
-  // decode tokens as well: capacity never touched costs address space only, and a store that
-  // grows within it is not moved (a moved store is registered again, all of it).
+  // pages faulted in and registered for the direct step, so that the laid-out rows can be copied
+  // straight into them below (done after the copy, the last layer's registration left the device
+  // idle for 46 ms of the first decode token's profile; docs/benchmarks.md, seventh session).
+  // With the direct step, room for half a prompt of decode tokens as well: capacity never touched
+  // costs address space only, and a store that grows within it is not moved (a moved store is
+  // registered again, all of it).
   const int64_t rows_after = cold->rows() + prompt_.rows;
   const int64_t headroom = cfg_->direct_step ? prompt_.rows / 2 : 0;
   KVRT_RETURN_IF_ERROR(cold->Reserve(rows_after + headroom));
