@@ -9,7 +9,8 @@
 # beside causal SDPA, BENCH=bytes the cluster kind's GPU bytes from 32K to 512K, BENCH=direct the
 # direct step against the CPU-ordered hot cache, BENCH=binding the Python package's cost per
 # layer-step beside bench decode on one trace, BENCH=parts the direct step's and the cluster
-# step's kernels taken apart (tools/gpu_bench/*_parts.cu), BENCH=ab-trace the build before
+# step's kernels taken apart (tools/gpu_bench/*_parts.cu), BENCH=mix the direct step's kernel with
+# part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu), BENCH=ab-trace the build before
 # (BEFORE) against this one on one generated 128K trace (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
@@ -185,6 +186,9 @@ if [[ "${1:-}" == "--device" ]]; then
           timeout 60 $b/$part || rc=1
         done
       done
+    elif [[ "$bench" == mix ]]; then
+      # DirectAttend with part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu).
+      for round in 1 2; do timeout 120 $b/direct_attend_mix || rc=1; done
     elif [[ "$bench" == ab-trace ]]; then
       # bench decode on one generated 128K trace, the build before (BEFORE=path/to/kvrt when
       # bundling: kvrt_before) against this one, alternating, B=1 and B=16 (kvrt_attend_batch).
@@ -241,7 +245,7 @@ fi
 build=${BUILD_DIR:-build}
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
   test_gpu_kernels kvrt kvrt_static direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
-  cluster_step_parts cluster_step_parts_1 cluster_step_parts_2 \
+  cluster_step_parts cluster_step_parts_1 cluster_step_parts_2 direct_attend_mix \
   ${EXTRA_TARGETS:-} || exit 1
 rm -rf .bundle .bundlez
 mkdir -p .bundle/stage
@@ -249,7 +253,7 @@ cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runti
   .bundle/stage/
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
 cp "$build"/tools/gpu_bench/direct_attend_parts* "$build"/tools/gpu_bench/cluster_step_parts* \
-  .bundle/stage/
+  "$build"/tools/gpu_bench/direct_attend_mix .bundle/stage/
 for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
 [[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
 bash scripts/bundle.sh .bundle .bundle/stage/*
