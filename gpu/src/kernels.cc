@@ -220,6 +220,36 @@ absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* ne
 #endif
 }
 
+namespace {
+absl::Status CheckRingRows(const RingRows& r, const void* new_k, const void* new_v, int64_t n,
+                           const void* evict_k, const void* evict_v) {
+  if (n < 0 || n > r.capacity || r.capacity <= 0 || r.slot0 < 0 || r.slot0 >= r.capacity ||
+      r.row_bytes == 0 || r.row_bytes % 16 != 0 || r.row_bytes > (std::size_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "RingAppendRows: need 0 <= n <= capacity, 0 <= slot0 < capacity and row_bytes a positive "
+        "multiple of 16 (n ", n, ", capacity ", r.capacity, ", slot0 ", r.slot0, ", row_bytes ",
+        r.row_bytes, ")"));
+  }
+  if ((evict_k == nullptr) != (evict_v == nullptr))
+    return absl::InvalidArgumentError("RingAppendRows: evict_k and evict_v both or neither");
+  if (n > 0 && (r.k == nullptr || r.v == nullptr || new_k == nullptr || new_v == nullptr))
+    return absl::InvalidArgumentError("RingAppendRows: null ring or new rows");
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::Status RingAppendRows(const RingRows& ring, const void* new_k, const void* new_v, int64_t n,
+                            void* evict_k, void* evict_v, void* stream) {
+  if (auto s = CheckRingRows(ring, new_k, new_v, n, evict_k, evict_v); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  return ToStatus(
+      detail::LaunchRingAppendRows(ring, new_k, new_v, n, evict_k, evict_v, stream),
+      "RingAppendRows");
+#else
+  return NoCuda("RingAppendRows");
+#endif
+}
+
 absl::Status RingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,
                         void* out_v, void* stream) {
   if (auto s = CheckRing(ring, count, "RingGather"); !s.ok()) return s;

@@ -103,6 +103,24 @@ void RingAppendHost(const RingBatch& r, const void* new_k, const void* new_v, in
   }
 }
 
+void RingAppendRowsHost(const RingRows& r, const void* new_k, const void* new_v, int64_t n,
+                        void* evict_k, void* evict_v) {
+  for (int64_t i = 0; i < n; ++i) {
+    const std::size_t at = static_cast<std::size_t>((r.slot0 + i) % r.capacity) * r.row_bytes;
+    const std::size_t src = static_cast<std::size_t>(i) * r.row_bytes;
+    if (evict_k != nullptr) {
+      std::memcpy(Bytes(evict_k) + src, Bytes(r.k) + at,
+                  r.row_bytes);
+      std::memcpy(Bytes(evict_v) + src, Bytes(r.v) + at,
+                  r.row_bytes);
+    }
+    std::memcpy(Bytes(r.k) + at,
+                Bytes(new_k) + src, r.row_bytes);
+    std::memcpy(Bytes(r.v) + at,
+                Bytes(new_v) + src, r.row_bytes);
+  }
+}
+
 void RingGatherHost(const RingBatch& r, const int64_t* start, int count, void* out_k, void* out_v) {
   const std::size_t tok = static_cast<std::size_t>(r.kv_heads) * r.head_dim * DTypeSize(r.dtype);
   for (int b = 0; b < r.batch; ++b) {

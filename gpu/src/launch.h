@@ -39,6 +39,8 @@ Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int he
                        DType out_dtype, float* lse_out, void* stream);
 Err LaunchRingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
                      void* evict_k, void* evict_v, void* stream);
+Err LaunchRingAppendRows(const RingRows& ring, const void* new_k, const void* new_v, int64_t n,
+                         void* evict_k, void* evict_v, void* stream);
 Err LaunchRingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,
                      void* out_v, void* stream);
 Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* dst_v,

@@ -37,6 +37,27 @@ __global__ void RingAppendKernel(void* const* __restrict__ ring_k, void* const* 
   }
 }
 
+// RingAppendRows: one thread per 16-byte word of the n new rows (rows of `words` words); as in
+// RingAppendKernel, each slot's old word is read and its new word written by the same thread.
+__global__ void RingAppendRowsKernel(uint4* __restrict__ ring_k, uint4* __restrict__ ring_v,
+                                     int64_t capacity, int64_t slot0, int64_t n, int words,
+                                     const uint4* __restrict__ new_k,
+                                     const uint4* __restrict__ new_v, uint4* __restrict__ evict_k,
+                                     uint4* __restrict__ evict_v) {
+  const int64_t total = n * words;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / words, w = idx % words;
+    const int64_t at = ((slot0 + i) % capacity) * words + w;
+    if (evict_k != nullptr) {
+      evict_k[idx] = ring_k[at];
+      evict_v[idx] = ring_v[at];
+    }
+    ring_k[at] = new_k[idx];
+    ring_v[at] = new_v[idx];
+  }
+}
+
 // out_k/out_v: [batch, count, kv_heads, D] <- ring rows (start[b] + i) % capacity.
 template <typename T, int D>
 __global__ void RingGatherKernel(void* const* __restrict__ ring_k, void* const* __restrict__ ring_v,
@@ -116,6 +137,17 @@ Err LaunchRingAppend(const RingBatch& r, const void* new_k, const void* new_v, i
                             static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
                             static_cast<uint4*>(evict_k), static_cast<uint4*>(evict_v));
                       })})
+  return LastLaunchErr();
+}
+
+Err LaunchRingAppendRows(const RingRows& r, const void* new_k, const void* new_v, int64_t n,
+                         void* evict_k, void* evict_v, void* stream) {
+  if (n == 0) return {};
+  const int words = static_cast<int>(r.row_bytes / 16);
+  RingAppendRowsKernel<<<Blocks(n * words), 256, 0, AsStream(stream)>>>(
+      static_cast<uint4*>(r.k), static_cast<uint4*>(r.v), r.capacity, r.slot0, n, words,
+      static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
+      static_cast<uint4*>(evict_k), static_cast<uint4*>(evict_v));
   return LastLaunchErr();
 }
 

@@ -27,6 +27,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Free pinned blocks kept by the pool (eviction batches, q staging).
 constexpr std::size_t kPinnedCacheBytes = std::size_t{512} << 20;
 constexpr std::size_t kDirectChunkBytes = std::size_t{32} << 20;  // a prompt's D2H, per K and V
+// The fused decode append writes the leaving rows over the bus on the caller's stream; beyond a
+// few hundred rows the copy stream's asynchronous D2H (Evict) keeps that stream free sooner.
+constexpr int64_t kFusedEvictMaxRows = 256;
 
 // Ring slot of ring-relative index r is r % W. A run of `count` consecutive tokens is at most two
 // contiguous pieces of the ring, so plain async copies do it (no index array to upload). One of
@@ -311,6 +314,12 @@ class DeviceTier final : public TierBackend {
   }
   absl::Status Allocate(const AppendPlan& plan);
   absl::Status Evict(const AppendPlan& plan, void* stream);
+  // Append's two ways: the fused decode append (one kernel) and the general one (copies).
+  absl::Status AppendEvictFused(const AppendPlan& plan, const unsigned char* k,
+                                const unsigned char* v, void* stream);
+  absl::Status AppendStaged(const AppendPlan& plan, const unsigned char* ks,
+                            const unsigned char* vs, const Exec& exec, void* stream,
+                            ColdTier* cold);
   absl::Status AppendFromDevice(const unsigned char* k, const unsigned char* v, int64_t rows,
                                 void* stream, ColdTier* cold, bool head_major = false);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
@@ -464,7 +473,6 @@ absl::Status DeviceTier::UploadArrays(int64_t n_sink, int64_t n_window, void* st
 absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const void* v,
                                 const Exec& exec, ColdTier* cold) {
   const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
-  const std::size_t tb = token_bytes();
   if (plan.direct > 0) KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + plan.new_cold()));
   KVRT_RETURN_IF_ERROR(Allocate(plan));
   StreamLease lease(ctx_, exec);
@@ -474,6 +482,55 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   auto* ks = static_cast<const unsigned char*>(k);
   auto* vs = static_cast<const unsigned char*>(v);
 
+  // A decode append from device pointers on a full window: the new rows take exactly the slots of
+  // the rows that leave, so one kernel moves both (the leaving rows straight into pinned blocks)
+  // instead of a dozen copies, allocations and events (docs/benchmarks.md, eighth session).
+  if (exec.device && plan.direct == 0 && plan.sink_end <= plan.length && plan.evict > 0 &&
+      plan.ring_begin == plan.length && plan.new_length - plan.length == plan.evict &&
+      plan.length - plan.cold_begin == W && plan.evict <= kFusedEvictMaxRows) {
+    KVRT_RETURN_IF_ERROR(AppendEvictFused(plan, ks, vs, stream));
+  } else {
+    KVRT_RETURN_IF_ERROR(AppendStaged(plan, ks, vs, exec, stream, cold));
+  }
+  const int64_t n_sink = std::min(plan.new_length, S);
+  const int64_t n_window = plan.new_length - n_sink - (cold->rows() + pending_rows());
+  KVRT_RETURN_IF_ERROR(UploadArrays(n_sink, n_window, stream));
+  if (last_use_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(last_use_, transfer::Event::Create(false));
+  }
+  KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
+  used_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::AppendEvictFused(const AppendPlan& plan, const unsigned char* k,
+                                          const unsigned char* v, void* stream) {
+  const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
+  const std::size_t bytes = static_cast<std::size_t>(plan.evict) * token_bytes();
+  transfer::EvictionBatch batch;
+  KVRT_ASSIGN_OR_RETURN(batch.k, ctx_->pinned().Acquire(bytes));
+  KVRT_ASSIGN_OR_RETURN(batch.v, ctx_->pinned().Acquire(bytes));
+  gpu::RingRows ring;
+  ring.k = ring_k_.data();
+  ring.v = ring_v_.data();
+  ring.capacity = W;
+  ring.slot0 = (plan.length - S) % W;
+  ring.row_bytes = token_bytes();
+  KVRT_RETURN_IF_ERROR(
+      gpu::RingAppendRows(ring, k, v, plan.evict, batch.k.data(), batch.v.data(), stream));
+  KVRT_ASSIGN_OR_RETURN(batch.done, transfer::Event::Create(false));
+  KVRT_RETURN_IF_ERROR(batch.done.Record(stream));
+  batch.rows = plan.evict;
+  evictions_.Push(std::move(batch));
+  counters_->eviction_batches += 1;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::AppendStaged(const AppendPlan& plan, const unsigned char* ks,
+                                      const unsigned char* vs, const Exec& exec, void* stream,
+                                      ColdTier* cold) {
+  const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
+  const std::size_t tb = token_bytes();
   // 1. Ring tokens leaving the window (before their slots are overwritten below).
   if (plan.evict > 0) KVRT_RETURN_IF_ERROR(Evict(plan, stream));
   // 2. Input tokens straight to the cold tier (more than a window at once, e.g. a prompt): after
@@ -510,14 +567,6 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
     KVRT_RETURN_IF_ERROR(
         CopyRingRun(ring_v_.data(), vs + off, true, plan.ring_begin - S, n, W, tb, stream));
   }
-  const int64_t n_sink = std::min(plan.new_length, S);
-  const int64_t n_window = plan.new_length - n_sink - (cold->rows() + pending_rows());
-  KVRT_RETURN_IF_ERROR(UploadArrays(n_sink, n_window, stream));
-  if (last_use_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(last_use_, transfer::Event::Create(false));
-  }
-  KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
-  used_ = true;
   return absl::OkStatus();
 }
 

@@ -304,6 +304,46 @@ TEST(GpuRef, Ring_AppendEvictAndGatherFollowTheStream) {
   }
 }
 
+// RingAppendRows (one ring, arguments by value) moves the same bytes as RingAppend's batch of one,
+// and refuses what it cannot do before touching anything.
+TEST(GpuRef, RingAppendRows_MatchesRingAppendAndChecks) {
+  const int cap = 7, kvh = 2, d = 64;
+  const std::size_t tok = static_cast<std::size_t>(kvh) * d * 2;
+  std::mt19937 rng(21);
+  std::vector<unsigned char> a_k = RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f), a_v = a_k;
+  std::vector<unsigned char> b_k = a_k, b_v = a_v;
+  void* rk[1] = {a_k.data()};
+  void* rv[1] = {a_v.data()};
+  int64_t pos = cap;  // full: every append evicts
+  for (int n : {1, 3, 5, cap}) {
+    auto nk = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+    auto nv = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+    std::vector<unsigned char> ek(nk.size()), ev(nk.size()), fk(nk.size()), fv(nk.size());
+    RingBatch r{rk, rv, &pos, 1, cap, kvh, d, DType::kBF16};
+    RingAppendHost(r, nk.data(), nv.data(), n, ek.data(), ev.data());
+    RingRows rows{b_k.data(), b_v.data(), cap, pos % cap, tok};
+    RingAppendRowsHost(rows, nk.data(), nv.data(), n, fk.data(), fv.data());
+    EXPECT_EQ(a_k, b_k) << n;
+    EXPECT_EQ(a_v, b_v) << n;
+    EXPECT_EQ(ek, fk) << n;
+    EXPECT_EQ(ev, fv) << n;
+    pos += n;
+  }
+  RingRows rows{b_k.data(), b_v.data(), cap, 0, tok};
+  unsigned char one[16] = {};
+  EXPECT_EQ(RingAppendRows(rows, one, one, cap + 1, nullptr, nullptr, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);  // more rows than slots
+  EXPECT_EQ(RingAppendRows(rows, one, one, 1, one, nullptr, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);  // one eviction buffer of two
+  rows.slot0 = cap;
+  EXPECT_EQ(RingAppendRows(rows, one, one, 1, nullptr, nullptr, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  rows.slot0 = 0;
+  rows.row_bytes = 24;
+  EXPECT_EQ(RingAppendRows(rows, one, one, 1, nullptr, nullptr, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST(GpuRef, GatherAttend_MatchesDoubleNaive) {
   std::mt19937 rng(3);
   const int d = 128, rows = 50, nq = 6;
@@ -737,6 +777,44 @@ TEST_F(GpuKernels, Ring_AppendEvictGatherMatchReference) {
     }
   }
   CUDA_OK(cudaDeviceSynchronize());
+}
+
+// The fused decode append: ring in device memory, the leaving rows written into pinned host
+// memory (the runtime's eviction blocks) by the kernel.
+TEST_F(GpuKernels, RingAppendRows_EvictsIntoPinnedHostMemory) {
+  std::mt19937 rng(22);
+  for (int d : {64, 128, 256}) {
+    const int cap = 29, kvh = 4;
+    const std::size_t tok = static_cast<std::size_t>(kvh) * d * 2;
+    auto hk = RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f);
+    auto hv = RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f);
+    Dev dk = Dev::From(hk), dv = Dev::From(hv);
+    int64_t slot = 11;
+    for (int n : {1, 2, cap}) {
+      auto nk = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+      auto nv = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+      std::vector<unsigned char> ek(nk.size()), ev(nk.size());
+      RingRows hr{hk.data(), hv.data(), cap, slot, tok};
+      RingAppendRowsHost(hr, nk.data(), nv.data(), n, ek.data(), ev.data());
+      void* pk = nullptr;
+      void* pv = nullptr;
+      CUDA_OK(cudaHostAlloc(&pk, nk.size(), cudaHostAllocPortable));
+      CUDA_OK(cudaHostAlloc(&pv, nk.size(), cudaHostAllocPortable));
+      std::memset(pk, 0xff, nk.size());
+      std::memset(pv, 0xff, nk.size());
+      Dev dnk = Dev::From(nk), dnv = Dev::From(nv);
+      RingRows dr{dk.p, dv.p, cap, slot, tok};
+      ASSERT_TRUE(RingAppendRows(dr, dnk.p, dnv.p, n, pk, pv, nullptr).ok());
+      CUDA_OK(cudaDeviceSynchronize());
+      EXPECT_EQ(0, std::memcmp(pk, ek.data(), ek.size())) << "d" << d << " n" << n;
+      EXPECT_EQ(0, std::memcmp(pv, ev.data(), ev.size())) << "d" << d << " n" << n;
+      EXPECT_EQ(dk.Get<unsigned char>(hk.size()), hk) << "d" << d << " n" << n;
+      EXPECT_EQ(dv.Get<unsigned char>(hv.size()), hv) << "d" << d << " n" << n;
+      cudaFreeHost(pk);
+      cudaFreeHost(pv);
+      slot = (slot + n) % cap;
+    }
+  }
 }
 
 TEST_F(GpuKernels, GatherAttend_MatchesReference) {

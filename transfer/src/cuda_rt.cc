@@ -220,7 +220,10 @@ absl::Status KeepPoolMemory() {
 
 absl::Status HostAlloc(std::size_t bytes, void** out) {
   *out = nullptr;
-  if (absl::Status s = Check(cudaHostAlloc(out, bytes, cudaHostAllocPortable), "cudaHostAlloc");
+  // Mapped (implied under unified addressing, said for the reader): kernels write eviction blocks
+  // straight into them (DeviceTier's fused decode append).
+  if (absl::Status s = Check(cudaHostAlloc(out, bytes, cudaHostAllocPortable | cudaHostAllocMapped),
+                             "cudaHostAlloc");
       !s.ok()) {
     *out = nullptr;
     return s;

@@ -75,6 +75,15 @@ struct AttnParams {
   int split_tokens = 0;  // tokens per split (flash-decoding); 0 = chosen from the SM count
 };
 
+// One sequence's ring, passed by value (RingAppendRows): nothing to upload per call.
+struct RingRows {
+  void* k = nullptr;           // [capacity, row_bytes]
+  void* v = nullptr;           // [capacity, row_bytes]
+  int64_t capacity = 0;        // slots
+  int64_t slot0 = 0;           // slot of the first row appended, < capacity
+  std::size_t row_bytes = 0;   // a multiple of 16 (a token's kv heads x head_dim in its dtype)
+};
+
 struct RingBatch {
   void* const* ring_k = nullptr;       // [batch] -> [capacity, kv_heads, head_dim]
   void* const* ring_v = nullptr;       // [batch] -> [capacity, kv_heads, head_dim]

@@ -72,6 +72,16 @@ absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* ne
 void RingAppendHost(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
                     void* evict_k, void* evict_v);
 
+// One ring's append with every argument by value (a decode step's append, fused with its
+// eviction: one launch). Rows i < n of new_k / new_v ([n, row_bytes], device) go to slots
+// (slot0 + i) % capacity; evict_k / evict_v: null, or [n, row_bytes] that first receive the rows
+// those slots held. The eviction may be pinned host memory (cudaHostAlloc: the kernel writes it
+// over the bus; the host reads it after the stream passes the launch). n <= capacity.
+absl::Status RingAppendRows(const RingRows& ring, const void* new_k, const void* new_v, int64_t n,
+                            void* evict_k, void* evict_v, void* stream);
+void RingAppendRowsHost(const RingRows& ring, const void* new_k, const void* new_v, int64_t n,
+                        void* evict_k, void* evict_v);
+
 // out_k, out_v: [batch, count, kv_heads, d] <- ring rows of positions start[b] + i (mod capacity)
 // for i < count: the contiguous staging buffer that D2H copies of leaving tokens read.
 // start: [batch] (device for the kernel). ring.write_pos is not read.
