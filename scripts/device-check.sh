@@ -23,7 +23,8 @@
 #   tools/gpu_bench/e2e_bench.py (DynamicCache, offloaded cache, kvrt; E2E_ARGS adds options):
 #   run(command="TESTS='' SANITIZE='' BENCH=e2e bash scripts/device-check.sh --device", carry=[".bundlez"])
 #   table in bench.log, one JSON line per (cache, context) in e2e.jsonl, the build in e2e-pip.log;
-#   E2E_TIMEOUT (s, default 400) bounds the benchmark
+#   E2E_TIMEOUT (s, default 400) bounds the benchmark. BENCH=binding: BINDING_ARGS adds options
+#   to binding_overhead.py (e.g. --profile-dir "$OUT/traces": a timeline of a few layer-steps)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -174,7 +175,7 @@ if [[ "${1:-}" == "--device" ]]; then
         PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
           PYTHONUNBUFFERED=1 timeout 150 \
           python3 tools/gpu_bench/binding_overhead.py --trace $trace --cold 131072 --steps 30 \
-          --warmup 3 --json "$out/binding.json" || rc=1
+          --warmup 3 --json "$out/binding.json" ${BINDING_ARGS:-} || rc=1
       fi
       rm -f $trace
     elif [[ "$bench" == parts ]]; then

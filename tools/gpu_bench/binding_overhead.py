@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 
-from e2e_bench import _number  # FIELD=VALUE parsing, as e2e_bench's --kvrt (same directory)
+from e2e_bench import _number, _profiler  # FIELD=VALUE parsing, torch.profiler (same directory)
 
 
 def parse_args(argv=None):
@@ -54,6 +54,12 @@ def parse_args(argv=None):
     ap.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
                     help="another kvrt.Config field (repeatable)")
     ap.add_argument("--json", default=None, help="write the figures here as one JSON object")
+    ap.add_argument("--profile-dir", default=None,
+                    help="after the measured steps, profile --profile-steps more (torch.profiler, "
+                         "CPU and CUDA: kvrt's kernels, copies and CUDA calls) and write their "
+                         "timeline there as binding-steps.json (a Chrome trace; "
+                         "tools/gpu_bench/trace_gaps.py reads it)")
+    ap.add_argument("--profile-steps", type=int, default=4, help="steps profiled (--profile-dir)")
     return ap.parse_args(argv)
 
 
@@ -130,6 +136,28 @@ def calls(args, torch, kvrt, on_cuda) -> dict:
     return res
 
 
+def profile_steps(args, torch, seq, row, out, sync, on_cuda) -> None:
+    """--profile-steps more layer-steps (the last decode row again) under torch.profiler, each
+    call in a named span, written to PROFILE_DIR/binding-steps.json."""
+    import os
+    from torch.profiler import record_function
+    k_s, v_s, q_s = row
+    with _profiler(on_cuda) as prof:
+        for s in range(args.profile_steps):
+            for layer in range(args.layers):
+                with record_function(f"step{s}.layer{layer}"):
+                    with record_function("append"):
+                        seq.append(layer, k_s, v_s)
+                    with record_function("attend"):
+                        seq.attend(layer, q_s, out=out)
+                    with record_function("sync"):
+                        sync()
+    os.makedirs(args.profile_dir, exist_ok=True)
+    path = os.path.join(args.profile_dir, "binding-steps.json")
+    prof.export_chrome_trace(path)
+    print(f"  profiled {args.profile_steps} steps x {args.layers} layers: {path}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -195,6 +223,8 @@ def main(argv=None) -> int:
                 attend_us.append((c - b) * 1e6)
     delta = rt.stats() - before
     lib_attend_us = delta.time_attend_ns / max(delta.attend_calls, 1) / 1e3
+    if args.profile_dir:
+        profile_steps(args, torch, seq, rows[-1], out, sync, on_cuda)
 
     n_floor = 2000
     a = time.perf_counter()
