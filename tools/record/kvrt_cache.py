@@ -471,8 +471,15 @@ def main(argv=None):
             att.t_prefill = att.t_attend = 0.0
             att.attends = 0
             t0 = time.time()
+            st0 = att.rt.stats()
             am, lp, _ = forced(model, copy.deepcopy(cache0), T, logits0, toks, args.batch)
             wall = time.time() - t0
+            ds = att.rt.stats() - st0
+            # Cold tokens attended per q head and attend, and their share of the cold tokens
+            # those heads could reach: the budget the comparison with flat top-k is made at.
+            heads = max(ds.attend_calls, 1) * model.config.num_attention_heads
+            cold_per = ds.cold_tokens_attended / heads
+            cold_share = ds.cold_tokens_attended / max(ds.cold_keys_searchable, 1)
             full_am, full_lp, full_margin = ref[st]
             target = g_tok if st == "greedy" else full_am
             agree = [i for i, (a, b) in enumerate(zip(am, target)) if a == b]
@@ -482,10 +489,12 @@ def main(argv=None):
                      "full_margin_at_disagree": [full_margin[i] for i in miss],
                      "ppl_full": p_full, "ppl_kvrt": p_kv, "ppl_rel": p_kv / p_full - 1,
                      "wall_s": wall, "kvrt_prefill_s": att.t_prefill,
-                     "kvrt_attend_s": att.t_attend, "attends": att.attends}
+                     "kvrt_attend_s": att.t_attend, "attends": att.attends,
+                     "cold_attended_per_head_step": cold_per, "cold_attended_share": cold_share}
             log(f"  {st}: agreement {len(agree)}/{len(am)}, perplexity full {p_full:.4f} kvrt "
                 f"{p_kv:.4f} ({(p_kv / p_full - 1) * 100:+.2f}%), {wall:.0f}s (kvrt_prefill "
-                f"{att.t_prefill:.1f}s, append+attend {att.t_attend:.1f}s for {att.attends})")
+                f"{att.t_prefill:.1f}s, append+attend {att.t_attend:.1f}s for {att.attends}; cold "
+                f"tokens attended per head-step {cold_per:.0f} = {cold_share:.1%} of the cold)")
         att.close()
         results["configs"].append(r)
         dump()
@@ -498,7 +507,7 @@ def main(argv=None):
           f"{floor}/{len(g_tok)}; full-cache perplexity: greedy tokens "
           f"{results['full_ppl_greedy']:.4f}, text {results['full_ppl_text']:.4f}")
     print("config                    | greedy agree | ppl greedy full/kvrt (rel) | text agree | "
-          "ppl text full/kvrt (rel) | wall s")
+          "ppl text full/kvrt (rel) | cold attended per head-step (share) | wall s")
     for r in results["configs"]:
         cells = [f"{r['spec']:<25}"]
         for st in ("greedy", "text"):
@@ -508,6 +517,9 @@ def main(argv=None):
                 cells.append(f"{x['ppl_full']:.4f}/{x['ppl_kvrt']:.4f} ({x['ppl_rel'] * 100:+.2f}%)")
             else:
                 cells += ["-", "-"]
+        x = r[streams[-1]]
+        cells.append(f"{x['cold_attended_per_head_step']:.0f} ({x['cold_attended_share']:.1%})"
+                     if "cold_attended_share" in x else "-")
         cells.append("+".join(f"{r[st]['wall_s']:.0f}" for st in streams))
         print(" | ".join(cells))
     print(f"full greedy: {results['greedy_text']!r}")
