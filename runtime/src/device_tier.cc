@@ -314,6 +314,8 @@ class DeviceTier final : public TierBackend {
   }
   absl::Status Allocate(const AppendPlan& plan);
   absl::Status Evict(const AppendPlan& plan, void* stream);
+  // The batch reaches the cold tier once `stream` passes this point (its `done` event).
+  absl::Status QueueEviction(transfer::EvictionBatch batch, int64_t rows, void* stream);
   // Append's two ways: the fused decode append (one kernel) and the general one (copies).
   absl::Status AppendEvictFused(const AppendPlan& plan, const unsigned char* k,
                                 const unsigned char* v, void* stream);
@@ -443,9 +445,14 @@ absl::Status DeviceTier::Evict(const AppendPlan& plan, void* stream) {
   KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(batch.k.data(), stg, bytes, copy));
   KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(batch.v.data(), stg + bytes, bytes, copy));
   KVRT_RETURN_IF_ERROR(transfer::FreeAsync(staging, copy));
+  return QueueEviction(std::move(batch), plan.evict, copy);
+}
+
+absl::Status DeviceTier::QueueEviction(transfer::EvictionBatch batch, int64_t rows,
+                                       void* stream) {
   KVRT_ASSIGN_OR_RETURN(batch.done, transfer::Event::Create(false));
-  KVRT_RETURN_IF_ERROR(batch.done.Record(copy));
-  batch.rows = plan.evict;
+  KVRT_RETURN_IF_ERROR(batch.done.Record(stream));
+  batch.rows = rows;
   evictions_.Push(std::move(batch));
   counters_->eviction_batches += 1;
   return absl::OkStatus();
@@ -518,12 +525,7 @@ absl::Status DeviceTier::AppendEvictFused(const AppendPlan& plan, const unsigned
   ring.row_bytes = token_bytes();
   KVRT_RETURN_IF_ERROR(
       gpu::RingAppendRows(ring, k, v, plan.evict, batch.k.data(), batch.v.data(), stream));
-  KVRT_ASSIGN_OR_RETURN(batch.done, transfer::Event::Create(false));
-  KVRT_RETURN_IF_ERROR(batch.done.Record(stream));
-  batch.rows = plan.evict;
-  evictions_.Push(std::move(batch));
-  counters_->eviction_batches += 1;
-  return absl::OkStatus();
+  return QueueEviction(std::move(batch), plan.evict, stream);
 }
 
 absl::Status DeviceTier::AppendStaged(const AppendPlan& plan, const unsigned char* ks,
