@@ -242,9 +242,8 @@ absl::Status RingAppendRows(const RingRows& ring, const void* new_k, const void*
                             void* evict_k, void* evict_v, void* stream) {
   if (auto s = CheckRingRows(ring, new_k, new_v, n, evict_k, evict_v); !s.ok()) return s;
 #if KVRT_WITH_CUDA
-  return ToStatus(
-      detail::LaunchRingAppendRows(ring, new_k, new_v, n, evict_k, evict_v, stream),
-      "RingAppendRows");
+  return ToStatus(detail::LaunchRingAppendRows(ring, new_k, new_v, n, evict_k, evict_v, stream),
+                  "RingAppendRows");
 #else
   return NoCuda("RingAppendRows");
 #endif

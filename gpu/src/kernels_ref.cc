@@ -109,15 +109,11 @@ void RingAppendRowsHost(const RingRows& r, const void* new_k, const void* new_v,
     const std::size_t at = static_cast<std::size_t>((r.slot0 + i) % r.capacity) * r.row_bytes;
     const std::size_t src = static_cast<std::size_t>(i) * r.row_bytes;
     if (evict_k != nullptr) {
-      std::memcpy(Bytes(evict_k) + src, Bytes(r.k) + at,
-                  r.row_bytes);
-      std::memcpy(Bytes(evict_v) + src, Bytes(r.v) + at,
-                  r.row_bytes);
+      std::memcpy(Bytes(evict_k) + src, Bytes(r.k) + at, r.row_bytes);
+      std::memcpy(Bytes(evict_v) + src, Bytes(r.v) + at, r.row_bytes);
     }
-    std::memcpy(Bytes(r.k) + at,
-                Bytes(new_k) + src, r.row_bytes);
-    std::memcpy(Bytes(r.v) + at,
-                Bytes(new_v) + src, r.row_bytes);
+    std::memcpy(Bytes(r.k) + at, Bytes(new_k) + src, r.row_bytes);
+    std::memcpy(Bytes(r.v) + at, Bytes(new_v) + src, r.row_bytes);
   }
 }
 

@@ -448,8 +448,7 @@ absl::Status DeviceTier::Evict(const AppendPlan& plan, void* stream) {
   return QueueEviction(std::move(batch), plan.evict, copy);
 }
 
-absl::Status DeviceTier::QueueEviction(transfer::EvictionBatch batch, int64_t rows,
-                                       void* stream) {
+absl::Status DeviceTier::QueueEviction(transfer::EvictionBatch batch, int64_t rows, void* stream) {
   KVRT_ASSIGN_OR_RETURN(batch.done, transfer::Event::Create(false));
   KVRT_RETURN_IF_ERROR(batch.done.Record(stream));
   batch.rows = rows;

@@ -45,7 +45,8 @@ struct HostStore {
   bool Make(bool register_plain) {
     const std::size_t bytes = kKv * kHeadBytes;
     registered = register_plain;
-    if (!register_plain) return b::CudaOk(kTool, cudaHostAlloc(&p, bytes, cudaHostAllocMapped), "cudaHostAlloc");
+    if (!register_plain)
+      return b::CudaOk(kTool, cudaHostAlloc(&p, bytes, cudaHostAllocMapped), "cudaHostAlloc");
     if (posix_memalign(&p, std::size_t{2} << 20, bytes) != 0) return false;
 #ifdef MADV_HUGEPAGE
     (void)madvise(p, bytes, MADV_HUGEPAGE);
@@ -72,9 +73,9 @@ struct HostStore {
 struct Case {
   const char* name;
   bool register_plain;
-  double miss;        // fraction of the selected clusters (or blocks) read from the host
-  bool miss_blocks;   // scattered 8-row blocks instead of whole clusters
-  bool skewed;        // the selection inside one eighth of the clusters
+  double miss;       // fraction of the selected clusters (or blocks) read from the host
+  bool miss_blocks;  // scattered 8-row blocks instead of whole clusters
+  bool skewed;       // the selection inside one eighth of the clusters
 };
 
 }  // namespace
@@ -129,10 +130,11 @@ int main(int argc, char** argv) {
   int32_t* sel = b::Alloc<int32_t>(kTool, static_cast<std::size_t>(kQh) * kClusters, &ok);
   int32_t* cnt = b::Alloc<int32_t>(kTool, kQh, &ok);
   if (!ok) return 1;
-  std::printf("%s: 8 kv / 32 q heads, d=128, bf16, 131072 rows per kv head, %d clusters of 16, "
-              "160 selected per q head (60%% shared in its group), %d extra and %d tail rows (in "
-              "the pool); %d launches per case\n",
-              kTool, kClusters, kExtra, kTail, iters);
+  std::printf(
+      "%s: 8 kv / 32 q heads, d=128, bf16, 131072 rows per kv head, %d clusters of 16, "
+      "160 selected per q head (60%% shared in its group), %d extra and %d tail rows (in "
+      "the pool); %d launches per case\n",
+      kTool, kClusters, kExtra, kTail, iters);
   for (const Case& cs : cases) {
     HostStore hk, hv;
     if (!hk.Make(cs.register_plain) || !hv.Make(cs.register_plain)) return 1;
@@ -175,9 +177,13 @@ int main(int argc, char** argv) {
       }
     }
     ok = ok &&
-         b::CudaOk(kTool, cudaMemcpy(sel, selected.data(), selected.size() * 4, cudaMemcpyHostToDevice), "sel") &&
-         b::CudaOk(kTool, cudaMemcpy(cnt, count.data(), count.size() * 4, cudaMemcpyHostToDevice), "cnt") &&
-         b::CudaOk(kTool, cudaMemcpy(table, page.data(), page.size() * 4, cudaMemcpyHostToDevice), "table");
+         b::CudaOk(kTool,
+                   cudaMemcpy(sel, selected.data(), selected.size() * 4, cudaMemcpyHostToDevice),
+                   "sel") &&
+         b::CudaOk(kTool, cudaMemcpy(cnt, count.data(), count.size() * 4, cudaMemcpyHostToDevice),
+                   "cnt") &&
+         b::CudaOk(kTool, cudaMemcpy(table, page.data(), page.size() * 4, cudaMemcpyHostToDevice),
+                   "table");
     if (!ok) return 1;
     g::DirectRowsView v;
     v.kv_heads = kKv;
@@ -209,9 +215,10 @@ int main(int argc, char** argv) {
     });
     if (!ok || us < 0) return 1;
     const double pool_mb = 2.0 * n[0] * kRowBytes / 1e6, host_mb = 2.0 * n[1] * kRowBytes / 1e6;
-    std::printf("  %-72s %7.1f us | pool %6.1f MB, host %6.1f MB: host at %.1f GB/s if the pool "
-                "rows were free\n",
-                cs.name, us, pool_mb, host_mb, host_mb > 0 ? host_mb / us * 1e3 : 0.0);
+    std::printf(
+        "  %-72s %7.1f us | pool %6.1f MB, host %6.1f MB: host at %.1f GB/s if the pool "
+        "rows were free\n",
+        cs.name, us, pool_mb, host_mb, host_mb > 0 ? host_mb / us * 1e3 : 0.0);
     cudaFree(ws);
     cudaFree(const_cast<void**>(d_k));
     cudaFree(const_cast<void**>(d_v));

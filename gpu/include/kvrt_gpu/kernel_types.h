@@ -77,11 +77,11 @@ struct AttnParams {
 
 // One sequence's ring, passed by value (RingAppendRows): nothing to upload per call.
 struct RingRows {
-  void* k = nullptr;           // [capacity, row_bytes]
-  void* v = nullptr;           // [capacity, row_bytes]
-  int64_t capacity = 0;        // slots
-  int64_t slot0 = 0;           // slot of the first row appended, < capacity
-  std::size_t row_bytes = 0;   // a multiple of 16 (a token's kv heads x head_dim in its dtype)
+  void* k = nullptr;          // [capacity, row_bytes]
+  void* v = nullptr;          // [capacity, row_bytes]
+  int64_t capacity = 0;       // slots
+  int64_t slot0 = 0;          // slot of the first row appended, < capacity
+  std::size_t row_bytes = 0;  // a multiple of 16 (a token's kv heads x head_dim in its dtype)
 };
 
 struct RingBatch {
