@@ -11,7 +11,8 @@
 # layer-step beside bench decode on one trace, BENCH=parts the direct step's and the cluster
 # step's kernels taken apart (tools/gpu_bench/*_parts.cu), BENCH=mix the direct step's kernel with
 # part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu), BENCH=ab-trace the build before
-# (BEFORE) against this one on one generated 128K trace (BENCH takes a list); TESTS="" and
+# (BEFORE) against this one on one generated 128K trace, BENCH=ab-1m the same at 1M on generated
+# keys (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -206,6 +207,16 @@ if [[ "${1:-}" == "--device" ]]; then
         done
       done
       rm -f $trace
+    elif [[ "$bench" == ab-1m ]]; then
+      # bench decode at 1M (trace-like generated keys, the selection's largest shape), the build
+      # before (kvrt_before) against this one, AB_ROUNDS rounds (default 1), B=1.
+      for round in $(seq "${AB_ROUNDS:-1}"); do
+        for prog in kvrt_before kvrt; do
+          [[ -x $b/$prog ]] || continue
+          echo "=== $prog, round $round: cluster 1M B=1"
+          timeout 240 $b/$prog $args --index cluster --cold 1048576 --batch 1 --accuracy-steps 0 || rc=1
+        done
+      done
     elif [[ "$bench" == e2e ]]; then
       # End to end through the Python package (issue 15 item 4): kvrt built against the bundle's
       # installed libkvrt with the machine's python3 and its build tools (no network), then a

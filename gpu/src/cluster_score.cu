@@ -4,25 +4,30 @@
 // The cluster CTAs fill one wave and share the clusters warp by warp (round robin). The group's
 // queries sit in shared memory (lane l reads dims [l*E, l*E+E), E = d/32); each warp reads one
 // bf16 centroid row and its value-mean row per step (one 8..16-byte load per lane each, issued
-// kScoreDepth clusters ahead), computes the g dot products with xor-shuffle reductions, writes
-// the densities and folds the cluster into an online-softmax state per q head (max, sum,
-// sum w * vbar). The 8 warp states are merged through shared memory into one partial state per
-// (q head, cluster CTA). Every centroid and value mean is read once per kv head, for all
-// q heads of its group: HBM traffic is the summary's size.
+// kScoreDepth clusters ahead), computes the g dot products with one reduce-scatter over the warp
+// (lane l ends with one head's product), writes the densities and folds the cluster into an
+// online-softmax state per q head (max and sum in the head's lanes, sum w * vbar in every lane's
+// dims; rescaled only when a max moves). The 8 warp states are merged through shared memory into
+// one partial state per (q head, cluster CTA). Every centroid and value mean is read once per kv
+// head, for all q heads of its group: HBM traffic is the summary's size.
 //
 // SelectKernel: one CTA (512 threads) per q head. Merges the CTA states into the total, finds the
-// selection threshold by a weighted radix select on the order-preserving uint32 of the density
-// (4 passes of 8 bits over chunks of 8 clusters per thread, loaded before use; histograms of
-// tokens and of estimated mass; a warp scans the 256 bins from the top), compacts the selected
-// clusters in ascending index order (block scans, ties at the threshold taken in index order until
-// the criterion is met), and subtracts their weighted value means from the total to leave the
-// estimate of the unselected clusters.
+// selection threshold key (the order-preserving uint32 of the density at which the criterion is
+// met) in three light passes: the densities' range, one histogram of tokens and estimated mass
+// over 4096 linear bins of that range (block scans from the top find the threshold bin), and the
+// threshold bin's clusters gathered into shared memory and resolved exactly there. When that bin
+// holds more than kCandCap clusters (ties, a degenerate range) it falls back to a weighted radix
+// select (4 passes of 8 bits over chunks of 8 clusters per thread, loaded before use; a warp
+// scans the 256 bins from the top). Either way the threshold is the same key. It compacts the
+// selected clusters in ascending index order (block scans, ties at the threshold taken in index
+// order until the criterion is met), and subtracts their weighted value means from the total to
+// leave the estimate of the unselected clusters.
 #include <algorithm>
 #include <atomic>
-#include <type_traits>
-
+#include <climits>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <type_traits>
 
 #include "cluster_launch.h"
 #include "common.cuh"
@@ -43,6 +48,9 @@ constexpr int kOutlierTile = 32;  // outliers per CTA of the score kernel (4 per
 constexpr int kSelectThreads = 512;
 constexpr int kSelectItems = 4;    // clusters per thread per chunk of the radix passes (8 spill)
 constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in shared memory
+constexpr int kLinBins = 4096;     // linear bins of the selection's one histogram pass
+constexpr int kLinItems = kLinBins / kSelectThreads;
+constexpr int kCandCap = 1024;  // clusters of the threshold bin resolved in shared memory
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
@@ -68,6 +76,37 @@ __device__ __forceinline__ void GroupDots(const float (&qs)[MG][D], int lane, co
 #pragma unroll
     for (int i = 0; i < MG; ++i) a[i] += __shfl_xor_sync(0xffffffffu, a[i], o);
   }
+}
+
+// log2 of the group width MG (4, 8 or 16): after ReduceScatter, lane l holds the q head
+// l >> (5 - kLog2<MG>) of its group.
+template <int MG>
+constexpr int kLog2 = MG == 4   ? 2
+                      : MG == 8 ? 3
+                                : 4;
+
+// The MG dot products of the lanes' partial sums a, reduced across the warp by halving: at each
+// of the first log2(MG) levels a lane keeps half of its values and sends the other half to its
+// partner, then the single value left is summed over the remaining levels. Lane l returns the
+// full sum of head l >> (5 - log2 MG). NOTE: MG - 1 + 5 - log2(MG) shuffles instead of the
+// 5 * MG of a butterfly per head (the score kernel was bound by its issued instructions).
+template <int MG>
+__device__ __forceinline__ float ReduceScatter(float (&a)[MG], int lane) {
+#pragma unroll
+  for (int lvl = 0; lvl < kLog2<MG>; ++lvl) {
+    const int off = 16 >> lvl, half = MG >> (lvl + 1);
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int k = 0; k < half; ++k) {
+      const float keep = upper ? a[half + k] : a[k];
+      const float send = upper ? a[k] : a[half + k];
+      a[k] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+#pragma unroll
+  for (int off = 16 >> kLog2<MG>; off > 0; off >>= 1)
+    a[0] += __shfl_xor_sync(0xffffffffu, a[0], off);
+  return a[0];
 }
 
 // E consecutive bf16 (E = 2, 4, 8: 4, 8, 16 bytes, aligned) kept packed in registers until used.
@@ -166,11 +205,14 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
     return;
   }
 
-  float m[MG], l[MG], acc[MG][E];
+  // Lane l keeps the online-softmax max and sum of its head (own = l >> (5 - log2 MG), the layout
+  // of ReduceScatter) and, for every head of the group, the weighted value sums of its E dims.
+  constexpr int kShift = 5 - kLog2<MG>;
+  const int own = lane >> kShift;
+  const float own_qn2 = qn2[own];
+  float m_own = -INFINITY, l_own = 0.f, acc[MG][E];
 #pragma unroll
   for (int i = 0; i < MG; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) acc[i][e] = 0.f;
   }
@@ -178,8 +220,8 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
   // then every (cluster_ctas * 8)-th one after it (balanced to one cluster, whatever the count).
   const int stride = cluster_ctas * kScoreWarps;
   auto cluster_at = [&](int step) {
-    const long long j = static_cast<long long>(tile) * kScoreWarps + warp +
-                        static_cast<long long>(step) * stride;
+    const long long j =
+        static_cast<long long>(tile) * kScoreWarps + warp + static_cast<long long>(step) * stride;
     return j < c_n ? static_cast<int>(j) : c_n;
   };
   // NOTE: a warp walks its clusters one after another, so each cluster's rows are loaded
@@ -222,22 +264,38 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
         if (lane < g) density[(static_cast<size_t>(h) * g + lane) * c_n + j] = -INFINITY;
         continue;
       }
-      const float logn = logf(static_cast<float>(n));
       float a[MG];
-      GroupDots<E, MG>(qs, lane, cen, a);
 #pragma unroll
       for (int i = 0; i < MG; ++i) {
-        if (i >= g) break;
-        const float dens = scale * a[i] + spread_coef * qn2[i] * spread;
-        if (lane == 0) density[(static_cast<size_t>(h) * g + i) * c_n + j] = dens;
-        const float lm = dens + logn;
-        const float mn = fmaxf(m[i], lm);
-        const float corr = __expf(m[i] - mn);  // m = -inf: 0
-        const float w = __expf(lm - mn);
-        l[i] = l[i] * corr + w;
+        a[i] = 0.f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[i][e] = acc[i][e] * corr + w * vb[e];
-        m[i] = mn;
+        for (int e = 0; e < E; ++e) a[i] += qs[i][lane * E + e] * cen[e];
+      }
+      const float dens = scale * ReduceScatter<MG>(a, lane) + spread_coef * own_qn2 * spread;
+      if ((lane & ((1 << kShift) - 1)) == 0 && own < g)
+        density[(static_cast<size_t>(h) * g + own) * c_n + j] = dens;
+      const float lm = dens + __logf(static_cast<float>(n));
+      // The max moves rarely after a warp's first clusters: the rescale runs only then (the
+      // condition is warp-uniform through the ballot).
+      if (__any_sync(0xffffffffu, lm > m_own)) {
+        const float mn = fmaxf(m_own, lm);
+        const float corr = __expf(m_own - mn);  // m = -inf: 0
+        l_own *= corr;
+        m_own = mn;
+#pragma unroll
+        for (int i = 0; i < MG; ++i) {
+          const float ci = __shfl_sync(0xffffffffu, corr, i << kShift);
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[i][e] *= ci;
+        }
+      }
+      const float w = __expf(lm - m_own);
+      l_own += w;
+#pragma unroll
+      for (int i = 0; i < MG; ++i) {
+        const float wi = __shfl_sync(0xffffffffu, w, i << kShift);
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[i][e] += wi * vb[e];
       }
     }
   }
@@ -246,9 +304,9 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
 #pragma unroll
   for (int i = 0; i < MG; ++i) {
     if (i >= g) break;
-    if (lane == 0) {
-      wm[warp] = m[i];
-      wl[warp] = l[i];
+    if (lane == (i << kShift)) {
+      wm[warp] = m_own;
+      wl[warp] = l_own;
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) wacc[warp][lane * E + e] = acc[i][e];
@@ -274,6 +332,19 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
 
 struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct MinOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct MinLL {
+  __device__ __forceinline__ long long operator()(long long a, long long b) const {
+    return a < b ? a : b;
+  }
+};
+struct MaxLL {
+  __device__ __forceinline__ long long operator()(long long a, long long b) const {
+    return a > b ? a : b;
+  }
 };
 
 __device__ __forceinline__ uint32_t OrderedKey(float f) {
@@ -302,8 +373,25 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ float tot_acc[D];
   __shared__ float grp_acc[R][D];
   __shared__ float grp_l[R];
-  __shared__ int32_t sel_j[kSelectKeep];
-  __shared__ float sel_w[kSelectKeep];
+  // The linear histogram, then the threshold bin's clusters, then the selected clusters' weights:
+  // each is dead before the next is written (barriers between).
+  __shared__ union {
+    struct {
+      unsigned tok[kLinBins];
+      float mass[kLinBins];
+    } lin;
+    struct {
+      uint32_t key[kCandCap];
+      int32_t n[kCandCap];
+      float mass[kCandCap];
+    } cand;
+    struct {
+      int32_t j[kSelectKeep];
+      float w[kSelectKeep];
+    } sel;
+  } big;
+  __shared__ float s_lo, s_hi;
+  __shared__ int s_bin, s_ncand, s_radix;
   __shared__ float s_m, s_l, s_above_mass;
   __shared__ long long s_above_tok;
   __shared__ uint32_t s_prefix, s_mask;
@@ -379,10 +467,178 @@ __global__ void __launch_bounds__(kSelectThreads)
     return;
   }
 
-  // (b) weighted radix select of the threshold key. Each pass walks the clusters in chunks of
-  // kSelectItems per thread, all of a chunk's loads issued before any is used (the walk is
-  // latency-bound otherwise: one CTA per q head, a handful per SM).
-  for (int pass = 0; pass < ((KVRT_CLUSTER_PARTS & 1) != 0 ? 0 : 4); ++pass) {
+  // (b) the threshold key: the largest key at which the tokens (or the estimated mass) of the
+  // keys at or above it reach the criterion; s_above_* hold those of the keys above it. Each pass
+  // walks the clusters in chunks of kSelectItems per thread, all of a chunk's loads issued before
+  // any is used (the walk is latency-bound otherwise: one CTA per q head, a handful per SM).
+  auto mass_of = [&](float dj, int nj) { return __expf(dj + logf(static_cast<float>(nj)) - M); };
+  auto for_each_cluster = [&](auto&& f) {
+    for (int base = 0; base < c_n; base += kSelectThreads * kSelectItems) {
+      int n[kSelectItems];
+      float dj[kSelectItems];
+#pragma unroll
+      for (int i = 0; i < kSelectItems; ++i) {
+        const int j = base + i * kSelectThreads + t;
+        n[i] = j < c_n ? size[j] : 0;
+        dj[i] = j < c_n ? dens[j] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kSelectItems; ++i)
+        if (n[i] > 0) f(dj[i], n[i]);
+    }
+  };
+  // (b1) the range of the densities, then one histogram over linear bins of it. The bin is a
+  // non-decreasing function of the density, so every key of a higher bin is above every key of a
+  // lower one.
+  float lo = INFINITY, hi = -INFINITY;
+  if constexpr ((KVRT_CLUSTER_PARTS & 1) == 0) {
+    for_each_cluster([&](float dj, int) {
+      lo = fminf(lo, dj);
+      hi = fmaxf(hi, dj);
+    });
+  }
+  lo = RedF(tmp.rf).Reduce(lo, MinOp());
+  __syncthreads();
+  hi = RedF(tmp.rf).Reduce(hi, MaxOp());
+  if (t == 0) {
+    s_lo = lo;
+    s_hi = hi;
+    s_ncand = 0;
+    s_bin = -1;
+  }
+  for (int b = t; b < kLinBins; b += kSelectThreads) {
+    big.lin.tok[b] = 0;
+    big.lin.mass[b] = 0.f;
+  }
+  __syncthreads();
+  lo = s_lo;
+  hi = s_hi;
+  const float inv = static_cast<float>(kLinBins) / (hi - lo);
+  // NaN-safe (fmaxf takes the number); the top density lands past the last bin and is clamped.
+  auto bin_of = [&](float dj) {
+    return min(kLinBins - 1, static_cast<int>(fmaxf((dj - lo) * inv, 0.f)));
+  };
+  const bool linear =
+      (KVRT_CLUSTER_PARTS & 1) == 0 && hi > lo && isfinite(inv) && isfinite(lo) && isfinite(hi);
+  if (linear) {
+    for_each_cluster([&](float dj, int nj) {
+      const int b = bin_of(dj);
+      atomicAdd(&big.lin.tok[b], static_cast<unsigned>(nj));
+      if (use_p) atomicAdd(&big.lin.mass[b], mass_of(dj, nj));
+    });
+    __syncthreads();
+    // Thread t holds bins kLinBins - 1 - (t * kLinItems + k): an inclusive scan from the top.
+    int ct[kLinItems], it[kLinItems];
+    float cm[kLinItems], im[kLinItems];
+#pragma unroll
+    for (int k = 0; k < kLinItems; ++k) {
+      const int b = kLinBins - 1 - (t * kLinItems + k);
+      ct[k] = static_cast<int>(big.lin.tok[b]);
+      cm[k] = use_p ? big.lin.mass[b] : 0.f;
+    }
+    ScanI(tmp.i).InclusiveSum(ct, it);
+    __syncthreads();
+    if (use_p) {
+      ScanF(tmp.f).InclusiveSum(cm, im);
+      __syncthreads();
+    }
+    long long first = LLONG_MAX;
+#pragma unroll
+    for (int k = 0; k < kLinItems; ++k) {
+      const bool hit = it[k] >= budget || (use_p && im[k] >= target_mass);
+      if (hit && first == LLONG_MAX) first = t * kLinItems + k;
+    }
+    first = RedLL(tmp.rll).Reduce(first, MinLL());
+    if (t == 0) s_above_tok = first;  // broadcast (overwritten below)
+    __syncthreads();
+    first = s_above_tok;
+    __syncthreads();
+    if (first == LLONG_MAX) {
+      if (t == 0) s_all = 1;  // the whole set does not reach the criterion
+    } else if (first / kLinItems == t) {
+      const int k = static_cast<int>(first % kLinItems);
+      s_bin = kLinBins - 1 - static_cast<int>(first);
+      s_above_tok = it[k] - ct[k];
+      s_above_mass = use_p ? im[k] - cm[k] : 0.f;
+    }
+    __syncthreads();  // the histogram is dead from here: the threshold bin's clusters take it
+    // (b2) the threshold bin's clusters, resolved in shared memory: the largest key whose
+    // tokens (mass) at or above it, with the bins above, reach the criterion.
+    const int tb = s_bin;
+    if (tb >= 0) {
+      for_each_cluster([&](float dj, int nj) {
+        if (bin_of(dj) != tb) return;
+        const int slot = atomicAdd(&s_ncand, 1);
+        if (slot >= kCandCap) return;
+        big.cand.key[slot] = OrderedKey(dj);
+        big.cand.n[slot] = nj;
+        big.cand.mass[slot] = use_p ? mass_of(dj, nj) : 0.f;
+      });
+      __syncthreads();
+      const int nc = s_ncand;
+      if (nc > 0 && nc <= kCandCap) {
+        const long long at = s_above_tok;
+        const float am = s_above_mass;
+        long long best = -1, lowest = LLONG_MAX;
+        for (int i = t; i < nc; i += kSelectThreads) {
+          const uint32_t ki = big.cand.key[i];
+          long long ge_t = 0;
+          float ge_m = 0.f;
+          for (int x = 0; x < nc; ++x) {
+            if (big.cand.key[x] >= ki) {
+              ge_t += big.cand.n[x];
+              ge_m += big.cand.mass[x];
+            }
+          }
+          if (at + ge_t >= budget || (use_p && am + ge_m >= target_mass))
+            best = best > static_cast<long long>(ki) ? best : static_cast<long long>(ki);
+          lowest = lowest < static_cast<long long>(ki) ? lowest : static_cast<long long>(ki);
+        }
+        best = RedLL(tmp.rll).Reduce(best, MaxLL());
+        __syncthreads();
+        lowest = RedLL(tmp.rll).Reduce(lowest, MinLL());
+        if (t == 0) s_prefix = static_cast<uint32_t>(best >= 0 ? best : lowest);
+        __syncthreads();
+        // NOTE: no candidate reaching it is f32 rounding of the bins' mass: the lowest key then
+        // takes the whole bin, as the radix select takes its last bin.
+        const uint32_t kt_lin = s_prefix;
+        long long gt_t = 0;
+        float gt_m = 0.f;
+        for (int i = t; i < nc; i += kSelectThreads) {
+          if (big.cand.key[i] > kt_lin) {
+            gt_t += big.cand.n[i];
+            gt_m += big.cand.mass[i];
+          }
+        }
+        gt_t = RedLL(tmp.rll).Sum(gt_t);
+        __syncthreads();
+        gt_m = RedF(tmp.rf).Sum(gt_m);
+        if (t == 0) {
+          s_above_tok = at + gt_t;
+          s_above_mass = am + gt_m;
+          s_radix = 0;
+        }
+      } else if (t == 0) {
+        s_radix = 1;
+      }
+    } else if (t == 0) {
+      s_radix = s_all ? 0 : 1;
+    }
+  } else if (t == 0) {
+    s_radix = 1;
+  }
+  __syncthreads();
+  if (s_radix != 0 && t == 0) {
+    s_above_tok = 0;
+    s_above_mass = 0.f;
+    s_prefix = 0;
+    s_mask = 0;
+    s_all = 0;
+  }
+  __syncthreads();
+
+  // (b3) otherwise a weighted radix select of the threshold key.
+  for (int pass = 0; pass < ((KVRT_CLUSTER_PARTS & 1) == 0 && s_radix != 0 ? 4 : 0); ++pass) {
     const int shift = 24 - 8 * pass;
     for (int b = t; b < 256; b += kSelectThreads) {
       hist_tok[b] = 0;
@@ -564,8 +820,8 @@ __global__ void __launch_bounds__(kSelectThreads)
       const float w = __expf(d[i] + logf(static_cast<float>(n[i])) - M);
       selected[k] = j;
       if (k < kSelectKeep) {
-        sel_j[k] = j;
-        sel_w[k] = w;
+        big.sel.j[k] = j;
+        big.sel.w[k] = w;
       }
       sel_tok += n[i];
       lsel_t += w;
@@ -593,8 +849,8 @@ __global__ void __launch_bounds__(kSelectThreads)
     int j;
     float w;
     if (k < kSelectKeep) {
-      j = sel_j[k];
-      w = sel_w[k];
+      j = big.sel.j[k];
+      w = big.sel.w[k];
     } else {
       j = selected[k];
       w = __expf(dens[j] + logf(static_cast<float>(size[j])) - M);
@@ -635,8 +891,7 @@ int ClusterCtas(int ctiles, int kv_heads) {
     int sms = 0, per_sm = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ScoreKernel<D, MG>, kScoreThreads,
-                                                      0) !=
-            cudaSuccess) {
+                                                      0) != cudaSuccess) {
       (void)cudaGetLastError();
       return ctiles;
     }
@@ -655,7 +910,7 @@ Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale,
   *cctas = ClusterCtas<D, MG>(ctiles, s.kv_heads);
   const unsigned grid = static_cast<unsigned>((*cctas + otiles) * s.kv_heads);
   ScoreKernel<D, MG><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, *cctas, otiles,
-                                                      out.density, out.outlier_score, ws);
+                                                     out.density, out.outlier_score, ws);
   return LastLaunchErr();
 }
 

@@ -1134,14 +1134,16 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   params.estimate = cc.estimate;
 
   // Scratch: q f32 | density [H, C] | outlier scores [H, O] | selected [H, C] | count [H] |
-  // tokens [H] (int64, last).
+  // tokens [H] (int64) | the step's workspace (f32). NOTE: one allocation: the kernel's own
+  // workspace allocation sat between its launches, on the step's device chain.
   const std::size_t q_at = 0, density_at = q_at + static_cast<std::size_t>(H) * d * 4;
   const std::size_t outlier_at = density_at + static_cast<std::size_t>(H) * C * 4;
   const std::size_t selected_at =
       outlier_at + static_cast<std::size_t>(H) * std::max<int64_t>(O, 1) * 4;
   const std::size_t count_at = selected_at + static_cast<std::size_t>(H) * C * 4;
   const std::size_t tokens_at = (count_at + H * 4 + 7) / 8 * 8;
-  const std::size_t bytes = tokens_at + H * 8;
+  const std::size_t ws_at = (tokens_at + H * 8 + 255) / 256 * 256;
+  const std::size_t bytes = ws_at + gpu::ClusterStepWorkspaceFloats(summary_view_, H) * 4;
   KVRT_ASSIGN_OR_RETURN(void* scratch, transfer::MallocAsync(bytes, stream));
   struct FreeOnExit {
     void* p;
@@ -1169,7 +1171,8 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.est_o = step->o(kEstimateSlot, i);
   outs.est_lse = step->lse(kEstimateSlot, i);
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
-                                        params, outs, nullptr, stream));
+                                        params, outs, reinterpret_cast<float*>(dev + ws_at),
+                                        stream));
   // The direct step's page table follows the last admission. Its stream wait comes after the
   // selection, which reads neither pool nor table: the last step's page fill (PCIe) overlaps
   // the selection's kernels instead of delaying them.

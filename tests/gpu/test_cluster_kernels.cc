@@ -242,6 +242,8 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     int64_t budget;
     float top_p;
     bool padding;
+    int dup = 0;        // every dup-th cluster a copy of cluster 0 (exact ties), 0: none
+    float q_sd = 0.6f;  // 0: every density equal (a degenerate range)
   };
   const std::vector<Shape> shapes = {
       {1, 1, 64, 1, 0, 5, 0.f, false},
@@ -254,14 +256,29 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       {2, 4, 128, 0, 20, 100, 0.f, false},
       // More clusters than a 256K-token kv head (the selection's chunks, many radix bins).
       {1, 4, 128, 20000, 8, 3000, 0.f, true},
+      // Ties: half the clusters share one density (more than the threshold bin resolves in
+      // shared memory: the radix fallback), then one in 40 (resolved there), then all of them.
+      {1, 4, 128, 20000, 0, 155000, 0.f, false, 2},
+      {1, 4, 128, 20000, 0, 155000, 0.6f, false, 2},
+      {2, 4, 128, 8000, 0, 2000, 0.f, false, 40},
+      {2, 4, 128, 8000, 0, 60000, 0.3f, false, 40},
+      {2, 4, 64, 3000, 4, 9000, 0.f, false, 0, 0.f},
   };
   for (const Shape& sh : shapes) {
     SCOPED_TRACE(::testing::Message()
                  << "kv " << sh.kv << " g " << sh.g << " d " << sh.d << " C " << sh.c << " O "
-                 << sh.o << " budget " << sh.budget << " top_p " << sh.top_p);
+                 << sh.o << " budget " << sh.budget << " top_p " << sh.top_p << " dup " << sh.dup
+                 << " q_sd " << sh.q_sd);
     const int qh = sh.kv * sh.g;
-    const HostSummary s = MakeSummary(sh.kv, sh.d, sh.c, sh.o, 10 + sh.c, sh.padding);
-    const auto q = RandQ(qh, sh.d, 20 + sh.c, 0.6f);
+    HostSummary s = MakeSummary(sh.kv, sh.d, sh.c, sh.o, 10 + sh.c, sh.padding);
+    for (int h = 0; h < sh.kv && sh.dup > 0; ++h) {
+      const std::size_t c0 = std::size_t(h) * sh.c;
+      for (int j = sh.dup; j < sh.c; j += sh.dup) {
+        std::copy_n(s.cen.begin() + c0 * sh.d, sh.d, s.cen.begin() + (c0 + j) * sh.d);
+        s.spread[c0 + j] = s.spread[c0];
+      }
+    }
+    const auto q = RandQ(qh, sh.d, 20 + sh.c, sh.q_sd);
     ClusterStepParams p;
     p.q_heads = qh;
     p.budget_tokens = sh.budget;
@@ -286,6 +303,27 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       }
     }
     for (std::size_t i = 0; i < osc.size(); ++i) ASSERT_NEAR(osc[i], ref.osc[i], 1e-3) << i;
+    for (int h = 0; h < qh && sh.top_p == 0.f; ++h) {
+      // The kernel's own densities select exactly: descending density, ties in index order,
+      // while the tokens before a cluster are below the budget (no rounding to allow for).
+      std::vector<int32_t> order;
+      for (int j = 0; j < sh.c; ++j)
+        if (s.size[std::size_t(h / sh.g) * sh.c + j] > 0) order.push_back(j);
+      const float* dh = dens.data() + std::size_t(h) * sh.c;
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int32_t x, int32_t y) { return dh[x] > dh[y]; });
+      std::set<int32_t> want;
+      int64_t before = 0;
+      for (int32_t j : order) {
+        if (before >= sh.budget) break;
+        want.insert(j);
+        before += s.size[std::size_t(h / sh.g) * sh.c + j];
+      }
+      const std::set<int32_t> got(sel.begin() + std::size_t(h) * sh.c,
+                                  sel.begin() + std::size_t(h) * sh.c + cnt[h]);
+      ASSERT_EQ(got, want) << "head " << h;
+      ASSERT_EQ(tok[h], before) << "head " << h;
+    }
     for (int h = 0; h < qh; ++h) {
       // Selections agree up to clusters whose densities are within rounding of the threshold.
       std::set<int32_t> a(sel.begin() + std::size_t(h) * sh.c,
