@@ -12,7 +12,8 @@
 # step's kernels taken apart (tools/gpu_bench/*_parts.cu), BENCH=mix the direct step's kernel with
 # part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu), BENCH=ab-trace the build before
 # (BEFORE) against this one on one generated 128K trace, BENCH=ab-1m the same at 1M on generated
-# keys (BENCH takes a list); TESTS="" and
+# keys, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
+# beside the same runs synced per layer-step (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -207,6 +208,26 @@ if [[ "${1:-}" == "--device" ]]; then
         done
       done
       rm -f $trace
+    elif [[ "$bench" == pipe ]]; then
+      # bench decode pipelined (--pipeline: a step's layer-steps back to back, one wait per step,
+      # as a decoder runs them) beside the same run synced per layer-step: the 128K trace at B=1
+      # (8 layers) and B=16 (kvrt_attend_batch, 4 layers), generated keys at 1M (4 layers).
+      trace=/tmp/kvrt-pipe.safetensors
+      trace_128k $trace || rc=1
+      for mode in --pipeline ""; do
+        echo "=== kvrt: cluster 128K --trace, B=1, 8 layers ${mode:-synced per layer-step}"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --layers 8 --accuracy-steps 0 $mode || rc=1
+      done
+      echo "=== kvrt: cluster 128K --trace, B=16 (kvrt_attend_batch), 4 layers --pipeline"
+      timeout 200 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 16 \
+        --attend batch --layers 4 --accuracy-steps 0 --pipeline || rc=1
+      rm -f $trace
+      for mode in --pipeline ""; do
+        echo "=== kvrt: cluster 1M, B=1, 4 layers ${mode:-synced per layer-step}"
+        timeout 240 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 \
+          --accuracy-steps 0 $mode || rc=1
+      done
     elif [[ "$bench" == ab-1m ]]; then
       # bench decode at 1M (trace-like generated keys, the selection's largest shape), the build
       # before (kvrt_before) against this one, AB_ROUNDS rounds (default 1), B=1.

@@ -18,6 +18,10 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
       ->check(CLI::Range(0, 1000));
   cmd->add_option("--max-seconds", s->max_seconds, "measured time per run (>= 5 steps)")
       ->capture_default_str();
+  cmd->add_flag("--pipeline", s->pipeline,
+                "a step's layer-steps back to back with one wait per step, as a decoder runs "
+                "them (the host's calls overlap the device's work for the layers before): "
+                "p50/p99 are of a step's wall time over its layers; use several --layers");
   cmd->add_option("--sinks", s->sinks, "sink tokens")
       ->capture_default_str()
       ->check(CLI::Range(0, 1 << 20));
@@ -95,6 +99,7 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;
+  o.pipeline = s.pipeline;
   o.warmup = s.warmup;
   o.steps = s.steps;
   o.max_seconds = s.max_seconds;

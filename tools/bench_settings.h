@@ -18,13 +18,14 @@ struct DecodeSettings {
   double hot_cache = -1;      // config.hot_cache_fraction; < 0: the library's default
   double cluster_budget = 0;  // config.cluster_budget_fraction; 0: the library's default
   int direct_step = -1;       // config.cluster_direct_step; < 0: the library's default
+  bool pipeline = false;      // HarnessOptions::pipeline
   std::string memory = "device";
   bool device() const { return memory == "device" && use_gpu != 0; }
 };
 
 // --layers --steps --warmup --max-seconds --sinks --window --top-k --effort --threads --gpu
-// --memory --group-search --hot-cache --cluster-budget --direct-step, with the settings' current values as
-// defaults.
+// --memory --group-search --hot-cache --cluster-budget --direct-step --pipeline, with the settings'
+// current values as defaults.
 void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* settings);
 absl::Status CheckDecodeSettings(const DecodeSettings& settings);
 

@@ -197,6 +197,11 @@ int Run(BenchDecodeArgs a) {
       std::printf(
           "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, "
           "us\n");
+      if (a.run.pipeline)
+        std::printf(
+            "pipelined: a step's %d layer-steps back to back, one wait per step; p50/p99 of a "
+            "step's wall time over its layers (compare SDPA's pipelined mean)\n",
+            a.run.layers);
       if (measure)
         std::printf(
             "accuracy: sequence 0, layer 0, every %d-th measured step (at most %d) against exact "

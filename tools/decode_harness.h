@@ -19,6 +19,10 @@ struct HarnessOptions {
   int batch = 1;
   bool device = false;   // q, k, v, out in device memory (CUDA build)
   bool batched = false;  // kvrt_attend_batch_ex for B > 1
+  // The layer-steps of a step back to back, one wait per step: the host's calls for a layer
+  // overlap the device's work for the layers before, as in a decoder. latency_us then holds one
+  // value per measured step, its wall time over the layers; a captured step is not measured.
+  bool pipeline = false;
   int warmup = 3, steps = 30;
   double max_seconds = 20;  // measured time, at least 5 steps
   // Measured steps (absolute step numbers) whose output and attended positions of sequence 0,
@@ -33,7 +37,7 @@ struct CapturedStep {
 };
 
 struct HarnessResult {
-  std::vector<double> latency_us;            // per measured layer-step (all B sequences)
+  std::vector<double> latency_us;  // per measured layer-step (all B sequences); see pipeline
   kvrt_stats prefilled = kvrt_stats_init();  // after every prefill
   kvrt_stats begin = kvrt_stats_init();      // at the first measured step (after warm-up)
   kvrt_stats end = kvrt_stats_init();

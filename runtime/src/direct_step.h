@@ -137,8 +137,10 @@ class DirectStep {
   transfer::Event filled_;  // the admission's fill, on a stream of its own
   bool fill_pending_ = false;
 
-  // The last step's record, copied down in its stream: mask [G, C] then read_rows [2].
+  // The last step's record, copied down on a stream of its own after the step's attend
+  // (attended_), so that the step's merges do not queue behind it: mask [G, C] then read_rows [2].
   transfer::PinnedBlock rec_;
+  transfer::Event attended_;
   transfer::Event rec_ready_;
   bool rec_counted_ = false;
   int64_t rec_rows_ = 0;
