@@ -100,16 +100,30 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     transfer::ScopedDevice on_device(cfg.call_device());
     LayerState& l = *layers[members[j]];
     const int64_t t_settle = NowNs();
-    member_status[j] = l.SettleCold();
+    // A selection scored on the device settles the decode evictions once its kernels are queued.
+    const bool gpu_select = l.UsesGpuSelect(streaming);
+    member_status[j] = gpu_select ? l.SettleBeforeSelect() : l.SettleCold();
     if (!member_status[j].ok()) return;
     const int64_t t_cold = NowNs();
     l.counters_->time_d2h_ns += t_cold - t_settle;
+    int64_t late_settle_ns = 0;
+    auto settle_evictions = [&]() -> absl::Status {
+      const int64_t t = NowNs();
+      absl::Status st = l.SettleEvictions();  // nothing to do once settled
+      late_settle_ns += NowNs() - t;
+      return st;
+    };
     fetched[j] = l.cold_.AnyActive(streaming) && l.ChooseFetch();
-    if (l.UsesGpuSelect(streaming)) {
+    if (gpu_select) {
       // Two-level kind on the GPU backend: the summary is scored on the device, the selection
       // comes back, its estimate stays there for the merge.
       l.cold_.BeginSelection(streaming, &sel[j]);
-      member_status[j] = l.tier_->SelectClusters(step.get(), j, l.cold_, &sel[j], arena);
+      member_status[j] =
+          l.tier_->SelectClusters(step.get(), j, l.cold_, &sel[j], arena, settle_evictions);
+      // Settled in every outcome before the rows are read (a failure may have come first).
+      if (member_status[j].ok() || member_status[j].code() == absl::StatusCode::kFailedPrecondition)
+        if (absl::Status st = settle_evictions(); !st.ok()) member_status[j] = st;
+      l.counters_->time_d2h_ns += late_settle_ns;
       if (member_status[j].code() == absl::StatusCode::kFailedPrecondition) {
         // No summary yet (fewer cold rows than a segment): the selection runs on the CPU.
         member_status[j] = l.cold_.Select(step->q(j), streaming, arena, &sel[j],
@@ -138,7 +152,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
       states[j].cold = &cold_state[j];
     }
     if (!sel[j].estimate.empty()) states[j].estimate = &sel[j].estimate;
-    l.CountColdTime(sel[j], NowNs() - t_cold);
+    l.CountColdTime(sel[j], NowNs() - t_cold - late_settle_ns);
   };
   if (m == 1) {
     cold_phase(0);

@@ -287,7 +287,8 @@ class DeviceTier final : public TierBackend {
     return BuildPromptSegments(cold, k, v, exec.device, rows, lease.get(), &ctx_->pinned());
   }
   absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold, ColdSelection* sel,
-                              tbb::task_arena& arena) override;
+                              tbb::task_arena& arena,
+                              absl::FunctionRef<absl::Status()> settle_evictions) override;
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                       const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
@@ -1109,9 +1110,10 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
 }
 
 absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& cold,
-                                        ColdSelection* sel, tbb::task_arena& arena) {
+                                        ColdSelection* sel, tbb::task_arena& arena,
+                                        absl::FunctionRef<absl::Status()> settle_evictions) {
   auto* step = static_cast<DeviceStep*>(base);
-  const int64_t t0 = NowNs();
+  int64_t t0 = NowNs();  // the search's time: the eviction wait below is not part of it
   MemberStream member(ctx_, step);
   void* stream = member.get();
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
@@ -1151,8 +1153,8 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     ~FreeOnExit() { (void)transfer::FreeAsync(p, s); }
   } free_scratch{scratch, stream};
   auto* dev = static_cast<unsigned char*>(scratch);
-  const bool direct = direct_.Prepare(cold, stream);
-  if (direct && step->exec.device) {
+  const bool direct_q = direct_.Prepare(cold, stream);
+  if (direct_q && step->exec.device) {
     // q stays on the device: the step does not wait for its copy to the host.
     const std::size_t qb = static_cast<std::size_t>(H) * d * DTypeSize(cfg_->dtype);
     KVRT_RETURN_IF_ERROR(gpu::ConvertRowsToF32(
@@ -1173,6 +1175,14 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
                                         params, outs, reinterpret_cast<float*>(dev + ws_at),
                                         stream));
+  // The decode evictions enter the cold tier only now: the selection's kernels (they read the
+  // summary, not the rows) are queued before the host waits for the evictions' copies, which in a
+  // pipelined decoder wait for the device's work on the layers before. Everything below sees the
+  // settled rows (the direct step's registration and view are checked again for them).
+  const int64_t t_settle = NowNs();
+  KVRT_RETURN_IF_ERROR(settle_evictions());
+  t0 += NowNs() - t_settle;
+  const bool direct = direct_q && direct_.Prepare(cold, stream);
   // The direct step's page table follows the last admission. Its stream wait comes after the
   // selection, which reads neither pool nor table: the last step's page fill (PCIe) overlaps
   // the selection's kernels instead of delaying them.

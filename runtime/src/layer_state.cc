@@ -54,10 +54,16 @@ AppendPlan LayerState::PlanAppend(int64_t n) const {
 }
 
 absl::Status LayerState::SettleCold() {
-  cold_.AwaitIndexes();
-  KVRT_RETURN_IF_ERROR(tier_->SettlePrompt(&cold_));  // only if the prefill's job failed
-  return tier_->SettleEvictions(&cold_);
+  KVRT_RETURN_IF_ERROR(SettleBeforeSelect());
+  return SettleEvictions();
 }
+
+absl::Status LayerState::SettleBeforeSelect() {
+  cold_.AwaitIndexes();
+  return tier_->SettlePrompt(&cold_);  // only if the prefill's job failed
+}
+
+absl::Status LayerState::SettleEvictions() { return tier_->SettleEvictions(&cold_); }
 
 absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, const Exec& exec) {
   // The plan reads the cold tier's rows: a prefill's background job must be done with them.

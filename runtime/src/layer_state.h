@@ -66,6 +66,10 @@ class LayerState {
   // Before the store is read or grown: background work (a prefill's job, an index refresh) done,
   // staged and evicted rows moved in (Runtime::WaitSequence calls it too).
   absl::Status SettleCold();
+  // SettleCold in two parts, for a selection scored on the device: what the selection reads (the
+  // cold indexes, a prompt's job) before its kernels are queued, the decode evictions after.
+  absl::Status SettleBeforeSelect();
+  absl::Status SettleEvictions();
 
  private:
   AppendPlan PlanAppend(int64_t n) const;

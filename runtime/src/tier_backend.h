@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "cold_tier.h"
@@ -133,9 +134,13 @@ class TierBackend {
   // falls back to ColdTier::Select); ResourceExhausted past gpu_memory_limit. With a hot cache
   // (config.hot_cache_fraction), the selected rows are attended on the device as well and *sel
   // keeps only the rows left to the CPU (sel->cached counts the others).
+  // settle_evictions brings the layer's pending decode evictions into `cold`: it is called once
+  // the selection's kernels are queued (they read only the summary), before anything reads the
+  // cold rows, so that the host's wait for the evictions overlaps the device's work.
   virtual bool can_select_clusters() const = 0;
   virtual absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold,
-                                      ColdSelection* sel, tbb::task_arena& arena) = 0;
+                                      ColdSelection* sel, tbb::task_arena& arena,
+                                      absl::FunctionRef<absl::Status()> settle_evictions) = 0;
   // Phase 4 for every member at once: member i's tier state, its fetched state and states[i]
   // (host memory) merged once, into out [n, q_heads, d] (one launch on the device). Rows of
   // members with ok[i] = 0 (failed in phases 2-3) are left untouched.
