@@ -46,6 +46,11 @@ class ClusterIndex final : public KeyIndex {
     size_ = 0;
     metric_l_ = QueryMetricFactor(cfg_.query_aware ? queries : nullptr,
                                   cfg_.query_aware ? n_queries : 0, dim_, cfg_.metric_queries);
+    calib_q_.clear();
+    if (cfg_.calibrate_queries > 0 && queries != nullptr && n_queries > 0) {
+      const int64_t nq = std::min<int64_t>(n_queries, cfg_.calibrate_queries);
+      calib_q_.assign(queries + (n_queries - nq) * dim_, queries + n_queries * dim_);
+    }
     built_ = true;
     return Cover(store);
   }
@@ -132,7 +137,7 @@ class ClusterIndex final : public KeyIndex {
     return store_rows / cfg_.segment_tokens * cfg_.segment_tokens;
   }
   std::size_t MemoryBytes() const override {
-    return summary_.Bytes() + metric_l_.size() * sizeof(float) +
+    return summary_.Bytes() + (metric_l_.size() + calib_q_.size()) * sizeof(float) +
            pending_order_.capacity() * sizeof(int64_t);
   }
 
@@ -159,6 +164,9 @@ class ClusterIndex final : public KeyIndex {
         ConvertToF32(store.value(b), store.dtype(), v.size(), v.data());
         ClusterSegment(k.data(), v.data(), seg, dim_, metric_l_.data(), cfg_,
                        cfg_.seed + static_cast<uint64_t>(b), &parts[s]);
+        CalibrateSpreads(k.data(), seg, dim_, calib_q_.data(),
+                         static_cast<int64_t>(calib_q_.size()) / dim_, scale_, cfg_.spread_weight,
+                         &parts[s]);
       });
     });
     preset_.clear();  // used, or (rows the caller did not cover) stale
@@ -234,6 +242,7 @@ class ClusterIndex final : public KeyIndex {
   int64_t size_ = 0;
   ClusterSummary summary_;
   std::vector<float> metric_l_;
+  std::vector<float> calib_q_;  // the prompt's last queries, f32 (calibrate_queries > 0)
   int64_t pending_begin_ = 0;
   std::vector<int64_t> pending_order_;
   int64_t preset_begin_ = 0;

@@ -319,4 +319,39 @@ void AssembleSegment(const int32_t* assign, int64_t n, int64_t c, int dim, const
   out->num_outliers = outliers;
 }
 
+void CalibrateSpreads(const float* keys, int64_t n, int dim, const float* queries, int64_t nq,
+                      float scale, float spread_weight, SegmentClustering* part) {
+  if (nq <= 0 || spread_weight <= 0.f || part->size.empty()) return;
+  // Scores of every (query, key) and (query, centroid): two GEMMs, then per cluster the fit of
+  // a_c in  log mean_k exp(s q.k) - s q.mu_c  ~  a_c |q|^2  over the queries (least squares).
+  const int64_t c = static_cast<int64_t>(part->size.size());
+  std::vector<float> qk(static_cast<std::size_t>(nq) * n), qm(static_cast<std::size_t>(nq) * c);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq), static_cast<int>(n),
+              dim, scale, queries, dim, keys, dim, 0.f, qk.data(), static_cast<int>(n));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq), static_cast<int>(c),
+              dim, scale, queries, dim, part->centroid.data(), dim, 0.f, qm.data(),
+              static_cast<int>(c));
+  std::vector<double> qn2(nq, 0.0);
+  for (int64_t i = 0; i < nq; ++i)
+    for (int t = 0; t < dim; ++t) qn2[i] += double(queries[i * dim + t]) * queries[i * dim + t];
+  const double coef = 0.5 * double(spread_weight) * double(scale) * double(scale);
+  int64_t off = 0;
+  for (int64_t j = 0; j < c; ++j) {
+    const int32_t m = part->size[j];
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* row = qk.data() + i * n;
+      double mx = -INFINITY;
+      for (int32_t r = 0; r < m; ++r) mx = std::max<double>(mx, row[part->order[off + r]]);
+      double l = 0;
+      for (int32_t r = 0; r < m; ++r) l += std::exp(row[part->order[off + r]] - mx);
+      const double gap = mx + std::log(l / m) - qm[i * c + j];
+      num += gap * qn2[i];
+      den += qn2[i] * qn2[i];
+    }
+    if (den > 0) part->spread[j] = static_cast<float>(std::max(0.0, num / den) / coef);
+    off += m;
+  }
+}
+
 }  // namespace kvrt::cpu_index

@@ -430,13 +430,15 @@ __global__ void __launch_bounds__(kSelectThreads)
     grp_acc[r][dim] = a;
     if (dim == 0) grp_l[r] = lsum;
   }
-  if (t == 0) {
+  // The threshold's state before a search: nothing above, no prefix, not everything.
+  auto reset_threshold = [&] {
     s_above_tok = 0;
     s_above_mass = 0.f;
     s_prefix = 0;
     s_mask = 0;
     s_all = 0;
-  }
+  };
+  if (t == 0) reset_threshold();
   __syncthreads();
   if (t < D) {
     float a = 0.f;
@@ -628,13 +630,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     s_radix = 1;
   }
   __syncthreads();
-  if (s_radix != 0 && t == 0) {
-    s_above_tok = 0;
-    s_above_mass = 0.f;
-    s_prefix = 0;
-    s_mask = 0;
-    s_all = 0;
-  }
+  if (s_radix != 0 && t == 0) reset_threshold();
   __syncthreads();
 
   // (b3) otherwise a weighted radix select of the threshold key.

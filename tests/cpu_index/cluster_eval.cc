@@ -35,6 +35,7 @@ struct Variant {
   float spread;
   bool two_level = true;
   int refine = 2;
+  int calibrate = 0;  // ClusterConfig::calibrate_queries
 };
 
 struct Stats {
@@ -143,7 +144,7 @@ int main(int argc, char** argv) {
       (long long)cold, (long long)sinks, (long long)window, budget_fraction, (long long)min_budget,
       (long long)segment);
 
-  const std::vector<Variant> variants = {
+  std::vector<Variant> variants = {
       {"plain", false, 0.f, false, 0.f},
       {"plain+est", false, 0.f, true, 0.f},
       {"plain+est+outl", false, 0.004f, true, 0.f},
@@ -156,7 +157,21 @@ int main(int argc, char** argv) {
       {"qa+est+spread+outl/r0", true, 0.004f, true, 1.f, true, 0},
       {"qa+est+spread+outl/r1", true, 0.004f, true, 1.f, true, 1},
       {"qa+est+spread+outl/1L", true, 0.004f, true, 1.f, false},
+      {"qa+est+cal256+outl", true, 0.004f, true, 1.f, true, 2, 256},
+      {"qa+est+cal1024+outl", true, 0.004f, true, 1.f, true, 2, 1024},
   };
+  // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
+  if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
+    const std::string list = std::string(",") + only + ",";
+    std::vector<Variant> kept;
+    for (const Variant& v : variants)
+      if (list.find(std::string(",") + v.name + ",") != std::string::npos) kept.push_back(v);
+    if (kept.empty()) {
+      std::fprintf(stderr, "CLUSTER_EVAL_VARIANTS names no variant\n");
+      return 2;
+    }
+    variants = kept;
+  }
   std::vector<Stats> stats(variants.size());
 
   for (int layer = 0; layer < layers; ++layer) {
@@ -205,6 +220,7 @@ int main(int argc, char** argv) {
         cfg.cluster.spread_weight = variants[vi].spread;
         cfg.cluster.two_level = variants[vi].two_level;
         cfg.cluster.refine_iters = variants[vi].refine;
+        cfg.cluster.calibrate_queries = variants[vi].calibrate;
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();

@@ -478,5 +478,61 @@ TEST(ClusterIndex, QueryMetricFactorIsACholeskyFactor) {
   for (int i = 0; i < kDim; ++i) EXPECT_EQ(id[i * kDim + i], 1.f);
 }
 
+// CalibrateSpreads: with one query the calibrated density is that query's exact log mean exp over
+// the cluster's keys; identical keys get no spread; no queries (or spread_weight 0) change nothing.
+TEST(ClusterIndex, CalibratedSpreadMatchesTheExactLogMeanExp) {
+  const int64_t n = 600;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> k(static_cast<std::size_t>(n) * kDim), v(k.size());
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  for (int j = 0; j < kDim; ++j) k[599 * kDim + j] = k[598 * kDim + j];  // rows 598, 599 alike
+  ClusterConfig cfg;
+  cfg.cluster_size = 8;
+  cfg.outlier_fraction = 0.f;
+  SegmentClustering part;
+  const auto l = QueryMetricFactor(nullptr, 0, kDim, 1);
+  ClusterSegment(k.data(), v.data(), n, kDim, l.data(), cfg, 3, &part);
+  const float scale = 0.125f;
+  const auto q = RandomQuery(11);
+  SegmentClustering uncal = part;
+  CalibrateSpreads(k.data(), n, kDim, q.data(), 0, scale, 1.f, &part);
+  EXPECT_EQ(part.spread, uncal.spread);
+  CalibrateSpreads(k.data(), n, kDim, q.data(), 1, scale, 0.f, &part);
+  EXPECT_EQ(part.spread, uncal.spread);
+  CalibrateSpreads(k.data(), n, kDim, q.data(), 1, scale, 1.f, &part);
+  double qn2 = 0;
+  for (float x : q) qn2 += double(x) * x;
+  int64_t off = 0;
+  for (std::size_t c = 0; c < part.size.size(); ++c) {
+    const int32_t m = part.size[c];
+    double mx = -INFINITY, l_sum = 0, qmu = 0;
+    std::vector<double> sc(m);
+    for (int32_t r = 0; r < m; ++r) {
+      const float* row = k.data() + part.order[off + r] * kDim;
+      double a = 0;
+      for (int j = 0; j < kDim; ++j) a += double(q[j]) * row[j];
+      sc[r] = scale * a;
+      mx = std::max(mx, sc[r]);
+    }
+    for (double x : sc) l_sum += std::exp(x - mx);
+    for (int j = 0; j < kDim; ++j) qmu += double(q[j]) * part.centroid[c * kDim + j];
+    const double exact = mx + std::log(l_sum / m);
+    const double density = scale * qmu + 0.5 * scale * scale * qn2 * part.spread[c];
+    EXPECT_GE(part.spread[c], 0.f) << c;
+    // Jensen: the exact value is at least the mean key's, so the fit is never clamped here.
+    EXPECT_NEAR(density, exact, 1e-4 * (1 + std::fabs(exact))) << "cluster " << c;
+    bool alike = true;
+    for (int32_t r = 1; r < m && alike; ++r)
+      for (int j = 0; j < kDim; ++j)
+        alike = alike && k[part.order[off + r] * kDim + j] == k[part.order[off] * kDim + j];
+    if (alike) {
+      EXPECT_NEAR(part.spread[c], 0.f, 1e-3) << "cluster " << c;
+    }
+    off += m;
+  }
+}
+
 }  // namespace
 }  // namespace kvrt::cpu_index
