@@ -101,8 +101,10 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     LayerState& l = *layers[members[j]];
     const int64_t t_settle = NowNs();
     // A selection scored on the device settles the decode evictions once its kernels are queued.
+    member_status[j] = l.SettleBeforeSelect();
+    if (!member_status[j].ok()) return;
     const bool gpu_select = l.UsesGpuSelect(streaming);
-    member_status[j] = gpu_select ? l.SettleBeforeSelect() : l.SettleCold();
+    if (!gpu_select) member_status[j] = l.SettleEvictions();
     if (!member_status[j].ok()) return;
     const int64_t t_cold = NowNs();
     l.counters_->time_d2h_ns += t_cold - t_settle;
