@@ -556,7 +556,10 @@ __global__ void __launch_bounds__(kSelectThreads)
     first = s_above_tok;
     __syncthreads();
     if (first == LLONG_MAX) {
-      if (t == 0) s_all = 1;  // the whole set does not reach the criterion
+      if (t == 0) {  // the whole set does not reach the criterion
+        s_all = 1;
+        s_above_tok = 0;  // (it held the broadcast)
+      }
     } else if (first / kLinItems == t) {
       const int k = static_cast<int>(first % kLinItems);
       s_bin = kLinBins - 1 - static_cast<int>(first);
