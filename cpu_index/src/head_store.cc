@@ -147,6 +147,7 @@ absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& o
   if (begin < 0 || begin + n > size_)
     return absl::InvalidArgumentError(absl::StrCat("store permute: rows [", begin, ", ", begin + n,
                                                    ") exceed the store's ", size_));
+  if (n == 0) return absl::OkStatus();  // (memcpy from an empty vector's null data is undefined)
   std::vector<char> seen(n, 0);
   for (int64_t o : order) {
     if (o < 0 || o >= n || seen[o])
