@@ -58,19 +58,27 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-// a[i] = q_i . x for the MG queries of a group (row i of qs, zero past the group), x's E dims per
-// lane. NOTE: every query's butterfly runs, whether or not i < g, so that the MG reductions
-// interleave; stopping at the group size put each behind a branch, one after another (the same
-// pattern cost the direct step's attention a third of its time, docs/benchmarks.md).
+// a[i] = the lane's share of q_i . x for the MG queries of a group (row i of qs, zero past the
+// group): x's E dims per lane.
 template <int E, int MG, int D>
-__device__ __forceinline__ void GroupDots(const float (&qs)[MG][D], int lane, const float (&x)[E],
-                                          float (&a)[MG]) {
+__device__ __forceinline__ void PartialDots(const float (&qs)[MG][D], int lane, const float (&x)[E],
+                                            float (&a)[MG]) {
 #pragma unroll
   for (int i = 0; i < MG; ++i) {
     a[i] = 0.f;
 #pragma unroll
     for (int e = 0; e < E; ++e) a[i] += qs[i][lane * E + e] * x[e];
   }
+}
+
+// a[i] = q_i . x in every lane (PartialDots, then a butterfly per query). NOTE: every query's
+// butterfly runs, whether or not i < g, so that the MG reductions interleave; stopping at the
+// group size put each behind a branch, one after another (the same pattern cost the direct
+// step's attention a third of its time, docs/benchmarks.md).
+template <int E, int MG, int D>
+__device__ __forceinline__ void GroupDots(const float (&qs)[MG][D], int lane, const float (&x)[E],
+                                          float (&a)[MG]) {
+  PartialDots<E, MG>(qs, lane, x, a);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
@@ -265,12 +273,7 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
         continue;
       }
       float a[MG];
-#pragma unroll
-      for (int i = 0; i < MG; ++i) {
-        a[i] = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; ++e) a[i] += qs[i][lane * E + e] * cen[e];
-      }
+      PartialDots<E, MG>(qs, lane, cen, a);
       const float dens = scale * ReduceScatter<MG>(a, lane) + spread_coef * own_qn2 * spread;
       if ((lane & ((1 << kShift) - 1)) == 0 && own < g)
         density[(static_cast<size_t>(h) * g + own) * c_n + j] = dens;
@@ -473,6 +476,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   // keys at or above it reach the criterion; s_above_* hold those of the keys above it. Each pass
   // walks the clusters in chunks of kSelectItems per thread, all of a chunk's loads issued before
   // any is used (the walk is latency-bound otherwise: one CTA per q head, a handful per SM).
+  // A cluster's estimated mass relative to the total's max (the selection's and the estimate's).
   auto mass_of = [&](float dj, int nj) { return __expf(dj + logf(static_cast<float>(nj)) - M); };
   auto for_each_cluster = [&](auto&& f) {
     for (int base = 0; base < c_n; base += kSelectThreads * kSelectItems) {
@@ -675,7 +679,7 @@ __global__ void __launch_bounds__(kSelectThreads)
         const uint32_t u = OrderedKey(n[i] > 0 ? dj[i] : 0.f);
         const bool in = n[i] > 0 && (u & mask) == prefix;
         const int bin = in ? static_cast<int>((u >> shift) & 255) : -1;
-        auto mass = [&] { return in ? __expf(dj[i] + logf(static_cast<float>(n[i])) - M) : 0.f; };
+        auto mass = [&] { return in ? mass_of(dj[i], n[i]) : 0.f; };
         const int bin0 = __shfl_sync(0xffffffffu, bin, 0);
         if (__all_sync(0xffffffffu, bin == bin0)) {  // warp-uniform
           if (bin0 < 0) continue;
@@ -797,8 +801,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     if (use_p && any_eq) {
 #pragma unroll
-      for (int i = 0; i < kItems; ++i)
-        mass_in[i] = eq[i] ? __expf(d[i] + logf(static_cast<float>(n[i])) - M) : 0.f;
+      for (int i = 0; i < kItems; ++i) mass_in[i] = eq[i] ? mass_of(d[i], n[i]) : 0.f;
       ScanF(tmp.f).ExclusiveSum(mass_in, tie_m, agg_m);
       __syncthreads();
     }
@@ -816,7 +819,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       if (!sel_in[i]) continue;
       const int k = carry_count + pos[i];
       const int j = base + t * kItems + i;
-      const float w = __expf(d[i] + logf(static_cast<float>(n[i])) - M);
+      const float w = mass_of(d[i], n[i]);
       selected[k] = j;
       if (k < kSelectKeep) {
         big.sel.j[k] = j;
@@ -852,7 +855,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       w = big.sel.w[k];
     } else {
       j = selected[k];
-      w = __expf(dens[j] + logf(static_cast<float>(size[j])) - M);
+      w = mass_of(dens[j], size[j]);
     }
     a += w * __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(
                  s.value_mean)[(static_cast<size_t>(h) * c_n + j) * D + dim]);
