@@ -47,8 +47,17 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "the cold tokens (0 = off; default: the library's)")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--cluster-budget", s->cluster_budget,
-                  "config.cluster_budget_fraction: cold tokens the cluster kind attends per q "
-                  "head and step, as a fraction of the clustered ones (default: the library's)")
+                  "config.cluster_budget_fraction: cold tokens the cluster kind selects per step "
+                  "(per kv head with group selection, else per q head), as a fraction of the "
+                  "clustered ones (default: the library's)")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--group-select", s->group_select,
+                  "config.cluster_group_select: 1 = one cluster selection per kv head shared by "
+                  "its q heads, 0 = one per q head (default: the library's)")
+      ->check(CLI::Range(0, 1));
+  cmd->add_option("--top-p", s->top_p,
+                  "config.cluster_top_p: > 0 also ends the cluster selection at this share of "
+                  "the estimated mass (default: the library's)")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--direct-step", s->direct_step,
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
@@ -96,6 +105,8 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   if (s.hot_cache >= 0) c.hot_cache_fraction = static_cast<float>(s.hot_cache);
   if (s.cluster_budget > 0) c.cluster_budget_fraction = static_cast<float>(s.cluster_budget);
   if (s.direct_step >= 0) c.cluster_direct_step = s.direct_step;
+  if (s.group_select >= 0) c.cluster_group_select = s.group_select;
+  if (s.top_p >= 0) c.cluster_top_p = static_cast<float>(s.top_p);
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;

@@ -72,7 +72,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 4
+#define KVRT_VERSION_PATCH 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -226,10 +226,12 @@ typedef struct kvrt_config {
                                  only what gpu_memory_limit leaves: without room, the step attends on
                                  the CPU as with 0. Counted in gpu_allocated_bytes and
                                  hot_cache_gpu_bytes. 0 = off; in [0, 1] [0.1]. Since 0.3.1. */
-  float cluster_budget_fraction; /* KVRT_INDEX_CLUSTER: cold tokens attended per q head and step,
-                                    as a fraction of the clustered cold tokens (at least top_k and
+  float cluster_budget_fraction; /* KVRT_INDEX_CLUSTER: cold tokens selected per step, as a
+                                    fraction of the clustered cold tokens (at least top_k and
                                     256): the best clusters up to that many tokens, plus the
-                                    outliers and the rows not clustered yet; in (0, 1] [0.02].
+                                    outliers and the rows not clustered yet. Per kv head with
+                                    cluster_group_select (the default since 0.3.5: [0.03]), per
+                                    q head without it (0.3.1-0.3.4: per q head, 0.02); in (0, 1].
                                     Since 0.3.1. */
   int32_t cuda_device;        /* GPU backend: the CUDA device ordinal this runtime uses (its
                                  buffers, streams and kernels; the kvrt_exec streams passed to it
@@ -270,6 +272,20 @@ typedef struct kvrt_config {
                                is 0 [0] */
   int32_t worker_cpu_count; /* CPUs in the range; 0 = not bound: the threads run wherever the
                                process may run [0] */
+  int32_t cluster_group_select; /* KVRT_INDEX_CLUSTER: 1 = one selection per kv head, shared by
+                                   the q heads of its group: clusters ranked by their share of
+                                   each head's estimated attention mass, summed over the group,
+                                   and cluster_budget_fraction counts the rows read once per kv
+                                   head (what a step moves or scans), not per q head; every head
+                                   still attends them exactly and estimates the rest with its own
+                                   scores. 0 = each q head selects its own clusters (the group
+                                   then reads up to group x the budget). At equal rows read per
+                                   kv head the shared selection had the lower error on the traces
+                                   of docs/fidelity.md ("Group selection") [1]. Since 0.3.5. */
+  float cluster_top_p;          /* KVRT_INDEX_CLUSTER: > 0 also ends a selection once its
+                                   clusters hold this share of the estimated mass (Twilight-style
+                                   top-p; whichever of budget and top-p comes first); 0 = the
+                                   budget alone; in [0, 1] [0]. Since 0.3.5. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

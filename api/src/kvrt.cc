@@ -130,6 +130,8 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.use_gpu = c.use_gpu;
   r.hot_cache_fraction = c.hot_cache_fraction;
   r.index.cluster.budget_fraction = c.cluster_budget_fraction;
+  r.index.cluster.group_select = c.cluster_group_select != 0;
+  r.index.cluster.top_p = c.cluster_top_p;
   r.cuda_device = c.cuda_device;
   r.direct_step = c.cluster_direct_step != 0;
   r.worker_cpu_first = c.worker_cpu_first;
@@ -154,10 +156,15 @@ constexpr std::size_t kConfigSize031 =
 constexpr std::size_t kConfigSize033 =
     (offsetof(kvrt_config, cluster_direct_step) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
     alignof(kvrt_config) * alignof(kvrt_config);
+// 0.3.4 ended at worker_cpu_count (cluster_group_select and cluster_top_p, 0.3.5, follow it).
+constexpr std::size_t kConfigSize034 =
+    (offsetof(kvrt_config, worker_cpu_count) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+    alignof(kvrt_config) * alignof(kvrt_config);
 constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, kConfigSize033,
-                                        sizeof(kvrt_config)};
+                                        kConfigSize034, sizeof(kvrt_config)};
 static_assert(kConfigSize031 < kConfigSize033, "0.3.3's field must change the size");
-static_assert(kConfigSize033 < sizeof(kvrt_config), "0.3.4's fields must change the size");
+static_assert(kConfigSize033 < kConfigSize034, "0.3.4's fields must change the size");
+static_assert(kConfigSize034 < sizeof(kvrt_config), "0.3.5's fields must change the size");
 constexpr std::size_t kStatsSizes[] = {
     offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
     offsetof(kvrt_stats, attends_direct), offsetof(kvrt_stats, time_background_wait_ns),
@@ -211,11 +218,13 @@ kvrt_config Defaults() {
   c.group_search = 0;
   c.cold_attention = KVRT_COLD_CPU;
   c.hot_cache_fraction = 0.1f;
-  c.cluster_budget_fraction = 0.02f;
+  c.cluster_budget_fraction = 0.03f;
   c.cuda_device = -1;
   c.cluster_direct_step = 1;
   c.worker_cpu_first = 0;
   c.worker_cpu_count = 0;
+  c.cluster_group_select = 1;
+  c.cluster_top_p = 0.f;
   return c;
 }
 
@@ -228,6 +237,7 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
   const std::size_t prefix = size == kConfigSize030   ? offsetof(kvrt_config, hot_cache_fraction)
                              : size == kConfigSize031 ? offsetof(kvrt_config, cluster_direct_step)
                              : size == kConfigSize033 ? offsetof(kvrt_config, worker_cpu_first)
+                             : size == kConfigSize034 ? offsetof(kvrt_config, cluster_group_select)
                                                       : size;
   std::memcpy(out, in, prefix);
   out->struct_size = sizeof(kvrt_config);

@@ -105,10 +105,23 @@ class ClusterIndex final : public KeyIndex {
     }
     for (int i = 0; i < nq; ++i)
       for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
-    for (int i = 0; i < nq; ++i) {
-      Finish(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
-             oscores.data() + i * no, params, &outs[i]);
+    if (!cfg_.group_select || nq == 1) {
+      for (int i = 0; i < nq; ++i) {
+        Finish(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
+               oscores.data() + i * no, params, &outs[i]);
+      }
+      return absl::OkStatus();
     }
+    // One selection for the group, by the group key; each query's own estimate.
+    std::vector<float> density(static_cast<std::size_t>(nq) * c), key(c);
+    for (int i = 0; i < nq; ++i)
+      Density(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
+              density.data() + i * c);
+    GroupSelectionKey(summary_, density.data(), nq, key.data());
+    std::vector<int32_t> sel;
+    const int64_t tokens = SelectClusters(summary_, key.data(), Budget(params), cfg_.top_p, &sel);
+    for (int i = 0; i < nq; ++i)
+      Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i]);
     return absl::OkStatus();
   }
 
@@ -195,21 +208,36 @@ class ClusterIndex final : public KeyIndex {
     return absl::OkStatus();
   }
 
-  void Finish(const float* q, const float* scores, const float* oscores, const SearchParams& params,
-              SearchResult* out) const {
-    const int64_t c = summary_.num_clusters();
-    const int64_t no = static_cast<int64_t>(summary_.outliers.size());
+  // density [C] of query q from its unscaled centroid scores.
+  void Density(const float* q, const float* scores, float* density) const {
     float qn2 = 0;
     for (int t = 0; t < dim_; ++t) qn2 += q[t] * q[t];
-    std::vector<float> density(c);
-    ClusterDensity(summary_, scores, qn2, scale_, cfg_.spread_weight, density.data());
-    const int64_t rows = size_ - no;
-    const int64_t budget = std::max<int64_t>(
+    ClusterDensity(summary_, scores, qn2, scale_, cfg_.spread_weight, density);
+  }
+
+  int64_t Budget(const SearchParams& params) const {
+    const int64_t rows = size_ - static_cast<int64_t>(summary_.outliers.size());
+    return std::max<int64_t>(
         {static_cast<int64_t>(params.k),
          static_cast<int64_t>(std::ceil(static_cast<double>(cfg_.budget_fraction) * rows)),
          cfg_.min_budget_tokens});
+  }
+
+  void Finish(const float* q, const float* scores, const float* oscores, const SearchParams& params,
+              SearchResult* out) const {
+    std::vector<float> density(summary_.num_clusters());
+    Density(q, scores, density.data());
     std::vector<int32_t> sel;
-    const int64_t tokens = SelectClusters(summary_, density.data(), budget, cfg_.top_p, &sel);
+    const int64_t tokens =
+        SelectClusters(summary_, density.data(), Budget(params), cfg_.top_p, &sel);
+    Emit(density.data(), sel, tokens, oscores, out);
+  }
+
+  // The result of one query: outliers (best first), the selected clusters' rows, its estimate.
+  void Emit(const float* density, const std::vector<int32_t>& sel, int64_t tokens,
+            const float* oscores, SearchResult* out) const {
+    const int64_t c = summary_.num_clusters();
+    const int64_t no = static_cast<int64_t>(summary_.outliers.size());
     out->ids.clear();
     out->scores.clear();
     out->ids.reserve(no + tokens);
@@ -226,7 +254,7 @@ class ClusterIndex final : public KeyIndex {
     out->scanned = c + no;
     if (cfg_.estimate) {
       out->est_o.resize(dim_);
-      EstimateUnselected(summary_, density.data(), sel, out->est_o.data(), &out->est_lse);
+      EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse);
       if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.clear();
     } else {
       out->est_o.clear();
@@ -270,6 +298,7 @@ std::string ClusterSearchSettings(const IndexConfig& c, int k, int) {
   return absl::StrCat("clusters of ~", cc.cluster_size, " keys, budget max(", k, ", ",
                       cc.budget_fraction * 100, "% of clustered keys, ", cc.min_budget_tokens,
                       ") tokens", cc.top_p > 0 ? absl::StrCat(" or top-p ", cc.top_p) : "",
+                      cc.group_select ? " per kv head (group selection)" : " per query",
                       " + outliers; estimate ", cc.estimate ? "on" : "off");
 }
 

@@ -62,6 +62,36 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
   return tokens;
 }
 
+void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key) {
+  const int64_t c = s.num_clusters();
+  std::vector<double> lse(nq, -INFINITY);
+  for (int i = 0; i < nq; ++i) {
+    const float* di = density + static_cast<std::size_t>(i) * c;
+    double m = -INFINITY;
+    for (int64_t j = 0; j < c; ++j)
+      if (s.size[j] > 0) m = std::max<double>(m, di[j] + std::log(double(s.size[j])));
+    if (m == -INFINITY) continue;
+    double l = 0;
+    for (int64_t j = 0; j < c; ++j)
+      if (s.size[j] > 0) l += std::exp(di[j] + std::log(double(s.size[j])) - m);
+    lse[i] = m + std::log(l);
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    if (s.size[j] <= 0) {
+      key[j] = -INFINITY;
+      continue;
+    }
+    double m = -INFINITY;
+    for (int i = 0; i < nq; ++i)
+      if (lse[i] > -INFINITY) m = std::max<double>(m, density[i * c + j] - lse[i]);
+    double l = 0;
+    if (m > -INFINITY)
+      for (int i = 0; i < nq; ++i)
+        if (lse[i] > -INFINITY) l += std::exp(density[i * c + j] - lse[i] - m);
+    key[j] = m == -INFINITY ? -INFINITY : static_cast<float>(m + std::log(l));
+  }
+}
+
 void EstimateUnselected(const ClusterSummary& s, const float* density,
                         const std::vector<int32_t>& selected, float* o, float* lse) {
   const int d = s.dim;

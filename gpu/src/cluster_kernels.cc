@@ -30,6 +30,8 @@ absl::Status CheckCluster(const ClusterSummaryView& s, const ClusterStepParams& 
       out.selected_tokens == nullptr || out.est_o == nullptr || out.est_lse == nullptr) {
     return absl::InvalidArgumentError("ClusterStep: null summary array or output");
   }
+  if (p.group_select && p.q_heads > s.kv_heads && s.num_clusters > 0 && out.group_key == nullptr)
+    return absl::InvalidArgumentError("ClusterStep: group_select needs outputs.group_key");
   if (!(p.top_p >= 0.f && p.top_p <= 1.f) || !std::isfinite(p.scale) || p.scale < 0.f) {
     return absl::InvalidArgumentError("ClusterStep: top_p must be in [0, 1], scale finite >= 0");
   }

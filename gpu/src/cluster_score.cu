@@ -51,6 +51,8 @@ constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in sh
 constexpr int kLinBins = 4096;     // linear bins of the selection's one histogram pass
 constexpr int kLinItems = kLinBins / kSelectThreads;
 constexpr int kCandCap = 1024;  // clusters of the threshold bin resolved in shared memory
+constexpr int kKeyThreads = 256;    // GroupKeyKernel
+constexpr int kKeyClusters = 2048;  // clusters per CTA of GroupKeyKernel
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
@@ -355,11 +357,62 @@ __device__ __forceinline__ uint32_t OrderedKey(float f) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// Group selection's keys (cluster_kernels.h): grid (cluster chunks, kv heads). Each CTA first
+// merges its group's tile states into each head's log total (as SelectKernel does), then
+// key_c = log sum_h exp(density_{h,c} - lse_h) for its chunk of clusters.
+template <int D>
+__global__ void __launch_bounds__(kKeyThreads)
+    GroupKeyKernel(ClusterSummaryView s, int g, int tiles, const float* __restrict__ density,
+                   const float* __restrict__ partial, float* __restrict__ key) {
+  __shared__ float s_lse[kClusterMaxGroup];
+  const int h = blockIdx.y, c_n = s.num_clusters, t = threadIdx.x;
+  const int lane = t & 31, warp = t >> 5;
+  for (int i = warp; i < g; i += kKeyThreads / 32) {
+    const float* part = partial + static_cast<size_t>(h * g + i) * tiles * (D + 2);
+    float m = -INFINITY;
+    for (int k = lane; k < tiles; k += 32) m = fmaxf(m, part[static_cast<size_t>(k) * (D + 2)]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float l = 0.f;
+    if (m != -INFINITY) {
+      for (int k = lane; k < tiles; k += 32) {
+        const float* pk = part + static_cast<size_t>(k) * (D + 2);
+        l += pk[0] == -INFINITY ? 0.f : __expf(pk[0] - m) * pk[1];
+      }
+    }
+    l = WarpSum(l);
+    if (lane == 0) s_lse[i] = m == -INFINITY ? -INFINITY : m + logf(l);
+  }
+  __syncthreads();
+  const int end = min(c_n, (blockIdx.x + 1) * kKeyClusters);
+  for (int j = blockIdx.x * kKeyClusters + t; j < end; j += kKeyThreads) {
+    float kj = -INFINITY;
+    if (s.size[static_cast<size_t>(h) * c_n + j] > 0) {
+      float dv[kClusterMaxGroup];
+      float m = -INFINITY;
+      for (int i = 0; i < g; ++i) {
+        dv[i] = s_lse[i] == -INFINITY
+                    ? -INFINITY
+                    : density[static_cast<size_t>(h * g + i) * c_n + j] - s_lse[i];
+        m = fmaxf(m, dv[i]);
+      }
+      if (m != -INFINITY) {
+        float l = 0.f;
+        for (int i = 0; i < g; ++i) l += dv[i] == -INFINITY ? 0.f : __expf(dv[i] - m);
+        kj = m + logf(l);
+      }
+    }
+    key[static_cast<size_t>(h) * c_n + j] = kj;
+  }
+}
+
+// gkey: null, or the group keys [kv_heads, C] (group selection): the selection ranks and counts
+// by them, the estimate weighs by the head's own densities.
 template <int D>
 __global__ void __launch_bounds__(kSelectThreads)
     SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p, int estimate,
                  const float* __restrict__ density, const float* __restrict__ partial,
-                 ClusterStepOutputs out) {
+                 const float* __restrict__ gkey, ClusterStepOutputs out) {
   using ScanF = cub::BlockScan<float, kSelectThreads>;
   using ScanI = cub::BlockScan<int, kSelectThreads>;
   using RedF = cub::BlockReduce<float, kSelectThreads>;
@@ -406,6 +459,8 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int t = threadIdx.x;
   const int dim = t % D, r = t / D;
   const float* dens = density + static_cast<size_t>(qh) * c_n;
+  const bool grp = gkey != nullptr;
+  const float* skey = grp ? gkey + static_cast<size_t>(h) * c_n : dens;  // what selects
   const int32_t* size = s.size + static_cast<size_t>(h) * c_n;
   const float* part = partial + static_cast<size_t>(qh) * tiles * (D + 2);
 
@@ -457,8 +512,10 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
   __syncthreads();
   const float L = s_l;
-  const float target_mass = top_p * L;
   const bool use_p = top_p > 0.f;
+  // The selection's masses: the head's own relative to its max, or (group) the keys' shares.
+  const float Ms = grp ? 0.f : M;
+  float target_mass = top_p * L;  // (group: set from the keys' total below)
   if (M == -INFINITY || budget <= 0) {  // nothing to select
     if (t == 0) {
       out.selected_count[qh] = 0;
@@ -478,6 +535,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   // any is used (the walk is latency-bound otherwise: one CTA per q head, a handful per SM).
   // A cluster's estimated mass relative to the total's max (the selection's and the estimate's).
   auto mass_of = [&](float dj, int nj) { return __expf(dj + logf(static_cast<float>(nj)) - M); };
+  auto smass_of = [&](float dj, int nj) {
+    return __expf(dj + logf(static_cast<float>(nj)) - Ms);
+  };
   auto for_each_cluster = [&](auto&& f) {
     for (int base = 0; base < c_n; base += kSelectThreads * kSelectItems) {
       int n[kSelectItems];
@@ -486,7 +546,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       for (int i = 0; i < kSelectItems; ++i) {
         const int j = base + i * kSelectThreads + t;
         n[i] = j < c_n ? size[j] : 0;
-        dj[i] = j < c_n ? dens[j] : 0.f;
+        dj[i] = j < c_n ? skey[j] : 0.f;
       }
 #pragma unroll
       for (int i = 0; i < kSelectItems; ++i)
@@ -496,17 +556,28 @@ __global__ void __launch_bounds__(kSelectThreads)
   // (b1) the range of the densities, then one histogram over linear bins of it. The bin is a
   // non-decreasing function of the density, so every key of a higher bin is above every key of a
   // lower one.
-  float lo = INFINITY, hi = -INFINITY;
+  float lo = INFINITY, hi = -INFINITY, ls = 0.f;
+  const bool key_total = grp && use_p;
   if constexpr ((KVRT_CLUSTER_PARTS & 1) == 0) {
-    for_each_cluster([&](float dj, int) {
+    for_each_cluster([&](float dj, int nj) {
       lo = fminf(lo, dj);
       hi = fmaxf(hi, dj);
+      if (key_total) ls += smass_of(dj, nj);
     });
   }
   lo = RedF(tmp.rf).Reduce(lo, MinOp());
   __syncthreads();
   hi = RedF(tmp.rf).Reduce(hi, MaxOp());
+  __syncthreads();
+  if (key_total) {
+    ls = RedF(tmp.rf).Sum(ls);
+    if (t == 0) s_above_mass = ls;  // broadcast (reset below)
+    __syncthreads();
+    target_mass = top_p * s_above_mass;
+    __syncthreads();
+  }
   if (t == 0) {
+    s_above_mass = 0.f;
     s_lo = lo;
     s_hi = hi;
     s_ncand = 0;
@@ -530,7 +601,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     for_each_cluster([&](float dj, int nj) {
       const int b = bin_of(dj);
       atomicAdd(&big.lin.tok[b], static_cast<unsigned>(nj));
-      if (use_p) atomicAdd(&big.lin.mass[b], mass_of(dj, nj));
+      if (use_p) atomicAdd(&big.lin.mass[b], smass_of(dj, nj));
     });
     __syncthreads();
     // Thread t holds bins kLinBins - 1 - (t * kLinItems + k): an inclusive scan from the top.
@@ -581,7 +652,7 @@ __global__ void __launch_bounds__(kSelectThreads)
         if (slot >= kCandCap) return;
         big.cand.key[slot] = OrderedKey(dj);
         big.cand.n[slot] = nj;
-        big.cand.mass[slot] = use_p ? mass_of(dj, nj) : 0.f;
+        big.cand.mass[slot] = use_p ? smass_of(dj, nj) : 0.f;
       });
       __syncthreads();
       const int nc = s_ncand;
@@ -670,7 +741,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       for (int i = 0; i < kSelectItems; ++i) {
         const int j = base + i * kSelectThreads + t;  // a warp's lanes: consecutive clusters
         n[i] = j < c_n ? size[j] : 0;
-        dj[i] = j < c_n ? dens[j] : 0.f;
+        dj[i] = j < c_n ? skey[j] : 0.f;
       }
       // NOTE: every lane runs every item (n = 0 counts nothing) so that lanes of one bin combine
       // their tokens before one atomic.
@@ -679,7 +750,7 @@ __global__ void __launch_bounds__(kSelectThreads)
         const uint32_t u = OrderedKey(n[i] > 0 ? dj[i] : 0.f);
         const bool in = n[i] > 0 && (u & mask) == prefix;
         const int bin = in ? static_cast<int>((u >> shift) & 255) : -1;
-        auto mass = [&] { return in ? mass_of(dj[i], n[i]) : 0.f; };
+        auto mass = [&] { return in ? smass_of(dj[i], n[i]) : 0.f; };
         const int bin0 = __shfl_sync(0xffffffffu, bin, 0);
         if (__all_sync(0xffffffffu, bin == bin0)) {  // warp-uniform
           if (bin0 < 0) continue;
@@ -777,7 +848,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int i = 0; i < kItems; ++i) {
       const int j = base + t * kItems + i;
       n[i] = j < c_n ? size[j] : 0;
-      d[i] = j < c_n ? dens[j] : 0.f;
+      d[i] = j < c_n ? skey[j] : 0.f;
     }
     bool any_eq = false;
 #pragma unroll
@@ -801,7 +872,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     if (use_p && any_eq) {
 #pragma unroll
-      for (int i = 0; i < kItems; ++i) mass_in[i] = eq[i] ? mass_of(d[i], n[i]) : 0.f;
+      for (int i = 0; i < kItems; ++i) mass_in[i] = eq[i] ? smass_of(d[i], n[i]) : 0.f;
       ScanF(tmp.f).ExclusiveSum(mass_in, tie_m, agg_m);
       __syncthreads();
     }
@@ -819,7 +890,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       if (!sel_in[i]) continue;
       const int k = carry_count + pos[i];
       const int j = base + t * kItems + i;
-      const float w = mass_of(d[i], n[i]);
+      const float w = mass_of(grp ? dens[j] : d[i], n[i]);
       selected[k] = j;
       if (k < kSelectKeep) {
         big.sel.j[k] = j;
@@ -946,9 +1017,18 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
         err = LaunchScore<D, 16>(s, q, g, scale, spread_coef, ctiles, otiles, out, ws, st, &cctas);
       }
     }
+    const bool grp = p.group_select && g > 1 && s.num_clusters > 0;
+    if (err.ok() && grp) {
+      const dim3 kgrid(static_cast<unsigned>((s.num_clusters + kKeyClusters - 1) / kKeyClusters),
+                       static_cast<unsigned>(s.kv_heads));
+      GroupKeyKernel<D><<<kgrid, kKeyThreads, 0, st>>>(s, g, cctas, out.density, ws,
+                                                       out.group_key);
+      err = LastLaunchErr();
+    }
     if (err.ok()) {
       SelectKernel<D><<<static_cast<unsigned>(p.q_heads), kSelectThreads, 0, st>>>(
-          s, g, cctas, p.budget_tokens, p.top_p, p.estimate ? 1 : 0, out.density, ws, out);
+          s, g, cctas, p.budget_tokens, p.top_p, p.estimate ? 1 : 0, out.density, ws,
+          grp ? out.group_key : nullptr, out);
       err = LastLaunchErr();
     }
   })

@@ -19,14 +19,19 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
   }
   const int g = p.q_heads / s.kv_heads;
   const double scale = p.scale != 0.f ? p.scale : 1.0 / std::sqrt(double(d));
+  const bool grp = p.group_select && g > 1 && c > 0;
+  if (grp && out.group_key == nullptr)
+    return absl::InvalidArgumentError("ClusterStepHost: group_select needs outputs.group_key");
+  // Densities, log masses (lm), each head's max and total; outlier scores.
+  std::vector<double> lm(static_cast<std::size_t>(p.q_heads) * c, -INFINITY);
+  std::vector<double> mmax(p.q_heads, -INFINITY), total(p.q_heads, 0.0);
   for (int qh = 0; qh < p.q_heads; ++qh) {
     const int h = qh / g;
     const float* qq = q + static_cast<std::size_t>(qh) * d;
     double qn2 = 0;
     for (int t = 0; t < d; ++t) qn2 += double(qq[t]) * qq[t];
     float* dens = out.density + static_cast<std::size_t>(qh) * c;
-    std::vector<double> lm(c, -INFINITY);
-    double m = -INFINITY;
+    double* lmh = lm.data() + static_cast<std::size_t>(qh) * c;
     for (int j = 0; j < c; ++j) {
       const std::size_t hc = static_cast<std::size_t>(h) * c + j;
       if (s.size[hc] <= 0) {
@@ -38,8 +43,8 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
       for (int t = 0; t < d; ++t) dot += double(qq[t]) * Bf16ToF32(cen[t]);
       dens[j] = static_cast<float>(scale * dot +
                                    p.spread_weight * 0.5 * scale * scale * qn2 * s.spread[hc]);
-      lm[j] = dens[j] + std::log(double(s.size[hc]));
-      m = std::max(m, lm[j]);
+      lmh[j] = dens[j] + std::log(double(s.size[hc]));
+      mmax[qh] = std::max(mmax[qh], lmh[j]);
     }
     for (int j = 0; j < no; ++j) {
       const uint16_t* k = s.outlier_key + (static_cast<std::size_t>(h) * no + j) * d;
@@ -47,15 +52,51 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
       for (int t = 0; t < d; ++t) dot += double(qq[t]) * Bf16ToF32(k[t]);
       out.outlier_score[static_cast<std::size_t>(qh) * no + j] = static_cast<float>(dot);
     }
-    double total = 0;
     for (int j = 0; j < c; ++j)
-      if (lm[j] > -INFINITY) total += std::exp(lm[j] - m);
-    // Selection.
+      if (lmh[j] > -INFINITY) total[qh] += std::exp(lmh[j] - mmax[qh]);
+  }
+  // Group keys: log sum_h exp(density_h - lse_h).
+  for (int h = 0; grp && h < s.kv_heads; ++h) {
+    for (int j = 0; j < c; ++j) {
+      float* key = out.group_key + static_cast<std::size_t>(h) * c + j;
+      *key = -INFINITY;
+      if (s.size[static_cast<std::size_t>(h) * c + j] <= 0) continue;
+      double m = -INFINITY;
+      std::vector<double> dv(g, -INFINITY);
+      for (int i = 0; i < g; ++i) {
+        const int qh = h * g + i;
+        if (mmax[qh] == -INFINITY) continue;
+        dv[i] = out.density[static_cast<std::size_t>(qh) * c + j] -
+                (mmax[qh] + std::log(total[qh]));
+        m = std::max(m, dv[i]);
+      }
+      if (m == -INFINITY) continue;
+      double l = 0;
+      for (int i = 0; i < g; ++i)
+        if (dv[i] > -INFINITY) l += std::exp(dv[i] - m);
+      *key = static_cast<float>(m + std::log(l));
+    }
+  }
+  for (int qh = 0; qh < p.q_heads; ++qh) {
+    const int h = qh / g;
+    const double* lmh = lm.data() + static_cast<std::size_t>(qh) * c;
+    const double m = mmax[qh];
+    // Selection: by the head's densities and masses, or by the group's keys and their masses.
+    const float* key = grp ? out.group_key + static_cast<std::size_t>(h) * c
+                           : out.density + static_cast<std::size_t>(qh) * c;
+    std::vector<double> smass(c, 0.0);
+    double stotal = 0;
+    for (int j = 0; j < c; ++j) {
+      if (s.size[static_cast<std::size_t>(h) * c + j] <= 0) continue;
+      smass[j] = grp ? std::exp(double(key[j]) + std::log(double(s.size[static_cast<std::size_t>(h) * c + j])))
+                     : (lmh[j] > -INFINITY ? std::exp(lmh[j] - m) : 0.0);
+      stotal += smass[j];
+    }
     std::vector<int32_t> idx;
     for (int j = 0; j < c; ++j)
       if (s.size[static_cast<std::size_t>(h) * c + j] > 0) idx.push_back(j);
-    std::sort(idx.begin(), idx.end(), [dens](int32_t a, int32_t b) {
-      return dens[a] > dens[b] || (dens[a] == dens[b] && a < b);
+    std::sort(idx.begin(), idx.end(), [key](int32_t a, int32_t b) {
+      return key[a] > key[b] || (key[a] == key[b] && a < b);
     });
     std::vector<char> sel(c, 0);
     int64_t tokens = 0;
@@ -66,9 +107,9 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
         sel[j] = 1;
         ++count;
         tokens += s.size[static_cast<std::size_t>(h) * c + j];
-        mass += std::exp(lm[j] - m);
+        mass += smass[j];
         if (tokens >= p.budget_tokens) break;
-        if (p.top_p > 0 && mass >= p.top_p * total) break;
+        if (p.top_p > 0 && mass >= p.top_p * stotal) break;
       }
     }
     int32_t* selected = out.selected + static_cast<std::size_t>(qh) * c;
@@ -83,13 +124,13 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
     double l = 0;
     std::vector<double> acc(d, 0.0);
     for (int j = 0; j < c; ++j) {
-      if (sel[j] || lm[j] == -INFINITY) continue;
-      const double w = std::exp(lm[j] - m);
+      if (sel[j] || lmh[j] == -INFINITY) continue;
+      const double w = std::exp(lmh[j] - m);
       l += w;
       const uint16_t* v = s.value_mean + (static_cast<std::size_t>(h) * c + j) * d;
       for (int t = 0; t < d; ++t) acc[t] += w * Bf16ToF32(v[t]);
     }
-    if (p.estimate && l > kEstMassFloor * total) {
+    if (p.estimate && l > kEstMassFloor * total[qh]) {
       for (int t = 0; t < d; ++t) eo[t] = static_cast<float>(acc[t] / l);
       out.est_lse[qh] = static_cast<float>(m + std::log(l));
     }

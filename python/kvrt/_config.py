@@ -42,8 +42,8 @@ class Config:
         group_search: 1 = one index search per kv head for its q heads.
         cold_attention: "cpu", "fetch" or "auto" (GPU backend).
         hot_cache_fraction: GPU hot cache of the cluster kind, fraction of the cold tokens (0 = off).
-        cluster_budget_fraction: cold tokens the cluster kind attends per q head and step, as a
-            fraction of the clustered ones.
+        cluster_budget_fraction: cold tokens the cluster kind selects per step, as a fraction of
+            the clustered ones: per kv head with cluster_group_select (0.03), else per q head.
         cuda_device: the GPU backend's CUDA device ordinal (-1 = the current device), e.g. a
             tensor-parallel rank's own GPU.
         cluster_direct_step: 1 = the cluster kind's selection is attended on the GPU from the hot
@@ -54,6 +54,10 @@ class Config:
             Linux CPU ids, all online); 0 = not bound. Partitions a host's cores between runtimes,
             e.g. tensor-parallel ranks (kvrt.hf.cpu_share() computes a rank's share). The thread
             that calls kvrt keeps its own affinity (kvrt.h says why).
+        cluster_group_select: 1 = one cluster selection per kv head, shared by its q heads
+            (ranked by their summed shares of estimated mass); 0 = one per q head. Since 0.3.5.
+        cluster_top_p: > 0 also ends a cluster selection once it holds this share of the
+            estimated mass (0 = the budget alone). Since 0.3.5.
     """
 
     num_layers: int = 32
@@ -76,11 +80,13 @@ class Config:
     group_search: int = 0
     cold_attention: ColdAttention = "cpu"
     hot_cache_fraction: float = 0.1
-    cluster_budget_fraction: float = 0.02
+    cluster_budget_fraction: float = 0.03
     cuda_device: int = -1
     cluster_direct_step: int = 1
     worker_cpu_first: int = 0
     worker_cpu_count: int = 0
+    cluster_group_select: int = 1
+    cluster_top_p: float = 0.0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -138,13 +138,17 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.worker_cpu_first = ToI32(k, value);
     else if (k == "worker_cpu_count")
       c.worker_cpu_count = ToI32(k, value);
+    else if (k == "cluster_group_select")
+      c.cluster_group_select = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
-    } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction") {
+    } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction" ||
+               k == "cluster_top_p") {
       if (!PyFloat_Check(value.ptr()) && !PyLong_Check(value.ptr()))
         BadField(k, "must be a number");
-      (k == "hot_cache_fraction" ? c.hot_cache_fraction : c.cluster_budget_fraction) =
-          float(nb::cast<double>(value));
+      (k == "hot_cache_fraction"        ? c.hot_cache_fraction
+       : k == "cluster_budget_fraction" ? c.cluster_budget_fraction
+                                        : c.cluster_top_p) = float(nb::cast<double>(value));
     } else {
       Raise(KVRT_ERR_INVALID_ARGUMENT, kCall, "unknown config field '" + k + "'");
     }
@@ -183,6 +187,8 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cluster_direct_step"] = c.cluster_direct_step;
   d["worker_cpu_first"] = c.worker_cpu_first;
   d["worker_cpu_count"] = c.worker_cpu_count;
+  d["cluster_group_select"] = c.cluster_group_select;
+  d["cluster_top_p"] = ShortFloat(c.cluster_top_p);
   return d;
 }
 

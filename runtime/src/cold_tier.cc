@@ -302,9 +302,13 @@ std::vector<std::vector<int>> ColdTier::Units(const uint8_t* streaming) const {
   const int group = H / cfg_->num_kv_heads;
   // NOTE: only the kinds whose group search shares work (one traversal / one bound pass) group
   // their heads; for the others (one search per query either way) grouping would only cut the
-  // parallelism of a single attend.
+  // parallelism of a single attend. The cluster kind's group selection is one selection for the
+  // group's active heads, so it always searches them together.
+  const bool shared_selection =
+      cfg_->index_kind == cpu_index::IndexKind::kCluster && cfg_->index.cluster.group_select;
   const bool together =
-      cfg_->group_search && cpu_index::KindInfo(cfg_->index_kind).shares_group_search && group > 1;
+      group > 1 && (shared_selection || (cfg_->group_search &&
+                                         cpu_index::KindInfo(cfg_->index_kind).shares_group_search));
   std::vector<std::vector<int>> units;
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     std::vector<int> heads;

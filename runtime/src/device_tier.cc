@@ -1134,12 +1134,14 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
        cc.min_budget_tokens});
   params.top_p = cc.top_p;
   params.estimate = cc.estimate;
+  params.group_select = cc.group_select;
 
-  // Scratch: q f32 | density [H, C] | outlier scores [H, O] | selected [H, C] | count [H] |
-  // tokens [H] (int64) | the step's workspace (f32). NOTE: one allocation: the kernel's own
-  // workspace allocation sat between its launches, on the step's device chain.
+  // Scratch: q f32 | density [H, C] | group keys [G, C] | outlier scores [H, O] | selected [H, C]
+  // | count [H] | tokens [H] (int64) | the step's workspace (f32). NOTE: one allocation: the
+  // kernel's own workspace allocation sat between its launches, on the step's device chain.
   const std::size_t q_at = 0, density_at = q_at + static_cast<std::size_t>(H) * d * 4;
-  const std::size_t outlier_at = density_at + static_cast<std::size_t>(H) * C * 4;
+  const std::size_t key_at = density_at + static_cast<std::size_t>(H) * C * 4;
+  const std::size_t outlier_at = key_at + static_cast<std::size_t>(cfg_->num_kv_heads) * C * 4;
   const std::size_t selected_at =
       outlier_at + static_cast<std::size_t>(H) * std::max<int64_t>(O, 1) * 4;
   const std::size_t count_at = selected_at + static_cast<std::size_t>(H) * C * 4;
@@ -1166,6 +1168,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   }
   gpu::ClusterStepOutputs outs;
   outs.density = reinterpret_cast<float*>(dev + density_at);
+  outs.group_key = reinterpret_cast<float*>(dev + key_at);
   outs.outlier_score = O > 0 ? reinterpret_cast<float*>(dev + outlier_at) : nullptr;
   outs.selected = reinterpret_cast<int32_t*>(dev + selected_at);
   outs.selected_count = reinterpret_cast<int32_t*>(dev + count_at);

@@ -91,6 +91,10 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   if (!(budget > 0.f && budget <= 1.f))
     return absl::InvalidArgumentError(
         absl::StrCat("config.cluster_budget_fraction = ", budget, " must be in (0, 1]"));
+  const float top_p = c.index.cluster.top_p;
+  if (!(top_p >= 0.f && top_p <= 1.f))
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.cluster_top_p = ", top_p, " must be in [0, 1]"));
   KVRT_RETURN_IF_ERROR(Range("cuda_device", c.cuda_device, -1, 1 << 16));
   KVRT_RETURN_IF_ERROR(Range("host_memory_limit", c.host_memory_limit, 0, INT64_MAX));
   KVRT_RETURN_IF_ERROR(Range("gpu_memory_limit", c.gpu_memory_limit, 0, INT64_MAX));

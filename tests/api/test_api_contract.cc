@@ -373,6 +373,46 @@ TEST(ContractConfig, A033CallerGetsNoCpuBinding) {
   EXPECT_EQ(old.struct_size, config033);
 }
 
+// 0.3.5 appended cluster_group_select / cluster_top_p: a caller compiled against 0.3.4 passes the
+// size that ended at worker_cpu_count (cluster_group_select lies in its tail padding); whatever
+// lies there and past its struct, it gets the new fields' defaults, and kvrt_runtime_config writes
+// only its prefix.
+TEST(ContractConfig, A034CallerGetsTheDefaultGroupSelection) {
+  const std::size_t config034 =
+      (offsetof(kvrt_config, worker_cpu_count) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
+      alignof(kvrt_config) * alignof(kvrt_config);
+  ASSERT_GT(config034, offsetof(kvrt_config, cluster_group_select)) << "the field sits in padding";
+  ASSERT_LE(config034, offsetof(kvrt_config, cluster_top_p));
+  kvrt_config c = TinyConfig();
+  c.struct_size = config034;
+  c.cluster_group_select = 0;  // the 0.3.4 struct's padding: not read
+  c.cluster_top_p = 7.f;       // past the 0.3.4 struct (it would be refused)
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_config eff = kvrt_config_default();
+  ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+  EXPECT_EQ(eff.cluster_group_select, kvrt_config_default().cluster_group_select);
+  EXPECT_EQ(eff.cluster_top_p, kvrt_config_default().cluster_top_p);
+  kvrt_config old;
+  std::memset(&old, 0xab, sizeof old);
+  old.struct_size = config034;
+  ASSERT_EQ(kvrt_runtime_config(rt, &old), KVRT_OK);
+  float untouched;
+  std::memset(&untouched, 0xab, sizeof untouched);
+  EXPECT_EQ(std::memcmp(&old.cluster_top_p, &untouched, sizeof untouched), 0);
+  kvrt_runtime_destroy(rt);
+}
+
+TEST(ContractConfig, ClusterTopPOutOfRangeIsRefused) {
+  kvrt_config c = TinyConfig();
+  c.index_kind = KVRT_INDEX_CLUSTER;
+  c.cluster_top_p = 1.5f;
+  kvrt_runtime* rt = nullptr;
+  EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("cluster_top_p"), std::string::npos);
+  EXPECT_EQ(rt, nullptr);
+}
+
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
 // 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the

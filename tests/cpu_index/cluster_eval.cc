@@ -7,7 +7,8 @@
 // through flat top-k or the cluster index (plus its estimate). Reference: exact f32 attention over
 // all tokens up to the query. Errors: |o - o_ref| / |o_ref|. Recall@100: share of the exact
 // top-100 cold keys attended. Mass: share of the cold softmax mass attended. est: mean log of
-// estimated / true mass of the unattended cold rows.
+// estimated / true mass of the unattended cold rows. kv%: the rows a step reads for the kv head
+// (the union over its group's queries), as a share of the cold rows; tokens%: per query.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -36,12 +37,13 @@ struct Variant {
   bool two_level = true;
   int refine = 2;
   int calibrate = 0;  // ClusterConfig::calibrate_queries
+  bool group = false;  // ClusterConfig::group_select (one SearchGroup per step and kv head)
 };
 
 struct Stats {
   std::vector<double> err, flat_err;
-  double tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0, est_log = 0;
-  int64_t est_n = 0, n = 0;
+  double tokens = 0, kv_tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0, est_log = 0;
+  int64_t est_n = 0, n = 0, kv_n = 0;
   double build_s = 0;
 };
 
@@ -159,6 +161,8 @@ int main(int argc, char** argv) {
       {"qa+est+spread+outl/1L", true, 0.004f, true, 1.f, false},
       {"qa+est+cal256+outl", true, 0.004f, true, 1.f, true, 2, 256},
       {"qa+est+cal1024+outl", true, 0.004f, true, 1.f, true, 2, 1024},
+      {"cal256+group", true, 0.004f, true, 1.f, true, 2, 256, true},
+      {"qa+est+spread+outl+group", true, 0.004f, true, 1.f, true, 2, 0, true},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -221,6 +225,7 @@ int main(int argc, char** argv) {
         cfg.cluster.two_level = variants[vi].two_level;
         cfg.cluster.refine_iters = variants[vi].refine;
         cfg.cluster.calibrate_queries = variants[vi].calibrate;
+        cfg.cluster.group_select = variants[vi].group;
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();
@@ -245,6 +250,33 @@ int main(int argc, char** argv) {
       }
       const int64_t covered = idx[0]->size();
       for (int step = 0; step < steps; ++step) {
+        // Every variant's results for the group's queries of this step; the rows of the kv head
+        // (their union) are what a step reads.
+        std::vector<std::vector<SearchResult>> results(variants.size(), std::vector<SearchResult>(g));
+        {
+          std::vector<float> qs(dq.data() + (static_cast<std::size_t>(step) * qh + h * g) * d,
+                                dq.data() + (static_cast<std::size_t>(step) * qh + h * g + g) * d);
+          SearchParams sp;
+          sp.k = 1;
+          for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+            if (variants[vi].group) {
+              if (!idx[vi]->SearchGroup(stores[vi], qs.data(), g, sp, results[vi].data()).ok())
+                return 1;
+            } else {
+              for (int j = 0; j < g; ++j)
+                if (!idx[vi]->Search(stores[vi], qs.data() + static_cast<std::size_t>(j) * d, sp,
+                                     &results[vi][j])
+                         .ok())
+                  return 1;
+            }
+            std::vector<char> seen(covered, 0);
+            int64_t uni = 0;
+            for (int j = 0; j < g; ++j)
+              for (int64_t id : results[vi][j].ids) uni += seen[id] == 0 ? (seen[id] = 1) : 0;
+            stats[vi].kv_tokens += double(uni) / cold;
+            ++stats[vi].kv_n;
+          }
+        }
         for (int j = 0; j < g; ++j) {
           const int qi = h * g + j;
           const float* q = dq.data() + (static_cast<std::size_t>(step) * qh + qi) * d;
@@ -298,11 +330,7 @@ int main(int argc, char** argv) {
             return double(hit) / std::min<int64_t>(100, covered);
           };
           for (std::size_t vi = 0; vi < variants.size(); ++vi) {
-            SearchParams sp;
-            sp.k = 1;
-            SearchResult res;
-            std::vector<float> qf(q, q + d);
-            if (!idx[vi]->Search(stores[vi], qf.data(), sp, &res).ok()) return 1;
+            const SearchResult& res = results[vi][j];
             std::vector<int64_t> rows;
             for (int64_t id : res.ids) rows.push_back(orig[vi][id]);
             State st = exact_part;
@@ -339,7 +367,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no covered cold rows: lower segment_tokens\n");
     return 1;
   }
-  std::printf("%-22s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s\n", "variant", "tokens%",
+  std::printf("%-24s %7s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s\n", "variant", "tokens%",
+              "kv%",
               "err", "err_p99", "flat", "flat_p99", "ratio", "rec", "f_rec", "mass", "f_mass",
               "estlog", "build_s");
   for (std::size_t vi = 0; vi < variants.size(); ++vi) {
@@ -347,8 +376,9 @@ int main(int argc, char** argv) {
     const double n = std::max<int64_t>(S.n, 1);
     const double em = std::accumulate(S.err.begin(), S.err.end(), 0.0) / n;
     const double fm = std::accumulate(S.flat_err.begin(), S.flat_err.end(), 0.0) / n;
-    std::printf("%-22s %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f\n",
-                variants[vi].name, 100 * S.tokens / n, em, Pct(S.err, 0.99), fm,
+    std::printf(
+        "%-24s %7.2f %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f\n",
+                variants[vi].name, 100 * S.tokens / n, 100 * S.kv_tokens / std::max<int64_t>(S.kv_n, 1), em, Pct(S.err, 0.99), fm,
                 Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.recall / n, S.flat_recall / n,
                 S.mass / n, S.flat_mass / n, S.est_n ? S.est_log / S.est_n : 0.0,
                 S.build_s / (layers * kvh));

@@ -418,6 +418,78 @@ TEST(ClusterIndex, GroupSearchEqualsPerQuerySearch) {
   }
 }
 
+// group_select: one list of rows for the group (the same outliers, the same clusters), at most
+// the budget plus one cluster; each query's estimate is its own (the exact formula over the
+// clusters it did not get); a group of one searches as Search does; a budget covering every
+// cluster leaves no estimate.
+TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
+  HeadStore store(kDim, DType::kBF16);
+  AppendRows(&store, 1024, 13, DType::kBF16);
+  IndexConfig cfg = SmallConfig();
+  cfg.cluster.group_select = true;
+  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  ApplyOrder(index.get(), &store, 0, 1024);
+  std::vector<float> qs;
+  for (int i = 0; i < 4; ++i) {
+    const auto q = RandomQuery(30 + i);
+    qs.insert(qs.end(), q.begin(), q.end());
+  }
+  SearchParams p;
+  p.k = 64;
+  std::vector<SearchResult> g(4);
+  ASSERT_TRUE(index->SearchGroup(store, qs.data(), 4, p, g.data()).ok());
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  std::vector<int64_t> sorted0 = g[0].ids;
+  std::sort(sorted0.begin(), sorted0.end());
+  for (int i = 1; i < 4; ++i) {
+    std::vector<int64_t> si = g[i].ids;
+    std::sort(si.begin(), si.end());
+    EXPECT_EQ(si, sorted0) << "query " << i;
+  }
+  const int64_t cluster_rows = static_cast<int64_t>(g[0].ids.size() - s.outliers.size());
+  int max_size = 0;
+  for (int32_t n : s.size) max_size = std::max(max_size, n);
+  EXPECT_GE(cluster_rows, 64);
+  EXPECT_LT(cluster_rows, 64 + max_size);
+  // Each query's estimate: EstimateUnselected over the clusters none of the rows belong to.
+  std::vector<int32_t> sel;
+  for (int64_t j = 0; j < s.num_clusters(); ++j)
+    if (std::binary_search(sorted0.begin(), sorted0.end(), s.begin[j])) sel.push_back(j);
+  for (int i = 0; i < 4; ++i) {
+    std::vector<float> scores(s.num_clusters()), dens(s.num_clusters());
+    const float* q = qs.data() + i * kDim;
+    float qn2 = 0;
+    for (int t = 0; t < kDim; ++t) qn2 += q[t] * q[t];
+    for (int64_t j = 0; j < s.num_clusters(); ++j) {
+      float a = 0;
+      for (int t = 0; t < kDim; ++t) a += q[t] * Bf16ToF32(s.centroid[j * kDim + t]);
+      scores[j] = a;
+    }
+    ClusterDensity(s, scores.data(), qn2, cfg.cluster.scale != 0.f ? cfg.cluster.scale
+                                                                   : 1.f / std::sqrt(float(kDim)),
+                   cfg.cluster.spread_weight, dens.data());
+    std::vector<float> eo(kDim);
+    float lse;
+    EstimateUnselected(s, dens.data(), sel, eo.data(), &lse);
+    EXPECT_NEAR(lse, g[i].est_lse, 1e-3) << "query " << i;
+    ASSERT_EQ(g[i].est_o.size(), static_cast<std::size_t>(kDim));
+    for (int t = 0; t < kDim; ++t) EXPECT_NEAR(eo[t], g[i].est_o[t], 1e-3);
+  }
+  // A group of one: Search's result.
+  SearchResult one, alone;
+  ASSERT_TRUE(index->SearchGroup(store, qs.data(), 1, p, &one).ok());
+  ASSERT_TRUE(index->Search(store, qs.data(), p, &alone).ok());
+  EXPECT_EQ(one.ids, alone.ids);
+  // Every cluster selected: every row, no estimate.
+  p.k = 1 << 20;
+  ASSERT_TRUE(index->SearchGroup(store, qs.data(), 4, p, g.data()).ok());
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(g[i].ids.size(), 1024u);
+    EXPECT_EQ(g[i].est_lse, -std::numeric_limits<float>::infinity());
+  }
+}
+
 TEST(ClusterIndex, EmptyAndTinyInputs) {
   auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
   HeadStore empty(kDim, DType::kF32);

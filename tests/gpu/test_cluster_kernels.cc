@@ -81,6 +81,7 @@ struct HostOut {
   std::vector<float> dens, osc, eo, lse;
   std::vector<int32_t> sel, cnt;
   std::vector<int64_t> tok;
+  std::vector<float> gkey;
   HostOut(int qh, int c, int o, int d)
       : dens(std::size_t(qh) * c),
         osc(std::size_t(qh) * std::max(o, 1)),
@@ -88,9 +89,11 @@ struct HostOut {
         lse(qh),
         sel(std::size_t(qh) * std::max(c, 1)),
         cnt(qh),
-        tok(qh) {}
+        tok(qh),
+        gkey(std::size_t(qh) * std::max(c, 1)) {}
   ClusterStepOutputs View() {
-    return {dens.data(), osc.data(), sel.data(), cnt.data(), tok.data(), eo.data(), lse.data()};
+    return {dens.data(), osc.data(), sel.data(), cnt.data(), tok.data(),
+            eo.data(),   lse.data(), gkey.data()};
   }
 };
 
@@ -106,51 +109,113 @@ std::vector<float> RandQ(int qh, int d, uint32_t seed, float sd) {
 // The host reference agrees with cpu_index's SelectClusters / EstimateUnselected on the same
 // summary (the GPU tier and the CPU index select and estimate alike).
 TEST(ClusterStepHost, MatchesCpuIndexSelectionAndEstimate) {
-  const int kv = 2, d = 64, c = 300, o = 7, qh = 8;
+  const int kv = 2, d = 64, c = 300, o = 7, qh = 8, g = qh / kv;
   const HostSummary s = MakeSummary(kv, d, c, o, 1, false);
   const auto q = RandQ(qh, d, 2, 0.5f);
-  for (float top_p : {0.f, 0.6f}) {
-    ClusterStepParams p;
-    p.q_heads = qh;
-    p.spread_weight = 1.f;
-    p.budget_tokens = 400;
-    p.top_p = top_p;
-    HostOut out(qh, c, o, d);
-    ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, out.View()).ok());
-    for (int h = 0; h < qh; ++h) {
-      const int kh = h / (qh / kv);
-      cpu_index::ClusterSummary cs;
-      cs.dim = d;
-      cs.size.assign(s.size.begin() + kh * c, s.size.begin() + (kh + 1) * c);
-      cs.spread.assign(s.spread.begin() + kh * c, s.spread.begin() + (kh + 1) * c);
-      cs.centroid.assign(s.cen.begin() + std::size_t(kh) * c * d,
-                         s.cen.begin() + std::size_t(kh + 1) * c * d);
-      cs.value_mean.assign(s.vm.begin() + std::size_t(kh) * c * d,
-                           s.vm.begin() + std::size_t(kh + 1) * c * d);
-      cs.begin.assign(c, 0);
-      std::vector<float> scores(c), dens(c);
-      float qn2 = 0;
-      for (int t = 0; t < d; ++t) qn2 += q[h * d + t] * q[h * d + t];
-      for (int j = 0; j < c; ++j) {
-        float a = 0;
-        for (int t = 0; t < d; ++t) a += q[h * d + t] * Bf16ToF32(cs.centroid[j * d + t]);
-        scores[j] = a;
+  for (bool group : {false, true}) {
+    for (float top_p : {0.f, 0.6f}) {
+      SCOPED_TRACE(::testing::Message() << "group " << group << " top_p " << top_p);
+      ClusterStepParams p;
+      p.q_heads = qh;
+      p.spread_weight = 1.f;
+      p.budget_tokens = 400;
+      p.top_p = top_p;
+      p.group_select = group;
+      HostOut out(qh, c, o, d);
+      ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, out.View()).ok());
+      for (int kh = 0; kh < kv; ++kh) {
+        cpu_index::ClusterSummary cs;
+        cs.dim = d;
+        cs.size.assign(s.size.begin() + kh * c, s.size.begin() + (kh + 1) * c);
+        cs.spread.assign(s.spread.begin() + kh * c, s.spread.begin() + (kh + 1) * c);
+        cs.centroid.assign(s.cen.begin() + std::size_t(kh) * c * d,
+                           s.cen.begin() + std::size_t(kh + 1) * c * d);
+        cs.value_mean.assign(s.vm.begin() + std::size_t(kh) * c * d,
+                             s.vm.begin() + std::size_t(kh + 1) * c * d);
+        cs.begin.assign(c, 0);
+        std::vector<float> dens(std::size_t(g) * c);
+        for (int i = 0; i < g; ++i) {
+          const int h = kh * g + i;
+          std::vector<float> scores(c);
+          float qn2 = 0;
+          for (int t = 0; t < d; ++t) qn2 += q[h * d + t] * q[h * d + t];
+          for (int j = 0; j < c; ++j) {
+            float a = 0;
+            for (int t = 0; t < d; ++t) a += q[h * d + t] * Bf16ToF32(cs.centroid[j * d + t]);
+            scores[j] = a;
+          }
+          cpu_index::ClusterDensity(cs, scores.data(), qn2, 1.f / 8.f, 1.f, dens.data() + i * c);
+          for (int j = 0; j < c; ++j) EXPECT_NEAR(dens[i * c + j], out.dens[h * c + j], 1e-4);
+        }
+        std::vector<float> key(c);
+        if (group) {
+          cpu_index::GroupSelectionKey(cs, dens.data(), g, key.data());
+          for (int j = 0; j < c; ++j) EXPECT_NEAR(key[j], out.gkey[kh * c + j], 1e-4);
+        }
+        for (int i = 0; i < g; ++i) {
+          const int h = kh * g + i;
+          std::vector<int32_t> sel;
+          const int64_t tok = cpu_index::SelectClusters(
+              cs, group ? key.data() : dens.data() + i * c, 400, top_p, &sel);
+          EXPECT_EQ(tok, out.tok[h]);
+          std::sort(sel.begin(), sel.end());
+          ASSERT_EQ(static_cast<int>(sel.size()), out.cnt[h]);
+          for (std::size_t k = 0; k < sel.size(); ++k) EXPECT_EQ(sel[k], out.sel[h * c + k]);
+          std::vector<float> eo(d);
+          float lse;
+          cpu_index::EstimateUnselected(cs, dens.data() + i * c, sel, eo.data(), &lse);
+          EXPECT_NEAR(lse, out.lse[h], 1e-4);
+          for (int t = 0; t < d; ++t) EXPECT_NEAR(eo[t], out.eo[h * d + t], 1e-4);
+        }
       }
-      cpu_index::ClusterDensity(cs, scores.data(), qn2, 1.f / 8.f, 1.f, dens.data());
-      for (int j = 0; j < c; ++j) EXPECT_NEAR(dens[j], out.dens[h * c + j], 1e-4);
-      std::vector<int32_t> sel;
-      const int64_t tok = cpu_index::SelectClusters(cs, dens.data(), 400, top_p, &sel);
-      EXPECT_EQ(tok, out.tok[h]);
-      std::sort(sel.begin(), sel.end());
-      ASSERT_EQ(static_cast<int>(sel.size()), out.cnt[h]);
-      for (std::size_t k = 0; k < sel.size(); ++k) EXPECT_EQ(sel[k], out.sel[h * c + k]);
-      std::vector<float> eo(d);
-      float lse;
-      cpu_index::EstimateUnselected(cs, dens.data(), sel, eo.data(), &lse);
-      EXPECT_NEAR(lse, out.lse[h], 1e-4);
-      for (int t = 0; t < d; ++t) EXPECT_NEAR(eo[t], out.eo[h * d + t], 1e-4);
     }
   }
+}
+
+// Group selection: every head of a kv head gets one list; it reads at most the budget (plus the
+// last cluster) per kv head; a group of one selects as the head alone.
+TEST(ClusterStepHost, GroupSelectionSharesOneListPerKvHead) {
+  const int kv = 2, d = 64, c = 200, qh = 8, g = qh / kv;
+  const HostSummary s = MakeSummary(kv, d, c, 0, 7, true);
+  const auto q = RandQ(qh, d, 8, 1.f);
+  ClusterStepParams p;
+  p.q_heads = qh;
+  p.budget_tokens = 300;
+  HostOut per(qh, c, 0, d), grp(qh, c, 0, d);
+  ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, per.View()).ok());
+  p.group_select = true;
+  ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, grp.View()).ok());
+  for (int kh = 0; kh < kv; ++kh) {
+    std::set<int32_t> uni;
+    for (int i = 0; i < g; ++i) {
+      const int h = kh * g + i;
+      uni.insert(per.sel.begin() + std::size_t(h) * c, per.sel.begin() + std::size_t(h) * c + per.cnt[h]);
+      ASSERT_EQ(grp.cnt[h], grp.cnt[kh * g]);
+      EXPECT_TRUE(std::equal(grp.sel.begin() + std::size_t(h) * c,
+                             grp.sel.begin() + std::size_t(h) * c + grp.cnt[h],
+                             grp.sel.begin() + std::size_t(kh * g) * c));
+      EXPECT_GE(grp.tok[h], 300);
+      EXPECT_LT(grp.tok[h], 300 + 30);  // sizes are at most 30
+    }
+    int64_t uni_tok = 0;
+    for (int32_t j : uni) uni_tok += s.size[std::size_t(kh) * c + j];
+    EXPECT_GT(uni_tok, grp.tok[kh * g]);  // the heads' own lists differ: their union is larger
+  }
+  // One q head per kv head: the group key orders as the head's own density.
+  ClusterStepParams p1;
+  p1.q_heads = kv;
+  p1.budget_tokens = 300;
+  HostOut a(kv, c, 0, d), b(kv, c, 0, d);
+  ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p1, a.View()).ok());
+  p1.group_select = true;
+  ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p1, b.View()).ok());
+  EXPECT_EQ(a.sel, b.sel);
+  EXPECT_EQ(a.eo, b.eo);
+  // group_select with a group needs the key output.
+  ClusterStepOutputs no_key = grp.View();
+  no_key.group_key = nullptr;
+  EXPECT_FALSE(ClusterStepHost(s.View(), q.data(), p, no_key).ok());
+  EXPECT_FALSE(ClusterStep(s.View(), q.data(), p, no_key, nullptr, nullptr).ok());
 }
 #endif
 
@@ -216,7 +281,9 @@ struct DevCase {
     out.selected_tokens = ToDevice(std::vector<int64_t>(qh));
     out.est_o = ToDevice(std::vector<float>(std::size_t(qh) * s.d));
     out.est_lse = ToDevice(std::vector<float>(qh));
-    allocs = {cen,
+    out.group_key = ToDevice(std::vector<float>(std::size_t(s.kv) * c));
+    allocs = {out.group_key,
+              cen,
               vm,
               sz,
               sp,
@@ -244,6 +311,7 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     bool padding;
     int dup = 0;        // every dup-th cluster a copy of cluster 0 (exact ties), 0: none
     float q_sd = 0.6f;  // 0: every density equal (a degenerate range)
+    bool group = false;  // group selection
   };
   const std::vector<Shape> shapes = {
       {1, 1, 64, 1, 0, 5, 0.f, false},
@@ -263,12 +331,20 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       {2, 4, 128, 8000, 0, 2000, 0.f, false, 40},
       {2, 4, 128, 8000, 0, 60000, 0.3f, false, 40},
       {2, 4, 64, 3000, 4, 9000, 0.f, false, 0, 0.f},
+      // Group selection: one list per kv head by the group keys.
+      {2, 4, 128, 300, 17, 400, 0.f, true, 0, 0.6f, true},
+      {8, 4, 128, 8192, 64, 2621, 0.f, false, 0, 0.6f, true},
+      {2, 6, 256, 777, 5, 300, 0.5f, true, 0, 0.6f, true},
+      {1, 16, 128, 1500, 0, 1000, 0.9f, false, 0, 0.6f, true},
+      {2, 4, 128, 8000, 0, 60000, 0.3f, false, 40, 0.6f, true},
+      {2, 4, 64, 3000, 4, 9000, 0.f, false, 0, 0.f, true},
+      {2, 1, 128, 500, 0, 800, 0.f, false, 0, 0.6f, true},
   };
   for (const Shape& sh : shapes) {
     SCOPED_TRACE(::testing::Message()
                  << "kv " << sh.kv << " g " << sh.g << " d " << sh.d << " C " << sh.c << " O "
                  << sh.o << " budget " << sh.budget << " top_p " << sh.top_p << " dup " << sh.dup
-                 << " q_sd " << sh.q_sd);
+                 << " q_sd " << sh.q_sd << " group " << sh.group);
     const int qh = sh.kv * sh.g;
     HostSummary s = MakeSummary(sh.kv, sh.d, sh.c, sh.o, 10 + sh.c, sh.padding);
     for (int h = 0; h < sh.kv && sh.dup > 0; ++h) {
@@ -283,6 +359,8 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     p.q_heads = qh;
     p.budget_tokens = sh.budget;
     p.top_p = sh.top_p;
+    p.group_select = sh.group;
+    const bool grp = sh.group && sh.g > 1 && sh.c > 0;
     HostOut ref(qh, sh.c, sh.o, sh.d);
     ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, ref.View()).ok());
     DevCase dc(s, q, qh);
@@ -295,6 +373,18 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     const auto tok = ToHost(dc.out.selected_tokens, qh);
     const auto eo = ToHost(dc.out.est_o, std::size_t(qh) * sh.d);
     const auto lse = ToHost(dc.out.est_lse, qh);
+    const auto gkey = ToHost(dc.out.group_key, std::size_t(sh.kv) * sh.c);
+    for (std::size_t i = 0; i < gkey.size() && grp; ++i) {
+      if (ref.gkey[i] == kNegInf) {
+        ASSERT_EQ(gkey[i], kNegInf) << i;
+      } else {
+        ASSERT_NEAR(gkey[i], ref.gkey[i], 1e-4 * (1 + std::fabs(ref.gkey[i]))) << i;
+      }
+    }
+    // What the selection ranks by: the head's densities or its kv head's group keys.
+    auto key_of = [&](const std::vector<float>& dv, const std::vector<float>& kv_key, int h) {
+      return grp ? kv_key.data() + std::size_t(h / sh.g) * sh.c : dv.data() + std::size_t(h) * sh.c;
+    };
     for (std::size_t i = 0; i < dens.size(); ++i) {
       if (ref.dens[i] == kNegInf) {
         ASSERT_EQ(dens[i], kNegInf) << i;
@@ -309,7 +399,7 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       std::vector<int32_t> order;
       for (int j = 0; j < sh.c; ++j)
         if (s.size[std::size_t(h / sh.g) * sh.c + j] > 0) order.push_back(j);
-      const float* dh = dens.data() + std::size_t(h) * sh.c;
+      const float* dh = key_of(dens, gkey, h);
       std::stable_sort(order.begin(), order.end(),
                        [&](int32_t x, int32_t y) { return dh[x] > dh[y]; });
       std::set<int32_t> want;
@@ -331,19 +421,20 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       std::set<int32_t> b(ref.sel.begin() + std::size_t(h) * sh.c,
                           ref.sel.begin() + std::size_t(h) * sh.c + ref.cnt[h]);
       ASSERT_EQ(a.size(), static_cast<std::size_t>(cnt[h]));  // no duplicates
+      const float* rk = key_of(ref.dens, ref.gkey, h);
       float thr = std::numeric_limits<float>::infinity();
-      for (int32_t j : b) thr = std::min(thr, ref.dens[std::size_t(h) * sh.c + j]);
+      for (int32_t j : b) thr = std::min(thr, rk[j]);
       int diff = 0;
       for (int32_t j : a) {
         if (!b.count(j)) {
           ++diff;
-          EXPECT_NEAR(ref.dens[std::size_t(h) * sh.c + j], thr, 1e-3) << "head " << h;
+          EXPECT_NEAR(rk[j], thr, 1e-3) << "head " << h;
         }
       }
       for (int32_t j : b) {
         if (!a.count(j)) {
           ++diff;
-          EXPECT_NEAR(ref.dens[std::size_t(h) * sh.c + j], thr, 1e-3) << "head " << h;
+          EXPECT_NEAR(rk[j], thr, 1e-3) << "head " << h;
         }
       }
       if (diff > 0) continue;
@@ -395,11 +486,14 @@ TEST(ClusterStepKernel, Timing128K) {
   ClusterStepParams none = p;
   none.budget_tokens = 0;
   const double score_us = time_us(none);
+  ClusterStepParams group = p;
+  group.group_select = true;
+  const double group_us = time_us(group);
   const double bytes = 2.0 * kv * c * d * 2 + double(kv) * o * d * 2;
   std::printf(
       "[cluster step 128K] %.2f us per step (summary %.1f MB: %.0f GB/s effective); "
-      "%.2f us at budget 0 (the selection: %.2f us)\n",
-      us, bytes / 1e6, bytes / (1e-6 * us) / 1e9, score_us, us - score_us);
+      "%.2f us at budget 0 (the selection: %.2f us); group selection %.2f us per step\n",
+      us, bytes / 1e6, bytes / (1e-6 * us) / 1e9, score_us, us - score_us, group_us);
   cudaFree(ws);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);

@@ -1,4 +1,5 @@
 // The runtime against a plain double-precision attention over all tokens.
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -213,6 +214,66 @@ TEST(RuntimeFlat, RetrievesTheExactTopKOfColdTokens) {
   }
   std::sort(scored.begin(), scored.end());
   for (int i = 0; i < 5; ++i) EXPECT_EQ(ids[10 + i], scored[i].second);
+}
+
+// Group selection (cluster.group_select): the q heads of a kv head attend the same cold positions,
+// and that set is the budget (plus the last cluster) per kv head; each head selecting its own
+// clusters attends as many per head, and more in their union.
+TEST(RuntimeCluster, GroupSelectionSharesTheColdRowsOfAKvHead) {
+  std::size_t union_per_head = 0, union_group = 0;
+  for (bool group_select : {false, true}) {
+    SCOPED_TRACE(group_select ? "group selection" : "per q head");
+    RuntimeConfig c;
+    c.num_layers = 1;
+    c.num_q_heads = 4;
+    c.num_kv_heads = 1;
+    c.head_dim = 32;
+    c.dtype = DType::kF32;
+    c.sink_tokens = 2;
+    c.window_tokens = 16;
+    c.top_k = 1;
+    c.index_kind = cpu_index::IndexKind::kCluster;
+    c.index.cluster.segment_tokens = 512;
+    c.index.cluster.min_budget_tokens = 64;
+    c.index.cluster.budget_fraction = 0.05f;
+    c.index.cluster.outlier_fraction = 0.f;
+    c.index.cluster.group_select = group_select;
+    c.record_attended = true;
+    auto rt = *Runtime::Create(c);
+    auto seq = *rt->CreateSequence();
+    std::mt19937 rng(11);
+    const int64_t n = 2 * 512 + 2 + 16;  // two whole segments of cold rows
+    std::vector<float> k, v, qf;
+    auto kb = Random(rng, n * 32, DType::kF32, &k);
+    auto vb = Random(rng, n * 32, DType::kF32, &v);
+    auto qb = Random(rng, n * 4 * 32, DType::kF32, &qf);
+    ASSERT_TRUE(rt->Prefill(seq, 0, qb.data(), kb.data(), vb.data(), n).ok());
+    std::vector<float> q(4 * 32), out(4 * 32);
+    for (auto& x : q) x = std::normal_distribution<float>(0.f, 2.f)(rng);
+    ASSERT_TRUE(rt->Attend(seq, 0, q.data(), out.data()).ok());
+    std::vector<std::vector<int64_t>> cold(4);
+    std::vector<int64_t> uni;
+    for (int h = 0; h < 4; ++h) {
+      std::vector<int64_t> ids;
+      ASSERT_TRUE(rt->GetAttended(seq, 0, h, &ids).ok());
+      for (int64_t id : ids)
+        if (id >= 2 && id < n - 16) cold[h].push_back(id);
+      std::sort(cold[h].begin(), cold[h].end());
+      // The clustered cold rows: at least the budget (5% of 1024, raised to 64) per head.
+      EXPECT_GE(cold[h].size(), 64u);
+      uni.insert(uni.end(), cold[h].begin(), cold[h].end());
+    }
+    std::sort(uni.begin(), uni.end());
+    uni.erase(std::unique(uni.begin(), uni.end()), uni.end());
+    if (group_select) {
+      for (int h = 1; h < 4; ++h) EXPECT_EQ(cold[h], cold[0]) << "head " << h;
+      union_group = uni.size();
+    } else {
+      union_per_head = uni.size();
+    }
+    for (float x : out) EXPECT_TRUE(std::isfinite(x));
+  }
+  EXPECT_GT(union_per_head, union_group);
 }
 
 TEST(RuntimeErrors, StatusesNameTheProblem) {

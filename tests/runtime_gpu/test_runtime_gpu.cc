@@ -403,12 +403,18 @@ TEST(GpuBackendConfig, UseGpuWithoutDevice) {
 // dropped and renewed, and the pages of moved rows are given up.
 TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  const std::pair<float, bool> kModes[] = {
-      {0.f, false}, {0.5f, false}, {0.02f, false}, {0.5f, true}, {0.02f, true}};
-  for (const auto& [hot, direct] : kModes) {
+  struct Mode {
+    float hot;
+    bool direct;
+    bool group = false;  // cluster.group_select: one selection per kv head
+  };
+  const Mode kModes[] = {{0.f, false},        {0.5f, false},       {0.02f, false},
+                         {0.5f, true},        {0.02f, true},       {0.f, false, true},
+                         {0.02f, true, true}};
+  for (const auto& [hot, direct, group] : kModes) {
     for (bool device : {false, true}) {
-      const std::string name =
-          absl::StrCat(device ? "device" : "host", " hot ", hot, direct ? " direct" : "");
+      const std::string name = absl::StrCat(device ? "device" : "host", " hot ", hot,
+                                            direct ? " direct" : "", group ? " group" : "");
       Case c{cpu_index::IndexKind::kCluster, device, DType::kF32, name.c_str()};
       RuntimeConfig host_cfg = MakeConfig(c, 0), gpu_cfg = MakeConfig(c, 1);
       for (RuntimeConfig* cfg : {&host_cfg, &gpu_cfg}) {
@@ -418,6 +424,7 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
         cfg->index.cluster.gpu_build = false;  // the same clusters on both backends
         cfg->hot_cache_fraction = hot;
         cfg->direct_step = direct;
+        cfg->index.cluster.group_select = group;
       }
       auto host_rt = Runtime::Create(host_cfg);
       auto gpu_rt = Runtime::Create(gpu_cfg);

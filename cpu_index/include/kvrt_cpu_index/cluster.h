@@ -20,6 +20,15 @@
 // estimated mass, whichever comes first; every cluster when the budget covers them all.
 // Outliers (keys far from their centroid in the metric: the needles) are kept out of the
 // clusters, always scored and always returned (not counted in the budget).
+//
+// Group selection (group_select, SearchGroup with nq > 1 queries of one kv head): ONE selection
+// for the whole group, by the group key
+//   key_c = log sum_i exp(density_{i,c} - lse_i),   lse_i = log sum_c exp(logmass_{i,c}),
+// i.e. clusters ranked by their share of each query's estimated mass per token, summed over the
+// queries (the prefix that captures the most total share for its tokens). The budget then counts
+// the rows read once for the kv head, not per query: a group's queries that want different
+// clusters read up to nq x the budget otherwise. Each query's estimate still covers the clusters
+// not selected, with its own densities. With one query the order is the query's own.
 #include <cstdint>
 #include <vector>
 
@@ -44,6 +53,7 @@ struct ClusterConfig {
   int64_t min_budget_tokens = 256;
   float top_p = 0.f;          // > 0: also stop when the selected mass reaches this share
   bool estimate = true;       // return the estimated state of the unselected clusters
+  bool group_select = false;  // SearchGroup: one selection per kv head (see the header comment)
   float spread_weight = 1.f;  // see the header comment (0 = plain estimate)
   // > 0: each cluster's spread is fitted, by least squares over this many of the build's last
   // queries (the runtime's evenly spaced prompt sample), to the true log mean exp of its keys'
@@ -131,6 +141,10 @@ void ClusterDensity(const ClusterSummary& s, const float* scores, float q_norm2,
 // order; returns the selected tokens. budget_tokens <= 0 selects nothing.
 int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t budget_tokens,
                        float top_p, std::vector<int32_t>* selected);
+
+// The group key of nq queries (see the header comment): density f32 [nq, C] -> key [C]
+// (-inf for padding clusters, size 0).
+void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key);
 
 // Estimated partial state over the clusters NOT in `selected`: o [dim], *lse (-inf, o = 0 when
 // none). Max-subtracted, f32 output, double accumulation.

@@ -7,7 +7,7 @@
 // without a GPU; launchers follow kernels.h's conventions (InvalidArgument for bad shapes,
 // FailedPrecondition without CUDA, Internal for a CUDA error; they only enqueue work).
 //
-// Two kernels: (1) grid (cluster tiles + outlier tiles, kv heads): densities [q_heads, C],
+// Two kernels (three with group selection): (1) grid (cluster tiles + outlier tiles, kv heads): densities [q_heads, C],
 // outlier scores [q_heads, O] and per tile a partial softmax state (max, sum, sum w * vbar) of
 // ALL clusters' estimated masses; (2) one CTA per q head: merges the tile states, finds the
 // selection by a weighted radix select on the densities (4 passes of 8 bits, histograms of
@@ -18,6 +18,12 @@
 // clusters by (density desc, index asc); take the shortest prefix whose tokens reach
 // budget_tokens or (top_p > 0) whose estimated mass reaches top_p of the total. Padding clusters
 // (size 0) are never selected and carry no mass.
+// Group selection (params.group_select with more than one q head per kv head): one selection per
+// kv head, shared by its q heads, by the group key of cluster.h (key_c = log sum_h
+// exp(density_{h,c} - lse_h), lse_h each head's log total estimated mass): the selection rule
+// above on the keys (top_p of their total sum n_c exp(key_c)), the budget counted once per kv
+// head. A third kernel between the two computes the keys (outputs.group_key). Every q head of the
+// group then gets the same selected list and tokens, and its own estimate over the rest.
 // Estimate: as cluster.h; NOTE: when the unselected clusters hold less than kEstMassFloor of the
 // estimated mass, the estimate is empty (o = 0, lse = -inf): the kernel computes it as total
 // minus selected, which loses precision below that share (the host reference applies the same
@@ -54,6 +60,7 @@ struct ClusterStepParams {
   int64_t budget_tokens = 0;  // per q head; <= 0 selects nothing
   float top_p = 0.f;
   bool estimate = true;
+  bool group_select = false;  // one selection per kv head (see above); budget_tokens per kv head
 };
 
 // Outputs (device memory for the kernels, host for the reference); q: f32 [q_heads, d].
@@ -65,6 +72,9 @@ struct ClusterStepOutputs {
   int64_t* selected_tokens = nullptr;  // [q_heads]
   float* est_o = nullptr;              // [q_heads, d]
   float* est_lse = nullptr;            // [q_heads]
+  // [kv_heads, C] the group keys (padding: -inf); required with group_select and more than one
+  // q head per kv head, not written otherwise.
+  float* group_key = nullptr;
 };
 
 // Floats of device scratch ClusterStep needs.
