@@ -12,7 +12,8 @@
 # step's kernels taken apart (tools/gpu_bench/*_parts.cu), BENCH=mix the direct step's kernel with
 # part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu), BENCH=ab-trace the build before
 # (BEFORE) against this one on one generated 128K trace, BENCH=ab-1m the same at 1M on generated
-# keys, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
+# keys, BENCH=group the cluster selection per q head against one per kv head (128K trace, 1M),
+# BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
@@ -230,6 +231,30 @@ if [[ "${1:-}" == "--device" ]]; then
         timeout 240 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 \
           --accuracy-steps 0 $mode || rc=1
       done
+    elif [[ "$bench" == group ]]; then
+      # The cluster kind's selection per q head (0.3.4: --group-select 0, 2% per q head) against
+      # one per kv head (0.3.5's default: 3% per kv head), alternating, on one generated 128K
+      # trace (B=1, 8 layers, and B=16, 4 layers, pipelined; B=1 with accuracy) and at 1M.
+      trace=/tmp/kvrt-group.safetensors
+      trace_128k $trace || rc=1
+      for round in 1 2; do
+        for sel in "--group-select 0 --cluster-budget 0.02" "--group-select 1 --cluster-budget 0.03"; do
+          echo "=== round $round, $sel: cluster 128K --trace, B=1, 8 layers --pipeline"
+          timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+            --layers 8 --accuracy-steps 0 --pipeline $sel || rc=1
+          echo "=== round $round, $sel: cluster 128K --trace, B=16 (kvrt_attend_batch), 4 layers --pipeline"
+          timeout 200 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 16 \
+            --attend batch --layers 4 --accuracy-steps 0 --pipeline $sel || rc=1
+        done
+      done
+      for sel in "--group-select 0 --cluster-budget 0.02" "--group-select 1 --cluster-budget 0.03"; do
+        echo "=== $sel: cluster 128K --trace, B=1, with accuracy"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 $sel || rc=1
+        echo "=== $sel: cluster 1M, B=1, 4 layers --pipeline"
+        timeout 240 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 \
+          --accuracy-steps 0 --pipeline $sel || rc=1
+      done
+      rm -f $trace
     elif [[ "$bench" == ab-1m ]]; then
       # bench decode at 1M (trace-like generated keys, the selection's largest shape), the build
       # before (kvrt_before) against this one, AB_ROUNDS rounds (default 1), B=1.

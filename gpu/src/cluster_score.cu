@@ -52,7 +52,7 @@ constexpr int kLinBins = 4096;     // linear bins of the selection's one histogr
 constexpr int kLinItems = kLinBins / kSelectThreads;
 constexpr int kCandCap = 1024;  // clusters of the threshold bin resolved in shared memory
 constexpr int kKeyThreads = 256;    // GroupKeyKernel
-constexpr int kKeyClusters = 2048;  // clusters per CTA of GroupKeyKernel
+constexpr int kKeyClusters = kKeyThreads;  // clusters per CTA of GroupKeyKernel (one per thread)
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
