@@ -63,3 +63,21 @@ def test_out_of_memory_is_reported_not_raised(tmp_path):
     assert list(recs) == ["kvrt"]
     assert recs["kvrt"]["status"] == "out of memory"
     assert "OutOfMemoryError" in recs["kvrt"]["error"]
+
+
+def test_kvrt_b_and_rounds(tmp_path):
+    """--caches kvrt,kvrt-b with --kvrt-b options: two kvrt configurations in one process,
+    --rounds 2 measuring each twice (rounds outermost), each record naming its round."""
+    out = tmp_path / "e2e.jsonl"
+    rc = _bench().main(["--device", "cpu", "--tiny", "--contexts", "300", "--new-tokens", "2",
+                        "--warmup-tokens", "0", "--json", str(out), "--caches", "kvrt,kvrt-b",
+                        "--kvrt-b", "cluster_group_select=0", "--rounds", "2"])
+    assert rc == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["round"], r["cache"]) for r in recs] == [
+        (1, "kvrt"), (1, "kvrt-b"), (2, "kvrt"), (2, "kvrt-b")]
+    for r in recs:
+        assert r["status"] == "ok", r
+        want = 0 if r["cache"] == "kvrt-b" else 1
+        assert r["kvrt_config"]["cluster_group_select"] == want
+        assert r["host_mb_per_layer_step"] >= 0

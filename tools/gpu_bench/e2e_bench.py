@@ -48,7 +48,13 @@ import sys
 import time
 import traceback
 
-CACHES = ("dynamic", "offloaded", "kvrt")
+CACHES = ("dynamic", "offloaded", "kvrt", "kvrt-b")
+DEFAULT_CACHES = ("dynamic", "offloaded", "kvrt")
+
+
+def is_kvrt(kind: str) -> bool:
+    """kvrt, or kvrt-b: kvrt with --kvrt-b's options on top (an A/B in one process)."""
+    return kind in ("kvrt", "kvrt-b")
 
 
 def parse_args(argv=None):
@@ -61,9 +67,10 @@ def parse_args(argv=None):
                     help="prompt lengths, comma-separated (default 32768,131072; 512 with --tiny)")
     ap.add_argument("--new-tokens", type=int, default=32,
                     help="decode steps M timed after the first token (greedy)")
-    ap.add_argument("--caches", default=",".join(CACHES),
+    ap.add_argument("--caches", default=",".join(DEFAULT_CACHES),
                     help="caches to run, comma-separated (each context runs them in the "
-                         f"order {', '.join(CACHES)}; default all)")
+                         f"order {', '.join(CACHES)}; default {','.join(DEFAULT_CACHES)}; "
+                         "kvrt-b: kvrt with the --kvrt-b options on top of --kvrt)")
     ap.add_argument("--device", default="cuda", help="cuda[:N] or cpu (cpu: a smoke test)")
     ap.add_argument("--tiny", action="store_true",
                     help="a tiny shape for smoke tests: hidden 256, 4 q / 2 kv heads, head_dim "
@@ -73,6 +80,12 @@ def parse_args(argv=None):
     ap.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
                     help="another kvrt.Config field for the kvrt cache (repeatable), e.g. "
                          "--kvrt window_tokens=2048 --kvrt hot_cache_fraction=0")
+    ap.add_argument("--kvrt-b", action="append", default=[], metavar="FIELD=VALUE",
+                    help="kvrt_config fields of the kvrt-b cache, on top of --kvrt (repeatable), "
+                         "e.g. --kvrt-b cluster_group_select=0")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every (context, cache) this many times, rounds outermost, so "
+                         "that caches alternate (default 1)")
     ap.add_argument("--warmup-tokens", type=int, default=None,
                     help="a short untimed run of each cache first (CUDA kernels, cuBLAS, kvrt's "
                          "module and pools); 0 skips it (default 4096; 256 with --tiny)")
@@ -109,13 +122,20 @@ def parse_args(argv=None):
     if args.warmup_tokens is None:
         args.warmup_tokens = 256 if args.tiny else 4096
     args.vocab = args.vocab or (1000 if args.tiny else 32000)
-    opts = {}
-    for kv in args.kvrt:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            ap.error(f"--kvrt {kv!r}: expected FIELD=VALUE")
-        opts[k.strip()] = _number(v.strip())
-    args.kvrt_options = opts
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
+
+    def options(flag, items):
+        opts = {}
+        for kv in items:
+            k, sep, v = kv.partition("=")
+            if not sep:
+                ap.error(f"{flag} {kv!r}: expected FIELD=VALUE")
+            opts[k.strip()] = _number(v.strip())
+        return opts
+
+    args.kvrt_options = options("--kvrt", args.kvrt)
+    args.kvrt_b_options = options("--kvrt-b", args.kvrt_b)
     return args
 
 
@@ -180,13 +200,15 @@ def offloaded_cache(config):
 def make_cache(kind, model, args):
     """(cache, description) with the model switched to the attention the cache needs."""
     from transformers import DynamicCache
-    if kind == "kvrt":
+    if is_kvrt(kind):
         import kvrt
         import kvrt.hf
         opts = dict(index_kind=args.index)
         if args.tiny:
             opts.update(window_tokens=64, sink_tokens=4)
         opts.update(args.kvrt_options)
+        if kind == "kvrt-b":
+            opts.update(args.kvrt_b_options)
         cache = kvrt.hf.enable(model, chunked_prompt=args.prefill_chunk > 0, **opts)
         return cache, (f"kvrt {kvrt.__version__} (libkvrt {kvrt.library_version()}): "
                        f"{cache.runtime!r}")
@@ -252,13 +274,13 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
                 _export_trace(prof, args, kind, tokens, "prompt")
             del logits
             kvrt_gpu = 0
-            if kind == "kvrt":
+            if is_kvrt(kind):
                 kvrt_gpu = cache.stats().gpu_allocated_bytes
             kv_torch = (torch.cuda.memory_allocated() - base) if on_cuda else None
             t1 = time.perf_counter()
             token_s = []  # each token's forward, synchronised by reading its argmax
-            before = cache.stats() if kind == "kvrt" else None
-            before_s = cache.time_decode_s if kind == "kvrt" else 0.0
+            before = cache.stats() if is_kvrt(kind) else None
+            before_s = cache.time_decode_s if is_kvrt(kind) else 0.0
             for s in range(new_tokens):
                 prof = (_profiler(on_cuda, bool(args.profile_dir))
                         if args.profile and s in (0, 4) else None)
@@ -294,7 +316,7 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
         if on_cuda:
             res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
             res["kv_gpu_bytes"] = kv_torch + kvrt_gpu
-        if kind == "kvrt":
+        if is_kvrt(kind):
             st = cache.stats()
             res["kvrt_gpu_bytes"] = max(kvrt_gpu, st.gpu_allocated_bytes)
             if on_cuda:  # kvrt's own device buffers are not in torch's figures
@@ -311,7 +333,7 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             res["kvrt_config"] = cache.runtime.config.to_dict()
         return res
     finally:
-        if kind == "kvrt" and cache is not None:
+        if is_kvrt(kind) and cache is not None:
             cache.close()
         del cache
 
@@ -344,7 +366,7 @@ def _gib(n):
 
 HEADER = (f"| {'cache':9} | {'context':>8} | {'TTFT s':>8} | {'TTFT ms/layer':>13} | "
           f"{'decode tok/s':>12} | {'ms/tok/layer':>12} | {'p50 ms/tok':>10} | {'peak GiB':>8} | "
-          f"{'peak GiB/layer':>14} | {'KV GPU GiB/layer':>16} | status")
+          f"{'peak GiB/layer':>14} | {'KV GPU GiB/layer':>16} | {'PCIe MB/ls':>10} | status")
 
 
 def derive(rec, layers, new_tokens):
@@ -362,6 +384,12 @@ def derive(rec, layers, new_tokens):
         rec["peak_gpu_bytes_table"] = peak
         rec["peak_gpu_bytes_per_layer"] = peak / layers
         rec["kv_gpu_bytes_per_layer"] = rec["kv_gpu_bytes"] / layers
+    st = rec.get("kvrt_stats")
+    if st and st.get("attend_calls"):
+        # Host-to-device traffic of a decode layer-step: rows read from the host store by the
+        # direct step plus the hot cache's page fills.
+        rec["host_mb_per_layer_step"] = (st.get("direct_host_bytes", 0) +
+                                         st.get("hot_h2d_bytes", 0)) / st["attend_calls"] / 1e6
 
 
 def table_line(rec):
@@ -378,7 +406,8 @@ def table_line(rec):
             f"{f('ttft_ms_per_layer', '{:.1f}'):>13} | {f('decode_tokens_per_s', '{:.2f}'):>12} | "
             f"{f('decode_ms_per_token_per_layer', '{:.3f}'):>12} | {f('decode_ms_p50', '{:.2f}'):>10} | "
             f"{g('peak_gpu_bytes_table'):>8} | {g('peak_gpu_bytes_per_layer'):>14} | "
-            f"{g('kv_gpu_bytes_per_layer'):>16} | {rec['status'][:80]}")
+            f"{g('kv_gpu_bytes_per_layer'):>16} | {f('host_mb_per_layer_step', '{:.1f}'):>10} | "
+            f"{rec['status'][:80]}")
 
 
 def main(argv=None) -> int:
@@ -405,7 +434,7 @@ def main(argv=None) -> int:
         print("e2e_bench: offloaded cache skipped: transformers' offloading moves K/V between a "
               "CUDA device and the host (it needs --device cuda)", file=sys.stderr)
         caches.remove("offloaded")
-    if "kvrt" in caches:
+    if any(is_kvrt(k) for k in caches):
         try:
             import kvrt
             import kvrt.hf  # noqa: F401
@@ -413,7 +442,7 @@ def main(argv=None) -> int:
                   f"{kvrt.library_version()}, index kinds {kvrt.index_kinds()}", flush=True)
         except ImportError as e:
             print(f"e2e_bench: kvrt cache skipped: cannot import kvrt ({e})", file=sys.stderr)
-            caches.remove("kvrt")
+            caches = [k for k in caches if not is_kvrt(k)]
 
     t0 = time.perf_counter()
     model = build_model(args, device)
@@ -443,11 +472,13 @@ def main(argv=None) -> int:
     hdr = HEADER
     rows = [hdr, "|" + "|".join("-" * (len(p)) for p in hdr.split("|")[1:-1]) + "|---"]
     print(hdr, flush=True)
-    for tokens in args.contexts:
+    for round_ in range(1, args.rounds + 1):
+      for tokens in args.contexts:
         for kind in CACHES:
             if kind not in args.caches:
                 continue
-            rec = dict(cache=kind, context=tokens, layers=args.layers, new_tokens=args.new_tokens,
+            rec = dict(cache=kind, round=round_, context=tokens, layers=args.layers,
+                       new_tokens=args.new_tokens,
                        sdpa_cudnn=args.sdpa_cudnn, prefill_chunk=args.prefill_chunk,
                        batch=1, dtype="bf16", device=gpu, torch=torch.__version__,
                        transformers=transformers.__version__, weights_bytes=weights)
@@ -477,7 +508,7 @@ def main(argv=None) -> int:
             for key in sorted(k for k in rec if k.startswith("profile_")):
                 print(f"--- {kind} {tokens}: {key} ---\n{rec[key]}", file=sys.stderr, flush=True)
             if "kvrt_first_token" in rec:
-                print(f"--- kvrt {tokens}: first decode token, kvrt counters (ns): "
+                print(f"--- {kind} {tokens}: first decode token, kvrt counters (ns): "
                       f"{json.dumps(rec['kvrt_first_token'])}", file=sys.stderr, flush=True)
             if jf:
                 jf.write(json.dumps(rec) + "\n")
