@@ -11,8 +11,9 @@ interface (Llama, Qwen2, Gemma 3, SmolLM, Mistral, ...).
 
 What runs where:
   - Global (full-attention) layers are kvrt layers, renumbered 0..n-1. Their prompt (the first
-    forward) runs transformers' SDPA over the prompt itself (exact; kvrt has no prefill
-    attention), then goes to kvrt as one Sequence.prefill per batch row. Each later token i of a
+    forward) goes to kvrt as one Sequence.prefill per batch row, then runs transformers' SDPA
+    over the prompt itself (exact; kvrt has no prefill attention; kvrt's work on the prompt runs
+    in the background beside it). Each later token i of a
     forward: Sequence.append(k_i, v_i), then attend(q_i) (attend_batch for several rows): sinks +
     window + retrieved cold tokens, merged inside libkvrt. A later forward of n tokens is
     appended and attended token by token, so token i sees exactly what n single-token steps
@@ -399,8 +400,12 @@ class KvrtCache(DynamicCache):
         if kl in self._prompt:  # the first single-token forward after a chunked prompt
             self._prefill_chunked(kl)
         if kl not in self._prefilled:
-            out = _sdpa(module, query, key, value, attention_mask, **kwargs)
+            # kvrt_prefill first: it queues its copies behind what the caller's stream holds and
+            # returns, so that its background job (the GPU build, the copy into the host store)
+            # runs beside this layer's attention over the prompt instead of after it: the last
+            # layer's job was what the first decode token waited for.
             self._prefill(kl, self._rows(query), self._rows(key), self._rows(value))
+            out = _sdpa(module, query, key, value, attention_mask, **kwargs)
             layer.tokens += n
             return out
         q, k, v = self._rows(query), self._rows(key), self._rows(value)
