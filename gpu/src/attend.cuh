@@ -30,7 +30,7 @@ struct AttnLayout {
   static constexpr int kStep = kWarps * kRpw * kUnroll;  // rows per CTA iteration
 };
 
-// Sinks + window (+ the rows leaving it) of (sequence b, kv head g); unit u = b * kv_heads + g.
+// Sinks + window of (sequence b, kv head g); unit u = b * kv_heads + g.
 template <typename T>
 struct TierSrc {
   const void* const* sink_k;
@@ -40,43 +40,34 @@ struct TierSrc {
   const int32_t* n_sink;
   const int32_t* n_window;
   int kv_heads;
-  const void* const* leave_k = nullptr;
-  const void* const* leave_v = nullptr;
-  const int32_t* n_leaving = nullptr;
   struct Cursor {
     const T* sk;
     const T* sv;
     const T* wk;
     const T* wv;
-    const T* lk;
-    const T* lv;
     int ns;
-    int nw;  // ns + n_window: where the leaving rows start
     int n;
     int stride;
-    __device__ __forceinline__ const T* Row(const T* s, const T* w, const T* l, int j) const {
-      return j < ns   ? s + static_cast<size_t>(j) * stride
-             : j < nw ? w + static_cast<size_t>(j - ns) * stride
-                      : l + static_cast<size_t>(j - nw) * stride;
+    __device__ __forceinline__ const T* K(int j) const {
+      return j < ns ? sk + static_cast<size_t>(j) * stride
+                    : wk + static_cast<size_t>(j - ns) * stride;
     }
-    __device__ __forceinline__ const T* K(int j) const { return Row(sk, wk, lk, j); }
-    __device__ __forceinline__ const T* V(int j) const { return Row(sv, wv, lv, j); }
+    __device__ __forceinline__ const T* V(int j) const {
+      return j < ns ? sv + static_cast<size_t>(j) * stride
+                    : wv + static_cast<size_t>(j - ns) * stride;
+    }
   };
   __device__ Cursor Bind(int u, int d) const {
     const int b = u / kv_heads, g = u % kv_heads;
     Cursor c;
     const int ns = n_sink[b];
-    const int nl = n_leaving != nullptr ? n_leaving[b] : 0;
     c.ns = ns;
-    c.nw = ns + n_window[b];
-    c.n = c.nw + nl;
+    c.n = ns + n_window[b];
     c.stride = kv_heads * d;
     c.sk = static_cast<const T*>(sink_k[b]) + g * d;
     c.sv = static_cast<const T*>(sink_v[b]) + g * d;
     c.wk = static_cast<const T*>(win_k[b]) + g * d;
     c.wv = static_cast<const T*>(win_v[b]) + g * d;
-    c.lk = nl > 0 ? static_cast<const T*>(leave_k[b]) + g * d : nullptr;
-    c.lv = nl > 0 ? static_cast<const T*>(leave_v[b]) + g * d : nullptr;
     return c;
   }
 };
@@ -360,9 +351,8 @@ Err RunAttend(const Src& src, int units, int group, const void* q, bool q_is_f32
 template <typename T>
 Err TierAttentionT(const TierBatch& tier, const void* q, const AttnParams& p, float scale,
                    const SplitPlan& plan, float* o, float* lse, float* workspace, void* stream) {
-  TierSrc<T> src{tier.sink_k,   tier.sink_v,    tier.window_k,  tier.window_v,
-                 tier.n_sink,   tier.n_window,  tier.kv_heads,  tier.leaving_k,
-                 tier.leaving_v, tier.n_leaving};
+  TierSrc<T> src{tier.sink_k, tier.sink_v,   tier.window_k, tier.window_v,
+                 tier.n_sink, tier.n_window, tier.kv_heads};
   const int group = p.q_heads / tier.kv_heads;
   const int units = tier.batch * tier.kv_heads;
   KVRT_DISPATCH_HEAD_DIM(tier.head_dim, D, {

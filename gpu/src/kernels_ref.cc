@@ -45,11 +45,6 @@ void TierAttentionBatchHost(const TierBatch& t, const void* q, const AttnParams&
     v.window_k = t.window_k[b];
     v.window_v = t.window_v[b];
     v.n_window = t.n_window[b];
-    if (t.n_leaving != nullptr && t.n_leaving[b] > 0) {
-      v.leaving_k = t.leaving_k[b];
-      v.leaving_v = t.leaving_v[b];
-      v.n_leaving = t.n_leaving[b];
-    }
     v.kv_heads = t.kv_heads;
     v.head_dim = d;
     v.dtype = t.dtype;

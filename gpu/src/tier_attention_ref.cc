@@ -32,12 +32,6 @@ void TierAttentionHost(const TierView& t, const float* q, int q_heads, float sca
     cpu_index::AttendDense(qh, d, scale, HeadBase(t.window_k, g, t), HeadBase(t.window_v, g, t),
                            stride, t.dtype, t.n_window, o2.data(), &lse2);
     cpu_index::MergeInto(oh, &lse[h], o2.data(), lse2, d);
-    if (t.n_leaving > 0) {
-      cpu_index::AttendDense(qh, d, scale, HeadBase(t.leaving_k, g, t),
-                             HeadBase(t.leaving_v, g, t), stride, t.dtype, t.n_leaving, o2.data(),
-                             &lse2);
-      cpu_index::MergeInto(oh, &lse[h], o2.data(), lse2, d);
-    }
   }
 }
 

@@ -233,8 +233,6 @@ class DeviceTier final : public TierBackend {
   absl::Status Append(const AppendPlan& plan, const void* k, const void* v, const Exec& exec,
                       ColdTier* cold) override;
   absl::Status SettleEvictions(ColdTier* cold) override;
-  absl::Status SettleForStep(ColdTier* cold) override;
-  int64_t held_rows() const override { return leaving_.rows; }
   int64_t pending_rows() const override { return evictions_.pending_rows() + prompt_.rows; }
   int64_t pending_prompt_rows() const override { return prompt_.rows; }
   absl::Status SettlePrompt(ColdTier* cold) override;
@@ -302,7 +300,6 @@ class DeviceTier final : public TierBackend {
   }
   void Release() override {
     evictions_.Discard();
-    leaving_ = {};
     DropPrompt();
     if (used_) (void)last_use_.Synchronize();  // device work still reading the buffers
     counters_->gpu_allocated_bytes -= static_cast<int64_t>(summary_.size());
@@ -329,8 +326,6 @@ class DeviceTier final : public TierBackend {
   absl::Status AppendFromDevice(const unsigned char* k, const unsigned char* v, int64_t rows,
                                 void* stream, ColdTier* cold, bool head_major = false);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
-  // The tier's entry in a TierArrays: sinks, ring, and the rows it holds (leaving_).
-  gpu::TierArrays::Entry ArraysEntry(int64_t n_sink, int64_t n_window) const;
   // rows head-major on the device ([G, rows, d], K then V) into the cold tier's registered stores.
   absl::Status CopyIntoStores(const unsigned char* k, int64_t rows, void* stream, ColdTier* cold);
   absl::Status StagePrompt(const unsigned char* k, const unsigned char* v, int64_t rows,
@@ -357,17 +352,6 @@ class DeviceTier final : public TierBackend {
   transfer::DeviceBuffer arrays_;
   std::vector<unsigned char> arrays_host_;
   int32_t arrays_n_sink_ = -1, arrays_n_window_ = -1;
-  const void* arrays_leaving_ = nullptr;
-  int32_t arrays_leaving_rows_ = 0;
-  // The rows the last fused decode append evicted (the newest batch of evictions_), attended by
-  // the tier from the pinned blocks that append's kernel wrote them into until the next append or
-  // a full SettleEvictions moves them to the cold tier: a decode step then never waits for the
-  // device to reach its own append (docs/benchmarks.md, tenth session).
-  struct Leaving {
-    const void* k = nullptr;
-    const void* v = nullptr;
-    int32_t rows = 0;
-  } leaving_;
   transfer::Event last_use_;  // recorded after each call's device work
   bool used_ = false;
   transfer::EvictionQueue evictions_;
@@ -433,26 +417,10 @@ absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
 
 absl::Status DeviceTier::SettleEvictions(ColdTier* cold) {
   if (evictions_.empty()) return absl::OkStatus();
-  if (leaving_.rows > 0) {
-    // The held blocks go back to the pool below: the tier kernels that read them come first.
-    // (One decode step ago: done in practice, unless the device lags a whole token.)
-    if (used_) KVRT_RETURN_IF_ERROR(last_use_.Synchronize());
-    leaving_ = {};
-  }
   KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + evictions_.pending_rows()));
   // Capacity is reserved, so these appends cannot fail half-way.
   return evictions_.Drain(
       [&](const void* k, const void* v, int64_t rows) { return cold->Append(k, v, rows); });
-}
-
-absl::Status DeviceTier::SettleForStep(ColdTier* cold) {
-  if (leaving_.rows == 0) return SettleEvictions(cold);
-  const std::size_t keep = 1;  // the held batch: the newest
-  const int64_t rows = evictions_.pending_rows() - evictions_.last_rows(keep);
-  if (rows == 0) return absl::OkStatus();
-  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + rows));
-  return evictions_.Drain(
-      [&](const void* k, const void* v, int64_t r) { return cold->Append(k, v, r); }, keep);
 }
 
 // Ring tokens that leave the window: device copy into staging (stream order, before the ring
@@ -490,23 +458,14 @@ absl::Status DeviceTier::QueueEviction(transfer::EvictionBatch batch, int64_t ro
   return absl::OkStatus();
 }
 
-gpu::TierArrays::Entry DeviceTier::ArraysEntry(int64_t n_sink, int64_t n_window) const {
-  return {sink_k_.data(),
-          sink_v_.data(),
-          ring_k_.data(),
-          ring_v_.data(),
-          static_cast<int32_t>(n_sink),
-          static_cast<int32_t>(n_window),
-          leaving_.k,
-          leaving_.v,
-          leaving_.rows};
-}
-
 absl::Status DeviceTier::UploadArrays(int64_t n_sink, int64_t n_window, void* stream) {
-  if (arrays_n_sink_ == n_sink && arrays_n_window_ == n_window && arrays_leaving_ == leaving_.k &&
-      arrays_leaving_rows_ == leaving_.rows)
-    return absl::OkStatus();
-  const gpu::TierArrays::Entry e = ArraysEntry(n_sink, n_window);
+  if (arrays_n_sink_ == n_sink && arrays_n_window_ == n_window) return absl::OkStatus();
+  gpu::TierArrays::Entry e{sink_k_.data(),
+                           sink_v_.data(),
+                           ring_k_.data(),
+                           ring_v_.data(),
+                           static_cast<int32_t>(n_sink),
+                           static_cast<int32_t>(n_window)};
   // NOTE: a member, not a stack buffer: the copy from pageable memory may still read it after
   // MemcpyAsync returns.
   arrays_host_.resize(gpu::TierArrays::Bytes(1));
@@ -515,16 +474,12 @@ absl::Status DeviceTier::UploadArrays(int64_t n_sink, int64_t n_window, void* st
       transfer::MemcpyAsync(arrays_.data(), arrays_host_.data(), arrays_host_.size(), stream));
   arrays_n_sink_ = static_cast<int32_t>(n_sink);
   arrays_n_window_ = static_cast<int32_t>(n_window);
-  arrays_leaving_ = leaving_.k;
-  arrays_leaving_rows_ = leaving_.rows;
   return absl::OkStatus();
 }
 
 absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const void* v,
                                 const Exec& exec, ColdTier* cold) {
   const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
-  // The rows the tier held since the last append enter the cold tier before anything else moves.
-  if (leaving_.rows > 0) KVRT_RETURN_IF_ERROR(SettleEvictions(cold));
   if (plan.direct > 0) KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + plan.new_cold()));
   KVRT_RETURN_IF_ERROR(Allocate(plan));
   StreamLease lease(ctx_, exec);
@@ -570,10 +525,7 @@ absl::Status DeviceTier::AppendEvictFused(const AppendPlan& plan, const unsigned
   ring.row_bytes = token_bytes();
   KVRT_RETURN_IF_ERROR(
       gpu::RingAppendRows(ring, k, v, plan.evict, batch.k.data(), batch.v.data(), stream));
-  const Leaving held{batch.k.data(), batch.v.data(), static_cast<int32_t>(plan.evict)};
-  KVRT_RETURN_IF_ERROR(QueueEviction(std::move(batch), plan.evict, stream));
-  leaving_ = held;  // attended by the tier (mapped pinned memory) until the next append
-  return absl::OkStatus();
+  return QueueEviction(std::move(batch), plan.evict, stream);
 }
 
 absl::Status DeviceTier::AppendStaged(const AppendPlan& plan, const unsigned char* ks,
@@ -940,9 +892,13 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     step->tiers.push_back(t);
     t->CollectTiming();  // the previous attend's device times (device output: read lazily)
     if (t->used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, t->last_use_));
-    entries[i] = t->ArraysEntry(counts[i].n_sink, counts[i].n_window);
-    max_tokens = std::max(max_tokens, static_cast<int>(counts[i].n_sink + counts[i].n_window +
-                                                       t->leaving_.rows));
+    entries[i] = {t->sink_k_.data(),
+                  t->sink_v_.data(),
+                  t->ring_k_.data(),
+                  t->ring_v_.data(),
+                  static_cast<int32_t>(counts[i].n_sink),
+                  static_cast<int32_t>(counts[i].n_window)};
+    max_tokens = std::max(max_tokens, static_cast<int>(counts[i].n_sink + counts[i].n_window));
   }
   if (ev_start_.empty()) {
     for (auto* e : {&ev_start_, &ev_tier_, &ev_h2d_begin_, &ev_h2d_, &ev_merge_}) {

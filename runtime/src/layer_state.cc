@@ -55,7 +55,7 @@ AppendPlan LayerState::PlanAppend(int64_t n) const {
 
 absl::Status LayerState::SettleCold() {
   KVRT_RETURN_IF_ERROR(SettleBeforeSelect());
-  return tier_->SettleEvictions(&cold_);  // every row, the held ones too
+  return SettleEvictions();
 }
 
 absl::Status LayerState::SettleBeforeSelect() {
@@ -63,7 +63,7 @@ absl::Status LayerState::SettleBeforeSelect() {
   return tier_->SettlePrompt(&cold_);  // only if the prefill's job failed
 }
 
-absl::Status LayerState::SettleEvictions() { return tier_->SettleForStep(&cold_); }
+absl::Status LayerState::SettleEvictions() { return tier_->SettleEvictions(&cold_); }
 
 absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, const Exec& exec) {
   // The plan reads the cold tier's rows: a prefill's background job must be done with them.
@@ -71,11 +71,8 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
   const AppendPlan plan = PlanAppend(n);
   // Only a call that writes the store waits for the background refresh (a decode append, which
   // only evicts, does not: its rows reach the store at the next attend).
-  // NOTE: the rows the tier holds (the last decode append's) are not pending for this rule: the
-  // tier's Append moves them to the cold tier itself, without the index refresh's wait.
-  const int64_t pending = tier_->pending_rows() - tier_->held_rows();
-  const bool settled = plan.direct > 0 || pending > 0 || !tier_->background_refresh();
-  if (plan.direct > 0 || pending > 0) KVRT_RETURN_IF_ERROR(SettleCold());
+  const bool settled = plan.direct > 0 || tier_->pending_rows() > 0 || !tier_->background_refresh();
+  if (plan.direct > 0 || tier_->pending_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
   const std::size_t tb =
       static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
   // The cold index's growth counts against host_memory_limit before it happens (an upper bound,

@@ -67,8 +67,7 @@ class LayerState {
   // staged and evicted rows moved in (Runtime::WaitSequence calls it too).
   absl::Status SettleCold();
   // SettleCold in two parts, for a selection scored on the device: what the selection reads (the
-  // cold indexes, a prompt's job) before its kernels are queued, the decode evictions after
-  // (except the rows the tier attends this step: TierBackend::SettleForStep).
+  // cold indexes, a prompt's job) before its kernels are queued, the decode evictions after.
   absl::Status SettleBeforeSelect();
   absl::Status SettleEvictions();
 

@@ -77,13 +77,7 @@ class TierBackend {
                               const Exec& exec, ColdTier* cold) = 0;
   // Rows evicted by earlier calls enter the cold tier (waits for their copies).
   virtual absl::Status SettleEvictions(ColdTier* cold) = 0;
-  // The same at a decode step, except for the rows the tier itself attends that step (held_rows):
-  // the rows the last decode append evicted, which the device backend's tier attends where that
-  // append's kernel wrote them, so that the step need not wait for the kernel to get them into
-  // the cold tier. They settle at the next append or SettleEvictions.
-  virtual absl::Status SettleForStep(ColdTier* cold) { return SettleEvictions(cold); }
-  virtual int64_t held_rows() const { return 0; }
-  // Rows evicted (or staged by a prefill) but not yet in the cold tier (held rows included).
+  // Rows evicted (or staged by a prefill) but not yet in the cold tier.
   virtual int64_t pending_rows() const = 0;
   // A prefill's cold rows that the device backend staged in device memory (device pointers) and
   // SettlePrompt moves to the cold tier: in the prefill's background job, or at the next call if

@@ -77,10 +77,6 @@ struct HostTiers {
   std::vector<std::vector<unsigned char>> sk, sv, wk, wv;
   std::vector<const void*> psk, psv, pwk, pwv;
   std::vector<int32_t> ns, nw;
-  // Rows leaving the window (TierBatch::leaving_*): none unless MakeTiers was given counts.
-  std::vector<std::vector<unsigned char>> lk, lv;
-  std::vector<const void*> plk, plv;
-  std::vector<int32_t> nl;
   TierBatch View() const {
     TierBatch b;
     b.sink_k = psk.data();
@@ -93,20 +89,15 @@ struct HostTiers {
     b.kv_heads = kv_heads;
     b.head_dim = d;
     b.dtype = t;
-    if (!nl.empty()) {
-      b.leaving_k = plk.data();
-      b.leaving_v = plv.data();
-      b.n_leaving = nl.data();
-    }
     for (std::size_t i = 0; i < ns.size(); ++i)
-      b.max_tokens = std::max(b.max_tokens, ns[i] + nw[i] + (nl.empty() ? 0 : nl[i]));
+      b.max_tokens = std::max(b.max_tokens, ns[i] + nw[i]);
     return b;
   }
 };
 
 HostTiers MakeTiers(std::mt19937& rng, const std::vector<std::pair<int, int>>& sizes, int cap,
-                    int kv_heads, int d, DType t, const std::vector<int>& leaving = {}) {
-  HostTiers h{kv_heads, d, cap, t, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
+                    int kv_heads, int d, DType t) {
+  HostTiers h{kv_heads, d, cap, t, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}};
   const std::size_t row = static_cast<std::size_t>(kv_heads) * d;
   for (auto [s, w] : sizes) {
     h.sk.push_back(RandomStorage(rng, std::max(s, 1) * row, t, 1.f));
@@ -121,15 +112,6 @@ HostTiers MakeTiers(std::mt19937& rng, const std::vector<std::pair<int, int>>& s
     h.psv.push_back(h.sv[i].data());
     h.pwk.push_back(h.wk[i].data());
     h.pwv.push_back(h.wv[i].data());
-  }
-  for (std::size_t i = 0; i < leaving.size() && i < sizes.size(); ++i) {
-    h.lk.push_back(RandomStorage(rng, std::max(leaving[i], 1) * row, t, 1.f));
-    h.lv.push_back(RandomStorage(rng, std::max(leaving[i], 1) * row, t, 1.f));
-    h.nl.push_back(leaving[i]);
-  }
-  for (std::size_t i = 0; i < h.nl.size(); ++i) {
-    h.plk.push_back(h.lk[i].data());
-    h.plv.push_back(h.lv[i].data());
   }
   return h;
 }
@@ -161,8 +143,7 @@ TEST(GpuRef, TierAttention_MatchesDoubleNaive) {
   std::mt19937 rng(1);
   for (DType t : {DType::kF32, DType::kF16, DType::kBF16}) {
     const int kvh = 2, group = 4, d = 64, qh = kvh * group, cap = 40;
-    auto tiers = MakeTiers(rng, {{4, 40}, {0, 7}, {3, 0}, {0, 0}, {0, 0}}, cap, kvh, d, t,
-                           {1, 0, 2, 3, 0});
+    auto tiers = MakeTiers(rng, {{4, 40}, {0, 7}, {3, 0}, {0, 0}}, cap, kvh, d, t);
     const TierBatch tb = tiers.View();
     std::vector<float> q(static_cast<std::size_t>(tb.batch) * qh * d);
     std::normal_distribution<float> nd(0.f, 1.f);
@@ -184,11 +165,6 @@ TEST(GpuRef, TierAttention_MatchesDoubleNaive) {
         for (int j = 0; j < tiers.nw[b]; ++j) {
           ks.push_back(&wk[(j * kvh + g) * d]);
           vs.push_back(&wv[(j * kvh + g) * d]);
-        }
-        const auto lk = ToF32(tiers.lk[b], t), lv = ToF32(tiers.lv[b], t);
-        for (int j = 0; j < tiers.nl[b]; ++j) {  // the rows leaving the window
-          ks.push_back(&lk[(j * kvh + g) * d]);
-          vs.push_back(&lv[(j * kvh + g) * d]);
         }
         const std::size_t r = static_cast<std::size_t>(b) * qh + h;
         std::vector<float> qr(q.begin() + r * d, q.begin() + (r + 1) * d);
@@ -272,15 +248,6 @@ TEST(GpuRef, TierArrays_PackAndViewRoundTrip) {
   EXPECT_EQ(t.n_window[0], 17);
   EXPECT_EQ(t.n_sink[1], 0);
   EXPECT_EQ(t.n_window[1], 3);
-  EXPECT_EQ(t.leaving_k[0], nullptr);
-  EXPECT_EQ(t.n_leaving[0], 0);
-  const TierArrays::Entry with[1] = {{&a, &b, &c, &e, 4, 17, &e, &c, 2}};
-  TierArrays::Pack(with, 1, buf.data());
-  TierArrays::View(buf.data(), 1, &t);
-  EXPECT_EQ(t.leaving_k[0], &e);
-  EXPECT_EQ(t.leaving_v[0], &c);
-  EXPECT_EQ(t.n_leaving[0], 2);
-  EXPECT_EQ(t.n_window[0], 17);
 }
 
 TEST(GpuRef, Merge_TwoEmptyStatesGiveEmptyNotNaN) {
@@ -540,14 +507,13 @@ struct TierCase {
   std::vector<std::pair<int, int>> sizes;  // (n_sink, n_window) per sequence
   int split;
   bool q_f32;
-  std::vector<int> leaving = {};  // rows leaving the window per sequence (none: no arrays)
 };
 
 void RunTierCase(const TierCase& c, std::mt19937& rng) {
   SCOPED_TRACE(std::string(DTypeName(c.t)) + " d=" + std::to_string(c.d) +
                " group=" + std::to_string(c.group) + " split=" + std::to_string(c.split) +
                (c.q_f32 ? " q=f32" : " q=storage"));
-  auto h = MakeTiers(rng, c.sizes, c.cap, c.kvh, c.d, c.t, c.leaving);
+  auto h = MakeTiers(rng, c.sizes, c.cap, c.kvh, c.d, c.t);
   TierBatch hb = h.View();
   const int qh = c.kvh * c.group;
   const std::size_t rows = static_cast<std::size_t>(hb.batch) * qh;
@@ -570,13 +536,6 @@ void RunTierCase(const TierCase& c, std::mt19937& rng) {
   }
   Dev psk = Dev::From(dsk), psv = Dev::From(dsv), pwk = Dev::From(dwk), pwv = Dev::From(dwv);
   Dev dns = Dev::From(h.ns), dnw = Dev::From(h.nw), dq = Dev::From(q);
-  std::vector<const void*> dlk, dlv;
-  for (std::size_t b = 0; b < h.nl.size(); ++b) {
-    for (auto* src : {&h.lk[b], &h.lv[b]}) bufs.push_back(Dev::From(*src));
-    dlk.push_back(bufs[bufs.size() - 2].p);
-    dlv.push_back(bufs[bufs.size() - 1].p);
-  }
-  Dev plk = Dev::From(dlk), plv = Dev::From(dlv), dnl = Dev::From(h.nl);
   Dev dout(rows * c.d * 4), dlse(rows * 4);
   TierBatch db = hb;
   db.sink_k = psk.as<const void* const>();
@@ -585,11 +544,6 @@ void RunTierCase(const TierCase& c, std::mt19937& rng) {
   db.window_v = pwv.as<const void* const>();
   db.n_sink = dns.as<const int32_t>();
   db.n_window = dnw.as<const int32_t>();
-  if (!h.nl.empty()) {
-    db.leaving_k = plk.as<const void* const>();
-    db.leaving_v = plv.as<const void* const>();
-    db.n_leaving = dnl.as<const int32_t>();
-  }
   auto st = TierAttention(db, dq.p, p, dout.as<float>(), dlse.as<float>(), nullptr, nullptr);
   ASSERT_TRUE(st.ok()) << st;
   CUDA_OK(cudaDeviceSynchronize());
@@ -622,13 +576,6 @@ TEST_F(GpuKernels, TierAttention_MatchesReference) {
         {DType::kBF16, 128, 2, 4, 70, {{4, 70}, {5, 31}, {0, 32}, {1, 0}}, split, true});
   }
   if (!small) cases.push_back({DType::kBF16, 128, 8, 4, 2048, {{4, 2048}, {4, 1000}}, 0, true});
-  // Rows leaving the window (the last decode append's, not cold yet): after a full window, alone,
-  // with a split edge at the window's end.
-  for (int split : {0, 5, 70}) {
-    cases.push_back({DType::kBF16, 128, 2, 4, 70, {{4, 70}, {0, 0}, {3, 64}, {0, 70}}, split, true,
-                     {1, 2, 0, 7}});
-  }
-  cases.push_back({DType::kF32, 64, 2, 4, 40, {{4, 40}, {0, 0}}, 0, false, {3, 1}});
   for (const auto& c : cases) RunTierCase(c, rng);
 }
 

@@ -10,9 +10,8 @@ void EvictionQueue::Push(EvictionBatch batch) {
 }
 
 absl::Status EvictionQueue::Drain(
-    const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink,
-    std::size_t keep_last) {
-  while (batches_.size() > keep_last) {
+    const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink) {
+  while (!batches_.empty()) {
     EvictionBatch& b = batches_.front();
     if (!b.done.empty()) {
       if (absl::Status s = b.done.Synchronize(); !s.ok()) return s;
@@ -22,13 +21,6 @@ absl::Status EvictionQueue::Drain(
     batches_.pop_front();
   }
   return absl::OkStatus();
-}
-
-int64_t EvictionQueue::last_rows(std::size_t n) const {
-  int64_t rows = 0;
-  for (std::size_t i = 0; i < n && i < batches_.size(); ++i)
-    rows += batches_[batches_.size() - 1 - i].rows;
-  return rows;
 }
 
 void EvictionQueue::Discard() {

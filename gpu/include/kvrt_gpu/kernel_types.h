@@ -18,25 +18,19 @@ struct TierBatch {
   const void* const* window_k = nullptr;  // [batch] -> [window_capacity, kv_heads, head_dim] ring
   const void* const* window_v = nullptr;  // [batch] -> same; rows [0, n_window[b]) valid
   const int32_t* n_window = nullptr;      // [batch]
-  // Rows that left the window and are not in the cold tier yet (the last decode append's, read
-  // where the append kernel wrote them: mapped pinned host memory); null n_leaving = none.
-  const void* const* leaving_k = nullptr;  // [batch] -> [n_leaving[b], kv_heads, head_dim]
-  const void* const* leaving_v = nullptr;
-  const int32_t* n_leaving = nullptr;  // [batch]
   int batch = 0;
-  int max_tokens = 0;  // host-known bound on n_sink[b] + n_window[b] + n_leaving[b] (split-K grid)
+  int max_tokens = 0;  // host-known bound on n_sink[b] + n_window[b]; sizes the split-K grid
   int kv_heads = 0;
   int head_dim = 0;
   DType dtype = DType::kF32;
 };
 
 // The arrays of a TierBatch for `batch` sequences packed in one buffer (uploaded once, read by
-// the kernel): [sink_k | sink_v | window_k | window_v | leaving_k | leaving_v] pointers, then
-// [n_sink | n_window | n_leaving] int32, each [batch]. Pack fills a host copy; View points a
-// TierBatch at a (device) copy.
+// the kernel): [sink_k | sink_v | window_k | window_v] pointers, then [n_sink | n_window] int32,
+// each [batch]. Pack fills a host copy; View points a TierBatch at a (device) copy.
 struct TierArrays {
   static std::size_t Bytes(int batch) {
-    return static_cast<std::size_t>(batch) * (6 * sizeof(void*) + 3 * sizeof(int32_t));
+    return static_cast<std::size_t>(batch) * (4 * sizeof(void*) + 2 * sizeof(int32_t));
   }
   struct Entry {
     const void* sink_k;
@@ -45,37 +39,28 @@ struct TierArrays {
     const void* window_v;
     int32_t n_sink;
     int32_t n_window;
-    const void* leaving_k = nullptr;
-    const void* leaving_v = nullptr;
-    int32_t n_leaving = 0;
   };
   static void Pack(const Entry* entries, int batch, void* host) {
     auto* ptrs = static_cast<const void**>(host);
-    auto* counts = reinterpret_cast<int32_t*>(ptrs + 6 * batch);
+    auto* counts = reinterpret_cast<int32_t*>(ptrs + 4 * batch);
     for (int b = 0; b < batch; ++b) {
       ptrs[b] = entries[b].sink_k;
       ptrs[batch + b] = entries[b].sink_v;
       ptrs[2 * batch + b] = entries[b].window_k;
       ptrs[3 * batch + b] = entries[b].window_v;
-      ptrs[4 * batch + b] = entries[b].leaving_k;
-      ptrs[5 * batch + b] = entries[b].leaving_v;
       counts[b] = entries[b].n_sink;
       counts[batch + b] = entries[b].n_window;
-      counts[2 * batch + b] = entries[b].n_leaving;
     }
   }
   static void View(const void* packed, int batch, TierBatch* t) {
     auto* ptrs = static_cast<const void* const*>(packed);
-    auto* counts = reinterpret_cast<const int32_t*>(ptrs + 6 * batch);
+    auto* counts = reinterpret_cast<const int32_t*>(ptrs + 4 * batch);
     t->sink_k = ptrs;
     t->sink_v = ptrs + batch;
     t->window_k = ptrs + 2 * batch;
     t->window_v = ptrs + 3 * batch;
-    t->leaving_k = ptrs + 4 * batch;
-    t->leaving_v = ptrs + 5 * batch;
     t->n_sink = counts;
     t->n_window = counts + batch;
-    t->n_leaving = counts + 2 * batch;
     t->batch = batch;
   }
 };

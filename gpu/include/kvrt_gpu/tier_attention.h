@@ -18,9 +18,6 @@ struct TierView {
   int kv_heads = 0;
   int head_dim = 0;
   DType dtype = DType::kF32;
-  const void* leaving_k = nullptr;  // [n_leaving, kv_heads, d]: rows past the window, not cold yet
-  const void* leaving_v = nullptr;
-  int64_t n_leaving = 0;
 };
 
 // q: f32 [q_heads, d]. o: f32 [q_heads, d] (normalised), lse: f32 [q_heads] (-inf if the tier is

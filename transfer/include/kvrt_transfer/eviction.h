@@ -39,13 +39,9 @@ class EvictionQueue {
   int64_t pending_rows() const { return rows_; }
   bool empty() const { return batches_.empty(); }
   // In order: waits for each batch's copy, calls sink(k, v, rows), drops the batch (its pinned
-  // blocks go back to the pool). Stops at the first error (that batch stays queued). keep_last:
-  // the newest batches left queued (a batch something else still reads, e.g. the GPU tier).
+  // blocks go back to the pool). Stops at the first error (that batch stays queued).
   absl::Status Drain(
-      const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink,
-      std::size_t keep_last = 0);
-  // Rows of the newest `n` batches.
-  int64_t last_rows(std::size_t n) const;
+      const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink);
   // Waits for every outstanding copy and drops the batches without delivering them (teardown).
   void Discard();
 
