@@ -13,7 +13,7 @@
 # part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu), BENCH=ab-trace the build before
 # (BEFORE) against this one on one generated 128K trace, BENCH=ab-1m the same at 1M on generated
 # keys, BENCH=group the cluster selection per q head against one per kv head (128K trace, 1M),
-# BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
+# BENCH=acc one 128K trace with accuracy at the defaults, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
@@ -254,6 +254,14 @@ if [[ "${1:-}" == "--device" ]]; then
         timeout 240 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 \
           --accuracy-steps 0 --pipeline $sel || rc=1
       done
+      rm -f $trace
+    elif [[ "$bench" == acc ]]; then
+      # One generated 128K trace at the library's defaults, B=1, with accuracy (and the prefill's
+      # time until ready): the cheapest run that shows both.
+      trace=/tmp/kvrt-acc.safetensors
+      trace_128k $trace || rc=1
+      echo "=== kvrt: cluster 128K --trace, B=1, with accuracy"
+      timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 || rc=1
       rm -f $trace
     elif [[ "$bench" == ab-1m ]]; then
       # bench decode at 1M (trace-like generated keys, the selection's largest shape), the build

@@ -490,6 +490,70 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
   }
 }
 
+// Preset segments (the GPU build) get the calibrated spreads CPU-clustered ones get: the index
+// fits them from the store's rows as it takes them, with the store in the rows' original order
+// or already laid out in each part's order.
+TEST(ClusterIndex, PresetSegmentsAreCalibratedFromTheStore) {
+  const int64_t seg = 256, n = 2 * seg;
+  HeadStore plain(kDim, DType::kF32);
+  AppendRows(&plain, n, 31);
+  const IndexConfig cfg = SmallConfig();
+  ASSERT_GT(cfg.cluster.calibrate_queries, 0);
+  std::vector<float> queries;
+  for (int i = 0; i < 300; ++i) {
+    const auto q = RandomQuery(500 + i);
+    queries.insert(queries.end(), q.begin(), q.end());
+  }
+  const int64_t nq = std::min<int64_t>(300, cfg.cluster.calibrate_queries);
+  const float* last_q = queries.data() + (300 - nq) * kDim;
+  const float scale = 1.f / std::sqrt(float(kDim));
+  const std::vector<float> metric = QueryMetricFactor(nullptr, 0, kDim, 0);
+  std::vector<SegmentClustering> parts(2), want(2);
+  std::vector<std::vector<float>> keys(2);
+  for (int s = 0; s < 2; ++s) {
+    keys[s].resize(seg * kDim);
+    std::vector<float> v(keys[s].size());
+    for (int64_t r = 0; r < seg; ++r) {
+      plain.KeyF32(s * seg + r, keys[s].data() + r * kDim);
+      ConvertToF32(plain.value(s * seg + r), DType::kF32, kDim, v.data() + r * kDim);
+    }
+    ClusterSegment(keys[s].data(), v.data(), seg, kDim, metric.data(), cfg.cluster,
+                   cfg.cluster.seed + static_cast<uint64_t>(s) * seg, &parts[s]);
+    want[s] = parts[s];
+    CalibrateSpreads(keys[s].data(), seg, kDim, last_q, nq, scale, cfg.cluster.spread_weight,
+                     &want[s]);
+  }
+  // The same rows laid out: store row s * seg + i holds old row order[i] of segment s.
+  HeadStore laid(kDim, DType::kF32);
+  for (int s = 0; s < 2; ++s) {
+    std::vector<float> k(seg * kDim), v(seg * kDim);
+    for (int64_t i = 0; i < seg; ++i) {
+      const int64_t old = s * seg + parts[s].order[i];
+      plain.KeyF32(old, k.data() + i * kDim);
+      ConvertToF32(plain.value(old), DType::kF32, kDim, v.data() + i * kDim);
+    }
+    ASSERT_TRUE(laid.Append(k.data(), v.data(), seg, kDim).ok());
+  }
+  for (bool laid_out : {false, true}) {
+    SCOPED_TRACE(laid_out ? "laid out" : "original order");
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE(PresetSegments(index.get(), 0, parts, laid_out).ok());
+    ASSERT_TRUE(index->Build(laid_out ? laid : plain, queries.data(), 300).ok());
+    const ClusterSummary& got = *GetClusterSummary(*index);
+    std::vector<float> expect;
+    for (int s = 0; s < 2; ++s) expect.insert(expect.end(), want[s].spread.begin(), want[s].spread.end());
+    ASSERT_EQ(got.spread.size(), expect.size());
+    bool any_changed = false;
+    for (std::size_t c = 0; c < expect.size(); ++c) {
+      EXPECT_NEAR(got.spread[c], expect[c], 1e-4f * (1.f + std::fabs(expect[c]))) << c;
+      const std::size_t s0 = parts[0].spread.size();
+      const float before = c < s0 ? parts[0].spread[c] : parts[1].spread[c - s0];
+      any_changed = any_changed || std::fabs(before - expect[c]) > 1e-3f;
+    }
+    EXPECT_TRUE(any_changed) << "the fit left every spread as the metric's";
+  }
+}
+
 TEST(ClusterIndex, EmptyAndTinyInputs) {
   auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
   HeadStore empty(kDim, DType::kF32);
