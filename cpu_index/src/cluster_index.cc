@@ -125,7 +125,7 @@ class ClusterIndex final : public KeyIndex {
     return absl::OkStatus();
   }
 
-  absl::Status Preset(int64_t begin, std::vector<SegmentClustering> parts, bool rows_laid_out) {
+  absl::Status Preset(int64_t begin, std::vector<SegmentClustering> parts) {
     if (begin != size_) {
       return absl::InvalidArgumentError(absl::StrCat(
           "cluster index: preset segments start at row ", begin, ", the index covers ", size_));
@@ -141,7 +141,6 @@ class ClusterIndex final : public KeyIndex {
     }
     preset_begin_ = begin;
     preset_ = std::move(parts);
-    preset_laid_out_ = rows_laid_out;
     return absl::OkStatus();
   }
 
@@ -171,21 +170,6 @@ class ClusterIndex final : public KeyIndex {
         const int64_t preset = (b - preset_begin_) / seg;
         if (b >= preset_begin_ && preset < static_cast<int64_t>(preset_.size())) {
           parts[s] = std::move(preset_[preset]);
-          if (!calib_q_.empty()) {
-            // The segment's keys in their order before the part's (store row b + i holds old
-            // row order[i] once laid out).
-            std::vector<float> k(static_cast<std::size_t>(seg) * dim_);
-            if (preset_laid_out_) {
-              for (int64_t i = 0; i < seg; ++i)
-                ConvertToF32(store.key(b + i), store.dtype(), dim_,
-                             k.data() + parts[s].order[i] * dim_);
-            } else {
-              ConvertToF32(store.key(b), store.dtype(), k.size(), k.data());
-            }
-            CalibrateSpreads(k.data(), seg, dim_, calib_q_.data(),
-                             static_cast<int64_t>(calib_q_.size()) / dim_, scale_,
-                             cfg_.spread_weight, &parts[s]);
-          }
           return;
         }
         std::vector<float> k(static_cast<std::size_t>(seg) * dim_), v(k.size());
@@ -291,14 +275,12 @@ class ClusterIndex final : public KeyIndex {
   std::vector<int64_t> pending_order_;
   int64_t preset_begin_ = 0;
   std::vector<SegmentClustering> preset_;  // PresetSegments: the next Cover takes these
-  bool preset_laid_out_ = false;           // the store holds their rows in their parts' order
 };
 
-absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts,
-                            bool rows_laid_out) {
+absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts) {
   if (index == nullptr || index->kind() != IndexKind::kCluster)
     return absl::InvalidArgumentError("PresetSegments: not a cluster index");
-  return static_cast<ClusterIndex*>(index)->Preset(begin, std::move(parts), rows_laid_out);
+  return static_cast<ClusterIndex*>(index)->Preset(begin, std::move(parts));
 }
 
 const ClusterSummary* GetClusterSummary(const KeyIndex& index) {

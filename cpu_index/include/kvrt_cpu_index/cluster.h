@@ -59,8 +59,8 @@ struct ClusterConfig {
   // queries (the runtime's evenly spaced prompt sample), to the true log mean exp of its keys'
   // scores (CalibrateSpreads) instead of taken from the metric's second moment: 15-23% lower mean
   // error at equal tokens on the 32K Gemma 3 traces, unchanged on the synthetic one
-  // (docs/fidelity.md). Since 0.3.5 also the segments the GPU build clustered at prefill
-  // (PresetSegments), when their index is built.
+  // (docs/fidelity.md). Segments clustered on the CPU only: the GPU build at prefill
+  // (gpu_build) keeps the metric's spread.
   int calibrate_queries = 256;
   float scale = 0.f;          // attention scale of the estimate; 0 = 1/sqrt(head_dim)
   uint64_t seed = 42;
@@ -155,11 +155,8 @@ void EstimateUnselected(const ClusterSummary& s, const float* density,
 // `index` (kind kCluster, built with the same queries, so in the same metric) takes parts[i] for
 // the segment at store row begin + i * segment_tokens instead of clustering it. InvalidArgument
 // for another kind, a begin that is not the index's next segment, or a part whose row count is not
-// segment_tokens. With calibrate_queries > 0 the index fits each preset cluster's spread as it
-// takes it (CalibrateSpreads), from the store's rows: in their original order, or (rows_laid_out)
-// already laid out in each part's order.
-absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts,
-                            bool rows_laid_out = false);
+// segment_tokens.
+absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts);
 
 // The summary of a cluster index (kind kCluster), e.g. to copy it to the GPU after each
 // Build/Add; null for other kinds.
