@@ -51,7 +51,7 @@ constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in sh
 constexpr int kLinBins = 4096;     // linear bins of the selection's one histogram pass
 constexpr int kLinItems = kLinBins / kSelectThreads;
 constexpr int kCandCap = 1024;  // clusters of the threshold bin resolved in shared memory
-constexpr int kKeyThreads = 256;    // GroupKeyKernel
+constexpr int kKeyThreads = 256;           // GroupKeyKernel
 constexpr int kKeyClusters = kKeyThreads;  // clusters per CTA of GroupKeyKernel (one per thread)
 
 __device__ __forceinline__ float WarpSum(float v) {
@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   const bool use_p = top_p > 0.f;
   // The selection's masses: the head's own relative to its max, or (group) the keys' shares.
   const float Ms = grp ? 0.f : M;
-  float target_mass = top_p * L;  // (group: set from the keys' total below)
+  float target_mass = top_p * L;        // (group: set from the keys' total below)
   if (M == -INFINITY || budget <= 0) {  // nothing to select
     if (t == 0) {
       out.selected_count[qh] = 0;
@@ -535,9 +535,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   // any is used (the walk is latency-bound otherwise: one CTA per q head, a handful per SM).
   // A cluster's estimated mass relative to the total's max (the selection's and the estimate's).
   auto mass_of = [&](float dj, int nj) { return __expf(dj + logf(static_cast<float>(nj)) - M); };
-  auto smass_of = [&](float dj, int nj) {
-    return __expf(dj + logf(static_cast<float>(nj)) - Ms);
-  };
+  auto smass_of = [&](float dj, int nj) { return __expf(dj + logf(static_cast<float>(nj)) - Ms); };
   auto for_each_cluster = [&](auto&& f) {
     for (int base = 0; base < c_n; base += kSelectThreads * kSelectItems) {
       int n[kSelectItems];
@@ -1021,8 +1019,7 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
     if (err.ok() && grp) {
       const dim3 kgrid(static_cast<unsigned>((s.num_clusters + kKeyClusters - 1) / kKeyClusters),
                        static_cast<unsigned>(s.kv_heads));
-      GroupKeyKernel<D><<<kgrid, kKeyThreads, 0, st>>>(s, g, cctas, out.density, ws,
-                                                       out.group_key);
+      GroupKeyKernel<D><<<kgrid, kKeyThreads, 0, st>>>(s, g, cctas, out.density, ws, out.group_key);
       err = LastLaunchErr();
     }
     if (err.ok()) {

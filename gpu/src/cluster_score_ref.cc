@@ -66,8 +66,8 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
       for (int i = 0; i < g; ++i) {
         const int qh = h * g + i;
         if (mmax[qh] == -INFINITY) continue;
-        dv[i] = out.density[static_cast<std::size_t>(qh) * c + j] -
-                (mmax[qh] + std::log(total[qh]));
+        dv[i] =
+            out.density[static_cast<std::size_t>(qh) * c + j] - (mmax[qh] + std::log(total[qh]));
         m = std::max(m, dv[i]);
       }
       if (m == -INFINITY) continue;
@@ -88,7 +88,8 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
     double stotal = 0;
     for (int j = 0; j < c; ++j) {
       if (s.size[static_cast<std::size_t>(h) * c + j] <= 0) continue;
-      smass[j] = grp ? std::exp(double(key[j]) + std::log(double(s.size[static_cast<std::size_t>(h) * c + j])))
+      smass[j] = grp ? std::exp(double(key[j]) +
+                                std::log(double(s.size[static_cast<std::size_t>(h) * c + j])))
                      : (lmh[j] > -INFINITY ? std::exp(lmh[j] - m) : 0.0);
       stotal += smass[j];
     }

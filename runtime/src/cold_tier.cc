@@ -307,8 +307,9 @@ std::vector<std::vector<int>> ColdTier::Units(const uint8_t* streaming) const {
   const bool shared_selection =
       cfg_->index_kind == cpu_index::IndexKind::kCluster && cfg_->index.cluster.group_select;
   const bool together =
-      group > 1 && (shared_selection || (cfg_->group_search &&
-                                         cpu_index::KindInfo(cfg_->index_kind).shares_group_search));
+      group > 1 &&
+      (shared_selection ||
+       (cfg_->group_search && cpu_index::KindInfo(cfg_->index_kind).shares_group_search));
   std::vector<std::vector<int>> units;
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     std::vector<int> heads;

@@ -42,7 +42,8 @@ struct Variant {
 
 struct Stats {
   std::vector<double> err, flat_err;
-  double tokens = 0, kv_tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0, est_log = 0;
+  double tokens = 0, kv_tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0,
+         est_log = 0;
   int64_t est_n = 0, n = 0, kv_n = 0;
   double build_s = 0;
 };
@@ -252,7 +253,8 @@ int main(int argc, char** argv) {
       for (int step = 0; step < steps; ++step) {
         // Every variant's results for the group's queries of this step; the rows of the kv head
         // (their union) are what a step reads.
-        std::vector<std::vector<SearchResult>> results(variants.size(), std::vector<SearchResult>(g));
+        std::vector<std::vector<SearchResult>> results(variants.size(),
+                                                       std::vector<SearchResult>(g));
         {
           std::vector<float> qs(dq.data() + (static_cast<std::size_t>(step) * qh + h * g) * d,
                                 dq.data() + (static_cast<std::size_t>(step) * qh + h * g + g) * d);
@@ -264,8 +266,9 @@ int main(int argc, char** argv) {
                 return 1;
             } else {
               for (int j = 0; j < g; ++j)
-                if (!idx[vi]->Search(stores[vi], qs.data() + static_cast<std::size_t>(j) * d, sp,
-                                     &results[vi][j])
+                if (!idx[vi]
+                         ->Search(stores[vi], qs.data() + static_cast<std::size_t>(j) * d, sp,
+                                  &results[vi][j])
                          .ok())
                   return 1;
             }
@@ -368,9 +371,8 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::printf("%-24s %7s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s\n", "variant", "tokens%",
-              "kv%",
-              "err", "err_p99", "flat", "flat_p99", "ratio", "rec", "f_rec", "mass", "f_mass",
-              "estlog", "build_s");
+              "kv%", "err", "err_p99", "flat", "flat_p99", "ratio", "rec", "f_rec", "mass",
+              "f_mass", "estlog", "build_s");
   for (std::size_t vi = 0; vi < variants.size(); ++vi) {
     const Stats& S = stats[vi];
     const double n = std::max<int64_t>(S.n, 1);
@@ -378,10 +380,10 @@ int main(int argc, char** argv) {
     const double fm = std::accumulate(S.flat_err.begin(), S.flat_err.end(), 0.0) / n;
     std::printf(
         "%-24s %7.2f %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f\n",
-                variants[vi].name, 100 * S.tokens / n, 100 * S.kv_tokens / std::max<int64_t>(S.kv_n, 1), em, Pct(S.err, 0.99), fm,
-                Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.recall / n, S.flat_recall / n,
-                S.mass / n, S.flat_mass / n, S.est_n ? S.est_log / S.est_n : 0.0,
-                S.build_s / (layers * kvh));
+        variants[vi].name, 100 * S.tokens / n, 100 * S.kv_tokens / std::max<int64_t>(S.kv_n, 1), em,
+        Pct(S.err, 0.99), fm, Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.recall / n,
+        S.flat_recall / n, S.mass / n, S.flat_mass / n, S.est_n ? S.est_log / S.est_n : 0.0,
+        S.build_s / (layers * kvh));
   }
   return 0;
 }

@@ -466,8 +466,8 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
       for (int t = 0; t < kDim; ++t) a += q[t] * Bf16ToF32(s.centroid[j * kDim + t]);
       scores[j] = a;
     }
-    ClusterDensity(s, scores.data(), qn2, cfg.cluster.scale != 0.f ? cfg.cluster.scale
-                                                                   : 1.f / std::sqrt(float(kDim)),
+    ClusterDensity(s, scores.data(), qn2,
+                   cfg.cluster.scale != 0.f ? cfg.cluster.scale : 1.f / std::sqrt(float(kDim)),
                    cfg.cluster.spread_weight, dens.data());
     std::vector<float> eo(kDim);
     float lse;

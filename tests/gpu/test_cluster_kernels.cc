@@ -92,8 +92,8 @@ struct HostOut {
         tok(qh),
         gkey(std::size_t(qh) * std::max(c, 1)) {}
   ClusterStepOutputs View() {
-    return {dens.data(), osc.data(), sel.data(), cnt.data(), tok.data(),
-            eo.data(),   lse.data(), gkey.data()};
+    return {dens.data(), osc.data(), sel.data(), cnt.data(),
+            tok.data(),  eo.data(),  lse.data(), gkey.data()};
   }
 };
 
@@ -189,7 +189,8 @@ TEST(ClusterStepHost, GroupSelectionSharesOneListPerKvHead) {
     std::set<int32_t> uni;
     for (int i = 0; i < g; ++i) {
       const int h = kh * g + i;
-      uni.insert(per.sel.begin() + std::size_t(h) * c, per.sel.begin() + std::size_t(h) * c + per.cnt[h]);
+      uni.insert(per.sel.begin() + std::size_t(h) * c,
+                 per.sel.begin() + std::size_t(h) * c + per.cnt[h]);
       ASSERT_EQ(grp.cnt[h], grp.cnt[kh * g]);
       EXPECT_TRUE(std::equal(grp.sel.begin() + std::size_t(h) * c,
                              grp.sel.begin() + std::size_t(h) * c + grp.cnt[h],

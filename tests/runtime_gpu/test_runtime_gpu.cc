@@ -408,9 +408,8 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
     bool direct;
     bool group = false;  // cluster.group_select: one selection per kv head
   };
-  const Mode kModes[] = {{0.f, false},        {0.5f, false},       {0.02f, false},
-                         {0.5f, true},        {0.02f, true},       {0.f, false, true},
-                         {0.02f, true, true}};
+  const Mode kModes[] = {{0.f, false},  {0.5f, false},      {0.02f, false},     {0.5f, true},
+                         {0.02f, true}, {0.f, false, true}, {0.02f, true, true}};
   for (const auto& [hot, direct, group] : kModes) {
     for (bool device : {false, true}) {
       const std::string name = absl::StrCat(device ? "device" : "host", " hot ", hot,

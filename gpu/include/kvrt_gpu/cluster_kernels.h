@@ -7,12 +7,12 @@
 // without a GPU; launchers follow kernels.h's conventions (InvalidArgument for bad shapes,
 // FailedPrecondition without CUDA, Internal for a CUDA error; they only enqueue work).
 //
-// Two kernels (three with group selection): (1) grid (cluster tiles + outlier tiles, kv heads): densities [q_heads, C],
-// outlier scores [q_heads, O] and per tile a partial softmax state (max, sum, sum w * vbar) of
-// ALL clusters' estimated masses; (2) one CTA per q head: merges the tile states, finds the
-// selection by a weighted radix select on the densities (4 passes of 8 bits, histograms of
-// tokens and mass), compacts the selected clusters (ascending index), and subtracts their
-// share from the total to leave the unselected clusters' estimate.
+// Two kernels (three with group selection): (1) grid (cluster tiles + outlier tiles, kv heads):
+// densities [q_heads, C], outlier scores [q_heads, O] and per tile a partial softmax state (max,
+// sum, sum w * vbar) of ALL clusters' estimated masses; (2) one CTA per q head: merges the tile
+// states, finds the selection by a weighted radix select on the densities (4 passes of 8 bits,
+// histograms of tokens and mass), compacts the selected clusters (ascending index), and subtracts
+// their share from the total to leave the unselected clusters' estimate.
 //
 // Selection (same as cpu_index::SelectClusters, but returned in ascending cluster index): order
 // clusters by (density desc, index asc); take the shortest prefix whose tokens reach
