@@ -280,8 +280,9 @@ typedef struct kvrt_config {
                                    still attends them exactly and estimates the rest with its own
                                    scores. 0 = each q head selects its own clusters (the group
                                    then reads up to group x the budget). At equal rows read per
-                                   kv head the shared selection had the lower error on the traces
-                                   of docs/fidelity.md ("Group selection") [1]. Since 0.3.5. */
+                                   kv head the shared selection had the same or a lower error on
+                                   the traces of docs/fidelity.md ("Group selection") [1]. Since
+                                   0.3.5. */
   float cluster_top_p;          /* KVRT_INDEX_CLUSTER: > 0 also ends a selection once its
                                    clusters hold this share of the estimated mass (Twilight-style
                                    top-p; whichever of budget and top-p comes first); 0 = the
