@@ -473,46 +473,47 @@ def main(argv=None) -> int:
     rows = [hdr, "|" + "|".join("-" * (len(p)) for p in hdr.split("|")[1:-1]) + "|---"]
     print(hdr, flush=True)
     for round_ in range(1, args.rounds + 1):
-      for tokens in args.contexts:
-        for kind in CACHES:
-            if kind not in args.caches:
-                continue
-            rec = dict(cache=kind, round=round_, context=tokens, layers=args.layers,
-                       new_tokens=args.new_tokens,
-                       sdpa_cudnn=args.sdpa_cudnn, prefill_chunk=args.prefill_chunk,
-                       batch=1, dtype="bf16", device=gpu, torch=torch.__version__,
-                       transformers=transformers.__version__, weights_bytes=weights)
-            if kind not in caches:
-                rec["status"] = ("skipped: needs a CUDA device" if kind == "offloaded"
-                                 else "skipped: kvrt not importable")
-            else:
-                try:
-                    rec.update(run_one(kind, model, args, tokens, args.new_tokens, device,
-                                       on_cuda))
-                    rec["status"] = "ok"
-                except Exception as e:  # the traceback (and the forward's tensors) go with e
-                    if is_oom(e):
-                        rec["status"] = "out of memory"
-                    else:
-                        first = (str(e).splitlines() or [""])[0]
-                        rec["status"] = f"error: {type(e).__name__}: {first}"
-                        traceback.print_exc()
-                    rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
-                gc.collect()
-                if on_cuda:
-                    torch.cuda.empty_cache()
-            derive(rec, args.layers, args.new_tokens)
-            line = table_line(rec)
-            rows.append(line)
-            print(line, flush=True)
-            for key in sorted(k for k in rec if k.startswith("profile_")):
-                print(f"--- {kind} {tokens}: {key} ---\n{rec[key]}", file=sys.stderr, flush=True)
-            if "kvrt_first_token" in rec:
-                print(f"--- {kind} {tokens}: first decode token, kvrt counters (ns): "
-                      f"{json.dumps(rec['kvrt_first_token'])}", file=sys.stderr, flush=True)
-            if jf:
-                jf.write(json.dumps(rec) + "\n")
-                jf.flush()
+        for tokens in args.contexts:
+            for kind in CACHES:
+                if kind not in args.caches:
+                    continue
+                rec = dict(cache=kind, round=round_, context=tokens, layers=args.layers,
+                           new_tokens=args.new_tokens,
+                           sdpa_cudnn=args.sdpa_cudnn, prefill_chunk=args.prefill_chunk,
+                           batch=1, dtype="bf16", device=gpu, torch=torch.__version__,
+                           transformers=transformers.__version__, weights_bytes=weights)
+                if kind not in caches:
+                    rec["status"] = ("skipped: needs a CUDA device" if kind == "offloaded"
+                                     else "skipped: kvrt not importable")
+                else:
+                    try:
+                        rec.update(run_one(kind, model, args, tokens, args.new_tokens, device,
+                                           on_cuda))
+                        rec["status"] = "ok"
+                    except Exception as e:  # the traceback (and the forward's tensors) go with e
+                        if is_oom(e):
+                            rec["status"] = "out of memory"
+                        else:
+                            first = (str(e).splitlines() or [""])[0]
+                            rec["status"] = f"error: {type(e).__name__}: {first}"
+                            traceback.print_exc()
+                        rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                    gc.collect()
+                    if on_cuda:
+                        torch.cuda.empty_cache()
+                derive(rec, args.layers, args.new_tokens)
+                line = table_line(rec)
+                rows.append(line)
+                print(line, flush=True)
+                for key in sorted(k for k in rec if k.startswith("profile_")):
+                    print(f"--- {kind} {tokens}: {key} ---\n{rec[key]}", file=sys.stderr,
+                          flush=True)
+                if "kvrt_first_token" in rec:
+                    print(f"--- {kind} {tokens}: first decode token, kvrt counters (ns): "
+                          f"{json.dumps(rec['kvrt_first_token'])}", file=sys.stderr, flush=True)
+                if jf:
+                    jf.write(json.dumps(rec) + "\n")
+                    jf.flush()
     if jf:
         jf.close()
     print("\nsummary (markdown):")
