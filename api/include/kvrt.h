@@ -130,7 +130,8 @@ KVRT_API const char* kvrt_index_kind_name(kvrt_index_kind kind);
 KVRT_API kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* out);
 /* The search settings `kind` resolves for top_k and search_effort (0 = the kind's default), in
  * words, e.g. "nprobe=16+ (lists holding >= 3000 keys)" or "ef=1000": what a report should print
- * so that effort 0 never hides what the default does at this k. Writes a NUL-terminated string of
+ * so that effort 0 never hides what the default does at this k (the other fields as
+ * kvrt_config_default() sets them, e.g. the cluster kind's budget). Writes a NUL-terminated string of
  * at most size bytes to buf (truncated). Thread-safe. Since 0.3. */
 KVRT_API kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k,
                                                 int32_t search_effort, char* buf, size_t size);

@@ -323,9 +323,11 @@ kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k, int3
   if (!kvrt::cpu_index::IsIndexKind(RawEnum(kind)))
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("kvrt_index_describe_search: kind ", RawEnum(kind), " is unknown"));
+  // The index settings of kvrt_config_default() (the cluster kind's budget and selection are
+  // config fields; an IndexConfig{} would describe the library's internal defaults instead).
   const std::string text =
       kvrt::cpu_index::SearchSettings(static_cast<kvrt::cpu_index::IndexKind>(RawEnum(kind)),
-                                      kvrt::cpu_index::IndexConfig{}, top_k, effort);
+                                      ToRuntimeConfig(Defaults()).index, top_k, effort);
   const std::size_t n = std::min(text.size(), size - 1);
   std::memcpy(buf, text.data(), n);
   buf[n] = '\0';

@@ -62,6 +62,11 @@ TEST(ApiIndexKinds, NamesParseAndDescribeFromOneTable) {
     ASSERT_EQ(kvrt_index_describe_search(kind, 100, 0, buf, sizeof buf), KVRT_OK);
     EXPECT_GT(std::string(buf).size(), 0u) << name;
   }
+  // The cluster kind's description states the default config's budget and selection.
+  char cluster[256];
+  ASSERT_EQ(kvrt_index_describe_search(KVRT_INDEX_CLUSTER, 100, 0, cluster, sizeof cluster), KVRT_OK);
+  EXPECT_NE(std::string(cluster).find("3% of clustered keys"), std::string::npos) << cluster;
+  EXPECT_NE(std::string(cluster).find("per kv head"), std::string::npos) << cluster;
   EXPECT_EQ(kvrt_index_kind_name(static_cast<kvrt_index_kind>(kvrt_index_kind_count())), nullptr);
   kvrt_index_kind parsed;
   EXPECT_EQ(kvrt_index_kind_parse("no-such-kind", &parsed), KVRT_ERR_INVALID_ARGUMENT);
