@@ -217,8 +217,8 @@ TEST(RuntimeFlat, RetrievesTheExactTopKOfColdTokens) {
 }
 
 // Group selection (cluster.group_select): the q heads of a kv head attend the same cold positions,
-// and that set is the budget (plus the last cluster) per kv head; each head selecting its own
-// clusters attends as many per head, and more in their union.
+// at least the budget; heads selecting their own clusters attend at least as many each, and more
+// in their union (what the kv head reads).
 TEST(RuntimeCluster, GroupSelectionSharesTheColdRowsOfAKvHead) {
   std::size_t union_per_head = 0, union_group = 0;
   for (bool group_select : {false, true}) {
