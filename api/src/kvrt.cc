@@ -142,24 +142,22 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
 // ABI (kvrt.h, "ABI"): the sizes of kvrt_config and kvrt_stats that some kvrt.h since 0.3
 // declared. A struct grows by appending fields; its older sizes stay here, so that a program
 // compiled against an older header keeps working: the library reads and writes only its prefix.
+// The size of a kvrt_config that ended with the int32 field at `offset` (tail padding included).
+constexpr std::size_t ConfigSizeEndingAt(std::size_t offset) {
+  return (offset + sizeof(int32_t) + alignof(kvrt_config) - 1) / alignof(kvrt_config) *
+         alignof(kvrt_config);
+}
 // 0.3.0's kvrt_config ended at cold_attention; its size includes the 4 bytes of tail padding where
 // hot_cache_fraction lies now, so a caller of that size gets the default of that field.
-constexpr std::size_t kConfigSize030 =
-    (offsetof(kvrt_config, cold_attention) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-    alignof(kvrt_config) * alignof(kvrt_config);
+constexpr std::size_t kConfigSize030 = ConfigSizeEndingAt(offsetof(kvrt_config, cold_attention));
 // 0.3.1 and 0.3.2 ended at cuda_device (cluster_direct_step, 0.3.3, follows it: the prefix read
 // from such a caller stops before it, whatever padding the size includes).
-constexpr std::size_t kConfigSize031 =
-    (offsetof(kvrt_config, cuda_device) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-    alignof(kvrt_config) * alignof(kvrt_config);
+constexpr std::size_t kConfigSize031 = ConfigSizeEndingAt(offsetof(kvrt_config, cuda_device));
 // 0.3.3 ended at cluster_direct_step (worker_cpu_first and worker_cpu_count, 0.3.4, follow it).
 constexpr std::size_t kConfigSize033 =
-    (offsetof(kvrt_config, cluster_direct_step) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-    alignof(kvrt_config) * alignof(kvrt_config);
+    ConfigSizeEndingAt(offsetof(kvrt_config, cluster_direct_step));
 // 0.3.4 ended at worker_cpu_count (cluster_group_select and cluster_top_p, 0.3.5, follow it).
-constexpr std::size_t kConfigSize034 =
-    (offsetof(kvrt_config, worker_cpu_count) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-    alignof(kvrt_config) * alignof(kvrt_config);
+constexpr std::size_t kConfigSize034 = ConfigSizeEndingAt(offsetof(kvrt_config, worker_cpu_count));
 constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, kConfigSize033,
                                         kConfigSize034, sizeof(kvrt_config)};
 static_assert(kConfigSize031 < kConfigSize033, "0.3.3's field must change the size");

@@ -13,6 +13,13 @@
 
 namespace {
 
+// The size of an older kvrt_config that ended with the int32 field at `offset` (tail padding
+// included): what a caller compiled against that header passes as struct_size.
+constexpr std::size_t ConfigSizeEndingAt(std::size_t offset) {
+  return (offset + sizeof(int32_t) + alignof(kvrt_config) - 1) / alignof(kvrt_config) *
+         alignof(kvrt_config);
+}
+
 bool Mentions(const char* what) {
   return std::string(kvrt_last_error()).find(what) != std::string::npos;
 }
@@ -326,9 +333,7 @@ INSTANTIATE_TEST_SUITE_P(
 // 0.3.3 appended cluster_direct_step: a caller compiled against 0.3.1 / 0.3.2 passes the size
 // that ended at cuda_device, and gets the new field's default whatever lies past its struct.
 TEST(ContractConfig, A031CallerGetsTheDefaultDirectStep) {
-  const std::size_t config031 =
-      (offsetof(kvrt_config, cuda_device) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-      alignof(kvrt_config) * alignof(kvrt_config);
+  const std::size_t config031 = ConfigSizeEndingAt(offsetof(kvrt_config, cuda_device));
   kvrt_config c = TinyConfig();
   c.struct_size = config031;
   c.cluster_direct_step = 7;  // past the 0.3.1 struct: not read
@@ -345,9 +350,7 @@ TEST(ContractConfig, A031CallerGetsTheDefaultDirectStep) {
 // caller never set); whatever lies there and past its struct, its runtime is not bound, and
 // kvrt_runtime_config writes only its prefix.
 TEST(ContractConfig, A033CallerGetsNoCpuBinding) {
-  const std::size_t config033 =
-      (offsetof(kvrt_config, cluster_direct_step) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-      alignof(kvrt_config) * alignof(kvrt_config);
+  const std::size_t config033 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_direct_step));
   ASSERT_GT(config033, offsetof(kvrt_config, worker_cpu_first)) << "the field sits in padding";
   ASSERT_LE(config033, offsetof(kvrt_config, worker_cpu_count));
   kvrt_config c = TinyConfig();
@@ -378,9 +381,7 @@ TEST(ContractConfig, A033CallerGetsNoCpuBinding) {
 // lies there and past its struct, it gets the new fields' defaults, and kvrt_runtime_config writes
 // only its prefix.
 TEST(ContractConfig, A034CallerGetsTheDefaultGroupSelection) {
-  const std::size_t config034 =
-      (offsetof(kvrt_config, worker_cpu_count) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-      alignof(kvrt_config) * alignof(kvrt_config);
+  const std::size_t config034 = ConfigSizeEndingAt(offsetof(kvrt_config, worker_cpu_count));
   ASSERT_GT(config034, offsetof(kvrt_config, cluster_group_select)) << "the field sits in padding";
   ASSERT_LE(config034, offsetof(kvrt_config, cluster_top_p));
   kvrt_config c = TinyConfig();
@@ -419,9 +420,7 @@ TEST(ContractConfig, ClusterTopPOutOfRangeIsRefused) {
 // older sizes: the config fields it does not know (the first lies in 0.3.0's tail padding, which
 // such a caller never set) keep their defaults, and only its prefix of the stats is written.
 TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
-  const std::size_t config030 =
-      (offsetof(kvrt_config, cold_attention) + sizeof(int32_t) + alignof(kvrt_config) - 1) /
-      alignof(kvrt_config) * alignof(kvrt_config);
+  const std::size_t config030 = ConfigSizeEndingAt(offsetof(kvrt_config, cold_attention));
   ASSERT_GT(config030, offsetof(kvrt_config, hot_cache_fraction)) << "the field sits in padding";
   kvrt_config c = TinyConfig();
   c.struct_size = config030;
