@@ -44,6 +44,15 @@ absl::Status CheckRows(const DirectRowsView& v, const char* fn) {
       (v.pages > 0 && (v.pool_k == nullptr || v.pool_v == nullptr))) {
     return Invalid(fn, "null store, page table or pool");
   }
+  if (v.staged_pages) {
+    if (v.pages >= kStagedPageMask) return Invalid(fn, "staged pages need pages < 2^24 - 1");
+    if (v.stage_cap < 0 || v.stage_cap > std::numeric_limits<int32_t>::max() ||
+        v.stage_count == nullptr ||
+        (v.stage_cap > 0 &&
+         (v.stage_k == nullptr || v.stage_v == nullptr || v.stage_row == nullptr))) {
+      return Invalid(fn, "staged pages need a stage (stage_count, and buffers for stage_cap rows)");
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -96,6 +105,12 @@ absl::Status CheckFillPages(const DirectRowsView& v, const int32_t* updates, int
   return absl::OkStatus();
 }
 
+absl::Status CheckCommitStaged(const DirectRowsView& v, const char* fn) {
+  if (auto s = CheckRows(v, fn); !s.ok()) return s;
+  if (!v.staged_pages) return Invalid(fn, "needs staged_pages");
+  return absl::OkStatus();
+}
+
 }  // namespace detail
 
 using detail::NoCuda;
@@ -145,6 +160,17 @@ absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, v
   if (auto s = detail::CheckFillPages(v, updates, n, kFn); !s.ok()) return s;
 #if KVRT_WITH_CUDA
   return ToStatus(detail::LaunchFillPages(v, updates, n, stream), kFn);
+#else
+  (void)stream;
+  return NoCuda(kFn);
+#endif
+}
+
+absl::Status CommitStaged(const DirectRowsView& v, void* stream) {
+  constexpr const char* kFn = "CommitStaged";
+  if (auto s = detail::CheckCommitStaged(v, kFn); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchCommitStaged(v, stream), kFn);
 #else
   (void)stream;
   return NoCuda(kFn);

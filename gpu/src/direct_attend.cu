@@ -22,7 +22,8 @@
 // (merge.cu) merges the splits.
 //
 // MarkSelectedKernel: one thread per (q head, selected entry), atomicOr into the cleared mask.
-// FillPagesKernel: one warp per update, the block's K and V rows copied with 16-byte loads.
+// FillPagesKernel: one warp per update, the block's K and V rows copied with 16-byte loads (with
+// staged_pages only the page is assigned). CommitStagedKernel: one warp per staged row.
 #include <cub/block/block_scan.cuh>
 
 #include "common.cuh"
@@ -128,6 +129,7 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
   __shared__ uint32_t seg_bits[kSegCap];
   __shared__ int32_t meta_src[3][kTile];    // >= 0: pool row; < 0: store row -(x + 1)
   __shared__ uint32_t meta_bits[3][kTile];  // 0: no row
+  __shared__ int32_t meta_slot[3][kTile];   // staged_pages: the row's stage slot, or -1
   __shared__ float mrg_m[kWarps][kWarpHeads], mrg_l[kWarps][kWarpHeads];
   __shared__ unsigned long long cnt_s[2];
   using Scan = cub::BlockScan<unsigned long long, kThreads>;
@@ -140,6 +142,8 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
   const unsigned char* pool_k = static_cast<const unsigned char*>(v.pool_k);
   const unsigned char* pool_v = static_cast<const unsigned char*>(v.pool_v);
   const int32_t* page_of = v.block_page + static_cast<size_t>(g) * v.blocks_per_head;
+  unsigned char* stage_k = static_cast<unsigned char*>(v.stage_k);
+  unsigned char* stage_v = static_cast<unsigned char*>(v.stage_v);
 
   float qv[kWarpHeads][kE];
 #pragma unroll
@@ -261,17 +265,41 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
     auto commit = [&](int buf) {
       if (tid >= kTile) return;
       int32_t src = 0;
+      bool host = false;
       if (m_bits != 0) {
-        if (m_page >= 0 && m_page < v.pages) {
-          src = m_page * kDirectBlockRows + m_row % kDirectBlockRows;
+        int32_t page = m_page;
+        if (v.staged_pages && page != -1) {  // the page only where it holds the row
+          const uint32_t held = static_cast<uint32_t>(page) >> kStagedBitsShift;
+          page = (held >> (m_row % kDirectBlockRows)) & 1u ? page & kStagedPageMask : -1;
+        }
+        if (page >= 0 && page < v.pages) {
+          src = page * kDirectBlockRows + m_row % kDirectBlockRows;
           ++cnt_pool;
         } else {
           src = -m_row - 1;
           ++cnt_host;
+          host = true;
         }
       }
       meta_src[buf][tid] = src;
       meta_bits[buf][tid] = m_bits;
+      if (!v.staged_pages) return;
+      // A stage slot per row read from the host: one atomic per warp of metadata threads.
+      const unsigned act = __activemask();
+      const unsigned want = __ballot_sync(act, host);
+      const int leader = __ffs(act) - 1;
+      uint32_t base = 0;
+      if (lane == leader && want != 0) base = atomicAdd(v.stage_count, __popc(want));
+      base = __shfl_sync(act, base, leader);
+      int32_t slot = -1;
+      if (host) {
+        const uint32_t at = base + __popc(want & ((1u << lane) - 1u));
+        if (at < v.stage_cap) {
+          slot = static_cast<int32_t>(at);
+          v.stage_row[at] = (static_cast<int64_t>(g) << 32) | m_row;
+        }
+      }
+      meta_slot[buf][tid] = slot;
     };
     // Issues the tile's K and V loads (every one before any is used).
     auto load = [&](int buf) {
@@ -292,13 +320,24 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
         }
       }
     };
-    auto stage = [&]() {
+    // Stores the tile's loads in shared memory and, with staged_pages, the rows read from the
+    // host store in their stage slots (CommitStaged moves them into the pool after the step).
+    auto stage = [&](int buf) {
 #pragma unroll
       for (int i = 0; i < L::kLoads; ++i) {
         if ((loaded >> i) & 1u) {
           const int ci = tid + i * kThreads;
           *reinterpret_cast<uint4*>(kv_s + static_cast<size_t>(ci) * 16) = kreg[i];
           *reinterpret_cast<uint4*>(kv_s + kTileBytes + static_cast<size_t>(ci) * 16) = vreg[i];
+          if (v.staged_pages) {
+            const int r = ci / L::kChunks, ch = ci % L::kChunks;
+            const int32_t slot = meta_slot[buf][r];
+            if (slot >= 0) {
+              const size_t off = static_cast<size_t>(slot) * kRowBytes + ch * 16;
+              *reinterpret_cast<uint4*>(stage_k + off) = kreg[i];
+              *reinterpret_cast<uint4*>(stage_v + off) = vreg[i];
+            }
+          }
         }
       }
     };
@@ -382,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
     __syncthreads();
     if (n_tiles > 0) load(0);
     for (int t = 0; t < n_tiles; ++t) {
-      stage();
+      stage(t % 3);
       __syncthreads();  // the tile is staged; meta (t + 1) % 3 is visible
       if (t + 1 < n_tiles) load((t + 1) % 3);
       if (t + 2 < n_tiles) fetch(t + 2);
@@ -477,6 +516,10 @@ __global__ void __launch_bounds__(256)
   }
   const int64_t g = idx / v.blocks_per_head, b = idx % v.blocks_per_head;
   if (page >= v.pages || (b + 1) * kDirectBlockRows > v.rows) return;  // FillPagesHost refuses
+  if (v.staged_pages) {  // rows arrive through the stage (CommitStaged)
+    if (lane == 0) v.block_page[idx] = page;
+    return;
+  }
   constexpr size_t kPageBytes = size_t{kDirectBlockRows} * kRowBytes;
   const uint4* sk = reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(v.store_k[g]) +
                                                    b * kPageBytes);
@@ -499,6 +542,40 @@ __global__ void __launch_bounds__(256)
     }
   }
   if (lane == 0) v.block_page[idx] = page;
+}
+
+// Warps over the stage's slots (grid-stride); kRowBytes = head_dim * sizeof(dtype).
+template <int kRowBytes>
+__global__ void __launch_bounds__(256) CommitStagedKernel(DirectRowsView v) {
+  constexpr int kChunks = kRowBytes / 16;
+  const int lane = threadIdx.x & 31;
+  const int64_t n = min(static_cast<int64_t>(*v.stage_count), v.stage_cap);
+  for (int64_t i = blockIdx.x * 8 + (threadIdx.x >> 5); i < n; i += int64_t{gridDim.x} * 8) {
+    const int64_t id = v.stage_row[i];
+    const int64_t g = id >> 32, r = id & 0xffffffff;
+    if (g < 0 || g >= v.kv_heads || r >= v.rows) continue;  // CommitStagedHost refuses
+    int32_t* entry = v.block_page + g * v.blocks_per_head + r / kDirectBlockRows;
+    const int32_t e = *entry;
+    if (e == -1 || (e & kStagedPageMask) >= v.pages) continue;  // no page (any more)
+    const size_t to =
+        (static_cast<size_t>(e & kStagedPageMask) * kDirectBlockRows + r % kDirectBlockRows) *
+        kRowBytes;
+    const uint4* sk = reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(v.stage_k) +
+                                                     static_cast<size_t>(i) * kRowBytes);
+    const uint4* sv = reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(v.stage_v) +
+                                                     static_cast<size_t>(i) * kRowBytes);
+    uint4* dk = reinterpret_cast<uint4*>(static_cast<unsigned char*>(v.pool_k) + to);
+    uint4* dv = reinterpret_cast<uint4*>(static_cast<unsigned char*>(v.pool_v) + to);
+    for (int c = lane; c < kChunks; c += 32) {
+      dk[c] = sk[c];
+      dv[c] = sv[c];
+    }
+    __syncwarp();
+    if (lane == 0) {
+      atomicOr(reinterpret_cast<unsigned*>(entry),
+               1u << (kStagedBitsShift + r % kDirectBlockRows));
+    }
+  }
 }
 
 // Kernel for (T, D) by group size (if constexpr: no d = 256-only variant for other dims).
@@ -580,6 +657,24 @@ Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void
     default: return BadHeadDim();
   }
   return LastLaunchErr();
+}
+
+Err LaunchCommitStaged(const DirectRowsView& v, void* stream) {
+  const cudaStream_t st = AsStream(stream);
+  if (v.stage_cap > 0) {
+    // Enough warps for a step's misses in one pass; the grid-stride loop takes the rest.
+    const unsigned blocks =
+        static_cast<unsigned>(std::min<int64_t>((v.stage_cap + 7) / 8, int64_t{1024}));
+    switch (v.head_dim * static_cast<int>(DTypeSize(v.dtype))) {
+      case 128: CommitStagedKernel<128><<<blocks, 256, 0, st>>>(v); break;
+      case 256: CommitStagedKernel<256><<<blocks, 256, 0, st>>>(v); break;
+      case 512: CommitStagedKernel<512><<<blocks, 256, 0, st>>>(v); break;
+      case 1024: CommitStagedKernel<1024><<<blocks, 256, 0, st>>>(v); break;
+      default: return BadHeadDim();
+    }
+    if (Err e = LastLaunchErr(); !e.ok()) return e;
+  }
+  return CudaErr(cudaMemsetAsync(v.stage_count, 0, sizeof(uint32_t), st));
 }
 
 }  // namespace kvrt::gpu::detail

@@ -102,11 +102,28 @@ absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, con
     vs.resize(rows.size());
     for (std::size_t i = 0; i < rows.size(); ++i) {
       const int64_t r = rows[i].row;
-      const int32_t page =
+      const int32_t entry =
           v.block_page[static_cast<std::size_t>(g) * v.blocks_per_head + r / kDirectBlockRows];
+      int32_t page = entry;
+      if (v.staged_pages && entry != -1) {
+        // The page only where the row's bit says it holds the row.
+        const uint32_t bits = static_cast<uint32_t>(entry) >> kStagedBitsShift;
+        page = (bits >> (r % kDirectBlockRows)) & 1u ? entry & kStagedPageMask : -1;
+        if ((entry & kStagedPageMask) >= v.pages) page = v.pages;  // refused below
+      }
       if (page < -1 || page >= v.pages) {
         return absl::InvalidArgumentError(
             absl::StrCat("DirectAttendHost: page ", page, " outside [-1, pages)"));
+      }
+      if (page < 0 && v.staged_pages) {
+        const uint32_t slot = (*v.stage_count)++;
+        if (slot < v.stage_cap) {
+          std::memcpy(Bytes(v.stage_k) + slot * row_bytes,
+                      Bytes(v.store_k[g]) + static_cast<std::size_t>(r) * row_bytes, row_bytes);
+          std::memcpy(Bytes(v.stage_v) + slot * row_bytes,
+                      Bytes(v.store_v[g]) + static_cast<std::size_t>(r) * row_bytes, row_bytes);
+          v.stage_row[slot] = (static_cast<int64_t>(g) << 32) | r;
+        }
       }
       if (page >= 0) {
         const std::size_t at =
@@ -154,7 +171,7 @@ absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int 
   const std::size_t page_bytes = kDirectBlockRows * RowBytes(v);
   for (int i = 0; i < n; ++i) {
     const int32_t idx = updates[2 * i], page = updates[2 * i + 1];
-    if (page >= 0) {
+    if (page >= 0 && !v.staged_pages) {
       const int64_t g = idx / v.blocks_per_head, b = idx % v.blocks_per_head;
       const std::size_t from = static_cast<std::size_t>(b) * page_bytes;
       const std::size_t to = static_cast<std::size_t>(page) * page_bytes;
@@ -163,6 +180,31 @@ absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int 
     }
     v.block_page[idx] = page >= 0 ? page : -1;
   }
+  return absl::OkStatus();
+}
+
+absl::Status CommitStagedHost(const DirectRowsView& v) {
+  if (auto s = detail::CheckCommitStaged(v, "CommitStagedHost"); !s.ok()) return s;
+  const std::size_t row_bytes = RowBytes(v);
+  const int64_t n = std::min<int64_t>(*v.stage_count, v.stage_cap);
+  for (int64_t slot = 0; slot < n; ++slot) {
+    const int64_t g = v.stage_row[slot] >> 32, r = v.stage_row[slot] & 0xffffffff;
+    if (g < 0 || g >= v.kv_heads || r >= v.rows) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CommitStagedHost: staged row ", slot, " (", g, ", ", r, ") out of range"));
+    }
+    int32_t& entry = v.block_page[g * v.blocks_per_head + r / kDirectBlockRows];
+    if (entry == -1 || (entry & kStagedPageMask) >= v.pages) continue;
+    const std::size_t to =
+        (static_cast<std::size_t>(entry & kStagedPageMask) * kDirectBlockRows +
+         r % kDirectBlockRows) *
+        row_bytes;
+    std::memcpy(Bytes(v.pool_k) + to, Bytes(v.stage_k) + slot * row_bytes, row_bytes);
+    std::memcpy(Bytes(v.pool_v) + to, Bytes(v.stage_v) + slot * row_bytes, row_bytes);
+    entry = static_cast<int32_t>(static_cast<uint32_t>(entry) |
+                                 (1u << (kStagedBitsShift + r % kDirectBlockRows)));
+  }
+  *v.stage_count = 0;
   return absl::OkStatus();
 }
 

@@ -15,5 +15,6 @@ absl::Status CheckMarkSelected(const int32_t* selected, const int32_t* count, in
 absl::Status CheckDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q,
                                float scale, const float* o, const float* lse, const char* fn);
 absl::Status CheckFillPages(const DirectRowsView& v, const int32_t* updates, int n, const char* fn);
+absl::Status CheckCommitStaged(const DirectRowsView& v, const char* fn);
 
 }  // namespace kvrt::gpu::detail

@@ -38,5 +38,6 @@ Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_head
 Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
                        float* o, float* lse, int64_t* read_rows, float* workspace, void* stream);
 Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);
+Err LaunchCommitStaged(const DirectRowsView& v, void* stream);
 
 }  // namespace kvrt::gpu::detail

@@ -33,10 +33,20 @@ struct ViewLayout {
 }  // namespace
 
 std::unique_ptr<BlockPageCache> DirectStep::NewPolicy(int64_t pages_per_head) const {
-  // Second chance (a block is copied in when a second step wants it), and at most an eighth of
-  // the pages refilled per step: block_page_cache.h says why.
-  return std::make_unique<BlockPageCache>(cfg_->num_kv_heads, pages_per_head, /*admit_after=*/2,
-                                          std::max<int64_t>(64, pages_per_head / 8));
+  // A block gets a page at its first miss: its rows are filled from the stage (the rows the step
+  // read over PCIe anyway), so an admission costs no PCIe and the second chance that spared the
+  // bus is not needed (measured on real traces: docs/benchmarks.md, eleventh session). At most a
+  // quarter of the pages change hands per step: block_page_cache.h says why.
+  return std::make_unique<BlockPageCache>(cfg_->num_kv_heads, pages_per_head, /*admit_after=*/1,
+                                          std::max<int64_t>(64, pages_per_head / 4));
+}
+
+void DirectStep::ResetStage() {
+  stage_k_.Reset();
+  stage_v_.Reset();
+  stage_row_.Reset();
+  stage_count_.Reset();
+  stage_cap_ = 0;
 }
 
 std::size_t DirectStep::row_bytes() const {
@@ -185,9 +195,12 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
     (void)transfer::StreamSynchronize(stream);  // the last step still reads it
   }
   const std::size_t bytes = static_cast<std::size_t>(want) * G * kBlock * row_bytes();
-  const int64_t pool_before = static_cast<int64_t>(pool_k_.size() + pool_v_.size());
+  const int64_t pool_before =
+      static_cast<int64_t>(pool_k_.size() + pool_v_.size() + stage_k_.size() + stage_v_.size() +
+                           stage_row_.size() + stage_count_.size());
   pool_k_.Reset();
   pool_v_.Reset();
+  ResetStage();
   counters_->gpu_allocated_bytes -= pool_before;
   counters_->hot_cache_gpu_bytes -= pool_before;
   counted_bytes_ -= pool_before;
@@ -197,16 +210,32 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
     off_ = true;
     return false;
   };
-  if (limit > 0 && counters_->gpu_allocated_bytes.load() + 2 * static_cast<int64_t>(bytes) > limit)
+  if (want * G >= gpu::kStagedPageMask) return fail();  // a table entry's page bits
+  // The stage holds a step's rows read over PCIe, up to a quarter of the pool's rows (past that
+  // a step's misses are not staged: their blocks fill at a later step).
+  const int64_t cap = std::max<int64_t>(1, want * G * kBlock / 4);
+  const std::size_t stage_bytes = static_cast<std::size_t>(cap) * row_bytes();
+  const std::size_t total = 2 * bytes + 2 * stage_bytes + cap * sizeof(int64_t) + sizeof(uint32_t);
+  if (limit > 0 && counters_->gpu_allocated_bytes.load() + static_cast<int64_t>(total) > limit)
     return fail();
   auto k = transfer::DeviceBuffer::Allocate(bytes);
   auto v = k.ok() ? transfer::DeviceBuffer::Allocate(bytes) : k.status();
-  if (!k.ok() || !v.ok()) return fail();
+  auto sk = v.ok() ? transfer::DeviceBuffer::Allocate(stage_bytes) : v.status();
+  auto sv = sk.ok() ? transfer::DeviceBuffer::Allocate(stage_bytes) : sk.status();
+  auto sr = sv.ok() ? transfer::DeviceBuffer::Allocate(cap * sizeof(int64_t)) : sv.status();
+  auto sc = sr.ok() ? transfer::DeviceBuffer::Allocate(sizeof(uint32_t)) : sr.status();
+  if (!sc.ok()) return fail();
   pool_k_ = std::move(*k);
   pool_v_ = std::move(*v);
-  counters_->gpu_allocated_bytes += 2 * static_cast<int64_t>(bytes);
-  counters_->hot_cache_gpu_bytes += 2 * static_cast<int64_t>(bytes);
-  counted_bytes_ += 2 * static_cast<int64_t>(bytes);
+  stage_k_ = std::move(*sk);
+  stage_v_ = std::move(*sv);
+  stage_row_ = std::move(*sr);
+  stage_count_ = std::move(*sc);
+  stage_cap_ = cap;
+  counters_->gpu_allocated_bytes += static_cast<int64_t>(total);
+  counters_->hot_cache_gpu_bytes += static_cast<int64_t>(total);
+  counted_bytes_ += static_cast<int64_t>(total);
+  if (!transfer::MemsetAsync(stage_count_.data(), 0, sizeof(uint32_t), stream).ok()) return fail();
   cache_ = NewPolicy(want);
   if (!UploadTable(stream).ok()) return fail();
   return true;
@@ -294,6 +323,12 @@ gpu::DirectRowsView DirectStep::View(int64_t rows) const {
   v.cluster_begin = reinterpret_cast<const int32_t*>(base + at.begin_at);
   v.cluster_size = cluster_size_;
   v.extra = view_e_ > 0 ? reinterpret_cast<const int32_t*>(base + at.extra_at) : nullptr;
+  v.staged_pages = true;
+  v.stage_k = stage_k_.data();
+  v.stage_v = stage_v_.data();
+  v.stage_row = static_cast<int64_t*>(stage_row_.data());
+  v.stage_count = static_cast<uint32_t*>(stage_count_.data());
+  v.stage_cap = stage_cap_;
   return v;
 }
 
@@ -361,6 +396,9 @@ absl::Status DirectStep::AdmitAndFill() {
   }
   KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
   absl::Status st = ApplyUpdates(aside);
+  // The rows the step read over PCIe go into the pages their blocks hold now (also those given
+  // just above); the stage is then free for the next step, which waits for filled_.
+  if (st.ok()) st = gpu::CommitStaged(View(rec_rows_), aside);
   if (st.ok()) st = filled_.Record(aside);
   ctx_->ReleaseStream(aside);
   fill_pending_ = st.ok();
@@ -374,11 +412,9 @@ absl::Status DirectStep::ApplyUpdates(void* stream) {
   const std::size_t bytes = 2 * ups.size() * sizeof(int32_t);
   KVRT_ASSIGN_OR_RETURN(void* staged, updates_.Stage(ctx_->pinned(), bytes));
   auto* host = static_cast<int32_t*>(staged);
-  int64_t filled = 0;
   for (std::size_t i = 0; i < ups.size(); ++i) {
     host[2 * i] = static_cast<int32_t>(ups[i].kv_head * blocks_per_head_ + ups[i].block);
     host[2 * i + 1] = ups[i].page;
-    filled += ups[i].page >= 0 ? 1 : 0;
   }
   KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(bytes, stream));
   absl::Status st = transfer::MemcpyAsync(dev, host, bytes, stream);
@@ -386,7 +422,7 @@ absl::Status DirectStep::ApplyUpdates(void* stream) {
   if (st.ok())
     st = gpu::FillPages(View(rec_rows_), static_cast<const int32_t*>(dev),
                         static_cast<int>(ups.size()), stream);
-  counters_->hot_h2d_bytes += filled * kBlock * 2 * static_cast<int64_t>(row_bytes());
+  // NOTE: staged pages: a page is only assigned here, nothing crosses PCIe (hot_h2d_bytes).
   const absl::Status freed = transfer::FreeAsync(dev, stream);
   return st.ok() ? freed : st;
 }
@@ -514,6 +550,7 @@ void DirectStep::Release() {
   counted_bytes_ = 0;
   pool_k_.Reset();
   pool_v_.Reset();
+  ResetStage();
   table_.Reset();
   blocks_per_head_ = 0;
   cache_.reset();

@@ -7,11 +7,13 @@
 //
 // Which blocks hold pages lags one step: each step copies its selection mask down (async) and
 // hands it to a background job on the runtime's arena, which waits for it, runs the CLOCK policy
-// (block_page_cache.h) over the blocks that step used, and enqueues gpu::FillPages on a stream of
-// its own; the next step's stream waits for that fill (an event) before it reads the pool. So
-// neither the policy nor the copies sit on the decode path. Consecutive decode steps choose
-// mostly the same clusters, so most rows come from HBM; the rest cross PCIe once as reads of the
-// step and, if a later step wants them again (second chance), once more as a fill.
+// (block_page_cache.h) over the blocks that step used, and enqueues on a stream of its own
+// gpu::FillPages (staged pages: it only assigns them) and gpu::CommitStaged, which moves the rows
+// the step read over PCIe (DirectAttend kept them in a device stage) into the pages their blocks
+// hold; the next step's stream waits for both (an event) before it reads the pool. So neither the
+// policy nor the copies sit on the decode path, and a row crosses PCIe once: consecutive decode
+// steps choose mostly the same clusters, so most rows come from HBM, and a row a step read over
+// PCIe is in the pool for the next step if its block got (or had) a page.
 //
 // The stores are read in place, so they must not move or permute under a running step: the
 // layer's store guard (ColdTier::SetStoreGuard) waits for the device work and calls
@@ -98,6 +100,7 @@ class DirectStep {
   std::vector<int64_t> RecordedRows(const ColdTier& cold, int h) const;
   gpu::DirectRowsView View(int64_t rows) const;
   std::size_t row_bytes() const;
+  void ResetStage();
 
   const RuntimeConfig* cfg_;
   Runtime::Counters* counters_;
@@ -129,7 +132,11 @@ class DirectStep {
   // The pool and its table.
   std::unique_ptr<BlockPageCache> cache_;
   transfer::DeviceBuffer pool_k_, pool_v_;  // [G * pages_per_head * kDirectBlockRows, d]
-  transfer::DeviceBuffer table_;            // int32 [G, blocks_per_head_]
+  transfer::DeviceBuffer table_;            // int32 [G, blocks_per_head_]: gpu::kStagedPageMask
+  // The stage (gpu::DirectRowsView): the rows a step reads over PCIe, moved into their pages by
+  // the admission job's gpu::CommitStaged.
+  transfer::DeviceBuffer stage_k_, stage_v_, stage_row_, stage_count_;
+  int64_t stage_cap_ = 0;
   int64_t blocks_per_head_ = 0;
   int64_t counted_bytes_ = 0;
   transfer::UploadStaging updates_;  // the page updates' pinned upload

@@ -10,6 +10,7 @@
 // estimated / true mass of the unattended cold rows. kv%: the rows a step reads for the kv head
 // (the union over its group's queries), as a share of the cold rows; tokens%: per query.
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -21,6 +22,7 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 #include "kvrt_cpu_index/index.h"
+#include "runtime/src/block_page_cache.h"
 #include "tools/trace/trace.h"
 
 using namespace kvrt;
@@ -38,13 +40,48 @@ struct Variant {
   int refine = 2;
   int calibrate = 0;  // ClusterConfig::calibrate_queries
   bool group = false;  // ClusterConfig::group_select (one SearchGroup per step and kv head)
+  float top_p = 0.f;   // ClusterConfig::top_p
 };
+
+// A page-pool policy for the simulation: pool pages = fraction of the rows / 8; BlockPageCache's
+// admit_after; at most pages / cap_div admissions per step (0: no bound). lazy: an admission only
+// gives the block a page (no copy); a row becomes valid there when a later step reads it over
+// PCIe (and writes it into the page), and hits from the step after.
+struct PoolPolicy {
+  double fraction = 0.1;
+  int admit_after = 2;
+  int cap_div = 8;
+  int lazy = 0;
+};
+
+// CLUSTER_EVAL_POOLS=fraction/admit_after/cap_div[/lazy],... (default: DirectStep's 0.1/2/8).
+std::vector<PoolPolicy> PoolPolicies() {
+  std::vector<PoolPolicy> out;
+  const char* env = std::getenv("CLUSTER_EVAL_POOLS");
+  std::string list = env != nullptr ? env : "0.1/2/8";
+  std::size_t at = 0;
+  while (at <= list.size()) {
+    const std::size_t end = std::min(list.find(',', at), list.size());
+    PoolPolicy p;
+    if (std::sscanf(list.substr(at, end - at).c_str(), "%lf/%d/%d/%d", &p.fraction,
+                    &p.admit_after, &p.cap_div, &p.lazy) >= 3)
+      out.push_back(p);
+    at = end + 1;
+  }
+  return out;
+}
 
 struct Stats {
   std::vector<double> err, flat_err;
   double tokens = 0, kv_tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0,
          est_log = 0;
   int64_t est_n = 0, n = 0, kv_n = 0;
+  // The direct step's page pool (runtime/src/block_page_cache.h) run over the rows each step
+  // reads for the kv head: rows found in the pool, rows read over PCIe, blocks filled.
+  int64_t pool_rows = 0, pool_hit_rows = 0, pool_fills = 0, pool_steps = 0;
+  // Per pool policy (CLUSTER_EVAL_POOLS), a pool sized to the clustered rows and shown only the
+  // selection (as if the tail had a place of its own): the selection's own step-to-step locality.
+  std::vector<int64_t> sel_rows, sel_hit_rows, sel_fills;
   double build_s = 0;
 };
 
@@ -164,6 +201,9 @@ int main(int argc, char** argv) {
       {"qa+est+cal1024+outl", true, 0.004f, true, 1.f, true, 2, 1024},
       {"cal256+group", true, 0.004f, true, 1.f, true, 2, 256, true},
       {"qa+est+spread+outl+group", true, 0.004f, true, 1.f, true, 2, 0, true},
+      {"cal256+group+p90", true, 0.004f, true, 1.f, true, 2, 256, true, 0.90f},
+      {"cal256+group+p95", true, 0.004f, true, 1.f, true, 2, 256, true, 0.95f},
+      {"cal256+group+p98", true, 0.004f, true, 1.f, true, 2, 256, true, 0.98f},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -177,7 +217,13 @@ int main(int argc, char** argv) {
     }
     variants = kept;
   }
+  const std::vector<PoolPolicy> policies = PoolPolicies();
   std::vector<Stats> stats(variants.size());
+  for (Stats& S : stats) {
+    S.sel_rows.assign(policies.size(), 0);
+    S.sel_hit_rows.assign(policies.size(), 0);
+    S.sel_fills.assign(policies.size(), 0);
+  }
 
   for (int layer = 0; layer < layers; ++layer) {
     const auto pq = ToF32(*reader.Tensor(layer, "prefill.q"));
@@ -227,6 +273,7 @@ int main(int argc, char** argv) {
         cfg.cluster.refine_iters = variants[vi].refine;
         cfg.cluster.calibrate_queries = variants[vi].calibrate;
         cfg.cluster.group_select = variants[vi].group;
+        cfg.cluster.top_p = variants[vi].top_p;
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();
@@ -250,6 +297,29 @@ int main(int argc, char** argv) {
         }
       }
       const int64_t covered = idx[0]->size();
+      // The pool as DirectStep sizes it (hot_cache_fraction 0.1 of the cold rows, 8-row blocks,
+      // second-chance admission, at most an eighth of the pages per step).
+      constexpr int64_t kBlock = 8;
+      const int64_t pages = std::max<int64_t>(1, (cold / 10 + kBlock - 1) / kBlock);
+      std::vector<runtime::BlockPageCache> pools;
+      std::vector<std::vector<runtime::BlockPageCache>> sel_pools(variants.size());
+      // Lazy policies: per block, the page its valid rows were written to and their bits.
+      struct LazyBlock {
+        int32_t page = -1;
+        uint32_t valid = 0;
+      };
+      std::vector<std::vector<std::vector<LazyBlock>>> lazy(
+          variants.size(), std::vector<std::vector<LazyBlock>>(
+                               policies.size(), std::vector<LazyBlock>(covered / kBlock + 1)));
+      for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+        pools.emplace_back(1, pages, 2, std::max<int64_t>(64, pages / 8));
+        for (const PoolPolicy& pp : policies) {
+          const int64_t sp = std::max<int64_t>(
+              1, (static_cast<int64_t>(pp.fraction * covered) + kBlock - 1) / kBlock);
+          sel_pools[vi].emplace_back(1, sp, pp.admit_after,
+                                     pp.cap_div > 0 ? std::max<int64_t>(64, sp / pp.cap_div) : 0);
+        }
+      }
       for (int step = 0; step < steps; ++step) {
         // Every variant's results for the group's queries of this step; the rows of the kv head
         // (their union) are what a step reads.
@@ -278,6 +348,74 @@ int main(int argc, char** argv) {
               for (int64_t id : results[vi][j].ids) uni += seen[id] == 0 ? (seen[id] = 1) : 0;
             stats[vi].kv_tokens += double(uni) / cold;
             ++stats[vi].kv_n;
+            // The tail (rows no segment covers yet) first, then the selection's blocks, as
+            // DirectStep::Admit orders them; a partial last block never gets a page.
+            runtime::BlockPageCache& pool = pools[vi];
+            Stats& P = stats[vi];
+            pool.NextStep();
+            for (auto& sp : sel_pools[vi]) sp.NextStep();
+            const int64_t full_blocks = cold / kBlock;
+            auto use = [&](int64_t b, int64_t rows) {
+              const bool had = pool.page(0, b) >= 0;
+              const bool hit = pool.Use(0, b, b < full_blocks);
+              if (!had && pool.page(0, b) >= 0) ++P.pool_fills;
+              P.pool_rows += rows;
+              if (hit) P.pool_hit_rows += rows;
+            };
+            for (int64_t b = covered / kBlock; b < (cold + kBlock - 1) / kBlock; ++b)
+              use(b, std::min(cold, (b + 1) * kBlock) - std::max(covered, b * kBlock));
+            // The selection's blocks: (block, rows read there, their bits).
+            struct Read {
+              int64_t block, rows;
+              uint32_t bits;
+            };
+            std::vector<Read> reads;
+            for (int64_t b = 0; b * kBlock < covered; ++b) {
+              Read rd{b, 0, 0};
+              for (int64_t r = b * kBlock; r < std::min(covered, (b + 1) * kBlock); ++r)
+                if (seen[r]) {
+                  ++rd.rows;
+                  rd.bits |= 1u << (r - b * kBlock);
+                }
+              if (rd.rows == 0) continue;
+              if ((b + 1) * kBlock <= covered) {
+                use(b, rd.rows);
+                reads.push_back(rd);
+              } else {
+                P.pool_rows += rd.rows;  // shares its block with the tail: counted there
+              }
+            }
+            // Per policy, as the runtime orders it: the step reads (hits decided by the pages
+            // as the step began), then the policy sees the step's blocks, hits first.
+            for (std::size_t pi = 0; pi < policies.size(); ++pi) {
+              runtime::BlockPageCache& sp = sel_pools[vi][pi];
+              std::vector<LazyBlock>& lz = lazy[vi][pi];
+              for (const Read& rd : reads) {
+                P.sel_rows[pi] += rd.rows;
+                const int32_t page = sp.page(0, rd.block);
+                if (!policies[pi].lazy) {
+                  if (page >= 0) P.sel_hit_rows[pi] += rd.rows;
+                  continue;
+                }
+                LazyBlock& lb = lz[rd.block];
+                if (page < 0 || lb.page != page) lb = {page, 0};
+                P.sel_hit_rows[pi] += std::popcount(rd.bits & lb.valid);
+                if (page >= 0) {
+                  lb.valid |= rd.bits;
+                } else if (policies[pi].lazy == 2) {
+                  // Claimed by the step itself (a page the policy set aside), written as read.
+                  (void)sp.Use(0, rd.block, true);
+                  if (sp.page(0, rd.block) >= 0) lb = {sp.page(0, rd.block), rd.bits};
+                }
+              }
+              for (const Read& rd : reads) (void)sp.Use(0, rd.block, false);
+              for (const Read& rd : reads) {
+                if (sp.page(0, rd.block) >= 0) continue;  // a hit, seen above
+                (void)sp.Use(0, rd.block, true);
+                if (sp.page(0, rd.block) >= 0 && !policies[pi].lazy) ++P.sel_fills[pi];
+              }
+            }
+            ++P.pool_steps;
           }
         }
         for (int j = 0; j < g; ++j) {
@@ -370,20 +508,43 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no covered cold rows: lower segment_tokens\n");
     return 1;
   }
-  std::printf("%-24s %7s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s\n", "variant", "tokens%",
-              "kv%", "err", "err_p99", "flat", "flat_p99", "ratio", "rec", "f_rec", "mass",
-              "f_mass", "estlog", "build_s");
+  std::printf("%-24s %7s %7s %8s %8s %8s %8s %6s %6s %6s %6s %6s %6s %7s %6s %8s %8s\n", "variant",
+              "tokens%", "kv%", "err", "err_p99", "flat", "flat_p99", "ratio", "rec", "f_rec",
+              "mass", "f_mass", "estlog", "build_s", "hit%", "miss_kB", "fill_kB");
+  const double kv_row_bytes = 2.0 * d * DTypeSize(meta.dtype);  // a row's key and value
   for (std::size_t vi = 0; vi < variants.size(); ++vi) {
     const Stats& S = stats[vi];
     const double n = std::max<int64_t>(S.n, 1);
     const double em = std::accumulate(S.err.begin(), S.err.end(), 0.0) / n;
     const double fm = std::accumulate(S.flat_err.begin(), S.flat_err.end(), 0.0) / n;
+    const double ps = std::max<int64_t>(S.pool_steps, 1);
     std::printf(
-        "%-24s %7.2f %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f\n",
+        "%-24s %7.2f %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %6.3f %6.3f %6.2f %7.3f %6.1f "
+        "%8.1f %8.1f\n",
         variants[vi].name, 100 * S.tokens / n, 100 * S.kv_tokens / std::max<int64_t>(S.kv_n, 1), em,
         Pct(S.err, 0.99), fm, Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.recall / n,
         S.flat_recall / n, S.mass / n, S.flat_mass / n, S.est_n ? S.est_log / S.est_n : 0.0,
-        S.build_s / (layers * kvh));
+        S.build_s / (layers * kvh),
+        100.0 * S.pool_hit_rows / std::max<int64_t>(S.pool_rows, 1),
+        (S.pool_rows - S.pool_hit_rows) * kv_row_bytes / ps / 1024,
+        S.pool_fills * 8 * kv_row_bytes / ps / 1024);
   }
+  std::printf("\nselection only, per kv head and step (pool: fraction of the clustered rows / "
+              "admit_after / admissions cap divisor)\n%-24s %-12s %7s %9s %9s %9s\n",
+              "variant", "pool", "hit%", "miss_kB", "fill_kB", "pcie_kB");
+  for (std::size_t vi = 0; vi < variants.size(); ++vi)
+    for (std::size_t pi = 0; pi < policies.size(); ++pi) {
+      const Stats& S = stats[vi];
+      const double ps = std::max<int64_t>(S.pool_steps, 1);
+      const double miss = (S.sel_rows[pi] - S.sel_hit_rows[pi]) * kv_row_bytes / ps / 1024;
+      const double fill = S.sel_fills[pi] * 8 * kv_row_bytes / ps / 1024;
+      char name[32];
+      std::snprintf(name, sizeof(name), "%.2f/%d/%d%s", policies[pi].fraction,
+                    policies[pi].admit_after, policies[pi].cap_div,
+                    policies[pi].lazy == 2 ? "/claim" : policies[pi].lazy ? "/lazy" : "");
+      std::printf("%-24s %-12s %7.1f %9.1f %9.1f %9.1f\n", variants[vi].name, name,
+                  100.0 * S.sel_hit_rows[pi] / std::max<int64_t>(S.sel_rows[pi], 1), miss, fill,
+                  miss + fill);
+    }
   return 0;
 }

@@ -60,6 +60,20 @@ struct Problem {
   std::vector<uint32_t> mask;
   std::vector<unsigned char> pool_k, pool_v;
   std::vector<float> q;
+  // Staged pages (Stage()).
+  bool staged = false;
+  int64_t stage_cap = 0;
+  std::vector<unsigned char> stage_k, stage_v;
+  std::vector<int64_t> stage_row;
+  std::vector<uint32_t> stage_count{0};
+
+  void Stage(int64_t cap) {
+    staged = true;
+    stage_cap = cap;
+    stage_k.assign(cap * row_bytes, 0);
+    stage_v.assign(cap * row_bytes, 0);
+    stage_row.assign(std::max<int64_t>(cap, 1), -1);
+  }
 
   DirectRowsView View() {
     DirectRowsView v;
@@ -81,6 +95,14 @@ struct Problem {
     v.extra = extra.empty() ? nullptr : extra.data();
     v.num_extra = sh.extra;
     v.tail_begin = tail.data();
+    if (staged) {
+      v.staged_pages = true;
+      v.stage_k = stage_k.data();
+      v.stage_v = stage_v.data();
+      v.stage_row = stage_row.data();
+      v.stage_count = stage_count.data();
+      v.stage_cap = stage_cap;
+    }
     return v;
   }
 };
@@ -370,6 +392,128 @@ TEST(DirectAttendHost, NanRowPropagates) {
   EXPECT_FALSE(std::isnan(res.lse[p.sh.group]));
 }
 
+// Rows of kv head g that a step reads (the union over the group), by block entry: (paged rows,
+// rows of blocks without a page).
+std::vector<int64_t> ReadsByTable(const Problem& p) {
+  std::vector<int64_t> n(2, 0);
+  for (int g = 0; g < p.sh.kv; ++g) {
+    std::set<int64_t> u;
+    for (int j = 0; j < p.sh.group; ++j)
+      for (int64_t r : RowsOf(p, g * p.sh.group + j)) u.insert(r);
+    for (int64_t r : u) {
+      const int32_t e = p.block_page[static_cast<std::size_t>(g) * p.bph + r / kB];
+      const bool held = e != -1 && (static_cast<uint32_t>(e) >> kStagedBitsShift >> (r % kB)) & 1u;
+      ++n[held ? 0 : 1];
+    }
+  }
+  return n;
+}
+
+// Every row a staged page says it holds is the store's row.
+void ExpectStagedRowsAreTheStores(const Problem& p) {
+  int64_t held = 0;
+  for (int g = 0; g < p.sh.kv; ++g)
+    for (int64_t b = 0; b < p.bph; ++b) {
+      const int32_t e = p.block_page[static_cast<std::size_t>(g) * p.bph + b];
+      if (e == -1) continue;
+      for (int r = 0; r < kB; ++r) {
+        if (((static_cast<uint32_t>(e) >> kStagedBitsShift) >> r & 1u) == 0) continue;
+        ++held;
+        const std::size_t at = (static_cast<std::size_t>(e & kStagedPageMask) * kB + r) *
+                               p.row_bytes;
+        const std::size_t from = static_cast<std::size_t>(b * kB + r) * p.row_bytes;
+        ASSERT_EQ(std::memcmp(p.pool_k.data() + at, p.sk[g].data() + from, p.row_bytes), 0);
+        ASSERT_EQ(std::memcmp(p.pool_v.data() + at, p.sv[g].data() + from, p.row_bytes), 0);
+      }
+    }
+  EXPECT_GT(held, 0);
+}
+
+// Staged pages: FillPagesHost only assigns; the step reads everything from the host store and
+// stages it; CommitStagedHost moves the rows of paged blocks in, and the next step reads them
+// from the pool with the same result, bit for bit.
+TEST(DirectAttendHost, StagedRowsJoinTheirPagesForTheNextStep) {
+  for (const Shape& sh : HostShapes()) {
+    SCOPED_TRACE(Describe(sh));
+    Problem p = MakeProblem(sh, 250 + sh.clusters);
+    const Result plain = RunHost(p);
+    p.Stage(p.rows * sh.kv);
+    const auto up = RandomUpdates(p, static_cast<int>(p.rows / kB / 2), 4);
+    ASSERT_TRUE(FillPagesHost(p.View(), up.data(), static_cast<int>(up.size() / 2)).ok());
+    EXPECT_TRUE(std::all_of(p.pool_k.begin(), p.pool_k.end(), [](unsigned char c) { return c == 0; }));
+    const Result first = RunHost(p);
+    EXPECT_EQ(first.o, plain.o);
+    EXPECT_EQ(first.lse, plain.lse);
+    EXPECT_EQ(first.reads, plain.reads);  // no row is valid yet: all from the host
+    EXPECT_EQ(p.stage_count[0], static_cast<uint32_t>(plain.reads[1]));
+    ASSERT_TRUE(CommitStagedHost(p.View()).ok());
+    EXPECT_EQ(p.stage_count[0], 0u);
+    ExpectStagedRowsAreTheStores(p);
+    const auto want = ReadsByTable(p);
+    EXPECT_GT(want[0], 0);
+    const Result second = RunHost(p);
+    EXPECT_EQ(second.o, plain.o);
+    EXPECT_EQ(second.lse, plain.lse);
+    EXPECT_EQ(second.reads, want);
+    EXPECT_EQ(p.stage_count[0], static_cast<uint32_t>(want[1]));  // only host reads are staged
+  }
+}
+
+// A stage of fewer rows than a step's misses keeps its first stage_cap rows; the count still
+// counts every miss; a reassigned page starts empty.
+TEST(DirectAttendHost, StageKeepsItsFirstCapRows) {
+  Problem p = MakeProblem(HostShapes()[2], 31);
+  p.Stage(5);
+  const auto up = RandomUpdates(p, static_cast<int>(p.rows / kB), 5);
+  ASSERT_TRUE(FillPagesHost(p.View(), up.data(), static_cast<int>(up.size() / 2)).ok());
+  const Result first = RunHost(p);
+  EXPECT_GT(first.reads[1], 5);
+  EXPECT_EQ(p.stage_count[0], static_cast<uint32_t>(first.reads[1]));
+  ASSERT_TRUE(CommitStagedHost(p.View()).ok());
+  int64_t bits = 0;
+  for (int32_t e : p.block_page)
+    if (e != -1) bits += std::popcount(static_cast<uint32_t>(e) >> kStagedBitsShift);
+  EXPECT_EQ(bits, 5);
+  ExpectStagedRowsAreTheStores(p);
+  EXPECT_EQ(RunHost(p).reads[0], 5);
+  // A block given its page again (released, then assigned) holds nothing until rows are staged.
+  int32_t block = 0;
+  while (p.block_page[block] == -1 ||
+         static_cast<uint32_t>(p.block_page[block]) >> kStagedBitsShift == 0)
+    ++block;
+  const int32_t page = p.block_page[block] & kStagedPageMask;
+  const std::vector<int32_t> again = {block, -1, block, page};
+  ASSERT_TRUE(FillPagesHost(p.View(), again.data(), 1).ok());
+  ASSERT_TRUE(FillPagesHost(p.View(), again.data() + 2, 1).ok());
+  EXPECT_EQ(p.block_page[block], page);
+}
+
+TEST(CommitStagedHost, ArgumentChecks) {
+  Problem p = MakeProblem(HostShapes()[0], 3);
+  EXPECT_EQ(CommitStagedHost(p.View()).code(), absl::StatusCode::kInvalidArgument);  // not staged
+  p.Stage(4);
+  DirectRowsView v = p.View();
+  v.stage_count = nullptr;
+  EXPECT_EQ(CommitStagedHost(v).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<float> o(static_cast<std::size_t>(p.qh) * p.sh.d), lse(p.qh);
+  EXPECT_EQ(DirectAttendHost(v, p.mask.data(), p.q.data(), 0.f, o.data(), lse.data(), nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  v = p.View();
+  v.stage_k = nullptr;
+  EXPECT_EQ(CommitStagedHost(v).code(), absl::StatusCode::kInvalidArgument);
+  v = p.View();
+  p.stage_count[0] = 1;
+  p.stage_row[0] = (int64_t{p.sh.kv} << 32) | 0;  // no such kv head
+  EXPECT_EQ(CommitStagedHost(v).code(), absl::StatusCode::kInvalidArgument);
+  p.stage_row[0] = 0;
+  EXPECT_TRUE(CommitStagedHost(v).ok());
+  EXPECT_EQ(p.stage_count[0], 0u);
+#if !KVRT_WITH_CUDA
+  EXPECT_EQ(CommitStaged(v, nullptr).code(), absl::StatusCode::kFailedPrecondition);
+#endif
+}
+
 TEST(FillPagesHost, CopiesWholeBlocksAndClears) {
   Problem p = MakeProblem(HostShapes()[3], 11);
   const std::vector<int32_t> up = {static_cast<int32_t>(1 * p.bph + 2), 5, 0, 0,
@@ -626,6 +770,13 @@ struct DevProblem {
     view.tail_begin = tb;
     allocs = {sk, sv, bp, pk, pv, cb, cs, ex, tb, sel, cnt, mask, q};
     EXPECT_TRUE(MarkSelected(sel, cnt, p.qh, p.sh.kv, p.sh.clusters, mask, nullptr).ok());
+    if (p.staged) {
+      view.stage_k = ToDevice(p.stage_k);
+      view.stage_v = ToDevice(p.stage_v);
+      view.stage_row = ToDevice(p.stage_row);
+      view.stage_count = ToDevice(p.stage_count);
+      allocs.insert(allocs.end(), {view.stage_k, view.stage_v, view.stage_row, view.stage_count});
+    }
   }
   ~DevProblem() {
     cudaDeviceSynchronize();
@@ -708,6 +859,52 @@ TEST(DirectAttendKernel, PoolReadsMatchHostReference) {
     const Result ref = RunHost(p);
     EXPECT_GT(ref.reads[0], 0);
     ExpectKernelMatches(RunDevice(dp, p, true), ref);
+  }
+}
+
+// Staged pages on the device and the host: same reads and attention at both steps, same table
+// and pool after CommitStaged (a stage that holds every miss: its slot order does not matter).
+// With a stage of 7 rows the device keeps other rows than the host: its table and pool, copied
+// back, hold the store's rows and give the host reference's attention.
+TEST(DirectAttendKernel, StagedPagesMatchHostReference) {
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (const Shape& sh : KernelShapes()) {
+    for (const int64_t cap : {int64_t{-1}, int64_t{7}}) {
+      SCOPED_TRACE(Describe(sh) + " cap " + std::to_string(cap));
+      Problem p = MakeProblem(sh, 450 + sh.clusters);
+      p.Stage(cap < 0 ? p.rows * sh.kv : cap);
+      DevProblem dp(p, StoreMem::kHostAllocMapped);
+      const auto up = RandomUpdates(p, static_cast<int>(p.rows / kB * 2 / 3), 19);
+      const int n = static_cast<int>(up.size() / 2);
+      ASSERT_TRUE(FillPagesHost(p.View(), up.data(), n).ok());
+      int32_t* dup = ToDevice(up);
+      ASSERT_TRUE(FillPages(dp.view, dup, n, nullptr).ok());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      cudaFree(dup);
+      EXPECT_TRUE(Same(ToHost(dp.view.block_page, p.block_page.size()), p.block_page, "table"));
+      ExpectKernelMatches(RunDevice(dp, p, true), RunHost(p));
+      EXPECT_EQ(ToHost(dp.view.stage_count, 1), p.stage_count);
+      ASSERT_TRUE(CommitStaged(dp.view, nullptr).ok());
+      ASSERT_TRUE(CommitStagedHost(p.View()).ok());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      EXPECT_EQ(ToHost(dp.view.stage_count, 1)[0], 0u);
+      const auto table = ToHost(dp.view.block_page, p.block_page.size());
+      const auto pool_k = ToHost(static_cast<unsigned char*>(dp.view.pool_k), p.pool_k.size());
+      const auto pool_v = ToHost(static_cast<unsigned char*>(dp.view.pool_v), p.pool_v.size());
+      if (cap < 0) {
+        EXPECT_TRUE(Same(table, p.block_page, "table"));
+        EXPECT_TRUE(Same(pool_k, p.pool_k, "pool_k"));
+        EXPECT_TRUE(Same(pool_v, p.pool_v, "pool_v"));
+      } else {
+        p.block_page = table;
+        p.pool_k = pool_k;
+        p.pool_v = pool_v;
+        ExpectStagedRowsAreTheStores(p);
+      }
+      const Result ref = RunHost(p);
+      EXPECT_GT(ref.reads[0], 0);
+      ExpectKernelMatches(RunDevice(dp, p, true), ref);
+    }
   }
 }
 

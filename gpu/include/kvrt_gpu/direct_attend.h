@@ -30,6 +30,9 @@ namespace kvrt::gpu {
 
 inline constexpr int kDirectBlockRows = 8;  // store rows per hot-cache page
 inline constexpr int kDirectMaxGroup = 32;  // q heads per kv head (one mask bit each)
+// staged_pages: a block_page entry's page bits and where its row bits start.
+inline constexpr int32_t kStagedPageMask = (1 << 24) - 1;
+inline constexpr int kStagedBitsShift = 24;
 
 // Device pointers for the kernels, host pointers for the references.
 struct DirectRowsView {
@@ -51,6 +54,20 @@ struct DirectRowsView {
   const int32_t* extra = nullptr;          // [kv_heads, E] store rows, -1 = padding
   int num_extra = 0;                       // E (may be 0)
   const int64_t* tail_begin = nullptr;     // [kv_heads]
+  // Staged pages (false: FillPages copies whole blocks over PCIe and a page holds all its rows).
+  // With staged_pages, a block_page entry is -1 or (page | bits << 24), pages < 2^24 - 1, bit r
+  // set when pool row r of the page holds the block's row r; FillPages only assigns pages (bits
+  // clear, nothing copied); DirectAttend reads a row from the pool only where its bit is set, and
+  // copies every row it reads from the host store into the stage (first stage_cap rows of the
+  // calls since the last CommitStaged; slot order unspecified); CommitStaged writes the staged
+  // rows whose blocks hold pages into them and sets their bits. A row crosses PCIe once, and
+  // joins the pool at device-memory speed.
+  bool staged_pages = false;
+  void* stage_k = nullptr;          // [stage_cap, d]
+  void* stage_v = nullptr;          // [stage_cap, d]
+  int64_t* stage_row = nullptr;     // [stage_cap] (kv_head << 32) | store row
+  uint32_t* stage_count = nullptr;  // [1] rows read from the host since the last CommitStaged
+  int64_t stage_cap = 0;            // < 2^31
 };
 
 // mask [kv_heads, C] <- for each q head h, bit (h % group) of mask[h / group, c] for every
@@ -84,5 +101,11 @@ absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, con
 // which FillPagesHost refuses (InvalidArgument, before applying any update of the call).
 absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);
 absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int n);
+
+// staged_pages only (else InvalidArgument): the staged rows (min(stage_count, stage_cap)) whose
+// blocks hold a page are written into it and marked valid; stage_count is reset to 0. Enqueue it
+// after the FillPages that assign the step's pages and before the next DirectAttend.
+absl::Status CommitStaged(const DirectRowsView& v, void* stream);
+absl::Status CommitStagedHost(const DirectRowsView& v);
 
 }  // namespace kvrt::gpu
