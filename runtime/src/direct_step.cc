@@ -33,12 +33,12 @@ struct ViewLayout {
 }  // namespace
 
 std::unique_ptr<BlockPageCache> DirectStep::NewPolicy(int64_t pages_per_head) const {
-  // A block gets a page at its first miss: its rows are filled from the stage (the rows the step
-  // read over PCIe anyway), so an admission costs no PCIe and the second chance that spared the
-  // bus is not needed (measured on real traces: docs/benchmarks.md, eleventh session). At most a
-  // quarter of the pages change hands per step: block_page_cache.h says why.
+  // A block gets a page at its first miss, with no bound per step: its rows are filled from the
+  // stage (the rows the step read over PCIe anyway), so an admission costs no PCIe, and neither
+  // the second chance nor the bound that spared the bus pays any more (the page-pool simulation
+  // of cluster_eval on real and generated traces: docs/benchmarks.md, eleventh session).
   return std::make_unique<BlockPageCache>(cfg_->num_kv_heads, pages_per_head, /*admit_after=*/1,
-                                          std::max<int64_t>(64, pages_per_head / 4));
+                                          /*max_admit_per_step=*/0);
 }
 
 void DirectStep::ResetStage() {
@@ -345,12 +345,16 @@ void DirectStep::Admit() {
   const int64_t full_blocks = rec_rows_ / kBlock;  // a partial block is never given a page
   int64_t hits = 0, admitted = 0, attended = 0;
   cache_->NextStep();
+  std::vector<int64_t> missed;
   for (int g = 0; g < G; ++g) {
+    // Two passes: the step's hits are marked before any admission, so that no admission takes
+    // the page of a block this step used (CLOCK skips the pages a step marked).
+    missed.clear();
     auto use = [&](int64_t b) {
-      if (cache_->Use(g, b, b < full_blocks))
+      if (cache_->Use(g, b, false))
         ++hits;
-      else if (cache_->page(g, b) >= 0)
-        ++admitted;
+      else
+        missed.push_back(b);
     };
     // The unclustered tail and the extra rows first: every q head attends them at every step
     // until the next segment is clustered, so they have the first claim on the step's admissions
@@ -370,6 +374,12 @@ void DirectStep::Admit() {
     }
     attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
                          std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
+    // In the order of use: the tail and the extra rows first (see above).
+    for (int64_t b : missed) {
+      if (cache_->page(g, b) >= 0) continue;  // a block used twice in the step: admitted above
+      (void)cache_->Use(g, b, b < full_blocks);
+      if (cache_->page(g, b) >= 0) ++admitted;
+    }
   }
   counters_->hot_hits += hits;
   counters_->hot_misses += admitted;

@@ -54,11 +54,13 @@ struct PoolPolicy {
   int lazy = 0;
 };
 
-// CLUSTER_EVAL_POOLS=fraction/admit_after/cap_div[/lazy],... (default: DirectStep's 0.1/2/8).
+// CLUSTER_EVAL_POOLS=fraction/admit_after/cap_div[/lazy],... lazy 1: pages given after the step
+// fill as later steps read their rows; 2: a step's rows read over PCIe fill the pages their blocks
+// get after it (DirectStep's staged pages; 0.1/1/0/2 is its policy, 0.1/2/8 0.3.5's).
 std::vector<PoolPolicy> PoolPolicies() {
   std::vector<PoolPolicy> out;
   const char* env = std::getenv("CLUSTER_EVAL_POOLS");
-  std::string list = env != nullptr ? env : "0.1/2/8";
+  std::string list = env != nullptr ? env : "0.1/1/0/2,0.1/2/8";
   std::size_t at = 0;
   while (at <= list.size()) {
     const std::size_t end = std::min(list.find(',', at), list.size());
@@ -400,19 +402,16 @@ int main(int argc, char** argv) {
                 LazyBlock& lb = lz[rd.block];
                 if (page < 0 || lb.page != page) lb = {page, 0};
                 P.sel_hit_rows[pi] += std::popcount(rd.bits & lb.valid);
-                if (page >= 0) {
-                  lb.valid |= rd.bits;
-                } else if (policies[pi].lazy == 2) {
-                  // Claimed by the step itself (a page the policy set aside), written as read.
-                  (void)sp.Use(0, rd.block, true);
-                  if (sp.page(0, rd.block) >= 0) lb = {sp.page(0, rd.block), rd.bits};
-                }
+                if (page >= 0) lb.valid |= rd.bits;  // read now: valid from the next step
               }
               for (const Read& rd : reads) (void)sp.Use(0, rd.block, false);
               for (const Read& rd : reads) {
                 if (sp.page(0, rd.block) >= 0) continue;  // a hit, seen above
                 (void)sp.Use(0, rd.block, true);
-                if (sp.page(0, rd.block) >= 0 && !policies[pi].lazy) ++P.sel_fills[pi];
+                const int32_t page = sp.page(0, rd.block);
+                if (page >= 0 && !policies[pi].lazy) ++P.sel_fills[pi];
+                // Staged: the rows this step read join the page the block gets after it.
+                if (page >= 0 && policies[pi].lazy == 2) lz[rd.block] = {page, rd.bits};
               }
             }
             ++P.pool_steps;
@@ -541,7 +540,7 @@ int main(int argc, char** argv) {
       char name[32];
       std::snprintf(name, sizeof(name), "%.2f/%d/%d%s", policies[pi].fraction,
                     policies[pi].admit_after, policies[pi].cap_div,
-                    policies[pi].lazy == 2 ? "/claim" : policies[pi].lazy ? "/lazy" : "");
+                    policies[pi].lazy == 2 ? "/staged" : policies[pi].lazy ? "/lazy" : "");
       std::printf("%-24s %-12s %7.1f %9.1f %9.1f %9.1f\n", variants[vi].name, name,
                   100.0 * S.sel_hit_rows[pi] / std::max<int64_t>(S.sel_rows[pi], 1), miss, fill,
                   miss + fill);
