@@ -240,7 +240,8 @@ int Run(BenchDecodeArgs a) {
             if (r.direct_share > 0)
               std::printf(
                   "%-16s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
-                  "%.1f filled (%.3f MB), %.3f MB read from the host store, CPU %.1f us\n",
+                  "%.1f given a page (%.3f MB copied in over PCIe), %.3f MB read from the host "
+                  "store, CPU %.1f us\n",
                   "", 100 * r.direct_share, r.hot_hits, r.hot_misses, r.hot_h2d_mb,
                   r.direct_host_mb, r.hot_cpu_us);
             else if (r.hot_hits + r.hot_misses > 0)

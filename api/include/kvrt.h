@@ -72,7 +72,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 5
+#define KVRT_VERSION_PATCH 6
 
 #ifdef __cplusplus
 extern "C" {
@@ -529,9 +529,10 @@ typedef struct kvrt_stats {
                                     result; the copy to the host store and the index after it
                                     are not included), so far */
   /* The direct step (config.cluster_direct_step). Since 0.3.3. hot_hits / hot_misses then count
-   * 8-row blocks of the store (used from the cache / given a page), hot_h2d_bytes the bytes
-   * filled into the cache, and a direct step's cold_tokens_attended is counted at that layer's
-   * next attend (without record_attended): the step itself never waits to know it. */
+   * 8-row blocks of the store (used from the cache / given a page), and a direct step's
+   * cold_tokens_attended is counted at that layer's next attend (without record_attended): the
+   * step itself never waits to know it. Since 0.3.6 a page fills from the rows the steps read
+   * over PCIe (direct_host_bytes), kept on the device for it, so hot_h2d_bytes stays 0 there. */
   int64_t attends_direct;    /* layer attends that ran the direct step, so far (fewer than
                                 attends_gpu_select: some layer fell back, its store could not be
                                 registered or its cache found no room) */
