@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-#include "absl/container/flat_hash_set.h"
 
 namespace kvrt::runtime {
 
@@ -34,6 +33,7 @@ bool BlockPageCache::Use(int g, int64_t block, bool admit) {
     const std::size_t n = std::max<std::size_t>(block + 1, 2 * h.page_of_block.size());
     h.page_of_block.resize(n, -1);
     h.missed.resize(n, 0);
+    h.listed.resize(n, 0);
   }
   const int32_t p = h.page_of_block[block];
   if (p >= 0) {
@@ -107,12 +107,20 @@ void BlockPageCache::DropFrom(int g, int64_t block) {
 std::vector<BlockPageCache::Update> BlockPageCache::TakeUpdates() {
   // One update per block, its final state: the device applies a call's updates in parallel, so a
   // block that lost its page and got another in the same step must appear once.
+  // NOTE: a stamp per block, not a hash set: a step of ~2000 admissions spent 60% of the policy's
+  // time (216 of 362 us for 8 heads) hashing here.
   std::vector<Update> all;
+  if (++take_ == 0) {  // wrapped: no stamp may equal a future call's
+    for (Head& h : heads_) std::fill(h.listed.begin(), h.listed.end(), 0u);
+    take_ = 1;
+  }
   for (int g = 0; g < kv_heads(); ++g) {
     Head& h = heads_[g];
-    absl::flat_hash_set<int64_t> seen;
-    for (auto it = h.updates.rbegin(); it != h.updates.rend(); ++it)
-      if (seen.insert(it->block).second) all.push_back({g, it->block, page(g, it->block)});
+    for (const Update& u : h.updates) {
+      if (h.listed[u.block] == take_) continue;
+      h.listed[u.block] = take_;
+      all.push_back({g, u.block, page(g, u.block)});
+    }
     h.updates.clear();
   }
   return all;

@@ -59,6 +59,7 @@ class BlockPageCache {
   struct Head {
     std::vector<int32_t> page_of_block;  // local page, -1
     std::vector<uint32_t> missed;        // [block] step of its last miss without a page (0: none)
+    std::vector<uint32_t> listed;        // [block] the last TakeUpdates call that listed it
     std::vector<int64_t> owner;          // [pages] block, -1 = free
     std::vector<uint8_t> ref;            // [pages] CLOCK reference bit
     std::vector<uint64_t> step;          // [pages] last step that used it
@@ -80,6 +81,7 @@ class BlockPageCache {
   int admit_after_;
   int64_t max_admit_per_step_;
   uint64_t step_ = 1;
+  uint32_t take_ = 0;  // TakeUpdates calls
   std::vector<Head> heads_;
 };
 
