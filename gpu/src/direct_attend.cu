@@ -508,15 +508,17 @@ __global__ void __launch_bounds__(256)
   const int i = blockIdx.x * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (i >= n) return;
-  const int32_t idx = updates[2 * i], page = updates[2 * i + 1];
-  if (idx < 0 || idx >= int64_t{v.kv_heads} * v.blocks_per_head || page < -1) return;
-  if (page < 0) {
+  const int32_t idx = updates[2 * i], raw = updates[2 * i + 1];
+  if (idx < 0 || idx >= int64_t{v.kv_heads} * v.blocks_per_head || raw < -1) return;
+  if (raw < 0) {
     if (lane == 0) v.block_page[idx] = -1;
     return;
   }
+  const bool copy = !v.staged_pages || (raw & kFillPagesCopy) != 0;
+  const int32_t page = raw & ~kFillPagesCopy;
   const int64_t g = idx / v.blocks_per_head, b = idx % v.blocks_per_head;
   if (page >= v.pages || (b + 1) * kDirectBlockRows > v.rows) return;  // FillPagesHost refuses
-  if (v.staged_pages) {  // rows arrive through the stage (CommitStaged)
+  if (!copy) {  // rows arrive through the stage (CommitStaged)
     if (lane == 0) v.block_page[idx] = page;
     return;
   }
@@ -541,7 +543,11 @@ __global__ void __launch_bounds__(256)
       dv[(b0 + j) * 32 + lane] = vr[j];
     }
   }
-  if (lane == 0) v.block_page[idx] = page;
+  if (lane == 0) {
+    v.block_page[idx] =
+        v.staged_pages ? static_cast<int32_t>(static_cast<uint32_t>(page) | (0xffu << kStagedBitsShift))
+                       : page;
+  }
 }
 
 // Warps over the stage's slots (grid-stride); kRowBytes = head_dim * sizeof(dtype).

@@ -157,8 +157,9 @@ absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int 
   if (auto s = detail::CheckFillPages(v, updates, n, "FillPagesHost"); !s.ok()) return s;
   // Every update is checked before any is applied, so a refused call changes nothing.
   const int64_t entries = static_cast<int64_t>(v.kv_heads) * v.blocks_per_head;
+  auto page_of = [](int32_t raw) { return raw < 0 ? raw : raw & ~kFillPagesCopy; };
   for (int i = 0; i < n; ++i) {
-    const int64_t idx = updates[2 * i], page = updates[2 * i + 1];
+    const int64_t idx = updates[2 * i], page = page_of(updates[2 * i + 1]);
     if (idx < 0 || idx >= entries || page < -1 || page >= v.pages) {
       return absl::InvalidArgumentError(
           absl::StrCat("FillPagesHost: update ", i, " (", idx, ", ", page, ") out of range"));
@@ -170,15 +171,19 @@ absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int 
   }
   const std::size_t page_bytes = kDirectBlockRows * RowBytes(v);
   for (int i = 0; i < n; ++i) {
-    const int32_t idx = updates[2 * i], page = updates[2 * i + 1];
-    if (page >= 0 && !v.staged_pages) {
+    const int32_t idx = updates[2 * i], page = page_of(updates[2 * i + 1]);
+    const bool copy = !v.staged_pages || (updates[2 * i + 1] & kFillPagesCopy) != 0;
+    if (page >= 0 && copy) {
       const int64_t g = idx / v.blocks_per_head, b = idx % v.blocks_per_head;
       const std::size_t from = static_cast<std::size_t>(b) * page_bytes;
       const std::size_t to = static_cast<std::size_t>(page) * page_bytes;
       std::memcpy(Bytes(v.pool_k) + to, Bytes(v.store_k[g]) + from, page_bytes);
       std::memcpy(Bytes(v.pool_v) + to, Bytes(v.store_v[g]) + from, page_bytes);
     }
-    v.block_page[idx] = page >= 0 ? page : -1;
+    int32_t entry = page >= 0 ? page : -1;
+    if (page >= 0 && copy && v.staged_pages)
+      entry = static_cast<int32_t>(static_cast<uint32_t>(page) | (0xffu << kStagedBitsShift));
+    v.block_page[idx] = entry;
   }
   return absl::OkStatus();
 }

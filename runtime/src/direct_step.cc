@@ -18,6 +18,9 @@ constexpr int kBlock = gpu::kDirectBlockRows;
 
 // The step record (rec_): mask [G, C] uint32, then at this offset the read counts int64 [2].
 std::size_t RecReadAt(int G, int C) { return Align16(static_cast<std::size_t>(G) * C * 4); }
+// Then the stage's count (uint32, 8 bytes kept) and its rows (int64 [stage cap]).
+std::size_t RecStageAt(int G, int C) { return RecReadAt(G, C) + 2 * sizeof(int64_t); }
+std::size_t RecStageRowsAt(int G, int C) { return RecStageAt(G, C) + sizeof(int64_t); }
 
 // The device view arrays (view_dev_): [store_k G | store_v G | tail_begin G (int64) |
 // cluster_begin G*C | extra G*E], one layout for the upload and the view over it.
@@ -343,18 +346,36 @@ void DirectStep::Admit() {
       (read[1] - host_rows_seen_) * 2 * static_cast<int64_t>(row_bytes());
   host_rows_seen_ = read[1];
   const int64_t full_blocks = rec_rows_ / kBlock;  // a partial block is never given a page
-  int64_t hits = 0, admitted = 0, attended = 0;
+  int64_t hits = 0, admitted = 0, copied = 0, attended = 0;
+  // The blocks whose rows the step staged (a stamp per block for this call).
+  const std::size_t marks = static_cast<std::size_t>(G) * blocks_per_head_;
+  if (staged_mark_.size() != marks || ++mark_round_ == 0) {
+    staged_mark_.assign(marks, 0);
+    mark_round_ = 1;
+  }
+  {
+    const auto* base = static_cast<const unsigned char*>(rec_.data());
+    uint32_t n = 0;
+    std::memcpy(&n, base + RecStageAt(G, C), sizeof(n));
+    const auto* ids = reinterpret_cast<const int64_t*>(base + RecStageRowsAt(G, C));
+    for (int64_t i = 0; i < std::min<int64_t>(n, rec_stage_cap_); ++i) {
+      const int64_t g = ids[i] >> 32, b = (ids[i] & 0xffffffff) / kBlock;
+      if (g >= 0 && g < G && b < blocks_per_head_) staged_mark_[g * blocks_per_head_ + b] = mark_round_;
+    }
+  }
   cache_->NextStep();
-  std::vector<int64_t> missed;
+  eager_.clear();
+  std::vector<std::pair<int64_t, bool>> missed;  // (block, every step reads it)
   for (int g = 0; g < G; ++g) {
     // Two passes: the step's hits are marked before any admission, so that no admission takes
     // the page of a block this step used (CLOCK skips the pages a step marked).
     missed.clear();
+    bool every_step = true;  // the tail and the extra rows come first
     auto use = [&](int64_t b) {
       if (cache_->Use(g, b, false))
         ++hits;
       else
-        missed.push_back(b);
+        missed.emplace_back(b, every_step);
     };
     // The unclustered tail and the extra rows first: every q head attends them at every step
     // until the next segment is clustered, so they have the first claim on the step's admissions
@@ -364,6 +385,7 @@ void DirectStep::Admit() {
     // end to end at 128K (docs/benchmarks.md, fifth session).
     for (int64_t b = tail_begin_[g] / kBlock; b < (rec_rows_ + kBlock - 1) / kBlock; ++b) use(b);
     for (int32_t r : extra_rows_[g]) use(r / kBlock);
+    every_step = false;
     const std::size_t at = static_cast<std::size_t>(g) * C;
     for (int c = 0; c < C; ++c) {
       const uint32_t m = mask[at + c];
@@ -374,15 +396,25 @@ void DirectStep::Admit() {
     }
     attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
                          std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
-    // In the order of use: the tail and the extra rows first (see above).
-    for (int64_t b : missed) {
+    // In the order of use: the tail and the extra rows first (see above). Their blocks are
+    // copied in whole (every step reads them: they should not wait for the stage, which a step
+    // with many misses fills before it reaches them); a selected cluster's block gets a page only
+    // with rows in the stage (CommitStaged fills it from there, no second PCIe read).
+    for (const auto& [b, every] : missed) {
       if (cache_->page(g, b) >= 0) continue;  // a block used twice in the step: admitted above
+      if (!every && staged_mark_[g * blocks_per_head_ + b] != mark_round_) continue;
       (void)cache_->Use(g, b, b < full_blocks);
-      if (cache_->page(g, b) >= 0) ++admitted;
+      if (cache_->page(g, b) < 0) continue;
+      ++admitted;
+      if (every) {
+        eager_.insert(g * blocks_per_head_ + b);
+        ++copied;
+      }
     }
   }
   counters_->hot_hits += hits;
   counters_->hot_misses += admitted;
+  counters_->hot_h2d_bytes += copied * kBlock * 2 * static_cast<int64_t>(row_bytes());
   if (!rec_counted_) counters_->cold_tokens_attended += attended;
 }
 
@@ -423,8 +455,10 @@ absl::Status DirectStep::ApplyUpdates(void* stream) {
   KVRT_ASSIGN_OR_RETURN(void* staged, updates_.Stage(ctx_->pinned(), bytes));
   auto* host = static_cast<int32_t*>(staged);
   for (std::size_t i = 0; i < ups.size(); ++i) {
-    host[2 * i] = static_cast<int32_t>(ups[i].kv_head * blocks_per_head_ + ups[i].block);
-    host[2 * i + 1] = ups[i].page;
+    const int64_t idx = ups[i].kv_head * blocks_per_head_ + ups[i].block;
+    host[2 * i] = static_cast<int32_t>(idx);
+    host[2 * i + 1] = ups[i].page >= 0 && eager_.contains(idx) ? ups[i].page | gpu::kFillPagesCopy
+                                                                : ups[i].page;
   }
   KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(bytes, stream));
   absl::Status st = transfer::MemcpyAsync(dev, host, bytes, stream);
@@ -432,7 +466,8 @@ absl::Status DirectStep::ApplyUpdates(void* stream) {
   if (st.ok())
     st = gpu::FillPages(View(rec_rows_), static_cast<const int32_t*>(dev),
                         static_cast<int>(ups.size()), stream);
-  // NOTE: staged pages: a page is only assigned here, nothing crosses PCIe (hot_h2d_bytes).
+  // NOTE: staged pages: only the eager blocks (the tail, the extra rows) cross PCIe here, counted
+  // in hot_h2d_bytes by Admit; the others are only assigned.
   const absl::Status freed = transfer::FreeAsync(dev, stream);
   return st.ok() ? freed : st;
 }
@@ -481,7 +516,8 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
 
   // 3. This step: mask, attend, and the record of both for the next step.
   const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * 4;
-  const std::size_t rec_bytes = RecReadAt(G, C) + 2 * sizeof(int64_t);
+  const std::size_t rec_bytes =
+      RecStageRowsAt(G, C) + static_cast<std::size_t>(stage_cap_) * sizeof(int64_t);
   if (read_rows_dev_.empty()) {
     KVRT_ASSIGN_OR_RETURN(read_rows_dev_, transfer::DeviceBuffer::Allocate(2 * sizeof(int64_t)));
     KVRT_RETURN_IF_ERROR(
@@ -517,6 +553,14 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   if (st.ok())
     st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecReadAt(G, C),
                                read_rows_dev_.data(), 2 * sizeof(int64_t), side);
+  // The stage's rows: the admission gives pages only to blocks whose rows it holds (a block
+  // given a page with none would hold nothing until some later step read and staged them).
+  if (st.ok())
+    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecStageAt(G, C),
+                               stage_count_.data(), sizeof(uint32_t), side);
+  if (st.ok() && stage_cap_ > 0)
+    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecStageRowsAt(G, C),
+                               stage_row_.data(), stage_cap_ * sizeof(int64_t), side);
   if (st.ok()) st = rec_ready_.Record(side);
   const absl::Status freed = transfer::FreeAsync(mask_dev, side);
   if (side != stream) ctx_->ReleaseStream(side);
@@ -524,6 +568,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   KVRT_RETURN_IF_ERROR(freed);
   rec_rows_ = rows;
   rec_c_ = C;
+  rec_stage_cap_ = stage_cap_;
   rec_cold_ = &cold;
   rec_counted_ = cfg_->record_attended;
   counters_->attends_direct += 1;

@@ -23,6 +23,7 @@
 #include <mutex>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "block_page_cache.h"
 #include "cold_tier.h"
@@ -155,6 +156,12 @@ class DirectStep {
   // while the job may run (the layer awaits the job before its stores move or go).
   const ColdTier* rec_cold_ = nullptr;
   int rec_c_ = 0;
+  int64_t rec_stage_cap_ = 0;
+  // Admit's scratch: blocks whose rows the recorded step staged (== mark_round_), and the blocks
+  // (kv_head * blocks_per_head_ + block) it admitted for a whole copy (FillPages' kFillPagesCopy).
+  std::vector<uint32_t> staged_mark_;
+  uint32_t mark_round_ = 0;
+  absl::flat_hash_set<int64_t> eager_;
   transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
   int64_t host_rows_seen_ = 0;            // read_rows_dev_[1] when the statistics last took it
 };

@@ -488,6 +488,31 @@ TEST(DirectAttendHost, StageKeepsItsFirstCapRows) {
   EXPECT_EQ(p.block_page[block], page);
 }
 
+// Staged pages: an update with kFillPagesCopy copies its block in whole (every row valid), the
+// others only assign; the next step reads the copied blocks' rows from the pool.
+TEST(FillPagesHost, StagedCopiesOnlyTheBlocksAskedFor) {
+  Problem p = MakeProblem(HostShapes()[1], 41);
+  const Result plain = RunHost(p);
+  p.Stage(p.rows * p.sh.kv);
+  auto up = RandomUpdates(p, static_cast<int>(p.rows / kB), 6);
+  for (std::size_t i = 1; i < up.size(); i += 4) up[i] |= kFillPagesCopy;  // every other update
+  ASSERT_TRUE(FillPagesHost(p.View(), up.data(), static_cast<int>(up.size() / 2)).ok());
+  int64_t copied = 0;
+  for (std::size_t i = 0; i < up.size(); i += 2) {
+    const int32_t e = p.block_page[up[i]];
+    const bool copy = (up[i + 1] & kFillPagesCopy) != 0;
+    EXPECT_EQ(e & kStagedPageMask, up[i + 1] & ~kFillPagesCopy);
+    EXPECT_EQ(static_cast<uint32_t>(e) >> kStagedBitsShift, copy ? 0xffu : 0u);
+    copied += copy ? 1 : 0;
+  }
+  EXPECT_EQ(ExpectStagedRowsAreTheStores(p), copied * kB);
+  const auto want = ReadsByTable(p);
+  EXPECT_GT(want[0], 0);
+  const Result r = RunHost(p);
+  EXPECT_EQ(r.o, plain.o);
+  EXPECT_EQ(r.reads, want);
+}
+
 TEST(CommitStagedHost, ArgumentChecks) {
   Problem p = MakeProblem(HostShapes()[0], 3);
   EXPECT_EQ(CommitStagedHost(p.View()).code(), absl::StatusCode::kInvalidArgument);  // not staged
@@ -874,7 +899,8 @@ TEST(DirectAttendKernel, StagedPagesMatchHostReference) {
       Problem p = MakeProblem(sh, 450 + sh.clusters);
       p.Stage(cap < 0 ? p.rows * sh.kv : cap);
       DevProblem dp(p, StoreMem::kHostAllocMapped);
-      const auto up = RandomUpdates(p, static_cast<int>(p.rows / kB * 2 / 3), 19);
+      auto up = RandomUpdates(p, static_cast<int>(p.rows / kB * 2 / 3), 19);
+      for (std::size_t i = 1; i < up.size(); i += 6) up[i] |= kFillPagesCopy;  // a third copied
       const int n = static_cast<int>(up.size() / 2);
       ASSERT_TRUE(FillPagesHost(p.View(), up.data(), n).ok());
       int32_t* dup = ToDevice(up);
@@ -908,9 +934,12 @@ TEST(DirectAttendKernel, StagedPagesMatchHostReference) {
         p.pool_k = pool_k;
         p.pool_v = pool_v;
       }
-      EXPECT_EQ(ExpectStagedRowsAreTheStores(p), paged);
+      int64_t copies = 0;
+      for (std::size_t i = 1; i < up.size(); i += 2) copies += (up[i] & kFillPagesCopy) != 0;
+      EXPECT_EQ(ExpectStagedRowsAreTheStores(p), paged + copies * kB);
       const Result ref = RunHost(p);
-      EXPECT_EQ(ref.reads[0], paged);  // the same rows again: those committed come from the pool
+      EXPECT_EQ(ref.reads, ReadsByTable(p));
+      EXPECT_GE(ref.reads[0], paged);  // the same rows again: those committed come from the pool
       ExpectKernelMatches(RunDevice(dp, p, true), ref);
     }
   }

@@ -33,6 +33,9 @@ inline constexpr int kDirectMaxGroup = 32;  // q heads per kv head (one mask bit
 // staged_pages: a block_page entry's page bits and where its row bits start.
 inline constexpr int32_t kStagedPageMask = (1 << 24) - 1;
 inline constexpr int kStagedBitsShift = 24;
+// FillPages, staged pages: an update's page | kFillPagesCopy copies the block in from the host
+// store and marks all its rows valid (for blocks every step reads: they need no stage).
+inline constexpr int32_t kFillPagesCopy = 1 << 30;
 
 // Device pointers for the kernels, host pointers for the references.
 struct DirectRowsView {
@@ -95,7 +98,9 @@ absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, con
 // block, page). page >= 0: rows of that store block copied from the host store into pool page
 // `page`, then block_page[...] = page (only whole blocks: (block + 1) * kDirectBlockRows <= rows,
 // else InvalidArgument, so that a page never misses rows appended later); page -1:
-// block_page[...] = -1. The pages of one call are distinct, and so are its blocks.
+// block_page[...] = -1. The pages of one call are distinct, and so are its blocks. With
+// staged_pages a page is only assigned (no row valid), unless it carries kFillPagesCopy (then
+// copied, every row valid); without, kFillPagesCopy is ignored.
 // The launcher checks what it can without reading device memory (n, pointers, pages > 0); the
 // kernel skips an update it cannot apply (block past `rows`, page >= pages, index out of range),
 // which FillPagesHost refuses (InvalidArgument, before applying any update of the call).
