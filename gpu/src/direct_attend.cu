@@ -545,8 +545,9 @@ __global__ void __launch_bounds__(256)
   }
   if (lane == 0) {
     v.block_page[idx] =
-        v.staged_pages ? static_cast<int32_t>(static_cast<uint32_t>(page) | (0xffu << kStagedBitsShift))
-                       : page;
+        v.staged_pages
+            ? static_cast<int32_t>(static_cast<uint32_t>(page) | (0xffu << kStagedBitsShift))
+            : page;
   }
 }
 
@@ -578,8 +579,7 @@ __global__ void __launch_bounds__(256) CommitStagedKernel(DirectRowsView v) {
     }
     __syncwarp();
     if (lane == 0) {
-      atomicOr(reinterpret_cast<unsigned*>(entry),
-               1u << (kStagedBitsShift + r % kDirectBlockRows));
+      atomicOr(reinterpret_cast<unsigned*>(entry), 1u << (kStagedBitsShift + r % kDirectBlockRows));
     }
   }
 }

@@ -200,10 +200,9 @@ absl::Status CommitStagedHost(const DirectRowsView& v) {
     }
     int32_t& entry = v.block_page[g * v.blocks_per_head + r / kDirectBlockRows];
     if (entry == -1 || (entry & kStagedPageMask) >= v.pages) continue;
-    const std::size_t to =
-        (static_cast<std::size_t>(entry & kStagedPageMask) * kDirectBlockRows +
-         r % kDirectBlockRows) *
-        row_bytes;
+    const std::size_t to = (static_cast<std::size_t>(entry & kStagedPageMask) * kDirectBlockRows +
+                            r % kDirectBlockRows) *
+                           row_bytes;
     std::memcpy(Bytes(v.pool_k) + to, Bytes(v.stage_k) + slot * row_bytes, row_bytes);
     std::memcpy(Bytes(v.pool_v) + to, Bytes(v.stage_v) + slot * row_bytes, row_bytes);
     entry = static_cast<int32_t>(static_cast<uint32_t>(entry) |

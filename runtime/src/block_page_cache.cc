@@ -2,7 +2,6 @@
 
 #include <algorithm>
 
-
 namespace kvrt::runtime {
 
 BlockPageCache::BlockPageCache(int kv_heads, int64_t pages_per_head, int admit_after,

@@ -360,7 +360,8 @@ void DirectStep::Admit() {
     const auto* ids = reinterpret_cast<const int64_t*>(base + RecStageRowsAt(G, C));
     for (int64_t i = 0; i < std::min<int64_t>(n, rec_stage_cap_); ++i) {
       const int64_t g = ids[i] >> 32, b = (ids[i] & 0xffffffff) / kBlock;
-      if (g >= 0 && g < G && b < blocks_per_head_) staged_mark_[g * blocks_per_head_ + b] = mark_round_;
+      if (g >= 0 && g < G && b < blocks_per_head_)
+        staged_mark_[g * blocks_per_head_ + b] = mark_round_;
     }
   }
   cache_->NextStep();
@@ -457,8 +458,8 @@ absl::Status DirectStep::ApplyUpdates(void* stream) {
   for (std::size_t i = 0; i < ups.size(); ++i) {
     const int64_t idx = ups[i].kv_head * blocks_per_head_ + ups[i].block;
     host[2 * i] = static_cast<int32_t>(idx);
-    host[2 * i + 1] = ups[i].page >= 0 && eager_.contains(idx) ? ups[i].page | gpu::kFillPagesCopy
-                                                                : ups[i].page;
+    host[2 * i + 1] =
+        ups[i].page >= 0 && eager_.contains(idx) ? ups[i].page | gpu::kFillPagesCopy : ups[i].page;
   }
   KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(bytes, stream));
   absl::Status st = transfer::MemcpyAsync(dev, host, bytes, stream);

@@ -65,8 +65,8 @@ std::vector<PoolPolicy> PoolPolicies() {
   while (at <= list.size()) {
     const std::size_t end = std::min(list.find(',', at), list.size());
     PoolPolicy p;
-    if (std::sscanf(list.substr(at, end - at).c_str(), "%lf/%d/%d/%d", &p.fraction,
-                    &p.admit_after, &p.cap_div, &p.lazy) >= 3)
+    if (std::sscanf(list.substr(at, end - at).c_str(), "%lf/%d/%d/%d", &p.fraction, &p.admit_after,
+                    &p.cap_div, &p.lazy) >= 3)
       out.push_back(p);
     at = end + 1;
   }
@@ -523,14 +523,14 @@ int main(int argc, char** argv) {
         variants[vi].name, 100 * S.tokens / n, 100 * S.kv_tokens / std::max<int64_t>(S.kv_n, 1), em,
         Pct(S.err, 0.99), fm, Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.recall / n,
         S.flat_recall / n, S.mass / n, S.flat_mass / n, S.est_n ? S.est_log / S.est_n : 0.0,
-        S.build_s / (layers * kvh),
-        100.0 * S.pool_hit_rows / std::max<int64_t>(S.pool_rows, 1),
+        S.build_s / (layers * kvh), 100.0 * S.pool_hit_rows / std::max<int64_t>(S.pool_rows, 1),
         (S.pool_rows - S.pool_hit_rows) * kv_row_bytes / ps / 1024,
         S.pool_fills * 8 * kv_row_bytes / ps / 1024);
   }
-  std::printf("\nselection only, per kv head and step (pool: fraction of the clustered rows / "
-              "admit_after / admissions cap divisor)\n%-24s %-12s %7s %9s %9s %9s\n",
-              "variant", "pool", "hit%", "miss_kB", "fill_kB", "pcie_kB");
+  std::printf(
+      "\nselection only, per kv head and step (pool: fraction of the clustered rows / "
+      "admit_after / admissions cap divisor)\n%-24s %-12s %7s %9s %9s %9s\n",
+      "variant", "pool", "hit%", "miss_kB", "fill_kB", "pcie_kB");
   for (std::size_t vi = 0; vi < variants.size(); ++vi)
     for (std::size_t pi = 0; pi < policies.size(); ++pi) {
       const Stats& S = stats[vi];
@@ -540,7 +540,9 @@ int main(int argc, char** argv) {
       char name[32];
       std::snprintf(name, sizeof(name), "%.2f/%d/%d%s", policies[pi].fraction,
                     policies[pi].admit_after, policies[pi].cap_div,
-                    policies[pi].lazy == 2 ? "/staged" : policies[pi].lazy ? "/lazy" : "");
+                    policies[pi].lazy == 2 ? "/staged"
+                    : policies[pi].lazy    ? "/lazy"
+                                           : "");
       std::printf("%-24s %-12s %7.1f %9.1f %9.1f %9.1f\n", variants[vi].name, name,
                   100.0 * S.sel_hit_rows[pi] / std::max<int64_t>(S.sel_rows[pi], 1), miss, fill,
                   miss + fill);

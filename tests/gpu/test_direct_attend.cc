@@ -419,8 +419,8 @@ int64_t ExpectStagedRowsAreTheStores(const Problem& p) {
       for (int r = 0; r < kB; ++r) {
         if (((static_cast<uint32_t>(e) >> kStagedBitsShift) >> r & 1u) == 0) continue;
         ++held;
-        const std::size_t at = (static_cast<std::size_t>(e & kStagedPageMask) * kB + r) *
-                               p.row_bytes;
+        const std::size_t at =
+            (static_cast<std::size_t>(e & kStagedPageMask) * kB + r) * p.row_bytes;
         const std::size_t from = static_cast<std::size_t>(b * kB + r) * p.row_bytes;
         EXPECT_EQ(std::memcmp(p.pool_k.data() + at, p.sk[g].data() + from, p.row_bytes), 0);
         EXPECT_EQ(std::memcmp(p.pool_v.data() + at, p.sv[g].data() + from, p.row_bytes), 0);
@@ -440,7 +440,8 @@ TEST(DirectAttendHost, StagedRowsJoinTheirPagesForTheNextStep) {
     p.Stage(p.rows * sh.kv);
     const auto up = RandomUpdates(p, static_cast<int>(p.rows / kB / 2), 4);
     ASSERT_TRUE(FillPagesHost(p.View(), up.data(), static_cast<int>(up.size() / 2)).ok());
-    EXPECT_TRUE(std::all_of(p.pool_k.begin(), p.pool_k.end(), [](unsigned char c) { return c == 0; }));
+    EXPECT_TRUE(
+        std::all_of(p.pool_k.begin(), p.pool_k.end(), [](unsigned char c) { return c == 0; }));
     const Result first = RunHost(p);
     EXPECT_EQ(first.o, plain.o);
     EXPECT_EQ(first.lse, plain.lse);
@@ -521,9 +522,9 @@ TEST(CommitStagedHost, ArgumentChecks) {
   v.stage_count = nullptr;
   EXPECT_EQ(CommitStagedHost(v).code(), absl::StatusCode::kInvalidArgument);
   std::vector<float> o(static_cast<std::size_t>(p.qh) * p.sh.d), lse(p.qh);
-  EXPECT_EQ(DirectAttendHost(v, p.mask.data(), p.q.data(), 0.f, o.data(), lse.data(), nullptr)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      DirectAttendHost(v, p.mask.data(), p.q.data(), 0.f, o.data(), lse.data(), nullptr).code(),
+      absl::StatusCode::kInvalidArgument);
   v = p.View();
   v.stage_k = nullptr;
   EXPECT_EQ(CommitStagedHost(v).code(), absl::StatusCode::kInvalidArgument);
