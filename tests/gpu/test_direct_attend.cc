@@ -838,6 +838,17 @@ void ExpectKernelMatches(const Result& dev, const Result& ref) {
   EXPECT_EQ(dev.reads, ref.reads);
 }
 
+// The same page updates through FillPagesHost and FillPages: the same table.
+void FillBoth(Problem& p, DevProblem& dp, const std::vector<int32_t>& up) {
+  const int n = static_cast<int>(up.size() / 2);
+  ASSERT_TRUE(FillPagesHost(p.View(), up.data(), n).ok());
+  int32_t* dup = ToDevice(up);
+  ASSERT_TRUE(FillPages(dp.view, dup, n, nullptr).ok());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaFree(dup);
+  EXPECT_TRUE(Same(ToHost(dp.view.block_page, p.block_page.size()), p.block_page, "table"));
+}
+
 const std::vector<Shape>& KernelShapes() {
   static const std::vector<Shape> shapes = {
       {2, 1, 64, DType::kBF16, 40, 6, 37},        {2, 4, 128, DType::kF32, 60, 9, 0},
@@ -870,14 +881,7 @@ TEST(DirectAttendKernel, PoolReadsMatchHostReference) {
     SCOPED_TRACE(Describe(sh));
     Problem p = MakeProblem(sh, 400 + sh.clusters);
     DevProblem dp(p, StoreMem::kHostAllocMapped);
-    const auto up = RandomUpdates(p, static_cast<int>(p.rows / kB * 2 / 3), 17);
-    const int n = static_cast<int>(up.size() / 2);
-    ASSERT_TRUE(FillPagesHost(p.View(), up.data(), n).ok());
-    int32_t* dup = ToDevice(up);
-    ASSERT_TRUE(FillPages(dp.view, dup, n, nullptr).ok());
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    cudaFree(dup);
-    EXPECT_TRUE(Same(ToHost(dp.view.block_page, p.block_page.size()), p.block_page, "table"));
+    FillBoth(p, dp, RandomUpdates(p, static_cast<int>(p.rows / kB * 2 / 3), 17));
     EXPECT_TRUE(Same(ToHost(static_cast<unsigned char*>(dp.view.pool_k), p.pool_k.size()), p.pool_k,
                      "pool_k"));
     EXPECT_TRUE(Same(ToHost(static_cast<unsigned char*>(dp.view.pool_v), p.pool_v.size()), p.pool_v,
@@ -902,13 +906,7 @@ TEST(DirectAttendKernel, StagedPagesMatchHostReference) {
       DevProblem dp(p, StoreMem::kHostAllocMapped);
       auto up = RandomUpdates(p, static_cast<int>(p.rows / kB * 2 / 3), 19);
       for (std::size_t i = 1; i < up.size(); i += 6) up[i] |= kFillPagesCopy;  // a third copied
-      const int n = static_cast<int>(up.size() / 2);
-      ASSERT_TRUE(FillPagesHost(p.View(), up.data(), n).ok());
-      int32_t* dup = ToDevice(up);
-      ASSERT_TRUE(FillPages(dp.view, dup, n, nullptr).ok());
-      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-      cudaFree(dup);
-      EXPECT_TRUE(Same(ToHost(dp.view.block_page, p.block_page.size()), p.block_page, "table"));
+      FillBoth(p, dp, up);
       ExpectKernelMatches(RunDevice(dp, p, true), RunHost(p));
       EXPECT_EQ(ToHost(dp.view.stage_count, 1), p.stage_count);
       // The staged rows whose blocks hold pages: what the commit must put in (the device keeps
