@@ -500,7 +500,9 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
           EXPECT_EQ(s.hot_h2d_bytes % block_bytes, 0) << c.name;
           EXPECT_LE(s.hot_h2d_bytes, s.hot_misses * block_bytes) << c.name;
           // With room beyond those blocks, selected clusters' blocks get pages too (staged).
-          if (hot >= 0.5f) EXPECT_LT(s.hot_h2d_bytes, s.hot_misses * block_bytes) << c.name;
+          if (hot >= 0.5f) {
+            EXPECT_LT(s.hot_h2d_bytes, s.hot_misses * block_bytes) << c.name;
+          }
         } else {
           EXPECT_GT(s.hot_h2d_bytes, 0) << c.name;
         }
