@@ -9,6 +9,8 @@
 // top-100 cold keys attended. Mass: share of the cold softmax mass attended. est: mean log of
 // estimated / true mass of the unattended cold rows. kv%: the rows a step reads for the kv head
 // (the union over its group's queries), as a share of the cold rows; tokens%: per query.
+// hit% / miss_kB / fill_kB: the direct step's page pool over the rows each step reads (the tail
+// included); a second table shows the selection alone per pool policy (CLUSTER_EVAL_POOLS).
 #include <algorithm>
 #include <bit>
 #include <chrono>
