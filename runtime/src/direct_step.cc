@@ -500,6 +500,10 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
     for (int g = 0; g < cfg_->num_kv_heads && !tail_begin_.empty(); ++g)
       cache_->DropFrom(g, tail_begin_[g] / kBlock);
     view_dirty_ = true;
+    // Staged rows that no commit took (an admission job that failed) may name rows the new
+    // version moved: the stage starts empty.
+    if (!stage_count_.empty())
+      KVRT_RETURN_IF_ERROR(transfer::MemsetAsync(stage_count_.data(), 0, sizeof(uint32_t), stream));
   }
   KVRT_RETURN_IF_ERROR(UploadView(cold, C, stream));
   version_ = cold.index_version();
