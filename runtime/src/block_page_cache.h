@@ -16,7 +16,10 @@
 // is as likely to be wanted again, so unbounded admission only turns each step's PCIe reads into
 // as many fills (the same bytes again, on the fill stream, competing with the step's reads).
 // Both refusals come before the second-chance bookkeeping: a miss refused for either reason is
-// not remembered as a first miss (measured that way on the H200; docs/benchmarks.md).
+// not remembered as a first miss (measured that way on the H200; docs/benchmarks.md). Since 0.3.6
+// the direct step fills pages from rows its steps already read (staged pages, direct_step.h), so
+// it uses neither the second chance nor the bound (admit_after 1, max_admit_per_step 0); the
+// options stay for cluster_eval's comparison of policies.
 #include <cstdint>
 #include <vector>
 
