@@ -301,8 +301,9 @@ int main(int argc, char** argv) {
         }
       }
       const int64_t covered = idx[0]->size();
-      // The pool as DirectStep sizes it (hot_cache_fraction 0.1 of the cold rows, 8-row blocks,
-      // second-chance admission, at most an eighth of the pages per step).
+      // The pool as 0.3.5's DirectStep ran it, the tail included (hot_cache_fraction 0.1 of the
+      // cold rows, 8-row blocks, second-chance admission, at most an eighth of the pages per
+      // step); the per-policy pools below show the selection alone.
       constexpr int64_t kBlock = 8;
       const int64_t pages = std::max<int64_t>(1, (cold / 10 + kBlock - 1) / kBlock);
       std::vector<runtime::BlockPageCache> pools;
