@@ -392,8 +392,8 @@ TEST(DirectAttendHost, NanRowPropagates) {
   EXPECT_FALSE(std::isnan(res.lse[p.sh.group]));
 }
 
-// Rows of kv head g that a step reads (the union over the group), by block entry: (paged rows,
-// rows of blocks without a page).
+// The rows a step reads (per kv head, the union over its group), staged pages: (rows their pages
+// hold, i.e. read from the pool; the others, read from the host store).
 std::vector<int64_t> ReadsByTable(const Problem& p) {
   std::vector<int64_t> n(2, 0);
   for (int g = 0; g < p.sh.kv; ++g) {
