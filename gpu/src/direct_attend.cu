@@ -267,11 +267,10 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
       int32_t src = 0;
       bool host = false;
       if (m_bits != 0) {
-        int32_t page = m_page;
-        if (v.staged_pages && page != -1) {  // the page only where it holds the row
-          const uint32_t held = static_cast<uint32_t>(page) >> kStagedBitsShift;
-          page = (held >> (m_row % kDirectBlockRows)) & 1u ? page & kStagedPageMask : -1;
-        }
+        // Staged pages: the page only where it holds the row.
+        const int32_t page = !v.staged_pages                ? m_page
+                             : StagedHolds(m_page, m_row) ? StagedPage(m_page)
+                                                          : -1;
         if (page >= 0 && page < v.pages) {
           src = page * kDirectBlockRows + m_row % kDirectBlockRows;
           ++cnt_pool;
@@ -544,10 +543,7 @@ __global__ void __launch_bounds__(256)
     }
   }
   if (lane == 0) {
-    v.block_page[idx] =
-        v.staged_pages
-            ? static_cast<int32_t>(static_cast<uint32_t>(page) | (0xffu << kStagedBitsShift))
-            : page;
+    v.block_page[idx] = v.staged_pages ? StagedWholeBlock(page) : page;
   }
 }
 
@@ -562,11 +558,10 @@ __global__ void __launch_bounds__(256) CommitStagedKernel(DirectRowsView v) {
     const int64_t g = id >> 32, r = id & 0xffffffff;
     if (g < 0 || g >= v.kv_heads || r >= v.rows) continue;  // CommitStagedHost refuses
     int32_t* entry = v.block_page + g * v.blocks_per_head + r / kDirectBlockRows;
-    const int32_t e = *entry;
-    if (e == -1 || (e & kStagedPageMask) >= v.pages) continue;  // no page (any more)
+    const int32_t page = StagedPage(*entry);
+    if (page < 0 || page >= v.pages) continue;  // no page (any more)
     const size_t to =
-        (static_cast<size_t>(e & kStagedPageMask) * kDirectBlockRows + r % kDirectBlockRows) *
-        kRowBytes;
+        (static_cast<size_t>(page) * kDirectBlockRows + r % kDirectBlockRows) * kRowBytes;
     const uint4* sk = reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(v.stage_k) +
                                                      static_cast<size_t>(i) * kRowBytes);
     const uint4* sv = reinterpret_cast<const uint4*>(static_cast<const unsigned char*>(v.stage_v) +
@@ -579,7 +574,7 @@ __global__ void __launch_bounds__(256) CommitStagedKernel(DirectRowsView v) {
     }
     __syncwarp();
     if (lane == 0) {
-      atomicOr(reinterpret_cast<unsigned*>(entry), 1u << (kStagedBitsShift + r % kDirectBlockRows));
+      atomicOr(reinterpret_cast<unsigned*>(entry), StagedRowBit(r));
     }
   }
 }

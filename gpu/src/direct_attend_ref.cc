@@ -105,11 +105,11 @@ absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, con
       const int32_t entry =
           v.block_page[static_cast<std::size_t>(g) * v.blocks_per_head + r / kDirectBlockRows];
       int32_t page = entry;
-      if (v.staged_pages && entry != -1) {
-        // The page only where the row's bit says it holds the row.
-        const uint32_t bits = static_cast<uint32_t>(entry) >> kStagedBitsShift;
-        page = (bits >> (r % kDirectBlockRows)) & 1u ? entry & kStagedPageMask : -1;
-        if ((entry & kStagedPageMask) >= v.pages) page = v.pages;  // refused below
+      if (v.staged_pages) {
+        // The page only where it holds the row (a page out of range is refused below).
+        page = StagedPage(entry) >= v.pages ? StagedPage(entry)
+               : StagedHolds(entry, r)      ? StagedPage(entry)
+                                            : -1;
       }
       if (page < -1 || page >= v.pages) {
         return absl::InvalidArgumentError(
@@ -181,8 +181,7 @@ absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int 
       std::memcpy(Bytes(v.pool_v) + to, Bytes(v.store_v[g]) + from, page_bytes);
     }
     int32_t entry = page >= 0 ? page : -1;
-    if (page >= 0 && copy && v.staged_pages)
-      entry = static_cast<int32_t>(static_cast<uint32_t>(page) | (0xffu << kStagedBitsShift));
+    if (page >= 0 && copy && v.staged_pages) entry = StagedWholeBlock(page);
     v.block_page[idx] = entry;
   }
   return absl::OkStatus();
@@ -199,14 +198,13 @@ absl::Status CommitStagedHost(const DirectRowsView& v) {
           absl::StrCat("CommitStagedHost: staged row ", slot, " (", g, ", ", r, ") out of range"));
     }
     int32_t& entry = v.block_page[g * v.blocks_per_head + r / kDirectBlockRows];
-    if (entry == -1 || (entry & kStagedPageMask) >= v.pages) continue;
-    const std::size_t to = (static_cast<std::size_t>(entry & kStagedPageMask) * kDirectBlockRows +
-                            r % kDirectBlockRows) *
-                           row_bytes;
+    const int32_t page = StagedPage(entry);
+    if (page < 0 || page >= v.pages) continue;
+    const std::size_t to =
+        (static_cast<std::size_t>(page) * kDirectBlockRows + r % kDirectBlockRows) * row_bytes;
     std::memcpy(Bytes(v.pool_k) + to, Bytes(v.stage_k) + slot * row_bytes, row_bytes);
     std::memcpy(Bytes(v.pool_v) + to, Bytes(v.stage_v) + slot * row_bytes, row_bytes);
-    entry = static_cast<int32_t>(static_cast<uint32_t>(entry) |
-                                 (1u << (kStagedBitsShift + r % kDirectBlockRows)));
+    entry = static_cast<int32_t>(static_cast<uint32_t>(entry) | StagedRowBit(r));
   }
   *v.stage_count = 0;
   return absl::OkStatus();

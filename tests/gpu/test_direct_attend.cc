@@ -401,9 +401,7 @@ std::vector<int64_t> ReadsByTable(const Problem& p) {
     for (int j = 0; j < p.sh.group; ++j)
       for (int64_t r : RowsOf(p, g * p.sh.group + j)) u.insert(r);
     for (int64_t r : u) {
-      const int32_t e = p.block_page[static_cast<std::size_t>(g) * p.bph + r / kB];
-      const bool held = e != -1 && (static_cast<uint32_t>(e) >> kStagedBitsShift >> (r % kB)) & 1u;
-      ++n[held ? 0 : 1];
+      ++n[StagedHolds(p.block_page[static_cast<std::size_t>(g) * p.bph + r / kB], r) ? 0 : 1];
     }
   }
   return n;
@@ -415,12 +413,10 @@ int64_t ExpectStagedRowsAreTheStores(const Problem& p) {
   for (int g = 0; g < p.sh.kv; ++g)
     for (int64_t b = 0; b < p.bph; ++b) {
       const int32_t e = p.block_page[static_cast<std::size_t>(g) * p.bph + b];
-      if (e == -1) continue;
       for (int r = 0; r < kB; ++r) {
-        if (((static_cast<uint32_t>(e) >> kStagedBitsShift) >> r & 1u) == 0) continue;
+        if (!StagedHolds(e, r)) continue;
         ++held;
-        const std::size_t at =
-            (static_cast<std::size_t>(e & kStagedPageMask) * kB + r) * p.row_bytes;
+        const std::size_t at = (static_cast<std::size_t>(StagedPage(e)) * kB + r) * p.row_bytes;
         const std::size_t from = static_cast<std::size_t>(b * kB + r) * p.row_bytes;
         EXPECT_EQ(std::memcmp(p.pool_k.data() + at, p.sk[g].data() + from, p.row_bytes), 0);
         EXPECT_EQ(std::memcmp(p.pool_v.data() + at, p.sv[g].data() + from, p.row_bytes), 0);
@@ -473,16 +469,14 @@ TEST(DirectAttendHost, StageKeepsItsFirstCapRows) {
   ASSERT_TRUE(CommitStagedHost(p.View()).ok());
   int64_t bits = 0;
   for (int32_t e : p.block_page)
-    if (e != -1) bits += std::popcount(static_cast<uint32_t>(e) >> kStagedBitsShift);
+    bits += std::popcount(StagedRows(e));
   EXPECT_EQ(bits, 5);
   EXPECT_EQ(ExpectStagedRowsAreTheStores(p), 5);
   EXPECT_EQ(RunHost(p).reads[0], 5);
   // A block given its page again (released, then assigned) holds nothing until rows are staged.
   int32_t block = 0;
-  while (p.block_page[block] == -1 ||
-         static_cast<uint32_t>(p.block_page[block]) >> kStagedBitsShift == 0)
-    ++block;
-  const int32_t page = p.block_page[block] & kStagedPageMask;
+  while (StagedRows(p.block_page[block]) == 0) ++block;
+  const int32_t page = StagedPage(p.block_page[block]);
   const std::vector<int32_t> again = {block, -1, block, page};
   ASSERT_TRUE(FillPagesHost(p.View(), again.data(), 1).ok());
   ASSERT_TRUE(FillPagesHost(p.View(), again.data() + 2, 1).ok());
@@ -502,8 +496,8 @@ TEST(FillPagesHost, StagedCopiesOnlyTheBlocksAskedFor) {
   for (std::size_t i = 0; i < up.size(); i += 2) {
     const int32_t e = p.block_page[up[i]];
     const bool copy = (up[i + 1] & kFillPagesCopy) != 0;
-    EXPECT_EQ(e & kStagedPageMask, up[i + 1] & ~kFillPagesCopy);
-    EXPECT_EQ(static_cast<uint32_t>(e) >> kStagedBitsShift, copy ? 0xffu : 0u);
+    EXPECT_EQ(StagedPage(e), up[i + 1] & ~kFillPagesCopy);
+    EXPECT_EQ(StagedRows(e), copy ? 0xffu : 0u);
     copied += copy ? 1 : 0;
   }
   EXPECT_EQ(ExpectStagedRowsAreTheStores(p), copied * kB);
