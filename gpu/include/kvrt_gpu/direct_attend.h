@@ -35,22 +35,30 @@ inline constexpr int32_t kStagedPageMask = (1 << 24) - 1;
 inline constexpr int kStagedBitsShift = 24;
 // The staged entry's encoding, in one place (the kernels use them too): -1 = no page, else the
 // page in the low bits and bit (kStagedBitsShift + row % kDirectBlockRows) per row it holds.
-constexpr int32_t StagedPage(int32_t entry) { return entry == -1 ? -1 : entry & kStagedPageMask; }
-constexpr uint32_t StagedRowBit(int64_t row) {
+// Host and device functions by name: the kernels' sources are also compiled without
+// --expt-relaxed-constexpr (tools/gpu_bench's *_parts programs).
+#if defined(__CUDACC__)
+#define KVRT_STAGED_FN __host__ __device__ constexpr
+#else
+#define KVRT_STAGED_FN constexpr
+#endif
+KVRT_STAGED_FN int32_t StagedPage(int32_t entry) { return entry == -1 ? -1 : entry & kStagedPageMask; }
+KVRT_STAGED_FN uint32_t StagedRowBit(int64_t row) {
   return 1u << (kStagedBitsShift + static_cast<int>(row % kDirectBlockRows));
 }
-constexpr bool StagedHolds(int32_t entry, int64_t row) {
+KVRT_STAGED_FN bool StagedHolds(int32_t entry, int64_t row) {
   return entry != -1 && (static_cast<uint32_t>(entry) & StagedRowBit(row)) != 0;
 }
 // Rows the entry holds (popcount of the result is their number).
-constexpr uint32_t StagedRows(int32_t entry) {
+KVRT_STAGED_FN uint32_t StagedRows(int32_t entry) {
   return entry == -1 ? 0u : static_cast<uint32_t>(entry) >> kStagedBitsShift;
 }
 // A page holding every row of its block.
-constexpr int32_t StagedWholeBlock(int32_t page) {
+KVRT_STAGED_FN int32_t StagedWholeBlock(int32_t page) {
   return static_cast<int32_t>(static_cast<uint32_t>(page) |
                               (((1u << kDirectBlockRows) - 1) << kStagedBitsShift));
 }
+#undef KVRT_STAGED_FN
 static_assert(kStagedBitsShift + kDirectBlockRows <= 32, "a row bit per block row");
 // FillPages, staged pages: an update's page | kFillPagesCopy copies the block in from the host
 // store and marks all its rows valid (for blocks every step reads: they need no stage).
