@@ -18,6 +18,8 @@ inline std::size_t ClusterWorkspaceFloats(const ClusterSummaryView& s, int q_hea
   return static_cast<std::size_t>(q_heads) * ClusterTiles(s.num_clusters) * (s.head_dim + 2);
 }
 
+// Loads the cluster step's kernels for this shape (LoadKernel); kv_heads > 0.
+Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads);
 Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
                       float scale, const ClusterStepOutputs& out, float* workspace, void* stream);
 

@@ -987,6 +987,23 @@ Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale,
 
 }  // namespace
 
+Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads) {
+  const int g = q_heads / kv_heads;
+  KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
+    // ClusterCtas queries (and keeps) the score kernel's occupancy, which loads it.
+    if (g <= 4) {
+      (void)ClusterCtas<D, 4>(1, kv_heads);
+    } else if (g <= 8) {
+      (void)ClusterCtas<D, 8>(1, kv_heads);
+    } else {
+      (void)ClusterCtas<D, 16>(1, kv_heads);
+    }
+    const Err e = LoadKernel(GroupKeyKernel<D>);
+    return e.ok() ? LoadKernel(SelectKernel<D>) : e;
+  })
+  return {};
+}
+
 Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
                       float scale, const ClusterStepOutputs& out, float* workspace, void* stream) {
   const cudaStream_t st = AsStream(stream);

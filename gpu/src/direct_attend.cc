@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "cluster_launch.h"
 #include "direct_check.h"
 #include "direct_launch.h"
 #include "launch_status.h"
@@ -162,6 +163,25 @@ absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, v
   return ToStatus(detail::LaunchFillPages(v, updates, n, stream), kFn);
 #else
   (void)stream;
+  return NoCuda(kFn);
+#endif
+}
+
+absl::Status PreloadDirectStepKernels(DType dtype, int head_dim, int q_heads, int kv_heads) {
+  constexpr const char* kFn = "PreloadDirectStepKernels";
+  if (kv_heads <= 0 || q_heads <= 0 || q_heads % kv_heads != 0)
+    return absl::InvalidArgumentError(absl::StrCat(kFn, ": q_heads ", q_heads,
+                                                   " is not a positive multiple of kv_heads ",
+                                                   kv_heads));
+#if KVRT_WITH_CUDA
+  detail::Err e = detail::PreloadClusterStep(head_dim, q_heads, kv_heads);
+  if (e.ok()) e = detail::PreloadDirectStep(dtype, head_dim, q_heads, kv_heads);
+  if (e.ok()) e = detail::PreloadMergeStatesN(head_dim);
+  if (e.ok()) e = detail::PreloadRing(dtype);
+  return ToStatus(e, kFn);
+#else
+  (void)dtype;
+  (void)head_dim;
   return NoCuda(kFn);
 #endif
 }

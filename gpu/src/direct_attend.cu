@@ -580,18 +580,23 @@ __global__ void __launch_bounds__(256) CommitStagedKernel(DirectRowsView v) {
 }
 
 // Kernel for (T, D) by group size (if constexpr: no d = 256-only variant for other dims).
+using DirectKernel = void (*)(DirectArgs);
+
+template <typename T, int D>
+DirectKernel DirectAttendKernelFor(int group) {
+  if constexpr (D == 256) {
+    if (group <= kWarps * 2) return DirectAttendKernel<T, D, 2>;
+  }
+  (void)group;
+  return DirectAttendKernel<T, D, 4>;
+}
+
 template <typename T, int D>
 Err RunDirectAttend(const DirectArgs& a, dim3 grid, cudaStream_t st) {
-  const int group = a.v.q_heads / a.v.kv_heads;
-  if constexpr (D == 256) {
-    if (group <= kWarps * 2) {
-      DirectAttendKernel<T, D, 2><<<grid, kThreads, 0, st>>>(a);
-      return LastLaunchErr();
-    }
-  }
-  DirectAttendKernel<T, D, 4><<<grid, kThreads, 0, st>>>(a);
+  DirectAttendKernelFor<T, D>(a.v.q_heads / a.v.kv_heads)<<<grid, kThreads, 0, st>>>(a);
   return LastLaunchErr();
 }
+
 
 }  // namespace
 
@@ -644,6 +649,28 @@ Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const floa
     if (err.ok()) err = fe;
   }
   return err;
+}
+
+template <int RB>
+Err LoadPageKernels() {
+  const Err e = LoadKernel(FillPagesKernel<RB>);
+  return e.ok() ? LoadKernel(CommitStagedKernel<RB>) : e;
+}
+
+Err PreloadDirectStep(DType dtype, int head_dim, int q_heads, int kv_heads) {
+  Err err = LoadKernel(MarkSelectedKernel);
+  if (!err.ok()) return err;
+  KVRT_DISPATCH_DTYPE(dtype, T, {KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
+                        err = LoadKernel(DirectAttendKernelFor<T, D>(q_heads / kv_heads));
+                      })})
+  if (!err.ok()) return err;
+  switch (head_dim * static_cast<int>(DTypeSize(dtype))) {
+    case 128: return LoadPageKernels<128>();
+    case 256: return LoadPageKernels<256>();
+    case 512: return LoadPageKernels<512>();
+    case 1024: return LoadPageKernels<1024>();
+    default: return BadHeadDim();
+  }
 }
 
 Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream) {

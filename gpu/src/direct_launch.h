@@ -37,6 +37,8 @@ Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_head
 // scale: resolved (not 0).
 Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
                        float* o, float* lse, int64_t* read_rows, float* workspace, void* stream);
+// Loads the direct step's kernels for this shape (LoadKernel); kv_heads > 0.
+Err PreloadDirectStep(DType dtype, int head_dim, int q_heads, int kv_heads);
 Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);
 Err LaunchCommitStaged(const DirectRowsView& v, void* stream);
 

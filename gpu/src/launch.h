@@ -35,6 +35,10 @@ Err LaunchGatherAttend(const GatherBatch& g, const void* q, bool q_is_f32, float
 Err LaunchMergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
                       int rows, int head_dim, void* out, DType out_dtype, float* lse_out,
                       void* stream);
+// Preloads (LoadKernel) of a decode step's kernels in these files: the n-way merge into f32, the
+// ring's row append and the conversion of q to f32.
+Err PreloadMergeStatesN(int head_dim);
+Err PreloadRing(DType dtype);
 Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int head_dim, void* out,
                        DType out_dtype, float* lse_out, void* stream);
 Err LaunchRingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,

@@ -119,6 +119,11 @@ Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int he
   return LastLaunchErr();
 }
 
+Err PreloadMergeStatesN(int head_dim) {
+  KVRT_DISPATCH_HEAD_DIM(head_dim, D, { return LoadKernel(MergeStatesNKernel<float, D>); })
+  return {};
+}
+
 Err LaunchMergeStates(const float* o_a, const float* lse_a, const float* o_b, const float* lse_b,
                       int rows, int head_dim, void* out, DType out_dtype, float* lse_out,
                       void* stream) {

@@ -187,6 +187,14 @@ Err LaunchFillF32(float* out, float value, int64_t n, void* stream) {
   return LastLaunchErr();
 }
 
+Err PreloadRing(DType dtype) {
+  Err err = LoadKernel(RingAppendRowsKernel);
+  KVRT_DISPATCH_DTYPE(dtype, T, {
+    if (err.ok()) err = LoadKernel(ConvertKernel<T>);
+  })
+  return err;
+}
+
 Err LaunchConvertToF32(const void* in, DType t, int64_t n, float* out, void* stream) {
   if (n == 0) return {};
   const int blocks = Blocks(n);

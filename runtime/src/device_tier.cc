@@ -246,10 +246,18 @@ class DeviceTier final : public TierBackend {
     // (A summary exists only for a two-level kind's built index.)
     const bool uploaded = cfg_->index.cluster.gpu_select && cold.summary(0) != nullptr &&
                           SyncSummary(cold, lease.get()).ok();
-    // The stream's uploads (summary, page table) must be complete before a step on another
-    // stream reads them.
-    if (direct_.Prepare(cold, lease.get()) || uploaded)
-      (void)transfer::StreamSynchronize(lease.get());
+    // The decode appends' eviction blocks (a token's K and V, two steps in flight): the first
+    // decode tokens waited for cudaHostAlloc (~0.3 ms each, ten in the first token at 128K,
+    // profiled), which also holds the driver's lock against the other threads' launches.
+    (void)ctx_->pinned().Reserve(token_bytes(), 4);
+    // The direct step's setup and its pages for the blocks every step reads, also off the decode
+    // path (a failure turns the direct step off for the layer: it takes the CPU-ordered path).
+    const bool direct = direct_.Prepare(cold, lease.get());
+    if (direct && uploaded)
+      (void)direct_.Warm(cold, summary_view_.num_clusters, lease.get());
+    // The stream's uploads (summary, page table, pages) must be complete before a step on
+    // another stream reads them.
+    if (direct || uploaded) (void)transfer::StreamSynchronize(lease.get());
   }
   void BeforeStoreChanges(bool moves) override {
     if (!direct_.registered()) return;

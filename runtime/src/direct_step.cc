@@ -335,6 +335,87 @@ gpu::DirectRowsView DirectStep::View(int64_t rows) const {
   return v;
 }
 
+template <typename Fn>
+void DirectStep::ForEachEveryStepBlock(int g, int64_t rows, Fn&& fn) const {
+  for (int64_t b = tail_begin_[g] / kBlock; b < (rows + kBlock - 1) / kBlock; ++b) fn(b);
+  for (int32_t r : extra_rows_[g]) fn(static_cast<int64_t>(r) / kBlock);
+}
+
+absl::Status DirectStep::EnsureStepBuffers(int C, void* stream) {
+  const int G = cfg_->num_kv_heads;
+  const std::size_t rec_bytes =
+      RecStageRowsAt(G, C) + static_cast<std::size_t>(stage_cap_) * sizeof(int64_t);
+  if (read_rows_dev_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(read_rows_dev_, transfer::DeviceBuffer::Allocate(2 * sizeof(int64_t)));
+    KVRT_RETURN_IF_ERROR(
+        transfer::MemsetAsync(read_rows_dev_.data(), 0, read_rows_dev_.size(), stream));
+  }
+  if (rec_ready_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(rec_ready_, transfer::Event::Create(false));
+    KVRT_ASSIGN_OR_RETURN(attended_, transfer::Event::Create(false));
+  }
+  if (rec_.size() < rec_bytes) {
+    rec_ = transfer::PinnedBlock();
+    KVRT_ASSIGN_OR_RETURN(rec_, ctx_->pinned().Acquire(rec_bytes + rec_bytes / 2));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status DirectStep::RefreshView(const ColdTier& cold, int C, void* stream) {
+  if (version_ != cold.index_version()) {
+    for (int g = 0; g < cfg_->num_kv_heads && !tail_begin_.empty(); ++g)
+      cache_->DropFrom(g, tail_begin_[g] / kBlock);
+    view_dirty_ = true;
+    // Staged rows that no commit took (an admission job that failed) may name rows the new
+    // version moved: the stage starts empty.
+    if (!stage_count_.empty())
+      KVRT_RETURN_IF_ERROR(transfer::MemsetAsync(stage_count_.data(), 0, sizeof(uint32_t), stream));
+  }
+  KVRT_RETURN_IF_ERROR(UploadView(cold, C, stream));
+  version_ = cold.index_version();
+  return absl::OkStatus();
+}
+
+absl::Status DirectStep::Warm(const ColdTier& cold, int C, void* stream) {
+  if (!Enabled() || !cache_ || !registered()) return absl::OkStatus();
+  const int64_t t0 = NowNs();
+  absl::Status st = admission_.Wait();
+  // A failure here costs the first step its time, not its result: the launches load them anyway.
+  (void)gpu::PreloadDirectStepKernels(cfg_->dtype, cfg_->head_dim, cfg_->num_q_heads,
+                                      cfg_->num_kv_heads);
+  if (st.ok()) st = EnsureStepBuffers(C, stream);
+  if (st.ok()) st = RefreshView(cold, C, stream);
+  int64_t hits = 0, admitted = 0;
+  if (st.ok()) {
+    // The first decode step would read these blocks over PCIe, and its admission would copy them
+    // in whole (the eager blocks of Admit) for the second; here the copies overlap the caller's
+    // next layer instead.
+    const int64_t rows = cold.rows(), full_blocks = rows / kBlock;
+    cache_->NextStep();
+    eager_.clear();
+    for (int g = 0; g < cfg_->num_kv_heads; ++g)
+      ForEachEveryStepBlock(g, rows, [&](int64_t b) {
+        if (cache_->Use(g, b, b < full_blocks)) {
+          ++hits;
+        } else if (cache_->page(g, b) >= 0) {
+          eager_.insert(g * blocks_per_head_ + b);
+          ++admitted;
+        }
+      });
+    st = ApplyUpdates(rows, stream);
+    eager_.clear();
+  }
+  if (!st.ok()) {
+    off_ = true;  // the table and the policy may disagree: the CPU-ordered path from now on
+    return st;
+  }
+  counters_->hot_hits += hits;
+  counters_->hot_misses += admitted;
+  counters_->hot_h2d_bytes += admitted * kBlock * 2 * static_cast<int64_t>(row_bytes());
+  counters_->time_hot_cache_ns += NowNs() - t0;
+  return absl::OkStatus();
+}
+
 void DirectStep::Admit() {
   const int G = cfg_->num_kv_heads, group = cfg_->num_q_heads / G;
   const int C = rec_c_;
@@ -384,8 +465,7 @@ void DirectStep::Admit() {
     // selected clusters' blocks, which change from step to step, took that claim before, and the
     // tail (up to a segment of rows per head) crossed PCIe at every step: 58.7 MB per layer-step
     // end to end at 128K (docs/benchmarks.md, fifth session).
-    for (int64_t b = tail_begin_[g] / kBlock; b < (rec_rows_ + kBlock - 1) / kBlock; ++b) use(b);
-    for (int32_t r : extra_rows_[g]) use(r / kBlock);
+    ForEachEveryStepBlock(g, rec_rows_, use);
     every_step = false;
     const std::size_t at = static_cast<std::size_t>(g) * C;
     for (int c = 0; c < C; ++c) {
@@ -438,7 +518,7 @@ absl::Status DirectStep::AdmitAndFill() {
     KVRT_ASSIGN_OR_RETURN(filled_, transfer::Event::Create(false));
   }
   KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
-  absl::Status st = ApplyUpdates(aside);
+  absl::Status st = ApplyUpdates(rec_rows_, aside);
   // The rows the step read over PCIe go into the pages their blocks hold now (also those given
   // just above); the stage is then free for the next step, which waits for filled_.
   if (st.ok()) st = gpu::CommitStaged(View(rec_rows_), aside);
@@ -449,7 +529,7 @@ absl::Status DirectStep::AdmitAndFill() {
   return st;
 }
 
-absl::Status DirectStep::ApplyUpdates(void* stream) {
+absl::Status DirectStep::ApplyUpdates(int64_t rows, void* stream) {
   const std::vector<BlockPageCache::Update> ups = cache_->TakeUpdates();
   if (ups.empty()) return absl::OkStatus();
   const std::size_t bytes = 2 * ups.size() * sizeof(int32_t);
@@ -465,7 +545,7 @@ absl::Status DirectStep::ApplyUpdates(void* stream) {
   absl::Status st = transfer::MemcpyAsync(dev, host, bytes, stream);
   if (st.ok()) st = updates_.Sent(stream);
   if (st.ok())
-    st = gpu::FillPages(View(rec_rows_), static_cast<const int32_t*>(dev),
+    st = gpu::FillPages(View(rows), static_cast<const int32_t*>(dev),
                         static_cast<int>(ups.size()), stream);
   // NOTE: staged pages: only the eager blocks (the tail, the extra rows) cross PCIe here, counted
   // in hot_h2d_bytes by Admit; the others are only assigned.
@@ -494,20 +574,9 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
   // Everything below (a new view, page drops, the attend) comes after the last fill.
   if (fill_pending_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, filled_));
   fill_pending_ = false;
-  // A new index version: rows past the old tail may have been permuted by it, so their blocks
-  // give their pages up (applied here, on the step's stream).
-  if (version_ != cold.index_version()) {
-    for (int g = 0; g < cfg_->num_kv_heads && !tail_begin_.empty(); ++g)
-      cache_->DropFrom(g, tail_begin_[g] / kBlock);
-    view_dirty_ = true;
-    // Staged rows that no commit took (an admission job that failed) may name rows the new
-    // version moved: the stage starts empty.
-    if (!stage_count_.empty())
-      KVRT_RETURN_IF_ERROR(transfer::MemsetAsync(stage_count_.data(), 0, sizeof(uint32_t), stream));
-  }
-  KVRT_RETURN_IF_ERROR(UploadView(cold, C, stream));
-  version_ = cold.index_version();
-  KVRT_RETURN_IF_ERROR(ApplyUpdates(stream));
+  // A new index version: its page drops are applied here, on the step's stream.
+  KVRT_RETURN_IF_ERROR(RefreshView(cold, C, stream));
+  KVRT_RETURN_IF_ERROR(ApplyUpdates(rec_rows_, stream));
   counters_->time_hot_cache_ns += NowNs() - t0;
   return absl::OkStatus();
 }
@@ -521,21 +590,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
 
   // 3. This step: mask, attend, and the record of both for the next step.
   const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * 4;
-  const std::size_t rec_bytes =
-      RecStageRowsAt(G, C) + static_cast<std::size_t>(stage_cap_) * sizeof(int64_t);
-  if (read_rows_dev_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(read_rows_dev_, transfer::DeviceBuffer::Allocate(2 * sizeof(int64_t)));
-    KVRT_RETURN_IF_ERROR(
-        transfer::MemsetAsync(read_rows_dev_.data(), 0, read_rows_dev_.size(), stream));
-  }
-  if (rec_ready_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(rec_ready_, transfer::Event::Create(false));
-    KVRT_ASSIGN_OR_RETURN(attended_, transfer::Event::Create(false));
-  }
-  if (rec_.size() < rec_bytes) {
-    rec_ = transfer::PinnedBlock();
-    KVRT_ASSIGN_OR_RETURN(rec_, ctx_->pinned().Acquire(rec_bytes + rec_bytes / 2));
-  }
+  KVRT_RETURN_IF_ERROR(EnsureStepBuffers(C, stream));  // made by Warm after a prompt
   KVRT_ASSIGN_OR_RETURN(void* mask_dev, transfer::MallocAsync(mask_bytes, stream));
   auto* mask = static_cast<uint32_t*>(mask_dev);
   const int64_t rows = cold.rows();

@@ -54,6 +54,12 @@ class DirectStep {
   // after the copy finds them registered. Waits for stream (its table upload). False when the
   // direct step is off or a registration failed (Prepare tries again).
   bool RegisterAhead(const ColdTier& cold, int64_t rows, void* stream);
+  // After a prompt (the prompt's background job, after Prepare and the summary's upload; C: the
+  // summary's clusters per kv head): what the first decode step would otherwise do on the decode
+  // path, while the caller's device computes the next layer. The step's buffers, the device view
+  // of this index version, and pages for the blocks every step reads (the unclustered tail, the
+  // outliers), copied in whole on stream: the first step reads them from HBM, not over PCIe.
+  absl::Status Warm(const ColdTier& cold, int C, void* stream);
   // A step in two calls, both requiring Prepare() true in this call. BeginStep, after the
   // selection is enqueued on stream (which reads neither the pool nor the table, so the last
   // fill overlaps it): orders stream after the last admission's fill, refreshes the device view
@@ -90,13 +96,23 @@ class DirectStep {
   bool FitPool(int64_t cold_rows, void* stream);
   std::unique_ptr<BlockPageCache> NewPolicy(int64_t pages_per_head) const;
   absl::Status UploadView(const ColdTier& cold, int C, void* stream);
+  // At a new index version: the blocks past the old tail give their pages up (their rows may have
+  // moved), the stage starts empty; then the view of the version (UploadView).
+  absl::Status RefreshView(const ColdTier& cold, int C, void* stream);
+  // The buffers every step uses (the record, its events, the read counts), for C clusters.
+  absl::Status EnsureStepBuffers(int C, void* stream);
+  // fn(block) for each block of kv head g that every step reads: the unclustered tail up to
+  // `rows` and the extra rows' blocks (a block may come twice).
+  template <typename Fn>
+  void ForEachEveryStepBlock(int g, int64_t rows, Fn&& fn) const;
   absl::Status UploadTable(void* stream);
   // The admission job: waits for the step's record, runs Admit and enqueues the fill.
   absl::Status AdmitAndFill();
   // The recorded step's blocks -> CLOCK (hits, admissions), statistics. Reads only this object's
   // copies of the summary (the cold tier may refresh it meanwhile).
   void Admit();
-  absl::Status ApplyUpdates(void* stream);
+  // The policy's page updates to the table (FillPages; eager_ blocks copied whole), `rows` cold.
+  absl::Status ApplyUpdates(int64_t rows, void* stream);
   // Rows q head h attended in the step recorded in rec_ (mask bits, extra rows, the tail).
   std::vector<int64_t> RecordedRows(const ColdTier& cold, int h) const;
   gpu::DirectRowsView View(int64_t rows) const;

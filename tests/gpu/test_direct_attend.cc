@@ -508,6 +508,27 @@ TEST(FillPagesHost, StagedCopiesOnlyTheBlocksAskedFor) {
   EXPECT_EQ(r.reads, want);
 }
 
+// The kernels load ahead of a decode step for every supported shape; a shape they do not support is
+// refused by name, and without CUDA the call says so.
+TEST(PreloadDirectStepKernels, LoadsSupportedShapesAndRefusesOthers) {
+  EXPECT_EQ(PreloadDirectStepKernels(DType::kBF16, 128, 32, 0).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(PreloadDirectStepKernels(DType::kBF16, 128, 30, 8).code(),
+            absl::StatusCode::kInvalidArgument);
+#if KVRT_WITH_CUDA
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (DType t : {DType::kF32, DType::kF16, DType::kBF16})
+    for (int d : {64, 128, 256})
+      for (auto [qh, kv] : {std::pair{32, 8}, std::pair{8, 1}, std::pair{64, 4}})
+        EXPECT_TRUE(PreloadDirectStepKernels(t, d, qh, kv).ok()) << d << " " << qh << "/" << kv;
+  const absl::Status bad = PreloadDirectStepKernels(DType::kBF16, 96, 32, 8);
+  EXPECT_EQ(bad.code(), absl::StatusCode::kInvalidArgument) << bad;
+#else
+  EXPECT_EQ(PreloadDirectStepKernels(DType::kBF16, 128, 32, 8).code(),
+            absl::StatusCode::kFailedPrecondition);
+#endif
+}
+
 TEST(CommitStagedHost, ArgumentChecks) {
   Problem p = MakeProblem(HostShapes()[0], 3);
   EXPECT_EQ(CommitStagedHost(p.View()).code(), absl::StatusCode::kInvalidArgument);  // not staged

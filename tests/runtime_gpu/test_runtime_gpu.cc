@@ -522,6 +522,79 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
   }
 }
 
+// After a prompt the direct step is set up in the prompt's background job, not by the first decode
+// step: the blocks every step reads (the unclustered tail, the outliers) already hold pages,
+// copied in whole, when the prompt's work is done, and the first steps then match the host
+// backend (GpuSelectMatchesCpuSelect covers later steps and other modes).
+TEST(GpuBackendCluster, PromptWarmsTheDirectStepsPages) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "warm"};
+  RuntimeConfig host_cfg = MakeConfig(c, 0), gpu_cfg = MakeConfig(c, 1);
+  for (RuntimeConfig* cfg : {&host_cfg, &gpu_cfg}) {
+    cfg->record_attended = false;
+    cfg->index.cluster.segment_tokens = 256;
+    cfg->index.cluster.min_budget_tokens = 32;
+    cfg->index.cluster.gpu_build = false;  // the same clusters on both backends
+    cfg->hot_cache_fraction = 0.5f;
+    cfg->direct_step = true;
+  }
+  auto host_rt = Runtime::Create(host_cfg);
+  auto gpu_rt = Runtime::Create(gpu_cfg);
+  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  const RuntimeConfig& cfg = (*gpu_rt)->config();
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(5);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  // 1200 - 4 sinks - 64 window = 1132 cold rows: 4 segments of 256, a tail of 108 (13 blocks).
+  const int prompt = 1200;
+  const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    auto q = Random(rng, prompt * q_row, c.dtype);
+    auto k = Random(rng, prompt * kv_row, c.dtype);
+    auto v = Random(rng, prompt * kv_row, c.dtype);
+    ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
+    ASSERT_TRUE(
+        (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
+  }
+  ASSERT_TRUE((*gpu_rt)->WaitSequence(gs).ok());
+  const auto warm = (*gpu_rt)->Stats();
+  EXPECT_EQ(warm.attend_calls, 0);
+  const int64_t block_bytes = int64_t{8} * 2 * cfg.head_dim * DTypeSize(cfg.dtype);
+  // At least the tail's 13 full blocks per kv head and layer, each copied whole.
+  EXPECT_GE(warm.hot_misses, int64_t{13} * cfg.num_kv_heads * cfg.num_layers);
+  EXPECT_EQ(warm.hot_h2d_bytes, warm.hot_misses * block_bytes);
+  EXPECT_EQ(warm.direct_host_bytes, 0);
+  for (int step = 0; step < 2; ++step) {
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto k = Random(rng, kv_row, c.dtype);
+      auto v = Random(rng, kv_row, c.dtype);
+      auto q = Random(rng, q_row, c.dtype);
+      ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
+      ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
+      std::vector<float> want(q_row);
+      ASSERT_TRUE((*host_rt)->Attend(hs, l, q.data(), want.data()).ok());
+      float* out = dev.Out(q_row);
+      ASSERT_TRUE((*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec()).ok());
+      const auto got = dev.Get(out, q_row);
+      for (int h = 0; h < cfg.num_q_heads; ++h) {
+        double diff = 0, norm = 0;
+        for (int e = 0; e < cfg.head_dim; ++e) {
+          const double a = got[h * cfg.head_dim + e], b = want[h * cfg.head_dim + e];
+          diff += (a - b) * (a - b);
+          norm += b * b;
+        }
+        EXPECT_LT(std::sqrt(diff / std::max(norm, 1e-30)), 5e-2)
+            << "step " << step << " layer " << l << " head " << h;
+      }
+    }
+    dev.Clear();
+  }
+  EXPECT_EQ((*gpu_rt)->Stats().attends_direct, 2 * cfg.num_layers);
+}
+
 // The GPU build at prefill (segment_build.h) clusters every whole segment of the prompt on the
 // device, from device and from host pointers, and hands the layout to the index: at a budget that
 // selects every cluster the output is exact attention (the store's permutation and the position

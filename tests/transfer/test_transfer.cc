@@ -51,6 +51,27 @@ TEST(PinnedPool, CacheLimitGivesBlocksBack) {
   EXPECT_EQ(st.live_blocks, 0);
 }
 
+TEST(PinnedPool, ReserveLeavesFreeBlocksForTheFirstAcquires) {
+  PinnedPool pool(PageableHostAllocator(), 5 * 4096);
+  ASSERT_TRUE(pool.Reserve(100, 3).ok());
+  EXPECT_EQ(pool.stats().allocations, 3);
+  EXPECT_EQ(pool.stats().cached_bytes, 3 * 4096);
+  ASSERT_TRUE(pool.Reserve(4000, 3).ok()) << "three are free already";
+  EXPECT_EQ(pool.stats().allocations, 3);
+  {
+    auto a = pool.Acquire(2048), b = pool.Acquire(2048), c = pool.Acquire(2048);
+    ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+    EXPECT_EQ(pool.stats().allocations, 3) << "the reserved blocks served them";
+    EXPECT_EQ(pool.stats().reuses, 3);
+  }
+  // The cache limit bounds a reservation: room for two more blocks of 4096 only.
+  ASSERT_TRUE(pool.Reserve(8192, 2).ok());
+  EXPECT_EQ(pool.stats().allocations, 4);
+  EXPECT_LE(pool.stats().cached_bytes, 5 * 4096);
+  EXPECT_EQ(pool.Reserve(0, 1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(pool.Reserve(10, -1).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(PinnedPool, AllocatorFailureIsReported) {
   HostAllocator failing{[](std::size_t, void** out) {
                           *out = nullptr;

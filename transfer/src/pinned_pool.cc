@@ -73,6 +73,31 @@ absl::StatusOr<PinnedBlock> PinnedPool::Acquire(std::size_t bytes) {
   return PinnedBlock(this, p, size);
 }
 
+absl::Status PinnedPool::Reserve(std::size_t bytes, int count) {
+  if (bytes == 0 || bytes > (std::size_t{1} << 40) || count < 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("PinnedPool::Reserve: ", count, " blocks of ", bytes, " bytes"));
+  const std::size_t size = ClassBytes(bytes);
+  const int cls = std::countr_zero(size);
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (free_[cls].size() >= static_cast<std::size_t>(count) ||
+          static_cast<std::size_t>(stats_.cached_bytes) + size > max_cached_)
+        return absl::OkStatus();
+    }
+    // NOTE: allocated outside the lock (milliseconds for pinned memory); concurrent Reserves may
+    // together leave a few blocks more than `count` free.
+    void* p = nullptr;
+    if (absl::Status s = alloc_.alloc(size, &p); !s.ok()) return s;
+    std::lock_guard<std::mutex> lock(mu_);
+    free_[cls].push_back(p);
+    stats_.allocations += 1;
+    stats_.total_bytes += static_cast<int64_t>(size);
+    stats_.cached_bytes += static_cast<int64_t>(size);
+  }
+}
+
 void PinnedPool::Return(void* ptr, std::size_t size) {
   bool give_back = false;
   {

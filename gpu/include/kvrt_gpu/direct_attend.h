@@ -108,6 +108,13 @@ absl::Status MarkSelected(const int32_t* selected, const int32_t* count, int q_h
 absl::Status MarkSelectedHost(const int32_t* selected, const int32_t* count, int q_heads,
                               int kv_heads, int num_clusters, uint32_t* mask);
 
+// Loads every kernel a direct decode step of this shape launches (the cluster selection, the mask,
+// the attention and its merge, the page fills, q's conversion, the ring append) into the current
+// device's context. Under CUDA's lazy loading (the default) each loads at its first launch: on
+// the first decode token, 1-2 ms of the decode path at 128K (profiled). InvalidArgument for a
+// shape the kernels do not support; FailedPrecondition without CUDA.
+absl::Status PreloadDirectStepKernels(DType dtype, int head_dim, int q_heads, int kv_heads);
+
 // Floats of device scratch DirectAttend needs.
 std::size_t DirectAttendWorkspaceFloats(const DirectRowsView& v);
 

@@ -73,6 +73,10 @@ class PinnedPool {
 
   // A block of at least `bytes` (bytes > 0), reused when one of its size class is free.
   absl::StatusOr<PinnedBlock> Acquire(std::size_t bytes);
+  // Allocates blocks of the class of `bytes` until `count` of them are free (as far as
+  // max_cached_bytes allows), so that the first Acquires of a path that must not stall (a decode
+  // step's) find them: called ahead, off that path (a prompt's background job).
+  absl::Status Reserve(std::size_t bytes, int count);
 
   struct Stats {
     int64_t allocations = 0;   // calls to the allocator
