@@ -345,6 +345,7 @@ void ColdTier::BeginSelection(const uint8_t* streaming, ColdSelection* sel) cons
   sel->search_ns.assign(H, 0);
   sel->estimate = {};
   sel->estimate_on_device = false;
+  sel->evictions_on_device = false;
   sel->keys_read = 0;
   sel->busy_ns = 0;
 }

@@ -42,6 +42,9 @@ struct ColdSelection {
   int64_t keys_read = 0;                   // keys read (a group search's key counts once)
   int64_t busy_ns = 0;                     // summed busy time of the selection's units
   bool estimate_on_device = false;         // the estimate is in the step's device state already
+  // The layer's decode evictions whose copies were in flight were attended on the device (the
+  // direct step): they stay pending until the layer's next call (TierBackend::SelectClusters).
+  bool evictions_on_device = false;
   // Rows attended on the device from the GPU hot cache (device_hot_cache.h), beside rows[h]:
   std::vector<int64_t> cached;                    // [q_heads] how many (empty: none)
   std::vector<std::vector<int64_t>> cached_rows;  // [q_heads] which (with record_attended only)

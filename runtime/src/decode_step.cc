@@ -109,9 +109,10 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     const int64_t t_cold = NowNs();
     l.counters_->time_d2h_ns += t_cold - t_settle;
     int64_t late_settle_ns = 0;
-    auto settle_evictions = [&]() -> absl::Status {
+    auto settle_evictions = [&](bool wait) -> absl::Status {
       const int64_t t = NowNs();
-      absl::Status st = l.SettleEvictions();  // nothing to do once settled
+      // Nothing to do once settled.
+      absl::Status st = wait ? l.SettleEvictions() : l.SettleReadyEvictions();
       late_settle_ns += NowNs() - t;
       return st;
     };
@@ -122,9 +123,11 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
       l.cold_.BeginSelection(streaming, &sel[j]);
       member_status[j] =
           l.tier_->SelectClusters(step.get(), j, l.cold_, &sel[j], arena, settle_evictions);
-      // Settled in every outcome before the rows are read (a failure may have come first).
-      if (member_status[j].ok() || member_status[j].code() == absl::StatusCode::kFailedPrecondition)
-        if (absl::Status st = settle_evictions(); !st.ok()) member_status[j] = st;
+      // Settled in every outcome before the rows are read (a failure may have come first), unless
+      // the device attended the ones in flight.
+      if ((member_status[j].ok() && !sel[j].evictions_on_device) ||
+          member_status[j].code() == absl::StatusCode::kFailedPrecondition)
+        if (absl::Status st = settle_evictions(true); !st.ok()) member_status[j] = st;
       l.counters_->time_d2h_ns += late_settle_ns;
       if (member_status[j].code() == absl::StatusCode::kFailedPrecondition) {
         // No summary yet (fewer cold rows than a segment): the selection runs on the CPU.

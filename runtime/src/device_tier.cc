@@ -155,6 +155,7 @@ class DeviceStep : public TierStep {
     fetched.assign(n, 0);
     estimated.assign(n, 0);
     hot.assign(n, 0);
+    pending.assign(n, 0);
   }
   ~DeviceStep() override {
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
@@ -176,6 +177,7 @@ class DeviceStep : public TierStep {
   std::vector<uint8_t> fetched;    // [n] member's cold state is in its device slot
   std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
   std::vector<uint8_t> hot;        // [n] member's hot-cache state is in its device slot
+  std::vector<uint8_t> pending;    // [n] its cold slot holds its pending evictions' state
   std::vector<DeviceTier*> tiers;
   // A batch's members select on streams of their own (MemberStream), forked here after the tier.
   transfer::Event forked;
@@ -233,6 +235,9 @@ class DeviceTier final : public TierBackend {
   absl::Status Append(const AppendPlan& plan, const void* k, const void* v, const Exec& exec,
                       ColdTier* cold) override;
   absl::Status SettleEvictions(ColdTier* cold) override;
+  absl::Status SettleReadyEvictions(ColdTier* cold) override;
+  // Rows of one pending batch the direct step attends on the device instead of waiting for them.
+  static constexpr int64_t kPendingAttendRows = 64;
   int64_t pending_rows() const override { return evictions_.pending_rows() + prompt_.rows; }
   int64_t pending_prompt_rows() const override { return prompt_.rows; }
   absl::Status SettlePrompt(ColdTier* cold) override;
@@ -296,7 +301,7 @@ class DeviceTier final : public TierBackend {
   }
   absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold, ColdSelection* sel,
                               tbb::task_arena& arena,
-                              absl::FunctionRef<absl::Status()> settle_evictions) override;
+                              absl::FunctionRef<absl::Status(bool)> settle_evictions) override;
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
                       const std::vector<uint8_t>& ok, float* out) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
@@ -334,6 +339,11 @@ class DeviceTier final : public TierBackend {
   absl::Status AppendFromDevice(const unsigned char* k, const unsigned char* v, int64_t rows,
                                 void* stream, ColdTier* cold, bool head_major = false);
   absl::Status UploadArrays(int64_t n_sink, int64_t n_window, void* stream);
+  // The one pending eviction batch (copy in flight) attended on the device into member i's cold
+  // slot: its rows are read where the append's kernel wrote them (the pinned block), after its
+  // `done` event, which then moves past this read (the block goes back to the pool only after).
+  // q: device f32 [q_heads, d].
+  absl::Status AttendPendingEvictions(DeviceStep* step, int i, const float* q, void* stream);
   // rows head-major on the device ([G, rows, d], K then V) into the cold tier's registered stores.
   absl::Status CopyIntoStores(const unsigned char* k, int64_t rows, void* stream, ColdTier* cold);
   absl::Status StagePrompt(const unsigned char* k, const unsigned char* v, int64_t rows,
@@ -363,6 +373,11 @@ class DeviceTier final : public TierBackend {
   transfer::Event last_use_;  // recorded after each call's device work
   bool used_ = false;
   transfer::EvictionQueue evictions_;
+  // AttendPendingEvictions' row lists (gpu::GatherBatch: offsets [H + 1], then ids [H * rows])
+  // for batches of pending_lists_rows_ rows, uploaded through pending_staging_.
+  transfer::DeviceBuffer pending_lists_;
+  int64_t pending_lists_rows_ = 0;
+  transfer::UploadStaging pending_staging_;
   // A prefill's cold rows (device pointers) in device staging [K | V], [rows, kv_heads, d] each,
   // until SettlePrompt moves them to the cold tier (its background job, or the next call).
   struct PendingPrompt {
@@ -429,6 +444,51 @@ absl::Status DeviceTier::SettleEvictions(ColdTier* cold) {
   // Capacity is reserved, so these appends cannot fail half-way.
   return evictions_.Drain(
       [&](const void* k, const void* v, int64_t rows) { return cold->Append(k, v, rows); });
+}
+
+absl::Status DeviceTier::SettleReadyEvictions(ColdTier* cold) {
+  if (evictions_.empty()) return absl::OkStatus();
+  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + evictions_.pending_rows()));
+  return evictions_.DrainReady(
+      [&](const void* k, const void* v, int64_t rows) { return cold->Append(k, v, rows); });
+}
+
+absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const float* q,
+                                                void* stream) {
+  transfer::EvictionBatch& b = evictions_.front();
+  const int H = cfg_->num_q_heads, G = cfg_->num_kv_heads, group = H / G;
+  const int64_t P = b.rows;
+  const std::size_t list_bytes = static_cast<std::size_t>(H + 1 + H * P) * sizeof(int32_t);
+  if (pending_lists_rows_ != P) {
+    // The block is [P, G, d]: row p * G + g of it (rows of d) is row p's key (value) of kv head g.
+    if (pending_lists_.size() < list_bytes) {
+      KVRT_ASSIGN_OR_RETURN(pending_lists_, transfer::DeviceBuffer::Allocate(list_bytes));
+    }
+    KVRT_ASSIGN_OR_RETURN(void* staged, pending_staging_.Stage(ctx_->pinned(), list_bytes));
+    auto* lists = static_cast<int32_t*>(staged);
+    for (int h = 0; h <= H; ++h) lists[h] = static_cast<int32_t>(h * P);
+    for (int h = 0; h < H; ++h)
+      for (int64_t p = 0; p < P; ++p) lists[H + 1 + h * P + p] = static_cast<int32_t>(p * G + h / group);
+    KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(pending_lists_.data(), staged, list_bytes, stream));
+    KVRT_RETURN_IF_ERROR(pending_staging_.Sent(stream));
+    pending_lists_rows_ = P;
+  }
+  KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, b.done));
+  gpu::GatherBatch rows;
+  rows.k = b.k.data();  // pinned: the device reads it where the append's kernel wrote it
+  rows.v = b.v.data();
+  rows.row_offsets = static_cast<const int32_t*>(pending_lists_.data());
+  rows.row_ids = rows.row_offsets + H + 1;
+  rows.rows_q = H;
+  rows.max_rows = static_cast<int>(P);
+  rows.head_dim = cfg_->head_dim;
+  rows.dtype = cfg_->dtype;
+  KVRT_RETURN_IF_ERROR(gpu::GatherAttend(rows, q, /*q_is_f32=*/true, cfg_->scale, 0,
+                                         step->o(kColdSlot, i), step->lse(kColdSlot, i), nullptr,
+                                         stream));
+  KVRT_RETURN_IF_ERROR(b.done.Record(stream));
+  step->pending[i] = 1;
+  return absl::OkStatus();
 }
 
 // Ring tokens that leave the window: device copy into staging (stream order, before the ring
@@ -1119,7 +1179,7 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
 
 absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& cold,
                                         ColdSelection* sel, tbb::task_arena& arena,
-                                        absl::FunctionRef<absl::Status()> settle_evictions) {
+                                        absl::FunctionRef<absl::Status(bool)> settle_evictions) {
   auto* step = static_cast<DeviceStep*>(base);
   int64_t t0 = NowNs();  // the search's time: the eviction wait below is not part of it
   MemberStream member(ctx_, step);
@@ -1190,10 +1250,24 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   // summary, not the rows) are queued before the host waits for the evictions' copies, which in a
   // pipelined decoder wait for the device's work on the layers before. Everything below sees the
   // settled rows (the direct step's registration and view are checked again for them).
+  // NOTE: a direct step does not wait for this step's eviction: in a pipelined decoder its copy
+  // waits for the device's work on the layers before, and the host, blocked here, stopped
+  // running ahead of the device. Rows whose copy is in flight (one batch, a decode append's) are
+  // attended on the device from the pinned block (AttendPendingEvictions) and enter the cold
+  // tier at the layer's next call. (Measurement mode keeps the wait: it records the positions of
+  // the cold rows attended.)
   const int64_t t_settle = NowNs();
-  KVRT_RETURN_IF_ERROR(settle_evictions());
+  bool defer = direct_q && !cfg_->record_attended;
+  KVRT_RETURN_IF_ERROR(settle_evictions(/*wait=*/!defer));
+  defer = defer && !evictions_.empty() && evictions_.size() == 1 &&
+          evictions_.pending_rows() <= kPendingAttendRows && !evictions_.front().done.empty();
+  if (!defer) KVRT_RETURN_IF_ERROR(settle_evictions(true));
+  bool direct = direct_q && direct_.Prepare(cold, stream);
+  if (!direct && defer) {
+    KVRT_RETURN_IF_ERROR(settle_evictions(true));
+    defer = false;
+  }
   t0 += NowNs() - t_settle;
-  const bool direct = direct_q && direct_.Prepare(cold, stream);
   // The direct step's page table follows the last admission. Its stream wait comes after the
   // selection, which reads neither pool nor table: the last step's page fill (PCIe) overlaps
   // the selection's kernels instead of delaying them.
@@ -1214,6 +1288,11 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
                                         reinterpret_cast<float*>(dev + q_at), step->o(kHotSlot, i),
                                         step->lse(kHotSlot, i), stream, arena, sel));
     step->hot[i] = 1;
+    if (defer) {
+      KVRT_RETURN_IF_ERROR(
+          AttendPendingEvictions(step, i, reinterpret_cast<float*>(dev + q_at), stream));
+      sel->evictions_on_device = true;
+    }
     const int64_t per_head_ns = (NowNs() - t0) / H;
     for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
     counters_->attends_gpu_select += 1;
@@ -1319,7 +1398,7 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   // run of members; a fetched cold state is already in place and is skipped.
   bool any_cold = false, any_estimate = false, any_fetched = false, any_hot = false;
   for (int i = 0; i < n; ++i) {
-    any_cold = any_cold || states[i].cold != nullptr || step->fetched[i];
+    any_cold = any_cold || states[i].cold != nullptr || step->fetched[i] || step->pending[i];
     any_estimate = any_estimate || states[i].estimate != nullptr || step->estimated[i];
     any_fetched = any_fetched || step->fetched[i];
     any_hot = any_hot || step->hot[i];
@@ -1340,7 +1419,7 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
     // A state already on the device (fetched cold rows, a GPU estimate, the hot cache's) is not
     // overwritten.
     auto on_device = [&](int m) {
-      return (slot == kColdSlot       ? step->fetched[m]
+      return (slot == kColdSlot       ? step->fetched[m] || step->pending[m]
               : slot == kEstimateSlot ? step->estimated[m]
                                       : step->hot[m]) != 0;
     };

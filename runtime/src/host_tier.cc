@@ -51,7 +51,7 @@ class HostTier final : public TierBackend {
   bool can_fetch() const override { return false; }
   bool can_select_clusters() const override { return false; }
   absl::Status SelectClusters(TierStep*, int, const ColdTier&, ColdSelection*, tbb::task_arena&,
-                              absl::FunctionRef<absl::Status()>) override {
+                              absl::FunctionRef<absl::Status(bool)>) override {
     return absl::UnimplementedError("summary scoring on the accelerator needs the GPU backend");
   }
   absl::Status AttendFetched(TierStep*, int, const ColdSelection&, const ColdTier&,

@@ -70,6 +70,7 @@ class LayerState {
   // cold indexes, a prompt's job) before its kernels are queued, the decode evictions after.
   absl::Status SettleBeforeSelect();
   absl::Status SettleEvictions();
+  absl::Status SettleReadyEvictions() { return tier_->SettleReadyEvictions(&cold_); }
 
  private:
   AppendPlan PlanAppend(int64_t n) const;

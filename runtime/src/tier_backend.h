@@ -77,6 +77,8 @@ class TierBackend {
                               const Exec& exec, ColdTier* cold) = 0;
   // Rows evicted by earlier calls enter the cold tier (waits for their copies).
   virtual absl::Status SettleEvictions(ColdTier* cold) = 0;
+  // The same without waiting: only the rows whose copies are complete enter the cold tier.
+  virtual absl::Status SettleReadyEvictions(ColdTier* cold) { return SettleEvictions(cold); }
   // Rows evicted (or staged by a prefill) but not yet in the cold tier.
   virtual int64_t pending_rows() const = 0;
   // A prefill's cold rows that the device backend staged in device memory (device pointers) and
@@ -134,13 +136,16 @@ class TierBackend {
   // falls back to ColdTier::Select); ResourceExhausted past gpu_memory_limit. With a hot cache
   // (config.hot_cache_fraction), the selected rows are attended on the device as well and *sel
   // keeps only the rows left to the CPU (sel->cached counts the others).
-  // settle_evictions brings the layer's pending decode evictions into `cold`: it is called once
-  // the selection's kernels are queued (they read only the summary), before anything reads the
-  // cold rows, so that the host's wait for the evictions overlaps the device's work.
+  // settle_evictions(wait) brings the layer's pending decode evictions into `cold`: it is called
+  // once the selection's kernels are queued (they read only the summary), before anything reads
+  // the cold rows, so that the host's wait for the evictions overlaps the device's work. With
+  // wait = false only the rows whose copies are complete enter; the direct step attends the
+  // others on the device, from the pinned block the append's kernel wrote them to, and sets
+  // sel->evictions_on_device (they enter the cold tier at the layer's next call).
   virtual bool can_select_clusters() const = 0;
   virtual absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold,
                                       ColdSelection* sel, tbb::task_arena& arena,
-                                      absl::FunctionRef<absl::Status()> settle_evictions) = 0;
+                                      absl::FunctionRef<absl::Status(bool wait)> settle_evictions) = 0;
   // Phase 4 for every member at once: member i's tier state, its fetched state and states[i]
   // (host memory) merged once, into out [n, q_heads, d] (one launch on the device). Rows of
   // members with ok[i] = 0 (failed in phases 2-3) are left untouched.

@@ -522,11 +522,15 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
   }
 }
 
-// After a prompt the direct step is set up in the prompt's background job, not by the first decode
-// step: the blocks every step reads (the unclustered tail, the outliers) already hold pages,
-// copied in whole, when the prompt's work is done, and the first steps then match the host
-// backend (GpuSelectMatchesCpuSelect covers later steps and other modes).
-TEST(GpuBackendCluster, PromptWarmsTheDirectStepsPages) {
+// The first decode steps after a prompt. The direct step is set up in the prompt's background job,
+// not by the first step: the blocks every step reads (the unclustered tail, the outliers) already
+// hold pages, copied in whole, when the prompt's work is done. And the row the first append evicts
+// is attended once: the direct step does not wait for its copy to the host but attends it on the
+// device from the pinned block, so it must count neither twice nor not at all. That row carries
+// about half of the first step's attention (its key along q, its value 3 in every dim), so either
+// mistake moves the output by a third or more against the host backend, which attends it in the
+// cold tier's unclustered rows. (GpuSelectMatchesCpuSelect covers later steps and other modes.)
+TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "warm"};
   RuntimeConfig host_cfg = MakeConfig(c, 0), gpu_cfg = MakeConfig(c, 1);
@@ -549,12 +553,20 @@ TEST(GpuBackendCluster, PromptWarmsTheDirectStepsPages) {
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
   const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
   // 1200 - 4 sinks - 64 window = 1132 cold rows: 4 segments of 256, a tail of 108 (13 blocks).
-  const int prompt = 1200;
+  // The first decode append evicts position 1136 (4 + 1132), the window's oldest.
+  const int prompt = 1200, evicted = 1136;
+  // Its score at q = e_0 (scale 1/8): the other ~1200 rows score ~0 there, so it weighs ~0.6.
+  const float kEvictedKey = 7.6f;
   const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
   for (int l = 0; l < cfg.num_layers; ++l) {
     auto q = Random(rng, prompt * q_row, c.dtype);
     auto k = Random(rng, prompt * kv_row, c.dtype);
     auto v = Random(rng, prompt * kv_row, c.dtype);
+    std::vector<float> key(kv_row, 0.f), value(kv_row, 3.f);
+    for (int g = 0; g < cfg.num_kv_heads; ++g) key[g * cfg.head_dim] = kEvictedKey * 8.f;
+    const std::size_t at = evicted * kv_row * DTypeSize(c.dtype);
+    ConvertFromF32(key.data(), kv_row, c.dtype, k.data() + at);
+    ConvertFromF32(value.data(), kv_row, c.dtype, v.data() + at);
     ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
     ASSERT_TRUE(
         (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
@@ -572,6 +584,11 @@ TEST(GpuBackendCluster, PromptWarmsTheDirectStepsPages) {
       auto k = Random(rng, kv_row, c.dtype);
       auto v = Random(rng, kv_row, c.dtype);
       auto q = Random(rng, q_row, c.dtype);
+      if (step == 0) {  // q = e_0 in every head
+        std::vector<float> e0(q_row, 0.f);
+        for (int h = 0; h < cfg.num_q_heads; ++h) e0[h * cfg.head_dim] = 1.f;
+        ConvertFromF32(e0.data(), q_row, c.dtype, q.data());
+      }
       ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
       ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
       std::vector<float> want(q_row);

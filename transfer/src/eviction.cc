@@ -23,6 +23,22 @@ absl::Status EvictionQueue::Drain(
   return absl::OkStatus();
 }
 
+absl::Status EvictionQueue::DrainReady(
+    const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink) {
+  while (!batches_.empty()) {
+    EvictionBatch& b = batches_.front();
+    if (!b.done.empty()) {
+      bool done = false;
+      if (absl::Status s = b.done.Query(&done); !s.ok()) return s;
+      if (!done) break;
+    }
+    if (absl::Status s = sink(b.k.data(), b.v.data(), b.rows); !s.ok()) return s;
+    rows_ -= b.rows;
+    batches_.pop_front();
+  }
+  return absl::OkStatus();
+}
+
 void EvictionQueue::Discard() {
   for (auto& b : batches_)
     if (!b.done.empty()) (void)b.done.Synchronize();  // the copy writes into the pinned block

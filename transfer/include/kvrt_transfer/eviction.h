@@ -42,6 +42,14 @@ class EvictionQueue {
   // blocks go back to the pool). Stops at the first error (that batch stays queued).
   absl::Status Drain(
       const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink);
+  // Drain without waiting: delivers the batches whose copies are complete, in order, and stops at
+  // the first one still in flight (it stays queued, with those after it).
+  absl::Status DrainReady(
+      const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink);
+  std::size_t size() const { return batches_.size(); }
+  // The oldest batch (requires !empty()). Its owner may record `done` again after other device
+  // work that reads the block (the block goes back to the pool only after `done`).
+  EvictionBatch& front() { return batches_.front(); }
   // Waits for every outstanding copy and drops the batches without delivering them (teardown).
   void Discard();
 
