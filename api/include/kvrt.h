@@ -489,7 +489,8 @@ typedef struct kvrt_stats {
                                    cluster summaries' device copies (summary_gpu_bytes) */
   /* Decode-path time in ns, summed over attends. The host backend fills the wall, search and
    * CPU-attention times (the device times stay 0 there). Device times come from CUDA events and
-   * are added once the work completed (for device output: at the layer's next attend). */
+   * are added once the work completed (for device output: at the layer's next attend; since 0.3.7
+   * one attend in 8 is timed there and counts 8-fold, an estimate). */
   int64_t time_attend_ns;        /* wall time inside attend calls */
   int64_t time_gpu_attention_ns; /* GPU partial attention over sinks + window (device time) */
   int64_t time_d2h_ns;           /* CPU waiting for q D2H and storing evicted rows */

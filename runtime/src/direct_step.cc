@@ -341,6 +341,19 @@ void DirectStep::ForEachEveryStepBlock(int g, int64_t rows, Fn&& fn) const {
   for (int32_t r : extra_rows_[g]) fn(static_cast<int64_t>(r) / kBlock);
 }
 
+absl::Status DirectStep::Regrow(transfer::DeviceBuffer& buf, std::size_t bytes) {
+  const auto before = static_cast<int64_t>(buf.size());
+  buf.Reset();
+  counters_->gpu_allocated_bytes -= before;
+  counters_->hot_cache_gpu_bytes -= before;
+  counted_bytes_ -= before;
+  KVRT_ASSIGN_OR_RETURN(buf, transfer::DeviceBuffer::Allocate(bytes));
+  counters_->gpu_allocated_bytes += static_cast<int64_t>(bytes);
+  counters_->hot_cache_gpu_bytes += static_cast<int64_t>(bytes);
+  counted_bytes_ += static_cast<int64_t>(bytes);
+  return absl::OkStatus();
+}
+
 absl::Status DirectStep::EnsureStepBuffers(int C, void* stream) {
   const int G = cfg_->num_kv_heads;
   const std::size_t rec_bytes =
@@ -358,6 +371,10 @@ absl::Status DirectStep::EnsureStepBuffers(int C, void* stream) {
     rec_ = transfer::PinnedBlock();
     KVRT_ASSIGN_OR_RETURN(rec_, ctx_->pinned().Acquire(rec_bytes + rec_bytes / 2));
   }
+  const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * sizeof(uint32_t);
+  // NOTE: a step may still read the old mask (a new segment grew C): freeing it waits for the
+  // device, once per growth.
+  if (mask_dev_.size() < mask_bytes) KVRT_RETURN_IF_ERROR(Regrow(mask_dev_, mask_bytes + mask_bytes / 4));
   return absl::OkStatus();
 }
 
@@ -591,13 +608,19 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // 3. This step: mask, attend, and the record of both for the next step.
   const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * 4;
   KVRT_RETURN_IF_ERROR(EnsureStepBuffers(C, stream));  // made by Warm after a prompt
-  KVRT_ASSIGN_OR_RETURN(void* mask_dev, transfer::MallocAsync(mask_bytes, stream));
-  auto* mask = static_cast<uint32_t*>(mask_dev);
+  // The mask and the attend's workspace are this object's, reused step after step (two stream-
+  // ordered allocations and frees fewer per step): the last step's record copy read the mask on
+  // another stream, so the step waits for it (long done: the admission job waited for it too).
   const int64_t rows = cold.rows();
+  const std::size_t ws_bytes = gpu::DirectAttendWorkspaceFloats(View(rows)) * sizeof(float);
+  if (ws_dev_.size() < ws_bytes) KVRT_RETURN_IF_ERROR(Regrow(ws_dev_, ws_bytes + ws_bytes / 2));
+  KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, rec_ready_));
+  auto* mask = static_cast<uint32_t*>(mask_dev_.data());
   absl::Status st = gpu::MarkSelected(selected, count, H, G, C, mask, stream);
   if (st.ok())
     st = gpu::DirectAttend(View(rows), mask, q, cfg_->scale, o, lse,
-                           static_cast<int64_t*>(read_rows_dev_.data()), nullptr, stream);
+                           static_cast<int64_t*>(read_rows_dev_.data()),
+                           static_cast<float*>(ws_dev_.data()), stream);
   // NOTE: the record goes down on a side stream: on the step's stream the merges that end the
   // step queued behind its copy (~10-20 us of the step's device chain, profiled).
   void* side = stream;
@@ -622,10 +645,8 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
     st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecStageRowsAt(G, C),
                                stage_row_.data(), stage_cap_ * sizeof(int64_t), side);
   if (st.ok()) st = rec_ready_.Record(side);
-  const absl::Status freed = transfer::FreeAsync(mask_dev, side);
   if (side != stream) ctx_->ReleaseStream(side);
   KVRT_RETURN_IF_ERROR(st);
-  KVRT_RETURN_IF_ERROR(freed);
   rec_rows_ = rows;
   rec_c_ = C;
   rec_stage_cap_ = stage_cap_;
@@ -663,6 +684,8 @@ void DirectStep::Release() {
   counters_->gpu_allocated_bytes -= counted_bytes_;
   counters_->hot_cache_gpu_bytes -= counted_bytes_;
   counted_bytes_ = 0;
+  mask_dev_.Reset();
+  ws_dev_.Reset();
   pool_k_.Reset();
   pool_v_.Reset();
   ResetStage();

@@ -99,6 +99,8 @@ class DirectStep {
   // At a new index version: the blocks past the old tail give their pages up (their rows may have
   // moved), the stage starts empty; then the view of the version (UploadView).
   absl::Status RefreshView(const ColdTier& cold, int C, void* stream);
+  // buf <- a new buffer of `bytes` (the old one freed), counted in the hot cache's bytes.
+  absl::Status Regrow(transfer::DeviceBuffer& buf, std::size_t bytes);
   // The buffers every step uses (the record, its events, the read counts), for C clusters.
   absl::Status EnsureStepBuffers(int C, void* stream);
   // fn(block) for each block of kv head g that every step reads: the unclustered tail up to
@@ -179,6 +181,8 @@ class DirectStep {
   uint32_t mark_round_ = 0;
   absl::flat_hash_set<int64_t> eager_;
   transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
+  transfer::DeviceBuffer mask_dev_;       // the step's mask [G, C]
+  transfer::DeviceBuffer ws_dev_;         // DirectAttend's workspace
   int64_t host_rows_seen_ = 0;            // read_rows_dev_[1] when the statistics last took it
 };
 

@@ -281,6 +281,7 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             token_s = []  # each token's forward, synchronised by reading its argmax
             before = cache.stats() if is_kvrt(kind) else None
             before_s = cache.time_decode_s if is_kvrt(kind) else 0.0
+            ru0 = _rusage()
             for s in range(new_tokens):
                 prof = (_profiler(on_cuda, bool(args.profile_dir))
                         if args.profile and s in (0, 4) else None)
@@ -306,6 +307,13 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
                         (cache.time_decode_s - before_s) * 1e9)
             sync()
             decode_s = time.perf_counter() - t1
+            # What the process did meanwhile (a slow round is either the host's or the device's):
+            # CPU seconds, page faults, context switches; and its transparent huge pages (the
+            # device reads kvrt's host stores over PCIe).
+            ru1 = _rusage()
+            res["decode_rusage"] = {k: round(ru1[k] - ru0[k], 4) for k in ru0}
+            res["anon_huge_mib"] = _anon_huge_mib()
+            res["decode_ms_tokens"] = [round(t * 1e3, 3) for t in token_s]
         res.update(ttft_s=ttft, decode_s=decode_s)
         if token_s:
             # The first decode token apart: a cache may pay one-time work there (kvrt registers
@@ -336,6 +344,24 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
         if is_kvrt(kind) and cache is not None:
             cache.close()
         del cache
+
+
+def _rusage():
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_s": r.ru_utime + r.ru_stime, "minflt": r.ru_minflt, "majflt": r.ru_majflt,
+            "nvcsw": r.ru_nvcsw, "nivcsw": r.ru_nivcsw}
+
+
+def _anon_huge_mib():
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
 
 
 def _profiler(on_cuda, stacks=False):
