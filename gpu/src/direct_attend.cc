@@ -170,9 +170,8 @@ absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, v
 absl::Status PreloadDirectStepKernels(DType dtype, int head_dim, int q_heads, int kv_heads) {
   constexpr const char* kFn = "PreloadDirectStepKernels";
   if (kv_heads <= 0 || q_heads <= 0 || q_heads % kv_heads != 0)
-    return absl::InvalidArgumentError(absl::StrCat(kFn, ": q_heads ", q_heads,
-                                                   " is not a positive multiple of kv_heads ",
-                                                   kv_heads));
+    return absl::InvalidArgumentError(absl::StrCat(
+        kFn, ": q_heads ", q_heads, " is not a positive multiple of kv_heads ", kv_heads));
 #if KVRT_WITH_CUDA
   detail::Err e = detail::PreloadClusterStep(head_dim, q_heads, kv_heads);
   if (e.ok()) e = detail::PreloadDirectStep(dtype, head_dim, q_heads, kv_heads);

@@ -597,7 +597,6 @@ Err RunDirectAttend(const DirectArgs& a, dim3 grid, cudaStream_t st) {
   return LastLaunchErr();
 }
 
-
 }  // namespace
 
 Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_heads, int kv_heads,

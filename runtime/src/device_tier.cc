@@ -259,8 +259,7 @@ class DeviceTier final : public TierBackend {
     // The direct step's setup and its pages for the blocks every step reads, also off the decode
     // path (a failure turns the direct step off for the layer: it takes the CPU-ordered path).
     const bool direct = direct_.Prepare(cold, lease.get());
-    if (direct && uploaded)
-      (void)direct_.Warm(cold, summary_view_.num_clusters, lease.get());
+    if (direct && uploaded) (void)direct_.Warm(cold, summary_view_.num_clusters, lease.get());
     // The stream's uploads (summary, page table, pages) must be complete before a step on
     // another stream reads them.
     if (direct || uploaded) (void)transfer::StreamSynchronize(lease.get());
@@ -475,7 +474,8 @@ absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const f
     auto* lists = static_cast<int32_t*>(staged);
     for (int h = 0; h <= H; ++h) lists[h] = static_cast<int32_t>(h * P);
     for (int h = 0; h < H; ++h)
-      for (int64_t p = 0; p < P; ++p) lists[H + 1 + h * P + p] = static_cast<int32_t>(p * G + h / group);
+      for (int64_t p = 0; p < P; ++p)
+        lists[H + 1 + h * P + p] = static_cast<int32_t>(p * G + h / group);
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(pending_lists_.data(), staged, list_bytes, stream));
     KVRT_RETURN_IF_ERROR(pending_staging_.Sent(stream));
     pending_lists_rows_ = P;

@@ -374,7 +374,8 @@ absl::Status DirectStep::EnsureStepBuffers(int C, void* stream) {
   const std::size_t mask_bytes = static_cast<std::size_t>(G) * C * sizeof(uint32_t);
   // NOTE: a step may still read the old mask (a new segment grew C): freeing it waits for the
   // device, once per growth.
-  if (mask_dev_.size() < mask_bytes) KVRT_RETURN_IF_ERROR(Regrow(mask_dev_, mask_bytes + mask_bytes / 4));
+  if (mask_dev_.size() < mask_bytes)
+    KVRT_RETURN_IF_ERROR(Regrow(mask_dev_, mask_bytes + mask_bytes / 4));
   return absl::OkStatus();
 }
 
@@ -562,8 +563,8 @@ absl::Status DirectStep::ApplyUpdates(int64_t rows, void* stream) {
   absl::Status st = transfer::MemcpyAsync(dev, host, bytes, stream);
   if (st.ok()) st = updates_.Sent(stream);
   if (st.ok())
-    st = gpu::FillPages(View(rows), static_cast<const int32_t*>(dev),
-                        static_cast<int>(ups.size()), stream);
+    st = gpu::FillPages(View(rows), static_cast<const int32_t*>(dev), static_cast<int>(ups.size()),
+                        stream);
   // NOTE: staged pages: only the eager blocks (the tail, the extra rows) cross PCIe here, counted
   // in hot_h2d_bytes by Admit; the others are only assigned.
   const absl::Status freed = transfer::FreeAsync(dev, stream);

@@ -143,9 +143,9 @@ class TierBackend {
   // others on the device, from the pinned block the append's kernel wrote them to, and sets
   // sel->evictions_on_device (they enter the cold tier at the layer's next call).
   virtual bool can_select_clusters() const = 0;
-  virtual absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold,
-                                      ColdSelection* sel, tbb::task_arena& arena,
-                                      absl::FunctionRef<absl::Status(bool wait)> settle_evictions) = 0;
+  virtual absl::Status SelectClusters(
+      TierStep* step, int i, const ColdTier& cold, ColdSelection* sel, tbb::task_arena& arena,
+      absl::FunctionRef<absl::Status(bool wait)> settle_evictions) = 0;
   // Phase 4 for every member at once: member i's tier state, its fetched state and states[i]
   // (host memory) merged once, into out [n, q_heads, d] (one launch on the device). Rows of
   // members with ok[i] = 0 (failed in phases 2-3) are left untouched.

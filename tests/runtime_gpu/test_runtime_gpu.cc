@@ -59,6 +59,31 @@ RuntimeConfig MakeConfig(const Case& c, int use_gpu) {
   return cfg;
 }
 
+// The cluster kind on both backends with the same clusters (the CPU build), for comparisons of the
+// GPU's selection paths with the host backend's.
+RuntimeConfig ClusterCompareConfig(const Case& c, int use_gpu, float hot, bool direct, bool group) {
+  RuntimeConfig cfg = MakeConfig(c, use_gpu);
+  cfg.record_attended = false;
+  cfg.index.cluster.segment_tokens = 256;
+  cfg.index.cluster.min_budget_tokens = 32;
+  cfg.index.cluster.gpu_build = false;  // the same clusters on both backends
+  cfg.hot_cache_fraction = hot;
+  cfg.direct_step = direct;
+  cfg.index.cluster.group_select = group;
+  return cfg;
+}
+
+// Relative L2 error of q head h's output row (d values) against want's.
+double HeadRelErr(const std::vector<float>& got, const std::vector<float>& want, int h, int d) {
+  double diff = 0, norm = 0;
+  for (int e = 0; e < d; ++e) {
+    const double a = got[h * d + e], b = want[h * d + e];
+    diff += (a - b) * (a - b);
+    norm += b * b;
+  }
+  return std::sqrt(diff / std::max(norm, 1e-30));
+}
+
 std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t) {
   std::normal_distribution<float> dist(0.f, 1.f);
   std::vector<float> x(n);
@@ -415,18 +440,8 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
       const std::string name = absl::StrCat(device ? "device" : "host", " hot ", hot,
                                             direct ? " direct" : "", group ? " group" : "");
       Case c{cpu_index::IndexKind::kCluster, device, DType::kF32, name.c_str()};
-      RuntimeConfig host_cfg = MakeConfig(c, 0), gpu_cfg = MakeConfig(c, 1);
-      for (RuntimeConfig* cfg : {&host_cfg, &gpu_cfg}) {
-        cfg->record_attended = false;
-        cfg->index.cluster.segment_tokens = 256;
-        cfg->index.cluster.min_budget_tokens = 32;
-        cfg->index.cluster.gpu_build = false;  // the same clusters on both backends
-        cfg->hot_cache_fraction = hot;
-        cfg->direct_step = direct;
-        cfg->index.cluster.group_select = group;
-      }
-      auto host_rt = Runtime::Create(host_cfg);
-      auto gpu_rt = Runtime::Create(gpu_cfg);
+      auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, hot, direct, group));
+      auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, hot, direct, group));
       ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
       const RuntimeConfig& cfg = (*host_rt)->config();
       auto stream = transfer::Stream::Create();
@@ -460,13 +475,7 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
           ASSERT_TRUE(st.ok()) << st;
           const auto got = dev.Get(out, q_row);
           for (int h = 0; h < cfg.num_q_heads; ++h) {
-            double diff = 0, norm = 0;
-            for (int e = 0; e < cfg.head_dim; ++e) {
-              const double a = got[h * cfg.head_dim + e], b = want[h * cfg.head_dim + e];
-              diff += (a - b) * (a - b);
-              norm += b * b;
-            }
-            const double rel = std::sqrt(diff / std::max(norm, 1e-30));
+            const double rel = HeadRelErr(got, want, h, cfg.head_dim);
             EXPECT_LT(rel, 5e-2) << c.name << " step " << step << " layer " << l << " head " << h;
             close += rel < 1e-2;
             ++total;
@@ -533,17 +542,8 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
 TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "warm"};
-  RuntimeConfig host_cfg = MakeConfig(c, 0), gpu_cfg = MakeConfig(c, 1);
-  for (RuntimeConfig* cfg : {&host_cfg, &gpu_cfg}) {
-    cfg->record_attended = false;
-    cfg->index.cluster.segment_tokens = 256;
-    cfg->index.cluster.min_budget_tokens = 32;
-    cfg->index.cluster.gpu_build = false;  // the same clusters on both backends
-    cfg->hot_cache_fraction = 0.5f;
-    cfg->direct_step = true;
-  }
-  auto host_rt = Runtime::Create(host_cfg);
-  auto gpu_rt = Runtime::Create(gpu_cfg);
+  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.5f, true, false));
+  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.5f, true, false));
   ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
   const RuntimeConfig& cfg = (*gpu_rt)->config();
   auto stream = transfer::Stream::Create();
@@ -596,16 +596,9 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
       float* out = dev.Out(q_row);
       ASSERT_TRUE((*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec()).ok());
       const auto got = dev.Get(out, q_row);
-      for (int h = 0; h < cfg.num_q_heads; ++h) {
-        double diff = 0, norm = 0;
-        for (int e = 0; e < cfg.head_dim; ++e) {
-          const double a = got[h * cfg.head_dim + e], b = want[h * cfg.head_dim + e];
-          diff += (a - b) * (a - b);
-          norm += b * b;
-        }
-        EXPECT_LT(std::sqrt(diff / std::max(norm, 1e-30)), 5e-2)
+      for (int h = 0; h < cfg.num_q_heads; ++h)
+        EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
             << "step " << step << " layer " << l << " head " << h;
-      }
     }
     dev.Clear();
   }

@@ -168,7 +168,8 @@ TEST(EvictionQueue, DrainReadyDeliversCompleteBatchesOnly) {
   auto stream = Stream::Create();
   auto buf = DeviceBuffer::Allocate(std::size_t{1} << 30);
   ASSERT_TRUE(stream.ok() && buf.ok());
-  for (int i = 0; i < 8; ++i) ASSERT_TRUE(MemsetAsync(buf->data(), i, buf->size(), stream->get()).ok());
+  for (int i = 0; i < 8; ++i)
+    ASSERT_TRUE(MemsetAsync(buf->data(), i, buf->size(), stream->get()).ok());
   auto ev = Event::Create(false);
   ASSERT_TRUE(ev.ok() && ev->Record(stream->get()).ok());
   seen.clear();

@@ -42,7 +42,9 @@ inline constexpr int kStagedBitsShift = 24;
 #else
 #define KVRT_STAGED_FN constexpr
 #endif
-KVRT_STAGED_FN int32_t StagedPage(int32_t entry) { return entry == -1 ? -1 : entry & kStagedPageMask; }
+KVRT_STAGED_FN int32_t StagedPage(int32_t entry) {
+  return entry == -1 ? -1 : entry & kStagedPageMask;
+}
 KVRT_STAGED_FN uint32_t StagedRowBit(int64_t row) {
   return 1u << (kStagedBitsShift + static_cast<int>(row % kDirectBlockRows));
 }
