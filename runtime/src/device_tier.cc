@@ -1261,12 +1261,10 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   // summary, not the rows) are queued before the host waits for the evictions' copies, which in a
   // pipelined decoder wait for the device's work on the layers before. Everything below sees the
   // settled rows (the direct step's registration and view are checked again for them).
-  // NOTE: a direct step does not wait for this step's eviction: in a pipelined decoder its copy
-  // waits for the device's work on the layers before, and the host, blocked here, stopped
-  // running ahead of the device. Rows whose copy is in flight (one batch, a decode append's) are
-  // attended on the device from the pinned block (AttendPendingEvictions) and enter the cold
-  // tier at the layer's next call. (Measurement mode keeps the wait: it records the positions of
-  // the cold rows attended.)
+  // NOTE: a direct step does not wait at all (the host, blocked here, could not run ahead of the
+  // device): rows whose copy is in flight (one batch, a decode append's) are attended on the
+  // device from the pinned block (AttendPendingEvictions) and enter the cold tier at the layer's
+  // next call. Measurement mode keeps the wait: it records the positions of the rows attended.
   const int64_t t_settle = NowNs();
   bool defer = direct_q && !cfg_->record_attended;
   KVRT_RETURN_IF_ERROR(settle_evictions(/*wait=*/!defer));
