@@ -8,12 +8,14 @@
 // runtime's TBB arena (a task_group), off the decode critical path, and reports its status at
 // the next Wait.
 //
-// NOTE (documented in docs/benchmarks.md, "Decode"): a layer's pending
-// batches are drained (event wait + store append, a memcpy of a few KiB) at the start of that
-// layer's next attend, while the GPU already runs the window attention; the index insert of the
-// new rows then runs in the background and overlaps other layers' work. Rows in the store that
-// the index does not cover yet are scanned exactly by the attend, so every token is attended
-// exactly once: in the ring, in the store (indexed or scanned), never in both.
+// NOTE (documented in docs/benchmarks.md, "Decode"): a layer's pending batches are drained
+// (event wait + store append, a memcpy of a few KiB) at the start of that layer's next attend,
+// while the GPU already runs the window attention; the index insert of the new rows then runs in
+// the background and overlaps other layers' work. Rows in the store that the index does not cover
+// yet are scanned exactly by the attend, so every token is attended exactly once: in the ring, in
+// the store (indexed or scanned), never in both. (The cluster kind's direct step drains only the
+// complete batches, DrainReady, and attends the one in flight on the device, so that the host
+// does not wait for the device's queued work; the layer's next call drains it.)
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
