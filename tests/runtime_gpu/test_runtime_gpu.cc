@@ -317,6 +317,72 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
   }
 }
 
+// AttendBatch with the cluster kind's direct step: each member selects on a stream of its own and
+// attends the row its append evicted on the device (AttendPendingEvictions into its own cold
+// slot). That row carries ~0.6 of each member's first step (as in FirstStepsAfterAPrompt), so a
+// member's pending row lost, counted twice or taken from another member moves its output far from
+// the host backend's one attend per sequence.
+TEST(GpuBackendCluster, AttendBatchDirectMatchesHostBackend) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  const Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "batch direct"};
+  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.5f, true, false));
+  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.5f, true, false));
+  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  const RuntimeConfig& cfg = (*gpu_rt)->config();
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(9);
+  const int n = 3;
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  std::vector<int64_t> hs, gs;
+  for (int s = 0; s < n; ++s) {
+    const int prompt = 1200 + 7 * s;  // the first append evicts position prompt - window
+    hs.push_back(*(*host_rt)->CreateSequence());
+    gs.push_back(*(*gpu_rt)->CreateSequence());
+    auto k = Random(rng, prompt * kv_row, c.dtype);
+    auto v = Random(rng, prompt * kv_row, c.dtype);
+    std::vector<float> key(kv_row, 0.f), value(kv_row, 3.f + s);
+    for (int g = 0; g < cfg.num_kv_heads; ++g) key[g * cfg.head_dim] = 7.6f * 8.f;
+    const std::size_t at = (prompt - cfg.window_tokens) * kv_row * DTypeSize(c.dtype);
+    ConvertFromF32(key.data(), kv_row, c.dtype, k.data() + at);
+    ConvertFromF32(value.data(), kv_row, c.dtype, v.data() + at);
+    ASSERT_TRUE((*host_rt)->Prefill(hs[s], 0, nullptr, k.data(), v.data(), prompt).ok());
+    ASSERT_TRUE(
+        (*gpu_rt)->Prefill(gs[s], 0, nullptr, dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
+  }
+  for (int step = 0; step < 3; ++step) {
+    auto q = Random(rng, n * q_row, c.dtype);
+    if (step == 0) {  // q = e_0 in every head of every member
+      std::vector<float> e0(n * q_row, 0.f);
+      for (int h = 0; h < n * cfg.num_q_heads; ++h) e0[h * cfg.head_dim] = 1.f;
+      ConvertFromF32(e0.data(), n * q_row, c.dtype, q.data());
+    }
+    std::vector<float> want(n * q_row);
+    for (int s = 0; s < n; ++s) {
+      auto k = Random(rng, kv_row, c.dtype);
+      auto v = Random(rng, kv_row, c.dtype);
+      ASSERT_TRUE((*host_rt)->Append(hs[s], 0, k.data(), v.data(), 1).ok());
+      ASSERT_TRUE((*gpu_rt)->Append(gs[s], 0, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
+      ASSERT_TRUE(
+          (*host_rt)
+              ->Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(c.dtype), want.data() + s * q_row)
+              .ok());
+    }
+    float* out = dev.Out(n * q_row);
+    auto st = (*gpu_rt)->AttendBatch(gs.data(), n, 0, dev.Put(q), out, dev.exec());
+    ASSERT_TRUE(st.ok()) << st;
+    const auto got = dev.Get(out, n * q_row);
+    for (int h = 0; h < n * cfg.num_q_heads; ++h)
+      EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
+          << "step " << step << " member " << h / cfg.num_q_heads << " head "
+          << h % cfg.num_q_heads;
+    dev.Clear();
+  }
+  EXPECT_EQ((*gpu_rt)->Stats().attends_direct, 3 * n);
+}
+
 // With check_finite off, a NaN in q or in any tier's k/v makes the affected heads' output
 // NaN on the GPU backend too (tier kernel, split merge, state merge, fetch mode), never zeros.
 struct NanGpuCase {
