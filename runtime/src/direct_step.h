@@ -101,7 +101,8 @@ class DirectStep {
   absl::Status RefreshView(const ColdTier& cold, int C, void* stream);
   // buf <- a new buffer of `bytes` (the old one freed), counted in the hot cache's bytes.
   absl::Status Regrow(transfer::DeviceBuffer& buf, std::size_t bytes);
-  // The buffers every step uses (the record, its events, the read counts), for C clusters.
+  // The buffers every step uses (the record, its events, the read counts, the mask), for C
+  // clusters.
   absl::Status EnsureStepBuffers(int C, void* stream);
   // fn(block) for each block of kv head g that every step reads: the unclustered tail up to
   // `rows` and the extra rows' blocks (a block may come twice).
