@@ -270,6 +270,30 @@ TEST(GpuBackendConcurrency, SequencesFromSeveralThreads) {
   for (auto& th : pool) th.join();
 }
 
+// One decode token of a batch on layer 0: each member s gets a random k, v on both runtimes and
+// the host backend's attend of its q (row s of q) into want; then the GPU runtime's AttendBatch of
+// all of them into *out (device).
+void BatchStep(Runtime& host, Runtime& gpu, const std::vector<int64_t>& hs,
+               const std::vector<int64_t>& gs, const std::vector<unsigned char>& q, DType t,
+               std::mt19937& rng, Tensors& dev, std::vector<float>* want, float** out) {
+  const RuntimeConfig& cfg = gpu.config();
+  const int n = static_cast<int>(gs.size());
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  want->assign(n * q_row, 0.f);
+  for (int s = 0; s < n; ++s) {
+    auto k = Random(rng, kv_row, t);
+    auto v = Random(rng, kv_row, t);
+    ASSERT_TRUE(host.Append(hs[s], 0, k.data(), v.data(), 1).ok());
+    ASSERT_TRUE(gpu.Append(gs[s], 0, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
+    ASSERT_TRUE(
+        host.Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(t), want->data() + s * q_row).ok());
+  }
+  *out = dev.Out(n * q_row);
+  auto st = gpu.AttendBatch(gs.data(), n, 0, dev.Put(q), *out, dev.exec());
+  ASSERT_TRUE(st.ok()) << st;
+}
+
 // AttendBatch on the GPU backend (device pointers, one stream): the same outputs as the host
 // backend's one attend per sequence.
 TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
@@ -298,20 +322,10 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
   }
   for (int step = 0; step < 3; ++step) {
     auto q = Random(rng, n * q_row, c.dtype);
-    std::vector<float> want(n * q_row);
-    for (int s = 0; s < n; ++s) {
-      auto k = Random(rng, kv_row, c.dtype);
-      auto v = Random(rng, kv_row, c.dtype);
-      ASSERT_TRUE((*host_rt)->Append(hs[s], 0, k.data(), v.data(), 1).ok());
-      ASSERT_TRUE((*gpu_rt)->Append(gs[s], 0, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-      ASSERT_TRUE(
-          (*host_rt)
-              ->Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(c.dtype), want.data() + s * q_row)
-              .ok());
-    }
-    float* out = dev.Out(n * q_row);
-    auto st = (*gpu_rt)->AttendBatch(gs.data(), n, 0, dev.Put(q), out, dev.exec());
-    ASSERT_TRUE(st.ok()) << st;
+    std::vector<float> want;
+    float* out = nullptr;
+    ASSERT_NO_FATAL_FAILURE(
+        BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want, &out));
     ExpectClose(dev.Get(out, n * q_row), want, "batch step " + std::to_string(step));
     dev.Clear();
   }
@@ -359,20 +373,10 @@ TEST(GpuBackendCluster, AttendBatchDirectMatchesHostBackend) {
       for (int h = 0; h < n * cfg.num_q_heads; ++h) e0[h * cfg.head_dim] = 1.f;
       ConvertFromF32(e0.data(), n * q_row, c.dtype, q.data());
     }
-    std::vector<float> want(n * q_row);
-    for (int s = 0; s < n; ++s) {
-      auto k = Random(rng, kv_row, c.dtype);
-      auto v = Random(rng, kv_row, c.dtype);
-      ASSERT_TRUE((*host_rt)->Append(hs[s], 0, k.data(), v.data(), 1).ok());
-      ASSERT_TRUE((*gpu_rt)->Append(gs[s], 0, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-      ASSERT_TRUE(
-          (*host_rt)
-              ->Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(c.dtype), want.data() + s * q_row)
-              .ok());
-    }
-    float* out = dev.Out(n * q_row);
-    auto st = (*gpu_rt)->AttendBatch(gs.data(), n, 0, dev.Put(q), out, dev.exec());
-    ASSERT_TRUE(st.ok()) << st;
+    std::vector<float> want;
+    float* out = nullptr;
+    ASSERT_NO_FATAL_FAILURE(
+        BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want, &out));
     const auto got = dev.Get(out, n * q_row);
     for (int h = 0; h < n * cfg.num_q_heads; ++h)
       EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
