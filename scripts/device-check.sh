@@ -179,7 +179,7 @@ if [[ "${1:-}" == "--device" ]]; then
       if [[ -n $built ]]; then
         PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
           PYTHONUNBUFFERED=1 timeout 150 \
-          python3 tools/gpu_bench/binding_overhead.py --trace $trace --cold 131072 --steps 30 \
+          python3 tools/gpu_bench/binding_overhead.py --trace $trace --cold 131072 --steps 36 \
           --warmup 3 --json "$out/binding.json" ${BINDING_ARGS:-} || rc=1
       fi
       rm -f $trace

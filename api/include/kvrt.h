@@ -72,7 +72,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 7
+#define KVRT_VERSION_PATCH 8
 
 #ifdef __cplusplus
 extern "C" {

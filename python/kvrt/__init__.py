@@ -27,7 +27,7 @@ from ._errors import (CudaError, FailedPreconditionError, InternalError, Invalid
 from ._runtime import Runtime, Sequence
 from ._stats import Stats
 
-__version__ = "0.3.7"
+__version__ = "0.3.8"
 
 
 def library_version() -> str:

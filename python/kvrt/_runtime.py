@@ -144,17 +144,37 @@ class Runtime:
         (row i belongs to seqs[i]); returns out, f32 [len(seqs), q_heads, head_dim] (allocated
         like q when not given). If one sequence fails, the error names it and the other rows are
         written (kvrt.h)."""
-        ids = []
-        for s in seqs:
-            if s._rt is not self:
-                raise ValueError("attend_batch: every sequence must belong to this runtime")
-            ids.append(s.id)
+        ids = self._ids(seqs, "attend_batch")
         if out is None:
             out = _empty_f32(q, (len(ids),) + self._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._gpu else 0
         self._impl.attend_batch(ids, layer, _arg(q), _arg(out), stream)
         return out
+
+    def append_attend_batch(self, seqs: Seq["Sequence"], layer: int, q: Tensor, k: Tensor,
+                            v: Tensor, out: Optional[Tensor] = None, *,
+                            stream: Optional[int] = None) -> Tensor:
+        """A batched decoder layer-step in one call: row i of k, v [len(seqs), kv_heads, head_dim]
+        is appended to seqs[i] (kvrt_append), then attend_batch of q [len(seqs), q_heads,
+        head_dim]. Same result as those calls, one crossing into the library. An append that
+        fails raises, naming its sequence, before anything is attended (the appends before it
+        stand); errors of the attend are attend_batch's."""
+        ids = self._ids(seqs, "append_attend_batch")
+        if out is None:
+            out = _empty_f32(q, (len(ids),) + self._out_shape)
+        if stream is None:
+            stream = _current_stream(q) if self._gpu else 0
+        self._impl.append_attend_batch(ids, layer, _arg(q), _arg(k), _arg(v), _arg(out), stream)
+        return out
+
+    def _ids(self, seqs: Seq["Sequence"], call: str) -> list[int]:
+        ids = []
+        for s in seqs:
+            if s._rt is not self:
+                raise ValueError(f"{call}: every sequence must belong to this runtime")
+            ids.append(s.id)
+        return ids
 
     def set_head_policy(self, layer: int, q_head: int, policy: str | int) -> None:
         """"streaming" serves (layer, q_head) from sinks + window only; "retrieval" (the
@@ -217,6 +237,19 @@ class Sequence:
         if stream is None:
             stream = _current_stream(q) if self._rt._gpu else 0
         self._impl.attend(self.id, layer, _arg(q), _arg(out), stream)
+        return out
+
+    def append_attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+                      out: Optional[Tensor] = None, *, stream: Optional[int] = None) -> Tensor:
+        """A decoder's layer-step in one call: append(layer, k, v) then attend(layer, q, out).
+        Same result as the two calls, with one crossing into the library (the binding's cost of
+        a layer-step, issue 15). An append that fails raises before the attend; an attend that
+        fails leaves the appended rows in place, as the two calls would."""
+        if out is None:
+            out = _empty_f32(q, self._rt._out_shape)
+        if stream is None:
+            stream = _current_stream(q) if self._rt._gpu else 0
+        self._impl.append_attend(self.id, layer, _arg(q), _arg(k), _arg(v), _arg(out), stream)
         return out
 
     def wait(self) -> None:

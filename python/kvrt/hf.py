@@ -411,14 +411,16 @@ class KvrtCache(DynamicCache):
         q, k, v = self._rows(query), self._rows(key), self._rows(value)
         out = torch.empty((B, n, Hq, d), dtype=torch.float32, device=q.device)
         t0 = time.perf_counter()
+        # One call per layer-step (append + attend): the binding's cost is paid once.
         for i in range(n):
-            for b, s in enumerate(self.sequences):
-                s.append(kl, k[b, i:i + 1], v[b, i:i + 1])
             if B == 1:
-                self.sequences[0].attend(kl, q[0, i], out=out[0, i])
+                self.sequences[0].append_attend(kl, q[0, i], k[0, i:i + 1], v[0, i:i + 1],
+                                                out=out[0, i])
             else:
                 rows = out[:, i].contiguous()
-                self.runtime.attend_batch(self.sequences, kl, q[:, i].contiguous(), out=rows)
+                self.runtime.append_attend_batch(self.sequences, kl, q[:, i].contiguous(),
+                                                 k[:, i].contiguous(), v[:, i].contiguous(),
+                                                 out=rows)
                 out[:, i] = rows
         self.time_decode_s += time.perf_counter() - t0
         if kl == 0:

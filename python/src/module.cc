@@ -67,6 +67,11 @@ NB_MODULE(_kvrt, m) {
            nb::arg("out"), nb::arg("stream") = 0)
       .def("attend_batch", &PyRuntime::AttendBatch, nb::arg("seqs"), nb::arg("layer"),
            nb::arg("q"), nb::arg("out"), nb::arg("stream") = 0)
+      .def("append_attend", &PyRuntime::AppendAttend, nb::arg("seq"), nb::arg("layer"),
+           nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("stream") = 0)
+      .def("append_attend_batch", &PyRuntime::AppendAttendBatch, nb::arg("seqs"),
+           nb::arg("layer"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
+           nb::arg("stream") = 0)
       .def("set_head_policy", &PyRuntime::SetHeadPolicy, nb::arg("layer"), nb::arg("q_head"),
            nb::arg("policy"))
       .def("set_search_effort", &PyRuntime::SetSearchEffort, nb::arg("effort"))

@@ -161,6 +161,63 @@ void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer,
         call, err);
 }
 
+void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const InArray& k,
+                             const InArray& v, const OutArray& out, uintptr_t stream) {
+  const char* call = "Sequence.append_attend";
+  kvrt_runtime* rt = Live(call);
+  const kvrt_dtype dt = cfg_.dtype;
+  TensorArg tq = CheckTensor(call, "q", q, dt, {cfg_.num_q_heads, cfg_.head_dim});
+  TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
+  TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
+  TensorArg to =
+      CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32, {cfg_.num_q_heads, cfg_.head_dim});
+  CheckSameDevice(call, {&tq, &tk, &tv, &to});
+  kvrt_exec ex = Exec(tq, stream);
+  std::string err;
+  Check(Call(&err,
+             [&] {
+               kvrt_status s = kvrt_append_ex(rt, seq, layer, tk.data, tv.data, tk.rows, &ex);
+               if (s != KVRT_OK) return s;
+               return kvrt_attend_ex(rt, seq, layer, tq.data, static_cast<float*>(to.data), &ex);
+             }),
+        call, err);
+}
+
+void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+                                  const InArray& k, const InArray& v, const OutArray& out,
+                                  uintptr_t stream) {
+  const char* call = "Runtime.append_attend_batch";
+  kvrt_runtime* rt = Live(call);
+  const int64_t n = int64_t(seqs.size());
+  const kvrt_dtype dt = cfg_.dtype;
+  TensorArg tq = CheckTensor(call, "q", q, dt, {n, cfg_.num_q_heads, cfg_.head_dim});
+  TensorArg tk = CheckTensor(call, "k", k, dt, {n, cfg_.num_kv_heads, cfg_.head_dim});
+  TensorArg tv = CheckTensor(call, "v", v, dt, {n, cfg_.num_kv_heads, cfg_.head_dim});
+  TensorArg to =
+      CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32, {n, cfg_.num_q_heads, cfg_.head_dim});
+  CheckSameDevice(call, {&tq, &tk, &tv, &to});
+  kvrt_exec ex = Exec(tq, stream);
+  const std::size_t row_bytes =
+      std::size_t(cfg_.num_kv_heads) * cfg_.head_dim * (dt == KVRT_DTYPE_F32 ? 4 : 2);
+  std::string err;
+  int64_t failed = -1;  // the sequence whose append failed
+  const kvrt_status status = Call(&err, [&] {
+    for (int64_t i = 0; i < n; ++i) {
+      kvrt_status s = kvrt_append_ex(rt, seqs[size_t(i)], layer,
+                                     static_cast<const char*>(tk.data) + i * row_bytes,
+                                     static_cast<const char*>(tv.data) + i * row_bytes, 1, &ex);
+      if (s != KVRT_OK) {
+        failed = seqs[size_t(i)];
+        return s;
+      }
+    }
+    return kvrt_attend_batch_ex(rt, seqs.data(), int32_t(n), layer, tq.data,
+                                static_cast<float*>(to.data), &ex);
+  });
+  // NOTE: a separate statement: the message must be read after the call has run.
+  Check(status, call, failed < 0 ? err : "sequence " + std::to_string(failed) + ": " + err);
+}
+
 void PyRuntime::SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy) {
   kvrt_runtime* rt = Live("Runtime.set_head_policy");
   std::string err;

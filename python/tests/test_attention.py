@@ -100,6 +100,43 @@ def test_attend_batch_equals_one_attend_per_sequence(rng):
         np.testing.assert_allclose(s.attend(0, q[i]), batched[i], rtol=1e-5, atol=1e-6)
 
 
+def test_append_attend_equals_append_then_attend(rng):
+    # Two runtimes fed the same rows: one through the two calls, one through the one call; the
+    # flat kind with a small top_k, so that rows entering the cold tier matter to the result.
+    two, one = make(index_kind="flat", top_k=20), make(index_kind="flat", top_k=20)
+    a, b = two.sequence(), one.sequence()
+    k, v = kv(rng, 300), kv(rng, 300)
+    a.prefill(0, None, k, v)
+    b.prefill(0, None, k, v)
+    for _ in range(80):  # past the window of 64: rows leave it for the cold tier
+        k1, v1 = kv(rng, 1), kv(rng, 1)
+        q = rng.standard_normal((8, 32), dtype=np.float32)
+        a.append(0, k1, v1)
+        want = a.attend(0, q)
+        out = np.full((8, 32), np.nan, dtype=np.float32)
+        assert b.append_attend(0, q, k1, v1, out=out) is out
+        np.testing.assert_array_equal(out, want)
+    assert b.length(0) == a.length(0) == 380
+
+
+def test_append_attend_batch_equals_one_call_per_sequence(rng):
+    rt, ref = make(index_kind="flat", top_k=50), make(index_kind="flat", top_k=50)
+    seqs, refs = [rt.sequence() for _ in range(3)], [ref.sequence() for _ in range(3)]
+    for i in range(3):
+        k, v = kv(rng, 200 + 50 * i), kv(rng, 200 + 50 * i)
+        seqs[i].prefill(0, None, k, v)
+        refs[i].prefill(0, None, k, v)
+    for _ in range(3):
+        q = rng.standard_normal((3, 8, 32), dtype=np.float32)
+        k, v = kv(rng, 3), kv(rng, 3)
+        got = rt.append_attend_batch(seqs, 0, q, k, v)
+        assert got.shape == (3, 8, 32)
+        for i in range(3):
+            np.testing.assert_allclose(refs[i].append_attend(0, q[i], k[i:i + 1], v[i:i + 1]),
+                                       got[i], rtol=1e-5, atol=1e-6)
+    assert [s.length(0) for s in seqs] == [203, 253, 303]
+
+
 def test_f16_storage(rng):
     rt = make(dtype="f16")
     seq = rt.sequence()

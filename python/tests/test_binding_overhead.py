@@ -25,6 +25,8 @@ def test_calls_mode_measures_both_paths_and_restores_the_fast_one(tmp_path, monk
     res = json.loads(out.read_text())
     for path in ("capsule", "dlpack"):
         assert res[f"{path}_attend_us"] > 0 and res[f"{path}_library_us"] > 0
+    assert res["step_two_calls_us"] > 0 and res["step_one_call_us"] > 0
+    assert res["batch16_step_calls_us"] > 0 and res["batch16_step_one_call_us"] > 0
     from kvrt import _runtime
     import torch
     assert _runtime._Torch.tensor is torch.Tensor  # the generic path's switch was undone
@@ -58,6 +60,7 @@ def test_trace_mode_on_the_cpu_writes_its_profile(tmp_path, monkeypatch):
                      "--profile-dir", str(prof), "--profile-steps", "2"]) == 0
     res = json.loads(out.read_text())
     assert res["layer_step_us_p50"] > 0 and res["append_us_mean"] > 0
+    assert res["fused_layer_step_us_p50"] > 0  # steps 1 and 3 through Sequence.append_attend
     names = {e.get("name") for e in json.loads((prof / "binding-steps.json").read_text())
              ["traceEvents"]}
     assert {"append", "attend", "step1.layer1"} <= names

@@ -129,6 +129,35 @@ def test_attend_batch_names_the_failing_sequence(rt, rng):
     assert out[0].any() and not out[1].any()  # the good row is written, the failed one not
 
 
+def test_append_attend_checks_every_tensor_and_stops_at_a_failed_append(rt, rng):
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 5), kv(rng, 5))
+    q = np.ones((8, 32), np.float32)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"Sequence.append_attend.*v has shape"):
+        seq.append_attend(0, q, kv(rng, 1), kv(rng, 2))
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"Sequence.append_attend.*q has shape"):
+        seq.append_attend(0, np.ones((4, 32), np.float32), kv(rng, 1), kv(rng, 1))
+    assert seq.length(0) == 5  # nothing appended
+    out = np.zeros((8, 32), np.float32)
+    with pytest.raises(kvrt.InvalidArgumentError, match="layer"):
+        seq.append_attend(7, q, kv(rng, 1), kv(rng, 1), out=out)
+    assert not out.any() and seq.length(0) == 5  # the append failed: nothing attended
+
+
+def test_append_attend_batch_names_the_sequence_whose_append_failed(rt, rng):
+    a, b = rt.sequence(), rt.sequence()
+    a.prefill(0, None, kv(rng, 5), kv(rng, 5))
+    b.release()
+    out = np.zeros((2, 8, 32), np.float32)
+    with pytest.raises(kvrt.NotFoundError, match=f"sequence {b.id}"):
+        rt.append_attend_batch([a, b], 0, np.ones((2, 8, 32), np.float32), kv(rng, 2),
+                               kv(rng, 2), out=out)
+    assert not out.any()  # nothing attended
+    assert a.length(0) == 6  # the append before the failed one stands
+    with pytest.raises(kvrt.InvalidArgumentError, match="k has shape"):
+        rt.append_attend_batch([a], 0, np.ones((1, 8, 32), np.float32), kv(rng, 2), kv(rng, 1))
+
+
 def test_every_status_has_a_class():
     for status in range(1, 9):
         e = kvrt._errors.make_error(status, "call", "msg")

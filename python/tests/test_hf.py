@@ -51,6 +51,25 @@ def test_exact_mode_reproduces_the_full_cache_logits(model):
     cache.close()
 
 
+def test_exact_mode_batch_of_two_reproduces_the_full_cache_logits(model):
+    # Two prompts of one length (no padding): each decode forward is one append_attend_batch
+    # per kvrt layer.
+    ids = torch.cat([_ids(seed=3), _ids(seed=4)])
+    model.set_attn_implementation("sdpa")
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                          worker_threads=2)
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **{kh.cache_kwarg(model): cache})
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(ref.logits), rtol=1e-4,
+                               atol=1e-4)
+    assert len(cache.sequences) == 2 and cache.stats().attend_calls == 2 * 2 * 5
+    cache.close()
+
+
 def test_retrieval_changes_logits_but_stays_close(model):
     ids = _ids(seed=1)
     model.set_attn_implementation("sdpa")

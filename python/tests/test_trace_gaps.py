@@ -46,6 +46,33 @@ def test_gaps_and_what_the_host_was_in(tmp_path, capsys):
     assert "cudaLaunchKernel" not in out.split("longer")[1]  # 5 us: not listed
 
 
+def test_calls_in_a_span_are_broken_down_per_span(tmp_path, capsys):
+    # Two 'attend' spans on thread 10: launches and an event sync inside them; a worker's call
+    # (thread 11) inside the same time is not theirs, nor is a launch after the second span.
+    trace = {"traceEvents": [
+        _event("kernel", "k", 0, 10, tid=1),
+        _event("user_annotation", "attend", 100, 50, tid=10),
+        _event("cuda_runtime", "cudaLaunchKernel", 105, 4, tid=10),
+        _event("cuda_runtime", "cudaLaunchKernel", 112, 4, tid=10),
+        _event("cuda_runtime", "cudaEventSynchronize", 120, 20, tid=10),
+        _event("cuda_runtime", "cudaMallocAsync", 110, 30, tid=11),
+        _event("user_annotation", "attend", 200, 30, tid=10),
+        _event("cuda_runtime", "cudaLaunchKernel", 205, 6, tid=10),
+        _event("cuda_runtime", "cudaLaunchKernel", 240, 6, tid=10),
+    ]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(trace))
+    assert _load("trace_gaps").main([str(path), "--top", "0", "--calls-in", "attend"]) == 0
+    out = capsys.readouterr().out
+    assert "spans 'attend': 2, mean 40.0 us; CUDA runtime calls inside 17.0 us per span, " \
+           "outside them 23.0 us" in out
+    assert "cudaEventSynchronize" in out and "cudaMallocAsync" not in out
+    assert "cudaLaunchKernel                   1.5 per span,     7.0 us per span (4.7 us each)" \
+        in out
+    assert _load("trace_gaps").main([str(path), "--top", "0", "--calls-in", "nope"]) == 0
+    assert "no span named 'nope'" in capsys.readouterr().out
+
+
 def test_a_trace_without_device_events_is_an_error(tmp_path, capsys):
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps({"traceEvents": [_event("cpu_op", "aten::mm", 0, 10)]}))

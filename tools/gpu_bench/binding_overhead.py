@@ -6,6 +6,8 @@ kvrt.Runtime / kvrt.Sequence with torch tensors, on the same trace, shape and se
 Run it beside `kvrt bench decode --trace FILE` with the same --cold/--sinks/--window/--layers and
 compare the p50 per layer-step. It also measures the binding apart from the work, in one process:
 
+  fused            every other step through Sequence.append_attend (append + attend in one
+                   call, what kvrt.hf makes), its own p50 per layer-step beside the two calls'
   attend overhead  the Python call's wall time minus the library's own wall time inside
                    kvrt_attend (kvrt_stats.time_attend_ns), per call: argument checks, DLPack,
                    the stream lookup, releasing the GIL
@@ -20,8 +22,9 @@ compare the p50 per layer-step. It also measures the binding apart from the work
 
 --calls (no trace): the binding alone on a small exact runtime over --device's tensors, an
 attend's Python wall time minus the library's, with torch tensors crossing as DLPack capsules
-(the package's path) and through Tensor.__dlpack__ (the generic path), and the two conversions
-alone:
+(the package's path) and through Tensor.__dlpack__ (the generic path), the two conversions
+alone, and a layer-step as two calls (append, attend) against Sequence.append_attend (and a batch
+of 16: 16 appends and attend_batch against Runtime.append_attend_batch):
   python3 tools/gpu_bench/binding_overhead.py --calls --device cpu
 """
 from __future__ import annotations
@@ -48,6 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--layers", type=int, default=2, help="layers, each with the same K/V")
     ap.add_argument("--steps", type=int, default=30, help="measured decode steps")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
+    ap.add_argument("--no-fused", dest="fused", action="store_false",
+                    help="every step through append + attend (by default every other step runs "
+                         "Sequence.append_attend, the one call kvrt.hf makes, reported apart)")
     ap.add_argument("--index", default="cluster", help="kvrt index kind")
     ap.add_argument("--top-k", type=int, default=100, help="config.top_k")
     ap.add_argument("--device", default="cuda", help="cuda (GPU backend, device tensors) or cpu")
@@ -86,7 +92,7 @@ def calls(args, torch, kvrt, on_cuda) -> dict:
     # Small (4 q / 2 kv heads x 64, 8 tokens): the library's own time stays a few us, so that
     # the difference is the binding's, not the noise of the work.
     rt = kvrt.Runtime(num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype="bf16",
-                      sink_tokens=4, window_tokens=64, index_kind="exact", check_finite=0,
+                      sink_tokens=4, window_tokens=128, index_kind="exact", check_finite=0,
                       use_gpu=1 if on_cuda else 0, worker_threads=1)
     seq = rt.sequence()
     g = torch.Generator().manual_seed(0)
@@ -124,6 +130,51 @@ def calls(args, torch, kvrt, on_cuda) -> dict:
     finally:
         _runtime._Torch.tensor = saved
     res.update(dlpack_attend_us=wall, dlpack_library_us=lib, dlpack_binding_us=wall - lib)
+    # A layer-step (append one row, attend) as two calls and as Sequence.append_attend, pairs
+    # alternating so that both see the same library work; a new sequence every 100 steps keeps
+    # that work small (the window holds them all): the difference of the means is what the one
+    # call saves.
+    k1 = torch.randn(1, 2, 64, generator=g).to(device=dev, dtype=torch.bfloat16)
+    two, one = [], []
+    for _ in range(40):
+        with rt.sequence() as s2:
+            s2.prefill(0, None, k, k)
+            for i in range(100):
+                t0 = time.perf_counter()
+                if i % 2:
+                    s2.append_attend(0, q, k1, k1, out=out)
+                else:
+                    s2.append(0, k1, k1)
+                    s2.attend(0, q, out=out)
+                (one if i % 2 else two).append(time.perf_counter() - t0)
+            sync()
+    res["step_two_calls_us"] = statistics.fmean(two) * 1e6
+    res["step_one_call_us"] = statistics.fmean(one) * 1e6
+    # The same for a batch of 16: 16 appends and attend_batch against append_attend_batch.
+    B = 16
+    kb = torch.randn(B, 2, 64, generator=g).to(device=dev, dtype=torch.bfloat16)
+    qb = torch.randn(B, 4, 64, generator=g).to(device=dev, dtype=torch.bfloat16)
+    outb = torch.empty(B, 4, 64, device=dev)
+    rows = [kb[b:b + 1] for b in range(B)]
+    two, one = [], []
+    for _ in range(10):
+        seqs = [rt.sequence() for _ in range(B)]
+        for s2 in seqs:
+            s2.prefill(0, None, k, k)
+        for i in range(100):
+            t0 = time.perf_counter()
+            if i % 2:
+                rt.append_attend_batch(seqs, 0, qb, kb, kb, out=outb)
+            else:
+                for s2, r in zip(seqs, rows):
+                    s2.append(0, r, r)
+                rt.attend_batch(seqs, 0, qb, out=outb)
+            (one if i % 2 else two).append(time.perf_counter() - t0)
+        sync()
+        for s2 in seqs:
+            s2.release()
+    res["batch16_step_calls_us"] = statistics.fmean(two) * 1e6
+    res["batch16_step_one_call_us"] = statistics.fmean(one) * 1e6
     res["to_dlpack_us"] = per_call(lambda: torch.utils.dlpack.to_dlpack(q))
     res["tensor_dlpack_us"] = per_call(lambda: q.__dlpack__())
     rt.close()
@@ -133,6 +184,12 @@ def calls(args, torch, kvrt, on_cuda) -> dict:
           f"(call {res['dlpack_attend_us']:.2f}, library {res['dlpack_library_us']:.2f}); "
           f"to_dlpack alone {res['to_dlpack_us']:.2f} us, Tensor.__dlpack__ alone "
           f"{res['tensor_dlpack_us']:.2f} us")
+    print(f"layer-step (append 1 row + attend): two calls {res['step_two_calls_us']:.2f} us, "
+          f"Sequence.append_attend {res['step_one_call_us']:.2f} us (saves "
+          f"{res['step_two_calls_us'] - res['step_one_call_us']:.2f} us); batch of 16: 16 appends "
+          f"+ attend_batch {res['batch16_step_calls_us']:.2f} us, Runtime.append_attend_batch "
+          f"{res['batch16_step_one_call_us']:.2f} us (saves "
+          f"{res['batch16_step_calls_us'] - res['batch16_step_one_call_us']:.2f} us)")
     return res
 
 
@@ -198,7 +255,7 @@ def main(argv=None) -> int:
 
     q_heads, d = t["decode.q"].shape[1], t["decode.q"].shape[2]
     out = torch.empty((q_heads, d), dtype=torch.float32, device=dev)
-    step_us, append_us, attend_us = [], [], []
+    step_us, append_us, attend_us, fused_us = [], [], [], []
     # Each step's rows as views made before the loop: bench decode computes its pointers for free,
     # and three torch slicings per layer-step (~2 us each) are the benchmark's cost, not the
     # binding's (they were inside the timed region until the sixth session).
@@ -209,15 +266,25 @@ def main(argv=None) -> int:
         if s == args.warmup:
             before = rt.stats()
         k_s, v_s, q_s = rows[s]
+        # Steps alternate between the two calls (append, attend) and the one call that does both
+        # (Sequence.append_attend, what kvrt.hf uses), so that both see the same stretch of the run.
+        fused = args.fused and s % 2 == 1
         for layer in range(args.layers):
             a = time.perf_counter()
-            seq.append(layer, k_s, v_s)
-            b = time.perf_counter()
-            seq.attend(layer, q_s, out=out)
-            c = time.perf_counter()
+            if fused:
+                seq.append_attend(layer, q_s, k_s, v_s, out=out)
+                b = c = time.perf_counter()
+            else:
+                seq.append(layer, k_s, v_s)
+                b = time.perf_counter()
+                seq.attend(layer, q_s, out=out)
+                c = time.perf_counter()
             sync()
             e = time.perf_counter()
             if s >= args.warmup:
+                if fused:
+                    fused_us.append((e - a) * 1e6)
+                    continue
                 step_us.append((e - a) * 1e6)
                 append_us.append((b - a) * 1e6)
                 attend_us.append((c - b) * 1e6)
@@ -245,10 +312,18 @@ def main(argv=None) -> int:
         "attend_overhead_us": statistics.fmean(attend_us) - lib_attend_us,
         "call_floor_us": floor_us,
     }
+    if fused_us:
+        res["fused_layer_step_us_p50"] = statistics.median(fused_us)
+        res["fused_layer_step_us_p99"] = sorted(fused_us)[
+            min(len(fused_us) - 1, int(0.99 * len(fused_us)))]
     print(f"kvrt {kvrt.__version__} through Python, {res['device']}, {args.index}, cold "
           f"{args.cold}, {args.layers} layers x {args.steps} steps (after {args.warmup})")
     print(f"  layer-step p50 {res['layer_step_us_p50']:.1f} us, p99 {res['layer_step_us_p99']:.1f}"
           f" us (append + attend + stream sync; compare bench decode's p50)")
+    if fused_us:
+        print(f"  the same with one call per layer-step (Sequence.append_attend, every other "
+              f"step): p50 {res['fused_layer_step_us_p50']:.1f} us, p99 "
+              f"{res['fused_layer_step_us_p99']:.1f} us")
     print(f"  append call {res['append_us_mean']:.1f} us (compare bench decode's append column)")
     print(f"  attend call {res['attend_call_us_mean']:.1f} us, inside the library "
           f"{lib_attend_us:.1f} us: binding overhead {res['attend_overhead_us']:.1f} us per attend")

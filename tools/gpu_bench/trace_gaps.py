@@ -7,6 +7,7 @@ the longest gaps, each with the kernel before and after it and per host thread t
 call (CUDA runtime, operator or Python function) spanning its middle: what the host was doing while the device waited.
 
 Usage: python3 tools/gpu_bench/trace_gaps.py TRACE.json [--min-ms 0.5] [--top 12]
+       [--calls-in attend]   (the CUDA runtime calls inside each span of that name)
 """
 from __future__ import annotations
 
@@ -45,6 +46,33 @@ def busy_union(dev):
     return spans
 
 
+def calls_in(host, span_name: str) -> str:
+    """Per span named span_name: the CUDA runtime calls of its thread inside it, by name (count
+    and mean time per span), and the span's time outside any of them (Python, the library's own
+    host code, locks)."""
+    spans = [h for h in host if h[2] == span_name]
+    if not spans:
+        return f"no span named {span_name!r}"
+    cuda = sorted(h for h in host if h[2].startswith("cuda"))
+    by_name: dict[str, list[float]] = {}
+    inside_total = 0.0
+    for b, e, _, tid in spans:
+        for cb, ce, name, ctid in cuda:
+            if ctid == tid and cb >= b and ce <= e:
+                by_name.setdefault(name, [0, 0.0])
+                by_name[name][0] += 1
+                by_name[name][1] += ce - cb
+                inside_total += ce - cb
+    n = len(spans)
+    wall = sum(e - b for b, e, _, _ in spans) / n
+    lines = [f"spans {span_name!r}: {n}, mean {wall:.1f} us; CUDA runtime calls inside "
+             f"{inside_total / n:.1f} us per span, outside them {wall - inside_total / n:.1f} us"]
+    for name, (count, t) in sorted(by_name.items(), key=lambda x: -x[1][1]):
+        lines.append(f"  {name:32s} {count / n:5.1f} per span, {t / n:7.1f} us per span "
+                     f"({t / count:.1f} us each)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace", help="a Chrome trace written by torch.profiler")
@@ -53,6 +81,11 @@ def main(argv=None) -> int:
     ap.add_argument("--host-calls", type=float, default=0, metavar="MS",
                     help="also list every CUDA runtime call (and kvrt prefill call) of MS ms or longer, "
                          "per host thread in time order (where a thread blocked)")
+    ap.add_argument("--calls-in", default=None, metavar="SPAN",
+                    help="also break the host time of every span named SPAN (a record_function "
+                         "name such as binding_overhead.py's 'attend', or a Python function) "
+                         "down into the CUDA runtime calls its thread made inside it: count and "
+                         "mean time per span by call, and the time in none of them")
     args = ap.parse_args(argv)
     try:
         dev, host = load(args.trace)
@@ -84,6 +117,8 @@ def main(argv=None) -> int:
                 inner[tid] = (he - hb, name)
         for tid, (dur_h, name) in sorted(inner.items(), key=lambda x: -x[1][0])[:5]:
             print(f"    host thread {tid}: in {name[:70]} ({dur_h / 1e3:.2f} ms)")
+    if args.calls_in:
+        print(calls_in(host, args.calls_in))
     if args.host_calls > 0:
         print(f"CUDA runtime calls of {args.host_calls} ms or longer (start, duration):")
         for tid in sorted({h[3] for h in host}, key=str):
