@@ -137,6 +137,36 @@ def test_append_attend_batch_equals_one_call_per_sequence(rng):
     assert [s.length(0) for s in seqs] == [203, 253, 303]
 
 
+KINDS = ["exact", "flat", "ivf", "hnsw", "landmark", "attention-aware", "cluster"]
+# (q heads, kv heads, head_dim, sinks, window, storage dtype): MHA, odd head dims, one kv head,
+# no sinks, a window of one token.
+ODD_SHAPES = [(4, 4, 8, 0, 1, "f32"), (6, 2, 72, 1, 16, "f16"), (8, 1, 100, 4, 300, "f32"),
+              (3, 1, 16, 0, 16, "f16")]
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=lambda s: "q{}kv{}d{}s{}w{}{}".format(*s))
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_is_exact_with_a_top_k_covering_every_token(rng, kind, shape):
+    hq, hkv, d, sinks, window, dtype = shape
+    np_dt = np.float32 if dtype == "f32" else np.float16
+    rt = kvrt.Runtime(num_layers=1, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+                      sink_tokens=sinks, window_tokens=window, index_kind=kind, top_k=100000,
+                      worker_threads=2)
+    seq = rt.sequence()
+    k = kv(rng, 700, hkv, d).astype(np_dt)
+    v = kv(rng, 700, hkv, d).astype(np_dt)
+    seq.prefill(0, None, k, v)
+    for _ in range(3):
+        k1, v1 = kv(rng, 1, hkv, d).astype(np_dt), kv(rng, 1, hkv, d).astype(np_dt)
+        q = rng.standard_normal((hq, d), dtype=np.float32).astype(np_dt)
+        out = seq.append_attend(0, q, k1, v1)
+        k, v = np.concatenate([k, k1]), np.concatenate([v, v1])
+        want = reference_attention(q.astype(np.float32), k.astype(np.float32),
+                                   v.astype(np.float32), 1 / np.sqrt(d))
+        np.testing.assert_allclose(out, want, rtol=1e-3, atol=1e-4 if dtype == "f32" else 2e-3)
+    rt.close()
+
+
 def test_f16_storage(rng):
     rt = make(dtype="f16")
     seq = rt.sequence()
