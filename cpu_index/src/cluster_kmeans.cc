@@ -322,36 +322,51 @@ void AssembleSegment(const int32_t* assign, int64_t n, int64_t c, int dim, const
 void CalibrateSpreads(const float* keys, int64_t n, int dim, const float* queries, int64_t nq,
                       float scale, float spread_weight, SegmentClustering* part) {
   if (nq <= 0 || spread_weight <= 0.f || part->size.empty()) return;
-  // Scores of every (query, key) and (query, centroid): two GEMMs, then per cluster the fit of
-  // a_c in  log mean_k exp(s q.k) - s q.mu_c  ~  a_c |q|^2  over the queries (least squares).
+  // Scores of every (query, clustered key) and (query, centroid): two GEMMs, then per cluster the
+  // fit of a_c in  log mean_k exp(s q.k) - s q.mu_c  ~  a_c |q|^2  over the queries (least
+  // squares). The keys are gathered in cluster order first, so that a cluster's scores are a
+  // contiguous run of each query's row: the fit streams through the scores row by row (gathered
+  // through the order, it missed the cache at every score).
   const int64_t c = static_cast<int64_t>(part->size.size());
-  std::vector<float> qk(static_cast<std::size_t>(nq) * n), qm(static_cast<std::size_t>(nq) * c);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq), static_cast<int>(n),
-              dim, scale, queries, dim, keys, dim, 0.f, qk.data(), static_cast<int>(n));
+  int64_t clustered = 0;
+  for (int32_t m : part->size) clustered += m;
+  std::vector<float> ordered(static_cast<std::size_t>(clustered) * dim);
+  for (int64_t r = 0; r < clustered; ++r)
+    std::copy_n(keys + part->order[r] * dim, dim, ordered.data() + r * dim);
+  (void)n;  // the outliers (the order's rows past the clusters) take no part
+  std::vector<float> qk(static_cast<std::size_t>(nq) * clustered),
+      qm(static_cast<std::size_t>(nq) * c);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq),
+              static_cast<int>(clustered), dim, scale, queries, dim, ordered.data(), dim, 0.f,
+              qk.data(), static_cast<int>(clustered));
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq), static_cast<int>(c),
               dim, scale, queries, dim, part->centroid.data(), dim, 0.f, qm.data(),
               static_cast<int>(c));
-  std::vector<double> qn2(nq, 0.0);
-  for (int64_t i = 0; i < nq; ++i)
-    for (int t = 0; t < dim; ++t) qn2[i] += double(queries[i * dim + t]) * queries[i * dim + t];
   const double coef = 0.5 * double(spread_weight) * double(scale) * double(scale);
-  int64_t off = 0;
-  for (int64_t j = 0; j < c; ++j) {
-    const int32_t m = part->size[j];
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < nq; ++i) {
-      const float* row = qk.data() + i * n;
-      double mx = -INFINITY;
-      for (int32_t r = 0; r < m; ++r) mx = std::max<double>(mx, row[part->order[off + r]]);
-      double l = 0;
-      for (int32_t r = 0; r < m; ++r) l += std::exp(row[part->order[off + r]] - mx);
-      const double gap = mx + std::log(l / m) - qm[i * c + j];
-      num += gap * qn2[i];
-      den += qn2[i] * qn2[i];
+  std::vector<double> num(c, 0.0);
+  double den = 0;  // sum of |q|^4: the same for every cluster
+  for (int64_t i = 0; i < nq; ++i) {
+    double qn2 = 0;
+    for (int t = 0; t < dim; ++t) qn2 += double(queries[i * dim + t]) * queries[i * dim + t];
+    den += qn2 * qn2;
+    const float* row = qk.data() + i * clustered;
+    const float* mrow = qm.data() + i * c;
+    int64_t off = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      const int32_t m = part->size[j];
+      const float* x = row + off;
+      float mx = -INFINITY;
+      for (int32_t r = 0; r < m; ++r) mx = std::max(mx, x[r]);
+      float l = 0;
+      for (int32_t r = 0; r < m; ++r) l += std::exp(x[r] - mx);
+      const double gap = double(mx) + std::log(double(l) / m) - mrow[j];
+      num[j] += gap * qn2;
+      off += m;
     }
-    if (den > 0) part->spread[j] = static_cast<float>(std::max(0.0, num / den) / coef);
-    off += m;
   }
+  if (den <= 0) return;
+  for (int64_t j = 0; j < c; ++j)
+    part->spread[j] = static_cast<float>(std::max(0.0, num[j] / den) / coef);
 }
 
 }  // namespace kvrt::cpu_index

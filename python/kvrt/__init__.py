@@ -12,6 +12,7 @@ C API (api/include/kvrt.h)::
     seq.prefill(0, q, k, v)          # q [T, 8, 64], k, v [T, 2, 64]
     seq.append(0, k1, v1)            # [1, 2, 64]
     out = seq.attend(0, q1)          # q1 [8, 64] -> f32 [8, 64]
+    out = seq.append_attend(0, q2, k2, v2)   # a decoder's layer-step in one call
     print(rt.stats())
 
 kvrt.hf turns it on for a Hugging Face transformers model; `python -m kvrt.generate` generates

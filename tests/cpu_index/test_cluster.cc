@@ -550,6 +550,58 @@ TEST(ClusterIndex, QueryMetricFactorIsACholeskyFactor) {
   for (int i = 0; i < kDim; ++i) EXPECT_EQ(id[i * kDim + i], 1.f);
 }
 
+// CalibrateSpreads with several queries and outliers in the segment: each cluster's spread is the
+// least-squares fit of the formula in cluster.h, computed here in double precision key by key.
+TEST(ClusterIndex, CalibratedSpreadIsTheLeastSquaresFitOverTheQueries) {
+  const int64_t n = 900, nq = 7;
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> k(static_cast<std::size_t>(n) * kDim), v(k.size()), q(nq * kDim);
+  for (auto& x : k) x = nd(rng);
+  for (auto& x : v) x = nd(rng);
+  for (auto& x : q) x = 2.f * nd(rng);
+  ClusterConfig cfg;
+  cfg.cluster_size = 12;
+  cfg.outlier_fraction = 0.02f;
+  SegmentClustering part;
+  const auto l = QueryMetricFactor(q.data(), nq, kDim, 4096);
+  ClusterSegment(k.data(), v.data(), n, kDim, l.data(), cfg, 3, &part);
+  ASSERT_GT(part.num_outliers, 0);
+  const float scale = 0.125f, weight = 0.7f;
+  CalibrateSpreads(k.data(), n, kDim, q.data(), nq, scale, weight, &part);
+  const double coef = 0.5 * weight * double(scale) * scale;
+  int64_t off = 0;
+  int clamped = 0;
+  for (std::size_t c = 0; c < part.size.size(); ++c) {
+    const int32_t m = part.size[c];
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < nq; ++i) {
+      const float* qi = q.data() + i * kDim;
+      double qn2 = 0, qmu = 0, mx = -INFINITY, l_sum = 0;
+      for (int j = 0; j < kDim; ++j) {
+        qn2 += double(qi[j]) * qi[j];
+        qmu += double(qi[j]) * part.centroid[c * kDim + j];
+      }
+      std::vector<double> sc(m);
+      for (int32_t r = 0; r < m; ++r) {
+        const float* row = k.data() + part.order[off + r] * kDim;
+        double a = 0;
+        for (int j = 0; j < kDim; ++j) a += double(qi[j]) * row[j];
+        sc[r] = scale * a;
+        mx = std::max(mx, sc[r]);
+      }
+      for (double x : sc) l_sum += std::exp(x - mx);
+      num += (mx + std::log(l_sum / m) - scale * qmu) * qn2;
+      den += qn2 * qn2;
+    }
+    const double want = std::max(0.0, num / den) / coef;
+    clamped += want == 0.0;
+    EXPECT_NEAR(part.spread[c], want, 1e-4 * (1 + want)) << "cluster " << c;
+    off += m;
+  }
+  EXPECT_LT(clamped, static_cast<int>(part.size.size()));  // the fit is not all clamped at 0
+}
+
 // CalibrateSpreads: with one query the calibrated density is that query's exact log mean exp over
 // the cluster's keys; identical keys get no spread; no queries (or spread_weight 0) change nothing.
 TEST(ClusterIndex, CalibratedSpreadMatchesTheExactLogMeanExp) {
