@@ -550,6 +550,23 @@ TEST(ClusterIndex, QueryMetricFactorIsACholeskyFactor) {
   for (int i = 0; i < kDim; ++i) EXPECT_EQ(id[i * kDim + i], 1.f);
 }
 
+// log mean_{k in cluster} exp(scale q.k) over the m rows of the cluster starting at `off` of
+// part's order, in double precision key by key (the quantity CalibrateSpreads fits).
+double ExactLogMeanExp(const std::vector<float>& k, const SegmentClustering& part, int64_t off,
+                       int32_t m, const float* q, float scale) {
+  double mx = -INFINITY, l_sum = 0;
+  std::vector<double> sc(m);
+  for (int32_t r = 0; r < m; ++r) {
+    const float* row = k.data() + part.order[off + r] * kDim;
+    double a = 0;
+    for (int j = 0; j < kDim; ++j) a += double(q[j]) * row[j];
+    sc[r] = scale * a;
+    mx = std::max(mx, sc[r]);
+  }
+  for (double x : sc) l_sum += std::exp(x - mx);
+  return mx + std::log(l_sum / m);
+}
+
 // CalibrateSpreads with several queries and outliers in the segment: each cluster's spread is the
 // least-squares fit of the formula in cluster.h, computed here in double precision key by key.
 TEST(ClusterIndex, CalibratedSpreadIsTheLeastSquaresFitOverTheQueries) {
@@ -577,21 +594,12 @@ TEST(ClusterIndex, CalibratedSpreadIsTheLeastSquaresFitOverTheQueries) {
     double num = 0, den = 0;
     for (int64_t i = 0; i < nq; ++i) {
       const float* qi = q.data() + i * kDim;
-      double qn2 = 0, qmu = 0, mx = -INFINITY, l_sum = 0;
+      double qn2 = 0, qmu = 0;
       for (int j = 0; j < kDim; ++j) {
         qn2 += double(qi[j]) * qi[j];
         qmu += double(qi[j]) * part.centroid[c * kDim + j];
       }
-      std::vector<double> sc(m);
-      for (int32_t r = 0; r < m; ++r) {
-        const float* row = k.data() + part.order[off + r] * kDim;
-        double a = 0;
-        for (int j = 0; j < kDim; ++j) a += double(qi[j]) * row[j];
-        sc[r] = scale * a;
-        mx = std::max(mx, sc[r]);
-      }
-      for (double x : sc) l_sum += std::exp(x - mx);
-      num += (mx + std::log(l_sum / m) - scale * qmu) * qn2;
+      num += (ExactLogMeanExp(k, part, off, m, qi, scale) - scale * qmu) * qn2;
       den += qn2 * qn2;
     }
     const double want = std::max(0.0, num / den) / coef;
@@ -631,18 +639,9 @@ TEST(ClusterIndex, CalibratedSpreadMatchesTheExactLogMeanExp) {
   int64_t off = 0;
   for (std::size_t c = 0; c < part.size.size(); ++c) {
     const int32_t m = part.size[c];
-    double mx = -INFINITY, l_sum = 0, qmu = 0;
-    std::vector<double> sc(m);
-    for (int32_t r = 0; r < m; ++r) {
-      const float* row = k.data() + part.order[off + r] * kDim;
-      double a = 0;
-      for (int j = 0; j < kDim; ++j) a += double(q[j]) * row[j];
-      sc[r] = scale * a;
-      mx = std::max(mx, sc[r]);
-    }
-    for (double x : sc) l_sum += std::exp(x - mx);
+    double qmu = 0;
     for (int j = 0; j < kDim; ++j) qmu += double(q[j]) * part.centroid[c * kDim + j];
-    const double exact = mx + std::log(l_sum / m);
+    const double exact = ExactLogMeanExp(k, part, off, m, q.data(), scale);
     const double density = scale * qmu + 0.5 * scale * scale * qn2 * part.spread[c];
     EXPECT_GE(part.spread[c], 0.f) << c;
     // Jensen: the exact value is at least the mean key's, so the fit is never clamped here.
