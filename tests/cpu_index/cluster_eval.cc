@@ -208,6 +208,8 @@ int main(int argc, char** argv) {
       {"cal256+group+p90", true, 0.004f, true, 1.f, true, 2, 256, true, 0.90f},
       {"cal256+group+p95", true, 0.004f, true, 1.f, true, 2, 256, true, 0.95f},
       {"cal256+group+p98", true, 0.004f, true, 1.f, true, 2, 256, true, 0.98f},
+      {"cal256+group/r1", true, 0.004f, true, 1.f, true, 1, 256, true},
+      {"qa+est+cal256+outl/r1", true, 0.004f, true, 1.f, true, 1, 256},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
