@@ -37,9 +37,12 @@ call), on the rank's GPU (cuda_device = the modules' device). Nothing of kvrt ta
 across ranks: transformers' collectives (o_proj's all-reduce) do. cpu_share() gives each rank of a
 host its own range of CPUs for kvrt's worker threads. docs/tensor-parallel.md.
 
-Limits: batch rows must hold no padding (kvrt has no attention mask: a padded row would attend
-its pad tokens after the prompt); no beam search, cropping or assisted decoding; a model with
-attention logit soft-capping (Gemma 2) is refused.
+Padded batch rows (generate with an attention_mask, left padding): kvrt has no attention mask,
+so a row's pad tokens never enter it: the prompt's kvrt_prefill takes only the row's real tokens
+(read off the model's mask), and decode tokens are real. Not with chunked_prompt (refused).
+
+Limits: no beam search, cropping or assisted decoding; a model with attention logit soft-capping
+(Gemma 2) is refused.
 """
 
 from __future__ import annotations
@@ -368,9 +371,12 @@ class KvrtCache(DynamicCache):
                          max=kept.shape[1] - 1)
         self._prefill(kl, kept.index_select(1, at).contiguous(), k, v)
 
-    def _prefill(self, kl: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _prefill(self, kl: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 keep: Optional[torch.Tensor] = None) -> None:
         """kvrt_prefill of layer kl for every batch row: q [B, n, Hq, d], k, v [B, n, Hkv, d]
-        (kvrt's rows); makes the sequences at the first prefill."""
+        (kvrt's rows); makes the sequences at the first prefill. keep [B, n] (bool, or None for
+        all): the rows' real tokens; padding never enters kvrt (it has no attention mask), so a
+        padded row holds only its own tokens, as the model's mask would have it."""
         import time
         B = k.shape[0]
         if not self.sequences:
@@ -379,7 +385,14 @@ class KvrtCache(DynamicCache):
             raise ValueError(f"kvrt.hf: batch size changed from {len(self.sequences)} to {B}")
         t0 = time.perf_counter()
         for b, s in enumerate(self.sequences):
-            s.prefill(kl, q[b], k[b], v[b])
+            if keep is None or bool(keep[b].all()):
+                s.prefill(kl, q[b], k[b], v[b])
+            else:
+                at = keep[b].nonzero().squeeze(1).to(k.device)
+                if at.numel() == 0:
+                    raise ValueError(f"kvrt.hf: batch row {b} of the prompt is all padding")
+                s.prefill(kl, q[b].index_select(0, at), k[b].index_select(0, at),
+                          v[b].index_select(0, at))
         self.time_prefill_s += time.perf_counter() - t0
         self._prefilled.add(kl)
 
@@ -395,6 +408,10 @@ class KvrtCache(DynamicCache):
                 f"kvrt runtime serves {self._heads[0]} / {self._heads[1]}: a runtime made for "
                 "another shard (tensor parallelism) or another model")
         if self._prompt_chunk(kl, n):
+            if _padded_keys(attention_mask) is not None:
+                raise ValueError(
+                    "kvrt.hf: a chunked prompt (chunked_prompt=True) with padded batch rows is not "
+                    "supported; pass rows of one length, or a batch of one")
             return self._attend_prompt_chunk(layer, module, query, key, value, attention_mask,
                                              **kwargs)
         if kl in self._prompt:  # the first single-token forward after a chunked prompt
@@ -404,7 +421,8 @@ class KvrtCache(DynamicCache):
             # returns, so that its background job (the GPU build, the copy into the host store)
             # runs beside this layer's attention over the prompt instead of after it: the last
             # layer's job was what the first decode token waited for.
-            self._prefill(kl, self._rows(query), self._rows(key), self._rows(value))
+            self._prefill(kl, self._rows(query), self._rows(key), self._rows(value),
+                          _padded_keys(attention_mask))
             out = _sdpa(module, query, key, value, attention_mask, **kwargs)
             layer.tokens += n
             return out
@@ -458,6 +476,19 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=causal_lower_right(n, s), scale=kwargs.get("scaling"), **gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _padded_keys(attention_mask) -> Optional[torch.Tensor]:
+    """[B, keys] bool of the keys some query of the row may attend (False: padding), from the
+    mask the attention function receives ([B, 1 or heads, queries, keys]: bool, True = attend,
+    or additive, 0 = attend); None when nothing is masked out that way (no mask, or no padding).
+    A real key is attended at least by its own query (causal); a pad key by none."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    m = attention_mask
+    attend = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    keep = attend.any(dim=2).any(dim=1)
+    return None if bool(keep.all()) else keep
 
 
 def mask(*args, **kwargs):

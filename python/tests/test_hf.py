@@ -70,6 +70,34 @@ def test_exact_mode_batch_of_two_reproduces_the_full_cache_logits(model):
     cache.close()
 
 
+def test_exact_mode_left_padded_batch_reproduces_the_full_cache_logits(model):
+    # Rows of 300 and 260 prompt tokens, the shorter left-padded: its pads never enter kvrt, and
+    # every step's logits match transformers' own cache over the same padded batch.
+    ids = torch.cat([_ids(seed=5), torch.cat([torch.zeros(1, 40, dtype=torch.long),
+                                              _ids(PROMPT - 40, seed=6)], dim=1)])
+    am = torch.ones_like(ids)
+    am[1, :40] = 0
+    model.set_attn_implementation("sdpa")
+    kw = dict(attention_mask=am, max_new_tokens=6, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.inference_mode():
+        ref = model.generate(ids, **kw)
+        cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                          worker_threads=2)
+        got = model.generate(ids, **kw, **{kh.cache_kwarg(model): cache})
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(ref.logits), rtol=1e-4,
+                               atol=1e-4)
+    # kvrt holds each row's real tokens only: 300 and 260 prompt tokens + 5 decode appends.
+    assert [s.length(0) for s in cache.sequences] == [PROMPT + 5, PROMPT - 40 + 5]
+    cache.close()
+    with torch.inference_mode():
+        cache = kh.enable(model, index_kind="exact", chunked_prompt=True, worker_threads=2)
+        with pytest.raises(ValueError, match="padded batch rows"):
+            model.generate(ids, **kw, prefill_chunk_size=128, **{kh.cache_kwarg(model): cache})
+    cache.close()
+
+
 def test_retrieval_changes_logits_but_stays_close(model):
     ids = _ids(seed=1)
     model.set_attn_implementation("sdpa")
