@@ -98,6 +98,19 @@ def test_exact_mode_left_padded_batch_reproduces_the_full_cache_logits(model):
     cache.close()
 
 
+def test_padded_keys_from_bool_and_additive_masks():
+    # Row 1 left-padded by two: its first two keys are attended by no query.
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    m = torch.stack([causal, causal.clone()])[:, None]  # [2, 1, 4, 4]
+    m[1, :, :, :2] = False
+    want = torch.tensor([[True] * 4, [False, False, True, True]])
+    assert torch.equal(kh._padded_keys(m), want)
+    additive = torch.zeros(m.shape).masked_fill(~m, torch.finfo(torch.float32).min)
+    assert torch.equal(kh._padded_keys(additive), want)
+    assert kh._padded_keys(None) is None
+    assert kh._padded_keys(torch.stack([causal, causal])[:, None]) is None  # no padding
+
+
 def test_retrieval_changes_logits_but_stays_close(model):
     ids = _ids(seed=1)
     model.set_attn_implementation("sdpa")
