@@ -94,6 +94,19 @@ std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t) {
 }
 
 // Host vectors, or device copies of them (through the runtime's own transfer wrappers).
+// Writes at row `row` of k and v ([rows, kv_heads, head_dim] in dtype) a key along e_0 whose score
+// at q = e_0 (scale 1/8) is 7.6 in every kv head, and `value` in every dim of its value: beside
+// ~1200 random rows, which score ~0 there, that row carries ~0.6 of the step's attention.
+void PlantDominantRow(const RuntimeConfig& cfg, DType dtype, int64_t row, float value,
+                      std::vector<unsigned char>* k, std::vector<unsigned char>* v) {
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  std::vector<float> key(kv_row, 0.f), val(kv_row, value);
+  for (int g = 0; g < cfg.num_kv_heads; ++g) key[g * cfg.head_dim] = 7.6f * 8.f;
+  const std::size_t at = row * kv_row * DTypeSize(dtype);
+  ConvertFromF32(key.data(), kv_row, dtype, k->data() + at);
+  ConvertFromF32(val.data(), kv_row, dtype, v->data() + at);
+}
+
 class Tensors {
  public:
   Tensors(bool device, void* stream) : device_(device), stream_(stream) {}
@@ -357,11 +370,7 @@ TEST(GpuBackendCluster, AttendBatchDirectMatchesHostBackend) {
     gs.push_back(*(*gpu_rt)->CreateSequence());
     auto k = Random(rng, prompt * kv_row, c.dtype);
     auto v = Random(rng, prompt * kv_row, c.dtype);
-    std::vector<float> key(kv_row, 0.f), value(kv_row, 3.f + s);
-    for (int g = 0; g < cfg.num_kv_heads; ++g) key[g * cfg.head_dim] = 7.6f * 8.f;
-    const std::size_t at = (prompt - cfg.window_tokens) * kv_row * DTypeSize(c.dtype);
-    ConvertFromF32(key.data(), kv_row, c.dtype, k.data() + at);
-    ConvertFromF32(value.data(), kv_row, c.dtype, v.data() + at);
+    PlantDominantRow(cfg, c.dtype, prompt - cfg.window_tokens, 3.f + s, &k, &v);
     ASSERT_TRUE((*host_rt)->Prefill(hs[s], 0, nullptr, k.data(), v.data(), prompt).ok());
     ASSERT_TRUE(
         (*gpu_rt)->Prefill(gs[s], 0, nullptr, dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
@@ -625,18 +634,12 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
   // 1200 - 4 sinks - 64 window = 1132 cold rows: 4 segments of 256, a tail of 108 (13 blocks).
   // The first decode append evicts position 1136 (4 + 1132), the window's oldest.
   const int prompt = 1200, evicted = 1136;
-  // Its score at q = e_0 (scale 1/8): the other ~1200 rows score ~0 there, so it weighs ~0.6.
-  const float kEvictedKey = 7.6f;
   const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
   for (int l = 0; l < cfg.num_layers; ++l) {
     auto q = Random(rng, prompt * q_row, c.dtype);
     auto k = Random(rng, prompt * kv_row, c.dtype);
     auto v = Random(rng, prompt * kv_row, c.dtype);
-    std::vector<float> key(kv_row, 0.f), value(kv_row, 3.f);
-    for (int g = 0; g < cfg.num_kv_heads; ++g) key[g * cfg.head_dim] = kEvictedKey * 8.f;
-    const std::size_t at = evicted * kv_row * DTypeSize(c.dtype);
-    ConvertFromF32(key.data(), kv_row, c.dtype, k.data() + at);
-    ConvertFromF32(value.data(), kv_row, c.dtype, v.data() + at);
+    PlantDominantRow(cfg, c.dtype, evicted, 3.f, &k, &v);  // ~0.6 of the first step
     ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
     ASSERT_TRUE(
         (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
