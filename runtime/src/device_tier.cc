@@ -237,6 +237,8 @@ class DeviceTier final : public TierBackend {
                       ColdTier* cold) override;
   absl::Status SettleEvictions(ColdTier* cold) override;
   absl::Status SettleReadyEvictions(ColdTier* cold) override;
+  // The two above: the pending batches into `cold`, each waited for (wait) or the complete ones.
+  absl::Status Settle(ColdTier* cold, bool wait);
   // Rows of one pending batch the direct step attends on the device instead of waiting for them.
   static constexpr int64_t kPendingAttendRows = 64;
   int64_t pending_rows() const override { return evictions_.pending_rows() + prompt_.rows; }
@@ -444,19 +446,20 @@ absl::Status DeviceTier::Allocate(const AppendPlan& plan) {
   return absl::OkStatus();
 }
 
-absl::Status DeviceTier::SettleEvictions(ColdTier* cold) {
+absl::Status DeviceTier::SettleEvictions(ColdTier* cold) { return Settle(cold, /*wait=*/true); }
+
+absl::Status DeviceTier::SettleReadyEvictions(ColdTier* cold) {
+  return Settle(cold, /*wait=*/false);
+}
+
+absl::Status DeviceTier::Settle(ColdTier* cold, bool wait) {
   if (evictions_.empty()) return absl::OkStatus();
   KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + evictions_.pending_rows()));
   // Capacity is reserved, so these appends cannot fail half-way.
-  return evictions_.Drain(
-      [&](const void* k, const void* v, int64_t rows) { return cold->Append(k, v, rows); });
-}
-
-absl::Status DeviceTier::SettleReadyEvictions(ColdTier* cold) {
-  if (evictions_.empty()) return absl::OkStatus();
-  KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + evictions_.pending_rows()));
-  return evictions_.DrainReady(
-      [&](const void* k, const void* v, int64_t rows) { return cold->Append(k, v, rows); });
+  auto append = [&](const void* k, const void* v, int64_t rows) {
+    return cold->Append(k, v, rows);
+  };
+  return wait ? evictions_.Drain(append) : evictions_.DrainReady(append);
 }
 
 absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const float* q,
@@ -1267,10 +1270,12 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   // next call. Measurement mode keeps the wait: it records the positions of the rows attended.
   const int64_t t_settle = NowNs();
   bool defer = direct_q && !cfg_->record_attended;
-  KVRT_RETURN_IF_ERROR(settle_evictions(/*wait=*/!defer));
-  defer = defer && !evictions_.empty() && evictions_.size() == 1 &&
-          evictions_.pending_rows() <= kPendingAttendRows && !evictions_.front().done.empty();
-  if (!defer) KVRT_RETURN_IF_ERROR(settle_evictions(true));
+  if (defer) {
+    KVRT_RETURN_IF_ERROR(settle_evictions(/*wait=*/false));
+    defer = evictions_.size() == 1 && evictions_.pending_rows() <= kPendingAttendRows &&
+            !evictions_.front().done.empty();
+  }
+  if (!defer) KVRT_RETURN_IF_ERROR(settle_evictions(/*wait=*/true));
   bool direct = direct_q && direct_.Prepare(cold, stream);
   if (!direct && defer) {
     KVRT_RETURN_IF_ERROR(settle_evictions(true));

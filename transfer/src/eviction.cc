@@ -11,26 +11,27 @@ void EvictionQueue::Push(EvictionBatch batch) {
 
 absl::Status EvictionQueue::Drain(
     const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink) {
-  while (!batches_.empty()) {
-    EvictionBatch& b = batches_.front();
-    if (!b.done.empty()) {
-      if (absl::Status s = b.done.Synchronize(); !s.ok()) return s;
-    }
-    if (absl::Status s = sink(b.k.data(), b.v.data(), b.rows); !s.ok()) return s;
-    rows_ -= b.rows;
-    batches_.pop_front();
-  }
-  return absl::OkStatus();
+  return DrainBatches(sink, /*wait=*/true);
 }
 
 absl::Status EvictionQueue::DrainReady(
     const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink) {
+  return DrainBatches(sink, /*wait=*/false);
+}
+
+absl::Status EvictionQueue::DrainBatches(
+    const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink,
+    bool wait) {
   while (!batches_.empty()) {
     EvictionBatch& b = batches_.front();
     if (!b.done.empty()) {
-      bool done = false;
-      if (absl::Status s = b.done.Query(&done); !s.ok()) return s;
-      if (!done) break;
+      if (wait) {
+        if (absl::Status s = b.done.Synchronize(); !s.ok()) return s;
+      } else {
+        bool done = false;
+        if (absl::Status s = b.done.Query(&done); !s.ok()) return s;
+        if (!done) break;
+      }
     }
     if (absl::Status s = sink(b.k.data(), b.v.data(), b.rows); !s.ok()) return s;
     rows_ -= b.rows;

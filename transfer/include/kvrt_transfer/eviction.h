@@ -56,6 +56,11 @@ class EvictionQueue {
   void Discard();
 
  private:
+  // Drain (wait: each copy waited for) and DrainReady (stops at the first copy in flight).
+  absl::Status DrainBatches(
+      const std::function<absl::Status(const void* k, const void* v, int64_t rows)>& sink,
+      bool wait);
+
   std::deque<EvictionBatch> batches_;
   int64_t rows_ = 0;
 };
