@@ -13,7 +13,8 @@
 # part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu), BENCH=ab-trace the build before
 # (BEFORE) against this one on one generated 128K trace, BENCH=ab-1m the same at 1M on generated
 # keys, BENCH=group the cluster selection per q head against one per kv head (128K trace, 1M),
-# BENCH=acc one 128K trace with accuracy at the defaults, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
+# BENCH=acc one 128K trace with accuracy at the defaults, BENCH=penalty the residency-aware
+# selection (cluster_miss_penalty 0, 0.5, 1) at 128K B=1 and B=16 with accuracy, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
@@ -172,16 +173,19 @@ if [[ "${1:-}" == "--device" ]]; then
       py_package
       trace=/tmp/kvrt-binding.safetensors
       trace_128k $trace || rc=1
-      echo "=== kvrt: bench decode --trace (C API), cluster 128K B=1"
-      timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
-        --accuracy-steps 0 || rc=1
-      echo "=== python: tools/gpu_bench/binding_overhead.py, the same trace and settings"
-      if [[ -n $built ]]; then
-        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
-          PYTHONUNBUFFERED=1 timeout 150 \
-          python3 tools/gpu_bench/binding_overhead.py --trace $trace --cold 131072 --steps 36 \
-          --warmup 3 --json "$out/binding.json" ${BINDING_ARGS:-} || rc=1
-      fi
+      # BINDING_ROUNDS rounds of the two, alternating (the step's p50 moves between processes).
+      for round in $(seq "${BINDING_ROUNDS:-1}"); do
+        echo "=== kvrt: bench decode --trace (C API), cluster 128K B=1, round $round"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --accuracy-steps 0 || rc=1
+        echo "=== python: tools/gpu_bench/binding_overhead.py, the same trace and settings, round $round"
+        if [[ -n $built ]]; then
+          PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
+            PYTHONUNBUFFERED=1 timeout 150 \
+            python3 tools/gpu_bench/binding_overhead.py --trace $trace --cold 131072 --steps 36 \
+            --warmup 3 --json "$out/binding-$round.json" ${BINDING_ARGS:-} || rc=1
+        fi
+      done
       rm -f $trace
     elif [[ "$bench" == parts ]]; then
       # The direct step's kernel whole, without its arithmetic, without its K/V loads (pool rows);
@@ -195,6 +199,33 @@ if [[ "${1:-}" == "--device" ]]; then
     elif [[ "$bench" == mix ]]; then
       # DirectAttend with part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu).
       for round in 1 2; do timeout 120 $b/direct_attend_mix || rc=1; done
+    elif [[ "$bench" == penalty ]]; then
+      # The residency-aware selection (config.cluster_miss_penalty) on one generated 128K trace:
+      # B=1 (rounds in B1_ORDERS) and B=16 per penalty (PENALTIES_B16), then one B=1 run per
+      # penalty with accuracy against exact attention (PENALTIES_ACC); "" skips a part.
+      trace=/tmp/kvrt-penalty.safetensors
+      trace_128k $trace || rc=1
+      # B1_ORDERS: one round per word, the penalties of a round comma-separated, in run order.
+      round=0
+      for order in ${B1_ORDERS:-0,0.5,1 1,0.5,0}; do
+        round=$((round + 1))
+        for pen in ${order//,/ }; do
+          echo "=== penalty $pen, round $round: cluster 128K --trace, B=1"
+          timeout 120 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+            --accuracy-steps 0 --miss-penalty $pen || rc=1
+        done
+      done
+      for pen in ${PENALTIES_B16-0 0.5 1}; do
+        echo "=== penalty $pen: cluster 128K --trace, B=16"
+        timeout 200 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 16 \
+          --attend batch --accuracy-steps 0 --miss-penalty $pen || rc=1
+      done
+      for pen in ${PENALTIES_ACC-0 0.5 1}; do
+        echo "=== penalty $pen: cluster 128K --trace, B=1, accuracy"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --miss-penalty $pen || rc=1
+      done
+      rm -f $trace
     elif [[ "$bench" == ab-trace ]]; then
       # bench decode on one generated 128K trace, the build before (BEFORE=path/to/kvrt when
       # bundling: kvrt_before) against this one, alternating, B=1 and B=16 (kvrt_attend_batch).

@@ -59,6 +59,12 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "config.cluster_top_p: > 0 also ends the cluster selection at this share of "
                   "the estimated mass (default: the library's)")
       ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--miss-penalty", s->miss_penalty,
+                  "config.cluster_miss_penalty: GPU backend, direct step with group selection: "
+                  "each cluster's selection key is lowered by this times the share of its rows "
+                  "not in the GPU page pool, so that rows read over PCIe must carry more "
+                  "estimated mass; 0 = off, in [0, 64] (default: the library's)")
+      ->check(CLI::Range(0.0, 64.0));
   cmd->add_option("--direct-step", s->direct_step,
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
                   "the GPU (hot cache, else the host store over PCIe), 0 = the CPU orders the "
@@ -107,6 +113,7 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   if (s.direct_step >= 0) c.cluster_direct_step = s.direct_step;
   if (s.group_select >= 0) c.cluster_group_select = s.group_select;
   if (s.top_p >= 0) c.cluster_top_p = static_cast<float>(s.top_p);
+  if (s.miss_penalty >= 0) c.cluster_miss_penalty = static_cast<float>(s.miss_penalty);
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;

@@ -3,6 +3,7 @@
 #include "kvrt.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstring>
 #include <exception>
@@ -132,6 +133,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.index.cluster.budget_fraction = c.cluster_budget_fraction;
   r.index.cluster.group_select = c.cluster_group_select != 0;
   r.index.cluster.top_p = c.cluster_top_p;
+  r.index.cluster.miss_penalty = c.cluster_miss_penalty;
   r.cuda_device = c.cuda_device;
   r.direct_step = c.cluster_direct_step != 0;
   r.worker_cpu_first = c.worker_cpu_first;
@@ -158,11 +160,17 @@ constexpr std::size_t kConfigSize033 =
     ConfigSizeEndingAt(offsetof(kvrt_config, cluster_direct_step));
 // 0.3.4 ended at worker_cpu_count (cluster_group_select and cluster_top_p, 0.3.5, follow it).
 constexpr std::size_t kConfigSize034 = ConfigSizeEndingAt(offsetof(kvrt_config, worker_cpu_count));
+// 0.3.5 to 0.3.8 ended at cluster_top_p. cluster_miss_penalty (0.3.9) lies in that size's tail
+// padding, as hot_cache_fraction did in 0.3.0's: a caller of that size gets its default. Alone the
+// new float would have left sizeof(kvrt_config) unchanged (the two sizes could not be told
+// apart), hence reserved0 after it.
+constexpr std::size_t kConfigSize035 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_top_p));
 constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, kConfigSize033,
-                                        kConfigSize034, sizeof(kvrt_config)};
+                                        kConfigSize034, kConfigSize035, sizeof(kvrt_config)};
 static_assert(kConfigSize031 < kConfigSize033, "0.3.3's field must change the size");
 static_assert(kConfigSize033 < kConfigSize034, "0.3.4's fields must change the size");
-static_assert(kConfigSize034 < sizeof(kvrt_config), "0.3.5's fields must change the size");
+static_assert(kConfigSize034 < kConfigSize035, "0.3.5's fields must change the size");
+static_assert(kConfigSize035 < sizeof(kvrt_config), "0.3.9's fields must change the size");
 constexpr std::size_t kStatsSizes[] = {
     offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
     offsetof(kvrt_stats, attends_direct), offsetof(kvrt_stats, time_background_wait_ns),
@@ -223,6 +231,8 @@ kvrt_config Defaults() {
   c.worker_cpu_count = 0;
   c.cluster_group_select = 1;
   c.cluster_top_p = 0.f;
+  c.cluster_miss_penalty = 0.5f;
+  c.reserved0 = 0;
   return c;
 }
 
@@ -236,9 +246,11 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
                              : size == kConfigSize031 ? offsetof(kvrt_config, cluster_direct_step)
                              : size == kConfigSize033 ? offsetof(kvrt_config, worker_cpu_first)
                              : size == kConfigSize034 ? offsetof(kvrt_config, cluster_group_select)
+                             : size == kConfigSize035 ? offsetof(kvrt_config, cluster_miss_penalty)
                                                       : size;
   std::memcpy(out, in, prefix);
   out->struct_size = sizeof(kvrt_config);
+  out->reserved0 = 0;  // not read; kvrt_runtime_config reports 0
   return KVRT_OK;
 }
 

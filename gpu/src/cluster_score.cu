@@ -359,11 +359,13 @@ __device__ __forceinline__ uint32_t OrderedKey(float f) {
 
 // Group selection's keys (cluster_kernels.h): grid (cluster chunks, kv heads). Each CTA first
 // merges its group's tile states into each head's log total (as SelectKernel does), then
-// key_c = log sum_h exp(density_{h,c} - lse_h) for its chunk of clusters.
+// key_c = log sum_h exp(density_{h,c} - lse_h) for its chunk of clusters, less offset_c (null:
+// none; ClusterStepParams::key_offset).
 template <int D>
 __global__ void __launch_bounds__(kKeyThreads)
     GroupKeyKernel(ClusterSummaryView s, int g, int tiles, const float* __restrict__ density,
-                   const float* __restrict__ partial, float* __restrict__ key) {
+                   const float* __restrict__ partial, const float* __restrict__ offset,
+                   float* __restrict__ key) {
   __shared__ float s_lse[kClusterMaxGroup];
   const int h = blockIdx.y, c_n = s.num_clusters, t = threadIdx.x;
   const int lane = t & 31, warp = t >> 5;
@@ -400,6 +402,7 @@ __global__ void __launch_bounds__(kKeyThreads)
         float l = 0.f;
         for (int i = 0; i < g; ++i) l += dv[i] == -INFINITY ? 0.f : __expf(dv[i] - m);
         kj = m + logf(l);
+        if (offset != nullptr) kj -= offset[static_cast<size_t>(h) * c_n + j];
       }
     }
     key[static_cast<size_t>(h) * c_n + j] = kj;
@@ -1036,7 +1039,8 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
     if (err.ok() && grp) {
       const dim3 kgrid(static_cast<unsigned>((s.num_clusters + kKeyClusters - 1) / kKeyClusters),
                        static_cast<unsigned>(s.kv_heads));
-      GroupKeyKernel<D><<<kgrid, kKeyThreads, 0, st>>>(s, g, cctas, out.density, ws, out.group_key);
+      GroupKeyKernel<D><<<kgrid, kKeyThreads, 0, st>>>(s, g, cctas, out.density, ws, p.key_offset,
+                                                       out.group_key);
       err = LastLaunchErr();
     }
     if (err.ok()) {

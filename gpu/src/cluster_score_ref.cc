@@ -75,6 +75,7 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
       for (int i = 0; i < g; ++i)
         if (dv[i] > -INFINITY) l += std::exp(dv[i] - m);
       *key = static_cast<float>(m + std::log(l));
+      if (p.key_offset != nullptr) *key -= p.key_offset[static_cast<std::size_t>(h) * c + j];
     }
   }
   for (int qh = 0; qh < p.q_heads; ++qh) {

@@ -112,6 +112,20 @@ absl::Status CheckCommitStaged(const DirectRowsView& v, const char* fn) {
   return absl::OkStatus();
 }
 
+absl::Status CheckMissPenalty(const DirectRowsView& v, float penalty, const float* offset,
+                              const char* fn) {
+  if (v.kv_heads <= 0 || v.num_clusters < 0) return Invalid(fn, "need kv_heads > 0, C >= 0");
+  if (!std::isfinite(penalty) || penalty < 0.f)
+    return absl::InvalidArgumentError(
+        absl::StrCat(fn, ": penalty ", penalty, " must be finite and >= 0"));
+  if (v.num_clusters > 0 &&
+      (offset == nullptr || v.cluster_begin == nullptr || v.cluster_size == nullptr ||
+       (v.blocks_per_head > 0 && v.block_page == nullptr))) {
+    return Invalid(fn, "null offset, cluster or page table array");
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace detail
 
 using detail::NoCuda;
@@ -181,6 +195,18 @@ absl::Status PreloadDirectStepKernels(DType dtype, int head_dim, int q_heads, in
 #else
   (void)dtype;
   (void)head_dim;
+  return NoCuda(kFn);
+#endif
+}
+
+absl::Status MissPenaltyOffsets(const DirectRowsView& v, float penalty, float* offset,
+                                void* stream) {
+  constexpr const char* kFn = "MissPenaltyOffsets";
+  if (auto s = detail::CheckMissPenalty(v, penalty, offset, kFn); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchMissPenaltyOffsets(v, penalty, offset, stream), kFn);
+#else
+  (void)stream;
   return NoCuda(kFn);
 #endif
 }

@@ -187,6 +187,26 @@ absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int 
   return absl::OkStatus();
 }
 
+absl::Status MissPenaltyOffsetsHost(const DirectRowsView& v, float penalty, float* offset) {
+  if (auto s = detail::CheckMissPenalty(v, penalty, offset, "MissPenaltyOffsetsHost"); !s.ok())
+    return s;
+  const int64_t c = v.num_clusters;
+  for (int g = 0; g < v.kv_heads; ++g)
+    for (int64_t j = 0; j < c; ++j) {
+      const std::size_t at = static_cast<std::size_t>(g) * c + j;
+      const int32_t n = v.cluster_size[at];
+      if (n <= 0) {
+        offset[at] = 0.f;
+        continue;
+      }
+      int32_t missed = 0;
+      for (int64_t r = v.cluster_begin[at]; r < int64_t{v.cluster_begin[at]} + n; ++r)
+        missed += detail::PoolHoldsRow(v, g, r) ? 0 : 1;
+      offset[at] = penalty * static_cast<float>(missed) / static_cast<float>(n);
+    }
+  return absl::OkStatus();
+}
+
 absl::Status CommitStagedHost(const DirectRowsView& v) {
   if (auto s = detail::CheckCommitStaged(v, "CommitStagedHost"); !s.ok()) return s;
   const std::size_t row_bytes = RowBytes(v);

@@ -41,5 +41,6 @@ Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const floa
 Err PreloadDirectStep(DType dtype, int head_dim, int q_heads, int kv_heads);
 Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);
 Err LaunchCommitStaged(const DirectRowsView& v, void* stream);
+Err LaunchMissPenaltyOffsets(const DirectRowsView& v, float penalty, float* offset, void* stream);
 
 }  // namespace kvrt::gpu::detail

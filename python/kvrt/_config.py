@@ -58,6 +58,10 @@ class Config:
             (ranked by their summed shares of estimated mass); 0 = one per q head. Since 0.3.5.
         cluster_top_p: > 0 also ends a cluster selection once it holds this share of the
             estimated mass (0 = the budget alone). Since 0.3.5.
+        cluster_miss_penalty: GPU backend, direct step with group selection: a cluster's
+            selection key is lowered by this times the share of its rows not in the GPU hot
+            cache, so that rows read over PCIe must carry more estimated mass (0 = off; finite,
+            in [0, 64]). Since 0.3.9.
     """
 
     num_layers: int = 32
@@ -87,6 +91,7 @@ class Config:
     worker_cpu_count: int = 0
     cluster_group_select: int = 1
     cluster_top_p: float = 0.0
+    cluster_miss_penalty: float = 0.5
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

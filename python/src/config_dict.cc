@@ -143,12 +143,13 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction" ||
-               k == "cluster_top_p") {
+               k == "cluster_top_p" || k == "cluster_miss_penalty") {
       if (!PyFloat_Check(value.ptr()) && !PyLong_Check(value.ptr()))
         BadField(k, "must be a number");
       (k == "hot_cache_fraction"        ? c.hot_cache_fraction
        : k == "cluster_budget_fraction" ? c.cluster_budget_fraction
-                                        : c.cluster_top_p) = float(nb::cast<double>(value));
+       : k == "cluster_top_p"           ? c.cluster_top_p
+                                        : c.cluster_miss_penalty) = float(nb::cast<double>(value));
     } else {
       Raise(KVRT_ERR_INVALID_ARGUMENT, kCall, "unknown config field '" + k + "'");
     }
@@ -189,6 +190,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["worker_cpu_count"] = c.worker_cpu_count;
   d["cluster_group_select"] = c.cluster_group_select;
   d["cluster_top_p"] = ShortFloat(c.cluster_top_p);
+  d["cluster_miss_penalty"] = ShortFloat(c.cluster_miss_penalty);
   return d;
 }
 
@@ -240,5 +242,5 @@ nb::dict StatsToDict(const kvrt_stats& s) {
 // A field appended to kvrt.h must be added above (and to kvrt/_config.py / _stats.py).
 static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 36 * sizeof(int64_t),
               "kvrt_stats changed: update StatsToDict and kvrt/_stats.py");
-static_assert(sizeof(kvrt_config) == 128,
+static_assert(sizeof(kvrt_config) == 136,
               "kvrt_config changed: update ConfigFromDict/ConfigToDict and kvrt/_config.py");

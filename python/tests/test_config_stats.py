@@ -39,6 +39,18 @@ def test_config_round_trips_every_field():
     assert kvrt.Runtime(cfg).config == cfg
 
 
+def test_cluster_miss_penalty_round_trips_and_is_checked():
+    assert kvrt.Config().cluster_miss_penalty == 0.5  # the library's default (0.3.9)
+    for penalty in (0.0, 0.25, 2.0, 64):
+        cfg = kvrt.Config(**SHAPE, index_kind="cluster", cluster_miss_penalty=penalty)
+        assert kvrt.Runtime(cfg).config.cluster_miss_penalty == penalty
+    for bad in (float("nan"), -1.0, 65.0, float("inf")):
+        with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.cluster_miss_penalty = "):
+            kvrt.Runtime(**SHAPE, cluster_miss_penalty=bad)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.cluster_miss_penalty must be"):
+        kvrt.Runtime(**SHAPE, cluster_miss_penalty="high")
+
+
 def test_worker_cpu_range_is_checked_and_reported():
     eff = kvrt.Runtime(**SHAPE, worker_cpu_first=0, worker_cpu_count=1).config
     assert (eff.worker_cpu_first, eff.worker_cpu_count, eff.worker_threads) == (0, 1, 1)

@@ -599,6 +599,11 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
   return absl::OkStatus();
 }
 
+absl::Status DirectStep::MissPenaltyOffsets(const ColdTier& cold, float penalty, float* offset,
+                                            void* stream) {
+  return gpu::MissPenaltyOffsets(View(cold.rows()), penalty, offset, stream);
+}
+
 absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
                                 const float* q, float* o, float* lse, void* stream,
                                 tbb::task_arena& arena, ColdSelection* sel) {

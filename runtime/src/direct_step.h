@@ -66,6 +66,10 @@ class DirectStep {
   // at a new index version (C clusters per kv head; cluster_size: the device summary's
   // [kv_heads, C] sizes, gpu::ClusterSummaryView::size).
   absl::Status BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size, void* stream);
+  // Residency-aware selection (ClusterConfig::miss_penalty), after BeginStep (the table is then
+  // the one this step's attend reads): offset [kv_heads, C] (device) <- penalty x each cluster's
+  // share of rows not in the pool (gpu::MissPenaltyOffsets), for ClusterStepParams::key_offset.
+  absl::Status MissPenaltyOffsets(const ColdTier& cold, float penalty, float* offset, void* stream);
   // Then: MarkSelected, DirectAttend into o, lse (device f32 [q_heads, d],
   // [q_heads]), the mask's copy, and the admission job. selected/count: ClusterStep's outputs
   // (device, [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. *sel: every active head's CPU

@@ -95,6 +95,10 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   if (!(top_p >= 0.f && top_p <= 1.f))
     return absl::InvalidArgumentError(
         absl::StrCat("config.cluster_top_p = ", top_p, " must be in [0, 1]"));
+  const float miss_penalty = c.index.cluster.miss_penalty;
+  if (!(miss_penalty >= 0.f && miss_penalty <= 64.f))  // NaN fails too
+    return absl::InvalidArgumentError(absl::StrCat("config.cluster_miss_penalty = ", miss_penalty,
+                                                   " must be finite and in [0, 64] (0 = off)"));
   KVRT_RETURN_IF_ERROR(Range("cuda_device", c.cuda_device, -1, 1 << 16));
   KVRT_RETURN_IF_ERROR(Range("host_memory_limit", c.host_memory_limit, 0, INT64_MAX));
   KVRT_RETURN_IF_ERROR(Range("gpu_memory_limit", c.gpu_memory_limit, 0, INT64_MAX));

@@ -414,6 +414,72 @@ TEST(ContractConfig, ClusterTopPOutOfRangeIsRefused) {
   EXPECT_EQ(rt, nullptr);
 }
 
+// 0.3.9 appended cluster_miss_penalty (and reserved0, which keeps the size apart): a caller
+// compiled against 0.3.5-0.3.8 passes the size that ended at cluster_top_p (the penalty lies in
+// its tail padding); whatever lies there and past its struct, it gets the penalty's default, and
+// kvrt_runtime_config writes only its prefix.
+TEST(ContractConfig, A035CallerGetsTheDefaultMissPenalty) {
+  const std::size_t config035 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_top_p));
+  ASSERT_GT(config035, offsetof(kvrt_config, cluster_miss_penalty)) << "the field sits in padding";
+  ASSERT_LT(config035, sizeof(kvrt_config)) << "the sizes must differ";
+  kvrt_config c = TinyConfig();
+  c.struct_size = config035;
+  c.cluster_top_p = 0.25f;       // inside the 0.3.5 struct: read
+  c.cluster_miss_penalty = NAN;  // the 0.3.5 struct's padding: not read (it would be refused)
+  c.reserved0 = 7;               // past the 0.3.5 struct
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_config eff = kvrt_config_default();
+  ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+  EXPECT_EQ(eff.cluster_top_p, 0.25f);
+  EXPECT_EQ(eff.cluster_miss_penalty, kvrt_config_default().cluster_miss_penalty);
+  EXPECT_EQ(eff.cluster_miss_penalty, 0.5f);
+  EXPECT_EQ(eff.reserved0, 0);
+  kvrt_config old;
+  std::memset(&old, 0xab, sizeof old);
+  old.struct_size = config035;
+  ASSERT_EQ(kvrt_runtime_config(rt, &old), KVRT_OK);
+  EXPECT_EQ(old.struct_size, config035);
+  EXPECT_EQ(old.cluster_top_p, 0.25f);
+  int32_t untouched;
+  std::memset(&untouched, 0xab, sizeof untouched);
+  EXPECT_EQ(old.reserved0, untouched);
+  kvrt_runtime_destroy(rt);
+  EXPECT_EQ(kvrt_config_init(&old, config035), KVRT_OK);
+  EXPECT_EQ(old.struct_size, config035);
+  EXPECT_EQ(old.cluster_top_p, kvrt_config_default().cluster_top_p);
+}
+
+TEST(ContractConfig, ClusterMissPenaltyOutsideZeroTo64IsRefused) {
+  const struct {
+    float value;
+    const char* text;
+  } bad[] = {{NAN, "= nan"}, {-1.f, "= -1"}, {65.f, "= 65"}, {INFINITY, "= inf"}};
+  for (const auto& b : bad) {
+    SCOPED_TRACE(::testing::Message() << "cluster_miss_penalty " << b.value);
+    kvrt_config c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.cluster_miss_penalty = b.value;
+    kvrt_runtime* rt = nullptr;
+    EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
+    EXPECT_TRUE(Mentions("cluster_miss_penalty")) << kvrt_last_error();
+    EXPECT_TRUE(Mentions(b.text)) << kvrt_last_error();
+    EXPECT_EQ(rt, nullptr);
+  }
+  for (float good : {0.f, 2.f, 64.f}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_miss_penalty " << good);
+    kvrt_config c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.cluster_miss_penalty = good;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_config eff = kvrt_config_default();
+    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    EXPECT_EQ(eff.cluster_miss_penalty, good);
+    kvrt_runtime_destroy(rt);
+  }
+}
+
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
 // 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the

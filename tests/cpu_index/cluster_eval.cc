@@ -75,6 +75,41 @@ std::vector<PoolPolicy> PoolPolicies() {
   return out;
 }
 
+// CLUSTER_EVAL_MISS_CAPS=cap[d]|pX,...: for every group variant, a run whose selection reads at
+// most cap x budget rows per kv head and step over PCIe (SelectClustersCapped; "inf": no bound),
+// the other selected clusters' rows found in the direct step's staged page pool (0.1/1/0/2 above,
+// the outliers resident, as DirectStep::Warm copies them in). A "d" suffix: the clusters the bound
+// passed over are copied in after the step (deferred), resident from the next one. "pX": no
+// bound, but each group key lowered by X x the cluster's share of rows not in the pool (the
+// residency-aware selection of the direct step, ClusterConfig::miss_penalty).
+struct MissRule {
+  double cap = -1;        // x budget; < 0: no bound
+  bool deferred = false;  // the passed-over clusters copied in after the step
+  double penalty = 0;     // > 0: no bound; the group key lowered by penalty x the miss share
+};
+
+std::vector<MissRule> MissCaps() {
+  std::vector<MissRule> out;
+  const char* env = std::getenv("CLUSTER_EVAL_MISS_CAPS");
+  if (env == nullptr) return out;
+  std::string list = env;
+  std::size_t at = 0;
+  while (at < list.size()) {
+    const std::size_t end = std::min(list.find(',', at), list.size());
+    const std::string item = list.substr(at, end - at);
+    MissRule r;
+    if (!item.empty() && item[0] == 'p') {
+      r.penalty = std::atof(item.c_str() + 1);
+    } else {
+      r.deferred = !item.empty() && item.back() == 'd';
+      r.cap = item == "inf" ? -1.0 : std::atof(item.c_str());
+    }
+    out.push_back(r);
+    at = end + 1;
+  }
+  return out;
+}
+
 struct Stats {
   std::vector<double> err, flat_err;
   double tokens = 0, kv_tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0,
@@ -86,6 +121,8 @@ struct Stats {
   // Per pool policy (CLUSTER_EVAL_POOLS), a pool sized to the clustered rows and shown only the
   // selection (as if the tail had a place of its own): the selection's own step-to-step locality.
   std::vector<int64_t> sel_rows, sel_hit_rows, sel_fills;
+  // Miss-capped runs (CLUSTER_EVAL_MISS_CAPS): selected cluster rows and those read over PCIe.
+  int64_t cap_rows = 0, cap_miss_rows = 0, cap_fill_rows = 0;
   double build_s = 0;
 };
 
@@ -139,6 +176,154 @@ double Pct(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
   return v[std::min<std::size_t>(v.size() - 1, static_cast<std::size_t>(p * v.size()))];
+}
+
+// SelectClusters under a bound on the rows read from host memory: clusters in the same order, but
+// one whose `miss_rows[c]` (its rows not on the GPU) would take the selection's misses past
+// `miss_cap` is skipped (left to the estimate) and the walk goes on, so resident clusters further
+// down fill the token budget. miss_cap < 0: no bound (SelectClusters' selection, top_p aside).
+// Returns the selected tokens; *misses gets the selected miss rows, *skipped the clusters passed
+// over for the bound, in order.
+int64_t SelectClustersCapped(const ClusterSummary& s, const float* density, int64_t budget_tokens,
+                             const int32_t* miss_rows, int64_t miss_cap,
+                             std::vector<int32_t>* selected, int64_t* misses,
+                             std::vector<int32_t>* skipped) {
+  selected->clear();
+  if (skipped != nullptr) skipped->clear();
+  if (misses != nullptr) *misses = 0;
+  const int64_t c = s.num_clusters();
+  if (c == 0 || budget_tokens <= 0) return 0;
+  std::vector<int32_t> idx(c);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::sort(idx.begin(), idx.end(), [density](int32_t a, int32_t b) {
+    return density[a] > density[b] || (density[a] == density[b] && a < b);
+  });
+  int64_t tokens = 0, missed = 0;
+  for (const int32_t j : idx) {
+    if (miss_cap >= 0 && miss_rows[j] > 0 && missed + miss_rows[j] > miss_cap) {
+      skipped->push_back(j);
+      continue;
+    }
+    selected->push_back(j);
+    tokens += s.size[j];
+    missed += miss_rows[j];
+    if (tokens >= budget_tokens) break;
+  }
+  *misses = missed;
+  return tokens;
+}
+
+// Lazy pool policies: per block, the page its valid rows were written to and their bits.
+struct LazyBlock {
+  int32_t page = -1;
+  uint32_t valid = 0;
+};
+constexpr int64_t kBlock = 8;  // rows per pool page (DirectStep's)
+
+// One step of a miss-capped run for the g queries qs [g, d] of a kv head: the group selection by
+// SelectClustersCapped with the rows not valid in the staged pool as misses (cap x budget of
+// them at most; cap < 0: no bound), each query's estimate over the clusters left, then the pool
+// updated as DirectStep's staged policy does (the step's rows read over PCIe fill the pages their
+// blocks get after it).
+void CapStep(const ClusterSummary& s, const float* qs, int g, float scale, float spread_weight,
+             double budget_fraction, int64_t min_budget, int64_t covered, const MissRule& rule,
+             runtime::BlockPageCache* pool, std::vector<LazyBlock>* lazy, SearchResult* out,
+             Stats* stats) {
+  const int d = s.dim;
+  const int64_t c = s.num_clusters();
+  std::vector<float> mu(static_cast<std::size_t>(c) * d);
+  ConvertToF32(s.centroid.data(), DType::kBF16, mu.size(), mu.data());
+  std::vector<float> density(static_cast<std::size_t>(g) * c), key(c), scores(c);
+  for (int j = 0; j < g; ++j) {
+    const float* q = qs + static_cast<std::size_t>(j) * d;
+    float qn2 = 0;
+    for (int t = 0; t < d; ++t) qn2 += q[t] * q[t];
+    for (int64_t k = 0; k < c; ++k) {
+      float a = 0;
+      for (int t = 0; t < d; ++t) a += q[t] * mu[k * d + t];
+      scores[k] = a;
+    }
+    ClusterDensity(s, scores.data(), qn2, scale, spread_weight, density.data() + j * c);
+  }
+  GroupSelectionKey(s, density.data(), g, key.data());
+  auto valid = [&](int64_t r) {
+    const int64_t b = r / kBlock;
+    const int32_t page = pool->page(0, b);
+    const LazyBlock& lb = (*lazy)[b];
+    return page >= 0 && lb.page == page && ((lb.valid >> (r % kBlock)) & 1u);
+  };
+  std::vector<int32_t> miss(c, 0);
+  for (int64_t k = 0; k < c; ++k)
+    for (int64_t r = s.begin[k]; r < s.begin[k] + s.size[k]; ++r) miss[k] += valid(r) ? 0 : 1;
+  const int64_t no = static_cast<int64_t>(s.outliers.size());
+  const int64_t budget = std::max<int64_t>(
+      {1, static_cast<int64_t>(std::ceil(budget_fraction * (covered - no))), min_budget});
+  std::vector<int32_t> sel, skipped;
+  int64_t missed = 0;
+  if (rule.penalty > 0)
+    for (int64_t k = 0; k < c; ++k)
+      if (s.size[k] > 0) key[k] -= static_cast<float>(rule.penalty * miss[k] / s.size[k]);
+  const int64_t tokens = SelectClustersCapped(s, key.data(), budget, miss.data(),
+                                              rule.cap < 0 ? -1 : std::llround(rule.cap * budget),
+                                              &sel, &missed, &skipped);
+  stats->cap_rows += tokens;
+  stats->cap_miss_rows += missed;
+  stats->kv_tokens += double(tokens + no) / covered;
+  ++stats->kv_n;
+  for (int j = 0; j < g; ++j) {
+    SearchResult& r = out[j];
+    r.ids.assign(s.outliers.begin(), s.outliers.end());
+    for (const int32_t k : sel)
+      for (int64_t row = s.begin[k]; row < s.begin[k] + s.size[k]; ++row) r.ids.push_back(row);
+    r.est_o.assign(d, 0.f);
+    EstimateUnselected(s, density.data() + j * c, sel, r.est_o.data(), &r.est_lse);
+    if (r.est_lse == -INFINITY) r.est_o.clear();
+  }
+  // The staged pool: blocks read (hits first), then misses admitted with the rows just read.
+  std::vector<std::pair<int64_t, uint32_t>> reads;  // (block, bits)
+  for (const int32_t k : sel)
+    for (int64_t row = s.begin[k]; row < s.begin[k] + s.size[k]; ++row) {
+      const int64_t b = row / kBlock;
+      if ((b + 1) * kBlock > covered) continue;  // a partial last block never gets a page
+      if (reads.empty() || reads.back().first != b) reads.push_back({b, 0});
+      reads.back().second |= 1u << (row % kBlock);
+    }
+  std::sort(reads.begin(), reads.end());
+  std::vector<std::pair<int64_t, uint32_t>> merged;
+  for (const auto& rd : reads) {
+    if (!merged.empty() && merged.back().first == rd.first)
+      merged.back().second |= rd.second;
+    else
+      merged.push_back(rd);
+  }
+  pool->NextStep();
+  for (const auto& [b, bits] : merged) {
+    const int32_t page = pool->page(0, b);
+    LazyBlock& lb = (*lazy)[b];
+    if (page < 0 || lb.page != page) lb = {page, 0};
+    if (page >= 0) lb.valid |= bits;
+  }
+  for (const auto& [b, bits] : merged) (void)pool->Use(0, b, false);
+  for (const auto& [b, bits] : merged) {
+    if (pool->page(0, b) >= 0) continue;
+    (void)pool->Use(0, b, true);
+    const int32_t page = pool->page(0, b);
+    if (page >= 0) (*lazy)[b] = {page, bits};
+  }
+  // Deferred: the clusters the bound passed over are copied in whole blocks after the step (off
+  // its path: the copy engine during the next layers), resident from the next step.
+  if (!rule.deferred) return;
+  for (const int32_t k : skipped)
+    for (int64_t b = s.begin[k] / kBlock; b * kBlock < s.begin[k] + s.size[k]; ++b) {
+      if ((b + 1) * kBlock > covered) continue;
+      const int32_t had = pool->page(0, b);
+      if (had >= 0 && (*lazy)[b].page == had && (*lazy)[b].valid == 0xFFu) continue;
+      (void)pool->Use(0, b, true);
+      const int32_t page = pool->page(0, b);
+      if (page < 0) continue;
+      (*lazy)[b] = {page, 0xFFu};
+      stats->cap_fill_rows += kBlock;
+    }
 }
 
 std::vector<float> ToF32(const trace::TensorView& t) {
@@ -224,7 +409,29 @@ int main(int argc, char** argv) {
     variants = kept;
   }
   const std::vector<PoolPolicy> policies = PoolPolicies();
-  std::vector<Stats> stats(variants.size());
+  // Runs after the variants: miss-capped selections over a group variant's index.
+  struct CapRun {
+    std::size_t base;
+    MissRule rule;
+    std::string name;
+  };
+  std::vector<CapRun> cap_runs;
+  for (const MissRule& rule : MissCaps())
+    for (std::size_t vi = 0; vi < variants.size(); ++vi)
+      if (variants[vi].group) {
+        char name[64];
+        if (rule.penalty > 0)
+          std::snprintf(name, sizeof(name), "%s@pen%.2f", variants[vi].name, rule.penalty);
+        else if (rule.cap < 0)
+          std::snprintf(name, sizeof(name), "%s@missinf", variants[vi].name);
+        else
+          std::snprintf(name, sizeof(name), "%s@miss%.2f%s", variants[vi].name, rule.cap,
+                        rule.deferred ? "d" : "");
+        cap_runs.push_back({vi, rule, name});
+      }
+  const std::size_t nv = variants.size(), nruns = nv + cap_runs.size();
+  auto base_of = [&](std::size_t r) { return r < nv ? r : cap_runs[r - nv].base; };
+  std::vector<Stats> stats(nruns);
   for (Stats& S : stats) {
     S.sel_rows.assign(policies.size(), 0);
     S.sel_hit_rows.assign(policies.size(), 0);
@@ -306,15 +513,9 @@ int main(int argc, char** argv) {
       // The pool as 0.3.5's DirectStep ran it, the tail included (hot_cache_fraction 0.1 of the
       // cold rows, 8-row blocks, second-chance admission, at most an eighth of the pages per
       // step); the per-policy pools below show the selection alone.
-      constexpr int64_t kBlock = 8;
       const int64_t pages = std::max<int64_t>(1, (cold / 10 + kBlock - 1) / kBlock);
       std::vector<runtime::BlockPageCache> pools;
       std::vector<std::vector<runtime::BlockPageCache>> sel_pools(variants.size());
-      // Lazy policies: per block, the page its valid rows were written to and their bits.
-      struct LazyBlock {
-        int32_t page = -1;
-        uint32_t valid = 0;
-      };
       std::vector<std::vector<std::vector<LazyBlock>>> lazy(
           variants.size(), std::vector<std::vector<LazyBlock>>(
                                policies.size(), std::vector<LazyBlock>(covered / kBlock + 1)));
@@ -327,11 +528,17 @@ int main(int argc, char** argv) {
                                      pp.cap_div > 0 ? std::max<int64_t>(64, sp / pp.cap_div) : 0);
         }
       }
+      std::vector<runtime::BlockPageCache> cap_pools;
+      std::vector<std::vector<LazyBlock>> cap_lazy(cap_runs.size(),
+                                                   std::vector<LazyBlock>(covered / kBlock + 1));
+      for (std::size_t ci = 0; ci < cap_runs.size(); ++ci)
+        cap_pools.emplace_back(
+            1, std::max<int64_t>(1, (static_cast<int64_t>(0.1 * covered) + kBlock - 1) / kBlock), 1,
+            0);
       for (int step = 0; step < steps; ++step) {
         // Every variant's results for the group's queries of this step; the rows of the kv head
         // (their union) are what a step reads.
-        std::vector<std::vector<SearchResult>> results(variants.size(),
-                                                       std::vector<SearchResult>(g));
+        std::vector<std::vector<SearchResult>> results(nruns, std::vector<SearchResult>(g));
         {
           std::vector<float> qs(dq.data() + (static_cast<std::size_t>(step) * qh + h * g) * d,
                                 dq.data() + (static_cast<std::size_t>(step) * qh + h * g + g) * d);
@@ -421,6 +628,11 @@ int main(int argc, char** argv) {
             }
             ++P.pool_steps;
           }
+          for (std::size_t ci = 0; ci < cap_runs.size(); ++ci)
+            CapStep(*GetClusterSummary(*idx[cap_runs[ci].base]), qs.data(), g,
+                    static_cast<float>(scale), variants[cap_runs[ci].base].spread, budget_fraction,
+                    min_budget, covered, cap_runs[ci].rule, &cap_pools[ci], &cap_lazy[ci],
+                    results[nv + ci].data(), &stats[nv + ci]);
         }
         for (int j = 0; j < g; ++j) {
           const int qi = h * g + j;
@@ -474,10 +686,10 @@ int main(int argc, char** argv) {
             for (int64_t r : rows) hit += top100[r];
             return double(hit) / std::min<int64_t>(100, covered);
           };
-          for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+          for (std::size_t vi = 0; vi < nruns; ++vi) {
             const SearchResult& res = results[vi][j];
             std::vector<int64_t> rows;
-            for (int64_t id : res.ids) rows.push_back(orig[vi][id]);
+            for (int64_t id : res.ids) rows.push_back(orig[base_of(vi)][id]);
             State st = exact_part;
             Merge(&st, Attend(cs, rows, cv.data(), d));
             if (!res.est_o.empty() && res.est_lse > -INFINITY) {
@@ -552,5 +764,24 @@ int main(int argc, char** argv) {
                   100.0 * S.sel_hit_rows[pi] / std::max<int64_t>(S.sel_rows[pi], 1), miss, fill,
                   miss + fill);
     }
+  if (!cap_runs.empty())
+    std::printf(
+        "\nmiss-capped group selection (staged pool 0.1/1/0, outliers resident), per kv head and "
+        "step\n%-32s %7s %8s %8s %8s %8s %6s %6s %6s %7s %9s %9s\n",
+        "run", "kv%", "err", "err_p99", "flat", "flat_p99", "ratio", "mass", "f_mass", "hit%",
+        "miss_kB", "defer_kB");
+  for (std::size_t ci = 0; ci < cap_runs.size(); ++ci) {
+    const Stats& S = stats[nv + ci];
+    const double n = std::max<int64_t>(S.n, 1);
+    const double em = std::accumulate(S.err.begin(), S.err.end(), 0.0) / n;
+    const double fm = std::accumulate(S.flat_err.begin(), S.flat_err.end(), 0.0) / n;
+    std::printf("%-32s %7.2f %8.4f %8.4f %8.4f %8.4f %6.2f %6.3f %6.3f %7.1f %9.1f %9.1f\n",
+                cap_runs[ci].name.c_str(), 100 * S.kv_tokens / std::max<int64_t>(S.kv_n, 1), em,
+                Pct(S.err, 0.99), fm, Pct(S.flat_err, 0.99), em / std::max(fm, 1e-30), S.mass / n,
+                S.flat_mass / n,
+                100.0 * (S.cap_rows - S.cap_miss_rows) / std::max<int64_t>(S.cap_rows, 1),
+                S.cap_miss_rows * kv_row_bytes / std::max<int64_t>(S.kv_n, 1) / 1024,
+                S.cap_fill_rows * kv_row_bytes / std::max<int64_t>(S.kv_n, 1) / 1024);
+  }
   return 0;
 }

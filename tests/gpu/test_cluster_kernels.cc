@@ -212,6 +212,33 @@ TEST(ClusterStepHost, GroupSelectionSharesOneListPerKvHead) {
   ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p1, b.View()).ok());
   EXPECT_EQ(a.sel, b.sel);
   EXPECT_EQ(a.eo, b.eo);
+  // Key offsets (residency-aware selection) lower the group keys by exactly their value: a large
+  // one on each kv head's best cluster takes it out of the selection, into every head's estimate.
+  {
+    std::vector<float> offset(std::size_t(kv) * c, 0.f);
+    std::vector<int32_t> best(kv);
+    for (int kh = 0; kh < kv; ++kh) {
+      const float* k = grp.gkey.data() + std::size_t(kh) * c;
+      best[kh] = static_cast<int32_t>(std::max_element(k, k + c) - k);
+      offset[std::size_t(kh) * c + best[kh]] = 100.f;
+      offset[std::size_t(kh) * c + (best[kh] + 1) % c] = 0.25f;
+    }
+    ClusterStepParams po = p;
+    po.key_offset = offset.data();
+    HostOut off(qh, c, 0, d);
+    ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), po, off.View()).ok());
+    for (std::size_t i = 0; i < offset.size(); ++i) {
+      if (grp.gkey[i] == kNegInf) continue;
+      EXPECT_EQ(off.gkey[i], grp.gkey[i] - offset[i]) << i;
+    }
+    for (int kh = 0; kh < kv; ++kh) {
+      const int h = kh * g;
+      const auto first = off.sel.begin() + std::size_t(h) * c;
+      EXPECT_EQ(std::count(first, first + off.cnt[h], best[kh]), 0) << "kv head " << kh;
+      EXPECT_GE(off.tok[h], 300);  // the budget filled by others
+      EXPECT_NE(off.lse[h], grp.lse[h]);
+    }
+  }
   // group_select with a group needs the key output.
   ClusterStepOutputs no_key = grp.View();
   no_key.group_key = nullptr;
@@ -313,6 +340,7 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     int dup = 0;        // every dup-th cluster a copy of cluster 0 (exact ties), 0: none
     float q_sd = 0.6f;  // 0: every density equal (a degenerate range)
     bool group = false;  // group selection
+    float offset = 0.f;  // > 0: key offsets uniform in [0, offset) (residency-aware selection)
   };
   const std::vector<Shape> shapes = {
       {1, 1, 64, 1, 0, 5, 0.f, false},
@@ -340,12 +368,15 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       {2, 4, 128, 8000, 0, 60000, 0.3f, false, 40, 0.6f, true},
       {2, 4, 64, 3000, 4, 9000, 0.f, false, 0, 0.f, true},
       {2, 1, 128, 500, 0, 800, 0.f, false, 0, 0.6f, true},
+      // Group selection with key offsets (ClusterStepParams::key_offset).
+      {8, 4, 128, 8192, 64, 2621, 0.f, false, 0, 0.6f, true, 1.f},
+      {2, 6, 256, 777, 5, 300, 0.5f, true, 0, 0.6f, true, 3.f},
   };
   for (const Shape& sh : shapes) {
     SCOPED_TRACE(::testing::Message()
                  << "kv " << sh.kv << " g " << sh.g << " d " << sh.d << " C " << sh.c << " O "
                  << sh.o << " budget " << sh.budget << " top_p " << sh.top_p << " dup " << sh.dup
-                 << " q_sd " << sh.q_sd << " group " << sh.group);
+                 << " q_sd " << sh.q_sd << " group " << sh.group << " offset " << sh.offset);
     const int qh = sh.kv * sh.g;
     HostSummary s = MakeSummary(sh.kv, sh.d, sh.c, sh.o, 10 + sh.c, sh.padding);
     for (int h = 0; h < sh.kv && sh.dup > 0; ++h) {
@@ -362,8 +393,26 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     p.top_p = sh.top_p;
     p.group_select = sh.group;
     const bool grp = sh.group && sh.g > 1 && sh.c > 0;
+    std::vector<float> offset;
+    float* offset_dev = nullptr;
+    if (sh.offset > 0.f) {
+      std::mt19937 rng(30 + sh.c);
+      std::uniform_real_distribution<float> u(0.f, sh.offset);
+      offset.resize(std::size_t(sh.kv) * sh.c);
+      for (float& x : offset) x = u(rng);
+      ASSERT_EQ(cudaMalloc(&offset_dev, offset.size() * sizeof(float)), cudaSuccess);
+      ASSERT_EQ(cudaMemcpy(offset_dev, offset.data(), offset.size() * sizeof(float),
+                           cudaMemcpyHostToDevice),
+                cudaSuccess);
+    }
+    struct FreeOffset {
+      float* p;
+      ~FreeOffset() { cudaFree(p); }
+    } free_offset{offset_dev};
+    p.key_offset = offset.empty() ? nullptr : offset.data();
     HostOut ref(qh, sh.c, sh.o, sh.d);
     ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, ref.View()).ok());
+    p.key_offset = offset_dev;
     DevCase dc(s, q, qh);
     ASSERT_TRUE(ClusterStep(dc.view, dc.q, p, dc.out, nullptr, nullptr).ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);

@@ -508,6 +508,75 @@ TEST(FillPagesHost, StagedCopiesOnlyTheBlocksAskedFor) {
   EXPECT_EQ(r.reads, want);
 }
 
+// Rows of cluster c of kv head g that a step would read from the host store now, counted from the
+// table directly (the test's own reading of the header's rule).
+int32_t MissedRows(const Problem& p, int g, int c) {
+  const std::size_t at = static_cast<std::size_t>(g) * p.sh.clusters + c;
+  int32_t missed = 0;
+  for (int64_t r = p.begin[at]; r < p.begin[at] + p.size[at]; ++r) {
+    const int32_t e = p.block_page[static_cast<std::size_t>(g) * p.bph + r / kB];
+    missed += (p.staged ? StagedHolds(e, r) : e >= 0) ? 0 : 1;
+  }
+  return missed;
+}
+
+// Residency-aware selection's offsets: penalty x the share of a cluster's rows the pool does not
+// hold, whole pages (unstaged) and row bits (staged) alike; 0 for padding; bad penalties refused.
+TEST(MissPenaltyOffsetsHost, ShareOfRowsNotInThePool) {
+  for (const bool staged : {false, true}) {
+    for (const Shape& sh : HostShapes()) {
+      SCOPED_TRACE(Describe(sh) + (staged ? " staged" : ""));
+      Problem p = MakeProblem(sh, 610 + sh.clusters);
+      if (staged) p.Stage(p.rows * sh.kv);
+      auto up = RandomUpdates(p, static_cast<int>(p.rows / kB / 2), 8);
+      if (staged)  // a third of the blocks copied whole, the others only assigned (no row)
+        for (std::size_t i = 1; i < up.size(); i += 6) up[i] |= kFillPagesCopy;
+      ASSERT_TRUE(FillPagesHost(p.View(), up.data(), static_cast<int>(up.size() / 2)).ok());
+      if (staged) {  // a step's reads staged and committed: some blocks hold part of their rows
+        RunHost(p);
+        ASSERT_TRUE(CommitStagedHost(p.View()).ok());
+      }
+      std::vector<float> off(static_cast<std::size_t>(sh.kv) * sh.clusters, -1.f);
+      ASSERT_TRUE(MissPenaltyOffsetsHost(p.View(), 1.5f, off.data()).ok());
+      int partial = 0, held = 0, missed_all = 0;
+      for (int g = 0; g < sh.kv; ++g)
+        for (int c = 0; c < sh.clusters; ++c) {
+          const std::size_t at = static_cast<std::size_t>(g) * sh.clusters + c;
+          if (p.size[at] == 0) {
+            EXPECT_EQ(off[at], 0.f);
+            continue;
+          }
+          const int32_t m = MissedRows(p, g, c);
+          EXPECT_EQ(off[at], 1.5f * static_cast<float>(m) / static_cast<float>(p.size[at])) << at;
+          partial += m > 0 && m < p.size[at];
+          held += m == 0;
+          missed_all += m == p.size[at];
+        }
+      EXPECT_GT(held, 0);  // the problem covers every case
+      EXPECT_GT(missed_all, 0);
+      if (staged) {
+        EXPECT_GT(partial, 0);
+      }
+      ASSERT_TRUE(MissPenaltyOffsetsHost(p.View(), 0.f, off.data()).ok());
+      EXPECT_TRUE(std::all_of(off.begin(), off.end(), [](float x) { return x == 0.f; }));
+    }
+  }
+  Problem p = MakeProblem(HostShapes()[0], 5);
+  std::vector<float> off(static_cast<std::size_t>(p.sh.kv) * p.sh.clusters);
+  for (const float bad :
+       {-1.f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    const absl::Status st = MissPenaltyOffsetsHost(p.View(), bad, off.data());
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(st.message().find("penalty"), std::string_view::npos) << st;
+  }
+  EXPECT_EQ(MissPenaltyOffsetsHost(p.View(), 1.f, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+#if !KVRT_WITH_CUDA
+  EXPECT_EQ(MissPenaltyOffsets(p.View(), 1.f, off.data(), nullptr).code(),
+            absl::StatusCode::kFailedPrecondition);
+#endif
+}
+
 // The kernels load ahead of a decode step for every supported shape; a shape they do not support is
 // refused by name, and without CUDA the call says so.
 TEST(PreloadDirectStepKernels, LoadsSupportedShapesAndRefusesOthers) {
@@ -956,6 +1025,35 @@ TEST(DirectAttendKernel, StagedPagesMatchHostReference) {
       EXPECT_GE(ref.reads[0], paged);  // the same rows again: those committed come from the pool
       ExpectKernelMatches(RunDevice(dp, p, true), ref);
     }
+  }
+}
+
+// The residency-aware selection's offsets on the device: the host reference's, bit for bit, over
+// a table of whole, assigned-only and partly staged pages.
+TEST(MissPenaltyKernel, MatchesHostReference) {
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (const Shape& sh : KernelShapes()) {
+    SCOPED_TRACE(Describe(sh));
+    Problem p = MakeProblem(sh, 640 + sh.clusters);
+    p.Stage(p.rows * sh.kv);
+    DevProblem dp(p, StoreMem::kHostAllocMapped);
+    auto up = RandomUpdates(p, static_cast<int>(p.rows / kB / 2), 23);
+    for (std::size_t i = 1; i < up.size(); i += 6) up[i] |= kFillPagesCopy;
+    FillBoth(p, dp, up);
+    RunDevice(dp, p, true);
+    RunHost(p);
+    ASSERT_TRUE(CommitStaged(dp.view, nullptr).ok());
+    ASSERT_TRUE(CommitStagedHost(p.View()).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    p.block_page = ToHost(dp.view.block_page, p.block_page.size());  // the device's staged rows
+    const std::size_t n = static_cast<std::size_t>(sh.kv) * sh.clusters;
+    std::vector<float> want(n);
+    ASSERT_TRUE(MissPenaltyOffsetsHost(p.View(), 0.75f, want.data()).ok());
+    float* off = ToDevice(std::vector<float>(n, -1.f));
+    ASSERT_TRUE(MissPenaltyOffsets(dp.view, 0.75f, off, nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_TRUE(Same(ToHost(off, n), want, "offset"));
+    cudaFree(off);
   }
 }
 

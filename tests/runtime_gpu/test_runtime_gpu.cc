@@ -678,6 +678,83 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
   EXPECT_EQ((*gpu_rt)->Stats().attends_direct, 2 * cfg.num_layers);
 }
 
+// Residency-aware selection (cluster.miss_penalty): over decode steps whose queries drift slowly
+// (each a small step from the last, as a decoder's do), a penalty on the rows the pool does not
+// hold reads fewer rows over PCIe than the same steps without it. With a budget that selects every
+// cluster the penalty can only reorder, so the output is the host backend's (exact) either way.
+TEST(GpuBackendCluster, MissPenaltyReadsFewerRowsOverPcie) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "penalty"};
+  for (const float budget : {0.1f, 1.f}) {
+    int64_t host_bytes[2] = {0, 0};
+    for (const float penalty : {0.f, 2.f}) {
+      SCOPED_TRACE(absl::StrCat("budget ", budget, " penalty ", penalty));
+      RuntimeConfig hc = ClusterCompareConfig(c, 0, 0.2f, true, true);
+      RuntimeConfig gc = ClusterCompareConfig(c, 1, 0.2f, true, true);
+      for (RuntimeConfig* cfg : {&hc, &gc}) {
+        cfg->index.cluster.budget_fraction = budget;
+        cfg->index.cluster.miss_penalty = penalty;
+      }
+      auto host_rt = Runtime::Create(hc);
+      auto gpu_rt = Runtime::Create(gc);
+      ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+      const RuntimeConfig& cfg = (*gpu_rt)->config();
+      auto stream = transfer::Stream::Create();
+      ASSERT_TRUE(stream.ok());
+      Tensors dev(true, stream->get());
+      std::mt19937 rng(91);
+      const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+      const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+      const int prompt = 1200, steps = 16;
+      const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+      for (int l = 0; l < cfg.num_layers; ++l) {
+        auto q = Random(rng, prompt * q_row, c.dtype);
+        auto k = Random(rng, prompt * kv_row, c.dtype);
+        auto v = Random(rng, prompt * kv_row, c.dtype);
+        ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
+        ASSERT_TRUE(
+            (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
+      }
+      std::normal_distribution<float> nd(0.f, 1.f);
+      std::vector<std::vector<float>> qf(cfg.num_layers, std::vector<float>(q_row));
+      for (auto& ql : qf)
+        for (float& x : ql) x = 2.f * nd(rng);
+      for (int step = 0; step < steps; ++step) {
+        for (int l = 0; l < cfg.num_layers; ++l) {
+          auto k = Random(rng, kv_row, c.dtype);
+          auto v = Random(rng, kv_row, c.dtype);
+          for (float& x : qf[l]) x = 0.97f * x + 0.25f * nd(rng);  // a slow drift
+          std::vector<unsigned char> q(q_row * DTypeSize(c.dtype));
+          ConvertFromF32(qf[l].data(), q_row, c.dtype, q.data());
+          ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
+          ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
+          std::vector<float> want(q_row);
+          ASSERT_TRUE((*host_rt)->Attend(hs, l, q.data(), want.data()).ok());
+          float* out = dev.Out(q_row);
+          auto st = (*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec());
+          ASSERT_TRUE(st.ok()) << st;
+          const auto got = dev.Get(out, q_row);
+          for (int h = 0; h < cfg.num_q_heads; ++h) {
+            ASSERT_TRUE(std::isfinite(got[h * cfg.head_dim])) << "head " << h;
+            if (budget >= 1.f) {
+              EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 1e-2)
+                  << "step " << step << " layer " << l << " head " << h;
+            }
+          }
+        }
+        dev.Clear();
+      }
+      const auto s = (*gpu_rt)->Stats();
+      EXPECT_EQ(s.attends_direct, s.attend_calls);
+      host_bytes[penalty > 0.f ? 1 : 0] = s.direct_host_bytes;
+    }
+    if (budget < 1.f) {
+      EXPECT_GT(host_bytes[0], 0);
+      EXPECT_LT(host_bytes[1], host_bytes[0]) << "rows read over PCIe with the penalty / without";
+    }
+  }
+}
+
 // The GPU build at prefill (segment_build.h) clusters every whole segment of the prompt on the
 // device, from device and from host pointers, and hands the layout to the index: at a budget that
 // selects every cluster the output is exact attention (the store's permutation and the position

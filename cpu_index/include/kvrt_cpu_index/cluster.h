@@ -71,6 +71,11 @@ struct ClusterConfig {
   // flat Lloyd, kmeans_iters + refine_iters iterations) instead of on the CPU. Rows that arrive
   // later (decode evictions) are clustered on the CPU either way.
   bool gpu_build = true;
+  // GPU backend, direct step, group selection: a cluster's group key is lowered by miss_penalty x
+  // the share of its rows not in the step's page pool, so that a cluster read over PCIe must
+  // carry more estimated mass than one read from HBM (docs/cluster.md, "Residency-aware
+  // selection"). 0 = selection by the key alone (the host backend, which has no pool, always).
+  float miss_penalty = 0.f;
 };
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store

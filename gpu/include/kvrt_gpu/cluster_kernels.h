@@ -61,6 +61,11 @@ struct ClusterStepParams {
   float top_p = 0.f;
   bool estimate = true;
   bool group_select = false;  // one selection per kv head (see above); budget_tokens per kv head
+  // Group selection only: null, or [kv_heads, C] (device for the kernels, host for the
+  // reference) subtracted from each group key before the selection ranks by it (top_p then
+  // counts the lowered keys' masses); the estimate is unchanged. The direct step's
+  // residency-aware selection (MissPenaltyOffsets in direct_attend.h) fills it.
+  const float* key_offset = nullptr;
 };
 
 // Outputs (device memory for the kernels, host for the reference); q: f32 [q_heads, d].

@@ -143,6 +143,16 @@ absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, con
 absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);
 absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int n);
 
+// Residency-aware selection (ClusterStepParams::key_offset): offset [kv_heads, C] <- penalty x
+// the share of cluster c's rows (v.cluster_begin / cluster_size) that a DirectAttend would read
+// from the host store now (not held by the pool: with staged_pages a row without its bit, else a
+// block without a page; rows past v.rows or the table count as not held); 0 for padding clusters.
+// Reads only the view's table and cluster arrays. InvalidArgument for a penalty that is not
+// finite and >= 0, null arrays, or kv_heads <= 0.
+absl::Status MissPenaltyOffsets(const DirectRowsView& v, float penalty, float* offset,
+                                void* stream);
+absl::Status MissPenaltyOffsetsHost(const DirectRowsView& v, float penalty, float* offset);
+
 // staged_pages only (else InvalidArgument): the staged rows (min(stage_count, stage_cap)) whose
 // blocks hold a page are written into it and marked valid; stage_count is reset to 0. Enqueue it
 // after the FillPages that assign the step's pages and before the next DirectAttend.
