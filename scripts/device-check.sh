@@ -14,7 +14,8 @@
 # (BEFORE) against this one on one generated 128K trace, BENCH=ab-1m the same at 1M on generated
 # keys, BENCH=group the cluster selection per q head against one per kv head (128K trace, 1M),
 # BENCH=acc one 128K trace with accuracy at the defaults, BENCH=penalty the residency-aware
-# selection (cluster_miss_penalty 0, 0.5, 1) at 128K B=1 and B=16 with accuracy, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
+# selection (cluster_miss_penalty 0, 0.5, 1) at 128K B=1 and B=16 with accuracy, BENCH=scale
+# B=64 x 128K, B=8 x 1M (one layer each), 1M B=1 and the 128K step pipelined, per penalty, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
@@ -226,6 +227,29 @@ if [[ "${1:-}" == "--device" ]]; then
           --miss-penalty $pen || rc=1
       done
       rm -f $trace
+    elif [[ "$bench" == scale ]]; then
+      # Issue 14's batch rows and the 128K step pipelined, at the library's defaults: the 128K trace
+      # pipelined at B=1 (8 layers) per penalty (PENALTIES, default 0 0.5 1), B=64 x 128K and
+      # B=8 x 1M (one layer: 34 GB of host store each; generated keys at 1M), 1M B=1 per penalty.
+      trace=/tmp/kvrt-scale.safetensors
+      trace_128k $trace || rc=1
+      for pen in ${PENALTIES:-0 0.5 1}; do
+        echo "=== penalty $pen: cluster 128K --trace, B=1, 8 layers --pipeline"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --layers 8 --accuracy-steps 0 --pipeline --miss-penalty $pen || rc=1
+      done
+      echo "=== cluster 128K --trace, B=64 (kvrt_attend_batch), 1 layer"
+      timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 64 \
+        --attend batch --layers 1 --accuracy-steps 0 || rc=1
+      rm -f $trace
+      echo "=== cluster 1M, B=8 (kvrt_attend_batch), 1 layer"
+      timeout 300 $b/kvrt $args --index cluster --cold 1048576 --batch 8 --attend batch \
+        --layers 1 --max-cold-batch 1048576 --accuracy-steps 0 || rc=1
+      for pen in ${PENALTIES_1M:-0 0.5}; do
+        echo "=== penalty $pen: cluster 1M, B=1"
+        timeout 240 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --accuracy-steps 0 \
+          --miss-penalty $pen || rc=1
+      done
     elif [[ "$bench" == ab-trace ]]; then
       # bench decode on one generated 128K trace, the build before (BEFORE=path/to/kvrt when
       # bundling: kvrt_before) against this one, alternating, B=1 and B=16 (kvrt_attend_batch).

@@ -194,6 +194,17 @@ int Run(BenchDecodeArgs a) {
           data->q_heads, data->kv_heads, data->head_dim, a.run.sinks, a.run.window, a.run.top_k,
           a.run.layers, device ? "device" : "host", a.run.use_gpu, a.run.group_search,
           std::thread::hardware_concurrency());
+      for (const auto& kind : kinds) {
+        if (kind.first != KVRT_INDEX_CLUSTER) continue;
+        // The cluster kind's settings in effect (the library's defaults where not given).
+        const kvrt_config c = MakeHarnessOptions(a.run, *data, kind.first, KVRT_COLD_CPU, 1, false)
+                                  .config;
+        std::printf(
+            "cluster: budget %.3f of the clustered rows %s, hot cache %.2f, direct step %d, miss "
+            "penalty %.2f, top-p %.2f\n",
+            c.cluster_budget_fraction, c.cluster_group_select ? "per kv head" : "per q head",
+            c.hot_cache_fraction, c.cluster_direct_step, c.cluster_miss_penalty, c.cluster_top_p);
+      }
       std::printf(
           "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, "
           "us\n");

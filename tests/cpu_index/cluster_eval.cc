@@ -531,10 +531,14 @@ int main(int argc, char** argv) {
       std::vector<runtime::BlockPageCache> cap_pools;
       std::vector<std::vector<LazyBlock>> cap_lazy(cap_runs.size(),
                                                    std::vector<LazyBlock>(covered / kBlock + 1));
+      // CLUSTER_EVAL_CAP_POOL: the pool's share of the clustered rows (hot_cache_fraction) [0.1].
+      const char* cap_pool_env = std::getenv("CLUSTER_EVAL_CAP_POOL");
+      const double cap_pool = cap_pool_env != nullptr ? std::atof(cap_pool_env) : 0.1;
       for (std::size_t ci = 0; ci < cap_runs.size(); ++ci)
         cap_pools.emplace_back(
-            1, std::max<int64_t>(1, (static_cast<int64_t>(0.1 * covered) + kBlock - 1) / kBlock), 1,
-            0);
+            1,
+            std::max<int64_t>(1, (static_cast<int64_t>(cap_pool * covered) + kBlock - 1) / kBlock),
+            1, 0);
       for (int step = 0; step < steps; ++step) {
         // Every variant's results for the group's queries of this step; the rows of the kv head
         // (their union) are what a step reads.
@@ -766,7 +770,8 @@ int main(int argc, char** argv) {
     }
   if (!cap_runs.empty())
     std::printf(
-        "\nmiss-capped group selection (staged pool 0.1/1/0, outliers resident), per kv head and "
+        "\nmiss-capped group selection (staged pool CLUSTER_EVAL_CAP_POOL/1/0, outliers resident), "
+        "per kv head and "
         "step\n%-32s %7s %8s %8s %8s %8s %6s %6s %6s %7s %9s %9s\n",
         "run", "kv%", "err", "err_p99", "flat", "flat_p99", "ratio", "mass", "f_mass", "hit%",
         "miss_kB", "defer_kB");

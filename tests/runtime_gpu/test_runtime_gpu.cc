@@ -7,6 +7,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
+#include <functional>
 #include <future>
 #include <mutex>
 #include <random>
@@ -144,6 +145,31 @@ class Tensors {
   std::vector<transfer::DeviceBuffer> bufs_;
   std::vector<float> host_out_;
 };
+
+// Prefills every layer of sequence hs of the host-backend runtime (host pointers) and sequence gs
+// of the GPU one (through dev) with the same random prompt; edit, if given, changes each layer's
+// k and v first.
+::testing::AssertionResult PrefillBoth(
+    Runtime& host, int64_t hs, Runtime& gpu, int64_t gs, DType t, int prompt, std::mt19937& rng,
+    Tensors& dev,
+    const std::function<void(std::vector<unsigned char>*, std::vector<unsigned char>*)>& edit =
+        nullptr) {
+  const RuntimeConfig& cfg = host.config();
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    auto q = Random(rng, prompt * q_row, t);
+    auto k = Random(rng, prompt * kv_row, t);
+    auto v = Random(rng, prompt * kv_row, t);
+    if (edit) edit(&k, &v);
+    if (auto st = host.Prefill(hs, l, q.data(), k.data(), v.data(), prompt); !st.ok())
+      return ::testing::AssertionFailure() << "host prefill, layer " << l << ": " << st;
+    if (auto st = gpu.Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec());
+        !st.ok())
+      return ::testing::AssertionFailure() << "GPU prefill, layer " << l << ": " << st;
+  }
+  return ::testing::AssertionSuccess();
+}
 
 void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& host,
                  const std::string& what) {
@@ -531,14 +557,7 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
       const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
       const int prompt = 1200, steps = 12;
       const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
-      for (int l = 0; l < cfg.num_layers; ++l) {
-        auto q = Random(rng, prompt * q_row, c.dtype);
-        auto k = Random(rng, prompt * kv_row, c.dtype);
-        auto v = Random(rng, prompt * kv_row, c.dtype);
-        ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
-        ASSERT_TRUE(
-            (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
-      }
+      ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev));
       int close = 0, total = 0;
       for (int step = 0; step < steps; ++step) {
         for (int l = 0; l < cfg.num_layers; ++l) {
@@ -635,15 +654,10 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
   // The first decode append evicts position 1136 (4 + 1132), the window's oldest.
   const int prompt = 1200, evicted = 1136;
   const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
-  for (int l = 0; l < cfg.num_layers; ++l) {
-    auto q = Random(rng, prompt * q_row, c.dtype);
-    auto k = Random(rng, prompt * kv_row, c.dtype);
-    auto v = Random(rng, prompt * kv_row, c.dtype);
-    PlantDominantRow(cfg, c.dtype, evicted, 3.f, &k, &v);  // ~0.6 of the first step
-    ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
-    ASSERT_TRUE(
-        (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
-  }
+  ASSERT_TRUE(
+      PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev, [&](auto* k, auto* v) {
+        PlantDominantRow(cfg, c.dtype, evicted, 3.f, k, v);  // ~0.6 of the first step
+      }));
   ASSERT_TRUE((*gpu_rt)->WaitSequence(gs).ok());
   const auto warm = (*gpu_rt)->Stats();
   EXPECT_EQ(warm.attend_calls, 0);
@@ -707,14 +721,7 @@ TEST(GpuBackendCluster, MissPenaltyReadsFewerRowsOverPcie) {
       const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
       const int prompt = 1200, steps = 16;
       const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
-      for (int l = 0; l < cfg.num_layers; ++l) {
-        auto q = Random(rng, prompt * q_row, c.dtype);
-        auto k = Random(rng, prompt * kv_row, c.dtype);
-        auto v = Random(rng, prompt * kv_row, c.dtype);
-        ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
-        ASSERT_TRUE(
-            (*gpu_rt)->Prefill(gs, l, dev.Put(q), dev.Put(k), dev.Put(v), prompt, dev.exec()).ok());
-      }
+      ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev));
       std::normal_distribution<float> nd(0.f, 1.f);
       std::vector<std::vector<float>> qf(cfg.num_layers, std::vector<float>(q_row));
       for (auto& ql : qf)
