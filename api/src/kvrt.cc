@@ -3,7 +3,6 @@
 #include "kvrt.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <cstring>
 #include <exception>
