@@ -104,6 +104,9 @@ def parse_args(argv=None):
     k.add_argument("--cold-attention", default="cpu", choices=["cpu", "fetch", "auto"])
     k.add_argument("--use-gpu", type=int, default=None, choices=[-1, 0, 1],
                    help="kvrt backend (default: 1 when the model is on CUDA, else 0)")
+    k.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other kvrt.Config field (repeatable), e.g. --kvrt "
+                        "hot_cache_fraction=0.2 --kvrt cluster_miss_penalty=1")
     k.add_argument("--full", action="store_true",
                    help="no kvrt: transformers' own DynamicCache (a reference run)")
     ap.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
@@ -111,7 +114,24 @@ def parse_args(argv=None):
                          "activations do not fit one forward; kvrt uses chunked_prompt (the "
                          "prompt's K/V stay on the model's device until the first decode token)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.kvrt_options = {}
+    for item in args.kvrt:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            ap.error(f"--kvrt {item!r}: expected FIELD=VALUE")
+        args.kvrt_options[field.strip()] = _number(value.strip())
+    return args
+
+
+def _number(s: str):
+    """A --kvrt value as the int or float it spells, else the string (enum names)."""
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return s
 
 
 def main(argv=None) -> int:
@@ -141,9 +161,14 @@ def main(argv=None) -> int:
                     worker_threads=args.threads, cold_attention=args.cold_attention)
         if args.use_gpu is not None:
             opts["use_gpu"] = args.use_gpu
+        opts.update(args.kvrt_options)
         cache = hf.enable(model, chunked_prompt=args.prefill_chunk > 0, **opts)
         print(f"kvrt {cache.runtime!r}; kvrt layers {hf.kvrt_layers(model.config)}",
               file=sys.stderr)
+        if args.kvrt_options:  # as the runtime took them (kvrt_runtime_config)
+            eff = cache.runtime.config
+            print("kvrt options: " + ", ".join(f"{f}={getattr(eff, f)}" for f in args.kvrt_options),
+                  file=sys.stderr)
     kw = hf.cache_kwarg(model)
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     if on_cuda:

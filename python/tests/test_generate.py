@@ -35,3 +35,17 @@ def test_exact_kvrt_writes_the_full_caches_text_in_one_forward_and_in_chunks(cap
         assert re.search(r"prompt 4\d\d tokens, generated 6;", err) and "kvrt stats" in err
     # 2 global layers x 5 decode forwards after the prompt, in both runs.
     assert "attend_calls=10" in one_err and "attend_calls=10" in chunked_err
+
+
+def test_kvrt_fields_pass_through_and_bad_ones_are_refused(capsys, tmp_path):
+    # Any kvrt.Config field by name (here ones without a flag of their own); the runtime's repr
+    # in the report shows them in effect.
+    _, err = _run(capsys, tmp_path, "--index", "exact", "--kvrt", "hot_cache_fraction=0.25",
+                  "--kvrt", "cluster_miss_penalty=2")
+    assert "kvrt options: hot_cache_fraction=0.25, cluster_miss_penalty=2.0" in err
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--model", "m", "--prompt-file", "p", "--kvrt", "no_equals_sign"])
+    with pytest.raises(Exception, match="no_such_field"):
+        _run(capsys, tmp_path, "--kvrt", "no_such_field=1")
+    with pytest.raises(Exception, match="cluster_miss_penalty"):
+        _run(capsys, tmp_path, "--kvrt", "cluster_miss_penalty=-1")
