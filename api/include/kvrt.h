@@ -294,8 +294,8 @@ typedef struct kvrt_config {
                                    the step's GPU page pool (the hot cache), so that a cluster
                                    read over PCIe needs more estimated attention mass than one
                                    read from HBM. At 128K on the H200 0.5 cut the rows read over
-                                   PCIe per step by 35% (B=16 x 128K -21% per layer-step), 1.0 by
-                                   59% (-32%); in CPU simulations on real traces 0.5 cost
+                                   PCIe per step by 35% (B=16 x 128K -13 to -21% per layer-step),
+                                   1.0 by 59% (-25 to -32%); in CPU replays on real traces 0.5 cost
                                    +0.5-4% mean output error, 1.0 +6-10% (docs/cluster.md,
                                    "Residency-aware selection"). No effect on
                                    the host backend (no pool) or without group selection.
