@@ -1218,14 +1218,12 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   params.estimate = cc.estimate;
   params.group_select = cc.group_select;
 
-  // Scratch: q f32 | density [H, C] | group keys [G, C] | key offsets [G, C] | outlier scores
-  // [H, O] | selected [H, C] | count [H] | tokens [H] (int64) | the step's workspace (f32). NOTE:
-  // one allocation: the kernel's own workspace allocation sat between its launches, on the
-  // step's device chain.
+  // Scratch: q f32 | density [H, C] | group keys [G, C] | outlier scores [H, O] | selected [H, C]
+  // | count [H] | tokens [H] (int64) | the step's workspace (f32). NOTE: one allocation: the
+  // kernel's own workspace allocation sat between its launches, on the step's device chain.
   const std::size_t q_at = 0, density_at = q_at + static_cast<std::size_t>(H) * d * 4;
   const std::size_t key_at = density_at + static_cast<std::size_t>(H) * C * 4;
-  const std::size_t offset_at = key_at + static_cast<std::size_t>(cfg_->num_kv_heads) * C * 4;
-  const std::size_t outlier_at = offset_at + static_cast<std::size_t>(cfg_->num_kv_heads) * C * 4;
+  const std::size_t outlier_at = key_at + static_cast<std::size_t>(cfg_->num_kv_heads) * C * 4;
   const std::size_t selected_at =
       outlier_at + static_cast<std::size_t>(H) * std::max<int64_t>(O, 1) * 4;
   const std::size_t count_at = selected_at + static_cast<std::size_t>(H) * C * 4;
@@ -1251,16 +1249,10 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
         transfer::MemcpyAsync(dev + q_at, step->q(i), static_cast<std::size_t>(H) * d * 4, stream));
   }
   // Residency-aware selection: a cluster's group key loses miss_penalty x its share of rows that
-  // the attend would read over PCIe. The offsets need the page table this step reads, so the
-  // direct step's BeginStep (the wait for the last fill, the page updates) comes before the
-  // selection here instead of after it (again below: a no-op unless the settle re-registered
-  // the stores).
-  if (direct_q && cc.miss_penalty > 0.f && cc.group_select && group > 1 && C > 0) {
-    KVRT_RETURN_IF_ERROR(direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream));
-    auto* offset = reinterpret_cast<float*>(dev + offset_at);
-    KVRT_RETURN_IF_ERROR(direct_.MissPenaltyOffsets(cold, cc.miss_penalty, offset, stream));
-    params.key_offset = offset;
-  }
+  // the attend would read over PCIe, as the direct step's last admission job computed it after
+  // its fill (the stream waits for that fill, long done in a decoder's pipeline).
+  if (direct_q && cc.miss_penalty > 0.f && cc.group_select && group > 1 && C > 0)
+    params.key_offset = direct_.PenaltyOffsets(cold, static_cast<int>(C), stream);
   gpu::ClusterStepOutputs outs;
   outs.density = reinterpret_cast<float*>(dev + density_at);
   outs.group_key = reinterpret_cast<float*>(dev + key_at);

@@ -540,6 +540,22 @@ absl::Status DirectStep::AdmitAndFill() {
   // The rows the step read over PCIe go into the pages their blocks hold now (also those given
   // just above); the stage is then free for the next step, which waits for filled_.
   if (st.ok()) st = gpu::CommitStaged(View(rec_rows_), aside);
+  // Residency-aware selection: the next step's offsets from the table as this fill leaves it,
+  // here rather than on the next step's path (PenaltyOffsets).
+  offsets_version_ = -1;
+  const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
+  const int G = cfg_->num_kv_heads;
+  if (st.ok() && cc.miss_penalty > 0.f && cc.group_select && cfg_->num_q_heads > G && view_c_ > 0) {
+    const std::size_t bytes = static_cast<std::size_t>(G) * view_c_ * sizeof(float);
+    if (offsets_dev_.size() < bytes) st = Regrow(offsets_dev_, bytes);
+    if (st.ok())
+      st = gpu::MissPenaltyOffsets(View(rec_rows_), cc.miss_penalty,
+                                   static_cast<float*>(offsets_dev_.data()), aside);
+    if (st.ok()) {
+      offsets_version_ = version_;
+      offsets_c_ = view_c_;
+    }
+  }
   if (st.ok()) st = filled_.Record(aside);
   ctx_->ReleaseStream(aside);
   fill_pending_ = st.ok();
@@ -599,9 +615,11 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
   return absl::OkStatus();
 }
 
-absl::Status DirectStep::MissPenaltyOffsets(const ColdTier& cold, float penalty, float* offset,
-                                            void* stream) {
-  return gpu::MissPenaltyOffsets(View(cold.rows()), penalty, offset, stream);
+const float* DirectStep::PenaltyOffsets(const ColdTier& cold, int C, void* stream) {
+  if (offsets_version_ != cold.index_version() || offsets_c_ != C) return nullptr;
+  // The job's fill wrote the table the offsets were computed from, and the offsets after it.
+  if (fill_pending_ && !transfer::StreamWaitEvent(stream, filled_).ok()) return nullptr;
+  return static_cast<const float*>(offsets_dev_.data());
 }
 
 absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
@@ -692,6 +710,8 @@ void DirectStep::Release() {
   counted_bytes_ = 0;
   mask_dev_.Reset();
   ws_dev_.Reset();
+  offsets_dev_.Reset();
+  offsets_version_ = -1;
   pool_k_.Reset();
   pool_v_.Reset();
   ResetStage();

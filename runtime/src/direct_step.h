@@ -66,10 +66,13 @@ class DirectStep {
   // at a new index version (C clusters per kv head; cluster_size: the device summary's
   // [kv_heads, C] sizes, gpu::ClusterSummaryView::size).
   absl::Status BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size, void* stream);
-  // Residency-aware selection (ClusterConfig::miss_penalty), after BeginStep (the table is then
-  // the one this step's attend reads): offset [kv_heads, C] (device) <- penalty x each cluster's
-  // share of rows not in the pool (gpu::MissPenaltyOffsets), for ClusterStepParams::key_offset.
-  absl::Status MissPenaltyOffsets(const ColdTier& cold, float penalty, float* offset, void* stream);
+  // Residency-aware selection (ClusterConfig::miss_penalty): the offsets [kv_heads, C] (device)
+  // for ClusterStepParams::key_offset, penalty x each cluster's share of rows not in the pool
+  // (gpu::MissPenaltyOffsets), as the last admission job computed them right after its fill: off
+  // the step's path, over the table this step reads. Orders stream after that fill. Null when
+  // there are none for this index version and C (the first step after a prompt, a new version:
+  // that step selects without the penalty).
+  const float* PenaltyOffsets(const ColdTier& cold, int C, void* stream);
   // Then: MarkSelected, DirectAttend into o, lse (device f32 [q_heads, d],
   // [q_heads]), the mask's copy, and the admission job. selected/count: ClusterStep's outputs
   // (device, [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. *sel: every active head's CPU
@@ -185,6 +188,11 @@ class DirectStep {
   std::vector<uint32_t> staged_mark_;
   uint32_t mark_round_ = 0;
   absl::flat_hash_set<int64_t> eager_;
+  // The admission job's residency-aware offsets (PenaltyOffsets), for index version
+  // offsets_version_ (-1: none) with offsets_c_ clusters per kv head.
+  transfer::DeviceBuffer offsets_dev_;
+  int64_t offsets_version_ = -1;
+  int offsets_c_ = 0;
   transfer::DeviceBuffer read_rows_dev_;  // int64 [2], cumulative
   transfer::DeviceBuffer mask_dev_;       // the step's mask [G, C]
   transfer::DeviceBuffer ws_dev_;         // DirectAttend's workspace
