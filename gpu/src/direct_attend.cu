@@ -579,31 +579,15 @@ __global__ void __launch_bounds__(256) CommitStagedKernel(DirectRowsView v) {
   }
 }
 
-// One thread per (kv head, cluster): its rows not held by the pool, as MissPenaltyOffsetsHost
-// counts them (direct_check.h's PoolHoldsRow).
+// One thread per (kv head, cluster): ClusterRowsNotInPool, as MissPenaltyOffsetsHost counts.
 __global__ void __launch_bounds__(256)
     MissPenaltyKernel(DirectRowsView v, float penalty, float* __restrict__ offset) {
   const int64_t at = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
   if (at >= static_cast<int64_t>(v.kv_heads) * v.num_clusters) return;
-  const int g = static_cast<int>(at / v.num_clusters);
   const int32_t n = v.cluster_size[at];
-  if (n <= 0) {
-    offset[at] = 0.f;
-    return;
-  }
-  const int64_t begin = v.cluster_begin[at];
-  const int32_t* table = v.block_page + static_cast<size_t>(g) * v.blocks_per_head;
-  int missed = 0;
-  for (int64_t r = begin; r < begin + n; ++r) {
-    const int64_t b = r / kDirectBlockRows;
-    bool held = false;
-    if (r >= 0 && r < v.rows && b < v.blocks_per_head) {
-      const int32_t e = table[b];
-      held = v.staged_pages ? StagedHolds(e, r) : e >= 0;
-    }
-    missed += held ? 0 : 1;
-  }
-  offset[at] = penalty * static_cast<float>(missed) / static_cast<float>(n);
+  offset[at] =
+      n <= 0 ? 0.f
+             : penalty * static_cast<float>(ClusterRowsNotInPool(v, at)) / static_cast<float>(n);
 }
 
 // Kernel for (T, D) by group size (if constexpr: no d = 256-only variant for other dims).

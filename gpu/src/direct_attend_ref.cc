@@ -190,20 +190,12 @@ absl::Status FillPagesHost(const DirectRowsView& v, const int32_t* updates, int 
 absl::Status MissPenaltyOffsetsHost(const DirectRowsView& v, float penalty, float* offset) {
   if (auto s = detail::CheckMissPenalty(v, penalty, offset, "MissPenaltyOffsetsHost"); !s.ok())
     return s;
-  const int64_t c = v.num_clusters;
-  for (int g = 0; g < v.kv_heads; ++g)
-    for (int64_t j = 0; j < c; ++j) {
-      const std::size_t at = static_cast<std::size_t>(g) * c + j;
-      const int32_t n = v.cluster_size[at];
-      if (n <= 0) {
-        offset[at] = 0.f;
-        continue;
-      }
-      int32_t missed = 0;
-      for (int64_t r = v.cluster_begin[at]; r < int64_t{v.cluster_begin[at]} + n; ++r)
-        missed += detail::PoolHoldsRow(v, g, r) ? 0 : 1;
-      offset[at] = penalty * static_cast<float>(missed) / static_cast<float>(n);
-    }
+  for (int64_t at = 0; at < static_cast<int64_t>(v.kv_heads) * v.num_clusters; ++at) {
+    const int32_t n = v.cluster_size[at];
+    offset[at] =
+        n <= 0 ? 0.f
+               : penalty * static_cast<float>(ClusterRowsNotInPool(v, at)) / static_cast<float>(n);
+  }
   return absl::OkStatus();
 }
 

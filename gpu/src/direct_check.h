@@ -18,14 +18,5 @@ absl::Status CheckFillPages(const DirectRowsView& v, const int32_t* updates, int
 absl::Status CheckCommitStaged(const DirectRowsView& v, const char* fn);
 absl::Status CheckMissPenalty(const DirectRowsView& v, float penalty, const float* offset,
                               const char* fn);
-// Whether a DirectAttend now reads store row `row` of kv head g from the pool (MissPenaltyOffsets'
-// rule; the host reference's, the kernel has its own device copy).
-inline bool PoolHoldsRow(const DirectRowsView& v, int g, int64_t row) {
-  if (row < 0 || row >= v.rows) return false;
-  const int64_t b = row / kDirectBlockRows;
-  if (b >= v.blocks_per_head) return false;
-  const int32_t e = v.block_page[static_cast<std::size_t>(g) * v.blocks_per_head + b];
-  return v.staged_pages ? StagedHolds(e, row) : e >= 0;
-}
 
 }  // namespace kvrt::gpu::detail

@@ -102,6 +102,29 @@ struct DirectRowsView {
   int64_t stage_cap = 0;            // < 2^31
 };
 
+// Rows of cluster `at` (= kv_head * num_clusters + c) that MissPenaltyOffsets counts as read from
+// the host store: without their bit (staged_pages) or in a block without a page, and rows past
+// `rows` or the table; 0 for a padding cluster. Host and device: the kernel and its reference
+// count with this one function.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+    inline int32_t
+    ClusterRowsNotInPool(const DirectRowsView& v, int64_t at) {
+  const int64_t g = at / v.num_clusters, begin = v.cluster_begin[at];
+  int32_t missed = 0;
+  for (int64_t r = begin; r < begin + v.cluster_size[at]; ++r) {
+    const int64_t b = r / kDirectBlockRows;
+    bool held = false;
+    if (r >= 0 && r < v.rows && b < v.blocks_per_head) {
+      const int32_t e = v.block_page[g * v.blocks_per_head + b];
+      held = v.staged_pages ? StagedHolds(e, r) : e >= 0;
+    }
+    missed += held ? 0 : 1;
+  }
+  return missed;
+}
+
 // mask [kv_heads, C] <- for each q head h, bit (h % group) of mask[h / group, c] for every
 // selected[h, j], j < count[h] (ClusterStepOutputs::selected / selected_count; ids >= C are
 // ignored). The mask is cleared first.
