@@ -189,8 +189,8 @@ int64_t SelectClustersCapped(const ClusterSummary& s, const float* density, int6
                              std::vector<int32_t>* selected, int64_t* misses,
                              std::vector<int32_t>* skipped) {
   selected->clear();
-  if (skipped != nullptr) skipped->clear();
-  if (misses != nullptr) *misses = 0;
+  skipped->clear();
+  *misses = 0;
   const int64_t c = s.num_clusters();
   if (c == 0 || budget_tokens <= 0) return 0;
   std::vector<int32_t> idx(c);

@@ -171,6 +171,29 @@ class Tensors {
   return ::testing::AssertionSuccess();
 }
 
+// One decode layer-step of layer l on both runtimes: append k, v, attend q; the host backend's
+// output in *want, the GPU backend's (through dev) in *got.
+::testing::AssertionResult StepBoth(Runtime& host, int64_t hs, Runtime& gpu, int64_t gs, int l,
+                                    const std::vector<unsigned char>& k,
+                                    const std::vector<unsigned char>& v,
+                                    const std::vector<unsigned char>& q, Tensors& dev,
+                                    std::vector<float>* want, std::vector<float>* got) {
+  const RuntimeConfig& cfg = host.config();
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  if (auto st = host.Append(hs, l, k.data(), v.data(), 1); !st.ok())
+    return ::testing::AssertionFailure() << "host append, layer " << l << ": " << st;
+  if (auto st = gpu.Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()); !st.ok())
+    return ::testing::AssertionFailure() << "GPU append, layer " << l << ": " << st;
+  want->assign(q_row, 0.f);
+  if (auto st = host.Attend(hs, l, q.data(), want->data()); !st.ok())
+    return ::testing::AssertionFailure() << "host attend, layer " << l << ": " << st;
+  float* out = dev.Out(q_row);
+  if (auto st = gpu.Attend(gs, l, dev.Put(q), out, dev.exec()); !st.ok())
+    return ::testing::AssertionFailure() << "GPU attend, layer " << l << ": " << st;
+  *got = dev.Get(out, q_row);
+  return ::testing::AssertionSuccess();
+}
+
 void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& host,
                  const std::string& what) {
   ASSERT_EQ(gpu.size(), host.size());
@@ -564,14 +587,8 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
           auto k = Random(rng, kv_row, c.dtype);
           auto v = Random(rng, kv_row, c.dtype);
           auto q = Random(rng, q_row, c.dtype);
-          ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
-          ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-          std::vector<float> want(q_row);
-          ASSERT_TRUE((*host_rt)->Attend(hs, l, q.data(), want.data()).ok());
-          float* out = dev.Out(q_row);
-          auto st = (*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec());
-          ASSERT_TRUE(st.ok()) << st;
-          const auto got = dev.Get(out, q_row);
+          std::vector<float> want, got;
+          ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
           for (int h = 0; h < cfg.num_q_heads; ++h) {
             const double rel = HeadRelErr(got, want, h, cfg.head_dim);
             EXPECT_LT(rel, 5e-2) << c.name << " step " << step << " layer " << l << " head " << h;
@@ -676,13 +693,8 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
         for (int h = 0; h < cfg.num_q_heads; ++h) e0[h * cfg.head_dim] = 1.f;
         ConvertFromF32(e0.data(), q_row, c.dtype, q.data());
       }
-      ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
-      ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-      std::vector<float> want(q_row);
-      ASSERT_TRUE((*host_rt)->Attend(hs, l, q.data(), want.data()).ok());
-      float* out = dev.Out(q_row);
-      ASSERT_TRUE((*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec()).ok());
-      const auto got = dev.Get(out, q_row);
+      std::vector<float> want, got;
+      ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
       for (int h = 0; h < cfg.num_q_heads; ++h)
         EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
             << "step " << step << " layer " << l << " head " << h;
@@ -733,14 +745,8 @@ TEST(GpuBackendCluster, MissPenaltyReadsFewerRowsOverPcie) {
           for (float& x : qf[l]) x = 0.97f * x + 0.25f * nd(rng);  // a slow drift
           std::vector<unsigned char> q(q_row * DTypeSize(c.dtype));
           ConvertFromF32(qf[l].data(), q_row, c.dtype, q.data());
-          ASSERT_TRUE((*host_rt)->Append(hs, l, k.data(), v.data(), 1).ok());
-          ASSERT_TRUE((*gpu_rt)->Append(gs, l, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-          std::vector<float> want(q_row);
-          ASSERT_TRUE((*host_rt)->Attend(hs, l, q.data(), want.data()).ok());
-          float* out = dev.Out(q_row);
-          auto st = (*gpu_rt)->Attend(gs, l, dev.Put(q), out, dev.exec());
-          ASSERT_TRUE(st.ok()) << st;
-          const auto got = dev.Get(out, q_row);
+          std::vector<float> want, got;
+          ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
           for (int h = 0; h < cfg.num_q_heads; ++h) {
             ASSERT_TRUE(std::isfinite(got[h * cfg.head_dim])) << "head " << h;
             if (budget >= 1.f) {
