@@ -13,7 +13,8 @@
 # part of its rows from the host store (tools/gpu_bench/direct_attend_mix.cu), BENCH=ab-trace the build before
 # (BEFORE) against this one on one generated 128K trace, BENCH=ab-1m the same at 1M on generated
 # keys, BENCH=group the cluster selection per q head against one per kv head (128K trace, 1M),
-# BENCH=acc one 128K trace with accuracy at the defaults, BENCH=penalty the residency-aware
+# BENCH=ab-pipe the build before against this one pipelined (1M and 128K B=1 per AB_CONFIGS, 128K
+# B=16), BENCH=acc one 128K trace with accuracy at the defaults, BENCH=penalty the residency-aware
 # selection (cluster_miss_penalty 0, 0.5, 1) at 128K B=1 and B=16 with accuracy, BENCH=scale
 # B=64 x 128K, B=8 x 1M (one layer each), 1M B=1 and the 128K step pipelined, per penalty, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
@@ -191,10 +192,16 @@ if [[ "${1:-}" == "--device" ]]; then
     elif [[ "$bench" == parts ]]; then
       # The direct step's kernel whole, without its arithmetic, without its K/V loads (pool rows);
       # ClusterStep whole, without the selection's radix passes, without its compaction.
+      # PARTS (default: all six) picks the programs, PARTS_CLUSTERS (default 8192: 128K) the
+      # clusters per kv head of the cluster step's (65536: 1M).
       for round in 1 2; do
-        for part in direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
-            cluster_step_parts cluster_step_parts_1 cluster_step_parts_2; do
-          timeout 60 $b/$part || rc=1
+        for part in ${PARTS:-direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
+            cluster_step_parts cluster_step_parts_1 cluster_step_parts_2}; do
+          if [[ "$part" == cluster_step_parts* ]]; then
+            for c in ${PARTS_CLUSTERS:-8192}; do timeout 60 $b/$part --clusters $c || rc=1; done
+          else
+            timeout 60 $b/$part || rc=1
+          fi
         done
       done
     elif [[ "$bench" == mix ]]; then
@@ -250,6 +257,32 @@ if [[ "${1:-}" == "--device" ]]; then
         timeout 240 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --accuracy-steps 0 \
           --miss-penalty $pen || rc=1
       done
+    elif [[ "$bench" == ab-pipe ]]; then
+      # The build before (BEFORE when bundling: kvrt_before) against this one, pipelined (a step's
+      # layer-steps back to back), alternating per run: 1M B=1 (4 layers, generated keys) and the
+      # 128K trace B=1 (8 layers) at each of AB_CONFIGS (penalty:hot_cache_fraction, default
+      # "0.5:0.1 1:0.2"), then the 128K trace at B=16 (4 layers, kvrt_attend_batch) at the defaults.
+      trace=/tmp/kvrt-ab-pipe.safetensors
+      trace_128k $trace || rc=1
+      for cfg in ${AB_CONFIGS:-0.5:0.1 1:0.2}; do
+        pen=${cfg%%:*} hc=${cfg##*:}
+        for prog in kvrt_before kvrt; do
+          [[ -x $b/$prog ]] || continue
+          echo "=== $prog: cluster 1M B=1, 4 layers --pipeline, penalty $pen, hot cache $hc"
+          timeout 200 $b/$prog $args --index cluster --cold 1048576 --batch 1 --layers 4 \
+            --pipeline --accuracy-steps 0 --miss-penalty $pen --hot-cache $hc || rc=1
+          echo "=== $prog: cluster 128K --trace B=1, 8 layers --pipeline, penalty $pen, hot cache $hc"
+          timeout 150 $b/$prog $args --trace $trace --index cluster --cold 131072 --batch 1 \
+            --layers 8 --pipeline --accuracy-steps 0 --miss-penalty $pen --hot-cache $hc || rc=1
+        done
+      done
+      for prog in kvrt_before kvrt; do
+        [[ -x $b/$prog ]] || continue
+        echo "=== $prog: cluster 128K --trace B=16 (kvrt_attend_batch), 4 layers --pipeline"
+        timeout 200 $b/$prog $args --trace $trace --index cluster --cold 131072 --batch 16 \
+          --attend batch --layers 4 --pipeline --accuracy-steps 0 || rc=1
+      done
+      rm -f $trace
     elif [[ "$bench" == ab-trace ]]; then
       # bench decode on one generated 128K trace, the build before (BEFORE=path/to/kvrt when
       # bundling: kvrt_before) against this one, alternating, B=1 and B=16 (kvrt_attend_batch).

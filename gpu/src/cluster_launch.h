@@ -3,6 +3,7 @@
 // (nvcc, C++17, no Abseil). Arguments are validated by the launcher.
 #include <cstddef>
 
+#include "cluster_threshold.h"
 #include "kvrt_gpu/cluster_kernels.h"
 #include "launch.h"
 
@@ -14,12 +15,28 @@ inline constexpr int kClusterTile = 128;
 
 inline int ClusterTiles(int n) { return (n + kClusterTile - 1) / kClusterTile; }
 // Tile partial states: [q_heads, cluster tiles, head_dim + 2] (max, sum, sum w * vbar).
-inline std::size_t ClusterWorkspaceFloats(const ClusterSummaryView& s, int q_heads) {
+inline std::size_t ClusterTileFloats(const ClusterSummaryView& s, int q_heads) {
   return static_cast<std::size_t>(q_heads) * ClusterTiles(s.num_clusters) * (s.head_dim + 2);
+}
+// Where the group selection's threshold section starts (16-byte aligned).
+inline std::size_t ClusterThresholdAt(const ClusterSummaryView& s, int q_heads) {
+  return (ClusterTileFloats(s, q_heads) + 3) / 4 * 4;
+}
+// The tile states, then (more than one q head per kv head: group selection is possible) the
+// threshold section (cluster_threshold.h).
+inline std::size_t ClusterWorkspaceFloats(const ClusterSummaryView& s, int q_heads) {
+  if (q_heads <= s.kv_heads || s.num_clusters == 0) return ClusterTileFloats(s, q_heads);
+  return ClusterThresholdAt(s, q_heads) +
+         static_cast<std::size_t>(s.kv_heads) * ThresholdRowFloats(s.num_clusters);
 }
 
 // Loads the cluster step's kernels for this shape (LoadKernel); kv_heads > 0.
 Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads);
+// The group selection's threshold for every kv head (cluster_threshold.cu): after GroupKeyKernel
+// (which fills w's partial ranges and clears its histograms), before SelectKernel.
+Err PreloadGroupThreshold();
+Err LaunchGroupThreshold(const ClusterSummaryView& s, const float* group_key, int64_t budget,
+                         float top_p, const ThresholdWs& w, void* stream);
 Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
                       float scale, const ClusterStepOutputs& out, float* workspace, void* stream);
 

@@ -11,7 +11,8 @@
 // one partial state per (q head, cluster CTA). Every centroid and value mean is read once per kv
 // head, for all q heads of its group: HBM traffic is the summary's size.
 //
-// SelectKernel: one CTA (512 threads) per q head. Merges the CTA states into the total, finds the
+// SelectKernel: one CTA (512 threads) per q head. Merges the CTA states into the total, takes the
+// threshold key the group threshold kernels found (cluster_threshold.cu), or else finds the
 // selection threshold key (the order-preserving uint32 of the density at which the criterion is
 // met) in three light passes: the densities' range, one histogram of tokens and estimated mass
 // over 4096 linear bins of that range (block scans from the top find the threshold bin), and the
@@ -30,6 +31,7 @@
 #include <type_traits>
 
 #include "cluster_launch.h"
+#include "cluster_threshold.cuh"
 #include "common.cuh"
 
 // Only tools/gpu_bench/cluster_step_parts.cu sets it: bit 1 leaves the selection's radix passes
@@ -48,11 +50,8 @@ constexpr int kOutlierTile = 32;  // outliers per CTA of the score kernel (4 per
 constexpr int kSelectThreads = 512;
 constexpr int kSelectItems = 4;    // clusters per thread per chunk of the radix passes (8 spill)
 constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in shared memory
-constexpr int kLinBins = 4096;     // linear bins of the selection's one histogram pass
 constexpr int kLinItems = kLinBins / kSelectThreads;
-constexpr int kCandCap = 1024;  // clusters of the threshold bin resolved in shared memory
-constexpr int kKeyThreads = 256;           // GroupKeyKernel
-constexpr int kKeyClusters = kKeyThreads;  // clusters per CTA of GroupKeyKernel (one per thread)
+constexpr int kKeyThreads = kKeyClusters;  // GroupKeyKernel: one cluster per thread
 
 __device__ __forceinline__ float WarpSum(float v) {
 #pragma unroll
@@ -352,20 +351,18 @@ struct MaxLL {
   }
 };
 
-__device__ __forceinline__ uint32_t OrderedKey(float f) {
-  const uint32_t b = __float_as_uint(f);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-
 // Group selection's keys (cluster_kernels.h): grid (cluster chunks, kv heads). Each CTA first
 // merges its group's tile states into each head's log total (as SelectKernel does), then
 // key_c = log sum_h exp(density_{h,c} - lse_h) for its chunk of clusters, less offset_c (null:
 // none; ClusterStepParams::key_offset).
+// thr (budget > 0 only; else row null): each CTA also leaves its keys' range (and, top_p > 0,
+// their total mass) in thr's partials, and the kv head's CTAs clear its histogram and state for
+// the threshold kernels (cluster_threshold.cu) that follow.
 template <int D>
 __global__ void __launch_bounds__(kKeyThreads)
     GroupKeyKernel(ClusterSummaryView s, int g, int tiles, const float* __restrict__ density,
                    const float* __restrict__ partial, const float* __restrict__ offset,
-                   float* __restrict__ key) {
+                   float* __restrict__ key, ThresholdWs thr, int use_p) {
   __shared__ float s_lse[kClusterMaxGroup];
   const int h = blockIdx.y, c_n = s.num_clusters, t = threadIdx.x;
   const int lane = t & 31, warp = t >> 5;
@@ -387,9 +384,11 @@ __global__ void __launch_bounds__(kKeyThreads)
   }
   __syncthreads();
   const int end = min(c_n, (blockIdx.x + 1) * kKeyClusters);
+  float lo = INFINITY, hi = -INFINITY, mass = 0.f;
   for (int j = blockIdx.x * kKeyClusters + t; j < end; j += kKeyThreads) {
     float kj = -INFINITY;
-    if (s.size[static_cast<size_t>(h) * c_n + j] > 0) {
+    const int32_t nj = s.size[static_cast<size_t>(h) * c_n + j];
+    if (nj > 0) {
       float dv[kClusterMaxGroup];
       float m = -INFINITY;
       for (int i = 0; i < g; ++i) {
@@ -404,8 +403,36 @@ __global__ void __launch_bounds__(kKeyThreads)
         kj = m + logf(l);
         if (offset != nullptr) kj -= offset[static_cast<size_t>(h) * c_n + j];
       }
+      // The range and mass the select kernel's own search takes over the sized clusters.
+      lo = fminf(lo, kj);
+      hi = fmaxf(hi, kj);
+      if (use_p) mass += __expf(kj + logf(static_cast<float>(nj)));
     }
     key[static_cast<size_t>(h) * c_n + j] = kj;
+  }
+  if (thr.row == nullptr) return;
+  using RedF = cub::BlockReduce<float, kKeyThreads>;
+  __shared__ typename RedF::TempStorage red;
+  lo = RedF(red).Reduce(lo, MinOp());
+  __syncthreads();
+  hi = RedF(red).Reduce(hi, MaxOp());
+  __syncthreads();
+  mass = RedF(red).Sum(mass);
+  const size_t part = static_cast<size_t>(h) * thr.key_ctas + blockIdx.x;
+  if (t == 0) {
+    thr.part_lo[part] = lo;
+    thr.part_hi[part] = hi;
+    thr.part_mass[part] = mass;
+  }
+  for (int b = blockIdx.x * kKeyThreads + t; b < kLinBins; b += gridDim.x * kKeyThreads) {
+    thr.hist_tok[static_cast<size_t>(h) * kLinBins + b] = 0u;
+    thr.hist_mass[static_cast<size_t>(h) * kLinBins + b] = 0.f;
+  }
+  if (blockIdx.x == 0 && t == 0) {
+    ThresholdRow r{};
+    r.mode = kThresholdPending;
+    r.bin = -1;
+    thr.row[h] = r;
   }
 }
 
@@ -415,12 +442,13 @@ template <int D>
 __global__ void __launch_bounds__(kSelectThreads)
     SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p, int estimate,
                  const float* __restrict__ density, const float* __restrict__ partial,
-                 const float* __restrict__ gkey, ClusterStepOutputs out) {
+                 const float* __restrict__ gkey, const ThresholdRow* __restrict__ thr,
+                 ClusterStepOutputs out) {
   using ScanF = cub::BlockScan<float, kSelectThreads>;
   using ScanI = cub::BlockScan<int, kSelectThreads>;
   using RedF = cub::BlockReduce<float, kSelectThreads>;
   using RedLL = cub::BlockReduce<long long, kSelectThreads>;
-  constexpr int R = kSelectThreads / D;  // thread groups over the tiles / the selected clusters
+  constexpr int R = kSelectThreads / D;  // thread groups over the tiles
   __shared__ union {
     typename ScanF::TempStorage f;
     typename ScanI::TempStorage i;
@@ -448,13 +476,15 @@ __global__ void __launch_bounds__(kSelectThreads)
       int32_t j[kSelectKeep];
       float w[kSelectKeep];
     } sel;
+    float rows[kSelectThreads * 8 / D][D];  // the estimate's row sums (8 dims per thread)
   } big;
   __shared__ float s_lo, s_hi;
   __shared__ int s_bin, s_ncand, s_radix;
   __shared__ float s_m, s_l, s_above_mass;
   __shared__ long long s_above_tok;
   __shared__ uint32_t s_prefix, s_mask;
-  __shared__ int s_all;
+  __shared__ int s_all, s_pre;
+  __shared__ float s_tm;
 
   const int qh = blockIdx.x;
   const int h = qh / g;
@@ -554,60 +584,76 @@ __global__ void __launch_bounds__(kSelectThreads)
         if (n[i] > 0) f(dj[i], n[i]);
     }
   };
-  // (b1) the range of the densities, then one histogram over linear bins of it. The bin is a
-  // non-decreasing function of the density, so every key of a higher bin is above every key of a
-  // lower one.
-  float lo = INFINITY, hi = -INFINITY, ls = 0.f;
-  const bool key_total = grp && use_p;
-  if constexpr ((KVRT_CLUSTER_PARTS & 1) == 0) {
-    for_each_cluster([&](float dj, int nj) {
-      lo = fminf(lo, dj);
-      hi = fmaxf(hi, dj);
-      if (key_total) ls += smass_of(dj, nj);
-    });
-  }
-  lo = RedF(tmp.rf).Reduce(lo, MinOp());
-  __syncthreads();
-  hi = RedF(tmp.rf).Reduce(hi, MaxOp());
-  __syncthreads();
-  if (key_total) {
-    ls = RedF(tmp.rf).Sum(ls);
-    if (t == 0) s_above_mass = ls;  // broadcast (reset below)
-    __syncthreads();
-    target_mass = top_p * s_above_mass;
-    __syncthreads();
-  }
+  // (b0) group selection: the threshold the threshold kernels found for this kv head, unless
+  // they left the search to this kernel (kThresholdSearch: the same key either way).
   if (t == 0) {
-    s_above_mass = 0.f;
-    s_lo = lo;
-    s_hi = hi;
-    s_ncand = 0;
-    s_bin = -1;
-  }
-  for (int b = t; b < kLinBins; b += kSelectThreads) {
-    big.lin.tok[b] = 0;
-    big.lin.mass[b] = 0.f;
+    s_pre = 0;
+    if (thr != nullptr) {
+      const ThresholdRow row = thr[h];
+      if (row.mode == kThresholdFound || row.mode == kThresholdAll) {
+        s_pre = 1;
+        s_all = row.mode == kThresholdAll ? 1 : 0;
+        s_prefix = row.kt;
+        s_above_tok = row.above_tok;
+        s_above_mass = row.above_mass;
+        s_tm = row.target_mass;
+      }
+    }
   }
   __syncthreads();
-  lo = s_lo;
-  hi = s_hi;
-  const float inv = static_cast<float>(kLinBins) / (hi - lo);
-  // NaN-safe (fmaxf takes the number); the top density lands past the last bin and is clamped.
-  auto bin_of = [&](float dj) {
-    return min(kLinBins - 1, static_cast<int>(fmaxf((dj - lo) * inv, 0.f)));
-  };
-  const bool linear =
-      (KVRT_CLUSTER_PARTS & 1) == 0 && hi > lo && isfinite(inv) && isfinite(lo) && isfinite(hi);
-  if (linear) {
-    for_each_cluster([&](float dj, int nj) {
-      const int b = bin_of(dj);
-      atomicAdd(&big.lin.tok[b], static_cast<unsigned>(nj));
-      if (use_p) atomicAdd(&big.lin.mass[b], smass_of(dj, nj));
-    });
+  const bool pre = s_pre != 0;
+  if (pre) target_mass = s_tm;
+  if (!pre) {
+    // (b1) the range of the densities, then one histogram over linear bins of it. The bin is a
+    // non-decreasing function of the density, so every key of a higher bin is above every key of a
+    // lower one.
+    float lo = INFINITY, hi = -INFINITY, ls = 0.f;
+    const bool key_total = grp && use_p;
+    if constexpr ((KVRT_CLUSTER_PARTS & 1) == 0) {
+      for_each_cluster([&](float dj, int nj) {
+        lo = fminf(lo, dj);
+        hi = fmaxf(hi, dj);
+        if (key_total) ls += smass_of(dj, nj);
+      });
+    }
+    lo = RedF(tmp.rf).Reduce(lo, MinOp());
     __syncthreads();
-    // Thread t holds bins kLinBins - 1 - (t * kLinItems + k): an inclusive scan from the top.
-    int ct[kLinItems], it[kLinItems];
-    float cm[kLinItems], im[kLinItems];
+    hi = RedF(tmp.rf).Reduce(hi, MaxOp());
+    __syncthreads();
+    if (key_total) {
+      ls = RedF(tmp.rf).Sum(ls);
+      if (t == 0) s_above_mass = ls;  // broadcast (reset below)
+      __syncthreads();
+      target_mass = top_p * s_above_mass;
+      __syncthreads();
+    }
+    if (t == 0) {
+      s_above_mass = 0.f;
+      s_lo = lo;
+      s_hi = hi;
+      s_ncand = 0;
+      s_bin = -1;
+    }
+    for (int b = t; b < kLinBins; b += kSelectThreads) {
+      big.lin.tok[b] = 0;
+      big.lin.mass[b] = 0.f;
+    }
+    __syncthreads();
+    lo = s_lo;
+    hi = s_hi;
+    const float inv = static_cast<float>(kLinBins) / (hi - lo);
+    auto bin_of = [&](float dj) { return LinBin(dj, lo, inv); };
+    const bool linear = (KVRT_CLUSTER_PARTS & 1) == 0 && LinearRange(lo, hi, inv);
+    if (linear) {
+      for_each_cluster([&](float dj, int nj) {
+        const int b = bin_of(dj);
+        atomicAdd(&big.lin.tok[b], static_cast<unsigned>(nj));
+        if (use_p) atomicAdd(&big.lin.mass[b], smass_of(dj, nj));
+      });
+      __syncthreads();
+      // Thread t holds bins kLinBins - 1 - (t * kLinItems + k): an inclusive scan from the top.
+      int ct[kLinItems], it[kLinItems];
+      float cm[kLinItems], im[kLinItems];
 #pragma unroll
     for (int k = 0; k < kLinItems; ++k) {
       const int b = kLinBins - 1 - (t * kLinItems + k);
@@ -823,6 +869,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     if (t == 0) s_prefix = 0xffffffffu;  // no key above it: nothing selected
     __syncthreads();
   }
+  }  // !pre
   const bool all = s_all != 0;
   const uint32_t kt = s_prefix;
   const long long above_tok = s_above_tok;
@@ -915,11 +962,14 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
   __syncthreads();  // the selected list (shared and global) and s_l are complete
 
-  // (d) estimate = total - selected: R groups of D threads each sum a stride of the selected
-  // clusters' weighted value means.
-  float a = 0.f;
+  // (d) estimate = total - selected. Each selected cluster's value mean is one row of D bf16,
+  // read 16 bytes per thread: kSelectThreads / (D / 8) rows in flight per pass (a row per 128
+  // threads, 2 bytes each, left the loop waiting on HBM latency: ~90 us at 1M, measured).
+  constexpr int kVec = 8, kRowLanes = D / kVec, kRows = kSelectThreads / kRowLanes;
+  const int row_slot = t / kRowLanes, lane8 = t % kRowLanes;
+  float a[kVec] = {};
 #pragma unroll 4
-  for (int k = r; k < count; k += R) {
+  for (int k = row_slot; k < (estimate ? count : 0); k += kRows) {
     int j;
     float w;
     if (k < kSelectKeep) {
@@ -929,15 +979,19 @@ __global__ void __launch_bounds__(kSelectThreads)
       j = selected[k];
       w = mass_of(dens[j], size[j]);
     }
-    a += w * __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(
-                 s.value_mean)[(static_cast<size_t>(h) * c_n + j) * D + dim]);
+    float v[kVec];
+    LoadBf16<kVec>(s.value_mean + (static_cast<size_t>(h) * c_n + j) * D + lane8 * kVec, v);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) a[e] += w * v[e];
   }
-  grp_acc[r][dim] = a;
+  __syncthreads();  // the selected clusters' weights are dead: their rows' sums take the space
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) big.rows[row_slot][lane8 * kVec + e] = a[e];
   __syncthreads();
   if (t < D) {
     float sa = 0.f;
-#pragma unroll
-    for (int k = 0; k < R; ++k) sa += grp_acc[k][t];
+#pragma unroll 8
+    for (int k = 0; k < kRows; ++k) sa += big.rows[k][t];
     const float lest = L - s_l;
     const bool ok = estimate && lest > kEstMassFloor * L;
     out.est_o[static_cast<size_t>(qh) * D + t] = ok ? (tot_acc[t] - sa) / lest : 0.f;
@@ -1001,7 +1055,8 @@ Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads) {
     } else {
       (void)ClusterCtas<D, 16>(1, kv_heads);
     }
-    const Err e = LoadKernel(GroupKeyKernel<D>);
+    Err e = LoadKernel(GroupKeyKernel<D>);
+    if (e.ok() && q_heads > kv_heads) e = PreloadGroupThreshold();
     return e.ok() ? LoadKernel(SelectKernel<D>) : e;
   })
   return {};
@@ -1036,17 +1091,25 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
       }
     }
     const bool grp = p.group_select && g > 1 && s.num_clusters > 0;
+    // Group selection finds its threshold over many CTAs (cluster_threshold.cu); the parts
+    // builds that leave the selection's search out leave these out too.
+    ThresholdWs thr;
+    const int use_p = p.top_p > 0.f ? 1 : 0;
+    if (grp && p.budget_tokens > 0 && (KVRT_CLUSTER_PARTS & 1) == 0)
+      thr = ThresholdLayout(ws + ClusterThresholdAt(s, p.q_heads), s.kv_heads, s.num_clusters);
     if (err.ok() && grp) {
       const dim3 kgrid(static_cast<unsigned>((s.num_clusters + kKeyClusters - 1) / kKeyClusters),
                        static_cast<unsigned>(s.kv_heads));
       GroupKeyKernel<D><<<kgrid, kKeyThreads, 0, st>>>(s, g, cctas, out.density, ws, p.key_offset,
-                                                       out.group_key);
+                                                       out.group_key, thr, use_p);
       err = LastLaunchErr();
+      if (err.ok() && thr.row != nullptr)
+        err = LaunchGroupThreshold(s, out.group_key, p.budget_tokens, p.top_p, thr, st);
     }
     if (err.ok()) {
       SelectKernel<D><<<static_cast<unsigned>(p.q_heads), kSelectThreads, 0, st>>>(
           s, g, cctas, p.budget_tokens, p.top_p, p.estimate ? 1 : 0, out.density, ws,
-          grp ? out.group_key : nullptr, out);
+          grp ? out.group_key : nullptr, thr.row, out);
       err = LastLaunchErr();
     }
   })

@@ -12,6 +12,7 @@
 #include <set>
 #include <vector>
 
+#include "gpu/src/cluster_launch.h"  // the workspace's threshold section (its modes)
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/kernels.h"
@@ -371,7 +372,16 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       // Group selection with key offsets (ClusterStepParams::key_offset).
       {8, 4, 128, 8192, 64, 2621, 0.f, false, 0, 0.6f, true, 1.f},
       {2, 6, 256, 777, 5, 300, 0.5f, true, 0, 0.6f, true, 3.f},
+      // Group selection's threshold kernels: a 1M-token kv head (32 chunks), by budget and by
+      // top_p; more ties in the threshold bin than they resolve (the select kernel searches);
+      // a budget past every token (all selected).
+      {1, 4, 128, 65536, 0, 20000, 0.f, false, 0, 0.6f, true},
+      {2, 4, 128, 20000, 0, 1 << 30, 0.5f, false, 0, 0.6f, true},
+      {1, 4, 128, 20000, 0, 155000, 0.f, false, 2, 0.6f, true},
+      {2, 4, 128, 300, 17, 1 << 30, 0.f, true, 0, 0.6f, true},
   };
+  // The group threshold's outcomes over the shapes: each must occur (the kernels ran and decided).
+  std::set<int> modes_seen;
   for (const Shape& sh : shapes) {
     SCOPED_TRACE(::testing::Message()
                  << "kv " << sh.kv << " g " << sh.g << " d " << sh.d << " C " << sh.c << " O "
@@ -414,8 +424,30 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, ref.View()).ok());
     p.key_offset = offset_dev;
     DevCase dc(s, q, qh);
-    ASSERT_TRUE(ClusterStep(dc.view, dc.q, p, dc.out, nullptr, nullptr).ok());
+    // A workspace of stale bytes: nothing in it may be taken for this step's state.
+    const std::size_t ws_floats = ClusterStepWorkspaceFloats(dc.view, qh);
+    float* ws = nullptr;
+    ASSERT_EQ(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * sizeof(float)), cudaSuccess);
+    struct FreeWs {
+      float* p;
+      ~FreeWs() { cudaFree(p); }
+    } free_ws{ws};
+    ASSERT_EQ(cudaMemset(ws, 0x5a, std::max<std::size_t>(ws_floats, 1) * sizeof(float)),
+              cudaSuccess);
+    ASSERT_TRUE(ClusterStep(dc.view, dc.q, p, dc.out, ws, nullptr).ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    if (grp && sh.budget > 0) {
+      std::vector<detail::ThresholdRow> rows(sh.kv);
+      ASSERT_EQ(cudaMemcpy(rows.data(), ws + detail::ClusterThresholdAt(dc.view, qh),
+                           rows.size() * sizeof(rows[0]), cudaMemcpyDeviceToHost),
+                cudaSuccess);
+      for (const auto& r : rows) {
+        EXPECT_TRUE(r.mode == detail::kThresholdFound || r.mode == detail::kThresholdAll ||
+                    r.mode == detail::kThresholdSearch)
+            << r.mode;
+        modes_seen.insert(r.mode);
+      }
+    }
     const auto dens = ToHost(dc.out.density, std::size_t(qh) * sh.c);
     const auto osc = ToHost(dc.out.outlier_score, std::size_t(qh) * sh.o);
     const auto sel = ToHost(dc.out.selected, std::size_t(qh) * sh.c);
@@ -500,6 +532,9 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       }
     }
   }
+  EXPECT_TRUE(modes_seen.count(detail::kThresholdFound));
+  EXPECT_TRUE(modes_seen.count(detail::kThresholdAll));
+  EXPECT_TRUE(modes_seen.count(detail::kThresholdSearch));
 }
 
 // 128K context of an 8B model: 8K clusters of 16 per kv head, 8 kv heads, 32 q heads, d = 128,

@@ -64,10 +64,13 @@ int main(int argc, char** argv) {
   out.est_lse = b::Alloc<float>(kTool, qh, &ok);
   float* ws = b::Alloc<float>(kTool, g::detail::ClusterWorkspaceFloats(s, qh), &ok);
   if (!ok) return 1;
-  auto time_us = [&](int64_t budget) {
+  out.group_key = b::Alloc<float>(kTool, kc, &ok);
+  if (!ok) return 1;
+  auto time_us = [&](int64_t budget, bool group = false) {
     g::ClusterStepParams p;
     p.q_heads = qh;
     p.budget_tokens = budget;
+    p.group_select = group;
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
     return b::TimeUs(kTool, "ClusterStep", iters, [&] {
       (void)g::detail::LaunchClusterStep(s, dq, p, scale, out, ws, nullptr);
@@ -83,5 +86,48 @@ int main(int argc, char** argv) {
       "cluster step (%s), %d clusters x %d kv heads: %.1f us per step; at budget 0 "
       "%.1f us (the selection's share: %.1f us)\n",
       part, c, kv, whole, score, whole - score);
+  // The decode step's default: one selection per kv head (the group keys, then the select kernel).
+  const double gwhole = time_us(budget, true), gscore = time_us(0, true);
+  if (gwhole < 0 || gscore < 0) return 1;
+  std::printf(
+      "cluster step (%s, group selection), %d clusters x %d kv heads: %.1f us per step; at "
+      "budget 0 %.1f us (the selection's share: %.1f us; the group keys' %.1f us)\n",
+      part, c, kv, gwhole, gscore, gwhole - gscore, gscore - score);
+#if KVRT_CLUSTER_PARTS == 0
+  // The group selection's threshold kernels (cluster_threshold.cu) against the select kernel's
+  // own search: what each kv head's search ended in after a step, then the kernels alone.
+  if (time_us(budget, true) < 0) return 1;
+  const float* thr_at = ws + g::detail::ClusterThresholdAt(s, qh);
+  std::vector<g::detail::ThresholdRow> rows(kv);
+  if (!b::CudaOk(
+          kTool,
+          cudaMemcpy(rows.data(), thr_at, rows.size() * sizeof(rows[0]), cudaMemcpyDeviceToHost),
+          "threshold rows")) {
+    return 1;
+  }
+  for (int h = 0; h < kv; ++h)
+    std::printf(
+        "  kv head %d: threshold mode %d (1 found, 2 all, 3 searched by the select kernel), "
+        "bin %d, %d candidates, %lld tokens above\n",
+        h, rows[h].mode, rows[h].bin, rows[h].ncand, rows[h].above_tok);
+  namespace dt = kvrt::gpu::detail;
+  const int cctas = dt::ClusterCtas<128, 4>(dt::ClusterTiles(c), kv);
+  const auto* row_ptr = reinterpret_cast<const dt::ThresholdRow*>(thr_at);
+  auto select_us = [&](const dt::ThresholdRow* thr) {
+    return b::TimeUs(kTool, "SelectKernel", iters, [&] {
+      dt::SelectKernel<128><<<qh, dt::kSelectThreads>>>(s, qh / kv, cctas, budget, 0.f, 1,
+                                                        out.density, ws, out.group_key, thr, out);
+    });
+  };
+  const double sel_found = select_us(row_ptr), sel_search = select_us(nullptr);
+  const double thr_us = b::TimeUs(kTool, "LaunchGroupThreshold", iters, [&] {
+    (void)dt::LaunchGroupThreshold(s, out.group_key, budget, 0.f,
+                                   dt::ThresholdLayout(const_cast<float*>(thr_at), kv, c), nullptr);
+  });
+  std::printf(
+      "  select kernel %.1f us with the threshold found, %.1f us searching itself; the "
+      "threshold kernels %.1f us (over a histogram they do not clear: time only)\n",
+      sel_found, sel_search, thr_us);
+#endif
   return 0;
 }

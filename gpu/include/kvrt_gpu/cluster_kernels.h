@@ -22,8 +22,10 @@
 // kv head, shared by its q heads, by the group key of cluster.h (key_c = log sum_h
 // exp(density_{h,c} - lse_h), lse_h each head's log total estimated mass): the selection rule
 // above on the keys (top_p of their total sum n_c exp(key_c)), the budget counted once per kv
-// head. A third kernel between the two computes the keys (outputs.group_key). Every q head of the
-// group then gets the same selected list and tokens, and its own estimate over the rest.
+// head. A third kernel between the two computes the keys (outputs.group_key), and two more find
+// each kv head's threshold key over chunks of its clusters (the select kernel then only compacts;
+// one CTA per q head walking every cluster to find it took 200 us of a 1M step). Every q head of
+// the group then gets the same selected list and tokens, and its own estimate over the rest.
 // Estimate: as cluster.h; NOTE: when the unselected clusters hold less than kEstMassFloor of the
 // estimated mass, the estimate is empty (o = 0, lse = -inf): the kernel computes it as total
 // minus selected, which loses precision below that share (the host reference applies the same
@@ -85,7 +87,8 @@ struct ClusterStepOutputs {
 // Floats of device scratch ClusterStep needs.
 std::size_t ClusterStepWorkspaceFloats(const ClusterSummaryView& s, int q_heads);
 
-// workspace: device f32 [ClusterStepWorkspaceFloats] or null (then cudaMallocAsync on stream).
+// workspace: device f32 [ClusterStepWorkspaceFloats], 16-byte aligned, any contents; or null
+// (then cudaMallocAsync on stream).
 absl::Status ClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
                          const ClusterStepOutputs& out, float* workspace, void* stream);
 // Host reference: same outputs (double accumulation).

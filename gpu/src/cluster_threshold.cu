@@ -1,0 +1,303 @@
+// The group selection's threshold key over many CTAs (cluster_threshold.h): the same key the
+// select kernel's own search finds (cluster_score.cu), in two kernels over chunks of the kv
+// head's clusters instead of three walks of one CTA per q head.
+//
+// HistKernel, grid (chunks, kv heads): every CTA reduces GroupKeyKernel's partial ranges (in one
+// fixed order, so every CTA bins with the same lo and inv), bins its chunk's keys into a shared
+// histogram of tokens (and, top_p > 0, mass) and adds its bins to the kv head's; the last CTA of
+// the kv head to finish scans the histogram from the top for the threshold bin. CandKernel, same
+// grid: the threshold bin's clusters of each chunk join a list; the last CTA resolves the exact
+// threshold key among them. A range the bins cannot split, or a threshold bin of more than
+// kCandCap clusters, leaves the search to the select kernel (kThresholdSearch).
+#include <climits>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "cluster_launch.h"
+#include "cluster_threshold.cuh"
+#include "common.cuh"
+
+namespace kvrt::gpu::detail {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kItems = 8;                      // clusters per thread of a chunk
+constexpr int kChunk = kThreads * kItems;      // clusters per CTA
+constexpr int kBinsPer = kLinBins / kThreads;  // histogram bins per thread of the scan
+
+struct MinOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct MaxLL {
+  __device__ __forceinline__ long long operator()(long long a, long long b) const {
+    return a > b ? a : b;
+  }
+};
+struct MinLL {
+  __device__ __forceinline__ long long operator()(long long a, long long b) const {
+    return a < b ? a : b;
+  }
+};
+
+using RedF = cub::BlockReduce<float, kThreads>;
+using RedLL = cub::BlockReduce<long long, kThreads>;
+using ScanI = cub::BlockScan<int, kThreads>;
+using ScanF = cub::BlockScan<float, kThreads>;
+
+// Whether this CTA is the last of its kv head's CTAs to pass this point, every CTA's writes
+// before it visible to that one. NOTE: every thread fences its own writes (their atomics are
+// fire-and-forget reductions, still in flight at the barrier), then one thread takes a ticket.
+__device__ __forceinline__ bool LastToFinish(unsigned* done) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(done, 1u) == gridDim.x - 1 ? 1 : 0;
+  __syncthreads();
+  if (s_last) __threadfence();
+  return s_last != 0;
+}
+
+// The chunk's clusters j (kItems per thread, strided by the block) with their sizes and keys,
+// all loaded before f(key, size) runs for each sized one.
+template <typename F>
+__device__ __forceinline__ void ForChunk(const int32_t* size, const float* key, int c_n, F&& f) {
+  int n[kItems];
+  float k[kItems];
+  const int base = blockIdx.x * kChunk + threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int j = base + i * kThreads;
+    n[i] = j < c_n ? size[j] : 0;
+    k[i] = j < c_n ? key[j] : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i)
+    if (n[i] > 0) f(k[i], n[i]);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    HistKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
+               int64_t budget, float top_p, ThresholdWs w) {
+  __shared__ typename RedF::TempStorage red;
+  __shared__ union {
+    struct {
+      unsigned tok[kLinBins];
+      float mass[kLinBins];
+    } hist;
+    typename ScanI::TempStorage scan_i;
+    typename ScanF::TempStorage scan_f;
+    typename RedLL::TempStorage red_ll;
+  } sm;
+  __shared__ float s_lo, s_hi, s_mass;
+  const int h = blockIdx.y, t = threadIdx.x;
+  const bool use_p = top_p > 0.f;
+  ThresholdRow& row = w.row[h];
+
+  // The keys' range (and total mass) from GroupKeyKernel's CTAs, reduced in one order by all.
+  float lo = INFINITY, hi = -INFINITY, mass = 0.f;
+  for (int k = t; k < w.key_ctas; k += kThreads) {
+    const size_t at = static_cast<size_t>(h) * w.key_ctas + k;
+    lo = fminf(lo, w.part_lo[at]);
+    hi = fmaxf(hi, w.part_hi[at]);
+    mass += w.part_mass[at];
+  }
+  lo = RedF(red).Reduce(lo, MinOp());
+  __syncthreads();
+  hi = RedF(red).Reduce(hi, MaxOp());
+  __syncthreads();
+  mass = RedF(red).Sum(mass);
+  if (t == 0) {
+    s_lo = lo;
+    s_hi = hi;
+    s_mass = mass;
+  }
+  __syncthreads();
+  lo = s_lo;
+  hi = s_hi;
+  const float inv = static_cast<float>(kLinBins) / (hi - lo);
+  if (!LinearRange(lo, hi, inv)) {  // every CTA sees it: the select kernel searches itself
+    if (blockIdx.x == 0 && t == 0) row.mode = kThresholdSearch;
+    return;
+  }
+
+  for (int b = t; b < kLinBins; b += kThreads) {
+    sm.hist.tok[b] = 0u;
+    sm.hist.mass[b] = 0.f;
+  }
+  __syncthreads();
+  const int32_t* size = size_all + static_cast<size_t>(h) * c_n;
+  const float* key = key_all + static_cast<size_t>(h) * c_n;
+  ForChunk(size, key, c_n, [&](float kj, int nj) {
+    const int b = LinBin(kj, lo, inv);
+    atomicAdd(&sm.hist.tok[b], static_cast<unsigned>(nj));
+    if (use_p) atomicAdd(&sm.hist.mass[b], __expf(kj + logf(static_cast<float>(nj))));
+  });
+  __syncthreads();
+  unsigned* gtok = w.hist_tok + static_cast<size_t>(h) * kLinBins;
+  float* gmass = w.hist_mass + static_cast<size_t>(h) * kLinBins;
+  for (int b = t; b < kLinBins; b += kThreads) {
+    if (sm.hist.tok[b] != 0u) atomicAdd(&gtok[b], sm.hist.tok[b]);
+    if (use_p && sm.hist.mass[b] != 0.f) atomicAdd(&gmass[b], sm.hist.mass[b]);
+  }
+  if (!LastToFinish(&row.hist_done)) return;
+
+  // The last CTA: thread t holds bins kLinBins - 1 - (t * kBinsPer + k), an inclusive scan from
+  // the top; the first bin at which the tokens (mass) reach the criterion is the threshold bin.
+  const float target = top_p * s_mass;
+  int ct[kBinsPer], it[kBinsPer];
+  float cm[kBinsPer], im[kBinsPer];
+#pragma unroll
+  for (int k = 0; k < kBinsPer; ++k) {
+    const int b = kLinBins - 1 - (t * kBinsPer + k);
+    ct[k] = static_cast<int>(__ldcg(&gtok[b]));
+    cm[k] = use_p ? __ldcg(&gmass[b]) : 0.f;
+  }
+  ScanI(sm.scan_i).InclusiveSum(ct, it);
+  __syncthreads();
+  if (use_p) {
+    ScanF(sm.scan_f).InclusiveSum(cm, im);
+    __syncthreads();
+  }
+  long long first = LLONG_MAX;
+#pragma unroll
+  for (int k = 0; k < kBinsPer; ++k) {
+    const bool hit = it[k] >= budget || (use_p && im[k] >= target);
+    if (hit && first == LLONG_MAX) first = t * kBinsPer + k;
+  }
+  first = RedLL(sm.red_ll).Reduce(first, MinLL());
+  __shared__ long long s_first;
+  if (t == 0) s_first = first;
+  __syncthreads();
+  first = s_first;
+  if (first == LLONG_MAX) {
+    if (t == 0) {  // the whole set does not reach the criterion
+      row.above_tok = 0;
+      row.above_mass = 0.f;
+      row.target_mass = target;
+      row.mode = kThresholdAll;
+    }
+  } else if (first / kBinsPer == t) {
+    const int k = static_cast<int>(first % kBinsPer);
+    row.bin = kLinBins - 1 - static_cast<int>(first);
+    row.above_tok = it[k] - ct[k];
+    row.above_mass = use_p ? im[k] - cm[k] : 0.f;
+    row.target_mass = target;
+    row.lo = lo;
+    row.hi = hi;
+    row.ncand = 0;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    CandKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
+               int64_t budget, float top_p, ThresholdWs w) {
+  __shared__ union {
+    struct {
+      uint32_t key[kCandCap];
+      int32_t n[kCandCap];
+      float mass[kCandCap];
+    } cand;
+  } sm;
+  __shared__ typename RedLL::TempStorage red_ll;
+  __shared__ typename RedF::TempStorage red_f;
+  __shared__ uint32_t s_kt;
+  const int h = blockIdx.y, t = threadIdx.x;
+  const bool use_p = top_p > 0.f;
+  ThresholdRow& row = w.row[h];
+  const int tb = row.bin;
+  if (row.mode != kThresholdPending || tb < 0) return;  // every CTA reads the same row
+  const float lo = row.lo, hi = row.hi;
+  const float inv = static_cast<float>(kLinBins) / (hi - lo);
+  const int32_t* size = size_all + static_cast<size_t>(h) * c_n;
+  const float* key = key_all + static_cast<size_t>(h) * c_n;
+  uint32_t* ckey = w.cand_key + static_cast<size_t>(h) * kCandCap;
+  int32_t* cn = w.cand_n + static_cast<size_t>(h) * kCandCap;
+  float* cmass = w.cand_mass + static_cast<size_t>(h) * kCandCap;
+  ForChunk(size, key, c_n, [&](float kj, int nj) {
+    if (LinBin(kj, lo, inv) != tb) return;
+    const int slot = atomicAdd(&row.ncand, 1);
+    if (slot >= kCandCap) return;
+    ckey[slot] = OrderedKey(kj);
+    cn[slot] = nj;
+    cmass[slot] = use_p ? __expf(kj + logf(static_cast<float>(nj))) : 0.f;
+  });
+  if (!LastToFinish(&row.cand_done)) return;
+
+  // The last CTA: the largest key whose tokens (mass) at or above it, with the bins above,
+  // reach the criterion (as the select kernel resolves its threshold bin).
+  const int nc = atomicAdd(&row.ncand, 0);
+  if (nc <= 0 || nc > kCandCap) {
+    if (t == 0) row.mode = kThresholdSearch;
+    return;
+  }
+  for (int i = t; i < nc; i += kThreads) {
+    sm.cand.key[i] = __ldcg(&ckey[i]);
+    sm.cand.n[i] = __ldcg(&cn[i]);
+    sm.cand.mass[i] = __ldcg(&cmass[i]);
+  }
+  __syncthreads();
+  const long long at = row.above_tok;
+  const float am = row.above_mass, target = row.target_mass;
+  long long best = -1, lowest = LLONG_MAX;
+  for (int i = t; i < nc; i += kThreads) {
+    const uint32_t ki = sm.cand.key[i];
+    long long ge_t = 0;
+    float ge_m = 0.f;
+    for (int x = 0; x < nc; ++x) {
+      if (sm.cand.key[x] >= ki) {
+        ge_t += sm.cand.n[x];
+        ge_m += sm.cand.mass[x];
+      }
+    }
+    if (at + ge_t >= budget || (use_p && am + ge_m >= target))
+      best = best > static_cast<long long>(ki) ? best : static_cast<long long>(ki);
+    lowest = lowest < static_cast<long long>(ki) ? lowest : static_cast<long long>(ki);
+  }
+  best = RedLL(red_ll).Reduce(best, MaxLL());
+  __syncthreads();
+  lowest = RedLL(red_ll).Reduce(lowest, MinLL());
+  // NOTE: no candidate reaching it is f32 rounding of the bins' mass: the lowest key then takes
+  // the whole bin, as the select kernel's own search does.
+  if (t == 0) s_kt = static_cast<uint32_t>(best >= 0 ? best : lowest);
+  __syncthreads();
+  const uint32_t kt = s_kt;
+  long long gt_t = 0;
+  float gt_m = 0.f;
+  for (int i = t; i < nc; i += kThreads) {
+    if (sm.cand.key[i] > kt) {
+      gt_t += sm.cand.n[i];
+      gt_m += sm.cand.mass[i];
+    }
+  }
+  gt_t = RedLL(red_ll).Sum(gt_t);
+  gt_m = RedF(red_f).Sum(gt_m);
+  if (t == 0) {
+    row.kt = kt;
+    row.above_tok = at + gt_t;
+    row.above_mass = am + gt_m;
+    row.mode = kThresholdFound;
+  }
+}
+
+}  // namespace
+
+Err PreloadGroupThreshold() {
+  const Err e = LoadKernel(HistKernel);
+  return e.ok() ? LoadKernel(CandKernel) : e;
+}
+
+Err LaunchGroupThreshold(const ClusterSummaryView& s, const float* group_key, int64_t budget,
+                         float top_p, const ThresholdWs& w, void* stream) {
+  const cudaStream_t st = AsStream(stream);
+  const dim3 grid(static_cast<unsigned>((s.num_clusters + kChunk - 1) / kChunk),
+                  static_cast<unsigned>(s.kv_heads));
+  HistKernel<<<grid, kThreads, 0, st>>>(s.size, group_key, s.num_clusters, budget, top_p, w);
+  if (Err e = LastLaunchErr(); !e.ok()) return e;
+  CandKernel<<<grid, kThreads, 0, st>>>(s.size, group_key, s.num_clusters, budget, top_p, w);
+  return LastLaunchErr();
+}
+
+}  // namespace kvrt::gpu::detail
