@@ -50,7 +50,6 @@ constexpr int kOutlierTile = 32;  // outliers per CTA of the score kernel (4 per
 constexpr int kSelectThreads = 512;
 constexpr int kSelectItems = 4;    // clusters per thread per chunk of the radix passes (8 spill)
 constexpr int kSelectKeep = 2048;  // selected clusters whose weight stays in shared memory
-constexpr int kLinItems = kLinBins / kSelectThreads;
 constexpr int kKeyThreads = kKeyClusters;  // GroupKeyKernel: one cluster per thread
 
 __device__ __forceinline__ float WarpSum(float v) {
@@ -339,16 +338,6 @@ struct MaxOp {
 };
 struct MinOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
-};
-struct MinLL {
-  __device__ __forceinline__ long long operator()(long long a, long long b) const {
-    return a < b ? a : b;
-  }
-};
-struct MaxLL {
-  __device__ __forceinline__ long long operator()(long long a, long long b) const {
-    return a > b ? a : b;
-  }
 };
 
 // Group selection's keys (cluster_kernels.h): grid (cluster chunks, kv heads). Each CTA first
@@ -651,43 +640,19 @@ __global__ void __launch_bounds__(kSelectThreads)
         if (use_p) atomicAdd(&big.lin.mass[b], smass_of(dj, nj));
       });
       __syncthreads();
-      // Thread t holds bins kLinBins - 1 - (t * kLinItems + k): an inclusive scan from the top.
-      int ct[kLinItems], it[kLinItems];
-      float cm[kLinItems], im[kLinItems];
-#pragma unroll
-    for (int k = 0; k < kLinItems; ++k) {
-      const int b = kLinBins - 1 - (t * kLinItems + k);
-      ct[k] = static_cast<int>(big.lin.tok[b]);
-      cm[k] = use_p ? big.lin.mass[b] : 0.f;
-    }
-    ScanI(tmp.i).InclusiveSum(ct, it);
-    __syncthreads();
-    if (use_p) {
-      ScanF(tmp.f).InclusiveSum(cm, im);
-      __syncthreads();
-    }
-    long long first = LLONG_MAX;
-#pragma unroll
-    for (int k = 0; k < kLinItems; ++k) {
-      const bool hit = it[k] >= budget || (use_p && im[k] >= target_mass);
-      if (hit && first == LLONG_MAX) first = t * kLinItems + k;
-    }
-    first = RedLL(tmp.rll).Reduce(first, MinLL());
-    if (t == 0) s_above_tok = first;  // broadcast (overwritten below)
-    __syncthreads();
-    first = s_above_tok;
-    __syncthreads();
-    if (first == LLONG_MAX) {
-      if (t == 0) {  // the whole set does not reach the criterion
-        s_all = 1;
-        s_above_tok = 0;  // (it held the broadcast)
+      long long above_tok = 0;
+      float above_mass = 0.f;
+      const int bin = ThresholdBin<kSelectThreads>(
+          [&](int b) {
+            return BinCount{big.lin.tok[b], big.lin.mass[b]};
+          },
+          budget, use_p, target_mass, &above_tok, &above_mass);
+      if (t == 0) {
+        s_bin = bin;
+        s_all = bin < 0 ? 1 : 0;  // the whole set does not reach the criterion
+        s_above_tok = above_tok;
+        s_above_mass = above_mass;
       }
-    } else if (first / kLinItems == t) {
-      const int k = static_cast<int>(first % kLinItems);
-      s_bin = kLinBins - 1 - static_cast<int>(first);
-      s_above_tok = it[k] - ct[k];
-      s_above_mass = use_p ? im[k] - cm[k] : 0.f;
-    }
     __syncthreads();  // the histogram is dead from here: the threshold bin's clusters take it
     // (b2) the threshold bin's clusters, resolved in shared memory: the largest key whose
     // tokens (mass) at or above it, with the bins above, reach the criterion.
@@ -704,45 +669,15 @@ __global__ void __launch_bounds__(kSelectThreads)
       __syncthreads();
       const int nc = s_ncand;
       if (nc > 0 && nc <= kCandCap) {
-        const long long at = s_above_tok;
-        const float am = s_above_mass;
-        long long best = -1, lowest = LLONG_MAX;
-        for (int i = t; i < nc; i += kSelectThreads) {
-          const uint32_t ki = big.cand.key[i];
-          long long ge_t = 0;
-          float ge_m = 0.f;
-          for (int x = 0; x < nc; ++x) {
-            if (big.cand.key[x] >= ki) {
-              ge_t += big.cand.n[x];
-              ge_m += big.cand.mass[x];
-            }
-          }
-          if (at + ge_t >= budget || (use_p && am + ge_m >= target_mass))
-            best = best > static_cast<long long>(ki) ? best : static_cast<long long>(ki);
-          lowest = lowest < static_cast<long long>(ki) ? lowest : static_cast<long long>(ki);
-        }
-        best = RedLL(tmp.rll).Reduce(best, MaxLL());
-        __syncthreads();
-        lowest = RedLL(tmp.rll).Reduce(lowest, MinLL());
-        if (t == 0) s_prefix = static_cast<uint32_t>(best >= 0 ? best : lowest);
-        __syncthreads();
-        // NOTE: no candidate reaching it is f32 rounding of the bins' mass: the lowest key then
-        // takes the whole bin, as the radix select takes its last bin.
-        const uint32_t kt_lin = s_prefix;
-        long long gt_t = 0;
-        float gt_m = 0.f;
-        for (int i = t; i < nc; i += kSelectThreads) {
-          if (big.cand.key[i] > kt_lin) {
-            gt_t += big.cand.n[i];
-            gt_m += big.cand.mass[i];
-          }
-        }
-        gt_t = RedLL(tmp.rll).Sum(gt_t);
-        __syncthreads();
-        gt_m = RedF(tmp.rf).Sum(gt_m);
+        long long above_tok = 0;
+        float above_mass = 0.f;
+        const uint32_t kt_lin = ResolveThreshold<kSelectThreads>(
+            big.cand.key, big.cand.n, big.cand.mass, nc, s_above_tok, s_above_mass, budget, use_p,
+            target_mass, &above_tok, &above_mass);
         if (t == 0) {
-          s_above_tok = at + gt_t;
-          s_above_mass = am + gt_m;
+          s_prefix = kt_lin;
+          s_above_tok = above_tok;
+          s_above_mass = above_mass;
           s_radix = 0;
         }
       } else if (t == 0) {

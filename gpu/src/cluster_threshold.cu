@@ -9,9 +9,7 @@
 // grid: the threshold bin's clusters of each chunk join a list; the last CTA resolves the exact
 // threshold key among them. A range the bins cannot split, or a threshold bin of more than
 // kCandCap clusters, leaves the search to the select kernel (kThresholdSearch).
-#include <climits>
 #include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
 
 #include "cluster_launch.h"
 #include "cluster_threshold.cuh"
@@ -23,7 +21,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kItems = 8;                      // clusters per thread of a chunk
 constexpr int kChunk = kThreads * kItems;      // clusters per CTA
-constexpr int kBinsPer = kLinBins / kThreads;  // histogram bins per thread of the scan
 
 struct MinOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
@@ -31,21 +28,8 @@ struct MinOp {
 struct MaxOp {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
-struct MaxLL {
-  __device__ __forceinline__ long long operator()(long long a, long long b) const {
-    return a > b ? a : b;
-  }
-};
-struct MinLL {
-  __device__ __forceinline__ long long operator()(long long a, long long b) const {
-    return a < b ? a : b;
-  }
-};
 
 using RedF = cub::BlockReduce<float, kThreads>;
-using RedLL = cub::BlockReduce<long long, kThreads>;
-using ScanI = cub::BlockScan<int, kThreads>;
-using ScanF = cub::BlockScan<float, kThreads>;
 
 // Whether this CTA is the last of its kv head's CTAs to pass this point, every CTA's writes
 // before it visible to that one. NOTE: every thread fences its own writes (their atomics are
@@ -82,15 +66,10 @@ __global__ void __launch_bounds__(kThreads)
     HistKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
                int64_t budget, float top_p, ThresholdWs w) {
   __shared__ typename RedF::TempStorage red;
-  __shared__ union {
-    struct {
-      unsigned tok[kLinBins];
-      float mass[kLinBins];
-    } hist;
-    typename ScanI::TempStorage scan_i;
-    typename ScanF::TempStorage scan_f;
-    typename RedLL::TempStorage red_ll;
-  } sm;
+  __shared__ struct {
+    unsigned tok[kLinBins];
+    float mass[kLinBins];
+  } hist;
   __shared__ float s_lo, s_hi, s_mass;
   const int h = blockIdx.y, t = threadIdx.x;
   const bool use_p = top_p > 0.f;
@@ -124,71 +103,47 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   for (int b = t; b < kLinBins; b += kThreads) {
-    sm.hist.tok[b] = 0u;
-    sm.hist.mass[b] = 0.f;
+    hist.tok[b] = 0u;
+    hist.mass[b] = 0.f;
   }
   __syncthreads();
   const int32_t* size = size_all + static_cast<size_t>(h) * c_n;
   const float* key = key_all + static_cast<size_t>(h) * c_n;
   ForChunk(size, key, c_n, [&](float kj, int nj) {
     const int b = LinBin(kj, lo, inv);
-    atomicAdd(&sm.hist.tok[b], static_cast<unsigned>(nj));
-    if (use_p) atomicAdd(&sm.hist.mass[b], __expf(kj + logf(static_cast<float>(nj))));
+    atomicAdd(&hist.tok[b], static_cast<unsigned>(nj));
+    if (use_p) atomicAdd(&hist.mass[b], __expf(kj + logf(static_cast<float>(nj))));
   });
   __syncthreads();
   unsigned* gtok = w.hist_tok + static_cast<size_t>(h) * kLinBins;
   float* gmass = w.hist_mass + static_cast<size_t>(h) * kLinBins;
   for (int b = t; b < kLinBins; b += kThreads) {
-    if (sm.hist.tok[b] != 0u) atomicAdd(&gtok[b], sm.hist.tok[b]);
-    if (use_p && sm.hist.mass[b] != 0.f) atomicAdd(&gmass[b], sm.hist.mass[b]);
+    if (hist.tok[b] != 0u) atomicAdd(&gtok[b], hist.tok[b]);
+    if (use_p && hist.mass[b] != 0.f) atomicAdd(&gmass[b], hist.mass[b]);
   }
   if (!LastToFinish(&row.hist_done)) return;
 
-  // The last CTA: thread t holds bins kLinBins - 1 - (t * kBinsPer + k), an inclusive scan from
-  // the top; the first bin at which the tokens (mass) reach the criterion is the threshold bin.
+  // The last CTA: the threshold bin over the kv head's histogram.
   const float target = top_p * s_mass;
-  int ct[kBinsPer], it[kBinsPer];
-  float cm[kBinsPer], im[kBinsPer];
-#pragma unroll
-  for (int k = 0; k < kBinsPer; ++k) {
-    const int b = kLinBins - 1 - (t * kBinsPer + k);
-    ct[k] = static_cast<int>(__ldcg(&gtok[b]));
-    cm[k] = use_p ? __ldcg(&gmass[b]) : 0.f;
+  long long above_tok = 0;
+  float above_mass = 0.f;
+  const int bin = ThresholdBin<kThreads>(
+      [&](int b) {
+        return BinCount{__ldcg(&gtok[b]), use_p ? __ldcg(&gmass[b]) : 0.f};
+      },
+      budget, use_p, target, &above_tok, &above_mass);
+  if (t != 0) return;
+  row.above_tok = above_tok;
+  row.above_mass = above_mass;
+  row.target_mass = target;
+  if (bin < 0) {  // the whole set does not reach the criterion
+    row.mode = kThresholdAll;
+    return;
   }
-  ScanI(sm.scan_i).InclusiveSum(ct, it);
-  __syncthreads();
-  if (use_p) {
-    ScanF(sm.scan_f).InclusiveSum(cm, im);
-    __syncthreads();
-  }
-  long long first = LLONG_MAX;
-#pragma unroll
-  for (int k = 0; k < kBinsPer; ++k) {
-    const bool hit = it[k] >= budget || (use_p && im[k] >= target);
-    if (hit && first == LLONG_MAX) first = t * kBinsPer + k;
-  }
-  first = RedLL(sm.red_ll).Reduce(first, MinLL());
-  __shared__ long long s_first;
-  if (t == 0) s_first = first;
-  __syncthreads();
-  first = s_first;
-  if (first == LLONG_MAX) {
-    if (t == 0) {  // the whole set does not reach the criterion
-      row.above_tok = 0;
-      row.above_mass = 0.f;
-      row.target_mass = target;
-      row.mode = kThresholdAll;
-    }
-  } else if (first / kBinsPer == t) {
-    const int k = static_cast<int>(first % kBinsPer);
-    row.bin = kLinBins - 1 - static_cast<int>(first);
-    row.above_tok = it[k] - ct[k];
-    row.above_mass = use_p ? im[k] - cm[k] : 0.f;
-    row.target_mass = target;
-    row.lo = lo;
-    row.hi = hi;
-    row.ncand = 0;
-  }
+  row.bin = bin;
+  row.lo = lo;
+  row.hi = hi;
+  row.ncand = 0;
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -201,9 +156,6 @@ __global__ void __launch_bounds__(kThreads)
       float mass[kCandCap];
     } cand;
   } sm;
-  __shared__ typename RedLL::TempStorage red_ll;
-  __shared__ typename RedF::TempStorage red_f;
-  __shared__ uint32_t s_kt;
   const int h = blockIdx.y, t = threadIdx.x;
   const bool use_p = top_p > 0.f;
   ThresholdRow& row = w.row[h];
@@ -239,45 +191,15 @@ __global__ void __launch_bounds__(kThreads)
     sm.cand.mass[i] = __ldcg(&cmass[i]);
   }
   __syncthreads();
-  const long long at = row.above_tok;
-  const float am = row.above_mass, target = row.target_mass;
-  long long best = -1, lowest = LLONG_MAX;
-  for (int i = t; i < nc; i += kThreads) {
-    const uint32_t ki = sm.cand.key[i];
-    long long ge_t = 0;
-    float ge_m = 0.f;
-    for (int x = 0; x < nc; ++x) {
-      if (sm.cand.key[x] >= ki) {
-        ge_t += sm.cand.n[x];
-        ge_m += sm.cand.mass[x];
-      }
-    }
-    if (at + ge_t >= budget || (use_p && am + ge_m >= target))
-      best = best > static_cast<long long>(ki) ? best : static_cast<long long>(ki);
-    lowest = lowest < static_cast<long long>(ki) ? lowest : static_cast<long long>(ki);
-  }
-  best = RedLL(red_ll).Reduce(best, MaxLL());
-  __syncthreads();
-  lowest = RedLL(red_ll).Reduce(lowest, MinLL());
-  // NOTE: no candidate reaching it is f32 rounding of the bins' mass: the lowest key then takes
-  // the whole bin, as the select kernel's own search does.
-  if (t == 0) s_kt = static_cast<uint32_t>(best >= 0 ? best : lowest);
-  __syncthreads();
-  const uint32_t kt = s_kt;
-  long long gt_t = 0;
-  float gt_m = 0.f;
-  for (int i = t; i < nc; i += kThreads) {
-    if (sm.cand.key[i] > kt) {
-      gt_t += sm.cand.n[i];
-      gt_m += sm.cand.mass[i];
-    }
-  }
-  gt_t = RedLL(red_ll).Sum(gt_t);
-  gt_m = RedF(red_f).Sum(gt_m);
+  long long above_tok = 0;
+  float above_mass = 0.f;
+  const uint32_t kt = ResolveThreshold<kThreads>(sm.cand.key, sm.cand.n, sm.cand.mass, nc,
+                                                 row.above_tok, row.above_mass, budget, use_p,
+                                                 row.target_mass, &above_tok, &above_mass);
   if (t == 0) {
     row.kt = kt;
-    row.above_tok = at + gt_t;
-    row.above_mass = am + gt_m;
+    row.above_tok = above_tok;
+    row.above_mass = above_mass;
     row.mode = kThresholdFound;
   }
 }
