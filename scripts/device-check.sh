@@ -261,10 +261,11 @@ if [[ "${1:-}" == "--device" ]]; then
       # The build before (BEFORE when bundling: kvrt_before) against this one, pipelined (a step's
       # layer-steps back to back), alternating per run: 1M B=1 (4 layers, generated keys) and the
       # 128K trace B=1 (8 layers) at each of AB_CONFIGS (penalty:hot_cache_fraction, default
-      # "0.5:0.1 1:0.2"), then the 128K trace at B=16 (4 layers, kvrt_attend_batch) at the defaults.
+      # "0.5:0.1 1:0.2"; AB_ROUNDS rounds, default 1), then the 128K trace at B=16 (4 layers,
+      # kvrt_attend_batch) at the defaults.
       trace=/tmp/kvrt-ab-pipe.safetensors
       trace_128k $trace || rc=1
-      for cfg in ${AB_CONFIGS:-0.5:0.1 1:0.2}; do
+      for cfg in $(for r in $(seq ${AB_ROUNDS:-1}); do echo ${AB_CONFIGS:-0.5:0.1 1:0.2}; done); do
         pen=${cfg%%:*} hc=${cfg##*:}
         for prog in kvrt_before kvrt; do
           [[ -x $b/$prog ]] || continue
