@@ -149,13 +149,11 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     CandKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
                int64_t budget, float top_p, ThresholdWs w) {
-  __shared__ union {
-    struct {
-      uint32_t key[kCandCap];
-      int32_t n[kCandCap];
-      float mass[kCandCap];
-    } cand;
-  } sm;
+  __shared__ struct {
+    uint32_t key[kCandCap];
+    int32_t n[kCandCap];
+    float mass[kCandCap];
+  } cand;
   const int h = blockIdx.y, t = threadIdx.x;
   const bool use_p = top_p > 0.f;
   ThresholdRow& row = w.row[h];
@@ -186,16 +184,16 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
   for (int i = t; i < nc; i += kThreads) {
-    sm.cand.key[i] = __ldcg(&ckey[i]);
-    sm.cand.n[i] = __ldcg(&cn[i]);
-    sm.cand.mass[i] = __ldcg(&cmass[i]);
+    cand.key[i] = __ldcg(&ckey[i]);
+    cand.n[i] = __ldcg(&cn[i]);
+    cand.mass[i] = __ldcg(&cmass[i]);
   }
   __syncthreads();
   long long above_tok = 0;
   float above_mass = 0.f;
-  const uint32_t kt = ResolveThreshold<kThreads>(sm.cand.key, sm.cand.n, sm.cand.mass, nc,
-                                                 row.above_tok, row.above_mass, budget, use_p,
-                                                 row.target_mass, &above_tok, &above_mass);
+  const uint32_t kt =
+      ResolveThreshold<kThreads>(cand.key, cand.n, cand.mass, nc, row.above_tok, row.above_mass,
+                                 budget, use_p, row.target_mass, &above_tok, &above_mass);
   if (t == 0) {
     row.kt = kt;
     row.above_tok = above_tok;
