@@ -424,16 +424,21 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, ref.View()).ok());
     p.key_offset = offset_dev;
     DevCase dc(s, q, qh);
-    // A workspace of stale bytes: nothing in it may be taken for this step's state.
+    // Group selection on a workspace of stale bytes (nothing in it may be taken for this step's
+    // state; its threshold section is read back below); the other shapes on none (ClusterStep
+    // allocates its own on the stream).
     const std::size_t ws_floats = ClusterStepWorkspaceFloats(dc.view, qh);
     float* ws = nullptr;
-    ASSERT_EQ(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * sizeof(float)), cudaSuccess);
+    if (grp) {
+      ASSERT_EQ(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * sizeof(float)),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemset(ws, 0x5a, std::max<std::size_t>(ws_floats, 1) * sizeof(float)),
+                cudaSuccess);
+    }
     struct FreeWs {
       float* p;
       ~FreeWs() { cudaFree(p); }
     } free_ws{ws};
-    ASSERT_EQ(cudaMemset(ws, 0x5a, std::max<std::size_t>(ws_floats, 1) * sizeof(float)),
-              cudaSuccess);
     ASSERT_TRUE(ClusterStep(dc.view, dc.q, p, dc.out, ws, nullptr).ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     if (grp && sh.budget > 0) {
