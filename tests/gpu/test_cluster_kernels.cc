@@ -430,8 +430,7 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     const std::size_t ws_floats = ClusterStepWorkspaceFloats(dc.view, qh);
     float* ws = nullptr;
     if (grp) {
-      ASSERT_EQ(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * sizeof(float)),
-                cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * sizeof(float)), cudaSuccess);
       ASSERT_EQ(cudaMemset(ws, 0x5a, std::max<std::size_t>(ws_floats, 1) * sizeof(float)),
                 cudaSuccess);
     }
