@@ -333,13 +333,6 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
   }
 }
 
-struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct MinOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
-};
-
 // Group selection's keys (cluster_kernels.h): grid (cluster chunks, kv heads). Each CTA first
 // merges its group's tile states into each head's log total (as SelectKernel does), then
 // key_c = log sum_h exp(density_{h,c} - lse_h) for its chunk of clusters, less offset_c (null:

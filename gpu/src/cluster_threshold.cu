@@ -22,13 +22,6 @@ constexpr int kThreads = 256;
 constexpr int kItems = 8;                      // clusters per thread of a chunk
 constexpr int kChunk = kThreads * kItems;      // clusters per CTA
 
-struct MinOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
-};
-struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-
 using RedF = cub::BlockReduce<float, kThreads>;
 
 // Whether this CTA is the last of its kv head's CTAs to pass this point, every CTA's writes

@@ -72,6 +72,14 @@ struct RawVec {
   }
 };
 
+// Float min / max for cub's block reductions.
+struct MinOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
 // Dispatch helpers: the only instantiations are these three dtypes and three head dims.
 #define KVRT_DISPATCH_DTYPE(dtype, T, ...) \
   switch (dtype) {                         \

@@ -427,12 +427,12 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     // Group selection on a workspace of stale bytes (nothing in it may be taken for this step's
     // state; its threshold section is read back below); the other shapes on none (ClusterStep
     // allocates its own on the stream).
-    const std::size_t ws_floats = ClusterStepWorkspaceFloats(dc.view, qh);
+    const std::size_t ws_bytes =
+        std::max<std::size_t>(ClusterStepWorkspaceFloats(dc.view, qh), 1) * sizeof(float);
     float* ws = nullptr;
     if (grp) {
-      ASSERT_EQ(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * sizeof(float)), cudaSuccess);
-      ASSERT_EQ(cudaMemset(ws, 0x5a, std::max<std::size_t>(ws_floats, 1) * sizeof(float)),
-                cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&ws, ws_bytes), cudaSuccess);
+      ASSERT_EQ(cudaMemset(ws, 0x5a, ws_bytes), cudaSuccess);
     }
     struct FreeWs {
       float* p;
