@@ -39,13 +39,21 @@
 #ifndef KVRT_CLUSTER_PARTS
 #define KVRT_CLUSTER_PARTS 0
 #endif
+// Only tools/gpu_bench's score variants set these: the score kernel's clusters in flight per warp
+// and its CTAs per SM (0: the shape's default, kScoreMinBlocks).
+#ifndef KVRT_SCORE_DEPTH
+#define KVRT_SCORE_DEPTH 3
+#endif
+#ifndef KVRT_SCORE_MIN_BLOCKS
+#define KVRT_SCORE_MIN_BLOCKS 0
+#endif
 
 namespace kvrt::gpu::detail {
 namespace {
 
 constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
-constexpr int kScoreDepth = 3;    // clusters a warp has in flight (score kernel)
+constexpr int kScoreDepth = KVRT_SCORE_DEPTH;  // clusters a warp has in flight (score kernel)
 constexpr int kOutlierTile = 32;  // outliers per CTA of the score kernel (4 per warp)
 constexpr int kSelectThreads = 512;
 constexpr int kSelectItems = 4;    // clusters per thread per chunk of the radix passes (8 spill)
@@ -140,7 +148,9 @@ __device__ __forceinline__ void LoadBf16(const uint16_t* __restrict__ p, float (
 // reports a 56-byte spill at d = 128), so that 24 warps each keep kScoreDepth clusters in flight
 // (41 us at 128K on the H200, docs/benchmarks.md).
 template <int D, int MG>
-constexpr int kScoreMinBlocks = D <= 128 && MG <= 4 ? 3 : 1;
+constexpr int kScoreMinBlocks = KVRT_SCORE_MIN_BLOCKS > 0 ? KVRT_SCORE_MIN_BLOCKS
+                                : D <= 128 && MG <= 4     ? 3
+                                                          : 1;
 
 template <int D, int MG>
 __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
@@ -1019,11 +1029,13 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
       }
     }
     const bool grp = p.group_select && g > 1 && s.num_clusters > 0;
-    // Group selection finds its threshold over many CTAs (cluster_threshold.cu); the parts
-    // builds that leave the selection's search out leave these out too.
+    // Group selection finds its threshold over many CTAs (cluster_threshold.cu) where there are
+    // enough clusters to pay for their launches; the parts builds that leave the selection's
+    // search out leave these out too.
     ThresholdWs thr;
     const int use_p = p.top_p > 0.f ? 1 : 0;
-    if (grp && p.budget_tokens > 0 && (KVRT_CLUSTER_PARTS & 1) == 0)
+    if (grp && p.budget_tokens > 0 && s.num_clusters >= kThresholdMinClusters &&
+        (KVRT_CLUSTER_PARTS & 1) == 0)
       thr = ThresholdLayout(ws + ClusterThresholdAt(s, p.q_heads), s.kv_heads, s.num_clusters);
     if (err.ok() && grp) {
       const dim3 kgrid(static_cast<unsigned>((s.num_clusters + kKeyClusters - 1) / kKeyClusters),

@@ -13,6 +13,11 @@ namespace kvrt::gpu::detail {
 inline constexpr int kLinBins = 4096;     // linear bins of the selection's one histogram pass
 inline constexpr int kCandCap = 1024;     // clusters of the threshold bin resolved in shared memory
 inline constexpr int kKeyClusters = 256;  // clusters per CTA of GroupKeyKernel (one per thread)
+// Clusters per kv head from which the threshold kernels run; below, the select kernel searches
+// itself. NOTE: at 8192 clusters (128K tokens) both cost the same device time (7.5-10.6 against
+// 7.7 us on the H200, docs/benchmarks.md), and the kernels are two more launches per step and
+// batch member; at 65 536 they save ~30 us.
+inline constexpr int kThresholdMinClusters = 12288;
 
 // How a kv head's threshold stands after the threshold kernels. The select kernel takes it
 // (kThresholdFound, kThresholdAll) or searches itself (any other: a range the linear bins cannot

@@ -374,10 +374,12 @@ TEST(ClusterStepKernel, MatchesHostReference) {
       {2, 6, 256, 777, 5, 300, 0.5f, true, 0, 0.6f, true, 3.f},
       // Group selection's threshold kernels: a 1M-token kv head (32 chunks), by budget and by
       // top_p; more ties in the threshold bin than they resolve (the select kernel searches);
-      // a budget past every token (all selected).
+      // a budget past every token (all selected), at the kernels' smallest cluster count and
+      // below it (the select kernel's own search).
       {1, 4, 128, 65536, 0, 20000, 0.f, false, 0, 0.6f, true},
       {2, 4, 128, 20000, 0, 1 << 30, 0.5f, false, 0, 0.6f, true},
       {1, 4, 128, 20000, 0, 155000, 0.f, false, 2, 0.6f, true},
+      {1, 4, 128, detail::kThresholdMinClusters, 17, 1 << 30, 0.f, true, 0, 0.6f, true},
       {2, 4, 128, 300, 17, 1 << 30, 0.f, true, 0, 0.6f, true},
   };
   // The group threshold's outcomes over the shapes: each must occur (the kernels ran and decided).
@@ -440,7 +442,9 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     } free_ws{ws};
     ASSERT_TRUE(ClusterStep(dc.view, dc.q, p, dc.out, ws, nullptr).ok());
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    if (grp && sh.budget > 0) {
+    // The threshold kernels run from kThresholdMinClusters clusters (below, the select kernel
+    // searches itself and the section keeps its stale bytes).
+    if (grp && sh.budget > 0 && sh.c >= detail::kThresholdMinClusters) {
       std::vector<detail::ThresholdRow> rows(sh.kv);
       ASSERT_EQ(cudaMemcpy(rows.data(), ws + detail::ClusterThresholdAt(dc.view, qh),
                            rows.size() * sizeof(rows[0]), cudaMemcpyDeviceToHost),

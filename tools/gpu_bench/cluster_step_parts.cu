@@ -86,6 +86,27 @@ int main(int argc, char** argv) {
       "cluster step (%s), %d clusters x %d kv heads: %.1f us per step; at budget 0 "
       "%.1f us (the selection's share: %.1f us)\n",
       part, c, kv, whole, score, whole - score);
+  namespace dt = kvrt::gpu::detail;
+  {
+    // The score kernel alone, against the bytes it must move (the summary read once, the
+    // densities and the CTAs' states written): its bandwidth.
+    const float scale = 1.f / std::sqrt(static_cast<float>(d));
+    int cctas = 0;
+    const double us = b::TimeUs(kTool, "ScoreKernel", iters, [&] {
+      (void)dt::LaunchScore<128, 4>(s, dq, qh / kv, scale, 0.f, dt::ClusterTiles(c),
+                                    (outliers + dt::kOutlierTile - 1) / dt::kOutlierTile, out, ws,
+                                    nullptr, &cctas);
+    });
+    if (us < 0) return 1;
+    const double bytes = static_cast<double>(kc) * (2.0 * d * 2 + 8) +
+                         static_cast<double>(kv) * outliers * d * 2 +
+                         static_cast<double>(qh) * (c + outliers) * 4 +
+                         static_cast<double>(qh) * cctas * (d + 2) * 4;
+    std::printf(
+        "  score kernel alone: %.1f us, %.0f GB/s of its %.1f MB (%d cluster CTAs per kv head, "
+        "%d clusters in flight per warp, %d CTAs per SM asked)\n",
+        us, bytes / us * 1e-3, bytes * 1e-6, cctas, dt::kScoreDepth, dt::kScoreMinBlocks<128, 4>);
+  }
   // The decode step's default: one selection per kv head (the group keys, then the select kernel).
   const double gwhole = time_us(budget, true), gscore = time_us(0, true);
   if (gwhole < 0 || gscore < 0) return 1;
@@ -96,6 +117,11 @@ int main(int argc, char** argv) {
 #if KVRT_CLUSTER_PARTS == 0
   // The group selection's threshold kernels (cluster_threshold.cu) against the select kernel's
   // own search: what each kv head's search ended in after a step, then the kernels alone.
+  if (c < dt::kThresholdMinClusters) {
+    std::printf("  (fewer than %d clusters per kv head: the select kernel searches itself)\n",
+                dt::kThresholdMinClusters);
+    return 0;
+  }
   if (time_us(budget, true) < 0) return 1;
   const float* thr_at = ws + g::detail::ClusterThresholdAt(s, qh);
   std::vector<g::detail::ThresholdRow> rows(kv);
@@ -110,7 +136,6 @@ int main(int argc, char** argv) {
         "  kv head %d: threshold mode %d (1 found, 2 all, 3 searched by the select kernel), "
         "bin %d, %d candidates, %lld tokens above\n",
         h, rows[h].mode, rows[h].bin, rows[h].ncand, rows[h].above_tok);
-  namespace dt = kvrt::gpu::detail;
   const int cctas = dt::ClusterCtas<128, 4>(dt::ClusterTiles(c), kv);
   const auto* row_ptr = reinterpret_cast<const dt::ThresholdRow*>(thr_at);
   auto select_us = [&](const dt::ThresholdRow* thr) {
