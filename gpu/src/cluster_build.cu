@@ -44,6 +44,7 @@
 
 #include "cluster_build_launch.h"
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -350,26 +351,6 @@ __device__ __forceinline__ void CpAsyncCommit() {
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ uint32_t PackBf16(float2 v) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);  // .x (lower k) in the low half
-  return static_cast<uint32_t>(__bfloat16_as_ushort(h.x)) |
-         (static_cast<uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
-}
-
-// d += a b, m16n8k16, bf16 inputs, f32 accumulators. Fragment layouts (PTX ISA, "mma.m16n8k16"),
-// with grp = lane / 4 and tig = lane % 4:
-//   a[0]: A[grp][2tig..+1]  a[1]: A[grp+8][2tig..+1]  a[2]: A[grp][2tig+8..+9]
-//   a[3]: A[grp+8][2tig+8..+9];  b0: B[k = 2tig..+1][n = grp]  b1: B[k = 2tig+8..+9][n = grp];
-//   d[0], d[1]: D[grp][2tig], D[grp][2tig+1];  d[2], d[3]: D[grp+8][2tig], D[grp+8][2tig+1].
-__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ void Better(float v, int j, float& best, int& bj) {

@@ -11,6 +11,10 @@
 // one partial state per (q head, cluster CTA). Every centroid and value mean is read once per kv
 // head, for all q heads of its group: HBM traffic is the summary's size.
 //
+// ScoreMmaKernel: the same outputs from tensor cores (mma.sync), for groups of at most 8 q heads
+// and d <= 128 (the 8B shape): a warp takes 16 clusters per step, the scores and the weighted
+// value sums each a few mma per cluster (the layouts at the kernel).
+//
 // SelectKernel: one CTA (512 threads) per q head. Merges the CTA states into the total, takes the
 // threshold key the group threshold kernels found (cluster_threshold.cu), or else finds the
 // selection threshold key (the order-preserving uint32 of the density at which the criterion is
@@ -33,19 +37,12 @@
 #include "cluster_launch.h"
 #include "cluster_threshold.cuh"
 #include "common.cuh"
+#include "mma.cuh"
 
 // Only tools/gpu_bench/cluster_step_parts.cu sets it: bit 1 leaves the selection's radix passes
 // out (nothing is selected), bit 2 its compaction, so that the kernel's time can be taken apart.
 #ifndef KVRT_CLUSTER_PARTS
 #define KVRT_CLUSTER_PARTS 0
-#endif
-// Only tools/gpu_bench's score variants set these: the score kernel's clusters in flight per warp
-// and its CTAs per SM (0: the shape's default, kScoreMinBlocks).
-#ifndef KVRT_SCORE_DEPTH
-#define KVRT_SCORE_DEPTH 3
-#endif
-#ifndef KVRT_SCORE_MIN_BLOCKS
-#define KVRT_SCORE_MIN_BLOCKS 0
 #endif
 
 namespace kvrt::gpu::detail {
@@ -53,7 +50,7 @@ namespace {
 
 constexpr int kScoreThreads = 256;
 constexpr int kScoreWarps = kScoreThreads / 32;
-constexpr int kScoreDepth = KVRT_SCORE_DEPTH;  // clusters a warp has in flight (score kernel)
+constexpr int kScoreDepth = 3;    // clusters a warp has in flight (score kernel)
 constexpr int kOutlierTile = 32;  // outliers per CTA of the score kernel (4 per warp)
 constexpr int kSelectThreads = 512;
 constexpr int kSelectItems = 4;    // clusters per thread per chunk of the radix passes (8 spill)
@@ -144,13 +141,90 @@ __device__ __forceinline__ void LoadBf16(const uint16_t* __restrict__ p, float (
   RawBf16<E>::ToF32(__ldg(reinterpret_cast<const Raw*>(p)), out);
 }
 
+// The g queries of kv head h's group (q: [q_heads, D]) into qs (rows past g zero) and their squared
+// norms into qn2; the whole CTA, synced after.
+template <int D, int MG>
+__device__ __forceinline__ void LoadGroupQueries(const float* __restrict__ q, int g, int h,
+                                                 float (&qs)[MG][D], float (&qn2)[MG]) {
+  constexpr int E = D / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int x = threadIdx.x; x < MG * D; x += kScoreThreads) {
+    const int i = x / D;
+    qs[i][x % D] = i < g ? q[(static_cast<size_t>(h) * g + i) * D + x % D] : 0.f;
+  }
+  __syncthreads();
+  for (int i = warp; i < MG; i += kScoreWarps) {
+    float a = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) a += qs[i][lane * E + e] * qs[i][lane * E + e];
+    a = WarpSum(a);
+    if (lane == 0) qn2[i] = a;
+  }
+  __syncthreads();
+}
+
+// One q head's partial state of the CTA (out: [D + 2] = max, sum, weighted value sums) from its
+// warps' states, which each warp left in wm, wl and wacc (max, sum, sums) before the call: every
+// warp's rescaled to the largest max. The whole CTA; syncs before and after.
+template <int D>
+__device__ __forceinline__ void MergeWarpStates(const float (&wm)[kScoreWarps],
+                                                const float (&wl)[kScoreWarps],
+                                                const float (&wacc)[kScoreWarps][D],
+                                                float* __restrict__ out) {
+  __syncthreads();
+  float mm = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kScoreWarps; ++w) mm = fmaxf(mm, wm[w]);
+  for (int t = threadIdx.x; t < D + 2; t += kScoreThreads) {
+    float v = 0.f;
+    if (mm != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kScoreWarps; ++w) {
+        const float f = wm[w] == -INFINITY ? 0.f : __expf(wm[w] - mm);
+        v += f * (t == 1 ? wl[w] : t >= 2 ? wacc[w][t - 2] : 0.f);
+      }
+    }
+    out[t] = t == 0 ? mm : v;
+  }
+  __syncthreads();
+}
+
+// The exact unscaled scores of kOutlierTile outliers of kv head h (tile `otile` of them) for the
+// g queries of its group (qs: shared, rows past g zero): kOutlierTile / 8 per warp, all of a
+// warp's keys loaded before use.
+template <int D, int MG>
+__device__ __forceinline__ void ScoreOutliers(const ClusterSummaryView& s, const float (&qs)[MG][D],
+                                              int g, int h, int otile,
+                                              float* __restrict__ outlier_score) {
+  constexpr int E = D / 32;
+  constexpr int kPerWarp = kOutlierTile / kScoreWarps;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int o_n = s.num_outliers;
+  const int base = otile * kOutlierTile + warp * kPerWarp;
+  float kr[kPerWarp][E];
+#pragma unroll
+  for (int k = 0; k < kPerWarp; ++k)
+    if (base + k < o_n)
+      LoadBf16<E>(s.outlier_key + (static_cast<size_t>(h) * o_n + base + k) * D + lane * E, kr[k]);
+#pragma unroll
+  for (int k = 0; k < kPerWarp; ++k) {
+    const int j = base + k;
+    if (j >= o_n) break;
+    float a[MG];
+    GroupDots<E, MG>(qs, lane, kr[k], a);
+#pragma unroll
+    for (int i = 0; i < MG; ++i) {
+      if (i >= g) break;
+      if (lane == 0) outlier_score[(static_cast<size_t>(h) * g + i) * o_n + j] = a[i];
+    }
+  }
+}
+
 // Three CTAs per SM where 80 registers nearly suffice (d <= 128, groups <= 4: the 8B shape; ptxas
 // reports a 56-byte spill at d = 128), so that 24 warps each keep kScoreDepth clusters in flight
 // (41 us at 128K on the H200, docs/benchmarks.md).
 template <int D, int MG>
-constexpr int kScoreMinBlocks = KVRT_SCORE_MIN_BLOCKS > 0 ? KVRT_SCORE_MIN_BLOCKS
-                                : D <= 128 && MG <= 4     ? 3
-                                                          : 1;
+constexpr int kScoreMinBlocks = D <= 128 && MG <= 4 ? 3 : 1;
 
 template <int D, int MG>
 __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
@@ -168,58 +242,13 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
       b < cluster_blocks ? b % cluster_ctas : cluster_ctas + (b - cluster_blocks) % outlier_ctas;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c_n = s.num_clusters;
-  __shared__ float qn2[MG];
+  __shared__ float qs[MG][D], qn2[MG];
   __shared__ float wm[kScoreWarps], wl[kScoreWarps];
   __shared__ float wacc[kScoreWarps][D];
-
-  // The group's queries, dims permuted so that lane l's E dims are contiguous per q head.
-  __shared__ float qs[MG][D];
-  for (int x = threadIdx.x; x < MG * D; x += kScoreThreads) {
-    const int i = x / D;
-    qs[i][x % D] = i < g ? q[(static_cast<size_t>(h) * g + i) * D + x % D] : 0.f;
-  }
-  __syncthreads();
-  if (warp < MG) {
-    float a = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) a += qs[warp][lane * E + e] * qs[warp][lane * E + e];
-    a = WarpSum(a);
-    if (lane == 0) qn2[warp] = a;
-  }
-  if (warp + kScoreWarps < MG) {
-    float a = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      a += qs[warp + kScoreWarps][lane * E + e] * qs[warp + kScoreWarps][lane * E + e];
-    }
-    a = WarpSum(a);
-    if (lane == 0) qn2[warp + kScoreWarps] = a;
-  }
-  __syncthreads();
+  LoadGroupQueries<D, MG>(q, g, h, qs, qn2);
 
   if (tile >= cluster_ctas) {  // outliers: exact unscaled scores only
-    // kOutlierTile per CTA, kOutlierTile / 8 per warp, all of a warp's keys loaded before use.
-    constexpr int kPerWarp = kOutlierTile / kScoreWarps;
-    const int o_n = s.num_outliers;
-    const int base = (tile - cluster_ctas) * kOutlierTile + warp * kPerWarp;
-    float kr[kPerWarp][E];
-#pragma unroll
-    for (int k = 0; k < kPerWarp; ++k)
-      if (base + k < o_n)
-        LoadBf16<E>(s.outlier_key + (static_cast<size_t>(h) * o_n + base + k) * D + lane * E,
-                    kr[k]);
-#pragma unroll
-    for (int k = 0; k < kPerWarp; ++k) {
-      const int j = base + k;
-      if (j >= o_n) break;
-      float a[MG];
-      GroupDots<E, MG>(qs, lane, kr[k], a);
-#pragma unroll
-      for (int i = 0; i < MG; ++i) {
-        if (i >= g) break;
-        if (lane == 0) outlier_score[(static_cast<size_t>(h) * g + i) * o_n + j] = a[i];
-      }
-    }
+    ScoreOutliers<D, MG>(s, qs, g, h, tile - cluster_ctas, outlier_score);
     return;
   }
 
@@ -313,7 +342,6 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
     }
   }
   // Merge the warps' states, one q head at a time.
-  const int tiles = cluster_ctas;
 #pragma unroll
   for (int i = 0; i < MG; ++i) {
     if (i >= g) break;
@@ -323,23 +351,209 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
     }
 #pragma unroll
     for (int e = 0; e < E; ++e) wacc[warp][lane * E + e] = acc[i][e];
-    __syncthreads();
-    float mm = -INFINITY;
+    MergeWarpStates<D>(
+        wm, wl, wacc, partial + ((static_cast<size_t>(h) * g + i) * cluster_ctas + tile) * (D + 2));
+  }
+}
+
+// ScoreMmaKernel: ScoreKernel on tensor cores (the launcher picks it for groups of at most 8 q
+// heads and d <= 128; its outlier CTAs run the same ScoreOutliers). ncu on the H200 had ScoreKernel
+// issuing an instruction in 71% of its scheduler cycles, ~185 per cluster (the warp-per-cluster
+// reductions, the online softmax per cluster), with HBM a third busy: the work per cluster, not the
+// memory, bound it. Here a warp takes 16 clusters per step. Lane (grp, tig) loads rows grp and grp
+// + 8 of them, dims [8 tig + 32 i, +8) of each (16-byte loads): these words are the A fragments of
+// centroids x queries^T (mma m16n8k16, clusters as rows, dims as k, k permuted; the queries' B
+// fragments, built once in shared memory in the same order, are bf16 hi + lo pairs, so that the
+// scores keep ~16 bits of q against the bf16 centroids). The value means' words transposed in
+// registers (movmatrix) are the A fragments of value means^T x weights^T (dims as rows, clusters as
+// k), the weights (hi + lo too) its B fragments: the weighted sums accumulate in f32 fragments of
+// dims x queries. Lane (grp, tig) holds the online-softmax state of queries 2 tig and 2 tig + 1,
+// rescaled per step of 16 clusters.
+constexpr int kMmaQ = 8;  // the queries of the n = 8 fragments: groups of at most 8
+
+// The dim of column c (0..7) of block r (0..D/8-1) of a row: word 4 i + s of lane (grp, tig)'s
+// loads of a row holds the dims 8 tig + 32 i + 2 s + {0, 1}, the columns 2 tig, 2 tig + 1 of block
+// 4 i + s.
+__device__ __forceinline__ int BlockDim(int r, int c) {
+  return 8 * (c >> 1) + 32 * (r >> 2) + 2 * (r & 3) + (c & 1);
+}
+
+// Word r of a lane's 16-byte loads (r a constant after unrolling).
+template <int L>
+__device__ __forceinline__ uint32_t Word(const uint4 (&v)[L], int r) {
+  const uint4& x = v[r >> 2];
+  return (r & 3) == 0 ? x.x : (r & 3) == 1 ? x.y : (r & 3) == 2 ? x.z : x.w;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kScoreThreads, 2)
+    ScoreMmaKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
+                   float spread_coef, int cluster_ctas, int outlier_ctas,
+                   float* __restrict__ density, float* __restrict__ outlier_score,
+                   float* __restrict__ partial) {
+  static_assert(D % 32 == 0 && D <= 128, "d = 64 or 128");
+  constexpr int MG = kMmaQ;
+  constexpr int L = D / 32;  // 16-byte loads per row and lane
+  constexpr int K = D / 16;  // k steps of the scores, dim tiles of the weighted sums
+  const int cluster_blocks = s.kv_heads * cluster_ctas;
+  const int b = blockIdx.x;
+  const int h = b < cluster_blocks ? b / cluster_ctas : (b - cluster_blocks) / outlier_ctas;
+  const int tile =
+      b < cluster_blocks ? b % cluster_ctas : cluster_ctas + (b - cluster_blocks) % outlier_ctas;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int grp = lane >> 2, tig = lane & 3;
+  const int c_n = s.num_clusters;
+  __shared__ float qs[MG][D], qn2[MG];
+  __shared__ float wm[kScoreWarps], wl[kScoreWarps];
+  __shared__ float wacc[kScoreWarps][D];
+  __shared__ uint4 qf[K][32];  // per k step and lane: b0, b1 (hi), b0, b1 (lo)
+  LoadGroupQueries<D, MG>(q, g, h, qs, qn2);
+  if (tile >= cluster_ctas) {
+    ScoreOutliers<D, MG>(s, qs, g, h, tile - cluster_ctas, outlier_score);
+    return;
+  }
+  for (int x = threadIdx.x; x < K * 32; x += kScoreThreads) {
+    const int j = x >> 5, ln = x & 31;
+    const float* qr = qs[ln >> 2];
+    const int d0 = BlockDim(2 * j, 2 * (ln & 3)), d1 = BlockDim(2 * j + 1, 2 * (ln & 3));
+    uint4 f;
+    SplitBf16(make_float2(qr[d0], qr[d0 + 1]), f.x, f.z);
+    SplitBf16(make_float2(qr[d1], qr[d1 + 1]), f.y, f.w);
+    qf[j][ln] = f;
+  }
+  __syncthreads();
+
+  const float qn_a = qn2[2 * tig], qn_b = qn2[2 * tig + 1];
+  float acc[K][4];
 #pragma unroll
-    for (int w = 0; w < kScoreWarps; ++w) mm = fmaxf(mm, wm[w]);
-    float* out = partial + ((static_cast<size_t>(h) * g + i) * tiles + tile) * (D + 2);
-    for (int t = threadIdx.x; t < D + 2; t += kScoreThreads) {
-      float v = 0.f;
-      if (mm != -INFINITY) {
+  for (int k = 0; k < K; ++k) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.f, l_b = 0.f;  // queries 2 tig, 2 tig + 1
+  const size_t head = static_cast<size_t>(h) * c_n;
+  const uint16_t* cen = s.centroid + head * D + 8 * tig;
+  const uint16_t* val = s.value_mean + head * D + 8 * tig;
+  const int steps = (c_n + 15) / 16;
+  for (int st = tile * kScoreWarps + warp; st < steps; st += cluster_ctas * kScoreWarps) {
+    const int j0 = st * 16 + grp, j1 = j0 + 8;
+    // A row past the last cluster loads the last one: its weight is 0 and no density is written.
+    const size_t r0 = static_cast<size_t>(min(j0, c_n - 1)),
+                 r1 = static_cast<size_t>(min(j1, c_n - 1));
+    uint4 c0[L], c1[L], v0[L], v1[L];
 #pragma unroll
-        for (int w = 0; w < kScoreWarps; ++w) {
-          const float f = wm[w] == -INFINITY ? 0.f : __expf(wm[w] - mm);
-          v += f * (t == 1 ? wl[w] : t >= 2 ? wacc[w][t - 2] : 0.f);
-        }
-      }
-      out[t] = t == 0 ? mm : v;
+    for (int i = 0; i < L; ++i) {
+      c0[i] = __ldg(reinterpret_cast<const uint4*>(cen + r0 * D + 32 * i));
+      c1[i] = __ldg(reinterpret_cast<const uint4*>(cen + r1 * D + 32 * i));
+      v0[i] = __ldg(reinterpret_cast<const uint4*>(val + r0 * D + 32 * i));
+      v1[i] = __ldg(reinterpret_cast<const uint4*>(val + r1 * D + 32 * i));
     }
-    __syncthreads();
+    const int n0 = j0 < c_n ? __ldg(s.size + head + j0) : 0;
+    const int n1 = j1 < c_n ? __ldg(s.size + head + j1) : 0;
+    const float sp0 = __ldg(s.spread + head + r0), sp1 = __ldg(s.spread + head + r1);
+
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};  // [cluster grp, grp + 8] x [query 2 tig, 2 tig + 1]
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const uint32_t a[4] = {Word(c0, 2 * j), Word(c1, 2 * j), Word(c0, 2 * j + 1),
+                             Word(c1, 2 * j + 1)};
+      const uint4 f = qf[j][lane];
+      MmaBf16(sc, a, f.x, f.y);
+      MmaBf16(sc, a, f.z, f.w);
+    }
+    const float d0a = scale * sc[0] + spread_coef * qn_a * sp0;
+    const float d0b = scale * sc[1] + spread_coef * qn_b * sp0;
+    const float d1a = scale * sc[2] + spread_coef * qn_a * sp1;
+    const float d1b = scale * sc[3] + spread_coef * qn_b * sp1;
+    const int qa = 2 * tig, qb = qa + 1;
+    float* dq = density + static_cast<size_t>(h) * g * c_n;
+    if (j0 < c_n) {
+      if (qa < g) dq[static_cast<size_t>(qa) * c_n + j0] = n0 > 0 ? d0a : -INFINITY;
+      if (qb < g) dq[static_cast<size_t>(qb) * c_n + j0] = n0 > 0 ? d0b : -INFINITY;
+    }
+    if (j1 < c_n) {
+      if (qa < g) dq[static_cast<size_t>(qa) * c_n + j1] = n1 > 0 ? d1a : -INFINITY;
+      if (qb < g) dq[static_cast<size_t>(qb) * c_n + j1] = n1 > 0 ? d1b : -INFINITY;
+    }
+    // Empty clusters (and rows past the last) weigh 0; their value rows are zeroed too, so that
+    // padding bytes never reach the sums (0 x NaN).
+    const float ln0 = n0 > 0 ? __logf(static_cast<float>(n0)) : -INFINITY;
+    const float ln1 = n1 > 0 ? __logf(static_cast<float>(n1)) : -INFINITY;
+    if (n0 <= 0) {
+#pragma unroll
+      for (int i = 0; i < L; ++i) v0[i] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    if (n1 <= 0) {
+#pragma unroll
+      for (int i = 0; i < L; ++i) v1[i] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    const float l0a = d0a + ln0, l0b = d0b + ln0, l1a = d1a + ln1, l1b = d1b + ln1;
+    float ma = fmaxf(l0a, l1a), mb = fmaxf(l0b, l1b);
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      ma = fmaxf(ma, __shfl_xor_sync(0xffffffffu, ma, o));
+      mb = fmaxf(mb, __shfl_xor_sync(0xffffffffu, mb, o));
+    }
+    ma = fmaxf(m_a, ma);
+    mb = fmaxf(m_b, mb);
+    // The maxima move rarely after a warp's first steps: the rescale runs only then.
+    if (__any_sync(0xffffffffu, ma > m_a || mb > m_b)) {
+      const float ca = m_a == -INFINITY ? 0.f : __expf(m_a - ma);
+      const float cb = m_b == -INFINITY ? 0.f : __expf(m_b - mb);
+      l_a *= ca;
+      l_b *= cb;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        acc[k][0] *= ca;
+        acc[k][1] *= cb;
+        acc[k][2] *= ca;
+        acc[k][3] *= cb;
+      }
+      m_a = ma;
+      m_b = mb;
+    }
+    const float p0a = m_a == -INFINITY ? 0.f : __expf(l0a - m_a);
+    const float p0b = m_b == -INFINITY ? 0.f : __expf(l0b - m_b);
+    const float p1a = m_a == -INFINITY ? 0.f : __expf(l1a - m_a);
+    const float p1b = m_b == -INFINITY ? 0.f : __expf(l1b - m_b);
+    l_a += p0a + p1a;
+    l_b += p0b + p1b;
+    // Weights [cluster][query] (a lane: its clusters' row, queries 2 tig..+1), transposed into
+    // the B fragments [k = cluster][n = query].
+    uint32_t h0, o0, h1, o1;
+    SplitBf16(make_float2(p0a, p0b), h0, o0);
+    SplitBf16(make_float2(p1a, p1b), h1, o1);
+    const uint32_t b0h = Transpose8x8(h0), b1h = Transpose8x8(h1);
+    const uint32_t b0l = Transpose8x8(o0), b1l = Transpose8x8(o1);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const uint32_t a[4] = {Transpose8x8(Word(v0, 2 * k)), Transpose8x8(Word(v0, 2 * k + 1)),
+                             Transpose8x8(Word(v1, 2 * k)), Transpose8x8(Word(v1, 2 * k + 1))};
+      MmaBf16(acc[k], a, b0h, b1h);
+      MmaBf16(acc[k], a, b0l, b1l);
+    }
+  }
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, o);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, o);
+  }
+  // acc[k]: dims BlockDim(2k, grp) (0, 1) and BlockDim(2k + 1, grp) (2, 3), queries 2 tig (0, 2)
+  // and 2 tig + 1 (1, 3): the lanes of one tig hold all dims of its two queries.
+#pragma unroll
+  for (int i = 0; i < MG; ++i) {
+    if (i >= g) break;
+    if ((i >> 1) == tig) {
+      const bool odd = (i & 1) != 0;
+      if (grp == 0) {
+        wm[warp] = odd ? m_b : m_a;
+        wl[warp] = odd ? l_b : l_a;
+      }
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        wacc[warp][BlockDim(2 * k, grp)] = odd ? acc[k][1] : acc[k][0];
+        wacc[warp][BlockDim(2 * k + 1, grp)] = odd ? acc[k][3] : acc[k][2];
+      }
+    }
+    MergeWarpStates<D>(
+        wm, wl, wacc, partial + ((static_cast<size_t>(h) * g + i) * cluster_ctas + tile) * (D + 2));
   }
 }
 
@@ -937,10 +1151,18 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
-// CTAs for the clusters per kv head: one wave of ScoreKernel<D, MG> (each CTA takes its share of
+// Whether ScoreMmaKernel takes the clusters: groups of at most kMmaQ, d <= 128 and 16-byte
+// aligned summary rows (its loads).
+template <int D>
+bool UseScoreMma(const ClusterSummaryView& s, int g) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return D <= 128 && g <= kMmaQ && aligned(s.centroid) && aligned(s.value_mean);
+}
+
+// CTAs for the clusters per kv head: one wave of the score kernel (each CTA takes its share of
 // the clusters; a second, nearly empty wave would double the kernel's time), at least one, at
 // most ClusterTiles (the workspace's partial states).
-template <int D, int MG>
+template <int D, int MG, bool kMma>
 int ClusterCtas(int ctiles, int kv_heads) {
   if (ctiles == 0) return 0;
   // The device's CTA slots for this kernel (static per instantiation), queried once per device (a
@@ -955,9 +1177,17 @@ int ClusterCtas(int ctiles, int kv_heads) {
   int slots = slots_of[dev].load(std::memory_order_relaxed);
   if (slots == 0) {
     int sms = 0, per_sm = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ScoreKernel<D, MG>, kScoreThreads,
-                                                      0) != cudaSuccess) {
+    cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (e == cudaSuccess) {
+      if constexpr (kMma) {
+        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ScoreMmaKernel<D>, kScoreThreads,
+                                                          0);
+      } else {
+        e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ScoreKernel<D, MG>,
+                                                          kScoreThreads, 0);
+      }
+    }
+    if (e != cudaSuccess) {
       (void)cudaGetLastError();
       return ctiles;
     }
@@ -969,12 +1199,28 @@ int ClusterCtas(int ctiles, int kv_heads) {
   return std::max(1, std::min(ctiles, slots / kv_heads));
 }
 
+// The cluster CTAs per kv head the score kernel for s and g runs (SelectKernel's tile states).
+template <int D, int MG>
+int ScoreCtas(const ClusterSummaryView& s, int g) {
+  const int ctiles = ClusterTiles(s.num_clusters);
+  if constexpr (D <= 128 && MG <= kMmaQ) {
+    if (UseScoreMma<D>(s, g)) return ClusterCtas<D, MG, true>(ctiles, s.kv_heads);
+  }
+  return ClusterCtas<D, MG, false>(ctiles, s.kv_heads);
+}
+
 template <int D, int MG>
 Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale, float spread_coef,
-                int ctiles, int otiles, const ClusterStepOutputs& out, float* ws, cudaStream_t st,
-                int* cctas) {
-  *cctas = ClusterCtas<D, MG>(ctiles, s.kv_heads);
+                int otiles, const ClusterStepOutputs& out, float* ws, cudaStream_t st, int* cctas) {
+  *cctas = ScoreCtas<D, MG>(s, g);
   const unsigned grid = static_cast<unsigned>((*cctas + otiles) * s.kv_heads);
+  if constexpr (D <= 128 && MG <= kMmaQ) {
+    if (UseScoreMma<D>(s, g)) {
+      ScoreMmaKernel<D><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, *cctas, otiles,
+                                                        out.density, out.outlier_score, ws);
+      return LastLaunchErr();
+    }
+  }
   ScoreKernel<D, MG><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, *cctas, otiles,
                                                      out.density, out.outlier_score, ws);
   return LastLaunchErr();
@@ -987,11 +1233,14 @@ Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads) {
   KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
     // ClusterCtas queries (and keeps) the score kernel's occupancy, which loads it.
     if (g <= 4) {
-      (void)ClusterCtas<D, 4>(1, kv_heads);
+      (void)ClusterCtas<D, 4, false>(1, kv_heads);
     } else if (g <= 8) {
-      (void)ClusterCtas<D, 8>(1, kv_heads);
+      (void)ClusterCtas<D, 8, false>(1, kv_heads);
     } else {
-      (void)ClusterCtas<D, 16>(1, kv_heads);
+      (void)ClusterCtas<D, 16, false>(1, kv_heads);
+    }
+    if constexpr (D <= 128) {
+      if (g <= kMmaQ) (void)ClusterCtas<D, kMmaQ, true>(1, kv_heads);
     }
     Err e = LoadKernel(GroupKeyKernel<D>);
     if (e.ok() && q_heads > kv_heads) e = PreloadGroupThreshold();
@@ -1021,11 +1270,11 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
     int cctas = 0;
     if (ctiles + otiles > 0) {
       if (g <= 4) {
-        err = LaunchScore<D, 4>(s, q, g, scale, spread_coef, ctiles, otiles, out, ws, st, &cctas);
+        err = LaunchScore<D, 4>(s, q, g, scale, spread_coef, otiles, out, ws, st, &cctas);
       } else if (g <= 8) {
-        err = LaunchScore<D, 8>(s, q, g, scale, spread_coef, ctiles, otiles, out, ws, st, &cctas);
+        err = LaunchScore<D, 8>(s, q, g, scale, spread_coef, otiles, out, ws, st, &cctas);
       } else {
-        err = LaunchScore<D, 16>(s, q, g, scale, spread_coef, ctiles, otiles, out, ws, st, &cctas);
+        err = LaunchScore<D, 16>(s, q, g, scale, spread_coef, otiles, out, ws, st, &cctas);
       }
     }
     const bool grp = p.group_select && g > 1 && s.num_clusters > 0;

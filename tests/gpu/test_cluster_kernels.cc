@@ -74,6 +74,11 @@ HostSummary MakeSummary(int kv, int d, int c, int o, uint32_t seed, bool padding
   for (int i = 0; i < kv * c; ++i) {
     s.size.push_back(padding && (i % c) >= c - 5 ? 0 : sz(rng));
     s.spread.push_back(sp(rng));
+    // An empty cluster's rows are never to be read into a result: NaN there would show it.
+    if (s.size.back() == 0) {
+      std::fill_n(s.cen.begin() + std::size_t(i) * d, d, uint16_t{0x7fc0});
+      std::fill_n(s.vm.begin() + std::size_t(i) * d, d, uint16_t{0x7fc0});
+    }
   }
   return s;
 }

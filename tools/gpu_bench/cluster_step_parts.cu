@@ -88,24 +88,34 @@ int main(int argc, char** argv) {
       part, c, kv, whole, score, whole - score);
   namespace dt = kvrt::gpu::detail;
   {
-    // The score kernel alone, against the bytes it must move (the summary read once, the
-    // densities and the CTAs' states written): its bandwidth.
+    // The score kernels alone (the warp-per-cluster one, and the tensor-core one the launcher
+    // picks for this shape), against the bytes they must move (the summary read once, the
+    // densities and the CTAs' states written): their bandwidth.
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
-    int cctas = 0;
-    const double us = b::TimeUs(kTool, "ScoreKernel", iters, [&] {
-      (void)dt::LaunchScore<128, 4>(s, dq, qh / kv, scale, 0.f, dt::ClusterTiles(c),
-                                    (outliers + dt::kOutlierTile - 1) / dt::kOutlierTile, out, ws,
-                                    nullptr, &cctas);
-    });
-    if (us < 0) return 1;
-    const double bytes = static_cast<double>(kc) * (2.0 * d * 2 + 8) +
-                         static_cast<double>(kv) * outliers * d * 2 +
-                         static_cast<double>(qh) * (c + outliers) * 4 +
-                         static_cast<double>(qh) * cctas * (d + 2) * 4;
-    std::printf(
-        "  score kernel alone: %.1f us, %.0f GB/s of its %.1f MB (%d cluster CTAs per kv head, "
-        "%d clusters in flight per warp, %d CTAs per SM asked)\n",
-        us, bytes / us * 1e-3, bytes * 1e-6, cctas, dt::kScoreDepth, dt::kScoreMinBlocks<128, 4>);
+    const int otiles = (outliers + dt::kOutlierTile - 1) / dt::kOutlierTile;
+    for (const bool mma : {false, true}) {
+      const int cctas = mma ? dt::ClusterCtas<128, 4, true>(dt::ClusterTiles(c), kv)
+                            : dt::ClusterCtas<128, 4, false>(dt::ClusterTiles(c), kv);
+      const unsigned grid = static_cast<unsigned>((cctas + otiles) * kv);
+      const double us = b::TimeUs(kTool, mma ? "ScoreMmaKernel" : "ScoreKernel", iters, [&] {
+        if (mma) {
+          dt::ScoreMmaKernel<128><<<grid, dt::kScoreThreads>>>(
+              s, dq, qh / kv, scale, 0.f, cctas, otiles, out.density, out.outlier_score, ws);
+        } else {
+          dt::ScoreKernel<128, 4><<<grid, dt::kScoreThreads>>>(
+              s, dq, qh / kv, scale, 0.f, cctas, otiles, out.density, out.outlier_score, ws);
+        }
+      });
+      if (us < 0) return 1;
+      const double bytes = static_cast<double>(kc) * (2.0 * d * 2 + 8) +
+                           static_cast<double>(kv) * outliers * d * 2 +
+                           static_cast<double>(qh) * (c + outliers) * 4 +
+                           static_cast<double>(qh) * cctas * (d + 2) * 4;
+      std::printf("  %s alone: %.1f us, %.0f GB/s of its %.1f MB (%d cluster CTAs per kv head)%s\n",
+                  mma ? "tensor-core score kernel" : "score kernel (warp per cluster)", us,
+                  bytes / us * 1e-3, bytes * 1e-6, cctas,
+                  mma == dt::UseScoreMma<128>(s, qh / kv) ? " <- the step's" : "");
+    }
   }
   // The decode step's default: one selection per kv head (the group keys, then the select kernel).
   const double gwhole = time_us(budget, true), gscore = time_us(0, true);
@@ -136,7 +146,7 @@ int main(int argc, char** argv) {
         "  kv head %d: threshold mode %d (1 found, 2 all, 3 searched by the select kernel), "
         "bin %d, %d candidates, %lld tokens above\n",
         h, rows[h].mode, rows[h].bin, rows[h].ncand, rows[h].above_tok);
-  const int cctas = dt::ClusterCtas<128, 4>(dt::ClusterTiles(c), kv);
+  const int cctas = dt::ScoreCtas<128, 4>(s, qh / kv);
   const auto* row_ptr = reinterpret_cast<const dt::ThresholdRow*>(thr_at);
   auto select_us = [&](const dt::ThresholdRow* thr) {
     return b::TimeUs(kTool, "SelectKernel", iters, [&] {

@@ -1,0 +1,46 @@
+#pragma once
+// Warp-level tensor-core helpers (mma.sync, movmatrix) shared by the cluster kernels. Fragment
+// layouts (PTX ISA, "mma.m16n8k16" and "movmatrix"), with grp = lane / 4 and tig = lane % 4:
+//   a[0]: A[grp][2tig..+1]  a[1]: A[grp+8][2tig..+1]  a[2]: A[grp][2tig+8..+9]
+//   a[3]: A[grp+8][2tig+8..+9];  b0: B[k = 2tig..+1][n = grp]  b1: B[k = 2tig+8..+9][n = grp];
+//   d[0], d[1]: D[grp][2tig], D[grp][2tig+1];  d[2], d[3]: D[grp+8][2tig], D[grp+8][2tig+1].
+// A word holds two 16-bit elements, the lower column (or k) in the low half.
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace kvrt::gpu::detail {
+
+// d += a b, m16n8k16, bf16 inputs, f32 accumulators.
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float2 v) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);  // .x (lower k) in the low half
+  return static_cast<uint32_t>(__bfloat16_as_ushort(h.x)) |
+         (static_cast<uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
+}
+
+// v as bf16 pairs hi + lo (lo = the rounding error of hi, rounded again): products with a bf16
+// operand summed in f32 then keep about 16 bits of v instead of 8.
+__device__ __forceinline__ void SplitBf16(float2 v, uint32_t& hi, uint32_t& lo) {
+  hi = PackBf16(v);
+  const float hx = __uint_as_float(hi << 16), hy = __uint_as_float(hi & 0xffff0000u);
+  lo = PackBf16(make_float2(v.x - hx, v.y - hy));
+}
+
+// The 8 x 8 matrix of 16-bit elements the warp holds in fragment layout (lane: row grp, columns
+// 2tig..+1) transposed, in the same layout.
+__device__ __forceinline__ uint32_t Transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+}  // namespace kvrt::gpu::detail
