@@ -484,7 +484,10 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 #pragma unroll
       for (int i = 0; i < L; ++i) v1[i] = make_uint4(0u, 0u, 0u, 0u);
     }
-    const float l0a = d0a + ln0, l0b = d0b + ln0, l1a = d1a + ln1, l1b = d1b + ln1;
+    // NOTE: not d + log(0): an empty cluster's density may be NaN (its centroid row is padding),
+    // and NaN + -inf is NaN, which would reach every sum through the weights.
+    const float l0a = n0 > 0 ? d0a + ln0 : -INFINITY, l0b = n0 > 0 ? d0b + ln0 : -INFINITY;
+    const float l1a = n1 > 0 ? d1a + ln1 : -INFINITY, l1b = n1 > 0 ? d1b + ln1 : -INFINITY;
     float ma = fmaxf(l0a, l1a), mb = fmaxf(l0b, l1b);
 #pragma unroll
     for (int o = 4; o < 32; o <<= 1) {
