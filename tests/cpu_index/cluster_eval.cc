@@ -11,6 +11,7 @@
 // (the union over its group's queries), as a share of the cold rows; tokens%: per query.
 // hit% / miss_kB / fill_kB: the direct step's page pool over the rows each step reads (the tail
 // included); a second table shows the selection alone per pool policy (CLUSTER_EVAL_POOLS).
+// CLUSTER_EVAL_CLUSTER_SIZE sets the keys per cluster (default 16).
 #include <algorithm>
 #include <bit>
 #include <chrono>
@@ -356,6 +357,13 @@ int main(int argc, char** argv) {
   const auto& reader = **reader_or;
   const auto& meta = reader.meta();
   const int64_t min_budget = argc > 8 ? std::atoll(argv[8]) : 256;
+  // CLUSTER_EVAL_CLUSTER_SIZE: keys per cluster (ClusterConfig::cluster_size, default 16).
+  const char* size_env = std::getenv("CLUSTER_EVAL_CLUSTER_SIZE");
+  const int cluster_size = size_env != nullptr ? std::atoi(size_env) : 16;
+  if (cluster_size < 2) {
+    std::fprintf(stderr, "CLUSTER_EVAL_CLUSTER_SIZE must be >= 2\n");
+    return 2;
+  }
   const int layers = argc > 7 ? std::min(std::atoi(argv[7]), meta.num_layers) : meta.num_layers;
   const int d = meta.head_dim, qh = meta.num_q_heads, kvh = meta.num_kv_heads, g = qh / kvh;
   const int64_t p_tok = meta.prompt_tokens;
@@ -476,6 +484,7 @@ int main(int argc, char** argv) {
         if (!stores[vi].Append(kb, vb, cold, static_cast<std::size_t>(kvh) * d).ok()) return 1;
         IndexConfig cfg;
         cfg.cluster.segment_tokens = segment;
+        cfg.cluster.cluster_size = cluster_size;
         cfg.cluster.budget_fraction = static_cast<float>(budget_fraction);
         cfg.cluster.min_budget_tokens = min_budget;
         cfg.cluster.query_aware = variants[vi].query_aware;
