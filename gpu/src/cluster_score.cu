@@ -1203,11 +1203,13 @@ int ClusterCtas(int ctiles, int kv_heads) {
 }
 
 // The cluster CTAs per kv head the score kernel for s and g runs (SelectKernel's tile states).
+// NOTE: the tensor-core kernel's slots are kept under MG = kMmaQ whatever the group, the one
+// instantiation PreloadClusterStep warms.
 template <int D, int MG>
 int ScoreCtas(const ClusterSummaryView& s, int g) {
   const int ctiles = ClusterTiles(s.num_clusters);
   if constexpr (D <= 128 && MG <= kMmaQ) {
-    if (UseScoreMma<D>(s, g)) return ClusterCtas<D, MG, true>(ctiles, s.kv_heads);
+    if (UseScoreMma<D>(s, g)) return ClusterCtas<D, kMmaQ, true>(ctiles, s.kv_heads);
   }
   return ClusterCtas<D, MG, false>(ctiles, s.kv_heads);
 }
@@ -1218,7 +1220,7 @@ Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale,
   *cctas = ScoreCtas<D, MG>(s, g);
   const unsigned grid = static_cast<unsigned>((*cctas + otiles) * s.kv_heads);
   if constexpr (D <= 128 && MG <= kMmaQ) {
-    if (UseScoreMma<D>(s, g)) {
+    if (UseScoreMma<D>(s, g)) {  // the choice ScoreCtas made
       ScoreMmaKernel<D><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, *cctas, otiles,
                                                         out.density, out.outlier_score, ws);
       return LastLaunchErr();

@@ -94,7 +94,7 @@ int main(int argc, char** argv) {
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
     const int otiles = (outliers + dt::kOutlierTile - 1) / dt::kOutlierTile;
     for (const bool mma : {false, true}) {
-      const int cctas = mma ? dt::ClusterCtas<128, 4, true>(dt::ClusterTiles(c), kv)
+      const int cctas = mma ? dt::ClusterCtas<128, dt::kMmaQ, true>(dt::ClusterTiles(c), kv)
                             : dt::ClusterCtas<128, 4, false>(dt::ClusterTiles(c), kv);
       const unsigned grid = static_cast<unsigned>((cctas + otiles) * kv);
       const double us = b::TimeUs(kTool, mma ? "ScoreMmaKernel" : "ScoreKernel", iters, [&] {
