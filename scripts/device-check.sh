@@ -17,7 +17,9 @@
 # B=16), BENCH=acc one 128K trace with accuracy at the defaults, BENCH=penalty the residency-aware
 # selection (cluster_miss_penalty 0, 0.5, 1) at 128K B=1 and B=16 with accuracy, BENCH=scale
 # B=64 x 128K, B=8 x 1M (one layer each), 1M B=1 and the 128K step pipelined, per penalty, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
-# beside the same runs synced per layer-step, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
+# beside the same runs synced per layer-step, BENCH=timeline the host's time per span
+# (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=ab-batch the build before against this one at
+# 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -282,6 +284,52 @@ if [[ "${1:-}" == "--device" ]]; then
         echo "=== $prog: cluster 128K --trace B=16 (kvrt_attend_batch), 4 layers --pipeline"
         timeout 200 $b/$prog $args --trace $trace --index cluster --cold 131072 --batch 16 \
           --attend batch --layers 4 --pipeline --accuracy-steps 0 || rc=1
+      done
+      rm -f $trace
+    elif [[ "$bench" == timeline ]]; then
+      # Where the host's time goes (KVRT_TIMELINE, runtime/src/timeline.h): the 128K trace at
+      # B=16 (kvrt_attend_batch, 4 layers) and 1M B=1 (4 layers), pipelined, at the defaults
+      # (TIMELINE_RUNS picks among b16 1m; TIMELINE_THREADS lists --threads values, default 0 =
+      # all; TIMELINE_LANES lists KVRT_DEVICE_MEMBER_LANES values, default 0 = the library's); each summed per span by tools/gpu_bench/timeline_summary.py (the Chrome traces
+      # stay in $out/timeline-*.json.gz).
+      trace=/tmp/kvrt-timeline.safetensors
+      trace_128k $trace || rc=1
+      for run in ${TIMELINE_RUNS:-b16 1m}; do
+        for lanes_threads in $(for l in ${TIMELINE_LANES:-0}; do
+                                 for t in ${TIMELINE_THREADS:-0}; do echo $l:$t; done; done); do
+          lanes=${lanes_threads%%:*} threads=${lanes_threads##*:}
+          tl="$out/timeline-$run-l$lanes-t$threads.json"
+          if [[ $run == b16 ]]; then
+            set -- --trace $trace --cold 131072 --batch 16 --attend batch
+          else
+            set -- --cold 1048576 --batch 1
+          fi
+          echo "=== kvrt with KVRT_TIMELINE: cluster $run, 4 layers --pipeline, --threads $threads," \
+            "KVRT_DEVICE_MEMBER_LANES=$lanes"
+          KVRT_DEVICE_MEMBER_LANES=$lanes KVRT_TIMELINE=$tl timeout 200 $b/kvrt $args --index cluster --layers 4 --pipeline \
+            --accuracy-steps 0 --threads $threads "$@" || rc=1
+          python3 tools/gpu_bench/timeline_summary.py "$tl" || rc=1
+          gzip -f "$tl"
+        done
+      done
+      set --
+      rm -f $trace
+    elif [[ "$bench" == ab-batch ]]; then
+      # The build before (BEFORE when bundling: kvrt_before) against this one, alternating, on the
+      # 128K trace per AB_BATCHES (batch:layers, default "16:4"; kvrt_attend_batch, pipelined),
+      # AB_ROUNDS rounds (default 3): a batch's run-to-run spread is wide.
+      trace=/tmp/kvrt-ab-batch.safetensors
+      trace_128k $trace || rc=1
+      for round in $(seq ${AB_ROUNDS:-3}); do
+        for bl in ${AB_BATCHES:-16:4}; do
+          for prog in kvrt_before kvrt; do
+            [[ -x $b/$prog ]] || continue
+            echo "=== $prog, round $round: cluster 128K --trace B=${bl%%:*} (kvrt_attend_batch)," \
+              "${bl##*:} layers --pipeline"
+            timeout 300 $b/$prog $args --trace $trace --index cluster --cold 131072 \
+              --batch ${bl%%:*} --attend batch --layers ${bl##*:} --pipeline --accuracy-steps 0 || rc=1
+          done
+        done
       done
       rm -f $trace
     elif [[ "$bench" == ab-trace ]]; then

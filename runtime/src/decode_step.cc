@@ -13,6 +13,7 @@
 //                  merged once, in log-sum-exp space, into out (one launch for the batch).
 // Then the rows this step moved into the cold tier get indexed (in the background on the GPU).
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -23,7 +24,10 @@
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_transfer/cuda_rt.h"
 #include "layer_state.h"
+#include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
+#include "oneapi/tbb/partitioner.h"
+#include "timeline.h"
 
 namespace kvrt::runtime {
 
@@ -55,6 +59,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   }
   const int m = static_cast<int>(members.size());
   if (m == 0) return absl::OkStatus();
+  KVRT_SPAN("layer_step", m);
   const int64_t t_start = NowNs();
   const void* q_step = q;
   float* out_step = out;
@@ -86,8 +91,11 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   TierBackend& backend = *tiers[0];
 
   // 1. GPU tier, every member in one launch.
+  timeline::Span begin_span("tier_begin", m);
   KVRT_ASSIGN_OR_RETURN(std::unique_ptr<TierStep> step,
                         backend.BeginStep(tiers.data(), counts.data(), m, q_step, exec, arena));
+
+  begin_span.End();
 
   // 2-3. Per member: cold selection, then cold attention (CPU, or fetched to the GPU).
   std::vector<ColdSelection> sel(m);
@@ -98,6 +106,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   auto cold_phase = [&](int j) {
     // On the arena's workers (batch): they may last have run another runtime's device work.
     transfer::ScopedDevice on_device(cfg.call_device());
+    KVRT_SPAN("cold_phase", j);
     LayerState& l = *layers[members[j]];
     const int64_t t_settle = NowNs();
     // A selection scored on the device settles the decode evictions once its kernels are queued.
@@ -110,6 +119,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     l.counters_->time_d2h_ns += t_cold - t_settle;
     int64_t late_settle_ns = 0;
     auto settle_evictions = [&](bool wait) -> absl::Status {
+      KVRT_SPAN(wait ? "settle_wait" : "settle_ready", j);
       const int64_t t = NowNs();
       // Nothing to do once settled.
       absl::Status st = wait ? l.SettleEvictions() : l.SettleReadyEvictions();
@@ -162,7 +172,21 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   if (m == 1) {
     cold_phase(0);
   } else {
-    arena.execute([&] { tbb::parallel_for(0, m, cold_phase); });
+    // Members whose selection runs on the device spend their cold phase in CUDA calls, which the
+    // driver serialises: 16 threads issuing them at once took 8x the thread time of 4 (host
+    // timeline, 128K B=16, docs/benchmarks.md, seventeenth session), and their spinning starved
+    // the admission jobs of the same arena. Those members go in at most DeviceMemberLanes()
+    // chunks, each stepped in order by one thread; a CPU selection keeps one task per member.
+    const int lanes = layers[members[0]]->UsesGpuSelect(streaming) ? DeviceMemberLanes() : m;
+    const int grain = (m + lanes - 1) / lanes;
+    arena.execute([&] {
+      tbb::parallel_for(
+          tbb::blocked_range<int>(0, m, grain),
+          [&](const tbb::blocked_range<int>& r) {
+            for (int j = r.begin(); j < r.end(); ++j) cold_phase(j);
+          },
+          tbb::simple_partitioner());
+    });
   }
   for (int j = 0; j < m; ++j) {
     ok[j] = member_status[j].ok() ? 1 : 0;
@@ -170,7 +194,9 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   }
 
   // 4. One merge of every member's list of states.
+  timeline::Span merge_span("merge", m);
   KVRT_RETURN_IF_ERROR(backend.Finish(step.get(), states, ok, out_step));
+  merge_span.End();
   if (m < n)
     for (int j = 0; j < m; ++j)
       if (ok[j])
@@ -187,9 +213,22 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     if (sel[j].any_active() && l.tier_->can_fetch()) l.RecordColdCost(fetched[j], wall);
     // GPU backend: rows that entered the cold tier in this step get indexed, overlapping other
     // layers' work. (The host backend's rows enter, and are indexed, at append.)
-    if (l.tier_->background_refresh()) l.cold_.RefreshIndexes(arena, true);
+    if (l.tier_->background_refresh()) {
+      KVRT_SPAN("refresh_indexes", j);
+      l.cold_.RefreshIndexes(arena, true);
+    }
   }
   return absl::OkStatus();
+}
+
+int DeviceMemberLanes() {
+  // KVRT_DEVICE_MEMBER_LANES overrides the default (a tuning knob for measurements, read once).
+  static const int lanes = [] {
+    const char* env = std::getenv("KVRT_DEVICE_MEMBER_LANES");
+    const int v = env != nullptr ? std::atoi(env) : 0;
+    return v > 0 ? v : kDefaultDeviceMemberLanes;
+  }();
+  return lanes;
 }
 
 bool LayerState::UsesGpuSelect(const uint8_t* streaming) const {

@@ -19,6 +19,7 @@
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "tier_backend.h"
+#include "timeline.h"
 
 namespace kvrt::runtime {
 namespace {
@@ -189,7 +190,11 @@ class DeviceStep : public TierStep {
 // members' kernels (each a few dozen CTAs) run side by side; for one sequence, the step's own.
 class MemberStream {
  public:
-  MemberStream(GpuContext* ctx, DeviceStep* step) : ctx_(ctx), step_(step) {
+  // joined: the member's own event for the join, created once (a batch step joins each member's
+  // stream back: an event created and destroyed per member and step cost two driver calls more
+  // each, and a batch's members contend for the driver).
+  MemberStream(GpuContext* ctx, DeviceStep* step, transfer::Event* joined)
+      : ctx_(ctx), step_(step), joined_(joined) {
     stream_ = step->lease.get();
     if (step->size() == 1 || step->forked.empty()) return;
     auto s = ctx->AcquireStream();
@@ -203,9 +208,11 @@ class MemberStream {
   ~MemberStream() {
     if (!owned_) return;
     // NOTE: errors here are sticky CUDA errors that the step's next call reports.
-    auto joined = transfer::Event::Create(false);
-    if (joined.ok() && joined->Record(stream_).ok())
-      (void)transfer::StreamWaitEvent(step_->lease.get(), *joined);
+    if (joined_->empty()) {
+      if (auto e = transfer::Event::Create(false); e.ok()) *joined_ = std::move(*e);
+    }
+    if (!joined_->empty() && joined_->Record(stream_).ok())
+      (void)transfer::StreamWaitEvent(step_->lease.get(), *joined_);
     else
       (void)transfer::StreamSynchronize(stream_);
     ctx_->ReleaseStream(stream_);
@@ -217,6 +224,7 @@ class MemberStream {
  private:
   GpuContext* ctx_;
   DeviceStep* step_;
+  transfer::Event* joined_;
   void* stream_ = nullptr;
   bool owned_ = false;
 };
@@ -373,6 +381,7 @@ class DeviceTier final : public TierBackend {
   std::vector<unsigned char> arrays_host_;
   int32_t arrays_n_sink_ = -1, arrays_n_window_ = -1;
   transfer::Event last_use_;  // recorded after each call's device work
+  transfer::Event member_joined_;  // MemberStream's join, as a batch member
   bool used_ = false;
   transfer::EvictionQueue evictions_;
   // AttendPendingEvictions' row lists (gpu::GatherBatch: offsets [H + 1], then ids [H * rows])
@@ -1195,11 +1204,13 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
                                         ColdSelection* sel, tbb::task_arena& arena,
                                         absl::FunctionRef<absl::Status(bool)> settle_evictions) {
   auto* step = static_cast<DeviceStep*>(base);
+  KVRT_SPAN("select_clusters", i);
   int64_t t0 = NowNs();  // the search's time: the eviction wait below is not part of it
-  MemberStream member(ctx_, step);
+  MemberStream member(ctx_, step, &member_joined_);
   void* stream = member.get();
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const int group = H / cfg_->num_kv_heads;
+  timeline::Span launch_span("select_launch", i);
   KVRT_RETURN_IF_ERROR(SyncSummary(cold, stream));
   const int64_t C = summary_view_.num_clusters, O = summary_view_.num_outliers;
   const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
@@ -1273,6 +1284,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   // device): rows whose copy is in flight (one batch, a decode append's) are attended on the
   // device from the pinned block (AttendPendingEvictions) and enter the cold tier at the layer's
   // next call. Measurement mode keeps the wait: it records the positions of the rows attended.
+  launch_span.End();
   const int64_t t_settle = NowNs();
   bool defer = direct_q && !cfg_->record_attended;
   if (defer) {
@@ -1290,8 +1302,10 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   // The direct step's page table follows the last admission. Its stream wait comes after the
   // selection, which reads neither pool nor table: the last step's page fill (PCIe) overlaps
   // the selection's kernels instead of delaying them.
-  if (direct)
+  if (direct) {
+    KVRT_SPAN("direct_begin", i);
     KVRT_RETURN_IF_ERROR(direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream));
+  }
   step->estimated[i] = params.estimate ? 1 : 0;
   sel->estimate_on_device = params.estimate;
   if (cfg_->record_attended && params.estimate) {
@@ -1303,6 +1317,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     KVRT_RETURN_IF_ERROR(transfer::StreamSynchronize(stream));
   }
   if (direct) {
+    KVRT_SPAN("direct_attend", i);
     KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
                                         reinterpret_cast<float*>(dev + q_at), step->o(kHotSlot, i),
                                         step->lse(kHotSlot, i), stream, arena, sel));

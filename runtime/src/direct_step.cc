@@ -10,6 +10,8 @@
 #include "device_tier.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
+#include "oneapi/tbb/parallel_for.h"
+#include "timeline.h"
 
 namespace kvrt::runtime {
 namespace {
@@ -465,17 +467,25 @@ void DirectStep::Admit() {
   }
   cache_->NextStep();
   eager_.clear();
-  std::vector<std::pair<int64_t, bool>> missed;  // (block, every step reads it)
-  for (int g = 0; g < G; ++g) {
+  // Per kv head (the policy's heads are independent); one task per head where the mask is large:
+  // at 1M (8 x 65 536 clusters) the loop took milliseconds per layer-step on one worker, and the
+  // layer's next step waits for it (BeginStep).
+  struct Tally {
+    int64_t hits = 0, admitted = 0, copied = 0, attended = 0;
+    std::vector<int64_t> eager;                    // kv_head * blocks_per_head_ + block
+    std::vector<std::pair<int64_t, bool>> missed;  // (block, every step reads it)
+  };
+  std::vector<Tally> tally(G);
+  auto admit_head = [&](int g) {
+    Tally& t = tally[g];
     // Two passes: the step's hits are marked before any admission, so that no admission takes
     // the page of a block this step used (CLOCK skips the pages a step marked).
-    missed.clear();
     bool every_step = true;  // the tail and the extra rows come first
     auto use = [&](int64_t b) {
       if (cache_->Use(g, b, false))
-        ++hits;
+        ++t.hits;
       else
-        missed.emplace_back(b, every_step);
+        t.missed.emplace_back(b, every_step);
     };
     // The unclustered tail and the extra rows first: every q head attends them at every step
     // until the next segment is clustered, so they have the first claim on the step's admissions
@@ -490,26 +500,38 @@ void DirectStep::Admit() {
       const uint32_t m = mask[at + c];
       const int32_t n = size_host_[at + c], b0 = begin_host_[at + c];
       if (m == 0 || n == 0) continue;
-      attended += static_cast<int64_t>(std::popcount(m)) * n;
+      t.attended += static_cast<int64_t>(std::popcount(m)) * n;
       for (int64_t b = b0 / kBlock; b <= (b0 + n - 1) / kBlock; ++b) use(b);
     }
-    attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
-                         std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
+    t.attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
+                           std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
     // In the order of use: the tail and the extra rows first (see above). Their blocks are
     // copied in whole (every step reads them: they should not wait for the stage, which a step
     // with many misses fills before it reaches them); a selected cluster's block gets a page only
     // with rows in the stage (CommitStaged fills it from there, no second PCIe read).
-    for (const auto& [b, every] : missed) {
+    for (const auto& [b, every] : t.missed) {
       if (cache_->page(g, b) >= 0) continue;  // a block used twice in the step: admitted above
       if (!every && staged_mark_[g * blocks_per_head_ + b] != mark_round_) continue;
       (void)cache_->Use(g, b, b < full_blocks);
       if (cache_->page(g, b) < 0) continue;
-      ++admitted;
+      ++t.admitted;
       if (every) {
-        eager_.insert(g * blocks_per_head_ + b);
-        ++copied;
+        t.eager.push_back(g * blocks_per_head_ + b);
+        ++t.copied;
       }
     }
+  };
+  constexpr int64_t kParallelMaskWords = 65536;
+  if (G > 1 && static_cast<int64_t>(G) * C >= kParallelMaskWords)
+    tbb::parallel_for(0, G, admit_head);
+  else
+    for (int g = 0; g < G; ++g) admit_head(g);
+  for (const Tally& t : tally) {
+    hits += t.hits;
+    admitted += t.admitted;
+    copied += t.copied;
+    attended += t.attended;
+    eager_.insert(t.eager.begin(), t.eager.end());
   }
   counters_->hot_hits += hits;
   counters_->hot_misses += admitted;
@@ -519,7 +541,10 @@ void DirectStep::Admit() {
 
 absl::Status DirectStep::AdmitAndFill() {
   transfer::ScopedDevice on_device(cfg_->call_device());  // an arena worker runs the job
+  KVRT_SPAN("admission_job");
+  timeline::Span wait_span("admission_record_wait");
   KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
+  wait_span.End();
   const int64_t t0 = NowNs();
   {
     // Half a chunk from the registered end: the next chunk is registered here, off the decode
@@ -529,7 +554,9 @@ absl::Status DirectStep::AdmitAndFill() {
     if (!regs_k_.empty() && rec_rows_ + chunk / 2 > reg_rows_)
       KVRT_RETURN_IF_ERROR(ExtendLocked(*rec_cold_, rec_rows_ + chunk / 2));
   }
+  timeline::Span admit_span("admit");
   Admit();
+  admit_span.End();
   // NOTE: the step that read the pages this fill may overwrite is complete (rec_ready_ follows
   // its attend), and the next step's stream waits for filled_ before it reads the pool.
   if (filled_.empty()) {
@@ -603,7 +630,9 @@ std::vector<int64_t> DirectStep::RecordedRows(const ColdTier& cold, int h) const
 absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* cluster_size,
                                    void* stream) {
   const int64_t t0 = NowNs();
+  timeline::Span wait_span("admission_wait");
   KVRT_RETURN_IF_ERROR(admission_.Wait());  // done by now, unless the host runs far ahead
+  wait_span.End();
   cluster_size_ = cluster_size;
   // Everything below (a new view, page drops, the attend) comes after the last fill.
   if (fill_pending_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, filled_));
@@ -669,8 +698,20 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
     st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecStageRowsAt(G, C),
                                stage_row_.data(), stage_cap_ * sizeof(int64_t), side);
   if (st.ok()) st = rec_ready_.Record(side);
-  if (side != stream) ctx_->ReleaseStream(side);
-  KVRT_RETURN_IF_ERROR(st);
+  if (!st.ok()) {
+    if (side != stream) ctx_->ReleaseStream(side);
+    return st;
+  }
+  // The side stream goes back to the pool on every path below (the admission's callback is
+  // queued on it last).
+  struct ReleaseSide {
+    GpuContext* ctx;
+    void* side;
+    void* stream;
+    ~ReleaseSide() {
+      if (side != stream) ctx->ReleaseStream(side);
+    }
+  } release_side{ctx_, side, stream};
   rec_rows_ = rows;
   rec_c_ = C;
   rec_stage_cap_ = stage_cap_;
@@ -696,8 +737,10 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
       sel->cached[h] = static_cast<int64_t>(sel->cached_rows[h].size());
     }
   }
-  // The pages for the next step, chosen and filled off the decode path.
-  admission_.Launch(arena, [this] { return AdmitAndFill(); });
+  // The pages for the next step, chosen and filled off the decode path, by a job that enters the
+  // arena only once the record is on the host: a job that waited for it there would hold a worker
+  // that the decode steps of the layers after this one (or a batch's other members) need.
+  admission_.LaunchAfter(arena, side, [this] { return AdmitAndFill(); });
   counters_->time_hot_cache_ns += NowNs() - t0;
   return absl::OkStatus();
 }

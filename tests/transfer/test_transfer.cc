@@ -1,6 +1,7 @@
 // transfer/: the pool, queue and background-work logic runs everywhere (pageable allocator, no
 // events); the CUDA wrappers are tested against a device when there is one (GTEST_SKIP otherwise).
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <set>
 #include <thread>
@@ -212,6 +213,43 @@ TEST(BackgroundWork, RunsOnArenaAndReportsStatusOnce) {
   EXPECT_EQ(w.Wait(arena).code(), absl::StatusCode::kDataLoss);
   EXPECT_TRUE(w.Wait(arena).ok()) << "reported once";
   EXPECT_EQ(ran.load(), 2);
+}
+
+TEST(BackgroundWork, LaunchAfterStartsOnlyOnceTheStreamGetsThere) {
+  tbb::task_arena arena(2);
+  BackgroundWork w;
+  std::atomic<int> ran{0};
+  auto job = [&] {
+    ran++;
+    return absl::OkStatus();
+  };
+  if (!CudaAvailable()) {
+    // No stream callback: the job is enqueued at once.
+    w.LaunchAfter(arena, nullptr, job);
+    EXPECT_TRUE(w.Wait().ok());
+    EXPECT_EQ(ran.load(), 1);
+    return;
+  }
+  auto stream = Stream::Create();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  // The stream is held by a callback of its own until `release`: the job must not run before.
+  std::atomic<bool> release{false};
+  ASSERT_TRUE(AddStreamCallback(
+                  stream->get(),
+                  [](void* p) {
+                    while (!static_cast<std::atomic<bool>*>(p)->load())
+                      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                  },
+                  &release)
+                  .ok());
+  w.LaunchAfter(arena, stream->get(), job);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(ran.load(), 0) << "the job ran before the stream reached it";
+  EXPECT_TRUE(w.running());
+  release = true;
+  EXPECT_TRUE(w.Wait().ok());
+  EXPECT_EQ(ran.load(), 1);
+  EXPECT_TRUE(StreamSynchronize(stream->get()).ok());
 }
 
 TEST(CudaWrappers, WithoutDeviceFailCleanly) {

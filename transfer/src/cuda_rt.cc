@@ -188,6 +188,26 @@ absl::Status StreamWaitEvent(void* stream, const Event& event) {
   return Check(cudaStreamWaitEvent(S(stream), E(event.get()), 0), "cudaStreamWaitEvent");
 }
 
+absl::Status AddStreamCallback(void* stream, void (*fn)(void*), void* arg) {
+  struct Call {
+    void (*fn)(void*);
+    void* arg;
+  };
+  auto* call = new Call{fn, arg};
+  // NOTE: cudaStreamAddCallback, not cudaLaunchHostFunc: the latter is not called at all once the
+  // context has failed, which would leave whatever waits on fn waiting for ever.
+  const cudaError_t e = cudaStreamAddCallback(
+      S(stream),
+      [](cudaStream_t, cudaError_t, void* p) {
+        auto* c = static_cast<Call*>(p);
+        c->fn(c->arg);
+        delete c;
+      },
+      call, 0);
+  if (e != cudaSuccess) delete call;
+  return Check(e, "cudaStreamAddCallback");
+}
+
 absl::Status StreamSynchronize(void* stream) {
   return Check(cudaStreamSynchronize(S(stream)), "cudaStreamSynchronize");
 }
@@ -331,6 +351,9 @@ absl::Status MemsetAsync(void*, int, std::size_t bytes, void*) {
 }
 absl::Status StreamWaitEvent(void*, const Event&) { return NoCuda("cudaStreamWaitEvent"); }
 absl::Status StreamSynchronize(void*) { return NoCuda("cudaStreamSynchronize"); }
+absl::Status AddStreamCallback(void*, void (*)(void*), void*) {
+  return NoCuda("cudaStreamAddCallback");
+}
 absl::StatusOr<void*> MallocAsync(std::size_t, void*) { return NoCuda("cudaMallocAsync"); }
 absl::Status FreeAsync(void* ptr, void*) {
   return ptr == nullptr ? absl::OkStatus() : NoCuda("cudaFreeAsync");

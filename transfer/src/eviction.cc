@@ -1,5 +1,6 @@
 #include "kvrt_transfer/eviction.h"
 
+#include <memory>
 #include <utility>
 
 namespace kvrt::transfer {
@@ -54,11 +55,13 @@ bool BackgroundWork::running() const {
   return running_;
 }
 
-void BackgroundWork::Launch(tbb::task_arena& arena, std::function<absl::Status()> job) {
+void BackgroundWork::Begin() {
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return !running_; });
   running_ = true;
-  lock.unlock();
+}
+
+void BackgroundWork::Enqueue(tbb::task_arena& arena, std::function<absl::Status()> job) {
   arena.enqueue([this, job = std::move(job)] {
     absl::Status s = job();
     std::lock_guard<std::mutex> guard(mu_);
@@ -66,6 +69,28 @@ void BackgroundWork::Launch(tbb::task_arena& arena, std::function<absl::Status()
     running_ = false;
     cv_.notify_all();
   });
+}
+
+void BackgroundWork::Launch(tbb::task_arena& arena, std::function<absl::Status()> job) {
+  Begin();
+  Enqueue(arena, std::move(job));
+}
+
+void BackgroundWork::LaunchAfter(tbb::task_arena& arena, void* stream,
+                                 std::function<absl::Status()> job) {
+  Begin();
+  struct Pending {
+    BackgroundWork* self;
+    tbb::task_arena* arena;
+    std::function<absl::Status()> job;
+  };
+  auto* pending = new Pending{this, &arena, std::move(job)};
+  auto enqueue = [](void* p) {
+    // On CUDA's callback thread: tbb::task_arena::enqueue may be called from any thread.
+    std::unique_ptr<Pending> owned(static_cast<Pending*>(p));
+    owned->self->Enqueue(*owned->arena, std::move(owned->job));
+  };
+  if (!AddStreamCallback(stream, enqueue, pending).ok()) enqueue(pending);
 }
 
 absl::Status BackgroundWork::Wait() {

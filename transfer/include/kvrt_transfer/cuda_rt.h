@@ -125,6 +125,10 @@ absl::Status Memcpy2DAsync(void* dst, std::size_t dst_pitch, const void* src, st
 // cudaMemsetAsync of device memory (`value` as a byte).
 absl::Status MemsetAsync(void* dst, int value, std::size_t bytes, void* stream);
 absl::Status StreamWaitEvent(void* stream, const Event& event);
+// fn(arg) on CUDA's callback thread once the work queued on `stream` before this call is done,
+// also after a failure there (so that whatever waits on fn is released). fn must not call CUDA
+// and should return quickly: the stream's later work waits for it.
+absl::Status AddStreamCallback(void* stream, void (*fn)(void*), void* arg);
 absl::Status StreamSynchronize(void* stream);
 // Stream-ordered allocation from the device's default memory pool (cudaMallocAsync / FreeAsync).
 absl::StatusOr<void*> MallocAsync(std::size_t bytes, void* stream);

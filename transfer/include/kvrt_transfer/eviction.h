@@ -80,11 +80,20 @@ class BackgroundWork {
   bool running() const;
   // Waits for the running job, then starts `job` on `arena`. The job's status is kept for Wait.
   void Launch(tbb::task_arena& arena, std::function<absl::Status()> job);
+  // The same, but the job is enqueued only once the work queued on `stream` so far is done (a
+  // stream callback): a job that would first wait for the device does not hold one of the
+  // arena's workers while it waits (measured: a batch's decode step starved of workers by its
+  // members' admission jobs). If the callback cannot be added, the job is enqueued at once.
+  void LaunchAfter(tbb::task_arena& arena, void* stream, std::function<absl::Status()> job);
   // Waits for the running job; returns its status (OK if none) and clears it.
   absl::Status Wait();
   absl::Status Wait(tbb::task_arena&) { return Wait(); }
 
  private:
+  // Marks a job running (after the one before it).
+  void Begin();
+  void Enqueue(tbb::task_arena& arena, std::function<absl::Status()> job);
+
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool running_ = false;
