@@ -174,9 +174,9 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   } else {
     // Members whose selection runs on the device spend their cold phase in CUDA calls, which the
     // driver serialises: 16 threads issuing them at once took 8x the thread time of 4 (host
-    // timeline, 128K B=16, docs/benchmarks.md, seventeenth session), and their spinning starved
-    // the admission jobs of the same arena. Those members go in at most DeviceMemberLanes()
-    // chunks, each stepped in order by one thread; a CPU selection keeps one task per member.
+    // timeline, 128K B=16, docs/benchmarks.md, seventeenth session), time the admission jobs on
+    // the same arena could use. Those members go in at most DeviceMemberLanes() chunks, each
+    // stepped in order by one thread; a CPU selection keeps one task per member.
     const int lanes = layers[members[0]]->UsesGpuSelect(streaming) ? DeviceMemberLanes() : m;
     const int grain = (m + lanes - 1) / lanes;
     arena.execute([&] {

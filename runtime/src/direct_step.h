@@ -6,7 +6,8 @@
 // registered (mapped) host memory read over PCIe.
 //
 // Which blocks hold pages lags one step: each step copies its selection mask down (async) and
-// hands it to a background job on the runtime's arena, which waits for it, runs the CLOCK policy
+// hands it to a background job that enters the runtime's arena once the copy is done (a stream
+// callback: the job never holds a worker while it waits for the device), runs the CLOCK policy
 // (block_page_cache.h) over the blocks that step used, and enqueues on a stream of its own
 // gpu::FillPages (staged pages: it only assigns them) and gpu::CommitStaged, which moves the rows
 // the step read over PCIe (DirectAttend kept them in a device stage) into the pages their blocks

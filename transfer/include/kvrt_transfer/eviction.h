@@ -82,8 +82,8 @@ class BackgroundWork {
   void Launch(tbb::task_arena& arena, std::function<absl::Status()> job);
   // The same, but the job is enqueued only once the work queued on `stream` so far is done (a
   // stream callback): a job that would first wait for the device does not hold one of the
-  // arena's workers while it waits (measured: a batch's decode step starved of workers by its
-  // members' admission jobs). If the callback cannot be added, the job is enqueued at once.
+  // arena's workers while it waits, which in a pipelined decoder (the host a step ahead of the
+  // device) is most of a step. If the callback cannot be added, the job is enqueued at once.
   void LaunchAfter(tbb::task_arena& arena, void* stream, std::function<absl::Status()> job);
   // Waits for the running job; returns its status (OK if none) and clears it.
   absl::Status Wait();
