@@ -19,7 +19,8 @@
 # B=64 x 128K, B=8 x 1M (one layer each), 1M B=1 and the 128K step pipelined, per penalty, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=timeline the host's time per span
 # (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=ab-batch the build before against this one at
-# 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
+# 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=keys
+# config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -313,6 +314,26 @@ if [[ "${1:-}" == "--device" ]]; then
         done
       done
       set --
+      rm -f $trace
+    elif [[ "$bench" == keys ]]; then
+      # config.cluster_keys per KEYS (default "16 8"), this build: the 128K trace B=1 (8 layers
+      # pipelined; then 1 layer with accuracy against exact attention and the GPU bytes) and 1M
+      # B=1 (4 layers pipelined), at the defaults otherwise.
+      trace=/tmp/kvrt-keys.safetensors
+      trace_128k $trace || rc=1
+      for keys in ${KEYS:-16 8}; do
+        echo "=== keys $keys: cluster 128K --trace B=1, 8 layers --pipeline"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --layers 8 --pipeline --accuracy-steps 0 --cluster-keys $keys || rc=1
+        echo "=== keys $keys: cluster 128K --trace B=1, 1 layer, accuracy"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --layers 1 --cluster-keys $keys || rc=1
+      done
+      for keys in ${KEYS:-16 8}; do
+        echo "=== keys $keys: cluster 1M B=1, 4 layers --pipeline"
+        timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 --pipeline \
+          --accuracy-steps 0 --cluster-keys $keys || rc=1
+      done
       rm -f $trace
     elif [[ "$bench" == ab-batch ]]; then
       # The build before (BEFORE when bundling: kvrt_before) against this one, alternating, on the

@@ -65,6 +65,11 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "not in the GPU page pool, so that rows read over PCIe must carry more "
                   "estimated mass; 0 = off, in [0, 64] (default: the library's)")
       ->check(CLI::Range(0.0, 64.0));
+  cmd->add_option("--cluster-keys", s->cluster_keys,
+                  "config.cluster_keys: the cluster kind's target keys per cluster; fewer rank the "
+                  "cold tokens better at more summary memory (8 doubles 16's); in [2, 256] "
+                  "(default: the library's, 16)")
+      ->check(CLI::Range(2, 256));
   cmd->add_option("--direct-step", s->direct_step,
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
                   "the GPU (hot cache, else the host store over PCIe), 0 = the CPU orders the "
@@ -114,6 +119,7 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   if (s.group_select >= 0) c.cluster_group_select = s.group_select;
   if (s.top_p >= 0) c.cluster_top_p = static_cast<float>(s.top_p);
   if (s.miss_penalty >= 0) c.cluster_miss_penalty = static_cast<float>(s.miss_penalty);
+  if (s.cluster_keys > 0) c.cluster_keys = s.cluster_keys;
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;

@@ -21,6 +21,7 @@ struct DecodeSettings {
   int group_select = -1;      // config.cluster_group_select; < 0: the library's default
   double top_p = -1;          // config.cluster_top_p; < 0: the library's default
   double miss_penalty = -1;   // config.cluster_miss_penalty; < 0: the library's default
+  int cluster_keys = 0;       // config.cluster_keys; 0: the library's default
   bool pipeline = false;      // HarnessOptions::pipeline
   std::string memory = "device";
   bool device() const { return memory == "device" && use_gpu != 0; }
@@ -28,7 +29,7 @@ struct DecodeSettings {
 
 // --layers --steps --warmup --max-seconds --sinks --window --top-k --effort --threads --gpu
 // --memory --group-search --hot-cache --cluster-budget --group-select --top-p --miss-penalty
-// --direct-step --pipeline, with the settings'
+// --cluster-keys --direct-step --pipeline, with the settings'
 // current values as defaults.
 void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* settings);
 absl::Status CheckDecodeSettings(const DecodeSettings& settings);

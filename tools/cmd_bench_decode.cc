@@ -200,10 +200,11 @@ int Run(BenchDecodeArgs a) {
         const kvrt_config c = MakeHarnessOptions(a.run, *data, kind.first, KVRT_COLD_CPU, 1, false)
                                   .config;
         std::printf(
-            "cluster: budget %.3f of the clustered rows %s, hot cache %.2f, direct step %d, miss "
-            "penalty %.2f, top-p %.2f\n",
-            c.cluster_budget_fraction, c.cluster_group_select ? "per kv head" : "per q head",
-            c.hot_cache_fraction, c.cluster_direct_step, c.cluster_miss_penalty, c.cluster_top_p);
+            "cluster: %d keys per cluster, budget %.3f of the clustered rows %s, hot cache %.2f, "
+            "direct step %d, miss penalty %.2f, top-p %.2f\n",
+            c.cluster_keys, c.cluster_budget_fraction,
+            c.cluster_group_select ? "per kv head" : "per q head", c.hot_cache_fraction,
+            c.cluster_direct_step, c.cluster_miss_penalty, c.cluster_top_p);
       }
       std::printf(
           "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, "

@@ -13,6 +13,7 @@ struct ReplayArgs {
   int sinks = 4, window = 512, top_k = 100, effort = 0, threads = 0, steps = 0;
   bool quiet = false, per_head = false;
   int group_search = 0;
+  int cluster_keys = 0;
   double streaming_threshold = 0;
 };
 
@@ -43,6 +44,7 @@ int RunReplayCommand(const ReplayArgs& a) {
   o.progress = !a.quiet;
   o.streaming_threshold = a.streaming_threshold;
   o.group_search = a.group_search != 0;
+  o.cluster_keys = a.cluster_keys;
   auto report = kvrt::cli::RunReplay(**trace, *ref, o);
   if (!report.ok()) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(report.status().message()).c_str());
@@ -108,6 +110,10 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
                   "GQA: 1 = one index search per kv head for its q heads, 0 = one per q head")
       ->capture_default_str()
       ->check(CLI::Range(0, 1));
+  cmd->add_option("--cluster-keys", args->cluster_keys,
+                  "--index cluster: target keys per cluster; fewer rank the cold tokens better at "
+                  "more summary memory (8 doubles 16's); in [2, 256] (default: the library's, 16)")
+      ->check(CLI::Range(2, 256));
   cmd->add_flag("--per-head", args->per_head, "print the per-(layer, head) table");
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = RunReplayCommand(*args); });

@@ -5,11 +5,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <limits>
 #include <cstdio>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "kvrt_common/dtype.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "tools/accuracy.h"
@@ -236,6 +237,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   cfg.worker_threads = opt.threads;
   cfg.record_attended = 1;
   cfg.group_search = opt.group_search ? 1 : 0;
+  if (opt.cluster_keys > 0) cfg.cluster_keys = opt.cluster_keys;
   std::string error;
   kvrt_runtime* rt = nullptr;
   if (Check(kvrt_runtime_create(&cfg, &rt), "kvrt_runtime_create", &error) != KVRT_OK)
@@ -412,6 +414,11 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     if (kvrt_index_describe_search(opt.index, opt.top_k, efforts[e], search, sizeof search) ==
         KVRT_OK)
       r.search = search;
+    // kvrt_index_describe_search knows the kind's default cluster size only.
+    if (opt.index == KVRT_INDEX_CLUSTER && opt.cluster_keys > 0)
+      r.search = absl::StrReplaceAll(
+          r.search,
+          {{"clusters of ~16 keys", absl::StrCat("clusters of ~", opt.cluster_keys, " keys")}});
     r.steps = steps;
     r.prompt_tokens = m.prompt_tokens;
     r.recall_at_k = Mean(a.recalls);

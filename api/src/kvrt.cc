@@ -133,6 +133,9 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.index.cluster.group_select = c.cluster_group_select != 0;
   r.index.cluster.top_p = c.cluster_top_p;
   r.index.cluster.miss_penalty = c.cluster_miss_penalty;
+  // 0: a 0.3.9 caller's reserved0 (kvrt_config_default set it to 0): the default.
+  r.index.cluster.cluster_size =
+      c.cluster_keys == 0 ? kvrt::cpu_index::ClusterConfig{}.cluster_size : c.cluster_keys;
   r.cuda_device = c.cuda_device;
   r.direct_step = c.cluster_direct_step != 0;
   r.worker_cpu_first = c.worker_cpu_first;
@@ -162,7 +165,7 @@ constexpr std::size_t kConfigSize034 = ConfigSizeEndingAt(offsetof(kvrt_config, 
 // 0.3.5 to 0.3.8 ended at cluster_top_p. cluster_miss_penalty (0.3.9) lies in that size's tail
 // padding, as hot_cache_fraction did in 0.3.0's: a caller of that size gets its default. Alone the
 // new float would have left sizeof(kvrt_config) unchanged (the two sizes could not be told
-// apart), hence reserved0 after it.
+// apart), hence a field after it (0.3.9: reserved0, not read; since 0.3.10 cluster_keys).
 constexpr std::size_t kConfigSize035 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_top_p));
 constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, kConfigSize033,
                                         kConfigSize034, kConfigSize035, sizeof(kvrt_config)};
@@ -231,7 +234,7 @@ kvrt_config Defaults() {
   c.cluster_group_select = 1;
   c.cluster_top_p = 0.f;
   c.cluster_miss_penalty = 0.5f;
-  c.reserved0 = 0;
+  c.cluster_keys = kvrt::cpu_index::ClusterConfig{}.cluster_size;
   return c;
 }
 
@@ -249,7 +252,6 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
                                                       : size;
   std::memcpy(out, in, prefix);
   out->struct_size = sizeof(kvrt_config);
-  out->reserved0 = 0;  // not read; kvrt_runtime_config reports 0
   return KVRT_OK;
 }
 
@@ -376,6 +378,7 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   rt->config.scale = eff.scale;
   rt->config.worker_threads = eff.worker_threads;
   rt->config.use_gpu = eff.use_gpu;
+  rt->config.cluster_keys = eff.index.cluster.cluster_size;  // 0 given: 16
   if (eff.use_gpu == 1) rt->config.cuda_device = eff.cuda_device;
   *out = rt;
   return KVRT_OK;

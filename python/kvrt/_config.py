@@ -62,6 +62,9 @@ class Config:
             selection key is lowered by this times the share of its rows not in the GPU hot
             cache, so that rows read over PCIe must carry more estimated mass (0 = off; finite,
             in [0, 64]). Since 0.3.9.
+        cluster_keys: target keys per cluster of the cluster kind (a segment of cold tokens gets
+            tokens / cluster_keys clusters): fewer keys rank the cold tokens better at more GPU
+            memory for the summary (8 doubles 16's); in [2, 256] (0 = 16). Since 0.3.10.
     """
 
     num_layers: int = 32
@@ -92,6 +95,7 @@ class Config:
     cluster_group_select: int = 1
     cluster_top_p: float = 0.0
     cluster_miss_penalty: float = 0.5
+    cluster_keys: int = 16
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

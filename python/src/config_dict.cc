@@ -140,6 +140,8 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.worker_cpu_count = ToI32(k, value);
     else if (k == "cluster_group_select")
       c.cluster_group_select = ToI32(k, value);
+    else if (k == "cluster_keys")
+      c.cluster_keys = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction" ||
@@ -191,6 +193,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cluster_group_select"] = c.cluster_group_select;
   d["cluster_top_p"] = ShortFloat(c.cluster_top_p);
   d["cluster_miss_penalty"] = ShortFloat(c.cluster_miss_penalty);
+  d["cluster_keys"] = c.cluster_keys;
   return d;
 }
 

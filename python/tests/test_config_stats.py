@@ -51,6 +51,16 @@ def test_cluster_miss_penalty_round_trips_and_is_checked():
         kvrt.Runtime(**SHAPE, cluster_miss_penalty="high")
 
 
+def test_cluster_keys_round_trip_zero_means_sixteen_and_is_checked():
+    assert kvrt.Config().cluster_keys == 16  # the library's default (0.3.10)
+    for keys, want in ((8, 8), (0, 16), (256, 256)):
+        cfg = kvrt.Config(**SHAPE, index_kind="cluster", cluster_keys=keys)
+        assert kvrt.Runtime(cfg).config.cluster_keys == want
+    for bad in (1, -1, 257):
+        with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.cluster_keys = "):
+            kvrt.Runtime(**SHAPE, cluster_keys=bad)
+
+
 def test_worker_cpu_range_is_checked_and_reported():
     eff = kvrt.Runtime(**SHAPE, worker_cpu_first=0, worker_cpu_count=1).config
     assert (eff.worker_cpu_first, eff.worker_cpu_count, eff.worker_threads) == (0, 1, 1)

@@ -91,6 +91,10 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   if (!(budget > 0.f && budget <= 1.f))
     return absl::InvalidArgumentError(
         absl::StrCat("config.cluster_budget_fraction = ", budget, " must be in (0, 1]"));
+  const int keys = c.index.cluster.cluster_size;
+  if (keys < 2 || keys > 256)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.cluster_keys = ", keys, " is out of range [2, 256] (0 means the default, 16)"));
   const float top_p = c.index.cluster.top_p;
   if (!(top_p >= 0.f && top_p <= 1.f))
     return absl::InvalidArgumentError(

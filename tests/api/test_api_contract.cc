@@ -414,7 +414,8 @@ TEST(ContractConfig, ClusterTopPOutOfRangeIsRefused) {
   EXPECT_EQ(rt, nullptr);
 }
 
-// 0.3.9 appended cluster_miss_penalty (and reserved0, which keeps the size apart): a caller
+// 0.3.9 appended cluster_miss_penalty (and reserved0, which keeps the size apart; cluster_keys
+// since 0.3.10): a caller
 // compiled against 0.3.5-0.3.8 passes the size that ended at cluster_top_p (the penalty lies in
 // its tail padding); whatever lies there and past its struct, it gets the penalty's default, and
 // kvrt_runtime_config writes only its prefix.
@@ -426,7 +427,7 @@ TEST(ContractConfig, A035CallerGetsTheDefaultMissPenalty) {
   c.struct_size = config035;
   c.cluster_top_p = 0.25f;       // inside the 0.3.5 struct: read
   c.cluster_miss_penalty = NAN;  // the 0.3.5 struct's padding: not read (it would be refused)
-  c.reserved0 = 7;               // past the 0.3.5 struct
+  c.cluster_keys = 7;            // past the 0.3.5 struct: not read
   kvrt_runtime* rt = nullptr;
   ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
   kvrt_config eff = kvrt_config_default();
@@ -434,7 +435,7 @@ TEST(ContractConfig, A035CallerGetsTheDefaultMissPenalty) {
   EXPECT_EQ(eff.cluster_top_p, 0.25f);
   EXPECT_EQ(eff.cluster_miss_penalty, kvrt_config_default().cluster_miss_penalty);
   EXPECT_EQ(eff.cluster_miss_penalty, 0.5f);
-  EXPECT_EQ(eff.reserved0, 0);
+  EXPECT_EQ(eff.cluster_keys, 16);
   kvrt_config old;
   std::memset(&old, 0xab, sizeof old);
   old.struct_size = config035;
@@ -443,11 +444,39 @@ TEST(ContractConfig, A035CallerGetsTheDefaultMissPenalty) {
   EXPECT_EQ(old.cluster_top_p, 0.25f);
   int32_t untouched;
   std::memset(&untouched, 0xab, sizeof untouched);
-  EXPECT_EQ(old.reserved0, untouched);
+  EXPECT_EQ(old.cluster_keys, untouched);
   kvrt_runtime_destroy(rt);
   EXPECT_EQ(kvrt_config_init(&old, config035), KVRT_OK);
   EXPECT_EQ(old.struct_size, config035);
   EXPECT_EQ(old.cluster_top_p, kvrt_config_default().cluster_top_p);
+}
+
+// 0.3.10 gave 0.3.9's reserved0 a meaning, cluster_keys: a 0.3.9 caller (kvrt_config_default set
+// it to 0) gets 16, the runtime reports what is in effect, and values outside [2, 256] are
+// refused naming the field.
+TEST(ContractConfig, ClusterKeysZeroMeansSixteenAndTheRangeIsChecked) {
+  EXPECT_EQ(kvrt_config_default().cluster_keys, 16);
+  for (int32_t keys : {0, 2, 8, 256}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_keys " << keys);
+    kvrt_config c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.cluster_keys = keys;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_config eff = kvrt_config_default();
+    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    EXPECT_EQ(eff.cluster_keys, keys == 0 ? 16 : keys);
+    kvrt_runtime_destroy(rt);
+  }
+  for (int32_t keys : {1, -1, 257}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_keys " << keys);
+    kvrt_config c = TinyConfig();
+    c.cluster_keys = keys;
+    kvrt_runtime* rt = nullptr;
+    EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_ERR_INVALID_ARGUMENT);
+    EXPECT_TRUE(Mentions("cluster_keys")) << kvrt_last_error();
+    EXPECT_EQ(rt, nullptr);
+  }
 }
 
 TEST(ContractConfig, ClusterMissPenaltyOutsideZeroTo64IsRefused) {

@@ -76,6 +76,7 @@ struct Case {
   int top_k = 100000;
   bool group_search = true;
   int64_t cluster_segment = 0;  // cluster kind: segment_tokens (0 = default)
+  int cluster_keys = 0;         // cluster kind: cluster_size (0 = default)
 };
 
 // Prefill `prompt` tokens, then `steps` x (append 1, attend), checking each output.
@@ -92,6 +93,7 @@ void RunAndCheck(const Case& cs, double tol) {
   c.top_k = cs.top_k;
   c.group_search = cs.group_search;
   if (cs.cluster_segment > 0) c.index.cluster.segment_tokens = cs.cluster_segment;
+  if (cs.cluster_keys > 0) c.index.cluster.cluster_size = cs.cluster_keys;
   c.worker_threads = 2;
   c.record_attended = true;
   auto rt = Runtime::Create(c);
@@ -177,6 +179,45 @@ TEST(RuntimeCluster, FullBudgetIsExactAndPositionsSurviveThePermutation) {
     RunAndCheck({DType::kBF16, 4, 16, 700, 140, cpu_index::IndexKind::kCluster, 100000, group, 128},
                 1e-5);
   }
+}
+
+// Clusters of 8 keys (config.cluster_keys) instead of 16: still exact at the full budget, and a
+// step scores twice the clusters (keys_scored counts each cluster once per q head).
+TEST(RuntimeCluster, EightKeysPerClusterScoreTwiceTheClustersAndStayExact) {
+  RunAndCheck({DType::kBF16, 4, 16, 700, 20, cpu_index::IndexKind::kCluster, 100000, true, 128, 8},
+              1e-5);
+  int64_t scored[2] = {0, 0};
+  for (int i = 0; i < 2; ++i) {
+    RuntimeConfig c;
+    c.num_layers = 1;
+    c.num_q_heads = 2;
+    c.num_kv_heads = 1;
+    c.head_dim = 16;
+    c.dtype = DType::kF32;
+    c.sink_tokens = 2;
+    c.window_tokens = 16;
+    c.index_kind = cpu_index::IndexKind::kCluster;
+    c.index.cluster.segment_tokens = 256;
+    c.index.cluster.outlier_fraction = 0.f;
+    c.index.cluster.cluster_size = i == 0 ? 16 : 8;
+    auto rt = *Runtime::Create(c);
+    auto seq = *rt->CreateSequence();
+    std::mt19937 rng(5);
+    const int64_t n = 2 * 256 + 2 + 16;  // two whole segments of cold rows, no unclustered tail
+    std::vector<float> k, v;
+    auto kb = Random(rng, n * 16, DType::kF32, &k);
+    auto vb = Random(rng, n * 16, DType::kF32, &v);
+    ASSERT_TRUE(rt->Prefill(seq, 0, nullptr, kb.data(), vb.data(), n).ok());
+    std::vector<float> q(2 * 16, 0.5f), out(2 * 16);
+    ASSERT_TRUE(rt->Attend(seq, 0, q.data(), out.data()).ok());
+    scored[i] = rt->Stats().keys_scored;
+  }
+  // 16 keys: 32 clusters per kv head, each scored by 2 q heads; the few always-scored rows (an
+  // outlier per segment at least) are the same in both.
+  const int64_t clusters16 = 2 * (2 * 256 / 16);
+  EXPECT_GE(scored[0], clusters16);
+  EXPECT_LE(scored[0], clusters16 + 8);
+  EXPECT_EQ(scored[1] - scored[0], clusters16) << "8 keys: twice the clusters, the rest the same";
 }
 
 TEST(RuntimeFlat, RetrievesTheExactTopKOfColdTokens) {

@@ -62,8 +62,10 @@ RuntimeConfig MakeConfig(const Case& c, int use_gpu) {
 
 // The cluster kind on both backends with the same clusters (the CPU build), for comparisons of the
 // GPU's selection paths with the host backend's.
-RuntimeConfig ClusterCompareConfig(const Case& c, int use_gpu, float hot, bool direct, bool group) {
+RuntimeConfig ClusterCompareConfig(const Case& c, int use_gpu, float hot, bool direct, bool group,
+                                   int keys = 16) {
   RuntimeConfig cfg = MakeConfig(c, use_gpu);
+  cfg.index.cluster.cluster_size = keys;
   cfg.record_attended = false;
   cfg.index.cluster.segment_tokens = 256;
   cfg.index.cluster.min_budget_tokens = 32;
@@ -560,16 +562,19 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
     float hot;
     bool direct;
     bool group = false;  // cluster.group_select: one selection per kv head
+    int keys = 16;       // cluster.cluster_size (config.cluster_keys)
   };
-  const Mode kModes[] = {{0.f, false},  {0.5f, false},      {0.02f, false},     {0.5f, true},
-                         {0.02f, true}, {0.f, false, true}, {0.02f, true, true}};
-  for (const auto& [hot, direct, group] : kModes) {
+  const Mode kModes[] = {{0.f, false},        {0.5f, false},         {0.02f, false},
+                         {0.5f, true},        {0.02f, true},         {0.f, false, true},
+                         {0.02f, true, true}, {0.02f, true, true, 8}};
+  for (const auto& [hot, direct, group, keys] : kModes) {
     for (bool device : {false, true}) {
-      const std::string name = absl::StrCat(device ? "device" : "host", " hot ", hot,
-                                            direct ? " direct" : "", group ? " group" : "");
+      const std::string name =
+          absl::StrCat(device ? "device" : "host", " hot ", hot, direct ? " direct" : "",
+                       group ? " group" : "", " keys ", keys);
       Case c{cpu_index::IndexKind::kCluster, device, DType::kF32, name.c_str()};
-      auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, hot, direct, group));
-      auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, hot, direct, group));
+      auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, hot, direct, group, keys));
+      auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, hot, direct, group, keys));
       ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
       const RuntimeConfig& cfg = (*host_rt)->config();
       auto stream = transfer::Stream::Create();
@@ -775,13 +780,16 @@ TEST(GpuBackendCluster, MissPenaltyReadsFewerRowsOverPcie) {
 // the CPU build's size (the clusters differ: flat Lloyd on the GPU, two levels on the CPU).
 TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  for (bool device : {false, true}) {
-    Case c{cpu_index::IndexKind::kCluster, device, DType::kBF16, device ? "device" : "host"};
+  for (const auto& [device, keys] :
+       {std::pair{false, 16}, std::pair{true, 16}, std::pair{true, 8}}) {
+    const std::string name = absl::StrCat(device ? "device" : "host", " keys ", keys);
+    Case c{cpu_index::IndexKind::kCluster, device, DType::kBF16, name};
     RuntimeConfig exact_cfg = MakeConfig({cpu_index::IndexKind::kExact, false, c.dtype, "x"}, 0);
     RuntimeConfig all_cfg = MakeConfig(c, 1), cpu_cfg = MakeConfig(c, 1),
                   gpu_cfg = MakeConfig(c, 1);
     for (RuntimeConfig* cfg : {&all_cfg, &cpu_cfg, &gpu_cfg}) {
       cfg->record_attended = false;
+      cfg->index.cluster.cluster_size = keys;
       cfg->index.cluster.segment_tokens = 256;
       cfg->index.cluster.min_budget_tokens = 32;
       cfg->index.cluster.budget_fraction = 0.1f;
