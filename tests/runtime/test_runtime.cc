@@ -181,6 +181,20 @@ TEST(RuntimeCluster, FullBudgetIsExactAndPositionsSurviveThePermutation) {
   }
 }
 
+// One layer, one kv head with 2 q heads of d = 16, f32, 2 sinks, `window` window tokens.
+RuntimeConfig TwoHeadConfig(cpu_index::IndexKind kind, int window) {
+  RuntimeConfig c;
+  c.num_layers = 1;
+  c.num_q_heads = 2;
+  c.num_kv_heads = 1;
+  c.head_dim = 16;
+  c.dtype = DType::kF32;
+  c.sink_tokens = 2;
+  c.window_tokens = window;
+  c.index_kind = kind;
+  return c;
+}
+
 // Clusters of 8 keys (config.cluster_keys) instead of 16: still exact at the full budget, and a
 // step scores twice the clusters (keys_scored counts each cluster once per q head).
 TEST(RuntimeCluster, EightKeysPerClusterScoreTwiceTheClustersAndStayExact) {
@@ -188,15 +202,7 @@ TEST(RuntimeCluster, EightKeysPerClusterScoreTwiceTheClustersAndStayExact) {
               1e-5);
   int64_t scored[2] = {0, 0};
   for (int i = 0; i < 2; ++i) {
-    RuntimeConfig c;
-    c.num_layers = 1;
-    c.num_q_heads = 2;
-    c.num_kv_heads = 1;
-    c.head_dim = 16;
-    c.dtype = DType::kF32;
-    c.sink_tokens = 2;
-    c.window_tokens = 16;
-    c.index_kind = cpu_index::IndexKind::kCluster;
+    RuntimeConfig c = TwoHeadConfig(cpu_index::IndexKind::kCluster, 16);
     c.index.cluster.segment_tokens = 256;
     c.index.cluster.outlier_fraction = 0.f;
     c.index.cluster.cluster_size = i == 0 ? 16 : 8;
@@ -221,16 +227,8 @@ TEST(RuntimeCluster, EightKeysPerClusterScoreTwiceTheClustersAndStayExact) {
 }
 
 TEST(RuntimeFlat, RetrievesTheExactTopKOfColdTokens) {
-  RuntimeConfig c;
-  c.num_layers = 1;
-  c.num_q_heads = 2;
-  c.num_kv_heads = 1;
-  c.head_dim = 16;
-  c.dtype = DType::kF32;
-  c.sink_tokens = 2;
-  c.window_tokens = 8;
+  RuntimeConfig c = TwoHeadConfig(cpu_index::IndexKind::kFlat, 8);
   c.top_k = 5;
-  c.index_kind = cpu_index::IndexKind::kFlat;
   c.record_attended = true;
   auto rt = *Runtime::Create(c);
   auto seq = *rt->CreateSequence();
