@@ -20,7 +20,8 @@
 # beside the same runs synced per layer-step, BENCH=timeline the host's time per span
 # (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=ab-batch the build before against this one at
 # 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=keys
-# config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
+# config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=ncu-step each decode-step
+# kernel's device time (ncu) at 128K B=1 and B=16, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -314,6 +315,25 @@ if [[ "${1:-}" == "--device" ]]; then
         done
       done
       set --
+      rm -f $trace
+    elif [[ "$bench" == ncu-step ]]; then
+      # Each decode-step kernel's device time (ncu, gpu__time_duration, one kernel at a time: no
+      # overlap) at 128K on the generated trace, B=1 and B=16 (kvrt_attend_batch), one layer,
+      # 5 measured steps; the prompt's build kernels are not profiled. Summaries in
+      # $out/ncu-b1.log and $out/ncu-b16.log.
+      ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+      trace=/tmp/kvrt-ncu.safetensors
+      trace_128k $trace || rc=1
+      for batch in 1 16; do
+        attend=""; [[ $batch -gt 1 ]] && attend="--attend batch"
+        echo "=== ncu: cluster 128K --trace B=$batch, 1 layer, 5 steps"
+        timeout 200 "$ncu" --metrics gpu__time_duration.sum --print-summary per-kernel \
+          -k 'regex:Score|Select|Direct|Mark|Merge|FillPages|Commit|Convert|RingAppend|GroupKey|Hist|Cand|MissPenalty|Tier|Attn|Attend|Pending' \
+          $b/kvrt bench decode --steps 5 --warmup 1 --max-seconds 2 --accuracy-steps 0 \
+          --trace $trace --index cluster --cold 131072 --batch $batch $attend --layers 1 \
+          > "$out/ncu-b$batch.log" 2>&1 || rc=1
+        python3 tools/gpu_bench/ncu_summary.py "$out/ncu-b$batch.log" --steps 6 || rc=1
+      done
       rm -f $trace
     elif [[ "$bench" == keys ]]; then
       # config.cluster_keys per KEYS (default "16 8"), this build: the 128K trace B=1 (8 layers
