@@ -30,8 +30,8 @@
  *   head_dim 1..512, sink_tokens 0..2^20, window_tokens 1..2^24, top_k 1..2^20 (for every index
  *   kind, EXACT included, which ignores it), search_effort 0..2^24, worker_threads >= 0 (above the
  *   hardware thread count: clamped to it), worker_cpu_first and worker_cpu_count >= 0 (the range
- *   online), host/gpu_memory_limit >= 0, tokens per (sequence, layer) up to 2^34 (a prefill or
- *   append past it is refused).
+ *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, tokens per (sequence, layer)
+ *   up to 2^34 (a prefill or append past it is refused).
  *
  * Thread safety
  *   - kvrt_runtime_create/destroy: not concurrent with any other call on the same runtime.
