@@ -414,11 +414,11 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     if (kvrt_index_describe_search(opt.index, opt.top_k, efforts[e], search, sizeof search) ==
         KVRT_OK)
       r.search = search;
-    // kvrt_index_describe_search knows the kind's default cluster size only.
+    // kvrt_index_describe_search describes the kind's default cluster size (it takes no config).
     if (opt.index == KVRT_INDEX_CLUSTER && opt.cluster_keys > 0)
       r.search = absl::StrReplaceAll(
-          r.search,
-          {{"clusters of ~16 keys", absl::StrCat("clusters of ~", opt.cluster_keys, " keys")}});
+          r.search, {{absl::StrCat("clusters of ~", kvrt_config_default().cluster_keys, " keys"),
+                      absl::StrCat("clusters of ~", opt.cluster_keys, " keys")}});
     r.steps = steps;
     r.prompt_tokens = m.prompt_tokens;
     r.recall_at_k = Mean(a.recalls);

@@ -20,6 +20,19 @@ constexpr std::size_t ConfigSizeEndingAt(std::size_t offset) {
          alignof(kvrt_config);
 }
 
+// A runtime made from c, the config it reports in effect in *eff, and the runtime gone again.
+::testing::AssertionResult EffectiveConfig(const kvrt_config& c, kvrt_config* eff) {
+  kvrt_runtime* rt = nullptr;
+  if (kvrt_runtime_create(&c, &rt) != KVRT_OK)
+    return ::testing::AssertionFailure() << "kvrt_runtime_create: " << kvrt_last_error();
+  *eff = kvrt_config_default();
+  const kvrt_status st = kvrt_runtime_config(rt, eff);
+  kvrt_runtime_destroy(rt);
+  if (st != KVRT_OK)
+    return ::testing::AssertionFailure() << "kvrt_runtime_config: " << kvrt_last_error();
+  return ::testing::AssertionSuccess();
+}
+
 bool Mentions(const char* what) {
   return std::string(kvrt_last_error()).find(what) != std::string::npos;
 }
@@ -230,12 +243,9 @@ TEST(ContractConfig, WorkerThreadsAboveTheHardwareAreClamped) {
   for (int32_t asked : {hw + 1, 4097, 100000, INT32_MAX}) {
     kvrt_config c = TinyConfig();
     c.worker_threads = asked;
-    kvrt_runtime* rt = nullptr;
-    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << asked << ": " << kvrt_last_error();
-    kvrt_config eff = kvrt_config_default();
-    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    kvrt_config eff;
+    ASSERT_TRUE(EffectiveConfig(c, &eff)) << asked;
     EXPECT_EQ(eff.worker_threads, hw);
-    kvrt_runtime_destroy(rt);
   }
   kvrt_config c = TinyConfig();
   c.worker_threads = -1;
@@ -461,12 +471,9 @@ TEST(ContractConfig, ClusterKeysZeroMeansSixteenAndTheRangeIsChecked) {
     kvrt_config c = TinyConfig();
     c.index_kind = KVRT_INDEX_CLUSTER;
     c.cluster_keys = keys;
-    kvrt_runtime* rt = nullptr;
-    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
-    kvrt_config eff = kvrt_config_default();
-    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    kvrt_config eff;
+    ASSERT_TRUE(EffectiveConfig(c, &eff));
     EXPECT_EQ(eff.cluster_keys, keys == 0 ? 16 : keys);
-    kvrt_runtime_destroy(rt);
   }
   for (int32_t keys : {1, -1, 257}) {
     SCOPED_TRACE(::testing::Message() << "cluster_keys " << keys);
@@ -500,12 +507,9 @@ TEST(ContractConfig, ClusterMissPenaltyOutsideZeroTo64IsRefused) {
     kvrt_config c = TinyConfig();
     c.index_kind = KVRT_INDEX_CLUSTER;
     c.cluster_miss_penalty = good;
-    kvrt_runtime* rt = nullptr;
-    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
-    kvrt_config eff = kvrt_config_default();
-    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    kvrt_config eff;
+    ASSERT_TRUE(EffectiveConfig(c, &eff));
     EXPECT_EQ(eff.cluster_miss_penalty, good);
-    kvrt_runtime_destroy(rt);
   }
 }
 
