@@ -12,11 +12,17 @@
 //     per thread issued before any is used; the next tile's loads are issued before the current
 //     tile is scored (register double buffering), so a tile's latency (1-2 us over PCIe) overlaps
 //     the previous tile's math and the other CTA of the SM (two fit: <= 128 registers);
-//   - warps score the staged rows: a warp owns up to 4 q heads of the group (2 at d = 256; q in
-//     registers, pre-scaled to base 2) and a share of the tile's rows, two rows per pass; a row
-//     is read from shared memory by the warp's 32 lanes (head_dim / 32 dims each), dots reduced
-//     by xor shuffles, and each q head whose bit the row has folds it into its online softmax
-//     (m, l, acc), rescaling only when its max grows.
+//   - warps score the staged rows. Tensor-core path (bf16/f16, head_dim <= 128, groups of <= 8
+//     q heads: the 8B shapes): the tile's rows in sets of 16, each set taken by 8 / sets warps;
+//     such a warp computes S = Q K^T for the set's rows with mma.sync (q heads as the A rows, q as
+//     bf16 hi + lo so that it keeps ~16 bits; K rows through ldmatrix from a swizzled tile), the
+//     online softmax of each head over the rows whose bit it has, and O += P V for 32 of the
+//     dims (P as hi + lo, V through ldmatrix.trans). Scalar path (f32, d = 256, larger groups):
+//     a warp owns up to 4 q heads (2 at d = 256; q in registers, pre-scaled to base 2) and a
+//     share of the tile's rows, two rows per pass; a row is read from shared memory by the
+//     warp's 32 lanes (head_dim / 32 dims each), dots reduced by xor shuffles, and each q head
+//     whose bit the row has folds it into its online softmax (m, l, acc), rescaling only when
+//     its max grows.
 // Every row's K and V cross the bus once per kv head, whatever the group size. At the end the
 // warps' states are merged through shared memory into the split's partial state, and MergeStatesN
 // (merge.cu) merges the splits.
@@ -25,10 +31,12 @@
 // FillPagesKernel: one warp per update, the block's K and V rows copied with 16-byte loads (with
 // staged_pages only the page is assigned). CommitStagedKernel: one warp per staged row.
 #include <cub/block/block_scan.cuh>
+#include <type_traits>
 
 #include "common.cuh"
 #include "direct_launch.h"
 #include "kvrt_common/nan_max.h"
+#include "mma.cuh"
 
 // Only tools/gpu_bench/direct_attend_parts.cu sets it: 1 leaves the arithmetic out, 2 the K/V
 // loads, so that the kernel's time can be taken apart.
@@ -90,6 +98,45 @@ __device__ __forceinline__ void SmemRead(const T* p, float* out) {
   }
 }
 
+// The tensor-core path's operations for a 16-bit T (mma.cuh): A's rows 8..15 are zero (at most
+// 8 q heads), so only the top rows' accumulators are kept.
+template <typename T>
+struct TensorOps {
+  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  static __device__ __forceinline__ void Mma(float (&d)[2], uint32_t a0, uint32_t a2, uint32_t b0,
+                                             uint32_t b1) {
+    MmaTopRows<kBf16>(d[0], d[1], a0, a2, b0, b1);
+  }
+  static __device__ __forceinline__ void Split(float2 v, uint32_t& hi, uint32_t& lo) {
+    if constexpr (kBf16) {
+      SplitBf16(v, hi, lo);
+    } else {
+      SplitF16(v, hi, lo);
+    }
+  }
+};
+
+// The tensor-core path (kMma; 16-bit T, D <= 128, a group of at most 8 q heads): a tile's rows in
+// sets of 16 (kRowSets), each taken by kWarps / kRowSets warps that score all of the set's rows
+// (the scores are cheap on tensor cores, so they are computed by each warp rather than shared)
+// and accumulate 32 of the D output dims each.
+template <typename T, int D>
+struct DirectMmaLayout {
+  static constexpr int kTile = kTileBytes / (D * static_cast<int>(sizeof(T)));
+  static constexpr int kRowSets = kTile / 16;
+  static constexpr int kDimWarps = kWarps / kRowSets;
+  static constexpr int kDims = D / kDimWarps;  // output dims per warp: 4 n-tiles of 8
+  static constexpr int kSteps = D / 16;        // k-steps of the scores
+  static_assert(kRowSets >= 1 && kWarps % kRowSets == 0 && kDims == 32, "32 dims a warp");
+};
+
+// Shared-memory tiles of the tensor-core path: row r's 16-byte chunk c sits at chunk c ^ (r & 7),
+// so that ldmatrix's 8 rows of one chunk fall in 8 different bank groups.
+template <int kChunks>
+__device__ __forceinline__ int SwizzledChunk(int r, int c) {
+  return r * kChunks + (c ^ (r & 7));
+}
+
 struct DirectArgs {
   DirectRowsView v;
   const uint32_t* mask;
@@ -100,7 +147,7 @@ struct DirectArgs {
   unsigned long long* read_rows;  // [2] or null
 };
 
-template <typename T, int D, int kWarpHeads>
+template <typename T, int D, int kWarpHeads, bool kMma>
 __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMinBlocks))
     DirectAttendKernel(DirectArgs a) {
   using L = DirectLayout<T, D, kWarpHeads>;
@@ -145,25 +192,54 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
   unsigned char* stage_k = static_cast<unsigned char*>(v.stage_k);
   unsigned char* stage_v = static_cast<unsigned char*>(v.stage_v);
 
+  // Scalar path: each warp's q heads in registers (lane: dims (v * 32 + lane) * kU + u), and
+  // their online softmax states.
   float qv[kWarpHeads][kE];
+  float m[kWarpHeads], l[kWarpHeads], acc[kWarpHeads][kE];
+  // Tensor-core path: lane's q head hq = lane / 4 (rows hq + 8 of the A fragments are zero), its
+  // A fragments per k-step as hi + lo pairs in shared memory (qa_s[step][lane]: a[0], a[2] of hi,
+  // then of lo; the same for every warp), and its state: max, sum, and the accumulators of dims
+  // dq * 32 + nt * 8 + 2 * (lane % 4) + {0, 1}.
+  using ML = DirectMmaLayout<std::conditional_t<kMma, T, __nv_bfloat16>, (kMma ? D : 128)>;
+  const int hq = lane >> 2, tq = lane & 3;
+  __shared__ uint4 qa_s[kMma ? ML::kSteps : 1][32];
+  float o_acc[4][2];
+  float m_q = -INFINITY, l_q = 0.f;
+  if constexpr (kMma) {
+    const float* qh = a.q + static_cast<size_t>(g * group + hq) * D;
+    for (int st = warp; st < ML::kSteps; st += kWarps) {  // ordered before use by the barriers
+      uint32_t hi[2], lo[2];
 #pragma unroll
-  for (int hh = 0; hh < kWarpHeads; ++hh) {
-    const float* qh = a.q + static_cast<size_t>(g * group + h0 + hh) * D;
+      for (int half = 0; half < 2; ++half) {
+        const int dim = st * 16 + half * 8 + 2 * tq;
+        const float2 x = hq < group
+                             ? make_float2(qh[dim] * a.scale_log2, qh[dim + 1] * a.scale_log2)
+                             : make_float2(0.f, 0.f);
+        TensorOps<T>::Split(x, hi[half], lo[half]);
+      }
+      qa_s[st][lane] = make_uint4(hi[0], hi[1], lo[0], lo[1]);
+    }
 #pragma unroll
-    for (int nv = 0; nv < L::kNV; ++nv) {
+    for (int nt = 0; nt < 4; ++nt) o_acc[nt][0] = o_acc[nt][1] = 0.f;
+  } else {
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        qv[hh][nv * kU + u] = hh < hn ? qh[(nv * 32 + lane) * kU + u] * a.scale_log2 : 0.f;
+    for (int hh = 0; hh < kWarpHeads; ++hh) {
+      const float* qh = a.q + static_cast<size_t>(g * group + h0 + hh) * D;
+#pragma unroll
+      for (int nv = 0; nv < L::kNV; ++nv) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          qv[hh][nv * kU + u] = hh < hn ? qh[(nv * 32 + lane) * kU + u] * a.scale_log2 : 0.f;
+        }
       }
     }
-  }
-  float m[kWarpHeads], l[kWarpHeads], acc[kWarpHeads][kE];
 #pragma unroll
-  for (int hh = 0; hh < kWarpHeads; ++hh) {
-    m[hh] = -INFINITY;
-    l[hh] = 0.f;
+    for (int hh = 0; hh < kWarpHeads; ++hh) {
+      m[hh] = -INFINITY;
+      l[hh] = 0.f;
 #pragma unroll
-    for (int i = 0; i < kE; ++i) acc[hh][i] = 0.f;
+      for (int i = 0; i < kE; ++i) acc[hh][i] = 0.f;
+    }
   }
 
   const int n_cl = v.num_clusters, n_ex = v.num_extra;
@@ -321,13 +397,23 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
     };
     // Stores the tile's loads in shared memory and, with staged_pages, the rows read from the
     // host store in their stage slots (CommitStaged moves them into the pool after the step).
+    // The tensor-core path's tiles are swizzled (SwizzledChunk), and rows not loaded are zero: a
+    // zero weight times a stale NaN would reach every q head through the mma.
     auto stage = [&](int buf) {
 #pragma unroll
       for (int i = 0; i < L::kLoads; ++i) {
+        const int ci = tid + i * kThreads;
+        const int at = kMma ? SwizzledChunk<L::kChunks>(ci / L::kChunks, ci % L::kChunks) : ci;
+        if constexpr (kMma) {
+          if (((loaded >> i) & 1u) == 0) {
+            *reinterpret_cast<uint4*>(kv_s + static_cast<size_t>(at) * 16) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(kv_s + kTileBytes + static_cast<size_t>(at) * 16) =
+                make_uint4(0, 0, 0, 0);
+          }
+        }
         if ((loaded >> i) & 1u) {
-          const int ci = tid + i * kThreads;
-          *reinterpret_cast<uint4*>(kv_s + static_cast<size_t>(ci) * 16) = kreg[i];
-          *reinterpret_cast<uint4*>(kv_s + kTileBytes + static_cast<size_t>(ci) * 16) = vreg[i];
+          *reinterpret_cast<uint4*>(kv_s + static_cast<size_t>(at) * 16) = kreg[i];
+          *reinterpret_cast<uint4*>(kv_s + kTileBytes + static_cast<size_t>(at) * 16) = vreg[i];
           if (v.staged_pages) {
             const int r = ci / L::kChunks, ch = ci % L::kChunks;
             const int32_t slot = meta_slot[buf][r];
@@ -337,6 +423,99 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
               *reinterpret_cast<uint4*>(stage_v + off) = vreg[i];
             }
           }
+        }
+      }
+    };
+    // Tensor-core path: this warp's set of 16 rows, S = Q K^T (heads as the A rows; two n-tiles
+    // of 8 rows), the online softmax of head hq over the rows whose bit it has, then
+    // O += P V for the warp's 32 dims (P hi + lo as A, V rows through ldmatrix.trans as B).
+    auto compute_mma = [&](int buf, int n_tile) {
+      if constexpr (kMma) {
+        const int rs = warp % ML::kRowSets, dq = warp / ML::kRowSets;
+        const int r0 = rs * 16;
+        if (r0 >= n_tile) return;  // warp-uniform
+        uint32_t rb[2][2];
+        bool any = false;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            rb[nt][j] = meta_bits[buf][r0 + nt * 8 + 2 * tq + j];
+            any |= rb[nt][j] != 0;
+          }
+        }
+        if (!__any_sync(0xffffffffu, any)) return;  // no head takes these rows
+        const unsigned char* ks = kv_s;
+        const unsigned char* vs = kv_s + kTileBytes;
+        // Scores in two independent chains per n-tile (q hi, q lo), summed after: one chain of
+        // 2 * kSteps dependent mma was the warp's latency.
+        float sc[2][2] = {}, sc_lo[2][2] = {};
+        // ldmatrix: lanes 8j..8j+7 give rows r0 + (j >> 1) * 8 + (lane & 7) of chunk 2st + (j & 1):
+        // r[0], r[1] the B fragment of rows r0..r0+7, r[2], r[3] of rows r0+8..r0+15.
+        const int k_row = r0 + ((lane >> 4) & 1) * 8 + (lane & 7), k_half = (lane >> 3) & 1;
+#pragma unroll
+        for (int st = 0; st < ML::kSteps; ++st) {
+          uint32_t b[4];
+          LdMatrixX4(b, ks + SwizzledChunk<L::kChunks>(k_row, 2 * st + k_half) * 16);
+          const uint4 qa = qa_s[st][lane];  // hi a[0], a[2], lo a[0], a[2]
+          TensorOps<T>::Mma(sc[0], qa.x, qa.y, b[0], b[1]);
+          TensorOps<T>::Mma(sc_lo[0], qa.z, qa.w, b[0], b[1]);
+          TensorOps<T>::Mma(sc[1], qa.x, qa.y, b[2], b[3]);
+          TensorOps<T>::Mma(sc_lo[1], qa.z, qa.w, b[2], b[3]);
+        }
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          sc[nt][0] += sc_lo[nt][0];
+          sc[nt][1] += sc_lo[nt][1];
+        }
+        // sc[nt][j]: head hq, row r0 + nt * 8 + 2 tq + j (j < 2).
+        float x[2][2], mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            x[nt][j] = ((rb[nt][j] >> hq) & 1u) != 0 ? sc[nt][j] : -INFINITY;
+            mx = MaxPropagateNan(mx, x[nt][j]);
+          }
+        }
+        mx = MaxPropagateNan(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = MaxPropagateNan(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float nm = MaxPropagateNan(m_q, mx);  // NaN score: NaN state
+        float p[2][2] = {};
+        if (nm != -INFINITY) {  // else: no row of this head yet, nothing to add
+          if (nm != m_q) {
+            const float corr = exp2f(m_q - nm);  // m = -inf: 0
+            l_q *= corr;
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+              o_acc[nt][0] *= corr;
+              o_acc[nt][1] *= corr;
+            }
+            m_q = nm;
+          }
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              p[nt][j] = exp2f(x[nt][j] - nm);
+              l_q += p[nt][j];
+            }
+          }
+        }
+        uint32_t phi[2], plo[2];  // a[0], a[2]: rows 2tq..+1 and 8 + 2tq..+1
+        TensorOps<T>::Split(make_float2(p[0][0], p[0][1]), phi[0], plo[0]);
+        TensorOps<T>::Split(make_float2(p[1][0], p[1][1]), phi[1], plo[1]);
+        // ldmatrix.trans: lanes 8j..8j+7 give rows r0 + (j & 1) * 8 + (lane & 7) of chunk
+        // dq * 4 + 2x + (j >> 1): r[0], r[1] the B fragment of n-tile 2x, r[2], r[3] of 2x + 1.
+        const int v_row = r0 + ((lane >> 3) & 1) * 8 + (lane & 7), v_half = (lane >> 4) & 1;
+#pragma unroll
+        for (int x2 = 0; x2 < 2; ++x2) {
+          uint32_t b[4];
+          LdMatrixX4Trans(b, vs + SwizzledChunk<L::kChunks>(v_row, dq * 4 + 2 * x2 + v_half) * 16);
+          TensorOps<T>::Mma(o_acc[2 * x2], phi[0], phi[1], b[0], b[1]);
+          TensorOps<T>::Mma(o_acc[2 * x2], plo[0], plo[1], b[0], b[1]);
+          TensorOps<T>::Mma(o_acc[2 * x2 + 1], phi[0], phi[1], b[2], b[3]);
+          TensorOps<T>::Mma(o_acc[2 * x2 + 1], plo[0], plo[1], b[2], b[3]);
         }
       }
     };
@@ -351,60 +530,65 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
       // was 80% of the kernel's time (tools/gpu_bench/direct_attend_parts.cu, docs/benchmarks.md).
       constexpr int kR = 2;
       if constexpr ((KVRT_DIRECT_PARTS & 1) != 0) return;
-      for (int r0 = rset; r0 < n_tile; r0 += kR * rsets) {
-        uint32_t rb[kR], any = 0;
+      if constexpr (kMma) {
+        compute_mma(buf, n_tile);
+      } else {
+        for (int r0 = rset; r0 < n_tile; r0 += kR * rsets) {
+          uint32_t rb[kR], any = 0;
 #pragma unroll
-        for (int j = 0; j < kR; ++j) {
-          const int r = r0 + j * rsets;
-          rb[j] = r < n_tile ? (meta_bits[buf][r] >> h0) & warp_bits : 0u;
-          any |= rb[j];
-        }
-        if (any == 0) continue;  // warp-uniform: no head of this warp takes these rows
-        float kf[kR][kE], vf[kR][kE], dot[kR][kWarpHeads];
+          for (int j = 0; j < kR; ++j) {
+            const int r = r0 + j * rsets;
+            rb[j] = r < n_tile ? (meta_bits[buf][r] >> h0) & warp_bits : 0u;
+            any |= rb[j];
+          }
+          if (any == 0) continue;  // warp-uniform: no head of this warp takes these rows
+          float kf[kR][kE], vf[kR][kE], dot[kR][kWarpHeads];
 #pragma unroll
-        for (int j = 0; j < kR; ++j) {
-          const int r = rb[j] != 0 ? r0 + j * rsets : r0;  // a row not taken: read one in the tile
+          for (int j = 0; j < kR; ++j) {
+            const int r =
+                rb[j] != 0 ? r0 + j * rsets : r0;  // a row not taken: read one in the tile
 #pragma unroll
-          for (int nv = 0; nv < L::kNV; ++nv) {
-            const int at = r * D + (nv * 32 + lane) * kU;
-            SmemRead<T, kU>(ks + at, kf[j] + nv * kU);
-            SmemRead<T, kU>(vs + at, vf[j] + nv * kU);
+            for (int nv = 0; nv < L::kNV; ++nv) {
+              const int at = r * D + (nv * 32 + lane) * kU;
+              SmemRead<T, kU>(ks + at, kf[j] + nv * kU);
+              SmemRead<T, kU>(vs + at, vf[j] + nv * kU);
+            }
+#pragma unroll
+            for (int hh = 0; hh < kWarpHeads; ++hh) {
+              float x = 0.f;
+#pragma unroll
+              for (int i = 0; i < kE; ++i) x = fmaf(qv[hh][i], kf[j][i], x);
+              dot[j][hh] = x;
+            }
           }
 #pragma unroll
-          for (int hh = 0; hh < kWarpHeads; ++hh) {
-            float x = 0.f;
+          for (int off = 16; off > 0; off >>= 1) {
 #pragma unroll
-            for (int i = 0; i < kE; ++i) x = fmaf(qv[hh][i], kf[j][i], x);
-            dot[j][hh] = x;
+            for (int j = 0; j < kR; ++j) {
+#pragma unroll
+              for (int hh = 0; hh < kWarpHeads; ++hh)
+                dot[j][hh] += __shfl_xor_sync(0xffffffffu, dot[j][hh], off);
+            }
           }
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
 #pragma unroll
           for (int j = 0; j < kR; ++j) {
 #pragma unroll
-            for (int hh = 0; hh < kWarpHeads; ++hh)
-              dot[j][hh] += __shfl_xor_sync(0xffffffffu, dot[j][hh], off);
-          }
-        }
+            for (int hh = 0; hh < kWarpHeads; ++hh) {
+              if (hh >= hn || ((rb[j] >> hh) & 1u) == 0) continue;
+              const float nm = MaxPropagateNan(m[hh], dot[j][hh]);  // NaN score: NaN state
+              if (nm == -INFINITY) continue;                        // -inf score, empty state
+              if (nm != m[hh]) {  // rare after the first rows: rescale only when the max grows
+                const float corr = exp2f(m[hh] - nm);  // m = -inf: 0
+                l[hh] *= corr;
 #pragma unroll
-        for (int j = 0; j < kR; ++j) {
+                for (int i = 0; i < kE; ++i) acc[hh][i] *= corr;
+                m[hh] = nm;
+              }
+              const float p = exp2f(dot[j][hh] - nm);
+              l[hh] += p;
 #pragma unroll
-          for (int hh = 0; hh < kWarpHeads; ++hh) {
-            if (hh >= hn || ((rb[j] >> hh) & 1u) == 0) continue;
-            const float nm = MaxPropagateNan(m[hh], dot[j][hh]);  // NaN score: NaN state
-            if (nm == -INFINITY) continue;                        // -inf score, empty state
-            if (nm != m[hh]) {  // rare after the first rows: rescale only when the max grows
-              const float corr = exp2f(m[hh] - nm);  // m = -inf: 0
-              l[hh] *= corr;
-#pragma unroll
-              for (int i = 0; i < kE; ++i) acc[hh][i] *= corr;
-              m[hh] = nm;
+              for (int i = 0; i < kE; ++i) acc[hh][i] = fmaf(p, vf[j][i], acc[hh][i]);
             }
-            const float p = exp2f(dot[j][hh] - nm);
-            l[hh] += p;
-#pragma unroll
-            for (int i = 0; i < kE; ++i) acc[hh][i] = fmaf(p, vf[j][i], acc[hh][i]);
           }
         }
       }
@@ -430,21 +614,47 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
     }
   }
 
-  // Merge the warps' states of each q head (per head set, over its row sets).
+  // Merge the states of each q head through shared memory: state set w, head slot hh at
+  // [w * kSlotHeads + hh] (m, l) and o at mo[(w * kSlotHeads + hh) * D + dim]. Scalar path: a
+  // warp's heads are its slots, and head h's sets are the row sets of its head set. Tensor-core
+  // path: a row set's 8 heads are its slots (its kDimWarps warps hold the same max and sum, each
+  // 32 of the dims; lanes 4hq..4hq+3 share head hq's max, their sums add up).
+  constexpr int kSlotHeads = kMma ? 8 : kWarpHeads;
+  static_assert(!kMma || ML::kRowSets * 8 <= kWarps * kWarpHeads, "merge slots fit");
   __syncthreads();
-  float* mo = reinterpret_cast<float*>(kv_s);  // [kWarps][kWarpHeads][D]
+  float* mo = reinterpret_cast<float*>(kv_s);
+  float* mrg_m_at = &mrg_m[0][0];
+  float* mrg_l_at = &mrg_l[0][0];
+  if constexpr (kMma) {
+    l_q += __shfl_xor_sync(0xffffffffu, l_q, 1);
+    l_q += __shfl_xor_sync(0xffffffffu, l_q, 2);
+    const int rs = warp % ML::kRowSets, dq = warp / ML::kRowSets;
+    if (hq < group) {
 #pragma unroll
-  for (int hh = 0; hh < kWarpHeads; ++hh) {
-#pragma unroll
-    for (int nv = 0; nv < L::kNV; ++nv) {
-#pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        mo[(warp * kWarpHeads + hh) * D + (nv * 32 + lane) * kU + u] = acc[hh][nv * kU + u];
+      for (int nt = 0; nt < 4; ++nt) {
+        const int dim = dq * 32 + nt * 8 + 2 * tq;
+        mo[(rs * kSlotHeads + hq) * D + dim] = o_acc[nt][0];
+        mo[(rs * kSlotHeads + hq) * D + dim + 1] = o_acc[nt][1];
+      }
+      if (dq == 0 && tq == 0) {
+        mrg_m_at[rs * kSlotHeads + hq] = m_q;
+        mrg_l_at[rs * kSlotHeads + hq] = l_q;
       }
     }
-    if (lane == 0) {
-      mrg_m[warp][hh] = m[hh];
-      mrg_l[warp][hh] = l[hh];
+  } else {
+#pragma unroll
+    for (int hh = 0; hh < kWarpHeads; ++hh) {
+#pragma unroll
+      for (int nv = 0; nv < L::kNV; ++nv) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          mo[(warp * kSlotHeads + hh) * D + (nv * 32 + lane) * kU + u] = acc[hh][nv * kU + u];
+        }
+      }
+      if (lane == 0) {
+        mrg_m_at[warp * kSlotHeads + hh] = m[hh];
+        mrg_l_at[warp * kSlotHeads + hh] = l[hh];
+      }
     }
   }
   if (a.read_rows != nullptr) {
@@ -459,18 +669,20 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
     }
   }
   __syncthreads();
+  const int n_sets = kMma ? ML::kRowSets : rsets;
   for (int idx = tid; idx < group * D; idx += kThreads) {
     const int h = idx / D, dim = idx % D;
-    const int hs = h / hpw, hh = h % hpw;
+    const int w0 = kMma ? 0 : (h / hpw) * rsets, hh = kMma ? h : h % hpw;
     float mm = -INFINITY;
-    for (int rs = 0; rs < rsets; ++rs) mm = MaxPropagateNan(mm, mrg_m[hs * rsets + rs][hh]);
+    for (int rs = 0; rs < n_sets; ++rs)
+      mm = MaxPropagateNan(mm, mrg_m_at[(w0 + rs) * kSlotHeads + hh]);
     float ll = 0.f, oo = 0.f;
     if (mm != -INFINITY) {
-      for (int rs = 0; rs < rsets; ++rs) {
-        const int w = hs * rsets + rs;
-        const float cw = exp2f(mrg_m[w][hh] - mm);  // an empty warp (m = -inf): 0
-        ll += mrg_l[w][hh] * cw;
-        oo += mo[(w * kWarpHeads + hh) * D + dim] * cw;
+      for (int rs = 0; rs < n_sets; ++rs) {
+        const int at = (w0 + rs) * kSlotHeads + hh;
+        const float cw = exp2f(mrg_m_at[at] - mm);  // an empty set (m = -inf): 0
+        ll += mrg_l_at[at] * cw;
+        oo += mo[at * D + dim] * cw;
       }
       oo /= ll;
     }
@@ -595,11 +807,13 @@ using DirectKernel = void (*)(DirectArgs);
 
 template <typename T, int D>
 DirectKernel DirectAttendKernelFor(int group) {
-  if constexpr (D == 256) {
-    if (group <= kWarps * 2) return DirectAttendKernel<T, D, 2>;
+  if constexpr (!std::is_same_v<T, float> && D <= 128) {
+    if (group <= 8) return DirectAttendKernel<T, D, 4, true>;
   }
-  (void)group;
-  return DirectAttendKernel<T, D, 4>;
+  if constexpr (D == 256) {
+    if (group <= kWarps * 2) return DirectAttendKernel<T, D, 2, false>;
+  }
+  return DirectAttendKernel<T, D, 4, false>;
 }
 
 template <typename T, int D>

@@ -6,6 +6,7 @@
 //   d[0], d[1]: D[grp][2tig], D[grp][2tig+1];  d[2], d[3]: D[grp+8][2tig], D[grp+8][2tig+1].
 // A word holds two 16-bit elements, the lower column (or k) in the low half.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cstdint>
 
@@ -21,6 +22,55 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// d0, d1 += (a b)[grp][2tig..+1] where A's rows grp + 8 are zero (a[1] = a[3] = 0): the
+// accumulators of the zero rows are not kept. Bf16 when kBf16, else f16 inputs; f32 sums.
+template <bool kBf16>
+__device__ __forceinline__ void MmaTopRows(float& d0, float& d1, uint32_t a0, uint32_t a2,
+                                           uint32_t b0, uint32_t b1) {
+  float z0 = 0.f, z1 = 0.f;
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
+        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+  }
+}
+
+// d += a b, m16n8k16, f16 inputs, f32 accumulators.
+__device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory: lanes 8j..8j+7 give the 16-byte
+// rows of matrix j, which lands in r[j] in fragment layout (lane: row grp, columns 2tig..+1).
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(at));
+}
+
+// The same, each matrix transposed (lane: column grp, rows 2tig..+1): rows of a row-major
+// [k][n] matrix become a B fragment.
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(at));
+}
+
 __device__ __forceinline__ uint32_t PackBf16(float2 v) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);  // .x (lower k) in the low half
   return static_cast<uint32_t>(__bfloat16_as_ushort(h.x)) |
@@ -33,6 +83,20 @@ __device__ __forceinline__ void SplitBf16(float2 v, uint32_t& hi, uint32_t& lo) 
   hi = PackBf16(v);
   const float hx = __uint_as_float(hi << 16), hy = __uint_as_float(hi & 0xffff0000u);
   lo = PackBf16(make_float2(v.x - hx, v.y - hy));
+}
+
+__device__ __forceinline__ uint32_t PackF16(float2 v) {
+  const __half2 h = __floats2half2_rn(v.x, v.y);  // .x (lower k) in the low half
+  return static_cast<uint32_t>(__half_as_ushort(h.x)) |
+         (static_cast<uint32_t>(__half_as_ushort(h.y)) << 16);
+}
+
+// SplitBf16 for f16 operands (lo may lose bits to f16's subnormals: still far below hi's error).
+__device__ __forceinline__ void SplitF16(float2 v, uint32_t& hi, uint32_t& lo) {
+  hi = PackF16(v);
+  const float hx = __half2float(__ushort_as_half(static_cast<unsigned short>(hi & 0xffffu)));
+  const float hy = __half2float(__ushort_as_half(static_cast<unsigned short>(hi >> 16)));
+  lo = PackF16(make_float2(v.x - hx, v.y - hy));
 }
 
 // The 8 x 8 matrix of 16-bit elements the warp holds in fragment layout (lane: row grp, columns

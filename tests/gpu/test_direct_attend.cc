@@ -1068,18 +1068,31 @@ TEST(DirectAttendKernel, RegisteredHostStore) {
   }
 }
 
+// A NaN key, then a NaN value, in an extra row of kv head 0: its group's heads NaN, the other kv
+// head's not; on the scalar kernel (f32) and the tensor-core one (f16, bf16).
 TEST(DirectAttendKernel, NanRowPropagates) {
   if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
-  Problem p = MakeProblem(KernelShapes()[1], 8);
-  const int32_t r = p.extra[0];
-  ASSERT_GE(r, 0);
-  std::vector<float> k(p.sh.d, 0.f);
-  k[3] = std::numeric_limits<float>::quiet_NaN();
-  ConvertFromF32(k.data(), k.size(), p.sh.t, p.sk[0].data() + r * p.row_bytes);
-  DevProblem dp(p, StoreMem::kHostAllocMapped);
-  const Result dev = RunDevice(dp, p, true);
-  for (int j = 0; j < p.sh.group; ++j) EXPECT_TRUE(std::isnan(dev.lse[j])) << j;
-  ExpectKernelMatches(dev, RunHost(p));
+  for (const int shape : {1, 5, 0}) {
+    for (const bool in_value : {false, true}) {
+      SCOPED_TRACE(Describe(KernelShapes()[shape]) + (in_value ? " NaN value" : " NaN key"));
+      Problem p = MakeProblem(KernelShapes()[shape], 8);
+      const int32_t r = p.extra[0];
+      ASSERT_GE(r, 0);
+      std::vector<float> x(p.sh.d, 0.f);
+      x[3] = std::numeric_limits<float>::quiet_NaN();
+      ConvertFromF32(x.data(), x.size(), p.sh.t,
+                     (in_value ? p.sv[0] : p.sk[0]).data() + r * p.row_bytes);
+      DevProblem dp(p, StoreMem::kHostAllocMapped);
+      const Result dev = RunDevice(dp, p, true);
+      for (int j = 0; j < p.sh.group; ++j) {
+        const float o3 = dev.o[static_cast<std::size_t>(j) * p.sh.d + 3];
+        EXPECT_TRUE(in_value ? std::isnan(o3) : std::isnan(dev.lse[j])) << j;
+      }
+      EXPECT_FALSE(std::isnan(dev.lse[p.sh.group]));
+      EXPECT_FALSE(std::isnan(dev.o[static_cast<std::size_t>(p.sh.group) * p.sh.d + 3]));
+      ExpectKernelMatches(dev, RunHost(p));
+    }
+  }
 }
 
 // Updates the host reference refuses are skipped by the kernel; -1 clears.

@@ -11,7 +11,11 @@
 // Per q head h of kv head g = h / group, the rows attended are: the rows of every cluster c with
 // bit (h % group) set in mask[g, c], every row of extra[g] (outliers, NaN/Inf rows: -1 pads), and
 // rows [tail_begin[g], rows) (not clustered yet). These sets are disjoint by construction (the
-// caller's duty). An empty set gives (o = 0, lse = -inf).
+// caller's duty). An empty set gives (o = 0, lse = -inf). A row holding NaN/Inf belongs in extra
+// (every head of its group attends it, so its NaN reaches all of them): the tensor-core kernel
+// (16-bit dtypes, head_dim <= 128, groups of <= 8) multiplies each value row by every head's
+// weight, zero included, so such a row in a cluster that only some heads chose would reach the
+// others too.
 //
 // Compiles without CUDA (streams are void*); each launcher has a host reference (...Host, the
 // same arguments in host memory); conventions as kernels.h: InvalidArgument for bad shapes,
