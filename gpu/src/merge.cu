@@ -51,30 +51,29 @@ __global__ void __launch_bounds__(128)
   if (lse_out != nullptr && lane == 0) lse_out[row] = l;
 }
 
-// grid ceil(rows / 4), block 128: one warp per row, the n states of the row read once each.
-// o: f32 [n, rows, D]; lse: f32 [n, rows]; out: OutT [rows, D]; lse_out: f32 [rows] or null.
-// Same weights as cpu_index::MergeStates (the host reference): w_i = exp(lse_i - m) / sum.
+// grid ceil(rows * D / 32 / 4), block 128: one warp per (row, 32 dims of it), lane l taking dim
+// chunk * 32 + l of the n states. o: f32 [n, rows, D]; lse: f32 [n, rows]; out: OutT [rows, D];
+// lse_out: f32 [rows] or null. Same weights as cpu_index::MergeStates (the host reference):
+// w_i = exp(lse_i - m) / sum.
+// NOTE: a warp per (row, dim chunk) and a round's 32 states' values loaded before any is used:
+// with a warp per row, each lane walking the states in a chain of dependent rounds, the direct
+// step's merge of its 32 split states took ~10 us for 32 rows (ncu, two merges per layer-step).
 template <typename OutT, int D>
 __global__ void __launch_bounds__(128)
     MergeStatesNKernel(const float* __restrict__ o, const float* __restrict__ lse, int n, int rows,
                        OutT* __restrict__ out, float* __restrict__ lse_out) {
-  constexpr int kPer = D / 32;
-  const int row = blockIdx.x * 4 + (threadIdx.x >> 5);
+  constexpr int kChunks = D / 32;
+  const int w = blockIdx.x * 4 + (threadIdx.x >> 5);
+  const int row = w / kChunks, dim = (w % kChunks) * 32 + (threadIdx.x & 31);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
-  // NOTE: the lanes read the states' lse in parallel and pass each weight round by a shuffle, so
-  // that a merge of many states (the direct step's split-K partials: 32 and more) is not a chain
-  // of dependent loads per state.
   float m = -INFINITY;
   for (int i = lane; i < n; i += 32)
     m = MaxPropagateNan(m, lse[static_cast<size_t>(i) * rows + row]);  // NaN: NaN out
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1)
     m = MaxPropagateNan(m, __shfl_xor_sync(0xffffffffu, m, off));
-  float acc[kPer];
-#pragma unroll
-  for (int j = 0; j < kPer; ++j) acc[j] = 0.f;
-  float sum = 0.f;
+  float acc = 0.f, sum = 0.f;
   if (m != -INFINITY) {
     float part = 0.f;
     for (int i0 = 0; i0 < n; i0 += 32) {
@@ -84,14 +83,15 @@ __global__ void __launch_bounds__(128)
       part += e;
       // An empty state's o is not read (it may be unwritten).
       const unsigned live = __ballot_sync(0xffffffffu, l != -INFINITY);
-      const int cnt = min(32, n - i0);
-#pragma unroll 4
-      for (int k = 0; k < cnt; ++k) {
-        const float w = __shfl_sync(0xffffffffu, e, k);
-        if (((live >> k) & 1u) == 0) continue;
-        const float* oi = o + (static_cast<size_t>(i0 + k) * rows + row) * D;
+      float v[32];
 #pragma unroll
-        for (int j = 0; j < kPer; ++j) acc[j] += w * oi[lane + 32 * j];
+      for (int k = 0; k < 32; ++k)
+        v[k] =
+            ((live >> k) & 1u) != 0 ? o[(static_cast<size_t>(i0 + k) * rows + row) * D + dim] : 0.f;
+#pragma unroll
+      for (int k = 0; k < 32; ++k) {
+        const float wk = __shfl_sync(0xffffffffu, e, k);
+        if (((live >> k) & 1u) != 0) acc += wk * v[k];
       }
     }
 #pragma unroll
@@ -99,10 +99,8 @@ __global__ void __launch_bounds__(128)
     sum = part;
   }
   const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  const size_t base = static_cast<size_t>(row) * D;
-#pragma unroll
-  for (int j = 0; j < kPer; ++j) out[base + lane + 32 * j] = FromF32<OutT>(acc[j] * inv);
-  if (lse_out != nullptr && lane == 0) lse_out[row] = m == -INFINITY ? -INFINITY : m + __logf(sum);
+  out[static_cast<size_t>(row) * D + dim] = FromF32<OutT>(acc * inv);
+  if (lse_out != nullptr && dim == 0) lse_out[row] = m == -INFINITY ? -INFINITY : m + __logf(sum);
 }
 
 }  // namespace
@@ -111,7 +109,7 @@ Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int he
                        DType out_dtype, float* lse_out, void* stream) {
   if (rows == 0) return {};
   const cudaStream_t st = AsStream(stream);
-  const int blocks = (rows + 3) / 4;
+  const int blocks = (rows * (head_dim / 32) + 3) / 4;
   KVRT_DISPATCH_DTYPE(out_dtype, T, {KVRT_DISPATCH_HEAD_DIM(head_dim, D, {
                         MergeStatesNKernel<T, D><<<blocks, 128, 0, st>>>(
                             o, lse, n, rows, static_cast<T*>(out), lse_out);

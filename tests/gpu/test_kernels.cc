@@ -639,7 +639,7 @@ TEST_F(GpuKernels, MergeStates_MatchesReferenceAndHandlesEmpty) {
 TEST_F(GpuKernels, MergeStatesN_MatchesReference) {
   std::mt19937 rng(12);
   std::normal_distribution<float> nd(0.f, 1.f);
-  for (int n : {1, 2, 3, 4}) {
+  for (int n : {1, 2, 3, 4, 33, 70}) {  // past a round of 32 states, a partial round
     for (int d : {64, 128, 256}) {
       const int rows = 45;
       std::vector<float> o(static_cast<std::size_t>(n) * rows * d),
