@@ -456,7 +456,7 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
 #pragma unroll
         for (int st = 0; st < ML::kSteps; ++st) {
           uint32_t b[4];
-          LdMatrixX4(b, ks + SwizzledChunk<L::kChunks>(k_row, 2 * st + k_half) * 16);
+          LdMatrixX4<false>(b, ks + SwizzledChunk<L::kChunks>(k_row, 2 * st + k_half) * 16);
           const uint4 qa = qa_s[st][lane];  // hi a[0], a[2], lo a[0], a[2]
           TensorOps<T>::Mma(sc[0], qa.x, qa.y, b[0], b[1]);
           TensorOps<T>::Mma(sc_lo[0], qa.z, qa.w, b[0], b[1]);
@@ -511,7 +511,7 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
 #pragma unroll
         for (int x2 = 0; x2 < 2; ++x2) {
           uint32_t b[4];
-          LdMatrixX4Trans(b, vs + SwizzledChunk<L::kChunks>(v_row, dq * 4 + 2 * x2 + v_half) * 16);
+          LdMatrixX4<true>(b, vs + SwizzledChunk<L::kChunks>(v_row, dq * 4 + 2 * x2 + v_half) * 16);
           TensorOps<T>::Mma(o_acc[2 * x2], phi[0], phi[1], b[0], b[1]);
           TensorOps<T>::Mma(o_acc[2 * x2], plo[0], plo[1], b[0], b[1]);
           TensorOps<T>::Mma(o_acc[2 * x2 + 1], phi[0], phi[1], b[2], b[3]);

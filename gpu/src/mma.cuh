@@ -22,27 +22,6 @@ __device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], u
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// d0, d1 += (a b)[grp][2tig..+1] where A's rows grp + 8 are zero (a[1] = a[3] = 0): the
-// accumulators of the zero rows are not kept. Bf16 when kBf16, else f16 inputs; f32 sums.
-template <bool kBf16>
-__device__ __forceinline__ void MmaTopRows(float& d0, float& d1, uint32_t a0, uint32_t a2,
-                                           uint32_t b0, uint32_t b1) {
-  float z0 = 0.f, z1 = 0.f;
-  if constexpr (kBf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d0), "+f"(d1), "+f"(z0), "+f"(z1)
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
-  }
-}
-
 // d += a b, m16n8k16, f16 inputs, f32 accumulators.
 __device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                        uint32_t b1) {
@@ -53,22 +32,38 @@ __device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Four 8 x 8 matrices of 16-bit elements from shared memory: lanes 8j..8j+7 give the 16-byte
-// rows of matrix j, which lands in r[j] in fragment layout (lane: row grp, columns 2tig..+1).
-__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
-  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(at));
+// d0, d1 += (a b)[grp][2tig..+1] where A's rows grp + 8 are zero (a[1] = a[3] = 0): the
+// accumulators of the zero rows are not kept. Bf16 inputs when kBf16, else f16; f32 sums.
+template <bool kBf16>
+__device__ __forceinline__ void MmaTopRows(float& d0, float& d1, uint32_t a0, uint32_t a2,
+                                           uint32_t b0, uint32_t b1) {
+  float d[4] = {d0, d1, 0.f, 0.f};
+  const uint32_t a[4] = {a0, 0u, a2, 0u};
+  if constexpr (kBf16) {
+    MmaBf16(d, a, b0, b1);
+  } else {
+    MmaF16(d, a, b0, b1);
+  }
+  d0 = d[0];
+  d1 = d[1];
 }
 
-// The same, each matrix transposed (lane: column grp, rows 2tig..+1): rows of a row-major
-// [k][n] matrix become a B fragment.
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* smem_row) {
+// Four 8 x 8 matrices of 16-bit elements from shared memory: lanes 8j..8j+7 give the 16-byte
+// rows of matrix j, which lands in r[j] in fragment layout (lane: row grp, columns 2tig..+1);
+// kTrans: each matrix transposed (lane: column grp, rows 2tig..+1), so that the rows of a
+// row-major [k][n] matrix become a B fragment.
+template <bool kTrans>
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_row) {
   const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(at));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  }
 }
 
 __device__ __forceinline__ uint32_t PackBf16(float2 v) {
