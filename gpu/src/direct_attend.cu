@@ -30,6 +30,7 @@
 // MarkSelectedKernel: one thread per (q head, selected entry), atomicOr into the cleared mask.
 // FillPagesKernel: one warp per update, the block's K and V rows copied with 16-byte loads (with
 // staged_pages only the page is assigned). CommitStagedKernel: one warp per staged row.
+#include <cstdlib>
 #include <cub/block/block_scan.cuh>
 #include <type_traits>
 
@@ -805,10 +806,20 @@ __global__ void __launch_bounds__(256)
 // Kernel for (T, D) by group size (if constexpr: no d = 256-only variant for other dims).
 using DirectKernel = void (*)(DirectArgs);
 
+// KVRT_DIRECT_SCALAR=1 keeps every shape on the scalar path: a measurement knob (the tensor-core
+// path against the scalar one in one build, in one run), read once.
+bool ScalarOnly() {
+  static const bool scalar = [] {
+    const char* env = std::getenv("KVRT_DIRECT_SCALAR");
+    return env != nullptr && env[0] == '1';
+  }();
+  return scalar;
+}
+
 template <typename T, int D>
 DirectKernel DirectAttendKernelFor(int group) {
   if constexpr (!std::is_same_v<T, float> && D <= 128) {
-    if (group <= 8) return DirectAttendKernel<T, D, 4, true>;
+    if (group <= 8 && !ScalarOnly()) return DirectAttendKernel<T, D, 4, true>;
   }
   if constexpr (D == 256) {
     if (group <= kWarps * 2) return DirectAttendKernel<T, D, 2, false>;
