@@ -21,7 +21,9 @@
 # (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=ab-batch the build before against this one at
 # 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=keys
 # config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=ncu-step each decode-step
-# kernel's device time (ncu) at 128K B=1 and B=16, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
+# kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
+# kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
+# KVRT_TIMELINE) and B=1, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -370,6 +372,30 @@ if [[ "${1:-}" == "--device" ]]; then
             timeout 300 $b/$prog $args --trace $trace --index cluster --cold 131072 \
               --batch ${bl%%:*} --attend batch --layers ${bl##*:} --pipeline --accuracy-steps 0 || rc=1
           done
+        done
+      done
+      rm -f $trace
+    elif [[ "$bench" == ab-scalar ]]; then
+      # The direct step's tensor-core kernel against the scalar one in this build
+      # (KVRT_DIRECT_SCALAR=1), alternating, AB_ROUNDS rounds (default 3) on the 128K trace: B=16
+      # (kvrt_attend_batch, 4 layers) with KVRT_TIMELINE, each run summed per span (a slow round's
+      # host time shows where it went), then B=1 (8 layers); pipelined, defaults.
+      trace=/tmp/kvrt-ab-scalar.safetensors
+      trace_128k $trace || rc=1
+      for round in $(seq ${AB_ROUNDS:-3}); do
+        for scalar in 1 0; do
+          tl="$out/timeline-scalar$scalar-r$round.json"
+          echo "=== kvrt KVRT_DIRECT_SCALAR=$scalar, round $round: cluster 128K --trace B=16" \
+            "(kvrt_attend_batch), 4 layers --pipeline, KVRT_TIMELINE"
+          KVRT_DIRECT_SCALAR=$scalar KVRT_TIMELINE=$tl timeout 300 $b/kvrt $args --trace $trace \
+            --index cluster --cold 131072 --batch 16 --attend batch --layers 4 --pipeline \
+            --accuracy-steps 0 || rc=1
+          python3 tools/gpu_bench/timeline_summary.py "$tl" || rc=1
+          gzip -f "$tl"
+          echo "=== kvrt KVRT_DIRECT_SCALAR=$scalar, round $round: cluster 128K --trace B=1," \
+            "8 layers --pipeline"
+          KVRT_DIRECT_SCALAR=$scalar timeout 150 $b/kvrt $args --trace $trace --index cluster \
+            --cold 131072 --batch 1 --layers 8 --pipeline --accuracy-steps 0 || rc=1
         done
       done
       rm -f $trace
