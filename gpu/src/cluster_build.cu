@@ -408,10 +408,10 @@ __global__ void __launch_bounds__(kAsgThreads, 3)
       if (active) {
         const float* p0 = x + static_cast<size_t>(row0 + mi * 16 + grp) * D + ks * 16 + 2 * tig;
         const float* p1 = p0 + 8 * D;
-        a[mi][ks][0] = PackBf16(__ldg(reinterpret_cast<const float2*>(p0)));
-        a[mi][ks][1] = PackBf16(__ldg(reinterpret_cast<const float2*>(p1)));
-        a[mi][ks][2] = PackBf16(__ldg(reinterpret_cast<const float2*>(p0 + 8)));
-        a[mi][ks][3] = PackBf16(__ldg(reinterpret_cast<const float2*>(p1 + 8)));
+        a[mi][ks][0] = Pack16<__nv_bfloat16>(__ldg(reinterpret_cast<const float2*>(p0)));
+        a[mi][ks][1] = Pack16<__nv_bfloat16>(__ldg(reinterpret_cast<const float2*>(p1)));
+        a[mi][ks][2] = Pack16<__nv_bfloat16>(__ldg(reinterpret_cast<const float2*>(p0 + 8)));
+        a[mi][ks][3] = Pack16<__nv_bfloat16>(__ldg(reinterpret_cast<const float2*>(p1 + 8)));
       } else {
         a[mi][ks][0] = a[mi][ks][1] = a[mi][ks][2] = a[mi][ks][3] = 0u;
       }

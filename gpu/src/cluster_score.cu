@@ -417,8 +417,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     const float* qr = qs[ln >> 2];
     const int d0 = BlockDim(2 * j, 2 * (ln & 3)), d1 = BlockDim(2 * j + 1, 2 * (ln & 3));
     uint4 f;
-    SplitBf16(make_float2(qr[d0], qr[d0 + 1]), f.x, f.z);
-    SplitBf16(make_float2(qr[d1], qr[d1 + 1]), f.y, f.w);
+    Split16<__nv_bfloat16>(make_float2(qr[d0], qr[d0 + 1]), f.x, f.z);
+    Split16<__nv_bfloat16>(make_float2(qr[d1], qr[d1 + 1]), f.y, f.w);
     qf[j][ln] = f;
   }
   __syncthreads();
@@ -521,8 +521,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     // Weights [cluster][query] (a lane: its clusters' row, queries 2 tig..+1), transposed into
     // the B fragments [k = cluster][n = query].
     uint32_t h0, o0, h1, o1;
-    SplitBf16(make_float2(p0a, p0b), h0, o0);
-    SplitBf16(make_float2(p1a, p1b), h1, o1);
+    Split16<__nv_bfloat16>(make_float2(p0a, p0b), h0, o0);
+    Split16<__nv_bfloat16>(make_float2(p1a, p1b), h1, o1);
     const uint32_t b0h = Transpose8x8(h0), b1h = Transpose8x8(h1);
     const uint32_t b0l = Transpose8x8(o0), b1l = Transpose8x8(o1);
 #pragma unroll

@@ -99,24 +99,6 @@ __device__ __forceinline__ void SmemRead(const T* p, float* out) {
   }
 }
 
-// The tensor-core path's operations for a 16-bit T (mma.cuh): A's rows 8..15 are zero (at most
-// 8 q heads), so only the top rows' accumulators are kept.
-template <typename T>
-struct TensorOps {
-  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  static __device__ __forceinline__ void Mma(float (&d)[2], uint32_t a0, uint32_t a2, uint32_t b0,
-                                             uint32_t b1) {
-    MmaTopRows<kBf16>(d[0], d[1], a0, a2, b0, b1);
-  }
-  static __device__ __forceinline__ void Split(float2 v, uint32_t& hi, uint32_t& lo) {
-    if constexpr (kBf16) {
-      SplitBf16(v, hi, lo);
-    } else {
-      SplitF16(v, hi, lo);
-    }
-  }
-};
-
 // The tensor-core path (kMma; 16-bit T, D <= 128, a group of at most 8 q heads): a tile's rows in
 // sets of 16 (kRowSets), each taken by kWarps / kRowSets warps that score all of the set's rows
 // (the scores are cheap on tensor cores, so they are computed by each warp rather than shared)
@@ -216,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
         const float2 x = hq < group
                              ? make_float2(qh[dim] * a.scale_log2, qh[dim + 1] * a.scale_log2)
                              : make_float2(0.f, 0.f);
-        TensorOps<T>::Split(x, hi[half], lo[half]);
+        Split16<T>(x, hi[half], lo[half]);
       }
       qa_s[st][lane] = make_uint4(hi[0], hi[1], lo[0], lo[1]);
     }
@@ -459,10 +441,10 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
           uint32_t b[4];
           LdMatrixX4<false>(b, ks + SwizzledChunk<L::kChunks>(k_row, 2 * st + k_half) * 16);
           const uint4 qa = qa_s[st][lane];  // hi a[0], a[2], lo a[0], a[2]
-          TensorOps<T>::Mma(sc[0], qa.x, qa.y, b[0], b[1]);
-          TensorOps<T>::Mma(sc_lo[0], qa.z, qa.w, b[0], b[1]);
-          TensorOps<T>::Mma(sc[1], qa.x, qa.y, b[2], b[3]);
-          TensorOps<T>::Mma(sc_lo[1], qa.z, qa.w, b[2], b[3]);
+          MmaTopRows<T>(sc[0], qa.x, qa.y, b[0], b[1]);
+          MmaTopRows<T>(sc_lo[0], qa.z, qa.w, b[0], b[1]);
+          MmaTopRows<T>(sc[1], qa.x, qa.y, b[2], b[3]);
+          MmaTopRows<T>(sc_lo[1], qa.z, qa.w, b[2], b[3]);
         }
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
@@ -504,8 +486,8 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
           }
         }
         uint32_t phi[2], plo[2];  // a[0], a[2]: rows 2tq..+1 and 8 + 2tq..+1
-        TensorOps<T>::Split(make_float2(p[0][0], p[0][1]), phi[0], plo[0]);
-        TensorOps<T>::Split(make_float2(p[1][0], p[1][1]), phi[1], plo[1]);
+        Split16<T>(make_float2(p[0][0], p[0][1]), phi[0], plo[0]);
+        Split16<T>(make_float2(p[1][0], p[1][1]), phi[1], plo[1]);
         // ldmatrix.trans: lanes 8j..8j+7 give rows r0 + (j & 1) * 8 + (lane & 7) of chunk
         // dq * 4 + 2x + (j >> 1): r[0], r[1] the B fragment of n-tile 2x, r[2], r[3] of 2x + 1.
         const int v_row = r0 + ((lane >> 3) & 1) * 8 + (lane & 7), v_half = (lane >> 4) & 1;
@@ -513,10 +495,10 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
         for (int x2 = 0; x2 < 2; ++x2) {
           uint32_t b[4];
           LdMatrixX4<true>(b, vs + SwizzledChunk<L::kChunks>(v_row, dq * 4 + 2 * x2 + v_half) * 16);
-          TensorOps<T>::Mma(o_acc[2 * x2], phi[0], phi[1], b[0], b[1]);
-          TensorOps<T>::Mma(o_acc[2 * x2], plo[0], plo[1], b[0], b[1]);
-          TensorOps<T>::Mma(o_acc[2 * x2 + 1], phi[0], phi[1], b[2], b[3]);
-          TensorOps<T>::Mma(o_acc[2 * x2 + 1], plo[0], plo[1], b[2], b[3]);
+          MmaTopRows<T>(o_acc[2 * x2], phi[0], phi[1], b[0], b[1]);
+          MmaTopRows<T>(o_acc[2 * x2], plo[0], plo[1], b[0], b[1]);
+          MmaTopRows<T>(o_acc[2 * x2 + 1], phi[0], phi[1], b[2], b[3]);
+          MmaTopRows<T>(o_acc[2 * x2 + 1], plo[0], plo[1], b[2], b[3]);
         }
       }
     };

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace kvrt::gpu::detail {
 
@@ -32,20 +33,21 @@ __device__ __forceinline__ void MmaF16(float (&d)[4], const uint32_t (&a)[4], ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// d0, d1 += (a b)[grp][2tig..+1] where A's rows grp + 8 are zero (a[1] = a[3] = 0): the
-// accumulators of the zero rows are not kept. Bf16 inputs when kBf16, else f16; f32 sums.
-template <bool kBf16>
-__device__ __forceinline__ void MmaTopRows(float& d0, float& d1, uint32_t a0, uint32_t a2,
-                                           uint32_t b0, uint32_t b1) {
-  float d[4] = {d0, d1, 0.f, 0.f};
+// acc[0..1] += (a b)[grp][2tig..+1] where A's rows grp + 8 are zero (a[1] = a[3] = 0): the
+// accumulators of the zero rows are not kept. T: the 16-bit inputs' type (bf16 or f16); f32 sums.
+template <typename T>
+__device__ __forceinline__ void MmaTopRows(float (&acc)[2], uint32_t a0, uint32_t a2, uint32_t b0,
+                                           uint32_t b1) {
+  float d[4] = {acc[0], acc[1], 0.f, 0.f};
   const uint32_t a[4] = {a0, 0u, a2, 0u};
-  if constexpr (kBf16) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     MmaBf16(d, a, b0, b1);
   } else {
+    static_assert(std::is_same_v<T, __half>, "bf16 or f16");
     MmaF16(d, a, b0, b1);
   }
-  d0 = d[0];
-  d1 = d[1];
+  acc[0] = d[0];
+  acc[1] = d[1];
 }
 
 // Four 8 x 8 matrices of 16-bit elements from shared memory: lanes 8j..8j+7 give the 16-byte
@@ -66,32 +68,44 @@ __device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem_ro
   }
 }
 
-__device__ __forceinline__ uint32_t PackBf16(float2 v) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);  // .x (lower k) in the low half
+// v as two 16-bit T (bf16 or f16) in one word, each rounded to nearest, .x (the lower column or
+// k) in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t Pack16(float2 v);
+template <>
+__device__ __forceinline__ uint32_t Pack16<__nv_bfloat16>(float2 v) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(v.x, v.y);
   return static_cast<uint32_t>(__bfloat16_as_ushort(h.x)) |
          (static_cast<uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
 }
-
-// v as bf16 pairs hi + lo (lo = the rounding error of hi, rounded again): products with a bf16
-// operand summed in f32 then keep about 16 bits of v instead of 8.
-__device__ __forceinline__ void SplitBf16(float2 v, uint32_t& hi, uint32_t& lo) {
-  hi = PackBf16(v);
-  const float hx = __uint_as_float(hi << 16), hy = __uint_as_float(hi & 0xffff0000u);
-  lo = PackBf16(make_float2(v.x - hx, v.y - hy));
-}
-
-__device__ __forceinline__ uint32_t PackF16(float2 v) {
-  const __half2 h = __floats2half2_rn(v.x, v.y);  // .x (lower k) in the low half
+template <>
+__device__ __forceinline__ uint32_t Pack16<__half>(float2 v) {
+  const __half2 h = __floats2half2_rn(v.x, v.y);
   return static_cast<uint32_t>(__half_as_ushort(h.x)) |
          (static_cast<uint32_t>(__half_as_ushort(h.y)) << 16);
 }
 
-// SplitBf16 for f16 operands (lo may lose bits to f16's subnormals: still far below hi's error).
-__device__ __forceinline__ void SplitF16(float2 v, uint32_t& hi, uint32_t& lo) {
-  hi = PackF16(v);
-  const float hx = __half2float(__ushort_as_half(static_cast<unsigned short>(hi & 0xffffu)));
-  const float hy = __half2float(__ushort_as_half(static_cast<unsigned short>(hi >> 16)));
-  lo = PackF16(make_float2(v.x - hx, v.y - hy));
+// Element i (0: the low half) of a word Pack16<T> made, as f32 (exact).
+template <typename T>
+__device__ __forceinline__ float Unpack16(uint32_t w, int i);
+template <>
+__device__ __forceinline__ float Unpack16<__nv_bfloat16>(uint32_t w, int i) {
+  return __uint_as_float(i == 0 ? w << 16 : w & 0xffff0000u);
+}
+template <>
+__device__ __forceinline__ float Unpack16<__half>(uint32_t w, int i) {
+  return __half2float(
+      __ushort_as_half(static_cast<unsigned short>(i == 0 ? w & 0xffffu : w >> 16)));
+}
+
+// v as pairs of 16-bit T hi + lo (lo = the rounding error of hi, rounded again): products with a
+// 16-bit operand summed in f32 then keep about 16 bits of v instead of 8 (bf16; f16's lo may lose
+// bits to its subnormals, still far below hi's error).
+template <typename T>
+__device__ __forceinline__ void Split16(float2 v, uint32_t& hi, uint32_t& lo) {
+  hi = Pack16<T>(v);
+  const float hx = Unpack16<T>(hi, 0), hy = Unpack16<T>(hi, 1);
+  lo = Pack16<T>(make_float2(v.x - hx, v.y - hy));
 }
 
 // The 8 x 8 matrix of 16-bit elements the warp holds in fragment layout (lane: row grp, columns
