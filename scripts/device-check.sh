@@ -23,7 +23,9 @@
 # config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=ncu-step each decode-step
 # kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
-# KVRT_TIMELINE) and B=1, BENCH=none no benchmark (BENCH takes a list); TESTS="" and
+# KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
+# KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1,
+# BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -396,6 +398,29 @@ if [[ "${1:-}" == "--device" ]]; then
             "8 layers --pipeline"
           KVRT_DIRECT_SCALAR=$scalar timeout 150 $b/kvrt $args --trace $trace --index cluster \
             --cold 131072 --batch 1 --layers 8 --pipeline --accuracy-steps 0 || rc=1
+        done
+      done
+      rm -f $trace
+    elif [[ "$bench" == ab-knob ]]; then
+      # One build, an environment knob alternated per run (AB_KNOB, default KVRT_DIRECT_SCALAR,
+      # over AB_VALUES, default "1 0"), AB_ROUNDS rounds (default 2), pipelined, defaults: the
+      # 128K trace at B=1 (8 layers) and B=16 (kvrt_attend_batch, 4 layers), 1M B=1 (4 layers,
+      # generated keys).
+      knob=${AB_KNOB:-KVRT_DIRECT_SCALAR}
+      trace=/tmp/kvrt-ab-knob.safetensors
+      trace_128k $trace || rc=1
+      for round in $(seq ${AB_ROUNDS:-2}); do
+        for val in ${AB_VALUES:-1 0}; do
+          echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=1, 8 layers --pipeline"
+          env $knob=$val timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
+            --batch 1 --layers 8 --pipeline --accuracy-steps 0 || rc=1
+          echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=16 (kvrt_attend_batch)," \
+            "4 layers --pipeline"
+          env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
+            --batch 16 --attend batch --layers 4 --pipeline --accuracy-steps 0 || rc=1
+          echo "=== kvrt $knob=$val, round $round: cluster 1M B=1, 4 layers --pipeline"
+          env $knob=$val timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 \
+            --layers 4 --pipeline --accuracy-steps 0 || rc=1
         done
       done
       rm -f $trace

@@ -1,0 +1,216 @@
+// pcie_gather: how few SMs can read scattered 4 KiB chunks of mapped host memory at PCIe speed.
+//
+// The direct step reads its misses (selected clusters whose rows are not in the pool: ~3.5 MB per
+// 128K layer-step, 4 KiB of K and 4 KiB of V per cluster of 16 rows) straight from the host
+// store inside DirectAttend, whose 256 CTAs hold every SM while they wait on PCIe. Whether a
+// small gather kernel (a few CTAs, many loads in flight each) could fetch them into device
+// memory at the link's speed, leaving the other SMs to other layers' and members' kernels, is
+// what this measures: the gather kernel per grid size, against one contiguous cudaMemcpyAsync
+// (the link's speed) and cudaMemcpyBatchAsync (the copy engines) of the same chunks, and the
+// gather beside an HBM-bound kernel on the rest of the GPU (does each keep its speed?).
+//
+//   pcie_gather [--mb 3.5,56] [--chunk 4096] [--reps 20]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+#define CHECK(x)                                                                              \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
+  } while (0)
+
+// One warp per chunk (grid-stride over chunks): every lane issues all of its 16-byte loads of
+// the chunk before any store, so a warp has a whole chunk in flight.
+template <int kChunkBytes>
+__global__ void GatherKernel(const unsigned char* __restrict__ host,
+                             const int64_t* __restrict__ src, unsigned char* __restrict__ dst,
+                             int n) {
+  constexpr int kLoads = kChunkBytes / (32 * 16);
+  const int lane = threadIdx.x & 31;
+  const int warps = gridDim.x * (blockDim.x >> 5);
+  for (int c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); c < n; c += warps) {
+    const uint4* s = reinterpret_cast<const uint4*>(host + src[c]);
+    uint4* d = reinterpret_cast<uint4*>(dst + int64_t{c} * kChunkBytes);
+    uint4 r[kLoads];
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) r[i] = __ldcs(s + i * 32 + lane);
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) d[i * 32 + lane] = r[i];
+  }
+}
+
+// HBM-bound neighbour: sums a device buffer (grid-stride), one float out per CTA.
+__global__ void StreamKernel(const float4* __restrict__ x, int64_t n, float* out) {
+  float s = 0.f;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const float4 v = __ldcs(x + i);
+    s += v.x + v.y + v.z + v.w;
+  }
+  if (s == 12345.f) out[blockIdx.x] = s;  // keeps the loads; never true for the zeroed buffer
+}
+
+template <typename F>
+float MedianMs(int reps, cudaStream_t st, F&& launch) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  launch();  // warm-up
+  CHECK(cudaStreamSynchronize(st));
+  std::vector<float> ms;
+  for (int r = 0; r < reps; ++r) {
+    CHECK(cudaEventRecord(a, st));
+    launch();
+    CHECK(cudaEventRecord(b, st));
+    CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
+  return ms[ms.size() / 2];
+}
+
+std::vector<double> ParseList(const char* s) {
+  std::vector<double> out;
+  for (const char* p = s; *p;) {
+    char* end = nullptr;
+    out.push_back(std::strtod(p, &end));
+    if (end == p) break;
+    p = *end == ',' ? end + 1 : end;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<double> mbs = {3.5, 56};
+  int reps = 20;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--mb" && i + 1 < argc) {
+      mbs = ParseList(argv[++i]);
+    } else if (a == "--reps" && i + 1 < argc) {
+      reps = std::max(3, std::atoi(argv[++i]));
+    } else {
+      std::printf(
+          "usage: pcie_gather [--mb 3.5,56] [--reps 20]\n"
+          "  gathers MB of random 4 KiB chunks of a 1 GiB registered host buffer into device\n"
+          "  memory: a warp-per-chunk kernel per grid size, cudaMemcpyBatchAsync, and one\n"
+          "  contiguous cudaMemcpyAsync; then the gather beside an HBM-bound kernel.\n");
+      return a == "--help" || a == "-h" ? 0 : 2;
+    }
+  }
+  constexpr int kChunk = 4096;
+  const size_t host_bytes = size_t{1} << 30;
+  unsigned char* host = static_cast<unsigned char*>(std::aligned_alloc(4096, host_bytes));
+  std::memset(host, 1, host_bytes);  // touched, as the runtime's store is
+  CHECK(cudaHostRegister(host, host_bytes, cudaHostRegisterMapped));
+  unsigned char* host_dev = nullptr;
+  CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev), host, 0));
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaStream_t st, st2;
+  CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  CHECK(cudaStreamCreateWithFlags(&st2, cudaStreamNonBlocking));
+  const int64_t stream_n = (int64_t{1} << 30) / 16;  // 1 GiB of float4 for the neighbour
+  float4* big = nullptr;
+  float* sink = nullptr;
+  CHECK(cudaMalloc(&big, stream_n * 16));
+  CHECK(cudaMemset(big, 0, stream_n * 16));
+  CHECK(cudaMalloc(&sink, 4096 * sizeof(float)));
+
+  for (double mb : mbs) {
+    const int n = std::max(1, static_cast<int>(mb * 1e6 / kChunk));
+    std::mt19937_64 rng(7);
+    std::vector<int64_t> src(host_bytes / kChunk);
+    for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<int64_t>(i) * kChunk;
+    std::shuffle(src.begin(), src.end(), rng);
+    src.resize(n);
+    int64_t* src_d = nullptr;
+    unsigned char* dst = nullptr;
+    CHECK(cudaMalloc(&src_d, n * sizeof(int64_t)));
+    CHECK(cudaMemcpy(src_d, src.data(), n * sizeof(int64_t), cudaMemcpyHostToDevice));
+    CHECK(cudaMalloc(&dst, size_t{1} * n * kChunk));
+    const double bytes = double{1} * n * kChunk;
+    std::printf("=== %d chunks of %d B (%.2f MB) from registered host memory, %d SMs\n", n, kChunk,
+                bytes / 1e6, sms);
+    auto report = [&](const char* what, float ms) {
+      std::printf("%-44s %9.1f us  %6.1f GB/s\n", what, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
+    };
+    const float contig = MedianMs(reps, st, [&] {
+      CHECK(cudaMemcpyAsync(dst, host, size_t{1} * n * kChunk, cudaMemcpyHostToDevice, st));
+    });
+    report("cudaMemcpyAsync, contiguous (the link)", contig);
+    {
+      std::vector<void*> dsts(n);
+      std::vector<const void*> srcs(n);
+      std::vector<size_t> sizes(n, kChunk);
+      for (int i = 0; i < n; ++i) {
+        dsts[i] = dst + int64_t{i} * kChunk;
+        srcs[i] = host + src[i];
+      }
+      cudaMemcpyAttributes attr{};
+      attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+      attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+      size_t attr_idx = 0;
+      const float batch = MedianMs(reps, st, [&] {
+        CHECK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), n, &attr, &attr_idx, 1,
+                                   st));
+      });
+      report("cudaMemcpyBatchAsync, one per chunk", batch);
+    }
+    float best_small = 0;
+    for (int threads : {256, 1024}) {
+      for (int grid : {1, 2, 4, 8, 16, 32, 66, 132, 264}) {
+        const float t = MedianMs(reps, st, [&] {
+          GatherKernel<kChunk><<<grid, threads, 0, st>>>(host_dev, src_d, dst, n);
+          CHECK(cudaGetLastError());
+        });
+        char what[64];
+        std::snprintf(what, sizeof what, "gather kernel, %3d CTAs x %4d threads", grid, threads);
+        report(what, t);
+        if (threads == 1024 && grid == 8) best_small = t;
+      }
+    }
+    // Beside an HBM-bound kernel on the other SMs: each alone, then both, on two streams.
+    const int neighbour_ctas = 2 * sms;
+    const float alone = MedianMs(
+        reps, st2, [&] { StreamKernel<<<neighbour_ctas, 1024, 0, st2>>>(big, stream_n, sink); });
+    cudaEvent_t fork;
+    CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    const float both = MedianMs(reps, st, [&] {
+      CHECK(cudaEventRecord(fork, st));
+      CHECK(cudaStreamWaitEvent(st2, fork));
+      GatherKernel<kChunk><<<8, 1024, 0, st>>>(host_dev, src_d, dst, n);
+      StreamKernel<<<neighbour_ctas, 1024, 0, st2>>>(big, stream_n, sink);
+      CHECK(cudaEventRecord(fork, st2));
+      CHECK(cudaStreamWaitEvent(st, fork));
+    });
+    CHECK(cudaEventDestroy(fork));
+    std::printf("HBM neighbour alone (1 GiB, %d CTAs)            %9.1f us  %6.1f GB/s\n",
+                neighbour_ctas, alone * 1e3, (stream_n * 16.0) / (alone * 1e-3) / 1e9);
+    std::printf("gather (8 x 1024) alone, neighbour alone, both  %9.1f %9.1f %9.1f us\n",
+                best_small * 1e3, alone * 1e3, both * 1e3);
+    CHECK(cudaFree(src_d));
+    CHECK(cudaFree(dst));
+  }
+  CHECK(cudaHostUnregister(host));
+  std::free(host);
+  return 0;
+}
