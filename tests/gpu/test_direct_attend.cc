@@ -563,6 +563,24 @@ TEST(MissPenaltyOffsetsHost, ShareOfRowsNotInThePool) {
   }
   Problem p = MakeProblem(HostShapes()[0], 5);
   std::vector<float> off(static_cast<std::size_t>(p.sh.kv) * p.sh.clusters);
+  {  // Every whole block paged: only rows outside [0, rows) count, a cluster past either end.
+    Problem edge = p;
+    std::vector<int32_t> all_blocks;
+    for (int64_t b = 0; b < edge.rows / kB; ++b)
+      all_blocks.insert(all_blocks.end(), {static_cast<int32_t>(b), static_cast<int32_t>(b)});
+    ASSERT_TRUE(
+        FillPagesHost(edge.View(), all_blocks.data(), static_cast<int>(all_blocks.size() / 2))
+            .ok());
+    const int64_t whole = edge.rows / kB * kB;  // the partial last block has no page
+    edge.begin[0] = static_cast<int32_t>(whole - 3);
+    edge.size[0] = 10;  // 3 paged rows, then the partial block's and rows past `rows`
+    edge.begin[1] = -2;
+    edge.size[1] = 5;  // 2 rows before row 0
+    ASSERT_TRUE(MissPenaltyOffsetsHost(edge.View(), 1.f, off.data()).ok());
+    EXPECT_EQ(off[0], 7.f / 10.f);
+    EXPECT_EQ(off[1], 2.f / 5.f);
+    EXPECT_EQ(off[2], 0.f);
+  }
   for (const float bad :
        {-1.f, std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     const absl::Status st = MissPenaltyOffsetsHost(p.View(), bad, off.data());
