@@ -102,6 +102,17 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
   if (r.streaming_heads > 0)
     std::fprintf(out, "  heads       %d of %d served as streaming heads (GPU tier only)\n",
                  r.streaming_heads, static_cast<int>(r.heads.size()));
+  if (r.steps == 0) {  // zeros below would read as a total miss
+    std::fprintf(out,
+                 "  accuracy    none: the trace has no decode steps (its prompt was prefilled; "
+                 "prefill %.1f ms/layer)\n",
+                 r.prefill_ms_per_layer);
+    std::fprintf(
+        out, "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",
+        HumanBytes(r.gpu_bytes).c_str(), HumanBytes(r.host_bytes).c_str(),
+        HumanBytes(r.index_bytes).c_str());
+    return;
+  }
   std::fprintf(out,
                "  accuracy vs exact f32 attention over all tokens (per layer, step, q head):\n");
   std::fprintf(out, "    recall@%-4d           %.4f\n", r.top_k, r.recall_at_k);
