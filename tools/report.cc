@@ -88,6 +88,17 @@ void PrintHeads(const ReplayReport& r, std::FILE* out) {
                  h.error_mean);
 }
 
+namespace {
+
+void PrintMemory(const ReplayReport& r, std::FILE* out) {
+  std::fprintf(out,
+               "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",
+               HumanBytes(r.gpu_bytes).c_str(), HumanBytes(r.host_bytes).c_str(),
+               HumanBytes(r.index_bytes).c_str());
+}
+
+}  // namespace
+
 void PrintReport(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out, "kvrt replay  %s\n", r.trace.c_str());
   std::fprintf(
@@ -107,10 +118,7 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                  "  accuracy    none: the trace has no decode steps (its prompt was prefilled; "
                  "prefill %.1f ms/layer)\n",
                  r.prefill_ms_per_layer);
-    std::fprintf(
-        out, "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",
-        HumanBytes(r.gpu_bytes).c_str(), HumanBytes(r.host_bytes).c_str(),
-        HumanBytes(r.index_bytes).c_str());
+    PrintMemory(r, out);
     return;
   }
   std::fprintf(out,
@@ -139,10 +147,7 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); "
                "append p50 %.1f us; prefill %.1f ms/layer\n",
                r.latency_us_p50, r.latency_us_p99, r.append_us_p50, r.prefill_ms_per_layer);
-  std::fprintf(out,
-               "  memory      GPU tier %s, host store %s, indexes %s (all layers, one sequence)\n",
-               HumanBytes(r.gpu_bytes).c_str(), HumanBytes(r.host_bytes).c_str(),
-               HumanBytes(r.index_bytes).c_str());
+  PrintMemory(r, out);
   if (r.layer_recall.size() > 1) {
     std::fprintf(out, "  per layer   ");
     for (std::size_t l = 0; l < r.layer_recall.size(); ++l)
