@@ -30,32 +30,52 @@ double Mean(const std::vector<double>& v) {
   return v.empty() ? 0.0 : std::accumulate(v.begin(), v.end(), 0.0) / v.size();
 }
 
-void ExactAttention(const float* q, const HeadRows& rows, int d, float scale, int top_k, float* o,
-                    float* lse, int32_t* top) {
+void ExactAttention(const float* q, int nq, const HeadRows& rows, int d, float scale, int top_k,
+                    float* o, float* lse, int32_t* top) {
+  // The q heads of one kv head in one pass over its rows: each key and value row is read once for
+  // all of them (the reference is memory-bound per head); each head's arithmetic and its order are
+  // those of a pass of its own.
   const int64_t n = rows.n;
-  std::vector<float> s(n);
-  float mx = -INFINITY;
+  std::vector<float> s(static_cast<std::size_t>(nq) * n);
+  std::vector<float> mx(nq, -INFINITY);
   for (int64_t i = 0; i < n; ++i) {
-    s[i] = scale * Dot(q, rows.key(i), d);
-    mx = std::max(mx, s[i]);
+    const float* key = rows.key(i);
+    for (int h = 0; h < nq; ++h) {
+      const float x = scale * Dot(q + static_cast<std::size_t>(h) * d, key, d);
+      s[static_cast<std::size_t>(h) * n + i] = x;
+      mx[h] = std::max(mx[h], x);
+    }
   }
-  double l = 0;
-  std::vector<double> acc(d, 0.0);
+  std::vector<double> l(nq, 0.0), acc(static_cast<std::size_t>(nq) * d, 0.0);
   for (int64_t i = 0; i < n; ++i) {
-    const double w = std::exp(static_cast<double>(s[i]) - mx);
-    l += w;
     const float* v = rows.value(i);
-    for (int j = 0; j < d; ++j) acc[j] += w * v[j];
+    for (int h = 0; h < nq; ++h) {
+      const double w =
+          std::exp(static_cast<double>(s[static_cast<std::size_t>(h) * n + i]) - mx[h]);
+      l[h] += w;
+      double* a = acc.data() + static_cast<std::size_t>(h) * d;
+      for (int j = 0; j < d; ++j) a[j] += w * v[j];
+    }
   }
-  for (int j = 0; j < d; ++j) o[j] = static_cast<float>(acc[j] / l);
-  *lse = static_cast<float>(mx + std::log(l));
   const int64_t kk = std::min<int64_t>(top_k, n);
   std::vector<int32_t> ids(n);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::partial_sort(ids.begin(), ids.begin() + kk, ids.end(), [&](int32_t a, int32_t b) {
-    return s[a] > s[b] || (s[a] == s[b] && a < b);
-  });
-  std::copy(ids.begin(), ids.begin() + kk, top);
+  for (int h = 0; h < nq; ++h) {
+    const double* a = acc.data() + static_cast<std::size_t>(h) * d;
+    for (int j = 0; j < d; ++j)
+      o[static_cast<std::size_t>(h) * d + j] = static_cast<float>(a[j] / l[h]);
+    lse[h] = static_cast<float>(mx[h] + std::log(l[h]));
+    const float* sh = s.data() + static_cast<std::size_t>(h) * n;
+    std::iota(ids.begin(), ids.end(), 0);
+    std::partial_sort(ids.begin(), ids.begin() + kk, ids.end(), [&](int32_t x, int32_t y) {
+      return sh[x] > sh[y] || (sh[x] == sh[y] && x < y);
+    });
+    std::copy(ids.begin(), ids.begin() + kk, top + static_cast<std::size_t>(h) * top_k);
+  }
+}
+
+void ExactAttention(const float* q, const HeadRows& rows, int d, float scale, int top_k, float* o,
+                    float* lse, int32_t* top) {
+  ExactAttention(q, 1, rows, d, scale, top_k, o, lse, top);
 }
 
 absl::Status ScoreHead(const float* q, const HeadRows& rows, int d, float scale,

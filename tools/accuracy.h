@@ -30,6 +30,11 @@ struct HeadRows {
 // (best first, ties to the lower id; min(top_k, n) written, the rest of top untouched).
 void ExactAttention(const float* q, const HeadRows& rows, int d, float scale, int top_k, float* o,
                     float* lse, int32_t* top);
+// The same for nq queries over the same rows (the q heads of one kv head), in one pass over them:
+// q [nq, d], o [nq, d], lse [nq], top [nq, top_k]; each head's result is the one-query call's,
+// bit for bit.
+void ExactAttention(const float* q, int nq, const HeadRows& rows, int d, float scale, int top_k,
+                    float* o, float* lse, int32_t* top);
 
 struct HeadAccuracy {
   double recall = 0;  // share of the exact top-k among the attended ids

@@ -175,16 +175,17 @@ absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t
     auto dq = t.Tensor(layer, "decode.q");
     if (!dq.ok()) return dq.status();
     const std::size_t krow = static_cast<std::size_t>(G) * d;
-    tbb::parallel_for(0, ref.steps * H, [&](int cell) {
-      const int step = cell / H, h = cell % H, g = h / group;
+    // A cell per (step, kv head): its q heads are consecutive, in the trace and in ref.
+    tbb::parallel_for(0, ref.steps * G, [&](int cell) {
+      const int step = cell / G, g = cell % G, h0 = g * group;
       const HeadRows rows{kv->k.data() + g * d, kv->v.data() + g * d,
                           static_cast<int64_t>(krow), m.prompt_tokens + step + 1};
-      std::vector<float> q(d);
+      std::vector<float> q(static_cast<std::size_t>(group) * d);
       ConvertToF32(static_cast<const unsigned char*>(dq->data) +
-                       (static_cast<std::size_t>(step) * H + h) * d * DTypeSize(m.dtype),
-                   m.dtype, d, q.data());
-      const std::size_t at = ref.at(layer, step, h);
-      ExactAttention(q.data(), rows, d, scale, top_k, ref.o.data() + at * d, &ref.lse[at],
+                       (static_cast<std::size_t>(step) * H + h0) * d * DTypeSize(m.dtype),
+                   m.dtype, static_cast<std::size_t>(group) * d, q.data());
+      const std::size_t at = ref.at(layer, step, h0);
+      ExactAttention(q.data(), group, rows, d, scale, top_k, ref.o.data() + at * d, &ref.lse[at],
                      ref.top_ids.data() + at * top_k);
     });
     bar.Update(layer + 1 == m.num_layers, "exact reference: layer %d/%d", layer + 1, m.num_layers);
