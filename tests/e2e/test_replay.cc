@@ -2,9 +2,12 @@
 // attention: exact mode must be exact, flat top-k must find the exact top-k of the cold tokens.
 #include <cstdio>
 #include <filesystem>
+#include <random>
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
+#include "tools/accuracy.h"
 #include "tools/replay.h"
 #include "tools/report.h"
 #include "tools/reuse.h"
@@ -106,6 +109,31 @@ TEST_F(ReplayTest, StreamingHeadsSkipTheColdTier) {
   const auto none = Replay(KVRT_INDEX_EXACT, 100, 64, 0);
   EXPECT_EQ(none.streaming_heads, 0);
   EXPECT_DOUBLE_EQ(none.recall_at_k, 1.0);
+}
+
+// The exact reference's pass over a kv head's q heads at once gives each head the result of its
+// own pass, bit for bit (replay's accuracy figures must not move with the grouping).
+TEST(ExactReference, GroupedHeadsEqualOnePassEach) {
+  const int d = 32, nq = 4, n = 300, top_k = 7;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> k(n * d), v(n * d), q(nq * d);
+  for (auto* x : {&k, &v, &q})
+    for (float& e : *x) e = nd(rng);
+  const HeadRows rows{k.data(), v.data(), d, n};
+  std::vector<float> o(nq * d), lse(nq);
+  std::vector<int32_t> top(nq * top_k);
+  ExactAttention(q.data(), nq, rows, d, 0.2f, top_k, o.data(), lse.data(), top.data());
+  for (int h = 0; h < nq; ++h) {
+    std::vector<float> o1(d);
+    float lse1 = 0;
+    std::vector<int32_t> top1(top_k);
+    ExactAttention(q.data() + h * d, rows, d, 0.2f, top_k, o1.data(), &lse1, top1.data());
+    EXPECT_EQ(std::vector<float>(o.begin() + h * d, o.begin() + (h + 1) * d), o1) << h;
+    EXPECT_EQ(lse[h], lse1) << h;
+    EXPECT_EQ(std::vector<int32_t>(top.begin() + h * top_k, top.begin() + (h + 1) * top_k), top1)
+        << h;
+  }
 }
 
 TEST(SelectionReuse, SharesOfTheColdPositionsChosenBefore) {
