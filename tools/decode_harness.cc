@@ -313,26 +313,30 @@ absl::StatusOr<AccuracySummary> ScoreCapturedSteps(const BenchData& data,
       ConvertToF32((prompt ? data.pk : data.dk).data() + off, DType::kBF16, d, &k[i * d]);
       ConvertToF32((prompt ? data.pv : data.dv).data() + off, DType::kBF16, d, &v[i * d]);
     });
-    tbb::parallel_for(0, C * group, [&](int cell) {
-      const CapturedStep& c = captured[cell / group];
-      const int h = g * group + cell % group;
+    // A captured step's q heads of this kv head in one pass over its rows (each row read once for
+    // all of them: the reference is memory-bound per head).
+    tbb::parallel_for(0, C, [&](int cell) {
+      const CapturedStep& c = captured[cell];
+      const int h0 = g * group;
       const HeadRows rows{k.data(), v.data(), d, data.prompt + c.step + 1};
-      std::vector<float> q(d), o(d);
-      std::vector<int32_t> top(top_k);
-      float lse = 0;
-      ConvertToF32(data.dq.data() + (static_cast<std::size_t>(c.step) * H + h) * d * 2,
-                   DType::kBF16, d, q.data());
-      ExactAttention(q.data(), rows, d, scale, top_k, o.data(), &lse, top.data());
+      std::vector<float> q(static_cast<std::size_t>(group) * d), o(q.size()), lse(group);
+      std::vector<int32_t> top(static_cast<std::size_t>(group) * top_k);
+      ConvertToF32(data.dq.data() + (static_cast<std::size_t>(c.step) * H + h0) * d * 2,
+                   DType::kBF16, q.size(), q.data());
+      ExactAttention(q.data(), group, rows, d, scale, top_k, o.data(), lse.data(), top.data());
       std::vector<uint8_t> mark(rows.n, 0);
-      const std::size_t at = static_cast<std::size_t>(cell / group) * H + h;
-      if (c.ids.empty()) {  // without record_attended: the output error only
-        errors[at] = absl::FailedPreconditionError("no attended positions were recorded");
-        return;
+      for (int j = 0; j < group; ++j) {
+        const int h = h0 + j;
+        const std::size_t at = static_cast<std::size_t>(cell) * H + h;
+        if (c.ids.empty()) {  // without record_attended: the output error only
+          errors[at] = absl::FailedPreconditionError("no attended positions were recorded");
+          continue;
+        }
+        errors[at] =
+            ScoreHead(&q[j * d], rows, d, scale, &o[j * d], lse[j], &top[j * top_k],
+                      std::min<int64_t>(top_k, rows.n), c.ids[h].data(),
+                      static_cast<int64_t>(c.ids[h].size()), &c.out[h * d], &mark, &results[at]);
       }
-      errors[at] =
-          ScoreHead(q.data(), rows, d, scale, o.data(), lse, top.data(),
-                    std::min<int64_t>(top_k, rows.n), c.ids[h].data(),
-                    static_cast<int64_t>(c.ids[h].size()), &c.out[h * d], &mark, &results[at]);
     });
   }
   for (std::size_t i = 0; i < results.size(); ++i) {
