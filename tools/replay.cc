@@ -102,7 +102,10 @@ kvrt_status Check(kvrt_status s, const char* what, std::string* error) {
 }
 
 // Share of exact attention mass that the GPU tier (sinks + window) would hold, per q head,
-// averaged over the prompt's last `count` queries (each attending causally to the prompt).
+// averaged over the prompt's last `count` queries (each attending causally to the prompt). A cell
+// per (kv head, prompt query) scores its q heads in one pass over the rows (the pass per head was
+// most of a 32K replay's time); the per-head arithmetic and the order of the averages are as
+// before.
 std::vector<double> TierMassFromPrompt(const trace::TraceMeta& m, const LayerF32& kv,
                                        const trace::TensorView& prompt_q, int sinks, int window,
                                        int count) {
@@ -112,30 +115,39 @@ std::vector<double> TierMassFromPrompt(const trace::TraceMeta& m, const LayerF32
   const int64_t T = m.prompt_tokens;
   const int64_t first = std::max<int64_t>(0, T - count);
   if (T == 0) return share;
-  tbb::parallel_for(0, H, [&](int h) {
-    const int g = h / group;
-    std::vector<float> q(d), s;
-    double total = 0;
-    for (int64_t p = first; p < T; ++p) {
-      ConvertToF32(static_cast<const unsigned char*>(prompt_q.data) +
-                       (static_cast<std::size_t>(p) * H + h) * d * DTypeSize(m.dtype),
-                   m.dtype, d, q.data());
-      s.resize(p + 1);
-      float mx = -INFINITY;
-      for (int64_t i = 0; i <= p; ++i) {
-        s[i] = scale * Dot(q.data(), kv.k.data() + (i * G + g) * d, d);
-        mx = std::max(mx, s[i]);
+  const int64_t queries = T - first;
+  std::vector<double> ratio(static_cast<std::size_t>(H) * queries);  // [h, query]
+  tbb::parallel_for(int64_t{0}, G * queries, [&](int64_t cell) {
+    const int g = static_cast<int>(cell / queries);
+    const int64_t p = first + cell % queries;
+    std::vector<float> q(static_cast<std::size_t>(group) * d), s(group * (p + 1));
+    ConvertToF32(static_cast<const unsigned char*>(prompt_q.data) +
+                     (static_cast<std::size_t>(p) * H + g * group) * d * DTypeSize(m.dtype),
+                 m.dtype, q.size(), q.data());
+    std::vector<float> mx(group, -INFINITY);
+    for (int64_t i = 0; i <= p; ++i) {
+      const float* key = kv.k.data() + (i * G + g) * d;
+      for (int j = 0; j < group; ++j) {
+        const float x = scale * Dot(&q[static_cast<std::size_t>(j) * d], key, d);
+        s[j * (p + 1) + i] = x;
+        mx[j] = std::max(mx[j], x);
       }
+    }
+    for (int j = 0; j < group; ++j) {
       double all = 0, tier = 0;
       for (int64_t i = 0; i <= p; ++i) {
-        const double w = std::exp(static_cast<double>(s[i]) - mx);
+        const double w = std::exp(static_cast<double>(s[j * (p + 1) + i]) - mx[j]);
         all += w;
         if (i < sinks || i > p - window) tier += w;
       }
-      total += tier / all;
+      ratio[static_cast<std::size_t>(g * group + j) * queries + (p - first)] = tier / all;
     }
-    share[h] = total / static_cast<double>(T - first);
   });
+  for (int h = 0; h < H; ++h) {
+    double total = 0;
+    for (int64_t k = 0; k < queries; ++k) total += ratio[static_cast<std::size_t>(h) * queries + k];
+    share[h] = total / static_cast<double>(queries);
+  }
   return share;
 }
 
