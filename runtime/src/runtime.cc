@@ -264,29 +264,40 @@ absl::Status CheckExec(const RuntimeConfig& c, const Exec& exec, const char* wha
 }
 
 // With check_finite, names the first NaN/Inf of a [n, heads, head_dim] tensor.
+// Index of the first element whose exponent bits are all ones (Inf or NaN), or n: the storage
+// bits are tested directly, an OR over whole blocks first (integer compares vectorise; a float sum
+// was a chain of dependent adds, ~3% of a 32K prompt's host time under perf).
+template <typename U>
+std::size_t FirstNonFinite(const void* data, std::size_t n, U exponent) {
+  using Bits [[gnu::may_alias]] = U;  // the caller's floats read as their bits
+  const Bits* x = static_cast<const Bits*>(data);
+  constexpr std::size_t kBlock = 4096;
+  for (std::size_t base = 0; base < n; base += kBlock) {
+    const std::size_t len = std::min(kBlock, n - base);
+    bool any = false;
+    for (std::size_t i = 0; i < len; ++i) any |= (x[base + i] & exponent) == exponent;
+    if (!any) continue;
+    for (std::size_t i = 0; i < len; ++i)
+      if ((x[base + i] & exponent) == exponent) return base + i;
+  }
+  return n;
+}
+
 absl::Status CheckFinite(const RuntimeConfig& c, const char* what, const void* data, int64_t n,
                          int heads) {
   if (!c.check_finite || data == nullptr) return absl::OkStatus();
   const std::size_t count = static_cast<std::size_t>(n) * heads * c.head_dim;
-  // Converted in blocks and tested without branches, so the check costs a fraction of the copy.
-  constexpr std::size_t kBlock = 4096;
-  float buf[kBlock];
-  const std::size_t es = DTypeSize(c.dtype);
-  for (std::size_t base = 0; base < count; base += kBlock) {
-    const std::size_t len = std::min(kBlock, count - base);
-    ConvertToF32(static_cast<const unsigned char*>(data) + base * es, c.dtype, len, buf);
-    float acc = 0.f;
-    for (std::size_t i = 0; i < len; ++i) acc += buf[i] * 0.f;  // NaN iff some value is NaN/Inf
-    if (acc == 0.f) continue;
-    for (std::size_t i = 0; i < len; ++i) {
-      if (std::isfinite(buf[i])) continue;
-      const std::size_t row = (base + i) / c.head_dim;
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, " holds a non-finite value at token ", row / heads, ", head ", row % heads,
-          ", element ", (base + i) % c.head_dim, " (config.check_finite = 1)"));
-    }
+  std::size_t at = count;
+  switch (c.dtype) {
+    case DType::kF32: at = FirstNonFinite<uint32_t>(data, count, 0x7f800000u); break;
+    case DType::kF16: at = FirstNonFinite<uint16_t>(data, count, 0x7c00u); break;
+    case DType::kBF16: at = FirstNonFinite<uint16_t>(data, count, 0x7f80u); break;
   }
-  return absl::OkStatus();
+  if (at == count) return absl::OkStatus();
+  const std::size_t row = at / c.head_dim;
+  return absl::InvalidArgumentError(absl::StrCat(what, " holds a non-finite value at token ",
+                                                 row / heads, ", head ", row % heads, ", element ",
+                                                 at % c.head_dim, " (config.check_finite = 1)"));
 }
 }  // namespace
 

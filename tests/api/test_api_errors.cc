@@ -337,6 +337,35 @@ TEST(ApiValidation, NonFiniteInputsAreRejectedNamingTheTensor) {
   kvrt_runtime_destroy(rt);
 }
 
+// The check reads the storage bits: in bf16 and f16 an all-ones exponent (Inf, NaN, of either
+// sign) is refused at its position, the largest finite values and zeros are not.
+TEST(ApiValidation, NonFiniteBitsOfEveryDtypeAreFound) {
+  struct Case {
+    kvrt_dtype dtype;
+    uint16_t bad[3], ok[3];  // +Inf, NaN, -Inf; max finite, -max finite, -0
+  };
+  for (const Case& t : {Case{KVRT_DTYPE_BF16, {0x7f80, 0x7fc1, 0xff80}, {0x7f7f, 0xff7f, 0x8000}},
+                        Case{KVRT_DTYPE_F16, {0x7c00, 0x7e01, 0xfc00}, {0x7bff, 0xfbff, 0x8000}}}) {
+    kvrt_config c = TinyConfig();
+    c.dtype = t.dtype;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+    kvrt_seq_id s;
+    ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+    std::vector<uint16_t> k(3 * 4, 0x3c00), v(3 * 4, 0x3c00);  // finite in both dtypes
+    for (int i = 0; i < 3; ++i) {
+      k[1 * 4 + 2] = t.ok[i];
+      EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), 3), KVRT_OK) << i;
+      k[1 * 4 + 2] = t.bad[i];
+      EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), 3), KVRT_ERR_INVALID_ARGUMENT) << i;
+      EXPECT_TRUE(Mentions("append: k holds a non-finite value at token 1, head 0, element 2"))
+          << kvrt_last_error();
+      k[1 * 4 + 2] = 0x3c00;
+    }
+    kvrt_runtime_destroy(rt);
+  }
+}
+
 TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
   kvrt_config c = TinyConfig(2);
   c.sink_tokens = 2;
