@@ -9,6 +9,7 @@
 #endif
 
 #include "absl/strings/str_cat.h"
+#include "kvrt_common/finite_bits.h"
 #include "kvrt_cpu_index/dot.h"
 
 namespace kvrt::cpu_index {
@@ -48,24 +49,9 @@ void HeadStore::Prefault(int64_t rows) noexcept {
 
 namespace {
 
-// True if one of the d elements at p is NaN or Inf: its exponent bits are all ones.
+// True if one of the d elements at p is NaN or Inf.
 bool NonFinite(const unsigned char* p, int d, DType t) {
-  unsigned bad = 0;
-  if (t == DType::kF32) {
-    for (int i = 0; i < d; ++i) {
-      uint32_t w;
-      std::memcpy(&w, p + 4 * i, 4);
-      bad |= (w & 0x7f800000u) == 0x7f800000u;
-    }
-  } else {
-    const uint16_t mask = t == DType::kF16 ? 0x7c00 : 0x7f80;  // f16 : bf16 exponent
-    for (int i = 0; i < d; ++i) {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      bad |= (h & mask) == mask;
-    }
-  }
-  return bad != 0;
+  return FirstNonFinite(p, static_cast<std::size_t>(d), t) != static_cast<std::size_t>(d);
 }
 
 }  // namespace

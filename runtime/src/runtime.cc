@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "cpu_binding.h"
 #include "device_tier.h"
+#include "kvrt_common/finite_bits.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/kernel_types.h"
@@ -264,35 +265,11 @@ absl::Status CheckExec(const RuntimeConfig& c, const Exec& exec, const char* wha
 }
 
 // With check_finite, names the first NaN/Inf of a [n, heads, head_dim] tensor.
-// Index of the first element whose exponent bits are all ones (Inf or NaN), or n: the storage
-// bits are tested directly, an OR over whole blocks first (integer compares vectorise; a float sum
-// was a chain of dependent adds, ~3% of a 32K prompt's host time under perf).
-template <typename U>
-std::size_t FirstNonFinite(const void* data, std::size_t n, U exponent) {
-  using Bits [[gnu::may_alias]] = U;  // the caller's floats read as their bits
-  const Bits* x = static_cast<const Bits*>(data);
-  constexpr std::size_t kBlock = 4096;
-  for (std::size_t base = 0; base < n; base += kBlock) {
-    const std::size_t len = std::min(kBlock, n - base);
-    bool any = false;
-    for (std::size_t i = 0; i < len; ++i) any |= (x[base + i] & exponent) == exponent;
-    if (!any) continue;
-    for (std::size_t i = 0; i < len; ++i)
-      if ((x[base + i] & exponent) == exponent) return base + i;
-  }
-  return n;
-}
-
 absl::Status CheckFinite(const RuntimeConfig& c, const char* what, const void* data, int64_t n,
                          int heads) {
   if (!c.check_finite || data == nullptr) return absl::OkStatus();
   const std::size_t count = static_cast<std::size_t>(n) * heads * c.head_dim;
-  std::size_t at = count;
-  switch (c.dtype) {
-    case DType::kF32: at = FirstNonFinite<uint32_t>(data, count, 0x7f800000u); break;
-    case DType::kF16: at = FirstNonFinite<uint16_t>(data, count, 0x7c00u); break;
-    case DType::kBF16: at = FirstNonFinite<uint16_t>(data, count, 0x7f80u); break;
-  }
+  const std::size_t at = FirstNonFinite(data, count, c.dtype);
   if (at == count) return absl::OkStatus();
   const std::size_t row = at / c.head_dim;
   return absl::InvalidArgumentError(absl::StrCat(what, " holds a non-finite value at token ",
