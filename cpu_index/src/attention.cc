@@ -52,6 +52,54 @@ void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, f
   *lse = m + static_cast<float>(std::log(l));
 }
 
+// Finish for nq heads over the same rows: s [nq, n] holds each head's scaled scores. Every head's
+// arithmetic, and its order, is Finish's; each value row is converted once for all the heads.
+template <typename ValueAt>
+void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, ValueAt value_at,
+                 float* o, float* lse) {
+  std::vector<float> m(nq, kNegInf);
+  std::vector<double> l(nq, 0.0);
+  std::vector<int> live;
+  for (int h = 0; h < nq; ++h) {
+    float* sh = s.data() + static_cast<std::size_t>(h) * n;
+    for (int i = 0; i < d; ++i) o[static_cast<std::size_t>(h) * d + i] = 0.f;
+    for (int64_t j = 0; j < n; ++j) m[h] = MaxPropagateNan(m[h], sh[j]);
+    if (n == 0 || m[h] == kNegInf) {
+      lse[h] = kNegInf;
+      continue;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      sh[j] = std::exp(sh[j] - m[h]);
+      l[h] += sh[j];
+    }
+    live.push_back(h);
+  }
+  if (live.empty()) return;
+  std::vector<float> row(d), part(static_cast<std::size_t>(nq) * d);
+  std::vector<double> acc(static_cast<std::size_t>(nq) * d, 0.0);
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    std::fill(part.begin(), part.end(), 0.f);
+    for (int64_t j = b; j < e; ++j) {
+      ConvertToF32(value_at(j), t, d, row.data());
+      for (int h : live) {
+        const float w = s[static_cast<std::size_t>(h) * n + j];
+        float* ph = part.data() + static_cast<std::size_t>(h) * d;
+        for (int i = 0; i < d; ++i) ph[i] += w * row[i];
+      }
+    }
+    for (int h : live)
+      for (int i = 0; i < d; ++i)
+        acc[static_cast<std::size_t>(h) * d + i] += part[static_cast<std::size_t>(h) * d + i];
+  }
+  for (int h : live) {
+    for (int i = 0; i < d; ++i)
+      o[static_cast<std::size_t>(h) * d + i] =
+          static_cast<float>(acc[static_cast<std::size_t>(h) * d + i] / l[h]);
+    lse[h] = m[h] + static_cast<float>(std::log(l[h]));
+  }
+}
+
 }  // namespace
 
 void AttendDense(const float* q, int d, float scale, const void* keys, const void* values,
@@ -80,6 +128,23 @@ void AttendStoreRows(const float* q, float scale, const HeadStore& store, const 
   for (auto& x : s) x *= scale;
   Finish(
       s, store.dim(), store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
+}
+
+void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& store,
+                          const int64_t* ids, int64_t n, float* o, float* lse) {
+  const int d = store.dim();
+  std::vector<float> s(static_cast<std::size_t>(nq) * n);
+  // Chunks of rows whose keys stay in cache while every head scores them.
+  constexpr int64_t kChunk = 256;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t len = std::min(kChunk, n - c);
+    for (int h = 0; h < nq; ++h)
+      store.DotIds(q + static_cast<std::size_t>(h) * d, ids + c, len,
+                   s.data() + static_cast<std::size_t>(h) * n + c);
+  }
+  for (auto& x : s) x *= scale;
+  FinishGroup(
+      s, nq, n, d, store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
 }
 
 void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse) {

@@ -412,9 +412,33 @@ absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
   }
   // Every head scored the same keys (the group's, plus the same uncovered rows).
   *read = sel->scored[heads.front()];
-  if (attend != nullptr)
-    for (int h : heads) AttendHead(h, at(q, h), *sel, attend);
+  if (attend != nullptr) AttendHeads(heads, qs.data(), *sel, attend);
   return absl::OkStatus();
+}
+
+// A unit's heads, q [heads, d] in unit order. Heads that selected the same rows (a shared cluster
+// selection does) are attended in one pass over the rows, each with AttendHead's result.
+void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const ColdSelection& sel,
+                           PartialState* out) const {
+  const int d = cfg_->head_dim, nq = static_cast<int>(heads.size());
+  bool same = !sel.exact && nq > 1;
+  for (int i = 1; same && i < nq; ++i) same = sel.rows[heads[i]] == sel.rows[heads[0]];
+  if (!same) {
+    for (int i = 0; i < nq; ++i)
+      AttendHead(heads[i], q + static_cast<std::size_t>(i) * d, sel, out);
+    return;
+  }
+  const auto& store = stores_[heads[0] / (cfg_->num_q_heads / cfg_->num_kv_heads)];
+  const auto& rows = sel.rows[heads[0]];
+  std::vector<float> o(static_cast<std::size_t>(nq) * d), lse(nq);
+  cpu_index::AttendStoreRowsGroup(q, nq, cfg_->scale, store, rows.data(),
+                                  static_cast<int64_t>(rows.size()), o.data(), lse.data());
+  for (int i = 0; i < nq; ++i) {
+    std::copy(o.begin() + static_cast<std::ptrdiff_t>(i) * d,
+              o.begin() + static_cast<std::ptrdiff_t>(i + 1) * d,
+              out->o.begin() + static_cast<std::ptrdiff_t>(heads[i]) * d);
+    out->lse[heads[i]] = lse[i];
+  }
 }
 
 absl::Status ColdTier::SelectHead(int h, const float* qh, ColdSelection* sel) const {

@@ -171,6 +171,8 @@ class ColdTier {
   absl::Status SelectUnit(const std::vector<int>& heads, const float* q, ColdSelection* sel,
                           int64_t* read, PartialState* attend) const;
   void AttendHead(int h, const float* qh, const ColdSelection& sel, PartialState* out) const;
+  void AttendHeads(const std::vector<int>& heads, const float* q, const ColdSelection& sel,
+                   PartialState* out) const;
   absl::Status SelectHead(int h, const float* qh, ColdSelection* sel) const;
   void AddUncovered(int g, const float* qh, cpu_index::SearchResult* found, ColdSelection* sel,
                     int h) const;

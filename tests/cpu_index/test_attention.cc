@@ -132,6 +132,44 @@ TEST_P(AttentionTest, PartialAttentionMatchesDoubleReference) {
   }
 }
 
+// A group's heads over the same rows in one pass: each head's state is AttendStoreRows's, bit for
+// bit, over more rows than a scoring chunk and a value block, none, and a NaN value row.
+TEST_P(AttentionTest, GroupPassEqualsOnePassPerHead) {
+  const DType t = GetParam();
+  const int d = 64, nq = 4;
+  const int64_t n = 700;
+  Rows k = MakeRows(n, d, t, 1.f, 8), v = MakeRows(n, d, t, 1.f, 9);
+  HeadStore store(d, t);
+  ASSERT_TRUE(store.Append(k.data(t), v.data(t), n, d).ok());
+  std::mt19937_64 rng(10);
+  std::normal_distribution<float> g(0.f, 2.f);
+  std::vector<float> q(static_cast<std::size_t>(nq) * d);
+  for (auto& x : q) x = g(rng);
+  std::vector<int64_t> ids;
+  for (int64_t i = n - 1; i >= 0; i -= 2) ids.push_back(i);  // 350 rows, not in store order
+  for (const int64_t count : {int64_t{0}, int64_t{1}, static_cast<int64_t>(ids.size())}) {
+    std::vector<float> o(static_cast<std::size_t>(nq) * d, 7.f), lse(nq, 7.f);
+    AttendStoreRowsGroup(q.data(), nq, 0.125f, store, ids.data(), count, o.data(), lse.data());
+    for (int h = 0; h < nq; ++h) {
+      std::vector<float> o1(d, 5.f);
+      float lse1 = 5.f;
+      AttendStoreRows(q.data() + h * d, 0.125f, store, ids.data(), count, o1.data(), &lse1);
+      EXPECT_EQ(std::vector<float>(o.begin() + h * d, o.begin() + (h + 1) * d), o1)
+          << "count " << count << " head " << h;
+      EXPECT_EQ(std::memcmp(&lse[h], &lse1, sizeof(float)), 0) << "count " << count;
+    }
+  }
+  // A NaN value row reaches every head's output, as in the pass per head.
+  HeadStore nan_store(d, DType::kF32);
+  std::vector<float> kf(k.exact), vf(v.exact);
+  vf[5 * d + 3] = std::numeric_limits<float>::quiet_NaN();
+  ASSERT_TRUE(nan_store.Append(kf.data(), vf.data(), n, d).ok());
+  std::vector<float> o(static_cast<std::size_t>(nq) * d), lse(nq);
+  AttendStoreRowsGroup(q.data(), nq, 0.125f, nan_store, ids.data(),
+                       static_cast<int64_t>(ids.size()), o.data(), lse.data());
+  for (int h = 0; h < nq; ++h) EXPECT_TRUE(std::isnan(o[h * d + 3])) << h;
+}
+
 TEST_P(AttentionTest, MergeOfAnySplitEqualsWhole) {
   const DType t = GetParam();
   const int d = 64;

@@ -23,6 +23,12 @@ void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
                      int64_t n, float* o, float* lse);
 
+// The same rows for nq queries (the q heads of one kv head that selected them): q [nq, d], o
+// [nq, d], lse [nq]. Each head's result is AttendStoreRows's, bit for bit; the rows' keys and
+// values are read once for all the heads instead of once per head.
+void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& store,
+                          const int64_t* ids, int64_t n, float* o, float* lse);
+
 // Every row of a HeadStore.
 void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse);
 
