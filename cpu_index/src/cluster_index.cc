@@ -120,8 +120,11 @@ class ClusterIndex final : public KeyIndex {
     GroupSelectionKey(summary_, density.data(), nq, key.data());
     std::vector<int32_t> sel;
     const int64_t tokens = SelectClusters(summary_, key.data(), Budget(params), cfg_.top_p, &sel);
+    // The outliers in the summary's order for every query: the group's heads then hold the same
+    // rows in the same order, which the runtime attends in one pass for all of them.
     for (int i = 0; i < nq; ++i)
-      Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i]);
+      Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i],
+           /*outliers_by_score=*/false);
     return absl::OkStatus();
   }
 
@@ -235,19 +238,23 @@ class ClusterIndex final : public KeyIndex {
 
   // The result of one query: outliers (best first), the selected clusters' rows, its estimate.
   void Emit(const float* density, const std::vector<int32_t>& sel, int64_t tokens,
-            const float* oscores, SearchResult* out) const {
+            const float* oscores, SearchResult* out, bool outliers_by_score = true) const {
     const int64_t c = summary_.num_clusters();
     const int64_t no = static_cast<int64_t>(summary_.outliers.size());
     out->ids.clear();
     out->scores.clear();
     out->ids.reserve(no + tokens);
-    // Outliers first, best exact score first.
-    std::vector<std::pair<float, int64_t>> oc(no);
-    for (int64_t j = 0; j < no; ++j) oc[j] = {oscores[j], summary_.outliers[j]};
-    std::sort(oc.begin(), oc.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (const auto& p : oc) out->ids.push_back(p.second);
+    // Outliers first: best exact score first, or in the summary's order.
+    if (outliers_by_score) {
+      std::vector<std::pair<float, int64_t>> oc(no);
+      for (int64_t j = 0; j < no; ++j) oc[j] = {oscores[j], summary_.outliers[j]};
+      std::sort(oc.begin(), oc.end(), [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      });
+      for (const auto& p : oc) out->ids.push_back(p.second);
+    } else {
+      out->ids.insert(out->ids.end(), summary_.outliers.begin(), summary_.outliers.end());
+    }
     for (int32_t j : sel)
       for (int64_t r = summary_.begin[j]; r < summary_.begin[j] + summary_.size[j]; ++r)
         out->ids.push_back(r);
