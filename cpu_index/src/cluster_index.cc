@@ -236,7 +236,8 @@ class ClusterIndex final : public KeyIndex {
     Emit(density.data(), sel, tokens, oscores, out);
   }
 
-  // The result of one query: outliers (best first), the selected clusters' rows, its estimate.
+  // The result of one query: outliers (best first, or in the summary's order), the selected
+  // clusters' rows, its estimate.
   void Emit(const float* density, const std::vector<int32_t>& sel, int64_t tokens,
             const float* oscores, SearchResult* out, bool outliers_by_score = true) const {
     const int64_t c = summary_.num_clusters();
