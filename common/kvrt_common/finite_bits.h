@@ -20,9 +20,14 @@ std::size_t First(const unsigned char* p, std::size_t n, U exponent) {
   for (std::size_t base = 0; base < n; base += kBlock) {
     const std::size_t len = std::min(kBlock, n - base);
     std::memcpy(block, p + base * sizeof(U), len * sizeof(U));  // the caller's floats as bits
-    bool any = false;
-    for (std::size_t i = 0; i < len; ++i) any |= (block[i] & exponent) == exponent;
-    if (!any) continue;
+    // The smallest (x & exponent) ^ exponent is 0 exactly when some x has an all-ones exponent: a
+    // min-reduction, which compilers vectorise (an OR of bools is not).
+    U least = exponent;
+    for (std::size_t i = 0; i < len; ++i) {
+      const U miss = static_cast<U>((block[i] & exponent) ^ exponent);
+      least = miss < least ? miss : least;
+    }
+    if (least != 0) continue;
     for (std::size_t i = 0; i < len; ++i)
       if ((block[i] & exponent) == exponent) return base + i;
   }
