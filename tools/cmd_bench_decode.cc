@@ -138,6 +138,20 @@ int Usage(const absl::Status& s) {
   return 2;
 }
 
+// Whether a runtime can take the GPU backend here, asked through the public API (a tiny config).
+bool GpuBackendAvailable() {
+  kvrt_config c = kvrt_config_default();
+  c.num_layers = 1;
+  c.num_q_heads = 1;
+  c.num_kv_heads = 1;
+  c.head_dim = 64;
+  c.use_gpu = 1;
+  kvrt_runtime* rt = nullptr;
+  const kvrt_status st = kvrt_runtime_create(&c, &rt);
+  kvrt_runtime_destroy(rt);
+  return st != KVRT_ERR_UNIMPLEMENTED;
+}
+
 int Run(BenchDecodeArgs a) {
   auto colds = ParseIntList("--cold", a.cold, 0, int64_t{1} << 40);
   if (!colds.ok()) return Usage(colds.status());
@@ -166,6 +180,13 @@ int Run(BenchDecodeArgs a) {
   }
   if (kinds.empty() || modes.empty() || attend_modes.empty())
     return Usage(absl::InvalidArgumentError("--index, --cold-attention and --attend need a value"));
+  if (a.run.use_gpu == 1 && !GpuBackendAvailable()) {
+    std::fprintf(stderr,
+                 "kvrt bench decode: no CUDA device is available (or kvrt was built without "
+                 "CUDA); this benchmark runs the GPU backend unless given --gpu 0 --memory host "
+                 "(the host backend)\n");
+    return 2;
+  }
   const bool device = a.run.device();
   const bool measure = a.accuracy_steps > 0;
   int rc = 0;
