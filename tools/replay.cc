@@ -103,9 +103,9 @@ kvrt_status Check(kvrt_status s, const char* what, std::string* error) {
 
 // Share of exact attention mass that the GPU tier (sinks + window) would hold, per q head,
 // averaged over the prompt's last `count` queries (each attending causally to the prompt). A cell
-// per (kv head, prompt query) scores its q heads in one pass over the rows (the pass per head was
-// most of a 32K replay's time); the per-head arithmetic and the order of the averages are as
-// before.
+// per (kv head, prompt query) scores its q heads in one pass over the rows (a pass per head was a
+// third of a 32K cluster replay's time under perf); the per-head arithmetic and the order of the
+// averages are as before.
 std::vector<double> TierMassFromPrompt(const trace::TraceMeta& m, const LayerF32& kv,
                                        const trace::TensorView& prompt_q, int sinks, int window,
                                        int count) {
