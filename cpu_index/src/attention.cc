@@ -18,42 +18,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // running sum (~n * eps) would reach 1e-4 relative; blocked, it stays near kBlock * eps.
 constexpr int64_t kBlock = 128;
 
-// Softmax-weighted sum of value rows given raw scores (already scaled); two passes.
-template <typename ValueAt>
-void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, float* lse) {
-  const int64_t n = static_cast<int64_t>(s.size());
-  for (int i = 0; i < d; ++i) o[i] = 0.f;
-  float m = kNegInf;
-  for (float x : s) m = MaxPropagateNan(m, x);  // a NaN score makes the output NaN
-  if (n == 0 || m == kNegInf) {  // empty set, or every score -inf: contributes nothing
-    *lse = kNegInf;
-    return;
-  }
-  double l = 0.0;
-  for (auto& x : s) {
-    x = std::exp(x - m);
-    l += x;
-  }
-  std::vector<float> row(d), part(d);
-  std::vector<double> acc(d, 0.0);
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t e = std::min(n, b + kBlock);
-    std::fill(part.begin(), part.end(), 0.f);
-    for (int64_t j = b; j < e; ++j) {
-      // NOTE: no skip of weight-0 rows: 0 * NaN is NaN, so a NaN value reaches the output as in
-      // the GPU kernel (which has no skip either).
-      const float w = s[j];
-      ConvertToF32(value_at(j), t, d, row.data());
-      for (int i = 0; i < d; ++i) part[i] += w * row[i];
-    }
-    for (int i = 0; i < d; ++i) acc[i] += part[i];
-  }
-  for (int i = 0; i < d; ++i) o[i] = static_cast<float>(acc[i] / l);
-  *lse = m + static_cast<float>(std::log(l));
-}
-
-// Finish for nq heads over the same rows: s [nq, n] holds each head's scaled scores. Every head's
-// arithmetic, and its order, is Finish's; each value row is converted once for all the heads.
+// Softmax-weighted sums of value rows for nq heads over the same n rows, given each head's raw
+// (already scaled) scores s [nq, n], overwritten; two passes. A head's arithmetic and its order do
+// not depend on nq (one head's pass is nq = 1); each value row is converted once for all heads.
 template <typename ValueAt>
 void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, ValueAt value_at,
                  float* o, float* lse) {
@@ -63,6 +30,7 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
   for (int h = 0; h < nq; ++h) {
     float* sh = s.data() + static_cast<std::size_t>(h) * n;
     for (int i = 0; i < d; ++i) o[static_cast<std::size_t>(h) * d + i] = 0.f;
+    // A NaN score makes the output NaN; an empty set, or every score -inf, contributes nothing.
     for (int64_t j = 0; j < n; ++j) m[h] = MaxPropagateNan(m[h], sh[j]);
     if (n == 0 || m[h] == kNegInf) {
       lse[h] = kNegInf;
@@ -82,6 +50,8 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
     std::fill(part.begin(), part.end(), 0.f);
     for (int64_t j = b; j < e; ++j) {
       ConvertToF32(value_at(j), t, d, row.data());
+      // NOTE: no skip of weight-0 rows: 0 * NaN is NaN, so a NaN value reaches the output as in
+      // the GPU kernel (which has no skip either).
       for (int h : live) {
         const float w = s[static_cast<std::size_t>(h) * n + j];
         float* ph = part.data() + static_cast<std::size_t>(h) * d;
@@ -98,6 +68,12 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
           static_cast<float>(acc[static_cast<std::size_t>(h) * d + i] / l[h]);
     lse[h] = m[h] + static_cast<float>(std::log(l[h]));
   }
+}
+
+// One head: s [n].
+template <typename ValueAt>
+void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, float* lse) {
+  FinishGroup(s, 1, static_cast<int64_t>(s.size()), d, t, value_at, o, lse);
 }
 
 }  // namespace
