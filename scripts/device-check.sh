@@ -25,7 +25,8 @@
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
 # KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1,
-# BENCH=none no benchmark (BENCH takes a list); TESTS="" and
+# BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
+# through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH takes a list); TESTS="" and
 # SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
@@ -196,6 +197,33 @@ if [[ "${1:-}" == "--device" ]]; then
             --warmup 3 --json "$out/binding-$round.json" ${BINDING_ARGS:-} || rc=1
         fi
       done
+      rm -f $trace
+    elif [[ "$bench" == step-profile ]]; then
+      # Where a pipelined 128K B=1 layer-step's time goes, host and device: bench decode
+      # --pipeline (8 layers) as the reference p50, the same through the Python package under
+      # torch.profiler (CUPTI: every kernel and copy with real clocks and overlap, every CUDA call
+      # of the host) summed per step by tools/gpu_bench/trace_gaps.py --steps, and the library's
+      # own host spans (KVRT_TIMELINE) of the C++ run.
+      py_package
+      trace=/tmp/kvrt-step-profile.safetensors
+      trace_128k $trace || rc=1
+      tl="$out/timeline-b1-128k.json"
+      echo "=== kvrt with KVRT_TIMELINE: cluster 128K --trace B=1, 8 layers --pipeline"
+      KVRT_TIMELINE=$tl timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
+        --batch 1 --layers 8 --pipeline --accuracy-steps 0 || rc=1
+      python3 tools/gpu_bench/timeline_summary.py "$tl" || rc=1
+      gzip -f "$tl"
+      if [[ -n $built ]]; then
+        echo "=== python: binding_overhead.py, 8 layers, 8 steps profiled pipelined"
+        PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" LD_LIBRARY_PATH="$PWD/.bundle/lib:$LD_LIBRARY_PATH" \
+          PYTHONUNBUFFERED=1 timeout 200 \
+          python3 tools/gpu_bench/binding_overhead.py --trace $trace --cold 131072 --layers 8 \
+          --steps 12 --warmup 3 --profile-dir "$out/traces" --profile-pipelined --profile-steps 8 \
+          ${BINDING_ARGS:-} || rc=1
+        python3 tools/gpu_bench/trace_gaps.py "$out/traces/binding-steps.json" --steps step \
+          --calls-in attend --min-ms 0.02 --top 20 || rc=1
+        gzip -f "$out/traces/binding-steps.json"
+      fi
       rm -f $trace
     elif [[ "$bench" == parts ]]; then
       # The direct step's kernel whole, without its arithmetic, without its K/V loads (pool rows);

@@ -1282,6 +1282,8 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
         err = LaunchScore<D, 16>(s, q, g, scale, spread_coef, otiles, out, ws, st, &cctas);
       }
     }
+    if (err.ok() && p.scored_event != nullptr)
+      err = CudaErr(cudaEventRecord(static_cast<cudaEvent_t>(p.scored_event), st));
     const bool grp = p.group_select && g > 1 && s.num_clusters > 0;
     // Group selection finds its threshold over many CTAs (cluster_threshold.cu) where there are
     // enough clusters to pay for their launches; the parts builds that leave the selection's

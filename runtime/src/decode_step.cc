@@ -86,7 +86,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   for (int j = 0; j < m; ++j) {
     LayerState& l = *layers[members[j]];
     tiers[j] = l.tier_.get();
-    counts[j] = {l.n_sink_, l.n_window_};
+    counts[j] = {l.n_sink_, l.n_window_, l.UsesGpuSelect(streaming)};
   }
   TierBackend& backend = *tiers[0];
 

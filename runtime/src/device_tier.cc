@@ -7,6 +7,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "align.h"
@@ -159,7 +160,16 @@ class DeviceStep : public TierStep {
     pending.assign(n, 0);
   }
   ~DeviceStep() override {
+    // NOTE: errors here are sticky CUDA errors that the step's next call reports.
+    (void)JoinTier();
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
+  }
+  // The step's stream waits for the tier's attention (on a stream of its own since BeginStep):
+  // before the merge reads the tier slot, and before the scratch it writes is freed.
+  absl::Status JoinTier() {
+    if (tier_done == nullptr) return absl::OkStatus();
+    const transfer::Event* e = std::exchange(tier_done, nullptr);
+    return transfer::StreamWaitEvent(lease.get(), *e);
   }
   float* q_mut() { return q_.data(); }
   void set_fetch_q(std::function<void(float*)> f) { fetch_q_ = std::move(f); }
@@ -181,8 +191,15 @@ class DeviceStep : public TierStep {
   std::vector<uint8_t> pending;    // [n] its cold slot holds its pending evictions' state
   bool timed = true;               // the step records the timing events (DeviceTier::kTimedEvery)
   std::vector<DeviceTier*> tiers;
-  // A batch's members select on streams of their own (MemberStream), forked here after the tier.
+  // A batch's members select on streams of their own (MemberStream), forked here.
   transfer::Event forked;
+  // The tier's attention, launched by DeviceTier::LaunchTier (pending: not yet).
+  gpu::TierBatch tier;
+  gpu::AttnParams tier_params;
+  bool tier_pending = false;
+  // Recorded after the tier's attention on its own stream; null once joined (or when it ran on
+  // the step's stream).
+  const transfer::Event* tier_done = nullptr;
 };
 
 // The stream member i of a batch step selects on: for a batch, a runtime stream that waits for
@@ -366,6 +383,10 @@ class DeviceTier final : public TierBackend {
       const std::vector<std::vector<cpu_index::SegmentClustering>>& parts, void* stream,
       std::vector<std::vector<int64_t>>* order);
   absl::Status SyncSummary(const ColdTier& cold, void* stream);
+  // The step's tier attention (step->tier, tier_params), on a stream of the pool that waits for
+  // tier_fork_ (recorded by the caller on the step's stream: `forked`; else here), or inline on
+  // the step's stream when the pool has none.
+  absl::Status LaunchTier(DeviceStep* step, bool forked);
   absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
                          const int32_t* count, int64_t C, void* stream, ColdSelection* sel,
                          tbb::task_arena& arena);
@@ -406,6 +427,8 @@ class DeviceTier final : public TierBackend {
   // synchronizes anyway, times every attend.
   static constexpr int kTimedEvery = 8;
   transfer::Event ev_start_, ev_tier_, ev_h2d_begin_, ev_h2d_, ev_merge_;
+  // The tier attention's fork from the step's stream and its end (DeviceStep::tier_done).
+  transfer::Event tier_fork_, tier_done_;
   bool timing_pending_ = false;
   int64_t timing_scale_ = 1;  // of the pending measurement
   uint32_t attends_seen_ = 0;
@@ -962,6 +985,45 @@ void DeviceTier::CollectTiming() {
   timing_pending_ = false;
 }
 
+// The tier's attention goes on a stream of its own, beside the cold phase's kernels: on the
+// step's stream it ran before the summary's scoring, ~14 us of a 128K layer-step's device chain
+// (profiled). A one-member step with a device selection forks it after the scoring kernel
+// (ClusterStepParams::scored_event), so that it runs beside the selection kernels, which leave
+// most SMs idle; the others fork it at BeginStep. Finish (or the step's end) joins it.
+absl::Status DeviceTier::LaunchTier(DeviceStep* step, bool forked) {
+  if (!step->tier_pending) return absl::OkStatus();
+  step->tier_pending = false;
+  void* stream = step->lease.get();
+  void* tier_stream = stream;
+  if (absl::StatusOr<void*> side = ctx_->AcquireStream(); side.ok()) {
+    absl::Status st = forked ? absl::OkStatus() : tier_fork_.Record(stream);
+    if (st.ok()) st = transfer::StreamWaitEvent(*side, tier_fork_);
+    if (!st.ok()) {
+      ctx_->ReleaseStream(*side);
+      return st;
+    }
+    tier_stream = *side;
+  }
+  struct ReleaseTierStream {
+    GpuContext* ctx;
+    void* side;
+    void* stream;
+    ~ReleaseTierStream() {
+      if (side != stream) ctx->ReleaseStream(side);
+    }
+  } release_tier{ctx_, tier_stream, stream};
+  if (step->timed) KVRT_RETURN_IF_ERROR(ev_start_.Record(tier_stream));
+  KVRT_RETURN_IF_ERROR(gpu::TierAttention(step->tier, step->q_dev, step->tier_params,
+                                          step->o(kTierSlot, 0), step->lse(kTierSlot, 0), nullptr,
+                                          tier_stream));
+  if (step->timed) KVRT_RETURN_IF_ERROR(ev_tier_.Record(tier_stream));
+  if (tier_stream != stream) {
+    KVRT_RETURN_IF_ERROR(tier_done_.Record(tier_stream));
+    step->tier_done = &tier_done_;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* const* members,
                                                                 const TierCounts* counts, int n,
                                                                 const void* q_in, const Exec& exec,
@@ -1034,13 +1096,17 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   params.scale = cfg_->scale;
   params.q_is_f32 = cfg_->dtype == DType::kF32;
   step->timed = !exec.device || attends_seen_++ % kTimedEvery == 0;
-  if (step->timed) {
-    timing_scale_ = exec.device ? kTimedEvery : 1;
-    KVRT_RETURN_IF_ERROR(ev_start_.Record(stream));
+  if (step->timed) timing_scale_ = exec.device ? kTimedEvery : 1;
+  if (tier_fork_.empty()) {
+    KVRT_ASSIGN_OR_RETURN(tier_fork_, transfer::Event::Create(false));
+    KVRT_ASSIGN_OR_RETURN(tier_done_, transfer::Event::Create(false));
   }
-  KVRT_RETURN_IF_ERROR(gpu::TierAttention(tier, step->q_dev, params, step->o(kTierSlot, 0),
-                                          step->lse(kTierSlot, 0), nullptr, stream));
-  if (step->timed) KVRT_RETURN_IF_ERROR(ev_tier_.Record(stream));
+  step->tier = tier;
+  step->tier_params = params;
+  step->tier_pending = true;
+  // One sequence whose selection runs on the device launches the tier from SelectClusters, to
+  // wait for the scoring kernel only (see LaunchTier); the others launch it now.
+  if (!(n == 1 && counts[0].selects_on_device)) KVRT_RETURN_IF_ERROR(LaunchTier(step.get(), false));
   if (n > 1) {
     KVRT_ASSIGN_OR_RETURN(step->forked, transfer::Event::Create(false));
     KVRT_RETURN_IF_ERROR(step->forked.Record(stream));
@@ -1273,9 +1339,12 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.selected_tokens = reinterpret_cast<int64_t*>(dev + tokens_at);
   outs.est_o = step->o(kEstimateSlot, i);
   outs.est_lse = step->lse(kEstimateSlot, i);
+  // The tier's attention (one sequence) forks after the scoring kernel (LaunchTier).
+  if (step->tier_pending) params.scored_event = tier_fork_.get();
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
                                         params, outs, reinterpret_cast<float*>(dev + ws_at),
                                         stream));
+  if (step->tier_pending) KVRT_RETURN_IF_ERROR(LaunchTier(step, /*forked=*/true));
   // The decode evictions enter the cold tier only now: the selection's kernels (they read the
   // summary, not the rows) are queued before the host waits for the evictions' copies, which in a
   // pipelined decoder wait for the device's work on the layers before. Everything below sees the
@@ -1489,6 +1558,8 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   // phases 2-3 leaves its rows of out untouched.
   const bool whole = std::all_of(ok.begin(), ok.end(), [](uint8_t x) { return x != 0; });
   float* merged = step->exec.device && whole ? out : step->out_dev;
+  KVRT_RETURN_IF_ERROR(LaunchTier(step, false));  // a step whose selection did not launch it
+  KVRT_RETURN_IF_ERROR(step->JoinTier());
   KVRT_RETURN_IF_ERROR(gpu::MergeStatesN(step->o_states, step->lse_states, slots, step->rows, d,
                                          merged, DType::kF32, nullptr, stream));
   if (timed) {

@@ -41,6 +41,9 @@ struct AppendPlan {
 // The tier counts phase 1 reads for one layer.
 struct TierCounts {
   int64_t n_sink = 0, n_window = 0;
+  // The member's cold selection will run on the device (SelectClusters): a one-member step may
+  // then launch the tier's attention from there, beside the selection's kernels.
+  bool selects_on_device = false;
 };
 
 // One decode step of n layer states (kvrt_attend: n = 1; kvrt_attend_batch: one layer of n

@@ -66,6 +66,11 @@ def parse_args(argv=None):
                          "timeline there as binding-steps.json (a Chrome trace; "
                          "tools/gpu_bench/trace_gaps.py reads it)")
     ap.add_argument("--profile-steps", type=int, default=4, help="steps profiled (--profile-dir)")
+    ap.add_argument("--profile-pipelined", action="store_true",
+                    help="profile the steps as a decoder runs them: a step's layers back to back "
+                         "(one call per layer-step, Sequence.append_attend) and one stream sync "
+                         "per step, as `kvrt bench decode --pipeline` does; each step is a span "
+                         "stepN (trace_gaps.py --steps stepN: the device's busy and idle time)")
     return ap.parse_args(argv)
 
 
@@ -201,6 +206,14 @@ def profile_steps(args, torch, seq, row, out, sync, on_cuda) -> None:
     k_s, v_s, q_s = row
     with _profiler(on_cuda) as prof:
         for s in range(args.profile_steps):
+            if args.profile_pipelined:
+                with record_function(f"step{s}"):
+                    for layer in range(args.layers):
+                        with record_function("attend"):
+                            seq.append_attend(layer, q_s, k_s, v_s, out=out)
+                    with record_function("sync"):
+                        sync()
+                continue
             for layer in range(args.layers):
                 with record_function(f"step{s}.layer{layer}"):
                     with record_function("append"):

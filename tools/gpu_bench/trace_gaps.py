@@ -73,6 +73,39 @@ def calls_in(host, span_name: str) -> str:
     return "\n".join(lines)
 
 
+def step_table(dev, host, prefix: str) -> str:
+    """Per span named prefix*: wall, device busy (union) and idle inside it, and the device
+    events inside it summed by name (per span)."""
+    steps = [h for h in host if h[2].startswith(prefix) and h[2][len(prefix):].isdigit()]
+    if not steps:
+        return f"no span named {prefix}N"
+    lines = []
+    by_name: dict[str, list[float]] = {}
+    busy_all = wall_all = 0.0
+    for b, e, name, _ in steps:
+        inside = [d for d in dev if d[0] >= b and d[1] <= e]
+        busy = sum(se - sb for sb, se in busy_union(inside))
+        first = min((d[0] for d in inside), default=b)
+        last = max((d[1] for d in inside), default=b)
+        busy_all += busy
+        wall_all += e - b
+        lines.append(f"  {name}: wall {(e - b):.1f} us, device busy {busy:.1f} us, idle between "
+                     f"its first and last event {(last - first - busy):.1f} us, first event at "
+                     f"+{first - b:.1f} us, last ends {e - last:.1f} us before the span, "
+                     f"{len(inside)} events")
+        for db, de, dname, _ in inside:
+            by_name.setdefault(dname, [0, 0.0])
+            by_name[dname][0] += 1
+            by_name[dname][1] += de - db
+    n = len(steps)
+    lines.insert(0, f"spans {prefix}N: {n}, mean wall {wall_all / n:.1f} us, device busy "
+                    f"{busy_all / n:.1f} us per span; device time by name per span:")
+    for dname, (count, t) in sorted(by_name.items(), key=lambda x: -x[1][1]):
+        lines.append(f"  {dname[:70]:70s} {count / n:6.1f} x {t / count:7.1f} us = "
+                     f"{t / n:8.1f} us")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("trace", help="a Chrome trace written by torch.profiler")
@@ -86,6 +119,11 @@ def main(argv=None) -> int:
                          "name such as binding_overhead.py's 'attend', or a Python function) "
                          "down into the CUDA runtime calls its thread made inside it: count and "
                          "mean time per span by call, and the time in none of them")
+    ap.add_argument("--steps", default=None, metavar="PREFIX",
+                    help="also, per span whose name starts with PREFIX (binding_overhead.py "
+                         "--profile-pipelined's 'step'): its wall time, the device's busy time "
+                         "inside it (the union over streams) and its idle time, and each kernel "
+                         "or copy by name: count and mean device time per span")
     args = ap.parse_args(argv)
     try:
         dev, host = load(args.trace)
@@ -119,6 +157,8 @@ def main(argv=None) -> int:
             print(f"    host thread {tid}: in {name[:70]} ({dur_h / 1e3:.2f} ms)")
     if args.calls_in:
         print(calls_in(host, args.calls_in))
+    if args.steps:
+        print(step_table(dev, host, args.steps))
     if args.host_calls > 0:
         print(f"CUDA runtime calls of {args.host_calls} ms or longer (start, duration):")
         for tid in sorted({h[3] for h in host}, key=str):

@@ -68,6 +68,11 @@ struct ClusterStepParams {
   // counts the lowered keys' masses); the estimate is unchanged. The direct step's
   // residency-aware selection (MissPenaltyOffsets in direct_attend.h) fills it.
   const float* key_offset = nullptr;
+  // Null, or a cudaEvent_t that ClusterStep records on its stream right after the scoring kernel
+  // (the selection's kernels that follow occupy a few dozen CTAs): other work that waits for it
+  // runs beside the selection. Recorded whenever ClusterStep returns OK; ignored by the host
+  // reference.
+  void* scored_event = nullptr;
 };
 
 // Outputs (device memory for the kernels, host for the reference); q: f32 [q_heads, d].
