@@ -758,7 +758,14 @@ __global__ void __launch_bounds__(kSelectThreads)
   // The selection's masses: the head's own relative to its max, or (group) the keys' shares.
   const float Ms = grp ? 0.f : M;
   float target_mass = top_p * L;        // (group: set from the keys' total below)
+  // The group's mask (ClusterStepOutputs::group_mask): written by the group's first q head.
+  uint32_t* gmask = grp && out.group_mask != nullptr && qh % g == 0
+                        ? out.group_mask + static_cast<size_t>(h) * c_n
+                        : nullptr;
+  const uint32_t gbits = g == 32 ? ~0u : (1u << g) - 1u;
   if (M == -INFINITY || budget <= 0) {  // nothing to select
+    if (gmask != nullptr)
+      for (int j = t; j < c_n; j += kSelectThreads) gmask[j] = 0u;
     if (t == 0) {
       out.selected_count[qh] = 0;
       out.selected_tokens[qh] = 0;
@@ -1088,6 +1095,13 @@ __global__ void __launch_bounds__(kSelectThreads)
     }
     ScanI(tmp.i).ExclusiveSum(sel_in, pos, agg_c);
     __syncthreads();
+    if (gmask != nullptr) {
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int j = base + t * kItems + i;
+        if (j < c_n) gmask[j] = sel_in[i] ? gbits : 0u;
+      }
+    }
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
       if (!sel_in[i]) continue;

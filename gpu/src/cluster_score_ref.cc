@@ -119,6 +119,11 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
       if (sel[j]) selected[w++] = j;
     out.selected_count[qh] = count;
     out.selected_tokens[qh] = tokens;
+    if (grp && out.group_mask != nullptr && qh % g == 0) {
+      const uint32_t bits = g == 32 ? ~0u : (1u << g) - 1u;
+      uint32_t* mask = out.group_mask + static_cast<std::size_t>(h) * c;
+      for (int j = 0; j < c; ++j) mask[j] = sel[j] ? bits : 0u;
+    }
     // Estimate over the unselected clusters.
     float* eo = out.est_o + static_cast<std::size_t>(qh) * d;
     std::fill(eo, eo + d, 0.f);

@@ -1339,6 +1339,10 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.selected_tokens = reinterpret_cast<int64_t*>(dev + tokens_at);
   outs.est_o = step->o(kEstimateSlot, i);
   outs.est_lse = step->lse(kEstimateSlot, i);
+  // Group selection with a direct step: the select kernel writes the step's mask itself (no
+  // clear and no MarkSelected on the chain).
+  if (direct_q && cc.group_select && group > 1 && C > 0)
+    outs.group_mask = direct_.SelectionMask(static_cast<int>(C), stream);
   // The tier's attention (one sequence) forks after the scoring kernel (LaunchTier).
   if (step->tier_pending) params.scored_event = tier_fork_.get();
   KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
@@ -1388,6 +1392,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   if (direct) {
     KVRT_SPAN("direct_attend", i);
     KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
+                                        outs.group_mask != nullptr,
                                         reinterpret_cast<float*>(dev + q_at), step->o(kHotSlot, i),
                                         step->lse(kHotSlot, i), stream, arena, sel));
     step->hot[i] = 1;

@@ -651,9 +651,15 @@ const float* DirectStep::PenaltyOffsets(const ColdTier& cold, int C, void* strea
   return static_cast<const float*>(offsets_dev_.data());
 }
 
+uint32_t* DirectStep::SelectionMask(int C, void* stream) {
+  if (!EnsureStepBuffers(C, stream).ok() || !transfer::StreamWaitEvent(stream, rec_ready_).ok())
+    return nullptr;
+  return static_cast<uint32_t*>(mask_dev_.data());
+}
+
 absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
-                                const float* q, float* o, float* lse, void* stream,
-                                tbb::task_arena& arena, ColdSelection* sel) {
+                                bool mask_written, const float* q, float* o, float* lse,
+                                void* stream, tbb::task_arena& arena, ColdSelection* sel) {
   const int64_t t0 = NowNs();
   const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
   const int C = view_c_;
@@ -667,9 +673,12 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   const int64_t rows = cold.rows();
   const std::size_t ws_bytes = gpu::DirectAttendWorkspaceFloats(View(rows)) * sizeof(float);
   if (ws_dev_.size() < ws_bytes) KVRT_RETURN_IF_ERROR(Regrow(ws_dev_, ws_bytes + ws_bytes / 2));
-  KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, rec_ready_));
   auto* mask = static_cast<uint32_t*>(mask_dev_.data());
-  absl::Status st = gpu::MarkSelected(selected, count, H, G, C, mask, stream);
+  absl::Status st;
+  if (!mask_written) {
+    st = transfer::StreamWaitEvent(stream, rec_ready_);
+    if (st.ok()) st = gpu::MarkSelected(selected, count, H, G, C, mask, stream);
+  }
   if (st.ok())
     st = gpu::DirectAttend(View(rows), mask, q, cfg_->scale, o, lse,
                            static_cast<int64_t*>(read_rows_dev_.data()),

@@ -74,14 +74,18 @@ class DirectStep {
   // there are none for this index version and C (the first step after a prompt, a new version:
   // that step selects without the penalty).
   const float* PenaltyOffsets(const ColdTier& cold, int C, void* stream);
-  // Then: MarkSelected, DirectAttend into o, lse (device f32 [q_heads, d],
-  // [q_heads]), the mask's copy, and the admission job. selected/count: ClusterStep's outputs
-  // (device, [q_heads, C], [q_heads]); q: device f32 [q_heads, d]. *sel: every active head's CPU
-  // rows stay empty; with record_attended the rows attended come back in sel->cached_rows (one
-  // wait for the copy).
+  // The step's mask of selected clusters [kv_heads, C] for the selection kernel to write
+  // (gpu::ClusterStepOutputs::group_mask), ordered on stream after the last step's record copy
+  // read it; null if its buffers cannot be had (then Attend marks it from the lists).
+  uint32_t* SelectionMask(int C, void* stream);
+  // Then: MarkSelected (unless mask_written: the selection kernel wrote SelectionMask's mask),
+  // DirectAttend into o, lse (device f32 [q_heads, d], [q_heads]), the mask's copy, and the
+  // admission job. selected/count: ClusterStep's outputs (device, [q_heads, C], [q_heads]); q:
+  // device f32 [q_heads, d]. *sel: every active head's CPU rows stay empty; with record_attended
+  // the rows attended come back in sel->cached_rows (one wait for the copy).
   absl::Status Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
-                      const float* q, float* o, float* lse, void* stream, tbb::task_arena& arena,
-                      ColdSelection* sel);
+                      bool mask_written, const float* q, float* o, float* lse, void* stream,
+                      tbb::task_arena& arena, ColdSelection* sel);
   bool registered() const { return !regs_k_.empty(); }
   // The stores are registered (where they are now) for their first `rows` rows.
   bool RegisteredUpTo(const ColdTier& cold, int64_t rows);

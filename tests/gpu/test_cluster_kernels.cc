@@ -88,6 +88,7 @@ struct HostOut {
   std::vector<int32_t> sel, cnt;
   std::vector<int64_t> tok;
   std::vector<float> gkey;
+  std::vector<uint32_t> gmask;
   HostOut(int qh, int c, int o, int d)
       : dens(std::size_t(qh) * c),
         osc(std::size_t(qh) * std::max(o, 1)),
@@ -96,10 +97,11 @@ struct HostOut {
         sel(std::size_t(qh) * std::max(c, 1)),
         cnt(qh),
         tok(qh),
-        gkey(std::size_t(qh) * std::max(c, 1)) {}
+        gkey(std::size_t(qh) * std::max(c, 1)),
+        gmask(std::size_t(qh) * std::max(c, 1), 0xdeadbeefu) {}
   ClusterStepOutputs View() {
-    return {dens.data(), osc.data(), sel.data(), cnt.data(),
-            tok.data(),  eo.data(),  lse.data(), gkey.data()};
+    return {dens.data(), osc.data(), sel.data(),  cnt.data(),  tok.data(),
+            eo.data(),   lse.data(), gkey.data(), gmask.data()};
   }
 };
 
@@ -109,6 +111,42 @@ std::vector<float> RandQ(int qh, int d, uint32_t seed, float sd) {
   std::vector<float> q(static_cast<std::size_t>(qh) * d);
   for (auto& x : q) x = nd(rng);
   return q;
+}
+
+// What MarkSelected makes of the selection lists (direct_attend.h): per kv head and cluster, the
+// bits of the group's q heads that selected it.
+std::vector<uint32_t> MaskOfLists(const std::vector<int32_t>& sel, const std::vector<int32_t>& cnt,
+                                  int kv, int g, int c) {
+  std::vector<uint32_t> mask(std::size_t(kv) * c, 0u);
+  for (int h = 0; h < kv * g; ++h)
+    for (int k = 0; k < cnt[h]; ++k)
+      mask[std::size_t(h / g) * c + sel[std::size_t(h) * c + k]] |= 1u << (h % g);
+  return mask;
+}
+
+// Group selection: every q head of a kv head selects the same clusters, and group_mask (every
+// word written, stale bytes before) is what MarkSelected makes of the lists.
+TEST(ClusterStepHost, GroupMaskIsTheMarkedLists) {
+  for (const int64_t budget : {int64_t{0}, int64_t{700}, int64_t{1} << 30}) {
+    SCOPED_TRACE(budget);
+    const int kv = 2, g = 4, d = 64, c = 300, qh = kv * g;
+    HostSummary s = MakeSummary(kv, d, c, 5, 41, true);
+    const auto q = RandQ(qh, d, 42, 0.6f);
+    ClusterStepParams p;
+    p.q_heads = qh;
+    p.budget_tokens = budget;
+    p.group_select = true;
+    HostOut ref(qh, c, 5, d);
+    ASSERT_TRUE(ClusterStepHost(s.View(), q.data(), p, ref.View()).ok());
+    const auto want = MaskOfLists(ref.sel, ref.cnt, kv, g, c);
+    ASSERT_TRUE(std::equal(want.begin(), want.end(), ref.gmask.begin()));
+    std::size_t marked = 0;
+    for (uint32_t w : want) {
+      ASSERT_TRUE(w == 0u || w == 0xfu) << w;  // one selection per kv head
+      marked += w != 0u;
+    }
+    EXPECT_EQ(marked > 0, budget > 0);
+  }
 }
 
 #ifndef KVRT_GPU_KERNELS_ONLY
@@ -316,7 +354,10 @@ struct DevCase {
     out.est_o = ToDevice(std::vector<float>(std::size_t(qh) * s.d));
     out.est_lse = ToDevice(std::vector<float>(qh));
     out.group_key = ToDevice(std::vector<float>(std::size_t(s.kv) * c));
+    // Stale bytes: every word of it must be written.
+    out.group_mask = ToDevice(std::vector<uint32_t>(std::size_t(s.kv) * c, 0xdeadbeefu));
     allocs = {out.group_key,
+              out.group_mask,
               cen,
               vm,
               sz,
@@ -469,6 +510,12 @@ TEST(ClusterStepKernel, MatchesHostReference) {
     const auto eo = ToHost(dc.out.est_o, std::size_t(qh) * sh.d);
     const auto lse = ToHost(dc.out.est_lse, qh);
     const auto gkey = ToHost(dc.out.group_key, std::size_t(sh.kv) * sh.c);
+    if (grp) {
+      // The group's mask is the kernel's own lists marked (what the direct step attends).
+      const auto gmask = ToHost(dc.out.group_mask, std::size_t(sh.kv) * sh.c);
+      const auto want = MaskOfLists(sel, cnt, sh.kv, sh.g, sh.c);
+      for (std::size_t i = 0; i < want.size(); ++i) ASSERT_EQ(gmask[i], want[i]) << i;
+    }
     for (std::size_t i = 0; i < gkey.size() && grp; ++i) {
       if (ref.gkey[i] == kNegInf) {
         ASSERT_EQ(gkey[i], kNegInf) << i;

@@ -87,6 +87,11 @@ struct ClusterStepOutputs {
   // [kv_heads, C] the group keys (padding: -inf); required with group_select and more than one
   // q head per kv head, not written otherwise.
   float* group_key = nullptr;
+  // Null, or [kv_heads, C]: where group selection is in effect (group_select, more than one q head
+  // per kv head, C > 0), the selection as one mask word per cluster, every word written: the
+  // group's g low bits where the cluster is selected, 0 elsewhere (what MarkSelected in
+  // direct_attend.h makes of `selected`, without its clear and launch). Not written otherwise.
+  uint32_t* group_mask = nullptr;
 };
 
 // Floats of device scratch ClusterStep needs.
