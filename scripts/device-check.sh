@@ -433,22 +433,29 @@ if [[ "${1:-}" == "--device" ]]; then
       # One build, an environment knob alternated per run (AB_KNOB, default KVRT_DIRECT_SCALAR,
       # over AB_VALUES, default "1 0"), AB_ROUNDS rounds (default 2), pipelined, defaults: the
       # 128K trace at B=1 (8 layers) and B=16 (kvrt_attend_batch, 4 layers), 1M B=1 (4 layers,
-      # generated keys).
+      # generated keys); AB_RUNS picks among them (default "b1 b16 1m").
       knob=${AB_KNOB:-KVRT_DIRECT_SCALAR}
+      runs=" ${AB_RUNS:-b1 b16 1m} "
       trace=/tmp/kvrt-ab-knob.safetensors
       trace_128k $trace || rc=1
       for round in $(seq ${AB_ROUNDS:-2}); do
         for val in ${AB_VALUES:-1 0}; do
-          echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=1, 8 layers --pipeline"
-          env $knob=$val timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-            --batch 1 --layers 8 --pipeline --accuracy-steps 0 || rc=1
-          echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=16 (kvrt_attend_batch)," \
-            "4 layers --pipeline"
-          env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-            --batch 16 --attend batch --layers 4 --pipeline --accuracy-steps 0 || rc=1
-          echo "=== kvrt $knob=$val, round $round: cluster 1M B=1, 4 layers --pipeline"
-          env $knob=$val timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 \
-            --layers 4 --pipeline --accuracy-steps 0 || rc=1
+          if [[ $runs == *" b1 "* ]]; then
+            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=1, 8 layers --pipeline"
+            env $knob=$val timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
+              --batch 1 --layers 8 --pipeline --accuracy-steps 0 || rc=1
+          fi
+          if [[ $runs == *" b16 "* ]]; then
+            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=16 (kvrt_attend_batch)," \
+              "4 layers --pipeline"
+            env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
+              --batch 16 --attend batch --layers 4 --pipeline --accuracy-steps 0 || rc=1
+          fi
+          if [[ $runs == *" 1m "* ]]; then
+            echo "=== kvrt $knob=$val, round $round: cluster 1M B=1, 4 layers --pipeline"
+            env $knob=$val timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 \
+              --layers 4 --pipeline --accuracy-steps 0 || rc=1
+          fi
         done
       done
       rm -f $trace

@@ -170,6 +170,25 @@ absl::Status DirectAttend(const DirectRowsView& v, const uint32_t* mask, const f
 #endif
 }
 
+int DirectAttendSplits(const DirectRowsView& v) { return detail::DirectSplits(v); }
+
+absl::Status DirectAttendPartial(const DirectRowsView& v, const uint32_t* mask, const float* q,
+                                 float scale, float* part_o, float* part_lse, int64_t* read_rows,
+                                 void* stream) {
+  constexpr const char* kFn = "DirectAttendPartial";
+  if (auto s = detail::CheckDirectAttend(v, mask, q, scale, part_o, part_lse, kFn); !s.ok())
+    return s;
+#if KVRT_WITH_CUDA
+  const float sc = scale != 0.f ? scale : 1.f / std::sqrt(float(v.head_dim));
+  return ToStatus(
+      detail::LaunchDirectAttendSplits(v, mask, q, sc, part_o, part_lse, read_rows, stream), kFn);
+#else
+  (void)read_rows;
+  (void)stream;
+  return NoCuda(kFn);
+#endif
+}
+
 absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream) {
   constexpr const char* kFn = "FillPages";
   if (auto s = detail::CheckFillPages(v, updates, n, kFn); !s.ok()) return s;

@@ -831,6 +831,23 @@ Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_head
   return LastLaunchErr();
 }
 
+Err LaunchDirectAttendSplits(const DirectRowsView& v, const uint32_t* mask, const float* q,
+                             float scale, float* part_o, float* part_lse, int64_t* read_rows,
+                             void* stream) {
+  DirectArgs a{v,
+               mask,
+               q,
+               scale * 1.4426950408889634f,
+               part_o,
+               part_lse,
+               reinterpret_cast<unsigned long long*>(read_rows)};
+  const dim3 grid(v.kv_heads, DirectSplits(v));
+  KVRT_DISPATCH_DTYPE(v.dtype, T, {KVRT_DISPATCH_HEAD_DIM(v.head_dim, D, {
+                        return RunDirectAttend<T, D>(a, grid, AsStream(stream));
+                      })})
+  return {};
+}
+
 Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
                        float* o, float* lse, int64_t* read_rows, float* workspace, void* stream) {
   const cudaStream_t st = AsStream(stream);
@@ -843,23 +860,12 @@ Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const floa
       return e;
     }
   }
-  DirectArgs a{v,
-               mask,
-               q,
-               scale * 1.4426950408889634f,
-               ws,
-               ws + static_cast<size_t>(splits) * v.q_heads * v.head_dim,
-               reinterpret_cast<unsigned long long*>(read_rows)};
-  const dim3 grid(v.kv_heads, splits);
-  Err err = [&]() -> Err {
-    KVRT_DISPATCH_DTYPE(
-        v.dtype, T,
-        {KVRT_DISPATCH_HEAD_DIM(v.head_dim, D, { return RunDirectAttend<T, D>(a, grid, st); })})
-    return {};
-  }();
+  float* part_o = ws;
+  float* part_lse = ws + static_cast<size_t>(splits) * v.q_heads * v.head_dim;
+  Err err = LaunchDirectAttendSplits(v, mask, q, scale, part_o, part_lse, read_rows, stream);
   if (err.ok()) {
-    err = LaunchMergeStatesN(a.part_o, a.part_lse, splits, v.q_heads, v.head_dim, o, DType::kF32,
-                             lse, stream);
+    err = LaunchMergeStatesN(part_o, part_lse, splits, v.q_heads, v.head_dim, o, DType::kF32, lse,
+                             stream);
   }
   if (ws != workspace) {
     const Err fe = CudaErr(cudaFreeAsync(ws, st));

@@ -17,7 +17,7 @@ namespace kvrt::gpu::detail {
 // states, and a split of fewer than kDirectMinSplitRows store rows costs more in its merge than
 // it hides.
 inline constexpr int kDirectTargetCtas = 256;
-inline constexpr int kDirectMaxSplits = 64;
+inline constexpr int kDirectMaxSplits = kDirectAttendMaxSplits;
 inline constexpr int64_t kDirectMinSplitRows = 256;
 
 inline int DirectSplits(const DirectRowsView& v) {
@@ -37,6 +37,10 @@ Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_head
 // scale: resolved (not 0).
 Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
                        float* o, float* lse, int64_t* read_rows, float* workspace, void* stream);
+// The kernel alone: the split states into part_o [splits, q_heads, d], part_lse [splits, q_heads].
+Err LaunchDirectAttendSplits(const DirectRowsView& v, const uint32_t* mask, const float* q,
+                             float scale, float* part_o, float* part_lse, int64_t* read_rows,
+                             void* stream);
 // Loads the direct step's kernels for this shape (LoadKernel); kv_heads > 0.
 Err PreloadDirectStep(DType dtype, int head_dim, int q_heads, int kv_heads);
 Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);

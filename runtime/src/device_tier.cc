@@ -141,9 +141,11 @@ class DeviceTier;
 // the device or uploaded from the CPU), an estimate, the rows attended from the hot cache.
 constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kHotSlot = 3, kSlots = 4;
 
-// Scratch of one step of n members, slot-major: o [kSlots, n, q_heads, d], lse [kSlots, n,
-// q_heads], so that each slot's states are contiguous for one batched launch and the merge sees
-// rows = n * q_heads.
+// Scratch of one step of n members, slot-major: o [slot_count, n, q_heads, d], lse [slot_count,
+// n, q_heads], so that each slot's states are contiguous for one batched launch and the merge sees
+// rows = n * q_heads. A one-member step whose selection runs on the device has
+// kHotSlot + gpu::kDirectAttendMaxSplits slots: the direct step leaves its split states from the
+// hot slot on (hot_states of them), and the step's one merge takes them with the others.
 class DeviceStep : public TierStep {
  public:
   DeviceStep(GpuContext* ctx, const Exec& exec, int n, int q_heads, int d)
@@ -188,6 +190,8 @@ class DeviceStep : public TierStep {
   std::vector<uint8_t> fetched;    // [n] member's cold state is in its device slot
   std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
   std::vector<uint8_t> hot;        // [n] member's hot-cache state is in its device slot
+  int hot_states = 1;              // states from the hot slot on (one unless split states)
+  int slot_count = kSlots;
   std::vector<uint8_t> pending;    // [n] its cold slot holds its pending evictions' state
   bool timed = true;               // the step records the timing events (DeviceTier::kTimedEvery)
   std::vector<DeviceTier*> tiers;
@@ -196,6 +200,7 @@ class DeviceStep : public TierStep {
   // The tier's attention, launched by DeviceTier::LaunchTier (pending: not yet).
   gpu::TierBatch tier;
   gpu::AttnParams tier_params;
+  float* tier_ws = nullptr;  // its split states, in the step's scratch
   bool tier_pending = false;
   // Recorded after the tier's attention on its own stream; null once joined (or when it ran on
   // the step's stream).
@@ -1014,8 +1019,8 @@ absl::Status DeviceTier::LaunchTier(DeviceStep* step, bool forked) {
   } release_tier{ctx_, tier_stream, stream};
   if (step->timed) KVRT_RETURN_IF_ERROR(ev_start_.Record(tier_stream));
   KVRT_RETURN_IF_ERROR(gpu::TierAttention(step->tier, step->q_dev, step->tier_params,
-                                          step->o(kTierSlot, 0), step->lse(kTierSlot, 0), nullptr,
-                                          tier_stream));
+                                          step->o(kTierSlot, 0), step->lse(kTierSlot, 0),
+                                          step->tier_ws, tier_stream));
   if (step->timed) KVRT_RETURN_IF_ERROR(ev_tier_.Record(tier_stream));
   if (tier_stream != stream) {
     KVRT_RETURN_IF_ERROR(tier_done_.Record(tier_stream));
@@ -1055,17 +1060,35 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     }
   }
 
-  // Scratch: [o kSlots*n*H*d | lse kSlots*n*H | merged n*H*d | tier arrays (n > 1) | q (host q)].
+  gpu::AttnParams params;
+  params.q_heads = H;
+  params.scale = cfg_->scale;
+  params.q_is_f32 = cfg_->dtype == DType::kF32;
+  gpu::TierBatch tier;
+  tier.batch = n;
+  tier.max_tokens = max_tokens;
+  tier.kv_heads = cfg_->num_kv_heads;
+  tier.head_dim = d;
+  tier.dtype = cfg_->dtype;
+
+  // Scratch: [o slots*n*H*d | lse slots*n*H | merged n*H*d | the tier attention's split
+  // states | tier arrays (n > 1) | q (host q)]. NOTE: one allocation per step: the tier
+  // attention's own was two driver calls more per step.
   const std::size_t arrays_bytes = n > 1 ? gpu::TierArrays::Bytes(n) : 0;
-  const std::size_t floats = kSlots * (of + step->rows) + of;
-  const std::size_t arrays_at = Align16(floats * sizeof(float));
+  if (n == 1 && counts[0].selects_on_device)
+    step->slot_count = kHotSlot + gpu::kDirectAttendMaxSplits;
+  const std::size_t floats = step->slot_count * (of + step->rows) + of;
+  const std::size_t tier_ws_at = Align16(floats * sizeof(float));
+  const std::size_t arrays_at =
+      Align16(tier_ws_at + gpu::TierAttentionWorkspaceFloats(tier, params) * sizeof(float));
   KVRT_ASSIGN_OR_RETURN(
       step->scratch,
       transfer::MallocAsync(arrays_at + arrays_bytes + (exec.device ? 0 : qbytes), stream));
   auto* scratch = static_cast<unsigned char*>(step->scratch);
   step->o_states = reinterpret_cast<float*>(scratch);
-  step->lse_states = step->o_states + kSlots * of;
-  step->out_dev = step->lse_states + kSlots * step->rows;
+  step->lse_states = step->o_states + step->slot_count * of;
+  step->out_dev = step->lse_states + step->slot_count * step->rows;
+  step->tier_ws = reinterpret_cast<float*>(scratch + tier_ws_at);
 
   // q for the GPU (device) and for the CPU (host f32).
   step->q_dev = q_in;
@@ -1076,7 +1099,6 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   }
 
   // Partial attention over every member's sinks + window in one launch, into the tier slot.
-  gpu::TierBatch tier;
   if (n == 1) {
     KVRT_RETURN_IF_ERROR(UploadArrays(counts[0].n_sink, counts[0].n_window, stream));
     gpu::TierArrays::View(arrays_.data(), 1, &tier);
@@ -1087,14 +1109,6 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     KVRT_RETURN_IF_ERROR(batch_arrays_.Sent(stream));
     gpu::TierArrays::View(scratch + arrays_at, n, &tier);
   }
-  tier.max_tokens = max_tokens;
-  tier.kv_heads = cfg_->num_kv_heads;
-  tier.head_dim = d;
-  tier.dtype = cfg_->dtype;
-  gpu::AttnParams params;
-  params.q_heads = H;
-  params.scale = cfg_->scale;
-  params.q_is_f32 = cfg_->dtype == DType::kF32;
   step->timed = !exec.device || attends_seen_++ % kTimedEvery == 0;
   if (step->timed) timing_scale_ = exec.device ? kTimedEvery : 1;
   if (tier_fork_.empty()) {
@@ -1391,11 +1405,14 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   }
   if (direct) {
     KVRT_SPAN("direct_attend", i);
-    KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
-                                        outs.group_mask != nullptr,
-                                        reinterpret_cast<float*>(dev + q_at), step->o(kHotSlot, i),
-                                        step->lse(kHotSlot, i), stream, arena, sel));
+    // One sequence: the attention's split states stay in the step's slots for its one merge.
+    int splits = 0;
+    KVRT_RETURN_IF_ERROR(direct_.Attend(
+        cold, outs.selected, outs.selected_count, outs.group_mask != nullptr, step->size() > 1,
+        reinterpret_cast<float*>(dev + q_at), step->o(kHotSlot, i), step->lse(kHotSlot, i),
+        step->slot_count - kHotSlot, &splits, stream, arena, sel));
     step->hot[i] = 1;
+    step->hot_states = splits;
     if (defer) {
       KVRT_RETURN_IF_ERROR(
           AttendPendingEvictions(step, i, reinterpret_cast<float*>(dev + q_at), stream));
@@ -1511,10 +1528,10 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
     any_fetched = any_fetched || step->fetched[i];
     any_hot = any_hot || step->hot[i];
   }
-  const int slots = any_hot ? 4 : any_estimate ? 3 : any_cold ? 2 : 1;
+  const int slots = any_hot ? kHotSlot + step->hot_states : any_estimate ? 3 : any_cold ? 2 : 1;
   const bool timed = step->timed;
   if (timed && (!any_fetched || n > 1)) KVRT_RETURN_IF_ERROR(ev_h2d_begin_.Record(stream));
-  for (int slot = kColdSlot; slot < slots; ++slot) {
+  for (int slot = kColdSlot; slot < std::min(slots, kSlots); ++slot) {
     std::vector<float> o(static_cast<std::size_t>(n) * of, 0.f),
         lse(static_cast<std::size_t>(n) * H, kNegInf);
     for (int i = 0; i < n; ++i) {

@@ -658,8 +658,9 @@ uint32_t* DirectStep::SelectionMask(int C, void* stream) {
 }
 
 absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
-                                bool mask_written, const float* q, float* o, float* lse,
-                                void* stream, tbb::task_arena& arena, ColdSelection* sel) {
+                                bool mask_written, bool in_batch, const float* q, float* o,
+                                float* lse, int max_states, int* states, void* stream,
+                                tbb::task_arena& arena, ColdSelection* sel) {
   const int64_t t0 = NowNs();
   const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
   const int C = view_c_;
@@ -671,23 +672,35 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // ordered allocations and frees fewer per step): the last step's record copy read the mask on
   // another stream, so the step waits for it (long done: the admission job waited for it too).
   const int64_t rows = cold.rows();
-  const std::size_t ws_bytes = gpu::DirectAttendWorkspaceFloats(View(rows)) * sizeof(float);
-  if (ws_dev_.size() < ws_bytes) KVRT_RETURN_IF_ERROR(Regrow(ws_dev_, ws_bytes + ws_bytes / 2));
+  const gpu::DirectRowsView view = View(rows);
+  const int splits = gpu::DirectAttendSplits(view);
+  const bool partial = splits > 1 && splits <= max_states;
+  *states = partial ? splits : 1;
+  const std::size_t ws_bytes = gpu::DirectAttendWorkspaceFloats(view) * sizeof(float);
+  if (!partial && ws_dev_.size() < ws_bytes)
+    KVRT_RETURN_IF_ERROR(Regrow(ws_dev_, ws_bytes + ws_bytes / 2));
   auto* mask = static_cast<uint32_t*>(mask_dev_.data());
   absl::Status st;
   if (!mask_written) {
     st = transfer::StreamWaitEvent(stream, rec_ready_);
     if (st.ok()) st = gpu::MarkSelected(selected, count, H, G, C, mask, stream);
   }
-  if (st.ok())
-    st = gpu::DirectAttend(View(rows), mask, q, cfg_->scale, o, lse,
+  if (st.ok() && partial) {
+    st = gpu::DirectAttendPartial(view, mask, q, cfg_->scale, o, lse,
+                                  static_cast<int64_t*>(read_rows_dev_.data()), stream);
+  } else if (st.ok()) {
+    st = gpu::DirectAttend(view, mask, q, cfg_->scale, o, lse,
                            static_cast<int64_t*>(read_rows_dev_.data()),
                            static_cast<float*>(ws_dev_.data()), stream);
+  }
   // NOTE: the record goes down on a side stream: on the step's stream the merges that end the
-  // step queued behind its copy (~10-20 us of the step's device chain, profiled).
+  // step queued behind its copy (~10-20 us of the step's device chain, profiled). A batch
+  // member's stream is its own (joined before the batch's one merge), and a batch step is bound
+  // by the host's CUDA calls, which contend across its members: there the copy stays on it (an
+  // event record and a stream wait fewer per member).
   void* side = stream;
-  if (st.ok()) st = attended_.Record(stream);
-  if (st.ok()) {
+  if (st.ok() && !in_batch) st = attended_.Record(stream);
+  if (st.ok() && !in_batch) {
     absl::StatusOr<void*> aside = ctx_->AcquireStream();
     if (aside.ok()) {
       side = *aside;

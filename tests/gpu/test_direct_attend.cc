@@ -934,6 +934,33 @@ Result RunDevice(DevProblem& dp, const Problem& p, bool own_workspace) {
   return r;
 }
 
+// DirectAttendPartial, its split states merged by MergeStatesN (what the runtime's one merge of a
+// step does with them beside its other states).
+Result RunDevicePartial(DevProblem& dp, const Problem& p) {
+  Result r;
+  const int splits = DirectAttendSplits(dp.view);
+  EXPECT_GE(splits, 1);
+  EXPECT_LE(splits, kDirectAttendMaxSplits);
+  const std::size_t n = static_cast<std::size_t>(p.qh) * p.sh.d;
+  float* part_o = ToDevice(std::vector<float>(n * splits, 7.f));
+  float* part_lse = ToDevice(std::vector<float>(std::size_t(p.qh) * splits, 7.f));
+  float* o = ToDevice(std::vector<float>(n, 7.f));
+  float* lse = ToDevice(std::vector<float>(p.qh, 7.f));
+  int64_t* reads = ToDevice(std::vector<int64_t>(2, 0));
+  EXPECT_TRUE(
+      DirectAttendPartial(dp.view, dp.mask, dp.q, 0.f, part_o, part_lse, reads, nullptr).ok());
+  EXPECT_TRUE(
+      MergeStatesN(part_o, part_lse, splits, p.qh, p.sh.d, o, DType::kF32, lse, nullptr).ok());
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  r.o = ToHost(o, n);
+  r.lse = ToHost(lse, p.qh);
+  r.reads = ToHost(reads, 2);
+  for (void* x : {static_cast<void*>(part_o), static_cast<void*>(part_lse), static_cast<void*>(o),
+                  static_cast<void*>(lse), static_cast<void*>(reads)})
+    cudaFree(x);
+  return r;
+}
+
 void ExpectKernelMatches(const Result& dev, const Result& ref) {
   EXPECT_TRUE(Close(dev.lse, ref.lse, kKernelTol, "lse"));
   EXPECT_TRUE(Close(dev.o, ref.o, kKernelTol, "o"));
@@ -973,6 +1000,7 @@ TEST(DirectAttendKernel, MatchesHostReference) {
     EXPECT_TRUE(Same(ToHost(dp.mask, p.mask.size()), p.mask, "mask"));  // vs MarkSelectedHost
     ExpectKernelMatches(RunDevice(dp, p, false), RunHost(p));
     ExpectKernelMatches(RunDevice(dp, p, true), RunHost(p));
+    ExpectKernelMatches(RunDevicePartial(dp, p), RunHost(p));
   }
 }
 

@@ -168,6 +168,18 @@ absl::Status DirectAttend(const DirectRowsView& v, const uint32_t* mask, const f
 absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, const float* q,
                               float scale, float* o, float* lse, int64_t* read_rows);
 
+// The most split states DirectAttendPartial leaves (DirectAttendSplits(v) <= this).
+inline constexpr int kDirectAttendMaxSplits = 64;
+// Split states DirectAttend computes for v (a function of the view's host fields).
+int DirectAttendSplits(const DirectRowsView& v);
+// DirectAttend without the merge of its splits, for a caller that merges them with states of its
+// own in one MergeStatesN (a launch fewer on the step's chain): split s's state goes to
+// part_o + s * q_heads * d (f32 [q_heads, d]) and part_lse + s * q_heads, s <
+// DirectAttendSplits(v); merged, they are DirectAttend's o and lse. No workspace.
+absl::Status DirectAttendPartial(const DirectRowsView& v, const uint32_t* mask, const float* q,
+                                 float scale, float* part_o, float* part_lse, int64_t* read_rows,
+                                 void* stream);
+
 // Applies n page-table updates, in order: updates int32 [n, 2] = (kv_head * blocks_per_head +
 // block, page). page >= 0: rows of that store block copied from the host store into pool page
 // `page`, then block_page[...] = page (only whole blocks: (block + 1) * kDirectBlockRows <= rows,
