@@ -999,33 +999,24 @@ absl::Status DeviceTier::LaunchTier(DeviceStep* step, bool forked) {
   if (!step->tier_pending) return absl::OkStatus();
   step->tier_pending = false;
   void* stream = step->lease.get();
-  void* tier_stream = stream;
-  if (absl::StatusOr<void*> side = ctx_->AcquireStream(); side.ok()) {
-    absl::Status st = forked ? absl::OkStatus() : tier_fork_.Record(stream);
-    if (st.ok()) st = transfer::StreamWaitEvent(*side, tier_fork_);
-    if (!st.ok()) {
-      ctx_->ReleaseStream(*side);
-      return st;
-    }
-    tier_stream = *side;
+  const SideStream side(ctx_, stream);
+  if (side.apart()) {
+    if (!forked) KVRT_RETURN_IF_ERROR(tier_fork_.Record(stream));
+    KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(side.get(), tier_fork_));
   }
-  struct ReleaseTierStream {
-    GpuContext* ctx;
-    void* side;
-    void* stream;
-    ~ReleaseTierStream() {
-      if (side != stream) ctx->ReleaseStream(side);
-    }
-  } release_tier{ctx_, tier_stream, stream};
+  void* tier_stream = side.get();
   if (step->timed) KVRT_RETURN_IF_ERROR(ev_start_.Record(tier_stream));
-  KVRT_RETURN_IF_ERROR(gpu::TierAttention(step->tier, step->q_dev, step->tier_params,
-                                          step->o(kTierSlot, 0), step->lse(kTierSlot, 0),
-                                          step->tier_ws, tier_stream));
-  if (step->timed) KVRT_RETURN_IF_ERROR(ev_tier_.Record(tier_stream));
-  if (tier_stream != stream) {
-    KVRT_RETURN_IF_ERROR(tier_done_.Record(tier_stream));
-    step->tier_done = &tier_done_;
+  absl::Status st =
+      gpu::TierAttention(step->tier, step->q_dev, step->tier_params, step->o(kTierSlot, 0),
+                         step->lse(kTierSlot, 0), step->tier_ws, tier_stream);
+  if (side.apart()) {
+    // The join point, whatever happened above: the step's scratch is freed after it.
+    const absl::Status done = tier_done_.Record(tier_stream);
+    if (done.ok()) step->tier_done = &tier_done_;
+    if (st.ok()) st = done;
   }
+  KVRT_RETURN_IF_ERROR(st);
+  if (step->timed) KVRT_RETURN_IF_ERROR(ev_tier_.Record(tier_stream));
   return absl::OkStatus();
 }
 

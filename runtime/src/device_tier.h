@@ -51,4 +51,27 @@ class GpuContext {
   int prompts_in_flight_ = 0;
 };
 
+// A runtime stream for work beside the caller's stream `own` (which the caller forks and joins
+// through events), handed back to the pool when the scope ends; `own` itself when none is wanted
+// or the pool has none (the work then runs in line on it).
+class SideStream {
+ public:
+  SideStream(GpuContext* ctx, void* own, bool want = true) : ctx_(ctx), own_(own), side_(own) {
+    if (!want) return;
+    if (absl::StatusOr<void*> s = ctx->AcquireStream(); s.ok()) side_ = *s;
+  }
+  ~SideStream() {
+    if (apart()) ctx_->ReleaseStream(side_);
+  }
+  SideStream(const SideStream&) = delete;
+  SideStream& operator=(const SideStream&) = delete;
+  void* get() const { return side_; }
+  bool apart() const { return side_ != own_; }
+
+ private:
+  GpuContext* ctx_;
+  void* own_;
+  void* side_;
+};
+
 }  // namespace kvrt::runtime

@@ -698,15 +698,12 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // member's stream is its own (joined before the batch's one merge), and a batch step is bound
   // by the host's CUDA calls, which contend across its members: there the copy stays on it (an
   // event record and a stream wait fewer per member).
-  void* side = stream;
-  if (st.ok() && !in_batch) st = attended_.Record(stream);
-  if (st.ok() && !in_batch) {
-    absl::StatusOr<void*> aside = ctx_->AcquireStream();
-    if (aside.ok()) {
-      side = *aside;
-      st = transfer::StreamWaitEvent(side, attended_);
-    }
-  }
+  // The side stream goes back to the pool at the end (the admission's callback is queued on it
+  // last).
+  const SideStream side_stream(ctx_, stream, !in_batch);
+  void* side = side_stream.get();
+  if (st.ok() && side_stream.apart()) st = attended_.Record(stream);
+  if (st.ok() && side_stream.apart()) st = transfer::StreamWaitEvent(side, attended_);
   if (st.ok()) st = transfer::MemcpyAsync(rec_.data(), mask, mask_bytes, side);
   if (st.ok())
     st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecReadAt(G, C),
@@ -720,20 +717,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
     st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecStageRowsAt(G, C),
                                stage_row_.data(), stage_cap_ * sizeof(int64_t), side);
   if (st.ok()) st = rec_ready_.Record(side);
-  if (!st.ok()) {
-    if (side != stream) ctx_->ReleaseStream(side);
-    return st;
-  }
-  // The side stream goes back to the pool on every path below (the admission's callback is
-  // queued on it last).
-  struct ReleaseSide {
-    GpuContext* ctx;
-    void* side;
-    void* stream;
-    ~ReleaseSide() {
-      if (side != stream) ctx->ReleaseStream(side);
-    }
-  } release_side{ctx_, side, stream};
+  if (!st.ok()) return st;
   rec_rows_ = rows;
   rec_c_ = C;
   rec_stage_cap_ = stage_cap_;
