@@ -1282,7 +1282,12 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const int group = H / cfg_->num_kv_heads;
   timeline::Span launch_span("select_launch", i);
-  KVRT_RETURN_IF_ERROR(SyncSummary(cold, stream));
+  if (absl::Status st = SyncSummary(cold, stream); !st.ok()) {
+    // No selection on the device (no summary yet: the CPU selects): the tier's attention now,
+    // beside the CPU's work, rather than at the merge.
+    KVRT_RETURN_IF_ERROR(LaunchTier(step, false));
+    return st;
+  }
   const int64_t C = summary_view_.num_clusters, O = summary_view_.num_outliers;
   const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
   // The same budget as the index's own Search: max(k, fraction of the clustered rows, floor);
