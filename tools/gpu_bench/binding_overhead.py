@@ -70,7 +70,8 @@ def parse_args(argv=None):
                     help="profile the steps as a decoder runs them: a step's layers back to back "
                          "(one call per layer-step, Sequence.append_attend) and one stream sync "
                          "per step, as `kvrt bench decode --pipeline` does; each step is a span "
-                         "stepN (trace_gaps.py --steps stepN: the device's busy and idle time)")
+                         "stepN (trace_gaps.py --steps stepN: the device's busy and idle time), "
+                         "and takes a decode row of its own after the measured ones")
     return ap.parse_args(argv)
 
 
@@ -198,14 +199,15 @@ def calls(args, torch, kvrt, on_cuda) -> dict:
     return res
 
 
-def profile_steps(args, torch, seq, row, out, sync, on_cuda) -> None:
-    """--profile-steps more layer-steps (the last decode row again) under torch.profiler, each
-    call in a named span, written to PROFILE_DIR/binding-steps.json."""
+def profile_steps(args, torch, seq, rows, out, sync, on_cuda) -> None:
+    """--profile-steps more layer-steps under torch.profiler (step s takes rows[s % len(rows)]:
+    the last measured decode row again, or --profile-pipelined's fresh rows), each call in a named
+    span, written to PROFILE_DIR/binding-steps.json."""
     import os
     from torch.profiler import record_function
-    k_s, v_s, q_s = row
     with _profiler(on_cuda) as prof:
         for s in range(args.profile_steps):
+            k_s, v_s, q_s = rows[s % len(rows)]
             if args.profile_pipelined:
                 with record_function(f"step{s}"):
                     for layer in range(args.layers):
@@ -249,7 +251,10 @@ def main(argv=None) -> int:
         return 0
     prompt = args.sinks + args.cold + args.window
     total = args.warmup + args.steps
-    meta, t = load_layer0(args.trace, prompt, total)
+    # Pipelined profiling takes decode rows of its own after the measured ones (fresh queries,
+    # so that its steps read misses as the measured ones do; the trace must hold them).
+    fresh = args.profile_steps if args.profile_dir and args.profile_pipelined else 0
+    meta, t = load_layer0(args.trace, prompt, total + fresh)
     dev = torch.device(args.device)
     t = {k: v.to(device=dev, dtype=torch.bfloat16).contiguous() for k, v in t.items()}
     opts = {kv.partition("=")[0].strip(): _number(kv.partition("=")[2].strip()) for kv in args.kvrt}
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
     # and three torch slicings per layer-step (~2 us each) are the benchmark's cost, not the
     # binding's (they were inside the timed region until the sixth session).
     rows = [(t["decode.k"][s:s + 1], t["decode.v"][s:s + 1], t["decode.q"][s])
-            for s in range(total)]
+            for s in range(total + fresh)]
     before = None
     for s in range(total):
         if s == args.warmup:
@@ -304,7 +309,8 @@ def main(argv=None) -> int:
     delta = rt.stats() - before
     lib_attend_us = delta.time_attend_ns / max(delta.attend_calls, 1) / 1e3
     if args.profile_dir:
-        profile_steps(args, torch, seq, rows[-1], out, sync, on_cuda)
+        profile_steps(args, torch, seq, rows[total:] if fresh else [rows[-1]], out, sync,
+                      on_cuda)
 
     n_floor = 2000
     a = time.perf_counter()
