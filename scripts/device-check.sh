@@ -72,6 +72,15 @@ if [[ "${1:-}" == "--device" ]]; then
     timeout 200 $b/kvrt gen-trace -o "$1" --tokens 133200 --steps 40 --layers 1 --q-heads 32 \
       --kv-heads 8 --head-dim 128 --seed 3 --quiet
   }
+  # The --attend values for a B > 1 run of program $1: AB_ATTEND (default batch,batch-serial), or
+  # batch for a build before batch-serial.
+  attend_of() {
+    if $b/$1 bench decode --help 2>/dev/null | grep -q batch-serial; then
+      echo "${AB_ATTEND:-batch,batch-serial}"
+    else
+      echo batch
+    fi
+  }
   # The Python package built against the bundle's installed libkvrt with the machine's python3
   # and its build tools (no network), once: sets site (its PYTHONPATH) and built (how, or "").
   py_package() {
@@ -298,7 +307,8 @@ if [[ "${1:-}" == "--device" ]]; then
       # layer-steps back to back), alternating per run: 1M B=1 (4 layers, generated keys) and the
       # 128K trace B=1 (8 layers) at each of AB_CONFIGS (penalty:hot_cache_fraction, default
       # "0.5:0.1 1:0.2"; AB_ROUNDS rounds, default 1), then the 128K trace at B=16 (4 layers,
-      # kvrt_attend_batch) at the defaults.
+      # kvrt_attend_batch; AB_ATTEND, default "batch,batch-serial": its appends from a thread per
+      # sequence and from the calling thread) at the defaults.
       trace=/tmp/kvrt-ab-pipe.safetensors
       trace_128k $trace || rc=1
       for cfg in $(for r in $(seq ${AB_ROUNDS:-1}); do echo ${AB_CONFIGS:-0.5:0.1 1:0.2}; done); do
@@ -317,7 +327,7 @@ if [[ "${1:-}" == "--device" ]]; then
         [[ -x $b/$prog ]] || continue
         echo "=== $prog: cluster 128K --trace B=16 (kvrt_attend_batch), 4 layers --pipeline"
         timeout 200 $b/$prog $args --trace $trace --index cluster --cold 131072 --batch 16 \
-          --attend batch --layers 4 --pipeline --accuracy-steps 0 || rc=1
+          --attend $(attend_of $prog) --layers 4 --pipeline --accuracy-steps 0 || rc=1
       done
       rm -f $trace
     elif [[ "$bench" == timeline ]]; then
@@ -449,7 +459,7 @@ if [[ "${1:-}" == "--device" ]]; then
             echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=16 (kvrt_attend_batch)," \
               "4 layers --pipeline"
             env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-              --batch 16 --attend batch --layers 4 --pipeline --accuracy-steps 0 || rc=1
+              --batch 16 --attend $(attend_of kvrt) --layers 4 --pipeline --accuracy-steps 0 || rc=1
           fi
           if [[ $runs == *" 1m "* ]]; then
             echo "=== kvrt $knob=$val, round $round: cluster 1M B=1, 4 layers --pipeline"

@@ -54,6 +54,7 @@ struct Row {
   // The direct step: share of attends that ran it, MB read over PCIe per attend.
   double direct_share = 0, direct_host_mb = 0;
   bool batched = false;  // kvrt_attend_batch for the B sequences
+  bool serial_appends = false;  // their appends from the calling thread, in order
   double setup_s = 0;
   double prefill_ms = 0;        // mean kvrt_prefill of one (sequence, layer); device pointers with
                                 // --memory device
@@ -64,12 +65,14 @@ struct Row {
 };
 
 // One configuration: index kind, cold size, batch.
-// batched: B > 1 sequences attend through one kvrt_attend_batch_ex call per layer-step (their
-// appends still come from one thread each); else one thread per sequence appends and attends.
+// batched: B > 1 sequences attend through one kvrt_attend_batch_ex call per layer-step, their
+// appends from one thread each, or (serial_appends) from the calling thread in order; else one
+// thread per sequence appends and attends.
 bool RunOne(const BenchDecodeArgs& a, const BenchData& data, kvrt_index_kind kind,
-            const std::string& kind_name, kvrt_cold_attention mode, bool batched, int64_t cold,
-            int batch, Row* row) {
+            const std::string& kind_name, kvrt_cold_attention mode, bool batched,
+            bool serial_appends, int64_t cold, int batch, Row* row) {
   HarnessOptions o = MakeHarnessOptions(a.run, data, kind, mode, batch, batched);
+  o.serial_appends = batched && serial_appends;
   o.config.record_attended = a.accuracy_steps > 0 ? 1 : 0;
   o.capture_steps = CaptureSchedule(a.run.warmup, a.run.steps, a.accuracy_every, a.accuracy_steps);
   auto res = RunDecodeHarness(o, data);
@@ -82,7 +85,9 @@ bool RunOne(const BenchDecodeArgs& a, const BenchData& data, kvrt_index_kind kin
   const auto& lat = res->latency_us;
   const double attends = static_cast<double>(s1.attend_calls - s0.attend_calls);
   auto per = [&](int64_t a1, int64_t a0) { return attends > 0 ? (a1 - a0) / 1e3 / attends : 0.0; };
-  row->index = row->batched ? kind_name + "/batch" : kind_name;
+  row->index = !row->batched         ? kind_name
+               : row->serial_appends ? kind_name + "/batch-serial"
+                                     : kind_name + "/batch";
   row->cold = cold;
   row->batch = batch;
   row->samples = static_cast<int>(lat.size());
@@ -172,11 +177,15 @@ int Run(BenchDecodeArgs a) {
     modes.emplace_back(*mode, name);
   }
   if (auto st = CheckDecodeSettings(a.run); !st.ok()) return Usage(st);
-  std::vector<bool> attend_modes;
+  struct AttendMode {
+    bool batched, serial_appends;
+  };
+  std::vector<AttendMode> attend_modes;
   for (const auto& m : SplitList(a.attend)) {
-    if (m != "threads" && m != "batch")
-      return Usage(absl::InvalidArgumentError("--attend: '" + m + "' is not threads or batch"));
-    attend_modes.push_back(m == "batch");
+    if (m != "threads" && m != "batch" && m != "batch-serial")
+      return Usage(absl::InvalidArgumentError("--attend: '" + m +
+                                              "' is not threads, batch or batch-serial"));
+    attend_modes.push_back({m != "threads", m == "batch-serial"});
   }
   if (kinds.empty() || modes.empty() || attend_modes.empty())
     return Usage(absl::InvalidArgumentError("--index, --cold-attention and --attend need a value"));
@@ -243,7 +252,7 @@ int Run(BenchDecodeArgs a) {
             "(--accuracy-steps 0: timings without it)\n",
             a.accuracy_every, a.accuracy_steps);
       std::printf(
-          "%-16s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s | "
+          "%-21s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s | "
           "%7s %7s %7s %9s %9s\n",
           "index", "cold_attn", "cold", "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h", "search",
           "cpu_attn", "h2d", "merge", "idle", "attend", "append", "GPU_MiB/sl", "scanned", "fetch",
@@ -252,19 +261,21 @@ int Run(BenchDecodeArgs a) {
     std::printf("keys (cold %lld): %s\n", static_cast<long long>(cold), data->source.c_str());
     for (const auto& [kind, name] : kinds)
       for (const auto& [mode, mode_name] : modes)
-        for (bool batched : attend_modes)
+        for (const AttendMode& am : attend_modes)
           for (int64_t batch : *batches) {
             if (batch > 1 && cold > a.max_cold_batch) continue;
-            if (batched && batch == 1) continue;  // the same as one thread
+            if (am.batched && batch == 1) continue;  // the same as one thread
             Row r;
-            r.batched = batched;
-            if (!RunOne(a, *data, kind, name, mode, batched, cold, static_cast<int>(batch), &r)) {
+            r.batched = am.batched;
+            r.serial_appends = am.serial_appends;
+            if (!RunOne(a, *data, kind, name, mode, am.batched, am.serial_appends, cold,
+                        static_cast<int>(batch), &r)) {
               rc = 1;
               continue;
             }
             const auto& acc = r.accuracy;
             std::printf(
-                "%-16s %9s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f "
+                "%-21s %9s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f "
                 "%8.1f | %7.1f %9.2f %8.4f %6.2f | %7.4f %7.4f %7.4f %9.3g %9.3g\n",
                 r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch,
                 r.samples, r.p50, r.p99, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge,
@@ -272,18 +283,18 @@ int Run(BenchDecodeArgs a) {
                 r.retrieved, acc.recall, acc.mass, acc.error_mean, acc.error_p99);
             if (r.direct_share > 0)
               std::printf(
-                  "%-16s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
+                  "%-21s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
                   "%.1f given a page (%.3f MB copied in over PCIe), %.3f MB read from the host "
                   "store, CPU %.1f us\n",
                   "", 100 * r.direct_share, r.hot_hits, r.hot_misses, r.hot_h2d_mb,
                   r.direct_host_mb, r.hot_cpu_us);
             else if (r.hot_hits + r.hot_misses > 0)
               std::printf(
-                  "%-16s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB), CPU %.1f "
+                  "%-21s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB), CPU %.1f "
                   "us of the search\n",
                   "", r.hot_hits, r.hot_misses, r.hot_h2d_mb, r.hot_cpu_us);
             std::printf(
-                "%-16s prefill (%s pointers): the call %.1f ms, until ready (host store and "
+                "%-21s prefill (%s pointers): the call %.1f ms, until ready (host store and "
                 "index built, kvrt_seq_wait) %.1f ms per (sequence, layer)",
                 "", r.device ? "device" : "host", r.prefill_ms, r.prefill_ready_ms);
             if (r.segments_gpu > 0)
@@ -336,7 +347,10 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--attend", args->attend,
                   "comma-separated ways B > 1 sequences attend: threads (one caller thread per "
-                  "sequence, kvrt_attend_ex) and/or batch (one kvrt_attend_batch_ex call)")
+                  "sequence, kvrt_attend_ex), batch (one kvrt_attend_batch_ex call, the appends "
+                  "from one thread per sequence) and/or batch-serial (the same call, the appends "
+                  "from the calling thread in order, as a batched decoder and the Python "
+                  "package's append_attend_batch make them)")
       ->capture_default_str();
   cmd->add_option(
          "--cold-attention", args->cold_attention,

@@ -195,12 +195,14 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
     sync_us[b] += NowUs() - t2;
     if (s != KVRT_OK) fail[b] = s;
   };
-  // Batch: one thread per sequence, released together for each layer-step.
+  // Batch: one thread per sequence, released together for each layer-step (unless the calling
+  // thread appends them all).
   int cur_layer = 0, cur_step = 0;
   bool stop = false;
   std::barrier start(batch + 1), done(batch + 1);
   std::vector<std::thread> workers;
-  if (batch > 1)
+  const bool serial = batch_attend && o.serial_appends;
+  if (batch > 1 && !serial)
     for (int b = 0; b < batch; ++b)
       workers.emplace_back([&, b] {
         for (;;) {
@@ -214,8 +216,12 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
     cur_layer = layer;
     cur_step = step;
     if (batch == 1) return work(0, layer, step);
-    start.arrive_and_wait();
-    done.arrive_and_wait();
+    if (serial) {
+      for (int b = 0; b < batch; ++b) work(b, layer, step);
+    } else {
+      start.arrive_and_wait();
+      done.arrive_and_wait();
+    }
     if (!batch_attend) return;
     const kvrt_status s =
         kvrt_attend_batch_ex(rt, seqs.data(), batch, layer,
@@ -275,7 +281,7 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
     }
     if (step >= o.warmup + 5 && (NowUs() - t_begin) / 1e6 > o.max_seconds) break;
   }
-  if (batch > 1) {
+  if (!workers.empty()) {
     stop = true;
     start.arrive_and_wait();
     for (auto& w : workers) w.join();

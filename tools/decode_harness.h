@@ -19,6 +19,9 @@ struct HarnessOptions {
   int batch = 1;
   bool device = false;   // q, k, v, out in device memory (CUDA build)
   bool batched = false;  // kvrt_attend_batch_ex for B > 1
+  // With batched: the B appends of a layer-step from the calling thread, in order (else one
+  // thread per sequence, all released at once).
+  bool serial_appends = false;
   // The layer-steps of a step back to back, one wait per step: the host's calls for a layer
   // overlap the device's work for the layers before, as in a decoder. latency_us then holds one
   // value per measured step, its wall time over the layers; a captured step is not measured.
