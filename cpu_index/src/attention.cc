@@ -17,6 +17,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Rows summed in f32 per block, blocks summed in f64: over 1M tokens the f32 rounding of a plain
 // running sum (~n * eps) would reach 1e-4 relative; blocked, it stays near kBlock * eps.
 constexpr int64_t kBlock = 128;
+// Value rows fetched ahead of the weighted sum's use (each a few cache lines).
+constexpr int64_t kPrefetchRows = 8;
 
 // Softmax-weighted sums of value rows for nq heads over the same n rows, given each head's raw
 // (already scaled) scores s [nq, n], overwritten; two passes. A head's arithmetic and its order do
@@ -44,18 +46,27 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
   }
   if (live.empty()) return;
   std::vector<float> row(d), part(static_cast<std::size_t>(nq) * d);
+  const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(t);
   std::vector<double> acc(static_cast<std::size_t>(nq) * d, 0.0);
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
     std::fill(part.begin(), part.end(), 0.f);
     for (int64_t j = b; j < e; ++j) {
+      // The rows are scattered (a store's selected rows, a kv head's rows of an interleaved ring):
+      // the pass waited on each row's load (profiled); fetch a few rows ahead.
+      if (j + kPrefetchRows < n) {
+        const auto* ahead = reinterpret_cast<const char*>(value_at(j + kPrefetchRows));
+        for (std::size_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(ahead + at);
+      }
       ConvertToF32(value_at(j), t, d, row.data());
       // NOTE: no skip of weight-0 rows: 0 * NaN is NaN, so a NaN value reaches the output as in
       // the GPU kernel (which has no skip either).
-      for (int h : live) {
-        const float w = s[static_cast<std::size_t>(h) * n + j];
-        float* ph = part.data() + static_cast<std::size_t>(h) * d;
-        for (int i = 0; i < d; ++i) ph[i] += w * row[i];
+      if (static_cast<int>(live.size()) == nq) {
+        AddScaledRow(s.data() + j, static_cast<std::size_t>(n), nq, row.data(), part.data(), d);
+      } else {
+        for (int h : live)
+          AddScaledRow(s.data() + static_cast<std::size_t>(h) * n + j, 0, 1, row.data(),
+                       part.data() + static_cast<std::size_t>(h) * d, d);
       }
     }
     for (int h : live)
@@ -87,6 +98,27 @@ void AttendDense(const float* q, int d, float scale, const void* keys, const voi
   auto* vb = static_cast<const unsigned char*>(values);
   Finish(
       s, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
+}
+
+void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* keys,
+                      const void* values, std::size_t stride_elems, DType t, int64_t n, float* o,
+                      float* lse) {
+  std::vector<float> s(static_cast<std::size_t>(nq) * n);
+  const std::size_t stride_bytes = stride_elems * DTypeSize(t);
+  auto* kb = static_cast<const unsigned char*>(keys);
+  // Chunks of rows whose keys stay in cache while every head scores them (a multiple of any
+  // block DotRows takes rows in, so that each row is scored as in one call over all of them).
+  constexpr int64_t kChunk = 256;
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t len = std::min(kChunk, n - c);
+    for (int h = 0; h < nq; ++h)
+      DotRows(q + static_cast<std::size_t>(h) * d, kb + c * stride_bytes, d, t, len, stride_elems,
+              s.data() + static_cast<std::size_t>(h) * n + c);
+  }
+  for (auto& x : s) x *= scale;
+  auto* vb = static_cast<const unsigned char*>(values);
+  FinishGroup(
+      s, nq, n, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
 }
 
 void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,

@@ -69,6 +69,15 @@ void DotRowMulti(const float* qs, int nq, const void* row, int d, DType t, float
   for (int j = 0; j < nq; ++j) out[j] = DotRow(qs + static_cast<std::size_t>(j) * d, row, d, t);
 }
 
+KVRT_MULTIVERSION void AddScaledRow(const float* w, std::size_t w_stride, int nq, const float* x,
+                                    float* y, int d) {
+  for (int h = 0; h < nq; ++h) {
+    const float wh = w[h * w_stride];
+    float* yh = y + static_cast<std::size_t>(h) * d;
+    for (int i = 0; i < d; ++i) yh[i] += wh * x[i];
+  }
+}
+
 void DotRows(const float* q, const void* rows, int d, DType t, int64_t n, std::size_t stride_elems,
              float* out) {
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);

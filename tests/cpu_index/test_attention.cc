@@ -170,6 +170,34 @@ TEST_P(AttentionTest, GroupPassEqualsOnePassPerHead) {
   for (int h = 0; h < nq; ++h) EXPECT_TRUE(std::isnan(o[h * d + 3])) << h;
 }
 
+// The tier's rows (kv heads interleaved, `stride` apart): a kv head's q heads in one pass equal
+// one pass per head, bit for bit, at lengths around the pass's chunks.
+TEST_P(AttentionTest, DenseGroupEqualsOnePassPerHead) {
+  const DType t = GetParam();
+  const int d = 64, nq = 4, kv = 3;
+  const int64_t rows = 600;
+  Rows k = MakeRows(rows * kv, d, t, 1.f, 11), v = MakeRows(rows * kv, d, t, 1.f, 12);
+  std::mt19937_64 rng(13);
+  std::normal_distribution<float> g(0.f, 2.f);
+  std::vector<float> q(static_cast<std::size_t>(nq) * d);
+  for (auto& x : q) x = g(rng);
+  const std::size_t stride = static_cast<std::size_t>(kv) * d, esz = DTypeSize(t);
+  const auto* kb = static_cast<const unsigned char*>(k.data(t)) + d * esz;  // kv head 1
+  const auto* vb = static_cast<const unsigned char*>(v.data(t)) + d * esz;
+  for (const int64_t n : {int64_t{0}, int64_t{1}, int64_t{255}, int64_t{256}, int64_t{257}, rows}) {
+    std::vector<float> o(static_cast<std::size_t>(nq) * d, 7.f), lse(nq, 7.f);
+    AttendDenseGroup(q.data(), nq, d, 0.125f, kb, vb, stride, t, n, o.data(), lse.data());
+    for (int h = 0; h < nq; ++h) {
+      std::vector<float> o1(d, 5.f);
+      float lse1 = 5.f;
+      AttendDense(q.data() + h * d, d, 0.125f, kb, vb, stride, t, n, o1.data(), &lse1);
+      EXPECT_EQ(std::vector<float>(o.begin() + h * d, o.begin() + (h + 1) * d), o1)
+          << "n " << n << " head " << h;
+      EXPECT_EQ(std::memcmp(&lse[h], &lse1, sizeof(float)), 0) << "n " << n;
+    }
+  }
+}
+
 TEST_P(AttentionTest, MergeOfAnySplitEqualsWhole) {
   const DType t = GetParam();
   const int d = 64;

@@ -15,6 +15,13 @@ class HeadStore;
 void AttendDense(const float* q, int d, float scale, const void* keys, const void* values,
                  std::size_t stride_elems, DType t, int64_t n, float* o, float* lse);
 
+// The same rows for nq queries (the q heads of one kv head over its interleaved rows): q [nq, d],
+// o [nq, d], lse [nq]. Each head's result is AttendDense's, bit for bit; the rows are read once
+// for all the heads instead of once per head.
+void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* keys,
+                      const void* values, std::size_t stride_elems, DType t, int64_t n, float* o,
+                      float* lse);
+
 // Rows given by pointers: keys[j], values[j] each d elements of dtype t (a gathered list).
 void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
                        const void* const* keys, const void* const* values, float* o, float* lse);

@@ -19,4 +19,9 @@ void DotRowMulti(const float* qs, int nq, const void* row, int d, DType t, float
 void DotRows(const float* q, const void* rows, int d, DType t, int64_t n, std::size_t stride_elems,
              float* out);
 
+// y[h * d + i] += w[h * w_stride] * x[i] for h < nq, i < d: one value row's weighted share added
+// to nq heads' sums (the attention's value pass). Multiversioned like the dots, so its rounding
+// (fused multiply-add where the ISA has it) follows the machine as theirs does.
+void AddScaledRow(const float* w, std::size_t w_stride, int nq, const float* x, float* y, int d);
+
 }  // namespace kvrt::cpu_index
