@@ -122,9 +122,10 @@ class ClusterIndex final : public KeyIndex {
     const int64_t tokens = SelectClusters(summary_, key.data(), Budget(params), cfg_.top_p, &sel);
     // The outliers in the summary's order for every query: the group's heads then hold the same
     // rows in the same order, which the runtime attends in one pass for all of them.
+    const std::vector<float> log_size = cfg_.estimate ? LogSizes(summary_) : std::vector<float>();
     for (int i = 0; i < nq; ++i)
       Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i],
-           /*outliers_by_score=*/false);
+           /*outliers_by_score=*/false, log_size.empty() ? nullptr : log_size.data());
     return absl::OkStatus();
   }
 
@@ -238,8 +239,10 @@ class ClusterIndex final : public KeyIndex {
 
   // The result of one query: outliers (best first, or in the summary's order), the selected
   // clusters' rows, its estimate.
+  // log_size: null, or LogSizes(summary_) (the group's queries share it).
   void Emit(const float* density, const std::vector<int32_t>& sel, int64_t tokens,
-            const float* oscores, SearchResult* out, bool outliers_by_score = true) const {
+            const float* oscores, SearchResult* out, bool outliers_by_score = true,
+            const float* log_size = nullptr) const {
     const int64_t c = summary_.num_clusters();
     const int64_t no = static_cast<int64_t>(summary_.outliers.size());
     out->ids.clear();
@@ -262,7 +265,7 @@ class ClusterIndex final : public KeyIndex {
     out->scanned = c + no;
     if (cfg_.estimate) {
       out->est_o.resize(dim_);
-      EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse);
+      EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse, log_size);
       if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.clear();
     } else {
       out->est_o.clear();

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "kvrt_cpu_index/cluster.h"
+#include "kvrt_cpu_index/dot.h"
 
 namespace kvrt::cpu_index {
 
@@ -65,15 +66,19 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
 void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key) {
   const int64_t c = s.num_clusters();
   std::vector<double> lse(nq, -INFINITY);
+  // The sizes' logs once for every query and pass (2 * nq logs per cluster before).
+  std::vector<double> log_size(c, 0.0);
+  for (int64_t j = 0; j < c; ++j)
+    if (s.size[j] > 0) log_size[j] = std::log(double(s.size[j]));
   for (int i = 0; i < nq; ++i) {
     const float* di = density + static_cast<std::size_t>(i) * c;
     double m = -INFINITY;
     for (int64_t j = 0; j < c; ++j)
-      if (s.size[j] > 0) m = std::max<double>(m, di[j] + std::log(double(s.size[j])));
+      if (s.size[j] > 0) m = std::max<double>(m, di[j] + log_size[j]);
     if (m == -INFINITY) continue;
     double l = 0;
     for (int64_t j = 0; j < c; ++j)
-      if (s.size[j] > 0) l += std::exp(di[j] + std::log(double(s.size[j])) - m);
+      if (s.size[j] > 0) l += std::exp(di[j] + log_size[j] - m);
     lse[i] = m + std::log(l);
   }
   for (int64_t j = 0; j < c; ++j) {
@@ -92,14 +97,25 @@ void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, fl
   }
 }
 
+std::vector<float> LogSizes(const ClusterSummary& s) {
+  std::vector<float> out(s.size.size());
+  for (std::size_t j = 0; j < out.size(); ++j) out[j] = std::log(static_cast<float>(s.size[j]));
+  return out;
+}
+
 void EstimateUnselected(const ClusterSummary& s, const float* density,
-                        const std::vector<int32_t>& selected, float* o, float* lse) {
+                        const std::vector<int32_t>& selected, float* o, float* lse,
+                        const float* log_size) {
   const int d = s.dim;
   const int64_t c = s.num_clusters();
   std::fill(o, o + d, 0.f);
   *lse = -INFINITY;
   std::vector<float> lm(c);
-  for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + std::log(static_cast<float>(s.size[j]));
+  if (log_size != nullptr) {
+    for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + log_size[j];
+  } else {
+    for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + std::log(static_cast<float>(s.size[j]));
+  }
   for (int32_t j : selected) lm[j] = -INFINITY;
   float m = -INFINITY;
   for (int64_t j = 0; j < c; ++j) m = std::max(m, lm[j]);
@@ -108,7 +124,7 @@ void EstimateUnselected(const ClusterSummary& s, const float* density,
   // 5-10x faster than double throughout, relative error ~1e-6.
   constexpr int64_t kBlock = 256;
   std::vector<double> acc(d, 0.0);
-  std::vector<float> part(d);
+  std::vector<float> part(d), row(d);
   double l = 0;
   for (int64_t b = 0; b < c; b += kBlock) {
     std::fill(part.begin(), part.end(), 0.f);
@@ -117,8 +133,9 @@ void EstimateUnselected(const ClusterSummary& s, const float* density,
       if (lm[j] == -INFINITY) continue;
       const float w = std::exp(lm[j] - m);
       lb += w;
-      const uint16_t* v = s.value_mean.data() + static_cast<std::size_t>(j) * d;
-      for (int t = 0; t < d; ++t) part[t] += w * Bf16ToF32(v[t]);
+      ConvertToF32(s.value_mean.data() + static_cast<std::size_t>(j) * d, DType::kBF16, d,
+                   row.data());
+      AddScaledRow(&w, 0, 1, row.data(), part.data(), d);
     }
     l += lb;
     for (int t = 0; t < d; ++t) acc[t] += part[t];

@@ -152,9 +152,13 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
 void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key);
 
 // Estimated partial state over the clusters NOT in `selected`: o [dim], *lse (-inf, o = 0 when
-// none). Max-subtracted, f32 output, double accumulation.
+// none). Max-subtracted, f32 output, double accumulation. log_size: null, or [C] the f32 logs
+// of the clusters' sizes (LogSizes), for callers that estimate for several queries.
 void EstimateUnselected(const ClusterSummary& s, const float* density,
-                        const std::vector<int32_t>& selected, float* o, float* lse);
+                        const std::vector<int32_t>& selected, float* o, float* lse,
+                        const float* log_size = nullptr);
+// [C] std::log(float(size[j])): what EstimateUnselected weighs the clusters by.
+std::vector<float> LogSizes(const ClusterSummary& s);
 
 // Segments clustered outside the index (the GPU build at prefill): the next Build or Add of
 // `index` (kind kCluster, built with the same queries, so in the same metric) takes parts[i] for
