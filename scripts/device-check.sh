@@ -26,8 +26,9 @@
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
 # KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1,
 # BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
-# through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH takes a list); TESTS="" and
-# SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS picks the tools.
+# through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
+# takes a list); TESTS="" and SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS
+# picks the tools.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
