@@ -4,9 +4,11 @@
 // resources (streams, pinned pool).
 //
 // A decode step on the device (LayerState::Attend drives it):
-//   stream: [H2D q] -> TierAttention(sinks + ring) -> tier state
+//   side stream: TierAttention(sinks + ring) -> tier state (forked from the step's stream, after
+//                the summary's scoring for one sequence with a device selection, else at once)
 //   CPU:    [wait D2H q] -> cold selection -> cold attention (or fetch: gather, H2D, GatherAttend)
-//   stream: H2D of the host states -> one MergeStatesN over [tier, fetched, host states] -> out
+//   stream: H2D of the host states -> join the side stream -> one MergeStatesN over [tier,
+//           fetched, host states, or the direct step's split states] -> out
 // Every piece of a layer's device work is ordered after the previous call's through an event
 // (last_use), so calls on different streams never race on the tier's buffers.
 #include <condition_variable>
