@@ -10,6 +10,7 @@
 // returned rows). effort is ignored.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <limits>
 
 #include "absl/strings/str_cat.h"
@@ -122,10 +123,22 @@ class ClusterIndex final : public KeyIndex {
     const int64_t tokens = SelectClusters(summary_, key.data(), Budget(params), cfg_.top_p, &sel);
     // The outliers in the summary's order for every query: the group's heads then hold the same
     // rows in the same order, which the runtime attends in one pass for all of them.
-    const std::vector<float> log_size = cfg_.estimate ? LogSizes(summary_) : std::vector<float>();
     for (int i = 0; i < nq; ++i)
       Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i],
-           /*outliers_by_score=*/false, log_size.empty() ? nullptr : log_size.data());
+           /*outliers_by_score=*/false, /*estimate=*/false);
+    if (cfg_.estimate) {
+      // Every query's estimate in one pass over the value means (each query's as alone).
+      const std::vector<float> log_size = LogSizes(summary_);
+      std::vector<float> eo(static_cast<std::size_t>(nq) * dim_), el(nq);
+      EstimateUnselectedGroup(summary_, density.data(), nq, sel, log_size.data(), eo.data(),
+                              el.data());
+      for (int i = 0; i < nq; ++i) {
+        outs[i].est_lse = el[i];
+        if (el[i] == -std::numeric_limits<float>::infinity()) continue;  // est_o stays empty
+        outs[i].est_o.assign(eo.begin() + static_cast<std::ptrdiff_t>(i) * dim_,
+                             eo.begin() + static_cast<std::ptrdiff_t>(i + 1) * dim_);
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -239,10 +252,10 @@ class ClusterIndex final : public KeyIndex {
 
   // The result of one query: outliers (best first, or in the summary's order), the selected
   // clusters' rows, its estimate.
-  // log_size: null, or LogSizes(summary_) (the group's queries share it).
+  // estimate false: est_o left empty and est_lse -inf (the caller estimates the group at once).
   void Emit(const float* density, const std::vector<int32_t>& sel, int64_t tokens,
             const float* oscores, SearchResult* out, bool outliers_by_score = true,
-            const float* log_size = nullptr) const {
+            bool estimate = true) const {
     const int64_t c = summary_.num_clusters();
     const int64_t no = static_cast<int64_t>(summary_.outliers.size());
     out->ids.clear();
@@ -263,9 +276,9 @@ class ClusterIndex final : public KeyIndex {
       for (int64_t r = summary_.begin[j]; r < summary_.begin[j] + summary_.size[j]; ++r)
         out->ids.push_back(r);
     out->scanned = c + no;
-    if (cfg_.estimate) {
+    if (cfg_.estimate && estimate) {
       out->est_o.resize(dim_);
-      EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse, log_size);
+      EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse);
       if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.clear();
     } else {
       out->est_o.clear();

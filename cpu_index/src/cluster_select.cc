@@ -144,4 +144,67 @@ void EstimateUnselected(const ClusterSummary& s, const float* density,
   *lse = static_cast<float>(m + std::log(l));
 }
 
+void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int nq,
+                             const std::vector<int32_t>& selected, const float* log_size, float* o,
+                             float* lse) {
+  const int d = s.dim;
+  const int64_t c = s.num_clusters();
+  std::fill(o, o + static_cast<std::size_t>(nq) * d, 0.f);
+  std::fill(lse, lse + nq, -INFINITY);
+  // Per query, as EstimateUnselected: the log masses, the selected ones out, the max.
+  std::vector<float> lm(static_cast<std::size_t>(nq) * c), m(nq, -INFINITY);
+  std::vector<int> live;
+  for (int h = 0; h < nq; ++h) {
+    float* lh = lm.data() + static_cast<std::size_t>(h) * c;
+    const float* dh = density + static_cast<std::size_t>(h) * c;
+    for (int64_t j = 0; j < c; ++j) lh[j] = dh[j] + log_size[j];
+    for (int32_t j : selected) lh[j] = -INFINITY;
+    for (int64_t j = 0; j < c; ++j) m[h] = std::max(m[h], lh[j]);
+    if (m[h] != -INFINITY) live.push_back(h);
+  }
+  if (live.empty()) return;
+  const int nl = static_cast<int>(live.size());
+  constexpr int64_t kBlock = 256;  // as EstimateUnselected's
+  std::vector<double> acc(static_cast<std::size_t>(nl) * d, 0.0), l(nl, 0.0);
+  std::vector<float> part(static_cast<std::size_t>(nl) * d), row(d), lb(nl), w(nl);
+  for (int64_t b = 0; b < c; b += kBlock) {
+    std::fill(part.begin(), part.end(), 0.f);
+    std::fill(lb.begin(), lb.end(), 0.f);
+    for (int64_t j = b; j < std::min(c, b + kBlock); ++j) {
+      bool all = true, any = false;
+      for (int k = 0; k < nl; ++k) {
+        const float x = lm[static_cast<std::size_t>(live[k]) * c + j];
+        all = all && x != -INFINITY;
+        any = any || x != -INFINITY;
+      }
+      if (!any) continue;
+      ConvertToF32(s.value_mean.data() + static_cast<std::size_t>(j) * d, DType::kBF16, d,
+                   row.data());
+      for (int k = 0; k < nl; ++k) {
+        const int h = live[k];
+        const float x = lm[static_cast<std::size_t>(h) * c + j];
+        if (x == -INFINITY) continue;
+        w[k] = std::exp(x - m[h]);
+        lb[k] += w[k];
+        // A query that skips this cluster (its own -inf) adds nothing, as alone.
+        if (!all)
+          AddScaledRow(&w[k], 0, 1, row.data(), part.data() + static_cast<std::size_t>(k) * d, d);
+      }
+      if (all) AddScaledRow(w.data(), 1, nl, row.data(), part.data(), d);
+    }
+    for (int k = 0; k < nl; ++k) {
+      l[k] += lb[k];
+      for (int t = 0; t < d; ++t)
+        acc[static_cast<std::size_t>(k) * d + t] += part[static_cast<std::size_t>(k) * d + t];
+    }
+  }
+  for (int k = 0; k < nl; ++k) {
+    const int h = live[k];
+    for (int t = 0; t < d; ++t)
+      o[static_cast<std::size_t>(h) * d + t] =
+          static_cast<float>(acc[static_cast<std::size_t>(k) * d + t] / l[k]);
+    lse[h] = static_cast<float>(m[h] + std::log(l[k]));
+  }
+}
+
 }  // namespace kvrt::cpu_index

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -258,6 +259,49 @@ TEST(ClusterIndex, SelectionTakesTheDensestClustersFirst) {
   float lse;
   EstimateUnselected(s, dens.data(), sel, o.data(), &lse);
   EXPECT_TRUE(std::isfinite(lse));
+}
+
+// The group's estimate (one pass over the value means for the q heads of a kv head) is each
+// query's own, bit for bit: a query whose densities are all -inf (nothing to estimate), one with a
+// cluster the others have (-inf there: it adds nothing), a budget of nothing and of some clusters.
+TEST(ClusterIndex, GroupEstimateIsEachQuerysOwn) {
+  HeadStore store(kDim, DType::kF32);
+  AppendRows(&store, 512, 31);
+  auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  ApplyOrder(index.get(), &store, 0, 512);
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  const int64_t c = s.num_clusters();
+  const int nq = 4;
+  std::vector<float> dens(static_cast<std::size_t>(nq) * c);
+  for (int h = 0; h < nq; ++h) {
+    const auto q = RandomQuery(40 + h);
+    std::vector<float> scores(c);
+    for (int64_t j = 0; j < c; ++j) {
+      float a = 0;
+      for (int t = 0; t < kDim; ++t) a += q[t] * Bf16ToF32(s.centroid[j * kDim + t]);
+      scores[j] = a;
+    }
+    ClusterDensity(s, scores.data(), 1.f, 0.125f, 1.f, dens.data() + h * c);
+  }
+  std::fill(dens.begin() + 2 * c, dens.begin() + 3 * c, -std::numeric_limits<float>::infinity());
+  dens[3 * c + 1] = -std::numeric_limits<float>::infinity();
+  const std::vector<float> log_size = LogSizes(s);
+  for (const int64_t budget : {int64_t{0}, int64_t{60}}) {
+    std::vector<int32_t> sel;
+    SelectClusters(s, dens.data(), budget, 0.f, &sel);
+    std::vector<float> o(static_cast<std::size_t>(nq) * kDim, 7.f), lse(nq, 7.f);
+    EstimateUnselectedGroup(s, dens.data(), nq, sel, log_size.data(), o.data(), lse.data());
+    for (int h = 0; h < nq; ++h) {
+      std::vector<float> o1(kDim, 5.f);
+      float lse1 = 5.f;
+      EstimateUnselected(s, dens.data() + h * c, sel, o1.data(), &lse1);
+      EXPECT_EQ(std::vector<float>(o.begin() + h * kDim, o.begin() + (h + 1) * kDim), o1)
+          << "budget " << budget << " query " << h;
+      EXPECT_EQ(std::memcmp(&lse[h], &lse1, sizeof(float)), 0) << "budget " << budget;
+    }
+    EXPECT_EQ(lse[2], -std::numeric_limits<float>::infinity());
+  }
 }
 
 // Segments clustered outside the index (the GPU build) are taken as they are: a preset of the

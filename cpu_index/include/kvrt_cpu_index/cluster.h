@@ -159,6 +159,12 @@ void EstimateUnselected(const ClusterSummary& s, const float* density,
                         const float* log_size = nullptr);
 // [C] std::log(float(size[j])): what EstimateUnselected weighs the clusters by.
 std::vector<float> LogSizes(const ClusterSummary& s);
+// EstimateUnselected for nq queries that selected the same clusters (group selection): density
+// [nq, C], o [nq, dim], lse [nq]; log_size: LogSizes(s). Each query's result is
+// EstimateUnselected's, bit for bit; each value mean is read once for all of them.
+void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int nq,
+                             const std::vector<int32_t>& selected, const float* log_size, float* o,
+                             float* lse);
 
 // Segments clustered outside the index (the GPU build at prefill): the next Build or Add of
 // `index` (kind kCluster, built with the same queries, so in the same metric) takes parts[i] for
