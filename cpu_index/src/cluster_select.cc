@@ -104,18 +104,13 @@ std::vector<float> LogSizes(const ClusterSummary& s) {
 }
 
 void EstimateUnselected(const ClusterSummary& s, const float* density,
-                        const std::vector<int32_t>& selected, float* o, float* lse,
-                        const float* log_size) {
+                        const std::vector<int32_t>& selected, float* o, float* lse) {
   const int d = s.dim;
   const int64_t c = s.num_clusters();
   std::fill(o, o + d, 0.f);
   *lse = -INFINITY;
   std::vector<float> lm(c);
-  if (log_size != nullptr) {
-    for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + log_size[j];
-  } else {
-    for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + std::log(static_cast<float>(s.size[j]));
-  }
+  for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + std::log(static_cast<float>(s.size[j]));
   for (int32_t j : selected) lm[j] = -INFINITY;
   float m = -INFINITY;
   for (int64_t j = 0; j < c; ++j) m = std::max(m, lm[j]);

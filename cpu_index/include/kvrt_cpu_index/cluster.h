@@ -152,11 +152,9 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
 void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key);
 
 // Estimated partial state over the clusters NOT in `selected`: o [dim], *lse (-inf, o = 0 when
-// none). Max-subtracted, f32 output, double accumulation. log_size: null, or [C] the f32 logs
-// of the clusters' sizes (LogSizes), for callers that estimate for several queries.
+// none). Max-subtracted, f32 output, double accumulation.
 void EstimateUnselected(const ClusterSummary& s, const float* density,
-                        const std::vector<int32_t>& selected, float* o, float* lse,
-                        const float* log_size = nullptr);
+                        const std::vector<int32_t>& selected, float* o, float* lse);
 // [C] std::log(float(size[j])): what EstimateUnselected weighs the clusters by.
 std::vector<float> LogSizes(const ClusterSummary& s);
 // EstimateUnselected for nq queries that selected the same clusters (group selection): density
