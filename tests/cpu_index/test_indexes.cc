@@ -235,7 +235,9 @@ TEST_P(IndexKindTest, ConcurrentSearchesEqualSerial) {
         const int effort = (j / nq) % 2 == 0 ? 0 : Efforts(GetParam()).back();
         EXPECT_TRUE(
             index.Search(*d.store, d.ood.test_queries.data() + i * kDim, {kK, effort}, &r).ok());
-        if (effort == 0) parallel[i] = r;
+        // NOTE: one writer per query (j and j + 2 nq both search it at effort 0): two tasks
+        // assigning the same result at once corrupted the heap now and then (a SEGFAULT in CI).
+        if (j < nq) parallel[i] = r;
       });
     }
   });
