@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda_check.h"
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/kernels.h"
 
@@ -28,14 +29,6 @@ namespace {
 using kvrt::DType;
 namespace g = kvrt::gpu;
 
-#define CK(expr)                                                                                 \
-  do {                                                                                           \
-    cudaError_t e_ = (expr);                                                                     \
-    if (e_ != cudaSuccess) {                                                                     \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                              \
-    }                                                                                            \
-  } while (0)
 #define SK(expr)                                                                     \
   do {                                                                               \
     auto s_ = (expr);                                                                \
@@ -60,18 +53,18 @@ Stats Time(const std::function<void(int)>& fn, int iters = -1, int warmup = 10,
            bool pipelined = true) {
   if (iters < 0) iters = g_iters;
   cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
+  KVRT_BENCH_CUDA(cudaEventCreate(&a));
+  KVRT_BENCH_CUDA(cudaEventCreate(&b));
   for (int i = 0; i < warmup; ++i) fn(i);
-  CK(cudaStreamSynchronize(g_stream));
+  KVRT_BENCH_CUDA(cudaStreamSynchronize(g_stream));
   std::vector<double> t(iters);
   for (int i = 0; i < iters; ++i) {
-    CK(cudaEventRecord(a, g_stream));
+    KVRT_BENCH_CUDA(cudaEventRecord(a, g_stream));
     fn(i);
-    CK(cudaEventRecord(b, g_stream));
-    CK(cudaEventSynchronize(b));
+    KVRT_BENCH_CUDA(cudaEventRecord(b, g_stream));
+    KVRT_BENCH_CUDA(cudaEventSynchronize(b));
     float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
+    KVRT_BENCH_CUDA(cudaEventElapsedTime(&ms, a, b));
     t[i] = ms * 1e3;
   }
   std::sort(t.begin(), t.end());
@@ -80,19 +73,19 @@ Stats Time(const std::function<void(int)>& fn, int iters = -1, int warmup = 10,
   s.p99 = t[std::min(iters - 1, static_cast<int>(std::ceil(iters * 0.99)) - 1)];
   if (!pipelined) {
     s.pipelined = NAN;
-    CK(cudaEventDestroy(a));
-    CK(cudaEventDestroy(b));
+    KVRT_BENCH_CUDA(cudaEventDestroy(a));
+    KVRT_BENCH_CUDA(cudaEventDestroy(b));
     return s;
   }
-  CK(cudaEventRecord(a, g_stream));
+  KVRT_BENCH_CUDA(cudaEventRecord(a, g_stream));
   for (int i = 0; i < iters; ++i) fn(i);
-  CK(cudaEventRecord(b, g_stream));
-  CK(cudaEventSynchronize(b));
+  KVRT_BENCH_CUDA(cudaEventRecord(b, g_stream));
+  KVRT_BENCH_CUDA(cudaEventSynchronize(b));
   float ms = 0;
-  CK(cudaEventElapsedTime(&ms, a, b));
+  KVRT_BENCH_CUDA(cudaEventElapsedTime(&ms, a, b));
   s.pipelined = ms * 1e3 / iters;
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
+  KVRT_BENCH_CUDA(cudaEventDestroy(a));
+  KVRT_BENCH_CUDA(cudaEventDestroy(b));
   return s;
 }
 
@@ -125,16 +118,16 @@ void FillRandomBf16(void* dev, std::size_t elems, uint32_t seed) {
   const std::size_t chunk = pool.size() - start;
   for (std::size_t off = 0; off < elems; off += chunk) {
     const std::size_t n = std::min(chunk, elems - off);
-    CK(cudaMemcpy(static_cast<uint16_t*>(dev) + off, pool.data() + start, n * 2,
-                  cudaMemcpyHostToDevice));
+    KVRT_BENCH_CUDA(cudaMemcpy(static_cast<uint16_t*>(dev) + off, pool.data() + start, n * 2,
+                               cudaMemcpyHostToDevice));
   }
 }
 
 template <class T>
 T* DevArray(const std::vector<T>& v) {
   T* p = nullptr;
-  CK(cudaMalloc(&p, v.size() * sizeof(T)));
-  CK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  KVRT_BENCH_CUDA(cudaMalloc(&p, v.size() * sizeof(T)));
+  KVRT_BENCH_CUDA(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
   return p;
 }
 
@@ -151,8 +144,8 @@ Layer MakeLayer(int batch, int n_sink, int window, int n_window, uint32_t seed) 
   void* win = nullptr;
   const std::size_t sink_bytes = std::size_t(batch) * std::max(n_sink, 1) * kTokBytes * 2;
   const std::size_t win_bytes = std::size_t(batch) * window * kTokBytes * 2;
-  CK(cudaMalloc(&sinks, sink_bytes));
-  CK(cudaMalloc(&win, win_bytes));
+  KVRT_BENCH_CUDA(cudaMalloc(&sinks, sink_bytes));
+  KVRT_BENCH_CUDA(cudaMalloc(&win, win_bytes));
   FillRandomBf16(sinks, sink_bytes / 2, seed);
   FillRandomBf16(win, win_bytes / 2, seed + 1);
   for (int b = 0; b < batch; ++b) {
@@ -186,7 +179,7 @@ Layer MakeLayer(int batch, int n_sink, int window, int n_window, uint32_t seed) 
 }
 
 void FreeLayer(Layer& l) {
-  for (void* p : l.owned) CK(cudaFree(p));
+  for (void* p : l.owned) KVRT_BENCH_CUDA(cudaFree(p));
   l.owned.clear();
 }
 
@@ -196,11 +189,11 @@ struct Outputs {
   float* lse = nullptr;
   float* ws = nullptr;
   explicit Outputs(int rows, std::size_t ws_floats) {
-    CK(cudaMalloc(&q, std::size_t(rows) * kD * 2));
+    KVRT_BENCH_CUDA(cudaMalloc(&q, std::size_t(rows) * kD * 2));
     FillRandomBf16(q, std::size_t(rows) * kD, 99);
-    CK(cudaMalloc(&o, std::size_t(rows) * kD * 4));
-    CK(cudaMalloc(&lse, std::size_t(rows) * 4));
-    CK(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&o, std::size_t(rows) * kD * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&lse, std::size_t(rows) * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&ws, std::max<std::size_t>(ws_floats, 1) * 4));
   }
   ~Outputs() {
     cudaFree(q);
@@ -255,15 +248,15 @@ void BenchMerge() {
     const int copies = 64;
     float *oa, *ob, *la, *lb;
     void* out;
-    CK(cudaMalloc(&oa, std::size_t(copies) * rows * kD * 4));
-    CK(cudaMalloc(&ob, std::size_t(copies) * rows * kD * 4));
-    CK(cudaMalloc(&la, std::size_t(copies) * rows * 4));
-    CK(cudaMalloc(&lb, std::size_t(copies) * rows * 4));
-    CK(cudaMalloc(&out, std::size_t(rows) * kD * 2));
-    CK(cudaMemset(oa, 0x3c, std::size_t(copies) * rows * kD * 4));
-    CK(cudaMemset(ob, 0x3d, std::size_t(copies) * rows * kD * 4));
-    CK(cudaMemset(la, 0x3f, std::size_t(copies) * rows * 4));
-    CK(cudaMemset(lb, 0x3e, std::size_t(copies) * rows * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&oa, std::size_t(copies) * rows * kD * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&ob, std::size_t(copies) * rows * kD * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&la, std::size_t(copies) * rows * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&lb, std::size_t(copies) * rows * 4));
+    KVRT_BENCH_CUDA(cudaMalloc(&out, std::size_t(rows) * kD * 2));
+    KVRT_BENCH_CUDA(cudaMemset(oa, 0x3c, std::size_t(copies) * rows * kD * 4));
+    KVRT_BENCH_CUDA(cudaMemset(ob, 0x3d, std::size_t(copies) * rows * kD * 4));
+    KVRT_BENCH_CUDA(cudaMemset(la, 0x3f, std::size_t(copies) * rows * 4));
+    KVRT_BENCH_CUDA(cudaMemset(lb, 0x3e, std::size_t(copies) * rows * 4));
     auto s = Time([&](int i) {
       const std::size_t c = i % copies;
       SK(g::MergeStates(oa + c * rows * kD, la + c * rows, ob + c * rows * kD, lb + c * rows, rows,
@@ -271,11 +264,11 @@ void BenchMerge() {
     });
     Row("merge_states", "B=" + std::to_string(batch) + " rows=" + std::to_string(rows), s,
         double(rows) * kD * (4 + 4 + 2));
-    CK(cudaFree(oa));
-    CK(cudaFree(ob));
-    CK(cudaFree(la));
-    CK(cudaFree(lb));
-    CK(cudaFree(out));
+    KVRT_BENCH_CUDA(cudaFree(oa));
+    KVRT_BENCH_CUDA(cudaFree(ob));
+    KVRT_BENCH_CUDA(cudaFree(la));
+    KVRT_BENCH_CUDA(cudaFree(lb));
+    KVRT_BENCH_CUDA(cudaFree(out));
   }
 }
 
@@ -286,8 +279,8 @@ void BenchGatherAndFetch() {
   const int copies = 8;  // 8 x 32 MB rotate past L2
   std::vector<void*> kb(copies), vb(copies);
   for (int c = 0; c < copies; ++c) {
-    CK(cudaMalloc(&kb[c], n_rows * kD * 2));
-    CK(cudaMalloc(&vb[c], n_rows * kD * 2));
+    KVRT_BENCH_CUDA(cudaMalloc(&kb[c], n_rows * kD * 2));
+    KVRT_BENCH_CUDA(cudaMalloc(&vb[c], n_rows * kD * 2));
     FillRandomBf16(kb[c], n_rows * kD, 500 + c);
     FillRandomBf16(vb[c], n_rows * kD, 600 + c);
   }
@@ -312,24 +305,25 @@ void BenchGatherAndFetch() {
   // The H2D copy that precedes it: per kv head lists (shared by the 4 q heads of a group) and per
   // q head lists, from pinned memory.
   void* host = nullptr;
-  CK(cudaHostAlloc(&host, n_rows * kD * 2 * 2, cudaHostAllocDefault));
+  KVRT_BENCH_CUDA(cudaHostAlloc(&host, n_rows * kD * 2 * 2, cudaHostAllocDefault));
   std::memset(host, 0x3c, n_rows * kD * 2 * 2);
   for (std::size_t rows : {std::size_t(kKvHeads) * per_head, n_rows}) {
     const std::size_t bytes = rows * kD * 2 * 2;
     auto h = Time([&](int i) {
-      CK(cudaMemcpyAsync(kb[i % copies], host, bytes / 2, cudaMemcpyHostToDevice, g_stream));
-      CK(cudaMemcpyAsync(vb[i % copies], static_cast<char*>(host) + bytes / 2, bytes / 2,
-                         cudaMemcpyHostToDevice, g_stream));
+      KVRT_BENCH_CUDA(
+          cudaMemcpyAsync(kb[i % copies], host, bytes / 2, cudaMemcpyHostToDevice, g_stream));
+      KVRT_BENCH_CUDA(cudaMemcpyAsync(vb[i % copies], static_cast<char*>(host) + bytes / 2,
+                                      bytes / 2, cudaMemcpyHostToDevice, g_stream));
     });
     Row("fetch_h2d", rows == n_rows ? "2000 tok x 32 q heads" : "2000 tok x 8 kv heads", h, bytes,
         "pinned H2D of K+V");
   }
-  CK(cudaFreeHost(host));
+  KVRT_BENCH_CUDA(cudaFreeHost(host));
   for (int c = 0; c < copies; ++c) {
-    CK(cudaFree(kb[c]));
-    CK(cudaFree(vb[c]));
+    KVRT_BENCH_CUDA(cudaFree(kb[c]));
+    KVRT_BENCH_CUDA(cudaFree(vb[c]));
   }
-  CK(cudaFree(doff));
+  KVRT_BENCH_CUDA(cudaFree(doff));
 }
 
 void BenchRing() {
@@ -338,22 +332,23 @@ void BenchRing() {
     const int cap = 2048;
     std::vector<void*> rk(batch), rv(batch);
     for (int b = 0; b < batch; ++b) {
-      CK(cudaMalloc(&rk[b], cap * kTokBytes));
-      CK(cudaMalloc(&rv[b], cap * kTokBytes));
+      KVRT_BENCH_CUDA(cudaMalloc(&rk[b], cap * kTokBytes));
+      KVRT_BENCH_CUDA(cudaMalloc(&rv[b], cap * kTokBytes));
     }
     void** drk = DevArray(rk);
     void** drv = DevArray(rv);
     int64_t* pos = DevArray(std::vector<int64_t>(batch, 5000));
     void *nk, *nv, *ek, *ev;
-    for (void** p : {&nk, &nv, &ek, &ev}) CK(cudaMalloc(p, batch * kTokBytes));
+    for (void** p : {&nk, &nv, &ek, &ev}) KVRT_BENCH_CUDA(cudaMalloc(p, batch * kTokBytes));
     g::RingBatch r{drk, drv, pos, batch, cap, kKvHeads, kD, DType::kBF16};
     auto s = Time([&](int) { SK(g::RingAppend(r, nk, nv, 1, ek, ev, g_stream)); });
     Row("ring_append+evict", "B=" + std::to_string(batch), s, double(batch) * kTokBytes * 6);
     for (int b = 0; b < batch; ++b) {
-      CK(cudaFree(rk[b]));
-      CK(cudaFree(rv[b]));
+      KVRT_BENCH_CUDA(cudaFree(rk[b]));
+      KVRT_BENCH_CUDA(cudaFree(rv[b]));
     }
-    for (void* p : {(void*)drk, (void*)drv, (void*)pos, nk, nv, ek, ev}) CK(cudaFree(p));
+    for (void* p : {(void*)drk, (void*)drv, (void*)pos, nk, nv, ek, ev})
+      KVRT_BENCH_CUDA(cudaFree(p));
   }
 }
 
@@ -364,7 +359,7 @@ void BenchOffloadAndFull(bool quick) {
   const long max_n = sizes.back();
   const std::size_t max_bytes = std::size_t(max_n) * kTokBytes * 2;
   void* host = nullptr;
-  CK(cudaHostAlloc(&host, max_bytes, cudaHostAllocDefault));
+  KVRT_BENCH_CUDA(cudaHostAlloc(&host, max_bytes, cudaHostAllocDefault));
   // Touch pinned pages with non-zero bf16 data (pattern; the attention reads the device copy).
   std::memset(host, 0x3c, max_bytes);
   g::AttnParams p;
@@ -383,7 +378,7 @@ void BenchOffloadAndFull(bool quick) {
     Row("all_gpu_attention", std::to_string(n / 1024) + "K tokens, B=1", f, double(bytes), note);
     auto s = Time(
         [&](int) {
-          CK(cudaMemcpyAsync(dk, host, bytes, cudaMemcpyHostToDevice, g_stream));
+          KVRT_BENCH_CUDA(cudaMemcpyAsync(dk, host, bytes, cudaMemcpyHostToDevice, g_stream));
           SK(g::TierAttention(l.tb, out.q, p, out.o, out.lse, out.ws, g_stream));
         },
         g_iters, 2, /*pipelined=*/false);
@@ -391,7 +386,7 @@ void BenchOffloadAndFull(bool quick) {
         "H2D " + std::to_string(bytes >> 20) + " MiB + attention");
     FreeLayer(l);
   }
-  CK(cudaFreeHost(host));
+  KVRT_BENCH_CUDA(cudaFreeHost(host));
   {
     const int n = 131072, batch = 16;
     Layer l = MakeLayer(batch, 0, n, n, 77);
@@ -410,21 +405,27 @@ void BenchCopies() {
   Header("copy bandwidth (256 MiB)");
   const std::size_t bytes = std::size_t(256) << 20;
   void *h, *d, *d2;
-  CK(cudaHostAlloc(&h, bytes, cudaHostAllocDefault));
+  KVRT_BENCH_CUDA(cudaHostAlloc(&h, bytes, cudaHostAllocDefault));
   std::memset(h, 1, bytes);
-  CK(cudaMalloc(&d, bytes));
-  CK(cudaMalloc(&d2, bytes));
-  auto s =
-      Time([&](int) { CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, g_stream)); }, 30, 3);
+  KVRT_BENCH_CUDA(cudaMalloc(&d, bytes));
+  KVRT_BENCH_CUDA(cudaMalloc(&d2, bytes));
+  auto s = Time(
+      [&](int) { KVRT_BENCH_CUDA(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, g_stream)); },
+      30, 3);
   Row("pinned_h2d", "256 MiB", s, double(bytes));
-  s = Time([&](int) { CK(cudaMemcpyAsync(h, d, bytes, cudaMemcpyDeviceToHost, g_stream)); }, 30, 3);
+  s = Time(
+      [&](int) { KVRT_BENCH_CUDA(cudaMemcpyAsync(h, d, bytes, cudaMemcpyDeviceToHost, g_stream)); },
+      30, 3);
   Row("pinned_d2h", "256 MiB", s, double(bytes));
-  s = Time([&](int) { CK(cudaMemcpyAsync(d2, d, bytes, cudaMemcpyDeviceToDevice, g_stream)); }, 30,
-           3);
+  s = Time(
+      [&](int) {
+        KVRT_BENCH_CUDA(cudaMemcpyAsync(d2, d, bytes, cudaMemcpyDeviceToDevice, g_stream));
+      },
+      30, 3);
   Row("d2d (read+write)", "256 MiB", s, 2.0 * bytes);
-  CK(cudaFreeHost(h));
-  CK(cudaFree(d));
-  CK(cudaFree(d2));
+  KVRT_BENCH_CUDA(cudaFreeHost(h));
+  KVRT_BENCH_CUDA(cudaFree(d));
+  KVRT_BENCH_CUDA(cudaFree(d2));
 }
 
 void BenchTopK() {
@@ -433,10 +434,10 @@ void BenchTopK() {
   void *q, *k;
   int32_t* ids;
   float* sc;
-  CK(cudaMalloc(&q, std::size_t(nq) * kD * 2));
-  CK(cudaMalloc(&k, std::size_t(nk) * kD * 2));
-  CK(cudaMalloc(&ids, std::size_t(nq) * 100 * 4));
-  CK(cudaMalloc(&sc, std::size_t(nq) * 100 * 4));
+  KVRT_BENCH_CUDA(cudaMalloc(&q, std::size_t(nq) * kD * 2));
+  KVRT_BENCH_CUDA(cudaMalloc(&k, std::size_t(nk) * kD * 2));
+  KVRT_BENCH_CUDA(cudaMalloc(&ids, std::size_t(nq) * 100 * 4));
+  KVRT_BENCH_CUDA(cudaMalloc(&sc, std::size_t(nq) * 100 * 4));
   FillRandomBf16(q, std::size_t(nq) * kD, 1);
   FillRandomBf16(k, std::size_t(nk) * kD, 2);
   g::TopKProblem pr;
@@ -457,7 +458,7 @@ void BenchTopK() {
   std::snprintf(note, sizeof note, "%.1f TFLOP/s f32 FMA (no tensor cores)",
                 flops / (s.p50 * 1e-6) / 1e12);
   Row("exact_topk", "1024 q x 128K keys", s, 0, note);
-  for (void* p : {q, k, (void*)ids, (void*)sc}) CK(cudaFree(p));
+  for (void* p : {q, k, (void*)ids, (void*)sc}) KVRT_BENCH_CUDA(cudaFree(p));
 }
 
 }  // namespace
@@ -474,11 +475,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
+  KVRT_BENCH_CUDA(cudaGetDeviceProperties(&prop, 0));
   std::printf("device: %s, %d SMs, L2 %d MB, %.1f GiB; iters %d\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20,
               prop.totalGlobalMem / double(1 << 30), g_iters);
-  CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+  KVRT_BENCH_CUDA(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
   BenchTier();
   BenchMerge();
   BenchRing();
@@ -486,6 +487,6 @@ int main(int argc, char** argv) {
   BenchCopies();
   BenchOffloadAndFull(quick);
   BenchTopK();
-  CK(cudaStreamDestroy(g_stream));
+  KVRT_BENCH_CUDA(cudaStreamDestroy(g_stream));
   return 0;
 }

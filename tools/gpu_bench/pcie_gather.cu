@@ -20,16 +20,9 @@
 #include <string>
 #include <vector>
 
-namespace {
+#include "cuda_check.h"
 
-#define CHECK(x)                                                                              \
-  do {                                                                                        \
-    cudaError_t e_ = (x);                                                                     \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
+namespace {
 
 // One warp per chunk (grid-stride over chunks): every lane issues all of its 16-byte loads of
 // the chunk before any store, so a warp has a whole chunk in flight.
@@ -65,22 +58,22 @@ __global__ void StreamKernel(const float4* __restrict__ x, int64_t n, float* out
 template <typename F>
 float MedianMs(int reps, cudaStream_t st, F&& launch) {
   cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
+  KVRT_BENCH_CUDA(cudaEventCreate(&a));
+  KVRT_BENCH_CUDA(cudaEventCreate(&b));
   launch();  // warm-up
-  CHECK(cudaStreamSynchronize(st));
+  KVRT_BENCH_CUDA(cudaStreamSynchronize(st));
   std::vector<float> ms;
   for (int r = 0; r < reps; ++r) {
-    CHECK(cudaEventRecord(a, st));
+    KVRT_BENCH_CUDA(cudaEventRecord(a, st));
     launch();
-    CHECK(cudaEventRecord(b, st));
-    CHECK(cudaEventSynchronize(b));
+    KVRT_BENCH_CUDA(cudaEventRecord(b, st));
+    KVRT_BENCH_CUDA(cudaEventSynchronize(b));
     float t = 0;
-    CHECK(cudaEventElapsedTime(&t, a, b));
+    KVRT_BENCH_CUDA(cudaEventElapsedTime(&t, a, b));
     ms.push_back(t);
   }
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
+  KVRT_BENCH_CUDA(cudaEventDestroy(a));
+  KVRT_BENCH_CUDA(cudaEventDestroy(b));
   std::nth_element(ms.begin(), ms.begin() + ms.size() / 2, ms.end());
   return ms[ms.size() / 2];
 }
@@ -120,20 +113,20 @@ int main(int argc, char** argv) {
   const size_t host_bytes = size_t{1} << 30;
   unsigned char* host = static_cast<unsigned char*>(std::aligned_alloc(4096, host_bytes));
   std::memset(host, 1, host_bytes);  // touched, as the runtime's store is
-  CHECK(cudaHostRegister(host, host_bytes, cudaHostRegisterMapped));
+  KVRT_BENCH_CUDA(cudaHostRegister(host, host_bytes, cudaHostRegisterMapped));
   unsigned char* host_dev = nullptr;
-  CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev), host, 0));
+  KVRT_BENCH_CUDA(cudaHostGetDevicePointer(reinterpret_cast<void**>(&host_dev), host, 0));
   int sms = 0;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  KVRT_BENCH_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   cudaStream_t st, st2;
-  CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  CHECK(cudaStreamCreateWithFlags(&st2, cudaStreamNonBlocking));
+  KVRT_BENCH_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  KVRT_BENCH_CUDA(cudaStreamCreateWithFlags(&st2, cudaStreamNonBlocking));
   const int64_t stream_n = (int64_t{1} << 30) / 16;  // 1 GiB of float4 for the neighbour
   float4* big = nullptr;
   float* sink = nullptr;
-  CHECK(cudaMalloc(&big, stream_n * 16));
-  CHECK(cudaMemset(big, 0, stream_n * 16));
-  CHECK(cudaMalloc(&sink, 4096 * sizeof(float)));
+  KVRT_BENCH_CUDA(cudaMalloc(&big, stream_n * 16));
+  KVRT_BENCH_CUDA(cudaMemset(big, 0, stream_n * 16));
+  KVRT_BENCH_CUDA(cudaMalloc(&sink, 4096 * sizeof(float)));
 
   for (double mb : mbs) {
     const int n = std::max(1, static_cast<int>(mb * 1e6 / kChunk));
@@ -144,9 +137,9 @@ int main(int argc, char** argv) {
     src.resize(n);
     int64_t* src_d = nullptr;
     unsigned char* dst = nullptr;
-    CHECK(cudaMalloc(&src_d, n * sizeof(int64_t)));
-    CHECK(cudaMemcpy(src_d, src.data(), n * sizeof(int64_t), cudaMemcpyHostToDevice));
-    CHECK(cudaMalloc(&dst, size_t{1} * n * kChunk));
+    KVRT_BENCH_CUDA(cudaMalloc(&src_d, n * sizeof(int64_t)));
+    KVRT_BENCH_CUDA(cudaMemcpy(src_d, src.data(), n * sizeof(int64_t), cudaMemcpyHostToDevice));
+    KVRT_BENCH_CUDA(cudaMalloc(&dst, size_t{1} * n * kChunk));
     const double bytes = double{1} * n * kChunk;
     std::printf("=== %d chunks of %d B (%.2f MB) from registered host memory, %d SMs\n", n, kChunk,
                 bytes / 1e6, sms);
@@ -154,7 +147,8 @@ int main(int argc, char** argv) {
       std::printf("%-44s %9.1f us  %6.1f GB/s\n", what, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
     };
     const float contig = MedianMs(reps, st, [&] {
-      CHECK(cudaMemcpyAsync(dst, host, size_t{1} * n * kChunk, cudaMemcpyHostToDevice, st));
+      KVRT_BENCH_CUDA(
+          cudaMemcpyAsync(dst, host, size_t{1} * n * kChunk, cudaMemcpyHostToDevice, st));
     });
     report("cudaMemcpyAsync, contiguous (the link)", contig);
     {
@@ -170,8 +164,8 @@ int main(int argc, char** argv) {
       attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
       size_t attr_idx = 0;
       const float batch = MedianMs(reps, st, [&] {
-        CHECK(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), n, &attr, &attr_idx, 1,
-                                   st));
+        KVRT_BENCH_CUDA(cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), n, &attr,
+                                             &attr_idx, 1, st));
       });
       report("cudaMemcpyBatchAsync, one per chunk", batch);
     }
@@ -180,7 +174,7 @@ int main(int argc, char** argv) {
       for (int grid : {1, 2, 4, 8, 16, 32, 66, 132, 264}) {
         const float t = MedianMs(reps, st, [&] {
           GatherKernel<kChunk><<<grid, threads, 0, st>>>(host_dev, src_d, dst, n);
-          CHECK(cudaGetLastError());
+          KVRT_BENCH_CUDA(cudaGetLastError());
         });
         char what[64];
         std::snprintf(what, sizeof what, "gather kernel, %3d CTAs x %4d threads", grid, threads);
@@ -193,24 +187,24 @@ int main(int argc, char** argv) {
     const float alone = MedianMs(
         reps, st2, [&] { StreamKernel<<<neighbour_ctas, 1024, 0, st2>>>(big, stream_n, sink); });
     cudaEvent_t fork;
-    CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    KVRT_BENCH_CUDA(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
     const float both = MedianMs(reps, st, [&] {
-      CHECK(cudaEventRecord(fork, st));
-      CHECK(cudaStreamWaitEvent(st2, fork));
+      KVRT_BENCH_CUDA(cudaEventRecord(fork, st));
+      KVRT_BENCH_CUDA(cudaStreamWaitEvent(st2, fork));
       GatherKernel<kChunk><<<8, 1024, 0, st>>>(host_dev, src_d, dst, n);
       StreamKernel<<<neighbour_ctas, 1024, 0, st2>>>(big, stream_n, sink);
-      CHECK(cudaEventRecord(fork, st2));
-      CHECK(cudaStreamWaitEvent(st, fork));
+      KVRT_BENCH_CUDA(cudaEventRecord(fork, st2));
+      KVRT_BENCH_CUDA(cudaStreamWaitEvent(st, fork));
     });
-    CHECK(cudaEventDestroy(fork));
+    KVRT_BENCH_CUDA(cudaEventDestroy(fork));
     std::printf("HBM neighbour alone (1 GiB, %d CTAs)            %9.1f us  %6.1f GB/s\n",
                 neighbour_ctas, alone * 1e3, (stream_n * 16.0) / (alone * 1e-3) / 1e9);
     std::printf("gather (8 x 1024) alone, neighbour alone, both  %9.1f %9.1f %9.1f us\n",
                 best_small * 1e3, alone * 1e3, both * 1e3);
-    CHECK(cudaFree(src_d));
-    CHECK(cudaFree(dst));
+    KVRT_BENCH_CUDA(cudaFree(src_d));
+    KVRT_BENCH_CUDA(cudaFree(dst));
   }
-  CHECK(cudaHostUnregister(host));
+  KVRT_BENCH_CUDA(cudaHostUnregister(host));
   std::free(host);
   return 0;
 }
