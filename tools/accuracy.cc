@@ -73,11 +73,6 @@ void ExactAttention(const float* q, int nq, const HeadRows& rows, int d, float s
   }
 }
 
-void ExactAttention(const float* q, const HeadRows& rows, int d, float scale, int top_k, float* o,
-                    float* lse, int32_t* top) {
-  ExactAttention(q, 1, rows, d, scale, top_k, o, lse, top);
-}
-
 absl::Status ScoreHead(const float* q, const HeadRows& rows, int d, float scale,
                        const float* exact_o, float exact_lse, const int32_t* top, int64_t kk,
                        const int64_t* ids, int64_t count, const float* out,

@@ -26,13 +26,10 @@ struct HeadRows {
   const float* value(int64_t i) const { return v + i * stride; }
 };
 
-// Exact attention of query q (f32 [d]) over all rows: o [d], lse, and the top_k row ids by score
-// (best first, ties to the lower id; min(top_k, n) written, the rest of top untouched).
-void ExactAttention(const float* q, const HeadRows& rows, int d, float scale, int top_k, float* o,
-                    float* lse, int32_t* top);
-// The same for nq queries over the same rows (the q heads of one kv head), in one pass over them:
-// q [nq, d], o [nq, d], lse [nq], top [nq, top_k]; each head's result is the one-query call's,
-// bit for bit.
+// Exact attention of nq queries (the q heads of one kv head; f32 [nq, d]) over all rows, in one
+// pass over them: o [nq, d], lse [nq], and each query's top_k row ids by score in top [nq, top_k]
+// (best first, ties to the lower id; min(top_k, n) written, the rest untouched). Each query's
+// result is its nq = 1 call's, bit for bit.
 void ExactAttention(const float* q, int nq, const HeadRows& rows, int d, float scale, int top_k,
                     float* o, float* lse, int32_t* top);
 

@@ -105,38 +105,8 @@ std::vector<float> LogSizes(const ClusterSummary& s) {
 
 void EstimateUnselected(const ClusterSummary& s, const float* density,
                         const std::vector<int32_t>& selected, float* o, float* lse) {
-  const int d = s.dim;
-  const int64_t c = s.num_clusters();
-  std::fill(o, o + d, 0.f);
-  *lse = -INFINITY;
-  std::vector<float> lm(c);
-  for (int64_t j = 0; j < c; ++j) lm[j] = density[j] + std::log(static_cast<float>(s.size[j]));
-  for (int32_t j : selected) lm[j] = -INFINITY;
-  float m = -INFINITY;
-  for (int64_t j = 0; j < c; ++j) m = std::max(m, lm[j]);
-  if (m == -INFINITY) return;
-  // NOTE: f32 accumulation of max-subtracted weights (each <= 1) in blocks, summed in double:
-  // 5-10x faster than double throughout, relative error ~1e-6.
-  constexpr int64_t kBlock = 256;
-  std::vector<double> acc(d, 0.0);
-  std::vector<float> part(d), row(d);
-  double l = 0;
-  for (int64_t b = 0; b < c; b += kBlock) {
-    std::fill(part.begin(), part.end(), 0.f);
-    float lb = 0;
-    for (int64_t j = b; j < std::min(c, b + kBlock); ++j) {
-      if (lm[j] == -INFINITY) continue;
-      const float w = std::exp(lm[j] - m);
-      lb += w;
-      ConvertToF32(s.value_mean.data() + static_cast<std::size_t>(j) * d, DType::kBF16, d,
-                   row.data());
-      AddScaledRow(&w, 0, 1, row.data(), part.data(), d);
-    }
-    l += lb;
-    for (int t = 0; t < d; ++t) acc[t] += part[t];
-  }
-  for (int t = 0; t < d; ++t) o[t] = static_cast<float>(acc[t] / l);
-  *lse = static_cast<float>(m + std::log(l));
+  const std::vector<float> log_size = LogSizes(s);
+  EstimateUnselectedGroup(s, density, 1, selected, log_size.data(), o, lse);
 }
 
 void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int nq,
@@ -146,7 +116,7 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
   const int64_t c = s.num_clusters();
   std::fill(o, o + static_cast<std::size_t>(nq) * d, 0.f);
   std::fill(lse, lse + nq, -INFINITY);
-  // Per query, as EstimateUnselected: the log masses, the selected ones out, the max.
+  // Per query: the log masses, the selected ones out, the max.
   std::vector<float> lm(static_cast<std::size_t>(nq) * c), m(nq, -INFINITY);
   std::vector<int> live;
   for (int h = 0; h < nq; ++h) {
@@ -159,7 +129,9 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
   }
   if (live.empty()) return;
   const int nl = static_cast<int>(live.size());
-  constexpr int64_t kBlock = 256;  // as EstimateUnselected's
+  // NOTE: f32 accumulation of max-subtracted weights (each <= 1) in blocks, summed in double:
+  // 5-10x faster than double throughout, relative error ~1e-6.
+  constexpr int64_t kBlock = 256;
   std::vector<double> acc(static_cast<std::size_t>(nl) * d, 0.0), l(nl, 0.0);
   std::vector<float> part(static_cast<std::size_t>(nl) * d), row(d), lb(nl), w(nl);
   for (int64_t b = 0; b < c; b += kBlock) {

@@ -128,7 +128,7 @@ TEST(ExactReference, GroupedHeadsEqualOnePassEach) {
     std::vector<float> o1(d);
     float lse1 = 0;
     std::vector<int32_t> top1(top_k);
-    ExactAttention(q.data() + h * d, rows, d, 0.2f, top_k, o1.data(), &lse1, top1.data());
+    ExactAttention(q.data() + h * d, 1, rows, d, 0.2f, top_k, o1.data(), &lse1, top1.data());
     EXPECT_EQ(std::vector<float>(o.begin() + h * d, o.begin() + (h + 1) * d), o1) << h;
     EXPECT_EQ(lse[h], lse1) << h;
     EXPECT_EQ(std::vector<int32_t>(top.begin() + h * top_k, top.begin() + (h + 1) * top_k), top1)
