@@ -91,13 +91,7 @@ void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, f
 
 void AttendDense(const float* q, int d, float scale, const void* keys, const void* values,
                  std::size_t stride_elems, DType t, int64_t n, float* o, float* lse) {
-  std::vector<float> s(n);
-  DotRows(q, keys, d, t, n, stride_elems, s.data());
-  for (auto& x : s) x *= scale;
-  const std::size_t stride_bytes = stride_elems * DTypeSize(t);
-  auto* vb = static_cast<const unsigned char*>(values);
-  Finish(
-      s, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
+  AttendDenseGroup(q, 1, d, scale, keys, values, stride_elems, t, n, o, lse);
 }
 
 void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* keys,
@@ -131,11 +125,7 @@ void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
 
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
                      int64_t n, float* o, float* lse) {
-  std::vector<float> s(n);
-  store.DotIds(q, ids, n, s.data());
-  for (auto& x : s) x *= scale;
-  Finish(
-      s, store.dim(), store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
+  AttendStoreRowsGroup(q, 1, scale, store, ids, n, o, lse);
 }
 
 void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& store,
