@@ -25,7 +25,8 @@
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
 # KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1,
-# BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
+# BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
+# and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
 # takes a list); TESTS="" and SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS
 # picks the tools.
@@ -378,6 +379,39 @@ if [[ "${1:-}" == "--device" ]]; then
         python3 tools/gpu_bench/ncu_summary.py "$out/ncu-b$batch.log" --steps 6 || rc=1
       done
       rm -f $trace
+    elif [[ "$bench" == api-count ]]; then
+      # The CUDA runtime calls the host makes per layer-step (nsys, cuda_api_sum), kvrt_before and
+      # kvrt, on the 128K trace at B=16 (kvrt_attend_batch) and B=1, 4 layers pipelined: runs of
+      # 5 and 25 measured steps, differenced, so that the prompt's calls cancel
+      # (tools/gpu_bench/api_count.py). Reports in $out/api-*.csv.
+      nsys=$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys \
+        2>/dev/null | head -1)
+      if [[ -z "$nsys" ]]; then
+        echo "api-count: no nsys on this machine"
+      else
+        trace=/tmp/kvrt-api.safetensors
+        trace_128k $trace || rc=1
+        for batch in 16 1; do
+          for prog in kvrt_before kvrt; do
+            [[ -x $b/$prog ]] || continue
+            attend=""; [[ $batch -gt 1 ]] && attend="--attend batch"
+            for steps in 5 25; do
+              rep="$out/api-$prog-b$batch-s$steps"
+              timeout 200 "$nsys" profile -q -t cuda -o "$rep" --force-overwrite true \
+                $b/$prog bench decode --steps $steps --warmup 1 --max-seconds 60 \
+                --accuracy-steps 0 --trace $trace --index cluster --cold 131072 --batch $batch \
+                $attend --layers 4 --pipeline > "$rep.log" 2>&1 || rc=1
+              "$nsys" stats -q --report cuda_api_sum --format csv "$rep.nsys-rep" > "$rep.csv" \
+                2>/dev/null || rc=1
+              rm -f "$rep.nsys-rep" "$rep.sqlite"
+            done
+            echo "=== api-count: $prog B=$batch, per layer-step (4 layers x 20 steps)"
+            python3 tools/gpu_bench/api_count.py "$out/api-$prog-b$batch-s5.csv" \
+              "$out/api-$prog-b$batch-s25.csv" --per $((4 * 20 * batch)) --unit member-step || rc=1
+          done
+        done
+        rm -f $trace
+      fi
     elif [[ "$bench" == keys ]]; then
       # config.cluster_keys per KEYS (default "16 8"), this build: the 128K trace B=1 (8 layers
       # pipelined; then 1 layer with accuracy against exact attention and the GPU bytes) and 1M

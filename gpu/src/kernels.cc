@@ -4,6 +4,7 @@
 #include "kvrt_gpu/kernels.h"
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "absl/status/status.h"
@@ -278,6 +279,29 @@ absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, vo
   return ToStatus(detail::LaunchExpandRowRuns(runs, n_runs, ids, stream), "ExpandRowRuns");
 #else
   return NoCuda("ExpandRowRuns");
+#endif
+}
+
+absl::Status CopySpans(const CopySpan* spans, int n, void* stream) {
+  constexpr const char* kFn = "CopySpans";
+  if (n < 0 || n > kMaxCopySpans)
+    return absl::InvalidArgumentError(
+        absl::StrCat(kFn, ": ", n, " spans, at most ", kMaxCopySpans));
+  for (int i = 0; i < n; ++i) {
+    const CopySpan& s = spans[i];
+    if (s.bytes == 0) continue;
+    if (s.src == nullptr || s.dst == nullptr)
+      return absl::InvalidArgumentError(absl::StrCat(kFn, ": span ", i, " has a null pointer"));
+    if (s.bytes % 4 != 0 || reinterpret_cast<std::uintptr_t>(s.src) % 4 != 0 ||
+        reinterpret_cast<std::uintptr_t>(s.dst) % 4 != 0)
+      return absl::InvalidArgumentError(
+          absl::StrCat(kFn, ": span ", i, " is not 4-byte aligned (", s.bytes, " bytes)"));
+  }
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchCopySpans(spans, n, stream), kFn);
+#else
+  (void)stream;
+  return NoCuda(kFn);
 #endif
 }
 

@@ -140,6 +140,11 @@ void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* ds
   }
 }
 
+void CopySpansHost(const CopySpan* spans, int n) {
+  for (int i = 0; i < n; ++i)
+    if (spans[i].bytes > 0) std::memcpy(spans[i].dst, spans[i].src, spans[i].bytes);
+}
+
 void ExpandRowRunsHost(const int32_t* runs, int64_t n_runs, int32_t* ids) {
   for (int64_t r = 0; r < n_runs; ++r)
     for (int32_t j = 0; j < runs[3 * r + 2]; ++j) ids[runs[3 * r + 1] + j] = runs[3 * r] + j;

@@ -51,6 +51,7 @@ Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* d
                       const int32_t* dst_rows, int64_t n, std::size_t row_bytes, void* stream);
 Err LaunchExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream);
 Err LaunchFillF32(float* out, float value, int64_t n, void* stream);
+Err LaunchCopySpans(const CopySpan* spans, int n, void* stream);
 Err LaunchConvertToF32(const void* in, DType t, int64_t n, float* out, void* stream);
 Err LaunchExactTopK(const TopKProblem& pr, int32_t* ids, float* scores, void* stream);
 // Stream-ordered scratch (cudaMallocAsync / cudaFreeAsync).

@@ -181,6 +181,35 @@ Err LaunchExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void*
   return LastLaunchErr();
 }
 
+// blockIdx.y: the span; 4-byte words (the spans' alignment), grid-strided.
+struct CopySpanArgs {
+  CopySpan span[kMaxCopySpans];
+};
+__global__ void CopySpansKernel(CopySpanArgs a) {
+  const CopySpan s = a.span[blockIdx.y];
+  const int64_t words = static_cast<int64_t>(s.bytes / 4);
+  const auto* src = static_cast<const uint32_t*>(s.src);
+  auto* dst = static_cast<uint32_t*>(s.dst);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < words;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = src[i];
+}
+
+Err LaunchCopySpans(const CopySpan* spans, int n, void* stream) {
+  CopySpanArgs a;
+  int m = 0;
+  int64_t longest = 0;
+  for (int i = 0; i < n; ++i) {
+    if (spans[i].bytes == 0) continue;
+    a.span[m++] = spans[i];
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(spans[i].bytes / 4));
+  }
+  if (m == 0) return {};
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(Blocks(longest), 64)), m);
+  CopySpansKernel<<<grid, 256, 0, AsStream(stream)>>>(a);
+  return LastLaunchErr();
+}
+
 Err LaunchFillF32(float* out, float value, int64_t n, void* stream) {
   if (n == 0) return {};
   FillKernel<<<Blocks(n), 256, 0, AsStream(stream)>>>(out, value, n);

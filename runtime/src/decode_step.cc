@@ -24,9 +24,7 @@
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_transfer/cuda_rt.h"
 #include "layer_state.h"
-#include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "oneapi/tbb/partitioner.h"
 #include "timeline.h"
 
 namespace kvrt::runtime {
@@ -177,15 +175,14 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     // timeline, 128K B=16, docs/benchmarks.md, seventeenth session), time the admission jobs on
     // the same arena could use. Those members go in at most DeviceMemberLanes() chunks, each
     // stepped in order by one thread; a CPU selection keeps one task per member.
-    const int lanes = layers[members[0]]->UsesGpuSelect(streaming) ? DeviceMemberLanes() : m;
-    const int grain = (m + lanes - 1) / lanes;
+    // A lane's members share one stream on the device (DeviceStep::MemberStream): a lane is
+    // exactly the run [l * grain, (l + 1) * grain).
+    const int grain = layers[members[0]]->UsesGpuSelect(streaming) ? LaneGrain(m) : 1;
+    const int lanes = (m + grain - 1) / grain;
     arena.execute([&] {
-      tbb::parallel_for(
-          tbb::blocked_range<int>(0, m, grain),
-          [&](const tbb::blocked_range<int>& r) {
-            for (int j = r.begin(); j < r.end(); ++j) cold_phase(j);
-          },
-          tbb::simple_partitioner());
+      tbb::parallel_for(0, lanes, [&](int lane) {
+        for (int j = lane * grain; j < std::min(m, (lane + 1) * grain); ++j) cold_phase(j);
+      });
     });
   }
   for (int j = 0; j < m; ++j) {

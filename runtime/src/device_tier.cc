@@ -141,6 +141,26 @@ class DeviceTier;
 // the device or uploaded from the CPU), an estimate, the rows attended from the hot cache.
 constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kHotSlot = 3, kSlots = 4;
 
+// A device selection's scratch (SelectClusters): density [H, C] | group keys [G, C] | outlier
+// scores [H, O] | selected [H, C] | count [H] | tokens [H] (int64) | ClusterStep's workspace (f32).
+struct SelectScratch {
+  SelectScratch(const gpu::ClusterSummaryView& s, int H) {
+    const auto C = static_cast<std::size_t>(s.num_clusters);
+    const auto O = static_cast<std::size_t>(std::max(s.num_outliers, 1));
+    key_at = density_at + H * C * 4;
+    outlier_at = key_at + static_cast<std::size_t>(s.kv_heads) * C * 4;
+    selected_at = outlier_at + H * O * 4;
+    count_at = selected_at + H * C * 4;
+    tokens_at = (count_at + H * 4 + 7) / 8 * 8;
+    ws_at = (tokens_at + H * 8 + 255) / 256 * 256;
+    bytes = ws_at + gpu::ClusterStepWorkspaceFloats(s, H) * 4;
+  }
+  std::size_t density_at = 0, key_at, outlier_at, selected_at, count_at, tokens_at, ws_at, bytes;
+};
+
+// The most of a step's scratch that BeginStep sets aside for its members' selections.
+constexpr std::size_t kStepSelectScratchBytes = std::size_t{256} << 20;
+
 // Scratch of one step of n members, slot-major: o [slot_count, n, q_heads, d], lse [slot_count,
 // n, q_heads], so that each slot's states are contiguous for one batched launch and the merge sees
 // rows = n * q_heads. A one-member step whose selection runs on the device has
@@ -149,7 +169,8 @@ constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kHotSlot = 3, kSl
 class DeviceStep : public TierStep {
  public:
   DeviceStep(GpuContext* ctx, const Exec& exec, int n, int q_heads, int d)
-      : exec(exec),
+      : ctx(ctx),
+        exec(exec),
         lease(ctx, exec),
         rows(n * q_heads),
         state_floats(static_cast<std::size_t>(n) * q_heads * d) {
@@ -164,7 +185,49 @@ class DeviceStep : public TierStep {
   ~DeviceStep() override {
     // NOTE: errors here are sticky CUDA errors that the step's next call reports.
     (void)JoinTier();
+    (void)JoinLanes();
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
+  }
+  // The stream member i's device work goes on: for a batch, its lane's (a runtime stream forked
+  // from the step's at the lane's first member, joined by JoinLanes); for one sequence, or when
+  // no stream could be forked, the step's own.
+  void* MemberStream(int i) {
+    if (size() == 1 || forked == nullptr || lanes.empty()) return lease.get();
+    Lane& lane = lanes[std::min<std::size_t>(i / lane_grain, lanes.size() - 1)];
+    std::lock_guard<std::mutex> lock(lanes_mu);
+    if (lane.stream == nullptr) {
+      lane.stream = lease.get();
+      if (absl::StatusOr<void*> st = ctx->AcquireStream(); st.ok()) {
+        if (transfer::StreamWaitEvent(*st, *forked).ok())
+          lane.stream = *st;
+        else
+          ctx->ReleaseStream(*st);
+      }
+    }
+    return lane.stream;
+  }
+  // The step's stream waits for every lane's work (before the merge reads the members' states,
+  // and before the scratch they use is freed); the lanes' streams go back to the pool.
+  absl::Status JoinLanes() {
+    absl::Status first;
+    for (std::size_t l = 0; l < lanes.size(); ++l) {
+      void* s = std::exchange(lanes[l].stream, nullptr);
+      if (s == nullptr || s == lease.get()) continue;
+      transfer::Event& joined = (*lane_joined)[l];
+      absl::Status st;
+      if (joined.empty()) {
+        if (auto e = transfer::Event::Create(false); e.ok())
+          joined = std::move(*e);
+        else
+          st = e.status();
+      }
+      if (st.ok()) st = joined.Record(s);
+      if (st.ok()) st = transfer::StreamWaitEvent(lease.get(), joined);
+      if (!st.ok()) (void)transfer::StreamSynchronize(s);  // ordered the slow way
+      ctx->ReleaseStream(s);
+      if (first.ok()) first = st;
+    }
+    return first;
   }
   // The step's stream waits for the tier's attention (on a stream of its own since BeginStep):
   // before the merge reads the tier slot, and before the scratch it writes is freed.
@@ -178,6 +241,7 @@ class DeviceStep : public TierStep {
   float* o(int slot, int i) { return o_states + slot * state_floats + i * q_floats_; }
   float* lse(int slot, int i) { return lse_states + slot * rows + i * (rows / n_); }
 
+  GpuContext* ctx;
   Exec exec;
   StreamLease lease;
   const int rows;                  // n * q_heads
@@ -187,6 +251,13 @@ class DeviceStep : public TierStep {
   float* lse_states = nullptr;
   float* out_dev = nullptr;  // host output: staging of the merged result
   const void* q_dev = nullptr;
+  // Every member's q in f32 on the device, converted in one launch at BeginStep when some member
+  // selects on the device (null otherwise).
+  float* q_f32 = nullptr;
+  // Member i's share of the step's scratch for its device selection (SelectScratch), sized at
+  // BeginStep from its summary then; a member whose summary grew since allocates its own.
+  std::vector<unsigned char*> select_scratch;
+  std::vector<std::size_t> select_bytes;
   std::vector<uint8_t> fetched;    // [n] member's cold state is in its device slot
   std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
   std::vector<uint8_t> hot;        // [n] member's hot-cache state is in its device slot
@@ -195,8 +266,18 @@ class DeviceStep : public TierStep {
   std::vector<uint8_t> pending;    // [n] its cold slot holds its pending evictions' state
   bool timed = true;               // the step records the timing events (DeviceTier::kTimedEvery)
   std::vector<DeviceTier*> tiers;
-  // A batch's members select on streams of their own (MemberStream), forked here.
-  transfer::Event forked;
+  // A batch's members select on their lane's stream (MemberStream), forked here: decode_step.cc
+  // steps them in runs of lane_grain members, each run on one thread (DeviceMemberLanes()), so a
+  // stream per run rather than per member: three driver calls (fork, record, join) fewer per
+  // member, in a batch step that the host's driver calls bound. The events are the lead tier's.
+  const transfer::Event* forked = nullptr;
+  struct Lane {
+    void* stream = nullptr;
+  };
+  std::vector<Lane> lanes;
+  int lane_grain = 1;
+  std::mutex lanes_mu;
+  std::vector<transfer::Event>* lane_joined = nullptr;
   // The tier's attention, launched by DeviceTier::LaunchTier (pending: not yet).
   gpu::TierBatch tier;
   gpu::AttnParams tier_params;
@@ -205,50 +286,6 @@ class DeviceStep : public TierStep {
   // Recorded after the tier's attention on its own stream; null once joined (or when it ran on
   // the step's stream).
   const transfer::Event* tier_done = nullptr;
-};
-
-// The stream member i of a batch step selects on: for a batch, a runtime stream that waits for
-// the step's fork and that the step's stream waits for at the end of the scope, so that the
-// members' kernels (each a few dozen CTAs) run side by side; for one sequence, the step's own.
-class MemberStream {
- public:
-  // joined: the member's own event for the join, created once (a batch step joins each member's
-  // stream back: an event created and destroyed per member and step cost two driver calls more
-  // each, and a batch's members contend for the driver).
-  MemberStream(GpuContext* ctx, DeviceStep* step, transfer::Event* joined)
-      : ctx_(ctx), step_(step), joined_(joined) {
-    stream_ = step->lease.get();
-    if (step->size() == 1 || step->forked.empty()) return;
-    auto s = ctx->AcquireStream();
-    if (!s.ok() || !transfer::StreamWaitEvent(*s, step->forked).ok()) {
-      if (s.ok()) ctx->ReleaseStream(*s);
-      return;
-    }
-    stream_ = *s;
-    owned_ = true;
-  }
-  ~MemberStream() {
-    if (!owned_) return;
-    // NOTE: errors here are sticky CUDA errors that the step's next call reports.
-    if (joined_->empty()) {
-      if (auto e = transfer::Event::Create(false); e.ok()) *joined_ = std::move(*e);
-    }
-    if (!joined_->empty() && joined_->Record(stream_).ok())
-      (void)transfer::StreamWaitEvent(step_->lease.get(), *joined_);
-    else
-      (void)transfer::StreamSynchronize(stream_);
-    ctx_->ReleaseStream(stream_);
-  }
-  MemberStream(const MemberStream&) = delete;
-  MemberStream& operator=(const MemberStream&) = delete;
-  void* get() const { return stream_; }
-
- private:
-  GpuContext* ctx_;
-  DeviceStep* step_;
-  transfer::Event* joined_;
-  void* stream_ = nullptr;
-  bool owned_ = false;
 };
 
 class DeviceTier final : public TierBackend {
@@ -407,7 +444,9 @@ class DeviceTier final : public TierBackend {
   std::vector<unsigned char> arrays_host_;
   int32_t arrays_n_sink_ = -1, arrays_n_window_ = -1;
   transfer::Event last_use_;  // recorded after each call's device work
-  transfer::Event member_joined_;  // MemberStream's join, as a batch member
+  // A batch step's fork and its lanes' joins (DeviceStep::MemberStream), as the step's lead.
+  transfer::Event batch_forked_;
+  std::vector<transfer::Event> lane_joined_;
   bool used_ = false;
   transfer::EvictionQueue evictions_;
   // AttendPendingEvictions' row lists (gpu::GatherBatch: offsets [H + 1], then ids [H * rows])
@@ -565,7 +604,7 @@ absl::Status DeviceTier::Evict(const AppendPlan& plan, void* stream) {
 }
 
 absl::Status DeviceTier::QueueEviction(transfer::EvictionBatch batch, int64_t rows, void* stream) {
-  KVRT_ASSIGN_OR_RETURN(batch.done, transfer::Event::Create(false));
+  KVRT_ASSIGN_OR_RETURN(batch.done, evictions_.NewEvent());
   KVRT_RETURN_IF_ERROR(batch.done.Record(stream));
   batch.rows = rows;
   evictions_.Push(std::move(batch));
@@ -1072,9 +1111,34 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   const std::size_t tier_ws_at = Align16(floats * sizeof(float));
   const std::size_t arrays_at =
       Align16(tier_ws_at + gpu::TierAttentionWorkspaceFloats(tier, params) * sizeof(float));
-  KVRT_ASSIGN_OR_RETURN(
-      step->scratch,
-      transfer::MallocAsync(arrays_at + arrays_bytes + (exec.device ? 0 : qbytes), stream));
+  // Members that select on the device: q in f32 (one conversion for all) and each one's selection
+  // scratch, sized from its summary as it is now plus room to grow, so that a member allocates
+  // nothing of its own (two driver calls fewer per member and step). At most
+  // kStepSelectScratchBytes in all (a large batch at 1M: ~20 MiB per member); the members past it
+  // allocate their own, as one whose summary outgrew its share does.
+  std::size_t select_at = Align256(arrays_at + arrays_bytes + (exec.device ? 0 : qbytes));
+  const bool device_select =
+      std::any_of(counts, counts + n, [](const TierCounts& c) { return c.selects_on_device; });
+  const std::size_t q_f32_at = select_at;
+  std::size_t select_total = 0;
+  if (device_select) {
+    select_at = Align256(select_at + of * sizeof(float));
+    step->select_scratch.assign(n, nullptr);
+    step->select_bytes.assign(n, 0);
+    for (int i = 0; i < n; ++i) {
+      auto* t = static_cast<DeviceTier*>(members[i]);
+      if (!counts[i].selects_on_device || t->summary_view_.num_clusters == 0) continue;
+      gpu::ClusterSummaryView grown = t->summary_view_;
+      grown.num_clusters += grown.num_clusters / 16 + 64;
+      grown.num_outliers += grown.num_outliers / 8 + 16;
+      const std::size_t bytes = Align256(SelectScratch(grown, H).bytes);
+      if (select_total + bytes > kStepSelectScratchBytes) continue;
+      step->select_bytes[i] = bytes;
+      select_total += bytes;
+      select_at += bytes;
+    }
+  }
+  KVRT_ASSIGN_OR_RETURN(step->scratch, transfer::MallocAsync(select_at, stream));
   auto* scratch = static_cast<unsigned char*>(step->scratch);
   step->o_states = reinterpret_cast<float*>(scratch);
   step->lse_states = step->o_states + step->slot_count * of;
@@ -1087,6 +1151,17 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     void* qd = scratch + arrays_at + arrays_bytes;
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(qd, q_in, qbytes, stream));
     step->q_dev = qd;
+  }
+  if (device_select) {
+    step->q_f32 = reinterpret_cast<float*>(scratch + q_f32_at);
+    KVRT_RETURN_IF_ERROR(gpu::ConvertRowsToF32(step->q_dev, cfg_->dtype, static_cast<int64_t>(of),
+                                               step->q_f32, stream));
+    unsigned char* at = scratch + Align256(q_f32_at + of * sizeof(float));
+    for (int i = 0; i < n; ++i) {
+      if (step->select_bytes[i] == 0) continue;
+      step->select_scratch[i] = at;
+      at += step->select_bytes[i];
+    }
   }
 
   // Partial attention over every member's sinks + window in one launch, into the tier slot.
@@ -1113,8 +1188,16 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   // wait for the scoring kernel only (see LaunchTier); the others launch it now.
   if (!(n == 1 && counts[0].selects_on_device)) KVRT_RETURN_IF_ERROR(LaunchTier(step.get(), false));
   if (n > 1) {
-    KVRT_ASSIGN_OR_RETURN(step->forked, transfer::Event::Create(false));
-    KVRT_RETURN_IF_ERROR(step->forked.Record(stream));
+    if (batch_forked_.empty()) {
+      KVRT_ASSIGN_OR_RETURN(batch_forked_, transfer::Event::Create(false));
+    }
+    KVRT_RETURN_IF_ERROR(batch_forked_.Record(stream));
+    step->forked = &batch_forked_;
+    step->lane_grain = LaneGrain(n);
+    const int lanes = (n + step->lane_grain - 1) / step->lane_grain;
+    step->lanes.resize(lanes);
+    lane_joined_.resize(std::max<std::size_t>(lane_joined_.size(), lanes));
+    step->lane_joined = &lane_joined_;
   }
 
   if (exec.device) {
@@ -1277,12 +1360,16 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   auto* step = static_cast<DeviceStep*>(base);
   KVRT_SPAN("select_clusters", i);
   int64_t t0 = NowNs();  // the search's time: the eviction wait below is not part of it
-  MemberStream member(ctx_, step, &member_joined_);
-  void* stream = member.get();
+  void* stream = step->MemberStream(i);
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const int group = H / cfg_->num_kv_heads;
   timeline::Span launch_span("select_launch", i);
-  if (absl::Status st = SyncSummary(cold, stream); !st.ok()) {
+  absl::Status synced = step->q_f32 != nullptr
+                            ? SyncSummary(cold, stream)
+                            : absl::FailedPreconditionError(
+                                  "select clusters: the step converted no q (not announced as "
+                                  "selecting on the device)");
+  if (absl::Status st = synced; !st.ok()) {
     // No selection on the device (no summary yet: the CPU selects): the tier's attention now,
     // beside the CPU's work, rather than at the merge.
     KVRT_RETURN_IF_ERROR(LaunchTier(step, false));
@@ -1305,48 +1392,39 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   params.estimate = cc.estimate;
   params.group_select = cc.group_select;
 
-  // Scratch: q f32 | density [H, C] | group keys [G, C] | outlier scores [H, O] | selected [H, C]
-  // | count [H] | tokens [H] (int64) | the step's workspace (f32). NOTE: one allocation: the
-  // kernel's own workspace allocation sat between its launches, on the step's device chain.
-  const std::size_t q_at = 0, density_at = q_at + static_cast<std::size_t>(H) * d * 4;
-  const std::size_t key_at = density_at + static_cast<std::size_t>(H) * C * 4;
-  const std::size_t outlier_at = key_at + static_cast<std::size_t>(cfg_->num_kv_heads) * C * 4;
-  const std::size_t selected_at =
-      outlier_at + static_cast<std::size_t>(H) * std::max<int64_t>(O, 1) * 4;
-  const std::size_t count_at = selected_at + static_cast<std::size_t>(H) * C * 4;
-  const std::size_t tokens_at = (count_at + H * 4 + 7) / 8 * 8;
-  const std::size_t ws_at = (tokens_at + H * 8 + 255) / 256 * 256;
-  const std::size_t bytes = ws_at + gpu::ClusterStepWorkspaceFloats(summary_view_, H) * 4;
-  KVRT_ASSIGN_OR_RETURN(void* scratch, transfer::MallocAsync(bytes, stream));
+  // Scratch (SelectScratch): the step's share for this member (BeginStep), or one allocation of
+  // its own when its summary outgrew it. NOTE: one allocation: the kernel's own workspace
+  // allocation sat between its launches, on the step's device chain.
+  const SelectScratch at(summary_view_, H);
+  unsigned char* dev = step->select_scratch.empty() ? nullptr : step->select_scratch[i];
+  void* own = nullptr;
+  if (dev == nullptr || at.bytes > step->select_bytes[i]) {
+    KVRT_ASSIGN_OR_RETURN(own, transfer::MallocAsync(at.bytes, stream));
+    dev = static_cast<unsigned char*>(own);
+  }
   struct FreeOnExit {
     void* p;
     void* s;
-    ~FreeOnExit() { (void)transfer::FreeAsync(p, s); }
-  } free_scratch{scratch, stream};
-  auto* dev = static_cast<unsigned char*>(scratch);
+    ~FreeOnExit() {
+      if (p != nullptr) (void)transfer::FreeAsync(p, s);
+    }
+  } free_scratch{own, stream};
   const bool direct_q = direct_.Prepare(cold, stream);
-  if (direct_q && step->exec.device) {
-    // q stays on the device: the step does not wait for its copy to the host.
-    const std::size_t qb = static_cast<std::size_t>(H) * d * DTypeSize(cfg_->dtype);
-    KVRT_RETURN_IF_ERROR(gpu::ConvertRowsToF32(
-        static_cast<const unsigned char*>(step->q_dev) + i * qb, cfg_->dtype,
-        static_cast<int64_t>(H) * d, reinterpret_cast<float*>(dev + q_at), stream));
-  } else {
-    KVRT_RETURN_IF_ERROR(
-        transfer::MemcpyAsync(dev + q_at, step->q(i), static_cast<std::size_t>(H) * d * 4, stream));
-  }
+  // q in f32 on the device: converted for every member at BeginStep, which a step whose cold
+  // tier runs on the device never copies to the host.
+  const float* q = step->q_f32 + static_cast<std::size_t>(i) * H * d;
   // Residency-aware selection: a cluster's group key loses miss_penalty x its share of rows that
   // the attend would read over PCIe, as the direct step's last admission job computed it after
   // its fill (the stream waits for that fill, long done in a decoder's pipeline).
   if (direct_q && cc.miss_penalty > 0.f && cc.group_select && group > 1 && C > 0)
     params.key_offset = direct_.PenaltyOffsets(cold, static_cast<int>(C), stream);
   gpu::ClusterStepOutputs outs;
-  outs.density = reinterpret_cast<float*>(dev + density_at);
-  outs.group_key = reinterpret_cast<float*>(dev + key_at);
-  outs.outlier_score = O > 0 ? reinterpret_cast<float*>(dev + outlier_at) : nullptr;
-  outs.selected = reinterpret_cast<int32_t*>(dev + selected_at);
-  outs.selected_count = reinterpret_cast<int32_t*>(dev + count_at);
-  outs.selected_tokens = reinterpret_cast<int64_t*>(dev + tokens_at);
+  outs.density = reinterpret_cast<float*>(dev + at.density_at);
+  outs.group_key = reinterpret_cast<float*>(dev + at.key_at);
+  outs.outlier_score = O > 0 ? reinterpret_cast<float*>(dev + at.outlier_at) : nullptr;
+  outs.selected = reinterpret_cast<int32_t*>(dev + at.selected_at);
+  outs.selected_count = reinterpret_cast<int32_t*>(dev + at.count_at);
+  outs.selected_tokens = reinterpret_cast<int64_t*>(dev + at.tokens_at);
   outs.est_o = step->o(kEstimateSlot, i);
   outs.est_lse = step->lse(kEstimateSlot, i);
   // Group selection with a direct step: the select kernel writes the step's mask itself (no
@@ -1355,9 +1433,8 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     outs.group_mask = direct_.SelectionMask(static_cast<int>(C), stream);
   // The tier's attention (one sequence) forks after the scoring kernel (LaunchTier).
   if (step->tier_pending) params.scored_event = tier_fork_.get();
-  KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, reinterpret_cast<const float*>(dev + q_at),
-                                        params, outs, reinterpret_cast<float*>(dev + ws_at),
-                                        stream));
+  KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, q, params, outs,
+                                        reinterpret_cast<float*>(dev + at.ws_at), stream));
   if (step->tier_pending) KVRT_RETURN_IF_ERROR(LaunchTier(step, /*forked=*/true));
   // The decode evictions enter the cold tier only now: the selection's kernels (they read the
   // summary, not the rows) are queued before the host waits for the evictions' copies, which in a
@@ -1403,15 +1480,14 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     KVRT_SPAN("direct_attend", i);
     // One sequence: the attention's split states stay in the step's slots for its one merge.
     int splits = 0;
-    KVRT_RETURN_IF_ERROR(direct_.Attend(
-        cold, outs.selected, outs.selected_count, outs.group_mask != nullptr, step->size() > 1,
-        reinterpret_cast<float*>(dev + q_at), step->o(kHotSlot, i), step->lse(kHotSlot, i),
-        step->slot_count - kHotSlot, &splits, stream, arena, sel));
+    KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
+                                        outs.group_mask != nullptr, step->size() > 1, q,
+                                        step->o(kHotSlot, i), step->lse(kHotSlot, i),
+                                        step->slot_count - kHotSlot, &splits, stream, arena, sel));
     step->hot[i] = 1;
     step->hot_states = splits;
     if (defer) {
-      KVRT_RETURN_IF_ERROR(
-          AttendPendingEvictions(step, i, reinterpret_cast<float*>(dev + q_at), stream));
+      KVRT_RETURN_IF_ERROR(AttendPendingEvictions(step, i, q, stream));
       sel->evictions_on_device = true;
     }
     const int64_t per_head_ns = (NowNs() - t0) / H;
@@ -1420,9 +1496,9 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     return absl::OkStatus();
   }
   // The selection comes back (counts, then the selected clusters): the CPU maps it to rows.
-  const std::size_t back = count_at + H * 4 - selected_at;
+  const std::size_t back = at.count_at + H * 4 - at.selected_at;
   KVRT_ASSIGN_OR_RETURN(transfer::PinnedBlock host, ctx_->pinned().Acquire(back));
-  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(host.data(), dev + selected_at, back, stream));
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(host.data(), dev + at.selected_at, back, stream));
   KVRT_ASSIGN_OR_RETURN(transfer::Event copied, transfer::Event::Create(false));
   KVRT_RETURN_IF_ERROR(copied.Record(stream));
   KVRT_RETURN_IF_ERROR(copied.Synchronize());
@@ -1578,6 +1654,7 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   float* merged = step->exec.device && whole ? out : step->out_dev;
   KVRT_RETURN_IF_ERROR(LaunchTier(step, false));  // a step whose selection did not launch it
   KVRT_RETURN_IF_ERROR(step->JoinTier());
+  KVRT_RETURN_IF_ERROR(step->JoinLanes());
   KVRT_RETURN_IF_ERROR(gpu::MergeStatesN(step->o_states, step->lse_states, slots, step->rows, d,
                                          merged, DType::kF32, nullptr, stream));
   if (timed) {

@@ -10,6 +10,7 @@
 #include "device_tier.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
+#include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "timeline.h"
 
@@ -586,6 +587,7 @@ absl::Status DirectStep::AdmitAndFill() {
   if (st.ok()) st = filled_.Record(aside);
   ctx_->ReleaseStream(aside);
   fill_pending_ = st.ok();
+  fill_waited_by_ = nullptr;
   counters_->time_hot_cache_ns += NowNs() - t0;
   return st;
 }
@@ -602,16 +604,15 @@ absl::Status DirectStep::ApplyUpdates(int64_t rows, void* stream) {
     host[2 * i + 1] =
         ups[i].page >= 0 && eager_.contains(idx) ? ups[i].page | gpu::kFillPagesCopy : ups[i].page;
   }
-  KVRT_ASSIGN_OR_RETURN(void* dev, transfer::MallocAsync(bytes, stream));
-  absl::Status st = transfer::MemcpyAsync(dev, host, bytes, stream);
+  // The kernel reads the list from the pinned staging itself (mapped, a few KiB): no device
+  // copy, allocation and free, three driver calls fewer per member and step in a batch, whose
+  // steps are bound by the host's driver calls. Sent keeps the staging until the kernel is done.
+  absl::Status st = gpu::FillPages(View(rows), static_cast<const int32_t*>(host),
+                                   static_cast<int>(ups.size()), stream);
   if (st.ok()) st = updates_.Sent(stream);
-  if (st.ok())
-    st = gpu::FillPages(View(rows), static_cast<const int32_t*>(dev), static_cast<int>(ups.size()),
-                        stream);
   // NOTE: staged pages: only the eager blocks (the tail, the extra rows) cross PCIe here, counted
   // in hot_h2d_bytes by Admit; the others are only assigned.
-  const absl::Status freed = transfer::FreeAsync(dev, stream);
-  return st.ok() ? freed : st;
+  return st;
 }
 
 std::vector<int64_t> DirectStep::RecordedRows(const ColdTier& cold, int h) const {
@@ -635,8 +636,10 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
   wait_span.End();
   cluster_size_ = cluster_size;
   // Everything below (a new view, page drops, the attend) comes after the last fill.
-  if (fill_pending_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, filled_));
+  if (fill_pending_ && fill_waited_by_ != stream)
+    KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, filled_));
   fill_pending_ = false;
+  fill_waited_by_ = nullptr;
   // A new index version: its page drops are applied here, on the step's stream.
   KVRT_RETURN_IF_ERROR(RefreshView(cold, C, stream));
   KVRT_RETURN_IF_ERROR(ApplyUpdates(rec_rows_, stream));
@@ -647,7 +650,10 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
 const float* DirectStep::PenaltyOffsets(const ColdTier& cold, int C, void* stream) {
   if (offsets_version_ != cold.index_version() || offsets_c_ != C) return nullptr;
   // The job's fill wrote the table the offsets were computed from, and the offsets after it.
-  if (fill_pending_ && !transfer::StreamWaitEvent(stream, filled_).ok()) return nullptr;
+  if (fill_pending_ && fill_waited_by_ != stream) {
+    if (!transfer::StreamWaitEvent(stream, filled_).ok()) return nullptr;
+    fill_waited_by_ = stream;  // BeginStep's wait on this stream is then done
+  }
   return static_cast<const float*>(offsets_dev_.data());
 }
 
@@ -704,18 +710,18 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   void* side = side_stream.get();
   if (st.ok() && side_stream.apart()) st = attended_.Record(stream);
   if (st.ok() && side_stream.apart()) st = transfer::StreamWaitEvent(side, attended_);
-  if (st.ok()) st = transfer::MemcpyAsync(rec_.data(), mask, mask_bytes, side);
-  if (st.ok())
-    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecReadAt(G, C),
-                               read_rows_dev_.data(), 2 * sizeof(int64_t), side);
-  // The stage's rows: the admission gives pages only to blocks whose rows it holds (a block
-  // given a page with none would hold nothing until some later step read and staged them).
-  if (st.ok())
-    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecStageAt(G, C),
-                               stage_count_.data(), sizeof(uint32_t), side);
-  if (st.ok() && stage_cap_ > 0)
-    st = transfer::MemcpyAsync(static_cast<unsigned char*>(rec_.data()) + RecStageRowsAt(G, C),
-                               stage_row_.data(), stage_cap_ * sizeof(int64_t), side);
+  // The record: the mask, the read counts and the stage's rows (the admission gives pages only to
+  // blocks whose rows it holds: a block given a page with none would hold nothing until some
+  // later step read and staged them), written into the pinned record by one kernel rather than
+  // four copies (driver calls, which bound a batch step).
+  auto* rec = static_cast<unsigned char*>(rec_.data());
+  const gpu::CopySpan spans[] = {
+      {mask, rec, mask_bytes},
+      {read_rows_dev_.data(), rec + RecReadAt(G, C), 2 * sizeof(int64_t)},
+      {stage_count_.data(), rec + RecStageAt(G, C), stage_count_.empty() ? 0 : sizeof(uint32_t)},
+      {stage_row_.data(), rec + RecStageRowsAt(G, C),
+       static_cast<std::size_t>(stage_cap_) * sizeof(int64_t)}};
+  if (st.ok()) st = gpu::CopySpans(spans, 4, side);
   if (st.ok()) st = rec_ready_.Record(side);
   if (!st.ok()) return st;
   rec_rows_ = rows;

@@ -180,6 +180,7 @@ class DirectStep {
   transfer::BackgroundWork admission_;
   transfer::Event filled_;  // the admission's fill, on a stream of its own
   bool fill_pending_ = false;
+  void* fill_waited_by_ = nullptr;  // a stream that already waits for the pending fill
 
   // The last step's record, copied down on a stream of its own after the step's attend
   // (attended_), so that the step's merges do not queue behind it: mask [G, C] then read_rows [2].

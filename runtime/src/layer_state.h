@@ -18,11 +18,6 @@
 
 namespace kvrt::runtime {
 
-// A batch step's members whose cold selection runs on the device are stepped by at most this many
-// threads at once (decode_step.cc says why); KVRT_DEVICE_MEMBER_LANES overrides it.
-constexpr int kDefaultDeviceMemberLanes = 4;
-int DeviceMemberLanes();
-
 class LayerState {
  public:
   // gpu: the runtime's CUDA resources when the GPU backend is on (config.use_gpu), else null.

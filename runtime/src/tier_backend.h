@@ -38,6 +38,17 @@ struct AppendPlan {
   int64_t new_cold() const { return cold_end - cold_begin; }
 };
 
+// A batch step's members whose cold selection runs on the device are stepped in at most this many
+// lanes (runs of consecutive members, each on one thread and, on the device, one stream;
+// decode_step.cc says why); KVRT_DEVICE_MEMBER_LANES overrides it.
+constexpr int kDefaultDeviceMemberLanes = 4;
+int DeviceMemberLanes();
+// Member i's lane of a batch of n in DeviceMemberLanes() lanes: runs of LaneGrain(n) members.
+inline int LaneGrain(int n) {
+  const int lanes = DeviceMemberLanes();
+  return (n + lanes - 1) / lanes;
+}
+
 // The tier counts phase 1 reads for one layer.
 struct TierCounts {
   int64_t n_sink = 0, n_window = 0;

@@ -708,6 +708,45 @@ TEST_F(GpuKernels, ExpandRowRuns_MatchesReference) {
   CUDA_OK(cudaDeviceSynchronize());
 }
 
+TEST_F(GpuKernels, CopySpans_IntoPinnedHostMatchReference) {
+  // A step record's shape: a large mask, two counters, an empty span and a row list, written by
+  // the kernel through the pinned block's mapping.
+  std::mt19937 rng(16);
+  const std::vector<std::size_t> sizes = {4 * 8 * 8193, 16, 0, 8 * 300};
+  std::vector<std::vector<uint32_t>> src;
+  std::vector<Dev> dsrc;
+  std::size_t total = 0;
+  for (std::size_t b : sizes) {
+    src.emplace_back(b / 4);
+    for (uint32_t& x : src.back()) x = static_cast<uint32_t>(rng());
+    dsrc.push_back(Dev::From(src.back().empty() ? std::vector<uint32_t>(1) : src.back()));
+    total += b;
+  }
+  void* pinned = nullptr;
+  CUDA_OK(cudaHostAlloc(&pinned, total, cudaHostAllocMapped | cudaHostAllocPortable));
+  std::memset(pinned, 0xab, total);
+  std::vector<unsigned char> want(total, 0xab);
+  std::vector<CopySpan> spans, host_spans;
+  std::size_t at = 0;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    spans.push_back({dsrc[i].p, static_cast<unsigned char*>(pinned) + at, sizes[i]});
+    host_spans.push_back({src[i].data(), want.data() + at, sizes[i]});
+    at += sizes[i];
+  }
+  CopySpansHost(host_spans.data(), static_cast<int>(host_spans.size()));
+  ASSERT_TRUE(CopySpans(spans.data(), static_cast<int>(spans.size()), nullptr).ok());
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(0, std::memcmp(pinned, want.data(), total));
+  // Refused: too many spans, a misaligned one.
+  std::vector<CopySpan> many(kMaxCopySpans + 1, spans[1]);
+  EXPECT_EQ(CopySpans(many.data(), kMaxCopySpans + 1, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  CopySpan odd = spans[1];
+  odd.bytes = 6;
+  EXPECT_EQ(CopySpans(&odd, 1, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  CUDA_OK(cudaFreeHost(pinned));
+}
+
 TEST_F(GpuKernels, Ring_AppendEvictGatherMatchReference) {
   std::mt19937 rng(12);
   for (DType t : {DType::kBF16, DType::kF32}) {

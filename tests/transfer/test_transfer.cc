@@ -194,6 +194,35 @@ TEST(EvictionQueue, DrainReadyDeliversCompleteBatchesOnly) {
   EXPECT_EQ(pool.stats().live_blocks, 0);
 }
 
+TEST(EvictionQueue, NewEventReusesADeliveredBatchsEvent) {
+  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device: events need one";
+  PinnedPool pool(PageableHostAllocator(), 1 << 20);
+  EvictionQueue q;
+  auto stream = Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  auto first = q.NewEvent();  // nothing delivered yet: a new event
+  ASSERT_TRUE(first.ok() && !first->empty());
+  void* handle = first->get();
+  ASSERT_TRUE(first->Record(stream->get()).ok());
+  EvictionBatch b;
+  b.k = *pool.Acquire(16);
+  b.v = *pool.Acquire(16);
+  b.rows = 1;
+  b.done = std::move(*first);
+  q.Push(std::move(b));
+  // Not delivered yet (still queued): its event is not handed out.
+  auto other = q.NewEvent();
+  ASSERT_TRUE(other.ok());
+  EXPECT_NE(other->get(), handle);
+  ASSERT_TRUE(q.Drain([](const void*, const void*, int64_t) { return absl::OkStatus(); }).ok());
+  auto reused = q.NewEvent();
+  ASSERT_TRUE(reused.ok());
+  EXPECT_EQ(reused->get(), handle) << "the delivered batch's event comes back";
+  // Recorded again, it marks the new point.
+  ASSERT_TRUE(reused->Record(stream->get()).ok());
+  ASSERT_TRUE(reused->Synchronize().ok());
+}
+
 TEST(BackgroundWork, RunsOnArenaAndReportsStatusOnce) {
   tbb::task_arena arena(2);
   BackgroundWork w;

@@ -36,9 +36,18 @@ absl::Status EvictionQueue::DrainBatches(
     }
     if (absl::Status s = sink(b.k.data(), b.v.data(), b.rows); !s.ok()) return s;
     rows_ -= b.rows;
+    if (!b.done.empty() && spare_events_.size() < kSpareEvents)
+      spare_events_.push_back(std::move(b.done));
     batches_.pop_front();
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<Event> EvictionQueue::NewEvent() {
+  if (spare_events_.empty()) return Event::Create(false);
+  Event e = std::move(spare_events_.back());
+  spare_events_.pop_back();
+  return e;
 }
 
 void EvictionQueue::Discard() {

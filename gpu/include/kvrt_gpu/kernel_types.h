@@ -121,4 +121,12 @@ struct TopKProblem {
   int64_t key_chunk = 0;  // keys scored per pass (bounds the scratch); 0 = chosen from nq
 };
 
+// One copy of CopySpans (kernels.h): src -> dst, bytes.
+struct CopySpan {
+  const void* src = nullptr;
+  void* dst = nullptr;
+  std::size_t bytes = 0;
+};
+constexpr int kMaxCopySpans = 4;
+
 }  // namespace kvrt::gpu

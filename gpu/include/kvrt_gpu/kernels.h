@@ -115,6 +115,13 @@ void ScatterRowsHost(const void* src_k, const void* src_v, void* dst_k, void* ds
 absl::Status ExpandRowRuns(const int32_t* runs, int64_t n_runs, int32_t* ids, void* stream);
 void ExpandRowRunsHost(const int32_t* runs, int64_t n_runs, int32_t* ids);
 
+// Up to kMaxCopySpans copies in one launch (a step's record: a mask and a few counters going to one
+// pinned host block, which the kernel writes through its mapping: one launch instead of a
+// cudaMemcpyAsync each). src: device memory; dst: device or mapped pinned host memory; both
+// 4-byte aligned and bytes a multiple of 4; spans do not overlap. (CopySpan: kernel_types.h.)
+absl::Status CopySpans(const CopySpan* spans, int n, void* stream);
+void CopySpansHost(const CopySpan* spans, int n);
+
 // out[i] = value for i < n (device f32), e.g. the lse -inf of empty partial states.
 absl::Status FillF32(float* out, float value, int64_t n, void* stream);
 

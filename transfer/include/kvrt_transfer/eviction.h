@@ -21,8 +21,10 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "kvrt_transfer/cuda_rt.h"
 #include "kvrt_transfer/pinned_pool.h"
 #include "oneapi/tbb/task_arena.h"
@@ -54,6 +56,10 @@ class EvictionQueue {
   EvictionBatch& front() { return batches_.front(); }
   // Waits for every outstanding copy and drops the batches without delivering them (teardown).
   void Discard();
+  // An event for the next batch's `done`: one of a delivered batch's, recorded again, or a new
+  // one (a decode step evicts a batch per layer and sequence: creating and destroying its event
+  // were two driver calls per layer-step of each sequence).
+  absl::StatusOr<Event> NewEvent();
 
  private:
   // Drain (wait: each copy waited for) and DrainReady (stops at the first copy in flight).
@@ -63,6 +69,8 @@ class EvictionQueue {
 
   std::deque<EvictionBatch> batches_;
   int64_t rows_ = 0;
+  std::vector<Event> spare_events_;  // of delivered batches, complete; at most kSpareEvents
+  static constexpr std::size_t kSpareEvents = 4;
 };
 
 // One background job at a time per owner (e.g. a layer's index insert) on a TBB arena.
