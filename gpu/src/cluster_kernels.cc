@@ -2,7 +2,9 @@
 // cluster_score.cu through cluster_launch.h.
 #include "kvrt_gpu/cluster_kernels.h"
 
+#include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "absl/strings/str_cat.h"
 #include "cluster_launch.h"
@@ -61,6 +63,60 @@ absl::Status ClusterStep(const ClusterSummaryView& s, const float* q, const Clus
   (void)workspace;
   (void)stream;
   return absl::FailedPreconditionError("ClusterStep: kvrt was built without CUDA");
+#endif
+}
+
+absl::Status ClusterStepBatch(const ClusterStepItem* items, int n, const ClusterStepParams& p,
+                              void* stream) {
+  if (n < 0 || (n > 0 && items == nullptr))
+    return absl::InvalidArgumentError("ClusterStepBatch: n < 0 or null items");
+  if (p.scored_event != nullptr)
+    return absl::InvalidArgumentError("ClusterStepBatch: scored_event is one member's");
+  for (int i = 0; i < n; ++i) {
+    const ClusterStepItem& it = items[i];
+    ClusterStepParams pi = p;
+    pi.budget_tokens = it.budget_tokens;
+    pi.key_offset = it.key_offset;
+    if (auto st = CheckCluster(it.summary, pi, it.out); !st.ok())
+      return absl::InvalidArgumentError(absl::StrCat("member ", i, ": ", st.message()));
+    if (it.summary.kv_heads != items[0].summary.kv_heads ||
+        it.summary.head_dim != items[0].summary.head_dim)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "ClusterStepBatch: member ", i, " has another kv_heads or head_dim than member 0"));
+    if (it.q == nullptr ||
+        (it.workspace == nullptr && ClusterStepWorkspaceFloats(it.summary, p.q_heads) > 0))
+      return absl::InvalidArgumentError(
+          absl::StrCat("ClusterStepBatch: member ", i, " has a null q or workspace"));
+  }
+#if KVRT_WITH_CUDA
+  if (n == 0) return absl::OkStatus();
+  const float scale = p.scale != 0.f ? p.scale : 1.f / std::sqrt(float(items[0].summary.head_dim));
+  // NOTE: ~8 KiB; the launches copy it into their parameters.
+  auto launch = std::make_unique<detail::ClusterBatchLaunch>();
+  for (int first = 0; first < n; first += detail::kClusterBatchMax) {
+    launch->n = std::min(n - first, detail::kClusterBatchMax);
+    for (int i = 0; i < launch->n; ++i) {
+      const ClusterStepItem& it = items[first + i];
+      detail::ClusterBatchMember& m = launch->m[i];
+      m = detail::ClusterBatchMember{};
+      m.s = it.summary;
+      m.q = it.q;
+      m.budget = it.budget_tokens;
+      m.key_offset = it.key_offset;
+      m.out = it.out;
+      m.ws = it.workspace;
+    }
+    const detail::Err e = detail::LaunchClusterStepBatch(launch.get(), p, scale, stream);
+    if (e.msg != nullptr)
+      return absl::InvalidArgumentError(absl::StrCat("ClusterStepBatch: ", e.msg));
+    if (e.cuda != 0)
+      return absl::InternalError(absl::StrCat("ClusterStepBatch: CUDA error ", e.cuda, " (",
+                                              detail::CudaErrorName(e.cuda), ")"));
+  }
+  return absl::OkStatus();
+#else
+  (void)stream;
+  return absl::FailedPreconditionError("ClusterStepBatch: kvrt was built without CUDA");
 #endif
 }
 

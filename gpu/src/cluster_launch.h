@@ -30,6 +30,30 @@ inline std::size_t ClusterWorkspaceFloats(const ClusterSummaryView& s, int q_hea
          static_cast<std::size_t>(s.kv_heads) * ThresholdRowFloats(s.num_clusters);
 }
 
+// One member of a batched cluster step (ClusterStepBatch), as its kernels read it: the launcher
+// fills the CTA counts, the group key (null: no group selection for it) and the threshold section
+// (row null: the select kernel searches itself).
+struct ClusterBatchMember {
+  ClusterSummaryView s;
+  const float* q = nullptr;
+  int64_t budget = 0;
+  const float* key_offset = nullptr;
+  ClusterStepOutputs out;
+  float* ws = nullptr;
+  float* gkey = nullptr;
+  ThresholdWs thr;
+  int cctas = 0;   // cluster CTAs per kv head of the score kernel
+  int otiles = 0;  // outlier CTAs per kv head
+};
+// Members per launch: the launch's argument (a __grid_constant__ kernel parameter, CUDA >= 12.1's
+// 32 KiB limit) holds them all.
+inline constexpr int kClusterBatchMax = 32;
+struct ClusterBatchLaunch {
+  int n = 0;
+  ClusterBatchMember m[kClusterBatchMax];
+};
+static_assert(sizeof(ClusterBatchLaunch) <= 32000, "a kernel parameter of at most 32 KiB");
+
 // Loads the cluster step's kernels for this shape (LoadKernel); kv_heads > 0.
 Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads);
 // The group selection's threshold for every kv head (cluster_threshold.cu): after GroupKeyKernel
@@ -39,5 +63,12 @@ Err LaunchGroupThreshold(const ClusterSummaryView& s, const float* group_key, in
                          float top_p, const ThresholdWs& w, void* stream);
 Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const ClusterStepParams& p,
                       float scale, const ClusterStepOutputs& out, float* workspace, void* stream);
+// The threshold kernels for a batch's members with a threshold section (thr.row set).
+Err LaunchGroupThresholdBatch(const ClusterBatchLaunch& a, int kv_heads, float top_p, void* stream);
+// At most kClusterBatchMax members (s, q, budget, key_offset, out, ws set; the rest is filled
+// here), the same kv_heads and head_dim, each workspace required; p's budget, key_offset and
+// scored_event are not read.
+Err LaunchClusterStepBatch(ClusterBatchLaunch* a, const ClusterStepParams& p, float scale,
+                           void* stream);
 
 }  // namespace kvrt::gpu::detail

@@ -226,17 +226,18 @@ __device__ __forceinline__ void ScoreOutliers(const ClusterSummaryView& s, const
 template <int D, int MG>
 constexpr int kScoreMinBlocks = D <= 128 && MG <= 4 ? 3 : 1;
 
+// One CTA of ScoreKernel, the b-th of its 1D grid.
 template <int D, int MG>
-__global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
-    ScoreKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
-                float spread_coef, int cluster_ctas, int outlier_ctas, float* __restrict__ density,
-                float* __restrict__ outlier_score, float* __restrict__ partial) {
+__device__ __forceinline__ void ScoreCta(const ClusterSummaryView& s, const float* __restrict__ q,
+                                         int g, float scale, float spread_coef, int cluster_ctas,
+                                         int outlier_ctas, float* __restrict__ density,
+                                         float* __restrict__ outlier_score,
+                                         float* __restrict__ partial, const int b) {
   constexpr int E = D / 32;
   // A 1D grid: every kv head's cluster CTAs first, then the outlier CTAs, so that the short
   // outlier CTAs are the ones a full wave leaves for later (CTAs start in index order).
   const int kv_heads = s.kv_heads;
   const int cluster_blocks = kv_heads * cluster_ctas;
-  const int b = blockIdx.x;
   const int h = b < cluster_blocks ? b / cluster_ctas : (b - cluster_blocks) / outlier_ctas;
   const int tile =
       b < cluster_blocks ? b % cluster_ctas : cluster_ctas + (b - cluster_blocks) % outlier_ctas;
@@ -379,24 +380,46 @@ __device__ __forceinline__ int BlockDim(int r, int c) {
 }
 
 // Word r of a lane's 16-byte loads (r a constant after unrolling).
+template <int D, int MG>
+__global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
+    ScoreKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
+                float spread_coef, int cluster_ctas, int outlier_ctas, float* __restrict__ density,
+                float* __restrict__ outlier_score, float* __restrict__ partial) {
+  ScoreCta<D, MG>(s, q, g, scale, spread_coef, cluster_ctas, outlier_ctas, density, outlier_score,
+                  partial, blockIdx.x);
+}
+
+// A batch's members (ClusterBatchLaunch): grid (the most CTAs of a member, members); a member
+// with fewer leaves the rest idle.
+template <int D, int MG>
+__global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
+    ScoreBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, float scale,
+                     float spread_coef) {
+  const ClusterBatchMember& m = a.m[blockIdx.y];
+  if (static_cast<int>(blockIdx.x) >= (m.cctas + m.otiles) * m.s.kv_heads) return;
+  ScoreCta<D, MG>(m.s, m.q, g, scale, spread_coef, m.cctas, m.otiles, m.out.density,
+                  m.out.outlier_score, m.ws, blockIdx.x);
+}
+
 template <int L>
 __device__ __forceinline__ uint32_t Word(const uint4 (&v)[L], int r) {
   const uint4& x = v[r >> 2];
   return (r & 3) == 0 ? x.x : (r & 3) == 1 ? x.y : (r & 3) == 2 ? x.z : x.w;
 }
 
+// One CTA of ScoreMmaKernel, the b-th of its 1D grid.
 template <int D>
-__global__ void __launch_bounds__(kScoreThreads, 2)
-    ScoreMmaKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
-                   float spread_coef, int cluster_ctas, int outlier_ctas,
-                   float* __restrict__ density, float* __restrict__ outlier_score,
-                   float* __restrict__ partial) {
+__device__ __forceinline__ void ScoreMmaCta(const ClusterSummaryView& s,
+                                            const float* __restrict__ q, int g, float scale,
+                                            float spread_coef, int cluster_ctas, int outlier_ctas,
+                                            float* __restrict__ density,
+                                            float* __restrict__ outlier_score,
+                                            float* __restrict__ partial, const int b) {
   static_assert(D % 32 == 0 && D <= 128, "d = 64 or 128");
   constexpr int MG = kMmaQ;
   constexpr int L = D / 32;  // 16-byte loads per row and lane
   constexpr int K = D / 16;  // k steps of the scores, dim tiles of the weighted sums
   const int cluster_blocks = s.kv_heads * cluster_ctas;
-  const int b = blockIdx.x;
   const int h = b < cluster_blocks ? b / cluster_ctas : (b - cluster_blocks) / outlier_ctas;
   const int tile =
       b < cluster_blocks ? b % cluster_ctas : cluster_ctas + (b - cluster_blocks) % outlier_ctas;
@@ -560,6 +583,26 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   }
 }
 
+template <int D>
+__global__ void __launch_bounds__(kScoreThreads, 2)
+    ScoreMmaKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
+                   float spread_coef, int cluster_ctas, int outlier_ctas,
+                   float* __restrict__ density, float* __restrict__ outlier_score,
+                   float* __restrict__ partial) {
+  ScoreMmaCta<D>(s, q, g, scale, spread_coef, cluster_ctas, outlier_ctas, density, outlier_score,
+                 partial, blockIdx.x);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kScoreThreads, 2)
+    ScoreMmaBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, float scale,
+                        float spread_coef) {
+  const ClusterBatchMember& m = a.m[blockIdx.y];
+  if (static_cast<int>(blockIdx.x) >= (m.cctas + m.otiles) * m.s.kv_heads) return;
+  ScoreMmaCta<D>(m.s, m.q, g, scale, spread_coef, m.cctas, m.otiles, m.out.density,
+                 m.out.outlier_score, m.ws, blockIdx.x);
+}
+
 // Group selection's keys (cluster_kernels.h): grid (cluster chunks, kv heads). Each CTA first
 // merges its group's tile states into each head's log total (as SelectKernel does), then
 // key_c = log sum_h exp(density_{h,c} - lse_h) for its chunk of clusters, less offset_c (null:
@@ -567,13 +610,14 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 // thr (budget > 0 only; else row null): each CTA also leaves its keys' range (and, top_p > 0,
 // their total mass) in thr's partials, and the kv head's CTAs clear its histogram and state for
 // the threshold kernels (cluster_threshold.cu) that follow.
+// One CTA: chunk `chunk` (of `chunks`) of kv head h.
 template <int D>
-__global__ void __launch_bounds__(kKeyThreads)
-    GroupKeyKernel(ClusterSummaryView s, int g, int tiles, const float* __restrict__ density,
-                   const float* __restrict__ partial, const float* __restrict__ offset,
-                   float* __restrict__ key, ThresholdWs thr, int use_p) {
+__device__ __forceinline__ void GroupKeyCta(
+    const ClusterSummaryView& s, int g, int tiles, const float* __restrict__ density,
+    const float* __restrict__ partial, const float* __restrict__ offset, float* __restrict__ key,
+    const ThresholdWs& thr, int use_p, const int chunk, const int chunks, const int h) {
   __shared__ float s_lse[kClusterMaxGroup];
-  const int h = blockIdx.y, c_n = s.num_clusters, t = threadIdx.x;
+  const int c_n = s.num_clusters, t = threadIdx.x;
   const int lane = t & 31, warp = t >> 5;
   for (int i = warp; i < g; i += kKeyThreads / 32) {
     const float* part = partial + static_cast<size_t>(h * g + i) * tiles * (D + 2);
@@ -592,9 +636,9 @@ __global__ void __launch_bounds__(kKeyThreads)
     if (lane == 0) s_lse[i] = m == -INFINITY ? -INFINITY : m + logf(l);
   }
   __syncthreads();
-  const int end = min(c_n, (blockIdx.x + 1) * kKeyClusters);
+  const int end = min(c_n, (chunk + 1) * kKeyClusters);
   float lo = INFINITY, hi = -INFINITY, mass = 0.f;
-  for (int j = blockIdx.x * kKeyClusters + t; j < end; j += kKeyThreads) {
+  for (int j = chunk * kKeyClusters + t; j < end; j += kKeyThreads) {
     float kj = -INFINITY;
     const int32_t nj = s.size[static_cast<size_t>(h) * c_n + j];
     if (nj > 0) {
@@ -627,17 +671,17 @@ __global__ void __launch_bounds__(kKeyThreads)
   hi = RedF(red).Reduce(hi, MaxOp());
   __syncthreads();
   mass = RedF(red).Sum(mass);
-  const size_t part = static_cast<size_t>(h) * thr.key_ctas + blockIdx.x;
+  const size_t part = static_cast<size_t>(h) * thr.key_ctas + chunk;
   if (t == 0) {
     thr.part_lo[part] = lo;
     thr.part_hi[part] = hi;
     thr.part_mass[part] = mass;
   }
-  for (int b = blockIdx.x * kKeyThreads + t; b < kLinBins; b += gridDim.x * kKeyThreads) {
+  for (int b = chunk * kKeyThreads + t; b < kLinBins; b += chunks * kKeyThreads) {
     thr.hist_tok[static_cast<size_t>(h) * kLinBins + b] = 0u;
     thr.hist_mass[static_cast<size_t>(h) * kLinBins + b] = 0.f;
   }
-  if (blockIdx.x == 0 && t == 0) {
+  if (chunk == 0 && t == 0) {
     ThresholdRow r{};
     r.mode = kThresholdPending;
     r.bin = -1;
@@ -645,14 +689,43 @@ __global__ void __launch_bounds__(kKeyThreads)
   }
 }
 
+// The group key CTAs of a kv head's c_n clusters.
+__host__ __device__ __forceinline__ int KeyChunks(int c_n) {
+  return (c_n + kKeyClusters - 1) / kKeyClusters;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kKeyThreads)
+    GroupKeyKernel(ClusterSummaryView s, int g, int tiles, const float* __restrict__ density,
+                   const float* __restrict__ partial, const float* __restrict__ offset,
+                   float* __restrict__ key, ThresholdWs thr, int use_p) {
+  GroupKeyCta<D>(s, g, tiles, density, partial, offset, key, thr, use_p, blockIdx.x, gridDim.x,
+                 blockIdx.y);
+}
+
+// A batch's members: grid (the most chunks, kv heads, members); only the members under group
+// selection (group_key set, clusters) take part.
+template <int D>
+__global__ void __launch_bounds__(kKeyThreads)
+    GroupKeyBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, int use_p) {
+  const ClusterBatchMember& m = a.m[blockIdx.z];
+  const int chunks = KeyChunks(m.s.num_clusters);
+  if (m.gkey == nullptr || static_cast<int>(blockIdx.x) >= chunks) return;
+  GroupKeyCta<D>(m.s, g, m.cctas, m.out.density, m.ws, m.key_offset, m.gkey, m.thr, use_p,
+                 blockIdx.x, chunks, blockIdx.y);
+}
+
 // gkey: null, or the group keys [kv_heads, C] (group selection): the selection ranks and counts
 // by them, the estimate weighs by the head's own densities.
+// One CTA: q head qh.
 template <int D>
-__global__ void __launch_bounds__(kSelectThreads)
-    SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p, int estimate,
-                 const float* __restrict__ density, const float* __restrict__ partial,
-                 const float* __restrict__ gkey, const ThresholdRow* __restrict__ thr,
-                 ClusterStepOutputs out) {
+__device__ __forceinline__ void SelectCta(const ClusterSummaryView& s, int g, int tiles,
+                                          int64_t budget, float top_p, int estimate,
+                                          const float* __restrict__ density,
+                                          const float* __restrict__ partial,
+                                          const float* __restrict__ gkey,
+                                          const ThresholdRow* __restrict__ thr,
+                                          const ClusterStepOutputs& out, const int qh) {
   using ScanF = cub::BlockScan<float, kSelectThreads>;
   using ScanI = cub::BlockScan<int, kSelectThreads>;
   using RedF = cub::BlockReduce<float, kSelectThreads>;
@@ -695,7 +768,6 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ int s_all, s_pre;
   __shared__ float s_tm;
 
-  const int qh = blockIdx.x;
   const int h = qh / g;
   const int c_n = s.num_clusters;
   const int t = threadIdx.x;
@@ -1168,6 +1240,25 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
+template <int D>
+__global__ void __launch_bounds__(kSelectThreads)
+    SelectKernel(ClusterSummaryView s, int g, int tiles, int64_t budget, float top_p, int estimate,
+                 const float* __restrict__ density, const float* __restrict__ partial,
+                 const float* __restrict__ gkey, const ThresholdRow* __restrict__ thr,
+                 ClusterStepOutputs out) {
+  SelectCta<D>(s, g, tiles, budget, top_p, estimate, density, partial, gkey, thr, out, blockIdx.x);
+}
+
+// A batch's members: grid (q heads, members).
+template <int D>
+__global__ void __launch_bounds__(kSelectThreads)
+    SelectBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, float top_p,
+                      int estimate) {
+  const ClusterBatchMember& m = a.m[blockIdx.y];
+  SelectCta<D>(m.s, g, m.cctas, m.budget, top_p, estimate, m.out.density, m.ws, m.gkey, m.thr.row,
+               m.out, blockIdx.x);
+}
+
 // Whether ScoreMmaKernel takes the clusters: groups of at most kMmaQ, d <= 128 and 16-byte
 // aligned summary rows (its loads).
 template <int D>
@@ -1245,7 +1336,97 @@ Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale,
   return LastLaunchErr();
 }
 
+// The batch's score launch: every member's CTA counts for one wave of the whole batch (each
+// member's share of the slots), then one launch of the kernel the members share.
+template <int D, int MG>
+Err LaunchScoreBatch(ClusterBatchLaunch* a, int g, float scale, float spread_coef,
+                     cudaStream_t st) {
+  const int n = a->n, kv = a->m[0].s.kv_heads;
+  int mma = 0;
+  if constexpr (D <= 128 && MG <= kMmaQ) {
+    for (int i = 0; i < n; ++i) mma += UseScoreMma<D>(a->m[i].s, g) ? 1 : 0;
+  }
+  if (mma != 0 && mma != n) return {0, "the batch's members need different score kernels"};
+  int grid_x = 0;
+  for (int i = 0; i < n; ++i) {
+    ClusterBatchMember& m = a->m[i];
+    const int ctiles = ClusterTiles(m.s.num_clusters);
+    m.otiles = (m.s.num_outliers + kOutlierTile - 1) / kOutlierTile;
+    if constexpr (D <= 128 && MG <= kMmaQ) {
+      if (mma != 0) m.cctas = ClusterCtas<D, kMmaQ, true>(ctiles, kv * n);
+    }
+    if (mma == 0) m.cctas = ClusterCtas<D, MG, false>(ctiles, kv * n);
+    grid_x = std::max(grid_x, (m.cctas + m.otiles) * kv);
+  }
+  if (grid_x == 0) return {};
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(n));
+  if constexpr (D <= 128 && MG <= kMmaQ) {
+    if (mma != 0) {
+      ScoreMmaBatchKernel<D><<<grid, kScoreThreads, 0, st>>>(*a, g, scale, spread_coef);
+      return LastLaunchErr();
+    }
+  }
+  ScoreBatchKernel<D, MG><<<grid, kScoreThreads, 0, st>>>(*a, g, scale, spread_coef);
+  return LastLaunchErr();
+}
+
+// The tensor-core score kernel's batch form, where the shape takes it.
+template <int D>
+Err LoadScoreMmaBatch(int g) {
+  if constexpr (D <= 128) {
+    if (g <= kMmaQ) return LoadKernel(ScoreMmaBatchKernel<D>);
+  }
+  return {};
+}
+
 }  // namespace
+
+Err LaunchClusterStepBatch(ClusterBatchLaunch* a, const ClusterStepParams& p, float scale,
+                           void* stream) {
+  if (a->n <= 0) return {};
+  if (a->n > kClusterBatchMax) return {0, "more members than one launch takes"};
+  const cudaStream_t st = AsStream(stream);
+  const int n = a->n, kv = a->m[0].s.kv_heads, g = p.q_heads / kv;
+  const float spread_coef = p.spread_weight * 0.5f * scale * scale;
+  const int use_p = p.top_p > 0.f ? 1 : 0;
+  // Group selection per member (clusters to select among), and its threshold section where the
+  // threshold kernels run (as LaunchClusterStep decides for one member). Set before the first
+  // launch: each launch takes the members by value.
+  int key_chunks = 0;
+  for (int i = 0; i < n; ++i) {
+    ClusterBatchMember& m = a->m[i];
+    const int c = m.s.num_clusters;
+    m.gkey = p.group_select && g > 1 && c > 0 ? m.out.group_key : nullptr;
+    m.thr = ThresholdWs{};
+    if (m.gkey != nullptr && m.budget > 0 && c >= kThresholdMinClusters &&
+        (KVRT_CLUSTER_PARTS & 1) == 0)
+      m.thr = ThresholdLayout(m.ws + ClusterThresholdAt(m.s, p.q_heads), kv, c);
+    if (m.gkey != nullptr) key_chunks = std::max(key_chunks, KeyChunks(c));
+  }
+  Err err{};
+  KVRT_DISPATCH_HEAD_DIM(a->m[0].s.head_dim, D, {
+    if (g <= 4) {
+      err = LaunchScoreBatch<D, 4>(a, g, scale, spread_coef, st);
+    } else if (g <= 8) {
+      err = LaunchScoreBatch<D, 8>(a, g, scale, spread_coef, st);
+    } else {
+      err = LaunchScoreBatch<D, 16>(a, g, scale, spread_coef, st);
+    }
+    if (err.ok() && key_chunks > 0) {
+      const dim3 kgrid(static_cast<unsigned>(key_chunks), static_cast<unsigned>(kv),
+                       static_cast<unsigned>(n));
+      GroupKeyBatchKernel<D><<<kgrid, kKeyThreads, 0, st>>>(*a, g, use_p);
+      err = LastLaunchErr();
+      if (err.ok()) err = LaunchGroupThresholdBatch(*a, kv, p.top_p, st);
+    }
+    if (err.ok()) {
+      const dim3 sgrid(static_cast<unsigned>(p.q_heads), static_cast<unsigned>(n));
+      SelectBatchKernel<D><<<sgrid, kSelectThreads, 0, st>>>(*a, g, p.top_p, p.estimate ? 1 : 0);
+      err = LastLaunchErr();
+    }
+  })
+  return err;
+}
 
 Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads) {
   const int g = q_heads / kv_heads;
@@ -1263,7 +1444,21 @@ Err PreloadClusterStep(int head_dim, int q_heads, int kv_heads) {
     }
     Err e = LoadKernel(GroupKeyKernel<D>);
     if (e.ok() && q_heads > kv_heads) e = PreloadGroupThreshold();
-    return e.ok() ? LoadKernel(SelectKernel<D>) : e;
+    if (e.ok()) e = LoadKernel(SelectKernel<D>);
+    // The batch's kernels (ClusterStepBatch), which kvrt_attend_batch may take.
+    if (e.ok()) e = LoadKernel(GroupKeyBatchKernel<D>);
+    if (e.ok()) e = LoadKernel(SelectBatchKernel<D>);
+    if (e.ok()) {
+      if (g <= 4) {
+        e = LoadKernel(ScoreBatchKernel<D, 4>);
+      } else if (g <= 8) {
+        e = LoadKernel(ScoreBatchKernel<D, 8>);
+      } else {
+        e = LoadKernel(ScoreBatchKernel<D, 16>);
+      }
+    }
+    if (e.ok()) e = LoadScoreMmaBatch<D>(g);
+    return e;
   })
   return {};
 }

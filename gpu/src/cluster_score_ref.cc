@@ -145,4 +145,18 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
   return absl::OkStatus();
 }
 
+absl::Status ClusterStepBatchHost(const ClusterStepItem* items, int n, const ClusterStepParams& p) {
+  if (n < 0 || (n > 0 && items == nullptr))
+    return absl::InvalidArgumentError("ClusterStepBatchHost: n < 0 or null items");
+  for (int i = 0; i < n; ++i) {
+    ClusterStepParams pi = p;
+    pi.budget_tokens = items[i].budget_tokens;
+    pi.key_offset = items[i].key_offset;
+    pi.scored_event = nullptr;
+    if (absl::Status st = ClusterStepHost(items[i].summary, items[i].q, pi, items[i].out); !st.ok())
+      return st;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace kvrt::gpu

@@ -9,6 +9,7 @@
 // grid: the threshold bin's clusters of each chunk join a list; the last CTA resolves the exact
 // threshold key among them. A range the bins cannot split, or a threshold bin of more than
 // kCandCap clusters, leaves the search to the select kernel (kThresholdSearch).
+#include <algorithm>
 #include <cub/block/block_reduce.cuh>
 
 #include "cluster_launch.h"
@@ -24,26 +25,27 @@ constexpr int kChunk = kThreads * kItems;      // clusters per CTA
 
 using RedF = cub::BlockReduce<float, kThreads>;
 
-// Whether this CTA is the last of its kv head's CTAs to pass this point, every CTA's writes
+// Whether this CTA is the last of its kv head's `ctas` CTAs to pass this point, every CTA's writes
 // before it visible to that one. NOTE: every thread fences its own writes (their atomics are
 // fire-and-forget reductions, still in flight at the barrier), then one thread takes a ticket.
-__device__ __forceinline__ bool LastToFinish(unsigned* done) {
+__device__ __forceinline__ bool LastToFinish(unsigned* done, unsigned ctas) {
   __shared__ int s_last;
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(done, 1u) == gridDim.x - 1 ? 1 : 0;
+  if (threadIdx.x == 0) s_last = atomicAdd(done, 1u) == ctas - 1 ? 1 : 0;
   __syncthreads();
   if (s_last) __threadfence();
   return s_last != 0;
 }
 
-// The chunk's clusters j (kItems per thread, strided by the block) with their sizes and keys,
+// Chunk `chunk`'s clusters j (kItems per thread, strided by the block) with their sizes and keys,
 // all loaded before f(key, size) runs for each sized one.
 template <typename F>
-__device__ __forceinline__ void ForChunk(const int32_t* size, const float* key, int c_n, F&& f) {
+__device__ __forceinline__ void ForChunk(int chunk, const int32_t* size, const float* key, int c_n,
+                                         F&& f) {
   int n[kItems];
   float k[kItems];
-  const int base = blockIdx.x * kChunk + threadIdx.x;
+  const int base = chunk * kChunk + threadIdx.x;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int j = base + i * kThreads;
@@ -55,16 +57,20 @@ __device__ __forceinline__ void ForChunk(const int32_t* size, const float* key, 
     if (n[i] > 0) f(k[i], n[i]);
 }
 
-__global__ void __launch_bounds__(kThreads)
-    HistKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
-               int64_t budget, float top_p, ThresholdWs w) {
+// The chunks of a kv head's c_n clusters (the kernels' grid x).
+__host__ __device__ __forceinline__ int Chunks(int c_n) { return (c_n + kChunk - 1) / kChunk; }
+
+// One CTA of HistKernel: chunk `chunk` of kv head h.
+__device__ __forceinline__ void HistCta(const int32_t* __restrict__ size_all,
+                                        const float* __restrict__ key_all, int c_n, int64_t budget,
+                                        float top_p, const ThresholdWs& w, int chunk, int h) {
   __shared__ typename RedF::TempStorage red;
   __shared__ struct {
     unsigned tok[kLinBins];
     float mass[kLinBins];
   } hist;
   __shared__ float s_lo, s_hi, s_mass;
-  const int h = blockIdx.y, t = threadIdx.x;
+  const int t = threadIdx.x;
   const bool use_p = top_p > 0.f;
   ThresholdRow& row = w.row[h];
 
@@ -91,7 +97,7 @@ __global__ void __launch_bounds__(kThreads)
   hi = s_hi;
   const float inv = static_cast<float>(kLinBins) / (hi - lo);
   if (!LinearRange(lo, hi, inv)) {  // every CTA sees it: the select kernel searches itself
-    if (blockIdx.x == 0 && t == 0) row.mode = kThresholdSearch;
+    if (chunk == 0 && t == 0) row.mode = kThresholdSearch;
     return;
   }
 
@@ -102,7 +108,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const int32_t* size = size_all + static_cast<size_t>(h) * c_n;
   const float* key = key_all + static_cast<size_t>(h) * c_n;
-  ForChunk(size, key, c_n, [&](float kj, int nj) {
+  ForChunk(chunk, size, key, c_n, [&](float kj, int nj) {
     const int b = LinBin(kj, lo, inv);
     atomicAdd(&hist.tok[b], static_cast<unsigned>(nj));
     if (use_p) atomicAdd(&hist.mass[b], __expf(kj + logf(static_cast<float>(nj))));
@@ -114,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
     if (hist.tok[b] != 0u) atomicAdd(&gtok[b], hist.tok[b]);
     if (use_p && hist.mass[b] != 0.f) atomicAdd(&gmass[b], hist.mass[b]);
   }
-  if (!LastToFinish(&row.hist_done)) return;
+  if (!LastToFinish(&row.hist_done, Chunks(c_n))) return;
 
   // The last CTA: the threshold bin over the kv head's histogram.
   const float target = top_p * s_mass;
@@ -139,15 +145,16 @@ __global__ void __launch_bounds__(kThreads)
   row.ncand = 0;
 }
 
-__global__ void __launch_bounds__(kThreads)
-    CandKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
-               int64_t budget, float top_p, ThresholdWs w) {
+// One CTA of CandKernel: chunk `chunk` of kv head h.
+__device__ __forceinline__ void CandCta(const int32_t* __restrict__ size_all,
+                                        const float* __restrict__ key_all, int c_n, int64_t budget,
+                                        float top_p, const ThresholdWs& w, int chunk, int h) {
   __shared__ struct {
     uint32_t key[kCandCap];
     int32_t n[kCandCap];
     float mass[kCandCap];
   } cand;
-  const int h = blockIdx.y, t = threadIdx.x;
+  const int t = threadIdx.x;
   const bool use_p = top_p > 0.f;
   ThresholdRow& row = w.row[h];
   const int tb = row.bin;
@@ -159,7 +166,7 @@ __global__ void __launch_bounds__(kThreads)
   uint32_t* ckey = w.cand_key + static_cast<size_t>(h) * kCandCap;
   int32_t* cn = w.cand_n + static_cast<size_t>(h) * kCandCap;
   float* cmass = w.cand_mass + static_cast<size_t>(h) * kCandCap;
-  ForChunk(size, key, c_n, [&](float kj, int nj) {
+  ForChunk(chunk, size, key, c_n, [&](float kj, int nj) {
     if (LinBin(kj, lo, inv) != tb) return;
     const int slot = atomicAdd(&row.ncand, 1);
     if (slot >= kCandCap) return;
@@ -167,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
     cn[slot] = nj;
     cmass[slot] = use_p ? __expf(kj + logf(static_cast<float>(nj))) : 0.f;
   });
-  if (!LastToFinish(&row.cand_done)) return;
+  if (!LastToFinish(&row.cand_done, Chunks(c_n))) return;
 
   // The last CTA: the largest key whose tokens (mass) at or above it, with the bins above,
   // reach the criterion (as the select kernel resolves its threshold bin).
@@ -195,18 +202,62 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void __launch_bounds__(kThreads)
+    HistKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
+               int64_t budget, float top_p, ThresholdWs w) {
+  HistCta(size_all, key_all, c_n, budget, top_p, w, blockIdx.x, blockIdx.y);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    CandKernel(const int32_t* __restrict__ size_all, const float* __restrict__ key_all, int c_n,
+               int64_t budget, float top_p, ThresholdWs w) {
+  CandCta(size_all, key_all, c_n, budget, top_p, w, blockIdx.x, blockIdx.y);
+}
+
+// A batch's members (ClusterBatchLaunch): grid (the most chunks, kv heads, members); a member
+// without the threshold kernels (thr.row null) or with fewer chunks leaves its CTAs idle.
+__global__ void __launch_bounds__(kThreads)
+    HistBatchKernel(const __grid_constant__ ClusterBatchLaunch a, float top_p) {
+  const ClusterBatchMember& m = a.m[blockIdx.z];
+  if (m.thr.row == nullptr || static_cast<int>(blockIdx.x) >= Chunks(m.s.num_clusters)) return;
+  HistCta(m.s.size, m.gkey, m.s.num_clusters, m.budget, top_p, m.thr, blockIdx.x, blockIdx.y);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    CandBatchKernel(const __grid_constant__ ClusterBatchLaunch a, float top_p) {
+  const ClusterBatchMember& m = a.m[blockIdx.z];
+  if (m.thr.row == nullptr || static_cast<int>(blockIdx.x) >= Chunks(m.s.num_clusters)) return;
+  CandCta(m.s.size, m.gkey, m.s.num_clusters, m.budget, top_p, m.thr, blockIdx.x, blockIdx.y);
+}
+
 }  // namespace
 
 Err PreloadGroupThreshold() {
-  const Err e = LoadKernel(HistKernel);
-  return e.ok() ? LoadKernel(CandKernel) : e;
+  Err e = LoadKernel(HistKernel);
+  if (e.ok()) e = LoadKernel(CandKernel);
+  if (e.ok()) e = LoadKernel(HistBatchKernel);
+  return e.ok() ? LoadKernel(CandBatchKernel) : e;
+}
+
+Err LaunchGroupThresholdBatch(const ClusterBatchLaunch& a, int kv_heads, float top_p,
+                              void* stream) {
+  int chunks = 0;
+  for (int i = 0; i < a.n; ++i)
+    if (a.m[i].thr.row != nullptr) chunks = std::max(chunks, Chunks(a.m[i].s.num_clusters));
+  if (chunks == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(kv_heads),
+                  static_cast<unsigned>(a.n));
+  HistBatchKernel<<<grid, kThreads, 0, st>>>(a, top_p);
+  if (Err e = LastLaunchErr(); !e.ok()) return e;
+  CandBatchKernel<<<grid, kThreads, 0, st>>>(a, top_p);
+  return LastLaunchErr();
 }
 
 Err LaunchGroupThreshold(const ClusterSummaryView& s, const float* group_key, int64_t budget,
                          float top_p, const ThresholdWs& w, void* stream) {
   const cudaStream_t st = AsStream(stream);
-  const dim3 grid(static_cast<unsigned>((s.num_clusters + kChunk - 1) / kChunk),
-                  static_cast<unsigned>(s.kv_heads));
+  const dim3 grid(static_cast<unsigned>(Chunks(s.num_clusters)), static_cast<unsigned>(s.kv_heads));
   HistKernel<<<grid, kThreads, 0, st>>>(s.size, group_key, s.num_clusters, budget, top_p, w);
   if (Err e = LastLaunchErr(); !e.ok()) return e;
   CandKernel<<<grid, kThreads, 0, st>>>(s.size, group_key, s.num_clusters, budget, top_p, w);

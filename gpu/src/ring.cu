@@ -205,7 +205,9 @@ Err LaunchCopySpans(const CopySpan* spans, int n, void* stream) {
     longest = std::max<int64_t>(longest, static_cast<int64_t>(spans[i].bytes / 4));
   }
   if (m == 0) return {};
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(Blocks(longest), 64)), m);
+  // Few CTAs: the copies are small (a step record: a mask of up to a few MiB) and often go over
+  // PCIe into pinned memory, which a handful of CTAs saturates; the SMs stay with the step.
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(Blocks(longest), 16)), m);
   CopySpansKernel<<<grid, 256, 0, AsStream(stream)>>>(a);
   return LastLaunchErr();
 }

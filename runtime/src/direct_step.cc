@@ -712,8 +712,9 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   if (st.ok() && side_stream.apart()) st = transfer::StreamWaitEvent(side, attended_);
   // The record: the mask, the read counts and the stage's rows (the admission gives pages only to
   // blocks whose rows it holds: a block given a page with none would hold nothing until some
-  // later step read and staged them), written into the pinned record by one kernel rather than
-  // four copies (driver calls, which bound a batch step).
+  // later step read and staged them). A batch member writes it into the pinned record with one
+  // kernel (driver calls bound a batch step); one sequence, whose step the device chain bounds,
+  // keeps the copy engine's four copies on its side stream, off the SMs.
   auto* rec = static_cast<unsigned char*>(rec_.data());
   const gpu::CopySpan spans[] = {
       {mask, rec, mask_bytes},
@@ -721,7 +722,10 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
       {stage_count_.data(), rec + RecStageAt(G, C), stage_count_.empty() ? 0 : sizeof(uint32_t)},
       {stage_row_.data(), rec + RecStageRowsAt(G, C),
        static_cast<std::size_t>(stage_cap_) * sizeof(int64_t)}};
-  if (st.ok()) st = gpu::CopySpans(spans, 4, side);
+  if (st.ok() && in_batch) st = gpu::CopySpans(spans, 4, side);
+  for (const gpu::CopySpan& s : spans)
+    if (st.ok() && !in_batch && s.bytes > 0)
+      st = transfer::MemcpyAsync(s.dst, s.src, s.bytes, side);
   if (st.ok()) st = rec_ready_.Record(side);
   if (!st.ok()) return st;
   rec_rows_ = rows;

@@ -8,8 +8,10 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <memory>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "gpu/src/cluster_launch.h"  // the workspace's threshold section (its modes)
@@ -291,6 +293,46 @@ TEST(ClusterStepHost, GroupSelectionSharesOneListPerKvHead) {
 }
 #endif
 
+// The batch form refuses what one launch cannot take, naming the member, before any launch (so
+// with or without CUDA).
+TEST(ClusterStepBatch, RefusesMembersOfAnotherShape) {
+  const HostSummary a = MakeSummary(2, 128, 50, 0, 1, false);
+  const HostSummary b = MakeSummary(1, 128, 50, 0, 2, false);
+  const auto q = RandQ(8, 128, 3, 0.6f);
+  HostOut oa(8, 50, 0, 128), ob(8, 50, 0, 128);
+  std::vector<float> ws(1 << 16);
+  ClusterStepParams p;
+  p.q_heads = 8;
+  ClusterStepItem items[2];
+  items[0].summary = a.View();
+  items[1].summary = b.View();
+  items[0].out = oa.View();
+  items[1].out = ob.View();
+  for (ClusterStepItem& it : items) {
+    it.q = q.data();
+    it.budget_tokens = 100;
+    it.workspace = ws.data();
+  }
+  const absl::Status mixed = ClusterStepBatch(items, 2, p, nullptr);
+  EXPECT_EQ(mixed.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(mixed.message().find("member 1"), std::string::npos) << mixed.message();
+  EXPECT_EQ(ClusterStepBatch(items, -1, p, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  items[1].q = nullptr;
+  items[1].summary = a.View();
+  EXPECT_EQ(ClusterStepBatch(items, 2, p, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  int event = 0;
+  p.scored_event = &event;
+  EXPECT_EQ(ClusterStepBatch(items, 1, p, nullptr).code(), absl::StatusCode::kInvalidArgument);
+  // The host reference takes each member's own budget.
+  p.scored_event = nullptr;
+  items[1].q = q.data();
+  items[1].budget_tokens = 0;
+  ASSERT_TRUE(ClusterStepBatchHost(items, 2, p).ok());
+  std::vector<int32_t> cnt_a(oa.cnt), cnt_b(ob.cnt);
+  EXPECT_GT(cnt_a[0], 0);
+  EXPECT_EQ(cnt_b[0], 0);
+}
+
 TEST(ClusterStepHost, EdgeCases) {
   const int kv = 1, d = 64, c = 10, qh = 2;
   HostSummary s = MakeSummary(kv, d, c, 0, 3, false);
@@ -377,18 +419,119 @@ struct DevCase {
   }
 };
 
+// A cluster step's shape and selection for the kernel tests.
+struct Shape {
+  int kv, g, d, c, o;
+  int64_t budget;
+  float top_p;
+  bool padding;
+  int dup = 0;         // every dup-th cluster a copy of cluster 0 (exact ties), 0: none
+  float q_sd = 0.6f;   // 0: every density equal (a degenerate range)
+  bool group = false;  // group selection
+  float offset = 0.f;  // > 0: key offsets uniform in [0, offset) (residency-aware selection)
+};
+
+// The device's outputs (dc) for shape sh against the host reference's (ref): densities, outlier
+// scores and group keys to rounding, the selection exactly by the kernel's own densities (top_p 0)
+// and up to clusters within rounding of the threshold by the reference's, the estimate where the
+// selections agree; the group mask the lists marked.
+void CheckAgainstReference(const Shape& sh, const HostSummary& s, const HostOut& ref,
+                           const DevCase& dc) {
+  const int qh = sh.kv * sh.g;
+  const bool grp = sh.group && sh.g > 1 && sh.c > 0;
+  const auto dens = ToHost(dc.out.density, std::size_t(qh) * sh.c);
+  const auto osc = ToHost(dc.out.outlier_score, std::size_t(qh) * sh.o);
+  const auto sel = ToHost(dc.out.selected, std::size_t(qh) * sh.c);
+  const auto cnt = ToHost(dc.out.selected_count, qh);
+  const auto tok = ToHost(dc.out.selected_tokens, qh);
+  const auto eo = ToHost(dc.out.est_o, std::size_t(qh) * sh.d);
+  const auto lse = ToHost(dc.out.est_lse, qh);
+  const auto gkey = ToHost(dc.out.group_key, std::size_t(sh.kv) * sh.c);
+  if (grp) {
+    // The group's mask is the kernel's own lists marked (what the direct step attends).
+    const auto gmask = ToHost(dc.out.group_mask, std::size_t(sh.kv) * sh.c);
+    const auto want = MaskOfLists(sel, cnt, sh.kv, sh.g, sh.c);
+    for (std::size_t i = 0; i < want.size(); ++i) ASSERT_EQ(gmask[i], want[i]) << i;
+  }
+  for (std::size_t i = 0; i < gkey.size() && grp; ++i) {
+    if (ref.gkey[i] == kNegInf) {
+      ASSERT_EQ(gkey[i], kNegInf) << i;
+    } else {
+      ASSERT_NEAR(gkey[i], ref.gkey[i], 1e-4 * (1 + std::fabs(ref.gkey[i]))) << i;
+    }
+  }
+  // What the selection ranks by: the head's densities or its kv head's group keys.
+  auto key_of = [&](const std::vector<float>& dv, const std::vector<float>& kv_key, int h) {
+    return grp ? kv_key.data() + std::size_t(h / sh.g) * sh.c : dv.data() + std::size_t(h) * sh.c;
+  };
+  for (std::size_t i = 0; i < dens.size(); ++i) {
+    if (ref.dens[i] == kNegInf) {
+      ASSERT_EQ(dens[i], kNegInf) << i;
+    } else {
+      ASSERT_NEAR(dens[i], ref.dens[i], 1e-4 * (1 + std::fabs(ref.dens[i]))) << i;
+    }
+  }
+  for (std::size_t i = 0; i < osc.size(); ++i) ASSERT_NEAR(osc[i], ref.osc[i], 1e-3) << i;
+  for (int h = 0; h < qh && sh.top_p == 0.f; ++h) {
+    // The kernel's own densities select exactly: descending density, ties in index order,
+    // while the tokens before a cluster are below the budget (no rounding to allow for).
+    std::vector<int32_t> order;
+    for (int j = 0; j < sh.c; ++j)
+      if (s.size[std::size_t(h / sh.g) * sh.c + j] > 0) order.push_back(j);
+    const float* dh = key_of(dens, gkey, h);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t x, int32_t y) { return dh[x] > dh[y]; });
+    std::set<int32_t> want;
+    int64_t before = 0;
+    for (int32_t j : order) {
+      if (before >= sh.budget) break;
+      want.insert(j);
+      before += s.size[std::size_t(h / sh.g) * sh.c + j];
+    }
+    const std::set<int32_t> got(sel.begin() + std::size_t(h) * sh.c,
+                                sel.begin() + std::size_t(h) * sh.c + cnt[h]);
+    ASSERT_EQ(got, want) << "head " << h;
+    ASSERT_EQ(tok[h], before) << "head " << h;
+  }
+  for (int h = 0; h < qh; ++h) {
+    // Selections agree up to clusters whose densities are within rounding of the threshold.
+    std::set<int32_t> a(sel.begin() + std::size_t(h) * sh.c,
+                        sel.begin() + std::size_t(h) * sh.c + cnt[h]);
+    std::set<int32_t> b(ref.sel.begin() + std::size_t(h) * sh.c,
+                        ref.sel.begin() + std::size_t(h) * sh.c + ref.cnt[h]);
+    ASSERT_EQ(a.size(), static_cast<std::size_t>(cnt[h]));  // no duplicates
+    const float* rk = key_of(ref.dens, ref.gkey, h);
+    float thr = std::numeric_limits<float>::infinity();
+    for (int32_t j : b) thr = std::min(thr, rk[j]);
+    int diff = 0;
+    for (int32_t j : a) {
+      if (!b.count(j)) {
+        ++diff;
+        EXPECT_NEAR(rk[j], thr, 1e-3) << "head " << h;
+      }
+    }
+    for (int32_t j : b) {
+      if (!a.count(j)) {
+        ++diff;
+        EXPECT_NEAR(rk[j], thr, 1e-3) << "head " << h;
+      }
+    }
+    if (diff > 0) continue;
+    EXPECT_EQ(tok[h], ref.tok[h]) << h;
+    if (ref.lse[h] == kNegInf) {
+      EXPECT_EQ(lse[h], kNegInf) << h;
+      continue;
+    }
+    ASSERT_NEAR(lse[h], ref.lse[h], 2e-3 * (1 + std::fabs(ref.lse[h]))) << h;
+    for (int t = 0; t < sh.d; ++t) {
+      ASSERT_NEAR(eo[std::size_t(h) * sh.d + t], ref.eo[std::size_t(h) * sh.d + t], 3e-3)
+          << "head " << h << " dim " << t;
+    }
+  }
+}
+
 TEST(ClusterStepKernel, MatchesHostReference) {
   if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
-  struct Shape {
-    int kv, g, d, c, o;
-    int64_t budget;
-    float top_p;
-    bool padding;
-    int dup = 0;        // every dup-th cluster a copy of cluster 0 (exact ties), 0: none
-    float q_sd = 0.6f;  // 0: every density equal (a degenerate range)
-    bool group = false;  // group selection
-    float offset = 0.f;  // > 0: key offsets uniform in [0, offset) (residency-aware selection)
-  };
   const std::vector<Shape> shapes = {
       {1, 1, 64, 1, 0, 5, 0.f, false},
       {2, 4, 128, 300, 17, 400, 0.f, true},
@@ -502,99 +645,108 @@ TEST(ClusterStepKernel, MatchesHostReference) {
         modes_seen.insert(r.mode);
       }
     }
-    const auto dens = ToHost(dc.out.density, std::size_t(qh) * sh.c);
-    const auto osc = ToHost(dc.out.outlier_score, std::size_t(qh) * sh.o);
-    const auto sel = ToHost(dc.out.selected, std::size_t(qh) * sh.c);
-    const auto cnt = ToHost(dc.out.selected_count, qh);
-    const auto tok = ToHost(dc.out.selected_tokens, qh);
-    const auto eo = ToHost(dc.out.est_o, std::size_t(qh) * sh.d);
-    const auto lse = ToHost(dc.out.est_lse, qh);
-    const auto gkey = ToHost(dc.out.group_key, std::size_t(sh.kv) * sh.c);
-    if (grp) {
-      // The group's mask is the kernel's own lists marked (what the direct step attends).
-      const auto gmask = ToHost(dc.out.group_mask, std::size_t(sh.kv) * sh.c);
-      const auto want = MaskOfLists(sel, cnt, sh.kv, sh.g, sh.c);
-      for (std::size_t i = 0; i < want.size(); ++i) ASSERT_EQ(gmask[i], want[i]) << i;
-    }
-    for (std::size_t i = 0; i < gkey.size() && grp; ++i) {
-      if (ref.gkey[i] == kNegInf) {
-        ASSERT_EQ(gkey[i], kNegInf) << i;
-      } else {
-        ASSERT_NEAR(gkey[i], ref.gkey[i], 1e-4 * (1 + std::fabs(ref.gkey[i]))) << i;
-      }
-    }
-    // What the selection ranks by: the head's densities or its kv head's group keys.
-    auto key_of = [&](const std::vector<float>& dv, const std::vector<float>& kv_key, int h) {
-      return grp ? kv_key.data() + std::size_t(h / sh.g) * sh.c : dv.data() + std::size_t(h) * sh.c;
-    };
-    for (std::size_t i = 0; i < dens.size(); ++i) {
-      if (ref.dens[i] == kNegInf) {
-        ASSERT_EQ(dens[i], kNegInf) << i;
-      } else {
-        ASSERT_NEAR(dens[i], ref.dens[i], 1e-4 * (1 + std::fabs(ref.dens[i]))) << i;
-      }
-    }
-    for (std::size_t i = 0; i < osc.size(); ++i) ASSERT_NEAR(osc[i], ref.osc[i], 1e-3) << i;
-    for (int h = 0; h < qh && sh.top_p == 0.f; ++h) {
-      // The kernel's own densities select exactly: descending density, ties in index order,
-      // while the tokens before a cluster are below the budget (no rounding to allow for).
-      std::vector<int32_t> order;
-      for (int j = 0; j < sh.c; ++j)
-        if (s.size[std::size_t(h / sh.g) * sh.c + j] > 0) order.push_back(j);
-      const float* dh = key_of(dens, gkey, h);
-      std::stable_sort(order.begin(), order.end(),
-                       [&](int32_t x, int32_t y) { return dh[x] > dh[y]; });
-      std::set<int32_t> want;
-      int64_t before = 0;
-      for (int32_t j : order) {
-        if (before >= sh.budget) break;
-        want.insert(j);
-        before += s.size[std::size_t(h / sh.g) * sh.c + j];
-      }
-      const std::set<int32_t> got(sel.begin() + std::size_t(h) * sh.c,
-                                  sel.begin() + std::size_t(h) * sh.c + cnt[h]);
-      ASSERT_EQ(got, want) << "head " << h;
-      ASSERT_EQ(tok[h], before) << "head " << h;
-    }
-    for (int h = 0; h < qh; ++h) {
-      // Selections agree up to clusters whose densities are within rounding of the threshold.
-      std::set<int32_t> a(sel.begin() + std::size_t(h) * sh.c,
-                          sel.begin() + std::size_t(h) * sh.c + cnt[h]);
-      std::set<int32_t> b(ref.sel.begin() + std::size_t(h) * sh.c,
-                          ref.sel.begin() + std::size_t(h) * sh.c + ref.cnt[h]);
-      ASSERT_EQ(a.size(), static_cast<std::size_t>(cnt[h]));  // no duplicates
-      const float* rk = key_of(ref.dens, ref.gkey, h);
-      float thr = std::numeric_limits<float>::infinity();
-      for (int32_t j : b) thr = std::min(thr, rk[j]);
-      int diff = 0;
-      for (int32_t j : a) {
-        if (!b.count(j)) {
-          ++diff;
-          EXPECT_NEAR(rk[j], thr, 1e-3) << "head " << h;
-        }
-      }
-      for (int32_t j : b) {
-        if (!a.count(j)) {
-          ++diff;
-          EXPECT_NEAR(rk[j], thr, 1e-3) << "head " << h;
-        }
-      }
-      if (diff > 0) continue;
-      EXPECT_EQ(tok[h], ref.tok[h]) << h;
-      if (ref.lse[h] == kNegInf) {
-        EXPECT_EQ(lse[h], kNegInf) << h;
-        continue;
-      }
-      ASSERT_NEAR(lse[h], ref.lse[h], 2e-3 * (1 + std::fabs(ref.lse[h]))) << h;
-      for (int t = 0; t < sh.d; ++t) {
-        ASSERT_NEAR(eo[std::size_t(h) * sh.d + t], ref.eo[std::size_t(h) * sh.d + t], 3e-3)
-            << "head " << h << " dim " << t;
-      }
-    }
+    CheckAgainstReference(sh, s, ref, dc);
   }
   EXPECT_TRUE(modes_seen.count(detail::kThresholdFound));
   EXPECT_TRUE(modes_seen.count(detail::kThresholdAll));
   EXPECT_TRUE(modes_seen.count(detail::kThresholdSearch));
+}
+
+// A batch step's selections in one launch per kernel: every member's outputs against the host
+// reference, as MatchesHostReference checks one member's. Members of one batch share kv heads,
+// head_dim and the selection mode; their clusters run from none to past the threshold kernels'
+// count, with and without outliers, budgets from none to every token, key offsets on one.
+TEST(ClusterStepKernel, BatchMatchesHostReference) {
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+  struct Batch {
+    std::vector<Shape> members;
+  };
+  std::vector<Batch> batches;
+  for (bool group : {false, true}) {
+    for (float top_p : {0.f, 0.5f}) {
+      batches.push_back({{
+          {2, 4, 128, 300, 17, 400, top_p, true, 0, 0.6f, group},
+          {2, 4, 128, 8000, 0, 2000, top_p, false, 0, 0.6f, group, 1.f},
+          {2, 4, 128, 20000, 8, 3000, top_p, true, 0, 0.6f, group},
+          {2, 4, 128, 0, 20, 100, top_p, false, 0, 0.6f, group},
+          {2, 4, 128, detail::kThresholdMinClusters, 0, 1 << 30, top_p, false, 0, 0.6f, group},
+          {2, 4, 128, 777, 5, 0, top_p, true, 0, 0.6f, group},
+      }});
+    }
+  }
+  // More members than one launch takes (detail::kClusterBatchMax): the batch goes in two.
+  Batch many;
+  for (int i = 0; i < detail::kClusterBatchMax + 5; ++i)
+    many.members.push_back(
+        {2, 8, 128, 200 + 37 * i, i % 3, 150 + 11 * i, 0.f, i % 2 == 0, 0, 0.6f, true});
+  batches.push_back(many);
+  int seed = 0;
+  for (const Batch& b : batches) {
+    const Shape& s0 = b.members.front();
+    SCOPED_TRACE(::testing::Message() << "members " << b.members.size() << " group " << s0.group
+                                      << " top_p " << s0.top_p);
+    const int qh = s0.kv * s0.g;
+    ClusterStepParams p;
+    p.q_heads = qh;
+    p.top_p = s0.top_p;
+    p.group_select = s0.group;
+    std::vector<HostSummary> sums;
+    std::vector<HostOut> refs;
+    std::vector<std::unique_ptr<DevCase>> devs;
+    std::vector<std::vector<float>> offsets;
+    std::vector<void*> dev_allocs;
+    std::vector<ClusterStepItem> items;
+    sums.reserve(b.members.size());
+    refs.reserve(b.members.size());
+    for (const Shape& sh : b.members) {
+      ++seed;
+      sums.push_back(MakeSummary(sh.kv, sh.d, sh.c, sh.o, 100 + seed, sh.padding));
+      const auto q = RandQ(qh, sh.d, 200 + seed, sh.q_sd);
+      std::vector<float> offset;
+      if (sh.offset > 0.f) {
+        std::mt19937 rng(300 + seed);
+        std::uniform_real_distribution<float> u(0.f, sh.offset);
+        offset.resize(std::size_t(sh.kv) * sh.c);
+        for (float& x : offset) x = u(rng);
+      }
+      offsets.push_back(offset);
+      ClusterStepParams pr = p;
+      pr.budget_tokens = sh.budget;
+      pr.key_offset = offset.empty() ? nullptr : offsets.back().data();
+      refs.emplace_back(qh, sh.c, sh.o, sh.d);
+      ASSERT_TRUE(ClusterStepHost(sums.back().View(), q.data(), pr, refs.back().View()).ok());
+      devs.push_back(std::make_unique<DevCase>(sums.back(), q, qh));
+      ClusterStepItem it;
+      it.summary = devs.back()->view;
+      it.q = devs.back()->q;
+      it.budget_tokens = sh.budget;
+      it.out = devs.back()->out;
+      if (!offset.empty()) {
+        float* od = ToDevice(offset);
+        dev_allocs.push_back(od);
+        it.key_offset = od;
+      }
+      // Stale bytes in the workspace: nothing in it may be taken for this step's state.
+      const std::size_t ws_bytes =
+          std::max<std::size_t>(ClusterStepWorkspaceFloats(it.summary, qh), 1) * sizeof(float);
+      ASSERT_EQ(cudaMalloc(&it.workspace, ws_bytes), cudaSuccess);
+      ASSERT_EQ(cudaMemset(it.workspace, 0x5a, ws_bytes), cudaSuccess);
+      dev_allocs.push_back(it.workspace);
+      items.push_back(it);
+    }
+    struct FreeAll {
+      std::vector<void*>& p;
+      ~FreeAll() {
+        for (void* x : p) cudaFree(x);
+      }
+    } free_all{dev_allocs};
+    ASSERT_TRUE(ClusterStepBatch(items.data(), static_cast<int>(items.size()), p, nullptr).ok());
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    for (std::size_t i = 0; i < b.members.size(); ++i) {
+      SCOPED_TRACE(::testing::Message() << "member " << i << " C " << b.members[i].c);
+      CheckAgainstReference(b.members[i], sums[i], refs[i], *devs[i]);
+    }
+  }
 }
 
 // 128K context of an 8B model: 8K clusters of 16 per kv head, 8 kv heads, 32 q heads, d = 128,

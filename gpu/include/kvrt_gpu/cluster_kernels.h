@@ -105,4 +105,27 @@ absl::Status ClusterStep(const ClusterSummaryView& s, const float* q, const Clus
 absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
                              const ClusterStepParams& p, const ClusterStepOutputs& out);
 
+// One member of ClusterStepBatch: a (sequence, layer)'s summary, q, budget, key offsets (null:
+// none), outputs and workspace (ClusterStepWorkspaceFloats(summary, q_heads) floats; required
+// where that is > 0).
+struct ClusterStepItem {
+  ClusterSummaryView summary;
+  const float* q = nullptr;
+  int64_t budget_tokens = 0;
+  const float* key_offset = nullptr;
+  ClusterStepOutputs out;
+  float* workspace = nullptr;
+};
+
+// ClusterStep for n members in one launch per kernel (per 32 members): a batch step's selections
+// without n launches of each. p's q_heads, scale, spread_weight, top_p, estimate and group_select
+// hold for every member; its budget_tokens and key_offset are the items'; scored_event must be
+// null. The members share kv_heads and head_dim and take the same score kernel (summaries laid out
+// alike; InvalidArgument otherwise). Each member's results are ClusterStep's up to the rounding of
+// its total state: the score kernel splits a member's clusters over fewer CTAs when the members
+// share the GPU. The host reference runs ClusterStepHost per member.
+absl::Status ClusterStepBatch(const ClusterStepItem* items, int n, const ClusterStepParams& p,
+                              void* stream);
+absl::Status ClusterStepBatchHost(const ClusterStepItem* items, int n, const ClusterStepParams& p);
+
 }  // namespace kvrt::gpu
