@@ -58,6 +58,13 @@ if [[ "${1:-}" == "--device" ]]; then
     echo "=== $t" >> "$out/tests.log"
     timeout 150 $b/$t >> "$out/tests.log" 2>&1 || rc=1
   done
+  # The batch's selections in one launch per kernel (KVRT_BATCH_SELECT=1, off by default): the
+  # GPU backend's batch tests again with it.
+  if [[ " ${TESTS-test_runtime_gpu} " == *" test_runtime_gpu "* && -x $b/test_runtime_gpu ]]; then
+    echo "=== test_runtime_gpu with KVRT_BATCH_SELECT=1" >> "$out/tests.log"
+    KVRT_BATCH_SELECT=1 timeout 150 $b/test_runtime_gpu \
+      --gtest_filter='GpuBackendBatch.*:GpuBackendCluster.*' >> "$out/tests.log" 2>&1 || rc=1
+  fi
   grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -40
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -n "$san" && -n "${SANITIZE-1}" ]]; then

@@ -101,6 +101,23 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   std::vector<StepStates> states(m);
   std::vector<uint8_t> ok(m, 1), fetched(m, 0);
   std::vector<absl::Status> member_status(m);
+  // A batch whose selections run on the device: every member's selection launched at once (one
+  // launch per kernel for the batch, BatchSelectEnabled) before the lanes take the rest. A member
+  // that could not be prepared (no summary yet) selects in its cold phase as without it.
+  std::vector<uint8_t> settled_before(m, 0);
+  if (m > 1 && BatchSelectEnabled() && layers[members[0]]->UsesGpuSelect(streaming)) {
+    KVRT_SPAN("batch_select", m);
+    bool any = false;
+    for (int j = 0; j < m; ++j) {
+      LayerState& l = *layers[members[j]];
+      if (!l.UsesGpuSelect(streaming)) continue;
+      member_status[j] = l.SettleBeforeSelect();
+      settled_before[j] = 1;
+      if (!member_status[j].ok()) continue;
+      any = l.tier_->PrepareBatchSelect(step.get(), j, l.cold_).ok() || any;
+    }
+    if (any) KVRT_RETURN_IF_ERROR(backend.LaunchBatchSelect(step.get()));
+  }
   auto cold_phase = [&](int j) {
     // On the arena's workers (batch): they may last have run another runtime's device work.
     transfer::ScopedDevice on_device(cfg.call_device());
@@ -108,7 +125,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     LayerState& l = *layers[members[j]];
     const int64_t t_settle = NowNs();
     // A selection scored on the device settles the decode evictions once its kernels are queued.
-    member_status[j] = l.SettleBeforeSelect();
+    if (!settled_before[j]) member_status[j] = l.SettleBeforeSelect();
     if (!member_status[j].ok()) return;
     const bool gpu_select = l.UsesGpuSelect(streaming);
     if (!gpu_select) member_status[j] = l.SettleEvictions();
@@ -216,6 +233,14 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
     }
   }
   return absl::OkStatus();
+}
+
+bool BatchSelectEnabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("KVRT_BATCH_SELECT");
+    return env != nullptr && std::atoi(env) == 1;
+  }();
+  return on;
 }
 
 int DeviceMemberLanes() {

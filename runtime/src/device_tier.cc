@@ -186,6 +186,9 @@ class DeviceStep : public TierStep {
     // NOTE: errors here are sticky CUDA errors that the step's next call reports.
     (void)JoinTier();
     (void)JoinLanes();
+    // A member prepared with the batch's but never selected (an earlier failure): its own scratch.
+    for (Selection& s : selections)
+      if (s.own != nullptr) (void)transfer::FreeAsync(std::exchange(s.own, nullptr), lease.get());
     if (scratch != nullptr) (void)transfer::FreeAsync(scratch, lease.get());
   }
   // The stream member i's device work goes on: for a batch, its lane's (a runtime stream forked
@@ -258,6 +261,19 @@ class DeviceStep : public TierStep {
   // BeginStep from its summary then; a member whose summary grew since allocates its own.
   std::vector<unsigned char*> select_scratch;
   std::vector<std::size_t> select_bytes;
+  // A member's selection as prepared for its kernels (DeviceTier::PrepareSelect): launched by
+  // itself in SelectClusters, or with the batch's (PrepareBatchSelect, LaunchBatchSelect).
+  struct Selection {
+    bool prepared = false;
+    bool launched = false;
+    gpu::ClusterStepParams params;
+    gpu::ClusterStepOutputs outs;
+    const float* q = nullptr;
+    float* workspace = nullptr;
+    bool direct_q = false;
+    void* own = nullptr;  // its own scratch (the step's share was too small), freed by its lane
+  };
+  std::vector<Selection> selections;  // [n] once some member prepared with the batch's
   std::vector<uint8_t> fetched;    // [n] member's cold state is in its device slot
   std::vector<uint8_t> estimated;  // [n] member's estimate is in its device slot
   std::vector<uint8_t> hot;        // [n] member's hot-cache state is in its device slot
@@ -368,6 +384,8 @@ class DeviceTier final : public TierBackend {
     // The caller's stream (device pointers) orders the build after the tensors' producers.
     return BuildPromptSegments(cold, k, v, exec.device, rows, lease.get(), &ctx_->pinned());
   }
+  absl::Status PrepareBatchSelect(TierStep* step, int i, const ColdTier& cold) override;
+  absl::Status LaunchBatchSelect(TierStep* step) override;
   absl::Status SelectClusters(TierStep* step, int i, const ColdTier& cold, ColdSelection* sel,
                               tbb::task_arena& arena,
                               absl::FunctionRef<absl::Status(bool)> settle_evictions) override;
@@ -429,6 +447,11 @@ class DeviceTier final : public TierBackend {
   // tier_fork_ (recorded by the caller on the step's stream: `forked`; else here), or inline on
   // the step's stream when the pool has none.
   absl::Status LaunchTier(DeviceStep* step, bool forked);
+  // Member i's selection before its kernels, on `stream`: the summary on the device (its upload
+  // when the index changed; FailedPrecondition with no summary yet), the budget, the scratch, the
+  // penalty offsets and the group mask with the waits they need.
+  absl::Status PrepareSelect(DeviceStep* step, int i, const ColdTier& cold, void* stream,
+                             DeviceStep::Selection* s);
   absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
                          const int32_t* count, int64_t C, void* stream, ColdSelection* sel,
                          tbb::task_arena& arena);
@@ -1354,33 +1377,22 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   return absl::OkStatus();
 }
 
-absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& cold,
-                                        ColdSelection* sel, tbb::task_arena& arena,
-                                        absl::FunctionRef<absl::Status(bool)> settle_evictions) {
-  auto* step = static_cast<DeviceStep*>(base);
-  KVRT_SPAN("select_clusters", i);
-  int64_t t0 = NowNs();  // the search's time: the eviction wait below is not part of it
-  void* stream = step->MemberStream(i);
+absl::Status DeviceTier::PrepareSelect(DeviceStep* step, int i, const ColdTier& cold, void* stream,
+                                       DeviceStep::Selection* s) {
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   const int group = H / cfg_->num_kv_heads;
-  timeline::Span launch_span("select_launch", i);
-  absl::Status synced = step->q_f32 != nullptr
-                            ? SyncSummary(cold, stream)
-                            : absl::FailedPreconditionError(
-                                  "select clusters: the step converted no q (not announced as "
-                                  "selecting on the device)");
-  if (absl::Status st = synced; !st.ok()) {
-    // No selection on the device (no summary yet: the CPU selects): the tier's attention now,
-    // beside the CPU's work, rather than at the merge.
-    KVRT_RETURN_IF_ERROR(LaunchTier(step, false));
-    return st;
-  }
+  if (step->q_f32 == nullptr)
+    return absl::FailedPreconditionError(
+        "select clusters: the step converted no q (not announced as selecting on the device)");
+  // No summary yet: FailedPrecondition (the CPU selects).
+  KVRT_RETURN_IF_ERROR(SyncSummary(cold, stream));
   const int64_t C = summary_view_.num_clusters, O = summary_view_.num_outliers;
   const cpu_index::ClusterConfig& cc = cfg_->index.cluster;
   // The same budget as the index's own Search: max(k, fraction of the clustered rows, floor);
   // the clustered rows are counted once per index version (SyncSummary), not per step.
   const int64_t clustered = summary_clustered_;
-  gpu::ClusterStepParams params;
+  gpu::ClusterStepParams& params = s->params;
+  params = gpu::ClusterStepParams{};
   params.q_heads = H;
   params.scale = cfg_->scale;
   params.spread_weight = cc.spread_weight;
@@ -1393,32 +1405,27 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   params.group_select = cc.group_select;
 
   // Scratch (SelectScratch): the step's share for this member (BeginStep), or one allocation of
-  // its own when its summary outgrew it. NOTE: one allocation: the kernel's own workspace
-  // allocation sat between its launches, on the step's device chain.
+  // its own when its summary outgrew it (freed by SelectClusters on the member's stream). NOTE:
+  // one allocation: the kernel's own workspace allocation sat between its launches, on the
+  // step's device chain.
   const SelectScratch at(summary_view_, H);
   unsigned char* dev = step->select_scratch.empty() ? nullptr : step->select_scratch[i];
-  void* own = nullptr;
+  s->own = nullptr;
   if (dev == nullptr || at.bytes > step->select_bytes[i]) {
-    KVRT_ASSIGN_OR_RETURN(own, transfer::MallocAsync(at.bytes, stream));
-    dev = static_cast<unsigned char*>(own);
+    KVRT_ASSIGN_OR_RETURN(s->own, transfer::MallocAsync(at.bytes, stream));
+    dev = static_cast<unsigned char*>(s->own);
   }
-  struct FreeOnExit {
-    void* p;
-    void* s;
-    ~FreeOnExit() {
-      if (p != nullptr) (void)transfer::FreeAsync(p, s);
-    }
-  } free_scratch{own, stream};
-  const bool direct_q = direct_.Prepare(cold, stream);
+  s->direct_q = direct_.Prepare(cold, stream);
   // q in f32 on the device: converted for every member at BeginStep, which a step whose cold
   // tier runs on the device never copies to the host.
-  const float* q = step->q_f32 + static_cast<std::size_t>(i) * H * d;
+  s->q = step->q_f32 + static_cast<std::size_t>(i) * H * d;
   // Residency-aware selection: a cluster's group key loses miss_penalty x its share of rows that
   // the attend would read over PCIe, as the direct step's last admission job computed it after
   // its fill (the stream waits for that fill, long done in a decoder's pipeline).
-  if (direct_q && cc.miss_penalty > 0.f && cc.group_select && group > 1 && C > 0)
+  if (s->direct_q && cc.miss_penalty > 0.f && cc.group_select && group > 1 && C > 0)
     params.key_offset = direct_.PenaltyOffsets(cold, static_cast<int>(C), stream);
-  gpu::ClusterStepOutputs outs;
+  gpu::ClusterStepOutputs& outs = s->outs;
+  outs = gpu::ClusterStepOutputs{};
   outs.density = reinterpret_cast<float*>(dev + at.density_at);
   outs.group_key = reinterpret_cast<float*>(dev + at.key_at);
   outs.outlier_score = O > 0 ? reinterpret_cast<float*>(dev + at.outlier_at) : nullptr;
@@ -1429,13 +1436,108 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   outs.est_lse = step->lse(kEstimateSlot, i);
   // Group selection with a direct step: the select kernel writes the step's mask itself (no
   // clear and no MarkSelected on the chain).
-  if (direct_q && cc.group_select && group > 1 && C > 0)
+  if (s->direct_q && cc.group_select && group > 1 && C > 0)
     outs.group_mask = direct_.SelectionMask(static_cast<int>(C), stream);
-  // The tier's attention (one sequence) forks after the scoring kernel (LaunchTier).
-  if (step->tier_pending) params.scored_event = tier_fork_.get();
-  KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, q, params, outs,
-                                        reinterpret_cast<float*>(dev + at.ws_at), stream));
-  if (step->tier_pending) KVRT_RETURN_IF_ERROR(LaunchTier(step, /*forked=*/true));
+  s->workspace = reinterpret_cast<float*>(dev + at.ws_at);
+  s->prepared = true;
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::PrepareBatchSelect(TierStep* base, int i, const ColdTier& cold) {
+  auto* step = static_cast<DeviceStep*>(base);
+  if (step->size() < 2) return absl::UnimplementedError("batch selection: one member");
+  KVRT_SPAN("select_prepare", i);
+  if (step->selections.empty()) step->selections.resize(step->size());
+  return PrepareSelect(step, i, cold, step->lease.get(), &step->selections[i]);
+}
+
+// The prepared members' selections in one launch per kernel on the step's stream (members that
+// need another score kernel than the first one's launch one by one), then the lanes' fork moved
+// after them.
+absl::Status DeviceTier::LaunchBatchSelect(TierStep* base) {
+  auto* step = static_cast<DeviceStep*>(base);
+  void* stream = step->lease.get();
+  KVRT_SPAN("select_batch_launch", step->size());
+  std::vector<gpu::ClusterStepItem> items;
+  std::vector<int> who;
+  for (int i = 0; i < static_cast<int>(step->selections.size()); ++i) {
+    const DeviceStep::Selection& s = step->selections[i];
+    if (!s.prepared) continue;
+    gpu::ClusterStepItem it;
+    it.summary = step->tiers[i]->summary_view_;
+    it.q = s.q;
+    it.budget_tokens = s.params.budget_tokens;
+    it.key_offset = s.params.key_offset;
+    it.out = s.outs;
+    it.workspace = s.workspace;
+    items.push_back(it);
+    who.push_back(i);
+  }
+  if (items.empty()) return absl::OkStatus();
+  const gpu::ClusterStepParams& shared = step->selections[who[0]].params;
+  absl::Status st =
+      gpu::ClusterStepBatch(items.data(), static_cast<int>(items.size()), shared, stream);
+  if (st.code() == absl::StatusCode::kInvalidArgument) {
+    // Members the batch's kernels cannot take together: one launch each, as SelectClusters would.
+    st = absl::OkStatus();
+    for (std::size_t k = 0; k < items.size() && st.ok(); ++k) {
+      gpu::ClusterStepParams p = shared;
+      p.budget_tokens = items[k].budget_tokens;
+      p.key_offset = items[k].key_offset;
+      st = gpu::ClusterStep(items[k].summary, items[k].q, p, items[k].out, items[k].workspace,
+                            stream);
+    }
+  }
+  KVRT_RETURN_IF_ERROR(st);
+  for (int i : who) step->selections[i].launched = true;
+  // The lanes start after the selections (their fork, recorded at BeginStep, recorded again: no
+  // lane has waited on it yet).
+  if (step->forked != nullptr) KVRT_RETURN_IF_ERROR(batch_forked_.Record(stream));
+  return absl::OkStatus();
+}
+
+absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& cold,
+                                        ColdSelection* sel, tbb::task_arena& arena,
+                                        absl::FunctionRef<absl::Status(bool)> settle_evictions) {
+  auto* step = static_cast<DeviceStep*>(base);
+  KVRT_SPAN("select_clusters", i);
+  int64_t t0 = NowNs();  // the search's time: the eviction wait below is not part of it
+  void* stream = step->MemberStream(i);
+  const int H = cfg_->num_q_heads, d = cfg_->head_dim;
+  const int group = H / cfg_->num_kv_heads;
+  timeline::Span launch_span("select_launch", i);
+  DeviceStep::Selection own_selection;
+  const bool batched =
+      i < static_cast<int>(step->selections.size()) && step->selections[i].launched;
+  DeviceStep::Selection& selection = batched ? step->selections[i] : own_selection;
+  if (!batched) {
+    if (absl::Status st = PrepareSelect(step, i, cold, stream, &selection); !st.ok()) {
+      // No selection on the device (no summary yet: the CPU selects): the tier's attention now,
+      // beside the CPU's work, rather than at the merge.
+      if (selection.own != nullptr) (void)transfer::FreeAsync(selection.own, stream);
+      KVRT_RETURN_IF_ERROR(LaunchTier(step, false));
+      return st;
+    }
+  }
+  struct FreeOnExit {
+    void* p;
+    void* s;
+    ~FreeOnExit() {
+      if (p != nullptr) (void)transfer::FreeAsync(p, s);
+    }
+  } free_scratch{std::exchange(selection.own, nullptr), stream};
+  const int64_t C = summary_view_.num_clusters;
+  const gpu::ClusterStepParams& params = selection.params;
+  const gpu::ClusterStepOutputs& outs = selection.outs;
+  const float* q = selection.q;
+  const bool direct_q = selection.direct_q;
+  if (!batched) {
+    // The tier's attention (one sequence) forks after the scoring kernel (LaunchTier).
+    gpu::ClusterStepParams p = params;
+    if (step->tier_pending) p.scored_event = tier_fork_.get();
+    KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, q, p, outs, selection.workspace, stream));
+    if (step->tier_pending) KVRT_RETURN_IF_ERROR(LaunchTier(step, /*forked=*/true));
+  }
   // The decode evictions enter the cold tier only now: the selection's kernels (they read the
   // summary, not the rows) are queued before the host waits for the evictions' copies, which in a
   // pipelined decoder wait for the device's work on the layers before. Everything below sees the
@@ -1496,9 +1598,12 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     return absl::OkStatus();
   }
   // The selection comes back (counts, then the selected clusters): the CPU maps it to rows.
-  const std::size_t back = at.count_at + H * 4 - at.selected_at;
+  // NOTE: selected [H, C] and count [H] are adjacent in the scratch (SelectScratch).
+  const auto* first = reinterpret_cast<const unsigned char*>(outs.selected);
+  const std::size_t back =
+      reinterpret_cast<const unsigned char*>(outs.selected_count) + H * 4 - first;
   KVRT_ASSIGN_OR_RETURN(transfer::PinnedBlock host, ctx_->pinned().Acquire(back));
-  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(host.data(), dev + at.selected_at, back, stream));
+  KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(host.data(), first, back, stream));
   KVRT_ASSIGN_OR_RETURN(transfer::Event copied, transfer::Event::Create(false));
   KVRT_RETURN_IF_ERROR(copied.Record(stream));
   KVRT_RETURN_IF_ERROR(copied.Synchronize());

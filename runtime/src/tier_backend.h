@@ -43,6 +43,9 @@ struct AppendPlan {
 // decode_step.cc says why); KVRT_DEVICE_MEMBER_LANES overrides it.
 constexpr int kDefaultDeviceMemberLanes = 4;
 int DeviceMemberLanes();
+// Whether a batch step launches its members' device selections together (TierBackend::
+// PrepareBatchSelect); KVRT_BATCH_SELECT=1 turns it on (off by default until measured on a GPU).
+bool BatchSelectEnabled();
 // Member i's lane of a batch of n in DeviceMemberLanes() lanes: runs of LaneGrain(n) members.
 inline int LaneGrain(int n) {
   const int lanes = DeviceMemberLanes();
@@ -157,6 +160,22 @@ class TierBackend {
   // others on the device, from the pinned block the append's kernel wrote them to, and sets
   // sel->evictions_on_device (they enter the cold tier at the layer's next call).
   virtual bool can_select_clusters() const = 0;
+  // A batch's selections in one launch per kernel (BatchSelectEnabled()): before the members'
+  // cold phases, PrepareBatchSelect for each member whose selection runs on the device (on the
+  // step's stream: its summary, scratch and the waits its kernels need; FailedPrecondition with
+  // no summary yet, Unimplemented where the backend has no batch form), then LaunchBatchSelect
+  // on the step's lead backend; SelectClusters then takes the launched selection. A member not
+  // prepared selects in SelectClusters as without them.
+  virtual absl::Status PrepareBatchSelect(TierStep* step, int i, const ColdTier& cold) {
+    (void)step;
+    (void)i;
+    (void)cold;
+    return absl::UnimplementedError("no batch selection in this backend");
+  }
+  virtual absl::Status LaunchBatchSelect(TierStep* step) {
+    (void)step;
+    return absl::OkStatus();
+  }
   virtual absl::Status SelectClusters(
       TierStep* step, int i, const ColdTier& cold, ColdSelection* sel, tbb::task_arena& arena,
       absl::FunctionRef<absl::Status(bool wait)> settle_evictions) = 0;
