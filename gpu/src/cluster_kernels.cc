@@ -96,15 +96,8 @@ absl::Status ClusterStepBatch(const ClusterStepItem* items, int n, const Cluster
   for (int first = 0; first < n; first += detail::kClusterBatchMax) {
     launch->n = std::min(n - first, detail::kClusterBatchMax);
     for (int i = 0; i < launch->n; ++i) {
-      const ClusterStepItem& it = items[first + i];
-      detail::ClusterBatchMember& m = launch->m[i];
-      m = detail::ClusterBatchMember{};
-      m.s = it.summary;
-      m.q = it.q;
-      m.budget = it.budget_tokens;
-      m.key_offset = it.key_offset;
-      m.out = it.out;
-      m.ws = it.workspace;
+      launch->m[i] = detail::ClusterBatchMember{};
+      launch->m[i].it = items[first + i];
     }
     const detail::Err e = detail::LaunchClusterStepBatch(launch.get(), p, scale, stream);
     if (e.msg != nullptr)

@@ -30,16 +30,11 @@ inline std::size_t ClusterWorkspaceFloats(const ClusterSummaryView& s, int q_hea
          static_cast<std::size_t>(s.kv_heads) * ThresholdRowFloats(s.num_clusters);
 }
 
-// One member of a batched cluster step (ClusterStepBatch), as its kernels read it: the launcher
-// fills the CTA counts, the group key (null: no group selection for it) and the threshold section
-// (row null: the select kernel searches itself).
+// One member of a batched cluster step (ClusterStepBatch), as its kernels read it: the caller's
+// item, and what the launcher derives from it: the CTA counts, the group key (null: no group
+// selection for it) and the threshold section (row null: the select kernel searches itself).
 struct ClusterBatchMember {
-  ClusterSummaryView s;
-  const float* q = nullptr;
-  int64_t budget = 0;
-  const float* key_offset = nullptr;
-  ClusterStepOutputs out;
-  float* ws = nullptr;
+  ClusterStepItem it;
   float* gkey = nullptr;
   ThresholdWs thr;
   int cctas = 0;   // cluster CTAs per kv head of the score kernel

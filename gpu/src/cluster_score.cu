@@ -396,9 +396,9 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
     ScoreBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, float scale,
                      float spread_coef) {
   const ClusterBatchMember& m = a.m[blockIdx.y];
-  if (static_cast<int>(blockIdx.x) >= (m.cctas + m.otiles) * m.s.kv_heads) return;
-  ScoreCta<D, MG>(m.s, m.q, g, scale, spread_coef, m.cctas, m.otiles, m.out.density,
-                  m.out.outlier_score, m.ws, blockIdx.x);
+  if (static_cast<int>(blockIdx.x) >= (m.cctas + m.otiles) * m.it.summary.kv_heads) return;
+  ScoreCta<D, MG>(m.it.summary, m.it.q, g, scale, spread_coef, m.cctas, m.otiles, m.it.out.density,
+                  m.it.out.outlier_score, m.it.workspace, blockIdx.x);
 }
 
 template <int L>
@@ -598,9 +598,9 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     ScoreMmaBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, float scale,
                         float spread_coef) {
   const ClusterBatchMember& m = a.m[blockIdx.y];
-  if (static_cast<int>(blockIdx.x) >= (m.cctas + m.otiles) * m.s.kv_heads) return;
-  ScoreMmaCta<D>(m.s, m.q, g, scale, spread_coef, m.cctas, m.otiles, m.out.density,
-                 m.out.outlier_score, m.ws, blockIdx.x);
+  if (static_cast<int>(blockIdx.x) >= (m.cctas + m.otiles) * m.it.summary.kv_heads) return;
+  ScoreMmaCta<D>(m.it.summary, m.it.q, g, scale, spread_coef, m.cctas, m.otiles, m.it.out.density,
+                 m.it.out.outlier_score, m.it.workspace, blockIdx.x);
 }
 
 // Group selection's keys (cluster_kernels.h): grid (cluster chunks, kv heads). Each CTA first
@@ -709,10 +709,10 @@ template <int D>
 __global__ void __launch_bounds__(kKeyThreads)
     GroupKeyBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, int use_p) {
   const ClusterBatchMember& m = a.m[blockIdx.z];
-  const int chunks = KeyChunks(m.s.num_clusters);
+  const int chunks = KeyChunks(m.it.summary.num_clusters);
   if (m.gkey == nullptr || static_cast<int>(blockIdx.x) >= chunks) return;
-  GroupKeyCta<D>(m.s, g, m.cctas, m.out.density, m.ws, m.key_offset, m.gkey, m.thr, use_p,
-                 blockIdx.x, chunks, blockIdx.y);
+  GroupKeyCta<D>(m.it.summary, g, m.cctas, m.it.out.density, m.it.workspace, m.it.key_offset,
+                 m.gkey, m.thr, use_p, blockIdx.x, chunks, blockIdx.y);
 }
 
 // gkey: null, or the group keys [kv_heads, C] (group selection): the selection ranks and counts
@@ -1255,8 +1255,8 @@ __global__ void __launch_bounds__(kSelectThreads)
     SelectBatchKernel(const __grid_constant__ ClusterBatchLaunch a, int g, float top_p,
                       int estimate) {
   const ClusterBatchMember& m = a.m[blockIdx.y];
-  SelectCta<D>(m.s, g, m.cctas, m.budget, top_p, estimate, m.out.density, m.ws, m.gkey, m.thr.row,
-               m.out, blockIdx.x);
+  SelectCta<D>(m.it.summary, g, m.cctas, m.it.budget_tokens, top_p, estimate, m.it.out.density,
+               m.it.workspace, m.gkey, m.thr.row, m.it.out, blockIdx.x);
 }
 
 // Whether ScoreMmaKernel takes the clusters: groups of at most kMmaQ, d <= 128 and 16-byte
@@ -1341,17 +1341,17 @@ Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale,
 template <int D, int MG>
 Err LaunchScoreBatch(ClusterBatchLaunch* a, int g, float scale, float spread_coef,
                      cudaStream_t st) {
-  const int n = a->n, kv = a->m[0].s.kv_heads;
+  const int n = a->n, kv = a->m[0].it.summary.kv_heads;
   int mma = 0;
   if constexpr (D <= 128 && MG <= kMmaQ) {
-    for (int i = 0; i < n; ++i) mma += UseScoreMma<D>(a->m[i].s, g) ? 1 : 0;
+    for (int i = 0; i < n; ++i) mma += UseScoreMma<D>(a->m[i].it.summary, g) ? 1 : 0;
   }
   if (mma != 0 && mma != n) return {0, "the batch's members need different score kernels"};
   int grid_x = 0;
   for (int i = 0; i < n; ++i) {
     ClusterBatchMember& m = a->m[i];
-    const int ctiles = ClusterTiles(m.s.num_clusters);
-    m.otiles = (m.s.num_outliers + kOutlierTile - 1) / kOutlierTile;
+    const int ctiles = ClusterTiles(m.it.summary.num_clusters);
+    m.otiles = (m.it.summary.num_outliers + kOutlierTile - 1) / kOutlierTile;
     if constexpr (D <= 128 && MG <= kMmaQ) {
       if (mma != 0) m.cctas = ClusterCtas<D, kMmaQ, true>(ctiles, kv * n);
     }
@@ -1386,7 +1386,7 @@ Err LaunchClusterStepBatch(ClusterBatchLaunch* a, const ClusterStepParams& p, fl
   if (a->n <= 0) return {};
   if (a->n > kClusterBatchMax) return {0, "more members than one launch takes"};
   const cudaStream_t st = AsStream(stream);
-  const int n = a->n, kv = a->m[0].s.kv_heads, g = p.q_heads / kv;
+  const int n = a->n, kv = a->m[0].it.summary.kv_heads, g = p.q_heads / kv;
   const float spread_coef = p.spread_weight * 0.5f * scale * scale;
   const int use_p = p.top_p > 0.f ? 1 : 0;
   // Group selection per member (clusters to select among), and its threshold section where the
@@ -1395,16 +1395,16 @@ Err LaunchClusterStepBatch(ClusterBatchLaunch* a, const ClusterStepParams& p, fl
   int key_chunks = 0;
   for (int i = 0; i < n; ++i) {
     ClusterBatchMember& m = a->m[i];
-    const int c = m.s.num_clusters;
-    m.gkey = p.group_select && g > 1 && c > 0 ? m.out.group_key : nullptr;
+    const int c = m.it.summary.num_clusters;
+    m.gkey = p.group_select && g > 1 && c > 0 ? m.it.out.group_key : nullptr;
     m.thr = ThresholdWs{};
-    if (m.gkey != nullptr && m.budget > 0 && c >= kThresholdMinClusters &&
+    if (m.gkey != nullptr && m.it.budget_tokens > 0 && c >= kThresholdMinClusters &&
         (KVRT_CLUSTER_PARTS & 1) == 0)
-      m.thr = ThresholdLayout(m.ws + ClusterThresholdAt(m.s, p.q_heads), kv, c);
+      m.thr = ThresholdLayout(m.it.workspace + ClusterThresholdAt(m.it.summary, p.q_heads), kv, c);
     if (m.gkey != nullptr) key_chunks = std::max(key_chunks, KeyChunks(c));
   }
   Err err{};
-  KVRT_DISPATCH_HEAD_DIM(a->m[0].s.head_dim, D, {
+  KVRT_DISPATCH_HEAD_DIM(a->m[0].it.summary.head_dim, D, {
     if (g <= 4) {
       err = LaunchScoreBatch<D, 4>(a, g, scale, spread_coef, st);
     } else if (g <= 8) {

@@ -214,20 +214,22 @@ __global__ void __launch_bounds__(kThreads)
   CandCta(size_all, key_all, c_n, budget, top_p, w, blockIdx.x, blockIdx.y);
 }
 
-// A batch's members (ClusterBatchLaunch): grid (the most chunks, kv heads, members); a member
-// without the threshold kernels (thr.row null) or with fewer chunks leaves its CTAs idle.
+// A batch's members (ClusterBatchLaunch), HistKernel's pass or (kCand) CandKernel's: grid (the
+// most chunks, kv heads, members); a member without the threshold kernels (thr.row null) or with
+// fewer chunks leaves its CTAs idle.
+template <bool kCand>
 __global__ void __launch_bounds__(kThreads)
-    HistBatchKernel(const __grid_constant__ ClusterBatchLaunch a, float top_p) {
+    ThresholdBatchKernel(const __grid_constant__ ClusterBatchLaunch a, float top_p) {
   const ClusterBatchMember& m = a.m[blockIdx.z];
-  if (m.thr.row == nullptr || static_cast<int>(blockIdx.x) >= Chunks(m.s.num_clusters)) return;
-  HistCta(m.s.size, m.gkey, m.s.num_clusters, m.budget, top_p, m.thr, blockIdx.x, blockIdx.y);
-}
-
-__global__ void __launch_bounds__(kThreads)
-    CandBatchKernel(const __grid_constant__ ClusterBatchLaunch a, float top_p) {
-  const ClusterBatchMember& m = a.m[blockIdx.z];
-  if (m.thr.row == nullptr || static_cast<int>(blockIdx.x) >= Chunks(m.s.num_clusters)) return;
-  CandCta(m.s.size, m.gkey, m.s.num_clusters, m.budget, top_p, m.thr, blockIdx.x, blockIdx.y);
+  const ClusterSummaryView& s = m.it.summary;
+  if (m.thr.row == nullptr || static_cast<int>(blockIdx.x) >= Chunks(s.num_clusters)) return;
+  if constexpr (kCand) {
+    CandCta(s.size, m.gkey, s.num_clusters, m.it.budget_tokens, top_p, m.thr, blockIdx.x,
+            blockIdx.y);
+  } else {
+    HistCta(s.size, m.gkey, s.num_clusters, m.it.budget_tokens, top_p, m.thr, blockIdx.x,
+            blockIdx.y);
+  }
 }
 
 }  // namespace
@@ -235,22 +237,23 @@ __global__ void __launch_bounds__(kThreads)
 Err PreloadGroupThreshold() {
   Err e = LoadKernel(HistKernel);
   if (e.ok()) e = LoadKernel(CandKernel);
-  if (e.ok()) e = LoadKernel(HistBatchKernel);
-  return e.ok() ? LoadKernel(CandBatchKernel) : e;
+  if (e.ok()) e = LoadKernel(ThresholdBatchKernel<false>);
+  return e.ok() ? LoadKernel(ThresholdBatchKernel<true>) : e;
 }
 
 Err LaunchGroupThresholdBatch(const ClusterBatchLaunch& a, int kv_heads, float top_p,
                               void* stream) {
   int chunks = 0;
   for (int i = 0; i < a.n; ++i)
-    if (a.m[i].thr.row != nullptr) chunks = std::max(chunks, Chunks(a.m[i].s.num_clusters));
+    if (a.m[i].thr.row != nullptr)
+      chunks = std::max(chunks, Chunks(a.m[i].it.summary.num_clusters));
   if (chunks == 0) return {};
   const cudaStream_t st = AsStream(stream);
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(kv_heads),
                   static_cast<unsigned>(a.n));
-  HistBatchKernel<<<grid, kThreads, 0, st>>>(a, top_p);
+  ThresholdBatchKernel<false><<<grid, kThreads, 0, st>>>(a, top_p);
   if (Err e = LastLaunchErr(); !e.ok()) return e;
-  CandBatchKernel<<<grid, kThreads, 0, st>>>(a, top_p);
+  ThresholdBatchKernel<true><<<grid, kThreads, 0, st>>>(a, top_p);
   return LastLaunchErr();
 }
 
