@@ -485,7 +485,8 @@ if [[ "${1:-}" == "--device" ]]; then
       # One build, an environment knob alternated per run (AB_KNOB, default KVRT_DIRECT_SCALAR,
       # over AB_VALUES, default "1 0"), AB_ROUNDS rounds (default 2), pipelined, defaults: the
       # 128K trace at B=1 (8 layers) and B=16 (kvrt_attend_batch, 4 layers), 1M B=1 (4 layers,
-      # generated keys); AB_RUNS picks among them (default "b1 b16 1m").
+      # generated keys), and on request B=64 (b64: 1 layer) and B=16 with accuracy against exact
+      # attention (b16acc: 1 layer); AB_RUNS picks among them (default "b1 b16 1m").
       knob=${AB_KNOB:-KVRT_DIRECT_SCALAR}
       runs=" ${AB_RUNS:-b1 b16 1m} "
       trace=/tmp/kvrt-ab-knob.safetensors
@@ -502,6 +503,18 @@ if [[ "${1:-}" == "--device" ]]; then
               "4 layers --pipeline"
             env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
               --batch 16 --attend $(attend_of kvrt) --layers 4 --pipeline --accuracy-steps 0 || rc=1
+          fi
+          if [[ $runs == *" b64 "* ]]; then
+            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=64 (kvrt_attend_batch)," \
+              "1 layer --pipeline"
+            env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
+              --batch 64 --attend batch --layers 1 --pipeline --accuracy-steps 0 || rc=1
+          fi
+          if [[ $runs == *" b16acc "* ]]; then
+            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=16 (kvrt_attend_batch)," \
+              "1 layer, accuracy"
+            env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
+              --batch 16 --attend batch --layers 1 || rc=1
           fi
           if [[ $runs == *" 1m "* ]]; then
             echo "=== kvrt $knob=$val, round $round: cluster 1M B=1, 4 layers --pipeline"
