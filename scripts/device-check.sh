@@ -404,15 +404,15 @@ if [[ "${1:-}" == "--device" ]]; then
             attend=""; [[ $batch -gt 1 ]] && attend="--attend batch"
             for steps in 5 25; do
               rep="$out/api-$prog-b$batch-s$steps"
-              timeout 200 "$nsys" profile -q -t cuda -o "$rep" --force-overwrite true \
+              timeout 200 "$nsys" profile -t cuda -o "$rep" --force-overwrite true \
                 $b/$prog bench decode --steps $steps --warmup 1 --max-seconds 60 \
                 --accuracy-steps 0 --trace $trace --index cluster --cold 131072 --batch $batch \
                 $attend --layers 4 --pipeline > "$rep.log" 2>&1 || rc=1
-              "$nsys" stats -q --report cuda_api_sum --format csv "$rep.nsys-rep" > "$rep.csv" \
+              "$nsys" stats --report cuda_api_sum --format csv "$rep.nsys-rep" > "$rep.csv" \
                 2>/dev/null || rc=1
               rm -f "$rep.nsys-rep" "$rep.sqlite"
             done
-            echo "=== api-count: $prog B=$batch, per layer-step (4 layers x 20 steps)"
+            echo "=== api-count: $prog B=$batch, per member and layer-step (4 layers x 20 steps)"
             python3 tools/gpu_bench/api_count.py "$out/api-$prog-b$batch-s5.csv" \
               "$out/api-$prog-b$batch-s25.csv" --per $((4 * 20 * batch)) --unit member-step || rc=1
           done
