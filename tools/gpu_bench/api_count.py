@@ -13,8 +13,12 @@ import sys
 def read_counts(path):
     counts = {}
     with open(path, newline="") as f:
-        rows = [line for line in f if line.strip() and not line.startswith("NOTICE")]
-    for row in csv.DictReader(rows):
+        lines = [line for line in f if line.strip()]
+    # nsys may print progress lines first: the table starts at its header.
+    start = next((i for i, line in enumerate(lines) if "Num Calls" in line), None)
+    if start is None:
+        return counts
+    for row in csv.DictReader(lines[start:]):
         name = row.get("Name")
         calls = row.get("Num Calls")
         if name is None or calls is None:
