@@ -217,14 +217,7 @@ class DeviceStep : public TierStep {
       void* s = std::exchange(lanes[l].stream, nullptr);
       if (s == nullptr || s == lease.get()) continue;
       transfer::Event& joined = (*lane_joined)[l];
-      absl::Status st;
-      if (joined.empty()) {
-        if (auto e = transfer::Event::Create(false); e.ok())
-          joined = std::move(*e);
-        else
-          st = e.status();
-      }
-      if (st.ok()) st = joined.Record(s);
+      absl::Status st = joined.Record(s);
       if (st.ok()) st = transfer::StreamWaitEvent(lease.get(), joined);
       if (!st.ok()) (void)transfer::StreamSynchronize(s);  // ordered the slow way
       ctx->ReleaseStream(s);
@@ -679,9 +672,6 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   const int64_t n_sink = std::min(plan.new_length, S);
   const int64_t n_window = plan.new_length - n_sink - (cold->rows() + pending_rows());
   KVRT_RETURN_IF_ERROR(UploadArrays(n_sink, n_window, stream));
-  if (last_use_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(last_use_, transfer::Event::Create(false));
-  }
   KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
   used_ = true;
   return absl::OkStatus();
@@ -1211,9 +1201,6 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   // wait for the scoring kernel only (see LaunchTier); the others launch it now.
   if (!(n == 1 && counts[0].selects_on_device)) KVRT_RETURN_IF_ERROR(LaunchTier(step.get(), false));
   if (n > 1) {
-    if (batch_forked_.empty()) {
-      KVRT_ASSIGN_OR_RETURN(batch_forked_, transfer::Event::Create(false));
-    }
     KVRT_RETURN_IF_ERROR(batch_forked_.Record(stream));
     step->forked = &batch_forked_;
     step->lane_grain = LaneGrain(n);
@@ -1786,9 +1773,6 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
     CollectTiming();
   }
   for (DeviceTier* t : step->tiers) {
-    if (t->last_use_.empty()) {
-      KVRT_ASSIGN_OR_RETURN(t->last_use_, transfer::Event::Create(false));
-    }
     KVRT_RETURN_IF_ERROR(t->last_use_.Record(stream));
     t->used_ = true;
   }

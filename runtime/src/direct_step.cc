@@ -560,9 +560,6 @@ absl::Status DirectStep::AdmitAndFill() {
   admit_span.End();
   // NOTE: the step that read the pages this fill may overwrite is complete (rec_ready_ follows
   // its attend), and the next step's stream waits for filled_ before it reads the pool.
-  if (filled_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(filled_, transfer::Event::Create(false));
-  }
   KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
   absl::Status st = ApplyUpdates(rec_rows_, aside);
   // The rows the step read over PCIe go into the pages their blocks hold now (also those given

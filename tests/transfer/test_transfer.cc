@@ -291,6 +291,23 @@ TEST(CudaWrappers, WithoutDeviceFailCleanly) {
   EXPECT_FALSE(pool.Acquire(64).ok());
 }
 
+TEST(CudaWrappers, RecordCreatesAnEmptyEvent) {
+  Event e;
+  auto stream = Stream::Create();
+  if (!CudaAvailable()) {
+    EXPECT_FALSE(e.Record(nullptr).ok());
+    EXPECT_TRUE(e.empty());
+    return;
+  }
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  ASSERT_TRUE(e.Record(stream->get()).ok());
+  EXPECT_FALSE(e.empty());
+  void* handle = e.get();
+  ASSERT_TRUE(e.Record(stream->get()).ok());
+  EXPECT_EQ(e.get(), handle) << "recorded again, not made again";
+  ASSERT_TRUE(e.Synchronize().ok());
+}
+
 TEST(CudaWrappers, RoundTripThroughDeviceAndPinnedPool) {
   if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   auto stream = Stream::Create();

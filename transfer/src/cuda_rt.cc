@@ -138,6 +138,11 @@ void Event::Reset() {
 }
 
 absl::Status Event::Record(void* stream) {
+  if (e_ == nullptr) {
+    absl::StatusOr<Event> made = Create(false);
+    if (!made.ok()) return made.status();
+    *this = std::move(*made);
+  }
   return Check(cudaEventRecord(E(e_), S(stream)), "cudaEventRecord");
 }
 

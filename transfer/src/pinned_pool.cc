@@ -134,11 +134,6 @@ absl::StatusOr<void*> UploadStaging::Stage(PinnedPool& pool, std::size_t bytes) 
 }
 
 absl::Status UploadStaging::Sent(void* stream) {
-  if (done_.empty()) {
-    auto e = Event::Create(false);
-    if (!e.ok()) return e.status();
-    done_ = std::move(*e);
-  }
   if (absl::Status st = done_.Record(stream); !st.ok()) return st;
   pending_ = true;
   return absl::OkStatus();

@@ -101,6 +101,8 @@ class Event {
   }
   void* get() const { return e_; }
   bool empty() const { return e_ == nullptr; }
+  // Records the event on stream; an empty one is first created without timing (the events a
+  // decode step records every call are made once, at their first record).
   absl::Status Record(void* stream);
   absl::Status Synchronize() const;
   // OK and *done = whether the work before the last Record has completed.
