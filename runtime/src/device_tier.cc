@@ -152,7 +152,7 @@ struct SelectScratch {
     selected_at = outlier_at + H * O * 4;
     count_at = selected_at + H * C * 4;
     tokens_at = (count_at + H * 4 + 7) / 8 * 8;
-    ws_at = (tokens_at + H * 8 + 255) / 256 * 256;
+    ws_at = Align256(tokens_at + H * 8);
     bytes = ws_at + gpu::ClusterStepWorkspaceFloats(s, H) * 4;
   }
   std::size_t density_at = 0, key_at, outlier_at, selected_at, count_at, tokens_at, ws_at, bytes;
@@ -1467,13 +1467,9 @@ absl::Status DeviceTier::LaunchBatchSelect(TierStep* base) {
   if (st.code() == absl::StatusCode::kInvalidArgument) {
     // Members the batch's kernels cannot take together: one launch each, as SelectClusters would.
     st = absl::OkStatus();
-    for (std::size_t k = 0; k < items.size() && st.ok(); ++k) {
-      gpu::ClusterStepParams p = shared;
-      p.budget_tokens = items[k].budget_tokens;
-      p.key_offset = items[k].key_offset;
-      st = gpu::ClusterStep(items[k].summary, items[k].q, p, items[k].out, items[k].workspace,
-                            stream);
-    }
+    for (std::size_t k = 0; k < items.size() && st.ok(); ++k)
+      st = gpu::ClusterStep(items[k].summary, items[k].q, step->selections[who[k]].params,
+                            items[k].out, items[k].workspace, stream);
   }
   KVRT_RETURN_IF_ERROR(st);
   for (int i : who) step->selections[i].launched = true;
