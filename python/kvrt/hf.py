@@ -172,9 +172,16 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
                          f"{c.attn_logit_softcapping}) is not supported")
     layers = kvrt_layers(model.config)
     if not layers:
-        raise ValueError("kvrt.hf: the model has no full-attention layer for kvrt to serve")
+        raise ValueError("kvrt.hf: the model has no full-attention layer for kvrt to serve "
+                         f"(layer types: {sorted(set(layer_types(model.config)))})")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     mods = _attention_modules(model)
+    for i in layers:
+        if isinstance(getattr(mods.get(i), "sinks", None), torch.Tensor):
+            # gpt-oss: a learned logit per head joins each softmax's denominator; kvrt's attention
+            # output has no term for it, so the layer's output would be silently wrong.
+            raise ValueError(f"kvrt.hf: layer {i} has learned attention sinks (`sinks`, as in "
+                             "gpt-oss), which kvrt does not support")
     scale = float(getattr(mods.get(layers[0]), "scaling", head_dim ** -0.5))
     dtype = _DTYPES.get(model.dtype)
     if dtype is None:
@@ -407,6 +414,7 @@ class KvrtCache(DynamicCache):
                 f"kvrt.hf: layer {layer.layer_idx} computes {Hq} q / {key.shape[1]} kv heads, the "
                 f"kvrt runtime serves {self._heads[0]} / {self._heads[1]}: a runtime made for "
                 "another shard (tensor parallelism) or another model")
+        _refuse_unsupported(layer.layer_idx, kwargs)
         if self._prompt_chunk(kl, n):
             if _padded_keys(attention_mask) is not None:
                 raise ValueError(
@@ -445,6 +453,20 @@ class KvrtCache(DynamicCache):
             self.tokens_decoded += n * B
         layer.tokens += n
         return out.to(device=query.device, dtype=query.dtype), None
+
+
+def _refuse_unsupported(layer_idx: int, kwargs: dict) -> None:
+    """Attention variants a model may ask of a kvrt layer that kvrt's exact softmax over every
+    token would silently get wrong: raised instead."""
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"kvrt.hf: layer {layer_idx} passes learned attention sinks (s_aux), "
+                         "which kvrt does not support")
+    if kwargs.get("softcap"):
+        raise ValueError(f"kvrt.hf: layer {layer_idx} asks for attention logit soft-capping "
+                         f"(softcap = {kwargs['softcap']}), which kvrt does not support")
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(f"kvrt.hf: layer {layer_idx} asks for a sliding window of "
+                         f"{kwargs['sliding_window']} tokens; kvrt serves full-attention layers")
 
 
 def attention(module, query, key, value, attention_mask, **kwargs):
