@@ -12,11 +12,14 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <numeric>
 
 #include "absl/strings/str_cat.h"
 #include "index_common.h"
 #include "kinds.h"
+#include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/cluster.h"
+#include "kvrt_cpu_index/dot.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
 
@@ -78,7 +81,7 @@ class ClusterIndex final : public KeyIndex {
             dim_, scores.data());
     std::vector<float> oscores(summary_.outliers.size());
     store.DotIds(q, summary_.outliers.data(), static_cast<int64_t>(oscores.size()), oscores.data());
-    Finish(q, scores.data(), oscores.data(), params, out);
+    Finish(store, q, scores.data(), oscores.data(), params, out);
     return absl::OkStatus();
   }
 
@@ -108,7 +111,7 @@ class ClusterIndex final : public KeyIndex {
       for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
     if (!cfg_.group_select || nq == 1) {
       for (int i = 0; i < nq; ++i) {
-        Finish(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
+        Finish(store, qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
                oscores.data() + i * no, params, &outs[i]);
       }
       return absl::OkStatus();
@@ -120,12 +123,16 @@ class ClusterIndex final : public KeyIndex {
               density.data() + i * c);
     GroupSelectionKey(summary_, density.data(), nq, key.data());
     std::vector<int32_t> sel;
-    const int64_t tokens = SelectClusters(summary_, key.data(), Budget(params), cfg_.top_p, &sel);
+    const int64_t tokens =
+        SelectClusters(summary_, key.data(), Candidates(params), cfg_.top_p, &sel);
+    Rescored rescored;
+    if (Rescoring()) Rescore(store, qs, nq, sel, Budget(params), &rescored);
     // The outliers in the summary's order for every query: the group's heads then hold the same
     // rows in the same order, which the runtime attends in one pass for all of them.
-    for (int i = 0; i < nq; ++i)
+    for (int i = 0; i < nq; ++i) {
       Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i],
-           /*outliers_by_score=*/false, /*estimate=*/false);
+           /*outliers_by_score=*/false, /*estimate=*/false, Rescoring() ? &rescored : nullptr);
+    }
     if (cfg_.estimate) {
       // Every query's estimate in one pass over the value means (each query's as alone).
       const std::vector<float> log_size = LogSizes(summary_);
@@ -133,10 +140,13 @@ class ClusterIndex final : public KeyIndex {
       EstimateUnselectedGroup(summary_, density.data(), nq, sel, log_size.data(), eo.data(),
                               el.data());
       for (int i = 0; i < nq; ++i) {
+        float* o = eo.data() + static_cast<std::size_t>(i) * dim_;
+        if (Rescoring())
+          MergeInto(o, &el[i], rescored.rest_o.data() + static_cast<std::size_t>(i) * dim_,
+                    rescored.rest_lse[i], dim_);
         outs[i].est_lse = el[i];
         if (el[i] == -std::numeric_limits<float>::infinity()) continue;  // est_o stays empty
-        outs[i].est_o.assign(eo.begin() + static_cast<std::ptrdiff_t>(i) * dim_,
-                             eo.begin() + static_cast<std::ptrdiff_t>(i + 1) * dim_);
+        outs[i].est_o.assign(o, o + dim_);
       }
     }
     return absl::OkStatus();
@@ -240,22 +250,141 @@ class ClusterIndex final : public KeyIndex {
          cfg_.min_budget_tokens});
   }
 
-  void Finish(const float* q, const float* scores, const float* oscores, const SearchParams& params,
-              SearchResult* out) const {
+  // Rows of selected clusters per query: the budget, or with rescoring its multiple (candidates).
+  int64_t Candidates(const SearchParams& params) const {
+    const int64_t budget = Budget(params);
+    if (!Rescoring()) return budget;
+    return static_cast<int64_t>(std::ceil(static_cast<double>(budget) * cfg_.rescore));
+  }
+  bool Rescoring() const { return cfg_.rescore > 1.f; }
+
+  // A two-stage selection's result (ClusterConfig::rescore): the rows kept, best first, and per
+  // query the partial state of the candidates' other rows.
+  struct Rescored {
+    std::vector<int64_t> rows;
+    int64_t scored = 0;           // candidate rows scored
+    std::vector<float> rest_o;    // [nq, dim]
+    std::vector<float> rest_lse;  // [nq]
+  };
+
+  // The candidate clusters' rows scored exactly for each of the nq queries (qs [nq, dim]); the
+  // `budget` best are kept (one query: by score; a group: by the sum of the queries' shares of
+  // the candidates' exact mass, so that every query of it holds the same rows). The candidates'
+  // other rows become one state per query: their exact mass, and their mean value, which each
+  // cluster's value mean and its kept rows' values give without reading the others.
+  void Rescore(const HeadStore& store, const float* qs, int nq, const std::vector<int32_t>& cand,
+               int64_t budget, Rescored* out) const {
+    const std::size_t nc = cand.size();
+    std::vector<int64_t> first(nc + 1, 0);  // candidate i's rows: [first[i], first[i + 1])
+    for (std::size_t i = 0; i < nc; ++i) first[i + 1] = first[i] + summary_.size[cand[i]];
+    const int64_t n = first[nc];
+    out->scored = n;
+    std::vector<float> s(static_cast<std::size_t>(nq) * n);  // [nq, n], scaled
+    for (std::size_t i = 0; i < nc; ++i) {
+      const int32_t c = cand[i];
+      for (int j = 0; j < nq; ++j)
+        DotRows(qs + static_cast<std::size_t>(j) * dim_, store.key(summary_.begin[c]), dim_,
+                store.dtype(), summary_.size[c], static_cast<std::size_t>(dim_),
+                s.data() + static_cast<std::size_t>(j) * n + first[i]);
+    }
+    for (float& x : s) x *= scale_;
+    std::vector<float> rmax(nq, -std::numeric_limits<float>::infinity());
+    for (int j = 0; j < nq; ++j)
+      for (int64_t r = 0; r < n; ++r) rmax[j] = std::max(rmax[j], s[j * n + r]);
+    std::vector<double> key(n, 0.0);
+    if (nq == 1) {
+      for (int64_t r = 0; r < n; ++r) key[r] = s[r];
+    } else {
+      for (int j = 0; j < nq; ++j) {
+        const float* sj = s.data() + static_cast<std::size_t>(j) * n;
+        double z = 0;
+        for (int64_t r = 0; r < n; ++r) z += std::exp(double(sj[r]) - rmax[j]);
+        for (int64_t r = 0; r < n; ++r) key[r] += std::exp(double(sj[r]) - rmax[j]) / z;
+      }
+    }
+    std::vector<int64_t> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    const int64_t keep = std::min(n, std::max<int64_t>(budget, 0));
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(), [&](int64_t a, int64_t b) {
+      return key[a] > key[b] || (key[a] == key[b] && a < b);
+    });
+    std::vector<char> kept(n, 0);
+    std::vector<int32_t> of(n);  // candidate index of each row
+    for (std::size_t i = 0; i < nc; ++i)
+      std::fill(of.begin() + first[i], of.begin() + first[i + 1], static_cast<int32_t>(i));
+    out->rows.clear();
+    for (int64_t p = 0; p < keep; ++p) {
+      const int64_t r = order[p];
+      kept[r] = 1;
+      out->rows.push_back(summary_.begin[cand[of[r]]] + (r - first[of[r]]));
+    }
+    // The rest's mean value per candidate: (size x value mean - the kept rows' values) / rest.
+    std::vector<float> vmean(nc * dim_), row(dim_);
+    std::vector<int64_t> rest(nc, 0);
+    for (std::size_t i = 0; i < nc; ++i) {
+      float* vm = vmean.data() + i * dim_;
+      ConvertToF32(summary_.value_mean.data() + static_cast<std::size_t>(cand[i]) * dim_,
+                   DType::kBF16, dim_, vm);
+      for (int t = 0; t < dim_; ++t) vm[t] *= static_cast<float>(summary_.size[cand[i]]);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const std::size_t i = of[r];
+      if (!kept[r]) {
+        ++rest[i];
+        continue;
+      }
+      const int64_t sr = summary_.begin[cand[i]] + (r - first[i]);
+      ConvertToF32(store.value(sr), store.dtype(), dim_, row.data());
+      for (int t = 0; t < dim_; ++t) vmean[i * dim_ + t] -= row[t];
+    }
+    for (std::size_t i = 0; i < nc; ++i)
+      if (rest[i] > 0)
+        for (int t = 0; t < dim_; ++t) vmean[i * dim_ + t] /= static_cast<float>(rest[i]);
+    // Per query: each candidate's rest as (its value mean, its exact lse), merged.
+    out->rest_o.assign(static_cast<std::size_t>(nq) * dim_, 0.f);
+    out->rest_lse.assign(nq, -std::numeric_limits<float>::infinity());
+    std::vector<double> l(nc);
+    for (int j = 0; j < nq; ++j) {
+      const float* sj = s.data() + static_cast<std::size_t>(j) * n;
+      std::fill(l.begin(), l.end(), 0.0);
+      for (int64_t r = 0; r < n; ++r)
+        if (!kept[r]) l[of[r]] += std::exp(double(sj[r]) - rmax[j]);
+      float* o = out->rest_o.data() + static_cast<std::size_t>(j) * dim_;
+      for (std::size_t i = 0; i < nc; ++i) {
+        if (rest[i] == 0) continue;
+        const float lse = static_cast<float>(rmax[j] + std::log(l[i]));
+        MergeInto(o, &out->rest_lse[j], vmean.data() + i * dim_, lse, dim_);
+      }
+    }
+  }
+
+  void Finish(const HeadStore& store, const float* q, const float* scores, const float* oscores,
+              const SearchParams& params, SearchResult* out) const {
     std::vector<float> density(summary_.num_clusters());
     Density(q, scores, density.data());
     std::vector<int32_t> sel;
     const int64_t tokens =
-        SelectClusters(summary_, density.data(), Budget(params), cfg_.top_p, &sel);
-    Emit(density.data(), sel, tokens, oscores, out);
+        SelectClusters(summary_, density.data(), Candidates(params), cfg_.top_p, &sel);
+    if (!Rescoring()) {
+      Emit(density.data(), sel, tokens, oscores, out);
+      return;
+    }
+    Rescored rescored;
+    Rescore(store, q, 1, sel, Budget(params), &rescored);
+    Emit(density.data(), sel, tokens, oscores, out, true, true, &rescored);
+    if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.assign(dim_, 0.f);
+    if (cfg_.estimate)
+      MergeInto(out->est_o.data(), &out->est_lse, rescored.rest_o.data(), rescored.rest_lse[0],
+                dim_);
+    if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.clear();
   }
 
   // The result of one query: outliers (best first, or in the summary's order), the selected
-  // clusters' rows, its estimate.
+  // clusters' rows (or a two-stage selection's kept rows), its estimate.
   // estimate false: est_o left empty and est_lse -inf (the caller estimates the group at once).
   void Emit(const float* density, const std::vector<int32_t>& sel, int64_t tokens,
             const float* oscores, SearchResult* out, bool outliers_by_score = true,
-            bool estimate = true) const {
+            bool estimate = true, const Rescored* rescored = nullptr) const {
     const int64_t c = summary_.num_clusters();
     const int64_t no = static_cast<int64_t>(summary_.outliers.size());
     out->ids.clear();
@@ -272,10 +401,14 @@ class ClusterIndex final : public KeyIndex {
     } else {
       out->ids.insert(out->ids.end(), summary_.outliers.begin(), summary_.outliers.end());
     }
-    for (int32_t j : sel)
-      for (int64_t r = summary_.begin[j]; r < summary_.begin[j] + summary_.size[j]; ++r)
-        out->ids.push_back(r);
-    out->scanned = c + no;
+    if (rescored != nullptr) {
+      out->ids.insert(out->ids.end(), rescored->rows.begin(), rescored->rows.end());
+    } else {
+      for (int32_t j : sel)
+        for (int64_t r = summary_.begin[j]; r < summary_.begin[j] + summary_.size[j]; ++r)
+          out->ids.push_back(r);
+    }
+    out->scanned = c + no + (rescored != nullptr ? rescored->scored : 0);
     if (cfg_.estimate && estimate) {
       out->est_o.resize(dim_);
       EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse);

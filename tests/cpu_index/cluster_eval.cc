@@ -11,7 +11,8 @@
 // (the union over its group's queries), as a share of the cold rows; tokens%: per query.
 // hit% / miss_kB / fill_kB: the direct step's page pool over the rows each step reads (the tail
 // included); a second table shows the selection alone per pool policy (CLUSTER_EVAL_POOLS).
-// CLUSTER_EVAL_CLUSTER_SIZE sets the keys per cluster (default 16).
+// CLUSTER_EVAL_CLUSTER_SIZE sets the keys per cluster (default 16); CLUSTER_EVAL_ORACLE=1 adds a
+// table that splits the estimate's error into its masses' and its values' parts.
 #include <algorithm>
 #include <bit>
 #include <chrono>
@@ -44,6 +45,15 @@ struct Variant {
   int calibrate = 0;  // ClusterConfig::calibrate_queries
   bool group = false;  // ClusterConfig::group_select (one SearchGroup per step and kv head)
   float top_p = 0.f;   // ClusterConfig::top_p
+  // > 0: the clusters are selected at this multiple of the budget (candidates), their keys scored
+  // exactly, and the best budget's worth of them attended; the candidates' other rows enter with
+  // their exact mass and their mean value (a two-stage selection, per q head).
+  float candidates = 0.f;
+  // Group variants with candidates: true = each q head keeps its own best rows of the group's
+  // candidates, false = one set for the group, by the sum of the heads' shares of the candidates'
+  // exact mass.
+  bool cand_own = false;
+  float rescore = 0.f;  // ClusterConfig::rescore (the index's own two-stage selection)
 };
 
 // A page-pool policy for the simulation: pool pages = fraction of the rows / 8; BlockPageCache's
@@ -113,6 +123,10 @@ std::vector<MissRule> MissCaps() {
 
 struct Stats {
   std::vector<double> err, flat_err;
+  // CLUSTER_EVAL_ORACLE=1: the estimate's error taken apart. err_om: each unselected cluster's
+  // true mass with its mean value (what a perfect mass estimate leaves: the values' error);
+  // err_ov: the estimated masses with each cluster's true weighted value (the masses' error).
+  std::vector<double> err_om, err_ov;
   double tokens = 0, kv_tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0,
          est_log = 0;
   int64_t est_n = 0, n = 0, kv_n = 0;
@@ -357,6 +371,7 @@ int main(int argc, char** argv) {
   const auto& reader = **reader_or;
   const auto& meta = reader.meta();
   const int64_t min_budget = argc > 8 ? std::atoll(argv[8]) : 256;
+  const bool oracle = std::getenv("CLUSTER_EVAL_ORACLE") != nullptr;
   // CLUSTER_EVAL_CLUSTER_SIZE: keys per cluster (ClusterConfig::cluster_size, default 16).
   const char* size_env = std::getenv("CLUSTER_EVAL_CLUSTER_SIZE");
   const int cluster_size = size_env != nullptr ? std::atoi(size_env) : 16;
@@ -403,6 +418,18 @@ int main(int argc, char** argv) {
       {"cal256+group+p98", true, 0.004f, true, 1.f, true, 2, 256, true, 0.98f},
       {"cal256+group/r1", true, 0.004f, true, 1.f, true, 1, 256, true},
       {"qa+est+cal256+outl/r1", true, 0.004f, true, 1.f, true, 1, 256},
+      {"cal256+cand2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 2.f},
+      {"cal256+cand3", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 3.f},
+      {"cal256+cand4", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f},
+      {"group+cand2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 2.f},
+      {"group+cand3", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 3.f},
+      {"group+cand4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f},
+      {"group+cand3/own", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 3.f, true},
+      {"rescore2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 0.f, false, 2.f},
+      {"rescore4", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 0.f, false, 4.f},
+      {"group+rescore2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 2.f},
+      {"group+rescore3", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 3.f},
+      {"group+rescore4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 4.f},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -485,8 +512,9 @@ int main(int argc, char** argv) {
         IndexConfig cfg;
         cfg.cluster.segment_tokens = segment;
         cfg.cluster.cluster_size = cluster_size;
-        cfg.cluster.budget_fraction = static_cast<float>(budget_fraction);
-        cfg.cluster.min_budget_tokens = min_budget;
+        const double mult = variants[vi].candidates > 0 ? variants[vi].candidates : 1.0;
+        cfg.cluster.budget_fraction = static_cast<float>(budget_fraction * mult);
+        cfg.cluster.min_budget_tokens = static_cast<int64_t>(min_budget * mult);
         cfg.cluster.query_aware = variants[vi].query_aware;
         cfg.cluster.outlier_fraction = variants[vi].outliers;
         cfg.cluster.estimate = variants[vi].estimate;
@@ -496,6 +524,7 @@ int main(int argc, char** argv) {
         cfg.cluster.calibrate_queries = variants[vi].calibrate;
         cfg.cluster.group_select = variants[vi].group;
         cfg.cluster.top_p = variants[vi].top_p;
+        cfg.cluster.rescore = variants[vi].rescore;
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();
@@ -702,9 +731,68 @@ int main(int argc, char** argv) {
           for (std::size_t vi = 0; vi < nruns; ++vi) {
             const SearchResult& res = results[vi][j];
             std::vector<int64_t> rows;
-            for (int64_t id : res.ids) rows.push_back(orig[base_of(vi)][id]);
+            State remainder;  // the candidates' rows not attended (two-stage variants)
+            if (vi < nv && variants[vi].candidates > 0) {
+              const ClusterSummary& sum = *GetClusterSummary(*idx[vi]);
+              std::vector<char> is_out(covered, 0);
+              for (int64_t r : sum.outliers) is_out[r] = 1;
+              std::vector<int64_t> cand;
+              for (int64_t id : res.ids) {
+                if (is_out[id])
+                  rows.push_back(orig[vi][id]);
+                else
+                  cand.push_back(orig[vi][id]);
+              }
+              const std::size_t keep = std::min(
+                  cand.size(),
+                  static_cast<std::size_t>(std::llround(cand.size() / variants[vi].candidates)));
+              std::vector<double> rank_key(covered, 0.0);
+              if (variants[vi].group && !variants[vi].cand_own) {
+                for (int jj = 0; jj < g; ++jj) {
+                  const float* qj =
+                      dq.data() + (static_cast<std::size_t>(step) * qh + h * g + jj) * d;
+                  std::vector<double> sj(cand.size());
+                  double m = -INFINITY, z = 0;
+                  for (std::size_t i = 0; i < cand.size(); ++i) {
+                    double a = 0;
+                    for (int t = 0; t < d; ++t) a += double(qj[t]) * ck[cand[i] * d + t];
+                    sj[i] = a * scale;
+                    m = std::max(m, sj[i]);
+                  }
+                  for (double x : sj) z += std::exp(x - m);
+                  for (std::size_t i = 0; i < cand.size(); ++i)
+                    rank_key[cand[i]] += std::exp(sj[i] - m) / z;
+                }
+              } else {
+                for (int64_t r : cand) rank_key[r] = cs[r];
+              }
+              std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
+                return rank_key[a] > rank_key[b] || (rank_key[a] == rank_key[b] && a < b);
+              });
+              rows.insert(rows.end(), cand.begin(), cand.begin() + keep);
+              // The rest per cluster: exact mass, mean value.
+              std::vector<int32_t> cluster_of(covered, -1);
+              for (int64_t c = 0; c < sum.num_clusters(); ++c)
+                for (int64_t i = 0; i < sum.size[c]; ++i)
+                  cluster_of[orig[vi][sum.begin[c] + i]] = static_cast<int32_t>(c);
+              std::vector<std::vector<int64_t>> rest(sum.num_clusters());
+              for (std::size_t i = keep; i < cand.size(); ++i)
+                rest[cluster_of[cand[i]]].push_back(cand[i]);
+              for (const auto& rr : rest) {
+                if (rr.empty()) continue;
+                State part = Attend(cs, rr, cv.data(), d);
+                std::fill(part.o.begin(), part.o.end(), 0.0);
+                for (int64_t r : rr)
+                  for (int t = 0; t < d; ++t) part.o[t] += cv[r * d + t] / double(rr.size());
+                Merge(&remainder, part);
+              }
+            } else {
+              for (int64_t id : res.ids) rows.push_back(orig[base_of(vi)][id]);
+            }
             State st = exact_part;
             Merge(&st, Attend(cs, rows, cv.data(), d));
+            Merge(&st, remainder);
+            const State st_attended = st;
             if (!res.est_o.empty() && res.est_lse > -INFINITY) {
               State est;
               est.o.assign(res.est_o.begin(), res.est_o.end());
@@ -715,6 +803,42 @@ int main(int argc, char** argv) {
                 stats[vi].est_log += res.est_lse - (cold_all.lse + std::log(miss));
                 ++stats[vi].est_n;
               }
+            }
+            if (oracle && vi < nv && variants[vi].candidates == 0 && !res.est_o.empty() &&
+                res.est_lse > -INFINITY) {
+              const ClusterSummary& cs_sum = *GetClusterSummary(*idx[vi]);
+              std::vector<char> taken(covered, 0);
+              for (int64_t id : res.ids) taken[id] = 1;
+              const int64_t nc = cs_sum.num_clusters();
+              std::vector<float> cscore(nc), dens(nc), cen(d);
+              for (int64_t c = 0; c < nc; ++c) {
+                ConvertToF32(cs_sum.centroid.data() + c * d, DType::kBF16, d, cen.data());
+                double a = 0;
+                for (int t = 0; t < d; ++t) a += double(q[t]) * cen[t];
+                cscore[c] = static_cast<float>(a);
+              }
+              float qn2 = 0;
+              for (int t = 0; t < d; ++t) qn2 += q[t] * q[t];
+              ClusterDensity(cs_sum, cscore.data(), qn2, static_cast<float>(scale),
+                             variants[vi].spread, dens.data());
+              State om = st_attended, ov = st_attended, vb;
+              vb.o.assign(d, 0);
+              for (int64_t c = 0; c < nc; ++c) {
+                if (cs_sum.size[c] <= 0 || taken[cs_sum.begin[c]]) continue;
+                std::vector<int64_t> crow;
+                for (int64_t i = 0; i < cs_sum.size[c]; ++i)
+                  crow.push_back(orig[vi][cs_sum.begin[c] + i]);
+                const State truth = Attend(cs, crow, cv.data(), d);
+                ConvertToF32(cs_sum.value_mean.data() + c * d, DType::kBF16, d, cen.data());
+                for (int t = 0; t < d; ++t) vb.o[t] = cen[t];
+                vb.lse = truth.lse;
+                Merge(&om, vb);
+                State tv = truth;
+                tv.lse = dens[c] + std::log(double(cs_sum.size[c]));
+                Merge(&ov, tv);
+              }
+              stats[vi].err_om.push_back(RelErr(om, ref));
+              stats[vi].err_ov.push_back(RelErr(ov, ref));
             }
             const std::vector<int64_t> flat(by_score.begin(), by_score.begin() + rows.size());
             State fs = exact_part;
@@ -777,6 +901,22 @@ int main(int argc, char** argv) {
                   100.0 * S.sel_hit_rows[pi] / std::max<int64_t>(S.sel_rows[pi], 1), miss, fill,
                   miss + fill);
     }
+  if (oracle) {
+    std::printf(
+        "\nthe estimate's error taken apart (CLUSTER_EVAL_ORACLE): mean (p99)\n%-24s %16s "
+        "%16s %16s\n",
+        "variant", "err", "true_mass_err", "true_value_err");
+    for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+      const Stats& S = stats[vi];
+      if (S.err_om.empty()) continue;
+      auto mean = [](const std::vector<double>& x) {
+        return std::accumulate(x.begin(), x.end(), 0.0) / std::max<std::size_t>(x.size(), 1);
+      };
+      std::printf("%-24s %8.4f (%5.3f) %8.4f (%5.3f) %8.4f (%5.3f)\n", variants[vi].name,
+                  mean(S.err), Pct(S.err, 0.99), mean(S.err_om), Pct(S.err_om, 0.99),
+                  mean(S.err_ov), Pct(S.err_ov, 0.99));
+    }
+  }
   if (!cap_runs.empty())
     std::printf(
         "\nmiss-capped group selection (staged pool CLUSTER_EVAL_CAP_POOL/1/0, outliers resident), "

@@ -76,6 +76,14 @@ struct ClusterConfig {
   // carry more estimated mass than one read from HBM (docs/cluster.md, "Residency-aware
   // selection"). 0 = selection by the key alone (the host backend, which has no pool, always).
   float miss_penalty = 0.f;
+  // > 1: a two-stage selection. Clusters are selected up to rescore x the budget (candidates),
+  // their keys scored exactly, and the budget's best rows kept (a group: by the sum of its
+  // queries' shares of the candidates' exact mass); the candidates' other rows join the estimate
+  // with their exact mass and their mean value (the cluster's value mean less the kept rows').
+  // The rows attended stay the budget's; the keys read grow to rescore x it. CPU selection only
+  // (the GPU's selection kernels do not rescore: the runtime selects on the CPU when this is set).
+  // 0 or 1: off.
+  float rescore = 0.f;
 };
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store
