@@ -534,6 +534,133 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
   }
 }
 
+// Two-stage selection (ClusterConfig::rescore): the kept rows are the budget's best by exact score
+// among the candidate clusters' rows, and the estimate is the unselected clusters' merged with the
+// candidates' rest, whose mass is exact.
+TEST(ClusterIndex, RescoreKeepsTheBestCandidateRowsAndTheRestsExactMass) {
+  HeadStore store(kDim, DType::kF32);
+  AppendRows(&store, 1024, 21);
+  IndexConfig cfg = SmallConfig();
+  cfg.cluster.rescore = 3.f;
+  cfg.cluster.scale = 0.2f;
+  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  ApplyOrder(index.get(), &store, 0, 1024);
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  const auto q = RandomQuery(23, 0.7f);
+  SearchParams p;
+  p.k = 40;
+  SearchResult r;
+  ASSERT_TRUE(index->Search(store, q.data(), p, &r).ok());
+  const std::size_t no = s.outliers.size();
+  ASSERT_EQ(r.ids.size(), no + 40);  // the budget exactly: rows, not whole clusters
+  const std::set<int64_t> outliers(s.outliers.begin(), s.outliers.end());
+  // The candidates: the clusters that the plain selection takes at 3 x the budget.
+  IndexConfig plain_cfg = cfg;
+  plain_cfg.cluster.rescore = 0.f;
+  auto plain = MakeIndex(IndexKind::kCluster, plain_cfg, kDim).value();
+  HeadStore plain_store(kDim, DType::kF32);
+  AppendRows(&plain_store, 1024, 21);
+  ASSERT_TRUE(plain->Build(plain_store, nullptr, 0).ok());
+  ApplyOrder(plain.get(), &plain_store, 0, 1024);
+  SearchParams p3 = p;
+  p3.k = 120;
+  SearchResult cand;
+  ASSERT_TRUE(plain->Search(plain_store, q.data(), p3, &cand).ok());
+  std::vector<int64_t> cand_rows;
+  for (int64_t id : cand.ids)
+    if (!outliers.count(id)) cand_rows.push_back(id);
+  ASSERT_GE(cand_rows.size(), 120u);
+  EXPECT_EQ(r.scanned,
+            s.num_clusters() + static_cast<int64_t>(no) + static_cast<int64_t>(cand_rows.size()));
+  auto score = [&](int64_t row) {
+    const auto k = KeyRow(store, row);
+    double a = 0;
+    for (int j = 0; j < kDim; ++j) a += double(q[j]) * k[j];
+    return 0.2 * a;
+  };
+  std::sort(cand_rows.begin(), cand_rows.end(), [&](int64_t a, int64_t b) {
+    return score(a) > score(b) || (score(a) == score(b) && a < b);
+  });
+  const std::vector<int64_t> want(cand_rows.begin(), cand_rows.begin() + 40);
+  const std::vector<int64_t> got(r.ids.begin() + static_cast<std::ptrdiff_t>(no), r.ids.end());
+  EXPECT_EQ(got, want);  // best first
+  // The estimate: the clusters outside the candidates (plain's estimate at 3 x the budget) merged
+  // with the rest of the candidates at its exact mass.
+  double m = -INFINITY;
+  for (std::size_t i = 40; i < cand_rows.size(); ++i) m = std::max(m, score(cand_rows[i]));
+  double l = 0;
+  for (std::size_t i = 40; i < cand_rows.size(); ++i) l += std::exp(score(cand_rows[i]) - m);
+  const double rest_lse = m + std::log(l);
+  const double want_lse = std::log(std::exp(double(cand.est_lse)) + std::exp(rest_lse));
+  EXPECT_NEAR(r.est_lse, want_lse, 1e-4 * (1 + std::fabs(want_lse)));
+  // Its value: each candidate's rest at its exact mass with the rest's mean value (the method
+  // derives that mean from the bf16 value mean, hence the tolerance).
+  std::vector<float> want_o(cand.est_o.begin(), cand.est_o.end());
+  float want_l = cand.est_lse;
+  const std::set<int64_t> kept(want.begin(), want.end());
+  for (int64_t c = 0; c < s.num_clusters(); ++c) {
+    std::vector<int64_t> rest;
+    for (int64_t row = s.begin[c]; row < s.begin[c] + s.size[c]; ++row)
+      if (std::count(cand_rows.begin(), cand_rows.end(), row) && !kept.count(row))
+        rest.push_back(row);
+    if (rest.empty()) continue;
+    std::vector<float> mean(kDim, 0.f), v(kDim);
+    double lm = -INFINITY, ll = 0;
+    for (int64_t row : rest) {
+      ConvertToF32(store.value(row), DType::kF32, kDim, v.data());
+      for (int j = 0; j < kDim; ++j) mean[j] += v[j] / rest.size();
+      lm = std::max(lm, score(row));
+    }
+    for (int64_t row : rest) ll += std::exp(score(row) - lm);
+    MergeInto(want_o.data(), &want_l, mean.data(), static_cast<float>(lm + std::log(ll)), kDim);
+  }
+  EXPECT_NEAR(want_l, want_lse, 1e-4 * (1 + std::fabs(want_lse)));
+  ASSERT_EQ(r.est_o.size(), static_cast<std::size_t>(kDim));
+  for (int j = 0; j < kDim; ++j) EXPECT_NEAR(r.est_o[j], want_o[j], 0.02) << j;
+}
+
+TEST(ClusterIndex, RescoreIsExactAtTheMaximalBudgetAndSharedByAGroup) {
+  HeadStore store(kDim, DType::kBF16);
+  AppendRows(&store, 1024, 25, DType::kBF16);
+  IndexConfig cfg = SmallConfig();
+  cfg.cluster.rescore = 4.f;
+  cfg.cluster.group_select = true;
+  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  ApplyOrder(index.get(), &store, 0, 1024);
+  std::vector<float> qs;
+  for (int i = 0; i < 4; ++i) {
+    const auto q = RandomQuery(40 + i);
+    qs.insert(qs.end(), q.begin(), q.end());
+  }
+  SearchParams p;
+  p.k = 50;
+  std::vector<SearchResult> g(4);
+  ASSERT_TRUE(index->SearchGroup(store, qs.data(), 4, p, g.data()).ok());
+  const std::size_t no = GetClusterSummary(*index)->outliers.size();
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(g[i].ids, g[0].ids) << "query " << i;  // one set, in one order
+    EXPECT_EQ(g[i].ids.size(), no + 50);
+    EXPECT_GT(g[i].est_lse, kNegInf);
+  }
+  // Every row kept: exact attention over the store, no estimate.
+  p.k = 1 << 20;
+  ASSERT_TRUE(index->SearchGroup(store, qs.data(), 4, p, g.data()).ok());
+  const float scale = 1.f / std::sqrt(float(kDim));
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(g[i].ids.size(), 1024u);
+    EXPECT_EQ(g[i].est_lse, kNegInf);
+    std::vector<float> o(kDim), ref(kDim);
+    float lse, lse_ref;
+    AttendStoreRows(qs.data() + i * kDim, scale, store, g[i].ids.data(), g[i].ids.size(),
+                    o.data(), &lse);
+    AttendStoreAll(qs.data() + i * kDim, scale, store, ref.data(), &lse_ref);
+    EXPECT_NEAR(lse, lse_ref, 1e-4);
+    for (int j = 0; j < kDim; ++j) EXPECT_NEAR(o[j], ref[j], 1e-4);
+  }
+}
+
 TEST(ClusterIndex, EmptyAndTinyInputs) {
   auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
   HeadStore empty(kDim, DType::kF32);
