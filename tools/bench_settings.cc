@@ -70,6 +70,12 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "cold tokens better at more summary memory (8 doubles 16's); in [2, 256] "
                   "(default: the library's, 16)")
       ->check(CLI::Range(2, 256));
+  cmd->add_option("--cluster-rescore", s->cluster_rescore,
+                  "config.cluster_rescore: > 1 selects in two stages (candidate clusters up to "
+                  "this multiple of the token budget, their keys scored exactly, the budget's best "
+                  "rows attended); the CPU selects then (no direct step); 0 or 1 = off, in [0, 64] "
+                  "(default: the library's, 0)")
+      ->check(CLI::Range(0.0, 64.0));
   cmd->add_option("--direct-step", s->direct_step,
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
                   "the GPU (hot cache, else the host store over PCIe), 0 = the CPU orders the "
@@ -120,6 +126,7 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   if (s.top_p >= 0) c.cluster_top_p = static_cast<float>(s.top_p);
   if (s.miss_penalty >= 0) c.cluster_miss_penalty = static_cast<float>(s.miss_penalty);
   if (s.cluster_keys > 0) c.cluster_keys = s.cluster_keys;
+  if (s.cluster_rescore >= 0) c.cluster_rescore = static_cast<float>(s.cluster_rescore);
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;

@@ -22,6 +22,7 @@ struct DecodeSettings {
   double top_p = -1;          // config.cluster_top_p; < 0: the library's default
   double miss_penalty = -1;   // config.cluster_miss_penalty; < 0: the library's default
   int cluster_keys = 0;       // config.cluster_keys; 0: the library's default
+  double cluster_rescore = -1;  // config.cluster_rescore; < 0: the library's default
   bool pipeline = false;      // HarnessOptions::pipeline
   std::string memory = "device";
   bool device() const { return memory == "device" && use_gpu != 0; }

@@ -14,6 +14,7 @@ struct ReplayArgs {
   bool quiet = false, per_head = false;
   int group_search = 0;
   int cluster_keys = 0;
+  double cluster_rescore = -1;
   double streaming_threshold = 0;
 };
 
@@ -45,6 +46,7 @@ int RunReplayCommand(const ReplayArgs& a) {
   o.streaming_threshold = a.streaming_threshold;
   o.group_search = a.group_search != 0;
   o.cluster_keys = a.cluster_keys;
+  o.cluster_rescore = a.cluster_rescore;
   auto report = kvrt::cli::RunReplay(**trace, *ref, o);
   if (!report.ok()) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(report.status().message()).c_str());
@@ -114,6 +116,12 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
                   "--index cluster: target keys per cluster; fewer rank the cold tokens better at "
                   "more summary memory (8 doubles 16's); in [2, 256] (default: the library's, 16)")
       ->check(CLI::Range(2, 256));
+  cmd->add_option("--cluster-rescore", args->cluster_rescore,
+                  "--index cluster: > 1 selects in two stages: clusters up to this multiple of the "
+                  "token budget, their keys scored exactly, the budget's best rows attended (the "
+                  "same rows attended, more keys read); 0 or 1 = off; in [0, 64] (default: the "
+                  "library's, 0)")
+      ->check(CLI::Range(0.0, 64.0));
   cmd->add_flag("--per-head", args->per_head, "print the per-(layer, head) table");
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = RunReplayCommand(*args); });

@@ -251,6 +251,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   cfg.record_attended = 1;
   cfg.group_search = opt.group_search ? 1 : 0;
   if (opt.cluster_keys > 0) cfg.cluster_keys = opt.cluster_keys;
+  if (opt.cluster_rescore >= 0) cfg.cluster_rescore = static_cast<float>(opt.cluster_rescore);
   std::string error;
   kvrt_runtime* rt = nullptr;
   if (Check(kvrt_runtime_create(&cfg, &rt), "kvrt_runtime_create", &error) != KVRT_OK)

@@ -39,6 +39,7 @@ struct ReplayOptions {
   int calibration_queries = 16;
   bool group_search = false;  // kvrt_config.group_search
   int cluster_keys = 0;       // kvrt_config.cluster_keys; 0: the library's default
+  double cluster_rescore = -1;  // kvrt_config.cluster_rescore; < 0: the library's default
 };
 
 // Per (layer, q head) figures of one replay.

@@ -30,8 +30,8 @@
  *   head_dim 1..512, sink_tokens 0..2^20, window_tokens 1..2^24, top_k 1..2^20 (for every index
  *   kind, EXACT included, which ignores it), search_effort 0..2^24, worker_threads >= 0 (above the
  *   hardware thread count: clamped to it), worker_cpu_first and worker_cpu_count >= 0 (the range
- *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, tokens per (sequence, layer)
- *   up to 2^34 (a prefill or append past it is refused).
+ *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, cluster_rescore 0..64, tokens
+ * per (sequence, layer) up to 2^34 (a prefill or append past it is refused).
  *
  * Thread safety
  *   - kvrt_runtime_create/destroy: not concurrent with any other call on the same runtime.
@@ -72,7 +72,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 10
+#define KVRT_VERSION_PATCH 11
 
 #ifdef __cplusplus
 extern "C" {
@@ -313,6 +313,23 @@ typedef struct kvrt_config {
                                    not read, which kept sizeof(kvrt_config) apart from
                                    0.3.5-0.3.8's, whose tail padding holds cluster_miss_penalty:
                                    see "ABI"). */
+  float cluster_rescore;        /* KVRT_INDEX_CLUSTER: > 1 selects in two stages: clusters up to
+                                   cluster_rescore x the token budget are candidates, their keys
+                                   are scored exactly, and the budget's best rows are attended
+                                   (with group selection: by the sum of the group's q heads'
+                                   shares of the candidates' exact mass); the candidates' other
+                                   rows join the estimate at their exact mass with their mean
+                                   value. The rows attended stay the budget's; the keys read per
+                                   step grow to cluster_rescore x it (kvrt_stats.scanned counts
+                                   them). On the Gemma 3 traces 4 cut the mean output error at
+                                   equal attended tokens to 0.50-0.60x flat top-k's per q head
+                                   and 0.60-0.79x with group selection (docs/fidelity.md,
+                                   "Two-stage selection"). The selection then runs on the CPU: the
+                                   GPU backend's selection kernels and the direct step do not
+                                   rescore (kvrt_runtime_config reports cluster_direct_step 0).
+                                   0 or 1 = off; finite, in [0, 64] [0]. Since 0.3.11. */
+  int32_t reserved1;            /* not read; keeps sizeof(kvrt_config) apart from 0.3.10's, whose
+                                   tail padding holds cluster_rescore (see "ABI"). Since 0.3.11. */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

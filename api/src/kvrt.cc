@@ -136,8 +136,11 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   // 0: a 0.3.9 caller's reserved0 (kvrt_config_default set it to 0): the default.
   r.index.cluster.cluster_size =
       c.cluster_keys == 0 ? kvrt::cpu_index::ClusterConfig{}.cluster_size : c.cluster_keys;
+  r.index.cluster.rescore = c.cluster_rescore;
+  // The GPU's selection kernels (and so the direct step) do not rescore: the CPU selects.
+  if (c.cluster_rescore > 1.f) r.index.cluster.gpu_select = false;
   r.cuda_device = c.cuda_device;
-  r.direct_step = c.cluster_direct_step != 0;
+  r.direct_step = c.cluster_direct_step != 0 && r.index.cluster.gpu_select;
   r.worker_cpu_first = c.worker_cpu_first;
   r.worker_cpu_count = c.worker_cpu_count;
   return r;
@@ -167,12 +170,17 @@ constexpr std::size_t kConfigSize034 = ConfigSizeEndingAt(offsetof(kvrt_config, 
 // new float would have left sizeof(kvrt_config) unchanged (the two sizes could not be told
 // apart), hence a field after it (0.3.9: reserved0, not read; since 0.3.10 cluster_keys).
 constexpr std::size_t kConfigSize035 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_top_p));
-constexpr std::size_t kConfigSizes[] = {kConfigSize030, kConfigSize031, kConfigSize033,
-                                        kConfigSize034, kConfigSize035, sizeof(kvrt_config)};
+// 0.3.9 and 0.3.10 ended at cluster_keys; cluster_rescore (0.3.11) lies in that size's tail
+// padding, hence reserved1 after it (as reserved0 in 0.3.9).
+constexpr std::size_t kConfigSize039 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_keys));
+constexpr std::size_t kConfigSizes[] = {kConfigSize030,     kConfigSize031, kConfigSize033,
+                                        kConfigSize034,     kConfigSize035, kConfigSize039,
+                                        sizeof(kvrt_config)};
 static_assert(kConfigSize031 < kConfigSize033, "0.3.3's field must change the size");
 static_assert(kConfigSize033 < kConfigSize034, "0.3.4's fields must change the size");
 static_assert(kConfigSize034 < kConfigSize035, "0.3.5's fields must change the size");
-static_assert(kConfigSize035 < sizeof(kvrt_config), "0.3.9's fields must change the size");
+static_assert(kConfigSize035 < kConfigSize039, "0.3.9's fields must change the size");
+static_assert(kConfigSize039 < sizeof(kvrt_config), "0.3.11's fields must change the size");
 constexpr std::size_t kStatsSizes[] = {
     offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
     offsetof(kvrt_stats, attends_direct), offsetof(kvrt_stats, time_background_wait_ns),
@@ -235,6 +243,8 @@ kvrt_config Defaults() {
   c.cluster_top_p = 0.f;
   c.cluster_miss_penalty = 0.5f;
   c.cluster_keys = kvrt::cpu_index::ClusterConfig{}.cluster_size;
+  c.cluster_rescore = 0.f;
+  c.reserved1 = 0;
   return c;
 }
 
@@ -249,6 +259,7 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
                              : size == kConfigSize033 ? offsetof(kvrt_config, worker_cpu_first)
                              : size == kConfigSize034 ? offsetof(kvrt_config, cluster_group_select)
                              : size == kConfigSize035 ? offsetof(kvrt_config, cluster_miss_penalty)
+                             : size == kConfigSize039 ? offsetof(kvrt_config, cluster_rescore)
                                                       : size;
   std::memcpy(out, in, prefix);
   out->struct_size = sizeof(kvrt_config);
@@ -379,6 +390,7 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   rt->config.worker_threads = eff.worker_threads;
   rt->config.use_gpu = eff.use_gpu;
   rt->config.cluster_keys = eff.index.cluster.cluster_size;  // 0 given: 16
+  rt->config.cluster_direct_step = eff.direct_step ? 1 : 0;  // off while rescoring
   if (eff.use_gpu == 1) rt->config.cuda_device = eff.cuda_device;
   *out = rt;
   return KVRT_OK;

@@ -65,6 +65,10 @@ class Config:
         cluster_keys: target keys per cluster of the cluster kind (a segment of cold tokens gets
             tokens / cluster_keys clusters): fewer keys rank the cold tokens better at more GPU
             memory for the summary (8 doubles 16's); in [2, 256] (0 = 16). Since 0.3.10.
+        cluster_rescore: > 1 selects the cluster kind's rows in two stages: candidate clusters up
+            to this multiple of the token budget, their keys scored exactly, the budget's best
+            rows attended (the same rows attended, more keys read; the CPU selects then, no
+            direct step); 0 or 1 = off; in [0, 64]. Since 0.3.11.
     """
 
     num_layers: int = 32
@@ -96,6 +100,7 @@ class Config:
     cluster_top_p: float = 0.0
     cluster_miss_penalty: float = 0.5
     cluster_keys: int = 16
+    cluster_rescore: float = 0.0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -145,13 +145,14 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction" ||
-               k == "cluster_top_p" || k == "cluster_miss_penalty") {
+               k == "cluster_top_p" || k == "cluster_miss_penalty" || k == "cluster_rescore") {
       if (!PyFloat_Check(value.ptr()) && !PyLong_Check(value.ptr()))
         BadField(k, "must be a number");
       (k == "hot_cache_fraction"        ? c.hot_cache_fraction
        : k == "cluster_budget_fraction" ? c.cluster_budget_fraction
        : k == "cluster_top_p"           ? c.cluster_top_p
-                                        : c.cluster_miss_penalty) = float(nb::cast<double>(value));
+       : k == "cluster_miss_penalty"    ? c.cluster_miss_penalty
+                                        : c.cluster_rescore) = float(nb::cast<double>(value));
     } else {
       Raise(KVRT_ERR_INVALID_ARGUMENT, kCall, "unknown config field '" + k + "'");
     }
@@ -194,6 +195,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cluster_top_p"] = ShortFloat(c.cluster_top_p);
   d["cluster_miss_penalty"] = ShortFloat(c.cluster_miss_penalty);
   d["cluster_keys"] = c.cluster_keys;
+  d["cluster_rescore"] = ShortFloat(c.cluster_rescore);
   return d;
 }
 

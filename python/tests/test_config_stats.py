@@ -61,6 +61,16 @@ def test_cluster_keys_round_trip_zero_means_sixteen_and_is_checked():
             kvrt.Runtime(**SHAPE, cluster_keys=bad)
 
 
+def test_cluster_rescore_round_trip_turns_the_direct_step_off_and_is_checked():
+    assert kvrt.Config().cluster_rescore == 0.0  # the library's default (0.3.11): off
+    for value, direct in ((0.0, 1), (1.0, 1), (4.0, 0), (64, 0)):
+        eff = kvrt.Runtime(kvrt.Config(**SHAPE, index_kind="cluster", cluster_rescore=value)).config
+        assert (eff.cluster_rescore, eff.cluster_direct_step) == (value, direct)
+    for bad in (-1.0, 65.0, float("nan")):
+        with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.cluster_rescore = "):
+            kvrt.Runtime(**SHAPE, cluster_rescore=bad)
+
+
 def test_worker_cpu_range_is_checked_and_reported():
     eff = kvrt.Runtime(**SHAPE, worker_cpu_first=0, worker_cpu_count=1).config
     assert (eff.worker_cpu_first, eff.worker_cpu_count, eff.worker_threads) == (0, 1, 1)

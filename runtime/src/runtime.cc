@@ -96,6 +96,10 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   if (keys < 2 || keys > 256)
     return absl::InvalidArgumentError(absl::StrCat(
         "config.cluster_keys = ", keys, " is out of range [2, 256] (0 means the default, 16)"));
+  const float rescore = c.index.cluster.rescore;
+  if (!(rescore >= 0.f && rescore <= 64.f))  // NaN fails too
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.cluster_rescore = ", rescore, " must be in [0, 64] (0 or 1: off)"));
   const float top_p = c.index.cluster.top_p;
   if (!(top_p >= 0.f && top_p <= 1.f))
     return absl::InvalidArgumentError(

@@ -520,6 +520,43 @@ TEST(ContractConfig, ClusterMissPenaltyOutsideZeroTo64IsRefused) {
   }
 }
 
+// 0.3.11 appended cluster_rescore (and reserved1, which keeps the size apart): a caller compiled
+// against 0.3.9/0.3.10 passes the size that ended at cluster_keys (the new field lies in its tail
+// padding) and gets its default; values outside [0, 64] are refused naming the field; rescoring
+// turns the direct step off (the GPU's selection kernels do not rescore), which the effective
+// config reports.
+TEST(ContractConfig, ClusterRescoreAndA0310CallerOfTheSizeBefore) {
+  const std::size_t config039 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_keys));
+  ASSERT_GT(config039, offsetof(kvrt_config, cluster_rescore)) << "the field sits in padding";
+  ASSERT_LT(config039, sizeof(kvrt_config)) << "the sizes must differ";
+  EXPECT_EQ(kvrt_config_default().cluster_rescore, 0.f);
+  kvrt_config c = TinyConfig();
+  c.index_kind = KVRT_INDEX_CLUSTER;
+  c.struct_size = config039;
+  c.cluster_keys = 8;       // inside the 0.3.10 struct: read
+  c.cluster_rescore = NAN;  // its padding: not read (it would be refused)
+  kvrt_config eff;
+  ASSERT_TRUE(EffectiveConfig(c, &eff));
+  EXPECT_EQ(eff.cluster_keys, 8);
+  EXPECT_EQ(eff.cluster_rescore, 0.f);
+  EXPECT_EQ(eff.cluster_direct_step, 1);
+  for (float bad : {NAN, -1.f, 65.f, INFINITY}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_rescore " << bad);
+    c = TinyConfig();
+    c.cluster_rescore = bad;
+    EXPECT_TRUE(RefusedNaming(c, "cluster_rescore"));
+  }
+  for (float good : {0.f, 1.f, 4.f, 64.f}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_rescore " << good);
+    c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.cluster_rescore = good;
+    ASSERT_TRUE(EffectiveConfig(c, &eff));
+    EXPECT_EQ(eff.cluster_rescore, good);
+    EXPECT_EQ(eff.cluster_direct_step, good > 1.f ? 0 : 1);
+  }
+}
+
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
 // 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the
