@@ -107,7 +107,7 @@ class KvrtAttention:
 
     def __init__(self, model, layers, prompt, index="flat", top_k=100, sinks=4,
                  window=512, effort=0, threads=1, dtype="f32", streaming_heads=(),
-                 device="cpu", group_search=0):
+                 device="cpu", group_search=0, extra=None):
         import torch
         cfg = model.config
         self.torch = torch
@@ -120,7 +120,7 @@ class KvrtAttention:
             num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim(cfg), dtype=dtype,
             scale=attention_scale(cfg), sink_tokens=sinks, window_tokens=window, top_k=top_k,
             index_kind=index, search_effort=effort, worker_threads=threads,
-            group_search=group_search, use_gpu=1 if self.on_gpu else 0)
+            group_search=group_search, use_gpu=1 if self.on_gpu else 0, **(extra or {}))
         for (l, h) in streaming_heads:
             self.rt.set_head_policy(l, h, "streaming")
         self.seq = None
@@ -337,6 +337,9 @@ def main(argv=None):
                          "sinks + window is >= 0.9 served from the GPU tier alone, as kvrt replay "
                          "--streaming-threshold); repeatable; run in the order given. Without "
                          "any, one configuration from --index/--top-k/--effort")
+    ap.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a kvrt.Config field for every configuration, e.g. cluster_rescore=4 "
+                         "(repeatable)")
     ap.add_argument("--index", default="flat", choices=list(INDEX),
                     help="index kind when no --config is given")
     ap.add_argument("--top-k", type=int, default=100, help="top-k when no --config is given")
@@ -358,6 +361,17 @@ def main(argv=None):
     ap.add_argument("--json", metavar="FILE",
                     help="write the results (rewritten after every configuration)")
     args = ap.parse_args(argv)
+    extra = {}
+    for kv in args.kvrt:
+        field, sep, value = kv.partition("=")
+        if not sep:
+            ap.error(f"--kvrt {kv!r}: expected FIELD=VALUE")
+        for conv in (int, float, str):
+            try:
+                extra[field] = conv(value)
+                break
+            except ValueError:
+                continue
     configs = args.configs or [{"spec": f"{args.index}:{args.top_k}:{args.effort}",
                                 "index": args.index, "top_k": args.top_k, "effort": args.effort,
                                 "streaming_threshold": 0.0}]
@@ -435,7 +449,7 @@ def main(argv=None):
                "device": args.device, "gpu": gpu_name, "torch": torch.__version__,
                "transformers": __import__("transformers").__version__,
                "sinks": args.sinks, "window": args.window, "dtype": args.dtype, "batch": args.batch,
-               "group_search": args.group_search,
+               "group_search": args.group_search, "kvrt": extra,
                "kvrt_layers": layers, "prompt_pass_s": t_prompt, "reference_made": ref["made"],
                "reference_times_s": ref["times"], "full_batched_vs_step_agree": floor,
                "full_ppl_greedy": ppl(ref["greedy"][1]), "full_ppl_greedy_step":
@@ -457,7 +471,7 @@ def main(argv=None):
         att = KvrtAttention(model, layers, prompt, cf["index"], cf["top_k"], args.sinks,
                             args.window, cf["effort"], args.threads, args.dtype,
                             streaming_heads=streaming, device=args.device,
-                            group_search=args.group_search)
+                            group_search=args.group_search, extra=extra)
         router.target = att
         r = dict(cf)
         r["streaming_heads"] = [list(lh) for lh in streaming]
