@@ -430,6 +430,7 @@ int main(int argc, char** argv) {
       {"group+rescore2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 2.f},
       {"group+rescore3", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 3.f},
       {"group+rescore4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 4.f},
+      {"group+rescore8", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 8.f},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -804,7 +805,8 @@ int main(int argc, char** argv) {
                 ++stats[vi].est_n;
               }
             }
-            if (oracle && vi < nv && variants[vi].candidates == 0 && !res.est_o.empty() &&
+            if (oracle && vi < nv && variants[vi].candidates == 0 && variants[vi].rescore <= 1.f &&
+                !res.est_o.empty() &&
                 res.est_lse > -INFINITY) {
               const ClusterSummary& cs_sum = *GetClusterSummary(*idx[vi]);
               std::vector<char> taken(covered, 0);
