@@ -136,11 +136,9 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   // 0: a 0.3.9 caller's reserved0 (kvrt_config_default set it to 0): the default.
   r.index.cluster.cluster_size =
       c.cluster_keys == 0 ? kvrt::cpu_index::ClusterConfig{}.cluster_size : c.cluster_keys;
-  r.index.cluster.rescore = c.cluster_rescore;
-  // The GPU's selection kernels (and so the direct step) do not rescore: the CPU selects.
-  if (c.cluster_rescore > 1.f) r.index.cluster.gpu_select = false;
+  r.index.cluster.rescore = c.cluster_rescore;  // > 1: Runtime::Create turns the GPU selection off
   r.cuda_device = c.cuda_device;
-  r.direct_step = c.cluster_direct_step != 0 && r.index.cluster.gpu_select;
+  r.direct_step = c.cluster_direct_step != 0;
   r.worker_cpu_first = c.worker_cpu_first;
   r.worker_cpu_count = c.worker_cpu_count;
   return r;
@@ -390,7 +388,7 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   rt->config.worker_threads = eff.worker_threads;
   rt->config.use_gpu = eff.use_gpu;
   rt->config.cluster_keys = eff.index.cluster.cluster_size;  // 0 given: 16
-  rt->config.cluster_direct_step = eff.direct_step ? 1 : 0;  // off while rescoring
+  rt->config.cluster_direct_step = eff.direct_step ? 1 : 0;  // off while rescoring (Create)
   if (eff.use_gpu == 1) rt->config.cuda_device = eff.cuda_device;
   *out = rt;
   return KVRT_OK;

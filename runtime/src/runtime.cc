@@ -165,6 +165,12 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
     effective.scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
   // A two-level kind's estimate is an attention state: it needs the runtime's scale.
   effective.index.cluster.scale = effective.scale;
+  // The GPU's selection kernels (and so the direct step, which needs them) do not rescore: a
+  // two-stage selection is the CPU's.
+  if (effective.index.cluster.rescore > 1.f) {
+    effective.index.cluster.gpu_select = false;
+    effective.direct_step = false;
+  }
   // NOTE: clamped to the hardware threads: more would only oversubscribe, and oneTBB prints a
   // warning when an arena asks for more workers than exist (a library must not print).
   const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));

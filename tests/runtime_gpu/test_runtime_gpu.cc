@@ -651,6 +651,48 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
   }
 }
 
+// A two-stage selection (cluster.rescore) is the CPU's on the GPU backend too: Create turns the
+// GPU selection and the direct step off, and the steps agree with the host backend's.
+TEST(GpuBackendCluster, RescoreSelectsOnTheCpuAndMatchesTheHostBackend) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (bool group : {false, true}) {
+    Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, group ? "rescore group" : "rescore"};
+    RuntimeConfig host_cfg = ClusterCompareConfig(c, 0, 0.1f, true, group);
+    RuntimeConfig gpu_cfg = ClusterCompareConfig(c, 1, 0.1f, true, group);
+    host_cfg.index.cluster.rescore = gpu_cfg.index.cluster.rescore = 4.f;
+    auto host_rt = Runtime::Create(host_cfg);
+    auto gpu_rt = Runtime::Create(gpu_cfg);
+    ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+    EXPECT_FALSE((*gpu_rt)->config().direct_step);
+    EXPECT_FALSE((*gpu_rt)->config().index.cluster.gpu_select);
+    const RuntimeConfig& cfg = (*gpu_rt)->config();
+    auto stream = transfer::Stream::Create();
+    ASSERT_TRUE(stream.ok());
+    Tensors dev(true, stream->get());
+    std::mt19937 rng(91);
+    const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+    const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+    const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+    ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, 1200, rng, dev));
+    for (int step = 0; step < 6; ++step) {
+      for (int l = 0; l < cfg.num_layers; ++l) {
+        auto k = Random(rng, kv_row, c.dtype);
+        auto v = Random(rng, kv_row, c.dtype);
+        auto q = Random(rng, q_row, c.dtype);
+        std::vector<float> want, got;
+        ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
+        for (int h = 0; h < cfg.num_q_heads; ++h)
+          EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
+              << c.name << " step " << step << " layer " << l << " head " << h;
+      }
+      dev.Clear();
+    }
+    const auto s = (*gpu_rt)->Stats();
+    EXPECT_EQ(s.attends_gpu_select, 0) << c.name;
+    EXPECT_EQ(s.attends_direct, 0) << c.name;
+  }
+}
+
 // The first decode steps after a prompt. The direct step is set up in the prompt's background job,
 // not by the first step: the blocks every step reads (the unclustered tail, the outliers) already
 // hold pages, copied in whole, when the prompt's work is done. And the row the first append evicts
