@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "tools/cluster_options.h"
 
 namespace kvrt::cli {
 
@@ -65,17 +66,7 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "not in the GPU page pool, so that rows read over PCIe must carry more "
                   "estimated mass; 0 = off, in [0, 64] (default: the library's)")
       ->check(CLI::Range(0.0, 64.0));
-  cmd->add_option("--cluster-keys", s->cluster_keys,
-                  "config.cluster_keys: the cluster kind's target keys per cluster; fewer rank the "
-                  "cold tokens better at more summary memory (8 doubles 16's); in [2, 256] "
-                  "(default: the library's, 16)")
-      ->check(CLI::Range(2, 256));
-  cmd->add_option("--cluster-rescore", s->cluster_rescore,
-                  "config.cluster_rescore: > 1 selects in two stages (candidate clusters up to "
-                  "this multiple of the token budget, their keys scored exactly, the budget's best "
-                  "rows attended); the CPU selects then (no direct step); 0 or 1 = off, in [0, 64] "
-                  "(default: the library's, 0)")
-      ->check(CLI::Range(0.0, 64.0));
+  AddClusterOptions(cmd, &s->cluster_keys, &s->cluster_rescore);
   cmd->add_option("--direct-step", s->direct_step,
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
                   "the GPU (hot cache, else the host store over PCIe), 0 = the CPU orders the "

@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "tools/cluster_options.h"
 #include "tools/command.h"
 #include "tools/replay.h"
 #include "tools/report.h"
@@ -112,16 +113,7 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
                   "GQA: 1 = one index search per kv head for its q heads, 0 = one per q head")
       ->capture_default_str()
       ->check(CLI::Range(0, 1));
-  cmd->add_option("--cluster-keys", args->cluster_keys,
-                  "--index cluster: target keys per cluster; fewer rank the cold tokens better at "
-                  "more summary memory (8 doubles 16's); in [2, 256] (default: the library's, 16)")
-      ->check(CLI::Range(2, 256));
-  cmd->add_option("--cluster-rescore", args->cluster_rescore,
-                  "--index cluster: > 1 selects in two stages: clusters up to this multiple of the "
-                  "token budget, their keys scored exactly, the budget's best rows attended (the "
-                  "same rows attended, more keys read); 0 or 1 = off; in [0, 64] (default: the "
-                  "library's, 0)")
-      ->check(CLI::Range(0.0, 64.0));
+  kvrt::cli::AddClusterOptions(cmd, &args->cluster_keys, &args->cluster_rescore);
   cmd->add_flag("--per-head", args->per_head, "print the per-(layer, head) table");
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = RunReplayCommand(*args); });

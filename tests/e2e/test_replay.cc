@@ -111,6 +111,52 @@ TEST_F(ReplayTest, StreamingHeadsSkipTheColdTier) {
   EXPECT_DOUBLE_EQ(none.recall_at_k, 1.0);
 }
 
+// The cluster kind's two-stage selection through the C API (--cluster-rescore): a trace of one full
+// 8192-token segment of cold keys, replayed with and without it. The same number of cold tokens
+// attended, more keys scored, and a lower output error against exact attention.
+TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("kvrt_e2e_rescore_" + std::to_string(::getpid()) + ".safetensors"))
+                               .string();
+  trace::GenOptions g;
+  g.meta.num_layers = 1;
+  g.meta.num_q_heads = 4;
+  g.meta.num_kv_heads = 1;
+  g.meta.head_dim = 32;
+  g.meta.dtype = DType::kF32;
+  g.meta.prompt_tokens = 8192 + 4 + 64;
+  g.meta.decode_steps = 4;
+  g.seed = 9;
+  g.show_progress = false;
+  ASSERT_TRUE(trace::GenerateTrace(path, g).ok());
+  auto t = trace::TraceReader::Open(path);
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto ref = ComputeExactReference(**t, 100, 0, false);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  ReplayReport r[2];
+  for (int i = 0; i < 2; ++i) {
+    ReplayOptions o;
+    o.index = KVRT_INDEX_CLUSTER;
+    o.window = 64;
+    o.threads = 2;
+    o.progress = false;
+    o.cluster_rescore = i == 0 ? 0.0 : 4.0;
+    auto got = RunReplay(**t, *ref, o);
+    ASSERT_TRUE(got.ok()) << got.status();
+    r[i] = *got;
+  }
+  std::remove(path.c_str());
+  EXPECT_NEAR(r[1].cold_tokens_attended_per_head, r[0].cold_tokens_attended_per_head,
+              0.1 * r[0].cold_tokens_attended_per_head);
+  EXPECT_GT(r[1].scanned_fraction, r[0].scanned_fraction);
+  EXPECT_LT(r[1].output_rel_error_mean, r[0].output_rel_error_mean);
+  EXPECT_GT(r[1].mass_recall, r[0].mass_recall);
+  for (const auto& x : r)
+    std::printf("rescore: attended %.0f scanned %.4f error %.5f mass %.4f\n",
+                x.cold_tokens_attended_per_head, x.scanned_fraction, x.output_rel_error_mean,
+                x.mass_recall);
+}
+
 // The exact reference's pass over a kv head's q heads at once gives each head the result of its
 // own pass, bit for bit (replay's accuracy figures must not move with the grouping).
 TEST(ExactReference, GroupedHeadsEqualOnePassEach) {
