@@ -322,8 +322,8 @@ typedef struct kvrt_config {
                                    value. The rows attended stay the budget's; the keys read per
                                    step grow to cluster_rescore x it (kvrt_stats.scanned counts
                                    them). On the Gemma 3 traces 4 cut the mean output error at
-                                   equal attended tokens to 0.50-0.60x flat top-k's per q head
-                                   and 0.60-0.79x with group selection (docs/fidelity.md,
+                                   equal attended tokens to 0.38-0.60x flat top-k's per q head
+                                   and 0.57-0.79x with group selection (docs/fidelity.md,
                                    "Two-stage selection"). The selection then runs on the CPU: the
                                    GPU backend's selection kernels and the direct step do not
                                    rescore (kvrt_runtime_config reports cluster_direct_step 0).
