@@ -115,12 +115,14 @@ class KvrtAttention:
         self.layer_map = {src: i for i, src in enumerate(layers)}
         self.tdt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
         self.on_gpu = str(device).startswith("cuda")
-        self.rt = kvrt.Runtime(
+        fields = dict(
             num_layers=len(layers), num_q_heads=cfg.num_attention_heads,
             num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim(cfg), dtype=dtype,
             scale=attention_scale(cfg), sink_tokens=sinks, window_tokens=window, top_k=top_k,
             index_kind=index, search_effort=effort, worker_threads=threads,
-            group_search=group_search, use_gpu=1 if self.on_gpu else 0, **(extra or {}))
+            group_search=group_search, use_gpu=1 if self.on_gpu else 0)
+        fields.update(extra or {})  # --kvrt FIELD=VALUE wins
+        self.rt = kvrt.Runtime(**fields)
         for (l, h) in streaming_heads:
             self.rt.set_head_policy(l, h, "streaming")
         self.seq = None
