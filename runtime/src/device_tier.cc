@@ -748,12 +748,7 @@ absl::Status DeviceTier::StagePrompt(const unsigned char* k, const unsigned char
   auto* s = static_cast<unsigned char*>(staging);
   absl::Status st = transfer::MemcpyAsync(s, k, bytes, stream);
   if (st.ok()) st = transfer::MemcpyAsync(s + bytes, v, bytes, stream);
-  if (st.ok() && prompt_.ready.empty()) {
-    auto made = transfer::Event::Create(false);
-    st = made.status();
-    if (made.ok()) prompt_.ready = std::move(*made);
-  }
-  if (st.ok()) st = prompt_.ready.Record(stream);
+  if (st.ok()) st = prompt_.ready.Record(stream);  // created at its first record
   if (!st.ok()) {
     (void)transfer::FreeAsync(staging, stream);
     return st;
