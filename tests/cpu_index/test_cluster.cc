@@ -52,6 +52,16 @@ std::vector<float> RandomQuery(uint64_t seed, float sd = 1.f) {
   return q;
 }
 
+// n queries [n, kDim], query i drawn with seed first_seed + i.
+std::vector<float> RandomQueries(int n, uint64_t first_seed) {
+  std::vector<float> qs;
+  for (int i = 0; i < n; ++i) {
+    const auto q = RandomQuery(first_seed + i);
+    qs.insert(qs.end(), q.begin(), q.end());
+  }
+  return qs;
+}
+
 IndexConfig SmallConfig() {
   IndexConfig c;
   c.cluster.cluster_size = 8;
@@ -128,11 +138,7 @@ TEST(ClusterIndex, HandshakeLayoutAndExactAtMaximalBudget) {
     AppendRows(&store, 3 * 256 + 100, 2, DType::kBF16);
     IndexConfig cfg = SmallConfig();
     cfg.cluster.query_aware = query_aware;
-    std::vector<float> qs;
-    for (int i = 0; i < 64; ++i) {
-      const auto q = RandomQuery(100 + i);
-      qs.insert(qs.end(), q.begin(), q.end());
-    }
+    const std::vector<float> qs = RandomQueries(64, 100);
     auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
     ASSERT_TRUE(index->Build(store, qs.data(), 64).ok());
     EXPECT_EQ(index->size(), 768);
@@ -444,11 +450,7 @@ TEST(ClusterIndex, GroupSearchEqualsPerQuerySearch) {
   auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
   ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
   ApplyOrder(index.get(), &store, 0, 1024);
-  std::vector<float> qs;
-  for (int i = 0; i < 4; ++i) {
-    const auto q = RandomQuery(20 + i);
-    qs.insert(qs.end(), q.begin(), q.end());
-  }
+  const std::vector<float> qs = RandomQueries(4, 20);
   SearchParams p;
   p.k = 64;
   std::vector<SearchResult> g(4);
@@ -474,11 +476,7 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
   auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
   ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
   ApplyOrder(index.get(), &store, 0, 1024);
-  std::vector<float> qs;
-  for (int i = 0; i < 4; ++i) {
-    const auto q = RandomQuery(30 + i);
-    qs.insert(qs.end(), q.begin(), q.end());
-  }
+  const std::vector<float> qs = RandomQueries(4, 30);
   SearchParams p;
   p.k = 64;
   std::vector<SearchResult> g(4);
@@ -629,11 +627,7 @@ TEST(ClusterIndex, RescoreIsExactAtTheMaximalBudgetAndSharedByAGroup) {
   auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
   ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
   ApplyOrder(index.get(), &store, 0, 1024);
-  std::vector<float> qs;
-  for (int i = 0; i < 4; ++i) {
-    const auto q = RandomQuery(40 + i);
-    qs.insert(qs.end(), q.begin(), q.end());
-  }
+  const std::vector<float> qs = RandomQueries(4, 40);
   SearchParams p;
   p.k = 50;
   std::vector<SearchResult> g(4);
@@ -705,11 +699,7 @@ TEST(ClusterIndex, EmptyAndTinyInputs) {
 }
 
 TEST(ClusterIndex, QueryMetricFactorIsACholeskyFactor) {
-  std::vector<float> qs;
-  for (int i = 0; i < 300; ++i) {
-    const auto q = RandomQuery(200 + i);
-    qs.insert(qs.end(), q.begin(), q.end());
-  }
+  const std::vector<float> qs = RandomQueries(300, 200);
   const auto l = QueryMetricFactor(qs.data(), 300, kDim, 4096);
   double tr = 0;
   for (int i = 0; i < kDim; ++i) {
