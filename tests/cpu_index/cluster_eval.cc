@@ -45,14 +45,6 @@ struct Variant {
   int calibrate = 0;  // ClusterConfig::calibrate_queries
   bool group = false;  // ClusterConfig::group_select (one SearchGroup per step and kv head)
   float top_p = 0.f;   // ClusterConfig::top_p
-  // > 0: the clusters are selected at this multiple of the budget (candidates), their keys scored
-  // exactly, and the best budget's worth of them attended; the candidates' other rows enter with
-  // their exact mass and their mean value (a two-stage selection, per q head).
-  float candidates = 0.f;
-  // Group variants with candidates: true = each q head keeps its own best rows of the group's
-  // candidates, false = one set for the group, by the sum of the heads' shares of the candidates'
-  // exact mass.
-  bool cand_own = false;
   float rescore = 0.f;  // ClusterConfig::rescore (the index's own two-stage selection)
 };
 
@@ -418,19 +410,12 @@ int main(int argc, char** argv) {
       {"cal256+group+p98", true, 0.004f, true, 1.f, true, 2, 256, true, 0.98f},
       {"cal256+group/r1", true, 0.004f, true, 1.f, true, 1, 256, true},
       {"qa+est+cal256+outl/r1", true, 0.004f, true, 1.f, true, 1, 256},
-      {"cal256+cand2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 2.f},
-      {"cal256+cand3", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 3.f},
-      {"cal256+cand4", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f},
-      {"group+cand2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 2.f},
-      {"group+cand3", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 3.f},
-      {"group+cand4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f},
-      {"group+cand3/own", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 3.f, true},
-      {"rescore2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 0.f, false, 2.f},
-      {"rescore4", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 0.f, false, 4.f},
-      {"group+rescore2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 2.f},
-      {"group+rescore3", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 3.f},
-      {"group+rescore4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 4.f},
-      {"group+rescore8", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, 8.f},
+      {"rescore2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 2.f},
+      {"rescore4", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f},
+      {"group+rescore2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 2.f},
+      {"group+rescore3", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 3.f},
+      {"group+rescore4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f},
+      {"group+rescore8", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -513,9 +498,8 @@ int main(int argc, char** argv) {
         IndexConfig cfg;
         cfg.cluster.segment_tokens = segment;
         cfg.cluster.cluster_size = cluster_size;
-        const double mult = variants[vi].candidates > 0 ? variants[vi].candidates : 1.0;
-        cfg.cluster.budget_fraction = static_cast<float>(budget_fraction * mult);
-        cfg.cluster.min_budget_tokens = static_cast<int64_t>(min_budget * mult);
+        cfg.cluster.budget_fraction = static_cast<float>(budget_fraction);
+        cfg.cluster.min_budget_tokens = min_budget;
         cfg.cluster.query_aware = variants[vi].query_aware;
         cfg.cluster.outlier_fraction = variants[vi].outliers;
         cfg.cluster.estimate = variants[vi].estimate;
@@ -732,67 +716,9 @@ int main(int argc, char** argv) {
           for (std::size_t vi = 0; vi < nruns; ++vi) {
             const SearchResult& res = results[vi][j];
             std::vector<int64_t> rows;
-            State remainder;  // the candidates' rows not attended (two-stage variants)
-            if (vi < nv && variants[vi].candidates > 0) {
-              const ClusterSummary& sum = *GetClusterSummary(*idx[vi]);
-              std::vector<char> is_out(covered, 0);
-              for (int64_t r : sum.outliers) is_out[r] = 1;
-              std::vector<int64_t> cand;
-              for (int64_t id : res.ids) {
-                if (is_out[id])
-                  rows.push_back(orig[vi][id]);
-                else
-                  cand.push_back(orig[vi][id]);
-              }
-              const std::size_t keep = std::min(
-                  cand.size(),
-                  static_cast<std::size_t>(std::llround(cand.size() / variants[vi].candidates)));
-              std::vector<double> rank_key(covered, 0.0);
-              if (variants[vi].group && !variants[vi].cand_own) {
-                for (int jj = 0; jj < g; ++jj) {
-                  const float* qj =
-                      dq.data() + (static_cast<std::size_t>(step) * qh + h * g + jj) * d;
-                  std::vector<double> sj(cand.size());
-                  double m = -INFINITY, z = 0;
-                  for (std::size_t i = 0; i < cand.size(); ++i) {
-                    double a = 0;
-                    for (int t = 0; t < d; ++t) a += double(qj[t]) * ck[cand[i] * d + t];
-                    sj[i] = a * scale;
-                    m = std::max(m, sj[i]);
-                  }
-                  for (double x : sj) z += std::exp(x - m);
-                  for (std::size_t i = 0; i < cand.size(); ++i)
-                    rank_key[cand[i]] += std::exp(sj[i] - m) / z;
-                }
-              } else {
-                for (int64_t r : cand) rank_key[r] = cs[r];
-              }
-              std::sort(cand.begin(), cand.end(), [&](int64_t a, int64_t b) {
-                return rank_key[a] > rank_key[b] || (rank_key[a] == rank_key[b] && a < b);
-              });
-              rows.insert(rows.end(), cand.begin(), cand.begin() + keep);
-              // The rest per cluster: exact mass, mean value.
-              std::vector<int32_t> cluster_of(covered, -1);
-              for (int64_t c = 0; c < sum.num_clusters(); ++c)
-                for (int64_t i = 0; i < sum.size[c]; ++i)
-                  cluster_of[orig[vi][sum.begin[c] + i]] = static_cast<int32_t>(c);
-              std::vector<std::vector<int64_t>> rest(sum.num_clusters());
-              for (std::size_t i = keep; i < cand.size(); ++i)
-                rest[cluster_of[cand[i]]].push_back(cand[i]);
-              for (const auto& rr : rest) {
-                if (rr.empty()) continue;
-                State part = Attend(cs, rr, cv.data(), d);
-                std::fill(part.o.begin(), part.o.end(), 0.0);
-                for (int64_t r : rr)
-                  for (int t = 0; t < d; ++t) part.o[t] += cv[r * d + t] / double(rr.size());
-                Merge(&remainder, part);
-              }
-            } else {
-              for (int64_t id : res.ids) rows.push_back(orig[base_of(vi)][id]);
-            }
+            for (int64_t id : res.ids) rows.push_back(orig[base_of(vi)][id]);
             State st = exact_part;
             Merge(&st, Attend(cs, rows, cv.data(), d));
-            Merge(&st, remainder);
             const State st_attended = st;
             if (!res.est_o.empty() && res.est_lse > -INFINITY) {
               State est;
@@ -805,8 +731,7 @@ int main(int argc, char** argv) {
                 ++stats[vi].est_n;
               }
             }
-            if (oracle && vi < nv && variants[vi].candidates == 0 && variants[vi].rescore <= 1.f &&
-                !res.est_o.empty() &&
+            if (oracle && vi < nv && variants[vi].rescore <= 1.f && !res.est_o.empty() &&
                 res.est_lse > -INFINITY) {
               const ClusterSummary& cs_sum = *GetClusterSummary(*idx[vi]);
               std::vector<char> taken(covered, 0);
