@@ -18,7 +18,8 @@
 # selection (cluster_miss_penalty 0, 0.5, 1) at 128K B=1 and B=16 with accuracy, BENCH=scale
 # B=64 x 128K, B=8 x 1M (one layer each), 1M B=1 and the 128K step pipelined, per penalty, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=timeline the host's time per span
-# (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=ab-batch the build before against this one at
+# (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=rescore the two-stage cluster selection (RESCORE select:rescore pairs) beside the
+# default at 128K B=1 with accuracy, BENCH=ab-batch the build before against this one at
 # 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=keys
 # config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=ncu-step each decode-step
 # kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
@@ -58,11 +59,11 @@ if [[ "${1:-}" == "--device" ]]; then
     echo "=== $t" >> "$out/tests.log"
     timeout 150 $b/$t >> "$out/tests.log" 2>&1 || rc=1
   done
-  # The batch's selections in one launch per kernel (KVRT_BATCH_SELECT=1, off by default): the
-  # GPU backend's batch tests again with it.
+  # The batch's selections one launch per member (KVRT_BATCH_SELECT=0; by default one launch per
+  # kernel for the whole batch): the GPU backend's batch tests again that way.
   if [[ " ${TESTS-test_runtime_gpu} " == *" test_runtime_gpu "* && -x $b/test_runtime_gpu ]]; then
-    echo "=== test_runtime_gpu with KVRT_BATCH_SELECT=1" >> "$out/tests.log"
-    KVRT_BATCH_SELECT=1 timeout 150 $b/test_runtime_gpu \
+    echo "=== test_runtime_gpu with KVRT_BATCH_SELECT=0" >> "$out/tests.log"
+    KVRT_BATCH_SELECT=0 timeout 150 $b/test_runtime_gpu \
       --gtest_filter='GpuBackendBatch.*:GpuBackendCluster.*' >> "$out/tests.log" 2>&1 || rc=1
   fi
   grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -40
@@ -522,6 +523,23 @@ if [[ "${1:-}" == "--device" ]]; then
               --layers 4 --pipeline --accuracy-steps 0 || rc=1
           fi
         done
+      done
+      rm -f $trace
+    elif [[ "$bench" == rescore ]]; then
+      # The two-stage cluster selection's cost on the GPU backend (config.cluster_rescore: the CPU
+      # selects, no direct step) beside the default, per RESCORE (select:rescore pairs, default
+      # "1:0 0:0 0:2 0:4 1:4"; select = config.cluster_group_select) on the 128K trace: B=1
+      # pipelined (8 layers) and B=1 with accuracy against exact attention (1 layer).
+      trace=/tmp/kvrt-rescore.safetensors
+      trace_128k $trace || rc=1
+      for pair in ${RESCORE:-1:0 0:0 0:2 0:4 1:4}; do
+        sel=${pair%%:*} r=${pair##*:}
+        echo "=== kvrt --group-select $sel --cluster-rescore $r: cluster 128K --trace B=1, 8 layers --pipeline"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 --layers 8 \
+          --pipeline --accuracy-steps 0 --group-select $sel --cluster-rescore $r || rc=1
+        echo "=== kvrt --group-select $sel --cluster-rescore $r: cluster 128K --trace B=1, 1 layer, accuracy"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 --layers 1 \
+          --group-select $sel --cluster-rescore $r || rc=1
       done
       rm -f $trace
     elif [[ "$bench" == ab-trace ]]; then

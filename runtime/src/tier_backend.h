@@ -44,7 +44,7 @@ struct AppendPlan {
 constexpr int kDefaultDeviceMemberLanes = 4;
 int DeviceMemberLanes();
 // Whether a batch step launches its members' device selections together (TierBackend::
-// PrepareBatchSelect); KVRT_BATCH_SELECT=1 turns it on (off by default until measured on a GPU).
+// PrepareBatchSelect): on by default, KVRT_BATCH_SELECT=0 turns it off.
 bool BatchSelectEnabled();
 // Member i's lane of a batch of n in DeviceMemberLanes() lanes: runs of LaneGrain(n) members.
 inline int LaneGrain(int n) {
