@@ -52,10 +52,6 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "(per kv head with group selection, else per q head), as a fraction of the "
                   "clustered ones (default: the library's)")
       ->check(CLI::Range(0.0, 1.0));
-  cmd->add_option("--group-select", s->group_select,
-                  "config.cluster_group_select: 1 = one cluster selection per kv head shared by "
-                  "its q heads, 0 = one per q head (default: the library's)")
-      ->check(CLI::Range(0, 1));
   cmd->add_option("--top-p", s->top_p,
                   "config.cluster_top_p: > 0 also ends the cluster selection at this share of "
                   "the estimated mass (default: the library's)")
@@ -66,7 +62,7 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "not in the GPU page pool, so that rows read over PCIe must carry more "
                   "estimated mass; 0 = off, in [0, 64] (default: the library's)")
       ->check(CLI::Range(0.0, 64.0));
-  AddClusterOptions(cmd, &s->cluster_keys, &s->cluster_rescore);
+  AddClusterOptions(cmd, &s->cluster);
   cmd->add_option("--direct-step", s->direct_step,
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
                   "the GPU (hot cache, else the host store over PCIe), 0 = the CPU orders the "
@@ -113,11 +109,9 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   if (s.hot_cache >= 0) c.hot_cache_fraction = static_cast<float>(s.hot_cache);
   if (s.cluster_budget > 0) c.cluster_budget_fraction = static_cast<float>(s.cluster_budget);
   if (s.direct_step >= 0) c.cluster_direct_step = s.direct_step;
-  if (s.group_select >= 0) c.cluster_group_select = s.group_select;
   if (s.top_p >= 0) c.cluster_top_p = static_cast<float>(s.top_p);
   if (s.miss_penalty >= 0) c.cluster_miss_penalty = static_cast<float>(s.miss_penalty);
-  if (s.cluster_keys > 0) c.cluster_keys = s.cluster_keys;
-  if (s.cluster_rescore >= 0) c.cluster_rescore = static_cast<float>(s.cluster_rescore);
+  ApplyClusterOptions(s.cluster, &c);
   o.batch = batch;
   o.device = s.device();
   o.batched = batched;

@@ -7,6 +7,7 @@
 #include "absl/status/statusor.h"
 #include "kvrt.h"
 #include "tools/bench_data.h"
+#include "tools/cluster_options.h"
 #include "tools/decode_harness.h"
 
 namespace kvrt::cli {
@@ -18,11 +19,9 @@ struct DecodeSettings {
   double hot_cache = -1;      // config.hot_cache_fraction; < 0: the library's default
   double cluster_budget = 0;  // config.cluster_budget_fraction; 0: the library's default
   int direct_step = -1;       // config.cluster_direct_step; < 0: the library's default
-  int group_select = -1;      // config.cluster_group_select; < 0: the library's default
   double top_p = -1;          // config.cluster_top_p; < 0: the library's default
   double miss_penalty = -1;   // config.cluster_miss_penalty; < 0: the library's default
-  int cluster_keys = 0;       // config.cluster_keys; 0: the library's default
-  double cluster_rescore = -1;  // config.cluster_rescore; < 0: the library's default
+  ClusterOptions cluster;     // --cluster-keys --cluster-rescore --group-select
   bool pipeline = false;      // HarnessOptions::pipeline
   std::string memory = "device";
   bool device() const { return memory == "device" && use_gpu != 0; }

@@ -2,19 +2,29 @@
 
 namespace kvrt::cli {
 
-void AddClusterOptions(CLI::App* cmd, int* cluster_keys, double* cluster_rescore) {
-  cmd->add_option("--cluster-keys", *cluster_keys,
+void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
+  cmd->add_option("--cluster-keys", o->keys,
                   "config.cluster_keys: the cluster kind's target keys per cluster; fewer rank the "
                   "cold tokens better at more summary memory (8 doubles 16's); in [2, 256] "
                   "(default: the library's, 16)")
       ->check(CLI::Range(2, 256));
-  cmd->add_option("--cluster-rescore", *cluster_rescore,
+  cmd->add_option("--cluster-rescore", o->rescore,
                   "config.cluster_rescore: > 1 selects the cluster kind's rows in two stages "
                   "(candidate clusters up to this multiple of the token budget, their keys scored "
                   "exactly, the budget's best rows attended: the same rows attended, more keys "
                   "read); the CPU selects then (no direct step); 0 or 1 = off, in [0, 64] "
                   "(default: the library's, 0)")
       ->check(CLI::Range(0.0, 64.0));
+  cmd->add_option("--group-select", o->group_select,
+                  "config.cluster_group_select: 1 = one cluster selection per kv head shared by "
+                  "its q heads, 0 = one per q head (default: the library's, 1)")
+      ->check(CLI::Range(0, 1));
+}
+
+void ApplyClusterOptions(const ClusterOptions& o, kvrt_config* c) {
+  if (o.keys > 0) c->cluster_keys = o.keys;
+  if (o.rescore >= 0) c->cluster_rescore = static_cast<float>(o.rescore);
+  if (o.group_select >= 0) c->cluster_group_select = o.group_select;
 }
 
 }  // namespace kvrt::cli

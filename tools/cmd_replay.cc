@@ -14,8 +14,7 @@ struct ReplayArgs {
   int sinks = 4, window = 512, top_k = 100, effort = 0, threads = 0, steps = 0;
   bool quiet = false, per_head = false;
   int group_search = 0;
-  int cluster_keys = 0;
-  double cluster_rescore = -1;
+  kvrt::cli::ClusterOptions cluster;
   double streaming_threshold = 0;
 };
 
@@ -46,8 +45,7 @@ int RunReplayCommand(const ReplayArgs& a) {
   o.progress = !a.quiet;
   o.streaming_threshold = a.streaming_threshold;
   o.group_search = a.group_search != 0;
-  o.cluster_keys = a.cluster_keys;
-  o.cluster_rescore = a.cluster_rescore;
+  o.cluster = a.cluster;
   auto report = kvrt::cli::RunReplay(**trace, *ref, o);
   if (!report.ok()) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(report.status().message()).c_str());
@@ -113,7 +111,7 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
                   "GQA: 1 = one index search per kv head for its q heads, 0 = one per q head")
       ->capture_default_str()
       ->check(CLI::Range(0, 1));
-  kvrt::cli::AddClusterOptions(cmd, &args->cluster_keys, &args->cluster_rescore);
+  kvrt::cli::AddClusterOptions(cmd, &args->cluster);
   cmd->add_flag("--per-head", args->per_head, "print the per-(layer, head) table");
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = RunReplayCommand(*args); });

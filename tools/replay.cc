@@ -250,8 +250,7 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
   cfg.worker_threads = opt.threads;
   cfg.record_attended = 1;
   cfg.group_search = opt.group_search ? 1 : 0;
-  if (opt.cluster_keys > 0) cfg.cluster_keys = opt.cluster_keys;
-  if (opt.cluster_rescore >= 0) cfg.cluster_rescore = static_cast<float>(opt.cluster_rescore);
+  ApplyClusterOptions(opt.cluster, &cfg);
   std::string error;
   kvrt_runtime* rt = nullptr;
   if (Check(kvrt_runtime_create(&cfg, &rt), "kvrt_runtime_create", &error) != KVRT_OK)
@@ -424,15 +423,10 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
     r.window = opt.window;
     r.top_k = opt.top_k;
     r.effort = efforts[e];
-    char search[256];
-    if (kvrt_index_describe_search(opt.index, opt.top_k, efforts[e], search, sizeof search) ==
-        KVRT_OK)
+    char search[512];
+    if (kvrt_set_search_effort(rt, efforts[e]) == KVRT_OK &&
+        kvrt_runtime_describe_search(rt, search, sizeof search) == KVRT_OK)
       r.search = search;
-    // kvrt_index_describe_search describes the kind's default cluster size (it takes no config).
-    if (opt.index == KVRT_INDEX_CLUSTER && opt.cluster_keys > 0)
-      r.search = absl::StrReplaceAll(
-          r.search, {{absl::StrCat("clusters of ~", kvrt_config_default().cluster_keys, " keys"),
-                      absl::StrCat("clusters of ~", opt.cluster_keys, " keys")}});
     r.steps = steps;
     r.prompt_tokens = m.prompt_tokens;
     r.recall_at_k = Mean(a.recalls);

@@ -7,6 +7,7 @@
 
 #include "absl/status/statusor.h"
 #include "kvrt.h"
+#include "tools/cluster_options.h"
 #include "tools/trace/trace.h"
 
 namespace kvrt::cli {
@@ -38,8 +39,7 @@ struct ReplayOptions {
   double streaming_threshold = 0;
   int calibration_queries = 16;
   bool group_search = false;  // kvrt_config.group_search
-  int cluster_keys = 0;       // kvrt_config.cluster_keys; 0: the library's default
-  double cluster_rescore = -1;  // kvrt_config.cluster_rescore; < 0: the library's default
+  ClusterOptions cluster;     // cluster_keys, cluster_rescore, cluster_group_select
 };
 
 // Per (layer, q head) figures of one replay.

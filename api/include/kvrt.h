@@ -40,7 +40,7 @@
  *     sequence is the intended use). kvrt_seq_release counts as a call on its sequence;
  *     kvrt_seq_create, kvrt_get_stats and kvrt_runtime_config may run concurrently with anything
  *     but create/destroy. kvrt_set_head_policy and kvrt_set_search_effort: not concurrent with
- *     an attend on any sequence.
+ *     an attend on any sequence, nor with kvrt_runtime_describe_search.
  *   - kvrt_last_error() is per thread.
  *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention, and
  *     for the background jobs of GPU-backend prefills (kvrt_seq_wait); worker_cpu_first/count
@@ -72,7 +72,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 11
+#define KVRT_VERSION_PATCH 12
 
 #ifdef __cplusplus
 extern "C" {
@@ -361,6 +361,11 @@ KVRT_API void kvrt_runtime_destroy(kvrt_runtime* rt);
 /* The effective configuration (defaults resolved: scale, worker_threads, use_gpu); writes the
  * first out->struct_size bytes (set it, e.g. with kvrt_config_default(), first). */
 KVRT_API kvrt_status kvrt_runtime_config(const kvrt_runtime* rt, kvrt_config* out);
+
+/* kvrt_index_describe_search for a runtime: the search its config resolves (its index kind,
+ * top_k, per-kind fields such as the cluster kind's keys per cluster, group selection and
+ * two-stage rescore), at the search_effort in effect (kvrt_set_search_effort). Since 0.3.12. */
+KVRT_API kvrt_status kvrt_runtime_describe_search(const kvrt_runtime* rt, char* buf, size_t size);
 
 /* Creates an empty sequence (all layers empty) and returns its id (>= 0, never reused). Allocates
  * nothing per layer until the layer's first token. */

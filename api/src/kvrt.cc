@@ -264,6 +264,13 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
   return KVRT_OK;
 }
 
+// text into buf[size] (size > 0), truncated, NUL-terminated.
+void WriteText(const std::string& text, char* buf, std::size_t size) {
+  const std::size_t n = std::min(text.size(), size - 1);
+  std::memcpy(buf, text.data(), n);
+  buf[n] = '\0';
+}
+
 }  // namespace
 
 // Every entry point body runs inside this, so that no C++ exception reaches the caller.
@@ -345,12 +352,22 @@ kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k, int3
                 absl::StrCat("kvrt_index_describe_search: kind ", RawEnum(kind), " is unknown"));
   // The index settings of kvrt_config_default() (the cluster kind's budget and selection are
   // config fields; an IndexConfig{} would describe the library's internal defaults instead).
-  const std::string text =
-      kvrt::cpu_index::SearchSettings(static_cast<kvrt::cpu_index::IndexKind>(RawEnum(kind)),
-                                      ToRuntimeConfig(Defaults()).index, top_k, effort);
-  const std::size_t n = std::min(text.size(), size - 1);
-  std::memcpy(buf, text.data(), n);
-  buf[n] = '\0';
+  WriteText(kvrt::cpu_index::SearchSettings(static_cast<kvrt::cpu_index::IndexKind>(RawEnum(kind)),
+                                            ToRuntimeConfig(Defaults()).index, top_k, effort),
+            buf, size);
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_runtime_describe_search(const kvrt_runtime* rt, char* buf, size_t size) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_runtime_describe_search"); s != KVRT_OK) return s;
+  if (buf == nullptr || size == 0)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                "kvrt_runtime_describe_search: buf is NULL or size is 0");
+  const kvrt::runtime::RuntimeConfig& c = rt->impl->config();
+  WriteText(kvrt::cpu_index::SearchSettings(c.index_kind, c.index, c.top_k, c.search_effort), buf,
+            size);
   return KVRT_OK;
   KVRT_API_CATCH
 }

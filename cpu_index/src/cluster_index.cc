@@ -456,6 +456,9 @@ std::string ClusterSearchSettings(const IndexConfig& c, int k, int) {
                       cc.budget_fraction * 100, "% of clustered keys, ", cc.min_budget_tokens,
                       ") tokens", cc.top_p > 0 ? absl::StrCat(" or top-p ", cc.top_p) : "",
                       cc.group_select ? " per kv head (group selection)" : " per query",
+                      cc.rescore > 1 ? absl::StrCat(", two stages (candidates up to ", cc.rescore,
+                                                    "x the budget, their keys scored exactly)")
+                                     : "",
                       " + outliers; estimate ", cc.estimate ? "on" : "off");
 }
 

@@ -115,6 +115,12 @@ class Runtime:
         resolved)."""
         return self._config
 
+    def describe_search(self) -> str:
+        """The search this runtime's config resolves, in words (kvrt_runtime_describe_search):
+        the index kind's settings at its top_k and search effort, e.g. the cluster kind's budget,
+        group selection and two-stage rescore."""
+        return self._impl.describe_search()
+
     @property
     def closed(self) -> bool:
         return self._impl.closed

@@ -49,6 +49,7 @@ NB_MODULE(_kvrt, m) {
       .def("close", &PyRuntime::Close)
       .def_prop_ro("closed", &PyRuntime::closed)
       .def("config", &PyRuntime::Config)
+      .def("describe_search", &PyRuntime::DescribeSearch)
       .def("stats", &PyRuntime::Stats)
       .def("seq_create", &PyRuntime::SeqCreate)
       .def("seq_release", &PyRuntime::SeqRelease, nb::arg("seq"))

@@ -58,6 +58,15 @@ nb::dict PyRuntime::Config() const {
   return ConfigToDict(cfg_);
 }
 
+std::string PyRuntime::DescribeSearch() const {
+  kvrt_runtime* rt = Live("Runtime.describe_search");
+  char buf[512];
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_runtime_describe_search(rt, buf, sizeof buf); }),
+        "Runtime.describe_search", err);
+  return std::string(buf);
+}
+
 nb::dict PyRuntime::Stats() const {
   kvrt_runtime* rt = Live("Runtime.stats");
   kvrt_stats s = kvrt_stats_init();

@@ -8,6 +8,7 @@
 #include <nanobind/ndarray.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "tensor_arg.h"
@@ -26,6 +27,7 @@ class PyRuntime {
   void Close();
   bool closed() const { return rt_ == nullptr; }
   nb::dict Config() const;
+  std::string DescribeSearch() const;
   nb::dict Stats() const;
 
   int64_t SeqCreate();

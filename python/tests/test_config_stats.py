@@ -71,6 +71,17 @@ def test_cluster_rescore_round_trip_turns_the_direct_step_off_and_is_checked():
             kvrt.Runtime(**SHAPE, cluster_rescore=bad)
 
 
+def test_a_runtime_describes_its_own_search():
+    rt = kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_keys=8, cluster_group_select=0,
+                      cluster_rescore=4.0)
+    text = rt.describe_search()
+    assert "clusters of ~8 keys" in text and "per query" in text and "two stages" in text, text
+    assert "two stages" not in kvrt.describe_search("cluster", rt.config.top_k)
+    rt.close()
+    with pytest.raises(kvrt.FailedPreconditionError):
+        rt.describe_search()
+
+
 def test_worker_cpu_range_is_checked_and_reported():
     eff = kvrt.Runtime(**SHAPE, worker_cpu_first=0, worker_cpu_count=1).config
     assert (eff.worker_cpu_first, eff.worker_cpu_count, eff.worker_threads) == (0, 1, 1)

@@ -80,6 +80,40 @@ TEST(ApiIndexKinds, NamesParseAndDescribeFromOneTable) {
       KVRT_ERR_INVALID_ARGUMENT);
 }
 
+// A runtime describes the search its own config resolves (the kind's description with the
+// default config cannot show a caller's cluster fields), at the effort in effect.
+TEST(ApiIndexKinds, ARuntimeDescribesItsOwnSearch) {
+  kvrt_config c = kvrt_config_default();
+  c.index_kind = KVRT_INDEX_CLUSTER;
+  c.cluster_keys = 8;
+  c.cluster_group_select = 0;
+  c.cluster_rescore = 4.f;
+  c.use_gpu = 0;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  char buf[512];
+  ASSERT_EQ(kvrt_runtime_describe_search(rt, buf, sizeof buf), KVRT_OK) << kvrt_last_error();
+  const std::string text = buf;
+  EXPECT_NE(text.find("clusters of ~8 keys"), std::string::npos) << text;
+  EXPECT_NE(text.find("per query"), std::string::npos) << text;
+  EXPECT_NE(text.find("two stages (candidates up to 4x the budget"), std::string::npos) << text;
+  char def[512];
+  ASSERT_EQ(kvrt_index_describe_search(KVRT_INDEX_CLUSTER, c.top_k, 0, def, sizeof def), KVRT_OK);
+  EXPECT_EQ(std::string(def).find("two stages"), std::string::npos) << def;
+  EXPECT_EQ(kvrt_runtime_describe_search(rt, nullptr, 4), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(kvrt_last_error()).find("kvrt_runtime_describe_search"), std::string::npos);
+  kvrt_runtime_destroy(rt);
+
+  c = kvrt_config_default();
+  c.index_kind = KVRT_INDEX_HNSW;
+  c.use_gpu = 0;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  ASSERT_EQ(kvrt_set_search_effort(rt, 777), KVRT_OK);
+  ASSERT_EQ(kvrt_runtime_describe_search(rt, buf, sizeof buf), KVRT_OK);
+  EXPECT_EQ(std::string(buf).rfind("ef=777 ", 0), 0u) << buf;
+  kvrt_runtime_destroy(rt);
+}
+
 TEST(ApiCreate, RejectsBadConfigNamingTheField) {
   kvrt_runtime* rt = reinterpret_cast<kvrt_runtime*>(0x1);
   EXPECT_EQ(kvrt_runtime_create(nullptr, &rt), KVRT_ERR_INVALID_ARGUMENT);

@@ -140,7 +140,7 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
     o.window = 64;
     o.threads = 2;
     o.progress = false;
-    o.cluster_rescore = i == 0 ? 0.0 : 4.0;
+    o.cluster.rescore = i == 0 ? 0.0 : 4.0;
     auto got = RunReplay(**t, *ref, o);
     ASSERT_TRUE(got.ok()) << got.status();
     r[i] = *got;
