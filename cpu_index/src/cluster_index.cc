@@ -302,6 +302,10 @@ class ClusterIndex final : public KeyIndex {
         for (int64_t r = 0; r < n; ++r) key[r] += std::exp(double(sj[r]) - rmax[j]) / z;
       }
     }
+    if (cfg_.rescore_clusters) {
+      KeepClusters(s.data(), rmax.data(), nq, cand, first, budget, out);
+      return;
+    }
     std::vector<int64_t> order(n);
     std::iota(order.begin(), order.end(), 0);
     const int64_t keep = std::min(n, std::max<int64_t>(budget, 0));
@@ -354,6 +358,56 @@ class ClusterIndex final : public KeyIndex {
         if (rest[i] == 0) continue;
         const float lse = static_cast<float>(rmax[j] + std::log(l[i]));
         MergeInto(o, &out->rest_lse[j], vmean.data() + i * dim_, lse, dim_);
+      }
+    }
+  }
+
+  // Rescore's second stage at the granularity of clusters (ClusterConfig::rescore_clusters):
+  // s [nq, n] the candidates' scaled scores (candidate i's rows at [first[i], first[i + 1])),
+  // rmax each query's maximum. Candidates in order of exact mass per row (a group: the sum of its
+  // queries' shares), kept until the budget's rows; every other candidate is one state per
+  // query: its value mean at its exact log-sum-exp.
+  void KeepClusters(const float* s, const float* rmax, int nq, const std::vector<int32_t>& cand,
+                    const std::vector<int64_t>& first, int64_t budget, Rescored* out) const {
+    const std::size_t nc = cand.size();
+    const int64_t n = first[nc];
+    std::vector<double> mass(static_cast<std::size_t>(nq) * nc, 0.0);  // / exp(rmax[j])
+    for (int j = 0; j < nq; ++j)
+      for (std::size_t i = 0; i < nc; ++i)
+        for (int64_t r = first[i]; r < first[i + 1]; ++r)
+          mass[j * nc + i] += std::exp(double(s[j * n + r]) - rmax[j]);
+    std::vector<double> key(nc, 0.0);
+    for (int j = 0; j < nq; ++j) {
+      double z = 0;
+      for (std::size_t i = 0; i < nc; ++i) z += mass[j * nc + i];
+      for (std::size_t i = 0; i < nc; ++i)
+        key[i] += (nq == 1 ? mass[i] : mass[j * nc + i] / z) / summary_.size[cand[i]];
+    }
+    std::vector<int32_t> order(nc);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(),
+              [&](int32_t a, int32_t b) { return key[a] > key[b] || (key[a] == key[b] && a < b); });
+    std::vector<char> kept(nc, 0);
+    int64_t tokens = 0;
+    out->rows.clear();
+    for (int32_t i : order) {
+      if (tokens >= budget) break;
+      kept[i] = 1;
+      tokens += summary_.size[cand[i]];
+      for (int64_t r = 0; r < summary_.size[cand[i]]; ++r)
+        out->rows.push_back(summary_.begin[cand[i]] + r);
+    }
+    out->rest_o.assign(static_cast<std::size_t>(nq) * dim_, 0.f);
+    out->rest_lse.assign(nq, -std::numeric_limits<float>::infinity());
+    std::vector<float> vm(dim_);
+    for (std::size_t i = 0; i < nc; ++i) {
+      if (kept[i]) continue;
+      ConvertToF32(summary_.value_mean.data() + static_cast<std::size_t>(cand[i]) * dim_,
+                   DType::kBF16, dim_, vm.data());
+      for (int j = 0; j < nq; ++j) {
+        const float lse = static_cast<float>(rmax[j] + std::log(mass[j * nc + i]));
+        MergeInto(out->rest_o.data() + static_cast<std::size_t>(j) * dim_, &out->rest_lse[j],
+                  vm.data(), lse, dim_);
       }
     }
   }

@@ -46,6 +46,7 @@ struct Variant {
   bool group = false;  // ClusterConfig::group_select (one SearchGroup per step and kv head)
   float top_p = 0.f;   // ClusterConfig::top_p
   float rescore = 0.f;  // ClusterConfig::rescore (the index's own two-stage selection)
+  bool whole = false;   // ClusterConfig::rescore_clusters (the second stage keeps clusters)
 };
 
 // A page-pool policy for the simulation: pool pages = fraction of the rows / 8; BlockPageCache's
@@ -416,6 +417,10 @@ int main(int argc, char** argv) {
       {"group+rescore3", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 3.f},
       {"group+rescore4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f},
       {"group+rescore8", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f},
+      {"rescore2c", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 2.f, true},
+      {"rescore4c", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, true},
+      {"group+rescore2c", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 2.f, true},
+      {"group+rescore4c", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f, true},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -510,6 +515,7 @@ int main(int argc, char** argv) {
         cfg.cluster.group_select = variants[vi].group;
         cfg.cluster.top_p = variants[vi].top_p;
         cfg.cluster.rescore = variants[vi].rescore;
+        cfg.cluster.rescore_clusters = variants[vi].whole;
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();

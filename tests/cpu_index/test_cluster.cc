@@ -618,6 +618,70 @@ TEST(ClusterIndex, RescoreKeepsTheBestCandidateRowsAndTheRestsExactMass) {
   for (int j = 0; j < kDim; ++j) EXPECT_NEAR(r.est_o[j], want_o[j], 0.02) << j;
 }
 
+// The second stage at the granularity of clusters (ClusterConfig::rescore_clusters): whole
+// candidate clusters by exact mass per row until the budget's rows, the other candidates in the
+// estimate at their exact mass.
+TEST(ClusterIndex, RescoreClustersKeepsWholeCandidatesByExactMassPerRow) {
+  IndexConfig cfg = SmallConfig();
+  cfg.cluster.rescore = 3.f;
+  cfg.cluster.rescore_clusters = true;
+  cfg.cluster.scale = 0.2f;
+  HeadStore store(kDim, DType::kF32);
+  AppendRows(&store, 1024, 21);
+  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+  ApplyOrder(index.get(), &store, 0, 1024);
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  IndexConfig plain_cfg = cfg;
+  plain_cfg.cluster.rescore = 0.f;
+  HeadStore plain_store(kDim, DType::kF32);
+  AppendRows(&plain_store, 1024, 21);
+  auto plain = MakeIndex(IndexKind::kCluster, plain_cfg, kDim).value();
+  ASSERT_TRUE(plain->Build(plain_store, nullptr, 0).ok());
+  ApplyOrder(plain.get(), &plain_store, 0, 1024);
+  const auto q = RandomQuery(23, 0.7f);
+  SearchParams p;
+  p.k = 40;
+  SearchResult r, cand;
+  ASSERT_TRUE(index->Search(store, q.data(), p, &r).ok());
+  SearchParams p3 = p;
+  p3.k = 120;
+  ASSERT_TRUE(plain->Search(plain_store, q.data(), p3, &cand).ok());
+  auto score = [&](int64_t row) {
+    const auto k = KeyRow(store, row);
+    double a = 0;
+    for (int j = 0; j < kDim; ++j) a += double(q[j]) * k[j];
+    return 0.2 * a;
+  };
+  // The candidate clusters and each one's exact log-sum-exp.
+  const std::set<int64_t> cand_rows(cand.ids.begin(), cand.ids.end());
+  std::vector<std::pair<double, int64_t>> by_density;  // (lse - log size, cluster)
+  std::vector<double> lse(s.num_clusters(), -INFINITY);
+  for (int64_t c = 0; c < s.num_clusters(); ++c) {
+    if (s.size[c] == 0 || !cand_rows.count(s.begin[c])) continue;
+    double l = 0;
+    for (int64_t row = s.begin[c]; row < s.begin[c] + s.size[c]; ++row) l += std::exp(score(row));
+    lse[c] = std::log(l);
+    by_density.push_back({lse[c] - std::log(double(s.size[c])), c});
+  }
+  std::sort(by_density.begin(), by_density.end(),
+            [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<int64_t> want;
+  std::set<int64_t> kept;
+  for (const auto& [density, c] : by_density) {
+    if (static_cast<int64_t>(want.size()) >= 40) break;
+    kept.insert(c);
+    for (int64_t row = s.begin[c]; row < s.begin[c] + s.size[c]; ++row) want.push_back(row);
+  }
+  const std::size_t no = s.outliers.size();
+  const std::vector<int64_t> got(r.ids.begin() + static_cast<std::ptrdiff_t>(no), r.ids.end());
+  EXPECT_EQ(got, want);
+  double want_l = std::exp(double(cand.est_lse));
+  for (const auto& [density, c] : by_density)
+    if (!kept.count(c)) want_l += std::exp(lse[c]);
+  EXPECT_NEAR(r.est_lse, std::log(want_l), 1e-4 * (1 + std::fabs(std::log(want_l))));
+}
+
 TEST(ClusterIndex, RescoreIsExactAtTheMaximalBudgetAndSharedByAGroup) {
   HeadStore store(kDim, DType::kBF16);
   AppendRows(&store, 1024, 25, DType::kBF16);

@@ -84,6 +84,11 @@ struct ClusterConfig {
   // (the GPU's selection kernels do not rescore: the runtime selects on the CPU when this is set).
   // 0 or 1: off.
   float rescore = 0.f;
+  // With rescore > 1: keep whole candidate clusters (best exact mass per row first, until the
+  // budget's rows) instead of single rows; the other candidates join the estimate at their exact
+  // mass with their value mean. The attended set stays a set of clusters, as the GPU's direct
+  // step attends it (an evaluation of that shape; docs/cluster.md, "Two-stage selection").
+  bool rescore_clusters = false;
 };
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store
