@@ -87,7 +87,8 @@ struct ClusterConfig {
   // With rescore > 1: keep whole candidate clusters (best exact mass per row first, until the
   // budget's rows) instead of single rows; the other candidates join the estimate at their exact
   // mass with their value mean. The attended set stays a set of clusters, as the GPU's direct
-  // step attends it (an evaluation of that shape; docs/cluster.md, "Two-stage selection").
+  // step attends it (an evaluation of that shape; docs/fidelity.md, "The second stage at the
+  // granularity of clusters").
   bool rescore_clusters = false;
 };
 
