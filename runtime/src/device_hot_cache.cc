@@ -42,7 +42,7 @@ bool DeviceHotCache::Fit(int64_t cold_rows, void* stream) {
   // (Re)allocate, empty: the pages of a smaller pool are dropped (a rare event: the pool grows
   // with the cold tier, by a quarter at a time).
   if (!maps_.empty()) {
-    if (!done_.empty()) (void)done_.Synchronize();
+    (void)done_.Synchronize();
     (void)transfer::StreamSynchronize(stream);  // the last step's attend still reads the pool
   }
   Release();
@@ -159,11 +159,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
   const std::size_t runs_at = off_at + offsets.size() * 4;
   const std::size_t upload = Align16(runs_at + static_cast<std::size_t>(run_at[H]) * 12);
   const std::size_t total = upload + static_cast<std::size_t>(offsets[H]) * 4;
-  if (done_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(done_, transfer::Event::Create(false));
-  } else {
-    KVRT_RETURN_IF_ERROR(done_.Synchronize());  // the previous step's H2D out of staging_
-  }
+  KVRT_RETURN_IF_ERROR(done_.Synchronize());  // the previous step's H2D out of staging_
   if (staging_.size() < upload) {
     staging_ = transfer::PinnedBlock();
     KVRT_ASSIGN_OR_RETURN(staging_, ctx_->pinned().Acquire(upload + upload / 2));
@@ -227,7 +223,7 @@ absl::Status DeviceHotCache::Attend(const std::vector<std::vector<HotCacheMap::G
 }
 
 void DeviceHotCache::Release() {
-  if (!done_.empty()) (void)done_.Synchronize();
+  (void)done_.Synchronize();
   counters_->gpu_allocated_bytes -= counted_bytes_;
   counters_->hot_cache_gpu_bytes -= counted_bytes_;
   counted_bytes_ = 0;

@@ -1242,11 +1242,7 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, int i, const ColdSelectio
   }
   const std::size_t kv_bytes = static_cast<std::size_t>(offsets[H]) * row_bytes;
   const std::size_t total = 2 * kv_bytes + offsets.size() * sizeof(int32_t);
-  if (fetch_done_.empty()) {
-    KVRT_ASSIGN_OR_RETURN(fetch_done_, transfer::Event::Create(false));
-  } else {
-    KVRT_RETURN_IF_ERROR(fetch_done_.Synchronize());  // the previous H2D out of fetch_block_
-  }
+  KVRT_RETURN_IF_ERROR(fetch_done_.Synchronize());  // the previous H2D out of fetch_block_
   if (fetch_block_.size() < total) {
     fetch_block_ = transfer::PinnedBlock();
     KVRT_ASSIGN_OR_RETURN(fetch_block_, ctx_->pinned().Acquire(total));

@@ -760,7 +760,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
 
 void DirectStep::Release() {
   (void)Quiesce();
-  if (!rec_ready_.empty()) (void)rec_ready_.Synchronize();
+  (void)rec_ready_.Synchronize();
   counters_->gpu_allocated_bytes -= counted_bytes_;
   counters_->hot_cache_gpu_bytes -= counted_bytes_;
   counted_bytes_ = 0;

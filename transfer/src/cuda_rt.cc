@@ -147,6 +147,7 @@ absl::Status Event::Record(void* stream) {
 }
 
 absl::Status Event::Synchronize() const {
+  if (e_ == nullptr) return absl::OkStatus();
   return Check(cudaEventSynchronize(E(e_)), "cudaEventSynchronize");
 }
 
@@ -336,7 +337,9 @@ void Stream::Reset() { s_ = nullptr; }
 absl::StatusOr<Event> Event::Create(bool) { return NoCuda("cudaEventCreate"); }
 void Event::Reset() { e_ = nullptr; }
 absl::Status Event::Record(void*) { return NoCuda("cudaEventRecord"); }
-absl::Status Event::Synchronize() const { return NoCuda("cudaEventSynchronize"); }
+absl::Status Event::Synchronize() const {
+  return e_ == nullptr ? absl::OkStatus() : NoCuda("cudaEventSynchronize");
+}
 absl::Status Event::Query(bool* done) const {
   *done = true;
   return NoCuda("cudaEventQuery");

@@ -104,6 +104,8 @@ class Event {
   // Records the event on stream; an empty one is first created without timing (the events a
   // decode step records every call are made once, at their first record).
   absl::Status Record(void* stream);
+  // Waits for the work before the last Record; OK at once for an empty event (never recorded:
+  // nothing to wait for), so that a "wait for the previous step" needs no first-call branch.
   absl::Status Synchronize() const;
   // OK and *done = whether the work before the last Record has completed.
   absl::Status Query(bool* done) const;
