@@ -126,7 +126,10 @@ class ClusterIndex final : public KeyIndex {
     const int64_t tokens =
         SelectClusters(summary_, key.data(), Candidates(params), cfg_.top_p, &sel);
     Rescored rescored;
-    if (Rescoring()) Rescore(store, qs, nq, sel, Budget(params), &rescored);
+    if (Rescoring() && cfg_.rescore_clusters)
+      KeepClusters(store, qs, nq, sel, Budget(params), density.data(), params.resident, &rescored);
+    else if (Rescoring())
+      Rescore(store, qs, nq, sel, Budget(params), &rescored);
     // The outliers in the summary's order for every query: the group's heads then hold the same
     // rows in the same order, which the runtime attends in one pass for all of them.
     for (int i = 0; i < nq; ++i) {
@@ -302,10 +305,6 @@ class ClusterIndex final : public KeyIndex {
         for (int64_t r = 0; r < n; ++r) key[r] += std::exp(double(sj[r]) - rmax[j]) / z;
       }
     }
-    if (cfg_.rescore_clusters) {
-      KeepClusters(s.data(), rmax.data(), nq, cand, first, budget, out);
-      return;
-    }
     std::vector<int64_t> order(n);
     std::iota(order.begin(), order.end(), 0);
     const int64_t keep = std::min(n, std::max<int64_t>(budget, 0));
@@ -362,26 +361,47 @@ class ClusterIndex final : public KeyIndex {
     }
   }
 
-  // Rescore's second stage at the granularity of clusters (ClusterConfig::rescore_clusters):
-  // s [nq, n] the candidates' scaled scores (candidate i's rows at [first[i], first[i + 1])),
-  // rmax each query's maximum. Candidates in order of exact mass per row (a group: the sum of its
-  // queries' shares), kept until the budget's rows; every other candidate is one state per
-  // query: its value mean at its exact log-sum-exp.
-  void KeepClusters(const float* s, const float* rmax, int nq, const std::vector<int32_t>& cand,
-                    const std::vector<int64_t>& first, int64_t budget, Rescored* out) const {
+  // The second stage at the granularity of clusters (ClusterConfig::rescore_clusters), for nq
+  // queries qs with their densities [nq, C]: each candidate's log-sum-exp per query, exact from
+  // its keys where `resident` allows (null: everywhere; SearchParams::resident), else its
+  // estimate (density + log size); candidates in order of mass per row (a group: the sum of the
+  // queries' shares) kept until the budget's rows; every other candidate one state per query,
+  // its value mean at that log-sum-exp.
+  void KeepClusters(const HeadStore& store, const float* qs, int nq,
+                    const std::vector<int32_t>& cand, int64_t budget, const float* density,
+                    const uint8_t* resident, Rescored* out) const {
     const std::size_t nc = cand.size();
-    const int64_t n = first[nc];
-    std::vector<double> mass(static_cast<std::size_t>(nq) * nc, 0.0);  // / exp(rmax[j])
-    for (int j = 0; j < nq; ++j)
-      for (std::size_t i = 0; i < nc; ++i)
-        for (int64_t r = first[i]; r < first[i + 1]; ++r)
-          mass[j * nc + i] += std::exp(double(s[j * n + r]) - rmax[j]);
+    const int64_t C = summary_.num_clusters();
+    std::vector<double> lse(static_cast<std::size_t>(nq) * nc);  // [nq, nc]
+    std::vector<float> s;
+    out->scored = 0;
+    for (std::size_t i = 0; i < nc; ++i) {
+      const int32_t c = cand[i];
+      const int64_t size = summary_.size[c];
+      if (resident != nullptr && resident[c] == 0) {
+        for (int j = 0; j < nq; ++j)
+          lse[j * nc + i] = double(density[j * C + c]) + std::log(double(size));
+        continue;
+      }
+      out->scored += size;
+      s.resize(size);
+      for (int j = 0; j < nq; ++j) {
+        DotRows(qs + static_cast<std::size_t>(j) * dim_, store.key(summary_.begin[c]), dim_,
+                store.dtype(), size, static_cast<std::size_t>(dim_), s.data());
+        float m = -std::numeric_limits<float>::infinity();
+        for (float& x : s) m = std::max(m, x *= scale_);
+        double l = 0;
+        for (float x : s) l += std::exp(double(x) - m);
+        lse[j * nc + i] = m + std::log(l);
+      }
+    }
     std::vector<double> key(nc, 0.0);
     for (int j = 0; j < nq; ++j) {
-      double z = 0;
-      for (std::size_t i = 0; i < nc; ++i) z += mass[j * nc + i];
+      double m = -std::numeric_limits<double>::infinity(), z = 0;
+      for (std::size_t i = 0; i < nc; ++i) m = std::max(m, lse[j * nc + i]);
+      for (std::size_t i = 0; i < nc; ++i) z += std::exp(lse[j * nc + i] - m);
       for (std::size_t i = 0; i < nc; ++i)
-        key[i] += (nq == 1 ? mass[i] : mass[j * nc + i] / z) / summary_.size[cand[i]];
+        key[i] += std::exp(lse[j * nc + i] - m) / z / double(summary_.size[cand[i]]);
     }
     std::vector<int32_t> order(nc);
     std::iota(order.begin(), order.end(), 0);
@@ -404,11 +424,9 @@ class ClusterIndex final : public KeyIndex {
       if (kept[i]) continue;
       ConvertToF32(summary_.value_mean.data() + static_cast<std::size_t>(cand[i]) * dim_,
                    DType::kBF16, dim_, vm.data());
-      for (int j = 0; j < nq; ++j) {
-        const float lse = static_cast<float>(rmax[j] + std::log(mass[j * nc + i]));
+      for (int j = 0; j < nq; ++j)
         MergeInto(out->rest_o.data() + static_cast<std::size_t>(j) * dim_, &out->rest_lse[j],
-                  vm.data(), lse, dim_);
-      }
+                  vm.data(), static_cast<float>(lse[j * nc + i]), dim_);
     }
   }
 
@@ -424,7 +442,10 @@ class ClusterIndex final : public KeyIndex {
       return;
     }
     Rescored rescored;
-    Rescore(store, q, 1, sel, Budget(params), &rescored);
+    if (cfg_.rescore_clusters)
+      KeepClusters(store, q, 1, sel, Budget(params), density.data(), params.resident, &rescored);
+    else
+      Rescore(store, q, 1, sel, Budget(params), &rescored);
     Emit(density.data(), sel, tokens, oscores, out, true, true, &rescored);
     if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.assign(dim_, 0.f);
     if (cfg_.estimate)

@@ -47,6 +47,7 @@ struct Variant {
   float top_p = 0.f;   // ClusterConfig::top_p
   float rescore = 0.f;  // ClusterConfig::rescore (the index's own two-stage selection)
   bool whole = false;   // ClusterConfig::rescore_clusters (the second stage keeps clusters)
+  bool pool = false;    // with whole: only candidates the simulated page pool holds are scored
 };
 
 // A page-pool policy for the simulation: pool pages = fraction of the rows / 8; BlockPageCache's
@@ -421,6 +422,9 @@ int main(int argc, char** argv) {
       {"rescore4c", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, true},
       {"group+rescore2c", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 2.f, true},
       {"group+rescore4c", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f, true},
+      {"rescore4c/pool", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, true, true},
+      {"group+rescore2c/pool", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 2.f, true, true},
+      {"group+rescore4c/pool", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f, true, true},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -516,6 +520,7 @@ int main(int argc, char** argv) {
         cfg.cluster.top_p = variants[vi].top_p;
         cfg.cluster.rescore = variants[vi].rescore;
         cfg.cluster.rescore_clusters = variants[vi].whole;
+        if (variants[vi].pool && !variants[vi].whole) return 2;  // pool: whole clusters only
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();
         const auto t0 = std::chrono::steady_clock::now();
@@ -578,6 +583,21 @@ int main(int argc, char** argv) {
           SearchParams sp;
           sp.k = 1;
           for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+            // The clusters whose blocks all hold pages in this variant's pool as the step begins.
+            std::vector<uint8_t> resident;
+            sp.resident = nullptr;
+            if (variants[vi].pool) {
+              const ClusterSummary& cs = *GetClusterSummary(*idx[vi]);
+              resident.assign(cs.num_clusters(), 0);
+              for (int64_t c = 0; c < cs.num_clusters(); ++c) {
+                bool all = cs.size[c] > 0;
+                for (int64_t b = cs.begin[c] / kBlock;
+                     all && b <= (cs.begin[c] + cs.size[c] - 1) / kBlock; ++b)
+                  all = pools[vi].page(0, b) >= 0;
+                resident[c] = all ? 1 : 0;
+              }
+              sp.resident = resident.data();
+            }
             if (variants[vi].group) {
               if (!idx[vi]->SearchGroup(stores[vi], qs.data(), g, sp, results[vi].data()).ok())
                 return 1;

@@ -62,6 +62,10 @@ struct IndexConfig {
 struct SearchParams {
   int k = 100;     // ids wanted
   int effort = 0;  // kind-specific (nprobe, ef, blocks, beam); 0 = the kind's default
+  // The cluster kind with ClusterConfig::rescore_clusters: [clusters] 1 where a cluster's keys
+  // are in fast memory, so that only those candidates are scored exactly (the others keep their
+  // estimate); null = every candidate. An evaluation of a device pass over the page pool.
+  const uint8_t* resident = nullptr;
 };
 
 struct SearchResult {
