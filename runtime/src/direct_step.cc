@@ -478,6 +478,7 @@ void DirectStep::Admit() {
   };
   std::vector<Tally> tally(G);
   auto admit_head = [&](int g) {
+    timeline::Span scan_span("admit_scan", g);
     Tally& t = tally[g];
     // Two passes: the step's hits are marked before any admission, so that no admission takes
     // the page of a block this step used (CLOCK skips the pages a step marked).
@@ -506,6 +507,8 @@ void DirectStep::Admit() {
     }
     t.attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
                            std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
+    scan_span.End();
+    timeline::Span admit_span("admit_misses", g);
     // In the order of use: the tail and the extra rows first (see above). Their blocks are
     // copied in whole (every step reads them: they should not wait for the stage, which a step
     // with many misses fills before it reaches them); a selected cluster's block gets a page only
@@ -558,6 +561,7 @@ absl::Status DirectStep::AdmitAndFill() {
   timeline::Span admit_span("admit");
   Admit();
   admit_span.End();
+  timeline::Span fill_span("admit_fill");
   // NOTE: the step that read the pages this fill may overwrite is complete (rec_ready_ follows
   // its attend), and the next step's stream waits for filled_ before it reads the pool.
   KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
