@@ -10,7 +10,6 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_replace.h"
 #include "kvrt_common/dtype.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "tools/accuracy.h"
