@@ -499,9 +499,12 @@ void DirectStep::Admit() {
     every_step = false;
     const std::size_t at = static_cast<std::size_t>(g) * C;
     for (int c = 0; c < C; ++c) {
+      // Most clusters are not chosen: their mask word alone is read (the sizes and beginnings of
+      // 64 members' layers do not stay in cache).
       const uint32_t m = mask[at + c];
+      if (m == 0) continue;
       const int32_t n = size_host_[at + c], b0 = begin_host_[at + c];
-      if (m == 0 || n == 0) continue;
+      if (n == 0) continue;
       t.attended += static_cast<int64_t>(std::popcount(m)) * n;
       for (int64_t b = b0 / kBlock; b <= (b0 + n - 1) / kBlock; ++b) use(b);
     }
