@@ -532,18 +532,25 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
   }
 }
 
+// A cluster index of cfg over 1024 rows (seed 21) appended to *store, built, and its row order
+// applied to the store (the two-stage tests compare an index with a plain one on the same rows).
+std::unique_ptr<KeyIndex> BuildOrdered(const IndexConfig& cfg, HeadStore* store) {
+  AppendRows(store, 1024, 21);
+  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+  EXPECT_TRUE(index->Build(*store, nullptr, 0).ok());
+  ApplyOrder(index.get(), store, 0, 1024);
+  return index;
+}
+
 // Two-stage selection (ClusterConfig::rescore): the kept rows are the budget's best by exact score
 // among the candidate clusters' rows, and the estimate is the unselected clusters' merged with the
 // candidates' rest, whose mass is exact.
 TEST(ClusterIndex, RescoreKeepsTheBestCandidateRowsAndTheRestsExactMass) {
-  HeadStore store(kDim, DType::kF32);
-  AppendRows(&store, 1024, 21);
   IndexConfig cfg = SmallConfig();
   cfg.cluster.rescore = 3.f;
   cfg.cluster.scale = 0.2f;
-  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
-  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
-  ApplyOrder(index.get(), &store, 0, 1024);
+  HeadStore store(kDim, DType::kF32);
+  auto index = BuildOrdered(cfg, &store);
   const ClusterSummary& s = *GetClusterSummary(*index);
   const auto q = RandomQuery(23, 0.7f);
   SearchParams p;
@@ -556,11 +563,8 @@ TEST(ClusterIndex, RescoreKeepsTheBestCandidateRowsAndTheRestsExactMass) {
   // The candidates: the clusters that the plain selection takes at 3 x the budget.
   IndexConfig plain_cfg = cfg;
   plain_cfg.cluster.rescore = 0.f;
-  auto plain = MakeIndex(IndexKind::kCluster, plain_cfg, kDim).value();
   HeadStore plain_store(kDim, DType::kF32);
-  AppendRows(&plain_store, 1024, 21);
-  ASSERT_TRUE(plain->Build(plain_store, nullptr, 0).ok());
-  ApplyOrder(plain.get(), &plain_store, 0, 1024);
+  auto plain = BuildOrdered(plain_cfg, &plain_store);
   SearchParams p3 = p;
   p3.k = 120;
   SearchResult cand;
@@ -626,19 +630,12 @@ TEST(ClusterIndex, RescoreClustersKeepsWholeCandidatesByExactMassPerRow) {
   cfg.cluster.rescore = 3.f;
   cfg.cluster.rescore_clusters = true;
   cfg.cluster.scale = 0.2f;
-  HeadStore store(kDim, DType::kF32);
-  AppendRows(&store, 1024, 21);
-  auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
-  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
-  ApplyOrder(index.get(), &store, 0, 1024);
+  HeadStore store(kDim, DType::kF32), plain_store(kDim, DType::kF32);
+  auto index = BuildOrdered(cfg, &store);
   const ClusterSummary& s = *GetClusterSummary(*index);
   IndexConfig plain_cfg = cfg;
   plain_cfg.cluster.rescore = 0.f;
-  HeadStore plain_store(kDim, DType::kF32);
-  AppendRows(&plain_store, 1024, 21);
-  auto plain = MakeIndex(IndexKind::kCluster, plain_cfg, kDim).value();
-  ASSERT_TRUE(plain->Build(plain_store, nullptr, 0).ok());
-  ApplyOrder(plain.get(), &plain_store, 0, 1024);
+  auto plain = BuildOrdered(plain_cfg, &plain_store);  // the same rows: the same clusters
   const auto q = RandomQuery(23, 0.7f);
   SearchParams p;
   p.k = 40;
