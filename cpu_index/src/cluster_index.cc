@@ -126,10 +126,7 @@ class ClusterIndex final : public KeyIndex {
     const int64_t tokens =
         SelectClusters(summary_, key.data(), Candidates(params), cfg_.top_p, &sel);
     Rescored rescored;
-    if (Rescoring() && cfg_.rescore_clusters)
-      KeepClusters(store, qs, nq, sel, Budget(params), density.data(), params.resident, &rescored);
-    else if (Rescoring())
-      Rescore(store, qs, nq, sel, Budget(params), &rescored);
+    if (Rescoring()) SecondStage(store, qs, nq, sel, params, density.data(), &rescored);
     // The outliers in the summary's order for every query: the group's heads then hold the same
     // rows in the same order, which the runtime attends in one pass for all of them.
     for (int i = 0; i < nq; ++i) {
@@ -361,6 +358,17 @@ class ClusterIndex final : public KeyIndex {
     }
   }
 
+  // A two-stage selection's second stage over the candidates `cand` for nq queries with their
+  // densities [nq, C]: single rows (Rescore) or whole clusters (KeepClusters).
+  void SecondStage(const HeadStore& store, const float* qs, int nq,
+                   const std::vector<int32_t>& cand, const SearchParams& params,
+                   const float* density, Rescored* out) const {
+    if (cfg_.rescore_clusters)
+      KeepClusters(store, qs, nq, cand, Budget(params), density, params.resident, out);
+    else
+      Rescore(store, qs, nq, cand, Budget(params), out);
+  }
+
   // The second stage at the granularity of clusters (ClusterConfig::rescore_clusters), for nq
   // queries qs with their densities [nq, C]: each candidate's log-sum-exp per query, exact from
   // its keys where `resident` allows (null: everywhere; SearchParams::resident), else its
@@ -442,10 +450,7 @@ class ClusterIndex final : public KeyIndex {
       return;
     }
     Rescored rescored;
-    if (cfg_.rescore_clusters)
-      KeepClusters(store, q, 1, sel, Budget(params), density.data(), params.resident, &rescored);
-    else
-      Rescore(store, q, 1, sel, Budget(params), &rescored);
+    SecondStage(store, q, 1, sel, params, density.data(), &rescored);
     Emit(density.data(), sel, tokens, oscores, out, true, true, &rescored);
     if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.assign(dim_, 0.f);
     if (cfg_.estimate)

@@ -532,6 +532,14 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
   }
 }
 
+// scale x q . key(row), in double (the brute-force side of the two-stage tests).
+double ScaledScore(const HeadStore& store, const std::vector<float>& q, int64_t row, double scale) {
+  const auto k = KeyRow(store, row);
+  double a = 0;
+  for (int j = 0; j < kDim; ++j) a += double(q[j]) * k[j];
+  return scale * a;
+}
+
 // A cluster index of cfg over 1024 rows (seed 21) appended to *store, built, and its row order
 // applied to the store (the two-stage tests compare an index with a plain one on the same rows).
 std::unique_ptr<KeyIndex> BuildOrdered(const IndexConfig& cfg, HeadStore* store) {
@@ -575,12 +583,7 @@ TEST(ClusterIndex, RescoreKeepsTheBestCandidateRowsAndTheRestsExactMass) {
   ASSERT_GE(cand_rows.size(), 120u);
   EXPECT_EQ(r.scanned,
             s.num_clusters() + static_cast<int64_t>(no) + static_cast<int64_t>(cand_rows.size()));
-  auto score = [&](int64_t row) {
-    const auto k = KeyRow(store, row);
-    double a = 0;
-    for (int j = 0; j < kDim; ++j) a += double(q[j]) * k[j];
-    return 0.2 * a;
-  };
+  auto score = [&](int64_t row) { return ScaledScore(store, q, row, 0.2); };
   std::sort(cand_rows.begin(), cand_rows.end(), [&](int64_t a, int64_t b) {
     return score(a) > score(b) || (score(a) == score(b) && a < b);
   });
@@ -644,12 +647,7 @@ TEST(ClusterIndex, RescoreClustersKeepsWholeCandidatesByExactMassPerRow) {
   SearchParams p3 = p;
   p3.k = 120;
   ASSERT_TRUE(plain->Search(plain_store, q.data(), p3, &cand).ok());
-  auto score = [&](int64_t row) {
-    const auto k = KeyRow(store, row);
-    double a = 0;
-    for (int j = 0; j < kDim; ++j) a += double(q[j]) * k[j];
-    return 0.2 * a;
-  };
+  auto score = [&](int64_t row) { return ScaledScore(store, q, row, 0.2); };
   // The candidate clusters and each one's exact log-sum-exp.
   const std::set<int64_t> cand_rows(cand.ids.begin(), cand.ids.end());
   std::vector<std::pair<double, int64_t>> by_density;  // (lse - log size, cluster)
