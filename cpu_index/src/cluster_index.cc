@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <memory>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -44,9 +45,15 @@ class ClusterIndex final : public KeyIndex {
     if (cfg_.cluster_size <= 0 || cfg_.segment_tokens < cfg_.cluster_size) {
       return absl::InvalidArgumentError("cluster index: need 0 < cluster_size <= segment_tokens");
     }
+    if (cfg_.rescore_bits != 0 && !ValidCodeBits(cfg_.rescore_bits)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cluster index: rescore_bits = ", cfg_.rescore_bits, " must be 0, 1, 2, 4 or 8"));
+    }
     summary_ = ClusterSummary{};
     summary_.dim = dim_;
     pending_order_.clear();
+    codes_ = SegmentCodes{};
+    code_row_bytes_ = Coded() ? CodeRowBytes(dim_, cfg_.rescore_bits) : 0;
     size_ = 0;
     metric_l_ = QueryMetricFactor(cfg_.query_aware ? queries : nullptr,
                                   cfg_.query_aware ? n_queries : 0, dim_, cfg_.metric_queries);
@@ -172,12 +179,15 @@ class ClusterIndex final : public KeyIndex {
   }
 
   const ClusterSummary& summary() const { return summary_; }
+  const SegmentCodes* codes() const { return Coded() ? &codes_ : nullptr; }
   int64_t size() const override { return size_; }
   int64_t CoverableRows(int64_t store_rows) const override {
     return store_rows / cfg_.segment_tokens * cfg_.segment_tokens;
   }
   std::size_t MemoryBytes() const override {
-    return summary_.Bytes() + (metric_l_.size() + calib_q_.size()) * sizeof(float) +
+    return summary_.Bytes() + codes_.code.size() +
+           (metric_l_.size() + calib_q_.size() + codes_.offset.size() + codes_.step.size()) *
+               sizeof(float) +
            pending_order_.capacity() * sizeof(int64_t);
   }
 
@@ -189,24 +199,33 @@ class ClusterIndex final : public KeyIndex {
     if (nseg == 0) return absl::OkStatus();
     const int64_t begin = size_;
     std::vector<SegmentClustering> parts(nseg);
+    std::vector<SegmentCodes> codes(Coded() ? nseg : 0);
     internal::UseSingleThreadedBlas();
     tbb::task_arena arena(internal::BuildThreads(config_));
     arena.execute([&] {
       tbb::parallel_for(int64_t{0}, nseg, [&](int64_t s) {
         const int64_t b = begin + s * seg;
         const int64_t preset = (b - preset_begin_) / seg;
-        if (b >= preset_begin_ && preset < static_cast<int64_t>(preset_.size())) {
-          parts[s] = std::move(preset_[preset]);
-          return;
-        }
-        std::vector<float> k(static_cast<std::size_t>(seg) * dim_), v(k.size());
+        const bool preset_here =
+            b >= preset_begin_ && preset < static_cast<int64_t>(preset_.size());
+        if (preset_here) parts[s] = std::move(preset_[preset]);
+        if (preset_here && !Coded()) return;
+        std::vector<float> k(static_cast<std::size_t>(seg) * dim_);
         ConvertToF32(store.key(b), store.dtype(), k.size(), k.data());
-        ConvertToF32(store.value(b), store.dtype(), v.size(), v.data());
-        ClusterSegment(k.data(), v.data(), seg, dim_, metric_l_.data(), cfg_,
-                       cfg_.seed + static_cast<uint64_t>(b), &parts[s]);
-        CalibrateSpreads(k.data(), seg, dim_, calib_q_.data(),
-                         static_cast<int64_t>(calib_q_.size()) / dim_, scale_, cfg_.spread_weight,
-                         &parts[s]);
+        if (!preset_here) {
+          std::vector<float> v(k.size());
+          ConvertToF32(store.value(b), store.dtype(), v.size(), v.data());
+          ClusterSegment(k.data(), v.data(), seg, dim_, metric_l_.data(), cfg_,
+                         cfg_.seed + static_cast<uint64_t>(b), &parts[s]);
+          CalibrateSpreads(k.data(), seg, dim_, calib_q_.data(),
+                           static_cast<int64_t>(calib_q_.size()) / dim_, scale_, cfg_.spread_weight,
+                           &parts[s]);
+        }
+        if (Coded()) {
+          std::vector<uint16_t> cent(parts[s].centroid.size());
+          ConvertFromF32(parts[s].centroid.data(), cent.size(), DType::kBF16, cent.data());
+          EncodeResiduals(k.data(), parts[s], cent.data(), dim_, cfg_.rescore_bits, &codes[s]);
+        }
       });
     });
     preset_.clear();  // used, or (rows the caller did not cover) stale
@@ -230,6 +249,11 @@ class ClusterIndex final : public KeyIndex {
       ConvertFromF32(p.value_mean.data(), p.value_mean.size(), DType::kBF16,
                      summary_.value_mean.data() + off);
       for (int64_t r : p.order) pending_order_.push_back(b - pending_begin_ + r);
+      if (Coded()) {
+        codes_.code.insert(codes_.code.end(), codes[s].code.begin(), codes[s].code.end());
+        codes_.offset.insert(codes_.offset.end(), codes[s].offset.begin(), codes[s].offset.end());
+        codes_.step.insert(codes_.step.end(), codes[s].step.begin(), codes[s].step.end());
+      }
     }
     size_ = begin + nseg * seg;
     return absl::OkStatus();
@@ -257,6 +281,43 @@ class ClusterIndex final : public KeyIndex {
     return static_cast<int64_t>(std::ceil(static_cast<double>(budget) * cfg_.rescore));
   }
   bool Rescoring() const { return cfg_.rescore > 1.f; }
+  bool Coded() const { return Rescoring() && cfg_.rescore_bits > 0; }
+
+  // The second stage's scores of candidate rows (unscaled), from the keys or (rescore_bits)
+  // from their codes, with one CodeScorer per (query, segment) met.
+  class CandidateScorer {
+   public:
+    CandidateScorer(const ClusterIndex& index, const HeadStore& store, const float* qs, int nq)
+        : index_(index), store_(store), qs_(qs), scorers_(index.Coded() ? nq : 0) {}
+    // Cluster c's rows for query j of qs.
+    void Score(int j, int32_t c, float* out) {
+      const ClusterIndex& x = index_;
+      const float* q = qs_ + static_cast<std::size_t>(j) * x.dim_;
+      const int64_t begin = x.summary_.begin[c];
+      if (!x.Coded()) {
+        DotRows(q, store_.key(begin), x.dim_, store_.dtype(), x.summary_.size[c],
+                static_cast<std::size_t>(x.dim_), out);
+        return;
+      }
+      const int64_t seg = begin / x.cfg_.segment_tokens;
+      std::vector<std::unique_ptr<CodeScorer>>& per = scorers_[j];
+      if (per.size() <= static_cast<std::size_t>(seg)) per.resize(seg + 1);
+      if (per[seg] == nullptr) {
+        const std::size_t off = static_cast<std::size_t>(seg) * x.dim_;
+        per[seg] =
+            std::make_unique<CodeScorer>(q, x.dim_, x.cfg_.rescore_bits,
+                                         x.codes_.offset.data() + off, x.codes_.step.data() + off);
+      }
+      per[seg]->Score(x.summary_.centroid.data() + static_cast<std::size_t>(c) * x.dim_,
+                      x.codes_.code.data() + begin * x.code_row_bytes_, x.summary_.size[c], out);
+    }
+
+   private:
+    const ClusterIndex& index_;
+    const HeadStore& store_;
+    const float* qs_;
+    std::vector<std::vector<std::unique_ptr<CodeScorer>>> scorers_;  // [nq][segment]
+  };
 
   // A two-stage selection's result (ClusterConfig::rescore): the rows kept, best first, and per
   // query the partial state of the candidates' other rows.
@@ -280,13 +341,10 @@ class ClusterIndex final : public KeyIndex {
     const int64_t n = first[nc];
     out->scored = n;
     std::vector<float> s(static_cast<std::size_t>(nq) * n);  // [nq, n], scaled
-    for (std::size_t i = 0; i < nc; ++i) {
-      const int32_t c = cand[i];
+    CandidateScorer scorer(*this, store, qs, nq);
+    for (std::size_t i = 0; i < nc; ++i)
       for (int j = 0; j < nq; ++j)
-        DotRows(qs + static_cast<std::size_t>(j) * dim_, store.key(summary_.begin[c]), dim_,
-                store.dtype(), summary_.size[c], static_cast<std::size_t>(dim_),
-                s.data() + static_cast<std::size_t>(j) * n + first[i]);
-    }
+        scorer.Score(j, cand[i], s.data() + static_cast<std::size_t>(j) * n + first[i]);
     for (float& x : s) x *= scale_;
     std::vector<float> rmax(nq, -std::numeric_limits<float>::infinity());
     for (int j = 0; j < nq; ++j)
@@ -382,6 +440,7 @@ class ClusterIndex final : public KeyIndex {
     const int64_t C = summary_.num_clusters();
     std::vector<double> lse(static_cast<std::size_t>(nq) * nc);  // [nq, nc]
     std::vector<float> s;
+    CandidateScorer scorer(*this, store, qs, nq);
     out->scored = 0;
     for (std::size_t i = 0; i < nc; ++i) {
       const int32_t c = cand[i];
@@ -394,8 +453,7 @@ class ClusterIndex final : public KeyIndex {
       out->scored += size;
       s.resize(size);
       for (int j = 0; j < nq; ++j) {
-        DotRows(qs + static_cast<std::size_t>(j) * dim_, store.key(summary_.begin[c]), dim_,
-                store.dtype(), size, static_cast<std::size_t>(dim_), s.data());
+        scorer.Score(j, c, s.data());
         float m = -std::numeric_limits<float>::infinity();
         for (float& x : s) m = std::max(m, x *= scale_);
         double l = 0;
@@ -510,6 +568,8 @@ class ClusterIndex final : public KeyIndex {
   std::vector<float> calib_q_;  // the prompt's last queries, f32 (calibrate_queries > 0)
   int64_t pending_begin_ = 0;
   std::vector<int64_t> pending_order_;
+  SegmentCodes codes_;  // rescore_bits: every covered row's codes, per segment offset and step
+  int64_t code_row_bytes_ = 0;
   int64_t preset_begin_ = 0;
   std::vector<SegmentClustering> preset_;  // PresetSegments: the next Cover takes these
 };
@@ -523,6 +583,11 @@ absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentC
 const ClusterSummary* GetClusterSummary(const KeyIndex& index) {
   if (index.kind() != IndexKind::kCluster) return nullptr;
   return &static_cast<const ClusterIndex&>(index).summary();
+}
+
+const SegmentCodes* GetClusterCodes(const KeyIndex& index) {
+  if (index.kind() != IndexKind::kCluster) return nullptr;
+  return static_cast<const ClusterIndex&>(index).codes();
 }
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& config,

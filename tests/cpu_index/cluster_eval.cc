@@ -48,6 +48,7 @@ struct Variant {
   float rescore = 0.f;  // ClusterConfig::rescore (the index's own two-stage selection)
   bool whole = false;   // ClusterConfig::rescore_clusters (the second stage keeps clusters)
   bool pool = false;    // with whole: only candidates the simulated page pool holds are scored
+  int bits = 0;         // ClusterConfig::rescore_bits (candidates scored on codes of this width)
 };
 
 // A page-pool policy for the simulation: pool pages = fraction of the rows / 8; BlockPageCache's
@@ -425,6 +426,22 @@ int main(int argc, char** argv) {
       {"rescore4c/pool", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, true, true},
       {"group+rescore2c/pool", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 2.f, true, true},
       {"group+rescore4c/pool", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f, true, true},
+      {"rescore4/q4", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, false, false, 4},
+      {"rescore4/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, false, false, 2},
+      {"rescore4/q1", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, false, false, 1},
+      {"rescore8/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 8.f, false, false, 2},
+      {"group+rescore4/q4", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f, false, false, 4},
+      {"group+rescore4/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f, false, false, 2},
+      {"group+rescore8/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f, false, false, 2},
+      {"rescore4c/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 4.f, true, false, 2},
+      {"group+rescore4c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 4.f, true, false, 2},
+      {"rescore8/q1", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 8.f, false, false, 1},
+      {"rescore64/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, false, false, 2},
+      {"rescore64/q1", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, false, false, 1},
+      {"group+rescore64/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, false, false,
+       2},
+      {"rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 8.f, true, false, 2},
+      {"group+rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f, true, false, 2},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
   if (const char* only = std::getenv("CLUSTER_EVAL_VARIANTS"); only != nullptr) {
@@ -520,6 +537,7 @@ int main(int argc, char** argv) {
         cfg.cluster.top_p = variants[vi].top_p;
         cfg.cluster.rescore = variants[vi].rescore;
         cfg.cluster.rescore_clusters = variants[vi].whole;
+        cfg.cluster.rescore_bits = variants[vi].bits;
         if (variants[vi].pool && !variants[vi].whole) return 2;  // pool: whole clusters only
         cfg.cluster.scale = static_cast<float>(scale);
         idx[vi] = MakeIndex(IndexKind::kCluster, cfg, d).value();

@@ -90,6 +90,11 @@ struct ClusterConfig {
   // step attends it (an evaluation of that shape; docs/fidelity.md, "The second stage at the
   // granularity of clusters").
   bool rescore_clusters = false;
+  // With rescore > 1: 0 scores the candidates on their keys; 1-8 on compact codes of them
+  // instead (EncodeResiduals: bits per channel of the key's residual from its cluster's
+  // centroid), the form a device could hold beside the summary (a fidelity evaluation;
+  // docs/fidelity.md, "Candidates scored on codes").
+  int rescore_bits = 0;
 };
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store
@@ -178,6 +183,42 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
                              const std::vector<int32_t>& selected, const float* log_size, float* o,
                              float* lse);
 
+// Compact codes of one segment's keys (ClusterConfig::rescore_bits, 1, 2, 4 or 8): per row and
+// channel, the residual from its cluster's bf16 centroid on a uniform grid of 2^bits levels,
+// decoded as offset[t] + step[t] * code (step: the Gaussian MSE-optimal step for the level count
+// times the channel's residual deviation over the segment; offset centres the grid on the
+// channel's mean residual). A row is CodeRowBytes packed bytes, channel t at bit t * bits
+// (little-endian within a byte), rows in layout order (part.order); the outliers' rows (the last
+// num_outliers) are zero and never scored from codes.
+struct SegmentCodes {
+  std::vector<uint8_t> code;  // [n, CodeRowBytes(dim, bits)]
+  std::vector<float> offset;  // [dim]
+  std::vector<float> step;    // [dim]
+};
+bool ValidCodeBits(int bits);
+int64_t CodeRowBytes(int dim, int bits);
+// keys: the segment's f32 rows [n, dim] in their order before part.order; centroid: bf16
+// [clusters, dim], the summary's.
+void EncodeResiduals(const float* keys, const SegmentClustering& part, const uint16_t* centroid,
+                     int dim, int bits, SegmentCodes* out);
+
+// Scores rows of one segment's codes for one query q (unscaled): q . (centroid + offset + step *
+// code). Holds a table of partial sums per 4-bit nibble of a row (bits < 8), so that a row costs
+// one lookup per nibble; q must outlive it.
+class CodeScorer {
+ public:
+  CodeScorer(const float* q, int dim, int bits, const float* offset, const float* step);
+  // rows of one cluster: its bf16 centroid [dim] and packed codes [rows, CodeRowBytes].
+  void Score(const uint16_t* centroid, const uint8_t* code, int64_t rows, float* out) const;
+
+ private:
+  const float* q_;
+  int dim_, bits_;
+  int64_t row_bytes_;
+  float base_ = 0.f;           // q . offset
+  std::vector<float> weight_;  // bits 8: q * step [dim]; else [nibbles, 16]
+};
+
 // Segments clustered outside the index (the GPU build at prefill): the next Build or Add of
 // `index` (kind kCluster, built with the same queries, so in the same metric) takes parts[i] for
 // the segment at store row begin + i * segment_tokens instead of clustering it. InvalidArgument
@@ -188,5 +229,10 @@ absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentC
 // The summary of a cluster index (kind kCluster), e.g. to copy it to the GPU after each
 // Build/Add; null for other kinds.
 const ClusterSummary* GetClusterSummary(const KeyIndex& index);
+// The codes of a cluster index built with rescore > 1 and rescore_bits: code [covered rows,
+// CodeRowBytes] in store row order (after TakeRowOrder's permutation), offset and step
+// [segments, dim] (segment s: rows [s, s + 1) x segment_tokens). Null for other kinds or without
+// codes.
+const SegmentCodes* GetClusterCodes(const KeyIndex& index);
 
 }  // namespace kvrt::cpu_index
