@@ -15,6 +15,12 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
                   "read); the CPU selects then (no direct step); 0 or 1 = off, in [0, 64] "
                   "(default: the library's, 0)")
       ->check(CLI::Range(0.0, 64.0));
+  cmd->add_option("--cluster-rescore-bits", o->rescore_bits,
+                  "config.cluster_rescore_bits: with --cluster-rescore > 1, 0 scores the "
+                  "candidates on their keys; 1, 2, 4 or 8 on codes of them (that many bits per "
+                  "channel of each key's residual from its cluster's centroid, in host memory): "
+                  "the candidates' keys are not read (default: the library's, 0)")
+      ->check(CLI::IsMember({0, 1, 2, 4, 8}));
   cmd->add_option("--group-select", o->group_select,
                   "config.cluster_group_select: 1 = one cluster selection per kv head shared by "
                   "its q heads, 0 = one per q head (default: the library's, 1)")
@@ -24,6 +30,7 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
 void ApplyClusterOptions(const ClusterOptions& o, kvrt_config* c) {
   if (o.keys > 0) c->cluster_keys = o.keys;
   if (o.rescore >= 0) c->cluster_rescore = static_cast<float>(o.rescore);
+  if (o.rescore_bits >= 0) c->cluster_rescore_bits = o.rescore_bits;
   if (o.group_select >= 0) c->cluster_group_select = o.group_select;
 }
 

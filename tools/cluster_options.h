@@ -10,10 +10,11 @@ namespace kvrt::cli {
 struct ClusterOptions {
   int keys = 0;           // config.cluster_keys; 0: the library's
   double rescore = -1;    // config.cluster_rescore; < 0: the library's
+  int rescore_bits = -1;  // config.cluster_rescore_bits; < 0: the library's
   int group_select = -1;  // config.cluster_group_select; < 0: the library's
 };
 
-// --cluster-keys, --cluster-rescore, --group-select.
+// --cluster-keys, --cluster-rescore, --cluster-rescore-bits, --group-select.
 void AddClusterOptions(CLI::App* cmd, ClusterOptions* options);
 void ApplyClusterOptions(const ClusterOptions& options, kvrt_config* config);
 

@@ -231,12 +231,15 @@ int Run(BenchDecodeArgs a) {
                                   .config;
         std::printf(
             "cluster: %d keys per cluster, budget %.3f of the clustered rows %s, hot cache %.2f, "
-            "direct step %d%s, miss penalty %.2f, top-p %.2f, rescore %.1f\n",
+            "direct step %d%s, miss penalty %.2f, top-p %.2f, rescore %.1f%s\n",
             c.cluster_keys, c.cluster_budget_fraction,
             c.cluster_group_select ? "per kv head" : "per q head", c.hot_cache_fraction,
             c.cluster_direct_step,
             c.cluster_rescore > 1 ? " (off: the CPU selects in two stages)" : "",
-            c.cluster_miss_penalty, c.cluster_top_p, c.cluster_rescore);
+            c.cluster_miss_penalty, c.cluster_top_p, c.cluster_rescore,
+            c.cluster_rescore > 1 && c.cluster_rescore_bits > 0
+                ? (" on " + std::to_string(c.cluster_rescore_bits) + "-bit codes").c_str()
+                : "");
       }
       std::printf(
           "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, "

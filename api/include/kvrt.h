@@ -30,7 +30,8 @@
  *   head_dim 1..512, sink_tokens 0..2^20, window_tokens 1..2^24, top_k 1..2^20 (for every index
  *   kind, EXACT included, which ignores it), search_effort 0..2^24, worker_threads >= 0 (above the
  *   hardware thread count: clamped to it), worker_cpu_first and worker_cpu_count >= 0 (the range
- *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, cluster_rescore 0..64, tokens
+ *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, cluster_rescore 0..64,
+ *   cluster_rescore_bits 0/1/2/4/8, tokens
  * per (sequence, layer) up to 2^34 (a prefill or append past it is refused).
  *
  * Thread safety
@@ -72,7 +73,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 12
+#define KVRT_VERSION_PATCH 13
 
 #ifdef __cplusplus
 extern "C" {
@@ -328,8 +329,20 @@ typedef struct kvrt_config {
                                    GPU backend's selection kernels and the direct step do not
                                    rescore (kvrt_runtime_config reports cluster_direct_step 0).
                                    0 or 1 = off; finite, in [0, 64] [0]. Since 0.3.11. */
-  int32_t reserved1;            /* not read; keeps sizeof(kvrt_config) apart from 0.3.10's, whose
-                                   tail padding holds cluster_rescore (see "ABI"). Since 0.3.11. */
+  int32_t cluster_rescore_bits; /* KVRT_INDEX_CLUSTER with cluster_rescore > 1: 0 scores the
+                                   candidates on their keys; 1, 2, 4 or 8 on compact codes of
+                                   them instead: per channel that many bits of the key's residual
+                                   from its cluster's centroid (per-segment grids), kept beside
+                                   the index in host memory (head_dim x bits / 8 bytes per cold
+                                   token and kv head). The candidates' keys are then not read;
+                                   the attended rows still are, exactly. On the Gemma 3 traces 2
+                                   bits keep nearly all of the keys' gain (error at equal tokens
+                                   0.41-0.62x flat top-k's per q head at cluster_rescore 4
+                                   against 0.38-0.60x on keys; docs/fidelity.md, "Candidates
+                                   scored on codes"). One of 0, 1, 2, 4, 8 [0]. Since 0.3.13
+                                   (0.3.11 and 0.3.12: reserved1, not read, which
+                                   kvrt_config_default() set to 0: such a caller scores on keys,
+                                   as before). */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

@@ -137,6 +137,8 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.index.cluster.cluster_size =
       c.cluster_keys == 0 ? kvrt::cpu_index::ClusterConfig{}.cluster_size : c.cluster_keys;
   r.index.cluster.rescore = c.cluster_rescore;  // > 1: Runtime::Create turns the GPU selection off
+  // 0.3.11 and 0.3.12 callers: reserved1, set to 0 by kvrt_config_default (keys, as then).
+  r.index.cluster.rescore_bits = c.cluster_rescore_bits;
   r.cuda_device = c.cuda_device;
   r.direct_step = c.cluster_direct_step != 0;
   r.worker_cpu_first = c.worker_cpu_first;
@@ -169,7 +171,7 @@ constexpr std::size_t kConfigSize034 = ConfigSizeEndingAt(offsetof(kvrt_config, 
 // apart), hence a field after it (0.3.9: reserved0, not read; since 0.3.10 cluster_keys).
 constexpr std::size_t kConfigSize035 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_top_p));
 // 0.3.9 and 0.3.10 ended at cluster_keys; cluster_rescore (0.3.11) lies in that size's tail
-// padding, hence reserved1 after it (as reserved0 in 0.3.9).
+// padding, hence reserved1 after it (as reserved0 in 0.3.9; since 0.3.13 cluster_rescore_bits).
 constexpr std::size_t kConfigSize039 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_keys));
 constexpr std::size_t kConfigSizes[] = {kConfigSize030,     kConfigSize031, kConfigSize033,
                                         kConfigSize034,     kConfigSize035, kConfigSize039,
@@ -242,7 +244,7 @@ kvrt_config Defaults() {
   c.cluster_miss_penalty = 0.5f;
   c.cluster_keys = kvrt::cpu_index::ClusterConfig{}.cluster_size;
   c.cluster_rescore = 0.f;
-  c.reserved1 = 0;
+  c.cluster_rescore_bits = 0;
   return c;
 }
 

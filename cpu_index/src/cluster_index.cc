@@ -597,14 +597,18 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& co
 
 std::string ClusterSearchSettings(const IndexConfig& c, int k, int) {
   const ClusterConfig& cc = c.cluster;
-  return absl::StrCat("clusters of ~", cc.cluster_size, " keys, budget max(", k, ", ",
-                      cc.budget_fraction * 100, "% of clustered keys, ", cc.min_budget_tokens,
-                      ") tokens", cc.top_p > 0 ? absl::StrCat(" or top-p ", cc.top_p) : "",
-                      cc.group_select ? " per kv head (group selection)" : " per query",
-                      cc.rescore > 1 ? absl::StrCat(", two stages (candidates up to ", cc.rescore,
-                                                    "x the budget, their keys scored exactly)")
-                                     : "",
-                      " + outliers; estimate ", cc.estimate ? "on" : "off");
+  return absl::StrCat(
+      "clusters of ~", cc.cluster_size, " keys, budget max(", k, ", ", cc.budget_fraction * 100,
+      "% of clustered keys, ", cc.min_budget_tokens, ") tokens",
+      cc.top_p > 0 ? absl::StrCat(" or top-p ", cc.top_p) : "",
+      cc.group_select ? " per kv head (group selection)" : " per query",
+      cc.rescore > 1
+          ? absl::StrCat(", two stages (candidates up to ", cc.rescore, "x the budget, ",
+                         cc.rescore_bits > 0 ? absl::StrCat("scored on ", cc.rescore_bits,
+                                                            "-bit codes of their keys)")
+                                             : std::string("their keys scored exactly)"))
+          : "",
+      " + outliers; estimate ", cc.estimate ? "on" : "off");
 }
 
 int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
@@ -615,7 +619,13 @@ int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   const int64_t d = head_dim;
   const int64_t clusters = 2 * (rows / std::max(1, cc.cluster_size) + 1);
   const int64_t outliers = static_cast<int64_t>(std::ceil(cc.outlier_fraction * rows)) + 1;
-  return clusters * (4 * d + 24) + outliers * (8 + 2 * d) + 4 * d * d + 16 * cc.segment_tokens;
+  // rescore_bits: every covered row's packed codes and each segment's grid.
+  const int64_t codes = cc.rescore > 1 && cc.rescore_bits > 0
+                            ? rows * CodeRowBytes(head_dim, cc.rescore_bits) +
+                                  (rows / std::max<int64_t>(1, cc.segment_tokens) + 1) * 8 * d
+                            : 0;
+  return clusters * (4 * d + 24) + outliers * (8 + 2 * d) + 4 * d * d + 16 * cc.segment_tokens +
+         codes;
 }
 
 }  // namespace kvrt::cpu_index

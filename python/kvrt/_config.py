@@ -69,6 +69,10 @@ class Config:
             to this multiple of the token budget, their keys scored exactly, the budget's best
             rows attended (the same rows attended, more keys read; the CPU selects then, no
             direct step); 0 or 1 = off; in [0, 64]. Since 0.3.11.
+        cluster_rescore_bits: with cluster_rescore > 1, 0 scores the candidates on their keys;
+            1, 2, 4 or 8 on codes of them (that many bits per channel of each key's residual
+            from its cluster's centroid, kept in host memory), so that their keys are not read.
+            Since 0.3.13.
     """
 
     num_layers: int = 32
@@ -101,6 +105,7 @@ class Config:
     cluster_miss_penalty: float = 0.5
     cluster_keys: int = 16
     cluster_rescore: float = 0.0
+    cluster_rescore_bits: int = 0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

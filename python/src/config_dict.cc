@@ -142,6 +142,8 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.cluster_group_select = ToI32(k, value);
     else if (k == "cluster_keys")
       c.cluster_keys = ToI32(k, value);
+    else if (k == "cluster_rescore_bits")
+      c.cluster_rescore_bits = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction" ||
@@ -196,6 +198,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cluster_miss_penalty"] = ShortFloat(c.cluster_miss_penalty);
   d["cluster_keys"] = c.cluster_keys;
   d["cluster_rescore"] = ShortFloat(c.cluster_rescore);
+  d["cluster_rescore_bits"] = c.cluster_rescore_bits;
   return d;
 }
 

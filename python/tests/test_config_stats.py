@@ -71,6 +71,19 @@ def test_cluster_rescore_round_trip_turns_the_direct_step_off_and_is_checked():
             kvrt.Runtime(**SHAPE, cluster_rescore=bad)
 
 
+def test_cluster_rescore_bits_round_trip_and_is_checked():
+    assert kvrt.Config().cluster_rescore_bits == 0  # keys (0.3.13; before: reserved)
+    for bits in (0, 1, 2, 4, 8):
+        rt = kvrt.Runtime(kvrt.Config(**SHAPE, index_kind="cluster", cluster_rescore=4.0,
+                                      cluster_rescore_bits=bits))
+        assert rt.config.cluster_rescore_bits == bits
+        assert ("-bit codes" in rt.describe_search()) == (bits > 0)
+        rt.close()
+    for bad in (-1, 3, 16):
+        with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.cluster_rescore_bits = "):
+            kvrt.Runtime(**SHAPE, cluster_rescore_bits=bad)
+
+
 def test_a_runtime_describes_its_own_search():
     rt = kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_keys=8, cluster_group_select=0,
                       cluster_rescore=4.0)

@@ -13,6 +13,7 @@
 #include "device_tier.h"
 #include "kvrt_common/finite_bits.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/kernel_types.h"
 #include "layer_state.h"
@@ -100,6 +101,10 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   if (!(rescore >= 0.f && rescore <= 64.f))  // NaN fails too
     return absl::InvalidArgumentError(
         absl::StrCat("config.cluster_rescore = ", rescore, " must be in [0, 64] (0 or 1: off)"));
+  const int bits = c.index.cluster.rescore_bits;
+  if (bits != 0 && !cpu_index::ValidCodeBits(bits))
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.cluster_rescore_bits = ", bits, " must be 0 (keys), 1, 2, 4 or 8"));
   const float top_p = c.index.cluster.top_p;
   if (!(top_p >= 0.f && top_p <= 1.f))
     return absl::InvalidArgumentError(

@@ -557,6 +557,36 @@ TEST(ContractConfig, ClusterRescoreAndA0310CallerOfTheSizeBefore) {
   }
 }
 
+// 0.3.13 reads reserved1 as cluster_rescore_bits (the size is unchanged): a 0.3.11/0.3.12 caller
+// set it to 0 through kvrt_config_default(), which scores the candidates on their keys, as then;
+// widths other than 0, 1, 2, 4, 8 are refused naming the field; the effective config reports it
+// and the runtime's search description names the codes.
+TEST(ContractConfig, ClusterRescoreBitsIsTheFormerReserved1) {
+  EXPECT_EQ(kvrt_config_default().cluster_rescore_bits, 0);
+  for (int bad : {-1, 3, 5, 16}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_rescore_bits " << bad);
+    kvrt_config c = TinyConfig();
+    c.cluster_rescore_bits = bad;
+    EXPECT_TRUE(RefusedNaming(c, "cluster_rescore_bits"));
+  }
+  for (int good : {0, 1, 2, 4, 8}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_rescore_bits " << good);
+    kvrt_config c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.cluster_rescore = 4.f;
+    c.cluster_rescore_bits = good;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_config eff = kvrt_config_default();
+    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    EXPECT_EQ(eff.cluster_rescore_bits, good);
+    char text[512];
+    ASSERT_EQ(kvrt_runtime_describe_search(rt, text, sizeof(text)), KVRT_OK);
+    EXPECT_EQ(std::string(text).find("-bit codes") != std::string::npos, good > 0) << text;
+    kvrt_runtime_destroy(rt);
+  }
+}
+
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
 // 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the
