@@ -110,8 +110,18 @@ void CodeScorer::Score(const uint16_t* centroid, const uint8_t* code, int64_t ro
     if (bits_ == 8) {
       for (int t = 0; t < dim_; ++t) s += weight_[t] * static_cast<float>(row[t]);
     } else {
+      // Four running sums: one would chain every lookup's add on the one before.
       const float* w = weight_.data();
-      for (int64_t b = 0; b < row_bytes_; ++b, w += 32) s += w[row[b] & 15] + w[16 + (row[b] >> 4)];
+      float a[4] = {0.f, 0.f, 0.f, 0.f};
+      int64_t b = 0;
+      for (; b + 2 <= row_bytes_; b += 2, w += 64) {
+        a[0] += w[row[b] & 15];
+        a[1] += w[16 + (row[b] >> 4)];
+        a[2] += w[32 + (row[b + 1] & 15)];
+        a[3] += w[48 + (row[b + 1] >> 4)];
+      }
+      for (; b < row_bytes_; ++b, w += 32) a[0] += w[row[b] & 15] + w[16 + (row[b] >> 4)];
+      s = (a[0] + a[1]) + (a[2] + a[3]);
     }
     out[r] = base + s;
   }

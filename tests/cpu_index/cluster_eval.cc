@@ -440,6 +440,11 @@ int main(int argc, char** argv) {
       {"rescore64/q1", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, false, false, 1},
       {"group+rescore64/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, false, false,
        2},
+      {"group+rescore64/q1", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, false, false,
+       1},
+      {"rescore16/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 16.f, false, false, 2},
+      {"group+rescore16/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 16.f, false, false,
+       2},
       {"rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 8.f, true, false, 2},
       {"group+rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f, true, false, 2},
   };
