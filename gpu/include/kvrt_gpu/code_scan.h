@@ -1,0 +1,44 @@
+#pragma once
+// The second stage of a two-stage cluster selection on the GPU: the scores of every coded cold row
+// of one (sequence, layer) for all q heads of each kv head, from the rows' compact codes
+// (cpu_index/include/kvrt_cpu_index/cluster.h, EncodeResiduals: per channel `bits` of the key's
+// residual from its cluster's bf16 centroid, on a per-segment grid offset + step x code) and the
+// summary's centroids: score = q . (centroid + offset + step x code). A scan of 2-bit codes reads
+// head_dim / 4 bytes per row and kv head, 1/8 of the bf16 keys (docs/gpu.md, "The device form
+// with codes"). Selection, estimate and attention over the kept rows are not here yet.
+// Compiles without CUDA (streams are void*); CodeScanHost is the reference (double sums);
+// launchers follow kernels.h's conventions (InvalidArgument for bad shapes, FailedPrecondition
+// without CUDA, Internal for a CUDA error; they only enqueue work).
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace kvrt::gpu {
+
+inline constexpr int kCodeScanMaxGroup = 16;  // q heads per kv head
+
+// Device pointers for the kernel, host pointers for the reference. Every kv head has `rows` rows.
+struct CodeScanView {
+  int kv_heads = 0;
+  int head_dim = 0;          // 1..256
+  int bits = 0;              // 1, 2, 4 or 8
+  int64_t rows = 0;          // per kv head
+  int64_t segment_rows = 0;  // row r's grid is segment r / segment_rows's
+  int num_clusters = 0;      // per kv head
+  // [kv_heads, rows, (head_dim * bits + 7) / 8]: channel t at bit t * bits of its row.
+  const uint8_t* code = nullptr;
+  const int32_t* cluster = nullptr;    // [kv_heads, rows]: the row's cluster; < 0: not coded
+  const uint16_t* centroid = nullptr;  // bf16 [kv_heads, num_clusters, head_dim]
+  // [kv_heads, segments, head_dim] each, segments = ceil(rows / segment_rows).
+  const float* offset = nullptr;
+  const float* step = nullptr;
+};
+
+// scores: f32 [q_heads, rows], q head h of kv head h / (q_heads / kv_heads); unscaled q . key,
+// -inf for rows not coded. q: f32 [q_heads, head_dim]. q_heads a multiple of kv_heads, at most
+// kCodeScanMaxGroup per kv head.
+absl::Status CodeScan(const CodeScanView& v, const float* q, int q_heads, float* scores,
+                      void* stream);
+absl::Status CodeScanHost(const CodeScanView& v, const float* q, int q_heads, float* scores);
+
+}  // namespace kvrt::gpu

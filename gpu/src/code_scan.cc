@@ -1,0 +1,92 @@
+// The code scan's launcher and host reference (code_scan.h).
+#include "kvrt_gpu/code_scan.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "code_scan_launch.h"
+#include "kvrt_common/dtype.h"
+#include "launch_status.h"
+
+namespace kvrt::gpu {
+namespace {
+
+absl::Status Check(const CodeScanView& v, const float* q, int q_heads, const float* scores,
+                   const char* what) {
+  if (v.kv_heads <= 0 || v.head_dim <= 0 || v.head_dim > 256 || v.rows < 0 || v.segment_rows <= 0 ||
+      v.num_clusters < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what,
+                     ": need kv_heads > 0, head_dim in [1, 256], rows >= 0, segment_rows > 0, "
+                     "num_clusters >= 0"));
+  }
+  if (v.bits != 1 && v.bits != 2 && v.bits != 4 && v.bits != 8) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": bits = ", v.bits, " must be 1, 2, 4 or 8"));
+  }
+  if (q_heads <= 0 || q_heads % v.kv_heads != 0 || q_heads / v.kv_heads > kCodeScanMaxGroup) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": q_heads must be a multiple of kv_heads with at most ",
+                     kCodeScanMaxGroup, " per kv head"));
+  }
+  if (v.rows > 0 &&
+      (v.code == nullptr || v.cluster == nullptr || v.offset == nullptr || v.step == nullptr ||
+       q == nullptr || scores == nullptr || (v.num_clusters > 0 && v.centroid == nullptr))) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null array"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status CodeScan(const CodeScanView& v, const float* q, int q_heads, float* scores,
+                      void* stream) {
+  if (auto st = Check(v, q, q_heads, scores, "CodeScan"); !st.ok()) return st;
+#if KVRT_WITH_CUDA
+  if (v.rows == 0) return absl::OkStatus();
+  return detail::ToStatus(detail::LaunchCodeScan(v, q, q_heads, scores, stream), "CodeScan");
+#else
+  (void)stream;
+  return detail::NoCuda("CodeScan");
+#endif
+}
+
+absl::Status CodeScanHost(const CodeScanView& v, const float* q, int q_heads, float* scores) {
+  if (auto st = Check(v, q, q_heads, scores, "CodeScanHost"); !st.ok()) return st;
+  const int d = v.head_dim, g = q_heads / v.kv_heads;
+  const int64_t row_bytes = (static_cast<int64_t>(d) * v.bits + 7) / 8;
+  const int64_t segments = (v.rows + v.segment_rows - 1) / v.segment_rows;
+  const unsigned mask = (1u << v.bits) - 1;
+  std::vector<double> key(d);
+  for (int kv = 0; kv < v.kv_heads; ++kv) {
+    for (int64_t r = 0; r < v.rows; ++r) {
+      const int64_t at = static_cast<int64_t>(kv) * v.rows + r;
+      const int32_t c = v.cluster[at];
+      if (c < 0 || c >= v.num_clusters) {
+        for (int h = 0; h < g; ++h)
+          scores[(static_cast<int64_t>(kv) * g + h) * v.rows + r] =
+              -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const uint8_t* code = v.code + at * row_bytes;
+      const uint16_t* cen = v.centroid + (static_cast<int64_t>(kv) * v.num_clusters + c) * d;
+      const int64_t grid = (static_cast<int64_t>(kv) * segments + r / v.segment_rows) * d;
+      for (int t = 0; t < d; ++t) {
+        const int64_t bit = static_cast<int64_t>(t) * v.bits;
+        const unsigned k = (code[bit / 8] >> (bit % 8)) & mask;
+        key[t] = double(Bf16ToF32(cen[t])) + v.offset[grid + t] + double(v.step[grid + t]) * k;
+      }
+      for (int h = 0; h < g; ++h) {
+        const float* qh = q + (static_cast<int64_t>(kv) * g + h) * d;
+        double s = 0;
+        for (int t = 0; t < d; ++t) s += double(qh[t]) * key[t];
+        scores[(static_cast<int64_t>(kv) * g + h) * v.rows + r] = static_cast<float>(s);
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvrt::gpu
