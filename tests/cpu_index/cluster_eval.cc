@@ -448,6 +448,12 @@ int main(int argc, char** argv) {
       {"rescore16/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 16.f, false, false, 2},
       {"group+rescore16/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 16.f, false, false,
        2},
+      {"rescore64c/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, true, false, 2},
+      {"group+rescore64c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true, false, 2},
+      {"rescore64c/q1", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, true, false, 1},
+      {"group+rescore64c/q1", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true, false, 1},
+      {"rescore64c", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, true},
+      {"group+rescore64c", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true},
       {"rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 8.f, true, false, 2},
       {"group+rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f, true, false, 2},
   };
