@@ -1,6 +1,7 @@
 // The code scan's launcher and host reference (code_scan.h).
 #include "kvrt_gpu/code_scan.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -39,7 +40,68 @@ absl::Status Check(const CodeScanView& v, const float* q, int q_heads, const flo
   return absl::OkStatus();
 }
 
+absl::Status CheckLse(const CodeScanView& v, int q_heads, const float* scores, const int64_t* begin,
+                      const int32_t* size, float scale, const float* lse, const char* what) {
+  if (v.kv_heads <= 0 || v.rows < 0 || v.num_clusters < 0 || q_heads <= 0 ||
+      q_heads % v.kv_heads != 0 || q_heads / v.kv_heads > kCodeScanMaxGroup) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        what,
+        ": need kv_heads > 0, rows and num_clusters >= 0, q_heads a multiple of kv_heads "
+        "with at most ",
+        kCodeScanMaxGroup, " per kv head"));
+  }
+  if (!(std::isfinite(scale) && scale > 0.f))
+    return absl::InvalidArgumentError(absl::StrCat(what, ": scale must be finite and > 0"));
+  if (v.num_clusters > 0 &&
+      (scores == nullptr || begin == nullptr || size == nullptr || lse == nullptr))
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null array"));
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::Status CodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
+                            const int64_t* begin, const int32_t* size, float scale, float* lse,
+                            void* stream) {
+  if (auto st = CheckLse(v, q_heads, scores, begin, size, scale, lse, "CodeClusterLse"); !st.ok())
+    return st;
+#if KVRT_WITH_CUDA
+  if (v.num_clusters == 0) return absl::OkStatus();
+  return detail::ToStatus(
+      detail::LaunchCodeClusterLse(v, q_heads, scores, begin, size, scale, lse, stream),
+      "CodeClusterLse");
+#else
+  (void)stream;
+  return detail::NoCuda("CodeClusterLse");
+#endif
+}
+
+absl::Status CodeClusterLseHost(const CodeScanView& v, int q_heads, const float* scores,
+                                const int64_t* begin, const int32_t* size, float scale,
+                                float* lse) {
+  if (auto st = CheckLse(v, q_heads, scores, begin, size, scale, lse, "CodeClusterLseHost");
+      !st.ok())
+    return st;
+  const int g = q_heads / v.kv_heads;
+  for (int kv = 0; kv < v.kv_heads; ++kv)
+    for (int h = 0; h < g; ++h) {
+      const int64_t qh = static_cast<int64_t>(kv) * g + h;
+      const float* s = scores + qh * v.rows;
+      for (int c = 0; c < v.num_clusters; ++c) {
+        const int64_t at = static_cast<int64_t>(kv) * v.num_clusters + c;
+        double m = -std::numeric_limits<double>::infinity();
+        for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
+          m = std::max(m, double(scale) * s[r]);
+        double l = 0;
+        for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
+          l += std::exp(double(scale) * s[r] - m);
+        lse[qh * v.num_clusters + c] = size[at] > 0 && std::isfinite(m)
+                                           ? static_cast<float>(m + std::log(l))
+                                           : -std::numeric_limits<float>::infinity();
+      }
+    }
+  return absl::OkStatus();
+}
 
 absl::Status CodeScan(const CodeScanView& v, const float* q, int q_heads, float* scores,
                       void* stream) {

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kScanThreads)
   for (int h = 0; h < MG; ++h) acc[h] = 0.f;
   if (c < 0 || c >= v.num_clusters) {
 #pragma unroll
-    for (int h = 0; h < MG; ++h) acc[h] = -__int_as_float(0x7f800000);
+    for (int h = 0; h < MG; ++h) acc[h] = -INFINITY;
   } else {
     const int bits = v.bits, per = 8 / bits;
     const unsigned mask = (1u << bits) - 1;
@@ -73,7 +73,58 @@ Err Launch(const CodeScanView& v, const float* q, int g, float* scores, void* st
   return LastLaunchErr();
 }
 
+// One warp per (kv head, cluster), every q head of the group in turn: an online max and sum
+// over the cluster's rows in the lanes, then one butterfly each.
+constexpr int kLseWarps = 8;
+
+__global__ void __launch_bounds__(kLseWarps * 32)
+    CodeClusterLseKernel(CodeScanView v, int g, const float* __restrict__ scores,
+                         const int64_t* __restrict__ begin, const int32_t* __restrict__ size,
+                         float scale, float* __restrict__ lse) {
+  const int kv = blockIdx.y;
+  const int c = blockIdx.x * kLseWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (c >= v.num_clusters) return;
+  const int64_t at = static_cast<int64_t>(kv) * v.num_clusters + c;
+  const int64_t b = begin[at], n = size[at];
+  const float kNegInf = -INFINITY;
+  for (int h = 0; h < g; ++h) {
+    const int64_t qh = static_cast<int64_t>(kv) * g + h;
+    const float* s = scores + qh * v.rows + b;
+    float m = kNegInf, l = 0.f;
+    for (int64_t r = lane; r < n; r += 32) {
+      const float x = scale * s[r];
+      if (x > m) {
+        l = (m == kNegInf ? 0.f : l * __expf(m - x)) + 1.f;
+        m = x;
+      } else if (x != kNegInf) {
+        l += __expf(x - m);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m, o);
+      const float lo = __shfl_xor_sync(0xffffffffu, l, o);
+      const float mm = fmaxf(m, mo);
+      l = (m == kNegInf ? 0.f : l * __expf(m - mm)) + (mo == kNegInf ? 0.f : lo * __expf(mo - mm));
+      m = mm;
+    }
+    if (lane == 0) lse[qh * v.num_clusters + c] = m == kNegInf ? kNegInf : m + __logf(l);
+  }
+}
+
 }  // namespace
+
+Err LaunchCodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
+                         const int64_t* begin, const int32_t* size, float scale, float* lse,
+                         void* stream) {
+  if (v.kv_heads > 65535) return Err{0, "too many kv heads for one grid"};
+  const dim3 grid(static_cast<unsigned>((v.num_clusters + kLseWarps - 1) / kLseWarps),
+                  static_cast<unsigned>(v.kv_heads));
+  CodeClusterLseKernel<<<grid, kLseWarps * 32, 0, AsStream(stream)>>>(
+      v, q_heads / v.kv_heads, scores, begin, size, scale, lse);
+  return LastLaunchErr();
+}
 
 Err LaunchCodeScan(const CodeScanView& v, const float* q, int q_heads, float* scores,
                    void* stream) {

@@ -7,5 +7,8 @@
 namespace kvrt::gpu::detail {
 
 Err LaunchCodeScan(const CodeScanView& v, const float* q, int q_heads, float* scores, void* stream);
+Err LaunchCodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
+                         const int64_t* begin, const int32_t* size, float scale, float* lse,
+                         void* stream);
 
 }  // namespace kvrt::gpu::detail

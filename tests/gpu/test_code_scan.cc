@@ -4,6 +4,7 @@
 // asserted).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -248,6 +249,93 @@ TEST(CodeScan, KernelMatchesTheHostReference) {
       ASSERT_NEAR(got[i], want[i], 1e-4 * (1 + std::fabs(want[i])) + 1e-3) << i;
     }
   }
+#endif
+}
+
+// Contiguous cluster ranges over the rows of every kv head (sizes 0..40, the last one clipped),
+// for CodeClusterLse.
+void Ranges(int kv, int64_t rows, int c, uint32_t seed, std::vector<int64_t>* begin,
+            std::vector<int32_t>* size) {
+  std::mt19937 rng(seed);
+  for (int h = 0; h < kv; ++h) {
+    int64_t at = 0;
+    for (int i = 0; i < c; ++i) {
+      const int64_t n = std::min<int64_t>(rows - at, static_cast<int64_t>(rng() % 41));
+      begin->push_back(at);
+      size->push_back(static_cast<int32_t>(n));
+      at += n;
+    }
+  }
+}
+
+TEST(CodeScan, ClusterLseIsTheLogSumExpOfItsRowsScaledScores) {
+  const HostScan s = MakeScan(2, 64, 2, 600, 256, 9, 8);
+  const int qh = 6;
+  const auto q = RandomQ(qh * 64, 4);
+  std::vector<float> scores(static_cast<std::size_t>(qh) * s.rows);
+  ASSERT_TRUE(CodeScanHost(s.View(), q.data(), qh, scores.data()).ok());
+  std::vector<int64_t> begin;
+  std::vector<int32_t> size;
+  constexpr int kClusters = 30;
+  Ranges(2, s.rows, kClusters, 12, &begin, &size);
+  CodeScanView v = s.View();
+  v.num_clusters = kClusters;
+  std::vector<float> lse(static_cast<std::size_t>(qh) * kClusters);
+  ASSERT_TRUE(
+      CodeClusterLseHost(v, qh, scores.data(), begin.data(), size.data(), 0.125f, lse.data()).ok());
+  for (int h = 0; h < qh; ++h)
+    for (int c = 0; c < kClusters; ++c) {
+      const int kv = h / 3;
+      const int64_t at = static_cast<int64_t>(kv) * kClusters + c;
+      double sum = 0;
+      for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
+        if (std::isfinite(scores[h * s.rows + r])) sum += std::exp(0.125 * scores[h * s.rows + r]);
+      const float got = lse[h * kClusters + c];
+      if (sum == 0) {
+        EXPECT_EQ(got, -std::numeric_limits<float>::infinity()) << h << " " << c;
+      } else {
+        EXPECT_NEAR(got, std::log(sum), 1e-5 * (1 + std::fabs(std::log(sum)))) << h << " " << c;
+      }
+    }
+  EXPECT_EQ(
+      CodeClusterLseHost(v, qh, scores.data(), begin.data(), size.data(), 0.f, lse.data()).code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
+TEST(CodeScan, ClusterLseKernelMatchesTheHostReference) {
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+#if KVRT_WITH_CUDA
+  const HostScan s = MakeScan(3, 128, 2, 2000, 512, 40, 21);
+  const int qh = 12;
+  const auto q = RandomQ(qh * 128, 6);
+  std::vector<float> scores(static_cast<std::size_t>(qh) * s.rows);
+  ASSERT_TRUE(CodeScanHost(s.View(), q.data(), qh, scores.data()).ok());
+  std::vector<int64_t> begin;
+  std::vector<int32_t> size;
+  constexpr int kClusters = 60;
+  Ranges(3, s.rows, kClusters, 13, &begin, &size);
+  CodeScanView v = s.View();
+  v.num_clusters = kClusters;
+  std::vector<float> want(static_cast<std::size_t>(qh) * kClusters);
+  ASSERT_TRUE(
+      CodeClusterLseHost(v, qh, scores.data(), begin.data(), size.data(), 0.09f, want.data()).ok());
+  float* ds = ToDevice(scores);
+  int64_t* db = ToDevice(begin);
+  int32_t* dz = ToDevice(size);
+  float* dl = ToDevice(std::vector<float>(want.size(), NAN));
+  ASSERT_TRUE(CodeClusterLse(v, qh, ds, db, dz, 0.09f, dl, nullptr).ok());
+  std::vector<float> got(want.size());
+  cudaMemcpy(got.data(), dl, got.size() * sizeof(float), cudaMemcpyDeviceToHost);
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (std::isinf(want[i])) {
+      EXPECT_EQ(got[i], want[i]) << i;
+    } else {
+      EXPECT_NEAR(got[i], want[i], 1e-4 * (1 + std::fabs(want[i]))) << i;
+    }
+  }
+  for (void* p : {static_cast<void*>(ds), static_cast<void*>(db), static_cast<void*>(dz),
+                  static_cast<void*>(dl)})
+    cudaFree(p);
 #endif
 }
 

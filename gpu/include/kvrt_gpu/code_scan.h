@@ -5,7 +5,8 @@
 // residual from its cluster's bf16 centroid, on a per-segment grid offset + step x code) and the
 // summary's centroids: score = q . (centroid + offset + step x code). A scan of 2-bit codes reads
 // head_dim / 4 bytes per row and kv head, 1/8 of the bf16 keys (docs/gpu.md, "The device form
-// with codes"). Selection, estimate and attention over the kept rows are not here yet.
+// with codes"), and each cluster's log-sum-exp over them. Selection, estimate and attention over
+// the kept rows are not here yet.
 // Compiles without CUDA (streams are void*); CodeScanHost is the reference (double sums);
 // launchers follow kernels.h's conventions (InvalidArgument for bad shapes, FailedPrecondition
 // without CUDA, Internal for a CUDA error; they only enqueue work).
@@ -40,5 +41,16 @@ struct CodeScanView {
 absl::Status CodeScan(const CodeScanView& v, const float* q, int q_heads, float* scores,
                       void* stream);
 absl::Status CodeScanHost(const CodeScanView& v, const float* q, int q_heads, float* scores);
+
+// Per cluster and q head, the log-sum-exp of its rows' scaled scores (CodeScan's output):
+// lse [q_heads, num_clusters] = log sum_{r in [begin, begin + size)} exp(scale * scores[h, r]),
+// -inf for an empty cluster. begin [kv_heads, C] (rows of the kv head), size [kv_heads, C].
+// density_c = lse_c - log size_c is what the cluster step ranks by; from codes it replaces the
+// centroid's estimate (docs/gpu.md, "A smaller first integration").
+absl::Status CodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
+                            const int64_t* begin, const int32_t* size, float scale, float* lse,
+                            void* stream);
+absl::Status CodeClusterLseHost(const CodeScanView& v, int q_heads, const float* scores,
+                                const int64_t* begin, const int32_t* size, float scale, float* lse);
 
 }  // namespace kvrt::gpu
