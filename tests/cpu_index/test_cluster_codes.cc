@@ -71,6 +71,30 @@ Coded Encode(int bits) {
   return c;
 }
 
+std::vector<float> RandomQuery(uint64_t seed, float sd = 1.f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, sd);
+  std::vector<float> q(kDim);
+  for (auto& x : q) x = nd(rng);
+  return q;
+}
+
+// CodeScorer's scores of every clustered row of c for q, in layout order.
+std::vector<float> ScoreClusteredRows(const Coded& c, const std::vector<float>& q, int bits) {
+  const int64_t rb = CodeRowBytes(kDim, bits);
+  const CodeScorer scorer(q.data(), kDim, bits, c.codes.offset.data(), c.codes.step.data());
+  std::vector<float> out;
+  int64_t row = 0;
+  for (std::size_t j = 0; j < c.part.size.size(); ++j) {
+    std::vector<float> got(c.part.size[j]);
+    scorer.Score(c.centroid.data() + j * kDim, c.codes.code.data() + row * rb, c.part.size[j],
+                 got.data());
+    out.insert(out.end(), got.begin(), got.end());
+    row += c.part.size[j];
+  }
+  return out;
+}
+
 TEST(ClusterCodes, DecodeToWithinHalfAStepOfTheResidualInsideTheGrid) {
   for (int bits : {1, 2, 4, 8}) {
     SCOPED_TRACE(bits);
@@ -107,31 +131,23 @@ TEST(ClusterCodes, DecodeToWithinHalfAStepOfTheResidualInsideTheGrid) {
 }
 
 TEST(ClusterCodes, ScorerEqualsTheDecodedDotProduct) {
-  std::mt19937_64 rng(3);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> q(kDim);
-  for (auto& x : q) x = nd(rng);
+  const std::vector<float> q = RandomQuery(3);
   for (int bits : {1, 2, 4, 8}) {
     SCOPED_TRACE(bits);
     const Coded c = Encode(bits);
     const int64_t rb = CodeRowBytes(kDim, bits);
-    const CodeScorer scorer(q.data(), kDim, bits, c.codes.offset.data(), c.codes.step.data());
+    const std::vector<float> got = ScoreClusteredRows(c, q, bits);
     int64_t row = 0;
-    for (std::size_t j = 0; j < c.part.size.size(); ++j) {
-      std::vector<float> got(c.part.size[j]);
-      scorer.Score(c.centroid.data() + j * kDim, c.codes.code.data() + row * rb, c.part.size[j],
-                   got.data());
-      for (int32_t m = 0; m < c.part.size[j]; ++m) {
+    for (std::size_t j = 0; j < c.part.size.size(); ++j)
+      for (int32_t m = 0; m < c.part.size[j]; ++m, ++row) {
         double want = 0;
         for (int t = 0; t < kDim; ++t) {
           const float k = Bf16ToF32(c.centroid[j * kDim + t]) + c.codes.offset[t] +
-                          c.codes.step[t] * CodeAt(c.codes.code.data() + (row + m) * rb, t, bits);
+                          c.codes.step[t] * CodeAt(c.codes.code.data() + row * rb, t, bits);
           want += double(q[t]) * k;
         }
-        ASSERT_NEAR(got[m], want, 1e-4 * (1 + std::fabs(want))) << "row " << row + m;
+        ASSERT_NEAR(got[row], want, 1e-4 * (1 + std::fabs(want))) << "row " << row;
       }
-      row += c.part.size[j];
-    }
   }
 }
 
@@ -139,32 +155,23 @@ TEST(ClusterCodes, ScorerEqualsTheDecodedDotProduct) {
 // falls with each doubling of the width (and at 8 bits is a small fraction of the scores' own
 // deviation).
 TEST(ClusterCodes, ScoresApproachTheKeysWithMoreBits) {
-  std::mt19937_64 rng(4);
-  std::normal_distribution<float> nd(0.f, 1.f);
-  std::vector<float> q(kDim);
-  for (auto& x : q) x = nd(rng);
+  const std::vector<float> q = RandomQuery(4);
   double last = INFINITY;
   for (int bits : {1, 2, 4, 8}) {
     SCOPED_TRACE(bits);
     const Coded c = Encode(bits);
-    const int64_t rb = CodeRowBytes(kDim, bits);
-    const CodeScorer scorer(q.data(), kDim, bits, c.codes.offset.data(), c.codes.step.data());
-    int64_t row = 0;
+    const std::vector<float> got = ScoreClusteredRows(c, q, bits);
     double err = 0, sum = 0, sum2 = 0;
-    for (std::size_t j = 0; j < c.part.size.size(); ++j) {
-      std::vector<float> got(c.part.size[j]);
-      scorer.Score(c.centroid.data() + j * kDim, c.codes.code.data() + row * rb, c.part.size[j],
-                   got.data());
-      for (int32_t m = 0; m < c.part.size[j]; ++m, ++row) {
-        double exact = 0;
-        for (int t = 0; t < kDim; ++t) exact += double(q[t]) * c.keys[c.part.order[row] * kDim + t];
-        err += std::fabs(got[m] - exact);
-        sum += exact;
-        sum2 += exact * exact;
-      }
+    const int64_t rows = static_cast<int64_t>(got.size());
+    for (int64_t row = 0; row < rows; ++row) {
+      double exact = 0;
+      for (int t = 0; t < kDim; ++t) exact += double(q[t]) * c.keys[c.part.order[row] * kDim + t];
+      err += std::fabs(got[row] - exact);
+      sum += exact;
+      sum2 += exact * exact;
     }
-    err /= row;
-    const double sd = std::sqrt(sum2 / row - (sum / row) * (sum / row));
+    err /= rows;
+    const double sd = std::sqrt(sum2 / rows - (sum / rows) * (sum / rows));
     EXPECT_LT(err, 0.8 * last);
     last = err;
     if (bits == 8) {
@@ -198,10 +205,7 @@ TEST(ClusterCodes, RescoreOnCodesKeepsTheBestRowsByTheCodesScores) {
   EXPECT_EQ(codes->code.size(), static_cast<std::size_t>(kRows * rb));
   EXPECT_GE(index->MemoryBytes(), s.Bytes() + codes->code.size());
 
-  std::mt19937_64 rng(11);
-  std::normal_distribution<float> nd(0.f, 0.7f);
-  std::vector<float> q(kDim);
-  for (auto& x : q) x = nd(rng);
+  const std::vector<float> q = RandomQuery(11, 0.7f);
   SearchParams p;
   p.k = 30;
   SearchResult r;

@@ -18,6 +18,7 @@
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/kernels.h"
+#include "tests/gpu/device_copy.h"
 
 #if KVRT_WITH_CUDA
 #include <cuda_runtime.h>
@@ -355,20 +356,6 @@ TEST(ClusterStepHost, EdgeCases) {
 }
 
 #if KVRT_WITH_CUDA
-template <typename T>
-T* ToDevice(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<std::size_t>(1, h.size()) * sizeof(T)), cudaSuccess);
-  if (!h.empty()) cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-template <typename T>
-std::vector<T> ToHost(const T* d, std::size_t n) {
-  std::vector<T> h(n);
-  if (n) cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost);
-  return h;
-}
-
 struct DevCase {
   ClusterSummaryView view;
   ClusterStepOutputs out;

@@ -15,6 +15,7 @@
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/code_scan.h"
 #include "kvrt_gpu/kernels.h"
+#include "tests/gpu/device_copy.h"
 
 #if KVRT_WITH_CUDA
 #include <cuda_runtime.h>
@@ -178,14 +179,6 @@ TEST(CodeScan, HostMatchesTheIndexsCodeScorer) {
 #endif  // KVRT_GPU_KERNELS_ONLY
 
 #if KVRT_WITH_CUDA
-template <typename T>
-T* ToDevice(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<std::size_t>(1, h.size()) * sizeof(T)), cudaSuccess);
-  if (!h.empty()) cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
-  return d;
-}
-
 // The kernel's scores for s and q (q_heads heads), copied back.
 std::vector<float> ScanOnDevice(const HostScan& s, const std::vector<float>& q, int q_heads,
                                 double* ms = nullptr) {
@@ -268,18 +261,40 @@ void Ranges(int kv, int64_t rows, int c, uint32_t seed, std::vector<int64_t>* be
   }
 }
 
-TEST(CodeScan, ClusterLseIsTheLogSumExpOfItsRowsScaledScores) {
-  const HostScan s = MakeScan(2, 64, 2, 600, 256, 9, 8);
-  const int qh = 6;
-  const auto q = RandomQ(qh * 64, 4);
-  std::vector<float> scores(static_cast<std::size_t>(qh) * s.rows);
-  ASSERT_TRUE(CodeScanHost(s.View(), q.data(), qh, scores.data()).ok());
+// A scan's scores (g q heads per kv head) and kClusters ranges over its rows per kv head.
+struct LseCase {
+  HostScan s;
+  int qh = 0, clusters = 0;
+  std::vector<float> scores;
   std::vector<int64_t> begin;
   std::vector<int32_t> size;
-  constexpr int kClusters = 30;
-  Ranges(2, s.rows, kClusters, 12, &begin, &size);
-  CodeScanView v = s.View();
-  v.num_clusters = kClusters;
+  CodeScanView View() const {
+    CodeScanView v = s.View();
+    v.num_clusters = clusters;
+    return v;
+  }
+};
+
+LseCase MakeLseCase(int kv, int d, int64_t rows, int64_t seg, int g, int clusters, uint32_t seed) {
+  LseCase k;
+  k.s = MakeScan(kv, d, 2, rows, seg, 9, seed);
+  k.qh = kv * g;
+  k.clusters = clusters;
+  const auto q = RandomQ(k.qh * d, seed + 1);
+  k.scores.resize(static_cast<std::size_t>(k.qh) * rows);
+  EXPECT_TRUE(CodeScanHost(k.s.View(), q.data(), k.qh, k.scores.data()).ok());
+  Ranges(kv, rows, clusters, seed + 2, &k.begin, &k.size);
+  return k;
+}
+
+TEST(CodeScan, ClusterLseIsTheLogSumExpOfItsRowsScaledScores) {
+  const LseCase k = MakeLseCase(2, 64, 600, 256, 3, 30, 8);
+  const int qh = k.qh, kClusters = k.clusters;
+  const std::vector<float>& scores = k.scores;
+  const std::vector<int64_t>& begin = k.begin;
+  const std::vector<int32_t>& size = k.size;
+  const int64_t rows = k.s.rows;
+  const CodeScanView v = k.View();
   std::vector<float> lse(static_cast<std::size_t>(qh) * kClusters);
   ASSERT_TRUE(
       CodeClusterLseHost(v, qh, scores.data(), begin.data(), size.data(), 0.125f, lse.data()).ok());
@@ -289,7 +304,7 @@ TEST(CodeScan, ClusterLseIsTheLogSumExpOfItsRowsScaledScores) {
       const int64_t at = static_cast<int64_t>(kv) * kClusters + c;
       double sum = 0;
       for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
-        if (std::isfinite(scores[h * s.rows + r])) sum += std::exp(0.125 * scores[h * s.rows + r]);
+        if (std::isfinite(scores[h * rows + r])) sum += std::exp(0.125 * scores[h * rows + r]);
       const float got = lse[h * kClusters + c];
       if (sum == 0) {
         EXPECT_EQ(got, -std::numeric_limits<float>::infinity()) << h << " " << c;
@@ -305,17 +320,12 @@ TEST(CodeScan, ClusterLseIsTheLogSumExpOfItsRowsScaledScores) {
 TEST(CodeScan, ClusterLseKernelMatchesTheHostReference) {
   if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
 #if KVRT_WITH_CUDA
-  const HostScan s = MakeScan(3, 128, 2, 2000, 512, 40, 21);
-  const int qh = 12;
-  const auto q = RandomQ(qh * 128, 6);
-  std::vector<float> scores(static_cast<std::size_t>(qh) * s.rows);
-  ASSERT_TRUE(CodeScanHost(s.View(), q.data(), qh, scores.data()).ok());
-  std::vector<int64_t> begin;
-  std::vector<int32_t> size;
-  constexpr int kClusters = 60;
-  Ranges(3, s.rows, kClusters, 13, &begin, &size);
-  CodeScanView v = s.View();
-  v.num_clusters = kClusters;
+  const LseCase k = MakeLseCase(3, 128, 2000, 512, 4, 60, 21);
+  const int qh = k.qh, kClusters = k.clusters;
+  const std::vector<float>& scores = k.scores;
+  const std::vector<int64_t>& begin = k.begin;
+  const std::vector<int32_t>& size = k.size;
+  const CodeScanView v = k.View();
   std::vector<float> want(static_cast<std::size_t>(qh) * kClusters);
   ASSERT_TRUE(
       CodeClusterLseHost(v, qh, scores.data(), begin.data(), size.data(), 0.09f, want.data()).ok());

@@ -19,6 +19,7 @@
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/direct_attend.h"
 #include "kvrt_gpu/kernels.h"
+#include "tests/gpu/device_copy.h"
 #include "tests/gpu/random_storage.h"
 
 #if KVRT_WITH_CUDA
@@ -775,24 +776,6 @@ TEST(DirectAttendHost, ArgumentChecks) {
 }
 
 #if KVRT_WITH_CUDA
-template <typename T>
-T* ToDevice(const std::vector<T>& h) {
-  T* d = nullptr;
-  EXPECT_EQ(cudaMalloc(&d, std::max<std::size_t>(1, h.size()) * sizeof(T)), cudaSuccess);
-  if (!h.empty()) {
-    EXPECT_EQ(cudaMemcpy(d, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
-  }
-  return d;
-}
-template <typename T>
-std::vector<T> ToHost(const T* d, std::size_t n) {
-  std::vector<T> h(n);
-  if (n != 0) {
-    EXPECT_EQ(cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  }
-  return h;
-}
-
 // Equal vectors, reporting the first difference only (pools are megabytes).
 template <typename T>
 ::testing::AssertionResult Same(const std::vector<T>& a, const std::vector<T>& b,
