@@ -18,7 +18,7 @@
 # selection (cluster_miss_penalty 0, 0.5, 1) at 128K B=1 and B=16 with accuracy, BENCH=scale
 # B=64 x 128K, B=8 x 1M (one layer each), 1M B=1 and the 128K step pipelined, per penalty, BENCH=pipe bench decode --pipeline (layer-steps back to back, as a decoder runs them)
 # beside the same runs synced per layer-step, BENCH=timeline the host's time per span
-# (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=rescore the two-stage cluster selection (RESCORE select:rescore pairs) beside the
+# (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=rescore the two-stage cluster selection (RESCORE select:rescore[:bits] triples) beside the
 # default at 128K B=1 with accuracy, BENCH=ab-batch the build before against this one at
 # 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=keys
 # config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=ncu-step each decode-step
@@ -528,19 +528,22 @@ if [[ "${1:-}" == "--device" ]]; then
       rm -f $trace
     elif [[ "$bench" == rescore ]]; then
       # The two-stage cluster selection's cost on the GPU backend (config.cluster_rescore: the CPU
-      # selects, no direct step) beside the default, per RESCORE (select:rescore pairs, default
-      # "1:0 0:0 0:2 0:4 1:4"; select = config.cluster_group_select) on the 128K trace: B=1
-      # pipelined (8 layers) and B=1 with accuracy against exact attention (1 layer).
+      # selects, no direct step) beside the default, per RESCORE (select:rescore[:bits] triples,
+      # default "1:0 0:0 0:2 0:4 1:4"; select = config.cluster_group_select, bits =
+      # config.cluster_rescore_bits, default 0) on the 128K trace: B=1 pipelined (8 layers) and
+      # B=1 with accuracy against exact attention (1 layer).
       trace=/tmp/kvrt-rescore.safetensors
       trace_128k $trace || rc=1
       for pair in ${RESCORE:-1:0 0:0 0:2 0:4 1:4}; do
-        sel=${pair%%:*} r=${pair##*:}
-        echo "=== kvrt --group-select $sel --cluster-rescore $r: cluster 128K --trace B=1, 8 layers --pipeline"
+        IFS=: read -r sel r bits <<< "$pair"
+        bits=${bits:-0}
+        echo "=== kvrt --group-select $sel --cluster-rescore $r --cluster-rescore-bits $bits: cluster 128K --trace B=1, 8 layers --pipeline"
         timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 --layers 8 \
-          --pipeline --accuracy-steps 0 --group-select $sel --cluster-rescore $r || rc=1
-        echo "=== kvrt --group-select $sel --cluster-rescore $r: cluster 128K --trace B=1, 1 layer, accuracy"
+          --pipeline --accuracy-steps 0 --group-select $sel --cluster-rescore $r \
+          --cluster-rescore-bits $bits || rc=1
+        echo "=== kvrt --group-select $sel --cluster-rescore $r --cluster-rescore-bits $bits: cluster 128K --trace B=1, 1 layer, accuracy"
         timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 --layers 1 \
-          --group-select $sel --cluster-rescore $r || rc=1
+          --group-select $sel --cluster-rescore $r --cluster-rescore-bits $bits || rc=1
       done
       rm -f $trace
     elif [[ "$bench" == ab-trace ]]; then
