@@ -251,6 +251,46 @@ TEST(ClusterCodes, RescoreOnCodesKeepsTheBestRowsByTheCodesScores) {
   EXPECT_GE(agree, 29);
 }
 
+// The runtime budgets host memory by IndexBytesBound: with codes it must still bound what the
+// index holds, built at once or grown segment by segment.
+TEST(ClusterCodes, IndexBytesBoundCountsTheCodes) {
+  IndexConfig cfg;
+  cfg.cluster = SmallCluster();
+  cfg.cluster.segment_tokens = 128;
+  cfg.cluster.rescore = 4.f;
+  std::vector<float> keys;
+  for (uint64_t seed : {21, 22, 23, 24}) {
+    const std::vector<float> k = Keys(seed);
+    keys.insert(keys.end(), k.begin(), k.end());
+  }
+  const int64_t total = static_cast<int64_t>(keys.size()) / kDim;
+  for (int bits : {0, 1, 2, 4, 8}) {
+    SCOPED_TRACE(bits);
+    cfg.cluster.rescore_bits = bits;
+    HeadStore store(kDim, DType::kF32);
+    ASSERT_TRUE(store.Append(keys.data(), keys.data(), 300, kDim).ok());
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+    EXPECT_LE(static_cast<int64_t>(index->MemoryBytes()),
+              IndexBytesBound(IndexKind::kCluster, cfg, kDim, 300));
+    for (int64_t n = 300; n < total;) {
+      const int64_t add = std::min<int64_t>(total - n, 211);
+      ASSERT_TRUE(store.Append(keys.data() + n * kDim, keys.data() + n * kDim, add, kDim).ok());
+      n += add;
+      ASSERT_TRUE(index->Add(store).ok());
+      ASSERT_LE(static_cast<int64_t>(index->MemoryBytes()),
+                IndexBytesBound(IndexKind::kCluster, cfg, kDim, n))
+          << "grown to " << n;
+    }
+    const SegmentCodes* codes = GetClusterCodes(*index);
+    ASSERT_EQ(codes != nullptr, bits > 0);
+    if (codes != nullptr) {
+      EXPECT_EQ(codes->code.size(),
+                static_cast<std::size_t>(index->size() * CodeRowBytes(kDim, bits)));
+    }
+  }
+}
+
 TEST(ClusterCodes, RejectsWidthsThatDoNotDivideAByte) {
   IndexConfig cfg;
   cfg.cluster = SmallCluster();
