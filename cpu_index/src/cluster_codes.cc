@@ -30,7 +30,7 @@ bool ValidCodeBits(int bits) { return bits == 1 || bits == 2 || bits == 4 || bit
 int64_t CodeRowBytes(int dim, int bits) { return (static_cast<int64_t>(dim) * bits + 7) / 8; }
 
 void EncodeResiduals(const float* keys, const SegmentClustering& part, const uint16_t* centroid,
-                     int dim, int bits, SegmentCodes* out) {
+                     int dim, int bits, SegmentCodes* out, bool laid_out) {
   const int64_t n = static_cast<int64_t>(part.order.size());
   const int64_t clustered = n - part.num_outliers;
   const int64_t row_bytes = CodeRowBytes(dim, bits);
@@ -44,7 +44,7 @@ void EncodeResiduals(const float* keys, const SegmentClustering& part, const uin
     for (std::size_t j = 0; j < part.size.size(); ++j) {
       const uint16_t* c = centroid + j * dim;
       for (int32_t m = 0; m < part.size[j]; ++m, ++row) {
-        const float* k = keys + part.order[row] * dim;
+        const float* k = keys + (laid_out ? row : part.order[row]) * dim;
         float* r = res.data() + row * dim;
         for (int t = 0; t < dim; ++t) r[t] = k[t] - Bf16ToF32(c[t]);
       }

@@ -159,7 +159,7 @@ class ClusterIndex final : public KeyIndex {
     return absl::OkStatus();
   }
 
-  absl::Status Preset(int64_t begin, std::vector<SegmentClustering> parts) {
+  absl::Status Preset(int64_t begin, std::vector<SegmentClustering> parts, bool laid_out) {
     if (begin != size_) {
       return absl::InvalidArgumentError(absl::StrCat(
           "cluster index: preset segments start at row ", begin, ", the index covers ", size_));
@@ -175,6 +175,7 @@ class ClusterIndex final : public KeyIndex {
     }
     preset_begin_ = begin;
     preset_ = std::move(parts);
+    preset_laid_out_ = laid_out;
     return absl::OkStatus();
   }
 
@@ -224,7 +225,8 @@ class ClusterIndex final : public KeyIndex {
         if (Coded()) {
           std::vector<uint16_t> cent(parts[s].centroid.size());
           ConvertFromF32(parts[s].centroid.data(), cent.size(), DType::kBF16, cent.data());
-          EncodeResiduals(k.data(), parts[s], cent.data(), dim_, cfg_.rescore_bits, &codes[s]);
+          EncodeResiduals(k.data(), parts[s], cent.data(), dim_, cfg_.rescore_bits, &codes[s],
+                          preset_here && preset_laid_out_);
         }
       });
     });
@@ -572,12 +574,14 @@ class ClusterIndex final : public KeyIndex {
   int64_t code_row_bytes_ = 0;
   int64_t preset_begin_ = 0;
   std::vector<SegmentClustering> preset_;  // PresetSegments: the next Cover takes these
+  bool preset_laid_out_ = false;           // ... over rows the store holds in their order
 };
 
-absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts) {
+absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts,
+                            bool laid_out) {
   if (index == nullptr || index->kind() != IndexKind::kCluster)
     return absl::InvalidArgumentError("PresetSegments: not a cluster index");
-  return static_cast<ClusterIndex*>(index)->Preset(begin, std::move(parts));
+  return static_cast<ClusterIndex*>(index)->Preset(begin, std::move(parts), laid_out);
 }
 
 const ClusterSummary* GetClusterSummary(const KeyIndex& index) {

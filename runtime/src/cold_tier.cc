@@ -221,10 +221,12 @@ void ColdTier::TakePreset(int g, cpu_index::KeyIndex* index) {
   // NOTE: a preset the index refuses (it cannot happen with segments built for this store) only
   // costs the time of the build: the index clusters those segments itself, from the store as it
   // is (laid out or not), and its order is then applied as usual.
-  const bool taken = cpu_index::PresetSegments(index, preset_begin_, std::move(preset_[g])).ok();
+  const bool laid_out = g < static_cast<int>(laid_out_.size()) && laid_out_[g];
+  const bool taken =
+      cpu_index::PresetSegments(index, preset_begin_, std::move(preset_[g]), laid_out).ok();
   if (skip_order_.size() != static_cast<std::size_t>(cfg_->num_kv_heads))
     skip_order_.assign(cfg_->num_kv_heads, 0);
-  skip_order_[g] = taken && g < static_cast<int>(laid_out_.size()) && laid_out_[g];
+  skip_order_[g] = taken && laid_out;
 }
 
 absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {

@@ -291,6 +291,36 @@ TEST(ClusterCodes, IndexBytesBoundCountsTheCodes) {
   }
 }
 
+// Segments clustered outside the index (the GPU build) arrive either over the store as it was
+// (the index's order is then applied) or over a store already laid out in their order: the codes
+// must be the same either way.
+TEST(ClusterCodes, PresetSegmentsOverALaidOutStoreGetTheSameCodes) {
+  const Coded c = Encode(2);  // a segment of kRows rows clustered as a preset would be
+  IndexConfig cfg;
+  cfg.cluster = SmallCluster();  // segment_tokens = kRows: one segment
+  cfg.cluster.rescore = 4.f;
+  cfg.cluster.rescore_bits = 2;
+  std::vector<float> laid(c.keys.size());
+  for (int64_t i = 0; i < kRows; ++i)
+    std::copy_n(c.keys.data() + c.part.order[i] * kDim, kDim, laid.data() + i * kDim);
+  std::vector<std::vector<uint8_t>> got;
+  for (bool laid_out : {false, true}) {
+    SCOPED_TRACE(laid_out);
+    HeadStore store(kDim, DType::kF32);
+    const std::vector<float>& rows = laid_out ? laid : c.keys;
+    ASSERT_TRUE(store.Append(rows.data(), rows.data(), kRows, kDim).ok());
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE(PresetSegments(index.get(), 0, {c.part}, laid_out).ok());
+    ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+    const SegmentCodes* codes = GetClusterCodes(*index);
+    ASSERT_NE(codes, nullptr);
+    EXPECT_EQ(codes->code, c.codes.code);  // Encode's codes, from the keys in their first order
+    EXPECT_EQ(codes->step, c.codes.step);
+    got.push_back(codes->code);
+  }
+  EXPECT_EQ(got[0], got[1]);
+}
+
 TEST(ClusterCodes, RejectsWidthsThatDoNotDivideAByte) {
   IndexConfig cfg;
   cfg.cluster = SmallCluster();

@@ -197,10 +197,10 @@ struct SegmentCodes {
 };
 bool ValidCodeBits(int bits);
 int64_t CodeRowBytes(int dim, int bits);
-// keys: the segment's f32 rows [n, dim] in their order before part.order; centroid: bf16
-// [clusters, dim], the summary's.
+// keys: the segment's f32 rows [n, dim] in their order before part.order (laid_out: after it,
+// row i of the layout at keys + i * dim); centroid: bf16 [clusters, dim], the summary's.
 void EncodeResiduals(const float* keys, const SegmentClustering& part, const uint16_t* centroid,
-                     int dim, int bits, SegmentCodes* out);
+                     int dim, int bits, SegmentCodes* out, bool laid_out = false);
 
 // Scores rows of one segment's codes for one query q (unscaled): q . (centroid + offset + step *
 // code). Holds a table of partial sums per 4-bit nibble of a row (bits < 8), so that a row costs
@@ -223,8 +223,10 @@ class CodeScorer {
 // `index` (kind kCluster, built with the same queries, so in the same metric) takes parts[i] for
 // the segment at store row begin + i * segment_tokens instead of clustering it. InvalidArgument
 // for another kind, a begin that is not the index's next segment, or a part whose row count is not
-// segment_tokens.
-absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts);
+// segment_tokens. laid_out: the store's rows of these segments already follow each part's order
+// (the GPU build writes them so), which the codes (rescore_bits) are read in.
+absl::Status PresetSegments(KeyIndex* index, int64_t begin, std::vector<SegmentClustering> parts,
+                            bool laid_out = false);
 
 // The summary of a cluster index (kind kCluster), e.g. to copy it to the GPU after each
 // Build/Add; null for other kinds.
