@@ -39,7 +39,7 @@ struct ReplayOptions {
   double streaming_threshold = 0;
   int calibration_queries = 16;
   bool group_search = false;  // kvrt_config.group_search
-  ClusterOptions cluster;     // cluster_keys, cluster_rescore, cluster_group_select
+  ClusterOptions cluster;     // cluster_keys, cluster_rescore(_bits), cluster_group_select
 };
 
 // Per (layer, q head) figures of one replay.
