@@ -652,14 +652,21 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
 }
 
 // A two-stage selection (cluster.rescore) is the CPU's on the GPU backend too: Create turns the
-// GPU selection and the direct step off, and the steps agree with the host backend's.
+// GPU selection and the direct step off, and the steps agree with the host backend's; on the
+// keys and on 2-bit codes of them (rescore_bits: the GPU build's segments arrive over a store
+// already laid out, the host's are laid out after, and the codes must not differ).
 TEST(GpuBackendCluster, RescoreSelectsOnTheCpuAndMatchesTheHostBackend) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  for (bool group : {false, true}) {
-    Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, group ? "rescore group" : "rescore"};
+  for (int run = 0; run < 4; ++run) {
+    const bool group = run % 2 == 1;
+    const int bits = run < 2 ? 0 : 2;
+    Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16,
+           group ? (bits ? "rescore group codes" : "rescore group")
+                 : (bits ? "rescore codes" : "rescore")};
     RuntimeConfig host_cfg = ClusterCompareConfig(c, 0, 0.1f, true, group);
     RuntimeConfig gpu_cfg = ClusterCompareConfig(c, 1, 0.1f, true, group);
     host_cfg.index.cluster.rescore = gpu_cfg.index.cluster.rescore = 4.f;
+    host_cfg.index.cluster.rescore_bits = gpu_cfg.index.cluster.rescore_bits = bits;
     auto host_rt = Runtime::Create(host_cfg);
     auto gpu_rt = Runtime::Create(gpu_cfg);
     ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
