@@ -338,8 +338,13 @@ typedef struct kvrt_config {
                                    the attended rows still are, exactly. On the Gemma 3 traces 2
                                    bits keep nearly all of the keys' gain (error at equal tokens
                                    0.41-0.62x flat top-k's per q head at cluster_rescore 4
-                                   against 0.38-0.60x on keys; docs/fidelity.md, "Candidates
-                                   scored on codes"). One of 0, 1, 2, 4, 8 [0]. Since 0.3.13
+                                   against 0.38-0.60x on keys), and scoring every clustered row
+                                   (cluster_rescore 64) on them gives 0.23-0.32x per q head,
+                                   0.34-0.50x with group selection (docs/fidelity.md,
+                                   "Candidates scored on codes"). On the host's CPU the codes
+                                   are no faster than the keys (measured on 2 cores); they are
+                                   the form a GPU scan would read. One of 0, 1, 2, 4, 8 [0].
+                                   Since 0.3.13
                                    (0.3.11 and 0.3.12: reserved1, not read, which
                                    kvrt_config_default() set to 0: such a caller scores on keys,
                                    as before). */
