@@ -61,14 +61,15 @@ void EncodeResiduals(const float* keys, const SegmentClustering& part, const uin
   for (int t = 0; t < dim; ++t) {
     const double m = clustered > 0 ? mean[t] / clustered : 0.0;
     const double var = clustered > 0 ? std::max(0.0, sq[t] / clustered - m * m) : 0.0;
-    float step = GaussianStep(bits) * static_cast<float>(std::sqrt(var));
-    if (!(step > 0.f)) step = 1.f;  // a constant channel: its codes all decode to about its mean
-    out->step[t] = step;
-    out->offset[t] = static_cast<float>(m) - half * step;
+    const float step = GaussianStep(bits) * static_cast<float>(std::sqrt(var));
+    // A constant channel (padding dims, say): step 0, every code decodes to its value exactly.
+    out->step[t] = step > 0.f ? step : 0.f;
+    out->offset[t] = static_cast<float>(m) - (step > 0.f ? half * step : 0.f);
   }
   for (int64_t i = 0; i < clustered; ++i) {
     uint8_t* row = out->code.data() + i * row_bytes;
     for (int t = 0; t < dim; ++t) {
+      if (out->step[t] == 0.f) continue;  // code 0
       const float q = std::nearbyint((res[i * dim + t] - out->offset[t]) / out->step[t]);
       const auto c = static_cast<unsigned>(std::clamp(q, 0.f, static_cast<float>(levels - 1)));
       const int64_t bit = static_cast<int64_t>(t) * bits;

@@ -130,6 +130,34 @@ TEST(ClusterCodes, DecodeToWithinHalfAStepOfTheResidualInsideTheGrid) {
   }
 }
 
+// A channel that is constant over the segment (a padding dim, say) decodes to its value
+// exactly, whatever the width: a grid step there would shift every score of the segment.
+TEST(ClusterCodes, AConstantChannelDecodesToItsValue) {
+  std::vector<float> keys = Keys(6);
+  for (int64_t i = 0; i < kRows; ++i) keys[i * kDim + 5] = 0.75f;  // bf16-exact
+  std::vector<float> values(keys.size(), 0.f);
+  const std::vector<float> identity = QueryMetricFactor(nullptr, 0, kDim, 0);
+  SegmentClustering part;
+  ClusterSegment(keys.data(), values.data(), kRows, kDim, identity.data(), SmallCluster(), 7,
+                 &part);
+  std::vector<uint16_t> centroid(part.centroid.size());
+  ConvertFromF32(part.centroid.data(), centroid.size(), DType::kBF16, centroid.data());
+  for (int bits : {1, 2, 4, 8}) {
+    SCOPED_TRACE(bits);
+    SegmentCodes codes;
+    EncodeResiduals(keys.data(), part, centroid.data(), kDim, bits, &codes);
+    EXPECT_EQ(codes.step[5], 0.f);
+    const int64_t rb = CodeRowBytes(kDim, bits);
+    int64_t row = 0;
+    for (std::size_t j = 0; j < part.size.size(); ++j)
+      for (int32_t m = 0; m < part.size[j]; ++m, ++row) {
+        const float decoded = Bf16ToF32(centroid[j * kDim + 5]) + codes.offset[5] +
+                              codes.step[5] * CodeAt(codes.code.data() + row * rb, 5, bits);
+        ASSERT_NEAR(decoded, 0.75f, 1e-6f) << "row " << row;
+      }
+  }
+}
+
 TEST(ClusterCodes, ScorerEqualsTheDecodedDotProduct) {
   const std::vector<float> q = RandomQuery(3);
   for (int bits : {1, 2, 4, 8}) {

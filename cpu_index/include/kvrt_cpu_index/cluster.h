@@ -187,7 +187,8 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
 // channel, the residual from its cluster's bf16 centroid on a uniform grid of 2^bits levels,
 // decoded as offset[t] + step[t] * code (step: the Gaussian MSE-optimal step for the level count
 // times the channel's residual deviation over the segment; offset centres the grid on the
-// channel's mean residual). A row is CodeRowBytes packed bytes, channel t at bit t * bits
+// channel's mean residual; a channel constant over the segment gets step 0 and decodes to its
+// value). A row is CodeRowBytes packed bytes, channel t at bit t * bits
 // (little-endian within a byte), rows in layout order (part.order); the outliers' rows (the last
 // num_outliers) are zero and never scored from codes.
 struct SegmentCodes {
