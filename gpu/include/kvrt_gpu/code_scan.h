@@ -44,7 +44,8 @@ absl::Status CodeScanHost(const CodeScanView& v, const float* q, int q_heads, fl
 
 // Per cluster and q head, the log-sum-exp of its rows' scaled scores (CodeScan's output):
 // lse [q_heads, num_clusters] = log sum_{r in [begin, begin + size)} exp(scale * scores[h, r]),
-// -inf for an empty cluster. begin [kv_heads, C] (rows of the kv head), size [kv_heads, C].
+// -inf for an empty cluster. begin [kv_heads, C] (rows of the kv head), size [kv_heads, C]; each
+// range must lie within [0, rows) (not checked: the kernel's arrays are device memory).
 // density_c = lse_c - log size_c is what the cluster step ranks by; from codes it replaces the
 // centroid's estimate (docs/gpu.md, "A smaller first integration").
 absl::Status CodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
