@@ -53,7 +53,6 @@ class ClusterIndex final : public KeyIndex {
     summary_.dim = dim_;
     pending_order_.clear();
     codes_ = SegmentCodes{};
-    code_row_bytes_ = Coded() ? CodeRowBytes(dim_, cfg_.rescore_bits) : 0;
     size_ = 0;
     metric_l_ = QueryMetricFactor(cfg_.query_aware ? queries : nullptr,
                                   cfg_.query_aware ? n_queries : 0, dim_, cfg_.metric_queries);
@@ -290,7 +289,11 @@ class ClusterIndex final : public KeyIndex {
   class CandidateScorer {
    public:
     CandidateScorer(const ClusterIndex& index, const HeadStore& store, const float* qs, int nq)
-        : index_(index), store_(store), qs_(qs), scorers_(index.Coded() ? nq : 0) {}
+        : index_(index),
+          store_(store),
+          qs_(qs),
+          row_bytes_(index.Coded() ? CodeRowBytes(index.dim_, index.cfg_.rescore_bits) : 0),
+          scorers_(index.Coded() ? nq : 0) {}
     // Cluster c's rows for query j of qs.
     void Score(int j, int32_t c, float* out) {
       const ClusterIndex& x = index_;
@@ -311,13 +314,14 @@ class ClusterIndex final : public KeyIndex {
                                          x.codes_.offset.data() + off, x.codes_.step.data() + off);
       }
       per[seg]->Score(x.summary_.centroid.data() + static_cast<std::size_t>(c) * x.dim_,
-                      x.codes_.code.data() + begin * x.code_row_bytes_, x.summary_.size[c], out);
+                      x.codes_.code.data() + begin * row_bytes_, x.summary_.size[c], out);
     }
 
    private:
     const ClusterIndex& index_;
     const HeadStore& store_;
     const float* qs_;
+    const int64_t row_bytes_;                                        // of a row's codes
     std::vector<std::vector<std::unique_ptr<CodeScorer>>> scorers_;  // [nq][segment]
   };
 
@@ -571,7 +575,6 @@ class ClusterIndex final : public KeyIndex {
   int64_t pending_begin_ = 0;
   std::vector<int64_t> pending_order_;
   SegmentCodes codes_;  // rescore_bits: every covered row's codes, per segment offset and step
-  int64_t code_row_bytes_ = 0;
   int64_t preset_begin_ = 0;
   std::vector<SegmentClustering> preset_;  // PresetSegments: the next Cover takes these
   bool preset_laid_out_ = false;           // ... over rows the store holds in their order

@@ -14,23 +14,29 @@
 namespace kvrt::gpu {
 namespace {
 
+// The shape both calls share: kv heads, and q heads in whole groups of at most
+// kCodeScanMaxGroup.
+absl::Status CheckGroups(const CodeScanView& v, int q_heads, const char* what) {
+  if (v.kv_heads <= 0 || q_heads <= 0 || q_heads % v.kv_heads != 0 ||
+      q_heads / v.kv_heads > kCodeScanMaxGroup) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": need kv_heads > 0 and q_heads a multiple of kv_heads with at most ",
+                     kCodeScanMaxGroup, " per kv head"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Check(const CodeScanView& v, const float* q, int q_heads, const float* scores,
                    const char* what) {
-  if (v.kv_heads <= 0 || v.head_dim <= 0 || v.head_dim > 256 || v.rows < 0 || v.segment_rows <= 0 ||
+  if (auto st = CheckGroups(v, q_heads, what); !st.ok()) return st;
+  if (v.head_dim <= 0 || v.head_dim > 256 || v.rows < 0 || v.segment_rows <= 0 ||
       v.num_clusters < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what,
-                     ": need kv_heads > 0, head_dim in [1, 256], rows >= 0, segment_rows > 0, "
-                     "num_clusters >= 0"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        what, ": need head_dim in [1, 256], rows >= 0, segment_rows > 0, num_clusters >= 0"));
   }
   if (v.bits != 1 && v.bits != 2 && v.bits != 4 && v.bits != 8) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": bits = ", v.bits, " must be 1, 2, 4 or 8"));
-  }
-  if (q_heads <= 0 || q_heads % v.kv_heads != 0 || q_heads / v.kv_heads > kCodeScanMaxGroup) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": q_heads must be a multiple of kv_heads with at most ",
-                     kCodeScanMaxGroup, " per kv head"));
   }
   if (v.rows > 0 &&
       (v.code == nullptr || v.cluster == nullptr || v.offset == nullptr || v.step == nullptr ||
@@ -42,13 +48,9 @@ absl::Status Check(const CodeScanView& v, const float* q, int q_heads, const flo
 
 absl::Status CheckLse(const CodeScanView& v, int q_heads, const float* scores, const int64_t* begin,
                       const int32_t* size, float scale, const float* lse, const char* what) {
-  if (v.kv_heads <= 0 || v.rows < 0 || v.num_clusters < 0 || q_heads <= 0 ||
-      q_heads % v.kv_heads != 0 || q_heads / v.kv_heads > kCodeScanMaxGroup) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        what,
-        ": need kv_heads > 0, rows and num_clusters >= 0, q_heads a multiple of kv_heads "
-        "with at most ",
-        kCodeScanMaxGroup, " per kv head"));
+  if (auto st = CheckGroups(v, q_heads, what); !st.ok()) return st;
+  if (v.rows < 0 || v.num_clusters < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": need rows and num_clusters >= 0"));
   }
   if (!(std::isfinite(scale) && scale > 0.f))
     return absl::InvalidArgumentError(absl::StrCat(what, ": scale must be finite and > 0"));

@@ -16,6 +16,7 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 #include "kvrt_cpu_index/index.h"
+#include "tests/cpu_index/normal_vector.h"
 
 namespace kvrt::cpu_index {
 namespace {
@@ -45,11 +46,7 @@ void AppendRows(HeadStore* store, int64_t n, uint64_t seed, DType t = DType::kF3
 }
 
 std::vector<float> RandomQuery(uint64_t seed, float sd = 1.f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> q(kDim);
-  for (auto& x : q) x = nd(rng);
-  return q;
+  return testing::NormalVector(kDim, seed, sd);
 }
 
 // n queries [n, kDim], query i drawn with seed first_seed + i.

@@ -12,6 +12,7 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 #include "kvrt_cpu_index/index.h"
+#include "tests/cpu_index/normal_vector.h"
 
 namespace kvrt::cpu_index {
 namespace {
@@ -72,11 +73,7 @@ Coded Encode(int bits) {
 }
 
 std::vector<float> RandomQuery(uint64_t seed, float sd = 1.f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> q(kDim);
-  for (auto& x : q) x = nd(rng);
-  return q;
+  return testing::NormalVector(kDim, seed, sd);
 }
 
 // CodeScorer's scores of every clustered row of c for q, in layout order.
