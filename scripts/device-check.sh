@@ -21,7 +21,8 @@
 # (KVRT_TIMELINE) at 128K B=16 and 1M B=1, BENCH=rescore the two-stage cluster selection (RESCORE select:rescore[:bits] triples) beside the
 # default at 128K B=1 with accuracy, BENCH=ab-batch the build before against this one at
 # 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=keys
-# config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=ncu-step each decode-step
+# config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=codes the selection on codes
+# (cluster_rescore_bits per CODE_BITS, default "0 2") at 128K B=1 and B=16 and 1M, BENCH=ncu-step each decode-step
 # kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
@@ -439,6 +440,34 @@ if [[ "${1:-}" == "--device" ]]; then
         echo "=== keys $keys: cluster 1M B=1, 4 layers --pipeline"
         timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 --pipeline \
           --accuracy-steps 0 --cluster-keys $keys || rc=1
+      done
+      rm -f $trace
+    elif [[ "$bench" == codes ]]; then
+      # The selection on codes (config.cluster_rescore_bits without cluster_rescore: clusters
+      # ranked by their rows' codes, scanned on the GPU) per CODE_BITS (default "0 2"; 0 = the
+      # centroids), alternating in CODE_ROUNDS rounds (default 2): the 128K trace B=1 (8 layers
+      # pipelined, then 1 layer with accuracy and GPU bytes), B=16 (4 layers, kvrt_attend_batch),
+      # and 1M B=1 (4 layers pipelined, generated keys; CODE_1M="" leaves it out).
+      trace=/tmp/kvrt-codes.safetensors
+      trace_128k $trace || rc=1
+      for round in $(seq ${CODE_ROUNDS:-2}); do
+        for bits in ${CODE_BITS:-0 2}; do
+          echo "=== round $round, bits $bits: cluster 128K --trace B=1, 8 layers --pipeline"
+          timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+            --layers 8 --pipeline --accuracy-steps 0 --cluster-rescore-bits $bits || rc=1
+        done
+      done
+      for bits in ${CODE_BITS:-0 2}; do
+        echo "=== bits $bits: cluster 128K --trace B=1, 1 layer, accuracy"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --layers 1 --cluster-rescore-bits $bits || rc=1
+        echo "=== bits $bits: cluster 128K --trace B=16 (kvrt_attend_batch), 4 layers --pipeline"
+        timeout 200 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 16 \
+          --attend batch --layers 4 --pipeline --accuracy-steps 0 --cluster-rescore-bits $bits || rc=1
+        [[ -n "${CODE_1M-1}" ]] || continue
+        echo "=== bits $bits: cluster 1M B=1, 4 layers --pipeline"
+        timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 --pipeline \
+          --accuracy-steps 0 --cluster-rescore-bits $bits || rc=1
       done
       rm -f $trace
     elif [[ "$bench" == ab-batch ]]; then

@@ -19,7 +19,9 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
                   "config.cluster_rescore_bits: with --cluster-rescore > 1, 0 scores the "
                   "candidates on their keys; 1, 2, 4 or 8 on codes of them (that many bits per "
                   "channel of each key's residual from its cluster's centroid, in host memory): "
-                  "the candidates' keys are not read (default: the library's, 0)")
+                  "the candidates' keys are not read; without --cluster-rescore, 1-8 rank whole "
+                  "clusters by their rows' codes in one stage (on the GPU backend the codes are "
+                  "held and scanned in GPU memory) (default: the library's, 0)")
       ->check(CLI::IsMember({0, 1, 2, 4, 8}));
   cmd->add_option("--group-select", o->group_select,
                   "config.cluster_group_select: 1 = one cluster selection per kv head shared by "

@@ -229,6 +229,10 @@ int Run(BenchDecodeArgs a) {
         // The cluster kind's settings in effect (the library's defaults where not given).
         const kvrt_config c = MakeHarnessOptions(a.run, *data, kind.first, KVRT_COLD_CPU, 1, false)
                                   .config;
+        const std::string bits = std::to_string(c.cluster_rescore_bits) + "-bit codes";
+        const std::string codes = c.cluster_rescore_bits == 0 ? ""
+                                  : c.cluster_rescore > 1     ? " on " + bits
+                                                              : ", clusters ranked on " + bits;
         std::printf(
             "cluster: %d keys per cluster, budget %.3f of the clustered rows %s, hot cache %.2f, "
             "direct step %d%s, miss penalty %.2f, top-p %.2f, rescore %.1f%s\n",
@@ -236,10 +240,7 @@ int Run(BenchDecodeArgs a) {
             c.cluster_group_select ? "per kv head" : "per q head", c.hot_cache_fraction,
             c.cluster_direct_step,
             c.cluster_rescore > 1 ? " (off: the CPU selects in two stages)" : "",
-            c.cluster_miss_penalty, c.cluster_top_p, c.cluster_rescore,
-            c.cluster_rescore > 1 && c.cluster_rescore_bits > 0
-                ? (" on " + std::to_string(c.cluster_rescore_bits) + "-bit codes").c_str()
-                : "");
+            c.cluster_miss_penalty, c.cluster_top_p, c.cluster_rescore, codes.c_str());
       }
       std::printf(
           "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, "

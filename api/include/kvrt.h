@@ -73,7 +73,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 13
+#define KVRT_VERSION_PATCH 14
 
 #ifdef __cplusplus
 extern "C" {
@@ -343,11 +343,26 @@ typedef struct kvrt_config {
                                    0.34-0.50x with group selection (docs/fidelity.md,
                                    "Candidates scored on codes"). On the host's CPU the codes
                                    are no faster than the keys (measured on 2 cores); they are
-                                   the form a GPU scan would read. One of 0, 1, 2, 4, 8 [0].
-                                   Since 0.3.13
-                                   (0.3.11 and 0.3.12: reserved1, not read, which
-                                   kvrt_config_default() set to 0: such a caller scores on keys,
-                                   as before). */
+                                   the form a GPU scan would read.
+                                   With cluster_rescore 0 or 1 (since 0.3.14; 0.3.13 ignored
+                                   the bits there), 1-8 select in one stage on codes: each
+                                   cluster's mass is the log-sum-exp of its rows' code scores
+                                   instead of its centroid's estimate, clusters are ranked by it
+                                   per token and attended whole up to the token budget, and the
+                                   rest are estimated at that mass (cluster_top_p does not
+                                   apply). On the GPU backend the codes are held in GPU memory
+                                   beside the summary (head_dim x bits / 8 bytes per cold token
+                                   and kv head; counted in
+                                   kvrt_stats.summary_gpu_bytes) and scanned there, so the GPU
+                                   selection and the direct step stay on (the scan adds ~140 us
+                                   per 128K layer-step on an H100 at the 8B shape:
+                                   docs/benchmarks.md). Whole clusters ranked
+                                   on 2-bit codes: 0.46-0.78x flat top-k's error per q head,
+                                   0.66-0.98x with group selection, against 0.83-1.19x and
+                                   0.98-1.36x for the centroids (docs/fidelity.md). One of 0, 1,
+                                   2, 4, 8 [0]. Since 0.3.13 (0.3.11 and 0.3.12: reserved1, not
+                                   read, which kvrt_config_default() set to 0: such a caller
+                                   scores on keys, as before). */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

@@ -130,7 +130,7 @@ class ClusterIndex final : public KeyIndex {
     GroupSelectionKey(summary_, density.data(), nq, key.data());
     std::vector<int32_t> sel;
     const int64_t tokens =
-        SelectClusters(summary_, key.data(), Candidates(params), cfg_.top_p, &sel);
+        SelectClusters(summary_, key.data(), Candidates(params), CandidateTopP(), &sel);
     Rescored rescored;
     if (Rescoring()) SecondStage(store, qs, nq, sel, params, density.data(), &rescored);
     // The outliers in the summary's order for every query: the group's heads then hold the same
@@ -275,14 +275,20 @@ class ClusterIndex final : public KeyIndex {
          cfg_.min_budget_tokens});
   }
 
-  // Rows of selected clusters per query: the budget, or with rescoring its multiple (candidates).
+  // Rows of selected clusters per query: the budget, or with rescoring its multiple (candidates);
+  // selecting on codes, every clustered row.
   int64_t Candidates(const SearchParams& params) const {
+    if (CodeSelect()) return std::numeric_limits<int64_t>::max();
     const int64_t budget = Budget(params);
     if (!Rescoring()) return budget;
     return static_cast<int64_t>(std::ceil(static_cast<double>(budget) * cfg_.rescore));
   }
-  bool Rescoring() const { return cfg_.rescore > 1.f; }
+  // ClusterConfig::rescore_bits without rescore: every cluster ranked by its rows' codes (a second
+  // stage over all clusters, whole clusters kept; the first stage's top_p does not apply).
+  bool CodeSelect() const { return SelectsOnCodes(cfg_); }
+  bool Rescoring() const { return cfg_.rescore > 1.f || CodeSelect(); }
   bool Coded() const { return Rescoring() && cfg_.rescore_bits > 0; }
+  float CandidateTopP() const { return CodeSelect() ? 0.f : cfg_.top_p; }
 
   // The second stage's scores of candidate rows (unscaled), from the keys or (rescore_bits)
   // from their codes, with one CodeScorer per (query, segment) met.
@@ -427,7 +433,9 @@ class ClusterIndex final : public KeyIndex {
   void SecondStage(const HeadStore& store, const float* qs, int nq,
                    const std::vector<int32_t>& cand, const SearchParams& params,
                    const float* density, Rescored* out) const {
-    if (cfg_.rescore_clusters)
+    if (CodeSelect())  // codes are in memory wherever the rows are
+      KeepClusters(store, qs, nq, cand, Budget(params), density, nullptr, out);
+    else if (cfg_.rescore_clusters)
       KeepClusters(store, qs, nq, cand, Budget(params), density, params.resident, out);
     else
       Rescore(store, qs, nq, cand, Budget(params), out);
@@ -508,7 +516,7 @@ class ClusterIndex final : public KeyIndex {
     Density(q, scores, density.data());
     std::vector<int32_t> sel;
     const int64_t tokens =
-        SelectClusters(summary_, density.data(), Candidates(params), cfg_.top_p, &sel);
+        SelectClusters(summary_, density.data(), Candidates(params), CandidateTopP(), &sel);
     if (!Rescoring()) {
       Emit(density.data(), sel, tokens, oscores, out);
       return;
@@ -614,6 +622,8 @@ std::string ClusterSearchSettings(const IndexConfig& c, int k, int) {
                          cc.rescore_bits > 0 ? absl::StrCat("scored on ", cc.rescore_bits,
                                                             "-bit codes of their keys)")
                                              : std::string("their keys scored exactly)"))
+      : cc.rescore_bits > 0
+          ? absl::StrCat(", clusters ranked by their rows' ", cc.rescore_bits, "-bit codes")
           : "",
       " + outliers; estimate ", cc.estimate ? "on" : "off");
 }
@@ -627,7 +637,7 @@ int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   const int64_t clusters = 2 * (rows / std::max(1, cc.cluster_size) + 1);
   const int64_t outliers = static_cast<int64_t>(std::ceil(cc.outlier_fraction * rows)) + 1;
   // rescore_bits: every covered row's packed codes and each segment's grid.
-  const int64_t codes = cc.rescore > 1 && cc.rescore_bits > 0
+  const int64_t codes = cc.rescore_bits > 0
                             ? rows * CodeRowBytes(head_dim, cc.rescore_bits) +
                                   (rows / std::max<int64_t>(1, cc.segment_tokens) + 1) * 8 * d
                             : 0;

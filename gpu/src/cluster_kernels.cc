@@ -77,6 +77,7 @@ absl::Status ClusterStepBatch(const ClusterStepItem* items, int n, const Cluster
     ClusterStepParams pi = p;
     pi.budget_tokens = it.budget_tokens;
     pi.key_offset = it.key_offset;
+    pi.cluster_lse = it.cluster_lse;
     if (auto st = CheckCluster(it.summary, pi, it.out); !st.ok())
       return absl::InvalidArgumentError(absl::StrCat("member ", i, ": ", st.message()));
     if (it.summary.kv_heads != items[0].summary.kv_heads ||

@@ -230,7 +230,8 @@ constexpr int kScoreMinBlocks = D <= 128 && MG <= 4 ? 3 : 1;
 template <int D, int MG>
 __device__ __forceinline__ void ScoreCta(const ClusterSummaryView& s, const float* __restrict__ q,
                                          int g, float scale, float spread_coef, int cluster_ctas,
-                                         int outlier_ctas, float* __restrict__ density,
+                                         int outlier_ctas, const float* __restrict__ cluster_lse,
+                                         float* __restrict__ density,
                                          float* __restrict__ outlier_score,
                                          float* __restrict__ partial, const int b) {
   constexpr int E = D / 32;
@@ -286,7 +287,9 @@ __device__ __forceinline__ void ScoreCta(const ClusterSummaryView& s, const floa
       return;
     }
     const size_t hc = static_cast<size_t>(h) * c_n + j;
-    c = __ldg(reinterpret_cast<const Raw*>(s.centroid + hc * D + lane * E));
+    // Given masses (cluster_lse): the centroids are not read (half the summary's bytes).
+    if (cluster_lse == nullptr)
+      c = __ldg(reinterpret_cast<const Raw*>(s.centroid + hc * D + lane * E));
     v = __ldg(reinterpret_cast<const Raw*>(s.value_mean + hc * D + lane * E));
     n = __ldg(s.size + hc);
     sp = __ldg(s.spread + hc);
@@ -312,12 +315,18 @@ __device__ __forceinline__ void ScoreCta(const ClusterSummaryView& s, const floa
         if (lane < g) density[(static_cast<size_t>(h) * g + lane) * c_n + j] = -INFINITY;
         continue;
       }
-      float a[MG];
-      PartialDots<E, MG>(qs, lane, cen, a);
-      const float dens = scale * ReduceScatter<MG>(a, lane) + spread_coef * own_qn2 * spread;
+      float dens, lm;
+      if (cluster_lse == nullptr) {
+        float a[MG];
+        PartialDots<E, MG>(qs, lane, cen, a);
+        dens = scale * ReduceScatter<MG>(a, lane) + spread_coef * own_qn2 * spread;
+        lm = dens + __logf(static_cast<float>(n));
+      } else {  // the cluster's mass given (uniform branch); heads past the group: any finite
+        lm = own < g ? __ldg(cluster_lse + (static_cast<size_t>(h) * g + own) * c_n + j) : 0.f;
+        dens = lm - __logf(static_cast<float>(n));
+      }
       if ((lane & ((1 << kShift) - 1)) == 0 && own < g)
         density[(static_cast<size_t>(h) * g + own) * c_n + j] = dens;
-      const float lm = dens + __logf(static_cast<float>(n));
       // The max moves rarely after a warp's first clusters: the rescale runs only then (the
       // condition is warp-uniform through the ballot).
       if (__any_sync(0xffffffffu, lm > m_own)) {
@@ -383,10 +392,11 @@ __device__ __forceinline__ int BlockDim(int r, int c) {
 template <int D, int MG>
 __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
     ScoreKernel(ClusterSummaryView s, const float* __restrict__ q, int g, float scale,
-                float spread_coef, int cluster_ctas, int outlier_ctas, float* __restrict__ density,
+                float spread_coef, int cluster_ctas, int outlier_ctas,
+                const float* __restrict__ cluster_lse, float* __restrict__ density,
                 float* __restrict__ outlier_score, float* __restrict__ partial) {
-  ScoreCta<D, MG>(s, q, g, scale, spread_coef, cluster_ctas, outlier_ctas, density, outlier_score,
-                  partial, blockIdx.x);
+  ScoreCta<D, MG>(s, q, g, scale, spread_coef, cluster_ctas, outlier_ctas, cluster_lse, density,
+                  outlier_score, partial, blockIdx.x);
 }
 
 // A batch's members (ClusterBatchLaunch): grid (the most CTAs of a member, members); a member
@@ -397,8 +407,8 @@ __global__ void __launch_bounds__(kScoreThreads, kScoreMinBlocks<D, MG>)
                      float spread_coef) {
   const ClusterBatchMember& m = a.m[blockIdx.y];
   if (static_cast<int>(blockIdx.x) >= (m.cctas + m.otiles) * m.it.summary.kv_heads) return;
-  ScoreCta<D, MG>(m.it.summary, m.it.q, g, scale, spread_coef, m.cctas, m.otiles, m.it.out.density,
-                  m.it.out.outlier_score, m.it.workspace, blockIdx.x);
+  ScoreCta<D, MG>(m.it.summary, m.it.q, g, scale, spread_coef, m.cctas, m.otiles, m.it.cluster_lse,
+                  m.it.out.density, m.it.out.outlier_score, m.it.workspace, blockIdx.x);
 }
 
 template <int L>
@@ -1261,10 +1271,12 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 // Whether ScoreMmaKernel takes the clusters: groups of at most kMmaQ, d <= 128 and 16-byte
 // aligned summary rows (its loads).
+// The tensor-core kernel scores centroids; given cluster masses (cluster_lse) take the other.
 template <int D>
-bool UseScoreMma(const ClusterSummaryView& s, int g) {
+bool UseScoreMma(const ClusterSummaryView& s, int g, const float* cluster_lse) {
   const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return D <= 128 && g <= kMmaQ && aligned(s.centroid) && aligned(s.value_mean);
+  return D <= 128 && g <= kMmaQ && cluster_lse == nullptr && aligned(s.centroid) &&
+         aligned(s.value_mean);
 }
 
 // CTAs for the clusters per kv head: one wave of the score kernel (each CTA takes its share of
@@ -1311,28 +1323,29 @@ int ClusterCtas(int ctiles, int kv_heads) {
 // NOTE: the tensor-core kernel's slots are kept under MG = kMmaQ whatever the group, the one
 // instantiation PreloadClusterStep warms.
 template <int D, int MG>
-int ScoreCtas(const ClusterSummaryView& s, int g) {
+int ScoreCtas(const ClusterSummaryView& s, int g, const float* cluster_lse) {
   const int ctiles = ClusterTiles(s.num_clusters);
   if constexpr (D <= 128 && MG <= kMmaQ) {
-    if (UseScoreMma<D>(s, g)) return ClusterCtas<D, kMmaQ, true>(ctiles, s.kv_heads);
+    if (UseScoreMma<D>(s, g, cluster_lse)) return ClusterCtas<D, kMmaQ, true>(ctiles, s.kv_heads);
   }
   return ClusterCtas<D, MG, false>(ctiles, s.kv_heads);
 }
 
 template <int D, int MG>
 Err LaunchScore(const ClusterSummaryView& s, const float* q, int g, float scale, float spread_coef,
-                int otiles, const ClusterStepOutputs& out, float* ws, cudaStream_t st, int* cctas) {
-  *cctas = ScoreCtas<D, MG>(s, g);
+                int otiles, const float* cluster_lse, const ClusterStepOutputs& out, float* ws,
+                cudaStream_t st, int* cctas) {
+  *cctas = ScoreCtas<D, MG>(s, g, cluster_lse);
   const unsigned grid = static_cast<unsigned>((*cctas + otiles) * s.kv_heads);
   if constexpr (D <= 128 && MG <= kMmaQ) {
-    if (UseScoreMma<D>(s, g)) {  // the choice ScoreCtas made
+    if (UseScoreMma<D>(s, g, cluster_lse)) {  // the choice ScoreCtas made
       ScoreMmaKernel<D><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, *cctas, otiles,
                                                         out.density, out.outlier_score, ws);
       return LastLaunchErr();
     }
   }
-  ScoreKernel<D, MG><<<grid, kScoreThreads, 0, st>>>(s, q, g, scale, spread_coef, *cctas, otiles,
-                                                     out.density, out.outlier_score, ws);
+  ScoreKernel<D, MG><<<grid, kScoreThreads, 0, st>>>(
+      s, q, g, scale, spread_coef, *cctas, otiles, cluster_lse, out.density, out.outlier_score, ws);
   return LastLaunchErr();
 }
 
@@ -1344,7 +1357,8 @@ Err LaunchScoreBatch(ClusterBatchLaunch* a, int g, float scale, float spread_coe
   const int n = a->n, kv = a->m[0].it.summary.kv_heads;
   int mma = 0;
   if constexpr (D <= 128 && MG <= kMmaQ) {
-    for (int i = 0; i < n; ++i) mma += UseScoreMma<D>(a->m[i].it.summary, g) ? 1 : 0;
+    for (int i = 0; i < n; ++i)
+      mma += UseScoreMma<D>(a->m[i].it.summary, g, a->m[i].it.cluster_lse) ? 1 : 0;
   }
   if (mma != 0 && mma != n) return {0, "the batch's members need different score kernels"};
   int grid_x = 0;
@@ -1484,11 +1498,14 @@ Err LaunchClusterStep(const ClusterSummaryView& s, const float* q, const Cluster
     int cctas = 0;
     if (ctiles + otiles > 0) {
       if (g <= 4) {
-        err = LaunchScore<D, 4>(s, q, g, scale, spread_coef, otiles, out, ws, st, &cctas);
+        err = LaunchScore<D, 4>(s, q, g, scale, spread_coef, otiles, p.cluster_lse, out, ws, st,
+                                &cctas);
       } else if (g <= 8) {
-        err = LaunchScore<D, 8>(s, q, g, scale, spread_coef, otiles, out, ws, st, &cctas);
+        err = LaunchScore<D, 8>(s, q, g, scale, spread_coef, otiles, p.cluster_lse, out, ws, st,
+                                &cctas);
       } else {
-        err = LaunchScore<D, 16>(s, q, g, scale, spread_coef, otiles, out, ws, st, &cctas);
+        err = LaunchScore<D, 16>(s, q, g, scale, spread_coef, otiles, p.cluster_lse, out, ws, st,
+                                 &cctas);
       }
     }
     if (err.ok() && p.scored_event != nullptr)

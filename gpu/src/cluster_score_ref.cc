@@ -38,12 +38,17 @@ absl::Status ClusterStepHost(const ClusterSummaryView& s, const float* q,
         dens[j] = -INFINITY;
         continue;
       }
-      const uint16_t* cen = s.centroid + hc * d;
-      double dot = 0;
-      for (int t = 0; t < d; ++t) dot += double(qq[t]) * Bf16ToF32(cen[t]);
-      dens[j] = static_cast<float>(scale * dot +
-                                   p.spread_weight * 0.5 * scale * scale * qn2 * s.spread[hc]);
-      lmh[j] = dens[j] + std::log(double(s.size[hc]));
+      if (p.cluster_lse != nullptr) {
+        lmh[j] = p.cluster_lse[static_cast<std::size_t>(qh) * c + j];
+        dens[j] = static_cast<float>(lmh[j] - std::log(double(s.size[hc])));
+      } else {
+        const uint16_t* cen = s.centroid + hc * d;
+        double dot = 0;
+        for (int t = 0; t < d; ++t) dot += double(qq[t]) * Bf16ToF32(cen[t]);
+        dens[j] = static_cast<float>(scale * dot +
+                                     p.spread_weight * 0.5 * scale * scale * qn2 * s.spread[hc]);
+        lmh[j] = dens[j] + std::log(double(s.size[hc]));
+      }
       mmax[qh] = std::max(mmax[qh], lmh[j]);
     }
     for (int j = 0; j < no; ++j) {
@@ -152,6 +157,7 @@ absl::Status ClusterStepBatchHost(const ClusterStepItem* items, int n, const Clu
     ClusterStepParams pi = p;
     pi.budget_tokens = items[i].budget_tokens;
     pi.key_offset = items[i].key_offset;
+    pi.cluster_lse = items[i].cluster_lse;
     pi.scored_event = nullptr;
     if (absl::Status st = ClusterStepHost(items[i].summary, items[i].q, pi, items[i].out); !st.ok())
       return st;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -27,7 +28,7 @@ absl::Status CheckGroups(const CodeScanView& v, int q_heads, const char* what) {
 }
 
 absl::Status Check(const CodeScanView& v, const float* q, int q_heads, const float* scores,
-                   const char* what) {
+                   const char* what, bool needs_cluster = true) {
   if (auto st = CheckGroups(v, q_heads, what); !st.ok()) return st;
   if (v.head_dim <= 0 || v.head_dim > 256 || v.rows < 0 || v.segment_rows <= 0 ||
       v.num_clusters < 0) {
@@ -38,9 +39,9 @@ absl::Status Check(const CodeScanView& v, const float* q, int q_heads, const flo
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": bits = ", v.bits, " must be 1, 2, 4 or 8"));
   }
-  if (v.rows > 0 &&
-      (v.code == nullptr || v.cluster == nullptr || v.offset == nullptr || v.step == nullptr ||
-       q == nullptr || scores == nullptr || (v.num_clusters > 0 && v.centroid == nullptr))) {
+  if (v.rows > 0 && (v.code == nullptr || (needs_cluster && v.cluster == nullptr) ||
+                     v.offset == nullptr || v.step == nullptr || q == nullptr ||
+                     scores == nullptr || (v.num_clusters > 0 && v.centroid == nullptr))) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": null array"));
   }
   return absl::OkStatus();
@@ -60,7 +61,59 @@ absl::Status CheckLse(const CodeScanView& v, int q_heads, const float* scores, c
   return absl::OkStatus();
 }
 
+// CodeClusterMass's shapes: Check's (no row clusters) and CheckLse's, a head_dim of whole words.
+absl::Status CheckMass(const CodeScanView& v, const float* q, int q_heads, const int64_t* begin,
+                       const int32_t* size, float scale, const float* lse, const char* what) {
+  // The scores CheckLse asks for are not needed here: lse stands in for them.
+  if (auto st = Check(v, q, q_heads, lse, what, /*needs_cluster=*/false); !st.ok()) return st;
+  if (auto st = CheckLse(v, q_heads, lse, begin, size, scale, lse, what); !st.ok()) return st;
+  if (v.head_dim % 32 != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": head_dim = ", v.head_dim, " must be a multiple of 32"));
+  if (v.num_clusters > 0 && (q == nullptr || v.centroid == nullptr))
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null array"));
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::Status CodeClusterMass(const CodeScanView& v, const float* q, int q_heads,
+                             const int64_t* begin, const int32_t* size, float scale, float* lse,
+                             void* stream) {
+  if (auto st = CheckMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMass"); !st.ok())
+    return st;
+  if (reinterpret_cast<uintptr_t>(v.code) % 4 != 0)
+    return absl::InvalidArgumentError("CodeClusterMass: codes must be 4-byte aligned");
+#if KVRT_WITH_CUDA
+  if (v.num_clusters == 0) return absl::OkStatus();
+  return detail::ToStatus(
+      detail::LaunchCodeClusterMass(v, q, q_heads, begin, size, scale, lse, stream),
+      "CodeClusterMass");
+#else
+  (void)stream;
+  return detail::NoCuda("CodeClusterMass");
+#endif
+}
+
+absl::Status CodeClusterMassHost(const CodeScanView& v, const float* q, int q_heads,
+                                 const int64_t* begin, const int32_t* size, float scale,
+                                 float* lse) {
+  if (auto st = CheckMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMassHost"); !st.ok())
+    return st;
+  // The two passes it stands for, over the rows of the clusters.
+  std::vector<int32_t> cluster(static_cast<std::size_t>(v.kv_heads) * v.rows, -1);
+  for (int kv = 0; kv < v.kv_heads; ++kv)
+    for (int c = 0; c < v.num_clusters; ++c) {
+      const int64_t at = static_cast<int64_t>(kv) * v.num_clusters + c;
+      for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
+        cluster[static_cast<std::size_t>(kv) * v.rows + r] = c;
+    }
+  CodeScanView with = v;
+  with.cluster = cluster.data();
+  std::vector<float> scores(static_cast<std::size_t>(q_heads) * v.rows);
+  if (auto st = CodeScanHost(with, q, q_heads, scores.data()); !st.ok()) return st;
+  return CodeClusterLseHost(with, q_heads, scores.data(), begin, size, scale, lse);
+}
 
 absl::Status CodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
                             const int64_t* begin, const int32_t* size, float scale, float* lse,

@@ -113,7 +113,174 @@ __global__ void __launch_bounds__(kLseWarps * 32)
   }
 }
 
+// CodeClusterMass: one warp per cluster at a time (kMassPerWarp consecutive clusters, so the
+// segment and its folded grid rarely change), q heads in chunks of kMassHeads. The warp folds
+// scale x q x step of its cluster's segment into shared memory ([d][kMassHeads], read as one float4
+// per channel: a broadcast), takes the cluster's base scale x q . (centroid + offset) as one warp
+// sum, then two lanes score each row (rows r, r + 16, ... for lanes r and r + 16, each half of the
+// row's codes as 32-bit words; one shuffle adds the halves) into an online log-sum-exp, merged over
+// the warp at the end. No row's score is written. NOTE: on the H100 the first form (one lane per
+// row, lanes 16-31 idle for clusters of 16) took 168 us at the 8B shape's 128K.
+constexpr int kMassWarps = 8;
+constexpr int kMassPerWarp = 4;
+constexpr int kMassHeads = 4;
+constexpr int kMassMaxDim = 256;
+
+template <int BITS>
+__global__ void __launch_bounds__(kMassWarps * 32)
+    CodeClusterMassKernel(CodeScanView v, const float* __restrict__ q, int g,
+                          const int64_t* __restrict__ begin, const int32_t* __restrict__ size,
+                          float scale, float* __restrict__ lse) {
+  __shared__ float4 fold[kMassWarps][kMassMaxDim];
+  constexpr int kPerWord = 32 / BITS;
+  constexpr unsigned kMask = (1u << BITS) - 1;
+  const int kv = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int d = v.head_dim, words = d * BITS / 32;
+  const int c0 = (blockIdx.x * kMassWarps + warp) * kMassPerWarp;
+  const int64_t segments = (v.rows + v.segment_rows - 1) / v.segment_rows;
+  const float kNegInf = -INFINITY;
+  float4* f = fold[warp];
+  for (int h0 = 0; h0 < g; h0 += kMassHeads) {
+    const float* qh[kMassHeads];
+#pragma unroll
+    for (int i = 0; i < kMassHeads; ++i)  // heads past the group read head h0 (never written)
+      qh[i] = q + (static_cast<int64_t>(kv) * g + (h0 + i < g ? h0 + i : h0)) * d;
+    int64_t folded = -1;
+    for (int c = c0; c < c0 + kMassPerWarp && c < v.num_clusters; ++c) {
+      const int64_t at = static_cast<int64_t>(kv) * v.num_clusters + c;
+      const int64_t b = begin[at];
+      const int n = size[at];
+      if (n <= 0) {
+        if (lane < kMassHeads && h0 + lane < g)
+          lse[(static_cast<int64_t>(kv) * g + h0 + lane) * v.num_clusters + c] = kNegInf;
+        continue;
+      }
+      const int64_t seg = b / v.segment_rows;
+      const int64_t grid = (static_cast<int64_t>(kv) * segments + seg) * d;
+      if (seg != folded) {
+        __syncwarp();
+        for (int t = lane; t < d; t += 32) {
+          const float st = scale * v.step[grid + t];
+          f[t] = make_float4(qh[0][t] * st, qh[1][t] * st, qh[2][t] * st, qh[3][t] * st);
+        }
+        __syncwarp();
+        folded = seg;
+      }
+      // base_i = scale x q_i . (centroid + offset), every lane holding the sums.
+      const auto* cen = reinterpret_cast<const __nv_bfloat16*>(v.centroid) + at * d;
+      float base[kMassHeads] = {};
+      for (int t = lane; t < d; t += 32) {
+        const float k = __bfloat162float(cen[t]) + v.offset[grid + t];
+#pragma unroll
+        for (int i = 0; i < kMassHeads; ++i) base[i] = fmaf(qh[i][t], k, base[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < kMassHeads; ++i) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) base[i] += __shfl_xor_sync(0xffffffffu, base[i], o);
+        base[i] *= scale;
+      }
+      float m[kMassHeads], l[kMassHeads];
+#pragma unroll
+      for (int i = 0; i < kMassHeads; ++i) {
+        m[i] = kNegInf;
+        l[i] = 0.f;
+      }
+      // Two lanes per row (lane and lane ^ 16, each half of the row's words): a cluster of 16
+      // rows fills the warp, and each lane's chain of dependent FMAs is half a row long.
+      const int half = lane >> 4;
+      const int w_begin = half == 0 ? 0 : (words + 1) / 2;
+      const int w_end = half == 0 ? (words + 1) / 2 : words;
+      for (int r0 = 0; r0 < n; r0 += 16) {  // uniform: the shuffle below needs every lane
+        const int r = r0 + (lane & 15);
+        const bool valid = r < n;
+        const auto* code = reinterpret_cast<const uint32_t*>(v.code) +
+                           (static_cast<int64_t>(kv) * v.rows + b + (valid ? r : 0)) * words;
+        float acc[kMassHeads] = {};
+        for (int w = w_begin; w < w_end; ++w) {
+          const uint32_t word = valid ? __ldg(code + w) : 0u;
+#pragma unroll
+          for (int j = 0; j < kPerWord; ++j) {
+            const float x = static_cast<float>((word >> (j * BITS)) & kMask);
+            const float4 a = f[w * kPerWord + j];
+            acc[0] = fmaf(a.x, x, acc[0]);
+            acc[1] = fmaf(a.y, x, acc[1]);
+            acc[2] = fmaf(a.z, x, acc[2]);
+            acc[3] = fmaf(a.w, x, acc[3]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kMassHeads; ++i) {
+          const float sc = base[i] + acc[i] + __shfl_xor_sync(0xffffffffu, acc[i], 16);
+          if (!valid || half != 0) continue;  // the row's state is kept by its first lane
+          if (sc > m[i]) {
+            l[i] = (m[i] == kNegInf ? 0.f : l[i] * __expf(m[i] - sc)) + 1.f;
+            m[i] = sc;
+          } else {
+            l[i] += __expf(sc - m[i]);
+          }
+        }
+      }
+      // The cluster's log-sum-exp per head: the lanes' max, then their sums rescaled to it.
+#pragma unroll
+      for (int i = 0; i < kMassHeads; ++i) {
+        float mm = m[i];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+        float ll = m[i] == kNegInf ? 0.f : l[i] * __expf(m[i] - mm);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) ll += __shfl_xor_sync(0xffffffffu, ll, o);
+        m[i] = mm;
+        l[i] = ll;
+      }
+      if (lane < kMassHeads && h0 + lane < g) {
+        float mi = m[0], li = l[0];  // lane i writes head h0 + i (registers indexed statically)
+#pragma unroll
+        for (int i = 1; i < kMassHeads; ++i)
+          if (lane == i) {
+            mi = m[i];
+            li = l[i];
+          }
+        lse[(static_cast<int64_t>(kv) * g + h0 + lane) * v.num_clusters + c] = mi + __logf(li);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+Err LaunchCodeClusterMass(const CodeScanView& v, const float* q, int q_heads, const int64_t* begin,
+                          const int32_t* size, float scale, float* lse, void* stream) {
+  if (v.kv_heads > 65535) return Err{0, "too many kv heads for one grid"};
+  constexpr int kPerCta = kMassWarps * kMassPerWarp;
+  const dim3 grid(static_cast<unsigned>((v.num_clusters + kPerCta - 1) / kPerCta),
+                  static_cast<unsigned>(v.kv_heads));
+  const int g = q_heads / v.kv_heads;
+  const cudaStream_t st = AsStream(stream);
+  switch (v.bits) {
+    case 1:
+      CodeClusterMassKernel<1><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
+      break;
+    case 2:
+      CodeClusterMassKernel<2><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
+      break;
+    case 4:
+      CodeClusterMassKernel<4><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
+      break;
+    default:
+      CodeClusterMassKernel<8><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
+      break;
+  }
+  return LastLaunchErr();
+}
+
+Err PreloadCodeClusterMass() {
+  Err e = LoadKernel(CodeClusterMassKernel<1>);
+  if (e.ok()) e = LoadKernel(CodeClusterMassKernel<2>);
+  if (e.ok()) e = LoadKernel(CodeClusterMassKernel<4>);
+  if (e.ok()) e = LoadKernel(CodeClusterMassKernel<8>);
+  return e;
+}
 
 Err LaunchCodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
                          const int64_t* begin, const int32_t* size, float scale, float* lse,

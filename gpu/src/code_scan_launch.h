@@ -7,6 +7,10 @@
 namespace kvrt::gpu::detail {
 
 Err LaunchCodeScan(const CodeScanView& v, const float* q, int q_heads, float* scores, void* stream);
+Err LaunchCodeClusterMass(const CodeScanView& v, const float* q, int q_heads, const int64_t* begin,
+                          const int32_t* size, float scale, float* lse, void* stream);
+// Loads CodeClusterMass's kernels (LoadKernel): the selection on codes' first step must not.
+Err PreloadCodeClusterMass();
 Err LaunchCodeClusterLse(const CodeScanView& v, int q_heads, const float* scores,
                          const int64_t* begin, const int32_t* size, float scale, float* lse,
                          void* stream);

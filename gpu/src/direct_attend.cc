@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "cluster_launch.h"
+#include "code_scan_launch.h"
 #include "direct_check.h"
 #include "direct_launch.h"
 #include "launch_status.h"
@@ -210,6 +211,7 @@ absl::Status PreloadDirectStepKernels(DType dtype, int head_dim, int q_heads, in
   if (e.ok()) e = detail::PreloadDirectStep(dtype, head_dim, q_heads, kv_heads);
   if (e.ok()) e = detail::PreloadMergeStatesN(head_dim);
   if (e.ok()) e = detail::PreloadRing(dtype);
+  if (e.ok()) e = detail::PreloadCodeClusterMass();
   return ToStatus(e, kFn);
 #else
   (void)dtype;

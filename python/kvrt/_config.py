@@ -72,7 +72,9 @@ class Config:
         cluster_rescore_bits: with cluster_rescore > 1, 0 scores the candidates on their keys;
             1, 2, 4 or 8 on codes of them (that many bits per channel of each key's residual
             from its cluster's centroid, kept in host memory), so that their keys are not read.
-            Since 0.3.13.
+            Without cluster_rescore (0 or 1), 1-8 rank whole clusters by their rows' codes in
+            one stage (on the GPU backend the codes are held and scanned in GPU memory; since
+            0.3.14). Since 0.3.13.
     """
 
     num_layers: int = 32

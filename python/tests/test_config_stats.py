@@ -82,6 +82,11 @@ def test_cluster_rescore_bits_round_trip_and_is_checked():
     for bad in (-1, 3, 16):
         with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.cluster_rescore_bits = "):
             kvrt.Runtime(**SHAPE, cluster_rescore_bits=bad)
+    # Without cluster_rescore (0.3.14): one stage, the clusters ranked on their rows' codes.
+    rt = kvrt.Runtime(kvrt.Config(**SHAPE, index_kind="cluster", cluster_rescore_bits=2))
+    text = rt.describe_search()
+    assert "ranked by their rows' 2-bit codes" in text and "two stages" not in text, text
+    rt.close()
 
 
 def test_a_runtime_describes_its_own_search():

@@ -146,6 +146,9 @@ class ColdTier {
   // A two-level kind's summary of kv head g (clusters as store-row ranges), or null. Valid until
   // the next refresh; index_version() changes with every refresh.
   const cpu_index::ClusterSummary* summary(int g) const;
+  // The cluster kind's codes of kv head g's covered rows (ClusterConfig::rescore_bits), or null;
+  // valid as summary(g).
+  const cpu_index::SegmentCodes* codes(int g) const;
   int64_t index_version() const { return index_version_; }
   // An empty selection for this step: every head that is not streaming active.
   void BeginSelection(const uint8_t* streaming, ColdSelection* sel) const;

@@ -17,6 +17,7 @@
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_gpu/cluster_kernels.h"
+#include "kvrt_gpu/code_scan.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "tier_backend.h"
@@ -143,8 +144,9 @@ constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kHotSlot = 3, kSl
 
 // A device selection's scratch (SelectClusters): density [H, C] | group keys [G, C] | outlier
 // scores [H, O] | selected [H, C] | count [H] | tokens [H] (int64) | ClusterStep's workspace (f32).
+// on_codes (selection on codes): the clusters' masses [H, C] after the rest.
 struct SelectScratch {
-  SelectScratch(const gpu::ClusterSummaryView& s, int H) {
+  SelectScratch(const gpu::ClusterSummaryView& s, int H, bool on_codes = false) {
     const auto C = static_cast<std::size_t>(s.num_clusters);
     const auto O = static_cast<std::size_t>(std::max(s.num_outliers, 1));
     key_at = density_at + H * C * 4;
@@ -154,8 +156,13 @@ struct SelectScratch {
     tokens_at = (count_at + H * 4 + 7) / 8 * 8;
     ws_at = Align256(tokens_at + H * 8);
     bytes = ws_at + gpu::ClusterStepWorkspaceFloats(s, H) * 4;
+    if (on_codes) {
+      lse_at = Align256(bytes);
+      bytes = lse_at + H * C * 4;
+    }
   }
   std::size_t density_at = 0, key_at, outlier_at, selected_at, count_at, tokens_at, ws_at, bytes;
+  std::size_t lse_at = 0;
 };
 
 // The most of a step's scratch that BeginStep sets aside for its members' selections.
@@ -503,6 +510,10 @@ class DeviceTier final : public TierBackend {
   int64_t summary_version_ = -1;
   gpu::ClusterSummaryView summary_view_;
   int64_t summary_clustered_ = 0;  // the most clustered rows of a kv head, this version
+  // Selection on codes (SelectsOnCodes): the rows' codes and the segments' grids in summary_
+  // after the summary's arrays (rows 0 when not selecting on codes), and each cluster's first row.
+  gpu::CodeScanView code_view_;
+  const int64_t* code_begin_ = nullptr;  // [kv_heads, C]
   DeviceHotCache hot_;
   DirectStep direct_;
   // The tier arrays of a batch step led by this tier (pinned: a pageable upload would stall).
@@ -1139,7 +1150,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
       gpu::ClusterSummaryView grown = t->summary_view_;
       grown.num_clusters += grown.num_clusters / 16 + 64;
       grown.num_outliers += grown.num_outliers / 8 + 16;
-      const std::size_t bytes = Align256(SelectScratch(grown, H).bytes);
+      const std::size_t bytes = Align256(SelectScratch(grown, H, t->code_view_.rows > 0).bytes);
       if (select_total + bytes > kStepSelectScratchBytes) continue;
       step->select_bytes[i] = bytes;
       select_total += bytes;
@@ -1301,12 +1312,28 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
     clustered = std::max(clustered, rows);
   }
   if (C == 0) return absl::FailedPreconditionError("no cluster summary yet");
+  // Selection on codes: every kv head's codes over its covered rows (the same rows for every
+  // head: their stores grow together) and its segments' grids.
+  const int bits = cfg_->index.cluster.rescore_bits;
+  const int64_t rb =
+      cpu_index::SelectsOnCodes(cfg_->index.cluster) ? cpu_index::CodeRowBytes(d, bits) : 0;
+  int64_t code_rows = 0, segments = 0;
+  for (int g = 0; g < G && rb > 0; ++g) {
+    const cpu_index::SegmentCodes* codes = cold.codes(g);
+    if (codes == nullptr) return absl::FailedPreconditionError("no cluster codes yet");
+    code_rows = std::max<int64_t>(code_rows, static_cast<int64_t>(codes->code.size()) / rb);
+    segments = std::max<int64_t>(segments, static_cast<int64_t>(codes->offset.size()) / d);
+  }
   auto align = [](std::size_t x) { return (x + 255) / 256 * 256; };
   const std::size_t kd = static_cast<std::size_t>(G) * d * sizeof(uint16_t);
   const std::size_t centroid_at = 0, value_at = align(C * kd), size_at = value_at + align(C * kd);
   const std::size_t spread_at = size_at + align(G * C * sizeof(int32_t));
   const std::size_t outlier_at = spread_at + align(G * C * sizeof(float));
-  const std::size_t bytes = outlier_at + align(std::max<int64_t>(O, 1) * kd);
+  const std::size_t code_at = outlier_at + align(std::max<int64_t>(O, 1) * kd);
+  const std::size_t gd = static_cast<std::size_t>(G) * segments * d * sizeof(float);
+  const std::size_t offset_at = code_at + align(G * code_rows * rb);
+  const std::size_t step_at = offset_at + align(gd), begin_at = step_at + align(gd);
+  const std::size_t bytes = rb > 0 ? begin_at + align(G * C * sizeof(int64_t)) : code_at;
   summary_host_.assign(bytes, 0);
   auto* h = summary_host_.data();
   std::vector<float> row(d);
@@ -1324,6 +1351,15 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
       ConvertFromF32(row.data(), d, DType::kBF16,
                      h + outlier_at + (static_cast<std::size_t>(g) * O + j) * d * 2);
     }
+    if (rb == 0) continue;
+    const cpu_index::SegmentCodes& codes = *cold.codes(g);
+    const std::size_t head_code_rows = static_cast<std::size_t>(g) * code_rows;
+    std::memcpy(h + code_at + head_code_rows * rb, codes.code.data(), codes.code.size());
+    auto* begin = reinterpret_cast<int64_t*>(h + begin_at) + head_rows;
+    std::copy(s.begin.begin(), s.begin.end(), begin);  // padding: size 0 from row 0
+    const std::size_t grid = static_cast<std::size_t>(g) * segments * d * sizeof(float);
+    std::memcpy(h + offset_at + grid, codes.offset.data(), codes.offset.size() * sizeof(float));
+    std::memcpy(h + step_at + grid, codes.step.data(), codes.step.size() * sizeof(float));
   }
   if (summary_.size() < bytes) {
     const int64_t add = static_cast<int64_t>(bytes) - static_cast<int64_t>(summary_.size());
@@ -1350,6 +1386,21 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   summary_view_.size = reinterpret_cast<const int32_t*>(dev + size_at);
   summary_view_.spread = reinterpret_cast<const float*>(dev + spread_at);
   summary_view_.outlier_key = reinterpret_cast<const uint16_t*>(dev + outlier_at);
+  code_view_ = gpu::CodeScanView{};
+  code_begin_ = nullptr;
+  if (rb > 0 && code_rows > 0) {
+    code_view_.kv_heads = G;
+    code_view_.head_dim = d;
+    code_view_.bits = bits;
+    code_view_.rows = code_rows;
+    code_view_.segment_rows = cfg_->index.cluster.segment_tokens;
+    code_view_.num_clusters = static_cast<int>(C);
+    code_view_.code = dev + code_at;
+    code_view_.centroid = summary_view_.centroid;
+    code_view_.offset = reinterpret_cast<const float*>(dev + offset_at);
+    code_view_.step = reinterpret_cast<const float*>(dev + step_at);
+    code_begin_ = reinterpret_cast<const int64_t*>(dev + begin_at);
+  }
   summary_version_ = cold.index_version();
   summary_clustered_ = clustered;
   return absl::OkStatus();
@@ -1386,7 +1437,7 @@ absl::Status DeviceTier::PrepareSelect(DeviceStep* step, int i, const ColdTier& 
   // its own when its summary outgrew it (freed by SelectClusters on the member's stream). NOTE:
   // one allocation: the kernel's own workspace allocation sat between its launches, on the
   // step's device chain.
-  const SelectScratch at(summary_view_, H);
+  const SelectScratch at(summary_view_, H, code_view_.rows > 0);
   unsigned char* dev = step->select_scratch.empty() ? nullptr : step->select_scratch[i];
   s->own = nullptr;
   if (dev == nullptr || at.bytes > step->select_bytes[i]) {
@@ -1417,6 +1468,15 @@ absl::Status DeviceTier::PrepareSelect(DeviceStep* step, int i, const ColdTier& 
   if (s->direct_q && cc.group_select && group > 1 && C > 0)
     outs.group_mask = direct_.SelectionMask(static_cast<int>(C), stream);
   s->workspace = reinterpret_cast<float*>(dev + at.ws_at);
+  if (code_view_.rows > 0) {
+    // Selection on codes: each cluster's mass from its rows' codes (the index's one-stage code
+    // selection, ClusterConfig::rescore_bits), before the step's kernels.
+    auto* lse = reinterpret_cast<float*>(dev + at.lse_at);
+    KVRT_RETURN_IF_ERROR(gpu::CodeClusterMass(code_view_, s->q, H, code_begin_, summary_view_.size,
+                                              cfg_->scale, lse, stream));
+    params.cluster_lse = lse;
+    params.top_p = 0.f;  // as the index's code selection
+  }
   s->prepared = true;
   return absl::OkStatus();
 }
@@ -1446,6 +1506,7 @@ absl::Status DeviceTier::LaunchBatchSelect(TierStep* base) {
     it.q = s.q;
     it.budget_tokens = s.params.budget_tokens;
     it.key_offset = s.params.key_offset;
+    it.cluster_lse = s.params.cluster_lse;
     it.out = s.outs;
     it.workspace = s.workspace;
     items.push_back(it);

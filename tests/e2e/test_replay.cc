@@ -134,16 +134,17 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
   ASSERT_TRUE(t.ok()) << t.status();
   auto ref = ComputeExactReference(**t, 100, 0, false);
   ASSERT_TRUE(ref.ok()) << ref.status();
-  // Runs: one stage; two stages on the keys; two stages on 2-bit codes of them (0.3.13).
-  ReplayReport r[3];
-  for (int i = 0; i < 3; ++i) {
+  // Runs: one stage; two stages on the keys; two stages on 2-bit codes of them (0.3.13); one
+  // stage with the clusters ranked by their rows' 2-bit codes (0.3.14).
+  ReplayReport r[4];
+  for (int i = 0; i < 4; ++i) {
     ReplayOptions o;
     o.index = KVRT_INDEX_CLUSTER;
     o.window = 64;
     o.threads = 2;
     o.progress = false;
-    o.cluster.rescore = i == 0 ? 0.0 : 4.0;
-    o.cluster.rescore_bits = i == 2 ? 2 : 0;
+    o.cluster.rescore = i == 0 || i == 3 ? 0.0 : 4.0;
+    o.cluster.rescore_bits = i >= 2 ? 2 : 0;
     auto got = RunReplay(**t, *ref, o);
     ASSERT_TRUE(got.ok()) << got.status();
     r[i] = *got;
@@ -161,6 +162,12 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
               0.01 * r[1].cold_tokens_attended_per_head);
   EXPECT_LT(r[2].output_rel_error_mean,
             0.5 * (r[0].output_rel_error_mean + r[1].output_rel_error_mean));
+  // Whole clusters ranked by their codes: about the same tokens (whole clusters, as one stage
+  // takes them), every coded row scored, a lower error than the centroids' ranking.
+  EXPECT_NEAR(r[3].cold_tokens_attended_per_head, r[0].cold_tokens_attended_per_head,
+              0.1 * r[0].cold_tokens_attended_per_head);
+  EXPECT_GT(r[3].scanned_fraction, 0.9);
+  EXPECT_LT(r[3].output_rel_error_mean, r[0].output_rel_error_mean);
   for (const auto& x : r)
     std::printf("rescore: attended %.0f scanned %.4f error %.5f mass %.4f\n",
                 x.cold_tokens_attended_per_head, x.scanned_fraction, x.output_rel_error_mean,

@@ -651,6 +651,33 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
   }
 }
 
+// A 1200-token prompt into both runtimes (a new sequence on the host's, gs on the GPU's), then 6
+// decode steps of every layer on random rows, each q head's output within 5% of the host's.
+void StepsAgree(const Case& c, uint32_t seed, Runtime& host_rt, Runtime& gpu_rt, int64_t gs) {
+  const RuntimeConfig& cfg = gpu_rt.config();
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(seed);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  const int64_t hs = *host_rt.CreateSequence();
+  ASSERT_TRUE(PrefillBoth(host_rt, hs, gpu_rt, gs, c.dtype, 1200, rng, dev));
+  for (int step = 0; step < 6; ++step) {
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto k = Random(rng, kv_row, c.dtype);
+      auto v = Random(rng, kv_row, c.dtype);
+      auto q = Random(rng, q_row, c.dtype);
+      std::vector<float> want, got;
+      ASSERT_TRUE(StepBoth(host_rt, hs, gpu_rt, gs, l, k, v, q, dev, &want, &got));
+      for (int h = 0; h < cfg.num_q_heads; ++h)
+        EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
+            << c.name << " step " << step << " layer " << l << " head " << h;
+    }
+    dev.Clear();
+  }
+}
+
 // A two-stage selection (cluster.rescore) is the CPU's on the GPU backend too: Create turns the
 // GPU selection and the direct step off, and the steps agree with the host backend's; on the
 // keys and on 2-bit codes of them (rescore_bits: the GPU build's segments arrive over a store
@@ -672,31 +699,37 @@ TEST(GpuBackendCluster, RescoreSelectsOnTheCpuAndMatchesTheHostBackend) {
     ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
     EXPECT_FALSE((*gpu_rt)->config().direct_step);
     EXPECT_FALSE((*gpu_rt)->config().index.cluster.gpu_select);
-    const RuntimeConfig& cfg = (*gpu_rt)->config();
-    auto stream = transfer::Stream::Create();
-    ASSERT_TRUE(stream.ok());
-    Tensors dev(true, stream->get());
-    std::mt19937 rng(91);
-    const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
-    const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
-    const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
-    ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, 1200, rng, dev));
-    for (int step = 0; step < 6; ++step) {
-      for (int l = 0; l < cfg.num_layers; ++l) {
-        auto k = Random(rng, kv_row, c.dtype);
-        auto v = Random(rng, kv_row, c.dtype);
-        auto q = Random(rng, q_row, c.dtype);
-        std::vector<float> want, got;
-        ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
-        for (int h = 0; h < cfg.num_q_heads; ++h)
-          EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
-              << c.name << " step " << step << " layer " << l << " head " << h;
-      }
-      dev.Clear();
-    }
+    const int64_t gs = *(*gpu_rt)->CreateSequence();
+    ASSERT_NO_FATAL_FAILURE(StepsAgree(c, 91, **host_rt, **gpu_rt, gs));
     const auto s = (*gpu_rt)->Stats();
     EXPECT_EQ(s.attends_gpu_select, 0) << c.name;
     EXPECT_EQ(s.attends_direct, 0) << c.name;
+  }
+}
+
+// The one-stage selection on codes (rescore_bits without rescore) runs on the GPU: the rows'
+// codes uploaded beside the summary, each cluster's mass from them (gpu::CodeClusterMass) in
+// place of the centroid's estimate; the steps agree with the host
+// backend's index, which ranks by the same codes; per q head and with group selection, with the
+// direct step.
+TEST(GpuBackendCluster, CodeSelectionRunsOnTheGpuAndMatchesTheHostBackend) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (const bool group : {false, true}) {
+    Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, group ? "codes group" : "codes"};
+    RuntimeConfig host_cfg = ClusterCompareConfig(c, 0, 0.1f, true, group);
+    RuntimeConfig gpu_cfg = ClusterCompareConfig(c, 1, 0.1f, true, group);
+    host_cfg.index.cluster.rescore_bits = gpu_cfg.index.cluster.rescore_bits = 2;
+    auto host_rt = Runtime::Create(host_cfg);
+    auto gpu_rt = Runtime::Create(gpu_cfg);
+    ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+    EXPECT_TRUE((*gpu_rt)->config().index.cluster.gpu_select);
+    const int64_t gs = *(*gpu_rt)->CreateSequence();
+    ASSERT_NO_FATAL_FAILURE(StepsAgree(c, 93, **host_rt, **gpu_rt, gs));
+    const auto s = (*gpu_rt)->Stats();
+    EXPECT_GT(s.attends_gpu_select, 0) << c.name;
+    EXPECT_GT(s.summary_gpu_bytes, 0) << c.name;
+    ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs).ok());
+    EXPECT_EQ((*gpu_rt)->Stats().summary_gpu_bytes, 0) << c.name;
   }
 }
 

@@ -102,8 +102,9 @@ int main(int argc, char** argv) {
           dt::ScoreMmaKernel<128><<<grid, dt::kScoreThreads>>>(
               s, dq, qh / kv, scale, 0.f, cctas, otiles, out.density, out.outlier_score, ws);
         } else {
-          dt::ScoreKernel<128, 4><<<grid, dt::kScoreThreads>>>(
-              s, dq, qh / kv, scale, 0.f, cctas, otiles, out.density, out.outlier_score, ws);
+          dt::ScoreKernel<128, 4><<<grid, dt::kScoreThreads>>>(s, dq, qh / kv, scale, 0.f, cctas,
+                                                               otiles, nullptr, out.density,
+                                                               out.outlier_score, ws);
         }
       });
       if (us < 0) return 1;
@@ -114,7 +115,7 @@ int main(int argc, char** argv) {
       std::printf("  %s alone: %.1f us, %.0f GB/s of its %.1f MB (%d cluster CTAs per kv head)%s\n",
                   mma ? "tensor-core score kernel" : "score kernel (warp per cluster)", us,
                   bytes / us * 1e-3, bytes * 1e-6, cctas,
-                  mma == dt::UseScoreMma<128>(s, qh / kv) ? " <- the step's" : "");
+                  mma == dt::UseScoreMma<128>(s, qh / kv, nullptr) ? " <- the step's" : "");
     }
   }
   // The decode step's default: one selection per kv head (the group keys, then the select kernel).
@@ -146,7 +147,7 @@ int main(int argc, char** argv) {
         "  kv head %d: threshold mode %d (1 found, 2 all, 3 searched by the select kernel), "
         "bin %d, %d candidates, %lld tokens above\n",
         h, rows[h].mode, rows[h].bin, rows[h].ncand, rows[h].above_tok);
-  const int cctas = dt::ScoreCtas<128, 4>(s, qh / kv);
+  const int cctas = dt::ScoreCtas<128, 4>(s, qh / kv, nullptr);
   const auto* row_ptr = reinterpret_cast<const dt::ThresholdRow*>(thr_at);
   auto select_us = [&](const dt::ThresholdRow* thr) {
     return b::TimeUs(kTool, "SelectKernel", iters, [&] {

@@ -94,8 +94,18 @@ struct ClusterConfig {
   // instead (EncodeResiduals: bits per channel of the key's residual from its cluster's
   // centroid), the form a device could hold beside the summary (a fidelity evaluation;
   // docs/fidelity.md, "Candidates scored on codes").
+  // Without rescore (0 or 1), 1-8 selects on codes in one stage: every cluster's mass is the
+  // log-sum-exp of its rows' code scores (instead of the centroid's estimate), clusters are
+  // ranked by it per row and kept whole up to the budget (as rescore_clusters over every
+  // cluster), the others estimated at that mass with their value mean; top_p does not apply.
+  // The GPU's form: gpu::CodeScan + gpu::CodeClusterLse feeding gpu::ClusterStep's cluster_lse.
   int rescore_bits = 0;
 };
+
+// ClusterConfig::rescore_bits without rescore: the one-stage selection on codes.
+inline bool SelectsOnCodes(const ClusterConfig& c) {
+  return c.rescore <= 1.f && c.rescore_bits > 0;
+}
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store
 // AFTER the caller applied TakeRowOrder's permutation.

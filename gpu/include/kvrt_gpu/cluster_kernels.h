@@ -68,6 +68,12 @@ struct ClusterStepParams {
   // counts the lowered keys' masses); the estimate is unchanged. The direct step's
   // residency-aware selection (MissPenaltyOffsets in direct_attend.h) fills it.
   const float* key_offset = nullptr;
+  // Null, or [q_heads, C] (device for the kernels, host for the reference): each cluster's log
+  // mass given, log sum over its rows of exp(scale x score) (CodeClusterLse in code_scan.h: the
+  // rows' scores from their codes), in place of the centroid's estimate density + log n: the
+  // density written is cluster_lse - log n, and selection, group keys and estimate follow from
+  // it as above (spread_weight is not read). Empty clusters stay padding whatever it holds.
+  const float* cluster_lse = nullptr;
   // Null, or a cudaEvent_t that ClusterStep records on its stream right after the scoring kernel
   // (the selection's kernels that follow occupy a few dozen CTAs): other work that waits for it
   // runs beside the selection. Recorded whenever ClusterStep returns OK; ignored by the host
@@ -113,13 +119,16 @@ struct ClusterStepItem {
   const float* q = nullptr;
   int64_t budget_tokens = 0;
   const float* key_offset = nullptr;
+  const float* cluster_lse = nullptr;  // ClusterStepParams::cluster_lse, the member's
   ClusterStepOutputs out;
   float* workspace = nullptr;
 };
 
 // ClusterStep for n members in one launch per kernel (per 32 members): a batch step's selections
 // without n launches of each. p's q_heads, scale, spread_weight, top_p, estimate and group_select
-// hold for every member; its budget_tokens and key_offset are the items'; scored_event must be
+// hold for every member; its budget_tokens, key_offset and cluster_lse are the items' (where
+// members with and without cluster_lse need different score kernels: InvalidArgument, as for
+// members laid out differently); scored_event must be
 // null. The members share kv_heads and head_dim and take the same score kernel (summaries laid out
 // alike; InvalidArgument otherwise). Each member's results are ClusterStep's up to the rounding of
 // its total state: the score kernel splits a member's clusters over fewer CTAs when the members

@@ -5,8 +5,9 @@
 // residual from its cluster's bf16 centroid, on a per-segment grid offset + step x code) and the
 // summary's centroids: score = q . (centroid + offset + step x code). A scan of 2-bit codes reads
 // head_dim / 4 bytes per row and kv head, 1/8 of the bf16 keys (docs/gpu.md, "The device form
-// with codes"), and each cluster's log-sum-exp over them. Selection, estimate and attention over
-// the kept rows are not here yet.
+// with codes"), and each cluster's log-sum-exp over them (CodeClusterLse, or CodeClusterMass
+// without the rows' scores: what the GPU backend's selection on codes runs, feeding
+// ClusterStepParams::cluster_lse). Selection of single rows and attention over them are not here.
 // Compiles without CUDA (streams are void*); CodeScanHost is the reference (double sums);
 // launchers follow kernels.h's conventions (InvalidArgument for bad shapes, FailedPrecondition
 // without CUDA, Internal for a CUDA error; they only enqueue work).
@@ -53,5 +54,18 @@ absl::Status CodeClusterLse(const CodeScanView& v, int q_heads, const float* sco
                             void* stream);
 absl::Status CodeClusterLseHost(const CodeScanView& v, int q_heads, const float* scores,
                                 const int64_t* begin, const int32_t* size, float scale, float* lse);
+
+// CodeScan then CodeClusterLse in one pass, without writing the rows' scores: lse [q_heads, C] as
+// CodeClusterLse gives for the scores CodeScan would write (up to float rounding). Reads neither
+// v.cluster (may be null: each cluster's rows are [begin, begin + size)) nor rows outside the
+// clusters. Needs head_dim a multiple of 32 (at most 256), v.code 4-byte aligned, and each
+// cluster's rows within one segment (the cluster index clusters segment by segment; not checked).
+// What the GPU backend's selection on codes runs (docs/gpu.md).
+absl::Status CodeClusterMass(const CodeScanView& v, const float* q, int q_heads,
+                             const int64_t* begin, const int32_t* size, float scale, float* lse,
+                             void* stream);
+absl::Status CodeClusterMassHost(const CodeScanView& v, const float* q, int q_heads,
+                                 const int64_t* begin, const int32_t* size, float scale,
+                                 float* lse);
 
 }  // namespace kvrt::gpu
