@@ -208,7 +208,10 @@ typedef struct kvrt_config {
                                  attend to it (see "Non-finite values" above) [1]. */
   int32_t group_search;       /* GQA: 1 = one index search per kv head for all q heads of its group
                                  (each q head then takes its own top_k of the keys that search
-                                 scored; attention-aware and landmark share the work, the other
+                                 scored; attention-aware and landmark share the work, and the
+                                 cluster kind selecting on codes (cluster_rescore_bits without
+                                 cluster_rescore: one pass over the codes scores the group's
+                                 heads, each still selecting alone, since 0.3.15); the other
                                  kinds search per q head anyway); 0 = one search per q head.
                                  Default 0: lower latency for one sequence on 16 cores; 1 reads
                                  fewer keys per recall and does less work when many sequences

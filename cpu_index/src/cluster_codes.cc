@@ -7,6 +7,7 @@
 // so few bits still order a candidate's rows.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "kvrt_common/dtype.h"
 #include "kvrt_cpu_index/cluster.h"
@@ -78,53 +79,115 @@ void EncodeResiduals(const float* keys, const SegmentClustering& part, const uin
   }
 }
 
-CodeScorer::CodeScorer(const float* q, int dim, int bits, const float* offset, const float* step)
-    : q_(q), dim_(dim), bits_(bits), row_bytes_(CodeRowBytes(dim, bits)) {
-  for (int t = 0; t < dim; ++t) base_ += q[t] * offset[t];
+namespace {
+
+// Four queries' partial sums side by side: one lookup address serves the four, and each lane's
+// additions are those of a scalar sum, in the same order (no reassociation across lanes). A
+// single query keeps scalar tables, a quarter of the cache.
+constexpr int kLanes = 4;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+template <typename Acc>
+inline Acc Load(const float* p) {
+  Acc v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Scores of `rows` packed rows for the queries of one lane group: tables `w` [nibbles or dim,
+// 16 or 1, lanes], bases `base` (one per lane); lane l's scores to out[l * out_stride + r].
+template <typename Acc>
+void ScoreRows(const float* w0, int lanes, int bits, int dim, int64_t row_bytes,
+               const uint8_t* code, int64_t rows, const float* base, int n, float* out,
+               int64_t out_stride) {
+  const Acc vbase = Load<Acc>(base);
+  const int64_t stride = int64_t{16} * lanes;  // one nibble's table
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = code + r * row_bytes;
+    Acc s{};
+    const float* w = w0;
+    if (bits == 8) {
+      for (int t = 0; t < dim; ++t, w += lanes) s += Load<Acc>(w) * static_cast<float>(row[t]);
+    } else {
+      // Four running sums: one would chain every lookup's add on the one before.
+      Acc a0{}, a1{}, a2{}, a3{};
+      int64_t b = 0;
+      for (; b + 2 <= row_bytes; b += 2, w += 4 * stride) {
+        a0 += Load<Acc>(w + (row[b] & 15) * lanes);
+        a1 += Load<Acc>(w + stride + (row[b] >> 4) * lanes);
+        a2 += Load<Acc>(w + 2 * stride + (row[b + 1] & 15) * lanes);
+        a3 += Load<Acc>(w + 3 * stride + (row[b + 1] >> 4) * lanes);
+      }
+      for (; b < row_bytes; ++b, w += 2 * stride)
+        a0 += Load<Acc>(w + (row[b] & 15) * lanes) + Load<Acc>(w + stride + (row[b] >> 4) * lanes);
+      s = (a0 + a1) + (a2 + a3);
+    }
+    const Acc o = vbase + s;
+    if constexpr (sizeof(Acc) == sizeof(float)) {
+      out[r] = o;
+    } else {
+      for (int l = 0; l < n; ++l) out[l * out_stride + r] = o[l];
+    }
+  }
+}
+
+}  // namespace
+
+CodeScorer::CodeScorer(const float* qs, int nq, int dim, int bits, const float* offset,
+                       const float* step)
+    : qs_(qs),
+      nq_(nq),
+      lanes_(nq == 1 ? 1 : (nq + kLanes - 1) / kLanes * kLanes),
+      dim_(dim),
+      bits_(bits),
+      row_bytes_(CodeRowBytes(dim, bits)),
+      base_(nq, 0.f) {
+  for (int j = 0; j < nq; ++j)
+    for (int t = 0; t < dim; ++t) base_[j] += qs[j * dim + t] * offset[t];
   if (bits == 8) {
-    weight_.resize(dim);
-    for (int t = 0; t < dim; ++t) weight_[t] = q[t] * step[t];
+    weight_.assign(static_cast<std::size_t>(dim) * lanes_, 0.f);
+    for (int t = 0; t < dim; ++t)
+      for (int j = 0; j < nq; ++j) weight_[t * lanes_ + j] = qs[j * dim + t] * step[t];
     return;
   }
   // One table of 16 partial sums per 4-bit nibble of a row: 4 / bits channels each.
   const int per = 4 / bits, mask = (1 << bits) - 1;
   const int64_t nibbles = row_bytes_ * 2;
-  weight_.assign(static_cast<std::size_t>(nibbles) * 16, 0.f);
-  for (int64_t p = 0; p < nibbles; ++p)
-    for (int v = 0; v < 16; ++v) {
-      float s = 0.f;
-      for (int j = 0; j < per; ++j) {
-        const int64_t t = p * per + j;
-        if (t < dim) s += q[t] * step[t] * static_cast<float>((v >> (j * bits)) & mask);
+  weight_.assign(static_cast<std::size_t>(nibbles) * 16 * lanes_, 0.f);
+  for (int j = 0; j < nq; ++j) {
+    const float* q = qs + static_cast<std::size_t>(j) * dim;
+    for (int64_t p = 0; p < nibbles; ++p)
+      for (int v = 0; v < 16; ++v) {
+        float s = 0.f;
+        for (int i = 0; i < per; ++i) {
+          const int64_t t = p * per + i;
+          if (t < dim) s += q[t] * step[t] * static_cast<float>((v >> (i * bits)) & mask);
+        }
+        weight_[(p * 16 + v) * lanes_ + j] = s;
       }
-      weight_[p * 16 + v] = s;
-    }
+  }
 }
 
-void CodeScorer::Score(const uint16_t* centroid, const uint8_t* code, int64_t rows,
-                       float* out) const {
-  float base = base_;
-  for (int t = 0; t < dim_; ++t) base += q_[t] * Bf16ToF32(centroid[t]);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* row = code + r * row_bytes_;
-    float s = 0.f;
-    if (bits_ == 8) {
-      for (int t = 0; t < dim_; ++t) s += weight_[t] * static_cast<float>(row[t]);
-    } else {
-      // Four running sums: one would chain every lookup's add on the one before.
-      const float* w = weight_.data();
-      float a[4] = {0.f, 0.f, 0.f, 0.f};
-      int64_t b = 0;
-      for (; b + 2 <= row_bytes_; b += 2, w += 64) {
-        a[0] += w[row[b] & 15];
-        a[1] += w[16 + (row[b] >> 4)];
-        a[2] += w[32 + (row[b + 1] & 15)];
-        a[3] += w[48 + (row[b + 1] >> 4)];
-      }
-      for (; b < row_bytes_; ++b, w += 32) a[0] += w[row[b] & 15] + w[16 + (row[b] >> 4)];
-      s = (a[0] + a[1]) + (a[2] + a[3]);
+void CodeScorer::Score(const uint16_t* centroid, const uint8_t* code, int64_t rows, float* out,
+                       int64_t out_stride) const {
+  if (out_stride == 0) out_stride = rows;
+  std::vector<float> c(dim_);
+  ConvertToF32(centroid, DType::kBF16, dim_, c.data());
+  for (int j0 = 0; j0 < nq_; j0 += kLanes) {
+    const int n = std::min(kLanes, nq_ - j0);
+    float base[kLanes] = {0.f, 0.f, 0.f, 0.f};
+    for (int l = 0; l < n; ++l) {  // q . (offset + centroid), in the order of a scalar sum
+      const float* q = qs_ + static_cast<std::size_t>(j0 + l) * dim_;
+      base[l] = base_[j0 + l];
+      for (int t = 0; t < dim_; ++t) base[l] += q[t] * c[t];
     }
-    out[r] = base + s;
+    float* o = out + j0 * out_stride;
+    if (lanes_ == 1)
+      ScoreRows<float>(weight_.data(), 1, bits_, dim_, row_bytes_, code, rows, base, 1, o,
+                       out_stride);
+    else
+      ScoreRows<Lanes>(weight_.data() + j0, lanes_, bits_, dim_, row_bytes_, code, rows, base, n, o,
+                       out_stride);
   }
 }
 

@@ -116,9 +116,19 @@ class ClusterIndex final : public KeyIndex {
     for (int i = 0; i < nq; ++i)
       for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
     if (!cfg_.group_select || nq == 1) {
+      // Selecting on codes, every query scores every cluster's rows: one pass over the codes for
+      // the whole group, each query's masses as its own pass would give them.
+      std::vector<double> code_lse;
+      if (CodeSelect() && nq > 1) {
+        std::vector<int32_t> all(c);
+        std::iota(all.begin(), all.end(), 0);
+        code_lse.resize(static_cast<std::size_t>(nq) * c);
+        ClusterLse(store, qs, nq, all, nullptr, nullptr, code_lse.data());
+      }
       for (int i = 0; i < nq; ++i) {
         Finish(store, qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
-               oscores.data() + i * no, params, &outs[i]);
+               oscores.data() + i * no, params, &outs[i],
+               code_lse.empty() ? nullptr : code_lse.data() + i * c);
       }
       return absl::OkStatus();
     }
@@ -291,44 +301,46 @@ class ClusterIndex final : public KeyIndex {
   float CandidateTopP() const { return CodeSelect() ? 0.f : cfg_.top_p; }
 
   // The second stage's scores of candidate rows (unscaled), from the keys or (rescore_bits)
-  // from their codes, with one CodeScorer per (query, segment) met.
+  // from their codes, with one CodeScorer per segment met, for all the queries at once.
   class CandidateScorer {
    public:
     CandidateScorer(const ClusterIndex& index, const HeadStore& store, const float* qs, int nq)
         : index_(index),
           store_(store),
           qs_(qs),
-          row_bytes_(index.Coded() ? CodeRowBytes(index.dim_, index.cfg_.rescore_bits) : 0),
-          scorers_(index.Coded() ? nq : 0) {}
-    // Cluster c's rows for query j of qs.
-    void Score(int j, int32_t c, float* out) {
+          nq_(nq),
+          row_bytes_(index.Coded() ? CodeRowBytes(index.dim_, index.cfg_.rescore_bits) : 0) {}
+    // Cluster c's rows for every query of qs: query j's at out + j * stride.
+    void Score(int32_t c, float* out, int64_t stride) {
       const ClusterIndex& x = index_;
-      const float* q = qs_ + static_cast<std::size_t>(j) * x.dim_;
       const int64_t begin = x.summary_.begin[c];
       if (!x.Coded()) {
-        DotRows(q, store_.key(begin), x.dim_, store_.dtype(), x.summary_.size[c],
-                static_cast<std::size_t>(x.dim_), out);
+        for (int j = 0; j < nq_; ++j)
+          DotRows(qs_ + static_cast<std::size_t>(j) * x.dim_, store_.key(begin), x.dim_,
+                  store_.dtype(), x.summary_.size[c], static_cast<std::size_t>(x.dim_),
+                  out + j * stride);
         return;
       }
       const int64_t seg = begin / x.cfg_.segment_tokens;
-      std::vector<std::unique_ptr<CodeScorer>>& per = scorers_[j];
-      if (per.size() <= static_cast<std::size_t>(seg)) per.resize(seg + 1);
-      if (per[seg] == nullptr) {
+      if (scorers_.size() <= static_cast<std::size_t>(seg)) scorers_.resize(seg + 1);
+      if (scorers_[seg] == nullptr) {
         const std::size_t off = static_cast<std::size_t>(seg) * x.dim_;
-        per[seg] =
-            std::make_unique<CodeScorer>(q, x.dim_, x.cfg_.rescore_bits,
+        scorers_[seg] =
+            std::make_unique<CodeScorer>(qs_, nq_, x.dim_, x.cfg_.rescore_bits,
                                          x.codes_.offset.data() + off, x.codes_.step.data() + off);
       }
-      per[seg]->Score(x.summary_.centroid.data() + static_cast<std::size_t>(c) * x.dim_,
-                      x.codes_.code.data() + begin * row_bytes_, x.summary_.size[c], out);
+      scorers_[seg]->Score(x.summary_.centroid.data() + static_cast<std::size_t>(c) * x.dim_,
+                           x.codes_.code.data() + begin * row_bytes_, x.summary_.size[c], out,
+                           stride);
     }
 
    private:
     const ClusterIndex& index_;
     const HeadStore& store_;
     const float* qs_;
-    const int64_t row_bytes_;                                        // of a row's codes
-    std::vector<std::vector<std::unique_ptr<CodeScorer>>> scorers_;  // [nq][segment]
+    const int nq_;
+    const int64_t row_bytes_;                           // of a row's codes
+    std::vector<std::unique_ptr<CodeScorer>> scorers_;  // [segment]
   };
 
   // A two-stage selection's result (ClusterConfig::rescore): the rows kept, best first, and per
@@ -354,9 +366,7 @@ class ClusterIndex final : public KeyIndex {
     out->scored = n;
     std::vector<float> s(static_cast<std::size_t>(nq) * n);  // [nq, n], scaled
     CandidateScorer scorer(*this, store, qs, nq);
-    for (std::size_t i = 0; i < nc; ++i)
-      for (int j = 0; j < nq; ++j)
-        scorer.Score(j, cand[i], s.data() + static_cast<std::size_t>(j) * n + first[i]);
+    for (std::size_t i = 0; i < nc; ++i) scorer.Score(cand[i], s.data() + first[i], n);
     for (float& x : s) x *= scale_;
     std::vector<float> rmax(nq, -std::numeric_limits<float>::infinity());
     for (int j = 0; j < nq; ++j)
@@ -429,33 +439,46 @@ class ClusterIndex final : public KeyIndex {
   }
 
   // A two-stage selection's second stage over the candidates `cand` for nq queries with their
-  // densities [nq, C]: single rows (Rescore) or whole clusters (KeepClusters).
+  // densities [nq, C]: single rows (Rescore) or whole clusters (KeepClusters). code_lse: when
+  // selecting on codes, the queries' cluster masses computed beforehand (ClusterLse over every
+  // cluster, [nq, C] by cluster id), or null.
   void SecondStage(const HeadStore& store, const float* qs, int nq,
                    const std::vector<int32_t>& cand, const SearchParams& params,
-                   const float* density, Rescored* out) const {
-    if (CodeSelect())  // codes are in memory wherever the rows are
-      KeepClusters(store, qs, nq, cand, Budget(params), density, nullptr, out);
-    else if (cfg_.rescore_clusters)
-      KeepClusters(store, qs, nq, cand, Budget(params), density, params.resident, out);
-    else
+                   const float* density, Rescored* out, const double* code_lse = nullptr) const {
+    if (!CodeSelect() && !cfg_.rescore_clusters) {
       Rescore(store, qs, nq, cand, Budget(params), out);
+      return;
+    }
+    const std::size_t nc = cand.size();
+    std::vector<double> lse(static_cast<std::size_t>(nq) * nc);  // [nq, nc]
+    if (CodeSelect()) {  // codes are in memory wherever the rows are
+      if (code_lse != nullptr) {
+        const int64_t C = summary_.num_clusters();
+        out->scored = 0;
+        for (std::size_t i = 0; i < nc; ++i) {
+          out->scored += summary_.size[cand[i]];
+          for (int j = 0; j < nq; ++j) lse[j * nc + i] = code_lse[j * C + cand[i]];
+        }
+      } else {
+        out->scored = ClusterLse(store, qs, nq, cand, density, nullptr, lse.data());
+      }
+    } else {
+      out->scored = ClusterLse(store, qs, nq, cand, density, params.resident, lse.data());
+    }
+    KeepClusters(nq, cand, lse.data(), Budget(params), out);
   }
 
-  // The second stage at the granularity of clusters (ClusterConfig::rescore_clusters), for nq
-  // queries qs with their densities [nq, C]: each candidate's log-sum-exp per query, exact from
-  // its keys where `resident` allows (null: everywhere; SearchParams::resident), else its
-  // estimate (density + log size); candidates in order of mass per row (a group: the sum of the
-  // queries' shares) kept until the budget's rows; every other candidate one state per query,
-  // its value mean at that log-sum-exp.
-  void KeepClusters(const HeadStore& store, const float* qs, int nq,
-                    const std::vector<int32_t>& cand, int64_t budget, const float* density,
-                    const uint8_t* resident, Rescored* out) const {
+  // Each candidate's log-sum-exp per query (lse [nq, nc], scaled scores), exact from its keys
+  // (or codes) where `resident` allows (null: everywhere; SearchParams::resident), else its
+  // estimate (density [nq, C] + log size). Returns the rows scored.
+  int64_t ClusterLse(const HeadStore& store, const float* qs, int nq,
+                     const std::vector<int32_t>& cand, const float* density,
+                     const uint8_t* resident, double* lse) const {
     const std::size_t nc = cand.size();
     const int64_t C = summary_.num_clusters();
-    std::vector<double> lse(static_cast<std::size_t>(nq) * nc);  // [nq, nc]
     std::vector<float> s;
     CandidateScorer scorer(*this, store, qs, nq);
-    out->scored = 0;
+    int64_t scored = 0;
     for (std::size_t i = 0; i < nc; ++i) {
       const int32_t c = cand[i];
       const int64_t size = summary_.size[c];
@@ -464,17 +487,29 @@ class ClusterIndex final : public KeyIndex {
           lse[j * nc + i] = double(density[j * C + c]) + std::log(double(size));
         continue;
       }
-      out->scored += size;
-      s.resize(size);
+      scored += size;
+      s.resize(static_cast<std::size_t>(nq) * size);
+      scorer.Score(c, s.data(), size);
       for (int j = 0; j < nq; ++j) {
-        scorer.Score(j, c, s.data());
+        float* sj = s.data() + j * size;
         float m = -std::numeric_limits<float>::infinity();
-        for (float& x : s) m = std::max(m, x *= scale_);
+        for (int64_t r = 0; r < size; ++r) m = std::max(m, sj[r] *= scale_);
         double l = 0;
-        for (float x : s) l += std::exp(double(x) - m);
+        for (int64_t r = 0; r < size; ++r) l += std::exp(double(sj[r]) - m);
         lse[j * nc + i] = m + std::log(l);
       }
     }
+    return scored;
+  }
+
+  // The second stage at the granularity of clusters (ClusterConfig::rescore_clusters, or
+  // selecting on codes) for nq queries, given each candidate's log-sum-exp per query (lse
+  // [nq, nc], ClusterLse): candidates in order of mass per row (a group: the sum of the queries'
+  // shares) kept until the budget's rows; every other candidate one state per query, its value
+  // mean at that log-sum-exp.
+  void KeepClusters(int nq, const std::vector<int32_t>& cand, const double* lse, int64_t budget,
+                    Rescored* out) const {
+    const std::size_t nc = cand.size();
     std::vector<double> key(nc, 0.0);
     for (int j = 0; j < nq; ++j) {
       double m = -std::numeric_limits<double>::infinity(), z = 0;
@@ -510,8 +545,10 @@ class ClusterIndex final : public KeyIndex {
     }
   }
 
+  // code_lse: SecondStage's, for this query.
   void Finish(const HeadStore& store, const float* q, const float* scores, const float* oscores,
-              const SearchParams& params, SearchResult* out) const {
+              const SearchParams& params, SearchResult* out,
+              const double* code_lse = nullptr) const {
     std::vector<float> density(summary_.num_clusters());
     Density(q, scores, density.data());
     std::vector<int32_t> sel;
@@ -522,7 +559,7 @@ class ClusterIndex final : public KeyIndex {
       return;
     }
     Rescored rescored;
-    SecondStage(store, q, 1, sel, params, density.data(), &rescored);
+    SecondStage(store, q, 1, sel, params, density.data(), &rescored, code_lse);
     Emit(density.data(), sel, tokens, oscores, out, true, true, &rescored);
     if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.assign(dim_, 0.f);
     if (cfg_.estimate)

@@ -308,10 +308,12 @@ std::vector<std::vector<int>> ColdTier::Units(const uint8_t* streaming) const {
   // group's active heads, so it always searches them together.
   const bool shared_selection =
       cfg_->index_kind == cpu_index::IndexKind::kCluster && cfg_->index.cluster.group_select;
-  const bool together =
-      group > 1 &&
-      (shared_selection ||
-       (cfg_->group_search && cpu_index::KindInfo(cfg_->index_kind).shares_group_search));
+  // Selecting on codes, the cluster kind scores every cluster's rows for all the group's heads in
+  // one pass over the codes: its group search shares work too.
+  const bool shares_work = cpu_index::KindInfo(cfg_->index_kind).shares_group_search ||
+                           (cfg_->index_kind == cpu_index::IndexKind::kCluster &&
+                            cpu_index::SelectsOnCodes(cfg_->index.cluster));
+  const bool together = group > 1 && (shared_selection || (cfg_->group_search && shares_work));
   std::vector<std::vector<int>> units;
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     std::vector<int> heads;

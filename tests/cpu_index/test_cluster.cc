@@ -441,23 +441,39 @@ TEST(ClusterIndex, OutliersAreAlwaysReturned) {
   }
 }
 
+// Without group_select a group's search is each query's own, also when the group's queries are
+// scored in one pass (the second stage on codes, and the selection on codes, which scores every
+// cluster's rows for all the group's queries at once).
 TEST(ClusterIndex, GroupSearchEqualsPerQuerySearch) {
-  HeadStore store(kDim, DType::kBF16);
-  AppendRows(&store, 1024, 13, DType::kBF16);
-  auto index = MakeIndex(IndexKind::kCluster, SmallConfig(), kDim).value();
-  ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
-  ApplyOrder(index.get(), &store, 0, 1024);
-  const std::vector<float> qs = RandomQueries(4, 20);
-  SearchParams p;
-  p.k = 64;
-  std::vector<SearchResult> g(4);
-  ASSERT_TRUE(index->SearchGroup(store, qs.data(), 4, p, g.data()).ok());
-  for (int i = 0; i < 4; ++i) {
-    SearchResult r;
-    ASSERT_TRUE(index->Search(store, qs.data() + i * kDim, p, &r).ok());
-    EXPECT_EQ(r.ids, g[i].ids);
-    EXPECT_EQ(r.scanned, g[i].scanned);
-    EXPECT_NEAR(r.est_lse, g[i].est_lse, 1e-4);
+  struct Mode {
+    const char* name;
+    float rescore;
+    int bits;
+  };
+  for (const Mode m : {Mode{"centroids", 0.f, 0}, Mode{"two stages on codes", 3.f, 2},
+                       Mode{"selection on codes", 0.f, 2}, Mode{"on 4-bit codes", 0.f, 4}}) {
+    SCOPED_TRACE(m.name);
+    HeadStore store(kDim, DType::kBF16);
+    AppendRows(&store, 1024, 13, DType::kBF16);
+    IndexConfig cfg = SmallConfig();
+    cfg.cluster.rescore = m.rescore;
+    cfg.cluster.rescore_bits = m.bits;
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+    ApplyOrder(index.get(), &store, 0, 1024);
+    const std::vector<float> qs = RandomQueries(4, 20);
+    SearchParams p;
+    p.k = 64;
+    std::vector<SearchResult> g(4);
+    ASSERT_TRUE(index->SearchGroup(store, qs.data(), 4, p, g.data()).ok());
+    for (int i = 0; i < 4; ++i) {
+      SearchResult r;
+      ASSERT_TRUE(index->Search(store, qs.data() + i * kDim, p, &r).ok());
+      EXPECT_EQ(r.ids, g[i].ids);
+      EXPECT_EQ(r.scanned, g[i].scanned);
+      EXPECT_NEAR(r.est_lse, g[i].est_lse, 1e-4);
+      EXPECT_EQ(r.est_o, g[i].est_o);
+    }
   }
 }
 

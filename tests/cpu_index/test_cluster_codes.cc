@@ -179,6 +179,38 @@ TEST(ClusterCodes, ScorerEqualsTheDecodedDotProduct) {
 // More bits, closer scores: the mean absolute error of the codes' scores against the keys'
 // falls with each doubling of the width (and at 8 bits is a small fraction of the scores' own
 // deviation).
+// A scorer of several queries (a GQA group's heads) gives each query the scores of a scorer of it
+// alone, bit for bit, whatever the group size (not a multiple of the vector width, too) and the
+// row width (an odd byte count leaves a tail nibble pair).
+TEST(ClusterCodes, AGroupScorerGivesEachQueryItsOwnScorersScores) {
+  std::mt19937_64 rng(11);
+  for (int bits : {1, 2, 4, 8})
+    for (int dim : {64, 36, 20})
+      for (int nq : {1, 3, 4, 6, 9}) {
+        SCOPED_TRACE(::testing::Message() << bits << " bits, dim " << dim << ", " << nq << " q");
+        const int64_t rows = 13, rb = CodeRowBytes(dim, bits), stride = rows + 5;
+        std::vector<uint8_t> code(static_cast<std::size_t>(rows * rb));
+        for (auto& b : code) b = static_cast<uint8_t>(rng());
+        const std::vector<float> offset = testing::NormalVector(dim, rng(), 0.3f);
+        std::vector<float> step = testing::NormalVector(dim, rng(), 0.1f);
+        for (auto& x : step) x = std::fabs(x);
+        const std::vector<float> cf = testing::NormalVector(dim, rng());
+        std::vector<uint16_t> centroid(dim);
+        ConvertFromF32(cf.data(), dim, DType::kBF16, centroid.data());
+        const std::vector<float> qs = testing::NormalVector(nq * dim, rng());
+        const CodeScorer group(qs.data(), nq, dim, bits, offset.data(), step.data());
+        std::vector<float> got(static_cast<std::size_t>(nq) * stride, -1.f);
+        group.Score(centroid.data(), code.data(), rows, got.data(), stride);
+        for (int j = 0; j < nq; ++j) {
+          const CodeScorer alone(qs.data() + j * dim, dim, bits, offset.data(), step.data());
+          std::vector<float> want(rows);
+          alone.Score(centroid.data(), code.data(), rows, want.data());
+          for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(got[j * stride + r], want[r]) << j << r;
+          for (int64_t r = rows; r < stride; ++r) ASSERT_EQ(got[j * stride + r], -1.f);
+        }
+      }
+}
+
 TEST(ClusterCodes, ScoresApproachTheKeysWithMoreBits) {
   const std::vector<float> q = RandomQuery(4);
   double last = INFINITY;

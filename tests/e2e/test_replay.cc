@@ -135,16 +135,19 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
   auto ref = ComputeExactReference(**t, 100, 0, false);
   ASSERT_TRUE(ref.ok()) << ref.status();
   // Runs: one stage; two stages on the keys; two stages on 2-bit codes of them (0.3.13); one
-  // stage with the clusters ranked by their rows' 2-bit codes (0.3.14).
-  ReplayReport r[4];
-  for (int i = 0; i < 4; ++i) {
+  // stage with the clusters ranked by their rows' 2-bit codes (0.3.14); that, per q head, one
+  // search per q head and one per kv head (group_search: one pass over the codes, 0.3.15).
+  ReplayReport r[6];
+  for (int i = 0; i < 6; ++i) {
     ReplayOptions o;
     o.index = KVRT_INDEX_CLUSTER;
     o.window = 64;
     o.threads = 2;
     o.progress = false;
-    o.cluster.rescore = i == 0 || i == 3 ? 0.0 : 4.0;
+    o.cluster.rescore = i == 0 || i >= 3 ? 0.0 : 4.0;
     o.cluster.rescore_bits = i >= 2 ? 2 : 0;
+    o.cluster.group_select = i >= 4 ? 0 : -1;
+    o.group_search = i == 5;
     auto got = RunReplay(**t, *ref, o);
     ASSERT_TRUE(got.ok()) << got.status();
     r[i] = *got;
@@ -168,6 +171,12 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
               0.1 * r[0].cold_tokens_attended_per_head);
   EXPECT_GT(r[3].scanned_fraction, 0.9);
   EXPECT_LT(r[3].output_rel_error_mean, r[0].output_rel_error_mean);
+  // Per q head, the group's one pass over the codes selects for each head what its own search
+  // does: the same rows, the same outputs.
+  EXPECT_EQ(r[5].cold_tokens_attended_per_head, r[4].cold_tokens_attended_per_head);
+  EXPECT_EQ(r[5].output_rel_error_mean, r[4].output_rel_error_mean);
+  EXPECT_EQ(r[5].output_rel_error_max, r[4].output_rel_error_max);
+  EXPECT_EQ(r[5].mass_recall, r[4].mass_recall);
   for (const auto& x : r)
     std::printf("rescore: attended %.0f scanned %.4f error %.5f mass %.4f\n",
                 x.cold_tokens_attended_per_head, x.scanned_fraction, x.output_rel_error_mean,

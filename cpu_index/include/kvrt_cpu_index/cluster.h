@@ -213,21 +213,27 @@ int64_t CodeRowBytes(int dim, int bits);
 void EncodeResiduals(const float* keys, const SegmentClustering& part, const uint16_t* centroid,
                      int dim, int bits, SegmentCodes* out, bool laid_out = false);
 
-// Scores rows of one segment's codes for one query q (unscaled): q . (centroid + offset + step *
-// code). Holds a table of partial sums per 4-bit nibble of a row (bits < 8), so that a row costs
-// one lookup per nibble; q must outlive it.
+// Scores rows of one segment's codes for nq queries qs [nq, dim] (unscaled): q . (centroid +
+// offset + step * code). Holds, for every query, a table of partial sums per 4-bit nibble of a row
+// (bits < 8), laid out query-minor, so that a row costs one lookup per nibble for the whole group
+// (a GQA group's heads, or every head of a kv head) and each query's score equals that of a
+// scorer of it alone, bit for bit. qs must outlive it.
 class CodeScorer {
  public:
-  CodeScorer(const float* q, int dim, int bits, const float* offset, const float* step);
-  // rows of one cluster: its bf16 centroid [dim] and packed codes [rows, CodeRowBytes].
-  void Score(const uint16_t* centroid, const uint8_t* code, int64_t rows, float* out) const;
+  CodeScorer(const float* qs, int nq, int dim, int bits, const float* offset, const float* step);
+  CodeScorer(const float* q, int dim, int bits, const float* offset, const float* step)
+      : CodeScorer(q, 1, dim, bits, offset, step) {}
+  // rows of one cluster: its bf16 centroid [dim] and packed codes [rows, CodeRowBytes]; query j's
+  // scores go to out + j * out_stride (out_stride >= rows; 0: rows).
+  void Score(const uint16_t* centroid, const uint8_t* code, int64_t rows, float* out,
+             int64_t out_stride = 0) const;
 
  private:
-  const float* q_;
-  int dim_, bits_;
+  const float* qs_;
+  int nq_, lanes_, dim_, bits_;  // lanes_: nq rounded up to the scorer's vector width
   int64_t row_bytes_;
-  float base_ = 0.f;           // q . offset
-  std::vector<float> weight_;  // bits 8: q * step [dim]; else [nibbles, 16]
+  std::vector<float> base_;    // q . offset per query
+  std::vector<float> weight_;  // bits 8: q * step [dim, lanes]; else [nibbles, 16, lanes]
 };
 
 // Segments clustered outside the index (the GPU build at prefill): the next Build or Add of
