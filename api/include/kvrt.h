@@ -359,8 +359,11 @@ typedef struct kvrt_config {
                                    kvrt_stats.summary_gpu_bytes) and scanned there, so the GPU
                                    selection and the direct step stay on (the scan adds ~140 us
                                    per 128K layer-step on an H100 at the 8B shape:
-                                   docs/benchmarks.md). Whole clusters ranked
-                                   on 2-bit codes: 0.46-0.78x flat top-k's error per q head,
+                                   docs/benchmarks.md), for a head_dim that is a multiple of 32;
+                                   another head_dim selects on the CPU, as cluster_rescore does
+                                   (kvrt_runtime_config reports cluster_direct_step 0; since
+                                   0.3.15: 0.3.14's attends returned an error). Whole clusters
+                                   ranked on 2-bit codes: 0.46-0.78x flat top-k's error per q head,
                                    0.66-0.98x with group selection, against 0.83-1.19x and
                                    0.98-1.36x for the centroids (docs/fidelity.md). One of 0, 1,
                                    2, 4, 8 [0]. Since 0.3.13 (0.3.11 and 0.3.12: reserved1, not

@@ -172,7 +172,11 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   effective.index.cluster.scale = effective.scale;
   // The GPU's selection kernels (and so the direct step, which needs them) do not rescore: a
   // two-stage selection is the CPU's.
-  if (effective.index.cluster.rescore > 1.f) {
+  // Nor does the GPU's scan of codes (gpu::CodeClusterMass) take a head_dim that is not whole
+  // 32-channel words: the selection on codes stays the CPU's there.
+  const bool codes_off_gpu =
+      cpu_index::SelectsOnCodes(effective.index.cluster) && config.head_dim % 32 != 0;
+  if (effective.index.cluster.rescore > 1.f || codes_off_gpu) {
     effective.index.cluster.gpu_select = false;
     effective.direct_step = false;
   }

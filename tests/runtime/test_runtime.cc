@@ -195,6 +195,32 @@ RuntimeConfig TwoHeadConfig(cpu_index::IndexKind kind, int window) {
   return c;
 }
 
+// The GPU's selection runs only what its kernels take: a two-stage selection, or a selection on
+// codes of a head_dim that is not whole 32-channel words, stays the CPU's (and so does the
+// attend: no direct step). The effective config says so on any machine.
+TEST(RuntimeCluster, SelectionsTheGpuCannotRunStayOnTheCpu) {
+  struct Case {
+    int head_dim;
+    float rescore;
+    int bits;
+    bool gpu;
+  };
+  for (const Case k : {Case{64, 0.f, 0, true}, Case{64, 0.f, 2, true}, Case{80, 0.f, 0, true},
+                       Case{80, 0.f, 2, false}, Case{72, 0.f, 8, false}, Case{64, 4.f, 2, false}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "d " << k.head_dim << " rescore " << k.rescore << " bits " << k.bits);
+    RuntimeConfig c = TwoHeadConfig(cpu_index::IndexKind::kCluster, 16);
+    c.head_dim = k.head_dim;
+    c.index.cluster.rescore = k.rescore;
+    c.index.cluster.rescore_bits = k.bits;
+    c.direct_step = true;
+    auto rt = Runtime::Create(c);
+    ASSERT_TRUE(rt.ok()) << rt.status();
+    EXPECT_EQ((*rt)->config().index.cluster.gpu_select, k.gpu);
+    EXPECT_EQ((*rt)->config().direct_step, k.gpu);
+  }
+}
+
 // Clusters of 8 keys (config.cluster_keys) instead of 16: still exact at the full budget, and a
 // step scores twice the clusters (keys_scored counts each cluster once per q head).
 TEST(RuntimeCluster, EightKeysPerClusterScoreTwiceTheClustersAndStayExact) {
