@@ -23,6 +23,13 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
                   "clusters by their rows' codes in one stage (on the GPU backend the codes are "
                   "held and scanned in GPU memory) (default: the library's, 0)")
       ->check(CLI::IsMember({0, 1, 2, 4, 8}));
+  cmd->add_option("--cluster-value-bits", o->value_bits,
+                  "config.cluster_value_bits: with --cluster-rescore-bits 1-8 and no "
+                  "--cluster-rescore, 1, 2, 4 or 8 estimate the clusters not attended from codes "
+                  "of their rows' values (that many bits per channel, in host memory) weighted by "
+                  "their key codes' scores, instead of each cluster's value mean; the CPU selects "
+                  "then (no direct step); 0 = value means (default: the library's, 0)")
+      ->check(CLI::IsMember({0, 1, 2, 4, 8}));
   cmd->add_option("--group-select", o->group_select,
                   "config.cluster_group_select: 1 = one cluster selection per kv head shared by "
                   "its q heads, 0 = one per q head (default: the library's, 1)")
@@ -34,6 +41,7 @@ void ApplyClusterOptions(const ClusterOptions& o, kvrt_config* c) {
   if (o.rescore >= 0) c->cluster_rescore = static_cast<float>(o.rescore);
   if (o.rescore_bits >= 0) c->cluster_rescore_bits = o.rescore_bits;
   if (o.group_select >= 0) c->cluster_group_select = o.group_select;
+  if (o.value_bits >= 0) c->cluster_value_bits = o.value_bits;
 }
 
 }  // namespace kvrt::cli

@@ -12,9 +12,11 @@ struct ClusterOptions {
   double rescore = -1;    // config.cluster_rescore; < 0: the library's
   int rescore_bits = -1;  // config.cluster_rescore_bits; < 0: the library's
   int group_select = -1;  // config.cluster_group_select; < 0: the library's
+  int value_bits = -1;    // config.cluster_value_bits; < 0: the library's
 };
 
-// --cluster-keys, --cluster-rescore, --cluster-rescore-bits, --group-select.
+// --cluster-keys, --cluster-rescore, --cluster-rescore-bits, --cluster-value-bits,
+// --group-select.
 void AddClusterOptions(CLI::App* cmd, ClusterOptions* options);
 void ApplyClusterOptions(const ClusterOptions& options, kvrt_config* config);
 

@@ -31,7 +31,8 @@
  *   kind, EXACT included, which ignores it), search_effort 0..2^24, worker_threads >= 0 (above the
  *   hardware thread count: clamped to it), worker_cpu_first and worker_cpu_count >= 0 (the range
  *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, cluster_rescore 0..64,
- *   cluster_rescore_bits 0/1/2/4/8, tokens
+ *   cluster_rescore_bits 0/1/2/4/8, cluster_value_bits 0/1/2/4/8 (non-zero only with
+ *   cluster_rescore_bits non-zero and cluster_rescore 0 or 1), tokens
  * per (sequence, layer) up to 2^34 (a prefill or append past it is refused).
  *
  * Thread safety
@@ -369,6 +370,24 @@ typedef struct kvrt_config {
                                    2, 4, 8 [0]. Since 0.3.13 (0.3.11 and 0.3.12: reserved1, not
                                    read, which kvrt_config_default() set to 0: such a caller
                                    scores on keys, as before). */
+  int32_t cluster_value_bits;   /* KVRT_INDEX_CLUSTER selecting on codes (cluster_rescore_bits
+                                   1-8, cluster_rescore 0 or 1): 1, 2, 4 or 8 estimates the
+                                   clusters not attended from their rows' values too: each cold
+                                   value coded on that many bits per channel of its residual from
+                                   its cluster's value mean (in host memory beside the key codes:
+                                   head_dim x bits / 8 bytes per cold token and kv head), the
+                                   estimate the softmax of the rows' key-code scores over their
+                                   decoded values instead of each cluster's value mean at its
+                                   mass. On the Gemma 3 traces at 2 bits: 0.41-0.53x flat top-k's
+                                   error at equal tokens with group selection (0.64-0.98x with the
+                                   value means), 0.28-0.42x per q head (docs/fidelity.md, "The
+                                   rest estimated from value codes"). The selection then runs on
+                                   the CPU on either backend (the GPU's kernels estimate from the
+                                   means: kvrt_runtime_config reports cluster_direct_step 0).
+                                   0 = value means; another value, or one without the selection
+                                   on codes: KVRT_ERR_INVALID_ARGUMENT [0]. Since 0.3.15. */
+  int32_t reserved2;            /* 0.3.15: not read (it makes the struct's size differ from
+                                   0.3.14's, whose tail padding cluster_value_bits took). */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets

@@ -139,6 +139,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.index.cluster.rescore = c.cluster_rescore;  // > 1: Runtime::Create turns the GPU selection off
   // 0.3.11 and 0.3.12 callers: reserved1, set to 0 by kvrt_config_default (keys, as then).
   r.index.cluster.rescore_bits = c.cluster_rescore_bits;
+  r.index.cluster.value_bits = c.cluster_value_bits;  // 0.3.14 callers: the default, 0
   r.cuda_device = c.cuda_device;
   r.direct_step = c.cluster_direct_step != 0;
   r.worker_cpu_first = c.worker_cpu_first;
@@ -173,14 +174,19 @@ constexpr std::size_t kConfigSize035 = ConfigSizeEndingAt(offsetof(kvrt_config, 
 // 0.3.9 and 0.3.10 ended at cluster_keys; cluster_rescore (0.3.11) lies in that size's tail
 // padding, hence reserved1 after it (as reserved0 in 0.3.9; since 0.3.13 cluster_rescore_bits).
 constexpr std::size_t kConfigSize039 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_keys));
-constexpr std::size_t kConfigSizes[] = {kConfigSize030,     kConfigSize031, kConfigSize033,
-                                        kConfigSize034,     kConfigSize035, kConfigSize039,
-                                        sizeof(kvrt_config)};
+// 0.3.13 and 0.3.14 ended at cluster_rescore_bits; cluster_value_bits (0.3.15) lies in that
+// size's tail padding, hence reserved2 after it.
+constexpr std::size_t kConfigSize0313 =
+    ConfigSizeEndingAt(offsetof(kvrt_config, cluster_rescore_bits));
+constexpr std::size_t kConfigSizes[] = {kConfigSize030,  kConfigSize031,     kConfigSize033,
+                                        kConfigSize034,  kConfigSize035,     kConfigSize039,
+                                        kConfigSize0313, sizeof(kvrt_config)};
 static_assert(kConfigSize031 < kConfigSize033, "0.3.3's field must change the size");
 static_assert(kConfigSize033 < kConfigSize034, "0.3.4's fields must change the size");
 static_assert(kConfigSize034 < kConfigSize035, "0.3.5's fields must change the size");
 static_assert(kConfigSize035 < kConfigSize039, "0.3.9's fields must change the size");
-static_assert(kConfigSize039 < sizeof(kvrt_config), "0.3.11's fields must change the size");
+static_assert(kConfigSize039 < kConfigSize0313, "0.3.11's fields must change the size");
+static_assert(kConfigSize0313 < sizeof(kvrt_config), "0.3.15's fields must change the size");
 constexpr std::size_t kStatsSizes[] = {
     offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
     offsetof(kvrt_stats, attends_direct), offsetof(kvrt_stats, time_background_wait_ns),
@@ -245,6 +251,7 @@ kvrt_config Defaults() {
   c.cluster_keys = kvrt::cpu_index::ClusterConfig{}.cluster_size;
   c.cluster_rescore = 0.f;
   c.cluster_rescore_bits = 0;
+  c.cluster_value_bits = 0;
   return c;
 }
 
@@ -254,13 +261,14 @@ kvrt_status ReadConfig(const kvrt_config* in, const char* fn, kvrt_config* out) 
   const std::size_t size = StructSize(in);
   if (!KnownSize(kConfigSizes, size)) return BadSize(fn, "kvrt_config", size);
   *out = Defaults();
-  const std::size_t prefix = size == kConfigSize030   ? offsetof(kvrt_config, hot_cache_fraction)
-                             : size == kConfigSize031 ? offsetof(kvrt_config, cluster_direct_step)
-                             : size == kConfigSize033 ? offsetof(kvrt_config, worker_cpu_first)
-                             : size == kConfigSize034 ? offsetof(kvrt_config, cluster_group_select)
-                             : size == kConfigSize035 ? offsetof(kvrt_config, cluster_miss_penalty)
-                             : size == kConfigSize039 ? offsetof(kvrt_config, cluster_rescore)
-                                                      : size;
+  const std::size_t prefix = size == kConfigSize030    ? offsetof(kvrt_config, hot_cache_fraction)
+                             : size == kConfigSize031  ? offsetof(kvrt_config, cluster_direct_step)
+                             : size == kConfigSize033  ? offsetof(kvrt_config, worker_cpu_first)
+                             : size == kConfigSize034  ? offsetof(kvrt_config, cluster_group_select)
+                             : size == kConfigSize035  ? offsetof(kvrt_config, cluster_miss_penalty)
+                             : size == kConfigSize039  ? offsetof(kvrt_config, cluster_rescore)
+                             : size == kConfigSize0313 ? offsetof(kvrt_config, cluster_value_bits)
+                                                       : size;
   std::memcpy(out, in, prefix);
   out->struct_size = sizeof(kvrt_config);
   return KVRT_OK;

@@ -49,10 +49,17 @@ class ClusterIndex final : public KeyIndex {
       return absl::InvalidArgumentError(absl::StrCat(
           "cluster index: rescore_bits = ", cfg_.rescore_bits, " must be 0, 1, 2, 4 or 8"));
     }
+    if (cfg_.value_bits != 0 && (!ValidCodeBits(cfg_.value_bits) || !SelectsOnCodes(cfg_))) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cluster index: value_bits = ", cfg_.value_bits,
+                       " must be 0, or 1, 2, 4 or 8 with rescore_bits > 0 and rescore <= 1 "
+                       "(selection on codes)"));
+    }
     summary_ = ClusterSummary{};
     summary_.dim = dim_;
     pending_order_.clear();
     codes_ = SegmentCodes{};
+    value_codes_ = SegmentCodes{};
     size_ = 0;
     metric_l_ = QueryMetricFactor(cfg_.query_aware ? queries : nullptr,
                                   cfg_.query_aware ? n_queries : 0, dim_, cfg_.metric_queries);
@@ -118,17 +125,12 @@ class ClusterIndex final : public KeyIndex {
     if (!cfg_.group_select || nq == 1) {
       // Selecting on codes, every query scores every cluster's rows: one pass over the codes for
       // the whole group, each query's masses as its own pass would give them.
-      std::vector<double> code_lse;
-      if (CodeSelect() && nq > 1) {
-        std::vector<int32_t> all(c);
-        std::iota(all.begin(), all.end(), 0);
-        code_lse.resize(static_cast<std::size_t>(nq) * c);
-        ClusterLse(store, qs, nq, all, nullptr, nullptr, code_lse.data());
-      }
+      CodeMasses masses;
+      if (CodeSelect() && nq > 1) ComputeCodeMasses(store, qs, nq, &masses);
       for (int i = 0; i < nq; ++i) {
         Finish(store, qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
-               oscores.data() + i * no, params, &outs[i],
-               code_lse.empty() ? nullptr : code_lse.data() + i * c);
+               oscores.data() + i * no, params, &outs[i], masses.lse.empty() ? nullptr : &masses,
+               i);
       }
       return absl::OkStatus();
     }
@@ -195,8 +197,9 @@ class ClusterIndex final : public KeyIndex {
     return store_rows / cfg_.segment_tokens * cfg_.segment_tokens;
   }
   std::size_t MemoryBytes() const override {
-    return summary_.Bytes() + codes_.code.size() +
-           (metric_l_.size() + calib_q_.size() + codes_.offset.size() + codes_.step.size()) *
+    return summary_.Bytes() + codes_.code.size() + value_codes_.code.size() +
+           (metric_l_.size() + calib_q_.size() + codes_.offset.size() + codes_.step.size() +
+            value_codes_.offset.size() + value_codes_.step.size()) *
                sizeof(float) +
            pending_order_.capacity() * sizeof(int64_t);
   }
@@ -209,7 +212,7 @@ class ClusterIndex final : public KeyIndex {
     if (nseg == 0) return absl::OkStatus();
     const int64_t begin = size_;
     std::vector<SegmentClustering> parts(nseg);
-    std::vector<SegmentCodes> codes(Coded() ? nseg : 0);
+    std::vector<SegmentCodes> codes(Coded() ? nseg : 0), value_codes(ValueCoded() ? nseg : 0);
     internal::UseSingleThreadedBlas();
     tbb::task_arena arena(internal::BuildThreads(config_));
     arena.execute([&] {
@@ -220,11 +223,13 @@ class ClusterIndex final : public KeyIndex {
             b >= preset_begin_ && preset < static_cast<int64_t>(preset_.size());
         if (preset_here) parts[s] = std::move(preset_[preset]);
         if (preset_here && !Coded()) return;
-        std::vector<float> k(static_cast<std::size_t>(seg) * dim_);
+        std::vector<float> k(static_cast<std::size_t>(seg) * dim_), v;
         ConvertToF32(store.key(b), store.dtype(), k.size(), k.data());
-        if (!preset_here) {
-          std::vector<float> v(k.size());
+        if (!preset_here || ValueCoded()) {
+          v.resize(k.size());
           ConvertToF32(store.value(b), store.dtype(), v.size(), v.data());
+        }
+        if (!preset_here) {
           ClusterSegment(k.data(), v.data(), seg, dim_, metric_l_.data(), cfg_,
                          cfg_.seed + static_cast<uint64_t>(b), &parts[s]);
           CalibrateSpreads(k.data(), seg, dim_, calib_q_.data(),
@@ -235,6 +240,12 @@ class ClusterIndex final : public KeyIndex {
           std::vector<uint16_t> cent(parts[s].centroid.size());
           ConvertFromF32(parts[s].centroid.data(), cent.size(), DType::kBF16, cent.data());
           EncodeResiduals(k.data(), parts[s], cent.data(), dim_, cfg_.rescore_bits, &codes[s],
+                          preset_here && preset_laid_out_);
+        }
+        if (ValueCoded()) {  // from the value means as the summary holds them (bf16)
+          std::vector<uint16_t> mean(parts[s].value_mean.size());
+          ConvertFromF32(parts[s].value_mean.data(), mean.size(), DType::kBF16, mean.data());
+          EncodeResiduals(v.data(), parts[s], mean.data(), dim_, cfg_.value_bits, &value_codes[s],
                           preset_here && preset_laid_out_);
         }
       });
@@ -264,6 +275,12 @@ class ClusterIndex final : public KeyIndex {
         codes_.code.insert(codes_.code.end(), codes[s].code.begin(), codes[s].code.end());
         codes_.offset.insert(codes_.offset.end(), codes[s].offset.begin(), codes[s].offset.end());
         codes_.step.insert(codes_.step.end(), codes[s].step.begin(), codes[s].step.end());
+      }
+      if (ValueCoded()) {
+        const SegmentCodes& vc = value_codes[s];
+        value_codes_.code.insert(value_codes_.code.end(), vc.code.begin(), vc.code.end());
+        value_codes_.offset.insert(value_codes_.offset.end(), vc.offset.begin(), vc.offset.end());
+        value_codes_.step.insert(value_codes_.step.end(), vc.step.begin(), vc.step.end());
       }
     }
     size_ = begin + nseg * seg;
@@ -299,6 +316,7 @@ class ClusterIndex final : public KeyIndex {
   bool Rescoring() const { return cfg_.rescore > 1.f || CodeSelect(); }
   bool Coded() const { return Rescoring() && cfg_.rescore_bits > 0; }
   float CandidateTopP() const { return CodeSelect() ? 0.f : cfg_.top_p; }
+  bool ValueCoded() const { return EstimatesOnValueCodes(cfg_); }
 
   // The second stage's scores of candidate rows (unscaled), from the keys or (rescore_bits)
   // from their codes, with one CodeScorer per segment met, for all the queries at once.
@@ -438,42 +456,144 @@ class ClusterIndex final : public KeyIndex {
     }
   }
 
+  // Selecting on codes: every cluster's mass per query (lse [nq, C] by cluster id) and, estimating
+  // from value codes, every covered row's scaled code score (row_score [nq, size()] by store row;
+  // the outliers' entries unused).
+  struct CodeMasses {
+    std::vector<double> lse;
+    std::vector<float> row_score;
+  };
+  void ComputeCodeMasses(const HeadStore& store, const float* qs, int nq, CodeMasses* out) const {
+    const int64_t C = summary_.num_clusters();
+    std::vector<int32_t> all(C);
+    std::iota(all.begin(), all.end(), 0);
+    out->lse.resize(static_cast<std::size_t>(nq) * C);
+    out->row_score.assign(ValueCoded() ? static_cast<std::size_t>(nq) * size_ : 0, 0.f);
+    ClusterLse(store, qs, nq, all, nullptr, nullptr, out->lse.data(),
+               ValueCoded() ? out->row_score.data() : nullptr);
+  }
+
   // A two-stage selection's second stage over the candidates `cand` for nq queries with their
-  // densities [nq, C]: single rows (Rescore) or whole clusters (KeepClusters). code_lse: when
-  // selecting on codes, the queries' cluster masses computed beforehand (ClusterLse over every
-  // cluster, [nq, C] by cluster id), or null.
+  // densities [nq, C]: single rows (Rescore) or whole clusters (KeepClusters). masses: when
+  // selecting on codes, the masses computed beforehand for a group whose queries `first`.. these
+  // are (ComputeCodeMasses), or null.
   void SecondStage(const HeadStore& store, const float* qs, int nq,
                    const std::vector<int32_t>& cand, const SearchParams& params,
-                   const float* density, Rescored* out, const double* code_lse = nullptr) const {
+                   const float* density, Rescored* out, const CodeMasses* masses = nullptr,
+                   int first = 0) const {
     if (!CodeSelect() && !cfg_.rescore_clusters) {
       Rescore(store, qs, nq, cand, Budget(params), out);
       return;
     }
     const std::size_t nc = cand.size();
     std::vector<double> lse(static_cast<std::size_t>(nq) * nc);  // [nq, nc]
+    std::vector<char> kept;
     if (CodeSelect()) {  // codes are in memory wherever the rows are
-      if (code_lse != nullptr) {
-        const int64_t C = summary_.num_clusters();
-        out->scored = 0;
-        for (std::size_t i = 0; i < nc; ++i) {
-          out->scored += summary_.size[cand[i]];
-          for (int j = 0; j < nq; ++j) lse[j * nc + i] = code_lse[j * C + cand[i]];
-        }
-      } else {
-        out->scored = ClusterLse(store, qs, nq, cand, density, nullptr, lse.data());
+      CodeMasses own;
+      if (masses == nullptr) {
+        ComputeCodeMasses(store, qs, nq, &own);
+        masses = &own;
+        first = 0;
       }
-    } else {
-      out->scored = ClusterLse(store, qs, nq, cand, density, params.resident, lse.data());
+      const int64_t C = summary_.num_clusters();
+      out->scored = 0;
+      for (std::size_t i = 0; i < nc; ++i) {
+        out->scored += summary_.size[cand[i]];
+        for (int j = 0; j < nq; ++j) lse[j * nc + i] = masses->lse[(first + j) * C + cand[i]];
+      }
+      KeepClusters(nq, cand, lse.data(), Budget(params), out, &kept);
+      if (ValueCoded()) RestFromValueCodes(*masses, first, nq, cand, kept, out);
+      return;
     }
+    out->scored = ClusterLse(store, qs, nq, cand, density, params.resident, lse.data());
     KeepClusters(nq, cand, lse.data(), Budget(params), out);
+  }
+
+  // The rest's state per query (out->rest_o, rest_lse) from value codes (ClusterConfig::
+  // value_bits): the softmax of the unselected clusters' rows' code scores over their decoded
+  // values (value mean + offset + step x code). Per segment, each nibble of the rows' value codes
+  // adds its row's weight to one of 16 bins, folded into per-channel sums once per segment.
+  void RestFromValueCodes(const CodeMasses& m, int first, int nq, const std::vector<int32_t>& cand,
+                          const std::vector<char>& kept, Rescored* out) const {
+    const int64_t C = summary_.num_clusters(), seg_rows = cfg_.segment_tokens;
+    const int bits = cfg_.value_bits, mask = (1 << bits) - 1;
+    const int64_t rb = CodeRowBytes(dim_, bits), nibbles = 2 * rb;
+    std::vector<char> rest(C, 0);
+    for (std::size_t i = 0; i < cand.size(); ++i) rest[cand[i]] = kept[i] ? 0 : 1;
+    std::vector<double> acc(dim_), bins(bits == 8 ? dim_ : nibbles * 16);
+    std::vector<float> vm(dim_);
+    for (int j = 0; j < nq; ++j) {
+      const double* lse = m.lse.data() + static_cast<std::size_t>(first + j) * C;
+      const float* score = m.row_score.data() + static_cast<std::size_t>(first + j) * size_;
+      double top = -std::numeric_limits<double>::infinity();
+      for (int64_t c = 0; c < C; ++c)
+        if (rest[c] && summary_.size[c] > 0) top = std::max(top, lse[c]);
+      float* o = out->rest_o.data() + static_cast<std::size_t>(j) * dim_;
+      out->rest_lse[j] = -std::numeric_limits<float>::infinity();
+      std::fill(o, o + dim_, 0.f);
+      if (top == -std::numeric_limits<double>::infinity()) continue;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(bins.begin(), bins.end(), 0.0);
+      double z = 0, seg_weight = 0;
+      int64_t seg = -1;
+      auto flush = [&] {  // segment seg's bins into acc
+        if (seg < 0) return;
+        const float* off = value_codes_.offset.data() + seg * dim_;
+        const float* step = value_codes_.step.data() + seg * dim_;
+        for (int t = 0; t < dim_; ++t) {
+          double w = 0;  // sum of weight x code of channel t
+          if (bits == 8) {
+            w = bins[t];
+          } else {
+            const int64_t p = static_cast<int64_t>(t) * bits / 4;
+            const int shift = (t * bits) % 4;
+            for (int v = 0; v < 16; ++v) w += bins[p * 16 + v] * ((v >> shift) & mask);
+          }
+          acc[t] += seg_weight * off[t] + double(step[t]) * w;
+        }
+        std::fill(bins.begin(), bins.end(), 0.0);
+        seg_weight = 0;
+      };
+      for (int64_t c = 0; c < C; ++c) {
+        if (!rest[c] || summary_.size[c] <= 0) continue;
+        const int64_t b = summary_.begin[c], n = summary_.size[c];
+        if (b / seg_rows != seg) {
+          flush();
+          seg = b / seg_rows;
+        }
+        double wc = 0;
+        for (int64_t r = b; r < b + n; ++r) {
+          const double e = std::exp(double(score[r]) - top);
+          wc += e;
+          const uint8_t* row = value_codes_.code.data() + r * rb;
+          if (bits == 8) {
+            for (int t = 0; t < dim_; ++t) bins[t] += e * row[t];
+          } else {
+            for (int64_t k = 0; k < rb; ++k) {
+              bins[(2 * k) * 16 + (row[k] & 15)] += e;
+              bins[(2 * k + 1) * 16 + (row[k] >> 4)] += e;
+            }
+          }
+        }
+        ConvertToF32(summary_.value_mean.data() + static_cast<std::size_t>(c) * dim_, DType::kBF16,
+                     dim_, vm.data());
+        for (int t = 0; t < dim_; ++t) acc[t] += wc * vm[t];
+        seg_weight += wc;
+        z += wc;
+      }
+      flush();
+      for (int t = 0; t < dim_; ++t) o[t] = static_cast<float>(acc[t] / z);
+      out->rest_lse[j] = static_cast<float>(top + std::log(z));
+    }
   }
 
   // Each candidate's log-sum-exp per query (lse [nq, nc], scaled scores), exact from its keys
   // (or codes) where `resident` allows (null: everywhere; SearchParams::resident), else its
   // estimate (density [nq, C] + log size). Returns the rows scored.
+  // row_score: if not null, each scored row's scaled score too ([nq, size()] by store row).
   int64_t ClusterLse(const HeadStore& store, const float* qs, int nq,
                      const std::vector<int32_t>& cand, const float* density,
-                     const uint8_t* resident, double* lse) const {
+                     const uint8_t* resident, double* lse, float* row_score = nullptr) const {
     const std::size_t nc = cand.size();
     const int64_t C = summary_.num_clusters();
     std::vector<float> s;
@@ -497,6 +617,9 @@ class ClusterIndex final : public KeyIndex {
         double l = 0;
         for (int64_t r = 0; r < size; ++r) l += std::exp(double(sj[r]) - m);
         lse[j * nc + i] = m + std::log(l);
+        if (row_score != nullptr)
+          std::copy_n(sj, size,
+                      row_score + static_cast<std::size_t>(j) * size_ + summary_.begin[c]);
       }
     }
     return scored;
@@ -508,7 +631,7 @@ class ClusterIndex final : public KeyIndex {
   // shares) kept until the budget's rows; every other candidate one state per query, its value
   // mean at that log-sum-exp.
   void KeepClusters(int nq, const std::vector<int32_t>& cand, const double* lse, int64_t budget,
-                    Rescored* out) const {
+                    Rescored* out, std::vector<char>* kept_out = nullptr) const {
     const std::size_t nc = cand.size();
     std::vector<double> key(nc, 0.0);
     for (int j = 0; j < nq; ++j) {
@@ -543,12 +666,13 @@ class ClusterIndex final : public KeyIndex {
         MergeInto(out->rest_o.data() + static_cast<std::size_t>(j) * dim_, &out->rest_lse[j],
                   vm.data(), static_cast<float>(lse[j * nc + i]), dim_);
     }
+    if (kept_out != nullptr) *kept_out = std::move(kept);
   }
 
-  // code_lse: SecondStage's, for this query.
+  // masses, first: SecondStage's, this query being the group's first-th.
   void Finish(const HeadStore& store, const float* q, const float* scores, const float* oscores,
-              const SearchParams& params, SearchResult* out,
-              const double* code_lse = nullptr) const {
+              const SearchParams& params, SearchResult* out, const CodeMasses* masses = nullptr,
+              int first = 0) const {
     std::vector<float> density(summary_.num_clusters());
     Density(q, scores, density.data());
     std::vector<int32_t> sel;
@@ -559,7 +683,7 @@ class ClusterIndex final : public KeyIndex {
       return;
     }
     Rescored rescored;
-    SecondStage(store, q, 1, sel, params, density.data(), &rescored, code_lse);
+    SecondStage(store, q, 1, sel, params, density.data(), &rescored, masses, first);
     Emit(density.data(), sel, tokens, oscores, out, true, true, &rescored);
     if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.assign(dim_, 0.f);
     if (cfg_.estimate)
@@ -620,6 +744,7 @@ class ClusterIndex final : public KeyIndex {
   int64_t pending_begin_ = 0;
   std::vector<int64_t> pending_order_;
   SegmentCodes codes_;  // rescore_bits: every covered row's codes, per segment offset and step
+  SegmentCodes value_codes_;  // value_bits: every covered row's value codes, likewise
   int64_t preset_begin_ = 0;
   std::vector<SegmentClustering> preset_;  // PresetSegments: the next Cover takes these
   bool preset_laid_out_ = false;           // ... over rows the store holds in their order
@@ -662,7 +787,10 @@ std::string ClusterSearchSettings(const IndexConfig& c, int k, int) {
       : cc.rescore_bits > 0
           ? absl::StrCat(", clusters ranked by their rows' ", cc.rescore_bits, "-bit codes")
           : "",
-      " + outliers; estimate ", cc.estimate ? "on" : "off");
+      " + outliers; estimate ", cc.estimate ? "on" : "off",
+      cc.estimate && EstimatesOnValueCodes(cc)
+          ? absl::StrCat(" (the rest's values from ", cc.value_bits, "-bit value codes)")
+          : "");
 }
 
 int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
@@ -673,11 +801,14 @@ int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   const int64_t d = head_dim;
   const int64_t clusters = 2 * (rows / std::max(1, cc.cluster_size) + 1);
   const int64_t outliers = static_cast<int64_t>(std::ceil(cc.outlier_fraction * rows)) + 1;
-  // rescore_bits: every covered row's packed codes and each segment's grid.
-  const int64_t codes = cc.rescore_bits > 0
-                            ? rows * CodeRowBytes(head_dim, cc.rescore_bits) +
-                                  (rows / std::max<int64_t>(1, cc.segment_tokens) + 1) * 8 * d
-                            : 0;
+  // rescore_bits (value_bits): every covered row's packed key (value) codes and each segment's
+  // grid.
+  auto codes_of = [&](int bits) -> int64_t {
+    return bits > 0 ? rows * CodeRowBytes(head_dim, bits) +
+                          (rows / std::max<int64_t>(1, cc.segment_tokens) + 1) * 8 * d
+                    : 0;
+  };
+  const int64_t codes = codes_of(cc.rescore_bits) + codes_of(cc.value_bits);
   return clusters * (4 * d + 24) + outliers * (8 + 2 * d) + 4 * d * d + 16 * cc.segment_tokens +
          codes;
 }

@@ -75,6 +75,11 @@ class Config:
             Without cluster_rescore (0 or 1), 1-8 rank whole clusters by their rows' codes in
             one stage (on the GPU backend the codes are held and scanned in GPU memory; since
             0.3.14). Since 0.3.13.
+        cluster_value_bits: with the one-stage selection on codes (cluster_rescore_bits 1-8,
+            cluster_rescore 0 or 1), 1, 2, 4 or 8 estimate the clusters not attended from codes
+            of their rows' values (that many bits per channel, in host memory), weighted by the
+            rows' key-code scores, instead of each cluster's value mean; the CPU selects then
+            (no direct step); 0 = value means. Since 0.3.15.
     """
 
     num_layers: int = 32
@@ -108,6 +113,7 @@ class Config:
     cluster_keys: int = 16
     cluster_rescore: float = 0.0
     cluster_rescore_bits: int = 0
+    cluster_value_bits: int = 0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

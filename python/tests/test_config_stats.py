@@ -89,6 +89,24 @@ def test_cluster_rescore_bits_round_trip_and_is_checked():
     rt.close()
 
 
+def test_cluster_value_bits_round_trip_and_is_checked():
+    assert kvrt.Config().cluster_value_bits == 0  # value means (0.3.15)
+    for bits in (0, 1, 2, 4, 8):
+        rt = kvrt.Runtime(kvrt.Config(**SHAPE, index_kind="cluster", cluster_rescore_bits=2,
+                                      cluster_value_bits=bits))
+        assert rt.config.cluster_value_bits == bits
+        assert ("value codes" in rt.describe_search()) == (bits > 0)
+        assert bits == 0 or rt.config.cluster_direct_step == 0  # the CPU selects
+        rt.close()
+    for bad in (-1, 3, 16):
+        with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.cluster_value_bits = "):
+            kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_rescore_bits=2,
+                         cluster_value_bits=bad)
+    # Only with the selection on codes.
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"needs the selection on codes"):
+        kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_value_bits=2)
+
+
 def test_a_runtime_describes_its_own_search():
     rt = kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_keys=8, cluster_group_select=0,
                       cluster_rescore=4.0)

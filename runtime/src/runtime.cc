@@ -105,6 +105,15 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
   if (bits != 0 && !cpu_index::ValidCodeBits(bits))
     return absl::InvalidArgumentError(
         absl::StrCat("config.cluster_rescore_bits = ", bits, " must be 0 (keys), 1, 2, 4 or 8"));
+  const int value_bits = c.index.cluster.value_bits;
+  if (value_bits != 0 && !cpu_index::ValidCodeBits(value_bits))
+    return absl::InvalidArgumentError(absl::StrCat("config.cluster_value_bits = ", value_bits,
+                                                   " must be 0 (value means), 1, 2, 4 or 8"));
+  if (value_bits != 0 && !cpu_index::SelectsOnCodes(c.index.cluster))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "config.cluster_value_bits = ", value_bits,
+        " needs the selection on codes: cluster_rescore_bits 1-8 with cluster_rescore 0 or 1 (got ",
+        c.index.cluster.rescore_bits, " and ", c.index.cluster.rescore, ")"));
   const float top_p = c.index.cluster.top_p;
   if (!(top_p >= 0.f && top_p <= 1.f))
     return absl::InvalidArgumentError(
@@ -173,9 +182,10 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   // The GPU's selection kernels (and so the direct step, which needs them) do not rescore: a
   // two-stage selection is the CPU's.
   // Nor does the GPU's scan of codes (gpu::CodeClusterMass) take a head_dim that is not whole
-  // 32-channel words: the selection on codes stays the CPU's there.
-  const bool codes_off_gpu =
-      cpu_index::SelectsOnCodes(effective.index.cluster) && config.head_dim % 32 != 0;
+  // 32-channel words, nor do its kernels estimate from value codes: the selection on codes stays
+  // the CPU's there.
+  const bool codes_off_gpu = cpu_index::SelectsOnCodes(effective.index.cluster) &&
+                             (config.head_dim % 32 != 0 || effective.index.cluster.value_bits > 0);
   if (effective.index.cluster.rescore > 1.f || codes_off_gpu) {
     effective.index.cluster.gpu_select = false;
     effective.direct_step = false;

@@ -587,6 +587,61 @@ TEST(ContractConfig, ClusterRescoreBitsIsTheFormerReserved1) {
   }
 }
 
+// 0.3.15 appended cluster_value_bits (and reserved2, which keeps the size apart): a caller
+// compiled against 0.3.13/0.3.14 passes the size that ended at cluster_rescore_bits (the new field
+// lies in its tail padding) and gets its default, value means; widths other than 0, 1, 2, 4, 8,
+// and any width without the selection on codes, are refused naming the field; a valid one turns
+// the direct step off (the GPU's kernels estimate from the means) and the search description
+// names the value codes.
+TEST(ContractConfig, ClusterValueBitsAndA0314CallerOfTheSizeBefore) {
+  const std::size_t config0313 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_rescore_bits));
+  ASSERT_GT(config0313, offsetof(kvrt_config, cluster_value_bits)) << "the field sits in padding";
+  ASSERT_LT(config0313, sizeof(kvrt_config)) << "the sizes must differ";
+  EXPECT_EQ(kvrt_config_default().cluster_value_bits, 0);
+  kvrt_config c = TinyConfig();
+  c.index_kind = KVRT_INDEX_CLUSTER;
+  c.struct_size = config0313;
+  c.cluster_rescore_bits = 2;  // inside the 0.3.14 struct: read
+  c.cluster_value_bits = 3;    // its padding: not read (it would be refused)
+  kvrt_config eff;
+  ASSERT_TRUE(EffectiveConfig(c, &eff));
+  EXPECT_EQ(eff.cluster_rescore_bits, 2);
+  EXPECT_EQ(eff.cluster_value_bits, 0);
+  for (int bad : {-1, 3, 16}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_value_bits " << bad);
+    c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.cluster_rescore_bits = 2;
+    c.cluster_value_bits = bad;
+    EXPECT_TRUE(RefusedNaming(c, "cluster_value_bits"));
+  }
+  for (float rescore : {0.f, 4.f}) {  // no key codes; key codes in a second stage
+    c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.cluster_rescore = rescore;
+    c.cluster_rescore_bits = rescore > 0.f ? 2 : 0;
+    c.cluster_value_bits = 2;
+    EXPECT_TRUE(RefusedNaming(c, "cluster_value_bits")) << rescore;
+  }
+  for (int good : {0, 1, 2, 4, 8}) {
+    SCOPED_TRACE(::testing::Message() << "cluster_value_bits " << good);
+    c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.head_dim = 32;  // whole 32-channel words: the GPU could scan the key codes
+    c.cluster_rescore_bits = 2;
+    c.cluster_value_bits = good;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    EXPECT_EQ(eff.cluster_value_bits, good);
+    EXPECT_EQ(eff.cluster_direct_step, good > 0 ? 0 : 1);
+    char text[512];
+    ASSERT_EQ(kvrt_runtime_describe_search(rt, text, sizeof(text)), KVRT_OK);
+    EXPECT_EQ(std::string(text).find("value codes") != std::string::npos, good > 0) << text;
+    kvrt_runtime_destroy(rt);
+  }
+}
+
 // The host backend allocates the window ring as it fills: 10 tokens of a 2^20-token window cost
 // 10 tokens, not 1 GiB.
 // 0.3.1 appended config and stats fields. A caller compiled against 0.3.0's kvrt.h passes the

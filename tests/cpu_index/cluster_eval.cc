@@ -12,7 +12,10 @@
 // hit% / miss_kB / fill_kB: the direct step's page pool over the rows each step reads (the tail
 // included); a second table shows the selection alone per pool policy (CLUSTER_EVAL_POOLS).
 // CLUSTER_EVAL_CLUSTER_SIZE sets the keys per cluster (default 16); CLUSTER_EVAL_ORACLE=1 adds a
-// table that splits the estimate's error into its masses' and its values' parts.
+// table that splits the estimate's error into its masses' and its values' parts;
+// CLUSTER_EVAL_VALUE_CODES=1 adds, for the variants selecting on codes, the error with each
+// unselected cluster's value estimated from its rows (weighted by their key codes' scores) on
+// their exact values and on 4-, 2- and 1-bit codes of them instead of the cluster's value mean.
 #include <algorithm>
 #include <bit>
 #include <chrono>
@@ -122,6 +125,10 @@ struct Stats {
   // true mass with its mean value (what a perfect mass estimate leaves: the values' error);
   // err_ov: the estimated masses with each cluster's true weighted value (the masses' error).
   std::vector<double> err_om, err_ov;
+  // CLUSTER_EVAL_VALUE_CODES=1: the unselected clusters at their key codes' masses with values
+  // from their rows: exact (err_vx), or decoded from value codes of kValueBits[i] bits (err_vc).
+  std::vector<double> err_vx;
+  std::vector<std::vector<double>> err_vc = std::vector<std::vector<double>>(3);
   double tokens = 0, kv_tokens = 0, recall = 0, flat_recall = 0, mass = 0, flat_mass = 0,
          est_log = 0;
   int64_t est_n = 0, n = 0, kv_n = 0;
@@ -186,6 +193,45 @@ double Pct(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
   return v[std::min<std::size_t>(v.size() - 1, static_cast<std::size_t>(p * v.size()))];
+}
+
+// CLUSTER_EVAL_VALUE_CODES: the widths of the value codes tried.
+constexpr int kValueBits[3] = {4, 2, 1};
+
+// The code of channel t in a packed row of `bits`-bit codes.
+unsigned CodeAt(const uint8_t* row, int t, int bits) {
+  const int64_t bit = static_cast<int64_t>(t) * bits;
+  return (row[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
+}
+
+// Value codes of a built cluster index's covered rows, one SegmentCodes per segment: the values
+// in the store's layout (orig maps a laid-out row to its cold row of cv) coded as residuals from
+// each cluster's bf16 value mean, as EncodeResiduals codes the keys from the centroids.
+std::vector<SegmentCodes> EncodeValues(const ClusterSummary& cs, const std::vector<int64_t>& orig,
+                                       const float* cv, int d, int64_t segment, int64_t covered,
+                                       int bits) {
+  std::vector<SegmentCodes> out(covered / segment);
+  std::vector<float> vals(static_cast<std::size_t>(segment) * d);
+  int64_t c = 0;
+  for (int64_t sg = 0; sg < static_cast<int64_t>(out.size()); ++sg) {
+    const int64_t b0 = sg * segment;
+    SegmentClustering part;
+    part.order.resize(segment);
+    std::iota(part.order.begin(), part.order.end(), 0);
+    std::vector<uint16_t> vmean;
+    int64_t rows = 0;
+    for (; c < cs.num_clusters() && cs.begin[c] < b0 + segment; ++c) {
+      if (cs.begin[c] != b0 + rows) std::abort();  // clusters laid out in order, outliers last
+      part.size.push_back(cs.size[c]);
+      vmean.insert(vmean.end(), cs.value_mean.begin() + c * d, cs.value_mean.begin() + (c + 1) * d);
+      rows += cs.size[c];
+    }
+    part.num_outliers = segment - rows;
+    for (int64_t r = 0; r < segment; ++r)
+      std::copy_n(cv + orig[b0 + r] * d, d, vals.data() + r * d);
+    EncodeResiduals(vals.data(), part, vmean.data(), d, bits, &out[sg], /*laid_out=*/true);
+  }
+  return out;
 }
 
 // SelectClusters under a bound on the rows read from host memory: clusters in the same order, but
@@ -367,6 +413,7 @@ int main(int argc, char** argv) {
   const auto& meta = reader.meta();
   const int64_t min_budget = argc > 8 ? std::atoll(argv[8]) : 256;
   const bool oracle = std::getenv("CLUSTER_EVAL_ORACLE") != nullptr;
+  const bool value_codes = std::getenv("CLUSTER_EVAL_VALUE_CODES") != nullptr;
   // CLUSTER_EVAL_CLUSTER_SIZE: keys per cluster (ClusterConfig::cluster_size, default 16).
   const char* size_env = std::getenv("CLUSTER_EVAL_CLUSTER_SIZE");
   const int cluster_size = size_env != nullptr ? std::atoi(size_env) : 16;
@@ -449,12 +496,17 @@ int main(int argc, char** argv) {
       {"group+rescore16/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 16.f, false, false,
        2},
       {"rescore64c/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, true, false, 2},
-      {"group+rescore64c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true, false, 2},
+      {"group+rescore64c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true, false,
+       2},
       {"rescore64c/q1", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, true, false, 1},
-      {"group+rescore64c/q1", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true, false, 1},
+      {"group+rescore64c/q1", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true, false,
+       1},
       {"rescore64c", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 64.f, true},
       {"group+rescore64c", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 64.f, true},
       {"rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 8.f, true, false, 2},
+      // The runtime's one-stage selection on codes (cluster_rescore_bits without rescore, 0.3.14).
+      {"codes2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 0.f, false, false, 2},
+      {"group+codes2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, false, 2},
       {"group+rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f, true, false, 2},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
@@ -576,6 +628,13 @@ int main(int argc, char** argv) {
         }
       }
       const int64_t covered = idx[0]->size();
+      // CLUSTER_EVAL_VALUE_CODES: per variant selecting on codes, value codes of each width.
+      std::vector<std::vector<std::vector<SegmentCodes>>> vcodes(variants.size());
+      for (std::size_t vi = 0; vi < variants.size() && value_codes; ++vi)
+        if (variants[vi].bits > 0 && (variants[vi].rescore <= 1.f || variants[vi].whole))
+          for (int bits : kValueBits)
+            vcodes[vi].push_back(EncodeValues(*GetClusterSummary(*idx[vi]), orig[vi], cv.data(), d,
+                                              segment, covered, bits));
       // The pool as 0.3.5's DirectStep ran it, the tail included (hot_cache_fraction 0.1 of the
       // cold rows, 8-row blocks, second-chance admission, at most an eighth of the pages per
       // step); the per-policy pools below show the selection alone.
@@ -825,6 +884,60 @@ int main(int argc, char** argv) {
               stats[vi].err_om.push_back(RelErr(om, ref));
               stats[vi].err_ov.push_back(RelErr(ov, ref));
             }
+            if (vi < nv && !vcodes[vi].empty()) {
+              // The unselected clusters at their key codes' masses (the estimate's), each with
+              // the value its rows' code scores weight: on exact values, and on value codes.
+              const ClusterSummary& cs_sum = *GetClusterSummary(*idx[vi]);
+              const SegmentCodes& kc = *GetClusterCodes(*idx[vi]);
+              const int kbits = variants[vi].bits;
+              const int64_t rbk = CodeRowBytes(d, kbits);
+              std::vector<char> taken(covered, 0);
+              for (int64_t id : res.ids) taken[id] = 1;
+              State vx = st_attended;
+              std::vector<State> vc(std::size(kValueBits), st_attended);
+              std::vector<float> sc, vm(d);
+              std::vector<double> w;
+              for (int64_t c = 0; c < cs_sum.num_clusters(); ++c) {
+                const int64_t b = cs_sum.begin[c], n = cs_sum.size[c], sg = b / segment;
+                if (n <= 0 || taken[b]) continue;
+                const CodeScorer ks(q, d, kbits, kc.offset.data() + sg * d,
+                                    kc.step.data() + sg * d);
+                sc.resize(n);
+                ks.Score(cs_sum.centroid.data() + c * d, kc.code.data() + b * rbk, n, sc.data());
+                double m = -INFINITY, l = 0;
+                for (float x : sc) m = std::max(m, double(x) * scale);
+                w.resize(n);
+                for (int64_t r = 0; r < n; ++r) l += (w[r] = std::exp(double(sc[r]) * scale - m));
+                State x;
+                x.o.assign(d, 0.0);
+                x.lse = m + std::log(l);
+                for (int64_t r = 0; r < n; ++r) {
+                  const float* v = cv.data() + orig[vi][b + r] * d;
+                  for (int t = 0; t < d; ++t) x.o[t] += w[r] / l * v[t];
+                }
+                Merge(&vx, x);
+                ConvertToF32(cs_sum.value_mean.data() + c * d, DType::kBF16, d, vm.data());
+                for (std::size_t bi = 0; bi < std::size(kValueBits); ++bi) {
+                  const SegmentCodes& vcs = vcodes[vi][bi][sg];
+                  const int vbits = kValueBits[bi];
+                  const int64_t rbv = CodeRowBytes(d, vbits);
+                  State y;
+                  y.o.assign(d, 0.0);
+                  y.lse = x.lse;
+                  for (int64_t r = 0; r < n; ++r) {
+                    const uint8_t* row = vcs.code.data() + (b - sg * segment + r) * rbv;
+                    for (int t = 0; t < d; ++t)
+                      y.o[t] +=
+                          w[r] / l *
+                          (vm[t] + vcs.offset[t] + vcs.step[t] * float(CodeAt(row, t, vbits)));
+                  }
+                  Merge(&vc[bi], y);
+                }
+              }
+              stats[vi].err_vx.push_back(RelErr(vx, ref));
+              for (std::size_t bi = 0; bi < std::size(kValueBits); ++bi)
+                stats[vi].err_vc[bi].push_back(RelErr(vc[bi], ref));
+            }
             const std::vector<int64_t> flat(by_score.begin(), by_score.begin() + rows.size());
             State fs = exact_part;
             Merge(&fs, Attend(cs, flat, cv.data(), d));
@@ -900,6 +1013,26 @@ int main(int argc, char** argv) {
       std::printf("%-24s %8.4f (%5.3f) %8.4f (%5.3f) %8.4f (%5.3f)\n", variants[vi].name,
                   mean(S.err), Pct(S.err, 0.99), mean(S.err_om), Pct(S.err_om, 0.99),
                   mean(S.err_ov), Pct(S.err_ov, 0.99));
+    }
+  }
+  if (value_codes) {
+    std::printf(
+        "\nthe unselected clusters' values from their rows, weighted by their key codes "
+        "(CLUSTER_EVAL_VALUE_CODES): mean (p99) and ratio to flat\n%-24s %20s %20s %20s %20s "
+        "%20s\n",
+        "variant", "value means", "exact values", "4-bit values", "2-bit values", "1-bit values");
+    auto mean = [](const std::vector<double>& x) {
+      return std::accumulate(x.begin(), x.end(), 0.0) / std::max<std::size_t>(x.size(), 1);
+    };
+    for (std::size_t vi = 0; vi < variants.size(); ++vi) {
+      const Stats& S = stats[vi];
+      if (S.err_vx.empty()) continue;
+      const double fm = std::max(mean(S.flat_err), 1e-30);
+      std::printf("%-24s", variants[vi].name);
+      for (const std::vector<double>* e :
+           {&S.err, &S.err_vx, &S.err_vc[0], &S.err_vc[1], &S.err_vc[2]})
+        std::printf("  %7.4f (%5.3f) %4.2f", mean(*e), Pct(*e, 0.99), mean(*e) / fm);
+      std::printf("\n");
     }
   }
   if (!cap_runs.empty())

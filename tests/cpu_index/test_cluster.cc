@@ -449,15 +449,18 @@ TEST(ClusterIndex, GroupSearchEqualsPerQuerySearch) {
     const char* name;
     float rescore;
     int bits;
+    int value_bits = 0;
   };
   for (const Mode m : {Mode{"centroids", 0.f, 0}, Mode{"two stages on codes", 3.f, 2},
-                       Mode{"selection on codes", 0.f, 2}, Mode{"on 4-bit codes", 0.f, 4}}) {
+                       Mode{"selection on codes", 0.f, 2}, Mode{"on 4-bit codes", 0.f, 4},
+                       Mode{"and the rest on value codes", 0.f, 2, 2}}) {
     SCOPED_TRACE(m.name);
     HeadStore store(kDim, DType::kBF16);
     AppendRows(&store, 1024, 13, DType::kBF16);
     IndexConfig cfg = SmallConfig();
     cfg.cluster.rescore = m.rescore;
     cfg.cluster.rescore_bits = m.bits;
+    cfg.cluster.value_bits = m.value_bits;
     auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
     ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
     ApplyOrder(index.get(), &store, 0, 1024);

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <memory>
 #include <random>
 #include <set>
 #include <vector>
@@ -321,9 +323,12 @@ TEST(ClusterCodes, IndexBytesBoundCountsTheCodes) {
     keys.insert(keys.end(), k.begin(), k.end());
   }
   const int64_t total = static_cast<int64_t>(keys.size()) / kDim;
-  for (int bits : {0, 1, 2, 4, 8}) {
+  for (int bits : {0, 1, 2, 4, 8, -2}) {  // -2: 2-bit keys and 8-bit values in one stage
     SCOPED_TRACE(bits);
-    cfg.cluster.rescore_bits = bits;
+    cfg.cluster.rescore = bits < 0 ? 0.f : 4.f;
+    cfg.cluster.rescore_bits = bits < 0 ? -bits : bits;
+    cfg.cluster.value_bits = bits < 0 ? 8 : 0;
+    bits = cfg.cluster.rescore_bits;
     HeadStore store(kDim, DType::kF32);
     ASSERT_TRUE(store.Append(keys.data(), keys.data(), 300, kDim).ok());
     auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
@@ -376,6 +381,115 @@ TEST(ClusterCodes, PresetSegmentsOverALaidOutStoreGetTheSameCodes) {
     got.push_back(codes->code);
   }
   EXPECT_EQ(got[0], got[1]);
+}
+
+// Selecting on codes with value_bits, the unselected clusters' state is the softmax of their rows'
+// key-code scores over their values: its mass exactly the rows' (the same code scores), its
+// output within the value codes' rounding of the exact values' (8 bits: close; 2 bits: looser),
+// and either far closer to it than the value means' estimate.
+TEST(ClusterCodes, ValueCodesEstimateTheRestFromItsRows) {
+  // Values that vary within a cluster (independent of the keys): a cluster's mean says little.
+  const std::vector<float> keys = Keys(31);
+  const std::vector<float> values = testing::NormalVector(kRows * kDim, 32);
+  const std::vector<float> q = RandomQuery(33, 0.7f);
+  auto search = [&](int value_bits, HeadStore* store, std::unique_ptr<KeyIndex>* index,
+                    SearchResult* r) {
+    IndexConfig cfg;
+    cfg.cluster = SmallCluster();
+    cfg.cluster.rescore_bits = 2;
+    cfg.cluster.value_bits = value_bits;
+    cfg.cluster.scale = 0.2f;
+    ASSERT_TRUE(store->Append(keys.data(), values.data(), kRows, kDim).ok());
+    *index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE((*index)->Build(*store, nullptr, 0).ok());
+    int64_t begin = -1;
+    std::vector<int64_t> order;
+    ASSERT_TRUE((*index)->TakeRowOrder(&begin, &order));
+    ASSERT_TRUE(store->PermuteRows(begin, order).ok());
+    SearchParams p;
+    p.k = 40;
+    ASSERT_TRUE((*index)->Search(*store, q.data(), p, r).ok());
+  };
+  // The brute force over the rest's rows: their key-code scores' softmax over their exact values.
+  HeadStore store(kDim, DType::kF32);
+  std::unique_ptr<KeyIndex> index;
+  SearchResult means;
+  search(0, &store, &index, &means);
+  const ClusterSummary& s = *GetClusterSummary(*index);
+  const SegmentCodes& kc = *GetClusterCodes(*index);
+  const std::set<int64_t> taken(means.ids.begin(), means.ids.end());
+  const CodeScorer scorer(q.data(), kDim, 2, kc.offset.data(), kc.step.data());
+  std::vector<double> o(kDim, 0.0);
+  double top = -INFINITY, z = 0;
+  std::vector<std::pair<double, int64_t>> rest;
+  for (int64_t c = 0; c < s.num_clusters(); ++c) {
+    if (taken.count(s.begin[c])) continue;
+    std::vector<float> sc(s.size[c]);
+    scorer.Score(s.centroid.data() + c * kDim, kc.code.data() + s.begin[c] * CodeRowBytes(kDim, 2),
+                 s.size[c], sc.data());
+    for (int32_t i = 0; i < s.size[c]; ++i) {
+      rest.emplace_back(0.2 * sc[i], s.begin[c] + i);
+      top = std::max(top, 0.2 * sc[i]);
+    }
+  }
+  ASSERT_GT(rest.size(), 100u);
+  std::vector<float> v(kDim);
+  for (const auto& [score, row] : rest) {
+    const double w = std::exp(score - top);
+    z += w;
+    ConvertToF32(store.value(row), DType::kF32, kDim, v.data());
+    for (int t = 0; t < kDim; ++t) o[t] += w * v[t];
+  }
+  for (double& x : o) x /= z;
+  auto err = [&](const SearchResult& r) {
+    double num = 0, den = 0;
+    for (int t = 0; t < kDim; ++t) {
+      num += (r.est_o[t] - o[t]) * (r.est_o[t] - o[t]);
+      den += o[t] * o[t];
+    }
+    return std::sqrt(num / den);
+  };
+  const double means_err = err(means);
+  double last = 0;
+  for (int bits : {8, 2}) {
+    SCOPED_TRACE(bits);
+    HeadStore st(kDim, DType::kF32);
+    std::unique_ptr<KeyIndex> idx;
+    SearchResult r;
+    search(bits, &st, &idx, &r);
+    EXPECT_EQ(r.ids, means.ids);  // the same selection: only the estimate changes
+    ASSERT_EQ(r.est_o.size(), static_cast<std::size_t>(kDim));
+    EXPECT_NEAR(r.est_lse, top + std::log(z), 1e-4);
+    const double e = err(r);
+    EXPECT_LT(e, bits == 8 ? 0.01 : 0.4);  // 2 bits of white-noise values: ~0.3
+    EXPECT_LT(e, 0.5 * means_err);
+    EXPECT_GT(e, last);
+    last = e;
+  }
+  std::printf("rest estimate error: value means %.4f, 8-bit values then 2-bit: last %.4f\n",
+              means_err, last);
+}
+
+// value_bits needs the one-stage selection on codes and a width that divides a byte.
+TEST(ClusterCodes, ValueCodesNeedTheSelectionOnCodes) {
+  HeadStore store(kDim, DType::kF32);
+  const std::vector<float> keys = Keys(9);
+  ASSERT_TRUE(store.Append(keys.data(), keys.data(), kRows, kDim).ok());
+  struct Case {
+    float rescore;
+    int key_bits, value_bits;
+  };
+  for (const Case c : {Case{0.f, 0, 2}, Case{4.f, 2, 2}, Case{0.f, 2, 3}, Case{0.f, 2, 16}}) {
+    IndexConfig cfg;
+    cfg.cluster = SmallCluster();
+    cfg.cluster.rescore = c.rescore;
+    cfg.cluster.rescore_bits = c.key_bits;
+    cfg.cluster.value_bits = c.value_bits;
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    const absl::Status st = index->Build(store, nullptr, 0);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << c.key_bits << " " << c.value_bits;
+    EXPECT_NE(st.message().find("value_bits"), std::string::npos);
+  }
 }
 
 TEST(ClusterCodes, RejectsWidthsThatDoNotDivideAByte) {

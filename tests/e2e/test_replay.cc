@@ -136,9 +136,10 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
   ASSERT_TRUE(ref.ok()) << ref.status();
   // Runs: one stage; two stages on the keys; two stages on 2-bit codes of them (0.3.13); one
   // stage with the clusters ranked by their rows' 2-bit codes (0.3.14); that, per q head, one
-  // search per q head and one per kv head (group_search: one pass over the codes, 0.3.15).
-  ReplayReport r[6];
-  for (int i = 0; i < 6; ++i) {
+  // search per q head and one per kv head (group_search: one pass over the codes, 0.3.15); the
+  // one stage with the rest estimated from 2-bit value codes (0.3.15).
+  ReplayReport r[7];
+  for (int i = 0; i < 7; ++i) {
     ReplayOptions o;
     o.index = KVRT_INDEX_CLUSTER;
     o.window = 64;
@@ -146,8 +147,9 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
     o.progress = false;
     o.cluster.rescore = i == 0 || i >= 3 ? 0.0 : 4.0;
     o.cluster.rescore_bits = i >= 2 ? 2 : 0;
-    o.cluster.group_select = i >= 4 ? 0 : -1;
+    o.cluster.group_select = i == 4 || i == 5 ? 0 : -1;
     o.group_search = i == 5;
+    o.cluster.value_bits = i == 6 ? 2 : -1;
     auto got = RunReplay(**t, *ref, o);
     ASSERT_TRUE(got.ok()) << got.status();
     r[i] = *got;
@@ -177,6 +179,9 @@ TEST(ReplayCluster, RescoreAttendsAsManyTokensScoresMoreAndErrsLess) {
   EXPECT_EQ(r[5].output_rel_error_mean, r[4].output_rel_error_mean);
   EXPECT_EQ(r[5].output_rel_error_max, r[4].output_rel_error_max);
   EXPECT_EQ(r[5].mass_recall, r[4].mass_recall);
+  // The rest estimated from value codes: the same rows attended, less error.
+  EXPECT_EQ(r[6].cold_tokens_attended_per_head, r[3].cold_tokens_attended_per_head);
+  EXPECT_LT(r[6].output_rel_error_mean, 0.9 * r[3].output_rel_error_mean);
   for (const auto& x : r)
     std::printf("rescore: attended %.0f scanned %.4f error %.5f mass %.4f\n",
                 x.cold_tokens_attended_per_head, x.scanned_fraction, x.output_rel_error_mean,

@@ -195,8 +195,9 @@ RuntimeConfig TwoHeadConfig(cpu_index::IndexKind kind, int window) {
   return c;
 }
 
-// The GPU's selection runs only what its kernels take: a two-stage selection, or a selection on
-// codes of a head_dim that is not whole 32-channel words, stays the CPU's (and so does the
+// The GPU's selection runs only what its kernels take: a two-stage selection, a selection on codes
+// of a head_dim that is not whole 32-channel words, or one estimating from value codes stays the
+// CPU's (and so does the
 // attend: no direct step). The effective config says so on any machine.
 TEST(RuntimeCluster, SelectionsTheGpuCannotRunStayOnTheCpu) {
   struct Case {
@@ -204,15 +205,18 @@ TEST(RuntimeCluster, SelectionsTheGpuCannotRunStayOnTheCpu) {
     float rescore;
     int bits;
     bool gpu;
+    int value_bits = 0;
   };
   for (const Case k : {Case{64, 0.f, 0, true}, Case{64, 0.f, 2, true}, Case{80, 0.f, 0, true},
-                       Case{80, 0.f, 2, false}, Case{72, 0.f, 8, false}, Case{64, 4.f, 2, false}}) {
+                       Case{80, 0.f, 2, false}, Case{72, 0.f, 8, false}, Case{64, 4.f, 2, false},
+                       Case{64, 0.f, 2, false, 2}}) {
     SCOPED_TRACE(::testing::Message()
                  << "d " << k.head_dim << " rescore " << k.rescore << " bits " << k.bits);
     RuntimeConfig c = TwoHeadConfig(cpu_index::IndexKind::kCluster, 16);
     c.head_dim = k.head_dim;
     c.index.cluster.rescore = k.rescore;
     c.index.cluster.rescore_bits = k.bits;
+    c.index.cluster.value_bits = k.value_bits;
     c.direct_step = true;
     auto rt = Runtime::Create(c);
     ASSERT_TRUE(rt.ok()) << rt.status();

@@ -100,11 +100,22 @@ struct ClusterConfig {
   // cluster), the others estimated at that mass with their value mean; top_p does not apply.
   // The GPU's form: gpu::CodeScan + gpu::CodeClusterLse feeding gpu::ClusterStep's cluster_lse.
   int rescore_bits = 0;
+  // Selecting on codes (SelectsOnCodes): 1-8 estimates the unselected clusters from their rows'
+  // values too: each row's value coded on `value_bits` bits per channel of its residual from its
+  // cluster's bf16 value mean (EncodeResiduals, per-segment grids), the rest's state the softmax
+  // of the rows' key-code scores over their decoded values, instead of each cluster's value mean
+  // at its mass. 0: value means. CPU selection only (the GPU's kernels estimate from the means).
+  int value_bits = 0;
 };
 
 // ClusterConfig::rescore_bits without rescore: the one-stage selection on codes.
 inline bool SelectsOnCodes(const ClusterConfig& c) {
   return c.rescore <= 1.f && c.rescore_bits > 0;
+}
+
+// ClusterConfig::value_bits in effect: the rest estimated from value codes.
+inline bool EstimatesOnValueCodes(const ClusterConfig& c) {
+  return SelectsOnCodes(c) && c.value_bits > 0;
 }
 
 // The summary of every covered segment. Clusters and outliers are row ranges / rows of the store
