@@ -457,20 +457,20 @@ class ClusterIndex final : public KeyIndex {
   }
 
   // Selecting on codes: every cluster's mass per query (lse [nq, C] by cluster id) and, estimating
-  // from value codes, every covered row's scaled code score (row_score [nq, size()] by store row;
-  // the outliers' entries unused).
+  // from value codes, every clustered row's weight in its cluster, exp(score - the cluster's
+  // highest) (row_weight [nq, size()] by store row; the outliers' entries unused).
   struct CodeMasses {
     std::vector<double> lse;
-    std::vector<float> row_score;
+    std::vector<float> row_weight;
   };
   void ComputeCodeMasses(const HeadStore& store, const float* qs, int nq, CodeMasses* out) const {
     const int64_t C = summary_.num_clusters();
     std::vector<int32_t> all(C);
     std::iota(all.begin(), all.end(), 0);
     out->lse.resize(static_cast<std::size_t>(nq) * C);
-    out->row_score.assign(ValueCoded() ? static_cast<std::size_t>(nq) * size_ : 0, 0.f);
+    out->row_weight.assign(ValueCoded() ? static_cast<std::size_t>(nq) * size_ : 0, 0.f);
     ClusterLse(store, qs, nq, all, nullptr, nullptr, out->lse.data(),
-               ValueCoded() ? out->row_score.data() : nullptr);
+               ValueCoded() ? out->row_weight.data() : nullptr);
   }
 
   // A two-stage selection's second stage over the candidates `cand` for nq queries with their
@@ -511,63 +511,87 @@ class ClusterIndex final : public KeyIndex {
 
   // The rest's state per query (out->rest_o, rest_lse) from value codes (ClusterConfig::
   // value_bits): the softmax of the unselected clusters' rows' code scores over their decoded
-  // values (value mean + offset + step x code). Per segment, each nibble of the rows' value codes
-  // adds its row's weight to one of 16 bins, folded into per-channel sums once per segment.
+  // values (value mean + offset + step x code). Four queries at a time side by side; per segment,
+  // each nibble of a row's value codes adds the row's weights to one of its 16 bins, folded into
+  // per-channel sums once per segment.
   void RestFromValueCodes(const CodeMasses& m, int first, int nq, const std::vector<int32_t>& cand,
                           const std::vector<char>& kept, Rescored* out) const {
+    typedef float Lanes __attribute__((vector_size(4 * sizeof(float))));
     const int64_t C = summary_.num_clusters(), seg_rows = cfg_.segment_tokens;
     const int bits = cfg_.value_bits, mask = (1 << bits) - 1;
     const int64_t rb = CodeRowBytes(dim_, bits), nibbles = 2 * rb;
     std::vector<char> rest(C, 0);
-    for (std::size_t i = 0; i < cand.size(); ++i) rest[cand[i]] = kept[i] ? 0 : 1;
-    std::vector<double> acc(dim_), bins(bits == 8 ? dim_ : nibbles * 16);
-    std::vector<float> vm(dim_);
+    bool any = false;
+    for (std::size_t i = 0; i < cand.size(); ++i) {
+      rest[cand[i]] = !kept[i] && summary_.size[cand[i]] > 0;
+      any |= rest[cand[i]] != 0;
+    }
     for (int j = 0; j < nq; ++j) {
-      const double* lse = m.lse.data() + static_cast<std::size_t>(first + j) * C;
-      const float* score = m.row_score.data() + static_cast<std::size_t>(first + j) * size_;
-      double top = -std::numeric_limits<double>::infinity();
-      for (int64_t c = 0; c < C; ++c)
-        if (rest[c] && summary_.size[c] > 0) top = std::max(top, lse[c]);
-      float* o = out->rest_o.data() + static_cast<std::size_t>(j) * dim_;
       out->rest_lse[j] = -std::numeric_limits<float>::infinity();
-      std::fill(o, o + dim_, 0.f);
-      if (top == -std::numeric_limits<double>::infinity()) continue;
+      std::fill_n(out->rest_o.data() + static_cast<std::size_t>(j) * dim_, dim_, 0.f);
+    }
+    if (!any) return;
+    std::vector<Lanes> bins(bits == 8 ? dim_ : nibbles * 16);
+    std::vector<double> acc(static_cast<std::size_t>(dim_) * 4);  // [dim, lane]
+    std::vector<float> vm(dim_);
+    for (int j0 = 0; j0 < nq; j0 += 4) {
+      const int n = std::min(4, nq - j0);
+      const double* lse[4];
+      const float* weight[4];
+      double top[4], z[4] = {0, 0, 0, 0};
+      for (int l = 0; l < 4; ++l) {  // padding lanes repeat the last query
+        const std::size_t q = static_cast<std::size_t>(first + j0 + std::min(l, n - 1));
+        lse[l] = m.lse.data() + q * C;
+        weight[l] = m.row_weight.data() + q * size_;
+        top[l] = -std::numeric_limits<double>::infinity();
+        for (int64_t c = 0; c < C; ++c)
+          if (rest[c]) top[l] = std::max(top[l], lse[l][c]);
+      }
       std::fill(acc.begin(), acc.end(), 0.0);
-      std::fill(bins.begin(), bins.end(), 0.0);
-      double z = 0, seg_weight = 0;
+      std::fill(bins.begin(), bins.end(), Lanes{});
+      Lanes seg_weight{};
       int64_t seg = -1;
       auto flush = [&] {  // segment seg's bins into acc
         if (seg < 0) return;
         const float* off = value_codes_.offset.data() + seg * dim_;
         const float* step = value_codes_.step.data() + seg * dim_;
         for (int t = 0; t < dim_; ++t) {
-          double w = 0;  // sum of weight x code of channel t
+          Lanes w{};  // each lane's sum of weight x code of channel t
           if (bits == 8) {
             w = bins[t];
           } else {
             const int64_t p = static_cast<int64_t>(t) * bits / 4;
             const int shift = (t * bits) % 4;
-            for (int v = 0; v < 16; ++v) w += bins[p * 16 + v] * ((v >> shift) & mask);
+            for (int v = 0; v < 16; ++v) w += bins[p * 16 + v] * float((v >> shift) & mask);
           }
-          acc[t] += seg_weight * off[t] + double(step[t]) * w;
+          for (int l = 0; l < n; ++l)
+            acc[t * 4 + l] += double(seg_weight[l]) * off[t] + double(step[t]) * w[l];
         }
-        std::fill(bins.begin(), bins.end(), 0.0);
-        seg_weight = 0;
+        std::fill(bins.begin(), bins.end(), Lanes{});
+        seg_weight = Lanes{};
       };
       for (int64_t c = 0; c < C; ++c) {
-        if (!rest[c] || summary_.size[c] <= 0) continue;
-        const int64_t b = summary_.begin[c], n = summary_.size[c];
+        if (!rest[c]) continue;
+        const int64_t b = summary_.begin[c], size = summary_.size[c];
         if (b / seg_rows != seg) {
           flush();
           seg = b / seg_rows;
         }
-        double wc = 0;
-        for (int64_t r = b; r < b + n; ++r) {
-          const double e = std::exp(double(score[r]) - top);
+        // Row r's weight in the rest: its weight in its cluster x the cluster's share, one exp
+        // per cluster (the cluster's weights sum to exp(its lse - its highest score)).
+        Lanes f{};
+        for (int l = 0; l < n; ++l) {
+          double sum = 0;
+          for (int64_t r = b; r < b + size; ++r) sum += weight[l][r];
+          f[l] = static_cast<float>(std::exp(lse[l][c] - top[l]) / sum);
+        }
+        Lanes wc{};
+        for (int64_t r = b; r < b + size; ++r) {
+          const Lanes e = Lanes{weight[0][r], weight[1][r], weight[2][r], weight[3][r]} * f;
           wc += e;
           const uint8_t* row = value_codes_.code.data() + r * rb;
           if (bits == 8) {
-            for (int t = 0; t < dim_; ++t) bins[t] += e * row[t];
+            for (int t = 0; t < dim_; ++t) bins[t] += e * float(row[t]);
           } else {
             for (int64_t k = 0; k < rb; ++k) {
               bins[(2 * k) * 16 + (row[k] & 15)] += e;
@@ -577,23 +601,28 @@ class ClusterIndex final : public KeyIndex {
         }
         ConvertToF32(summary_.value_mean.data() + static_cast<std::size_t>(c) * dim_, DType::kBF16,
                      dim_, vm.data());
-        for (int t = 0; t < dim_; ++t) acc[t] += wc * vm[t];
+        for (int t = 0; t < dim_; ++t)
+          for (int l = 0; l < n; ++l) acc[t * 4 + l] += double(wc[l]) * vm[t];
         seg_weight += wc;
-        z += wc;
+        for (int l = 0; l < n; ++l) z[l] += wc[l];
       }
       flush();
-      for (int t = 0; t < dim_; ++t) o[t] = static_cast<float>(acc[t] / z);
-      out->rest_lse[j] = static_cast<float>(top + std::log(z));
+      for (int l = 0; l < n; ++l) {
+        float* o = out->rest_o.data() + static_cast<std::size_t>(j0 + l) * dim_;
+        for (int t = 0; t < dim_; ++t) o[t] = static_cast<float>(acc[t * 4 + l] / z[l]);
+        out->rest_lse[j0 + l] = static_cast<float>(top[l] + std::log(z[l]));
+      }
     }
   }
 
   // Each candidate's log-sum-exp per query (lse [nq, nc], scaled scores), exact from its keys
   // (or codes) where `resident` allows (null: everywhere; SearchParams::resident), else its
   // estimate (density [nq, C] + log size). Returns the rows scored.
-  // row_score: if not null, each scored row's scaled score too ([nq, size()] by store row).
+  // row_weight: if not null, each scored row's exp(score - its cluster's highest) too ([nq,
+  // size()] by store row).
   int64_t ClusterLse(const HeadStore& store, const float* qs, int nq,
                      const std::vector<int32_t>& cand, const float* density,
-                     const uint8_t* resident, double* lse, float* row_score = nullptr) const {
+                     const uint8_t* resident, double* lse, float* row_weight = nullptr) const {
     const std::size_t nc = cand.size();
     const int64_t C = summary_.num_clusters();
     std::vector<float> s;
@@ -614,12 +643,16 @@ class ClusterIndex final : public KeyIndex {
         float* sj = s.data() + j * size;
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t r = 0; r < size; ++r) m = std::max(m, sj[r] *= scale_);
+        float* wj = row_weight != nullptr
+                        ? row_weight + static_cast<std::size_t>(j) * size_ + summary_.begin[c]
+                        : nullptr;
         double l = 0;
-        for (int64_t r = 0; r < size; ++r) l += std::exp(double(sj[r]) - m);
+        for (int64_t r = 0; r < size; ++r) {
+          const double e = std::exp(double(sj[r]) - m);
+          l += e;
+          if (wj != nullptr) wj[r] = static_cast<float>(e);
+        }
         lse[j * nc + i] = m + std::log(l);
-        if (row_score != nullptr)
-          std::copy_n(sj, size,
-                      row_score + static_cast<std::size_t>(j) * size_ + summary_.begin[c]);
       }
     }
     return scored;
