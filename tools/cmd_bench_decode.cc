@@ -230,9 +230,13 @@ int Run(BenchDecodeArgs a) {
         const kvrt_config c = MakeHarnessOptions(a.run, *data, kind.first, KVRT_COLD_CPU, 1, false)
                                   .config;
         const std::string bits = std::to_string(c.cluster_rescore_bits) + "-bit codes";
+        const std::string values =
+            c.cluster_value_bits > 0
+                ? ", the rest's values from " + std::to_string(c.cluster_value_bits) + "-bit codes"
+                : "";
         const std::string codes = c.cluster_rescore_bits == 0 ? ""
                                   : c.cluster_rescore > 1     ? " on " + bits
-                                                              : ", clusters ranked on " + bits;
+                                                              : ", clusters ranked on " + bits + values;
         std::printf(
             "cluster: %d keys per cluster, budget %.3f of the clustered rows %s, hot cache %.2f, "
             "direct step %d%s, miss penalty %.2f, top-p %.2f, rescore %.1f%s\n",
