@@ -34,7 +34,7 @@ bash scripts/python-test.sh "$build" "$prefix"
 # ASan + UBSan + LeakSanitizer, then a short fuzz run with clang's libFuzzer (installed by
 # `setup.sh --test`). KVRT_CI_QUICK=1 skips all of this for local use.
 if [ "${KVRT_CI_QUICK:-0}" != 1 ]; then
-  KVRT_SANITIZE_TARGETS="test_api test_api_status test_api_cpu_binding test_runtime test_soak test_tools test_c_api test_cpu_index test_cluster kvrt_cli" \
+  KVRT_SANITIZE_TARGETS="test_api test_api_status test_api_cpu_binding test_runtime test_soak test_tools test_c_api test_cpu_index test_cluster test_cluster_codes kvrt_cli" \
     bash scripts/sanitize.sh
   if command -v clang++ >/dev/null && ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1; then
     bash scripts/fuzz.sh 45  # two targets: 90 s of fuzzing in all

@@ -40,8 +40,10 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
     for (int64_t j = 0; j < c; ++j)
       total_mass += std::exp(density[j] + std::log(double(s.size[j])) - mmax);
   }
-  // Sort a prefix that likely holds the selection; extend to a full sort if it does not.
-  int64_t sorted = std::min<int64_t>(c, 2 * budget_tokens / 8 + 64);
+  // Sort a prefix that likely holds the selection (a quarter of the budget's rows in clusters of
+  // 8 or more); extend to a full sort if it does not. budget_tokens may be INT64_MAX (every
+  // cluster a candidate): no product of it.
+  int64_t sorted = std::min<int64_t>(c, budget_tokens / 4 + 64);
   if (sorted < c) std::nth_element(idx.begin(), idx.begin() + sorted, idx.end(), before);
   std::sort(idx.begin(), idx.begin() + sorted, before);
   int64_t tokens = 0;
