@@ -192,6 +192,7 @@ class ClusterIndex final : public KeyIndex {
 
   const ClusterSummary& summary() const { return summary_; }
   const SegmentCodes* codes() const { return Coded() ? &codes_ : nullptr; }
+  const SegmentCodes* value_codes() const { return ValueCoded() ? &value_codes_ : nullptr; }
   int64_t size() const override { return size_; }
   int64_t CoverableRows(int64_t store_rows) const override {
     return store_rows / cfg_.segment_tokens * cfg_.segment_tokens;
@@ -798,6 +799,11 @@ const ClusterSummary* GetClusterSummary(const KeyIndex& index) {
 const SegmentCodes* GetClusterCodes(const KeyIndex& index) {
   if (index.kind() != IndexKind::kCluster) return nullptr;
   return static_cast<const ClusterIndex&>(index).codes();
+}
+
+const SegmentCodes* GetClusterValueCodes(const KeyIndex& index) {
+  if (index.kind() != IndexKind::kCluster) return nullptr;
+  return static_cast<const ClusterIndex&>(index).value_codes();
 }
 
 absl::StatusOr<std::unique_ptr<KeyIndex>> MakeClusterIndex(const IndexConfig& config,

@@ -264,5 +264,8 @@ const ClusterSummary* GetClusterSummary(const KeyIndex& index);
 // [segments, dim] (segment s: rows [s, s + 1) x segment_tokens). Null for other kinds or without
 // codes.
 const SegmentCodes* GetClusterCodes(const KeyIndex& index);
+// The value codes of a cluster index selecting on codes with value_bits (residuals from each
+// cluster's bf16 value mean), laid out as GetClusterCodes'. Null for other kinds or without them.
+const SegmentCodes* GetClusterValueCodes(const KeyIndex& index);
 
 }  // namespace kvrt::cpu_index
