@@ -488,9 +488,8 @@ class ClusterIndex final : public KeyIndex {
     }
     const std::size_t nc = cand.size();
     std::vector<double> lse(static_cast<std::size_t>(nq) * nc);  // [nq, nc]
-    std::vector<char> kept;
+    CodeMasses own;
     if (CodeSelect()) {  // codes are in memory wherever the rows are
-      CodeMasses own;
       if (masses == nullptr) {
         ComputeCodeMasses(store, qs, nq, &own);
         masses = &own;
@@ -502,12 +501,14 @@ class ClusterIndex final : public KeyIndex {
         out->scored += summary_.size[cand[i]];
         for (int j = 0; j < nq; ++j) lse[j * nc + i] = masses->lse[(first + j) * C + cand[i]];
       }
-      KeepClusters(nq, cand, lse.data(), Budget(params), out, &kept);
-      if (ValueCoded()) RestFromValueCodes(*masses, first, nq, cand, kept, out);
-      return;
+    } else {
+      out->scored = ClusterLse(store, qs, nq, cand, density, params.resident, lse.data());
     }
-    out->scored = ClusterLse(store, qs, nq, cand, density, params.resident, lse.data());
-    KeepClusters(nq, cand, lse.data(), Budget(params), out);
+    const std::vector<char> kept = KeepClusters(nq, cand, lse.data(), Budget(params), out);
+    if (ValueCoded())
+      RestFromValueCodes(*masses, first, nq, cand, kept, out);
+    else
+      RestFromMeans(nq, cand, lse.data(), kept, out);
   }
 
   // The rest's state per query (out->rest_o, rest_lse) from value codes (ClusterConfig::
@@ -527,10 +528,8 @@ class ClusterIndex final : public KeyIndex {
       rest[cand[i]] = !kept[i] && summary_.size[cand[i]] > 0;
       any |= rest[cand[i]] != 0;
     }
-    for (int j = 0; j < nq; ++j) {
-      out->rest_lse[j] = -std::numeric_limits<float>::infinity();
-      std::fill_n(out->rest_o.data() + static_cast<std::size_t>(j) * dim_, dim_, 0.f);
-    }
+    out->rest_o.assign(static_cast<std::size_t>(nq) * dim_, 0.f);
+    out->rest_lse.assign(nq, -std::numeric_limits<float>::infinity());
     if (!any) return;
     std::vector<Lanes> bins(bits == 8 ? dim_ : nibbles * 16);
     std::vector<double> acc(static_cast<std::size_t>(dim_) * 4);  // [dim, lane]
@@ -662,10 +661,9 @@ class ClusterIndex final : public KeyIndex {
   // The second stage at the granularity of clusters (ClusterConfig::rescore_clusters, or
   // selecting on codes) for nq queries, given each candidate's log-sum-exp per query (lse
   // [nq, nc], ClusterLse): candidates in order of mass per row (a group: the sum of the queries'
-  // shares) kept until the budget's rows; every other candidate one state per query, its value
-  // mean at that log-sum-exp.
-  void KeepClusters(int nq, const std::vector<int32_t>& cand, const double* lse, int64_t budget,
-                    Rescored* out, std::vector<char>* kept_out = nullptr) const {
+  // shares) kept until the budget's rows (out->rows). Returns which candidates were kept.
+  std::vector<char> KeepClusters(int nq, const std::vector<int32_t>& cand, const double* lse,
+                                 int64_t budget, Rescored* out) const {
     const std::size_t nc = cand.size();
     std::vector<double> key(nc, 0.0);
     for (int j = 0; j < nq; ++j) {
@@ -689,6 +687,14 @@ class ClusterIndex final : public KeyIndex {
       for (int64_t r = 0; r < summary_.size[cand[i]]; ++r)
         out->rows.push_back(summary_.begin[cand[i]] + r);
     }
+    return kept;
+  }
+
+  // The rest's state per query (out->rest_o, rest_lse): every candidate not kept, its value mean
+  // at its log-sum-exp (lse [nq, nc]).
+  void RestFromMeans(int nq, const std::vector<int32_t>& cand, const double* lse,
+                     const std::vector<char>& kept, Rescored* out) const {
+    const std::size_t nc = cand.size();
     out->rest_o.assign(static_cast<std::size_t>(nq) * dim_, 0.f);
     out->rest_lse.assign(nq, -std::numeric_limits<float>::infinity());
     std::vector<float> vm(dim_);
@@ -700,7 +706,6 @@ class ClusterIndex final : public KeyIndex {
         MergeInto(out->rest_o.data() + static_cast<std::size_t>(j) * dim_, &out->rest_lse[j],
                   vm.data(), static_cast<float>(lse[j * nc + i]), dim_);
     }
-    if (kept_out != nullptr) *kept_out = std::move(kept);
   }
 
   // masses, first: SecondStage's, this query being the group's first-th.
