@@ -198,12 +198,6 @@ double Pct(std::vector<double> v, double p) {
 // CLUSTER_EVAL_VALUE_CODES: the widths of the value codes tried.
 constexpr int kValueBits[3] = {4, 2, 1};
 
-// The code of channel t in a packed row of `bits`-bit codes.
-unsigned CodeAt(const uint8_t* row, int t, int bits) {
-  const int64_t bit = static_cast<int64_t>(t) * bits;
-  return (row[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
-}
-
 // Value codes of a built cluster index's covered rows, one SegmentCodes per segment: the values
 // in the store's layout (orig maps a laid-out row to its cold row of cv) coded as residuals from
 // each cluster's bf16 value mean, as EncodeResiduals codes the keys from the centroids.

@@ -48,12 +48,6 @@ ClusterConfig SmallCluster() {
   return c;
 }
 
-// The code of channel t in a packed row.
-unsigned CodeAt(const uint8_t* row, int t, int bits) {
-  const int64_t bit = static_cast<int64_t>(t) * bits;
-  return (row[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
-}
-
 struct Coded {
   std::vector<float> keys;
   SegmentClustering part;
@@ -422,44 +416,49 @@ TEST(ClusterCodes, ValueCodesEstimateTheRestFromItsRows) {
     search(0, &store, &index, &means);
     const ClusterSummary& s = *GetClusterSummary(*index);
     const SegmentCodes& kc = *GetClusterCodes(*index);
-    // Per query, the brute force over the rest's rows: their key-code scores' softmax over their
-    // exact values (o) and its log-sum-exp.
+    // Per query, the rest's rows (not in the selection) with their scaled key-code scores, and
+    // the brute force over them: the scores' softmax over their exact values (o), its log-sum-exp.
+    struct RestRow {
+      double score;
+      int64_t row, cluster;
+    };
+    std::vector<std::vector<RestRow>> rest(nq);
     std::vector<std::vector<double>> o(nq, std::vector<double>(kDim, 0.0));
     std::vector<double> lse(nq);
     for (int j = 0; j < nq; ++j) {
       const std::set<int64_t> taken(means[j].ids.begin(), means[j].ids.end());
       const CodeScorer scorer(qs.data() + j * kDim, kDim, 2, kc.offset.data(), kc.step.data());
       double top = -INFINITY, z = 0;
-      std::vector<std::pair<double, int64_t>> rest;
       for (int64_t c = 0; c < s.num_clusters(); ++c) {
         if (taken.count(s.begin[c])) continue;
         std::vector<float> sc(s.size[c]);
         scorer.Score(s.centroid.data() + c * kDim,
                      kc.code.data() + s.begin[c] * CodeRowBytes(kDim, 2), s.size[c], sc.data());
         for (int32_t i = 0; i < s.size[c]; ++i) {
-          rest.emplace_back(0.2 * sc[i], s.begin[c] + i);
+          rest[j].push_back({0.2 * sc[i], s.begin[c] + i, c});
           top = std::max(top, 0.2 * sc[i]);
         }
       }
-      ASSERT_GT(rest.size(), 100u);
+      ASSERT_GT(rest[j].size(), 100u);
       std::vector<float> v(kDim);
-      for (const auto& [score, row] : rest) {
-        const double w = std::exp(score - top);
+      for (const RestRow& x : rest[j]) {
+        const double w = std::exp(x.score - top);
         z += w;
-        ConvertToF32(store.value(row), DType::kF32, kDim, v.data());
+        ConvertToF32(store.value(x.row), DType::kF32, kDim, v.data());
         for (int t = 0; t < kDim; ++t) o[j][t] += w * v[t];
       }
       for (double& x : o[j]) x /= z;
       lse[j] = top + std::log(z);
     }
-    auto err = [&](const SearchResult& r, int j) {
+    auto rel_err = [](const std::vector<float>& got, const std::vector<double>& want) {
       double num = 0, den = 0;
       for (int t = 0; t < kDim; ++t) {
-        num += (r.est_o[t] - o[j][t]) * (r.est_o[t] - o[j][t]);
-        den += o[j][t] * o[j][t];
+        num += (got[t] - want[t]) * (got[t] - want[t]);
+        den += want[t] * want[t];
       }
       return std::sqrt(num / den);
     };
+    auto err = [&](const SearchResult& r, int j) { return rel_err(r.est_o, o[j]); };
     std::vector<double> last(nq, 0.0);
     for (int bits : {8, 2}) {
       SCOPED_TRACE(::testing::Message() << bits << "-bit values");
@@ -477,33 +476,19 @@ TEST(ClusterCodes, ValueCodesEstimateTheRestFromItsRows) {
         EXPECT_LT(e, 0.6 * err(means[j], j));
         EXPECT_GT(e, last[j]);
         last[j] = e;
-        // And exactly the brute force over the decoded values (value mean + offset + step x code).
+        // And exactly the brute force over the decoded values (value mean + offset + step x code)
+        // of the same rest (the selection is the same).
         const SegmentCodes& vc = *GetClusterValueCodes(*idx);
-        const std::set<int64_t> taken(r[j].ids.begin(), r[j].ids.end());
-        const CodeScorer scorer(qs.data() + j * kDim, kDim, 2, kc.offset.data(), kc.step.data());
         std::vector<double> want(kDim, 0.0);
-        double z = 0;
         std::vector<float> vm(kDim);
-        for (int64_t c = 0; c < s.num_clusters(); ++c) {
-          if (taken.count(s.begin[c])) continue;
-          std::vector<float> sc(s.size[c]);
-          scorer.Score(s.centroid.data() + c * kDim,
-                       kc.code.data() + s.begin[c] * CodeRowBytes(kDim, 2), s.size[c], sc.data());
-          ConvertToF32(s.value_mean.data() + c * kDim, DType::kBF16, kDim, vm.data());
-          for (int32_t i = 0; i < s.size[c]; ++i) {
-            const double w = std::exp(0.2 * sc[i] - lse[j]);
-            z += w;
-            const uint8_t* row = vc.code.data() + (s.begin[c] + i) * CodeRowBytes(kDim, bits);
-            for (int t = 0; t < kDim; ++t)
-              want[t] += w * (vm[t] + vc.offset[t] + vc.step[t] * float(CodeAt(row, t, bits)));
-          }
+        for (const RestRow& x : rest[j]) {
+          const double w = std::exp(x.score - lse[j]);  // sums to 1 over the rest
+          ConvertToF32(s.value_mean.data() + x.cluster * kDim, DType::kBF16, kDim, vm.data());
+          const uint8_t* row = vc.code.data() + x.row * CodeRowBytes(kDim, bits);
+          for (int t = 0; t < kDim; ++t)
+            want[t] += w * (vm[t] + vc.offset[t] + vc.step[t] * float(CodeAt(row, t, bits)));
         }
-        double num = 0, den = 0;
-        for (int t = 0; t < kDim; ++t) {
-          num += (r[j].est_o[t] - want[t] / z) * (r[j].est_o[t] - want[t] / z);
-          den += want[t] / z * want[t] / z;
-        }
-        EXPECT_LT(std::sqrt(num / den), 1e-4);
+        EXPECT_LT(rel_err(r[j].est_o, want), 1e-4);
       }
     }
     std::printf("%d queries: rest estimate error, value means %.4f, 2-bit values %.4f (query 0)\n",

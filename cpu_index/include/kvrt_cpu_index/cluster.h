@@ -219,6 +219,11 @@ struct SegmentCodes {
 };
 bool ValidCodeBits(int bits);
 int64_t CodeRowBytes(int dim, int bits);
+// The code of channel `channel` in a row packed by EncodeResiduals with `bits` bits per channel.
+inline unsigned CodeAt(const uint8_t* row, int channel, int bits) {
+  const int64_t bit = static_cast<int64_t>(channel) * bits;
+  return (row[bit / 8] >> (bit % 8)) & ((1u << bits) - 1);
+}
 // keys: the segment's f32 rows [n, dim] in their order before part.order (laid_out: after it,
 // row i of the layout at keys + i * dim); centroid: bf16 [clusters, dim], the summary's.
 void EncodeResiduals(const float* keys, const SegmentClustering& part, const uint16_t* centroid,
