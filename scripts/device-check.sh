@@ -22,7 +22,9 @@
 # default at 128K B=1 with accuracy, BENCH=ab-batch the build before against this one at
 # 128K per AB_BATCHES (batch:layers, default 16:4) in AB_ROUNDS alternating rounds, BENCH=keys
 # config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=codes the selection on codes
-# (cluster_rescore_bits per CODE_BITS, default "0 2") at 128K B=1 and B=16 and 1M, BENCH=ncu-step each decode-step
+# (cluster_rescore_bits per CODE_BITS, default "0 2") at 128K B=1 and B=16 and 1M, BENCH=ab-codes the
+# build before against this one with the selection on codes (its kernel alone and the 128K step),
+# BENCH=ncu-step each decode-step
 # kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
@@ -468,6 +470,29 @@ if [[ "${1:-}" == "--device" ]]; then
         echo "=== bits $bits: cluster 1M B=1, 4 layers --pipeline"
         timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 --pipeline \
           --accuracy-steps 0 --cluster-rescore-bits $bits || rc=1
+      done
+      rm -f $trace
+    elif [[ "$bench" == ab-codes ]]; then
+      # The selection on codes, the build before (BEFORE when bundling: kvrt_before; and its kernel
+      # test as test_gpu_before, EXTRA_PROGRAMS) against this one, alternating in AB_ROUNDS rounds
+      # (default 2): CodeClusterMass alone (CodeScan.TimesThe128KShape), then the 128K trace B=1
+      # (8 layers pipelined) with cluster_rescore_bits 2 and, for reference, 0 (this build).
+      trace=/tmp/kvrt-ab-codes.safetensors
+      trace_128k $trace || rc=1
+      for round in $(seq ${AB_ROUNDS:-2}); do
+        for t in test_gpu_before test_gpu; do
+          [[ -x $b/$t ]] || continue
+          echo "=== $t, round $round: $($b/$t --gtest_filter=CodeScan.TimesThe128KShape 2>&1 | grep 'code cluster mass')"
+        done
+        for prog in kvrt_before kvrt; do
+          [[ -x $b/$prog ]] || continue
+          echo "=== $prog, round $round: cluster 128K --trace B=1, 8 layers --pipeline, bits 2"
+          timeout 150 $b/$prog $args --trace $trace --index cluster --cold 131072 --batch 1 \
+            --layers 8 --pipeline --accuracy-steps 0 --cluster-rescore-bits 2 || rc=1
+        done
+        echo "=== kvrt, round $round: cluster 128K --trace B=1, 8 layers --pipeline, bits 0"
+        timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
+          --layers 8 --pipeline --accuracy-steps 0 --cluster-rescore-bits 0 || rc=1
       done
       rm -f $trace
     elif [[ "$bench" == ab-batch ]]; then

@@ -1,4 +1,5 @@
-// The code scan (code_scan.h): one thread per row, 256 rows per CTA, one kv head per grid row.
+// The code scan (code_scan.h). CodeScan: one thread per row, 256 rows per CTA, one kv head per
+// grid row.
 // The group's queries sit in shared memory (the heads past the group zero, so that every thread
 // runs the same MG sums); a thread decodes its row channel by channel (centroid + offset + step x
 // code: the centroid rows of a cluster's neighbouring rows and the segment's grid come from L1)
@@ -9,6 +10,7 @@
 
 #include "code_scan_launch.h"
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace kvrt::gpu::detail {
 namespace {
@@ -113,138 +115,397 @@ __global__ void __launch_bounds__(kLseWarps * 32)
   }
 }
 
-// CodeClusterMass: one warp per cluster at a time (kMassPerWarp consecutive clusters, so the
-// segment and its folded grid rarely change), q heads in chunks of kMassHeads. The warp folds
-// scale x q x step of its cluster's segment into shared memory ([d][kMassHeads], read as one float4
-// per channel: a broadcast), takes the cluster's base scale x q . (centroid + offset) as one warp
-// sum, then two lanes score each row (rows r, r + 16, ... for lanes r and r + 16, each half of the
-// row's codes as 32-bit words; one shuffle adds the halves) into an online log-sum-exp, merged over
-// the warp at the end. No row's score is written. NOTE: on the H100 the first form (one lane per
-// row, lanes 16-31 idle for clusters of 16) took 168 us at the 8B shape's 128K.
-constexpr int kMassWarps = 8;
-constexpr int kMassPerWarp = 4;
-constexpr int kMassHeads = 4;
+// CodeClusterMass on tensor cores (mma.sync m16n8k16, f32 sums). A warp takes 16 consecutive
+// clusters (so the segment it folds rarely changes): their centroids' scores as one MMA tile,
+// then each cluster's rows in tiles of 16, the q heads of the group as the MMA's 8 columns (two
+// column tiles for groups of 9-16). Per row,
+//   scale x q . key = scale x q . centroid + scale x q . offset + sum_t (scale x q_t x step_t) c_t,
+// the first term on bf16 MMAs with scale x q split hi + lo (about 16 bits of q, as the summary's
+// scoring), the second a per-segment f32 sum, the third on f16 MMAs: the codes c_t are exact in
+// f16 and the folded F_t = scale x q_t x step_t, normalized per head by its largest |F_t|, is
+// rounded once to f16 (score error at most 2^-11 x sum_t |F_t| x (2^bits - 1)).
+// The MMA's k-th column stands for channel 16 w + perm(k) (k = 2 tig + {0, 1, 8, 9} -> 4 tig + {0,
+// 1, 2, 3}), so that a lane's four codes of a k-block are one contiguous 4 x bits field of the
+// row: decoded to f16 pairs by one mask and the 1024 + x exponent trick, each code at a power of
+// two that B's entries divide out. NOTE: at the 8B shape's 128K on the H100 this takes 80 us
+// (twenty-seventh session; the CUDA-core forms, two lanes per row and one, 110 and 168 us), still
+// bound by instructions, not by the 50 MB it reads (~15 us): ncu counts ~500 per cluster of 16,
+// the integer pipe the busiest, half the issue slots idle at 16 warps per SM (registers).
+constexpr int kMassWarps = 4;
 constexpr int kMassMaxDim = 256;
+constexpr int kMassPerWarp = 16;  // the base MMA's 16 rows
+constexpr int kMassMaxKb = kMassMaxDim / 16;
+constexpr uint32_t kF16Magic = 0x64006400u;  // f16 1024.0 in both halves
 
+// The lane's four codes of a k-block, field f (bit 0: the first), as two f16 pairs (slot 0 in
+// lo's low half, 1 in its high half, 2 and 3 in hi's), each code times SlotScale<BITS>(slot).
 template <int BITS>
-__global__ void __launch_bounds__(kMassWarps * 32)
-    CodeClusterMassKernel(CodeScanView v, const float* __restrict__ q, int g,
-                          const int64_t* __restrict__ begin, const int32_t* __restrict__ size,
-                          float scale, float* __restrict__ lse) {
-  __shared__ float4 fold[kMassWarps][kMassMaxDim];
-  constexpr int kPerWord = 32 / BITS;
-  constexpr unsigned kMask = (1u << BITS) - 1;
-  const int kv = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int d = v.head_dim, words = d * BITS / 32;
-  const int c0 = (blockIdx.x * kMassWarps + warp) * kMassPerWarp;
-  const int64_t segments = (v.rows + v.segment_rows - 1) / v.segment_rows;
-  const float kNegInf = -INFINITY;
-  float4* f = fold[warp];
-  for (int h0 = 0; h0 < g; h0 += kMassHeads) {
-    const float* qh[kMassHeads];
+__device__ __forceinline__ void DecodeField(uint32_t f, uint32_t& lo, uint32_t& hi) {
+  uint32_t a, b;
+  if constexpr (BITS == 1) {
+    const uint32_t z = (f & 0xFu) * 0x10001u;
+    a = z & 0x00020001u;
+    b = z & 0x00080004u;
+  } else if constexpr (BITS == 2) {
+    const uint32_t z = (f & 0xFFu) * 0x10001u;
+    a = z & 0x000C0003u;
+    b = z & 0x00C00030u;
+  } else if constexpr (BITS == 4) {
+    a = ((f & 0xFFu) * 0x10001u) & 0x00F0000Fu;
+    b = (((f >> 8) & 0xFFu) * 0x10001u) & 0x00F0000Fu;
+  } else {
+    a = __byte_perm(f, 0u, 0x4140);
+    b = __byte_perm(f, 0u, 0x4342);
+  }
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(a | kF16Magic), "r"(kF16Magic));
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(b | kF16Magic), "r"(kF16Magic));
+}
+
+// The factor DecodeField leaves on slot j's code (the field's bits stay where they are).
+template <int BITS>
+__device__ __forceinline__ float SlotScale(int j) {
+  if constexpr (BITS == 1) return static_cast<float>(1 << j);
+  if constexpr (BITS == 2) return static_cast<float>(1 << (2 * j));
+  if constexpr (BITS == 4) return (j & 1) ? 16.f : 1.f;
+  return 1.f;
+}
+
+// One 16-row tile of a cluster: acc[nt] += the codes of rows grp (pa) and grp + 8 (pb) times
+// the folded B fragments ff (this lane's, k-block w at ff[w * 32], column tile nt at
+// ff[nt * kMassMaxKb * 32]). The k-blocks are loaded kMassChunk at a time before their MMAs: one
+// memory latency per chunk, not per k-block.
+constexpr int kMassChunk = 8;
+
+template <int BITS, int NT>
+__device__ __forceinline__ void MassTile(const uint32_t* __restrict__ pa,
+                                         const uint32_t* __restrict__ pb, int kb, int tig,
+                                         const uint2* ff, float (&acc)[NT][4]) {
+  for (int w0 = 0; w0 < kb; w0 += kMassChunk) {
+    uint32_t fa[kMassChunk], fb[kMassChunk];
 #pragma unroll
-    for (int i = 0; i < kMassHeads; ++i)  // heads past the group read head h0 (never written)
-      qh[i] = q + (static_cast<int64_t>(kv) * g + (h0 + i < g ? h0 + i : h0)) * d;
-    int64_t folded = -1;
-    for (int c = c0; c < c0 + kMassPerWarp && c < v.num_clusters; ++c) {
-      const int64_t at = static_cast<int64_t>(kv) * v.num_clusters + c;
-      const int64_t b = begin[at];
-      const int n = size[at];
-      if (n <= 0) {
-        if (lane < kMassHeads && h0 + lane < g)
-          lse[(static_cast<int64_t>(kv) * g + h0 + lane) * v.num_clusters + c] = kNegInf;
-        continue;
-      }
-      const int64_t seg = b / v.segment_rows;
-      const int64_t grid = (static_cast<int64_t>(kv) * segments + seg) * d;
-      if (seg != folded) {
-        __syncwarp();
-        for (int t = lane; t < d; t += 32) {
-          const float st = scale * v.step[grid + t];
-          f[t] = make_float4(qh[0][t] * st, qh[1][t] * st, qh[2][t] * st, qh[3][t] * st);
-        }
-        __syncwarp();
-        folded = seg;
-      }
-      // base_i = scale x q_i . (centroid + offset), every lane holding the sums.
-      const auto* cen = reinterpret_cast<const __nv_bfloat16*>(v.centroid) + at * d;
-      float base[kMassHeads] = {};
-      for (int t = lane; t < d; t += 32) {
-        const float k = __bfloat162float(cen[t]) + v.offset[grid + t];
+    for (int j = 0; j < kMassChunk; ++j) {
+      const int w = w0 + j;
+      if (w >= kb) break;
+      const int bit = (16 * w + 4 * tig) * BITS;
+      fa[j] = __ldg(pa + (bit >> 5)) >> (bit & 31);
+      fb[j] = __ldg(pb + (bit >> 5)) >> (bit & 31);
+    }
 #pragma unroll
-        for (int i = 0; i < kMassHeads; ++i) base[i] = fmaf(qh[i][t], k, base[i]);
-      }
+    for (int j = 0; j < kMassChunk; ++j) {
+      const int w = w0 + j;
+      if (w >= kb) break;
+      uint32_t a[4];
+      DecodeField<BITS>(fa[j], a[0], a[2]);
+      DecodeField<BITS>(fb[j], a[1], a[3]);
 #pragma unroll
-      for (int i = 0; i < kMassHeads; ++i) {
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) base[i] += __shfl_xor_sync(0xffffffffu, base[i], o);
-        base[i] *= scale;
-      }
-      float m[kMassHeads], l[kMassHeads];
-#pragma unroll
-      for (int i = 0; i < kMassHeads; ++i) {
-        m[i] = kNegInf;
-        l[i] = 0.f;
-      }
-      // Two lanes per row (lane and lane ^ 16, each half of the row's words): a cluster of 16
-      // rows fills the warp, and each lane's chain of dependent FMAs is half a row long.
-      const int half = lane >> 4;
-      const int w_begin = half == 0 ? 0 : (words + 1) / 2;
-      const int w_end = half == 0 ? (words + 1) / 2 : words;
-      for (int r0 = 0; r0 < n; r0 += 16) {  // uniform: the shuffle below needs every lane
-        const int r = r0 + (lane & 15);
-        const bool valid = r < n;
-        const auto* code = reinterpret_cast<const uint32_t*>(v.code) +
-                           (static_cast<int64_t>(kv) * v.rows + b + (valid ? r : 0)) * words;
-        float acc[kMassHeads] = {};
-        for (int w = w_begin; w < w_end; ++w) {
-          const uint32_t word = valid ? __ldg(code + w) : 0u;
-#pragma unroll
-          for (int j = 0; j < kPerWord; ++j) {
-            const float x = static_cast<float>((word >> (j * BITS)) & kMask);
-            const float4 a = f[w * kPerWord + j];
-            acc[0] = fmaf(a.x, x, acc[0]);
-            acc[1] = fmaf(a.y, x, acc[1]);
-            acc[2] = fmaf(a.z, x, acc[2]);
-            acc[3] = fmaf(a.w, x, acc[3]);
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kMassHeads; ++i) {
-          const float sc = base[i] + acc[i] + __shfl_xor_sync(0xffffffffu, acc[i], 16);
-          if (!valid || half != 0) continue;  // the row's state is kept by its first lane
-          if (sc > m[i]) {
-            l[i] = (m[i] == kNegInf ? 0.f : l[i] * __expf(m[i] - sc)) + 1.f;
-            m[i] = sc;
-          } else {
-            l[i] += __expf(sc - m[i]);
-          }
-        }
-      }
-      // The cluster's log-sum-exp per head: the lanes' max, then their sums rescaled to it.
-#pragma unroll
-      for (int i = 0; i < kMassHeads; ++i) {
-        float mm = m[i];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
-        float ll = m[i] == kNegInf ? 0.f : l[i] * __expf(m[i] - mm);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) ll += __shfl_xor_sync(0xffffffffu, ll, o);
-        m[i] = mm;
-        l[i] = ll;
-      }
-      if (lane < kMassHeads && h0 + lane < g) {
-        float mi = m[0], li = l[0];  // lane i writes head h0 + i (registers indexed statically)
-#pragma unroll
-        for (int i = 1; i < kMassHeads; ++i)
-          if (lane == i) {
-            mi = m[i];
-            li = l[i];
-          }
-        lse[(static_cast<int64_t>(kv) * g + h0 + lane) * v.num_clusters + c] = mi + __logf(li);
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint2 f = ff[(nt * kMassMaxKb + w) * 32];
+        MmaF16(acc[nt], a, f.x, f.y);
       }
     }
   }
+}
+
+// (x & mask) | or in one LOP3 (two immediates would take two).
+__device__ __forceinline__ uint32_t AndOr(uint32_t x, uint32_t mask, uint32_t orv) {
+  uint32_t y;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(y) : "r"(x), "r"(mask), "r"(orv));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t SubMagic(uint32_t x) {
+  uint32_t y;
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(y) : "r"(x), "r"(kF16Magic));
+  return y;
+}
+
+// MassTile for 2-bit codes, KB k-blocks (head_dim 16 x KB, a multiple of 64) and 16-byte aligned
+// codes: each row's k-blocks in KB / 4 16-byte loads, and a lane's field (byte tig of the
+// k-block's word) spread to both halves by one byte permute.
+template <int KB, int NT>
+__device__ __forceinline__ void MassTile2(const uint32_t* __restrict__ pa,
+                                          const uint32_t* __restrict__ pb, int tig, const uint2* ff,
+                                          float (&acc)[NT][4]) {
+  static_assert(KB % 4 == 0 && KB <= kMassMaxKb, "whole 16-byte vectors");
+  const uint32_t sel = 0x4040u | static_cast<uint32_t>(tig) | (static_cast<uint32_t>(tig) << 8);
+  const auto* va = reinterpret_cast<const uint4*>(pa);
+  const auto* vb = reinterpret_cast<const uint4*>(pb);
+#pragma unroll
+  for (int w0 = 0; w0 < KB; w0 += 8) {
+    uint32_t wa[8], wb[8];
+#pragma unroll
+    for (int h = 0; h < 2 && w0 + 4 * h < KB; ++h) {
+      const uint4 x = __ldg(va + w0 / 4 + h), y = __ldg(vb + w0 / 4 + h);
+      wa[4 * h] = x.x, wa[4 * h + 1] = x.y, wa[4 * h + 2] = x.z, wa[4 * h + 3] = x.w;
+      wb[4 * h] = y.x, wb[4 * h + 1] = y.y, wb[4 * h + 2] = y.z, wb[4 * h + 3] = y.w;
+    }
+#pragma unroll
+    for (int j = 0; j < 8 && w0 + j < KB; ++j) {
+      const uint32_t za = __byte_perm(wa[j], 0u, sel), zb = __byte_perm(wb[j], 0u, sel);
+      const uint32_t a[4] = {
+          SubMagic(AndOr(za, 0x000C0003u, kF16Magic)), SubMagic(AndOr(zb, 0x000C0003u, kF16Magic)),
+          SubMagic(AndOr(za, 0x00C00030u, kF16Magic)), SubMagic(AndOr(zb, 0x00C00030u, kF16Magic))};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint2 f = ff[(nt * kMassMaxKb + w0 + j) * 32];
+        MmaF16(acc[nt], a, f.x, f.y);
+      }
+    }
+  }
+}
+
+// The centroids' scores of clusters grp (ca) and grp + 8 (cb) of the warp's 16, the A rows, for
+// the q heads of each column tile: base[nt] += centroid . (scale x q) on bf16 MMAs, q as hi + lo
+// (qf: this lane's fragments, k-block w at qf[w * 32], column tile nt at
+// qf[nt * kMassMaxKb * 32]).
+template <int NT>
+__device__ __forceinline__ void MassBase(const uint2* __restrict__ ca, const uint2* __restrict__ cb,
+                                         int kb, int tig, const uint4* qf, float (&base)[NT][4]) {
+  for (int w0 = 0; w0 < kb; w0 += kMassChunk) {
+    uint2 xa[kMassChunk], xb[kMassChunk];
+#pragma unroll
+    for (int j = 0; j < kMassChunk; ++j) {
+      if (w0 + j >= kb) break;
+      xa[j] = __ldg(ca + 4 * (w0 + j) + tig);
+      xb[j] = __ldg(cb + 4 * (w0 + j) + tig);
+    }
+#pragma unroll
+    for (int j = 0; j < kMassChunk; ++j) {
+      const int w = w0 + j;
+      if (w >= kb) break;
+      const uint32_t a[4] = {xa[j].x, xb[j].x, xa[j].y, xb[j].y};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint4 f = qf[(nt * kMassMaxKb + w) * 32];
+        MmaBf16(base[nt], a, f.x, f.y);
+        MmaBf16(base[nt], a, f.z, f.w);
+      }
+    }
+  }
+}
+
+// The deferred merge (one column tile): each lane's (max, sum) per cluster and head pair kept
+// in shared memory for kMassFlush clusters, then merged over the row groups by one lane per
+// (cluster, head), instead of two butterflies per cluster and head.
+constexpr int kMassFlush = 8;
+
+// KVB: 0, or the k-blocks of MassTile2's 2-bit vector path (head_dim / 16).
+template <int BITS, int NT, int KVB>
+__global__ void __launch_bounds__(kMassWarps * 32, 4)
+    CodeClusterMassKernel(CodeScanView v, const float* __restrict__ q, int g,
+                          const int64_t* __restrict__ begin, const int32_t* __restrict__ size,
+                          float scale, float* __restrict__ lse) {
+  constexpr bool kDefer = NT == 1;
+  // B fragments: scale x q as bf16 hi and lo (per CTA: one kv head), and each warp's folded
+  // F / (norm x slot scale) as f16 for the segment it is in.
+  __shared__ uint4 qfrag[NT][kMassMaxKb][32];
+  __shared__ uint2 ffrag[kMassWarps][NT][kMassMaxKb][32];
+  __shared__ float4 state[kDefer ? kMassWarps : 1][kMassFlush][32];  // (m, l) of heads 2 tig + j
+  const int kv = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = lane / 4, tig = lane % 4;
+  const int d = v.head_dim, kb = d / 16, words = d * BITS / 32;
+  const float kNegInf = -INFINITY;
+  const float* qkv = q + static_cast<int64_t>(kv) * g * d;
+  for (int i = threadIdx.x; i < NT * kb * 32; i += blockDim.x) {
+    const int nt = i / (kb * 32), w = i / 32 % kb, l = i % 32;
+    const int n = nt * 8 + l / 4;
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (n < g) x = __ldg(reinterpret_cast<const float4*>(qkv + n * d + 16 * w + 4 * (l % 4)));
+    uint4 f;
+    Split16<__nv_bfloat16>(make_float2(scale * x.x, scale * x.y), f.x, f.z);
+    Split16<__nv_bfloat16>(make_float2(scale * x.z, scale * x.w), f.y, f.w);
+    qfrag[nt][w][l] = f;
+  }
+  __syncthreads();
+  const int64_t segments = (v.rows + v.segment_rows - 1) / v.segment_rows;
+  const auto* code = reinterpret_cast<const uint32_t*>(v.code);
+  const int c0 = (blockIdx.x * kMassWarps + warp) * kMassPerWarp;
+  // Per column tile, the lane's two heads (2 tig, 2 tig + 1): the fold's norm and
+  // scale x q . offset of the segment folded last, whose rows are [seg_lo, seg_hi).
+  float norm[NT][2], cst[NT][2];
+  int64_t seg_lo = 0, seg_hi = 0;
+  // The warp's 16 clusters' ranges, lane i holding cluster c0 + i's, and their centroids'
+  // scores for the group's heads at once (lane: clusters grp and grp + 8, heads 2 tig + {0, 1}).
+  int64_t my_begin = 0;
+  int my_size = 0;
+  if (lane < kMassPerWarp && c0 + lane < v.num_clusters) {
+    my_begin = begin[static_cast<int64_t>(kv) * v.num_clusters + c0 + lane];
+    my_size = size[static_cast<int64_t>(kv) * v.num_clusters + c0 + lane];
+  }
+  float cen_score[NT][4] = {};
+  {
+    const int ca = min(c0 + grp, v.num_clusters - 1), cb = min(c0 + grp + 8, v.num_clusters - 1);
+    const auto* cen = reinterpret_cast<const uint2*>(v.centroid) +
+                      static_cast<int64_t>(kv) * v.num_clusters * (d / 4);
+    MassBase<NT>(cen + static_cast<int64_t>(ca) * (d / 4), cen + static_cast<int64_t>(cb) * (d / 4),
+                 kb, tig, qfrag[0][0] + lane, cen_score);
+  }
+  for (int i = 0; i < kMassPerWarp && c0 + i < v.num_clusters; ++i) {
+    const int c = c0 + i;
+    const int64_t b = __shfl_sync(0xffffffffu, my_begin, i);
+    const int n = __shfl_sync(0xffffffffu, my_size, i);
+    float base[NT][2];  // cluster i's centroid score for heads 2 tig + {0, 1}
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        base[nt][j] = __shfl_sync(0xffffffffu, i < 8 ? cen_score[nt][j] : cen_score[nt][2 + j],
+                                  (i % 8) * 4 + tig);
+    // Per head pair, this lane's running max and sum over its rows of the cluster.
+    float m[NT][2], l[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      m[nt][0] = m[nt][1] = kNegInf;
+      l[nt][0] = l[nt][1] = 0.f;
+    }
+    if (n > 0) {
+      if (b < seg_lo || b >= seg_hi) {  // a new segment: fold q x step and q . offset for it
+        const int64_t seg = b / v.segment_rows;
+        seg_lo = seg * v.segment_rows;
+        seg_hi = seg_lo + v.segment_rows;
+        const int64_t grid = (static_cast<int64_t>(kv) * segments + seg) * d;
+        const float* stp = v.step + grid;
+        const float* off = v.offset + grid;
+        __syncwarp();
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int h = nt * 8 + grp;
+          const float* qh = qkv + (h < g ? h : 0) * d;
+          const float on = h < g ? scale : 0.f;
+          float amax = 0.f, sum = 0.f;
+#pragma unroll 4
+          for (int w = 0; w < kb; ++w) {
+            const int t = 16 * w + 4 * tig;
+            const float4 x = __ldg(reinterpret_cast<const float4*>(qh + t));
+            const float4 s = __ldg(reinterpret_cast<const float4*>(stp + t));
+            const float4 o = __ldg(reinterpret_cast<const float4*>(off + t));
+            amax = fmaxf(amax, fmaxf(fmaxf(fabsf(x.x * s.x), fabsf(x.y * s.y)),
+                                     fmaxf(fabsf(x.z * s.z), fabsf(x.w * s.w))));
+            sum += x.x * o.x + x.y * o.y + x.z * o.z + x.w * o.w;
+          }
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          const float inv = amax > 0.f ? 1.f / amax : 0.f;
+#pragma unroll 4
+          for (int w = 0; w < kb; ++w) {
+            const int t = 16 * w + 4 * tig;
+            const float4 x = __ldg(reinterpret_cast<const float4*>(qh + t));
+            const float4 s = __ldg(reinterpret_cast<const float4*>(stp + t));
+            const float k = h < g ? inv : 0.f;  // F / norm = q x step / amax (scale cancels)
+            ffrag[warp][nt][w][lane] =
+                make_uint2(Pack16<__half>(make_float2(k * x.x * s.x / SlotScale<BITS>(0),
+                                                      k * x.y * s.y / SlotScale<BITS>(1))),
+                           Pack16<__half>(make_float2(k * x.z * s.z / SlotScale<BITS>(2),
+                                                      k * x.w * s.w / SlotScale<BITS>(3))));
+          }
+          const float nrm = on * amax;
+          const float cs = on * sum;
+          norm[nt][0] = __shfl_sync(0xffffffffu, nrm, 8 * tig);
+          norm[nt][1] = __shfl_sync(0xffffffffu, nrm, 8 * tig + 4);
+          cst[nt][0] = __shfl_sync(0xffffffffu, cs, 8 * tig);
+          cst[nt][1] = __shfl_sync(0xffffffffu, cs, 8 * tig + 4);
+        }
+        __syncwarp();
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        base[nt][0] += cst[nt][0];
+        base[nt][1] += cst[nt][1];
+      }
+      const uint32_t* rows = code + (static_cast<int64_t>(kv) * v.rows + b) * words;
+      for (int r0 = 0; r0 < n; r0 += 16) {
+        const bool va = r0 + grp < n, vb = r0 + grp + 8 < n;
+        float acc[NT][4] = {};
+        const uint32_t* pa = rows + (va ? r0 + grp : 0) * words;
+        const uint32_t* pb = rows + (vb ? r0 + grp + 8 : 0) * words;
+        if constexpr (KVB > 0) {
+          MassTile2<KVB, NT>(pa, pb, tig, ffrag[warp][0][0] + lane, acc);
+        } else {
+          MassTile<BITS, NT>(pa, pb, kb, tig, ffrag[warp][0][0] + lane, acc);
+        }
+        // The tile's two rows into the running (max, sum), without branches: rows past the
+        // cluster score -inf, and a lane with no row yet keeps (-inf, 0).
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float sa = va ? base[nt][j] + norm[nt][j] * acc[nt][j] : kNegInf;
+            const float sb = vb ? base[nt][j] + norm[nt][j] * acc[nt][2 + j] : kNegInf;
+            const float mn = fmaxf(m[nt][j], fmaxf(sa, sb));
+            const float ms = mn == kNegInf ? 0.f : mn;
+            l[nt][j] = l[nt][j] * __expf(m[nt][j] - ms) + __expf(sa - ms) + __expf(sb - ms);
+            m[nt][j] = mn;
+          }
+      }
+    }
+    if constexpr (kDefer) {
+      state[warp][i % kMassFlush][lane] = make_float4(m[0][0], l[0][0], m[0][1], l[0][1]);
+      const int last = min(kMassPerWarp, v.num_clusters - c0) - 1;
+      if (i % kMassFlush == kMassFlush - 1 || i == last) {
+        // Lane p: head p / kMassFlush of cluster c0 + i0 + p % kMassFlush (a head's clusters
+        // in consecutive lanes: its lse row written in runs).
+        __syncwarp();
+        const int i0 = i - i % kMassFlush;
+        for (int p = lane; p < g * kMassFlush; p += 32) {
+          const int h = p / kMassFlush, ci = p % kMassFlush;
+          if (i0 + ci > i) continue;
+          const float* st = reinterpret_cast<const float*>(&state[warp][ci][h / 2]) + 2 * (h % 2);
+          float2 x[8];
+          float mm = kNegInf;
+#pragma unroll
+          for (int r = 0; r < 8; ++r) {  // row group r's lane r * 4 + h / 2
+            x[r] = *reinterpret_cast<const float2*>(st + r * 16);
+            mm = fmaxf(mm, x[r].x);
+          }
+          float ll = 0.f;
+#pragma unroll
+          for (int r = 0; r < 8; ++r) ll += x[r].x == kNegInf ? 0.f : x[r].y * __expf(x[r].x - mm);
+          lse[(static_cast<int64_t>(kv) * g + h) * v.num_clusters + c0 + i0 + ci] =
+              mm == kNegInf ? kNegInf : mm + __logf(ll);
+        }
+        __syncwarp();
+      }
+    } else {
+      // Over the eight row groups (lanes of the same tig): the max, each lane's sum rescaled to
+      // it (one exp), the sum; then lanes 0-3 write their two heads.
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float mm = m[nt][j];
+#pragma unroll
+          for (int o = 4; o < 32; o <<= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+          float ll = m[nt][j] == kNegInf ? 0.f : l[nt][j] * __expf(m[nt][j] - mm);
+#pragma unroll
+          for (int o = 4; o < 32; o <<= 1) ll += __shfl_xor_sync(0xffffffffu, ll, o);
+          const int h = nt * 8 + 2 * tig + j;
+          if (grp == 0 && h < g)
+            lse[(static_cast<int64_t>(kv) * g + h) * v.num_clusters + c] =
+                mm == kNegInf ? kNegInf : mm + __logf(ll);
+        }
+    }
+  }
+}
+
+template <int BITS, int KVB>
+void LaunchMass(dim3 grid, cudaStream_t st, const CodeScanView& v, const float* q, int g,
+                const int64_t* begin, const int32_t* size, float scale, float* lse) {
+  if (g > 8) {
+    CodeClusterMassKernel<BITS, 2, KVB>
+        <<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
+  } else {
+    CodeClusterMassKernel<BITS, 1, KVB>
+        <<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
+  }
+}
+
+template <int BITS, int KVB = 0>
+Err PreloadMass() {
+  Err e = LoadKernel(CodeClusterMassKernel<BITS, 1, KVB>);
+  if (e.ok()) e = LoadKernel(CodeClusterMassKernel<BITS, 2, KVB>);
+  return e;
 }
 
 }  // namespace
@@ -252,33 +513,43 @@ __global__ void __launch_bounds__(kMassWarps * 32)
 Err LaunchCodeClusterMass(const CodeScanView& v, const float* q, int q_heads, const int64_t* begin,
                           const int32_t* size, float scale, float* lse, void* stream) {
   if (v.kv_heads > 65535) return Err{0, "too many kv heads for one grid"};
+  if (v.head_dim > kMassMaxDim) return BadHeadDim();
+  if (v.rows > 0x7fffffff) return Err{0, "more than 2^31 - 1 rows per kv head"};
   constexpr int kPerCta = kMassWarps * kMassPerWarp;
   const dim3 grid(static_cast<unsigned>((v.num_clusters + kPerCta - 1) / kPerCta),
                   static_cast<unsigned>(v.kv_heads));
   const int g = q_heads / v.kv_heads;
   const cudaStream_t st = AsStream(stream);
   switch (v.bits) {
-    case 1:
-      CodeClusterMassKernel<1><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
-      break;
+    case 1: LaunchMass<1, false>(grid, st, v, q, g, begin, size, scale, lse); break;
     case 2:
-      CodeClusterMassKernel<2><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
+      // Rows of whole 16-byte vectors: MassTile2's vector loads, its k-blocks unrolled.
+      if (reinterpret_cast<uintptr_t>(v.code) % 16 != 0) {
+        LaunchMass<2, 0>(grid, st, v, q, g, begin, size, scale, lse);
+      } else if (v.head_dim == 64) {
+        LaunchMass<2, 4>(grid, st, v, q, g, begin, size, scale, lse);
+      } else if (v.head_dim == 128) {
+        LaunchMass<2, 8>(grid, st, v, q, g, begin, size, scale, lse);
+      } else if (v.head_dim == 256) {
+        LaunchMass<2, 16>(grid, st, v, q, g, begin, size, scale, lse);
+      } else {
+        LaunchMass<2, 0>(grid, st, v, q, g, begin, size, scale, lse);
+      }
       break;
-    case 4:
-      CodeClusterMassKernel<4><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
-      break;
-    default:
-      CodeClusterMassKernel<8><<<grid, kMassWarps * 32, 0, st>>>(v, q, g, begin, size, scale, lse);
-      break;
+    case 4: LaunchMass<4, false>(grid, st, v, q, g, begin, size, scale, lse); break;
+    default: LaunchMass<8, false>(grid, st, v, q, g, begin, size, scale, lse); break;
   }
   return LastLaunchErr();
 }
 
 Err PreloadCodeClusterMass() {
-  Err e = LoadKernel(CodeClusterMassKernel<1>);
-  if (e.ok()) e = LoadKernel(CodeClusterMassKernel<2>);
-  if (e.ok()) e = LoadKernel(CodeClusterMassKernel<4>);
-  if (e.ok()) e = LoadKernel(CodeClusterMassKernel<8>);
+  Err e = PreloadMass<1>();
+  if (e.ok()) e = PreloadMass<2>();
+  if (e.ok()) e = PreloadMass<2, 4>();
+  if (e.ok()) e = PreloadMass<2, 8>();
+  if (e.ok()) e = PreloadMass<2, 16>();
+  if (e.ok()) e = PreloadMass<4>();
+  if (e.ok()) e = PreloadMass<8>();
   return e;
 }
 
