@@ -617,7 +617,8 @@ TEST(CodeScan, MassKernelMatchesTheHostReference) {
   };
   for (const Case& k : {Case{2, 128, 2, 4, 4096, 1024, 40}, Case{1, 64, 1, 1, 1000, 256, 20},
                         Case{2, 256, 4, 16, 3000, 1024, 70}, Case{3, 128, 8, 5, 2000, 512, 33},
-                        Case{1, 32, 2, 8, 700, 700, 16}}) {
+                        Case{1, 32, 2, 8, 700, 700, 16}, Case{2, 64, 2, 4, 2000, 512, 24},
+                        Case{1, 256, 2, 8, 1500, 512, 40}, Case{2, 128, 2, 12, 3000, 1024, 30}}) {
     SCOPED_TRACE(::testing::Message() << "kv " << k.kv << " d " << k.d << " bits " << k.bits
                                       << " g " << k.g << " rows " << k.rows);
     std::vector<int64_t> begin;
