@@ -82,8 +82,15 @@ absl::Status CodeClusterMass(const CodeScanView& v, const float* q, int q_heads,
                              void* stream) {
   if (auto st = CheckMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMass"); !st.ok())
     return st;
-  if (reinterpret_cast<uintptr_t>(v.code) % 4 != 0)
-    return absl::InvalidArgumentError("CodeClusterMass: codes must be 4-byte aligned");
+  // The kernel's vector loads: q, offset and step as float4, the centroids 8 bytes at a time.
+  const auto misaligned = [](const void* p, uintptr_t a) {
+    return reinterpret_cast<uintptr_t>(p) % a != 0;
+  };
+  if (misaligned(v.code, 4) || misaligned(q, 16) || misaligned(v.offset, 16) ||
+      misaligned(v.step, 16) || misaligned(v.centroid, 8))
+    return absl::InvalidArgumentError(
+        "CodeClusterMass: codes must be 4-byte aligned, q, offset and step 16-byte aligned, the "
+        "centroids 8-byte aligned");
 #if KVRT_WITH_CUDA
   if (v.num_clusters == 0) return absl::OkStatus();
   return detail::ToStatus(

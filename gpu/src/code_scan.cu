@@ -127,10 +127,12 @@ __global__ void __launch_bounds__(kLseWarps * 32)
 // The MMA's k-th column stands for channel 16 w + perm(k) (k = 2 tig + {0, 1, 8, 9} -> 4 tig + {0,
 // 1, 2, 3}), so that a lane's four codes of a k-block are one contiguous 4 x bits field of the
 // row: decoded to f16 pairs by one mask and the 1024 + x exponent trick, each code at a power of
-// two that B's entries divide out. NOTE: at the 8B shape's 128K on the H100 this takes 80 us
-// (twenty-seventh session; the CUDA-core forms, two lanes per row and one, 110 and 168 us), still
-// bound by instructions, not by the 50 MB it reads (~15 us): ncu counts ~500 per cluster of 16,
-// the integer pipe the busiest, half the issue slots idle at 16 warps per SM (registers).
+// two that B's entries divide out. Each lane's running (max, sum) per cluster goes to shared
+// memory and is merged over the row groups kMassFlush clusters at a time, one lane per (cluster,
+// head). NOTE: at the 8B shape's 128K this takes 54 us on the H100 (the CUDA-core forms, two
+// lanes per row and one: 110 and 168 us) and 51.5 us on the H200 (twenty-seventh session), still
+// bound by instructions, not by the ~50 MB it reads: ncu counts ~340 warp instructions per
+// cluster of 16, the integer pipe the busiest, half the issue slots idle at ~16 warps per SM.
 constexpr int kMassWarps = 4;
 constexpr int kMassMaxDim = 256;
 constexpr int kMassPerWarp = 16;  // the base MMA's 16 rows

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <limits>
 #include <random>
@@ -546,6 +547,17 @@ TEST(CodeScan, MassRefusesBadShapes) {
   EXPECT_EQ(
       CodeClusterMass(v, q.data(), 1, begin.data(), size.data(), 0.1f, lse.data(), nullptr).code(),
       absl::StatusCode::kInvalidArgument);
+  v = s.View();
+  v.cluster = nullptr;
+  // q read as float4 (the kernel's loads): a q not 16-byte aligned is refused, not read astray.
+  std::vector<float> q_shifted(q.size() + 1);
+  const int shift = reinterpret_cast<uintptr_t>(q_shifted.data()) % 16 == 0 ? 1 : 0;
+  std::copy(q.begin(), q.end(), q_shifted.begin() + shift);
+  ASSERT_NE(reinterpret_cast<uintptr_t>(q_shifted.data() + shift) % 16, 0u);
+  EXPECT_EQ(CodeClusterMass(v, q_shifted.data() + shift, 1, begin.data(), size.data(), 0.1f,
+                            lse.data(), nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
   v = s.View();
   v.centroid = nullptr;
   EXPECT_EQ(CodeClusterMassHost(v, q.data(), 1, begin.data(), size.data(), 0.1f, lse.data()).code(),

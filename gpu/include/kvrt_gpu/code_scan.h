@@ -58,8 +58,9 @@ absl::Status CodeClusterLseHost(const CodeScanView& v, int q_heads, const float*
 // CodeScan then CodeClusterLse in one pass, without writing the rows' scores: lse [q_heads, C] as
 // CodeClusterLse gives for the scores CodeScan would write (up to float rounding). Reads neither
 // v.cluster (may be null: each cluster's rows are [begin, begin + size)) nor rows outside the
-// clusters. Needs head_dim a multiple of 32 (at most 256), v.code 4-byte aligned, and each
-// cluster's rows within one segment (the cluster index clusters segment by segment; not checked).
+// clusters. Needs head_dim a multiple of 32 (at most 256), v.code 4-byte aligned (q, offset and
+// step 16-byte, the centroids 8-byte), and each cluster's rows within one segment (the cluster
+// index clusters segment by segment; not checked).
 // What the GPU backend's selection on codes runs (docs/gpu.md). The kernel runs on tensor cores:
 // q x step rounded once to f16 per segment moves a row's scaled score by at most
 // 2^-11 x (2^bits - 1) x scale x sum_t |q_t x step_t| from the reference's (double sums).
