@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "code_scan_check.h"
 #include "code_scan_launch.h"
 #include "kvrt_common/dtype.h"
 #include "launch_status.h"
@@ -61,9 +62,13 @@ absl::Status CheckLse(const CodeScanView& v, int q_heads, const float* scores, c
   return absl::OkStatus();
 }
 
+}  // namespace
+
+namespace detail {
+
 // CodeClusterMass's shapes: Check's (no row clusters) and CheckLse's, a head_dim of whole words.
-absl::Status CheckMass(const CodeScanView& v, const float* q, int q_heads, const int64_t* begin,
-                       const int32_t* size, float scale, const float* lse, const char* what) {
+absl::Status CheckCodeMass(const CodeScanView& v, const float* q, int q_heads, const int64_t* begin,
+                           const int32_t* size, float scale, const float* lse, const char* what) {
   // The scores CheckLse asks for are not needed here: lse stands in for them.
   if (auto st = Check(v, q, q_heads, lse, what, /*needs_cluster=*/false); !st.ok()) return st;
   if (auto st = CheckLse(v, q_heads, lse, begin, size, scale, lse, what); !st.ok()) return st;
@@ -75,12 +80,13 @@ absl::Status CheckMass(const CodeScanView& v, const float* q, int q_heads, const
   return absl::OkStatus();
 }
 
-}  // namespace
+}  // namespace detail
 
 absl::Status CodeClusterMass(const CodeScanView& v, const float* q, int q_heads,
                              const int64_t* begin, const int32_t* size, float scale, float* lse,
                              void* stream) {
-  if (auto st = CheckMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMass"); !st.ok())
+  if (auto st = detail::CheckCodeMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMass");
+      !st.ok())
     return st;
   // The kernel's vector loads: q, offset and step as float4, the centroids 8 bytes at a time.
   const auto misaligned = [](const void* p, uintptr_t a) {
@@ -105,7 +111,9 @@ absl::Status CodeClusterMass(const CodeScanView& v, const float* q, int q_heads,
 absl::Status CodeClusterMassHost(const CodeScanView& v, const float* q, int q_heads,
                                  const int64_t* begin, const int32_t* size, float scale,
                                  float* lse) {
-  if (auto st = CheckMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMassHost"); !st.ok())
+  if (auto st =
+          detail::CheckCodeMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMassHost");
+      !st.ok())
     return st;
   // The two passes it stands for, over the rows of the clusters.
   std::vector<int32_t> cluster(static_cast<std::size_t>(v.kv_heads) * v.rows, -1);

@@ -1,0 +1,150 @@
+// The rest from value codes: launcher and host reference (code_rest.h).
+#include "kvrt_gpu/code_rest.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "code_rest_launch.h"
+#include "code_scan_check.h"
+#include "kvrt_common/dtype.h"
+#include "launch_status.h"
+
+namespace kvrt::gpu {
+namespace {
+
+absl::Status CheckRest(const CodeScanView& keys, const CodeValueView& values, const float* q,
+                       int q_heads, const int64_t* begin, const int32_t* size,
+                       const uint8_t* attended, float scale, const float* o, const float* lse,
+                       const char* what) {
+  if (auto st = detail::CheckCodeMass(keys, q, q_heads, begin, size, scale, lse, what); !st.ok())
+    return st;
+  if (values.bits != 1 && values.bits != 2 && values.bits != 4 && values.bits != 8)
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": value bits = ", values.bits, " must be 1, 2, 4 or 8"));
+  if (o == nullptr || lse == nullptr)
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null output"));
+  if (keys.num_clusters > 0 && keys.rows > 0 &&
+      (values.code == nullptr || values.value_mean == nullptr || values.offset == nullptr ||
+       values.step == nullptr || attended == nullptr))
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null array"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads) {
+#if KVRT_WITH_CUDA
+  // top [q_heads], then the partials' sums [chunks, q_heads] and states [chunks, q_heads, d].
+  return q_heads + detail::CodeValueRestChunks(keys.num_clusters) * q_heads *
+                       (static_cast<int64_t>(keys.head_dim) + 1);
+#else
+  (void)keys;
+  return q_heads;
+#endif
+}
+
+absl::Status CodeValueRest(const CodeScanView& keys, const CodeValueView& values, const float* q,
+                           int q_heads, const int64_t* begin, const int32_t* size,
+                           const uint8_t* attended, const float* cluster_lse, float scale,
+                           float* workspace, float* o, float* lse, void* stream) {
+  if (auto st = CheckRest(keys, values, q, q_heads, begin, size, attended, scale, o, lse,
+                          "CodeValueRest");
+      !st.ok())
+    return st;
+  const int g = q_heads / keys.kv_heads;
+  if (values.bits != 2 || g > 8 || (keys.head_dim != 64 && keys.head_dim != 128))
+    return absl::InvalidArgumentError(
+        "CodeValueRest: the device form takes 2-bit value codes, at most 8 q heads per kv head "
+        "and head_dim 64 or 128");
+  const auto misaligned = [](const void* p, uintptr_t a) {
+    return reinterpret_cast<uintptr_t>(p) % a != 0;
+  };
+  if (misaligned(keys.code, 4) || misaligned(q, 16) || misaligned(keys.offset, 16) ||
+      misaligned(keys.step, 16) || misaligned(keys.centroid, 8) || misaligned(values.code, 16) ||
+      misaligned(values.value_mean, 4) || misaligned(values.offset, 16) ||
+      misaligned(values.step, 16))
+    return absl::InvalidArgumentError(
+        "CodeValueRest: codes must be 4-byte aligned (value codes 16-byte), q, offsets and steps "
+        "16-byte, centroids 8-byte, value means 4-byte");
+  if (keys.num_clusters > 0 && (cluster_lse == nullptr || workspace == nullptr))
+    return absl::InvalidArgumentError("CodeValueRest: null cluster_lse or workspace");
+#if KVRT_WITH_CUDA
+  return detail::ToStatus(
+      detail::LaunchCodeValueRest(keys, values, q, q_heads, begin, size, attended, cluster_lse,
+                                  scale, workspace, o, lse, stream),
+      "CodeValueRest");
+#else
+  (void)stream;
+  return detail::NoCuda("CodeValueRest");
+#endif
+}
+
+absl::Status CodeValueRestHost(const CodeScanView& keys, const CodeValueView& values,
+                               const float* q, int q_heads, const int64_t* begin,
+                               const int32_t* size, const uint8_t* attended, float scale, float* o,
+                               float* lse) {
+  if (auto st = CheckRest(keys, values, q, q_heads, begin, size, attended, scale, o, lse,
+                          "CodeValueRestHost");
+      !st.ok())
+    return st;
+  const int d = keys.head_dim, g = q_heads / keys.kv_heads, C = keys.num_clusters;
+  const int64_t segments = (keys.rows + keys.segment_rows - 1) / keys.segment_rows;
+  const int64_t vrb = (static_cast<int64_t>(d) * values.bits + 7) / 8;
+  // Every row's scaled score per q head (CodeScanHost over the clusters' rows).
+  std::vector<int32_t> cluster(static_cast<std::size_t>(keys.kv_heads) * keys.rows, -1);
+  for (int kv = 0; kv < keys.kv_heads; ++kv)
+    for (int c = 0; c < C; ++c) {
+      const int64_t at = static_cast<int64_t>(kv) * C + c;
+      for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
+        cluster[static_cast<std::size_t>(kv) * keys.rows + r] = c;
+    }
+  CodeScanView with = keys;
+  with.cluster = cluster.data();
+  std::vector<float> scores(static_cast<std::size_t>(q_heads) * keys.rows);
+  if (keys.rows > 0)
+    if (auto st = CodeScanHost(with, q, q_heads, scores.data()); !st.ok()) return st;
+  std::vector<double> acc(d);
+  for (int h = 0; h < q_heads; ++h) {
+    const int kv = h / g;
+    const float* s = scores.data() + static_cast<std::size_t>(h) * keys.rows;
+    const auto rest = [&](int c) { return attended[static_cast<int64_t>(h) * C + c] == 0; };
+    double m = -std::numeric_limits<double>::infinity();
+    for (int c = 0; c < C; ++c) {
+      if (!rest(c)) continue;
+      const int64_t at = static_cast<int64_t>(kv) * C + c;
+      for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
+        m = std::max(m, double(scale) * s[r]);
+    }
+    std::fill(acc.begin(), acc.end(), 0.0);
+    double l = 0;
+    if (std::isfinite(m)) {
+      for (int c = 0; c < C; ++c) {
+        if (!rest(c)) continue;
+        const int64_t at = static_cast<int64_t>(kv) * C + c;
+        const uint16_t* mean = values.value_mean + at * d;
+        for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r) {
+          const double p = std::exp(double(scale) * s[r] - m);
+          l += p;
+          const int64_t grid = (static_cast<int64_t>(kv) * segments + r / keys.segment_rows) * d;
+          const uint8_t* row = values.code + (static_cast<int64_t>(kv) * keys.rows + r) * vrb;
+          for (int t = 0; t < d; ++t) {
+            const int64_t bit = static_cast<int64_t>(t) * values.bits;
+            const unsigned k = (row[bit / 8] >> (bit % 8)) & ((1u << values.bits) - 1);
+            acc[t] += p * (double(Bf16ToF32(mean[t])) + values.offset[grid + t] +
+                           double(values.step[grid + t]) * k);
+          }
+        }
+      }
+    }
+    for (int t = 0; t < d; ++t)
+      o[static_cast<std::size_t>(h) * d + t] = l > 0 ? static_cast<float>(acc[t] / l) : 0.f;
+    lse[h] = l > 0 ? static_cast<float>(m + std::log(l)) : -std::numeric_limits<float>::infinity();
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kvrt::gpu

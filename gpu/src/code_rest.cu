@@ -1,0 +1,316 @@
+// CodeValueRest (code_rest.h) on tensor cores, in three launches: each q head's stabilizer (the
+// largest mass among the clusters it leaves out), the partial states per warp of 16 clusters, and
+// their sum per q head.
+// The partial kernel scores a cluster's rows as CodeClusterMass does (code_tile.cuh: the same
+// fold, centroid tile and code tile, so the same scores), weighs row r for head h by
+// p = exp(s - top_h) (0 for a head that attends the cluster; top_h >= every such score, so p <=
+// 1 and no running rescale is needed), and accumulates sum_r p x code_r on f16 MMAs with the
+// value codes as A (16 channels x 16 rows) and P as B (16 rows x 8 heads, the score tile's
+// fragment transposed by movmatrix): lane grp holds channels 16 w + 2 grp and + 1 of every
+// 16-channel word w, so a lane's two codes of a row are one 4-bit field. The value means enter
+// once per cluster (its total p x the mean), offset and step once per segment.
+// NOTE: built without a device (twenty-seventh session): not run yet.
+#include <cstdint>
+
+#include "code_rest_launch.h"
+#include "code_tile.cuh"
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace kvrt::gpu::detail {
+namespace {
+
+constexpr int kRestWarps = 4;
+constexpr int kRestPerWarp = 16;  // the centroid tile's 16 rows
+constexpr int kTopThreads = 256;
+
+// top [q_heads]: per q head, the largest cluster_lse among the clusters it does not attend (-inf:
+// none).
+__global__ void __launch_bounds__(kTopThreads)
+    RestTopKernel(int num_clusters, const uint8_t* __restrict__ attended,
+                  const float* __restrict__ cluster_lse, float* __restrict__ top) {
+  __shared__ float part[kTopThreads / 32];
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * num_clusters;
+  float m = -INFINITY;
+  for (int c = threadIdx.x; c < num_clusters; c += kTopThreads)
+    if (attended[row + c] == 0) m = fmaxf(m, cluster_lse[row + c]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int i = 1; i < kTopThreads / 32; ++i) m = fmaxf(m, part[i]);
+    top[blockIdx.x] = m;
+  }
+}
+
+// Partial states: part_o [chunks, q_heads, d] (sum of p x value, unnormalized) and part_l
+// [chunks, q_heads] (sum of p), chunk = the warp's index along the grid's x. At most 8 q heads per
+// kv head (one column tile), 2-bit value codes, D16 = head_dim / 16; KVB as CodeClusterMass's.
+template <int BITS, int D16, int KVB>
+__global__ void __launch_bounds__(kRestWarps * 32, 2)
+    RestPartialKernel(CodeScanView v, CodeValueView val, const float* __restrict__ q, int g,
+                      const int64_t* __restrict__ begin, const int32_t* __restrict__ size,
+                      const uint8_t* __restrict__ attended, const float* __restrict__ top,
+                      float scale, float* __restrict__ part_o, float* __restrict__ part_l) {
+  __shared__ uint4 qfrag[1][kMassMaxKb][32];
+  __shared__ uint2 ffrag[kRestWarps][1][kMassMaxKb][32];
+  const int kv = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int grp = lane / 4, tig = lane % 4;
+  const int d = v.head_dim, words = d * BITS / 32;
+  const int C = v.num_clusters, H = v.kv_heads * g;
+  const float* qkv = q + static_cast<int64_t>(kv) * g * d;
+  LoadQFragments<1>(qkv, g, d, scale, qfrag[0][0]);
+  __syncthreads();
+  const int64_t segments = (v.rows + v.segment_rows - 1) / v.segment_rows;
+  const auto* code = reinterpret_cast<const uint32_t*>(v.code);
+  const auto* vcode = reinterpret_cast<const uint4*>(val.code);  // D16 / 4 vectors per row
+  const int chunk = blockIdx.x * kRestWarps + warp;
+  const int c0 = chunk * kRestPerWarp;
+  // This lane's heads 2 tig + j and their stabilizers.
+  const int h0 = 2 * tig, h1 = 2 * tig + 1;
+  const float top0 = h0 < g ? top[kv * g + h0] : -INFINITY;
+  const float top1 = h1 < g ? top[kv * g + h1] : -INFINITY;
+  int64_t my_begin = 0;
+  int my_size = 0;
+  if (lane < kRestPerWarp && c0 + lane < C) {
+    my_begin = begin[static_cast<int64_t>(kv) * C + c0 + lane];
+    my_size = size[static_cast<int64_t>(kv) * C + c0 + lane];
+  }
+  float cen_score[1][4] = {};
+  if (c0 < C) {
+    const int ca = min(c0 + grp, C - 1), cb = min(c0 + grp + 8, C - 1);
+    const auto* cen =
+        reinterpret_cast<const uint2*>(v.centroid) + static_cast<int64_t>(kv) * C * (d / 4);
+    MassBase<1>(cen + static_cast<int64_t>(ca) * (d / 4), cen + static_cast<int64_t>(cb) * (d / 4),
+                v.head_dim / 16, tig, qfrag[0][0] + lane, cen_score);
+  }
+  // acc: sum p x code of the segment folded last; out: the chunk's sum p x value; [w][j]: channel
+  // 16 w + 2 grp + j / 2, head 2 tig + j % 2.
+  float acc[D16][4] = {}, out[D16][4] = {};
+  float seg_p0 = 0.f, seg_p1 = 0.f, l0 = 0.f, l1 = 0.f;
+  float norm[1][2] = {}, cst[1][2] = {};
+  int64_t seg = -1, seg_lo = 0, seg_hi = 0;
+  // The segment's codes into out: step x acc + offset x its total p.
+  const auto flush = [&]() {
+    if (seg < 0) return;
+    const int64_t grid = (static_cast<int64_t>(kv) * segments + seg) * d;
+#pragma unroll
+    for (int w = 0; w < D16; ++w) {
+      const float2 st = __ldg(reinterpret_cast<const float2*>(val.step + grid + 16 * w + 2 * grp));
+      const float2 of =
+          __ldg(reinterpret_cast<const float2*>(val.offset + grid + 16 * w + 2 * grp));
+      out[w][0] += st.x * acc[w][0] + of.x * seg_p0;
+      out[w][1] += st.x * acc[w][1] + of.x * seg_p1;
+      out[w][2] += st.y * acc[w][2] + of.y * seg_p0;
+      out[w][3] += st.y * acc[w][3] + of.y * seg_p1;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[w][j] = 0.f;
+    }
+    seg_p0 = seg_p1 = 0.f;
+  };
+  for (int i = 0; i < kRestPerWarp && c0 + i < C; ++i) {
+    const int c = c0 + i;
+    const int64_t b = __shfl_sync(0xffffffffu, my_begin, i);
+    const int n = __shfl_sync(0xffffffffu, my_size, i);
+    float base0 =
+        __shfl_sync(0xffffffffu, i < 8 ? cen_score[0][0] : cen_score[0][2], (i % 8) * 4 + tig);
+    float base1 =
+        __shfl_sync(0xffffffffu, i < 8 ? cen_score[0][1] : cen_score[0][3], (i % 8) * 4 + tig);
+    const bool in0 =
+        h0 < g && top0 != -INFINITY && attended[static_cast<int64_t>(kv * g + h0) * C + c] == 0;
+    const bool in1 =
+        h1 < g && top1 != -INFINITY && attended[static_cast<int64_t>(kv * g + h1) * C + c] == 0;
+    if (n <= 0 || !__any_sync(0xffffffffu, in0 || in1)) continue;
+    if (b < seg_lo || b >= seg_hi) {
+      flush();
+      seg = b / v.segment_rows;
+      seg_lo = seg * v.segment_rows;
+      seg_hi = seg_lo + v.segment_rows;
+      FoldSegment<BITS, 1>(v, qkv, g, scale, kv, segments, seg, grp, tig, lane, ffrag[warp][0][0],
+                           norm, cst);
+    }
+    base0 += cst[0][0];
+    base1 += cst[0][1];
+    const int64_t row0 = static_cast<int64_t>(kv) * v.rows + b;
+    float p0 = 0.f, p1 = 0.f;  // this lane's rows' weights, heads h0 and h1
+    for (int r0 = 0; r0 < n; r0 += 16) {
+      const bool va = r0 + grp < n, vb = r0 + grp + 8 < n;
+      float s[1][4] = {};
+      const uint32_t* pa = code + (row0 + (va ? r0 + grp : 0)) * words;
+      const uint32_t* pb = code + (row0 + (vb ? r0 + grp + 8 : 0)) * words;
+      if constexpr (KVB > 0) {
+        MassTile2<KVB, 1>(pa, pb, tig, ffrag[warp][0][0] + lane, s);
+      } else {
+        MassTile<BITS, 1>(pa, pb, v.head_dim / 16, tig, ffrag[warp][0][0] + lane, s);
+      }
+      // Weights of rows grp (a) and grp + 8 (b) for heads h0, h1; 0 past the cluster or attended.
+      const float pa0 = va && in0 ? __expf(base0 + norm[0][0] * s[0][0] - top0) : 0.f;
+      const float pa1 = va && in1 ? __expf(base1 + norm[0][1] * s[0][1] - top1) : 0.f;
+      const float pb0 = vb && in0 ? __expf(base0 + norm[0][0] * s[0][2] - top0) : 0.f;
+      const float pb1 = vb && in1 ? __expf(base1 + norm[0][1] * s[0][3] - top1) : 0.f;
+      p0 += pa0 + pb0;
+      p1 += pa1 + pb1;
+      // B = P [16 rows, 8 heads]: the score tile's fragment (row, head pairs) transposed.
+      const uint32_t b0 = Transpose8x8(Pack16<__half>(make_float2(pa0, pa1)));
+      const uint32_t b1 = Transpose8x8(Pack16<__half>(make_float2(pb0, pb1)));
+      // A = the value codes of rows 2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9 (past the cluster: its
+      // first row, weighed 0).
+      uint4 rv[4][D16 / 4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int r = r0 + 2 * tig + (k & 1) + (k >> 1) * 8;
+        const uint4* p = vcode + (row0 + (r < n ? r : 0)) * (D16 / 4);
+#pragma unroll
+        for (int x = 0; x < D16 / 4; ++x) rv[k][x] = __ldg(p + x);
+      }
+      const int sh = 4 * grp;
+#pragma unroll
+      for (int w = 0; w < D16; ++w) {
+        uint32_t wk[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint4 x = rv[k][w / 4];
+          wk[k] = (w % 4 == 0 ? x.x : w % 4 == 1 ? x.y : w % 4 == 2 ? x.z : x.w) >> sh;
+        }
+        const uint32_t z1 = __byte_perm(wk[0], wk[1], 0x5410);  // rows 2 tig, 2 tig + 1
+        const uint32_t z2 = __byte_perm(wk[2], wk[3], 0x5410);  // rows 2 tig + 8, 2 tig + 9
+        const uint32_t a[4] = {SubMagic(AndOr(z1, 0x00030003u, kF16Magic)),
+                               SubMagic(AndOr(z1 >> 2, 0x00030003u, kF16Magic)),
+                               SubMagic(AndOr(z2, 0x00030003u, kF16Magic)),
+                               SubMagic(AndOr(z2 >> 2, 0x00030003u, kF16Magic))};
+        MmaF16(acc[w], a, b0, b1);
+      }
+    }
+    // The cluster's total weight per head (over the row groups), its value mean once.
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      p0 += __shfl_xor_sync(0xffffffffu, p0, o);
+      p1 += __shfl_xor_sync(0xffffffffu, p1, o);
+    }
+    seg_p0 += p0;
+    seg_p1 += p1;
+    l0 += p0;
+    l1 += p1;
+    const auto* vm = reinterpret_cast<const uint32_t*>(val.value_mean) +
+                     ((static_cast<int64_t>(kv) * C + c) * d) / 2;
+#pragma unroll
+    for (int w = 0; w < D16; ++w) {
+      const uint32_t m2 = __ldg(vm + 8 * w + grp);  // channels 16 w + 2 grp, + 1 (bf16)
+      const float mlo = __uint_as_float(m2 << 16), mhi = __uint_as_float(m2 & 0xffff0000u);
+      out[w][0] += p0 * mlo;
+      out[w][1] += p1 * mlo;
+      out[w][2] += p0 * mhi;
+      out[w][3] += p1 * mhi;
+    }
+  }
+  flush();
+  // The warp's partial (zero where it took no cluster).
+  const int64_t at = static_cast<int64_t>(chunk) * H + kv * g;
+#pragma unroll
+  for (int w = 0; w < D16; ++w) {
+    const int t = 16 * w + 2 * grp;
+    if (h0 < g) {
+      part_o[(at + h0) * d + t] = out[w][0];
+      part_o[(at + h0) * d + t + 1] = out[w][2];
+    }
+    if (h1 < g) {
+      part_o[(at + h1) * d + t] = out[w][1];
+      part_o[(at + h1) * d + t + 1] = out[w][3];
+    }
+  }
+  if (grp == 0) {
+    if (h0 < g) part_l[at + h0] = l0;
+    if (h1 < g) part_l[at + h1] = l1;
+  }
+}
+
+// o [q_heads, d], lse [q_heads] from the partials: one CTA per q head, one thread per channel.
+__global__ void RestReduceKernel(int chunks, int q_heads, int d, const float* __restrict__ top,
+                                 const float* __restrict__ part_o, const float* __restrict__ part_l,
+                                 float* __restrict__ o, float* __restrict__ lse) {
+  const int h = blockIdx.x, t = threadIdx.x;
+  float l = 0.f, sum = 0.f;
+  for (int p = 0; p < chunks; ++p) {
+    l += part_l[static_cast<int64_t>(p) * q_heads + h];
+    sum += part_o[(static_cast<int64_t>(p) * q_heads + h) * d + t];
+  }
+  const bool empty = !(l > 0.f) || top[h] == -INFINITY;
+  o[static_cast<int64_t>(h) * d + t] = empty ? 0.f : sum / l;
+  if (t == 0) lse[h] = empty ? -INFINITY : top[h] + __logf(l);
+}
+
+template <int BITS, int D16, int KVB>
+void LaunchPartial(dim3 grid, cudaStream_t st, const CodeScanView& v, const CodeValueView& val,
+                   const float* q, int g, const int64_t* begin, const int32_t* size,
+                   const uint8_t* attended, const float* top, float scale, float* part_o,
+                   float* part_l) {
+  RestPartialKernel<BITS, D16, KVB><<<grid, kRestWarps * 32, 0, st>>>(
+      v, val, q, g, begin, size, attended, top, scale, part_o, part_l);
+}
+
+template <int D16>
+void LaunchPartialBits(dim3 grid, cudaStream_t st, const CodeScanView& v, const CodeValueView& val,
+                       const float* q, int g, const int64_t* begin, const int32_t* size,
+                       const uint8_t* attended, const float* top, float scale, float* part_o,
+                       float* part_l) {
+  switch (v.bits) {
+    case 1:
+      LaunchPartial<1, D16, 0>(grid, st, v, val, q, g, begin, size, attended, top, scale, part_o,
+                               part_l);
+      break;
+    case 2:
+      if (D16 == 8 && reinterpret_cast<uintptr_t>(v.code) % 16 == 0) {
+        LaunchPartial<2, D16, 8>(grid, st, v, val, q, g, begin, size, attended, top, scale, part_o,
+                                 part_l);
+      } else {
+        LaunchPartial<2, D16, 0>(grid, st, v, val, q, g, begin, size, attended, top, scale, part_o,
+                                 part_l);
+      }
+      break;
+    case 4:
+      LaunchPartial<4, D16, 0>(grid, st, v, val, q, g, begin, size, attended, top, scale, part_o,
+                               part_l);
+      break;
+    default:
+      LaunchPartial<8, D16, 0>(grid, st, v, val, q, g, begin, size, attended, top, scale, part_o,
+                               part_l);
+      break;
+  }
+}
+
+}  // namespace
+
+int64_t CodeValueRestChunks(int num_clusters) {
+  constexpr int kPerCta = kRestWarps * kRestPerWarp;
+  return static_cast<int64_t>((num_clusters + kPerCta - 1) / kPerCta) * kRestWarps;
+}
+
+Err LaunchCodeValueRest(const CodeScanView& keys, const CodeValueView& values, const float* q,
+                        int q_heads, const int64_t* begin, const int32_t* size,
+                        const uint8_t* attended, const float* cluster_lse, float scale,
+                        float* workspace, float* o, float* lse, void* stream) {
+  if (keys.kv_heads > 65535) return Err{0, "too many kv heads for one grid"};
+  const cudaStream_t st = AsStream(stream);
+  const int g = q_heads / keys.kv_heads, d = keys.head_dim;
+  const int64_t chunks = CodeValueRestChunks(keys.num_clusters);
+  float* top = workspace;
+  float* part_l = top + q_heads;
+  float* part_o = part_l + chunks * q_heads;
+  RestTopKernel<<<q_heads, kTopThreads, 0, st>>>(keys.num_clusters, attended, cluster_lse, top);
+  const dim3 grid(static_cast<unsigned>(chunks / kRestWarps), static_cast<unsigned>(keys.kv_heads));
+  if (chunks == 0) {
+    // No cluster: the reduce alone gives every head (0, -inf).
+  } else if (d == 64) {
+    LaunchPartialBits<4>(grid, st, keys, values, q, g, begin, size, attended, top, scale, part_o,
+                         part_l);
+  } else {
+    LaunchPartialBits<8>(grid, st, keys, values, q, g, begin, size, attended, top, scale, part_o,
+                         part_l);
+  }
+  RestReduceKernel<<<q_heads, d, 0, st>>>(static_cast<int>(chunks), q_heads, d, top, part_o, part_l,
+                                          o, lse);
+  return LastLaunchErr();
+}
+
+}  // namespace kvrt::gpu::detail

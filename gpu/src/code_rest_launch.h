@@ -1,0 +1,18 @@
+#pragma once
+// Internal interface between the rest-from-value-codes launcher (code_rest.cc) and code_rest.cu
+// (nvcc, C++17, no Abseil). Arguments are validated by the launcher.
+#include <cstdint>
+
+#include "kvrt_gpu/code_rest.h"
+#include "launch.h"
+
+namespace kvrt::gpu::detail {
+
+// The partial states CodeValueRest's first kernel writes per kv head (one per warp of clusters).
+int64_t CodeValueRestChunks(int num_clusters);
+Err LaunchCodeValueRest(const CodeScanView& keys, const CodeValueView& values, const float* q,
+                        int q_heads, const int64_t* begin, const int32_t* size,
+                        const uint8_t* attended, const float* cluster_lse, float scale,
+                        float* workspace, float* o, float* lse, void* stream);
+
+}  // namespace kvrt::gpu::detail
