@@ -501,6 +501,9 @@ int main(int argc, char** argv) {
       // The runtime's one-stage selection on codes (cluster_rescore_bits without rescore, 0.3.14).
       {"codes2", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 0.f, false, false, 2},
       {"group+codes2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, false, 2},
+      // The same on 1-bit key codes (half the GPU bytes of the codes).
+      {"codes1", true, 0.004f, true, 1.f, true, 2, 256, false, 0.f, 0.f, false, false, 1},
+      {"group+codes1", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 0.f, false, false, 1},
       {"group+rescore8c/q2", true, 0.004f, true, 1.f, true, 2, 256, true, 0.f, 8.f, true, false, 2},
   };
   // CLUSTER_EVAL_VARIANTS=name,name,...: only those (the builds dominate the run time).
