@@ -321,7 +321,7 @@ Err LaunchCodeClusterMass(const CodeScanView& v, const float* q, int q_heads, co
   const int g = q_heads / v.kv_heads;
   const cudaStream_t st = AsStream(stream);
   switch (v.bits) {
-    case 1: LaunchMass<1, false>(grid, st, v, q, g, begin, size, scale, lse); break;
+    case 1: LaunchMass<1, 0>(grid, st, v, q, g, begin, size, scale, lse); break;
     case 2:
       // Rows of whole 16-byte vectors: MassTile2's vector loads, its k-blocks unrolled. NOTE:
       // only the 8B shape's head_dim 128 with one column tile (groups of up to 8) takes it: the
@@ -333,8 +333,8 @@ Err LaunchCodeClusterMass(const CodeScanView& v, const float* q, int q_heads, co
         LaunchMass<2, 0>(grid, st, v, q, g, begin, size, scale, lse);
       }
       break;
-    case 4: LaunchMass<4, false>(grid, st, v, q, g, begin, size, scale, lse); break;
-    default: LaunchMass<8, false>(grid, st, v, q, g, begin, size, scale, lse); break;
+    case 4: LaunchMass<4, 0>(grid, st, v, q, g, begin, size, scale, lse); break;
+    default: LaunchMass<8, 0>(grid, st, v, q, g, begin, size, scale, lse); break;
   }
   return LastLaunchErr();
 }
