@@ -60,16 +60,15 @@ absl::Status CodeValueRest(const CodeScanView& keys, const CodeValueView& values
     return absl::InvalidArgumentError(
         "CodeValueRest: the device form takes 2-bit value codes, at most 8 q heads per kv head "
         "and head_dim 64 or 128");
+  if (auto st = detail::CheckCodeMassAlignment(keys, q, "CodeValueRest"); !st.ok()) return st;
   const auto misaligned = [](const void* p, uintptr_t a) {
     return reinterpret_cast<uintptr_t>(p) % a != 0;
   };
-  if (misaligned(keys.code, 4) || misaligned(q, 16) || misaligned(keys.offset, 16) ||
-      misaligned(keys.step, 16) || misaligned(keys.centroid, 8) || misaligned(values.code, 16) ||
-      misaligned(values.value_mean, 4) || misaligned(values.offset, 16) ||
-      misaligned(values.step, 16))
+  if (misaligned(values.code, 16) || misaligned(values.value_mean, 4) ||
+      misaligned(values.offset, 16) || misaligned(values.step, 16))
     return absl::InvalidArgumentError(
-        "CodeValueRest: codes must be 4-byte aligned (value codes 16-byte), q, offsets and steps "
-        "16-byte, centroids 8-byte, value means 4-byte");
+        "CodeValueRest: value codes must be 16-byte aligned, value means 4-byte, value offsets "
+        "and steps 16-byte");
   if (keys.num_clusters > 0 && (cluster_lse == nullptr || workspace == nullptr))
     return absl::InvalidArgumentError("CodeValueRest: null cluster_lse or workspace");
 #if KVRT_WITH_CUDA
@@ -95,13 +94,7 @@ absl::Status CodeValueRestHost(const CodeScanView& keys, const CodeValueView& va
   const int64_t segments = (keys.rows + keys.segment_rows - 1) / keys.segment_rows;
   const int64_t vrb = (static_cast<int64_t>(d) * values.bits + 7) / 8;
   // Every row's scaled score per q head (CodeScanHost over the clusters' rows).
-  std::vector<int32_t> cluster(static_cast<std::size_t>(keys.kv_heads) * keys.rows, -1);
-  for (int kv = 0; kv < keys.kv_heads; ++kv)
-    for (int c = 0; c < C; ++c) {
-      const int64_t at = static_cast<int64_t>(kv) * C + c;
-      for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
-        cluster[static_cast<std::size_t>(kv) * keys.rows + r] = c;
-    }
+  const std::vector<int32_t> cluster = detail::RowClusters(keys, begin, size);
   CodeScanView with = keys;
   with.cluster = cluster.data();
   std::vector<float> scores(static_cast<std::size_t>(q_heads) * keys.rows);

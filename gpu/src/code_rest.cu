@@ -21,7 +21,6 @@ namespace kvrt::gpu::detail {
 namespace {
 
 constexpr int kRestWarps = 4;
-constexpr int kRestPerWarp = 16;  // the centroid tile's 16 rows
 constexpr int kTopThreads = 256;
 
 // top [q_heads]: per q head, the largest cluster_lse among the clusters it does not attend (-inf:
@@ -66,25 +65,16 @@ __global__ void __launch_bounds__(kRestWarps * 32, 2)
   const auto* code = reinterpret_cast<const uint32_t*>(v.code);
   const auto* vcode = reinterpret_cast<const uint4*>(val.code);  // D16 / 4 vectors per row
   const int chunk = blockIdx.x * kRestWarps + warp;
-  const int c0 = chunk * kRestPerWarp;
+  const int c0 = chunk * kWarpClusters;
   // This lane's heads 2 tig + j and their stabilizers.
   const int h0 = 2 * tig, h1 = 2 * tig + 1;
   const float top0 = h0 < g ? top[kv * g + h0] : -INFINITY;
   const float top1 = h1 < g ? top[kv * g + h1] : -INFINITY;
-  int64_t my_begin = 0;
-  int my_size = 0;
-  if (lane < kRestPerWarp && c0 + lane < C) {
-    my_begin = begin[static_cast<int64_t>(kv) * C + c0 + lane];
-    my_size = size[static_cast<int64_t>(kv) * C + c0 + lane];
-  }
+  int64_t my_begin;
+  int my_size;
   float cen_score[1][4] = {};
-  if (c0 < C) {
-    const int ca = min(c0 + grp, C - 1), cb = min(c0 + grp + 8, C - 1);
-    const auto* cen =
-        reinterpret_cast<const uint2*>(v.centroid) + static_cast<int64_t>(kv) * C * (d / 4);
-    MassBase<1>(cen + static_cast<int64_t>(ca) * (d / 4), cen + static_cast<int64_t>(cb) * (d / 4),
-                v.head_dim / 16, tig, qfrag[0][0] + lane, cen_score);
-  }
+  WarpClusters<1>(v, begin, size, kv, c0, lane, grp, tig, qfrag[0][0] + lane, my_begin, my_size,
+                  cen_score);
   // acc: sum p x code of the segment folded last; out: the chunk's sum p x value; [w][j]: channel
   // 16 w + 2 grp + j / 2, head 2 tig + j % 2.
   float acc[D16][4] = {}, out[D16][4] = {};
@@ -109,14 +99,12 @@ __global__ void __launch_bounds__(kRestWarps * 32, 2)
     }
     seg_p0 = seg_p1 = 0.f;
   };
-  for (int i = 0; i < kRestPerWarp && c0 + i < C; ++i) {
+  for (int i = 0; i < kWarpClusters && c0 + i < C; ++i) {
     const int c = c0 + i;
     const int64_t b = __shfl_sync(0xffffffffu, my_begin, i);
     const int n = __shfl_sync(0xffffffffu, my_size, i);
-    float base0 =
-        __shfl_sync(0xffffffffu, i < 8 ? cen_score[0][0] : cen_score[0][2], (i % 8) * 4 + tig);
-    float base1 =
-        __shfl_sync(0xffffffffu, i < 8 ? cen_score[0][1] : cen_score[0][3], (i % 8) * 4 + tig);
+    float base0 = CentroidScore(cen_score[0], i, 0, tig);
+    float base1 = CentroidScore(cen_score[0], i, 1, tig);
     const bool in0 =
         h0 < g && top0 != -INFINITY && attended[static_cast<int64_t>(kv * g + h0) * C + c] == 0;
     const bool in1 =
@@ -282,7 +270,7 @@ void LaunchPartialBits(dim3 grid, cudaStream_t st, const CodeScanView& v, const 
 }  // namespace
 
 int64_t CodeValueRestChunks(int num_clusters) {
-  constexpr int kPerCta = kRestWarps * kRestPerWarp;
+  constexpr int kPerCta = kRestWarps * kWarpClusters;
   return static_cast<int64_t>((num_clusters + kPerCta - 1) / kPerCta) * kRestWarps;
 }
 

@@ -80,6 +80,30 @@ absl::Status CheckCodeMass(const CodeScanView& v, const float* q, int q_heads, c
   return absl::OkStatus();
 }
 
+absl::Status CheckCodeMassAlignment(const CodeScanView& v, const float* q, const char* what) {
+  const auto misaligned = [](const void* p, uintptr_t a) {
+    return reinterpret_cast<uintptr_t>(p) % a != 0;
+  };
+  if (misaligned(v.code, 4) || misaligned(q, 16) || misaligned(v.offset, 16) ||
+      misaligned(v.step, 16) || misaligned(v.centroid, 8))
+    return absl::InvalidArgumentError(
+        absl::StrCat(what,
+                     ": codes must be 4-byte aligned, q, offset and step 16-byte aligned, "
+                     "the centroids 8-byte aligned"));
+  return absl::OkStatus();
+}
+
+std::vector<int32_t> RowClusters(const CodeScanView& v, const int64_t* begin, const int32_t* size) {
+  std::vector<int32_t> cluster(static_cast<std::size_t>(v.kv_heads) * v.rows, -1);
+  for (int kv = 0; kv < v.kv_heads; ++kv)
+    for (int c = 0; c < v.num_clusters; ++c) {
+      const int64_t at = static_cast<int64_t>(kv) * v.num_clusters + c;
+      for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
+        cluster[static_cast<std::size_t>(kv) * v.rows + r] = c;
+    }
+  return cluster;
+}
+
 }  // namespace detail
 
 absl::Status CodeClusterMass(const CodeScanView& v, const float* q, int q_heads,
@@ -88,15 +112,7 @@ absl::Status CodeClusterMass(const CodeScanView& v, const float* q, int q_heads,
   if (auto st = detail::CheckCodeMass(v, q, q_heads, begin, size, scale, lse, "CodeClusterMass");
       !st.ok())
     return st;
-  // The kernel's vector loads: q, offset and step as float4, the centroids 8 bytes at a time.
-  const auto misaligned = [](const void* p, uintptr_t a) {
-    return reinterpret_cast<uintptr_t>(p) % a != 0;
-  };
-  if (misaligned(v.code, 4) || misaligned(q, 16) || misaligned(v.offset, 16) ||
-      misaligned(v.step, 16) || misaligned(v.centroid, 8))
-    return absl::InvalidArgumentError(
-        "CodeClusterMass: codes must be 4-byte aligned, q, offset and step 16-byte aligned, the "
-        "centroids 8-byte aligned");
+  if (auto st = detail::CheckCodeMassAlignment(v, q, "CodeClusterMass"); !st.ok()) return st;
 #if KVRT_WITH_CUDA
   if (v.num_clusters == 0) return absl::OkStatus();
   return detail::ToStatus(
@@ -116,13 +132,7 @@ absl::Status CodeClusterMassHost(const CodeScanView& v, const float* q, int q_he
       !st.ok())
     return st;
   // The two passes it stands for, over the rows of the clusters.
-  std::vector<int32_t> cluster(static_cast<std::size_t>(v.kv_heads) * v.rows, -1);
-  for (int kv = 0; kv < v.kv_heads; ++kv)
-    for (int c = 0; c < v.num_clusters; ++c) {
-      const int64_t at = static_cast<int64_t>(kv) * v.num_clusters + c;
-      for (int64_t r = begin[at]; r < begin[at] + size[at]; ++r)
-        cluster[static_cast<std::size_t>(kv) * v.rows + r] = c;
-    }
+  const std::vector<int32_t> cluster = detail::RowClusters(v, begin, size);
   CodeScanView with = v;
   with.cluster = cluster.data();
   std::vector<float> scores(static_cast<std::size_t>(q_heads) * v.rows);

@@ -135,7 +135,6 @@ __global__ void __launch_bounds__(kLseWarps * 32)
 // bound by instructions, not by the ~50 MB it reads: ncu counts ~340 warp instructions per
 // cluster of 16, the integer pipe the busiest, half the issue slots idle at ~16 warps per SM.
 constexpr int kMassWarps = 4;
-constexpr int kMassPerWarp = 16;  // the base MMA's 16 rows
 
 // The deferred merge (one column tile): each lane's (max, sum) per cluster and head pair kept
 // in shared memory for kMassFlush clusters, then merged over the row groups by one lane per
@@ -163,28 +162,18 @@ __global__ void __launch_bounds__(kMassWarps * 32, 4)
   __syncthreads();
   const int64_t segments = (v.rows + v.segment_rows - 1) / v.segment_rows;
   const auto* code = reinterpret_cast<const uint32_t*>(v.code);
-  const int c0 = (blockIdx.x * kMassWarps + warp) * kMassPerWarp;
+  const int c0 = (blockIdx.x * kMassWarps + warp) * kWarpClusters;
   // Per column tile, the lane's two heads (2 tig, 2 tig + 1): the fold's norm and
   // scale x q . offset of the segment folded last, whose rows are [seg_lo, seg_hi).
   float norm[NT][2], cst[NT][2];
   int64_t seg_lo = 0, seg_hi = 0;
-  // The warp's 16 clusters' ranges, lane i holding cluster c0 + i's, and their centroids'
-  // scores for the group's heads at once (lane: clusters grp and grp + 8, heads 2 tig + {0, 1}).
-  int64_t my_begin = 0;
-  int my_size = 0;
-  if (lane < kMassPerWarp && c0 + lane < v.num_clusters) {
-    my_begin = begin[static_cast<int64_t>(kv) * v.num_clusters + c0 + lane];
-    my_size = size[static_cast<int64_t>(kv) * v.num_clusters + c0 + lane];
-  }
+  // The warp's 16 clusters' ranges and their centroids' scores for the group's heads at once.
+  int64_t my_begin;
+  int my_size;
   float cen_score[NT][4] = {};
-  {
-    const int ca = min(c0 + grp, v.num_clusters - 1), cb = min(c0 + grp + 8, v.num_clusters - 1);
-    const auto* cen = reinterpret_cast<const uint2*>(v.centroid) +
-                      static_cast<int64_t>(kv) * v.num_clusters * (d / 4);
-    MassBase<NT>(cen + static_cast<int64_t>(ca) * (d / 4), cen + static_cast<int64_t>(cb) * (d / 4),
-                 kb, tig, qfrag[0][0] + lane, cen_score);
-  }
-  for (int i = 0; i < kMassPerWarp && c0 + i < v.num_clusters; ++i) {
+  WarpClusters<NT>(v, begin, size, kv, c0, lane, grp, tig, qfrag[0][0] + lane, my_begin, my_size,
+                   cen_score);
+  for (int i = 0; i < kWarpClusters && c0 + i < v.num_clusters; ++i) {
     const int c = c0 + i;
     const int64_t b = __shfl_sync(0xffffffffu, my_begin, i);
     const int n = __shfl_sync(0xffffffffu, my_size, i);
@@ -192,9 +181,7 @@ __global__ void __launch_bounds__(kMassWarps * 32, 4)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        base[nt][j] = __shfl_sync(0xffffffffu, i < 8 ? cen_score[nt][j] : cen_score[nt][2 + j],
-                                  (i % 8) * 4 + tig);
+      for (int j = 0; j < 2; ++j) base[nt][j] = CentroidScore(cen_score[nt], i, j, tig);
     // Per head pair, this lane's running max and sum over its rows of the cluster.
     float m[NT][2], l[NT][2];
 #pragma unroll
@@ -243,7 +230,7 @@ __global__ void __launch_bounds__(kMassWarps * 32, 4)
     }
     if constexpr (kDefer) {
       state[warp][i % kMassFlush][lane] = make_float4(m[0][0], l[0][0], m[0][1], l[0][1]);
-      const int last = min(kMassPerWarp, v.num_clusters - c0) - 1;
+      const int last = min(kWarpClusters, v.num_clusters - c0) - 1;
       if (i % kMassFlush == kMassFlush - 1 || i == last) {
         // Lane p: head p / kMassFlush of cluster c0 + i0 + p % kMassFlush (a head's clusters
         // in consecutive lanes: its lse row written in runs).
@@ -315,7 +302,7 @@ Err LaunchCodeClusterMass(const CodeScanView& v, const float* q, int q_heads, co
                           const int32_t* size, float scale, float* lse, void* stream) {
   if (v.kv_heads > 65535) return Err{0, "too many kv heads for one grid"};
   if (v.head_dim > kMassMaxDim) return BadHeadDim();
-  constexpr int kPerCta = kMassWarps * kMassPerWarp;
+  constexpr int kPerCta = kMassWarps * kWarpClusters;
   const dim3 grid(static_cast<unsigned>((v.num_clusters + kPerCta - 1) / kPerCta),
                   static_cast<unsigned>(v.kv_heads));
   const int g = q_heads / v.kv_heads;

@@ -163,6 +163,41 @@ __device__ __forceinline__ void MassBase(const uint2* __restrict__ ca, const uin
   }
 }
 
+// Clusters per warp in both kernels: the centroid tile's 16 MMA rows.
+constexpr int kWarpClusters = 16;
+
+// A warp's kWarpClusters clusters c0.. of kv head kv (rows of cluster c: [begin, begin + size) at
+// kv x num_clusters + c): lane i < 16 loads cluster c0 + i's range into (my_begin, my_size), and
+// every lane the scores of centroids c0 + grp and c0 + grp + 8 for its heads (MassBase; nothing
+// when c0 is past the clusters).
+template <int NT>
+__device__ __forceinline__ void WarpClusters(const CodeScanView& v,
+                                             const int64_t* __restrict__ begin,
+                                             const int32_t* __restrict__ size, int kv, int c0,
+                                             int lane, int grp, int tig, const uint4* qf,
+                                             int64_t& my_begin, int& my_size,
+                                             float (&cen_score)[NT][4]) {
+  const int C = v.num_clusters, d = v.head_dim;
+  my_begin = 0;
+  my_size = 0;
+  if (lane < kWarpClusters && c0 + lane < C) {
+    my_begin = begin[static_cast<int64_t>(kv) * C + c0 + lane];
+    my_size = size[static_cast<int64_t>(kv) * C + c0 + lane];
+  }
+  if (c0 >= C) return;
+  const int ca = min(c0 + grp, C - 1), cb = min(c0 + grp + 8, C - 1);
+  const auto* cen =
+      reinterpret_cast<const uint2*>(v.centroid) + static_cast<int64_t>(kv) * C * (d / 4);
+  MassBase<NT>(cen + static_cast<int64_t>(ca) * (d / 4), cen + static_cast<int64_t>(cb) * (d / 4),
+               d / 16, tig, qf, cen_score);
+}
+
+// Cluster i (of WarpClusters')'s centroid score for the lane's head 2 tig + j of a column
+// tile, from that tile's cen_score.
+__device__ __forceinline__ float CentroidScore(const float (&cen_score)[4], int i, int j, int tig) {
+  return __shfl_sync(0xffffffffu, i < 8 ? cen_score[j] : cen_score[2 + j], (i % 8) * 4 + tig);
+}
+
 // The segment seg's fold for the q heads of kv head kv (this lane: head nt x 8 + grp, channels
 // 16 w + 4 tig + {0..3}): the f16 B fragments F / (norm x slot scale) with F = scale x q x step
 // into ff (this warp's [NT][kMassMaxKb][32]), and per column tile the lane's two heads' (2 tig,
