@@ -171,15 +171,14 @@ CodeScorer::CodeScorer(const float* qs, int nq, int dim, int bits, const float* 
 void CodeScorer::Score(const uint16_t* centroid, const uint8_t* code, int64_t rows, float* out,
                        int64_t out_stride) const {
   if (out_stride == 0) out_stride = rows;
-  std::vector<float> c(dim_);
-  ConvertToF32(centroid, DType::kBF16, dim_, c.data());
   for (int j0 = 0; j0 < nq_; j0 += kLanes) {
     const int n = std::min(kLanes, nq_ - j0);
     float base[kLanes] = {0.f, 0.f, 0.f, 0.f};
     for (int l = 0; l < n; ++l) {  // q . (offset + centroid), in the order of a scalar sum
       const float* q = qs_ + static_cast<std::size_t>(j0 + l) * dim_;
       base[l] = base_[j0 + l];
-      for (int t = 0; t < dim_; ++t) base[l] += q[t] * c[t];
+      // The bf16 centroid widened in place (exact): no buffer per cluster on the search path.
+      for (int t = 0; t < dim_; ++t) base[l] += q[t] * Bf16ToF32(centroid[t]);
     }
     float* o = out + j0 * out_stride;
     if (lanes_ == 1)
