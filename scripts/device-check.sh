@@ -95,6 +95,11 @@ if [[ "${1:-}" == "--device" ]]; then
       echo batch
     fi
   }
+  # CODE_BITS' entry KEY[:VALUE] as bench decode's options (copts).
+  code_opts() {
+    copts="--cluster-rescore-bits ${1%%:*}"
+    [[ $1 == *:* ]] && copts+=" --cluster-value-bits ${1#*:}"
+  }
   # The Python package built against the bundle's installed libkvrt with the machine's python3
   # and its build tools (no network), once: sets site (its PYTHONPATH) and built (how, or "").
   py_package() {
@@ -449,27 +454,30 @@ if [[ "${1:-}" == "--device" ]]; then
       # ranked by their rows' codes, scanned on the GPU) per CODE_BITS (default "0 2"; 0 = the
       # centroids), alternating in CODE_ROUNDS rounds (default 2): the 128K trace B=1 (8 layers
       # pipelined, then 1 layer with accuracy and GPU bytes), B=16 (4 layers, kvrt_attend_batch),
-      # and 1M B=1 (4 layers pipelined, generated keys; CODE_1M="" leaves it out).
+      # and 1M B=1 (4 layers pipelined, generated keys; CODE_1M="" leaves it out). An entry
+      # KEY:VALUE also sets config.cluster_value_bits (e.g. 2:2: the rest from 2-bit value codes).
       trace=/tmp/kvrt-codes.safetensors
       trace_128k $trace || rc=1
       for round in $(seq ${CODE_ROUNDS:-2}); do
         for bits in ${CODE_BITS:-0 2}; do
+          code_opts $bits
           echo "=== round $round, bits $bits: cluster 128K --trace B=1, 8 layers --pipeline"
           timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
-            --layers 8 --pipeline --accuracy-steps 0 --cluster-rescore-bits $bits || rc=1
+            --layers 8 --pipeline --accuracy-steps 0 $copts || rc=1
         done
       done
       for bits in ${CODE_BITS:-0 2}; do
+        code_opts $bits
         echo "=== bits $bits: cluster 128K --trace B=1, 1 layer, accuracy"
         timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 \
-          --layers 1 --cluster-rescore-bits $bits || rc=1
+          --layers 1 $copts || rc=1
         echo "=== bits $bits: cluster 128K --trace B=16 (kvrt_attend_batch), 4 layers --pipeline"
         timeout 200 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 16 \
-          --attend batch --layers 4 --pipeline --accuracy-steps 0 --cluster-rescore-bits $bits || rc=1
+          --attend batch --layers 4 --pipeline --accuracy-steps 0 $copts || rc=1
         [[ -n "${CODE_1M-1}" ]] || continue
         echo "=== bits $bits: cluster 1M B=1, 4 layers --pipeline"
         timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 --layers 4 --pipeline \
-          --accuracy-steps 0 --cluster-rescore-bits $bits || rc=1
+          --accuracy-steps 0 $copts || rc=1
       done
       rm -f $trace
     elif [[ "$bench" == ab-codes ]]; then

@@ -381,9 +381,12 @@ typedef struct kvrt_config {
                                    mass. On the Gemma 3 traces at 2 bits: 0.41-0.53x flat top-k's
                                    error at equal tokens with group selection (0.64-0.98x with the
                                    value means), 0.28-0.42x per q head (docs/fidelity.md, "The
-                                   rest estimated from value codes"). The selection then runs on
-                                   the CPU on either backend (the GPU's kernels estimate from the
-                                   means: kvrt_runtime_config reports cluster_direct_step 0).
+                                   rest estimated from value codes"). On the GPU backend, 2-bit
+                                   value codes at head_dim 64 or 128 with at most 8 q heads per
+                                   kv head are held in GPU memory beside the key codes and the
+                                   selection and estimate run there (since 0.3.17); other
+                                   settings select on the CPU (kvrt_runtime_config reports
+                                   cluster_direct_step 0).
                                    0 = value means; another value, or one without the selection
                                    on codes: KVRT_ERR_INVALID_ARGUMENT [0]. Since 0.3.15. */
   int32_t reserved2;            /* 0.3.15: not read (it makes the struct's size differ from

@@ -38,9 +38,11 @@ absl::Status CheckRest(const CodeScanView& keys, const CodeValueView& values, co
 
 int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads) {
 #if KVRT_WITH_CUDA
-  // top [q_heads], then the partials' sums [chunks, q_heads] and states [chunks, q_heads, d].
-  return q_heads + detail::CodeValueRestChunks(keys.num_clusters) * q_heads *
-                       (static_cast<int64_t>(keys.head_dim) + 1);
+  // top [q_heads], then the partials' sums [chunks, q_heads] and, 16-byte aligned, states
+  // [chunks, q_heads, d].
+  return q_heads + 3 +
+         detail::CodeValueRestChunks(keys.num_clusters, keys.kv_heads) * q_heads *
+             (static_cast<int64_t>(keys.head_dim) + 1);
 #else
   (void)keys;
   return q_heads;
@@ -71,6 +73,8 @@ absl::Status CodeValueRest(const CodeScanView& keys, const CodeValueView& values
         "and steps 16-byte");
   if (keys.num_clusters > 0 && (cluster_lse == nullptr || workspace == nullptr))
     return absl::InvalidArgumentError("CodeValueRest: null cluster_lse or workspace");
+  if (misaligned(workspace, 16))
+    return absl::InvalidArgumentError("CodeValueRest: the workspace must be 16-byte aligned");
 #if KVRT_WITH_CUDA
   return detail::ToStatus(
       detail::LaunchCodeValueRest(keys, values, q, q_heads, begin, size, attended, cluster_lse,
@@ -136,6 +140,56 @@ absl::Status CodeValueRestHost(const CodeScanView& keys, const CodeValueView& va
     for (int t = 0; t < d; ++t)
       o[static_cast<std::size_t>(h) * d + t] = l > 0 ? static_cast<float>(acc[t] / l) : 0.f;
     lse[h] = l > 0 ? static_cast<float>(m + std::log(l)) : -std::numeric_limits<float>::infinity();
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+absl::Status CheckSelection(const int32_t* selected, const int32_t* count, int q_heads,
+                            int num_clusters, const uint8_t* attended, const char* what) {
+  if (q_heads < 0 || num_clusters < 0)
+    return absl::InvalidArgumentError(absl::StrCat(what, ": q_heads = ", q_heads,
+                                                   " and num_clusters = ", num_clusters,
+                                                   " must not be negative"));
+  if (q_heads > 0 && num_clusters > 0 &&
+      (selected == nullptr || count == nullptr || attended == nullptr))
+    return absl::InvalidArgumentError(absl::StrCat(what, ": null array"));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status AttendedFromSelection(const int32_t* selected, const int32_t* count, int q_heads,
+                                   int num_clusters, uint8_t* attended, void* stream) {
+  if (auto st =
+          CheckSelection(selected, count, q_heads, num_clusters, attended, "AttendedFromSelection");
+      !st.ok())
+    return st;
+#if KVRT_WITH_CUDA
+  return detail::ToStatus(
+      detail::LaunchAttendedFromSelection(selected, count, q_heads, num_clusters, attended, stream),
+      "AttendedFromSelection");
+#else
+  (void)stream;
+  return detail::NoCuda("AttendedFromSelection");
+#endif
+}
+
+absl::Status AttendedFromSelectionHost(const int32_t* selected, const int32_t* count, int q_heads,
+                                       int num_clusters, uint8_t* attended) {
+  if (auto st = CheckSelection(selected, count, q_heads, num_clusters, attended,
+                               "AttendedFromSelectionHost");
+      !st.ok())
+    return st;
+  const auto C = static_cast<std::size_t>(num_clusters);
+  if (q_heads == 0 || C == 0) return absl::OkStatus();
+  std::fill(attended, attended + static_cast<std::size_t>(q_heads) * C, uint8_t{0});
+  for (int h = 0; h < q_heads; ++h) {
+    const int32_t* row = selected + static_cast<std::size_t>(h) * C;
+    for (int32_t j = 0; j < std::min<int32_t>(count[h], num_clusters); ++j)
+      if (row[j] >= 0 && row[j] < num_clusters)
+        attended[h * C + static_cast<std::size_t>(row[j])] = 1;
   }
   return absl::OkStatus();
 }

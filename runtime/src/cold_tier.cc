@@ -562,6 +562,10 @@ const cpu_index::SegmentCodes* ColdTier::codes(int g) const {
   return indexes_[g] == nullptr ? nullptr : cpu_index::GetClusterCodes(*indexes_[g]);
 }
 
+const cpu_index::SegmentCodes* ColdTier::value_codes(int g) const {
+  return indexes_[g] == nullptr ? nullptr : cpu_index::GetClusterValueCodes(*indexes_[g]);
+}
+
 void ColdTier::CompleteSelection(int h, const float* qh, std::vector<int64_t> rows, int64_t scanned,
                                  ColdSelection* sel) const {
   cpu_index::SearchResult found;

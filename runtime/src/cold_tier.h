@@ -149,6 +149,8 @@ class ColdTier {
   // The cluster kind's codes of kv head g's covered rows (ClusterConfig::rescore_bits), or null;
   // valid as summary(g).
   const cpu_index::SegmentCodes* codes(int g) const;
+  // Its value codes (ClusterConfig::value_bits) laid out as codes(g)'s, or null.
+  const cpu_index::SegmentCodes* value_codes(int g) const;
   int64_t index_version() const { return index_version_; }
   // An empty selection for this step: every head that is not streaming active.
   void BeginSelection(const uint8_t* streaming, ColdSelection* sel) const;

@@ -17,6 +17,7 @@
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_gpu/cluster_kernels.h"
+#include "kvrt_gpu/code_rest.h"
 #include "kvrt_gpu/code_scan.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -144,9 +145,12 @@ constexpr int kTierSlot = 0, kColdSlot = 1, kEstimateSlot = 2, kHotSlot = 3, kSl
 
 // A device selection's scratch (SelectClusters): density [H, C] | group keys [G, C] | outlier
 // scores [H, O] | selected [H, C] | count [H] | tokens [H] (int64) | ClusterStep's workspace (f32).
-// on_codes (selection on codes): the clusters' masses [H, C] after the rest.
+// on_codes (selection on codes): the clusters' masses [H, C] after the rest; value_rest (the rest
+// estimated from value codes, DeviceTier::LaunchValueRest): then the attended mask [H, C] (bytes)
+// and CodeValueRest's workspace (f32).
 struct SelectScratch {
-  SelectScratch(const gpu::ClusterSummaryView& s, int H, bool on_codes = false) {
+  SelectScratch(const gpu::ClusterSummaryView& s, int H, bool on_codes = false,
+                bool value_rest = false) {
     const auto C = static_cast<std::size_t>(s.num_clusters);
     const auto O = static_cast<std::size_t>(std::max(s.num_outliers, 1));
     key_at = density_at + H * C * 4;
@@ -160,9 +164,18 @@ struct SelectScratch {
       lse_at = Align256(bytes);
       bytes = lse_at + H * C * 4;
     }
+    if (on_codes && value_rest) {
+      gpu::CodeScanView keys;
+      keys.kv_heads = s.kv_heads;
+      keys.head_dim = s.head_dim;
+      keys.num_clusters = s.num_clusters;
+      attended_at = Align256(bytes);
+      rest_ws_at = Align256(attended_at + H * C);
+      bytes = rest_ws_at + static_cast<std::size_t>(gpu::CodeValueRestWorkspaceFloats(keys, H)) * 4;
+    }
   }
   std::size_t density_at = 0, key_at, outlier_at, selected_at, count_at, tokens_at, ws_at, bytes;
-  std::size_t lse_at = 0;
+  std::size_t lse_at = 0, attended_at = 0, rest_ws_at = 0;
 };
 
 // The most of a step's scratch that BeginStep sets aside for its members' selections.
@@ -272,6 +285,11 @@ class DeviceStep : public TierStep {
     float* workspace = nullptr;
     bool direct_q = false;
     void* own = nullptr;  // its own scratch (the step's share was too small), freed by its lane
+    // The rest estimated from value codes after the selection (DeviceTier::LaunchValueRest) into
+    // the estimate slot, instead of ClusterStep's estimate from the value means.
+    bool value_rest = false;
+    uint8_t* attended = nullptr;  // [H, C]
+    float* rest_workspace = nullptr;
   };
   std::vector<Selection> selections;  // [n] once some member prepared with the batch's
   std::vector<uint8_t> fetched;    // [n] member's cold state is in its device slot
@@ -452,6 +470,9 @@ class DeviceTier final : public TierBackend {
   // penalty offsets and the group mask with the waits they need.
   absl::Status PrepareSelect(DeviceStep* step, int i, const ColdTier& cold, void* stream,
                              DeviceStep::Selection* s);
+  // After the selection's kernels, on the same stream: the rest's estimate from value codes into
+  // the member's estimate slot (Selection::value_rest; nothing otherwise).
+  absl::Status LaunchValueRest(const DeviceStep::Selection& s, void* stream) const;
   absl::Status AttendHot(DeviceStep* step, int i, const ColdTier& cold, const int32_t* selected,
                          const int32_t* count, int64_t C, void* stream, ColdSelection* sel,
                          tbb::task_arena& arena);
@@ -514,6 +535,8 @@ class DeviceTier final : public TierBackend {
   // after the summary's arrays (rows 0 when not selecting on codes), and each cluster's first row.
   gpu::CodeScanView code_view_;
   const int64_t* code_begin_ = nullptr;  // [kv_heads, C]
+  // And with value codes (ClusterConfig::value_bits), theirs beside them (code null otherwise).
+  gpu::CodeValueView value_view_;
   DeviceHotCache hot_;
   DirectStep direct_;
   // The tier arrays of a batch step led by this tier (pinned: a pageable upload would stall).
@@ -1150,7 +1173,8 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
       gpu::ClusterSummaryView grown = t->summary_view_;
       grown.num_clusters += grown.num_clusters / 16 + 64;
       grown.num_outliers += grown.num_outliers / 8 + 16;
-      const std::size_t bytes = Align256(SelectScratch(grown, H, t->code_view_.rows > 0).bytes);
+      const std::size_t bytes = Align256(
+          SelectScratch(grown, H, t->code_view_.rows > 0, t->value_view_.code != nullptr).bytes);
       if (select_total + bytes > kStepSelectScratchBytes) continue;
       step->select_bytes[i] = bytes;
       select_total += bytes;
@@ -1296,6 +1320,15 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, int i, const ColdSelectio
   return st.ok() ? freed : st;
 }
 
+// Whether every decoded residual of `values` (offset + step x code, codes up to 2^bits - 1) is
+// well inside f16's range (gpu::CodeValueRest decodes them in f16).
+bool ValueGridFitsF16(const cpu_index::SegmentCodes& values, int bits) {
+  const float top = static_cast<float>((1 << bits) - 1);
+  for (std::size_t i = 0; i < values.offset.size(); ++i)
+    if (!(std::fabs(values.offset[i]) + top * std::fabs(values.step[i]) < 6e4f)) return false;
+  return true;
+}
+
 // Packs every kv head's summary in ClusterSummaryView's layout and uploads it when the cold tier's
 // index changed since the last upload. Its bytes count against gpu_memory_limit.
 absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
@@ -1317,12 +1350,30 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   const int bits = cfg_->index.cluster.rescore_bits;
   const int64_t rb =
       cpu_index::SelectsOnCodes(cfg_->index.cluster) ? cpu_index::CodeRowBytes(d, bits) : 0;
+  // And the value codes, the rest's estimate (LaunchValueRest), laid out as the key codes. The
+  // kernel decodes residuals (offset + step x code) in f16: a summary whose grids reach past
+  // f16's range (values of magnitude ~1e4 and more) estimates from the value means instead, as
+  // docs/gpu.md says.
+  int value_bits = rb > 0 ? cfg_->index.cluster.value_bits : 0;
+  for (int g = 0; g < G && value_bits > 0; ++g) {
+    const cpu_index::SegmentCodes* values = cold.value_codes(g);
+    if (values == nullptr) return absl::FailedPreconditionError("no cluster value codes yet");
+    if (!ValueGridFitsF16(*values, value_bits)) value_bits = 0;
+  }
+  const int64_t vrb = value_bits > 0 ? cpu_index::CodeRowBytes(d, value_bits) : 0;
   int64_t code_rows = 0, segments = 0;
   for (int g = 0; g < G && rb > 0; ++g) {
     const cpu_index::SegmentCodes* codes = cold.codes(g);
     if (codes == nullptr) return absl::FailedPreconditionError("no cluster codes yet");
     code_rows = std::max<int64_t>(code_rows, static_cast<int64_t>(codes->code.size()) / rb);
     segments = std::max<int64_t>(segments, static_cast<int64_t>(codes->offset.size()) / d);
+    if (vrb == 0) continue;
+    const cpu_index::SegmentCodes* values = cold.value_codes(g);
+    if (values->code.size() / vrb != codes->code.size() / rb ||
+        values->offset.size() != codes->offset.size())
+      return absl::InternalError(absl::StrCat("kv head ", g, ": ", values->code.size() / vrb,
+                                              " value-coded rows against ", codes->code.size() / rb,
+                                              " key-coded rows"));
   }
   auto align = [](std::size_t x) { return (x + 255) / 256 * 256; };
   const std::size_t kd = static_cast<std::size_t>(G) * d * sizeof(uint16_t);
@@ -1333,7 +1384,10 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   const std::size_t gd = static_cast<std::size_t>(G) * segments * d * sizeof(float);
   const std::size_t offset_at = code_at + align(G * code_rows * rb);
   const std::size_t step_at = offset_at + align(gd), begin_at = step_at + align(gd);
-  const std::size_t bytes = rb > 0 ? begin_at + align(G * C * sizeof(int64_t)) : code_at;
+  const std::size_t vcode_at = begin_at + align(G * C * sizeof(int64_t));
+  const std::size_t voffset_at = vcode_at + align(G * code_rows * vrb);
+  const std::size_t vstep_at = voffset_at + align(gd);
+  const std::size_t bytes = rb == 0 ? code_at : vrb == 0 ? vcode_at : vstep_at + align(gd);
   summary_host_.assign(bytes, 0);
   auto* h = summary_host_.data();
   std::vector<float> row(d);
@@ -1360,6 +1414,11 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
     const std::size_t grid = static_cast<std::size_t>(g) * segments * d * sizeof(float);
     std::memcpy(h + offset_at + grid, codes.offset.data(), codes.offset.size() * sizeof(float));
     std::memcpy(h + step_at + grid, codes.step.data(), codes.step.size() * sizeof(float));
+    if (vrb == 0) continue;
+    const cpu_index::SegmentCodes& values = *cold.value_codes(g);
+    std::memcpy(h + vcode_at + head_code_rows * vrb, values.code.data(), values.code.size());
+    std::memcpy(h + voffset_at + grid, values.offset.data(), values.offset.size() * sizeof(float));
+    std::memcpy(h + vstep_at + grid, values.step.data(), values.step.size() * sizeof(float));
   }
   if (summary_.size() < bytes) {
     const int64_t add = static_cast<int64_t>(bytes) - static_cast<int64_t>(summary_.size());
@@ -1388,6 +1447,7 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   summary_view_.outlier_key = reinterpret_cast<const uint16_t*>(dev + outlier_at);
   code_view_ = gpu::CodeScanView{};
   code_begin_ = nullptr;
+  value_view_ = gpu::CodeValueView{};
   if (rb > 0 && code_rows > 0) {
     code_view_.kv_heads = G;
     code_view_.head_dim = d;
@@ -1400,6 +1460,13 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
     code_view_.offset = reinterpret_cast<const float*>(dev + offset_at);
     code_view_.step = reinterpret_cast<const float*>(dev + step_at);
     code_begin_ = reinterpret_cast<const int64_t*>(dev + begin_at);
+    if (vrb > 0) {
+      value_view_.bits = value_bits;
+      value_view_.code = dev + vcode_at;
+      value_view_.value_mean = summary_view_.value_mean;
+      value_view_.offset = reinterpret_cast<const float*>(dev + voffset_at);
+      value_view_.step = reinterpret_cast<const float*>(dev + vstep_at);
+    }
   }
   summary_version_ = cold.index_version();
   summary_clustered_ = clustered;
@@ -1437,7 +1504,7 @@ absl::Status DeviceTier::PrepareSelect(DeviceStep* step, int i, const ColdTier& 
   // its own when its summary outgrew it (freed by SelectClusters on the member's stream). NOTE:
   // one allocation: the kernel's own workspace allocation sat between its launches, on the
   // step's device chain.
-  const SelectScratch at(summary_view_, H, code_view_.rows > 0);
+  const SelectScratch at(summary_view_, H, code_view_.rows > 0, value_view_.code != nullptr);
   unsigned char* dev = step->select_scratch.empty() ? nullptr : step->select_scratch[i];
   s->own = nullptr;
   if (dev == nullptr || at.bytes > step->select_bytes[i]) {
@@ -1477,8 +1544,23 @@ absl::Status DeviceTier::PrepareSelect(DeviceStep* step, int i, const ColdTier& 
     params.cluster_lse = lse;
     params.top_p = 0.f;  // as the index's code selection
   }
+  // The rest from value codes replaces the value means' estimate (LaunchValueRest).
+  s->value_rest = params.estimate && code_view_.rows > 0 && value_view_.code != nullptr;
+  s->attended = s->value_rest ? dev + at.attended_at : nullptr;
+  s->rest_workspace = s->value_rest ? reinterpret_cast<float*>(dev + at.rest_ws_at) : nullptr;
+  if (s->value_rest) params.estimate = false;
   s->prepared = true;
   return absl::OkStatus();
+}
+
+absl::Status DeviceTier::LaunchValueRest(const DeviceStep::Selection& s, void* stream) const {
+  if (!s.value_rest) return absl::OkStatus();
+  const int H = cfg_->num_q_heads, C = summary_view_.num_clusters;
+  KVRT_RETURN_IF_ERROR(
+      gpu::AttendedFromSelection(s.outs.selected, s.outs.selected_count, H, C, s.attended, stream));
+  return gpu::CodeValueRest(code_view_, value_view_, s.q, H, code_begin_, summary_view_.size,
+                            s.attended, s.params.cluster_lse, cfg_->scale, s.rest_workspace,
+                            s.outs.est_o, s.outs.est_lse, stream);
 }
 
 absl::Status DeviceTier::PrepareBatchSelect(TierStep* base, int i, const ColdTier& cold) {
@@ -1514,8 +1596,16 @@ absl::Status DeviceTier::LaunchBatchSelect(TierStep* base) {
   }
   if (items.empty()) return absl::OkStatus();
   const gpu::ClusterStepParams& shared = step->selections[who[0]].params;
+  // The batch's kernels take one estimate switch: members whose estimate differs (the rest from
+  // value codes for some, from value means for others while a summary has no codes yet) launch
+  // one by one.
+  const bool one_estimate = std::all_of(who.begin(), who.end(), [&](int i) {
+    return step->selections[i].params.estimate == shared.estimate;
+  });
   absl::Status st =
-      gpu::ClusterStepBatch(items.data(), static_cast<int>(items.size()), shared, stream);
+      one_estimate
+          ? gpu::ClusterStepBatch(items.data(), static_cast<int>(items.size()), shared, stream)
+          : absl::InvalidArgumentError("members with and without the estimate");
   if (st.code() == absl::StatusCode::kInvalidArgument) {
     // Members the batch's kernels cannot take together: one launch each, as SelectClusters would.
     st = absl::OkStatus();
@@ -1524,6 +1614,8 @@ absl::Status DeviceTier::LaunchBatchSelect(TierStep* base) {
                             items[k].out, items[k].workspace, stream);
   }
   KVRT_RETURN_IF_ERROR(st);
+  for (int i : who)
+    KVRT_RETURN_IF_ERROR(step->tiers[i]->LaunchValueRest(step->selections[i], stream));
   for (int i : who) step->selections[i].launched = true;
   // The lanes start after the selections (their fork, recorded at BeginStep, recorded again: no
   // lane has waited on it yet).
@@ -1572,6 +1664,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     if (step->tier_pending) p.scored_event = tier_fork_.get();
     KVRT_RETURN_IF_ERROR(gpu::ClusterStep(summary_view_, q, p, outs, selection.workspace, stream));
     if (step->tier_pending) KVRT_RETURN_IF_ERROR(LaunchTier(step, /*forked=*/true));
+    KVRT_RETURN_IF_ERROR(LaunchValueRest(selection, stream));
   }
   // The decode evictions enter the cold tier only now: the selection's kernels (they read the
   // summary, not the rows) are queued before the host waits for the evictions' copies, which in a
@@ -1603,9 +1696,10 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     KVRT_SPAN("direct_begin", i);
     KVRT_RETURN_IF_ERROR(direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream));
   }
-  step->estimated[i] = params.estimate ? 1 : 0;
-  sel->estimate_on_device = params.estimate;
-  if (cfg_->record_attended && params.estimate) {
+  const bool estimated = params.estimate || selection.value_rest;
+  step->estimated[i] = estimated ? 1 : 0;
+  sel->estimate_on_device = estimated;
+  if (cfg_->record_attended && estimated) {
     // Measurement mode (it waits for the device anyway): the estimate's lse for replay metrics.
     sel->device_estimate_lse.resize(H);
     KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(sel->device_estimate_lse.data(), outs.est_lse,

@@ -903,6 +903,39 @@ TEST(CodeRest, KernelMatchesTheHostReference) {
 #endif
 }
 
+// A selection as ClusterStep writes it (ids ascending, the row's first count[h], the rest stale)
+// becomes a mask: the host form exactly, the kernel the same bytes over a stale buffer.
+TEST(CodeRest, AttendedFromSelectionMarksTheSelectedClustersOnly) {
+  const int qh = 3, C = 700;
+  std::vector<int32_t> selected(static_cast<std::size_t>(qh) * C, 5);  // stale: cluster 5
+  const std::vector<int32_t> count = {0, 3, C};
+  selected[C + 0] = 0;
+  selected[C + 1] = 17;
+  selected[C + 2] = C - 1;
+  for (int c = 0; c < C; ++c) selected[2 * C + c] = c;
+  std::vector<uint8_t> got(static_cast<std::size_t>(qh) * C, 7);
+  ASSERT_TRUE(AttendedFromSelectionHost(selected.data(), count.data(), qh, C, got.data()).ok());
+  for (int h = 0; h < qh; ++h)
+    for (int c = 0; c < C; ++c) {
+      const bool want = h == 2 || (h == 1 && (c == 0 || c == 17 || c == C - 1));
+      ASSERT_EQ(got[static_cast<std::size_t>(h) * C + c], want ? 1 : 0) << h << " " << c;
+    }
+  EXPECT_EQ(AttendedFromSelectionHost(nullptr, count.data(), qh, C, got.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(AttendedFromSelectionHost(selected.data(), count.data(), -1, C, got.data()).code(),
+            absl::StatusCode::kInvalidArgument);
+  if (!DeviceAvailable()) return;
+#if KVRT_WITH_CUDA
+  int32_t* ds = ToDevice(selected);
+  int32_t* dc = ToDevice(count);
+  uint8_t* da = ToDevice(std::vector<uint8_t>(got.size(), 9));
+  ASSERT_TRUE(AttendedFromSelection(ds, dc, qh, C, da, nullptr).ok());
+  EXPECT_EQ(ToHost(da, got.size()), got);
+  for (void* p : {static_cast<void*>(ds), static_cast<void*>(dc), static_cast<void*>(da)})
+    cudaFree(p);
+#endif
+}
+
 // The 8B shape at 128K (as TimesThe128KShape), 2-bit keys and values, each head attending a tenth
 // of the clusters. Printed only.
 TEST(CodeRest, TimesThe128KShape) {

@@ -711,18 +711,25 @@ TEST(GpuBackendCluster, RescoreSelectsOnTheCpuAndMatchesTheHostBackend) {
 // codes uploaded beside the summary, each cluster's mass from them (gpu::CodeClusterMass) in
 // place of the centroid's estimate; the steps agree with the host
 // backend's index, which ranks by the same codes; per q head and with group selection, with the
-// direct step.
+// direct step. With 2-bit value codes too: the rest's estimate from them on the device
+// (gpu::CodeValueRest after the selection) against the host index's RestFromValueCodes.
 TEST(GpuBackendCluster, CodeSelectionRunsOnTheGpuAndMatchesTheHostBackend) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  for (const bool group : {false, true}) {
-    Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, group ? "codes group" : "codes"};
+  for (int run = 0; run < 4; ++run) {
+    const bool group = run % 2 == 1;
+    const int value_bits = run < 2 ? 0 : 2;
+    Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16,
+           group ? (value_bits ? "codes group values" : "codes group")
+                 : (value_bits ? "codes values" : "codes")};
     RuntimeConfig host_cfg = ClusterCompareConfig(c, 0, 0.1f, true, group);
     RuntimeConfig gpu_cfg = ClusterCompareConfig(c, 1, 0.1f, true, group);
     host_cfg.index.cluster.rescore_bits = gpu_cfg.index.cluster.rescore_bits = 2;
+    host_cfg.index.cluster.value_bits = gpu_cfg.index.cluster.value_bits = value_bits;
     auto host_rt = Runtime::Create(host_cfg);
     auto gpu_rt = Runtime::Create(gpu_cfg);
     ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
-    EXPECT_TRUE((*gpu_rt)->config().index.cluster.gpu_select);
+    EXPECT_TRUE((*gpu_rt)->config().index.cluster.gpu_select) << c.name;
+    EXPECT_TRUE((*gpu_rt)->config().direct_step) << c.name;
     const int64_t gs = *(*gpu_rt)->CreateSequence();
     ASSERT_NO_FATAL_FAILURE(StepsAgree(c, 93, **host_rt, **gpu_rt, gs));
     const auto s = (*gpu_rt)->Stats();

@@ -6,8 +6,8 @@
 // scaled key-code scores (as CodeClusterMass scores them) over their decoded values (the
 // cluster's bf16 value mean + the segment's offset + step x code). Compiles without CUDA;
 // CodeValueRestHost is the reference (double sums). Launchers follow kernels.h's conventions.
-// NOTE: built in the twenty-seventh session without a device: the kernel has not run yet, and
-// the runtime does not call it (it selects on the CPU when cluster_value_bits is set).
+// The runtime's device selection calls it after ClusterStep (runtime/src/device_tier.cc,
+// ValueRest), with the selection made a mask by AttendedFromSelection.
 #include <cstdint>
 
 #include "absl/status/status.h"
@@ -26,7 +26,7 @@ struct CodeValueView {
   const float* step = nullptr;
 };
 
-// Floats of device workspace CodeValueRest needs.
+// Floats of device workspace CodeValueRest needs (16-byte aligned).
 int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads);
 
 // o [q_heads, head_dim] (normalized) and lse [q_heads] (natural log of the sum of exp of the
@@ -45,5 +45,14 @@ absl::Status CodeValueRestHost(const CodeScanView& keys, const CodeValueView& va
                                const float* q, int q_heads, const int64_t* begin,
                                const int32_t* size, const uint8_t* attended, float scale, float* o,
                                float* lse);
+
+// attended [q_heads, num_clusters] (1: head h attends cluster c, 0: it does not) from a selection
+// as ClusterStep writes it: selected [q_heads, num_clusters], of which row h's first count[h]
+// entries are cluster ids (ids outside [0, num_clusters) are skipped). One launch; every byte of
+// attended is written.
+absl::Status AttendedFromSelection(const int32_t* selected, const int32_t* count, int q_heads,
+                                   int num_clusters, uint8_t* attended, void* stream);
+absl::Status AttendedFromSelectionHost(const int32_t* selected, const int32_t* count, int q_heads,
+                                       int num_clusters, uint8_t* attended);
 
 }  // namespace kvrt::gpu
