@@ -38,11 +38,9 @@ absl::Status CheckRest(const CodeScanView& keys, const CodeValueView& values, co
 
 int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads) {
 #if KVRT_WITH_CUDA
-  // top [q_heads], then the partials' sums [chunks, q_heads] and, 16-byte aligned, states
-  // [chunks, q_heads, d].
-  return q_heads + 3 +
-         detail::CodeValueRestChunks(keys.num_clusters, keys.kv_heads) * q_heads *
-             (static_cast<int64_t>(keys.head_dim) + 1);
+  // top [q_heads], then the partials' sums [chunks, q_heads] and states [chunks, q_heads, d].
+  return q_heads + detail::CodeValueRestChunks(keys.num_clusters) * q_heads *
+                       (static_cast<int64_t>(keys.head_dim) + 1);
 #else
   (void)keys;
   return q_heads;
@@ -73,8 +71,6 @@ absl::Status CodeValueRest(const CodeScanView& keys, const CodeValueView& values
         "and steps 16-byte");
   if (keys.num_clusters > 0 && (cluster_lse == nullptr || workspace == nullptr))
     return absl::InvalidArgumentError("CodeValueRest: null cluster_lse or workspace");
-  if (misaligned(workspace, 16))
-    return absl::InvalidArgumentError("CodeValueRest: the workspace must be 16-byte aligned");
 #if KVRT_WITH_CUDA
   return detail::ToStatus(
       detail::LaunchCodeValueRest(keys, values, q, q_heads, begin, size, attended, cluster_lse,
