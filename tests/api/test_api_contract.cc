@@ -590,9 +590,10 @@ TEST(ContractConfig, ClusterRescoreBitsIsTheFormerReserved1) {
 // 0.3.15 appended cluster_value_bits (and reserved2, which keeps the size apart): a caller
 // compiled against 0.3.13/0.3.14 passes the size that ended at cluster_rescore_bits (the new field
 // lies in its tail padding) and gets its default, value means; widths other than 0, 1, 2, 4, 8,
-// and any width without the selection on codes, are refused naming the field; a valid one turns
-// the direct step off (the GPU's kernels estimate from the means) and the search description
-// names the value codes.
+// and any width without the selection on codes, are refused naming the field; a valid one the
+// GPU's kernels do not take (head_dim 32; widths other than 2) turns the direct step off, 2 bits
+// at head_dim 64 keep it (since 0.3.17, gpu::CodeValueRest), and the search description names
+// the value codes.
 TEST(ContractConfig, ClusterValueBitsAndA0314CallerOfTheSizeBefore) {
   const std::size_t config0313 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_rescore_bits));
   ASSERT_GT(config0313, offsetof(kvrt_config, cluster_value_bits)) << "the field sits in padding";
@@ -638,6 +639,19 @@ TEST(ContractConfig, ClusterValueBitsAndA0314CallerOfTheSizeBefore) {
     char text[512];
     ASSERT_EQ(kvrt_runtime_describe_search(rt, text, sizeof(text)), KVRT_OK);
     EXPECT_EQ(std::string(text).find("value codes") != std::string::npos, good > 0) << text;
+    kvrt_runtime_destroy(rt);
+  }
+  for (int bits : {1, 2, 4, 8}) {
+    SCOPED_TRACE(::testing::Message() << "head_dim 64, cluster_value_bits " << bits);
+    c = TinyConfig();
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.head_dim = 64;
+    c.cluster_rescore_bits = 2;
+    c.cluster_value_bits = bits;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    EXPECT_EQ(eff.cluster_direct_step, bits == 2 ? 1 : 0);
     kvrt_runtime_destroy(rt);
   }
 }

@@ -7,7 +7,7 @@
 // cluster's bf16 value mean + the segment's offset + step x code). Compiles without CUDA;
 // CodeValueRestHost is the reference (double sums). Launchers follow kernels.h's conventions.
 // The runtime's device selection calls it after ClusterStep (runtime/src/device_tier.cc,
-// ValueRest), with the selection made a mask by AttendedFromSelection.
+// DeviceTier::LaunchValueRest), with the selection made a mask by AttendedFromSelection.
 #include <cstdint>
 
 #include "absl/status/status.h"
