@@ -21,6 +21,7 @@
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/dot.h"
+#include "kvrt_cpu_index/exp_sum.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
 
@@ -646,13 +647,7 @@ class ClusterIndex final : public KeyIndex {
         float* wj = row_weight != nullptr
                         ? row_weight + static_cast<std::size_t>(j) * size_ + summary_.begin[c]
                         : nullptr;
-        double l = 0;
-        for (int64_t r = 0; r < size; ++r) {
-          const double e = std::exp(double(sj[r]) - m);
-          l += e;
-          if (wj != nullptr) wj[r] = static_cast<float>(e);
-        }
-        lse[j * nc + i] = m + std::log(l);
+        lse[j * nc + i] = m + std::log(ExpSum(sj, size, m, wj));
       }
     }
     return scored;

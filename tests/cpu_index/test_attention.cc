@@ -1,4 +1,5 @@
 // HeadStore, dot products and host partial attention against double-precision references.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -9,6 +10,7 @@
 #include "gtest/gtest.h"
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/dot.h"
+#include "kvrt_cpu_index/exp_sum.h"
 #include "kvrt_cpu_index/head_store.h"
 
 namespace kvrt::cpu_index {
@@ -253,6 +255,36 @@ TEST(Dot, RowMultiEqualsDotRowBitForBit) {
         EXPECT_EQ(std::memcmp(&multi[j], &one, sizeof(float)), 0)
             << DTypeName(t) << " d " << d << " query " << j << ": " << multi[j] << " vs " << one;
       }
+    }
+  }
+}
+
+// The masses' exp (ExpNonPositive, ExpSum): within 2^-21 of the double exp over float's range,
+// exactly 1 at 0, 0 below -87 and for NaN; ExpSum's terms are ExpNonPositive's (up to the fused
+// multiply-adds of the ISA it dispatched to) and its sum their double sum, whatever the length's
+// remainder modulo its 16 lanes.
+TEST(ExpSum, MatchesTheDoubleExpAndSumsItsTerms) {
+  EXPECT_EQ(ExpNonPositive(0.f), 1.f);
+  EXPECT_EQ(ExpNonPositive(-88.f), 0.f);
+  EXPECT_EQ(ExpNonPositive(-std::numeric_limits<float>::infinity()), 0.f);
+  EXPECT_EQ(ExpNonPositive(std::numeric_limits<float>::quiet_NaN()), 0.f);
+  for (float x = -87.f; x <= 0.f; x += 0.0037f) {
+    const double want = std::exp(static_cast<double>(x));
+    ASSERT_NEAR(ExpNonPositive(x), want, want * 0x1p-21) << x;
+  }
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.f, 6.f);
+  for (int n : {0, 1, 15, 16, 17, 100, 1000}) {
+    std::vector<float> x(n), w(n, -1.f);
+    float m = -std::numeric_limits<float>::infinity();
+    for (float& v : x) m = std::max(m, v = dist(rng));
+    double want = 0;
+    for (float v : x) want += static_cast<double>(ExpNonPositive(v - m));
+    EXPECT_NEAR(ExpSum(x.data(), n, m, w.data()), want, 1e-6 * want) << n;
+    EXPECT_NEAR(ExpSum(x.data(), n, m, nullptr), want, 1e-6 * want) << n;
+    for (int i = 0; i < n; ++i) {
+      const float e = ExpNonPositive(x[i] - m);
+      ASSERT_NEAR(w[i], e, e * 0x1p-21) << n << " " << i;
     }
   }
 }
