@@ -715,6 +715,7 @@ TEST(GpuBackendCluster, RescoreSelectsOnTheCpuAndMatchesTheHostBackend) {
 // (gpu::CodeValueRest after the selection) against the host index's RestFromValueCodes.
 TEST(GpuBackendCluster, CodeSelectionRunsOnTheGpuAndMatchesTheHostBackend) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  int64_t summary_bytes[4] = {};
   for (int run = 0; run < 4; ++run) {
     const bool group = run % 2 == 1;
     const int value_bits = run < 2 ? 0 : 2;
@@ -735,6 +736,9 @@ TEST(GpuBackendCluster, CodeSelectionRunsOnTheGpuAndMatchesTheHostBackend) {
     const auto s = (*gpu_rt)->Stats();
     EXPECT_GT(s.attends_gpu_select, 0) << c.name;
     EXPECT_GT(s.summary_gpu_bytes, 0) << c.name;
+    // The value codes sit beside the key codes (the same runs without them: run - 2).
+    summary_bytes[run] = s.summary_gpu_bytes;
+    if (value_bits > 0) EXPECT_GT(summary_bytes[run], summary_bytes[run - 2]) << c.name;
     ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs).ok());
     EXPECT_EQ((*gpu_rt)->Stats().summary_gpu_bytes, 0) << c.name;
   }
