@@ -738,7 +738,9 @@ TEST(GpuBackendCluster, CodeSelectionRunsOnTheGpuAndMatchesTheHostBackend) {
     EXPECT_GT(s.summary_gpu_bytes, 0) << c.name;
     // The value codes sit beside the key codes (the same runs without them: run - 2).
     summary_bytes[run] = s.summary_gpu_bytes;
-    if (value_bits > 0) EXPECT_GT(summary_bytes[run], summary_bytes[run - 2]) << c.name;
+    if (value_bits > 0) {
+      EXPECT_GT(summary_bytes[run], summary_bytes[run - 2]) << c.name;
+    }
     ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs).ok());
     EXPECT_EQ((*gpu_rt)->Stats().summary_gpu_bytes, 0) << c.name;
   }
