@@ -24,8 +24,8 @@
 # config.cluster_keys per KEYS (default 16 8) at 128K and 1M, BENCH=codes the selection on codes
 # (cluster_rescore_bits per CODE_BITS, default "0 2") at 128K B=1 and B=16 and 1M, BENCH=ab-codes the
 # build before against this one with the selection on codes (its kernel alone and the 128K step),
-# BENCH=rest the rest from value codes (its kernel tests, timing and ncu, then the 128K step with
-# and without value codes),
+# BENCH=rest the rest from value codes (its kernel tests, timing and ncu; with BENCH="rest codes"
+# CODE_BITS="2 2:2" the 128K step with and without value codes too),
 # BENCH=ncu-step each decode-step
 # kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
@@ -484,9 +484,9 @@ if [[ "${1:-}" == "--device" ]]; then
       rm -f $trace
     elif [[ "$bench" == rest ]]; then
       # The rest from value codes (gpu::CodeValueRest): its kernel tests and timing alone, killed
-      # past 60 s (a hung kernel must not take the whole call), ncu of its kernels (duration,
-      # registers, occupancy) into $out/ncu-rest.log, then the codes bench's 128K runs with
-      # CODE_BITS "2 2:2" (the selection on key codes, then with value codes) unless REST_BENCH="".
+      # past 60 s (a hung kernel must not take the whole call), then ncu of its kernels (duration,
+      # registers, occupancy) into $out/ncu-rest.log. The step with and without value codes is
+      # BENCH=codes' (BENCH="rest codes" CODE_BITS="2 2:2" CODE_1M="").
       echo "=== CodeRest.* (test_gpu)"
       timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeRest.*' 2>&1 |
         grep -E '^\[  (PASSED|FAILED)|Failure|us per call' || rc=1
@@ -496,20 +496,6 @@ if [[ "${1:-}" == "--device" ]]; then
           --launch-count 4 --section SpeedOfLight --section LaunchStats --section Occupancy \
           $b/test_gpu --gtest_filter='CodeRest.TimesThe128KShape' > "$out/ncu-rest.log" 2>&1
         grep -E 'Kernel|Duration|Registers Per|Achieved Occupancy' "$out/ncu-rest.log"
-      fi
-      if [[ -n "${REST_BENCH-1}" ]]; then
-        trace=/tmp/kvrt-rest.safetensors
-        trace_128k $trace || rc=1
-        for bits in 2 2:2; do
-          code_opts $bits
-          echo "=== bits $bits: cluster 128K --trace B=1, 8 layers --pipeline"
-          timeout -s KILL 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-            --batch 1 --layers 8 --pipeline --accuracy-steps 0 $copts || rc=1
-          echo "=== bits $bits: cluster 128K --trace B=1, 1 layer, accuracy"
-          timeout -s KILL 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-            --batch 1 --layers 1 $copts || rc=1
-        done
-        rm -f $trace
       fi
     elif [[ "$bench" == ab-codes ]]; then
       # The selection on codes, the build before (BEFORE when bundling: kvrt_before; and its kernel
