@@ -1586,11 +1586,13 @@ absl::Status DeviceTier::LaunchBatchSelect(TierStep* base) {
   const bool one_estimate = std::all_of(who.begin(), who.end(), [&](int i) {
     return step->selections[i].params.estimate == shared.estimate;
   });
-  absl::Status st =
-      one_estimate
-          ? gpu::ClusterStepBatch(items.data(), static_cast<int>(items.size()), shared, stream)
-          : absl::InvalidArgumentError("members with and without the estimate");
-  if (st.code() == absl::StatusCode::kInvalidArgument) {
+  absl::Status st;
+  bool one_by_one = !one_estimate;
+  if (one_estimate) {
+    st = gpu::ClusterStepBatch(items.data(), static_cast<int>(items.size()), shared, stream);
+    one_by_one = st.code() == absl::StatusCode::kInvalidArgument;
+  }
+  if (one_by_one) {
     // Members the batch's kernels cannot take together: one launch each, as SelectClusters would.
     st = absl::OkStatus();
     for (std::size_t k = 0; k < items.size() && st.ok(); ++k)
