@@ -382,9 +382,10 @@ typedef struct kvrt_config {
                                    error at equal tokens with group selection (0.64-0.98x with the
                                    value means), 0.28-0.42x per q head (docs/fidelity.md, "The
                                    rest estimated from value codes"). On the GPU backend, 2-bit
-                                   value codes at head_dim 64 or 128 with at most 8 q heads per
-                                   kv head are held in GPU memory beside the key codes and the
-                                   selection and estimate run there (since 0.3.17); other
+                                   value codes at head_dim 64, 128 or 256 with at most 8 q heads
+                                   per kv head are held in GPU memory beside the key codes and the
+                                   selection and estimate run there (since 0.3.17; head_dim 256
+                                   since 0.3.18); other
                                    settings select on the CPU (kvrt_runtime_config reports
                                    cluster_direct_step 0).
                                    0 = value means; another value, or one without the selection

@@ -38,9 +38,11 @@ absl::Status CheckRest(const CodeScanView& keys, const CodeValueView& values, co
 
 int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads) {
 #if KVRT_WITH_CUDA
-  // top [q_heads], then the partials' sums [chunks, q_heads] and states [chunks, q_heads, d].
-  return q_heads + detail::CodeValueRestChunks(keys.num_clusters) * q_heads *
-                       (static_cast<int64_t>(keys.head_dim) + 1);
+  // top [q_heads], then the partials' sums [chunks, q_heads] and, 16-byte aligned, states
+  // [chunks, q_heads, d].
+  return q_heads + 3 +
+         detail::CodeValueRestChunks(keys.num_clusters, keys.kv_heads) * q_heads *
+             (static_cast<int64_t>(keys.head_dim) + 1);
 #else
   (void)keys;
   return q_heads;
@@ -56,10 +58,12 @@ absl::Status CodeValueRest(const CodeScanView& keys, const CodeValueView& values
       !st.ok())
     return st;
   const int g = q_heads / keys.kv_heads;
-  if (values.bits != 2 || g > 8 || (keys.head_dim != 64 && keys.head_dim != 128))
-    return absl::InvalidArgumentError(
+  if (values.bits != 2 || g > 8 ||
+      (keys.head_dim != 64 && keys.head_dim != 128 && keys.head_dim != 256))
+    return absl::InvalidArgumentError(absl::StrCat(
         "CodeValueRest: the device form takes 2-bit value codes, at most 8 q heads per kv head "
-        "and head_dim 64 or 128");
+        "and head_dim 64, 128 or 256 (got ",
+        values.bits, "-bit codes, ", g, " q heads per kv head, head_dim ", keys.head_dim, ")"));
   if (auto st = detail::CheckCodeMassAlignment(keys, q, "CodeValueRest"); !st.ok()) return st;
   const auto misaligned = [](const void* p, uintptr_t a) {
     return reinterpret_cast<uintptr_t>(p) % a != 0;
@@ -71,6 +75,8 @@ absl::Status CodeValueRest(const CodeScanView& keys, const CodeValueView& values
         "and steps 16-byte");
   if (keys.num_clusters > 0 && (cluster_lse == nullptr || workspace == nullptr))
     return absl::InvalidArgumentError("CodeValueRest: null cluster_lse or workspace");
+  if (misaligned(workspace, 16))
+    return absl::InvalidArgumentError("CodeValueRest: the workspace must be 16-byte aligned");
 #if KVRT_WITH_CUDA
   return detail::ToStatus(
       detail::LaunchCodeValueRest(keys, values, q, q_heads, begin, size, attended, cluster_lse,

@@ -8,8 +8,9 @@
 
 namespace kvrt::gpu::detail {
 
-// The partial states CodeValueRest's first kernel writes per kv head (one per warp of clusters).
-int64_t CodeValueRestChunks(int num_clusters);
+// The partial states CodeValueRest's partial kernel writes per q head (one per warp; a warp takes
+// every so many clusters, so that one wave of CTAs covers the kv heads).
+int64_t CodeValueRestChunks(int num_clusters, int kv_heads);
 Err LaunchCodeValueRest(const CodeScanView& keys, const CodeValueView& values, const float* q,
                         int q_heads, const int64_t* begin, const int32_t* size,
                         const uint8_t* attended, const float* cluster_lse, float scale,

@@ -79,8 +79,9 @@ class Config:
             cluster_rescore 0 or 1), 1, 2, 4 or 8 estimate the clusters not attended from codes
             of their rows' values (that many bits per channel, in host memory), weighted by the
             rows' key-code scores, instead of each cluster's value mean; on the GPU backend
-            2 bits (head_dim 64 or 128, at most 8 q heads per kv head) run on the GPU beside
-            the key codes (since 0.3.17), other values make the CPU select (no direct step);
+            2 bits (head_dim 64, 128 or 256, at most 8 q heads per kv head) run on the GPU
+            beside the key codes (since 0.3.17; head_dim 256 since 0.3.18), other values make
+            the CPU select (no direct step);
             0 = value means. Since 0.3.15.
     """
 

@@ -1320,6 +1320,15 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, int i, const ColdSelectio
   return st.ok() ? freed : st;
 }
 
+// Whether every decoded residual of `values` (offset + step x code, codes up to 2^bits - 1) is
+// well inside f16's range (gpu::CodeValueRest decodes them in f16).
+bool ValueGridFitsF16(const cpu_index::SegmentCodes& values, int bits) {
+  const float top = static_cast<float>((1 << bits) - 1);
+  for (std::size_t i = 0; i < values.offset.size(); ++i)
+    if (!(std::fabs(values.offset[i]) + top * std::fabs(values.step[i]) < 6e4f)) return false;
+  return true;
+}
+
 // Packs every kv head's summary in ClusterSummaryView's layout and uploads it when the cold tier's
 // index changed since the last upload. Its bytes count against gpu_memory_limit.
 absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
@@ -1341,8 +1350,16 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   const int bits = cfg_->index.cluster.rescore_bits;
   const int64_t rb =
       cpu_index::SelectsOnCodes(cfg_->index.cluster) ? cpu_index::CodeRowBytes(d, bits) : 0;
-  // And the value codes, the rest's estimate (LaunchValueRest), laid out as the key codes.
-  const int value_bits = rb > 0 ? cfg_->index.cluster.value_bits : 0;
+  // And the value codes, the rest's estimate (LaunchValueRest), laid out as the key codes. The
+  // kernel decodes residuals (offset + step x code) in f16: a summary whose grids reach past
+  // f16's range (values of magnitude ~1e4 and more) estimates from the value means instead, as
+  // docs/gpu.md says.
+  int value_bits = rb > 0 ? cfg_->index.cluster.value_bits : 0;
+  for (int g = 0; g < G && value_bits > 0; ++g) {
+    const cpu_index::SegmentCodes* values = cold.value_codes(g);
+    if (values == nullptr) return absl::FailedPreconditionError("no cluster value codes yet");
+    if (!ValueGridFitsF16(*values, value_bits)) value_bits = 0;
+  }
   const int64_t vrb = value_bits > 0 ? cpu_index::CodeRowBytes(d, value_bits) : 0;
   int64_t code_rows = 0, segments = 0;
   for (int g = 0; g < G && rb > 0; ++g) {
@@ -1352,7 +1369,6 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
     segments = std::max<int64_t>(segments, static_cast<int64_t>(codes->offset.size()) / d);
     if (vrb == 0) continue;
     const cpu_index::SegmentCodes* values = cold.value_codes(g);
-    if (values == nullptr) return absl::FailedPreconditionError("no cluster value codes yet");
     if (values->code.size() / vrb != codes->code.size() / rb ||
         values->offset.size() != codes->offset.size())
       return absl::InternalError(absl::StrCat("kv head ", g, ": ", values->code.size() / vrb,

@@ -183,12 +183,13 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   // two-stage selection is the CPU's.
   // Nor does the GPU's scan of codes (gpu::CodeClusterMass) take a head_dim that is not whole
   // 32-channel words, nor its rest from value codes (gpu::CodeValueRest) other than 2-bit codes,
-  // head_dim 64 or 128 and at most 8 q heads per kv head: the selection on codes stays the CPU's
-  // there.
+  // head_dim 64, 128 or 256 and at most 8 q heads per kv head: the selection on codes stays the
+  // CPU's there.
   const int value_bits = effective.index.cluster.value_bits;
-  const bool value_rest_on_gpu = value_bits == 2 &&
-                                 (config.head_dim == 64 || config.head_dim == 128) &&
-                                 config.num_q_heads <= 8 * config.num_kv_heads;
+  const bool value_rest_on_gpu =
+      value_bits == 2 &&
+      (config.head_dim == 64 || config.head_dim == 128 || config.head_dim == 256) &&
+      config.num_q_heads <= 8 * config.num_kv_heads;
   const bool codes_off_gpu = cpu_index::SelectsOnCodes(effective.index.cluster) &&
                              (config.head_dim % 32 != 0 || (value_bits > 0 && !value_rest_on_gpu));
   if (effective.index.cluster.rescore > 1.f || codes_off_gpu) {

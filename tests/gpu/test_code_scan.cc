@@ -864,7 +864,8 @@ TEST(CodeRest, KernelMatchesTheHostReference) {
     int max_size;
   };
   for (const Case& k : {Case{2, 128, 2, 4, 4096, 1024, 40}, Case{1, 64, 2, 8, 1500, 512, 20},
-                        Case{3, 128, 4, 3, 2000, 512, 33}, Case{1, 128, 2, 1, 700, 700, 16}}) {
+                        Case{3, 128, 4, 3, 2000, 512, 33}, Case{1, 128, 2, 1, 700, 700, 16},
+                        Case{1, 256, 2, 4, 1500, 512, 24}, Case{2, 256, 1, 8, 900, 300, 17}}) {
     SCOPED_TRACE(::testing::Message()
                  << "kv " << k.kv << " d " << k.d << " key bits " << k.key_bits << " g " << k.g);
     std::vector<int64_t> begin;

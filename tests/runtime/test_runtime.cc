@@ -197,8 +197,8 @@ RuntimeConfig TwoHeadConfig(cpu_index::IndexKind kind, int window) {
 
 // The GPU's selection runs only what its kernels take: a two-stage selection, a selection on codes
 // of a head_dim that is not whole 32-channel words, or one estimating from value codes other than
-// 2-bit ones at head_dim 64 or 128 stays the CPU's (and so does the attend: no direct step). The
-// effective config says so on any machine.
+// 2-bit ones at head_dim 64, 128 or 256 stays the CPU's (and so does the attend: no direct step).
+// The effective config says so on any machine.
 TEST(RuntimeCluster, SelectionsTheGpuCannotRunStayOnTheCpu) {
   struct Case {
     int head_dim;
@@ -210,8 +210,8 @@ TEST(RuntimeCluster, SelectionsTheGpuCannotRunStayOnTheCpu) {
   for (const Case k :
        {Case{64, 0.f, 0, true}, Case{64, 0.f, 2, true}, Case{80, 0.f, 0, true},
         Case{80, 0.f, 2, false}, Case{72, 0.f, 8, false}, Case{64, 4.f, 2, false},
-        Case{64, 0.f, 2, true, 2}, Case{128, 0.f, 2, true, 2}, Case{96, 0.f, 2, false, 2},
-        Case{64, 0.f, 2, false, 4}, Case{64, 0.f, 2, false, 1}}) {
+        Case{64, 0.f, 2, true, 2}, Case{128, 0.f, 2, true, 2}, Case{256, 0.f, 2, true, 2},
+        Case{96, 0.f, 2, false, 2}, Case{64, 0.f, 2, false, 4}, Case{64, 0.f, 2, false, 1}}) {
     SCOPED_TRACE(::testing::Message() << "d " << k.head_dim << " rescore " << k.rescore << " bits "
                                       << k.bits << " value bits " << k.value_bits);
     RuntimeConfig c = TwoHeadConfig(cpu_index::IndexKind::kCluster, 16);

@@ -26,7 +26,7 @@ struct CodeValueView {
   const float* step = nullptr;
 };
 
-// Floats of device workspace CodeValueRest needs.
+// Floats of device workspace CodeValueRest needs (16-byte aligned).
 int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads);
 
 // o [q_heads, head_dim] (normalized) and lse [q_heads] (natural log of the sum of exp of the
