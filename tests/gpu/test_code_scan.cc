@@ -942,24 +942,28 @@ TEST(CodeRest, AttendedFromSelectionMarksTheSelectedClustersOnly) {
 TEST(CodeRest, TimesThe128KShape) {
   if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
 #if KVRT_WITH_CUDA
-  std::vector<int64_t> begin;
-  std::vector<int32_t> size;
-  for (int h = 0; h < 8; ++h)
-    for (int64_t r = 0; r < 131072; r += 16) {
-      begin.push_back(r);
-      size.push_back(16);
-    }
-  const HostScan s = MakeScan(8, 128, 2, 131072, 8192, 8192, 4);
-  const HostValues val = MakeValues(s, 2, 5);
-  const auto q = RandomQ(32 * 128, 5);
-  const auto attended = RandomAttended(32, 8192, 6);
-  std::vector<float> o, lse;
-  double ms = 0;
-  RestOnDevice(s, val, q, 32, begin, size, attended, 0.088f, &o, &lse, &ms);
-  std::printf(
-      "code value rest, 8 kv heads x 131072 rows, 2-bit keys and values, d=128, 32 q heads: %.1f "
-      "us per call\n",
-      ms * 1e3);
+  // The 8B shape (32 q / 8 kv heads, d = 128), then a Gemma 3 12B-like one (16 q / 8 kv, d = 256).
+  for (const auto& [qh, d] : {std::pair{32, 128}, std::pair{16, 256}}) {
+    std::vector<int64_t> begin;
+    std::vector<int32_t> size;
+    for (int h = 0; h < 8; ++h)
+      for (int64_t r = 0; r < 131072; r += 16) {
+        begin.push_back(r);
+        size.push_back(16);
+      }
+    const HostScan s = MakeScan(8, d, 2, 131072, 8192, 8192, 4);
+    const HostValues val = MakeValues(s, 2, 5);
+    const auto q = RandomQ(qh * d, 5);
+    const auto attended = RandomAttended(qh, 8192, 6);
+    std::vector<float> o, lse;
+    double ms = 0;
+    RestOnDevice(s, val, q, qh, begin, size, attended, 1.f / std::sqrt(static_cast<float>(d)), &o,
+                 &lse, &ms);
+    std::printf(
+        "code value rest, 8 kv heads x 131072 rows, 2-bit keys and values, d=%d, %d q heads: %.1f "
+        "us per call\n",
+        d, qh, ms * 1e3);
+  }
 #endif
 }
 
