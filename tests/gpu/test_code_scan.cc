@@ -662,6 +662,16 @@ TEST(CodeScan, MassKernelMatchesTheHostReference) {
 #endif
 }
 
+// Clusters of `keys` consecutive rows over each kv head's `rows` (the timing shapes' layout).
+[[maybe_unused]] void UniformClusters(int kv, int64_t rows, int keys, std::vector<int64_t>* begin,
+                                      std::vector<int32_t>* size) {
+  for (int h = 0; h < kv; ++h)
+    for (int64_t r = 0; r < rows; r += keys) {
+      begin->push_back(r);
+      size->push_back(static_cast<int32_t>(std::min<int64_t>(keys, rows - r)));
+    }
+}
+
 // The 8B shape at 128K: 8 kv heads x 131072 rows of 2-bit codes, 32 q heads. Printed only.
 TEST(CodeScan, TimesThe128KShape) {
   if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
@@ -677,11 +687,7 @@ TEST(CodeScan, TimesThe128KShape) {
   // Clusters of 16 rows within segments of 8192: the GPU backend's selection on codes.
   std::vector<int64_t> begin;
   std::vector<int32_t> size;
-  for (int h = 0; h < 8; ++h)
-    for (int64_t r = 0; r < 131072; r += 16) {
-      begin.push_back(r);
-      size.push_back(16);
-    }
+  UniformClusters(8, 131072, 16, &begin, &size);
   HostScan m = MakeScan(8, 128, 2, 131072, 8192, 8192, 4);
   double mass_ms = 0;
   MassOnDevice(m, q, 32, begin, size, 0.088f, &mass_ms);
@@ -946,11 +952,7 @@ TEST(CodeRest, TimesThe128KShape) {
   for (const auto& [qh, d] : {std::pair{32, 128}, std::pair{16, 256}}) {
     std::vector<int64_t> begin;
     std::vector<int32_t> size;
-    for (int h = 0; h < 8; ++h)
-      for (int64_t r = 0; r < 131072; r += 16) {
-        begin.push_back(r);
-        size.push_back(16);
-      }
+    UniformClusters(8, 131072, 16, &begin, &size);
     const HostScan s = MakeScan(8, d, 2, 131072, 8192, 8192, 4);
     const HostValues val = MakeValues(s, 2, 5);
     const auto q = RandomQ(qh * d, 5);
