@@ -25,7 +25,8 @@
 # (cluster_rescore_bits per CODE_BITS, default "0 2") at 128K B=1 and B=16 and 1M, BENCH=ab-codes the
 # build before against this one with the selection on codes (its kernel alone and the 128K step),
 # BENCH=rest the rest from value codes (its kernel tests, timing and ncu; with BENCH="rest codes"
-# CODE_BITS="2 2:2" the 128K step with and without value codes too),
+# CODE_BITS="2 2:2" the 128K step with and without value codes too), BENCH=rest-ab forms of the
+# rest kernel chosen by env knobs in an experiment's build (REST_VARIANTS, REST_ROUNDS),
 # BENCH=ncu-step each decode-step
 # kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
@@ -497,6 +498,36 @@ if [[ "${1:-}" == "--device" ]]; then
           $b/test_gpu --gtest_filter='CodeRest.TimesThe128KShape' > "$out/ncu-rest.log" 2>&1
         grep -E 'Kernel|Duration|Registers Per|Achieved Occupancy' "$out/ncu-rest.log"
       fi
+    elif [[ "$bench" == rest-ab ]]; then
+      # Forms of the rest kernel chosen by environment knobs in one build (REST_VARIANTS, each an
+      # env assignment; the knobs exist only in an experiment's build, e.g. docs/runs/
+      # value-rest-rework-device-2026-12-05-s29/rest-kernel-prefetch-experiment.patch applied):
+      # each form's kernel test, then REST_ROUNDS (default 3) alternating rounds of its timing, then
+      # ncu's per-instruction counters of each form's partial kernel, summed by opcode
+      # (tools/gpu_bench/sass_summary.py) into $out/sass-<form>.txt.
+      variants=${REST_VARIANTS:-"KVRT_REST_CTAS=3 KVRT_REST_CTAS=2 KVRT_REST_PREKEY=1"}
+      for v in $variants; do
+        echo "=== $v: CodeRest.Kernel* (test_gpu)"
+        env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeRest.Kernel*' 2>&1 |
+          grep -E '^\[  (PASSED|FAILED)|Failure' || rc=1
+      done
+      for r in $(seq 1 "${REST_ROUNDS:-3}"); do
+        for v in $variants; do
+          env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeRest.Times*' 2>&1 |
+            grep 'us per call' | sed "s/^/round $r, $v: /"
+        done
+      done
+      ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+      for v in $variants; do
+        [[ -n "$ncu" ]] || break
+        env "$v" timeout -s KILL 100 "$ncu" --kernel-name regex:RestPartial --launch-skip 2 \
+          --launch-count 1 --section SourceCounters --section WarpStateStats --page source \
+          --print-source sass --csv $b/test_gpu --gtest_filter='CodeRest.TimesThe128KShape' \
+          2>&1 | gzip > "$out/sass-${v//=/-}.csv.gz"
+        python3 tools/gpu_bench/sass_summary.py "$out/sass-${v//=/-}.csv.gz" \
+          > "$out/sass-${v//=/-}.txt" 2>&1
+        echo "=== $v: $(head -1 "$out/sass-${v//=/-}.txt")"
+      done
     elif [[ "$bench" == ab-codes ]]; then
       # The selection on codes, the build before (BEFORE when bundling: kvrt_before; and its kernel
       # test as test_gpu_before, EXTRA_PROGRAMS) against this one, alternating in AB_ROUNDS rounds
