@@ -44,11 +44,11 @@ def opcode(source):
     return words[0].split(".")[0] if words else "?"
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv")
     ap.add_argument("--top", type=int, default=15, help="instructions listed by stall samples")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = read_rows(args.csv)
     stall_keys = [k for k in (rows[0].keys() if rows else [])
                   if k.startswith("stall_") and "Not Issued" not in k]
@@ -79,7 +79,8 @@ def main():
         main_reason = f"{reasons[0][1]} {reasons[0][0]:.0f}" if reasons and reasons[0][0] else "-"
         print(f"{r.get('Address', '?')[-5:]} {number(r, 'Warp Stall Sampling (All Samples)'):>7.0f} "
               f"{main_reason:<18} {r.get('Source', '').strip()[:70]}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
