@@ -499,8 +499,9 @@ if [[ "${1:-}" == "--device" ]]; then
         grep -E 'Kernel|Duration|Registers Per|Achieved Occupancy' "$out/ncu-rest.log"
       fi
     elif [[ "$bench" == rest-ab ]]; then
-      # Forms of the rest kernel chosen by environment knobs in one build (REST_VARIANTS, each an
-      # env assignment; the knobs exist only in an experiment's build, e.g. docs/runs/
+      # Forms of the rest (and mass) kernel chosen by environment knobs in one build
+      # (REST_VARIANTS, each an env assignment; the knobs exist only in an experiment's build, e.g.
+      # docs/runs/
       # value-rest-rework-device-2026-12-05-s29/rest-kernel-prefetch-experiment.patch applied):
       # each form's kernel test, then REST_ROUNDS (default 3) alternating rounds of its timing, then
       # ncu's per-instruction counters of each form's partial kernel, summed by opcode
@@ -515,6 +516,19 @@ if [[ "${1:-}" == "--device" ]]; then
         for v in $variants; do
           env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeRest.Times*' 2>&1 |
             grep 'us per call' | sed "s/^/round $r, $v: /"
+        done
+      done
+      # The mass kernel's forms likewise (MASS_VARIANTS; CodeScan.TimesThe128KShape prints it).
+      mass_variants=${MASS_VARIANTS:-"KVRT_MASS_PREKEY=0 KVRT_MASS_PREKEY=1"}
+      for v in $mass_variants; do
+        echo "=== $v: CodeScan.Mass* (test_gpu)"
+        env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeScan.Mass*' 2>&1 |
+          grep -E '^\[  (PASSED|FAILED)|Failure' || rc=1
+      done
+      for r in $(seq 1 "${REST_ROUNDS:-3}"); do
+        for v in $mass_variants; do
+          env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeScan.TimesThe128KShape' \
+            2>&1 | grep 'cluster mass' | sed "s/^/round $r, $v: /"
         done
       done
       ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
