@@ -500,9 +500,9 @@ if [[ "${1:-}" == "--device" ]]; then
       fi
     elif [[ "$bench" == rest-ab ]]; then
       # Forms of the rest (and mass) kernel chosen by environment knobs in one build
-      # (REST_VARIANTS, each an env assignment; the knobs exist only in an experiment's build, e.g.
-      # docs/runs/
-      # value-rest-rework-device-2026-12-05-s29/rest-kernel-prefetch-experiment.patch applied):
+      # (REST_VARIANTS, each an env assignment; the knobs exist only in an experiment's build,
+      # e.g. docs/runs/value-rest-rework-device-2026-12-05-s29/rest-kernel-prefetch-experiment.patch
+      # applied):
       # each form's kernel test, then REST_ROUNDS (default 3) alternating rounds of its timing, then
       # ncu's per-instruction counters of each form's partial kernel, summed by opcode
       # (tools/gpu_bench/sass_summary.py) into $out/sass-<form>.txt.
