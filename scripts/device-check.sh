@@ -506,31 +506,27 @@ if [[ "${1:-}" == "--device" ]]; then
       # each form's kernel test, then REST_ROUNDS (default 3) alternating rounds of its timing, then
       # ncu's per-instruction counters of each form's partial kernel, summed by opcode
       # (tools/gpu_bench/sass_summary.py) into $out/sass-<form>.txt.
+      # forms VARIANTS TEST TIMING PATTERN: TEST (a gtest filter) under each form, then REST_ROUNDS
+      # alternating rounds of TIMING, its lines matching PATTERN.
+      forms() {
+        local v r
+        for v in $1; do
+          echo "=== $v: $2 (test_gpu)"
+          env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter="$2" 2>&1 |
+            grep -E '^\[  (PASSED|FAILED)|Failure' || rc=1
+        done
+        for r in $(seq 1 "${REST_ROUNDS:-3}"); do
+          for v in $1; do
+            env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter="$3" 2>&1 | grep "$4" |
+              sed "s/^/round $r, $v: /"
+          done
+        done
+      }
       variants=${REST_VARIANTS:-"KVRT_REST_CTAS=3 KVRT_REST_CTAS=2 KVRT_REST_PREKEY=1"}
-      for v in $variants; do
-        echo "=== $v: CodeRest.Kernel* (test_gpu)"
-        env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeRest.Kernel*' 2>&1 |
-          grep -E '^\[  (PASSED|FAILED)|Failure' || rc=1
-      done
-      for r in $(seq 1 "${REST_ROUNDS:-3}"); do
-        for v in $variants; do
-          env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeRest.Times*' 2>&1 |
-            grep 'us per call' | sed "s/^/round $r, $v: /"
-        done
-      done
+      forms "$variants" 'CodeRest.Kernel*' 'CodeRest.Times*' 'us per call'
       # The mass kernel's forms likewise (MASS_VARIANTS; CodeScan.TimesThe128KShape prints it).
-      mass_variants=${MASS_VARIANTS:-"KVRT_MASS_PREKEY=0 KVRT_MASS_PREKEY=1"}
-      for v in $mass_variants; do
-        echo "=== $v: CodeScan.Mass* (test_gpu)"
-        env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeScan.Mass*' 2>&1 |
-          grep -E '^\[  (PASSED|FAILED)|Failure' || rc=1
-      done
-      for r in $(seq 1 "${REST_ROUNDS:-3}"); do
-        for v in $mass_variants; do
-          env "$v" timeout -s KILL 60 $b/test_gpu --gtest_filter='CodeScan.TimesThe128KShape' \
-            2>&1 | grep 'cluster mass' | sed "s/^/round $r, $v: /"
-        done
-      done
+      forms "${MASS_VARIANTS:-"KVRT_MASS_PREKEY=0 KVRT_MASS_PREKEY=1"}" 'CodeScan.Mass*' \
+        'CodeScan.TimesThe128KShape' 'cluster mass'
       ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
       for v in $variants; do
         [[ -n "$ncu" ]] || break

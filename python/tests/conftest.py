@@ -1,6 +1,10 @@
-"""Shared helpers: a NumPy reference of full attention (f32, GQA) and random KV."""
+"""Shared helpers: a NumPy reference of full attention (f32, GQA), random KV, and a loader of
+the tools/gpu_bench scripts."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,3 +34,17 @@ SHAPE = dict(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=32)
 
 def kv(rng: np.random.Generator, n: int, heads: int = 2, d: int = 32) -> np.ndarray:
     return rng.standard_normal((n, heads, d), dtype=np.float32)
+
+
+@pytest.fixture
+def gpu_bench_tool():
+    """Loads a script of tools/gpu_bench (not a package) as a module: gpu_bench_tool("name")."""
+    tools = Path(__file__).resolve().parents[2] / "tools" / "gpu_bench"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -4,19 +4,8 @@ synthetic `ncu --page source --print-source sass --csv` table."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
-from pathlib import Path
 
 import pytest
-
-TOOLS = Path(__file__).resolve().parents[2] / "tools" / "gpu_bench"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("sass_summary", TOOLS / "sass_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 HEADER = ('"Address","Source","Warp Stall Sampling (All Samples)",'
@@ -28,7 +17,7 @@ def _row(addr, source, stalls, inst, long_sb, math):
     return f'"{addr}","{source}","{stalls}","0","{inst}","{long_sb}","{math}","0"'
 
 
-def test_sums_by_opcode_and_lists_the_stalls(tmp_path, capsys):
+def test_sums_by_opcode_and_lists_the_stalls(tmp_path, capsys, gpu_bench_tool):
     # The program's own output before the table (gtest lines) is skipped; modifiers and
     # predicates do not split an opcode.
     lines = ["Running main() from gtest_main.cc", "[ RUN      ] CodeRest.TimesThe128KShape", HEADER,
@@ -39,7 +28,7 @@ def test_sums_by_opcode_and_lists_the_stalls(tmp_path, capsys):
     path = tmp_path / "sass.csv.gz"
     with gzip.open(path, "wt") as f:
         f.write("\n".join(lines) + "\n")
-    assert _load().main([str(path), "--top", "2"]) == 0
+    assert gpu_bench_tool("sass_summary").main([str(path), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert "4 SASS instructions, 1000 warp instructions executed, 105 stall samples" in out
     by_op = {line.split()[0]: line.split() for line in out.splitlines()
@@ -54,9 +43,9 @@ def test_sums_by_opcode_and_lists_the_stalls(tmp_path, capsys):
     assert "math 8" in top[1] and "HMMA" in top[1]
 
 
-def test_a_file_without_the_table_is_refused(tmp_path):
+def test_a_file_without_the_table_is_refused(tmp_path, gpu_bench_tool):
     path = tmp_path / "log.txt"
     path.write_text("==PROF== Disconnected\n")
     with pytest.raises(SystemExit) as e:
-        _load().main([str(path)])
+        gpu_bench_tool("sass_summary").main([str(path)])
     assert "no ncu source table" in str(e.value)
