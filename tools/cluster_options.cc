@@ -23,14 +23,15 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
                   "clusters by their rows' codes in one stage (on the GPU backend the codes are "
                   "held and scanned in GPU memory) (default: the library's, 0)")
       ->check(CLI::IsMember({0, 1, 2, 4, 8}));
-  cmd->add_option("--cluster-value-bits", o->value_bits,
-                  "config.cluster_value_bits: with --cluster-rescore-bits 1-8 and no "
-                  "--cluster-rescore, 1, 2, 4 or 8 estimate the clusters not attended from codes "
-                  "of their rows' values (that many bits per channel, in host memory) weighted by "
-                  "their key codes' scores, instead of each cluster's value mean; on the GPU "
-                  "backend 2 bits (head_dim 64 or 128, at most 8 q heads per kv head) run on the "
-                  "GPU beside the key codes, other values make the CPU select (no direct step); "
-                  "0 = value means (default: the library's, 0)")
+  cmd->add_option(
+         "--cluster-value-bits", o->value_bits,
+         "config.cluster_value_bits: with --cluster-rescore-bits 1-8 and no "
+         "--cluster-rescore, 1, 2, 4 or 8 estimate the clusters not attended from codes "
+         "of their rows' values (that many bits per channel, in host memory) weighted by "
+         "their key codes' scores, instead of each cluster's value mean; on the GPU "
+         "backend 2 bits (head_dim 64, 128 or 256, at most 8 q heads per kv head) run on the "
+         "GPU beside the key codes, other values make the CPU select (no direct step); "
+         "0 = value means (default: the library's, 0)")
       ->check(CLI::IsMember({0, 1, 2, 4, 8}));
   cmd->add_option("--group-select", o->group_select,
                   "config.cluster_group_select: 1 = one cluster selection per kv head shared by "

@@ -36,6 +36,10 @@ absl::Status CheckRest(const CodeScanView& keys, const CodeValueView& values, co
 
 }  // namespace
 
+bool CodeValueRestTakes(int value_bits, int head_dim, int group) {
+  return value_bits == 2 && group <= 8 && (head_dim == 64 || head_dim == 128 || head_dim == 256);
+}
+
 int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads) {
 #if KVRT_WITH_CUDA
   // top [q_heads], then the partials' sums [chunks, q_heads] and, 16-byte aligned, states
@@ -58,8 +62,7 @@ absl::Status CodeValueRest(const CodeScanView& keys, const CodeValueView& values
       !st.ok())
     return st;
   const int g = q_heads / keys.kv_heads;
-  if (values.bits != 2 || g > 8 ||
-      (keys.head_dim != 64 && keys.head_dim != 128 && keys.head_dim != 256))
+  if (!CodeValueRestTakes(values.bits, keys.head_dim, g))
     return absl::InvalidArgumentError(absl::StrCat(
         "CodeValueRest: the device form takes 2-bit value codes, at most 8 q heads per kv head "
         "and head_dim 64, 128 or 256 (got ",

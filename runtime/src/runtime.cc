@@ -15,6 +15,7 @@
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/kind_table.h"
+#include "kvrt_gpu/code_rest.h"
 #include "kvrt_gpu/kernel_types.h"
 #include "layer_state.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -182,14 +183,11 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   // The GPU's selection kernels (and so the direct step, which needs them) do not rescore: a
   // two-stage selection is the CPU's.
   // Nor does the GPU's scan of codes (gpu::CodeClusterMass) take a head_dim that is not whole
-  // 32-channel words, nor its rest from value codes (gpu::CodeValueRest) other than 2-bit codes,
-  // head_dim 64, 128 or 256 and at most 8 q heads per kv head: the selection on codes stays the
-  // CPU's there.
+  // 32-channel words, nor its rest from value codes (gpu::CodeValueRest) a shape outside
+  // gpu::CodeValueRestTakes': the selection on codes stays the CPU's there.
   const int value_bits = effective.index.cluster.value_bits;
-  const bool value_rest_on_gpu =
-      value_bits == 2 &&
-      (config.head_dim == 64 || config.head_dim == 128 || config.head_dim == 256) &&
-      config.num_q_heads <= 8 * config.num_kv_heads;
+  const bool value_rest_on_gpu = gpu::CodeValueRestTakes(
+      value_bits, config.head_dim, config.num_q_heads / std::max(config.num_kv_heads, 1));
   const bool codes_off_gpu = cpu_index::SelectsOnCodes(effective.index.cluster) &&
                              (config.head_dim % 32 != 0 || (value_bits > 0 && !value_rest_on_gpu));
   if (effective.index.cluster.rescore > 1.f || codes_off_gpu) {

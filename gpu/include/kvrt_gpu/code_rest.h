@@ -26,6 +26,11 @@ struct CodeValueView {
   const float* step = nullptr;
 };
 
+// Whether CodeValueRest's device form takes this shape: 2-bit value codes, head_dim 64, 128 or
+// 256, at most 8 q heads per kv head (one MMA column tile). The runtime selects on the CPU
+// otherwise.
+bool CodeValueRestTakes(int value_bits, int head_dim, int group);
+
 // Floats of device workspace CodeValueRest needs (16-byte aligned).
 int64_t CodeValueRestWorkspaceFloats(const CodeScanView& keys, int q_heads);
 
