@@ -23,10 +23,11 @@ namespace kvrt::gpu::detail {
 namespace {
 
 constexpr int kRestWarps = 4;
-// The partial kernel's CTAs per SM: its registers capped at 168 for the 2-bit-key vector tile
-// (KVB > 0), which fits without spills; the other key tiles need more (two CTAs per SM: their
-// grids are one and a half waves).
-constexpr int kRestCtasPerSm = 3;
+// The partial kernel's CTAs per SM, by key tile: its registers capped at 168 for the 2-bit-key
+// vector tile (KVB > 0), which fits without spills; the other key tiles need more and run two.
+// The grid is sized by the same count (RestCtas): a grid of three per SM for a kernel that fits
+// two ran one and a half waves (d = 256: 428.8 against 299.0 us, H100, thirtieth session).
+constexpr int RestCtasPerSm(int kvb) { return kvb > 0 ? 3 : 2; }
 constexpr int kTopThreads = 1024;
 
 // x * y + z on f16 pairs.
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kTopThreads)
 // [chunks, q_heads] (sum of p), chunk = the warp's index along the grid's x. At most 8 q heads per
 // kv head (one column tile), 2-bit value codes, D16 = head_dim / 16; KVB as CodeClusterMass's.
 template <int BITS, int D16, int KVB>
-__global__ void __launch_bounds__(kRestWarps * 32, KVB > 0 ? kRestCtasPerSm : 2)
+__global__ void __launch_bounds__(kRestWarps * 32, RestCtasPerSm(KVB))
     RestPartialKernel(CodeScanView v, CodeValueView val, const float* __restrict__ q, int g,
                       const int64_t* __restrict__ begin, const int32_t* __restrict__ size,
                       const uint8_t* __restrict__ attended, const float* __restrict__ top,
@@ -130,9 +131,35 @@ __global__ void __launch_bounds__(kRestWarps * 32, KVB > 0 ? kRestCtasPerSm : 2)
       base0 += cst[0][0];
       base1 += cst[0][1];
       const int64_t row0 = static_cast<int64_t>(kv) * v.rows + b;
+      // The cluster's value means (channels 16 w + 2 grp, + 1, bf16 pairs), loaded here so that
+      // their latency passes under the rows' work (ncu: loaded after it, each warp waited on
+      // them); at head_dim 256 after it (the registers would spill).
+      const auto* vm = reinterpret_cast<const uint32_t*>(val.value_mean) +
+                       ((static_cast<int64_t>(kv) * C + c) * d) / 2;
+      constexpr bool kMeansFirst = D16 <= 8;
+      uint32_t m2[D16];
+      if constexpr (kMeansFirst) {
+#pragma unroll
+        for (int w = 0; w < D16; ++w) m2[w] = __ldg(vm + 8 * w + grp);
+      }
       float p0 = 0.f, p1 = 0.f;  // this lane's rows' weights, heads h0 and h1
       for (int r0 = 0; r0 < n; r0 += 16) {
         const bool va = r0 + grp < n, vb = r0 + grp + 8 < n;
+        // The tile's value codes of rows 2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9 (past the
+        // cluster: its first row, weighed 0), the first kPre 64-channel vectors loaded before the
+        // key tile so that they arrive under its MMAs; the rest (head_dim 256) in the loop below.
+        constexpr int kPre = D16 / 4 < 2 ? D16 / 4 : 2;
+        const uint4* vrow[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int r = r0 + 2 * tig + (k & 1) + (k >> 1) * 8;
+          vrow[k] = vcode + (row0 + (r < n ? r : 0)) * (D16 / 4);
+        }
+        uint4 pre[kPre][4];
+#pragma unroll
+        for (int x = 0; x < kPre; ++x)
+#pragma unroll
+          for (int k = 0; k < 4; ++k) pre[x][k] = __ldg(vrow[k] + x);
         float s[1][4] = {};
         const uint32_t* pa = code + (row0 + (va ? r0 + grp : 0)) * words;
         const uint32_t* pb = code + (row0 + (vb ? r0 + grp + 8 : 0)) * words;
@@ -152,17 +179,13 @@ __global__ void __launch_bounds__(kRestWarps * 32, KVB > 0 ? kRestCtasPerSm : 2)
         // B = P [16 rows, 8 heads]: the score tile's fragment (row, head pairs) transposed.
         const uint32_t b0 = Transpose8x8(Pack16<__half>(make_float2(pa0, pa1)));
         const uint32_t b1 = Transpose8x8(Pack16<__half>(make_float2(pb0, pb1)));
-        // A = the decoded values of rows 2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9 (past the
-        // cluster: its first row, weighed 0), 64 channels at a time.
+        // A = the decoded values of those rows, 64 channels at a time.
         const int sh = 4 * grp;
 #pragma unroll
         for (int x = 0; x < D16 / 4; ++x) {
           uint4 rv[4];
 #pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const int r = r0 + 2 * tig + (k & 1) + (k >> 1) * 8;
-            rv[k] = __ldg(vcode + (row0 + (r < n ? r : 0)) * (D16 / 4) + x);
-          }
+          for (int k = 0; k < 4; ++k) rv[k] = x < kPre ? pre[x][k] : __ldg(vrow[k] + x);
 #pragma unroll
           for (int ww = 0; ww < 4; ++ww) {
             const int w = 4 * x + ww;
@@ -190,12 +213,11 @@ __global__ void __launch_bounds__(kRestWarps * 32, KVB > 0 ? kRestCtasPerSm : 2)
       }
       l0 += p0;
       l1 += p1;
-      const auto* vm = reinterpret_cast<const uint32_t*>(val.value_mean) +
-                       ((static_cast<int64_t>(kv) * C + c) * d) / 2;
 #pragma unroll
       for (int w = 0; w < D16; ++w) {
-        const uint32_t m2 = __ldg(vm + 8 * w + grp);  // channels 16 w + 2 grp, + 1 (bf16)
-        const float mlo = __uint_as_float(m2 << 16), mhi = __uint_as_float(m2 & 0xffff0000u);
+        if constexpr (!kMeansFirst) m2[w] = __ldg(vm + 8 * w + grp);
+        const float mlo = __uint_as_float(m2[w] << 16);
+        const float mhi = __uint_as_float(m2[w] & 0xffff0000u);
         acc[w][0] += p0 * mlo;
         acc[w][1] += p1 * mlo;
         acc[w][2] += p0 * mhi;
@@ -256,6 +278,12 @@ void LaunchPartial(dim3 grid, cudaStream_t st, const CodeScanView& v, const Code
       v, val, q, g, begin, size, attended, top, scale, part_o, part_l);
 }
 
+// The key tile LaunchPartialBits takes (KVB): the vector tile for 2-bit codes at head_dim 128 (at
+// 256 its registers would spill), 16-byte aligned; else the generic one (0).
+int PartialKvb(const CodeScanView& v) {
+  return v.bits == 2 && v.head_dim == 128 && reinterpret_cast<uintptr_t>(v.code) % 16 == 0 ? 8 : 0;
+}
+
 template <int D16>
 void LaunchPartialBits(dim3 grid, cudaStream_t st, const CodeScanView& v, const CodeValueView& val,
                        const float* q, int g, const int64_t* begin, const int32_t* size,
@@ -267,9 +295,8 @@ void LaunchPartialBits(dim3 grid, cudaStream_t st, const CodeScanView& v, const 
                                part_l);
       break;
     case 2:
-      // The vector key tile at head_dim 128 only (at 256 its registers would spill).
       if constexpr (D16 == 8) {
-        if (reinterpret_cast<uintptr_t>(v.code) % 16 == 0) {
+        if (PartialKvb(v) > 0) {
           LaunchPartial<2, D16, 8>(grid, st, v, val, q, g, begin, size, attended, top, scale,
                                    part_o, part_l);
           break;
@@ -304,14 +331,14 @@ __global__ void __launch_bounds__(kTopThreads)
 }
 
 // The partial kernel's CTAs along x per kv head: at most one per kRestWarps x kWarpClusters
-// clusters and at most one wave over the kv heads (kRestCtasPerSm per SM); within that bound as
-// few as take the same number of rounds each. bound: the most for any num_clusters up to this
-// one (the workspace's size).
-int64_t RestCtas(int num_clusters, int kv_heads, bool bound) {
+// clusters and at most one wave over the kv heads (ctas_per_sm per SM, the instance's
+// RestCtasPerSm); within that bound as few as take the same number of rounds each. bound: the most
+// for any num_clusters up to this one (the workspace's size).
+int64_t RestCtas(int num_clusters, int kv_heads, int ctas_per_sm, bool bound) {
   constexpr int kPerCta = kRestWarps * kWarpClusters;
   const int64_t tiles = (num_clusters + kPerCta - 1) / kPerCta;
-  const int64_t wave = std::max<int64_t>(
-      1, kRestCtasPerSm * static_cast<int64_t>(SmCount()) / std::max(kv_heads, 1));
+  const int64_t wave =
+      std::max<int64_t>(1, ctas_per_sm * static_cast<int64_t>(SmCount()) / std::max(kv_heads, 1));
   if (bound || tiles == 0) return std::min(tiles, wave);
   const int64_t rounds = (tiles + wave - 1) / wave;
   return (tiles + rounds - 1) / rounds;
@@ -328,7 +355,8 @@ Err LaunchAttendedFromSelection(const int32_t* selected, const int32_t* count, i
 }
 
 int64_t CodeValueRestChunks(int num_clusters, int kv_heads) {
-  return RestCtas(num_clusters, kv_heads, /*bound=*/true) * kRestWarps;
+  // The most CTAs per SM of any instance: room for whichever runs.
+  return RestCtas(num_clusters, kv_heads, RestCtasPerSm(8), /*bound=*/true) * kRestWarps;
 }
 
 Err LaunchCodeValueRest(const CodeScanView& keys, const CodeValueView& values, const float* q,
@@ -338,7 +366,9 @@ Err LaunchCodeValueRest(const CodeScanView& keys, const CodeValueView& values, c
   if (keys.kv_heads > 65535) return Err{0, "too many kv heads for one grid"};
   const cudaStream_t st = AsStream(stream);
   const int g = q_heads / keys.kv_heads, d = keys.head_dim;
-  const int64_t chunks = RestCtas(keys.num_clusters, keys.kv_heads, false) * kRestWarps;
+  const int64_t chunks =
+      RestCtas(keys.num_clusters, keys.kv_heads, RestCtasPerSm(PartialKvb(keys)), false) *
+      kRestWarps;
   float* top = workspace;
   float* part_l = top + q_heads;
   // 8-byte aligned for the partial kernel's float2 stores (CodeValueRestWorkspaceFloats: room).
