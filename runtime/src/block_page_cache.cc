@@ -72,6 +72,39 @@ bool BlockPageCache::Use(int g, int64_t block, bool admit) {
   return false;
 }
 
+int64_t BlockPageCache::UseHeld(int g, const int64_t* blocks, std::size_t n,
+                                std::vector<int64_t>* missed) {
+  Head& h = heads_[g];
+  const int64_t known = static_cast<int64_t>(h.page_of_block.size());
+  // Two stages ahead of the block in hand: its table entry kAhead x 2 blocks on, its page's
+  // state kAhead blocks on (that entry loaded by then).
+  constexpr std::size_t kAhead = 16;
+  auto entry = [&](std::size_t i) {
+    const int64_t b = blocks[i];
+    return b >= 0 && b < known ? h.page_of_block[b] : -1;
+  };
+  int64_t hits = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i + 2 * kAhead < n && blocks[i + 2 * kAhead] >= 0 && blocks[i + 2 * kAhead] < known)
+      __builtin_prefetch(&h.page_of_block[blocks[i + 2 * kAhead]]);
+    if (i + kAhead < n) {
+      if (const int32_t p = entry(i + kAhead); p >= 0) {
+        __builtin_prefetch(&h.ref[p], 1);
+        __builtin_prefetch(&h.step[p], 1);
+      }
+    }
+    const int32_t p = entry(i);
+    if (p < 0) {
+      missed->push_back(blocks[i]);
+      continue;
+    }
+    h.ref[p] = 1;
+    Touch(h, p);
+    ++hits;
+  }
+  return hits;
+}
+
 void BlockPageCache::CountThisStep(Head& h) {
   if (h.counted_step == step_) return;
   h.counted_step = step_;

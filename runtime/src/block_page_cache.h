@@ -20,6 +20,7 @@
 // the direct step fills pages from rows its steps already read (staged pages, direct_step.h), so
 // it uses neither the second chance nor the bound (admit_after 1, max_admit_per_step 0); the
 // options stay for cluster_eval's comparison of policies.
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -50,6 +51,12 @@ class BlockPageCache {
   // `admit` and enough misses (admit_after), it gets one (an update asks for it to be filled)
   // unless every page of the head is held by a block of this step.
   bool Use(int g, int64_t block, bool admit);
+  // Use(g, b, false) for each of blocks[0, n), without admitting: the number of hits; the blocks
+  // without a page are appended to *missed, in order. A step's blocks are given at once so that
+  // their table entries and pages are loaded ahead (software prefetch): one Use at a time waits
+  // on two dependent cache misses where a batch's policies outgrow the caches (~40 ns each,
+  // 50 us per kv head and step at 128K B=16 on the H200's host; docs/benchmarks.md).
+  int64_t UseHeld(int g, const int64_t* blocks, std::size_t n, std::vector<int64_t>* missed);
   // Blocks of kv head g from `block` on give their pages up (the rows there may move).
   void DropFrom(int g, int64_t block);
   // The page of a block, -1 if none.

@@ -471,32 +471,31 @@ void DirectStep::Admit() {
   // Per kv head (the policy's heads are independent); one task per head where the mask is large:
   // at 1M (8 x 65 536 clusters) the loop took milliseconds per layer-step on one worker, and the
   // layer's next step waits for it (BeginStep).
-  struct Tally {
-    int64_t hits = 0, admitted = 0, copied = 0, attended = 0;
-    std::vector<int64_t> eager;                    // kv_head * blocks_per_head_ + block
-    std::vector<std::pair<int64_t, bool>> missed;  // (block, every step reads it)
-  };
-  std::vector<Tally> tally(G);
+  tally_.resize(G);
+  for (AdmitTally& t : tally_) {
+    t.hits = t.admitted = t.copied = t.attended = 0;
+    t.eager.clear();
+    t.missed_every.clear();
+    t.missed_selected.clear();
+  }
   auto admit_head = [&](int g) {
     timeline::Span scan_span("admit_scan", g);
-    Tally& t = tally[g];
+    AdmitTally& t = tally_[g];
     // Two passes: the step's hits are marked before any admission, so that no admission takes
-    // the page of a block this step used (CLOCK skips the pages a step marked).
-    bool every_step = true;  // the tail and the extra rows come first
-    auto use = [&](int64_t b) {
-      if (cache_->Use(g, b, false))
-        ++t.hits;
-      else
-        t.missed.emplace_back(b, every_step);
-    };
+    // the page of a block this step used (CLOCK skips the pages a step marked). The blocks are
+    // gathered first and marked in one call (BlockPageCache::UseHeld loads their table entries
+    // ahead).
     // The unclustered tail and the extra rows first: every q head attends them at every step
     // until the next segment is clustered, so they have the first claim on the step's admissions
     // (bounded per step) and on the pages (a step refuses once its own blocks hold them all). The
     // selected clusters' blocks, which change from step to step, took that claim before, and the
     // tail (up to a segment of rows per head) crossed PCIe at every step: 58.7 MB per layer-step
     // end to end at 128K (docs/benchmarks.md, fifth session).
-    ForEachEveryStepBlock(g, rec_rows_, use);
-    every_step = false;
+    std::vector<int64_t>& blocks = t.blocks;
+    blocks.clear();
+    ForEachEveryStepBlock(g, rec_rows_, [&](int64_t b) { blocks.push_back(b); });
+    t.hits += cache_->UseHeld(g, blocks.data(), blocks.size(), &t.missed_every);
+    blocks.clear();
     const std::size_t at = static_cast<std::size_t>(g) * C;
     for (int c = 0; c < C; ++c) {
       // Most clusters are not chosen: their mask word alone is read (the sizes and beginnings of
@@ -506,8 +505,9 @@ void DirectStep::Admit() {
       const int32_t n = size_host_[at + c], b0 = begin_host_[at + c];
       if (n == 0) continue;
       t.attended += static_cast<int64_t>(std::popcount(m)) * n;
-      for (int64_t b = b0 / kBlock; b <= (b0 + n - 1) / kBlock; ++b) use(b);
+      for (int64_t b = b0 / kBlock; b <= (b0 + n - 1) / kBlock; ++b) blocks.push_back(b);
     }
+    t.hits += cache_->UseHeld(g, blocks.data(), blocks.size(), &t.missed_selected);
     t.attended += group * (static_cast<int64_t>(extra_rows_[g].size()) +
                            std::max<int64_t>(0, rec_rows_ - tail_begin_[g]));
     scan_span.End();
@@ -516,24 +516,26 @@ void DirectStep::Admit() {
     // copied in whole (every step reads them: they should not wait for the stage, which a step
     // with many misses fills before it reaches them); a selected cluster's block gets a page only
     // with rows in the stage (CommitStaged fills it from there, no second PCIe read).
-    for (const auto& [b, every] : t.missed) {
-      if (cache_->page(g, b) >= 0) continue;  // a block used twice in the step: admitted above
-      if (!every && staged_mark_[g * blocks_per_head_ + b] != mark_round_) continue;
+    auto admit = [&](int64_t b, bool every) {
+      if (cache_->page(g, b) >= 0) return;  // a block used twice in the step: admitted above
+      if (!every && staged_mark_[g * blocks_per_head_ + b] != mark_round_) return;
       (void)cache_->Use(g, b, b < full_blocks);
-      if (cache_->page(g, b) < 0) continue;
+      if (cache_->page(g, b) < 0) return;
       ++t.admitted;
       if (every) {
         t.eager.push_back(g * blocks_per_head_ + b);
         ++t.copied;
       }
-    }
+    };
+    for (int64_t b : t.missed_every) admit(b, true);
+    for (int64_t b : t.missed_selected) admit(b, false);
   };
   constexpr int64_t kParallelMaskWords = 65536;
   if (G > 1 && static_cast<int64_t>(G) * C >= kParallelMaskWords)
     tbb::parallel_for(0, G, admit_head);
   else
     for (int g = 0; g < G; ++g) admit_head(g);
-  for (const Tally& t : tally) {
+  for (const AdmitTally& t : tally_) {
     hits += t.hits;
     admitted += t.admitted;
     copied += t.copied;

@@ -198,6 +198,15 @@ class DirectStep {
   // (kv_head * blocks_per_head_ + block) it admitted for a whole copy (FillPages' kFillPagesCopy).
   std::vector<uint32_t> staged_mark_;
   uint32_t mark_round_ = 0;
+  // Admit's per-kv-head results and lists, kept for their capacity (a job per step and member).
+  struct AdmitTally {
+    int64_t hits = 0, admitted = 0, copied = 0, attended = 0;
+    std::vector<int64_t> eager;   // kv_head * blocks_per_head_ + block
+    std::vector<int64_t> blocks;  // the step's blocks, gathered for BlockPageCache::UseHeld
+    // Blocks without a page: of the every-step blocks, of the selected clusters.
+    std::vector<int64_t> missed_every, missed_selected;
+  };
+  std::vector<AdmitTally> tally_;
   absl::flat_hash_set<int64_t> eager_;
   // The admission job's residency-aware offsets (PenaltyOffsets), for index version
   // offsets_version_ (-1: none) with offsets_c_ clusters per kv head.

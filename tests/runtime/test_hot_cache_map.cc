@@ -1,7 +1,9 @@
 // The hot cache's bookkeeping (runtime/src/hot_cache_map.h): whole groups in pages, LRU eviction
 // that never evicts a group the current step uses, row-count changes and unstable groups dropped.
 #include <algorithm>
+#include <random>
 #include <set>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "runtime/src/block_page_cache.h"
@@ -130,6 +132,51 @@ TEST(BlockPageCache, UpdatesCarryEachBlockOnceWithItsFinalPage) {
   const auto ups = c.TakeUpdates();
   ASSERT_EQ(ups.size(), 2u);
   for (const auto& u : ups) EXPECT_EQ(u.page, u.block == 7 ? 0 : -1) << u.block;
+}
+
+// UseHeld is Use(g, b, false) over a list: two policies, one stepped each way, then admitting the
+// same misses, stay identical (hits, misses in order, pages, updates) over many random steps.
+TEST(BlockPageCache, UseHeldIsUseWithoutAdmitting) {
+  constexpr int kHeads = 2;
+  constexpr int64_t kPages = 40, kBlocks = 300;
+  BlockPageCache one(kHeads, kPages), held(kHeads, kPages);
+  std::mt19937 rng(7);
+  for (int step = 0; step < 60; ++step) {
+    one.NextStep();
+    held.NextStep();
+    for (int g = 0; g < kHeads; ++g) {
+      // Repeats, blocks the table has not seen yet (past its size) and a negative id included.
+      std::vector<int64_t> blocks(std::uniform_int_distribution<int>(0, 70)(rng));
+      for (int64_t& b : blocks) b = std::uniform_int_distribution<int64_t>(-1, kBlocks)(rng);
+      int64_t hits = 0;
+      std::vector<int64_t> missed;
+      for (int64_t b : blocks) {
+        if (b >= 0 && one.Use(g, b, false))
+          ++hits;
+        else
+          missed.push_back(b);
+      }
+      std::vector<int64_t> held_missed = {-7};  // appended to, not replaced
+      EXPECT_EQ(held.UseHeld(g, blocks.data(), blocks.size(), &held_missed), hits) << step;
+      ASSERT_EQ(held_missed.size(), missed.size() + 1);
+      EXPECT_TRUE(std::equal(missed.begin(), missed.end(), held_missed.begin() + 1)) << step;
+      for (int64_t b : missed) {
+        if (b < 0) continue;
+        EXPECT_EQ(one.Use(g, b, true), held.Use(g, b, true)) << step << " " << b;
+      }
+    }
+    const auto a = one.TakeUpdates(), b = held.TakeUpdates();
+    ASSERT_EQ(a.size(), b.size()) << step;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      EXPECT_TRUE(a[i].kv_head == b[i].kv_head && a[i].block == b[i].block &&
+                  a[i].page == b[i].page)
+          << step << " " << i;
+  }
+  for (int g = 0; g < kHeads; ++g) {
+    EXPECT_EQ(one.blocks_held(g), held.blocks_held(g));
+    EXPECT_GT(held.blocks_held(g), kPages / 2) << "the steps filled the pages";
+    for (int64_t b = 0; b <= kBlocks; ++b) EXPECT_EQ(one.page(g, b), held.page(g, b)) << b;
+  }
 }
 
 TEST(BlockPageCache, DropFromReleasesTheBlocksPastIt) {
