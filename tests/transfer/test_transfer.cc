@@ -281,6 +281,91 @@ TEST(BackgroundWork, LaunchAfterStartsOnlyOnceTheStreamGetsThere) {
   EXPECT_TRUE(StreamSynchronize(stream->get()).ok());
 }
 
+// Armed jobs run once each: launched together, run by a Wait that comes first (on the waiting
+// thread), or launched by ArmedJobs' destructor; errors reach the job's own BackgroundWork.
+TEST(ArmedJobs, EveryArmedJobRunsOnceWhoeverStartsIt) {
+  tbb::task_arena arena(2);
+  BackgroundWork a, b, c;
+  std::atomic<int> ran_a{0}, ran_b{0}, ran_c{0};
+  std::thread::id b_thread;
+  {
+    ArmedJobs jobs;
+    a.Arm([&] {
+      ran_a++;
+      return absl::OkStatus();
+    });
+    b.Arm([&] {
+      ran_b++;
+      b_thread = std::this_thread::get_id();
+      return absl::InternalError("admission failed");
+    });
+    jobs.Add(&a, &arena);
+    jobs.Add(&b, &arena);
+    EXPECT_TRUE(a.running() && b.running()) << "armed jobs count as running";
+    // A caller that must wait for b before the batch's launch (a store about to move).
+    EXPECT_EQ(b.Wait().code(), absl::StatusCode::kInternal);
+    EXPECT_EQ(b_thread, std::this_thread::get_id()) << "run by the waiting thread";
+    EXPECT_EQ(ran_b.load(), 1);
+    jobs.LaunchNow();  // b's entry finds nothing armed
+    EXPECT_TRUE(a.Wait().ok());
+    EXPECT_TRUE(b.Wait().ok()) << "its error was reported once";
+    EXPECT_EQ(ran_a.load(), 1);
+    EXPECT_EQ(ran_b.load(), 1);
+    // Armed and never launched: the destructor enqueues it.
+    c.Arm([&] {
+      ran_c++;
+      return absl::OkStatus();
+    });
+    jobs.Add(&c, &arena);
+  }
+  EXPECT_TRUE(c.Wait().ok());
+  EXPECT_EQ(ran_c.load(), 1);
+  // Armed again after a run: Arm waits for the job before it, as Launch does.
+  a.Arm([&] {
+    ran_a++;
+    return absl::OkStatus();
+  });
+  ArmedJobs again;
+  again.Add(&a, &arena);
+  again.LaunchAfter(nullptr);  // no stream: at once (a stream callback on the device)
+  EXPECT_TRUE(a.Wait().ok());
+  EXPECT_EQ(ran_a.load(), 2);
+}
+
+TEST(ArmedJobs, LaunchAfterStartsThemOnlyOnceTheStreamGetsThere) {
+  if (!CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  tbb::task_arena arena(2);
+  auto stream = Stream::Create();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  std::atomic<bool> release{false};
+  ASSERT_TRUE(AddStreamCallback(
+                  stream->get(),
+                  [](void* p) {
+                    while (!static_cast<std::atomic<bool>*>(p)->load())
+                      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+                  },
+                  &release)
+                  .ok());
+  BackgroundWork w[3];
+  std::atomic<int> ran{0};
+  ArmedJobs jobs;
+  for (BackgroundWork& x : w) {
+    x.Arm([&] {
+      ran++;
+      return absl::OkStatus();
+    });
+    jobs.Add(&x, &arena);
+  }
+  jobs.LaunchAfter(stream->get());
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_EQ(ran.load(), 0) << "a job ran before the stream reached the callback";
+  release = true;
+  // Waiting through the stream first: a Wait before the callback would run the job itself.
+  EXPECT_TRUE(StreamSynchronize(stream->get()).ok());
+  for (BackgroundWork& x : w) EXPECT_TRUE(x.Wait().ok());
+  EXPECT_EQ(ran.load(), 3);
+}
+
 TEST(CudaWrappers, WithoutDeviceFailCleanly) {
   if (CudaAvailable()) GTEST_SKIP() << "a CUDA device is present";
   EXPECT_FALSE(DeviceBuffer::Allocate(64).ok());
