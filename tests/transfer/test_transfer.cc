@@ -244,6 +244,17 @@ TEST(BackgroundWork, RunsOnArenaAndReportsStatusOnce) {
   EXPECT_EQ(ran.load(), 2);
 }
 
+// Holds `stream` in a callback of its own until *release is set.
+absl::Status HoldStreamUntil(void* stream, std::atomic<bool>* release) {
+  return AddStreamCallback(
+      stream,
+      [](void* p) {
+        while (!static_cast<std::atomic<bool>*>(p)->load())
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      },
+      release);
+}
+
 TEST(BackgroundWork, LaunchAfterStartsOnlyOnceTheStreamGetsThere) {
   tbb::task_arena arena(2);
   BackgroundWork w;
@@ -263,14 +274,7 @@ TEST(BackgroundWork, LaunchAfterStartsOnlyOnceTheStreamGetsThere) {
   ASSERT_TRUE(stream.ok()) << stream.status();
   // The stream is held by a callback of its own until `release`: the job must not run before.
   std::atomic<bool> release{false};
-  ASSERT_TRUE(AddStreamCallback(
-                  stream->get(),
-                  [](void* p) {
-                    while (!static_cast<std::atomic<bool>*>(p)->load())
-                      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-                  },
-                  &release)
-                  .ok());
+  ASSERT_TRUE(HoldStreamUntil(stream->get(), &release).ok());
   w.LaunchAfter(arena, stream->get(), job);
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_EQ(ran.load(), 0) << "the job ran before the stream reached it";
@@ -338,14 +342,7 @@ TEST(ArmedJobs, LaunchAfterStartsThemOnlyOnceTheStreamGetsThere) {
   auto stream = Stream::Create();
   ASSERT_TRUE(stream.ok()) << stream.status();
   std::atomic<bool> release{false};
-  ASSERT_TRUE(AddStreamCallback(
-                  stream->get(),
-                  [](void* p) {
-                    while (!static_cast<std::atomic<bool>*>(p)->load())
-                      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-                  },
-                  &release)
-                  .ok());
+  ASSERT_TRUE(HoldStreamUntil(stream->get(), &release).ok());
   BackgroundWork w[3];
   std::atomic<int> ran{0};
   ArmedJobs jobs;
