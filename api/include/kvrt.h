@@ -74,7 +74,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 18
+#define KVRT_VERSION_PATCH 19
 
 #ifdef __cplusplus
 extern "C" {

@@ -491,6 +491,23 @@ class DeviceTier final : public TierBackend {
   std::vector<unsigned char> arrays_host_;
   int32_t arrays_n_sink_ = -1, arrays_n_window_ = -1;
   transfer::Event last_use_;  // recorded after each call's device work
+  void* last_use_stream_ = nullptr;  // the stream it was recorded on
+  // Orders `stream` after last_use_: a driver call, skipped where last_use_ was recorded on the
+  // same stream (a caller's one stream: two waits per sequence and layer-step that stream order
+  // already gives). Not for the default streams: cudaStreamPerThread is one handle for a stream
+  // per thread.
+  absl::Status WaitLastUse(void* stream) {
+    if (!used_) return absl::OkStatus();
+    if (stream == last_use_stream_ && reinterpret_cast<uintptr_t>(stream) > 2)
+      return absl::OkStatus();
+    return transfer::StreamWaitEvent(stream, last_use_);
+  }
+  absl::Status RecordLastUse(void* stream) {
+    KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
+    last_use_stream_ = stream;
+    used_ = true;
+    return absl::OkStatus();
+  }
   // A batch step's fork and its lanes' joins (DeviceStep::MemberStream), as the step's lead.
   transfer::Event batch_forked_;
   std::vector<transfer::Event> lane_joined_;
@@ -692,7 +709,7 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   StreamLease lease(ctx_, exec);
   KVRT_RETURN_IF_ERROR(lease.status());
   void* stream = lease.get();
-  if (used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, last_use_));
+  KVRT_RETURN_IF_ERROR(WaitLastUse(stream));
   auto* ks = static_cast<const unsigned char*>(k);
   auto* vs = static_cast<const unsigned char*>(v);
 
@@ -709,8 +726,7 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   const int64_t n_sink = std::min(plan.new_length, S);
   const int64_t n_window = plan.new_length - n_sink - (cold->rows() + pending_rows());
   KVRT_RETURN_IF_ERROR(UploadArrays(n_sink, n_window, stream));
-  KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
-  used_ = true;
+  KVRT_RETURN_IF_ERROR(RecordLastUse(stream));
   return absl::OkStatus();
 }
 
@@ -1120,7 +1136,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
     auto* t = static_cast<DeviceTier*>(members[i]);
     step->tiers.push_back(t);
     t->CollectTiming();  // the previous attend's device times (device output: read lazily)
-    if (t->used_) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, t->last_use_));
+    KVRT_RETURN_IF_ERROR(t->WaitLastUse(stream));
     entries[i] = {t->sink_k_.data(),
                   t->sink_v_.data(),
                   t->ring_k_.data(),
@@ -1922,8 +1938,7 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
     CollectTiming();
   }
   for (DeviceTier* t : step->tiers) {
-    KVRT_RETURN_IF_ERROR(t->last_use_.Record(stream));
-    t->used_ = true;
+    KVRT_RETURN_IF_ERROR(t->RecordLastUse(stream));
   }
   return absl::OkStatus();
 }
