@@ -655,6 +655,12 @@ typedef struct kvrt_stats {
                                       layer's next call (the first decode step's append or
                                       attend) waits for them here; also waits for an index
                                       refresh. Since 0.3.4. */
+  int64_t value_codes_fallbacks;   /* GPU backend, cluster_value_bits on the device: summary uploads
+                                      (a layer's, at each index change) whose value codes the
+                                      device could not take (a segment's value grid past f16's
+                                      range, values of ~6e4 and more), so that the steps until the
+                                      next upload estimated the rest from the value means, so far.
+                                      Since 0.3.19. */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

@@ -187,10 +187,12 @@ static_assert(kConfigSize034 < kConfigSize035, "0.3.5's fields must change the s
 static_assert(kConfigSize035 < kConfigSize039, "0.3.9's fields must change the size");
 static_assert(kConfigSize039 < kConfigSize0313, "0.3.11's fields must change the size");
 static_assert(kConfigSize0313 < sizeof(kvrt_config), "0.3.15's fields must change the size");
-constexpr std::size_t kStatsSizes[] = {
-    offsetof(kvrt_stats, hot_hits), offsetof(kvrt_stats, segments_built_gpu),
-    offsetof(kvrt_stats, attends_direct), offsetof(kvrt_stats, time_background_wait_ns),
-    sizeof(kvrt_stats)};
+constexpr std::size_t kStatsSizes[] = {offsetof(kvrt_stats, hot_hits),
+                                       offsetof(kvrt_stats, segments_built_gpu),
+                                       offsetof(kvrt_stats, attends_direct),
+                                       offsetof(kvrt_stats, time_background_wait_ns),
+                                       offsetof(kvrt_stats, value_codes_fallbacks),
+                                       sizeof(kvrt_stats)};
 
 template <std::size_t N>
 bool KnownSize(const std::size_t (&sizes)[N], std::size_t size) {

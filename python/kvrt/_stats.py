@@ -47,6 +47,7 @@ class Stats:
     attends_direct: int = 0
     direct_host_bytes: int = 0
     time_background_wait_ns: int = 0
+    value_codes_fallbacks: int = 0
 
     @property
     def scanned_fraction(self) -> float:

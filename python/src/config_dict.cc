@@ -244,6 +244,7 @@ nb::dict StatsToDict(const kvrt_stats& s) {
   KVRT_PY_STAT(attends_direct);
   KVRT_PY_STAT(direct_host_bytes);
   KVRT_PY_STAT(time_background_wait_ns);
+  KVRT_PY_STAT(value_codes_fallbacks);
 #undef KVRT_PY_STAT
   return d;
 }

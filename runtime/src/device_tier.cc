@@ -1379,6 +1379,7 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
     if (values == nullptr) return absl::FailedPreconditionError("no cluster value codes yet");
     if (!ValueGridFitsF16(*values, value_bits)) value_bits = 0;
   }
+  const bool value_fallback = value_bits == 0 && rb > 0 && cfg_->index.cluster.value_bits > 0;
   const int64_t vrb = value_bits > 0 ? cpu_index::CodeRowBytes(d, value_bits) : 0;
   int64_t code_rows = 0, segments = 0;
   for (int g = 0; g < G && rb > 0; ++g) {
@@ -1488,6 +1489,7 @@ absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
     }
   }
   summary_version_ = cold.index_version();
+  if (value_fallback) counters_->value_codes_fallbacks += 1;
   summary_clustered_ = clustered;
   return absl::OkStatus();
 }

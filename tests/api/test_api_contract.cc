@@ -690,6 +690,15 @@ TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
   EXPECT_EQ(st.segments_built_gpu, untouched);
   st.struct_size = offsetof(kvrt_stats, segments_built_gpu) + 4;  // no kvrt.h declared this size
   EXPECT_EQ(kvrt_get_stats(rt, &st), KVRT_ERR_INVALID_ARGUMENT);
+  // 0.3.19 appended value_codes_fallbacks: a 0.3.4-0.3.18 caller's struct ends before it.
+  std::memset(&st, 0xab, sizeof st);
+  st.struct_size = offsetof(kvrt_stats, value_codes_fallbacks);
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
+  EXPECT_EQ(st.time_background_wait_ns, 0);
+  EXPECT_EQ(st.value_codes_fallbacks, untouched);
+  st.struct_size = sizeof st;
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
+  EXPECT_EQ(st.value_codes_fallbacks, 0) << "the host backend has no device summary";
   kvrt_runtime_destroy(rt);
   // The new fields are checked like the others.
   c = TinyConfig();

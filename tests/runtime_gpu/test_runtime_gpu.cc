@@ -745,6 +745,7 @@ TEST(GpuBackendCluster, CodeSelectionRunsOnTheGpuAndMatchesTheHostBackend) {
     const auto s = (*gpu_rt)->Stats();
     EXPECT_GT(s.attends_gpu_select, 0) << c.name;
     EXPECT_GT(s.summary_gpu_bytes, 0) << c.name;
+    EXPECT_EQ(s.value_codes_fallbacks, 0) << c.name;
     // The value codes sit beside the key codes (the same runs without them: run - 2).
     summary_bytes[run] = s.summary_gpu_bytes;
     if (value_bits > 0 && !wide) {
@@ -753,6 +754,57 @@ TEST(GpuBackendCluster, CodeSelectionRunsOnTheGpuAndMatchesTheHostBackend) {
     ASSERT_TRUE((*gpu_rt)->ReleaseSequence(gs).ok());
     EXPECT_EQ((*gpu_rt)->Stats().summary_gpu_bytes, 0) << c.name;
   }
+}
+
+// Values whose codes' grids leave f16's range (gpu::CodeValueRest decodes residuals in f16): the
+// device estimates the rest from the value means instead, and says so in the statistics (one per
+// summary upload, at least one per layer); the outputs stay finite and of the values' size.
+TEST(GpuBackendCluster, ValueGridsPastF16CountAFallback) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "huge values"};
+  RuntimeConfig cfg = ClusterCompareConfig(c, 1, 0.1f, true, true);
+  cfg.index.cluster.rescore_bits = cfg.index.cluster.value_bits = 2;
+  RuntimeConfig host_cfg = cfg;
+  host_cfg.use_gpu = 0;
+  auto host_rt = Runtime::Create(host_cfg);
+  auto gpu_rt = Runtime::Create(cfg);
+  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(17);
+  const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+  constexpr float kScale = 2e5f;
+  auto scale_values = [&](std::vector<unsigned char>*, std::vector<unsigned char>* v) {
+    std::vector<float> x(v->size() / DTypeSize(c.dtype));
+    ConvertToF32(v->data(), c.dtype, x.size(), x.data());
+    for (float& e : x) e *= kScale;
+    ConvertFromF32(x.data(), x.size(), c.dtype, v->data());
+  };
+  ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, 1200, rng, dev, scale_values));
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    auto k = Random(rng, kv_row, c.dtype);
+    auto v = Random(rng, kv_row, c.dtype);
+    auto q = Random(rng, q_row, c.dtype);
+    scale_values(nullptr, &v);
+    std::vector<float> want, got;
+    ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
+    double norm = 0, host_norm = 0;
+    for (std::size_t e = 0; e < q_row; ++e) {
+      ASSERT_TRUE(std::isfinite(got[e])) << "layer " << l << " element " << e;
+      norm += static_cast<double>(got[e]) * got[e];
+      host_norm += static_cast<double>(want[e]) * want[e];
+    }
+    // Averages of values of size kScale: the estimate moves the output, not its scale.
+    EXPECT_GT(norm, 0.25 * host_norm) << "layer " << l;
+    EXPECT_LT(norm, 4.0 * host_norm) << "layer " << l;
+  }
+  const auto s = (*gpu_rt)->Stats();
+  EXPECT_GT(s.attends_gpu_select, 0);
+  EXPECT_GE(s.value_codes_fallbacks, cfg.num_layers);
+  EXPECT_EQ((*host_rt)->Stats().value_codes_fallbacks, 0);
 }
 
 // The first decode steps after a prompt. The direct step is set up in the prompt's background job,
