@@ -190,6 +190,35 @@ absl::Status DirectAttendPartial(const DirectRowsView& v, const uint32_t* mask, 
 #endif
 }
 
+absl::Status DirectAttendPartialBatch(const DirectAttendItem* items, int n, float scale,
+                                      void* stream) {
+  constexpr const char* kFn = "DirectAttendPartialBatch";
+  if (n < 1 || n > kDirectAttendBatchMax)
+    return absl::InvalidArgumentError(
+        absl::StrCat(kFn, ": ", n, " members (1 to ", kDirectAttendBatchMax, " per call)"));
+  if (items == nullptr) return absl::InvalidArgumentError(absl::StrCat(kFn, ": null items"));
+  for (int i = 0; i < n; ++i) {
+    const DirectAttendItem& it = items[i];
+    const DirectRowsView& v = it.v;
+    const DirectRowsView& v0 = items[0].v;
+    if (v.dtype != v0.dtype || v.head_dim != v0.head_dim || v.q_heads != v0.q_heads ||
+        v.kv_heads != v0.kv_heads)
+      return absl::InvalidArgumentError(
+          absl::StrCat(kFn, ": member ", i, "'s shape (dtype, head_dim, q_heads, kv_heads) is not ",
+                       "member 0's: one launch runs one shape"));
+    if (auto s = detail::CheckDirectAttend(v, it.mask, it.q, scale, it.part_o, it.part_lse, kFn);
+        !s.ok())
+      return absl::InvalidArgumentError(absl::StrCat("member ", i, ": ", s.message()));
+  }
+#if KVRT_WITH_CUDA
+  const float sc = scale != 0.f ? scale : 1.f / std::sqrt(float(items[0].v.head_dim));
+  return ToStatus(detail::LaunchDirectAttendBatch(items, n, sc, stream), kFn);
+#else
+  (void)stream;
+  return NoCuda(kFn);
+#endif
+}
+
 absl::Status FillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream) {
   constexpr const char* kFn = "FillPages";
   if (auto s = detail::CheckFillPages(v, updates, n, kFn); !s.ok()) return s;

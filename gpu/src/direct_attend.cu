@@ -130,13 +130,14 @@ struct DirectArgs {
   unsigned long long* read_rows;  // [2] or null
 };
 
+// One CTA of the direct step's attention: kv head g, split s of n_splits (DirectAttendKernel and
+// DirectAttendBatchKernel map their grids onto it).
 template <typename T, int D, int kWarpHeads, bool kMma>
-__global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMinBlocks))
-    DirectAttendKernel(DirectArgs a) {
+__device__ __forceinline__ void DirectAttendCta(const DirectArgs& a, const int g, const int s,
+                                                const int n_splits) {
   using L = DirectLayout<T, D, kWarpHeads>;
   constexpr int kE = L::kE, kU = L::kU, kTile = L::kTile, kRowBytes = L::kRowBytes;
   const DirectRowsView& v = a.v;
-  const int g = blockIdx.x, s = blockIdx.y, n_splits = gridDim.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = v.q_heads / v.kv_heads;
   const uint32_t all_bits = group == 32 ? ~0u : (1u << group) - 1u;
@@ -681,6 +682,42 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
   }
 }
 
+// grid (kv_heads, splits).
+template <typename T, int D, int kWarpHeads, bool kMma>
+__global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMinBlocks))
+    DirectAttendKernel(const __grid_constant__ DirectArgs a) {
+  DirectAttendCta<T, D, kWarpHeads, kMma>(a, blockIdx.x, blockIdx.y, gridDim.y);
+}
+
+// A batch's members in one launch: grid (kv_heads, the members' splits in all), member i's
+// splits at y in [split_end[i - 1], split_end[i]); each CTA is the one DirectAttendKernel would
+// run for it. The members sit in the kernel's parameter (no upload).
+struct DirectBatchArgs {
+  int n;
+  int split_end[kDirectAttendBatchMax];
+  DirectArgs m[kDirectAttendBatchMax];
+};
+static_assert(sizeof(DirectBatchArgs) <= 32764, "a kernel parameter holds at most 32764 bytes");
+
+template <typename T, int D, int kWarpHeads, bool kMma>
+__global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMinBlocks))
+    DirectAttendBatchKernel(const __grid_constant__ DirectBatchArgs b) {
+  const int y = blockIdx.y;
+  int i = 0;
+  while (i + 1 < b.n && y >= b.split_end[i]) ++i;  // block-uniform, at most 31 steps
+  const int first = i == 0 ? 0 : b.split_end[i - 1];
+  // The member's arguments in shared memory: read from the parameter at a member index known only
+  // at run time, each use needed registers (40-52 bytes of spills in the tensor-core instances).
+  static_assert(sizeof(DirectArgs) % 8 == 0 && std::is_trivially_copyable_v<DirectArgs>);
+  __shared__ __align__(16) unsigned long long args_s[sizeof(DirectArgs) / 8];
+  const auto* src = reinterpret_cast<const unsigned long long*>(&b.m[i]);
+  for (int w = threadIdx.x; w < static_cast<int>(sizeof(DirectArgs) / 8); w += blockDim.x)
+    args_s[w] = src[w];
+  __syncthreads();
+  DirectAttendCta<T, D, kWarpHeads, kMma>(*reinterpret_cast<const DirectArgs*>(args_s), blockIdx.x,
+                                          y - first, b.split_end[i] - first);
+}
+
 // grid (ceil(C / 256), q_heads), 256 threads: thread j of q head h marks selected[h, j].
 __global__ void __launch_bounds__(256)
     MarkSelectedKernel(const int32_t* __restrict__ selected, const int32_t* __restrict__ count,
@@ -815,6 +852,27 @@ Err RunDirectAttend(const DirectArgs& a, dim3 grid, cudaStream_t st) {
   return LastLaunchErr();
 }
 
+// The batch kernel of the same instance as DirectAttendKernelFor's.
+using DirectBatchKernel = void (*)(DirectBatchArgs);
+
+template <typename T, int D>
+DirectBatchKernel DirectAttendBatchKernelFor(int group) {
+  if constexpr (!std::is_same_v<T, float> && D <= 128) {
+    if (group <= 8 && !ScalarOnly()) return DirectAttendBatchKernel<T, D, 4, true>;
+  }
+  if constexpr (D == 256) {
+    if (group <= kWarps * 2) return DirectAttendBatchKernel<T, D, 2, false>;
+  }
+  return DirectAttendBatchKernel<T, D, 4, false>;
+}
+
+template <typename T, int D>
+Err RunDirectAttendBatch(const DirectBatchArgs& b, dim3 grid, cudaStream_t st) {
+  const DirectRowsView& v = b.m[0].v;
+  DirectAttendBatchKernelFor<T, D>(v.q_heads / v.kv_heads)<<<grid, kThreads, 0, st>>>(b);
+  return LastLaunchErr();
+}
+
 }  // namespace
 
 Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_heads, int kv_heads,
@@ -844,6 +902,32 @@ Err LaunchDirectAttendSplits(const DirectRowsView& v, const uint32_t* mask, cons
   const dim3 grid(v.kv_heads, DirectSplits(v));
   KVRT_DISPATCH_DTYPE(v.dtype, T, {KVRT_DISPATCH_HEAD_DIM(v.head_dim, D, {
                         return RunDirectAttend<T, D>(a, grid, AsStream(stream));
+                      })})
+  return {};
+}
+
+Err LaunchDirectAttendBatch(const DirectAttendItem* items, int n, float scale, void* stream) {
+  if (n <= 0) return {};
+  // Heap, not stack: ~7 KiB. The launch copies it.
+  auto b = std::make_unique<DirectBatchArgs>();
+  b->n = n;
+  int splits = 0;
+  for (int i = 0; i < n; ++i) {
+    const DirectAttendItem& it = items[i];
+    b->m[i] = DirectArgs{it.v,
+                         it.mask,
+                         it.q,
+                         scale * 1.4426950408889634f,
+                         it.part_o,
+                         it.part_lse,
+                         reinterpret_cast<unsigned long long*>(it.read_rows)};
+    splits += DirectSplits(it.v);
+    b->split_end[i] = splits;
+  }
+  const DirectRowsView& v = items[0].v;
+  const dim3 grid(v.kv_heads, splits);
+  KVRT_DISPATCH_DTYPE(v.dtype, T, {KVRT_DISPATCH_HEAD_DIM(v.head_dim, D, {
+                        return RunDirectAttendBatch<T, D>(*b, grid, AsStream(stream));
                       })})
   return {};
 }

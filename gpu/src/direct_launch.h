@@ -41,6 +41,9 @@ Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const floa
 Err LaunchDirectAttendSplits(const DirectRowsView& v, const uint32_t* mask, const float* q,
                              float scale, float* part_o, float* part_lse, int64_t* read_rows,
                              void* stream);
+// The kernel for n members at once (1 <= n <= kDirectAttendBatchMax, one shape; scale resolved):
+// member i's split states as LaunchDirectAttendSplits would write them.
+Err LaunchDirectAttendBatch(const DirectAttendItem* items, int n, float scale, void* stream);
 // Loads the direct step's kernels for this shape (LoadKernel); kv_heads > 0.
 Err PreloadDirectStep(DType dtype, int head_dim, int q_heads, int kv_heads);
 Err LaunchFillPages(const DirectRowsView& v, const int32_t* updates, int n, void* stream);

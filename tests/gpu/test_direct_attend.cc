@@ -775,6 +775,33 @@ TEST(DirectAttendHost, ArgumentChecks) {
 #endif
 }
 
+// The batch form's checks: member count, one shape, each member's own arguments (named).
+TEST(DirectAttendPartialBatch, ArgumentChecks) {
+  Problem p = MakeProblem(HostShapes()[0], 14);
+  std::vector<float> o(static_cast<std::size_t>(p.qh) * p.sh.d * kDirectAttendMaxSplits),
+      lse(static_cast<std::size_t>(p.qh) * kDirectAttendMaxSplits);
+  DirectAttendItem item{p.View(), p.mask.data(), p.q.data(), o.data(), lse.data(), nullptr};
+  std::vector<DirectAttendItem> items(kDirectAttendBatchMax + 1, item);
+  auto code = [&](int n) { return DirectAttendPartialBatch(items.data(), n, 0.f, nullptr).code(); };
+  EXPECT_EQ(code(0), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code(kDirectAttendBatchMax + 1), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(DirectAttendPartialBatch(nullptr, 1, 0.f, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  items[2].v.head_dim = p.sh.d == 64 ? 128 : 64;
+  const absl::Status shape = DirectAttendPartialBatch(items.data(), 3, 0.f, nullptr);
+  EXPECT_EQ(shape.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(shape.message().find("member 2"), std::string::npos) << shape;
+  items[2] = item;
+  items[1].part_lse = nullptr;
+  const absl::Status null_out = DirectAttendPartialBatch(items.data(), 3, 0.f, nullptr);
+  EXPECT_EQ(null_out.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(null_out.message().find("member 1"), std::string::npos) << null_out;
+  items[1] = item;
+#if !KVRT_WITH_CUDA
+  EXPECT_EQ(code(3), absl::StatusCode::kFailedPrecondition);
+#endif
+}
+
 #if KVRT_WITH_CUDA
 // Equal vectors, reporting the first difference only (pools are megabytes).
 template <typename T>
@@ -984,6 +1011,104 @@ TEST(DirectAttendKernel, MatchesHostReference) {
     ExpectKernelMatches(RunDevice(dp, p, false), RunHost(p));
     ExpectKernelMatches(RunDevice(dp, p, true), RunHost(p));
     ExpectKernelMatches(RunDevicePartial(dp, p), RunHost(p));
+  }
+}
+
+// The batch form is each member's launch: members of one shape with their own stores, tables,
+// stages, masks and row counts, launched together and one by one; split states bit for bit, the
+// same read counts and staged rows, and (merged) the host reference's attention.
+TEST(DirectAttendKernel, BatchIsEachMembersLaunch) {
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (const Shape& base : {KernelShapes()[0], KernelShapes()[5], KernelShapes()[6],
+                            KernelShapes()[7], KernelShapes()[10]}) {
+    SCOPED_TRACE(Describe(base));
+    constexpr int kMembers = 5;
+    std::vector<Problem> ps;
+    std::vector<std::unique_ptr<DevProblem>> dps;
+    for (int i = 0; i < kMembers; ++i) {
+      Shape sh = base;  // the same shape, other sizes
+      sh.clusters = base.clusters + 37 * i;
+      sh.tail = base.tail + 11 * i;
+      ps.push_back(MakeProblem(sh, 700 + 13 * i));
+      if (i % 2 == 1) ps.back().Stage(ps.back().rows * sh.kv);
+    }
+    for (int i = 0; i < kMembers; ++i) {
+      dps.push_back(std::make_unique<DevProblem>(ps[i], StoreMem::kHostAllocMapped));
+      if (i >= 2) {
+        FillBoth(ps[i], *dps[i],
+                 RandomUpdates(ps[i], static_cast<int>(ps[i].rows / kB / 2), 23 + i));
+      }
+    }
+    // [form][member]: 0 one launch per member, 1 the batch.
+    std::vector<float*> part_o[2], part_lse[2];
+    std::vector<int64_t*> reads[2];
+    std::vector<std::size_t> o_n(kMembers), lse_n(kMembers);
+    std::vector<uint32_t> staged[2] = {std::vector<uint32_t>(kMembers, 0),
+                                       std::vector<uint32_t>(kMembers, 0)};
+    for (int form = 0; form < 2; ++form) {
+      std::vector<DirectAttendItem> items;
+      for (int i = 0; i < kMembers; ++i) {
+        DevProblem& dp = *dps[i];
+        const int splits = DirectAttendSplits(dp.view);
+        lse_n[i] = static_cast<std::size_t>(splits) * ps[i].qh;
+        o_n[i] = lse_n[i] * ps[i].sh.d;
+        part_o[form].push_back(ToDevice(std::vector<float>(o_n[i], 7.f)));
+        part_lse[form].push_back(ToDevice(std::vector<float>(lse_n[i], 7.f)));
+        reads[form].push_back(ToDevice(std::vector<int64_t>(2, 0)));
+        items.push_back(
+            {dp.view, dp.mask, dp.q, part_o[form][i], part_lse[form][i], reads[form][i]});
+        if (dp.view.staged_pages) {
+          ASSERT_EQ(cudaMemset(dp.view.stage_count, 0, sizeof(uint32_t)), cudaSuccess);
+        }
+      }
+      if (form == 0) {
+        for (const DirectAttendItem& it : items) {
+          ASSERT_TRUE(DirectAttendPartial(it.v, it.mask, it.q, 0.f, it.part_o, it.part_lse,
+                                          it.read_rows, nullptr)
+                          .ok());
+        }
+      } else {
+        ASSERT_TRUE(DirectAttendPartialBatch(items.data(), kMembers, 0.f, nullptr).ok());
+      }
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      for (int i = 0; i < kMembers; ++i)
+        if (dps[i]->view.staged_pages) staged[form][i] = ToHost(dps[i]->view.stage_count, 1)[0];
+    }
+    for (int i = 0; i < kMembers; ++i) {
+      EXPECT_EQ(staged[1][i], staged[0][i]) << "member " << i << ": rows staged";
+      if (dps[i]->view.staged_pages) {
+        EXPECT_GT(staged[1][i], 0u) << "member " << i;
+      }
+    }
+    for (int i = 0; i < kMembers; ++i) {
+      SCOPED_TRACE("member " + std::to_string(i));
+      EXPECT_TRUE(Same(ToHost(part_o[1][i], o_n[i]), ToHost(part_o[0][i], o_n[i]), "part_o"));
+      EXPECT_TRUE(
+          Same(ToHost(part_lse[1][i], lse_n[i]), ToHost(part_lse[0][i], lse_n[i]), "part_lse"));
+      EXPECT_EQ(ToHost(reads[1][i], 2), ToHost(reads[0][i], 2));
+      // Merged, the batch's states are the host reference's attention.
+      const int splits = DirectAttendSplits(dps[i]->view);
+      const std::size_t n = static_cast<std::size_t>(ps[i].qh) * ps[i].sh.d;
+      float* o = ToDevice(std::vector<float>(n, 7.f));
+      float* lse = ToDevice(std::vector<float>(ps[i].qh, 7.f));
+      ASSERT_TRUE(MergeStatesN(part_o[1][i], part_lse[1][i], splits, ps[i].qh, ps[i].sh.d, o,
+                               DType::kF32, lse, nullptr)
+                      .ok());
+      Result dev;
+      dev.o = ToHost(o, n);
+      dev.lse = ToHost(lse, ps[i].qh);
+      dev.reads = ToHost(reads[1][i], 2);
+      const Result ref = RunHost(ps[i]);
+      EXPECT_TRUE(Close(dev.lse, ref.lse, kKernelTol, "lse"));
+      EXPECT_TRUE(Close(dev.o, ref.o, kKernelTol, "o"));
+      EXPECT_EQ(dev.reads, ref.reads);
+      for (void* x : {static_cast<void*>(o), static_cast<void*>(lse)}) cudaFree(x);
+    }
+    for (int form = 0; form < 2; ++form)
+      for (int i = 0; i < kMembers; ++i)
+        for (void* x : {static_cast<void*>(part_o[form][i]), static_cast<void*>(part_lse[form][i]),
+                        static_cast<void*>(reads[form][i])})
+          cudaFree(x);
   }
 }
 

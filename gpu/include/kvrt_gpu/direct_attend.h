@@ -180,6 +180,24 @@ absl::Status DirectAttendPartial(const DirectRowsView& v, const uint32_t* mask, 
                                  float scale, float* part_o, float* part_lse, int64_t* read_rows,
                                  void* stream);
 
+// One member of DirectAttendPartialBatch: DirectAttendPartial's arguments.
+struct DirectAttendItem {
+  DirectRowsView v;
+  const uint32_t* mask = nullptr;
+  const float* q = nullptr;
+  float* part_o = nullptr;
+  float* part_lse = nullptr;
+  int64_t* read_rows = nullptr;
+};
+inline constexpr int kDirectAttendBatchMax = 32;
+// DirectAttendPartial for n members in one launch (a batch decode step: one launch instead of one
+// per member, its CTAs side by side on the device): member i's DirectAttendSplits(items[i].v)
+// split states in items[i].part_o / part_lse, bit for bit DirectAttendPartial's. The members share
+// dtype, head_dim, q_heads and kv_heads; 1 <= n <= kDirectAttendBatchMax (else InvalidArgument,
+// naming the member and the field).
+absl::Status DirectAttendPartialBatch(const DirectAttendItem* items, int n, float scale,
+                                      void* stream);
+
 // Applies n page-table updates, in order: updates int32 [n, 2] = (kv_head * blocks_per_head +
 // block, page). page >= 0: rows of that store block copied from the host store into pool page
 // `page`, then block_page[...] = page (only whole blocks: (block + 1) * kDirectBlockRows <= rows,
