@@ -835,15 +835,35 @@ bool ScalarOnly() {
   return scalar;
 }
 
-template <typename T, int D>
-DirectKernel DirectAttendKernelFor(int group) {
+// The instance (kWarpHeads, kMma) for a group size: fn(warp heads, mma) as integral constants,
+// for the one-member kernel and the batch kernel alike (the batch's CTAs must be the one-member
+// launch's, bit for bit).
+template <typename T, int D, typename Fn>
+auto WithDirectInstance(int group, Fn&& fn) {
   if constexpr (!std::is_same_v<T, float> && D <= 128) {
-    if (group <= 8 && !ScalarOnly()) return DirectAttendKernel<T, D, 4, true>;
+    if (group <= 8 && !ScalarOnly()) return fn(std::integral_constant<int, 4>{}, std::true_type{});
   }
   if constexpr (D == 256) {
-    if (group <= kWarps * 2) return DirectAttendKernel<T, D, 2, false>;
+    if (group <= kWarps * 2) return fn(std::integral_constant<int, 2>{}, std::false_type{});
   }
-  return DirectAttendKernel<T, D, 4, false>;
+  return fn(std::integral_constant<int, 4>{}, std::false_type{});
+}
+
+using DirectBatchKernel = void (*)(DirectBatchArgs);
+
+// The one-member kernel (kBatch false) or the batch kernel of the instance for a group size.
+template <typename T, int D, bool kBatch = false>
+auto DirectAttendKernelFor(int group) {
+  using Kernel = std::conditional_t<kBatch, DirectBatchKernel, DirectKernel>;
+  return WithDirectInstance<T, D>(group, [](auto heads, auto mma) -> Kernel {
+    constexpr int kHeads = decltype(heads)::value;
+    constexpr bool kMma = decltype(mma)::value;
+    if constexpr (kBatch) {
+      return DirectAttendBatchKernel<T, D, kHeads, kMma>;
+    } else {
+      return DirectAttendKernel<T, D, kHeads, kMma>;
+    }
+  });
 }
 
 template <typename T, int D>
@@ -852,24 +872,10 @@ Err RunDirectAttend(const DirectArgs& a, dim3 grid, cudaStream_t st) {
   return LastLaunchErr();
 }
 
-// The batch kernel of the same instance as DirectAttendKernelFor's.
-using DirectBatchKernel = void (*)(DirectBatchArgs);
-
-template <typename T, int D>
-DirectBatchKernel DirectAttendBatchKernelFor(int group) {
-  if constexpr (!std::is_same_v<T, float> && D <= 128) {
-    if (group <= 8 && !ScalarOnly()) return DirectAttendBatchKernel<T, D, 4, true>;
-  }
-  if constexpr (D == 256) {
-    if (group <= kWarps * 2) return DirectAttendBatchKernel<T, D, 2, false>;
-  }
-  return DirectAttendBatchKernel<T, D, 4, false>;
-}
-
 template <typename T, int D>
 Err RunDirectAttendBatch(const DirectBatchArgs& b, dim3 grid, cudaStream_t st) {
   const DirectRowsView& v = b.m[0].v;
-  DirectAttendBatchKernelFor<T, D>(v.q_heads / v.kv_heads)<<<grid, kThreads, 0, st>>>(b);
+  DirectAttendKernelFor<T, D, true>(v.q_heads / v.kv_heads)<<<grid, kThreads, 0, st>>>(b);
   return LastLaunchErr();
 }
 
