@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 #include "cluster_launch.h"
@@ -206,9 +207,11 @@ absl::Status DirectAttendPartialBatch(const DirectAttendItem* items, int n, floa
       return absl::InvalidArgumentError(
           absl::StrCat(kFn, ": member ", i, "'s shape (dtype, head_dim, q_heads, kv_heads) is not ",
                        "member 0's: one launch runs one shape"));
-    if (auto s = detail::CheckDirectAttend(v, it.mask, it.q, scale, it.part_o, it.part_lse, kFn);
+    const std::string fn = absl::StrCat(kFn, " member ", i);
+    if (auto s =
+            detail::CheckDirectAttend(v, it.mask, it.q, scale, it.part_o, it.part_lse, fn.c_str());
         !s.ok())
-      return absl::InvalidArgumentError(absl::StrCat("member ", i, ": ", s.message()));
+      return s;
   }
 #if KVRT_WITH_CUDA
   const float sc = scale != 0.f ? scale : 1.f / std::sqrt(float(items[0].v.head_dim));
