@@ -40,7 +40,9 @@
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
-#   .bundle/ and packs it into .bundlez/bundle.tgz (both git-ignored).
+#   .bundle/ and packs it into .bundlez/bundle.tgz (both git-ignored). EXTRA_PROGRAMS adds
+#   programs (e.g. an older build's test_gpu_kernels copied as test_gpu_before); SLIM=1 leaves
+#   out the kernels-apart tools and the install prefix when the carry would pass 64 MiB.
 # There:                run(command="bash scripts/device-check.sh --device", carry=[".bundlez"])
 #   logs under $OUT: tests.log memcheck.log racecheck.log bench.log sdpa_peer.log
 # BENCH=e2e (there): the Python package built against the bundle's libkvrt (.bundle/prefix), then
@@ -793,8 +795,12 @@ mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
   .bundle/stage/
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
-cp "$build"/tools/gpu_bench/direct_attend_parts* "$build"/tools/gpu_bench/cluster_step_parts* \
-  "$build"/tools/gpu_bench/direct_attend_mix .bundle/stage/
+# SLIM=1 leaves out the kernels-apart tools and the install prefix (BENCH=parts, mix, e2e,
+# binding): the carry limit is 64 MiB with the checkout, which a bundle with extra programs passed.
+if [[ -z "${SLIM:-}" ]]; then
+  cp "$build"/tools/gpu_bench/direct_attend_parts* "$build"/tools/gpu_bench/cluster_step_parts* \
+    "$build"/tools/gpu_bench/direct_attend_mix .bundle/stage/
+fi
 for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
 [[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
 bash scripts/bundle.sh .bundle .bundle/stage/*
@@ -803,8 +809,10 @@ rm -rf .bundle/stage
 # which BENCH=e2e builds the Python package against there (KVRT_PY_LIBKVRT=installed); the
 # shared libraries libkvrt.so loads join .bundle/lib. Not carried: the CLI (in .bundle/bin) and
 # libkvrt.a (only find_package(kvrt COMPONENTS static) loads its targets).
-cmake --install "$build" --prefix .bundle/prefix >/dev/null || exit 1
-rm -rf .bundle/prefix/bin .bundle/prefix/lib/libkvrt.a
-strip --strip-unneeded "$(readlink -f .bundle/prefix/lib/libkvrt.so)" || exit 1
-bash scripts/bundle.sh --deps-only .bundle .bundle/prefix/lib/libkvrt.so || exit 1
+if [[ -z "${SLIM:-}" ]]; then
+  cmake --install "$build" --prefix .bundle/prefix >/dev/null || exit 1
+  rm -rf .bundle/prefix/bin .bundle/prefix/lib/libkvrt.a
+  strip --strip-unneeded "$(readlink -f .bundle/prefix/lib/libkvrt.so)" || exit 1
+  bash scripts/bundle.sh --deps-only .bundle .bundle/prefix/lib/libkvrt.so || exit 1
+fi
 mkdir -p .bundlez && tar czf .bundlez/bundle.tgz .bundle && du -sh .bundlez/bundle.tgz
