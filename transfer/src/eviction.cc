@@ -77,8 +77,10 @@ void BackgroundWork::RunArmed() {
     std::lock_guard<std::mutex> lock(mu_);
     job = std::exchange(armed_, nullptr);
   }
-  if (!job) return;
-  absl::Status s = job();
+  if (job) Done(job());
+}
+
+void BackgroundWork::Done(absl::Status s) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!s.ok() && status_.ok()) status_ = std::move(s);
   running_ = false;
@@ -86,13 +88,7 @@ void BackgroundWork::RunArmed() {
 }
 
 void BackgroundWork::Enqueue(tbb::task_arena& arena, std::function<absl::Status()> job) {
-  arena.enqueue([this, job = std::move(job)] {
-    absl::Status s = job();
-    std::lock_guard<std::mutex> guard(mu_);
-    if (!s.ok() && status_.ok()) status_ = std::move(s);
-    running_ = false;
-    cv_.notify_all();
-  });
+  arena.enqueue([this, job = std::move(job)] { Done(job()); });
 }
 
 void BackgroundWork::Launch(tbb::task_arena& arena, std::function<absl::Status()> job) {

@@ -111,6 +111,8 @@ class BackgroundWork {
   void LaunchArmed(tbb::task_arena& arena);
   // Runs the armed job here, if any, to its end.
   void RunArmed();
+  // A job ended with status s: kept for Wait (the first error), the next job may start.
+  void Done(absl::Status s);
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
