@@ -866,6 +866,13 @@ auto DirectAttendKernelFor(int group) {
   });
 }
 
+// The kernels' arguments for one member (scores in base 2), the same for both launches.
+DirectArgs MakeDirectArgs(const DirectAttendItem& it, float scale) {
+  const float scale_log2 = scale * 1.4426950408889634f;
+  auto* reads = reinterpret_cast<unsigned long long*>(it.read_rows);
+  return DirectArgs{it.v, it.mask, it.q, scale_log2, it.part_o, it.part_lse, reads};
+}
+
 template <typename T, int D>
 Err RunDirectAttend(const DirectArgs& a, dim3 grid, cudaStream_t st) {
   DirectAttendKernelFor<T, D>(a.v.q_heads / a.v.kv_heads)<<<grid, kThreads, 0, st>>>(a);
@@ -898,13 +905,7 @@ Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_head
 Err LaunchDirectAttendSplits(const DirectRowsView& v, const uint32_t* mask, const float* q,
                              float scale, float* part_o, float* part_lse, int64_t* read_rows,
                              void* stream) {
-  DirectArgs a{v,
-               mask,
-               q,
-               scale * 1.4426950408889634f,
-               part_o,
-               part_lse,
-               reinterpret_cast<unsigned long long*>(read_rows)};
+  const DirectArgs a = MakeDirectArgs({v, mask, q, part_o, part_lse, read_rows}, scale);
   const dim3 grid(v.kv_heads, DirectSplits(v));
   KVRT_DISPATCH_DTYPE(v.dtype, T, {KVRT_DISPATCH_HEAD_DIM(v.head_dim, D, {
                         return RunDirectAttend<T, D>(a, grid, AsStream(stream));
@@ -920,13 +921,7 @@ Err LaunchDirectAttendBatch(const DirectAttendItem* items, int n, float scale, v
   int splits = 0;
   for (int i = 0; i < n; ++i) {
     const DirectAttendItem& it = items[i];
-    b->m[i] = DirectArgs{it.v,
-                         it.mask,
-                         it.q,
-                         scale * 1.4426950408889634f,
-                         it.part_o,
-                         it.part_lse,
-                         reinterpret_cast<unsigned long long*>(it.read_rows)};
+    b->m[i] = MakeDirectArgs(it, scale);
     splits += DirectSplits(it.v);
     b->split_end[i] = splits;
   }
