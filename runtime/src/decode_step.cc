@@ -342,12 +342,4 @@ void LayerState::RecordColdCost(bool fetch, int64_t ns) {
   c = c == 0 ? static_cast<double>(ns) : 0.8 * c + 0.2 * static_cast<double>(ns);
 }
 
-bool BatchAdmitEnabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("KVRT_BATCH_ADMIT");
-    return env == nullptr || std::atoi(env) != 0;
-  }();
-  return on;
-}
-
 }  // namespace kvrt::runtime

@@ -312,9 +312,6 @@ class DeviceStep : public TierStep {
   int lane_grain = 1;
   std::mutex lanes_mu;
   std::vector<transfer::Event>* lane_joined = nullptr;
-  // A batch's members' direct-step admissions, enqueued after its merge by one stream callback
-  // (Finish), or at the step's end if it failed before (BatchAdmitEnabled).
-  transfer::ArmedJobs admissions;
   // The tier's attention, launched by DeviceTier::LaunchTier (pending: not yet).
   gpu::TierBatch tier;
   gpu::AttnParams tier_params;
@@ -1734,10 +1731,10 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     KVRT_SPAN("direct_attend", i);
     // One sequence: the attention's split states stay in the step's slots for its one merge.
     int splits = 0;
-    KVRT_RETURN_IF_ERROR(direct_.Attend(
-        cold, outs.selected, outs.selected_count, outs.group_mask != nullptr, step->size() > 1, q,
-        step->o(kHotSlot, i), step->lse(kHotSlot, i), step->slot_count - kHotSlot, &splits, stream,
-        arena, sel, step->size() > 1 && BatchAdmitEnabled() ? &step->admissions : nullptr));
+    KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
+                                        outs.group_mask != nullptr, step->size() > 1, q,
+                                        step->o(kHotSlot, i), step->lse(kHotSlot, i),
+                                        step->slot_count - kHotSlot, &splits, stream, arena, sel));
     step->hot[i] = 1;
     step->hot_states = splits;
     if (defer) {
@@ -1918,8 +1915,6 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
     KVRT_RETURN_IF_ERROR(ev_merge_.Record(stream));
     timing_pending_ = true;
   }
-  // After the merge, which follows every member's record copy (JoinLanes).
-  step->admissions.LaunchAfter(stream);
   if (merged != out) {
     for (int i = 0; i < n;) {
       if (!ok[i]) {

@@ -672,8 +672,7 @@ uint32_t* DirectStep::SelectionMask(int C, void* stream) {
 absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
                                 bool mask_written, bool in_batch, const float* q, float* o,
                                 float* lse, int max_states, int* states, void* stream,
-                                tbb::task_arena& arena, ColdSelection* sel,
-                                transfer::ArmedJobs* batch_admissions) {
+                                tbb::task_arena& arena, ColdSelection* sel) {
   const int64_t t0 = NowNs();
   const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
   const int C = view_c_;
@@ -763,12 +762,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // The pages for the next step, chosen and filled off the decode path, by a job that enters the
   // arena only once the record is on the host: a job that waited for it there would hold a worker
   // that the decode steps of the layers after this one (or a batch's other members) need.
-  if (batch_admissions != nullptr) {
-    admission_.Arm([this] { return AdmitAndFill(); });
-    batch_admissions->Add(&admission_, &arena);
-  } else {
-    admission_.LaunchAfter(arena, side, [this] { return AdmitAndFill(); });
-  }
+  admission_.LaunchAfter(arena, side, [this] { return AdmitAndFill(); });
   counters_->time_hot_cache_ns += NowNs() - t0;
   return absl::OkStatus();
 }

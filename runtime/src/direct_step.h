@@ -86,13 +86,11 @@ class DirectStep {
   // attention's split states fit, they are left there unmerged for the caller's one merge, and
   // *states is their count; else (or max_states 1) o, lse hold the merged state and *states is 1.
   // *sel: every active head's CPU rows stay empty; with record_attended the rows attended come
-  // back in sel->cached_rows (one wait for the copy). The admission job is enqueued on arena once
-  // the step's record is on the host (a stream callback), or, with batch_admissions (a batch
-  // member), armed and added there for the batch's one callback after its merge.
+  // back in sel->cached_rows (one wait for the copy).
   absl::Status Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
                       bool mask_written, bool in_batch, const float* q, float* o, float* lse,
                       int max_states, int* states, void* stream, tbb::task_arena& arena,
-                      ColdSelection* sel, transfer::ArmedJobs* batch_admissions);
+                      ColdSelection* sel);
   bool registered() const { return !regs_k_.empty(); }
   // The stores are registered (where they are now) for their first `rows` rows.
   bool RegisteredUpTo(const ColdTier& cold, int64_t rows);

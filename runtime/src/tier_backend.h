@@ -46,10 +46,6 @@ int DeviceMemberLanes();
 // Whether a batch step launches its members' device selections together (TierBackend::
 // PrepareBatchSelect): on by default, KVRT_BATCH_SELECT=0 turns it off.
 bool BatchSelectEnabled();
-// A batch step's direct-step admissions enqueued by one stream callback after its merge
-// (transfer::ArmedJobs) rather than one per member on its lane's stream; KVRT_BATCH_ADMIT=0 turns
-// it off, for A/B runs.
-bool BatchAdmitEnabled();
 // Member i's lane of a batch of n in DeviceMemberLanes() lanes: runs of LaneGrain(n) members.
 inline int LaneGrain(int n) {
   const int lanes = DeviceMemberLanes();

@@ -65,19 +65,9 @@ bool BackgroundWork::running() const {
 }
 
 void BackgroundWork::Begin() {
-  RunArmed();
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return !running_; });
   running_ = true;
-}
-
-void BackgroundWork::RunArmed() {
-  std::function<absl::Status()> job;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    job = std::exchange(armed_, nullptr);
-  }
-  if (job) Done(job());
 }
 
 void BackgroundWork::Done(absl::Status s) {
@@ -113,57 +103,7 @@ void BackgroundWork::LaunchAfter(tbb::task_arena& arena, void* stream,
   if (!AddStreamCallback(stream, enqueue, pending).ok()) enqueue(pending);
 }
 
-void BackgroundWork::Arm(std::function<absl::Status()> job) {
-  Begin();
-  std::lock_guard<std::mutex> lock(mu_);
-  armed_ = std::move(job);
-}
-
-void BackgroundWork::LaunchArmed(tbb::task_arena& arena) {
-  std::function<absl::Status()> job;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    job = std::exchange(armed_, nullptr);
-  }
-  // Nothing armed any more: a Wait or a Begin ran it (see RunArmed).
-  if (job) Enqueue(arena, std::move(job));
-}
-
-void ArmedJobs::Add(BackgroundWork* work, tbb::task_arena* arena) {
-  std::lock_guard<std::mutex> lock(mu_);
-  jobs_.emplace_back(work, arena);
-}
-
-void ArmedJobs::LaunchNow() {
-  std::vector<std::pair<BackgroundWork*, tbb::task_arena*>> jobs;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    jobs.swap(jobs_);
-  }
-  for (auto& [work, arena] : jobs) work->LaunchArmed(*arena);
-}
-
-void ArmedJobs::LaunchAfter(void* stream) {
-  using Jobs = std::vector<std::pair<BackgroundWork*, tbb::task_arena*>>;
-  auto* jobs = new Jobs;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    jobs->swap(jobs_);
-  }
-  if (jobs->empty()) {
-    delete jobs;
-    return;
-  }
-  auto enqueue = [](void* p) {
-    // On CUDA's callback thread (see BackgroundWork::LaunchAfter).
-    std::unique_ptr<Jobs> owned(static_cast<Jobs*>(p));
-    for (auto& [work, arena] : *owned) work->LaunchArmed(*arena);
-  };
-  if (!AddStreamCallback(stream, enqueue, jobs).ok()) enqueue(jobs);
-}
-
 absl::Status BackgroundWork::Wait() {
-  RunArmed();
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return !running_; });
   return std::exchange(status_, absl::OkStatus());

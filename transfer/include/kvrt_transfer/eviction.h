@@ -93,24 +93,14 @@ class BackgroundWork {
   // arena's workers while it waits, which in a pipelined decoder (the host a step ahead of the
   // device) is most of a step. If the callback cannot be added, the job is enqueued at once.
   void LaunchAfter(tbb::task_arena& arena, void* stream, std::function<absl::Status()> job);
-  // LaunchAfter for many jobs at once, in two halves: Arm waits for the running job, marks `job`
-  // running and keeps it; ArmedJobs (below) enqueues it. A Wait (or the next Launch, LaunchAfter
-  // or Arm) before that runs it on the calling thread: a caller that must wait for the job (a
-  // store about to move) may come before the batch's launch, on the thread that would launch it.
-  void Arm(std::function<absl::Status()> job);
   // Waits for the running job; returns its status (OK if none) and clears it.
   absl::Status Wait();
   absl::Status Wait(tbb::task_arena&) { return Wait(); }
 
  private:
-  friend class ArmedJobs;
   // Marks a job running (after the one before it).
   void Begin();
   void Enqueue(tbb::task_arena& arena, std::function<absl::Status()> job);
-  // Enqueues the armed job, if one is still armed.
-  void LaunchArmed(tbb::task_arena& arena);
-  // Runs the armed job here, if any, to its end.
-  void RunArmed();
   // A job ended with status s: kept for Wait (the first error), the next job may start.
   void Done(absl::Status s);
 
@@ -118,33 +108,6 @@ class BackgroundWork {
   std::condition_variable cv_;
   bool running_ = false;
   absl::Status status_;
-  std::function<absl::Status()> armed_;
-};
-
-// Jobs armed by several BackgroundWork (one per batch member: each member's admission after a
-// batch decode step), enqueued together once the work queued on a stream so far is done: one
-// stream callback for the batch. A callback per member sat on its lane's stream between members,
-// each holding the next member's kernels until CUDA's callback thread ran it, and cost a driver
-// call per member in a batch step that the host's driver calls bound. Add may be called from
-// several threads. The destructor enqueues at once what was not launched (a step that failed
-// before its end): an armed job must run, or its BackgroundWork would wait for it forever.
-class ArmedJobs {
- public:
-  ArmedJobs() = default;
-  ~ArmedJobs() { LaunchNow(); }
-  ArmedJobs(const ArmedJobs&) = delete;
-  ArmedJobs& operator=(const ArmedJobs&) = delete;
-
-  // `work`'s job (work->Arm called) is enqueued on `arena` with the others.
-  void Add(BackgroundWork* work, tbb::task_arena* arena);
-  // One callback on `stream` enqueues every added job; at once if the callback cannot be added.
-  void LaunchAfter(void* stream);
-  // Enqueues every added job now.
-  void LaunchNow();
-
- private:
-  std::mutex mu_;
-  std::vector<std::pair<BackgroundWork*, tbb::task_arena*>> jobs_;
 };
 
 }  // namespace kvrt::transfer
