@@ -423,7 +423,7 @@ absl::Status DirectStep::Warm(const ColdTier& cold, int C, void* stream) {
           ++admitted;
         }
       });
-    st = ApplyUpdates(rows, stream);
+    st = ApplyUpdates(rows, stream, nullptr, false);
     eager_.clear();
   }
   if (!st.ok()) {
@@ -553,6 +553,7 @@ absl::Status DirectStep::AdmitAndFill() {
   KVRT_SPAN("admission_job");
   timeline::Span wait_span("admission_record_wait");
   KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
+  if (updates_before_record_) updates_.Done();
   wait_span.End();
   const int64_t t0 = NowNs();
   {
@@ -570,7 +571,7 @@ absl::Status DirectStep::AdmitAndFill() {
   // NOTE: the step that read the pages this fill may overwrite is complete (rec_ready_ follows
   // its attend), and the next step's stream waits for filled_ before it reads the pool.
   KVRT_ASSIGN_OR_RETURN(void* aside, ctx_->AcquireStream());
-  absl::Status st = ApplyUpdates(rec_rows_, aside);
+  absl::Status st = ApplyUpdates(rec_rows_, aside, &filled_, true);
   // The rows the step read over PCIe go into the pages their blocks hold now (also those given
   // just above); the stage is then free for the next step, which waits for filled_.
   if (st.ok()) st = gpu::CommitStaged(View(rec_rows_), aside);
@@ -591,6 +592,11 @@ absl::Status DirectStep::AdmitAndFill() {
     }
   }
   if (st.ok()) st = filled_.Record(aside);
+  // filled_ not recorded: the staging waits for an event of its own instead.
+  if (!st.ok()) {
+    updates_before_record_ = false;
+    (void)updates_.Sent(aside);
+  }
   ctx_->ReleaseStream(aside);
   fill_pending_ = st.ok();
   fill_waited_by_ = nullptr;
@@ -598,7 +604,8 @@ absl::Status DirectStep::AdmitAndFill() {
   return st;
 }
 
-absl::Status DirectStep::ApplyUpdates(int64_t rows, void* stream) {
+absl::Status DirectStep::ApplyUpdates(int64_t rows, void* stream, const transfer::Event* after,
+                                      bool before_record) {
   const std::vector<BlockPageCache::Update> ups = cache_->TakeUpdates();
   if (ups.empty()) return absl::OkStatus();
   const std::size_t bytes = 2 * ups.size() * sizeof(int32_t);
@@ -612,10 +619,16 @@ absl::Status DirectStep::ApplyUpdates(int64_t rows, void* stream) {
   }
   // The kernel reads the list from the pinned staging itself (mapped, a few KiB): no device
   // copy, allocation and free, three driver calls fewer per member and step in a batch, whose
-  // steps are bound by the host's driver calls. Sent keeps the staging until the kernel is done.
+  // steps are bound by the host's driver calls. The staging stays taken until the kernel is done
+  // (Sent, or the caller's event after it: SentBefore).
   absl::Status st = gpu::FillPages(View(rows), static_cast<const int32_t*>(host),
                                    static_cast<int>(ups.size()), stream);
-  if (st.ok()) st = updates_.Sent(stream);
+  if (st.ok() && after != nullptr) {
+    updates_.SentBefore(after);
+  } else if (st.ok()) {
+    st = updates_.Sent(stream);
+  }
+  updates_before_record_ = before_record;
   // NOTE: staged pages: only the eager blocks (the tail, the extra rows) cross PCIe here, counted
   // in hot_h2d_bytes by Admit; the others are only assigned.
   return st;
@@ -648,7 +661,7 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
   fill_waited_by_ = nullptr;
   // A new index version: its page drops are applied here, on the step's stream.
   KVRT_RETURN_IF_ERROR(RefreshView(cold, C, stream));
-  KVRT_RETURN_IF_ERROR(ApplyUpdates(rec_rows_, stream));
+  KVRT_RETURN_IF_ERROR(ApplyUpdates(rec_rows_, stream, nullptr, true));
   counters_->time_hot_cache_ns += NowNs() - t0;
   return absl::OkStatus();
 }

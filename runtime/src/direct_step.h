@@ -132,7 +132,11 @@ class DirectStep {
   // copies of the summary (the cold tier may refresh it meanwhile).
   void Admit();
   // The policy's page updates to the table (FillPages; eager_ blocks copied whole), `rows` cold.
-  absl::Status ApplyUpdates(int64_t rows, void* stream);
+  // The upload's staging is free again after `after` (when given: the caller records it after
+  // the fill on the same stream), else after an event of its own. `before_record`: the fill
+  // comes before the next step's record in stream order (see updates_before_record_).
+  absl::Status ApplyUpdates(int64_t rows, void* stream, const transfer::Event* after,
+                            bool before_record);
   // Rows q head h attended in the step recorded in rec_ (mask bits, extra rows, the tail).
   std::vector<int64_t> RecordedRows(const ColdTier& cold, int h) const;
   gpu::DirectRowsView View(int64_t rows) const;
@@ -177,6 +181,11 @@ class DirectStep {
   int64_t blocks_per_head_ = 0;
   int64_t counted_bytes_ = 0;
   transfer::UploadStaging updates_;  // the page updates' pinned upload
+  // The last upload out of updates_ was the admission's fill or BeginStep's: the next step's
+  // stream waits for the one (filled_) and runs the other before its attend, so once its record
+  // is on the host the staging is free with no event wait (two driver calls fewer per member and
+  // step: a batch step is bound by its driver calls). Warm's fill, on the prompt's stream, is not.
+  bool updates_before_record_ = false;
   transfer::BackgroundWork admission_;
   transfer::Event filled_;  // the admission's fill, on a stream of its own
   bool fill_pending_ = false;

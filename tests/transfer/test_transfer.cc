@@ -285,6 +285,42 @@ TEST(BackgroundWork, LaunchAfterStartsOnlyOnceTheStreamGetsThere) {
   EXPECT_TRUE(StreamSynchronize(stream->get()).ok());
 }
 
+// The staging is given back by the event the caller names (SentBefore) or by Done, without an
+// event of its own: Stage waits for the named event's work and not past it.
+TEST(UploadStaging, StageWaitsForTheEventNamedBySentBefore) {
+  PinnedPool pool(PageableHostAllocator(), 1 << 20);
+  UploadStaging staging;
+  auto first = staging.Stage(pool, 100);
+  ASSERT_TRUE(first.ok()) << first.status();
+  Event after;  // never recorded: nothing to wait for
+  staging.SentBefore(&after);
+  auto again = staging.Stage(pool, 100);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(*again, *first) << "the same block while it is large enough";
+  staging.Done();
+  auto grown = staging.Stage(pool, 1 << 16);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  if (!CudaAvailable()) return;
+  // On a device: Stage blocks until the stream reaches the named event.
+  auto stream = Stream::Create();
+  ASSERT_TRUE(stream.ok()) << stream.status();
+  std::atomic<bool> release{false};
+  ASSERT_TRUE(HoldStreamUntil(stream->get(), &release).ok());
+  ASSERT_TRUE(after.Record(stream->get()).ok());
+  staging.SentBefore(&after);
+  std::atomic<bool> staged{false};
+  std::thread stager([&] {
+    EXPECT_TRUE(staging.Stage(pool, 100).ok());
+    staged = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(staged.load()) << "Stage returned before the event's work was done";
+  release = true;
+  stager.join();
+  EXPECT_TRUE(staged.load());
+  EXPECT_TRUE(StreamSynchronize(stream->get()).ok());
+}
+
 TEST(CudaWrappers, WithoutDeviceFailCleanly) {
   if (CudaAvailable()) GTEST_SKIP() << "a CUDA device is present";
   EXPECT_FALSE(DeviceBuffer::Allocate(64).ok());

@@ -121,7 +121,8 @@ PinnedPool::Stats PinnedPool::stats() const {
 
 absl::StatusOr<void*> UploadStaging::Stage(PinnedPool& pool, std::size_t bytes) {
   if (pending_) {
-    if (absl::Status st = done_.Synchronize(); !st.ok()) return st;
+    if (absl::Status st = (wait_for_ != nullptr ? *wait_for_ : done_).Synchronize(); !st.ok())
+      return st;
     pending_ = false;
   }
   if (block_.size() < bytes) {
@@ -135,8 +136,14 @@ absl::StatusOr<void*> UploadStaging::Stage(PinnedPool& pool, std::size_t bytes) 
 
 absl::Status UploadStaging::Sent(void* stream) {
   if (absl::Status st = done_.Record(stream); !st.ok()) return st;
+  wait_for_ = nullptr;
   pending_ = true;
   return absl::OkStatus();
+}
+
+void UploadStaging::SentBefore(const Event* after) {
+  wait_for_ = after;
+  pending_ = true;
 }
 
 }  // namespace kvrt::transfer

@@ -109,11 +109,20 @@ class PinnedPool {
 class UploadStaging {
  public:
   absl::StatusOr<void*> Stage(PinnedPool& pool, std::size_t bytes);
+  // The copy out of the buffer is enqueued on stream (an event of the staging's own after it).
   absl::Status Sent(void* stream);
+  // The copy is enqueued and the caller records `after` after it, in the same stream order: the
+  // next Stage waits for `after` (its latest record), and no event of the staging's own is
+  // recorded (a driver call fewer per upload). `after` outlives the staging's use of it.
+  void SentBefore(const Event* after);
+  // The caller waited for work that follows every copy out of the buffer: the next Stage does
+  // not wait (a driver call fewer where the caller already knows).
+  void Done() { pending_ = false; }
 
  private:
   PinnedBlock block_;
   Event done_;
+  const Event* wait_for_ = nullptr;  // null: done_
   bool pending_ = false;
 };
 
