@@ -1714,6 +1714,9 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   // the selection's kernels instead of delaying them.
   if (direct) {
     KVRT_SPAN("direct_begin", i);
+    // The lane forked after the batch's selections, whose PrepareSelect ordered the step's
+    // stream after the last fill (PenaltyOffsets).
+    if (batched) direct_.StreamFollows(step->lease.get(), stream);
     KVRT_RETURN_IF_ERROR(direct_.BeginStep(cold, static_cast<int>(C), summary_view_.size, stream));
   }
   const bool estimated = params.estimate || selection.value_rest;

@@ -553,6 +553,7 @@ absl::Status DirectStep::AdmitAndFill() {
   KVRT_SPAN("admission_job");
   timeline::Span wait_span("admission_record_wait");
   KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
+  rec_on_host_.store(true, std::memory_order_release);
   if (updates_before_record_) updates_.Done();
   wait_span.End();
   const int64_t t0 = NowNs();
@@ -676,9 +677,13 @@ const float* DirectStep::PenaltyOffsets(const ColdTier& cold, int C, void* strea
   return static_cast<const float*>(offsets_dev_.data());
 }
 
+absl::Status DirectStep::WaitForRecord(void* stream) {
+  if (rec_on_host_.load(std::memory_order_acquire)) return absl::OkStatus();
+  return transfer::StreamWaitEvent(stream, rec_ready_);
+}
+
 uint32_t* DirectStep::SelectionMask(int C, void* stream) {
-  if (!EnsureStepBuffers(C, stream).ok() || !transfer::StreamWaitEvent(stream, rec_ready_).ok())
-    return nullptr;
+  if (!EnsureStepBuffers(C, stream).ok() || !WaitForRecord(stream).ok()) return nullptr;
   return static_cast<uint32_t*>(mask_dev_.data());
 }
 
@@ -707,7 +712,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   auto* mask = static_cast<uint32_t*>(mask_dev_.data());
   absl::Status st;
   if (!mask_written) {
-    st = transfer::StreamWaitEvent(stream, rec_ready_);
+    st = WaitForRecord(stream);
     if (st.ok()) st = gpu::MarkSelected(selected, count, H, G, C, mask, stream);
   }
   if (st.ok() && partial) {
@@ -745,6 +750,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   for (const gpu::CopySpan& s : spans)
     if (st.ok() && !in_batch && s.bytes > 0)
       st = transfer::MemcpyAsync(s.dst, s.src, s.bytes, side);
+  rec_on_host_.store(false, std::memory_order_relaxed);
   if (st.ok()) st = rec_ready_.Record(side);
   if (!st.ok()) return st;
   rec_rows_ = rows;

@@ -19,6 +19,7 @@
 // The stores are read in place, so they must not move or permute under a running step: the
 // layer's store guard (ColdTier::SetStoreGuard) waits for the device work and calls
 // DropRegistrations; the next Prepare registers the stores again.
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -74,6 +75,12 @@ class DirectStep {
   // there are none for this index version and C (the first step after a prompt, a new version:
   // that step selects without the penalty).
   const float* PenaltyOffsets(const ColdTier& cold, int C, void* stream);
+  // `to`'s work from now on follows `from`'s work so far (a batch's lane, forked from the step's
+  // stream after the members' selections): a wait for the fill that `from` has is not repeated on
+  // `to` (a driver call fewer per member and step).
+  void StreamFollows(void* from, void* to) {
+    if (fill_waited_by_ == from) fill_waited_by_ = to;
+  }
   // The step's mask of selected clusters [kv_heads, C] for the selection kernel to write
   // (gpu::ClusterStepOutputs::group_mask), ordered on stream after the last step's record copy
   // read it; null if its buffers cannot be had (then Attend marks it from the lists).
@@ -126,6 +133,9 @@ class DirectStep {
   template <typename Fn>
   void ForEachEveryStepBlock(int g, int64_t rows, Fn&& fn) const;
   absl::Status UploadTable(void* stream);
+  // stream waits for the last step's record copy (it reads the mask and the counts a step
+  // rewrites), unless the admission job already waited for it on the host.
+  absl::Status WaitForRecord(void* stream);
   // The admission job: waits for the step's record, runs Admit and enqueues the fill.
   absl::Status AdmitAndFill();
   // The recorded step's blocks -> CLOCK (hits, admissions), statistics. Reads only this object's
@@ -196,6 +206,9 @@ class DirectStep {
   transfer::PinnedBlock rec_;
   transfer::Event attended_;
   transfer::Event rec_ready_;
+  // The admission job waited for rec_ready_'s last record on the host: a stream need not wait
+  // for it (a driver call fewer per member and step). Set by the job, cleared at each record.
+  std::atomic<bool> rec_on_host_{false};
   bool rec_counted_ = false;
   int64_t rec_rows_ = 0;
   // The cold tier of the recorded step: the admission job registers its stores ahead. Valid
