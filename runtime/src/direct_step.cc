@@ -548,11 +548,13 @@ void DirectStep::Admit() {
   if (!rec_counted_) counters_->cold_tokens_attended += attended;
 }
 
-absl::Status DirectStep::AdmitAndFill() {
+absl::Status DirectStep::AdmitAndFill(bool record_done) {
   transfer::ScopedDevice on_device(cfg_->call_device());  // an arena worker runs the job
   KVRT_SPAN("admission_job");
   timeline::Span wait_span("admission_record_wait");
-  KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
+  // Run by the record stream's callback, the record is on the host (no event wait: a driver
+  // call fewer per member and step).
+  if (!record_done) KVRT_RETURN_IF_ERROR(rec_ready_.Synchronize());
   rec_on_host_.store(true, std::memory_order_release);
   if (updates_before_record_) updates_.Done();
   wait_span.End();
@@ -781,7 +783,8 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // The pages for the next step, chosen and filled off the decode path, by a job that enters the
   // arena only once the record is on the host: a job that waited for it there would hold a worker
   // that the decode steps of the layers after this one (or a batch's other members) need.
-  admission_.LaunchAfter(arena, side, [this] { return AdmitAndFill(); });
+  admission_.LaunchAfter(arena, side,
+                         [this](bool record_done) { return AdmitAndFill(record_done); });
   counters_->time_hot_cache_ns += NowNs() - t0;
   return absl::OkStatus();
 }

@@ -136,8 +136,9 @@ class DirectStep {
   // stream waits for the last step's record copy (it reads the mask and the counts a step
   // rewrites), unless the admission job already waited for it on the host.
   absl::Status WaitForRecord(void* stream);
-  // The admission job: waits for the step's record, runs Admit and enqueues the fill.
-  absl::Status AdmitAndFill();
+  // The admission job: waits for the step's record (unless record_done: run by the callback
+  // that followed it), runs Admit and enqueues the fill.
+  absl::Status AdmitAndFill(bool record_done);
   // The recorded step's blocks -> CLOCK (hits, admissions), statistics. Reads only this object's
   // copies of the summary (the cold tier may refresh it meanwhile).
   void Admit();

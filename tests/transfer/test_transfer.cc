@@ -259,15 +259,18 @@ TEST(BackgroundWork, LaunchAfterStartsOnlyOnceTheStreamGetsThere) {
   tbb::task_arena arena(2);
   BackgroundWork w;
   std::atomic<int> ran{0};
-  auto job = [&] {
+  std::atomic<int> ran_after_stream{0};
+  auto job = [&](bool stream_done) {
     ran++;
+    if (stream_done) ran_after_stream++;
     return absl::OkStatus();
   };
   if (!CudaAvailable()) {
-    // No stream callback: the job is enqueued at once.
+    // No stream callback: the job is enqueued at once, and told so.
     w.LaunchAfter(arena, nullptr, job);
     EXPECT_TRUE(w.Wait().ok());
     EXPECT_EQ(ran.load(), 1);
+    EXPECT_EQ(ran_after_stream.load(), 0);
     return;
   }
   auto stream = Stream::Create();
@@ -282,6 +285,7 @@ TEST(BackgroundWork, LaunchAfterStartsOnlyOnceTheStreamGetsThere) {
   release = true;
   EXPECT_TRUE(w.Wait().ok());
   EXPECT_EQ(ran.load(), 1);
+  EXPECT_EQ(ran_after_stream.load(), 1) << "run by the stream's callback";
   EXPECT_TRUE(StreamSynchronize(stream->get()).ok());
 }
 

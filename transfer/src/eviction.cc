@@ -87,20 +87,26 @@ void BackgroundWork::Launch(tbb::task_arena& arena, std::function<absl::Status()
 }
 
 void BackgroundWork::LaunchAfter(tbb::task_arena& arena, void* stream,
-                                 std::function<absl::Status()> job) {
+                                 std::function<absl::Status(bool stream_done)> job) {
   Begin();
   struct Pending {
     BackgroundWork* self;
     tbb::task_arena* arena;
-    std::function<absl::Status()> job;
+    std::function<absl::Status(bool)> job;
+    bool stream_done;
   };
-  auto* pending = new Pending{this, &arena, std::move(job)};
+  auto* pending = new Pending{this, &arena, std::move(job), true};
   auto enqueue = [](void* p) {
     // On CUDA's callback thread: tbb::task_arena::enqueue may be called from any thread.
     std::unique_ptr<Pending> owned(static_cast<Pending*>(p));
-    owned->self->Enqueue(*owned->arena, std::move(owned->job));
+    owned->self->Enqueue(*owned->arena, [job = std::move(owned->job), done = owned->stream_done] {
+      return job(done);
+    });
   };
-  if (!AddStreamCallback(stream, enqueue, pending).ok()) enqueue(pending);
+  if (!AddStreamCallback(stream, enqueue, pending).ok()) {
+    pending->stream_done = false;
+    enqueue(pending);
+  }
 }
 
 absl::Status BackgroundWork::Wait() {

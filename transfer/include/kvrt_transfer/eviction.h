@@ -92,7 +92,10 @@ class BackgroundWork {
   // stream callback): a job that would first wait for the device does not hold one of the
   // arena's workers while it waits, which in a pipelined decoder (the host a step ahead of the
   // device) is most of a step. If the callback cannot be added, the job is enqueued at once.
-  void LaunchAfter(tbb::task_arena& arena, void* stream, std::function<absl::Status()> job);
+  // The job is told which: stream_done is true when it runs after the callback (the stream's
+  // earlier work has completed: no event need be waited for), false when enqueued at once.
+  void LaunchAfter(tbb::task_arena& arena, void* stream,
+                   std::function<absl::Status(bool stream_done)> job);
   // Waits for the running job; returns its status (OK if none) and clears it.
   absl::Status Wait();
   absl::Status Wait(tbb::task_arena&) { return Wait(); }
