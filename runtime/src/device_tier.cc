@@ -626,7 +626,14 @@ absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const f
     KVRT_RETURN_IF_ERROR(pending_staging_.Sent(stream));
     pending_lists_rows_ = P;
   }
-  KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, b.done));
+  // The batch's copy was recorded by this layer's append, before this call: on this stream, or
+  // on the step's stream ahead of the fork of this batch member's lane. Stream order then gives
+  // the wait (a driver call fewer per member and step); not for the default streams (see
+  // WaitLastUse).
+  const bool ordered =
+      reinterpret_cast<uintptr_t>(b.done_stream) > 2 &&
+      (b.done_stream == stream || (step->size() > 1 && b.done_stream == step->lease.get()));
+  if (!ordered) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, b.done));
   gpu::GatherBatch rows;
   rows.k = b.k.data();  // pinned: the device reads it where the append's kernel wrote it
   rows.v = b.v.data();
@@ -640,6 +647,7 @@ absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const f
                                          step->o(kColdSlot, i), step->lse(kColdSlot, i), nullptr,
                                          stream));
   KVRT_RETURN_IF_ERROR(b.done.Record(stream));
+  b.done_stream = stream;
   step->pending[i] = 1;
   return absl::OkStatus();
 }
@@ -673,6 +681,7 @@ absl::Status DeviceTier::Evict(const AppendPlan& plan, void* stream) {
 absl::Status DeviceTier::QueueEviction(transfer::EvictionBatch batch, int64_t rows, void* stream) {
   KVRT_ASSIGN_OR_RETURN(batch.done, evictions_.NewEvent());
   KVRT_RETURN_IF_ERROR(batch.done.Record(stream));
+  batch.done_stream = stream;
   batch.rows = rows;
   evictions_.Push(std::move(batch));
   counters_->eviction_batches += 1;

@@ -35,6 +35,7 @@ struct EvictionBatch {
   PinnedBlock k, v;  // [rows, kv_heads, head_dim] each, storage dtype
   int64_t rows = 0;
   Event done;  // recorded after the D2H copies; empty = already complete (host data)
+  void* done_stream = nullptr;  // the stream `done` was last recorded on (for skipping waits)
 };
 
 class EvictionQueue {
