@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <utility>
 
@@ -370,7 +371,7 @@ class DeviceTier final : public TierBackend {
   void BeforeStoreChanges(bool moves) override {
     if (!direct_.registered()) return;
     transfer::ScopedDevice on_device(cfg_->call_device());
-    if (used_) (void)last_use_.Synchronize();  // a direct step may still read the stores
+    if (used_) (void)last_use().Synchronize();  // a direct step may still read the stores
     // Rows permuted in place keep their registration; moved memory needs a new one.
     if (moves)
       direct_.DropRegistrations();
@@ -419,7 +420,7 @@ class DeviceTier final : public TierBackend {
   void Release() override {
     evictions_.Discard();
     DropPrompt();
-    if (used_) (void)last_use_.Synchronize();  // device work still reading the buffers
+    if (used_) (void)last_use().Synchronize();  // device work still reading the buffers
     counters_->gpu_allocated_bytes -= static_cast<int64_t>(summary_.size());
     counters_->summary_gpu_bytes -= static_cast<int64_t>(summary_.size());
     summary_.Reset();
@@ -488,7 +489,12 @@ class DeviceTier final : public TierBackend {
   std::vector<unsigned char> arrays_host_;
   int32_t arrays_n_sink_ = -1, arrays_n_window_ = -1;
   transfer::Event last_use_;  // recorded after each call's device work
+  // A batch step's one record for all its members (ShareLastUse), in place of last_use_.
+  std::shared_ptr<const transfer::Event> shared_last_use_;
   void* last_use_stream_ = nullptr;  // the stream it was recorded on
+  const transfer::Event& last_use() const {
+    return shared_last_use_ != nullptr ? *shared_last_use_ : last_use_;
+  }
   // Orders `stream` after last_use_: a driver call, skipped where last_use_ was recorded on the
   // same stream (a caller's one stream: two waits per sequence and layer-step that stream order
   // already gives). Not for the default streams: cudaStreamPerThread is one handle for a stream
@@ -497,14 +503,30 @@ class DeviceTier final : public TierBackend {
     if (!used_) return absl::OkStatus();
     if (stream == last_use_stream_ && reinterpret_cast<uintptr_t>(stream) > 2)
       return absl::OkStatus();
-    return transfer::StreamWaitEvent(stream, last_use_);
+    return transfer::StreamWaitEvent(stream, last_use());
   }
   absl::Status RecordLastUse(void* stream) {
     KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
+    shared_last_use_.reset();
     last_use_stream_ = stream;
     used_ = true;
     return absl::OkStatus();
   }
+  // The tier's last use is `done`, recorded on stream after it (a batch step's members: one
+  // record instead of one per member).
+  void ShareLastUse(std::shared_ptr<const transfer::Event> done, void* stream) {
+    shared_last_use_ = std::move(done);
+    last_use_stream_ = stream;
+    used_ = true;
+  }
+  // As a batch step's lead: an event no member holds any more (made when none is free).
+  absl::StatusOr<std::shared_ptr<transfer::Event>> FreeBatchEvent() {
+    for (const auto& e : batch_done_)
+      if (e.use_count() == 1) return e;
+    KVRT_ASSIGN_OR_RETURN(transfer::Event e, transfer::Event::Create(false));
+    return batch_done_.emplace_back(std::make_shared<transfer::Event>(std::move(e)));
+  }
+  std::vector<std::shared_ptr<transfer::Event>> batch_done_;  // FreeBatchEvent's
   // A batch step's fork and its lanes' joins (DeviceStep::MemberStream), as the step's lead.
   transfer::Event batch_forked_;
   std::vector<transfer::Event> lane_joined_;
@@ -1946,9 +1968,10 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
     counters_->time_idle_ns += NowNs() - t0;
     CollectTiming();
   }
-  for (DeviceTier* t : step->tiers) {
-    KVRT_RETURN_IF_ERROR(t->RecordLastUse(stream));
-  }
+  if (step->tiers.size() == 1) return RecordLastUse(stream);
+  KVRT_ASSIGN_OR_RETURN(std::shared_ptr<transfer::Event> done, FreeBatchEvent());
+  KVRT_RETURN_IF_ERROR(done->Record(stream));
+  for (DeviceTier* t : step->tiers) t->ShareLastUse(done, stream);
   return absl::OkStatus();
 }
 
