@@ -670,6 +670,9 @@ absl::Status DirectStep::BeginStep(const ColdTier& cold, int C, const int32_t* c
 }
 
 const float* DirectStep::PenaltyOffsets(const ColdTier& cold, int C, void* stream) {
+  // The last admission job writes the offsets, the fill's event and its flags: a host that ran
+  // ahead of it (a pipelined decoder) waits for it here, before BeginStep would.
+  admission_.Join();
   if (offsets_version_ != cold.index_version() || offsets_c_ != C) return nullptr;
   // The job's fill wrote the table the offsets were computed from, and the offsets after it.
   if (fill_pending_ && fill_waited_by_ != stream) {
@@ -685,6 +688,7 @@ absl::Status DirectStep::WaitForRecord(void* stream) {
 }
 
 uint32_t* DirectStep::SelectionMask(int C, void* stream) {
+  admission_.Join();  // it reads the record, which EnsureStepBuffers may reallocate
   if (!EnsureStepBuffers(C, stream).ok() || !WaitForRecord(stream).ok()) return nullptr;
   return static_cast<uint32_t*>(mask_dev_.data());
 }

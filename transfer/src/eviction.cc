@@ -109,6 +109,11 @@ void BackgroundWork::LaunchAfter(tbb::task_arena& arena, void* stream,
   }
 }
 
+void BackgroundWork::Join() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return !running_; });
+}
+
 absl::Status BackgroundWork::Wait() {
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return !running_; });

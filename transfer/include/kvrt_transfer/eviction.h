@@ -99,6 +99,8 @@ class BackgroundWork {
                    std::function<absl::Status(bool stream_done)> job);
   // Waits for the running job; returns its status (OK if none) and clears it.
   absl::Status Wait();
+  // Waits for the running job; its status stays for Wait.
+  void Join();
   absl::Status Wait(tbb::task_arena&) { return Wait(); }
 
  private:
