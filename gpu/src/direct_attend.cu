@@ -809,6 +809,17 @@ __global__ void __launch_bounds__(256) CommitStagedKernel(DirectRowsView v) {
       atomicOr(reinterpret_cast<unsigned*>(entry), StagedRowBit(r));
     }
   }
+  if (v.stage_commits == nullptr) return;  // the launch resets stage_count
+  // Every CTA has read stage_count once its count is in: the last one resets it for the next
+  // step's attention (no memset launch after the kernel).
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(v.stage_commits, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (last && threadIdx.x == 0) {
+    *v.stage_count = 0;
+    *v.stage_commits = 0;
+  }
 }
 
 // One thread per (kv head, cluster): ClusterRowsNotInPool, as MissPenaltyOffsetsHost counts.
@@ -1017,6 +1028,7 @@ Err LaunchCommitStaged(const DirectRowsView& v, void* stream) {
       default: return BadHeadDim();
     }
     if (Err e = LastLaunchErr(); !e.ok()) return e;
+    if (v.stage_commits != nullptr) return {};  // reset by the kernel's last CTA
   }
   return CudaErr(cudaMemsetAsync(v.stage_count, 0, sizeof(uint32_t), st));
 }

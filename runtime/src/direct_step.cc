@@ -229,7 +229,8 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   auto sk = v.ok() ? transfer::DeviceBuffer::Allocate(stage_bytes) : v.status();
   auto sv = sk.ok() ? transfer::DeviceBuffer::Allocate(stage_bytes) : sk.status();
   auto sr = sv.ok() ? transfer::DeviceBuffer::Allocate(cap * sizeof(int64_t)) : sv.status();
-  auto sc = sr.ok() ? transfer::DeviceBuffer::Allocate(sizeof(uint32_t)) : sr.status();
+  // The count, then CommitStaged's CTA counter (gpu::DirectRowsView::stage_commits).
+  auto sc = sr.ok() ? transfer::DeviceBuffer::Allocate(2 * sizeof(uint32_t)) : sr.status();
   if (!sc.ok()) return fail();
   pool_k_ = std::move(*k);
   pool_v_ = std::move(*v);
@@ -241,7 +242,8 @@ bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
   counters_->gpu_allocated_bytes += static_cast<int64_t>(total);
   counters_->hot_cache_gpu_bytes += static_cast<int64_t>(total);
   counted_bytes_ += static_cast<int64_t>(total);
-  if (!transfer::MemsetAsync(stage_count_.data(), 0, sizeof(uint32_t), stream).ok()) return fail();
+  if (!transfer::MemsetAsync(stage_count_.data(), 0, stage_count_.size(), stream).ok())
+    return fail();
   cache_ = NewPolicy(want);
   if (!UploadTable(stream).ok()) return fail();
   return true;
@@ -334,6 +336,7 @@ gpu::DirectRowsView DirectStep::View(int64_t rows) const {
   v.stage_v = stage_v_.data();
   v.stage_row = static_cast<int64_t*>(stage_row_.data());
   v.stage_count = static_cast<uint32_t*>(stage_count_.data());
+  v.stage_commits = v.stage_count + 1;
   v.stage_cap = stage_cap_;
   return v;
 }
@@ -390,7 +393,8 @@ absl::Status DirectStep::RefreshView(const ColdTier& cold, int C, void* stream) 
     // Staged rows that no commit took (an admission job that failed) may name rows the new
     // version moved: the stage starts empty.
     if (!stage_count_.empty())
-      KVRT_RETURN_IF_ERROR(transfer::MemsetAsync(stage_count_.data(), 0, sizeof(uint32_t), stream));
+      KVRT_RETURN_IF_ERROR(
+          transfer::MemsetAsync(stage_count_.data(), 0, stage_count_.size(), stream));
   }
   KVRT_RETURN_IF_ERROR(UploadView(cold, C, stream));
   version_ = cold.index_version();

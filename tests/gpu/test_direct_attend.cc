@@ -913,7 +913,9 @@ struct DevProblem {
       view.stage_v = ToDevice(p.stage_v);
       view.stage_row = ToDevice(p.stage_row);
       view.stage_count = ToDevice(p.stage_count);
-      allocs.insert(allocs.end(), {view.stage_k, view.stage_v, view.stage_row, view.stage_count});
+      view.stage_commits = ToDevice(std::vector<uint32_t>{0});
+      allocs.insert(allocs.end(), {view.stage_k, view.stage_v, view.stage_row, view.stage_count,
+                                   view.stage_commits});
     }
   }
   ~DevProblem() {
@@ -1158,7 +1160,9 @@ TEST(DirectAttendKernel, StagedPagesMatchHostReference) {
       ASSERT_TRUE(CommitStaged(dp.view, nullptr).ok());
       ASSERT_TRUE(CommitStagedHost(p.View()).ok());
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      // Reset by the kernel's last CTA (stage_commits), its counter back to zero.
       EXPECT_EQ(ToHost(dp.view.stage_count, 1)[0], 0u);
+      EXPECT_EQ(ToHost(dp.view.stage_commits, 1)[0], 0u);
       const auto table = ToHost(dp.view.block_page, p.block_page.size());
       const auto pool_k = ToHost(static_cast<unsigned char*>(dp.view.pool_k), p.pool_k.size());
       const auto pool_v = ToHost(static_cast<unsigned char*>(dp.view.pool_v), p.pool_v.size());

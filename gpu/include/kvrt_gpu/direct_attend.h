@@ -103,6 +103,10 @@ struct DirectRowsView {
   void* stage_v = nullptr;          // [stage_cap, d]
   int64_t* stage_row = nullptr;     // [stage_cap] (kv_head << 32) | store row
   uint32_t* stage_count = nullptr;  // [1] rows read from the host since the last CommitStaged
+  // Optional [1], zero between calls: CommitStaged's CTAs count themselves here so that the last
+  // one resets stage_count (and this) in the kernel; null: a memset after the kernel (a driver
+  // call more per commit).
+  uint32_t* stage_commits = nullptr;
   int64_t stage_cap = 0;            // < 2^31
 };
 
