@@ -625,9 +625,8 @@ absl::Status DirectStep::ApplyUpdates(int64_t rows, void* stream, const transfer
         ups[i].page >= 0 && eager_.contains(idx) ? ups[i].page | gpu::kFillPagesCopy : ups[i].page;
   }
   // The kernel reads the list from the pinned staging itself (mapped, a few KiB): no device
-  // copy, allocation and free, three driver calls fewer per member and step in a batch, whose
-  // steps are bound by the host's driver calls. The staging stays taken until the kernel is done
-  // (Sent, or the caller's event after it: SentBefore).
+  // copy, allocation and free: three driver calls fewer per member and step. The staging stays
+  // taken until the kernel is done (Sent, or the caller's event after it: SentBefore).
   absl::Status st = gpu::FillPages(View(rows), static_cast<const int32_t*>(host),
                                    static_cast<int>(ups.size()), stream);
   if (st.ok() && after != nullptr) {

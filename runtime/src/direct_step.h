@@ -197,7 +197,7 @@ class DirectStep {
   // The last upload out of updates_ was the admission's fill or BeginStep's: the next step's
   // stream waits for the one (filled_) and runs the other before its attend, so once its record
   // is on the host the staging is free with no event wait (two driver calls fewer per member and
-  // step: a batch step is bound by its driver calls). Warm's fill, on the prompt's stream, is not.
+  // step). Warm's fill, on the prompt's stream, is not.
   bool updates_before_record_ = false;
   transfer::BackgroundWork admission_;
   transfer::Event filled_;  // the admission's fill, on a stream of its own
