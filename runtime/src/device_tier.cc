@@ -1772,6 +1772,7 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     step->hot[i] = 1;
     step->hot_states = splits;
     if (defer) {
+      KVRT_SPAN("pending_attend", i);
       KVRT_RETURN_IF_ERROR(AttendPendingEvictions(step, i, q, stream));
       sel->evictions_on_device = true;
     }

@@ -720,6 +720,9 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
     KVRT_RETURN_IF_ERROR(Regrow(ws_dev_, ws_bytes + ws_bytes / 2));
   auto* mask = static_cast<uint32_t*>(mask_dev_.data());
   absl::Status st;
+  // Spans of the host's time in this call (KVRT_TIMELINE): a batch member's attend took ~100 us
+  // of its lane's thread (128K, B=16), more than its few driver calls alone explain.
+  timeline::Span launch_span("direct_launch");
   if (!mask_written) {
     st = WaitForRecord(stream);
     if (st.ok()) st = gpu::MarkSelected(selected, count, H, G, C, mask, stream);
@@ -739,6 +742,8 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // event record and a stream wait fewer per member).
   // The side stream goes back to the pool at the end (the admission's callback is queued on it
   // last).
+  launch_span.End();
+  timeline::Span record_span("direct_record");
   const SideStream side_stream(ctx_, stream, !in_batch);
   void* side = side_stream.get();
   if (st.ok() && side_stream.apart()) st = attended_.Record(stream);
@@ -761,6 +766,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
       st = transfer::MemcpyAsync(s.dst, s.src, s.bytes, side);
   rec_on_host_.store(false, std::memory_order_relaxed);
   if (st.ok()) st = rec_ready_.Record(side);
+  record_span.End();
   if (!st.ok()) return st;
   rec_rows_ = rows;
   rec_c_ = C;
@@ -790,6 +796,7 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // The pages for the next step, chosen and filled off the decode path, by a job that enters the
   // arena only once the record is on the host: a job that waited for it there would hold a worker
   // that the decode steps of the layers after this one (or a batch's other members) need.
+  timeline::Span handoff_span("direct_handoff");
   admission_.LaunchAfter(arena, side,
                          [this](bool record_done) { return AdmitAndFill(record_done); });
   counters_->time_hot_cache_ns += NowNs() - t0;
