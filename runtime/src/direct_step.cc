@@ -284,16 +284,15 @@ absl::Status DirectStep::UploadView(const ColdTier& cold, int C, void* stream) {
   std::memcpy(view_host_.data() + at.tail_at, tail_begin_.data(), G * sizeof(int64_t));
   auto* begin = reinterpret_cast<int32_t*>(view_host_.data() + at.begin_at);
   auto* extra = reinterpret_cast<int32_t*>(view_host_.data() + at.extra_at);
-  begin_host_.assign(static_cast<std::size_t>(G) * C, 0);
-  size_host_.assign(static_cast<std::size_t>(G) * C, 0);
+  clusters_host_.assign(static_cast<std::size_t>(G) * C, ClusterRows{});
   for (int g = 0; g < G; ++g) {
     const cpu_index::ClusterSummary& s = *cold.summary(g);
-    for (int c = 0; c < std::min(C, static_cast<int>(s.num_clusters())); ++c) {
-      begin_host_[static_cast<std::size_t>(g) * C + c] = static_cast<int32_t>(s.begin[c]);
-      size_host_[static_cast<std::size_t>(g) * C + c] = s.size[c];
+    for (int c = 0; c < C; ++c) {
+      const bool real = c < s.num_clusters();  // padding: begin 0, size 0
+      const std::size_t at = static_cast<std::size_t>(g) * C + c;
+      if (real) clusters_host_[at] = {static_cast<int32_t>(s.begin[c]), s.size[c]};
+      begin[at] = clusters_host_[at].begin;
     }
-    std::copy_n(begin_host_.data() + static_cast<std::size_t>(g) * C, C,
-                begin + static_cast<std::size_t>(g) * C);
     for (std::size_t e = 0; e < E; ++e)
       extra[g * E + e] = e < extra_rows_[g].size() ? extra_rows_[g][e] : -1;
   }
@@ -506,7 +505,7 @@ void DirectStep::Admit() {
       // 64 members' layers do not stay in cache).
       const uint32_t m = mask[at + c];
       if (m == 0) continue;
-      const int32_t n = size_host_[at + c], b0 = begin_host_[at + c];
+      const auto [b0, n] = clusters_host_[at + c];
       if (n == 0) continue;
       t.attended += static_cast<int64_t>(std::popcount(m)) * n;
       for (int64_t b = b0 / kBlock; b <= (b0 + n - 1) / kBlock; ++b) blocks.push_back(b);

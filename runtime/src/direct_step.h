@@ -181,7 +181,12 @@ class DirectStep {
   const int32_t* cluster_size_ = nullptr;         // the summary's device sizes, this step
   std::vector<int64_t> tail_begin_;               // [G] per kv head, this version
   std::vector<std::vector<int32_t>> extra_rows_;  // [G] outliers and NaN/Inf rows below the tail
-  std::vector<int32_t> begin_host_, size_host_;   // [G, C] the clusters of this version
+  // [G, C] the clusters of this version, a cluster's two fields side by side (the admission
+  // scan reads them for the selected clusters only: one cache line each, not two).
+  struct ClusterRows {
+    int32_t begin = 0, size = 0;
+  };
+  std::vector<ClusterRows> clusters_host_;
 
   // The pool and its table.
   std::unique_ptr<BlockPageCache> cache_;
