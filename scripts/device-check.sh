@@ -31,7 +31,8 @@
 # kernel's device time (ncu) at 128K B=1 and B=16, BENCH=ab-scalar the direct step's tensor-core
 # kernel against its scalar one (KVRT_DIRECT_SCALAR=1) in this build at 128K B=16 (with
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
-# KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1,
+# KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1
+# (AB_RUNS), BENCH=configs bench decode options alternated the same way (CONFIGS),
 # BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
@@ -99,6 +100,40 @@ if [[ "${1:-}" == "--device" ]]; then
     else
       echo batch
     fi
+  }
+  # The runs of BENCH=ab-knob and BENCH=configs, pipelined, on the 128K trace in $trace: B=1 (8
+  # layers), B=16 (kvrt_attend_batch, 4 layers), 1M B=1 (4 layers, generated keys), and on request
+  # B=64 (b64: 1 layer) and B=16 with accuracy against exact attention (b16acc: 1 layer); AB_RUNS
+  # picks among them (default "b1 b16 1m"). $1: the label, $2: an environment assignment (or ""),
+  # $3: more bench decode options (unquoted: split into words).
+  knob_runs() {
+    local label=$1 envset=$2 extra=$3 runs=" ${AB_RUNS:-b1 b16 1m} " st=0
+    if [[ $runs == *" b1 "* ]]; then
+      echo "=== kvrt $label: cluster 128K --trace B=1, 8 layers --pipeline"
+      env $envset timeout 150 $b/kvrt $args $extra --trace $trace --index cluster --cold 131072 \
+        --batch 1 --layers 8 --pipeline --accuracy-steps 0 || st=1
+    fi
+    if [[ $runs == *" b16 "* ]]; then
+      echo "=== kvrt $label: cluster 128K --trace B=16 (kvrt_attend_batch), 4 layers --pipeline"
+      env $envset timeout 300 $b/kvrt $args $extra --trace $trace --index cluster --cold 131072 \
+        --batch 16 --attend $(attend_of kvrt) --layers 4 --pipeline --accuracy-steps 0 || st=1
+    fi
+    if [[ $runs == *" b64 "* ]]; then
+      echo "=== kvrt $label: cluster 128K --trace B=64 (kvrt_attend_batch), 1 layer --pipeline"
+      env $envset timeout 300 $b/kvrt $args $extra --trace $trace --index cluster --cold 131072 \
+        --batch 64 --attend batch --layers 1 --pipeline --accuracy-steps 0 || st=1
+    fi
+    if [[ $runs == *" b16acc "* ]]; then
+      echo "=== kvrt $label: cluster 128K --trace B=16 (kvrt_attend_batch), 1 layer, accuracy"
+      env $envset timeout 300 $b/kvrt $args $extra --trace $trace --index cluster --cold 131072 \
+        --batch 16 --attend batch --layers 1 || st=1
+    fi
+    if [[ $runs == *" 1m "* ]]; then
+      echo "=== kvrt $label: cluster 1M B=1, 4 layers --pipeline"
+      env $envset timeout 200 $b/kvrt $args $extra --index cluster --cold 1048576 --batch 1 \
+        --layers 4 --pipeline --accuracy-steps 0 || st=1
+    fi
+    return $st
   }
   # CODE_BITS' entry KEY[:VALUE] as bench decode's options (copts).
   code_opts() {
@@ -607,44 +642,28 @@ if [[ "${1:-}" == "--device" ]]; then
       rm -f $trace
     elif [[ "$bench" == ab-knob ]]; then
       # One build, an environment knob alternated per run (AB_KNOB, default KVRT_DIRECT_SCALAR,
-      # over AB_VALUES, default "1 0"), AB_ROUNDS rounds (default 2), pipelined, defaults: the
-      # 128K trace at B=1 (8 layers) and B=16 (kvrt_attend_batch, 4 layers), 1M B=1 (4 layers,
-      # generated keys), and on request B=64 (b64: 1 layer) and B=16 with accuracy against exact
-      # attention (b16acc: 1 layer); AB_RUNS picks among them (default "b1 b16 1m").
+      # over AB_VALUES, default "1 0"), AB_ROUNDS rounds (default 2): knob_runs.
       knob=${AB_KNOB:-KVRT_DIRECT_SCALAR}
-      runs=" ${AB_RUNS:-b1 b16 1m} "
       trace=/tmp/kvrt-ab-knob.safetensors
       trace_128k $trace || rc=1
       for round in $(seq ${AB_ROUNDS:-2}); do
         for val in ${AB_VALUES:-1 0}; do
-          if [[ $runs == *" b1 "* ]]; then
-            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=1, 8 layers --pipeline"
-            env $knob=$val timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-              --batch 1 --layers 8 --pipeline --accuracy-steps 0 || rc=1
-          fi
-          if [[ $runs == *" b16 "* ]]; then
-            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=16 (kvrt_attend_batch)," \
-              "4 layers --pipeline"
-            env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-              --batch 16 --attend $(attend_of kvrt) --layers 4 --pipeline --accuracy-steps 0 || rc=1
-          fi
-          if [[ $runs == *" b64 "* ]]; then
-            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=64 (kvrt_attend_batch)," \
-              "1 layer --pipeline"
-            env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-              --batch 64 --attend batch --layers 1 --pipeline --accuracy-steps 0 || rc=1
-          fi
-          if [[ $runs == *" b16acc "* ]]; then
-            echo "=== kvrt $knob=$val, round $round: cluster 128K --trace B=16 (kvrt_attend_batch)," \
-              "1 layer, accuracy"
-            env $knob=$val timeout 300 $b/kvrt $args --trace $trace --index cluster --cold 131072 \
-              --batch 16 --attend batch --layers 1 || rc=1
-          fi
-          if [[ $runs == *" 1m "* ]]; then
-            echo "=== kvrt $knob=$val, round $round: cluster 1M B=1, 4 layers --pipeline"
-            env $knob=$val timeout 200 $b/kvrt $args --index cluster --cold 1048576 --batch 1 \
-              --layers 4 --pipeline --accuracy-steps 0 || rc=1
-          fi
+          knob_runs "$knob=$val, round $round" "$knob=$val" "" || rc=1
+        done
+      done
+      rm -f $trace
+    elif [[ "$bench" == configs ]]; then
+      # One build, configurations alternated per run: CONFIGS, bench decode options per
+      # configuration separated by ';' ("defaults" = none; default "defaults;--hot-cache 0.2;
+      # --hot-cache 0.2 --miss-penalty 1"), AB_ROUNDS rounds (default 2): knob_runs.
+      trace=/tmp/kvrt-configs.safetensors
+      trace_128k $trace || rc=1
+      IFS=';' read -ra configs <<< "${CONFIGS:-defaults;--hot-cache 0.2;--hot-cache 0.2 --miss-penalty 1}"
+      for round in $(seq ${AB_ROUNDS:-2}); do
+        for cfg in "${configs[@]}"; do
+          extra=$cfg
+          [[ $cfg == defaults ]] && extra=""
+          knob_runs "config '$cfg', round $round" "" "$extra" || rc=1
         done
       done
       rm -f $trace
