@@ -225,13 +225,18 @@ typedef struct kvrt_config {
                                  host_memory_limit. Since 0.2. */
   float hot_cache_fraction;   /* GPU backend, KVRT_INDEX_CLUSTER: a GPU hot cache per (sequence,
                                  layer) of the cold rows that recent steps selected, sized to this
-                                 fraction of the layer's cold tokens (pages of 16 rows, re-sized as
-                                 the cold tier grows). Selected clusters, outliers and not yet
-                                 clustered rows are attended on the GPU from it; only the groups a
-                                 step selects that are not cached cross PCIe (LRU eviction). It takes
-                                 only what gpu_memory_limit leaves: without room, the step attends on
-                                 the CPU as with 0. Counted in gpu_allocated_bytes and
-                                 hot_cache_gpu_bytes. 0 = off; in [0, 1] [0.1]. Since 0.3.1. */
+                                 fraction of the layer's cold tokens (re-sized as the cold tier
+                                 grows; with cluster_direct_step, pages of 8 rows under a CLOCK
+                                 policy, else of 16 rows with LRU eviction of clusters). Selected
+                                 clusters, outliers and not yet clustered rows are attended on the
+                                 GPU from it; only the rows a step selects that are not cached
+                                 cross PCIe. A batch's members share one PCIe link, so a batch
+                                 gains most from a larger cache (docs/benchmarks.md: B=16 x 128K
+                                 at 0.2 about 20% faster than at 0.1, for 64 MiB more per
+                                 (sequence, layer)). It takes only what gpu_memory_limit leaves:
+                                 without room, the step attends on the CPU as with 0. Counted in
+                                 gpu_allocated_bytes and hot_cache_gpu_bytes. 0 = off; in [0, 1]
+                                 [0.1]. Since 0.3.1. */
   float cluster_budget_fraction; /* KVRT_INDEX_CLUSTER: cold tokens selected per step, as a
                                     fraction of the clustered cold tokens (at least top_k and
                                     256): the best clusters up to that many tokens, plus the
