@@ -6,6 +6,7 @@
 // device_tier_select.cc (the summary on the device, the cluster selection, the direct step and
 // the hot cache's attention).
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -300,7 +301,7 @@ class DeviceTier final : public TierBackend {
   void BeforeStoreChanges(bool moves) override {
     if (!direct_.registered()) return;
     transfer::ScopedDevice on_device(cfg_->call_device());
-    if (used_) (void)last_use().Synchronize();  // a direct step may still read the stores
+    (void)SyncLastUse();  // a direct step may still read the stores
     // Rows permuted in place keep their registration; moved memory needs a new one.
     if (moves)
       direct_.DropRegistrations();
@@ -349,7 +350,7 @@ class DeviceTier final : public TierBackend {
   void Release() override {
     evictions_.Discard();
     DropPrompt();
-    if (used_) (void)last_use().Synchronize();  // device work still reading the buffers
+    (void)SyncLastUse();  // device work still reading the buffers
     counters_->gpu_allocated_bytes -= static_cast<int64_t>(summary_.size());
     counters_->summary_gpu_bytes -= static_cast<int64_t>(summary_.size());
     summary_.Reset();
@@ -418,13 +419,23 @@ class DeviceTier final : public TierBackend {
   std::vector<unsigned char> arrays_host_;
   int32_t arrays_n_sink_ = -1, arrays_n_window_ = -1;
   transfer::Event last_use_;  // recorded after each call's device work
-  // A batch step's one record for all its members (ShareLastUse), in place of last_use_.
+  // A batch step's one record for all its members (ShareLastUse), in place of last_use_. Guarded
+  // by last_use_mu_: the store guard (BeforeStoreChanges) reads it from a background index job
+  // while the caller's thread appends; a reader keeps its own reference while it waits.
+  mutable std::mutex last_use_mu_;
   std::shared_ptr<const transfer::Event> shared_last_use_;
   void* last_use_stream_ = nullptr;  // the stream it was recorded on
-  const transfer::Event& last_use() const {
-    return shared_last_use_ != nullptr ? *shared_last_use_ : last_use_;
+  std::shared_ptr<const transfer::Event> SharedLastUse() const {
+    std::lock_guard<std::mutex> lock(last_use_mu_);
+    return shared_last_use_;
   }
-  // Orders `stream` after last_use_: a driver call, skipped where last_use_ was recorded on the
+  // Waits on the host for the tier's last device work (OK at once before any).
+  absl::Status SyncLastUse() const {
+    if (!used_) return absl::OkStatus();
+    const std::shared_ptr<const transfer::Event> shared = SharedLastUse();
+    return (shared != nullptr ? *shared : last_use_).Synchronize();
+  }
+  // Orders `stream` after the last use: a driver call, skipped where it was recorded on the
   // same stream (a caller's one stream: two waits per sequence and layer-step that stream order
   // already gives). Not for the default streams: cudaStreamPerThread is one handle for a stream
   // per thread.
@@ -432,11 +443,15 @@ class DeviceTier final : public TierBackend {
     if (!used_) return absl::OkStatus();
     if (stream == last_use_stream_ && reinterpret_cast<uintptr_t>(stream) > 2)
       return absl::OkStatus();
-    return transfer::StreamWaitEvent(stream, last_use());
+    const std::shared_ptr<const transfer::Event> shared = SharedLastUse();
+    return transfer::StreamWaitEvent(stream, shared != nullptr ? *shared : last_use_);
   }
   absl::Status RecordLastUse(void* stream) {
     KVRT_RETURN_IF_ERROR(last_use_.Record(stream));
-    shared_last_use_.reset();
+    {
+      std::lock_guard<std::mutex> lock(last_use_mu_);
+      shared_last_use_.reset();
+    }
     last_use_stream_ = stream;
     used_ = true;
     return absl::OkStatus();
@@ -444,7 +459,10 @@ class DeviceTier final : public TierBackend {
   // The tier's last use is `done`, recorded on stream after it (a batch step's members: one
   // record instead of one per member).
   void ShareLastUse(std::shared_ptr<const transfer::Event> done, void* stream) {
-    shared_last_use_ = std::move(done);
+    {
+      std::lock_guard<std::mutex> lock(last_use_mu_);
+      shared_last_use_ = std::move(done);
+    }
     last_use_stream_ = stream;
     used_ = true;
   }
@@ -459,7 +477,7 @@ class DeviceTier final : public TierBackend {
   // A batch step's fork and its lanes' joins (DeviceStep::MemberStream), as the step's lead.
   transfer::Event batch_forked_;
   std::vector<transfer::Event> lane_joined_;
-  bool used_ = false;
+  std::atomic<bool> used_{false};  // read by the store guard too (see last_use_mu_)
   transfer::EvictionQueue evictions_;
   // AttendPendingEvictions' row lists (gpu::GatherBatch: offsets [H + 1], then ids [H * rows])
   // for batches of pending_lists_rows_ rows, uploaded through pending_staging_.
