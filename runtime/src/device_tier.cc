@@ -171,10 +171,10 @@ absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const f
   }
   // The batch's copy was recorded by this layer's append, before this call: on this stream, or
   // on the step's stream ahead of the fork of this batch member's lane. Stream order then gives
-  // the wait (a driver call fewer per member and step); not for the default streams (see
-  // WaitLastUse).
+  // the wait (a driver call fewer per member and step) on a created stream
+  // (transfer::IsCreatedStream).
   const bool ordered =
-      reinterpret_cast<uintptr_t>(b.done_stream) > 2 &&
+      transfer::IsCreatedStream(b.done_stream) &&
       (b.done_stream == stream || (step->size() > 1 && b.done_stream == step->lease.get()));
   if (!ordered) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, b.done));
   gpu::GatherBatch rows;

@@ -437,12 +437,10 @@ class DeviceTier final : public TierBackend {
   }
   // Orders `stream` after the last use: a driver call, skipped where it was recorded on the
   // same stream (a caller's one stream: two waits per sequence and layer-step that stream order
-  // already gives). Not for the default streams: cudaStreamPerThread is one handle for a stream
-  // per thread.
+  // already gives), if that is a created stream (transfer::IsCreatedStream).
   absl::Status WaitLastUse(void* stream) {
     if (!used_) return absl::OkStatus();
-    if (stream == last_use_stream_ && reinterpret_cast<uintptr_t>(stream) > 2)
-      return absl::OkStatus();
+    if (stream == last_use_stream_ && transfer::IsCreatedStream(stream)) return absl::OkStatus();
     const std::shared_ptr<const transfer::Event> shared = SharedLastUse();
     return transfer::StreamWaitEvent(stream, shared != nullptr ? *shared : last_use_);
   }

@@ -78,9 +78,10 @@ class DirectStep {
   // `to`'s work from now on follows `from`'s work so far (a batch's lane, forked from the step's
   // stream after the members' selections): a wait for the fill that `from` has is not repeated on
   // `to` (a driver call fewer per member and step).
-  // Not for the default streams (a null `from` is also "no stream waited").
+  // Only from a created stream (transfer::IsCreatedStream; a null `from` is also "no stream
+  // waited").
   void StreamFollows(void* from, void* to) {
-    if (fill_pending_ && reinterpret_cast<uintptr_t>(from) > 2 && fill_waited_by_ == from)
+    if (fill_pending_ && transfer::IsCreatedStream(from) && fill_waited_by_ == from)
       fill_waited_by_ = to;
   }
   // The step's mask of selected clusters [kv_heads, C] for the selection kernel to write

@@ -5,6 +5,7 @@
 // FailedPrecondition when kvrt was built without CUDA, Internal naming the CUDA error otherwise,
 // ResourceExhausted when an allocation fails.
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <utility>
 
@@ -61,6 +62,12 @@ class DeviceBuffer {
   void* ptr_ = nullptr;
   std::size_t size_ = 0;
 };
+
+// Whether `stream` is a created stream, whose order two calls that pass it share: not null (the
+// legacy default stream) nor the special handles cudaStreamLegacy (1) and cudaStreamPerThread (2,
+// one handle for a different stream on each thread). A wait that stream order already gives is
+// skipped only on such a stream.
+inline bool IsCreatedStream(void* stream) { return reinterpret_cast<uintptr_t>(stream) > 2; }
 
 // A non-blocking stream (cudaStreamNonBlocking: no implicit sync with the legacy default stream).
 class Stream {
