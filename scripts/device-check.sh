@@ -640,30 +640,30 @@ if [[ "${1:-}" == "--device" ]]; then
         done
       done
       rm -f $trace
-    elif [[ "$bench" == ab-knob ]]; then
-      # One build, an environment knob alternated per run (AB_KNOB, default KVRT_DIRECT_SCALAR,
-      # over AB_VALUES, default "1 0"), AB_ROUNDS rounds (default 2): knob_runs.
-      knob=${AB_KNOB:-KVRT_DIRECT_SCALAR}
-      trace=/tmp/kvrt-ab-knob.safetensors
-      trace_128k $trace || rc=1
-      for round in $(seq ${AB_ROUNDS:-2}); do
+    elif [[ "$bench" == ab-knob || "$bench" == configs ]]; then
+      # One build, alternated per run in AB_ROUNDS rounds (default 2), knob_runs each: ab-knob an
+      # environment knob (AB_KNOB, default KVRT_DIRECT_SCALAR, over AB_VALUES, default "1 0"),
+      # configs bench decode options (CONFIGS, one configuration's options per ';'-separated
+      # entry, "defaults" = none; default "defaults;--hot-cache 0.2;--hot-cache 0.2
+      # --miss-penalty 1").
+      labels=() envs=() extras=()
+      if [[ $bench == ab-knob ]]; then
+        knob=${AB_KNOB:-KVRT_DIRECT_SCALAR}
         for val in ${AB_VALUES:-1 0}; do
-          knob_runs "$knob=$val, round $round" "$knob=$val" "" || rc=1
+          labels+=("$knob=$val") envs+=("$knob=$val") extras+=("")
         done
-      done
-      rm -f $trace
-    elif [[ "$bench" == configs ]]; then
-      # One build, configurations alternated per run: CONFIGS, bench decode options per
-      # configuration separated by ';' ("defaults" = none; default "defaults;--hot-cache 0.2;
-      # --hot-cache 0.2 --miss-penalty 1"), AB_ROUNDS rounds (default 2): knob_runs.
-      trace=/tmp/kvrt-configs.safetensors
-      trace_128k $trace || rc=1
-      IFS=';' read -ra configs <<< "${CONFIGS:-defaults;--hot-cache 0.2;--hot-cache 0.2 --miss-penalty 1}"
-      for round in $(seq ${AB_ROUNDS:-2}); do
+      else
+        IFS=';' read -ra configs <<< "${CONFIGS:-defaults;--hot-cache 0.2;--hot-cache 0.2 --miss-penalty 1}"
         for cfg in "${configs[@]}"; do
-          extra=$cfg
-          [[ $cfg == defaults ]] && extra=""
-          knob_runs "config '$cfg', round $round" "" "$extra" || rc=1
+          labels+=("config '$cfg'") envs+=("")
+          if [[ $cfg == defaults ]]; then extras+=(""); else extras+=("$cfg"); fi
+        done
+      fi
+      trace=/tmp/kvrt-$bench.safetensors
+      trace_128k $trace || rc=1
+      for round in $(seq ${AB_ROUNDS:-2}); do
+        for i in "${!labels[@]}"; do
+          knob_runs "${labels[i]}, round $round" "${envs[i]}" "${extras[i]}" || rc=1
         done
       done
       rm -f $trace
