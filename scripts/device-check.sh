@@ -33,6 +33,7 @@
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
 # KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1
 # (AB_RUNS), BENCH=configs bench decode options alternated the same way (CONFIGS),
+# BENCH=gpu-busy the GPU's busy time per layer-step (nsys; BUSY_CONFIGS) at 128K B=1, 16, 64,
 # BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
@@ -56,7 +57,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--device" ]]; then
-  [[ -d .bundle/bin ]] || tar xzf .bundlez/bundle.tgz || exit 1
+  # A warm device machine keeps the last call's .bundle (ignored files stay): unpack again when
+  # the carried archive differs from the one it came from.
+  sum=$(cksum < .bundlez/bundle.tgz) || exit 1
+  if [[ ! -d .bundle/bin || "$(cat .bundle/.archive-sum 2>/dev/null)" != "$sum" ]]; then
+    rm -rf .bundle && tar xzf .bundlez/bundle.tgz && echo "$sum" > .bundle/.archive-sum || exit 1
+  fi
   out=${OUT:-out}
   mkdir -p "$out"
   export LD_LIBRARY_PATH=.bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -469,6 +475,41 @@ if [[ "${1:-}" == "--device" ]]; then
         done
         rm -f $trace
       fi
+    elif [[ "$bench" == gpu-busy ]]; then
+      # How busy the GPU is during the decode steps (the device timeline of kernels and copies,
+      # recorded through CUPTI by .bundle/lib/libkernel_trace_inject.so; this machine has no
+      # Nsight Systems; tools/gpu_bench/gpu_busy.py): the 128K trace at B=1 (8 layers), B=16
+      # (4 layers) and B=64 (1 layer), pipelined, at the defaults and with each BUSY_CONFIGS entry
+      # (';'-separated bench options, default "--hot-cache 0.2"). A step whose kernels leave the
+      # GPU idle most of its wall time is bound by the host, one with the GPU busy throughout by
+      # its kernels. The tracing slows the host's launches: its wall times are not figures.
+      # Reports in $out/busy-*.txt.
+      trace=/tmp/kvrt-busy.safetensors
+      trace_128k $trace || rc=1
+      IFS=';' read -r -a busy_cfgs <<< "defaults;${BUSY_CONFIGS---hot-cache 0.2}"
+      for cfg in "${busy_cfgs[@]}"; do
+        opts=""; [[ "$cfg" != defaults ]] && opts=$cfg
+        for run in ${BUSY_RUNS:-1:8 16:4 64:1}; do
+          batch=${run%%:*}; layers=${run##*:}
+          attend=""; [[ $batch -gt 1 ]] && attend="--attend batch"
+          rep="$out/busy-$(echo "b$batch-$cfg" | tr -c 'A-Za-z0-9.\n-' '_')"
+          echo "=== gpu-busy: B=$batch, $layers layers --pipeline, config '$cfg'"
+          # shellcheck disable=SC2086  # opts: bench options, split on purpose
+          KVRT_KERNEL_TRACE="$rep.csv" CUDA_INJECTION64_PATH="$PWD/.bundle/lib/libkernel_trace_inject.so" \
+            timeout 200 $b/kvrt bench decode --steps 25 --warmup 2 --max-seconds 60 \
+            --accuracy-steps 0 --trace $trace --index cluster --cold 131072 --batch $batch $attend \
+            --layers $layers --pipeline $opts > "$rep.log" 2>&1 || rc=1
+          grep -E '^cluster' "$rep.log"
+          if [[ ! -s "$rep.csv" ]]; then
+            echo "gpu-busy: no device timeline in $rep.csv (the injection library did not start)"
+            rc=1
+            continue
+          fi
+          python3 tools/gpu_bench/gpu_busy.py "$rep.csv" --members $batch | tee "$rep.txt" || rc=1
+          gzip -f "$rep.csv"
+        done
+      done
+      rm -f $trace
     elif [[ "$bench" == keys ]]; then
       # config.cluster_keys per KEYS (default "16 8"), this build: the 128K trace B=1 (8 layers
       # pipelined; then 1 layer with accuracy against exact attention and the GPU bytes) and 1M
@@ -808,7 +849,7 @@ build=${BUILD_DIR:-build}
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
   test_gpu_kernels kvrt kvrt_static direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
   cluster_step_parts cluster_step_parts_1 cluster_step_parts_2 direct_attend_mix \
-  ${EXTRA_TARGETS:-} || exit 1
+  kernel_trace_inject ${EXTRA_TARGETS:-} || exit 1
 rm -rf .bundle .bundlez
 mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
@@ -824,6 +865,9 @@ for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
 [[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
 bash scripts/bundle.sh .bundle .bundle/stage/*
 rm -rf .bundle/stage
+# The device timeline's injection library (BENCH=gpu-busy) and its libcupti.
+cp "$build/tools/gpu_bench/libkernel_trace_inject.so" .bundle/lib/ &&
+  bash scripts/bundle.sh --deps-only .bundle .bundle/lib/libkernel_trace_inject.so || exit 1
 # libkvrt installed into .bundle/prefix (kvrt.h, libkvrt.so*, lib/cmake/kvrt: find_package(kvrt)),
 # which BENCH=e2e builds the Python package against there (KVRT_PY_LIBKVRT=installed); the
 # shared libraries libkvrt.so loads join .bundle/lib. Not carried: the CLI (in .bundle/bin) and
