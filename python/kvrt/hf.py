@@ -223,7 +223,9 @@ class KvrtLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.pending = (key_states, value_states)
+        # Only the layer is noted for the attention function, which gets the K/V as arguments:
+        # holding them here kept every layer's prompt K/V on the GPU until its first decode
+        # token (0.3.20 and before), the full KV of the prompt at once, as DynamicCache holds it.
         getattr(_pending, "layers", None) or setattr(_pending, "layers", {})
         _pending.layers[self.layer_idx] = self
         return key_states, value_states

@@ -51,6 +51,30 @@ def test_exact_mode_reproduces_the_full_cache_logits(model):
     cache.close()
 
 
+def test_no_layer_keeps_the_prompt_kv_after_the_prompt(model, monkeypatch):
+    # kvrt copies what it needs in its calls; a K/V tensor a layer's update() was handed must be
+    # free once the forward is done (0.3.20 kept every layer's prompt K/V until its next token).
+    import gc
+    import weakref
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                      worker_threads=2)
+    handed = []
+    update = kh.KvrtLayer.update
+
+    def spy(self, k, v, *args, **kwargs):
+        handed.append((weakref.ref(k), weakref.ref(v)))
+        return update(self, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(kh.KvrtLayer, "update", spy)
+    with torch.inference_mode():
+        model(_ids(), **{kh.cache_kwarg(model): cache}, use_cache=True, logits_to_keep=1)
+    gc.collect()
+    assert len(handed) == 2  # the tiny model's two global layers
+    assert all(ref() is None for pair in handed for ref in pair)
+    assert cache.get_seq_length() == PROMPT
+    cache.close()
+
+
 def test_exact_mode_batch_of_two_reproduces_the_full_cache_logits(model):
     # Two prompts of one length (no padding): each decode forward is one append_attend_batch
     # per kvrt layer.
