@@ -220,8 +220,10 @@ def main(argv=None) -> int:
         print(f"decode               {steps / decode_s:10.2f} tokens/s  "
               f"({decode_s / steps * 1e3:.1f} ms per token)", file=sys.stderr)
     if on_cuda:
-        print(f"GPU memory (peak)    {_gib(torch.cuda.max_memory_allocated()):>13}",
-              file=sys.stderr)
+        # torch's tensors only (weights, activations, a full cache): kvrt's own device buffers
+        # are not torch's, and are reported on their own below.
+        print(f"GPU memory (peak)    {_gib(torch.cuda.max_memory_allocated()):>13}  (torch's "
+              "tensors; kvrt's own below)", file=sys.stderr)
     print(f"host memory (peak)   {_gib(_rss_bytes()):>13}", file=sys.stderr)
     if not args.full:
         st = cache.stats()
