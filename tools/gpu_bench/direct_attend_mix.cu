@@ -10,6 +10,8 @@
 //     blocks scattered over the selection;
 //   - where the selection lies: spread over all clusters, or inside one eighth of them (a
 //     split of the kernel takes a fixed range of clusters, so this loads a few splits).
+// And, for the 25% case, 4 and 16 members at once (a batch step's attentions), each with its own
+// host stores, outputs and stream: whether their host reads add up to the link.
 #include <cuda_runtime.h>
 #include <sys/mman.h>
 
@@ -77,6 +79,53 @@ struct Case {
   bool miss_blocks;  // scattered 8-row blocks instead of whole clusters
   bool skewed;       // the selection inside one eighth of the clusters
 };
+
+// m members of v's shape launched together, each on its own stream with its own registered host
+// stores: the time for all m, per member, and the host bytes' aggregate rate.
+bool TimeMembers(const g::DirectRowsView& v, const uint32_t* mask, const float* q, int m, int iters,
+                 double host_mb_each) {
+  bool ok = true;
+  std::vector<HostStore> stores(2 * static_cast<std::size_t>(m));
+  std::vector<g::DirectRowsView> views(m, v);
+  std::vector<float*> o(m), lse(m), ws(m);
+  std::vector<cudaStream_t> streams(m);
+  std::vector<void*> arrays;
+  for (int i = 0; i < m && ok; ++i) {
+    ok = stores[2 * i].Make(true) && stores[2 * i + 1].Make(true);
+    std::vector<const void*> kp, vp;
+    for (int h = 0; ok && h < kKv; ++h)
+      kp.push_back(stores[2 * i].Head(h)), vp.push_back(stores[2 * i + 1].Head(h));
+    views[i].store_k = b::Upload(kTool, kp, &ok);
+    views[i].store_v = b::Upload(kTool, vp, &ok);
+    arrays.push_back(const_cast<void**>(views[i].store_k));
+    arrays.push_back(const_cast<void**>(views[i].store_v));
+    o[i] = b::Alloc<float>(kTool, static_cast<std::size_t>(kQh) * kD, &ok);
+    lse[i] = b::Alloc<float>(kTool, kQh, &ok);
+    ws[i] = b::Alloc<float>(kTool, g::DirectAttendWorkspaceFloats(v), &ok);
+    ok = ok && b::CudaOk(kTool, cudaStreamCreate(&streams[i]), "cudaStreamCreate");
+  }
+  double us = -1.0;
+  if (ok) {
+    // Blocking streams: the legacy default stream's timing events order them.
+    us = b::TimeUs(kTool, "members", iters, [&] {
+      for (int i = 0; i < m; ++i)
+        (void)g::DirectAttend(views[i], mask, q, 0.f, o[i], lse[i], nullptr, ws[i], streams[i]);
+    });
+  }
+  if (us >= 0)
+    std::printf(
+        "  %2d members at once, each 25%% of its clusters from its own host stores      "
+        "%7.1f us | %6.1f us per member, host %6.1f MB in all at %.1f GB/s\n",
+        m, us, us / m, host_mb_each * m, host_mb_each * m / us * 1e3);
+  for (int i = 0; i < m; ++i) {
+    if (streams[i] != nullptr) cudaStreamDestroy(streams[i]);
+    cudaFree(o[i]);
+    cudaFree(lse[i]);
+    cudaFree(ws[i]);
+  }
+  for (void* a : arrays) cudaFree(a);
+  return ok && us >= 0;
+}
 
 }  // namespace
 
@@ -219,9 +268,14 @@ int main(int argc, char** argv) {
         "  %-72s %7.1f us | pool %6.1f MB, host %6.1f MB: host at %.1f GB/s if the pool "
         "rows were free\n",
         cs.name, us, pool_mb, host_mb, host_mb > 0 ? host_mb / us * 1e3 : 0.0);
+    // A batch's members at once (the 25% case, registered stores): each member its own host
+    // stores, outputs and stream, the selection, table and pool shared. Whether the members'
+    // PCIe reads add up when their kernels run side by side, as in a kvrt_attend_batch step.
+    if (cs.register_plain && cs.miss == 0.25 && !cs.miss_blocks && !cs.skewed)
+      for (const int m : {4, 16}) ok = ok && TimeMembers(v, mask, q, m, iters / 4, host_mb);
     cudaFree(ws);
     cudaFree(const_cast<void**>(d_k));
     cudaFree(const_cast<void**>(d_v));
   }
-  return 0;
+  return ok ? 0 : 1;
 }

@@ -7,9 +7,12 @@
 // memory at the link's speed, leaving the other SMs to other layers' and members' kernels, is
 // what this measures: the gather kernel per grid size, against one contiguous cudaMemcpyAsync
 // (the link's speed) and cudaMemcpyBatchAsync (the copy engines) of the same chunks, and the
-// gather beside an HBM-bound kernel on the rest of the GPU (does each keep its speed?).
+// gather beside an HBM-bound kernel on the rest of the GPU (does each keep its speed?). The same
+// bytes read as consecutive chunks and as random 16 KiB chunks tell a host whose scattered reads
+// fall short of its copies (one H100 machine: 30 GB/s for every pattern) from one where they do
+// not (44-51 GB/s; docs/benchmarks.md, thirty-second session).
 //
-//   pcie_gather [--mb 3.5,56] [--chunk 4096] [--reps 20]
+//   pcie_gather [--mb 3.5,56] [--reps 20]
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -105,7 +108,8 @@ int main(int argc, char** argv) {
           "usage: pcie_gather [--mb 3.5,56] [--reps 20]\n"
           "  gathers MB of random 4 KiB chunks of a 1 GiB registered host buffer into device\n"
           "  memory: a warp-per-chunk kernel per grid size, cudaMemcpyBatchAsync, and one\n"
-          "  contiguous cudaMemcpyAsync; then the gather beside an HBM-bound kernel.\n");
+          "  contiguous cudaMemcpyAsync; the kernel on consecutive chunks and on random 16 KiB\n"
+          "  chunks; then the gather beside an HBM-bound kernel.\n");
       return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
@@ -181,6 +185,44 @@ int main(int argc, char** argv) {
         report(what, t);
         if (threads == 1024 && grid == 8) best_small = t;
       }
+    }
+    // The same bytes read by the kernel as consecutive 4 KiB chunks (one contiguous range), and
+    // as random 16 KiB chunks: whether SM reads of host memory are bound by scattering, by
+    // the chunk's size, or not at all (a host whose scattered reads fall short of its copies).
+    {
+      std::vector<int64_t> seq(n);
+      for (int i = 0; i < n; ++i) seq[i] = int64_t{i} * kChunk;
+      int64_t* seq_d = nullptr;
+      KVRT_BENCH_CUDA(cudaMalloc(&seq_d, n * sizeof(int64_t)));
+      KVRT_BENCH_CUDA(cudaMemcpy(seq_d, seq.data(), n * sizeof(int64_t), cudaMemcpyHostToDevice));
+      for (int grid : {8, 264}) {
+        const int threads = grid == 8 ? 1024 : 256;
+        const float t = MedianMs(reps, st, [&] {
+          GatherKernel<kChunk><<<grid, threads, 0, st>>>(host_dev, seq_d, dst, n);
+          KVRT_BENCH_CUDA(cudaGetLastError());
+        });
+        char what[64];
+        std::snprintf(what, sizeof what, "consecutive chunks, %3d CTAs x %4d", grid, threads);
+        report(what, t);
+      }
+      constexpr int kBig = 4 * kChunk;
+      const int nb = std::max(1, n / 4);
+      std::vector<int64_t> big_src(host_bytes / kBig);
+      for (size_t i = 0; i < big_src.size(); ++i) big_src[i] = static_cast<int64_t>(i) * kBig;
+      std::shuffle(big_src.begin(), big_src.end(), rng);
+      big_src.resize(nb);
+      KVRT_BENCH_CUDA(
+          cudaMemcpy(seq_d, big_src.data(), nb * sizeof(int64_t), cudaMemcpyHostToDevice));
+      for (int grid : {16, 264}) {
+        const float t = MedianMs(reps, st, [&] {
+          GatherKernel<kBig><<<grid, 256, 0, st>>>(host_dev, seq_d, dst, nb);
+          KVRT_BENCH_CUDA(cudaGetLastError());
+        });
+        char what[64];
+        std::snprintf(what, sizeof what, "random 16 KiB chunks, %3d CTAs x  256", grid);
+        report(what, t);
+      }
+      KVRT_BENCH_CUDA(cudaFree(seq_d));
     }
     // Beside an HBM-bound kernel on the other SMs: each alone, then both, on two streams.
     const int neighbour_ctas = 2 * sms;
