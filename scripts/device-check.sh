@@ -38,7 +38,8 @@
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
 # takes a list); TESTS="" and SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS
-# picks the tools.
+# picks the tools. Every --device run first prints the machine's host-read rates (pcie_gather;
+# PROBE="" skips) into pcie.log.
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
@@ -69,6 +70,13 @@ if [[ "${1:-}" == "--device" ]]; then
   b=.bundle/bin
   rc=0
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  # The machine's host reads (PROBE="" skips): SM reads of scattered host memory run at 30 GB/s
+  # on some machines and ~50 on others (docs/benchmarks.md, thirty-second session), which moves
+  # every figure that counts misses; one line each for the link and the SMs' scattered reads.
+  if [[ -x $b/pcie_gather && -n "${PROBE-1}" ]]; then
+    timeout 60 $b/pcie_gather --mb 56 --reps 5 2>&1 |
+      grep -E "contiguous \(the link\)|gather kernel, +8 CTAs x 1024" | tee "$out/pcie.log"
+  fi
   for t in ${TESTS-test_gpu test_transfer test_runtime_gpu ${EXTRA_TESTS:-}}; do
     [[ -x $b/$t ]] || continue
     echo "=== $t" >> "$out/tests.log"
@@ -849,12 +857,13 @@ build=${BUILD_DIR:-build}
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
   test_gpu_kernels kvrt kvrt_static direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
   cluster_step_parts cluster_step_parts_1 cluster_step_parts_2 direct_attend_mix \
-  kernel_trace_inject ${EXTRA_TARGETS:-} || exit 1
+  kernel_trace_inject pcie_gather ${EXTRA_TARGETS:-} || exit 1
 rm -rf .bundle .bundlez
 mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
   .bundle/stage/
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
+cp "$build/tools/gpu_bench/pcie_gather" .bundle/stage/
 # SLIM=1 leaves out the kernels-apart tools and the install prefix (BENCH=parts, mix, e2e,
 # binding): the carry limit is 64 MiB with the checkout, which a bundle with extra programs passed.
 if [[ -z "${SLIM:-}" ]]; then
