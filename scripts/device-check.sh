@@ -854,10 +854,14 @@ if [[ "${1:-}" == "--device" ]]; then
 fi
 
 build=${BUILD_DIR:-build}
+# SLIM=1 does not build the kernels-apart tools either (six more compilations of two kernels).
+parts_targets="direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 cluster_step_parts \
+  cluster_step_parts_1 cluster_step_parts_2 direct_attend_mix"
+[[ -n "${SLIM:-}" ]] && parts_targets=""
+# shellcheck disable=SC2086  # target lists, split on purpose
 cmake --build "$build" -j"${JOBS:-2}" --target kvrt_cli test_transfer test_runtime_gpu \
-  test_gpu_kernels kvrt kvrt_static direct_attend_parts direct_attend_parts_1 direct_attend_parts_2 \
-  cluster_step_parts cluster_step_parts_1 cluster_step_parts_2 direct_attend_mix \
-  kernel_trace_inject pcie_gather ${EXTRA_TARGETS:-} || exit 1
+  test_gpu_kernels kvrt kvrt_static $parts_targets kernel_trace_inject pcie_gather \
+  ${EXTRA_TARGETS:-} || exit 1
 rm -rf .bundle .bundlez
 mkdir -p .bundle/stage
 cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runtime_gpu/test_runtime_gpu" \
