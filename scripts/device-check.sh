@@ -33,7 +33,7 @@
 # KVRT_TIMELINE) and B=1, BENCH=ab-knob an environment knob (AB_KNOB, default
 # KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1
 # (AB_RUNS), BENCH=configs bench decode options alternated the same way (CONFIGS),
-# BENCH=gpu-busy the GPU's busy time per layer-step (nsys; BUSY_CONFIGS) at 128K B=1, 16, 64,
+# BENCH=gpu-busy the GPU's busy time per layer-step (CUPTI; BUSY_CONFIGS, BUSY_RUNS) at 128K B=1, 16, 64,
 # BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
@@ -487,8 +487,9 @@ if [[ "${1:-}" == "--device" ]]; then
       # How busy the GPU is during the decode steps (the device timeline of kernels and copies,
       # recorded through CUPTI by .bundle/lib/libkernel_trace_inject.so; this machine has no
       # Nsight Systems; tools/gpu_bench/gpu_busy.py): the 128K trace at B=1 (8 layers), B=16
-      # (4 layers) and B=64 (1 layer), pipelined, at the defaults and with each BUSY_CONFIGS entry
-      # (';'-separated bench options, default "--hot-cache 0.2"). A step whose kernels leave the
+      # (4 layers) and B=64 (1 layer) (BUSY_RUNS: batch:layers pairs), pipelined, at the defaults
+      # and with each BUSY_CONFIGS entry (';'-separated bench options, default "--hot-cache 0.2";
+      # "" for the defaults alone). A step whose kernels leave the
       # GPU idle most of its wall time is bound by the host, one with the GPU busy throughout by
       # its kernels. The tracing slows the host's launches: its wall times are not figures.
       # Reports in $out/busy-*.txt.
