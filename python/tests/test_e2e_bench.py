@@ -45,6 +45,10 @@ def test_cpu_smoke_dynamic_and_kvrt(tmp_path):
     assert k["kvrt_config"]["index_kind"] == "cluster" and k["kvrt_config"]["use_gpu"] == 0
     # 300 prompt tokens + 3 decoded, window 64: most of them are cold, in kvrt's host tier.
     assert k["kvrt_stats"]["host_tokens"] > 0 and k["kvrt_stats"]["attend_calls"] == 3 * 2
+    # kvrt's calls' time per token: one entry per token, each within that token's time.
+    assert len(k["kvrt_ms_tokens"]) == len(k["decode_ms_tokens"]) == 3
+    assert all(0 < c <= t for c, t in zip(k["kvrt_ms_tokens"], k["decode_ms_tokens"]))
+    assert "kvrt_ms_tokens" not in recs["dynamic"]
 
 
 def test_cpu_smoke_chunked_prompt(tmp_path):

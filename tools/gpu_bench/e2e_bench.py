@@ -279,6 +279,9 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             kv_torch = (torch.cuda.memory_allocated() - base) if on_cuda else None
             t1 = time.perf_counter()
             token_s = []  # each token's forward, synchronised by reading its argmax
+            # kvrt's calls' share of each token (kvrt.hf's wall time inside the library): a slow
+            # stretch of tokens is then either in kvrt's calls or in the model around them.
+            kvrt_token_s = []
             before = cache.stats() if is_kvrt(kind) else None
             before_s = cache.time_decode_s if is_kvrt(kind) else 0.0
             ru0 = _rusage()
@@ -286,6 +289,7 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
                 prof = (_profiler(on_cuda, bool(args.profile_dir))
                         if args.profile and s in (0, 4) else None)
                 ts = time.perf_counter()
+                kvrt_ts = cache.time_decode_s if is_kvrt(kind) else 0.0
                 if prof is not None:
                     prof.__enter__()
                 x = torch.tensor([[tok]], device=device)
@@ -298,6 +302,8 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
                     res[f"profile_token{s}"] = _profile_table(prof, on_cuda)
                     _export_trace(prof, args, kind, tokens, f"token{s}")
                 token_s.append(time.perf_counter() - ts)
+                if is_kvrt(kind):
+                    kvrt_token_s.append(cache.time_decode_s - kvrt_ts)
                 if before is not None and s == 0:
                     delta = (cache.stats() - before).as_dict()
                     res["kvrt_first_token"] = {k: v for k, v in delta.items()
@@ -314,6 +320,8 @@ def run_one(kind, model, args, tokens, new_tokens, device, on_cuda):
             res["decode_rusage"] = {k: round(ru1[k] - ru0[k], 4) for k in ru0}
             res["anon_huge_mib"] = _anon_huge_mib()
             res["decode_ms_tokens"] = [round(t * 1e3, 3) for t in token_s]
+            if kvrt_token_s:
+                res["kvrt_ms_tokens"] = [round(t * 1e3, 3) for t in kvrt_token_s]
         res.update(ttft_s=ttft, decode_s=decode_s)
         if token_s:
             # The first decode token apart: a cache may pay one-time work there (kvrt registers
