@@ -173,16 +173,22 @@ int main(int argc, char** argv) {
       });
       report("cudaMemcpyBatchAsync, one per chunk", batch);
     }
+    // One gather launch timed and reported under its label.
+    auto time_gather = [&](const char* label, auto launch) {
+      const float t = MedianMs(reps, st, [&] {
+        launch();
+        KVRT_BENCH_CUDA(cudaGetLastError());
+      });
+      report(label, t);
+      return t;
+    };
+    char what[64];
     float best_small = 0;
     for (int threads : {256, 1024}) {
       for (int grid : {1, 2, 4, 8, 16, 32, 66, 132, 264}) {
-        const float t = MedianMs(reps, st, [&] {
-          GatherKernel<kChunk><<<grid, threads, 0, st>>>(host_dev, src_d, dst, n);
-          KVRT_BENCH_CUDA(cudaGetLastError());
-        });
-        char what[64];
         std::snprintf(what, sizeof what, "gather kernel, %3d CTAs x %4d threads", grid, threads);
-        report(what, t);
+        const float t = time_gather(
+            what, [&] { GatherKernel<kChunk><<<grid, threads, 0, st>>>(host_dev, src_d, dst, n); });
         if (threads == 1024 && grid == 8) best_small = t;
       }
     }
@@ -197,13 +203,9 @@ int main(int argc, char** argv) {
       KVRT_BENCH_CUDA(cudaMemcpy(seq_d, seq.data(), n * sizeof(int64_t), cudaMemcpyHostToDevice));
       for (int grid : {8, 264}) {
         const int threads = grid == 8 ? 1024 : 256;
-        const float t = MedianMs(reps, st, [&] {
-          GatherKernel<kChunk><<<grid, threads, 0, st>>>(host_dev, seq_d, dst, n);
-          KVRT_BENCH_CUDA(cudaGetLastError());
-        });
-        char what[64];
         std::snprintf(what, sizeof what, "consecutive chunks, %3d CTAs x %4d", grid, threads);
-        report(what, t);
+        time_gather(
+            what, [&] { GatherKernel<kChunk><<<grid, threads, 0, st>>>(host_dev, seq_d, dst, n); });
       }
       constexpr int kBig = 4 * kChunk;
       const int nb = std::max(1, n / 4);
@@ -214,13 +216,9 @@ int main(int argc, char** argv) {
       KVRT_BENCH_CUDA(
           cudaMemcpy(seq_d, big_src.data(), nb * sizeof(int64_t), cudaMemcpyHostToDevice));
       for (int grid : {16, 264}) {
-        const float t = MedianMs(reps, st, [&] {
-          GatherKernel<kBig><<<grid, 256, 0, st>>>(host_dev, seq_d, dst, nb);
-          KVRT_BENCH_CUDA(cudaGetLastError());
-        });
-        char what[64];
         std::snprintf(what, sizeof what, "random 16 KiB chunks, %3d CTAs x  256", grid);
-        report(what, t);
+        time_gather(what,
+                    [&] { GatherKernel<kBig><<<grid, 256, 0, st>>>(host_dev, seq_d, dst, nb); });
       }
       KVRT_BENCH_CUDA(cudaFree(seq_d));
     }
