@@ -11,12 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ "${1:-}" == "--device" ]] || { echo "usage: $0 --device (build the bundle with scripts/decode-bench.sh)" >&2; exit 2; }
-# A warm device machine keeps the last call's .bundle (ignored files stay): unpack again when
-# the carried archive differs from the one it came from.
-sum=$(cksum < .bundlez/bundle.tgz) || exit 1
-if [[ ! -d .bundle/bin || "$(cat .bundle/.archive-sum 2>/dev/null)" != "$sum" ]]; then
-  rm -rf .bundle && tar xzf .bundlez/bundle.tgz && echo "$sum" > .bundle/.archive-sum || exit 1
-fi
+bash scripts/unpack-bundle.sh || exit 1
 out=${OUT:-out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=.bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
