@@ -34,6 +34,7 @@
 # KVRT_DIRECT_SCALAR, over AB_VALUES) alternated in this build at 128K B=1 and B=16 and 1M B=1
 # (AB_RUNS), BENCH=configs bench decode options alternated the same way (CONFIGS),
 # BENCH=gpu-busy the GPU's busy time per layer-step (CUPTI; BUSY_CONFIGS, BUSY_RUNS) at 128K B=1, 16, 64,
+# BENCH=shapes the cluster kind at 128K B=1 per model shape (SHAPES, q:kv:d) beside SDPA of that shape,
 # BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
@@ -800,6 +801,22 @@ if [[ "${1:-}" == "--device" ]]; then
       echo "=== kvrt: cluster 128K --trace, B=1, with accuracy"
       timeout 150 $b/kvrt $args --trace $trace --index cluster --cold 131072 --batch 1 || rc=1
       rm -f $trace
+    elif [[ "$bench" == shapes ]]; then
+      # Model shapes (SHAPES: q_heads:kv_heads:head_dim, default the 8B shape, GLM-4-9B's 16 q
+      # heads per kv head, Qwen3-235B's 64:4 and an MQA shape past the GPU selection's 16): the
+      # cluster kind at 128K on trace-like keys of that shape, B=1 with accuracy, then 4 layers
+      # pipelined, each beside PyTorch SDPA over a resident cache of the same shape.
+      for shape in ${SHAPES:-32:8:128 32:2:128 64:4:128 48:1:128}; do
+        IFS=: read -r qh kvh hd <<< "$shape"
+        sopts="--q-heads $qh --kv-heads $kvh --head-dim $hd --index cluster --cold 131072 --batch 1"
+        echo "=== kvrt: cluster 128K B=1, shape $shape, with accuracy"
+        timeout 200 $b/kvrt $args $sopts || rc=1
+        echo "=== kvrt: cluster 128K B=1, shape $shape, 4 layers --pipeline"
+        timeout 200 $b/kvrt $args $sopts --layers 4 --pipeline --accuracy-steps 0 || rc=1
+        echo "=== sdpa peer, shape $shape"
+        timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 --tokens 131072 \
+          --q-heads "$qh" --kv-heads "$kvh" --head-dim "$hd" || rc=1
+      done
     elif [[ "$bench" == ab-1m ]]; then
       # bench decode at 1M (trace-like generated keys, the selection's largest shape), the build
       # before (kvrt_before) against this one, AB_ROUNDS rounds (default 1), B=1.

@@ -104,18 +104,24 @@ struct GatherSrc {
   }
 };
 
-// grid (units, num_splits), block kThreads.
+// grid (units * subs, num_splits), block kThreads.
 // q: [units * group, D] (f32 when q_is_f32, else T). Outputs when num_splits == 1: o [units *
 // group, D], lse [units * group]; else part_o [units * group, num_splits, D] and part_lse
 // [units * group, num_splits].
+// A group wider than G q heads is split over subs = ceil(group / G) CTAs per unit, each taking G
+// of its q heads over the same rows: the rows are read subs times, but a CTA's q and accumulators
+// stay in registers (G = 16 at d = 128 would spill).
 template <typename T, int D, int G, class Src>
 __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
-    AttendKernel(Src src, const void* __restrict__ q, int q_is_f32, int group, float scale_log2,
-                 int chunk, int num_splits, float* __restrict__ o, float* __restrict__ lse,
-                 float* __restrict__ part_o, float* __restrict__ part_lse) {
+    AttendKernel(Src src, const void* __restrict__ q, int q_is_f32, int group, int subs,
+                 float scale_log2, int chunk, int num_splits, float* __restrict__ o,
+                 float* __restrict__ lse, float* __restrict__ part_o,
+                 float* __restrict__ part_lse) {
   using L = AttnLayout<T, D>;
   constexpr int kVec = L::kVec;
-  const int u = blockIdx.x, s = blockIdx.y;
+  const int u = blockIdx.x / subs, s = blockIdx.y;
+  const int h0 = (blockIdx.x % subs) * G;  // this CTA's first q head of the unit's group
+  const int heads = min(G, group - h0);    // and how many it takes
   const auto cur = src.Bind(u, D);
   const int begin = s * chunk;
   const int end = min(cur.n, begin + chunk);
@@ -125,8 +131,8 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
   float qv[G][kVec];
 #pragma unroll
   for (int h = 0; h < G; ++h) {
-    if (h < group) {
-      const size_t off = static_cast<size_t>(u * group + h) * D + li * kVec;
+    if (h < heads) {
+      const size_t off = (static_cast<size_t>(u) * group + h0 + h) * D + li * kVec;
       if (q_is_f32) {
         LoadVec<float, kVec>(static_cast<const float*>(q) + off, qv[h]);
       } else {
@@ -191,7 +197,7 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
       if (valid[r]) {
 #pragma unroll
         for (int h = 0; h < G; ++h) {
-          if (h < group) {
+          if (h < heads) {
             const float nm = MaxPropagateNan(m[h], dot[h]);  // NaN score: NaN state
             const float corr = exp2f(m[h] - nm);             // m = -inf, nm finite: 0
             const float p = exp2f(dot[h] - nm);
@@ -246,7 +252,7 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < group * D; idx += L::kThreads) {
+  for (int idx = threadIdx.x; idx < heads * D; idx += L::kThreads) {
     const int h = idx / D, e = idx % D;
     float mm = -INFINITY;
 #pragma unroll
@@ -262,7 +268,7 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
       oo /= ll;
     }
     const float lse_val = mm == -INFINITY ? -INFINITY : (mm + log2f(ll)) * 0.69314718055994531f;
-    const size_t row = static_cast<size_t>(u) * group + h;
+    const size_t row = static_cast<size_t>(u) * group + h0 + h;
     if (num_splits == 1) {
       o[row * D + e] = oo;
       if (e == 0) lse[row] = lse_val;
@@ -329,15 +335,17 @@ Err RunAttend(const Src& src, int units, int group, const void* q, bool q_is_f32
               const SplitPlan& plan, float* o, float* lse, float* workspace, void* stream) {
   using L = AttnLayout<T, D>;
   if (units == 0) return {};
+  const int subs = (group + G - 1) / G;
+  if (static_cast<int64_t>(units) * subs > 0x7fffffff) return Err{0, "too many units for one grid"};
   const cudaStream_t st = AsStream(stream);
   const int rows = units * group;
   float* part_o = workspace;
   float* part_lse =
       plan.num_splits > 1 ? workspace + static_cast<size_t>(rows) * plan.num_splits * D : nullptr;
-  const dim3 grid(units, plan.num_splits);
-  AttendKernel<T, D, G, Src>
-      <<<grid, L::kThreads, 0, st>>>(src, q, q_is_f32 ? 1 : 0, group, scale * 1.4426950408889634f,
-                                     plan.chunk, plan.num_splits, o, lse, part_o, part_lse);
+  const dim3 grid(units * subs, plan.num_splits);
+  AttendKernel<T, D, G, Src><<<grid, L::kThreads, 0, st>>>(
+      src, q, q_is_f32 ? 1 : 0, group, subs, scale * 1.4426950408889634f, plan.chunk,
+      plan.num_splits, o, lse, part_o, part_lse);
   if (Err e = LastLaunchErr(); !e.ok()) return e;
   if (plan.num_splits > 1) {
     MergeSplitsKernel<D>
@@ -360,8 +368,9 @@ Err TierAttentionT(const TierBatch& tier, const void* q, const AttnParams& p, fl
       return RunAttend<T, D, 4>(src, units, group, q, p.q_is_f32, scale, plan, o, lse, workspace,
                                 stream);
     }
-    return RunAttend<T, D, 8>(src, units, group, q, p.q_is_f32, scale, plan, o, lse, workspace,
-                              stream);
+    // Wider groups: kTierGroupTile q heads per CTA (RunAttend splits the group).
+    return RunAttend<T, D, kTierGroupTile>(src, units, group, q, p.q_is_f32, scale, plan, o, lse,
+                                           workspace, stream);
   })
   return {};
 }

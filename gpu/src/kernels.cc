@@ -33,10 +33,10 @@ absl::Status CheckTier(const TierBatch& t, const AttnParams& p) {
         absl::StrCat("TierAttention: unsupported head_dim ", t.head_dim, " (64, 128, 256)"));
   }
   if (!DTypeOk(t.dtype)) return absl::InvalidArgumentError("TierAttention: unsupported dtype");
-  if (p.q_heads <= 0 || p.q_heads % t.kv_heads != 0 || p.q_heads / t.kv_heads > kMaxGroup) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("TierAttention: q_heads ", p.q_heads, " must be a multiple of kv_heads ",
-                     t.kv_heads, " with at most ", kMaxGroup, " q heads per kv head"));
+  if (p.q_heads <= 0 || p.q_heads % t.kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("TierAttention: q_heads ", p.q_heads,
+                                                   " must be a positive multiple of kv_heads ",
+                                                   t.kv_heads));
   }
   if (p.split_tokens < 0) return absl::InvalidArgumentError("TierAttention: split_tokens < 0");
   return absl::OkStatus();
@@ -93,9 +93,19 @@ bool DeviceAvailable() {
 #endif
 }
 
+#if KVRT_WITH_CUDA
+// The tier kernel's CTAs per split: a wide group's kv head takes several (kTierGroupTile q heads
+// each), and the split planner sizes the splits for all of them.
+static int TierCtas(const TierBatch& tier, const AttnParams& p) {
+  const int group = p.q_heads / tier.kv_heads;
+  return tier.batch * tier.kv_heads * ((group + kTierGroupTile - 1) / kTierGroupTile);
+}
+#endif
+
 std::size_t TierAttentionWorkspaceFloats(const TierBatch& tier, const AttnParams& p) {
 #if KVRT_WITH_CUDA
-  const int units = tier.batch * tier.kv_heads;
+  if (tier.kv_heads <= 0) return 0;
+  const int units = TierCtas(tier, p);
   const auto plan = detail::PlanSplits(units, tier.max_tokens, p.split_tokens, detail::SmCount());
   if (plan.num_splits <= 1) return 0;
   return static_cast<std::size_t>(tier.batch) * p.q_heads * plan.num_splits * (tier.head_dim + 1);
@@ -108,7 +118,7 @@ absl::Status TierAttention(const TierBatch& tier, const void* q, const AttnParam
                            float* lse, float* workspace, void* stream) {
   if (auto s = CheckTier(tier, p); !s.ok()) return s;
 #if KVRT_WITH_CUDA
-  const int units = tier.batch * tier.kv_heads;
+  const int units = TierCtas(tier, p);
   const auto plan = detail::PlanSplits(units, tier.max_tokens, p.split_tokens, detail::SmCount());
   const float scale = ScaleOr(p.scale, tier.head_dim);
   const std::size_t need = plan.num_splits > 1 ? static_cast<std::size_t>(tier.batch) * p.q_heads *

@@ -15,6 +15,7 @@
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/kind_table.h"
+#include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/code_rest.h"
 #include "kvrt_gpu/kernel_types.h"
 #include "layer_state.h"
@@ -152,12 +153,12 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
         "config.use_gpu = 1: no CUDA device is available (or kvrt was built without CUDA); use 0 "
         "(host backend) or -1 (GPU when available)");
   }
-  const int d = c->head_dim, group = c->num_q_heads / c->num_kv_heads;
-  if (!gpu::SupportedHeadDim(d) || group > gpu::kMaxGroup) {
+  const int d = c->head_dim;
+  if (!gpu::SupportedHeadDim(d)) {
     if (!want) return absl::OkStatus();
     return absl::InvalidArgumentError(absl::StrCat(
-        "config.use_gpu = 1: the GPU tier kernels support head_dim 64, 128, 256 and at most ",
-        gpu::kMaxGroup, " q heads per kv head (head_dim ", d, ", group ", group, ")"));
+        "config.use_gpu = 1: the GPU kernels support head_dim 64, 128 and 256 (head_dim ", d,
+        "); use 0 (host backend) or -1 (GPU when the shape allows)"));
   }
   const int devices = transfer::DeviceCount();
   if (c->cuda_device >= devices) {
@@ -190,7 +191,12 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
       value_bits, config.head_dim, config.num_q_heads / std::max(config.num_kv_heads, 1));
   const bool codes_off_gpu = cpu_index::SelectsOnCodes(effective.index.cluster) &&
                              (config.head_dim % 32 != 0 || (value_bits > 0 && !value_rest_on_gpu));
-  if (effective.index.cluster.rescore > 1.f || codes_off_gpu) {
+  // The GPU's cluster selection takes at most gpu::kClusterMaxGroup q heads per kv head (an MQA
+  // model's 32 or 48 do not fit its kernels); wider groups select on the CPU and attend the tier
+  // on the GPU.
+  const bool group_off_gpu =
+      config.num_kv_heads > 0 && config.num_q_heads / config.num_kv_heads > gpu::kClusterMaxGroup;
+  if (effective.index.cluster.rescore > 1.f || codes_off_gpu || group_off_gpu) {
     effective.index.cluster.gpu_select = false;
     effective.direct_step = false;
   }

@@ -997,6 +997,7 @@ const std::vector<Shape>& KernelShapes() {
       {2, 8, 64, DType::kBF16, 25, 7, 8},         {2, 4, 128, DType::kF16, 300, 40, 700},
       {2, 4, 256, DType::kBF16, 200, 30, 300},    {1, 32, 128, DType::kBF16, 120, 20, 100},
       {2, 6, 256, DType::kF32, 90, 11, 50},       {1, 32, 256, DType::kF16, 64, 8, 33},
+      {2, 12, 128, DType::kBF16, 100, 10, 60},     // a group past the tier kernel's tile
       {8, 4, 128, DType::kBF16, 1200, 600, 3000},  // 64 splits
       {1, 2, 64, DType::kBF16, 20000, 600, 100},   // 312 clusters a split: two rounds
   };

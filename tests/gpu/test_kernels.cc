@@ -429,7 +429,7 @@ TEST(GpuRef, Launchers_RejectBadArgumentsOrReportNoCuda) {
   auto s = TierAttention(t, nullptr, p, nullptr, nullptr, nullptr, nullptr);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
   t.head_dim = 128;
-  p.q_heads = 3 * kMaxGroup;
+  p.q_heads = 3;  // not a multiple of kv_heads
   t.kv_heads = 2;
   EXPECT_EQ(TierAttention(t, nullptr, p, nullptr, nullptr, nullptr, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
@@ -567,8 +567,12 @@ TEST_F(GpuKernels, TierAttention_MatchesReference) {
     }
     cases.push_back({t, 128, 8, 4, 300, {{4, 300}}, 0, false});  // q in storage dtype
   }
-  for (int group : {1, 2, 4, 5, 8})
+  // Groups past kTierGroupTile take several CTAs per kv head: 12 (a partial tile), 16 (GLM-4), and
+  // an MQA shape's whole group over one kv head, split and unsplit.
+  for (int group : {1, 2, 4, 5, 8, 12, 16})
     cases.push_back({DType::kBF16, 128, 2, group, 300, mixed, 0, true});
+  cases.push_back({DType::kF16, 64, 1, 48, 300, mixed, 0, false});
+  cases.push_back({DType::kF32, 256, 1, 20, 70, {{4, 70}, {0, 9}}, 16, true});
   // Split boundaries: one row per split, a split edge inside the sinks, a single split.
   for (int split : {1, 4, 5, 32, 33, 100000}) {
     if (small && split == 1) continue;

@@ -707,6 +707,40 @@ TEST(GpuBackendCluster, RescoreSelectsOnTheCpuAndMatchesTheHostBackend) {
   }
 }
 
+// Wider GQA groups than one CTA of the tier kernel takes (gpu::kTierGroupTile): GLM-4's 16 q heads
+// per kv head and a partial tile (12) keep the whole step on the GPU (selection, direct step); an
+// MQA shape's 48 q heads over one kv head attend the tier on the GPU and select on the CPU
+// (past gpu::kClusterMaxGroup). Each agrees with the host backend, per q head.
+TEST(GpuBackendCluster, WideGroupsRunOnTheGpuAndMatchTheHostBackend) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    int q_heads, kv_heads;
+    bool gpu_select;
+  };
+  for (const Shape& sh : {Shape{32, 2, true}, Shape{24, 2, true}, Shape{48, 1, false}}) {
+    const std::string name = absl::StrCat("q ", sh.q_heads, " kv ", sh.kv_heads);
+    Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, name};
+    RuntimeConfig host_cfg = ClusterCompareConfig(c, 0, 0.1f, true, true);
+    RuntimeConfig gpu_cfg = ClusterCompareConfig(c, 1, 0.1f, true, true);
+    host_cfg.num_q_heads = gpu_cfg.num_q_heads = sh.q_heads;
+    host_cfg.num_kv_heads = gpu_cfg.num_kv_heads = sh.kv_heads;
+    auto host_rt = Runtime::Create(host_cfg);
+    auto gpu_rt = Runtime::Create(gpu_cfg);
+    ASSERT_TRUE(host_rt.ok()) << host_rt.status();
+    ASSERT_TRUE(gpu_rt.ok()) << gpu_rt.status();
+    EXPECT_EQ((*gpu_rt)->config().use_gpu, 1) << name;
+    EXPECT_EQ((*gpu_rt)->config().index.cluster.gpu_select, sh.gpu_select) << name;
+    EXPECT_EQ((*gpu_rt)->config().direct_step, sh.gpu_select) << name;
+    const int64_t gs = *(*gpu_rt)->CreateSequence();
+    ASSERT_NO_FATAL_FAILURE(StepsAgree(c, 23, **host_rt, **gpu_rt, gs));
+    const auto s = (*gpu_rt)->Stats();
+    EXPECT_GT(s.attend_calls, 0) << name;
+    EXPECT_EQ(s.attends_gpu_select, sh.gpu_select ? s.attend_calls : 0) << name;
+    EXPECT_EQ(s.attends_direct, sh.gpu_select ? s.attend_calls : 0) << name;
+    EXPECT_GT(s.time_gpu_attention_ns, 0) << name;
+  }
+}
+
 // The one-stage selection on codes (rescore_bits without rescore) runs on the GPU: the rows'
 // codes uploaded beside the summary, each cluster's mass from them (gpu::CodeClusterMass) in
 // place of the centroid's estimate; the steps agree with the host

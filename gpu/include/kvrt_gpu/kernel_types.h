@@ -8,7 +8,9 @@
 
 namespace kvrt::gpu {
 
-inline constexpr int kMaxGroup = 8;   // q heads per kv head that the tier kernel supports
+// q heads per kv head that one CTA of the tier kernel takes; a wider group (GLM-4's 16, an MQA
+// model's all) is split over several CTAs, each reading the kv head's rows.
+inline constexpr int kTierGroupTile = 8;
 inline constexpr int kMaxTopK = 128;  // largest k of ExactTopK
 
 struct TierBatch {
@@ -69,7 +71,7 @@ struct TierArrays {
 inline bool SupportedHeadDim(int d) { return d == 64 || d == 128 || d == 256; }
 
 struct AttnParams {
-  int q_heads = 0;       // per sequence; a multiple of kv_heads, q_heads / kv_heads <= kMaxGroup
+  int q_heads = 0;       // per sequence; a multiple of kv_heads (any group)
   float scale = 0.f;     // 0 = 1/sqrt(head_dim)
   bool q_is_f32 = true;  // q in f32, else in the storage dtype
   int split_tokens = 0;  // tokens per split (flash-decoding); 0 = chosen from the SM count
