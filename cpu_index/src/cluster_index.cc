@@ -22,12 +22,30 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/exp_sum.h"
+#include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
 
 namespace kvrt::cpu_index {
 namespace {
 constexpr int64_t kMaxRows = int64_t{1} << 40;
+// A group search's clusters per task (with nq queries each) and queries per estimate pass.
+constexpr int64_t kGroupClusterGrain = 512;
+constexpr int64_t kEstimateQueries = 8;
+int64_t GroupGrain(int nq) { return nq > 1 ? kGroupClusterGrain : kMaxRows; }
+
+// fn(begin, end) over [0, n) in chunks of at least `grain`, in parallel (the caller's arena) when
+// there is more than one.
+template <typename Fn>
+void ParallelRange(int64_t n, int64_t grain, const Fn& fn) {
+  if (n <= 0) return;
+  if (n <= grain) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, grain),
+                    [&](const tbb::blocked_range<int64_t>& r) { fn(r.begin(), r.end()); });
+}
 }  // namespace
 
 class ClusterIndex final : public KeyIndex {
@@ -108,38 +126,52 @@ class ClusterIndex final : public KeyIndex {
       return s;
     const int64_t c = summary_.num_clusters();
     const int64_t no = static_cast<int64_t>(summary_.outliers.size());
-    // Every centroid read once for the whole group (bit-identical to Search's scores).
+    // Every centroid read once for the whole group (bit-identical to Search's scores). A wide
+    // group (an MQA model's 48 q heads over one kv head) is one unit of the runtime's parallel
+    // loop, so its passes over the clusters and its queries run in parallel here; each cluster's
+    // and each query's arithmetic is the one a serial pass does.
     std::vector<float> cs(static_cast<std::size_t>(nq) * c), scores(cs.size());
-    for (int64_t j = 0; j < c; ++j) {
-      DotRowMulti(qs, nq, summary_.centroid.data() + static_cast<std::size_t>(j) * dim_, dim_,
-                  DType::kBF16, cs.data() + j * nq);
-    }
-    for (int i = 0; i < nq; ++i)
-      for (int64_t j = 0; j < c; ++j) scores[i * c + j] = cs[j * nq + i];
+    ParallelRange(c, GroupGrain(nq), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        DotRowMulti(qs, nq, summary_.centroid.data() + static_cast<std::size_t>(j) * dim_, dim_,
+                    DType::kBF16, cs.data() + j * nq);
+      }
+    });
     std::vector<float> os(static_cast<std::size_t>(no) * nq),
         oscores(static_cast<std::size_t>(nq) * no);
-    for (int64_t j = 0; j < no; ++j) {
-      DotRowMulti(qs, nq, store.key(summary_.outliers[j]), dim_, store.dtype(), os.data() + j * nq);
-    }
-    for (int i = 0; i < nq; ++i)
-      for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
+    ParallelRange(no, GroupGrain(nq), [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        DotRowMulti(qs, nq, store.key(summary_.outliers[j]), dim_, store.dtype(),
+                    os.data() + j * nq);
+      }
+    });
+    ParallelRange(nq, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = 0; j < c; ++j) scores[i * c + j] = cs[j * nq + i];
+        for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
+      }
+    });
     if (!cfg_.group_select || nq == 1) {
       // Selecting on codes, every query scores every cluster's rows: one pass over the codes for
       // the whole group, each query's masses as its own pass would give them.
       CodeMasses masses;
       if (CodeSelect() && nq > 1) ComputeCodeMasses(store, qs, nq, &masses);
-      for (int i = 0; i < nq; ++i) {
-        Finish(store, qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
-               oscores.data() + i * no, params, &outs[i], masses.lse.empty() ? nullptr : &masses,
-               i);
-      }
+      ParallelRange(nq, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          Finish(store, qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
+                 oscores.data() + i * no, params, &outs[i], masses.lse.empty() ? nullptr : &masses,
+                 static_cast<int>(i));
+        }
+      });
       return absl::OkStatus();
     }
     // One selection for the group, by the group key; each query's own estimate.
     std::vector<float> density(static_cast<std::size_t>(nq) * c), key(c);
-    for (int i = 0; i < nq; ++i)
-      Density(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
-              density.data() + i * c);
+    ParallelRange(nq, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i)
+        Density(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
+                density.data() + i * c);
+    });
     GroupSelectionKey(summary_, density.data(), nq, key.data());
     std::vector<int32_t> sel;
     const int64_t tokens =
@@ -148,16 +180,21 @@ class ClusterIndex final : public KeyIndex {
     if (Rescoring()) SecondStage(store, qs, nq, sel, params, density.data(), &rescored);
     // The outliers in the summary's order for every query: the group's heads then hold the same
     // rows in the same order, which the runtime attends in one pass for all of them.
-    for (int i = 0; i < nq; ++i) {
-      Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i],
-           /*outliers_by_score=*/false, /*estimate=*/false, Rescoring() ? &rescored : nullptr);
-    }
+    ParallelRange(nq, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        Emit(density.data() + i * c, sel, tokens, oscores.data() + i * no, &outs[i],
+             /*outliers_by_score=*/false, /*estimate=*/false, Rescoring() ? &rescored : nullptr);
+      }
+    });
     if (cfg_.estimate) {
-      // Every query's estimate in one pass over the value means (each query's as alone).
+      // Every query's estimate in one pass over the value means (each query's as alone), a pass
+      // per kEstimateQueries queries of a wide group.
       const std::vector<float> log_size = LogSizes(summary_);
       std::vector<float> eo(static_cast<std::size_t>(nq) * dim_), el(nq);
-      EstimateUnselectedGroup(summary_, density.data(), nq, sel, log_size.data(), eo.data(),
-                              el.data());
+      ParallelRange(nq, kEstimateQueries, [&](int64_t i0, int64_t i1) {
+        EstimateUnselectedGroup(summary_, density.data() + i0 * c, static_cast<int>(i1 - i0), sel,
+                                log_size.data(), eo.data() + i0 * dim_, el.data() + i0);
+      });
       for (int i = 0; i < nq; ++i) {
         float* o = eo.data() + static_cast<std::size_t>(i) * dim_;
         if (Rescoring())

@@ -408,12 +408,13 @@ absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
     return index->SearchGroup(stores_[g], qs.data(), nq, params, found.data());
   }));
   const int64_t shared_ns = (NowNs() - t0) / nq;
-  for (int i = 0; i < nq; ++i) {
+  // Each head's own rows (parallel: an MQA model's group is the step's only unit).
+  tbb::parallel_for(0, nq, [&](int i) {
     const int h = heads[i];
     const int64_t t1 = NowNs();
     AddUncovered(g, at(q, h), &found[i], sel, h);
     sel->search_ns[h] = NowNs() - t1 + shared_ns;
-  }
+  });
   // Every head scored the same keys (the group's, plus the same uncovered rows).
   *read = sel->scored[heads.front()];
   if (attend != nullptr) AttendHeads(heads, qs.data(), *sel, attend);
@@ -435,8 +436,16 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   const auto& store = stores_[heads[0] / (cfg_->num_q_heads / cfg_->num_kv_heads)];
   const auto& rows = sel.rows[heads[0]];
   std::vector<float> o(static_cast<std::size_t>(nq) * d), lse(nq);
-  cpu_index::AttendStoreRowsGroup(q, nq, cfg_->scale, store, rows.data(),
-                                  static_cast<int64_t>(rows.size()), o.data(), lse.data());
+  // kAttendQueries heads per pass over the rows, the passes in parallel: a wide group (an MQA
+  // model's) is one unit of the step's parallel loop. Each head's arithmetic is the same either
+  // way.
+  constexpr int kAttendQueries = 8;
+  tbb::parallel_for(0, (nq + kAttendQueries - 1) / kAttendQueries, [&](int c) {
+    const int i0 = c * kAttendQueries, n = std::min(kAttendQueries, nq - i0);
+    cpu_index::AttendStoreRowsGroup(q + static_cast<std::size_t>(i0) * d, n, cfg_->scale, store,
+                                    rows.data(), static_cast<int64_t>(rows.size()),
+                                    o.data() + static_cast<std::size_t>(i0) * d, lse.data() + i0);
+  });
   for (int i = 0; i < nq; ++i) {
     std::copy(o.begin() + static_cast<std::ptrdiff_t>(i) * d,
               o.begin() + static_cast<std::ptrdiff_t>(i + 1) * d,

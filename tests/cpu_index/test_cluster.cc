@@ -482,6 +482,33 @@ TEST(ClusterIndex, GroupSearchEqualsPerQuerySearch) {
   }
 }
 
+// A group selection's result r for query q (the group's rows, sorted: `rows`) holds q's own
+// estimate: EstimateUnselected over the clusters none of the rows belong to, from q's densities
+// computed here one cluster at a time.
+void ExpectOwnEstimate(const ClusterSummary& s, const IndexConfig& cfg, const float* q,
+                       const std::vector<int64_t>& rows, const SearchResult& r, int query) {
+  std::vector<int32_t> sel;
+  for (int64_t j = 0; j < s.num_clusters(); ++j)
+    if (std::binary_search(rows.begin(), rows.end(), s.begin[j])) sel.push_back(j);
+  std::vector<float> scores(s.num_clusters()), dens(s.num_clusters());
+  float qn2 = 0;
+  for (int t = 0; t < kDim; ++t) qn2 += q[t] * q[t];
+  for (int64_t j = 0; j < s.num_clusters(); ++j) {
+    float a = 0;
+    for (int t = 0; t < kDim; ++t) a += q[t] * Bf16ToF32(s.centroid[j * kDim + t]);
+    scores[j] = a;
+  }
+  ClusterDensity(s, scores.data(), qn2,
+                 cfg.cluster.scale != 0.f ? cfg.cluster.scale : 1.f / std::sqrt(float(kDim)),
+                 cfg.cluster.spread_weight, dens.data());
+  std::vector<float> eo(kDim);
+  float lse;
+  EstimateUnselected(s, dens.data(), sel, eo.data(), &lse);
+  EXPECT_NEAR(lse, r.est_lse, 1e-3) << "query " << query;
+  ASSERT_EQ(r.est_o.size(), static_cast<std::size_t>(kDim)) << "query " << query;
+  for (int t = 0; t < kDim; ++t) EXPECT_NEAR(eo[t], r.est_o[t], 1e-3) << "query " << query;
+}
+
 // group_select: one list of rows for the group (the same outliers, the same clusters), at most
 // the budget plus one cluster; each query's estimate is its own (the exact formula over the
 // clusters it did not get); a group of one searches as Search does; a budget covering every
@@ -513,29 +540,7 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
   EXPECT_GE(cluster_rows, 64);
   EXPECT_LT(cluster_rows, 64 + max_size);
   // Each query's estimate: EstimateUnselected over the clusters none of the rows belong to.
-  std::vector<int32_t> sel;
-  for (int64_t j = 0; j < s.num_clusters(); ++j)
-    if (std::binary_search(sorted0.begin(), sorted0.end(), s.begin[j])) sel.push_back(j);
-  for (int i = 0; i < 4; ++i) {
-    std::vector<float> scores(s.num_clusters()), dens(s.num_clusters());
-    const float* q = qs.data() + i * kDim;
-    float qn2 = 0;
-    for (int t = 0; t < kDim; ++t) qn2 += q[t] * q[t];
-    for (int64_t j = 0; j < s.num_clusters(); ++j) {
-      float a = 0;
-      for (int t = 0; t < kDim; ++t) a += q[t] * Bf16ToF32(s.centroid[j * kDim + t]);
-      scores[j] = a;
-    }
-    ClusterDensity(s, scores.data(), qn2,
-                   cfg.cluster.scale != 0.f ? cfg.cluster.scale : 1.f / std::sqrt(float(kDim)),
-                   cfg.cluster.spread_weight, dens.data());
-    std::vector<float> eo(kDim);
-    float lse;
-    EstimateUnselected(s, dens.data(), sel, eo.data(), &lse);
-    EXPECT_NEAR(lse, g[i].est_lse, 1e-3) << "query " << i;
-    ASSERT_EQ(g[i].est_o.size(), static_cast<std::size_t>(kDim));
-    for (int t = 0; t < kDim; ++t) EXPECT_NEAR(eo[t], g[i].est_o[t], 1e-3);
-  }
+  for (int i = 0; i < 4; ++i) ExpectOwnEstimate(s, cfg, qs.data() + i * kDim, sorted0, g[i], i);
   // A group of one: Search's result.
   SearchResult one, alone;
   ASSERT_TRUE(index->SearchGroup(store, qs.data(), 1, p, &one).ok());
@@ -547,6 +552,51 @@ TEST(ClusterIndex, GroupSelectionSharesOneSelection) {
   for (int i = 0; i < 4; ++i) {
     EXPECT_EQ(g[i].ids.size(), 1024u);
     EXPECT_EQ(g[i].est_lse, -std::numeric_limits<float>::infinity());
+  }
+}
+
+// A wide group (an MQA model's 48 queries over one kv head, the step's only unit) is searched in
+// parallel over chunks of clusters and over its queries: without group_select each query's result
+// is its own Search's; with it every query holds the group's rows and its own estimate, and a
+// second search gives the same results.
+TEST(ClusterIndex, WideGroupSearchMatchesItsSerialForm) {
+  for (bool group : {false, true}) {
+    SCOPED_TRACE(group ? "group_select" : "per query");
+    HeadStore store(kDim, DType::kBF16);
+    AppendRows(&store, 8192, 17, DType::kBF16);
+    IndexConfig cfg = SmallConfig();
+    cfg.cluster.group_select = group;
+    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+    ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+    ApplyOrder(index.get(), &store, 0, 8192);
+    const ClusterSummary& s = *GetClusterSummary(*index);
+    ASSERT_GT(s.num_clusters(), 512);  // more than one chunk of clusters
+    const int nq = 48;
+    const std::vector<float> qs = RandomQueries(nq, 40);
+    SearchParams p;
+    p.k = 256;
+    std::vector<SearchResult> g(nq), again(nq);
+    ASSERT_TRUE(index->SearchGroup(store, qs.data(), nq, p, g.data()).ok());
+    ASSERT_TRUE(index->SearchGroup(store, qs.data(), nq, p, again.data()).ok());
+    std::vector<int64_t> rows0 = g[0].ids;
+    std::sort(rows0.begin(), rows0.end());
+    for (int i = 0; i < nq; ++i) {
+      EXPECT_EQ(g[i].ids, again[i].ids) << i;
+      EXPECT_EQ(g[i].est_o, again[i].est_o) << i;
+      if (!group) {
+        SearchResult r;
+        ASSERT_TRUE(index->Search(store, qs.data() + i * kDim, p, &r).ok());
+        EXPECT_EQ(r.ids, g[i].ids) << i;
+        EXPECT_EQ(r.scanned, g[i].scanned) << i;
+        EXPECT_NEAR(r.est_lse, g[i].est_lse, 1e-4) << i;
+        EXPECT_EQ(r.est_o, g[i].est_o) << i;
+      } else {
+        std::vector<int64_t> rows = g[i].ids;
+        std::sort(rows.begin(), rows.end());
+        EXPECT_EQ(rows, rows0) << i;
+        ExpectOwnEstimate(s, cfg, qs.data() + i * kDim, rows0, g[i], i);
+      }
+    }
   }
 }
 

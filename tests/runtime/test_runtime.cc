@@ -77,14 +77,15 @@ struct Case {
   bool group_search = true;
   int64_t cluster_segment = 0;  // cluster kind: segment_tokens (0 = default)
   int cluster_keys = 0;         // cluster kind: cluster_size (0 = default)
+  int q_heads = 4, kv_heads = 2;
 };
 
 // Prefill `prompt` tokens, then `steps` x (append 1, attend), checking each output.
 void RunAndCheck(const Case& cs, double tol) {
   RuntimeConfig c;
   c.num_layers = 2;
-  c.num_q_heads = 4;
-  c.num_kv_heads = 2;
+  c.num_q_heads = cs.q_heads;
+  c.num_kv_heads = cs.kv_heads;
   c.head_dim = 32;
   c.dtype = cs.dtype;
   c.sink_tokens = cs.sinks;
@@ -181,6 +182,19 @@ TEST(RuntimeCluster, FullBudgetIsExactAndPositionsSurviveThePermutation) {
   }
 }
 
+// An MQA shape: 40 q heads over one kv head, the step's only unit of parallel work, whose search
+// and attention run in parallel over its clusters and its heads (chunks of 8): still exact at the
+// full budget, with the group's one selection and per head.
+TEST(RuntimeCluster, WideGroupFullBudgetIsExact) {
+  for (bool group : {true, false}) {
+    SCOPED_TRACE(group ? "group" : "per head");
+    Case cs{DType::kBF16, 4, 16, 700, 20, cpu_index::IndexKind::kCluster, 100000, group, 128};
+    cs.q_heads = 40;
+    cs.kv_heads = 1;
+    RunAndCheck(cs, 1e-5);
+  }
+}
+
 // One layer, one kv head with 2 q heads of d = 16, f32, 2 sinks, `window` window tokens.
 RuntimeConfig TwoHeadConfig(cpu_index::IndexKind kind, int window) {
   RuntimeConfig c;
@@ -196,8 +210,9 @@ RuntimeConfig TwoHeadConfig(cpu_index::IndexKind kind, int window) {
 }
 
 // The GPU's selection runs only what its kernels take: a two-stage selection, a selection on codes
-// of a head_dim that is not whole 32-channel words, or one estimating from value codes other than
-// 2-bit ones at head_dim 64, 128 or 256 stays the CPU's (and so does the attend: no direct step).
+// of a head_dim that is not whole 32-channel words, one estimating from value codes other than
+// 2-bit ones at head_dim 64, 128 or 256, or a group of more than 16 q heads per kv head stays the
+// CPU's (and so does the attend: no direct step).
 // The effective config says so on any machine.
 TEST(RuntimeCluster, SelectionsTheGpuCannotRunStayOnTheCpu) {
   struct Case {
@@ -206,16 +221,20 @@ TEST(RuntimeCluster, SelectionsTheGpuCannotRunStayOnTheCpu) {
     int bits;
     bool gpu;
     int value_bits = 0;
+    int q_heads = 2;  // over one kv head
   };
   for (const Case k :
        {Case{64, 0.f, 0, true}, Case{64, 0.f, 2, true}, Case{80, 0.f, 0, true},
         Case{80, 0.f, 2, false}, Case{72, 0.f, 8, false}, Case{64, 4.f, 2, false},
         Case{64, 0.f, 2, true, 2}, Case{128, 0.f, 2, true, 2}, Case{256, 0.f, 2, true, 2},
-        Case{96, 0.f, 2, false, 2}, Case{64, 0.f, 2, false, 4}, Case{64, 0.f, 2, false, 1}}) {
-    SCOPED_TRACE(::testing::Message() << "d " << k.head_dim << " rescore " << k.rescore << " bits "
-                                      << k.bits << " value bits " << k.value_bits);
+        Case{96, 0.f, 2, false, 2}, Case{64, 0.f, 2, false, 4}, Case{64, 0.f, 2, false, 1},
+        Case{64, 0.f, 0, true, 0, 16}, Case{64, 0.f, 0, false, 0, 17}}) {
+    SCOPED_TRACE(::testing::Message()
+                 << "d " << k.head_dim << " rescore " << k.rescore << " bits " << k.bits
+                 << " value bits " << k.value_bits << " q heads " << k.q_heads);
     RuntimeConfig c = TwoHeadConfig(cpu_index::IndexKind::kCluster, 16);
     c.head_dim = k.head_dim;
+    c.num_q_heads = k.q_heads;
     c.index.cluster.rescore = k.rescore;
     c.index.cluster.rescore_bits = k.bits;
     c.index.cluster.value_bits = k.value_bits;

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """All-GPU peer for gpu_bench: PyTorch scaled_dot_product_attention for one decode query over a
-full on-GPU KV cache, 8B shape (32 q / 8 kv heads, d=128, bf16), per layer-step.
+full on-GPU KV cache, per layer-step, bf16; the 8B shape (32 q / 8 kv heads, d=128) unless
+--q-heads, --kv-heads and --head-dim say otherwise.
 
-Two variants: GQA expanded (K/V repeated to 32 heads beforehand, only SDPA timed) and
+Two variants: GQA expanded (K/V repeated to the q heads beforehand, only SDPA timed) and
 enable_gqa=True (PyTorch >= 2.5). Times with CUDA events, p50/p99 over --iters steps after
 warm-up, and a pipelined mean (back-to-back steps between one event pair).
 
@@ -150,9 +151,11 @@ def main():
     if args.prefill:
         prefill(args)
         return
-    hq, hkv, d = 32, 8, 128
+    hq, hkv, d = args.q_heads, args.kv_heads, args.head_dim
+    if hkv <= 0 or hq % hkv != 0:
+        raise SystemExit(f"sdpa_peer.py: --q-heads {hq} must be a multiple of --kv-heads {hkv}")
     dev = torch.device("cuda")
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {hq} q / {hkv} kv heads, d={d}")
     print(f"| {'what':28} | {'tokens':>8} | {'p50 us':>9} | {'p99 us':>9} | {'pipe us':>9} | {'GB/s p50':>8} | backend")
     for n in args.tokens:
         torch.manual_seed(0)
@@ -168,7 +171,7 @@ def main():
             print(f"enable_gqa unavailable: {e}")
         ke = k.repeat_interleave(hq // hkv, dim=1)
         ve = v.repeat_interleave(hq // hkv, dim=1)
-        variants.append(("sdpa GQA expanded", lambda: F.scaled_dot_product_attention(q, ke, ve), 4 * kv_bytes))
+        variants.append(("sdpa GQA expanded", lambda: F.scaled_dot_product_attention(q, ke, ve), hq // hkv * kv_bytes))
         for name, fn, nbytes in variants:
             p50, p99, pipe = time_steps(fn, args.iters)
             print(f"| {name:28} | {n:>8} | {p50:9.1f} | {p99:9.1f} | {pipe:9.1f} | {nbytes / (p50 * 1e-6) / 1e9:8.0f} | bytes counted {nbytes / 1e6:.0f} MB", flush=True)
