@@ -22,30 +22,18 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/exp_sum.h"
-#include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
+#include "parallel_range.h"
 
 namespace kvrt::cpu_index {
 namespace {
 constexpr int64_t kMaxRows = int64_t{1} << 40;
 // A group search's clusters per task (with nq queries each) and queries per estimate pass.
 constexpr int64_t kGroupClusterGrain = 512;
-constexpr int64_t kEstimateQueries = 8;
+constexpr int64_t kEstimateQueries = 4;
 int64_t GroupGrain(int nq) { return nq > 1 ? kGroupClusterGrain : kMaxRows; }
-
-// fn(begin, end) over [0, n) in chunks of at least `grain`, in parallel (the caller's arena) when
-// there is more than one.
-template <typename Fn>
-void ParallelRange(int64_t n, int64_t grain, const Fn& fn) {
-  if (n <= 0) return;
-  if (n <= grain) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, grain),
-                    [&](const tbb::blocked_range<int64_t>& r) { fn(r.begin(), r.end()); });
-}
+using internal::ParallelRange;
 }  // namespace
 
 class ClusterIndex final : public KeyIndex {

@@ -6,6 +6,7 @@
 
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/dot.h"
+#include "parallel_range.h"
 
 namespace kvrt::cpu_index {
 
@@ -65,6 +66,27 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
   return tokens;
 }
 
+namespace {
+// A group this wide or wider computes its selection key in parallel, kKeyClusterGrain clusters a
+// task (narrower groups are one unit of the runtime's loop over kv heads among several).
+constexpr int kParallelQueries = 8;
+constexpr int64_t kKeyClusterGrain = 1024;
+
+// Cluster j's group key from the queries' log totals lse (see GroupSelectionKey).
+float GroupKeyOf(const ClusterSummary& s, const float* density, int nq, int64_t c,
+                 const double* lse, int64_t j) {
+  if (s.size[j] <= 0) return -INFINITY;
+  double m = -INFINITY;
+  for (int i = 0; i < nq; ++i)
+    if (lse[i] > -INFINITY) m = std::max<double>(m, density[i * c + j] - lse[i]);
+  if (m == -INFINITY) return -INFINITY;
+  double l = 0;
+  for (int i = 0; i < nq; ++i)
+    if (lse[i] > -INFINITY) l += std::exp(density[i * c + j] - lse[i] - m);
+  return static_cast<float>(m + std::log(l));
+}
+}  // namespace
+
 void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key) {
   const int64_t c = s.num_clusters();
   std::vector<double> lse(nq, -INFINITY);
@@ -72,31 +94,25 @@ void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, fl
   std::vector<double> log_size(c, 0.0);
   for (int64_t j = 0; j < c; ++j)
     if (s.size[j] > 0) log_size[j] = std::log(double(s.size[j]));
-  for (int i = 0; i < nq; ++i) {
-    const float* di = density + static_cast<std::size_t>(i) * c;
-    double m = -INFINITY;
-    for (int64_t j = 0; j < c; ++j)
-      if (s.size[j] > 0) m = std::max<double>(m, di[j] + log_size[j]);
-    if (m == -INFINITY) continue;
-    double l = 0;
-    for (int64_t j = 0; j < c; ++j)
-      if (s.size[j] > 0) l += std::exp(di[j] + log_size[j] - m);
-    lse[i] = m + std::log(l);
-  }
-  for (int64_t j = 0; j < c; ++j) {
-    if (s.size[j] <= 0) {
-      key[j] = -INFINITY;
-      continue;
+  // Two passes of nq x c exps in double: a wide group's queries (first pass) and clusters (second)
+  // in parallel.
+  const bool wide = nq >= kParallelQueries;
+  internal::ParallelRange(nq, wide ? 1 : nq, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* di = density + static_cast<std::size_t>(i) * c;
+      double m = -INFINITY;
+      for (int64_t j = 0; j < c; ++j)
+        if (s.size[j] > 0) m = std::max<double>(m, di[j] + log_size[j]);
+      if (m == -INFINITY) continue;
+      double l = 0;
+      for (int64_t j = 0; j < c; ++j)
+        if (s.size[j] > 0) l += std::exp(di[j] + log_size[j] - m);
+      lse[i] = m + std::log(l);
     }
-    double m = -INFINITY;
-    for (int i = 0; i < nq; ++i)
-      if (lse[i] > -INFINITY) m = std::max<double>(m, density[i * c + j] - lse[i]);
-    double l = 0;
-    if (m > -INFINITY)
-      for (int i = 0; i < nq; ++i)
-        if (lse[i] > -INFINITY) l += std::exp(density[i * c + j] - lse[i] - m);
-    key[j] = m == -INFINITY ? -INFINITY : static_cast<float>(m + std::log(l));
-  }
+  });
+  internal::ParallelRange(c, wide ? kKeyClusterGrain : c, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) key[j] = GroupKeyOf(s, density, nq, c, lse.data(), j);
+  });
 }
 
 std::vector<float> LogSizes(const ClusterSummary& s) {
