@@ -805,7 +805,8 @@ if [[ "${1:-}" == "--device" ]]; then
       # Model shapes (SHAPES: q_heads:kv_heads:head_dim, default the 8B shape, GLM-4-9B's 16 q
       # heads per kv head, Qwen3-235B's 64:4 and an MQA shape past the GPU selection's 16): the
       # cluster kind at 128K on trace-like keys of that shape, B=1 with accuracy, then 4 layers
-      # pipelined, each beside PyTorch SDPA over a resident cache of the same shape.
+      # pipelined (SHAPES_B16=1: and B=16), each beside PyTorch SDPA over a resident cache of the
+      # same shape (B=1).
       for shape in ${SHAPES:-32:8:128 32:2:128 64:4:128 48:1:128}; do
         IFS=: read -r qh kvh hd <<< "$shape"
         sopts="--q-heads $qh --kv-heads $kvh --head-dim $hd --index cluster --cold 131072 --batch 1"
@@ -813,6 +814,11 @@ if [[ "${1:-}" == "--device" ]]; then
         timeout 200 $b/kvrt $args $sopts || rc=1
         echo "=== kvrt: cluster 128K B=1, shape $shape, 4 layers --pipeline"
         timeout 200 $b/kvrt $args $sopts --layers 4 --pipeline --accuracy-steps 0 || rc=1
+        if [[ -n "${SHAPES_B16:-}" ]]; then
+          echo "=== kvrt: cluster 128K B=16 (kvrt_attend_batch), shape $shape, 4 layers --pipeline"
+          timeout 300 $b/kvrt $args ${sopts/--batch 1/--batch 16} --attend batch --layers 4 \
+            --pipeline --accuracy-steps 0 || rc=1
+        fi
         echo "=== sdpa peer, shape $shape"
         timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 --tokens 131072 \
           --q-heads "$qh" --kv-heads "$kvh" --head-dim "$hd" || rc=1

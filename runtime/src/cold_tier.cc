@@ -429,8 +429,8 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   bool same = !sel.exact && nq > 1;
   for (int i = 1; same && i < nq; ++i) same = sel.rows[heads[i]] == sel.rows[heads[0]];
   if (!same) {
-    for (int i = 0; i < nq; ++i)
-      AttendHead(heads[i], q + static_cast<std::size_t>(i) * d, sel, out);
+    tbb::parallel_for(
+        0, nq, [&](int i) { AttendHead(heads[i], q + static_cast<std::size_t>(i) * d, sel, out); });
     return;
   }
   const auto& store = stores_[heads[0] / (cfg_->num_q_heads / cfg_->num_kv_heads)];
@@ -439,7 +439,7 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   // kAttendQueries heads per pass over the rows, the passes in parallel: a wide group (an MQA
   // model's) is one unit of the step's parallel loop. Each head's arithmetic is the same either
   // way.
-  constexpr int kAttendQueries = 8;
+  constexpr int kAttendQueries = 4;
   tbb::parallel_for(0, (nq + kAttendQueries - 1) / kAttendQueries, [&](int c) {
     const int i0 = c * kAttendQueries, n = std::min(kAttendQueries, nq - i0);
     cpu_index::AttendStoreRowsGroup(q + static_cast<std::size_t>(i0) * d, n, cfg_->scale, store,
