@@ -74,7 +74,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 21
+#define KVRT_VERSION_PATCH 22
 
 #ifdef __cplusplus
 extern "C" {
