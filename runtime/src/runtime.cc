@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "cpu_binding.h"
 #include "device_tier.h"
+#include "head_pad.h"
 #include "kvrt_common/finite_bits.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
@@ -48,6 +49,8 @@ struct Runtime::Impl {
   absl::flat_hash_map<int64_t, std::shared_ptr<Sequence>> sequences;  // guarded by mu
   int64_t next_id = 0;                                                // guarded by mu
   std::vector<uint8_t> streaming;  // [layers, q_heads]: 1 = streaming head (GPU tier only)
+  // The caller's head_dim to the layers' (a no-op unless the GPU backend pads it).
+  HeadPad pad{0, 0, DType::kF32};
 };
 
 namespace {
@@ -153,12 +156,13 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
         "config.use_gpu = 1: no CUDA device is available (or kvrt was built without CUDA); use 0 "
         "(host backend) or -1 (GPU when available)");
   }
-  const int d = c->head_dim;
-  if (!gpu::SupportedHeadDim(d)) {
+  // A head_dim the kernels do not take runs padded to the next width they do (head_pad.h).
+  const int d = c->head_dim, width = HeadPad::WidthFor(d);
+  if (width == 0) {
     if (!want) return absl::OkStatus();
-    return absl::InvalidArgumentError(absl::StrCat(
-        "config.use_gpu = 1: the GPU kernels support head_dim 64, 128 and 256 (head_dim ", d,
-        "); use 0 (host backend) or -1 (GPU when the shape allows)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("config.use_gpu = 1: the GPU backend takes head_dim up to 256 (head_dim ", d,
+                     "); use 0 (host backend) or -1 (GPU when the shape allows)"));
   }
   const int devices = transfer::DeviceCount();
   if (c->cuda_device >= devices) {
@@ -170,6 +174,7 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
   transfer::ScopedDevice on_device(c->cuda_device);  // streams and pools belong to it
   KVRT_ASSIGN_OR_RETURN(*gpu, GpuContext::Create());
   c->use_gpu = 1;
+  c->head_dim = width;
   return absl::OkStatus();
 }
 }  // namespace
@@ -216,6 +221,9 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
         rt->impl_->arena, effective.worker_cpu_first, effective.worker_cpu_count);
   }
   KVRT_RETURN_IF_ERROR(ResolveGpuBackend(&rt->config_, &rt->impl_->gpu));
+  rt->api_config_ = rt->config_;
+  rt->api_config_.head_dim = effective.head_dim;
+  rt->impl_->pad = HeadPad(effective.head_dim, rt->config_.head_dim, effective.dtype);
   rt->impl_->streaming.assign(
       static_cast<std::size_t>(effective.num_layers) * effective.num_q_heads, 0);
   return rt;
@@ -328,13 +336,19 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
   // NOTE: check_finite reads host memory; device tensors are not checked (documented in kvrt.h).
   const bool host = !exec.device;
   KVRT_RETURN_IF_ERROR(
-      CheckFinite(config_, "prefill: q", host ? q : nullptr, n, config_.num_q_heads));
+      CheckFinite(api_config_, "prefill: q", host ? q : nullptr, n, config_.num_q_heads));
   KVRT_RETURN_IF_ERROR(
-      CheckFinite(config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
+      CheckFinite(api_config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(
-      CheckFinite(config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
+      CheckFinite(api_config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
   transfer::ScopedDevice on_device(config_.call_device());
-  return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
+  if (!impl_->pad.on()) return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
+  PaddedCall padded;
+  KVRT_RETURN_IF_ERROR(impl_->pad.In(
+      {{q, n * config_.num_q_heads}, {k, n * config_.num_kv_heads}, {v, n * config_.num_kv_heads}},
+      0, exec, &padded));
+  return seq->layers[layer].Prefill(padded.in(0), padded.in(1), padded.in(2), n, impl_->arena,
+                                    exec);
 }
 
 absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v, int64_t n,
@@ -347,11 +361,15 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
   KVRT_RETURN_IF_ERROR(CheckTokens("append", n, seq->layers[layer].length(), false));
   const bool host = !exec.device;
   KVRT_RETURN_IF_ERROR(
-      CheckFinite(config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
+      CheckFinite(api_config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(
-      CheckFinite(config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
+      CheckFinite(api_config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
   transfer::ScopedDevice on_device(config_.call_device());
-  return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
+  if (!impl_->pad.on()) return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
+  PaddedCall padded;
+  KVRT_RETURN_IF_ERROR(impl_->pad.In({{k, n * config_.num_kv_heads}, {v, n * config_.num_kv_heads}},
+                                     0, exec, &padded));
+  return seq->layers[layer].Append(padded.in(0), padded.in(1), n, impl_->arena, exec);
 }
 
 absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, const Exec& exec) {
@@ -359,13 +377,19 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
     return absl::InvalidArgumentError("attend: q and out must not be NULL");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend"));
   KVRT_RETURN_IF_ERROR(
-      CheckFinite(config_, "attend: q", exec.device ? nullptr : q, 1, config_.num_q_heads));
+      CheckFinite(api_config_, "attend: q", exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   transfer::ScopedDevice on_device(config_.call_device());
-  return seq->layers[layer].Attend(
-      q, out, impl_->arena,
-      impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads, exec);
+  const uint8_t* streaming =
+      impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
+  if (!impl_->pad.on()) return seq->layers[layer].Attend(q, out, impl_->arena, streaming, exec);
+  PaddedCall padded;
+  KVRT_RETURN_IF_ERROR(
+      impl_->pad.In({{q, config_.num_q_heads}}, config_.num_q_heads, exec, &padded));
+  KVRT_RETURN_IF_ERROR(
+      seq->layers[layer].Attend(padded.in(0), padded.out(), impl_->arena, streaming, exec));
+  return impl_->pad.Out(padded, out, config_.num_q_heads, exec);
 }
 
 absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const void* q, float* out,
@@ -377,8 +401,8 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   if (layer < 0 || layer >= config_.num_layers)  // an error of the whole call: nothing written
     return absl::InvalidArgumentError(absl::StrCat(
         "attend_batch: layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
-  KVRT_RETURN_IF_ERROR(
-      CheckFinite(config_, "attend_batch: q", exec.device ? nullptr : q, n, config_.num_q_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, "attend_batch: q", exec.device ? nullptr : q, n,
+                                   config_.num_q_heads));
   // Locked in id order, so two batches sharing sequences cannot deadlock; a repeated id would
   // deadlock on itself, hence the check.
   std::vector<int> order(n);
@@ -405,6 +429,16 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   for (int i : order)
     if (seqs[i]) locks.emplace_back(seqs[i]->mu);
   transfer::ScopedDevice on_device(config_.call_device());
+  // A padded head_dim (head_pad.h): the layers read and write the padded copies; the rows of the
+  // sequences that succeed go back to the caller's out below.
+  PaddedCall padded;
+  float* const caller_out = out;
+  if (impl_->pad.on()) {
+    const int64_t rows = int64_t{n} * config_.num_q_heads;
+    KVRT_RETURN_IF_ERROR(impl_->pad.In({{q, rows}}, rows, exec, &padded));
+    q = padded.in(0);
+    out = padded.out();
+  }
   const std::size_t q_bytes =
       static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim * DTypeSize(config_.dtype);
   const std::size_t out_floats = static_cast<std::size_t>(config_.num_q_heads) * config_.head_dim;
@@ -442,6 +476,13 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
     }
     for (std::size_t j = 0; j < known.size(); ++j) status[known[j]] = step_status[j];
   }
+  if (impl_->pad.on()) {
+    for (int i = 0; i < n; ++i) {
+      if (!status[i].ok()) continue;  // its caller row stays untouched
+      KVRT_RETURN_IF_ERROR(impl_->pad.Out(padded, caller_out, config_.num_q_heads, exec,
+                                          int64_t{i} * config_.num_q_heads));
+    }
+  }
   for (int i = 0; i < n; ++i)
     if (!status[i].ok())
       return absl::Status(status[i].code(), absl::StrCat("attend_batch: sequence ", ids[i], ": ",
@@ -464,6 +505,7 @@ absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {
 absl::Status Runtime::SetSearchEffort(int effort) {
   KVRT_RETURN_IF_ERROR(Range("search_effort", effort, 0, 1 << 24));
   config_.search_effort = effort;
+  api_config_.search_effort = effort;
   return absl::OkStatus();
 }
 

@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kvrt_common/dtype.h"
+#include "kvrt_gpu/kernel_types.h"
 #include "kvrt_runtime/runtime.h"
 #include "kvrt_transfer/cuda_rt.h"
 
@@ -40,6 +41,7 @@ struct Case {
   DType dtype;
   std::string name;
   int cold_attention = 0;  // kvrt_cold_attention: 0 CPU, 1 fetch, 2 auto
+  int head_dim = 64;       // 80, 96: padded on the GPU backend (runtime/src/head_pad.h)
 };
 
 RuntimeConfig MakeConfig(const Case& c, int use_gpu) {
@@ -47,7 +49,7 @@ RuntimeConfig MakeConfig(const Case& c, int use_gpu) {
   cfg.num_layers = 2;
   cfg.num_q_heads = 8;
   cfg.num_kv_heads = 2;
-  cfg.head_dim = 64;
+  cfg.head_dim = c.head_dim;
   cfg.dtype = c.dtype;
   cfg.sink_tokens = 4;
   cfg.window_tokens = 64;
@@ -275,7 +277,12 @@ void RunCompare(const Case& c, int seqs, int prompt, int steps, uint32_t seed) {
   EXPECT_EQ(a.gpu_tokens, b.gpu_tokens);
   EXPECT_EQ(a.host_tokens, b.host_tokens);
   EXPECT_EQ(a.evicted_tokens, b.evicted_tokens);
-  EXPECT_EQ(a.gpu_allocated_bytes, b.gpu_allocated_bytes);
+  // A padded head_dim's device rows are wider than the host backend's.
+  if (gpu::SupportedHeadDim(c.head_dim)) {
+    EXPECT_EQ(a.gpu_allocated_bytes, b.gpu_allocated_bytes);
+  } else {
+    EXPECT_GT(b.gpu_allocated_bytes, a.gpu_allocated_bytes);
+  }
   EXPECT_GT(b.eviction_batches, 0);
   EXPECT_GT(b.time_attend_ns, 0);
   EXPECT_GT(b.time_gpu_attention_ns, 0);
@@ -314,6 +321,9 @@ std::vector<Case> Cases() {
   out.push_back({cpu_index::IndexKind::kFlat, true, DType::kBF16, "flat_device_bf16_fetch", 1});
   out.push_back({cpu_index::IndexKind::kFlat, false, DType::kF32, "flat_host_f32_fetch", 1});
   out.push_back({cpu_index::IndexKind::kFlat, true, DType::kF32, "flat_device_f32_auto", 2});
+  // head_dim without a kernel instantiation: padded to 128 on the GPU backend.
+  out.push_back({cpu_index::IndexKind::kExact, true, DType::kBF16, "exact_device_bf16_d96", 0, 96});
+  out.push_back({cpu_index::IndexKind::kFlat, false, DType::kF32, "flat_host_f32_d80", 0, 80});
   return out;
 }
 
@@ -360,38 +370,44 @@ void BatchStep(Runtime& host, Runtime& gpu, const std::vector<int64_t>& hs,
 
 // AttendBatch on the GPU backend (device pointers, one stream): the same outputs as the host
 // backend's one attend per sequence.
+// Also at a padded head_dim (96): the batch's q is padded as one tensor and each member's row of
+// out comes back.
 TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  const Case c{cpu_index::IndexKind::kFlat, true, DType::kBF16, "batch"};
-  auto host_rt = Runtime::Create(MakeConfig(c, 0));
-  auto gpu_rt = Runtime::Create(MakeConfig(c, 1));
-  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
-  const RuntimeConfig& cfg = (*host_rt)->config();
-  auto stream = transfer::Stream::Create();
-  ASSERT_TRUE(stream.ok());
-  Tensors dev(true, stream->get());
-  std::mt19937 rng(5);
-  const int n = 4, prompt = 300;
-  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
-  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
-  std::vector<int64_t> hs, gs;
-  for (int s = 0; s < n; ++s) {
-    hs.push_back(*(*host_rt)->CreateSequence());
-    gs.push_back(*(*gpu_rt)->CreateSequence());
-    auto k = Random(rng, (prompt + s) * kv_row, c.dtype);
-    auto v = Random(rng, (prompt + s) * kv_row, c.dtype);
-    ASSERT_TRUE((*host_rt)->Prefill(hs[s], 0, nullptr, k.data(), v.data(), prompt + s).ok());
-    ASSERT_TRUE(
-        (*gpu_rt)->Prefill(gs[s], 0, nullptr, dev.Put(k), dev.Put(v), prompt + s, dev.exec()).ok());
-  }
-  for (int step = 0; step < 3; ++step) {
-    auto q = Random(rng, n * q_row, c.dtype);
-    std::vector<float> want;
-    float* out = nullptr;
-    ASSERT_NO_FATAL_FAILURE(
-        BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want, &out));
-    ExpectClose(dev.Get(out, n * q_row), want, "batch step " + std::to_string(step));
-    dev.Clear();
+  for (int d : {64, 96}) {
+    const Case c{cpu_index::IndexKind::kFlat,   true, DType::kBF16,
+                 "batch d" + std::to_string(d), 0,    d};
+    auto host_rt = Runtime::Create(MakeConfig(c, 0));
+    auto gpu_rt = Runtime::Create(MakeConfig(c, 1));
+    ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+    const RuntimeConfig& cfg = (*host_rt)->config();
+    auto stream = transfer::Stream::Create();
+    ASSERT_TRUE(stream.ok());
+    Tensors dev(true, stream->get());
+    std::mt19937 rng(5);
+    const int n = 4, prompt = 300;
+    const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+    const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+    std::vector<int64_t> hs, gs;
+    for (int s = 0; s < n; ++s) {
+      hs.push_back(*(*host_rt)->CreateSequence());
+      gs.push_back(*(*gpu_rt)->CreateSequence());
+      auto k = Random(rng, (prompt + s) * kv_row, c.dtype);
+      auto v = Random(rng, (prompt + s) * kv_row, c.dtype);
+      ASSERT_TRUE((*host_rt)->Prefill(hs[s], 0, nullptr, k.data(), v.data(), prompt + s).ok());
+      ASSERT_TRUE((*gpu_rt)
+                      ->Prefill(gs[s], 0, nullptr, dev.Put(k), dev.Put(v), prompt + s, dev.exec())
+                      .ok());
+    }
+    for (int step = 0; step < 3; ++step) {
+      auto q = Random(rng, n * q_row, c.dtype);
+      std::vector<float> want;
+      float* out = nullptr;
+      ASSERT_NO_FATAL_FAILURE(
+          BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want, &out));
+      ExpectClose(dev.Get(out, n * q_row), want, c.name + " step " + std::to_string(step));
+      dev.Clear();
+    }
   }
 }
 
@@ -521,9 +537,15 @@ TEST(GpuBackendConfig, UseGpuWithoutDevice) {
   if (transfer::CudaAvailable()) {
     ASSERT_TRUE(rt.ok()) << rt.status();
     EXPECT_EQ((*rt)->config().use_gpu, 1);
-    cfg.head_dim = 96;  // no kernel instantiation
+    cfg.head_dim = 96;  // no kernel instantiation: padded to 128, reported as 96
+    auto padded = Runtime::Create(cfg);
+    ASSERT_TRUE(padded.ok()) << padded.status();
+    EXPECT_EQ((*padded)->config().head_dim, 96);
+    EXPECT_EQ((*padded)->config().use_gpu, 1);
+    cfg.head_dim = 320;  // past the widest kernel
     auto bad = Runtime::Create(cfg);
     EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(std::string(bad.status().message()).find("head_dim"), std::string::npos);
     cfg.use_gpu = -1;
     auto fallback = Runtime::Create(cfg);
     ASSERT_TRUE(fallback.ok());
@@ -739,6 +761,26 @@ TEST(GpuBackendCluster, WideGroupsRunOnTheGpuAndMatchTheHostBackend) {
     EXPECT_EQ(s.attends_direct, sh.gpu_select ? s.attend_calls : 0) << name;
     EXPECT_GT(s.time_gpu_attention_ns, 0) << name;
   }
+}
+
+// A padded head_dim (96, Phi-3-mini's) keeps the cluster kind's whole step on the GPU (selection,
+// direct step) and agrees with the host backend at that head_dim, per q head.
+TEST(GpuBackendCluster, PaddedHeadDimSelectsOnTheGpuAndMatchesTheHostBackend) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "cluster d96", 0, 96};
+  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.1f, true, true));
+  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.1f, true, true));
+  ASSERT_TRUE(host_rt.ok()) << host_rt.status();
+  ASSERT_TRUE(gpu_rt.ok()) << gpu_rt.status();
+  EXPECT_EQ((*gpu_rt)->config().head_dim, 96);
+  EXPECT_TRUE((*gpu_rt)->config().index.cluster.gpu_select);
+  EXPECT_TRUE((*gpu_rt)->config().direct_step);
+  const int64_t gs = *(*gpu_rt)->CreateSequence();
+  ASSERT_NO_FATAL_FAILURE(StepsAgree(c, 29, **host_rt, **gpu_rt, gs));
+  const auto s = (*gpu_rt)->Stats();
+  EXPECT_GT(s.attend_calls, 0);
+  EXPECT_EQ(s.attends_gpu_select, s.attend_calls);
+  EXPECT_EQ(s.attends_direct, s.attend_calls);
 }
 
 // The one-stage selection on codes (rescore_bits without rescore) runs on the GPU: the rows'

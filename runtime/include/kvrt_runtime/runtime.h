@@ -89,8 +89,9 @@ class Runtime {
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
 
-  // The effective configuration (scale and worker_threads resolved).
-  const RuntimeConfig& config() const { return config_; }
+  // The effective configuration (scale and worker_threads resolved), as the caller sees it: its
+  // head_dim is the caller's also where the GPU backend pads the rows (head_pad.h).
+  const RuntimeConfig& config() const { return api_config_; }
 
   absl::StatusOr<int64_t> CreateSequence();
   absl::Status ReleaseSequence(int64_t seq);
@@ -142,7 +143,8 @@ class Runtime {
   absl::StatusOr<std::shared_ptr<Sequence>> Find(int64_t seq, int layer) const;
 
   struct Impl;
-  RuntimeConfig config_;
+  RuntimeConfig config_;      // the layers' (head_dim padded to a kernel's width on the GPU)
+  RuntimeConfig api_config_;  // config(): the same with the caller's head_dim
   std::unique_ptr<Impl> impl_;
 };
 
