@@ -68,8 +68,9 @@ class ClusterIndex final : public KeyIndex {
     codes_ = SegmentCodes{};
     value_codes_ = SegmentCodes{};
     size_ = 0;
-    metric_l_ = QueryMetricFactor(cfg_.query_aware ? queries : nullptr,
-                                  cfg_.query_aware ? n_queries : 0, dim_, cfg_.metric_queries);
+    metric_l_ =
+        QueryMetricFactor(cfg_.query_aware ? queries : nullptr, cfg_.query_aware ? n_queries : 0,
+                          dim_, cfg_.metric_queries, cfg_.active_dim);
     calib_q_.clear();
     if (cfg_.calibrate_queries > 0 && queries != nullptr && n_queries > 0) {
       const int64_t nq = std::min<int64_t>(n_queries, cfg_.calibrate_queries);

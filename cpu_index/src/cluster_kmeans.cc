@@ -97,7 +97,24 @@ void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int it
 }  // namespace
 
 std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, int dim,
-                                     int max_queries) {
+                                     int max_queries, int active_dim) {
+  if (active_dim > 0 && active_dim < dim) {
+    // The active dims' factor, embedded: zeros elsewhere (not the identity), so that a padded
+    // row's metric image and the trace of L L^T are the unpadded row's.
+    const int a = active_dim;
+    std::vector<float> qa;
+    if (queries != nullptr && n_queries > 0) {
+      qa.resize(static_cast<std::size_t>(n_queries) * a);
+      for (int64_t i = 0; i < n_queries; ++i) std::copy_n(queries + i * dim, a, qa.data() + i * a);
+    }
+    const std::vector<float> la =
+        QueryMetricFactor(qa.empty() ? nullptr : qa.data(), n_queries, a, max_queries);
+    std::vector<float> l(static_cast<std::size_t>(dim) * dim, 0.f);
+    for (int i = 0; i < a; ++i)
+      std::copy_n(la.data() + static_cast<std::size_t>(i) * a, a,
+                  l.data() + static_cast<std::size_t>(i) * dim);
+    return l;
+  }
   const std::size_t dd = static_cast<std::size_t>(dim) * dim;
   std::vector<float> l(dd, 0.f);
   for (int i = 0; i < dim; ++i) l[static_cast<std::size_t>(i) * dim + i] = 1.f;

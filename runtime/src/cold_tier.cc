@@ -153,7 +153,7 @@ std::vector<float> ColdTier::MetricFactor(int g) const {
   const bool have_q = cc.query_aware && !query_sample_.empty();
   const int64_t nq = have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
   return cpu_index::QueryMetricFactor(have_q ? query_sample_[g].data() : nullptr, nq,
-                                      cfg_->head_dim, cc.metric_queries);
+                                      cfg_->head_dim, cc.metric_queries, cc.active_dim);
 }
 
 void ColdTier::PresetSegments(int64_t begin,

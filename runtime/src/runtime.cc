@@ -174,6 +174,8 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
   transfer::ScopedDevice on_device(c->cuda_device);  // streams and pools belong to it
   KVRT_ASSIGN_OR_RETURN(*gpu, GpuContext::Create());
   c->use_gpu = 1;
+  // The index's metric (and the clusters' spreads) over the caller's dims, not the zeros.
+  if (width != d) c->index.cluster.active_dim = d;
   c->head_dim = width;
   return absl::OkStatus();
 }

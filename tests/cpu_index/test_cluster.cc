@@ -947,3 +947,52 @@ TEST(ClusterIndex, CalibratedSpreadMatchesTheExactLogMeanExp) {
 
 }  // namespace
 }  // namespace kvrt::cpu_index
+
+namespace kvrt::cpu_index {
+namespace {
+
+// A padded head_dim (the GPU backend pads 96 to 128 with zeros): with active_dim, the metric factor
+// is the active dims' one embedded in zeros, and a segment of padded rows clusters as the
+// unpadded rows do (same order and sizes, the same spreads and centroids in the active dims),
+// with the identity metric and with the prompt queries' one.
+TEST(ClusterSegment, PaddedRowsClusterAsTheUnpaddedOnes) {
+  const int a = 48, d = 64;
+  const int64_t n = 512, nq = 300;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> k(n * a), v(n * a), q(nq * a);
+  for (auto* x : {&k, &v, &q})
+    for (auto& e : *x) e = nd(rng);
+  auto pad = [&](const std::vector<float>& x, int64_t rows) {
+    std::vector<float> y(rows * d, 0.f);
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(x.data() + r * a, a, y.data() + r * d);
+    return y;
+  };
+  const std::vector<float> kp = pad(k, n), vp = pad(v, n), qp = pad(q, nq);
+  ClusterConfig cfg;
+  cfg.cluster_size = 8;
+  for (bool queries : {false, true}) {
+    SCOPED_TRACE(queries ? "query metric" : "identity");
+    const auto la = QueryMetricFactor(queries ? q.data() : nullptr, queries ? nq : 0, a, 4096);
+    const auto lp = QueryMetricFactor(queries ? qp.data() : nullptr, queries ? nq : 0, d, 4096, a);
+    for (int i = 0; i < d; ++i)
+      for (int j = 0; j < d; ++j) {
+        const float want = i < a && j < a ? la[i * a + j] : 0.f;
+        ASSERT_NEAR(lp[i * d + j], want, 1e-5f * (1 + std::fabs(want))) << i << " " << j;
+      }
+    SegmentClustering sa, sp;
+    ClusterSegment(k.data(), v.data(), n, a, la.data(), cfg, 11, &sa);
+    ClusterSegment(kp.data(), vp.data(), n, d, lp.data(), cfg, 11, &sp);
+    EXPECT_EQ(sp.order, sa.order);
+    EXPECT_EQ(sp.size, sa.size);
+    ASSERT_EQ(sp.spread.size(), sa.spread.size());
+    for (std::size_t j = 0; j < sa.spread.size(); ++j)
+      EXPECT_NEAR(sp.spread[j], sa.spread[j], 1e-4f * (1 + std::fabs(sa.spread[j]))) << j;
+    for (std::size_t j = 0; j < sa.size.size(); ++j)
+      for (int t = 0; t < d; ++t)
+        EXPECT_NEAR(sp.centroid[j * d + t], t < a ? sa.centroid[j * a + t] : 0.f, 1e-4f);
+  }
+}
+
+}  // namespace
+}  // namespace kvrt::cpu_index

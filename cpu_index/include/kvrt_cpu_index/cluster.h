@@ -48,6 +48,10 @@ struct ClusterConfig {
   int refine_iters = 2;             // two_level: global iterations over all C clusters after it
   bool query_aware = true;          // k-means in the metric M = E[q q^T] of the prompt's queries
   int metric_queries = 4096;        // prompt queries sampled (evenly) for M
+  // > 0 and < dim: only the first active_dim dims carry data (a head_dim the GPU backend pads
+  // with zeros); the metric, and so the clusters' spreads, are those of the active dims alone,
+  // as for rows of that width. 0: every dim.
+  int active_dim = 0;
   float outlier_fraction = 0.004f;  // of each segment's keys, kept out of clusters
   float budget_fraction = 0.02f;    // cluster-token budget: max(k, fraction * size(), min)
   int64_t min_budget_tokens = 256;
@@ -134,8 +138,10 @@ struct ClusterSummary {
 
 // Lower-triangular L [dim, dim] (row-major) with L L^T = M + ridge * tr(M)/dim * I, M = E[q q^T]
 // over up to max_queries rows of queries (evenly sampled). Identity when queries is null/empty.
+// active_dim in (0, dim): the factor of the first active_dim dims (of the queries' first
+// active_dim columns), zero in the others: the padded rows map to what unpadded ones would.
 std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, int dim,
-                                     int max_queries);
+                                     int max_queries, int active_dim = 0);
 
 // One segment's clustering, in segment-local rows [0, n).
 struct SegmentClustering {
