@@ -190,11 +190,15 @@ typedef struct kvrt_config {
   int32_t use_gpu;            /* 0: host backend; 1: GPU tier on CUDA: sinks + window in device
                                  memory, cold side on the CPU overlapped with GPU attention
                                  (KVRT_ERR_UNIMPLEMENTED without a CUDA device or a CUDA build,
-                                 KVRT_ERR_INVALID_ARGUMENT for a head_dim other than
-                                 64/128/256); any q heads per kv head, with the cluster kind's
-                                 GPU selection (and direct step) up to 16 and the CPU's beyond;
-                                 -1: GPU when available and supported, else host.
-                                 kvrt_runtime_config reports 0 or 1. [0] */
+                                 KVRT_ERR_INVALID_ARGUMENT for a head_dim past 256). A
+                                 head_dim other than 64/128/256 (Phi-3-mini's 96) runs padded
+                                 with zeros to the next of them: same results, the wider rows'
+                                 memory (counted in the stats and limits), a few stream-ordered
+                                 copies per call (since 0.3.22). Any q heads per kv head, with
+                                 the cluster kind's GPU selection (and direct step) up to 16 and
+                                 the CPU's beyond (since 0.3.22). -1: GPU when available and
+                                 supported, else host. kvrt_runtime_config reports 0 or 1 (and
+                                 the caller's head_dim). [0] */
   int64_t host_memory_limit;  /* bytes of host KV store + indexes, all sequences; 0 = no limit [0].
                                  Past it, prefill/append return KVRT_ERR_OUT_OF_MEMORY and change
                                  nothing. A call that grows a cold index reserves an upper bound
