@@ -86,7 +86,7 @@ bool DirectStep::Prepare(const ColdTier& cold, void* stream) {
     return false;
   }
   if (!Register(cold, stream, cold.rows())) return false;
-  return FitPool(cold.rows(), stream);
+  return FitPool(cold, stream);
 }
 
 bool DirectStep::Register(const ColdTier& cold, void* stream, int64_t rows) {
@@ -191,9 +191,24 @@ void DirectStep::DropRegistrations() {
   reg_rows_ = 0;
 }
 
-bool DirectStep::FitPool(int64_t cold_rows, void* stream) {
+namespace {
+// The cold rows past the index's last full segment (the most of any kv head, at most a segment):
+// every step attends them whole, so the pool has room for them on top of its share of the cold
+// rows. Without it a prompt whose cold part is not whole segments (any real one) read up to a
+// segment's rows per kv head over PCIe at every step once they outgrew the pool: 16 MB per
+// member and layer-step at 32K (thirty-third session, docs/benchmarks.md).
+int64_t UnclusteredRows(const ColdTier& cold, int kv_heads, int64_t segment_tokens) {
+  int64_t most = 0;
+  for (int g = 0; g < kv_heads; ++g) most = std::max(most, cold.rows() - cold.covered_rows(g));
+  return std::min(most, segment_tokens);
+}
+}  // namespace
+
+bool DirectStep::FitPool(const ColdTier& cold, void* stream) {
   const int G = cfg_->num_kv_heads;
-  const int64_t want = HotPoolPages(*cfg_, cold_rows, kBlock);  // per head
+  const int64_t tail = UnclusteredRows(cold, G, cfg_->index.cluster.segment_tokens);
+  const int64_t want =
+      HotPoolPages(*cfg_, cold.rows(), kBlock) + (tail + kBlock - 1) / kBlock;  // per head
   if (!HotPoolOutgrown(want, cache_ ? cache_->pages_per_head() : 0)) return true;
   // (Re)allocated empty: a rare event, the pool grows with the cold tier a quarter at a time.
   if (cache_) {

@@ -120,7 +120,9 @@ class DirectStep {
   bool Register(const ColdTier& cold, void* stream, int64_t rows);
   // Registers rows up to `rows` (and a chunk ahead) of every store; mu_ held.
   absl::Status ExtendLocked(const ColdTier& cold, int64_t rows);
-  bool FitPool(int64_t cold_rows, void* stream);
+  // The page pool: hot_cache_fraction of the cold rows plus room for the unclustered tail, which
+  // every step reads; reallocated (empty) when that outgrows it by a quarter.
+  bool FitPool(const ColdTier& cold, void* stream);
   std::unique_ptr<BlockPageCache> NewPolicy(int64_t pages_per_head) const;
   absl::Status UploadView(const ColdTier& cold, int C, void* stream);
   // At a new index version: the blocks past the old tail give their pages up (their rows may have

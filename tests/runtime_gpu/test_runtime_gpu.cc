@@ -783,6 +783,51 @@ TEST(GpuBackendCluster, PaddedHeadDimSelectsOnTheGpuAndMatchesTheHostBackend) {
   EXPECT_EQ(s.attends_direct, s.attend_calls);
 }
 
+// A prompt whose cold part is not whole segments leaves an unclustered tail that every step reads
+// whole. The direct step's pool has room for it beyond its hot share (here 2% of the cold rows, 3
+// blocks per kv head, against a 208-row tail): the tail is read from HBM, and what crosses PCIe
+// per attend is about the selection's misses (at most ~48 rows per kv head here), not the tail's
+// 208 rows (which it was before: the tail's blocks past the pool came over PCIe at every step).
+TEST(GpuBackendCluster, TheUnclusteredTailStaysInThePool) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  Case c{cpu_index::IndexKind::kCluster, true, DType::kF32, "tail"};
+  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.02f, true, true));
+  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.02f, true, true));
+  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  const RuntimeConfig& cfg = (*gpu_rt)->config();
+  ASSERT_EQ(cfg.index.cluster.segment_tokens, 256);
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(31);
+  // 1300 tokens: sinks 4 + window 64, 1232 cold rows = 4 segments of 256 + a 208-row tail.
+  const int prompt = 1300, steps = 6;
+  const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+  ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev));
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  const auto before = (*gpu_rt)->Stats();
+  for (int step = 0; step < steps; ++step) {
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto k = Random(rng, kv_row, c.dtype), v = Random(rng, kv_row, c.dtype);
+      auto q = Random(rng, q_row, c.dtype);
+      std::vector<float> want, got;
+      ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
+      for (int h = 0; h < cfg.num_q_heads; ++h)
+        EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2) << "step " << step << " head " << h;
+    }
+    dev.Clear();
+  }
+  const auto after = (*gpu_rt)->Stats();
+  const int64_t attends = after.attend_calls - before.attend_calls;
+  ASSERT_EQ(after.attends_direct - before.attends_direct, attends);
+  // Bytes of one cold row of every kv head, key and value.
+  const int64_t row_bytes = int64_t{2} * cfg.num_kv_heads * cfg.head_dim * DTypeSize(cfg.dtype);
+  const double per_attend =
+      static_cast<double>(after.direct_host_bytes - before.direct_host_bytes) / attends;
+  EXPECT_LT(per_attend, 100.0 * row_bytes) << "rows' worth read over PCIe per attend";
+}
+
 // The one-stage selection on codes (rescore_bits without rescore) runs on the GPU: the rows'
 // codes uploaded beside the summary, each cluster's mass from them (gpu::CodeClusterMass) in
 // place of the centroid's estimate; the steps agree with the host
