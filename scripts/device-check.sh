@@ -89,7 +89,7 @@ if [[ "${1:-}" == "--device" ]]; then
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [[ -n "$san" && -n "${SANITIZE-1}" ]]; then
     filter='All/GpuBackend.MatchesHostBackend/flat_device_bf16:All/GpuBackend.MatchesHostBackend/exact_host_f32:All/GpuBackend.MatchesHostBackend/flat_device_bf16_fetch:GpuBackendBatch.*:GpuBackendCluster.*'
-    # racecheck: 320 s (GpuSelectMatchesCpuSelect alone took 74-78 s under it; the whole filter passed 240 s in the thirty-third session).
+    # racecheck: 320 s (GpuSelectMatchesCpuSelect alone took 74-78 s under it; the whole filter ran past 240 s in the thirty-third session).
     for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
       KVRT_GPU_TEST_SMALL=1 timeout $([[ $tool == racecheck ]] && echo 320 || echo 100) "$san" --tool $tool --error-exitcode 3 $b/test_runtime_gpu \
         --gtest_filter="$filter" > "$out/$tool.log" 2>&1 || rc=1
