@@ -233,7 +233,9 @@ typedef struct kvrt_config {
                                  layer) of the cold rows that recent steps selected, sized to this
                                  fraction of the layer's cold tokens (re-sized as the cold tier
                                  grows; with cluster_direct_step, pages of 8 rows under a CLOCK
-                                 policy, else of 16 rows with LRU eviction of clusters). Selected
+                                 policy, plus room for the rows not yet clustered, at most a
+                                 segment, since 0.3.22; else of 16 rows with LRU eviction of
+                                 clusters). Selected
                                  clusters, outliers and not yet clustered rows are attended on the
                                  GPU from it; only the rows a step selects that are not cached
                                  cross PCIe. A batch's members share one PCIe link, so a batch
