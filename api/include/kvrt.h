@@ -74,7 +74,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 22
+#define KVRT_VERSION_PATCH 23
 
 #ifdef __cplusplus
 extern "C" {
@@ -567,6 +567,19 @@ KVRT_API kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t l
 KVRT_API kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
                                           int32_t layer, const void* q, float* out,
                                           const kvrt_exec* exec);
+
+/* kvrt_attend_batch_ex (n_seqs = 1 for one sequence) that also writes each q head's log-sum-exp:
+ * lse f32 [n_seqs, q_heads], in the memory exec names (as out), the natural log of the sum of
+ * exp(scale * q . k) over every token the step weighed: the GPU tier, the cold rows attended and,
+ * for the cluster kind, the estimate of the clusters left out (streaming heads: the GPU tier
+ * only). out is that softmax's output, so a caller merges it exactly with attention it computes
+ * itself over other tokens (o = (e^a o_a + e^b o_b) / (e^a + e^b)) or adds terms kvrt does not
+ * know, such as a learned attention-sink logit s per head (gpt-oss):
+ * o *= 1 / (1 + exp(s - lse)). lse must not be NULL nor out; rows of sequences that fail are
+ * left untouched, as out's. Since 0.3.23. */
+KVRT_API kvrt_status kvrt_attend_batch_lse_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs,
+                                              int32_t n_seqs, int32_t layer, const void* q,
+                                              float* out, float* lse, const kvrt_exec* exec);
 
 /* ---- per-head policy ------------------------------------------------------------------------
  * DuoAttention observes that many heads put their weight on the sinks and the recent window

@@ -533,6 +533,22 @@ kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int3
   KVRT_API_CATCH
 }
 
+kvrt_status kvrt_attend_batch_lse_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
+                                     int32_t layer, const void* q, float* out, float* lse,
+                                     const kvrt_exec* exec) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_attend_batch_lse"); s != KVRT_OK) return s;
+  kvrt::runtime::Exec ex;
+  if (kvrt_status s = CheckExec(rt, exec, "kvrt_attend_batch_lse", &ex); s != KVRT_OK) return s;
+  if (lse == nullptr)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                "kvrt_attend_batch_lse: lse is NULL (kvrt_attend_batch_ex writes out alone)");
+  if (lse == out)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_attend_batch_lse: lse and out are one buffer");
+  return FromStatus(rt->impl->AttendBatch(seqs, n_seqs, layer, q, out, ex, lse));
+  KVRT_API_CATCH
+}
+
 kvrt_status kvrt_attend_batch(kvrt_runtime* rt, const kvrt_seq_id* seqs, int32_t n_seqs,
                               int32_t layer, const void* q, float* out) {
   return kvrt_attend_batch_ex(rt, seqs, n_seqs, layer, q, out, nullptr);

@@ -30,20 +30,21 @@
 namespace kvrt::runtime {
 
 absl::Status LayerState::Attend(const void* q, float* out, tbb::task_arena& arena,
-                                const uint8_t* streaming, const Exec& exec) {
+                                const uint8_t* streaming, const Exec& exec, float* lse) {
   LayerState* self = this;
   absl::Status status;
-  KVRT_RETURN_IF_ERROR(Step(&self, 1, q, out, arena, streaming, exec, &status));
+  KVRT_RETURN_IF_ERROR(Step(&self, 1, q, out, arena, streaming, exec, &status, lse));
   return status;
 }
 
 absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, float* out,
                               tbb::task_arena& arena, const uint8_t* streaming, const Exec& exec,
-                              absl::Status* status) {
+                              absl::Status* status, float* lse) {
   const RuntimeConfig& cfg = *layers[0]->cfg_;
   const std::size_t q_bytes =
       static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim * DTypeSize(cfg.dtype);
   const std::size_t out_floats = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  const std::size_t lse_floats = static_cast<std::size_t>(cfg.num_q_heads);
   // Members that can take part: a layer with no token fails alone. The others step together;
   // q and out of the members are gathered (contiguous, in member order) only when some failed.
   std::vector<int> members;
@@ -61,23 +62,27 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   const int64_t t_start = NowNs();
   const void* q_step = q;
   float* out_step = out;
+  float* lse_step = lse;
   std::vector<unsigned char> q_gathered;
-  std::vector<float> out_gathered;
+  std::vector<float> out_gathered, lse_gathered;
   if (m < n) {
     if (exec.device) {
       // Device tensors are not regathered on the host: the members step one at a time.
       for (int i : members)
         status[i] = layers[i]->Attend(static_cast<const unsigned char*>(q) + i * q_bytes,
-                                      out + i * out_floats, arena, streaming, exec);
+                                      out + i * out_floats, arena, streaming, exec,
+                                      lse != nullptr ? lse + i * lse_floats : nullptr);
       return absl::OkStatus();
     }
     q_gathered.resize(m * q_bytes);
     out_gathered.resize(m * out_floats);
+    if (lse != nullptr) lse_gathered.resize(m * lse_floats);
     for (int j = 0; j < m; ++j)
       std::memcpy(q_gathered.data() + j * q_bytes,
                   static_cast<const unsigned char*>(q) + members[j] * q_bytes, q_bytes);
     q_step = q_gathered.data();
     out_step = out_gathered.data();
+    if (lse != nullptr) lse_step = lse_gathered.data();
   }
   std::vector<TierBackend*> tiers(m);
   std::vector<TierCounts> counts(m);
@@ -209,13 +214,17 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
 
   // 4. One merge of every member's list of states.
   timeline::Span merge_span("merge", m);
-  KVRT_RETURN_IF_ERROR(backend.Finish(step.get(), states, ok, out_step));
+  KVRT_RETURN_IF_ERROR(backend.Finish(step.get(), states, ok, out_step, lse_step));
   merge_span.End();
   if (m < n)
-    for (int j = 0; j < m; ++j)
-      if (ok[j])
-        std::memcpy(out + members[j] * out_floats, out_step + j * out_floats,
-                    out_floats * sizeof(float));
+    for (int j = 0; j < m; ++j) {
+      if (!ok[j]) continue;
+      std::memcpy(out + members[j] * out_floats, out_step + j * out_floats,
+                  out_floats * sizeof(float));
+      if (lse != nullptr)
+        std::memcpy(lse + members[j] * lse_floats, lse_step + j * lse_floats,
+                    lse_floats * sizeof(float));
+    }
 
   const int64_t wall = NowNs() - t_start;
   for (int j = 0; j < m; ++j) {

@@ -197,6 +197,7 @@ class DeviceStep : public TierStep {
   float* o_states = nullptr;
   float* lse_states = nullptr;
   float* out_dev = nullptr;  // host output: staging of the merged result
+  float* lse_dev = nullptr;  // the same for the merged lse [n, q_heads]
   const void* q_dev = nullptr;
   // Every member's q in f32 on the device, converted in one launch at BeginStep when some member
   // selects on the device (null otherwise).
@@ -339,7 +340,7 @@ class DeviceTier final : public TierBackend {
                               tbb::task_arena& arena,
                               absl::FunctionRef<absl::Status(bool)> settle_evictions) override;
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
-                      const std::vector<uint8_t>& ok, float* out) override;
+                      const std::vector<uint8_t>& ok, float* out, float* lse) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
   int64_t RingGrowth(int64_t new_length) const override {
     return ring_k_.empty() && new_length > cfg_->sink_tokens ? cfg_->window_tokens : 0;

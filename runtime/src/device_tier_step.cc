@@ -96,13 +96,14 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   tier.head_dim = d;
   tier.dtype = cfg_->dtype;
 
-  // Scratch: [o slots*n*H*d | lse slots*n*H | merged n*H*d | the tier attention's split
+  // Scratch: [o slots*n*H*d | lse slots*n*H | merged n*H*d | merged lse n*H | the tier
+  // attention's split
   // states | tier arrays (n > 1) | q (host q)]. NOTE: one allocation per step: the tier
   // attention's own was two driver calls more per step.
   const std::size_t arrays_bytes = n > 1 ? gpu::TierArrays::Bytes(n) : 0;
   if (n == 1 && counts[0].selects_on_device)
     step->slot_count = kHotSlot + gpu::kDirectAttendMaxSplits;
-  const std::size_t floats = step->slot_count * (of + step->rows) + of;
+  const std::size_t floats = step->slot_count * (of + step->rows) + of + step->rows;
   const std::size_t tier_ws_at = Align16(floats * sizeof(float));
   const std::size_t arrays_at =
       Align16(tier_ws_at + gpu::TierAttentionWorkspaceFloats(tier, params) * sizeof(float));
@@ -139,6 +140,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   step->o_states = reinterpret_cast<float*>(scratch);
   step->lse_states = step->o_states + step->slot_count * of;
   step->out_dev = step->lse_states + step->slot_count * step->rows;
+  step->lse_dev = step->out_dev + of;
   step->tier_ws = reinterpret_cast<float*>(scratch + tier_ws_at);
 
   // q for the GPU (device) and for the CPU (host f32).
@@ -274,7 +276,7 @@ absl::Status DeviceTier::AttendFetched(TierStep* base, int i, const ColdSelectio
 }
 
 absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& states,
-                                const std::vector<uint8_t>& ok, float* out) {
+                                const std::vector<uint8_t>& ok, float* out, float* lse) {
   auto* step = static_cast<DeviceStep*>(base);
   void* stream = step->lease.get();
   const int n = step->size();
@@ -342,11 +344,12 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
   // phases 2-3 leaves its rows of out untouched.
   const bool whole = std::all_of(ok.begin(), ok.end(), [](uint8_t x) { return x != 0; });
   float* merged = step->exec.device && whole ? out : step->out_dev;
+  float* merged_lse = lse == nullptr ? nullptr : step->exec.device && whole ? lse : step->lse_dev;
   KVRT_RETURN_IF_ERROR(LaunchTier(step, false));  // a step whose selection did not launch it
   KVRT_RETURN_IF_ERROR(step->JoinTier());
   KVRT_RETURN_IF_ERROR(step->JoinLanes());
   KVRT_RETURN_IF_ERROR(gpu::MergeStatesN(step->o_states, step->lse_states, slots, step->rows, d,
-                                         merged, DType::kF32, nullptr, stream));
+                                         merged, DType::kF32, merged_lse, stream));
   if (timed) {
     KVRT_RETURN_IF_ERROR(ev_merge_.Record(stream));
     timing_pending_ = true;
@@ -361,6 +364,9 @@ absl::Status DeviceTier::Finish(TierStep* base, const std::vector<StepStates>& s
       while (j < n && ok[j]) ++j;
       KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(out + i * of, merged + i * of,
                                                  (j - i) * of * sizeof(float), stream));
+      if (lse != nullptr)
+        KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(lse + i * H, merged_lse + i * H,
+                                                   (j - i) * H * sizeof(float), stream));
       i = j;
     }
   }

@@ -59,7 +59,7 @@ class HostTier final : public TierBackend {
     return absl::UnimplementedError("fetch mode needs the GPU backend");
   }
   absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
-                      const std::vector<uint8_t>& ok, float* out) override;
+                      const std::vector<uint8_t>& ok, float* out, float* lse) override;
   bool has_sinks() const override { return !sink_k_.empty(); }
   int64_t RingGrowth(int64_t new_length) const override {
     const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
@@ -188,7 +188,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
 }
 
 absl::Status HostTier::Finish(TierStep* base, const std::vector<StepStates>& states,
-                              const std::vector<uint8_t>& ok, float* out) {
+                              const std::vector<uint8_t>& ok, float* out, float* lse) {
   auto* step = static_cast<HostStep*>(base);
   const int H = cfg_->num_q_heads, d = cfg_->head_dim;
   std::vector<const float*> os;
@@ -205,9 +205,10 @@ absl::Status HostTier::Finish(TierStep* base, const std::vector<StepStates>& sta
         os.push_back(s->o.data() + off);
         ls.push_back(s->lse[h]);
       }
-      float lse;
+      float merged_lse;
       cpu_index::MergeStates(static_cast<int>(os.size()), os.data(), ls.data(), d,
-                             out + (static_cast<std::size_t>(i) * H + h) * d, &lse);
+                             out + (static_cast<std::size_t>(i) * H + h) * d, &merged_lse);
+      if (lse != nullptr) lse[static_cast<std::size_t>(i) * H + h] = merged_lse;
     }
   }
   return absl::OkStatus();

@@ -41,14 +41,16 @@ class LayerState {
   // The decode step (decode_step.cc). streaming: [q_heads] flags or null; a streaming head
   // attends to the GPU tier only (DuoAttention's streaming heads).
   absl::Status Attend(const void* q, float* out, tbb::task_arena& arena,
-                      const uint8_t* streaming = nullptr, const Exec& exec = {});
+                      const uint8_t* streaming = nullptr, const Exec& exec = {},
+                      float* lse = nullptr);
   // One decode step of layers[0, n) (one layer of n different sequences; kvrt_attend_batch):
-  // q [n, q_heads, d], out [n, q_heads, d]; the GPU tier of all in one launch. status[i] is
-  // member i's outcome (its rows of out are written only when OK); the return value is an error
-  // of the step as a whole (every member failed, no row written).
+  // q [n, q_heads, d], out [n, q_heads, d], lse null or [n, q_heads]; the GPU tier of all in
+  // one launch. status[i] is member i's outcome (its rows of out and lse are written only when
+  // OK); the return value is an error of the step as a whole (every member failed, no row
+  // written).
   static absl::Status Step(LayerState* const* layers, int n, const void* q, float* out,
                            tbb::task_arena& arena, const uint8_t* streaming, const Exec& exec,
-                           absl::Status* status);
+                           absl::Status* status, float* lse = nullptr);
   const std::vector<int64_t>& attended(int q_head) const { return attended_[q_head]; }
   // The lse the last attend's estimate of the cold tokens it did not attend added for q_head
   // (-inf: no estimate), with record_attended.

@@ -374,7 +374,8 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
   return seq->layers[layer].Append(padded.in(0), padded.in(1), n, impl_->arena, exec);
 }
 
-absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, const Exec& exec) {
+absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, const Exec& exec,
+                             float* lse) {
   if (q == nullptr || out == nullptr)
     return absl::InvalidArgumentError("attend: q and out must not be NULL");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend"));
@@ -385,17 +386,19 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
   transfer::ScopedDevice on_device(config_.call_device());
   const uint8_t* streaming =
       impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
-  if (!impl_->pad.on()) return seq->layers[layer].Attend(q, out, impl_->arena, streaming, exec);
+  if (!impl_->pad.on())
+    return seq->layers[layer].Attend(q, out, impl_->arena, streaming, exec, lse);
   PaddedCall padded;
   KVRT_RETURN_IF_ERROR(
       impl_->pad.In({{q, config_.num_q_heads}}, config_.num_q_heads, exec, &padded));
+  // lse has no head_dim: the layer writes the caller's directly.
   KVRT_RETURN_IF_ERROR(
-      seq->layers[layer].Attend(padded.in(0), padded.out(), impl_->arena, streaming, exec));
+      seq->layers[layer].Attend(padded.in(0), padded.out(), impl_->arena, streaming, exec, lse));
   return impl_->pad.Out(padded, out, config_.num_q_heads, exec);
 }
 
 absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const void* q, float* out,
-                                  const Exec& exec) {
+                                  const Exec& exec, float* lse) {
   if (ids == nullptr || n <= 0 || q == nullptr || out == nullptr)
     return absl::InvalidArgumentError(
         "attend_batch: need n >= 1 sequences and non-NULL seqs, q and out");
@@ -463,7 +466,7 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
     std::vector<absl::Status> step_status(known.size());
     if (contiguous) {
       KVRT_RETURN_IF_ERROR(LayerState::Step(layers.data(), n, q, out, impl_->arena, streaming, exec,
-                                            step_status.data()));
+                                            step_status.data(), lse));
     } else {
       // Run by run of known sequences, so that q and out stay the caller's (device) memory.
       for (std::size_t a = 0; a < known.size();) {
@@ -472,7 +475,8 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
         KVRT_RETURN_IF_ERROR(LayerState::Step(
             layers.data() + a, static_cast<int>(b - a),
             static_cast<const unsigned char*>(q) + known[a] * q_bytes, out + known[a] * out_floats,
-            impl_->arena, streaming, exec, step_status.data() + a));
+            impl_->arena, streaming, exec, step_status.data() + a,
+            lse != nullptr ? lse + known[a] * config_.num_q_heads : nullptr));
         a = b;
       }
     }

@@ -180,10 +180,11 @@ class TierBackend {
       TierStep* step, int i, const ColdTier& cold, ColdSelection* sel, tbb::task_arena& arena,
       absl::FunctionRef<absl::Status(bool wait)> settle_evictions) = 0;
   // Phase 4 for every member at once: member i's tier state, its fetched state and states[i]
-  // (host memory) merged once, into out [n, q_heads, d] (one launch on the device). Rows of
-  // members with ok[i] = 0 (failed in phases 2-3) are left untouched.
+  // (host memory) merged once, into out [n, q_heads, d] and, when not null, the merged
+  // log-sum-exp into lse [n, q_heads] (one launch on the device; both in the call's memory).
+  // Rows of members with ok[i] = 0 (failed in phases 2-3) are left untouched.
   virtual absl::Status Finish(TierStep* step, const std::vector<StepStates>& states,
-                              const std::vector<uint8_t>& ok, float* out) = 0;
+                              const std::vector<uint8_t>& ok, float* out, float* lse) = 0;
 
   // The cluster kind's GPU build at prefill (segment_build.h): whether this backend runs it, and
   // the run for a prompt's cold rows k, v ([rows, kv_heads, d] from store row 0, in the call's

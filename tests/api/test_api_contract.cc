@@ -1,5 +1,6 @@
 // The API's contract where an integrator first found it broken (each case failed before its fix),
 // per defect.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstring>
@@ -249,6 +250,68 @@ TEST(ContractAttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
       EXPECT_EQ(out[2 * row + i], want[2 * row + i]) << "row of b written";
     }
   }
+  kvrt_runtime_destroy(rt);
+}
+
+// ---- 0.3.23: the merged lse, for callers that merge kvrt's output with states of their own ------
+
+// log sum_i exp(scale * q . k_i) over n keys k [n, d] (one kv head), in double.
+double ExactLse(const float* q, const std::vector<float>& k, int n, int d) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  std::vector<double> s(n);
+  double m = -INFINITY, sum = 0;
+  for (int i = 0; i < n; ++i) {
+    double dot = 0;
+    for (int j = 0; j < d; ++j) dot += static_cast<double>(q[j]) * k[i * d + j];
+    m = std::max(m, s[i] = scale * dot);
+  }
+  for (double x : s) sum += std::exp(x - m);
+  return m + std::log(sum);
+}
+
+TEST(ContractAttendBatchLse, EqualsTheExactLseAndFollowsOutsRowRules) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.sink_tokens = 1;
+  c.window_tokens = 4;
+  c.index_kind = KVRT_INDEX_EXACT;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id a, b, empty;
+  ASSERT_EQ(kvrt_seq_create(rt, &a), KVRT_OK);
+  ASSERT_EQ(kvrt_seq_create(rt, &b), KVRT_OK);
+  ASSERT_EQ(kvrt_seq_create(rt, &empty), KVRT_OK);
+  const auto k = Wave(30 * 4, 0.3f, 0.f), v = Wave(30 * 4, 0.7f, 1.f);
+  ASSERT_EQ(kvrt_prefill(rt, a, 0, nullptr, k.data(), v.data(), 30), KVRT_OK);
+  ASSERT_EQ(kvrt_prefill(rt, b, 0, nullptr, k.data(), v.data(), 20), KVRT_OK);
+  const int row = 2 * 4;
+  const auto q = Wave(3 * row, 0.5f, 0.2f);
+  const kvrt_seq_id good[2] = {a, b};
+  std::vector<float> want(2 * row), out(2 * row), lse(2 * 2, NAN);
+  ASSERT_EQ(kvrt_attend_batch(rt, good, 2, 0, q.data(), want.data()), KVRT_OK);
+  ASSERT_EQ(kvrt_attend_batch_lse_ex(rt, good, 2, 0, q.data(), out.data(), lse.data(), nullptr),
+            KVRT_OK)
+      << kvrt_last_error();
+  EXPECT_EQ(out, want) << "out is kvrt_attend_batch's";
+  for (int h = 0; h < 2; ++h) {
+    EXPECT_NEAR(lse[h], ExactLse(q.data() + h * 4, k, 30, 4), 1e-5) << "a, head " << h;
+    EXPECT_NEAR(lse[2 + h], ExactLse(q.data() + row + h * 4, k, 20, 4), 1e-5) << "b, head " << h;
+  }
+  // A failed member's lse row stays untouched, as its out row does.
+  const kvrt_seq_id seqs[3] = {a, empty, b};
+  std::vector<float> lse3(3 * 2, 7.f), out3(3 * row);
+  EXPECT_EQ(kvrt_attend_batch_lse_ex(rt, seqs, 3, 0, q.data(), out3.data(), lse3.data(), nullptr),
+            KVRT_ERR_FAILED_PRECONDITION);
+  EXPECT_EQ(lse3[0], lse[0]);
+  EXPECT_EQ(lse3[2], 7.f);
+  EXPECT_EQ(lse3[3], 7.f);
+  EXPECT_NEAR(lse3[4], ExactLse(q.data() + 2 * row, k, 20, 4), 1e-5);
+  // Bad arguments are named.
+  EXPECT_EQ(kvrt_attend_batch_lse_ex(rt, good, 2, 0, q.data(), out.data(), nullptr, nullptr),
+            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("lse")) << kvrt_last_error();
+  EXPECT_EQ(
+      kvrt_attend_batch_lse_ex(nullptr, good, 2, 0, q.data(), out.data(), lse.data(), nullptr),
+      KVRT_ERR_INVALID_ARGUMENT);
   kvrt_runtime_destroy(rt);
 }
 

@@ -33,9 +33,10 @@ std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t,
   return bytes;
 }
 
-// Exact attention of q (f32 [H, d]) over all n tokens.
+// Exact attention of q (f32 [H, d]) over all n tokens; lse (optional): each head's log-sum-exp of
+// its scaled scores.
 std::vector<double> Exact(const RuntimeConfig& c, const std::vector<float>& q, const Tokens& kv,
-                          int64_t n) {
+                          int64_t n, std::vector<double>* lse = nullptr) {
   const int d = c.head_dim, group = c.num_q_heads / c.num_kv_heads;
   const double scale = c.scale > 0 ? c.scale : 1.0 / std::sqrt(static_cast<double>(d));
   std::vector<double> out(static_cast<std::size_t>(c.num_q_heads) * d, 0.0);
@@ -52,6 +53,7 @@ std::vector<double> Exact(const RuntimeConfig& c, const std::vector<float>& q, c
     }
     double l = 0;
     for (auto& x : s) l += (x = std::exp(x - m));
+    if (lse != nullptr) lse->push_back(m + std::log(l));
     for (int64_t i = 0; i < n; ++i)
       for (int j = 0; j < d; ++j)
         out[h * d + j] += s[i] / l * kv.v[(i * c.num_kv_heads + g) * d + j];
@@ -121,12 +123,18 @@ void RunAndCheck(const Case& cs, double tol) {
     ++n;
     std::vector<float> qf;
     auto q = Random(rng, qrow, c.dtype, &qf);
-    std::vector<float> out(qrow);
-    auto st = (*rt)->Attend(*seq, layer, q.data(), out.data());
+    std::vector<float> out(qrow), lse(c.num_q_heads, NAN);
+    // The merged lse through both entry points (kvrt_attend_batch_lse_ex with one sequence).
+    const int64_t id = *seq;
+    auto st = s % 2 == 0 ? (*rt)->Attend(id, layer, q.data(), out.data(), {}, lse.data())
+                         : (*rt)->AttendBatch(&id, 1, layer, q.data(), out.data(), {}, lse.data());
     ASSERT_TRUE(st.ok()) << st;
-    const auto want = Exact(c, qf, kv, n);
-    for (int h = 0; h < c.num_q_heads; ++h)
+    std::vector<double> want_lse;
+    const auto want = Exact(c, qf, kv, n, &want_lse);
+    for (int h = 0; h < c.num_q_heads; ++h) {
       ASSERT_LT(RelError(out, want, h, c.head_dim), tol) << "step " << s << " head " << h;
+      ASSERT_NEAR(lse[h], want_lse[h], 1e-4) << "step " << s << " head " << h;
+    }
     // Every token is attended exactly once.
     std::vector<int64_t> ids;
     ASSERT_TRUE((*rt)->GetAttended(*seq, layer, 0, &ids).ok());

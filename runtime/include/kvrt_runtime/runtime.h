@@ -105,14 +105,18 @@ class Runtime {
                        int64_t n_tokens, const Exec& exec = {});
   absl::Status Append(int64_t seq, int layer, const void* k, const void* v, int64_t n_tokens,
                       const Exec& exec = {});
-  // q: [q_heads, head_dim] in config.dtype; out: f32 [q_heads, head_dim].
-  absl::Status Attend(int64_t seq, int layer, const void* q, float* out, const Exec& exec = {});
+  // q: [q_heads, head_dim] in config.dtype; out: f32 [q_heads, head_dim]. lse: null, or f32
+  // [q_heads] in out's memory: each head's log-sum-exp (natural log) of its scaled scores over
+  // every token the step weighed (the GPU tier, the cold rows attended, a two-level kind's
+  // estimate of the rest), so that a caller can merge out with states of its own.
+  absl::Status Attend(int64_t seq, int layer, const void* q, float* out, const Exec& exec = {},
+                      float* lse = nullptr);
   // One layer's attend for n distinct sequences (a batched decode step): q [n, q_heads, d],
   // out [n, q_heads, d]. One parallel loop over the sequences on the runtime's arena, so a
   // batch needs no caller thread per sequence. On error, the rows of the sequences that failed
   // are untouched and the status names the first one; the others are written.
   absl::Status AttendBatch(const int64_t* seqs, int n, int layer, const void* q, float* out,
-                           const Exec& exec = {});
+                           const Exec& exec = {}, float* lse = nullptr);
   // True when the GPU backend is on (effective use_gpu = 1).
   bool gpu_backend() const { return config_.use_gpu == 1; }
   // Per (layer, q head), for every sequence: a streaming head attends to sinks + window only.
