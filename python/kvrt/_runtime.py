@@ -78,6 +78,10 @@ def _current_stream(t: Tensor) -> int:
     return 0
 
 
+def _opt(t: Optional[Tensor]) -> Any:
+    return None if t is None else _arg(t)
+
+
 def _empty_f32(like: Tensor, shape: tuple[int, ...]) -> Tensor:
     """An uninitialised f32 array of `shape` in the framework and on the device of `like`."""
     mod = type(like).__module__
@@ -145,33 +149,38 @@ class Runtime:
         return Stats(**self._impl.stats())
 
     def attend_batch(self, seqs: Seq["Sequence"], layer: int, q: Tensor,
-                     out: Optional[Tensor] = None, *, stream: Optional[int] = None) -> Tensor:
+                     out: Optional[Tensor] = None, *, lse: Optional[Tensor] = None,
+                     stream: Optional[int] = None) -> Tensor:
         """One decode query per sequence (kvrt_attend_batch): q [len(seqs), q_heads, head_dim]
         (row i belongs to seqs[i]); returns out, f32 [len(seqs), q_heads, head_dim] (allocated
         like q when not given). If one sequence fails, the error names it and the other rows are
-        written (kvrt.h)."""
+        written (kvrt.h). lse: an f32 [len(seqs), q_heads] array beside out that receives each
+        head's log-sum-exp of its scaled scores over every token weighed
+        (kvrt_attend_batch_lse_ex), to merge out with attention of your own."""
         ids = self._ids(seqs, "attend_batch")
         if out is None:
             out = _empty_f32(q, (len(ids),) + self._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._gpu else 0
-        self._impl.attend_batch(ids, layer, _arg(q), _arg(out), stream)
+        self._impl.attend_batch(ids, layer, _arg(q), _arg(out), _opt(lse), stream)
         return out
 
     def append_attend_batch(self, seqs: Seq["Sequence"], layer: int, q: Tensor, k: Tensor,
                             v: Tensor, out: Optional[Tensor] = None, *,
+                            lse: Optional[Tensor] = None,
                             stream: Optional[int] = None) -> Tensor:
         """A batched decoder layer-step in one call: row i of k, v [len(seqs), kv_heads, head_dim]
         is appended to seqs[i] (kvrt_append), then attend_batch of q [len(seqs), q_heads,
         head_dim]. Same result as those calls, one crossing into the library. An append that
         fails raises, naming its sequence, before anything is attended (the appends before it
-        stand); errors of the attend are attend_batch's."""
+        stand); errors of the attend are attend_batch's. lse: as attend_batch's."""
         ids = self._ids(seqs, "append_attend_batch")
         if out is None:
             out = _empty_f32(q, (len(ids),) + self._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._gpu else 0
-        self._impl.append_attend_batch(ids, layer, _arg(q), _arg(k), _arg(v), _arg(out), stream)
+        self._impl.append_attend_batch(ids, layer, _arg(q), _arg(k), _arg(v), _arg(out),
+                                       _opt(lse), stream)
         return out
 
     def _ids(self, seqs: Seq["Sequence"], call: str) -> list[int]:
@@ -234,28 +243,34 @@ class Sequence:
         self._impl.append(self.id, layer, _arg(k), _arg(v), stream)
 
     def attend(self, layer: int, q: Tensor, out: Optional[Tensor] = None, *,
-               stream: Optional[int] = None) -> Tensor:
+               lse: Optional[Tensor] = None, stream: Optional[int] = None) -> Tensor:
         """One decode query q [q_heads, head_dim] over every token of the layer (kvrt_attend);
         writes and returns out, f32 [q_heads, head_dim] (allocated like q when not given). With
-        device tensors out is written in stream order when this returns."""
+        device tensors out is written in stream order when this returns. lse: an f32 [q_heads]
+        array beside out that receives each head's log-sum-exp (natural log) of its scaled
+        scores over every token weighed (kvrt_attend_batch_lse_ex): out merges exactly with
+        attention computed elsewhere, or takes a learned sink logit s as
+        out * sigmoid(lse - s)."""
         if out is None:
             out = _empty_f32(q, self._rt._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._rt._gpu else 0
-        self._impl.attend(self.id, layer, _arg(q), _arg(out), stream)
+        self._impl.attend(self.id, layer, _arg(q), _arg(out), _opt(lse), stream)
         return out
 
     def append_attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-                      out: Optional[Tensor] = None, *, stream: Optional[int] = None) -> Tensor:
+                      out: Optional[Tensor] = None, *, lse: Optional[Tensor] = None,
+                      stream: Optional[int] = None) -> Tensor:
         """A decoder's layer-step in one call: append(layer, k, v) then attend(layer, q, out).
         Same result as the two calls, with one crossing into the library (the binding's cost of
         a layer-step, issue 15). An append that fails raises before the attend; an attend that
-        fails leaves the appended rows in place, as the two calls would."""
+        fails leaves the appended rows in place, as the two calls would. lse: as attend's."""
         if out is None:
             out = _empty_f32(q, self._rt._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._rt._gpu else 0
-        self._impl.append_attend(self.id, layer, _arg(q), _arg(k), _arg(v), _arg(out), stream)
+        self._impl.append_attend(self.id, layer, _arg(q), _arg(k), _arg(v), _arg(out),
+                                 _opt(lse), stream)
         return out
 
     def wait(self) -> None:

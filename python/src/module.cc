@@ -15,6 +15,8 @@
 #include "py_runtime.h"
 
 namespace nb = nanobind;
+using kvrt_py::InArray;
+using kvrt_py::OutArray;
 using kvrt_py::PyRuntime;
 
 NB_MODULE(_kvrt, m) {
@@ -55,24 +57,47 @@ NB_MODULE(_kvrt, m) {
       .def("seq_release", &PyRuntime::SeqRelease, nb::arg("seq"))
       .def("seq_length", &PyRuntime::SeqLength, nb::arg("seq"), nb::arg("layer"))
       .def("seq_wait", &PyRuntime::SeqWait, nb::arg("seq"))
-      .def("prefill",
-           [](PyRuntime& r, int64_t seq, int32_t layer, std::optional<kvrt_py::InArray> q,
-              const kvrt_py::InArray& k, const kvrt_py::InArray& v, uintptr_t stream) {
-             r.Prefill(seq, layer, q ? &*q : nullptr, k, v, stream);
-           },
-           nb::arg("seq"), nb::arg("layer"), nb::arg("q").none(), nb::arg("k"), nb::arg("v"),
-           nb::arg("stream") = 0)
+      .def(
+          "prefill",
+          [](PyRuntime& r, int64_t seq, int32_t layer, std::optional<kvrt_py::InArray> q,
+             const kvrt_py::InArray& k, const kvrt_py::InArray& v,
+             uintptr_t stream) { r.Prefill(seq, layer, q ? &*q : nullptr, k, v, stream); },
+          nb::arg("seq"), nb::arg("layer"), nb::arg("q").none(), nb::arg("k"), nb::arg("v"),
+          nb::arg("stream") = 0)
       .def("append", &PyRuntime::Append, nb::arg("seq"), nb::arg("layer"), nb::arg("k"),
            nb::arg("v"), nb::arg("stream") = 0)
-      .def("attend", &PyRuntime::Attend, nb::arg("seq"), nb::arg("layer"), nb::arg("q"),
-           nb::arg("out"), nb::arg("stream") = 0)
-      .def("attend_batch", &PyRuntime::AttendBatch, nb::arg("seqs"), nb::arg("layer"),
-           nb::arg("q"), nb::arg("out"), nb::arg("stream") = 0)
-      .def("append_attend", &PyRuntime::AppendAttend, nb::arg("seq"), nb::arg("layer"),
-           nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("stream") = 0)
-      .def("append_attend_batch", &PyRuntime::AppendAttendBatch, nb::arg("seqs"),
-           nb::arg("layer"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
-           nb::arg("stream") = 0)
+      .def(
+          "attend",
+          [](PyRuntime& r, int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
+             std::optional<OutArray> lse,
+             uintptr_t stream) { r.Attend(seq, layer, q, out, lse ? &*lse : nullptr, stream); },
+          nb::arg("seq"), nb::arg("layer"), nb::arg("q"), nb::arg("out"),
+          nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
+      .def(
+          "attend_batch",
+          [](PyRuntime& r, const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+             const OutArray& out, std::optional<OutArray> lse, uintptr_t stream) {
+            r.AttendBatch(seqs, layer, q, out, lse ? &*lse : nullptr, stream);
+          },
+          nb::arg("seqs"), nb::arg("layer"), nb::arg("q"), nb::arg("out"),
+          nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
+      .def(
+          "append_attend",
+          [](PyRuntime& r, int64_t seq, int32_t layer, const InArray& q, const InArray& k,
+             const InArray& v, const OutArray& out, std::optional<OutArray> lse, uintptr_t stream) {
+            r.AppendAttend(seq, layer, q, k, v, out, lse ? &*lse : nullptr, stream);
+          },
+          nb::arg("seq"), nb::arg("layer"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
+          nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
+      .def(
+          "append_attend_batch",
+          [](PyRuntime& r, const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+             const InArray& k, const InArray& v, const OutArray& out, std::optional<OutArray> lse,
+             uintptr_t stream) {
+            r.AppendAttendBatch(seqs, layer, q, k, v, out, lse ? &*lse : nullptr, stream);
+          },
+          nb::arg("seqs"), nb::arg("layer"), nb::arg("q"), nb::arg("k"), nb::arg("v"),
+          nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
       .def("set_head_policy", &PyRuntime::SetHeadPolicy, nb::arg("layer"), nb::arg("q_head"),
            nb::arg("policy"))
       .def("set_search_effort", &PyRuntime::SetSearchEffort, nb::arg("effort"))

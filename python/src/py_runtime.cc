@@ -25,6 +25,22 @@ kvrt_exec Exec(const TensorArg& t, uintptr_t stream) {
   return e;
 }
 
+// The optional lse argument of an attend of n sequences (n < 0: one, shape [q_heads]).
+TensorArg LseArg(const char* call, const OutArray* lse, int64_t n, int32_t q_heads) {
+  if (lse == nullptr) return {};
+  return n < 0 ? CheckTensor(call, "lse", InArray(*lse), KVRT_DTYPE_F32, {q_heads})
+               : CheckTensor(call, "lse", InArray(*lse), KVRT_DTYPE_F32, {n, q_heads});
+}
+
+// kvrt_attend_batch_ex, or its lse form when lse is given (lse.data non-null).
+kvrt_status AttendRows(kvrt_runtime* rt, const int64_t* seqs, int32_t n, int32_t layer,
+                       const TensorArg& q, const TensorArg& out, const TensorArg& lse,
+                       const kvrt_exec* ex) {
+  float* o = static_cast<float*>(out.data);
+  if (lse.data == nullptr) return kvrt_attend_batch_ex(rt, seqs, n, layer, q.data, o, ex);
+  return kvrt_attend_batch_lse_ex(rt, seqs, n, layer, q.data, o, static_cast<float*>(lse.data), ex);
+}
+
 }  // namespace
 
 PyRuntime::PyRuntime(const nb::dict& config) {
@@ -136,23 +152,21 @@ void PyRuntime::Append(int64_t seq, int32_t layer, const InArray& k, const InArr
 }
 
 void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
-                       uintptr_t stream) {
+                       const OutArray* lse, uintptr_t stream) {
   const char* call = "Sequence.attend";
   kvrt_runtime* rt = Live(call);
   TensorArg tq = CheckTensor(call, "q", q, cfg_.dtype, {cfg_.num_q_heads, cfg_.head_dim});
   TensorArg to =
       CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32, {cfg_.num_q_heads, cfg_.head_dim});
-  CheckSameDevice(call, {&tq, &to});
+  TensorArg tl = LseArg(call, lse, -1, cfg_.num_q_heads);
+  CheckSameDevice(call, {&tq, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   std::string err;
-  Check(Call(&err, [&] {
-          return kvrt_attend_ex(rt, seq, layer, tq.data, static_cast<float*>(to.data), &ex);
-        }),
-        call, err);
+  Check(Call(&err, [&] { return AttendRows(rt, &seq, 1, layer, tq, to, tl, &ex); }), call, err);
 }
 
-void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer,
-                            const InArray& q, const OutArray& out, uintptr_t stream) {
+void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+                            const OutArray& out, const OutArray* lse, uintptr_t stream) {
   const char* call = "Runtime.attend_batch";
   kvrt_runtime* rt = Live(call);
   const int64_t n = int64_t(seqs.size());
@@ -160,18 +174,17 @@ void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer,
   TensorArg to =
       CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32,
                   {n, cfg_.num_q_heads, cfg_.head_dim});
-  CheckSameDevice(call, {&tq, &to});
+  TensorArg tl = LseArg(call, lse, n, cfg_.num_q_heads);
+  CheckSameDevice(call, {&tq, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   std::string err;
-  Check(Call(&err, [&] {
-          return kvrt_attend_batch_ex(rt, seqs.data(), int32_t(n), layer, tq.data,
-                                      static_cast<float*>(to.data), &ex);
-        }),
+  Check(Call(&err, [&] { return AttendRows(rt, seqs.data(), int32_t(n), layer, tq, to, tl, &ex); }),
         call, err);
 }
 
 void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const InArray& k,
-                             const InArray& v, const OutArray& out, uintptr_t stream) {
+                             const InArray& v, const OutArray& out, const OutArray* lse,
+                             uintptr_t stream) {
   const char* call = "Sequence.append_attend";
   kvrt_runtime* rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
@@ -180,13 +193,15 @@ void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const
   TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg to =
       CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32, {cfg_.num_q_heads, cfg_.head_dim});
-  CheckSameDevice(call, {&tq, &tk, &tv, &to});
+  TensorArg tl = LseArg(call, lse, -1, cfg_.num_q_heads);
+  CheckSameDevice(call, {&tq, &tk, &tv, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   std::string err;
   Check(Call(&err,
              [&] {
                kvrt_status s = kvrt_append_ex(rt, seq, layer, tk.data, tv.data, tk.rows, &ex);
                if (s != KVRT_OK) return s;
+               if (tl.data != nullptr) return AttendRows(rt, &seq, 1, layer, tq, to, tl, &ex);
                return kvrt_attend_ex(rt, seq, layer, tq.data, static_cast<float*>(to.data), &ex);
              }),
         call, err);
@@ -194,7 +209,7 @@ void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const
 
 void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
                                   const InArray& k, const InArray& v, const OutArray& out,
-                                  uintptr_t stream) {
+                                  const OutArray* lse, uintptr_t stream) {
   const char* call = "Runtime.append_attend_batch";
   kvrt_runtime* rt = Live(call);
   const int64_t n = int64_t(seqs.size());
@@ -204,7 +219,8 @@ void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t laye
   TensorArg tv = CheckTensor(call, "v", v, dt, {n, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg to =
       CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32, {n, cfg_.num_q_heads, cfg_.head_dim});
-  CheckSameDevice(call, {&tq, &tk, &tv, &to});
+  TensorArg tl = LseArg(call, lse, n, cfg_.num_q_heads);
+  CheckSameDevice(call, {&tq, &tk, &tv, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   const std::size_t row_bytes =
       std::size_t(cfg_.num_kv_heads) * cfg_.head_dim * (dt == KVRT_DTYPE_F32 ? 4 : 2);
@@ -220,8 +236,7 @@ void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t laye
         return s;
       }
     }
-    return kvrt_attend_batch_ex(rt, seqs.data(), int32_t(n), layer, tq.data,
-                                static_cast<float*>(to.data), &ex);
+    return AttendRows(rt, seqs.data(), int32_t(n), layer, tq, to, tl, &ex);
   });
   // NOTE: a separate statement: the message must be read after the call has run.
   Check(status, call, failed < 0 ? err : "sequence " + std::to_string(failed) + ": " + err);

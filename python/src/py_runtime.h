@@ -40,20 +40,23 @@ class PyRuntime {
   void Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k, const InArray& v,
                uintptr_t stream);
   void Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v, uintptr_t stream);
+  // lse: null, or f32 [q_heads] ([n, q_heads] for a batch) beside out, which receives each
+  // head's merged log-sum-exp (kvrt_attend_batch_lse_ex).
   void Attend(int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
-              uintptr_t stream);
+              const OutArray* lse, uintptr_t stream);
   void AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
-                   const OutArray& out, uintptr_t stream);
+                   const OutArray& out, const OutArray* lse, uintptr_t stream);
   // A decoder's layer-step in one crossing (one GIL release, one set of checks): kvrt_append of
   // k, v then kvrt_attend of q. An append that fails raises before the attend; an attend that
   // fails leaves the appended rows in place, as the two calls would.
   void AppendAttend(int64_t seq, int32_t layer, const InArray& q, const InArray& k,
-                    const InArray& v, const OutArray& out, uintptr_t stream);
+                    const InArray& v, const OutArray& out, const OutArray* lse, uintptr_t stream);
   // The same for a batch: row i of k, v [n, kv_heads, head_dim] is appended to seqs[i] (in
   // order; the first failure raises, naming the sequence, and the appends before it stand), then
   // kvrt_attend_batch of q [n, q_heads, head_dim].
   void AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
-                         const InArray& k, const InArray& v, const OutArray& out, uintptr_t stream);
+                         const InArray& k, const InArray& v, const OutArray& out,
+                         const OutArray* lse, uintptr_t stream);
 
   void SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy);
   void SetSearchEffort(int32_t effort);

@@ -39,6 +39,67 @@ def test_exact_prefill_attend_equals_full_attention(rng, prompt):
     assert seq.length(0) == prompt + 3
 
 
+def reference_lse(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """log sum exp of each q head's scaled scores over k [T, Hkv, d], float64, [Hq]."""
+    g = q.shape[0] // k.shape[1]
+    s = np.einsum("hd,thd->ht", q.astype(np.float64),
+                  np.repeat(k.astype(np.float64), g, axis=1)) * scale
+    m = s.max(axis=1)
+    return m + np.log(np.exp(s - m[:, None]).sum(axis=1))
+
+
+@pytest.mark.parametrize("kind", ["exact", "cluster"])
+def test_lse_merges_with_attention_of_our_own(rng, kind):
+    """lse= gives each head's log-sum-exp over the layer's tokens: kvrt's output over a prefix
+    merged in lse space with our own attention over the rest equals attention over all of it, and
+    a learned sink logit (gpt-oss) is out * sigmoid(lse - s). Through attend, append_attend and
+    the batch forms."""
+    extra = dict(top_k=100000) if kind == "cluster" else {}
+    rt = make(index_kind=kind, **extra)
+    scale = 1 / np.sqrt(32)
+    seqs = [rt.sequence(), rt.sequence()]
+    ks = [kv(rng, 600), kv(rng, 500)]
+    vs = [kv(rng, 600), kv(rng, 500)]
+    for s, k, v in zip(seqs, ks, vs):
+        s.prefill(0, None, k, v)
+    q = rng.standard_normal((2, 8, 32), dtype=np.float32)
+    lse = np.full((8,), np.nan, dtype=np.float32)
+    out = seqs[0].attend(0, q[0], lse=lse)
+    np.testing.assert_allclose(lse, reference_lse(q[0], ks[0], scale), rtol=0, atol=1e-4)
+    # Ours: 50 more tokens kvrt never saw, merged exactly.
+    k2, v2 = kv(rng, 50), kv(rng, 50)
+    o2, l2 = reference_attention(q[0], k2, v2, scale), reference_lse(q[0], k2, scale)
+    w = 1 / (1 + np.exp(l2 - lse.astype(np.float64)))
+    merged = w[:, None] * out + (1 - w[:, None]) * o2
+    np.testing.assert_allclose(
+        merged, reference_attention(q[0], np.concatenate([ks[0], k2]),
+                                    np.concatenate([vs[0], v2]), scale), rtol=2e-4, atol=2e-5)
+    # A sink logit per head: one more logit in the softmax, with a zero value.
+    sinks = rng.standard_normal(8) + lse
+    sunk = out * (1 / (1 + np.exp(sinks - lse)))[:, None]
+    full = np.exp(reference_lse(q[0], ks[0], scale) - np.logaddexp(reference_lse(q[0], ks[0],
+                                                                                scale), sinks))
+    np.testing.assert_allclose(sunk, reference_attention(q[0], ks[0], vs[0], scale)
+                               * full[:, None], rtol=2e-4, atol=2e-5)
+    # The batch forms, and append_attend.
+    lse2 = np.full((2, 8), np.nan, dtype=np.float32)
+    k1, v1 = kv(rng, 2), kv(rng, 2)
+    rt.append_attend_batch(seqs, 0, q, k1, v1, lse=lse2)
+    for i in range(2):
+        ks[i], vs[i] = np.concatenate([ks[i], k1[i:i + 1]]), np.concatenate([vs[i], v1[i:i + 1]])
+        np.testing.assert_allclose(lse2[i], reference_lse(q[i], ks[i], scale), atol=1e-4)
+    rt.attend_batch(seqs, 0, q, lse=lse2)
+    np.testing.assert_allclose(lse2[1], reference_lse(q[1], ks[1], scale), atol=1e-4)
+    k1, v1 = kv(rng, 1), kv(rng, 1)
+    seqs[1].append_attend(0, q[1], k1, v1, lse=lse)
+    np.testing.assert_allclose(
+        lse, reference_lse(q[1], np.concatenate([ks[1], k1]), scale), atol=1e-4)
+    with pytest.raises(kvrt.InvalidArgumentError, match="lse"):
+        seqs[0].attend(0, q[0], lse=np.zeros((4,), dtype=np.float32))
+    with pytest.raises(kvrt.InvalidArgumentError, match="lse"):
+        rt.attend_batch(seqs, 0, q, lse=np.zeros((2, 8), dtype=np.float64))
+
+
 def test_scale_is_applied(rng):
     rt = make(scale=0.5)
     assert rt.config.scale == 0.5
