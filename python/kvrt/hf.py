@@ -176,12 +176,6 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
                          f"(layer types: {sorted(set(layer_types(model.config)))})")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     mods = _attention_modules(model)
-    for i in layers:
-        if isinstance(getattr(mods.get(i), "sinks", None), torch.Tensor):
-            # gpt-oss: a learned logit per head joins each softmax's denominator; kvrt's attention
-            # output has no term for it, so the layer's output would be silently wrong.
-            raise ValueError(f"kvrt.hf: layer {i} has learned attention sinks (`sinks`, as in "
-                             "gpt-oss), which kvrt does not support")
     scale = float(getattr(mods.get(layers[0]), "scaling", head_dim ** -0.5))
     dtype = _DTYPES.get(model.dtype)
     if dtype is None:
@@ -438,18 +432,31 @@ class KvrtCache(DynamicCache):
             return out
         q, k, v = self._rows(query), self._rows(key), self._rows(value)
         out = torch.empty((B, n, Hq, d), dtype=torch.float32, device=q.device)
+        sinks = kwargs.get("s_aux")
+        # Learned attention sinks (gpt-oss): the layer's lse comes back beside out.
+        lse = None if sinks is None else torch.empty((B, n, Hq), dtype=torch.float32,
+                                                     device=q.device)
         t0 = time.perf_counter()
         # One call per layer-step (append + attend): the binding's cost is paid once.
         for i in range(n):
             if B == 1:
                 self.sequences[0].append_attend(kl, q[0, i], k[0, i:i + 1], v[0, i:i + 1],
-                                                out=out[0, i])
+                                                out=out[0, i],
+                                                lse=None if lse is None else lse[0, i])
             else:
                 rows = out[:, i].contiguous()
+                lse_rows = None if lse is None else lse[:, i].contiguous()
                 self.runtime.append_attend_batch(self.sequences, kl, q[:, i].contiguous(),
                                                  k[:, i].contiguous(), v[:, i].contiguous(),
-                                                 out=rows)
+                                                 out=rows, lse=lse_rows)
                 out[:, i] = rows
+                if lse is not None:
+                    lse[:, i] = lse_rows
+        if lse is not None:
+            # A sink s is one more logit in each softmax with a zero value: the output over the
+            # tokens shrinks by e^lse / (e^lse + e^s).
+            out.mul_(torch.sigmoid(lse - sinks.to(device=out.device, dtype=torch.float32))
+                     .unsqueeze(-1))
         self.time_decode_s += time.perf_counter() - t0
         if kl == 0:
             self.tokens_decoded += n * B
@@ -459,10 +466,12 @@ class KvrtCache(DynamicCache):
 
 def _refuse_unsupported(layer_idx: int, kwargs: dict) -> None:
     """Attention variants a model may ask of a kvrt layer that kvrt's exact softmax over every
-    token would silently get wrong: raised instead."""
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"kvrt.hf: layer {layer_idx} passes learned attention sinks (s_aux), "
-                         "which kvrt does not support")
+    token would silently get wrong: raised instead. (Learned sinks, s_aux, are served: the
+    layer's lse from kvrt takes them exactly.)"""
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or sinks.dim() != 1):
+        raise ValueError(f"kvrt.hf: layer {layer_idx} passes learned attention sinks (s_aux) "
+                         "that are not one logit per q head")
     if kwargs.get("softcap"):
         raise ValueError(f"kvrt.hf: layer {layer_idx} asks for attention logit soft-capping "
                          f"(softcap = {kwargs['softcap']}), which kvrt does not support")
@@ -485,10 +494,13 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA, except for a causal forward of n > 1 queries over more keys (a prompt
     chunk after earlier ones) without a mask (mask() left it out): the queries are the last n
     positions, so the causal mask is aligned to the lower right, which SDPA's is_causal (upper
-    left) is not; torch's causal_lower_right bias runs it without a mask tensor."""
+    left) is not; torch's causal_lower_right bias runs it without a mask tensor. With learned
+    sinks (s_aux), which SDPA has no term for: _attend_with_sinks."""
     n, s = query.shape[2], key.shape[2]
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
+    if kwargs.get("s_aux") is not None:
+        return _attend_with_sinks(query, key, value, attention_mask, causal, **kwargs)
     if attention_mask is not None or n == 1 or n == s or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     from torch.nn.attention.bias import causal_lower_right
@@ -499,6 +511,38 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=causal_lower_right(n, s), scale=kwargs.get("scaling"), **gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux,
+                       scaling=None, sliding_window=None, **_):
+    """Softmax attention with one learned logit per q head (s_aux: gpt-oss's `sinks`) in each
+    softmax's denominator and no value, as the model's own eager attention computes it (scores
+    materialised: [B, heads, n, keys], as transformers' eager path for such models). The masks
+    mask() leaves out are made here: causal aligned to the lower right (the queries are the last
+    n positions) and, for a sliding layer, its window."""
+    B, Hq, n, d = query.shape
+    group = Hq // key.shape[1]
+    if group > 1:
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    s = key.shape[2]
+    scale = d ** -0.5 if scaling is None else scaling
+    w = torch.matmul(query, key.transpose(2, 3)) * scale
+    if attention_mask is not None:
+        m = attention_mask[..., :s]
+        w = w.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else w + m
+    elif n > 1 and causal:
+        i = torch.arange(n, device=w.device).unsqueeze(1) + (s - n)
+        j = torch.arange(s, device=w.device).unsqueeze(0)
+        hide = j > i
+        if sliding_window is not None:
+            hide = hide | (j <= i - sliding_window)
+        w = w.masked_fill(hide, float("-inf"))
+    sink = s_aux.to(w.dtype).reshape(1, -1, 1, 1).expand(B, -1, n, 1)
+    logits = torch.cat([w, sink], dim=-1)
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    p = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
+    out = torch.matmul(p.to(value.dtype), value)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,6 +1,7 @@
 """kvrt.hf on decoder families other than Gemma 3: tiny random models built from each family's
 config (no download), exact mode against transformers' own cache, and the attention variants
-kvrt cannot serve refused by name instead of answered wrongly. Skipped without
+kvrt cannot serve refused by name instead of answered wrongly (learned attention sinks, gpt-oss,
+are served through the lse kvrt returns). Skipped without
 torch/transformers; a family this transformers version lacks is skipped."""
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ COMMON = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden
 # what differs in their attention: GQA vs MHA, fused qkv projections (Phi-3, GPT-NeoX, Phi), q/k
 # norms (Qwen3, OLMo 2), partial rotary (StableLM, Phi, GLM), a scale other than 1/sqrt(d)
 # (Granite), layer types with sliding-window layers transformers keeps (Gemma 2 without
-# soft-capping, OLMo 3), a head_dim apart from hidden / heads (Qwen3).
+# soft-capping, OLMo 3), a head_dim apart from hidden / heads (Qwen3), learned attention sinks
+# (gpt-oss: a logit per head in every softmax, on its sliding layers too; eager is its own
+# implementation).
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, "sdpa"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, "sdpa"),
@@ -46,6 +49,9 @@ FAMILIES = {
                {"head_dim": 64, "attn_logit_softcapping": None, "sliding_window": 64}, "eager"),
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM",
               {"num_hidden_layers": 4, "sliding_window": 64}, "sdpa"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                {"num_hidden_layers": 4, "head_dim": 32, "sliding_window": 64,
+                 "num_local_experts": 2, "num_experts_per_tok": 1}, "eager"),
 }
 
 
@@ -63,6 +69,11 @@ def _model(family: str, **fields):
             for name in ("q_proj", "qkv_proj", "query_key_value"):
                 if hasattr(m, name):
                     getattr(m, name).weight.mul_(4.0)
+            if isinstance(getattr(m, "sinks", None), torch.Tensor):
+                # The init's sinks (~N(0, 0.02)) weigh ~1/200 of a softmax over this prompt:
+                # near the lse, a sink that kvrt missed would move the logits far past the
+                # tolerance.
+                m.sinks.copy_(torch.randn(m.sinks.shape) + 5.0)
     return model
 
 
@@ -95,13 +106,37 @@ def test_exact_mode_reproduces_the_full_cache_logits(family):
     cache.close()
 
 
-def test_learned_attention_sinks_are_refused():
-    # gpt-oss adds a learned logit per head to each softmax's denominator; kvrt's output has no
-    # term for it, so serving the layer would be silently wrong (its logits differed by 5e-3).
-    model = _model("GptOssConfig:GptOssForCausalLM", head_dim=32, sliding_window=64,
-                   num_local_experts=2, num_experts_per_tok=1)
-    with pytest.raises(ValueError, match="learned attention sinks"):
-        kh.enable(model, index_kind="exact")
+def test_learned_attention_sinks_matter_in_these_logits():
+    # The gpt-oss case above would pass with the sinks ignored if they changed nothing: they do.
+    model = _model("gpt_oss")
+    model.set_attn_implementation("eager")
+    _, ref = _greedy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(getattr(m, "sinks", None), torch.Tensor):
+                m.sinks.fill_(-1e4)
+    _, unsunk = _greedy(model)
+    assert (ref - unsunk).abs().max() > 1e-2
+
+
+def test_a_batch_with_learned_sinks_equals_the_full_cache():
+    # Two rows (attend_batch with lse), a sparse kind at a budget covering every cold token.
+    model = _model("gpt_oss")
+    model.set_attn_implementation("eager")
+    ids = torch.randint(2, 258, (2, PROMPT), generator=torch.Generator().manual_seed(3))
+
+    def run(cache=None):
+        kw = {} if cache is None else {kh.cache_kwarg(model): cache}
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, **kw)
+        return torch.stack(out.logits)
+
+    ref = run()
+    cache = kh.enable(model, index_kind="flat", top_k=100000, sink_tokens=4, window_tokens=16,
+                      worker_threads=2)
+    torch.testing.assert_close(run(cache), ref, rtol=1e-4, atol=1e-4)
+    cache.close()
 
 
 def test_soft_capping_is_refused():
@@ -116,7 +151,7 @@ def test_a_model_of_sliding_window_layers_only_is_refused_with_its_layer_types()
         kh.enable(model, index_kind="exact")
 
 
-@pytest.mark.parametrize("kwargs, match", [({"s_aux": torch.zeros(4)}, "s_aux"),
+@pytest.mark.parametrize("kwargs, match", [({"s_aux": torch.zeros(2, 4)}, "s_aux"),
                                            ({"softcap": 30.0}, "soft-capping"),
                                            ({"sliding_window": 64}, "sliding window of 64")])
 def test_attention_variants_asked_of_a_kvrt_layer_are_refused(kwargs, match):
