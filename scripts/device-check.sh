@@ -37,7 +37,8 @@
 # BENCH=shapes the cluster kind at 128K B=1 per model shape (SHAPES, q:kv:d) beside SDPA of that shape,
 # BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
-# through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=none no benchmark (BENCH
+# through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=pytest the Python package's
+# tests that need CUDA (PYTEST_ARGS, default: the transformers families' GPU tests), BENCH=none no benchmark (BENCH
 # takes a list); TESTS="" and SANITIZE="" skip the tests and compute-sanitizer, SANITIZE_TOOLS
 # picks the tools. Every --device run first prints the machine's host-read rates (pcie_gather;
 # PROBE="" skips) into pcie.log.
@@ -46,7 +47,8 @@
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
 #   .bundle/ and packs it into .bundlez/bundle.tgz (both git-ignored). EXTRA_PROGRAMS adds
 #   programs (e.g. an older build's test_gpu_kernels copied as test_gpu_before); SLIM=1 leaves
-#   out the kernels-apart tools and the install prefix when the carry would pass 64 MiB.
+#   out the kernels-apart tools and the install prefix when the carry would pass 64 MiB,
+#   SLIM=parts the tools only (the prefix stays: BENCH=e2e, binding, pytest).
 # There:                run(command="bash scripts/device-check.sh --device", carry=[".bundlez"])
 #   logs under $OUT: tests.log memcheck.log racecheck.log bench.log sdpa_peer.log
 # BENCH=e2e (there): the Python package built against the bundle's libkvrt (.bundle/prefix), then
@@ -192,6 +194,18 @@ if [[ "${1:-}" == "--device" ]]; then
     for bench in ${BENCH:-ab}; do
     if [[ "$bench" == none ]]; then
       :  # the tests and sanitizers only
+    elif [[ "$bench" == pytest ]]; then
+      # The package's tests that skip without CUDA (CI has none), against this bundle's libkvrt.
+      py_package
+      if [[ -z $built ]]; then
+        echo "pytest: the kvrt package did not build; end of e2e-pip.log:"; tail -20 "$out/e2e-pip.log"
+      else
+        # From /tmp (python/kvrt, without the extension, must not shadow the built package);
+        # the bundle's libraries by absolute path, then.
+        (lib=$PWD/.bundle/lib && cd /tmp && LD_LIBRARY_PATH=$lib:$LD_LIBRARY_PATH PYTHONPATH=$site \
+          timeout 300 python3 -m pytest -q -p no:cacheprovider \
+          ${PYTEST_ARGS:-"$OLDPWD/python/tests/test_hf_families.py" -k gpu}) || rc=1
+      fi
     elif [[ "$bench" == hot ]]; then
       # The cluster kind's GPU hot cache: off and on, trace-like keys, accuracy beside latency.
       for hc in 0 0.1; do
@@ -904,7 +918,7 @@ cp "$build/tools/gpu_bench/libkernel_trace_inject.so" .bundle/lib/ &&
 # which BENCH=e2e builds the Python package against there (KVRT_PY_LIBKVRT=installed); the
 # shared libraries libkvrt.so loads join .bundle/lib. Not carried: the CLI (in .bundle/bin) and
 # libkvrt.a (only find_package(kvrt COMPONENTS static) loads its targets).
-if [[ -z "${SLIM:-}" ]]; then
+if [[ "${SLIM:-}" != 1 ]]; then
   cmake --install "$build" --prefix .bundle/prefix >/dev/null || exit 1
   rm -rf .bundle/prefix/bin .bundle/prefix/lib/libkvrt.a
   strip --strip-unneeded "$(readlink -f .bundle/prefix/lib/libkvrt.so)" || exit 1

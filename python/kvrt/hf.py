@@ -309,7 +309,10 @@ class KvrtCache(DynamicCache):
     # -- cache protocol ------------------------------------------------------------------------
     def reset(self):
         """Releases the sequences: the next forward starts a new prompt."""
-        super().reset()
+        # transformers' own layers (a sliding window's) hold tensors generate() made under
+        # inference mode; some versions zero them in place, which outside that mode raises.
+        with torch.inference_mode():
+            super().reset()
         for s in self.sequences:
             s.release()
         self.sequences = []

@@ -165,3 +165,28 @@ def test_attention_variants_asked_of_a_kvrt_layer_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         layer.attend(model.model.layers[0].self_attn, q, k, v, None, **kwargs)
     cache.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_learned_sinks_on_the_gpu_backend(batch):
+    # The device path: lse written by the GPU's merge on the model's stream, the sink applied
+    # there; exact mode, f32, against the model's own eager attention on the same GPU.
+    model = _model("gpt_oss").to("cuda")
+    model.set_attn_implementation("eager")
+    ids = torch.randint(2, 258, (batch, PROMPT), generator=torch.Generator().manual_seed(5))
+    ids = ids.to("cuda")
+
+    def run(cache=None):
+        kw = {} if cache is None else {kh.cache_kwarg(model): cache}
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, **kw)
+        return torch.stack(out.logits)
+
+    ref = run()
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                      worker_threads=2)
+    assert cache.runtime.config.use_gpu == 1
+    torch.testing.assert_close(run(cache), ref, rtol=1e-3, atol=1e-3)
+    cache.close()

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
+#include <deque>
 #include <functional>
 #include <future>
 #include <mutex>
@@ -124,9 +125,9 @@ class Tensors {
     return bufs_.back().data();
   }
   float* Out(std::size_t floats) {
-    if (!device_) {
-      host_out_.assign(floats, NAN);
-      return host_out_.data();
+    if (!device_) {  // a list: a step's out and lse are both live
+      host_outs_.emplace_back(floats, NAN);
+      return host_outs_.back().data();
     }
     auto b = transfer::DeviceBuffer::Allocate(floats * sizeof(float));
     EXPECT_TRUE(b.ok());
@@ -134,20 +135,23 @@ class Tensors {
     return static_cast<float*>(bufs_.back().data());
   }
   std::vector<float> Get(float* out, std::size_t floats) {
-    if (!device_) return host_out_;
+    if (!device_) return std::vector<float>(out, out + floats);
     std::vector<float> h(floats);
     EXPECT_TRUE(transfer::MemcpyAsync(h.data(), out, floats * sizeof(float), stream_).ok());
     EXPECT_TRUE(transfer::StreamSynchronize(stream_).ok());
     return h;
   }
   Exec exec() const { return Exec{device_, stream_}; }
-  void Clear() { bufs_.clear(); }
+  void Clear() {
+    bufs_.clear();
+    host_outs_.clear();
+  }
 
  private:
   bool device_;
   void* stream_;
   std::vector<transfer::DeviceBuffer> bufs_;
-  std::vector<float> host_out_;
+  std::deque<std::vector<float>> host_outs_;
 };
 
 // Prefills every layer of sequence hs of the host-backend runtime (host pointers) and sequence gs
@@ -211,6 +215,20 @@ void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& host,
   }
 }
 
+// Each head's merged lse (natural log) within tol of the host backend's: both backends weigh
+// the same tokens; the tier's bf16 scores on the device differ in the last bits.
+void ExpectLseClose(const std::vector<float>& gpu, const std::vector<float>& host,
+                    const std::string& what, double tol = 1e-2) {
+  ASSERT_EQ(gpu.size(), host.size());
+  int bad = 0;
+  for (std::size_t i = 0; i < gpu.size() && bad < 5; ++i) {
+    if (!(std::abs(gpu[i] - host[i]) <= tol * (1 + std::abs(host[i])))) {
+      ADD_FAILURE() << what << ": lse of head " << i << " gpu " << gpu[i] << " host " << host[i];
+      ++bad;
+    }
+  }
+}
+
 // Drives the same token stream through a host-backend and a GPU-backend runtime and compares
 // every attend. seqs sequences, each: prefill of `prompt` tokens (more than the window, so part
 // goes straight to the host store), then decode steps of append 1 + attend per layer, with one
@@ -252,14 +270,17 @@ void RunCompare(const Case& c, int seqs, int prompt, int steps, uint32_t seed) {
         ASSERT_TRUE((*host_rt)->Append(hs[s], l, k.data(), v.data(), n_new).ok());
         auto st = (*gpu_rt)->Append(gs[s], l, dev.Put(k), dev.Put(v), n_new, dev.exec());
         ASSERT_TRUE(st.ok()) << st;
-        std::vector<float> want(q_row);
-        ASSERT_TRUE((*host_rt)->Attend(hs[s], l, q.data(), want.data()).ok());
+        // With the merged lse (kvrt_attend_batch_lse_ex): the device's MergeStatesN writes it.
+        std::vector<float> want(q_row), want_lse(cfg.num_q_heads);
+        ASSERT_TRUE((*host_rt)->Attend(hs[s], l, q.data(), want.data(), {}, want_lse.data()).ok());
         float* out = dev.Out(q_row);
-        st = (*gpu_rt)->Attend(gs[s], l, dev.Put(q), out, dev.exec());
+        float* lse = dev.Out(cfg.num_q_heads);
+        st = (*gpu_rt)->Attend(gs[s], l, dev.Put(q), out, dev.exec(), lse);
         ASSERT_TRUE(st.ok()) << st;
         const std::string what = c.name + " step " + std::to_string(step) + " layer " +
                                  std::to_string(l) + " seq " + std::to_string(s);
         ExpectClose(dev.Get(out, q_row), want, what);
+        ExpectLseClose(dev.Get(lse, cfg.num_q_heads), want_lse, what);
         for (int h = 0; h < cfg.num_q_heads; h += 3) {
           std::vector<int64_t> a, b;
           ASSERT_TRUE((*host_rt)->GetAttended(hs[s], l, h, &a).ok());
@@ -345,26 +366,30 @@ TEST(GpuBackendConcurrency, SequencesFromSeveralThreads) {
 }
 
 // One decode token of a batch on layer 0: each member s gets a random k, v on both runtimes and
-// the host backend's attend of its q (row s of q) into want; then the GPU runtime's AttendBatch of
-// all of them into *out (device).
+// the host backend's attend of its q (row s of q) into want (its lse into want_lse); then the GPU
+// runtime's AttendBatch of all of them into *out and *lse (device).
 void BatchStep(Runtime& host, Runtime& gpu, const std::vector<int64_t>& hs,
                const std::vector<int64_t>& gs, const std::vector<unsigned char>& q, DType t,
-               std::mt19937& rng, Tensors& dev, std::vector<float>* want, float** out) {
+               std::mt19937& rng, Tensors& dev, std::vector<float>* want, float** out,
+               std::vector<float>* want_lse, float** lse) {
   const RuntimeConfig& cfg = gpu.config();
   const int n = static_cast<int>(gs.size());
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
   const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
   want->assign(n * q_row, 0.f);
+  want_lse->assign(n * cfg.num_q_heads, 0.f);
   for (int s = 0; s < n; ++s) {
     auto k = Random(rng, kv_row, t);
     auto v = Random(rng, kv_row, t);
     ASSERT_TRUE(host.Append(hs[s], 0, k.data(), v.data(), 1).ok());
     ASSERT_TRUE(gpu.Append(gs[s], 0, dev.Put(k), dev.Put(v), 1, dev.exec()).ok());
-    ASSERT_TRUE(
-        host.Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(t), want->data() + s * q_row).ok());
+    ASSERT_TRUE(host.Attend(hs[s], 0, q.data() + s * q_row * DTypeSize(t), want->data() + s * q_row,
+                            {}, want_lse->data() + s * cfg.num_q_heads)
+                    .ok());
   }
   *out = dev.Out(n * q_row);
-  auto st = gpu.AttendBatch(gs.data(), n, 0, dev.Put(q), *out, dev.exec());
+  *lse = dev.Out(n * cfg.num_q_heads);
+  auto st = gpu.AttendBatch(gs.data(), n, 0, dev.Put(q), *out, dev.exec(), *lse);
   ASSERT_TRUE(st.ok()) << st;
 }
 
@@ -401,11 +426,13 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
     }
     for (int step = 0; step < 3; ++step) {
       auto q = Random(rng, n * q_row, c.dtype);
-      std::vector<float> want;
-      float* out = nullptr;
-      ASSERT_NO_FATAL_FAILURE(
-          BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want, &out));
+      std::vector<float> want, want_lse;
+      float *out = nullptr, *lse = nullptr;
+      ASSERT_NO_FATAL_FAILURE(BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want,
+                                        &out, &want_lse, &lse));
       ExpectClose(dev.Get(out, n * q_row), want, c.name + " step " + std::to_string(step));
+      ExpectLseClose(dev.Get(lse, n * cfg.num_q_heads), want_lse,
+                     c.name + " step " + std::to_string(step));
       dev.Clear();
     }
   }
@@ -449,10 +476,12 @@ TEST(GpuBackendCluster, AttendBatchDirectMatchesHostBackend) {
       for (int h = 0; h < n * cfg.num_q_heads; ++h) e0[h * cfg.head_dim] = 1.f;
       ConvertFromF32(e0.data(), n * q_row, c.dtype, q.data());
     }
-    std::vector<float> want;
-    float* out = nullptr;
+    std::vector<float> want, want_lse;
+    float *out = nullptr, *lse = nullptr;
     ASSERT_NO_FATAL_FAILURE(
-        BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want, &out));
+        BatchStep(**host_rt, **gpu_rt, hs, gs, q, c.dtype, rng, dev, &want, &out, &want_lse, &lse));
+    ExpectLseClose(dev.Get(lse, n * cfg.num_q_heads), want_lse,
+                   "direct batch step " + std::to_string(step), 5e-2);
     const auto got = dev.Get(out, n * q_row);
     for (int h = 0; h < n * cfg.num_q_heads; ++h)
       EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
