@@ -21,7 +21,8 @@ install(FILES ${PROJECT_BINARY_DIR}/kvrtConfig.cmake ${PROJECT_BINARY_DIR}/kvrtC
 
 # kvrt.pc is written at install time, so it names the prefix actually installed to
 # (`cmake --install B --prefix P`), not the one configured (CMAKE_INSTALL_PREFIX at configure time).
-# DESTDIR stays out of it, as it should for a staged install.
+# DESTDIR stays out of it, as it should for a staged install. A relative --prefix is made absolute
+# (pkg-config's callers run anywhere).
 foreach(dir LIBDIR INCLUDEDIR)
   if(IS_ABSOLUTE "${CMAKE_INSTALL_${dir}}")
     set(kvrt_pc_${dir} "${CMAKE_INSTALL_${dir}}")
@@ -30,7 +31,7 @@ foreach(dir LIBDIR INCLUDEDIR)
   endif()
 endforeach()
 install(CODE "
-  set(KVRT_PC_PREFIX \"\${CMAKE_INSTALL_PREFIX}\")
+  get_filename_component(KVRT_PC_PREFIX \"\${CMAKE_INSTALL_PREFIX}\" ABSOLUTE)
   set(KVRT_PC_LIBDIR \"${kvrt_pc_LIBDIR}\")
   set(KVRT_PC_INCLUDEDIR \"${kvrt_pc_INCLUDEDIR}\")
   set(PROJECT_VERSION ${PROJECT_VERSION})

@@ -133,8 +133,10 @@ KVRT_API kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* ou
 /* The search settings `kind` resolves for top_k and search_effort (0 = the kind's default), in
  * words, e.g. "nprobe=16+ (lists holding >= 3000 keys)" or "ef=1000": what a report should print
  * so that effort 0 never hides what the default does at this k (the other fields as
- * kvrt_config_default() sets them, e.g. the cluster kind's budget). Writes a NUL-terminated string of
- * at most size bytes to buf (truncated). Thread-safe. Since 0.3. */
+ * kvrt_config_default() sets them, e.g. the cluster kind's budget). Writes a NUL-terminated string
+ * of at most size bytes to buf (truncated). top_k and search_effort in kvrt_runtime_create's ranges
+ * ([1, 2^20], [0, 2^24]; KVRT_ERR_INVALID_ARGUMENT otherwise, since 0.3.23). Thread-safe. Since
+ * 0.3. */
 KVRT_API kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k,
                                                 int32_t search_effort, char* buf, size_t size);
 
@@ -161,7 +163,10 @@ typedef struct kvrt_config {
   kvrt_dtype dtype;           /* storage dtype of k, v (and of q passed in); accumulation is f32
                                  [KVRT_DTYPE_BF16] */
   float scale;                /* score scale; 0 means 1/sqrt(head_dim) [0] */
-  int32_t sink_tokens;        /* first tokens always kept on the GPU tier [4] */
+  int32_t sink_tokens;        /* first tokens always kept on the GPU tier [4]; their buffers
+                                 (sink_tokens x num_kv_heads x head_dim, K and V) are allocated
+                                 whole at a (sequence, layer)'s first token and counted in
+                                 gpu_memory_limit, unlike the window, which grows as it fills */
   int32_t window_tokens;      /* most recent tokens kept on the GPU tier [2048]. The host backend
                                  allocates the window as it fills (doubling); the GPU backend
                                  allocates all of it per (sequence, layer) at its first token

@@ -8,6 +8,7 @@
 #include <exception>
 #include <new>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "kvrt_cpu_index/kind_table.h"
@@ -362,6 +363,14 @@ kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k, int3
   if (!kvrt::cpu_index::IsIndexKind(RawEnum(kind)))
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("kvrt_index_describe_search: kind ", RawEnum(kind), " is unknown"));
+  if (top_k < 1 || top_k > kvrt::runtime::kMaxTopK)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("kvrt_index_describe_search: top_k = ", top_k, " is out of range [1, ",
+                             kvrt::runtime::kMaxTopK, "]"));
+  if (effort < 0 || effort > kvrt::runtime::kMaxSearchEffort)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("kvrt_index_describe_search: search_effort = ", effort,
+                             " is out of range [0, ", kvrt::runtime::kMaxSearchEffort, "]"));
   // The index settings of kvrt_config_default() (the cluster kind's budget and selection are
   // config fields; an IndexConfig{} would describe the library's internal defaults instead).
   WriteText(kvrt::cpu_index::SearchSettings(static_cast<kvrt::cpu_index::IndexKind>(RawEnum(kind)),
@@ -399,16 +408,17 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
   if (config->use_gpu < -1 || config->use_gpu > 1)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("config.use_gpu = ", config->use_gpu, " must be -1, 0 or 1"));
-  if (config->check_finite != 0 && config->check_finite != 1)
-    return Fail(KVRT_ERR_INVALID_ARGUMENT,
-                absl::StrCat("config.check_finite = ", config->check_finite, " must be 0 or 1"));
-  if (config->group_search != 0 && config->group_search != 1)
-    return Fail(KVRT_ERR_INVALID_ARGUMENT,
-                absl::StrCat("config.group_search = ", config->group_search, " must be 0 or 1"));
-  if (config->record_attended != 0 && config->record_attended != 1)
-    return Fail(
-        KVRT_ERR_INVALID_ARGUMENT,
-        absl::StrCat("config.record_attended = ", config->record_attended, " must be 0 or 1"));
+  // The switches: any other value is a caller's mistake, not "on" (0.3.22 took 7 or -1 as 1).
+  const std::pair<const char*, int32_t> switches[] = {
+      {"check_finite", config->check_finite},
+      {"group_search", config->group_search},
+      {"record_attended", config->record_attended},
+      {"cluster_group_select", config->cluster_group_select},
+      {"cluster_direct_step", config->cluster_direct_step}};
+  for (const auto& [name, value] : switches)
+    if (value != 0 && value != 1)
+      return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                  absl::StrCat("config.", name, " = ", value, " must be 0 or 1"));
   auto made = kvrt::runtime::Runtime::Create(ToRuntimeConfig(*config));
   if (!made.ok()) return FromStatus(made.status());
   auto* rt = new kvrt_runtime{std::move(*made), *config, kLiveMagic};

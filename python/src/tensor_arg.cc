@@ -74,6 +74,8 @@ TensorArg CheckTensor(const char* call, const char* name, const InArray& a,
   if (!shape_ok) {
     Bad(call, name, "has shape " + DescribeShape(a) + "; expected " + DescribeExpected(shape));
   }
+  // An empty tensor may carry no data pointer (torch's), which the C call would report as NULL.
+  if (a.size() == 0) Bad(call, name, "has shape " + DescribeShape(a) + ": no tokens (n >= 1)");
   // Row-major contiguity (dimensions of extent 1 may have any stride).
   int64_t expect = 1;
   for (size_t d = a.size() == 0 ? 0 : a.ndim(); d-- > 0;) {  // an empty tensor has no layout

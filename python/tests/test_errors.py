@@ -185,3 +185,18 @@ def test_torch_tensors_cross_as_capsules_with_the_same_results_and_errors(rt, rn
                       (torch.zeros(8, 16), r"shape \(8, 16\); expected \(8, 32\)")]:
         with pytest.raises(kvrt.InvalidArgumentError, match=what):
             b.attend(0, bad)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_an_empty_tensor_is_named_as_such(rt, framework):
+    # torch's empty tensors carry no data pointer: the error must still say what is wrong, not
+    # that a pointer was NULL.
+    seq = rt.sequence()
+    k = np.zeros((0, 2, 32), np.float32)
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+        k = torch.from_numpy(k)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"k has shape \(0, 2, 32\): no tokens"):
+        seq.append(0, k, k)
+    with pytest.raises(kvrt.InvalidArgumentError, match="no tokens"):
+        seq.prefill(0, None, k, k)

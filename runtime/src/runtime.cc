@@ -81,10 +81,10 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
         "config.scale = ", c.scale, " must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
   KVRT_RETURN_IF_ERROR(Range("sink_tokens", c.sink_tokens, 0, 1 << 20));
   KVRT_RETURN_IF_ERROR(Range("window_tokens", c.window_tokens, 1, 1 << 24));
-  KVRT_RETURN_IF_ERROR(Range("top_k", c.top_k, 1, 1 << 20));
+  KVRT_RETURN_IF_ERROR(Range("top_k", c.top_k, 1, kMaxTopK));
   KVRT_RETURN_IF_ERROR(
       Range("index_kind", static_cast<int>(c.index_kind), 0, cpu_index::kNumIndexKinds - 1));
-  KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, 1 << 24));
+  KVRT_RETURN_IF_ERROR(Range("search_effort", c.search_effort, 0, kMaxSearchEffort));
   // NOTE: no upper bound: values above the hardware thread count are clamped to it (Create), as
   // kvrt.h says; only negative counts are errors.
   KVRT_RETURN_IF_ERROR(Range("worker_threads", c.worker_threads, 0, INT32_MAX));
@@ -509,7 +509,7 @@ absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {
 }
 
 absl::Status Runtime::SetSearchEffort(int effort) {
-  KVRT_RETURN_IF_ERROR(Range("search_effort", effort, 0, 1 << 24));
+  KVRT_RETURN_IF_ERROR(Range("search_effort", effort, 0, kMaxSearchEffort));
   config_.search_effort = effort;
   api_config_.search_effort = effort;
   return absl::OkStatus();

@@ -493,6 +493,21 @@ TEST(ContractConfig, A034CallerGetsTheDefaultGroupSelection) {
   kvrt_runtime_destroy(rt);
 }
 
+// Every 0/1 switch refuses other values (0.3.22 took 7 or -1 for 1 in the cluster switches).
+TEST(ContractConfig, SwitchesAreZeroOrOne) {
+  for (int32_t bad : {-1, 2, 7}) {
+    kvrt_config c = TinyConfig();
+    c.cluster_group_select = bad;
+    EXPECT_TRUE(RefusedNaming(c, "cluster_group_select")) << bad;
+    c = TinyConfig();
+    c.cluster_direct_step = bad;
+    EXPECT_TRUE(RefusedNaming(c, "cluster_direct_step")) << bad;
+    c = TinyConfig();
+    c.record_attended = bad;
+    EXPECT_TRUE(RefusedNaming(c, "record_attended")) << bad;
+  }
+}
+
 TEST(ContractConfig, ClusterTopPOutOfRangeIsRefused) {
   kvrt_config c = TinyConfig();
   c.index_kind = KVRT_INDEX_CLUSTER;

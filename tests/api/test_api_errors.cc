@@ -78,6 +78,22 @@ TEST(ApiIndexKinds, NamesParseAndDescribeFromOneTable) {
   EXPECT_EQ(
       kvrt_index_describe_search(static_cast<kvrt_index_kind>(99), 10, 0, small, sizeof small),
       KVRT_ERR_INVALID_ARGUMENT);
+  // Out of kvrt_runtime_create's ranges: refused, naming the argument (0.3.22 described them).
+  char buf[256];
+  for (int32_t k : {0, -5, (1 << 20) + 1}) {
+    EXPECT_EQ(kvrt_index_describe_search(KVRT_INDEX_IVF, k, 0, buf, sizeof buf),
+              KVRT_ERR_INVALID_ARGUMENT)
+        << k;
+    EXPECT_NE(std::string(kvrt_last_error()).find("top_k"), std::string::npos);
+  }
+  for (int32_t e : {-7, (1 << 24) + 1}) {
+    EXPECT_EQ(kvrt_index_describe_search(KVRT_INDEX_HNSW, 10, e, buf, sizeof buf),
+              KVRT_ERR_INVALID_ARGUMENT)
+        << e;
+    EXPECT_NE(std::string(kvrt_last_error()).find("search_effort"), std::string::npos);
+  }
+  EXPECT_EQ(kvrt_index_describe_search(KVRT_INDEX_HNSW, 1 << 20, 1 << 24, buf, sizeof buf),
+            KVRT_OK);
 }
 
 // A runtime describes the search its own config resolves (the kind's description with the

@@ -14,6 +14,10 @@
 
 namespace kvrt::runtime {
 
+// The search settings' ranges (Runtime::Create; kvrt_index_describe_search checks the same).
+inline constexpr int kMaxTopK = 1 << 20;
+inline constexpr int kMaxSearchEffort = 1 << 24;
+
 struct RuntimeConfig {
   int num_layers = 1;
   int num_q_heads = 1;
