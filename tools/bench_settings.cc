@@ -3,6 +3,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "tools/cli_checks.h"
 #include "tools/cluster_options.h"
 
 namespace kvrt::cli {
@@ -18,7 +19,8 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
       ->capture_default_str()
       ->check(CLI::Range(0, 1000));
   cmd->add_option("--max-seconds", s->max_seconds, "measured time per run (>= 5 steps)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(kvrt::cli::NumberIn(0.001, 86400.0));
   cmd->add_flag("--pipeline", s->pipeline,
                 "a step's layer-steps back to back with one wait per step, as a decoder runs "
                 "them (the host's calls overlap the device's work for the layers before): "
@@ -46,22 +48,22 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
   cmd->add_option("--hot-cache", s->hot_cache,
                   "config.hot_cache_fraction: the cluster kind's GPU hot cache, as a fraction of "
                   "the cold tokens (0 = off; default: the library's)")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(kvrt::cli::NumberIn(0.0, 1.0));
   cmd->add_option("--cluster-budget", s->cluster_budget,
                   "config.cluster_budget_fraction: cold tokens the cluster kind selects per step "
                   "(per kv head with group selection, else per q head), as a fraction of the "
                   "clustered ones (default: the library's)")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(kvrt::cli::NumberIn(0.0, 1.0));
   cmd->add_option("--top-p", s->top_p,
                   "config.cluster_top_p: > 0 also ends the cluster selection at this share of "
                   "the estimated mass (default: the library's)")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(kvrt::cli::NumberIn(0.0, 1.0));
   cmd->add_option("--miss-penalty", s->miss_penalty,
                   "config.cluster_miss_penalty: GPU backend, direct step with group selection: "
                   "each cluster's selection key is lowered by this times the share of its rows "
                   "not in the GPU page pool, so that rows read over PCIe must carry more "
                   "estimated mass; 0 = off, in [0, 64] (default: the library's)")
-      ->check(CLI::Range(0.0, 64.0));
+      ->check(kvrt::cli::NumberIn(0.0, 64.0));
   AddClusterOptions(cmd, &s->cluster);
   cmd->add_option("--direct-step", s->direct_step,
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "

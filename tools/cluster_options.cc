@@ -1,5 +1,7 @@
 #include "tools/cluster_options.h"
 
+#include "tools/cli_checks.h"
+
 namespace kvrt::cli {
 
 void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
@@ -14,7 +16,7 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
                   "exactly, the budget's best rows attended: the same rows attended, more keys "
                   "read); the CPU selects then (no direct step); 0 or 1 = off, in [0, 64] "
                   "(default: the library's, 0)")
-      ->check(CLI::Range(0.0, 64.0));
+      ->check(kvrt::cli::NumberIn(0.0, 64.0));
   cmd->add_option("--cluster-rescore-bits", o->rescore_bits,
                   "config.cluster_rescore_bits: with --cluster-rescore > 1, 0 scores the "
                   "candidates on their keys; 1, 2, 4 or 8 on codes of them (that many bits per "

@@ -18,6 +18,7 @@
 #include "tools/accuracy.h"
 #include "tools/bench_data.h"
 #include "tools/bench_settings.h"
+#include "tools/cli_checks.h"
 #include "tools/command.h"
 #include "tools/decode_harness.h"
 #include "tools/options.h"
@@ -354,7 +355,8 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--index", args->indexes, "comma-separated index kinds")->capture_default_str();
   cmd->add_option("--max-cold-batch", args->max_cold_batch, "largest cold size run with batch > 1")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--attend", args->attend,
                   "comma-separated ways B > 1 sequences attend: threads (one caller thread per "
                   "sequence, kvrt_attend_ex), batch (one kvrt_attend_batch_ex call, the appends "

@@ -6,6 +6,7 @@
 #include <memory>
 #include <thread>
 
+#include "tools/cli_checks.h"
 #include "tools/command.h"
 #include "tools/options.h"
 #include "tools/replay.h"
@@ -41,6 +42,10 @@ int Run(const BenchIndexArgs& a) {
       return 2;
     }
     kinds.push_back(*k);
+  }
+  if (kinds.empty()) {
+    std::fprintf(stderr, "kvrt bench index: --index names no index kind\n");
+    return 2;
   }
   std::vector<int> efforts;
   for (const auto& e : kvrt::cli::SplitList(a.efforts)) {
@@ -195,10 +200,10 @@ KVRT_REGISTER_COMMAND("bench index", [](CLI::App& app, int* exit_code) {
       ->check(CLI::Range(1, 1 << 24));
   cmd->add_option("--steps", args->steps, "decode steps replayed per configuration (0 = all)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--threads", args->threads, "CPU worker threads (0 = all)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option(
          "--group-search", args->group_search,
          "GQA search modes to compare: 1 = one search per kv head for its q heads, 0 = one "

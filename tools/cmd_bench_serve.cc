@@ -152,7 +152,9 @@ int Run(BenchServeArgs a) {
         host_budget * 8 / 10, static_cast<int64_t>(row.host_per_seq_layer * a.run.layers) + 1);
     const int batch = static_cast<int>(std::max<int64_t>(
         1, std::min<int64_t>({row.fit.batch, a.max_batch, runnable})));
-    if (batch == 1) {
+    if (row.fit.batch == 0) {
+      // No sequence fits the budgets: nothing to serve, so no throughput (the row says batch 0).
+    } else if (batch == 1) {
       Measure(*one, 1, &row);
     } else {
       auto many = RunDecodeHarness(MakeHarnessOptions(a.run, *data, *kind, *mode, batch, true), *data);
@@ -176,6 +178,20 @@ int Run(BenchServeArgs a) {
                      static_cast<long long>(row.dense_batch));
     }
     rows.push_back(row);
+    if (row.fit.batch == 0) {
+      std::printf(
+          "context %lld: dense %s/seq -> batch %lld | kvrt GPU %s/seq, host %s/seq -> batch 0 "
+          "(GPU allows %lld, host %lld: %s binds): no sequence fits, not measured\n",
+          static_cast<long long>(context),
+          HumanBytes(static_cast<double>(row.dense_per_seq)).c_str(),
+          static_cast<long long>(row.dense_batch),
+          HumanBytes(static_cast<double>(row.fit.gpu_per_seq)).c_str(),
+          HumanBytes(static_cast<double>(row.fit.host_per_seq)).c_str(),
+          static_cast<long long>(row.fit.by_gpu), static_cast<long long>(row.fit.by_host),
+          row.fit.binding.c_str());
+      std::fflush(stdout);
+      continue;
+    }
     std::printf(
         "context %lld: dense %s/seq -> batch %lld | kvrt GPU %s/seq, host %s/seq -> batch %lld "
         "(GPU allows %lld, host %lld: %s binds) | measured B=%d: p50 %.1f us, p99 %.1f us per "

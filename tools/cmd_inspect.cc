@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_join.h"
+#include "tools/cli_checks.h"
 #include "tools/command.h"
 #include "tools/trace/trace.h"
 
@@ -150,22 +151,22 @@ KVRT_REGISTER_COMMAND("inspect", [](CLI::App& app, int* exit_code) {
   cmd->add_flag("--attention", args->attention, "measure exact attention statistics");
   cmd->add_option("--top-k", args->top_k, "k of the top-k statistics")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(kvrt::cli::AtLeast(1));
   cmd->add_option("--sinks", args->sinks, "sink tokens")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--window", args->window, "window tokens")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--steps", args->steps, "decode steps measured per layer (0 = all)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--layers", args->layers, "layers measured (0 = all)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--ivf", args->ivf,
                   "share of keys a key-only IVF probe may scan (0 = skip; e.g. 0.05)")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(kvrt::cli::NumberIn(0.0, 1.0));
   cmd->callback([args, exit_code] { *exit_code = Run(*args); });
 });

@@ -2,6 +2,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "tools/cli_checks.h"
 #include "tools/cluster_options.h"
 #include "tools/command.h"
 #include "tools/replay.h"
@@ -92,13 +93,13 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--effort", args->effort,
                   "index search effort (nprobe, ef, blocks, beam); 0 = the kind's default")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--threads", args->threads, "CPU worker threads; 0 = all")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--steps", args->steps, "replay only the first N decode steps; 0 = all")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(kvrt::cli::AtLeast(0));
   cmd->add_option("--json", args->json, "also write the report as JSON to this file");
   cmd->add_option(
          "--streaming-threshold", args->streaming_threshold,
@@ -106,7 +107,7 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
          "of exact attention mass in sinks + window, calibrated on the prompt's last 16 "
          "queries, is at least this; 0 = every head retrieves")
       ->capture_default_str()
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(kvrt::cli::NumberIn(0.0, 1.0));
   cmd->add_option("--group-search", args->group_search,
                   "GQA: 1 = one index search per kv head for its q heads, 0 = one per q head")
       ->capture_default_str()

@@ -76,6 +76,18 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def _at_least(lo: int):
+    """An argparse type: an integer >= lo (a negative count was taken: --max-prompt-tokens -1
+    dropped the prompt's first token)."""
+    def parse(s: str) -> int:
+        v = int(s)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{s} must be >= {lo}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m kvrt.generate", description=__doc__.split("\n\n")[0],
@@ -86,21 +98,21 @@ def parse_args(argv=None):
                "tier and its statistics (kvrt.Stats).")
     ap.add_argument("--model", required=True, help="model folder, or tiny-random")
     ap.add_argument("--prompt-file", required=True, help="text file: the prompt")
-    ap.add_argument("--max-prompt-tokens", type=int, default=0,
+    ap.add_argument("--max-prompt-tokens", type=_at_least(0), default=0,
                     help="keep the prompt's last N tokens (0: all)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="tokens to generate")
+    ap.add_argument("--new-tokens", type=_at_least(1), default=32, help="tokens to generate")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (the model's device)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="model dtype (kvrt stores K/V in the same)")
-    ap.add_argument("--threads", type=int, default=0,
+    ap.add_argument("--threads", type=_at_least(0), default=0,
                     help="torch threads and kvrt worker threads (0: library defaults)")
     k = ap.add_argument_group("kvrt options (kvrt.Config fields)")
     k.add_argument("--index", default="flat", help="index kind: exact, flat, ivf, hnsw, "
                    "landmark, attention-aware, cluster")
-    k.add_argument("--top-k", type=int, default=100, help="cold tokens per q head and step")
-    k.add_argument("--sinks", type=int, default=4, help="sink tokens on the GPU tier")
-    k.add_argument("--window", type=int, default=2048, help="recent tokens on the GPU tier")
-    k.add_argument("--effort", type=int, default=0, help="search effort (0: the kind's default)")
+    k.add_argument("--top-k", type=_at_least(1), default=100, help="cold tokens per q head and step")
+    k.add_argument("--sinks", type=_at_least(0), default=4, help="sink tokens on the GPU tier")
+    k.add_argument("--window", type=_at_least(1), default=2048, help="recent tokens on the GPU tier")
+    k.add_argument("--effort", type=_at_least(0), default=0, help="search effort (0: the kind's default)")
     k.add_argument("--cold-attention", default="cpu", choices=["cpu", "fetch", "auto"])
     k.add_argument("--use-gpu", type=int, default=None, choices=[-1, 0, 1],
                    help="kvrt backend (default: 1 when the model is on CUDA, else 0)")
@@ -109,7 +121,7 @@ def parse_args(argv=None):
                         "hot_cache_fraction=0.2 --kvrt cluster_miss_penalty=1")
     k.add_argument("--full", action="store_true",
                    help="no kvrt: transformers' own DynamicCache (a reference run)")
-    ap.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+    ap.add_argument("--prefill-chunk", type=_at_least(0), default=0, metavar="N",
                     help="the prompt in forwards of N tokens (0: one forward): for prompts whose "
                          "activations do not fit one forward; kvrt uses chunked_prompt (the "
                          "prompt's K/V stay on the model's device until the first decode token)")

@@ -49,3 +49,12 @@ def test_kvrt_fields_pass_through_and_bad_ones_are_refused(capsys, tmp_path):
         _run(capsys, tmp_path, "--kvrt", "no_such_field=1")
     with pytest.raises(Exception, match="cluster_miss_penalty"):
         _run(capsys, tmp_path, "--kvrt", "cluster_miss_penalty=-1")
+
+
+@pytest.mark.parametrize("flag, value", [("--max-prompt-tokens", "-1"), ("--new-tokens", "-3"),
+                                         ("--new-tokens", "0"), ("--window", "0")])
+def test_counts_below_their_minimum_are_refused(capsys, flag, value):
+    # --max-prompt-tokens -1 used to drop the prompt's first token (ids[:, 1:]).
+    with pytest.raises(SystemExit):
+        generate.parse_args(["--model", "m", "--prompt-file", "p", flag, value])
+    assert f"{value} must be >= " in capsys.readouterr().err
