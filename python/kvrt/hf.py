@@ -520,33 +520,54 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
 def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux,
                        scaling=None, sliding_window=None, **_):
     """Softmax attention with one learned logit per q head (s_aux: gpt-oss's `sinks`) in each
-    softmax's denominator and no value, as the model's own eager attention computes it (scores
-    materialised: [B, heads, n, keys], as transformers' eager path for such models). The masks
-    mask() leaves out are made here: causal aligned to the lower right (the queries are the last
-    n positions) and, for a sliding layer, its window."""
+    softmax's denominator and no value, through torch's SDPA (its fused kernels: no [n, keys]
+    score matrix, so a long prompt fits as it does without sinks). The sink is one more key,
+    first, with a zero value, whose score is the head's logit: q carries s_h / scale in two extra
+    dims (a head and a tail in q's dtype, so that bf16 keeps the logit to ~1e-4), the sink key
+    ones there and every real key zeros. The masks mask() leaves out are made here: causal
+    aligned to the lower right (the queries are the last n positions) and, for a sliding layer,
+    its window."""
     B, Hq, n, d = query.shape
-    group = Hq // key.shape[1]
-    if group > 1:
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    s = key.shape[2]
+    Hkv, s = key.shape[1], key.shape[2]
     scale = d ** -0.5 if scaling is None else scaling
-    w = torch.matmul(query, key.transpose(2, 3)) * scale
+    dt, dev = query.dtype, query.device
+    pad = 8  # the extra dims (2 used) keep head_dim a multiple of 8 for the fused kernels
+    logit = s_aux.to(device=dev, dtype=torch.float32) / scale
+    head = logit.to(dt)
+    tail = (logit - head.float()).to(dt)
+    qx = torch.zeros((B, Hq, n, pad), dtype=dt, device=dev)
+    qx[..., 0] = head.view(1, Hq, 1)
+    qx[..., 1] = tail.view(1, Hq, 1)
+    sink_key = torch.zeros((B, Hkv, 1, d + pad), dtype=dt, device=dev)
+    sink_key[..., d:d + 2] = 1
+    q2 = torch.cat([query, qx], dim=-1)
+    k2 = torch.cat([sink_key, torch.nn.functional.pad(key, (0, pad))], dim=2)
+    v2 = torch.cat([torch.zeros((B, Hkv, 1, d + pad), dtype=value.dtype, device=dev),
+                    torch.nn.functional.pad(value, (0, pad))], dim=2)
+    mask = None
     if attention_mask is not None:
         m = attention_mask[..., :s]
-        w = w.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else w + m
+        first = torch.ones if m.dtype == torch.bool else torch.zeros
+        mask = torch.cat([first((*m.shape[:-1], 1), dtype=m.dtype, device=m.device), m], dim=-1)
     elif n > 1 and causal:
-        i = torch.arange(n, device=w.device).unsqueeze(1) + (s - n)
-        j = torch.arange(s, device=w.device).unsqueeze(0)
-        hide = j > i
-        if sliding_window is not None:
-            hide = hide | (j <= i - sliding_window)
-        w = w.masked_fill(hide, float("-inf"))
-    sink = s_aux.to(w.dtype).reshape(1, -1, 1, 1).expand(B, -1, n, 1)
-    logits = torch.cat([w, sink], dim=-1)
-    logits = logits - logits.amax(dim=-1, keepdim=True)
-    p = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1]
-    out = torch.matmul(p.to(value.dtype), value)
-    return out.transpose(1, 2).contiguous(), None
+        if sliding_window is not None and s > sliding_window:
+            i = torch.arange(n, device=dev).unsqueeze(1) + (s - n)
+            j = torch.arange(s, device=dev).unsqueeze(0)
+            see = (j <= i) & (j > i - sliding_window)
+            mask = torch.cat([torch.ones((n, 1), dtype=torch.bool, device=dev), see], dim=-1)
+        else:
+            from torch.nn.attention.bias import causal_lower_right
+            mask = causal_lower_right(n, s + 1)
+    group = Hq // Hkv
+    gqa = {}
+    if group > 1:
+        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+            k2, v2 = k2.repeat_interleave(group, 1), v2.repeat_interleave(group, 1)
+        else:
+            gqa = {"enable_gqa": True}
+    out = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask,
+                                                           scale=scale, **gqa)
+    return out[..., :d].transpose(1, 2).contiguous(), None
 
 
 def _padded_keys(attention_mask) -> Optional[torch.Tensor]:

@@ -190,3 +190,33 @@ def test_learned_sinks_on_the_gpu_backend(batch):
     assert cache.runtime.config.use_gpu == 1
     torch.testing.assert_close(run(cache), ref, rtol=1e-3, atol=1e-3)
     cache.close()
+
+
+@pytest.mark.parametrize("case", ["causal", "chunk", "bool_pad", "float_pad", "sliding", "bf16"])
+def test_attention_with_sinks_equals_the_models_eager_attention(case):
+    # kvrt.hf's prompt and sliding-layer path for learned sinks (SDPA with the sink as a first
+    # key) against gpt-oss's own eager attention, each mask form the attention call may get.
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    B, Hq, Hkv, d = 2, 8, 2, 64
+    n, s = (16, 48) if case == "chunk" else (40, 40)
+    dt = torch.bfloat16 if case == "bf16" else torch.float32
+    q, k, v = (torch.randn(B, h, m, d, dtype=dt) for h, m in ((Hq, n), (Hkv, s), (Hkv, s)))
+    sinks = (torch.randn(Hq) * 2 + 3).to(dt)
+    module = SimpleNamespace(sinks=sinks, num_key_value_groups=Hq // Hkv, training=False)
+    i = torch.arange(n).unsqueeze(1) + (s - n)
+    j = torch.arange(s).unsqueeze(0)
+    see = (j <= i).expand(B, 1, n, s).clone()
+    window = 8 if case == "sliding" else None
+    if window:
+        see &= (j > i - window)
+    if case.endswith("pad"):
+        see[0, ..., :5] = False  # row 0's first keys are padding
+    bias = torch.zeros(see.shape, dtype=dt).masked_fill(~see, torch.finfo(dt).min)
+    ref, _ = gpt_oss.eager_attention_forward(module, q, k, v, bias, scaling=d ** -0.5)
+    mask = {"bool_pad": see, "float_pad": bias}.get(case)
+    got, _ = kh._attend_with_sinks(q, k, v, mask, True, s_aux=sinks, scaling=d ** -0.5,
+                                   sliding_window=window)
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
