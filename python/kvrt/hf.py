@@ -517,19 +517,49 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     return out.transpose(1, 2).contiguous(), None
 
 
+# Queries per SDPA call where a mask tensor is used: SDPA turns a boolean mask into a float bias
+# of [queries, keys] per call, so a long prompt goes in blocks of at most this many mask entries.
+_MASK_BLOCK_ENTRIES = 1 << 26
+
+
 def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux,
                        scaling=None, sliding_window=None, **_):
     """Softmax attention with one learned logit per q head (s_aux: gpt-oss's `sinks`) in each
     softmax's denominator and no value, through torch's SDPA (its fused kernels: no [n, keys]
-    score matrix, so a long prompt fits as it does without sinks). The sink is one more key,
+    score matrix, so a long prompt fits as it does without sinks; _sink_sdpa says how). The masks
+    mask() leaves out are made here: causal aligned to the lower right (the queries are the last
+    n positions) and, for a sliding layer, its window. Where a mask tensor is used the queries go
+    in blocks (a sliding layer's block attends only the keys its window can reach)."""
+    n, s = query.shape[2], key.shape[2]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    window = sliding_window if sliding_window is not None and s > sliding_window else None
+    masked = attention_mask is not None or (window is not None and causal and n > 1)
+    block = max(1, _MASK_BLOCK_ENTRIES // (s + 1))
+    if not masked or n <= block:
+        return _sink_sdpa(query, key, value, attention_mask, causal, s_aux, scale, window), None
+    outs = []
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        if attention_mask is not None:
+            m = attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., a:b, :]
+            outs.append(_sink_sdpa(query[:, :, a:b], key, value, m, causal, s_aux, scale, None))
+        else:
+            # Query a + i sits at key position s - n + a + i: its keys lie in [lo, hi), and the
+            # block's queries are the last b - a positions of that slice.
+            hi, lo = s - n + b, max(0, s - n + a - window + 1)
+            outs.append(_sink_sdpa(query[:, :, a:b], key[:, :, lo:hi], value[:, :, lo:hi], None,
+                                   causal, s_aux, scale, window))
+    return torch.cat(outs, dim=1), None
+
+
+def _sink_sdpa(query, key, value, attention_mask, causal: bool, s_aux, scale: float,
+               window: Optional[int]) -> torch.Tensor:
+    """One SDPA call of _attend_with_sinks, [B, n, heads, d] out. The sink is one more key,
     first, with a zero value, whose score is the head's logit: q carries s_h / scale in two extra
     dims (a head and a tail in q's dtype, so that bf16 keeps the logit to ~1e-4), the sink key
-    ones there and every real key zeros. The masks mask() leaves out are made here: causal
-    aligned to the lower right (the queries are the last n positions) and, for a sliding layer,
-    its window."""
+    ones there and every real key zeros. window: the keys a query sees end there (mask None)."""
     B, Hq, n, d = query.shape
     Hkv, s = key.shape[1], key.shape[2]
-    scale = d ** -0.5 if scaling is None else scaling
     dt, dev = query.dtype, query.device
     pad = 8  # the extra dims (2 used) keep head_dim a multiple of 8 for the fused kernels
     logit = s_aux.to(device=dev, dtype=torch.float32) / scale
@@ -550,10 +580,10 @@ def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux
         first = torch.ones if m.dtype == torch.bool else torch.zeros
         mask = torch.cat([first((*m.shape[:-1], 1), dtype=m.dtype, device=m.device), m], dim=-1)
     elif n > 1 and causal:
-        if sliding_window is not None and s > sliding_window:
+        if window is not None:
             i = torch.arange(n, device=dev).unsqueeze(1) + (s - n)
             j = torch.arange(s, device=dev).unsqueeze(0)
-            see = (j <= i) & (j > i - sliding_window)
+            see = (j <= i) & (j > i - window)
             mask = torch.cat([torch.ones((n, 1), dtype=torch.bool, device=dev), see], dim=-1)
         else:
             from torch.nn.attention.bias import causal_lower_right
@@ -567,7 +597,7 @@ def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux
             gqa = {"enable_gqa": True}
     out = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask,
                                                            scale=scale, **gqa)
-    return out[..., :d].transpose(1, 2).contiguous(), None
+    return out[..., :d].transpose(1, 2).contiguous()
 
 
 def _padded_keys(attention_mask) -> Optional[torch.Tensor]:

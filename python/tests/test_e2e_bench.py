@@ -51,6 +51,17 @@ def test_cpu_smoke_dynamic_and_kvrt(tmp_path):
     assert "kvrt_ms_tokens" not in recs["dynamic"]
 
 
+def test_cpu_smoke_gpt_oss(tmp_path):
+    """--family gpt-oss: learned sinks and sliding layers; the DynamicCache peer on kvrt.hf's SDPA
+    attention with sinks (transformers has none), kvrt on its full-attention layers."""
+    recs = _run(tmp_path, "--family", "gpt-oss", "--caches", "dynamic,kvrt")
+    assert recs["dynamic"]["status"] == "ok", recs["dynamic"]
+    k = recs["kvrt"]
+    assert k["status"] == "ok", k
+    # 2 layers: one sliding (transformers' cache), one full (kvrt): 1 attend per decode step.
+    assert k["kvrt_stats"]["attend_calls"] == 3 and k["kvrt_config"]["num_q_heads"] == 8
+
+
 def test_cpu_smoke_chunked_prompt(tmp_path):
     """--prefill-chunk: the prompt in forwards of 128 tokens (kvrt with chunked_prompt), the
     same tokens in every tier as in one forward, and kvrt attends only the decode tokens."""

@@ -192,15 +192,20 @@ def test_learned_sinks_on_the_gpu_backend(batch):
     cache.close()
 
 
-@pytest.mark.parametrize("case", ["causal", "chunk", "bool_pad", "float_pad", "sliding", "bf16"])
-def test_attention_with_sinks_equals_the_models_eager_attention(case):
+@pytest.mark.parametrize("blocks", [False, True])
+@pytest.mark.parametrize("case", ["causal", "chunk", "bool_pad", "float_pad", "sliding",
+                                  "sliding_chunk", "bf16"])
+def test_attention_with_sinks_equals_the_models_eager_attention(case, blocks, monkeypatch):
     # kvrt.hf's prompt and sliding-layer path for learned sinks (SDPA with the sink as a first
-    # key) against gpt-oss's own eager attention, each mask form the attention call may get.
+    # key) against gpt-oss's own eager attention, each mask form the attention call may get;
+    # blocks: the queries in blocks of 2, as a long prompt's are where a mask tensor is used.
+    if blocks:
+        monkeypatch.setattr(kh, "_MASK_BLOCK_ENTRIES", 100)
     gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
     from types import SimpleNamespace
     torch.manual_seed(0)
     B, Hq, Hkv, d = 2, 8, 2, 64
-    n, s = (16, 48) if case == "chunk" else (40, 40)
+    n, s = (16, 48) if case.endswith("chunk") else (40, 40)
     dt = torch.bfloat16 if case == "bf16" else torch.float32
     q, k, v = (torch.randn(B, h, m, d, dtype=dt) for h, m in ((Hq, n), (Hkv, s), (Hkv, s)))
     sinks = (torch.randn(Hq) * 2 + 3).to(dt)
@@ -208,7 +213,7 @@ def test_attention_with_sinks_equals_the_models_eager_attention(case):
     i = torch.arange(n).unsqueeze(1) + (s - n)
     j = torch.arange(s).unsqueeze(0)
     see = (j <= i).expand(B, 1, n, s).clone()
-    window = 8 if case == "sliding" else None
+    window = 8 if case.startswith("sliding") else None
     if window:
         see &= (j > i - window)
     if case.endswith("pad"):

@@ -35,6 +35,13 @@ Output: a table on stdout, one JSON line per (cache, context) to --json (written
 
   python3 tools/gpu_bench/e2e_bench.py --layers 4 --contexts 32768,131072 --json out/e2e.jsonl
   python3 tools/gpu_bench/e2e_bench.py --device cpu --tiny          (a smoke test without a GPU)
+
+--family gpt-oss: GptOssForCausalLM with gpt-oss-20b's attention (hidden 2880, 64 q / 8 kv heads,
+head_dim 64, learned attention sinks, sliding window 128 on every other layer) and MoE (32
+experts, 4 per token, intermediate 2880), random weights. Its attention has no SDPA form in
+transformers (eager materialises [heads, n, keys] scores: 64 x 128K^2 does not fit), so the
+DynamicCache and offloaded peers run kvrt.hf's SDPA attention with sinks (tested against the
+model's eager attention), the same as kvrt's layers use for the prompt and the sliding layers.
 """
 from __future__ import annotations
 
@@ -76,6 +83,8 @@ def parse_args(argv=None):
                     help="a tiny shape for smoke tests: hidden 256, 4 q / 2 kv heads, head_dim "
                          "64, intermediate 512, vocab 1000, 2 layers, context 512, kvrt window 64")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000)")
+    ap.add_argument("--family", choices=("llama", "gpt-oss"), default="llama",
+                    help="the model: Llama-3-8B's shape (default) or gpt-oss-20b's (below)")
     ap.add_argument("--index", default="cluster", help="kvrt index kind")
     ap.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
                     help="another kvrt.Config field for the kvrt cache (repeatable), e.g. "
@@ -149,6 +158,16 @@ def _number(s: str):
 
 
 def model_config(args):
+    if args.family == "gpt-oss":
+        from transformers import GptOssConfig
+        shape = (dict(hidden_size=256, intermediate_size=256, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=64, num_local_experts=4)
+                 if args.tiny else
+                 dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+                      num_key_value_heads=8, head_dim=64, num_local_experts=32))
+        return GptOssConfig(vocab_size=args.vocab, num_hidden_layers=args.layers,
+                            num_experts_per_tok=4, sliding_window=128,
+                            max_position_embeddings=1 << 20, tie_word_embeddings=False, **shape)
     from transformers import LlamaConfig
     if args.tiny:
         shape = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
@@ -173,13 +192,15 @@ def build_model(args, device):
     cfg = model_config(args)
     torch.manual_seed(args.seed)
     # Random weights made directly on the device, in bf16 (no 8B-shaped init on the CPU).
+    # gpt-oss has no SDPA in transformers: eager until make_cache picks the attention.
+    attn = "eager" if args.family == "gpt-oss" else "sdpa"
     with torch.device(device):
         try:
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation=attn)
         except TypeError:  # transformers before "dtype" (4.x): torch_dtype
             model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16,
-                                                     attn_implementation="sdpa")
+                                                     attn_implementation=attn)
     return model.to(device=device, dtype=torch.bfloat16).eval()
 
 
@@ -212,11 +233,23 @@ def make_cache(kind, model, args):
         cache = kvrt.hf.enable(model, chunked_prompt=args.prefill_chunk > 0, **opts)
         return cache, (f"kvrt {kvrt.__version__} (libkvrt {kvrt.library_version()}): "
                        f"{cache.runtime!r}")
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(peer_attention() if args.family == "gpt-oss" else "sdpa")
     if kind == "dynamic":
         return (DynamicCache(config=model.config),
                 "DynamicCache (transformers), on the model's device")
     return offloaded_cache(model.config)
+
+
+def peer_attention() -> str:
+    """The peers' attention for a model with learned sinks: kvrt.hf's SDPA with the sink as a
+    first key (and its mask builder, which leaves plain causal masks out), registered once."""
+    import kvrt.hf
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    name = "peer_sink_attention"  # not "sdpa...": transformers checks such names against the model
+    AttentionInterface.register(name, kvrt.hf._sdpa)
+    AttentionMaskInterface.register(name, kvrt.hf.mask)
+    return name
 
 
 def cache_kwarg(model) -> str:
