@@ -540,15 +540,20 @@ def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux
     outs = []
     for a in range(0, n, block):
         b = min(n, a + block)
+        # Causal: query a + i sits at key position s - n + a + i, so the block's keys lie in
+        # [lo, hi) (lo > 0 only under a window) and its queries are the last b - a of them. A
+        # given mask hides at least what causality and the window hide: its slice is exact.
+        lo, hi = 0, s
+        if causal:
+            hi = s - n + b
+            lo = max(0, s - n + a - window + 1) if window is not None else 0
+        k, v = key[:, :, lo:hi], value[:, :, lo:hi]
         if attention_mask is not None:
-            m = attention_mask if attention_mask.shape[-2] == 1 else attention_mask[..., a:b, :]
-            outs.append(_sink_sdpa(query[:, :, a:b], key, value, m, causal, s_aux, scale, None))
+            m = attention_mask[..., lo:hi]
+            m = m if m.shape[-2] == 1 else m[..., a:b, :]
+            outs.append(_sink_sdpa(query[:, :, a:b], k, v, m, causal, s_aux, scale, None))
         else:
-            # Query a + i sits at key position s - n + a + i: its keys lie in [lo, hi), and the
-            # block's queries are the last b - a positions of that slice.
-            hi, lo = s - n + b, max(0, s - n + a - window + 1)
-            outs.append(_sink_sdpa(query[:, :, a:b], key[:, :, lo:hi], value[:, :, lo:hi], None,
-                                   causal, s_aux, scale, window))
+            outs.append(_sink_sdpa(query[:, :, a:b], k, v, None, causal, s_aux, scale, window))
     return torch.cat(outs, dim=1), None
 
 

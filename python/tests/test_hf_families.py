@@ -194,7 +194,7 @@ def test_learned_sinks_on_the_gpu_backend(batch):
 
 @pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("case", ["causal", "chunk", "bool_pad", "float_pad", "sliding",
-                                  "sliding_chunk", "bf16"])
+                                  "sliding_chunk", "sliding_pad", "bf16"])
 def test_attention_with_sinks_equals_the_models_eager_attention(case, blocks, monkeypatch):
     # kvrt.hf's prompt and sliding-layer path for learned sinks (SDPA with the sink as a first
     # key) against gpt-oss's own eager attention, each mask form the attention call may get;
@@ -220,7 +220,7 @@ def test_attention_with_sinks_equals_the_models_eager_attention(case, blocks, mo
         see[0, ..., :5] = False  # row 0's first keys are padding
     bias = torch.zeros(see.shape, dtype=dt).masked_fill(~see, torch.finfo(dt).min)
     ref, _ = gpt_oss.eager_attention_forward(module, q, k, v, bias, scaling=d ** -0.5)
-    mask = {"bool_pad": see, "float_pad": bias}.get(case)
+    mask = {"bool_pad": see, "sliding_pad": see, "float_pad": bias}.get(case)
     got, _ = kh._attend_with_sinks(q, k, v, mask, True, s_aux=sinks, scaling=d ** -0.5,
                                    sliding_window=window)
     tol = 2e-2 if dt == torch.bfloat16 else 1e-5
