@@ -86,6 +86,16 @@ def _greedy(model, cache=None):
     return out.sequences[0, PROMPT:], torch.stack(out.logits)[:, 0]
 
 
+def _logits(model, ids, cache=None, new_tokens=4):
+    """The logits of a greedy generate of new_tokens after ids [B, n], with `cache` or the
+    model's own."""
+    kw = {} if cache is None else {kh.cache_kwarg(model): cache}
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **kw)
+    return torch.stack(out.logits)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
@@ -124,18 +134,10 @@ def test_a_batch_with_learned_sinks_equals_the_full_cache():
     model = _model("gpt_oss")
     model.set_attn_implementation("eager")
     ids = torch.randint(2, 258, (2, PROMPT), generator=torch.Generator().manual_seed(3))
-
-    def run(cache=None):
-        kw = {} if cache is None else {kh.cache_kwarg(model): cache}
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, **kw)
-        return torch.stack(out.logits)
-
-    ref = run()
+    ref = _logits(model, ids)
     cache = kh.enable(model, index_kind="flat", top_k=100000, sink_tokens=4, window_tokens=16,
                       worker_threads=2)
-    torch.testing.assert_close(run(cache), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(model, ids, cache), ref, rtol=1e-4, atol=1e-4)
     cache.close()
 
 
@@ -176,19 +178,11 @@ def test_learned_sinks_on_the_gpu_backend(batch):
     model.set_attn_implementation("eager")
     ids = torch.randint(2, 258, (batch, PROMPT), generator=torch.Generator().manual_seed(5))
     ids = ids.to("cuda")
-
-    def run(cache=None):
-        kw = {} if cache is None else {kh.cache_kwarg(model): cache}
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, **kw)
-        return torch.stack(out.logits)
-
-    ref = run()
+    ref = _logits(model, ids)
     cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
                       worker_threads=2)
     assert cache.runtime.config.use_gpu == 1
-    torch.testing.assert_close(run(cache), ref, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(_logits(model, ids, cache), ref, rtol=1e-3, atol=1e-3)
     cache.close()
 
 

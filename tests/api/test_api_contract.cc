@@ -218,20 +218,33 @@ INSTANTIATE_TEST_SUITE_P(
 
 // ---- defect 4: attend_batch has one rule for every per-sequence error --------------------------
 
-TEST(ContractAttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
+// A batch's three sequences over one layer (TinyConfig(1, 2): 2 q heads, 1 kv head, d = 4;
+// sinks 1, window 4): a holds the 30 tokens of k, v, b their first 20, empty none.
+struct BatchOfThree {
+  kvrt_runtime* rt = nullptr;
+  kvrt_seq_id a = 0, b = 0, empty = 0;
+  std::vector<float> k = Wave(30 * 4, 0.3f, 0.f), v = Wave(30 * 4, 0.7f, 1.f);
+  ~BatchOfThree() { kvrt_runtime_destroy(rt); }
+};
+
+::testing::AssertionResult MakeBatchOfThree(kvrt_index_kind kind, BatchOfThree* t) {
   kvrt_config c = TinyConfig(1, 2);
   c.sink_tokens = 1;
   c.window_tokens = 4;
-  c.index_kind = KVRT_INDEX_FLAT;
-  kvrt_runtime* rt = nullptr;
-  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
-  kvrt_seq_id a, b, empty;
-  ASSERT_EQ(kvrt_seq_create(rt, &a), KVRT_OK);
-  ASSERT_EQ(kvrt_seq_create(rt, &b), KVRT_OK);
-  ASSERT_EQ(kvrt_seq_create(rt, &empty), KVRT_OK);
-  const auto k = Wave(30 * 4, 0.3f, 0.f), v = Wave(30 * 4, 0.7f, 1.f);
-  ASSERT_EQ(kvrt_prefill(rt, a, 0, nullptr, k.data(), v.data(), 30), KVRT_OK);
-  ASSERT_EQ(kvrt_prefill(rt, b, 0, nullptr, k.data(), v.data(), 20), KVRT_OK);
+  c.index_kind = kind;
+  if (kvrt_runtime_create(&c, &t->rt) != KVRT_OK || kvrt_seq_create(t->rt, &t->a) != KVRT_OK ||
+      kvrt_seq_create(t->rt, &t->b) != KVRT_OK || kvrt_seq_create(t->rt, &t->empty) != KVRT_OK ||
+      kvrt_prefill(t->rt, t->a, 0, nullptr, t->k.data(), t->v.data(), 30) != KVRT_OK ||
+      kvrt_prefill(t->rt, t->b, 0, nullptr, t->k.data(), t->v.data(), 20) != KVRT_OK)
+    return ::testing::AssertionFailure() << kvrt_last_error();
+  return ::testing::AssertionSuccess();
+}
+
+TEST(ContractAttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
+  BatchOfThree t;
+  ASSERT_TRUE(MakeBatchOfThree(KVRT_INDEX_FLAT, &t));
+  kvrt_runtime* rt = t.rt;
+  const kvrt_seq_id a = t.a, b = t.b, empty = t.empty;
   const int row = 2 * 4;
   const auto q = Wave(3 * row, 0.5f, 0.2f);
   std::vector<float> want(3 * row);
@@ -250,7 +263,6 @@ TEST(ContractAttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
       EXPECT_EQ(out[2 * row + i], want[2 * row + i]) << "row of b written";
     }
   }
-  kvrt_runtime_destroy(rt);
 }
 
 // ---- 0.3.23: the merged lse, for callers that merge kvrt's output with states of their own ------
@@ -270,19 +282,11 @@ double ExactLse(const float* q, const std::vector<float>& k, int n, int d) {
 }
 
 TEST(ContractAttendBatchLse, EqualsTheExactLseAndFollowsOutsRowRules) {
-  kvrt_config c = TinyConfig(1, 2);
-  c.sink_tokens = 1;
-  c.window_tokens = 4;
-  c.index_kind = KVRT_INDEX_EXACT;
-  kvrt_runtime* rt = nullptr;
-  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
-  kvrt_seq_id a, b, empty;
-  ASSERT_EQ(kvrt_seq_create(rt, &a), KVRT_OK);
-  ASSERT_EQ(kvrt_seq_create(rt, &b), KVRT_OK);
-  ASSERT_EQ(kvrt_seq_create(rt, &empty), KVRT_OK);
-  const auto k = Wave(30 * 4, 0.3f, 0.f), v = Wave(30 * 4, 0.7f, 1.f);
-  ASSERT_EQ(kvrt_prefill(rt, a, 0, nullptr, k.data(), v.data(), 30), KVRT_OK);
-  ASSERT_EQ(kvrt_prefill(rt, b, 0, nullptr, k.data(), v.data(), 20), KVRT_OK);
+  BatchOfThree t;
+  ASSERT_TRUE(MakeBatchOfThree(KVRT_INDEX_EXACT, &t));
+  kvrt_runtime* rt = t.rt;
+  const kvrt_seq_id a = t.a, b = t.b, empty = t.empty;
+  const std::vector<float>& k = t.k;
   const int row = 2 * 4;
   const auto q = Wave(3 * row, 0.5f, 0.2f);
   const kvrt_seq_id good[2] = {a, b};
@@ -312,7 +316,6 @@ TEST(ContractAttendBatchLse, EqualsTheExactLseAndFollowsOutsRowRules) {
   EXPECT_EQ(
       kvrt_attend_batch_lse_ex(nullptr, good, 2, 0, q.data(), out.data(), lse.data(), nullptr),
       KVRT_ERR_INVALID_ARGUMENT);
-  kvrt_runtime_destroy(rt);
 }
 
 // ---- defect 5: worker_threads above the hardware count is clamped, whatever its size -----------
