@@ -79,6 +79,7 @@ def _current_stream(t: Tensor) -> int:
 
 
 def _opt(t: Optional[Tensor]) -> Any:
+    """_arg for an optional tensor (None stays None: the extension's std::optional)."""
     return None if t is None else _arg(t)
 
 

@@ -97,9 +97,8 @@ absl::StatusOr<std::unique_ptr<TierStep>> DeviceTier::BeginStep(TierBackend* con
   tier.dtype = cfg_->dtype;
 
   // Scratch: [o slots*n*H*d | lse slots*n*H | merged n*H*d | merged lse n*H | the tier
-  // attention's split
-  // states | tier arrays (n > 1) | q (host q)]. NOTE: one allocation per step: the tier
-  // attention's own was two driver calls more per step.
+  // attention's split states | tier arrays (n > 1) | q (host q)]. NOTE: one allocation per step:
+  // the tier attention's own was two driver calls more per step.
   const std::size_t arrays_bytes = n > 1 ? gpu::TierArrays::Bytes(n) : 0;
   if (n == 1 && counts[0].selects_on_device)
     step->slot_count = kHotSlot + gpu::kDirectAttendMaxSplits;
