@@ -316,6 +316,15 @@ TEST(ContractAttendBatchLse, EqualsTheExactLseAndFollowsOutsRowRules) {
   EXPECT_EQ(
       kvrt_attend_batch_lse_ex(nullptr, good, 2, 0, q.data(), out.data(), lse.data(), nullptr),
       KVRT_ERR_INVALID_ARGUMENT);
+  // A streaming head weighs the GPU tier alone: its lse is over the sink and the window (token 0
+  // and tokens 26-29 of a's 30), the other head's still over all 30.
+  ASSERT_EQ(kvrt_set_head_policy(rt, 0, 1, KVRT_HEAD_STREAMING), KVRT_OK);
+  std::vector<float> gpu_tier(k.begin(), k.begin() + 4);
+  gpu_tier.insert(gpu_tier.end(), k.begin() + 26 * 4, k.begin() + 30 * 4);
+  float lse1[2];
+  ASSERT_EQ(kvrt_attend_batch_lse_ex(rt, &a, 1, 0, q.data(), out.data(), lse1, nullptr), KVRT_OK);
+  EXPECT_NEAR(lse1[0], ExactLse(q.data(), k, 30, 4), 1e-5);
+  EXPECT_NEAR(lse1[1], ExactLse(q.data() + 4, gpu_tier, 5, 4), 1e-5);
 }
 
 // ---- defect 5: worker_threads above the hardware count is clamped, whatever its size -----------
