@@ -141,6 +141,38 @@ def test_a_batch_with_learned_sinks_equals_the_full_cache():
     cache.close()
 
 
+@pytest.mark.parametrize("form", ["chunked", "padded"])
+def test_gpt_oss_chunked_prompt_and_padded_rows_equal_the_full_cache(form):
+    # The prompt in chunks (each attends the prompt so far with the sinks, lower-right causal)
+    # and a batch whose second row is left-padded (the sink attention under a padding mask).
+    model = _model("gpt_oss")
+    model.set_attn_implementation("eager")
+    ids = torch.randint(2, 258, (1 if form == "chunked" else 2, PROMPT),
+                        generator=torch.Generator().manual_seed(7))
+    extra, opts = {}, {}
+    if form == "chunked":
+        extra, opts = {"prefill_chunk_size": 64}, {"chunked_prompt": True}
+    else:
+        mask = torch.ones_like(ids)
+        mask[1, :37] = 0
+        ids[1, :37] = 0
+        extra = {"attention_mask": mask}
+
+    def run(cache=None):
+        kw = {} if cache is None else {kh.cache_kwarg(model): cache}
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True, **extra, **kw)
+        return torch.stack(out.logits)
+
+    ref = run() if form == "padded" else _logits(model, ids)
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                      worker_threads=2, **opts)
+    torch.testing.assert_close(run(cache), ref, rtol=1e-4, atol=1e-4)
+    assert cache.stats().attend_calls == 2 * 3 * ids.shape[0]  # full layers x steps x rows
+    cache.close()
+
+
 def test_soft_capping_is_refused():
     model = _model("Gemma2Config:Gemma2ForCausalLM", head_dim=64)
     with pytest.raises(ValueError, match="soft-capping"):
