@@ -580,8 +580,8 @@ KVRT_API kvrt_status kvrt_attend_batch_ex(kvrt_runtime* rt, const kvrt_seq_id* s
  * only). out is that softmax's output, so a caller merges it exactly with attention it computes
  * itself over other tokens (o = (e^a o_a + e^b o_b) / (e^a + e^b)) or adds terms kvrt does not
  * know, such as a learned attention-sink logit s per head (gpt-oss):
- * o *= 1 / (1 + exp(s - lse)). lse must not be NULL nor out; rows of sequences that fail are
- * left untouched, as out's. Since 0.3.23. */
+ * o *= 1 / (1 + exp(s - lse)). lse must not be NULL nor overlap out; rows of sequences that
+ * fail are left untouched, as out's. Since 0.3.23. */
 KVRT_API kvrt_status kvrt_attend_batch_lse_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs,
                                               int32_t n_seqs, int32_t layer, const void* q,
                                               float* out, float* lse, const kvrt_exec* exec);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -553,8 +554,15 @@ kvrt_status kvrt_attend_batch_lse_ex(kvrt_runtime* rt, const kvrt_seq_id* seqs, 
   if (lse == nullptr)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 "kvrt_attend_batch_lse: lse is NULL (kvrt_attend_batch_ex writes out alone)");
-  if (lse == out)
-    return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_attend_batch_lse: lse and out are one buffer");
+  if (n_seqs > 0 && out != nullptr) {
+    // lse must not overlap out at all (an lse inside out's rows overwrote part of them).
+    const kvrt::runtime::RuntimeConfig& c = rt->impl->config();
+    const auto rows = static_cast<uintptr_t>(n_seqs) * static_cast<uintptr_t>(c.num_q_heads);
+    const auto o = reinterpret_cast<uintptr_t>(out), l = reinterpret_cast<uintptr_t>(lse);
+    const uintptr_t o_end = o + rows * static_cast<uintptr_t>(c.head_dim) * sizeof(float);
+    if (l < o_end && o < l + rows * sizeof(float))
+      return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_attend_batch_lse: lse overlaps out");
+  }
   return FromStatus(rt->impl->AttendBatch(seqs, n_seqs, layer, q, out, ex, lse));
   KVRT_API_CATCH
 }

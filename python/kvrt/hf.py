@@ -533,6 +533,9 @@ def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux
     n, s = query.shape[2], key.shape[2]
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     window = sliding_window if sliding_window is not None and s > sliding_window else None
+    if attention_mask is not None and attention_mask.shape[-1] == 1 and s > 1:
+        # A mask of one key column broadcasts over the keys (as eager's addition does).
+        attention_mask = attention_mask.expand(*attention_mask.shape[:-1], s)
     masked = attention_mask is not None or (window is not None and causal and n > 1)
     block = max(1, _MASK_BLOCK_ENTRIES // (s + 1))
     if not masked or n <= block:
@@ -560,21 +563,25 @@ def _attend_with_sinks(query, key, value, attention_mask, causal: bool, *, s_aux
 def _sink_sdpa(query, key, value, attention_mask, causal: bool, s_aux, scale: float,
                window: Optional[int]) -> torch.Tensor:
     """One SDPA call of _attend_with_sinks, [B, n, heads, d] out. The sink is one more key,
-    first, with a zero value, whose score is the head's logit: q carries s_h / scale in two extra
-    dims (a head and a tail in q's dtype, so that bf16 keeps the logit to ~1e-4), the sink key
-    ones there and every real key zeros. window: the keys a query sees end there (mask None)."""
+    first, with a zero value, whose score is the head's logit: q carries s_h / (scale c) in two
+    extra dims (a head and a tail in q's dtype, so that bf16 keeps the logit to ~1e-4), the sink
+    key c there (a power of two that keeps q's part within f16's range) and every real key zeros.
+    window: the keys a query sees end there (mask None)."""
     B, Hq, n, d = query.shape
     Hkv, s = key.shape[1], key.shape[2]
     dt, dev = query.dtype, query.device
     pad = 8  # the extra dims (2 used) keep head_dim a multiple of 8 for the fused kernels
     logit = s_aux.to(device=dev, dtype=torch.float32) / scale
+    # On the device (no host sync: sliding layers call this at every decode token).
+    c = torch.exp2(torch.clamp(torch.ceil(torch.log2(logit.abs().amax() / 1024.0)), min=0.0))
+    logit = logit / c
     head = logit.to(dt)
     tail = (logit - head.float()).to(dt)
     qx = torch.zeros((B, Hq, n, pad), dtype=dt, device=dev)
     qx[..., 0] = head.view(1, Hq, 1)
     qx[..., 1] = tail.view(1, Hq, 1)
     sink_key = torch.zeros((B, Hkv, 1, d + pad), dtype=dt, device=dev)
-    sink_key[..., d:d + 2] = 1
+    sink_key[..., d:d + 2] = c.to(dt)
     q2 = torch.cat([query, qx], dim=-1)
     k2 = torch.cat([sink_key, torch.nn.functional.pad(key, (0, pad))], dim=2)
     v2 = torch.cat([torch.zeros((B, Hkv, 1, d + pad), dtype=value.dtype, device=dev),

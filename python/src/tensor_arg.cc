@@ -1,5 +1,6 @@
 #include "tensor_arg.h"
 
+#include <cstring>
 #include <string>
 
 #include "errors.h"
@@ -62,8 +63,10 @@ const char* DtypeName(kvrt_dtype dtype) {
 TensorArg CheckTensor(const char* call, const char* name, const InArray& a,
                       kvrt_dtype dtype, std::initializer_list<int64_t> shape) {
   if (a.dtype() != ToDl(dtype)) {
-    Bad(call, name, "has dtype " + DescribeDtype(a.dtype()) + "; expected " + DtypeName(dtype) +
-                        (name[0] == 'o' ? " (outputs are f32)" : " (the runtime's dtype)"));
+    const bool output = std::strcmp(name, "out") == 0 || std::strcmp(name, "lse") == 0;
+    Bad(call, name,
+        "has dtype " + DescribeDtype(a.dtype()) + "; expected " + DtypeName(dtype) +
+            (output ? " (outputs are f32)" : " (the runtime's dtype)"));
   }
   bool shape_ok = a.ndim() == shape.size();
   size_t i = 0;

@@ -200,3 +200,14 @@ def test_an_empty_tensor_is_named_as_such(rt, framework):
         seq.append(0, k, k)
     with pytest.raises(kvrt.InvalidArgumentError, match="no tokens"):
         seq.prefill(0, None, k, k)
+
+
+def test_lse_errors_name_it_as_an_output(rt):
+    seq = rt.sequence()
+    seq.prefill(0, None, np.ones((4, 2, 32), np.float32), np.ones((4, 2, 32), np.float32))
+    q, out = np.ones((8, 32), np.float32), np.zeros((8, 32), np.float32)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"lse has dtype float64; expected f32 "
+                                                        r"\(outputs are f32\)"):
+        seq.attend(0, q, out, lse=np.zeros(8, np.float64))
+    with pytest.raises(kvrt.InvalidArgumentError, match="lse overlaps out"):
+        seq.attend(0, q, out, lse=out.reshape(-1)[3:11])

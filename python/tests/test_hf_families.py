@@ -218,6 +218,28 @@ def test_learned_sinks_on_the_gpu_backend(batch):
     cache.close()
 
 
+def test_attention_with_sinks_edge_forms():
+    # Sinks past f16's range once divided by the scale (the sink key carries a power of two) and a
+    # mask of one key column (transformers' for a window of 1), which broadcasts as in eager.
+    gpt_oss = pytest.importorskip("transformers.models.gpt_oss.modeling_gpt_oss")
+    from types import SimpleNamespace
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 3, 128), torch.randn(1, 2, 11, 128), torch.randn(1, 2, 11, 128)
+    see = torch.ones(1, 1, 3, 11, dtype=torch.bool).tril(8)
+    for dt, sinks, mask in ((torch.float16, torch.full((4,), 20000.0), see),
+                            (torch.float16, torch.tensor([3.0, -2.0, 9000.0, 0.5]), see),
+                            (torch.float32, torch.randn(4) + 2, torch.ones(1, 1, 3, 1,
+                                                                           dtype=torch.bool))):
+        module = SimpleNamespace(sinks=sinks.to(dt), num_key_value_groups=2, training=False)
+        bias = torch.zeros(mask.shape, dtype=dt).masked_fill(~mask, torch.finfo(dt).min)
+        ref, _ = gpt_oss.eager_attention_forward(module, q.to(dt), k.to(dt), v.to(dt), bias,
+                                                 scaling=128 ** -0.5)
+        got, _ = kh._attend_with_sinks(q.to(dt), k.to(dt), v.to(dt), mask, True,
+                                       s_aux=sinks.to(dt), scaling=128 ** -0.5)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("blocks", [False, True])
 @pytest.mark.parametrize("case", ["causal", "chunk", "bool_pad", "float_pad", "sliding",
                                   "sliding_chunk", "sliding_pad", "bf16"])

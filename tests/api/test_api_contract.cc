@@ -316,6 +316,10 @@ TEST(ContractAttendBatchLse, EqualsTheExactLseAndFollowsOutsRowRules) {
   EXPECT_EQ(
       kvrt_attend_batch_lse_ex(nullptr, good, 2, 0, q.data(), out.data(), lse.data(), nullptr),
       KVRT_ERR_INVALID_ARGUMENT);
+  // Any overlap with out is refused (an lse inside out's rows overwrote part of them).
+  EXPECT_EQ(kvrt_attend_batch_lse_ex(rt, good, 2, 0, q.data(), out.data(), out.data() + 5, nullptr),
+            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("overlaps")) << kvrt_last_error();
   // A streaming head weighs the GPU tier alone: its lse is over the sink and the window (token 0
   // and tokens 26-29 of a's 30), the other head's still over all 30.
   ASSERT_EQ(kvrt_set_head_policy(rt, 0, 1, KVRT_HEAD_STREAMING), KVRT_OK);
