@@ -78,7 +78,14 @@ absl::Status ScoreHead(const float* q, const HeadRows& rows, int d, float scale,
                        const int64_t* ids, int64_t count, const float* out,
                        std::vector<uint8_t>* mark_in, HeadAccuracy* result) {
   auto& mark = *mark_in;
+  // Recall counts ties as a top-k does: every token scored above the k-th exact score is in any
+  // top-k; of those scored equal to it, as many as the top-k has room for (with every score tied,
+  // any k tokens are a top-k; an id-ordered count gave ivf 0.1 and flat 1.0 for the same mass).
+  const float kth = kk > 0 ? scale * Dot(q, rows.key(top[kk - 1]), d) : 0.f;
+  int64_t top_above = 0;
+  for (int64_t i = 0; i < kk; ++i) top_above += scale * Dot(q, rows.key(top[i]), d) > kth ? 1 : 0;
   double mass = 0;
+  int64_t above = 0, tied = 0;
   for (int64_t j = 0; j < count; ++j) {
     const int64_t id = ids[j];
     if (id < 0 || id >= rows.n || mark[id]) {
@@ -87,10 +94,12 @@ absl::Status ScoreHead(const float* q, const HeadRows& rows, int d, float scale,
                                               ") or repeated"));
     }
     mark[id] = 1;
-    mass += std::exp(static_cast<double>(scale * Dot(q, rows.key(id), d)) - exact_lse);
+    const float s = scale * Dot(q, rows.key(id), d);
+    mass += std::exp(static_cast<double>(s) - exact_lse);
+    above += s > kth ? 1 : 0;
+    tied += s == kth ? 1 : 0;
   }
-  int64_t hit = 0;
-  for (int64_t i = 0; i < kk; ++i) hit += mark[top[i]];
+  const int64_t hit = kk > 0 ? std::min(kk, above + std::min(tied, kk - top_above)) : 0;
   for (int64_t j = 0; j < count; ++j) mark[ids[j]] = 0;
   double num = 0, den = 0;
   for (int j = 0; j < d; ++j) {

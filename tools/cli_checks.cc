@@ -30,8 +30,9 @@ CLI::Validator AtLeast(int64_t min) {
         char* end = nullptr;
         errno = 0;
         const long long v = std::strtoll(s.c_str(), &end, 10);
-        if (s.empty() || end == s.c_str() || *end != '\0' || errno == ERANGE)
+        if (s.empty() || end == s.c_str() || *end != '\0')
           return absl::StrCat("'", s, "' is not an integer");
+        if (errno == ERANGE) return absl::StrCat(s, " is out of range");
         if (v < min) return absl::StrCat(s, " must be >= ", min);
         return {};
       },

@@ -48,13 +48,15 @@ int Run(const BenchIndexArgs& a) {
     return 2;
   }
   std::vector<int> efforts;
-  for (const auto& e : kvrt::cli::SplitList(a.efforts)) {
-    try {
-      efforts.push_back(std::stoi(e));
-    } catch (...) {
-      std::fprintf(stderr, "kvrt bench index: --effort: '%s' is not an integer\n", e.c_str());
+  if (!kvrt::cli::SplitList(a.efforts).empty()) {
+    // search_effort's range in kvrt_runtime_create (kvrt.h).
+    auto parsed = kvrt::cli::ParseIntList("--effort", a.efforts, 0, 1 << 24);
+    if (!parsed.ok()) {
+      std::fprintf(stderr, "kvrt bench index: %s\n",
+                   std::string(parsed.status().message()).c_str());
       return 2;
     }
+    efforts.assign(parsed->begin(), parsed->end());
   }
   std::vector<bool> group_modes;
   for (const auto& g : kvrt::cli::SplitList(a.group_search)) {
@@ -73,6 +75,11 @@ int Run(const BenchIndexArgs& a) {
   auto ref = kvrt::cli::ComputeExactReference(**trace, a.top_k, a.steps, !a.quiet);
   if (!ref.ok()) {
     std::fprintf(stderr, "kvrt bench index: %s\n", std::string(ref.status().message()).c_str());
+    return 1;
+  }
+  if (ref->steps == 0) {
+    std::fprintf(stderr, "kvrt bench index: %s has no decode steps: nothing to measure recall on\n",
+                 a.trace.c_str());
     return 1;
   }
   const unsigned hw = std::thread::hardware_concurrency();
@@ -111,6 +118,9 @@ int Run(const BenchIndexArgs& a) {
       o.max_steps = a.steps;
       o.progress = !a.quiet;
       o.group_search = group;
+      // The cluster kind's per-kv-head sharing is its group selection, not the index search:
+      // "/per-head" runs one selection per q head (both rows were the library's default, group).
+      if (kind == KVRT_INDEX_CLUSTER) o.cluster.group_select = group ? 1 : 0;
       // One build per kind; every effort attends to the same states.
       auto reports = kvrt::cli::RunReplaySweep(**trace, *ref, o, sweep);
       if (!reports.ok()) {

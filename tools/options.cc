@@ -26,12 +26,12 @@ absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& option, con
     char* end = nullptr;
     errno = 0;
     const long long v = std::strtoll(item.c_str(), &end, 10);
-    if (end == item.c_str() || *end != '\0' || errno != 0)
+    if (end == item.c_str() || *end != '\0')
       return absl::InvalidArgumentError(
           absl::StrCat(option, ": '", item, "' is not an integer (comma-separated integers)"));
-    if (v < min || v > max)
+    if (errno == ERANGE || v < min || v > max)
       return absl::InvalidArgumentError(
-          absl::StrCat(option, ": ", v, " is out of range [", min, ", ", max, "]"));
+          absl::StrCat(option, ": ", item, " is out of range [", min, ", ", max, "]"));
     out.push_back(v);
   }
   if (out.empty()) return absl::InvalidArgumentError(absl::StrCat(option, ": no value given"));

@@ -11,6 +11,7 @@
 
 static char* g_header;        /* the JSON header */
 static unsigned char* g_data; /* the tensor bytes */
+static uint64_t g_data_size;  /* bytes after the header */
 
 static long meta_int(const char* key) {
   char pat[96];
@@ -20,14 +21,21 @@ static long meta_int(const char* key) {
   return p ? atol(p + strlen(pat)) : -1;
 }
 
-static const void* tensor(int layer, const char* part) {
+/* Tensor `layer.part`, or NULL when it is missing or its [begin, end) offsets do not hold `bytes`
+ * inside the file (a truncated or corrupt trace). */
+static const void* tensor(int layer, const char* part, uint64_t bytes) {
   char pat[96];
   const char* p;
-  long begin = -1;
+  char* rest;
+  long long begin, end;
   snprintf(pat, sizeof pat, "\"%d.%s\":", layer, part);
   p = strstr(g_header, pat);
   if (p == NULL || (p = strstr(p, "\"data_offsets\":[")) == NULL) return NULL;
-  begin = atol(p + strlen("\"data_offsets\":["));
+  begin = strtoll(p + strlen("\"data_offsets\":["), &rest, 10);
+  if (*rest != ',') return NULL;
+  end = strtoll(rest + 1, NULL, 10);
+  if (begin < 0 || end < begin || (uint64_t)end > g_data_size || (uint64_t)(end - begin) < bytes)
+    return NULL;
   return g_data + begin;
 }
 
@@ -64,17 +72,23 @@ int main(int argc, char** argv) {
   }
   fclose(f);
   memcpy(&header_len, file, 8); /* little-endian hosts only, as this is an example */
-  if (header_len > (uint64_t)size - 8) {
+  if (header_len == 0 || header_len > (uint64_t)size - 8) {
     fprintf(stderr, "%s: corrupt header\n", argv[1]);
     return 1;
   }
   g_header = (char*)file + 8;
   g_data = file + 8 + header_len;
+  g_data_size = (uint64_t)size - 8 - header_len;
   g_header[header_len - 1] = '\0'; /* the last byte is '}' or padding */
 
   layers = meta_int("num_layers");
   steps = meta_int("decode_steps");
   prompt = meta_int("prompt_tokens");
+  if (layers < 1 || steps < 0 || prompt < 1) {
+    fprintf(stderr, "%s: not a kvrt trace (num_layers, decode_steps or prompt_tokens missing)\n",
+            argv[1]);
+    return 1;
+  }
   cfg.num_layers = (int32_t)layers;
   cfg.num_q_heads = (int32_t)meta_int("num_q_heads");
   cfg.num_kv_heads = (int32_t)meta_int("num_kv_heads");
@@ -97,11 +111,18 @@ int main(int argc, char** argv) {
   q_row = (size_t)cfg.num_q_heads * cfg.head_dim * es;
   out = malloc(sizeof(float) * cfg.num_q_heads * cfg.head_dim);
   for (layer = 0; layer < layers; ++layer) {
-    const unsigned char *dk = tensor(layer, "decode.k"), *dv = tensor(layer, "decode.v"),
-                        *dq = tensor(layer, "decode.q");
-    if (!dk || !dv || !dq ||
-        kvrt_prefill(rt, seq, layer, tensor(layer, "prefill.q"), tensor(layer, "prefill.k"),
-                     tensor(layer, "prefill.v"), prompt) != KVRT_OK) {
+    const unsigned char *dk = tensor(layer, "decode.k", steps * kv_row),
+                        *dv = tensor(layer, "decode.v", steps * kv_row),
+                        *dq = tensor(layer, "decode.q", steps * q_row);
+    const void *pk = tensor(layer, "prefill.k", prompt * kv_row),
+               *pv = tensor(layer, "prefill.v", prompt * kv_row),
+               *pq = tensor(layer, "prefill.q", prompt * q_row);
+    int n_print = cfg.num_q_heads * cfg.head_dim < 4 ? cfg.num_q_heads * cfg.head_dim : 4, i;
+    if (!dk || !dv || !dq || !pk || !pv) {
+      fprintf(stderr, "layer %ld: a tensor is missing or runs past the file (truncated?)\n", layer);
+      return 1;
+    }
+    if (kvrt_prefill(rt, seq, layer, pq, pk, pv, prompt) != KVRT_OK) {
       fprintf(stderr, "layer %ld: %s\n", layer, kvrt_last_error());
       return 1;
     }
@@ -113,8 +134,12 @@ int main(int argc, char** argv) {
       }
       if (!isfinite(out[0])) return 1;
     }
-    printf("layer %ld: %ld prompt tokens + %ld steps, out[0][0..3] = %.4f %.4f %.4f %.4f\n", layer,
-           prompt, steps, out[0], out[1], out[2], out[3]);
+    printf("layer %ld: %ld prompt tokens + %ld steps", layer, prompt, steps);
+    if (steps > 0) {
+      printf(", out[0][0..%d] =", n_print - 1);
+      for (i = 0; i < n_print; ++i) printf(" %.4f", out[i]);
+    }
+    printf("\n");
   }
   kvrt_get_stats(rt, &st);
   printf("kvrt %s: %lld attends, GPU tier %lld tokens, host %lld tokens, %lld keys scored\n",

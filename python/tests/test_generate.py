@@ -45,10 +45,13 @@ def test_kvrt_fields_pass_through_and_bad_ones_are_refused(capsys, tmp_path):
     assert "kvrt options: hot_cache_fraction=0.25, cluster_miss_penalty=2.0" in err
     with pytest.raises(SystemExit):
         generate.parse_args(["--model", "m", "--prompt-file", "p", "--kvrt", "no_equals_sign"])
-    with pytest.raises(Exception, match="no_such_field"):
-        _run(capsys, tmp_path, "--kvrt", "no_such_field=1")
-    with pytest.raises(Exception, match="cluster_miss_penalty"):
-        _run(capsys, tmp_path, "--kvrt", "cluster_miss_penalty=-1")
+    prompt = tmp_path / "prompt.txt"
+    for field in ("no_such_field=1", "cluster_miss_penalty=-1", "top_k=abc"):
+        rc = generate.main(["--model", "tiny-random", "--prompt-file", str(prompt), "--quiet",
+                            "--kvrt", field])
+        assert rc == 2, field
+        err = capsys.readouterr().err
+        assert "python -m kvrt.generate: error:" in err and field.split("=")[0] in err, err
 
 
 @pytest.mark.parametrize("flag, value", [("--max-prompt-tokens", "-1"), ("--new-tokens", "-3"),
@@ -58,3 +61,22 @@ def test_counts_below_their_minimum_are_refused(capsys, flag, value):
     with pytest.raises(SystemExit):
         generate.parse_args(["--model", "m", "--prompt-file", "p", flag, value])
     assert f"{value} must be >= " in capsys.readouterr().err
+
+
+def test_a_bad_kvrt_option_is_a_usage_error_not_a_traceback(capsys, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("kvrt")
+    rc = generate.main(["--model", "tiny-random", "--prompt-file", str(prompt), "--quiet",
+                        "--index", "bogus"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "python -m kvrt.generate: error:" in err and "unknown index kind 'bogus'" in err
+    assert "Traceback" not in err
+
+
+def test_a_chunked_prompts_first_decode_step_is_reported_apart(capsys, tmp_path):
+    # kvrt takes a chunked prompt at the first decode step: that step is not a decode rate's.
+    _, err = _run(capsys, tmp_path, "--index", "exact", "--window", "16", "--prefill-chunk", "64")
+    assert "first decode step" in err and "kvrt's prefill of the chunked prompt" in err
+    _, err = _run(capsys, tmp_path, "--index", "exact", "--window", "16")
+    assert "first decode step" not in err

@@ -213,6 +213,39 @@ TEST(ExactReference, GroupedHeadsEqualOnePassEach) {
   }
 }
 
+// recall@k counts ties as a top-k does: with every score equal any k ids are a top-k (an id-ordered
+// count gave 0.1 to one index and 1.0 to another for the same mass); with distinct scores it is
+// the plain overlap with the exact top-k.
+TEST(ScoreHead, RecallCountsTiedScoresAsATopKDoes) {
+  const int d = 4, n = 40, k = 8;
+  std::vector<float> keys(n * d, 1.f), vals(n * d, 0.5f), q(d, 0.f);
+  const HeadRows rows{keys.data(), vals.data(), d, n};
+  std::vector<float> o(d), lse(1);
+  std::vector<int32_t> top(k);
+  ExactAttention(q.data(), 1, rows, d, 0.5f, k, o.data(), lse.data(), top.data());
+  std::vector<uint8_t> mark(n, 0);
+  HeadAccuracy acc;
+  const std::vector<int64_t> late = {30, 31, 32, 33, 34, 35, 36, 37};  // not the id-ordered top
+  ASSERT_TRUE(ScoreHead(q.data(), rows, d, 0.5f, o.data(), lse[0], top.data(), k, late.data(),
+                        static_cast<int64_t>(late.size()), o.data(), &mark, &acc)
+                  .ok());
+  EXPECT_DOUBLE_EQ(acc.recall, 1.0);
+  const std::vector<int64_t> few = {3, 39};
+  ASSERT_TRUE(ScoreHead(q.data(), rows, d, 0.5f, o.data(), lse[0], top.data(), k, few.data(), 2,
+                        o.data(), &mark, &acc)
+                  .ok());
+  EXPECT_DOUBLE_EQ(acc.recall, 2.0 / k);
+  // Distinct scores: key i scores i; the top-8 are 32..39; 4 of the attended are among them.
+  for (int i = 0; i < n; ++i) keys[i * d] = static_cast<float>(i);
+  q[0] = 1.f;
+  ExactAttention(q.data(), 1, rows, d, 0.5f, k, o.data(), lse.data(), top.data());
+  const std::vector<int64_t> half = {0, 1, 2, 3, 36, 37, 38, 39};
+  ASSERT_TRUE(ScoreHead(q.data(), rows, d, 0.5f, o.data(), lse[0], top.data(), k, half.data(),
+                        static_cast<int64_t>(half.size()), o.data(), &mark, &acc)
+                  .ok());
+  EXPECT_DOUBLE_EQ(acc.recall, 0.5);
+}
+
 TEST(SelectionReuse, SharesOfTheColdPositionsChosenBefore) {
   SelectionReuse r(/*q_heads=*/2, /*kv_heads=*/1);
   const int64_t a0[] = {1, 10, 11, 12, 99};   // 99: past the cold range, not counted
