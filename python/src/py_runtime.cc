@@ -162,7 +162,13 @@ void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutAr
   CheckSameDevice(call, {&tq, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   std::string err;
-  Check(Call(&err, [&] { return AttendRows(rt, &seq, 1, layer, tq, to, tl, &ex); }), call, err);
+  // Without lse, kvrt_attend_ex: its errors read as one attend's, not a batch's.
+  Check(Call(&err,
+             [&] {
+               if (tl.data != nullptr) return AttendRows(rt, &seq, 1, layer, tq, to, tl, &ex);
+               return kvrt_attend_ex(rt, seq, layer, tq.data, static_cast<float*>(to.data), &ex);
+             }),
+        call, err);
 }
 
 void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
