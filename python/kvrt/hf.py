@@ -507,14 +507,21 @@ def _sdpa(module, query, key, value, attention_mask, **kwargs):
     if attention_mask is not None or n == 1 or n == s or not causal:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     from torch.nn.attention.bias import causal_lower_right
-    group = query.shape[1] // key.shape[1]
-    if group > 1 and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
-        # enable_gqa came with torch 2.5 (transformers' repeat_kv does the same before it).
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-    gqa = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
+    key, value, gqa = _gqa(query, key, value)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=causal_lower_right(n, s), scale=kwargs.get("scaling"), **gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _gqa(query, key, value):
+    """key, value and SDPA's keyword for a group of q heads per kv head: enable_gqa since torch
+    2.5, the kv heads repeated before it (as transformers' repeat_kv)."""
+    group = query.shape[1] // key.shape[1]
+    if group <= 1:
+        return key, value, {}
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+        return key.repeat_interleave(group, 1), value.repeat_interleave(group, 1), {}
+    return key, value, {"enable_gqa": True}
 
 
 # Queries per SDPA call where a mask tensor is used: SDPA turns a boolean mask into a float bias
@@ -600,13 +607,7 @@ def _sink_sdpa(query, key, value, attention_mask, causal: bool, s_aux, scale: fl
         else:
             from torch.nn.attention.bias import causal_lower_right
             mask = causal_lower_right(n, s + 1)
-    group = Hq // Hkv
-    gqa = {}
-    if group > 1:
-        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
-            k2, v2 = k2.repeat_interleave(group, 1), v2.repeat_interleave(group, 1)
-        else:
-            gqa = {"enable_gqa": True}
+    k2, v2, gqa = _gqa(q2, k2, v2)
     out = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask,
                                                            scale=scale, **gqa)
     return out[..., :d].transpose(1, 2).contiguous()

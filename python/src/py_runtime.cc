@@ -41,6 +41,14 @@ kvrt_status AttendRows(kvrt_runtime* rt, const int64_t* seqs, int32_t n, int32_t
   return kvrt_attend_batch_lse_ex(rt, seqs, n, layer, q.data, o, static_cast<float*>(lse.data), ex);
 }
 
+// One sequence's attend: kvrt_attend_ex without lse (its errors read as one attend's, not a
+// batch's), else the lse form of a batch of one.
+kvrt_status AttendOne(kvrt_runtime* rt, int64_t seq, int32_t layer, const TensorArg& q,
+                      const TensorArg& out, const TensorArg& lse, const kvrt_exec* ex) {
+  if (lse.data != nullptr) return AttendRows(rt, &seq, 1, layer, q, out, lse, ex);
+  return kvrt_attend_ex(rt, seq, layer, q.data, static_cast<float*>(out.data), ex);
+}
+
 }  // namespace
 
 PyRuntime::PyRuntime(const nb::dict& config) {
@@ -162,13 +170,7 @@ void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutAr
   CheckSameDevice(call, {&tq, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   std::string err;
-  // Without lse, kvrt_attend_ex: its errors read as one attend's, not a batch's.
-  Check(Call(&err,
-             [&] {
-               if (tl.data != nullptr) return AttendRows(rt, &seq, 1, layer, tq, to, tl, &ex);
-               return kvrt_attend_ex(rt, seq, layer, tq.data, static_cast<float*>(to.data), &ex);
-             }),
-        call, err);
+  Check(Call(&err, [&] { return AttendOne(rt, seq, layer, tq, to, tl, &ex); }), call, err);
 }
 
 void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
@@ -207,8 +209,7 @@ void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const
              [&] {
                kvrt_status s = kvrt_append_ex(rt, seq, layer, tk.data, tv.data, tk.rows, &ex);
                if (s != KVRT_OK) return s;
-               if (tl.data != nullptr) return AttendRows(rt, &seq, 1, layer, tq, to, tl, &ex);
-               return kvrt_attend_ex(rt, seq, layer, tq.data, static_cast<float*>(to.data), &ex);
+               return AttendOne(rt, seq, layer, tq, to, tl, &ex);
              }),
         call, err);
 }

@@ -86,13 +86,13 @@ def _greedy(model, cache=None):
     return out.sequences[0, PROMPT:], torch.stack(out.logits)[:, 0]
 
 
-def _logits(model, ids, cache=None, new_tokens=4):
+def _logits(model, ids, cache=None, new_tokens=4, **generate_kwargs):
     """The logits of a greedy generate of new_tokens after ids [B, n], with `cache` or the
-    model's own."""
+    model's own (generate_kwargs: e.g. attention_mask, prefill_chunk_size)."""
     kw = {} if cache is None else {kh.cache_kwarg(model): cache}
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, **kw)
+                             return_dict_in_generate=True, **generate_kwargs, **kw)
     return torch.stack(out.logits)
 
 
@@ -158,17 +158,10 @@ def test_gpt_oss_chunked_prompt_and_padded_rows_equal_the_full_cache(form):
         ids[1, :37] = 0
         extra = {"attention_mask": mask}
 
-    def run(cache=None):
-        kw = {} if cache is None else {kh.cache_kwarg(model): cache}
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, **extra, **kw)
-        return torch.stack(out.logits)
-
-    ref = run() if form == "padded" else _logits(model, ids)
+    ref = _logits(model, ids, **extra) if form == "padded" else _logits(model, ids)
     cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
                       worker_threads=2, **opts)
-    torch.testing.assert_close(run(cache), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(model, ids, cache, **extra), ref, rtol=1e-4, atol=1e-4)
     assert cache.stats().attend_calls == 2 * 3 * ids.shape[0]  # full layers x steps x rows
     cache.close()
 
