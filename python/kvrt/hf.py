@@ -7,7 +7,9 @@ enable() registers the attention function "kvrt" with transformers' AttentionInt
 mask(), transformers' SDPA mask builder without the mask of a plain causal chunk, under that name),
 switches the model to it, and returns a KvrtCache.
 Works for decoders whose attention modules call `cache.update(...)` and then the attention
-interface (Llama, Qwen2, Gemma 3, SmolLM, Mistral, ...).
+interface (Llama, Qwen2, Gemma 3, SmolLM, Mistral, ...). Multi-head latent attention (DeepSeek-V2/
+V3, MiniCPM3, ...) caches its latent through update() and expands per-head K/V from it: kvrt is
+handed those (values padded with zeros to the keys' width), not the latent.
 
 What runs where:
   - Global (full-attention) layers are kvrt layers, renumbered 0..n-1. Their prompt (the first
@@ -92,7 +94,22 @@ def kvrt_layers(config) -> list[int]:
 
 def _attention_modules(model) -> dict[int, torch.nn.Module]:
     return {m.layer_idx: m for m in model.modules()
-            if hasattr(m, "layer_idx") and hasattr(m, "scaling") and hasattr(m, "head_dim")}
+            if hasattr(m, "layer_idx") and hasattr(m, "scaling")
+            and (hasattr(m, "head_dim") or hasattr(m, "qk_head_dim"))}
+
+
+def head_dims(config) -> tuple[int, int]:
+    """(query/key, value) head dims of the model's attention. Multi-head latent attention
+    (DeepSeek-V2/V3, Kimi K2, MiniCPM3, GLM-4.7-Flash, ...: qk_nope_head_dim + qk_rope_head_dim
+    for queries and keys, v_head_dim for values; its config's head_dim is the rope part only)
+    attends over per-head K/V expanded from its latent, which is what kvrt is handed."""
+    c = _text_config(config)
+    nope, rope = getattr(c, "qk_nope_head_dim", None), getattr(c, "qk_rope_head_dim", None)
+    if nope is not None and rope is not None:
+        qk = nope + rope
+        return qk, getattr(c, "v_head_dim", None) or qk
+    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return d, d
 
 
 def _local_heads_of(weight, head_dim: int) -> int:
@@ -113,7 +130,7 @@ def local_heads(model) -> tuple[int, int]:
     c = _text_config(model.config)
     q = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or q
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // q
+    head_dim = head_dims(model.config)[0]
     layers = kvrt_layers(model.config)
     mod = _attention_modules(model).get(layers[0]) if layers else None
     qp, kp = getattr(mod, "q_proj", None), getattr(mod, "k_proj", None)
@@ -174,9 +191,12 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
     if not layers:
         raise ValueError("kvrt.hf: the model has no full-attention layer for kvrt to serve "
                          f"(layer types: {sorted(set(layer_types(model.config)))})")
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    # kvrt's rows are as wide as the widest of q/k and v: a narrower one is padded with zeros
+    # (MLA's values; the output's padding is dropped), which changes no score and no output.
+    qk_dim, v_dim = head_dims(model.config)
+    head_dim = max(qk_dim, v_dim)
     mods = _attention_modules(model)
-    scale = float(getattr(mods.get(layers[0]), "scaling", head_dim ** -0.5))
+    scale = float(getattr(mods.get(layers[0]), "scaling", qk_dim ** -0.5))
     dtype = _DTYPES.get(model.dtype)
     if dtype is None:
         raise ValueError(f"kvrt.hf: model dtype {model.dtype} is not one of {list(_DTYPES)}")
@@ -300,6 +320,7 @@ class KvrtCache(DynamicCache):
         self._tdt = _TORCH_DTYPES[self.runtime.config.dtype]
         self._on_gpu = self.runtime.config.use_gpu == 1
         self._heads = (self.runtime.config.num_q_heads, self.runtime.config.num_kv_heads)
+        self._width = self.runtime.config.head_dim
         self.sequences: list[Sequence] = []
         self._prefilled: set[int] = set()
         self.time_prefill_s = 0.0
@@ -330,8 +351,11 @@ class KvrtCache(DynamicCache):
 
     # -- the attention -------------------------------------------------------------------------
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, H, n, d] -> [B, n, H, d] in kvrt's dtype, contiguous, on kvrt's side."""
+        """[B, H, n, d] -> [B, n, H, width] in kvrt's dtype, contiguous, on kvrt's side; a d
+        below the runtime's head_dim (MLA's values) padded with zeros."""
         t = t.transpose(1, 2).to(self._tdt)
+        if t.shape[-1] < self._width:
+            t = torch.nn.functional.pad(t, (0, self._width - t.shape[-1]))
         if not self._on_gpu and t.device.type != "cpu":
             t = t.cpu()
         return t.contiguous()
@@ -406,6 +430,12 @@ class KvrtCache(DynamicCache):
         import time
         B, Hq, n, d = query.shape
         kl = layer.kvrt_layer
+        dv = value.shape[-1]
+        if key.shape[-1] != d or max(d, dv) != self._width:
+            raise ValueError(
+                f"kvrt.hf: layer {layer.layer_idx} attends with q/k head_dim {d} "
+                f"(k: {key.shape[-1]}) and v head_dim {dv}; the kvrt runtime's head_dim is "
+                f"{self._width}: a runtime made for another model")
         if (Hq, key.shape[1]) != self._heads:
             # NOTE: kvrt would refuse the shapes too, but not say why: under tensor parallelism
             # the heads a rank computes are its shard, and the runtime must have been made for it.
@@ -434,7 +464,7 @@ class KvrtCache(DynamicCache):
             layer.tokens += n
             return out
         q, k, v = self._rows(query), self._rows(key), self._rows(value)
-        out = torch.empty((B, n, Hq, d), dtype=torch.float32, device=q.device)
+        out = torch.empty((B, n, Hq, self._width), dtype=torch.float32, device=q.device)
         sinks = kwargs.get("s_aux")
         # Learned attention sinks (gpt-oss): the layer's lse comes back beside out.
         lse = None if sinks is None else torch.empty((B, n, Hq), dtype=torch.float32,
@@ -464,7 +494,9 @@ class KvrtCache(DynamicCache):
         if kl == 0:
             self.tokens_decoded += n * B
         layer.tokens += n
-        return out.to(device=query.device, dtype=query.dtype), None
+        if dv < self._width:
+            out = out[..., :dv]
+        return out.to(device=query.device, dtype=query.dtype).contiguous(), None
 
 
 def _refuse_unsupported(layer_idx: int, kwargs: dict) -> None:

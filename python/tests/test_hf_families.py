@@ -18,6 +18,11 @@ COMMON = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
               pad_token_id=0, bos_token_id=1, eos_token_id=257)
 
+MLA = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+           qk_nope_head_dim=32, v_head_dim=24)
+MLA_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+               moe_intermediate_size=64)
+
 # family: (config class, model class, config fields over COMMON, reference attention). Chosen for
 # what differs in their attention: GQA vs MHA, fused qkv projections (Phi-3, GPT-NeoX, Phi), q/k
 # norms (Qwen3, OLMo 2), partial rotary (StableLM, Phi, GLM), a scale other than 1/sqrt(d)
@@ -52,6 +57,18 @@ FAMILIES = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 {"num_hidden_layers": 4, "head_dim": 32, "sliding_window": 64,
                  "num_local_experts": 2, "num_experts_per_tok": 1}, "eager"),
+    # Multi-head latent attention: q/k of 48 dims (32 without rope + 16 rope), v of 24 (padded
+    # for kvrt), a q low-rank path (q_b_proj), DeepSeek-V3's yarn attention scale.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    {**MLA, **MLA_MOE, "n_group": 1, "topk_group": 1,
+                     "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                         "factor": 4.0, "original_max_position_embeddings": 1024,
+                                         "mscale": 1.0, "mscale_all_dim": 1.0,
+                                         "beta_fast": 32.0, "beta_slow": 1.0}}, "sdpa"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    {**MLA, **MLA_MOE, "q_lora_rank": None}, "sdpa"),
+    "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", MLA, "sdpa"),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", {**MLA, **MLA_MOE}, "sdpa"),
 }
 
 
@@ -66,8 +83,8 @@ def _model(family: str, **fields):
     model = model_cls(cfg_cls(**{**COMMON, **extra, **fields})).eval()
     with torch.no_grad():  # sharper attention than the init's, so that the cold tokens matter
         for m in model.modules():
-            for name in ("q_proj", "qkv_proj", "query_key_value"):
-                if hasattr(m, name):
+            for name in ("q_proj", "q_b_proj", "qkv_proj", "query_key_value"):
+                if getattr(m, name, None) is not None:  # MLA's q_proj is None with q_b_proj
                     getattr(m, name).weight.mul_(4.0)
             if isinstance(getattr(m, "sinks", None), torch.Tensor):
                 # The init's sinks (~N(0, 0.02)) weigh ~1/200 of a softmax over this prompt:
@@ -166,6 +183,41 @@ def test_gpt_oss_chunked_prompt_and_padded_rows_equal_the_full_cache(form):
     cache.close()
 
 
+@pytest.mark.parametrize("form", ["chunked", "padded"])
+def test_latent_attention_chunked_prompt_and_padded_rows_equal_the_full_cache(form):
+    # MLA's values are narrower than its keys: kvrt holds them padded, through the chunked
+    # prompt's prefill and a batch (attend_batch) with a left-padded row, at a sparse kind whose
+    # budget covers every cold token.
+    model = _model("deepseek_v3")
+    ids = torch.randint(2, 258, (1 if form == "chunked" else 2, PROMPT),
+                        generator=torch.Generator().manual_seed(5))
+    extra, opts = {}, {}
+    if form == "chunked":
+        extra, opts = {"prefill_chunk_size": 64}, {"chunked_prompt": True}
+    else:
+        mask = torch.ones_like(ids)
+        mask[1, :29] = 0
+        ids[1, :29] = 0
+        extra = {"attention_mask": mask}
+    ref = _logits(model, ids, **extra) if form == "padded" else _logits(model, ids)
+    cache = kh.enable(model, index_kind="flat", top_k=100000, sink_tokens=4, window_tokens=16,
+                      worker_threads=2, **opts)
+    assert (cache.runtime.config.head_dim, kh.head_dims(model.config)) == (48, (48, 24))
+    torch.testing.assert_close(_logits(model, ids, cache, **extra), ref, rtol=1e-4, atol=1e-4)
+    cache.close()
+
+
+def test_a_kvrt_layer_refuses_head_dims_its_runtime_was_not_made_for():
+    model = _model("llama")
+    cache = kh.enable(model, index_kind="exact")
+    q = torch.zeros(1, 4, 1, 32)
+    k = torch.zeros(1, 2, 1, 32)
+    with pytest.raises(ValueError, match="v head_dim 48; the kvrt runtime's head_dim is 32"):
+        cache.layers[0].attend(model.model.layers[0].self_attn, q, k, torch.zeros(1, 2, 1, 48),
+                               None)
+    cache.close()
+
+
 def test_soft_capping_is_refused():
     model = _model("Gemma2Config:Gemma2ForCausalLM", head_dim=64)
     with pytest.raises(ValueError, match="soft-capping"):
@@ -196,11 +248,13 @@ def test_attention_variants_asked_of_a_kvrt_layer_are_refused(kwargs, match):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("batch", [1, 2])
-def test_learned_sinks_on_the_gpu_backend(batch):
-    # The device path: lse written by the GPU's merge on the model's stream, the sink applied
-    # there; exact mode, f32, against the model's own eager attention on the same GPU.
-    model = _model("gpt_oss").to("cuda")
-    model.set_attn_implementation("eager")
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_sinks_and_latent_attention_on_the_gpu_backend(family, batch):
+    # The device path: gpt-oss's lse written by the GPU's merge on the model's stream, the sink
+    # applied there; MLA's padded values (head_dim 48, run padded to 64 on the device); exact
+    # mode, f32, against the model's own attention on the same GPU.
+    model = _model(family).to("cuda")
+    model.set_attn_implementation(FAMILIES[family][3])
     ids = torch.randint(2, 258, (batch, PROMPT), generator=torch.Generator().manual_seed(5))
     ids = ids.to("cuda")
     ref = _logits(model, ids)
