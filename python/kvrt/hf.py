@@ -49,6 +49,7 @@ Limits: no beam search, cropping or assisted decoding; a model with attention lo
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Optional
 
@@ -240,8 +241,18 @@ class KvrtLayer(CacheLayerMixin):
         # Only the layer is noted for the attention function, which gets the K/V as arguments:
         # holding them here kept every layer's prompt K/V on the GPU until its first decode
         # token (0.3.20 and before), the full KV of the prompt at once, as DynamicCache holds it.
-        getattr(_pending, "layers", None) or setattr(_pending, "layers", {})
-        _pending.layers[self.layer_idx] = self
+        pending = getattr(_pending, "layers", None)
+        if pending is None:
+            pending = _pending.layers = {}
+        if pending.get(self.layer_idx) is self:
+            # The K/V of this layer's last update never reached kvrt: kvrt holds no copy, so
+            # the model attended without them and would again.
+            raise RuntimeError(
+                f"kvrt.hf: layer {self.layer_idx}'s attention did not call kvrt's attention "
+                "function after its cache update: the model's attention does not go through "
+                "transformers' AttentionInterface, or a forward was interrupted (reset() the "
+                "cache before the next generation)")
+        pending[self.layer_idx] = self
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -315,7 +326,10 @@ class KvrtCache(DynamicCache):
             layer = KvrtLayer(self, kl)
             layer.layer_idx = src
             self.layers[src] = layer
-        self.runtime = runtime or Runtime(runtime_config(model, config, **options))
+        # The config asked for (the attention modules' scale), kept to remake the runtime when
+        # the first attention call passes another scale (see _check_scale).
+        self._requested = runtime_config(model, config, **options) if runtime is None else None
+        self.runtime = runtime or Runtime(self._requested)
         self._owns_runtime = runtime is None
         self._tdt = _TORCH_DTYPES[self.runtime.config.dtype]
         self._on_gpu = self.runtime.config.use_gpu == 1
@@ -334,6 +348,10 @@ class KvrtCache(DynamicCache):
         # inference mode; some versions zero them in place, which outside that mode raises.
         with torch.inference_mode():
             super().reset()
+        pending = getattr(_pending, "layers", None)
+        for src, layer in list((pending or {}).items()):
+            if getattr(layer, "cache", None) is self:  # an interrupted forward's
+                del pending[src]
         for s in self.sequences:
             s.release()
         self.sequences = []
@@ -359,6 +377,24 @@ class KvrtCache(DynamicCache):
         if not self._on_gpu and t.device.type != "cpu":
             t = t.cpu()
         return t.contiguous()
+
+    def _check_scale(self, layer_idx: int, scaling: Optional[float], d: int) -> None:
+        """The score scale a layer's attention call asks for (None: SDPA's 1/sqrt(d)) against the
+        runtime's. Some models pre-scale q and pass scaling=1.0 (OPT, XGLM, ...), which the
+        modules' `scaling` attribute, read at enable(), does not show: before any token entered
+        kvrt, a runtime this cache made is remade with the call's scale; after, or for a runtime
+        given to the cache, another scale is an error (kvrt has one scale per runtime)."""
+        want = d ** -0.5 if scaling is None else float(scaling)
+        have = self.runtime.config.scale
+        if math.isclose(want, have, rel_tol=1e-6):
+            return
+        if self._owns_runtime and not self.sequences and not self._prompt:
+            self.runtime.close()
+            self.runtime = Runtime(make_config(self._requested, scale=want))
+            return
+        raise ValueError(
+            f"kvrt.hf: layer {layer_idx} attends with score scale {want:g}, the kvrt runtime's "
+            f"is {have:g}: layers with different scales, or a runtime made for another model")
 
     def _prompt_chunk(self, kl: int, n: int) -> bool:
         """Whether a forward of n tokens on kvrt layer kl is a chunk of a chunked prompt."""
@@ -444,6 +480,7 @@ class KvrtCache(DynamicCache):
                 f"kvrt runtime serves {self._heads[0]} / {self._heads[1]}: a runtime made for "
                 "another shard (tensor parallelism) or another model")
         _refuse_unsupported(layer.layer_idx, kwargs)
+        self._check_scale(layer.layer_idx, kwargs.get("scaling"), d)
         if self._prompt_chunk(kl, n):
             if _padded_keys(attention_mask) is not None:
                 raise ValueError(
@@ -685,7 +722,13 @@ def enable(model, config: Optional[Config] = None, *, chunked_prompt: bool = Fal
     `config` / `options` are kvrt.Config fields (index_kind, top_k, sink_tokens, window_tokens,
     search_effort, worker_threads, use_gpu, ...); shapes, dtype and scale come from the model.
     chunked_prompt: see KvrtCache (for generate's prefill_chunk_size)."""
-    model.set_attn_implementation(register())
+    name = register()
+    model.set_attn_implementation(name)
+    if getattr(_text_config(model.config), "_attn_implementation", name) != name:
+        # transformers only warns for a model whose attention is its own code, and keeps it:
+        # that attention would see none of the tokens kvrt holds.
+        raise ValueError(f"kvrt.hf: {type(model).__name__}'s attention does not go through "
+                         "transformers' AttentionInterface, so kvrt cannot serve it")
     return KvrtCache(model, config, chunked_prompt=chunked_prompt, **options)
 
 

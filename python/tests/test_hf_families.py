@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import kvrt  # noqa: E402
 import kvrt.hf as kh  # noqa: E402
 
 PROMPT, NEW = 200, 6
@@ -68,6 +69,9 @@ FAMILIES = {
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
                     {**MLA, **MLA_MOE, "q_lora_rank": None}, "sdpa"),
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", MLA, "sdpa"),
+    # q pre-scaled in the module, scaling=1.0 passed to the attention call.
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            {"num_key_value_heads": None, "ffn_dim": 256, "word_embed_proj_dim": 128}, "sdpa"),
     "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", {**MLA, **MLA_MOE}, "sdpa"),
 }
 
@@ -215,6 +219,45 @@ def test_a_kvrt_layer_refuses_head_dims_its_runtime_was_not_made_for():
     with pytest.raises(ValueError, match="v head_dim 48; the kvrt runtime's head_dim is 32"):
         cache.layers[0].attend(model.model.layers[0].self_attn, q, k, torch.zeros(1, 2, 1, 48),
                                None)
+    cache.close()
+
+
+def test_a_model_whose_attention_bypasses_the_attention_interface_is_refused():
+    # XGLM computes its own attention: transformers only warns when asked to switch it, and its
+    # attention would then never see the tokens kvrt holds.
+    model = _model("XGLMConfig:XGLMForCausalLM", num_key_value_heads=None, d_model=128,
+                   ffn_dim=256, attention_heads=4, num_layers=2)
+    with pytest.raises(ValueError, match="does not go through transformers' AttentionInterface"):
+        kh.enable(model, index_kind="exact")
+    # A KvrtCache made without enable(): the first decode token's cache update finds the
+    # prompt's update never attended through kvrt.
+    cache = kh.KvrtCache(model, index_kind="exact", sink_tokens=4, window_tokens=16)
+    with pytest.raises(RuntimeError, match="did not call kvrt's attention function"):
+        _greedy(model, cache)
+    cache.reset()  # drops the interrupted forward's pending layers
+    assert not [x for x in getattr(kh._pending, "layers", {}).values() if x.cache is cache]
+    cache.close()
+
+
+def test_a_scale_the_runtime_was_not_made_with_is_refused_once_tokens_are_in():
+    # OPT's scale (1.0, q pre-scaled) remakes the runtime the cache made at the first call (the
+    # "opt" family above); a runtime given to the cache, or a second scale later, is an error.
+    model = _model("opt")
+    cfg = kh.runtime_config(model, index_kind="exact", sink_tokens=4, window_tokens=16)
+    assert cfg.scale != 1.0
+    cache = kh.KvrtCache(model, runtime=kvrt.Runtime(cfg))
+    model.set_attn_implementation(kh.register())
+    with pytest.raises(ValueError, match="score scale 1, the kvrt runtime's is 0.17"):
+        _greedy(model, cache)
+    cache.reset()
+    cache.runtime.close()
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16)
+    _greedy(model, cache)
+    assert cache.runtime.config.scale == 1.0
+    layer = cache.layers[0]
+    q = k = v = torch.zeros(1, 4, 1, 32)
+    with pytest.raises(ValueError, match="score scale 0.5, the kvrt runtime's is 1"):
+        layer.attend(model.model.decoder.layers[0].self_attn, q, k, v, None, scaling=0.5)
     cache.close()
 
 
