@@ -253,6 +253,7 @@ class KvrtLayer(CacheLayerMixin):
                 "transformers' AttentionInterface, or a forward was interrupted (reset() the "
                 "cache before the next generation)")
         pending[self.layer_idx] = self
+        getattr(_pending, "attended", {}).pop(self.layer_idx, None)
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -556,9 +557,25 @@ def attention(module, query, key, value, attention_mask, **kwargs):
     """The attention function registered as "kvrt": kvrt for a global layer whose KvrtCache was
     just updated, transformers' SDPA for every other call."""
     layers = getattr(_pending, "layers", None)
-    layer = layers.pop(getattr(module, "layer_idx", None), None) if layers else None
+    idx = getattr(module, "layer_idx", None)
+    layer = layers.pop(idx, None) if layers else None
+    attended = getattr(_pending, "attended", None)
+    if attended is None:
+        attended = _pending.attended = {}
     if layer is None:
+        # Not a kvrt layer's call, unless the model indexes its cache and its attention apart
+        # or attends twice per update: kvrt would answer either from the wrong tokens.
+        if layers:
+            raise RuntimeError(
+                f"kvrt.hf: the attention of layer {idx} ran while kvrt layer(s) {sorted(layers)} "
+                "had updated the cache without attending: the model indexes its cache apart from "
+                "its attention modules (recurrent or shared layers), which kvrt does not serve")
+        if idx is not None and attended.get(idx) is module:
+            raise RuntimeError(
+                f"kvrt.hf: layer {idx} calls the attention function more than once per cache "
+                "update (e.g. differential attention), which kvrt does not serve")
         return _sdpa(module, query, key, value, attention_mask, **kwargs)
+    attended[idx] = module
     return layer.attend(module, query, key, value, attention_mask, **kwargs)
 
 

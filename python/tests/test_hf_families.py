@@ -239,6 +239,20 @@ def test_a_model_whose_attention_bypasses_the_attention_interface_is_refused():
     cache.close()
 
 
+@pytest.mark.parametrize("family, match", [
+    ("DiffLlamaConfig:DiffLlamaForCausalLM", "more than once per cache update"),
+    ("HrmTextConfig:HrmTextForCausalLM", "indexes its cache apart from its attention")])
+def test_attention_that_kvrt_would_answer_from_the_wrong_tokens_is_refused(family, match):
+    # DiffLlama attends twice per update (two value halves); HRM reuses its modules for cache
+    # slots past their own layer index. Both go through the attention interface and raise on the
+    # prompt, before any token is generated.
+    model = _model(family)
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16)
+    with pytest.raises(RuntimeError, match=match):
+        _greedy(model, cache)
+    cache.close()
+
+
 def test_a_scale_the_runtime_was_not_made_with_is_refused_once_tokens_are_in():
     # OPT's scale (1.0, q pre-scaled) remakes the runtime the cache made at the first call (the
     # "opt" family above); a runtime given to the cache, or a second scale later, is an error.
