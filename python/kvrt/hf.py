@@ -482,6 +482,8 @@ class KvrtCache(DynamicCache):
                 "another shard (tensor parallelism) or another model")
         _refuse_unsupported(layer.layer_idx, kwargs)
         self._check_scale(layer.layer_idx, kwargs.get("scaling"), d)
+        if kl not in self._prefilled:
+            _refuse_bias(layer.layer_idx, attention_mask)
         if self._prompt_chunk(kl, n):
             if _padded_keys(attention_mask) is not None:
                 raise ValueError(
@@ -535,6 +537,18 @@ class KvrtCache(DynamicCache):
         if dv < self._width:
             out = out[..., :dv]
         return out.to(device=query.device, dtype=query.dtype).contiguous(), None
+
+
+def _refuse_bias(layer_idx: int, attention_mask) -> None:
+    """An additive mask holding values other than 0 and "masked" (ALiBi folded into the mask by
+    Falcon, a relative position bias) is a score bias kvrt's softmax does not have: checked on
+    the prompt's forwards (one reduction each), before any token enters kvrt."""
+    m = attention_mask
+    if m is None or m.dtype == torch.bool or not m.dtype.is_floating_point:
+        return
+    if bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
+        raise ValueError(f"kvrt.hf: layer {layer_idx}'s attention mask adds a bias to the scores "
+                         "(ALiBi or a position bias), which kvrt does not support")
 
 
 def _refuse_unsupported(layer_idx: int, kwargs: dict) -> None:

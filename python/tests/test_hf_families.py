@@ -69,6 +69,8 @@ FAMILIES = {
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
                     {**MLA, **MLA_MOE, "q_lora_rank": None}, "sdpa"),
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", MLA, "sdpa"),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               {"num_kv_heads": 2, "new_decoder_architecture": True}, "sdpa"),
     # q pre-scaled in the module, scaling=1.0 passed to the attention call.
     "opt": ("OPTConfig", "OPTForCausalLM",
             {"num_key_value_heads": None, "ffn_dim": 256, "word_embed_proj_dim": 128}, "sdpa"),
@@ -250,6 +252,17 @@ def test_attention_that_kvrt_would_answer_from_the_wrong_tokens_is_refused(famil
     cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16)
     with pytest.raises(RuntimeError, match=match):
         _greedy(model, cache)
+    cache.close()
+
+
+def test_a_score_bias_in_the_mask_is_refused_on_the_prompt():
+    # Falcon with ALiBi adds the bias to its float mask: kvrt's decode would drop it.
+    model = _model("falcon", alibi=True, new_decoder_architecture=False, multi_query=False,
+                   num_kv_heads=None, num_key_value_heads=4)
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16)
+    with pytest.raises(ValueError, match="adds a bias to the scores"):
+        _greedy(model, cache)
+    assert cache.stats().attend_calls == 0
     cache.close()
 
 
