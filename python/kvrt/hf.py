@@ -80,9 +80,9 @@ def _text_config(config):
 def layer_types(config) -> list[str]:
     """The model's attention layer types ("full_attention", "sliding_attention", ...)."""
     c = _text_config(config)
-    types = getattr(c, "layer_types", None)
+    types = _get(c, "layer_types")
     if types is None:
-        sliding = (getattr(c, "sliding_window", None) is not None
+        sliding = (_get(c, "sliding_window") is not None
                    and getattr(c, "use_sliding_window", True))
         types = ["sliding_attention" if sliding else "full_attention"] * c.num_hidden_layers
     return list(types)
@@ -99,48 +99,75 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
             and (hasattr(m, "head_dim") or hasattr(m, "qk_head_dim"))}
 
 
-def head_dims(config) -> tuple[int, int]:
-    """(query/key, value) head dims of the model's attention. Multi-head latent attention
-    (DeepSeek-V2/V3, Kimi K2, MiniCPM3, GLM-4.7-Flash, ...: qk_nope_head_dim + qk_rope_head_dim
-    for queries and keys, v_head_dim for values; its config's head_dim is the rope part only)
-    attends over per-head K/V expanded from its latent, which is what kvrt is handed."""
-    c = _text_config(config)
-    nope, rope = getattr(c, "qk_nope_head_dim", None), getattr(c, "qk_rope_head_dim", None)
-    if nope is not None and rope is not None:
-        qk = nope + rope
-        return qk, getattr(c, "v_head_dim", None) or qk
-    d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return d, d
+def _get(config, name: str):
+    """config.name, or None when it has none; transformers raises its own error (not an
+    AttributeError) for a per-layer attribute read off a config whose layers differ."""
+    try:
+        return getattr(config, name, None)
+    except Exception:
+        return None
 
 
-def _local_heads_of(weight, head_dim: int) -> int:
-    """Heads of a q/k projection's output that this process computes: the rows of its local
-    shard under tensor parallelism (a DTensor), else of the whole weight, over head_dim."""
-    rows = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
-    if rows % head_dim:
-        raise ValueError(f"kvrt.hf: a projection shard of {rows} rows is not whole heads of "
-                         f"{head_dim}: the tensor-parallel plan splits a head")
-    return rows // head_dim
+def _layer_config(model, layer: int):
+    """The config of one decoder layer: its entry of per_layer_config where the model has one
+    (Gemma 4: global layers with another head_dim and kv head count than sliding ones)."""
+    c = _text_config(model.config)
+    per = _get(c, "per_layer_config")
+    return per[layer] if per else c
+
+
+def head_dims(model, layer: Optional[int] = None) -> tuple[int, int]:
+    """(query/key, value) head dims of the attention of `layer` (default: the first kvrt
+    layer), from its attention module where it says, else from the layer's config. Multi-head
+    latent attention (DeepSeek-V2/V3, Kimi K2, MiniCPM3, GLM-4.7-Flash, ...: qk_nope_head_dim +
+    qk_rope_head_dim for queries and keys, v_head_dim for values; its config's head_dim is the
+    rope part only) attends over per-head K/V expanded from its latent, which kvrt is handed."""
+    if layer is None:
+        layers = kvrt_layers(model.config)
+        layer = layers[0] if layers else 0
+    c = _layer_config(model, layer)
+    mod = _attention_modules(model).get(layer)
+    nope, rope = _get(c, "qk_nope_head_dim"), _get(c, "qk_rope_head_dim")
+    qk = (_get(mod, "qk_head_dim") or _get(mod, "head_dim") or
+          (nope + rope if nope is not None and rope is not None else None) or
+          _get(c, "head_dim") or c.hidden_size // c.num_attention_heads)
+    return qk, _get(mod, "v_head_dim") or _get(c, "v_head_dim") or qk
+
+
+def _shard_rows(weight) -> tuple[int, int]:
+    """(rows this process holds, rows of the whole weight / tp) of a projection: its local shard
+    under tensor parallelism (a DTensor knows its global shape; a plain shard does not)."""
+    local = (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+    return local, weight.shape[0] if hasattr(weight, "to_local") else None
 
 
 def local_heads(model) -> tuple[int, int]:
-    """(q heads, kv heads) that this process's attention modules compute: the model's, or under
-    tensor parallelism this rank's share. Read from the first global layer's q_proj/k_proj
-    weights (colwise-sharded under transformers' tp_plan); for attention without separate
-    q_proj/k_proj, the config's counts divided by model.tp_size."""
-    c = _text_config(model.config)
-    q = c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or q
-    head_dim = head_dims(model.config)[0]
+    """(q heads, kv heads) that this process's attention modules compute, under tensor
+    parallelism this rank's share. kv heads: the rows of the first kvrt layer's k_proj (its
+    local shard, colwise under transformers' tp_plan) over head_dim. q heads: the layer config's
+    count, under tensor parallelism scaled by the share of q_proj's rows this rank holds (a
+    q_proj that also computes an output gate, as Qwen3-Next's, has more rows than heads).
+    Attention without separate q_proj/k_proj: the config's counts divided by model.tp_size."""
     layers = kvrt_layers(model.config)
+    c = _layer_config(model, layers[0] if layers else 0)
+    q = c.num_attention_heads
+    kv = _get(c, "num_key_value_heads") or q
+    tp = getattr(model, "tp_size", None) or 1
     mod = _attention_modules(model).get(layers[0]) if layers else None
     qp, kp = getattr(mod, "q_proj", None), getattr(mod, "k_proj", None)
-    if qp is not None and kp is not None and hasattr(qp, "weight") and hasattr(kp, "weight"):
-        return _local_heads_of(qp.weight, head_dim), _local_heads_of(kp.weight, head_dim)
-    tp = getattr(model, "tp_size", None) or 1
-    if q % tp or kv % tp:
-        raise ValueError(f"kvrt.hf: {q} q / {kv} kv heads do not split over tp_size {tp}")
-    return q // tp, kv // tp
+    if not all(hasattr(p, "weight") for p in (qp, kp)):
+        if q % tp or kv % tp:
+            raise ValueError(f"kvrt.hf: {q} q / {kv} kv heads do not split over tp_size {tp}")
+        return q // tp, kv // tp
+    head_dim = head_dims(model)[0]
+    k_rows = _shard_rows(kp.weight)[0]
+    local, whole = _shard_rows(qp.weight)
+    whole = whole or local * tp
+    if k_rows % head_dim or (local * q) % whole:
+        raise ValueError(f"kvrt.hf: a projection shard ({k_rows} k rows, {local} of {whole} q "
+                         f"rows) is not whole heads of {head_dim}: the tensor-parallel plan "
+                         "splits a head")
+    return local * q // whole, k_rows // head_dim
 
 
 def cpu_share(local_rank: Optional[int] = None, local_world_size: Optional[int] = None) -> dict:
@@ -185,16 +212,31 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
     (GPU when the model is on CUDA, on the attention modules' device), then `config` / `options`
     (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads)."""
     c = _text_config(model.config)
-    if getattr(c, "attn_logit_softcapping", None):
+    if _get(c, "attn_logit_softcapping"):
         raise ValueError("kvrt.hf: attention logit soft-capping (attn_logit_softcapping = "
                          f"{c.attn_logit_softcapping}) is not supported")
+    if _get(c, "num_kv_shared_layers"):
+        # Gemma 3n / 4: the last layers attend the K/V an earlier layer stored, which kvrt
+        # holds for that layer only (their attention would see the new token alone).
+        raise ValueError(f"kvrt.hf: {c.num_kv_shared_layers} layers reuse another layer's K/V "
+                         "(num_kv_shared_layers), which kvrt does not serve")
     layers = kvrt_layers(model.config)
     if not layers:
         raise ValueError("kvrt.hf: the model has no full-attention layer for kvrt to serve "
                          f"(layer types: {sorted(set(layer_types(model.config)))})")
+    if not any("attention" in type(m).__name__.lower() for m in model.modules()):
+        raise ValueError(f"kvrt.hf: {type(model).__name__} has no attention modules for kvrt "
+                         "to serve")
     # kvrt's rows are as wide as the widest of q/k and v: a narrower one is padded with zeros
     # (MLA's values; the output's padding is dropped), which changes no score and no output.
-    qk_dim, v_dim = head_dims(model.config)
+    qk_dim, v_dim = head_dims(model)
+    kv_of = lambda i: _get(_layer_config(model, i), "num_key_value_heads")  # noqa: E731
+    odd = [i for i in layers if (head_dims(model, i), kv_of(i)) != ((qk_dim, v_dim), kv_of(layers[0]))]
+    if odd:
+        raise ValueError(f"kvrt.hf: the full-attention layers differ in head dims or kv heads "
+                         f"(layer {layers[0]}: {head_dims(model, layers[0])}, {kv_of(layers[0])}; "
+                         f"layer {odd[0]}: {head_dims(model, odd[0])}, {kv_of(odd[0])}); one "
+                         "kvrt runtime serves one shape")
     head_dim = max(qk_dim, v_dim)
     mods = _attention_modules(model)
     scale = float(getattr(mods.get(layers[0]), "scaling", qk_dim ** -0.5))
@@ -271,6 +313,14 @@ class KvrtLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.tokens = 0
+
+    def __deepcopy__(self, memo):
+        # A copy would share the runtime's sequences (native handles) with the original: a
+        # looped model's per-loop copies (Dory) would append every loop's K/V to one sequence.
+        raise NotImplementedError("kvrt.hf: copying a kvrt cache layer (a per-loop or per-branch "
+                                  "copy of the cache) is not supported")
+
+    __copy__ = lambda self: self.__deepcopy__(None)  # noqa: E731
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("kvrt.hf: beam search is not supported")
@@ -478,8 +528,9 @@ class KvrtCache(DynamicCache):
             # the heads a rank computes are its shard, and the runtime must have been made for it.
             raise ValueError(
                 f"kvrt.hf: layer {layer.layer_idx} computes {Hq} q / {key.shape[1]} kv heads, the "
-                f"kvrt runtime serves {self._heads[0]} / {self._heads[1]}: a runtime made for "
-                "another shard (tensor parallelism) or another model")
+                f"kvrt runtime serves {self._heads[0]} / {self._heads[1]} (read from the model's "
+                "config, or this rank's share of it): a model whose attention computes other "
+                "heads than its config says, or a runtime made for another model or shard")
         _refuse_unsupported(layer.layer_idx, kwargs)
         self._check_scale(layer.layer_idx, kwargs.get("scaling"), d)
         if kl not in self._prefilled:
@@ -675,7 +726,7 @@ def _sink_sdpa(query, key, value, attention_mask, causal: bool, s_aux, scale: fl
     key c there (a power of two that keeps q's part within f16's range) and every real key zeros.
     window: the keys a query sees end there (mask None)."""
     B, Hq, n, d = query.shape
-    Hkv, s = key.shape[1], key.shape[2]
+    Hkv, s, dv = key.shape[1], key.shape[2], value.shape[-1]
     dt, dev = query.dtype, query.device
     pad = 8  # the extra dims (2 used) keep head_dim a multiple of 8 for the fused kernels
     logit = s_aux.to(device=dev, dtype=torch.float32) / scale
@@ -691,7 +742,7 @@ def _sink_sdpa(query, key, value, attention_mask, causal: bool, s_aux, scale: fl
     sink_key[..., d:d + 2] = c.to(dt)
     q2 = torch.cat([query, qx], dim=-1)
     k2 = torch.cat([sink_key, torch.nn.functional.pad(key, (0, pad))], dim=2)
-    v2 = torch.cat([torch.zeros((B, Hkv, 1, d + pad), dtype=value.dtype, device=dev),
+    v2 = torch.cat([torch.zeros((B, Hkv, 1, dv + pad), dtype=value.dtype, device=dev),
                     torch.nn.functional.pad(value, (0, pad))], dim=2)
     mask = None
     if attention_mask is not None:
@@ -710,7 +761,7 @@ def _sink_sdpa(query, key, value, attention_mask, causal: bool, s_aux, scale: fl
     k2, v2, gqa = _gqa(q2, k2, v2)
     out = torch.nn.functional.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask,
                                                            scale=scale, **gqa)
-    return out[..., :d].transpose(1, 2).contiguous()
+    return out[..., :dv].transpose(1, 2).contiguous()
 
 
 def _padded_keys(attention_mask) -> Optional[torch.Tensor]:

@@ -71,6 +71,14 @@ FAMILIES = {
     "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", MLA, "sdpa"),
     "falcon": ("FalconConfig", "FalconForCausalLM",
                {"num_kv_heads": 2, "new_decoder_architecture": True}, "sdpa"),
+    # Hybrid: linear-attention layers beside every fourth a full one, whose q_proj also computes
+    # an output gate (twice the rows of its heads).
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
+                   {"num_hidden_layers": 4, "head_dim": 32}, "sdpa"),
+    # Per-layer configs: global layers of head_dim 512 (the config's head_dim is per layer).
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", {"num_hidden_layers": 6}, "sdpa"),
+    # A value head_dim (128) past q/k's (32; q and k padded for kvrt), learned sinks.
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", {"head_dim": 32}, "eager"),
     # q pre-scaled in the module, scaling=1.0 passed to the attention call.
     "opt": ("OPTConfig", "OPTForCausalLM",
             {"num_key_value_heads": None, "ffn_dim": 256, "word_embed_proj_dim": 128}, "sdpa"),
@@ -208,7 +216,7 @@ def test_latent_attention_chunked_prompt_and_padded_rows_equal_the_full_cache(fo
     ref = _logits(model, ids, **extra) if form == "padded" else _logits(model, ids)
     cache = kh.enable(model, index_kind="flat", top_k=100000, sink_tokens=4, window_tokens=16,
                       worker_threads=2, **opts)
-    assert (cache.runtime.config.head_dim, kh.head_dims(model.config)) == (48, (48, 24))
+    assert (cache.runtime.config.head_dim, kh.head_dims(model)) == (48, (48, 24))
     torch.testing.assert_close(_logits(model, ids, cache, **extra), ref, rtol=1e-4, atol=1e-4)
     cache.close()
 
@@ -285,6 +293,31 @@ def test_a_scale_the_runtime_was_not_made_with_is_refused_once_tokens_are_in():
     q = k = v = torch.zeros(1, 4, 1, 32)
     with pytest.raises(ValueError, match="score scale 0.5, the kvrt runtime's is 1"):
         layer.attend(model.model.decoder.layers[0].self_attn, q, k, v, None, scaling=0.5)
+    cache.close()
+
+
+@pytest.mark.parametrize("family, fields, match", [
+    ("Gemma3nTextConfig:Gemma3nForCausalLM",
+     dict(num_hidden_layers=10, num_kv_shared_layers=5, head_dim=32, sliding_window=64,
+          vocab_size_per_layer_input=258, hidden_size_per_layer_input=16, laurel_rank=8,
+          activation_sparsity_pattern=[0.0] * 10), "reuse another layer's K/V"),
+    ("xLSTMConfig:xLSTMForCausalLM", dict(num_heads=4), "has no attention modules")])
+def test_models_kvrt_cannot_serve_are_refused_at_enable(family, fields, match):
+    # Gemma 3n's last layers attend K/V an earlier layer stored; xLSTM has no attention (and no
+    # layer types, which would otherwise read as all full attention).
+    model = _model(family, **fields)
+    with pytest.raises(ValueError, match=match):
+        kh.enable(model, index_kind="exact")
+
+
+def test_a_kvrt_cache_layer_is_not_copied():
+    import copy
+    model = _model("llama")
+    cache = kh.enable(model, index_kind="exact")
+    with pytest.raises(NotImplementedError, match="copying a kvrt cache layer"):
+        copy.deepcopy(cache.layers[0])
+    with pytest.raises(NotImplementedError, match="copying a kvrt cache layer"):
+        copy.copy(cache.layers[0])
     cache.close()
 
 
