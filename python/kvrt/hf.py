@@ -64,6 +64,7 @@ from ._runtime import Runtime, Sequence
 from ._stats import Stats
 
 ATTENTION_NAME = "kvrt"
+_GPU_MAX_HEAD_DIM = 256  # kvrt.h, use_gpu: the GPU backend's widest head
 _DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 
@@ -244,9 +245,16 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
     if dtype is None:
         raise ValueError(f"kvrt.hf: model dtype {model.dtype} is not one of {list(_DTYPES)}")
     q_heads, kv_heads = local_heads(model)
+    use_gpu = 1 if model.device.type == "cuda" else 0
+    # (A use_gpu given in config or options wins below, as for any field.)
+    if use_gpu and head_dim > _GPU_MAX_HEAD_DIM and "use_gpu" not in options and config is None:
+        import warnings
+        warnings.warn(f"kvrt.hf: head_dim {head_dim} is past the GPU backend's "
+                      f"{_GPU_MAX_HEAD_DIM}: kvrt runs on its host backend (q, k, v and the "
+                      "output are copied between the model's device and the host)", stacklevel=3)
+        use_gpu = 0
     base = dict(num_layers=len(layers), num_q_heads=q_heads, num_kv_heads=kv_heads,
-                head_dim=head_dim, dtype=dtype, scale=scale,
-                use_gpu=1 if model.device.type == "cuda" else 0)
+                head_dim=head_dim, dtype=dtype, scale=scale, use_gpu=use_gpu)
     params = mods[layers[0]].parameters() if layers[0] in mods else iter(())
     device = next(params, None)
     device = device.device if device is not None else model.device

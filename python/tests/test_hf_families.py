@@ -349,12 +349,24 @@ def test_attention_variants_asked_of_a_kvrt_layer_are_refused(kwargs, match):
     cache.close()
 
 
+def test_a_head_dim_past_the_gpu_backends_runs_on_the_host_backend(monkeypatch):
+    # Gemma 4's global layers (head_dim 512) on a CUDA model: the host backend, with a warning,
+    # unless use_gpu is asked for (then the library's own error names the limit).
+    model = _model("gemma4")
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    with pytest.warns(UserWarning, match="head_dim 512 is past the GPU backend's 256"):
+        cfg = kh.runtime_config(model, index_kind="exact")
+    assert (cfg.head_dim, cfg.use_gpu) == (512, 0)
+    assert kh.runtime_config(model, index_kind="exact", use_gpu=1).use_gpu == 1
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
-def test_sinks_and_latent_attention_on_the_gpu_backend(family, batch):
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "qwen3_next", "gemma4"])
+def test_families_on_the_gpu_backend(family, batch):
     # The device path: gpt-oss's lse written by the GPU's merge on the model's stream, the sink
-    # applied there; MLA's padded values (head_dim 48, run padded to 64 on the device); exact
+    # applied there; MLA's padded values (head_dim 48, run padded to 64 on the device); Qwen3-
+    # Next's gated heads; Gemma 4's head_dim 512 on the host backend from a CUDA model; exact
     # mode, f32, against the model's own attention on the same GPU.
     model = _model(family).to("cuda")
     model.set_attn_implementation(FAMILIES[family][3])
@@ -363,7 +375,7 @@ def test_sinks_and_latent_attention_on_the_gpu_backend(family, batch):
     ref = _logits(model, ids)
     cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
                       worker_threads=2)
-    assert cache.runtime.config.use_gpu == 1
+    assert cache.runtime.config.use_gpu == (0 if family == "gemma4" else 1)
     torch.testing.assert_close(_logits(model, ids, cache), ref, rtol=1e-3, atol=1e-3)
     cache.close()
 
