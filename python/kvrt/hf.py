@@ -43,8 +43,12 @@ Padded batch rows (generate with an attention_mask, left padding): kvrt has no a
 so a row's pad tokens never enter it: the prompt's kvrt_prefill takes only the row's real tokens
 (read off the model's mask), and decode tokens are real. Not with chunked_prompt (refused).
 
-Limits: no beam search, cropping or assisted decoding; a model with attention logit soft-capping
-(Gemma 2) is refused.
+Limits: no beam search, cropping or assisted decoding. Refused (ValueError at enable() or on the
+prompt, before any token enters kvrt; README, "Python"): attention logit soft-capping (Gemma 2),
+a score bias in the mask (ALiBi), layers sharing K/V (Gemma 3n), kvrt layers of different shapes
+or scales, a model whose attention does not go through transformers' AttentionInterface; a second
+attention call per cache update (DiffLlama) or a cache indexed apart from the attention modules
+raise RuntimeError.
 """
 
 from __future__ import annotations
