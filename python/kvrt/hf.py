@@ -249,6 +249,10 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
     if dtype is None:
         raise ValueError(f"kvrt.hf: model dtype {model.dtype} is not one of {list(_DTYPES)}")
     q_heads, kv_heads = local_heads(model)
+    if kv_heads <= 0 or q_heads % kv_heads:
+        raise ValueError(f"kvrt.hf: the model's config gives {q_heads} q / {kv_heads} kv heads, "
+                         "not whole q heads per kv head: its attention computes other heads "
+                         "than its config says")
     use_gpu = 1 if model.device.type == "cuda" else 0
     # (A use_gpu given in config or options wins below, as for any field.)
     if use_gpu and head_dim > _GPU_MAX_HEAD_DIM and "use_gpu" not in options and config is None:

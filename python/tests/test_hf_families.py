@@ -221,6 +221,17 @@ def test_latent_attention_chunked_prompt_and_padded_rows_equal_the_full_cache(fo
     cache.close()
 
 
+def test_a_config_whose_heads_do_not_group_is_refused_by_name():
+    # GPTBigCode without multi-query reads its kv heads off the config (no k_proj): a count that
+    # does not divide the q heads is named before libkvrt would refuse it.
+    model = _model("llama")
+    model.config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="4 q / 3 kv heads, not whole q heads per kv head"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(kh, "_attention_modules", lambda m: {})
+            kh.runtime_config(model, index_kind="exact")
+
+
 def test_a_kvrt_layer_refuses_head_dims_its_runtime_was_not_made_for():
     model = _model("llama")
     cache = kh.enable(model, index_kind="exact")
