@@ -95,7 +95,8 @@ def layer_types(config) -> list[str]:
 
 def kvrt_layers(config) -> list[int]:
     """Model layer indices that kvrt serves: the full-attention layers."""
-    return [i for i, t in enumerate(layer_types(config)) if t == "full_attention"]
+    kinds = ("full_attention", "hybrid") if _HybridBase is not None else ("full_attention",)
+    return [i for i, t in enumerate(layer_types(config)) if t in kinds]
 
 
 def _attention_modules(model) -> dict[int, torch.nn.Module]:
@@ -362,6 +363,38 @@ class KvrtLayer(CacheLayerMixin):
         return self.cache._attend(self, module, query, key, value, attention_mask, **kwargs)
 
 
+try:  # transformers' cache of a linear-attention (SSM) layer's states, since 5.x
+    from transformers.cache_utils import LinearAttentionLayer as _HybridBase
+except ImportError:
+    _HybridBase = None
+
+
+if _HybridBase is not None:
+    class KvrtHybridLayer(_HybridBase, KvrtLayer):
+        """A "hybrid" layer (Falcon-H1, Zamba2: attention beside an SSM in one layer): its
+        attention in kvrt, its SSM's conv and recurrent states in transformers' own layer."""
+
+        def __init__(self, cache: "KvrtCache", kvrt_layer: int, number_of_states: int = 1):
+            KvrtLayer.__init__(self, cache, kvrt_layer)
+            _HybridBase.__init__(self, number_of_states=number_of_states)
+
+        def lazy_initialization(self, *args, **kwargs) -> None:
+            if not args:  # the SSM's states (keywords); the attention part holds nothing
+                _HybridBase.lazy_initialization(self, **kwargs)
+
+        def reset(self) -> None:
+            _HybridBase.reset(self)
+            KvrtLayer.reset(self)
+
+        def get_seq_length(self) -> int:
+            return KvrtLayer.get_seq_length(self)
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return KvrtLayer.get_mask_sizes(self, query_length)
+else:
+    KvrtHybridLayer = None
+
+
 class KvrtCache(DynamicCache):
     """A transformers Cache whose global layers live in kvrt (one kvrt Sequence per batch row)
     and whose sliding-window layers are transformers' own. Build it with kvrt.hf.enable(model,
@@ -390,7 +423,12 @@ class KvrtCache(DynamicCache):
         self._prompt: dict[int, dict[str, Any]] = {}
         self.layer_map = {src: i for i, src in enumerate(kvrt_layers(model.config))}
         for src, kl in self.layer_map.items():
-            layer = KvrtLayer(self, kl)
+            if layer_types(model.config)[src] == "hybrid":
+                # As many SSM states as the layer transformers made for it.
+                states = getattr(self.layers[src], "number_of_states", 1)
+                layer = KvrtHybridLayer(self, kl, states)
+            else:
+                layer = KvrtLayer(self, kl)
             layer.layer_idx = src
             self.layers[src] = layer
         # The config asked for (the attention modules' scale), kept to remake the runtime when

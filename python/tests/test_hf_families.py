@@ -75,6 +75,9 @@ FAMILIES = {
     # an output gate (twice the rows of its heads).
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM",
                    {"num_hidden_layers": 4, "head_dim": 32}, "sdpa"),
+    # "Hybrid" layers: attention beside an SSM in each layer (kvrt's attention, transformers'
+    # SSM states in the same cache layer).
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", {"head_dim": 32}, "sdpa"),
     # Per-layer configs: global layers of head_dim 512 (the config's head_dim is per layer).
     "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", {"num_hidden_layers": 6}, "sdpa"),
     # A value head_dim (128) past q/k's (32; q and k padded for kvrt), learned sinks.
