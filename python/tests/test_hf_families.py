@@ -175,27 +175,33 @@ def test_a_batch_with_learned_sinks_equals_the_full_cache():
     cache.close()
 
 
+def _chunked_or_padded(model, form: str, seed: int, pads: int, **options):
+    """kvrt (enable's options) against the model's own cache for a prompt in chunks of 64
+    (chunked_prompt; the reference takes it whole) or a batch of two whose second row has `pads`
+    left pads (attention_mask). Returns the cache, still open, and the ids."""
+    ids = torch.randint(2, 258, (1 if form == "chunked" else 2, PROMPT),
+                        generator=torch.Generator().manual_seed(seed))
+    extra, opts = {}, {}
+    if form == "chunked":
+        extra, opts = {"prefill_chunk_size": 64}, {"chunked_prompt": True}
+    else:
+        mask = torch.ones_like(ids)
+        mask[1, :pads] = 0
+        ids[1, :pads] = 0
+        extra = {"attention_mask": mask}
+    ref = _logits(model, ids, **extra) if form == "padded" else _logits(model, ids)
+    cache = kh.enable(model, sink_tokens=4, window_tokens=16, worker_threads=2, **opts, **options)
+    torch.testing.assert_close(_logits(model, ids, cache, **extra), ref, rtol=1e-4, atol=1e-4)
+    return cache, ids
+
+
 @pytest.mark.parametrize("form", ["chunked", "padded"])
 def test_gpt_oss_chunked_prompt_and_padded_rows_equal_the_full_cache(form):
     # The prompt in chunks (each attends the prompt so far with the sinks, lower-right causal)
     # and a batch whose second row is left-padded (the sink attention under a padding mask).
     model = _model("gpt_oss")
     model.set_attn_implementation("eager")
-    ids = torch.randint(2, 258, (1 if form == "chunked" else 2, PROMPT),
-                        generator=torch.Generator().manual_seed(7))
-    extra, opts = {}, {}
-    if form == "chunked":
-        extra, opts = {"prefill_chunk_size": 64}, {"chunked_prompt": True}
-    else:
-        mask = torch.ones_like(ids)
-        mask[1, :37] = 0
-        ids[1, :37] = 0
-        extra = {"attention_mask": mask}
-
-    ref = _logits(model, ids, **extra) if form == "padded" else _logits(model, ids)
-    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
-                      worker_threads=2, **opts)
-    torch.testing.assert_close(_logits(model, ids, cache, **extra), ref, rtol=1e-4, atol=1e-4)
+    cache, ids = _chunked_or_padded(model, form, 7, 37, index_kind="exact")
     assert cache.stats().attend_calls == 2 * 3 * ids.shape[0]  # full layers x steps x rows
     cache.close()
 
@@ -206,21 +212,8 @@ def test_latent_attention_chunked_prompt_and_padded_rows_equal_the_full_cache(fo
     # prompt's prefill and a batch (attend_batch) with a left-padded row, at a sparse kind whose
     # budget covers every cold token.
     model = _model("deepseek_v3")
-    ids = torch.randint(2, 258, (1 if form == "chunked" else 2, PROMPT),
-                        generator=torch.Generator().manual_seed(5))
-    extra, opts = {}, {}
-    if form == "chunked":
-        extra, opts = {"prefill_chunk_size": 64}, {"chunked_prompt": True}
-    else:
-        mask = torch.ones_like(ids)
-        mask[1, :29] = 0
-        ids[1, :29] = 0
-        extra = {"attention_mask": mask}
-    ref = _logits(model, ids, **extra) if form == "padded" else _logits(model, ids)
-    cache = kh.enable(model, index_kind="flat", top_k=100000, sink_tokens=4, window_tokens=16,
-                      worker_threads=2, **opts)
+    cache, _ = _chunked_or_padded(model, form, 5, 29, index_kind="flat", top_k=100000)
     assert (cache.runtime.config.head_dim, kh.head_dims(model)) == (48, (48, 24))
-    torch.testing.assert_close(_logits(model, ids, cache, **extra), ref, rtol=1e-4, atol=1e-4)
     cache.close()
 
 
