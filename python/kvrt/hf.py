@@ -374,6 +374,14 @@ if _HybridBase is not None:
         """A "hybrid" layer (Falcon-H1, Zamba2: attention beside an SSM in one layer): its
         attention in kvrt, its SSM's conv and recurrent states in transformers' own layer."""
 
+        # kvrt's answers where both define one: the attention's tokens cannot be cropped or
+        # reordered (beam search), so neither are the SSM's.
+        is_compileable = False
+        is_croppable = False
+        crop = KvrtLayer.crop
+        reorder_cache = KvrtLayer.reorder_cache
+        get_max_length = KvrtLayer.get_max_length
+
         def __init__(self, cache: "KvrtCache", kvrt_layer: int, number_of_states: int = 1):
             KvrtLayer.__init__(self, cache, kvrt_layer)
             _HybridBase.__init__(self, number_of_states=number_of_states)
@@ -400,7 +408,9 @@ class KvrtCache(DynamicCache):
     and whose sliding-window layers are transformers' own. Build it with kvrt.hf.enable(model,
     ...) or KvrtCache(model, ...) after register(); a new cache (or reset()) per generation.
 
-    Attributes: runtime (the kvrt.Runtime), sequences (one per batch row, after the prompt),
+    Attributes: runtime (the kvrt.Runtime; one the cache made is remade, before any token
+    enters it, when the model's first attention call passes another scale than its modules'
+    `scaling` attribute, as OPT's does), sequences (one per batch row, after the prompt),
     layer_map ({model layer: kvrt layer}), time_prefill_s / time_decode_s (host seconds in kvrt
     calls; the device work they enqueue on the current stream is not waited for, so that the host
     runs ahead into the next layer as it does for transformers' own attention).
@@ -649,7 +659,7 @@ def _refuse_bias(layer_idx: int, attention_mask) -> None:
     Falcon, a relative position bias) is a score bias kvrt's softmax does not have: checked on
     the prompt's forwards (one reduction each), before any token enters kvrt."""
     m = attention_mask
-    if m is None or m.dtype == torch.bool or not m.dtype.is_floating_point:
+    if not isinstance(m, torch.Tensor) or not m.dtype.is_floating_point:
         return
     if bool(((m != 0) & (m > torch.finfo(m.dtype).min / 2)).any()):
         raise ValueError(f"kvrt.hf: layer {layer_idx}'s attention mask adds a bias to the scores "

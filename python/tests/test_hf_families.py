@@ -317,6 +317,19 @@ def test_models_kvrt_cannot_serve_are_refused_at_enable(family, fields, match):
         kh.enable(model, index_kind="exact")
 
 
+@pytest.mark.skipif(kh.KvrtHybridLayer is None, reason="transformers without hybrid layers")
+def test_a_hybrid_layer_refuses_what_its_kvrt_part_cannot_do():
+    model = _model("falcon_h1")
+    cache = kh.enable(model, index_kind="exact")
+    layer = cache.layers[kh.kvrt_layers(model.config)[0]]
+    assert isinstance(layer, kh.KvrtHybridLayer) and not layer.is_croppable
+    with pytest.raises(NotImplementedError, match="cropping"):
+        layer.crop(1)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        layer.reorder_cache(torch.zeros(1, dtype=torch.long))
+    cache.close()
+
+
 def test_a_kvrt_cache_layer_is_not_copied():
     import copy
     model = _model("llama")
