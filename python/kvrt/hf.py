@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -699,12 +700,13 @@ def attention(module, query, key, value, attention_mask, **kwargs):
                 f"kvrt.hf: the attention of layer {idx} ran while kvrt layer(s) {sorted(layers)} "
                 "had updated the cache without attending: the model indexes its cache apart from "
                 "its attention modules (recurrent or shared layers), which kvrt does not serve")
-        if idx is not None and attended.get(idx) is module:
+        last = attended.get(idx)
+        if idx is not None and last is not None and last() is module:
             raise RuntimeError(
                 f"kvrt.hf: layer {idx} calls the attention function more than once per cache "
                 "update (e.g. differential attention), which kvrt does not serve")
         return _sdpa(module, query, key, value, attention_mask, **kwargs)
-    attended[idx] = module
+    attended[idx] = weakref.ref(module)  # not kept alive past its model
     return layer.attend(module, query, key, value, attention_mask, **kwargs)
 
 
