@@ -6,8 +6,10 @@ family runs in a subprocess of its own (a hang or a crash is that family's resul
 
 Classes: match (same tokens, logits within 1e-4, kvrt attended every kvrt layer at every decode
 step), refused (a ValueError/NotImplementedError from kvrt.hf, or a RuntimeError naming what
-kvrt does not serve), WRONG (different output), CRASH (another error inside kvrt), model (the
-model could not be built or run by transformers itself at this size: not kvrt's).
+kvrt does not serve), WRONG (different output), CRASH (another error), killed (by a signal,
+mostly out of memory: a family whose fields below do not reach its text model is built at its
+full default size), model (the model could not be built or run by transformers itself at this
+size: not kvrt's).
 
     python tools/hf_survey/survey.py [--jobs 2] [--timeout 120] [--jsonl OUT] [FAMILY ...]
 """
@@ -122,8 +124,12 @@ def _run(family: str, fields: dict, timeout: float) -> dict:
                             json.dumps(fields)], capture_output=True, text=True, timeout=timeout)
         lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
-        r = json.loads(lines[-1][7:]) if lines else {
-            "class": "CRASH", "reason": f"exit {p.returncode}: {tail[0][:300]}"}
+        if lines:
+            r = json.loads(lines[-1][7:])
+        elif p.returncode < 0:  # a signal: SIGKILL is mostly the kernel's out-of-memory killer
+            r = {"class": "killed", "reason": f"signal {-p.returncode} (9: out of memory?)"}
+        else:
+            r = {"class": "CRASH", "reason": f"exit {p.returncode}: {tail[0][:300]}"}
     except subprocess.TimeoutExpired:
         r = {"class": "model", "reason": f"no result in {timeout:g} s"}
     return {"family": family, **r}
