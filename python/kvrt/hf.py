@@ -126,7 +126,7 @@ def _layer_config(model, layer: int):
 def head_dims(model, layer: Optional[int] = None) -> tuple[int, int]:
     """(query/key, value) head dims of the attention of `layer` (default: the first kvrt
     layer), from its attention module where it says, else from the layer's config. Multi-head
-    latent attention (DeepSeek-V2/V3, Kimi K2, MiniCPM3, GLM-4.7-Flash, ...: qk_nope_head_dim +
+    latent attention (DeepSeek-V2/V3, Kimi K2, MiniCPM3, GLM-4-MoE-Lite, ...: qk_nope_head_dim +
     qk_rope_head_dim for queries and keys, v_head_dim for values; its config's head_dim is the
     rope part only) attends over per-head K/V expanded from its latent, which kvrt is handed."""
     if layer is None:
