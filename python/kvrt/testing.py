@@ -48,3 +48,24 @@ def tiny_random(seed: int = 0, kv_heads: int = 1):
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(8.0)
     return model.eval()
+
+
+# Query projections of transformers' attention modules, by the names families give them.
+_Q_PROJECTIONS = ("q_proj", "q_b_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv",
+                  "query", "q_attn")
+
+
+def sharpen(model, factor: float = 4.0) -> None:
+    """Makes a random model's attention sharper than its init's, so that a cache that loses the
+    old tokens shows in the logits: its query projections x factor, and learned attention sinks
+    (gpt-oss's `sinks`, ~N(0, 0.02) at init: ~1/200 of a softmax over a short prompt) ~N(5, 1),
+    large enough that a sink left out moves the logits. In place, seeded by torch's generator."""
+    import torch
+    with torch.no_grad():
+        for m in model.modules():
+            for name in _Q_PROJECTIONS:
+                w = getattr(getattr(m, name, None), "weight", None)  # MLA's q_proj may be None
+                if isinstance(w, torch.Tensor):
+                    w.mul_(factor)
+            if isinstance(getattr(m, "sinks", None), torch.Tensor):
+                m.sinks.copy_(torch.randn(m.sinks.shape) + 5.0)

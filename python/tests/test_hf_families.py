@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import kvrt  # noqa: E402
 import kvrt.hf as kh  # noqa: E402
+from kvrt.testing import sharpen  # noqa: E402
 
 PROMPT, NEW = 200, 6
 COMMON = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -98,16 +99,7 @@ def _model(family: str, **fields):
         pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**{**COMMON, **extra, **fields})).eval()
-    with torch.no_grad():  # sharper attention than the init's, so that the cold tokens matter
-        for m in model.modules():
-            for name in ("q_proj", "q_b_proj", "qkv_proj", "query_key_value"):
-                if getattr(m, name, None) is not None:  # MLA's q_proj is None with q_b_proj
-                    getattr(m, name).weight.mul_(4.0)
-            if isinstance(getattr(m, "sinks", None), torch.Tensor):
-                # The init's sinks (~N(0, 0.02)) weigh ~1/200 of a softmax over this prompt:
-                # near the lse, a sink that kvrt missed would move the logits far past the
-                # tolerance.
-                m.sinks.copy_(torch.randn(m.sinks.shape) + 5.0)
+    sharpen(model)  # so that the cold tokens and the sinks matter
     return model
 
 

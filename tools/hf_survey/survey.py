@@ -28,9 +28,6 @@ PROMPT, NEW = 200, 6
 COMMON = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
               pad_token_id=0, bos_token_id=1, eos_token_id=257)
-# q projections sharpened x4 (as the tests do), so that the cold tokens matter.
-Q_NAMES = ("q_proj", "q_b_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "query",
-           "q_attn")
 
 
 def _result(cls: str, reason: str, **info) -> None:
@@ -41,6 +38,7 @@ def _result(cls: str, reason: str, **info) -> None:
 def _build(family: str, fields: dict):
     import torch
     import transformers
+    from kvrt.testing import sharpen
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     name = family.split("@")[0]
@@ -55,14 +53,7 @@ def _build(family: str, fields: dict):
     merged = {k: v for k, v in {**COMMON, **fields}.items() if v != "__drop__"}
     torch.manual_seed(0)
     model = model_cls(cfg_cls(**merged)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            for q in Q_NAMES:
-                w = getattr(getattr(m, q, None), "weight", None)
-                if isinstance(w, torch.Tensor):
-                    w.mul_(4.0)
-            if isinstance(getattr(m, "sinks", None), torch.Tensor):
-                m.sinks.copy_(torch.randn(m.sinks.shape) + 5.0)
+    sharpen(model)  # as the tests do: the cold tokens and the sinks matter
     return model
 
 
