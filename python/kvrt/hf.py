@@ -428,6 +428,10 @@ class KvrtCache(DynamicCache):
     def __init__(self, model, config: Optional[Config] = None, runtime: Optional[Runtime] = None,
                  *, chunked_prompt: bool = False, **options: Any):
         super().__init__(config=model.config)
+        # The config asked for (the attention modules' scale), kept to remake the runtime when
+        # the first attention call passes another scale (see _check_scale). First: it refuses
+        # the models kvrt cannot serve before their cache layers are touched.
+        self._requested = runtime_config(model, config, **options) if runtime is None else None
         self.chunked_prompt = chunked_prompt
         # kvrt layer -> the prompt so far (chunked_prompt): k, v [B, Hkv, tokens, d] as the model
         # gives them, kept queries [B, m, Hq, d] (a list of chunks), their stride, tokens seen.
@@ -441,10 +445,11 @@ class KvrtCache(DynamicCache):
             else:
                 layer = KvrtLayer(self, kl)
             layer.layer_idx = src
+            if src >= len(self.layers):
+                raise ValueError(f"kvrt.hf: transformers' cache for this model has "
+                                 f"{len(self.layers)} layers, not one per layer: its layer {src} "
+                                 "shares another's cache, which kvrt does not serve")
             self.layers[src] = layer
-        # The config asked for (the attention modules' scale), kept to remake the runtime when
-        # the first attention call passes another scale (see _check_scale).
-        self._requested = runtime_config(model, config, **options) if runtime is None else None
         self.runtime = runtime or Runtime(self._requested)
         self._owns_runtime = runtime is None
         self._tdt = _TORCH_DTYPES[self.runtime.config.dtype]
