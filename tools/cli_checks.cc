@@ -6,6 +6,7 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "tools/options.h"
 
 namespace kvrt::cli {
 
@@ -27,12 +28,10 @@ CLI::Validator NumberIn(double min, double max) {
 CLI::Validator AtLeast(int64_t min) {
   return CLI::Validator(
       [min](std::string& s) -> std::string {
-        char* end = nullptr;
-        errno = 0;
-        const long long v = std::strtoll(s.c_str(), &end, 10);
-        if (s.empty() || end == s.c_str() || *end != '\0')
-          return absl::StrCat("'", s, "' is not an integer");
-        if (errno == ERANGE) return absl::StrCat(s, " is out of range");
+        int64_t v = 0;
+        const IntText parsed = ParseInt(s, &v);
+        if (parsed == IntText::kNotInteger) return absl::StrCat("'", s, "' is not an integer");
+        if (parsed == IntText::kOutOfRange) return absl::StrCat(s, " is out of range");
         if (v < min) return absl::StrCat(s, " must be >= ", min);
         return {};
       },

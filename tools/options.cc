@@ -19,17 +19,26 @@ std::vector<std::string> SplitList(const std::string& s) {
   return out;
 }
 
+IntText ParseInt(const std::string& s, int64_t* value) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || end == s.c_str() || *end != '\0') return IntText::kNotInteger;
+  if (errno == ERANGE) return IntText::kOutOfRange;
+  *value = v;
+  return IntText::kInteger;
+}
+
 absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& option, const std::string& s,
                                                   int64_t min, int64_t max) {
   std::vector<int64_t> out;
   for (const auto& item : SplitList(s)) {
-    char* end = nullptr;
-    errno = 0;
-    const long long v = std::strtoll(item.c_str(), &end, 10);
-    if (end == item.c_str() || *end != '\0')
+    int64_t v = 0;
+    const IntText parsed = ParseInt(item, &v);
+    if (parsed == IntText::kNotInteger)
       return absl::InvalidArgumentError(
           absl::StrCat(option, ": '", item, "' is not an integer (comma-separated integers)"));
-    if (errno == ERANGE || v < min || v > max)
+    if (parsed == IntText::kOutOfRange || v < min || v > max)
       return absl::InvalidArgumentError(
           absl::StrCat(option, ": ", item, " is out of range [", min, ", ", max, "]"));
     out.push_back(v);

@@ -10,6 +10,9 @@
 namespace kvrt::cli {
 
 std::vector<std::string> SplitList(const std::string& s);  // comma-separated, empty items dropped
+// One base-10 integer, the whole of `s`: kOutOfRange past int64's range (strtoll's ERANGE).
+enum class IntText { kInteger, kNotInteger, kOutOfRange };
+IntText ParseInt(const std::string& s, int64_t* value);
 // Comma-separated integers, each in [min, max]; `option` names the option in errors.
 absl::StatusOr<std::vector<int64_t>> ParseIntList(const std::string& option, const std::string& s,
                                                   int64_t min, int64_t max);
