@@ -123,17 +123,19 @@ def _layer_config(model, layer: int):
     return per[layer] if per else c
 
 
-def head_dims(model, layer: Optional[int] = None) -> tuple[int, int]:
+def head_dims(model, layer: Optional[int] = None,
+              modules: Optional[dict] = None) -> tuple[int, int]:
     """(query/key, value) head dims of the attention of `layer` (default: the first kvrt
     layer), from its attention module where it says, else from the layer's config. Multi-head
     latent attention (DeepSeek-V2/V3, Kimi K2, MiniCPM3, GLM-4-MoE-Lite, ...: qk_nope_head_dim +
     qk_rope_head_dim for queries and keys, v_head_dim for values; its config's head_dim is the
-    rope part only) attends over per-head K/V expanded from its latent, which kvrt is handed."""
+    rope part only) attends over per-head K/V expanded from its latent, which kvrt is handed.
+    modules: _attention_modules(model), when the caller has it (a walk of every module)."""
     if layer is None:
         layers = kvrt_layers(model.config)
         layer = layers[0] if layers else 0
     c = _layer_config(model, layer)
-    mod = _attention_modules(model).get(layer)
+    mod = (_attention_modules(model) if modules is None else modules).get(layer)
     nope, rope = _get(c, "qk_nope_head_dim"), _get(c, "qk_rope_head_dim")
     qk = (_get(mod, "qk_head_dim") or _get(mod, "head_dim") or
           (nope + rope if nope is not None and rope is not None else None) or
@@ -236,16 +238,18 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
                          "to serve")
     # kvrt's rows are as wide as the widest of q/k and v: a narrower one is padded with zeros
     # (MLA's values; the output's padding is dropped), which changes no score and no output.
-    qk_dim, v_dim = head_dims(model)
-    kv_of = lambda i: _get(_layer_config(model, i), "num_key_value_heads")  # noqa: E731
-    odd = [i for i in layers if (head_dims(model, i), kv_of(i)) != ((qk_dim, v_dim), kv_of(layers[0]))]
+    mods = _attention_modules(model)
+    shapes = {i: (head_dims(model, i, mods), _get(_layer_config(model, i), "num_key_value_heads"))
+              for i in layers}
+    first = shapes[layers[0]]
+    odd = [i for i in layers if shapes[i] != first]
     if odd:
         raise ValueError(f"kvrt.hf: the full-attention layers differ in head dims or kv heads "
-                         f"(layer {layers[0]}: {head_dims(model, layers[0])}, {kv_of(layers[0])}; "
-                         f"layer {odd[0]}: {head_dims(model, odd[0])}, {kv_of(odd[0])}); one "
-                         "kvrt runtime serves one shape")
+                         f"(layer {layers[0]}: {first[0]}, {first[1]}; layer {odd[0]}: "
+                         f"{shapes[odd[0]][0]}, {shapes[odd[0]][1]}); one kvrt runtime serves "
+                         "one shape")
+    qk_dim, v_dim = first[0]
     head_dim = max(qk_dim, v_dim)
-    mods = _attention_modules(model)
     scale = float(getattr(mods.get(layers[0]), "scaling", qk_dim ** -0.5))
     dtype = _DTYPES.get(model.dtype)
     if dtype is None:
