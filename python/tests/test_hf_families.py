@@ -230,6 +230,22 @@ def test_a_config_whose_heads_do_not_group_is_refused_by_name():
             kh.runtime_config(model, index_kind="exact")
 
 
+def test_full_attention_layers_of_different_shapes_are_refused(monkeypatch):
+    # One runtime serves one shape: a per-layer config whose second layer has other kv heads.
+    model = _model("llama")
+    c = model.config
+
+    class Layer:
+        def __init__(self, kv):
+            self.num_attention_heads, self.num_key_value_heads = 4, kv
+            self.hidden_size, self.head_dim = c.hidden_size, 32
+
+    monkeypatch.setattr(kh, "_layer_config", lambda m, i: Layer(2 if i == 0 else 4))
+    with pytest.raises(ValueError, match=r"differ in head dims or kv heads \(layer 0: "
+                                         r"\(32, 32\), 2; layer 1: \(32, 32\), 4\)"):
+        kh.runtime_config(model, index_kind="exact")
+
+
 def test_a_kvrt_layer_refuses_head_dims_its_runtime_was_not_made_for():
     model = _model("llama")
     cache = kh.enable(model, index_kind="exact")
