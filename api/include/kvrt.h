@@ -27,7 +27,7 @@
  *
  * Limits (KVRT_ERR_INVALID_ARGUMENT outside them, naming the field)
  *   num_layers 1..4096, num_kv_heads 1..1024, num_q_heads 1..4096 (a multiple of num_kv_heads),
- *   head_dim 1..512, sink_tokens 0..2^20, window_tokens 1..2^24, top_k 1..2^20 (for every index
+ *   head_dim 1..1024, sink_tokens 0..2^20, window_tokens 1..2^24, top_k 1..2^20 (for every index
  *   kind, EXACT included, which ignores it), search_effort 0..2^24, worker_threads >= 0 (above the
  *   hardware thread count: clamped to it), worker_cpu_first and worker_cpu_count >= 0 (the range
  *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, cluster_rescore 0..64,
@@ -74,7 +74,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 24
+#define KVRT_VERSION_PATCH 25
 
 #ifdef __cplusplus
 extern "C" {

@@ -8,8 +8,10 @@ mask(), transformers' SDPA mask builder without the mask of a plain causal chunk
 switches the model to it, and returns a KvrtCache.
 Works for decoders whose attention modules call `cache.update(...)` and then the attention
 interface (Llama, Qwen2, Gemma 3, SmolLM, Mistral, ...). Multi-head latent attention (DeepSeek-V2/
-V3, MiniCPM3, ...) caches its latent through update() and expands per-head K/V from it: kvrt is
-handed those (values padded with zeros to the keys' width), not the latent.
+V3, Kimi K2, MiniCPM3, GLM-4-MoE-Lite) is held as its latent by default (mla="latent": one kv head
+of kv_lora_rank + qk_rope_head_dim per token, read off kv_b_proj's input; each q head's nope part
+absorbed through kv_b_proj's key rows, the output through its value rows), or as the per-head K/V
+the model expands from it (mla="expanded": values padded with zeros to the keys' width).
 
 What runs where:
   - Global (full-attention) layers are kvrt layers, renumbered 0..n-1. Their prompt (the first
@@ -143,6 +145,64 @@ def head_dims(model, layer: Optional[int] = None,
     return qk, _get(mod, "v_head_dim") or _get(c, "v_head_dim") or qk
 
 
+MLA_FORMS = ("latent", "expanded")
+
+
+def mla_dims(model, layer: Optional[int] = None,
+             modules: Optional[dict] = None) -> Optional[tuple[int, int, int, int]]:
+    """(kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim) of `layer`'s attention
+    (default: the first kvrt layer) when it is multi-head latent attention: a kv_b_proj that maps
+    the latent to each head's nope key part and value. None for any other attention."""
+    if layer is None:
+        layers = kvrt_layers(model.config)
+        layer = layers[0] if layers else 0
+    mod = (_attention_modules(model) if modules is None else modules).get(layer)
+    if mod is None or getattr(mod, "kv_b_proj", None) is None:
+        return None
+    c = _layer_config(model, layer)
+    dims = tuple(_get(mod, n) or _get(c, n)
+                 for n in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+    return dims if all(isinstance(x, int) and x > 0 for x in dims) else None
+
+
+def _latent_maps(module, heads: int, dims: tuple[int, int, int, int]):
+    """kv_b_proj as (key rows [heads, nope, rank], value rows [heads, v, rank]): views of a plain
+    floating weight (this rank's shard under tensor parallelism), else (a quantized or wrapped
+    projection) its map read off the identity, as the model applies it."""
+    rank, nope, _, dv = dims
+    proj = module.kv_b_proj
+    w = getattr(proj, "weight", None)
+    if (isinstance(proj, torch.nn.Linear) and proj.bias is None and w is not None
+            and w.dtype.is_floating_point):
+        w = (w.to_local() if hasattr(w, "to_local") else w).detach()
+    else:
+        p = next(proj.parameters(), None)
+        dt = p.dtype if p is not None and p.dtype.is_floating_point else torch.float32
+        eye = torch.eye(rank, dtype=dt, device=p.device if p is not None else None)
+        with torch.no_grad():
+            w = (proj(eye) - proj(torch.zeros_like(eye[:1]))).T.contiguous()
+    if w.shape != (heads * (nope + dv), rank):
+        raise ValueError(f"kvrt.hf: kv_b_proj maps {tuple(w.shape)[::-1]} where {heads} heads of "
+                         f"{nope} + {dv} from a latent of {rank} were expected; pass "
+                         "mla=\"expanded\"")
+    w = w.view(heads, nope + dv, rank)
+    return w[:, :nope], w[:, nope:]
+
+
+def _keep_latent(module) -> None:
+    """A hook on kv_b_proj's input, the latent of the tokens of this forward (normalized, as the
+    model expands it), kept on the attention module for kvrt's attention call to take."""
+    if getattr(module, "_kvrt_latent_hook", None) is not None:
+        return
+    ref = weakref.ref(module)
+
+    def keep(_proj, args):
+        m = ref()
+        if m is not None and args:
+            m.__dict__["_kvrt_latent"] = args[0]
+    module._kvrt_latent_hook = module.kv_b_proj.register_forward_pre_hook(keep)
+
+
 def _shard_rows(weight) -> tuple[int, int]:
     """(rows this process holds, rows of the whole weight / tp) of a projection: its local shard
     under tensor parallelism (a DTensor knows its global shape; a plain shard does not)."""
@@ -215,11 +275,16 @@ def _online_cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Config:
+def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent",
+                   **options: Any) -> Config:
     """The kvrt.Config for `model`'s global layers: shapes (this rank's heads under tensor
     parallelism: local_heads), dtype (the model's), scale (the attention modules' own) and backend
     (GPU when the model is on CUDA, on the attention modules' device), then `config` / `options`
-    (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads)."""
+    (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads). mla: how multi-head
+    latent attention is held ("latent": q heads over one kv head of kv_lora_rank +
+    qk_rope_head_dim; "expanded": the per-head K/V; see the module's docstring)."""
+    if mla not in MLA_FORMS:
+        raise ValueError(f"kvrt.hf: mla={mla!r} is not one of {MLA_FORMS}")
     c = _text_config(model.config)
     if _get(c, "attn_logit_softcapping"):
         raise ValueError("kvrt.hf: attention logit soft-capping (attn_logit_softcapping = "
@@ -255,6 +320,12 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
     if dtype is None:
         raise ValueError(f"kvrt.hf: model dtype {model.dtype} is not one of {list(_DTYPES)}")
     q_heads, kv_heads = local_heads(model)
+    latent = mla_dims(model, layers[0], mods) if mla == "latent" else None
+    expanded = kv_heads * head_dim  # values per token in K (and in V) held as the model's heads
+    if latent is not None:
+        # The score of q head h over the latent: (its nope part through kv_b_proj's key rows of
+        # h) . latent + its rope part . the shared rope key, the model's score term by term.
+        kv_heads, head_dim = 1, latent[0] + latent[2]
     if kv_heads <= 0 or q_heads % kv_heads:
         raise ValueError(f"kvrt.hf: the model's config gives {q_heads} q / {kv_heads} kv heads, "
                          "not whole q heads per kv head: its attention computes other heads "
@@ -263,9 +334,13 @@ def runtime_config(model, config: Optional[Config] = None, **options: Any) -> Co
     # (A use_gpu given in config or options wins below, as for any field.)
     if use_gpu and head_dim > _GPU_MAX_HEAD_DIM and "use_gpu" not in options and config is None:
         import warnings
-        warnings.warn(f"kvrt.hf: head_dim {head_dim} is past the GPU backend's "
-                      f"{_GPU_MAX_HEAD_DIM}: kvrt runs on its host backend (q, k, v and the "
-                      "output are copied between the model's device and the host)", stacklevel=3)
+        why = (f"multi-head latent attention held as its latent (head_dim {head_dim}) is past "
+               f"the GPU backend's {_GPU_MAX_HEAD_DIM} (mla=\"expanded\" keeps the GPU backend "
+               f"at {expanded / head_dim:.0f}x the memory per token)"
+               if latent is not None else
+               f"head_dim {head_dim} is past the GPU backend's {_GPU_MAX_HEAD_DIM}")
+        warnings.warn(f"kvrt.hf: {why}: kvrt runs on its host backend (q, k, v and the output "
+                      "are copied between the model's device and the host)", stacklevel=3)
         use_gpu = 0
     base = dict(num_layers=len(layers), num_q_heads=q_heads, num_kv_heads=kv_heads,
                 head_dim=head_dim, dtype=dtype, scale=scale, use_gpu=use_gpu)
@@ -430,12 +505,15 @@ class KvrtCache(DynamicCache):
     _QUERY_KEEP = 8192  # prompt queries kept per layer for the query sample (chunked_prompt)
 
     def __init__(self, model, config: Optional[Config] = None, runtime: Optional[Runtime] = None,
-                 *, chunked_prompt: bool = False, **options: Any):
+                 *, chunked_prompt: bool = False, mla: str = "latent", **options: Any):
         super().__init__(config=model.config)
         # The config asked for (the attention modules' scale), kept to remake the runtime when
         # the first attention call passes another scale (see _check_scale). First: it refuses
         # the models kvrt cannot serve before their cache layers are touched.
-        self._requested = runtime_config(model, config, **options) if runtime is None else None
+        self._requested = (runtime_config(model, config, mla=mla, **options) if runtime is None
+                           else None)
+        if mla not in MLA_FORMS:
+            raise ValueError(f"kvrt.hf: mla={mla!r} is not one of {MLA_FORMS}")
         self.chunked_prompt = chunked_prompt
         # kvrt layer -> the prompt so far (chunked_prompt): k, v [B, Hkv, tokens, d] as the model
         # gives them, kept queries [B, m, Hq, d] (a list of chunks), their stride, tokens seen.
@@ -460,6 +538,15 @@ class KvrtCache(DynamicCache):
         self._on_gpu = self.runtime.config.use_gpu == 1
         self._heads = (self.runtime.config.num_q_heads, self.runtime.config.num_kv_heads)
         self._width = self.runtime.config.head_dim
+        # Multi-head latent attention held as its latent: its dims and, per kvrt layer,
+        # kv_b_proj's key and value rows (_latent_maps).
+        mods = _attention_modules(model)
+        self._mla = mla_dims(model, None, mods) if mla == "latent" else None
+        self._maps = {}
+        for src, kl in self.layer_map.items():
+            if self._mla is not None:
+                self._maps[kl] = _latent_maps(mods[src], self._heads[0], self._mla)
+                _keep_latent(mods[src])
         self.sequences: list[Sequence] = []
         self._prefilled: set[int] = set()
         self.time_prefill_s = 0.0
@@ -526,9 +613,9 @@ class KvrtCache(DynamicCache):
         return self.chunked_prompt and kl not in self._prefilled and n > 1
 
     def _attend_prompt_chunk(self, layer: KvrtLayer, module, query, key, value, attention_mask,
-                             **kwargs):
+                             held, **kwargs):
         """SDPA of a prompt chunk over the prompt so far; the chunk's K/V and some of its queries
-        are kept for the prefill."""
+        are kept for the prefill (held: q, k, v as kvrt holds them, see _held)."""
         kl, n = layer.kvrt_layer, query.shape[2]
         p = self._prompt.get(kl)
         if p is None:
@@ -536,11 +623,14 @@ class KvrtCache(DynamicCache):
         else:
             p["k"] = torch.cat((p["k"], key), dim=2)
             p["v"] = torch.cat((p["v"], value), dim=2)
+        if self._mla is not None:  # the latent beside the K/V that SDPA attends
+            for name, t in (("lk", held[1]), ("lv", held[2])):
+                p[name] = t if name not in p else torch.cat((p[name], t), dim=2)
         out = _sdpa(module, query, p["k"], p["v"], attention_mask, **kwargs)
         # Queries at positions that are multiples of the stride; the stride doubles (dropping
         # every other kept query) whenever more than _QUERY_KEEP are kept.
         first = (-p["seen"]) % p["stride"]
-        p["q"].append(self._rows(query[:, :, first::p["stride"]]))
+        p["q"].append(self._rows(held[0][:, :, first::p["stride"]]))
         p["seen"] += n
         kept = sum(t.shape[1] for t in p["q"])
         while kept > self._QUERY_KEEP:
@@ -554,7 +644,10 @@ class KvrtCache(DynamicCache):
     def _prefill_chunked(self, kl: int) -> None:
         """kvrt's prefill of the chunked prompt of layer kl (then its K/V leave the device)."""
         p = self._prompt.pop(kl)
-        k, v = self._rows(p.pop("k")), self._rows(p.pop("v"))
+        k, v = p.pop("k"), p.pop("v")
+        if "lk" in p:
+            k, v = p.pop("lk"), p.pop("lv")
+        k, v = self._rows(k), self._rows(v)
         kept = torch.cat(p["q"], dim=1)
         # Every prompt row gets the kept query nearest before it: kvrt_prefill takes one query
         # per row and samples evenly spaced rows from them.
@@ -587,35 +680,92 @@ class KvrtCache(DynamicCache):
         self.time_prefill_s += time.perf_counter() - t0
         self._prefilled.add(kl)
 
+    def _latent(self, layer: KvrtLayer, module, query, key, value):
+        """An MLA layer's q, k, v as kvrt holds them: q [B, H, n, rank + rope] (each head's nope
+        part through its key rows of kv_b_proj, then its rope part), k [B, 1, n, rank + rope] (the
+        latent, then the rope key all heads share), v [B, 1, n, rank] (the latent)."""
+        rank, nope, rope, _ = self._mla
+        c = module.__dict__.pop("_kvrt_latent", None)
+        B, _, n, d = query.shape
+        # [B, n, rank], or with a head axis of 1 as some versions shape it ([B, 1, n, rank]).
+        if c is not None and c.shape[0] == B and c.shape[-1] == rank and c.numel() == B * n * rank:
+            c = c.reshape(B, n, rank)
+        if c is None or tuple(c.shape) != (B, n, rank) or d != nope + rope:
+            raise RuntimeError(
+                f"kvrt.hf: layer {layer.layer_idx}'s latent attention (q/k head_dim {d}) did not "
+                f"pass kv_b_proj a latent of [{B}, {n}, {rank}] in this forward (got "
+                f"{None if c is None else tuple(c.shape)}); pass mla=\"expanded\"")
+        w_k, _ = self._maps[layer.kvrt_layer]
+        c = c.to(query.dtype)
+        q = torch.cat((torch.matmul(query[..., :nope], w_k.to(query.dtype)), query[..., nope:]),
+                      dim=-1)
+        k = torch.cat((c.unsqueeze(1), key[:, :1, :, nope:]), dim=-1)
+        if layer.kvrt_layer not in self._prefilled:
+            self._check_latent(layer, c, key, value)
+        return q, k, c.unsqueeze(1)
+
+    def _check_latent(self, layer: KvrtLayer, c, key, value) -> None:
+        """On the prompt, before any token enters kvrt: the model's keys and values are
+        kv_b_proj's expansion of the latent kept (its first tokens) and every head has the same
+        rope key, as the latent form assumes; else a ValueError naming the difference."""
+        _, nope, _, dv = self._mla
+        w_k, w_v = self._maps[layer.kvrt_layer]
+        m = min(c.shape[1], 16)
+        part = c[:, None, :m]
+        got = (torch.matmul(part, w_k.transpose(1, 2).to(c.dtype)),
+               torch.matmul(part, w_v.transpose(1, 2).to(c.dtype)))
+        rope = key[:, :, :m, nope:]
+        pairs = zip(got + (rope,), (key[:, :, :m, :nope], value[:, :, :m, :dv], rope[:, :1]))
+        diff = max(float((g.float() - w.float()).abs().max() /
+                         w.float().abs().max().clamp_min(1e-30)) for g, w in pairs)
+        if diff > (1e-3 if c.dtype == torch.float32 else 3e-2):
+            raise ValueError(
+                f"kvrt.hf: layer {layer.layer_idx}'s keys and values are not kv_b_proj's expansion "
+                f"of the latent it was given, or its heads' rope keys differ (relative difference "
+                f"{diff:.3g}): kvrt cannot hold this attention as its latent; pass "
+                "mla=\"expanded\"")
+
+    def _from_latent(self, layer: KvrtLayer, out, query):
+        """kvrt's output over the latent [B, n, H, width] -> each head's through its value rows
+        of kv_b_proj: [B, n, H, v_head_dim] in query's dtype, on its device."""
+        rank = self._mla[0]
+        _, w_v = self._maps[layer.kvrt_layer]
+        lat = out[..., :rank].to(device=query.device, dtype=query.dtype).transpose(1, 2)
+        return torch.matmul(lat, w_v.transpose(1, 2).to(query.dtype)).transpose(1, 2).contiguous()
+
     def _attend(self, layer: KvrtLayer, module, query, key, value, attention_mask, **kwargs):
         import time
-        B, Hq, n, d = query.shape
+        d = query.shape[-1]
         kl = layer.kvrt_layer
-        dv = value.shape[-1]
-        if key.shape[-1] != d or max(d, dv) != self._width:
-            raise ValueError(
-                f"kvrt.hf: layer {layer.layer_idx} attends with q/k head_dim {d} "
-                f"(k: {key.shape[-1]}) and v head_dim {dv}; the kvrt runtime's head_dim is "
-                f"{self._width}: a runtime made for another model")
-        if (Hq, key.shape[1]) != self._heads:
-            # NOTE: kvrt would refuse the shapes too, but not say why: under tensor parallelism
-            # the heads a rank computes are its shard, and the runtime must have been made for it.
-            raise ValueError(
-                f"kvrt.hf: layer {layer.layer_idx} computes {Hq} q / {key.shape[1]} kv heads, the "
-                f"kvrt runtime serves {self._heads[0]} / {self._heads[1]} (read from the model's "
-                "config, or this rank's share of it): a model whose attention computes other "
-                "heads than its config says, or a runtime made for another model or shard")
         _refuse_unsupported(layer.layer_idx, kwargs)
         self._check_scale(layer.layer_idx, kwargs.get("scaling"), d)
         if kl not in self._prefilled:
             _refuse_bias(layer.layer_idx, attention_mask)
+        # q, k, v as kvrt holds them: the latent's for MLA held as its latent, else the model's.
+        held = (self._latent(layer, module, query, key, value) if self._mla is not None
+                else (query, key, value))
+        B, Hq, n, dk = held[0].shape
+        dv = held[2].shape[-1]
+        if held[1].shape[-1] != dk or max(dk, dv) != self._width:
+            raise ValueError(
+                f"kvrt.hf: layer {layer.layer_idx} attends with q/k head_dim {dk} "
+                f"(k: {held[1].shape[-1]}) and v head_dim {dv}; the kvrt runtime's head_dim is "
+                f"{self._width}: a runtime made for another model (or another mla form)")
+        if (Hq, held[1].shape[1]) != self._heads:
+            # NOTE: kvrt would refuse the shapes too, but not say why: under tensor parallelism
+            # the heads a rank computes are its shard, and the runtime must have been made for it.
+            raise ValueError(
+                f"kvrt.hf: layer {layer.layer_idx} computes {Hq} q / {held[1].shape[1]} kv heads, "
+                f"the kvrt runtime serves {self._heads[0]} / {self._heads[1]} (read from the "
+                "model's config, or this rank's share of it): a model whose attention computes "
+                "other heads than its config says, or a runtime made for another model or shard")
         if self._prompt_chunk(kl, n):
             if _padded_keys(attention_mask) is not None:
                 raise ValueError(
                     "kvrt.hf: a chunked prompt (chunked_prompt=True) with padded batch rows is not "
                     "supported; pass rows of one length, or a batch of one")
             return self._attend_prompt_chunk(layer, module, query, key, value, attention_mask,
-                                             **kwargs)
+                                             held, **kwargs)
         if kl in self._prompt:  # the first single-token forward after a chunked prompt
             self._prefill_chunked(kl)
         if kl not in self._prefilled:
@@ -623,12 +773,11 @@ class KvrtCache(DynamicCache):
             # returns, so that its background job (the GPU build, the copy into the host store)
             # runs beside this layer's attention over the prompt instead of after it: the last
             # layer's job was what the first decode token waited for.
-            self._prefill(kl, self._rows(query), self._rows(key), self._rows(value),
-                          _padded_keys(attention_mask))
+            self._prefill(kl, *(self._rows(t) for t in held), _padded_keys(attention_mask))
             out = _sdpa(module, query, key, value, attention_mask, **kwargs)
             layer.tokens += n
             return out
-        q, k, v = self._rows(query), self._rows(key), self._rows(value)
+        q, k, v = (self._rows(t) for t in held)
         out = torch.empty((B, n, Hq, self._width), dtype=torch.float32, device=q.device)
         sinks = kwargs.get("s_aux")
         # Learned attention sinks (gpt-oss): the layer's lse comes back beside out.
@@ -659,6 +808,8 @@ class KvrtCache(DynamicCache):
         if kl == 0:
             self.tokens_decoded += n * B
         layer.tokens += n
+        if self._mla is not None:
+            return self._from_latent(layer, out, query), None
         if dv < self._width:
             out = out[..., :dv]
         return out.to(device=query.device, dtype=query.dtype).contiguous(), None
@@ -874,11 +1025,12 @@ def register(name: str = ATTENTION_NAME) -> str:
 
 
 def enable(model, config: Optional[Config] = None, *, chunked_prompt: bool = False,
-           **options: Any) -> KvrtCache:
+           mla: str = "latent", **options: Any) -> KvrtCache:
     """Registers "kvrt", switches `model` to it and returns a KvrtCache for one generation.
     `config` / `options` are kvrt.Config fields (index_kind, top_k, sink_tokens, window_tokens,
     search_effort, worker_threads, use_gpu, ...); shapes, dtype and scale come from the model.
-    chunked_prompt: see KvrtCache (for generate's prefill_chunk_size)."""
+    chunked_prompt: see KvrtCache (for generate's prefill_chunk_size). mla: how multi-head latent
+    attention is held, "latent" or "expanded" (the module's docstring)."""
     name = register()
     model.set_attn_implementation(name)
     if getattr(_text_config(model.config), "_attn_implementation", name) != name:
@@ -886,7 +1038,7 @@ def enable(model, config: Optional[Config] = None, *, chunked_prompt: bool = Fal
         # that attention would see none of the tokens kvrt holds.
         raise ValueError(f"kvrt.hf: {type(model).__name__}'s attention does not go through "
                          "transformers' AttentionInterface, so kvrt cannot serve it")
-    return KvrtCache(model, config, chunked_prompt=chunked_prompt, **options)
+    return KvrtCache(model, config, chunked_prompt=chunked_prompt, mla=mla, **options)
 
 
 def cache_kwarg(model) -> str:

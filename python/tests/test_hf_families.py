@@ -208,15 +208,70 @@ def test_gpt_oss_chunked_prompt_and_padded_rows_equal_the_full_cache(form):
     cache.close()
 
 
+@pytest.mark.parametrize("mla", kh.MLA_FORMS)
 @pytest.mark.parametrize("form", ["chunked", "padded"])
-def test_latent_attention_chunked_prompt_and_padded_rows_equal_the_full_cache(form):
-    # MLA's values are narrower than its keys: kvrt holds them padded, through the chunked
-    # prompt's prefill and a batch (attend_batch) with a left-padded row, at a sparse kind whose
-    # budget covers every cold token.
+def test_latent_attention_chunked_prompt_and_padded_rows_equal_the_full_cache(form, mla):
+    # MLA held as its latent (one kv head of 32 + 16; q absorbed, the output projected back) or
+    # expanded (4 heads, values narrower than keys, padded), through the chunked prompt's
+    # prefill and a batch (attend_batch) with a left-padded row, at a sparse kind whose budget
+    # covers every cold token.
     model = _model("deepseek_v3")
-    cache, _ = _chunked_or_padded(model, form, 5, 29, index_kind="flat", top_k=100000)
-    assert (cache.runtime.config.head_dim, kh.head_dims(model)) == (48, (48, 24))
+    cache, _ = _chunked_or_padded(model, form, 5, 29, index_kind="flat", top_k=100000, mla=mla)
+    c = cache.runtime.config
+    assert (c.num_kv_heads, c.head_dim) == ((1, 48) if mla == "latent" else (4, 48))
+    assert kh.head_dims(model) == (48, 24) and kh.mla_dims(model) == (32, 32, 16, 24)
     cache.close()
+
+
+MLA_FAMILIES = ["deepseek_v2", "deepseek_v3", "minicpm3", "glm4_moe_lite"]
+
+
+@pytest.mark.parametrize("family", MLA_FAMILIES)
+def test_latent_attention_held_as_its_latent_equals_the_expanded_form(family):
+    # Both forms exact against the model's own cache; the latent holds one 48-wide kv head per
+    # token where the expanded form holds 4 (the host store's bytes say so).
+    model = _model(family)
+    _, ref = _greedy(model)
+    held = {}
+    for mla in kh.MLA_FORMS:
+        cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                          worker_threads=2, mla=mla)
+        _, got = _greedy(model, cache)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        held[mla] = cache.stats().host_bytes
+        cache.close()
+    assert held["expanded"] == 4 * held["latent"]
+
+
+def test_latent_attention_whose_keys_are_not_the_expansion_is_refused():
+    # A model whose keys are not kv_b_proj of the latent it was given (here scaled after the
+    # projection) cannot be held as the latent: refused on the prompt, before kvrt holds a token.
+    model = _model("deepseek_v3")
+    proj = model.model.layers[0].self_attn.kv_b_proj
+    proj.register_forward_hook(lambda mod, args, out: out * 1.5)
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16)
+    with pytest.raises(ValueError, match="not kv_b_proj's expansion.*mla=\"expanded\""):
+        _greedy(model, cache)
+    assert cache.runtime.stats().host_bytes == 0
+    cache.close()
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16, mla="expanded")
+    _greedy(model, cache)
+    cache.close()
+    with pytest.raises(ValueError, match="mla='compressed' is not one of"):
+        kh.enable(model, mla="compressed")
+
+
+def test_a_latent_past_the_gpu_backends_head_dim_runs_on_the_host_backend(monkeypatch):
+    # DeepSeek-V3's latent width (512 + 64) on a CUDA model: the host backend, with a warning that
+    # names the expanded form's memory; the expanded form keeps the GPU backend.
+    model = _model("deepseek_v3", kv_lora_rank=512, qk_rope_head_dim=64)
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
+    with pytest.warns(UserWarning, match=r"latent \(head_dim 576\) is past the GPU backend's "
+                                         r"256 \(mla=\"expanded\" keeps the GPU backend at \d+x"):
+        cfg = kh.runtime_config(model, index_kind="exact")
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu) == (1, 576, 0)
+    cfg = kh.runtime_config(model, index_kind="exact", mla="expanded")
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu) == (4, 96, 1)
 
 
 def test_a_config_whose_heads_do_not_group_is_refused_by_name():

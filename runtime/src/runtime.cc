@@ -72,7 +72,7 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
     return absl::InvalidArgumentError(
         absl::StrCat("config.num_q_heads = ", c.num_q_heads,
                      " is not a multiple of config.num_kv_heads = ", c.num_kv_heads));
-  KVRT_RETURN_IF_ERROR(Range("head_dim", c.head_dim, 1, 512));
+  KVRT_RETURN_IF_ERROR(Range("head_dim", c.head_dim, 1, 1024));
   if (c.dtype != DType::kF32 && c.dtype != DType::kF16 && c.dtype != DType::kBF16)
     return absl::InvalidArgumentError(
         absl::StrCat("config.dtype = ", static_cast<int>(c.dtype), " is not f32, f16 or bf16"));

@@ -877,4 +877,73 @@ TEST(ContractStats, ColdKeysSearchableCountsRetrievalHeadsOnly) {
   kvrt_runtime_destroy(rt);
 }
 
+// ---- 0.3.25: multi-head latent attention served as its latent ----------------------------------
+
+// DeepSeek-V3's latent as kvrt serves it (kvrt.hf, mla="latent"): 128 q heads over one kv head
+// of 576 (the 512-wide latent and the 64-wide rope part), past the 512 that head_dim stopped at
+// before 0.3.25. Every index kind takes the shape on the host backend; EXACT and FLAT (top_k
+// covering every cold token) equal a naive f64 attention over every token. The cluster kind gets
+// a whole segment of cold tokens (8192), so that its summary, not only its tail, is searched.
+class LatentShapeEveryKind : public ::testing::TestWithParam<NanCase> {};
+
+TEST_P(LatentShapeEveryKind, HostBackendAttendsEveryToken) {
+  constexpr int kHeads = 128, kDim = 576, kAppended = 3;
+  const int kPrompt = GetParam().kind == KVRT_INDEX_CLUSTER ? 8192 + 300 : 1200;
+  kvrt_config c = TinyConfig(1, kHeads);
+  c.head_dim = kDim;
+  c.sink_tokens = 4;
+  c.window_tokens = 16;
+  c.top_k = 2048;  // every cold token, so that FLAT is exact too
+  c.index_kind = GetParam().kind;
+  c.worker_threads = 2;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_seq_id s = 0;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const int n = kPrompt + kAppended;
+  auto k = Wave(static_cast<std::size_t>(n) * kDim, 0.37f, 0.1f);
+  auto v = Wave(static_cast<std::size_t>(n) * kDim, 0.11f, 0.7f);
+  // Keys that differ per token beyond a phase: a few tokens stand out for each head.
+  for (int t = 0; t < n; ++t) k[static_cast<std::size_t>(t) * kDim + t % kDim] += 3.f;
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), kPrompt), KVRT_OK)
+      << kvrt_last_error();
+  for (int t = kPrompt; t < n; ++t)
+    ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + static_cast<std::size_t>(t) * kDim,
+                          v.data() + static_cast<std::size_t>(t) * kDim, 1),
+              KVRT_OK)
+        << kvrt_last_error();
+  const auto q = Wave(static_cast<std::size_t>(kHeads) * kDim, 0.05f, 0.3f);
+  std::vector<float> out(static_cast<std::size_t>(kHeads) * kDim, NAN);
+  ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
+  EXPECT_TRUE(AllFinite(out.data(), kHeads * kDim));
+  const bool exact = GetParam().kind == KVRT_INDEX_EXACT || GetParam().kind == KVRT_INDEX_FLAT;
+  for (int h = 0; exact && h < kHeads; h += 17) {
+    const double lse = ExactLse(q.data() + h * kDim, k, n, kDim);
+    std::vector<double> w(n);
+    for (int t = 0; t < n; ++t) {
+      double dot = 0;
+      for (int j = 0; j < kDim; ++j)
+        dot += static_cast<double>(q[h * kDim + j]) * k[static_cast<std::size_t>(t) * kDim + j];
+      w[t] = std::exp(dot / std::sqrt(static_cast<double>(kDim)) - lse);
+    }
+    double worst = 0;
+    for (int e = 0; e < kDim; e += 5) {
+      double want = 0;
+      for (int t = 0; t < n; ++t) want += w[t] * v[static_cast<std::size_t>(t) * kDim + e];
+      worst = std::max(worst, std::abs(want - out[h * kDim + e]));
+    }
+    EXPECT_LT(worst, 1e-4) << "head " << h;
+  }
+  kvrt_runtime_destroy(rt);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    EveryIndexKind, LatentShapeEveryKind,
+    ::testing::Values(NanCase{KVRT_INDEX_EXACT, "exact"}, NanCase{KVRT_INDEX_FLAT, "flat"},
+                      NanCase{KVRT_INDEX_IVF, "ivf"}, NanCase{KVRT_INDEX_HNSW, "hnsw"},
+                      NanCase{KVRT_INDEX_LANDMARK, "landmark"},
+                      NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"},
+                      NanCase{KVRT_INDEX_CLUSTER, "cluster"}),
+    [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+
 }  // namespace

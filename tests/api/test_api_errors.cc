@@ -144,6 +144,7 @@ TEST(ApiCreate, RejectsBadConfigNamingTheField) {
       {[](kvrt_config* c) { c->num_kv_heads = -1; }, "num_kv_heads"},
       {[](kvrt_config* c) { c->head_dim = 0; }, "head_dim"},
       {[](kvrt_config* c) { c->head_dim = 100000; }, "head_dim"},
+      {[](kvrt_config* c) { c->head_dim = 1025; }, "head_dim"},
       {[](kvrt_config* c) { c->dtype = static_cast<kvrt_dtype>(9); }, "dtype"},
       {[](kvrt_config* c) { c->scale = NAN; }, "scale"},
       {[](kvrt_config* c) { c->scale = -1.f; }, "scale"},

@@ -42,6 +42,13 @@ experts, 4 per token, intermediate 2880), random weights. Its attention has no S
 transformers (eager materialises [heads, n, keys] scores: 64 x 128K^2 does not fit), so the
 DynamicCache and offloaded peers run kvrt.hf's SDPA attention with sinks (tested against the
 model's eager attention), the same as kvrt's layers use for the prompt and the sliding layers.
+
+--family deepseek-v2-lite: DeepseekV2ForCausalLM with DeepSeek-V2-Lite's multi-head latent
+attention (hidden 2048, 16 heads, kv_lora_rank 512, qk_nope 128 + qk_rope 64, v_head_dim 128) and
+a smaller MoE (8 routed experts, 2 per token, 2 shared, moe_intermediate 1408; the first layer
+dense, intermediate 10944), random weights. kvrt holds it as its latent by default (kvrt.hf's
+mla="latent": one 576-wide kv head, the host backend); `--caches kvrt,kvrt-b --kvrt-b
+mla=expanded` measures the per-head form (16 heads of 192, the GPU backend) in the same run.
 """
 from __future__ import annotations
 
@@ -83,8 +90,9 @@ def parse_args(argv=None):
                     help="a tiny shape for smoke tests: hidden 256, 4 q / 2 kv heads, head_dim "
                          "64, intermediate 512, vocab 1000, 2 layers, context 512, kvrt window 64")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000)")
-    ap.add_argument("--family", choices=("llama", "gpt-oss"), default="llama",
-                    help="the model: Llama-3-8B's shape (default) or gpt-oss-20b's (below)")
+    ap.add_argument("--family", choices=("llama", "gpt-oss", "deepseek-v2-lite"), default="llama",
+                    help="the model: Llama-3-8B's shape (default), gpt-oss-20b's or "
+                         "DeepSeek-V2-Lite's attention (below)")
     ap.add_argument("--index", default="cluster", help="kvrt index kind")
     ap.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
                     help="another kvrt.Config field for the kvrt cache (repeatable), e.g. "
@@ -158,6 +166,21 @@ def _number(s: str):
 
 
 def model_config(args):
+    if args.family == "deepseek-v2-lite":
+        from transformers import DeepseekV2Config
+        shape = (dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                      moe_intermediate_size=64)
+                 if args.tiny else
+                 dict(hidden_size=2048, intermediate_size=10944, num_attention_heads=16,
+                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                      v_head_dim=128, moe_intermediate_size=1408))
+        return DeepseekV2Config(vocab_size=args.vocab, num_hidden_layers=args.layers,
+                                num_key_value_heads=shape["num_attention_heads"],
+                                q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2,
+                                n_shared_experts=2, first_k_dense_replace=1,
+                                max_position_embeddings=1 << 20, tie_word_embeddings=False,
+                                **shape)
     if args.family == "gpt-oss":
         from transformers import GptOssConfig
         shape = (dict(hidden_size=256, intermediate_size=256, num_attention_heads=8,
