@@ -32,7 +32,7 @@
  *   hardware thread count: clamped to it), worker_cpu_first and worker_cpu_count >= 0 (the range
  *   online), host/gpu_memory_limit >= 0, cluster_keys 0 or 2..256, cluster_rescore 0..64,
  *   cluster_rescore_bits 0/1/2/4/8, cluster_value_bits 0/1/2/4/8 (non-zero only with
- *   cluster_rescore_bits non-zero and cluster_rescore 0 or 1), tokens
+ *   cluster_rescore_bits non-zero and cluster_rescore 0 or 1), values_are_keys 0/1, tokens
  * per (sequence, layer) up to 2^34 (a prefill or append past it is refused).
  *
  * Thread safety
@@ -408,8 +408,18 @@ typedef struct kvrt_config {
                                    cluster_direct_step 0).
                                    0 = value means; another value, or one without the selection
                                    on codes: KVRT_ERR_INVALID_ARGUMENT [0]. Since 0.3.15. */
-  int32_t reserved2;            /* 0.3.15: not read (it makes the struct's size differ from
-                                   0.3.14's, whose tail padding cluster_value_bits took). */
+  int32_t values_are_keys;      /* 1: each token's value is its key: v is not read (NULL
+                                   allowed in kvrt_append / kvrt_prefill) and the host store and
+                                   tier hold one row per token and kv head instead of two, so
+                                   an output is the attention-weighted sum of keys. For
+                                   multi-head latent attention held as its latent (kvrt.hf's
+                                   default), whose values are its keys' first kv_lora_rank
+                                   dims: DeepSeek-V3 holds 576 values per token and layer.
+                                   Host backend only (use_gpu 1 with it:
+                                   KVRT_ERR_INVALID_ARGUMENT; -1 takes the host). 0 or 1 [0].
+                                   Since 0.3.25 (0.3.15 to 0.3.24: reserved2, not read, which
+                                   kvrt_config_default() set to 0: such a caller stores
+                                   values, as before). */
 } kvrt_config;
 
 /* Fills the first struct_size bytes of *config with the defaults listed above each field and sets
@@ -468,16 +478,17 @@ KVRT_API kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, in
 
 /* ---- KV and attention ------------------------------------------------------------------------ */
 
-/* The prompt of one layer: k, v [n_tokens, kv_heads, head_dim]; q [n_tokens, q_heads, head_dim]
- * may be NULL (the attention-aware index then builds from keys alone). n_tokens >= 1
- * (KVRT_ERR_INVALID_ARGUMENT otherwise). The layer must be empty (KVRT_ERR_FAILED_PRECONDITION
- * otherwise). Keeps sinks and window on the GPU tier, moves the rest to the host store and builds
- * the cold index (no index below 256 cold tokens: they are scanned exactly). */
+/* The prompt of one layer: k, v [n_tokens, kv_heads, head_dim] (v not read, and may be NULL, with
+ * config.values_are_keys); q [n_tokens, q_heads, head_dim] may be NULL (the attention-aware index
+ * then builds from keys alone). n_tokens >= 1 (KVRT_ERR_INVALID_ARGUMENT otherwise). The layer must
+ * be empty (KVRT_ERR_FAILED_PRECONDITION otherwise). Keeps sinks and window on the GPU tier, moves
+ * the rest to the host store and builds the cold index (no index below 256 cold tokens: they are
+ * scanned exactly). */
 KVRT_API kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
                                   const void* k, const void* v, int64_t n_tokens);
 
-/* Appends n_tokens >= 1 tokens (k, v [n_tokens, kv_heads, head_dim]). Tokens leaving the window
- * are evicted to the host store and inserted into the cold index. */
+/* Appends n_tokens >= 1 tokens (k, v [n_tokens, kv_heads, head_dim]; v as in kvrt_prefill).
+ * Tokens leaving the window are evicted to the host store and inserted into the cold index. */
 KVRT_API kvrt_status kvrt_append(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* k,
                                  const void* v, int64_t n_tokens);
 

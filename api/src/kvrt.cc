@@ -144,6 +144,7 @@ kvrt::runtime::RuntimeConfig ToRuntimeConfig(const kvrt_config& c) {
   r.index.cluster.value_bits = c.cluster_value_bits;  // 0.3.14 callers: the default, 0
   r.cuda_device = c.cuda_device;
   r.direct_step = c.cluster_direct_step != 0;
+  r.values_are_keys = c.values_are_keys != 0;  // 0.3.15-0.3.24 callers: reserved2, 0
   r.worker_cpu_first = c.worker_cpu_first;
   r.worker_cpu_count = c.worker_cpu_count;
   return r;
@@ -177,7 +178,7 @@ constexpr std::size_t kConfigSize035 = ConfigSizeEndingAt(offsetof(kvrt_config, 
 // padding, hence reserved1 after it (as reserved0 in 0.3.9; since 0.3.13 cluster_rescore_bits).
 constexpr std::size_t kConfigSize039 = ConfigSizeEndingAt(offsetof(kvrt_config, cluster_keys));
 // 0.3.13 and 0.3.14 ended at cluster_rescore_bits; cluster_value_bits (0.3.15) lies in that
-// size's tail padding, hence reserved2 after it.
+// size's tail padding, hence reserved2 after it (since 0.3.25 values_are_keys).
 constexpr std::size_t kConfigSize0313 =
     ConfigSizeEndingAt(offsetof(kvrt_config, cluster_rescore_bits));
 constexpr std::size_t kConfigSizes[] = {kConfigSize030,  kConfigSize031,     kConfigSize033,
@@ -415,7 +416,8 @@ kvrt_status kvrt_runtime_create(const kvrt_config* config, kvrt_runtime** out) {
       {"group_search", config->group_search},
       {"record_attended", config->record_attended},
       {"cluster_group_select", config->cluster_group_select},
-      {"cluster_direct_step", config->cluster_direct_step}};
+      {"cluster_direct_step", config->cluster_direct_step},
+      {"values_are_keys", config->values_are_keys}};
   for (const auto& [name, value] : switches)
     if (value != 0 && value != 1)
       return Fail(KVRT_ERR_INVALID_ARGUMENT,

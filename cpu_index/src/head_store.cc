@@ -22,12 +22,13 @@ void AdviseHugePages([[maybe_unused]] void* p, [[maybe_unused]] std::size_t byte
 
 absl::Status HeadStore::Reserve(int64_t rows) {
   const std::size_t need = static_cast<std::size_t>(rows) * row_bytes();
-  if (keys_.capacity() >= need && values_.capacity() >= need) return absl::OkStatus();
+  if (keys_.capacity() >= need && (values_are_keys_ || values_.capacity() >= need))
+    return absl::OkStatus();
   const std::size_t want = std::max(need, 2 * keys_.capacity());
   try {
     // Both grown before any row is written, so a failure leaves the store unchanged.
     keys_.reserve(want);
-    values_.reserve(want);
+    if (!values_are_keys_) values_.reserve(want);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(
         absl::StrCat("host KV store: cannot grow to ", want, " bytes for keys and for values"));
@@ -41,7 +42,8 @@ void HeadStore::Prefault(int64_t rows) noexcept {
   const std::size_t begin = static_cast<std::size_t>(size_) * row_bytes();
   // NOTE: past size() but within capacity: raw memory of UninitializedAllocator, which a later
   // resize leaves as it is and Append overwrites.
-  for (unsigned char* p : {keys_.data(), values_.data()}) {
+  for (unsigned char* p : {keys_.data(), values_are_keys_ ? nullptr : values_.data()}) {
+    if (p == nullptr) continue;
     volatile unsigned char* b = p;
     for (std::size_t at = begin; at < end; at += kPage) b[at] = 0;
   }
@@ -62,7 +64,8 @@ std::vector<int64_t> HeadStore::NonFiniteRows(const void* k, const void* v, int6
   for (int64_t i = 0; i < n; ++i) {
     const auto* kr = static_cast<const unsigned char*>(k) + i * stride_bytes;
     const auto* vr = static_cast<const unsigned char*>(v) + i * stride_bytes;
-    if (NonFinite(kr, dim_, dtype_) || NonFinite(vr, dim_, dtype_)) bad.push_back(size_ + i);
+    if (NonFinite(kr, dim_, dtype_) || (!values_are_keys_ && NonFinite(vr, dim_, dtype_)))
+      bad.push_back(size_ + i);
   }
   return bad;
 }
@@ -82,7 +85,7 @@ absl::Status HeadStore::AppendWritten(int64_t n) {
   // Within capacity: no reallocation, and the allocator leaves the written bytes as they are.
   const std::size_t bytes = static_cast<std::size_t>(size_ + n) * row_bytes();
   keys_.resize(bytes);
-  values_.resize(bytes);
+  if (!values_are_keys_) values_.resize(bytes);
   size_ += n;
   return absl::OkStatus();
 }
@@ -94,6 +97,7 @@ absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::siz
   const std::size_t old_bytes = static_cast<std::size_t>(size_) * rb;
   const std::size_t add_bytes = static_cast<std::size_t>(n) * rb;
   // Found before anything changes, so that a failure changes nothing.
+  if (values_are_keys_) v = k;
   const std::vector<int64_t> bad = NonFiniteRows(k, v, n, stride_bytes);
   if (auto s = Reserve(size_ + n); !s.ok()) return s;
   try {
@@ -102,17 +106,16 @@ absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::siz
     return absl::ResourceExhaustedError("host KV store: out of memory");
   }
   nonfinite_rows_.insert(nonfinite_rows_.end(), bad.begin(), bad.end());
-  keys_.resize(old_bytes + add_bytes);
-  values_.resize(old_bytes + add_bytes);
   auto* ks = static_cast<const unsigned char*>(k);
   auto* vs = static_cast<const unsigned char*>(v);
-  if (stride_bytes == rb) {  // contiguous rows: one copy each
-    std::memcpy(keys_.data() + old_bytes, ks, add_bytes);
-    std::memcpy(values_.data() + old_bytes, vs, add_bytes);
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(keys_.data() + old_bytes + i * rb, ks + i * stride_bytes, rb);
-      std::memcpy(values_.data() + old_bytes + i * rb, vs + i * stride_bytes, rb);
+  for (auto [data, src] : {std::pair{&keys_, ks}, std::pair{&values_, vs}}) {
+    if (data == &values_ && values_are_keys_) break;
+    data->resize(old_bytes + add_bytes);
+    if (stride_bytes == rb) {  // contiguous rows: one copy
+      std::memcpy(data->data() + old_bytes, src, add_bytes);
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(data->data() + old_bytes + i * rb, src + i * stride_bytes, rb);
     }
   }
   size_ += n;
@@ -143,6 +146,7 @@ absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& o
   const std::size_t rb = row_bytes();
   std::vector<unsigned char> tmp(static_cast<std::size_t>(n) * rb);
   for (auto* data : {&keys_, &values_}) {
+    if (data == &values_ && values_are_keys_) break;
     unsigned char* base = data->data() + static_cast<std::size_t>(begin) * rb;
     for (int64_t i = 0; i < n; ++i)
       std::memcpy(tmp.data() + static_cast<std::size_t>(i) * rb,

@@ -83,6 +83,9 @@ class Config:
             beside the key codes (since 0.3.17; head_dim 256 since 0.3.18), other values make
             the CPU select (no direct step);
             0 = value means. Since 0.3.15.
+        values_are_keys: 1 = each token's value is its key (v is not read; one row per token
+            and kv head is stored instead of two), as for multi-head latent attention held as
+            its latent (kvrt.hf); host backend only. Since 0.3.25.
     """
 
     num_layers: int = 32
@@ -117,6 +120,7 @@ class Config:
     cluster_rescore: float = 0.0
     cluster_rescore_bits: int = 0
     cluster_value_bits: int = 0
+    values_are_keys: int = 0
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

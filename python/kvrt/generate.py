@@ -116,6 +116,9 @@ def parse_args(argv=None):
     k.add_argument("--cold-attention", default="cpu", choices=["cpu", "fetch", "auto"])
     k.add_argument("--use-gpu", type=int, default=None, choices=[-1, 0, 1],
                    help="kvrt backend (default: 1 when the model is on CUDA, else 0)")
+    k.add_argument("--mla", default="latent", choices=["latent", "expanded"],
+                   help="multi-head latent attention (DeepSeek-V2/V3, ...) held as its latent "
+                        "(one kv head per token) or as the per-head K/V (kvrt.hf)")
     k.add_argument("--kvrt", action="append", default=[], metavar="FIELD=VALUE",
                    help="any other kvrt.Config field (repeatable), e.g. --kvrt "
                         "hot_cache_fraction=0.2 --kvrt cluster_miss_penalty=1")
@@ -176,7 +179,8 @@ def main(argv=None) -> int:
             opts["use_gpu"] = args.use_gpu
         opts.update(args.kvrt_options)
         try:
-            cache = hf.enable(model, chunked_prompt=args.prefill_chunk > 0, **opts)
+            cache = hf.enable(model, chunked_prompt=args.prefill_chunk > 0, mla=args.mla,
+                              **opts)
         except (KvrtError, ValueError, TypeError) as e:  # a bad option value: no traceback
             print(f"python -m kvrt.generate: error: {e}", file=sys.stderr)
             return 2

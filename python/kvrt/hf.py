@@ -321,10 +321,12 @@ def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent
         raise ValueError(f"kvrt.hf: model dtype {model.dtype} is not one of {list(_DTYPES)}")
     q_heads, kv_heads = local_heads(model)
     latent = mla_dims(model, layers[0], mods) if mla == "latent" else None
-    expanded = kv_heads * head_dim  # values per token in K (and in V) held as the model's heads
+    expanded = 2 * kv_heads * head_dim  # values per token held as the model's heads: K and V
     if latent is not None:
         # The score of q head h over the latent: (its nope part through kv_b_proj's key rows of
-        # h) . latent + its rope part . the shared rope key, the model's score term by term.
+        # h) . latent + its rope part . the shared rope key, the model's score term by term. Its
+        # value is the key (values_are_keys): the output's first kv_lora_rank dims are the
+        # weighted latent, the rest (the rope part's) are dropped.
         kv_heads, head_dim = 1, latent[0] + latent[2]
     if kv_heads <= 0 or q_heads % kv_heads:
         raise ValueError(f"kvrt.hf: the model's config gives {q_heads} q / {kv_heads} kv heads, "
@@ -332,18 +334,20 @@ def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent
                          "than its config says")
     use_gpu = 1 if model.device.type == "cuda" else 0
     # (A use_gpu given in config or options wins below, as for any field.)
-    if use_gpu and head_dim > _GPU_MAX_HEAD_DIM and "use_gpu" not in options and config is None:
+    host_only = latent is not None or head_dim > _GPU_MAX_HEAD_DIM
+    if use_gpu and host_only and "use_gpu" not in options and config is None:
         import warnings
-        why = (f"multi-head latent attention held as its latent (head_dim {head_dim}) is past "
-               f"the GPU backend's {_GPU_MAX_HEAD_DIM} (mla=\"expanded\" keeps the GPU backend "
-               f"at {expanded / head_dim:.0f}x the memory per token)"
+        why = (f"multi-head latent attention held as its latent (head_dim {head_dim}, its value "
+               "its key: values_are_keys) runs on the host backend only (mla=\"expanded\" keeps "
+               f"the GPU backend at {expanded / head_dim:.0f}x the memory per token)"
                if latent is not None else
                f"head_dim {head_dim} is past the GPU backend's {_GPU_MAX_HEAD_DIM}")
         warnings.warn(f"kvrt.hf: {why}: kvrt runs on its host backend (q, k, v and the output "
                       "are copied between the model's device and the host)", stacklevel=3)
         use_gpu = 0
     base = dict(num_layers=len(layers), num_q_heads=q_heads, num_kv_heads=kv_heads,
-                head_dim=head_dim, dtype=dtype, scale=scale, use_gpu=use_gpu)
+                head_dim=head_dim, dtype=dtype, scale=scale, use_gpu=use_gpu,
+                values_are_keys=int(latent is not None))
     params = mods[layers[0]].parameters() if layers[0] in mods else iter(())
     device = next(params, None)
     device = device.device if device is not None else model.device
@@ -354,7 +358,7 @@ def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent
     merged = {**(cfg or {}), **options}
     merged.update({k: v for k, v in base.items()
                    if k not in merged or k in ("num_layers", "num_q_heads", "num_kv_heads",
-                                               "head_dim")})
+                                               "head_dim", "values_are_keys")})
     return make_config(None, **merged)
 
 
@@ -624,7 +628,8 @@ class KvrtCache(DynamicCache):
             p["k"] = torch.cat((p["k"], key), dim=2)
             p["v"] = torch.cat((p["v"], value), dim=2)
         if self._mla is not None:  # the latent beside the K/V that SDPA attends
-            for name, t in (("lk", held[1]), ("lv", held[2])):
+            kept = (("lk", held[1]),) if held[2] is held[1] else (("lk", held[1]), ("lv", held[2]))
+            for name, t in kept:
                 p[name] = t if name not in p else torch.cat((p[name], t), dim=2)
         out = _sdpa(module, query, p["k"], p["v"], attention_mask, **kwargs)
         # Queries at positions that are multiples of the stride; the stride doubles (dropping
@@ -645,9 +650,10 @@ class KvrtCache(DynamicCache):
         """kvrt's prefill of the chunked prompt of layer kl (then its K/V leave the device)."""
         p = self._prompt.pop(kl)
         k, v = p.pop("k"), p.pop("v")
-        if "lk" in p:
-            k, v = p.pop("lk"), p.pop("lv")
-        k, v = self._rows(k), self._rows(v)
+        if "lk" in p:  # the latent (its value the key itself when there is no "lv")
+            k, v = p.pop("lk"), p.pop("lv", None)
+        k = self._rows(k)
+        v = k if v is None else self._rows(v)
         kept = torch.cat(p["q"], dim=1)
         # Every prompt row gets the kept query nearest before it: kvrt_prefill takes one query
         # per row and samples evenly spaced rows from them.
@@ -702,7 +708,9 @@ class KvrtCache(DynamicCache):
         k = torch.cat((c.unsqueeze(1), key[:, :1, :, nope:]), dim=-1)
         if layer.kvrt_layer not in self._prefilled:
             self._check_latent(layer, c, key, value)
-        return q, k, c.unsqueeze(1)
+        # The value: the latent, which the key holds as its first rank dims (a runtime of
+        # values_are_keys, runtime_config's, does not read it).
+        return q, k, (k if self.runtime.config.values_are_keys else c.unsqueeze(1))
 
     def _check_latent(self, layer: KvrtLayer, c, key, value) -> None:
         """On the prompt, before any token enters kvrt: the model's keys and values are
@@ -773,11 +781,15 @@ class KvrtCache(DynamicCache):
             # returns, so that its background job (the GPU build, the copy into the host store)
             # runs beside this layer's attention over the prompt instead of after it: the last
             # layer's job was what the first decode token waited for.
-            self._prefill(kl, *(self._rows(t) for t in held), _padded_keys(attention_mask))
+            k = self._rows(held[1])
+            self._prefill(kl, self._rows(held[0]), k,
+                          k if held[2] is held[1] else self._rows(held[2]),
+                          _padded_keys(attention_mask))
             out = _sdpa(module, query, key, value, attention_mask, **kwargs)
             layer.tokens += n
             return out
-        q, k, v = (self._rows(t) for t in held)
+        q, k = self._rows(held[0]), self._rows(held[1])
+        v = k if held[2] is held[1] else self._rows(held[2])
         out = torch.empty((B, n, Hq, self._width), dtype=torch.float32, device=q.device)
         sinks = kwargs.get("s_aux")
         # Learned attention sinks (gpt-oss): the layer's lse comes back beside out.

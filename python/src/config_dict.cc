@@ -146,6 +146,8 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.cluster_rescore_bits = ToI32(k, value);
     else if (k == "cluster_value_bits")
       c.cluster_value_bits = ToI32(k, value);
+    else if (k == "values_are_keys")
+      c.values_are_keys = ToI32(k, value);
     else if (k == "cold_attention") {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction" ||
@@ -202,6 +204,7 @@ nb::dict ConfigToDict(const kvrt_config& c) {
   d["cluster_rescore"] = ShortFloat(c.cluster_rescore);
   d["cluster_rescore_bits"] = c.cluster_rescore_bits;
   d["cluster_value_bits"] = c.cluster_value_bits;
+  d["values_are_keys"] = c.values_are_keys;
   return d;
 }
 

@@ -107,6 +107,30 @@ def test_cluster_value_bits_round_trip_and_is_checked():
         kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_value_bits=2)
 
 
+def test_values_are_keys_round_trips_and_stores_one_row(rng):
+    # 0.3.25: each token's value is its key; the same output as the keys passed as values, half
+    # the host store; the GPU backend refuses it by name.
+    assert kvrt.Config().values_are_keys == 0
+    k = kv(rng, 300)
+    q = rng.standard_normal((8, 32), dtype=np.float32)
+    outs, held = [], []
+    for shared in (0, 1):
+        rt = kvrt.Runtime(**SHAPE, dtype="f32", index_kind="exact", window_tokens=16,
+                          values_are_keys=shared)
+        assert rt.config.values_are_keys == shared
+        s = rt.sequence()
+        s.prefill(0, None, k, k)
+        outs.append(s.attend(0, q))
+        held.append(rt.stats().host_bytes)
+        rt.close()
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert held[0] == 2 * held[1] > 0
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"values_are_keys"):
+        kvrt.Runtime(**SHAPE, values_are_keys=2)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"values_are_keys = 1 runs on the host"):
+        kvrt.Runtime(**SHAPE, values_are_keys=1, use_gpu=1)
+
+
 def test_a_runtime_describes_its_own_search():
     rt = kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_keys=8, cluster_group_select=0,
                       cluster_rescore=4.0)

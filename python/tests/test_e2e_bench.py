@@ -64,17 +64,19 @@ def test_cpu_smoke_gpt_oss(tmp_path):
 
 def test_cpu_smoke_deepseek_latent_and_expanded(tmp_path):
     """--family deepseek-v2-lite: MLA held as its latent (kvrt) and expanded (kvrt-b) in one run;
-    the latent holds one kv head of kv_lora_rank + qk_rope_head_dim (64 + 16) per token, the
-    expanded form 4 of 48 (32 + 16): its host store is 4 x 48 / 80 = 2.4x the latent's."""
+    the latent holds one row of kv_lora_rank + qk_rope_head_dim (64 + 16) per token (its value
+    is its key), the expanded form 4 heads of 48 (32 + 16), keys and values: its host store is
+    2 x 4 x 48 / 80 = 4.8x the latent's."""
     recs = _run(tmp_path, "--family", "deepseek-v2-lite", "--caches", "dynamic,kvrt,kvrt-b",
                 "--kvrt-b", "mla=expanded")
     for kind in ("dynamic", "kvrt", "kvrt-b"):
         assert recs[kind]["status"] == "ok", recs[kind]
     lat, exp = recs["kvrt"], recs["kvrt-b"]
     assert (lat["kvrt_config"]["num_kv_heads"], lat["kvrt_config"]["head_dim"]) == (1, 80)
+    assert (lat["kvrt_config"]["values_are_keys"], exp["kvrt_config"]["values_are_keys"]) == (1, 0)
     assert (exp["kvrt_config"]["num_kv_heads"], exp["kvrt_config"]["head_dim"]) == (4, 48)
     assert lat["kvrt_stats"]["host_tokens"] == exp["kvrt_stats"]["host_tokens"] > 0
-    assert exp["kvrt_stats"]["host_bytes"] * 80 == lat["kvrt_stats"]["host_bytes"] * 4 * 48
+    assert exp["kvrt_stats"]["host_bytes"] * 80 == lat["kvrt_stats"]["host_bytes"] * 2 * 4 * 48
 
 
 def test_cpu_smoke_chunked_prompt(tmp_path):

@@ -218,7 +218,8 @@ def test_latent_attention_chunked_prompt_and_padded_rows_equal_the_full_cache(fo
     model = _model("deepseek_v3")
     cache, _ = _chunked_or_padded(model, form, 5, 29, index_kind="flat", top_k=100000, mla=mla)
     c = cache.runtime.config
-    assert (c.num_kv_heads, c.head_dim) == ((1, 48) if mla == "latent" else (4, 48))
+    assert (c.num_kv_heads, c.head_dim, c.values_are_keys) == (
+        (1, 48, 1) if mla == "latent" else (4, 48, 0))
     assert kh.head_dims(model) == (48, 24) and kh.mla_dims(model) == (32, 32, 16, 24)
     cache.close()
 
@@ -228,8 +229,9 @@ MLA_FAMILIES = ["deepseek_v2", "deepseek_v3", "minicpm3", "glm4_moe_lite"]
 
 @pytest.mark.parametrize("family", MLA_FAMILIES)
 def test_latent_attention_held_as_its_latent_equals_the_expanded_form(family):
-    # Both forms exact against the model's own cache; the latent holds one 48-wide kv head per
-    # token where the expanded form holds 4 (the host store's bytes say so).
+    # Both forms exact against the model's own cache; the latent holds one 48-wide row per token
+    # (its value is its key) where the expanded form holds 4 heads' keys and values (the host
+    # store's bytes say so).
     model = _model(family)
     _, ref = _greedy(model)
     held = {}
@@ -240,7 +242,7 @@ def test_latent_attention_held_as_its_latent_equals_the_expanded_form(family):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         held[mla] = cache.stats().host_bytes
         cache.close()
-    assert held["expanded"] == 4 * held["latent"]
+    assert held["expanded"] == 8 * held["latent"]
 
 
 def test_latent_attention_whose_keys_are_not_the_expansion_is_refused():
@@ -263,15 +265,17 @@ def test_latent_attention_whose_keys_are_not_the_expansion_is_refused():
 
 def test_a_latent_past_the_gpu_backends_head_dim_runs_on_the_host_backend(monkeypatch):
     # DeepSeek-V3's latent width (512 + 64) on a CUDA model: the host backend, with a warning that
-    # names the expanded form's memory; the expanded form keeps the GPU backend.
+    # names the expanded form's memory; the expanded form keeps the GPU backend. (Any latent runs
+    # there: values_are_keys is the host backend's.)
     model = _model("deepseek_v3", kv_lora_rank=512, qk_rope_head_dim=64)
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda", 0)))
-    with pytest.warns(UserWarning, match=r"latent \(head_dim 576\) is past the GPU backend's "
-                                         r"256 \(mla=\"expanded\" keeps the GPU backend at \d+x"):
+    with pytest.warns(UserWarning, match=r"latent \(head_dim 576, its value its key: "
+                                         r"values_are_keys\) runs on the host backend only "
+                                         r"\(mla=\"expanded\" keeps the GPU backend at \d+x"):
         cfg = kh.runtime_config(model, index_kind="exact")
-    assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu) == (1, 576, 0)
-    cfg = kh.runtime_config(model, index_kind="exact", mla="expanded")
-    assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu) == (4, 96, 1)
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu, cfg.values_are_keys) == (1, 576, 0, 1)
+    cfg = kh.runtime_config(model, index_kind="exact", mla="expanded", values_are_keys=1)
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu, cfg.values_are_keys) == (4, 96, 1, 0)
 
 
 def test_a_config_whose_heads_do_not_group_is_refused_by_name():
@@ -459,7 +463,8 @@ def test_a_head_dim_past_the_gpu_backends_runs_on_the_host_backend(monkeypatch):
 @pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3", "qwen3_next", "gemma4"])
 def test_families_on_the_gpu_backend(family, batch):
     # The device path: gpt-oss's lse written by the GPU's merge on the model's stream, the sink
-    # applied there; MLA's padded values (head_dim 48, run padded to 64 on the device); Qwen3-
+    # applied there; MLA expanded, its padded values (head_dim 48, run padded to 64 on the device;
+    # the latent runs on the host backend); Qwen3-
     # Next's gated heads; Gemma 4's head_dim 512 on the host backend from a CUDA model; exact
     # mode, f32, against the model's own attention on the same GPU.
     model = _model(family).to("cuda")
@@ -468,8 +473,25 @@ def test_families_on_the_gpu_backend(family, batch):
     ids = ids.to("cuda")
     ref = _logits(model, ids)
     cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
-                      worker_threads=2)
+                      worker_threads=2, mla="expanded")
     assert cache.runtime.config.use_gpu == (0 if family == "gemma4" else 1)
+    torch.testing.assert_close(_logits(model, ids, cache), ref, rtol=1e-3, atol=1e-3)
+    cache.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_latent_attention_of_a_cuda_model_on_the_host_backend(batch):
+    # MLA held as its latent from a CUDA model: q absorbed and the output projected back on the
+    # model's device, kvrt's rows copied to the host backend and back; exact, f32.
+    model = _model("deepseek_v3").to("cuda")
+    ids = torch.randint(2, 258, (batch, PROMPT), generator=torch.Generator().manual_seed(6))
+    ids = ids.to("cuda")
+    ref = _logits(model, ids)
+    with pytest.warns(UserWarning, match="runs on the host backend only"):
+        cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                          worker_threads=2)
+    assert (cache.runtime.config.use_gpu, cache.runtime.config.values_are_keys) == (0, 1)
     torch.testing.assert_close(_logits(model, ids, cache), ref, rtol=1e-3, atol=1e-3)
     cache.close()
 

@@ -46,7 +46,8 @@ ColdTier::ColdTier(const RuntimeConfig* config, Runtime::Counters* counters, int
       first_position_(first_position),
       refresh_(std::make_unique<transfer::BackgroundWork>()) {
   stores_.reserve(cfg_->num_kv_heads);
-  for (int g = 0; g < cfg_->num_kv_heads; ++g) stores_.emplace_back(cfg_->head_dim, cfg_->dtype);
+  for (int g = 0; g < cfg_->num_kv_heads; ++g)
+    stores_.emplace_back(cfg_->head_dim, cfg_->dtype, cfg_->values_are_keys);
   positions_.resize(cfg_->num_kv_heads);
   indexes_.resize(cfg_->num_kv_heads);
 }

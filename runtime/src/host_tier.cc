@@ -70,6 +70,13 @@ class HostTier final : public TierBackend {
   std::size_t allocated_bytes() const override {
     return sink_k_.size() + sink_v_.size() + ring_k_.size() + ring_v_.size();
   }
+  // The value buffers: the key buffers when values are keys (config.values_are_keys).
+  const std::vector<unsigned char>& sink_values() const {
+    return cfg_->values_are_keys ? sink_k_ : sink_v_;
+  }
+  const std::vector<unsigned char>& ring_values() const {
+    return cfg_->values_are_keys ? ring_k_ : ring_v_;
+  }
   void Release() override {}
 
  private:
@@ -79,25 +86,27 @@ class HostTier final : public TierBackend {
   absl::Status Allocate(const AppendPlan& plan);
 
   const RuntimeConfig* cfg_;
-  // [rows, kv_heads, d] in storage dtype; position p >= S lives in ring slot (p - S) % W.
+  // [rows, kv_heads, d] in storage dtype; position p >= S lives in ring slot (p - S) % W. The
+  // value buffers stay empty when values are keys.
   std::vector<unsigned char> sink_k_, sink_v_, ring_k_, ring_v_;
 };
 
 absl::Status HostTier::Allocate(const AppendPlan& plan) {
   const std::size_t tb = token_bytes();
   const std::size_t ring_rows = ring_k_.size() / tb;
+  const std::size_t v_tb = cfg_->values_are_keys ? 0 : tb;
   try {
     if (plan.need_sinks) {
       sink_k_.resize(cfg_->sink_tokens * tb);
-      sink_v_.resize(cfg_->sink_tokens * tb);
+      sink_v_.resize(cfg_->sink_tokens * v_tb);
     }
     if (plan.ring_grow > 0) {
       ring_k_.resize(ring_k_.size() + plan.ring_grow * tb);
-      ring_v_.resize(ring_v_.size() + plan.ring_grow * tb);
+      ring_v_.resize(ring_v_.size() + plan.ring_grow * v_tb);
     }
   } catch (const std::bad_alloc&) {
     if (plan.need_sinks) sink_k_ = {}, sink_v_ = {};
-    if (plan.ring_grow > 0) ring_k_.resize(ring_rows * tb), ring_v_.resize(ring_rows * tb);
+    if (plan.ring_grow > 0) ring_k_.resize(ring_rows * tb), ring_v_.resize(ring_rows * v_tb);
     return absl::ResourceExhaustedError(
         absl::StrCat("append: cannot allocate ", plan.gpu_bytes, " bytes of GPU-tier buffers"));
   }
@@ -120,7 +129,8 @@ absl::Status HostTier::Append(const AppendPlan& plan, const void* k, const void*
   for (int64_t p = plan.cold_begin; p < plan.cold_begin + plan.evict;) {
     const int64_t slot = (p - S) % W;
     const int64_t run = std::min(plan.cold_begin + plan.evict - p, W - slot);
-    KVRT_RETURN_IF_ERROR(cold->Append(ring_k_.data() + slot * tb, ring_v_.data() + slot * tb, run));
+    KVRT_RETURN_IF_ERROR(
+        cold->Append(ring_k_.data() + slot * tb, ring_values().data() + slot * tb, run));
     p += run;
   }
   if (plan.direct > 0) {
@@ -130,12 +140,14 @@ absl::Status HostTier::Append(const AppendPlan& plan, const void* k, const void*
   // 2. New tokens that stay on the tier.
   for (int64_t p = plan.length; p < plan.sink_end; ++p) {
     std::memcpy(sink_k_.data() + p * tb, ks + (p - plan.length) * tb, tb);
-    std::memcpy(sink_v_.data() + p * tb, vs + (p - plan.length) * tb, tb);
+    if (!cfg_->values_are_keys)
+      std::memcpy(sink_v_.data() + p * tb, vs + (p - plan.length) * tb, tb);
   }
   for (int64_t p = plan.ring_begin; p < plan.new_length; ++p) {
     const std::size_t slot = static_cast<std::size_t>((p - S) % W);
     std::memcpy(ring_k_.data() + slot * tb, ks + (p - plan.length) * tb, tb);
-    std::memcpy(ring_v_.data() + slot * tb, vs + (p - plan.length) * tb, tb);
+    if (!cfg_->values_are_keys)
+      std::memcpy(ring_v_.data() + slot * tb, vs + (p - plan.length) * tb, tb);
   }
   return absl::OkStatus();
 }
@@ -174,9 +186,9 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
     auto at = [hoff](const std::vector<unsigned char>& b) {
       return b.empty() ? nullptr : b.data() + hoff;
     };
-    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.sink_k_), at(tier.sink_v_),
+    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.sink_k_), at(tier.sink_values()),
                                 head_elems, cfg_->dtype, counts[i].n_sink, og, &state.lse[h0]);
-    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.ring_k_), at(tier.ring_v_),
+    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.ring_k_), at(tier.ring_values()),
                                 head_elems, cfg_->dtype, counts[i].n_window, o2.data(),
                                 lse2.data());
     for (int r = 0; r < nh; ++r)

@@ -150,6 +150,12 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
   if (c->use_gpu == 0) return absl::OkStatus();
   const bool want = c->use_gpu == 1;
   c->use_gpu = 0;
+  if (c->values_are_keys) {
+    if (!want) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        "config.use_gpu = 1: config.values_are_keys = 1 runs on the host backend only; use 0 or "
+        "-1 (the host backend then)");
+  }
   if (!transfer::CudaAvailable()) {
     if (!want) return absl::OkStatus();
     return absl::UnimplementedError(
@@ -329,6 +335,7 @@ absl::Status CheckFinite(const RuntimeConfig& c, const char* what, const void* d
 
 absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* k, const void* v,
                               int64_t n, const Exec& exec) {
+  if (config_.values_are_keys) v = k;  // not read (kvrt.h): may be NULL
   if (k == nullptr || v == nullptr)
     return absl::InvalidArgumentError("prefill: k and v must not be NULL");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "prefill"));
@@ -355,6 +362,7 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
 
 absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v, int64_t n,
                              const Exec& exec) {
+  if (config_.values_are_keys) v = k;  // not read (kvrt.h): may be NULL
   if (k == nullptr || v == nullptr)
     return absl::InvalidArgumentError("append: k and v must not be NULL");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "append"));
@@ -547,7 +555,8 @@ RuntimeStats Runtime::Stats() const {
     s.sequences = static_cast<int64_t>(impl_->sequences.size());
   }
   const auto& c = impl_->counters;
-  const int64_t token_bytes = 2 * int64_t{config_.num_kv_heads} * config_.head_dim *
+  const int64_t rows_per_token = config_.values_are_keys ? 1 : 2;  // keys (and values)
+  const int64_t token_bytes = rows_per_token * config_.num_kv_heads * config_.head_dim *
                               static_cast<int64_t>(DTypeSize(config_.dtype));
 #define KVRT_LOAD_COUNTER_(name) s.name = c.name.load();
   KVRT_RUNTIME_COUNTERS(KVRT_LOAD_COUNTER_)

@@ -881,9 +881,10 @@ TEST(ContractStats, ColdKeysSearchableCountsRetrievalHeadsOnly) {
 
 // DeepSeek-V3's latent as kvrt serves it (kvrt.hf, mla="latent"): 128 q heads over one kv head
 // of 576 (the 512-wide latent and the 64-wide rope part), past the 512 that head_dim stopped at
-// before 0.3.25. Every index kind takes the shape on the host backend; EXACT and FLAT (top_k
-// covering every cold token) equal a naive f64 attention over every token. The cluster kind gets
-// a whole segment of cold tokens (8192), so that its summary, not only its tail, is searched.
+// before 0.3.25, whose values are its keys (values_are_keys: v passed as NULL). Every index kind
+// takes the shape on the host backend; EXACT and FLAT (top_k covering every cold token) equal a
+// naive f64 attention over every token with the keys as values. The cluster kind gets a whole
+// segment of cold tokens (8192), so that its summary, not only its tail, is searched.
 class LatentShapeEveryKind : public ::testing::TestWithParam<NanCase> {};
 
 TEST_P(LatentShapeEveryKind, HostBackendAttendsEveryToken) {
@@ -896,22 +897,26 @@ TEST_P(LatentShapeEveryKind, HostBackendAttendsEveryToken) {
   c.top_k = 2048;  // every cold token, so that FLAT is exact too
   c.index_kind = GetParam().kind;
   c.worker_threads = 2;
+  c.values_are_keys = 1;
   kvrt_runtime* rt = nullptr;
   ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
   kvrt_seq_id s = 0;
   ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
   const int n = kPrompt + kAppended;
   auto k = Wave(static_cast<std::size_t>(n) * kDim, 0.37f, 0.1f);
-  auto v = Wave(static_cast<std::size_t>(n) * kDim, 0.11f, 0.7f);
   // Keys that differ per token beyond a phase: a few tokens stand out for each head.
   for (int t = 0; t < n; ++t) k[static_cast<std::size_t>(t) * kDim + t % kDim] += 3.f;
-  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), kPrompt), KVRT_OK)
+  const std::vector<float>& v = k;
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), nullptr, kPrompt), KVRT_OK)
       << kvrt_last_error();
   for (int t = kPrompt; t < n; ++t)
-    ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + static_cast<std::size_t>(t) * kDim,
-                          v.data() + static_cast<std::size_t>(t) * kDim, 1),
+    ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + static_cast<std::size_t>(t) * kDim, nullptr, 1),
               KVRT_OK)
         << kvrt_last_error();
+  kvrt_stats st = {};
+  st.struct_size = sizeof st;
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_EQ(st.host_bytes, st.host_tokens * kDim * 4) << "one row per token: its key";
   const auto q = Wave(static_cast<std::size_t>(kHeads) * kDim, 0.05f, 0.3f);
   std::vector<float> out(static_cast<std::size_t>(kHeads) * kDim, NAN);
   ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK) << kvrt_last_error();
@@ -945,5 +950,64 @@ INSTANTIATE_TEST_SUITE_P(
                       NanCase{KVRT_INDEX_ATTENTION_AWARE, "attention_aware"},
                       NanCase{KVRT_INDEX_CLUSTER, "cluster"}),
     [](const ::testing::TestParamInfo<NanCase>& p) { return std::string(p.param.name); });
+
+// values_are_keys stores one row per token where a runtime given the keys as values stores two,
+// and attends the same: the outputs equal bit for bit (EXACT; the tier and cold rows alike), the
+// host store is half. v is not read (NULL or anything); the GPU backend and values other than
+// 0/1 are refused by name.
+TEST(ContractConfig, ValuesAreKeysHalvesTheStoreAndAttendsTheSame) {
+  constexpr int kDimV = 16, kTokens = 300;
+  auto k = Wave(static_cast<std::size_t>(kTokens) * 2 * kDimV, 0.37f, 0.1f);
+  const auto q = Wave(4 * kDimV, 0.23f, 0.3f);
+  std::vector<float> outs[2];
+  int64_t host_bytes[2] = {0, 0};
+  for (int shared : {0, 1}) {
+    kvrt_config c = TinyConfig(1, 4);
+    c.num_kv_heads = 2;
+    c.head_dim = kDimV;
+    c.sink_tokens = 2;
+    c.window_tokens = 8;
+    c.index_kind = KVRT_INDEX_EXACT;
+    c.values_are_keys = shared;
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_seq_id s = 0;
+    ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+    const float* v = shared ? nullptr : k.data();
+    ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v, kTokens - 5), KVRT_OK)
+        << kvrt_last_error();
+    const std::size_t at = static_cast<std::size_t>(kTokens - 5) * 2 * kDimV;
+    // The appended rows' v: ignored when values are keys (here a wrong pointer, not NULL).
+    const auto other = Wave(5 * 2 * kDimV, 0.9f, 0.4f);
+    ASSERT_EQ(kvrt_append(rt, s, 0, k.data() + at, shared ? other.data() : k.data() + at, 5),
+              KVRT_OK);
+    outs[shared].assign(4 * kDimV, NAN);
+    ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), outs[shared].data()), KVRT_OK) << kvrt_last_error();
+    kvrt_stats st = {};
+    st.struct_size = sizeof st;
+    ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+    host_bytes[shared] = st.host_bytes;
+    kvrt_config eff = kvrt_config_default();
+    ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+    EXPECT_EQ(eff.values_are_keys, shared);
+    kvrt_runtime_destroy(rt);
+  }
+  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_GT(host_bytes[0], 0);
+  EXPECT_EQ(host_bytes[1] * 2, host_bytes[0]);
+  kvrt_config c = TinyConfig();
+  c.values_are_keys = 2;
+  EXPECT_TRUE(RefusedNaming(c, "values_are_keys"));
+  c.values_are_keys = 1;
+  c.use_gpu = 1;
+  EXPECT_TRUE(RefusedNaming(c, "values_are_keys"));
+  c.use_gpu = -1;  // the host backend, then
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_config eff = kvrt_config_default();
+  ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
+  EXPECT_EQ(eff.use_gpu, 0);
+  kvrt_runtime_destroy(rt);
+}
 
 }  // namespace

@@ -540,8 +540,12 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     c = model.config
-    print(f"model: Llama, {args.layers} layers, hidden {c.hidden_size}, heads "
-          f"{c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}, intermediate "
+    # MLA: q/k of qk_nope + qk_rope (its config's head_dim is the rope part), v of v_head_dim.
+    dims = (f"{c.qk_nope_head_dim + c.qk_rope_head_dim} (v {c.v_head_dim}, latent "
+            f"{c.kv_lora_rank} + {c.qk_rope_head_dim})" if getattr(c, "kv_lora_rank", None)
+            else f"{c.head_dim}")
+    print(f"model: {type(model).__name__}, {args.layers} layers, hidden {c.hidden_size}, heads "
+          f"{c.num_attention_heads}/{c.num_key_value_heads}x{dims}, intermediate "
           f"{c.intermediate_size}, vocab {c.vocab_size}, bf16, random weights "
           f"{weights / 2**30:.2f} GiB, built in {time.perf_counter() - t0:.1f} s", flush=True)
 

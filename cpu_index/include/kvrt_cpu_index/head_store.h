@@ -61,26 +61,34 @@ struct UninitializedAllocator : std::allocator<T> {
 
 class HeadStore {
  public:
-  HeadStore(int head_dim, DType dtype) : dim_(head_dim), dtype_(dtype) {}
+  // values_are_keys: each row's value is its key (RuntimeConfig::values_are_keys): one row is
+  // stored, value() and values() are the keys, and Append does not read v.
+  HeadStore(int head_dim, DType dtype, bool values_are_keys = false)
+      : dim_(head_dim), dtype_(dtype), values_are_keys_(values_are_keys) {}
 
   int dim() const { return dim_; }
   DType dtype() const { return dtype_; }
   int64_t size() const { return size_; }
+  bool values_are_keys() const { return values_are_keys_; }
   std::size_t row_bytes() const { return static_cast<std::size_t>(dim_) * DTypeSize(dtype_); }
-  std::size_t bytes() const { return 2 * static_cast<std::size_t>(size_) * row_bytes(); }
+  std::size_t bytes() const {
+    return (values_are_keys_ ? 1 : 2) * static_cast<std::size_t>(size_) * row_bytes();
+  }
 
   const void* key(int64_t i) const {
     return keys_.data() + static_cast<std::size_t>(i) * row_bytes();
   }
   const void* value(int64_t i) const {
-    return values_.data() + static_cast<std::size_t>(i) * row_bytes();
+    return values_data() + static_cast<std::size_t>(i) * row_bytes();
   }
   const void* keys() const { return keys_.data(); }
-  const void* values() const { return values_.data(); }
+  const void* values() const { return values_data(); }
 
   // Rows the current allocation holds: appends up to it keep keys() and values() in place.
   int64_t capacity() const {
-    return static_cast<int64_t>(std::min(keys_.capacity(), values_.capacity()) / row_bytes());
+    const std::size_t bytes =
+        values_are_keys_ ? keys_.capacity() : std::min(keys_.capacity(), values_.capacity());
+    return static_cast<int64_t>(bytes / row_bytes());
   }
   // Makes room for `rows` rows in total so that Appends up to it cannot fail.
   absl::Status Reserve(int64_t rows);
@@ -90,7 +98,8 @@ class HeadStore {
   void Prefault(int64_t rows) noexcept;
 
   // Appends n rows; key/value rows are strided by `stride` elements (to read one head out of a
-  // [tokens, kv_heads, d] tensor). Returns ResourceExhausted if memory runs out (store unchanged).
+  // [tokens, kv_heads, d] tensor); v is not read with values_are_keys (may be null). Returns
+  // ResourceExhausted if memory runs out (store unchanged).
   // NOTE: growth doubles capacity; a chunked store would avoid the copy (left for the transfer
   // engine, which appends from worker threads).
   absl::Status Append(const void* k, const void* v, int64_t n, std::size_t stride_elems);
@@ -100,7 +109,8 @@ class HeadStore {
     return keys_.data() + static_cast<std::size_t>(size_) * row_bytes();
   }
   unsigned char* next_values() {
-    return values_.data() + static_cast<std::size_t>(size_) * row_bytes();
+    return (values_are_keys_ ? keys_.data() : values_.data()) +
+           static_cast<std::size_t>(size_) * row_bytes();
   }
   // Appends the n rows written there (FailedPrecondition past capacity; scanned for NaN/Inf as
   // Append scans).
@@ -123,11 +133,15 @@ class HeadStore {
   const std::vector<int64_t>& nonfinite_rows() const { return nonfinite_rows_; }
 
  private:
+  const unsigned char* values_data() const {
+    return values_are_keys_ ? keys_.data() : values_.data();
+  }
   // Rows of k, v (n rows, stride_bytes apart) with a NaN or Inf, numbered from size().
   std::vector<int64_t> NonFiniteRows(const void* k, const void* v, int64_t n,
                                      std::size_t stride_bytes) const;
   int dim_;
   DType dtype_;
+  bool values_are_keys_ = false;
   int64_t size_ = 0;
   std::vector<unsigned char, UninitializedAllocator<unsigned char>> keys_;
   std::vector<unsigned char, UninitializedAllocator<unsigned char>> values_;

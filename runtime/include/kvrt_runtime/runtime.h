@@ -42,6 +42,9 @@ struct RuntimeConfig {
   cpu_index::IndexConfig index;    // per-kind knobs (the cluster budget: index.cluster)
   float hot_cache_fraction = 0.f;  // GPU hot cache, fraction of the cold rows (kvrt.h); 0 = off
   bool direct_step = false;  // cluster kind, GPU backend: the selection attended on the device
+  // Each token's value is its key (v is not read; one row per token is stored, not two): the
+  // output is the weighted sum of keys (MLA held as its latent). Host backend only.
+  bool values_are_keys = false;
   int cuda_device = -1;  // GPU backend's device ordinal; -1: the creating thread's current device
   int use_gpu = 0;       // 0: host backend; 1: GPU tier in device memory (error without a device);
                          // -1: GPU when available. The effective config holds 0 or 1.
