@@ -35,6 +35,7 @@
 # (AB_RUNS), BENCH=configs bench decode options alternated the same way (CONFIGS),
 # BENCH=gpu-busy the GPU's busy time per layer-step (CUPTI; BUSY_CONFIGS, BUSY_RUNS) at 128K B=1, 16, 64,
 # BENCH=shapes the cluster kind at 128K B=1 per model shape (SHAPES, q:kv:d) beside SDPA of that shape,
+# BENCH=host-latent the host backend at MLA latent shapes (HOST_SHAPES), the build before against this,
 # BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=pytest the Python package's
@@ -836,6 +837,25 @@ if [[ "${1:-}" == "--device" ]]; then
         echo "=== sdpa peer, shape $shape"
         timeout 60 python3 tools/gpu_bench/sdpa_peer.py --iters 100 --tokens 131072 \
           --q-heads "$qh" --kv-heads "$kvh" --head-dim "$hd" || rc=1
+      done
+    elif [[ "$bench" == host-latent ]]; then
+      # The host backend at multi-head latent attention's shapes as kvrt.hf holds them (one kv
+      # head of 576, values its keys; HOST_SHAPES q_heads:kv_heads:head_dim, default DeepSeek-V2-
+      # Lite's 16 and V3's 128 q heads), the build before (kvrt_before, when bundled) against this
+      # one, AB_ROUNDS rounds (default 1): cluster kind, B=1, a cold tier with an unclustered tail
+      # (30716 rows: 3 segments and 6140) and 128K, with accuracy, without the prompt's queries
+      # (128 heads of them at 128K: 19 GB); the prefill's time is printed.
+      for round in $(seq "${AB_ROUNDS:-1}"); do
+        for shape in ${HOST_SHAPES:-16:1:576 128:1:576}; do
+          IFS=: read -r qh kvh hd <<< "$shape"
+          for prog in kvrt_before kvrt; do
+            [[ -x $b/$prog ]] || continue
+            echo "=== $prog, round $round: host backend, shape $shape, cluster B=1"
+            timeout 240 $b/$prog $args --gpu 0 --memory host --q-heads $qh --kv-heads $kvh \
+              --head-dim $hd --index cluster --cold 30716,131072 --batch 1 --layers 1 \
+              --prompt-queries 0 || rc=1
+          done
+        done
       done
     elif [[ "$bench" == ab-1m ]]; then
       # bench decode at 1M (trace-like generated keys, the selection's largest shape), the build

@@ -10,6 +10,7 @@
 #include <random>
 
 #include "kvrt_cpu_index/cluster.h"
+#include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::cpu_index {
 namespace {
@@ -35,9 +36,11 @@ void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cen
     for (int i = 0; i < d; ++i) a += r[i] * r[i];
     cn2[j] = a;
   }
-  std::vector<float> g(static_cast<std::size_t>(std::min(kChunk, n)) * c);
-  for (int64_t r0 = 0; r0 < n; r0 += kChunk) {
-    const int64_t m = std::min(kChunk, n - r0);
+  // The chunks in parallel, each row's result its own chunk's: a prompt of few segments (an MQA
+  // model's one kv head: its segments are the build's only parallel loop) kept most cores idle.
+  tbb::parallel_for(int64_t{0}, (n + kChunk - 1) / kChunk, [&](int64_t chunk) {
+    const int64_t r0 = chunk * kChunk, m = std::min(kChunk, n - r0);
+    std::vector<float> g(static_cast<std::size_t>(m) * c);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(c),
                 d, 1.f, x + r0 * d, d, cent, d, 0.f, g.data(), static_cast<int>(c));
     for (int64_t i = 0; i < m; ++i) {
@@ -54,7 +57,7 @@ void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cen
       (*assign)[r0 + i] = bj;
       (*dist)[r0 + i] = std::max(0.f, xn2[r0 + i] - 2.f * best);
     }
-  }
+  });
 }
 
 // Lloyd's k-means of x [n, d] into c clusters (random distinct rows as seeds, empty clusters keep

@@ -423,7 +423,7 @@ absl::Status ColdTier::SelectUnit(const std::vector<int>& heads, const float* q,
 }
 
 // A unit's heads, q [heads, d] in unit order. Heads that selected the same rows (a shared cluster
-// selection does) are attended in one pass over the rows, each with AttendHead's result.
+// selection does) are attended together, each row read once per pass of heads (below).
 void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const ColdSelection& sel,
                            PartialState* out) const {
   const int d = cfg_->head_dim, nq = static_cast<int>(heads.size());
@@ -436,22 +436,36 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   }
   const auto& store = stores_[heads[0] / (cfg_->num_q_heads / cfg_->num_kv_heads)];
   const auto& rows = sel.rows[heads[0]];
-  std::vector<float> o(static_cast<std::size_t>(nq) * d), lse(nq);
-  // kAttendQueries heads per pass over the rows, the passes in parallel: a wide group (an MQA
-  // model's) is one unit of the step's parallel loop. Each head's arithmetic is the same either
-  // way.
+  const int64_t n_rows = static_cast<int64_t>(rows.size());
+  // kAttendQueries heads per pass over a chunk of kAttendRows rows, every (pass, chunk) a task,
+  // each head's chunk states merged in chunk order: a wide group (an MQA model's, MLA's latent:
+  // 16-128 heads over one kv head) is the step's only unit, and its passes alone kept 4 of 16
+  // cores busy (DeepSeek-V2-Lite's latent at 32K: 8.5 ms per layer-step, docs/benchmarks.md).
+  // The chunks follow the row count alone, so a step's result does not depend on the threads.
   constexpr int kAttendQueries = 4;
-  tbb::parallel_for(0, (nq + kAttendQueries - 1) / kAttendQueries, [&](int c) {
-    const int i0 = c * kAttendQueries, n = std::min(kAttendQueries, nq - i0);
+  constexpr int64_t kAttendRows = 2048;
+  const int passes = (nq + kAttendQueries - 1) / kAttendQueries;
+  const int chunks =
+      static_cast<int>(std::max<int64_t>(1, (n_rows + kAttendRows - 1) / kAttendRows));
+  const std::size_t state = static_cast<std::size_t>(nq) * d;
+  std::vector<float> o(chunks * state), lse(static_cast<std::size_t>(chunks) * nq);
+  tbb::parallel_for(0, passes * chunks, [&](int t) {
+    const int c = t % chunks, i0 = t / chunks * kAttendQueries,
+              n = std::min(kAttendQueries, nq - i0);
+    const int64_t r0 = c * kAttendRows, r1 = std::min(n_rows, r0 + kAttendRows);
     cpu_index::AttendStoreRowsGroup(q + static_cast<std::size_t>(i0) * d, n, cfg_->scale, store,
-                                    rows.data(), static_cast<int64_t>(rows.size()),
-                                    o.data() + static_cast<std::size_t>(i0) * d, lse.data() + i0);
+                                    rows.data() + r0, r1 - r0,
+                                    o.data() + c * state + static_cast<std::size_t>(i0) * d,
+                                    lse.data() + static_cast<std::size_t>(c) * nq + i0);
   });
   for (int i = 0; i < nq; ++i) {
-    std::copy(o.begin() + static_cast<std::ptrdiff_t>(i) * d,
-              o.begin() + static_cast<std::ptrdiff_t>(i + 1) * d,
-              out->o.begin() + static_cast<std::ptrdiff_t>(heads[i]) * d);
-    out->lse[heads[i]] = lse[i];
+    float* oh = out->o.data() + static_cast<std::size_t>(heads[i]) * d;
+    float* lh = &out->lse[heads[i]];
+    std::copy_n(o.data() + static_cast<std::size_t>(i) * d, d, oh);
+    *lh = lse[i];
+    for (int c = 1; c < chunks; ++c)
+      cpu_index::MergeInto(oh, lh, o.data() + c * state + static_cast<std::size_t>(i) * d,
+                           lse[static_cast<std::size_t>(c) * nq + i], d);
   }
 }
 
