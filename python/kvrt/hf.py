@@ -203,6 +203,24 @@ def _keep_latent(module) -> None:
     module._kvrt_latent_hook = module.kv_b_proj.register_forward_pre_hook(keep)
 
 
+def _forget_attended_on_forward(module) -> None:
+    """A pre-hook on an attention module: each of its forwards starts without a record of an
+    earlier attention call (attention()'s check for two calls per cache update looks within one
+    forward: a later forward with the model's own cache, after a kvrt generation, is no second
+    call)."""
+    if getattr(module, "_kvrt_forward_hook", None) is not None:
+        return
+    ref = weakref.ref(module)
+
+    def forget(*_):
+        attended = getattr(_pending, "attended", None)
+        idx = getattr(ref(), "layer_idx", None)
+        last = attended.get(idx) if attended else None
+        if last is not None and last() is ref():
+            del attended[idx]
+    module._kvrt_forward_hook = module.register_forward_pre_hook(forget)
+
+
 def _shard_rows(weight) -> tuple[int, int]:
     """(rows this process holds, rows of the whole weight / tp) of a projection: its local shard
     under tensor parallelism (a DTensor knows its global shape; a plain shard does not)."""
@@ -548,6 +566,8 @@ class KvrtCache(DynamicCache):
         self._mla = mla_dims(model, None, mods) if mla == "latent" else None
         self._maps = {}
         for src, kl in self.layer_map.items():
+            if src in mods:
+                _forget_attended_on_forward(mods[src])
             if self._mla is not None:
                 self._maps[kl] = _latent_maps(mods[src], self._heads[0], self._mla)
                 _keep_latent(mods[src])

@@ -347,6 +347,21 @@ def test_attention_that_kvrt_would_answer_from_the_wrong_tokens_is_refused(famil
     cache.close()
 
 
+def test_the_models_own_cache_after_a_kvrt_generation():
+    # The attention function stays registered after a kvrt generation: a generation with the
+    # model's own cache then runs transformers' SDPA (no kvrt layer pending), and is no "second
+    # attention call per cache update" (0.3.24 raised that here).
+    model = _model("llama")
+    ref_tokens, ref = _greedy(model)
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16,
+                      worker_threads=2)
+    _greedy(model, cache)
+    cache.close()
+    tokens, got = _greedy(model)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_a_score_bias_in_the_mask_is_refused_on_the_prompt():
     # Falcon with ALiBi adds the bias to its float mask: kvrt's decode would drop it.
     model = _model("falcon", alibi=True, new_decoder_architecture=False, multi_query=False,

@@ -1,6 +1,7 @@
 """Tensor parallelism on the CPU: the tiny random Gemma 3 (2 kv heads) loaded with transformers'
 tp_plan="auto" in two ranks (gloo), each rank's attention on its own kvrt runtime over its local
-heads, against the same checkpoint in one process. Skipped without torch or transformers; the
+heads, against the same checkpoint in one process; and a tiny DeepSeek-V3, whose multi-head latent
+attention every rank holds as the whole latent. Skipped without torch or transformers; the
 two-rank tests also without gloo or accelerate (transformers' tp_plan loading needs it)."""
 
 from __future__ import annotations
@@ -27,13 +28,35 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def runs(tmp_path_factory):
     """{"one": {mode: result}, "ranks": [rank 0's, rank 1's]}: the checkpoint decoded in this
     process (no tensor parallelism) and by two ranks (tp_worker.py)."""
+    return _tp_runs(tmp_path_factory, tiny_random(kv_heads=2))
+
+
+@pytest.fixture(scope="module")
+def mla_runs(tmp_path_factory):
+    """runs' results for a tiny random DeepSeek-V3 (4 heads, latent 32 + 16)."""
+    import transformers
+    from kvrt.testing import sharpen
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+        pad_token_id=0, bos_token_id=1, eos_token_id=257, kv_lora_rank=32, q_lora_rank=48,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=24, n_routed_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=64, n_group=1,
+        topk_group=1)
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    sharpen(model)
+    return _tp_runs(tmp_path_factory, model)
+
+
+def _tp_runs(tmp_path_factory, model):
     pytest.importorskip("accelerate", reason="transformers' tp_plan loading needs accelerate")
     if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     tmp = tmp_path_factory.mktemp("tp")
     model_dir = tmp / "tiny"
     torch.set_num_threads(2)
-    tiny_random(kv_heads=2).save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
     procs = [_start_rank(r, model_dir, tmp) for r in range(WORLD)]
     logs = []
     for p in procs:
@@ -119,6 +142,21 @@ def test_ranks_run_on_their_own_cpus(runs):
         ranges.append(set(range(cfg["worker_cpu_first"],
                                 cfg["worker_cpu_first"] + cfg["worker_cpu_count"])))
     assert not ranges[0] & ranges[1]
+
+
+def test_latent_attention_under_two_ranks(mla_runs):
+    # Each rank absorbs its 2 q heads through its shard of kv_b_proj and holds the whole latent
+    # (one kv head of 32 + 16, its value its key): the bytes of one process's runtime, not half.
+    for mode in MODES:
+        one = mla_runs["one"][mode]
+        assert (one["config"]["num_q_heads"], one["config"]["num_kv_heads"],
+                one["config"]["head_dim"], one["config"]["values_are_keys"]) == (4, 1, 48, 1)
+        for rank in mla_runs["ranks"]:
+            got = rank[mode]
+            assert (got["config"]["num_q_heads"], got["config"]["num_kv_heads"]) == (2, 1)
+            assert got["stats"]["host_bytes"] == one["stats"]["host_bytes"] > 0
+            assert torch.equal(got["tokens"], one["tokens"])
+            torch.testing.assert_close(got["logits"], one["logits"], rtol=1e-4, atol=1e-4)
 
 
 def test_a_runtime_made_for_another_shard_is_refused():
