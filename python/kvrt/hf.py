@@ -377,6 +377,10 @@ def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent
     merged.update({k: v for k, v in base.items()
                    if k not in merged or k in ("num_layers", "num_q_heads", "num_kv_heads",
                                                "head_dim", "values_are_keys")})
+    if latent is not None and merged.get("use_gpu") == 1:
+        raise ValueError("kvrt.hf: multi-head latent attention held as its latent runs on kvrt's "
+                         "host backend (its value is its key), and use_gpu=1 was given; pass "
+                         "mla=\"expanded\" for the GPU backend")
     return make_config(None, **merged)
 
 

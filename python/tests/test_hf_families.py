@@ -274,6 +274,8 @@ def test_a_latent_past_the_gpu_backends_head_dim_runs_on_the_host_backend(monkey
                                          r"\(mla=\"expanded\" keeps the GPU backend at \d+x"):
         cfg = kh.runtime_config(model, index_kind="exact")
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu, cfg.values_are_keys) == (1, 576, 0, 1)
+    with pytest.raises(ValueError, match="use_gpu=1 was given; pass mla=\"expanded\""):
+        kh.runtime_config(model, index_kind="exact", use_gpu=1)
     cfg = kh.runtime_config(model, index_kind="exact", mla="expanded", values_are_keys=1)
     assert (cfg.num_kv_heads, cfg.head_dim, cfg.use_gpu, cfg.values_are_keys) == (4, 96, 1, 0)
 
