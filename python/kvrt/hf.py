@@ -189,16 +189,21 @@ def _latent_maps(module, heads: int, dims: tuple[int, int, int, int]):
     return w[:, :nope], w[:, nope:]
 
 
-def _keep_latent(module) -> None:
+def _keep_latent(module, cache: "KvrtCache") -> None:
     """A hook on kv_b_proj's input, the latent of the tokens of this forward (normalized, as the
-    model expands it), kept on the attention module for kvrt's attention call to take."""
+    model expands it), kept on the attention module for kvrt's attention call to take; only while
+    `cache` (the last KvrtCache made for the module) is open, so that a forward with the model's
+    own cache does not leave its latent on the module (a long prompt's: 128 MB per layer)."""
+    module.__dict__["_kvrt_latent_cache"] = weakref.ref(cache)
     if getattr(module, "_kvrt_latent_hook", None) is not None:
         return
     ref = weakref.ref(module)
 
     def keep(_proj, args):
         m = ref()
-        if m is not None and args:
+        owner = m.__dict__.get("_kvrt_latent_cache") if m is not None else None
+        owner = owner() if owner is not None else None
+        if owner is not None and not owner._closed and args:
             m.__dict__["_kvrt_latent"] = args[0]
     module._kvrt_latent_hook = module.kv_b_proj.register_forward_pre_hook(keep)
 
@@ -569,12 +574,15 @@ class KvrtCache(DynamicCache):
         mods = _attention_modules(model)
         self._mla = mla_dims(model, None, mods) if mla == "latent" else None
         self._maps = {}
+        self._latent_modules: list = []  # weak references: the modules whose latent is kept
+        self._closed = False
         for src, kl in self.layer_map.items():
             if src in mods:
                 _forget_attended_on_forward(mods[src])
             if self._mla is not None:
                 self._maps[kl] = _latent_maps(mods[src], self._heads[0], self._mla)
-                _keep_latent(mods[src])
+                _keep_latent(mods[src], self)
+                self._latent_modules.append(weakref.ref(mods[src]))
         self.sequences: list[Sequence] = []
         self._prefilled: set[int] = set()
         self.time_prefill_s = 0.0
@@ -601,6 +609,11 @@ class KvrtCache(DynamicCache):
     def close(self) -> None:
         """Releases the sequences and, when the cache created it, the runtime."""
         self.reset()
+        self._closed = True
+        for ref in self._latent_modules:  # an interrupted forward's latent
+            m = ref()
+            if m is not None:
+                m.__dict__.pop("_kvrt_latent", None)
         if self._owns_runtime:
             self.runtime.close()
 
@@ -643,7 +656,7 @@ class KvrtCache(DynamicCache):
     def _attend_prompt_chunk(self, layer: KvrtLayer, module, query, key, value, attention_mask,
                              held, **kwargs):
         """SDPA of a prompt chunk over the prompt so far; the chunk's K/V and some of its queries
-        are kept for the prefill (held: q, k, v as kvrt holds them, see _held)."""
+        are kept for the prefill (held: q, k, v as kvrt holds them, see _attend)."""
         kl, n = layer.kvrt_layer, query.shape[2]
         p = self._prompt.get(kl)
         if p is None:
@@ -713,7 +726,9 @@ class KvrtCache(DynamicCache):
     def _latent(self, layer: KvrtLayer, module, query, key, value):
         """An MLA layer's q, k, v as kvrt holds them: q [B, H, n, rank + rope] (each head's nope
         part through its key rows of kv_b_proj, then its rope part), k [B, 1, n, rank + rope] (the
-        latent, then the rope key all heads share), v [B, 1, n, rank] (the latent)."""
+        latent, then the rope key all heads share), v: k itself (values_are_keys: the output's
+        first rank dims are the weighted latent), or the latent [B, 1, n, rank] for a runtime
+        given to the cache without values_are_keys."""
         rank, nope, rope, _ = self._mla
         c = module.__dict__.pop("_kvrt_latent", None)
         B, _, n, d = query.shape

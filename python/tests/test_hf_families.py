@@ -364,6 +364,17 @@ def test_the_models_own_cache_after_a_kvrt_generation():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_a_closed_latent_cache_leaves_no_latent_on_the_modules():
+    # The latent's hook keeps kv_b_proj's input for an open cache only: a forward with the
+    # model's own cache after close() leaves nothing on the modules (a long prompt's latent).
+    model = _model("deepseek_v3")
+    cache = kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16)
+    _greedy(model, cache)
+    cache.close()
+    _greedy(model)
+    assert not [m for m in model.modules() if "_kvrt_latent" in m.__dict__]
+
+
 def test_a_score_bias_in_the_mask_is_refused_on_the_prompt():
     # Falcon with ALiBi adds the bias to its float mask: kvrt's decode would drop it.
     model = _model("falcon", alibi=True, new_decoder_architecture=False, multi_query=False,
