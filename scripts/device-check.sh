@@ -840,8 +840,8 @@ if [[ "${1:-}" == "--device" ]]; then
       done
     elif [[ "$bench" == host-latent ]]; then
       # The host backend at multi-head latent attention's shapes as kvrt.hf holds them (one kv
-      # head of 576, values its keys; HOST_SHAPES q_heads:kv_heads:head_dim, default DeepSeek-V2-
-      # Lite's 16 and V3's 128 q heads), the build before (kvrt_before, when bundled) against this
+      # head of 576; bench decode stores values apart, it has no values_are_keys; HOST_SHAPES
+      # q_heads:kv_heads:head_dim, default DeepSeek-V2-Lite's 16 and V3's 128 q heads), the build before (kvrt_before, when bundled) against this
       # one, AB_ROUNDS rounds (default 1): cluster kind, B=1, a cold tier with an unclustered tail
       # (30716 rows: 3 segments and 6140) and 128K, with accuracy, without the prompt's queries
       # (128 heads of them at 128K: 19 GB); the prefill's time is printed.
