@@ -35,7 +35,7 @@ absl::Status BudgetReservation::Reserve(const RuntimeConfig& cfg, Runtime::Count
         "GPU-tier memory limit: ", counters->gpu_allocated_bytes.load(), " bytes in use + ",
         gpu_bytes, " needed > gpu_memory_limit ", cfg.gpu_memory_limit));
   // host_tokens is counted in tokens; the budget covers the store and the indexes.
-  const int64_t per_token = (cfg.values_are_keys ? 1 : 2) * static_cast<int64_t>(tb);
+  const int64_t per_token = cfg.rows_per_token() * static_cast<int64_t>(tb);
   const int64_t token_limit =
       cfg.host_memory_limit > 0
           ? std::max<int64_t>(

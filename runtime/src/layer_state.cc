@@ -49,8 +49,8 @@ AppendPlan LayerState::PlanAppend(int64_t n) const {
   p.ring_begin = std::max({p.length, S, p.cold_end});
   p.need_sinks = !tier_->has_sinks() && S > 0;
   p.ring_grow = tier_->RingGrowth(p.new_length);
-  const int64_t rows_per_token = cfg_->values_are_keys ? 1 : 2;  // keys (and values)
-  p.gpu_bytes = rows_per_token * static_cast<int64_t>(tb) * ((p.need_sinks ? S : 0) + p.ring_grow);
+  p.gpu_bytes =
+      cfg_->rows_per_token() * static_cast<int64_t>(tb) * ((p.need_sinks ? S : 0) + p.ring_grow);
   return p;
 }
 

@@ -348,8 +348,8 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
       CheckFinite(api_config_, "prefill: q", host ? q : nullptr, n, config_.num_q_heads));
   KVRT_RETURN_IF_ERROR(
       CheckFinite(api_config_, "prefill: k", host ? k : nullptr, n, config_.num_kv_heads));
-  KVRT_RETURN_IF_ERROR(
-      CheckFinite(api_config_, "prefill: v", host ? v : nullptr, n, config_.num_kv_heads));
+  KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, "prefill: v", host && v != k ? v : nullptr, n,
+                                   config_.num_kv_heads));
   transfer::ScopedDevice on_device(config_.call_device());
   if (!impl_->pad.on()) return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
   PaddedCall padded;
@@ -373,7 +373,7 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
   KVRT_RETURN_IF_ERROR(
       CheckFinite(api_config_, "append: k", host ? k : nullptr, n, config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(
-      CheckFinite(api_config_, "append: v", host ? v : nullptr, n, config_.num_kv_heads));
+      CheckFinite(api_config_, "append: v", host && v != k ? v : nullptr, n, config_.num_kv_heads));
   transfer::ScopedDevice on_device(config_.call_device());
   if (!impl_->pad.on()) return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
   PaddedCall padded;
@@ -555,9 +555,8 @@ RuntimeStats Runtime::Stats() const {
     s.sequences = static_cast<int64_t>(impl_->sequences.size());
   }
   const auto& c = impl_->counters;
-  const int64_t rows_per_token = config_.values_are_keys ? 1 : 2;  // keys (and values)
-  const int64_t token_bytes = rows_per_token * config_.num_kv_heads * config_.head_dim *
-                              static_cast<int64_t>(DTypeSize(config_.dtype));
+  const int64_t token_bytes = int64_t{config_.rows_per_token()} * config_.num_kv_heads *
+                              config_.head_dim * static_cast<int64_t>(DTypeSize(config_.dtype));
 #define KVRT_LOAD_COUNTER_(name) s.name = c.name.load();
   KVRT_RUNTIME_COUNTERS(KVRT_LOAD_COUNTER_)
 #undef KVRT_LOAD_COUNTER_

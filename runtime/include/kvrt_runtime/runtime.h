@@ -51,6 +51,8 @@ struct RuntimeConfig {
 
   // The device calls run on (transfer::ScopedDevice): cuda_device on the GPU backend, else -1.
   int call_device() const { return use_gpu == 1 ? cuda_device : -1; }
+  // Rows stored per token and kv head: its key and its value, or the key alone (values_are_keys).
+  int rows_per_token() const { return values_are_keys ? 1 : 2; }
 };
 
 // Where a call's tensors live and which CUDA stream orders its device work (kvrt_exec).
