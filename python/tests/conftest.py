@@ -1,5 +1,5 @@
-"""Shared helpers: a NumPy reference of full attention (f32, GQA), random KV, and a loader of
-the tools/gpu_bench scripts."""
+"""Shared helpers: a NumPy reference of full attention (f32, GQA), random KV, a loader of the
+tools/gpu_bench scripts, and the config fields of the tiny random transformers models."""
 
 from __future__ import annotations
 
@@ -30,6 +30,16 @@ def rng() -> np.random.Generator:
 
 
 SHAPE = dict(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=32)
+
+# Tiny random transformers decoders (test_hf_families.py, test_tp.py): fields over every family's
+# config, and those of multi-head latent attention (DeepSeek-V2/V3's) and its MoE.
+COMMON = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+              pad_token_id=0, bos_token_id=1, eos_token_id=257)
+MLA = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
+           qk_nope_head_dim=32, v_head_dim=24)
+MLA_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+               moe_intermediate_size=64)
 
 
 def kv(rng: np.random.Generator, n: int, heads: int = 2, d: int = 32) -> np.ndarray:

@@ -13,17 +13,10 @@ transformers = pytest.importorskip("transformers")
 
 import kvrt  # noqa: E402
 import kvrt.hf as kh  # noqa: E402
+from conftest import COMMON, MLA, MLA_MOE  # noqa: E402
 from kvrt.testing import sharpen  # noqa: E402
 
 PROMPT, NEW = 200, 6
-COMMON = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-              pad_token_id=0, bos_token_id=1, eos_token_id=257)
-
-MLA = dict(num_key_value_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16,
-           qk_nope_head_dim=32, v_head_dim=24)
-MLA_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
-               moe_intermediate_size=64)
 
 # family: (config class, model class, config fields over COMMON, reference attention). Chosen for
 # what differs in their attention: GQA vs MHA, fused qkv projections (Phi-3, GPT-NeoX, Phi), q/k

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 import kvrt  # noqa: E402
 import kvrt.hf as kh  # noqa: E402
 from kvrt.testing import tiny_random  # noqa: E402
+from conftest import COMMON, MLA, MLA_MOE  # noqa: E402
 from tp_worker import MODES, PROMPT, decode  # noqa: E402
 
 WORLD = 2
@@ -36,13 +37,8 @@ def mla_runs(tmp_path_factory):
     """runs' results for a tiny random DeepSeek-V3 (4 heads, latent 32 + 16)."""
     import transformers
     from kvrt.testing import sharpen
-    cfg = transformers.DeepseekV3Config(
-        vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        pad_token_id=0, bos_token_id=1, eos_token_id=257, kv_lora_rank=32, q_lora_rank=48,
-        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=24, n_routed_experts=4,
-        num_experts_per_tok=2, first_k_dense_replace=1, moe_intermediate_size=64, n_group=1,
-        topk_group=1)
+    cfg = transformers.DeepseekV3Config(**{**COMMON, **MLA, **MLA_MOE, "n_group": 1,
+                                           "topk_group": 1})
     torch.manual_seed(0)
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
     sharpen(model)

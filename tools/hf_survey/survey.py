@@ -8,8 +8,8 @@ Classes: match (same tokens, logits within 1e-4, kvrt attended every kvrt layer 
 step), refused (a ValueError/NotImplementedError: kvrt.hf's, or transformers refusing a cache
 not its own, as MiniMax's; or a RuntimeError of kvrt.hf naming what it does not serve), WRONG
 (different output), CRASH (another error), killed (by a signal, mostly out of memory: a family
-whose fields below do not reach its text model is built at its full default size), model (the model could not be built or run by transformers itself at this
-size: not kvrt's).
+whose fields below do not reach its text model is built at its full default size), model (the
+model could not be built or run by transformers itself at this size: not kvrt's).
 
     python tools/hf_survey/survey.py [--jobs 2] [--timeout 120] [--jsonl OUT] [FAMILY ...]
 """
