@@ -1,5 +1,7 @@
 #include "kvrt_cpu_index/dot.h"
 
+#include <vector>
+
 #include "kvrt_common/multiversion.h"
 
 namespace kvrt::cpu_index {
@@ -41,6 +43,35 @@ KVRT_MULTIVERSION float DotBf16(const float* q, const uint16_t* k, int d) {
   return s + SumLanes(acc);
 }
 
+// DotF32 of four queries (q, q + stride, ...) against one row: each of the row's chunks loaded
+// once for the four. Each query's arithmetic is DotF32's, in its order, so the scores are
+// bit-identical to it.
+KVRT_MULTIVERSION void DotF32x4(const float* q, std::size_t stride, const float* k, int d,
+                                float* out) {
+  float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
+  const float *q0 = q, *q1 = q + stride, *q2 = q + 2 * stride, *q3 = q + 3 * stride;
+  int i = 0;
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      const float x = k[i + j];
+      a0[j] += q0[i + j] * x;
+      a1[j] += q1[i + j] * x;
+      a2[j] += q2[i + j] * x;
+      a3[j] += q3[i + j] * x;
+    }
+  float s[4] = {};
+  for (; i < d; ++i) {
+    s[0] += q0[i] * k[i];
+    s[1] += q1[i] * k[i];
+    s[2] += q2[i] * k[i];
+    s[3] += q3[i] * k[i];
+  }
+  out[0] = s[0] + SumLanes(a0);
+  out[1] = s[1] + SumLanes(a1);
+  out[2] = s[2] + SumLanes(a2);
+  out[3] = s[3] + SumLanes(a3);
+}
+
 float DotF16(const float* q, const uint16_t* k, int d) {
   float buf[512];
   float s = 0.f;
@@ -64,8 +95,20 @@ float DotRow(const float* q, const void* row, int d, DType t) {
 }
 
 void DotRowMulti(const float* qs, int nq, const void* row, int d, DType t, float* out) {
-  // NOTE: each query through DotRow, so a score is bit-identical to a single search's (tests and
-  // the tail merge compare them); after the first query the row is in L1, which is the saving.
+  // NOTE: each score is bit-identical to DotRow's, a single search's (tests and the tail merge
+  // compare them); after the first query the row is in L1, which is the saving, and a bf16 row is
+  // converted once per block of queries.
+  constexpr int kWidest = 1024;  // the runtime's head_dim limit
+  if (t == DType::kBF16 && nq > 1 && d <= kWidest) {
+    // The row widened once (exact), then DotF32 per query: DotBf16's arithmetic in its order
+    // (no contraction in this file), without widening the row again for every query.
+    float buf[kWidest];
+    ConvertToF32(row, DType::kBF16, d, buf);
+    int j = 0;
+    for (; j + 4 <= nq; j += 4) DotF32x4(qs + static_cast<std::size_t>(j) * d, d, buf, d, out + j);
+    for (; j < nq; ++j) out[j] = DotF32(qs + static_cast<std::size_t>(j) * d, buf, d);
+    return;
+  }
   for (int j = 0; j < nq; ++j) out[j] = DotRow(qs + static_cast<std::size_t>(j) * d, row, d, t);
 }
 
@@ -75,6 +118,73 @@ KVRT_MULTIVERSION void AddScaledRow(const float* w, std::size_t w_stride, int nq
     const float wh = w[h * w_stride];
     float* yh = y + static_cast<std::size_t>(h) * d;
     for (int i = 0; i < d; ++i) yh[i] += wh * x[i];
+  }
+}
+
+// Four heads' weighted sums over a run of bf16 rows, 16 dims at a time: each row's 16 values
+// widened once for the four and their sums held in registers over the whole run (AddScaledRow
+// per row reads and writes every head's sum once per row). Heads past nk get weight 0 and are
+// not stored, so a head's sums are the same whatever its place in a group.
+KVRT_MULTIVERSION void AddWeightedRowsBf16x4(const float* w, std::size_t w_stride, int nk,
+                                             const uint16_t* rows, int64_t n, int d, float* y) {
+  // Heads past nk read head 0's weights times 0 and sums into a scratch row never stored.
+  float zeros[1] = {0.f};
+  const float* wp[4];
+  for (int k = 0; k < 4; ++k) wp[k] = k < nk ? w + k * w_stride : zeros;
+  const std::size_t step[4] = {1, nk > 1 ? 1u : 0u, nk > 2 ? 1u : 0u, nk > 3 ? 1u : 0u};
+  int t0 = 0;
+  for (; t0 + 16 <= d; t0 += 16) {
+    float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
+    for (int l = 0; l < 16; ++l) a0[l] = y[t0 + l];
+    if (nk > 1)
+      for (int l = 0; l < 16; ++l) a1[l] = y[static_cast<std::size_t>(d) + t0 + l];
+    if (nk > 2)
+      for (int l = 0; l < 16; ++l) a2[l] = y[2 * static_cast<std::size_t>(d) + t0 + l];
+    if (nk > 3)
+      for (int l = 0; l < 16; ++l) a3[l] = y[3 * static_cast<std::size_t>(d) + t0 + l];
+    for (int64_t j = 0; j < n; ++j) {
+      const uint16_t* r = rows + static_cast<std::size_t>(j) * d + t0;
+      const float w0 = wp[0][j * step[0]], w1 = wp[1][j * step[1]], w2 = wp[2][j * step[2]],
+                  w3 = wp[3][j * step[3]];
+      for (int l = 0; l < 16; ++l) {
+        const uint32_t u = static_cast<uint32_t>(r[l]) << 16;
+        float x;
+        __builtin_memcpy(&x, &u, 4);
+        a0[l] += w0 * x;
+        a1[l] += w1 * x;
+        a2[l] += w2 * x;
+        a3[l] += w3 * x;
+      }
+    }
+    for (int l = 0; l < 16; ++l) y[t0 + l] = a0[l];
+    if (nk > 1)
+      for (int l = 0; l < 16; ++l) y[static_cast<std::size_t>(d) + t0 + l] = a1[l];
+    if (nk > 2)
+      for (int l = 0; l < 16; ++l) y[2 * static_cast<std::size_t>(d) + t0 + l] = a2[l];
+    if (nk > 3)
+      for (int l = 0; l < 16; ++l) y[3 * static_cast<std::size_t>(d) + t0 + l] = a3[l];
+  }
+  for (; t0 < d; ++t0)
+    for (int64_t j = 0; j < n; ++j) {
+      const float x = Bf16ToF32(rows[static_cast<std::size_t>(j) * d + t0]);
+      for (int k = 0; k < nk; ++k)
+        y[static_cast<std::size_t>(k) * d + t0] += w[k * w_stride + j] * x;
+    }
+}
+
+void AddWeightedRows(const float* w, std::size_t w_stride, int nk, const void* rows, DType t,
+                     int64_t n, int d, float* y) {
+  if (t == DType::kBF16) {
+    for (int k = 0; k < nk; k += 4)
+      AddWeightedRowsBf16x4(w + k * w_stride, w_stride, nk - k < 4 ? nk - k : 4,
+                            static_cast<const uint16_t*>(rows), n, d,
+                            y + static_cast<std::size_t>(k) * d);
+    return;
+  }
+  std::vector<float> x(d);
+  for (int64_t j = 0; j < n; ++j) {
+    ConvertToF32(static_cast<const unsigned char*>(rows) + j * d * DTypeSize(t), t, d, x.data());
+    AddScaledRow(w + j, w_stride, nk, x.data(), y, d);
   }
 }
 

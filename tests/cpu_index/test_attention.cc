@@ -238,25 +238,54 @@ INSTANTIATE_TEST_SUITE_P(DTypes, AttentionTest,
                          [](const auto& info) { return std::string(DTypeName(info.param)); });
 
 // A row scored by a group's queries at once equals DotRow's score for each, bit for bit, in every
-// dtype and at widths with a tail after the 16-lane blocks (the bf16 row is widened once).
+// dtype, at widths with a tail after the 16-lane blocks and at group sizes that take the bf16
+// kernel's blocks of 8 and 4 queries and its single ones (the bf16 row is widened once a block).
 TEST(Dot, RowMultiEqualsDotRowBitForBit) {
   std::mt19937_64 rng(12);
   std::normal_distribution<float> g(0.f, 3.f);
   for (const DType t : {DType::kBF16, DType::kF16, DType::kF32}) {
-    for (const int d : {64, 72, 128, 256, 600}) {
-      const int nq = 5;
-      Rows row = MakeRows(1, d, t, 1.f, 13 + d);
-      std::vector<float> qs(static_cast<std::size_t>(nq) * d);
-      for (auto& x : qs) x = g(rng);
-      std::vector<float> multi(nq);
-      DotRowMulti(qs.data(), nq, row.data(t), d, t, multi.data());
-      for (int j = 0; j < nq; ++j) {
-        const float one = DotRow(qs.data() + static_cast<std::size_t>(j) * d, row.data(t), d, t);
-        EXPECT_EQ(std::memcmp(&multi[j], &one, sizeof(float)), 0)
-            << DTypeName(t) << " d " << d << " query " << j << ": " << multi[j] << " vs " << one;
+    for (const int d : {64, 72, 128, 256, 600, 1024, 1030})
+      for (const int nq : {1, 5, 16, 23}) {
+        Rows row = MakeRows(1, d, t, 1.f, 13 + d);
+        std::vector<float> qs(static_cast<std::size_t>(nq) * d);
+        for (auto& x : qs) x = g(rng);
+        std::vector<float> multi(nq);
+        DotRowMulti(qs.data(), nq, row.data(t), d, t, multi.data());
+        for (int j = 0; j < nq; ++j) {
+          const float one = DotRow(qs.data() + static_cast<std::size_t>(j) * d, row.data(t), d, t);
+          EXPECT_EQ(std::memcmp(&multi[j], &one, sizeof(float)), 0)
+              << DTypeName(t) << " d " << d << " nq " << nq << " query " << j << ": " << multi[j]
+              << " vs " << one;
+        }
       }
-    }
   }
+}
+
+// A run of rows' weighted shares (AddWeightedRows) equals AddScaledRow row by row, bit for bit,
+// for every head of 1 to 6 (past the bf16 kernel's 4), with zero weights, and at widths with a
+// tail after the 16-lane chunks.
+TEST(Dot, WeightedRowsEqualScaledRowByRow) {
+  std::mt19937_64 rng(21);
+  std::normal_distribution<float> g(0.f, 1.f);
+  for (const DType t : {DType::kBF16, DType::kF32})
+    for (const int d : {16, 72, 576})
+      for (const int nh : {1, 4, 6}) {
+        const int n = 37;
+        Rows rows = MakeRows(n, d, t, 1.f, 3 + d);
+        std::vector<float> w(static_cast<std::size_t>(nh) * n);
+        for (std::size_t i = 0; i < w.size(); ++i) w[i] = i % 5 == 2 ? 0.f : std::abs(g(rng));
+        std::vector<float> y(static_cast<std::size_t>(nh) * d), want(y.size());
+        for (std::size_t i = 0; i < y.size(); ++i) y[i] = want[i] = g(rng);
+        AddWeightedRows(w.data(), n, nh, rows.data(t), t, n, d, y.data());
+        std::vector<float> x(d);
+        for (int j = 0; j < n; ++j) {
+          ConvertToF32(static_cast<const unsigned char*>(rows.data(t)) + j * d * DTypeSize(t), t, d,
+                       x.data());
+          AddScaledRow(w.data() + j, n, nh, x.data(), want.data(), d);
+        }
+        EXPECT_EQ(std::memcmp(y.data(), want.data(), y.size() * sizeof(float)), 0)
+            << DTypeName(t) << " d " << d << " heads " << nh;
+      }
 }
 
 // The masses' exp (ExpNonPositive, ExpSum): within 2^-21 of the double exp over float's range,

@@ -16,6 +16,7 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 #include "kvrt_cpu_index/index.h"
+#include "oneapi/tbb/task_arena.h"
 #include "tests/cpu_index/normal_vector.h"
 
 namespace kvrt::cpu_index {
@@ -304,6 +305,58 @@ TEST(ClusterIndex, GroupEstimateIsEachQuerysOwn) {
       EXPECT_EQ(std::memcmp(&lse[h], &lse1, sizeof(float)), 0) << "budget " << budget;
     }
     EXPECT_EQ(lse[2], -std::numeric_limits<float>::infinity());
+  }
+}
+
+// A summary past one wave of the estimate's parallel blocks (kEstimateBlock x kEstimateWave =
+// 16384 clusters), with a width past the 16-lane chunks and a group past the 4-head kernel: the
+// estimate is each query's own, bit for bit, and the same with 1 and 3 threads (its blocks run in
+// parallel and are summed in block order).
+TEST(ClusterIndex, EstimateOverManyBlocksIsEachQuerysOwnOnAnyThreadCount) {
+  constexpr int kWide = 72;
+  constexpr int64_t kClusters = 16384 + 3000;
+  ClusterSummary s;
+  s.dim = kWide;
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> g(0.f, 1.f);
+  std::uniform_int_distribution<int> sizes(1, 30);
+  for (int64_t j = 0; j < kClusters; ++j) {
+    s.begin.push_back(j * 32);
+    s.size.push_back(j % 97 == 5 ? 0 : sizes(rng));  // some padding clusters
+    s.spread.push_back(0.1f);
+    for (int t = 0; t < kWide; ++t) {
+      s.centroid.push_back(F32ToBf16(g(rng)));
+      s.value_mean.push_back(F32ToBf16(g(rng)));
+    }
+  }
+  const int nq = 6;
+  std::vector<float> dens(static_cast<std::size_t>(nq) * kClusters);
+  for (auto& x : dens) x = 3.f * g(rng);
+  for (int64_t j = 0; j < kClusters; j += 7) dens[4 * kClusters + j] = -INFINITY;
+  std::vector<int32_t> sel;
+  SelectClusters(s, dens.data(), 2000, 0.f, &sel);
+  const std::vector<float> log_size = LogSizes(s);
+  auto run = [&](int threads, std::vector<float>* o, std::vector<float>* lse) {
+    o->assign(static_cast<std::size_t>(nq) * kWide, 7.f);
+    lse->assign(nq, 7.f);
+    tbb::task_arena arena(threads);
+    arena.execute([&] {
+      EstimateUnselectedGroup(s, dens.data(), nq, sel, log_size.data(), o->data(), lse->data());
+    });
+  };
+  std::vector<float> o1, l1, o3, l3;
+  run(1, &o1, &l1);
+  run(3, &o3, &l3);
+  EXPECT_EQ(std::memcmp(o1.data(), o3.data(), o1.size() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(l1.data(), l3.data(), l1.size() * sizeof(float)), 0);
+  for (int h = 0; h < nq; ++h) {
+    std::vector<float> o(kWide);
+    float lse = 0.f;
+    EstimateUnselected(s, dens.data() + h * kClusters, sel, o.data(), &lse);
+    EXPECT_EQ(std::memcmp(o.data(), o3.data() + h * kWide, kWide * sizeof(float)), 0)
+        << "query " << h;
+    EXPECT_EQ(std::memcmp(&lse, &l3[h], sizeof(float)), 0) << "query " << h;
+    EXPECT_TRUE(std::isfinite(lse));
   }
 }
 

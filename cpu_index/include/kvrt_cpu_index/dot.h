@@ -20,8 +20,15 @@ void DotRows(const float* q, const void* rows, int d, DType t, int64_t n, std::s
              float* out);
 
 // y[h * d + i] += w[h * w_stride] * x[i] for h < nq, i < d: one value row's weighted share added
-// to nq heads' sums (the attention's value pass). Multiversioned like the dots, so its rounding
-// (fused multiply-add where the ISA has it) follows the machine as theirs does.
+// to nq heads' sums (the attention's value pass). Multiversioned like the dots; a multiply and an
+// add, never fused, as in every function here.
 void AddScaledRow(const float* w, std::size_t w_stride, int nq, const float* x, float* y, int d);
+
+// y[h * d + i] += sum over j < n, in order, of w[h * w_stride + j] * rows[j][i], for h < nh, i < d
+// (rows [n, d] of type t, contiguous): a run of rows' weighted shares added to nh heads' sums, as
+// AddScaledRow row by row would add them, the same for a head whatever nh is (a weight of 0 adds
+// a zero).
+void AddWeightedRows(const float* w, std::size_t w_stride, int nh, const void* rows, DType t,
+                     int64_t n, int d, float* y);
 
 }  // namespace kvrt::cpu_index
