@@ -48,25 +48,34 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
   std::vector<float> row(d), part(static_cast<std::size_t>(nq) * d);
   const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(t);
   std::vector<double> acc(static_cast<std::size_t>(nq) * d, 0.0);
+  const void* rows[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t e = std::min(n, b + kBlock);
     std::fill(part.begin(), part.end(), 0.f);
-    for (int64_t j = b; j < e; ++j) {
-      // The rows are scattered (a store's selected rows, a kv head's rows of an interleaved ring):
-      // the pass waited on each row's load (profiled); fetch a few rows ahead.
-      if (j + kPrefetchRows < n) {
-        const auto* ahead = reinterpret_cast<const char*>(value_at(j + kPrefetchRows));
-        for (std::size_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(ahead + at);
-      }
-      ConvertToF32(value_at(j), t, d, row.data());
-      // NOTE: no skip of weight-0 rows: 0 * NaN is NaN, so a NaN value reaches the output as in
-      // the GPU kernel (which has no skip either).
-      if (static_cast<int>(live.size()) == nq) {
-        AddScaledRow(s.data() + j, static_cast<std::size_t>(n), nq, row.data(), part.data(), d);
-      } else {
-        for (int h : live)
-          AddScaledRow(s.data() + static_cast<std::size_t>(h) * n + j, 0, 1, row.data(),
-                       part.data() + static_cast<std::size_t>(h) * d, d);
+    // NOTE: no skip of weight-0 rows: 0 * NaN is NaN, so a NaN value reaches the output as in
+    // the GPU kernel (which has no skip either).
+    if (static_cast<int>(live.size()) == nq && nq > 1) {
+      // Every head over the block's rows at once, their sums held in registers over the block
+      // (AddWeightedRowPointers: each head's arithmetic and order as AddScaledRow row by row).
+      for (int64_t j = b; j < e; ++j) rows[j - b] = value_at(j);
+      AddWeightedRowPointers(s.data() + b, static_cast<std::size_t>(n), nq, rows, t, e - b, d,
+                             part.data());
+    } else {
+      for (int64_t j = b; j < e; ++j) {
+        // The rows are scattered (a store's selected rows, a kv head's rows of an interleaved
+        // ring): the pass waited on each row's load (profiled); fetch a few rows ahead.
+        if (j + kPrefetchRows < n) {
+          const auto* ahead = reinterpret_cast<const char*>(value_at(j + kPrefetchRows));
+          for (std::size_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(ahead + at);
+        }
+        ConvertToF32(value_at(j), t, d, row.data());
+        if (static_cast<int>(live.size()) == nq) {
+          AddScaledRow(s.data() + j, static_cast<std::size_t>(n), nq, row.data(), part.data(), d);
+        } else {
+          for (int h : live)
+            AddScaledRow(s.data() + static_cast<std::size_t>(h) * n + j, 0, 1, row.data(),
+                         part.data() + static_cast<std::size_t>(h) * d, d);
+        }
       }
     }
     for (int h : live)
@@ -100,14 +109,15 @@ void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* ke
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);
   auto* kb = static_cast<const unsigned char*>(keys);
-  // Chunks of rows whose keys stay in cache while every head scores them (a multiple of any
-  // block DotRows takes rows in, so that each row is scored as in one call over all of them).
-  constexpr int64_t kChunk = 256;
-  for (int64_t c = 0; c < n; c += kChunk) {
-    const int64_t len = std::min(kChunk, n - c);
-    for (int h = 0; h < nq; ++h)
-      DotRows(q + static_cast<std::size_t>(h) * d, kb + c * stride_bytes, d, t, len, stride_elems,
-              s.data() + static_cast<std::size_t>(h) * n + c);
+  if (nq > 1) {
+    // Each key scored by every head at once (DotRowMulti: DotRow's scores, the row widened once).
+    std::vector<float> row_scores(nq);
+    for (int64_t j = 0; j < n; ++j) {
+      DotRowMulti(q, nq, kb + j * stride_bytes, d, t, row_scores.data());
+      for (int h = 0; h < nq; ++h) s[static_cast<std::size_t>(h) * n + j] = row_scores[h];
+    }
+  } else {
+    DotRows(q, kb, d, t, n, stride_elems, s.data());
   }
   for (auto& x : s) x *= scale;
   auto* vb = static_cast<const unsigned char*>(values);
@@ -134,11 +144,17 @@ void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& 
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
   // Chunks of rows whose keys stay in cache while every head scores them.
   constexpr int64_t kChunk = 256;
-  for (int64_t c = 0; c < n; c += kChunk) {
+  if (nq > 1) {
+    // Each key scored by every head at once (DotRowMulti: DotRow's scores, the row widened once).
+    std::vector<float> row_scores(nq);
+    for (int64_t j = 0; j < n; ++j) {
+      DotRowMulti(q, nq, store.key(ids[j]), d, store.dtype(), row_scores.data());
+      for (int h = 0; h < nq; ++h) s[static_cast<std::size_t>(h) * n + j] = row_scores[h];
+    }
+  }
+  for (int64_t c = 0; c < n && nq == 1; c += kChunk) {
     const int64_t len = std::min(kChunk, n - c);
-    for (int h = 0; h < nq; ++h)
-      store.DotIds(q + static_cast<std::size_t>(h) * d, ids + c, len,
-                   s.data() + static_cast<std::size_t>(h) * n + c);
+    store.DotIds(q, ids + c, len, s.data() + c);
   }
   for (auto& x : s) x *= scale;
   FinishGroup(

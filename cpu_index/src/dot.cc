@@ -126,7 +126,8 @@ KVRT_MULTIVERSION void AddScaledRow(const float* w, std::size_t w_stride, int nq
 // per row reads and writes every head's sum once per row). Heads past nk get weight 0 and are
 // not stored, so a head's sums are the same whatever its place in a group.
 KVRT_MULTIVERSION void AddWeightedRowsBf16x4(const float* w, std::size_t w_stride, int nk,
-                                             const uint16_t* rows, int64_t n, int d, float* y) {
+                                             const uint16_t* const* rows, int64_t n, int d,
+                                             float* y) {
   // Heads past nk read head 0's weights times 0 and sums into a scratch row never stored.
   float zeros[1] = {0.f};
   const float* wp[4];
@@ -143,7 +144,7 @@ KVRT_MULTIVERSION void AddWeightedRowsBf16x4(const float* w, std::size_t w_strid
     if (nk > 3)
       for (int l = 0; l < 16; ++l) a3[l] = y[3 * static_cast<std::size_t>(d) + t0 + l];
     for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* r = rows + static_cast<std::size_t>(j) * d + t0;
+      const uint16_t* r = rows[j] + t0;
       const float w0 = wp[0][j * step[0]], w1 = wp[1][j * step[1]], w2 = wp[2][j * step[2]],
                   w3 = wp[3][j * step[3]];
       for (int l = 0; l < 16; ++l) {
@@ -166,25 +167,39 @@ KVRT_MULTIVERSION void AddWeightedRowsBf16x4(const float* w, std::size_t w_strid
   }
   for (; t0 < d; ++t0)
     for (int64_t j = 0; j < n; ++j) {
-      const float x = Bf16ToF32(rows[static_cast<std::size_t>(j) * d + t0]);
+      const float x = Bf16ToF32(rows[j][t0]);
       for (int k = 0; k < nk; ++k)
         y[static_cast<std::size_t>(k) * d + t0] += w[k * w_stride + j] * x;
     }
 }
 
-void AddWeightedRows(const float* w, std::size_t w_stride, int nk, const void* rows, DType t,
-                     int64_t n, int d, float* y) {
+void AddWeightedRowPointers(const float* w, std::size_t w_stride, int nh, const void* const* rows,
+                            DType t, int64_t n, int d, float* y) {
   if (t == DType::kBF16) {
-    for (int k = 0; k < nk; k += 4)
-      AddWeightedRowsBf16x4(w + k * w_stride, w_stride, nk - k < 4 ? nk - k : 4,
-                            static_cast<const uint16_t*>(rows), n, d,
+    for (int k = 0; k < nh; k += 4)
+      AddWeightedRowsBf16x4(w + k * w_stride, w_stride, nh - k < 4 ? nh - k : 4,
+                            reinterpret_cast<const uint16_t* const*>(rows), n, d,
                             y + static_cast<std::size_t>(k) * d);
     return;
   }
   std::vector<float> x(d);
   for (int64_t j = 0; j < n; ++j) {
-    ConvertToF32(static_cast<const unsigned char*>(rows) + j * d * DTypeSize(t), t, d, x.data());
-    AddScaledRow(w + j, w_stride, nk, x.data(), y, d);
+    ConvertToF32(rows[j], t, d, x.data());
+    AddScaledRow(w + j, w_stride, nh, x.data(), y, d);
+  }
+}
+
+void AddWeightedRows(const float* w, std::size_t w_stride, int nh, const void* rows, DType t,
+                     int64_t n, int d, float* y) {
+  // In runs of row pointers (the kernel takes scattered rows: the attention's selected ones).
+  constexpr int64_t kRun = 256;
+  const void* at[kRun];
+  const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(t);
+  for (int64_t j0 = 0; j0 < n; j0 += kRun) {
+    const int64_t len = n - j0 < kRun ? n - j0 : kRun;
+    for (int64_t j = 0; j < len; ++j)
+      at[j] = static_cast<const unsigned char*>(rows) + (j0 + j) * row_bytes;
+    AddWeightedRowPointers(w + j0, w_stride, nh, at, t, len, d, y);
   }
 }
 

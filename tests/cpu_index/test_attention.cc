@@ -135,10 +135,11 @@ TEST_P(AttentionTest, PartialAttentionMatchesDoubleReference) {
 }
 
 // A group's heads over the same rows in one pass: each head's state is AttendStoreRows's, bit for
-// bit, over more rows than a scoring chunk and a value block, none, and a NaN value row.
+// bit, over more rows than a scoring chunk and a value block, none, and a NaN value row; 6 heads
+// of 72 dims (the value pass's blocks of 4 heads and 16 dims, and what is left of both).
 TEST_P(AttentionTest, GroupPassEqualsOnePassPerHead) {
   const DType t = GetParam();
-  const int d = 64, nq = 4;
+  const int d = 72, nq = 6;
   const int64_t n = 700;
   Rows k = MakeRows(n, d, t, 1.f, 8), v = MakeRows(n, d, t, 1.f, 9);
   HeadStore store(d, t);
@@ -173,10 +174,11 @@ TEST_P(AttentionTest, GroupPassEqualsOnePassPerHead) {
 }
 
 // The tier's rows (kv heads interleaved, `stride` apart): a kv head's q heads in one pass equal
-// one pass per head, bit for bit, at lengths around the pass's chunks.
+// one pass per head, bit for bit, at lengths around the pass's blocks (6 heads of 72 dims, as
+// above).
 TEST_P(AttentionTest, DenseGroupEqualsOnePassPerHead) {
   const DType t = GetParam();
-  const int d = 64, nq = 4, kv = 3;
+  const int d = 72, nq = 6, kv = 3;
   const int64_t rows = 600;
   Rows k = MakeRows(rows * kv, d, t, 1.f, 11), v = MakeRows(rows * kv, d, t, 1.f, 12);
   std::mt19937_64 rng(13);

@@ -30,5 +30,8 @@ void AddScaledRow(const float* w, std::size_t w_stride, int nq, const float* x, 
 // a zero).
 void AddWeightedRows(const float* w, std::size_t w_stride, int nh, const void* rows, DType t,
                      int64_t n, int d, float* y);
+// AddWeightedRows over rows given by pointer (rows[j]: d values of type t).
+void AddWeightedRowPointers(const float* w, std::size_t w_stride, int nh, const void* const* rows,
+                            DType t, int64_t n, int d, float* y);
 
 }  // namespace kvrt::cpu_index
