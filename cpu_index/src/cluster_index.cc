@@ -29,10 +29,14 @@
 namespace kvrt::cpu_index {
 namespace {
 constexpr int64_t kMaxRows = int64_t{1} << 40;
-// A group search's clusters per task (with nq queries each) and queries per estimate pass.
-constexpr int64_t kGroupClusterGrain = 512;
+// A group search's clusters per task: about kGroupTaskMacs multiply-adds of nq queries against
+// dim-wide rows (512 clusters for 4 queries of 128; 32 for DeepSeek's latent, 16 queries of 576,
+// whose 1505 clusters at 32K were 3 tasks for 16 cores at 512), and queries per estimate pass.
+constexpr int64_t kGroupTaskMacs = int64_t{1} << 18;
 constexpr int64_t kEstimateQueries = 4;
-int64_t GroupGrain(int nq) { return nq > 1 ? kGroupClusterGrain : kMaxRows; }
+int64_t GroupGrain(int nq, int dim) {
+  return nq > 1 ? std::max<int64_t>(32, kGroupTaskMacs / (int64_t{nq} * dim)) : kMaxRows;
+}
 using internal::ParallelRange;
 }  // namespace
 
@@ -120,7 +124,7 @@ class ClusterIndex final : public KeyIndex {
     // loop, so its passes over the clusters and its queries run in parallel here; each cluster's
     // and each query's arithmetic is the one a serial pass does.
     std::vector<float> cs(static_cast<std::size_t>(nq) * c), scores(cs.size());
-    ParallelRange(c, GroupGrain(nq), [&](int64_t j0, int64_t j1) {
+    ParallelRange(c, GroupGrain(nq, dim_), [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         DotRowMulti(qs, nq, summary_.centroid.data() + static_cast<std::size_t>(j) * dim_, dim_,
                     DType::kBF16, cs.data() + j * nq);
@@ -128,7 +132,7 @@ class ClusterIndex final : public KeyIndex {
     });
     std::vector<float> os(static_cast<std::size_t>(no) * nq),
         oscores(static_cast<std::size_t>(nq) * no);
-    ParallelRange(no, GroupGrain(nq), [&](int64_t j0, int64_t j1) {
+    ParallelRange(no, GroupGrain(nq, dim_), [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         DotRowMulti(qs, nq, store.key(summary_.outliers[j]), dim_, store.dtype(),
                     os.data() + j * nq);

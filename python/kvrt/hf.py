@@ -628,9 +628,17 @@ class KvrtCache(DynamicCache):
         if t.shape[-1] < self._width:
             t = torch.nn.functional.pad(t, (0, self._width - t.shape[-1]))
         if not self._on_gpu and t.device.type != "cpu":
-            # Laid out on the device first: one contiguous copy, where .cpu() of the transposed
-            # rows left the host to reorder them (a prompt's q: 600 MB at 32K for DeepSeek-V2).
-            t = t.contiguous().cpu()
+            # Laid out on the device, then one copy into pinned memory (torch's caching host
+            # allocator keeps it for the next layer): a prompt's q for DeepSeek-V2-Lite's latent is
+            # 600 MB at 32K, which .cpu() copied into pageable memory at 2.6 GB/s on an H100
+            # machine (230 ms per layer), and whose transposed rows it left the host to reorder.
+            t = t.contiguous()
+            if t.device.type != "cuda":
+                return t.cpu()
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            torch.cuda.current_stream(t.device).synchronize()
+            return host
         return t.contiguous()
 
     def _check_scale(self, layer_idx: int, scaling: Optional[float], d: int) -> None:
