@@ -97,7 +97,7 @@ float DotRow(const float* q, const void* row, int d, DType t) {
 void DotRowMulti(const float* qs, int nq, const void* row, int d, DType t, float* out) {
   // NOTE: each score is bit-identical to DotRow's, a single search's (tests and the tail merge
   // compare them); after the first query the row is in L1, which is the saving, and a bf16 row is
-  // converted once per block of queries.
+  // widened once for all the queries.
   constexpr int kWidest = 1024;  // the runtime's head_dim limit
   if (t == DType::kBF16 && nq > 1 && d <= kWidest) {
     // The row widened once (exact), then DotF32 per query: DotBf16's arithmetic in its order
@@ -126,9 +126,8 @@ KVRT_MULTIVERSION void AddScaledRow(const float* w, std::size_t w_stride, int nq
 // per row reads and writes every head's sum once per row). Heads past nk get weight 0 and are
 // not stored, so a head's sums are the same whatever its place in a group.
 KVRT_MULTIVERSION void AddWeightedRowsBf16x4(const float* w, std::size_t w_stride, int nk,
-                                             const uint16_t* const* rows, int64_t n, int d,
-                                             float* y) {
-  // Heads past nk read head 0's weights times 0 and sums into a scratch row never stored.
+                                             const void* const* rows, int64_t n, int d, float* y) {
+  // Heads past nk read a weight of 0 (a step of 0 over `zeros`) into sums that are never stored.
   float zeros[1] = {0.f};
   const float* wp[4];
   for (int k = 0; k < 4; ++k) wp[k] = k < nk ? w + k * w_stride : zeros;
@@ -144,7 +143,7 @@ KVRT_MULTIVERSION void AddWeightedRowsBf16x4(const float* w, std::size_t w_strid
     if (nk > 3)
       for (int l = 0; l < 16; ++l) a3[l] = y[3 * static_cast<std::size_t>(d) + t0 + l];
     for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* r = rows[j] + t0;
+      const uint16_t* r = static_cast<const uint16_t*>(rows[j]) + t0;
       const float w0 = wp[0][j * step[0]], w1 = wp[1][j * step[1]], w2 = wp[2][j * step[2]],
                   w3 = wp[3][j * step[3]];
       for (int l = 0; l < 16; ++l) {
@@ -167,7 +166,7 @@ KVRT_MULTIVERSION void AddWeightedRowsBf16x4(const float* w, std::size_t w_strid
   }
   for (; t0 < d; ++t0)
     for (int64_t j = 0; j < n; ++j) {
-      const float x = Bf16ToF32(rows[j][t0]);
+      const float x = Bf16ToF32(static_cast<const uint16_t*>(rows[j])[t0]);
       for (int k = 0; k < nk; ++k)
         y[static_cast<std::size_t>(k) * d + t0] += w[k * w_stride + j] * x;
     }
@@ -177,8 +176,7 @@ void AddWeightedRowPointers(const float* w, std::size_t w_stride, int nh, const 
                             DType t, int64_t n, int d, float* y) {
   if (t == DType::kBF16) {
     for (int k = 0; k < nh; k += 4)
-      AddWeightedRowsBf16x4(w + k * w_stride, w_stride, nh - k < 4 ? nh - k : 4,
-                            reinterpret_cast<const uint16_t* const*>(rows), n, d,
+      AddWeightedRowsBf16x4(w + k * w_stride, w_stride, nh - k < 4 ? nh - k : 4, rows, n, d,
                             y + static_cast<std::size_t>(k) * d);
     return;
   }
