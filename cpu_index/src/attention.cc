@@ -90,6 +90,17 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
   }
 }
 
+// s [nq, n] <- each head's score of key_at(j), j < n: each key scored by every head at once
+// (DotRowMulti: DotRow's scores, bit for bit, for any nq; a bf16 row widened once for all).
+template <typename KeyAt>
+void ScoreGroup(const float* q, int nq, int d, DType t, int64_t n, KeyAt key_at, float* s) {
+  std::vector<float> row_scores(nq);
+  for (int64_t j = 0; j < n; ++j) {
+    DotRowMulti(q, nq, key_at(j), d, t, row_scores.data());
+    for (int h = 0; h < nq; ++h) s[static_cast<std::size_t>(h) * n + j] = row_scores[h];
+  }
+}
+
 // One head: s [n].
 template <typename ValueAt>
 void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, float* lse) {
@@ -109,16 +120,8 @@ void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* ke
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);
   auto* kb = static_cast<const unsigned char*>(keys);
-  if (nq > 1) {
-    // Each key scored by every head at once (DotRowMulti: DotRow's scores, the row widened once).
-    std::vector<float> row_scores(nq);
-    for (int64_t j = 0; j < n; ++j) {
-      DotRowMulti(q, nq, kb + j * stride_bytes, d, t, row_scores.data());
-      for (int h = 0; h < nq; ++h) s[static_cast<std::size_t>(h) * n + j] = row_scores[h];
-    }
-  } else {
-    DotRows(q, kb, d, t, n, stride_elems, s.data());
-  }
+  ScoreGroup(
+      q, nq, d, t, n, [&](int64_t j) { return kb + j * stride_bytes; }, s.data());
   for (auto& x : s) x *= scale;
   auto* vb = static_cast<const unsigned char*>(values);
   FinishGroup(
@@ -142,20 +145,8 @@ void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& 
                           const int64_t* ids, int64_t n, float* o, float* lse) {
   const int d = store.dim();
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
-  // Chunks of rows whose keys stay in cache while every head scores them.
-  constexpr int64_t kChunk = 256;
-  if (nq > 1) {
-    // Each key scored by every head at once (DotRowMulti: DotRow's scores, the row widened once).
-    std::vector<float> row_scores(nq);
-    for (int64_t j = 0; j < n; ++j) {
-      DotRowMulti(q, nq, store.key(ids[j]), d, store.dtype(), row_scores.data());
-      for (int h = 0; h < nq; ++h) s[static_cast<std::size_t>(h) * n + j] = row_scores[h];
-    }
-  }
-  for (int64_t c = 0; c < n && nq == 1; c += kChunk) {
-    const int64_t len = std::min(kChunk, n - c);
-    store.DotIds(q, ids + c, len, s.data() + c);
-  }
+  ScoreGroup(
+      q, nq, d, store.dtype(), n, [&](int64_t j) { return store.key(ids[j]); }, s.data());
   for (auto& x : s) x *= scale;
   FinishGroup(
       s, nq, n, d, store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
