@@ -9,19 +9,40 @@
 #include <numeric>
 #include <random>
 
+#include "index_common.h"
 #include "kvrt_cpu_index/cluster.h"
+#include "kvrt_cpu_index/exp_sum.h"
 #include "oneapi/tbb/parallel_for.h"
+
+// LAPACK's Cholesky factorisation (OpenBLAS carries LAPACK; FAISS needs it too). The trailing
+// argument is the hidden length of the Fortran character argument.
+extern "C" void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info,
+                        std::size_t uplo_len);
 
 namespace kvrt::cpu_index {
 namespace {
 
 constexpr float kRidge = 1e-3f;   // of tr(M)/dim, keeps M positive definite with few queries
 constexpr int64_t kChunk = 1024;  // rows per assignment GEMM (scores fit in L2)
+// The build's products with the prompt's queries, each a task of a parallel loop (OpenBLAS runs
+// single-threaded inside kvrt's tasks): one segment's or one kv head's product had been one
+// thread's work while the other cores waited. The blocks are fixed, not sized by the thread
+// count, so that a result does not depend on it.
+constexpr int kGramRows = 64;             // rows of M = Q^T Q / m per GEMM
+constexpr int64_t kMapRows = 256;         // keys per product with L
+constexpr int64_t kCalibrateRows = 1024;  // clustered keys per calibration block (scores in L2)
 
 bool IsIdentity(const float* l, int d) {
   for (int i = 0; i < d; ++i)
     for (int j = 0; j < d; ++j)
       if (l[static_cast<std::size_t>(i) * d + j] != (i == j ? 1.f : 0.f)) return false;
+  return true;
+}
+
+bool IsLowerTriangular(const float* l, int d) {
+  for (int i = 0; i < d; ++i)
+    for (int j = i + 1; j < d; ++j)
+      if (l[static_cast<std::size_t>(i) * d + j] != 0.f) return false;
   return true;
 }
 
@@ -128,10 +149,16 @@ std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, in
     const int64_t src = (i * n_queries) / m;
     std::copy_n(queries + src * dim, dim, qs.data() + i * dim);
   }
-  std::vector<float> mf(dd);
-  cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, dim, static_cast<int>(m), 1.f / m, qs.data(),
-              dim, 0.f, mf.data(), dim);
-  std::vector<double> a(dd);
+  internal::UseSingleThreadedBlas();
+  // M's lower triangle in row blocks, each block's rows against every column up to its last.
+  std::vector<float> mf(dd, 0.f);
+  tbb::parallel_for(0, (dim + kGramRows - 1) / kGramRows, [&](int b) {
+    const int i0 = b * kGramRows, rows = std::min(kGramRows, dim - i0);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, i0 + rows, static_cast<int>(m),
+                1.f / m, qs.data() + i0, dim, qs.data(), dim, 0.f,
+                mf.data() + static_cast<std::size_t>(i0) * dim, dim);
+  });
+  std::vector<double> a(dd, 0.0);
   double tr = 0;
   for (int i = 0; i < dim; ++i) tr += mf[static_cast<std::size_t>(i) * dim + i];
   if (!(tr > 0)) return l;
@@ -139,21 +166,12 @@ std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, in
     for (int j = 0; j <= i; ++j)
       a[static_cast<std::size_t>(i) * dim + j] = mf[static_cast<std::size_t>(i) * dim + j];
   for (int i = 0; i < dim; ++i) a[static_cast<std::size_t>(i) * dim + i] += kRidge * tr / dim;
-  // Cholesky, lower: a = L L^T.
-  for (int j = 0; j < dim; ++j) {
-    double s = a[static_cast<std::size_t>(j) * dim + j];
-    for (int k = 0; k < j; ++k)
-      s -= a[static_cast<std::size_t>(j) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
-    if (!(s > 0)) return std::vector<float>(l);  // numerically indefinite: fall back to plain
-    const double d = std::sqrt(s);
-    a[static_cast<std::size_t>(j) * dim + j] = d;
-    for (int i = j + 1; i < dim; ++i) {
-      double t = a[static_cast<std::size_t>(i) * dim + j];
-      for (int k = 0; k < j; ++k)
-        t -= a[static_cast<std::size_t>(i) * dim + k] * a[static_cast<std::size_t>(j) * dim + k];
-      a[static_cast<std::size_t>(i) * dim + j] = t / d;
-    }
-  }
+  // Cholesky, lower: a = L L^T. Row-major lower is column-major upper, LAPACK's "U" (a serial
+  // unblocked loop here cost ~30 ms at 576 dims, one kv head's build waiting for it).
+  int info = 0;
+  const char uplo = 'U';
+  dpotrf_(&uplo, &dim, a.data(), &dim, &info, 1);
+  if (info != 0) return l;  // numerically indefinite: fall back to plain
   // Normalise so that tr(M) = dim (scale does not change the clustering; spreads are / tr M).
   const double norm = std::sqrt(dim / tr);
   for (int i = 0; i < dim; ++i)
@@ -169,26 +187,39 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
   *out = SegmentClustering{};
   if (n <= 0) return;
   const int d = dim;
-  // x = keys L (rows), the metric space.
+  // x = keys L (rows), the metric space, and |x|^2, in blocks of rows in parallel. L is
+  // QueryMetricFactor's lower triangle: a triangular product, half a GEMM's work.
+  internal::UseSingleThreadedBlas();
   std::vector<float> xbuf;
   const float* x = keys;
   double trm = d;
-  if (metric_l != nullptr && !IsIdentity(metric_l, d)) {
+  const bool mapped = metric_l != nullptr && !IsIdentity(metric_l, d);
+  const bool lower = mapped && IsLowerTriangular(metric_l, d);
+  if (mapped) {
     xbuf.resize(static_cast<std::size_t>(n) * d);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(n), d, d, 1.f, keys, d,
-                metric_l, d, 0.f, xbuf.data(), d);
     x = xbuf.data();
     trm = 0;
     for (std::size_t i = 0; i < static_cast<std::size_t>(d) * d; ++i)
       trm += double(metric_l[i]) * metric_l[i];
   }
   std::vector<float> xn2(n);
-  for (int64_t i = 0; i < n; ++i) {
-    const float* r = x + i * d;
-    float a = 0;
-    for (int j = 0; j < d; ++j) a += r[j] * r[j];
-    xn2[i] = a;
-  }
+  tbb::parallel_for(int64_t{0}, (n + kMapRows - 1) / kMapRows, [&](int64_t b) {
+    const int64_t r0 = b * kMapRows, m = std::min(kMapRows, n - r0);
+    if (lower) {
+      std::copy_n(keys + r0 * d, m * d, xbuf.data() + r0 * d);
+      cblas_strmm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit,
+                  static_cast<int>(m), d, 1.f, metric_l, d, xbuf.data() + r0 * d, d);
+    } else if (mapped) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), d, d, 1.f,
+                  keys + r0 * d, d, metric_l, d, 0.f, xbuf.data() + r0 * d, d);
+    }
+    for (int64_t i = r0; i < r0 + m; ++i) {
+      const float* r = x + i * d;
+      float a = 0;
+      for (int j = 0; j < d; ++j) a += r[j] * r[j];
+      xn2[i] = a;
+    }
+  });
   const int64_t n_out = SegmentOutliers(n, config);
   int64_t c = SegmentClusters(n, config);
 
@@ -342,51 +373,58 @@ void AssembleSegment(const int32_t* assign, int64_t n, int64_t c, int dim, const
 void CalibrateSpreads(const float* keys, int64_t n, int dim, const float* queries, int64_t nq,
                       float scale, float spread_weight, SegmentClustering* part) {
   if (nq <= 0 || spread_weight <= 0.f || part->size.empty()) return;
-  // Scores of every (query, clustered key) and (query, centroid): two GEMMs, then per cluster the
-  // fit of a_c in  log mean_k exp(s q.k) - s q.mu_c  ~  a_c |q|^2  over the queries (least
-  // squares). The keys are gathered in cluster order first, so that a cluster's scores are a
-  // contiguous run of each query's row: the fit streams through the scores row by row (gathered
-  // through the order, it missed the cache at every score).
-  const int64_t c = static_cast<int64_t>(part->size.size());
-  int64_t clustered = 0;
-  for (int32_t m : part->size) clustered += m;
-  std::vector<float> ordered(static_cast<std::size_t>(clustered) * dim);
-  for (int64_t r = 0; r < clustered; ++r)
-    std::copy_n(keys + part->order[r] * dim, dim, ordered.data() + r * dim);
+  // Per cluster, the fit of a_c in  log mean_k exp(s q.k) - s q.mu_c  ~  a_c |q|^2  over the
+  // queries (least squares). Blocks of whole clusters (about kCalibrateRows keys) in parallel:
+  // a block gathers its keys in cluster order (so that a cluster's scores are a contiguous run of
+  // each query's row), scores them and its centroids against every query (two GEMMs), and fits
+  // its clusters; a cluster's sum runs over the queries in order, whatever the thread count.
+  internal::UseSingleThreadedBlas();
   (void)n;  // the outliers (the order's rows past the clusters) take no part
-  std::vector<float> qk(static_cast<std::size_t>(nq) * clustered),
-      qm(static_cast<std::size_t>(nq) * c);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq),
-              static_cast<int>(clustered), dim, scale, queries, dim, ordered.data(), dim, 0.f,
-              qk.data(), static_cast<int>(clustered));
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq), static_cast<int>(c),
-              dim, scale, queries, dim, part->centroid.data(), dim, 0.f, qm.data(),
-              static_cast<int>(c));
-  const double coef = 0.5 * double(spread_weight) * double(scale) * double(scale);
-  std::vector<double> num(c, 0.0);
+  const int64_t c = static_cast<int64_t>(part->size.size());
+  std::vector<double> qn2(nq);
   double den = 0;  // sum of |q|^4: the same for every cluster
   for (int64_t i = 0; i < nq; ++i) {
-    double qn2 = 0;
-    for (int t = 0; t < dim; ++t) qn2 += double(queries[i * dim + t]) * queries[i * dim + t];
-    den += qn2 * qn2;
-    const float* row = qk.data() + i * clustered;
-    const float* mrow = qm.data() + i * c;
-    int64_t off = 0;
-    for (int64_t j = 0; j < c; ++j) {
-      const int32_t m = part->size[j];
-      const float* x = row + off;
-      float mx = -INFINITY;
-      for (int32_t r = 0; r < m; ++r) mx = std::max(mx, x[r]);
-      float l = 0;
-      for (int32_t r = 0; r < m; ++r) l += std::exp(x[r] - mx);
-      const double gap = double(mx) + std::log(double(l) / m) - mrow[j];
-      num[j] += gap * qn2;
-      off += m;
-    }
+    double a = 0;
+    for (int t = 0; t < dim; ++t) a += double(queries[i * dim + t]) * queries[i * dim + t];
+    qn2[i] = a;
+    den += a * a;
   }
   if (den <= 0) return;
-  for (int64_t j = 0; j < c; ++j)
-    part->spread[j] = static_cast<float>(std::max(0.0, num[j] / den) / coef);
+  std::vector<int64_t> first_row(c + 1, 0), block{0};
+  for (int64_t j = 0; j < c; ++j) {
+    first_row[j + 1] = first_row[j] + part->size[j];
+    if (first_row[j + 1] - first_row[block.back()] >= kCalibrateRows) block.push_back(j + 1);
+  }
+  if (block.back() != c) block.push_back(c);
+  const double coef = 0.5 * double(spread_weight) * double(scale) * double(scale);
+  tbb::parallel_for(std::size_t{0}, block.size() - 1, [&](std::size_t b) {
+    const int64_t j0 = block[b], j1 = block[b + 1];
+    const int64_t r0 = first_row[j0], rows = first_row[j1] - r0, cb = j1 - j0;
+    std::vector<float> ordered(static_cast<std::size_t>(rows) * dim);
+    for (int64_t r = 0; r < rows; ++r)
+      std::copy_n(keys + part->order[r0 + r] * dim, dim, ordered.data() + r * dim);
+    std::vector<float> qk(static_cast<std::size_t>(nq) * rows),
+        qm(static_cast<std::size_t>(nq) * cb);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq),
+                static_cast<int>(rows), dim, scale, queries, dim, ordered.data(), dim, 0.f,
+                qk.data(), static_cast<int>(rows));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq), static_cast<int>(cb),
+                dim, scale, queries, dim, part->centroid.data() + j0 * dim, dim, 0.f, qm.data(),
+                static_cast<int>(cb));
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t m = part->size[j];
+      const int64_t off = first_row[j] - r0;
+      double num = 0;
+      for (int64_t i = 0; i < nq; ++i) {
+        const float* x = qk.data() + i * rows + off;
+        float mx = -INFINITY;
+        for (int32_t r = 0; r < m; ++r) mx = std::max(mx, x[r]);
+        const double l = ExpSum(x, m, mx, nullptr);
+        num += (double(mx) + std::log(l / m) - qm[i * cb + (j - j0)]) * qn2[i];
+      }
+      part->spread[j] = static_cast<float>(std::max(0.0, num / den) / coef);
+    }
+  });
 }
 
 }  // namespace kvrt::cpu_index

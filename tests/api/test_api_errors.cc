@@ -417,6 +417,38 @@ TEST(ApiValidation, NonFiniteBitsOfEveryDtypeAreFound) {
   }
 }
 
+// A tensor of a few MiB is checked in chunks on the runtime's workers: the error still names the
+// first non-finite value, whichever chunk finishes first.
+TEST(ApiValidation, ALargeTensorNamesItsFirstNonFiniteValue) {
+  kvrt_config c = TinyConfig();
+  c.head_dim = 64;
+  c.worker_threads = 3;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const int n = 40000;  // 2.56M elements: three chunks of 2^20
+  std::vector<float> k(static_cast<std::size_t>(n) * 64, 0.5f), v(k.size(), 0.5f);
+  k[30000 * 64 + 7] = NAN;       // the third chunk
+  k[20000 * 64 + 5] = INFINITY;  // the second
+  k[33000 * 64] = -INFINITY;
+  EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), n), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("append: k holds a non-finite value at token 20000, head 0, element 5"))
+      << kvrt_last_error();
+  k[20000 * 64 + 5] = 0.f;
+  EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), n), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("token 30000, head 0, element 7")) << kvrt_last_error();
+  k[30000 * 64 + 7] = 0.f;
+  k[33000 * 64] = 0.f;
+  v[n * 64 - 1] = NAN;  // the last element
+  EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), n), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("append: v holds a non-finite value at token 39999, head 0, element 63"))
+      << kvrt_last_error();
+  v[n * 64 - 1] = 0.f;
+  EXPECT_EQ(kvrt_append(rt, s, 0, k.data(), v.data(), n), KVRT_OK) << kvrt_last_error();
+  kvrt_runtime_destroy(rt);
+}
+
 TEST(ApiHeadPolicy, StreamingHeadAttendsToTheGpuTierOnly) {
   kvrt_config c = TinyConfig(2);
   c.sink_tokens = 2;

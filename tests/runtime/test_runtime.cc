@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "kvrt_common/dtype.h"
+#include "kvrt_common/finite_bits.h"
 #include "kvrt_runtime/runtime.h"
 
 namespace kvrt::runtime {
@@ -151,6 +152,39 @@ void RunAndCheck(const Case& cs, double tol) {
   const auto stats = (*rt)->Stats();
   EXPECT_EQ(stats.gpu_tokens + stats.host_tokens, n);
   EXPECT_LE(stats.gpu_tokens, cs.sinks + cs.window);
+}
+
+// Every 16-bit pattern of f16 and bf16, and f32's around its exponent's edges, at every offset of
+// a block and past it: found exactly when the exponent bits are all ones (Inf and NaN of either
+// sign), as the first of several.
+TEST(FiniteBits, EveryPatternIsFoundExactlyWhenItsExponentIsAllOnes) {
+  for (const auto& [dtype, exponent] :
+       {std::pair{DType::kF16, 0x7c00u}, std::pair{DType::kBF16, 0x7f80u}}) {
+    std::vector<uint16_t> x(2100, 0x3c00);  // finite in both
+    for (uint32_t bits = 0; bits < 65536; ++bits) {
+      const std::size_t at = (bits * 7919u) % x.size();
+      x[at] = static_cast<uint16_t>(bits);
+      const bool bad = (bits & exponent) == exponent;
+      ASSERT_EQ(FirstNonFinite(x.data(), x.size(), dtype), bad ? at : x.size()) << bits;
+      x[at] = 0;
+    }
+  }
+  std::vector<uint32_t> f(3000, 0x3f800000u);
+  constexpr std::size_t kLater = 2500;
+  for (uint32_t bits : {0x7f800000u, 0xff800000u, 0x7fc00001u, 0xffffffffu, 0x7f7fffffu,
+                        0xff7fffffu, 0x80000000u, 0x00000001u, 0x7f000000u}) {
+    const bool bad = (bits & 0x7f800000u) == 0x7f800000u;
+    for (std::size_t at :
+         {std::size_t{0}, std::size_t{1023}, std::size_t{1024}, std::size_t{2999}}) {
+      f[at] = bits;
+      f[kLater] = 0x7f800000u;
+      EXPECT_EQ(FirstNonFinite(f.data(), f.size(), DType::kF32),
+                bad ? std::min(at, kLater) : kLater)
+          << std::hex << bits << " at " << std::dec << at;
+      f[at] = 0x3f800000u;
+      f[kLater] = 0x3f800000u;
+    }
+  }
 }
 
 TEST(RuntimeExact, F32EqualsFullAttention) { RunAndCheck({DType::kF32, 4, 16, 200, 20}, 1e-5); }
