@@ -14,6 +14,7 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "oneapi/tbb/parallel_for.h"
+#include "timeline.h"
 
 namespace kvrt::runtime {
 namespace {
@@ -257,12 +258,15 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
           const int64_t nq =
               have_q ? static_cast<int64_t>(query_sample_[g].size()) / cfg_->head_dim : 0;
           TakePreset(g, made->get());
+          KVRT_SPAN("index_build", g);
           status[g] = (*made)->Build(stores_[g], have_q ? query_sample_[g].data() : nullptr, nq);
           if (status[g].ok()) index = std::move(*made);
         } else {
           TakePreset(g, index.get());
+          KVRT_SPAN("index_add", g);
           status[g] = index->Add(stores_[g]);
         }
+        KVRT_SPAN("index_row_order", g);
         if (status[g].ok()) ApplyRowOrder(g);
       } catch (const std::bad_alloc&) {
         status[g] = absl::ResourceExhaustedError("index update: out of memory");

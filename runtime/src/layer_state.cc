@@ -10,6 +10,7 @@
 #include "clock.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/kind_table.h"
+#include "timeline.h"
 
 namespace kvrt::runtime {
 
@@ -118,9 +119,13 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
     slot->tier = tier_.get();
   }
   absl::Status appended;
-  arena.execute([&] { appended = AppendTokens(k, v, n, exec); });  // its parallel copies: there
+  {
+    KVRT_SPAN("prefill_append");
+    arena.execute([&] { appended = AppendTokens(k, v, n, exec); });  // its parallel copies: there
+  }
   KVRT_RETURN_IF_ERROR(appended);
   if (q != nullptr && cpu_index::KindInfo(cfg_->index_kind).uses_queries) {
+    KVRT_SPAN("prefill_sample_queries");
     // Only the sampled rows cross to the host: the evenly spaced rows SampleQueries picks.
     const int64_t rows = cold_.QuerySampleRows(n);
     const std::size_t row =
@@ -160,7 +165,10 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   KVRT_RETURN_IF_ERROR(tier_->SettleEvictions(&cold_));
   arena.execute([&] { BuildSegmentsOnGpu(k, v, exec); });  // its per-head work: in the arena
   // The prompt's index is built now, on every backend: the first decode step searches it.
-  cold_.RefreshIndexes(arena, /*background=*/false);
+  {
+    KVRT_SPAN("prefill_index");
+    cold_.RefreshIndexes(arena, /*background=*/false);
+  }
   tier_->PrepareDecode(cold_);
   return absl::OkStatus();
 }

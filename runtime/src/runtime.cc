@@ -21,6 +21,7 @@
 #include "kvrt_gpu/code_rest.h"
 #include "kvrt_gpu/kernel_types.h"
 #include "layer_state.h"
+#include "timeline.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
 
@@ -369,12 +370,15 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
   KVRT_RETURN_IF_ERROR(CheckTokens("prefill", n, seq->layers[layer].length(), false));
   // NOTE: check_finite reads host memory; device tensors are not checked (documented in kvrt.h).
   const bool host = !exec.device;
-  KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: q", host ? q : nullptr, n,
-                                   config_.num_q_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: k", host ? k : nullptr, n,
-                                   config_.num_kv_heads));
-  KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: v",
-                                   host && v != k ? v : nullptr, n, config_.num_kv_heads));
+  {
+    KVRT_SPAN("prefill_check");
+    KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: q", host ? q : nullptr, n,
+                                     config_.num_q_heads));
+    KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: k", host ? k : nullptr, n,
+                                     config_.num_kv_heads));
+    KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: v",
+                                     host && v != k ? v : nullptr, n, config_.num_kv_heads));
+  }
   transfer::ScopedDevice on_device(config_.call_device());
   if (!impl_->pad.on()) return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
   PaddedCall padded;
