@@ -13,6 +13,7 @@
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/exp_sum.h"
 #include "oneapi/tbb/parallel_for.h"
+#include "oneapi/tbb/task_arena.h"
 
 // LAPACK's Cholesky factorisation (OpenBLAS carries LAPACK; FAISS needs it too). The trailing
 // argument is the hidden length of the Fortran character argument.
@@ -81,34 +82,58 @@ void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cen
   });
 }
 
-// Lloyd's k-means of x [n, d] into c clusters (random distinct rows as seeds, empty clusters keep
-// their centroid); assign/dist: the final nearest centroid and squared distance of every row.
-// With `warm`, the iterations start from the centroids of the given assignment instead.
-void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int iters,
-           std::mt19937_64* rng, std::vector<int32_t>* assign, std::vector<float>* dist,
-           bool warm = false) {
-  std::vector<float> cent(static_cast<std::size_t>(c) * d);
-  if (!warm) {
-    std::vector<int64_t> perm(n);
-    std::iota(perm.begin(), perm.end(), 0);
-    for (int64_t i = 0; i < c; ++i) {
-      std::uniform_int_distribution<int64_t> u(i, n - 1);
-      std::swap(perm[i], perm[u(*rng)]);
+// fn(t0, t1) over [0, d) in one block per worker (at least 32 dims each), in parallel. For sums
+// over rows that a centroid update makes (one thread's work before): each element's sum runs over
+// the rows in order whichever block holds it, so the split (unlike a split of the rows) does not
+// change the result, and a block of dims per worker streams the rows once per worker.
+template <typename Fn>
+void ForDimBlocks(int d, Fn&& fn) {
+  const int blocks = std::clamp(tbb::this_task_arena::max_concurrency(), 1, (d + 31) / 32);
+  const int per = (d + blocks - 1) / blocks;
+  tbb::parallel_for(0, blocks, [&](int b) { fn(b * per, std::min(d, (b + 1) * per)); });
+}
+
+// sum [c, d] <- per cluster, the sum of its rows of x [n, d] (assign: the cluster of each row), in
+// row order.
+void SumRowsByCluster(const float* x, int64_t n, int d, int64_t c, const int32_t* assign,
+                      float* sum) {
+  ForDimBlocks(d, [&](int t0, int t1) {
+    for (int64_t j = 0; j < c; ++j) std::fill(sum + j * d + t0, sum + j * d + t1, 0.f);
+    for (int64_t i = 0; i < n; ++i) {
+      float* s = sum + static_cast<std::size_t>(assign[i]) * d;
+      const float* r = x + i * d;
+      for (int t = t0; t < t1; ++t) s[t] += r[t];
     }
-    for (int64_t j = 0; j < c; ++j) std::copy_n(x + perm[j] * d, d, cent.data() + j * d);
+  });
+}
+
+// c random distinct rows of x [n, d] (a partial Fisher-Yates shuffle with rng), Lloyd's seeds.
+std::vector<float> DrawSeeds(const float* x, int64_t n, int d, int64_t c, std::mt19937_64* rng) {
+  std::vector<float> cent(static_cast<std::size_t>(c) * d);
+  std::vector<int64_t> perm(n);
+  std::iota(perm.begin(), perm.end(), 0);
+  for (int64_t i = 0; i < c; ++i) {
+    std::uniform_int_distribution<int64_t> u(i, n - 1);
+    std::swap(perm[i], perm[u(*rng)]);
   }
+  for (int64_t j = 0; j < c; ++j) std::copy_n(x + perm[j] * d, d, cent.data() + j * d);
+  return cent;
+}
+
+// Lloyd's k-means of x [n, d] into c clusters from the centroids cent [c, d] (empty clusters keep
+// their centroid); assign/dist: the final nearest centroid and squared distance of every row.
+// With `warm`, the iterations start from the centroids of the given assignment instead (cent:
+// zeros, kept by a cluster the assignment leaves empty).
+void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int iters,
+           std::vector<float> cent, std::vector<int32_t>* assign, std::vector<float>* dist,
+           bool warm = false) {
   std::vector<int64_t> count(c);
   std::vector<float> sum(static_cast<std::size_t>(c) * d);
   for (int it = 0; it < std::max(0, iters) + (warm ? 1 : 0); ++it) {
     if (!warm || it > 0) Assign(x, xn2, n, d, cent.data(), c, assign, dist);
-    std::fill(sum.begin(), sum.end(), 0.f);
     std::fill(count.begin(), count.end(), 0);
-    for (int64_t i = 0; i < n; ++i) {
-      float* s = sum.data() + static_cast<std::size_t>((*assign)[i]) * d;
-      const float* r = x + i * d;
-      for (int j = 0; j < d; ++j) s[j] += r[j];
-      ++count[(*assign)[i]];
-    }
+    for (int64_t i = 0; i < n; ++i) ++count[(*assign)[i]];
+    SumRowsByCluster(x, n, d, c, assign->data(), sum.data());
     for (int64_t j = 0; j < c; ++j) {
       if (count[j] == 0) continue;  // empty: keep the old centroid
       const float inv = 1.f / count[j];
@@ -228,41 +253,60 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
   std::vector<float> dist(n);
   const int64_t c1 = config.two_level ? static_cast<int64_t>(std::sqrt(double(c))) : 1;
   if (c1 <= 1 || c < 16) {
-    Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, &rng, &assign, &dist);
+    Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, DrawSeeds(x, n, d, c, &rng), &assign, &dist);
   } else {
     // Two levels: c1 ~ sqrt(c) coarse clusters, then each split into its share of the c fine
     // clusters: per iteration n * (c1 + c / c1) distances instead of n * c.
-    Lloyd(x, xn2.data(), n, d, c1, config.kmeans_iters, &rng, &assign, &dist);
+    Lloyd(x, xn2.data(), n, d, c1, config.kmeans_iters, DrawSeeds(x, n, d, c1, &rng), &assign,
+          &dist);
     std::vector<std::vector<int64_t>> groups(c1);
     for (int64_t i = 0; i < n; ++i) groups[assign[i]].push_back(i);
-    const int64_t members = n;
+    // Each coarse group's rows, share of the c clusters and seeds, in group order (the seeds take
+    // the one generator in turn); then the groups' iterations in parallel (a group of a few
+    // hundred rows is one task of Assign: run in turn, they were one thread's work).
+    struct Group {
+      int64_t first = 0, clusters = 0;  // its first cluster number, its count
+      std::vector<float> x, xn2, seeds, dist;
+      std::vector<int32_t> assign;
+    };
+    std::vector<Group> parts(c1);
     int64_t next = 0;
-    std::vector<float> gx, gn2;
-    std::vector<int32_t> ga;
-    std::vector<float> gd;
-    for (const auto& grp : groups) {
+    for (int64_t g = 0; g < c1; ++g) {
+      const std::vector<int64_t>& grp = groups[g];
       const int64_t ng = static_cast<int64_t>(grp.size());
       if (ng == 0) continue;
-      const int64_t cg = std::clamp<int64_t>((c * ng + members / 2) / members, 1, ng);
-      gx.resize(static_cast<std::size_t>(ng) * d);
-      gn2.resize(ng);
-      ga.resize(ng);
-      gd.resize(ng);
+      Group& p = parts[g];
+      p.first = next;
+      p.clusters = std::clamp<int64_t>((c * ng + n / 2) / n, 1, ng);
+      next += p.clusters;
+      p.x.resize(static_cast<std::size_t>(ng) * d);
+      p.xn2.resize(ng);
       for (int64_t i = 0; i < ng; ++i) {
-        std::copy_n(x + grp[i] * d, d, gx.data() + i * d);
-        gn2[i] = xn2[grp[i]];
+        std::copy_n(x + grp[i] * d, d, p.x.data() + i * d);
+        p.xn2[i] = xn2[grp[i]];
       }
-      Lloyd(gx.data(), gn2.data(), ng, d, cg, config.kmeans_iters, &rng, &ga, &gd);
-      for (int64_t i = 0; i < ng; ++i) {
-        assign[grp[i]] = static_cast<int32_t>(next + ga[i]);
-        dist[grp[i]] = gd[i];
-      }
-      next += cg;
+      p.seeds = DrawSeeds(p.x.data(), ng, d, p.clusters, &rng);
     }
+    tbb::parallel_for(int64_t{0}, c1, [&](int64_t g) {
+      Group& p = parts[g];
+      if (p.clusters == 0) return;
+      const int64_t ng = static_cast<int64_t>(groups[g].size());
+      p.assign.resize(ng);
+      p.dist.resize(ng);
+      Lloyd(p.x.data(), p.xn2.data(), ng, d, p.clusters, config.kmeans_iters, std::move(p.seeds),
+            &p.assign, &p.dist);
+      for (int64_t i = 0; i < ng; ++i) {
+        assign[groups[g][i]] = static_cast<int32_t>(p.first + p.assign[i]);
+        dist[groups[g][i]] = p.dist[i];
+      }
+      p = Group{};  // its copies go as soon as they are used
+    });
     c = next;
     // Global refinement: lets clusters cross the coarse boundaries.
     if (config.refine_iters > 0) {
-      Lloyd(x, xn2.data(), n, d, c, config.refine_iters, &rng, &assign, &dist, /*warm=*/true);
+      Lloyd(x, xn2.data(), n, d, c, config.refine_iters,
+            std::vector<float>(static_cast<std::size_t>(c) * d, 0.f), &assign, &dist,
+            /*warm=*/true);
     }
   }
   // Outliers leave their cluster (assign -1), then each cluster's means over its members.
@@ -274,19 +318,20 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
     const int32_t j = assign[r];
     if (j < 0) continue;
     ++count[j];
-    const float* kr = keys + r * d;
-    const float* vr = values + r * d;
-    const float* xr = x + r * d;
-    double* kj = km.data() + static_cast<std::size_t>(j) * d;
-    double* vj = vm.data() + static_cast<std::size_t>(j) * d;
-    double* xj = xm.data() + static_cast<std::size_t>(j) * d;
-    for (int t = 0; t < d; ++t) {
-      kj[t] += kr[t];
-      vj[t] += vr[t];
-      xj[t] += xr[t];
-    }
     xsq[j] += xn2[r];
   }
+  ForDimBlocks(d, [&](int t0, int t1) {
+    for (int64_t r = 0; r < n; ++r) {
+      const int32_t j = assign[r];
+      if (j < 0) continue;
+      const std::size_t at = static_cast<std::size_t>(j) * d, row = static_cast<std::size_t>(r) * d;
+      for (int t = t0; t < t1; ++t) {
+        km[at + t] += keys[row + t];
+        vm[at + t] += values[row + t];
+        xm[at + t] += x[row + t];
+      }
+    }
+  });
   std::vector<float> key_mean(km.size()), value_mean(km.size()), spread(c, 0.f);
   for (int64_t j = 0; j < c; ++j) {
     if (count[j] == 0) continue;

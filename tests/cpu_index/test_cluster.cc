@@ -360,6 +360,54 @@ TEST(ClusterIndex, EstimateOverManyBlocksIsEachQuerysOwnOnAnyThreadCount) {
   }
 }
 
+// The build's products with the prompt's queries run in fixed blocks on the workers (the metric's
+// Gram matrix, the keys' map, the calibration's blocks of clusters): with 1 and 3 threads the
+// factor, the clustering and the calibrated spreads are the same bit for bit, at sizes past one
+// block of each (576 dims: nine row blocks of M; 1500 keys: six map blocks, two calibration ones).
+TEST(ClusterSegment, QueryMetricBuildIsTheSameOnAnyThreadCount) {
+  const int d = 576;
+  const int64_t n = 1500, nq = 300;
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> k(n * d), v(n * d), q(nq * d);
+  for (auto* x : {&k, &v, &q})
+    for (auto& e : *x) e = nd(rng);
+  for (int64_t i = 0; i < nq; ++i) q[i * d + i % 7] += 4.f;  // an anisotropic metric
+  ClusterConfig cfg;
+  cfg.cluster_size = 16;
+  struct Built {
+    std::vector<float> l;
+    SegmentClustering part;
+  };
+  auto build = [&](int threads) {
+    Built b;
+    tbb::task_arena arena(threads);
+    arena.execute([&] {
+      b.l = QueryMetricFactor(q.data(), nq, d, 4096);
+      ClusterSegment(k.data(), v.data(), n, d, b.l.data(), cfg, 5, &b.part);
+      CalibrateSpreads(k.data(), n, d, q.data(), nq, 0.05f, 1.f, &b.part);
+    });
+    return b;
+  };
+  const Built one = build(1), three = build(3);
+  ASSERT_EQ(one.l.size(), three.l.size());
+  EXPECT_EQ(std::memcmp(one.l.data(), three.l.data(), one.l.size() * sizeof(float)), 0);
+  EXPECT_FALSE(std::equal(one.l.begin(), one.l.end(), QueryMetricFactor(nullptr, 0, d, 1).begin()))
+      << "the queries shape the metric";
+  EXPECT_EQ(one.part.order, three.part.order);
+  EXPECT_EQ(one.part.size, three.part.size);
+  ASSERT_EQ(one.part.spread.size(), three.part.spread.size());
+  EXPECT_EQ(std::memcmp(one.part.spread.data(), three.part.spread.data(),
+                        one.part.spread.size() * sizeof(float)),
+            0);
+  EXPECT_EQ(std::memcmp(one.part.centroid.data(), three.part.centroid.data(),
+                        one.part.centroid.size() * sizeof(float)),
+            0);
+  int positive = 0;
+  for (float sp : one.part.spread) positive += sp > 0.f;
+  EXPECT_GT(positive, 0) << "the calibration ran";
+}
+
 // Segments clustered outside the index (the GPU build) are taken as they are: a preset of the
 // parts ClusterSegment itself computes gives the same summary and order as the index's own build,
 // for the segments preset (here the first two of three; the third it clusters itself).
