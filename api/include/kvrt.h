@@ -74,7 +74,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 26
+#define KVRT_VERSION_PATCH 27
 
 #ifdef __cplusplus
 extern "C" {
