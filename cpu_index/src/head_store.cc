@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/finite_bits.h"
 #include "kvrt_cpu_index/dot.h"
+#include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::cpu_index {
 
@@ -145,13 +146,23 @@ absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& o
   }
   const std::size_t rb = row_bytes();
   std::vector<unsigned char> tmp(static_cast<std::size_t>(n) * rb);
+  // Blocks of rows on the workers: a prompt's rows of one kv head (an MQA model's only one) were
+  // one thread's copies, twice over.
+  constexpr int64_t kBlock = 1024;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
   for (auto* data : {&keys_, &values_}) {
     if (data == &values_ && values_are_keys_) break;
     unsigned char* base = data->data() + static_cast<std::size_t>(begin) * rb;
-    for (int64_t i = 0; i < n; ++i)
-      std::memcpy(tmp.data() + static_cast<std::size_t>(i) * rb,
-                  base + static_cast<std::size_t>(order[i]) * rb, rb);
-    std::memcpy(base, tmp.data(), tmp.size());
+    tbb::parallel_for(int64_t{0}, blocks, [&](int64_t b) {
+      for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i)
+        std::memcpy(tmp.data() + static_cast<std::size_t>(i) * rb,
+                    base + static_cast<std::size_t>(order[i]) * rb, rb);
+    });
+    tbb::parallel_for(int64_t{0}, blocks, [&](int64_t b) {
+      const std::size_t at = static_cast<std::size_t>(b * kBlock) * rb;
+      std::memcpy(base + at, tmp.data() + at,
+                  static_cast<std::size_t>(std::min(kBlock, n - b * kBlock)) * rb);
+    });
   }
   // Rows with NaN/Inf move with their data.
   std::vector<int64_t> new_row(n);

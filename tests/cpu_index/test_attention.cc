@@ -381,6 +381,31 @@ TEST(HeadStore, PermuteRowsMovesKeysAndValuesTogether) {
   EXPECT_FALSE(store.PermuteRows(4, {0, 1, 2}).ok());     // past the end
 }
 
+// Past one block of the permutation's parallel copies (1024 rows), with a partial last block and
+// rows left in place before the range: every row lands where the order says, keys with values.
+TEST(HeadStore, PermuteRowsOverManyBlocks) {
+  const int d = 4;
+  const int64_t n = 2600, begin = 7;
+  HeadStore store(d, DType::kF32);
+  std::vector<float> k((begin + n) * d), v(k.size());
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = static_cast<float>(i / d);
+    v[i] = -static_cast<float>(i / d);
+  }
+  ASSERT_TRUE(store.Append(k.data(), v.data(), begin + n, d).ok());
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = (i * 1181) % n;  // 1181 is prime to 2600
+  ASSERT_TRUE(store.PermuteRows(begin, order).ok());
+  for (int64_t r = 0; r < begin + n; ++r) {
+    const float want = static_cast<float>(r < begin ? r : begin + order[r - begin]);
+    const auto* kr = static_cast<const float*>(store.key(r));
+    const auto* vr = static_cast<const float*>(store.value(r));
+    ASSERT_EQ(kr[0], want) << r;
+    ASSERT_EQ(kr[d - 1], want) << r;
+    ASSERT_EQ(vr[0], -want) << r;
+  }
+}
+
 TEST(HeadStore, LargeStoresAreHugePageAlignedAndKeepTheirRowsWhenGrown) {
   // The direct step registers stores in chunks from row 0 (cudaHostRegister pins whole pages) and
   // a store of 2 MiB or more asks for transparent huge pages, which need 2 MiB alignment.
