@@ -14,6 +14,24 @@
 #include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::cpu_index {
+namespace {
+
+// A prompt's rows arrive, are checked and are permuted in blocks on the workers: one kv head's
+// rows (an MQA model's only one) had been one thread's copies. fn(b0, b1) over [0, n) in blocks
+// of kRowBlock rows (one call, on this thread, for n <= kRowBlock); the blocks do not depend on
+// the thread count.
+constexpr int64_t kRowBlock = 1024;
+template <typename Fn>
+void ForRowBlocks(int64_t n, Fn&& fn) {
+  if (n <= kRowBlock) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  tbb::parallel_for(int64_t{0}, (n + kRowBlock - 1) / kRowBlock,
+                    [&](int64_t b) { fn(b * kRowBlock, std::min(n, (b + 1) * kRowBlock)); });
+}
+
+}  // namespace
 
 void AdviseHugePages([[maybe_unused]] void* p, [[maybe_unused]] std::size_t bytes) noexcept {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
@@ -61,13 +79,17 @@ bool NonFinite(const unsigned char* p, int d, DType t) {
 
 std::vector<int64_t> HeadStore::NonFiniteRows(const void* k, const void* v, int64_t n,
                                               std::size_t stride_bytes) const {
+  std::vector<std::vector<int64_t>> found((n + kRowBlock - 1) / kRowBlock);
+  ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      const auto* kr = static_cast<const unsigned char*>(k) + i * stride_bytes;
+      const auto* vr = static_cast<const unsigned char*>(v) + i * stride_bytes;
+      if (NonFinite(kr, dim_, dtype_) || (!values_are_keys_ && NonFinite(vr, dim_, dtype_)))
+        found[b0 / kRowBlock].push_back(size_ + i);
+    }
+  });
   std::vector<int64_t> bad;
-  for (int64_t i = 0; i < n; ++i) {
-    const auto* kr = static_cast<const unsigned char*>(k) + i * stride_bytes;
-    const auto* vr = static_cast<const unsigned char*>(v) + i * stride_bytes;
-    if (NonFinite(kr, dim_, dtype_) || (!values_are_keys_ && NonFinite(vr, dim_, dtype_)))
-      bad.push_back(size_ + i);
-  }
+  for (const auto& f : found) bad.insert(bad.end(), f.begin(), f.end());
   return bad;
 }
 
@@ -112,12 +134,14 @@ absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::siz
   for (auto [data, src] : {std::pair{&keys_, ks}, std::pair{&values_, vs}}) {
     if (data == &values_ && values_are_keys_) break;
     data->resize(old_bytes + add_bytes);
-    if (stride_bytes == rb) {  // contiguous rows: one copy
-      std::memcpy(data->data() + old_bytes, src, add_bytes);
-    } else {
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(data->data() + old_bytes + i * rb, src + i * stride_bytes, rb);
-    }
+    unsigned char* dst = data->data() + old_bytes;
+    ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
+      if (stride_bytes == rb) {  // contiguous rows: one copy
+        std::memcpy(dst + b0 * rb, src + b0 * rb, (b1 - b0) * rb);
+      } else {
+        for (int64_t i = b0; i < b1; ++i) std::memcpy(dst + i * rb, src + i * stride_bytes, rb);
+      }
+    });
   }
   size_ += n;
   return absl::OkStatus();
@@ -146,22 +170,16 @@ absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& o
   }
   const std::size_t rb = row_bytes();
   std::vector<unsigned char> tmp(static_cast<std::size_t>(n) * rb);
-  // Blocks of rows on the workers: a prompt's rows of one kv head (an MQA model's only one) were
-  // one thread's copies, twice over.
-  constexpr int64_t kBlock = 1024;
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
   for (auto* data : {&keys_, &values_}) {
     if (data == &values_ && values_are_keys_) break;
     unsigned char* base = data->data() + static_cast<std::size_t>(begin) * rb;
-    tbb::parallel_for(int64_t{0}, blocks, [&](int64_t b) {
-      for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i)
+    ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i)
         std::memcpy(tmp.data() + static_cast<std::size_t>(i) * rb,
                     base + static_cast<std::size_t>(order[i]) * rb, rb);
     });
-    tbb::parallel_for(int64_t{0}, blocks, [&](int64_t b) {
-      const std::size_t at = static_cast<std::size_t>(b * kBlock) * rb;
-      std::memcpy(base + at, tmp.data() + at,
-                  static_cast<std::size_t>(std::min(kBlock, n - b * kBlock)) * rb);
+    ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
+      std::memcpy(base + b0 * rb, tmp.data() + b0 * rb, (b1 - b0) * rb);
     });
   }
   // Rows with NaN/Inf move with their data.

@@ -434,6 +434,33 @@ TEST(HeadStore, LargeStoresAreHugePageAlignedAndKeepTheirRowsWhenGrown) {
   }
 }
 
+// A prompt-sized append (past one block of 1024 rows, a partial last block) from rows strided
+// over two kv heads: every row copied, the NaN/Inf rows of every block found, in row order.
+TEST(HeadStore, ALargeStridedAppendCopiesEveryRowAndFindsItsNonFiniteOnes) {
+  const int d = 4;
+  const int64_t n = 3000;
+  HeadStore store(d, DType::kF32);
+  std::vector<float> first(3 * d, 1.f);
+  ASSERT_TRUE(store.Append(first.data(), first.data(), 3, d).ok());
+  std::vector<float> k(n * 2 * d), v(k.size());  // [n, 2 heads, d]: head 1 is appended
+  for (std::size_t i = 0; i < k.size(); ++i) {
+    k[i] = static_cast<float>(i);
+    v[i] = -static_cast<float>(i);
+  }
+  k[(5 * 2 + 1) * d + 2] = NAN;
+  v[(1500 * 2 + 1) * d] = -INFINITY;
+  k[(2999 * 2 + 1) * d + 3] = INFINITY;
+  k[(2000 * 2) * d] = NAN;  // head 0: not appended
+  ASSERT_TRUE(store.Append(k.data() + d, v.data() + d, n, 2 * d).ok());
+  ASSERT_EQ(store.size(), 3 + n);
+  EXPECT_EQ(store.nonfinite_rows(), (std::vector<int64_t>{3 + 5, 3 + 1500, 3 + 2999}));
+  for (int64_t r = 0; r < n; ++r) {
+    const std::size_t src = static_cast<std::size_t>(r * 2 + 1) * d;
+    ASSERT_EQ(std::memcmp(store.key(3 + r), k.data() + src, d * sizeof(float)), 0) << r;
+    ASSERT_EQ(std::memcmp(store.value(3 + r), v.data() + src, d * sizeof(float)), 0) << r;
+  }
+}
+
 // A device copy writes a prompt's rows straight into the registered store, then AppendWritten
 // appends them: the same store as Append's, NaN/Inf rows found, no room past capacity.
 TEST(HeadStore, RowsWrittenInPlaceAppendLikeAppendedRows) {
