@@ -135,11 +135,12 @@ absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::siz
     if (data == &values_ && values_are_keys_) break;
     data->resize(old_bytes + add_bytes);
     unsigned char* dst = data->data() + old_bytes;
+    const unsigned char* from = src;  // (a structured binding: not capturable before C++20)
     ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
       if (stride_bytes == rb) {  // contiguous rows: one copy
-        std::memcpy(dst + b0 * rb, src + b0 * rb, (b1 - b0) * rb);
+        std::memcpy(dst + b0 * rb, from + b0 * rb, (b1 - b0) * rb);
       } else {
-        for (int64_t i = b0; i < b1; ++i) std::memcpy(dst + i * rb, src + i * stride_bytes, rb);
+        for (int64_t i = b0; i < b1; ++i) std::memcpy(dst + i * rb, from + i * stride_bytes, rb);
       }
     });
   }
