@@ -322,7 +322,8 @@ absl::Status CheckExec(const RuntimeConfig& c, const Exec& exec, const char* wha
 }
 
 // Index of the first NaN/Inf of count elements, or count: chunks in parallel on the runtime's
-// workers past a few MiB (a 32K prompt's q at 16 heads of 576 is 600 MB, one core's pass ~0.1 s).
+// workers past a few MiB (a 32K prompt's q at 16 heads of 576 is 600 MB: read by the calling
+// thread alone, the other cores waited for it).
 std::size_t FirstNonFiniteParallel(const void* data, std::size_t count, DType dtype,
                                    tbb::task_arena& arena) {
   constexpr std::size_t kChunk = std::size_t{1} << 20;
