@@ -69,13 +69,10 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
           for (std::size_t at = 0; at < row_bytes; at += 64) __builtin_prefetch(ahead + at);
         }
         ConvertToF32(value_at(j), t, d, row.data());
-        if (static_cast<int>(live.size()) == nq) {
-          AddScaledRow(s.data() + j, static_cast<std::size_t>(n), nq, row.data(), part.data(), d);
-        } else {
-          for (int h : live)
-            AddScaledRow(s.data() + static_cast<std::size_t>(h) * n + j, 0, 1, row.data(),
-                         part.data() + static_cast<std::size_t>(h) * d, d);
-        }
+        // (Every head live takes this path only for a group of one: AddScaledRow over it alone.)
+        for (int h : live)
+          AddScaledRow(s.data() + static_cast<std::size_t>(h) * n + j, 0, 1, row.data(),
+                       part.data() + static_cast<std::size_t>(h) * d, d);
       }
     }
     for (int h : live)

@@ -14,6 +14,7 @@
 #include "kvrt_cpu_index/exp_sum.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
+#include "parallel_range.h"
 
 // LAPACK's Cholesky factorisation (OpenBLAS carries LAPACK; FAISS needs it too). The trailing
 // argument is the hidden length of the Fortran character argument.
@@ -82,27 +83,25 @@ void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cen
   });
 }
 
-// fn(t0, t1) over [0, d) in one block per worker (at least 32 dims each), in parallel. For sums
-// over rows that a centroid update makes (one thread's work before): each element's sum runs over
-// the rows in order whichever block holds it, so the split (unlike a split of the rows) does not
-// change the result, and a block of dims per worker streams the rows once per worker.
-template <typename Fn>
-void ForDimBlocks(int d, Fn&& fn) {
-  const int blocks = std::clamp(tbb::this_task_arena::max_concurrency(), 1, (d + 31) / 32);
-  const int per = (d + blocks - 1) / blocks;
-  tbb::parallel_for(0, blocks, [&](int b) { fn(b * per, std::min(d, (b + 1) * per)); });
+// Dims per task of a sum over rows that a centroid update makes (one thread's work before): about
+// one block per worker, at least 32 dims. Each element's sum runs over the rows in order whichever
+// block holds it, so the split (unlike a split of the rows) does not change the result, and a block
+// of dims per worker streams the rows once per worker.
+int64_t DimGrain(int d) {
+  const int workers = std::max(1, tbb::this_task_arena::max_concurrency());
+  return std::max<int64_t>(32, (d + workers - 1) / workers);
 }
 
 // sum [c, d] <- per cluster, the sum of its rows of x [n, d] (assign: the cluster of each row), in
 // row order.
 void SumRowsByCluster(const float* x, int64_t n, int d, int64_t c, const int32_t* assign,
                       float* sum) {
-  ForDimBlocks(d, [&](int t0, int t1) {
+  internal::ParallelRange(d, DimGrain(d), [&](int64_t t0, int64_t t1) {
     for (int64_t j = 0; j < c; ++j) std::fill(sum + j * d + t0, sum + j * d + t1, 0.f);
     for (int64_t i = 0; i < n; ++i) {
       float* s = sum + static_cast<std::size_t>(assign[i]) * d;
       const float* r = x + i * d;
-      for (int t = t0; t < t1; ++t) s[t] += r[t];
+      for (int64_t t = t0; t < t1; ++t) s[t] += r[t];
     }
   });
 }
@@ -320,12 +319,12 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
     ++count[j];
     xsq[j] += xn2[r];
   }
-  ForDimBlocks(d, [&](int t0, int t1) {
+  internal::ParallelRange(d, DimGrain(d), [&](int64_t t0, int64_t t1) {
     for (int64_t r = 0; r < n; ++r) {
       const int32_t j = assign[r];
       if (j < 0) continue;
       const std::size_t at = static_cast<std::size_t>(j) * d, row = static_cast<std::size_t>(r) * d;
-      for (int t = t0; t < t1; ++t) {
+      for (int64_t t = t0; t < t1; ++t) {
         km[at + t] += keys[row + t];
         vm[at + t] += values[row + t];
         xm[at + t] += x[row + t];

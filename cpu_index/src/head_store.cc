@@ -11,25 +11,15 @@
 #include "absl/strings/str_cat.h"
 #include "kvrt_common/finite_bits.h"
 #include "kvrt_cpu_index/dot.h"
-#include "oneapi/tbb/parallel_for.h"
+#include "parallel_range.h"
 
 namespace kvrt::cpu_index {
 namespace {
 
-// A prompt's rows arrive, are checked and are permuted in blocks on the workers: one kv head's
-// rows (an MQA model's only one) had been one thread's copies. fn(b0, b1) over [0, n) in blocks
-// of kRowBlock rows (one call, on this thread, for n <= kRowBlock); the blocks do not depend on
-// the thread count.
+// A prompt's rows arrive, are checked and are permuted in blocks on the workers
+// (internal::ParallelRange): one kv head's rows (an MQA model's only one) had been one thread's
+// copies.
 constexpr int64_t kRowBlock = 1024;
-template <typename Fn>
-void ForRowBlocks(int64_t n, Fn&& fn) {
-  if (n <= kRowBlock) {
-    fn(int64_t{0}, n);
-    return;
-  }
-  tbb::parallel_for(int64_t{0}, (n + kRowBlock - 1) / kRowBlock,
-                    [&](int64_t b) { fn(b * kRowBlock, std::min(n, (b + 1) * kRowBlock)); });
-}
 
 }  // namespace
 
@@ -79,13 +69,15 @@ bool NonFinite(const unsigned char* p, int d, DType t) {
 
 std::vector<int64_t> HeadStore::NonFiniteRows(const void* k, const void* v, int64_t n,
                                               std::size_t stride_bytes) const {
-  std::vector<std::vector<int64_t>> found((n + kRowBlock - 1) / kRowBlock);
-  ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
-    for (int64_t i = b0; i < b1; ++i) {
+  // Each block of kRowBlock rows lists its own, so the list comes out in row order.
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  std::vector<std::vector<int64_t>> found(blocks);
+  internal::ParallelRange(blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0 * kRowBlock; i < std::min(n, b1 * kRowBlock); ++i) {
       const auto* kr = static_cast<const unsigned char*>(k) + i * stride_bytes;
       const auto* vr = static_cast<const unsigned char*>(v) + i * stride_bytes;
       if (NonFinite(kr, dim_, dtype_) || (!values_are_keys_ && NonFinite(vr, dim_, dtype_)))
-        found[b0 / kRowBlock].push_back(size_ + i);
+        found[i / kRowBlock].push_back(size_ + i);
     }
   });
   std::vector<int64_t> bad;
@@ -136,7 +128,7 @@ absl::Status HeadStore::Append(const void* k, const void* v, int64_t n, std::siz
     data->resize(old_bytes + add_bytes);
     unsigned char* dst = data->data() + old_bytes;
     const unsigned char* from = src;  // (a structured binding: not capturable before C++20)
-    ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
+    internal::ParallelRange(n, kRowBlock, [&](int64_t b0, int64_t b1) {
       if (stride_bytes == rb) {  // contiguous rows: one copy
         std::memcpy(dst + b0 * rb, from + b0 * rb, (b1 - b0) * rb);
       } else {
@@ -174,12 +166,12 @@ absl::Status HeadStore::PermuteRows(int64_t begin, const std::vector<int64_t>& o
   for (auto* data : {&keys_, &values_}) {
     if (data == &values_ && values_are_keys_) break;
     unsigned char* base = data->data() + static_cast<std::size_t>(begin) * rb;
-    ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
+    internal::ParallelRange(n, kRowBlock, [&](int64_t b0, int64_t b1) {
       for (int64_t i = b0; i < b1; ++i)
         std::memcpy(tmp.data() + static_cast<std::size_t>(i) * rb,
                     base + static_cast<std::size_t>(order[i]) * rb, rb);
     });
-    ForRowBlocks(n, [&](int64_t b0, int64_t b1) {
+    internal::ParallelRange(n, kRowBlock, [&](int64_t b0, int64_t b1) {
       std::memcpy(base + b0 * rb, tmp.data() + b0 * rb, (b1 - b0) * rb);
     });
   }
