@@ -36,6 +36,8 @@
 # BENCH=gpu-busy the GPU's busy time per layer-step (CUPTI; BUSY_CONFIGS, BUSY_RUNS) at 128K B=1, 16, 64,
 # BENCH=shapes the cluster kind at 128K B=1 per model shape (SHAPES, q:kv:d) beside SDPA of that shape,
 # BENCH=host-latent the host backend at MLA latent shapes (HOST_SHAPES), the build before against this,
+# BENCH=host-prefill the host backend's prompt build at the latent shape with and without the
+# prompt's queries (PREFILL_PROGRAMS alternated, then KVRT_TIMELINE at PREFILL_THREADS),
 # BENCH=api-count the CUDA calls per member and layer-step (nsys) at 128K B=16 and B=1, before
 # and this build, BENCH=step-profile a pipelined 128K B=1 layer-step's host and device time (torch.profiler
 # through the package, trace_gaps.py --steps; KVRT_TIMELINE), BENCH=pytest the Python package's
@@ -415,7 +417,7 @@ if [[ "${1:-}" == "--device" ]]; then
       done
       rm -f $trace
     elif [[ "$bench" == timeline ]]; then
-      # Where the host's time goes (KVRT_TIMELINE, runtime/src/timeline.h): the 128K trace at
+      # Where the host's time goes (KVRT_TIMELINE, common/kvrt_common/timeline.h): the 128K trace at
       # B=16 (kvrt_attend_batch, 4 layers) and 1M B=1 (4 layers), pipelined, at the defaults
       # (TIMELINE_RUNS picks among b16 1m; TIMELINE_THREADS lists --threads values, default 0 =
       # all; TIMELINE_LANES lists KVRT_DEVICE_MEMBER_LANES values, default 0 = the library's); each summed per span by tools/gpu_bench/timeline_summary.py (the Chrome traces
@@ -856,6 +858,35 @@ if [[ "${1:-}" == "--device" ]]; then
               --prompt-queries 0 || rc=1
           done
         done
+      done
+    elif [[ "$bench" == host-prefill ]]; then
+      # The host backend's prompt build at DeepSeek-V2-Lite's latent shape (16:1:576, cluster
+      # kind, 30716 cold rows, B=1), with and without the prompt's queries (the query-aware
+      # metric), each program in PREFILL_PROGRAMS (default: kvrt_before, kvrt_nocuda, kvrt; those
+      # bundled) alternating in AB_ROUNDS rounds (default 2); then the last of them with
+      # KVRT_TIMELINE at PREFILL_THREADS (default 1 and all), summed per span
+      # (tools/gpu_bench/timeline_summary.py). The prefill's time is bench decode's "prefill" line.
+      progs=() && for p in ${PREFILL_PROGRAMS:-kvrt_before kvrt_nocuda kvrt}; do
+        [[ -x $b/$p ]] && progs+=("$p")
+      done
+      set -- --gpu 0 --memory host --q-heads 16 --kv-heads 1 --head-dim 576 --index cluster \
+        --cold 30716 --batch 1 --layers 1
+      for round in $(seq "${AB_ROUNDS:-2}"); do
+        for pq in 1 0; do
+          for prog in "${progs[@]}"; do
+            echo "=== $prog, round $round: host prefill 16:1:576, cold 30716, --prompt-queries $pq"
+            timeout 200 $b/$prog $args "$@" --prompt-queries $pq || rc=1
+          done
+        done
+      done
+      prog=${progs[${#progs[@]}-1]}
+      for threads in ${PREFILL_THREADS:-1 0}; do
+        tl="$out/timeline-prefill-t$threads.json"
+        echo "=== $prog with KVRT_TIMELINE: host prefill 16:1:576 --prompt-queries 1 --threads $threads"
+        KVRT_TIMELINE=$tl timeout 200 $b/$prog $args "$@" --prompt-queries 1 --accuracy-steps 0 \
+          --threads "$threads" || rc=1
+        python3 tools/gpu_bench/timeline_summary.py "$tl" || rc=1
+        gzip -f "$tl"
       done
     elif [[ "$bench" == ab-1m ]]; then
       # bench decode at 1M (trace-like generated keys, the selection's largest shape), the build

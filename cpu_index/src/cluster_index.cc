@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "index_common.h"
 #include "kinds.h"
+#include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/dot.h"
@@ -72,9 +73,11 @@ class ClusterIndex final : public KeyIndex {
     codes_ = SegmentCodes{};
     value_codes_ = SegmentCodes{};
     size_ = 0;
+    timeline::Span span_metric("cluster_query_metric");
     metric_l_ =
         QueryMetricFactor(cfg_.query_aware ? queries : nullptr, cfg_.query_aware ? n_queries : 0,
                           dim_, cfg_.metric_queries, cfg_.active_dim);
+    span_metric.End();
     calib_q_.clear();
     if (cfg_.calibrate_queries > 0 && queries != nullptr && n_queries > 0) {
       const int64_t nq = std::min<int64_t>(n_queries, cfg_.calibrate_queries);
@@ -262,12 +265,16 @@ class ClusterIndex final : public KeyIndex {
           ConvertToF32(store.value(b), store.dtype(), v.size(), v.data());
         }
         if (!preset_here) {
+          timeline::Span span_segment("cluster_segment", s);
           ClusterSegment(k.data(), v.data(), seg, dim_, metric_l_.data(), cfg_,
                          cfg_.seed + static_cast<uint64_t>(b), &parts[s]);
+          span_segment.End();
+          KVRT_SPAN("cluster_spreads", s);
           CalibrateSpreads(k.data(), seg, dim_, calib_q_.data(),
                            static_cast<int64_t>(calib_q_.size()) / dim_, scale_, cfg_.spread_weight,
                            &parts[s]);
         }
+        KVRT_SPAN("cluster_codes", s);
         if (Coded()) {
           std::vector<uint16_t> cent(parts[s].centroid.size());
           ConvertFromF32(parts[s].centroid.data(), cent.size(), DType::kBF16, cent.data());

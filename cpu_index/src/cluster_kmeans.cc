@@ -10,6 +10,7 @@
 #include <random>
 
 #include "index_common.h"
+#include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/exp_sum.h"
 #include "oneapi/tbb/parallel_for.h"
@@ -214,6 +215,7 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
   // x = keys L (rows), the metric space, and |x|^2, in blocks of rows in parallel. L is
   // QueryMetricFactor's lower triangle: a triangular product, half a GEMM's work.
   internal::UseSingleThreadedBlas();
+  timeline::Span span_map("kmeans_map");
   std::vector<float> xbuf;
   const float* x = keys;
   double trm = d;
@@ -244,6 +246,7 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       xn2[i] = a;
     }
   });
+  span_map.End();
   const int64_t n_out = SegmentOutliers(n, config);
   int64_t c = SegmentClusters(n, config);
 
@@ -252,10 +255,12 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
   std::vector<float> dist(n);
   const int64_t c1 = config.two_level ? static_cast<int64_t>(std::sqrt(double(c))) : 1;
   if (c1 <= 1 || c < 16) {
+    KVRT_SPAN("kmeans_lloyd");
     Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, DrawSeeds(x, n, d, c, &rng), &assign, &dist);
   } else {
     // Two levels: c1 ~ sqrt(c) coarse clusters, then each split into its share of the c fine
     // clusters: per iteration n * (c1 + c / c1) distances instead of n * c.
+    timeline::Span span_coarse("kmeans_coarse");
     Lloyd(x, xn2.data(), n, d, c1, config.kmeans_iters, DrawSeeds(x, n, d, c1, &rng), &assign,
           &dist);
     std::vector<std::vector<int64_t>> groups(c1);
@@ -268,6 +273,8 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       std::vector<float> x, xn2, seeds, dist;
       std::vector<int32_t> assign;
     };
+    span_coarse.End();
+    timeline::Span span_groups("kmeans_groups");
     std::vector<Group> parts(c1);
     int64_t next = 0;
     for (int64_t g = 0; g < c1; ++g) {
@@ -301,14 +308,17 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       p = Group{};  // its copies go as soon as they are used
     });
     c = next;
+    span_groups.End();
     // Global refinement: lets clusters cross the coarse boundaries.
     if (config.refine_iters > 0) {
+      KVRT_SPAN("kmeans_refine");
       Lloyd(x, xn2.data(), n, d, c, config.refine_iters,
             std::vector<float>(static_cast<std::size_t>(c) * d, 0.f), &assign, &dist,
             /*warm=*/true);
     }
   }
   // Outliers leave their cluster (assign -1), then each cluster's means over its members.
+  KVRT_SPAN("kmeans_means");
   MarkOutliers(dist.data(), n, c, n_out, assign.data());
   std::vector<int32_t> count(c, 0);
   std::vector<double> km(static_cast<std::size_t>(c) * d, 0.0), vm(km.size(), 0.0),

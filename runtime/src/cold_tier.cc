@@ -7,14 +7,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "budget.h"
-#include "clock.h"
 #include "fault_injection.h"
+#include "kvrt_common/clock.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "timeline.h"
 
 namespace kvrt::runtime {
 namespace {

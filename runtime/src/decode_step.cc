@@ -19,13 +19,13 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "clock.h"
+#include "kvrt_common/clock.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_transfer/cuda_rt.h"
 #include "layer_state.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "timeline.h"
 
 namespace kvrt::runtime {
 

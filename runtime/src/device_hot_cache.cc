@@ -6,8 +6,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "align.h"
-#include "clock.h"
 #include "device_tier.h"
+#include "kvrt_common/clock.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"

@@ -13,11 +13,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "align.h"
-#include "clock.h"
 #include "device_hot_cache.h"
 #include "device_tier_internal.h"
 #include "direct_step.h"
+#include "kvrt_common/clock.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/code_rest.h"
@@ -25,7 +26,6 @@
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "tier_backend.h"
-#include "timeline.h"
 
 namespace kvrt::runtime {
 namespace {

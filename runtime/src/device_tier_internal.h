@@ -16,10 +16,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "align.h"
-#include "clock.h"
 #include "device_hot_cache.h"
 #include "device_tier.h"
 #include "direct_step.h"
+#include "kvrt_common/clock.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_gpu/cluster_kernels.h"

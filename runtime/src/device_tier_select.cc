@@ -3,7 +3,7 @@
 #include <cmath>
 
 #include "device_tier_internal.h"
-#include "timeline.h"
+#include "kvrt_common/timeline.h"
 
 namespace kvrt::runtime::device_tier_internal {
 namespace {

@@ -1,8 +1,8 @@
 // DeviceTier's decode step (device_tier_internal.h): its begin (q converted, the tier's arrays,
 // the lanes' fork), the tier's attention, the rows the CPU fetched, the timing and the merge.
 #include "device_tier_internal.h"
+#include "kvrt_common/timeline.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "timeline.h"
 
 namespace kvrt::runtime::device_tier_internal {
 namespace {

@@ -5,14 +5,14 @@
 #include <cstring>
 
 #include "align.h"
-#include "clock.h"
 #include "device_hot_cache.h"
 #include "device_tier.h"
+#include "kvrt_common/clock.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/kernels.h"
 #include "oneapi/tbb/parallel_for.h"
-#include "timeline.h"
 
 namespace kvrt::runtime {
 namespace {

@@ -7,10 +7,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "budget.h"
-#include "clock.h"
+#include "kvrt_common/clock.h"
 #include "kvrt_common/status_macros.h"
+#include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/kind_table.h"
-#include "timeline.h"
 
 namespace kvrt::runtime {
 

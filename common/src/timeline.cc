@@ -1,4 +1,4 @@
-#include "timeline.h"
+#include "kvrt_common/timeline.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "clock.h"
+#include "kvrt_common/clock.h"
 
-namespace kvrt::runtime::timeline {
+namespace kvrt::timeline {
 namespace {
 
 struct Event {
@@ -102,4 +102,4 @@ void Span::End() {
   begin_ns_ = 0;
 }
 
-}  // namespace kvrt::runtime::timeline
+}  // namespace kvrt::timeline

@@ -1,9 +1,9 @@
 #pragma once
-// The runtime's one clock for the time counters of kvrt_stats (monotonic, ns).
+// The one clock of kvrt_stats' time counters and the timeline (monotonic, ns).
 #include <chrono>
 #include <cstdint>
 
-namespace kvrt::runtime {
+namespace kvrt {
 
 inline int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -11,4 +11,4 @@ inline int64_t NowNs() {
       .count();
 }
 
-}  // namespace kvrt::runtime
+}  // namespace kvrt

@@ -7,7 +7,7 @@
 // relaxed load. Not part of the C API: a diagnostic, documented in docs/benchmarks.md.
 #include <cstdint>
 
-namespace kvrt::runtime::timeline {
+namespace kvrt::timeline {
 
 // Whether KVRT_TIMELINE named a file (read once).
 bool Enabled();
@@ -31,10 +31,9 @@ class Span {
   int64_t begin_ns_;  // 0: not recording
 };
 
-}  // namespace kvrt::runtime::timeline
+}  // namespace kvrt::timeline
 
 #define KVRT_SPAN_CAT2_(a, b) a##b
 #define KVRT_SPAN_CAT_(a, b) KVRT_SPAN_CAT2_(a, b)
 // KVRT_SPAN("name") or KVRT_SPAN("name", arg): the rest of the enclosing scope.
-#define KVRT_SPAN(...) \
-  ::kvrt::runtime::timeline::Span KVRT_SPAN_CAT_(kvrt_span_, __LINE__)(__VA_ARGS__)
+#define KVRT_SPAN(...) ::kvrt::timeline::Span KVRT_SPAN_CAT_(kvrt_span_, __LINE__)(__VA_ARGS__)
