@@ -861,7 +861,8 @@ if [[ "${1:-}" == "--device" ]]; then
       done
     elif [[ "$bench" == host-prefill ]]; then
       # The host backend's prompt build at DeepSeek-V2-Lite's latent shape (16:1:576, cluster
-      # kind, 30716 cold rows, B=1), with and without the prompt's queries (the query-aware
+      # kind, 30716 cold rows, B=1, PREFILL_LAYERS layers, default 4: a decoder's prompt goes
+      # through its layers in turn), with and without the prompt's queries (the query-aware
       # metric), each program in PREFILL_PROGRAMS (default: kvrt_before, kvrt_nocuda, kvrt; those
       # bundled) alternating in AB_ROUNDS rounds (default 2); then the last of them with
       # KVRT_TIMELINE at PREFILL_THREADS (default 1 and all), summed per span
@@ -870,7 +871,7 @@ if [[ "${1:-}" == "--device" ]]; then
         [[ -x $b/$p ]] && progs+=("$p")
       done
       set -- --gpu 0 --memory host --q-heads 16 --kv-heads 1 --head-dim 576 --index cluster \
-        --cold 30716 --batch 1 --layers 1
+        --cold 30716 --batch 1 --layers "${PREFILL_LAYERS:-4}"
       for round in $(seq "${AB_ROUNDS:-2}"); do
         for pq in 1 0; do
           for prog in "${progs[@]}"; do

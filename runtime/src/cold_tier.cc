@@ -198,8 +198,13 @@ void ColdTier::AwaitIndexes() {
   counters_->time_background_wait_ns += NowNs() - t0;
 }
 
-void ColdTier::LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job) {
-  refresh_->Launch(arena, std::move(job));
+void ColdTier::LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job,
+                                bool joinable) {
+  if (joinable) {
+    refresh_->LaunchJoinable(arena, std::move(job));
+  } else {
+    refresh_->Launch(arena, std::move(job));
+  }
 }
 
 void ColdTier::ApplyRowOrder(int g) {

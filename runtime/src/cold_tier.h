@@ -127,8 +127,11 @@ class ColdTier {
   // Waits for a background refresh.
   void AwaitIndexes();
   // Runs `job` as this tier's background work (a prefill's: LayerState::Prefill), awaited like a
-  // refresh. The job may grow the store and refresh the indexes (at once, inside it).
-  void LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job);
+  // refresh. The job may grow the store and refresh the indexes (at once, inside it). joinable:
+  // the thread that awaits it runs the arena's tasks meanwhile (transfer::BackgroundWork::
+  // LaunchJoinable), for a job that is CPU work only.
+  void LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job,
+                        bool joinable = false);
   bool needs_refresh() const;
 
   // Whether a step has cold work: cold rows and a head that is not streaming.

@@ -71,10 +71,11 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
   // The plan reads the cold tier's rows: a prefill's background job must be done with them.
   if (tier_->pending_prompt_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
   const AppendPlan plan = PlanAppend(n);
-  // Only a call that writes the store waits for the background refresh (a decode append, which
-  // only evicts, does not: its rows reach the store at the next attend).
+  // Only a call that writes the store waits for the background work (the GPU backend's decode
+  // append, which only evicts, does not: its rows reach the store at the next attend). The host
+  // backend's evictions write the store at once, so its appends wait for a prompt's build.
   const bool settled = plan.direct > 0 || tier_->pending_rows() > 0 || !tier_->background_refresh();
-  if (plan.direct > 0 || tier_->pending_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
+  if (settled) KVRT_RETURN_IF_ERROR(SettleCold());
   const std::size_t tb =
       static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
   // The cold index's growth counts against host_memory_limit before it happens (an upper bound,
@@ -164,13 +165,25 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   }
   KVRT_RETURN_IF_ERROR(tier_->SettleEvictions(&cold_));
   arena.execute([&] { BuildSegmentsOnGpu(k, v, exec); });  // its per-head work: in the arena
-  // The prompt's index is built now, on every backend: the first decode step searches it.
-  {
-    KVRT_SPAN("prefill_index");
-    cold_.RefreshIndexes(arena, /*background=*/false);
+  // The rows are stored (the caller's buffers are no longer read): the prompt's index is built in
+  // a background job, as a staged prompt's is, which the next call on this layer (or
+  // kvrt_seq_wait) waits for. A decoder's next layers (their model work and their own builds)
+  // overlap it: one layer's build has phases that keep few cores busy (a head's segments, the
+  // query metric), which the other layers' builds fill. The index is the same whenever it is
+  // built (it depends on the rows and the query sample only), so results do not depend on timing.
+  auto build = [this, &arena] {
+    {
+      KVRT_SPAN("prefill_index");
+      cold_.RefreshIndexes(arena, /*background=*/false);
+    }
+    tier_->PrepareDecode(cold_);
+    return absl::OkStatus();
+  };
+  if (cold_.needs_refresh()) {
+    cold_.LaunchBackground(arena, build, /*joinable=*/true);
+    return absl::OkStatus();
   }
-  tier_->PrepareDecode(cold_);
-  return absl::OkStatus();
+  return build();
 }
 
 void LayerState::BuildSegmentsOnGpu(const void* k, const void* v, const Exec& exec) {

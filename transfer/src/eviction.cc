@@ -1,6 +1,7 @@
 #include "kvrt_transfer/eviction.h"
 
 #include <memory>
+#include <thread>
 #include <utility>
 
 namespace kvrt::transfer {
@@ -57,7 +58,7 @@ void EvictionQueue::Discard() {
   rows_ = 0;
 }
 
-BackgroundWork::~BackgroundWork() { (void)Wait(); }
+BackgroundWork::~BackgroundWork() noexcept { (void)Wait(); }
 
 bool BackgroundWork::running() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -109,12 +110,53 @@ void BackgroundWork::LaunchAfter(tbb::task_arena& arena, void* stream,
   }
 }
 
+void BackgroundWork::LaunchJoinable(tbb::task_arena& arena, std::function<absl::Status()> job) {
+  Begin();
+  JoinGroup();  // the last joinable job's group is waited for before it runs again
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    joinable_ = &arena;
+  }
+  // Run from inside the arena: the task goes to the group (and a worker takes it) at once.
+  arena.execute([&] { group_.run([this, job = std::move(job)] { Done(job()); }); });
+}
+
+void BackgroundWork::JoinGroup() {
+  tbb::task_arena* arena = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    arena = std::exchange(joinable_, nullptr);
+  }
+  if (arena == nullptr) return;
+  // Only the waiting thread joins: arena.execute hands the functor to a worker when the arena has
+  // no free slot for this thread, and a worker could be inside this very job (its parallel loops
+  // take other tasks while they wait) and would wait for it there: a deadlock (a soak test found
+  // it). Handed over, the functor returns at once and this thread blocks until the job is done;
+  // then no thread is inside the job, and the group's wait (owed before it runs again or goes) is
+  // safe on any thread.
+  const std::thread::id waiter = std::this_thread::get_id();
+  bool joined = false;
+  arena->execute([&] {
+    if (std::this_thread::get_id() != waiter) return;
+    group_.wait();
+    joined = true;
+  });
+  if (joined) return;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !running_; });
+  }
+  arena->execute([&] { group_.wait(); });
+}
+
 void BackgroundWork::Join() {
+  JoinGroup();
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return !running_; });
 }
 
 absl::Status BackgroundWork::Wait() {
+  JoinGroup();
   std::unique_lock<std::mutex> lock(mu_);
   cv_.wait(lock, [&] { return !running_; });
   return std::exchange(status_, absl::OkStatus());

@@ -28,6 +28,7 @@
 #include "kvrt_transfer/cuda_rt.h"
 #include "kvrt_transfer/pinned_pool.h"
 #include "oneapi/tbb/task_arena.h"
+#include "oneapi/tbb/task_group.h"
 
 namespace kvrt::transfer {
 
@@ -82,13 +83,22 @@ class EvictionQueue {
 class BackgroundWork {
  public:
   BackgroundWork() = default;
-  ~BackgroundWork();  // waits for the job
+  // Waits for the job. noexcept: tbb::task_group's destructor is not, but it only throws for a
+  // group not waited for, and this waits.
+  ~BackgroundWork() noexcept;
   BackgroundWork(const BackgroundWork&) = delete;
   BackgroundWork& operator=(const BackgroundWork&) = delete;
 
   bool running() const;
   // Waits for the running job, then starts `job` on `arena`. The job's status is kept for Wait.
   void Launch(tbb::task_arena& arena, std::function<absl::Status()> job);
+  // Launch for a job that a waiter joins: the thread that waits for it (Wait, Join, the
+  // destructor) enters the arena and runs its tasks until the job is done, instead of blocking.
+  // For a prompt's build, whose parallel loops would otherwise run on the arena's workers alone
+  // (oneTBB starts one worker fewer than the arena's threads: the caller is expected to join),
+  // and whose waiter (the layer's first decode call) has nothing else to do. The waiter may also
+  // run other tasks of the arena meanwhile (the note above), so decode-time jobs use Launch.
+  void LaunchJoinable(tbb::task_arena& arena, std::function<absl::Status()> job);
   // The same, but the job is enqueued only once the work queued on `stream` so far is done (a
   // stream callback): a job that would first wait for the device does not hold one of the
   // arena's workers while it waits, which in a pipelined decoder (the host a step ahead of the
@@ -110,10 +120,15 @@ class BackgroundWork {
   // A job ended with status s: kept for Wait (the first error), the next job may start.
   void Done(absl::Status s);
 
+  // A LaunchJoinable job's arena and group, until a waiter has joined it.
+  void JoinGroup();
+
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool running_ = false;
   absl::Status status_;
+  tbb::task_arena* joinable_ = nullptr;
+  tbb::task_group group_;
 };
 
 }  // namespace kvrt::transfer
