@@ -45,7 +45,7 @@
  *     an attend on any sequence, nor with kvrt_runtime_describe_search.
  *   - kvrt_last_error() is per thread.
  *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention, and
- *     for the background jobs of GPU-backend prefills (kvrt_seq_wait); worker_cpu_first/count
+ *     for the background jobs of prefills (the index builds: kvrt_seq_wait); worker_cpu_first/count
  *     bind its threads to a range of CPUs.
  *
  * ABI (since 0.3)
@@ -74,7 +74,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 27
+#define KVRT_VERSION_PATCH 28
 
 #ifdef __cplusplus
 extern "C" {
@@ -464,9 +464,9 @@ KVRT_API kvrt_status kvrt_seq_create(kvrt_runtime* rt, kvrt_seq_id* out);
 /* Frees a sequence's KV in every tier. KVRT_ERR_NOT_FOUND if unknown or already released. */
 KVRT_API kvrt_status kvrt_seq_release(kvrt_runtime* rt, kvrt_seq_id seq);
 
-/* Waits for the sequence's background work on every layer: on the GPU backend a prefill from
- * device pointers returns before its cold rows reach the host store and its index is built (they
- * overlap the caller's next layers; the next call on that layer waits for them). Returns the
+/* Waits for the sequence's background work on every layer: a prefill returns before its index is
+ * built, and on the GPU backend from device pointers before its cold rows reach the host store
+ * (they overlap the caller's next layers; the next call on that layer waits for them). Returns the
  * error of a layer whose rows could not be stored (they stay staged and are retried by its next
  * call; nothing is lost). Not needed for correctness; for timing and to free the staging early.
  * Since 0.3.2. */
@@ -483,7 +483,12 @@ KVRT_API kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, in
  * then builds from keys alone). n_tokens >= 1 (KVRT_ERR_INVALID_ARGUMENT otherwise). The layer must
  * be empty (KVRT_ERR_FAILED_PRECONDITION otherwise). Keeps sinks and window on the GPU tier, moves
  * the rest to the host store and builds the cold index (no index below 256 cold tokens: they are
- * scanned exactly). */
+ * scanned exactly). The call returns once the rows are stored (q, k, v are not read after it);
+ * the index is built in a background job on the runtime's workers, which overlaps the caller's
+ * next work (the next layers) and which the next call on this (seq, layer), or kvrt_seq_wait,
+ * waits for (joining it: the waiting thread runs the build's tasks). The index does not depend on
+ * when it is built, so neither do results. Since 0.3.28 on the host backend and for host pointers
+ * (before, the call built it); for device pointers since 0.3.2. */
 KVRT_API kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
                                   const void* k, const void* v, int64_t n_tokens);
 

@@ -524,7 +524,8 @@ class KvrtCache(DynamicCache):
     `scaling` attribute, as OPT's does), sequences (one per batch row, after the prompt),
     layer_map ({model layer: kvrt layer}), time_prefill_s / time_decode_s (host seconds in kvrt
     calls; the device work they enqueue on the current stream is not waited for, so that the host
-    runs ahead into the next layer as it does for transformers' own attention).
+    runs ahead into the next layer as it does for transformers' own attention; a prompt's index is
+    built in the background, so its time falls in the first decode calls, time_decode_s).
 
     chunked_prompt: the prompt may come in several forwards of more than one token (generate's
     prefill_chunk_size). Their K/V stay on the model's device, each chunk attends every chunk so
