@@ -69,7 +69,8 @@ absl::Status LayerState::SettleEvictions() { return tier_->SettleEvictions(&cold
 
 absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, const Exec& exec) {
   // The plan reads the cold tier's rows: a prefill's background job must be done with them.
-  if (tier_->pending_prompt_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
+  if (tier_->pending_prompt_rows() > 0 || prompt_build_) KVRT_RETURN_IF_ERROR(SettleCold());
+  prompt_build_ = false;
   const AppendPlan plan = PlanAppend(n);
   // Only a call that writes the store waits for the background work (the GPU backend's decode
   // append, which only evicts, does not: its rows reach the store at the next attend). The host
@@ -181,6 +182,7 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   };
   if (cold_.needs_refresh()) {
     cold_.LaunchBackground(arena, build, /*joinable=*/true);
+    prompt_build_ = true;
     return absl::OkStatus();
   }
   return build();

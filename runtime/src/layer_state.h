@@ -94,6 +94,9 @@ class LayerState {
   std::unique_ptr<TierBackend> tier_;
   ColdTier cold_;
   int64_t length_ = 0;
+  // A prompt's index build (host pointers) runs in the background: the layer's next append waits
+  // for it, whatever the backend (the caller's thread alone reads and clears this).
+  bool prompt_build_ = false;
   int64_t n_sink_ = 0, n_window_ = 0;
   std::vector<std::vector<int64_t>> attended_;  // per q head, when record_attended
   std::vector<float> estimate_lse_;             // per q head, when record_attended
