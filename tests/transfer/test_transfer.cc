@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <mutex>
 #include <set>
 #include <thread>
 #include <vector>
@@ -11,6 +12,8 @@
 #include "kvrt_transfer/cuda_rt.h"
 #include "kvrt_transfer/eviction.h"
 #include "kvrt_transfer/pinned_pool.h"
+#include "oneapi/tbb/global_control.h"
+#include "oneapi/tbb/parallel_for.h"
 
 namespace kvrt::transfer {
 namespace {
@@ -242,6 +245,58 @@ TEST(BackgroundWork, RunsOnArenaAndReportsStatusOnce) {
   EXPECT_EQ(w.Wait(arena).code(), absl::StatusCode::kDataLoss);
   EXPECT_TRUE(w.Wait(arena).ok()) << "reported once";
   EXPECT_EQ(ran.load(), 2);
+}
+
+// A joinable job (a prompt's build): its waiter runs the job's parallel loop with the workers, its
+// status is reported once, and jobs launched from several threads at once, each waited for by its
+// launcher while the others run, all finish (the arena has fewer slots than threads: a waiter's
+// join may be handed to a worker that is inside some job, which must not wait there).
+TEST(BackgroundWork, JoinableJobsFinishAndTheirWaitersJoinThem) {
+  tbb::task_arena arena(2);
+  {
+    BackgroundWork w;
+    std::mutex mu;
+    std::set<std::thread::id> threads;
+    w.LaunchJoinable(arena, [&] {
+      tbb::parallel_for(0, 64, [&](int) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        std::lock_guard<std::mutex> lock(mu);
+        threads.insert(std::this_thread::get_id());
+      });
+      return absl::DataLossError("build failed");
+    });
+    EXPECT_EQ(w.Wait().code(), absl::StatusCode::kDataLoss);
+    EXPECT_TRUE(w.Wait().ok()) << "reported once";
+    EXPECT_GE(threads.size(), 1u);
+  }
+  // More workers than this machine's cores, so that workers wait inside a job's loop for each
+  // other's chunks (where a handed-over join would be taken).
+  tbb::global_control workers(tbb::global_control::max_allowed_parallelism, 8);
+  tbb::task_arena wide(4);
+  constexpr int kThreads = 6, kJobs = 20;
+  std::atomic<int> done{0};
+  std::vector<std::thread> callers;
+  for (int t = 0; t < kThreads; ++t) {
+    callers.emplace_back([&] {
+      for (int j = 0; j < kJobs; ++j) {
+        BackgroundWork w;
+        w.LaunchJoinable(wide, [&] {
+          // As a build runs its loops: through the arena's execute (as the runtime's calls do).
+          wide.execute([] {
+            tbb::parallel_for(
+                0, 12, [](int) { std::this_thread::sleep_for(std::chrono::microseconds(300)); });
+          });
+          done++;
+          return absl::OkStatus();
+        });
+        if (j % 2 == 0) {
+          EXPECT_TRUE(w.Wait().ok());
+        }  // else the destructor waits
+      }
+    });
+  }
+  for (auto& c : callers) c.join();
+  EXPECT_EQ(done.load(), kThreads * kJobs);
 }
 
 // Holds `stream` in a callback of its own until *release is set.
