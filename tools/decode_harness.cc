@@ -144,7 +144,8 @@ absl::StatusOr<HarnessResult> RunDecodeHarness(const HarnessOptions& o, const Be
     }
   }
   res.prefill_ms = (NowUs() - t_prefill) / 1e3 / (static_cast<double>(batch) * layers);
-  // Until the background work of those prefills (GPU backend, device pointers) is done too.
+  // Until the background work of those prefills (their index builds; with device pointers on the
+  // GPU backend the cold rows' copies too) is done.
   for (int b = 0; b < batch; ++b) HARNESS_CHECK(kvrt_seq_wait(rt, seqs[b]));
   res.prefill_ready_ms = (NowUs() - t_prefill) / 1e3 / (static_cast<double>(batch) * layers);
   kvrt_get_stats(rt, &res.prefilled);
