@@ -1,6 +1,6 @@
 #pragma once
-// A timeline of the runtime's host work, for finding where a decode step's time goes when no
-// host profiler is at hand (the GPU machine has none): with the environment variable
+// A timeline of kvrt's host work, for finding where a decode step's or a prompt build's time goes
+// when no host profiler is at hand (the GPU machine has none): with the environment variable
 // KVRT_TIMELINE=<file> set when the process first records, every KVRT_SPAN scope is kept (per
 // thread, without locks) and written at exit as Chrome trace-event JSON (chrome://tracing,
 // Perfetto; tools/gpu_bench/timeline_summary.py sums it per span). Unset, a span costs one
