@@ -231,9 +231,7 @@ void ColdTier::TakePreset(int g, cpu_index::KeyIndex* index) {
   const bool laid_out = g < static_cast<int>(laid_out_.size()) && laid_out_[g];
   const bool taken =
       cpu_index::PresetSegments(index, preset_begin_, std::move(preset_[g]), laid_out).ok();
-  if (skip_order_.size() != static_cast<std::size_t>(cfg_->num_kv_heads))
-    skip_order_.assign(cfg_->num_kv_heads, 0);
-  skip_order_[g] = taken && laid_out;
+  skip_order_[g] = taken && laid_out;  // sized by RefreshNow before its loop over the kv heads
 }
 
 absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
@@ -242,6 +240,11 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
   std::vector<int64_t> covered_before(cfg_->num_kv_heads, -1);
   for (int g = 0; g < cfg_->num_kv_heads; ++g)
     if (indexes_[g] != nullptr) covered_before[g] = indexes_[g]->size();
+  // Sized here, once: the kv heads' tasks below each write their own entry (TakePreset) and read
+  // it (ApplyRowOrder); sized inside them, the first build's tasks reallocated it concurrently (a
+  // data race TSan found in Soak.IndexKinds, thirty-ninth session).
+  if (skip_order_.size() != static_cast<std::size_t>(cfg_->num_kv_heads))
+    skip_order_.assign(cfg_->num_kv_heads, 0);
   arena.execute([&] {
     tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) {
       auto& index = indexes_[g];
