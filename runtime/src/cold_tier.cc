@@ -241,8 +241,8 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
   for (int g = 0; g < cfg_->num_kv_heads; ++g)
     if (indexes_[g] != nullptr) covered_before[g] = indexes_[g]->size();
   // Sized here, once: the kv heads' tasks below each write their own entry (TakePreset) and read
-  // it (ApplyRowOrder); sized inside them, the first build's tasks reallocated it concurrently (a
-  // data race TSan found in Soak.IndexKinds, thirty-ninth session).
+  // it (ApplyRowOrder); sized inside them, the first build with presets (the GPU backend's) had
+  // every kv head's task reallocate it at once, a data race.
   if (skip_order_.size() != static_cast<std::size_t>(cfg_->num_kv_heads))
     skip_order_.assign(cfg_->num_kv_heads, 0);
   arena.execute([&] {
