@@ -231,7 +231,8 @@ class Sequence:
     def prefill(self, layer: int, q: Optional[Tensor], k: Tensor, v: Tensor, *,
                 stream: Optional[int] = None) -> None:
         """The prompt of one layer (kvrt_prefill): k, v [n, kv_heads, head_dim], q
-        [n, q_heads, head_dim] or None. The layer must be empty."""
+        [n, q_heads, head_dim] or None. The layer must be empty. Returns once the rows are stored;
+        the index is built in the background (wait())."""
         if stream is None:
             stream = _current_stream(k) if self._rt._gpu else 0
         self._impl.prefill(self.id, layer, None if q is None else _arg(q), _arg(k), _arg(v),
@@ -275,9 +276,9 @@ class Sequence:
         return out
 
     def wait(self) -> None:
-        """Waits for the sequence's background work (kvrt_seq_wait): on the GPU backend a prefill
-        from device tensors returns before its cold rows reach the host store and its index is
-        built; the next call on that layer waits anyway, so this is for timing."""
+        """Waits for the sequence's background work (kvrt_seq_wait): a prefill returns before its
+        index is built, and on the GPU backend from device tensors before its cold rows reach the
+        host store; the next call on that layer waits anyway, so this is for timing."""
         self._impl.seq_wait(self.id)
 
     def length(self, layer: int) -> int:
