@@ -117,6 +117,10 @@ class FaultInjection : public ::testing::Test {
     tokens_.Next(n, &k, &v);
     ASSERT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, k.data(), v.data(), n), KVRT_OK)
         << kvrt_last_error();
+    // The prompt's build is a background job (0.3.28) and the armed faults are the process's:
+    // a test arms them for the build (before this call) or for what follows (after it), never
+    // for a build still running.
+    ASSERT_EQ(kvrt_seq_wait(rt_, seq_), KVRT_OK) << kvrt_last_error();
   }
   void Append(int64_t n) {
     std::vector<float> k, v;
@@ -235,9 +239,7 @@ TEST_F(FaultInjection, IndexUpdateFailureDoesNotHalfApply) {
 
   // Both kv heads' builds fail at prefill: no index, all 290 cold rows scanned exactly.
   fault::FailNext(fault::Site::kIndexUpdate, kKvHeads);
-  Prefill(300);
-  // The prompt's build is a background job (0.3.28): its outcome is counted once it is done.
-  ASSERT_EQ(kvrt_seq_wait(rt_, seq_), KVRT_OK) << kvrt_last_error();
+  Prefill(300);  // waits for the build, which takes the armed failures
   EXPECT_EQ(fault::Pending(fault::Site::kIndexUpdate), 0);
   EXPECT_EQ(Length(), 300);
   kvrt_stats st = Stats(rt_);
@@ -286,6 +288,10 @@ TEST_F(FaultInjection, IndexUpdateFailureKeepsTopKSelection) {
   tokens_.Next(300, &k, &v);
   ASSERT_EQ(kvrt_prefill(rt_, seq_, 0, nullptr, k.data(), v.data(), 300), KVRT_OK);
   ASSERT_EQ(kvrt_prefill(twin, twin_seq, 0, nullptr, k.data(), v.data(), 300), KVRT_OK);
+  // Both prompts' builds run in the background (0.3.28) and the armed faults are the process's:
+  // a build still running would take them.
+  ASSERT_EQ(kvrt_seq_wait(rt_, seq_), KVRT_OK);
+  ASSERT_EQ(kvrt_seq_wait(twin, twin_seq), KVRT_OK);
   for (int step = 0; step < 6; ++step) {
     // Every insert of the faulty runtime fails for the first 40 appended tokens, then catches up.
     fault::FailNext(fault::Site::kIndexUpdate, step < 4 ? kKvHeads : 0);
