@@ -386,8 +386,8 @@ TEST(ContractHostLimit, PrefillPastTheLimitWithItsIndexFailsAndChangesNothing) {
   EXPECT_EQ(st.host_bytes, 0);
   EXPECT_EQ(st.index_bytes, 0);
   EXPECT_EQ(st.gpu_allocated_bytes, 0);
-  // The same prompt without an index fits; kvrt_seq_wait (nothing runs in the background on the
-  // host backend) returns at once, and names an unknown sequence.
+  // The same prompt without an index fits; kvrt_seq_wait (below 256 cold rows no build runs in
+  // the background) returns at once, and names an unknown sequence.
   ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 200), KVRT_OK);
   EXPECT_EQ(kvrt_seq_wait(rt, s), KVRT_OK);
   EXPECT_EQ(kvrt_seq_wait(rt, s + 1000), KVRT_ERR_NOT_FOUND);
