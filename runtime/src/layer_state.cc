@@ -72,11 +72,12 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
   if (tier_->pending_prompt_rows() > 0 || prompt_build_) KVRT_RETURN_IF_ERROR(SettleCold());
   prompt_build_ = false;
   const AppendPlan plan = PlanAppend(n);
-  // Only a call that writes the store waits for the background work (the GPU backend's decode
+  // Only a call that writes the store waits for the background refresh (the GPU backend's decode
   // append, which only evicts, does not: its rows reach the store at the next attend). The host
-  // backend's evictions write the store at once, so its appends wait for a prompt's build.
+  // backend, whose evictions write the store at once, has no background work but a prompt's
+  // build, which the prompt_build_ wait above covers.
   const bool settled = plan.direct > 0 || tier_->pending_rows() > 0 || !tier_->background_refresh();
-  if (settled) KVRT_RETURN_IF_ERROR(SettleCold());
+  if (plan.direct > 0 || tier_->pending_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
   const std::size_t tb =
       static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
   // The cold index's growth counts against host_memory_limit before it happens (an upper bound,
