@@ -74,7 +74,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 28
+#define KVRT_VERSION_PATCH 29
 
 #ifdef __cplusplus
 extern "C" {
@@ -581,6 +581,29 @@ KVRT_API kvrt_exec kvrt_exec_default(void);
 KVRT_API kvrt_status kvrt_prefill_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
                                      const void* q, const void* k, const void* v, int64_t n_tokens,
                                      const kvrt_exec* exec);
+
+/* The prompt rows whose queries a prefill of n_tokens >= 1 tokens reads: the query sample of the
+ * index kinds that build from queries (KVRT_INDEX_CLUSTER's query-aware metric, the graph kinds'
+ * seeds), rows i * *stride for 0 <= i < *count, evenly spaced over the prompt (every row of a
+ * short prompt); *count is 0 for a kind that reads no queries. A decoder whose queries are large
+ * (a latent attention's: DeepSeek-V2-Lite's 128K-token prompt holds 2.4 GB of queries, of which
+ * kvrt reads 256 rows) passes only these rows to kvrt_prefill_sampled_ex. Since 0.3.29. */
+KVRT_API kvrt_status kvrt_prefill_query_rows(const kvrt_runtime* rt, int64_t n_tokens,
+                                             int64_t* count, int64_t* stride);
+
+/* kvrt_prefill_ex with n_queries of the prompt's queries instead of one per token: q [n_queries,
+ * q_heads, head_dim], 0 <= n_queries <= n_tokens (q may be NULL when n_queries is 0), queries of
+ * rows spread over the prompt, in prompt order. kvrt takes its query sample from them as
+ * kvrt_prefill takes it from n_tokens queries, so the rows kvrt_prefill_query_rows(n_tokens)
+ * names, in that order, build the index (and give the results) of kvrt_prefill with every query,
+ * without the copy and the check of the others; other rows build another index of the same kind
+ * (a chunked prompt's kept queries, say). config.check_finite reads the n_queries rows (host
+ * memory). kvrt_prefill_ex(q, k, v, n) is this call with n_queries = n (0 for a NULL q).
+ * Since 0.3.29. */
+KVRT_API kvrt_status kvrt_prefill_sampled_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer,
+                                             const void* q, int64_t n_queries, const void* k,
+                                             const void* v, int64_t n_tokens,
+                                             const kvrt_exec* exec);
 KVRT_API kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* k,
                                     const void* v, int64_t n_tokens, const kvrt_exec* exec);
 KVRT_API kvrt_status kvrt_attend_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,

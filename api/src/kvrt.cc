@@ -505,6 +505,34 @@ kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const
   return kvrt_prefill_ex(rt, seq, layer, q, k, v, n_tokens, nullptr);
 }
 
+kvrt_status kvrt_prefill_sampled_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
+                                    int64_t n_queries, const void* k, const void* v,
+                                    int64_t n_tokens, const kvrt_exec* exec) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_prefill_sampled_ex"); s != KVRT_OK) return s;
+  kvrt::runtime::Exec ex;
+  if (kvrt_status s = CheckExec(rt, exec, "kvrt_prefill_sampled_ex", &ex); s != KVRT_OK) return s;
+  return FromStatus(rt->impl->Prefill(seq, layer, q, n_queries, k, v, n_tokens, ex));
+  KVRT_API_CATCH
+}
+
+kvrt_status kvrt_prefill_query_rows(const kvrt_runtime* rt, int64_t n_tokens, int64_t* count,
+                                    int64_t* stride) {
+  KVRT_API_TRY
+  if (kvrt_status s = CheckRuntime(rt, "kvrt_prefill_query_rows"); s != KVRT_OK) return s;
+  if (count == nullptr || stride == nullptr)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_prefill_query_rows: count or stride is NULL");
+  if (n_tokens < 1)
+    return Fail(KVRT_ERR_INVALID_ARGUMENT,
+                absl::StrCat("kvrt_prefill_query_rows: n_tokens = ", n_tokens, " must be >= 1"));
+  const kvrt::runtime::QuerySample sample =
+      kvrt::runtime::PromptQuerySample(rt->impl->config(), n_tokens);
+  *count = sample.count;
+  *stride = sample.stride;
+  return KVRT_OK;
+  KVRT_API_CATCH
+}
+
 kvrt_status kvrt_append_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* k,
                            const void* v, int64_t n_tokens, const kvrt_exec* exec) {
   KVRT_API_TRY

@@ -141,6 +141,12 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def prefill_query_rows(self, n_tokens: int) -> tuple[int, int]:
+        """(count, stride): the rows i * stride, i < count, whose queries a prefill of n_tokens
+        reads (kvrt_prefill_query_rows; count 0 for an index kind that reads none). Pass q of
+        just these rows to Sequence.prefill(..., sampled=True)."""
+        return tuple(self._impl.prefill_query_rows(n_tokens))
+
     def sequence(self) -> "Sequence":
         """A new empty sequence (kvrt_seq_create)."""
         return Sequence(self)
@@ -229,14 +235,19 @@ class Sequence:
         return self._rt
 
     def prefill(self, layer: int, q: Optional[Tensor], k: Tensor, v: Tensor, *,
-                stream: Optional[int] = None) -> None:
+                stream: Optional[int] = None, sampled: bool = False) -> None:
         """The prompt of one layer (kvrt_prefill): k, v [n, kv_heads, head_dim], q
         [n, q_heads, head_dim] or None. The layer must be empty. Returns once the rows are stored;
-        the index is built in the background (wait())."""
+        the index is built in the background (wait()).
+
+        sampled=True: q holds only some of the prompt's queries, [m, q_heads, head_dim] with
+        m <= n, in prompt order (kvrt_prefill_sampled_ex); the rows that
+        Runtime.prefill_query_rows(n) names give the index of every query, without copying the
+        rest."""
         if stream is None:
             stream = _current_stream(k) if self._rt._gpu else 0
         self._impl.prefill(self.id, layer, None if q is None else _arg(q), _arg(k), _arg(v),
-                           stream)
+                           stream, sampled)
 
     def append(self, layer: int, k: Tensor, v: Tensor, *, stream: Optional[int] = None) -> None:
         """Appends n tokens' k, v [n, kv_heads, head_dim] (kvrt_append)."""

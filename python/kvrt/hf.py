@@ -525,7 +525,9 @@ class KvrtCache(DynamicCache):
     layer_map ({model layer: kvrt layer}), time_prefill_s / time_decode_s (host seconds in kvrt
     calls; the device work they enqueue on the current stream is not waited for, so that the host
     runs ahead into the next layer as it does for transformers' own attention; a prompt's index is
-    built in the background, so its time falls in the first decode calls, time_decode_s).
+    built in the background, so its time falls in the first decode calls, time_decode_s). Of a
+    prompt's queries only the rows kvrt reads cross to its side (kvrt_prefill_query_rows: for the
+    kinds that build from queries, 4096 per kv head over its q heads; none for the others).
 
     chunked_prompt: the prompt may come in several forwards of more than one token (generate's
     prefill_chunk_size). Their K/V stay on the model's device, each chunk attends every chunk so
@@ -630,9 +632,10 @@ class KvrtCache(DynamicCache):
             t = torch.nn.functional.pad(t, (0, self._width - t.shape[-1]))
         if not self._on_gpu and t.device.type != "cpu":
             # Laid out on the device, then one copy into pinned memory (torch's caching host
-            # allocator keeps it for the next layer): a prompt's q for DeepSeek-V2-Lite's latent is
-            # 600 MB at 32K, which .cpu() copied into pageable memory at 2.6 GB/s on an H100
-            # machine (230 ms per layer), and whose transposed rows it left the host to reorder.
+            # allocator keeps it for the next layer): a prompt's K for DeepSeek-V2-Lite's latent is
+            # 38 MB at 32K (its q, 600 MB, before only the sampled rows were copied), which .cpu()
+            # copied into pageable memory at 2.6 GB/s on an H100 machine, and whose transposed
+            # rows it left the host to reorder.
             t = t.contiguous()
             if t.device.type != "cuda":
                 return t.cpu()
@@ -703,18 +706,42 @@ class KvrtCache(DynamicCache):
         k = self._rows(k)
         v = k if v is None else self._rows(v)
         kept = torch.cat(p["q"], dim=1)
-        # Every prompt row gets the kept query nearest before it: kvrt_prefill takes one query
-        # per row and samples evenly spaced rows from them.
-        at = torch.clamp(torch.arange(k.shape[1], device=kept.device) // p["stride"],
+        # The rows kvrt reads queries of (kvrt_prefill_query_rows) get the kept query nearest
+        # before each: the sample of the prompt's queries as kvrt would take it from all.
+        count, stride = self.runtime.prefill_query_rows(k.shape[1])
+        at = torch.clamp(torch.arange(count, device=kept.device) * stride // p["stride"],
                          max=kept.shape[1] - 1)
-        self._prefill(kl, kept.index_select(1, at).contiguous(), k, v)
+        q = kept.index_select(1, at)
+        self._prefill(kl, [q[b] if count else None for b in range(k.shape[0])], k, v)
 
-    def _prefill(self, kl: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def _query_sample(self, q: torch.Tensor, keep: Optional[torch.Tensor]) -> list:
+        """Per batch row, the prompt's queries that kvrt reads (kvrt_prefill_query_rows, of the
+        row's real tokens), as kvrt holds them: [m, Hq, width], or None when it reads none. q:
+        [B, Hq, n, d] on the model's device. The copy to kvrt's side is of these rows only (a
+        128K prompt of DeepSeek-V2-Lite's latent: 256 rows of 131072, 2.4 GB per layer)."""
+        B, n = q.shape[0], q.shape[2]
+        full = keep is None or bool(keep.all())
+        lens = [n] * B if full else [int(r.sum()) for r in keep]
+        picks = []
+        for b in range(B):
+            count, stride = (0, 1) if lens[b] == 0 else self.runtime.prefill_query_rows(lens[b])
+            rows = torch.arange(count, device=q.device) * stride
+            if not full and count:
+                rows = keep[b].nonzero().squeeze(1).to(q.device)[rows]
+            picks.append(rows)
+        if full:  # the same rows of every batch row: one copy
+            rows = self._rows(q.index_select(2, picks[0])) if picks[0].numel() else None
+            return [None if rows is None else rows[b] for b in range(B)]
+        return [self._rows(q[b:b + 1].index_select(2, r))[0] if r.numel() else None
+                for b, r in enumerate(picks)]
+
+    def _prefill(self, kl: int, qs: list, k: torch.Tensor, v: torch.Tensor,
                  keep: Optional[torch.Tensor] = None) -> None:
-        """kvrt_prefill of layer kl for every batch row: q [B, n, Hq, d], k, v [B, n, Hkv, d]
-        (kvrt's rows); makes the sequences at the first prefill. keep [B, n] (bool, or None for
-        all): the rows' real tokens; padding never enters kvrt (it has no attention mask), so a
-        padded row holds only its own tokens, as the model's mask would have it."""
+        """kvrt_prefill of layer kl for every batch row: k, v [B, n, Hkv, d] (kvrt's rows), qs
+        per batch row the sampled queries of its real tokens (_query_sample) or None; makes the
+        sequences at the first prefill. keep [B, n] (bool, or None for all): the rows' real
+        tokens; padding never enters kvrt (it has no attention mask), so a padded row holds only
+        its own tokens, as the model's mask would have it."""
         import time
         B = k.shape[0]
         if not self.sequences:
@@ -724,13 +751,13 @@ class KvrtCache(DynamicCache):
         t0 = time.perf_counter()
         for b, s in enumerate(self.sequences):
             if keep is None or bool(keep[b].all()):
-                s.prefill(kl, q[b], k[b], v[b])
+                s.prefill(kl, qs[b], k[b], v[b], sampled=True)
             else:
                 at = keep[b].nonzero().squeeze(1).to(k.device)
                 if at.numel() == 0:
                     raise ValueError(f"kvrt.hf: batch row {b} of the prompt is all padding")
-                s.prefill(kl, q[b].index_select(0, at), k[b].index_select(0, at),
-                          v[b].index_select(0, at))
+                s.prefill(kl, qs[b], k[b].index_select(0, at), v[b].index_select(0, at),
+                          sampled=True)
         self.time_prefill_s += time.perf_counter() - t0
         self._prefilled.add(kl)
 
@@ -832,9 +859,9 @@ class KvrtCache(DynamicCache):
             # runs beside this layer's attention over the prompt instead of after it: the last
             # layer's job was what the first decode token waited for.
             k = self._rows(held[1])
-            self._prefill(kl, self._rows(held[0]), k,
-                          k if held[2] is held[1] else self._rows(held[2]),
-                          _padded_keys(attention_mask))
+            keep = _padded_keys(attention_mask)
+            self._prefill(kl, self._query_sample(held[0], keep), k,
+                          k if held[2] is held[1] else self._rows(held[2]), keep)
             out = _sdpa(module, query, key, value, attention_mask, **kwargs)
             layer.tokens += n
             return out

@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -60,10 +61,11 @@ NB_MODULE(_kvrt, m) {
       .def(
           "prefill",
           [](PyRuntime& r, int64_t seq, int32_t layer, std::optional<kvrt_py::InArray> q,
-             const kvrt_py::InArray& k, const kvrt_py::InArray& v,
-             uintptr_t stream) { r.Prefill(seq, layer, q ? &*q : nullptr, k, v, stream); },
+             const kvrt_py::InArray& k, const kvrt_py::InArray& v, uintptr_t stream,
+             bool sampled) { r.Prefill(seq, layer, q ? &*q : nullptr, k, v, stream, sampled); },
           nb::arg("seq"), nb::arg("layer"), nb::arg("q").none(), nb::arg("k"), nb::arg("v"),
-          nb::arg("stream") = 0)
+          nb::arg("stream") = 0, nb::arg("sampled") = false)
+      .def("prefill_query_rows", &PyRuntime::PrefillQueryRows, nb::arg("n_tokens"))
       .def("append", &PyRuntime::Append, nb::arg("seq"), nb::arg("layer"), nb::arg("k"),
            nb::arg("v"), nb::arg("stream") = 0)
       .def(

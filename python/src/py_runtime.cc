@@ -128,21 +128,35 @@ int64_t PyRuntime::SeqLength(int64_t seq, int32_t layer) const {
 }
 
 void PyRuntime::Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k,
-                        const InArray& v, uintptr_t stream) {
+                        const InArray& v, uintptr_t stream, bool sampled) {
   const char* call = "Sequence.prefill";
   kvrt_runtime* rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
   TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg tq;
-  if (q != nullptr) tq = CheckTensor(call, "q", *q, dt, {tk.rows, cfg_.num_q_heads, cfg_.head_dim});
+  if (q != nullptr)
+    tq = CheckTensor(call, "q", *q, dt, {sampled ? -1 : tk.rows, cfg_.num_q_heads, cfg_.head_dim});
   CheckSameDevice(call, {&tk, &tv, &tq});
   kvrt_exec ex = Exec(tk, stream);
+  const int64_t n_queries = q != nullptr ? tq.rows : 0;
   std::string err;
-  Check(Call(&err, [&] {
-          return kvrt_prefill_ex(rt, seq, layer, tq.data, tk.data, tv.data, tk.rows, &ex);
-        }),
+  Check(Call(&err,
+             [&] {
+               return kvrt_prefill_sampled_ex(rt, seq, layer, tq.data, n_queries, tk.data, tv.data,
+                                              tk.rows, &ex);
+             }),
         call, err);
+}
+
+std::pair<int64_t, int64_t> PyRuntime::PrefillQueryRows(int64_t n_tokens) const {
+  const char* call = "Runtime.prefill_query_rows";
+  kvrt_runtime* rt = Live(call);
+  int64_t count = 0, stride = 1;
+  std::string err;
+  Check(Call(&err, [&] { return kvrt_prefill_query_rows(rt, n_tokens, &count, &stride); }), call,
+        err);
+  return {count, stride};
 }
 
 void PyRuntime::Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v,

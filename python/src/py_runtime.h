@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "tensor_arg.h"
@@ -37,8 +38,11 @@ class PyRuntime {
 
   // stream: a cudaStream_t as an integer (0 = the legacy default stream); used for device
   // tensors only.
+  // sampled: q holds some of the prompt's queries (kvrt_prefill_sampled_ex), not one per token.
   void Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k, const InArray& v,
-               uintptr_t stream);
+               uintptr_t stream, bool sampled);
+  // kvrt_prefill_query_rows: (count, stride) of the rows whose queries a prefill of n reads.
+  std::pair<int64_t, int64_t> PrefillQueryRows(int64_t n_tokens) const;
   void Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v, uintptr_t stream);
   // lse: null, or f32 [q_heads] ([n, q_heads] for a batch) beside out, which receives each
   // head's merged log-sum-exp (kvrt_attend_batch_lse_ex).

@@ -257,3 +257,38 @@ def test_estimate_lse_needs_record_attended(rng):
     seq.attend(0, rng.standard_normal((8, 32), dtype=np.float32))
     with pytest.raises(kvrt.KvrtError, match="record_attended"):
         seq.estimate_lse(0, 0)
+
+
+def test_prefill_from_the_query_rows_kvrt_reads(rng):
+    """prefill(..., sampled=True) with the rows prefill_query_rows names builds the index of every
+    query (the cluster kind's query-aware metric; two segments of 8192 clustered rows)."""
+    n = 20000
+    k, v = kv(rng, n), kv(rng, n)
+    q = rng.standard_normal((n, 8, 32), dtype=np.float32) * np.linspace(3, 0.2, 32, dtype=np.float32)
+    steps = rng.standard_normal((3, 8, 32), dtype=np.float32)
+    count, stride = make(index_kind="cluster").prefill_query_rows(n)
+    assert (count, stride) == (1024, 19)  # 4096 query rows per kv head over 4 q heads each
+    assert make(index_kind="flat").prefill_query_rows(n) == (0, 1)
+    outs = []
+    for queries, sampled in ((q, False), (q[:count * stride:stride].copy(), True), (None, False)):
+        seq = make(index_kind="cluster", record_attended=1).sequence()
+        seq.prefill(0, queries, k, v, sampled=sampled)
+        outs.append([(seq.attend(0, s), seq.attended(0, 5)) for s in steps])
+    for (a, ids_a), (b, ids_b) in zip(outs[0], outs[1]):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ids_a, ids_b)
+    # Without queries the index differs: the equality above could fail.
+    assert any(not np.array_equal(a[1], c[1]) for a, c in zip(outs[0], outs[2]))
+
+
+def test_sampled_prefill_errors(rng):
+    seq = make(index_kind="cluster").sequence()
+    k = kv(rng, 300)
+    with pytest.raises(kvrt.InvalidArgumentError, match="q"):  # rows != n without sampled
+        seq.prefill(0, kv(rng, 10, 8), k, k)
+    with pytest.raises(kvrt.InvalidArgumentError, match="n_queries"):
+        seq.prefill(0, kv(rng, 301, 8), k, k, sampled=True)
+    with pytest.raises(kvrt.InvalidArgumentError, match="n_tokens"):
+        seq.runtime.prefill_query_rows(0)
+    seq.prefill(0, kv(rng, 10, 8), k, k, sampled=True)
+    assert seq.length(0) == 300

@@ -123,12 +123,6 @@ absl::Status ColdTier::Append(const void* k, const void* v, int64_t n, bool head
 
 // Keeps an evenly spaced sample of the prompt's queries per kv head (all q heads of its group), in
 // f32, for index kinds that build from queries.
-int64_t ColdTier::QuerySampleRows(int64_t n) const {
-  const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
-  const int64_t cap = std::max(1, cfg_->index.graph_query_sample);
-  return std::min<int64_t>(n, std::max<int64_t>(1, cap / group));
-}
-
 void ColdTier::SampleQueries(const void* q, int64_t n) {
   if (cfg_->index_kind == cpu_index::IndexKind::kExact) return;
   const int group = cfg_->num_q_heads / cfg_->num_kv_heads;

@@ -103,8 +103,8 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
   return absl::OkStatus();
 }
 
-absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, int64_t n,
-                                 tbb::task_arena& arena, const Exec& exec) {
+absl::Status LayerState::Prefill(const void* q, int64_t n_queries, const void* k, const void* v,
+                                 int64_t n, tbb::task_arena& arena, const Exec& exec) {
   if (length_ != 0)
     return absl::FailedPreconditionError(absl::StrCat("prefill: the layer already holds ", length_,
                                                       " tokens (prefill once, then append)"));
@@ -130,14 +130,14 @@ absl::Status LayerState::Prefill(const void* q, const void* k, const void* v, in
   if (q != nullptr && cpu_index::KindInfo(cfg_->index_kind).uses_queries) {
     KVRT_SPAN("prefill_sample_queries");
     // Only the sampled rows cross to the host: the evenly spaced rows SampleQueries picks.
-    const int64_t rows = cold_.QuerySampleRows(n);
+    const int64_t rows = cold_.QuerySampleRows(n_queries);
     const std::size_t row =
         static_cast<std::size_t>(cfg_->num_q_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
-    if (rows == n && !exec.device) {
-      cold_.SampleQueries(q, n);
+    if (rows == n_queries && !exec.device) {
+      cold_.SampleQueries(q, n_queries);
     } else {
       std::vector<int64_t> picked(rows);
-      for (int64_t i = 0; i < rows; ++i) picked[i] = cold_.QuerySampleRow(i, n);
+      for (int64_t i = 0; i < rows; ++i) picked[i] = cold_.QuerySampleRow(i, n_queries);
       if (exec.device && tier_->pending_prompt_rows() > 0) {
         // Staged beside the prompt, taken by its background job: a copy to the host here waits
         // for all the caller queued before this call (a decoder that attends first: the layer's

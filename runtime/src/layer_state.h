@@ -34,7 +34,8 @@ class LayerState {
   // See Runtime::Prefill / Append / Attend. Atomic: on error the state is unchanged (except that
   // an index update that failed is retried later; uncovered rows are scanned exactly).
   // exec: where the tensors live and the caller's stream (device pointers need the GPU backend).
-  absl::Status Prefill(const void* q, const void* k, const void* v, int64_t n,
+  // q: n_queries of the prompt's queries (Runtime::Prefill), null when 0.
+  absl::Status Prefill(const void* q, int64_t n_queries, const void* k, const void* v, int64_t n,
                        tbb::task_arena& arena, const Exec& exec = {});
   absl::Status Append(const void* k, const void* v, int64_t n, tbb::task_arena& arena,
                       const Exec& exec = {});

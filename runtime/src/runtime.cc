@@ -360,8 +360,16 @@ absl::Status CheckFinite(const RuntimeConfig& c, tbb::task_arena& arena, const c
 }
 }  // namespace
 
-absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* k, const void* v,
-                              int64_t n, const Exec& exec) {
+QuerySample PromptQuerySample(const RuntimeConfig& config, int64_t n) {
+  if (n < 1 || !cpu_index::KindInfo(config.index_kind).uses_queries) return {};
+  const int group = config.num_q_heads / config.num_kv_heads;
+  const int64_t cap = std::max(1, config.index.graph_query_sample);
+  const int64_t count = std::min<int64_t>(n, std::max<int64_t>(1, cap / group));
+  return {count, n / count};
+}
+
+absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_queries,
+                              const void* k, const void* v, int64_t n, const Exec& exec) {
   if (config_.values_are_keys) v = k;  // not read (kvrt.h): may be NULL
   if (k == nullptr || v == nullptr)
     return absl::InvalidArgumentError("prefill: k and v must not be NULL");
@@ -369,25 +377,36 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, const void* 
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   KVRT_RETURN_IF_ERROR(CheckTokens("prefill", n, seq->layers[layer].length(), false));
+  // After the checks kvrt_prefill has always made, in their order (tests/fuzz holds them to it):
+  // there n_queries is n, valid once n is.
+  if (n_queries < 0 || n_queries > n)
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefill: n_queries = ", n_queries, " must be in [0, n_tokens = ", n, "]"));
+  if (n_queries > 0 && q == nullptr)
+    return absl::InvalidArgumentError(
+        absl::StrCat("prefill: q is NULL with n_queries = ", n_queries));
+  if (n_queries == 0) q = nullptr;
   // NOTE: check_finite reads host memory; device tensors are not checked (documented in kvrt.h).
   const bool host = !exec.device;
   {
     KVRT_SPAN("prefill_check");
-    KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: q", host ? q : nullptr, n,
-                                     config_.num_q_heads));
+    KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: q", host ? q : nullptr,
+                                     n_queries, config_.num_q_heads));
     KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: k", host ? k : nullptr, n,
                                      config_.num_kv_heads));
     KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: v",
                                      host && v != k ? v : nullptr, n, config_.num_kv_heads));
   }
   transfer::ScopedDevice on_device(config_.call_device());
-  if (!impl_->pad.on()) return seq->layers[layer].Prefill(q, k, v, n, impl_->arena, exec);
+  if (!impl_->pad.on())
+    return seq->layers[layer].Prefill(q, n_queries, k, v, n, impl_->arena, exec);
   PaddedCall padded;
-  KVRT_RETURN_IF_ERROR(impl_->pad.In(
-      {{q, n * config_.num_q_heads}, {k, n * config_.num_kv_heads}, {v, n * config_.num_kv_heads}},
-      0, exec, &padded));
-  return seq->layers[layer].Prefill(padded.in(0), padded.in(1), padded.in(2), n, impl_->arena,
-                                    exec);
+  KVRT_RETURN_IF_ERROR(impl_->pad.In({{q, n_queries * config_.num_q_heads},
+                                      {k, n * config_.num_kv_heads},
+                                      {v, n * config_.num_kv_heads}},
+                                     0, exec, &padded));
+  return seq->layers[layer].Prefill(padded.in(0), n_queries, padded.in(1), padded.in(2), n,
+                                    impl_->arena, exec);
 }
 
 absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v, int64_t n,

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1000,6 +1001,148 @@ TEST(ContractConfig, ValuesAreKeysHalvesTheStoreAndAttendsTheSame) {
   kvrt_config eff = kvrt_config_default();
   ASSERT_EQ(kvrt_runtime_config(rt, &eff), KVRT_OK);
   EXPECT_EQ(eff.use_gpu, 0);
+  kvrt_runtime_destroy(rt);
+}
+
+// ---- 0.3.29: a prefill from the queries of the rows kvrt reads -------------------------------
+
+kvrt_config SampledConfig(kvrt_index_kind kind) {
+  kvrt_config c = TinyConfig(1, 4);  // 4 q heads per kv head: kvrt reads 4096 / 4 = 1024 rows
+  c.head_dim = 16;
+  c.sink_tokens = 4;
+  c.window_tokens = 64;
+  c.index_kind = kind;
+  c.record_attended = 1;
+  return c;
+}
+
+TEST(ContractPrefillSampled, QueryRowsAreEvenlySpacedAndNoneForKindsThatReadNone) {
+  kvrt_runtime* rt = nullptr;
+  kvrt_config c = SampledConfig(KVRT_INDEX_CLUSTER);
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  int64_t count = -1, stride = -1;
+  ASSERT_EQ(kvrt_prefill_query_rows(rt, 5000, &count, &stride), KVRT_OK);
+  EXPECT_EQ(count, 1024);
+  EXPECT_EQ(stride, 4);
+  ASSERT_EQ(kvrt_prefill_query_rows(rt, 300, &count, &stride), KVRT_OK);
+  EXPECT_EQ(count, 300);
+  EXPECT_EQ(stride, 1);
+  EXPECT_EQ(kvrt_prefill_query_rows(rt, 0, &count, &stride), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("n_tokens"));
+  EXPECT_EQ(kvrt_prefill_query_rows(rt, 10, nullptr, &stride), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_prefill_query_rows(nullptr, 10, &count, &stride), KVRT_ERR_INVALID_ARGUMENT);
+  kvrt_runtime_destroy(rt);
+  c = SampledConfig(KVRT_INDEX_FLAT);
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  ASSERT_EQ(kvrt_prefill_query_rows(rt, 5000, &count, &stride), KVRT_OK);
+  EXPECT_EQ(count, 0);
+  kvrt_runtime_destroy(rt);
+}
+
+// Normal values, dimension j scaled by scale[j % size] (queries that favour some dimensions: what
+// the cluster kind's query-aware metric learns from the prompt's queries).
+std::vector<float> Normal(std::size_t n, uint32_t seed, const std::vector<float>& scale) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist;
+  std::vector<float> x(n);
+  for (std::size_t i = 0; i < n; ++i) x[i] = dist(gen) * scale[i % scale.size()];
+  return x;
+}
+
+TEST(ContractPrefillSampled, TheNamedRowsBuildTheIndexOfEveryQuery) {
+  // Two segments of 8192 clustered rows, the rest an unclustered tail that every step attends.
+  constexpr int kHeads = 4, kDim = 16, kPrompt = 20000;
+  const kvrt_config c = SampledConfig(KVRT_INDEX_CLUSTER);
+  std::vector<float> skew(kDim, 0.2f);
+  for (int j = 0; j < 4; ++j) skew[j] = 3.0f;
+  const auto q = Normal(static_cast<std::size_t>(kPrompt) * kHeads * kDim, 1, skew);
+  const auto k = Normal(static_cast<std::size_t>(kPrompt) * kDim, 2, {1.0f});
+  const auto v = Normal(static_cast<std::size_t>(kPrompt) * kDim, 3, {1.0f});
+  const auto step_q = Normal(3 * kHeads * kDim, 4, skew);
+  const std::size_t q_row = kHeads * kDim;
+  // Runs a prompt, given queries (n_queries < 0: kvrt_prefill with all of them), then three
+  // decode queries; returns their outputs and the positions they attended.
+  auto run = [&](const float* queries, int64_t n_queries, std::vector<float>* outs,
+                 std::vector<int64_t>* attended) {
+    kvrt_runtime* rt = nullptr;
+    ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    kvrt_seq_id s = 0;
+    ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+    const kvrt_status st = n_queries < 0
+                               ? kvrt_prefill(rt, s, 0, queries, k.data(), v.data(), kPrompt)
+                               : kvrt_prefill_sampled_ex(rt, s, 0, queries, n_queries, k.data(),
+                                                         v.data(), kPrompt, nullptr);
+    ASSERT_EQ(st, KVRT_OK) << kvrt_last_error();
+    for (int i = 0; i < 3; ++i) {
+      std::vector<float> out(q_row, NAN);
+      ASSERT_EQ(kvrt_attend(rt, s, 0, step_q.data() + i * q_row, out.data()), KVRT_OK)
+          << kvrt_last_error();
+      outs->insert(outs->end(), out.begin(), out.end());
+      for (int h = 0; h < kHeads; ++h) {
+        std::vector<int64_t> ids(kPrompt);
+        int64_t n = 0;
+        ASSERT_EQ(kvrt_get_attended(rt, s, 0, h, ids.data(), kPrompt, &n), KVRT_OK);
+        attended->insert(attended->end(), ids.begin(), ids.begin() + n);
+      }
+    }
+    kvrt_runtime_destroy(rt);
+  };
+  kvrt_runtime* probe = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &probe), KVRT_OK) << kvrt_last_error();
+  int64_t count = 0, stride = 0;
+  ASSERT_EQ(kvrt_prefill_query_rows(probe, kPrompt, &count, &stride), KVRT_OK);
+  kvrt_runtime_destroy(probe);
+  ASSERT_EQ(count, 1024);
+  ASSERT_EQ(stride, 19);
+  std::vector<float> sample;
+  for (int64_t i = 0; i < count; ++i)
+    sample.insert(sample.end(), q.begin() + i * stride * q_row,
+                  q.begin() + (i * stride + 1) * q_row);
+  std::vector<float> out_all, out_sampled, out_none;
+  std::vector<int64_t> at_all, at_sampled, at_none;
+  run(q.data(), -1, &out_all, &at_all);
+  run(sample.data(), count, &out_sampled, &at_sampled);
+  run(nullptr, 0, &out_none, &at_none);
+  ASSERT_FALSE(out_all.empty());
+  EXPECT_EQ(out_sampled, out_all);
+  EXPECT_EQ(at_sampled, at_all);
+  // Without queries the cluster kind builds another index (its metric from keys alone): the
+  // comparison above could tell the two apart.
+  EXPECT_NE(at_none, at_all);
+}
+
+TEST(ContractPrefillSampled, RefusesMoreQueriesThanTokensAndChecksOnlyTheRowsGiven) {
+  constexpr int kHeads = 4, kDim = 16, kPrompt = 600;
+  kvrt_config c = SampledConfig(KVRT_INDEX_CLUSTER);
+  c.check_finite = 1;
+  auto q = Wave(static_cast<std::size_t>(kPrompt) * kHeads * kDim, 0.011f, 0.2f);
+  const auto k = Wave(static_cast<std::size_t>(kPrompt) * kDim, 0.37f, 0.1f);
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  kvrt_seq_id s = 0;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  EXPECT_EQ(kvrt_prefill_sampled_ex(rt, s, 0, q.data(), kPrompt + 1, k.data(), k.data(), kPrompt,
+                                    nullptr),
+            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("n_queries"));
+  EXPECT_EQ(kvrt_prefill_sampled_ex(rt, s, 0, q.data(), -1, k.data(), k.data(), kPrompt, nullptr),
+            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(kvrt_prefill_sampled_ex(rt, s, 0, nullptr, 5, k.data(), k.data(), kPrompt, nullptr),
+            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("q is NULL"));
+  // A NaN in the 11th query: refused when it is given, not read when only 10 rows are.
+  q[10 * kHeads * kDim + 3] = NAN;
+  EXPECT_EQ(kvrt_prefill_sampled_ex(rt, s, 0, q.data(), 11, k.data(), k.data(), kPrompt, nullptr),
+            KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(Mentions("non-finite"));
+  int64_t n = -1;
+  ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, 0);  // nothing entered on a refused call
+  ASSERT_EQ(kvrt_prefill_sampled_ex(rt, s, 0, q.data(), 10, k.data(), k.data(), kPrompt, nullptr),
+            KVRT_OK)
+      << kvrt_last_error();
+  ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
+  EXPECT_EQ(n, kPrompt);
   kvrt_runtime_destroy(rt);
 }
 

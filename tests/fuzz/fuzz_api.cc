@@ -293,6 +293,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         int64_t n = op == 4 ? 1 : (nb < 250 ? 1 + nb % (op == 2 ? 64 : 16) : -(nb % 3));
         const uint8_t flags = in.u8();
         const bool with_q = op == 2 && (flags & 1);
+        // A prefill from some of the prompt's queries (kvrt_prefill_sampled_ex): n_queries in
+        // [0, rows + 1], rows + 1 being one past the prompt (refused), q NULL or not.
+        const uint8_t qsel = op == 2 ? in.u8() : 0;
+        const bool sampled = (qsel & 0x80) != 0;
         const bool nan = c.check_finite && (flags & 0x70) == 0x70;
         const bool null_kv = (flags & 0x8c) == 0x8c;
         if (m.total_tokens + std::max<int64_t>(n, 0) > kMaxTotalTokens) n = 1;
@@ -301,13 +305,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         const int64_t rows = std::max<int64_t>(n, 1);
         MakeTensor(c, rows, c.num_kv_heads, &rng, amp, &kraw, &kf);
         MakeTensor(c, rows, c.num_kv_heads, &rng, amp, &vraw, &vf);
-        if (with_q) MakeTensor(c, rows, c.num_q_heads, &rng, amp, &qraw, &qf);
-        if (nan) {  // one non-finite value in k, v or q
+        if (with_q) MakeTensor(c, rows + (sampled ? 1 : 0), c.num_q_heads, &rng, amp, &qraw, &qf);
+        const int64_t n_queries = !sampled ? (with_q ? n : 0) : (qsel & 0x7f) % (rows + 2);
+        const bool bad_queries =
+            sampled && (n_queries > std::max<int64_t>(n, 0) || (n_queries > 0 && !with_q));
+        bool nan_read = nan;  // the non-finite value is in what the call reads
+        if (nan) {            // one non-finite value in k, v or q
           const size_t es = kvrt::DTypeSize(static_cast<kvrt::DType>(c.dtype));
           auto& victim = (flags & 2) ? vraw : (with_q && (flags & 8) ? qraw : kraw);
           const float bad = (flags & 4) ? NAN : -INFINITY;
-          kvrt::ConvertFromF32(&bad, 1, static_cast<kvrt::DType>(c.dtype),
-                               victim.data() + (rng.s % (victim.size() / es)) * es);
+          const size_t at = rng.s % (victim.size() / es);
+          kvrt::ConvertFromF32(&bad, 1, static_cast<kvrt::DType>(c.dtype), victim.data() + at * es);
+          if (&victim == &qraw)
+            nan_read = static_cast<int64_t>(at / (c.num_q_heads * c.head_dim)) < n_queries;
         }
         LayerModel* lm = live && layer_ok ? &m.seqs[id][layer] : nullptr;
         const int64_t before = lm ? lm->length : 0;
@@ -318,17 +328,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           want = KVRT_ERR_INVALID_ARGUMENT;
         else if (!live)
           want = KVRT_ERR_NOT_FOUND;
-        else if (n < 1)
+        else if (n < 1 || bad_queries)
           want = KVRT_ERR_INVALID_ARGUMENT;
-        else if (nan)
+        else if (nan_read)
           want = KVRT_ERR_INVALID_ARGUMENT;
         else if (op == 2 && before != 0)
           want = KVRT_ERR_FAILED_PRECONDITION;
         const void* kp = null_kv ? nullptr : kraw.data();
         const kvrt_status got =
-            op == 2
-                ? kvrt_prefill(rt, id, layer, with_q ? qraw.data() : nullptr, kp, vraw.data(), n)
-                : kvrt_append(rt, id, layer, kp, vraw.data(), n);
+            op != 2 ? kvrt_append(rt, id, layer, kp, vraw.data(), n)
+            : sampled
+                ? kvrt_prefill_sampled_ex(rt, id, layer, with_q ? qraw.data() : nullptr, n_queries,
+                                          kp, vraw.data(), n, nullptr)
+                : kvrt_prefill(rt, id, layer, with_q ? qraw.data() : nullptr, kp, vraw.data(), n);
         // Budgets: the model does not predict them; a refusal must say so and change nothing.
         if (limited && want == KVRT_OK && got == KVRT_ERR_OUT_OF_MEMORY) {
           if (std::strstr(kvrt_last_error(), "memory_limit") == nullptr)

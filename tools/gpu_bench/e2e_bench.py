@@ -61,6 +61,7 @@ import statistics
 import sys
 import time
 import traceback
+import types
 
 CACHES = ("dynamic", "offloaded", "kvrt", "kvrt-b")
 DEFAULT_CACHES = ("dynamic", "offloaded", "kvrt")
@@ -100,6 +101,11 @@ def parse_args(argv=None):
     ap.add_argument("--kvrt-b", action="append", default=[], metavar="FIELD=VALUE",
                     help="kvrt_config fields of the kvrt-b cache, on top of --kvrt (repeatable), "
                          "e.g. --kvrt-b cluster_group_select=0")
+    ap.add_argument("--kvrt-b-prompt-queries", choices=("sampled", "all"), default="sampled",
+                    help="the prompt queries kvrt.hf hands the kvrt-b cache's prefill: sampled "
+                         "(the rows kvrt reads, kvrt_prefill_query_rows; since 0.3.29) or all "
+                         "(every row copied to kvrt's side and checked, kvrt samples them: "
+                         "0.3.28's data flow, the same index)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="measure every (context, cache) this many times, rounds outermost, so "
                          "that caches alternate (default 1)")
@@ -254,6 +260,8 @@ def make_cache(kind, model, args):
         if kind == "kvrt-b":
             opts.update(args.kvrt_b_options)
         cache = kvrt.hf.enable(model, chunked_prompt=args.prefill_chunk > 0, **opts)
+        if kind == "kvrt-b" and args.kvrt_b_prompt_queries == "all":
+            cache._query_sample = types.MethodType(_every_prompt_query, cache)
         return cache, (f"kvrt {kvrt.__version__} (libkvrt {kvrt.library_version()}): "
                        f"{cache.runtime!r}")
     model.set_attn_implementation(peer_attention() if args.family == "gpt-oss" else "sdpa")
@@ -261,6 +269,16 @@ def make_cache(kind, model, args):
         return (DynamicCache(config=model.config),
                 "DynamicCache (transformers), on the model's device")
     return offloaded_cache(model.config)
+
+
+def _every_prompt_query(cache, q, keep):
+    """KvrtCache._query_sample as 0.3.28 had it: every real prompt query of each batch row on
+    kvrt's side (kvrt samples the rows it reads from them: the same index)."""
+    if keep is None or bool(keep.all()):
+        rows = cache._rows(q)
+        return [rows[b] for b in range(q.shape[0])]
+    return [cache._rows(q[b:b + 1].index_select(2, keep[b].nonzero().squeeze(1).to(q.device)))[0]
+            for b in range(q.shape[0])]
 
 
 def peer_attention() -> str:

@@ -91,6 +91,15 @@ struct RuntimeStats {
 
 class Sequence;
 
+// The rows whose queries a prefill of n queries reads (the query sample of the index kinds that
+// build from queries): row i * stride for i < count, evenly spaced, all of them when n is small;
+// count 0 when the kind does not read queries.
+struct QuerySample {
+  int64_t count = 0;
+  int64_t stride = 1;
+};
+QuerySample PromptQuerySample(const RuntimeConfig& config, int64_t n);
+
 class Runtime {
  public:
   static absl::StatusOr<std::unique_ptr<Runtime>> Create(const RuntimeConfig& config);
@@ -111,7 +120,14 @@ class Runtime {
 
   // Tensors in config.dtype, [n, heads, head_dim]; q may be null in Prefill.
   absl::Status Prefill(int64_t seq, int layer, const void* q, const void* k, const void* v,
-                       int64_t n_tokens, const Exec& exec = {});
+                       int64_t n_tokens, const Exec& exec = {}) {
+    return Prefill(seq, layer, q, q == nullptr ? 0 : n_tokens, k, v, n_tokens, exec);
+  }
+  // With some of the prompt's queries: q [n_queries, q_heads, head_dim], 0 <= n_queries <=
+  // n_tokens (q null when 0), of which the query sample is taken as it is of n_tokens queries
+  // (PromptQuerySample): the rows it names give the index that all queries give.
+  absl::Status Prefill(int64_t seq, int layer, const void* q, int64_t n_queries, const void* k,
+                       const void* v, int64_t n_tokens, const Exec& exec = {});
   absl::Status Append(int64_t seq, int layer, const void* k, const void* v, int64_t n_tokens,
                       const Exec& exec = {});
   // q: [q_heads, head_dim] in config.dtype; out: f32 [q_heads, head_dim]. lse: null, or f32
