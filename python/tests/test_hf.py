@@ -122,6 +122,26 @@ def test_exact_mode_left_padded_batch_reproduces_the_full_cache_logits(model):
     cache.close()
 
 
+def test_query_sample_is_the_rows_kvrt_reads_of_each_rows_real_tokens(model, monkeypatch):
+    """Only the prompt queries kvrt reads cross to its side (kvrt_prefill_query_rows, here made
+    a stride of 3 to see it), counted over each batch row's real tokens."""
+    cache = kh.enable(model, index_kind="cluster", worker_threads=2)
+    monkeypatch.setattr(cache.runtime, "prefill_query_rows", lambda n: (n // 3, 3))
+    q = torch.randn(2, 4, 10, 64)  # [B, Hq, n, d]
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    keep[1, :4] = False  # row 1: real tokens 4..9, of which kvrt reads the 0th and 3rd
+    got = cache._query_sample(q, keep)
+    assert torch.equal(got[0], cache._rows(q[0:1, :, [0, 3, 6]])[0])
+    assert torch.equal(got[1], cache._rows(q[1:2, :, [4, 7]])[0])
+    got = cache._query_sample(q, None)  # no padding: the same rows of every batch row
+    assert [tuple(t.shape) for t in got] == [(3, 4, 64)] * 2
+    assert torch.equal(got[1], cache._rows(q[1:2, :, [0, 3, 6]])[0])
+    cache.close()
+    cache = kh.enable(model, index_kind="exact", worker_threads=2)  # reads no queries
+    assert cache._query_sample(q, keep) == [None, None]
+    cache.close()
+
+
 def test_padded_keys_from_bool_and_additive_masks():
     # Row 1 left-padded by two: its first two keys are attended by no query.
     causal = torch.ones(4, 4, dtype=torch.bool).tril()
