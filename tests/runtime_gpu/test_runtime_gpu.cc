@@ -1066,6 +1066,72 @@ TEST(GpuBackendCluster, MissPenaltyReadsFewerRowsOverPcie) {
 // selects every cluster the output is exact attention (the store's permutation and the position
 // map followed the GPU's order), and at a small budget the error against exact attention is of
 // the CPU build's size (the clusters differ: flat Lloyd on the GPU, two levels on the CPU).
+// kvrt_prefill_sampled_ex from device pointers: the GPU backend given only the query rows that
+// PromptQuerySample names (staged from the device as a whole q's sample is) steps as the host
+// backend given every query. A graph_query_sample of 64 (16 rows per kv head's 4 q heads) makes
+// the stride 75; queries stretched along dimensions that change every 8 rows make the metric
+// depend on which rows are read.
+TEST(GpuBackendCluster, SampledDeviceQueriesStepAsEveryQueryOnTheHost) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "sampled"};
+  RuntimeConfig host_cfg = ClusterCompareConfig(c, 0, 0.1f, true, true);
+  RuntimeConfig gpu_cfg = ClusterCompareConfig(c, 1, 0.1f, true, true);
+  host_cfg.index.graph_query_sample = gpu_cfg.index.graph_query_sample = 64;
+  auto host_rt = Runtime::Create(host_cfg);
+  auto gpu_rt = Runtime::Create(gpu_cfg);
+  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  const RuntimeConfig& cfg = (*gpu_rt)->config();
+  const int prompt = 1200, d = cfg.head_dim;
+  const QuerySample sample = PromptQuerySample(cfg, prompt);
+  ASSERT_EQ(sample.count, 16);
+  ASSERT_EQ(sample.stride, 75);
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(91);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * d;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * d;
+  const std::size_t es = DTypeSize(c.dtype);
+  const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+  for (int l = 0; l < cfg.num_layers; ++l) {
+    std::vector<float> qf(prompt * q_row);
+    std::normal_distribution<float> normal;
+    for (std::size_t i = 0; i < qf.size(); ++i) {
+      const std::size_t row = i / q_row, dim = i % d;
+      qf[i] = normal(rng) * (dim / 8 == row / 8 % 8 ? 4.f : 0.25f);
+    }
+    std::vector<unsigned char> q(qf.size() * es), picked(sample.count * q_row * es);
+    ConvertFromF32(qf.data(), qf.size(), c.dtype, q.data());
+    for (int64_t i = 0; i < sample.count; ++i)
+      std::copy_n(q.data() + i * sample.stride * q_row * es, q_row * es,
+                  picked.data() + i * q_row * es);
+    auto k = Random(rng, prompt * kv_row, c.dtype);
+    auto v = Random(rng, prompt * kv_row, c.dtype);
+    ASSERT_TRUE((*host_rt)->Prefill(hs, l, q.data(), k.data(), v.data(), prompt).ok());
+    const absl::Status st = (*gpu_rt)->Prefill(gs, l, dev.Put(picked), sample.count, dev.Put(k),
+                                               dev.Put(v), prompt, dev.exec());
+    ASSERT_TRUE(st.ok()) << st;
+  }
+  int close = 0, total = 0;
+  for (int step = 0; step < 8; ++step) {
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto k = Random(rng, kv_row, c.dtype);
+      auto v = Random(rng, kv_row, c.dtype);
+      auto q = Random(rng, q_row, c.dtype);
+      std::vector<float> want, got;
+      ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
+      for (int h = 0; h < cfg.num_q_heads; ++h) {
+        const double rel = HeadRelErr(got, want, h, d);
+        EXPECT_LT(rel, 5e-2) << "step " << step << " layer " << l << " head " << h;
+        close += rel < 1e-2;
+        ++total;
+      }
+    }
+    dev.Clear();
+  }
+  EXPECT_GE(close, total * 9 / 10) << "heads within 1e-2 of the host backend";
+}
+
 TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   for (const auto& [device, keys] :
