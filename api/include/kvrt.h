@@ -40,8 +40,8 @@
  *   - Calls on *different* sequences of one runtime may run concurrently from different threads.
  *   - Calls on the *same* sequence must be serialised by the caller (one decoder thread per
  *     sequence is the intended use). kvrt_seq_release counts as a call on its sequence;
- *     kvrt_seq_create, kvrt_get_stats and kvrt_runtime_config may run concurrently with anything
- *     but create/destroy. kvrt_set_head_policy and kvrt_set_search_effort: not concurrent with
+ *     kvrt_seq_create, kvrt_get_stats, kvrt_runtime_config and kvrt_prefill_query_rows may run
+ *     concurrently with anything but create/destroy. kvrt_set_head_policy and kvrt_set_search_effort: not concurrent with
  *     an attend on any sequence, nor with kvrt_runtime_describe_search.
  *   - kvrt_last_error() is per thread.
  *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention, and
