@@ -113,3 +113,16 @@ def test_kvrt_b_and_rounds(tmp_path):
         want = 0 if r["cache"] == "kvrt-b" else 1
         assert r["kvrt_config"]["cluster_group_select"] == want
         assert r["host_mb_per_layer_step"] >= 0
+
+
+def test_cpu_smoke_every_prompt_query_option(tmp_path):
+    """--kvrt-b-prompt-queries all: kvrt-b gets every prompt query (0.3.28's data flow), kvrt only
+    the rows kvrt_prefill_query_rows names (the plumbing: at 300 tokens kvrt reads every row, so
+    both hand kvrt the same queries and attend the same tokens; the index's equality for a real
+    sample is test_attention.py's and the C API tests')."""
+    recs = _run(tmp_path, "--family", "deepseek-v2-lite", "--caches", "kvrt,kvrt-b",
+                "--kvrt-b-prompt-queries", "all")
+    for kind in ("kvrt", "kvrt-b"):
+        assert recs[kind]["status"] == "ok", recs[kind]
+    assert recs["kvrt"]["kvrt_stats"]["cold_tokens_attended"] == \
+        recs["kvrt-b"]["kvrt_stats"]["cold_tokens_attended"] > 0
