@@ -595,6 +595,35 @@ TEST(GpuBackendConfig, UseGpuWithoutDevice) {
   EXPECT_EQ(st.code(), absl::StatusCode::kUnimplemented);
 }
 
+// `steps` decode layer-steps of every layer on random rows (StepBoth): each q head's output within
+// 5e-2 of the host backend's (relative L2); with most_close, at least 9 in 10 within 1e-2.
+void StepsClose(Runtime& host_rt, int64_t hs, Runtime& gpu_rt, int64_t gs, const Case& c, int steps,
+                std::mt19937& rng, Tensors& dev, bool most_close = true) {
+  const RuntimeConfig& cfg = gpu_rt.config();
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  int close = 0, total = 0;
+  for (int step = 0; step < steps; ++step) {
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto k = Random(rng, kv_row, c.dtype);
+      auto v = Random(rng, kv_row, c.dtype);
+      auto q = Random(rng, q_row, c.dtype);
+      std::vector<float> want, got;
+      ASSERT_TRUE(StepBoth(host_rt, hs, gpu_rt, gs, l, k, v, q, dev, &want, &got));
+      for (int h = 0; h < cfg.num_q_heads; ++h) {
+        const double rel = HeadRelErr(got, want, h, cfg.head_dim);
+        EXPECT_LT(rel, 5e-2) << c.name << " step " << step << " layer " << l << " head " << h;
+        close += rel < 1e-2;
+        ++total;
+      }
+    }
+    dev.Clear();
+  }
+  if (most_close) {
+    EXPECT_GE(close, total * 9 / 10) << c.name << ": heads within 1e-2 of the host backend";
+  }
+}
+
 // The cluster kind on the GPU backend scores its summary on the GPU (a device copy, counted in
 // gpu_memory_limit) and leaves the estimate there; the host backend runs the index's own search on
 // the CPU. Both select by the same rule, but densities summed in another order can flip a cluster
@@ -632,29 +661,10 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
       ASSERT_TRUE(stream.ok());
       Tensors dev(device, stream->get());
       std::mt19937 rng(77);
-      const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
-      const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
       const int prompt = 1200, steps = 12;
       const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
       ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev));
-      int close = 0, total = 0;
-      for (int step = 0; step < steps; ++step) {
-        for (int l = 0; l < cfg.num_layers; ++l) {
-          auto k = Random(rng, kv_row, c.dtype);
-          auto v = Random(rng, kv_row, c.dtype);
-          auto q = Random(rng, q_row, c.dtype);
-          std::vector<float> want, got;
-          ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
-          for (int h = 0; h < cfg.num_q_heads; ++h) {
-            const double rel = HeadRelErr(got, want, h, cfg.head_dim);
-            EXPECT_LT(rel, 5e-2) << c.name << " step " << step << " layer " << l << " head " << h;
-            close += rel < 1e-2;
-            ++total;
-          }
-        }
-        dev.Clear();
-      }
-      EXPECT_GE(close, total * 9 / 10) << c.name << ": heads within 1e-2 of the CPU selection";
+      StepsClose(**host_rt, hs, **gpu_rt, gs, c, steps, rng, dev);
       const auto s = (*gpu_rt)->Stats();
       EXPECT_EQ(s.attends_gpu_select, s.attend_calls) << c.name;
       EXPECT_GT(s.summary_gpu_bytes, 0);
@@ -706,28 +716,13 @@ TEST(GpuBackendCluster, GpuSelectMatchesCpuSelect) {
 // 6 decode steps of every layer on random rows, each q head's output within 5% of the host's.
 void StepsAgree(const Case& c, uint32_t seed, Runtime& host_rt, Runtime& gpu_rt, int64_t gs,
                 int prompt = 1200) {
-  const RuntimeConfig& cfg = gpu_rt.config();
   auto stream = transfer::Stream::Create();
   ASSERT_TRUE(stream.ok());
   Tensors dev(true, stream->get());
   std::mt19937 rng(seed);
-  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
-  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
   const int64_t hs = *host_rt.CreateSequence();
   ASSERT_TRUE(PrefillBoth(host_rt, hs, gpu_rt, gs, c.dtype, prompt, rng, dev));
-  for (int step = 0; step < 6; ++step) {
-    for (int l = 0; l < cfg.num_layers; ++l) {
-      auto k = Random(rng, kv_row, c.dtype);
-      auto v = Random(rng, kv_row, c.dtype);
-      auto q = Random(rng, q_row, c.dtype);
-      std::vector<float> want, got;
-      ASSERT_TRUE(StepBoth(host_rt, hs, gpu_rt, gs, l, k, v, q, dev, &want, &got));
-      for (int h = 0; h < cfg.num_q_heads; ++h)
-        EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
-            << c.name << " step " << step << " layer " << l << " head " << h;
-    }
-    dev.Clear();
-  }
+  StepsClose(host_rt, hs, gpu_rt, gs, c, 6, rng, dev, /*most_close=*/false);
 }
 
 // A two-stage selection (cluster.rescore) is the CPU's on the GPU backend too: Create turns the
@@ -1112,24 +1107,7 @@ TEST(GpuBackendCluster, SampledDeviceQueriesStepAsEveryQueryOnTheHost) {
                                                dev.Put(v), prompt, dev.exec());
     ASSERT_TRUE(st.ok()) << st;
   }
-  int close = 0, total = 0;
-  for (int step = 0; step < 8; ++step) {
-    for (int l = 0; l < cfg.num_layers; ++l) {
-      auto k = Random(rng, kv_row, c.dtype);
-      auto v = Random(rng, kv_row, c.dtype);
-      auto q = Random(rng, q_row, c.dtype);
-      std::vector<float> want, got;
-      ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
-      for (int h = 0; h < cfg.num_q_heads; ++h) {
-        const double rel = HeadRelErr(got, want, h, d);
-        EXPECT_LT(rel, 5e-2) << "step " << step << " layer " << l << " head " << h;
-        close += rel < 1e-2;
-        ++total;
-      }
-    }
-    dev.Clear();
-  }
-  EXPECT_GE(close, total * 9 / 10) << "heads within 1e-2 of the host backend";
+  StepsClose(**host_rt, hs, **gpu_rt, gs, c, 8, rng, dev);
 }
 
 TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
