@@ -41,8 +41,9 @@
  *   - Calls on the *same* sequence must be serialised by the caller (one decoder thread per
  *     sequence is the intended use). kvrt_seq_release counts as a call on its sequence;
  *     kvrt_seq_create, kvrt_get_stats, kvrt_runtime_config and kvrt_prefill_query_rows may run
- *     concurrently with anything but create/destroy. kvrt_set_head_policy and kvrt_set_search_effort: not concurrent with
- *     an attend on any sequence, nor with kvrt_runtime_describe_search.
+ *     concurrently with anything but create/destroy. kvrt_set_head_policy and
+ *     kvrt_set_search_effort: not concurrent with an attend on any sequence, nor with
+ *     kvrt_runtime_describe_search.
  *   - kvrt_last_error() is per thread.
  *   - kvrt uses its own oneTBB task arena (worker_threads) for search and CPU attention, and
  *     for the background jobs of prefills (the index builds: kvrt_seq_wait); worker_cpu_first/count

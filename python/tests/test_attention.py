@@ -264,7 +264,8 @@ def test_prefill_from_the_query_rows_kvrt_reads(rng):
     query (the cluster kind's query-aware metric; two segments of 8192 clustered rows)."""
     n = 20000
     k, v = kv(rng, n), kv(rng, n)
-    q = rng.standard_normal((n, 8, 32), dtype=np.float32) * np.linspace(3, 0.2, 32, dtype=np.float32)
+    skew = np.linspace(3, 0.2, 32, dtype=np.float32)  # queries that favour some dimensions
+    q = rng.standard_normal((n, 8, 32), dtype=np.float32) * skew
     steps = rng.standard_normal((3, 8, 32), dtype=np.float32)
     count, stride = make(index_kind="cluster").prefill_query_rows(n)
     assert (count, stride) == (1024, 19)  # 4096 query rows per kv head over 4 q heads each
