@@ -127,14 +127,14 @@ void ColdTier::SampleQueries(const void* q, int64_t n) {
   if (cfg_->index_kind == cpu_index::IndexKind::kExact) return;
   const int group = cfg_->num_q_heads / cfg_->num_kv_heads;
   const int d = cfg_->head_dim;
-  const int64_t tokens = QuerySampleRows(n);
+  const QuerySample sample = PromptQuerySample(*cfg_, n);
   const std::size_t q_row = static_cast<std::size_t>(cfg_->num_q_heads) * d;
   query_sample_.assign(cfg_->num_kv_heads, {});
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {
     auto& out = query_sample_[g];
-    out.resize(static_cast<std::size_t>(tokens) * group * d);
-    for (int64_t i = 0; i < tokens; ++i) {
-      const int64_t t = QuerySampleRow(i, n);
+    out.resize(static_cast<std::size_t>(sample.count) * group * d);
+    for (int64_t i = 0; i < sample.count; ++i) {
+      const int64_t t = i * sample.stride;
       for (int j = 0; j < group; ++j) {
         const std::size_t src = (static_cast<std::size_t>(t) * q_row + (g * group + j) * d);
         ConvertToF32(static_cast<const unsigned char*>(q) + src * DTypeSize(cfg_->dtype),

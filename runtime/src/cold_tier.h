@@ -101,15 +101,8 @@ class ColdTier {
   // Appends n tokens [n, kv_heads, d] (storage dtype), positions rows() + first_position onward;
   // with head_major, k and v are [kv_heads, n, d] instead (each head's rows one copy).
   absl::Status Append(const void* k, const void* v, int64_t n, bool head_major = false);
-  // Query rows SampleQueries keeps out of n (evenly spaced; all of them when n is that small).
-  int64_t QuerySampleRows(int64_t n) const { return PromptQuerySample(*cfg_, n).count; }
-  // Row of the i-th sampled query: a constant stride (not i * n / rows), so that a device
-  // tensor's sample is one 2D copy (DeviceTier::CopyRowsToHost); evenly spaced all the same.
-  int64_t QuerySampleRow(int64_t i, int64_t n) const {
-    return i * PromptQuerySample(*cfg_, n).stride;
-  }
-  // Keeps an evenly spaced sample of the prompt's queries [n, q_heads, d] for kinds that build
-  // from queries.
+  // Keeps the sample PromptQuerySample names of the prompt's queries [n, q_heads, d] for kinds
+  // that build from queries.
   void SampleQueries(const void* q, int64_t n);
 
   // The cluster kind's metric factor L [d * d] of kv head g, from the prompt queries kept by

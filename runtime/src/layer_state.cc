@@ -76,8 +76,10 @@ absl::Status LayerState::AppendTokens(const void* k, const void* v, int64_t n, c
   // append, which only evicts, does not: its rows reach the store at the next attend). The host
   // backend, whose evictions write the store at once, has no background work but a prompt's
   // build, which the prompt_build_ wait above covers.
-  const bool settled = plan.direct > 0 || tier_->pending_rows() > 0 || !tier_->background_refresh();
-  if (plan.direct > 0 || tier_->pending_rows() > 0) KVRT_RETURN_IF_ERROR(SettleCold());
+  const bool writes_store = plan.direct > 0 || tier_->pending_rows() > 0;
+  if (writes_store) KVRT_RETURN_IF_ERROR(SettleCold());
+  // Settled: no background refresh is running (waited for above, or a backend without one).
+  const bool settled = writes_store || !tier_->background_refresh();
   const std::size_t tb =
       static_cast<std::size_t>(cfg_->num_kv_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
   // The cold index's growth counts against host_memory_limit before it happens (an upper bound,
@@ -130,14 +132,15 @@ absl::Status LayerState::Prefill(const void* q, int64_t n_queries, const void* k
   if (q != nullptr && cpu_index::KindInfo(cfg_->index_kind).uses_queries) {
     KVRT_SPAN("prefill_sample_queries");
     // Only the sampled rows cross to the host: the evenly spaced rows SampleQueries picks.
-    const int64_t rows = cold_.QuerySampleRows(n_queries);
+    const QuerySample sample = PromptQuerySample(*cfg_, n_queries);
+    const int64_t rows = sample.count;
     const std::size_t row =
         static_cast<std::size_t>(cfg_->num_q_heads) * cfg_->head_dim * DTypeSize(cfg_->dtype);
     if (rows == n_queries && !exec.device) {
       cold_.SampleQueries(q, n_queries);
     } else {
       std::vector<int64_t> picked(rows);
-      for (int64_t i = 0; i < rows; ++i) picked[i] = cold_.QuerySampleRow(i, n_queries);
+      for (int64_t i = 0; i < rows; ++i) picked[i] = i * sample.stride;
       if (exec.device && tier_->pending_prompt_rows() > 0) {
         // Staged beside the prompt, taken by its background job: a copy to the host here waits
         // for all the caller queued before this call (a decoder that attends first: the layer's

@@ -93,7 +93,8 @@ class Sequence;
 
 // The rows whose queries a prefill of n queries reads (the query sample of the index kinds that
 // build from queries): row i * stride for i < count, evenly spaced, all of them when n is small;
-// count 0 when the kind does not read queries.
+// count 0 when the kind does not read queries. A constant stride (not i * n / count), so that a
+// device tensor's sample is one 2D copy (DeviceTier::CopyRowsToHost).
 struct QuerySample {
   int64_t count = 0;
   int64_t stride = 1;
