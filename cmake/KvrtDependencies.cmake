@@ -3,6 +3,7 @@ find_package(Threads REQUIRED)
 find_package(OpenMP REQUIRED)              # FAISS's static library needs it
 find_package(faiss REQUIRED)
 find_package(TBB REQUIRED)
+find_package(dnnl REQUIRED)                # oneDNN: the k-means' bf16 products on AMX
 find_package(absl REQUIRED)
 find_package(nlohmann_json 3 REQUIRED)
 if(KVRT_BUILD_TOOLS)

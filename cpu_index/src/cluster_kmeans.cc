@@ -5,13 +5,17 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <numeric>
 #include <random>
 
+#include "bf16_products.h"
 #include "index_common.h"
 #include "kvrt_common/timeline.h"
 #include "kvrt_cpu_index/cluster.h"
+#include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/exp_sum.h"
 #include "oneapi/tbb/parallel_for.h"
 #include "oneapi/tbb/task_arena.h"
@@ -49,10 +53,56 @@ bool IsLowerTriangular(const float* l, int d) {
   return true;
 }
 
+// Every row's nearest centroid from the screened candidates (bf16_products.h): the bf16 products
+// on AMX, then the candidates' scores in f32. False if the products failed (the caller then
+// scores every centroid in f32).
+bool AssignScreened(const float* x, const float* xn2, int d, const float* cent, int64_t c,
+                    const std::vector<float>& cn2, const internal::Bf16Rows& xb,
+                    std::vector<int32_t>* assign, std::vector<float>* dist) {
+  auto products = internal::Bf16Products::Make(cent, c, d, xb.block_rows());
+  if (!products.ok()) return false;
+  const internal::CentroidBounds bounds(cn2);
+  const int64_t n = xb.rows();
+  std::atomic<bool> failed{false};
+  tbb::parallel_for(int64_t{0}, xb.blocks(), [&](int64_t b) {
+    const int64_t r0 = b * xb.block_rows(), m = std::min(xb.block_rows(), n - r0);
+    // Per thread, kept: a block's scores are 2 MiB at 512 clusters, which a fresh vector zeroed
+    // and faulted in for every block.
+    thread_local std::vector<float> g;
+    g.resize(static_cast<std::size_t>(xb.block_rows()) * c);
+    if (!(*products)->Block(xb, b, g.data()).ok()) {
+      failed = true;
+      return;
+    }
+    std::vector<int32_t> cand(c);
+    for (int64_t i = 0; i < m; ++i) {
+      const float* xr = x + (r0 + i) * d;
+      const int k = internal::NearestCandidates(g.data() + i * c, bounds.shift_lo.data(),
+                                                bounds.shift_hi.data(), bounds.slack.data(), c,
+                                                std::sqrt(xn2[r0 + i]), cand.data());
+      float best = -INFINITY;
+      int32_t bj = 0;
+      for (int t = 0; t < k; ++t) {
+        const int32_t j = cand[t];
+        const float v =
+            DotRow(xr, cent + static_cast<std::size_t>(j) * d, d, DType::kF32) - 0.5f * cn2[j];
+        if (v > best) {
+          best = v;
+          bj = j;
+        }
+      }
+      (*assign)[r0 + i] = bj;
+      (*dist)[r0 + i] = std::max(0.f, xn2[r0 + i] - 2.f * best);
+    }
+  });
+  return !failed;
+}
+
 // Assigns every row of x [n, d] to its nearest centroid of cent [c, d]; dist gets the squared
-// distance (clamped at 0).
+// distance (clamped at 0). With xb (x in bf16: screening on), through AssignScreened.
 void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cent, int64_t c,
-            std::vector<int32_t>* assign, std::vector<float>* dist) {
+            std::vector<int32_t>* assign, std::vector<float>* dist,
+            const internal::Bf16Rows* xb = nullptr) {
   std::vector<float> cn2(c);
   for (int64_t j = 0; j < c; ++j) {
     const float* r = cent + j * d;
@@ -60,6 +110,7 @@ void Assign(const float* x, const float* xn2, int64_t n, int d, const float* cen
     for (int i = 0; i < d; ++i) a += r[i] * r[i];
     cn2[j] = a;
   }
+  if (xb != nullptr && AssignScreened(x, xn2, d, cent, c, cn2, *xb, assign, dist)) return;
   // The chunks in parallel, each row's result its own chunk's: a prompt of few segments (an MQA
   // model's one kv head: its segments are the build's only parallel loop) kept most cores idle.
   tbb::parallel_for(int64_t{0}, (n + kChunk - 1) / kChunk, [&](int64_t chunk) {
@@ -120,17 +171,28 @@ std::vector<float> DrawSeeds(const float* x, int64_t n, int d, int64_t c, std::m
   return cent;
 }
 
+// The assignments against c centroids are screened in bf16 (AssignScreened): where the CPU has
+// AMX and the products are many (a segment's refinement over all of its clusters; a coarse level
+// of a few dozen, or a group's, stays an f32 GEMM, whose cost there is small).
+constexpr int64_t kScreenMinClusters = 64;
+bool ScreensAssignments(const ClusterConfig& config, int64_t c) {
+  return config.bf16_screen && c >= kScreenMinClusters && internal::Bf16ProductsAvailable();
+}
+
 // Lloyd's k-means of x [n, d] into c clusters from the centroids cent [c, d] (empty clusters keep
 // their centroid); assign/dist: the final nearest centroid and squared distance of every row.
 // With `warm`, the iterations start from the centroids of the given assignment instead (cent:
-// zeros, kept by a cluster the assignment leaves empty).
+// zeros, kept by a cluster the assignment leaves empty). `screen`: the assignments screened in
+// bf16 (ScreensAssignments), x converted once for all of them.
 void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int iters,
            std::vector<float> cent, std::vector<int32_t>* assign, std::vector<float>* dist,
-           bool warm = false) {
+           bool warm, bool screen) {
+  std::unique_ptr<internal::Bf16Rows> xb;
+  if (screen) xb = std::make_unique<internal::Bf16Rows>(x, n, d);
   std::vector<int64_t> count(c);
   std::vector<float> sum(static_cast<std::size_t>(c) * d);
   for (int it = 0; it < std::max(0, iters) + (warm ? 1 : 0); ++it) {
-    if (!warm || it > 0) Assign(x, xn2, n, d, cent.data(), c, assign, dist);
+    if (!warm || it > 0) Assign(x, xn2, n, d, cent.data(), c, assign, dist, xb.get());
     std::fill(count.begin(), count.end(), 0);
     for (int64_t i = 0; i < n; ++i) ++count[(*assign)[i]];
     SumRowsByCluster(x, n, d, c, assign->data(), sum.data());
@@ -140,7 +202,7 @@ void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int it
       for (int t = 0; t < d; ++t) cent[j * d + t] = sum[j * d + t] * inv;
     }
   }
-  Assign(x, xn2, n, d, cent.data(), c, assign, dist);
+  Assign(x, xn2, n, d, cent.data(), c, assign, dist, xb.get());
 }
 
 }  // namespace
@@ -256,13 +318,14 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
   const int64_t c1 = config.two_level ? static_cast<int64_t>(std::sqrt(double(c))) : 1;
   if (c1 <= 1 || c < 16) {
     KVRT_SPAN("kmeans_lloyd");
-    Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, DrawSeeds(x, n, d, c, &rng), &assign, &dist);
+    Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, DrawSeeds(x, n, d, c, &rng), &assign, &dist,
+          /*warm=*/false, ScreensAssignments(config, c));
   } else {
     // Two levels: c1 ~ sqrt(c) coarse clusters, then each split into its share of the c fine
     // clusters: per iteration n * (c1 + c / c1) distances instead of n * c.
     timeline::Span span_coarse("kmeans_coarse");
     Lloyd(x, xn2.data(), n, d, c1, config.kmeans_iters, DrawSeeds(x, n, d, c1, &rng), &assign,
-          &dist);
+          &dist, /*warm=*/false, ScreensAssignments(config, c1));
     std::vector<std::vector<int64_t>> groups(c1);
     for (int64_t i = 0; i < n; ++i) groups[assign[i]].push_back(i);
     // Each coarse group's rows, share of the c clusters and seeds, in group order (the seeds take
@@ -300,7 +363,7 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       p.assign.resize(ng);
       p.dist.resize(ng);
       Lloyd(p.x.data(), p.xn2.data(), ng, d, p.clusters, config.kmeans_iters, std::move(p.seeds),
-            &p.assign, &p.dist);
+            &p.assign, &p.dist, /*warm=*/false, ScreensAssignments(config, p.clusters));
       for (int64_t i = 0; i < ng; ++i) {
         assign[groups[g][i]] = static_cast<int32_t>(p.first + p.assign[i]);
         dist[groups[g][i]] = p.dist[i];
@@ -314,7 +377,7 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       KVRT_SPAN("kmeans_refine");
       Lloyd(x, xn2.data(), n, d, c, config.refine_iters,
             std::vector<float>(static_cast<std::size_t>(c) * d, 0.f), &assign, &dist,
-            /*warm=*/true);
+            /*warm=*/true, ScreensAssignments(config, c));
     }
   }
   // Outliers leave their cluster (assign -1), then each cluster's means over its members.

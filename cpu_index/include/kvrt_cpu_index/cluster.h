@@ -46,6 +46,11 @@ struct ClusterConfig {
   int kmeans_iters = 6;
   bool two_level = true;            // sqrt(C) coarse clusters, then fine ones within each
   int refine_iters = 2;             // two_level: global iterations over all C clusters after it
+  // A k-means' assignments against many centroids screened by bf16 products on AMX, the
+  // candidates they leave scored in f32 (the nearest centroid in exact arithmetic is always among
+  // them): where the CPU has AMX, the same clusters up to f32 rounding of near-ties, several times
+  // faster. No effect elsewhere (KVRT_KMEANS_BF16=0 also turns it off).
+  bool bf16_screen = true;
   bool query_aware = true;          // k-means in the metric M = E[q q^T] of the prompt's queries
   int metric_queries = 4096;        // prompt queries sampled (evenly) for M
   // > 0 and < dim: only the first active_dim dims carry data (a head_dim the GPU backend pads

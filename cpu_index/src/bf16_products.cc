@@ -1,0 +1,199 @@
+// bf16 products on AMX through oneDNN's matmul (bf16_products.h).
+#include "bf16_products.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <unordered_map>
+
+#include "absl/strings/str_cat.h"
+#include "index_common.h"
+#include "kvrt_common/multiversion.h"
+#include "oneapi/dnnl/dnnl.hpp"
+#include "oneapi/tbb/parallel_for.h"
+
+namespace kvrt::cpu_index::internal {
+namespace {
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+
+// Round to nearest even; a NaN stays a (quiet) NaN. Branch-free, so that it vectorises.
+KVRT_MULTIVERSION void ToBf16(const float* x, std::size_t n, uint16_t* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof(u));
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t nan = (u >> 16) | 0x40u;
+    out[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  }
+}
+
+const dnnl::engine& CpuEngine() {
+  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// The matmul [m, d] x [d, c] -> f32, weights in the layout oneDNN picks for them, the scratchpad
+// ours (a primitive's own is shared by the threads that run it at once).
+dnnl::matmul::primitive_desc BlockMatmul(int64_t m, int64_t c, int d) {
+  const dnnl::memory::desc src({m, d}, dt::bf16, tag::ab);
+  const dnnl::memory::desc wei({d, c}, dt::bf16, tag::any);
+  const dnnl::memory::desc dst({m, c}, dt::f32, tag::ab);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), attr, CpuEngine());
+}
+
+bool RunsOnAmx() {
+  const char* env = std::getenv("KVRT_KMEANS_BF16");
+  if (env != nullptr && std::string(env) == "0") return false;
+  try {
+    // The shape of a k-means refinement (512 clusters of 576 dims); oneDNN names the kernel.
+    const std::string impl = BlockMatmul(Bf16Rows::kMaxBlockRows, 512, 576).impl_info_str();
+    return impl.find("amx") != std::string::npos;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+}  // namespace
+
+bool Bf16ProductsAvailable() {
+  static const bool available = RunsOnAmx();
+  return available;
+}
+
+Bf16Rows::Bf16Rows(const float* x, int64_t n, int d)
+    : n_(n),
+      d_(d),
+      block_rows_(std::min(kMaxBlockRows, std::max<int64_t>(32, (n + 31) / 32 * 32))) {
+  data_.resize(static_cast<std::size_t>(blocks() * block_rows_) * d_);
+  tbb::parallel_for(int64_t{0}, blocks(), [&](int64_t b) {
+    const int64_t r0 = b * block_rows_, r1 = std::min(n_, r0 + block_rows_);
+    std::fill(data_.data() + static_cast<std::size_t>(r1) * d_,
+              data_.data() + static_cast<std::size_t>(r0 + block_rows_) * d_, uint16_t{0});
+    const std::size_t e0 = static_cast<std::size_t>(r0) * d_,
+                      e1 = static_cast<std::size_t>(r1) * d_;
+    ToBf16(x + e0, e1 - e0, data_.data() + e0);
+  });
+}
+
+struct Bf16Products::Impl {
+  int64_t block_rows = 0, c = 0;
+  int d = 0;
+  dnnl::matmul::primitive_desc pd;
+  dnnl::matmul matmul;
+  dnnl::memory weights;
+};
+
+Bf16Products::Bf16Products(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Bf16Products::~Bf16Products() = default;
+
+absl::StatusOr<std::unique_ptr<Bf16Products>> Bf16Products::Make(const float* centroids, int64_t c,
+                                                                 int d, int64_t block_rows) {
+  try {
+    auto impl = std::make_unique<Impl>();
+    impl->block_rows = block_rows;
+    impl->c = c;
+    impl->d = d;
+    impl->pd = BlockMatmul(block_rows, c, d);
+    impl->matmul = dnnl::matmul(impl->pd);
+    // The centroids [c, d] row-major are the weights [d, c] column-major ("ba").
+    const dnnl::memory::desc user({d, c}, dt::f32, tag::ba);
+    dnnl::memory src(user, CpuEngine(), const_cast<float*>(centroids));
+    impl->weights = dnnl::memory(impl->pd.weights_desc(), CpuEngine());
+    dnnl::stream stream(CpuEngine());
+    OmpThreadsGuard one_thread(1);
+    dnnl::reorder(src, impl->weights).execute(stream, src, impl->weights);
+    stream.wait();
+    return std::unique_ptr<Bf16Products>(new Bf16Products(std::move(impl)));
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("bf16 products (oneDNN): ", e.what()));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("bf16 products: out of memory");
+  }
+}
+
+absl::Status Bf16Products::Block(const Bf16Rows& rows, int64_t b, float* g) const {
+  const Impl& m = *impl_;
+  if (rows.dim() != m.d || rows.block_rows() != m.block_rows || b < 0 || b >= rows.blocks())
+    return absl::InvalidArgumentError("bf16 products: rows of another shape");
+  try {
+    // One thread: this runs inside a TBB task, beside the other blocks' tasks.
+    OmpThreadsGuard one_thread(1);
+    thread_local std::vector<unsigned char> scratch;
+    const std::size_t need = m.pd.scratchpad_desc().get_size();
+    if (scratch.size() < need) scratch.resize(need);
+    const dnnl::engine& eng = CpuEngine();
+    dnnl::memory src(m.pd.src_desc(), eng, const_cast<uint16_t*>(rows.block(b)));
+    dnnl::memory dst(m.pd.dst_desc(), eng, g);
+    dnnl::stream stream(eng);
+    std::unordered_map<int, dnnl::memory> args = {
+        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, m.weights}, {DNNL_ARG_DST, dst}};
+    if (need > 0)
+      args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(m.pd.scratchpad_desc(), eng, scratch.data()));
+    m.matmul.execute(stream, args);
+    stream.wait();
+    return absl::OkStatus();
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrCat("bf16 products (oneDNN): ", e.what()));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("bf16 products: out of memory");
+  }
+}
+
+CentroidBounds::CentroidBounds(const std::vector<float>& cn2)
+    : shift_lo(cn2.size()), shift_hi(cn2.size()), slack(cn2.size()) {
+  for (std::size_t j = 0; j < cn2.size(); ++j) {
+    // The f32 additions of the bounds round too: 2^-20 of |centroid|^2 covers them (and the
+    // product's share, |row| |centroid| 2^-24 each, is in kBf16ProductError's headroom); the
+    // absolute 1e-30 keeps an interval around scores of subnormal inputs.
+    const float pad = cn2[j] * (1.f / (1 << 20)) + 1e-30f;
+    shift_lo[j] = -0.5f * cn2[j] - pad;
+    shift_hi[j] = -0.5f * cn2[j] + pad;
+    slack[j] = kBf16ProductError * std::sqrt(cn2[j]);
+  }
+}
+
+// NOTE: multiversioned, lanes of 16 (dot.cc's pattern): two passes over a row's c scores per
+// row of the k-means, as many as the GEMM's columns; a scalar loop cost as much as the products.
+KVRT_MULTIVERSION int NearestCandidates(const float* g, const float* shift_lo,
+                                        const float* shift_hi, const float* slack, int64_t c,
+                                        float row_norm, int32_t* out) {
+  // The largest lower bound of a score: the nearest centroid's score is at least this.
+  float lanes[16];
+  for (float& l : lanes) l = -INFINITY;
+  int64_t j = 0;
+  for (; j + 16 <= c; j += 16)
+    for (int t = 0; t < 16; ++t) {
+      const float lo = g[j + t] + shift_lo[j + t] - slack[j + t] * row_norm;
+      lanes[t] = lo > lanes[t] ? lo : lanes[t];
+    }
+  float best_lo = -INFINITY;
+  for (float l : lanes) best_lo = l > best_lo ? l : best_lo;
+  for (; j < c; ++j) {
+    const float lo = g[j] + shift_lo[j] - slack[j] * row_norm;
+    best_lo = lo > best_lo ? lo : best_lo;
+  }
+  // Candidates are few (1.6 per row of 512 centroids on a latent prompt's keys): a block of 16
+  // is tested whole first (vectorised), its entries only when one passes.
+  int n = 0;
+  for (j = 0; j + 16 <= c; j += 16) {
+    int any = 0;
+    for (int t = 0; t < 16; ++t)
+      any |= g[j + t] + shift_hi[j + t] + slack[j + t] * row_norm >= best_lo;
+    if (any == 0) continue;
+    for (int t = 0; t < 16; ++t)
+      if (g[j + t] + shift_hi[j + t] + slack[j + t] * row_norm >= best_lo)
+        out[n++] = static_cast<int32_t>(j + t);
+  }
+  for (; j < c; ++j)
+    if (g[j] + shift_hi[j] + slack[j] * row_norm >= best_lo) out[n++] = static_cast<int32_t>(j);
+  return n;
+}
+
+}  // namespace kvrt::cpu_index::internal
