@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "cpu_index/src/bf16_products.h"
@@ -107,8 +108,9 @@ TEST(Bf16Screen, CandidatesHoldTheExactNearestForRoundedProducts) {
 // The products on the tiles are within the bound the screen assumes (AMX machines only).
 TEST(Bf16Screen, TileProductsAreWithinTheBound) {
   if (!internal::Bf16ProductsAvailable()) GTEST_SKIP() << "no AMX here (or KVRT_KMEANS_BF16=0)";
-  for (const int64_t n : {int64_t{40}, int64_t{1500}}) {  // one padded block; blocks of 1024
-    const Case k = MakeCase(n, 80, 576, 5);
+  // One padded block; blocks of 1024; a column count that is no multiple of the tiles' 16.
+  for (const auto& [n, c] : {std::pair<int64_t, int64_t>{40, 80}, {1500, 80}, {370, 23}}) {
+    const Case k = MakeCase(n, c, 576, 5);
     const internal::Bf16Rows rows(k.x.data(), k.n, k.d);
     auto products = internal::Bf16Products::Make(k.cent.data(), k.c, k.d, rows.block_rows());
     ASSERT_TRUE(products.ok()) << products.status();
