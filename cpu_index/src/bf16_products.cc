@@ -2,6 +2,7 @@
 #include "bf16_products.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -156,6 +157,109 @@ CentroidBounds::CentroidBounds(const std::vector<float>& cn2)
     shift_lo[j] = -0.5f * cn2[j] - pad;
     shift_hi[j] = -0.5f * cn2[j] + pad;
     slack[j] = kBf16ProductError * std::sqrt(cn2[j]);
+  }
+}
+
+namespace {
+
+// Truncates f32 values that are bf16 values to bf16; false if one is not (its low half nonzero).
+KVRT_MULTIVERSION bool TakeBf16Values(const float* x, std::size_t n, uint16_t* out) {
+  uint32_t low = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &x[i], sizeof(u));
+    low |= u & 0xffffu;
+    out[i] = static_cast<uint16_t>(u >> 16);
+  }
+  return low == 0;
+}
+
+float Bf16ToF32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+}  // namespace
+
+bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float* x) {
+  if (n <= 0 || !Bf16ProductsAvailable()) return false;
+  try {
+    const int64_t block = std::min(Bf16Rows::kMaxBlockRows, (n + 31) / 32 * 32);
+    const dnnl::engine& eng = CpuEngine();
+    const dnnl::memory::desc src({block, d}, dt::bf16, tag::ab);
+    const dnnl::memory::desc wei({d, d}, dt::bf16, tag::any);
+    const dnnl::memory::desc dst({block, d}, dt::f32, tag::ab);
+    dnnl::primitive_attr first, second;
+    first.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    second.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::post_ops add;
+    add.append_sum(1.f);  // the lo term's products added to the hi term's
+    second.set_post_ops(add);
+    const dnnl::matmul::primitive_desc pd_hi(dnnl::matmul::desc(src, wei, dst), first, eng);
+    const dnnl::matmul::primitive_desc pd_lo(dnnl::matmul::desc(src, wei, dst), second, eng);
+    if (pd_hi.weights_desc() != pd_lo.weights_desc()) return false;
+    const dnnl::matmul mm_hi(pd_hi), mm_lo(pd_lo);
+    // m = hi + lo in bf16, then laid out for the tiles.
+    const std::size_t dd = static_cast<std::size_t>(d) * d;
+    std::vector<float> hi(dd), lo(dd);
+    std::vector<uint16_t> h(dd);
+    ToBf16(m, dd, h.data());
+    for (std::size_t i = 0; i < dd; ++i) hi[i] = Bf16ToF32(h[i]);
+    for (std::size_t i = 0; i < dd; ++i) lo[i] = m[i] - hi[i];
+    const dnnl::memory::desc user({d, d}, dt::f32, tag::ab);
+    dnnl::memory w_hi(pd_hi.weights_desc(), eng), w_lo(pd_hi.weights_desc(), eng);
+    {
+      OmpThreadsGuard one_thread(1);
+      dnnl::stream stream(eng);
+      dnnl::memory u_hi(user, eng, hi.data()), u_lo(user, eng, lo.data());
+      dnnl::reorder(u_hi, w_hi).execute(stream, u_hi, w_hi);
+      dnnl::reorder(u_lo, w_lo).execute(stream, u_lo, w_lo);
+      stream.wait();
+    }
+    const std::size_t pad_bytes =
+        std::max(pd_hi.scratchpad_desc().get_size(), pd_lo.scratchpad_desc().get_size());
+    std::atomic<bool> failed{false};
+    tbb::parallel_for(int64_t{0}, (n + block - 1) / block, [&](int64_t b) {
+      if (failed) return;
+      const int64_t r0 = b * block, rows_here = std::min(block, n - r0);
+      thread_local std::vector<uint16_t> a;
+      thread_local std::vector<float> out;
+      thread_local std::vector<unsigned char> scratch;
+      a.assign(static_cast<std::size_t>(block) * d, 0);
+      out.resize(static_cast<std::size_t>(block) * d);
+      if (scratch.size() < pad_bytes) scratch.resize(pad_bytes);
+      if (!TakeBf16Values(rows + r0 * d, static_cast<std::size_t>(rows_here) * d, a.data())) {
+        failed = true;
+        return;
+      }
+      try {
+        OmpThreadsGuard one_thread(1);
+        dnnl::stream stream(eng);
+        dnnl::memory sa(src, eng, a.data()), so(dst, eng, out.data());
+        std::unordered_map<int, dnnl::memory> args = {
+            {DNNL_ARG_SRC, sa}, {DNNL_ARG_WEIGHTS, w_hi}, {DNNL_ARG_DST, so}};
+        if (pad_bytes > 0)
+          args.emplace(DNNL_ARG_SCRATCHPAD,
+                       dnnl::memory(pd_hi.scratchpad_desc(), eng, scratch.data()));
+        mm_hi.execute(stream, args);
+        args[DNNL_ARG_WEIGHTS] = w_lo;
+        if (pad_bytes > 0)
+          args[DNNL_ARG_SCRATCHPAD] = dnnl::memory(pd_lo.scratchpad_desc(), eng, scratch.data());
+        mm_lo.execute(stream, args);
+        stream.wait();
+      } catch (const dnnl::error&) {
+        failed = true;
+        return;
+      }
+      std::copy_n(out.data(), static_cast<std::size_t>(rows_here) * d, x + r0 * d);
+    });
+    return !failed;
+  } catch (const dnnl::error&) {
+    return false;
+  } catch (const std::bad_alloc&) {
+    return false;
   }
 }
 

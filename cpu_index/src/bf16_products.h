@@ -63,6 +63,15 @@ class Bf16Products {
   std::unique_ptr<Impl> impl_;
 };
 
+// x [n, d] <- rows [n, d] . m [d, d] (row-major), on the AMX tiles, for rows that are bf16 values
+// (a bf16 store's keys converted to f32: every low half zero): m goes in as two bf16 terms (hi +
+// lo, within 2^-16 of m), so every product is exact in f32 and x differs from an f32 GEMM's only by
+// that split and the order of the f32 sums (each about 2^-16 of |row| |column| at most). Two GEMMs
+// of the full square on the tiles cost less than an f32 triangular product on AVX-512. False when
+// the tiles are not available, a row is not a bf16 value or oneDNN failed; x is then unspecified
+// (the caller computes it in f32).
+bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float* x);
+
 // The centroids that may be a row's nearest, from its screened scores g [c] (Bf16Products): the
 // score of centroid j is g[j] - |centroid j|^2 / 2, which lies in [g[j] + shift_lo[j] - slack[j]
 // * row_norm, g[j] + shift_hi[j] + slack[j] * row_norm] (CentroidBounds: per centroid set, once).

@@ -291,9 +291,14 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       trm += double(metric_l[i]) * metric_l[i];
   }
   std::vector<float> xn2(n);
+  // On the AMX tiles where the keys are bf16 values (a bf16 store's): MultiplyBf16Rows.
+  const bool mapped_on_tiles =
+      mapped && config.bf16_screen && internal::MultiplyBf16Rows(keys, n, d, metric_l, xbuf.data());
   tbb::parallel_for(int64_t{0}, (n + kMapRows - 1) / kMapRows, [&](int64_t b) {
     const int64_t r0 = b * kMapRows, m = std::min(kMapRows, n - r0);
-    if (lower) {
+    if (mapped_on_tiles) {
+      // x is there already
+    } else if (lower) {
       std::copy_n(keys + r0 * d, m * d, xbuf.data() + r0 * d);
       cblas_strmm(CblasRowMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit,
                   static_cast<int>(m), d, 1.f, metric_l, d, xbuf.data() + r0 * d, d);

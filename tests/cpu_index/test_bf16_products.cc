@@ -136,6 +136,31 @@ TEST(Bf16Screen, TileProductsAreWithinTheBound) {
   }
 }
 
+// Keys of a bf16 store mapped by an f32 matrix on the tiles: within the split's 2^-16 (and the
+// sums' rounding) of the exact product; rows that are not bf16 values are refused.
+TEST(Bf16Screen, MapOfBf16RowsIsTheF32Product) {
+  if (!internal::Bf16ProductsAvailable()) GTEST_SKIP() << "no AMX here (or KVRT_KMEANS_BF16=0)";
+  const int d = 96;
+  const int64_t n = 1100;  // a block of 1024 and a padded one
+  std::mt19937 rng(31);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  std::vector<float> rows(n * d), m(static_cast<std::size_t>(d) * d), x(n * d);
+  for (auto& e : rows) e = RoundBf16(nd(rng));
+  for (auto& e : m) e = nd(rng);
+  ASSERT_TRUE(internal::MultiplyBf16Rows(rows.data(), n, d, m.data(), x.data()));
+  for (int64_t r = 0; r < n; ++r)
+    for (int j = 0; j < d; ++j) {
+      double exact = 0, mag = 0;
+      for (int i = 0; i < d; ++i) {
+        exact += double(rows[r * d + i]) * m[i * d + j];
+        mag += std::fabs(double(rows[r * d + i]) * m[i * d + j]);
+      }
+      ASSERT_LE(std::fabs(x[r * d + j] - exact), mag / 16384) << "row " << r << " column " << j;
+    }
+  rows[5 * d + 7] = 0.1f;  // not a bf16 value
+  EXPECT_FALSE(internal::MultiplyBf16Rows(rows.data(), n, d, m.data(), x.data()));
+}
+
 // A segment clustered with the screen (its refinement over all 128 clusters) is the segment
 // clustered in f32: the same order, sizes and centroids' members.
 TEST(Bf16Screen, SegmentClustersAsInF32) {
