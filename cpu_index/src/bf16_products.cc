@@ -68,10 +68,9 @@ bool Bf16ProductsAvailable() {
   return available;
 }
 
-Bf16Rows::Bf16Rows(const float* x, int64_t n, int d)
-    : n_(n),
-      d_(d),
-      block_rows_(std::min(kMaxBlockRows, std::max<int64_t>(32, (n + 31) / 32 * 32))) {
+Bf16Rows::Bf16Rows(const float* x, int64_t n, int d, int64_t columns) : n_(n), d_(d) {
+  const int64_t by_scores = kMaxBlockScores / std::max<int64_t>(1, columns) / 32 * 32;
+  block_rows_ = std::max<int64_t>(32, std::min({kMaxBlockRows, (n + 31) / 32 * 32, by_scores}));
   data_.resize(static_cast<std::size_t>(blocks() * block_rows_) * d_);
   tbb::parallel_for(int64_t{0}, blocks(), [&](int64_t b) {
     const int64_t r0 = b * block_rows_, r1 = std::min(n_, r0 + block_rows_);
@@ -185,6 +184,11 @@ float Bf16ToF32(uint16_t h) {
 
 bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float* x) {
   if (n <= 0 || !Bf16ProductsAvailable()) return false;
+  {
+    // An f32 or f16 store's keys are refused here, before any work, by their first rows.
+    std::vector<uint16_t> probe(static_cast<std::size_t>(std::min<int64_t>(n, 64)) * d);
+    if (!TakeBf16Values(rows, probe.size(), probe.data())) return false;
+  }
   try {
     const int64_t block = std::min(Bf16Rows::kMaxBlockRows, (n + 31) / 32 * 32);
     const dnnl::engine& eng = CpuEngine();

@@ -24,13 +24,15 @@ inline constexpr float kBf16ProductError = 1.f / 128 + 1.f / 1024;
 // environment does not turn them off (KVRT_KMEANS_BF16=0). Decided once per process.
 bool Bf16ProductsAvailable();
 
-// Rows [n, d] in bf16 (round to nearest even), in blocks of block_rows() (kMaxBlockRows, or n
-// rounded up to 32 when fewer), the last padded with zero rows: converted once, multiplied by many
-// centroid sets (a k-means' iterations).
+// Rows [n, d] in bf16 (round to nearest even), in blocks of block_rows() rows, the last padded
+// with zero rows: converted once, multiplied by many centroid sets (a k-means' iterations). A
+// block is kMaxBlockRows rows, fewer when n is (rounded up to 32), and fewer when its scores
+// against `columns` centroids would pass kMaxBlockScores (a thread keeps one block's scores).
 class Bf16Rows {
  public:
-  static constexpr int64_t kMaxBlockRows = 1024;  // a block's scores against 512 centroids: 2 MiB
-  Bf16Rows(const float* x, int64_t n, int d);
+  static constexpr int64_t kMaxBlockRows = 1024;
+  static constexpr int64_t kMaxBlockScores = int64_t{1} << 20;  // 4 MiB of f32
+  Bf16Rows(const float* x, int64_t n, int d, int64_t columns);
   int64_t rows() const { return n_; }
   int dim() const { return d_; }
   int64_t block_rows() const { return block_rows_; }

@@ -66,8 +66,8 @@ bool AssignScreened(const float* x, const float* xn2, int d, const float* cent, 
   std::atomic<bool> failed{false};
   tbb::parallel_for(int64_t{0}, xb.blocks(), [&](int64_t b) {
     const int64_t r0 = b * xb.block_rows(), m = std::min(xb.block_rows(), n - r0);
-    // Per thread, kept: a block's scores are 2 MiB at 512 clusters, which a fresh vector zeroed
-    // and faulted in for every block.
+    // Per thread, kept (at most Bf16Rows::kMaxBlockScores): a block's scores are 2 MiB at 512
+    // clusters, which a fresh vector zeroed and faulted in for every block.
     thread_local std::vector<float> g;
     g.resize(static_cast<std::size_t>(xb.block_rows()) * c);
     if (!(*products)->Block(xb, b, g.data()).ok()) {
@@ -188,7 +188,7 @@ void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int it
            std::vector<float> cent, std::vector<int32_t>* assign, std::vector<float>* dist,
            bool warm, bool screen) {
   std::unique_ptr<internal::Bf16Rows> xb;
-  if (screen) xb = std::make_unique<internal::Bf16Rows>(x, n, d);
+  if (screen) xb = std::make_unique<internal::Bf16Rows>(x, n, d, c);
   std::vector<int64_t> count(c);
   std::vector<float> sum(static_cast<std::size_t>(c) * d);
   for (int it = 0; it < std::max(0, iters) + (warm ? 1 : 0); ++it) {

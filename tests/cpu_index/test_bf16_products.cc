@@ -111,7 +111,7 @@ TEST(Bf16Screen, TileProductsAreWithinTheBound) {
   // One padded block; blocks of 1024; a column count that is no multiple of the tiles' 16.
   for (const auto& [n, c] : {std::pair<int64_t, int64_t>{40, 80}, {1500, 80}, {370, 23}}) {
     const Case k = MakeCase(n, c, 576, 5);
-    const internal::Bf16Rows rows(k.x.data(), k.n, k.d);
+    const internal::Bf16Rows rows(k.x.data(), k.n, k.d, k.c);
     auto products = internal::Bf16Products::Make(k.cent.data(), k.c, k.d, rows.block_rows());
     ASSERT_TRUE(products.ok()) << products.status();
     std::vector<float> g(static_cast<std::size_t>(rows.block_rows()) * k.c);
@@ -129,7 +129,7 @@ TEST(Bf16Screen, TileProductsAreWithinTheBound) {
     }
     // Rows of another block size are refused, not misread.
     const std::vector<float> zeros(static_cast<std::size_t>(3000) * k.d, 0.f);
-    const internal::Bf16Rows other(zeros.data(), 3000, k.d);
+    const internal::Bf16Rows other(zeros.data(), 3000, k.d, k.c);
     if (other.block_rows() != rows.block_rows()) {
       EXPECT_FALSE((*products)->Block(other, 0, g.data()).ok());
     }
@@ -159,6 +159,15 @@ TEST(Bf16Screen, MapOfBf16RowsIsTheF32Product) {
     }
   rows[5 * d + 7] = 0.1f;  // not a bf16 value
   EXPECT_FALSE(internal::MultiplyBf16Rows(rows.data(), n, d, m.data(), x.data()));
+}
+
+// A block's scores stay within kMaxBlockScores (a thread keeps them): many centroids, fewer rows.
+TEST(Bf16Screen, BlocksShrinkForManyCentroids) {
+  const std::vector<float> x(static_cast<std::size_t>(2000) * 8, 0.f);
+  EXPECT_EQ(internal::Bf16Rows(x.data(), 2000, 8, 512).block_rows(), 1024);
+  EXPECT_EQ(internal::Bf16Rows(x.data(), 2000, 8, 8192).block_rows(), 128);
+  EXPECT_EQ(internal::Bf16Rows(x.data(), 40, 8, 512).block_rows(), 64);
+  EXPECT_EQ(internal::Bf16Rows(x.data(), 2000, 8, 1 << 30).block_rows(), 32);
 }
 
 // A segment clustered with the screen (its refinement over all 128 clusters) is the segment
