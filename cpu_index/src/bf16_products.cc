@@ -49,6 +49,25 @@ dnnl::matmul::primitive_desc BlockMatmul(int64_t m, int64_t c, int d) {
   return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), attr, CpuEngine());
 }
 
+// src x weights -> dst on the calling thread alone (inside a TBB task, beside the other blocks'
+// tasks), with a scratchpad of this thread's.
+void RunOnThisThread(const dnnl::matmul& mm, const dnnl::matmul::primitive_desc& pd,
+                     const dnnl::memory& src, const dnnl::memory& weights,
+                     const dnnl::memory& dst) {
+  OmpThreadsGuard one_thread(1);
+  thread_local std::vector<unsigned char> scratch;
+  const std::size_t need = pd.scratchpad_desc().get_size();
+  if (scratch.size() < need) scratch.resize(need);
+  std::unordered_map<int, dnnl::memory> args = {
+      {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}};
+  if (need > 0)
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 dnnl::memory(pd.scratchpad_desc(), CpuEngine(), scratch.data()));
+  dnnl::stream stream(CpuEngine());
+  mm.execute(stream, args);
+  stream.wait();
+}
+
 bool RunsOnAmx() {
   const char* env = std::getenv("KVRT_KMEANS_BF16");
   if (env != nullptr && std::string(env) == "0") return false;
@@ -123,21 +142,9 @@ absl::Status Bf16Products::Block(const Bf16Rows& rows, int64_t b, float* g) cons
   if (rows.dim() != m.d || rows.block_rows() != m.block_rows || b < 0 || b >= rows.blocks())
     return absl::InvalidArgumentError("bf16 products: rows of another shape");
   try {
-    // One thread: this runs inside a TBB task, beside the other blocks' tasks.
-    OmpThreadsGuard one_thread(1);
-    thread_local std::vector<unsigned char> scratch;
-    const std::size_t need = m.pd.scratchpad_desc().get_size();
-    if (scratch.size() < need) scratch.resize(need);
-    const dnnl::engine& eng = CpuEngine();
-    dnnl::memory src(m.pd.src_desc(), eng, const_cast<uint16_t*>(rows.block(b)));
-    dnnl::memory dst(m.pd.dst_desc(), eng, g);
-    dnnl::stream stream(eng);
-    std::unordered_map<int, dnnl::memory> args = {
-        {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, m.weights}, {DNNL_ARG_DST, dst}};
-    if (need > 0)
-      args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(m.pd.scratchpad_desc(), eng, scratch.data()));
-    m.matmul.execute(stream, args);
-    stream.wait();
+    const dnnl::memory src(m.pd.src_desc(), CpuEngine(), const_cast<uint16_t*>(rows.block(b)));
+    const dnnl::memory dst(m.pd.dst_desc(), CpuEngine(), g);
+    RunOnThisThread(m.matmul, m.pd, src, m.weights, dst);
     return absl::OkStatus();
   } catch (const dnnl::error& e) {
     return absl::InternalError(absl::StrCat("bf16 products (oneDNN): ", e.what()));
@@ -222,37 +229,22 @@ bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float
       dnnl::reorder(u_lo, w_lo).execute(stream, u_lo, w_lo);
       stream.wait();
     }
-    const std::size_t pad_bytes =
-        std::max(pd_hi.scratchpad_desc().get_size(), pd_lo.scratchpad_desc().get_size());
     std::atomic<bool> failed{false};
     tbb::parallel_for(int64_t{0}, (n + block - 1) / block, [&](int64_t b) {
       if (failed) return;
       const int64_t r0 = b * block, rows_here = std::min(block, n - r0);
       thread_local std::vector<uint16_t> a;
       thread_local std::vector<float> out;
-      thread_local std::vector<unsigned char> scratch;
       a.assign(static_cast<std::size_t>(block) * d, 0);
       out.resize(static_cast<std::size_t>(block) * d);
-      if (scratch.size() < pad_bytes) scratch.resize(pad_bytes);
       if (!TakeBf16Values(rows + r0 * d, static_cast<std::size_t>(rows_here) * d, a.data())) {
         failed = true;
         return;
       }
       try {
-        OmpThreadsGuard one_thread(1);
-        dnnl::stream stream(eng);
-        dnnl::memory sa(src, eng, a.data()), so(dst, eng, out.data());
-        std::unordered_map<int, dnnl::memory> args = {
-            {DNNL_ARG_SRC, sa}, {DNNL_ARG_WEIGHTS, w_hi}, {DNNL_ARG_DST, so}};
-        if (pad_bytes > 0)
-          args.emplace(DNNL_ARG_SCRATCHPAD,
-                       dnnl::memory(pd_hi.scratchpad_desc(), eng, scratch.data()));
-        mm_hi.execute(stream, args);
-        args[DNNL_ARG_WEIGHTS] = w_lo;
-        if (pad_bytes > 0)
-          args[DNNL_ARG_SCRATCHPAD] = dnnl::memory(pd_lo.scratchpad_desc(), eng, scratch.data());
-        mm_lo.execute(stream, args);
-        stream.wait();
+        const dnnl::memory sa(src, eng, a.data()), so(dst, eng, out.data());
+        RunOnThisThread(mm_hi, pd_hi, sa, w_hi, so);
+        RunOnThisThread(mm_lo, pd_lo, sa, w_lo, so);  // adds to so (the sum post-op)
       } catch (const dnnl::error&) {
         failed = true;
         return;
