@@ -175,8 +175,10 @@ std::vector<float> DrawSeeds(const float* x, int64_t n, int d, int64_t c, std::m
 // AMX: a segment's refinement over all of its clusters, and its coarse level and groups too (a few
 // dozen clusters each: a segment 10% faster again on this VM). Fewer than 16: an f32 GEMM.
 constexpr int64_t kScreenMinClusters = 16;
-bool ScreensAssignments(const ClusterConfig& config, int64_t c) {
-  return config.bf16_screen && c >= kScreenMinClusters && internal::Bf16ProductsAvailable();
+// (kBf16ProductError holds up to 4096 dims.)
+bool ScreensAssignments(const ClusterConfig& config, int64_t c, int d) {
+  return config.bf16_screen && c >= kScreenMinClusters && d <= 4096 &&
+         internal::Bf16ProductsAvailable();
 }
 
 // Lloyd's k-means of x [n, d] into c clusters from the centroids cent [c, d] (empty clusters keep
@@ -324,13 +326,13 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
   if (c1 <= 1 || c < 16) {
     KVRT_SPAN("kmeans_lloyd");
     Lloyd(x, xn2.data(), n, d, c, config.kmeans_iters, DrawSeeds(x, n, d, c, &rng), &assign, &dist,
-          /*warm=*/false, ScreensAssignments(config, c));
+          /*warm=*/false, ScreensAssignments(config, c, d));
   } else {
     // Two levels: c1 ~ sqrt(c) coarse clusters, then each split into its share of the c fine
     // clusters: per iteration n * (c1 + c / c1) distances instead of n * c.
     timeline::Span span_coarse("kmeans_coarse");
     Lloyd(x, xn2.data(), n, d, c1, config.kmeans_iters, DrawSeeds(x, n, d, c1, &rng), &assign,
-          &dist, /*warm=*/false, ScreensAssignments(config, c1));
+          &dist, /*warm=*/false, ScreensAssignments(config, c1, d));
     std::vector<std::vector<int64_t>> groups(c1);
     for (int64_t i = 0; i < n; ++i) groups[assign[i]].push_back(i);
     // Each coarse group's rows, share of the c clusters and seeds, in group order (the seeds take
@@ -368,7 +370,7 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       p.assign.resize(ng);
       p.dist.resize(ng);
       Lloyd(p.x.data(), p.xn2.data(), ng, d, p.clusters, config.kmeans_iters, std::move(p.seeds),
-            &p.assign, &p.dist, /*warm=*/false, ScreensAssignments(config, p.clusters));
+            &p.assign, &p.dist, /*warm=*/false, ScreensAssignments(config, p.clusters, d));
       for (int64_t i = 0; i < ng; ++i) {
         assign[groups[g][i]] = static_cast<int32_t>(p.first + p.assign[i]);
         dist[groups[g][i]] = p.dist[i];
@@ -382,7 +384,7 @@ void ClusterSegment(const float* keys, const float* values, int64_t n, int dim,
       KVRT_SPAN("kmeans_refine");
       Lloyd(x, xn2.data(), n, d, c, config.refine_iters,
             std::vector<float>(static_cast<std::size_t>(c) * d, 0.f), &assign, &dist,
-            /*warm=*/true, ScreensAssignments(config, c));
+            /*warm=*/true, ScreensAssignments(config, c, d));
     }
   }
   // Outliers leave their cluster (assign -1), then each cluster's means over its members.
