@@ -49,7 +49,8 @@
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
 #   .bundle/ and packs it into .bundlez/bundle.tgz (both git-ignored). EXTRA_PROGRAMS adds
-#   programs (e.g. an older build's test_gpu_kernels copied as test_gpu_before); SLIM=1 leaves
+#   programs (e.g. an older build's test_gpu_kernels copied as test_gpu_before), LEAVE_OUT
+#   drops programs and "trace" (CUPTI) a call does not need; SLIM=1 leaves
 #   out the kernels-apart tools and the install prefix when the carry would pass 64 MiB,
 #   SLIM=parts the tools only (the prefix stays: BENCH=e2e, binding, pytest).
 # There:                run(command="bash scripts/device-check.sh --device", carry=[".bundlez"])
@@ -961,11 +962,17 @@ if [[ -z "${SLIM:-}" ]]; then
 fi
 for extra in ${EXTRA_PROGRAMS:-}; do cp "$extra" .bundle/stage/; done
 [[ -n "${BEFORE:-}" ]] && cp "$BEFORE" .bundle/stage/kvrt_before
+# LEAVE_OUT: staged programs (e.g. "test_gpu test_transfer") and "trace" (the injection library
+# and libcupti) a call does not run, when the carry would pass 64 MiB (libdnnl and libopenblas are
+# 76 MB of the libraries since 0.3.30).
+for p in ${LEAVE_OUT:-}; do rm -f ".bundle/stage/$p"; done
 bash scripts/bundle.sh .bundle .bundle/stage/*
 rm -rf .bundle/stage
 # The device timeline's injection library (BENCH=gpu-busy) and its libcupti.
-cp "$build/tools/gpu_bench/libkernel_trace_inject.so" .bundle/lib/ &&
-  bash scripts/bundle.sh --deps-only .bundle .bundle/lib/libkernel_trace_inject.so || exit 1
+if [[ " ${LEAVE_OUT:-} " != *" trace "* ]]; then
+  cp "$build/tools/gpu_bench/libkernel_trace_inject.so" .bundle/lib/ &&
+    bash scripts/bundle.sh --deps-only .bundle .bundle/lib/libkernel_trace_inject.so || exit 1
+fi
 # libkvrt installed into .bundle/prefix (kvrt.h, libkvrt.so*, lib/cmake/kvrt: find_package(kvrt)),
 # which BENCH=e2e builds the Python package against there (KVRT_PY_LIBKVRT=installed); the
 # shared libraries libkvrt.so loads join .bundle/lib. Not carried: the CLI (in .bundle/bin) and
