@@ -1,7 +1,7 @@
 #pragma once
 // Products of many f32 rows with a set of f32 centroids, computed in bf16 on the CPU's AMX tiles
-// (oneDNN's matmul), for screening the k-means' nearest-centroid search (cluster_kmeans.cc): five
-// times an f32 GEMM's speed on one core, and each product off from the exact one by at most
+// (oneDNN's matmul), for screening the k-means' nearest-centroid search (cluster_kmeans.cc):
+// several times an f32 GEMM's speed, and each product off from the exact one by at most
 // kBf16ProductError * |row| * |centroid|, so that the screen can keep every centroid that may be
 // the nearest and decide among them in f32. Only where oneDNN runs it on AMX (a bf16 product
 // emulated on AVX-512 is slower than OpenBLAS's f32 GEMM); KVRT_KMEANS_BF16=0 turns it off.
