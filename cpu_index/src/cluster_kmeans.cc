@@ -173,7 +173,7 @@ std::vector<float> DrawSeeds(const float* x, int64_t n, int d, int64_t c, std::m
 
 // The assignments against c centroids are screened in bf16 (AssignScreened) where the CPU has
 // AMX: a segment's refinement over all of its clusters, and its coarse level and groups too (a few
-// dozen clusters each: a segment 10% faster again on this VM). Fewer than 16: an f32 GEMM.
+// dozen clusters each). Fewer than 16: an f32 GEMM, whose cost there is small.
 constexpr int64_t kScreenMinClusters = 16;
 // (kBf16ProductError holds up to 4096 dims.)
 bool ScreensAssignments(const ClusterConfig& config, int64_t c, int d) {
