@@ -279,8 +279,8 @@ KVRT_MULTIVERSION int NearestCandidates(const float* g, const float* shift_lo,
     const float lo = g[j] + shift_lo[j] - slack[j] * row_norm;
     best_lo = lo > best_lo ? lo : best_lo;
   }
-  // Candidates are few (most rows keep one or two): a block of 16
-  // is tested whole first (vectorised), its entries only when one passes.
+  // Candidates are few: a block of 16 is tested whole first (vectorised), its entries only when
+  // one passes.
   int n = 0;
   for (j = 0; j + 16 <= c; j += 16) {
     int any = 0;
