@@ -48,8 +48,9 @@ struct ClusterConfig {
   int refine_iters = 2;             // two_level: global iterations over all C clusters after it
   // A k-means' assignments against many centroids screened by bf16 products on AMX, the
   // candidates they leave scored in f32 (the nearest centroid in exact arithmetic is always among
-  // them): where the CPU has AMX, the same clusters up to f32 rounding of near-ties, several times
-  // faster. No effect elsewhere (KVRT_KMEANS_BF16=0 also turns it off).
+  // them), and a bf16 store's keys mapped into the metric on AMX too (within 2^-16 of the f32
+  // product): where the CPU has AMX, the same clusters up to f32 rounding of near-ties, several
+  // times faster. No effect elsewhere (KVRT_KMEANS_BF16=0 also turns it off).
   bool bf16_screen = true;
   bool query_aware = true;          // k-means in the metric M = E[q q^T] of the prompt's queries
   int metric_queries = 4096;        // prompt queries sampled (evenly) for M
