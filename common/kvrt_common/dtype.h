@@ -27,13 +27,14 @@ inline float Bf16ToF32(uint16_t h) {
   return f;
 }
 
-// Round to nearest even; NaN stays NaN (quiet bit forced so it cannot round to Inf).
+// Round to nearest even; NaN stays NaN (quiet bit forced so it cannot round to Inf). Branch-free,
+// so that a loop of it (ConvertFromF32) vectorises.
 inline uint16_t F32ToBf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
 inline float F16ToF32(uint16_t h) {

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "index_common.h"
+#include "kvrt_common/dtype.h"
 #include "kvrt_common/multiversion.h"
 #include "oneapi/dnnl/dnnl.hpp"
 #include "oneapi/tbb/parallel_for.h"
@@ -21,17 +22,6 @@ namespace {
 
 using dt = dnnl::memory::data_type;
 using tag = dnnl::memory::format_tag;
-
-// Round to nearest even; a NaN stays a (quiet) NaN. Branch-free, so that it vectorises.
-KVRT_MULTIVERSION void ToBf16(const float* x, std::size_t n, uint16_t* out) {
-  for (std::size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &x[i], sizeof(u));
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t nan = (u >> 16) | 0x40u;
-    out[i] = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-  }
-}
 
 const dnnl::engine& CpuEngine() {
   static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
@@ -97,7 +87,7 @@ Bf16Rows::Bf16Rows(const float* x, int64_t n, int d, int64_t columns) : n_(n), d
               data_.data() + static_cast<std::size_t>(r0 + block_rows_) * d_, uint16_t{0});
     const std::size_t e0 = static_cast<std::size_t>(r0) * d_,
                       e1 = static_cast<std::size_t>(r1) * d_;
-    ToBf16(x + e0, e1 - e0, data_.data() + e0);
+    ConvertFromF32(x + e0, e1 - e0, DType::kBF16, data_.data() + e0);
   });
 }
 
@@ -180,13 +170,6 @@ KVRT_MULTIVERSION bool TakeBf16Values(const float* x, std::size_t n, uint16_t* o
   return low == 0;
 }
 
-float Bf16ToF32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 }  // namespace
 
 bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float* x) {
@@ -216,8 +199,8 @@ bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float
     const std::size_t dd = static_cast<std::size_t>(d) * d;
     std::vector<float> hi(dd), lo(dd);
     std::vector<uint16_t> h(dd);
-    ToBf16(m, dd, h.data());
-    for (std::size_t i = 0; i < dd; ++i) hi[i] = Bf16ToF32(h[i]);
+    ConvertFromF32(m, dd, DType::kBF16, h.data());
+    ConvertToF32(h.data(), DType::kBF16, dd, hi.data());
     for (std::size_t i = 0; i < dd; ++i) lo[i] = m[i] - hi[i];
     const dnnl::memory::desc user({d, d}, dt::f32, tag::ab);
     dnnl::memory w_hi(pd_hi.weights_desc(), eng), w_lo(pd_hi.weights_desc(), eng);

@@ -13,18 +13,13 @@
 #include <vector>
 
 #include "cpu_index/src/bf16_products.h"
+#include "kvrt_common/dtype.h"
 #include "kvrt_cpu_index/cluster.h"
 
 namespace kvrt::cpu_index {
 namespace {
 
-float RoundBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+float RoundBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
 
 double Dot(const float* a, const float* b, int d) {
   double s = 0;
