@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "bf16_tiles.h"
 #include "kvrt_common/nan_max.h"
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/head_store.h"
@@ -20,12 +21,48 @@ constexpr int64_t kBlock = 128;
 // Value rows fetched ahead of the weighted sum's use (each a few cache lines).
 constexpr int64_t kPrefetchRows = 8;
 
+// FinishGroup's sums on the tiles (bf16_tiles.h): blocks of kTileRows rows, f32 within (the
+// tiles'), double across; a head's sums are its own whatever the group. Heads not live get weight
+// 0 (their scores were left as they were). False when the tiles failed (nothing written).
+bool WeightedSumsOnTiles(std::vector<float>& s, int nq, int64_t n, int d,
+                         const std::vector<int>& live, const internal::TileRows& rows,
+                         const std::vector<float>& m, const std::vector<double>& l, float* o,
+                         float* lse) {
+  if (static_cast<int>(live.size()) < nq) {
+    std::vector<uint8_t> is_live(nq, 0);
+    for (int h : live) is_live[h] = 1;
+    for (int h = 0; h < nq; ++h)
+      if (!is_live[h]) std::fill_n(s.data() + static_cast<std::size_t>(h) * n, n, 0.f);
+  }
+  std::vector<float> part(static_cast<std::size_t>(nq) * d);
+  std::vector<double> acc(static_cast<std::size_t>(nq) * d, 0.0);
+  for (int64_t b = 0; b < n; b += internal::kTileRows) {
+    const int64_t len = std::min(internal::kTileRows, n - b);
+    internal::TileRows at = rows;
+    if (at.ptrs != nullptr)
+      at.ptrs += b;
+    else
+      at.base += static_cast<std::size_t>(b) * at.stride;
+    if (!internal::TileWeightedSums(s.data() + b, static_cast<std::size_t>(n), nq, at, len, d,
+                                    part.data()))
+      return false;
+    for (std::size_t i = 0; i < acc.size(); ++i) acc[i] += part[i];
+  }
+  for (int h : live) {
+    for (int i = 0; i < d; ++i)
+      o[static_cast<std::size_t>(h) * d + i] =
+          static_cast<float>(acc[static_cast<std::size_t>(h) * d + i] / l[h]);
+    lse[h] = m[h] + static_cast<float>(std::log(l[h]));
+  }
+  return true;
+}
+
 // Softmax-weighted sums of value rows for nq heads over the same n rows, given each head's raw
 // (already scaled) scores s [nq, n], overwritten; two passes. A head's arithmetic and its order do
 // not depend on nq (one head's pass is nq = 1); each value row is converted once for all heads.
 template <typename ValueAt>
 void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, ValueAt value_at,
-                 float* o, float* lse) {
+                 const internal::TileRows& value_rows, float* o, float* lse) {
   std::vector<float> m(nq, kNegInf);
   std::vector<double> l(nq, 0.0);
   std::vector<int> live;
@@ -45,6 +82,9 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
     live.push_back(h);
   }
   if (live.empty()) return;
+  if (t == DType::kBF16 && internal::AttentionTilesAvailable() &&
+      WeightedSumsOnTiles(s, nq, n, d, live, value_rows, m, l, o, lse))
+    return;
   std::vector<float> row(d), part(static_cast<std::size_t>(nq) * d);
   const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(t);
   std::vector<double> acc(static_cast<std::size_t>(nq) * d, 0.0);
@@ -90,7 +130,11 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
 // s [nq, n] <- each head's score of key_at(j), j < n: each key scored by every head at once
 // (DotRowMulti: DotRow's scores, bit for bit, for any nq; a bf16 row widened once for all).
 template <typename KeyAt>
-void ScoreGroup(const float* q, int nq, int d, DType t, int64_t n, KeyAt key_at, float* s) {
+void ScoreGroup(const float* q, int nq, int d, DType t, int64_t n, KeyAt key_at,
+                const internal::TileRows& key_rows, float* s) {
+  if (t == DType::kBF16 && internal::AttentionTilesAvailable() &&
+      internal::TileScores(q, nq, d, key_rows, n, s, static_cast<std::size_t>(n)))
+    return;
   std::vector<float> row_scores(nq);
   for (int64_t j = 0; j < n; ++j) {
     DotRowMulti(q, nq, key_at(j), d, t, row_scores.data());
@@ -100,8 +144,23 @@ void ScoreGroup(const float* q, int nq, int d, DType t, int64_t n, KeyAt key_at,
 
 // One head: s [n].
 template <typename ValueAt>
-void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at, float* o, float* lse) {
-  FinishGroup(s, 1, static_cast<int64_t>(s.size()), d, t, value_at, o, lse);
+void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at,
+            const internal::TileRows& value_rows, float* o, float* lse) {
+  FinishGroup(s, 1, static_cast<int64_t>(s.size()), d, t, value_at, value_rows, o, lse);
+}
+
+// Rows `stride_elems` apart from `rows`, for the tiles (bf16 only: they take no other dtype).
+internal::TileRows Strided(const void* rows, std::size_t stride_elems) {
+  internal::TileRows r;
+  r.base = static_cast<const uint16_t*>(rows);
+  r.stride = stride_elems;
+  return r;
+}
+
+internal::TileRows Listed(const void* const* rows) {
+  internal::TileRows r;
+  r.ptrs = rows;
+  return r;
 }
 
 }  // namespace
@@ -118,19 +177,23 @@ void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* ke
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);
   auto* kb = static_cast<const unsigned char*>(keys);
   ScoreGroup(
-      q, nq, d, t, n, [&](int64_t j) { return kb + j * stride_bytes; }, s.data());
+      q, nq, d, t, n, [&](int64_t j) { return kb + j * stride_bytes; }, Strided(keys, stride_elems),
+      s.data());
   for (auto& x : s) x *= scale;
   auto* vb = static_cast<const unsigned char*>(values);
   FinishGroup(
-      s, nq, n, d, t, [&](int64_t j) { return vb + j * stride_bytes; }, o, lse);
+      s, nq, n, d, t, [&](int64_t j) { return vb + j * stride_bytes; },
+      Strided(values, stride_elems), o, lse);
 }
 
 void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
                        const void* const* keys, const void* const* values, float* o, float* lse) {
   std::vector<float> s(n);
-  for (int64_t j = 0; j < n; ++j) s[j] = DotRow(q, keys[j], d, t) * scale;
+  ScoreGroup(
+      q, 1, d, t, n, [&](int64_t j) { return keys[j]; }, Listed(keys), s.data());
+  for (auto& x : s) x *= scale;
   Finish(
-      s, d, t, [&](int64_t j) { return values[j]; }, o, lse);
+      s, d, t, [&](int64_t j) { return values[j]; }, Listed(values), o, lse);
 }
 
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
@@ -142,12 +205,23 @@ void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& 
                           const int64_t* ids, int64_t n, float* o, float* lse) {
   const int d = store.dim();
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
+  // The tiles take the rows by pointer (a bf16 store's, where they run).
+  std::vector<const void*> keys, values;
+  if (store.dtype() == DType::kBF16 && internal::AttentionTilesAvailable()) {
+    keys.resize(n);
+    values.resize(n);
+    for (int64_t j = 0; j < n; ++j) keys[j] = store.key(ids[j]), values[j] = store.value(ids[j]);
+  }
   ScoreGroup(
-      q, nq, d, store.dtype(), n, [&](int64_t j) { return store.key(ids[j]); }, s.data());
+      q, nq, d, store.dtype(), n, [&](int64_t j) { return store.key(ids[j]); }, Listed(keys.data()),
+      s.data());
   for (auto& x : s) x *= scale;
   FinishGroup(
-      s, nq, n, d, store.dtype(), [&](int64_t j) { return store.value(ids[j]); }, o, lse);
+      s, nq, n, d, store.dtype(), [&](int64_t j) { return store.value(ids[j]); },
+      Listed(values.data()), o, lse);
 }
+
+int GroupPassHeads() { return internal::AttentionTilesAvailable() ? internal::kTileHeads : 4; }
 
 void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse) {
   AttendDense(q, store.dim(), scale, store.keys(), store.values(), store.dim(), store.dtype(),

@@ -8,9 +8,9 @@
 #include <cstring>
 #include <exception>
 #include <string>
-#include <unordered_map>
 
 #include "absl/strings/str_cat.h"
+#include "host_matmul.h"
 #include "index_common.h"
 #include "kvrt_common/dtype.h"
 #include "kvrt_common/multiversion.h"
@@ -23,11 +23,6 @@ namespace {
 using dt = dnnl::memory::data_type;
 using tag = dnnl::memory::format_tag;
 
-const dnnl::engine& CpuEngine() {
-  static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
-}
-
 // The matmul [m, d] x [d, c] -> f32, weights in the layout oneDNN picks for them, the scratchpad
 // ours (a primitive's own is shared by the threads that run it at once).
 dnnl::matmul::primitive_desc BlockMatmul(int64_t m, int64_t c, int d) {
@@ -37,25 +32,6 @@ dnnl::matmul::primitive_desc BlockMatmul(int64_t m, int64_t c, int d) {
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, wei, dst), attr, CpuEngine());
-}
-
-// src x weights -> dst on the calling thread alone (inside a TBB task, beside the other blocks'
-// tasks), with a scratchpad of this thread's.
-void RunOnThisThread(const dnnl::matmul& mm, const dnnl::matmul::primitive_desc& pd,
-                     const dnnl::memory& src, const dnnl::memory& weights,
-                     const dnnl::memory& dst) {
-  OmpThreadsGuard one_thread(1);
-  thread_local std::vector<unsigned char> scratch;
-  const std::size_t need = pd.scratchpad_desc().get_size();
-  if (scratch.size() < need) scratch.resize(need);
-  std::unordered_map<int, dnnl::memory> args = {
-      {DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}};
-  if (need > 0)
-    args.emplace(DNNL_ARG_SCRATCHPAD,
-                 dnnl::memory(pd.scratchpad_desc(), CpuEngine(), scratch.data()));
-  dnnl::stream stream(CpuEngine());
-  mm.execute(stream, args);
-  stream.wait();
 }
 
 bool RunsOnAmx() {

@@ -9,6 +9,7 @@
 // therefore hold more than k rows. `scores` is left empty (the search scores centroids, not the
 // returned rows). effort is ignored.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -16,6 +17,7 @@
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
+#include "bf16_tiles.h"
 #include "index_common.h"
 #include "kinds.h"
 #include "kvrt_common/timeline.h"
@@ -105,8 +107,9 @@ class ClusterIndex final : public KeyIndex {
     if (auto s = internal::CheckSearch(store, dim_, built_, size_, q, params, out); !s.ok())
       return s;
     std::vector<float> scores(summary_.num_clusters());
-    DotRows(q, summary_.centroid.data(), dim_, DType::kBF16, static_cast<int64_t>(scores.size()),
-            dim_, scores.data());
+    if (!CentroidScoresOnTiles(q, 1, scores.data()))
+      DotRows(q, summary_.centroid.data(), dim_, DType::kBF16, static_cast<int64_t>(scores.size()),
+              dim_, scores.data());
     std::vector<float> oscores(summary_.outliers.size());
     store.DotIds(q, summary_.outliers.data(), static_cast<int64_t>(oscores.size()), oscores.data());
     Finish(store, q, scores.data(), oscores.data(), params, out);
@@ -126,13 +129,17 @@ class ClusterIndex final : public KeyIndex {
     // group (an MQA model's 48 q heads over one kv head) is one unit of the runtime's parallel
     // loop, so its passes over the clusters and its queries run in parallel here; each cluster's
     // and each query's arithmetic is the one a serial pass does.
-    std::vector<float> cs(static_cast<std::size_t>(nq) * c), scores(cs.size());
-    ParallelRange(c, GroupGrain(nq, dim_), [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        DotRowMulti(qs, nq, summary_.centroid.data() + static_cast<std::size_t>(j) * dim_, dim_,
-                    DType::kBF16, cs.data() + j * nq);
-      }
-    });
+    std::vector<float> cs, scores(static_cast<std::size_t>(nq) * c);
+    const bool tiles = CentroidScoresOnTiles(qs, nq, scores.data());
+    if (!tiles) {
+      cs.resize(scores.size());
+      ParallelRange(c, GroupGrain(nq, dim_), [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          DotRowMulti(qs, nq, summary_.centroid.data() + static_cast<std::size_t>(j) * dim_, dim_,
+                      DType::kBF16, cs.data() + j * nq);
+        }
+      });
+    }
     std::vector<float> os(static_cast<std::size_t>(no) * nq),
         oscores(static_cast<std::size_t>(nq) * no);
     ParallelRange(no, GroupGrain(nq, dim_), [&](int64_t j0, int64_t j1) {
@@ -143,7 +150,8 @@ class ClusterIndex final : public KeyIndex {
     });
     ParallelRange(nq, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t j = 0; j < c; ++j) scores[i * c + j] = cs[j * nq + i];
+        if (!tiles)
+          for (int64_t j = 0; j < c; ++j) scores[i * c + j] = cs[j * nq + i];
         for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
       }
     });
@@ -187,10 +195,11 @@ class ClusterIndex final : public KeyIndex {
       // per kEstimateQueries queries of a wide group.
       const std::vector<float> log_size = LogSizes(summary_);
       std::vector<float> eo(static_cast<std::size_t>(nq) * dim_), el(nq);
-      ParallelRange(nq, kEstimateQueries, [&](int64_t i0, int64_t i1) {
-        EstimateUnselectedGroup(summary_, density.data() + i0 * c, static_cast<int>(i1 - i0), sel,
-                                log_size.data(), eo.data() + i0 * dim_, el.data() + i0);
-      });
+      ParallelRange(
+          nq, std::max<int64_t>(kEstimateQueries, GroupPassHeads()), [&](int64_t i0, int64_t i1) {
+            EstimateUnselectedGroup(summary_, density.data() + i0 * c, static_cast<int>(i1 - i0),
+                                    sel, log_size.data(), eo.data() + i0 * dim_, el.data() + i0);
+          });
       for (int i = 0; i < nq; ++i) {
         float* o = eo.data() + static_cast<std::size_t>(i) * dim_;
         if (Rescoring())
@@ -240,6 +249,26 @@ class ClusterIndex final : public KeyIndex {
   }
 
  private:
+  // out [nq, c] <- every query's score of every centroid, on the tiles (bf16_tiles.h) in tasks of
+  // whole kTileRows blocks; false where they do not run (the caller scores in f32).
+  bool CentroidScoresOnTiles(const float* qs, int nq, float* out) const {
+    const int64_t c = summary_.num_clusters();
+    if (c == 0 || !internal::AttentionTilesAvailable()) return false;
+    internal::TileRows rows;
+    rows.base = summary_.centroid.data();
+    rows.stride = static_cast<std::size_t>(dim_);
+    const int64_t blocks = (c + internal::kTileRows - 1) / internal::kTileRows;
+    std::atomic<bool> ok{true};
+    ParallelRange(blocks, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t j0 = b0 * internal::kTileRows, j1 = std::min(c, b1 * internal::kTileRows);
+      internal::TileRows at = rows;
+      at.base += static_cast<std::size_t>(j0) * dim_;
+      if (!internal::TileScores(qs, nq, dim_, at, j1 - j0, out + j0, static_cast<std::size_t>(c)))
+        ok = false;
+    });
+    return ok;
+  }
+
   // Clusters every full segment of rows [size_, store.size()).
   absl::Status Cover(const HeadStore& store) {
     const int64_t seg = cfg_.segment_tokens;

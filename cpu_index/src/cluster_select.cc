@@ -4,6 +4,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "bf16_tiles.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/exp_sum.h"
@@ -126,6 +127,7 @@ namespace {
 // The estimate's clusters per block (f32 sums within, double across) and blocks per parallel
 // wave (bounds the partial sums held: a wave's blocks x queries x dim floats).
 constexpr int64_t kEstimateBlock = 256;
+static_assert(kEstimateBlock <= internal::kTileRows, "a block is one product on the tiles");
 constexpr int64_t kEstimateWave = 64;
 constexpr int64_t kEstimateTaskMacs = int64_t{1} << 18;  // multiply-adds a task at least
 
@@ -145,8 +147,15 @@ void EstimateBlock(const ClusterSummary& s, const float* lm, int64_t c,
     // ExpSum: exp(-inf) is 0, a vectorised exp (libm's scalar one was most of the estimate).
     lb[k] = ExpSum(x, n, m[h], w + static_cast<std::size_t>(k) * kEstimateBlock);
   }
-  AddWeightedRows(w, kEstimateBlock, nl, s.value_mean.data() + static_cast<std::size_t>(j0) * d,
-                  DType::kBF16, n, d, part);
+  const uint16_t* means = s.value_mean.data() + static_cast<std::size_t>(j0) * d;
+  internal::TileRows rows;
+  rows.base = means;
+  rows.stride = static_cast<std::size_t>(d);
+  if (internal::AttentionTilesAvailable() &&
+      internal::TileWeightedSums(w, kEstimateBlock, nl, rows, n, d, part))
+    return;
+  std::fill(part, part + static_cast<std::size_t>(nl) * d, 0.f);  // a failed product's leftovers
+  AddWeightedRows(w, kEstimateBlock, nl, means, DType::kBF16, n, d, part);
 }
 }  // namespace
 

@@ -1,7 +1,6 @@
 #include "index_common.h"
 
 #include <dlfcn.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <limits>
@@ -94,11 +93,6 @@ void TakeTopK(std::vector<std::pair<float, int64_t>>* cands, int k, SearchResult
     out->scores[i] = (*cands)[i].first;
   }
 }
-
-OmpThreadsGuard::OmpThreadsGuard(int threads) : saved_(omp_get_max_threads()) {
-  omp_set_num_threads(std::max(1, threads));
-}
-OmpThreadsGuard::~OmpThreadsGuard() { omp_set_num_threads(saved_); }
 
 void UseSingleThreadedBlas() {
   using SetThreads = void (*)(int);

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "host_matmul.h"
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/head_store.h"
 #include "kvrt_cpu_index/index.h"
@@ -31,19 +32,6 @@ int BuildThreads(const IndexConfig& config);
 // Sorts candidates best first (score desc, then lower id), keeps k, writes out->ids/scores.
 // Candidates must be duplicate-free.
 void TakeTopK(std::vector<std::pair<float, int64_t>>* cands, int k, SearchResult* out);
-
-// Sets OpenMP's thread count for the calling thread for the guard's life (FAISS parallelises with
-// OpenMP; inside a TBB task it must run on one thread or it oversubscribes the cores).
-class OmpThreadsGuard {
- public:
-  explicit OmpThreadsGuard(int threads);
-  ~OmpThreadsGuard();
-  OmpThreadsGuard(const OmpThreadsGuard&) = delete;
-  OmpThreadsGuard& operator=(const OmpThreadsGuard&) = delete;
-
- private:
-  int saved_;
-};
 
 // Makes OpenBLAS single-threaded (process-wide) when it is the BLAS we run on: every parallel
 // loop of kvrt is a TBB task, and an OpenBLAS call inside one must not start its own threads.

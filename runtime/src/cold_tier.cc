@@ -443,22 +443,21 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   const auto& store = stores_[heads[0] / (cfg_->num_q_heads / cfg_->num_kv_heads)];
   const auto& rows = sel.rows[heads[0]];
   const int64_t n_rows = static_cast<int64_t>(rows.size());
-  // kAttendQueries heads per pass over a chunk of kAttendRows rows, every (pass, chunk) a task,
-  // each head's chunk states merged in chunk order: a wide group (an MQA model's, MLA's latent:
-  // 16-128 heads over one kv head) is the step's only unit, and its passes alone kept 4 of 16
-  // cores busy (DeepSeek-V2-Lite's latent at 32K: 8.5 ms per layer-step, docs/benchmarks.md).
+  // pass_heads heads per pass over a chunk of chunk_rows rows, every (pass, chunk) a task, each
+  // head's chunk states merged in chunk order: a wide group (an MQA model's, MLA's latent: 16-128
+  // heads over one kv head) is the step's only unit, and its passes alone kept 4 of 16 cores busy
+  // (DeepSeek-V2-Lite's latent at 32K: 8.5 ms per layer-step, docs/benchmarks.md). On the tiles a
+  // pass is 16 heads (its product's padded width) and the chunks shorter, for as many tasks.
   // The chunks follow the row count alone, so a step's result does not depend on the threads.
-  constexpr int kAttendQueries = 4;
-  constexpr int64_t kAttendRows = 2048;
-  const int passes = (nq + kAttendQueries - 1) / kAttendQueries;
-  const int chunks =
-      static_cast<int>(std::max<int64_t>(1, (n_rows + kAttendRows - 1) / kAttendRows));
+  const int pass_heads = cpu_index::GroupPassHeads();
+  const int64_t chunk_rows = pass_heads > 4 ? 512 : 2048;
+  const int passes = (nq + pass_heads - 1) / pass_heads;
+  const int chunks = static_cast<int>(std::max<int64_t>(1, (n_rows + chunk_rows - 1) / chunk_rows));
   const std::size_t state = static_cast<std::size_t>(nq) * d;
   std::vector<float> o(chunks * state), lse(static_cast<std::size_t>(chunks) * nq);
   tbb::parallel_for(0, passes * chunks, [&](int t) {
-    const int c = t % chunks, i0 = t / chunks * kAttendQueries,
-              n = std::min(kAttendQueries, nq - i0);
-    const int64_t r0 = c * kAttendRows, r1 = std::min(n_rows, r0 + kAttendRows);
+    const int c = t % chunks, i0 = t / chunks * pass_heads, n = std::min(pass_heads, nq - i0);
+    const int64_t r0 = c * chunk_rows, r1 = std::min(n_rows, r0 + chunk_rows);
     cpu_index::AttendStoreRowsGroup(q + static_cast<std::size_t>(i0) * d, n, cfg_->scale, store,
                                     rows.data() + r0, r1 - r0,
                                     o.data() + c * state + static_cast<std::size_t>(i0) * d,

@@ -165,14 +165,28 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
                  static_cast<std::size_t>(H) * d, step->q_mut(i));
   const int G = cfg_->num_kv_heads;
   const std::size_t head_elems = static_cast<std::size_t>(G) * d;
-  // A task per (member, kv head, run of its q heads): the run scores the kv head's sink and
-  // window rows in one pass over them (the same figures as a pass per head, a quarter of the reads
-  // at 4 q heads per kv head). Runs as long as the arena's threads still get a task each (few kv
-  // heads, one sequence: shorter runs).
+  // A task per (member, kv head, run of its q heads, chunk of the window's rows): the run scores
+  // the kv head's rows in one pass over them for all its heads (the same figures as a pass per
+  // head, a quarter of the reads at 4 q heads per kv head). Without the tiles the runs are as long
+  // as the arena's threads still get a task each (few kv heads, one sequence: shorter runs), the
+  // window one chunk. On the tiles (cpu_index::GroupPassHeads) a run is the whole group, whose
+  // product is padded to that many heads anyway, and the window goes in chunks of kWindowChunk
+  // rows instead, merged in order: the chunks follow the row count, not the threads.
+  constexpr int64_t kWindowChunk = 512;
+  const bool wide = cpu_index::GroupPassHeads() > 4;
   const int per_task =
-      std::clamp(n * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1));
+      wide ? std::max(group, 1)
+           : std::clamp(n * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1));
   const int runs = (group + per_task - 1) / per_task;
-  auto body = [&](int row) {
+  int64_t most = 0;
+  for (int i = 0; i < n; ++i) most = std::max(most, counts[i].n_window);
+  const int chunks =
+      wide ? static_cast<int>(std::max<int64_t>(1, (most + kWindowChunk - 1) / kWindowChunk)) : 1;
+  const std::size_t slot = static_cast<std::size_t>(per_task) * d;
+  const std::size_t tasks = static_cast<std::size_t>(n) * G * runs * chunks;
+  std::vector<float> chunk_o(tasks * slot), chunk_lse(tasks * per_task);
+  auto body = [&](int task) {
+    const int row = task / chunks, c = task % chunks;
     const int i = row / (G * runs), g = row / runs % G, r0 = row % runs * per_task;
     const int nh = std::min(per_task, group - r0), h0 = g * group + r0;
     const auto& tier = *static_cast<const HostTier*>(tiers[i]);
@@ -180,22 +194,38 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
     const std::size_t hoff = static_cast<std::size_t>(g) * d * DTypeSize(cfg_->dtype);
     const float* qg = step->q(i) + static_cast<std::size_t>(h0) * d;
     float* og = state.o.data() + static_cast<std::size_t>(h0) * d;
-    std::vector<float> o2(static_cast<std::size_t>(nh) * d), lse2(nh);
     // NOTE: an unallocated buffer (sink_tokens = 0, or no token past the sinks yet) has a null
     // data(); offsetting null is undefined behaviour (UBSan, fuzz_api), so pass null instead.
-    auto at = [hoff](const std::vector<unsigned char>& b) {
-      return b.empty() ? nullptr : b.data() + hoff;
+    auto at = [](const std::vector<unsigned char>& b, std::size_t off) {
+      return b.empty() ? nullptr : b.data() + off;
     };
-    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.sink_k_), at(tier.sink_values()),
-                                head_elems, cfg_->dtype, counts[i].n_sink, og, &state.lse[h0]);
-    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.ring_k_), at(tier.ring_values()),
-                                head_elems, cfg_->dtype, counts[i].n_window, o2.data(),
-                                lse2.data());
-    for (int r = 0; r < nh; ++r)
-      cpu_index::MergeInto(og + static_cast<std::size_t>(r) * d, &state.lse[h0 + r],
-                           o2.data() + static_cast<std::size_t>(r) * d, lse2[r], d);
+    if (c == 0)
+      cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.sink_k_, hoff),
+                                  at(tier.sink_values(), hoff), head_elems, cfg_->dtype,
+                                  counts[i].n_sink, og, &state.lse[h0]);
+    const int64_t w0 = c * kWindowChunk, w1 = chunks == 1
+                                                  ? counts[i].n_window
+                                                  : std::min(counts[i].n_window, w0 + kWindowChunk);
+    const std::size_t off =
+        hoff + static_cast<std::size_t>(std::min(w0, w1)) * head_elems * DTypeSize(cfg_->dtype);
+    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.ring_k_, off),
+                                at(tier.ring_values(), off), head_elems, cfg_->dtype,
+                                std::max<int64_t>(0, w1 - w0), chunk_o.data() + task * slot,
+                                chunk_lse.data() + static_cast<std::size_t>(task) * per_task);
   };
-  arena.execute([&] { tbb::parallel_for(0, n * G * runs, body); });
+  arena.execute([&] { tbb::parallel_for(0, static_cast<int>(tasks), body); });
+  // Each run's window chunks merged into its sinks' state, in chunk order.
+  for (std::size_t task = 0; task < tasks; ++task) {
+    const int row = static_cast<int>(task) / chunks;
+    const int i = row / (G * runs), g = row / runs % G, r0 = row % runs * per_task;
+    const int nh = std::min(per_task, group - r0), h0 = g * group + r0;
+    PartialState& state = step->tier[i];
+    for (int r = 0; r < nh; ++r)
+      cpu_index::MergeInto(state.o.data() + static_cast<std::size_t>(h0 + r) * d,
+                           &state.lse[h0 + r],
+                           chunk_o.data() + task * slot + static_cast<std::size_t>(r) * d,
+                           chunk_lse[task * per_task + r], d);
+  }
   return std::unique_ptr<TierStep>(std::move(step));
 }
 
