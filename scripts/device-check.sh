@@ -847,16 +847,19 @@ if [[ "${1:-}" == "--device" ]]; then
       # q_heads:kv_heads:head_dim, default DeepSeek-V2-Lite's 16 and V3's 128 q heads), the build before (kvrt_before, when bundled) against this
       # one, AB_ROUNDS rounds (default 1): cluster kind, B=1, a cold tier with an unclustered tail
       # (30716 rows: 3 segments and 6140) and 128K, with accuracy, without the prompt's queries
-      # (128 heads of them at 128K: 19 GB); the prefill's time is printed.
+      # (128 heads of them at 128K: 19 GB); the prefill's time is printed. HOST_TILES: the values
+      # of KVRT_HOST_TILES to alternate (default 1: the products on the AMX tiles where they run).
       for round in $(seq "${AB_ROUNDS:-1}"); do
         for shape in ${HOST_SHAPES:-16:1:576 128:1:576}; do
           IFS=: read -r qh kvh hd <<< "$shape"
           for prog in kvrt_before kvrt; do
             [[ -x $b/$prog ]] || continue
-            echo "=== $prog, round $round: host backend, shape $shape, cluster B=1"
-            timeout 240 $b/$prog $args --gpu 0 --memory host --q-heads $qh --kv-heads $kvh \
-              --head-dim $hd --index cluster --cold 30716,131072 --batch 1 --layers 1 \
-              --prompt-queries 0 || rc=1
+            for tiles in ${HOST_TILES:-1}; do
+              echo "=== $prog, round $round: host backend, shape $shape, cluster B=1, KVRT_HOST_TILES=$tiles"
+              KVRT_HOST_TILES=$tiles timeout 240 $b/$prog $args --gpu 0 --memory host \
+                --q-heads $qh --kv-heads $kvh --head-dim $hd --index cluster --cold 30716,131072 \
+                --batch 1 --layers 1 --prompt-queries 0 || rc=1
+            done
           done
         done
       done
