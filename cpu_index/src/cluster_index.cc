@@ -129,6 +129,8 @@ class ClusterIndex final : public KeyIndex {
     // group (an MQA model's 48 q heads over one kv head) is one unit of the runtime's parallel
     // loop, so its passes over the clusters and its queries run in parallel here; each cluster's
     // and each query's arithmetic is the one a serial pass does.
+    // The phases' spans (KVRT_TIMELINE) say where a wide group's search goes.
+    timeline::Span span_scores("search_scores", nq);
     std::vector<float> cs, scores(static_cast<std::size_t>(nq) * c);
     const bool tiles = CentroidScoresOnTiles(qs, nq, scores.data());
     if (!tiles) {
@@ -155,6 +157,7 @@ class ClusterIndex final : public KeyIndex {
         for (int64_t j = 0; j < no; ++j) oscores[i * no + j] = os[j * nq + i];
       }
     });
+    span_scores.End();
     if (!cfg_.group_select || nq == 1) {
       // Selecting on codes, every query scores every cluster's rows: one pass over the codes for
       // the whole group, each query's masses as its own pass would give them.
@@ -170,6 +173,7 @@ class ClusterIndex final : public KeyIndex {
       return absl::OkStatus();
     }
     // One selection for the group, by the group key; each query's own estimate.
+    timeline::Span span_key("search_group_key", nq);
     std::vector<float> density(static_cast<std::size_t>(nq) * c), key(c);
     ParallelRange(nq, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i)
@@ -177,6 +181,8 @@ class ClusterIndex final : public KeyIndex {
                 density.data() + i * c);
     });
     GroupSelectionKey(summary_, density.data(), nq, key.data());
+    span_key.End();
+    timeline::Span span_select("search_select", nq);
     std::vector<int32_t> sel;
     const int64_t tokens =
         SelectClusters(summary_, key.data(), Candidates(params), CandidateTopP(), &sel);
@@ -190,7 +196,9 @@ class ClusterIndex final : public KeyIndex {
              /*outliers_by_score=*/false, /*estimate=*/false, Rescoring() ? &rescored : nullptr);
       }
     });
+    span_select.End();
     if (cfg_.estimate) {
+      KVRT_SPAN("search_estimate", nq);
       // Every query's estimate in one pass over the value means (each query's as alone), a pass
       // per kEstimateQueries queries of a wide group.
       const std::vector<float> log_size = LogSizes(summary_);

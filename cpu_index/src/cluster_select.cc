@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "bf16_tiles.h"
+#include "kvrt_common/multiversion.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/dot.h"
 #include "kvrt_cpu_index/exp_sum.h"
@@ -72,48 +73,66 @@ namespace {
 // A group this wide or wider computes its selection key in parallel, kKeyClusterGrain clusters a
 // task (narrower groups are one unit of the runtime's loop over kv heads among several).
 constexpr int kParallelQueries = 8;
-constexpr int64_t kKeyClusterGrain = 128;  // 2 x 16 double exps a cluster: ~80 us a task
+constexpr int64_t kKeyClusterGrain = 256;
 
-// Cluster j's group key from the queries' log totals lse (see GroupSelectionKey).
-float GroupKeyOf(const ClusterSummary& s, const float* density, int nq, int64_t c,
-                 const double* lse, int64_t j) {
-  if (s.size[j] <= 0) return -INFINITY;
-  double m = -INFINITY;
-  for (int i = 0; i < nq; ++i)
-    if (lse[i] > -INFINITY) m = std::max<double>(m, density[i * c + j] - lse[i]);
-  if (m == -INFINITY) return -INFINITY;
-  double l = 0;
-  for (int i = 0; i < nq; ++i)
-    if (lse[i] > -INFINITY) l += std::exp(density[i * c + j] - lse[i] - m);
-  return static_cast<float>(m + std::log(l));
+// Clusters [j0, j1)'s group keys from the live queries' log totals lse (see GroupSelectionKey):
+// per cluster the max over the queries, then the sum of their exps, both in passes over the
+// queries with the clusters in the inner loop (ExpNonPositive vectorises there).
+KVRT_MULTIVERSION void GroupKeys(const ClusterSummary& s, const float* density, int64_t c,
+                                 const std::vector<int>& live, const std::vector<float>& lse,
+                                 int64_t j0, int64_t j1, float* key) {
+  const int64_t n = j1 - j0;
+  std::vector<float> m(n, -INFINITY), l(n, 0.f);
+  for (int i : live) {
+    const float* di = density + static_cast<std::size_t>(i) * c + j0;
+    const float li = lse[i];
+    for (int64_t j = 0; j < n; ++j) m[j] = std::max(m[j], di[j] - li);
+  }
+  for (int i : live) {
+    const float* di = density + static_cast<std::size_t>(i) * c + j0;
+    const float li = lse[i];
+    for (int64_t j = 0; j < n; ++j) l[j] += ExpNonPositive((di[j] - li) - m[j]);
+  }
+  for (int64_t j = 0; j < n; ++j)
+    key[j0 + j] = s.size[j0 + j] <= 0 || m[j] == -INFINITY ? -INFINITY : m[j] + std::log(l[j]);
 }
 }  // namespace
 
 void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key) {
   const int64_t c = s.num_clusters();
-  std::vector<double> lse(nq, -INFINITY);
-  // The sizes' logs once for every query and pass (2 * nq logs per cluster before).
-  std::vector<double> log_size(c, 0.0);
-  for (int64_t j = 0; j < c; ++j)
-    if (s.size[j] > 0) log_size[j] = std::log(double(s.size[j]));
-  // Two passes of nq x c exps in double: a wide group's queries (first pass) and clusters (second)
-  // in parallel.
+  // Each query's log total over the clusters (its density plus the log size), in f32 exps
+  // (ExpSum, vectorised; libm's double exps were 14% of a 16-head latent step) summed in double.
+  // A query whose total is not a number (a NaN density, an infinite one) or has no cluster takes
+  // no part in the key.
+  std::vector<float> lse(nq, -INFINITY);
   const bool wide = nq >= kParallelQueries;
+  const std::vector<float> log_size = LogSizes(s);
   internal::ParallelRange(nq, wide ? 1 : nq, [&](int64_t i0, int64_t i1) {
+    std::vector<float> x(c);
     for (int64_t i = i0; i < i1; ++i) {
       const float* di = density + static_cast<std::size_t>(i) * c;
-      double m = -INFINITY;
-      for (int64_t j = 0; j < c; ++j)
-        if (s.size[j] > 0) m = std::max<double>(m, di[j] + log_size[j]);
+      float m = -INFINITY;
+      bool nan = false;
+      for (int64_t j = 0; j < c; ++j) {
+        x[j] = s.size[j] > 0 ? di[j] + log_size[j] : -INFINITY;
+        nan = nan || std::isnan(x[j]);
+        m = std::max(m, x[j]);
+      }
       if (m == -INFINITY) continue;
-      double l = 0;
-      for (int64_t j = 0; j < c; ++j)
-        if (s.size[j] > 0) l += std::exp(di[j] + log_size[j] - m);
-      lse[i] = m + std::log(l);
+      lse[i] = nan || !std::isfinite(m)
+                   ? NAN
+                   : m + static_cast<float>(std::log(ExpSum(x.data(), c, m, nullptr)));
     }
   });
+  std::vector<int> live;
+  for (int i = 0; i < nq; ++i)
+    if (lse[i] > -INFINITY) live.push_back(i);  // false for NaN
+  if (live.empty()) {
+    std::fill(key, key + c, -INFINITY);
+    return;
+  }
   internal::ParallelRange(c, wide ? kKeyClusterGrain : c, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) key[j] = GroupKeyOf(s, density, nq, c, lse.data(), j);
+    GroupKeys(s, density, c, live, lse, j0, j1, key);
   });
 }
 

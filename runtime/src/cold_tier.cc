@@ -440,6 +440,7 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
         0, nq, [&](int i) { AttendHead(heads[i], q + static_cast<std::size_t>(i) * d, sel, out); });
     return;
   }
+  KVRT_SPAN("cold_attend_group", nq);
   const auto& store = stores_[heads[0] / (cfg_->num_q_heads / cfg_->num_kv_heads)];
   const auto& rows = sel.rows[heads[0]];
   const int64_t n_rows = static_cast<int64_t>(rows.size());
