@@ -863,6 +863,20 @@ if [[ "${1:-}" == "--device" ]]; then
           done
         done
       done
+      # HOST_TIMELINE=1: each shape once more at 128K with KVRT_TIMELINE, summed per span (the
+      # search's phases, the group attention; tools/gpu_bench/timeline_summary.py).
+      if [[ -n ${HOST_TIMELINE:-} ]]; then
+        for shape in ${HOST_SHAPES:-16:1:576 128:1:576}; do
+          IFS=: read -r qh kvh hd <<< "$shape"
+          tl="$out/timeline-latent-$qh-$kvh-$hd.json"
+          echo "=== kvrt with KVRT_TIMELINE: host backend, shape $shape, cold 131072"
+          KVRT_TIMELINE=$tl timeout 240 $b/kvrt $args --gpu 0 --memory host --q-heads $qh \
+            --kv-heads $kvh --head-dim $hd --index cluster --cold 131072 --batch 1 --layers 1 \
+            --prompt-queries 0 --accuracy-steps 0 || rc=1
+          python3 tools/gpu_bench/timeline_summary.py "$tl" || rc=1
+          gzip -f "$tl"
+        done
+      fi
     elif [[ "$bench" == host-prefill ]]; then
       # The host backend's prompt build at DeepSeek-V2-Lite's latent shape (16:1:576, cluster
       # kind, 30716 cold rows, B=1, PREFILL_LAYERS layers, default 4: a decoder's prompt goes
