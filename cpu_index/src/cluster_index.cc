@@ -71,6 +71,7 @@ class ClusterIndex final : public KeyIndex {
     }
     summary_ = ClusterSummary{};
     summary_.dim = dim_;
+    log_size_.clear();
     pending_order_.clear();
     codes_ = SegmentCodes{};
     value_codes_ = SegmentCodes{};
@@ -180,7 +181,7 @@ class ClusterIndex final : public KeyIndex {
         Density(qs + static_cast<std::size_t>(i) * dim_, scores.data() + i * c,
                 density.data() + i * c);
     });
-    GroupSelectionKey(summary_, density.data(), nq, key.data());
+    GroupSelectionKey(summary_, density.data(), nq, log_size_.data(), key.data());
     span_key.End();
     timeline::Span span_select("search_select", nq);
     std::vector<int32_t> sel;
@@ -201,12 +202,11 @@ class ClusterIndex final : public KeyIndex {
       KVRT_SPAN("search_estimate", nq);
       // Every query's estimate in one pass over the value means (each query's as alone), a pass
       // per kEstimateQueries queries of a wide group.
-      const std::vector<float> log_size = LogSizes(summary_);
       std::vector<float> eo(static_cast<std::size_t>(nq) * dim_), el(nq);
       ParallelRange(
           nq, std::max<int64_t>(kEstimateQueries, GroupPassHeads()), [&](int64_t i0, int64_t i1) {
             EstimateUnselectedGroup(summary_, density.data() + i0 * c, static_cast<int>(i1 - i0),
-                                    sel, log_size.data(), eo.data() + i0 * dim_, el.data() + i0);
+                                    sel, log_size_.data(), eo.data() + i0 * dim_, el.data() + i0);
           });
       for (int i = 0; i < nq; ++i) {
         float* o = eo.data() + static_cast<std::size_t>(i) * dim_;
@@ -335,6 +335,7 @@ class ClusterIndex final : public KeyIndex {
       for (std::size_t j = 0; j < p.size.size(); ++j) {
         summary_.begin.push_back(row);
         summary_.size.push_back(p.size[j]);
+        log_size_.push_back(std::log(static_cast<float>(p.size[j])));
         summary_.spread.push_back(p.spread[j]);
         row += p.size[j];
       }
@@ -847,6 +848,7 @@ class ClusterIndex final : public KeyIndex {
   bool built_ = false;
   int64_t size_ = 0;
   ClusterSummary summary_;
+  std::vector<float> log_size_;  // LogSizes(summary_), kept beside it (a search's every query)
   std::vector<float> metric_l_;
   std::vector<float> calib_q_;  // the prompt's last queries, f32 (calibrate_queries > 0)
   int64_t pending_begin_ = 0;

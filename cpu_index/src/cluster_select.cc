@@ -99,6 +99,12 @@ KVRT_MULTIVERSION void GroupKeys(const ClusterSummary& s, const float* density, 
 }  // namespace
 
 void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key) {
+  const std::vector<float> log_size = LogSizes(s);
+  GroupSelectionKey(s, density, nq, log_size.data(), key);
+}
+
+void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, const float* log_size,
+                       float* key) {
   const int64_t c = s.num_clusters();
   // Each query's log total over the clusters (its density plus the log size), in f32 exps
   // (ExpSum, vectorised; libm's double exps were 14% of a 16-head latent step) summed in double.
@@ -106,7 +112,6 @@ void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, fl
   // no part in the key.
   std::vector<float> lse(nq, -INFINITY);
   const bool wide = nq >= kParallelQueries;
-  const std::vector<float> log_size = LogSizes(s);
   internal::ParallelRange(nq, wide ? 1 : nq, [&](int64_t i0, int64_t i1) {
     std::vector<float> x(c);
     for (int64_t i = i0; i < i1; ++i) {
@@ -192,16 +197,21 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
   std::fill(o, o + static_cast<std::size_t>(nq) * d, 0.f);
   std::fill(lse, lse + nq, -INFINITY);
   // Per query: the log masses, the selected ones out, the max.
+  // (In parallel over the queries, as the sums over the blocks below: with a wide group's
+  // products on the tiles these serial passes were a third of the estimate.)
   std::vector<float> lm(static_cast<std::size_t>(nq) * c), m(nq, -INFINITY);
+  internal::ParallelRange(nq, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      float* lh = lm.data() + static_cast<std::size_t>(h) * c;
+      const float* dh = density + static_cast<std::size_t>(h) * c;
+      for (int64_t j = 0; j < c; ++j) lh[j] = dh[j] + log_size[j];
+      for (int32_t j : selected) lh[j] = -INFINITY;
+      for (int64_t j = 0; j < c; ++j) m[h] = std::max(m[h], lh[j]);
+    }
+  });
   std::vector<int> live;
-  for (int h = 0; h < nq; ++h) {
-    float* lh = lm.data() + static_cast<std::size_t>(h) * c;
-    const float* dh = density + static_cast<std::size_t>(h) * c;
-    for (int64_t j = 0; j < c; ++j) lh[j] = dh[j] + log_size[j];
-    for (int32_t j : selected) lh[j] = -INFINITY;
-    for (int64_t j = 0; j < c; ++j) m[h] = std::max(m[h], lh[j]);
+  for (int h = 0; h < nq; ++h)
     if (m[h] != -INFINITY) live.push_back(h);
-  }
   if (live.empty()) return;
   const int nl = static_cast<int>(live.size());
   // NOTE: f32 sums of max-subtracted weights (each <= 1) times value means within a block, the
@@ -226,14 +236,14 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
                       parts.data() + i * width, lbs.data() + i * nl);
       }
     });
-    for (int64_t i = 0; i < nb; ++i) {
-      const float* part = parts.data() + i * width;
-      for (int k = 0; k < nl; ++k) {
-        l[k] += lbs[i * nl + k];
-        for (int t = 0; t < d; ++t)
-          acc[static_cast<std::size_t>(k) * d + t] += part[static_cast<std::size_t>(k) * d + t];
-      }
-    }
+    internal::ParallelRange(nl, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t i = 0; i < nb; ++i) {
+          const float* part = parts.data() + i * width + static_cast<std::size_t>(k) * d;
+          l[k] += lbs[i * nl + k];
+          for (int t = 0; t < d; ++t) acc[static_cast<std::size_t>(k) * d + t] += part[t];
+        }
+    });
   }
   for (int k = 0; k < nl; ++k) {
     const int h = live[k];

@@ -451,7 +451,7 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   // pass is 16 heads (its product's padded width) and the chunks shorter, for as many tasks.
   // The chunks follow the row count alone, so a step's result does not depend on the threads.
   const int pass_heads = cpu_index::GroupPassHeads();
-  const int64_t chunk_rows = pass_heads > 4 ? 512 : 2048;
+  const int64_t chunk_rows = pass_heads > 4 ? 256 : 2048;
   const int passes = (nq + pass_heads - 1) / pass_heads;
   const int chunks = static_cast<int>(std::max<int64_t>(1, (n_rows + chunk_rows - 1) / chunk_rows));
   const std::size_t state = static_cast<std::size_t>(nq) * d;

@@ -202,6 +202,9 @@ int64_t SelectClusters(const ClusterSummary& s, const float* density, int64_t bu
 // The group key of nq queries (see the header comment): density f32 [nq, C] -> key [C]
 // (-inf for padding clusters, size 0).
 void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, float* key);
+// The same with the summary's LogSizes(s) given (a caller that keeps them).
+void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, const float* log_size,
+                       float* key);
 
 // Estimated partial state over the clusters NOT in `selected`: o [dim], *lse (-inf, o = 0 when
 // none). Max-subtracted, f32 output, double accumulation.
