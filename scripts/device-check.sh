@@ -848,7 +848,9 @@ if [[ "${1:-}" == "--device" ]]; then
       # one, AB_ROUNDS rounds (default 1): cluster kind, B=1, a cold tier with an unclustered tail
       # (30716 rows: 3 segments and 6140) and 128K, with accuracy, without the prompt's queries
       # (128 heads of them at 128K: 19 GB); the prefill's time is printed. HOST_TILES: the values
-      # of KVRT_HOST_TILES to alternate (default 1: the products on the AMX tiles where they run).
+      # of KVRT_HOST_TILES to alternate (default 1: the products on the AMX tiles where they run);
+      # HOST_STEPS: measured steps (default 30).
+      local_args=${args/--steps 30/--steps ${HOST_STEPS:-30}}
       for round in $(seq "${AB_ROUNDS:-1}"); do
         for shape in ${HOST_SHAPES:-16:1:576 128:1:576}; do
           IFS=: read -r qh kvh hd <<< "$shape"
@@ -856,7 +858,7 @@ if [[ "${1:-}" == "--device" ]]; then
             [[ -x $b/$prog ]] || continue
             for tiles in ${HOST_TILES:-1}; do
               echo "=== $prog, round $round: host backend, shape $shape, cluster B=1, KVRT_HOST_TILES=$tiles"
-              KVRT_HOST_TILES=$tiles timeout 240 $b/$prog $args --gpu 0 --memory host \
+              KVRT_HOST_TILES=$tiles timeout 240 $b/$prog $local_args --gpu 0 --memory host \
                 --q-heads $qh --kv-heads $kvh --head-dim $hd --index cluster --cold 30716,131072 \
                 --batch 1 --layers 1 --prompt-queries 0 || rc=1
             done
