@@ -221,7 +221,7 @@ void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& 
       Listed(values.data()), o, lse);
 }
 
-bool GroupAttentionOnTiles() { return internal::AttentionTilesAvailable(); }
+int GroupPassHeads() { return internal::AttentionTilesAvailable() ? internal::kTileHeads : 4; }
 
 void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse) {
   AttendDense(q, store.dim(), scale, store.keys(), store.values(), store.dim(), store.dtype(),

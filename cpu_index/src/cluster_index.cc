@@ -201,11 +201,10 @@ class ClusterIndex final : public KeyIndex {
     if (cfg_.estimate) {
       KVRT_SPAN("search_estimate", nq);
       // Every query's estimate in one pass over the value means (each query's as alone), a pass
-      // per kEstimateQueries queries of a wide group; on the tiles one pass for the group, which
-      // reads the means once (the pass runs its blocks in parallel).
+      // per kEstimateQueries queries of a wide group.
       std::vector<float> eo(static_cast<std::size_t>(nq) * dim_), el(nq);
       ParallelRange(
-          nq, GroupAttentionOnTiles() ? nq : kEstimateQueries, [&](int64_t i0, int64_t i1) {
+          nq, std::max<int64_t>(kEstimateQueries, GroupPassHeads()), [&](int64_t i0, int64_t i1) {
             EstimateUnselectedGroup(summary_, density.data() + i0 * c, static_cast<int>(i1 - i0),
                                     sel, log_size_.data(), eo.data() + i0 * dim_, el.data() + i0);
           });

@@ -447,13 +447,11 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   // pass_heads heads per pass over a chunk of chunk_rows rows, every (pass, chunk) a task, each
   // head's chunk states merged in chunk order: a wide group (an MQA model's, MLA's latent: 16-128
   // heads over one kv head) is the step's only unit, and its passes alone kept 4 of 16 cores busy
-  // (DeepSeek-V2-Lite's latent at 32K: 8.5 ms per layer-step, docs/benchmarks.md). On the tiles
-  // (cpu_index::GroupAttentionOnTiles) a pass is the whole group, which reads the rows once, and
-  // the chunks are shorter, for as many tasks. The chunks follow the row count alone, so a step's
-  // result does not depend on the threads.
-  const bool tiles = cpu_index::GroupAttentionOnTiles();
-  const int pass_heads = tiles ? nq : 4;
-  const int64_t chunk_rows = tiles ? 256 : 2048;
+  // (DeepSeek-V2-Lite's latent at 32K: 8.5 ms per layer-step, docs/benchmarks.md). On the tiles a
+  // pass is 16 heads (its product's padded width) and the chunks shorter, for as many tasks.
+  // The chunks follow the row count alone, so a step's result does not depend on the threads.
+  const int pass_heads = cpu_index::GroupPassHeads();
+  const int64_t chunk_rows = pass_heads > 4 ? 256 : 2048;
   const int passes = (nq + pass_heads - 1) / pass_heads;
   const int chunks = static_cast<int>(std::max<int64_t>(1, (n_rows + chunk_rows - 1) / chunk_rows));
   const std::size_t state = static_cast<std::size_t>(nq) * d;

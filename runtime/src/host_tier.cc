@@ -169,13 +169,14 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
   // the kv head's rows in one pass over them for all its heads (the same figures as a pass per
   // head, a quarter of the reads at 4 q heads per kv head). Without the tiles the runs are as long
   // as the arena's threads still get a task each (few kv heads, one sequence: shorter runs), the
-  // window one chunk. On the tiles (cpu_index::GroupAttentionOnTiles) a run is the whole group,
-  // which reads the rows once, and the window goes in chunks of kWindowChunk rows instead, merged
-  // in order: the chunks follow the row count, not the threads.
+  // window one chunk. On the tiles a run is cpu_index::GroupPassHeads() heads (the width their
+  // product is padded to) and the window goes in chunks of kWindowChunk rows, merged in order: the
+  // chunks follow the row count, not the threads.
   constexpr int64_t kWindowChunk = 256;
-  const bool wide = cpu_index::GroupAttentionOnTiles();
+  const int pass_heads = cpu_index::GroupPassHeads();
+  const bool wide = pass_heads > 4;
   const int per_task =
-      wide ? std::max(group, 1)
+      wide ? std::clamp(group, 1, pass_heads)
            : std::clamp(n * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1));
   const int runs = (group + per_task - 1) / per_task;
   int64_t most = 0;

@@ -36,12 +36,11 @@ void AttendStoreRows(const float* q, float scale, const HeadStore& store, const 
 void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& store,
                           const int64_t* ids, int64_t n, float* o, float* lse);
 
-// Whether a bf16 group pass (AttendDenseGroup, AttendStoreRowsGroup) runs on the CPU's AMX tiles
-// here (docs/architecture.md, "The host attention on the tiles"). Then a pass reads its rows once
-// for all its heads, in products of 16 heads, and a caller gives it every head of the group and
-// splits the rows among its tasks instead; without them the AVX-512 loops take 4 heads per pass
-// best. A head's result is the same whatever its pass holds.
-bool GroupAttentionOnTiles();
+// Heads a group pass (AttendDenseGroup, AttendStoreRowsGroup) should take at once: 16 where a bf16
+// pass runs on the CPU's AMX tiles (each pass a product padded to 16 heads, docs/architecture.md),
+// else 4 (the AVX-512 loops' width). A caller that splits a wide group into passes takes this many
+// heads per pass; a head's result is the same whatever its pass holds.
+int GroupPassHeads();
 
 // Every row of a HeadStore.
 void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse);
