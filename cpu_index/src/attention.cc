@@ -15,6 +15,11 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// A caller's choice of the tiles (attention.h), where they run: bf16 rows only.
+bool OnTiles(bool tiles, DType t) {
+  return tiles && t == DType::kBF16 && internal::AttentionTilesAvailable();
+}
+
 // Rows summed in f32 per block, blocks summed in f64: over 1M tokens the f32 rounding of a plain
 // running sum (~n * eps) would reach 1e-4 relative; blocked, it stays near kBlock * eps.
 constexpr int64_t kBlock = 128;
@@ -62,7 +67,7 @@ bool WeightedSumsOnTiles(std::vector<float>& s, int nq, int64_t n, int d,
 // not depend on nq (one head's pass is nq = 1); each value row is converted once for all heads.
 template <typename ValueAt>
 void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, ValueAt value_at,
-                 const internal::TileRows& value_rows, float* o, float* lse) {
+                 const internal::TileRows& value_rows, bool tiles, float* o, float* lse) {
   std::vector<float> m(nq, kNegInf);
   std::vector<double> l(nq, 0.0);
   std::vector<int> live;
@@ -82,9 +87,7 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
     live.push_back(h);
   }
   if (live.empty()) return;
-  if (t == DType::kBF16 && internal::AttentionTilesAvailable() &&
-      WeightedSumsOnTiles(s, nq, n, d, live, value_rows, m, l, o, lse))
-    return;
+  if (OnTiles(tiles, t) && WeightedSumsOnTiles(s, nq, n, d, live, value_rows, m, l, o, lse)) return;
   std::vector<float> row(d), part(static_cast<std::size_t>(nq) * d);
   const std::size_t row_bytes = static_cast<std::size_t>(d) * DTypeSize(t);
   std::vector<double> acc(static_cast<std::size_t>(nq) * d, 0.0);
@@ -131,8 +134,8 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
 // (DotRowMulti: DotRow's scores, bit for bit, for any nq; a bf16 row widened once for all).
 template <typename KeyAt>
 void ScoreGroup(const float* q, int nq, int d, DType t, int64_t n, KeyAt key_at,
-                const internal::TileRows& key_rows, float* s) {
-  if (t == DType::kBF16 && internal::AttentionTilesAvailable() &&
+                const internal::TileRows& key_rows, bool tiles, float* s) {
+  if (OnTiles(tiles, t) &&
       internal::TileScores(q, nq, d, key_rows, n, s, static_cast<std::size_t>(n)))
     return;
   std::vector<float> row_scores(nq);
@@ -145,8 +148,8 @@ void ScoreGroup(const float* q, int nq, int d, DType t, int64_t n, KeyAt key_at,
 // One head: s [n].
 template <typename ValueAt>
 void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at,
-            const internal::TileRows& value_rows, float* o, float* lse) {
-  FinishGroup(s, 1, static_cast<int64_t>(s.size()), d, t, value_at, value_rows, o, lse);
+            const internal::TileRows& value_rows, bool tiles, float* o, float* lse) {
+  FinishGroup(s, 1, static_cast<int64_t>(s.size()), d, t, value_at, value_rows, tiles, o, lse);
 }
 
 // Rows `stride_elems` apart from `rows`, for the tiles (bf16 only: they take no other dtype).
@@ -166,66 +169,72 @@ internal::TileRows Listed(const void* const* rows) {
 }  // namespace
 
 void AttendDense(const float* q, int d, float scale, const void* keys, const void* values,
-                 std::size_t stride_elems, DType t, int64_t n, float* o, float* lse) {
-  AttendDenseGroup(q, 1, d, scale, keys, values, stride_elems, t, n, o, lse);
+                 std::size_t stride_elems, DType t, int64_t n, float* o, float* lse, bool tiles) {
+  AttendDenseGroup(q, 1, d, scale, keys, values, stride_elems, t, n, o, lse, tiles);
 }
 
 void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* keys,
                       const void* values, std::size_t stride_elems, DType t, int64_t n, float* o,
-                      float* lse) {
+                      float* lse, bool tiles) {
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);
   auto* kb = static_cast<const unsigned char*>(keys);
   ScoreGroup(
       q, nq, d, t, n, [&](int64_t j) { return kb + j * stride_bytes; }, Strided(keys, stride_elems),
-      s.data());
+      tiles, s.data());
   for (auto& x : s) x *= scale;
   auto* vb = static_cast<const unsigned char*>(values);
   FinishGroup(
       s, nq, n, d, t, [&](int64_t j) { return vb + j * stride_bytes; },
-      Strided(values, stride_elems), o, lse);
+      Strided(values, stride_elems), tiles, o, lse);
 }
 
 void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
-                       const void* const* keys, const void* const* values, float* o, float* lse) {
+                       const void* const* keys, const void* const* values, float* o, float* lse,
+                       bool tiles) {
   std::vector<float> s(n);
   ScoreGroup(
-      q, 1, d, t, n, [&](int64_t j) { return keys[j]; }, Listed(keys), s.data());
+      q, 1, d, t, n, [&](int64_t j) { return keys[j]; }, Listed(keys), tiles, s.data());
   for (auto& x : s) x *= scale;
   Finish(
-      s, d, t, [&](int64_t j) { return values[j]; }, Listed(values), o, lse);
+      s, d, t, [&](int64_t j) { return values[j]; }, Listed(values), tiles, o, lse);
 }
 
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
-                     int64_t n, float* o, float* lse) {
-  AttendStoreRowsGroup(q, 1, scale, store, ids, n, o, lse);
+                     int64_t n, float* o, float* lse, bool tiles) {
+  AttendStoreRowsGroup(q, 1, scale, store, ids, n, o, lse, tiles);
 }
 
 void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& store,
-                          const int64_t* ids, int64_t n, float* o, float* lse) {
+                          const int64_t* ids, int64_t n, float* o, float* lse, bool tiles) {
   const int d = store.dim();
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
-  // The tiles take the rows by pointer (a bf16 store's, where they run).
+  // The tiles take the rows by pointer.
   std::vector<const void*> keys, values;
-  if (store.dtype() == DType::kBF16 && internal::AttentionTilesAvailable()) {
+  if (OnTiles(tiles, store.dtype())) {
     keys.resize(n);
     values.resize(n);
     for (int64_t j = 0; j < n; ++j) keys[j] = store.key(ids[j]), values[j] = store.value(ids[j]);
   }
   ScoreGroup(
       q, nq, d, store.dtype(), n, [&](int64_t j) { return store.key(ids[j]); }, Listed(keys.data()),
-      s.data());
+      tiles, s.data());
   for (auto& x : s) x *= scale;
   FinishGroup(
       s, nq, n, d, store.dtype(), [&](int64_t j) { return store.value(ids[j]); },
-      Listed(values.data()), o, lse);
+      Listed(values.data()), tiles, o, lse);
 }
 
-int GroupPassHeads() { return internal::AttentionTilesAvailable() ? internal::kTileHeads : 4; }
+bool UseHostTiles(int q_heads_per_kv_head) {
+  return q_heads_per_kv_head >= 8 && internal::AttentionTilesAvailable();
+}
 
-void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse) {
+int GroupPassHeads(bool tiles) { return tiles ? internal::kTileHeads : 4; }
+
+void AttendStoreAll(const float* q, float scale, const HeadStore& store, float* o, float* lse,
+                    bool tiles) {
   AttendDense(q, store.dim(), scale, store.keys(), store.values(), store.dim(), store.dtype(),
-              store.size(), o, lse);
+              store.size(), o, lse, tiles);
 }
 
 void MergeInto(float* o1, float* lse1, const float* o2, float lse2, int d) {

@@ -34,9 +34,8 @@ namespace {
 constexpr int64_t kMaxRows = int64_t{1} << 40;
 // A group search's clusters per task: about kGroupTaskMacs multiply-adds of nq queries against
 // dim-wide rows (512 clusters for 4 queries of 128; 32 for DeepSeek's latent, 16 queries of 576,
-// whose 1505 clusters at 32K were 3 tasks for 16 cores at 512), and queries per estimate pass.
+// whose 1505 clusters at 32K were 3 tasks for 16 cores at 512).
 constexpr int64_t kGroupTaskMacs = int64_t{1} << 18;
-constexpr int64_t kEstimateQueries = 4;
 int64_t GroupGrain(int nq, int dim) {
   return nq > 1 ? std::max<int64_t>(32, kGroupTaskMacs / (int64_t{nq} * dim)) : kMaxRows;
 }
@@ -201,13 +200,13 @@ class ClusterIndex final : public KeyIndex {
     if (cfg_.estimate) {
       KVRT_SPAN("search_estimate", nq);
       // Every query's estimate in one pass over the value means (each query's as alone), a pass
-      // per kEstimateQueries queries of a wide group.
+      // per GroupPassHeads() queries of a wide group.
       std::vector<float> eo(static_cast<std::size_t>(nq) * dim_), el(nq);
-      ParallelRange(
-          nq, std::max<int64_t>(kEstimateQueries, GroupPassHeads()), [&](int64_t i0, int64_t i1) {
-            EstimateUnselectedGroup(summary_, density.data() + i0 * c, static_cast<int>(i1 - i0),
-                                    sel, log_size_.data(), eo.data() + i0 * dim_, el.data() + i0);
-          });
+      ParallelRange(nq, GroupPassHeads(config_.host_tiles), [&](int64_t i0, int64_t i1) {
+        EstimateUnselectedGroup(summary_, density.data() + i0 * c, static_cast<int>(i1 - i0), sel,
+                                log_size_.data(), eo.data() + i0 * dim_, el.data() + i0,
+                                config_.host_tiles);
+      });
       for (int i = 0; i < nq; ++i) {
         float* o = eo.data() + static_cast<std::size_t>(i) * dim_;
         if (Rescoring())
@@ -261,7 +260,7 @@ class ClusterIndex final : public KeyIndex {
   // whole kTileRows blocks; false where they do not run (the caller scores in f32).
   bool CentroidScoresOnTiles(const float* qs, int nq, float* out) const {
     const int64_t c = summary_.num_clusters();
-    if (c == 0 || !internal::AttentionTilesAvailable()) return false;
+    if (c == 0 || !config_.host_tiles || !internal::AttentionTilesAvailable()) return false;
     internal::TileRows rows;
     rows.base = summary_.centroid.data();
     rows.stride = static_cast<std::size_t>(dim_);
@@ -833,7 +832,8 @@ class ClusterIndex final : public KeyIndex {
     out->scanned = c + no + (rescored != nullptr ? rescored->scored : 0);
     if (cfg_.estimate && estimate) {
       out->est_o.resize(dim_);
-      EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse);
+      EstimateUnselected(summary_, density, sel, out->est_o.data(), &out->est_lse,
+                         config_.host_tiles);
       if (out->est_lse == -std::numeric_limits<float>::infinity()) out->est_o.clear();
     } else {
       out->est_o.clear();

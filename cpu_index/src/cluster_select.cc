@@ -159,8 +159,8 @@ constexpr int64_t kEstimateTaskMacs = int64_t{1} << 18;  // multiply-adds a task
 // means part [nl, d] (f32) and weights lb [nl], from their log masses lm [nq, c] and maxima m;
 // w: scratch [nl, kEstimateBlock]. A cluster a query skips (its own -inf) weighs 0 for it.
 void EstimateBlock(const ClusterSummary& s, const float* lm, int64_t c,
-                   const std::vector<int>& live, const float* m, int64_t j0, float* w, float* part,
-                   double* lb) {
+                   const std::vector<int>& live, const float* m, int64_t j0, bool tiles, float* w,
+                   float* part, double* lb) {
   const int d = s.dim;
   const int nl = static_cast<int>(live.size());
   const int64_t n = std::min(c, j0 + kEstimateBlock) - j0;
@@ -175,7 +175,7 @@ void EstimateBlock(const ClusterSummary& s, const float* lm, int64_t c,
   internal::TileRows rows;
   rows.base = means;
   rows.stride = static_cast<std::size_t>(d);
-  if (internal::AttentionTilesAvailable() &&
+  if (tiles && internal::AttentionTilesAvailable() &&
       internal::TileWeightedSums(w, kEstimateBlock, nl, rows, n, d, part))
     return;
   std::fill(part, part + static_cast<std::size_t>(nl) * d, 0.f);  // a failed product's leftovers
@@ -184,14 +184,14 @@ void EstimateBlock(const ClusterSummary& s, const float* lm, int64_t c,
 }  // namespace
 
 void EstimateUnselected(const ClusterSummary& s, const float* density,
-                        const std::vector<int32_t>& selected, float* o, float* lse) {
+                        const std::vector<int32_t>& selected, float* o, float* lse, bool tiles) {
   const std::vector<float> log_size = LogSizes(s);
-  EstimateUnselectedGroup(s, density, 1, selected, log_size.data(), o, lse);
+  EstimateUnselectedGroup(s, density, 1, selected, log_size.data(), o, lse, tiles);
 }
 
 void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int nq,
                              const std::vector<int32_t>& selected, const float* log_size, float* o,
-                             float* lse) {
+                             float* lse, bool tiles) {
   const int d = s.dim;
   const int64_t c = s.num_clusters();
   std::fill(o, o + static_cast<std::size_t>(nq) * d, 0.f);
@@ -232,7 +232,7 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
     internal::ParallelRange(nb, grain, [&](int64_t i0, int64_t i1) {
       std::vector<float> w(static_cast<std::size_t>(nl) * kEstimateBlock);
       for (int64_t i = i0; i < i1; ++i) {
-        EstimateBlock(s, lm.data(), c, live, m.data(), (b0 + i) * kEstimateBlock, w.data(),
+        EstimateBlock(s, lm.data(), c, live, m.data(), (b0 + i) * kEstimateBlock, tiles, w.data(),
                       parts.data() + i * width, lbs.data() + i * nl);
       }
     });

@@ -447,11 +447,13 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
   // pass_heads heads per pass over a chunk of chunk_rows rows, every (pass, chunk) a task, each
   // head's chunk states merged in chunk order: a wide group (an MQA model's, MLA's latent: 16-128
   // heads over one kv head) is the step's only unit, and its passes alone kept 4 of 16 cores busy
-  // (DeepSeek-V2-Lite's latent at 32K: 8.5 ms per layer-step, docs/benchmarks.md). On the tiles a
-  // pass is 16 heads (its product's padded width) and the chunks shorter, for as many tasks.
+  // (DeepSeek-V2-Lite's latent at 32K: 8.5 ms per layer-step, docs/benchmarks.md). On the tiles
+  // (config.index.host_tiles) a pass is 16 heads (its product's padded width) and the chunks
+  // shorter, for as many tasks.
   // The chunks follow the row count alone, so a step's result does not depend on the threads.
-  const int pass_heads = cpu_index::GroupPassHeads();
-  const int64_t chunk_rows = pass_heads > 4 ? 256 : 2048;
+  const bool tiles = cfg_->index.host_tiles;
+  const int pass_heads = cpu_index::GroupPassHeads(tiles);
+  const int64_t chunk_rows = tiles ? 256 : 2048;
   const int passes = (nq + pass_heads - 1) / pass_heads;
   const int chunks = static_cast<int>(std::max<int64_t>(1, (n_rows + chunk_rows - 1) / chunk_rows));
   const std::size_t state = static_cast<std::size_t>(nq) * d;
@@ -462,7 +464,7 @@ void ColdTier::AttendHeads(const std::vector<int>& heads, const float* q, const 
     cpu_index::AttendStoreRowsGroup(q + static_cast<std::size_t>(i0) * d, n, cfg_->scale, store,
                                     rows.data() + r0, r1 - r0,
                                     o.data() + c * state + static_cast<std::size_t>(i0) * d,
-                                    lse.data() + static_cast<std::size_t>(c) * nq + i0);
+                                    lse.data() + static_cast<std::size_t>(c) * nq + i0, tiles);
   });
   for (int i = 0; i < nq; ++i) {
     float* oh = out->o.data() + static_cast<std::size_t>(heads[i]) * d;
@@ -577,10 +579,11 @@ void ColdTier::AttendHead(int h, const float* qh, const ColdSelection& sel,
   const auto& store = stores_[h / (cfg_->num_q_heads / cfg_->num_kv_heads)];
   float* oh = out->o.data() + static_cast<std::size_t>(h) * d;
   if (sel.exact) {
-    cpu_index::AttendStoreAll(qh, cfg_->scale, store, oh, &out->lse[h]);
+    cpu_index::AttendStoreAll(qh, cfg_->scale, store, oh, &out->lse[h], cfg_->index.host_tiles);
   } else {
     cpu_index::AttendStoreRows(qh, cfg_->scale, store, sel.rows[h].data(),
-                               static_cast<int64_t>(sel.rows[h].size()), oh, &out->lse[h]);
+                               static_cast<int64_t>(sel.rows[h].size()), oh, &out->lse[h],
+                               cfg_->index.host_tiles);
   }
 }
 

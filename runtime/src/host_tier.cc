@@ -169,14 +169,13 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
   // the kv head's rows in one pass over them for all its heads (the same figures as a pass per
   // head, a quarter of the reads at 4 q heads per kv head). Without the tiles the runs are as long
   // as the arena's threads still get a task each (few kv heads, one sequence: shorter runs), the
-  // window one chunk. On the tiles a run is cpu_index::GroupPassHeads() heads (the width their
-  // product is padded to) and the window goes in chunks of kWindowChunk rows, merged in order: the
-  // chunks follow the row count, not the threads.
+  // window one chunk. On the tiles (config.index.host_tiles) a run is cpu_index::GroupPassHeads
+  // heads (the width their product is padded to) and the window goes in chunks of kWindowChunk
+  // rows, merged in order: the chunks follow the row count, not the threads.
   constexpr int64_t kWindowChunk = 256;
-  const int pass_heads = cpu_index::GroupPassHeads();
-  const bool wide = pass_heads > 4;
+  const bool wide = cfg_->index.host_tiles;
   const int per_task =
-      wide ? std::clamp(group, 1, pass_heads)
+      wide ? std::clamp(group, 1, cpu_index::GroupPassHeads(true))
            : std::clamp(n * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1));
   const int runs = (group + per_task - 1) / per_task;
   int64_t most = 0;
@@ -203,7 +202,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
     if (c == 0)
       cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.sink_k_, hoff),
                                   at(tier.sink_values(), hoff), head_elems, cfg_->dtype,
-                                  counts[i].n_sink, og, &state.lse[h0]);
+                                  counts[i].n_sink, og, &state.lse[h0], wide);
     const int64_t w0 = c * kWindowChunk, w1 = chunks == 1
                                                   ? counts[i].n_window
                                                   : std::min(counts[i].n_window, w0 + kWindowChunk);
@@ -212,7 +211,7 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
     cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.ring_k_, off),
                                 at(tier.ring_values(), off), head_elems, cfg_->dtype,
                                 std::max<int64_t>(0, w1 - w0), chunk_o.data() + task * slot,
-                                chunk_lse.data() + static_cast<std::size_t>(task) * per_task);
+                                chunk_lse.data() + static_cast<std::size_t>(task) * per_task, wide);
   };
   arena.execute([&] { tbb::parallel_for(0, static_cast<int>(tasks), body); });
   // Each run's window chunks merged into its sinks' state, in chunk order.

@@ -16,6 +16,7 @@
 #include "kvrt_common/finite_bits.h"
 #include "kvrt_common/status_macros.h"
 #include "kvrt_common/timeline.h"
+#include "kvrt_cpu_index/attention.h"
 #include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/kind_table.h"
 #include "kvrt_gpu/cluster_kernels.h"
@@ -211,6 +212,10 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
   // on the GPU.
   const bool group_off_gpu =
       config.num_kv_heads > 0 && config.num_q_heads / config.num_kv_heads > gpu::kClusterMaxGroup;
+  // The host's products on the AMX tiles for wide groups (cpu_index::UseHostTiles): one choice
+  // for every call of this runtime, so that its results do not depend on how heads are grouped.
+  effective.index.host_tiles =
+      cpu_index::UseHostTiles(config.num_q_heads / std::max(config.num_kv_heads, 1));
   if (effective.index.cluster.rescore > 1.f || codes_off_gpu || group_off_gpu) {
     effective.index.cluster.gpu_select = false;
     effective.direct_step = false;

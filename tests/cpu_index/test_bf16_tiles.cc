@@ -15,6 +15,7 @@
 #include "cpu_index/src/bf16_tiles.h"
 #include "kvrt_common/dtype.h"
 #include "kvrt_cpu_index/attention.h"
+#include "kvrt_cpu_index/cluster.h"
 #include "kvrt_cpu_index/head_store.h"
 
 namespace kvrt::cpu_index {
@@ -171,7 +172,8 @@ TEST(Bf16Tiles, NaNGoesWhereF32SendsIt) {
   std::vector<int64_t> ids;
   for (int64_t j = 0; j < n; ++j) ids.push_back(n - 1 - j);
   std::vector<float> q = MakeQueries(nq, d, 8), o(static_cast<std::size_t>(nq) * d), lse(nq);
-  AttendStoreRowsGroup(q.data(), nq, 0.125f, store, ids.data(), n, o.data(), lse.data());
+  AttendStoreRowsGroup(q.data(), nq, 0.125f, store, ids.data(), n, o.data(), lse.data(),
+                       /*tiles=*/true);
   for (int h = 0; h < nq; ++h) {
     EXPECT_TRUE(std::isnan(o[h * d + 5])) << h;
     EXPECT_TRUE(std::isfinite(o[h * d + 4])) << h;
@@ -181,6 +183,70 @@ TEST(Bf16Tiles, NaNGoesWhereF32SendsIt) {
   q[3] = std::numeric_limits<float>::infinity();
   std::vector<float> s(static_cast<std::size_t>(nq) * n);
   EXPECT_FALSE(internal::TileScores(q.data(), nq, d, InPlace(rows), n, s.data(), n));
+}
+
+// The attention's group passes on the tiles: a head's state is its pass alone's, bit for bit, for
+// the cold rows (by id, out of store order), the tier's interleaved rows and the summary's
+// estimate, over more rows than a block, with a group of 20 (two products); and the attention is
+// the f32 loops' within f32 rounding.
+TEST(Bf16Tiles, GroupPassesOnTheTilesAreEachHeadsOwn) {
+  if (!internal::AttentionTilesAvailable()) GTEST_SKIP() << "no AMX tiles here";
+  const int d = 96, nq = 20, kv = 2;
+  const int64_t n = kTileRows + 130;
+  const Rows k = MakeRows(n * kv, d, 9), v = MakeRows(n * kv, d, 10);
+  const std::vector<float> q = MakeQueries(nq, d, 11);
+  HeadStore store(d, DType::kBF16);
+  ASSERT_TRUE(store.Append(k.bf16.data(), v.bf16.data(), n, d).ok());
+  std::vector<int64_t> ids;
+  for (int64_t j = n - 1; j >= 0; j -= 1) ids.push_back(j);
+  std::vector<float> o(static_cast<std::size_t>(nq) * d), lse(nq), f32o(o.size()), f32l(nq);
+  AttendStoreRowsGroup(q.data(), nq, 0.1f, store, ids.data(), n, o.data(), lse.data(), true);
+  AttendStoreRowsGroup(q.data(), nq, 0.1f, store, ids.data(), n, f32o.data(), f32l.data(), false);
+  const std::size_t stride = static_cast<std::size_t>(kv) * d;
+  std::vector<float> dense(o.size()), dense_lse(nq);
+  AttendDenseGroup(q.data(), nq, d, 0.1f, k.bf16.data() + d, v.bf16.data() + d, stride,
+                   DType::kBF16, n, dense.data(), dense_lse.data(), true);
+  for (int h = 0; h < nq; ++h) {
+    std::vector<float> o1(d);
+    float l1 = 0.f;
+    AttendStoreRows(q.data() + h * d, 0.1f, store, ids.data(), n, o1.data(), &l1, true);
+    EXPECT_EQ(std::memcmp(o1.data(), o.data() + h * d, d * sizeof(float)), 0) << "head " << h;
+    EXPECT_EQ(std::memcmp(&l1, &lse[h], sizeof(float)), 0) << "head " << h;
+    AttendDense(q.data() + h * d, d, 0.1f, k.bf16.data() + d, v.bf16.data() + d, stride,
+                DType::kBF16, n, o1.data(), &l1, true);
+    EXPECT_EQ(std::memcmp(o1.data(), dense.data() + h * d, d * sizeof(float)), 0) << "head " << h;
+    EXPECT_EQ(std::memcmp(&l1, &dense_lse[h], sizeof(float)), 0) << "head " << h;
+    EXPECT_NEAR(lse[h], f32l[h], 1e-5f * std::abs(f32l[h]) + 1e-5f) << "head " << h;
+    for (int i = 0; i < d; ++i) EXPECT_NEAR(o[h * d + i], f32o[h * d + i], 1e-5f) << "head " << h;
+  }
+
+  // The estimate over a summary of 600 clusters (three blocks), two of them selected.
+  ClusterSummary sum;
+  sum.dim = d;
+  std::mt19937 rng(12);
+  std::normal_distribution<float> g(0.f, 1.f);
+  for (int j = 0; j < 600; ++j) {
+    sum.begin.push_back(j * 4);
+    sum.size.push_back(j % 50 == 7 ? 0 : 1 + j % 5);
+    sum.spread.push_back(0.1f);
+    for (int t = 0; t < d; ++t) {
+      sum.centroid.push_back(F32ToBf16(g(rng)));
+      sum.value_mean.push_back(F32ToBf16(g(rng)));
+    }
+  }
+  std::vector<float> dens(static_cast<std::size_t>(nq) * 600);
+  for (auto& x : dens) x = 2.f * g(rng);
+  const std::vector<int32_t> sel = {3, 400};
+  const std::vector<float> log_size = LogSizes(sum);
+  std::vector<float> eo(static_cast<std::size_t>(nq) * d), el(nq);
+  EstimateUnselectedGroup(sum, dens.data(), nq, sel, log_size.data(), eo.data(), el.data(), true);
+  for (int h : {0, 13, 19}) {
+    std::vector<float> o1(d);
+    float l1 = 0.f;
+    EstimateUnselected(sum, dens.data() + h * 600, sel, o1.data(), &l1, true);
+    EXPECT_EQ(std::memcmp(o1.data(), eo.data() + h * d, d * sizeof(float)), 0) << "head " << h;
+    EXPECT_EQ(std::memcmp(&l1, &el[h], sizeof(float)), 0) << "head " << h;
+  }
 }
 
 }  // namespace

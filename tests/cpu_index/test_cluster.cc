@@ -544,40 +544,45 @@ TEST(ClusterIndex, OutliersAreAlwaysReturned) {
 
 // Without group_select a group's search is each query's own, also when the group's queries are
 // scored in one pass (the second stage on codes, and the selection on codes, which scores every
-// cluster's rows for all the group's queries at once).
+// cluster's rows for all the group's queries at once), and with the summary's products on the AMX
+// tiles (IndexConfig::host_tiles, where they run).
 TEST(ClusterIndex, GroupSearchEqualsPerQuerySearch) {
-  struct Mode {
-    const char* name;
-    float rescore;
-    int bits;
-    int value_bits = 0;
-  };
-  for (const Mode m : {Mode{"centroids", 0.f, 0}, Mode{"two stages on codes", 3.f, 2},
-                       Mode{"selection on codes", 0.f, 2}, Mode{"on 4-bit codes", 0.f, 4},
-                       Mode{"and the rest on value codes", 0.f, 2, 2}}) {
-    SCOPED_TRACE(m.name);
-    HeadStore store(kDim, DType::kBF16);
-    AppendRows(&store, 1024, 13, DType::kBF16);
-    IndexConfig cfg = SmallConfig();
-    cfg.cluster.rescore = m.rescore;
-    cfg.cluster.rescore_bits = m.bits;
-    cfg.cluster.value_bits = m.value_bits;
-    auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
-    ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
-    ApplyOrder(index.get(), &store, 0, 1024);
-    for (int nq : {4, 6}) {  // 6: the four-query passes' second pass is partial
-      const std::vector<float> qs = RandomQueries(nq, 20);
-      SearchParams p;
-      p.k = 64;
-      std::vector<SearchResult> g(nq);
-      ASSERT_TRUE(index->SearchGroup(store, qs.data(), nq, p, g.data()).ok());
-      for (int i = 0; i < nq; ++i) {
-        SearchResult r;
-        ASSERT_TRUE(index->Search(store, qs.data() + i * kDim, p, &r).ok());
-        EXPECT_EQ(r.ids, g[i].ids);
-        EXPECT_EQ(r.scanned, g[i].scanned);
-        EXPECT_NEAR(r.est_lse, g[i].est_lse, 1e-4);
-        EXPECT_EQ(r.est_o, g[i].est_o);
+  for (const bool tiles : {false, true}) {
+    SCOPED_TRACE(tiles ? "on the tiles" : "f32 loops");
+    struct Mode {
+      const char* name;
+      float rescore;
+      int bits;
+      int value_bits = 0;
+    };
+    for (const Mode m : {Mode{"centroids", 0.f, 0}, Mode{"two stages on codes", 3.f, 2},
+                         Mode{"selection on codes", 0.f, 2}, Mode{"on 4-bit codes", 0.f, 4},
+                         Mode{"and the rest on value codes", 0.f, 2, 2}}) {
+      SCOPED_TRACE(m.name);
+      HeadStore store(kDim, DType::kBF16);
+      AppendRows(&store, 1024, 13, DType::kBF16);
+      IndexConfig cfg = SmallConfig();
+      cfg.host_tiles = tiles;
+      cfg.cluster.rescore = m.rescore;
+      cfg.cluster.rescore_bits = m.bits;
+      cfg.cluster.value_bits = m.value_bits;
+      auto index = MakeIndex(IndexKind::kCluster, cfg, kDim).value();
+      ASSERT_TRUE(index->Build(store, nullptr, 0).ok());
+      ApplyOrder(index.get(), &store, 0, 1024);
+      for (int nq : {4, 6}) {  // 6: the four-query passes' second pass is partial
+        const std::vector<float> qs = RandomQueries(nq, 20);
+        SearchParams p;
+        p.k = 64;
+        std::vector<SearchResult> g(nq);
+        ASSERT_TRUE(index->SearchGroup(store, qs.data(), nq, p, g.data()).ok());
+        for (int i = 0; i < nq; ++i) {
+          SearchResult r;
+          ASSERT_TRUE(index->Search(store, qs.data() + i * kDim, p, &r).ok());
+          EXPECT_EQ(r.ids, g[i].ids);
+          EXPECT_EQ(r.scanned, g[i].scanned);
+          EXPECT_NEAR(r.est_lse, g[i].est_lse, 1e-4);
+          EXPECT_EQ(r.est_o, g[i].est_o);
+        }
       }
     }
   }

@@ -207,17 +207,20 @@ void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, co
                        float* key);
 
 // Estimated partial state over the clusters NOT in `selected`: o [dim], *lse (-inf, o = 0 when
-// none). Max-subtracted, f32 output, double accumulation.
+// none). Max-subtracted, f32 output, double accumulation. tiles: the weighted sums of the value
+// means on the AMX tiles where they run (kvrt_cpu_index/attention.h, UseHostTiles).
 void EstimateUnselected(const ClusterSummary& s, const float* density,
-                        const std::vector<int32_t>& selected, float* o, float* lse);
+                        const std::vector<int32_t>& selected, float* o, float* lse,
+                        bool tiles = false);
 // [C] std::log(float(size[j])): what EstimateUnselected weighs the clusters by.
 std::vector<float> LogSizes(const ClusterSummary& s);
 // EstimateUnselected for nq queries that selected the same clusters (group selection): density
 // [nq, C], o [nq, dim], lse [nq]; log_size: LogSizes(s). Each query's result is
-// EstimateUnselected's, bit for bit; each value mean is read once for all of them.
+// EstimateUnselected's (the same tiles), bit for bit; each value mean is read once for all of
+// them.
 void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int nq,
                              const std::vector<int32_t>& selected, const float* log_size, float* o,
-                             float* lse);
+                             float* lse, bool tiles = false);
 
 // Compact codes of one segment's keys (ClusterConfig::rescore_bits, 1, 2, 4 or 8): per row and
 // channel, the residual from its cluster's bf16 centroid on a uniform grid of 2^bits levels,

@@ -56,6 +56,9 @@ struct IndexConfig {
   int graph_tail = 256;           // rows Add keeps in an exactly scanned tail before linking them
                                   // into the graph (0 = link at every Add)
   uint64_t seed = 42;
+  // The cluster kind's summary scoring and estimate on the AMX tiles where they run (attention.h,
+  // UseHostTiles; the runtime sets it from the model's q heads per kv head).
+  bool host_tiles = false;
   ClusterConfig cluster;  // cluster (k = token budget floor, see cluster.h)
 };
 
