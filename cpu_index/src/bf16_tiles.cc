@@ -116,6 +116,19 @@ const uint16_t* Block(const TileRows& rows, int64_t j0, int64_t n, int d,
   return buf.data();
 }
 
+// fn() with oneDNN's exceptions and an allocation's failure as false (the caller falls back to
+// its f32 loops).
+template <typename Fn>
+bool Guarded(Fn&& fn) {
+  try {
+    return fn();
+  } catch (const dnnl::error&) {
+    return false;
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+}
+
 dnnl::memory Wrap(const dnnl::memory::desc& desc, const void* data) {
   return dnnl::memory(desc, CpuEngine(), const_cast<void*>(data));
 }
@@ -152,7 +165,7 @@ bool TileScores(const float* x, int nq, int d, const TileRows& rows, int64_t n, 
           at + 2 * term);
   }
   out.resize(static_cast<std::size_t>(kTileRows) * kSplitRows);
-  try {
+  return Guarded([&] {
     for (int64_t j0 = 0; j0 < n; j0 += kTileRows) {
       const int64_t len = std::min(kTileRows, n - j0);
       std::size_t stride = 0;
@@ -175,12 +188,8 @@ bool TileScores(const float* x, int nq, int d, const TileRows& rows, int64_t n, 
         }
       }
     }
-  } catch (const dnnl::error&) {
-    return false;
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
-  return true;
+    return true;
+  });
 }
 
 bool TileWeightedSums(const float* w, std::size_t w_stride, int nq, const TileRows& rows, int64_t n,
@@ -200,7 +209,7 @@ bool TileWeightedSums(const float* w, std::size_t w_stride, int nq, const TileRo
           at + 2 * term);
   }
   out.resize(static_cast<std::size_t>(kSplitRows) * d);
-  try {
+  return Guarded([&] {
     std::size_t stride = 0;
     const uint16_t* block = Block(rows, 0, n, d, buf, &stride);
     const Matmul* m = Get(Product::kSums, d, stride);
@@ -220,12 +229,8 @@ bool TileWeightedSums(const float* w, std::size_t w_stride, int nq, const TileRo
                   o[i + static_cast<std::size_t>(2 * kTileHeads) * d];
       }
     }
-  } catch (const dnnl::error&) {
-    return false;
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
-  return true;
+    return true;
+  });
 }
 
 }  // namespace kvrt::cpu_index::internal

@@ -53,6 +53,15 @@ TileRows ByPointer(const Rows& r) {
   return t;
 }
 
+// A sum of products in double and the sum of their magnitudes (the bound of its f32 rounding).
+struct Exact {
+  double sum = 0, magnitude = 0;
+  void Add(double a, double b) {
+    sum += a * b;
+    magnitude += std::abs(a * b);
+  }
+};
+
 // f32 queries with every significant bit in use (a bf16 query would hide a dropped term) over
 // three orders of magnitude.
 std::vector<float> MakeQueries(int nq, int d, uint32_t seed) {
@@ -77,15 +86,11 @@ TEST_P(Bf16TilesScores, AreTheExactProductsSummedInF32) {
   ASSERT_TRUE(internal::TileScores(q.data(), nq, d, InPlace(rows), n, s.data(), n));
   for (int h = 0; h < nq; ++h)
     for (int64_t j = 0; j < n; ++j) {
-      double exact = 0, magnitude = 0;
-      for (int i = 0; i < d; ++i) {
-        const double p = double(q[h * d + i]) * Bf16ToF32(rows.bf16[j * d + i]);
-        exact += p;
-        magnitude += std::abs(p);
-      }
+      Exact e;
+      for (int i = 0; i < d; ++i) e.Add(q[h * d + i], Bf16ToF32(rows.bf16[j * d + i]));
       // f32 sums of d exact products, three terms' sums added: within (d + 3) * 2^-24 of their
       // magnitudes (a term dropped from the split costs about 2^-17 of them).
-      ASSERT_NEAR(s[h * n + j], exact, magnitude * (d + 3) * 0x1p-24)
+      ASSERT_NEAR(s[h * n + j], e.sum, e.magnitude * (d + 3) * 0x1p-24)
           << "head " << h << " row " << j;
     }
 }
@@ -103,13 +108,9 @@ TEST(Bf16Tiles, WeightedSumsAreTheExactProductsSummedInF32) {
     ASSERT_TRUE(internal::TileWeightedSums(w.data(), n, nq, InPlace(rows), n, d, y.data()));
     for (int h = 0; h < nq; ++h)
       for (int i = 0; i < d; ++i) {
-        double exact = 0, magnitude = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const double p = double(w[h * n + j]) * Bf16ToF32(rows.bf16[j * d + i]);
-          exact += p;
-          magnitude += std::abs(p);
-        }
-        ASSERT_NEAR(y[h * d + i], exact, magnitude * (n + 3) * 0x1p-24)
+        Exact e;
+        for (int64_t j = 0; j < n; ++j) e.Add(w[h * n + j], Bf16ToF32(rows.bf16[j * d + i]));
+        ASSERT_NEAR(y[h * d + i], e.sum, e.magnitude * (n + 3) * 0x1p-24)
             << "n " << n << " head " << h;
       }
   }
