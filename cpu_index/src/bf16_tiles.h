@@ -7,8 +7,9 @@
 // order of its f32 sums (the tiles add along a row in their own order). A head's row of the
 // product is computed alone and the product's shape is fixed (kTileHeads heads, kTileRows rows,
 // padded with zeros), so a head's result does not depend on which or how many heads share the
-// call. Several times the AVX-512 loops' speed (dot.h) on a wide group: an MQA model's or MLA's
-// latent (16-128 heads over one kv head), a summary's scoring and estimate.
+// call. For wide groups (an MQA model's, MLA's latent: 16-128 heads over one kv head) a layer-step
+// on the tiles took 1.3-2.0x less time than on the AVX-512 loops of dot.h (docs/benchmarks.md,
+// forty-second session); the runtime takes them from groups of 8 (attention.h, UseHostTiles).
 #include <cstddef>
 #include <cstdint>
 
