@@ -57,10 +57,16 @@ dnnl::matmul::primitive_desc Describe(Product p, int d, std::size_t stride) {
 // model has a few shapes); null where oneDNN would not run it on AMX (the f32 loops are faster
 // than an emulated bf16 product).
 const Matmul* Get(Product p, int d, std::size_t stride) {
+  using Key = std::tuple<int, int, std::size_t>;
+  const Key key{static_cast<int>(p), d, stride};
+  // Each thread remembers what it looked up (the primitives live as long as the process), so that
+  // a block's product does not take the global lock.
+  thread_local std::map<Key, const Matmul*> seen;
+  if (auto hit = seen.find(key); hit != seen.end()) return hit->second;
   static std::mutex mu;
-  static std::map<std::tuple<int, int, std::size_t>, std::unique_ptr<Matmul>> made;
+  static std::map<Key, std::unique_ptr<Matmul>> made;
   std::lock_guard<std::mutex> lock(mu);
-  auto [it, fresh] = made.try_emplace({static_cast<int>(p), d, stride});
+  auto [it, fresh] = made.try_emplace(key);
   if (fresh) {
     try {
       auto m = std::make_unique<Matmul>();
@@ -73,6 +79,7 @@ const Matmul* Get(Product p, int d, std::size_t stride) {
     } catch (const std::bad_alloc&) {
     }
   }
+  seen.emplace(key, it->second.get());
   return it->second.get();
 }
 
