@@ -16,10 +16,9 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// A caller's choice of the tiles (attention.h), where they run: bf16 rows only.
-bool OnTiles(bool tiles, DType t) {
-  return tiles && t == DType::kBF16 && internal::AttentionTilesAvailable();
-}
+// A caller's choice of the tiles (attention.h): bf16 rows only (the tile functions refuse where
+// the tiles do not run).
+bool OnTiles(bool tiles, DType t) { return tiles && t == DType::kBF16; }
 
 // Rows summed in f32 per block, blocks summed in f64: over 1M tokens the f32 rounding of a plain
 // running sum (~n * eps) would reach 1e-4 relative; blocked, it stays near kBlock * eps.
@@ -73,7 +72,7 @@ void FinishGroup(std::vector<float>& s, int nq, int64_t n, int d, DType t, Value
   std::vector<double> l(nq, 0.0);
   std::vector<int> live;
   // On the tiles the weights take the vectorised exp the estimate uses (ExpSum, within 2^-22 of
-  // libm's), where the max is finite: libm's scalar exp was the pass's largest part left there.
+  // libm's), where the max is finite: beside the tiles' products libm's scalar exp stood out.
   const bool on_tiles = OnTiles(tiles, t);
   for (int h = 0; h < nq; ++h) {
     float* sh = s.data() + static_cast<std::size_t>(h) * n;
@@ -160,20 +159,6 @@ void Finish(std::vector<float>& s, int d, DType t, ValueAt value_at,
   FinishGroup(s, 1, static_cast<int64_t>(s.size()), d, t, value_at, value_rows, tiles, o, lse);
 }
 
-// Rows `stride_elems` apart from `rows`, for the tiles (bf16 only: they take no other dtype).
-internal::TileRows Strided(const void* rows, std::size_t stride_elems) {
-  internal::TileRows r;
-  r.base = static_cast<const uint16_t*>(rows);
-  r.stride = stride_elems;
-  return r;
-}
-
-internal::TileRows Listed(const void* const* rows) {
-  internal::TileRows r;
-  r.ptrs = rows;
-  return r;
-}
-
 }  // namespace
 
 void AttendDense(const float* q, int d, float scale, const void* keys, const void* values,
@@ -188,13 +173,13 @@ void AttendDenseGroup(const float* q, int nq, int d, float scale, const void* ke
   const std::size_t stride_bytes = stride_elems * DTypeSize(t);
   auto* kb = static_cast<const unsigned char*>(keys);
   ScoreGroup(
-      q, nq, d, t, n, [&](int64_t j) { return kb + j * stride_bytes; }, Strided(keys, stride_elems),
-      tiles, s.data());
+      q, nq, d, t, n, [&](int64_t j) { return kb + j * stride_bytes; },
+      internal::TileRows::Strided(keys, stride_elems), tiles, s.data());
   for (auto& x : s) x *= scale;
   auto* vb = static_cast<const unsigned char*>(values);
   FinishGroup(
       s, nq, n, d, t, [&](int64_t j) { return vb + j * stride_bytes; },
-      Strided(values, stride_elems), tiles, o, lse);
+      internal::TileRows::Strided(values, stride_elems), tiles, o, lse);
 }
 
 void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
@@ -202,10 +187,12 @@ void AttendRowPointers(const float* q, int d, float scale, DType t, int64_t n,
                        bool tiles) {
   std::vector<float> s(n);
   ScoreGroup(
-      q, 1, d, t, n, [&](int64_t j) { return keys[j]; }, Listed(keys), tiles, s.data());
+      q, 1, d, t, n, [&](int64_t j) { return keys[j]; }, internal::TileRows::Listed(keys), tiles,
+      s.data());
   for (auto& x : s) x *= scale;
   Finish(
-      s, d, t, [&](int64_t j) { return values[j]; }, Listed(values), tiles, o, lse);
+      s, d, t, [&](int64_t j) { return values[j]; }, internal::TileRows::Listed(values), tiles, o,
+      lse);
 }
 
 void AttendStoreRows(const float* q, float scale, const HeadStore& store, const int64_t* ids,
@@ -225,12 +212,12 @@ void AttendStoreRowsGroup(const float* q, int nq, float scale, const HeadStore& 
     for (int64_t j = 0; j < n; ++j) keys[j] = store.key(ids[j]), values[j] = store.value(ids[j]);
   }
   ScoreGroup(
-      q, nq, d, store.dtype(), n, [&](int64_t j) { return store.key(ids[j]); }, Listed(keys.data()),
-      tiles, s.data());
+      q, nq, d, store.dtype(), n, [&](int64_t j) { return store.key(ids[j]); },
+      internal::TileRows::Listed(keys.data()), tiles, s.data());
   for (auto& x : s) x *= scale;
   FinishGroup(
       s, nq, n, d, store.dtype(), [&](int64_t j) { return store.value(ids[j]); },
-      Listed(values.data()), tiles, o, lse);
+      internal::TileRows::Listed(values.data()), tiles, o, lse);
 }
 
 bool UseHostTiles(int q_heads_per_kv_head) {

@@ -155,7 +155,7 @@ bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float
     std::vector<uint16_t> probe(static_cast<std::size_t>(std::min<int64_t>(n, 64)) * d);
     if (!TakeBf16Values(rows, probe.size(), probe.data())) return false;
   }
-  try {
+  return Guarded([&] {
     const int64_t block = std::min(Bf16Rows::kMaxBlockRows, (n + 31) / 32 * 32);
     const dnnl::engine& eng = CpuEngine();
     const dnnl::memory::desc src({block, d}, dt::bf16, tag::ab);
@@ -200,22 +200,20 @@ bool MultiplyBf16Rows(const float* rows, int64_t n, int d, const float* m, float
         failed = true;
         return;
       }
-      try {
+      const bool done = Guarded([&] {
         const dnnl::memory sa(src, eng, a.data()), so(dst, eng, out.data());
         RunOnThisThread(mm_hi, pd_hi, sa, w_hi, so);
         RunOnThisThread(mm_lo, pd_lo, sa, w_lo, so);  // adds to so (the sum post-op)
-      } catch (const dnnl::error&) {
+        return true;
+      });
+      if (!done) {
         failed = true;
         return;
       }
       std::copy_n(out.data(), static_cast<std::size_t>(rows_here) * d, x + r0 * d);
     });
-    return !failed;
-  } catch (const dnnl::error&) {
-    return false;
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
+    return !failed.load();
+  });
 }
 
 // NOTE: multiversioned, lanes of 16 (dot.cc's pattern): two passes over a row's c scores per

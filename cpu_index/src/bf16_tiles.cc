@@ -123,19 +123,6 @@ const uint16_t* Block(const TileRows& rows, int64_t j0, int64_t n, int d,
   return buf.data();
 }
 
-// fn() with oneDNN's exceptions and an allocation's failure as false (the caller falls back to
-// its f32 loops).
-template <typename Fn>
-bool Guarded(Fn&& fn) {
-  try {
-    return fn();
-  } catch (const dnnl::error&) {
-    return false;
-  } catch (const std::bad_alloc&) {
-    return false;
-  }
-}
-
 dnnl::memory Wrap(const dnnl::memory::desc& desc, const void* data) {
   return dnnl::memory(desc, CpuEngine(), const_cast<void*>(data));
 }
@@ -155,6 +142,7 @@ bool AttentionTilesAvailable() {
 
 bool TileScores(const float* x, int nq, int d, const TileRows& rows, int64_t n, float* s,
                 std::size_t s_stride) {
+  if (!AttentionTilesAvailable()) return false;
   if (nq <= 0 || n <= 0) return true;
   const std::size_t xn = static_cast<std::size_t>(nq) * d;
   for (std::size_t i = 0; i < xn; ++i)
@@ -201,6 +189,7 @@ bool TileScores(const float* x, int nq, int d, const TileRows& rows, int64_t n, 
 
 bool TileWeightedSums(const float* w, std::size_t w_stride, int nq, const TileRows& rows, int64_t n,
                       int d, float* y) {
+  if (!AttentionTilesAvailable()) return false;
   if (nq <= 0) return true;
   if (n <= 0 || n > kTileRows) return false;
   const int groups = (nq + kTileHeads - 1) / kTileHeads;

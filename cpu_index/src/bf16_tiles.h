@@ -28,17 +28,31 @@ struct TileRows {
   const uint16_t* base = nullptr;
   std::size_t stride = 0;
   const void* const* ptrs = nullptr;
+
+  static TileRows Strided(const void* rows, std::size_t stride_elems) {
+    TileRows r;
+    r.base = static_cast<const uint16_t*>(rows);
+    r.stride = stride_elems;
+    return r;
+  }
+  static TileRows Listed(const void* const* rows) {
+    TileRows r;
+    r.ptrs = rows;
+    return r;
+  }
 };
 
 // s[h * s_stride + j] = x_h . row_j for h < nq, j < n (any n: blocks of kTileRows rows). x f32
-// [nq, d]. False (s unspecified) when x holds a non-finite value (its split would not be exact)
-// or oneDNN failed: the caller computes the scores in f32.
+// [nq, d]. False (s unspecified) where the tiles do not run (AttentionTilesAvailable), when x
+// holds a non-finite value (its split would not be exact) or oneDNN failed: the caller computes
+// the scores in f32.
 bool TileScores(const float* x, int nq, int d, const TileRows& rows, int64_t n, float* s,
                 std::size_t s_stride);
 
 // y[h * d + i] = sum over j < n of w[h * w_stride + j] * row_j[i] for h < nq, 0 < n <= kTileRows
 // (overwritten; y [nq, d]). A NaN weight makes its head's sums NaN, as in f32; every weight must
-// be finite or NaN (softmax weights are). False (y unspecified) when oneDNN failed.
+// be finite or NaN (softmax weights are). False (y unspecified) where the tiles do not run or
+// oneDNN failed.
 bool TileWeightedSums(const float* w, std::size_t w_stride, int nq, const TileRows& rows, int64_t n,
                       int d, float* y);
 

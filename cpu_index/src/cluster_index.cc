@@ -260,16 +260,14 @@ class ClusterIndex final : public KeyIndex {
   // whole kTileRows blocks; false where they do not run (the caller scores in f32).
   bool CentroidScoresOnTiles(const float* qs, int nq, float* out) const {
     const int64_t c = summary_.num_clusters();
-    if (c == 0 || !config_.host_tiles || !internal::AttentionTilesAvailable()) return false;
-    internal::TileRows rows;
-    rows.base = summary_.centroid.data();
-    rows.stride = static_cast<std::size_t>(dim_);
+    if (c == 0 || !config_.host_tiles) return false;
+    const auto rows = internal::TileRows::Strided(summary_.centroid.data(), dim_);
     const int64_t blocks = (c + internal::kTileRows - 1) / internal::kTileRows;
     std::atomic<bool> ok{true};
     ParallelRange(blocks, 1, [&](int64_t b0, int64_t b1) {
       const int64_t j0 = b0 * internal::kTileRows, j1 = std::min(c, b1 * internal::kTileRows);
-      internal::TileRows at = rows;
-      at.base += static_cast<std::size_t>(j0) * dim_;
+      const auto at =
+          internal::TileRows::Strided(rows.base + static_cast<std::size_t>(j0) * dim_, dim_);
       if (!internal::TileScores(qs, nq, dim_, at, j1 - j0, out + j0, static_cast<std::size_t>(c)))
         ok = false;
     });

@@ -107,7 +107,7 @@ void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, co
                        float* key) {
   const int64_t c = s.num_clusters();
   // Each query's log total over the clusters (its density plus the log size), in f32 exps
-  // (ExpSum, vectorised; libm's double exps were 14% of a 16-head latent step) summed in double.
+  // (ExpSum, vectorised; libm's double exps stood out in a wide group's step) summed in double.
   // A query whose total is not a number (a NaN density, an infinite one) or has no cluster takes
   // no part in the key.
   std::vector<float> lse(nq, -INFINITY);
@@ -120,7 +120,7 @@ void GroupSelectionKey(const ClusterSummary& s, const float* density, int nq, co
       bool nan = false;
       for (int64_t j = 0; j < c; ++j) {
         x[j] = s.size[j] > 0 ? di[j] + log_size[j] : -INFINITY;
-        nan = nan || std::isnan(x[j]);
+        nan |= std::isnan(x[j]);  // (no short cut: the loop vectorises)
         m = std::max(m, x[j]);
       }
       if (m == -INFINITY) continue;
@@ -172,11 +172,8 @@ void EstimateBlock(const ClusterSummary& s, const float* lm, int64_t c,
     lb[k] = ExpSum(x, n, m[h], w + static_cast<std::size_t>(k) * kEstimateBlock);
   }
   const uint16_t* means = s.value_mean.data() + static_cast<std::size_t>(j0) * d;
-  internal::TileRows rows;
-  rows.base = means;
-  rows.stride = static_cast<std::size_t>(d);
-  if (tiles && internal::AttentionTilesAvailable() &&
-      internal::TileWeightedSums(w, kEstimateBlock, nl, rows, n, d, part))
+  if (tiles && internal::TileWeightedSums(w, kEstimateBlock, nl,
+                                          internal::TileRows::Strided(means, d), n, d, part))
     return;
   std::fill(part, part + static_cast<std::size_t>(nl) * d, 0.f);  // a failed product's leftovers
   AddWeightedRows(w, kEstimateBlock, nl, means, DType::kBF16, n, d, part);
@@ -198,7 +195,7 @@ void EstimateUnselectedGroup(const ClusterSummary& s, const float* density, int 
   std::fill(lse, lse + nq, -INFINITY);
   // Per query: the log masses, the selected ones out, the max.
   // (In parallel over the queries, as the sums over the blocks below: with a wide group's
-  // products on the tiles these serial passes were a third of the estimate.)
+  // products on the tiles these passes would otherwise run on one core.)
   std::vector<float> lm(static_cast<std::size_t>(nq) * c), m(nq, -INFINITY);
   internal::ParallelRange(nq, 1, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {

@@ -41,17 +41,10 @@ Rows MakeRows(int64_t n, int d, uint32_t seed) {
 }
 
 TileRows InPlace(const Rows& r) {
-  TileRows t;
-  t.base = r.bf16.data();
-  t.stride = static_cast<std::size_t>(r.d);
-  return t;
+  return TileRows::Strided(r.bf16.data(), static_cast<std::size_t>(r.d));
 }
 
-TileRows ByPointer(const Rows& r) {
-  TileRows t;
-  t.ptrs = r.ptrs.data();
-  return t;
-}
+TileRows ByPointer(const Rows& r) { return TileRows::Listed(r.ptrs.data()); }
 
 // A sum of products in double and the sum of their magnitudes (the bound of its f32 rounding).
 struct Exact {
