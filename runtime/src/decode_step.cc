@@ -125,7 +125,7 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
   }
   auto cold_phase = [&](int j) {
     // On the arena's workers (batch): they may last have run another runtime's device work.
-    transfer::ScopedDevice on_device(cfg.call_device());
+    transfer::CudaCallScope on_device(cfg.call_device());
     KVRT_SPAN("cold_phase", j);
     LayerState& l = *layers[members[j]];
     const int64_t t_settle = NowNs();

@@ -376,7 +376,7 @@ void DeviceTier::DropPrompt() {
 // lost.
 absl::Status DeviceTier::SettlePrompt(ColdTier* cold) {
   if (prompt_.rows == 0) return absl::OkStatus();
-  transfer::ScopedDevice on_device(cfg_->call_device());  // an arena worker runs the job
+  transfer::CudaCallScope on_device(cfg_->call_device());  // an arena worker runs the job
   StreamLease lease(ctx_, Exec{});
   KVRT_RETURN_IF_ERROR(lease.status());
   void* stream = lease.get();

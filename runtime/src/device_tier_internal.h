@@ -278,7 +278,7 @@ class DeviceTier final : public TierBackend {
   int64_t pending_prompt_rows() const override { return prompt_.rows; }
   absl::Status SettlePrompt(ColdTier* cold) override;
   void PrepareDecode(const ColdTier& cold) override {
-    transfer::ScopedDevice on_device(cfg_->call_device());
+    transfer::CudaCallScope on_device(cfg_->call_device());
     StreamLease lease(ctx_, Exec{});
     if (!lease.status().ok()) return;
     // The summary's device copy too, which the first step would otherwise assemble and upload
@@ -301,7 +301,7 @@ class DeviceTier final : public TierBackend {
   }
   void BeforeStoreChanges(bool moves) override {
     if (!direct_.registered()) return;
-    transfer::ScopedDevice on_device(cfg_->call_device());
+    transfer::CudaCallScope on_device(cfg_->call_device());
     (void)SyncLastUse();  // a direct step may still read the stores
     // Rows permuted in place keep their registration; moved memory needs a new one.
     if (moves)

@@ -567,7 +567,7 @@ void DirectStep::Admit() {
 }
 
 absl::Status DirectStep::AdmitAndFill(bool record_done) {
-  transfer::ScopedDevice on_device(cfg_->call_device());  // an arena worker runs the job
+  transfer::CudaCallScope on_device(cfg_->call_device());  // an arena worker runs the job
   KVRT_SPAN("admission_job");
   timeline::Span wait_span("admission_record_wait");
   // Run by the record stream's callback, the record is on the host (no event wait: a driver

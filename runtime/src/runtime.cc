@@ -10,6 +10,7 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "arena_capture_mode.h"
 #include "cpu_binding.h"
 #include "device_tier.h"
 #include "head_pad.h"
@@ -44,6 +45,8 @@ struct Runtime::Impl {
   // config.worker_cpu_count > 0: pins the arena's workers. Declared after the arena, so it is
   // destroyed first, once the sequences (their background jobs) are gone.
   std::unique_ptr<ArenaCpuBinding> cpu_binding;
+  // GPU backend: the arena's threads in the relaxed capture mode (arena_capture_mode.h).
+  std::unique_ptr<ArenaCaptureMode> capture_mode;
   Counters counters;
   std::unique_ptr<GpuContext> gpu;  // GPU backend only; outlives the sequences (declared first)
   // NOTE: std::mutex rather than absl::Mutex: Debian's Abseil is not built with TSan, so TSan
@@ -139,7 +142,7 @@ absl::Status ValidateConfig(const RuntimeConfig& c) {
 Runtime::Runtime(const RuntimeConfig& config) : config_(config) {}
 Runtime::~Runtime() {
   // The sequences' device buffers, streams and events go on the runtime's device.
-  transfer::ScopedDevice on_device(config_.call_device());
+  transfer::CudaCallScope on_device(config_.call_device());
   impl_.reset();
 }
 
@@ -180,7 +183,7 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
                                                    devices, " CUDA device(s) are visible"));
   }
   if (c->cuda_device < 0) c->cuda_device = transfer::CurrentDevice();
-  transfer::ScopedDevice on_device(c->cuda_device);  // streams and pools belong to it
+  transfer::CudaCallScope on_device(c->cuda_device);  // streams and pools belong to it
   KVRT_ASSIGN_OR_RETURN(*gpu, GpuContext::Create());
   c->use_gpu = 1;
   // The index's metric (and the clusters' spreads) over the caller's dims, not the zeros.
@@ -236,6 +239,8 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
         rt->impl_->arena, effective.worker_cpu_first, effective.worker_cpu_count);
   }
   KVRT_RETURN_IF_ERROR(ResolveGpuBackend(&rt->config_, &rt->impl_->gpu));
+  if (rt->impl_->gpu)
+    rt->impl_->capture_mode = std::make_unique<ArenaCaptureMode>(rt->impl_->arena);
   rt->api_config_ = rt->config_;
   rt->api_config_.head_dim = effective.head_dim;
   rt->impl_->pad = HeadPad(effective.head_dim, rt->config_.head_dim, effective.dtype);
@@ -263,7 +268,7 @@ absl::Status Runtime::ReleaseSequence(int64_t id) {
     impl_->sequences.erase(it);
   }
   std::lock_guard<std::mutex> lock(seq->mu);  // waits for a call in flight on this sequence
-  transfer::ScopedDevice on_device(config_.call_device());
+  transfer::CudaCallScope on_device(config_.call_device());
   for (auto& layer : seq->layers) layer.Release();
   return absl::OkStatus();
 }
@@ -282,7 +287,7 @@ absl::StatusOr<std::shared_ptr<Sequence>> Runtime::Find(int64_t id, int layer) c
 absl::Status Runtime::WaitSequence(int64_t id) {
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, 0));
   std::lock_guard<std::mutex> lock(seq->mu);
-  transfer::ScopedDevice on_device(config_.call_device());
+  transfer::CudaCallScope on_device(config_.call_device());
   for (auto& layer : seq->layers) KVRT_RETURN_IF_ERROR(layer.SettleCold());
   return absl::OkStatus();
 }
@@ -402,7 +407,7 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_qu
     KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: v",
                                      host && v != k ? v : nullptr, n, config_.num_kv_heads));
   }
-  transfer::ScopedDevice on_device(config_.call_device());
+  transfer::CudaCallScope on_device(config_.call_device());
   if (!impl_->pad.on())
     return seq->layers[layer].Prefill(q, n_queries, k, v, n, impl_->arena, exec);
   PaddedCall padded;
@@ -428,7 +433,7 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
                                    config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "append: v",
                                    host && v != k ? v : nullptr, n, config_.num_kv_heads));
-  transfer::ScopedDevice on_device(config_.call_device());
+  transfer::CudaCallScope on_device(config_.call_device());
   if (!impl_->pad.on()) return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
   PaddedCall padded;
   KVRT_RETURN_IF_ERROR(impl_->pad.In({{k, n * config_.num_kv_heads}, {v, n * config_.num_kv_heads}},
@@ -445,7 +450,7 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
                                    exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
-  transfer::ScopedDevice on_device(config_.call_device());
+  transfer::CudaCallScope on_device(config_.call_device());
   const uint8_t* streaming =
       impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
   if (!impl_->pad.on())
@@ -495,7 +500,7 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   locks.reserve(n);
   for (int i : order)
     if (seqs[i]) locks.emplace_back(seqs[i]->mu);
-  transfer::ScopedDevice on_device(config_.call_device());
+  transfer::CudaCallScope on_device(config_.call_device());
   // A padded head_dim (head_pad.h): the layers read and write the padded copies; the rows of the
   // sequences that succeed go back to the caller's out below.
   PaddedCall padded;

@@ -3,6 +3,7 @@
 // outputs differ by rounding only (GPU tier attention and merge in f32 on the device).
 // GpuBackend.* skip without a CUDA device; KVRT_GPU_TEST_SMALL=1 shrinks them (sanitizers).
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -1247,6 +1248,135 @@ TEST(GpuBackendGraph, CallsOnACapturingStreamAreRefusedAndTheCaptureStaysValid) 
   ASSERT_TRUE((*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec).ok());
   ASSERT_TRUE((*rt)->Attend(seq, 0, q, out, exec).ok());
   EXPECT_TRUE(std::isfinite(dev.Get(out, q_row)[0]));
+  dev.Clear();
+  cudaStreamDestroy(s);
+#endif
+}
+
+// A decoder that captures its own work into CUDA graphs on another thread, in the global mode
+// (PyTorch's default), while kvrt works: a prefill whose clusters are built on the GPU in a
+// background job, then decode steps (the direct step, its admission jobs). Every capture stays
+// valid and replays, every kvrt call succeeds, and the outputs are those of a runtime that
+// worked with no capture beside it. (Without kvrt's relaxed capture mode, KVRT_CAPTURE_RELAXED=0,
+// the captures are invalidated by kvrt's allocations and waits.) The budget covers every cold
+// token, so both runtimes attend exactly whatever clusters their builds made.
+TEST(GpuBackendGraph, ACaptureOnAnotherThreadSurvivesKvrtsWork) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+#if KVRT_WITH_CUDA
+  RuntimeConfig cfg = MakeConfig({cpu_index::IndexKind::kCluster, true, DType::kBF16, "x"}, 1);
+  cfg.record_attended = false;
+  cfg.index.cluster.segment_tokens = 256;
+  cfg.index.cluster.min_budget_tokens = 1 << 20;
+  const int prompt = Small() ? 700 : 1500, steps = Small() ? 8 : 24;
+  const int L = cfg.num_layers;
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  // Every input and output in device memory before the captures start: while they run, this
+  // thread makes kvrt's calls only.
+  Tensors dev(true, s);
+  std::mt19937 rng(41);
+  struct LayerInput {
+    const void *q, *k, *v;
+  };
+  std::vector<LayerInput> prompts;
+  for (int l = 0; l < L; ++l)
+    prompts.push_back({dev.Put(Random(rng, prompt * q_row, cfg.dtype)),
+                       dev.Put(Random(rng, prompt * kv_row, cfg.dtype)),
+                       dev.Put(Random(rng, prompt * kv_row, cfg.dtype))});
+  std::vector<LayerInput> tokens;  // [step, layer]
+  for (int i = 0; i < steps * L; ++i)
+    tokens.push_back({dev.Put(Random(rng, q_row, cfg.dtype)),
+                      dev.Put(Random(rng, kv_row, cfg.dtype)),
+                      dev.Put(Random(rng, kv_row, cfg.dtype))});
+  std::vector<float*> outs[2];
+  for (auto& o : outs)
+    for (int i = 0; i < steps * L; ++i) o.push_back(dev.Out(q_row));
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+
+  // Run 0 alone; run 1 beside the captures.
+  int64_t attends_direct = 0;
+  for (int run = 0; run < 2; ++run) {
+    auto rt = Runtime::Create(cfg);
+    ASSERT_TRUE(rt.ok()) << rt.status();
+    const int64_t seq = *(*rt)->CreateSequence();
+    std::atomic<bool> stop{false};
+    std::atomic<int> captures{0}, failed{0};
+    std::string first_failure;
+    std::thread capturer;
+    if (run == 1) {
+      capturer = std::thread([&] {
+        cudaStream_t cs = nullptr;
+        void* target = nullptr;
+        if (cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking) != cudaSuccess ||
+            cudaMalloc(&target, 4) != cudaSuccess) {
+          first_failure = "the capturing thread's setup";
+          failed = 1;
+          return;
+        }
+        while (!stop) {
+          const int n = captures.load();
+          cudaGraph_t graph = nullptr;
+          cudaError_t e = cudaStreamBeginCapture(cs, cudaStreamCaptureModeGlobal);
+          if (e == cudaSuccess) e = cudaMemsetAsync(target, n & 0xff, 4, cs);
+          std::this_thread::sleep_for(std::chrono::microseconds(500));  // kvrt works meanwhile
+          const cudaError_t ended = cudaStreamEndCapture(cs, &graph);
+          if (e == cudaSuccess) e = ended;
+          cudaGraphExec_t exec = nullptr;
+          uint32_t got = 0;
+          if (e == cudaSuccess) e = cudaGraphInstantiate(&exec, graph, 0);
+          if (e == cudaSuccess) e = cudaGraphLaunch(exec, cs);
+          if (e == cudaSuccess) e = cudaMemcpyAsync(&got, target, 4, cudaMemcpyDeviceToHost, cs);
+          if (e == cudaSuccess) e = cudaStreamSynchronize(cs);
+          if (e == cudaSuccess && got != 0x01010101u * static_cast<uint32_t>(n & 0xff))
+            e = cudaErrorUnknown;
+          if (exec != nullptr) cudaGraphExecDestroy(exec);
+          if (graph != nullptr) cudaGraphDestroy(graph);
+          if (e != cudaSuccess) {
+            (void)cudaGetLastError();
+            if (failed++ == 0)
+              first_failure = absl::StrCat("capture ", n, ": ", cudaGetErrorString(e));
+          }
+          captures++;
+        }
+        cudaFree(target);
+        cudaStreamDestroy(cs);
+      });
+    }
+    const Exec exec{true, s};
+    for (int l = 0; l < L; ++l) {
+      const absl::Status st =
+          (*rt)->Prefill(seq, l, prompts[l].q, prompts[l].k, prompts[l].v, prompt, exec);
+      EXPECT_TRUE(st.ok()) << "prefill, layer " << l << ": " << st;
+    }
+    for (int step = 0; step < steps; ++step) {
+      for (int l = 0; l < L; ++l) {
+        const LayerInput& t = tokens[step * L + l];
+        absl::Status st = (*rt)->Append(seq, l, t.k, t.v, 1, exec);
+        if (st.ok()) st = (*rt)->Attend(seq, l, t.q, outs[run][step * L + l], exec);
+        EXPECT_TRUE(st.ok()) << "step " << step << ", layer " << l << ": " << st;
+      }
+    }
+    EXPECT_TRUE((*rt)->WaitSequence(seq).ok());
+    stop = true;
+    if (capturer.joinable()) capturer.join();
+    if (run == 1) {
+      EXPECT_GT(captures.load(), 0);
+      EXPECT_EQ(failed.load(), 0) << failed.load() << " of " << captures.load()
+                                  << " captures failed; the first: " << first_failure;
+    }
+    const RuntimeStats stats = (*rt)->Stats();
+    EXPECT_GT(stats.segments_built_gpu, 0) << "run " << run << ": the prompt was built on the GPU";
+    EXPECT_GT(stats.attends_direct, 0) << "run " << run << ": the direct step ran";
+    if (run == 0) attends_direct = stats.attends_direct;
+    if (run == 1) {
+      EXPECT_EQ(stats.attends_direct, attends_direct) << "no step fell back";
+    }
+  }
+  for (int i = 0; i < steps * L; ++i)
+    ExpectClose(dev.Get(outs[1][i], q_row), dev.Get(outs[0][i], q_row),
+                absl::StrCat("step ", i / L, " layer ", i % L));
   dev.Clear();
   cudaStreamDestroy(s);
 #endif

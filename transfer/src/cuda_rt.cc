@@ -4,6 +4,8 @@
 #include "kvrt_transfer/cuda_rt.h"
 
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 
 #include "absl/strings/str_cat.h"
 
@@ -59,16 +61,42 @@ int CurrentDevice() {
   return d;
 }
 
-ScopedDevice::ScopedDevice(int device) {
+namespace {
+bool RelaxCaptureMode() {
+  static const bool relax = [] {
+    const char* e = std::getenv("KVRT_CAPTURE_RELAXED");
+    return e == nullptr || std::string_view(e) != "0";
+  }();
+  return relax;
+}
+}  // namespace
+
+int RelaxCaptureModeOfThisThread() {
+  if (!RelaxCaptureMode()) return -1;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess) return static_cast<int>(mode);
+  (void)cudaGetLastError();
+  return -1;
+}
+
+void RestoreCaptureModeOfThisThread(int previous) {
+  if (previous < 0) return;
+  auto mode = static_cast<cudaStreamCaptureMode>(previous);
+  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+}
+
+CudaCallScope::CudaCallScope(int device) {
   if (device < 0) return;
+  previous_mode_ = RelaxCaptureModeOfThisThread();
   const int current = CurrentDevice();
   if (current == device) return;
-  if (cudaSetDevice(device) == cudaSuccess) previous_ = current;
+  if (cudaSetDevice(device) == cudaSuccess) previous_device_ = current;
   (void)cudaGetLastError();
 }
 
-ScopedDevice::~ScopedDevice() {
-  if (previous_ >= 0) (void)cudaSetDevice(previous_);
+CudaCallScope::~CudaCallScope() {
+  if (previous_device_ >= 0) (void)cudaSetDevice(previous_device_);
+  RestoreCaptureModeOfThisThread(previous_mode_);
 }
 
 std::string DeviceName() {
@@ -322,8 +350,10 @@ bool CudaAvailable() { return false; }
 std::string DeviceName() { return ""; }
 int DeviceCount() { return 0; }
 int CurrentDevice() { return 0; }
-ScopedDevice::ScopedDevice(int) {}
-ScopedDevice::~ScopedDevice() = default;
+int RelaxCaptureModeOfThisThread() { return -1; }
+void RestoreCaptureModeOfThisThread(int) {}
+CudaCallScope::CudaCallScope(int) {}
+CudaCallScope::~CudaCallScope() = default;
 absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(std::size_t bytes) {
   if (bytes == 0) return DeviceBuffer();
   return NoCuda("cudaMalloc");

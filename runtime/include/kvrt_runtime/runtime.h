@@ -49,7 +49,7 @@ struct RuntimeConfig {
   int use_gpu = 0;       // 0: host backend; 1: GPU tier in device memory (error without a device);
                          // -1: GPU when available. The effective config holds 0 or 1.
 
-  // The device calls run on (transfer::ScopedDevice): cuda_device on the GPU backend, else -1.
+  // The device calls run on (transfer::CudaCallScope): cuda_device on the GPU backend, else -1.
   int call_device() const { return use_gpu == 1 ? cuda_device : -1; }
   // Rows stored per token and kv head: its key and its value, or the key alone (values_are_keys).
   int rows_per_token() const { return values_are_keys ? 1 : 2; }

@@ -23,19 +23,32 @@ int DeviceCount();
 // The calling thread's current device (0 without CUDA).
 int CurrentDevice();
 
-// Makes `device` the calling thread's current CUDA device for the scope and restores the previous
-// one at exit (a runtime on one GPU is driven from threads that may use another). device < 0, or
-// a build without CUDA: does nothing.
-class ScopedDevice {
+// The calling thread makes kvrt's CUDA calls for the scope: `device` is its current device and
+// its stream-capture mode is relaxed (cudaThreadExchangeStreamCaptureMode); both are restored at
+// exit. A runtime on one GPU is driven from threads that may use another. And a capture begun in
+// cudaStreamCaptureModeGlobal (PyTorch's default) on any thread forbids the "potentially unsafe"
+// calls (allocations, synchronisations, event queries, host registrations) on every thread whose
+// mode is global, and a forbidden call invalidates that capture: a decoder capturing its own work
+// while kvrt works (its API call on another thread, its background jobs on the workers) would
+// lose its graph. kvrt never enqueues on a capturing stream (calls on one are refused), so the
+// relaxed mode costs the caller's capture no check that guards it. device < 0 (the host backend)
+// or a build without CUDA: does nothing. KVRT_CAPTURE_RELAXED=0 (diagnostics) leaves the mode.
+class CudaCallScope {
  public:
-  explicit ScopedDevice(int device);
-  ~ScopedDevice();
-  ScopedDevice(const ScopedDevice&) = delete;
-  ScopedDevice& operator=(const ScopedDevice&) = delete;
+  explicit CudaCallScope(int device);
+  ~CudaCallScope();
+  CudaCallScope(const CudaCallScope&) = delete;
+  CudaCallScope& operator=(const CudaCallScope&) = delete;
 
  private:
-  int previous_ = -1;
+  int previous_device_ = -1;
+  int previous_mode_ = -1;  // RelaxCaptureModeOfThisThread's result
 };
+
+// CudaCallScope's capture mode alone, for a thread that enters and leaves kvrt's work through
+// callbacks (a oneTBB observer): Relax returns what Restore takes back (-1: nothing changed).
+int RelaxCaptureModeOfThisThread();
+void RestoreCaptureModeOfThisThread(int previous);
 
 // Device memory (cudaMalloc / cudaFree). Move-only; an empty buffer holds null.
 class DeviceBuffer {
