@@ -195,6 +195,9 @@ absl::Status ResolveGpuBackend(RuntimeConfig* c, std::unique_ptr<GpuContext>* gp
 
 absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& config) {
   KVRT_RETURN_IF_ERROR(ValidateConfig(config));
+  // Its CUDA calls (the device's properties, the context's streams and pools) may meet a
+  // caller's capture on another thread too.
+  transfer::CudaCallScope calls(config.use_gpu != 0 ? transfer::CurrentDevice() : -1);
   RuntimeConfig effective = config;
   if (effective.scale == 0.f)
     effective.scale = 1.f / std::sqrt(static_cast<float>(config.head_dim));
@@ -250,6 +253,7 @@ absl::StatusOr<std::unique_ptr<Runtime>> Runtime::Create(const RuntimeConfig& co
 }
 
 absl::StatusOr<int64_t> Runtime::CreateSequence() {
+  transfer::CudaCallScope on_device(config_.call_device());  // the layers' device state
   auto seq = std::make_shared<Sequence>(&config_, &impl_->counters, impl_->gpu.get());
   std::lock_guard<std::mutex> lock(impl_->mu);
   const int64_t id = impl_->next_id++;
@@ -380,6 +384,7 @@ QuerySample PromptQuerySample(const RuntimeConfig& config, int64_t n) {
 
 absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_queries,
                               const void* k, const void* v, int64_t n, const Exec& exec) {
+  transfer::CudaCallScope on_device(config_.call_device());
   if (config_.values_are_keys) v = k;  // not read (kvrt.h): may be NULL
   if (k == nullptr || v == nullptr)
     return absl::InvalidArgumentError("prefill: k and v must not be NULL");
@@ -407,7 +412,6 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_qu
     KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: v",
                                      host && v != k ? v : nullptr, n, config_.num_kv_heads));
   }
-  transfer::CudaCallScope on_device(config_.call_device());
   if (!impl_->pad.on())
     return seq->layers[layer].Prefill(q, n_queries, k, v, n, impl_->arena, exec);
   PaddedCall padded;
@@ -421,6 +425,7 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_qu
 
 absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v, int64_t n,
                              const Exec& exec) {
+  transfer::CudaCallScope on_device(config_.call_device());
   if (config_.values_are_keys) v = k;  // not read (kvrt.h): may be NULL
   if (k == nullptr || v == nullptr)
     return absl::InvalidArgumentError("append: k and v must not be NULL");
@@ -433,7 +438,6 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
                                    config_.num_kv_heads));
   KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "append: v",
                                    host && v != k ? v : nullptr, n, config_.num_kv_heads));
-  transfer::CudaCallScope on_device(config_.call_device());
   if (!impl_->pad.on()) return seq->layers[layer].Append(k, v, n, impl_->arena, exec);
   PaddedCall padded;
   KVRT_RETURN_IF_ERROR(impl_->pad.In({{k, n * config_.num_kv_heads}, {v, n * config_.num_kv_heads}},
@@ -443,6 +447,7 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
 
 absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, const Exec& exec,
                              float* lse) {
+  transfer::CudaCallScope on_device(config_.call_device());
   if (q == nullptr || out == nullptr)
     return absl::InvalidArgumentError("attend: q and out must not be NULL");
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "attend"));
@@ -450,7 +455,6 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
                                    exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
-  transfer::CudaCallScope on_device(config_.call_device());
   const uint8_t* streaming =
       impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
   if (!impl_->pad.on())
@@ -466,6 +470,7 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
 
 absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const void* q, float* out,
                                   const Exec& exec, float* lse) {
+  transfer::CudaCallScope on_device(config_.call_device());
   if (ids == nullptr || n <= 0 || q == nullptr || out == nullptr)
     return absl::InvalidArgumentError(
         "attend_batch: need n >= 1 sequences and non-NULL seqs, q and out");
@@ -500,7 +505,6 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   locks.reserve(n);
   for (int i : order)
     if (seqs[i]) locks.emplace_back(seqs[i]->mu);
-  transfer::CudaCallScope on_device(config_.call_device());
   // A padded head_dim (head_pad.h): the layers read and write the padded copies; the rows of the
   // sequences that succeed go back to the caller's out below.
   PaddedCall padded;

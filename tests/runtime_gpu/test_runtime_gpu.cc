@@ -1267,6 +1267,8 @@ TEST(GpuBackendGraph, ACaptureOnAnotherThreadSurvivesKvrtsWork) {
   cfg.record_attended = false;
   cfg.index.cluster.segment_tokens = 256;
   cfg.index.cluster.min_budget_tokens = 1 << 20;
+  cfg.direct_step = true;
+  cfg.hot_cache_fraction = 0.1f;
   const int prompt = Small() ? 700 : 1500, steps = Small() ? 8 : 24;
   const int L = cfg.num_layers;
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
@@ -1298,9 +1300,6 @@ TEST(GpuBackendGraph, ACaptureOnAnotherThreadSurvivesKvrtsWork) {
   // Run 0 alone; run 1 beside the captures.
   int64_t attends_direct = 0;
   for (int run = 0; run < 2; ++run) {
-    auto rt = Runtime::Create(cfg);
-    ASSERT_TRUE(rt.ok()) << rt.status();
-    const int64_t seq = *(*rt)->CreateSequence();
     std::atomic<bool> stop{false};
     std::atomic<int> captures{0}, failed{0};
     std::string first_failure;
@@ -1343,6 +1342,14 @@ TEST(GpuBackendGraph, ACaptureOnAnotherThreadSurvivesKvrtsWork) {
         cudaFree(target);
         cudaStreamDestroy(cs);
       });
+    }
+    // The runtime and its sequence made beside the captures too (their streams, pools, events).
+    auto rt = Runtime::Create(cfg);
+    const int64_t seq = rt.ok() ? (*rt)->CreateSequence().value_or(-1) : -1;
+    if (!rt.ok() || seq < 0) {
+      stop = true;
+      if (capturer.joinable()) capturer.join();
+      FAIL() << "run " << run << ": " << rt.status();
     }
     const Exec exec{true, s};
     for (int l = 0; l < L; ++l) {
