@@ -5,8 +5,6 @@
 // scopes at kvrt's entry points cover the calls made there; this covers every worker task,
 // the loops inside a job included, whatever it calls. A thread gets its mode back when it
 // leaves the arena.
-#include <atomic>
-
 #include "oneapi/tbb/task_arena.h"
 #include "oneapi/tbb/task_scheduler_observer.h"
 
