@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -13,14 +14,72 @@ import kvrt
 
 torch = pytest.importorskip("torch")
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_torch_graphs_captured_beside_kvrt_work():
-    """torch.cuda.graph (its default capture_error_mode is "global") in a loop on one thread while
-    another prefills a cluster-kind sequence (its clusters built on the GPU in a background job)
-    and decodes: every capture replays what it captured, and kvrt's outputs equal those of a run
-    with no capture beside it. The budget selects every cold token, so both runs attend exactly
-    whatever clusters their builds made."""
+
+class CaptureLoop:
+    """On a thread of its own: torch.cuda.graph (its default capture_error_mode is "global")
+    around a multiply and a short sleep, replayed and checked, until stopped. failures names the
+    stage of the first error (enter: capture_begin, body, exit: capture_end, replay)."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.failures: list[str] = []
+        self.replays = 0
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> "CaptureLoop":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        stage = "setup"
+        try:
+            x = torch.ones(256, device="cuda")
+            while not self.stop.is_set():
+                graph = torch.cuda.CUDAGraph()
+                factor = self.replays + 2
+                stage = "enter"
+                ctx = torch.cuda.graph(graph)
+                ctx.__enter__()
+                try:
+                    stage = "body"
+                    y = x * factor
+                    time.sleep(0.002)  # kvrt works meanwhile
+                finally:
+                    stage = "exit"
+                    ctx.__exit__(None, None, None)
+                stage = "replay"
+                graph.replay()
+                torch.cuda.synchronize()
+                if not bool((y == factor).all()):
+                    self.failures.append(f"replay {self.replays} computed {y[0].item()}")
+                self.replays += 1
+        except Exception as e:  # noqa: BLE001 - reported by the tests
+            self.failures.append(f"{stage}, after {self.replays} replays: {e!r}"[:400])
+
+
+@needs_cuda
+def test_the_capture_loop_alone_replays():
+    """The harness by itself: every capture replays what it captured."""
+    with CaptureLoop() as loop:
+        time.sleep(0.3)
+    assert not loop.failures, loop.failures
+    assert loop.replays > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("kvrt_stream", ["current", "side"])
+def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream):
+    """The capture loop on one thread while another prefills a cluster-kind sequence (its
+    clusters built on the GPU in a background job) and decodes, on torch's current stream or a
+    side stream: every capture replays, and kvrt's outputs equal those of a run with no capture
+    beside it. The budget selects every cold token, so both runs attend exactly whatever clusters
+    their builds made."""
     cfg = dict(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype="bf16",
                window_tokens=64, index_kind="cluster", cluster_budget_fraction=1.0,
                worker_threads=4, use_gpu=1)
@@ -33,55 +92,30 @@ def test_torch_graphs_captured_beside_kvrt_work():
     prompts = [(randn(prompt, 8, 64), randn(prompt, 2, 64), randn(prompt, 2, 64))
                for _ in range(layers)]
     tokens = [(randn(8, 64), randn(1, 2, 64), randn(1, 2, 64)) for _ in range(steps * layers)]
-    # Outputs allocated up front: while the captures run this thread calls kvrt only (a torch
-    # allocation could reach cudaMalloc, which the global mode forbids).
+    # Outputs allocated up front: while the captures run this thread calls kvrt only.
     outs = [[torch.empty(8, 64, device="cuda") for _ in range(steps * layers)] for _ in range(2)]
+    side: Optional[torch.cuda.Stream] = torch.cuda.Stream() if kvrt_stream == "side" else None
     torch.cuda.synchronize()
 
     def decode(run: int) -> kvrt.Runtime:
+        stream: Optional[int] = side.cuda_stream if side is not None else None
         rt = kvrt.Runtime(**cfg)
         seq = rt.sequence()
         for layer, (q, k, v) in enumerate(prompts):
-            seq.prefill(layer, q, k, v)
+            seq.prefill(layer, q, k, v, stream=stream)
         for i, (q, k, v) in enumerate(tokens):
-            seq.append_attend(i % layers, q, k, v, outs[run][i])
+            seq.append_attend(i % layers, q, k, v, outs[run][i], stream=stream)
         seq.wait()
         return rt
 
     rt_alone = decode(0)
-
-    stop = threading.Event()
-    failures: list[str] = []
-    replays = [0]
-
-    def capture_loop():
-        try:
-            x = torch.ones(256, device="cuda")
-            while not stop.is_set():
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    y = x * (replays[0] + 2)
-                    time.sleep(0.002)  # kvrt works meanwhile
-                graph.replay()
-                torch.cuda.synchronize()
-                if not bool((y == replays[0] + 2).all()):
-                    failures.append(f"replay {replays[0]} computed {y[0].item()}")
-                replays[0] += 1
-        except Exception as e:  # noqa: BLE001 - reported by the test below
-            failures.append(repr(e))
-
-    capturer = threading.Thread(target=capture_loop)
-    capturer.start()
-    try:
+    with CaptureLoop() as loop:
         rt_beside = decode(1)
-    finally:
-        stop.set()
-        capturer.join()
     # Device-wide waits only now: the global mode forbids them beside a capture, to anyone.
     torch.cuda.synchronize()
+    assert not loop.failures, loop.failures
+    assert loop.replays > 0
     alone, beside = rt_alone.stats(), rt_beside.stats()
-    assert not failures, failures[:3]
-    assert replays[0] > 0
     assert alone.segments_built_gpu > 0 and beside.segments_built_gpu > 0
     assert beside.attends_direct == alone.attends_direct > 0, "no step fell back"
     for a, b in zip(outs[0], outs[1]):
