@@ -568,12 +568,16 @@ KVRT_API kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id s
  * events (docs/gpu.md, "CUDA graphs"). A call on a stream that is being captured returns
  * KVRT_ERR_FAILED_PRECONDITION before it enqueues anything (the capture stays valid); a decoder
  * that uses graphs captures the layers' other work and calls kvrt between the graphs (since
- * 0.3.2). It may capture while kvrt works, on another thread or while kvrt's background jobs
- * run, in any capture mode (PyTorch's default, the global mode, included): since 0.3.32 kvrt makes
- * its CUDA calls in the relaxed capture mode on its threads, so they neither fail nor invalidate
- * the caller's capture (kvrt's own streams are non-blocking). The caller's rules stay CUDA's: while
- * it captures a blocking stream, its kvrt calls must not pass the legacy default stream (NULL),
- * whose implicit synchronisation would invalidate the capture.
+ * 0.3.2). Since 0.3.32 it may also capture while kvrt works, on another thread or while kvrt's
+ * background jobs run, in any capture mode (the global mode, PyTorch's default, included): kvrt
+ * makes its CUDA calls in the relaxed capture mode on its threads, so they neither fail nor
+ * invalidate the caller's capture (tested on the device with cudaStreamBeginCapture on another
+ * thread and kvrt's calls on a non-blocking stream of the caller's). While another thread
+ * captures, pass kvrt a stream of your own, not the legacy default stream (NULL): with kvrt on it,
+ * torch.cuda.graph's capture was invalidated in the same test (docs/gpu.md, "A capture beside
+ * kvrt's work"; torch's capture beside kvrt is not yet verified on any stream). A kvrt call also
+ * discards a CUDA error that the caller's earlier calls on its thread left unread, rather than
+ * report it as its own.
  * check_finite does not inspect device tensors. */
 typedef enum kvrt_memory { KVRT_MEMORY_HOST = 0, KVRT_MEMORY_DEVICE = 1 } kvrt_memory;
 

@@ -1253,6 +1253,48 @@ TEST(GpuBackendGraph, CallsOnACapturingStreamAreRefusedAndTheCaptureStaysValid) 
 #endif
 }
 
+// An error that the caller's own CUDA call left unread on its thread (a failed cudaMalloc: not
+// sticky) is not reported by kvrt's next call, whose launches are checked with cudaGetLastError.
+TEST(GpuBackendErrors, ACallersUnreadErrorIsNotKvrts) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+#if KVRT_WITH_CUDA
+  RuntimeConfig cfg = MakeConfig({cpu_index::IndexKind::kFlat, true, DType::kBF16, "x"}, 1);
+  cfg.num_layers = 1;
+  auto rt = Runtime::Create(cfg);
+  ASSERT_TRUE(rt.ok()) << rt.status();
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  Tensors dev(true, s);
+  std::mt19937 rng(5);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  const int prompt = 300;
+  const void* k = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
+  const void* v = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
+  const void* k1 = dev.Put(Random(rng, kv_row, cfg.dtype));
+  const void* v1 = dev.Put(Random(rng, kv_row, cfg.dtype));
+  const void* q = dev.Put(Random(rng, q_row, cfg.dtype));
+  float* out = dev.Out(q_row);
+  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  const int64_t seq = *(*rt)->CreateSequence();
+  const Exec exec{true, s};
+  ASSERT_TRUE((*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec).ok());
+  auto leave_an_error = [] {
+    void* p = nullptr;
+    ASSERT_NE(cudaMalloc(&p, std::size_t{1} << 50), cudaSuccess) << "1 PiB must fail";
+  };
+  leave_an_error();
+  absl::Status st = (*rt)->Append(seq, 0, k1, v1, 1, exec);
+  EXPECT_TRUE(st.ok()) << "append after the caller's failed call: " << st;
+  leave_an_error();
+  st = (*rt)->Attend(seq, 0, q, out, exec);
+  EXPECT_TRUE(st.ok()) << "attend after the caller's failed call: " << st;
+  EXPECT_TRUE(std::isfinite(dev.Get(out, q_row)[0]));
+  dev.Clear();
+  cudaStreamDestroy(s);
+#endif
+}
+
 // A decoder that captures its own work into CUDA graphs on another thread, in the global mode
 // (PyTorch's default), while kvrt works: a prefill whose clusters are built on the GPU in a
 // background job, then decode steps (the direct step, its admission jobs). Every capture stays

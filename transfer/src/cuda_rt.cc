@@ -82,11 +82,15 @@ int RelaxCaptureModeOfThisThread() {
 void RestoreCaptureModeOfThisThread(int previous) {
   if (previous < 0) return;
   auto mode = static_cast<cudaStreamCaptureMode>(previous);
-  (void)cudaThreadExchangeStreamCaptureMode(&mode);
+  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) (void)cudaGetLastError();
 }
 
 CudaCallScope::CudaCallScope(int device) {
   if (device < 0) return;
+  // A launch is checked with cudaGetLastError, which also returns an error that the caller's own
+  // calls on this thread left unread: it is not kvrt's, and would fail kvrt's call (the likely
+  // cause of an append that failed with error 900 on the GPU machine while nothing was captured).
+  (void)cudaGetLastError();
   previous_mode_ = RelaxCaptureModeOfThisThread();
   const int current = CurrentDevice();
   if (current == device) return;
@@ -95,7 +99,8 @@ CudaCallScope::CudaCallScope(int device) {
 }
 
 CudaCallScope::~CudaCallScope() {
-  if (previous_device_ >= 0) (void)cudaSetDevice(previous_device_);
+  if (previous_device_ >= 0 && cudaSetDevice(previous_device_) != cudaSuccess)
+    (void)cudaGetLastError();
   RestoreCaptureModeOfThisThread(previous_mode_);
 }
 

@@ -31,8 +31,10 @@ int CurrentDevice();
 // mode is global, and a forbidden call invalidates that capture: a decoder capturing its own work
 // while kvrt works (its API call on another thread, its background jobs on the workers) would
 // lose its graph. kvrt never enqueues on a capturing stream (calls on one are refused), so the
-// relaxed mode costs the caller's capture no check that guards it. device < 0 (the host backend)
-// or a build without CUDA: does nothing. KVRT_CAPTURE_RELAXED=0 (diagnostics) leaves the mode.
+// relaxed mode costs the caller's capture no check that guards it. On entry it also discards an
+// error the thread's earlier CUDA calls left unread (cudaGetLastError), which kvrt's launch checks
+// would otherwise report as their own. device < 0 (the host backend) or a build without CUDA:
+// does nothing. KVRT_CAPTURE_RELAXED=0 (diagnostics) leaves the mode.
 class CudaCallScope {
  public:
   explicit CudaCallScope(int device);
