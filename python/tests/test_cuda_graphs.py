@@ -3,7 +3,6 @@ works on another thread, and neither breaks the other (kvrt.h, "CUDA graphs").""
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Optional
 
@@ -17,58 +16,20 @@ torch = pytest.importorskip("torch")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-class CaptureLoop:
-    """On a thread of its own: torch.cuda.graph (its default capture_error_mode is "global")
-    around a multiply and a short sleep, replayed and checked, until stopped. failures names the
-    stage of the first error (enter: capture_begin, body, exit: capture_end, replay)."""
-
-    def __init__(self):
-        self.stop = threading.Event()
-        self.failures: list[str] = []
-        self.replays = 0
-        self._thread = threading.Thread(target=self._run)
-
-    def __enter__(self) -> "CaptureLoop":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        stage = "setup"
-        try:
-            x = torch.ones(256, device="cuda")
-            while not self.stop.is_set():
-                graph = torch.cuda.CUDAGraph()
-                factor = self.replays + 2
-                stage = "enter"
-                ctx = torch.cuda.graph(graph)
-                ctx.__enter__()
-                try:
-                    stage = "body"
-                    y = x * factor
-                    time.sleep(0.002)  # kvrt works meanwhile
-                finally:
-                    stage = "exit"
-                    ctx.__exit__(None, None, None)
-                stage = "replay"
-                graph.replay()
-                torch.cuda.synchronize()
-                if not bool((y == factor).all()):
-                    self.failures.append(f"replay {self.replays} computed {y[0].item()}")
-                self.replays += 1
-        except Exception as e:  # noqa: BLE001 - reported by the tests
-            self.failures.append(f"{stage}, after {self.replays} replays: {e!r}"[:400])
+@pytest.fixture
+def capture_loop(gpu_bench_tool):
+    """tools/gpu_bench/capture_beside_kvrt.py's CaptureLoop: torch.cuda.graph (its default
+    capture_error_mode is "global") around a multiply and a 2 ms sleep on a thread of its own,
+    each graph replayed and checked."""
+    return gpu_bench_tool("capture_beside_kvrt").CaptureLoop
 
 
 @needs_cuda
-def test_the_capture_loop_alone_replays():
+def test_the_capture_loop_alone_replays(capture_loop):
     """The harness by itself: every capture replays what it captured."""
-    with CaptureLoop() as loop:
+    with capture_loop() as loop:
         time.sleep(0.3)
-    assert not loop.failures, loop.failures
+    assert not loop.failure, loop.failure
     assert loop.replays > 0
 
 
@@ -78,7 +39,7 @@ def test_the_capture_loop_alone_replays():
     "(legacy) stream a capture was invalidated after 8 replays; the side-stream run then failed "
     "on an error the first left unread (0.3.32 discards such errors at kvrt's entry; not re-run)"))
 @pytest.mark.parametrize("kvrt_stream", ["current", "side"])
-def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream):
+def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream, capture_loop):
     """The capture loop on one thread while another prefills a cluster-kind sequence (its
     clusters built on the GPU in a background job) and decodes, on torch's current stream or a
     side stream: every capture replays, and kvrt's outputs equal those of a run with no capture
@@ -113,11 +74,11 @@ def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream):
         return rt
 
     rt_alone = decode(0)
-    with CaptureLoop() as loop:
+    with capture_loop() as loop:
         rt_beside = decode(1)
     # Device-wide waits only now: the global mode forbids them beside a capture, to anyone.
     torch.cuda.synchronize()
-    assert not loop.failures, loop.failures
+    assert not loop.failure, loop.failure
     assert loop.replays > 0
     alone, beside = rt_alone.stats(), rt_beside.stats()
     assert alone.segments_built_gpu > 0 and beside.segments_built_gpu > 0

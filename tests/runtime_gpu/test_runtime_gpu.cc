@@ -11,6 +11,7 @@
 #include <deque>
 #include <functional>
 #include <future>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -1207,35 +1208,67 @@ TEST(GpuBackendCluster, PrefillBuildsSegmentsOnTheGpu) {
   }
 }
 
+#if KVRT_WITH_CUDA
+// A one-layer flat runtime on the GPU backend, a non-blocking stream of the caller's, a sequence,
+// and in device memory a prompt's k and v, one token's k1 and v1, a query and out.
+struct OneLayerOnDevice {
+  static constexpr int kPrompt = 300;
+  std::unique_ptr<Runtime> rt;
+  cudaStream_t s = nullptr;
+  std::unique_ptr<Tensors> dev;
+  const void *k = nullptr, *v = nullptr, *k1 = nullptr, *v1 = nullptr, *q = nullptr;
+  float* out = nullptr;
+  int64_t seq = -1;
+  std::size_t q_row = 0;
+  Exec exec() const { return Exec{true, s}; }
+  ~OneLayerOnDevice() {
+    if (dev) dev->Clear();
+    if (s != nullptr) cudaStreamDestroy(s);
+  }
+};
+
+::testing::AssertionResult MakeOneLayerOnDevice(DType dtype, uint32_t seed, OneLayerOnDevice* o) {
+  RuntimeConfig cfg = MakeConfig({cpu_index::IndexKind::kFlat, true, dtype, "x"}, 1);
+  cfg.num_layers = 1;
+  auto rt = Runtime::Create(cfg);
+  if (!rt.ok()) return ::testing::AssertionFailure() << rt.status();
+  o->rt = std::move(*rt);
+  if (cudaStreamCreateWithFlags(&o->s, cudaStreamNonBlocking) != cudaSuccess)
+    return ::testing::AssertionFailure() << "cudaStreamCreateWithFlags";
+  o->dev = std::make_unique<Tensors>(true, o->s);
+  std::mt19937 rng(seed);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  o->q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  o->k = o->dev->Put(Random(rng, OneLayerOnDevice::kPrompt * kv_row, dtype));
+  o->v = o->dev->Put(Random(rng, OneLayerOnDevice::kPrompt * kv_row, dtype));
+  o->k1 = o->dev->Put(Random(rng, kv_row, dtype));
+  o->v1 = o->dev->Put(Random(rng, kv_row, dtype));
+  o->q = o->dev->Put(Random(rng, o->q_row, dtype));
+  o->out = o->dev->Out(o->q_row);
+  if (cudaStreamSynchronize(o->s) != cudaSuccess)
+    return ::testing::AssertionFailure() << "cudaStreamSynchronize";
+  auto seq = o->rt->CreateSequence();
+  if (!seq.ok()) return ::testing::AssertionFailure() << seq.status();
+  o->seq = *seq;
+  return ::testing::AssertionSuccess();
+}
+#endif
+
 // A call on a stream that is being captured into a CUDA graph is refused before it enqueues
 // anything (FailedPrecondition naming the graph), so the caller's capture stays valid and ends
 // with an empty graph; outside the capture the same calls work.
 TEST(GpuBackendGraph, CallsOnACapturingStreamAreRefusedAndTheCaptureStaysValid) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
 #if KVRT_WITH_CUDA
-  RuntimeConfig cfg = MakeConfig({cpu_index::IndexKind::kFlat, true, DType::kF32, "x"}, 1);
-  cfg.num_layers = 1;
-  auto rt = Runtime::Create(cfg);
-  ASSERT_TRUE(rt.ok()) << rt.status();
-  cudaStream_t s = nullptr;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
-  Tensors dev(true, s);
-  std::mt19937 rng(3);
-  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
-  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
-  const int prompt = 300;
-  const void* k = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
-  const void* v = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
-  const void* q = dev.Put(Random(rng, q_row, cfg.dtype));
-  float* out = dev.Out(q_row);
-  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
-  const int64_t seq = *(*rt)->CreateSequence();
-  ASSERT_EQ(cudaStreamBeginCapture(s, cudaStreamCaptureModeRelaxed), cudaSuccess);
-  const Exec exec{true, s};
-  const absl::Status prefill = (*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec);
-  const absl::Status attend = (*rt)->Attend(seq, 0, q, out, exec);
+  OneLayerOnDevice o;
+  ASSERT_TRUE(MakeOneLayerOnDevice(DType::kF32, 3, &o));
+  Runtime& rt = *o.rt;
+  const int prompt = OneLayerOnDevice::kPrompt;
+  ASSERT_EQ(cudaStreamBeginCapture(o.s, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  const absl::Status prefill = rt.Prefill(o.seq, 0, nullptr, o.k, o.v, prompt, o.exec());
+  const absl::Status attend = rt.Attend(o.seq, 0, o.q, o.out, o.exec());
   cudaGraph_t graph = nullptr;
-  ASSERT_EQ(cudaStreamEndCapture(s, &graph), cudaSuccess) << "the capture stayed valid";
+  ASSERT_EQ(cudaStreamEndCapture(o.s, &graph), cudaSuccess) << "the capture stayed valid";
   size_t nodes = 99;
   ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &nodes), cudaSuccess);
   EXPECT_EQ(nodes, 0u) << "nothing was enqueued";
@@ -1244,12 +1277,10 @@ TEST(GpuBackendGraph, CallsOnACapturingStreamAreRefusedAndTheCaptureStaysValid) 
     EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition) << st;
     EXPECT_NE(std::string(st.message()).find("CUDA graph"), std::string::npos) << st;
   }
-  EXPECT_EQ(*(*rt)->SequenceLength(seq, 0), 0) << "the refused prefill stored nothing";
-  ASSERT_TRUE((*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec).ok());
-  ASSERT_TRUE((*rt)->Attend(seq, 0, q, out, exec).ok());
-  EXPECT_TRUE(std::isfinite(dev.Get(out, q_row)[0]));
-  dev.Clear();
-  cudaStreamDestroy(s);
+  EXPECT_EQ(*rt.SequenceLength(o.seq, 0), 0) << "the refused prefill stored nothing";
+  ASSERT_TRUE(rt.Prefill(o.seq, 0, nullptr, o.k, o.v, prompt, o.exec()).ok());
+  ASSERT_TRUE(rt.Attend(o.seq, 0, o.q, o.out, o.exec()).ok());
+  EXPECT_TRUE(std::isfinite(o.dev->Get(o.out, o.q_row)[0]));
 #endif
 }
 
@@ -1258,40 +1289,21 @@ TEST(GpuBackendGraph, CallsOnACapturingStreamAreRefusedAndTheCaptureStaysValid) 
 TEST(GpuBackendErrors, ACallersUnreadErrorIsNotKvrts) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
 #if KVRT_WITH_CUDA
-  RuntimeConfig cfg = MakeConfig({cpu_index::IndexKind::kFlat, true, DType::kBF16, "x"}, 1);
-  cfg.num_layers = 1;
-  auto rt = Runtime::Create(cfg);
-  ASSERT_TRUE(rt.ok()) << rt.status();
-  cudaStream_t s = nullptr;
-  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
-  Tensors dev(true, s);
-  std::mt19937 rng(5);
-  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
-  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
-  const int prompt = 300;
-  const void* k = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
-  const void* v = dev.Put(Random(rng, prompt * kv_row, cfg.dtype));
-  const void* k1 = dev.Put(Random(rng, kv_row, cfg.dtype));
-  const void* v1 = dev.Put(Random(rng, kv_row, cfg.dtype));
-  const void* q = dev.Put(Random(rng, q_row, cfg.dtype));
-  float* out = dev.Out(q_row);
-  ASSERT_EQ(cudaStreamSynchronize(s), cudaSuccess);
-  const int64_t seq = *(*rt)->CreateSequence();
-  const Exec exec{true, s};
-  ASSERT_TRUE((*rt)->Prefill(seq, 0, nullptr, k, v, prompt, exec).ok());
+  OneLayerOnDevice o;
+  ASSERT_TRUE(MakeOneLayerOnDevice(DType::kBF16, 5, &o));
+  Runtime& rt = *o.rt;
+  ASSERT_TRUE(rt.Prefill(o.seq, 0, nullptr, o.k, o.v, OneLayerOnDevice::kPrompt, o.exec()).ok());
   auto leave_an_error = [] {
     void* p = nullptr;
     ASSERT_NE(cudaMalloc(&p, std::size_t{1} << 50), cudaSuccess) << "1 PiB must fail";
   };
   leave_an_error();
-  absl::Status st = (*rt)->Append(seq, 0, k1, v1, 1, exec);
+  absl::Status st = rt.Append(o.seq, 0, o.k1, o.v1, 1, o.exec());
   EXPECT_TRUE(st.ok()) << "append after the caller's failed call: " << st;
   leave_an_error();
-  st = (*rt)->Attend(seq, 0, q, out, exec);
+  st = rt.Attend(o.seq, 0, o.q, o.out, o.exec());
   EXPECT_TRUE(st.ok()) << "attend after the caller's failed call: " << st;
-  EXPECT_TRUE(std::isfinite(dev.Get(out, q_row)[0]));
-  dev.Clear();
-  cudaStreamDestroy(s);
+  EXPECT_TRUE(std::isfinite(o.dev->Get(o.out, o.q_row)[0]));
 #endif
 }
 

@@ -20,12 +20,24 @@ import torch
 
 
 class CaptureLoop:
-    def __init__(self, mode: str):
+    """The capturing thread, as a context manager: started on entry, stopped and joined on exit.
+    failure: "" or the first error with its stage (enter: capture_begin, body, exit:
+    capture_end, replay); replays: the graphs replayed and checked."""
+
+    def __init__(self, mode: str = "global"):
         self.mode = mode
         self.stop = threading.Event()
         self.failure = ""
         self.replays = 0
         self.thread = threading.Thread(target=self.run)
+
+    def __enter__(self) -> "CaptureLoop":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
     def run(self) -> None:
         stage = "setup"
@@ -111,15 +123,12 @@ def main() -> None:
                 "kvrt-current": lambda: kvrt_work("current")}[case]()
         if case.startswith("kvrt"):
             work()  # once without captures: the kernels loaded, the process warm
-        loop = CaptureLoop(args.mode)
-        loop.thread.start()
         error = ""
-        try:
-            work()
-        except Exception as e:  # noqa: BLE001 - reported
-            error = str(e).splitlines()[0][:200]
-        loop.stop.set()
-        loop.thread.join()
+        with CaptureLoop(args.mode) as loop:
+            try:
+                work()
+            except Exception as e:  # noqa: BLE001 - reported
+                error = str(e).splitlines()[0][:200]
         torch.cuda.synchronize()
         print(f"{case:13s} mode {args.mode:12s} replays {loop.replays:4d}  "
               f"capture failure: {loop.failure or '-'}  main thread: {error or '-'}", flush=True)
