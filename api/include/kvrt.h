@@ -573,9 +573,9 @@ KVRT_API kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id s
  * makes its CUDA calls in the relaxed capture mode on its threads, so they neither fail nor
  * invalidate the caller's capture (tested on the device with cudaStreamBeginCapture on another
  * thread and kvrt's calls on a non-blocking stream of the caller's). While another thread
- * captures, pass kvrt a stream of your own, not the legacy default stream (NULL): with kvrt on it,
- * torch.cuda.graph's capture was invalidated in the same test (docs/gpu.md, "A capture beside
- * kvrt's work"; torch's capture beside kvrt is not yet verified on any stream). A kvrt call also
+ * captures, pass kvrt a stream of your own, not the legacy default stream (NULL): with kvrt on
+ * it, a torch.cuda.graph capture on another thread was invalidated (docs/gpu.md, "A capture
+ * beside kvrt's work"; torch's capture beside kvrt is not yet verified on any stream). A kvrt call also
  * discards a CUDA error that the caller's earlier calls on its thread left unread, rather than
  * report it as its own.
  * check_finite does not inspect device tensors. */
