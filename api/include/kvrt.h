@@ -575,9 +575,9 @@ KVRT_API kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id s
  * thread and kvrt's calls on a non-blocking stream of the caller's). While another thread
  * captures, pass kvrt a stream of your own, not the legacy default stream (NULL): with kvrt on
  * it, a torch.cuda.graph capture on another thread was invalidated (docs/gpu.md, "A capture
- * beside kvrt's work"; torch's capture beside kvrt is not yet verified on any stream). A kvrt call also
- * discards a CUDA error that the caller's earlier calls on its thread left unread, rather than
- * report it as its own.
+ * beside kvrt's work"; torch's capture beside kvrt is not yet verified on any stream). A kvrt
+ * call also discards a CUDA error that the caller's earlier calls on its thread left unread,
+ * rather than report it as its own.
  * check_finite does not inspect device tensors. */
 typedef enum kvrt_memory { KVRT_MEMORY_HOST = 0, KVRT_MEMORY_DEVICE = 1 } kvrt_memory;
 
