@@ -173,15 +173,15 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
   // heads (the width their product is padded to) and the window goes in chunks of kWindowChunk
   // rows, merged in order: the chunks follow the row count, not the threads.
   constexpr int64_t kWindowChunk = 256;
-  const bool wide = cfg_->index.host_tiles;
+  const bool tiles = cfg_->index.host_tiles;
   const int per_task =
-      wide ? std::clamp(group, 1, cpu_index::GroupPassHeads(true))
-           : std::clamp(n * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1));
+      tiles ? std::clamp(group, 1, cpu_index::GroupPassHeads(true))
+            : std::clamp(n * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1));
   const int runs = (group + per_task - 1) / per_task;
   int64_t most = 0;
   for (int i = 0; i < n; ++i) most = std::max(most, counts[i].n_window);
   const int chunks =
-      wide ? static_cast<int>(std::max<int64_t>(1, (most + kWindowChunk - 1) / kWindowChunk)) : 1;
+      tiles ? static_cast<int>(std::max<int64_t>(1, (most + kWindowChunk - 1) / kWindowChunk)) : 1;
   const std::size_t slot = static_cast<std::size_t>(per_task) * d;
   const std::size_t tasks = static_cast<std::size_t>(n) * G * runs * chunks;
   std::vector<float> chunk_o(tasks * slot), chunk_lse(tasks * per_task);
@@ -202,16 +202,16 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
     if (c == 0)
       cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.sink_k_, hoff),
                                   at(tier.sink_values(), hoff), head_elems, cfg_->dtype,
-                                  counts[i].n_sink, og, &state.lse[h0], wide);
+                                  counts[i].n_sink, og, &state.lse[h0], tiles);
     const int64_t w0 = c * kWindowChunk, w1 = chunks == 1
                                                   ? counts[i].n_window
                                                   : std::min(counts[i].n_window, w0 + kWindowChunk);
     const std::size_t off =
         hoff + static_cast<std::size_t>(std::min(w0, w1)) * head_elems * DTypeSize(cfg_->dtype);
-    cpu_index::AttendDenseGroup(qg, nh, d, cfg_->scale, at(tier.ring_k_, off),
-                                at(tier.ring_values(), off), head_elems, cfg_->dtype,
-                                std::max<int64_t>(0, w1 - w0), chunk_o.data() + task * slot,
-                                chunk_lse.data() + static_cast<std::size_t>(task) * per_task, wide);
+    cpu_index::AttendDenseGroup(
+        qg, nh, d, cfg_->scale, at(tier.ring_k_, off), at(tier.ring_values(), off), head_elems,
+        cfg_->dtype, std::max<int64_t>(0, w1 - w0), chunk_o.data() + task * slot,
+        chunk_lse.data() + static_cast<std::size_t>(task) * per_task, tiles);
   };
   arena.execute([&] { tbb::parallel_for(0, static_cast<int>(tasks), body); });
   // Each run's window chunks merged into its sinks' state, in chunk order.
