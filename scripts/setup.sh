@@ -7,6 +7,8 @@ packages=(
   build-essential cmake pkg-config
   libfaiss-dev libopenblas-dev liblapack-dev   # FAISS (a static library) and the BLAS it links
   libdnnl-dev                                  # oneDNN: the k-means' bf16 products on AMX
+  ocl-icd-opencl-dev                           # what oneDNN's CMake config looks for (only
+                                               # recommended by libdnnl-dev, not installed here)
   libhnswlib-dev libtbb-dev libabsl-dev
   googletest libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev
