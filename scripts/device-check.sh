@@ -48,8 +48,9 @@
 #
 # Here (nvcc, no GPU):  BEFORE=/path/to/old/kvrt scripts/device-check.sh
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
-#   .bundle/ and packs it into .bundlez/bundle.tgz (both git-ignored). EXTRA_PROGRAMS adds
-#   programs (e.g. an older build's test_gpu_kernels copied as test_gpu_before), LEAVE_OUT
+#   .bundle/ and packs it into .bundlez/bundle.txz (.tgz without xz; both git-ignored).
+#   EXTRA_PROGRAMS adds programs (e.g. an older build's test_gpu_kernels copied as
+#   test_gpu_before), LEAVE_OUT
 #   drops programs and "trace" (CUPTI) a call does not need; SLIM=1 leaves
 #   out the kernels-apart tools and the install prefix when the carry would pass 64 MiB,
 #   SLIM=parts the tools only (the prefix stays: BENCH=e2e, binding, pytest).
@@ -1002,4 +1003,10 @@ if [[ "${SLIM:-}" != 1 ]]; then
   strip --strip-unneeded "$(readlink -f .bundle/prefix/lib/libkvrt.so)" || exit 1
   bash scripts/bundle.sh --deps-only .bundle .bundle/prefix/lib/libkvrt.so || exit 1
 fi
-mkdir -p .bundlez && tar czf .bundlez/bundle.tgz .bundle && du -sh .bundlez/bundle.tgz
+# xz where installed (a third smaller than gzip: the carry's 64 MiB hold the tree too).
+mkdir -p .bundlez && rm -f .bundlez/bundle.tgz .bundlez/bundle.txz
+if command -v xz > /dev/null; then
+  tar -cf - .bundle | xz -T0 -6 > .bundlez/bundle.txz && du -sh .bundlez/bundle.txz
+else
+  tar czf .bundlez/bundle.tgz .bundle && du -sh .bundlez/bundle.tgz
+fi

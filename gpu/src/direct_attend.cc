@@ -157,17 +157,19 @@ absl::Status MarkSelected(const int32_t* selected, const int32_t* count, int q_h
 
 absl::Status DirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q,
                           float scale, float* o, float* lse, int64_t* read_rows, float* workspace,
-                          void* stream) {
+                          void* stream, const int64_t* rows_now) {
   constexpr const char* kFn = "DirectAttend";
   if (auto s = detail::CheckDirectAttend(v, mask, q, scale, o, lse, kFn); !s.ok()) return s;
 #if KVRT_WITH_CUDA
   const float sc = scale != 0.f ? scale : 1.f / std::sqrt(float(v.head_dim));
-  return ToStatus(detail::LaunchDirectAttend(v, mask, q, sc, o, lse, read_rows, workspace, stream),
-                  kFn);
+  return ToStatus(
+      detail::LaunchDirectAttend(v, mask, q, sc, o, lse, read_rows, workspace, stream, rows_now),
+      kFn);
 #else
   (void)read_rows;
   (void)workspace;
   (void)stream;
+  (void)rows_now;
   return NoCuda(kFn);
 #endif
 }
@@ -176,17 +178,19 @@ int DirectAttendSplits(const DirectRowsView& v) { return detail::DirectSplits(v)
 
 absl::Status DirectAttendPartial(const DirectRowsView& v, const uint32_t* mask, const float* q,
                                  float scale, float* part_o, float* part_lse, int64_t* read_rows,
-                                 void* stream) {
+                                 void* stream, const int64_t* rows_now) {
   constexpr const char* kFn = "DirectAttendPartial";
   if (auto s = detail::CheckDirectAttend(v, mask, q, scale, part_o, part_lse, kFn); !s.ok())
     return s;
 #if KVRT_WITH_CUDA
   const float sc = scale != 0.f ? scale : 1.f / std::sqrt(float(v.head_dim));
-  return ToStatus(
-      detail::LaunchDirectAttendSplits(v, mask, q, sc, part_o, part_lse, read_rows, stream), kFn);
+  return ToStatus(detail::LaunchDirectAttendSplits(v, mask, q, sc, part_o, part_lse, read_rows,
+                                                   stream, rows_now),
+                  kFn);
 #else
   (void)read_rows;
   (void)stream;
+  (void)rows_now;
   return NoCuda(kFn);
 #endif
 }

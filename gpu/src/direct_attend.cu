@@ -131,17 +131,19 @@ struct DirectArgs {
 };
 
 // One CTA of the direct step's attention: kv head g, split s of n_splits (DirectAttendKernel and
-// DirectAttendBatchKernel map their grids onto it).
+// DirectAttendBatchKernel map their grids onto it). rows_now (RowsNow): the one-member kernel's
+// parameter, not a field of DirectArgs: the batch kernel's members (DirectArgs in shared memory)
+// spilled 8-12 bytes more per thread with the argument 8 bytes longer.
 template <typename T, int D, int kWarpHeads, bool kMma>
-__device__ __forceinline__ void DirectAttendCta(const DirectArgs& a, const int g, const int s,
-                                                const int n_splits) {
+__device__ __forceinline__ void DirectAttendCta(const DirectArgs& a, const int64_t* rows_now,
+                                                const int g, const int s, const int n_splits) {
   using L = DirectLayout<T, D, kWarpHeads>;
   constexpr int kE = L::kE, kU = L::kU, kTile = L::kTile, kRowBytes = L::kRowBytes;
   const DirectRowsView& v = a.v;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int group = v.q_heads / v.kv_heads;
   const uint32_t all_bits = group == 32 ? ~0u : (1u << group) - 1u;
-  const int rows = static_cast<int>(v.rows);
+  const int rows = static_cast<int>(RowsNow(v.rows, rows_now));
 
   // Warps = head sets x row sets: a group of more than kWarpHeads q heads is spread over 2, 4 or
   // 8 head sets, each warp scoring its set's hn <= kWarpHeads heads on its share of a tile's rows.
@@ -685,8 +687,8 @@ __device__ __forceinline__ void DirectAttendCta(const DirectArgs& a, const int g
 // grid (kv_heads, splits).
 template <typename T, int D, int kWarpHeads, bool kMma>
 __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMinBlocks))
-    DirectAttendKernel(const __grid_constant__ DirectArgs a) {
-  DirectAttendCta<T, D, kWarpHeads, kMma>(a, blockIdx.x, blockIdx.y, gridDim.y);
+    DirectAttendKernel(const __grid_constant__ DirectArgs a, const int64_t* rows_now) {
+  DirectAttendCta<T, D, kWarpHeads, kMma>(a, rows_now, blockIdx.x, blockIdx.y, gridDim.y);
 }
 
 // A batch's members in one launch: grid (kv_heads, the members' splits in all), member i's
@@ -714,8 +716,8 @@ __global__ void __launch_bounds__(kThreads, (DirectLayout<T, D, kWarpHeads>::kMi
   for (int w = threadIdx.x; w < static_cast<int>(sizeof(DirectArgs) / 8); w += blockDim.x)
     args_s[w] = src[w];
   __syncthreads();
-  DirectAttendCta<T, D, kWarpHeads, kMma>(*reinterpret_cast<const DirectArgs*>(args_s), blockIdx.x,
-                                          y - first, b.split_end[i] - first);
+  DirectAttendCta<T, D, kWarpHeads, kMma>(*reinterpret_cast<const DirectArgs*>(args_s), nullptr,
+                                          blockIdx.x, y - first, b.split_end[i] - first);
 }
 
 // grid (ceil(C / 256), q_heads), 256 threads: thread j of q head h marks selected[h, j].
@@ -834,7 +836,7 @@ __global__ void __launch_bounds__(256)
 }
 
 // Kernel for (T, D) by group size (if constexpr: no d = 256-only variant for other dims).
-using DirectKernel = void (*)(DirectArgs);
+using DirectKernel = void (*)(DirectArgs, const int64_t*);
 
 // KVRT_DIRECT_SCALAR=1 keeps every shape on the scalar path: a measurement knob (the tensor-core
 // path against the scalar one in one build, in one run), read once.
@@ -885,8 +887,8 @@ DirectArgs MakeDirectArgs(const DirectAttendItem& it, float scale) {
 }
 
 template <typename T, int D>
-Err RunDirectAttend(const DirectArgs& a, dim3 grid, cudaStream_t st) {
-  DirectAttendKernelFor<T, D>(a.v.q_heads / a.v.kv_heads)<<<grid, kThreads, 0, st>>>(a);
+Err RunDirectAttend(const DirectArgs& a, const int64_t* rows_now, dim3 grid, cudaStream_t st) {
+  DirectAttendKernelFor<T, D>(a.v.q_heads / a.v.kv_heads)<<<grid, kThreads, 0, st>>>(a, rows_now);
   return LastLaunchErr();
 }
 
@@ -915,11 +917,11 @@ Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_head
 
 Err LaunchDirectAttendSplits(const DirectRowsView& v, const uint32_t* mask, const float* q,
                              float scale, float* part_o, float* part_lse, int64_t* read_rows,
-                             void* stream) {
+                             void* stream, const int64_t* rows_now) {
   const DirectArgs a = MakeDirectArgs({v, mask, q, part_o, part_lse, read_rows}, scale);
   const dim3 grid(v.kv_heads, DirectSplits(v));
   KVRT_DISPATCH_DTYPE(v.dtype, T, {KVRT_DISPATCH_HEAD_DIM(v.head_dim, D, {
-                        return RunDirectAttend<T, D>(a, grid, AsStream(stream));
+                        return RunDirectAttend<T, D>(a, rows_now, grid, AsStream(stream));
                       })})
   return {};
 }
@@ -945,7 +947,8 @@ Err LaunchDirectAttendBatch(const DirectAttendItem* items, int n, float scale, v
 }
 
 Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
-                       float* o, float* lse, int64_t* read_rows, float* workspace, void* stream) {
+                       float* o, float* lse, int64_t* read_rows, float* workspace, void* stream,
+                       const int64_t* rows_now) {
   const cudaStream_t st = AsStream(stream);
   const int splits = DirectSplits(v);
   const size_t need = DirectWorkspaceFloats(v);
@@ -958,7 +961,8 @@ Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const floa
   }
   float* part_o = ws;
   float* part_lse = ws + static_cast<size_t>(splits) * v.q_heads * v.head_dim;
-  Err err = LaunchDirectAttendSplits(v, mask, q, scale, part_o, part_lse, read_rows, stream);
+  Err err =
+      LaunchDirectAttendSplits(v, mask, q, scale, part_o, part_lse, read_rows, stream, rows_now);
   if (err.ok()) {
     err = LaunchMergeStatesN(part_o, part_lse, splits, v.q_heads, v.head_dim, o, DType::kF32, lse,
                              stream);

@@ -30,7 +30,8 @@ struct Row {
   uint32_t bits;
 };
 
-absl::Status GatherRows(const DirectRowsView& v, const uint32_t* mask, int g,
+// rows: the store's row count (RowsNow).
+absl::Status GatherRows(const DirectRowsView& v, const uint32_t* mask, int g, int64_t rows,
                         std::vector<Row>* out) {
   const uint32_t all = GroupBits(v.q_heads / v.kv_heads);
   const std::size_t base_c = static_cast<std::size_t>(g) * v.num_clusters;
@@ -39,7 +40,7 @@ absl::Status GatherRows(const DirectRowsView& v, const uint32_t* mask, int g,
     const uint32_t bits = mask[base_c + c] & all;
     const int64_t b = v.cluster_begin[base_c + c], n = v.cluster_size[base_c + c];
     if (bits == 0 || n <= 0) continue;  // not selected, or padding
-    if (b < 0 || b + n > v.rows) {
+    if (b < 0 || b + n > rows) {
       return absl::InvalidArgumentError(absl::StrCat("DirectAttendHost: cluster ", c,
                                                      " of kv head ", g, " [", b, ", ", b + n,
                                                      ") outside rows"));
@@ -57,7 +58,7 @@ absl::Status GatherRows(const DirectRowsView& v, const uint32_t* mask, int g,
   }
   const int64_t tail = v.tail_begin[g];
   if (tail < 0) return absl::InvalidArgumentError("DirectAttendHost: tail_begin < 0");
-  for (int64_t r = tail; r < v.rows; ++r) out->push_back({r, all});
+  for (int64_t r = tail; r < rows; ++r) out->push_back({r, all});
   return absl::OkStatus();
 }
 
@@ -86,7 +87,8 @@ absl::Status MarkSelectedHost(const int32_t* selected, const int32_t* count, int
 }
 
 absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, const float* q,
-                              float scale, float* o, float* lse, int64_t* read_rows) {
+                              float scale, float* o, float* lse, int64_t* read_rows,
+                              const int64_t* rows_now) {
   if (auto s = detail::CheckDirectAttend(v, mask, q, scale, o, lse, "DirectAttendHost"); !s.ok()) {
     return s;
   }
@@ -96,7 +98,7 @@ absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, con
   std::vector<Row> rows;
   std::vector<const void*> ks, vs, hk, hv;
   for (int g = 0; g < v.kv_heads; ++g) {
-    if (auto s = GatherRows(v, mask, g, &rows); !s.ok()) return s;
+    if (auto s = GatherRows(v, mask, g, RowsNow(v.rows, rows_now), &rows); !s.ok()) return s;
     // Where each row is read: the pool page of its block, else the host store.
     ks.resize(rows.size());
     vs.resize(rows.size());

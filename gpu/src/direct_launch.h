@@ -35,12 +35,14 @@ inline std::size_t DirectWorkspaceFloats(const DirectRowsView& v) {
 Err LaunchMarkSelected(const int32_t* selected, const int32_t* count, int q_heads, int kv_heads,
                        int num_clusters, uint32_t* mask, void* stream);
 // scale: resolved (not 0).
+// rows_now: null or device (RowsNow).
 Err LaunchDirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q, float scale,
-                       float* o, float* lse, int64_t* read_rows, float* workspace, void* stream);
+                       float* o, float* lse, int64_t* read_rows, float* workspace, void* stream,
+                       const int64_t* rows_now);
 // The kernel alone: the split states into part_o [splits, q_heads, d], part_lse [splits, q_heads].
 Err LaunchDirectAttendSplits(const DirectRowsView& v, const uint32_t* mask, const float* q,
                              float scale, float* part_o, float* part_lse, int64_t* read_rows,
-                             void* stream);
+                             void* stream, const int64_t* rows_now);
 // The kernel for n members at once (1 <= n <= kDirectAttendBatchMax, one shape; scale resolved):
 // member i's split states as LaunchDirectAttendSplits would write them.
 Err LaunchDirectAttendBatch(const DirectAttendItem* items, int n, float scale, void* stream);

@@ -343,6 +343,34 @@ TEST(DirectAttendHost, ReadRowsAccumulate) {
           .ok());
 }
 
+// rows_now (the count a CUDA graph's replay reads): the attention over a store that holds `rows`
+// rows is the attention over its first *rows_now, bit for bit; a count past `rows` reads `rows`.
+TEST(DirectAttendHost, RowsNowIsTheStoresCountAsTheAttentionRuns) {
+  for (const Shape& sh : HostShapes()) {
+    if (sh.tail < 2) continue;
+    SCOPED_TRACE(Describe(sh));
+    Problem p = MakeProblem(sh, 40 + sh.clusters);
+    const int64_t full = p.rows;
+    for (const int64_t now : {full - sh.tail / 2, full - 1, full, full + 5}) {
+      SCOPED_TRACE(::testing::Message() << "rows_now " << now);
+      p.rows = std::min(now, full);  // the same problem with its tail cut there
+      const Result cut = RunHost(p);
+      ExpectMatchesNaive(p, cut);
+      p.rows = full;
+      Result r;
+      r.o.assign(cut.o.size(), 7.f);
+      r.lse.assign(cut.lse.size(), 7.f);
+      ASSERT_TRUE(DirectAttendHost(p.View(), p.mask.data(), p.q.data(), 0.f, r.o.data(),
+                                   r.lse.data(), r.reads.data(), &now)
+                      .ok());
+      EXPECT_EQ(r.o, cut.o);
+      EXPECT_EQ(r.lse, cut.lse);
+      EXPECT_EQ(r.reads, cut.reads);
+      EXPECT_EQ(RowsNow(full, &now), std::min(now, full));
+    }
+  }
+}
+
 // Rows copied into pages by FillPagesHost give the same result, bit for bit (same rows, same
 // order), and are counted as pool reads.
 TEST(DirectAttendHost, PoolRowsGiveTheSameResult) {
@@ -1014,6 +1042,73 @@ TEST(DirectAttendKernel, MatchesHostReference) {
     ExpectKernelMatches(RunDevice(dp, p, false), RunHost(p));
     ExpectKernelMatches(RunDevice(dp, p, true), RunHost(p));
     ExpectKernelMatches(RunDevicePartial(dp, p), RunHost(p));
+  }
+}
+
+// The attention and the merge of its splits captured once in a CUDA graph (global mode, on a
+// non-blocking stream) and replayed as decode steps would be: before each replay the caller writes
+// the step's q and the store's row count (rows_now: the tail grows) into the buffers the graph
+// reads. Each replay equals the host reference at that count and q; the read counts add up.
+TEST(DirectAttendGraph, EachReplayReadsTheRowCountWrittenBeforeIt) {
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+  for (const Shape& sh : {Shape{2, 4, 128, DType::kBF16, 300, 40, 700},
+                          Shape{8, 4, 128, DType::kBF16, 1200, 600, 3000}}) {
+    SCOPED_TRACE(Describe(sh));
+    Problem p = MakeProblem(sh, 500 + sh.clusters);
+    DevProblem dp(p, StoreMem::kHostAllocMapped);
+    const int64_t full = p.rows;
+    int64_t* rows_now = ToDevice(std::vector<int64_t>{full});
+    const int splits = DirectAttendSplits(dp.view);
+    const std::size_t n = static_cast<std::size_t>(p.qh) * p.sh.d;
+    float* part_o = ToDevice(std::vector<float>(n * splits, 0.f));
+    float* part_lse = ToDevice(std::vector<float>(static_cast<std::size_t>(p.qh) * splits, 0.f));
+    float* o = ToDevice(std::vector<float>(n, 7.f));
+    float* lse = ToDevice(std::vector<float>(p.qh, 7.f));
+    int64_t* reads = ToDevice(std::vector<int64_t>(2, 0));
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+    const absl::Status attend =
+        DirectAttendPartial(dp.view, dp.mask, dp.q, 0.f, part_o, part_lse, reads, stream, rows_now);
+    const absl::Status merge =
+        MergeStatesN(part_o, part_lse, splits, p.qh, p.sh.d, o, DType::kF32, lse, stream);
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    ASSERT_TRUE(attend.ok()) << attend;
+    ASSERT_TRUE(merge.ok()) << merge;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    EXPECT_EQ(ToHost(lse, 1)[0], 7.f) << "the capture ran nothing";
+
+    std::vector<int64_t> want_reads(2, 0);
+    std::mt19937 rng(9);
+    std::normal_distribution<float> nq(0.f, 0.5f);
+    for (const int64_t now : {full - sh.tail + 1, full - sh.tail / 2, full}) {
+      SCOPED_TRACE(::testing::Message() << "rows_now " << now);
+      for (auto& x : p.q) x = nq(rng);
+      ASSERT_EQ(cudaMemcpyAsync(dp.q, p.q.data(), p.q.size() * sizeof(float),
+                                cudaMemcpyHostToDevice, stream),
+                cudaSuccess);
+      ASSERT_EQ(cudaMemcpyAsync(rows_now, &now, sizeof now, cudaMemcpyHostToDevice, stream),
+                cudaSuccess);
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      p.rows = now;
+      const Result ref = RunHost(p);
+      p.rows = full;
+      want_reads[0] += ref.reads[0];
+      want_reads[1] += ref.reads[1];
+      EXPECT_TRUE(Close(ToHost(lse, p.qh), ref.lse, kKernelTol, "lse"));
+      EXPECT_TRUE(Close(ToHost(o, n), ref.o, kKernelTol, "o"));
+      EXPECT_EQ(ToHost(reads, 2), want_reads);
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+    for (void* x :
+         {static_cast<void*>(rows_now), static_cast<void*>(part_o), static_cast<void*>(part_lse),
+          static_cast<void*>(o), static_cast<void*>(lse), static_cast<void*>(reads)})
+      cudaFree(x);
   }
 }
 

@@ -68,7 +68,8 @@ int main(int argc, char** argv) {
   float* ws = b::Alloc<float>(kTool, g::detail::DirectWorkspaceFloats(v), &ok);
   if (!ok) return 1;
   const double us = b::TimeUs(kTool, "DirectAttend", iters, [&] {
-    (void)g::detail::LaunchDirectAttend(v, nullptr, q, 0.0884f, o, lse, nullptr, ws, nullptr);
+    (void)g::detail::LaunchDirectAttend(v, nullptr, q, 0.0884f, o, lse, nullptr, ws, nullptr,
+                                        nullptr);
   });
   if (us < 0) return 1;
   const double mb = 2.0 * rows * kv * row_bytes / 1e6;

@@ -162,15 +162,32 @@ absl::Status PreloadDirectStepKernels(DType dtype, int head_dim, int q_heads, in
 // Floats of device scratch DirectAttend needs.
 std::size_t DirectAttendWorkspaceFloats(const DirectRowsView& v);
 
+// The row count an attention reads: *rows_now clamped to [0, rows], or rows where rows_now is
+// null. Host and device (the kernel and the reference read it with this one function).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+    inline int64_t
+    RowsNow(int64_t rows, const int64_t* rows_now) {
+  if (rows_now == nullptr) return rows;
+  const int64_t n = *rows_now;
+  return n < 0 ? 0 : (n > rows ? rows : n);
+}
+
 // q: f32 [q_heads, d]; o: f32 [q_heads, d]; lse: f32 [q_heads]. scale 0 = 1/sqrt(d).
 // read_rows: null, or int64 [2] that the kernel adds to (device: atomically): rows read from the
 // pool, rows read from the host store (a row counts once per kv head, not per q head).
 // workspace: device f32 [DirectAttendWorkspaceFloats] or null (then cudaMallocAsync on stream).
+// rows_now: null, or int64 [1] (device for the kernel, host for the reference): the store's row
+// count as the attention runs (RowsNow), v.rows then being its bound, which sizes the grid
+// (DirectAttendSplits) and the checks. What a step captured in a CUDA graph needs: a replay reads
+// the count its caller wrote there (a copy on the stream before the replay), not the captured one.
 absl::Status DirectAttend(const DirectRowsView& v, const uint32_t* mask, const float* q,
                           float scale, float* o, float* lse, int64_t* read_rows, float* workspace,
-                          void* stream);
+                          void* stream, const int64_t* rows_now = nullptr);
 absl::Status DirectAttendHost(const DirectRowsView& v, const uint32_t* mask, const float* q,
-                              float scale, float* o, float* lse, int64_t* read_rows);
+                              float scale, float* o, float* lse, int64_t* read_rows,
+                              const int64_t* rows_now = nullptr);
 
 // The most split states DirectAttendPartial leaves (DirectAttendSplits(v) <= this).
 inline constexpr int kDirectAttendMaxSplits = 64;
@@ -179,10 +196,11 @@ int DirectAttendSplits(const DirectRowsView& v);
 // DirectAttend without the merge of its splits, for a caller that merges them with states of its
 // own in one MergeStatesN (a launch fewer on the step's chain): split s's state goes to
 // part_o + s * q_heads * d (f32 [q_heads, d]) and part_lse + s * q_heads, s <
-// DirectAttendSplits(v); merged, they are DirectAttend's o and lse. No workspace.
+// DirectAttendSplits(v); merged, they are DirectAttend's o and lse. No workspace. rows_now: as
+// DirectAttend's.
 absl::Status DirectAttendPartial(const DirectRowsView& v, const uint32_t* mask, const float* q,
                                  float scale, float* part_o, float* part_lse, int64_t* read_rows,
-                                 void* stream);
+                                 void* stream, const int64_t* rows_now = nullptr);
 
 // One member of DirectAttendPartialBatch: DirectAttendPartial's arguments.
 struct DirectAttendItem {
@@ -196,7 +214,8 @@ struct DirectAttendItem {
 inline constexpr int kDirectAttendBatchMax = 32;
 // DirectAttendPartial for n members in one launch (a batch decode step: one launch instead of one
 // per member, its CTAs side by side on the device): member i's DirectAttendSplits(items[i].v)
-// split states in items[i].part_o / part_lse, bit for bit DirectAttendPartial's. The members share
+// split states in items[i].part_o / part_lse, bit for bit DirectAttendPartial's (without
+// rows_now: the batch kernel reads each view's rows, kept in shared memory). The members share
 // dtype, head_dim, q_heads and kv_heads; 1 <= n <= kDirectAttendBatchMax (else InvalidArgument,
 // naming the member and the field).
 absl::Status DirectAttendPartialBatch(const DirectAttendItem* items, int n, float scale,
