@@ -1,0 +1,319 @@
+// A decode step's device work in a CUDA graph (docs/gpu.md, "CUDA graphs"): the kernels a
+// direct step of the cluster kind launches for one (sequence, layer) - the ring append, the tier's
+// attention, the cluster selection, its mask, the direct attention and the one merge - captured
+// once and replayed step after step, while the host (the test, in the role of a step's host
+// prologue) writes what changes between steps into the device buffers the graph reads: q and the
+// new token's K/V, the ring's write position, the store's row count (rows_now: the evicted token
+// joins the store's tail). Each replay must compute what the same kernels compute launched
+// eagerly with the step's counts passed from the host. Skipped without a device.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "kvrt_common/dtype.h"
+#include "kvrt_gpu/cluster_kernels.h"
+#include "kvrt_gpu/direct_attend.h"
+#include "kvrt_gpu/kernels.h"
+#include "tests/gpu/device_copy.h"
+#include "tests/gpu/random_storage.h"
+
+#if KVRT_WITH_CUDA
+#include <cuda_runtime.h>
+
+namespace kvrt::gpu {
+namespace {
+
+constexpr int kKv = 2, kGroup = 4, kQh = kKv * kGroup, kD = 128;
+constexpr DType kT = DType::kBF16;
+constexpr int kSinks = 4, kWindow = 64;    // the ring is full: every append evicts a token
+constexpr int kClusters = 96, kTail = 40;  // clusters of 1-16 rows at 16 c, then the tail
+constexpr int kSteps = 6;
+constexpr int64_t kFirstRows = int64_t{16} * kClusters + kTail;
+// The store's capacity: the bound the graph's grid is sized for (room ahead, as a runtime's store
+// has), enough past kFirstRows that the eager launches' grids differ from the graph's.
+constexpr int64_t kStoreCap = kFirstRows + 512;
+constexpr std::size_t kRowBytes = kD * 2;  // one kv head's row in bf16
+constexpr std::size_t kTokenBytes = kKv * kRowBytes;
+
+template <typename T>
+T* Alloc(std::size_t n) {
+  T* p = nullptr;
+  EXPECT_EQ(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T)), cudaSuccess);
+  return p;
+}
+
+// One (sequence, layer) on the device and the buffers of its step. `graph`: the counts the step
+// reads come from device memory (write_pos, rows_now) and the direct attention's grid is sized
+// for kStoreCap rows; else they are the host's, as the runtime passes them today.
+struct Layer {
+  bool graph = false;
+  int64_t rows = kFirstRows, pos = 1000;  // the host's counts
+  std::vector<void*> allocs;
+  std::vector<unsigned char*> store_host;  // [kv] mapped host memory, kStoreCap rows
+  // Device buffers.
+  void *ring_k = nullptr, *ring_v = nullptr, *new_k = nullptr, *new_v = nullptr;
+  void *evict_k = nullptr, *evict_v = nullptr;
+  int64_t *write_pos = nullptr, *rows_now = nullptr, *reads = nullptr;
+  float *q = nullptr, *states_o = nullptr, *states_lse = nullptr, *out = nullptr, *lse = nullptr;
+  float *tier_ws = nullptr, *select_ws = nullptr;
+  uint32_t* mask = nullptr;
+  RingBatch ring;
+  TierBatch tier;
+  ClusterSummaryView summary;
+  ClusterStepOutputs sel;
+  DirectRowsView view;
+
+  template <typename T>
+  T* Dev(const std::vector<T>& h) {
+    T* p = ToDevice(h);
+    allocs.push_back(p);
+    return p;
+  }
+  template <typename T>
+  T* Dev(std::size_t n) {
+    T* p = Alloc<T>(n);
+    allocs.push_back(p);
+    return p;
+  }
+
+  Layer(bool graph_mode, uint32_t seed) : graph(graph_mode) {
+    std::mt19937 rng(seed);
+    ring_k = Dev(RandomStorage(rng, kWindow * kKv * kD, kT, 1.f));
+    ring_v = Dev(RandomStorage(rng, kWindow * kKv * kD, kT, 1.f));
+    void* sink_k = Dev(RandomStorage(rng, kSinks * kKv * kD, kT, 1.f));
+    void* sink_v = Dev(RandomStorage(rng, kSinks * kKv * kD, kT, 1.f));
+    new_k = Dev<unsigned char>(kTokenBytes);
+    new_v = Dev<unsigned char>(kTokenBytes);
+    evict_k = Dev<unsigned char>(kTokenBytes);
+    evict_v = Dev<unsigned char>(kTokenBytes);
+    write_pos = Dev(std::vector<int64_t>{pos});
+    rows_now = Dev(std::vector<int64_t>{rows});
+    reads = Dev(std::vector<int64_t>(2, 0));
+    q = Dev<float>(kQh * kD);
+
+    void* const ptrs[2] = {ring_k, ring_v};
+    auto* ring_ptrs = Dev(std::vector<void*>(ptrs, ptrs + 2));
+    ring.ring_k = ring_ptrs;
+    ring.ring_v = ring_ptrs + 1;
+    ring.write_pos = write_pos;
+    ring.batch = 1;
+    ring.capacity = kWindow;
+    ring.kv_heads = kKv;
+    ring.head_dim = kD;
+    ring.dtype = kT;
+
+    TierArrays::Entry e{sink_k, sink_v, ring_k, ring_v, kSinks, kWindow};
+    std::vector<unsigned char> packed(TierArrays::Bytes(1));
+    TierArrays::Pack(&e, 1, packed.data());
+    TierArrays::View(Dev(packed), 1, &tier);
+    tier.max_tokens = kSinks + kWindow;
+    tier.kv_heads = kKv;
+    tier.head_dim = kD;
+    tier.dtype = kT;
+    AttnParams ap;
+    ap.q_heads = kQh;
+    tier_ws = Dev<float>(TierAttentionWorkspaceFloats(tier, ap));
+
+    // The cold store: mapped host memory, rows [0, kStoreCap) per kv head (the tail grows into it).
+    std::vector<const void*> sk, sv;
+    for (int g = 0; g < 2 * kKv; ++g) {
+      void* h = nullptr;
+      EXPECT_EQ(cudaHostAlloc(&h, kStoreCap * kRowBytes, cudaHostAllocMapped), cudaSuccess);
+      const auto init = RandomStorage(rng, kStoreCap * kD, kT, 1.f);
+      std::memcpy(h, init.data(), init.size());
+      store_host.push_back(static_cast<unsigned char*>(h));
+      void* d = nullptr;
+      EXPECT_EQ(cudaHostGetDevicePointer(&d, h, 0), cudaSuccess);
+      (g < kKv ? sk : sv).push_back(d);
+    }
+    std::uniform_int_distribution<int> size_of(1, 16);
+    std::vector<int32_t> begin, size;
+    for (int g = 0; g < kKv; ++g) {
+      for (int c = 0; c < kClusters; ++c) {
+        begin.push_back(16 * c);
+        size.push_back(size_of(rng));
+      }
+    }
+    std::uniform_real_distribution<float> spread_of(0.05f, 0.3f);
+    std::vector<float> spread(kKv * kClusters);
+    for (auto& x : spread) x = spread_of(rng);
+    summary.kv_heads = kKv;
+    summary.head_dim = kD;
+    summary.num_clusters = kClusters;
+    summary.centroid = reinterpret_cast<const uint16_t*>(
+        Dev(RandomStorage(rng, kKv * kClusters * kD, DType::kBF16, 0.5f)));
+    summary.value_mean = reinterpret_cast<const uint16_t*>(
+        Dev(RandomStorage(rng, kKv * kClusters * kD, DType::kBF16, 0.5f)));
+    summary.size = Dev(size);
+    summary.spread = Dev(spread);
+    select_ws = Dev<float>(ClusterStepWorkspaceFloats(summary, kQh));
+
+    // The merge's states: the tier, the unselected clusters' estimate, the direct attention's
+    // splits (at most kDirectAttendMaxSplits).
+    const std::size_t states = 2 + kDirectAttendMaxSplits;
+    states_o = Dev<float>(states * kQh * kD);
+    states_lse = Dev<float>(states * kQh);
+    out = Dev<float>(kQh * kD);
+    lse = Dev<float>(kQh);
+    sel.density = Dev<float>(kQh * kClusters);
+    sel.selected = Dev<int32_t>(kQh * kClusters);
+    sel.selected_count = Dev<int32_t>(kQh);
+    sel.selected_tokens = Dev<int64_t>(kQh);
+    sel.est_o = states_o + kQh * kD;
+    sel.est_lse = states_lse + kQh;
+    mask = Dev<uint32_t>(kKv * kClusters);
+
+    view.kv_heads = kKv;
+    view.q_heads = kQh;
+    view.head_dim = kD;
+    view.dtype = kT;
+    view.store_k = Dev(sk);
+    view.store_v = Dev(sv);
+    view.blocks_per_head = (kStoreCap + kDirectBlockRows - 1) / kDirectBlockRows;
+    view.block_page = Dev(std::vector<int32_t>(kKv * view.blocks_per_head, -1));  // no pool
+    view.cluster_begin = Dev(begin);
+    view.cluster_size = summary.size;
+    view.num_clusters = kClusters;
+    view.tail_begin = Dev(std::vector<int64_t>(kKv, int64_t{16} * kClusters));
+  }
+  ~Layer() {
+    cudaDeviceSynchronize();
+    for (void* p : allocs) cudaFree(p);
+    for (unsigned char* h : store_host) cudaFreeHost(h);
+  }
+
+  int Splits() const {
+    DirectRowsView v = view;
+    v.rows = graph ? kStoreCap : rows;
+    return DirectAttendSplits(v);
+  }
+
+  // The step's device work on `stream`, as a decode step of the direct path enqueues it.
+  absl::Status Enqueue(cudaStream_t stream) {
+    AttnParams ap;
+    ap.q_heads = kQh;
+    ClusterStepParams cp;
+    cp.q_heads = kQh;
+    cp.budget_tokens = 300;
+    DirectRowsView v = view;
+    v.rows = graph ? kStoreCap : rows;
+    const int splits = DirectAttendSplits(v);
+    absl::Status st = RingAppend(ring, new_k, new_v, 1, evict_k, evict_v, stream);
+    if (st.ok()) st = TierAttention(tier, q, ap, states_o, states_lse, tier_ws, stream);
+    if (st.ok()) st = ClusterStep(summary, q, cp, sel, select_ws, stream);
+    if (st.ok())
+      st = MarkSelected(sel.selected, sel.selected_count, kQh, kKv, kClusters, mask, stream);
+    if (st.ok())
+      st = DirectAttendPartial(v, mask, q, 0.f, states_o + 2 * kQh * kD, states_lse + 2 * kQh,
+                               reads, stream, graph ? rows_now : nullptr);
+    if (st.ok())
+      st = MergeStatesN(states_o, states_lse, 2 + splits, kQh, kD, out, DType::kF32, lse, stream);
+    return st;
+  }
+
+  // Between steps, what a host prologue would do: the token the last append evicted joins the
+  // store's tail, the ring's position advances, and the next step's q and token are written;
+  // with `graph`, the counts too (on the stream, before the replay that reads them).
+  void Prepare(const std::vector<float>& next_q, const std::vector<unsigned char>& next_k,
+               const std::vector<unsigned char>& next_v, bool first, cudaStream_t stream) {
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    if (!first) {
+      const auto ek = ToHost(static_cast<unsigned char*>(evict_k), kTokenBytes);
+      const auto ev = ToHost(static_cast<unsigned char*>(evict_v), kTokenBytes);
+      ASSERT_LT(rows, kStoreCap);
+      for (int g = 0; g < kKv; ++g) {
+        std::memcpy(store_host[g] + rows * kRowBytes, ek.data() + g * kRowBytes, kRowBytes);
+        std::memcpy(store_host[kKv + g] + rows * kRowBytes, ev.data() + g * kRowBytes, kRowBytes);
+      }
+      ++rows;
+      ++pos;
+    }
+    ASSERT_EQ(cudaMemcpyAsync(q, next_q.data(), next_q.size() * sizeof(float),
+                              cudaMemcpyHostToDevice, stream),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(new_k, next_k.data(), kTokenBytes, cudaMemcpyHostToDevice, stream),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(new_v, next_v.data(), kTokenBytes, cudaMemcpyHostToDevice, stream),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpyAsync(write_pos, &pos, sizeof pos, cudaMemcpyHostToDevice, stream),
+              cudaSuccess);
+    if (graph) {
+      ASSERT_EQ(cudaMemcpyAsync(rows_now, &rows, sizeof rows, cudaMemcpyHostToDevice, stream),
+                cudaSuccess);
+    }
+    // The pageable copies above return once their source is staged; the stream orders the rest.
+  }
+};
+
+::testing::AssertionResult Close(const std::vector<float>& a, const std::vector<float>& b,
+                                 double tol, const char* what) {
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    if (!(std::fabs(double(a[i]) - b[i]) <= tol * (1.0 + std::fabs(double(b[i]))))) {
+      return ::testing::AssertionFailure() << what << "[" << i << "]: " << a[i] << " vs " << b[i];
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+TEST(StepGraph, ADirectStepsDeviceWorkReplaysAsItRunsEagerly) {
+  if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
+  Layer replayed(true, 5), eager(false, 5);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+
+  std::mt19937 rng(17);
+  std::normal_distribution<float> nq(0.f, 0.6f);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  for (int step = 0; step < kSteps; ++step) {
+    SCOPED_TRACE(::testing::Message() << "step " << step);
+    std::vector<float> q(kQh * kD);
+    for (auto& x : q) x = nq(rng);
+    const auto k = RandomStorage(rng, kKv * kD, kT, 1.f);
+    const auto v = RandomStorage(rng, kKv * kD, kT, 1.f);
+    replayed.Prepare(q, k, v, step == 0, stream);
+    eager.Prepare(q, k, v, step == 0, stream);
+    if (step == 0) {
+      // Captured once, in the global mode, after the first step's inputs are written.
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+      const absl::Status st = replayed.Enqueue(stream);
+      ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+      ASSERT_TRUE(st.ok()) << st;
+      ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+      size_t nodes = 0;
+      ASSERT_EQ(cudaGraphGetNodes(graph, nullptr, &nodes), cudaSuccess);
+      std::printf("captured step: %zu nodes\n", nodes);
+    }
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    const absl::Status st = eager.Enqueue(stream);
+    ASSERT_TRUE(st.ok()) << st;
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+
+    EXPECT_EQ(replayed.rows, eager.rows);
+    EXPECT_TRUE(Close(ToHost(replayed.lse, kQh), ToHost(eager.lse, kQh), 2e-5, "lse"));
+    EXPECT_TRUE(Close(ToHost(replayed.out, kQh * kD), ToHost(eager.out, kQh * kD), 2e-4, "o"));
+    EXPECT_EQ(ToHost(replayed.reads, 2), ToHost(eager.reads, 2)) << "rows read";
+    EXPECT_EQ(ToHost(replayed.sel.selected_count, kQh), ToHost(eager.sel.selected_count, kQh));
+    EXPECT_EQ(ToHost(static_cast<unsigned char*>(replayed.ring_k), kWindow * kTokenBytes),
+              ToHost(static_cast<unsigned char*>(eager.ring_k), kWindow * kTokenBytes))
+        << "the ring after the append";
+  }
+  EXPECT_EQ(replayed.rows, kFirstRows + kSteps - 1);
+  EXPECT_NE(replayed.Splits(), eager.Splits())
+      << "the setup: the graph's grid is not the eager one";
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+}  // namespace kvrt::gpu
+
+#endif  // KVRT_WITH_CUDA
