@@ -75,7 +75,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 32
+#define KVRT_VERSION_PATCH 33
 
 #ifdef __cplusplus
 extern "C" {

@@ -133,7 +133,7 @@ struct DirectArgs {
 // One CTA of the direct step's attention: kv head g, split s of n_splits (DirectAttendKernel and
 // DirectAttendBatchKernel map their grids onto it). rows_now (RowsNow): the one-member kernel's
 // parameter, not a field of DirectArgs: the batch kernel's members (DirectArgs in shared memory)
-// spilled 8-12 bytes more per thread with the argument 8 bytes longer.
+// spilled 4-12 bytes more per thread with the argument 8 bytes longer.
 template <typename T, int D, int kWarpHeads, bool kMma>
 __device__ __forceinline__ void DirectAttendCta(const DirectArgs& a, const int64_t* rows_now,
                                                 const int g, const int s, const int n_splits) {
