@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "launch_status.h"
+#include "ring_check.h"
 
 namespace kvrt::gpu {
 using detail::NoCuda;
@@ -228,6 +229,40 @@ absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* ne
                   "RingAppend");
 #else
   return NoCuda("RingAppend");
+#endif
+}
+
+namespace detail {
+absl::Status CheckRingToStore(const RingBatch& ring, const void* new_k, const void* new_v,
+                              int n_new, const RingStoreTarget& store, const int64_t* write_pos,
+                              const char* fn) {
+  if (auto s = CheckRing(ring, n_new, fn); !s.ok()) return s;
+  if (ring.batch > 0 &&
+      (ring.ring_k == nullptr || ring.ring_v == nullptr || write_pos == nullptr ||
+       store.store_k == nullptr || store.store_v == nullptr || store.row_base == nullptr ||
+       (n_new > 0 && (new_k == nullptr || new_v == nullptr)))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(fn, ": null ring, new rows, write_pos or store target"));
+  }
+  if (store.store_rows < 0) return absl::InvalidArgumentError(absl::StrCat(fn, ": store_rows < 0"));
+  return absl::OkStatus();
+}
+}  // namespace detail
+
+absl::Status RingAppendToStore(const RingBatch& ring, const void* new_k, const void* new_v,
+                               int n_new, const RingStoreTarget& store, int64_t* write_pos,
+                               int64_t* rows, void* stream) {
+  constexpr const char* kFn = "RingAppendToStore";
+  if (auto s = detail::CheckRingToStore(ring, new_k, new_v, n_new, store, write_pos, kFn); !s.ok())
+    return s;
+#if KVRT_WITH_CUDA
+  return ToStatus(
+      detail::LaunchRingAppendToStore(ring, new_k, new_v, n_new, store, write_pos, rows, stream),
+      kFn);
+#else
+  (void)rows;
+  (void)stream;
+  return NoCuda(kFn);
 #endif
 }
 

@@ -7,8 +7,10 @@
 #include <numeric>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "kvrt_cpu_index/attention.h"
 #include "kvrt_gpu/kernels.h"
+#include "ring_check.h"
 
 namespace kvrt::gpu {
 namespace {
@@ -101,6 +103,48 @@ void RingAppendHost(const RingBatch& r, const void* new_k, const void* new_v, in
       std::memcpy(Bytes(r.ring_v[b]) + at, Bytes(new_v) + src, tok);
     }
   }
+}
+
+absl::Status RingAppendToStoreHost(const RingBatch& r, const void* new_k, const void* new_v,
+                                   int n_new, const RingStoreTarget& store, int64_t* write_pos,
+                                   int64_t* rows) {
+  constexpr const char* kFn = "RingAppendToStoreHost";
+  if (auto s = detail::CheckRingToStore(r, new_k, new_v, n_new, store, write_pos, kFn); !s.ok())
+    return s;
+  for (int b = 0; b < r.batch; ++b) {
+    // Ring positions [first, end) leave: those of tokens whose slot held one.
+    const int64_t first = std::max<int64_t>(0, write_pos[b] - r.capacity);
+    const int64_t end = write_pos[b] + n_new - r.capacity;
+    if (write_pos[b] < 0 || (end > first && (store.row_base[b] + first < 0 ||
+                                             store.row_base[b] + end > store.store_rows))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          kFn, ": sequence ", b, " evicts to store rows outside [0, ", store.store_rows, ")"));
+    }
+  }
+  const std::size_t row = static_cast<std::size_t>(r.head_dim) * DTypeSize(r.dtype);
+  const std::size_t tok = r.kv_heads * row;
+  for (int b = 0; b < r.batch; ++b) {
+    for (int i = 0; i < n_new; ++i) {
+      const int64_t pos = write_pos[b] + i;
+      const std::size_t at = static_cast<std::size_t>(pos % r.capacity) * tok;
+      const std::size_t src = (static_cast<std::size_t>(b) * n_new + i) * tok;
+      if (pos >= r.capacity) {
+        const std::size_t dst =
+            static_cast<std::size_t>(store.row_base[b] + pos - r.capacity) * row;
+        for (int g = 0; g < r.kv_heads; ++g) {
+          const std::size_t sg = static_cast<std::size_t>(b) * r.kv_heads + g;
+          std::memcpy(Bytes(store.store_k[sg]) + dst, Bytes(r.ring_k[b]) + at + g * row, row);
+          std::memcpy(Bytes(store.store_v[sg]) + dst, Bytes(r.ring_v[b]) + at + g * row, row);
+        }
+      }
+      std::memcpy(Bytes(r.ring_k[b]) + at, Bytes(new_k) + src, tok);
+      std::memcpy(Bytes(r.ring_v[b]) + at, Bytes(new_v) + src, tok);
+    }
+    write_pos[b] += n_new;
+    if (rows != nullptr)
+      rows[b] = store.row_base[b] + std::max<int64_t>(0, write_pos[b] - r.capacity);
+  }
+  return absl::OkStatus();
 }
 
 void RingAppendRowsHost(const RingRows& r, const void* new_k, const void* new_v, int64_t n,

@@ -41,6 +41,9 @@ Err PreloadMergeStatesN(int head_dim);
 Err PreloadRing(DType dtype);
 Err LaunchMergeStatesN(const float* o, const float* lse, int n, int rows, int head_dim, void* out,
                        DType out_dtype, float* lse_out, void* stream);
+Err LaunchRingAppendToStore(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
+                            const RingStoreTarget& store, int64_t* write_pos, int64_t* rows,
+                            void* stream);
 Err LaunchRingAppend(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
                      void* evict_k, void* evict_v, void* stream);
 Err LaunchRingAppendRows(const RingRows& ring, const void* new_k, const void* new_v, int64_t n,

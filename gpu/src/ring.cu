@@ -37,6 +37,51 @@ __global__ void RingAppendKernel(void* const* __restrict__ ring_k, void* const* 
   }
 }
 
+// RingAppendToStore: RingAppendKernel's threads, with a leaving row's word written to its store
+// row (RingStoreTarget) instead of a staging buffer. write_pos is advanced by RingAdvanceKernel,
+// after every thread here has read it.
+template <typename T, int D>
+__global__ void RingAppendToStoreKernel(void* const* __restrict__ ring_k,
+                                        void* const* __restrict__ ring_v,
+                                        const int64_t* __restrict__ write_pos, int batch,
+                                        int capacity, int kv_heads, int n_new,
+                                        const uint4* __restrict__ new_k,
+                                        const uint4* __restrict__ new_v, RingStoreTarget store) {
+  constexpr int kWords = D * sizeof(T) / 16;
+  const int64_t per_token = static_cast<int64_t>(kv_heads) * kWords;
+  const int64_t total = static_cast<int64_t>(batch) * n_new * per_token;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t rest = idx % per_token;
+    const int64_t bi = idx / per_token;  // b * n_new + i
+    const int b = static_cast<int>(bi / n_new), i = static_cast<int>(bi % n_new);
+    const int64_t pos = write_pos[b] + i;
+    const int64_t at = (pos % capacity) * per_token + rest;
+    uint4* rk = static_cast<uint4*>(ring_k[b]);
+    uint4* rv = static_cast<uint4*>(ring_v[b]);
+    const int64_t row = store.row_base[b] + pos - capacity;
+    if (pos >= capacity && row >= 0 && row < store.store_rows) {
+      const int64_t g = rest / kWords, w = rest % kWords;
+      const int64_t s = b * static_cast<int64_t>(kv_heads) + g;
+      static_cast<uint4*>(store.store_k[s])[row * kWords + w] = rk[at];
+      static_cast<uint4*>(store.store_v[s])[row * kWords + w] = rv[at];
+    }
+    rk[at] = new_k[idx];
+    rv[at] = new_v[idx];
+  }
+}
+
+// One thread per sequence: write_pos[b] += n_new, rows[b] the store's count after it.
+__global__ void RingAdvanceKernel(int64_t* __restrict__ write_pos, int64_t* __restrict__ rows,
+                                  const int64_t* __restrict__ row_base, int batch, int capacity,
+                                  int n_new) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  const int64_t p = write_pos[b] + n_new;
+  write_pos[b] = p;
+  if (rows != nullptr) rows[b] = row_base[b] + (p > capacity ? p - capacity : 0);
+}
+
 // RingAppendRows: one thread per 16-byte word of the n new rows (rows of `words` words); as in
 // RingAppendKernel, each slot's old word is read and its new word written by the same thread.
 __global__ void RingAppendRowsKernel(uint4* __restrict__ ring_k, uint4* __restrict__ ring_v,
@@ -137,6 +182,27 @@ Err LaunchRingAppend(const RingBatch& r, const void* new_k, const void* new_v, i
                             static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
                             static_cast<uint4*>(evict_k), static_cast<uint4*>(evict_v));
                       })})
+  return LastLaunchErr();
+}
+
+Err LaunchRingAppendToStore(const RingBatch& r, const void* new_k, const void* new_v, int n_new,
+                            const RingStoreTarget& store, int64_t* write_pos, int64_t* rows,
+                            void* stream) {
+  if (r.batch == 0) return {};
+  const cudaStream_t st = AsStream(stream);
+  if (n_new > 0) {
+    KVRT_DISPATCH_DTYPE(r.dtype, T, {KVRT_DISPATCH_HEAD_DIM(r.head_dim, D, {
+                          const int64_t words = static_cast<int64_t>(r.batch) * n_new * r.kv_heads *
+                                                (D * sizeof(T) / 16);
+                          RingAppendToStoreKernel<T, D><<<Blocks(words), 256, 0, st>>>(
+                              r.ring_k, r.ring_v, write_pos, r.batch, r.capacity, r.kv_heads, n_new,
+                              static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
+                              store);
+                        })})
+    if (Err e = LastLaunchErr(); !e.ok()) return e;
+  }
+  RingAdvanceKernel<<<(r.batch + 127) / 128, 128, 0, st>>>(write_pos, rows, store.row_base, r.batch,
+                                                           r.capacity, n_new);
   return LastLaunchErr();
 }
 

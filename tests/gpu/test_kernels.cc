@@ -344,6 +344,93 @@ TEST(GpuRef, RingAppendRows_MatchesRingAppendAndChecks) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// RingAppendToStore: the ring as RingAppend leaves it; every leaving token in its store row
+// (row_base + its ring position) of each kv head; write_pos and the store's row count advanced;
+// a store too small refused before anything changes.
+TEST(GpuRef, RingAppendToStore_EvictsIntoTheStoreAtItsRows) {
+  const int batch = 2, cap = 5, kvh = 2, d = 64;
+  const int64_t store_rows = 16;
+  const std::size_t row = d * 2, tok = kvh * row;
+  std::mt19937 rng(31);
+  std::vector<std::vector<unsigned char>> ring_k, ring_v, ref_k, ref_v, store_k, store_v;
+  std::vector<void*> rk, rv, fk, fv, sk, sv;
+  for (int b = 0; b < batch; ++b) {
+    ring_k.push_back(RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f));
+    ring_v.push_back(RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f));
+    ref_k.push_back(ring_k.back());
+    ref_v.push_back(ring_v.back());
+    for (int g = 0; g < kvh; ++g) {
+      store_k.emplace_back(store_rows * row, 0);
+      store_v.emplace_back(store_rows * row, 0);
+    }
+  }
+  for (int b = 0; b < batch; ++b) {
+    rk.push_back(ring_k[b].data());
+    rv.push_back(ring_v[b].data());
+    fk.push_back(ref_k[b].data());
+    fv.push_back(ref_v[b].data());
+  }
+  for (auto& x : store_k) sk.push_back(x.data());
+  for (auto& x : store_v) sv.push_back(x.data());
+  const std::vector<int64_t> base = {3, 0};
+  std::vector<int64_t> pos = {0, 4}, ref_pos = pos, rows(batch, -1);
+  std::vector<std::vector<std::vector<unsigned char>>> seen_k(batch), seen_v(batch);  // by position
+  for (int n : {3, 1, 5, 2}) {
+    SCOPED_TRACE(::testing::Message() << n << " new");
+    auto nk = RandomStorage(rng, batch * n * kvh * d, DType::kBF16, 1.f);
+    auto nv = RandomStorage(rng, batch * n * kvh * d, DType::kBF16, 1.f);
+    for (int b = 0; b < batch; ++b) {
+      for (int i = 0; i < n; ++i) {
+        const std::size_t at = (static_cast<std::size_t>(b) * n + i) * tok;
+        seen_k[b].emplace_back(nk.begin() + at, nk.begin() + at + tok);
+        seen_v[b].emplace_back(nv.begin() + at, nv.begin() + at + tok);
+      }
+    }
+    RingBatch ref{fk.data(), fv.data(), ref_pos.data(), batch, cap, kvh, d, DType::kBF16};
+    std::vector<unsigned char> ek(nk.size()), ev(nk.size());
+    RingAppendHost(ref, nk.data(), nv.data(), n, ek.data(), ev.data());
+    RingBatch r{rk.data(), rv.data(), nullptr, batch, cap, kvh, d, DType::kBF16};
+    RingStoreTarget st{sk.data(), sv.data(), base.data(), store_rows};
+    ASSERT_TRUE(
+        RingAppendToStoreHost(r, nk.data(), nv.data(), n, st, pos.data(), rows.data()).ok());
+    for (int b = 0; b < batch; ++b) {
+      ref_pos[b] += n;
+      EXPECT_EQ(pos[b], ref_pos[b]);
+      EXPECT_EQ(rows[b], base[b] + std::max<int64_t>(0, pos[b] - cap));
+      EXPECT_EQ(ring_k[b], ref_k[b]);
+      EXPECT_EQ(ring_v[b], ref_v[b]);
+      // Every ring position that has left, in its store row (sequence 1's positions 0-3 were in
+      // its ring before the appends here: not followed).
+      const int64_t pre = b == 1 ? 4 : 0;
+      for (int64_t p = pre; p < pos[b] - cap; ++p) {
+        for (int g = 0; g < kvh; ++g) {
+          const unsigned char* at = store_k[b * kvh + g].data() + (base[b] + p) * row;
+          EXPECT_EQ(0, std::memcmp(at, seen_k[b][p - pre].data() + g * row, row))
+              << "b" << b << " position " << p << " head " << g;
+          const unsigned char* av = store_v[b * kvh + g].data() + (base[b] + p) * row;
+          EXPECT_EQ(0, std::memcmp(av, seen_v[b][p - pre].data() + g * row, row));
+        }
+      }
+    }
+  }
+  // A store too small for the next eviction: refused, nothing changed.
+  RingBatch r{rk.data(), rv.data(), nullptr, batch, cap, kvh, d, DType::kBF16};
+  RingStoreTarget small{sk.data(), sv.data(), base.data(), base[0] + pos[0] - cap};
+  const auto before = ring_k;
+  const std::vector<int64_t> pos_before = pos;
+  std::vector<unsigned char> one(batch * tok);
+  const absl::Status refused =
+      RingAppendToStoreHost(r, one.data(), one.data(), 1, small, pos.data(), rows.data());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << refused;
+  EXPECT_NE(refused.message().find("sequence 0"), std::string::npos) << refused;
+  EXPECT_EQ(pos, pos_before);
+  EXPECT_EQ(ring_k, before);
+  RingStoreTarget no_base{sk.data(), sv.data(), nullptr, store_rows};
+  EXPECT_EQ(
+      RingAppendToStoreHost(r, one.data(), one.data(), 1, no_base, pos.data(), nullptr).code(),
+      absl::StatusCode::kInvalidArgument);
+}
+
 TEST(GpuRef, GatherAttend_MatchesDoubleNaive) {
   std::mt19937 rng(3);
   const int d = 128, rows = 50, nq = 6;
@@ -820,6 +907,79 @@ TEST_F(GpuKernels, Ring_AppendEvictGatherMatchReference) {
     }
   }
   CUDA_OK(cudaDeviceSynchronize());
+}
+
+// RingAppendToStore on the device against its reference: rings in device memory, stores in
+// mapped host memory (a cold store), write_pos and the row counts advanced by the kernels.
+TEST_F(GpuKernels, RingAppendToStore_MatchesReference) {
+  std::mt19937 rng(32);
+  for (int d : {64, 128, 256}) {
+    SCOPED_TRACE(d);
+    const int batch = 3, cap = 11, kvh = 2;
+    const int64_t store_rows = 64;
+    const std::size_t row = d * 2;
+    std::vector<std::vector<unsigned char>> hk, hv;
+    std::vector<Dev> dk, dv;
+    std::vector<void*> phk, phv, pdk, pdv, hsk, hsv, dsk, dsv;
+    std::vector<unsigned char*> mapped;
+    for (int b = 0; b < batch; ++b) {
+      hk.push_back(RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f));
+      hv.push_back(RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f));
+      dk.push_back(Dev::From(hk.back()));
+      dv.push_back(Dev::From(hv.back()));
+    }
+    std::vector<std::vector<unsigned char>> ref_store(2 * batch * kvh,
+                                                      std::vector<unsigned char>(store_rows * row));
+    for (int b = 0; b < batch; ++b) {
+      phk.push_back(hk[b].data());
+      phv.push_back(hv[b].data());
+      pdk.push_back(dk[b].p);
+      pdv.push_back(dv[b].p);
+    }
+    for (int s = 0; s < 2 * batch * kvh; ++s) {
+      void* h = nullptr;
+      CUDA_OK(cudaHostAlloc(&h, store_rows * row, cudaHostAllocMapped));
+      std::memset(h, 0, store_rows * row);
+      mapped.push_back(static_cast<unsigned char*>(h));
+      void* dp = nullptr;
+      CUDA_OK(cudaHostGetDevicePointer(&dp, h, 0));
+      (s < batch * kvh ? dsk : dsv).push_back(dp);
+      (s < batch * kvh ? hsk : hsv).push_back(ref_store[s].data());
+    }
+    Dev ddk = Dev::From(pdk), ddv = Dev::From(pdv), dstk = Dev::From(dsk), dstv = Dev::From(dsv);
+    const std::vector<int64_t> base = {0, 7, 20};
+    Dev dbase = Dev::From(base);
+    std::vector<int64_t> pos = {0, 9, 30}, rows(batch, -1);  // empty, about to wrap, long past
+    Dev dpos = Dev::From(pos), drows = Dev::From(rows);
+    for (int n : {1, 4, cap}) {
+      auto nk = RandomStorage(rng, batch * n * kvh * d, DType::kBF16, 1.f);
+      auto nv = RandomStorage(rng, batch * n * kvh * d, DType::kBF16, 1.f);
+      RingBatch hr{phk.data(), phv.data(), nullptr, batch, cap, kvh, d, DType::kBF16};
+      RingStoreTarget hs{hsk.data(), hsv.data(), base.data(), store_rows};
+      ASSERT_TRUE(
+          RingAppendToStoreHost(hr, nk.data(), nv.data(), n, hs, pos.data(), rows.data()).ok());
+      Dev dnk = Dev::From(nk), dnv = Dev::From(nv);
+      RingBatch dr{ddk.as<void* const>(), ddv.as<void* const>(), nullptr, batch, cap, kvh, d,
+                   DType::kBF16};
+      RingStoreTarget ds{dstk.as<void* const>(), dstv.as<void* const>(), dbase.as<const int64_t>(),
+                         store_rows};
+      ASSERT_TRUE(RingAppendToStore(dr, dnk.p, dnv.p, n, ds, dpos.as<int64_t>(),
+                                    drows.as<int64_t>(), nullptr)
+                      .ok());
+      CUDA_OK(cudaDeviceSynchronize());
+      EXPECT_EQ(dpos.Get<int64_t>(batch), pos) << n;
+      EXPECT_EQ(drows.Get<int64_t>(batch), rows) << n;
+      for (int b = 0; b < batch; ++b) {
+        EXPECT_EQ(dk[b].Get<unsigned char>(hk[b].size()), hk[b]) << n;
+        EXPECT_EQ(dv[b].Get<unsigned char>(hv[b].size()), hv[b]) << n;
+      }
+      for (int s = 0; s < 2 * batch * kvh; ++s) {
+        EXPECT_EQ(0, std::memcmp(mapped[s], ref_store[s].data(), store_rows * row))
+            << "store " << s << " after " << n;
+      }
+    }
+    for (unsigned char* h : mapped) CUDA_OK(cudaFreeHost(h));
+  }
 }
 
 // The fused decode append: ring in device memory, the leaving rows written into pinned host

@@ -1,11 +1,12 @@
 // A decode step's device work in a CUDA graph (docs/gpu.md, "CUDA graphs"): the kernels a
-// direct step of the cluster kind launches for one (sequence, layer) - the ring append, the tier's
+// direct step of the cluster kind launches for one (sequence, layer) - the ring append whose
+// leaving token goes straight into the cold store's tail (RingAppendToStore), the tier's
 // attention, the cluster selection, its mask, the direct attention and the one merge - captured
-// once and replayed step after step, while the host (the test, in the role of a step's host
-// prologue) writes what changes between steps into the device buffers the graph reads: q and the
-// new token's K/V, the ring's write position, the store's row count (rows_now: the evicted token
-// joins the store's tail). Each replay must compute what the same kernels compute launched
-// eagerly with the step's counts passed from the host. Skipped without a device.
+// once and replayed step after step. Between replays the host writes only the step's q and new
+// token (what a decoder's own captured work would produce); the counts that change every step
+// (the ring's write position, the store's row count that the direct attention reads) advance on
+// the device. Each replay must compute what the same kernels compute launched eagerly with the
+// row count passed from the host. Skipped without a device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -48,22 +49,22 @@ T* Alloc(std::size_t n) {
   return p;
 }
 
-// One (sequence, layer) on the device and the buffers of its step. `graph`: the counts the step
-// reads come from device memory (write_pos, rows_now) and the direct attention's grid is sized
-// for kStoreCap rows; else they are the host's, as the runtime passes them today.
+// One (sequence, layer) on the device and the buffers of its step. `graph`: the direct attention
+// reads the store's row count from device memory (rows_now, which the append advances) and its
+// grid is sized for kStoreCap rows; else the host passes the count, as the runtime does today.
 struct Layer {
   bool graph = false;
-  int64_t rows = kFirstRows, pos = 1000;  // the host's counts
+  int64_t rows = kFirstRows, pos = 1000;  // the host's counts before the next step
   std::vector<void*> allocs;
   std::vector<unsigned char*> store_host;  // [kv] mapped host memory, kStoreCap rows
   // Device buffers.
   void *ring_k = nullptr, *ring_v = nullptr, *new_k = nullptr, *new_v = nullptr;
-  void *evict_k = nullptr, *evict_v = nullptr;
   int64_t *write_pos = nullptr, *rows_now = nullptr, *reads = nullptr;
   float *q = nullptr, *states_o = nullptr, *states_lse = nullptr, *out = nullptr, *lse = nullptr;
   float *tier_ws = nullptr, *select_ws = nullptr;
   uint32_t* mask = nullptr;
   RingBatch ring;
+  RingStoreTarget to_store;
   TierBatch tier;
   ClusterSummaryView summary;
   ClusterStepOutputs sel;
@@ -90,8 +91,6 @@ struct Layer {
     void* sink_v = Dev(RandomStorage(rng, kSinks * kKv * kD, kT, 1.f));
     new_k = Dev<unsigned char>(kTokenBytes);
     new_v = Dev<unsigned char>(kTokenBytes);
-    evict_k = Dev<unsigned char>(kTokenBytes);
-    evict_v = Dev<unsigned char>(kTokenBytes);
     write_pos = Dev(std::vector<int64_t>{pos});
     rows_now = Dev(std::vector<int64_t>{rows});
     reads = Dev(std::vector<int64_t>(2, 0));
@@ -181,6 +180,11 @@ struct Layer {
     view.cluster_size = summary.size;
     view.num_clusters = kClusters;
     view.tail_begin = Dev(std::vector<int64_t>(kKv, int64_t{16} * kClusters));
+    // The next token to leave the ring (ring position pos - kWindow) takes store row `rows`.
+    to_store.store_k = const_cast<void* const*>(view.store_k);
+    to_store.store_v = const_cast<void* const*>(view.store_v);
+    to_store.row_base = Dev(std::vector<int64_t>{rows - (pos - kWindow)});
+    to_store.store_rows = kStoreCap;
   }
   ~Layer() {
     cudaDeviceSynchronize();
@@ -202,9 +206,10 @@ struct Layer {
     cp.q_heads = kQh;
     cp.budget_tokens = 300;
     DirectRowsView v = view;
-    v.rows = graph ? kStoreCap : rows;
+    v.rows = graph ? kStoreCap : rows + 1;  // the token this step's append moves to the store
     const int splits = DirectAttendSplits(v);
-    absl::Status st = RingAppend(ring, new_k, new_v, 1, evict_k, evict_v, stream);
+    absl::Status st = RingAppendToStore(ring, new_k, new_v, 1, to_store, write_pos,
+                                        graph ? rows_now : nullptr, stream);
     if (st.ok()) st = TierAttention(tier, q, ap, states_o, states_lse, tier_ws, stream);
     if (st.ok()) st = ClusterStep(summary, q, cp, sel, select_ws, stream);
     if (st.ok())
@@ -217,23 +222,9 @@ struct Layer {
     return st;
   }
 
-  // Between steps, what a host prologue would do: the token the last append evicted joins the
-  // store's tail, the ring's position advances, and the next step's q and token are written;
-  // with `graph`, the counts too (on the stream, before the replay that reads them).
+  // Between steps: the next q and token (a decoder's own work, which a graph of its would write).
   void Prepare(const std::vector<float>& next_q, const std::vector<unsigned char>& next_k,
-               const std::vector<unsigned char>& next_v, bool first, cudaStream_t stream) {
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    if (!first) {
-      const auto ek = ToHost(static_cast<unsigned char*>(evict_k), kTokenBytes);
-      const auto ev = ToHost(static_cast<unsigned char*>(evict_v), kTokenBytes);
-      ASSERT_LT(rows, kStoreCap);
-      for (int g = 0; g < kKv; ++g) {
-        std::memcpy(store_host[g] + rows * kRowBytes, ek.data() + g * kRowBytes, kRowBytes);
-        std::memcpy(store_host[kKv + g] + rows * kRowBytes, ev.data() + g * kRowBytes, kRowBytes);
-      }
-      ++rows;
-      ++pos;
-    }
+               const std::vector<unsigned char>& next_v, cudaStream_t stream) {
     ASSERT_EQ(cudaMemcpyAsync(q, next_q.data(), next_q.size() * sizeof(float),
                               cudaMemcpyHostToDevice, stream),
               cudaSuccess);
@@ -241,13 +232,17 @@ struct Layer {
               cudaSuccess);
     ASSERT_EQ(cudaMemcpyAsync(new_v, next_v.data(), kTokenBytes, cudaMemcpyHostToDevice, stream),
               cudaSuccess);
-    ASSERT_EQ(cudaMemcpyAsync(write_pos, &pos, sizeof pos, cudaMemcpyHostToDevice, stream),
-              cudaSuccess);
-    if (graph) {
-      ASSERT_EQ(cudaMemcpyAsync(rows_now, &rows, sizeof rows, cudaMemcpyHostToDevice, stream),
-                cudaSuccess);
-    }
-    // The pageable copies above return once their source is staged; the stream orders the rest.
+    // Pageable sources: each copy returns once its source is staged; the stream orders the rest.
+  }
+  // After a step: the host's bookkeeping of what the step did.
+  void Stepped() {
+    ++rows;
+    ++pos;
+  }
+  // Store row r of kv head g's keys.
+  std::vector<unsigned char> StoreKeyRow(int g, int64_t r) const {
+    const unsigned char* at = store_host[g] + r * kRowBytes;
+    return std::vector<unsigned char>(at, at + kRowBytes);
   }
 };
 
@@ -277,8 +272,12 @@ TEST(StepGraph, ADirectStepsDeviceWorkReplaysAsItRunsEagerly) {
     for (auto& x : q) x = nq(rng);
     const auto k = RandomStorage(rng, kKv * kD, kT, 1.f);
     const auto v = RandomStorage(rng, kKv * kD, kT, 1.f);
-    replayed.Prepare(q, k, v, step == 0, stream);
-    eager.Prepare(q, k, v, step == 0, stream);
+    replayed.Prepare(q, k, v, stream);
+    eager.Prepare(q, k, v, stream);
+    // The token this step's append moves out of the ring (the same in both: one seed).
+    const auto leaving =
+        ToHost(static_cast<unsigned char*>(eager.ring_k) + (eager.pos % kWindow) * kTokenBytes,
+               kTokenBytes);
     if (step == 0) {
       // Captured once, in the global mode, after the first step's inputs are written.
       ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
@@ -295,8 +294,19 @@ TEST(StepGraph, ADirectStepsDeviceWorkReplaysAsItRunsEagerly) {
     const absl::Status st = eager.Enqueue(stream);
     ASSERT_TRUE(st.ok()) << st;
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    replayed.Stepped();
+    eager.Stepped();
 
-    EXPECT_EQ(replayed.rows, eager.rows);
+    // The replay advanced its counts on the device, and its evicted token is in the store's
+    // tail, which its own attention read.
+    EXPECT_EQ(ToHost(replayed.write_pos, 1)[0], replayed.pos);
+    EXPECT_EQ(ToHost(replayed.rows_now, 1)[0], replayed.rows);
+    for (int g = 0; g < kKv; ++g) {
+      const std::vector<unsigned char> want(leaving.begin() + g * kRowBytes,
+                                            leaving.begin() + (g + 1) * kRowBytes);
+      EXPECT_EQ(replayed.StoreKeyRow(g, replayed.rows - 1), want) << "kv head " << g;
+      EXPECT_EQ(eager.StoreKeyRow(g, eager.rows - 1), want) << "kv head " << g;
+    }
     EXPECT_TRUE(Close(ToHost(replayed.lse, kQh), ToHost(eager.lse, kQh), 2e-5, "lse"));
     EXPECT_TRUE(Close(ToHost(replayed.out, kQh * kD), ToHost(eager.out, kQh * kD), 2e-4, "o"));
     EXPECT_EQ(ToHost(replayed.reads, 2), ToHost(eager.reads, 2)) << "rows read";
@@ -305,7 +315,7 @@ TEST(StepGraph, ADirectStepsDeviceWorkReplaysAsItRunsEagerly) {
               ToHost(static_cast<unsigned char*>(eager.ring_k), kWindow * kTokenBytes))
         << "the ring after the append";
   }
-  EXPECT_EQ(replayed.rows, kFirstRows + kSteps - 1);
+  EXPECT_EQ(replayed.rows, kFirstRows + kSteps);
   EXPECT_NE(replayed.Splits(), eager.Splits())
       << "the setup: the graph's grid is not the eager one";
   cudaGraphExecDestroy(exec);

@@ -97,6 +97,16 @@ struct RingBatch {
   DType dtype = DType::kF32;
 };
 
+// Where RingAppendToStore puts the tokens that leave a batch's rings: for sequence b and kv head
+// g, key and value rows of head_dim elements (the storage dtype), row r at
+// store_k[b * kv_heads + g] + r * head_dim (device memory, or mapped host memory: a cold store).
+struct RingStoreTarget {
+  void* const* store_k = nullptr;     // [batch * kv_heads]
+  void* const* store_v = nullptr;     // [batch * kv_heads]
+  const int64_t* row_base = nullptr;  // [batch]: the store row of ring position 0
+  int64_t store_rows = 0;             // rows each store holds (a row past them is not written)
+};
+
 struct GatherBatch {
   const void* k = nullptr;               // [n_rows, head_dim] storage dtype
   const void* v = nullptr;               // [n_rows, head_dim]

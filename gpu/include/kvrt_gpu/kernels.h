@@ -72,6 +72,22 @@ absl::Status RingAppend(const RingBatch& ring, const void* new_k, const void* ne
 void RingAppendHost(const RingBatch& ring, const void* new_k, const void* new_v, int n_new,
                     void* evict_k, void* evict_v);
 
+// RingAppend for a step that is replayed from a CUDA graph: no count of the host in it. Token i of
+// sequence b goes to slot (write_pos[b] + i) % capacity; where that slot held ring position
+// p = write_pos[b] + i - capacity (p >= 0), the row first goes to store row row_base[b] + p of
+// each kv head (RingStoreTarget), so the step's attention finds it in the cold store; then
+// write_pos[b] += n_new and, where rows is not null, rows[b] = row_base[b] + max(0, write_pos[b] -
+// capacity): the store's row count after the call (DirectAttend's rows_now). write_pos: [batch]
+// (device for the kernel, host for the reference); ring.write_pos is not read. A store row past
+// store_rows is not written (the kernel skips it; the reference refuses the call, InvalidArgument,
+// before it changes anything).
+absl::Status RingAppendToStore(const RingBatch& ring, const void* new_k, const void* new_v,
+                               int n_new, const RingStoreTarget& store, int64_t* write_pos,
+                               int64_t* rows, void* stream);
+absl::Status RingAppendToStoreHost(const RingBatch& ring, const void* new_k, const void* new_v,
+                                   int n_new, const RingStoreTarget& store, int64_t* write_pos,
+                                   int64_t* rows);
+
 // One ring's append with every argument by value (a decode step's append, fused with its
 // eviction: one launch). Rows i < n of new_k / new_v ([n, row_bytes], device) go to slots
 // (slot0 + i) % capacity; evict_k / evict_v: null, or [n, row_bytes] that first receive the rows
