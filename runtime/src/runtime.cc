@@ -262,6 +262,9 @@ absl::StatusOr<int64_t> Runtime::CreateSequence() {
 }
 
 absl::Status Runtime::ReleaseSequence(int64_t id) {
+  // Before `seq`: the last reference may be this one, and the sequence's destructor frees device
+  // memory too (in the relaxed capture mode, beside a caller's capture on another thread).
+  transfer::CudaCallScope on_device(config_.call_device());
   std::shared_ptr<Sequence> seq;
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
@@ -272,7 +275,6 @@ absl::Status Runtime::ReleaseSequence(int64_t id) {
     impl_->sequences.erase(it);
   }
   std::lock_guard<std::mutex> lock(seq->mu);  // waits for a call in flight on this sequence
-  transfer::CudaCallScope on_device(config_.call_device());
   for (auto& layer : seq->layers) layer.Release();
   return absl::OkStatus();
 }
@@ -289,9 +291,9 @@ absl::StatusOr<std::shared_ptr<Sequence>> Runtime::Find(int64_t id, int layer) c
 }
 
 absl::Status Runtime::WaitSequence(int64_t id) {
+  transfer::CudaCallScope on_device(config_.call_device());  // before seq: as ReleaseSequence
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, 0));
   std::lock_guard<std::mutex> lock(seq->mu);
-  transfer::CudaCallScope on_device(config_.call_device());
   for (auto& layer : seq->layers) KVRT_RETURN_IF_ERROR(layer.SettleCold());
   return absl::OkStatus();
 }

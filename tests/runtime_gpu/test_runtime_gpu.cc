@@ -1309,7 +1309,8 @@ TEST(GpuBackendErrors, ACallersUnreadErrorIsNotKvrts) {
 
 // A decoder that captures its own work into CUDA graphs on another thread, in the global mode
 // (PyTorch's default), while kvrt works: a prefill whose clusters are built on the GPU in a
-// background job, then decode steps (the direct step, its admission jobs). Every capture stays
+// background job, then decode steps (the direct step, its admission jobs), then the sequence's
+// release and the runtime's destruction. Every capture stays
 // valid and replays, every kvrt call succeeds, and the outputs are those of a runtime that
 // worked with no capture beside it. (Without kvrt's relaxed capture mode, KVRT_CAPTURE_RELAXED=0,
 // the captures are invalidated by kvrt's allocations and waits.) The budget covers every cold
@@ -1420,6 +1421,11 @@ TEST(GpuBackendGraph, ACaptureOnAnotherThreadSurvivesKvrtsWork) {
       }
     }
     EXPECT_TRUE((*rt)->WaitSequence(seq).ok());
+    const RuntimeStats stats = (*rt)->Stats();
+    // The sequence released and the runtime destroyed beside the captures too (their device
+    // memory, streams and pinned pools freed).
+    EXPECT_TRUE((*rt)->ReleaseSequence(seq).ok());
+    rt->reset();
     stop = true;
     if (capturer.joinable()) capturer.join();
     if (run == 1) {
@@ -1427,7 +1433,6 @@ TEST(GpuBackendGraph, ACaptureOnAnotherThreadSurvivesKvrtsWork) {
       EXPECT_EQ(failed.load(), 0) << failed.load() << " of " << captures.load()
                                   << " captures failed; the first: " << first_failure;
     }
-    const RuntimeStats stats = (*rt)->Stats();
     EXPECT_GT(stats.segments_built_gpu, 0) << "run " << run << ": the prompt was built on the GPU";
     EXPECT_GT(stats.attends_direct, 0) << "run " << run << ": the direct step ran";
     if (run == 0) attends_direct = stats.attends_direct;

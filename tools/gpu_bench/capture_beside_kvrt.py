@@ -6,7 +6,7 @@ one line per case: the captures replayed, the loop's first failure (its stage: e
 replay) and the main thread's first exception.
 
   python3 tools/gpu_bench/capture_beside_kvrt.py [--mode global|thread_local|relaxed]
-      [--cases alone,torch,kvrt-side,kvrt-current]
+      [--cases alone,torch,dlpack,kvrt-side,kvrt-current,kvrt-side-decode]
 
 Needs torch with CUDA and the kvrt package (built against a GPU build of libkvrt)."""
 
@@ -66,7 +66,10 @@ class CaptureLoop:
             self.failure = f"{stage}: {str(e).splitlines()[0][:160]}"
 
 
-def kvrt_work(stream_kind: str) -> None:
+def kvrt_work(stream_kind: str, decode_only: bool = False):
+    """kvrt's work as a callable: a runtime, a 2-layer prefill (its clusters built on the GPU)
+    and 20 decode steps per layer; decode_only: the runtime and the prefill made now, outside the
+    captures, and only the decode steps in the callable."""
     import kvrt
     cfg = dict(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype="bf16",
                window_tokens=64, index_kind="cluster", worker_threads=4, use_gpu=1)
@@ -84,15 +87,46 @@ def kvrt_work(stream_kind: str) -> None:
     stream = side.cuda_stream if side is not None else None
     torch.cuda.synchronize()
 
-    def run():
+    def prefilled():
         rt = kvrt.Runtime(**cfg)
         seq = rt.sequence()
         for layer, (q, k, v) in enumerate(prompts):
             seq.prefill(layer, q, k, v, stream=stream)
+        return rt, seq
+
+    def decode(rt, seq):
         for i, (q, k, v) in enumerate(tokens):
             seq.append_attend(i % 2, q, k, v, outs[i], stream=stream)
         seq.wait()
         return rt
+
+    if decode_only:
+        made = []
+
+        def warm_then_decode():
+            if not made:  # the warm-up call: a whole run, then the next call's runtime, prefilled
+                decode(*prefilled())
+                rt, seq = prefilled()
+                seq.wait()
+                made.append((rt, seq))
+                return None
+            return decode(*made.pop())
+
+        return warm_then_decode
+    return lambda: decode(*prefilled())
+
+
+def dlpack_work():
+    """Only what the kvrt package does to a torch tensor before each call: its DLPack capsule."""
+    import torch.utils.dlpack
+    t = torch.ones(8, 64, device="cuda")
+    torch.cuda.synchronize()
+
+    def run():
+        end = time.time() + 0.5
+        while time.time() < end:
+            torch.utils.dlpack.to_dlpack(t)
+        return None
 
     return run
 
@@ -115,12 +149,16 @@ def torch_work():
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", default="global", choices=["global", "thread_local", "relaxed"])
-    p.add_argument("--cases", default="alone,torch,kvrt-side,kvrt-current")
+    p.add_argument("--cases", default="alone,torch,kvrt-side,kvrt-current",
+                   help="of alone, torch, dlpack, kvrt-side, kvrt-current, kvrt-side-decode "
+                        "(the runtime and prefill made before the captures)")
     args = p.parse_args()
     for case in args.cases.split(","):
         work = {"alone": lambda: (lambda: time.sleep(0.5)), "torch": torch_work,
+                "dlpack": dlpack_work,
                 "kvrt-side": lambda: kvrt_work("side"),
-                "kvrt-current": lambda: kvrt_work("current")}[case]()
+                "kvrt-current": lambda: kvrt_work("current"),
+                "kvrt-side-decode": lambda: kvrt_work("side", decode_only=True)}[case]()
         if case.startswith("kvrt"):
             work()  # once without captures: the kernels loaded, the process warm
         error = ""
@@ -130,7 +168,7 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 - reported
                 error = str(e).splitlines()[0][:200]
         torch.cuda.synchronize()
-        print(f"{case:13s} mode {args.mode:12s} replays {loop.replays:4d}  "
+        print(f"{case:17s} mode {args.mode:12s} replays {loop.replays:4d}  "
               f"capture failure: {loop.failure or '-'}  main thread: {error or '-'}", flush=True)
 
 
