@@ -73,4 +73,6 @@ cp "$build/tools/kvrt" "$build/tests/transfer/test_transfer" "$build/tests/runti
 cp "$build/tests/gpu/test_gpu_kernels" .bundle/stage/test_gpu
 bash scripts/bundle.sh .bundle .bundle/stage/*
 rm -rf .bundle/stage
-mkdir -p .bundlez && tar czf .bundlez/bundle.tgz .bundle && du -sh .bundlez/bundle.tgz
+# The other packing (device-check.sh's .txz) removed: unpack-bundle.sh would take it first.
+mkdir -p .bundlez && rm -f .bundlez/bundle.txz && tar czf .bundlez/bundle.tgz .bundle &&
+  du -sh .bundlez/bundle.tgz

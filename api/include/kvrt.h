@@ -571,13 +571,13 @@ KVRT_API kvrt_status kvrt_get_estimate_lse(const kvrt_runtime* rt, kvrt_seq_id s
  * 0.3.2). Since 0.3.32 it may also capture while kvrt works, on another thread or while kvrt's
  * background jobs run, in any capture mode (the global mode, PyTorch's default, included): kvrt
  * makes its CUDA calls in the relaxed capture mode on its threads, so they neither fail nor
- * invalidate the caller's capture (tested on the device with cudaStreamBeginCapture on another
- * thread and kvrt's calls on a non-blocking stream of the caller's). While another thread
- * captures, pass kvrt a stream of your own, not the legacy default stream (NULL): with kvrt on
- * it, a torch.cuda.graph capture on another thread was invalidated (docs/gpu.md, "A capture
- * beside kvrt's work"; torch's capture beside kvrt is not yet verified on any stream). A kvrt
- * call also discards a CUDA error that the caller's earlier calls on its thread left unread,
- * rather than report it as its own.
+ * invalidate the caller's capture; since 0.3.33 a sequence's release and a runtime's destruction
+ * too. Tested on the device with cudaStreamBeginCapture and with torch.cuda.graph (global and
+ * thread-local modes) on another thread, kvrt on the legacy default stream or a stream of the
+ * caller's (docs/gpu.md, "A capture beside kvrt's work"). In torch's global mode torch's own
+ * work on another thread can invalidate its capture: a decoder that uses CUDA on several threads
+ * captures in the thread-local mode. A kvrt call also discards a CUDA error that the caller's
+ * earlier calls on its thread left unread, rather than report it as its own.
  * check_finite does not inspect device tensors. */
 typedef enum kvrt_memory { KVRT_MEMORY_HOST = 0, KVRT_MEMORY_DEVICE = 1 } kvrt_memory;
 

@@ -34,15 +34,16 @@ def test_the_capture_loop_alone_replays(capture_loop):
 
 
 @needs_cuda
+@pytest.mark.parametrize("mode", ["global", "thread_local"])
 @pytest.mark.parametrize("kvrt_stream", ["current", "side"])
-def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream, capture_loop):
-    """The capture loop on one thread, in the thread-local mode, while another prefills a
-    cluster-kind sequence (its clusters built on the GPU in a background job) and decodes, on
-    torch's current stream or a side stream: every capture replays, and kvrt's outputs equal
-    those of a run with no capture beside it. The budget selects every cold token, so both runs
-    attend exactly whatever clusters their builds made. (In torch's default global mode a
-    capture beside any other thread's CUDA work, torch's own included, can end invalidated:
-    docs/gpu.md, "A capture beside kvrt's work".)"""
+def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream, mode, capture_loop):
+    """The capture loop on one thread, in torch's default global mode or the thread-local one,
+    while another makes a runtime, prefills a cluster-kind sequence (its clusters built on the
+    GPU in a background job), decodes, and releases the sequence and the runtime, on torch's
+    current stream or a side stream: every capture replays, and kvrt's outputs equal those of a
+    run with no capture beside it. The budget selects every cold token, so both runs attend
+    exactly whatever clusters their builds made. (In the global mode torch's own work on another
+    thread can invalidate a capture: docs/gpu.md, "A capture beside kvrt's work".)"""
     cfg = dict(num_layers=2, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype="bf16",
                window_tokens=64, index_kind="cluster", cluster_budget_fraction=1.0,
                worker_threads=4, use_gpu=1)
@@ -60,7 +61,8 @@ def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream, capture_loop):
     side: Optional[torch.cuda.Stream] = torch.cuda.Stream() if kvrt_stream == "side" else None
     torch.cuda.synchronize()
 
-    def decode(run: int) -> kvrt.Runtime:
+    def decode(run: int):
+        """A runtime's whole life: its statistics at the end."""
         stream: Optional[int] = side.cuda_stream if side is not None else None
         rt = kvrt.Runtime(**cfg)
         seq = rt.sequence()
@@ -69,16 +71,18 @@ def test_torch_graphs_captured_beside_kvrt_work(kvrt_stream, capture_loop):
         for i, (q, k, v) in enumerate(tokens):
             seq.append_attend(i % layers, q, k, v, outs[run][i], stream=stream)
         seq.wait()
-        return rt
+        stats = rt.stats()
+        seq.release()
+        rt.close()
+        return stats
 
-    rt_alone = decode(0)
-    with capture_loop("thread_local") as loop:
-        rt_beside = decode(1)
+    alone = decode(0)
+    with capture_loop(mode) as loop:
+        beside = decode(1)
     # Device-wide waits only after the captures have ended.
     torch.cuda.synchronize()
     assert not loop.failure, loop.failure
     assert loop.replays > 0
-    alone, beside = rt_alone.stats(), rt_beside.stats()
     assert alone.segments_built_gpu > 0 and beside.segments_built_gpu > 0
     assert beside.attends_direct == alone.attends_direct > 0, "no step fell back"
     for a, b in zip(outs[0], outs[1]):
