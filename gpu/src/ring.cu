@@ -7,16 +7,18 @@ namespace {
 
 // One thread per 16-byte word of (sequence b, new token i, kv head, slice of head_dim).
 // ring_k/ring_v: [batch] -> [capacity, kv_heads, D] of T; write_pos: [batch];
-// new_k/new_v: [batch, n_new, kv_heads, D]; evict_k/evict_v: null or [batch, n_new, kv_heads, D].
+// new_k/new_v: [batch, n_new, kv_heads, D]. Where the slot held a token (pos >= capacity),
+// evict(b, pos, rest, idx, old_k, old_v) first takes the slot's old words (rest: the word within
+// the token, idx: within new_k).
 // NOTE: n_new <= capacity, so each slot is touched by exactly one token and the read of the old
 // row and the write of the new one happen in the same thread: no ordering between threads needed.
-template <typename T, int D>
-__global__ void RingAppendKernel(void* const* __restrict__ ring_k, void* const* __restrict__ ring_v,
-                                 const int64_t* __restrict__ write_pos, int batch, int capacity,
-                                 int kv_heads, int n_new, const uint4* __restrict__ new_k,
-                                 const uint4* __restrict__ new_v, uint4* __restrict__ evict_k,
-                                 uint4* __restrict__ evict_v) {
-  constexpr int kWords = D * sizeof(T) / 16;
+template <int kWords, typename Evict>
+__device__ __forceinline__ void RingAppendWords(void* const* __restrict__ ring_k,
+                                                void* const* __restrict__ ring_v,
+                                                const int64_t* __restrict__ write_pos, int batch,
+                                                int capacity, int kv_heads, int n_new,
+                                                const uint4* __restrict__ new_k,
+                                                const uint4* __restrict__ new_v, Evict evict) {
   const int64_t per_token = static_cast<int64_t>(kv_heads) * kWords;
   const int64_t total = static_cast<int64_t>(batch) * n_new * per_token;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
@@ -28,18 +30,30 @@ __global__ void RingAppendKernel(void* const* __restrict__ ring_k, void* const* 
     const int64_t at = (pos % capacity) * per_token + rest;
     uint4* rk = static_cast<uint4*>(ring_k[b]);
     uint4* rv = static_cast<uint4*>(ring_v[b]);
-    if (evict_k != nullptr && pos >= capacity) {
-      evict_k[idx] = rk[at];
-      evict_v[idx] = rv[at];
-    }
+    if (pos >= capacity) evict(b, pos, rest, idx, rk + at, rv + at);
     rk[at] = new_k[idx];
     rv[at] = new_v[idx];
   }
 }
 
-// RingAppendToStore: RingAppendKernel's threads, with a leaving row's word written to its store
-// row (RingStoreTarget) instead of a staging buffer. write_pos is advanced by RingAdvanceKernel,
-// after every thread here has read it.
+// evict_k/evict_v: null or [batch, n_new, kv_heads, D].
+template <typename T, int D>
+__global__ void RingAppendKernel(void* const* __restrict__ ring_k, void* const* __restrict__ ring_v,
+                                 const int64_t* __restrict__ write_pos, int batch, int capacity,
+                                 int kv_heads, int n_new, const uint4* __restrict__ new_k,
+                                 const uint4* __restrict__ new_v, uint4* __restrict__ evict_k,
+                                 uint4* __restrict__ evict_v) {
+  RingAppendWords<D * sizeof(T) / 16>(
+      ring_k, ring_v, write_pos, batch, capacity, kv_heads, n_new, new_k, new_v,
+      [&](int, int64_t, int64_t, int64_t idx, const uint4* old_k, const uint4* old_v) {
+        if (evict_k == nullptr) return;
+        evict_k[idx] = *old_k;
+        evict_v[idx] = *old_v;
+      });
+}
+
+// RingAppendToStore: a leaving token's words go to its store row (RingStoreTarget). write_pos is
+// advanced by RingAdvanceKernel, after every thread here has read it.
 template <typename T, int D>
 __global__ void RingAppendToStoreKernel(void* const* __restrict__ ring_k,
                                         void* const* __restrict__ ring_v,
@@ -48,27 +62,16 @@ __global__ void RingAppendToStoreKernel(void* const* __restrict__ ring_k,
                                         const uint4* __restrict__ new_k,
                                         const uint4* __restrict__ new_v, RingStoreTarget store) {
   constexpr int kWords = D * sizeof(T) / 16;
-  const int64_t per_token = static_cast<int64_t>(kv_heads) * kWords;
-  const int64_t total = static_cast<int64_t>(batch) * n_new * per_token;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t rest = idx % per_token;
-    const int64_t bi = idx / per_token;  // b * n_new + i
-    const int b = static_cast<int>(bi / n_new), i = static_cast<int>(bi % n_new);
-    const int64_t pos = write_pos[b] + i;
-    const int64_t at = (pos % capacity) * per_token + rest;
-    uint4* rk = static_cast<uint4*>(ring_k[b]);
-    uint4* rv = static_cast<uint4*>(ring_v[b]);
-    const int64_t row = store.row_base[b] + pos - capacity;
-    if (pos >= capacity && row >= 0 && row < store.store_rows) {
-      const int64_t g = rest / kWords, w = rest % kWords;
-      const int64_t s = b * static_cast<int64_t>(kv_heads) + g;
-      static_cast<uint4*>(store.store_k[s])[row * kWords + w] = rk[at];
-      static_cast<uint4*>(store.store_v[s])[row * kWords + w] = rv[at];
-    }
-    rk[at] = new_k[idx];
-    rv[at] = new_v[idx];
-  }
+  RingAppendWords<kWords>(
+      ring_k, ring_v, write_pos, batch, capacity, kv_heads, n_new, new_k, new_v,
+      [&](int b, int64_t pos, int64_t rest, int64_t, const uint4* old_k, const uint4* old_v) {
+        const int64_t row = store.row_base[b] + pos - capacity;
+        if (row < 0 || row >= store.store_rows) return;
+        const int64_t s = b * static_cast<int64_t>(kv_heads) + rest / kWords;
+        const int64_t w = row * kWords + rest % kWords;
+        static_cast<uint4*>(store.store_k[s])[w] = *old_k;
+        static_cast<uint4*>(store.store_v[s])[w] = *old_v;
+      });
 }
 
 // One thread per sequence: write_pos[b] += n_new, rows[b] the store's count after it.
