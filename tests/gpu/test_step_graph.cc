@@ -56,7 +56,7 @@ struct Layer {
   bool graph = false;
   int64_t rows = kFirstRows, pos = 1000;  // the host's counts before the next step
   std::vector<void*> allocs;
-  std::vector<unsigned char*> store_host;  // [kv] mapped host memory, kStoreCap rows
+  std::vector<unsigned char*> store_host;  // [2 kv]: keys, then values; mapped, kStoreCap rows
   // Device buffers.
   void *ring_k = nullptr, *ring_v = nullptr, *new_k = nullptr, *new_v = nullptr;
   int64_t *write_pos = nullptr, *rows_now = nullptr, *reads = nullptr;
