@@ -50,8 +50,7 @@
 #   uses build/ (sm_90, KVRT_CUDA=AUTO), bundles the programs with their shared libraries into
 #   .bundle/ and packs it into .bundlez/bundle.txz (.tgz without xz; both git-ignored).
 #   EXTRA_PROGRAMS adds programs (e.g. an older build's test_gpu_kernels copied as
-#   test_gpu_before), LEAVE_OUT
-#   drops programs and "trace" (CUPTI) a call does not need; SLIM=1 leaves
+#   test_gpu_before), LEAVE_OUT drops programs and "trace" (CUPTI) a call does not need; SLIM=1 leaves
 #   out the kernels-apart tools and the install prefix when the carry would pass 64 MiB,
 #   SLIM=parts the tools only (the prefix stays: BENCH=e2e, binding, pytest).
 # There:                run(command="bash scripts/device-check.sh --device", carry=[".bundlez"])

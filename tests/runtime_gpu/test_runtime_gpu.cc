@@ -1309,12 +1309,12 @@ TEST(GpuBackendErrors, ACallersUnreadErrorIsNotKvrts) {
 
 // A decoder that captures its own work into CUDA graphs on another thread, in the global mode
 // (PyTorch's default), while kvrt works: a prefill whose clusters are built on the GPU in a
-// background job, then decode steps (the direct step, its admission jobs), then the sequence's
-// release and the runtime's destruction. Every capture stays
-// valid and replays, every kvrt call succeeds, and the outputs are those of a runtime that
-// worked with no capture beside it. (Without kvrt's relaxed capture mode, KVRT_CAPTURE_RELAXED=0,
-// the captures are invalidated by kvrt's allocations and waits.) The budget covers every cold
-// token, so both runtimes attend exactly whatever clusters their builds made.
+// background job, decode steps (the direct step, its admission jobs), then the sequence's release
+// and the runtime's destruction. Every capture stays valid and replays, every kvrt call succeeds,
+// and the outputs are those of a runtime that worked with no capture beside it. (Without kvrt's
+// relaxed capture mode, KVRT_CAPTURE_RELAXED=0, the captures are invalidated by kvrt's
+// allocations and waits.) The budget covers every cold token, so both runtimes attend exactly
+// whatever clusters their builds made.
 TEST(GpuBackendGraph, ACaptureOnAnotherThreadSurvivesKvrtsWork) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
 #if KVRT_WITH_CUDA
