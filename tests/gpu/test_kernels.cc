@@ -14,8 +14,9 @@
 
 #include "kvrt_common/dtype.h"
 #include "kvrt_gpu/kernels.h"
-#include "tests/gpu/random_storage.h"
 #include "kvrt_gpu/tier_attention.h"
+#include "tests/gpu/close.h"
+#include "tests/gpu/random_storage.h"
 
 #if KVRT_WITH_CUDA
 #include <cuda_runtime.h>
@@ -114,26 +115,6 @@ HostTiers MakeTiers(std::mt19937& rng, const std::vector<std::pair<int, int>>& s
     h.pwv.push_back(h.wv[i].data());
   }
   return h;
-}
-
-// |a - b| <= tol * (1 + |b|) elementwise; -inf must match exactly; NaN never passes.
-::testing::AssertionResult Close(const float* a, const float* b, std::size_t n, double tol,
-                                 const std::string& what) {
-  for (std::size_t i = 0; i < n; ++i) {
-    if (std::isnan(a[i]) || std::isnan(b[i])) {
-      return ::testing::AssertionFailure() << what << "[" << i << "] is NaN";
-    }
-    if (std::isinf(a[i]) || std::isinf(b[i])) {
-      if (a[i] != b[i])
-        return ::testing::AssertionFailure() << what << "[" << i << "] " << a[i] << " vs " << b[i];
-      continue;
-    }
-    if (std::fabs(double(a[i]) - b[i]) > tol * (1.0 + std::fabs(double(b[i])))) {
-      return ::testing::AssertionFailure()
-             << what << "[" << i << "] " << a[i] << " vs reference " << b[i];
-    }
-  }
-  return ::testing::AssertionSuccess();
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -21,6 +20,7 @@
 #include "kvrt_gpu/cluster_kernels.h"
 #include "kvrt_gpu/direct_attend.h"
 #include "kvrt_gpu/kernels.h"
+#include "tests/gpu/close.h"
 #include "tests/gpu/device_copy.h"
 #include "tests/gpu/random_storage.h"
 
@@ -246,16 +246,6 @@ struct Layer {
   }
 };
 
-::testing::AssertionResult Close(const std::vector<float>& a, const std::vector<float>& b,
-                                 double tol, const char* what) {
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    if (!(std::fabs(double(a[i]) - b[i]) <= tol * (1.0 + std::fabs(double(b[i]))))) {
-      return ::testing::AssertionFailure() << what << "[" << i << "]: " << a[i] << " vs " << b[i];
-    }
-  }
-  return ::testing::AssertionSuccess();
-}
-
 TEST(StepGraph, ADirectStepsDeviceWorkReplaysAsItRunsEagerly) {
   if (!DeviceAvailable()) GTEST_SKIP() << "no CUDA device";
   Layer replayed(true, 5), eager(false, 5);
@@ -307,8 +297,10 @@ TEST(StepGraph, ADirectStepsDeviceWorkReplaysAsItRunsEagerly) {
       EXPECT_EQ(replayed.StoreKeyRow(g, replayed.rows - 1), want) << "kv head " << g;
       EXPECT_EQ(eager.StoreKeyRow(g, eager.rows - 1), want) << "kv head " << g;
     }
-    EXPECT_TRUE(Close(ToHost(replayed.lse, kQh), ToHost(eager.lse, kQh), 2e-5, "lse"));
-    EXPECT_TRUE(Close(ToHost(replayed.out, kQh * kD), ToHost(eager.out, kQh * kD), 2e-4, "o"));
+    const auto lse_r = ToHost(replayed.lse, kQh), lse_e = ToHost(eager.lse, kQh);
+    const auto out_r = ToHost(replayed.out, kQh * kD), out_e = ToHost(eager.out, kQh * kD);
+    EXPECT_TRUE(Close(lse_r.data(), lse_e.data(), kQh, 2e-5, "lse"));
+    EXPECT_TRUE(Close(out_r.data(), out_e.data(), out_r.size(), 2e-4, "o"));
     EXPECT_EQ(ToHost(replayed.reads, 2), ToHost(eager.reads, 2)) << "rows read";
     EXPECT_EQ(ToHost(replayed.sel.selected_count, kQh), ToHost(eager.sel.selected_count, kQh));
     EXPECT_EQ(ToHost(static_cast<unsigned char*>(replayed.ring_k), kWindow * kTokenBytes),
