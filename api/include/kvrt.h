@@ -75,7 +75,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 33
+#define KVRT_VERSION_PATCH 34
 
 #ifdef __cplusplus
 extern "C" {
@@ -741,6 +741,10 @@ typedef struct kvrt_stats {
                                       range, values of ~6e4 and more), so that the steps until the
                                       next upload estimated the rest from the value means, so far.
                                       Since 0.3.19. */
+  int64_t evicted_in_place;        /* of evicted_tokens, those a decode append's kernel wrote
+                                      straight into the host store, where the direct step reads them
+                                      (its stores registered that far), instead of into a pinned
+                                      block that the host copies; so far. Since 0.3.34. */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

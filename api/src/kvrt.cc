@@ -195,6 +195,7 @@ constexpr std::size_t kStatsSizes[] = {offsetof(kvrt_stats, hot_hits),
                                        offsetof(kvrt_stats, attends_direct),
                                        offsetof(kvrt_stats, time_background_wait_ns),
                                        offsetof(kvrt_stats, value_codes_fallbacks),
+                                       offsetof(kvrt_stats, evicted_in_place),
                                        sizeof(kvrt_stats)};
 
 template <std::size_t N>

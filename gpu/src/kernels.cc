@@ -295,6 +295,34 @@ absl::Status RingAppendRows(const RingRows& ring, const void* new_k, const void*
 #endif
 }
 
+namespace detail {
+absl::Status CheckRingRowsToHeads(const RingRows& r, const void* new_k, const void* new_v,
+                                  int64_t n, const HeadRows& to) {
+  if (auto s = CheckRingRows(r, new_k, new_v, n, nullptr, nullptr); !s.ok()) return s;
+  if (to.heads < 1 || to.heads > HeadRows::kMaxHeads || r.row_bytes % (16 * to.heads) != 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("RingAppendRowsToHeads: need 1 <= heads <= ", HeadRows::kMaxHeads,
+                     " and row_bytes a multiple of 16 x heads (heads ", to.heads, ", row_bytes ",
+                     r.row_bytes, ")"));
+  for (int g = 0; n > 0 && g < to.heads; ++g)
+    if (to.k[g] == nullptr || to.v[g] == nullptr)
+      return absl::InvalidArgumentError(
+          absl::StrCat("RingAppendRowsToHeads: no target for kv head ", g));
+  return absl::OkStatus();
+}
+}  // namespace detail
+
+absl::Status RingAppendRowsToHeads(const RingRows& ring, const void* new_k, const void* new_v,
+                                   int64_t n, const HeadRows& evict, void* stream) {
+  if (auto s = detail::CheckRingRowsToHeads(ring, new_k, new_v, n, evict); !s.ok()) return s;
+#if KVRT_WITH_CUDA
+  return ToStatus(detail::LaunchRingAppendRowsToHeads(ring, new_k, new_v, n, evict, stream),
+                  "RingAppendRowsToHeads");
+#else
+  return NoCuda("RingAppendRowsToHeads");
+#endif
+}
+
 absl::Status RingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,
                         void* out_v, void* stream) {
   if (auto s = CheckRing(ring, count, "RingGather"); !s.ok()) return s;

@@ -161,6 +161,23 @@ void RingAppendRowsHost(const RingRows& r, const void* new_k, const void* new_v,
   }
 }
 
+absl::Status RingAppendRowsToHeadsHost(const RingRows& r, const void* new_k, const void* new_v,
+                                       int64_t n, const HeadRows& evict) {
+  if (auto s = detail::CheckRingRowsToHeads(r, new_k, new_v, n, evict); !s.ok()) return s;
+  const std::size_t hb = r.row_bytes / static_cast<std::size_t>(evict.heads);
+  for (int64_t i = 0; i < n; ++i) {
+    const std::size_t at = static_cast<std::size_t>((r.slot0 + i) % r.capacity) * r.row_bytes;
+    const std::size_t src = static_cast<std::size_t>(i) * r.row_bytes;
+    for (int g = 0; g < evict.heads; ++g) {
+      std::memcpy(Bytes(evict.k[g]) + i * hb, Bytes(r.k) + at + g * hb, hb);
+      std::memcpy(Bytes(evict.v[g]) + i * hb, Bytes(r.v) + at + g * hb, hb);
+    }
+    std::memcpy(Bytes(r.k) + at, Bytes(new_k) + src, r.row_bytes);
+    std::memcpy(Bytes(r.v) + at, Bytes(new_v) + src, r.row_bytes);
+  }
+  return absl::OkStatus();
+}
+
 void RingGatherHost(const RingBatch& r, const int64_t* start, int count, void* out_k, void* out_v) {
   const std::size_t tok = static_cast<std::size_t>(r.kv_heads) * r.head_dim * DTypeSize(r.dtype);
   for (int b = 0; b < r.batch; ++b) {

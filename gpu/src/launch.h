@@ -48,6 +48,8 @@ Err LaunchRingAppend(const RingBatch& ring, const void* new_k, const void* new_v
                      void* evict_k, void* evict_v, void* stream);
 Err LaunchRingAppendRows(const RingRows& ring, const void* new_k, const void* new_v, int64_t n,
                          void* evict_k, void* evict_v, void* stream);
+Err LaunchRingAppendRowsToHeads(const RingRows& ring, const void* new_k, const void* new_v,
+                                int64_t n, const HeadRows& evict, void* stream);
 Err LaunchRingGather(const RingBatch& ring, const int64_t* start, int count, void* out_k,
                      void* out_v, void* stream);
 Err LaunchScatterRows(const void* src_k, const void* src_v, void* dst_k, void* dst_v,

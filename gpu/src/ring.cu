@@ -85,25 +85,54 @@ __global__ void RingAdvanceKernel(int64_t* __restrict__ write_pos, int64_t* __re
   if (rows != nullptr) rows[b] = row_base[b] + (p > capacity ? p - capacity : 0);
 }
 
-// RingAppendRows: one thread per 16-byte word of the n new rows (rows of `words` words); as in
-// RingAppendKernel, each slot's old word is read and its new word written by the same thread.
-__global__ void RingAppendRowsKernel(uint4* __restrict__ ring_k, uint4* __restrict__ ring_v,
-                                     int64_t capacity, int64_t slot0, int64_t n, int words,
-                                     const uint4* __restrict__ new_k,
-                                     const uint4* __restrict__ new_v, uint4* __restrict__ evict_k,
-                                     uint4* __restrict__ evict_v) {
+// One ring's append, arguments by value: one thread per 16-byte word of the n new rows (rows of
+// `words` words); as in RingAppendWords, each slot's old word is read (evict(idx, i, w, old_k,
+// old_v)) and its new word written by the same thread.
+template <typename Evict>
+__device__ __forceinline__ void RingAppendRowWords(uint4* __restrict__ ring_k,
+                                                   uint4* __restrict__ ring_v, int64_t capacity,
+                                                   int64_t slot0, int64_t n, int words,
+                                                   const uint4* __restrict__ new_k,
+                                                   const uint4* __restrict__ new_v, Evict evict) {
   const int64_t total = n * words;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t i = idx / words, w = idx % words;
     const int64_t at = ((slot0 + i) % capacity) * words + w;
-    if (evict_k != nullptr) {
-      evict_k[idx] = ring_k[at];
-      evict_v[idx] = ring_v[at];
-    }
+    evict(idx, i, w, ring_k[at], ring_v[at]);
     ring_k[at] = new_k[idx];
     ring_v[at] = new_v[idx];
   }
+}
+
+__global__ void RingAppendRowsKernel(uint4* __restrict__ ring_k, uint4* __restrict__ ring_v,
+                                     int64_t capacity, int64_t slot0, int64_t n, int words,
+                                     const uint4* __restrict__ new_k,
+                                     const uint4* __restrict__ new_v, uint4* __restrict__ evict_k,
+                                     uint4* __restrict__ evict_v) {
+  RingAppendRowWords(ring_k, ring_v, capacity, slot0, n, words, new_k, new_v,
+                     [&](int64_t idx, int64_t, int64_t, const uint4& old_k, const uint4& old_v) {
+                       if (evict_k == nullptr) return;
+                       evict_k[idx] = old_k;
+                       evict_v[idx] = old_v;
+                     });
+}
+
+// The leaving word w of row i belongs to kv head w / head_words. `to` is read where it lies in
+// the parameter space (__grid_constant__): indexed by a thread's head, a by-value copy would go
+// to local memory.
+__global__ void RingAppendRowsToHeadsKernel(uint4* __restrict__ ring_k, uint4* __restrict__ ring_v,
+                                            int64_t capacity, int64_t slot0, int64_t n, int words,
+                                            int head_words, const uint4* __restrict__ new_k,
+                                            const uint4* __restrict__ new_v,
+                                            const __grid_constant__ HeadRows to) {
+  RingAppendRowWords(ring_k, ring_v, capacity, slot0, n, words, new_k, new_v,
+                     [&](int64_t, int64_t i, int64_t w, const uint4& old_k, const uint4& old_v) {
+                       const int g = static_cast<int>(w / head_words);
+                       const int64_t at = i * head_words + w % head_words;
+                       static_cast<uint4*>(to.k[g])[at] = old_k;
+                       static_cast<uint4*>(to.v[g])[at] = old_v;
+                     });
 }
 
 // out_k/out_v: [batch, count, kv_heads, D] <- ring rows (start[b] + i) % capacity.
@@ -217,6 +246,17 @@ Err LaunchRingAppendRows(const RingRows& r, const void* new_k, const void* new_v
       static_cast<uint4*>(r.k), static_cast<uint4*>(r.v), r.capacity, r.slot0, n, words,
       static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
       static_cast<uint4*>(evict_k), static_cast<uint4*>(evict_v));
+  return LastLaunchErr();
+}
+
+Err LaunchRingAppendRowsToHeads(const RingRows& r, const void* new_k, const void* new_v, int64_t n,
+                                const HeadRows& evict, void* stream) {
+  if (n == 0) return {};
+  const int words = static_cast<int>(r.row_bytes / 16);
+  RingAppendRowsToHeadsKernel<<<Blocks(n * words), 256, 0, AsStream(stream)>>>(
+      static_cast<uint4*>(r.k), static_cast<uint4*>(r.v), r.capacity, r.slot0, n, words,
+      words / evict.heads, static_cast<const uint4*>(new_k), static_cast<const uint4*>(new_v),
+      evict);
   return LastLaunchErr();
 }
 

@@ -48,6 +48,7 @@ class Stats:
     direct_host_bytes: int = 0
     time_background_wait_ns: int = 0
     value_codes_fallbacks: int = 0
+    evicted_in_place: int = 0
 
     @property
     def scanned_fraction(self) -> float:

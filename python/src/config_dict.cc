@@ -248,6 +248,7 @@ nb::dict StatsToDict(const kvrt_stats& s) {
   KVRT_PY_STAT(direct_host_bytes);
   KVRT_PY_STAT(time_background_wait_ns);
   KVRT_PY_STAT(value_codes_fallbacks);
+  KVRT_PY_STAT(evicted_in_place);
 #undef KVRT_PY_STAT
   return d;
 }

@@ -87,11 +87,18 @@ absl::Status ColdTier::AppendWritten(int64_t n) {
           "cold tier: rows written in place past the reserved room");
   const int64_t first = first_position_ + rows();
   std::vector<absl::Status> st(cfg_->num_kv_heads);
-  tbb::parallel_for(0, cfg_->num_kv_heads, [&](int g) {
+  auto append = [&](int g) {
     st[g] = stores_[g].AppendWritten(n);
     if (st[g].ok())
       for (int64_t i = 0; i < n; ++i) positions_[g].push_back(first + i);
-  });
+  };
+  // As Append: a prompt's rows are scanned per kv head in parallel, a decode step's few are not
+  // worth the fork (a decode append's rows written in place, DeviceTier::AppendEvictFused).
+  if (n >= kParallelAppendRows) {
+    tbb::parallel_for(0, cfg_->num_kv_heads, append);
+  } else {
+    for (int g = 0; g < cfg_->num_kv_heads; ++g) append(g);
+  }
   for (const absl::Status& s : st) KVRT_RETURN_IF_ERROR(s);
   return absl::OkStatus();
 }

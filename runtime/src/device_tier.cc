@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -140,10 +141,12 @@ absl::Status DeviceTier::SettleReadyEvictions(ColdTier* cold) {
 
 absl::Status DeviceTier::Settle(ColdTier* cold, bool wait) {
   if (evictions_.empty()) return absl::OkStatus();
+  // NOTE: no growth when a batch was written in place (InPlaceTarget checked the capacity): a
+  // store that moved would leave its rows behind.
   KVRT_RETURN_IF_ERROR(cold->Reserve(cold->rows() + evictions_.pending_rows()));
   // Capacity is reserved, so these appends cannot fail half-way.
   auto append = [&](const void* k, const void* v, int64_t rows) {
-    return cold->Append(k, v, rows);
+    return k == nullptr ? cold->AppendWritten(rows) : cold->Append(k, v, rows);
   };
   return wait ? evictions_.Drain(append) : evictions_.DrainReady(append);
 }
@@ -169,14 +172,7 @@ absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const f
     KVRT_RETURN_IF_ERROR(pending_staging_.Sent(stream));
     pending_lists_rows_ = P;
   }
-  // The batch's copy was recorded by this layer's append, before this call: on this stream, or
-  // on the step's stream ahead of the fork of this batch member's lane. Stream order then gives
-  // the wait (a driver call fewer per member and step) on a created stream
-  // (transfer::IsCreatedStream).
-  const bool ordered =
-      transfer::IsCreatedStream(b.done_stream) &&
-      (b.done_stream == stream || (step->size() > 1 && b.done_stream == step->lease.get()));
-  if (!ordered) KVRT_RETURN_IF_ERROR(transfer::StreamWaitEvent(stream, b.done));
+  KVRT_RETURN_IF_ERROR(FollowPendingEviction(step, stream));
   gpu::GatherBatch rows;
   rows.k = b.k.data();  // pinned: the device reads it where the append's kernel wrote it
   rows.v = b.v.data();
@@ -193,6 +189,18 @@ absl::Status DeviceTier::AttendPendingEvictions(DeviceStep* step, int i, const f
   b.done_stream = stream;
   step->pending[i] = 1;
   return absl::OkStatus();
+}
+
+absl::Status DeviceTier::FollowPendingEviction(DeviceStep* step, void* stream) {
+  const transfer::EvictionBatch& b = evictions_.front();
+  // The batch's copy was recorded by this layer's append, before this call: on this stream, or
+  // on the step's stream ahead of the fork of this batch member's lane. Stream order then gives
+  // the wait (a driver call fewer per member and step) on a created stream
+  // (transfer::IsCreatedStream).
+  const bool ordered =
+      transfer::IsCreatedStream(b.done_stream) &&
+      (b.done_stream == stream || (step->size() > 1 && b.done_stream == step->lease.get()));
+  return ordered ? absl::OkStatus() : transfer::StreamWaitEvent(stream, b.done);
 }
 
 // Ring tokens that leave the window: device copy into staging (stream order, before the ring
@@ -268,7 +276,7 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   if (exec.device && plan.direct == 0 && plan.sink_end <= plan.length && plan.evict > 0 &&
       plan.ring_begin == plan.length && plan.new_length - plan.length == plan.evict &&
       plan.length - plan.cold_begin == W && plan.evict <= kFusedEvictMaxRows) {
-    KVRT_RETURN_IF_ERROR(AppendEvictFused(plan, ks, vs, stream));
+    KVRT_RETURN_IF_ERROR(AppendEvictFused(plan, ks, vs, stream, cold));
   } else {
     KVRT_RETURN_IF_ERROR(AppendStaged(plan, ks, vs, exec, stream, cold));
   }
@@ -279,19 +287,57 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
   return absl::OkStatus();
 }
 
+namespace {
+bool InPlaceEvictEnabled() {
+  // KVRT_IN_PLACE_EVICT=0 keeps the leaving rows in pinned blocks (A/B runs; read once).
+  static const bool on = [] {
+    const char* env = std::getenv("KVRT_IN_PLACE_EVICT");
+    return env == nullptr || std::atoi(env) != 0;
+  }();
+  return on;
+}
+}  // namespace
+
+bool DeviceTier::InPlaceTarget(ColdTier* cold, int64_t n, gpu::HeadRows* to) {
+  const int G = cfg_->num_kv_heads;
+  if (!InPlaceEvictEnabled() || G > gpu::HeadRows::kMaxHeads || prompt_.rows > 0) return false;
+  const int64_t ahead = evictions_.pending_rows();
+  const int64_t end = cold->rows() + ahead + n;
+  if (end > cold->store(0).capacity() || !direct_.RegisteredUpTo(*cold, end)) return false;
+  const std::size_t hb = static_cast<std::size_t>(cfg_->head_dim) * DTypeSize(cfg_->dtype);
+  to->heads = G;
+  for (int g = 0; g < G; ++g) {
+    auto [keys, values] = cold->NextRows(g);
+    if (keys == values) return false;  // the keys hold the values too: one store
+    to->k[g] = static_cast<unsigned char*>(keys) + ahead * hb;
+    to->v[g] = static_cast<unsigned char*>(values) + ahead * hb;
+  }
+  return true;
+}
+
 absl::Status DeviceTier::AppendEvictFused(const AppendPlan& plan, const unsigned char* k,
-                                          const unsigned char* v, void* stream) {
+                                          const unsigned char* v, void* stream, ColdTier* cold) {
   const int64_t S = cfg_->sink_tokens, W = cfg_->window_tokens;
-  const std::size_t bytes = static_cast<std::size_t>(plan.evict) * token_bytes();
-  transfer::EvictionBatch batch;
-  KVRT_ASSIGN_OR_RETURN(batch.k, ctx_->pinned().Acquire(bytes));
-  KVRT_ASSIGN_OR_RETURN(batch.v, ctx_->pinned().Acquire(bytes));
   gpu::RingRows ring;
   ring.k = ring_k_.data();
   ring.v = ring_v_.data();
   ring.capacity = W;
   ring.slot0 = (plan.length - S) % W;
   ring.row_bytes = token_bytes();
+  // In place: the rows are where the cold tier takes them (AppendWritten at the settle) and where
+  // the layer's next direct step reads them (its row count covers the pending batch), so no copy,
+  // no pinned block and no separate attention of the batch in flight (AttendPendingEvictions).
+  // The batch then holds no blocks.
+  gpu::HeadRows to;
+  if (InPlaceTarget(cold, plan.evict, &to)) {
+    KVRT_RETURN_IF_ERROR(gpu::RingAppendRowsToHeads(ring, k, v, plan.evict, to, stream));
+    counters_->evicted_in_place += plan.evict;
+    return QueueEviction(transfer::EvictionBatch{}, plan.evict, stream);
+  }
+  const std::size_t bytes = static_cast<std::size_t>(plan.evict) * token_bytes();
+  transfer::EvictionBatch batch;
+  KVRT_ASSIGN_OR_RETURN(batch.k, ctx_->pinned().Acquire(bytes));
+  KVRT_ASSIGN_OR_RETURN(batch.v, ctx_->pinned().Acquire(bytes));
   KVRT_RETURN_IF_ERROR(
       gpu::RingAppendRows(ring, k, v, plan.evict, batch.k.data(), batch.v.data(), stream));
   return QueueEviction(std::move(batch), plan.evict, stream);

@@ -368,8 +368,16 @@ class DeviceTier final : public TierBackend {
   // The batch reaches the cold tier once `stream` passes this point (its `done` event).
   absl::Status QueueEviction(transfer::EvictionBatch batch, int64_t rows, void* stream);
   // Append's two ways: the fused decode append (one kernel) and the general one (copies).
+  // The leaving rows go straight into the cold stores' next rows where the direct step holds
+  // them registered (InPlaceTarget), else into pinned blocks.
   absl::Status AppendEvictFused(const AppendPlan& plan, const unsigned char* k,
-                                const unsigned char* v, void* stream);
+                                const unsigned char* v, void* stream, ColdTier* cold);
+  // Where the fused append may write its n leaving rows into `cold`'s stores on the device: the
+  // rows after the cold rows and the pending batches', every kv head's key and value rows; false
+  // where the direct step does not hold the stores registered that far (or KVRT_IN_PLACE_EVICT=0).
+  bool InPlaceTarget(ColdTier* cold, int64_t n, gpu::HeadRows* to);
+  // `stream` follows the oldest pending batch's `done` (a wait, unless stream order gives it).
+  absl::Status FollowPendingEviction(DeviceStep* step, void* stream);
   absl::Status AppendStaged(const AppendPlan& plan, const unsigned char* ks,
                             const unsigned char* vs, const Exec& exec, void* stream,
                             ColdTier* cold);

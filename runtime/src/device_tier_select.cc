@@ -366,18 +366,25 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
   // settled rows (the direct step's registration and view are checked again for them).
   // NOTE: a direct step does not wait at all (the host, blocked here, could not run ahead of the
   // device): rows whose copy is in flight (one batch, a decode append's) are attended on the
-  // device from the pinned block (AttendPendingEvictions) and enter the cold tier at the layer's
-  // next call. Measurement mode keeps the wait: it records the positions of the rows attended.
+  // device and enter the cold tier at the layer's next call: from the pinned block
+  // (AttendPendingEvictions), or, written into the stores in place (AppendEvictFused), as rows of
+  // the store that the direct step's row count covers. Measurement mode keeps the wait: it
+  // records the positions of the rows attended.
   launch_span.End();
   const int64_t t_settle = NowNs();
   bool defer = direct_q && !cfg_->record_attended;
   if (defer) {
     KVRT_RETURN_IF_ERROR(settle_evictions(/*wait=*/false));
-    defer = evictions_.size() == 1 && evictions_.pending_rows() <= kPendingAttendRows &&
-            !evictions_.front().done.empty();
+    defer = evictions_.size() == 1 && !evictions_.front().done.empty() &&
+            (evictions_.front().k.empty() || evictions_.pending_rows() <= kPendingAttendRows);
   }
   if (!defer) KVRT_RETURN_IF_ERROR(settle_evictions(/*wait=*/true));
   bool direct = direct_q && direct_.Prepare(cold, stream);
+  // The rows written in place count as the store's from here (the attention's row count); the
+  // registration covers them (InPlaceTarget), unless the stores moved since (then they settle).
+  const int64_t in_place =
+      direct && defer && evictions_.front().k.empty() ? evictions_.pending_rows() : 0;
+  if (in_place > 0 && !direct_.RegisteredUpTo(cold, cold.rows() + in_place)) direct = false;
   if (!direct && defer) {
     KVRT_RETURN_IF_ERROR(settle_evictions(true));
     defer = false;
@@ -408,17 +415,18 @@ absl::Status DeviceTier::SelectClusters(TierStep* base, int i, const ColdTier& c
     KVRT_SPAN("direct_attend", i);
     // One sequence: the attention's split states stay in the step's slots for its one merge.
     int splits = 0;
-    KVRT_RETURN_IF_ERROR(direct_.Attend(cold, outs.selected, outs.selected_count,
-                                        outs.group_mask != nullptr, step->size() > 1, q,
-                                        step->o(kHotSlot, i), step->lse(kHotSlot, i),
-                                        step->slot_count - kHotSlot, &splits, stream, arena, sel));
+    if (in_place > 0) KVRT_RETURN_IF_ERROR(FollowPendingEviction(step, stream));
+    KVRT_RETURN_IF_ERROR(direct_.Attend(
+        cold, cold.rows() + in_place, outs.selected, outs.selected_count,
+        outs.group_mask != nullptr, step->size() > 1, q, step->o(kHotSlot, i),
+        step->lse(kHotSlot, i), step->slot_count - kHotSlot, &splits, stream, arena, sel));
     step->hot[i] = 1;
     step->hot_states = splits;
-    if (defer) {
+    if (defer && in_place == 0) {
       KVRT_SPAN("pending_attend", i);
       KVRT_RETURN_IF_ERROR(AttendPendingEvictions(step, i, q, stream));
-      sel->evictions_on_device = true;
     }
+    sel->evictions_on_device = defer;
     const int64_t per_head_ns = (NowNs() - t0) / H;
     for (int h = 0; h < H; ++h) sel->search_ns[h] = per_head_ns;
     counters_->attends_gpu_select += 1;

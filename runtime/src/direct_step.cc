@@ -710,10 +710,10 @@ uint32_t* DirectStep::SelectionMask(int C, void* stream) {
   return static_cast<uint32_t*>(mask_dev_.data());
 }
 
-absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
-                                bool mask_written, bool in_batch, const float* q, float* o,
-                                float* lse, int max_states, int* states, void* stream,
-                                tbb::task_arena& arena, ColdSelection* sel) {
+absl::Status DirectStep::Attend(const ColdTier& cold, int64_t rows, const int32_t* selected,
+                                const int32_t* count, bool mask_written, bool in_batch,
+                                const float* q, float* o, float* lse, int max_states, int* states,
+                                void* stream, tbb::task_arena& arena, ColdSelection* sel) {
   const int64_t t0 = NowNs();
   const int G = cfg_->num_kv_heads, H = cfg_->num_q_heads;
   const int C = view_c_;
@@ -724,7 +724,6 @@ absl::Status DirectStep::Attend(const ColdTier& cold, const int32_t* selected, c
   // The mask and the attend's workspace are this object's, reused step after step (two stream-
   // ordered allocations and frees fewer per step): the last step's record copy read the mask on
   // another stream, so the step waits for it (long done: the admission job waited for it too).
-  const int64_t rows = cold.rows();
   const gpu::DirectRowsView view = View(rows);
   const int splits = gpu::DirectAttendSplits(view);
   const bool partial = splits > 1 && splits <= max_states;

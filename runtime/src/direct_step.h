@@ -89,18 +89,20 @@ class DirectStep {
   // read it; null if its buffers cannot be had (then Attend marks it from the lists).
   uint32_t* SelectionMask(int C, void* stream);
   // Then: MarkSelected (unless mask_written: the selection kernel wrote SelectionMask's mask),
-  // DirectAttend into o, lse (device f32 [q_heads, d], [q_heads]), the mask's copy, and the
-  // admission job. selected/count: ClusterStep's outputs (device, [q_heads, C], [q_heads]); q:
-  // device f32 [q_heads, d]. in_batch: a member of a batch step (stream is the member's own).
-  // o, lse have room for max_states states (o + s * q_heads * d, lse + s * q_heads): when the
-  // attention's split states fit, they are left there unmerged for the caller's one merge, and
-  // *states is their count; else (or max_states 1) o, lse hold the merged state and *states is 1.
-  // *sel: every active head's CPU rows stay empty; with record_attended the rows attended come
-  // back in sel->cached_rows (one wait for the copy).
-  absl::Status Attend(const ColdTier& cold, const int32_t* selected, const int32_t* count,
-                      bool mask_written, bool in_batch, const float* q, float* o, float* lse,
-                      int max_states, int* states, void* stream, tbb::task_arena& arena,
-                      ColdSelection* sel);
+  // DirectAttend of the stores' first `rows` rows (cold.rows(), and the rows a decode append
+  // wrote in place that the cold tier takes at the layer's next call; RegisteredUpTo them) into o,
+  // lse (device f32 [q_heads, d], [q_heads]), the mask's copy, and the admission job.
+  // selected/count: ClusterStep's outputs (device, [q_heads, C], [q_heads]); q: device f32
+  // [q_heads, d]. in_batch: a member of a batch step (stream is the member's own). o, lse have room
+  // for max_states states (o + s * q_heads * d, lse + s * q_heads): when the attention's split
+  // states fit, they are left there unmerged for the caller's one merge, and *states is their
+  // count; else (or max_states 1) o, lse hold the merged state and *states is 1. *sel: every active
+  // head's CPU rows stay empty; with record_attended the rows attended come back in
+  // sel->cached_rows (one wait for the copy).
+  absl::Status Attend(const ColdTier& cold, int64_t rows, const int32_t* selected,
+                      const int32_t* count, bool mask_written, bool in_batch, const float* q,
+                      float* o, float* lse, int max_states, int* states, void* stream,
+                      tbb::task_arena& arena, ColdSelection* sel);
   bool registered() const { return !regs_k_.empty(); }
   // The stores are registered (where they are now) for their first `rows` rows.
   bool RegisteredUpTo(const ColdTier& cold, int64_t rows);

@@ -299,6 +299,9 @@ absl::Status Runtime::WaitSequence(int64_t id) {
 }
 
 absl::StatusOr<int64_t> Runtime::SequenceLength(int64_t id, int layer) const {
+  // Before `seq`, in every getter: a ReleaseSequence racing this call may leave the last
+  // reference here, and the sequence's destructor makes CUDA calls (as in ReleaseSequence).
+  transfer::CudaCallScope on_device(config_.call_device());
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   return seq->layers[layer].length();
@@ -590,6 +593,7 @@ absl::Status Runtime::SetSearchEffort(int effort) {
 
 absl::StatusOr<float> Runtime::GetEstimateLse(int64_t id, int layer, int q_head) const {
   KVRT_RETURN_IF_ERROR(GetAttended(id, layer, q_head, nullptr));  // the same preconditions
+  transfer::CudaCallScope on_device(config_.call_device());       // before seq: as SequenceLength
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   return seq->layers[layer].estimate_lse(q_head);
@@ -603,6 +607,7 @@ absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
   if (q_head < 0 || q_head >= config_.num_q_heads)
     return absl::InvalidArgumentError(
         absl::StrCat("q_head ", q_head, " is out of range [0, ", config_.num_q_heads, ")"));
+  transfer::CudaCallScope on_device(config_.call_device());  // before seq: as SequenceLength
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
   const auto& state = seq->layers[layer];

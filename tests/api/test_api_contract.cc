@@ -790,9 +790,16 @@ TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
   EXPECT_EQ(st.time_background_wait_ns, 0);
   EXPECT_EQ(st.value_codes_fallbacks, untouched);
+  // 0.3.34 appended evicted_in_place: a 0.3.19-0.3.33 caller's struct ends before it.
+  std::memset(&st, 0xab, sizeof st);
+  st.struct_size = offsetof(kvrt_stats, evicted_in_place);
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
+  EXPECT_EQ(st.value_codes_fallbacks, 0);
+  EXPECT_EQ(st.evicted_in_place, untouched);
   st.struct_size = sizeof st;
   ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
   EXPECT_EQ(st.value_codes_fallbacks, 0) << "the host backend has no device summary";
+  EXPECT_EQ(st.evicted_in_place, 0) << "the host backend has no device kernel";
   kvrt_runtime_destroy(rt);
   // The new fields are checked like the others.
   c = TinyConfig();

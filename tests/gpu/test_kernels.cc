@@ -325,6 +325,66 @@ TEST(GpuRef, RingAppendRows_MatchesRingAppendAndChecks) {
             absl::StatusCode::kInvalidArgument);
 }
 
+// RingAppendRowsToHeads: the ring as RingAppendRows leaves it, each leaving row's kv head slices in
+// that head's target rows; what it cannot do refused before anything changes.
+TEST(GpuRef, RingAppendRowsToHeads_SplitsTheLeavingRowsByHead) {
+  const int cap = 7, kvh = 3, d = 64;
+  const std::size_t tok = static_cast<std::size_t>(kvh) * d * 2, hb = d * 2;
+  std::mt19937 rng(23);
+  std::vector<unsigned char> a_k = RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f), a_v = a_k;
+  std::vector<unsigned char> b_k = a_k, b_v = a_v;
+  int64_t slot = 5;
+  for (int n : {1, 3, cap}) {
+    auto nk = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+    auto nv = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+    std::vector<unsigned char> ek(nk.size()), ev(nk.size());
+    RingAppendRowsHost(RingRows{a_k.data(), a_v.data(), cap, slot, tok}, nk.data(), nv.data(), n,
+                       ek.data(), ev.data());
+    std::vector<std::vector<unsigned char>> hk(kvh), hv(kvh);
+    HeadRows to;
+    to.heads = kvh;
+    for (int g = 0; g < kvh; ++g) {
+      hk[g].assign(n * hb, 0);
+      hv[g].assign(n * hb, 0);
+      to.k[g] = hk[g].data();
+      to.v[g] = hv[g].data();
+    }
+    ASSERT_TRUE(RingAppendRowsToHeadsHost(RingRows{b_k.data(), b_v.data(), cap, slot, tok},
+                                          nk.data(), nv.data(), n, to)
+                    .ok());
+    EXPECT_EQ(a_k, b_k) << n;
+    EXPECT_EQ(a_v, b_v) << n;
+    for (int i = 0; i < n; ++i)
+      for (int g = 0; g < kvh; ++g) {
+        EXPECT_EQ(0, std::memcmp(&hk[g][i * hb], &ek[i * tok + g * hb], hb)) << n << " " << i;
+        EXPECT_EQ(0, std::memcmp(&hv[g][i * hb], &ev[i * tok + g * hb], hb)) << n << " " << i;
+      }
+    slot = (slot + n) % cap;
+  }
+  const std::vector<unsigned char> before = b_k;
+  unsigned char one[16 * 64] = {};
+  HeadRows to;
+  to.heads = kvh;
+  for (int g = 0; g < kvh; ++g) to.k[g] = to.v[g] = one;
+  const RingRows rows{b_k.data(), b_v.data(), cap, 0, tok};
+  to.v[1] = nullptr;
+  EXPECT_EQ(RingAppendRowsToHeadsHost(rows, one, one, 1, to).code(),
+            absl::StatusCode::kInvalidArgument);  // a head without a target
+  to.v[1] = one;
+  to.heads = 0;
+  EXPECT_EQ(RingAppendRowsToHeadsHost(rows, one, one, 1, to).code(),
+            absl::StatusCode::kInvalidArgument);
+  to.heads = 5;  // 384 bytes a row are not 5 slices of whole 16-byte words
+  EXPECT_EQ(RingAppendRowsToHeadsHost(rows, one, one, 1, to).code(),
+            absl::StatusCode::kInvalidArgument);
+  to.heads = kvh;
+  EXPECT_EQ(RingAppendRowsToHeadsHost(rows, one, one, cap + 1, to).code(),
+            absl::StatusCode::kInvalidArgument);  // more rows than slots
+  EXPECT_EQ(RingAppendRowsToHeads(rows, one, one, cap + 1, to, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);  // the launcher checks the same
+  EXPECT_EQ(b_k, before);
+}
+
 // RingAppendToStore: the ring as RingAppend leaves it; every leaving token in its store row
 // (row_base + its ring position) of each kv head; write_pos and the store's row count advanced;
 // a store too small refused before anything changes.
@@ -997,6 +1057,60 @@ TEST_F(GpuKernels, RingAppendRows_EvictsIntoPinnedHostMemory) {
       cudaFreeHost(pk);
       cudaFreeHost(pv);
       slot = (slot + n) % cap;
+    }
+  }
+}
+
+// The in-place decode append: the leaving rows written by the kernel into one registered host
+// buffer per kv head (the cold stores' next rows), at an offset into each, as the reference does.
+TEST_F(GpuKernels, RingAppendRowsToHeads_WritesIntoRegisteredHostRows) {
+  std::mt19937 rng(24);
+  for (int d : {64, 128, 256}) {
+    const int cap = 29, kvh = 4, at_row = 3, rows_held = 64;
+    const std::size_t tok = static_cast<std::size_t>(kvh) * d * 2, hb = d * 2;
+    auto hk = RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f);
+    auto hv = RandomStorage(rng, cap * kvh * d, DType::kBF16, 1.f);
+    Dev dk = Dev::From(hk), dv = Dev::From(hv);
+    // Page-aligned, as the stores are; registered as the direct step registers them.
+    std::vector<void*> store(2 * kvh);
+    for (void*& p : store) {
+      ASSERT_EQ(0, posix_memalign(&p, 4096, rows_held * hb));
+      std::memset(p, 0x5a, rows_held * hb);
+      CUDA_OK(cudaHostRegister(p, rows_held * hb, cudaHostRegisterMapped));
+    }
+    std::vector<std::vector<unsigned char>> want(2 * kvh,
+                                                 std::vector<unsigned char>(rows_held * hb, 0x5a));
+    int64_t slot = 11, row = at_row;
+    for (int n : {1, 2, cap}) {
+      auto nk = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+      auto nv = RandomStorage(rng, n * kvh * d, DType::kBF16, 1.f);
+      HeadRows hto, dto;
+      hto.heads = dto.heads = kvh;
+      for (int g = 0; g < kvh; ++g) {
+        hto.k[g] = want[g].data() + row * hb;
+        hto.v[g] = want[kvh + g].data() + row * hb;
+        dto.k[g] = static_cast<unsigned char*>(store[g]) + row * hb;
+        dto.v[g] = static_cast<unsigned char*>(store[kvh + g]) + row * hb;
+      }
+      ASSERT_TRUE(RingAppendRowsToHeadsHost(RingRows{hk.data(), hv.data(), cap, slot, tok},
+                                            nk.data(), nv.data(), n, hto)
+                      .ok());
+      Dev dnk = Dev::From(nk), dnv = Dev::From(nv);
+      ASSERT_TRUE(
+          RingAppendRowsToHeads(RingRows{dk.p, dv.p, cap, slot, tok}, dnk.p, dnv.p, n, dto, nullptr)
+              .ok());
+      CUDA_OK(cudaDeviceSynchronize());
+      for (int s = 0; s < 2 * kvh; ++s)
+        EXPECT_EQ(0, std::memcmp(store[s], want[s].data(), rows_held * hb))
+            << "d" << d << " n" << n << " store " << s;
+      EXPECT_EQ(dk.Get<unsigned char>(hk.size()), hk) << "d" << d << " n" << n;
+      EXPECT_EQ(dv.Get<unsigned char>(hv.size()), hv) << "d" << d << " n" << n;
+      slot = (slot + n) % cap;
+      row += n;
+    }
+    for (void* p : store) {
+      CUDA_OK(cudaHostUnregister(p));
+      std::free(p);
     }
   }
 }

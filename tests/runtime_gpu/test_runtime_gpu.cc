@@ -992,6 +992,63 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
     dev.Clear();
   }
   EXPECT_EQ((*gpu_rt)->Stats().attends_direct, 2 * cfg.num_layers);
+  // Each step's evicted row was written into the store in place (the prompt left room for it)
+  // and attended there as a row of the unclustered tail.
+  EXPECT_EQ((*gpu_rt)->Stats().evicted_in_place, 2 * cfg.num_layers);
+}
+
+// A decode append writes the row it pushes out of the window into the host store in place
+// (gpu::RingAppendRowsToHeads); the cold tier takes it at the layer's next call and the direct
+// step attends it before (its row count covers it). Over 200 steps the unclustered tail (108 rows
+// after the prompt) passes a segment, so a background refresh clusters it and lays its rows out
+// anew while appends keep writing past it. Every 16th step queries along e_0 and evicts a row
+// planted along e_0 with the largest value yet (the planted rows carry most of that step's
+// attention): a row lost, written to the wrong row or attended twice moves those steps far from
+// the host backend.
+TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
+  if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
+  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "in place"};
+  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.5f, true, false));
+  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.5f, true, false));
+  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  const RuntimeConfig& cfg = (*gpu_rt)->config();
+  auto stream = transfer::Stream::Create();
+  ASSERT_TRUE(stream.ok());
+  Tensors dev(true, stream->get());
+  std::mt19937 rng(12);
+  const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
+  const int prompt = 1200, steps = 200, W = cfg.window_tokens;
+  const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
+  ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev));
+  std::vector<float> e0(q_row, 0.f);
+  for (int h = 0; h < cfg.num_q_heads; ++h) e0[h * cfg.head_dim] = 1.f;
+  for (int step = 0; step < steps; ++step) {
+    const bool probe = step % 16 == 0;
+    for (int l = 0; l < cfg.num_layers; ++l) {
+      auto k = Random(rng, kv_row, c.dtype);
+      auto v = Random(rng, kv_row, c.dtype);
+      auto q = Random(rng, q_row, c.dtype);
+      // The token appended now leaves the window W steps later, at a probing step; each planted
+      // value is larger than the last, so the newest one moves the output the most.
+      if ((step + W) % 16 == 0)
+        PlantDominantRow(cfg, c.dtype, 0, 2.f + static_cast<float>((step + W) / 16) + l, &k, &v);
+      if (probe) ConvertFromF32(e0.data(), q_row, c.dtype, q.data());
+      std::vector<float> want, got;
+      ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
+      for (int h = 0; h < cfg.num_q_heads; ++h)
+        EXPECT_LT(HeadRelErr(got, want, h, cfg.head_dim), 5e-2)
+            << "step " << step << " layer " << l << " head " << h;
+      if (::testing::Test::HasFailure()) return;
+    }
+    dev.Clear();
+  }
+  const auto a = (*host_rt)->Stats(), b = (*gpu_rt)->Stats();
+  EXPECT_EQ(b.evicted_tokens, a.evicted_tokens);
+  EXPECT_EQ(b.evicted_in_place, b.evicted_tokens);  // the prompt's room held every one
+  EXPECT_EQ(b.host_tokens, a.host_tokens);
+  EXPECT_EQ(b.attends_direct, int64_t{steps} * cfg.num_layers);
+  EXPECT_EQ(a.evicted_in_place, 0);
 }
 
 // Residency-aware selection (cluster.miss_penalty): over decode steps whose queries drift slowly

@@ -86,6 +86,17 @@ struct RingRows {
   std::size_t row_bytes = 0;  // a multiple of 16 (a token's kv heads x head_dim in its dtype)
 };
 
+// Where RingAppendRowsToHeads puts the rows that leave one ring: the slice of leaving row i that
+// belongs to kv head g (row_bytes / heads bytes) goes to k[g] + i * (row_bytes / heads), and its
+// value to v[g] likewise. A decode append's target is the cold store's next rows, one store per kv
+// head (registered host memory, mapped at the same address: the direct step's stores).
+struct HeadRows {
+  static constexpr int kMaxHeads = 64;  // a kernel argument of 1 KiB
+  void* k[kMaxHeads] = {};
+  void* v[kMaxHeads] = {};
+  int heads = 0;
+};
+
 struct RingBatch {
   void* const* ring_k = nullptr;       // [batch] -> [capacity, kv_heads, head_dim]
   void* const* ring_v = nullptr;       // [batch] -> [capacity, kv_heads, head_dim]

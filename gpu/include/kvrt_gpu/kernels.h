@@ -97,6 +97,15 @@ absl::Status RingAppendRows(const RingRows& ring, const void* new_k, const void*
                             void* evict_k, void* evict_v, void* stream);
 void RingAppendRowsHost(const RingRows& ring, const void* new_k, const void* new_v, int64_t n,
                         void* evict_k, void* evict_v);
+// RingAppendRows whose leaving rows go into one store per kv head (HeadRows) instead of one
+// token-major buffer: a decode append that writes the token it pushes out of the window straight
+// into the cold store's next rows, so that no copy and no host settle stand between the eviction
+// and the rows a direct step attends. Checks as RingAppendRows, and 1 <= heads <= kMaxHeads,
+// row_bytes a multiple of 16 * heads, every k[g], v[g] of g < heads set (InvalidArgument).
+absl::Status RingAppendRowsToHeads(const RingRows& ring, const void* new_k, const void* new_v,
+                                   int64_t n, const HeadRows& evict, void* stream);
+absl::Status RingAppendRowsToHeadsHost(const RingRows& ring, const void* new_k, const void* new_v,
+                                       int64_t n, const HeadRows& evict);
 
 // out_k, out_v: [batch, count, kv_heads, d] <- ring rows of positions start[b] + i (mod capacity)
 // for i < count: the contiguous staging buffer that D2H copies of leaving tokens read.

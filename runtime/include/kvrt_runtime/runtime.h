@@ -76,7 +76,8 @@ absl::Status ValidateConfig(const RuntimeConfig& config);
   X(eviction_batches) X(index_update_failures) X(keys_read) X(attends_fetch)                 \
   X(attends_gpu_select) X(summary_gpu_bytes) X(hot_hits) X(hot_misses) X(hot_h2d_bytes)     \
   X(hot_cache_gpu_bytes) X(time_hot_cache_ns) X(segments_built_gpu) X(time_segment_build_ns)   \
-  X(attends_direct) X(direct_host_bytes) X(time_background_wait_ns) X(value_codes_fallbacks)
+  X(attends_direct) X(direct_host_bytes) X(time_background_wait_ns) X(value_codes_fallbacks) \
+  X(evicted_in_place)
 // clang-format on
 
 struct RuntimeStats {

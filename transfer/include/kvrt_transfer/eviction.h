@@ -33,7 +33,9 @@
 namespace kvrt::transfer {
 
 struct EvictionBatch {
-  PinnedBlock k, v;  // [rows, kv_heads, head_dim] each, storage dtype
+  // [rows, kv_heads, head_dim] each, storage dtype. Empty: the device wrote the rows into the
+  // owner's host store in place (the sink then gets null k and v).
+  PinnedBlock k, v;
   int64_t rows = 0;
   Event done;  // recorded after the D2H copies; empty = already complete (host data)
   void* done_stream = nullptr;  // the stream `done` was last recorded on (for skipping waits)
