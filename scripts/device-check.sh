@@ -90,6 +90,11 @@ if [[ "${1:-}" == "--device" ]]; then
     echo "=== test_runtime_gpu with KVRT_BATCH_SELECT=0" >> "$out/tests.log"
     KVRT_BATCH_SELECT=0 timeout 150 $b/test_runtime_gpu \
       --gtest_filter='GpuBackendBatch.*:GpuBackendCluster.*' >> "$out/tests.log" 2>&1 || rc=1
+    # And the decode evictions in pinned blocks (KVRT_IN_PLACE_EVICT=0), the path a layer takes
+    # where its stores are not registered far enough for them.
+    echo "=== test_runtime_gpu with KVRT_IN_PLACE_EVICT=0" >> "$out/tests.log"
+    KVRT_IN_PLACE_EVICT=0 timeout 150 $b/test_runtime_gpu \
+      --gtest_filter='GpuBackendBatch.*:GpuBackendCluster.*' >> "$out/tests.log" 2>&1 || rc=1
   fi
   grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -40
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
