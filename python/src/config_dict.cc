@@ -256,7 +256,7 @@ nb::dict StatsToDict(const kvrt_stats& s) {
 }  // namespace kvrt_py
 
 // A field appended to kvrt.h must be added above (and to kvrt/_config.py / _stats.py).
-static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 37 * sizeof(int64_t),
+static_assert(sizeof(kvrt_stats) == sizeof(size_t) + 38 * sizeof(int64_t),
               "kvrt_stats changed: update StatsToDict and kvrt/_stats.py");
 static_assert(sizeof(kvrt_config) == 152,
               "kvrt_config changed: update ConfigFromDict/ConfigToDict and kvrt/_config.py");
