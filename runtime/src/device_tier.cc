@@ -289,10 +289,11 @@ absl::Status DeviceTier::Append(const AppendPlan& plan, const void* k, const voi
 
 namespace {
 bool InPlaceEvictEnabled() {
-  // KVRT_IN_PLACE_EVICT=0 keeps the leaving rows in pinned blocks (A/B runs; read once).
+  // Off by default until measured on a device (docs/gpu.md): KVRT_IN_PLACE_EVICT=1 writes the
+  // leaving rows into the stores, 0 (the default) keeps the pinned blocks. Read once.
   static const bool on = [] {
     const char* env = std::getenv("KVRT_IN_PLACE_EVICT");
-    return env == nullptr || std::atoi(env) != 0;
+    return env != nullptr && std::atoi(env) != 0;
   }();
   return on;
 }
