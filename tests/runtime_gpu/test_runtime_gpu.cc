@@ -1010,12 +1010,16 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
 
 // A decode append writes the row it pushes out of the window into the host store in place
 // (gpu::RingAppendRowsToHeads); the cold tier takes it at the layer's next call and the direct
-// step attends it before (its row count covers it). Over 200 steps the unclustered tail (108 rows
-// after the prompt) passes a segment, so a background refresh clusters it and lays its rows out
-// anew while appends keep writing past it. Every 16th step queries along e_0 and evicts a row
-// planted along e_0 with the largest value yet (the planted rows carry most of that step's
-// attention): a row lost, written to the wrong row or attended twice moves those steps far from
-// the host backend. (With KVRT_IN_PLACE_EVICT=1; by default the same steps take the pinned blocks.)
+// step attends it before (its row count covers it). Over 640 steps the unclustered tail (108 rows
+// after the prompt) passes segments, so background refreshes cluster it and lay its rows out anew
+// while appends keep writing past it, and the cold rows outgrow the room the prompt left (half its
+// 1132 rows): the append that finds none keeps its row in a pinned block, the next one's settle
+// grows (moves) the store, that append finds it not registered yet and keeps a pinned block too,
+// its attend registers the store again, and the appends after it write in place again. Every 16th
+// step queries along e_0 and evicts a row planted along e_0 with the largest value yet (the planted
+// rows carry most of that step's attention): a row lost, written to the wrong row or attended twice
+// moves those steps far from the host backend. (With KVRT_IN_PLACE_EVICT=1; by default the same
+// steps take the pinned blocks.)
 TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "in place"};
@@ -1029,7 +1033,8 @@ TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
   std::mt19937 rng(12);
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
   const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
-  const int prompt = 1200, steps = 200, W = cfg.window_tokens;
+  // Under compute-sanitizer (small): 200 steps, within the room.
+  const int prompt = 1200, steps = Small() ? 200 : 640, W = cfg.window_tokens;
   const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
   ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev));
   std::vector<float> e0(q_row, 0.f);
@@ -1056,8 +1061,13 @@ TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
   }
   const auto a = (*host_rt)->Stats(), b = (*gpu_rt)->Stats();
   EXPECT_EQ(b.evicted_tokens, a.evicted_tokens);
-  // The prompt's room held every one.
-  EXPECT_EQ(b.evicted_in_place, InPlaceEvictOn() ? b.evicted_tokens : 0);
+  // All but the two appends per layer around the store's growth (one at 640 steps, none at 200).
+  if (InPlaceEvictOn()) {
+    EXPECT_GE(b.evicted_in_place, b.evicted_tokens - (steps > 566 ? 2 * cfg.num_layers : 0));
+    EXPECT_LE(b.evicted_in_place, b.evicted_tokens);
+  } else {
+    EXPECT_EQ(b.evicted_in_place, 0);
+  }
   EXPECT_EQ(b.host_tokens, a.host_tokens);
   EXPECT_EQ(b.attends_direct, int64_t{steps} * cfg.num_layers);
   EXPECT_EQ(a.evicted_in_place, 0);
