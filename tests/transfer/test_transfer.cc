@@ -151,6 +151,34 @@ TEST(EvictionQueue, DrainsInOrderAndStopsAtError) {
   EXPECT_EQ(pool.stats().live_blocks, 0) << "drained batches return their blocks";
 }
 
+// A batch the device wrote into the owner's store in place holds no blocks: the sink gets null k
+// and v for it, in position order with the batches that hold blocks (DeviceTier::Settle appends it
+// with ColdTier::AppendWritten, the others with Append).
+TEST(EvictionQueue, ABatchWithoutBlocksReachesTheSinkAsNull) {
+  PinnedPool pool(PageableHostAllocator(), 1 << 20);
+  EvictionQueue q;
+  for (int i = 0; i < 3; ++i) {
+    EvictionBatch b;
+    if (i != 1) {
+      b.k = *pool.Acquire(16);
+      b.v = *pool.Acquire(16);
+      static_cast<int*>(b.k.data())[0] = i;
+    }
+    b.rows = i + 1;
+    q.Push(std::move(b));
+  }
+  std::vector<int> seen;
+  ASSERT_TRUE(q.Drain([&](const void* k, const void* v, int64_t rows) {
+                 EXPECT_EQ(k == nullptr, v == nullptr);
+                 seen.push_back(k == nullptr ? -static_cast<int>(rows)
+                                             : static_cast<const int*>(k)[0]);
+                 return absl::OkStatus();
+               }).ok());
+  EXPECT_EQ(seen, (std::vector<int>{0, -2, 2}));
+  EXPECT_TRUE(q.empty());
+  EXPECT_EQ(pool.stats().live_blocks, 0);
+}
+
 TEST(EvictionQueue, DrainReadyDeliversCompleteBatchesOnly) {
   PinnedPool pool(PageableHostAllocator(), 1 << 20);
   EvictionQueue q;
