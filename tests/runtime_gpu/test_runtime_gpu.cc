@@ -113,11 +113,12 @@ std::vector<unsigned char> Random(std::mt19937& rng, std::size_t n, DType t) {
 // Writes at row `row` of k and v ([rows, kv_heads, head_dim] in dtype) a key along e_0 whose score
 // at q = e_0 (scale 1/8) is 7.6 in every kv head, and `value` in every dim of its value: beside
 // ~1200 random rows, which score ~0 there, that row carries ~0.6 of the step's attention.
+// `dim`: the key lies along e_dim instead (dominant at q = e_dim).
 void PlantDominantRow(const RuntimeConfig& cfg, DType dtype, int64_t row, float value,
-                      std::vector<unsigned char>* k, std::vector<unsigned char>* v) {
+                      std::vector<unsigned char>* k, std::vector<unsigned char>* v, int dim = 0) {
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
   std::vector<float> key(kv_row, 0.f), val(kv_row, value);
-  for (int g = 0; g < cfg.num_kv_heads; ++g) key[g * cfg.head_dim] = 7.6f * 8.f;
+  for (int g = 0; g < cfg.num_kv_heads; ++g) key[g * cfg.head_dim + dim] = 7.6f * 8.f;
   const std::size_t at = row * kv_row * DTypeSize(dtype);
   ConvertFromF32(key.data(), kv_row, dtype, k->data() + at);
   ConvertFromF32(val.data(), kv_row, dtype, v->data() + at);
@@ -449,11 +450,11 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
 }
 
 // AttendBatch with the cluster kind's direct step: each member selects on a stream of its own and
-// attends the row its append evicted on the device (written into its own store in place, or with
-// KVRT_IN_PLACE_EVICT=0 AttendPendingEvictions into its own cold slot). That row carries ~0.6 of
-// each member's first step (as in FirstStepsAfterAPrompt), so a member's pending row lost, counted
-// twice or taken from another member moves its output far from the host backend's one attend per
-// sequence.
+// attends the row its append evicted on the device (AttendPendingEvictions into its own cold slot,
+// or with KVRT_IN_PLACE_EVICT=1 as a row its append wrote into its own store in place). That row
+// carries ~0.6 of each member's first step (as in FirstStepsAfterAPrompt), so a member's pending
+// row lost, counted twice or taken from another member moves its output far from the host backend's
+// one attend per sequence.
 TEST(GpuBackendCluster, AttendBatchDirectMatchesHostBackend) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   const Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "batch direct"};
@@ -950,8 +951,8 @@ TEST(GpuBackendCluster, ValueGridsPastF16CountAFallback) {
 // not by the first step: the blocks every step reads (the unclustered tail, the outliers) already
 // hold pages, copied in whole, when the prompt's work is done. And the row the first append evicts
 // is attended once: the direct step does not wait for it to reach the cold tier but attends it
-// on the device where the append wrote it (since 0.3.34 the host store's next row, before it the
-// pinned block), so it must count neither twice nor not at all. That row carries
+// on the device where the append wrote it (the pinned block, or with KVRT_IN_PLACE_EVICT=1 the host
+// store's next row), so it must count neither twice nor not at all. That row carries
 // about half of the first step's attention (its key along q, its value 3 in every dim), so either
 // mistake moves the output by a third or more against the host backend, which attends it in the
 // cold tier's unclustered rows. (GpuSelectMatchesCpuSelect covers later steps and other modes.)
@@ -1003,8 +1004,8 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
     dev.Clear();
   }
   EXPECT_EQ((*gpu_rt)->Stats().attends_direct, 2 * cfg.num_layers);
-  // Each step's evicted row was written into the store in place (the prompt left room for it)
-  // and attended there as a row of the unclustered tail.
+  // With KVRT_IN_PLACE_EVICT=1 each step's evicted row was written into the store in place (the
+  // prompt left room for it) and attended there as a row of the unclustered tail.
   EXPECT_EQ((*gpu_rt)->Stats().evicted_in_place, InPlaceEvictOn() ? 2 * cfg.num_layers : 0);
 }
 
@@ -1016,10 +1017,10 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
 // 1132 rows): the append that finds none keeps its row in a pinned block, the next one's settle
 // grows (moves) the store, that append finds it not registered yet and keeps a pinned block too,
 // its attend registers the store again, and the appends after it write in place again. Every 16th
-// step queries along e_0 and evicts a row planted along e_0 with the largest value yet (the planted
-// rows carry most of that step's attention): a row lost, written to the wrong row or attended twice
-// moves those steps far from the host backend. (With KVRT_IN_PLACE_EVICT=1; by default the same
-// steps take the pinned blocks.)
+// step j queries along e_(j mod d) and evicts a row planted along it (~0.6 of that step's
+// attention; the rows planted for other steps score ~0 there): a row lost, written to the wrong row
+// or attended twice moves those steps far from the host backend. (With KVRT_IN_PLACE_EVICT=1; by
+// default the same steps take the pinned blocks.)
 TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "in place"};
@@ -1037,19 +1038,21 @@ TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
   const int prompt = 1200, steps = Small() ? 200 : 640, W = cfg.window_tokens;
   const int64_t hs = *(*host_rt)->CreateSequence(), gs = *(*gpu_rt)->CreateSequence();
   ASSERT_TRUE(PrefillBoth(**host_rt, hs, **gpu_rt, gs, c.dtype, prompt, rng, dev));
-  std::vector<float> e0(q_row, 0.f);
-  for (int h = 0; h < cfg.num_q_heads; ++h) e0[h * cfg.head_dim] = 1.f;
+  // The probe of step s (a multiple of 16): its query's direction.
+  auto probe_dim = [&](int s) { return (s / 16) % cfg.head_dim; };
   for (int step = 0; step < steps; ++step) {
-    const bool probe = step % 16 == 0;
     for (int l = 0; l < cfg.num_layers; ++l) {
       auto k = Random(rng, kv_row, c.dtype);
       auto v = Random(rng, kv_row, c.dtype);
       auto q = Random(rng, q_row, c.dtype);
-      // The token appended now leaves the window W steps later, at a probing step; each planted
-      // value is larger than the last, so the newest one moves the output the most.
+      // The token appended now leaves the window W steps later, at a probing step.
       if ((step + W) % 16 == 0)
-        PlantDominantRow(cfg, c.dtype, 0, 2.f + static_cast<float>((step + W) / 16) + l, &k, &v);
-      if (probe) ConvertFromF32(e0.data(), q_row, c.dtype, q.data());
+        PlantDominantRow(cfg, c.dtype, 0, 3.f + l, &k, &v, probe_dim(step + W));
+      if (step % 16 == 0) {
+        std::vector<float> e(q_row, 0.f);
+        for (int h = 0; h < cfg.num_q_heads; ++h) e[h * cfg.head_dim + probe_dim(step)] = 1.f;
+        ConvertFromF32(e.data(), q_row, c.dtype, q.data());
+      }
       std::vector<float> want, got;
       ASSERT_TRUE(StepBoth(**host_rt, hs, **gpu_rt, gs, l, k, v, q, dev, &want, &got));
       for (int h = 0; h < cfg.num_q_heads; ++h)
