@@ -21,6 +21,18 @@ namespace {
 
 constexpr int64_t kParallelAppendRows = 4096;  // Append: rows from which kv heads copy in parallel
 
+// fn(g) for each of `heads` kv heads taking n rows: a prompt's rows (hundreds of MB) per kv head in
+// parallel, in the caller's arena (the runtime's, at prefill); a decode step's few rows are not
+// worth the fork.
+template <typename Fn>
+void ForEachHeadAppending(int64_t n, int heads, Fn&& fn) {
+  if (n >= kParallelAppendRows) {
+    tbb::parallel_for(0, heads, fn);
+  } else {
+    for (int g = 0; g < heads; ++g) fn(g);
+  }
+}
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // A failed index search fails the attend (INTERNAL for FAISS/hnswlib errors): the message says
@@ -92,13 +104,7 @@ absl::Status ColdTier::AppendWritten(int64_t n) {
     if (st[g].ok())
       for (int64_t i = 0; i < n; ++i) positions_[g].push_back(first + i);
   };
-  // As Append: a prompt's rows are scanned per kv head in parallel, a decode step's few are not
-  // worth the fork (a decode append's rows written in place, DeviceTier::AppendEvictFused).
-  if (n >= kParallelAppendRows) {
-    tbb::parallel_for(0, cfg_->num_kv_heads, append);
-  } else {
-    for (int g = 0; g < cfg_->num_kv_heads; ++g) append(g);
-  }
+  ForEachHeadAppending(n, cfg_->num_kv_heads, append);
   for (const absl::Status& s : st) KVRT_RETURN_IF_ERROR(s);
   return absl::OkStatus();
 }
@@ -117,13 +123,7 @@ absl::Status ColdTier::Append(const void* k, const void* v, int64_t n, bool head
                             head_major ? static_cast<std::size_t>(cfg_->head_dim) : head_elems);
     for (int64_t i = 0; i < n; ++i) positions_[g].push_back(first + i);
   };
-  // A prompt's rows (hundreds of MB) are copied per kv head in parallel, in the caller's arena
-  // (the runtime's, at prefill); a decode step's few rows are not worth the fork.
-  if (n >= kParallelAppendRows) {
-    tbb::parallel_for(0, cfg_->num_kv_heads, append);
-  } else {
-    for (int g = 0; g < cfg_->num_kv_heads; ++g) append(g);
-  }
+  ForEachHeadAppending(n, cfg_->num_kv_heads, append);
   // host_tokens was counted when the budget reserved these rows (budget.h).
   return absl::OkStatus();
 }
