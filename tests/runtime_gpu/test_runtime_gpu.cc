@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "kvrt_common/dtype.h"
@@ -212,6 +213,23 @@ class Tensors {
   *got = dev.Get(out, q_row);
   return ::testing::AssertionSuccess();
 }
+
+// The direct-step tests' two runtimes: the cluster kind with the direct step (hot cache 0.5, bf16)
+// on the host backend and on the GPU backend, and device tensors on a stream of the test's.
+struct DirectStepPair {
+  explicit DirectStepPair(const char* name)
+      : c{cpu_index::IndexKind::kCluster, true, DType::kBF16, name},
+        host_rt(Runtime::Create(ClusterCompareConfig(c, 0, 0.5f, true, false))),
+        gpu_rt(Runtime::Create(ClusterCompareConfig(c, 1, 0.5f, true, false))),
+        stream(transfer::Stream::Create()),
+        dev(true, stream.ok() ? stream->get() : nullptr) {}
+  bool ok() const { return host_rt.ok() && gpu_rt.ok() && stream.ok(); }
+
+  const Case c;
+  absl::StatusOr<std::unique_ptr<Runtime>> host_rt, gpu_rt;
+  absl::StatusOr<transfer::Stream> stream;
+  Tensors dev;
+};
 
 void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& host,
                  const std::string& what) {
@@ -457,14 +475,12 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
 // one attend per sequence.
 TEST(GpuBackendCluster, AttendBatchDirectMatchesHostBackend) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  const Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "batch direct"};
-  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.5f, true, false));
-  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.5f, true, false));
-  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  DirectStepPair pair("batch direct");
+  ASSERT_TRUE(pair.ok());
+  const Case& c = pair.c;
+  auto &host_rt = pair.host_rt, &gpu_rt = pair.gpu_rt;
   const RuntimeConfig& cfg = (*gpu_rt)->config();
-  auto stream = transfer::Stream::Create();
-  ASSERT_TRUE(stream.ok());
-  Tensors dev(true, stream->get());
+  Tensors& dev = pair.dev;
   std::mt19937 rng(9);
   const int n = 3;
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
@@ -958,14 +974,12 @@ TEST(GpuBackendCluster, ValueGridsPastF16CountAFallback) {
 // cold tier's unclustered rows. (GpuSelectMatchesCpuSelect covers later steps and other modes.)
 TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "warm"};
-  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.5f, true, false));
-  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.5f, true, false));
-  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  DirectStepPair pair("warm");
+  ASSERT_TRUE(pair.ok());
+  const Case& c = pair.c;
+  auto &host_rt = pair.host_rt, &gpu_rt = pair.gpu_rt;
   const RuntimeConfig& cfg = (*gpu_rt)->config();
-  auto stream = transfer::Stream::Create();
-  ASSERT_TRUE(stream.ok());
-  Tensors dev(true, stream->get());
+  Tensors& dev = pair.dev;
   std::mt19937 rng(5);
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
   const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
@@ -1023,14 +1037,12 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
 // default the same steps take the pinned blocks.)
 TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
-  Case c{cpu_index::IndexKind::kCluster, true, DType::kBF16, "in place"};
-  auto host_rt = Runtime::Create(ClusterCompareConfig(c, 0, 0.5f, true, false));
-  auto gpu_rt = Runtime::Create(ClusterCompareConfig(c, 1, 0.5f, true, false));
-  ASSERT_TRUE(host_rt.ok() && gpu_rt.ok());
+  DirectStepPair pair("in place");
+  ASSERT_TRUE(pair.ok());
+  const Case& c = pair.c;
+  auto &host_rt = pair.host_rt, &gpu_rt = pair.gpu_rt;
   const RuntimeConfig& cfg = (*gpu_rt)->config();
-  auto stream = transfer::Stream::Create();
-  ASSERT_TRUE(stream.ok());
-  Tensors dev(true, stream->get());
+  Tensors& dev = pair.dev;
   std::mt19937 rng(12);
   const std::size_t kv_row = static_cast<std::size_t>(cfg.num_kv_heads) * cfg.head_dim;
   const std::size_t q_row = static_cast<std::size_t>(cfg.num_q_heads) * cfg.head_dim;
