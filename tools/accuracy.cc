@@ -78,6 +78,10 @@ absl::Status ScoreHead(const float* q, const HeadRows& rows, int d, float scale,
                        const int64_t* ids, int64_t count, const float* out,
                        std::vector<uint8_t>* mark_in, HeadAccuracy* result) {
   auto& mark = *mark_in;
+  for (int j = 0; j < d; ++j)
+    if (!std::isfinite(out[j]))
+      return absl::InternalError(absl::StrCat("kvrt's output is not finite (element ", j, ": ",
+                                              out[j], ") where exact attention is"));
   // Recall counts ties as a top-k does: every token scored above the k-th exact score is in any
   // top-k; of those scored equal to it, as many as the top-k has room for (with every score tied,
   // any k tokens are a top-k; an id-ordered count gave ivf 0.1 and flat 1.0 for the same mass).

@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <thread>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "kvrt_common/dtype.h"
+#include "tools/cli_checks.h"
 #include "tools/trace/trace.h"
 
 namespace kvrt::cli {
@@ -39,13 +41,24 @@ void FillRandom(std::vector<unsigned char>* out, uint64_t seed) {
   for (auto& x : th) x.join();
 }
 
-void Resize(BenchData* d, bool prompt_q) {
-  if (prompt_q) d->pq.resize(d->prompt * d->q_row());
-  d->pk.resize(d->prompt * d->kv_row());
-  d->pv.resize(d->prompt * d->kv_row());
-  d->dq.resize(d->steps * d->q_row());
-  d->dk.resize(d->steps * d->kv_row());
-  d->dv.resize(d->steps * d->kv_row());
+absl::Status Resize(BenchData* d, bool prompt_q) {
+  try {
+    if (prompt_q) d->pq.resize(d->prompt * d->q_row());
+    d->pk.resize(d->prompt * d->kv_row());
+    d->pv.resize(d->prompt * d->kv_row());
+    d->dq.resize(d->steps * d->q_row());
+    d->dk.resize(d->steps * d->kv_row());
+    d->dv.resize(d->steps * d->kv_row());
+  } catch (const std::exception&) {  // bad_alloc, or length_error past the vector's max_size
+    const double bytes =
+        static_cast<double>(d->prompt) * (2 * d->kv_row() + (prompt_q ? d->q_row() : 0)) +
+        static_cast<double>(d->steps) * (2 * d->kv_row() + d->q_row());
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "out of memory allocating the benchmark's K/V/q in memory (%d prompt + %d decode rows: "
+        "%.3g GB)",
+        d->prompt, d->steps, bytes / 1e9));
+  }
+  return absl::OkStatus();
 }
 
 // dst (bf16, `rows` rows of `row_elems`) from src rows in `t`, row i = src row i % src_rows.
@@ -79,7 +92,7 @@ absl::StatusOr<BenchData> FromTrace(const BenchDataOptions& o, int64_t prompt, i
   d.scale = m.scale;
   d.prompt = prompt;
   d.steps = steps;
-  Resize(&d, o.prompt_queries);
+  if (absl::Status st = Resize(&d, o.prompt_queries); !st.ok()) return st;
   const char* parts[6] = {"prefill.q", "prefill.k", "prefill.v", "decode.q", "decode.k", "decode.v"};
   std::vector<unsigned char>* dst[6] = {&d.pq, &d.pk, &d.pv, &d.dq, &d.dk, &d.dv};
   for (int i = 0; i < 6; ++i) {
@@ -113,7 +126,9 @@ void AddBenchDataOptions(CLI::App* cmd, BenchDataOptions* o) {
                   "take K/V/q from this trace's layer 0 instead (its shape and scale replace "
                   "--q-heads/--kv-heads/--head-dim; rows truncated or tiled to the size, as the "
                   "output says)");
-  cmd->add_option("--seed", o->seed, "trace-like: generator seed")->capture_default_str();
+  cmd->add_option("--seed", o->seed, "trace-like: generator seed")
+      ->capture_default_str()
+      ->check(Unsigned());
   cmd->add_option("--needles", o->needles, "trace-like: needle tokens per kv head")
       ->capture_default_str();
   cmd->add_option("--prompt-queries", o->prompt_queries,
@@ -150,7 +165,7 @@ absl::StatusOr<BenchData> MakeBenchData(const BenchDataOptions& o, int64_t promp
   d.prompt = prompt;
   d.steps = steps;
   if (o.keys == "random") {
-    Resize(&d, false);
+    if (absl::Status st = Resize(&d, false); !st.ok()) return st;
     FillRandom(&d.pk, 1 + prompt);
     FillRandom(&d.pv, 2 + prompt);
     FillRandom(&d.dk, 11);

@@ -1,7 +1,5 @@
 #include "tools/bench_settings.h"
 
-#include <fstream>
-
 #include "absl/strings/str_cat.h"
 #include "tools/cli_checks.h"
 #include "tools/cluster_options.h"
@@ -11,13 +9,13 @@ namespace kvrt::cli {
 void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
   cmd->add_option("--layers", s->layers, "layers measured (each with its own KV)")
       ->capture_default_str()
-      ->check(CLI::Range(1, 64));
+      ->check(kvrt::cli::IntIn(1, 64));
   cmd->add_option("--steps", s->steps, "measured decode steps")
       ->capture_default_str()
-      ->check(CLI::Range(1, 100000));
+      ->check(kvrt::cli::IntIn(1, 100000));
   cmd->add_option("--warmup", s->warmup, "unmeasured steps first")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1000));
+      ->check(kvrt::cli::IntIn(0, 1000));
   cmd->add_option("--max-seconds", s->max_seconds, "measured time per run (>= 5 steps)")
       ->capture_default_str()
       ->check(kvrt::cli::NumberIn(0.001, 86400.0));
@@ -27,24 +25,29 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                 "p50/p99 are of a step's wall time over its layers; use several --layers");
   cmd->add_option("--sinks", s->sinks, "sink tokens")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 20));
+      ->check(kvrt::cli::IntIn(0, 1 << 20));
   cmd->add_option("--window", s->window, "window tokens")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 24));
+      ->check(kvrt::cli::IntIn(1, 1 << 24));
   cmd->add_option("--top-k", s->top_k, "top-k (and the k of recall@k)")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 20));
+      ->check(kvrt::cli::IntIn(1, 1 << 20));
   cmd->add_option("--effort", s->effort, "search effort (0 = the kind's default)")
-      ->capture_default_str();
-  cmd->add_option("--threads", s->threads, "CPU worker threads (0 = all)")->capture_default_str();
-  cmd->add_option("--gpu", s->use_gpu, "config.use_gpu (1, 0 or -1)")->capture_default_str();
+      ->capture_default_str()
+      ->check(kvrt::cli::AtLeast(0));
+  cmd->add_option("--threads", s->threads, "CPU worker threads (0 = all)")
+      ->capture_default_str()
+      ->check(kvrt::cli::AtLeast(0));
+  cmd->add_option("--gpu", s->use_gpu, "config.use_gpu (1, 0 or -1)")
+      ->capture_default_str()
+      ->check(kvrt::cli::IntIn(-1, 1));
   cmd->add_option("--memory", s->memory, "device or host pointers for q, k, v, out")
       ->capture_default_str();
   cmd->add_option(
          "--group-search", s->group_search,
          "config.group_search: 1 = one index search per kv head for its q heads, 0 = per q head")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1));
+      ->check(kvrt::cli::IntIn(0, 1));
   cmd->add_option("--hot-cache", s->hot_cache,
                   "config.hot_cache_fraction: the cluster kind's GPU hot cache, as a fraction of "
                   "the cold tokens (0 = off; default: the library's)")
@@ -53,7 +56,7 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "config.cluster_budget_fraction: cold tokens the cluster kind selects per step "
                   "(per kv head with group selection, else per q head), as a fraction of the "
                   "clustered ones (default: the library's)")
-      ->check(kvrt::cli::NumberIn(0.0, 1.0));
+      ->check(kvrt::cli::NumberIn(0.0, 1.0, /*min_excluded=*/true));
   cmd->add_option("--top-p", s->top_p,
                   "config.cluster_top_p: > 0 also ends the cluster selection at this share of "
                   "the estimated mass (default: the library's)")
@@ -69,7 +72,7 @@ void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* s) {
                   "config.cluster_direct_step: 1 = the cluster kind's selection is attended on "
                   "the GPU (hot cache, else the host store over PCIe), 0 = the CPU orders the "
                   "step (default: the library's)")
-      ->check(CLI::Range(0, 1));
+      ->check(kvrt::cli::IntIn(0, 1));
 }
 
 absl::Status CheckDecodeSettings(const DecodeSettings& s) {
@@ -122,16 +125,6 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& s, const BenchData& data
   o.steps = s.steps;
   o.max_seconds = s.max_seconds;
   return o;
-}
-
-absl::Status WriteTextFile(const std::string& option, const std::string& path,
-                           const std::string& text) {
-  if (path.empty()) return absl::OkStatus();
-  std::ofstream f(path);
-  f << text;
-  f.close();
-  if (!f) return absl::InternalError(absl::StrCat(option, ": cannot write ", path));
-  return absl::OkStatus();
 }
 
 }  // namespace kvrt::cli

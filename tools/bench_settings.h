@@ -42,8 +42,4 @@ HarnessOptions MakeHarnessOptions(const DecodeSettings& settings, const BenchDat
                                   kvrt_index_kind kind, kvrt_cold_attention mode, int batch,
                                   bool batched);
 
-// Writes `text` to `path` (when not empty); the error names the option and the file.
-absl::Status WriteTextFile(const std::string& option, const std::string& path,
-                           const std::string& text);
-
 }  // namespace kvrt::cli

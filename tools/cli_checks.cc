@@ -10,19 +10,21 @@
 
 namespace kvrt::cli {
 
-CLI::Validator NumberIn(double min, double max) {
+CLI::Validator NumberIn(double min, double max, bool min_excluded) {
   return CLI::Validator(
-      [min, max](std::string& s) -> std::string {
+      [min, max, min_excluded](std::string& s) -> std::string {
         char* end = nullptr;
         errno = 0;
         const double v = std::strtod(s.c_str(), &end);
         if (s.empty() || end == s.c_str() || *end != '\0' || errno == ERANGE)
           return absl::StrCat("'", s, "' is not a number");
-        if (!std::isfinite(v) || v < min || v > max)
-          return absl::StrCat(s, " is not a number in [", min, ", ", max, "]");
+        if (!std::isfinite(v) || v < min || v > max || (min_excluded && v == min))
+          return absl::StrCat(s, " is not a number in ", min_excluded ? "(" : "[", min, ", ", max,
+                              "]");
         return {};
       },
-      absl::StrCat("FLOAT in [", min, " - ", max, "]"));  // CLI11's own Range's words
+      absl::StrCat("FLOAT in ", min_excluded ? "(" : "[", min, " - ", max,
+                   "]"));  // CLI11's own Range's words
 }
 
 CLI::Validator AtLeast(int64_t min) {
@@ -38,6 +40,33 @@ CLI::Validator AtLeast(int64_t min) {
       min == 0   ? std::string("NONNEGATIVE")
       : min == 1 ? std::string("POSITIVE")
                  : absl::StrCat("INT >= ", min));
+}
+
+CLI::Validator IntIn(int64_t min, int64_t max) {
+  return CLI::Validator(
+      [min, max](std::string& s) -> std::string {
+        int64_t v = 0;
+        const IntText parsed = ParseInt(s, &v);
+        if (parsed == IntText::kNotInteger) return absl::StrCat("'", s, "' is not an integer");
+        if (parsed == IntText::kOutOfRange || v < min || v > max)
+          return absl::StrCat(s, " is not in [", min, ", ", max, "]");
+        return {};
+      },
+      absl::StrCat("INT in [", min, " - ", max, "]"));
+}
+
+CLI::Validator Unsigned() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        char* end = nullptr;
+        errno = 0;
+        (void)std::strtoull(s.c_str(), &end, 10);
+        if (s.empty() || s[0] == '-' || s[0] == '+' || end == s.c_str() || *end != '\0')
+          return absl::StrCat("'", s, "' is not an unsigned integer");
+        if (errno == ERANGE) return absl::StrCat(s, " is more than 2^64 - 1");
+        return {};
+      },
+      "UINT");
 }
 
 }  // namespace kvrt::cli

@@ -8,9 +8,13 @@
 
 namespace kvrt::cli {
 
-// A finite number in [min, max].
-CLI::Validator NumberIn(double min, double max);
+// A finite number in [min, max]; in (min, max] with min_excluded (where min means "unset").
+CLI::Validator NumberIn(double min, double max, bool min_excluded = false);
 // An integer >= min.
 CLI::Validator AtLeast(int64_t min);
+// An integer in [min, max]. (CLI11's Range calls "abc" or "1e3" out of range.)
+CLI::Validator IntIn(int64_t min, int64_t max);
+// An unsigned 64-bit integer: CLI11 takes "-1" for a uint64_t as 2^64 - 1.
+CLI::Validator Unsigned();
 
 }  // namespace kvrt::cli

@@ -9,7 +9,7 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
                   "config.cluster_keys: the cluster kind's target keys per cluster; fewer rank the "
                   "cold tokens better at more summary memory (8 doubles 16's); in [2, 256] "
                   "(default: the library's, 16)")
-      ->check(CLI::Range(2, 256));
+      ->check(kvrt::cli::IntIn(2, 256));
   cmd->add_option("--cluster-rescore", o->rescore,
                   "config.cluster_rescore: > 1 selects the cluster kind's rows in two stages "
                   "(candidate clusters up to this multiple of the token budget, their keys scored "
@@ -38,7 +38,7 @@ void AddClusterOptions(CLI::App* cmd, ClusterOptions* o) {
   cmd->add_option("--group-select", o->group_select,
                   "config.cluster_group_select: 1 = one cluster selection per kv head shared by "
                   "its q heads, 0 = one per q head (default: the library's, 1)")
-      ->check(CLI::Range(0, 1));
+      ->check(kvrt::cli::IntIn(0, 1));
 }
 
 void ApplyClusterOptions(const ClusterOptions& o, kvrt_config* c) {

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "kvrt.h"
 #include "tools/accuracy.h"
 #include "tools/bench_data.h"
@@ -22,6 +23,7 @@
 #include "tools/command.h"
 #include "tools/decode_harness.h"
 #include "tools/options.h"
+#include "tools/output_files.h"
 #include "tools/replay.h"
 
 namespace kvrt::cli {
@@ -164,6 +166,8 @@ int Run(BenchDecodeArgs a) {
   auto batches = ParseIntList("--batch", a.batch, 1, 4096);
   if (!batches.ok()) return Usage(batches.status());
   if (auto st = CheckBenchDataOptions(a.data); !st.ok()) return Usage(st);
+  if (auto st = CheckOutputsApart({{"--trace", a.data.trace}}, {{"--csv", a.csv}}); !st.ok())
+    return Usage(st);
   std::vector<std::pair<kvrt_index_kind, std::string>> kinds;
   for (const auto& name : SplitList(a.indexes)) {
     auto k = ParseIndexKindOption(name);
@@ -285,13 +289,20 @@ int Run(BenchDecodeArgs a) {
               continue;
             }
             const auto& acc = r.accuracy;
+            // Without scored steps the accuracy columns say n/a (table) or stay empty (CSV):
+            // zeros would read as a measured total miss.
+            const bool scored = acc.samples > 0;
+            const std::string acc_cols =
+                scored ? absl::StrFormat("%7.4f %7.4f %9.3g %9.3g", acc.recall, acc.mass,
+                                         acc.error_mean, acc.error_p99)
+                       : absl::StrFormat("%7s %7s %9s %9s", "n/a", "n/a", "n/a", "n/a");
             std::printf(
                 "%-21s %9s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f "
-                "%8.1f | %7.1f %9.2f %8.4f %6.2f | %7.4f %7.4f %7.4f %9.3g %9.3g\n",
+                "%8.1f | %7.1f %9.2f %8.4f %6.2f | %7.4f %s\n",
                 r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch,
                 r.samples, r.p50, r.p99, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge,
                 r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share,
-                r.retrieved, acc.recall, acc.mass, acc.error_mean, acc.error_p99);
+                r.retrieved, acc_cols.c_str());
             if (r.direct_share > 0)
               std::printf(
                   "%-21s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
@@ -314,17 +325,20 @@ int Run(BenchDecodeArgs a) {
             std::printf("\n");
             std::fflush(stdout);
             char line[768];
-            std::snprintf(
-                line, sizeof line,
-                "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,"
-                "%.1f,%.3f,%.5f,%.3f,%.1f,%.5f,%lld,%.5f,%.5f,%.6g,%.6g,%s,%.2f,%.2f,%.2f\n",
-                r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch,
-                r.samples, r.p50, r.p99, r.mean, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d,
-                r.merge, r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned,
-                r.fetch_share, r.setup_s, r.retrieved, static_cast<long long>(acc.samples),
-                acc.recall, acc.mass, acc.error_mean, acc.error_p99,
-                a.data.trace.empty() ? a.data.keys.c_str() : "trace", r.prefill_ms, r.build_gpu_ms,
-                r.prefill_ready_ms);
+            std::snprintf(line, sizeof line,
+                          "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,"
+                          "%.1f,%.3f,%.5f,%.3f,%.1f,%.5f,%lld,%s,%s,%.2f,%.2f,%.2f\n",
+                          r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold),
+                          r.batch, r.samples, r.p50, r.p99, r.mean, r.gpu_attn, r.d2h, r.search,
+                          r.cpu_attn, r.h2d, r.merge, r.idle, r.attend, r.append,
+                          r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s, r.retrieved,
+                          static_cast<long long>(acc.samples),
+                          scored ? absl::StrFormat("%.5f,%.5f,%.6g,%.6g", acc.recall, acc.mass,
+                                                   acc.error_mean, acc.error_p99)
+                                       .c_str()
+                                 : ",,,",
+                          a.data.trace.empty() ? a.data.keys.c_str() : "trace", r.prefill_ms,
+                          r.build_gpu_ms, r.prefill_ready_ms);
             csv += line;
           }
   }
@@ -377,11 +391,11 @@ KVRT_REGISTER_COMMAND("bench decode", [](CLI::App& app, int* exit_code) {
                   "measured steps whose output (sequence 0, layer 0) is scored against exact f32 "
                   "attention after the timed loop; 0 = no accuracy (and no record_attended)")
       ->capture_default_str()
-      ->check(CLI::Range(0, 100000));
+      ->check(kvrt::cli::IntIn(0, 100000));
   cmd->add_option("--accuracy-every", args->accuracy_every,
                   "score every N-th measured step (from the first)")
       ->capture_default_str()
-      ->check(CLI::Range(1, 100000));
-  cmd->add_option("--csv", args->csv, "write the table as CSV");
+      ->check(kvrt::cli::IntIn(1, 100000));
+  cmd->add_option("--csv", args->csv, "write the table as CSV")->check(kvrt::cli::OutputFile());
   cmd->callback([args, exit_code] { *exit_code = kvrt::cli::Run(*args); });
 });

@@ -1,7 +1,6 @@
 // kvrt bench index: recall vs scanned fraction for every index kind over a sweep of search
 // effort, all measured against one exact reference, through the public C API.
 #include <cstdio>
-#include <fstream>
 #include <map>
 #include <memory>
 #include <thread>
@@ -9,6 +8,7 @@
 #include "tools/cli_checks.h"
 #include "tools/command.h"
 #include "tools/options.h"
+#include "tools/output_files.h"
 #include "tools/replay.h"
 #include "tools/report.h"
 #include "tools/svg_plot.h"
@@ -17,7 +17,7 @@ namespace {
 
 struct BenchIndexArgs {
   std::string trace, indexes = "flat,ivf,hnsw,landmark,attention-aware", efforts, csv, json, plot,
-                     group_search = "0";
+                     group_search;  // empty: each kind's library default
   int top_k = 100, sinks = 4, window = 512, steps = 16, threads = 0;
   bool quiet = false;
 };
@@ -58,15 +58,23 @@ int Run(const BenchIndexArgs& a) {
     }
     efforts.assign(parsed->begin(), parsed->end());
   }
-  std::vector<bool> group_modes;
+  // 1 or 0 as given; -1: the library's default for the kind (per q head for attention-aware and
+  // landmark, per kv head for cluster), what replay and a decoder get.
+  std::vector<int> group_modes;
   for (const auto& g : kvrt::cli::SplitList(a.group_search)) {
     if (g != "0" && g != "1") {
       std::fprintf(stderr, "kvrt bench index: --group-search: '%s' is not 0 or 1\n", g.c_str());
       return 2;
     }
-    group_modes.push_back(g == "1");
+    group_modes.push_back(g == "1" ? 1 : 0);
   }
-  if (group_modes.empty()) group_modes = {false};
+  if (group_modes.empty()) group_modes = {-1};
+  if (auto st = kvrt::cli::CheckOutputsApart(
+          {{"--trace", a.trace}}, {{"--csv", a.csv}, {"--json", a.json}, {"--plot", a.plot}});
+      !st.ok()) {
+    std::fprintf(stderr, "kvrt bench index: %s\n", std::string(st.message()).c_str());
+    return 2;
+  }
   auto trace = kvrt::trace::TraceReader::Open(a.trace);
   if (!trace.ok()) {
     std::fprintf(stderr, "kvrt bench index: %s\n", std::string(trace.status().message()).c_str());
@@ -97,11 +105,12 @@ int Run(const BenchIndexArgs& a) {
       "scanned_fraction,read_fraction,build_ms_per_layer,latency_us_p50,latency_us_p99,index_bytes_"
       "per_key,retrieved_fraction\n";
   for (auto kind : kinds)
-    for (bool group : group_modes) {
+    for (int mode : group_modes) {
       // Kinds without a shared group search give the same figures either way: run them once.
       const bool shares = kind == KVRT_INDEX_ATTENTION_AWARE || kind == KVRT_INDEX_LANDMARK ||
                           kind == KVRT_INDEX_CLUSTER;
-      if (!shares && group != group_modes.front()) continue;
+      if (!shares && mode != group_modes.front()) continue;
+      const bool group = mode < 0 ? kind == KVRT_INDEX_CLUSTER : mode == 1;
       const std::string name =
           std::string(kvrt::cli::IndexKindOptionName(kind)) +
           (shares && group_modes.size() > 1 ? (group ? "/group" : "/per-head") : "");
@@ -120,7 +129,7 @@ int Run(const BenchIndexArgs& a) {
       o.group_search = group;
       // The cluster kind's per-kv-head sharing is its group selection, not the index search:
       // "/per-head" runs one selection per q head (both rows were the library's default, group).
-      if (kind == KVRT_INDEX_CLUSTER) o.cluster.group_select = group ? 1 : 0;
+      if (kind == KVRT_INDEX_CLUSTER && mode >= 0) o.cluster.group_select = mode;
       // One build per kind; every effort attends to the same states.
       auto reports = kvrt::cli::RunReplaySweep(**trace, *ref, o, sweep);
       if (!reports.ok()) {
@@ -157,31 +166,24 @@ int Run(const BenchIndexArgs& a) {
       recall_series.push_back(rs);
       mass_series.push_back(ms);
     }
-  if (!a.csv.empty()) {
-    std::ofstream f(a.csv);
-    if (!(f << csv)) {
-      std::fprintf(stderr, "kvrt bench index: cannot write %s\n", a.csv.c_str());
-      return 1;
-    }
-  }
-  if (!a.json.empty()) {
-    if (auto err = kvrt::cli::WriteJsonFile(a.json, rows); !err.empty()) {
-      std::fprintf(stderr, "kvrt bench index: %s\n", err.c_str());
-      return 1;
-    }
-  }
+  std::string svg;
   if (!a.plot.empty()) {
     kvrt::cli::PlotSpec spec;
     spec.title = "recall@" + std::to_string(a.top_k) + " vs scanned fraction of cold keys";
-    spec.x_label = "scanned fraction (keys scored / cold keys, log)";
+    spec.x_label = "scanned fraction (dot products, centroids included / cold keys, log)";
     spec.y_label = "recall@" + std::to_string(a.top_k);
-    std::ofstream f(a.plot);
-    if (!(f << kvrt::cli::RenderSvg(spec, recall_series))) {
-      std::fprintf(stderr, "kvrt bench index: cannot write %s\n", a.plot.c_str());
-      return 1;
-    }
+    svg = kvrt::cli::RenderSvg(spec, recall_series);
   }
-  return 0;
+  // Every output is attempted: one that fails loses no other.
+  int rc = 0;
+  for (const auto& st : {kvrt::cli::WriteTextFile("--csv", a.csv, csv),
+                         kvrt::cli::WriteTextFile("--json", a.json, rows.dump(2) + "\n"),
+                         kvrt::cli::WriteTextFile("--plot", a.plot, svg)})
+    if (!st.ok()) {
+      std::fprintf(stderr, "kvrt bench index: %s\n", std::string(st.message()).c_str());
+      rc = 1;
+    }
+  return rc;
 }
 
 }  // namespace
@@ -201,13 +203,13 @@ KVRT_REGISTER_COMMAND("bench index", [](CLI::App& app, int* exit_code) {
                   "comma-separated efforts for every kind (default: a sweep per kind)");
   cmd->add_option("--top-k", args->top_k, "k retrieved and of recall@k")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 20));
+      ->check(kvrt::cli::IntIn(1, 1 << 20));
   cmd->add_option("--sinks", args->sinks, "sink tokens")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 20));
+      ->check(kvrt::cli::IntIn(0, 1 << 20));
   cmd->add_option("--window", args->window, "window tokens")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 24));
+      ->check(kvrt::cli::IntIn(1, 1 << 24));
   cmd->add_option("--steps", args->steps, "decode steps replayed per configuration (0 = all)")
       ->capture_default_str()
       ->check(kvrt::cli::AtLeast(0));
@@ -215,14 +217,17 @@ KVRT_REGISTER_COMMAND("bench index", [](CLI::App& app, int* exit_code) {
       ->capture_default_str()
       ->check(kvrt::cli::AtLeast(0));
   cmd->add_option(
-         "--group-search", args->group_search,
-         "GQA search modes to compare: 1 = one search per kv head for its q heads, 0 = one "
-         "per q head; '0,1' runs both (attention-aware and landmark; other kinds search "
-         "per q head either way)")
-      ->capture_default_str();
-  cmd->add_option("--csv", args->csv, "write the table as CSV");
-  cmd->add_option("--json", args->json, "write every report as JSON");
-  cmd->add_option("--plot", args->plot, "write the recall-vs-scanned plot (SVG)");
+      "--group-search", args->group_search,
+      "GQA search modes to compare: 1 = one search per kv head for its q heads (cluster: one "
+      "selection per kv head), 0 = one per q head; '0,1' runs both (attention-aware, "
+      "landmark and cluster; other kinds search per q head either way). Default: each "
+      "kind's library default, as replay runs it (per kv head for cluster, per q head for "
+      "the others)");
+  cmd->add_option("--csv", args->csv, "write the table as CSV")->check(kvrt::cli::OutputFile());
+  cmd->add_option("--json", args->json, "write every report as JSON")
+      ->check(kvrt::cli::OutputFile());
+  cmd->add_option("--plot", args->plot, "write the recall-vs-scanned plot (SVG)")
+      ->check(kvrt::cli::OutputFile());
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");
   cmd->callback([args, exit_code] { *exit_code = Run(*args); });
 });

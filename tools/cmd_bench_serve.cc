@@ -17,9 +17,11 @@
 #include "tools/accuracy.h"
 #include "tools/bench_data.h"
 #include "tools/bench_settings.h"
+#include "tools/cli_checks.h"
 #include "tools/command.h"
 #include "tools/decode_harness.h"
 #include "tools/options.h"
+#include "tools/output_files.h"
 #include "tools/replay.h"
 #include "tools/report.h"
 #include "tools/serve_fit.h"
@@ -61,7 +63,11 @@ absl::StatusOr<std::map<int64_t, nlohmann::json>> ReadDense(const std::string& p
   while (std::getline(f, line)) {
     if (line.empty() || line[0] != '{') continue;  // the peer's other output
     auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.contains("context") || !j.contains("tokens_per_s"))
+    // Every field read below with its type: a line that lies about one is refused here, not
+    // met as an exception after the measurement.
+    if (j.is_discarded() || !j.is_object() || !j.contains("context") ||
+        !j["context"].is_number_integer() || !j.contains("tokens_per_s") ||
+        !j["tokens_per_s"].is_number() || (j.contains("batch") && !j["batch"].is_number_integer()))
       return absl::InvalidArgumentError(
           absl::StrCat("--dense-json ", path, ": not a sdpa_peer.py --serve line: ", line));
     out[j["context"].get<int64_t>()] = j;
@@ -95,6 +101,7 @@ int Run(BenchServeArgs a) {
   if (!a.host_memory.empty()) {
     auto h = ParseBytes("--host-memory", a.host_memory);
     if (!h.ok()) return Usage(std::string(h.status().message()));
+    if (*h <= 0) return Usage("--host-memory: " + a.host_memory + " is no memory; give a size > 0");
     host_budget = *h;
   }
   if (host_budget <= 0) return Usage("--host-memory: /proc/meminfo is unreadable; give a size");
@@ -108,6 +115,10 @@ int Run(BenchServeArgs a) {
     if (c <= a.run.sinks + a.run.window)
       return Usage(absl::StrCat("--context: ", c, " leaves no cold tokens (sinks ", a.run.sinks,
                                 " + window ", a.run.window, ")"));
+  if (auto st = CheckOutputsApart({{"--trace", a.data.trace}, {"--dense-json", a.dense_json}},
+                                  {{"--csv", a.csv}, {"--plot", a.plot}});
+      !st.ok())
+    return Usage(std::string(st.message()));
   auto dense = ReadDense(a.dense_json);
   if (!dense.ok()) return Usage(std::string(dense.status().message()));
 
@@ -149,7 +160,7 @@ int Run(BenchServeArgs a) {
     // The batch this machine can run with the measured layers (their host stores must fit in
     // 80% of the host memory), capped by --max-batch.
     const int64_t runnable = SequencesThatFit(
-        host_budget * 8 / 10, static_cast<int64_t>(row.host_per_seq_layer * a.run.layers) + 1);
+        host_budget / 10 * 8, static_cast<int64_t>(row.host_per_seq_layer * a.run.layers) + 1);
     const int batch = static_cast<int>(std::max<int64_t>(
         1, std::min<int64_t>({row.fit.batch, a.max_batch, runnable})));
     if (row.fit.batch == 0) {
@@ -276,10 +287,10 @@ KVRT_REGISTER_COMMAND("bench serve", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--layers-model", args->layers_model,
                   "the model's layers (bytes per layer are scaled to it)")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1024));
+      ->check(kvrt::cli::IntIn(1, 1024));
   cmd->add_option("--max-batch", args->max_batch, "largest batch measured")
       ->capture_default_str()
-      ->check(CLI::Range(1, 4096));
+      ->check(kvrt::cli::IntIn(1, 4096));
   cmd->add_option("--index", args->index, "index kind")->capture_default_str();
   cmd->add_option("--cold-attention", args->cold_attention, "cpu, fetch or auto")
       ->capture_default_str();
@@ -289,7 +300,8 @@ KVRT_REGISTER_COMMAND("bench serve", [](CLI::App& app, int* exit_code) {
   kvrt::cli::AddBenchDataOptions(cmd, &args->data);
   cmd->add_option("--dense-json", args->dense_json,
                   "JSON lines of `sdpa_peer.py --serve` (dense tokens/s per context)");
-  cmd->add_option("--csv", args->csv, "write the table as CSV");
-  cmd->add_option("--plot", args->plot, "write throughput against context (SVG)");
+  cmd->add_option("--csv", args->csv, "write the table as CSV")->check(kvrt::cli::OutputFile());
+  cmd->add_option("--plot", args->plot, "write throughput against context (SVG)")
+      ->check(kvrt::cli::OutputFile());
   cmd->callback([args, exit_code] { *exit_code = kvrt::cli::Run(*args); });
 });

@@ -4,7 +4,9 @@
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "tools/cli_checks.h"
 #include "tools/command.h"
+#include "tools/output_files.h"
 #include "tools/trace/trace.h"
 
 namespace {
@@ -87,7 +89,9 @@ KVRT_REGISTER_COMMAND("gen-trace", [](CLI::App& app, int* exit_code) {
       "distributed differently from keys, attention sinks, recency bias, topic clusters spread\n"
       "over the context, and planted needle tokens that about a third of the decode queries\n"
       "attend to sharply. Deterministic for a seed. See docs/traces.md.");
-  cmd->add_option("-o,--output", args->out, "trace file to write")->required();
+  cmd->add_option("-o,--output", args->out, "trace file to write")
+      ->required()
+      ->check(kvrt::cli::OutputFile());
   cmd->add_option("--tokens", args->tokens, "prompt tokens (prefill)")->capture_default_str();
   cmd->add_option("--steps", args->steps, "decode steps after the prompt")->capture_default_str();
   cmd->add_option("--layers", args->layers, "layers")->capture_default_str();
@@ -96,7 +100,8 @@ KVRT_REGISTER_COMMAND("gen-trace", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--kv-heads", args->kv_heads, "key/value heads")->capture_default_str();
   cmd->add_option("--head-dim", args->head_dim, "head dimension")->capture_default_str();
   cmd->add_option("--seed", args->seed, "random seed (same seed, same bytes)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(kvrt::cli::Unsigned());
   cmd->add_option("--dtype", args->dtype, "storage dtype")
       ->check(CLI::IsMember({"f32", "f16", "bf16"}))
       ->capture_default_str();

@@ -5,6 +5,7 @@
 #include "tools/cli_checks.h"
 #include "tools/cluster_options.h"
 #include "tools/command.h"
+#include "tools/output_files.h"
 #include "tools/replay.h"
 #include "tools/report.h"
 
@@ -23,6 +24,10 @@ int RunReplayCommand(const ReplayArgs& a) {
   auto kind = kvrt::cli::ParseIndexKindOption(a.index);
   if (!kind.ok()) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(kind.status().message()).c_str());
+    return 2;
+  }
+  if (auto st = kvrt::cli::CheckOutputsApart({{"trace", a.file}}, {{"--json", a.json}}); !st.ok()) {
+    std::fprintf(stderr, "kvrt replay: %s\n", std::string(st.message()).c_str());
     return 2;
   }
   auto trace = kvrt::trace::TraceReader::Open(a.file);
@@ -55,8 +60,9 @@ int RunReplayCommand(const ReplayArgs& a) {
   kvrt::cli::PrintReport(*report, stdout);
   if (a.per_head) kvrt::cli::PrintHeads(*report, stdout);
   if (!a.json.empty()) {
-    if (auto err = kvrt::cli::WriteJsonFile(a.json, kvrt::cli::ReportJson(*report)); !err.empty()) {
-      std::fprintf(stderr, "kvrt replay: %s\n", err.c_str());
+    const std::string text = kvrt::cli::ReportJson(*report).dump(2) + "\n";
+    if (auto st = kvrt::cli::WriteTextFile("--json", a.json, text); !st.ok()) {
+      std::fprintf(stderr, "kvrt replay: %s\n", std::string(st.message()).c_str());
       return 1;
     }
   }
@@ -82,14 +88,14 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--sinks", args->sinks, "sink tokens kept on the GPU tier")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1 << 20));
+      ->check(kvrt::cli::IntIn(0, 1 << 20));
   cmd->add_option("--window", args->window, "recent tokens kept on the GPU tier")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 24));
+      ->check(kvrt::cli::IntIn(1, 1 << 24));
   cmd->add_option("--top-k", args->top_k,
                   "cold tokens retrieved per q head and step; also the k of recall@k")
       ->capture_default_str()
-      ->check(CLI::Range(1, 1 << 20));
+      ->check(kvrt::cli::IntIn(1, 1 << 20));
   cmd->add_option("--effort", args->effort,
                   "index search effort (nprobe, ef, blocks, beam); 0 = the kind's default")
       ->capture_default_str()
@@ -100,7 +106,8 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--steps", args->steps, "replay only the first N decode steps; 0 = all")
       ->capture_default_str()
       ->check(kvrt::cli::AtLeast(0));
-  cmd->add_option("--json", args->json, "also write the report as JSON to this file");
+  cmd->add_option("--json", args->json, "also write the report as JSON to this file")
+      ->check(kvrt::cli::OutputFile());
   cmd->add_option(
          "--streaming-threshold", args->streaming_threshold,
          "serve a head from the GPU tier alone (streaming head, DuoAttention) when its share "
@@ -111,7 +118,7 @@ KVRT_REGISTER_COMMAND("replay", [](CLI::App& app, int* exit_code) {
   cmd->add_option("--group-search", args->group_search,
                   "GQA: 1 = one index search per kv head for its q heads, 0 = one per q head")
       ->capture_default_str()
-      ->check(CLI::Range(0, 1));
+      ->check(kvrt::cli::IntIn(0, 1));
   kvrt::cli::AddClusterOptions(cmd, &args->cluster);
   cmd->add_flag("--per-head", args->per_head, "print the per-(layer, head) table");
   cmd->add_flag("--quiet", args->quiet, "no progress on stderr");

@@ -2,6 +2,8 @@
 // latency and memory against exact attention; generates synthetic traces; benchmarks.
 #include <algorithm>
 #include <cstdio>
+#include <exception>
+#include <new>
 
 #include "CLI/CLI.hpp"
 #include "absl/debugging/failure_signal_handler.h"
@@ -32,10 +34,23 @@ int main(int argc, char** argv) {
   std::sort(commands.begin(), commands.end(),
             [](const auto& a, const auto& b) { return a.first < b.first; });
   for (auto& [name, setup] : commands) setup(app, &exit_code);
+  // The commands run inside parse (CLI11 callbacks). They report their errors by status; what
+  // escapes as an exception (an allocation no command foresaw) still ends with a message and
+  // exit code 1 instead of an abort that loses the buffered output.
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // CLI11's own codes (105 for a value a check refused, 106 for a missing option, ...) become
+    // the usage code every command returns for bad options: 0 help/version, 2 usage.
+    return app.exit(e) == 0 ? 0 : 2;
+  } catch (const std::bad_alloc&) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "kvrt: out of memory\n");
+    return 1;
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "kvrt: internal error: %s\n", e.what());
+    return 1;
   }
   return exit_code;
 }

@@ -55,9 +55,17 @@ absl::StatusOr<int64_t> ParseBytes(const std::string& option, const std::string&
       {"", 1},           {"B", 1},          {"KB", 1e3},       {"MB", 1e6},
       {"GB", 1e9},       {"TB", 1e12},      {"KiB", 1024.0},   {"MiB", 1048576.0},
       {"GiB", 1073741824.0}, {"TiB", 1099511627776.0}};
+  // 2^62 bytes (4 EiB) bounds every budget, so that sums and products of a few budgets stay in
+  // int64 (a cast of a larger double is undefined: 1e30GiB gave a negative budget).
+  constexpr double kMaxBytes = 4611686018427387904.0;
   if (end != s.c_str() && std::isfinite(v) && v >= 0)
     for (const auto& [name, mult] : kUnits)
-      if (unit == name) return static_cast<int64_t>(std::floor(v * mult));
+      if (unit == name) {
+        if (v * mult > kMaxBytes)
+          return absl::InvalidArgumentError(
+              absl::StrCat(option, ": ", s, " is more than 4 EiB (2^62 bytes)"));
+        return static_cast<int64_t>(std::floor(v * mult));
+      }
   return absl::InvalidArgumentError(absl::StrCat(
       option, ": '", s, "' is not a byte count (a number with an optional unit B, KB, MB, GB, TB, "
       "KiB, MiB, GiB or TiB, e.g. 100GiB)"));

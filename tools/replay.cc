@@ -169,9 +169,13 @@ absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t
   const auto& m = t.meta();
   Progress bar(progress);
   ExactReference ref;
-  ref.top_k = top_k;
   ref.layers = m.num_layers;
   ref.steps = StepsOf(m, max_steps);
+  // No step has more than prompt + steps tokens: a larger k holds nothing but costs memory per
+  // (layer, step, head) (--top-k 1048576 on a 216-token trace asked for gigabytes).
+  top_k = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(top_k, m.prompt_tokens + int64_t{ref.steps})));
+  ref.top_k = top_k;
   ref.heads = m.num_q_heads;
   ref.head_dim = m.head_dim;
   const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
@@ -199,6 +203,14 @@ absl::StatusOr<ExactReference> ComputeExactReference(const trace::TraceReader& t
       ExactAttention(q.data(), group, rows, d, scale, top_k, ref.o.data() + at * d, &ref.lse[at],
                      ref.top_ids.data() + at * top_k);
     });
+    // Finite inputs whose q.k passes f32's range (|q| |k| ~ 1e38) give an infinite score and a
+    // NaN reference: refused here, where every metric after it would be NaN.
+    for (int step = 0; step < ref.steps; ++step)
+      for (int h = 0; h < H; ++h)
+        if (!std::isfinite(ref.lse[ref.at(layer, step, h)]))
+          return absl::InvalidArgumentError(absl::StrCat(
+              "exact attention of layer ", layer, ", decode step ", step, ", q head ", h,
+              " is not finite: its q.k scores pass f32's range (values too large for attention)"));
     bar.Update(layer + 1 == m.num_layers, "exact reference: layer %d/%d", layer + 1, m.num_layers);
   }
   return ref;
@@ -226,7 +238,8 @@ absl::StatusOr<std::vector<ReplayReport>> RunReplaySweep(const trace::TraceReade
                                                          const std::vector<int>& efforts) {
   const auto& m = t.meta();
   const int steps = StepsOf(m, opt.max_steps);
-  if (steps > ref.steps || opt.top_k > ref.top_k)
+  if (steps > ref.steps ||
+      std::min<int64_t>(opt.top_k, m.prompt_tokens + int64_t{steps}) > ref.top_k)
     return absl::InvalidArgumentError(
         "replay: the exact reference covers fewer steps or a smaller k");
   if (efforts.empty()) return absl::InvalidArgumentError("replay: no search effort given");

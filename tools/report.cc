@@ -1,8 +1,9 @@
 #include "tools/report.h"
 
-#include <cerrno>
-#include <cstring>
-#include <fstream>
+#include <cmath>
+#include <string>
+
+#include "absl/strings/str_format.h"
 
 namespace kvrt::cli {
 
@@ -19,6 +20,8 @@ std::string HumanBytes(double b) {
 }
 
 nlohmann::json ReportJson(const ReplayReport& r) {
+  // Without decode steps nothing was measured: null, where 0 would read as a total miss.
+  auto measured = [&r](double v) { return r.steps > 0 ? nlohmann::json(v) : nlohmann::json(); };
   nlohmann::json j;
   j["trace"] = r.trace;
   j["index"] = r.index;
@@ -34,11 +37,11 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["effort"] = r.effort;
   j["search"] = r.search;
   j["group_search"] = r.group_search;
-  j["recall_at_k"] = r.recall_at_k;
-  j["mass_recall"] = r.mass_recall;
-  j["output_rel_error_mean"] = r.output_rel_error_mean;
-  j["output_rel_error_p99"] = r.output_rel_error_p99;
-  j["output_rel_error_max"] = r.output_rel_error_max;
+  j["recall_at_k"] = measured(r.recall_at_k);
+  j["mass_recall"] = measured(r.mass_recall);
+  j["output_rel_error_mean"] = measured(r.output_rel_error_mean);
+  j["output_rel_error_p99"] = measured(r.output_rel_error_p99);
+  j["output_rel_error_max"] = measured(r.output_rel_error_max);
   j["scanned_fraction"] = r.scanned_fraction;
   j["read_fraction"] = r.read_fraction;
   j["retrieved_fraction"] = r.retrieved_fraction;
@@ -65,15 +68,15 @@ nlohmann::json ReportJson(const ReplayReport& r) {
                              {"head", h.head},
                              {"streaming", h.streaming},
                              {"tier_mass_calibration", h.tier_mass_calibration},
-                             {"recall_at_k", h.recall},
-                             {"mass_recall", h.mass},
-                             {"output_rel_error_mean", h.error_mean}});
+                             {"recall_at_k", measured(h.recall)},
+                             {"mass_recall", measured(h.mass)},
+                             {"output_rel_error_mean", measured(h.error_mean)}});
   j["per_layer"] = nlohmann::json::array();
   for (std::size_t l = 0; l < r.layer_recall.size(); ++l)
     j["per_layer"].push_back({{"layer", l},
-                              {"recall_at_k", r.layer_recall[l]},
-                              {"mass_recall", r.layer_mass[l]},
-                              {"output_rel_error_mean", r.layer_error_mean[l]}});
+                              {"recall_at_k", measured(r.layer_recall[l])},
+                              {"mass_recall", measured(r.layer_mass[l])},
+                              {"output_rel_error_mean", measured(r.layer_error_mean[l])}});
   return j;
 }
 
@@ -89,6 +92,9 @@ void PrintHeads(const ReplayReport& r, std::FILE* out) {
 }
 
 namespace {
+
+// n/a for a share with no samples (NaN).
+std::string Share(double v) { return std::isnan(v) ? "n/a" : absl::StrFormat("%.3f", v); }
 
 void PrintMemory(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out,
@@ -134,15 +140,17 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                  r.estimated_mass, r.estimate_missed_mass, r.estimate_log_ratio,
                  static_cast<long long>(r.estimate_samples));
   std::fprintf(out,
-               "  retrieval   scanned fraction %.4f of cold keys (read %.4f); %.0f cold tokens "
-               "attended per head-step (retrieved fraction %.4f); %lld cold tokens per layer\n",
+               "  retrieval   scanned fraction %.4f of cold keys (read %.4f; dot products per "
+               "cold key, centroids and landmark bounds included); %.0f cold tokens attended per "
+               "head-step (retrieved fraction %.4f); %lld cold tokens per layer\n",
                r.scanned_fraction, r.read_fraction, r.cold_tokens_attended_per_head,
                r.retrieved_fraction, static_cast<long long>(r.cold_tokens));
   std::fprintf(out,
-               "  reuse       of a step's cold positions, chosen at the previous step: %.3f per q "
-               "head, %.3f per kv head (its group's union); by the previous layer at this step: "
-               "%.3f\n",
-               r.head_step_reuse, r.kv_step_reuse, r.layer_reuse);
+               "  reuse       of a step's cold positions, chosen at the previous step: %s per q "
+               "head, %s per kv head (its group's union); by the previous layer at this step: "
+               "%s\n",
+               Share(r.head_step_reuse).c_str(), Share(r.kv_step_reuse).c_str(),
+               Share(r.layer_reuse).c_str());
   std::fprintf(out,
                "  latency     attend per layer-step p50 %.1f us  p99 %.1f us (host backend); "
                "append p50 %.1f us; prefill %.1f ms/layer\n",
@@ -155,15 +163,6 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
                    r.layer_mass[l], r.layer_error_mean[l],
                    l + 1 < r.layer_recall.size() ? " | " : "\n");
   }
-}
-
-std::string WriteJsonFile(const std::string& path, const nlohmann::json& j) {
-  std::ofstream f(path);
-  if (!f) return path + ": cannot open for writing: " + std::strerror(errno);
-  f << j.dump(2) << "\n";
-  f.close();
-  if (!f) return path + ": write failed";
-  return "";
 }
 
 }  // namespace kvrt::cli

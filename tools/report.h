@@ -12,8 +12,6 @@ nlohmann::json ReportJson(const ReplayReport& r);
 void PrintReport(const ReplayReport& r, std::FILE* out);
 // The per-(layer, head) table: policy, calibrated GPU-tier mass, recall, mass, error.
 void PrintHeads(const ReplayReport& r, std::FILE* out);
-// Writes JSON to `path`; returns an error message naming the file, or "" on success.
-std::string WriteJsonFile(const std::string& path, const nlohmann::json& j);
 std::string HumanBytes(double bytes);
 
 }  // namespace kvrt::cli

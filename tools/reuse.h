@@ -10,6 +10,7 @@
 //     previous layer's selection used as this one's prefetch).
 // Only cold positions count ([sinks, length - window)): the GPU tier is attended every step.
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace kvrt::cli {
@@ -25,7 +26,8 @@ class SelectionReuse {
   // Ends the current (layer, step): compares with the previous step and layer.
   void EndStep();
 
-  // Mean shares (0 without samples) and their sample counts.
+  // Mean shares (NaN without samples: one step has no step before it, one layer no layer before
+  // it; the report prints n/a, the JSON null) and their sample counts.
   double head_step_reuse() const { return Mean(head_sum_, head_n_); }
   double kv_step_reuse() const { return Mean(kv_sum_, kv_n_); }
   double layer_reuse() const { return Mean(layer_sum_, layer_n_); }
@@ -34,7 +36,9 @@ class SelectionReuse {
  private:
   using Set = std::vector<int64_t>;  // sorted, unique
   static double Overlap(const Set& now, const Set& before);  // |now & before| / |now|
-  static double Mean(double sum, int64_t n) { return n > 0 ? sum / static_cast<double>(n) : 0; }
+  static double Mean(double sum, int64_t n) {
+    return n > 0 ? sum / static_cast<double>(n) : std::numeric_limits<double>::quiet_NaN();
+  }
 
   int q_heads_, kv_heads_;
   int layer_ = -1, step_ = -1;

@@ -75,7 +75,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 34
+#define KVRT_VERSION_PATCH 35
 
 #ifdef __cplusplus
 extern "C" {
@@ -135,7 +135,8 @@ KVRT_API kvrt_status kvrt_index_kind_parse(const char* name, kvrt_index_kind* ou
  * words, e.g. "nprobe=16+ (lists holding >= 3000 keys)" or "ef=1000": what a report should print
  * so that effort 0 never hides what the default does at this k (the other fields as
  * kvrt_config_default() sets them, e.g. the cluster kind's budget). Writes a NUL-terminated string
- * of at most size bytes to buf (truncated). top_k and search_effort in kvrt_runtime_create's ranges
+ * of at most size bytes to buf (truncated); buf NULL or size 0 (no room for the NUL) ->
+ * KVRT_ERR_INVALID_ARGUMENT. top_k and search_effort in kvrt_runtime_create's ranges
  * ([1, 2^20], [0, 2^24]; KVRT_ERR_INVALID_ARGUMENT otherwise, since 0.3.23). Thread-safe. Since
  * 0.3. */
 KVRT_API kvrt_status kvrt_index_describe_search(kvrt_index_kind kind, int32_t top_k,
@@ -664,7 +665,10 @@ typedef struct kvrt_stats {
   int64_t index_bytes;  /* bytes the cold indexes hold beyond the host store */
   int64_t attend_calls; /* successful layer attends so far (kvrt_attend, and each
                            sequence a kvrt_attend_batch attended) */
-  int64_t keys_scored;  /* cold keys scored by index searches (scanned) so far */
+  int64_t keys_scored;  /* cold keys scored by index searches (scanned) so far, in key-sized dot
+                           products: an IVF or cluster search's centroids and a landmark search's
+                           bounds count too, so a search that ends up reading every cold key
+                           scores more than there are */
   int64_t cold_keys_searchable; /* sum over the retrieval q heads of each attend of the cold keys
                                    they could search (streaming heads, which search nothing, are
                                    not counted since 0.3), so keys_scored / cold_keys_searchable

@@ -1,5 +1,6 @@
 // Replays a small generated trace through the public C API and checks the report against exact
 // attention: exact mode must be exact, flat top-k must find the exact top-k of the cold tokens.
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <random>
@@ -254,7 +255,8 @@ TEST(SelectionReuse, SharesOfTheColdPositionsChosenBefore) {
   r.AddHead(0, a0, 5);  // cold: 10 11 12
   r.AddHead(1, b0, 2);
   r.EndStep();
-  EXPECT_EQ(r.head_step_reuse(), 0.0) << "the first step has nothing before it";
+  EXPECT_TRUE(std::isnan(r.head_step_reuse())) << "the first step has nothing before it";
+  EXPECT_TRUE(std::isnan(r.layer_reuse())) << "nor has the first layer";
   const int64_t a1[] = {10, 11, 30, 31};
   const int64_t b1[] = {21, 21, 40};
   r.BeginStep(0, 1, 5, 50);

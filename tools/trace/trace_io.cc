@@ -256,7 +256,9 @@ absl::Status MappedTraceReader::ParseMeta(const json& md) {
 
 absl::Status MappedTraceReader::Load(const std::string& path) {
   path_ = path;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO without a writer returns at once (then fails the regular-file
+  // check below) instead of blocking until a writer comes; a regular file ignores the flag.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     const int err = errno;
     return Error(err == ENOENT ? absl::StatusCode::kNotFound : absl::StatusCode::kInvalidArgument,
@@ -391,7 +393,7 @@ class StreamTraceWriter final : public TraceWriter {
     if (file_ != nullptr) {
       // NOTE: a writer dropped before a successful Close() leaves no half-written trace behind.
       std::fclose(file_);
-      std::remove(path_.c_str());
+      RemovePartial();
     }
   }
 
@@ -409,8 +411,15 @@ class StreamTraceWriter final : public TraceWriter {
         absl::StrCat("trace ", path_, ": ", what, ": ", std::strerror(errno)));
   }
 
+  // A failed or abandoned write removes what it left only where the path was a regular file or
+  // nothing: never a symlink's name, a device node or a FIFO that `-o` named.
+  void RemovePartial() const {
+    if (remove_on_failure_) std::remove(path_.c_str());
+  }
+
   std::string path_;
   std::FILE* file_ = nullptr;
+  bool remove_on_failure_ = false;
   TraceMeta meta_;
   std::vector<std::pair<std::string, std::size_t>> expected_;  // name, bytes, in write order
   std::size_t next_ = 0;
@@ -458,6 +467,9 @@ absl::Status StreamTraceWriter::Open(const std::string& path, const TraceMeta& m
   std::string text = header.dump(-1, ' ', false, json::error_handler_t::replace);
   // safetensors pads the header with spaces so the data starts 8-byte aligned.
   text.append((8 - text.size() % 8) % 8, ' ');
+  struct stat before;
+  remove_on_failure_ =
+      lstat(path.c_str(), &before) != 0 ? errno == ENOENT : S_ISREG(before.st_mode);
   file_ = std::fopen(path.c_str(), "wb");
   if (file_ == nullptr) return IoError("cannot create");
   std::setvbuf(file_, nullptr, _IOFBF, 1 << 20);
@@ -487,7 +499,7 @@ absl::Status StreamTraceWriter::WriteTensor(int layer, const std::string& part, 
     absl::Status s = IoError(absl::StrCat("writing tensor \"", name, "\" failed"));
     std::fclose(file_);
     file_ = nullptr;
-    std::remove(path_.c_str());
+    RemovePartial();
     return s;
   }
   ++next_;
@@ -505,7 +517,7 @@ absl::Status StreamTraceWriter::Close() {
   const bool closed = std::fclose(f) == 0;
   if (!flushed || !closed) {
     absl::Status s = IoError("flush/close failed");
-    std::remove(path_.c_str());
+    RemovePartial();
     return s;
   }
   return absl::OkStatus();

@@ -136,6 +136,10 @@ absl::StatusOr<AttentionStats> ComputeAttentionStats(const TraceReader& reader,
           float mx = -std::numeric_limits<float>::infinity();
           for (int64_t t = 0; t < n; ++t) {
             scores[t] = Dot(q.data(), &keys[static_cast<std::size_t>(t) * d], d) * scale;
+            if (!std::isfinite(scores[t]))
+              return absl::InvalidArgumentError(absl::StrCat(
+                  "layer ", layer, ", decode step ", step, ", q head ", qh, ": the score of token ",
+                  t, " is not finite (a NaN or Inf in q or k, or q.k past f32's range)"));
             mx = std::max(mx, scores[t]);
           }
           double z = 0, sink = 0, window = 0, top = 0, wmax = 0;
