@@ -152,6 +152,11 @@ absl::Status CheckBenchDataOptions(const BenchDataOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--q-heads (", o.q_heads, ") must be a positive multiple of --kv-heads (", o.kv_heads,
         ") and --head-dim (", o.head_dim, ") positive"));
+  // kvrt_runtime_create's limits (kvrt.h), named by option before any data is drawn.
+  if (o.q_heads > 4096 || o.kv_heads > 1024 || o.head_dim > 1024)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--q-heads (", o.q_heads, "), --kv-heads (", o.kv_heads, ") and --head-dim (",
+                     o.head_dim, ") must be at most 4096, 1024 and 1024 (kvrt's limits)"));
   return absl::OkStatus();
 }
 

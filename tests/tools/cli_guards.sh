@@ -55,6 +55,8 @@ numbers)  # values an option cannot take: refused by name with exit code 2
   expect 2 '--cluster-budget: 0 is not a number in (0, 1]' \
     "$kvrt" bench decode --gpu 0 --memory host --cluster-budget 0
   expect 2 '--threads: -3 must be >= 0' "$kvrt" bench decode --gpu 0 --memory host --threads -3
+  expect 2 '--head-dim (2000) must be at most' \
+    "$kvrt" bench decode --gpu 0 --memory host --head-dim 2000
   expect 2 '--gpu-memory: 1e30GiB is more than 4 EiB' \
     "$kvrt" bench serve --gpu 0 --memory host --gpu-memory 1e30GiB
   expect 2 '--host-memory: 0 is no memory' "$kvrt" bench serve --gpu 0 --memory host --host-memory 0
