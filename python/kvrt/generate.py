@@ -12,6 +12,8 @@ MODEL is a local Hugging Face model folder (config.json, weights, tokenizer) or 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,8 +55,6 @@ def _load(name: str, dtype: str, device: str):
         from .testing import ByteTokenizer, tiny_random
         model, tok = tiny_random().to(tdt), ByteTokenizer()
     else:
-        if not Path(name).is_dir():
-            raise SystemExit(f"--model {name!r}: not a model folder (or 'tiny-random')")
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=tdt)
@@ -136,6 +136,17 @@ def parse_args(argv=None):
         if not sep or not field.strip():
             ap.error(f"--kvrt {item!r}: expected FIELD=VALUE")
         args.kvrt_options[field.strip()] = _number(value.strip())
+    # Paths and the device are checked here, before the model loads (minutes for a large one),
+    # and refused as usage errors (exit 2) like any other bad option value.
+    prompt = Path(args.prompt_file)
+    if not prompt.is_file() or not os.access(prompt, os.R_OK):
+        why = "does not exist" if not prompt.exists() else (
+            "is not a file" if not prompt.is_file() else "is not readable")
+        ap.error(f"--prompt-file {args.prompt_file!r} {why}")
+    if args.model != "tiny-random" and not Path(args.model).is_dir():
+        ap.error(f"--model {args.model!r}: not a model folder (or 'tiny-random')")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        ap.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     return args
 
 

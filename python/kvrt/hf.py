@@ -274,7 +274,7 @@ def cpu_share(local_rank: Optional[int] = None, local_world_size: Optional[int] 
     world = (int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world_size is None
              else local_world_size)
     cpus = _online_cpus()
-    per = len(cpus) // world
+    per = len(cpus) // world if world >= 1 else 0  # world < 1 (LOCAL_WORLD_SIZE=0): refused
     if per < 1 or not 0 <= rank < world:
         raise ValueError(f"kvrt.hf.cpu_share: rank {rank} of {world} on {len(cpus)} CPUs")
     mine = cpus[rank * per:(rank + 1) * per]
@@ -355,10 +355,23 @@ def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent
         raise ValueError(f"kvrt.hf: the model's config gives {q_heads} q / {kv_heads} kv heads, "
                          "not whole q heads per kv head: its attention computes other heads "
                          "than its config says")
+    # What the caller set wins over the model's dtype, scale and backend: a dict's keys, a
+    # Config's fields that differ from the defaults (its other fields are the defaults, not a
+    # choice: taking them gave an f32 model a bf16 store), and the keyword options. Shape fields
+    # always come from the model.
+    if isinstance(config, dict):
+        cfg = make_config(config).to_dict()
+        cfg = {k: cfg[k] for k in config}
+    elif config is not None:
+        defaults = Config().to_dict()
+        cfg = {k: v for k, v in make_config(config).to_dict().items() if v != defaults[k]}
+    else:
+        cfg = {}
+    chosen = {**cfg, **options}
     use_gpu = 1 if model.device.type == "cuda" else 0
     # (A use_gpu given in config or options wins below, as for any field.)
     host_only = latent is not None or head_dim > _GPU_MAX_HEAD_DIM
-    if use_gpu and host_only and "use_gpu" not in options and config is None:
+    if use_gpu and host_only and "use_gpu" not in chosen:
         import warnings
         why = (f"multi-head latent attention held as its latent (head_dim {head_dim}, its value "
                "its key: values_are_keys) runs on the host backend only (mla=\"expanded\" keeps "
@@ -376,9 +389,7 @@ def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent
     device = device.device if device is not None else model.device
     if device.type == "cuda" and device.index is not None:
         base["cuda_device"] = device.index  # a rank's own GPU, whatever device is current
-    cfg = make_config(config).to_dict() if config is not None else {}
-    # Options given explicitly win; shape fields always come from the model.
-    merged = {**(cfg or {}), **options}
+    merged = dict(chosen)
     merged.update({k: v for k, v in base.items()
                    if k not in merged or k in ("num_layers", "num_q_heads", "num_kv_heads",
                                                "head_dim", "values_are_keys")})

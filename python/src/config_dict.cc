@@ -3,6 +3,7 @@
 #include <nanobind/stl/string.h>
 
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -21,15 +22,41 @@ constexpr const char* kCall = "Config";
 }
 
 int64_t ToInt(const std::string& field, nb::handle v, int64_t lo, int64_t hi) {
-  if (!PyLong_Check(v.ptr()) && !PyBool_Check(v.ptr())) {
+  // An int, a bool, or any integer with __index__ (NumPy's and torch's integer scalars); never a
+  // float, which would be truncated.
+  if (!PyLong_Check(v.ptr()) && !PyIndex_Check(v.ptr())) {
+    BadField(field, "must be an integer, not " + nb::cast<std::string>(nb::str(v.type())));
+  }
+  nb::object n = nb::steal(PyNumber_Index(v.ptr()));
+  if (!n.is_valid()) {
+    PyErr_Clear();
     BadField(field, "must be an integer, not " + nb::cast<std::string>(nb::str(v.type())));
   }
   int overflow = 0;
-  long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  long long x = PyLong_AsLongLongAndOverflow(n.ptr(), &overflow);
   if (overflow != 0 || x < lo || x > hi) {
     BadField(field, "= " + nb::cast<std::string>(nb::str(v)) + " does not fit its C type");
   }
   return x;
+}
+
+// A float field: any real number (int, float, NumPy's and torch's scalars; not a string), as the
+// f32 the library stores. A value that f32 cannot hold is refused rather than turned into inf,
+// or into 0, which means "the default" for scale.
+float ToF32(const std::string& field, nb::handle v) {
+  if (nb::isinstance<nb::str>(v) || !PyNumber_Check(v.ptr())) BadField(field, "must be a number");
+  const double x = PyFloat_AsDouble(v.ptr());
+  if (x == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    BadField(field, "must be a number");
+  }
+  const float f = float(x);
+  if (std::isfinite(x) && !std::isfinite(f))
+    BadField(field, "= " + nb::cast<std::string>(nb::str(v)) + " is past f32's range");
+  if (x != 0 && f == 0)
+    BadField(field, "= " + nb::cast<std::string>(nb::str(v)) + " rounds to 0 in f32" +
+                        (field == "scale" ? ", which means the default 1/sqrt(head_dim)" : ""));
+  return f;
 }
 
 int32_t ToI32(const std::string& f, nb::handle v) {
@@ -99,12 +126,9 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.head_dim = ToI32(k, value);
     else if (k == "dtype")
       c.dtype = ToDtype(value);
-    else if (k == "scale") {
-      if (!PyFloat_Check(value.ptr()) && !PyLong_Check(value.ptr())) {
-        BadField(k, "must be a number");
-      }
-      c.scale = float(nb::cast<double>(value));
-    } else if (k == "sink_tokens")
+    else if (k == "scale")
+      c.scale = ToF32(k, value);
+    else if (k == "sink_tokens")
       c.sink_tokens = ToI32(k, value);
     else if (k == "window_tokens")
       c.window_tokens = ToI32(k, value);
@@ -152,13 +176,11 @@ kvrt_config ConfigFromDict(const nb::dict& fields) {
       c.cold_attention = ToEnum<kvrt_cold_attention>(k, value, {"cpu", "fetch", "auto"});
     } else if (k == "hot_cache_fraction" || k == "cluster_budget_fraction" ||
                k == "cluster_top_p" || k == "cluster_miss_penalty" || k == "cluster_rescore") {
-      if (!PyFloat_Check(value.ptr()) && !PyLong_Check(value.ptr()))
-        BadField(k, "must be a number");
       (k == "hot_cache_fraction"        ? c.hot_cache_fraction
        : k == "cluster_budget_fraction" ? c.cluster_budget_fraction
        : k == "cluster_top_p"           ? c.cluster_top_p
        : k == "cluster_miss_penalty"    ? c.cluster_miss_penalty
-                                        : c.cluster_rescore) = float(nb::cast<double>(value));
+                                        : c.cluster_rescore) = ToF32(k, value);
     } else {
       Raise(KVRT_ERR_INVALID_ARGUMENT, kCall, "unknown config field '" + k + "'");
     }

@@ -64,17 +64,33 @@ PyRuntime::PyRuntime(const nb::dict& config) {
 PyRuntime::~PyRuntime() { Close(); }
 
 void PyRuntime::Close() {
-  if (rt_ != nullptr) {
-    kvrt_runtime* rt = rt_;
-    rt_ = nullptr;
-    nb::gil_scoped_release release;
-    kvrt_runtime_destroy(rt);
+  if (rt_ == nullptr) return;
+  kvrt_runtime* rt = rt_;
+  rt_ = nullptr;  // with the GIL held, as Live reads it: no call starts after this
+  // NOTE: the wait is without the GIL, which the calls in flight take back before they end.
+  // Destroying at once freed the runtime under them (a worker's attend beside close() crashed
+  // the interpreter).
+  nb::gil_scoped_release release;
+  {
+    std::unique_lock<std::mutex> lock(calls_mu_);
+    calls_done_.wait(lock, [this] { return calls_ == 0; });
   }
+  kvrt_runtime_destroy(rt);
 }
 
-kvrt_runtime* PyRuntime::Live(const char* call) const {
+PyRuntime::LiveCall::LiveCall(const PyRuntime* owner, kvrt_runtime* rt) : owner_(owner), rt_(rt) {
+  std::lock_guard<std::mutex> lock(owner_->calls_mu_);
+  ++owner_->calls_;
+}
+
+PyRuntime::LiveCall::~LiveCall() {
+  std::lock_guard<std::mutex> lock(owner_->calls_mu_);
+  if (--owner_->calls_ == 0) owner_->calls_done_.notify_all();
+}
+
+PyRuntime::LiveCall PyRuntime::Live(const char* call) const {
   if (rt_ == nullptr) Raise(KVRT_ERR_FAILED_PRECONDITION, call, "the runtime is closed");
-  return rt_;
+  return LiveCall(this, rt_);
 }
 
 nb::dict PyRuntime::Config() const {
@@ -83,7 +99,7 @@ nb::dict PyRuntime::Config() const {
 }
 
 std::string PyRuntime::DescribeSearch() const {
-  kvrt_runtime* rt = Live("Runtime.describe_search");
+  const LiveCall rt = Live("Runtime.describe_search");
   char buf[512];
   std::string err;
   Check(Call(&err, [&] { return kvrt_runtime_describe_search(rt, buf, sizeof buf); }),
@@ -92,7 +108,7 @@ std::string PyRuntime::DescribeSearch() const {
 }
 
 nb::dict PyRuntime::Stats() const {
-  kvrt_runtime* rt = Live("Runtime.stats");
+  const LiveCall rt = Live("Runtime.stats");
   kvrt_stats s = kvrt_stats_init();
   std::string err;
   Check(Call(&err, [&] { return kvrt_get_stats(rt, &s); }), "Runtime.stats", err);
@@ -100,7 +116,7 @@ nb::dict PyRuntime::Stats() const {
 }
 
 int64_t PyRuntime::SeqCreate() {
-  kvrt_runtime* rt = Live("Runtime.sequence");
+  const LiveCall rt = Live("Runtime.sequence");
   kvrt_seq_id id = -1;
   std::string err;
   Check(Call(&err, [&] { return kvrt_seq_create(rt, &id); }), "Runtime.sequence", err);
@@ -108,19 +124,19 @@ int64_t PyRuntime::SeqCreate() {
 }
 
 void PyRuntime::SeqRelease(int64_t seq) {
-  kvrt_runtime* rt = Live("Sequence.release");
+  const LiveCall rt = Live("Sequence.release");
   std::string err;
   Check(Call(&err, [&] { return kvrt_seq_release(rt, seq); }), "Sequence.release", err);
 }
 
 void PyRuntime::SeqWait(int64_t seq) {
-  kvrt_runtime* rt = Live("Sequence.wait");
+  const LiveCall rt = Live("Sequence.wait");
   std::string err;
   Check(Call(&err, [&] { return kvrt_seq_wait(rt, seq); }), "Sequence.wait", err);
 }
 
 int64_t PyRuntime::SeqLength(int64_t seq, int32_t layer) const {
-  kvrt_runtime* rt = Live("Sequence.length");
+  const LiveCall rt = Live("Sequence.length");
   int64_t n = 0;
   std::string err;
   Check(Call(&err, [&] { return kvrt_seq_length(rt, seq, layer, &n); }), "Sequence.length", err);
@@ -130,7 +146,7 @@ int64_t PyRuntime::SeqLength(int64_t seq, int32_t layer) const {
 void PyRuntime::Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k,
                         const InArray& v, uintptr_t stream, bool sampled) {
   const char* call = "Sequence.prefill";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
   TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
@@ -151,7 +167,7 @@ void PyRuntime::Prefill(int64_t seq, int32_t layer, const InArray* q, const InAr
 
 std::pair<int64_t, int64_t> PyRuntime::PrefillQueryRows(int64_t n_tokens) const {
   const char* call = "Runtime.prefill_query_rows";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   int64_t count = 0, stride = 1;
   std::string err;
   Check(Call(&err, [&] { return kvrt_prefill_query_rows(rt, n_tokens, &count, &stride); }), call,
@@ -162,7 +178,7 @@ std::pair<int64_t, int64_t> PyRuntime::PrefillQueryRows(int64_t n_tokens) const 
 void PyRuntime::Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v,
                        uintptr_t stream) {
   const char* call = "Sequence.append";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
   TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
@@ -176,7 +192,7 @@ void PyRuntime::Append(int64_t seq, int32_t layer, const InArray& k, const InArr
 void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
                        const OutArray* lse, uintptr_t stream) {
   const char* call = "Sequence.attend";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   TensorArg tq = CheckTensor(call, "q", q, cfg_.dtype, {cfg_.num_q_heads, cfg_.head_dim});
   TensorArg to =
       CheckTensor(call, "out", InArray(out), KVRT_DTYPE_F32, {cfg_.num_q_heads, cfg_.head_dim});
@@ -190,7 +206,7 @@ void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutAr
 void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
                             const OutArray& out, const OutArray* lse, uintptr_t stream) {
   const char* call = "Runtime.attend_batch";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   const int64_t n = int64_t(seqs.size());
   TensorArg tq = CheckTensor(call, "q", q, cfg_.dtype, {n, cfg_.num_q_heads, cfg_.head_dim});
   TensorArg to =
@@ -208,7 +224,7 @@ void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const
                              const InArray& v, const OutArray& out, const OutArray* lse,
                              uintptr_t stream) {
   const char* call = "Sequence.append_attend";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
   TensorArg tq = CheckTensor(call, "q", q, dt, {cfg_.num_q_heads, cfg_.head_dim});
   TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
@@ -232,7 +248,7 @@ void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t laye
                                   const InArray& k, const InArray& v, const OutArray& out,
                                   const OutArray* lse, uintptr_t stream) {
   const char* call = "Runtime.append_attend_batch";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   const int64_t n = int64_t(seqs.size());
   const kvrt_dtype dt = cfg_.dtype;
   TensorArg tq = CheckTensor(call, "q", q, dt, {n, cfg_.num_q_heads, cfg_.head_dim});
@@ -264,7 +280,7 @@ void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t laye
 }
 
 void PyRuntime::SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy) {
-  kvrt_runtime* rt = Live("Runtime.set_head_policy");
+  const LiveCall rt = Live("Runtime.set_head_policy");
   std::string err;
   Check(Call(&err, [&] {
           return kvrt_set_head_policy(rt, layer, q_head, kvrt_head_policy(policy));
@@ -273,7 +289,7 @@ void PyRuntime::SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy) {
 }
 
 void PyRuntime::SetSearchEffort(int32_t effort) {
-  kvrt_runtime* rt = Live("Runtime.set_search_effort");
+  const LiveCall rt = Live("Runtime.set_search_effort");
   std::string err;
   Check(Call(&err, [&] { return kvrt_set_search_effort(rt, effort); }),
         "Runtime.set_search_effort", err);
@@ -282,7 +298,7 @@ void PyRuntime::SetSearchEffort(int32_t effort) {
 
 std::vector<int64_t> PyRuntime::GetAttended(int64_t seq, int32_t layer, int32_t q_head) const {
   const char* call = "Sequence.attended";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   std::vector<int64_t> ids;
   int64_t count = 0;
   std::string err;
@@ -301,7 +317,7 @@ std::vector<int64_t> PyRuntime::GetAttended(int64_t seq, int32_t layer, int32_t 
 
 float PyRuntime::GetEstimateLse(int64_t seq, int32_t layer, int32_t q_head) const {
   const char* call = "Sequence.estimate_lse";
-  kvrt_runtime* rt = Live(call);
+  const LiveCall rt = Live(call);
   float lse = 0.f;
   std::string err;
   Check(Call(&err, [&] { return kvrt_get_estimate_lse(rt, seq, layer, q_head, &lse); }), call,

@@ -7,7 +7,9 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,6 +27,8 @@ class PyRuntime {
   PyRuntime(const PyRuntime&) = delete;
   PyRuntime& operator=(const PyRuntime&) = delete;
 
+  // Destroys the runtime once the calls other threads are making on it have returned; a call
+  // that starts after it raises FailedPreconditionError.
   void Close();
   bool closed() const { return rt_ == nullptr; }
   nb::dict Config() const;
@@ -68,10 +72,30 @@ class PyRuntime {
   float GetEstimateLse(int64_t seq, int32_t layer, int32_t q_head) const;
 
  private:
-  kvrt_runtime* Live(const char* call) const;
+  // A call on the runtime, from Live() (the runtime open, the GIL held) to the end of the method:
+  // Close() waits for every one to end before it destroys the runtime, since another thread may
+  // be inside the library without the GIL. Converts to the handle for the C calls.
+  class LiveCall {
+   public:
+    LiveCall(const PyRuntime* owner, kvrt_runtime* rt);
+    ~LiveCall();
+    LiveCall(const LiveCall&) = delete;
+    LiveCall& operator=(const LiveCall&) = delete;
+    operator kvrt_runtime*() const { return rt_; }
 
-  kvrt_runtime* rt_ = nullptr;
-  kvrt_config cfg_{};  // the effective configuration (kvrt_runtime_config)
+   private:
+    const PyRuntime* owner_;
+    kvrt_runtime* rt_;
+  };
+
+  // Raises FailedPreconditionError once the runtime is closed.
+  LiveCall Live(const char* call) const;
+
+  kvrt_runtime* rt_ = nullptr;  // read and cleared with the GIL held
+  kvrt_config cfg_{};           // the effective configuration (kvrt_runtime_config)
+  mutable std::mutex calls_mu_;
+  mutable std::condition_variable calls_done_;
+  mutable int64_t calls_ = 0;  // LiveCalls alive
 };
 
 }  // namespace kvrt_py

@@ -195,3 +195,20 @@ def test_module_surface():
         assert "99" in str(e)
     else:
         raise AssertionError("q head 99 accepted")
+
+
+def test_numpy_scalars_are_config_numbers_and_f32_limits_are_refused():
+    # NumPy's scalars were refused ("must be an integer, not <class 'numpy.int64'>"); a scale
+    # that rounds to 0 in f32 silently became the default 1/sqrt(head_dim).
+    rt = kvrt.Runtime(**SHAPE, top_k=np.int64(64), search_effort=np.int32(3),
+                      scale=np.float32(0.125), hot_cache_fraction=np.float64(0.25))
+    c = rt.config
+    assert (c.top_k, c.search_effort, c.scale, c.hot_cache_fraction) == (64, 3, 0.125, 0.25)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.scale .*rounds to 0 in f32"):
+        kvrt.Runtime(**SHAPE, scale=1e-50)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.scale .*past f32's range"):
+        kvrt.Runtime(**SHAPE, scale=1e50)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.top_k must be an integer"):
+        kvrt.Runtime(**SHAPE, top_k=64.0)
+    with pytest.raises(kvrt.InvalidArgumentError, match=r"config\.scale must be a number"):
+        kvrt.Runtime(**SHAPE, scale="0.1")

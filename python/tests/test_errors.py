@@ -111,6 +111,37 @@ def test_closed_runtime(rng):
     seq.release()  # no error after close
 
 
+def test_close_waits_for_the_calls_of_other_threads(rng):
+    # close() while another thread is inside an attend (without the GIL) destroyed the runtime
+    # under it: the interpreter died (SIGSEGV / SIGFPE). Now close() waits for the calls in
+    # flight, and the worker's next call raises.
+    import threading
+    import time
+    rt = kvrt.Runtime(**SHAPE, dtype="f32", index_kind="exact")
+    seq = rt.sequence()
+    for layer in range(2):
+        seq.prefill(layer, None, kv(rng, 3000), kv(rng, 3000))
+    q = rng.standard_normal((8, 32), dtype=np.float32)
+    seen = {"attends": 0}
+
+    def worker():
+        try:
+            while True:
+                seq.attend(seen["attends"] % 2, q)
+                seen["attends"] += 1
+        except kvrt.FailedPreconditionError as e:
+            seen["error"] = e
+
+    t = threading.Thread(target=worker)
+    t.start()
+    while seen["attends"] < 3:
+        time.sleep(0.001)
+    rt.close()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert "closed" in str(seen.get("error")), seen
+
+
 def test_gpu_without_cuda_is_unimplemented_or_works():
     try:
         rt = kvrt.Runtime(**SHAPE, use_gpu=1)

@@ -80,3 +80,20 @@ def test_a_chunked_prompts_first_decode_step_is_reported_apart(capsys, tmp_path)
     assert "first decode step" in err and "kvrt's prefill of the chunked prompt" in err
     _, err = _run(capsys, tmp_path, "--index", "exact", "--window", "16")
     assert "first decode step" not in err
+
+
+def test_bad_paths_and_devices_are_usage_errors_before_the_model_loads(capsys, tmp_path):
+    # They were tracebacks (FileNotFoundError, IsADirectoryError, torch's RuntimeError) with exit
+    # code 1, the prompt read only after the model had loaded.
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("kvrt")
+    for args, said in [(["--prompt-file", str(tmp_path / "none.txt")], "does not exist"),
+                       (["--prompt-file", str(tmp_path)], "is not a file"),
+                       (["--prompt-file", str(prompt), "--device", "foo"], "expected cpu, cuda"),
+                       (["--prompt-file", str(prompt), "--model", str(tmp_path / "no_model")],
+                        "not a model folder")]:
+        argv = ["--model", "tiny-random", *args]
+        with pytest.raises(SystemExit) as e:
+            generate.main(argv)
+        assert e.value.code == 2, args
+        assert said in capsys.readouterr().err, args

@@ -271,3 +271,12 @@ def test_runtime_config_comes_from_the_model(model):
     assert kh.kvrt_layers(model.config) == [1, 3]
     with pytest.raises(kvrt.InvalidArgumentError, match="unknown index kind"):
         kh.enable(model, index_kind="bogus")
+    # A Config or a dict sets what it names, not its defaults: given as one, an f32 model's K/V
+    # were stored in bf16 (the Config's default dtype), its scale and backend the defaults too.
+    for given in (kvrt.Config(index_kind="landmark", top_k=50),
+                  {"index_kind": "landmark", "top_k": 50}):
+        cfg = kh.runtime_config(model, given)
+        assert cfg.dtype == "f32" and cfg.index_kind == "landmark" and cfg.top_k == 50, given
+        assert abs(cfg.scale - 64 ** -0.5) < 1e-7
+    assert kh.runtime_config(model, kvrt.Config(dtype="f16")).dtype == "f16"
+    assert kh.runtime_config(model, {"dtype": "bf16"}).dtype == "bf16"

@@ -176,3 +176,5 @@ def test_cpu_share_splits_the_cpus():
         assert b["worker_cpu_first"] == a["worker_cpu_first"] + n // 2
     with pytest.raises(ValueError):
         kh.cpu_share(0, n + 1)
+    with pytest.raises(ValueError):  # was ZeroDivisionError (LOCAL_WORLD_SIZE=0)
+        kh.cpu_share(0, 0)
