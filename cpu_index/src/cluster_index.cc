@@ -81,7 +81,9 @@ class ClusterIndex final : public KeyIndex {
                           dim_, cfg_.metric_queries, cfg_.active_dim);
     span_metric.End();
     calib_q_.clear();
-    if (cfg_.calibrate_queries > 0 && queries != nullptr && n_queries > 0) {
+    // As the metric: too few queries fit the spreads to a handful of directions.
+    if (cfg_.calibrate_queries > 0 && queries != nullptr &&
+        std::min<int64_t>(n_queries, cfg_.calibrate_queries) >= MinMetricQueries(dim_)) {
       const int64_t nq = std::min<int64_t>(n_queries, cfg_.calibrate_queries);
       calib_q_.assign(queries + (n_queries - nq) * dim_, queries + n_queries * dim_);
     }

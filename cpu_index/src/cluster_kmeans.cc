@@ -209,6 +209,8 @@ void Lloyd(const float* x, const float* xn2, int64_t n, int d, int64_t c, int it
 
 }  // namespace
 
+int MinMetricQueries(int dim) { return std::max(8, dim / 4); }
+
 std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, int dim,
                                      int max_queries, int active_dim) {
   if (active_dim > 0 && active_dim < dim) {
@@ -231,8 +233,8 @@ std::vector<float> QueryMetricFactor(const float* queries, int64_t n_queries, in
   const std::size_t dd = static_cast<std::size_t>(dim) * dim;
   std::vector<float> l(dd, 0.f);
   for (int i = 0; i < dim; ++i) l[static_cast<std::size_t>(i) * dim + i] = 1.f;
-  if (queries == nullptr || n_queries <= 0) return l;
   const int64_t m = std::min<int64_t>(n_queries, std::max(1, max_queries));
+  if (queries == nullptr || m < MinMetricQueries(dim)) return l;
   std::vector<float> qs(static_cast<std::size_t>(m) * dim);
   for (int64_t i = 0; i < m; ++i) {  // evenly spaced rows (all heads, early and late tokens)
     const int64_t src = (i * n_queries) / m;

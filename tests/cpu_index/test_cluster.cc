@@ -942,6 +942,12 @@ TEST(ClusterIndex, QueryMetricFactorIsACholeskyFactor) {
   EXPECT_NEAR(tr, kDim, 1e-2 * kDim);
   const auto id = QueryMetricFactor(nullptr, 0, kDim, 4096);
   for (int i = 0; i < kDim; ++i) EXPECT_EQ(id[i * kDim + i], 1.f);
+  // Fewer queries than MinMetricQueries (a short prompt's) leave the metric the identity; as
+  // many shape it. max_queries counts: a cap below the minimum uses none either.
+  const int enough = MinMetricQueries(kDim);
+  EXPECT_EQ(QueryMetricFactor(qs.data(), enough - 1, kDim, 4096), id);
+  EXPECT_NE(QueryMetricFactor(qs.data(), enough, kDim, 4096), id);
+  EXPECT_EQ(QueryMetricFactor(qs.data(), 300, kDim, enough - 1), id);
 }
 
 // log mean_{k in cluster} exp(scale q.k) over the m rows of the cluster starting at `off` of
