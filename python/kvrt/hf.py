@@ -303,7 +303,10 @@ def runtime_config(model, config: Optional[Config] = None, *, mla: str = "latent
     """The kvrt.Config for `model`'s global layers: shapes (this rank's heads under tensor
     parallelism: local_heads), dtype (the model's), scale (the attention modules' own) and backend
     (GPU when the model is on CUDA, on the attention modules' device), then `config` / `options`
-    (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads). mla: how multi-head
+    (e.g. index_kind, top_k, sink_tokens, window_tokens, worker_threads): what they set wins over
+    the model's dtype, scale and backend - a dict's keys, a Config's fields that differ from
+    kvrt.Config()'s defaults, every keyword option (pass a default value, e.g. dtype="bf16" for
+    an f32 model, as a keyword or in a dict). mla: how multi-head
     latent attention is held ("latent": q heads over one kv head of kv_lora_rank +
     qk_rope_head_dim; "expanded": the per-head K/V; see the module's docstring)."""
     if mla not in MLA_FORMS:
