@@ -8,6 +8,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -37,15 +38,23 @@ NB_MODULE(_kvrt, m) {
     }
     return names;
   }, "The index kinds this library knows, by name (kvrt_index_kind_name).");
-  m.def("describe_search", [](const std::string& kind, int32_t top_k, int32_t effort) {
-    kvrt_index_kind k = KVRT_INDEX_FLAT;
-    kvrt_status s = kvrt_index_kind_parse(kind.c_str(), &k);
-    kvrt_py::Check(s, "describe_search", s == KVRT_OK ? "" : kvrt_last_error());
-    char buf[256];
-    s = kvrt_index_describe_search(k, top_k, effort, buf, sizeof buf);
-    kvrt_py::Check(s, "describe_search", s == KVRT_OK ? "" : kvrt_last_error());
-    return std::string(buf);
-  }, "kvrt_index_describe_search: the search settings a kind resolves for top_k and effort.");
+  m.def(
+      "describe_search",
+      [](const std::string& kind, int64_t top_k, int64_t effort) {
+        for (const int64_t v : {top_k, effort})
+          if (v < INT32_MIN || v > INT32_MAX)
+            kvrt_py::Raise(KVRT_ERR_INVALID_ARGUMENT, "describe_search",
+                           (v == top_k ? "top_k = " : "search_effort = ") + std::to_string(v) +
+                               " is out of range");
+        kvrt_index_kind k = KVRT_INDEX_FLAT;
+        kvrt_status s = kvrt_index_kind_parse(kind.c_str(), &k);
+        kvrt_py::Check(s, "describe_search", s == KVRT_OK ? "" : kvrt_last_error());
+        char buf[256];
+        s = kvrt_index_describe_search(k, top_k, effort, buf, sizeof buf);
+        kvrt_py::Check(s, "describe_search", s == KVRT_OK ? "" : kvrt_last_error());
+        return std::string(buf);
+      },
+      "kvrt_index_describe_search: the search settings a kind resolves for top_k and effort.");
 
   nb::class_<PyRuntime>(m, "Runtime")
       .def(nb::init<const nb::dict&>(), nb::arg("config"))
@@ -60,7 +69,7 @@ NB_MODULE(_kvrt, m) {
       .def("seq_wait", &PyRuntime::SeqWait, nb::arg("seq"))
       .def(
           "prefill",
-          [](PyRuntime& r, int64_t seq, int32_t layer, std::optional<kvrt_py::InArray> q,
+          [](PyRuntime& r, int64_t seq, int64_t layer, std::optional<kvrt_py::InArray> q,
              const kvrt_py::InArray& k, const kvrt_py::InArray& v, uintptr_t stream,
              bool sampled) { r.Prefill(seq, layer, q ? &*q : nullptr, k, v, stream, sampled); },
           nb::arg("seq"), nb::arg("layer"), nb::arg("q").none(), nb::arg("k"), nb::arg("v"),
@@ -70,14 +79,14 @@ NB_MODULE(_kvrt, m) {
            nb::arg("v"), nb::arg("stream") = 0)
       .def(
           "attend",
-          [](PyRuntime& r, int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
+          [](PyRuntime& r, int64_t seq, int64_t layer, const InArray& q, const OutArray& out,
              std::optional<OutArray> lse,
              uintptr_t stream) { r.Attend(seq, layer, q, out, lse ? &*lse : nullptr, stream); },
           nb::arg("seq"), nb::arg("layer"), nb::arg("q"), nb::arg("out"),
           nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
       .def(
           "attend_batch",
-          [](PyRuntime& r, const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+          [](PyRuntime& r, const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,
              const OutArray& out, std::optional<OutArray> lse, uintptr_t stream) {
             r.AttendBatch(seqs, layer, q, out, lse ? &*lse : nullptr, stream);
           },
@@ -85,7 +94,7 @@ NB_MODULE(_kvrt, m) {
           nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
       .def(
           "append_attend",
-          [](PyRuntime& r, int64_t seq, int32_t layer, const InArray& q, const InArray& k,
+          [](PyRuntime& r, int64_t seq, int64_t layer, const InArray& q, const InArray& k,
              const InArray& v, const OutArray& out, std::optional<OutArray> lse, uintptr_t stream) {
             r.AppendAttend(seq, layer, q, k, v, out, lse ? &*lse : nullptr, stream);
           },
@@ -93,7 +102,7 @@ NB_MODULE(_kvrt, m) {
           nb::arg("out"), nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
       .def(
           "append_attend_batch",
-          [](PyRuntime& r, const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+          [](PyRuntime& r, const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,
              const InArray& k, const InArray& v, const OutArray& out, std::optional<OutArray> lse,
              uintptr_t stream) {
             r.AppendAttendBatch(seqs, layer, q, k, v, out, lse ? &*lse : nullptr, stream);

@@ -1,5 +1,7 @@
 #include "py_runtime.h"
 
+#include <initializer_list>
+#include <limits>
 #include <string>
 
 #include "config_dict.h"
@@ -16,6 +18,16 @@ kvrt_status Call(std::string* error, F&& f) {
   kvrt_status s = f();
   if (s != KVRT_OK) *error = kvrt_last_error();
   return s;
+}
+
+// Python ints past int32 are refused by name (int32_t arguments of the binding raised nanobind's
+// TypeError "incompatible function arguments", which names no argument); after this check the
+// value narrows to the C API's int32_t unchanged.
+void CheckI32(const char* call, std::initializer_list<std::pair<const char*, int64_t>> args) {
+  for (const auto& [name, v] : args)
+    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
+      Raise(KVRT_ERR_INVALID_ARGUMENT, call,
+            std::string(name) + " = " + std::to_string(v) + " is out of range");
 }
 
 kvrt_exec Exec(const TensorArg& t, uintptr_t stream) {
@@ -135,7 +147,8 @@ void PyRuntime::SeqWait(int64_t seq) {
   Check(Call(&err, [&] { return kvrt_seq_wait(rt, seq); }), "Sequence.wait", err);
 }
 
-int64_t PyRuntime::SeqLength(int64_t seq, int32_t layer) const {
+int64_t PyRuntime::SeqLength(int64_t seq, int64_t layer) const {
+  CheckI32("Sequence.length", {{"layer", layer}});
   const LiveCall rt = Live("Sequence.length");
   int64_t n = 0;
   std::string err;
@@ -143,8 +156,9 @@ int64_t PyRuntime::SeqLength(int64_t seq, int32_t layer) const {
   return n;
 }
 
-void PyRuntime::Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k,
+void PyRuntime::Prefill(int64_t seq, int64_t layer, const InArray* q, const InArray& k,
                         const InArray& v, uintptr_t stream, bool sampled) {
+  CheckI32("Sequence.prefill", {{"layer", layer}});
   const char* call = "Sequence.prefill";
   const LiveCall rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
@@ -175,8 +189,9 @@ std::pair<int64_t, int64_t> PyRuntime::PrefillQueryRows(int64_t n_tokens) const 
   return {count, stride};
 }
 
-void PyRuntime::Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v,
+void PyRuntime::Append(int64_t seq, int64_t layer, const InArray& k, const InArray& v,
                        uintptr_t stream) {
+  CheckI32("Sequence.append", {{"layer", layer}});
   const char* call = "Sequence.append";
   const LiveCall rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
@@ -189,8 +204,9 @@ void PyRuntime::Append(int64_t seq, int32_t layer, const InArray& k, const InArr
         call, err);
 }
 
-void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
+void PyRuntime::Attend(int64_t seq, int64_t layer, const InArray& q, const OutArray& out,
                        const OutArray* lse, uintptr_t stream) {
+  CheckI32("Sequence.attend", {{"layer", layer}});
   const char* call = "Sequence.attend";
   const LiveCall rt = Live(call);
   TensorArg tq = CheckTensor(call, "q", q, cfg_.dtype, {cfg_.num_q_heads, cfg_.head_dim});
@@ -203,8 +219,9 @@ void PyRuntime::Attend(int64_t seq, int32_t layer, const InArray& q, const OutAr
   Check(Call(&err, [&] { return AttendOne(rt, seq, layer, tq, to, tl, &ex); }), call, err);
 }
 
-void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,
                             const OutArray& out, const OutArray* lse, uintptr_t stream) {
+  CheckI32("Runtime.attend_batch", {{"layer", layer}});
   const char* call = "Runtime.attend_batch";
   const LiveCall rt = Live(call);
   const int64_t n = int64_t(seqs.size());
@@ -220,9 +237,10 @@ void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, con
         call, err);
 }
 
-void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const InArray& k,
+void PyRuntime::AppendAttend(int64_t seq, int64_t layer, const InArray& q, const InArray& k,
                              const InArray& v, const OutArray& out, const OutArray* lse,
                              uintptr_t stream) {
+  CheckI32("Sequence.append_attend", {{"layer", layer}});
   const char* call = "Sequence.append_attend";
   const LiveCall rt = Live(call);
   const kvrt_dtype dt = cfg_.dtype;
@@ -244,9 +262,10 @@ void PyRuntime::AppendAttend(int64_t seq, int32_t layer, const InArray& q, const
         call, err);
 }
 
-void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,
                                   const InArray& k, const InArray& v, const OutArray& out,
                                   const OutArray* lse, uintptr_t stream) {
+  CheckI32("Runtime.append_attend_batch", {{"layer", layer}});
   const char* call = "Runtime.append_attend_batch";
   const LiveCall rt = Live(call);
   const int64_t n = int64_t(seqs.size());
@@ -279,7 +298,8 @@ void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t laye
   Check(status, call, failed < 0 ? err : "sequence " + std::to_string(failed) + ": " + err);
 }
 
-void PyRuntime::SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy) {
+void PyRuntime::SetHeadPolicy(int64_t layer, int64_t q_head, int64_t policy) {
+  CheckI32("Runtime.set_head_policy", {{"layer", layer}, {"q_head", q_head}, {"policy", policy}});
   const LiveCall rt = Live("Runtime.set_head_policy");
   std::string err;
   Check(Call(&err, [&] {
@@ -288,7 +308,8 @@ void PyRuntime::SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy) {
         "Runtime.set_head_policy", err);
 }
 
-void PyRuntime::SetSearchEffort(int32_t effort) {
+void PyRuntime::SetSearchEffort(int64_t effort) {
+  CheckI32("Runtime.set_search_effort", {{"effort", effort}});
   const LiveCall rt = Live("Runtime.set_search_effort");
   std::string err;
   Check(Call(&err, [&] { return kvrt_set_search_effort(rt, effort); }),
@@ -296,7 +317,8 @@ void PyRuntime::SetSearchEffort(int32_t effort) {
   cfg_.search_effort = effort;
 }
 
-std::vector<int64_t> PyRuntime::GetAttended(int64_t seq, int32_t layer, int32_t q_head) const {
+std::vector<int64_t> PyRuntime::GetAttended(int64_t seq, int64_t layer, int64_t q_head) const {
+  CheckI32("Sequence.attended", {{"layer", layer}, {"q_head", q_head}});
   const char* call = "Sequence.attended";
   const LiveCall rt = Live(call);
   std::vector<int64_t> ids;
@@ -315,7 +337,8 @@ std::vector<int64_t> PyRuntime::GetAttended(int64_t seq, int32_t layer, int32_t 
   return ids;
 }
 
-float PyRuntime::GetEstimateLse(int64_t seq, int32_t layer, int32_t q_head) const {
+float PyRuntime::GetEstimateLse(int64_t seq, int64_t layer, int64_t q_head) const {
+  CheckI32("Sequence.estimate_lse", {{"layer", layer}, {"q_head", q_head}});
   const char* call = "Sequence.estimate_lse";
   const LiveCall rt = Live(call);
   float lse = 0.f;

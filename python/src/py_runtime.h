@@ -38,38 +38,38 @@ class PyRuntime {
   int64_t SeqCreate();
   void SeqRelease(int64_t seq);
   void SeqWait(int64_t seq);
-  int64_t SeqLength(int64_t seq, int32_t layer) const;
+  int64_t SeqLength(int64_t seq, int64_t layer) const;
 
   // stream: a cudaStream_t as an integer (0 = the legacy default stream); used for device
   // tensors only.
   // sampled: q holds some of the prompt's queries (kvrt_prefill_sampled_ex), not one per token.
-  void Prefill(int64_t seq, int32_t layer, const InArray* q, const InArray& k, const InArray& v,
+  void Prefill(int64_t seq, int64_t layer, const InArray* q, const InArray& k, const InArray& v,
                uintptr_t stream, bool sampled);
   // kvrt_prefill_query_rows: (count, stride) of the rows whose queries a prefill of n reads.
   std::pair<int64_t, int64_t> PrefillQueryRows(int64_t n_tokens) const;
-  void Append(int64_t seq, int32_t layer, const InArray& k, const InArray& v, uintptr_t stream);
+  void Append(int64_t seq, int64_t layer, const InArray& k, const InArray& v, uintptr_t stream);
   // lse: null, or f32 [q_heads] ([n, q_heads] for a batch) beside out, which receives each
   // head's merged log-sum-exp (kvrt_attend_batch_lse_ex).
-  void Attend(int64_t seq, int32_t layer, const InArray& q, const OutArray& out,
+  void Attend(int64_t seq, int64_t layer, const InArray& q, const OutArray& out,
               const OutArray* lse, uintptr_t stream);
-  void AttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+  void AttendBatch(const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,
                    const OutArray& out, const OutArray* lse, uintptr_t stream);
   // A decoder's layer-step in one crossing (one GIL release, one set of checks): kvrt_append of
   // k, v then kvrt_attend of q. An append that fails raises before the attend; an attend that
   // fails leaves the appended rows in place, as the two calls would.
-  void AppendAttend(int64_t seq, int32_t layer, const InArray& q, const InArray& k,
+  void AppendAttend(int64_t seq, int64_t layer, const InArray& q, const InArray& k,
                     const InArray& v, const OutArray& out, const OutArray* lse, uintptr_t stream);
   // The same for a batch: row i of k, v [n, kv_heads, head_dim] is appended to seqs[i] (in
   // order; the first failure raises, naming the sequence, and the appends before it stand), then
   // kvrt_attend_batch of q [n, q_heads, head_dim].
-  void AppendAttendBatch(const std::vector<int64_t>& seqs, int32_t layer, const InArray& q,
+  void AppendAttendBatch(const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,
                          const InArray& k, const InArray& v, const OutArray& out,
                          const OutArray* lse, uintptr_t stream);
 
-  void SetHeadPolicy(int32_t layer, int32_t q_head, int32_t policy);
-  void SetSearchEffort(int32_t effort);
-  std::vector<int64_t> GetAttended(int64_t seq, int32_t layer, int32_t q_head) const;
-  float GetEstimateLse(int64_t seq, int32_t layer, int32_t q_head) const;
+  void SetHeadPolicy(int64_t layer, int64_t q_head, int64_t policy);
+  void SetSearchEffort(int64_t effort);
+  std::vector<int64_t> GetAttended(int64_t seq, int64_t layer, int64_t q_head) const;
+  float GetEstimateLse(int64_t seq, int64_t layer, int64_t q_head) const;
 
  private:
   // A call on the runtime, from Live() (the runtime open, the GIL held) to the end of the method:

@@ -142,6 +142,19 @@ def test_close_waits_for_the_calls_of_other_threads(rng):
     assert "closed" in str(seen.get("error")), seen
 
 
+def test_integers_past_int32_are_refused_by_name(rt, rng):
+    # They raised nanobind's TypeError ("incompatible function arguments"), naming nothing.
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 4), kv(rng, 4))
+    for call, what in [(lambda: seq.length(2**31), "layer"),
+                       (lambda: seq.attended(0, -2**40), "q_head"),
+                       (lambda: rt.set_search_effort(2**31), "effort"),
+                       (lambda: rt.set_head_policy(0, 0, 2**33), "policy"),
+                       (lambda: kvrt.describe_search("ivf", 2**40), "top_k")]:
+        with pytest.raises(kvrt.InvalidArgumentError, match=f"{what} = .* is out of range"):
+            call()
+
+
 def test_gpu_without_cuda_is_unimplemented_or_works():
     try:
         rt = kvrt.Runtime(**SHAPE, use_gpu=1)
