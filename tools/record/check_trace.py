@@ -36,11 +36,23 @@ import numpy as np
 
 
 def load_trace(path):
-    """Returns (metadata dict, {name: np.ndarray (f32 for float tensors)})."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = np.fromfile(f, dtype=np.uint8)
+    """Returns (metadata dict, {name: np.ndarray (f32 for float tensors)}); SystemExit naming the
+    file when it cannot be read or is not safetensors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            size = f.seek(0, 2)
+            if not 2 <= n <= size - 8:  # a header length the file cannot hold: not safetensors
+                raise SystemExit(f"{path}: not a safetensors file (header length {n}, file "
+                                 f"{size} bytes)")
+            f.seek(8)
+            header = json.loads(f.read(n))
+            data = np.fromfile(f, dtype=np.uint8)
+    except OSError as e:
+        raise SystemExit(f"{path}: {e.strerror or e}")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SystemExit(f"{path}: not a safetensors file (its header is not JSON)")
     meta = header.pop("__metadata__", {})
     out = {}
     for name, t in header.items():
@@ -161,6 +173,9 @@ def main(argv=None):
           f"T={T}, steps={S}, heads {meta['num_q_heads']}q/{meta['num_kv_heads']}kv x "
           f"{meta['head_dim']}, scale {meta['scale']}, dtype {meta['dtype']}")
     print(f"text: {meta.get('source_text')}  generated: {meta.get('generated_text')!r}")
+    if S == 0:  # a valid trace of a prompt only: no decode query to split the mass of
+        print("no decode steps: nothing to measure (the tensors' shapes and values are valid)")
+        return []
     rows = analyze(meta, ts, args.sinks, args.window, args.topk)
     print(f"\nmass split per head, mean over {S} decode steps (sinks={args.sinks}, "
           f"window={args.window}, cold = the rest; top{args.topk} = share of cold mass in the "

@@ -100,6 +100,10 @@ def load(name: str, dtype: str = "float32", cache_dir: Path | None = None, log=p
             model = model.to(torch_dtype)
     else:
         p = Path(name)
+        if not (p.is_dir() or (p.suffix == ".gguf" and p.is_file())):
+            # transformers would take it for a Hub name and fail on the network.
+            raise SystemExit(f"model {name!r}: not a model folder, a .gguf file or one of "
+                             f"{', '.join(KNOWN + ('tiny-random',))}")
         label = p.name
         if p.suffix == ".gguf":
             tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

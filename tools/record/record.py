@@ -33,11 +33,24 @@ import gzip
 import inspect
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {lo}")
+        return v
+    return parse
 
 
 def log(*a):
@@ -53,11 +66,24 @@ def read_text(paths: list[str], skip_chars: int = 0) -> str:
     return text[skip_chars:]
 
 
+def layer_types(config) -> list[str]:
+    """Each layer's attention type. A model without layer_types whose config sets a sliding window
+    (Mistral, Mixtral, Phi-3, Starcoder2; not disabled by use_sliding_window=False) applies it to
+    every layer: such layers were recorded as full attention, their traces silently wrong."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True) is not False:
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
 def parse_layers(spec: str, config) -> tuple[list[int], list[int]]:
     """Returns (layers to record, sliding-window layers of the model)."""
     n = config.num_hidden_layers
-    types = getattr(config, "layer_types", None) or ["full_attention"] * n
-    sliding = [i for i, t in enumerate(types) if t != "full_attention"]
+    sliding = [i for i, t in enumerate(layer_types(config)) if t != "full_attention"]
     if spec in ("global", "full", "auto"):
         layers = [i for i in range(n) if i not in sliding]
     elif spec == "all":
@@ -65,11 +91,16 @@ def parse_layers(spec: str, config) -> tuple[list[int], list[int]]:
     else:
         layers = []
         for part in spec.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                layers += list(range(int(a), int(b) + 1))
-            else:
-                layers.append(int(part) if int(part) >= 0 else n + int(part))
+            try:
+                if "-" in part.lstrip("-"):  # a range a-b ("-1" alone counts from the end)
+                    a, b = (int(x) for x in part.split("-", 1))
+                    if b < a:
+                        raise SystemExit(f"--layers {spec!r}: range {part} is empty")
+                    layers += list(range(a, b + 1))
+                else:
+                    layers.append(int(part) if int(part) >= 0 else n + int(part))
+            except ValueError:
+                raise SystemExit(f"--layers {spec!r}: {part!r} is not a layer index or a range a-b")
     for i in layers:
         if not 0 <= i < n:
             raise SystemExit(f"layer {i} out of range [0, {n})")
@@ -91,6 +122,9 @@ class Recorder:
                   **kwargs):
         import torch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        if kwargs.get("softcap") is not None:  # SDPA refuses it; kvrt has no soft-capping either
+            raise SystemExit(f"the model soft-caps its attention logits (softcap="
+                             f"{kwargs['softcap']}), which neither SDPA nor kvrt computes")
         out, w = sdpa_attention_forward(module, query, key, value, attention_mask,
                                         scaling=scaling, dropout=dropout, **kwargs)
         li = getattr(module, "layer_idx", None)
@@ -119,9 +153,11 @@ def main(argv=None):
     ap.add_argument("--model", default="gemma3-270m",
                     help="gemma3-270m | smollm2-135m | path to .gguf or HF folder")
     ap.add_argument("--text", nargs="+", required=True, help="text file(s), .gz read as gzip")
-    ap.add_argument("--skip-chars", type=int, default=0, help="skip this many characters first")
-    ap.add_argument("--tokens", type=int, default=2048, help="prompt length (tokens, BOS included)")
-    ap.add_argument("--steps", type=int, default=16, help="greedy decode steps")
+    ap.add_argument("--skip-chars", type=_at_least(0), default=0,
+                    help="skip this many characters first")
+    ap.add_argument("--tokens", type=_at_least(1), default=2048,
+                    help="prompt length (tokens, BOS included)")
+    ap.add_argument("--steps", type=_at_least(0), default=16, help="greedy decode steps")
     ap.add_argument("--layers", default="global",
                     help="'global' (full-attention layers, default), 'all', or a list '5,11,17' / "
                          "'0-3' of original indices")
@@ -129,12 +165,18 @@ def main(argv=None):
                     help="allow recording sliding-window layers (their real attention is local)")
     ap.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"],
                     help="dtype of q/k/v in the trace (the model itself runs in f32)")
-    ap.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunk", type=_at_least(1), default=2048, help="prefill chunk (tokens)")
+    ap.add_argument("--threads", type=_at_least(1), default=2)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the recording runs there)")
     ap.add_argument("--no-decode-o", action="store_true", help="don't store L.decode.o")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args(argv)
+    # Checked before the model loads (minutes for a GGUF conversion), as usage errors.
+    for p in args.text:
+        if not Path(p).is_file():
+            ap.error(f"--text {p!r} is not a file")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        ap.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
 
     import torch
     torch.set_num_threads(args.threads)
@@ -151,7 +193,18 @@ def main(argv=None):
     if max_pos and args.tokens + args.steps > max_pos:
         raise SystemExit(f"--tokens + --steps = {args.tokens + args.steps} exceeds the model's "
                          f"context ({max_pos})")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise SystemExit(f"the model soft-caps its attention logits (attn_logit_softcapping = "
+                         f"{cfg.attn_logit_softcapping}), which neither SDPA nor kvrt computes")
     layers, sliding = parse_layers(args.layers, cfg)
+    if sliding and all(i in sliding for i in range(cfg.num_hidden_layers)) and \
+            getattr(cfg, "sliding_window", None) and \
+            cfg.sliding_window >= args.tokens + args.steps:
+        sliding = []  # a window past the whole context: every layer attends everything
+    if not layers:
+        raise SystemExit(f"every layer of the model attends a sliding window (sliding_window = "
+                         f"{getattr(cfg, 'sliding_window', None)}): no full-attention layer to "
+                         "record; --layers all --allow-sliding records them anyway")
     bad = [i for i in layers if i in sliding]
     if bad and not args.allow_sliding:
         raise SystemExit(f"layers {bad} are sliding-window layers (window {cfg.sliding_window}): "
@@ -216,8 +269,10 @@ def main(argv=None):
     for j, li in enumerate(layers):
         for phase in ("prefill", "decode"):
             for part in ("q", "k", "v"):
+                # No rows (--steps 0): [0, heads, d], the shape the format asks for, not [0].
+                like = rec.buf[li]["prefill"][part][0]
                 x = torch.cat(rec.buf[li][phase][part], 0) if rec.buf[li][phase][part] else \
-                    torch.zeros(0)
+                    torch.zeros((0, *like.shape[1:]))
                 tensors[f"{j}.{phase}.{part}"] = x.to(tdt).contiguous()
         if rec.buf[li]["decode"]["o"] and not args.no_decode_o:
             tensors[f"{j}.decode.o"] = torch.cat(rec.buf[li]["decode"]["o"], 0).contiguous()
@@ -247,9 +302,7 @@ def main(argv=None):
         "scale": repr(scale),
         "post_rotary": "true",
         "source_layers": ",".join(map(str, layers)),
-        "source_layer_types": ",".join(
-            (getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)[i]
-            for i in layers),
+        "source_layer_types": ",".join(layer_types(cfg)[i] for i in layers),
         "model_num_layers": str(cfg.num_hidden_layers),
         "sliding_window_layers_skipped": ",".join(map(str, [i for i in sliding
                                                             if i not in layers])),
@@ -259,7 +312,9 @@ def main(argv=None):
                            or {"rope_theta": getattr(cfg, "rope_theta", None)}),
         "softcap": rec.extra.get("softcap", "none"),
         "attention_sinks": rec.extra.get("attention_sinks", "none (no learned sink logits)"),
-        "weights": "GGUF de-quantized to f32 by transformers; model ran in f32",
+        "weights": ("GGUF de-quantized to f32 by transformers; model ran in f32"
+                    if args.model in models.KNOWN or args.model.endswith(".gguf")
+                    else "as stored in the model folder; model ran in f32"),
         "device": str(args.device),
         "source_text": ";".join(args.text),
         "source_skip_chars": str(args.skip_chars),
