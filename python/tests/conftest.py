@@ -46,15 +46,16 @@ def kv(rng: np.random.Generator, n: int, heads: int = 2, d: int = 32) -> np.ndar
     return rng.standard_normal((n, heads, d), dtype=np.float32)
 
 
+def load_tool(folder: str, name: str):
+    """A script of tools/<folder> (not a package) as a module."""
+    path = Path(__file__).resolve().parents[2] / "tools" / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture
 def gpu_bench_tool():
-    """Loads a script of tools/gpu_bench (not a package) as a module: gpu_bench_tool("name")."""
-    tools = Path(__file__).resolve().parents[2] / "tools" / "gpu_bench"
-
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-
-    return load
+    """Loads a script of tools/gpu_bench as a module: gpu_bench_tool("name")."""
+    return lambda name: load_tool("gpu_bench", name)

@@ -3,20 +3,15 @@ window, the --layers grammar, and check_trace.py on files that are not traces.""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-RECORD = Path(__file__).resolve().parents[2] / "tools" / "record"
+from conftest import load_tool
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, RECORD / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("record", name)
 
 
 def test_a_window_in_the_config_without_layer_types_slides_every_layer():

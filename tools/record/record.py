@@ -41,7 +41,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _at_least(lo: int):
+def at_least(lo: int):
+    """An argparse type: an integer >= lo (also kvrt_cache.py's)."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -153,11 +154,11 @@ def main(argv=None):
     ap.add_argument("--model", default="gemma3-270m",
                     help="gemma3-270m | smollm2-135m | path to .gguf or HF folder")
     ap.add_argument("--text", nargs="+", required=True, help="text file(s), .gz read as gzip")
-    ap.add_argument("--skip-chars", type=_at_least(0), default=0,
+    ap.add_argument("--skip-chars", type=at_least(0), default=0,
                     help="skip this many characters first")
-    ap.add_argument("--tokens", type=_at_least(1), default=2048,
+    ap.add_argument("--tokens", type=at_least(1), default=2048,
                     help="prompt length (tokens, BOS included)")
-    ap.add_argument("--steps", type=_at_least(0), default=16, help="greedy decode steps")
+    ap.add_argument("--steps", type=at_least(0), default=16, help="greedy decode steps")
     ap.add_argument("--layers", default="global",
                     help="'global' (full-attention layers, default), 'all', or a list '5,11,17' / "
                          "'0-3' of original indices")
@@ -165,8 +166,8 @@ def main(argv=None):
                     help="allow recording sliding-window layers (their real attention is local)")
     ap.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16"],
                     help="dtype of q/k/v in the trace (the model itself runs in f32)")
-    ap.add_argument("--chunk", type=_at_least(1), default=2048, help="prefill chunk (tokens)")
-    ap.add_argument("--threads", type=_at_least(1), default=2)
+    ap.add_argument("--chunk", type=at_least(1), default=2048, help="prefill chunk (tokens)")
+    ap.add_argument("--threads", type=at_least(1), default=2)
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the recording runs there)")
     ap.add_argument("--no-decode-o", action="store_true", help="don't store L.decode.o")
     ap.add_argument("-o", "--output", required=True)
