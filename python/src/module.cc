@@ -41,11 +41,7 @@ NB_MODULE(_kvrt, m) {
   m.def(
       "describe_search",
       [](const std::string& kind, int64_t top_k, int64_t effort) {
-        for (const int64_t v : {top_k, effort})
-          if (v < INT32_MIN || v > INT32_MAX)
-            kvrt_py::Raise(KVRT_ERR_INVALID_ARGUMENT, "describe_search",
-                           (v == top_k ? "top_k = " : "search_effort = ") + std::to_string(v) +
-                               " is out of range");
+        kvrt_py::CheckI32("describe_search", {{"top_k", top_k}, {"search_effort", effort}});
         kvrt_index_kind k = KVRT_INDEX_FLAT;
         kvrt_status s = kvrt_index_kind_parse(kind.c_str(), &k);
         kvrt_py::Check(s, "describe_search", s == KVRT_OK ? "" : kvrt_last_error());

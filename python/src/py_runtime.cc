@@ -1,7 +1,5 @@
 #include "py_runtime.h"
 
-#include <initializer_list>
-#include <limits>
 #include <string>
 
 #include "config_dict.h"
@@ -18,16 +16,6 @@ kvrt_status Call(std::string* error, F&& f) {
   kvrt_status s = f();
   if (s != KVRT_OK) *error = kvrt_last_error();
   return s;
-}
-
-// Python ints past int32 are refused by name (int32_t arguments of the binding raised nanobind's
-// TypeError "incompatible function arguments", which names no argument); after this check the
-// value narrows to the C API's int32_t unchanged.
-void CheckI32(const char* call, std::initializer_list<std::pair<const char*, int64_t>> args) {
-  for (const auto& [name, v] : args)
-    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max())
-      Raise(KVRT_ERR_INVALID_ARGUMENT, call,
-            std::string(name) + " = " + std::to_string(v) + " is out of range");
 }
 
 kvrt_exec Exec(const TensorArg& t, uintptr_t stream) {
