@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -27,15 +28,27 @@ CLI::Validator NumberIn(double min, double max, bool min_excluded) {
                    "]"));  // CLI11's own Range's words
 }
 
+namespace {
+
+// What is wrong with `s` as an integer in [min, max] ("" if nothing); max_named: the message names
+// both bounds, else only the minimum (AtLeast, whose maximum is int64's).
+std::string IntProblem(const std::string& s, int64_t min, int64_t max, bool max_named) {
+  int64_t v = 0;
+  const IntText parsed = ParseInt(s, &v);
+  if (parsed == IntText::kNotInteger) return absl::StrCat("'", s, "' is not an integer");
+  if (max_named && (parsed == IntText::kOutOfRange || v < min || v > max))
+    return absl::StrCat(s, " is not in [", min, ", ", max, "]");
+  if (parsed == IntText::kOutOfRange) return absl::StrCat(s, " is out of range");
+  if (v < min) return absl::StrCat(s, " must be >= ", min);
+  return {};
+}
+
+}  // namespace
+
 CLI::Validator AtLeast(int64_t min) {
   return CLI::Validator(
-      [min](std::string& s) -> std::string {
-        int64_t v = 0;
-        const IntText parsed = ParseInt(s, &v);
-        if (parsed == IntText::kNotInteger) return absl::StrCat("'", s, "' is not an integer");
-        if (parsed == IntText::kOutOfRange) return absl::StrCat(s, " is out of range");
-        if (v < min) return absl::StrCat(s, " must be >= ", min);
-        return {};
+      [min](std::string& s) {
+        return IntProblem(s, min, std::numeric_limits<int64_t>::max(), /*max_named=*/false);
       },
       min == 0   ? std::string("NONNEGATIVE")
       : min == 1 ? std::string("POSITIVE")
@@ -44,14 +57,7 @@ CLI::Validator AtLeast(int64_t min) {
 
 CLI::Validator IntIn(int64_t min, int64_t max) {
   return CLI::Validator(
-      [min, max](std::string& s) -> std::string {
-        int64_t v = 0;
-        const IntText parsed = ParseInt(s, &v);
-        if (parsed == IntText::kNotInteger) return absl::StrCat("'", s, "' is not an integer");
-        if (parsed == IntText::kOutOfRange || v < min || v > max)
-          return absl::StrCat(s, " is not in [", min, ", ", max, "]");
-        return {};
-      },
+      [min, max](std::string& s) { return IntProblem(s, min, max, /*max_named=*/true); },
       absl::StrCat("INT in [", min, " - ", max, "]"));
 }
 
