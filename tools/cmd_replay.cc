@@ -35,6 +35,15 @@ int RunReplayCommand(const ReplayArgs& a) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(trace.status().message()).c_str());
     return 1;
   }
+  // The threshold applies to a share measured on the prompt's queries; without a prompt there is
+  // no measurement, and streaming every head on an assumed share would be silent garbage.
+  if (a.streaming_threshold > 0 && (*trace)->meta().prompt_tokens == 0) {
+    std::fprintf(stderr,
+                 "kvrt replay: --streaming-threshold calibrates each head on the trace's prompt, "
+                 "and %s has no prompt tokens\n",
+                 a.file.c_str());
+    return 2;
+  }
   auto ref = kvrt::cli::ComputeExactReference(**trace, a.top_k, a.steps, !a.quiet);
   if (!ref.ok()) {
     std::fprintf(stderr, "kvrt replay: %s\n", std::string(ref.status().message()).c_str());

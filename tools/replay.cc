@@ -110,10 +110,11 @@ std::vector<double> TierMassFromPrompt(const trace::TraceMeta& m, const LayerF32
                                        int count) {
   const int d = m.head_dim, H = m.num_q_heads, G = m.num_kv_heads, group = H / G;
   const float scale = ScaleOf(m);
-  std::vector<double> share(H, 1.0);
   const int64_t T = m.prompt_tokens;
+  // No prompt, no measurement: NaN (reported as n/a), never a streaming head.
+  if (T == 0) return std::vector<double>(H, std::nan(""));
+  std::vector<double> share(H, 1.0);
   const int64_t first = std::max<int64_t>(0, T - count);
-  if (T == 0) return share;
   const int64_t queries = T - first;
   std::vector<double> ratio(static_cast<std::size_t>(H) * queries);  // [h, query]
   tbb::parallel_for(int64_t{0}, G * queries, [&](int64_t cell) {

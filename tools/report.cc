@@ -64,13 +64,16 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   j["streaming_heads"] = r.streaming_heads;
   j["per_head"] = nlohmann::json::array();
   for (const auto& h : r.heads)
-    j["per_head"].push_back({{"layer", h.layer},
-                             {"head", h.head},
-                             {"streaming", h.streaming},
-                             {"tier_mass_calibration", h.tier_mass_calibration},
-                             {"recall_at_k", measured(h.recall)},
-                             {"mass_recall", measured(h.mass)},
-                             {"output_rel_error_mean", measured(h.error_mean)}});
+    j["per_head"].push_back(
+        {{"layer", h.layer},
+         {"head", h.head},
+         {"streaming", h.streaming},
+         {"tier_mass_calibration", std::isnan(h.tier_mass_calibration)
+                                       ? nlohmann::json()
+                                       : nlohmann::json(h.tier_mass_calibration)},
+         {"recall_at_k", measured(h.recall)},
+         {"mass_recall", measured(h.mass)},
+         {"output_rel_error_mean", measured(h.error_mean)}});
   j["per_layer"] = nlohmann::json::array();
   for (std::size_t l = 0; l < r.layer_recall.size(); ++l)
     j["per_layer"].push_back({{"layer", l},
@@ -80,21 +83,25 @@ nlohmann::json ReportJson(const ReplayReport& r) {
   return j;
 }
 
+namespace {
+
+// n/a for a share with no samples (NaN).
+std::string Share(double v) { return std::isnan(v) ? "n/a" : absl::StrFormat("%.3f", v); }
+
+}  // namespace
+
 void PrintHeads(const ReplayReport& r, std::FILE* out) {
   std::fprintf(
       out, "  per head (tier mass = share of exact mass in sinks + window, prompt calibration)\n");
   std::fprintf(out, "    %5s %4s %9s %10s %8s %8s %10s\n", "layer", "head", "policy", "tier_mass",
                "recall", "mass", "err_mean");
   for (const auto& h : r.heads)
-    std::fprintf(out, "    %5d %4d %9s %10.3f %8.3f %8.3f %10.3g\n", h.layer, h.head,
-                 h.streaming ? "streaming" : "retrieval", h.tier_mass_calibration, h.recall, h.mass,
-                 h.error_mean);
+    std::fprintf(out, "    %5d %4d %9s %10s %8.3f %8.3f %10.3g\n", h.layer, h.head,
+                 h.streaming ? "streaming" : "retrieval", Share(h.tier_mass_calibration).c_str(),
+                 h.recall, h.mass, h.error_mean);
 }
 
 namespace {
-
-// n/a for a share with no samples (NaN).
-std::string Share(double v) { return std::isnan(v) ? "n/a" : absl::StrFormat("%.3f", v); }
 
 void PrintMemory(const ReplayReport& r, std::FILE* out) {
   std::fprintf(out,
@@ -129,7 +136,10 @@ void PrintReport(const ReplayReport& r, std::FILE* out) {
   }
   std::fprintf(out,
                "  accuracy vs exact f32 attention over all tokens (per layer, step, q head):\n");
-  std::fprintf(out, "    recall@%-4d           %.4f\n", r.top_k, r.recall_at_k);
+  // A step scores recall@min(k, its tokens) (DESIGN.md, "Metrics"); say so where that is not k.
+  const bool k_past_tokens = r.top_k > r.prompt_tokens + 1;
+  std::fprintf(out, "    recall@%-4d           %.4f%s\n", r.top_k, r.recall_at_k,
+               k_past_tokens ? "  (k = the step's token count where it has fewer)" : "");
   std::fprintf(out, "    attention-mass recall %.4f\n", r.mass_recall);
   std::fprintf(out, "    output rel. error     mean %.3g  p99 %.3g  max %.3g\n",
                r.output_rel_error_mean, r.output_rel_error_p99, r.output_rel_error_max);

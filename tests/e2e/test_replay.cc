@@ -112,6 +112,60 @@ TEST_F(ReplayTest, StreamingHeadsSkipTheColdTier) {
   EXPECT_DOUBLE_EQ(none.recall_at_k, 1.0);
 }
 
+// A trace without a prompt has nothing to calibrate a head on: the share is unmeasured (n/a,
+// JSON null) and no head streams on it, where an assumed share of 1 once streamed every head.
+TEST(ReplayNoPrompt, StreamingThresholdStreamsNoHeadOnAnUnmeasuredShare) {
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("kvrt_noprompt_" + std::to_string(::getpid()) + ".safetensors"))
+                               .string();
+  trace::TraceMeta m;
+  m.num_layers = 1;
+  m.num_q_heads = 4;
+  m.num_kv_heads = 2;
+  m.head_dim = 16;
+  m.dtype = DType::kF32;
+  m.prompt_tokens = 0;
+  m.decode_steps = 24;
+  {
+    auto w = trace::TraceWriter::Create(path, m);
+    ASSERT_TRUE(w.ok()) << w.status();
+    std::mt19937 rng(3);
+    std::normal_distribution<float> normal;
+    for (const std::string& part : trace::TensorParts()) {
+      const bool prefill = part.rfind("prefill", 0) == 0;
+      const int heads = part.back() == 'q' ? m.num_q_heads : m.num_kv_heads;
+      std::vector<float> x((prefill ? 0 : m.decode_steps) * heads * m.head_dim);
+      for (float& v : x) v = normal(rng);
+      ASSERT_TRUE((*w)->WriteTensor(0, part, x.data(), x.size() * sizeof(float)).ok()) << part;
+    }
+    ASSERT_TRUE((*w)->Close().ok());
+  }
+  auto t = trace::TraceReader::Open(path);
+  ASSERT_TRUE(t.ok()) << t.status();
+  auto ref = ComputeExactReference(**t, 4, 0, false);
+  ASSERT_TRUE(ref.ok()) << ref.status();
+  ReplayOptions o;
+  o.index = KVRT_INDEX_FLAT;
+  o.top_k = 4;
+  o.sinks = 2;
+  o.window = 8;
+  o.threads = 1;
+  o.progress = false;
+  o.streaming_threshold = 0.5;
+  auto r = RunReplay(**t, *ref, o);
+  std::remove(path.c_str());
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->streaming_heads, 0);
+  EXPECT_DOUBLE_EQ(r->recall_at_k, 1.0);  // flat, as if no threshold were given
+  ASSERT_EQ(r->heads.size(), 4u);
+  const auto j = ReportJson(*r);
+  for (int h = 0; h < 4; ++h) {
+    EXPECT_FALSE(r->heads[h].streaming);
+    EXPECT_TRUE(std::isnan(r->heads[h].tier_mass_calibration));
+    EXPECT_TRUE(j["per_head"][h]["tier_mass_calibration"].is_null());
+  }
+}
+
 // The cluster kind's two-stage selection through the C API (--cluster-rescore, and on codes
 // --cluster-rescore-bits): a trace of one full 8192-token segment of cold keys, replayed with and
 // without it. The same number of cold tokens attended, more keys scored, and a lower output error
