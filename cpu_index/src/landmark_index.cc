@@ -19,15 +19,14 @@
 #include "kvrt_common/multiversion.h"
 #include "oneapi/tbb/blocked_range.h"
 #include "oneapi/tbb/parallel_for.h"
+#include "oneapi/tbb/task_arena.h"
 
 namespace kvrt::cpu_index {
 namespace {
 
 constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
-constexpr int kMaxGroup = 64;
-constexpr int64_t kBoundGrain =
-    512;  // blocks per task of SearchGroup's bound pass  // SearchGroup's stack row of scores;
-          // larger groups loop over Search
+constexpr int kMaxGroup = 64;  // SearchGroup's stack row of scores; larger groups loop over Search
+constexpr int64_t kBoundGrain = 512;  // blocks per task of SearchGroup's bound pass
 
 KVRT_MULTIVERSION float BlockBound(const float* q, const float* mn, const float* mx, int d) {
   float acc[16] = {};
@@ -113,15 +112,20 @@ class LandmarkIndex final : public KeyIndex {
     float* bound_data = bound.data();
     // NOTE: split over blocks (nested in the caller's per-group task): with one sequence there are
     // only num_kv_heads groups, fewer than the cores, and this pass is most of the search.
-    tbb::parallel_for(
-        tbb::blocked_range<int64_t>(0, nb, kBoundGrain), [&](const tbb::blocked_range<int64_t>& r) {
-          for (int64_t b = r.begin(); b < r.end(); ++b) {
-            const float* box = bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
-            for (int i = 0; i < nq; ++i)
-              bound_data[static_cast<std::size_t>(b) * nq + i] =
-                  BlockBound(qs + static_cast<std::size_t>(i) * dim_, box, box + dim_, dim_);
-          }
-        });
+    // Isolated: while this thread waits for the nested tasks it must not take another group's
+    // search, which would refill (or reallocate) this thread's `bound` under this one.
+    tbb::this_task_arena::isolate([&] {
+      tbb::parallel_for(tbb::blocked_range<int64_t>(0, nb, kBoundGrain),
+                        [&](const tbb::blocked_range<int64_t>& r) {
+                          for (int64_t b = r.begin(); b < r.end(); ++b) {
+                            const float* box =
+                                bounds_.data() + static_cast<std::size_t>(b) * 2 * dim_;
+                            for (int i = 0; i < nq; ++i)
+                              bound_data[static_cast<std::size_t>(b) * nq + i] = BlockBound(
+                                  qs + static_cast<std::size_t>(i) * dim_, box, box + dim_, dim_);
+                          }
+                        });
+    });
     picked.assign(nb, 0);
     for (int i = 0; i < nq; ++i) {
       blocks.resize(nb);

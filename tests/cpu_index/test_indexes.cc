@@ -346,6 +346,42 @@ INSTANTIATE_TEST_SUITE_P(Kinds, IndexKindTest,
                            return name;
                          });
 
+// Landmark's group search splits its bound pass over the blocks, nested in the caller's loop over
+// groups, with the bounds in per-thread scratch: a thread that waited on its nested loop and took
+// another group's search meanwhile would overwrite (or reallocate) the bounds it was filling.
+// Enough blocks for several nested tasks, distinct queries per group, many groups at once.
+TEST(LandmarkIndex, ConcurrentGroupSearchesEqualSerial) {
+  constexpr int d = 16, group = 4;
+  constexpr int64_t n = 96 * 1024, groups = 48;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  std::vector<float> keys(static_cast<std::size_t>(n) * d), qs(groups * group * d);
+  for (float& x : keys) x = normal(rng);
+  for (float& x : qs) x = normal(rng);
+  const auto store = MakeStore(keys.data(), n, d, DType::kF32);
+  auto index = MakeIndex(IndexKind::kLandmark, {}, d).value();
+  ASSERT_TRUE(index->Build(*store, nullptr, 0).ok());
+  const SearchParams p{16, 0};
+  std::vector<SearchResult> serial(groups * group), parallel(groups * group);
+  for (int64_t g = 0; g < groups; ++g)
+    ASSERT_TRUE(
+        index->SearchGroup(*store, qs.data() + g * group * d, group, p, &serial[g * group]).ok());
+  tbb::task_arena arena(8);
+  for (int rep = 0; rep < 6; ++rep) {
+    arena.execute([&] {
+      tbb::parallel_for(int64_t{0}, groups, [&](int64_t g) {
+        EXPECT_TRUE(
+            index->SearchGroup(*store, qs.data() + g * group * d, group, p, &parallel[g * group])
+                .ok());
+      });
+    });
+    for (int64_t i = 0; i < groups * group; ++i) {
+      EXPECT_EQ(parallel[i].ids, serial[i].ids) << "rep " << rep << " query " << i;
+      EXPECT_EQ(parallel[i].scores, serial[i].scores) << "rep " << rep << " query " << i;
+    }
+  }
+}
+
 TEST(AttentionAwareIndex, KeyOnlyGraphWorks) {
   const Data& d = SharedData();
   auto index = MakeIndex(IndexKind::kAttentionAware, {}, kDim).value();
