@@ -46,7 +46,7 @@ std::string Validate(const GenTraceArgs& a) {
 int Run(const GenTraceArgs& a) {
   if (std::string problem = Validate(a); !problem.empty()) {
     std::fprintf(stderr, "kvrt gen-trace: %s\n", problem.c_str());
-    return 1;
+    return 2;  // a usage error, as CLI11's own checks
   }
   kvrt::trace::GenOptions opt;
   opt.meta.model = a.model;

@@ -13,11 +13,24 @@
 namespace kvrt::cli {
 namespace {
 
-bool SameFile(const std::string& a, const std::string& b) {
-  if (a == b) return true;
+bool SameInode(const std::string& a, const std::string& b) {
   struct stat sa, sb;
   return stat(a.c_str(), &sa) == 0 && stat(b.c_str(), &sb) == 0 && sa.st_dev == sb.st_dev &&
          sa.st_ino == sb.st_ino;
+}
+
+// However spelled: an existing file by device and inode; files still to be created (outputs) by
+// their name in the same directory (`o` and `./o`, `dir/o` and `dir/../dir/o`).
+bool SameFile(const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  struct stat st;
+  const bool a_exists = stat(a.c_str(), &st) == 0, b_exists = stat(b.c_str(), &st) == 0;
+  if (a_exists || b_exists) return a_exists && b_exists && SameInode(a, b);
+  const std::filesystem::path pa(a), pb(b);
+  if (pa.filename() != pb.filename()) return false;
+  const std::string da = pa.has_parent_path() ? pa.parent_path().string() : ".";
+  const std::string db = pb.has_parent_path() ? pb.parent_path().string() : ".";
+  return SameInode(da, db);
 }
 
 }  // namespace

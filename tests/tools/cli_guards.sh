@@ -41,7 +41,10 @@ outputs)  # an output that is the input, or in no directory, fails before any wo
   cmp -s t.st before.st || { echo "bench index --csv over its trace changed it"; exit 1; }
   expect 2 'directory no_such_dir does not exist' "$kvrt" replay t.st --json no_such_dir/r.json
   [ ! -s out.txt ] || { echo "replay ran before refusing its output path"; exit 1; }
-  expect 2 'name the same file' "$kvrt" bench index --trace t.st --index flat --csv o --json o ;;
+  expect 2 'name the same file' "$kvrt" bench index --trace t.st --index flat --csv o --json o
+  # Files still to be created, spelled two ways.
+  expect 2 'name the same file' "$kvrt" bench index --trace t.st --index flat --csv o2 --json ./o2
+  [ ! -e o2 ] || { echo "bench index wrote o2 before refusing it"; exit 1; } ;;
 gen-trace-failure)  # a failed write removes its partial file, never what -o pointed through
   [ -w /dev/full ] || { echo "no /dev/full: skipped"; exit 0; }
   ln -s /dev/full full
@@ -52,6 +55,8 @@ numbers)  # values an option cannot take: refused by name with exit code 2
   expect 2 "--sinks: 'abc' is not an integer" "$kvrt" replay t.st --sinks abc
   expect 2 "--top-k: '1e3' is not an integer" "$kvrt" replay t.st --top-k 1e3
   expect 2 "--seed: '-1' is not an unsigned integer" "$kvrt" gen-trace -o s.st --seed -1
+  expect 2 '--tokens must be positive, got 0' "$kvrt" gen-trace -o s.st --tokens 0
+  expect 2 'must be a multiple of --kv-heads' "$kvrt" gen-trace -o s.st --q-heads 5 --kv-heads 2
   expect 2 '--cluster-budget: 0 is not a number in (0, 1]' \
     "$kvrt" bench decode --gpu 0 --memory host --cluster-budget 0
   expect 2 '--threads: -3 must be >= 0' "$kvrt" bench decode --gpu 0 --memory host --threads -3
