@@ -92,8 +92,9 @@ typedef enum kvrt_status {
       4,                      /* the call is valid but not in this state (e.g. prefill twice) */
   KVRT_ERR_UNIMPLEMENTED = 5, /* a feature this build does not have (e.g. no CUDA) */
   KVRT_ERR_INTERNAL = 6,      /* a bug in kvrt: please report it with kvrt_last_error() */
-  KVRT_ERR_CUDA = 7,          /* a CUDA runtime error */
-  KVRT_ERR_IO = 8             /* a file could not be read or written, or is corrupt */
+  KVRT_ERR_CUDA = 7,          /* reserved, not returned: a CUDA runtime error on the GPU backend
+                                 is KVRT_ERR_INTERNAL, its message naming the CUDA call and error */
+  KVRT_ERR_IO = 8             /* reserved, not returned (no call reads or writes files) */
 } kvrt_status;
 
 /* A static string naming the status ("KVRT_OK", ...). Never NULL. */
@@ -119,8 +120,9 @@ typedef enum kvrt_index_kind {
   KVRT_INDEX_ATTENTION_AWARE = 5, /* query-aware key graph (RetrievalAttention style) */
   KVRT_INDEX_CLUSTER = 6          /* two-level: keys clustered per segment (query-aware k-means),
                                      store laid out by cluster; centroids scored, the best clusters
-                                     attended within a token budget (max(top_k, 2% of the cold
-                                     keys, 256)), the rest estimated. Since 0.3 */
+                                     attended within a token budget (max(top_k, 3% of the clustered
+                                     keys, 256) per kv head: cluster_budget_fraction), the rest
+                                     estimated. Since 0.3 */
 } kvrt_index_kind;
 
 /* The kinds this library knows, by name ("exact", "flat", "ivf", "hnsw", "landmark",
@@ -259,14 +261,15 @@ typedef struct kvrt_config {
                                     cluster_group_select (the default since 0.3.5: [0.03]), per
                                     q head without it (0.3.1-0.3.4: per q head, 0.02); in (0, 1].
                                     Since 0.3.1. */
-  int32_t cuda_device;        /* GPU backend: the CUDA device ordinal this runtime uses (its
-                                 buffers, streams and kernels; the kvrt_exec streams passed to it
-                                 must belong to it); -1 = the creating thread's current device.
-                                 Several runtimes, in one process or several, can each use their
-                                 own GPU (one runtime per tensor-parallel rank). A value >= the
-                                 visible device count: KVRT_ERR_INVALID_ARGUMENT with use_gpu = 1,
-                                 the host backend with -1. kvrt_runtime_config reports the ordinal
-                                 in effect [-1]. Since 0.3.1. */
+  int32_t cuda_device;           /* GPU backend: the CUDA device ordinal this runtime uses (its
+                                    buffers, streams and kernels; the kvrt_exec streams passed to it
+                                    must belong to it); -1 = the creating thread's current device.
+                                    Several runtimes, in one process or several, can each use their
+                                    own GPU (one runtime per tensor-parallel rank). A value >= the
+                                    visible device count: KVRT_ERR_INVALID_ARGUMENT with use_gpu = 1,
+                                    the host backend with -1. kvrt_runtime_config reports the ordinal
+                                    in effect on the GPU backend (on the host backend, the value
+                                    given: no device is used) [-1]. Since 0.3.1. */
   int32_t cluster_direct_step; /* GPU backend, KVRT_INDEX_CLUSTER with hot_cache_fraction > 0: 1 =
                                   the direct step: the clusters the GPU selects are attended on
                                   the GPU too, each row read from the hot cache or, when it is
@@ -595,10 +598,11 @@ KVRT_API kvrt_status kvrt_prefill_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t 
 
 /* The prompt rows whose queries a prefill of n_tokens >= 1 tokens reads: the query sample of the
  * index kinds that build from queries (KVRT_INDEX_CLUSTER's query-aware metric, the graph kinds'
- * seeds), rows i * *stride for 0 <= i < *count, evenly spaced over the prompt (every row of a
- * short prompt); *count is 0 for a kind that reads no queries. A decoder whose queries are large
- * (a latent attention's: DeepSeek-V2-Lite's 128K-token prompt holds 2.4 GB of queries, of which
- * kvrt reads 256 rows) passes only these rows to kvrt_prefill_sampled_ex. Since 0.3.29. */
+ * seeds), rows i * *stride for 0 <= i < *count, evenly spaced over the whole prompt (the last
+ * within *stride rows of its end since 0.3.36; every row of a short prompt); *count is 0 for a kind
+ * that reads no queries. A decoder whose queries are large (a latent attention's:
+ * DeepSeek-V2-Lite's 128K-token prompt holds 2.4 GB of queries, of which kvrt reads 256 rows)
+ * passes only these rows to kvrt_prefill_sampled_ex. Since 0.3.29. */
 KVRT_API kvrt_status kvrt_prefill_query_rows(const kvrt_runtime* rt, int64_t n_tokens,
                                              int64_t* count, int64_t* stride);
 

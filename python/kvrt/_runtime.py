@@ -243,7 +243,7 @@ class Sequence:
         sampled=True: q holds only some of the prompt's queries, [m, q_heads, head_dim] with
         m <= n, in prompt order (kvrt_prefill_sampled_ex); the rows that
         Runtime.prefill_query_rows(n) names give the index of every query, without copying the
-        rest."""
+        rest (m = 0, for a kind that reads no queries, is the same as q=None)."""
         if stream is None:
             stream = _current_stream(k) if self._rt._gpu else 0
         self._impl.prefill(self.id, layer, None if q is None else _arg(q), _arg(k), _arg(v),

@@ -153,11 +153,16 @@ void PyRuntime::Prefill(int64_t seq, int64_t layer, const InArray* q, const InAr
   TensorArg tk = CheckTensor(call, "k", k, dt, {-1, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg tv = CheckTensor(call, "v", v, dt, {tk.rows, cfg_.num_kv_heads, cfg_.head_dim});
   TensorArg tq;
-  if (q != nullptr)
+  // A sample of no rows is what prefill_query_rows names for a kind that reads no queries
+  // (count 0): the same as no q, as kvrt_prefill_sampled_ex takes n_queries = 0.
+  const bool no_rows = sampled && q != nullptr && q->ndim() == 3 && q->shape(0) == 0 &&
+                       int64_t(q->shape(1)) == cfg_.num_q_heads &&
+                       int64_t(q->shape(2)) == cfg_.head_dim;
+  if (q != nullptr && !no_rows)
     tq = CheckTensor(call, "q", *q, dt, {sampled ? -1 : tk.rows, cfg_.num_q_heads, cfg_.head_dim});
   CheckSameDevice(call, {&tk, &tv, &tq});
   kvrt_exec ex = Exec(tk, stream);
-  const int64_t n_queries = q != nullptr ? tq.rows : 0;
+  const int64_t n_queries = tq.data != nullptr ? tq.rows : 0;
   std::string err;
   Check(Call(&err,
              [&] {

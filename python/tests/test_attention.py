@@ -268,7 +268,7 @@ def test_prefill_from_the_query_rows_kvrt_reads(rng):
     q = rng.standard_normal((n, 8, 32), dtype=np.float32) * skew
     steps = rng.standard_normal((3, 8, 32), dtype=np.float32)
     count, stride = make(index_kind="cluster").prefill_query_rows(n)
-    assert (count, stride) == (1024, 19)  # 4096 query rows per kv head over 4 q heads each
+    assert (count, stride) == (1000, 20)  # at most 4096 query rows per kv head over 4 q heads
     assert make(index_kind="flat").prefill_query_rows(n) == (0, 1)
     outs = []
     for queries, sampled in ((q, False), (q[:count * stride:stride].copy(), True), (None, False)):
@@ -280,6 +280,26 @@ def test_prefill_from_the_query_rows_kvrt_reads(rng):
         np.testing.assert_array_equal(ids_a, ids_b)
     # Without queries the index differs: the equality above could fail.
     assert any(not np.array_equal(a[1], c[1]) for a, c in zip(outs[0], outs[2]))
+
+
+def test_a_sample_of_no_rows_is_no_queries(rng):
+    """The README's recipe on a kind that reads no queries: prefill_query_rows names no rows, and
+    the empty slice it gives is taken as q=None (it was refused as "no tokens")."""
+    T = 300
+    q = rng.standard_normal((T, 8, 32), dtype=np.float32)
+    k, v = kv(rng, T), kv(rng, T)
+    rt = make(index_kind="flat")
+    n, s = rt.prefill_query_rows(T)
+    assert (n, s) == (0, 1)
+    step = rng.standard_normal((8, 32), dtype=np.float32)
+    outs = []
+    for queries, sampled in ((q[:n * s:s].copy(), True), (None, False)):
+        seq = rt.sequence()
+        seq.prefill(0, queries, k, v, sampled=sampled)
+        outs.append(seq.attend(0, step))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    with pytest.raises(kvrt.InvalidArgumentError, match="shape"):  # the other extents still count
+        rt.sequence().prefill(0, np.zeros((0, 4, 32), np.float32), k, v, sampled=True)
 
 
 def test_sampled_prefill_errors(rng):

@@ -383,8 +383,11 @@ QuerySample PromptQuerySample(const RuntimeConfig& config, int64_t n) {
   if (n < 1 || !cpu_index::KindInfo(config.index_kind).uses_queries) return {};
   const int group = config.num_q_heads / config.num_kv_heads;
   const int64_t cap = std::max(1, config.index.graph_query_sample);
-  const int64_t count = std::min<int64_t>(n, std::max<int64_t>(1, cap / group));
-  return {count, n / count};
+  const int64_t most = std::min<int64_t>(n, std::max<int64_t>(1, cap / group));
+  // The stride rounded up, so the rows reach the prompt's end: a floored one left the tail out
+  // (2000 rows of at most 1024: stride 1, rows 0-1023, the first half only).
+  const int64_t stride = (n + most - 1) / most;
+  return {(n + stride - 1) / stride, stride};
 }
 
 absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_queries,
@@ -592,7 +595,7 @@ absl::Status Runtime::SetSearchEffort(int effort) {
 }
 
 absl::StatusOr<float> Runtime::GetEstimateLse(int64_t id, int layer, int q_head) const {
-  KVRT_RETURN_IF_ERROR(GetAttended(id, layer, q_head, nullptr));  // the same preconditions
+  KVRT_RETURN_IF_ERROR(Attended("get_estimate_lse", id, layer, q_head, nullptr));  // the same
   transfer::CudaCallScope on_device(config_.call_device());       // before seq: as SequenceLength
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
@@ -601,9 +604,14 @@ absl::StatusOr<float> Runtime::GetEstimateLse(int64_t id, int layer, int q_head)
 
 absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
                                   std::vector<int64_t>* ids) const {
+  return Attended("get_attended", id, layer, q_head, ids);
+}
+
+absl::Status Runtime::Attended(const char* what, int64_t id, int layer, int q_head,
+                               std::vector<int64_t>* ids) const {
   if (!config_.record_attended)
     return absl::FailedPreconditionError(
-        "get_attended: the runtime was created with record_attended = 0");
+        absl::StrCat(what, ": the runtime was created with record_attended = 0"));
   if (q_head < 0 || q_head >= config_.num_q_heads)
     return absl::InvalidArgumentError(
         absl::StrCat("q_head ", q_head, " is out of range [0, ", config_.num_q_heads, ")"));
@@ -613,7 +621,7 @@ absl::Status Runtime::GetAttended(int64_t id, int layer, int q_head,
   const auto& state = seq->layers[layer];
   if (!state.has_attended())
     return absl::FailedPreconditionError(
-        absl::StrCat("get_attended: no attend on sequence ", id, " layer ", layer, " yet"));
+        absl::StrCat(what, ": no attend on sequence ", id, " layer ", layer, " yet"));
   if (ids != nullptr) *ids = state.attended(q_head);
   return absl::OkStatus();
 }

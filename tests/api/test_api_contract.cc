@@ -1029,8 +1029,15 @@ TEST(ContractPrefillSampled, QueryRowsAreEvenlySpacedAndNoneForKindsThatReadNone
   ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
   int64_t count = -1, stride = -1;
   ASSERT_EQ(kvrt_prefill_query_rows(rt, 5000, &count, &stride), KVRT_OK);
-  EXPECT_EQ(count, 1024);
-  EXPECT_EQ(stride, 4);
+  EXPECT_EQ(count, 1000);  // at most 1024 (4096 query rows over 4 q heads per kv head)
+  EXPECT_EQ(stride, 5);
+  // Spread over the whole prompt, whatever its length: the last row within a stride of its end.
+  for (int64_t n : {1025, 2000, 2047, 4096, 5000, 20000, 131071}) {
+    ASSERT_EQ(kvrt_prefill_query_rows(rt, n, &count, &stride), KVRT_OK);
+    EXPECT_LE(count, 1024) << n;
+    EXPECT_LT((count - 1) * stride, n) << n;
+    EXPECT_GE((count - 1) * stride, n - stride) << n;
+  }
   ASSERT_EQ(kvrt_prefill_query_rows(rt, 300, &count, &stride), KVRT_OK);
   EXPECT_EQ(count, 300);
   EXPECT_EQ(stride, 1);
@@ -1099,8 +1106,8 @@ TEST(ContractPrefillSampled, TheNamedRowsBuildTheIndexOfEveryQuery) {
   int64_t count = 0, stride = 0;
   ASSERT_EQ(kvrt_prefill_query_rows(probe, kPrompt, &count, &stride), KVRT_OK);
   kvrt_runtime_destroy(probe);
-  ASSERT_EQ(count, 1024);
-  ASSERT_EQ(stride, 19);
+  ASSERT_EQ(count, 1000);
+  ASSERT_EQ(stride, 20);
   std::vector<float> sample;
   for (int64_t i = 0; i < count; ++i)
     sample.insert(sample.end(), q.begin() + i * stride * q_row,

@@ -246,6 +246,7 @@ TEST_F(ApiTest, TokenCountsAndState) {
   float lse = 0.f;
   EXPECT_EQ(kvrt_get_estimate_lse(rt_, seq_, 0, 0, &lse), KVRT_ERR_FAILED_PRECONDITION);
   EXPECT_TRUE(Mentions("record_attended"));
+  EXPECT_TRUE(Mentions("get_estimate_lse")) << "named get_attended before 0.3.36";
   EXPECT_EQ(kvrt_get_estimate_lse(rt_, seq_, 0, 0, nullptr), KVRT_ERR_INVALID_ARGUMENT);
 }
 

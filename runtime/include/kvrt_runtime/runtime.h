@@ -172,6 +172,9 @@ class Runtime {
  private:
   explicit Runtime(const RuntimeConfig& config);
   absl::StatusOr<std::shared_ptr<Sequence>> Find(int64_t seq, int layer) const;
+  // GetAttended's checks and copy; `what` names the public call in the messages.
+  absl::Status Attended(const char* what, int64_t seq, int layer, int q_head,
+                        std::vector<int64_t>* ids) const;
 
   struct Impl;
   RuntimeConfig config_;      // the layers' (head_dim padded to a kernel's width on the GPU)
