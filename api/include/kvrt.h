@@ -24,6 +24,10 @@
  *     NaN, never zeros: sinks, window and cold tokens alike, with every index kind and both
  *     backends. A cold token whose k or v holds a NaN/Inf is attended whatever the index returns
  *     (so a head may attend up to that many tokens more than top_k).
+ *   - Finite values past f32's range: scores and value sums are f32. A q.k beyond about 3.4e38
+ *     before the scale, or values near 3.4e38 (a softmax-weighted sum of several overflows), give
+ *     Inf or NaN outputs although every input is finite; check_finite checks the inputs, not
+ *     these products. Models' activations are many orders of magnitude smaller.
  *
  * Limits (KVRT_ERR_INVALID_ARGUMENT outside them, naming the field)
  *   num_layers 1..4096, num_kv_heads 1..1024, num_q_heads 1..4096 (a multiple of num_kv_heads),

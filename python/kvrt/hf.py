@@ -602,6 +602,8 @@ class KvrtCache(DynamicCache):
                 self._latent_modules.append(weakref.ref(mods[src]))
         self.sequences: list[Sequence] = []
         self._prefilled: set[int] = set()
+        # The prompt's length with its pads and each row's pads (the keys kvrt never held).
+        self._prompt_shape: Optional[tuple[int, list[int]]] = None
         self.time_prefill_s = 0.0
         self.time_decode_s = 0.0
         self.tokens_decoded = 0
@@ -622,6 +624,7 @@ class KvrtCache(DynamicCache):
         self.sequences = []
         self._prefilled.clear()
         self._prompt.clear()
+        self._prompt_shape = None
 
     def close(self) -> None:
         """Releases the sequences and, when the cache created it, the runtime."""
@@ -762,18 +765,46 @@ class KvrtCache(DynamicCache):
             self.sequences = [self.runtime.sequence() for _ in range(B)]
         elif len(self.sequences) != B:
             raise ValueError(f"kvrt.hf: batch size changed from {len(self.sequences)} to {B}")
+        # Every row checked before any enters kvrt: a refusal half-way left the first rows
+        # prefilled and the cache unusable until reset().
+        real = [k.shape[1]] * B if keep is None else [int(keep[b].sum()) for b in range(B)]
+        for b, count in enumerate(real):
+            if count == 0:
+                raise ValueError(f"kvrt.hf: batch row {b} of the prompt is all padding")
+        if not self._prefilled:
+            self._prompt_shape = (k.shape[1], [k.shape[1] - count for count in real])
         t0 = time.perf_counter()
         for b, s in enumerate(self.sequences):
-            if keep is None or bool(keep[b].all()):
+            if keep is None or real[b] == k.shape[1]:
                 s.prefill(kl, qs[b], k[b], v[b], sampled=True)
             else:
                 at = keep[b].nonzero().squeeze(1).to(k.device)
-                if at.numel() == 0:
-                    raise ValueError(f"kvrt.hf: batch row {b} of the prompt is all padding")
                 s.prefill(kl, qs[b], k[b].index_select(0, at), v[b].index_select(0, at),
                           sampled=True)
         self.time_prefill_s += time.perf_counter() - t0
         self._prefilled.add(kl)
+
+    def _check_decode_mask(self, total: int) -> None:
+        """After the prompt kvrt attends every key it holds: a forward whose padding mask (the
+        2D mask the mask builder saw, [B, total]) hides a key kvrt holds, new pads or holes over
+        earlier tokens, would be answered as if unmasked. A ValueError instead; the prompt's own
+        pads, which never entered kvrt, may stay masked."""
+        padding = getattr(_pending, "padding", None)
+        if padding is None or self._prompt_shape is None or padding.dim() != 2:
+            return
+        B = len(self.sequences)
+        if padding.shape[0] != B or padding.shape[1] != total:
+            return  # not this forward's mask (another model's, or one sliced otherwise)
+        prompt, pads = self._prompt_shape
+        hidden = (~padding.bool()).sum(dim=1).tolist()
+        tail_hidden = bool((~padding[:, prompt:].bool()).any()) if total > prompt else False
+        if tail_hidden or any(h != p for h, p in zip(hidden, pads)):
+            raise ValueError(
+                "kvrt.hf: the attention mask hides keys after the prompt (padding in new tokens, "
+                "or holes over earlier ones); kvrt attends every key it holds past the prompt's "
+                "own padding, so it cannot honour this mask: pass new tokens unpadded (a batch "
+                "row per sequence of its own length: one forward per length), or use "
+                "DynamicCache")
 
     def _latent(self, layer: KvrtLayer, module, query, key, value):
         """An MLA layer's q, k, v as kvrt holds them: q [B, H, n, rank + rope] (each head's nope
@@ -879,6 +910,10 @@ class KvrtCache(DynamicCache):
             out = _sdpa(module, query, key, value, attention_mask, **kwargs)
             layer.tokens += n
             return out
+        if len(self.sequences) != B:
+            raise ValueError(f"kvrt.hf: batch size changed from {len(self.sequences)} to {B}")
+        if kl == 0:  # one check per forward: every layer gets the same mask
+            self._check_decode_mask(layer.tokens + n)
         q, k = self._rows(held[0]), self._rows(held[1])
         v = k if held[2] is held[1] else self._rows(held[2])
         out = torch.empty((B, n, Hq, self._width), dtype=torch.float32, device=q.device)
@@ -1113,6 +1148,8 @@ def mask(*args, **kwargs):
     mask, which SDPA then turns into a bias (80 GiB for a 64K chunk at 640K tokens), and the
     attention function above aligns the causal mask itself."""
     padding = kwargs.get("attention_mask")
+    # For the decode check of the kvrt attention (KvrtCache._check_decode_mask) of this forward.
+    _pending.padding = padding
     if (kwargs.get("mask_function", causal_mask_function) is causal_mask_function and
             kwargs.get("allow_is_causal_skip", True) and kwargs.get("local_size") is None and
             not args and (padding is None or bool(padding.all()))):

@@ -122,6 +122,72 @@ def test_exact_mode_left_padded_batch_reproduces_the_full_cache_logits(model):
     cache.close()
 
 
+def _exact(model):
+    return kh.enable(model, index_kind="exact", sink_tokens=4, window_tokens=16, worker_threads=2)
+
+
+def test_a_mask_hiding_keys_after_the_prompt_is_refused(model):
+    """kvrt attends every key it holds past the prompt's own pads: a later forward whose mask
+    hides keys (pads in the new tokens, a hole over earlier ones) was answered as if unmasked."""
+    ids = torch.cat([_ids(60, seed=7), _ids(60, seed=8)])
+    am = torch.ones_like(ids)
+    am[1, :10] = 0  # the prompt's own pads: fine
+    with torch.inference_mode():
+        cache = _exact(model)
+        kw = {kh.cache_kwarg(model): cache}
+        model(ids, attention_mask=am, use_cache=True, **kw)
+        nxt = torch.tensor([[11, 12], [0, 13]])
+        ok = torch.cat([am, torch.ones(2, 2, dtype=am.dtype)], dim=1)
+        model(nxt, attention_mask=ok, use_cache=True, **kw)  # all new tokens real
+        for hide in ((1, 62), (0, 30)):  # a new pad, then a hole over a prompt token
+            bad = torch.cat([ok, torch.ones(2, 2, dtype=am.dtype)], dim=1)
+            bad[hide] = 0
+            with pytest.raises(ValueError, match="hides keys after the prompt"):
+                model(torch.tensor([[14, 15], [16, 17]]), attention_mask=bad, use_cache=True,
+                      **kw)
+            cache.reset()
+            model(ids, attention_mask=am, use_cache=True, **kw)
+            model(nxt, attention_mask=ok, use_cache=True, **kw)
+    cache.close()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """Global layers only: in Gemma 3 transformers' own sliding layers run first (they refuse a
+    batch of another size themselves and hold a refused forward's K/V until reset())."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)).eval()
+
+
+def test_a_batch_of_another_size_after_the_prompt_is_refused(llama):
+    with torch.inference_mode():
+        cache = _exact(llama)
+        kw = {kh.cache_kwarg(llama): cache}
+        llama(torch.cat([_ids(40, seed=1), _ids(40, seed=2)]), use_cache=True, **kw)
+        # Row 1 alone was answered from row 0's sequence.
+        with pytest.raises(ValueError, match="batch size changed from 2 to 1"):
+            llama(torch.tensor([[12]]), use_cache=True, **kw)
+    cache.close()
+
+
+def test_a_refused_prompt_leaves_nothing_prefilled(llama):
+    ids = torch.cat([_ids(40, seed=3), _ids(40, seed=4)])
+    am = torch.ones_like(ids)
+    am[1] = 0  # row 1 all padding
+    with torch.inference_mode():
+        cache = _exact(llama)
+        kw = {kh.cache_kwarg(llama): cache}
+        with pytest.raises(ValueError, match="all padding"):
+            llama(ids, attention_mask=am, use_cache=True, **kw)
+        assert all(s.length(0) == 0 for s in cache.sequences)
+        llama(ids, use_cache=True, **kw)  # the same cache takes a good prompt without reset()
+        assert [s.length(0) for s in cache.sequences] == [40, 40]
+    cache.close()
+
+
 def test_query_sample_is_the_rows_kvrt_reads_of_each_rows_real_tokens(model, monkeypatch):
     """Only the prompt queries kvrt reads cross to its side (kvrt_prefill_query_rows, here made
     a stride of 3 to see it), counted over each batch row's real tokens."""
