@@ -79,7 +79,7 @@
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 35
+#define KVRT_VERSION_PATCH 36
 
 #ifdef __cplusplus
 extern "C" {

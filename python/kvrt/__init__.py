@@ -28,7 +28,7 @@ from ._errors import (CudaError, FailedPreconditionError, InternalError, Invalid
 from ._runtime import Runtime, Sequence
 from ._stats import Stats
 
-__version__ = "0.3.35"
+__version__ = "0.3.36"
 
 
 def library_version() -> str:
