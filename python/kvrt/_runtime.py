@@ -114,6 +114,16 @@ class Runtime:
         self._gpu = self._config.use_gpu == 1
         self._out_shape = (self._config.num_q_heads, self._config.head_dim)
 
+    def _values(self, k: Tensor, v: Optional[Tensor]) -> Tensor:
+        """v, or k for v=None on a runtime of values_are_keys (kvrt reads no values then, as
+        the C calls take a NULL v)."""
+        if v is not None:
+            return v
+        if not self._config.values_are_keys:
+            raise ValueError("kvrt: v is None; only a runtime made with values_are_keys=1 takes "
+                             "no values")
+        return k
+
     @property
     def config(self) -> Config:
         """The effective configuration (kvrt_runtime_config: scale, worker_threads and use_gpu
@@ -173,7 +183,7 @@ class Runtime:
         return out
 
     def append_attend_batch(self, seqs: Seq["Sequence"], layer: int, q: Tensor, k: Tensor,
-                            v: Tensor, out: Optional[Tensor] = None, *,
+                            v: Optional[Tensor], out: Optional[Tensor] = None, *,
                             lse: Optional[Tensor] = None,
                             stream: Optional[int] = None) -> Tensor:
         """A batched decoder layer-step in one call: row i of k, v [len(seqs), kv_heads, head_dim]
@@ -186,8 +196,8 @@ class Runtime:
             out = _empty_f32(q, (len(ids),) + self._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._gpu else 0
-        self._impl.append_attend_batch(ids, layer, _arg(q), _arg(k), _arg(v), _arg(out),
-                                       _opt(lse), stream)
+        self._impl.append_attend_batch(ids, layer, _arg(q), _arg(k), _arg(self._values(k, v)),
+                                       _arg(out), _opt(lse), stream)
         return out
 
     def _ids(self, seqs: Seq["Sequence"], call: str) -> list[int]:
@@ -234,7 +244,7 @@ class Sequence:
     def runtime(self) -> Runtime:
         return self._rt
 
-    def prefill(self, layer: int, q: Optional[Tensor], k: Tensor, v: Tensor, *,
+    def prefill(self, layer: int, q: Optional[Tensor], k: Tensor, v: Optional[Tensor], *,
                 stream: Optional[int] = None, sampled: bool = False) -> None:
         """The prompt of one layer (kvrt_prefill): k, v [n, kv_heads, head_dim], q
         [n, q_heads, head_dim] or None. The layer must be empty. Returns once the rows are stored;
@@ -246,14 +256,15 @@ class Sequence:
         rest (m = 0, for a kind that reads no queries, is the same as q=None)."""
         if stream is None:
             stream = _current_stream(k) if self._rt._gpu else 0
-        self._impl.prefill(self.id, layer, None if q is None else _arg(q), _arg(k), _arg(v),
-                           stream, sampled)
+        self._impl.prefill(self.id, layer, None if q is None else _arg(q), _arg(k),
+                           _arg(self._rt._values(k, v)), stream, sampled)
 
-    def append(self, layer: int, k: Tensor, v: Tensor, *, stream: Optional[int] = None) -> None:
+    def append(self, layer: int, k: Tensor, v: Optional[Tensor], *,
+               stream: Optional[int] = None) -> None:
         """Appends n tokens' k, v [n, kv_heads, head_dim] (kvrt_append)."""
         if stream is None:
             stream = _current_stream(k) if self._rt._gpu else 0
-        self._impl.append(self.id, layer, _arg(k), _arg(v), stream)
+        self._impl.append(self.id, layer, _arg(k), _arg(self._rt._values(k, v)), stream)
 
     def attend(self, layer: int, q: Tensor, out: Optional[Tensor] = None, *,
                lse: Optional[Tensor] = None, stream: Optional[int] = None) -> Tensor:
@@ -271,7 +282,7 @@ class Sequence:
         self._impl.attend(self.id, layer, _arg(q), _arg(out), _opt(lse), stream)
         return out
 
-    def append_attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+    def append_attend(self, layer: int, q: Tensor, k: Tensor, v: Optional[Tensor],
                       out: Optional[Tensor] = None, *, lse: Optional[Tensor] = None,
                       stream: Optional[int] = None) -> Tensor:
         """A decoder's layer-step in one call: append(layer, k, v) then attend(layer, q, out).
@@ -282,8 +293,8 @@ class Sequence:
             out = _empty_f32(q, self._rt._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._rt._gpu else 0
-        self._impl.append_attend(self.id, layer, _arg(q), _arg(k), _arg(v), _arg(out),
-                                 _opt(lse), stream)
+        self._impl.append_attend(self.id, layer, _arg(q), _arg(k), _arg(self._rt._values(k, v)),
+                                 _arg(out), _opt(lse), stream)
         return out
 
     def wait(self) -> None:

@@ -131,6 +131,30 @@ def test_values_are_keys_round_trips_and_stores_one_row(rng):
         kvrt.Runtime(**SHAPE, values_are_keys=1, use_gpu=1)
 
 
+def test_values_are_keys_takes_no_values(rng):
+    # v=None where kvrt reads no values, as the C calls take a NULL v (it was refused as a
+    # missing argument); a runtime that reads values refuses it by name.
+    k = kv(rng, 300)
+    q = rng.standard_normal((8, 32), dtype=np.float32)
+    rt = kvrt.Runtime(**SHAPE, dtype="f32", index_kind="exact", window_tokens=16,
+                      values_are_keys=1)
+    a, b = rt.sequence(), rt.sequence()
+    a.prefill(0, None, k, k)
+    b.prefill(0, None, k, None)
+    row = kv(rng, 1)
+    a.append(0, row, row)
+    b.append(0, row, None)
+    np.testing.assert_array_equal(a.append_attend(0, q, row, row), b.append_attend(0, q, row, None))
+    row, qs = kv(rng, 1), rng.standard_normal((1, 8, 32), dtype=np.float32)
+    np.testing.assert_array_equal(rt.append_attend_batch([a], 0, qs, row, row),
+                                  rt.append_attend_batch([b], 0, qs, row, None))
+    rt.close()
+    rt = kvrt.Runtime(**SHAPE, dtype="f32", index_kind="exact", window_tokens=16)
+    with pytest.raises(ValueError, match="values_are_keys"):
+        rt.sequence().prefill(0, None, k, None)
+    rt.close()
+
+
 def test_a_runtime_describes_its_own_search():
     rt = kvrt.Runtime(**SHAPE, index_kind="cluster", cluster_keys=8, cluster_group_select=0,
                       cluster_rescore=4.0)
