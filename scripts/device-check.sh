@@ -90,10 +90,10 @@ if [[ "${1:-}" == "--device" ]]; then
     echo "=== test_runtime_gpu with KVRT_BATCH_SELECT=0" >> "$out/tests.log"
     KVRT_BATCH_SELECT=0 timeout 150 $b/test_runtime_gpu \
       --gtest_filter='GpuBackendBatch.*:GpuBackendCluster.*' >> "$out/tests.log" 2>&1 || rc=1
-    # And the decode evictions written into the stores in place (KVRT_IN_PLACE_EVICT=1; off by
-    # default until measured on a device, docs/gpu.md).
-    echo "=== test_runtime_gpu with KVRT_IN_PLACE_EVICT=1" >> "$out/tests.log"
-    KVRT_IN_PLACE_EVICT=1 timeout 150 $b/test_runtime_gpu \
+    # And the decode evictions in pinned blocks (KVRT_IN_PLACE_EVICT=0; in place into the stores
+    # is the default since 0.3.36, docs/gpu.md).
+    echo "=== test_runtime_gpu with KVRT_IN_PLACE_EVICT=0" >> "$out/tests.log"
+    KVRT_IN_PLACE_EVICT=0 timeout 150 $b/test_runtime_gpu \
       --gtest_filter='GpuBackendBatch.*:GpuBackendCluster.*' >> "$out/tests.log" 2>&1 || rc=1
   fi
   grep -E '^=== |^\[  (PASSED|FAILED) |^\[==========\]|Failure' "$out/tests.log" | head -40

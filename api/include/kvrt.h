@@ -756,9 +756,9 @@ typedef struct kvrt_stats {
   int64_t evicted_in_place;        /* of evicted_tokens, those a decode append's kernel wrote
                                       straight into the host store, where the direct step reads them
                                       (its stores registered that far), instead of into a pinned
-                                      block that the host copies; so far (0 unless the
-                                      environment sets KVRT_IN_PLACE_EVICT=1: off by default until
-                                      measured on a device, docs/gpu.md). Since 0.3.34. */
+                                      block that the host copies; so far (on by default since
+                                      0.3.36; 0 with KVRT_IN_PLACE_EVICT=0, docs/gpu.md). Since
+                                      0.3.34. */
 } kvrt_stats;
 
 /* Writes the first out->struct_size bytes of the statistics (KVRT_ERR_INVALID_ARGUMENT, nothing

@@ -1,6 +1,6 @@
 // The cold tier's rows written in place: a decode append's kernel writes the token that leaves the
-// window into each kv head's next store row (DeviceTier::AppendEvictFused with
-// KVRT_IN_PLACE_EVICT=1), and the settle takes them with AppendWritten instead of copying them
+// window into each kv head's next store row (DeviceTier::AppendEvictFused, by default since
+// 0.3.36), and the settle takes them with AppendWritten instead of copying them
 // with Append. Both must leave the same store, row-to-position map and NaN/Inf rows.
 #include <cstring>
 #include <limits>

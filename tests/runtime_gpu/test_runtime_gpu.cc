@@ -82,12 +82,12 @@ RuntimeConfig ClusterCompareConfig(const Case& c, int use_gpu, float hot, bool d
   return cfg;
 }
 
-// Whether decode appends write their evicted rows into the host store in place
-// (KVRT_IN_PLACE_EVICT=1; the default keeps them in pinned blocks, as the library's does, and the
-// tests run either way).
+// Whether decode appends write their evicted rows into the host store in place (the default
+// since 0.3.36, as the library's; KVRT_IN_PLACE_EVICT=0 keeps them in pinned blocks, and the tests
+// run either way).
 bool InPlaceEvictOn() {
   const char* env = std::getenv("KVRT_IN_PLACE_EVICT");
-  return env != nullptr && std::atoi(env) != 0;
+  return env == nullptr || std::atoi(env) != 0;
 }
 
 // Relative L2 error of q head h's output row (d values) against want's.
@@ -469,7 +469,7 @@ TEST(GpuBackendBatch, AttendBatchMatchesHostBackend) {
 
 // AttendBatch with the cluster kind's direct step: each member selects on a stream of its own and
 // attends the row its append evicted on the device (AttendPendingEvictions into its own cold slot,
-// or with KVRT_IN_PLACE_EVICT=1 as a row its append wrote into its own store in place). That row
+// or by default as a row its append wrote into its own store in place). That row
 // carries ~0.6 of each member's first step (as in FirstStepsAfterAPrompt), so a member's pending
 // row lost, counted twice or taken from another member moves its output far from the host backend's
 // one attend per sequence.
@@ -967,11 +967,11 @@ TEST(GpuBackendCluster, ValueGridsPastF16CountAFallback) {
 // not by the first step: the blocks every step reads (the unclustered tail, the outliers) already
 // hold pages, copied in whole, when the prompt's work is done. And the row the first append evicts
 // is attended once: the direct step does not wait for it to reach the cold tier but attends it
-// on the device where the append wrote it (the pinned block, or with KVRT_IN_PLACE_EVICT=1 the host
-// store's next row), so it must count neither twice nor not at all. That row carries
-// about half of the first step's attention (its key along q, its value 3 in every dim), so either
-// mistake moves the output by a third or more against the host backend, which attends it in the
-// cold tier's unclustered rows. (GpuSelectMatchesCpuSelect covers later steps and other modes.)
+// on the device where the append wrote it (by default the host store's next row, with
+// KVRT_IN_PLACE_EVICT=0 the pinned block), so it must count neither twice nor not at all. That row
+// carries about half of the first step's attention (its key along q, its value 3 in every dim), so
+// either mistake moves the output by a third or more against the host backend, which attends it in
+// the cold tier's unclustered rows. (GpuSelectMatchesCpuSelect covers later steps and other modes.)
 TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   DirectStepPair pair("warm");
@@ -1018,7 +1018,7 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
     dev.Clear();
   }
   EXPECT_EQ((*gpu_rt)->Stats().attends_direct, 2 * cfg.num_layers);
-  // With KVRT_IN_PLACE_EVICT=1 each step's evicted row was written into the store in place (the
+  // By default each step's evicted row was written into the store in place (the
   // prompt left room for it) and attended there as a row of the unclustered tail.
   EXPECT_EQ((*gpu_rt)->Stats().evicted_in_place, InPlaceEvictOn() ? 2 * cfg.num_layers : 0);
 }
@@ -1033,8 +1033,8 @@ TEST(GpuBackendCluster, FirstStepsAfterAPrompt) {
 // its attend registers the store again, and the appends after it write in place again. Every 16th
 // step j queries along e_(j mod d) and evicts a row planted along it (~0.6 of that step's
 // attention; the rows planted for other steps score ~0 there): a row lost, written to the wrong row
-// or attended twice moves those steps far from the host backend. (With KVRT_IN_PLACE_EVICT=1; by
-// default the same steps take the pinned blocks.)
+// or attended twice moves those steps far from the host backend. (By default; with
+// KVRT_IN_PLACE_EVICT=0 the same steps take the pinned blocks.)
 TEST(GpuBackendCluster, DecodeEvictionsAreWrittenIntoTheStoreInPlace) {
   if (!transfer::CudaAvailable()) GTEST_SKIP() << "no CUDA device";
   DirectStepPair pair("in place");
