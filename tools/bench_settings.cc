@@ -82,6 +82,35 @@ absl::Status CheckDecodeSettings(const DecodeSettings& s) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// Whether a runtime can take the GPU backend here, asked through the public API (a tiny config).
+bool GpuBackendAvailable() {
+  kvrt_config c = kvrt_config_default();
+  c.num_layers = 1;
+  c.num_q_heads = 1;
+  c.num_kv_heads = 1;
+  c.head_dim = 64;
+  c.use_gpu = 1;
+  kvrt_runtime* rt = nullptr;
+  const kvrt_status st = kvrt_runtime_create(&c, &rt);
+  kvrt_runtime_destroy(rt);
+  return st != KVRT_ERR_UNIMPLEMENTED;
+}
+
+}  // namespace
+
+absl::Status ResolveGpu(DecodeSettings* s) {
+  if (s->use_gpu == 0 || GpuBackendAvailable()) return absl::OkStatus();
+  if (s->use_gpu == -1) {  // "the GPU when available": the host backend, its data in host memory
+    s->use_gpu = 0;
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      "no CUDA device is available (or kvrt was built without CUDA); this benchmark runs the GPU "
+      "backend unless given --gpu 0 (the host backend) or --gpu -1 (the GPU when available)");
+}
+
 absl::StatusOr<kvrt_cold_attention> ParseColdAttention(const std::string& name) {
   if (name == "cpu") return KVRT_COLD_CPU;
   if (name == "fetch") return KVRT_COLD_FETCH;

@@ -33,6 +33,8 @@ struct DecodeSettings {
 // current values as defaults.
 void AddDecodeSettingsOptions(CLI::App* cmd, DecodeSettings* settings);
 absl::Status CheckDecodeSettings(const DecodeSettings& settings);
+// --gpu against this machine: -1 becomes 0 where no GPU backend can run; 1 there is an error.
+absl::Status ResolveGpu(DecodeSettings* settings);
 
 // cpu | fetch | auto (the error names --cold-attention).
 absl::StatusOr<kvrt_cold_attention> ParseColdAttention(const std::string& name);

@@ -8,6 +8,7 @@
 // top-k 100. Each (sequence, layer) is prefilled with sinks + cold + window tokens, so exactly
 // `cold` tokens sit in the host store. K/V/q: trace-like (kvrt gen-trace's generator at that size,
 // the default), random, or a recorded trace (tools/bench_data.h).
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -146,20 +147,6 @@ int Usage(const absl::Status& s) {
   return 2;
 }
 
-// Whether a runtime can take the GPU backend here, asked through the public API (a tiny config).
-bool GpuBackendAvailable() {
-  kvrt_config c = kvrt_config_default();
-  c.num_layers = 1;
-  c.num_q_heads = 1;
-  c.num_kv_heads = 1;
-  c.head_dim = 64;
-  c.use_gpu = 1;
-  kvrt_runtime* rt = nullptr;
-  const kvrt_status st = kvrt_runtime_create(&c, &rt);
-  kvrt_runtime_destroy(rt);
-  return st != KVRT_ERR_UNIMPLEMENTED;
-}
-
 int Run(BenchDecodeArgs a) {
   auto colds = ParseIntList("--cold", a.cold, 0, int64_t{1} << 40);
   if (!colds.ok()) return Usage(colds.status());
@@ -194,13 +181,7 @@ int Run(BenchDecodeArgs a) {
   }
   if (kinds.empty() || modes.empty() || attend_modes.empty())
     return Usage(absl::InvalidArgumentError("--index, --cold-attention and --attend need a value"));
-  if (a.run.use_gpu == 1 && !GpuBackendAvailable()) {
-    std::fprintf(stderr,
-                 "kvrt bench decode: no CUDA device is available (or kvrt was built without "
-                 "CUDA); this benchmark runs the GPU backend unless given --gpu 0 --memory host "
-                 "(the host backend)\n");
-    return 2;
-  }
+  if (auto st = ResolveGpu(&a.run); !st.ok()) return Usage(st);
   const bool device = a.run.device();
   const bool measure = a.accuracy_steps > 0;
   int rc = 0;
@@ -254,6 +235,15 @@ int Run(BenchDecodeArgs a) {
       std::printf(
           "per layer-step (B sequences: append 1 token + attend each); split = mean per attend, "
           "us\n");
+      if (a.run.use_gpu == 0)
+        std::printf(
+            "host backend: no device, so gpu_attn, h2d and merge are n/a; the attention over "
+            "sinks + window runs inside attend, in no column of the split\n");
+      if (std::any_of(attend_modes.begin(), attend_modes.end(),
+                      [](const AttendMode& m) { return m.batched; }))
+        std::printf(
+            "batch modes: search and cpu_attn sum each member's time in its lane, and the lanes "
+            "run in parallel, so the split of a batched row may exceed its attend\n");
       if (a.run.pipeline)
         std::printf(
             "pipelined: a step's %d layer-steps back to back, one wait per step; p50/p99 of a "
@@ -278,8 +268,21 @@ int Run(BenchDecodeArgs a) {
       for (const auto& [mode, mode_name] : modes)
         for (const AttendMode& am : attend_modes)
           for (int64_t batch : *batches) {
-            if (batch > 1 && cold > a.max_cold_batch) continue;
-            if (am.batched && batch == 1) continue;  // the same as one thread
+            if (batch > 1 && cold > a.max_cold_batch) {
+              std::fprintf(stderr,
+                           "kvrt bench decode: %s cold %lld B=%lld skipped: batches run up to "
+                           "--max-cold-batch %lld cold tokens\n",
+                           name.c_str(), static_cast<long long>(cold),
+                           static_cast<long long>(batch), static_cast<long long>(a.max_cold_batch));
+              continue;
+            }
+            if (am.batched && batch == 1) {  // the same as one thread
+              std::fprintf(stderr,
+                           "kvrt bench decode: %s B=1 with --attend batch%s skipped: a batch of "
+                           "one is --attend threads\n",
+                           name.c_str(), am.serial_appends ? "-serial" : "");
+              continue;
+            }
             Row r;
             r.batched = am.batched;
             r.serial_appends = am.serial_appends;
@@ -296,13 +299,28 @@ int Run(BenchDecodeArgs a) {
                 scored ? absl::StrFormat("%7.4f %7.4f %9.3g %9.3g", acc.recall, acc.mass,
                                          acc.error_mean, acc.error_p99)
                        : absl::StrFormat("%7s %7s %9s %9s", "n/a", "n/a", "n/a", "n/a");
+            // Unmeasured, not 0: no timed step (every measured step captured for accuracy in a
+            // pipelined run), and the device times on the host backend.
+            const bool timed = r.samples > 0, on_gpu = a.run.use_gpu != 0;
+            if (!timed)
+              std::fprintf(stderr,
+                           "kvrt bench decode: %s: no step was timed (with --pipeline a step "
+                           "captured for accuracy is not timed: raise --steps or "
+                           "--accuracy-every)\n",
+                           r.index.c_str());
+            auto us = [](bool known, int width, double v) {
+              return known ? absl::StrFormat("%*.1f", width, v)
+                           : absl::StrFormat("%*s", width, "n/a");
+            };
             std::printf(
-                "%-21s %9s %8lld %3d %5d %9.1f %9.1f | %8.1f %7.1f %8.1f %8.1f %7.1f %7.1f %7.1f "
+                "%-21s %9s %8lld %3d %5d %s %s | %s %7.1f %8.1f %8.1f %s %s %7.1f "
                 "%8.1f | %7.1f %9.2f %8.4f %6.2f | %7.4f %s\n",
                 r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch,
-                r.samples, r.p50, r.p99, r.gpu_attn, r.d2h, r.search, r.cpu_attn, r.h2d, r.merge,
-                r.idle, r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share,
-                r.retrieved, acc_cols.c_str());
+                r.samples, us(timed, 9, r.p50).c_str(), us(timed, 9, r.p99).c_str(),
+                us(on_gpu, 8, r.gpu_attn).c_str(), r.d2h, r.search, r.cpu_attn,
+                us(on_gpu, 7, r.h2d).c_str(), us(on_gpu, 7, r.merge).c_str(), r.idle, r.attend,
+                r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.retrieved,
+                acc_cols.c_str());
             if (r.direct_share > 0)
               std::printf(
                   "%-21s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
@@ -324,15 +342,21 @@ int Run(BenchDecodeArgs a) {
                           static_cast<long long>(r.segments_gpu), r.build_gpu_ms);
             std::printf("\n");
             std::fflush(stdout);
+            // Empty where unmeasured, as the table's n/a.
+            auto cell = [](bool known, double v) {
+              return known ? absl::StrFormat("%.1f", v) : std::string();
+            };
             char line[768];
             std::snprintf(line, sizeof line,
-                          "%s,%s,%lld,%d,%d,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,%.1f,"
+                          "%s,%s,%lld,%d,%d,%s,%s,%s,%s,%.1f,%.1f,%.1f,%s,%s,%.1f,%.1f,"
                           "%.1f,%.3f,%.5f,%.3f,%.1f,%.5f,%lld,%s,%s,%.2f,%.2f,%.2f\n",
                           r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold),
-                          r.batch, r.samples, r.p50, r.p99, r.mean, r.gpu_attn, r.d2h, r.search,
-                          r.cpu_attn, r.h2d, r.merge, r.idle, r.attend, r.append,
-                          r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.setup_s, r.retrieved,
-                          static_cast<long long>(acc.samples),
+                          r.batch, r.samples, cell(timed, r.p50).c_str(),
+                          cell(timed, r.p99).c_str(), cell(timed, r.mean).c_str(),
+                          cell(on_gpu, r.gpu_attn).c_str(), r.d2h, r.search, r.cpu_attn,
+                          cell(on_gpu, r.h2d).c_str(), cell(on_gpu, r.merge).c_str(), r.idle,
+                          r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share,
+                          r.setup_s, r.retrieved, static_cast<long long>(acc.samples),
                           scored ? absl::StrFormat("%.5f,%.5f,%.6g,%.6g", acc.recall, acc.mass,
                                                    acc.error_mean, acc.error_p99)
                                        .c_str()

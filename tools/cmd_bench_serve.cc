@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 #include "tools/accuracy.h"
 #include "tools/bench_data.h"
@@ -110,6 +111,7 @@ int Run(BenchServeArgs a) {
   auto mode = ParseColdAttention(a.cold_attention);
   if (!mode.ok()) return Usage(std::string(mode.status().message()));
   if (auto st = CheckDecodeSettings(a.run); !st.ok()) return Usage(std::string(st.message()));
+  if (auto st = ResolveGpu(&a.run); !st.ok()) return Usage(std::string(st.message()));
   if (auto st = CheckBenchDataOptions(a.data); !st.ok()) return Usage(std::string(st.message()));
   for (int64_t c : *contexts)
     if (c <= a.run.sinks + a.run.window)
@@ -215,8 +217,7 @@ int Run(BenchServeArgs a) {
         static_cast<long long>(row.fit.by_host), row.fit.binding.c_str(), row.measured_batch,
         row.p50, row.p99, row.tokens_per_s,
         row.dense_tokens_per_s >= 0
-            ? absl::StrCat("; dense ", static_cast<int64_t>(row.dense_tokens_per_s), " tokens/s")
-                  .c_str()
+            ? absl::StrFormat("; dense %.1f tokens/s", row.dense_tokens_per_s).c_str()
             : "");
     std::fflush(stdout);
   }
@@ -228,17 +229,22 @@ int Run(BenchServeArgs a) {
       dense_series{"dense SDPA (largest batch)", {}, {}};
   double y_max = 0;
   for (const auto& r : rows) {
+    // A context where no sequence fits was not measured: its cells stay empty and its point off
+    // the plot, where zeros would read as measured.
+    const bool measured = r.measured_batch > 0;
+    auto cell = [measured](double v) { return measured ? absl::StrCat(v) : std::string(); };
     csv += absl::StrCat(r.context, ",", r.dense_per_seq, ",", r.dense_batch, ",",
                         static_cast<int64_t>(r.gpu_per_seq_layer), ",",
                         static_cast<int64_t>(r.host_per_seq_layer), ",", r.fit.gpu_per_seq, ",",
-                        r.fit.host_per_seq, ",", r.fit.by_gpu, ",", r.fit.by_host, ",",
-                        r.fit.batch, ",", r.fit.binding, ",", r.measured_batch, ",", r.p50, ",",
-                        r.p99, ",", r.tokens_per_s, ",",
-                        r.dense_tokens_per_s >= 0 ? absl::StrCat(r.dense_tokens_per_s) : "",
-                        "\n");
-    kvrt_series.x.push_back(static_cast<double>(r.context));
-    kvrt_series.y.push_back(r.tokens_per_s);
-    y_max = std::max(y_max, r.tokens_per_s);
+                        r.fit.host_per_seq, ",", r.fit.by_gpu, ",", r.fit.by_host, ",", r.fit.batch,
+                        ",", r.fit.binding, ",", measured ? absl::StrCat(r.measured_batch) : "",
+                        ",", cell(r.p50), ",", cell(r.p99), ",", cell(r.tokens_per_s), ",",
+                        r.dense_tokens_per_s >= 0 ? absl::StrCat(r.dense_tokens_per_s) : "", "\n");
+    if (measured) {
+      kvrt_series.x.push_back(static_cast<double>(r.context));
+      kvrt_series.y.push_back(r.tokens_per_s);
+      y_max = std::max(y_max, r.tokens_per_s);
+    }
     if (r.dense_tokens_per_s >= 0) {
       dense_series.x.push_back(static_cast<double>(r.context));
       dense_series.y.push_back(r.dense_tokens_per_s);

@@ -109,6 +109,37 @@ cluster-rows)  # bench index's cluster row is what replay runs: one selection pe
   [ "${b%%,*}" = 1 ] || { echo "bench index cluster row: group_search ${b%%,*}, want 1"; exit 1; }
   [ "$r" = skip ] || [ "${b#*,}" = "$r" ] ||
     { echo "read fraction: bench index ${b#*,}, replay $r"; exit 1; } ;;
+bench-columns)  # bench decode/serve on the host backend: what was not measured says so
+  shape="--window 16 --q-heads 4 --kv-heads 1 --head-dim 32 --index flat --layers 1"
+  small="--gpu 0 --cold 256 $shape --accuracy-steps 0"
+  # No device: --gpu -1 is the host backend (it failed allocating device memory), and the device
+  # times are n/a, not 0.
+  "$kvrt" bench decode ${small#--gpu 0} --gpu -1 --steps 6 --warmup 0 --max-seconds 1 \
+    --csv d.csv >out.txt 2>err.txt || { echo "--gpu -1 failed"; cat err.txt; exit 1; }
+  if grep -q 'use_gpu 0' out.txt; then
+    grep -q '^flat .*|      n/a ' out.txt || { echo "host: gpu_attn not n/a"; cat out.txt; exit 1; }
+    awk -F, 'NR==2 && ($9 != "" || $13 != "" || $14 != "") { exit 1 }' d.csv ||
+      { echo "host: device columns not empty in the CSV"; cat d.csv; exit 1; }
+  fi
+  # The warm-up does not use up --max-seconds (it left 6 measured steps).
+  "$kvrt" bench decode --gpu 0 --cold 1024 $shape --accuracy-steps 0 --batch 1 \
+    --steps 1000 --warmup 1000 --max-seconds 0.1 >out.txt 2>&1 || { cat out.txt; exit 1; }
+  n=$(awk '$1 == "flat" { print $5; exit }' out.txt)
+  [ "${n:-0}" -gt 50 ] || { echo "warm-up counted against --max-seconds: n=$n"; cat out.txt; exit 1; }
+  # Every measured step captured for accuracy in a pipelined run: no step timed, n/a not 0.
+  "$kvrt" bench decode ${small% --accuracy-steps 0} --steps 5 --warmup 0 --pipeline \
+    --accuracy-every 1 >out.txt 2>err.txt || exit 1
+  grep -q 'no step was timed' err.txt && grep -q '^flat .* 0       n/a       n/a |' out.txt ||
+    { echo "untimed pipelined run not n/a"; cat out.txt err.txt; exit 1; }
+  # A configuration skipped says so.
+  "$kvrt" bench decode $small --steps 6 --max-seconds 1 --attend batch >out.txt 2>err.txt || exit 1
+  grep -q 'skipped: a batch of one' err.txt || { echo "no note of a skipped run"; cat err.txt; exit 1; }
+  # bench serve: a context where nothing fits leaves its measured cells empty.
+  "$kvrt" bench serve --gpu 0 --q-heads 8 --kv-heads 2 --head-dim 64 --window 64 --layers 1 \
+    --steps 8 --warmup 1 --max-seconds 1 --context 4096 --gpu-memory 64MiB --host-memory 8MiB \
+    --layers-model 4 --csv s.csv >out.txt 2>&1 || exit 1
+  awk -F, 'NR==2 { exit !($12 == "" && $13 == "" && $15 == "") }' s.csv ||
+    { echo "bench serve: unmeasured cells not empty"; cat s.csv; exit 1; } ;;
 *) echo "unknown case $3"; exit 2 ;;
 esac
 exit 0
