@@ -50,9 +50,20 @@ class _Torch:
         return True
 
 
+def _is_torch(t: Any) -> bool:
+    return _Torch.ready() and isinstance(t, _Torch.tensor)
+
+
 def _arg(t: Tensor) -> Any:
     """What crosses to the extension for tensor `t`: a DLPack capsule for a plain torch tensor,
     else `t` itself (nanobind calls its __dlpack__, or reads its buffer)."""
+    if _is_torch(t) and t.is_neg():
+        # A lazily negated view (its storage holds -t): DLPack hands over the storage.
+        t = t.resolve_neg()
+    if isinstance(t, np.ndarray) and not t.dtype.isnative:
+        # The binding's overloads refuse it with a signature dump that names nothing.
+        raise TypeError(f"kvrt: an array of non-native byte order ({t.dtype.str!r}); pass "
+                        f"arr.astype({t.dtype.newbyteorder('=').str!r})")
     if type(t) is _Torch.tensor or (_Torch.tensor is None and _Torch.ready()
                                     and type(t) is _Torch.tensor):
         try:
@@ -60,6 +71,26 @@ def _arg(t: Tensor) -> Any:
         except Exception:  # the generic path reports what is wrong with it
             return t
     return t
+
+
+def _out(t: Tensor, name: str = "out") -> Any:
+    """_arg for a tensor kvrt writes: kvrt writes it outside autograd and torch's version
+    counters, so a tensor that autograd tracks (or may have saved for backward), an inference
+    tensor outside inference mode, or a lazily negated view, is refused as torch's own in-place
+    writes refuse them (gradients would come out silently wrong)."""
+    if _is_torch(t):
+        import torch
+        problem = ("requires grad" if t.requires_grad
+                   else "is an inference tensor, written outside inference mode"
+                   if t.is_inference() and not torch.is_inference_mode_enabled()
+                   else "is a negated view (its storage holds -out)" if t.is_neg()
+                   else "")
+        if problem:
+            raise ValueError(f"kvrt: {name} {problem}; pass a plain tensor (e.g. torch.empty(..., "
+                             "dtype=torch.float32)) and copy from it")
+    if isinstance(t, np.ndarray) and not t.flags.writeable:
+        raise TypeError(f"kvrt: {name} is read-only; pass a writable f32 array")
+    return _arg(t)
 
 
 def _current_stream(t: Tensor) -> int:
@@ -79,8 +110,8 @@ def _current_stream(t: Tensor) -> int:
 
 
 def _opt(t: Optional[Tensor]) -> Any:
-    """_arg for an optional tensor (None stays None: the extension's std::optional)."""
-    return None if t is None else _arg(t)
+    """_out for an optional output (None stays None: the extension's std::optional)."""
+    return None if t is None else _out(t, "lse")
 
 
 def _empty_f32(like: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -179,7 +210,7 @@ class Runtime:
             out = _empty_f32(q, (len(ids),) + self._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._gpu else 0
-        self._impl.attend_batch(ids, layer, _arg(q), _arg(out), _opt(lse), stream)
+        self._impl.attend_batch(ids, layer, _arg(q), _out(out), _opt(lse), stream)
         return out
 
     def append_attend_batch(self, seqs: Seq["Sequence"], layer: int, q: Tensor, k: Tensor,
@@ -197,7 +228,7 @@ class Runtime:
         if stream is None:
             stream = _current_stream(q) if self._gpu else 0
         self._impl.append_attend_batch(ids, layer, _arg(q), _arg(k), _arg(self._values(k, v)),
-                                       _arg(out), _opt(lse), stream)
+                                       _out(out), _opt(lse), stream)
         return out
 
     def _ids(self, seqs: Seq["Sequence"], call: str) -> list[int]:
@@ -279,7 +310,7 @@ class Sequence:
             out = _empty_f32(q, self._rt._out_shape)
         if stream is None:
             stream = _current_stream(q) if self._rt._gpu else 0
-        self._impl.attend(self.id, layer, _arg(q), _arg(out), _opt(lse), stream)
+        self._impl.attend(self.id, layer, _arg(q), _out(out), _opt(lse), stream)
         return out
 
     def append_attend(self, layer: int, q: Tensor, k: Tensor, v: Optional[Tensor],
@@ -294,7 +325,7 @@ class Sequence:
         if stream is None:
             stream = _current_stream(q) if self._rt._gpu else 0
         self._impl.append_attend(self.id, layer, _arg(q), _arg(k), _arg(self._rt._values(k, v)),
-                                 _arg(out), _opt(lse), stream)
+                                 _out(out), _opt(lse), stream)
         return out
 
     def wait(self) -> None:

@@ -70,10 +70,12 @@ def test_bad_out_and_kv(rt, rng):
     seq.prefill(0, None, kv(rng, 5), kv(rng, 5))
     with pytest.raises(kvrt.InvalidArgumentError, match="out has dtype float16"):
         seq.attend(0, np.zeros((8, 32), np.float32), out=np.zeros((8, 32), np.float16))
-    with pytest.raises(TypeError):  # a read-only out is refused by the binding
+    with pytest.raises(TypeError, match="out is read-only"):  # was a signature dump
         ro = np.zeros((8, 32), np.float32)
         ro.flags.writeable = False
         seq.attend(0, np.zeros((8, 32), np.float32), out=ro)
+    with pytest.raises(TypeError, match="non-native byte order"):
+        seq.attend(0, np.zeros((8, 32), ">f4"))
 
 
 def test_nothing_changes_on_failure(rt, rng):
@@ -255,3 +257,29 @@ def test_lse_errors_name_it_as_an_output(rt):
         seq.attend(0, q, out, lse=np.zeros(8, np.float64))
     with pytest.raises(kvrt.InvalidArgumentError, match="lse overlaps out"):
         seq.attend(0, q, out, lse=out.reshape(-1)[3:11])
+
+
+def test_torch_outputs_autograd_tracks_are_refused_and_negated_views_read_as_values(rt, rng):
+    """kvrt writes out/lse outside autograd: a tensor autograd tracks (or saved for backward)
+    came out of backward with silently wrong gradients; torch's own in-place writes refuse it.
+    A lazily negated view (storage -t) was read as its storage."""
+    torch = pytest.importorskip("torch")
+    seq = rt.sequence()
+    seq.prefill(0, None, kv(rng, 40), kv(rng, 40))
+    q = torch.from_numpy(rng.standard_normal((8, 32), dtype=np.float32))
+    for out in (torch.zeros(8, 32, requires_grad=True),
+                torch.nn.Parameter(torch.zeros(8, 32))):
+        with pytest.raises(ValueError, match="out requires grad"):
+            seq.attend(0, q, out=out)
+        assert not out.detach().any()
+    with pytest.raises(ValueError, match="lse requires grad"):
+        seq.attend(0, q, lse=torch.zeros(8, requires_grad=True))
+    with torch.inference_mode():
+        frozen = torch.zeros(8, 32)
+    with pytest.raises(ValueError, match="inference tensor"):
+        seq.attend(0, q, out=frozen)
+    neg = torch._neg_view(-q)  # values q, storage -q
+    assert neg.is_neg()
+    np.testing.assert_array_equal(seq.attend(0, neg).numpy(), seq.attend(0, q).numpy())
+    with pytest.raises(ValueError, match="negated view"):
+        seq.attend(0, q, out=torch._neg_view(torch.zeros(8, 32)))
