@@ -496,7 +496,9 @@ KVRT_API kvrt_status kvrt_seq_length(const kvrt_runtime* rt, kvrt_seq_id seq, in
  * the index is built in a background job on the runtime's workers, which overlaps the caller's
  * next work (the next layers) and which the next call on this (seq, layer), or kvrt_seq_wait,
  * waits for (joining it: the waiting thread runs the build's tasks). The index does not depend on
- * when it is built, so neither do results. Since 0.3.28 on the host backend and for host pointers
+ * when it is built, so neither do results; except KVRT_INDEX_HNSW's and KVRT_INDEX_IVF's, which
+ * hnswlib's parallel inserts and FAISS's threads make depend on the threads' timing (two builds
+ * of the same keys may differ; docs/fidelity.md). Since 0.3.28 on the host backend and for host pointers
  * (before, the call built it); for device pointers since 0.3.2. */
 KVRT_API kvrt_status kvrt_prefill(kvrt_runtime* rt, kvrt_seq_id seq, int32_t layer, const void* q,
                                   const void* k, const void* v, int64_t n_tokens);
