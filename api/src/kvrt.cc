@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <utility>
@@ -19,6 +21,9 @@ struct kvrt_runtime {
   std::unique_ptr<kvrt::runtime::Runtime> impl;
   kvrt_config config;  // effective values
   uint64_t magic;      // catches use of a destroyed or foreign handle where detectable
+  // kvrt_runtime_config may run beside kvrt_set_search_effort (kvrt.h): its copy of `config`
+  // and the setter's write of one field take this.
+  mutable std::mutex config_mu{};
 };
 
 namespace {
@@ -450,7 +455,10 @@ kvrt_status kvrt_runtime_config(const kvrt_runtime* rt, kvrt_config* out) {
   if (out == nullptr) return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_runtime_config: out is NULL");
   const std::size_t size = StructSize(out);
   if (!KnownSize(kConfigSizes, size)) return BadSize("kvrt_runtime_config", "kvrt_config", size);
-  std::memcpy(out, &rt->config, size);  // the caller's prefix only
+  {
+    std::lock_guard<std::mutex> lock(rt->config_mu);
+    std::memcpy(out, &rt->config, size);  // the caller's prefix only
+  }
   out->struct_size = size;
   return KVRT_OK;
 }
@@ -649,6 +657,7 @@ kvrt_status kvrt_set_search_effort(kvrt_runtime* rt, int32_t effort) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_set_search_effort"); s != KVRT_OK) return s;
   if (kvrt_status s = FromStatus(rt->impl->SetSearchEffort(effort)); s != KVRT_OK) return s;
+  std::lock_guard<std::mutex> lock(rt->config_mu);
   rt->config.search_effort = effort;
   return KVRT_OK;
   KVRT_API_CATCH

@@ -558,3 +558,22 @@ TEST(ApiAttendBatch, EqualsOneAttendPerSequenceAndNamesBadInput) {
   EXPECT_NE(std::string(kvrt_last_error()).find("12345"), std::string::npos) << kvrt_last_error();
   kvrt_runtime_destroy(rt);
 }
+
+// kvrt.h lets kvrt_runtime_config run beside anything but create/destroy, kvrt_set_search_effort
+// included: its copy of the config and the setter's write were a data race (TSan, 3 of 3 runs of
+// a probe; scripts/sanitize.sh --tsan runs this test). Here: every effort read is one set.
+TEST(ApiThreads, RuntimeConfigBesideSetSearchEffortReadsAnEffortSet) {
+  kvrt_config c = TinyConfig();
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+  std::thread setter([rt] {
+    for (int i = 0; i < 2000; ++i) kvrt_set_search_effort(rt, 1 + i % 2);
+  });
+  for (int i = 0; i < 2000; ++i) {
+    kvrt_config got = kvrt_config_default();
+    ASSERT_EQ(kvrt_runtime_config(rt, &got), KVRT_OK);
+    EXPECT_TRUE(got.search_effort == 0 || got.search_effort == 1 || got.search_effort == 2);
+  }
+  setter.join();
+  kvrt_runtime_destroy(rt);
+}
