@@ -125,7 +125,8 @@ bench-columns)  # bench decode/serve on the host backend: what was not measured 
   "$kvrt" bench decode --gpu 0 --cold 1024 $shape --accuracy-steps 0 --batch 1 \
     --steps 1000 --warmup 1000 --max-seconds 0.1 >out.txt 2>&1 || { cat out.txt; exit 1; }
   n=$(awk '$1 == "flat" { print $5; exit }' out.txt)
-  [ "${n:-0}" -gt 50 ] || { echo "warm-up counted against --max-seconds: n=$n"; cat out.txt; exit 1; }
+  # (6 is what a warm-up past --max-seconds left; the sanitizer build measures ~40 steps here.)
+  [ "${n:-0}" -ge 10 ] || { echo "warm-up counted against --max-seconds: n=$n"; cat out.txt; exit 1; }
   # Every measured step captured for accuracy in a pipelined run: no step timed, n/a not 0.
   "$kvrt" bench decode ${small% --accuracy-steps 0} --steps 5 --warmup 0 --pipeline \
     --accuracy-every 1 >out.txt 2>err.txt || exit 1
