@@ -37,7 +37,17 @@ class Sequence {
   }
   std::mutex mu;  // serialises calls on this sequence
   std::vector<LayerState> layers;
+  bool released = false;  // guarded by mu: its layers were released (ReleaseSequence)
 };
+
+namespace {
+// A call that found the sequence before a concurrent release and locked it after (the caller's
+// race, kvrt.h) fails as a released one, instead of running on released layers.
+absl::Status Live(const Sequence& seq, int64_t id) {
+  if (!seq.released) return absl::OkStatus();
+  return absl::NotFoundError(absl::StrCat("sequence ", id, " does not exist or was released"));
+}
+}  // namespace
 
 struct Runtime::Impl {
   explicit Impl(int threads) : arena(threads) {}
@@ -276,6 +286,7 @@ absl::Status Runtime::ReleaseSequence(int64_t id) {
   }
   std::lock_guard<std::mutex> lock(seq->mu);  // waits for a call in flight on this sequence
   for (auto& layer : seq->layers) layer.Release();
+  seq->released = true;
   return absl::OkStatus();
 }
 
@@ -294,6 +305,7 @@ absl::Status Runtime::WaitSequence(int64_t id) {
   transfer::CudaCallScope on_device(config_.call_device());  // before seq: as ReleaseSequence
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, 0));
   std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(Live(*seq, id));
   for (auto& layer : seq->layers) KVRT_RETURN_IF_ERROR(layer.SettleCold());
   return absl::OkStatus();
 }
@@ -304,6 +316,7 @@ absl::StatusOr<int64_t> Runtime::SequenceLength(int64_t id, int layer) const {
   transfer::CudaCallScope on_device(config_.call_device());
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(Live(*seq, id));
   return seq->layers[layer].length();
 }
 
@@ -399,6 +412,7 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_qu
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "prefill"));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(Live(*seq, id));
   KVRT_RETURN_IF_ERROR(CheckTokens("prefill", n, seq->layers[layer].length(), false));
   // After the checks kvrt_prefill has always made, in their order (tests/fuzz holds them to it):
   // there n_queries is n, valid once n is.
@@ -440,6 +454,7 @@ absl::Status Runtime::Append(int64_t id, int layer, const void* k, const void* v
   KVRT_RETURN_IF_ERROR(CheckExec(config_, exec, "append"));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(Live(*seq, id));
   KVRT_RETURN_IF_ERROR(CheckTokens("append", n, seq->layers[layer].length(), false));
   const bool host = !exec.device;
   KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "append: k", host ? k : nullptr, n,
@@ -463,6 +478,7 @@ absl::Status Runtime::Attend(int64_t id, int layer, const void* q, float* out, c
                                    exec.device ? nullptr : q, 1, config_.num_q_heads));
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(Live(*seq, id));
   const uint8_t* streaming =
       impl_->streaming.data() + static_cast<std::size_t>(layer) * config_.num_q_heads;
   if (!impl_->pad.on())
@@ -513,6 +529,9 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   locks.reserve(n);
   for (int i : order)
     if (seqs[i]) locks.emplace_back(seqs[i]->mu);
+  // (The released ones stay referenced: `locks` holds their mutexes.)
+  for (int i = 0; i < n; ++i)
+    if (seqs[i]) status[i] = Live(*seqs[i], ids[i]);
   // A padded head_dim (head_pad.h): the layers read and write the padded copies; the rows of the
   // sequences that succeed go back to the caller's out below.
   PaddedCall padded;
@@ -532,12 +551,12 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
   // background index insert, which also needs a worker. Waiting here, on the caller's thread,
   // means no worker ever blocks on work queued behind it.
   for (auto& seq : seqs)
-    if (seq) seq->layers[layer].SettleBackgroundWork();
+    if (seq && !seq->released) seq->layers[layer].SettleBackgroundWork();
   // One decode step for every known sequence (LayerState::Step: one GPU-tier launch and one
   // merge for all); unknown ones keep their NOT_FOUND and their rows.
   std::vector<int> known;
   for (int i = 0; i < n; ++i)
-    if (seqs[i]) known.push_back(i);
+    if (seqs[i] && status[i].ok()) known.push_back(i);
   if (!known.empty()) {
     const bool contiguous = static_cast<int>(known.size()) == n;
     std::vector<LayerState*> layers;
@@ -599,6 +618,7 @@ absl::StatusOr<float> Runtime::GetEstimateLse(int64_t id, int layer, int q_head)
   transfer::CudaCallScope on_device(config_.call_device());       // before seq: as SequenceLength
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(Live(*seq, id));
   return seq->layers[layer].estimate_lse(q_head);
 }
 
@@ -618,6 +638,7 @@ absl::Status Runtime::Attended(const char* what, int64_t id, int layer, int q_he
   transfer::CudaCallScope on_device(config_.call_device());  // before seq: as SequenceLength
   KVRT_ASSIGN_OR_RETURN(auto seq, Find(id, layer));
   std::lock_guard<std::mutex> lock(seq->mu);
+  KVRT_RETURN_IF_ERROR(Live(*seq, id));
   const auto& state = seq->layers[layer];
   if (!state.has_attended())
     return absl::FailedPreconditionError(
