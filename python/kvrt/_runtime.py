@@ -237,6 +237,8 @@ class Runtime:
             if s._rt is not self:
                 raise ValueError(f"{call}: every sequence must belong to this runtime")
             ids.append(s.id)
+        if not ids:  # the shapes' check would say "no tokens"
+            raise ValueError(f"{call}: needs at least one sequence")
         return ids
 
     def set_head_policy(self, layer: int, q_head: int, policy: str | int) -> None:

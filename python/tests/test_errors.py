@@ -283,3 +283,9 @@ def test_torch_outputs_autograd_tracks_are_refused_and_negated_views_read_as_val
     np.testing.assert_array_equal(seq.attend(0, neg).numpy(), seq.attend(0, q).numpy())
     with pytest.raises(ValueError, match="negated view"):
         seq.attend(0, q, out=torch._neg_view(torch.zeros(8, 32)))
+
+
+def test_a_batch_of_no_sequences_says_so(rt, rng):
+    q = np.zeros((0, 8, 32), np.float32)
+    with pytest.raises(ValueError, match="attend_batch: needs at least one sequence"):
+        rt.attend_batch([], 0, q)
