@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tests/support/random_trace.h"
 #include "tools/accuracy.h"
 #include "tools/replay.h"
 #include "tools/report.h"
@@ -126,20 +127,7 @@ TEST(ReplayNoPrompt, StreamingThresholdStreamsNoHeadOnAnUnmeasuredShare) {
   m.dtype = DType::kF32;
   m.prompt_tokens = 0;
   m.decode_steps = 24;
-  {
-    auto w = trace::TraceWriter::Create(path, m);
-    ASSERT_TRUE(w.ok()) << w.status();
-    std::mt19937 rng(3);
-    std::normal_distribution<float> normal;
-    for (const std::string& part : trace::TensorParts()) {
-      const bool prefill = part.rfind("prefill", 0) == 0;
-      const int heads = part.back() == 'q' ? m.num_q_heads : m.num_kv_heads;
-      std::vector<float> x((prefill ? 0 : m.decode_steps) * heads * m.head_dim);
-      for (float& v : x) v = normal(rng);
-      ASSERT_TRUE((*w)->WriteTensor(0, part, x.data(), x.size() * sizeof(float)).ok()) << part;
-    }
-    ASSERT_TRUE((*w)->Close().ok());
-  }
+  ASSERT_FALSE(trace::testing::WriteRandomTrace(path, m, 3).empty());
   auto t = trace::TraceReader::Open(path);
   ASSERT_TRUE(t.ok()) << t.status();
   auto ref = ComputeExactReference(**t, 4, 0, false);
