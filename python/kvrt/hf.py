@@ -796,9 +796,10 @@ class KvrtCache(DynamicCache):
         if padding.shape[0] != B or padding.shape[1] != total:
             return  # not this forward's mask (another model's, or one sliced otherwise)
         prompt, pads = self._prompt_shape
-        hidden = (~padding.bool()).sum(dim=1).tolist()
-        tail_hidden = bool((~padding[:, prompt:].bool()).any()) if total > prompt else False
-        if tail_hidden or any(h != p for h, p in zip(hidden, pads)):
+        hidden = ~padding.bool()
+        # One read back per forward: each row's hidden keys, all and past the prompt.
+        counts = torch.stack((hidden.sum(dim=1), hidden[:, prompt:].sum(dim=1))).tolist()
+        if any(counts[1]) or counts[0] != pads:
             raise ValueError(
                 "kvrt.hf: the attention mask hides keys after the prompt (padding in new tokens, "
                 "or holes over earlier ones); kvrt attends every key it holds past the prompt's "
