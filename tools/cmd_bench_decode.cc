@@ -30,6 +30,9 @@
 namespace kvrt::cli {
 namespace {
 
+// The table's index column: the longest row name, "attention-aware/batch-serial".
+constexpr int kIndexWidth = 28;
+
 struct BenchDecodeArgs {
   std::string cold = "4096,32768,131072,524288,1048576", batch = "1,16", indexes = "flat,landmark";
   std::string csv, cold_attention = "cpu", attend = "threads";
@@ -237,8 +240,8 @@ int Run(BenchDecodeArgs a) {
           "us\n");
       if (a.run.use_gpu == 0)
         std::printf(
-            "host backend: no device, so gpu_attn, h2d and merge are n/a; the attention over "
-            "sinks + window runs inside attend, in no column of the split\n");
+            "host backend: no device, so h2d is n/a; gpu_attn and merge are the CPU's wall "
+            "time of the attention over sinks + window and of the merge\n");
       if (std::any_of(attend_modes.begin(), attend_modes.end(),
                       [](const AttendMode& m) { return m.batched; }))
         std::printf(
@@ -257,11 +260,11 @@ int Run(BenchDecodeArgs a) {
             "(--accuracy-steps 0: timings without it)\n",
             a.accuracy_every, a.accuracy_steps);
       std::printf(
-          "%-21s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s | "
+          "%-*s %5s %8s %3s %5s %9s %9s | %8s %7s %8s %8s %7s %7s %7s %8s | %7s %9s %8s %6s | "
           "%7s %7s %7s %9s %9s\n",
-          "index", "cold_attn", "cold", "B", "n", "p50_us", "p99_us", "gpu_attn", "d2h", "search",
-          "cpu_attn", "h2d", "merge", "idle", "attend", "append", "GPU_MiB/sl", "scanned", "fetch",
-          "retr", "recall", "mass", "err_mean", "err_p99");
+          kIndexWidth, "index", "cold_attn", "cold", "B", "n", "p50_us", "p99_us", "gpu_attn",
+          "d2h", "search", "cpu_attn", "h2d", "merge", "idle", "attend", "append", "GPU_MiB/sl",
+          "scanned", "fetch", "retr", "recall", "mass", "err_mean", "err_p99");
     }
     std::printf("keys (cold %lld): %s\n", static_cast<long long>(cold), data->source.c_str());
     for (const auto& [kind, name] : kinds)
@@ -300,7 +303,7 @@ int Run(BenchDecodeArgs a) {
                                          acc.error_mean, acc.error_p99)
                        : absl::StrFormat("%7s %7s %9s %9s", "n/a", "n/a", "n/a", "n/a");
             // Unmeasured, not 0: no timed step (every measured step captured for accuracy in a
-            // pipelined run), and the device times on the host backend.
+            // pipelined run), and the H2D time on the host backend.
             const bool timed = r.samples > 0, on_gpu = a.run.use_gpu != 0;
             if (!timed)
               std::fprintf(stderr,
@@ -313,30 +316,30 @@ int Run(BenchDecodeArgs a) {
                            : absl::StrFormat("%*s", width, "n/a");
             };
             std::printf(
-                "%-21s %9s %8lld %3d %5d %s %s | %s %7.1f %8.1f %8.1f %s %s %7.1f "
+                "%-*s %9s %8lld %3d %5d %s %s | %s %7.1f %8.1f %8.1f %s %s %7.1f "
                 "%8.1f | %7.1f %9.2f %8.4f %6.2f | %7.4f %s\n",
-                r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold), r.batch,
-                r.samples, us(timed, 9, r.p50).c_str(), us(timed, 9, r.p99).c_str(),
-                us(on_gpu, 8, r.gpu_attn).c_str(), r.d2h, r.search, r.cpu_attn,
-                us(on_gpu, 7, r.h2d).c_str(), us(on_gpu, 7, r.merge).c_str(), r.idle, r.attend,
+                kIndexWidth, r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold),
+                r.batch, r.samples, us(timed, 9, r.p50).c_str(), us(timed, 9, r.p99).c_str(),
+                us(true, 8, r.gpu_attn).c_str(), r.d2h, r.search, r.cpu_attn,
+                us(on_gpu, 7, r.h2d).c_str(), us(true, 7, r.merge).c_str(), r.idle, r.attend,
                 r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share, r.retrieved,
                 acc_cols.c_str());
             if (r.direct_share > 0)
               std::printf(
-                  "%-21s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
+                  "%-*s direct step in %.0f%% of attends; per attend: %.1f 8-row blocks hit, "
                   "%.1f given a page (%.3f MB copied in over PCIe), %.3f MB read from the host "
                   "store, CPU %.1f us\n",
-                  "", 100 * r.direct_share, r.hot_hits, r.hot_misses, r.hot_h2d_mb,
+                  kIndexWidth, "", 100 * r.direct_share, r.hot_hits, r.hot_misses, r.hot_h2d_mb,
                   r.direct_host_mb, r.hot_cpu_us);
             else if (r.hot_hits + r.hot_misses > 0)
               std::printf(
-                  "%-21s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB), CPU %.1f "
+                  "%-*s hot cache per attend: %.1f groups hit, %.1f copied (%.3f MB), CPU %.1f "
                   "us of the search\n",
-                  "", r.hot_hits, r.hot_misses, r.hot_h2d_mb, r.hot_cpu_us);
+                  kIndexWidth, "", r.hot_hits, r.hot_misses, r.hot_h2d_mb, r.hot_cpu_us);
             std::printf(
-                "%-21s prefill (%s pointers): the call %.1f ms, until ready (host store and "
+                "%-*s prefill (%s pointers): the call %.1f ms, until ready (host store and "
                 "index built, kvrt_seq_wait) %.1f ms per (sequence, layer)",
-                "", r.device ? "device" : "host", r.prefill_ms, r.prefill_ready_ms);
+                kIndexWidth, "", r.device ? "device" : "host", r.prefill_ms, r.prefill_ready_ms);
             if (r.segments_gpu > 0)
               std::printf("; GPU build of %lld segments: %.1f ms of it",
                           static_cast<long long>(r.segments_gpu), r.build_gpu_ms);
@@ -353,8 +356,8 @@ int Run(BenchDecodeArgs a) {
                           r.index.c_str(), mode_name.c_str(), static_cast<long long>(r.cold),
                           r.batch, r.samples, cell(timed, r.p50).c_str(),
                           cell(timed, r.p99).c_str(), cell(timed, r.mean).c_str(),
-                          cell(on_gpu, r.gpu_attn).c_str(), r.d2h, r.search, r.cpu_attn,
-                          cell(on_gpu, r.h2d).c_str(), cell(on_gpu, r.merge).c_str(), r.idle,
+                          cell(true, r.gpu_attn).c_str(), r.d2h, r.search, r.cpu_attn,
+                          cell(on_gpu, r.h2d).c_str(), cell(true, r.merge).c_str(), r.idle,
                           r.attend, r.append, r.gpu_mib_per_seq_layer, r.scanned, r.fetch_share,
                           r.setup_s, r.retrieved, static_cast<long long>(acc.samples),
                           scored ? absl::StrFormat("%.5f,%.5f,%.6g,%.6g", acc.recall, acc.mass,

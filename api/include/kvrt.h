@@ -691,16 +691,19 @@ typedef struct kvrt_stats {
                                    backend: the sink and window buffers in host memory), and the
                                    cluster summaries' device copies (summary_gpu_bytes) */
   /* Decode-path time in ns, summed over attends. The host backend fills the wall, search and
-   * CPU-attention times (the device times stay 0 there). Device times come from CUDA events and
+   * CPU-attention times, and since 0.3.37 its tier attention and merge as the CPU's wall time
+   * (h2d stays 0 there). Device times come from CUDA events and
    * are added once the work completed (for device output: at the layer's next attend; since 0.3.7
    * one attend in 8 is timed there and counts 8-fold, an estimate). */
   int64_t time_attend_ns;        /* wall time inside attend calls */
-  int64_t time_gpu_attention_ns; /* GPU partial attention over sinks + window (device time) */
+  int64_t time_gpu_attention_ns; /* partial attention over sinks + window (device time; host
+                                    backend: wall time) */
   int64_t time_d2h_ns;           /* CPU waiting for q D2H and storing evicted rows */
   int64_t time_cpu_search_ns;    /* cold-index search (wall share of the CPU phase) */
   int64_t time_cpu_attention_ns; /* CPU attention over retrieved rows (wall share) */
   int64_t time_h2d_ns;           /* H2D of the CPU partial state (device time) */
-  int64_t time_merge_ns;         /* merge kernel (device time) */
+  int64_t time_merge_ns;         /* merge of the partial states (device time; host backend:
+                                    wall time) */
   int64_t time_idle_ns;          /* CPU waiting for the GPU at the end (host output) */
   int64_t eviction_batches;      /* D2H batches of evicted tokens */
   int64_t index_update_failures; /* cold-index builds/inserts that failed (e.g. out of memory);

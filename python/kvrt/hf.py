@@ -593,6 +593,7 @@ class KvrtCache(DynamicCache):
         self._maps = {}
         self._latent_modules: list = []  # weak references: the modules whose latent is kept
         self._closed = False
+        self._warned_weights = False  # output_attentions=True warned about (attention())
         for src, kl in self.layer_map.items():
             if src in mods:
                 _forget_attended_on_forward(mods[src])
@@ -1006,6 +1007,14 @@ def attention(module, query, key, value, attention_mask, **kwargs):
                 "update (e.g. differential attention), which kvrt does not serve")
         return _sdpa(module, query, key, value, attention_mask, **kwargs)
     attended[idx] = weakref.ref(module)  # not kept alive past its model
+    if kwargs.get("output_attentions") and not layer.cache._warned_weights:
+        # As transformers' SDPA does: a warning (once per cache), and the attentions stay empty.
+        # kvrt has no [queries, keys] weights to give: it attends a selection of its tokens.
+        layer.cache._warned_weights = True
+        import warnings
+        warnings.warn("kvrt.hf: output_attentions=True is not supported: kvrt attends a "
+                      "selection of the tokens it holds and returns no attention weights, so "
+                      "the output's attentions stay empty", stacklevel=2)
     return layer.attend(module, query, key, value, attention_mask, **kwargs)
 
 

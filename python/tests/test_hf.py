@@ -346,3 +346,17 @@ def test_runtime_config_comes_from_the_model(model):
         assert abs(cfg.scale - 64 ** -0.5) < 1e-7
     assert kh.runtime_config(model, kvrt.Config(dtype="f16")).dtype == "f16"
     assert kh.runtime_config(model, {"dtype": "bf16"}).dtype == "bf16"
+
+
+def test_output_attentions_warns_once_and_leaves_them_empty(model):
+    """kvrt has no attention weights to give; the request used to pass in silence."""
+    ids = _ids(60, seed=9)
+    with torch.inference_mode():
+        cache = _exact(model)
+        kw = {kh.cache_kwarg(model): cache}
+        with pytest.warns(UserWarning, match="output_attentions=True is not supported") as rec:
+            out = model(ids, output_attentions=True, use_cache=True, **kw)
+            model(ids[:, :1], output_attentions=True, use_cache=True, **kw)
+        assert sum("output_attentions" in str(w.message) for w in rec) == 1
+        assert all(a is None for a in (out.attentions or ()))
+    cache.close()

@@ -95,9 +95,10 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
 
   // 1. GPU tier, every member in one launch.
   timeline::Span begin_span("tier_begin", m);
+  const int64_t t_tier = NowNs();
   KVRT_ASSIGN_OR_RETURN(std::unique_ptr<TierStep> step,
                         backend.BeginStep(tiers.data(), counts.data(), m, q_step, exec, arena));
-
+  const int64_t tier_ns = NowNs() - t_tier;
   begin_span.End();
 
   // 2-3. Per member: cold selection, then cold attention (CPU, or fetched to the GPU).
@@ -214,7 +215,14 @@ absl::Status LayerState::Step(LayerState* const* layers, int n, const void* q, f
 
   // 4. One merge of every member's list of states.
   timeline::Span merge_span("merge", m);
+  const int64_t t_merge = NowNs();
   KVRT_RETURN_IF_ERROR(backend.Finish(step.get(), states, ok, out_step, lse_step));
+  if (backend.computes_on_host()) {
+    // The device backend records these as device times; here they are the calling thread's.
+    Runtime::Counters& c = *layers[members[0]]->counters_;
+    c.time_gpu_attention_ns += tier_ns;
+    c.time_merge_ns += NowNs() - t_merge;
+  }
   merge_span.End();
   if (m < n)
     for (int j = 0; j < m; ++j) {

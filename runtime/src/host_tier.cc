@@ -44,6 +44,7 @@ class HostTier final : public TierBackend {
     return absl::OkStatus();
   }
   bool background_refresh() const override { return false; }
+  bool computes_on_host() const override { return true; }
   absl::StatusOr<std::unique_ptr<TierStep>> BeginStep(TierBackend* const* tiers,
                                                       const TierCounts* counts, int n,
                                                       const void* q, const Exec& exec,

@@ -132,6 +132,9 @@ class TierBackend {
   // Whether indexes refresh in the background (device: overlapping other layers' work) or at
   // once (host: results independent of timing).
   virtual bool background_refresh() const = 0;
+  // Whether BeginStep and Finish compute on the calling thread (host: the step counts their wall
+  // time in time_gpu_attention_ns and time_merge_ns) rather than record device times of their own.
+  virtual bool computes_on_host() const { return false; }
 
   // Phase 1 of a decode step for tiers[0, n) (this backend's kind, one runtime; n = 1 for one
   // sequence): starts the tiers' partial attention for q [n, q_heads, d] (device: one launch for

@@ -884,6 +884,30 @@ TEST(ContractStats, ColdKeysSearchableCountsRetrievalHeadsOnly) {
   kvrt_runtime_destroy(rt);
 }
 
+// The host backend's tier attention (sinks + window) and merge ran inside attend in no timing
+// field (0.3.36 and before: both 0); since 0.3.37 they are its wall time, inside the attend's.
+TEST(ContractStats, HostBackendTimesItsTierAttentionAndMerge) {
+  kvrt_config c = TinyConfig(1, 2);
+  c.sink_tokens = 2;
+  c.window_tokens = 64;
+  c.index_kind = KVRT_INDEX_FLAT;
+  kvrt_runtime* rt = nullptr;
+  ASSERT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK);
+  kvrt_seq_id s;
+  ASSERT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+  const auto k = Wave(200 * 4, 0.3f, 0.f), v = Wave(200 * 4, 0.7f, 0.f);
+  ASSERT_EQ(kvrt_prefill(rt, s, 0, nullptr, k.data(), v.data(), 200), KVRT_OK);
+  std::vector<float> q(8, 0.2f), out(8);
+  for (int i = 0; i < 20; ++i) ASSERT_EQ(kvrt_attend(rt, s, 0, q.data(), out.data()), KVRT_OK);
+  kvrt_stats st = kvrt_stats_init();
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK);
+  EXPECT_GT(st.time_gpu_attention_ns, 0);
+  EXPECT_GT(st.time_merge_ns, 0);
+  EXPECT_LE(st.time_gpu_attention_ns + st.time_merge_ns, st.time_attend_ns);
+  EXPECT_EQ(st.time_h2d_ns, 0) << "no device";
+  kvrt_runtime_destroy(rt);
+}
+
 // ---- 0.3.25: multi-head latent attention served as its latent ----------------------------------
 
 // DeepSeek-V3's latent as kvrt serves it (kvrt.hf, mla="latent"): 128 q heads over one kv head
