@@ -43,11 +43,18 @@ absl::Status SearchFailed(const absl::Status& st, int g) {
 }
 
 // The index search, after the test-only fault hook (fault_injection.h; one atomic load when off).
+// An allocation that fails inside the index is the search's OUT_OF_MEMORY, with the step and kv
+// head named as for any failed search (other exceptions reach the API's catch as INTERNAL).
 template <typename SearchFn>
 absl::Status GuardedSearch(cpu_index::IndexKind kind, int g, SearchFn&& search) {
-  absl::Status st =
-      fault::Check(fault::Site::kIndexSearch, cpu_index::IndexKindName(kind), "search");
-  if (st.ok()) st = search();
+  absl::Status st;
+  try {
+    st = fault::Check(fault::Site::kIndexSearch, cpu_index::IndexKindName(kind), "search");
+    if (st.ok()) st = search();
+  } catch (const std::bad_alloc&) {
+    st = absl::ResourceExhaustedError(
+        absl::StrCat(cpu_index::IndexKindName(kind), " search: out of memory"));
+  }
   return st.ok() ? st : SearchFailed(st, g);
 }
 

@@ -1,5 +1,6 @@
 #include "fault_injection.h"
 
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -22,9 +23,11 @@ absl::Status Consume(Site site, const char* kind, const char* operation) {
   }
   if (left <= 0) return absl::OkStatus();  // another thread took the last one
   const std::string msg = absl::StrCat(kind, " ", operation, ": injected fault (test hook)");
-  if (static_cast<Mode>(mode[static_cast<int>(site)].load(std::memory_order_relaxed)) ==
-      Mode::kThrow)
-    throw std::runtime_error(msg);
+  switch (static_cast<Mode>(mode[static_cast<int>(site)].load(std::memory_order_relaxed))) {
+    case Mode::kThrow: throw std::runtime_error(msg);
+    case Mode::kBadAlloc: throw std::bad_alloc();
+    case Mode::kStatus: break;
+  }
   return absl::InternalError(msg);
 }
 

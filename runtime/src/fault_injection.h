@@ -20,8 +20,9 @@ enum class Site : int {
 inline constexpr int kNumSites = 2;
 
 enum class Mode : int {
-  kStatus = 0,  // the index call returns absl::InternalError (what FAISS/hnswlib failures become)
-  kThrow = 1,   // the index call throws std::runtime_error (an exception no index caught)
+  kStatus = 0,    // the index call returns absl::InternalError (what FAISS/hnswlib failures become)
+  kThrow = 1,     // the index call throws std::runtime_error (an exception no index caught)
+  kBadAlloc = 2,  // the index call throws std::bad_alloc (an allocation inside the index failed)
 };
 
 // Arms the next n hits of `site` to fail in `mode` (n = 0 disarms). Thread-safe.

@@ -231,6 +231,34 @@ TEST_F(FaultInjection, IndexSearchExceptionIsInternal) {
   TearDownRuntime();
 }
 
+// An allocation inside an index that fails (std::bad_alloc from a search, a build or an insert):
+// the search's attend fails with OUT_OF_MEMORY and writes nothing; the update is a failed update
+// like the others (counted, the rows scanned exactly, retried); the runtime stays usable.
+TEST_F(FaultInjection, IndexOutOfMemoryIsOutOfMemoryOrAFailedUpdate) {
+  Start(FlatConfig());
+  fault::FailNext(fault::Site::kIndexUpdate, kKvHeads, fault::Mode::kBadAlloc);
+  Prefill(300);
+  EXPECT_EQ(fault::Pending(fault::Site::kIndexUpdate), 0);
+  EXPECT_EQ(Length(), 300);
+  EXPECT_EQ(Stats(rt_).index_update_failures, kKvHeads);
+  EXPECT_EQ(ProbeSearches(), 0) << "no index was built";
+  ExpectExactAttend("builds out of memory");
+  Append(2);  // the builds catch up
+  EXPECT_EQ(ProbeSearches(), kQHeads);
+
+  fault::FailNext(fault::Site::kIndexSearch, 1, fault::Mode::kBadAlloc);
+  const auto q = Query();
+  std::vector<float> out(q.size(), 42.f);
+  EXPECT_EQ(kvrt_attend(rt_, seq_, 0, q.data(), out.data()), KVRT_ERR_OUT_OF_MEMORY);
+  EXPECT_TRUE(Mentions("attend: cold-index search of kv head")) << kvrt_last_error();
+  EXPECT_TRUE(Mentions("flat search: out of memory")) << kvrt_last_error();
+  for (float x : out) ASSERT_EQ(x, 42.f) << "a failed attend must not write out";
+  ExpectExactAttend("attend after the search out of memory");
+  Append(1);
+  ExpectExactAttend("attend after an append");
+  TearDownRuntime();
+}
+
 // Failed index builds and inserts in prefill/append: the call still succeeds with every token
 // stored (not half-applied), stats.index_update_failures counts each failed kv head, attends stay
 // exact (unindexed rows are scanned), and the update is retried at the next call.
