@@ -3,6 +3,7 @@ run on kvrt, and report time to first token, tokens/s, memory and kvrt's statist
 
   python -m kvrt.generate --model tiny-random --prompt-file notes.txt --new-tokens 64 \\
       --index flat --top-k 100 --window 2048
+  python -m kvrt.generate --model tiny-random --prompt "kvrt keeps the sinks" --new-tokens 8
 
 MODEL is a local Hugging Face model folder (config.json, weights, tokenizer) or "tiny-random"
 (kvrt.testing: a 4-layer random Gemma 3 with a byte tokenizer; no download). Decoding is greedy
@@ -97,7 +98,9 @@ def parse_args(argv=None):
                "(torch.cuda.max_memory_allocated), peak host memory (VmHWM), kvrt's memory per "
                "tier and its statistics (kvrt.Stats).")
     ap.add_argument("--model", required=True, help="model folder, or tiny-random")
-    ap.add_argument("--prompt-file", required=True, help="text file: the prompt")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt itself")
+    src.add_argument("--prompt-file", help="text file: the prompt ('-': standard input)")
     ap.add_argument("--max-prompt-tokens", type=_at_least(0), default=0,
                     help="keep the prompt's last N tokens (0: all)")
     ap.add_argument("--new-tokens", type=_at_least(1), default=32, help="tokens to generate")
@@ -138,16 +141,27 @@ def parse_args(argv=None):
         args.kvrt_options[field.strip()] = _number(value.strip())
     # Paths and the device are checked here, before the model loads (minutes for a large one),
     # and refused as usage errors (exit 2) like any other bad option value.
-    prompt = Path(args.prompt_file)
-    if not prompt.is_file() or not os.access(prompt, os.R_OK):
+    prompt = None if args.prompt_file in (None, "-") else Path(args.prompt_file)
+    if prompt is not None and (not prompt.is_file() or not os.access(prompt, os.R_OK)):
         why = "does not exist" if not prompt.exists() else (
             "is not a file" if not prompt.is_file() else "is not readable")
         ap.error(f"--prompt-file {args.prompt_file!r} {why}")
+    if args.prompt == "":
+        ap.error("--prompt: empty (the model needs at least one token)")
     if args.model != "tiny-random" and not Path(args.model).is_dir():
         ap.error(f"--model {args.model!r}: not a model folder (or 'tiny-random')")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         ap.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     return args
+
+
+def _prompt_text(args) -> str:
+    """--prompt's text, --prompt-file's, or standard input's for --prompt-file -."""
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    return Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
 
 
 def _number(s: str):
@@ -171,7 +185,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = _load(args.model, args.dtype, args.device)
-    text = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
+    text = _prompt_text(args)
     ids = tok(text, return_tensors="pt").input_ids
     if args.max_prompt_tokens:
         ids = ids[:, -args.max_prompt_tokens:]

@@ -97,3 +97,25 @@ def test_bad_paths_and_devices_are_usage_errors_before_the_model_loads(capsys, t
             generate.main(argv)
         assert e.value.code == 2, args
         assert said in capsys.readouterr().err, args
+
+
+def test_the_prompt_as_text_from_a_file_or_from_standard_input_gives_the_same(capsys, tmp_path,
+                                                                              monkeypatch):
+    # --prompt TEXT and --prompt-file - (0.3.37); only --prompt-file PATH was taken before.
+    import io
+    text = "kvrt keeps the sinks and a recent window on the GPU; " * 8
+    from_file, _ = _run(capsys, tmp_path, "--index", "exact")
+    common = ["--model", "tiny-random", "--new-tokens", "6", "--threads", "2", "--quiet",
+              "--index", "exact"]
+    assert generate.main([*common, "--prompt", text]) == 0
+    assert capsys.readouterr().out == from_file
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    assert generate.main([*common, "--prompt-file", "-"]) == 0
+    assert capsys.readouterr().out == from_file
+    for argv, said in [(["--prompt", "a", "--prompt-file", "p"], "not allowed with"),
+                       ([], "one of the arguments --prompt --prompt-file is required"),
+                       (["--prompt", ""], "--prompt: empty")]:
+        with pytest.raises(SystemExit) as e:
+            generate.parse_args(["--model", "m", *argv])
+        assert e.value.code == 2, argv
+        assert said in capsys.readouterr().err, argv
