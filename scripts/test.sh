@@ -15,7 +15,12 @@ cmake --install "$build" --prefix "$prefix" >/dev/null
 cmake -S examples/c_replay -B "$build/example" -DCMAKE_PREFIX_PATH="$prefix" --no-warn-unused-cli \
   -DCMAKE_DISABLE_FIND_PACKAGE_{Threads,OpenMP,faiss,TBB,absl,CUDAToolkit}=ON >/dev/null
 cmake --build "$build/example" >/dev/null
-export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+# pkg-config from a copy of the prefix elsewhere: kvrt.pc names the prefix it sits in.
+rm -rf "$build/install-moved"
+cp -r "$prefix" "$build/install-moved"
+export PKG_CONFIG_PATH="$build/install-moved/lib/pkgconfig"
+[ "$(pkg-config --variable=libdir kvrt)" -ef "$build/install-moved/lib" ] ||
+  { echo "kvrt.pc does not name the prefix it is in"; exit 1; }
 cc -std=c99 -Wall -Wextra -Werror examples/c_replay/c_replay.c -o "$build/example/c_replay_pc" \
   $(pkg-config --cflags --libs kvrt) -Wl,-rpath,"$(pkg-config --variable=libdir kvrt)" -lm
 "$build/tools/kvrt" gen-trace -o "$build/example/small.safetensors" --tokens 1024 --steps 4 \

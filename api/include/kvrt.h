@@ -71,15 +71,22 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* A caller may define KVRT_API itself (empty, say, for a static build or a binding generator). */
+#ifndef KVRT_API
 #if defined(_WIN32)
+#if defined(KVRT_BUILDING)
 #define KVRT_API __declspec(dllexport)
 #else
+#define KVRT_API __declspec(dllimport)
+#endif
+#else
 #define KVRT_API __attribute__((visibility("default")))
+#endif
 #endif
 
 #define KVRT_VERSION_MAJOR 0
 #define KVRT_VERSION_MINOR 3
-#define KVRT_VERSION_PATCH 36
+#define KVRT_VERSION_PATCH 37
 
 #ifdef __cplusplus
 extern "C" {
@@ -602,11 +609,13 @@ KVRT_API kvrt_status kvrt_prefill_ex(kvrt_runtime* rt, kvrt_seq_id seq, int32_t 
                                      const void* q, const void* k, const void* v, int64_t n_tokens,
                                      const kvrt_exec* exec);
 
-/* The prompt rows whose queries a prefill of n_tokens >= 1 tokens reads: the query sample of the
- * index kinds that build from queries (KVRT_INDEX_CLUSTER's query-aware metric, the graph kinds'
- * seeds), rows i * *stride for 0 <= i < *count, evenly spaced over the whole prompt (the last
- * within *stride rows of its end since 0.3.36; every row of a short prompt); *count is 0 for a kind
- * that reads no queries. A decoder whose queries are large (a latent attention's:
+/* The prompt rows whose queries a prefill of n_tokens tokens (1 <= n_tokens <= 2^34) reads: the
+ * query sample of the index kinds that build from queries (KVRT_INDEX_CLUSTER's query-aware
+ * metric, the graph kinds' seeds), rows i * *stride for 0 <= i < *count, evenly spaced over the
+ * whole prompt (the last within *stride rows of its end since 0.3.36; every row of a short prompt);
+ * *count is 0 for a kind that reads no queries. The stride is an integer, so past the sample's
+ * size S = 4096 / (num_q_heads / num_kv_heads) rows *count lies in (S / 2, S]: S + 1 rows give
+ * stride 2 and S / 2 + 1 rows. A decoder whose queries are large (a latent attention's:
  * DeepSeek-V2-Lite's 128K-token prompt holds 2.4 GB of queries, of which kvrt reads 256 rows)
  * passes only these rows to kvrt_prefill_sampled_ex. Since 0.3.29. */
 KVRT_API kvrt_status kvrt_prefill_query_rows(const kvrt_runtime* rt, int64_t n_tokens,

@@ -224,7 +224,13 @@ kvrt_status BadSize(const char* fn, const char* type, std::size_t size) {
                            type == std::string("kvrt_config") ? "kvrt_config_default()"
                                                               : "kvrt_stats_init()",
                            ", and compile against the kvrt.h of a library no newer than the one "
-                           "you run (kvrt.h before 0.3 had no struct_size)"));
+                           "you run (kvrt.h before 0.3 had no struct_size)",
+                           type == std::string("kvrt_config")
+                               ? "; a caller through an FFI (ctypes, cffi, bindgen) calls "
+                                 "kvrt_config_init(&c, sizeof c): kvrt_config_default() is a "
+                                 "kvrt.h inline, and the library's symbol of that name is 0.2's, "
+                                 "without struct_size"
+                               : ""));
 }
 
 kvrt_config Defaults() {
@@ -311,7 +317,7 @@ void WriteText(const std::string& text, char* buf, std::size_t size) {
 extern "C" {
 
 const char* kvrt_status_string(kvrt_status status) {
-  switch (status) {
+  switch (RawEnum(status)) {
     case KVRT_OK: return "KVRT_OK";
     case KVRT_ERR_INVALID_ARGUMENT: return "KVRT_ERR_INVALID_ARGUMENT";
     case KVRT_ERR_NOT_FOUND: return "KVRT_ERR_NOT_FOUND";
@@ -531,9 +537,10 @@ kvrt_status kvrt_prefill_query_rows(const kvrt_runtime* rt, int64_t n_tokens, in
   if (kvrt_status s = CheckRuntime(rt, "kvrt_prefill_query_rows"); s != KVRT_OK) return s;
   if (count == nullptr || stride == nullptr)
     return Fail(KVRT_ERR_INVALID_ARGUMENT, "kvrt_prefill_query_rows: count or stride is NULL");
-  if (n_tokens < 1)
+  if (n_tokens < 1 || n_tokens > kvrt::runtime::kMaxTokens)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
-                absl::StrCat("kvrt_prefill_query_rows: n_tokens = ", n_tokens, " must be >= 1"));
+                absl::StrCat("kvrt_prefill_query_rows: n_tokens = ", n_tokens,
+                             " must be in [1, 2^34] (no prefill takes more)"));
   const kvrt::runtime::QuerySample sample =
       kvrt::runtime::PromptQuerySample(rt->impl->config(), n_tokens);
   *count = sample.count;
@@ -645,7 +652,7 @@ kvrt_status kvrt_set_head_policy(kvrt_runtime* rt, int32_t layer, int32_t q_head
                                  kvrt_head_policy policy) {
   KVRT_API_TRY
   if (kvrt_status s = CheckRuntime(rt, "kvrt_set_head_policy"); s != KVRT_OK) return s;
-  const int p = static_cast<int>(policy);
+  const int p = RawEnum(policy);
   if (p != KVRT_HEAD_RETRIEVAL && p != KVRT_HEAD_STREAMING)
     return Fail(KVRT_ERR_INVALID_ARGUMENT,
                 absl::StrCat("kvrt_set_head_policy: policy = ", p, " is not a kvrt_head_policy"));

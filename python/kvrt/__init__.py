@@ -22,13 +22,40 @@ text with it.
 from __future__ import annotations
 
 from . import _kvrt
+
+
+def _check_library() -> None:
+    """The libkvrt the loader found (LD_LIBRARY_PATH ranks above the package's own) must be the
+    minor version the extension was compiled against and no older: an older one lacks fixes and
+    config fields the package passes, which it would ignore or refuse without saying why."""
+    want = tuple(_kvrt.header_version())
+    have_s = _kvrt.version()
+    try:
+        have = tuple(int(x) for x in have_s.split(".")[:3])
+    except ValueError:
+        have = (-1, -1, -1)
+    if have[:2] == want[:2] and have >= want:
+        return
+    path = "?"
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "libkvrt.so" in line), "?")
+    except OSError:
+        pass
+    raise ImportError(
+        f"kvrt: the package needs libkvrt {'.'.join(map(str, want))} (or a later "
+        f"{want[0]}.{want[1]}.x) but loaded {have_s} from {path}; LD_LIBRARY_PATH ranks above the "
+        "package's own library: drop the other libkvrt from it or install the matching package")
+
+
+_check_library()
 from ._config import Config
 from ._errors import (CudaError, FailedPreconditionError, InternalError, InvalidArgumentError,
                       KvrtError, KvrtIOError, NotFoundError, OutOfMemoryError, UnimplementedError)
 from ._runtime import Runtime, Sequence
 from ._stats import Stats
 
-__version__ = "0.3.36"
+__version__ = "0.3.37"
 
 
 def library_version() -> str:

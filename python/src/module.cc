@@ -25,6 +25,10 @@ NB_MODULE(_kvrt, m) {
   m.doc() = "libkvrt's C API (kvrt.h) for the kvrt package; use kvrt.Runtime instead.";
   m.def("version", [] { return std::string(kvrt_version()); },
         "The libkvrt version loaded (kvrt_version).");
+  m.def(
+      "header_version",
+      [] { return nb::make_tuple(KVRT_VERSION_MAJOR, KVRT_VERSION_MINOR, KVRT_VERSION_PATCH); },
+      "The kvrt.h version this extension was compiled against (major, minor, patch).");
   m.def("status_string", [](int s) { return std::string(kvrt_status_string(kvrt_status(s))); });
   // Runtimes still alive at interpreter exit (held by a model or a global) are not leaks of
   // this module's making; the library frees them with the process.

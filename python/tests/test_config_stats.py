@@ -221,6 +221,22 @@ def test_module_surface():
         raise AssertionError("q head 99 accepted")
 
 
+def test_an_older_or_other_minor_library_is_refused_at_import(monkeypatch):
+    # A libkvrt on LD_LIBRARY_PATH ranks above the package's own: an older one (no fixes, fields
+    # ignored) was loaded in silence before 0.3.37.
+    import pytest
+    major, minor, patch = kvrt._kvrt.header_version()
+    assert kvrt.__version__ == f"{major}.{minor}.{patch}"
+    kvrt._check_library()  # the library this test runs on
+    for other in (f"{major}.{minor}.{patch - 1}", f"{major}.{minor + 1}.0", "garbage"):
+        monkeypatch.setattr(kvrt._kvrt, "version", lambda v=other: v)
+        with pytest.raises(ImportError, match=f"needs libkvrt {major}.{minor}.{patch} .* loaded "
+                                              f"{other} from .*libkvrt.so"):
+            kvrt._check_library()
+    monkeypatch.setattr(kvrt._kvrt, "version", lambda: f"{major}.{minor}.{patch + 1}")
+    kvrt._check_library()  # a later patch of the same minor version is fine
+
+
 def test_numpy_scalars_are_config_numbers_and_f32_limits_are_refused():
     # NumPy's scalars were refused ("must be an integer, not <class 'numpy.int64'>"); a scale
     # that rounds to 0 in f32 silently became the default 1/sqrt(head_dim).

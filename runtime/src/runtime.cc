@@ -325,8 +325,6 @@ absl::Status CheckTokens(const char* what, int64_t n, int64_t length, bool allow
   if (n < (allow_zero ? 0 : 1))
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": n_tokens = ", n, " must be >= ", allow_zero ? 0 : 1));
-  // Bounded so that byte counts (n * heads * dim * 4) cannot overflow int64.
-  constexpr int64_t kMaxTokens = int64_t{1} << 34;
   if (n > kMaxTokens || length + n > kMaxTokens)
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": ", length, " + ", n, " tokens exceeds the limit of ", kMaxTokens));
@@ -378,16 +376,17 @@ std::size_t FirstNonFiniteParallel(const void* data, std::size_t count, DType dt
   return first.load();
 }
 
-// With check_finite, names the first NaN/Inf of a [n, heads, head_dim] tensor.
+// With check_finite, names the first NaN/Inf of a [n, heads, head_dim] tensor; its rows are
+// `row` (a sampled prefill's q rows are not the prompt's tokens).
 absl::Status CheckFinite(const RuntimeConfig& c, tbb::task_arena& arena, const char* what,
-                         const void* data, int64_t n, int heads) {
+                         const void* data, int64_t n, int heads, const char* row = "token") {
   if (!c.check_finite || data == nullptr) return absl::OkStatus();
   const std::size_t count = static_cast<std::size_t>(n) * heads * c.head_dim;
   const std::size_t at = FirstNonFiniteParallel(data, count, c.dtype, arena);
   if (at == count) return absl::OkStatus();
-  const std::size_t row = at / c.head_dim;
-  return absl::InvalidArgumentError(absl::StrCat(what, " holds a non-finite value at token ",
-                                                 row / heads, ", head ", row % heads, ", element ",
+  const std::size_t r = at / c.head_dim;
+  return absl::InvalidArgumentError(absl::StrCat(what, " holds a non-finite value at ", row, " ",
+                                                 r / heads, ", head ", r % heads, ", element ",
                                                  at % c.head_dim, " (config.check_finite = 1)"));
 }
 }  // namespace
@@ -399,8 +398,9 @@ QuerySample PromptQuerySample(const RuntimeConfig& config, int64_t n) {
   const int64_t most = std::min<int64_t>(n, std::max<int64_t>(1, cap / group));
   // The stride rounded up, so the rows reach the prompt's end: a floored one left the tail out
   // (2000 rows of at most 1024: stride 1, rows 0-1023, the first half only).
-  const int64_t stride = (n + most - 1) / most;
-  return {(n + stride - 1) / stride, stride};
+  // 1 + (n - 1) / x is ceil(n / x) without the overflow of n + x - 1 near INT64_MAX.
+  const int64_t stride = 1 + (n - 1) / most;
+  return {1 + (n - 1) / stride, stride};
 }
 
 absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_queries,
@@ -428,7 +428,8 @@ absl::Status Runtime::Prefill(int64_t id, int layer, const void* q, int64_t n_qu
   {
     KVRT_SPAN("prefill_check");
     KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: q", host ? q : nullptr,
-                                     n_queries, config_.num_q_heads));
+                                     n_queries, config_.num_q_heads,
+                                     n_queries == n ? "token" : "query row"));
     KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: k", host ? k : nullptr, n,
                                      config_.num_kv_heads));
     KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "prefill: v",
@@ -503,7 +504,7 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
     return absl::InvalidArgumentError(absl::StrCat(
         "attend_batch: layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
   KVRT_RETURN_IF_ERROR(CheckFinite(api_config_, impl_->arena, "attend_batch: q",
-                                   exec.device ? nullptr : q, n, config_.num_q_heads));
+                                   exec.device ? nullptr : q, n, config_.num_q_heads, "batch row"));
   // Locked in id order, so two batches sharing sequences cannot deadlock; a repeated id would
   // deadlock on itself, hence the check.
   std::vector<int> order(n);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -268,6 +269,21 @@ TEST(ContractAttendBatch, UnknownIdFailsItsRowOnlyAndTheOthersAreWritten) {
       EXPECT_EQ(out[2 * row + i], want[2 * row + i]) << "row of b written";
     }
   }
+}
+
+// A NaN in a batch's q names its batch row (0.3.36 said "token 1": the batch has no tokens).
+TEST(ContractAttendBatch, ANonFiniteQNamesItsBatchRow) {
+  BatchOfThree t;
+  ASSERT_TRUE(MakeBatchOfThree(KVRT_INDEX_FLAT, &t));
+  auto q = Wave(2 * 2 * 4, 0.5f, 0.2f);
+  q[2 * 4 + 5] = NAN;  // row 1, head 1, element 1
+  const kvrt_seq_id seqs[2] = {t.a, t.b};
+  std::vector<float> out(q.size());
+  EXPECT_EQ(kvrt_attend_batch(t.rt, seqs, 2, 0, q.data(), out.data()), KVRT_ERR_INVALID_ARGUMENT);
+  EXPECT_TRUE(
+      Mentions("attend_batch: q holds a non-finite value at batch row 1, head 1, "
+               "element 1"))
+      << kvrt_last_error();
 }
 
 // ---- 0.3.23: the merged lse, for callers that merge kvrt's output with states of their own ------
@@ -1067,6 +1083,16 @@ TEST(ContractPrefillSampled, QueryRowsAreEvenlySpacedAndNoneForKindsThatReadNone
   EXPECT_EQ(stride, 1);
   EXPECT_EQ(kvrt_prefill_query_rows(rt, 0, &count, &stride), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_TRUE(Mentions("n_tokens"));
+  // Up to the 2^34 tokens a prefill takes; past it refused (INT64_MAX gave count -2047 with OK).
+  ASSERT_EQ(kvrt_prefill_query_rows(rt, int64_t{1} << 34, &count, &stride), KVRT_OK);
+  EXPECT_EQ(count, 1024);
+  EXPECT_EQ(stride, int64_t{1} << 24);
+  count = stride = -1;
+  for (int64_t n : {(int64_t{1} << 34) + 1, std::numeric_limits<int64_t>::max()}) {
+    EXPECT_EQ(kvrt_prefill_query_rows(rt, n, &count, &stride), KVRT_ERR_INVALID_ARGUMENT) << n;
+    EXPECT_TRUE(Mentions("must be in [1, 2^34]")) << kvrt_last_error();
+    EXPECT_EQ(count, -1);
+  }
   EXPECT_EQ(kvrt_prefill_query_rows(rt, 10, nullptr, &stride), KVRT_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(kvrt_prefill_query_rows(nullptr, 10, &count, &stride), KVRT_ERR_INVALID_ARGUMENT);
   kvrt_runtime_destroy(rt);
@@ -1172,7 +1198,9 @@ TEST(ContractPrefillSampled, RefusesMoreQueriesThanTokensAndChecksOnlyTheRowsGiv
   q[10 * kHeads * kDim + 3] = NAN;
   EXPECT_EQ(kvrt_prefill_sampled_ex(rt, s, 0, q.data(), 11, k.data(), k.data(), kPrompt, nullptr),
             KVRT_ERR_INVALID_ARGUMENT);
-  EXPECT_TRUE(Mentions("non-finite"));
+  // The 11th of the rows given, not the prompt's token 10 (0.3.36 said "token 10").
+  EXPECT_TRUE(Mentions("prefill: q holds a non-finite value at query row 10, head 0, element 3"))
+      << kvrt_last_error();
   int64_t n = -1;
   ASSERT_EQ(kvrt_seq_length(rt, s, 0, &n), KVRT_OK);
   EXPECT_EQ(n, 0);  // nothing entered on a refused call

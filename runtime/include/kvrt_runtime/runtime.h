@@ -102,6 +102,10 @@ struct QuerySample {
 };
 QuerySample PromptQuerySample(const RuntimeConfig& config, int64_t n);
 
+// Tokens a (sequence, layer) may hold: bounded so that byte counts (n * heads * dim * 4) cannot
+// overflow int64 (kvrt.h).
+inline constexpr int64_t kMaxTokens = int64_t{1} << 34;
+
 class Runtime {
  public:
   static absl::StatusOr<std::unique_ptr<Runtime>> Create(const RuntimeConfig& config);
