@@ -1,6 +1,7 @@
 #include "py_runtime.h"
 
 #include <string>
+#include <string_view>
 
 #include "config_dict.h"
 #include "errors.h"
@@ -41,12 +42,28 @@ kvrt_status AttendRows(kvrt_runtime* rt, const int64_t* seqs, int32_t n, int32_t
   return kvrt_attend_batch_lse_ex(rt, seqs, n, layer, q.data, o, static_cast<float*>(lse.data), ex);
 }
 
-// One sequence's attend: kvrt_attend_ex without lse (its errors read as one attend's, not a
-// batch's), else the lse form of a batch of one.
+// One sequence's attend: kvrt_attend_ex without lse, else the lse form of a batch of one.
 kvrt_status AttendOne(kvrt_runtime* rt, int64_t seq, int32_t layer, const TensorArg& q,
                       const TensorArg& out, const TensorArg& lse, const kvrt_exec* ex) {
   if (lse.data != nullptr) return AttendRows(rt, &seq, 1, layer, q, out, lse, ex);
   return kvrt_attend_ex(rt, seq, layer, q.data, static_cast<float*>(out.data), ex);
+}
+
+// AttendOne's error as one attend's where it came from a batch of one (the lse form): the batch's
+// prefixes ("attend_batch: sequence 7: ", "kvrt_attend_batch_lse: ") and its row ("batch row 0")
+// are not the caller's.
+std::string AsOneAttend(std::string e) {
+  auto starts = [&](std::string_view p) { return e.compare(0, p.size(), p) == 0; };
+  constexpr std::string_view kMember = "attend_batch: sequence ";
+  if (starts(kMember)) {
+    const std::size_t colon = e.find(": ", kMember.size());
+    if (colon != std::string::npos) e.erase(0, colon + 2);
+  }
+  for (std::string_view p : {"kvrt_attend_batch_lse: ", "attend_batch: "})
+    if (starts(p)) e.replace(0, p.size(), "attend: ");
+  const std::size_t row = e.find(" at batch row 0,");
+  if (row != std::string::npos) e.replace(row, 16, " at token 0,");
+  return e;
 }
 
 }  // namespace
@@ -158,6 +175,7 @@ void PyRuntime::Prefill(int64_t seq, int64_t layer, const InArray* q, const InAr
   const bool no_rows = sampled && q != nullptr && q->ndim() == 3 && q->shape(0) == 0 &&
                        int64_t(q->shape(1)) == cfg_.num_q_heads &&
                        int64_t(q->shape(2)) == cfg_.head_dim;
+  if (no_rows) CheckDtype(call, "q", *q, dt);
   if (q != nullptr && !no_rows)
     tq = CheckTensor(call, "q", *q, dt, {sampled ? -1 : tk.rows, cfg_.num_q_heads, cfg_.head_dim});
   CheckSameDevice(call, {&tk, &tv, &tq});
@@ -209,7 +227,8 @@ void PyRuntime::Attend(int64_t seq, int64_t layer, const InArray& q, const OutAr
   CheckSameDevice(call, {&tq, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   std::string err;
-  Check(Call(&err, [&] { return AttendOne(rt, seq, layer, tq, to, tl, &ex); }), call, err);
+  const kvrt_status st = Call(&err, [&] { return AttendOne(rt, seq, layer, tq, to, tl, &ex); });
+  Check(st, call, tl.data != nullptr ? AsOneAttend(err) : err);
 }
 
 void PyRuntime::AttendBatch(const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,
@@ -246,13 +265,14 @@ void PyRuntime::AppendAttend(int64_t seq, int64_t layer, const InArray& q, const
   CheckSameDevice(call, {&tq, &tk, &tv, &to, &tl});
   kvrt_exec ex = Exec(tq, stream);
   std::string err;
-  Check(Call(&err,
-             [&] {
-               kvrt_status s = kvrt_append_ex(rt, seq, layer, tk.data, tv.data, tk.rows, &ex);
-               if (s != KVRT_OK) return s;
-               return AttendOne(rt, seq, layer, tq, to, tl, &ex);
-             }),
-        call, err);
+  bool attended = false;
+  const kvrt_status st = Call(&err, [&] {
+    kvrt_status s = kvrt_append_ex(rt, seq, layer, tk.data, tv.data, tk.rows, &ex);
+    if (s != KVRT_OK) return s;
+    attended = true;
+    return AttendOne(rt, seq, layer, tq, to, tl, &ex);
+  });
+  Check(st, call, attended && tl.data != nullptr ? AsOneAttend(err) : err);
 }
 
 void PyRuntime::AppendAttendBatch(const std::vector<int64_t>& seqs, int64_t layer, const InArray& q,

@@ -60,14 +60,17 @@ const char* DtypeName(kvrt_dtype dtype) {
   return "?";
 }
 
+void CheckDtype(const char* call, const char* name, const InArray& a, kvrt_dtype dtype) {
+  if (a.dtype() == ToDl(dtype)) return;
+  const bool output = std::strcmp(name, "out") == 0 || std::strcmp(name, "lse") == 0;
+  Bad(call, name,
+      "has dtype " + DescribeDtype(a.dtype()) + "; expected " + DtypeName(dtype) +
+          (output ? " (outputs are f32)" : " (the runtime's dtype)"));
+}
+
 TensorArg CheckTensor(const char* call, const char* name, const InArray& a,
                       kvrt_dtype dtype, std::initializer_list<int64_t> shape) {
-  if (a.dtype() != ToDl(dtype)) {
-    const bool output = std::strcmp(name, "out") == 0 || std::strcmp(name, "lse") == 0;
-    Bad(call, name,
-        "has dtype " + DescribeDtype(a.dtype()) + "; expected " + DtypeName(dtype) +
-            (output ? " (outputs are f32)" : " (the runtime's dtype)"));
-  }
+  CheckDtype(call, name, a, dtype);
   bool shape_ok = a.ndim() == shape.size();
   size_t i = 0;
   for (int64_t e : shape) {

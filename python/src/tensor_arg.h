@@ -23,6 +23,9 @@ struct TensorArg {
   int64_t rows = 0;  // the first dimension
 };
 
+// Raises kvrt.InvalidArgumentError unless `a` (argument `name` of `call`) has dtype `dtype`.
+void CheckDtype(const char* call, const char* name, const InArray& a, kvrt_dtype dtype);
+
 // Checks `a` (argument `name` of `call`): dtype, shape (-1 = any extent), C-contiguous, and a
 // host or CUDA device. Raises kvrt.InvalidArgumentError naming what is wrong.
 TensorArg CheckTensor(const char* call, const char* name, const InArray& a,

@@ -300,6 +300,8 @@ def test_a_sample_of_no_rows_is_no_queries(rng):
     np.testing.assert_array_equal(outs[0], outs[1])
     with pytest.raises(kvrt.InvalidArgumentError, match="shape"):  # the other extents still count
         rt.sequence().prefill(0, np.zeros((0, 4, 32), np.float32), k, v, sampled=True)
+    with pytest.raises(kvrt.InvalidArgumentError, match="q has dtype float64"):  # and the dtype
+        rt.sequence().prefill(0, np.zeros((0, 8, 32), np.float64), k, v, sampled=True)
 
 
 def test_sampled_prefill_errors(rng):

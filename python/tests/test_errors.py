@@ -259,6 +259,26 @@ def test_lse_errors_name_it_as_an_output(rt):
         seq.attend(0, q, out, lse=out.reshape(-1)[3:11])
 
 
+def test_one_attend_with_lse_reads_as_one_attend(rt):
+    # With lse the call is a batch of one inside; its errors said "attend_batch: sequence 0: "
+    # and "batch row 0" (0.3.36).
+    seq = rt.sequence()
+    seq.prefill(0, None, np.ones((40, 2, 32), np.float32), np.ones((40, 2, 32), np.float32))
+    q, out, lse = np.ones((8, 32), np.float32), np.zeros((8, 32), np.float32), np.zeros(8, np.float32)
+    q[0, 1] = np.nan
+    for call in (lambda: seq.attend(0, q, out, lse=lse),
+                 lambda: seq.append_attend(0, q, np.ones((1, 2, 32), np.float32),
+                                           np.ones((1, 2, 32), np.float32), out, lse=lse)):
+        with pytest.raises(kvrt.InvalidArgumentError) as e:
+            call()
+        assert "attend: q holds a non-finite value at token 0, head 0, element 1" in str(e.value)
+        assert "batch" not in str(e.value)
+    other = rt.sequence()
+    with pytest.raises(kvrt.FailedPreconditionError) as e:
+        other.attend(0, np.ones((8, 32), np.float32), out, lse=lse)
+    assert "batch" not in str(e.value) and "attend:" in str(e.value)
+
+
 def test_torch_outputs_autograd_tracks_are_refused_and_negated_views_read_as_values(rt, rng):
     """kvrt writes out/lse outside autograd: a tensor autograd tracks (or saved for backward)
     came out of backward with silently wrong gradients; torch's own in-place writes refuse it.
