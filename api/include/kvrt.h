@@ -23,7 +23,10 @@
  *     the k or v of a token the attend uses, makes the output of every q head that attends to it
  *     NaN, never zeros: sinks, window and cold tokens alike, with every index kind and both
  *     backends. A cold token whose k or v holds a NaN/Inf is attended whatever the index returns
- *     (so a head may attend up to that many tokens more than top_k).
+ *     (so a head may attend up to that many tokens more than top_k). A search shared by a group
+ *     (group_search with landmark, the cluster kind's cluster_group_select) selects for the group
+ *     together: a NaN in one q head's q, or a head set streaming, changes what its group's
+ *     other heads attend (still finite).
  *   - Finite values past f32's range: scores and value sums are f32. A q.k beyond about 3.4e38
  *     before the scale, or values near 3.4e38 (a softmax-weighted sum of several overflows), give
  *     Inf or NaN outputs although every input is finite; check_finite checks the inputs, not
