@@ -9,7 +9,14 @@
 // distance computations (`scanned`; metric_distance_computations is a shared atomic that only a
 // compile-time flag enables). effort >= size() is an exact scan. Build and Add use hnswlib's
 // thread-safe addPoint from TBB tasks.
+//
+// The graph holds the keys less their mean at Build (kept for Add): q.(k - m) ranks the keys as
+// q.k does, but key-to-key products dominated by a common offset |m|^2 (real models' keys are far
+// from zero-mean) leave hnswlib's graph in unreachable pieces: an offset of norm 20 on 12K normal
+// keys took recall@100 from 0.77 to 0.11, and the beam reached 2.9K of 12K keys at ef = 5000.
+// Results are rescored against the stored keys, so nothing else sees the shift.
 #include <algorithm>
+#include <cmath>
 #include <exception>
 #include <limits>
 #include <queue>
@@ -49,6 +56,7 @@ class HnswIndex final : public KeyIndex {
       return absl::ResourceExhaustedError(absl::StrCat("hnsw build: ", e.what()));
     }
     built_ = true;
+    mean_ = MeanKey(store);
     if (auto s = Insert(store); !s.ok()) {
       built_ = false;
       hnsw_.reset();
@@ -166,10 +174,31 @@ class HnswIndex final : public KeyIndex {
     // label_lookup_: an unordered_map node (~32 B) per row plus the bucket array.
     bytes += h.label_lookup_.size() * 32 + h.label_lookup_.bucket_count() * sizeof(void*);
     bytes += h.max_elements_ * sizeof(hnswlib::vl_type);  // at least one pooled visited list
-    return bytes;
+    return bytes + mean_.size() * sizeof(float);
   }
 
  private:
+  // The mean of the store's keys (f32, in the order the rows are summed: deterministic).
+  std::vector<float> MeanKey(const HeadStore& store) const {
+    std::vector<double> sum(dim_, 0.0);
+    constexpr int64_t kChunk = 4096;
+    for (int64_t r0 = 0; r0 < store.size(); r0 += kChunk) {
+      const int64_t r1 = std::min(store.size(), r0 + kChunk);
+      const std::vector<float> x = internal::KeysF32(store, r0, r1);
+      for (int64_t i = 0; i < r1 - r0; ++i)
+        for (int j = 0; j < dim_; ++j) sum[j] += x[i * dim_ + j];
+    }
+    std::vector<float> mean(dim_, 0.f);
+    // A non-finite key (kept for exact attention) would make every centred key non-finite: the
+    // graph then stays uncentred, as before.
+    for (int j = 0; j < dim_; ++j) {
+      const double m = store.size() > 0 ? sum[j] / static_cast<double>(store.size()) : 0.0;
+      if (!std::isfinite(m)) return std::vector<float>(dim_, 0.f);
+      mean[j] = static_cast<float>(m);
+    }
+    return mean;
+  }
+
   // Inserts rows [size_, store.size()) with addPoint from TBB tasks.
   absl::Status Insert(const HeadStore& store) {
     const int64_t begin = size_, end = store.size();
@@ -179,7 +208,9 @@ class HnswIndex final : public KeyIndex {
         hnsw_->resizeIndex(
             std::max<std::size_t>(end, hnsw_->max_elements_ + hnsw_->max_elements_ / 2));
       }
-      const std::vector<float> x = internal::KeysF32(store, begin, end);
+      std::vector<float> x = internal::KeysF32(store, begin, end);
+      for (int64_t i = 0; i < end - begin; ++i)
+        for (int j = 0; j < dim_; ++j) x[i * dim_ + j] -= mean_[j];
       auto add = [&](int64_t i) {
         hnsw_->addPoint(x.data() + (i - begin) * dim_, static_cast<hnswlib::labeltype>(i));
       };
@@ -202,6 +233,7 @@ class HnswIndex final : public KeyIndex {
   std::unique_ptr<Hnsw> hnsw_;
   bool built_ = false;
   int64_t size_ = 0;
+  std::vector<float> mean_;  // [dim_]: subtracted from every key the graph holds
 };
 
 }  // namespace
