@@ -200,7 +200,8 @@ typedef struct kvrt_config {
                                    HNSW: ef = max(top_k, effort); default max(top_k, 128). top_k or
                                      ef >= the cold keys, or a graph that reaches fewer than top_k
                                      keys, is an exact scan.
-                                   LANDMARK: blocks of 32 tokens; default enough for 4 * top_k tokens.
+                                   LANDMARK: blocks of 32 tokens, at least enough for top_k tokens
+                                     (since 0.3.37); default enough for 4 * top_k tokens.
                                    ATTENTION_AWARE: beam = max(top_k, effort); default 2 * top_k.
                                    FLAT, EXACT: ignored (exact).
                                  kvrt replay prints the resolved values ("search" line). */

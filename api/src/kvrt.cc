@@ -679,7 +679,9 @@ kvrt_status kvrt_get_stats(const kvrt_runtime* rt, kvrt_stats* out) {
   const auto s = rt->impl->Stats();
   kvrt_stats all;
   std::memset(&all, 0, sizeof all);
-  all.struct_size = sizeof(kvrt_stats);
+  // The caller's size, not this header's: a caller of an older header polling with one struct
+  // would otherwise pass the larger size at its next call and have it written past its struct.
+  all.struct_size = size;
   all.sequences = s.sequences;
   all.gpu_bytes = s.gpu_bytes;
   all.host_bytes = s.host_bytes;

@@ -366,6 +366,9 @@ class AttentionAwareIndex final : public KeyIndex {
       internal::TakeTopK(&cands, params.k, &outs[i]);
       outs[i].scanned = scanned;
     }
+    internal::TrimScratch(&cands);
+    internal::TrimScratch(&seen_scores);
+    internal::TrimScratch(&seen_ids);
     return absl::OkStatus();
   }
 

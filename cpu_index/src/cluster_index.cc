@@ -910,8 +910,9 @@ std::string ClusterSearchSettings(const IndexConfig& c, int k, int) {
 
 int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
   // The summary (cluster_size keys per cluster on average; twice that many clusters as slack for
-  // uneven k-means), the outliers with bf16 keys, the metric factor and one segment's pending
-  // permutation.
+  // uneven k-means), the outliers with bf16 keys, the metric factor, the prompt's calibration
+  // queries (f32; left out before 0.3.37, so an index at d >= 256 could pass host_memory_limit by
+  // them) and one segment's pending permutation.
   const ClusterConfig& cc = c.cluster;
   const int64_t d = head_dim;
   const int64_t clusters = 2 * (rows / std::max(1, cc.cluster_size) + 1);
@@ -924,8 +925,9 @@ int64_t ClusterBytesBound(const IndexConfig& c, int head_dim, int64_t rows) {
                     : 0;
   };
   const int64_t codes = codes_of(cc.rescore_bits) + codes_of(cc.value_bits);
-  return clusters * (4 * d + 24) + outliers * (8 + 2 * d) + 4 * d * d + 16 * cc.segment_tokens +
-         codes;
+  const int64_t calibration = 4 * d * std::max(0, cc.calibrate_queries);
+  return clusters * (4 * d + 24) + outliers * (8 + 2 * d) + 4 * d * d + calibration +
+         16 * cc.segment_tokens + codes;
 }
 
 }  // namespace kvrt::cpu_index

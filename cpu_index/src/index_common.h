@@ -33,6 +33,16 @@ int BuildThreads(const IndexConfig& config);
 // Candidates must be duplicate-free.
 void TakeTopK(std::vector<std::pair<float, int64_t>>* cands, int k, SearchResult* out);
 
+// A search's thread-local scratch is kept for the next search on that thread, up to this size:
+// past it (a search at a huge effort or top_k) it is freed, or every worker thread kept its peak
+// for the life of the process (1 GB after a landmark group search over 1M rows at effort 2^24,
+// still held after the runtime was destroyed).
+inline constexpr std::size_t kKeepScratchBytes = std::size_t{64} << 20;
+template <typename T>
+void TrimScratch(std::vector<T>* v) {
+  if (v->capacity() * sizeof(T) > kKeepScratchBytes) std::vector<T>().swap(*v);
+}
+
 // Makes OpenBLAS single-threaded (process-wide) when it is the BLAS we run on: every parallel
 // loop of kvrt is a TBB task, and an OpenBLAS call inside one must not start its own threads.
 // NOTE: looked up with dlsym so that linking the reference BLAS instead still works.

@@ -26,6 +26,22 @@ namespace {
 constexpr int64_t kMinPointsPerList = 39;
 constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
 
+// Rows [begin, end)'s keys in f32, a key holding NaN/Inf (check_finite = 0) as zeros: FAISS's
+// k-means fails on it (at every later refresh too, so the head fell back to exact scans for good),
+// and the runtime attends such rows whatever the search returns (AddNonfinite). The row keeps its
+// number, so FAISS's ids stay the store's rows.
+std::vector<float> FiniteKeysF32(const HeadStore& store, int64_t begin, int64_t end) {
+  std::vector<float> x = internal::KeysF32(store, begin, end);
+  const int d = store.dim();
+  for (int64_t r : store.nonfinite_rows()) {
+    if (r < begin || r >= end) continue;
+    float* row = x.data() + (r - begin) * d;
+    if (!std::all_of(row, row + d, [](float e) { return std::isfinite(e); }))
+      std::fill(row, row + d, 0.f);
+  }
+  return x;
+}
+
 class IvfIndex final : public KeyIndex {
  public:
   IvfIndex(const IndexConfig& config, int dim) : config_(config), dim_(dim) {}
@@ -51,7 +67,7 @@ class IvfIndex final : public KeyIndex {
                                                    faiss::METRIC_INNER_PRODUCT);
       ivf_->cp.seed = static_cast<int>(config_.seed);
       ivf_->cp.verbose = false;
-      const std::vector<float> x = internal::KeysF32(store, 0, n);
+      const std::vector<float> x = FiniteKeysF32(store, 0, n);
       internal::OmpThreadsGuard omp(internal::BuildThreads(config_));
       ivf_->train(n, x.data());
       ivf_->add(n, x.data());
@@ -70,7 +86,7 @@ class IvfIndex final : public KeyIndex {
     const int64_t n = store.size();
     if (n == size_) return absl::OkStatus();
     try {
-      const std::vector<float> x = internal::KeysF32(store, size_, n);
+      const std::vector<float> x = FiniteKeysF32(store, size_, n);
       internal::OmpThreadsGuard omp(1);  // inserts are small and run on a worker thread
       ivf_->add(n - size_, x.data());    // FAISS numbers them ntotal.., i.e. the store rows
     } catch (const std::exception& e) {

@@ -24,6 +24,17 @@
 namespace kvrt::cpu_index {
 namespace {
 
+// Blocks a search scores: the effort, else the configured default, else 4 k tokens' worth; never
+// fewer than k tokens' worth, as the other kinds never search fewer than k (an effort of 1 gave
+// 32 of top_k 100 tokens before 0.3.37).
+int64_t LandmarkBlocks(const IndexConfig& c, int k, int effort) {
+  const int64_t block = c.landmark_block, floor = (int64_t{k} + block - 1) / block;
+  const int64_t want = effort > 0                      ? effort
+                       : c.landmark_default_blocks > 0 ? c.landmark_default_blocks
+                                                       : (4 * int64_t{k} + block - 1) / block;
+  return std::max(want, floor);
+}
+
 constexpr int64_t kMaxRows = std::numeric_limits<int64_t>::max() / 4;
 constexpr int kMaxGroup = 64;  // SearchGroup's stack row of scores; larger groups loop over Search
 constexpr int64_t kBoundGrain = 512;  // blocks per task of SearchGroup's bound pass
@@ -91,6 +102,8 @@ class LandmarkIndex final : public KeyIndex {
     }
     internal::TakeTopK(&cands, params.k, out);
     out->scanned = 2 * nb + scored;
+    internal::TrimScratch(&cands);
+    internal::TrimScratch(&scores);
     return absl::OkStatus();
   }
 
@@ -148,10 +161,14 @@ class LandmarkIndex final : public KeyIndex {
       }
       scored += end - b * block_;
     }
+    std::size_t held = 0;
     for (int i = 0; i < nq; ++i) {
       internal::TakeTopK(&cands[i], params.k, &outs[i]);
       outs[i].scanned = 2 * nb + scored;
+      held += cands[i].capacity() * sizeof(cands[i][0]);
     }
+    if (held > internal::kKeepScratchBytes) cands.clear();  // the group's lists together
+    internal::TrimScratch(&bound);
     return absl::OkStatus();
   }
 
@@ -161,11 +178,7 @@ class LandmarkIndex final : public KeyIndex {
  private:
   int64_t num_blocks() const { return (size_ + block_ - 1) / block_; }
   int64_t BlocksWanted(const SearchParams& params, int64_t nb) const {
-    const int64_t want = params.effort > 0 ? params.effort
-                         : config_.landmark_default_blocks > 0
-                             ? config_.landmark_default_blocks
-                             : (4 * static_cast<int64_t>(params.k) + block_ - 1) / block_;
-    return std::clamp<int64_t>(want, 1, nb);
+    return std::clamp<int64_t>(LandmarkBlocks(config_, params.k, params.effort), 1, nb);
   }
   // Moves the `want` largest (bound, block) pairs to the front (ties: lower block first).
   static void SelectBest(std::vector<std::pair<float, int64_t>>* blocks, int64_t want) {
@@ -224,10 +237,7 @@ absl::StatusOr<std::unique_ptr<KeyIndex>> MakeLandmarkIndex(const IndexConfig& c
 }
 
 std::string LandmarkSearchSettings(const IndexConfig& c, int k, int effort) {
-  const int64_t blocks = effort > 0 ? effort
-                         : c.landmark_default_blocks > 0
-                             ? c.landmark_default_blocks
-                             : (4 * int64_t{k} + c.landmark_block - 1) / c.landmark_block;
+  const int64_t blocks = LandmarkBlocks(c, k, effort);
   return absl::StrCat("blocks=", blocks, " (", blocks * c.landmark_block, " tokens)");
 }
 

@@ -197,9 +197,11 @@ __global__ void __launch_bounds__(AttnLayout<T, D>::kThreads)
       if (valid[r]) {
 #pragma unroll
         for (int h = 0; h < G; ++h) {
-          if (h < heads) {
-            const float nm = MaxPropagateNan(m[h], dot[h]);  // NaN score: NaN state
-            const float corr = exp2f(m[h] - nm);             // m = -inf, nm finite: 0
+          const float nm = MaxPropagateNan(m[h], dot[h]);  // NaN score: NaN state
+          // A -inf score on an empty state has no weight (as the host reference's): the
+          // update's exp2(-inf - -inf) would be NaN.
+          if (h < heads && nm != -INFINITY) {
+            const float corr = exp2f(m[h] - nm);  // m = -inf, nm finite: 0
             const float p = exp2f(dot[h] - nm);
             l[h] = l[h] * corr + p;
 #pragma unroll

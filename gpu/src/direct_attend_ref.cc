@@ -54,6 +54,7 @@ absl::Status GatherRows(const DirectRowsView& v, const uint32_t* mask, int g, in
       return absl::InvalidArgumentError(
           absl::StrCat("DirectAttendHost: extra row ", r, " of kv head ", g, " >= rows"));
     }
+    if (r >= rows) continue;  // past the row count read at this step (rows_now): as the kernel
     out->push_back({r, all});
   }
   const int64_t tail = v.tail_begin[g];

@@ -198,6 +198,40 @@ def test_stats_fields_move(rng):
     assert rt.stats().sequences == 0 and rt.stats().host_tokens == 0
 
 
+def test_index_bytes_is_the_real_size_between_the_cluster_kinds_segments(rng):
+    # An append reserves the index's growth as an upper bound; the cluster kind indexes whole
+    # segments only, so no refresh trued it up and index_bytes showed the bound (2.45x after
+    # 1000 appends) until the next segment (0.3.36).
+    rt = kvrt.Runtime(**SHAPE, dtype="f32", index_kind="cluster", sink_tokens=4, window_tokens=64)
+    seq = rt.sequence()
+    n = 9000  # one 8192-row segment clustered, a tail
+    seq.prefill(0, rng.standard_normal((n, 8, 32), dtype=np.float32), kv(rng, n), kv(rng, n))
+    seq.wait()
+    real = rt.stats().index_bytes
+    assert real > 0
+    for _ in range(200):
+        seq.append(0, kv(rng, 1), kv(rng, 1))
+    assert rt.stats().index_bytes == real
+    seq.release()
+    assert rt.stats().index_bytes == 0
+
+
+def test_a_wait_for_the_prompts_index_build_is_not_d2h(rng):
+    # The host backend has no D2H; an attend right after a prefill waits for the prompt's
+    # background build, which was counted in time_d2h_ns as well as time_background_wait_ns
+    # (0.3.36): the parts of one attend summed to twice its wall time.
+    rt = kvrt.Runtime(num_layers=1, num_q_heads=8, num_kv_heads=2, head_dim=64, dtype="f32",
+                      index_kind="ivf", top_k=32, sink_tokens=4, window_tokens=64,
+                      worker_threads=2)
+    seq = rt.sequence()
+    k = rng.standard_normal((20000, 2, 64), dtype=np.float32)
+    seq.prefill(0, None, k, k)
+    seq.attend(0, rng.standard_normal((8, 64), dtype=np.float32))
+    st = rt.stats()
+    assert st.time_d2h_ns + st.time_background_wait_ns <= st.time_attend_ns
+    seq.release()
+
+
 def test_stats_is_a_frozen_dataclass_with_every_c_field():
     names = [f.name for f in dataclasses.fields(kvrt.Stats)]
     assert names == list(kvrt.Runtime(**SHAPE).stats().as_dict())

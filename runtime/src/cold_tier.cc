@@ -188,7 +188,12 @@ bool ColdTier::needs_refresh() const {
 }
 
 void ColdTier::RefreshIndexes(tbb::task_arena& arena, bool background) {
-  if (!needs_refresh()) return;
+  if (!needs_refresh()) {
+    // Nothing to index (the cluster kind between segments): the growth an append reserved (an
+    // upper bound) is trued up as a refresh would, or the stats showed the bound for a segment.
+    if (!refresh_->running()) TrueUpIndexBytes();
+    return;
+  }
   if (!background) {
     (void)RefreshNow(arena);  // failures are counted inside
     return;
@@ -196,14 +201,24 @@ void ColdTier::RefreshIndexes(tbb::task_arena& arena, bool background) {
   refresh_->Launch(arena, [this, &arena] { return RefreshNow(arena); });
 }
 
-void ColdTier::AwaitIndexes() {
+void ColdTier::TrueUpIndexBytes() {
+  int64_t bytes = 0;
+  for (int g = 0; g < cfg_->num_kv_heads; ++g)
+    if (indexes_[g]) bytes += static_cast<int64_t>(indexes_[g]->MemoryBytes());
+  counters_->index_bytes += bytes - index_bytes_;
+  index_bytes_ = bytes;
+}
+
+int64_t ColdTier::AwaitIndexes() {
   if (!refresh_->running()) {
     (void)refresh_->Wait();  // collects a finished job's status
-    return;
+    return 0;
   }
   const int64_t t0 = NowNs();
   (void)refresh_->Wait();
-  counters_->time_background_wait_ns += NowNs() - t0;
+  const int64_t waited = NowNs() - t0;
+  counters_->time_background_wait_ns += waited;
+  return waited;
 }
 
 void ColdTier::LaunchBackground(tbb::task_arena& arena, std::function<absl::Status()> job,
@@ -291,14 +306,9 @@ absl::Status ColdTier::RefreshNow(tbb::task_arena& arena) {
       }
     });
   });
-  int64_t bytes = 0;
   bool all_built = true;
-  for (int g = 0; g < cfg_->num_kv_heads; ++g) {
-    if (indexes_[g]) bytes += static_cast<int64_t>(indexes_[g]->MemoryBytes());
-    all_built = all_built && indexes_[g] != nullptr;
-  }
-  counters_->index_bytes += bytes - index_bytes_;
-  index_bytes_ = bytes;
+  for (int g = 0; g < cfg_->num_kv_heads; ++g) all_built = all_built && indexes_[g] != nullptr;
+  TrueUpIndexBytes();
   // The version moves only when an index covers other rows (a two-level kind's summary then
   // changed and its device copy is refreshed): not on every refresh that found nothing to do.
   for (int g = 0; g < cfg_->num_kv_heads; ++g) {

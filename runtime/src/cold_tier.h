@@ -119,8 +119,9 @@ class ColdTier {
   // Brings every kv head's index up to the store (build on first use, then insert), at once or as
   // a background job on the arena. Failures are counted, never returned (see the header note).
   void RefreshIndexes(tbb::task_arena& arena, bool background);
-  // Waits for a background refresh.
-  void AwaitIndexes();
+  // Waits for a background refresh; the ns it waited (0 if none ran), also counted in
+  // time_background_wait_ns.
+  int64_t AwaitIndexes();
   // Runs `job` as this tier's background work (a prefill's: LayerState::Prefill), awaited like a
   // refresh. The job may grow the store and refresh the indexes (at once, inside it). joinable:
   // the thread that awaits it runs the arena's tasks meanwhile (transfer::BackgroundWork::
@@ -182,6 +183,8 @@ class ColdTier {
   void AddNonfinite(int g, std::vector<int64_t>* ids) const;
   void AddEstimate(const cpu_index::SearchResult& found, ColdSelection* sel, int h) const;
   absl::Status RefreshNow(tbb::task_arena& arena);
+  // index_bytes (and the runtime's counter) <- what the indexes hold; no refresh running.
+  void TrueUpIndexBytes();
   void TakePreset(int g, cpu_index::KeyIndex* index);
   void ApplyRowOrder(int g);
 

@@ -23,6 +23,9 @@ bool ValueGridFitsF16(const cpu_index::SegmentCodes& values, int bits) {
 // index changed since the last upload. Its bytes count against gpu_memory_limit.
 absl::Status DeviceTier::SyncSummary(const ColdTier& cold, void* stream) {
   if (summary_version_ == cold.index_version() && !summary_.empty()) return absl::OkStatus();
+  // The last step's admission job may not have launched its penalty kernel yet, which reads the
+  // summary's sizes: it finishes before they are rewritten or freed (once per index version).
+  direct_.BeforeSummaryChanges();
   const int G = cfg_->num_kv_heads, d = cfg_->head_dim;
   int64_t C = 0, O = 0, clustered = 0;
   for (int g = 0; g < G; ++g) {

@@ -144,6 +144,11 @@ bool DirectStep::RegisteredUpTo(const ColdTier& cold, int64_t rows) {
   return true;
 }
 
+void DirectStep::BeforeSummaryChanges() {
+  admission_.Join();
+  if (fill_pending_) (void)filled_.Synchronize();  // the penalty kernel is before filled_
+}
+
 absl::Status DirectStep::Quiesce() {
   const absl::Status st = admission_.Wait();
   if (fill_pending_) (void)filled_.Synchronize();  // a failed fill surfaces at the next launch
@@ -311,9 +316,9 @@ absl::Status DirectStep::UploadView(const ColdTier& cold, int C, void* stream) {
     for (std::size_t e = 0; e < E; ++e)
       extra[g * E + e] = e < extra_rows_[g].size() ? extra_rows_[g][e] : -1;
   }
-  if (view_dev_.size() < bytes) {
-    KVRT_ASSIGN_OR_RETURN(view_dev_, transfer::DeviceBuffer::Allocate(bytes + bytes / 2));
-  }
+  // Counted in gpu_allocated_bytes as the step's other buffers (it was not, before 0.3.37: ~3 MiB
+  // per layer at 1M tokens and 8 kv heads).
+  if (view_dev_.size() < bytes) KVRT_RETURN_IF_ERROR(Regrow(view_dev_, bytes + bytes / 2));
   // NOTE: view_host_ is a member: a pageable H2D may read its source after the call returns.
   KVRT_RETURN_IF_ERROR(transfer::MemcpyAsync(view_dev_.data(), view_host_.data(), bytes, stream));
   view_c_ = C;
@@ -822,6 +827,8 @@ void DirectStep::Release() {
   counters_->gpu_allocated_bytes -= counted_bytes_;
   counters_->hot_cache_gpu_bytes -= counted_bytes_;
   counted_bytes_ = 0;
+  view_dev_.Reset();
+  view_dirty_ = true;
   mask_dev_.Reset();
   ws_dev_.Reset();
   offsets_dev_.Reset();

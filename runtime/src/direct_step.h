@@ -111,6 +111,10 @@ class DirectStep {
   void DropRegistrations();
   // Waits for the admission job and its fill (both read the stores); OK if none ran.
   absl::Status Quiesce();
+  // Before the cluster summary changes (a new index version: rewritten in place, or moved to a
+  // larger buffer and the old one freed): waits for the admission job and its kernels, which read
+  // the summary's sizes (View's cluster_size). A failed job's status stays for Prepare.
+  void BeforeSummaryChanges();
   // Waits for the last step's copies and frees everything.
   void Release();
 

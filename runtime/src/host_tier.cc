@@ -177,7 +177,8 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
   const bool tiles = cfg_->index.host_tiles;
   const int per_task =
       tiles ? std::clamp(group, 1, cpu_index::GroupPassHeads(true))
-            : std::clamp(n * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1));
+            : static_cast<int>(std::clamp<int64_t>(
+                  int64_t{n} * H / std::max(1, arena.max_concurrency()), 1, std::max(group, 1)));
   const int runs = (group + per_task - 1) / per_task;
   int64_t most = 0;
   for (int i = 0; i < n; ++i) most = std::max(most, counts[i].n_window);
@@ -186,8 +187,10 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
   const std::size_t slot = static_cast<std::size_t>(per_task) * d;
   const std::size_t tasks = static_cast<std::size_t>(n) * G * runs * chunks;
   std::vector<float> chunk_o(tasks * slot), chunk_lse(tasks * per_task);
-  auto body = [&](int task) {
-    const int row = task / chunks, c = task % chunks;
+  // NOTE: tasks in size_t (a batch of long windows on the tiles: members x kv heads x runs x
+  // chunks may pass 2^31); a row and a chunk index each fit an int.
+  auto body = [&](std::size_t task) {
+    const int row = static_cast<int>(task / chunks), c = static_cast<int>(task % chunks);
     const int i = row / (G * runs), g = row / runs % G, r0 = row % runs * per_task;
     const int nh = std::min(per_task, group - r0), h0 = g * group + r0;
     const auto& tier = *static_cast<const HostTier*>(tiers[i]);
@@ -214,10 +217,10 @@ absl::StatusOr<std::unique_ptr<TierStep>> HostTier::BeginStep(TierBackend* const
         cfg_->dtype, std::max<int64_t>(0, w1 - w0), chunk_o.data() + task * slot,
         chunk_lse.data() + static_cast<std::size_t>(task) * per_task, tiles);
   };
-  arena.execute([&] { tbb::parallel_for(0, static_cast<int>(tasks), body); });
+  arena.execute([&] { tbb::parallel_for(std::size_t{0}, tasks, body); });
   // Each run's window chunks merged into its sinks' state, in chunk order.
   for (std::size_t task = 0; task < tasks; ++task) {
-    const int row = static_cast<int>(task) / chunks;
+    const int row = static_cast<int>(task / chunks);
     const int i = row / (G * runs), g = row / runs % G, r0 = row % runs * per_task;
     const int nh = std::min(per_task, group - r0), h0 = g * group + r0;
     PartialState& state = step->tier[i];

@@ -60,8 +60,9 @@ absl::Status LayerState::SettleCold() {
   return SettleEvictions();
 }
 
-absl::Status LayerState::SettleBeforeSelect() {
-  cold_.AwaitIndexes();
+absl::Status LayerState::SettleBeforeSelect(int64_t* index_wait_ns) {
+  const int64_t waited = cold_.AwaitIndexes();
+  if (index_wait_ns != nullptr) *index_wait_ns = waited;
   return tier_->SettlePrompt(&cold_);  // only if the prefill's job failed
 }
 

@@ -71,7 +71,9 @@ class LayerState {
   absl::Status SettleCold();
   // SettleCold in two parts, for a selection scored on the device: what the selection reads (the
   // cold indexes, a prompt's job) before its kernels are queued, the decode evictions after.
-  absl::Status SettleBeforeSelect();
+  // *index_wait_ns (when given): the time it waited for a background index build or refresh
+  // (time_background_wait_ns), which the step keeps out of time_d2h_ns.
+  absl::Status SettleBeforeSelect(int64_t* index_wait_ns = nullptr);
   absl::Status SettleEvictions();
   absl::Status SettleReadyEvictions() { return tier_->SettleReadyEvictions(&cold_); }
 

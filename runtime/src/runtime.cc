@@ -597,18 +597,21 @@ absl::Status Runtime::AttendBatch(const int64_t* ids, int n, int layer, const vo
 
 absl::Status Runtime::SetHeadStreaming(int layer, int q_head, bool streaming) {
   if (layer < 0 || layer >= config_.num_layers)
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kvrt_set_head_policy: layer ", layer, " is out of range [0, ", config_.num_layers, ")"));
   if (q_head < 0 || q_head >= config_.num_q_heads)
-    return absl::InvalidArgumentError(
-        absl::StrCat("q_head ", q_head, " is out of range [0, ", config_.num_q_heads, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("kvrt_set_head_policy: q_head ", q_head,
+                                                   " is out of range [0, ", config_.num_q_heads,
+                                                   ")"));
   impl_->streaming[static_cast<std::size_t>(layer) * config_.num_q_heads + q_head] =
       streaming ? 1 : 0;
   return absl::OkStatus();
 }
 
 absl::Status Runtime::SetSearchEffort(int effort) {
-  KVRT_RETURN_IF_ERROR(Range("search_effort", effort, 0, kMaxSearchEffort));
+  if (effort < 0 || effort > kMaxSearchEffort)
+    return absl::InvalidArgumentError(absl::StrCat("kvrt_set_search_effort: effort = ", effort,
+                                                   " is out of range [0, ", kMaxSearchEffort, "]"));
   config_.search_effort = effort;
   api_config_.search_effort = effort;
   return absl::OkStatus();

@@ -451,6 +451,45 @@ TEST_P(HostLimitEveryKind, StoreAndIndexesNeverPassTheLimit) {
 INSTANTIATE_TEST_SUITE_P(EveryIndexKind, HostLimitEveryKind,
                          ::testing::ValuesIn(kKinds, kKinds + 6), KindName);
 
+// The cluster kind keeps the prompt's last queries (up to 256 rows of f32) for its calibration,
+// which its growth bound left out: at head_dim 256 and the smallest limit that admits a prompt,
+// the store and index passed it by ~90 KB (0.3.36).
+TEST(ContractHostLimit, TheClusterKindsCalibrationQueriesAreInItsBound) {
+  constexpr int kDim = 256, kHeads = 8, kPrompt = 300;
+  const auto q = Wave(static_cast<std::size_t>(kPrompt) * kHeads * kDim, 0.013f, 0.3f);
+  const auto k = Wave(static_cast<std::size_t>(kPrompt) * kDim, 0.37f, 0.f);
+  auto prefill_under = [&](int64_t limit, kvrt_stats* st) {
+    kvrt_config c = TinyConfig(1, kHeads);
+    c.head_dim = kDim;
+    c.index_kind = KVRT_INDEX_CLUSTER;
+    c.sink_tokens = 4;
+    c.window_tokens = 16;
+    c.host_memory_limit = limit;
+    kvrt_runtime* rt = nullptr;
+    kvrt_seq_id s = 0;
+    EXPECT_EQ(kvrt_runtime_create(&c, &rt), KVRT_OK) << kvrt_last_error();
+    EXPECT_EQ(kvrt_seq_create(rt, &s), KVRT_OK);
+    const bool ok = kvrt_prefill(rt, s, 0, q.data(), k.data(), k.data(), kPrompt) == KVRT_OK;
+    if (ok) {
+      EXPECT_EQ(kvrt_seq_wait(rt, s), KVRT_OK);
+      st->struct_size = sizeof *st;
+      EXPECT_EQ(kvrt_get_stats(rt, st), KVRT_OK);
+    }
+    kvrt_runtime_destroy(rt);
+    return ok;
+  };
+  kvrt_stats st{};
+  int64_t lo = 1, hi = int64_t{64} << 20;  // refused at lo, admitted at hi
+  ASSERT_TRUE(prefill_under(hi, &st));
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (prefill_under(mid, &st) ? hi : lo) = mid;
+  }
+  ASSERT_TRUE(prefill_under(hi, &st));
+  EXPECT_GT(st.index_bytes, 0);
+  EXPECT_LE(st.host_bytes + st.index_bytes, hi) << "the smallest limit admitting the prompt";
+}
+
 // 0.3.3 appended cluster_direct_step: a caller compiled against 0.3.1 / 0.3.2 passes the size
 // that ended at cuda_device, and gets the new field's default whatever lies past its struct.
 TEST(ContractConfig, A031CallerGetsTheDefaultDirectStep) {
@@ -791,6 +830,11 @@ TEST(ContractConfig, A030CallerGetsTheDefaultsOfLaterFieldsAndItsStatsPrefix) {
   EXPECT_EQ(st.sequences, 0);
   int64_t untouched;
   std::memset(&untouched, 0xab, sizeof untouched);
+  EXPECT_EQ(st.hot_hits, untouched);
+  // The size stays the caller's, so that a loop polling with one struct keeps to its prefix
+  // (0.3.36 wrote this header's size there, and the next call wrote past the caller's struct).
+  EXPECT_EQ(st.struct_size, offsetof(kvrt_stats, hot_hits));
+  ASSERT_EQ(kvrt_get_stats(rt, &st), KVRT_OK) << kvrt_last_error();
   EXPECT_EQ(st.hot_hits, untouched);
   // 0.3.2 appended the GPU build's stats: a 0.3.1 caller gets the hot cache's, not those.
   std::memset(&st, 0xab, sizeof st);

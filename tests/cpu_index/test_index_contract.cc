@@ -120,6 +120,49 @@ TEST(ContractHnsw, ACommonOffsetOfTheKeysLeavesRecallAsWithout) {
   EXPECT_GT(shifted, plain - 0.1) << "without the offset " << plain;
 }
 
+// ---- 0.3.37: ivf over a store holding a NaN or Inf key (check_finite = 0) ----------------------
+
+// FAISS's k-means failed on the key, at the build and again at every refresh: the kv head was
+// never indexed (every attend an exact scan, index_update_failures growing at each append).
+TEST(ContractIvf, ANonFiniteKeyIsNotAFailedBuild) {
+  const auto ood = testing::MakeOodData(3000, kDim, 512, 4, 13);
+  for (float bad : {NAN, INFINITY}) {
+    std::vector<float> keys = ood.keys;
+    keys[100 * kDim + 5] = bad;
+    HeadStore store(kDim, DType::kF32);
+    ASSERT_TRUE(store.Append(keys.data(), keys.data(), 2000, kDim).ok());
+    auto index = MakeIndex(IndexKind::kIvf, {}, kDim).value();
+    tbb::task_arena arena(2);
+    arena.execute([&] { EXPECT_TRUE(index->Build(store, nullptr, 0).ok()); });
+    keys[2500 * kDim] = bad;
+    ASSERT_TRUE(
+        store.Append(keys.data() + 2000 * kDim, keys.data() + 2000 * kDim, 1000, kDim).ok());
+    arena.execute([&] { EXPECT_TRUE(index->Add(store).ok()); });
+    EXPECT_EQ(index->size(), 3000);
+    SearchResult r;
+    ASSERT_TRUE(index->Search(store, ood.test_queries.data(), {50, 0}, &r).ok());
+    EXPECT_EQ(r.ids.size(), 50u);
+  }
+}
+
+// ---- 0.3.37: landmark never searches fewer than k tokens' worth of blocks ----------------------
+
+TEST(ContractLandmark, ASmallEffortStillScansKTokens) {
+  const auto ood = testing::MakeOodData(4000, kDim, 512, 4, 9);
+  auto store = F32Store(ood.keys.data(), ood.n);
+  auto index = MakeIndex(IndexKind::kLandmark, {}, kDim).value();
+  tbb::task_arena arena(2);
+  arena.execute([&] { ASSERT_TRUE(index->Build(*store, nullptr, 0).ok()); });
+  const IndexConfig c;
+  for (int effort : {1, 2}) {
+    SearchResult r;
+    ASSERT_TRUE(index->Search(*store, ood.test_queries.data(), {100, effort}, &r).ok());
+    EXPECT_EQ(r.ids.size(), 100u) << "effort " << effort << " (one 32-row block gave 32)";
+    EXPECT_EQ(SearchSettings(IndexKind::kLandmark, c, 100, effort).rfind("blocks=4 ", 0), 0u)
+        << SearchSettings(IndexKind::kLandmark, c, 100, effort);
+  }
+}
+
 // ---- defect 10: the resolved settings, each default scaling with k -----------------------------
 
 TEST(ContractSettings, ReportsTheResolvedSearchSettings) {
