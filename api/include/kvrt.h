@@ -711,9 +711,13 @@ typedef struct kvrt_stats {
   int64_t time_attend_ns;        /* wall time inside attend calls */
   int64_t time_gpu_attention_ns; /* partial attention over sinks + window (device time; host
                                     backend: wall time) */
-  int64_t time_d2h_ns;           /* CPU waiting for q D2H and storing evicted rows */
-  int64_t time_cpu_search_ns;    /* cold-index search (wall share of the CPU phase) */
-  int64_t time_cpu_attention_ns; /* CPU attention over retrieved rows (wall share) */
+  int64_t time_d2h_ns;           /* CPU waiting for q D2H and storing evicted rows (a wait for
+                                    an index build is time_background_wait_ns's alone, since
+                                    0.3.37) */
+  int64_t time_cpu_search_ns;    /* cold-index search (wall share of the CPU phase; in a batch
+                                    each member's, summed: members run in parallel, so a batch's
+                                    parts may add up to more than its time_attend_ns) */
+  int64_t time_cpu_attention_ns; /* CPU attention over retrieved rows (wall share, as above) */
   int64_t time_h2d_ns;           /* H2D of the CPU partial state (device time) */
   int64_t time_merge_ns;         /* merge of the partial states (device time; host backend:
                                     wall time) */
@@ -723,8 +727,9 @@ typedef struct kvrt_stats {
                                     the tokens were stored, the rows the index misses are scanned
                                     exactly and the update is retried: speed, not correctness */
   int64_t keys_read;             /* cold keys read by searches: keys_scored, except that a group
-                                    search (config.group_search) reads a key once for all the q
-                                    heads that score it. Since 0.2. */
+                                    search (config.group_search, and the cluster kind's group
+                                    selection, cluster_group_select, its default) reads a key once
+                                    for all the q heads that score it. Since 0.2. */
   int64_t attends_fetch;         /* layer attends whose cold tier ran in fetch mode (GPU backend).
                                     Since 0.2. */
   int64_t attends_gpu_select;    /* layer attends whose cold selection was scored on the GPU from a
