@@ -191,7 +191,8 @@ void ColdTier::RefreshIndexes(tbb::task_arena& arena, bool background) {
   if (!needs_refresh()) {
     // Nothing to index (the cluster kind between segments): the growth an append reserved (an
     // upper bound) is trued up as a refresh would, or the stats showed the bound for a segment.
-    if (!refresh_->running()) TrueUpIndexBytes();
+    // (Only after a reservation: an hnsw index's MemoryBytes walks its rows.)
+    if (!refresh_->running() && index_bytes_reserved_) TrueUpIndexBytes();
     return;
   }
   if (!background) {
@@ -207,6 +208,7 @@ void ColdTier::TrueUpIndexBytes() {
     if (indexes_[g]) bytes += static_cast<int64_t>(indexes_[g]->MemoryBytes());
   counters_->index_bytes += bytes - index_bytes_;
   index_bytes_ = bytes;
+  index_bytes_reserved_ = false;
 }
 
 int64_t ColdTier::AwaitIndexes() {

@@ -76,7 +76,10 @@ class ColdTier {
   int64_t index_bytes() const { return index_bytes_; }
   // Index growth reserved against host_memory_limit ahead of a refresh (budget.h); the refresh
   // trues index_bytes up to the indexes' real size. Not while a background refresh runs.
-  void AccountIndexGrowth(int64_t bytes) { index_bytes_ += bytes; }
+  void AccountIndexGrowth(int64_t bytes) {
+    index_bytes_ += bytes;
+    if (bytes != 0) index_bytes_reserved_ = true;
+  }
   const cpu_index::HeadStore& store(int kv_head) const { return stores_[kv_head]; }
   // Sequence position of store row `row` of kv head g.
   int64_t position(int g, int64_t row) const { return positions_[g][row]; }
@@ -195,6 +198,7 @@ class ColdTier {
   std::vector<std::vector<int64_t>> positions_;                // [kv_heads][row]
   std::vector<std::unique_ptr<cpu_index::KeyIndex>> indexes_;  // [kv_heads]
   int64_t index_bytes_ = 0;
+  bool index_bytes_reserved_ = false;  // index_bytes_ holds a reservation not yet trued up
   // Prompt queries (f32, per kv head) kept until the index is built.
   std::vector<std::vector<float>> query_sample_;
   std::unique_ptr<transfer::BackgroundWork> refresh_;
